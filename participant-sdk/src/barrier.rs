@@ -1,0 +1,396 @@
+//! The participant barrier: a durable record per (transaction, branch) that makes every
+//! operation idempotent and keeps user code from running twice or out of order.
+//!
+//! Rules (shared/DESIGN.md, "The participant contract and the barrier"):
+//! - a duplicate is answered from the record without calling user code;
+//! - `abort` / `compensate` of a branch whose `prepare` / `commit` never ran is recorded
+//!   and answered without calling user code (null compensation);
+//! - a `prepare` / `commit` arriving after that is refused without calling user code
+//!   (anti-hanging);
+//! - concurrent duplicates are serialized per branch by [`KeyedLocks`];
+//! - every record is written with [`Durability::Forced`] before the reply: a YES vote and
+//!   a commit survive a crash of the participant right after it answered.
+//!
+//! A branch that voted YES in a two-phase or one-phase commit is also indexed as in
+//! doubt until its outcome is applied; [`crate::in_doubt`] asks the coordinator about it.
+//!
+//! Keys: `b/<transaction>/<branch>` holds the [`BranchRecord`]; `d/<transaction>/<branch>`
+//! marks an in-doubt branch. Ids cannot contain `/` (see [`crate::limits::check_id`]).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::durable::{Durability, DurableStore, StoreError, WriteBatch};
+use crate::failpoint::crash_point;
+use crate::keyed_locks::KeyedLocks;
+use crate::participant::{BranchContext, Participant, ParticipantError, Vote};
+
+const RECORD_FORMAT_VERSION: u8 = 1;
+const RECORD_PREFIX: &str = "b/";
+const IN_DOUBT_PREFIX: &str = "d/";
+
+/// How a branch takes part: it decides which operations may follow which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BranchMode {
+    TwoPhase,
+    OnePhase,
+    SagaStep,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BranchStatus {
+    /// Voted YES (or, one-phase / saga, prepared on the way to commit). In doubt.
+    Prepared,
+    VotedNo {
+        reason: String,
+    },
+    ReadOnly,
+    Committed,
+    /// `after_prepare` is false for a null abort: prepare never ran, and never will.
+    Aborted {
+        after_prepare: bool,
+    },
+    /// `after_commit` is false for a null compensation.
+    Compensated {
+        after_commit: bool,
+    },
+}
+
+/// What the barrier knows of one branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchRecord {
+    pub mode: BranchMode,
+    pub status: BranchStatus,
+    /// The prepare payload, kept while the branch is `Prepared` (commit and abort get it).
+    pub payload: Vec<u8>,
+    pub coordinator_endpoint: String,
+    pub updated_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitAnswer {
+    Committed,
+    Rejected { reason: String },
+    NotPrepared,
+    AlreadyAborted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortAnswer {
+    Aborted,
+    AlreadyCommitted,
+}
+
+/// A branch waiting for its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InDoubtBranch {
+    pub branch: BranchContext,
+    pub coordinator_endpoint: String,
+    pub prepared_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BarrierError {
+    #[error("barrier store: {0}")]
+    Store(#[from] StoreError),
+    #[error("participant: {0}")]
+    Participant(#[from] ParticipantError),
+    #[error("barrier record for {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+/// The durable barrier of one participant.
+#[derive(Debug)]
+pub struct Barrier {
+    store: Arc<DurableStore>,
+    locks: KeyedLocks,
+}
+
+impl Barrier {
+    pub fn new(store: Arc<DurableStore>) -> Self {
+        Self {
+            store,
+            locks: KeyedLocks::new(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<DurableStore> {
+        &self.store
+    }
+
+    /// What the barrier has recorded for a branch.
+    pub fn record(&self, branch: &BranchContext) -> Result<Option<BranchRecord>, BarrierError> {
+        let key = record_key(branch);
+        let value = self
+            .store
+            .db()
+            .get(&key)
+            .map_err(|e| StoreError::Read(e.to_string()))?;
+        value.map(|bytes| decode(&key, &bytes)).transpose()
+    }
+
+    /// Up to `limit` branches that voted YES and have no outcome yet.
+    pub fn in_doubt(&self, limit: usize) -> Result<Vec<InDoubtBranch>, BarrierError> {
+        let mut found = Vec::new();
+        for entry in self.store.db().scan_prefix(IN_DOUBT_PREFIX).take(limit) {
+            let (key, _) = entry.map_err(|e| StoreError::Read(e.to_string()))?;
+            let text = String::from_utf8_lossy(&key[IN_DOUBT_PREFIX.len()..]).into_owned();
+            let Some((transaction_id, branch_id)) = text.split_once('/') else {
+                return Err(BarrierError::Corrupt {
+                    key: text,
+                    message: "in-doubt key without a branch".into(),
+                });
+            };
+            let branch = BranchContext {
+                transaction_id: transaction_id.to_string(),
+                branch_id: branch_id.to_string(),
+            };
+            if let Some(record) = self.record(&branch)? {
+                if record.status == BranchStatus::Prepared {
+                    found.push(InDoubtBranch {
+                        branch,
+                        coordinator_endpoint: record.coordinator_endpoint,
+                        prepared_unix_ms: record.updated_unix_ms,
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Phase 1 of a two-phase commit.
+    pub async fn prepare<P: Participant>(
+        &self,
+        participant: &P,
+        branch: &BranchContext,
+        payload: &[u8],
+        coordinator_endpoint: &str,
+    ) -> Result<Vote, BarrierError> {
+        let _guard = self.locks.lock(record_key(branch)).await;
+        if let Some(record) = self.record(branch)? {
+            return Ok(match record.status {
+                BranchStatus::Prepared | BranchStatus::Committed => Vote::Yes,
+                BranchStatus::VotedNo { reason } => Vote::No { reason },
+                BranchStatus::ReadOnly => Vote::ReadOnly,
+                BranchStatus::Aborted { .. } | BranchStatus::Compensated { .. } => {
+                    Vote::no("the branch was aborted before this prepare arrived")
+                }
+            });
+        }
+        let vote = participant.prepare(branch, payload).await?;
+        let status = status_after_vote(&vote);
+        let mut record = new_record(BranchMode::TwoPhase, status, coordinator_endpoint);
+        if record.status == BranchStatus::Prepared {
+            record.payload = payload.to_vec();
+        }
+        self.save(branch, &record).await?;
+        if vote == Vote::Yes {
+            crash_point("participant::after_vote_recorded");
+        }
+        Ok(vote)
+    }
+
+    /// A two-phase commit's phase 2, a one-phase commit, or a saga step's forward action.
+    pub async fn commit<P: Participant>(
+        &self,
+        participant: &P,
+        branch: &BranchContext,
+        mode: BranchMode,
+        payload: &[u8],
+        coordinator_endpoint: &str,
+    ) -> Result<CommitAnswer, BarrierError> {
+        let _guard = self.locks.lock(record_key(branch)).await;
+        let mut record = match self.record(branch)? {
+            Some(record) => record,
+            None if mode == BranchMode::TwoPhase => return Ok(CommitAnswer::NotPrepared),
+            None => {
+                // One call does both phases; the participant decides.
+                let vote = participant.prepare(branch, payload).await?;
+                let mut record = new_record(mode, status_after_vote(&vote), coordinator_endpoint);
+                if record.status == BranchStatus::Prepared {
+                    record.payload = payload.to_vec();
+                }
+                self.save(branch, &record).await?;
+                record
+            }
+        };
+        match &record.status {
+            BranchStatus::Prepared => {
+                participant.commit(branch, &record.payload).await?;
+                record.status = BranchStatus::Committed;
+                record.payload = Vec::new();
+                self.save(branch, &record).await?;
+                crash_point("participant::after_commit_applied");
+                Ok(CommitAnswer::Committed)
+            }
+            BranchStatus::Committed | BranchStatus::ReadOnly => Ok(CommitAnswer::Committed),
+            BranchStatus::VotedNo { reason } if mode != BranchMode::TwoPhase => {
+                Ok(CommitAnswer::Rejected {
+                    reason: reason.clone(),
+                })
+            }
+            BranchStatus::VotedNo { .. }
+            | BranchStatus::Aborted { .. }
+            | BranchStatus::Compensated { .. } => Ok(CommitAnswer::AlreadyAborted),
+        }
+    }
+
+    /// Phase 2 abort; for a branch that never prepared, a recorded null abort.
+    pub async fn abort<P: Participant>(
+        &self,
+        participant: &P,
+        branch: &BranchContext,
+    ) -> Result<AbortAnswer, BarrierError> {
+        let _guard = self.locks.lock(record_key(branch)).await;
+        let Some(mut record) = self.record(branch)? else {
+            let record = new_record(
+                BranchMode::TwoPhase,
+                BranchStatus::Aborted {
+                    after_prepare: false,
+                },
+                "",
+            );
+            self.save(branch, &record).await?;
+            return Ok(AbortAnswer::Aborted);
+        };
+        match record.status {
+            BranchStatus::Prepared => {
+                participant.abort(branch, &record.payload).await?;
+                record.status = BranchStatus::Aborted {
+                    after_prepare: true,
+                };
+                record.payload = Vec::new();
+                self.save(branch, &record).await?;
+                Ok(AbortAnswer::Aborted)
+            }
+            BranchStatus::Committed => Ok(AbortAnswer::AlreadyCommitted),
+            BranchStatus::VotedNo { .. }
+            | BranchStatus::ReadOnly
+            | BranchStatus::Aborted { .. }
+            | BranchStatus::Compensated { .. } => Ok(AbortAnswer::Aborted),
+        }
+    }
+
+    /// Undoes a committed saga step; for a step that never committed, a recorded null
+    /// compensation (a prepared-but-uncommitted step is aborted instead).
+    pub async fn compensate<P: Participant>(
+        &self,
+        participant: &P,
+        branch: &BranchContext,
+        payload: &[u8],
+    ) -> Result<(), BarrierError> {
+        let _guard = self.locks.lock(record_key(branch)).await;
+        let Some(mut record) = self.record(branch)? else {
+            let record = new_record(
+                BranchMode::SagaStep,
+                BranchStatus::Compensated {
+                    after_commit: false,
+                },
+                "",
+            );
+            return Ok(self.save(branch, &record).await?);
+        };
+        let after_commit = match record.status {
+            BranchStatus::Committed => {
+                participant.compensate(branch, payload).await?;
+                true
+            }
+            BranchStatus::Prepared => {
+                participant.abort(branch, &record.payload).await?;
+                false
+            }
+            BranchStatus::VotedNo { .. }
+            | BranchStatus::ReadOnly
+            | BranchStatus::Aborted { .. }
+            | BranchStatus::Compensated { .. } => return Ok(()),
+        };
+        record.status = BranchStatus::Compensated { after_commit };
+        record.payload = Vec::new();
+        Ok(self.save(branch, &record).await?)
+    }
+
+    /// Writes the record (and the in-doubt index) and waits until it is on disk.
+    async fn save(
+        &self,
+        branch: &BranchContext,
+        record: &BranchRecord,
+    ) -> Result<(), BarrierError> {
+        let mut batch = WriteBatch::new();
+        batch.insert(record_key(branch), encode(record));
+        let in_doubt_key = in_doubt_key(branch);
+        let indexed =
+            record.status == BranchStatus::Prepared && record.mode != BranchMode::SagaStep;
+        if indexed {
+            batch.insert(in_doubt_key, Vec::new());
+        } else {
+            batch.remove(in_doubt_key);
+        }
+        Ok(self.store.write(batch, Durability::Forced).await?)
+    }
+}
+
+fn status_after_vote(vote: &Vote) -> BranchStatus {
+    match vote {
+        Vote::Yes => BranchStatus::Prepared,
+        Vote::No { reason } => BranchStatus::VotedNo {
+            reason: reason.clone(),
+        },
+        Vote::ReadOnly => BranchStatus::ReadOnly,
+    }
+}
+
+fn new_record(mode: BranchMode, status: BranchStatus, coordinator_endpoint: &str) -> BranchRecord {
+    BranchRecord {
+        mode,
+        status,
+        payload: Vec::new(),
+        coordinator_endpoint: coordinator_endpoint.to_string(),
+        updated_unix_ms: now_unix_ms(),
+    }
+}
+
+fn record_key(branch: &BranchContext) -> Vec<u8> {
+    format!(
+        "{RECORD_PREFIX}{}/{}",
+        branch.transaction_id, branch.branch_id
+    )
+    .into_bytes()
+}
+
+fn in_doubt_key(branch: &BranchContext) -> Vec<u8> {
+    format!(
+        "{IN_DOUBT_PREFIX}{}/{}",
+        branch.transaction_id, branch.branch_id
+    )
+    .into_bytes()
+}
+
+fn encode(record: &BranchRecord) -> Vec<u8> {
+    let mut bytes = vec![RECORD_FORMAT_VERSION];
+    // Serializing plain data into a Vec cannot fail.
+    bytes.extend(postcard::to_allocvec(record).unwrap_or_default());
+    bytes
+}
+
+fn decode(key: &[u8], bytes: &[u8]) -> Result<BranchRecord, BarrierError> {
+    let corrupt = |message: String| BarrierError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message,
+    };
+    match bytes.split_first() {
+        Some((&RECORD_FORMAT_VERSION, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))
+        }
+        Some((version, _)) => Err(corrupt(format!("unknown format version {version}"))),
+        None => Err(corrupt("empty record".into())),
+    }
+}
+
+pub(crate) fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

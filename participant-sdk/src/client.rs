@@ -1,0 +1,330 @@
+//! The client initiators (and the `treaty` CLI) use to run transactions through a
+//! coordinator.
+//!
+//! Protocol outcomes come back as values ([`Outcome`], `Option` for unknown
+//! transactions); [`ClientError`] is for calls that got no answer or were refused as
+//! malformed.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::coordinator_client::CoordinatorClient;
+
+pub use pb::{Branch, Transaction, TransactionState, Transition};
+
+/// A branch to enlist: who does the work, and what work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchSpec {
+    pub branch_id: String,
+    pub endpoint: String,
+    pub payload: Vec<u8>,
+}
+
+impl BranchSpec {
+    pub fn new(
+        branch_id: impl Into<String>,
+        endpoint: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Self {
+        Self {
+            branch_id: branch_id.into(),
+            endpoint: endpoint.into(),
+            payload: payload.into(),
+        }
+    }
+}
+
+impl From<BranchSpec> for pb::BranchSpec {
+    fn from(spec: BranchSpec) -> Self {
+        pb::BranchSpec {
+            branch_id: spec.branch_id,
+            endpoint: spec.endpoint,
+            payload: spec.payload,
+        }
+    }
+}
+
+/// Options of a new transaction; `None` takes the coordinator's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BeginOptions {
+    pub deadline_unix_ms: Option<u64>,
+    pub prepare_timeout_ms: Option<u64>,
+}
+
+/// How a transaction ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Aborted { reason: String },
+}
+
+impl Outcome {
+    pub fn is_committed(&self) -> bool {
+        matches!(self, Outcome::Committed)
+    }
+}
+
+/// The coordinator's answer to an in-doubt participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Commit,
+    Abort,
+    Pending,
+}
+
+/// One message of [`TreatyClient::watch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub transition: Transition,
+    pub transaction: Transaction,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid coordinator endpoint {endpoint:?}: {message}")]
+    Endpoint { endpoint: String, message: String },
+    #[error("cannot connect to the coordinator: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The coordinator refused or failed the call; INVALID_ARGUMENT names the field.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("the coordinator answered with a value this client does not know: {0}")]
+    UnknownValue(String),
+}
+
+impl ClientError {
+    /// The gRPC status code, if the coordinator answered with one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(status) => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to one coordinator. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct TreatyClient {
+    inner: CoordinatorClient<Channel>,
+}
+
+impl TreatyClient {
+    /// Connects to `endpoint` (`http://host:port`), failing fast if it is not reachable.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, ClientError> {
+        let endpoint = endpoint.into();
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| ClientError::Endpoint {
+                endpoint: endpoint.clone(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            inner: CoordinatorClient::new(channel),
+        }
+    }
+
+    /// Starts a two-phase commit with these first branches; returns its id.
+    pub async fn begin(
+        &self,
+        options: BeginOptions,
+        branches: Vec<BranchSpec>,
+    ) -> Result<String, ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .begin(pb::BeginRequest {
+                deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
+                prepare_timeout_ms: options.prepare_timeout_ms.unwrap_or(0),
+                branches: branches.into_iter().map(Into::into).collect(),
+            })
+            .await?;
+        Ok(response.into_inner().transaction_id)
+    }
+
+    pub async fn enlist(
+        &self,
+        transaction_id: &str,
+        branch: BranchSpec,
+    ) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .enlist(pb::EnlistRequest {
+                transaction_id: transaction_id.to_string(),
+                branch: Some(branch.into()),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Runs both phases; returns once the outcome is decided (durably, for a commit).
+    pub async fn commit(&self, transaction_id: &str) -> Result<Outcome, ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .commit(pb::CommitRequest {
+                transaction_id: transaction_id.to_string(),
+            })
+            .await?
+            .into_inner();
+        match pb::Outcome::try_from(response.outcome) {
+            Ok(pb::Outcome::Committed) => Ok(Outcome::Committed),
+            Ok(pb::Outcome::Aborted) => Ok(Outcome::Aborted {
+                reason: response.reason,
+            }),
+            _ => Err(ClientError::UnknownValue(format!(
+                "outcome {}",
+                response.outcome
+            ))),
+        }
+    }
+
+    pub async fn abort(&self, transaction_id: &str, reason: &str) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .abort(pb::AbortRequest {
+                transaction_id: transaction_id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The transaction, or `None` if the coordinator knows nothing of it.
+    pub async fn get(&self, transaction_id: &str) -> Result<Option<Transaction>, ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .get_transaction(pb::GetTransactionRequest {
+                transaction_id: transaction_id.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(if response.found {
+            response.transaction
+        } else {
+            None
+        })
+    }
+
+    /// One page of transactions in the given states (all states if empty). Returns the
+    /// page and the token of the next one, if there is more.
+    pub async fn list(
+        &self,
+        states: &[TransactionState],
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<Transaction>, Option<String>), ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .list_transactions(pb::ListTransactionsRequest {
+                states: states.iter().map(|s| *s as i32).collect(),
+                page_size,
+                page_token: page_token.to_string(),
+            })
+            .await?
+            .into_inner();
+        let next = (!response.next_page_token.is_empty()).then_some(response.next_page_token);
+        Ok((response.transactions, next))
+    }
+
+    /// The transaction's current state, then one update per change; the stream ends
+    /// after a final state. `Ok(None)` if the transaction is unknown.
+    pub async fn watch(
+        &self,
+        transaction_id: &str,
+    ) -> Result<Option<impl Stream<Item = Result<Update, ClientError>> + use<>>, ClientError> {
+        let mut stream = self
+            .inner
+            .clone()
+            .watch_transaction(pb::WatchTransactionRequest {
+                transaction_id: transaction_id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .peekable();
+        if let Some(Ok(first)) = std::pin::Pin::new(&mut stream).peek().await {
+            if !first.found {
+                return Ok(None);
+            }
+        }
+        Ok(Some(stream.filter_map(|message| async move {
+            match message {
+                Ok(message) => match (message.transition, message.transaction) {
+                    (Some(transition), Some(transaction)) => Some(Ok(Update {
+                        transition,
+                        transaction,
+                    })),
+                    _ => None,
+                },
+                Err(status) => Some(Err(ClientError::Status(status))),
+            }
+        })))
+    }
+
+    /// What a participant in doubt would be told.
+    pub async fn outcome(&self, transaction_id: &str) -> Result<Decision, ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .get_outcome(pb::GetOutcomeRequest {
+                transaction_id: transaction_id.to_string(),
+                branch_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        match pb::Decision::try_from(response.decision) {
+            Ok(pb::Decision::Commit) => Ok(Decision::Commit),
+            Ok(pb::Decision::Abort) => Ok(Decision::Abort),
+            Ok(pb::Decision::Pending) => Ok(Decision::Pending),
+            _ => Err(ClientError::UnknownValue(format!(
+                "decision {}",
+                response.decision
+            ))),
+        }
+    }
+
+    /// Begins a transaction over `branches`, commits it, and returns its id and outcome.
+    pub async fn run_two_phase(
+        &self,
+        branches: Vec<BranchSpec>,
+        options: BeginOptions,
+    ) -> Result<(String, Outcome), ClientError> {
+        let transaction_id = self.begin(options, branches).await?;
+        let outcome = self.commit(&transaction_id).await?;
+        Ok((transaction_id, outcome))
+    }
+
+    /// Follows the transaction until it reaches COMMITTED or ABORTED (every participant
+    /// has acknowledged), or `timeout` passes. Returns its last known state.
+    pub async fn wait_until_finished(
+        &self,
+        transaction_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Transaction>, ClientError> {
+        let follow = async {
+            let Some(stream) = self.watch(transaction_id).await? else {
+                return Ok(None);
+            };
+            let mut stream = std::pin::pin!(stream);
+            let mut last = None;
+            while let Some(update) = stream.next().await {
+                last = Some(update?.transaction);
+            }
+            Ok(last)
+        };
+        match tokio::time::timeout(timeout, follow).await {
+            Ok(result) => result,
+            Err(_) => self.get(transaction_id).await,
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! In-doubt resolution: a branch that voted YES may neither commit nor abort on its own,
+//! so when its outcome is slow to arrive the participant asks the coordinator
+//! (`GetOutcome`) and applies the answer through the barrier.
+//!
+//! It runs at start and then every `poll_interval_ms`, looking at branches prepared at
+//! least `ask_after_ms` ago (the coordinator's own delivery usually comes first), at most
+//! `max_branches_per_round` per round. PENDING and unreachable coordinators leave the
+//! branch prepared for the next round: nothing here ever aborts a YES vote without the
+//! coordinator's ABORT.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::coordinator_client::CoordinatorClient;
+
+use crate::barrier::{Barrier, BranchMode, InDoubtBranch, now_unix_ms};
+use crate::participant::Participant;
+
+/// Channels kept to coordinators; past this the cache starts over.
+const MAX_CACHED_COORDINATORS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct InDoubtOptions {
+    pub poll_interval_ms: u64,
+    pub ask_after_ms: u64,
+    pub call_timeout_ms: u64,
+    pub max_branches_per_round: usize,
+}
+
+impl Default for InDoubtOptions {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 2_000,
+            ask_after_ms: 2_000,
+            call_timeout_ms: 2_000,
+            max_branches_per_round: 256,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct InDoubtResolver<P> {
+    participant: Arc<P>,
+    barrier: Arc<Barrier>,
+    options: InDoubtOptions,
+    coordinators: HashMap<String, CoordinatorClient<Channel>>,
+}
+
+/// What one round did, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RoundReport {
+    pub committed: usize,
+    pub aborted: usize,
+    pub still_in_doubt: usize,
+}
+
+impl<P: Participant> InDoubtResolver<P> {
+    pub fn new(participant: Arc<P>, barrier: Arc<Barrier>, options: InDoubtOptions) -> Self {
+        Self {
+            participant,
+            barrier,
+            options,
+            coordinators: HashMap::new(),
+        }
+    }
+
+    /// Runs rounds until `stop` becomes true.
+    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let interval = Duration::from_millis(self.options.poll_interval_ms.max(10));
+        loop {
+            let report = self.round().await;
+            if report != RoundReport::default() {
+                tracing::info!(?report, "in-doubt resolution round");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// Asks about every branch in doubt for long enough and applies the answers.
+    pub async fn round(&mut self) -> RoundReport {
+        let mut report = RoundReport::default();
+        let branches = match self.barrier.in_doubt(self.options.max_branches_per_round) {
+            Ok(branches) => branches,
+            Err(error) => {
+                tracing::error!(%error, "cannot list in-doubt branches");
+                return report;
+            }
+        };
+        let now = now_unix_ms();
+        for in_doubt in branches {
+            if now.saturating_sub(in_doubt.prepared_unix_ms) < self.options.ask_after_ms {
+                continue;
+            }
+            match self.resolve(&in_doubt).await {
+                Some(pb::Decision::Commit) => report.committed += 1,
+                Some(pb::Decision::Abort) => report.aborted += 1,
+                _ => report.still_in_doubt += 1,
+            }
+        }
+        report
+    }
+
+    async fn resolve(&mut self, in_doubt: &InDoubtBranch) -> Option<pb::Decision> {
+        let branch = &in_doubt.branch;
+        let decision = self.ask(in_doubt).await?;
+        let applied = match decision {
+            pb::Decision::Commit => self
+                .barrier
+                .commit(
+                    self.participant.as_ref(),
+                    branch,
+                    BranchMode::TwoPhase,
+                    &[],
+                    &in_doubt.coordinator_endpoint,
+                )
+                .await
+                .map(|answer| format!("{answer:?}")),
+            pb::Decision::Abort => self
+                .barrier
+                .abort(self.participant.as_ref(), branch)
+                .await
+                .map(|answer| format!("{answer:?}")),
+            _ => return Some(decision),
+        };
+        match applied {
+            Ok(answer) => {
+                tracing::info!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?decision, %answer, "in-doubt branch resolved");
+                Some(decision)
+            }
+            Err(error) => {
+                tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, %error, "cannot apply the outcome yet");
+                None
+            }
+        }
+    }
+
+    async fn ask(&mut self, in_doubt: &InDoubtBranch) -> Option<pb::Decision> {
+        let branch = &in_doubt.branch;
+        if in_doubt.coordinator_endpoint.is_empty() {
+            tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, "in doubt, but the prepare named no coordinator to ask");
+            return None;
+        }
+        let timeout = Duration::from_millis(self.options.call_timeout_ms);
+        let client = match self.coordinators.get(&in_doubt.coordinator_endpoint) {
+            Some(client) => client.clone(),
+            None => {
+                if self.coordinators.len() >= MAX_CACHED_COORDINATORS {
+                    self.coordinators.clear();
+                }
+                let endpoint = Endpoint::from_shared(in_doubt.coordinator_endpoint.clone())
+                    .ok()?
+                    .connect_timeout(timeout)
+                    .timeout(timeout);
+                let client = CoordinatorClient::new(endpoint.connect_lazy());
+                self.coordinators
+                    .insert(in_doubt.coordinator_endpoint.clone(), client.clone());
+                client
+            }
+        };
+        let request = pb::GetOutcomeRequest {
+            transaction_id: branch.transaction_id.clone(),
+            branch_id: branch.branch_id.clone(),
+        };
+        match tokio::time::timeout(timeout, client.clone().get_outcome(request)).await {
+            Ok(Ok(response)) => pb::Decision::try_from(response.into_inner().decision).ok(),
+            Ok(Err(status)) => {
+                tracing::debug!(txn_id = %branch.transaction_id, %status, "GetOutcome failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The Treaty participant SDK: what services embed to take part in distributed
+//! transactions, and what initiators use to run them.
+//!
+//! - [`Participant`]: implement prepare / commit / abort / compensate for your data.
+//! - [`serve`]: serves it over gRPC behind a durable [`barrier`] (idempotency, null
+//!   compensation, anti-hanging) and resolves in-doubt branches with the coordinator.
+//! - [`client::TreatyClient`]: begin, enlist, commit, abort, get, list, watch.
+//! - [`durable`]: group-committed durable writes on sled 0.34.7, which the barrier and
+//!   the coordinator's decision log share.
+
+pub mod barrier;
+pub mod client;
+pub mod durable;
+pub mod failpoint;
+pub mod in_doubt;
+mod keyed_locks;
+pub mod limits;
+pub mod participant;
+pub mod server;
+
+pub use client::{BeginOptions, BranchSpec, ClientError, Outcome, TreatyClient};
+pub use participant::{BranchContext, Participant, ParticipantError, Vote};
+pub use server::{ParticipantService, ServeError, ServeOptions, serve};

@@ -1,0 +1,288 @@
+//! Serves a [`Participant`] over gRPC, through the barrier.
+//!
+//! This is the edge of the SDK: protobuf requests are checked and converted here (bad
+//! input is INVALID_ARGUMENT naming the field, and reaches neither the barrier nor user
+//! code), protocol outcomes go back as response fields, and only failures to answer
+//! (user code errors, a failed store) become error statuses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::participant_server::ParticipantServer;
+
+use crate::barrier::{AbortAnswer, Barrier, BarrierError, BranchMode, CommitAnswer};
+use crate::durable::{DurableStore, StoreOptions};
+use crate::in_doubt::{InDoubtOptions, InDoubtResolver};
+use crate::limits::{FieldError, check_endpoint, check_id, check_payload};
+use crate::participant::{BranchContext, Participant, Vote};
+
+/// The tonic service for one participant. Mount it with [`ParticipantServer::new`] in a
+/// server of your own, or let [`serve`] do everything.
+#[derive(Debug)]
+pub struct ParticipantService<P> {
+    participant: Arc<P>,
+    barrier: Arc<Barrier>,
+}
+
+impl<P> Clone for ParticipantService<P> {
+    fn clone(&self) -> Self {
+        Self {
+            participant: self.participant.clone(),
+            barrier: self.barrier.clone(),
+        }
+    }
+}
+
+impl<P: Participant> ParticipantService<P> {
+    pub fn new(participant: Arc<P>, barrier: Arc<Barrier>) -> Self {
+        Self {
+            participant,
+            barrier,
+        }
+    }
+}
+
+fn field_error(error: FieldError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+fn branch_context(transaction_id: &str, branch_id: &str) -> Result<BranchContext, Status> {
+    check_id("transaction_id", transaction_id).map_err(field_error)?;
+    check_id("branch_id", branch_id).map_err(field_error)?;
+    Ok(BranchContext {
+        transaction_id: transaction_id.to_string(),
+        branch_id: branch_id.to_string(),
+    })
+}
+
+fn coordinator_endpoint(endpoint: &str) -> Result<(), Status> {
+    if endpoint.is_empty() {
+        return Ok(());
+    }
+    check_endpoint("coordinator_endpoint", endpoint).map_err(field_error)
+}
+
+fn barrier_error(branch: &BranchContext, error: BarrierError) -> Status {
+    match &error {
+        BarrierError::Participant(e) => {
+            tracing::info!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %e, "participant code failed");
+            Status::unavailable(error.to_string())
+        }
+        BarrierError::Store(_) | BarrierError::Corrupt { .. } => {
+            tracing::error!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %error, "barrier failed");
+            Status::internal(error.to_string())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<P: Participant> pb::participant_server::Participant for ParticipantService<P> {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareBranchRequest>,
+    ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
+        let request = request.into_inner();
+        let branch = branch_context(&request.transaction_id, &request.branch_id)?;
+        check_payload("payload", &request.payload).map_err(field_error)?;
+        coordinator_endpoint(&request.coordinator_endpoint)?;
+        let vote = self
+            .barrier
+            .prepare(
+                self.participant.as_ref(),
+                &branch,
+                &request.payload,
+                &request.coordinator_endpoint,
+            )
+            .await
+            .map_err(|e| barrier_error(&branch, e))?;
+        tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?vote, "prepared");
+        let (vote, reason) = match vote {
+            Vote::Yes => (pb::Vote::Yes, String::new()),
+            Vote::No { reason } => (pb::Vote::No, reason),
+            Vote::ReadOnly => (pb::Vote::ReadOnly, String::new()),
+        };
+        Ok(Response::new(pb::PrepareBranchResponse {
+            vote: vote as i32,
+            reason,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        let request = request.into_inner();
+        let branch = branch_context(&request.transaction_id, &request.branch_id)?;
+        let mode = match pb::CommitMode::try_from(request.mode) {
+            Ok(pb::CommitMode::TwoPhase) => BranchMode::TwoPhase,
+            Ok(pb::CommitMode::OnePhase) => BranchMode::OnePhase,
+            Ok(pb::CommitMode::SagaStep) => BranchMode::SagaStep,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "mode: {} is not a commit mode",
+                    request.mode
+                )));
+            }
+        };
+        check_payload("payload", &request.payload).map_err(field_error)?;
+        coordinator_endpoint(&request.coordinator_endpoint)?;
+        let answer = self
+            .barrier
+            .commit(
+                self.participant.as_ref(),
+                &branch,
+                mode,
+                &request.payload,
+                &request.coordinator_endpoint,
+            )
+            .await
+            .map_err(|e| barrier_error(&branch, e))?;
+        tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?mode, ?answer, "commit");
+        let (result, reason) = match answer {
+            CommitAnswer::Committed => (pb::CommitResult::Committed, String::new()),
+            CommitAnswer::Rejected { reason } => (pb::CommitResult::Rejected, reason),
+            CommitAnswer::NotPrepared => (pb::CommitResult::NotPrepared, String::new()),
+            CommitAnswer::AlreadyAborted => (pb::CommitResult::AlreadyAborted, String::new()),
+        };
+        Ok(Response::new(pb::CommitBranchResponse {
+            result: result as i32,
+            reason,
+        }))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        let request = request.into_inner();
+        let branch = branch_context(&request.transaction_id, &request.branch_id)?;
+        let answer = self
+            .barrier
+            .abort(self.participant.as_ref(), &branch)
+            .await
+            .map_err(|e| barrier_error(&branch, e))?;
+        tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?answer, "abort");
+        let result = match answer {
+            AbortAnswer::Aborted => pb::AbortResult::Aborted,
+            AbortAnswer::AlreadyCommitted => pb::AbortResult::AlreadyCommitted,
+        };
+        Ok(Response::new(pb::AbortBranchResponse {
+            result: result as i32,
+        }))
+    }
+
+    async fn compensate(
+        &self,
+        request: Request<pb::CompensateBranchRequest>,
+    ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
+        let request = request.into_inner();
+        let branch = branch_context(&request.transaction_id, &request.branch_id)?;
+        check_payload("payload", &request.payload).map_err(field_error)?;
+        self.barrier
+            .compensate(self.participant.as_ref(), &branch, &request.payload)
+            .await
+            .map_err(|e| barrier_error(&branch, e))?;
+        Ok(Response::new(pb::CompensateBranchResponse {
+            result: pb::CompensateResult::Compensated as i32,
+        }))
+    }
+}
+
+/// Everything [`serve`] needs besides the participant.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The barrier's sled directory (one per participant process).
+    pub data_dir: PathBuf,
+    pub in_doubt: InDoubtOptions,
+    /// Most requests served at once per connection.
+    pub max_concurrent_requests: usize,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace_ms: u64,
+}
+
+impl ServeOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            in_doubt: InDoubtOptions::default(),
+            max_concurrent_requests: 1024,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::durable::StoreError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("listener: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// Serves `participant` on `listener` with a barrier in `options.data_dir`, the standard
+/// gRPC health service, and in-doubt resolution, until `shutdown` resolves. Requests in
+/// flight get `shutdown_grace_ms` to finish; the barrier is then closed durably.
+pub async fn serve<P, F>(
+    participant: Arc<P>,
+    listener: TcpListener,
+    options: ServeOptions,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    P: Participant,
+    F: std::future::Future<Output = ()> + Send,
+{
+    let store = Arc::new(DurableStore::open(
+        &options.data_dir,
+        StoreOptions::default(),
+    )?);
+    let barrier = Arc::new(Barrier::new(store.clone()));
+    let local_addr: SocketAddr = listener.local_addr()?;
+    let service = ParticipantService::new(participant.clone(), barrier.clone());
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ParticipantServer<ParticipantService<P>>>()
+        .await;
+
+    let (stop_resolver, resolver_stopped) = tokio::sync::watch::channel(false);
+    let resolver = InDoubtResolver::new(participant, barrier, options.in_doubt.clone());
+    let resolver_task = tokio::spawn(resolver.run(resolver_stopped));
+
+    tracing::info!(%local_addr, data_dir = %options.data_dir.display(), "participant serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (shutdown_started_tx, shutdown_started_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(options.max_concurrent_requests)
+        .add_service(health_service)
+        .add_service(ParticipantServer::new(service))
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = shutdown_started_tx.send(());
+        });
+    tokio::pin!(server);
+    let served = tokio::select! {
+        result = &mut server => result,
+        _ = async {
+            let _ = shutdown_started_rx.await;
+            tokio::time::sleep(Duration::from_millis(options.shutdown_grace_ms)).await;
+        } => {
+            tracing::warn!("requests still in flight after the shutdown grace period; stopping");
+            Ok(())
+        }
+    };
+    let _ = stop_resolver.send(true);
+    let _ = resolver_task.await;
+    let closed = tokio::task::spawn_blocking(move || store.close())
+        .await
+        .unwrap_or(Err(crate::durable::StoreError::Closed));
+    served?;
+    closed?;
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! Treaty's wire contract: the `treaty.v1` protobuf package, generated at build time from
+//! `proto/treaty/v1/*.proto` (see `build.rs`). Everything else converts these types into
+//! its own at the edge; nothing past the API layers sees them.
+
+#![allow(missing_debug_implementations)] // generated code: clients and servers are not Debug
+
+/// The `treaty.v1` package: messages, enums, the Coordinator and Participant services.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+pub mod v1 {
+    tonic::include_proto!("treaty.v1");
+}
+
+/// The encoded `FileDescriptorSet` of `treaty.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("treaty_descriptor");
