@@ -1,0 +1,9 @@
+//! The protocol core: pure state machines, `step(state, input) -> actions`, with no I/O,
+//! no clock and no randomness. The runtime (`crate::runtime`) executes their actions and
+//! feeds the results back. Time enters as the `now` argument of every step.
+
+pub mod twopc;
+
+#[cfg(test)]
+#[path = "twopc_tests.rs"]
+mod twopc_tests;

@@ -1,0 +1,683 @@
+//! Two-phase commit with presumed abort (R*, Mohan, Lindsay & Obermarck 1986) as a pure
+//! state machine: commands and events in, actions out. No I/O, no clock, no randomness;
+//! the runtime carries out the actions and feeds their results back as events.
+//!
+//! ```text
+//!            Commit (≥2 branches)            all YES/READ_ONLY       DecisionPersisted
+//!  Active ─────────────────────▶ Preparing ─────────────────▶ Deciding ───────────────▶ Committing
+//!    │  Commit (1 branch)            │  NO, no answer, timeout,                              │ all acked
+//!    │──────────────▶ OnePhase       │  deadline, Abort                                      ▼
+//!    │                   │           ▼                          all acked               Committed
+//!    └─ Abort/deadline ──┴──────▶ Aborting ─────────────────────────────────────────▶ Aborted
+//! ```
+//!
+//! Invariants:
+//! - Commit is decided only after every branch voted YES or READ_ONLY, and is reported
+//!   (state `Committing`) only after `PersistDecision` came back as `DecisionPersisted`.
+//! - Once decided, the outcome never changes: late votes, timers and abort requests after
+//!   the decision change nothing.
+//! - Aborts are never written to the log (presumed abort); neither are all-read-only and
+//!   one-phase commits. A logged commit decision is followed by one lazy end record
+//!   (`PersistEnd`) once every branch acknowledged: 1 forced + 1 unforced write.
+//! - Phase-2 deliveries are retried (`ScheduleRetry`) until every branch that needs one
+//!   has acknowledged; only then is the transaction final.
+//! - A one-phase commit's outcome is the participant's: at the deadline the coordinator
+//!   asks for an abort, and whichever definitive answer comes first is the outcome.
+
+use crate::model::{
+    BranchRecord, BranchState, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
+};
+
+/// A branch to enlist, already validated by the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchSpec {
+    pub id: String,
+    pub endpoint: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Branch {
+    pub id: String,
+    pub endpoint: String,
+    /// Handed to prepare / one-phase commit; dropped once phase 1 is over.
+    pub payload: Vec<u8>,
+    pub state: BranchState,
+    /// Phase-2 (or one-phase) deliveries tried.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// Phase 2 must still reach this branch.
+    pub awaiting_ack: bool,
+}
+
+/// Where the transaction is. Finer than [`TxnState`], which is what users see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Active,
+    Preparing,
+    /// The transaction's only branch was sent a one-phase commit. `probing` once the
+    /// deadline passed and an abort was sent to learn the outcome.
+    OnePhase {
+        probing: bool,
+    },
+    /// Every vote was YES / READ_ONLY; the commit decision is being forced to the log.
+    Deciding,
+    Committing,
+    Aborting,
+    Committed,
+    Aborted,
+}
+
+impl Phase {
+    pub fn state(self) -> TxnState {
+        match self {
+            Phase::Active => TxnState::Active,
+            Phase::Preparing | Phase::OnePhase { .. } | Phase::Deciding => TxnState::Preparing,
+            Phase::Committing => TxnState::Committing,
+            Phase::Aborting => TxnState::Aborting,
+            Phase::Committed => TxnState::Committed,
+            Phase::Aborted => TxnState::Aborted,
+        }
+    }
+}
+
+/// A participant's vote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vote {
+    Yes,
+    No { reason: String },
+    ReadOnly,
+}
+
+impl Vote {
+    pub fn no(reason: impl Into<String>) -> Self {
+        Vote::No {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A participant's definitive answer to a phase-2 or one-phase delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Committed,
+    Aborted,
+    /// One-phase: the participant refused the work.
+    Rejected {
+        reason: String,
+    },
+    /// Two-phase commit for a branch the participant never prepared.
+    NotPrepared,
+}
+
+/// Requests from the API; they may be refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Enlist(BranchSpec),
+    Commit,
+    Abort { reason: String },
+}
+
+/// Why a command was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the transaction is {0:?}, not ACTIVE: no more branches can be enlisted")]
+    NotActive(TxnState),
+    #[error("branch {0:?} is already enlisted")]
+    DuplicateBranch(String),
+    #[error("the transaction already has {0} branches, the most allowed")]
+    TooManyBranches(usize),
+    #[error("the transaction has no branches to commit")]
+    NoBranches,
+    #[error("the commit decision is already taken")]
+    AlreadyCommitting,
+}
+
+/// Results of the runtime's work, and timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    PrepareAnswered {
+        branch: usize,
+        vote: Vote,
+    },
+    PrepareFailed {
+        branch: usize,
+        error: String,
+    },
+    /// The answer to `SendOnePhaseCommit`, `SendCommit` or `SendAbort`.
+    Delivered {
+        branch: usize,
+        answer: Answer,
+    },
+    DeliveryFailed {
+        branch: usize,
+        error: String,
+    },
+    RetryDue {
+        branch: usize,
+    },
+    PrepareTimerFired,
+    DeadlineReached,
+    DecisionPersisted,
+}
+
+/// What the runtime must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    StartDeadlineTimer {
+        at_unix_ms: UnixMs,
+    },
+    StartPrepareTimer {
+        after_ms: u64,
+    },
+    SendPrepare {
+        branch: usize,
+    },
+    SendOnePhaseCommit {
+        branch: usize,
+    },
+    SendCommit {
+        branch: usize,
+    },
+    SendAbort {
+        branch: usize,
+    },
+    /// Deliver to `branch` again after a backoff for its `attempt`-th failure.
+    ScheduleRetry {
+        branch: usize,
+        attempt: u32,
+    },
+    /// Force the commit decision (`record()`) to the log, then feed `DecisionPersisted`.
+    PersistDecision,
+    /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
+    PersistEnd,
+}
+
+/// Parameters of a new transaction, already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTransaction {
+    pub id: TxnId,
+    pub created_unix_ms: UnixMs,
+    pub deadline_unix_ms: UnixMs,
+    pub prepare_timeout_ms: u64,
+    pub max_branches: usize,
+}
+
+/// One two-phase commit transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwoPhaseCommit {
+    id: TxnId,
+    phase: Phase,
+    created_unix_ms: UnixMs,
+    deadline_unix_ms: UnixMs,
+    prepare_timeout_ms: u64,
+    max_branches: usize,
+    branches: Vec<Branch>,
+    reason: Option<String>,
+    transitions: Vec<Transition>,
+}
+
+impl TwoPhaseCommit {
+    /// A new ACTIVE transaction. Nothing is written to the log.
+    pub fn begin(params: NewTransaction) -> (Self, Vec<Action>) {
+        let txn = Self {
+            id: params.id,
+            phase: Phase::Active,
+            created_unix_ms: params.created_unix_ms,
+            deadline_unix_ms: params.deadline_unix_ms,
+            prepare_timeout_ms: params.prepare_timeout_ms,
+            max_branches: params.max_branches,
+            branches: Vec::new(),
+            reason: None,
+            transitions: vec![Transition {
+                state: TxnState::Active,
+                at_unix_ms: params.created_unix_ms,
+                reason: String::new(),
+            }],
+        };
+        let actions = vec![Action::StartDeadlineTimer {
+            at_unix_ms: params.deadline_unix_ms,
+        }];
+        (txn, actions)
+    }
+
+    /// A transaction whose commit decision was found in the log after a restart: phase 2
+    /// is delivered again to every branch that voted YES (deliveries are idempotent).
+    pub fn recover(record: TxnRecord, max_branches: usize, now: UnixMs) -> (Self, Vec<Action>) {
+        let mut txn = Self {
+            id: record.id,
+            phase: Phase::Committing,
+            created_unix_ms: record.created_unix_ms,
+            deadline_unix_ms: record.deadline_unix_ms,
+            prepare_timeout_ms: record.prepare_timeout_ms,
+            max_branches,
+            branches: record
+                .branches
+                .into_iter()
+                .map(|b| Branch {
+                    awaiting_ack: b.state == BranchState::Prepared,
+                    id: b.id,
+                    endpoint: b.endpoint,
+                    payload: Vec::new(),
+                    state: b.state,
+                    attempts: b.attempts,
+                    last_error: b.last_error,
+                })
+                .collect(),
+            reason: record.reason,
+            transitions: record.transitions,
+        };
+        if record.state != TxnState::Committing {
+            // Only commit decisions are logged before the end; anything else is final.
+            txn.phase = if record.state.is_commit() {
+                Phase::Committed
+            } else {
+                Phase::Aborted
+            };
+            return (txn, Vec::new());
+        }
+        txn.transitions.push(Transition {
+            state: TxnState::Committing,
+            at_unix_ms: now,
+            reason: "recovered after a coordinator restart".into(),
+        });
+        let actions = txn.deliver_to_awaiting(Action::send_commit);
+        (txn, actions)
+    }
+
+    pub fn id(&self) -> TxnId {
+        self.id
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn state(&self) -> TxnState {
+        self.phase.state()
+    }
+
+    pub fn branches(&self) -> &[Branch] {
+        &self.branches
+    }
+
+    pub fn branch(&self, index: usize) -> Option<&Branch> {
+        self.branches.get(index)
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+
+    pub fn transitions(&self) -> &[Transition] {
+        &self.transitions
+    }
+
+    pub fn deadline_unix_ms(&self) -> UnixMs {
+        self.deadline_unix_ms
+    }
+
+    pub fn prepare_timeout_ms(&self) -> u64 {
+        self.prepare_timeout_ms
+    }
+
+    /// What the log stores and GetTransaction shows.
+    pub fn record(&self) -> TxnRecord {
+        TxnRecord {
+            id: self.id,
+            kind: TxnKind::TwoPhase,
+            state: self.state(),
+            created_unix_ms: self.created_unix_ms,
+            deadline_unix_ms: self.deadline_unix_ms,
+            prepare_timeout_ms: self.prepare_timeout_ms,
+            reason: self.reason.clone(),
+            branches: self
+                .branches
+                .iter()
+                .map(|b| BranchRecord {
+                    id: b.id.clone(),
+                    endpoint: b.endpoint.clone(),
+                    state: b.state,
+                    attempts: b.attempts,
+                    last_error: b.last_error.clone(),
+                })
+                .collect(),
+            transitions: self.transitions.clone(),
+            ended_unix_ms: self
+                .state()
+                .is_final()
+                .then(|| self.transitions.last().map_or(0, |t| t.at_unix_ms)),
+        }
+    }
+
+    /// Handles a request from the API.
+    pub fn handle_command(
+        &mut self,
+        command: Command,
+        now: UnixMs,
+    ) -> Result<Vec<Action>, Refusal> {
+        match command {
+            Command::Enlist(spec) => {
+                if self.phase != Phase::Active {
+                    return Err(Refusal::NotActive(self.state()));
+                }
+                if self.branches.iter().any(|b| b.id == spec.id) {
+                    return Err(Refusal::DuplicateBranch(spec.id));
+                }
+                if self.branches.len() >= self.max_branches {
+                    return Err(Refusal::TooManyBranches(self.branches.len()));
+                }
+                self.branches.push(Branch {
+                    id: spec.id,
+                    endpoint: spec.endpoint,
+                    payload: spec.payload,
+                    state: BranchState::Enlisted,
+                    attempts: 0,
+                    last_error: None,
+                    awaiting_ack: false,
+                });
+                Ok(Vec::new())
+            }
+            Command::Commit => match self.phase {
+                Phase::Active => self.start_commit(now),
+                // Asked again: the caller waits for the outcome already under way.
+                _ => Ok(Vec::new()),
+            },
+            Command::Abort { reason } => match self.phase {
+                Phase::Active | Phase::Preparing => Ok(self.decide_abort(reason, now)),
+                Phase::OnePhase { .. } | Phase::Deciding | Phase::Committing | Phase::Committed => {
+                    Err(Refusal::AlreadyCommitting)
+                }
+                Phase::Aborting | Phase::Aborted => Ok(Vec::new()),
+            },
+        }
+    }
+
+    /// Handles the result of the runtime's work. Events that come too late to matter
+    /// (a vote after the decision, a timer after the end, a duplicate answer) are ignored.
+    pub fn handle_event(&mut self, event: Event, now: UnixMs) -> Vec<Action> {
+        match event {
+            Event::PrepareAnswered { branch, vote } => self.on_vote(branch, vote, now),
+            Event::PrepareFailed { branch, error } => {
+                if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing)
+                {
+                    return Vec::new();
+                }
+                let id = self.branches[branch].id.clone();
+                self.branches[branch].state = BranchState::Unreachable;
+                self.branches[branch].last_error = Some(error.clone());
+                self.decide_abort(format!("branch {id} did not answer prepare: {error}"), now)
+            }
+            Event::Delivered { branch, answer } => self.on_delivered(branch, answer, now),
+            Event::DeliveryFailed { branch, error } => {
+                let Some(b) = self.branches.get_mut(branch) else {
+                    return Vec::new();
+                };
+                if !b.awaiting_ack || self.phase.state().is_final() {
+                    return Vec::new();
+                }
+                b.last_error = Some(error);
+                vec![Action::ScheduleRetry {
+                    branch,
+                    attempt: b.attempts,
+                }]
+            }
+            Event::RetryDue { branch } => self.on_retry_due(branch),
+            Event::PrepareTimerFired => match self.phase {
+                Phase::Preparing => {
+                    let ms = self.prepare_timeout_ms;
+                    self.decide_abort(format!("prepare timed out after {ms} ms"), now)
+                }
+                _ => Vec::new(),
+            },
+            Event::DeadlineReached => match self.phase {
+                Phase::Active | Phase::Preparing => {
+                    self.decide_abort("the transaction's deadline passed".into(), now)
+                }
+                Phase::OnePhase { probing: false } => {
+                    // The participant holds the outcome; an abort settles it either way.
+                    self.phase = Phase::OnePhase { probing: true };
+                    self.branches[0].attempts += 1;
+                    vec![Action::SendAbort { branch: 0 }]
+                }
+                _ => Vec::new(),
+            },
+            Event::DecisionPersisted => {
+                if self.phase != Phase::Deciding {
+                    return Vec::new();
+                }
+                self.enter(Phase::Committing, String::new(), now);
+                self.deliver_to_awaiting(Action::send_commit)
+            }
+        }
+    }
+
+    fn start_commit(&mut self, now: UnixMs) -> Result<Vec<Action>, Refusal> {
+        match self.branches.len() {
+            0 => Err(Refusal::NoBranches),
+            1 => {
+                let branch = &mut self.branches[0];
+                branch.state = BranchState::Preparing;
+                branch.awaiting_ack = true;
+                branch.attempts = 1;
+                self.enter(
+                    Phase::OnePhase { probing: false },
+                    "one-phase commit".into(),
+                    now,
+                );
+                Ok(vec![Action::SendOnePhaseCommit { branch: 0 }])
+            }
+            n => {
+                self.enter(Phase::Preparing, String::new(), now);
+                let mut actions = vec![Action::StartPrepareTimer {
+                    after_ms: self.prepare_timeout_ms,
+                }];
+                for (index, branch) in self.branches.iter_mut().enumerate() {
+                    branch.state = BranchState::Preparing;
+                    actions.push(Action::SendPrepare { branch: index });
+                }
+                debug_assert_eq!(actions.len(), n + 1);
+                Ok(actions)
+            }
+        }
+    }
+
+    fn on_vote(&mut self, branch: usize, vote: Vote, now: UnixMs) -> Vec<Action> {
+        if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing) {
+            return Vec::new();
+        }
+        match vote {
+            Vote::Yes => self.branches[branch].state = BranchState::Prepared,
+            Vote::ReadOnly => self.branches[branch].state = BranchState::ReadOnly,
+            Vote::No { reason } => {
+                self.branches[branch].state = BranchState::VotedNo;
+                let id = &self.branches[branch].id;
+                let reason = if reason.is_empty() {
+                    format!("branch {id} voted NO")
+                } else {
+                    format!("branch {id} voted NO: {reason}")
+                };
+                return self.decide_abort(reason, now);
+            }
+        }
+        let all_voted = self
+            .branches
+            .iter()
+            .all(|b| matches!(b.state, BranchState::Prepared | BranchState::ReadOnly));
+        if !all_voted {
+            return Vec::new();
+        }
+        for b in &mut self.branches {
+            b.payload = Vec::new();
+        }
+        if self
+            .branches
+            .iter()
+            .all(|b| b.state == BranchState::ReadOnly)
+        {
+            // Nothing to commit anywhere: no decision to log, no phase 2, no end record.
+            self.enter(Phase::Committed, "every branch was read-only".into(), now);
+            return Vec::new();
+        }
+        self.phase = Phase::Deciding;
+        for b in &mut self.branches {
+            b.awaiting_ack = b.state == BranchState::Prepared;
+        }
+        vec![Action::PersistDecision]
+    }
+
+    fn on_delivered(&mut self, branch: usize, answer: Answer, now: UnixMs) -> Vec<Action> {
+        let phase = self.phase;
+        let Some(b) = self.branches.get_mut(branch) else {
+            return Vec::new();
+        };
+        if !b.awaiting_ack {
+            return Vec::new();
+        }
+        match (phase, answer) {
+            (Phase::OnePhase { .. }, Answer::Committed) => {
+                b.state = BranchState::Committed;
+                b.awaiting_ack = false;
+                b.payload = Vec::new();
+                self.finish(Phase::Committed, String::new(), now)
+            }
+            (Phase::OnePhase { .. }, Answer::Rejected { reason }) => {
+                b.state = BranchState::VotedNo;
+                b.awaiting_ack = false;
+                b.payload = Vec::new();
+                let reason = format!("branch {} rejected the one-phase commit: {reason}", b.id);
+                self.reason = Some(reason.clone());
+                self.finish(Phase::Aborted, reason, now)
+            }
+            (Phase::OnePhase { .. }, Answer::Aborted | Answer::NotPrepared) => {
+                b.state = BranchState::Aborted;
+                b.awaiting_ack = false;
+                b.payload = Vec::new();
+                let reason = format!(
+                    "the deadline passed before branch {} committed; it is aborted",
+                    b.id
+                );
+                self.reason = Some(reason.clone());
+                self.finish(Phase::Aborted, reason, now)
+            }
+            (Phase::Committing, answer) => {
+                b.awaiting_ack = false;
+                if answer == Answer::Committed {
+                    b.state = BranchState::Committed;
+                } else {
+                    // The participant broke the protocol (it lost or overrode its YES
+                    // vote). Retrying cannot change that; record it for the operator.
+                    b.state = BranchState::Aborted;
+                    b.last_error = Some(format!(
+                        "HEURISTIC: participant answered {answer:?} to a commit after voting YES"
+                    ));
+                }
+                self.finish_when_all_acked(Phase::Committed, now)
+            }
+            (Phase::Aborting, answer) => {
+                b.awaiting_ack = false;
+                if answer == Answer::Committed {
+                    b.state = BranchState::Committed;
+                    b.last_error =
+                        Some("HEURISTIC: participant answered committed to an abort".to_string());
+                } else {
+                    b.state = BranchState::Aborted;
+                }
+                self.finish_when_all_acked(Phase::Aborted, now)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_retry_due(&mut self, branch: usize) -> Vec<Action> {
+        let phase = self.phase;
+        let Some(b) = self.branches.get_mut(branch) else {
+            return Vec::new();
+        };
+        if !b.awaiting_ack {
+            return Vec::new();
+        }
+        let action = match phase {
+            Phase::OnePhase { probing: false } => Action::SendOnePhaseCommit { branch },
+            Phase::OnePhase { probing: true } | Phase::Aborting => Action::SendAbort { branch },
+            Phase::Committing => Action::SendCommit { branch },
+            _ => return Vec::new(),
+        };
+        b.attempts += 1;
+        vec![action]
+    }
+
+    /// Aborts: every branch that may hold a YES vote (or may yet cast one) is told.
+    fn decide_abort(&mut self, reason: String, now: UnixMs) -> Vec<Action> {
+        self.reason = Some(reason.clone());
+        for b in &mut self.branches {
+            b.payload = Vec::new();
+            b.awaiting_ack = matches!(
+                b.state,
+                BranchState::Preparing | BranchState::Prepared | BranchState::Unreachable
+            );
+        }
+        if self.branches.iter().any(|b| b.awaiting_ack) {
+            self.enter(Phase::Aborting, reason, now);
+            self.deliver_to_awaiting(Action::send_abort)
+        } else {
+            self.finish(Phase::Aborted, reason, now)
+        }
+    }
+
+    fn deliver_to_awaiting(&mut self, make: fn(usize) -> Action) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for (index, b) in self.branches.iter_mut().enumerate() {
+            if b.awaiting_ack {
+                b.attempts += 1;
+                actions.push(make(index));
+            }
+        }
+        actions
+    }
+
+    fn finish_when_all_acked(&mut self, end: Phase, now: UnixMs) -> Vec<Action> {
+        if self.branches.iter().any(|b| b.awaiting_ack) {
+            return Vec::new();
+        }
+        self.finish(end, String::new(), now)
+    }
+
+    /// Enters a final phase. Only a transaction whose commit decision is in the log gets
+    /// an end record; aborts, one-phase and read-only commits never touch the log.
+    fn finish(&mut self, end: Phase, reason: String, now: UnixMs) -> Vec<Action> {
+        let decision_logged = self.phase == Phase::Committing;
+        self.enter(end, reason, now);
+        if decision_logged {
+            vec![Action::PersistEnd]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn enter(&mut self, phase: Phase, reason: String, now: UnixMs) {
+        let before = self.phase.state();
+        self.phase = phase;
+        if phase.state() != before {
+            self.transitions.push(Transition {
+                state: phase.state(),
+                at_unix_ms: now,
+                reason,
+            });
+        }
+    }
+
+    fn branch_is(&self, index: usize, state: BranchState) -> bool {
+        self.branches.get(index).is_some_and(|b| b.state == state)
+    }
+}
+
+impl Action {
+    fn send_commit(branch: usize) -> Self {
+        Action::SendCommit { branch }
+    }
+
+    fn send_abort(branch: usize) -> Self {
+        Action::SendAbort { branch }
+    }
+}

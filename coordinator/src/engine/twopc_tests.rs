@@ -1,0 +1,539 @@
+//! One test per situation, asserting the exact actions each step emits.
+
+use super::twopc::*;
+use crate::model::{BranchState, TxnId, TxnState, UnixMs};
+
+const T0: UnixMs = 1_700_000_000_000;
+const DEADLINE: UnixMs = T0 + 60_000;
+
+fn new_txn(branches: usize) -> TwoPhaseCommit {
+    let (mut txn, actions) = TwoPhaseCommit::begin(NewTransaction {
+        id: TxnId::generate(T0),
+        created_unix_ms: T0,
+        deadline_unix_ms: DEADLINE,
+        prepare_timeout_ms: 5_000,
+        max_branches: 4,
+    });
+    assert_eq!(
+        actions,
+        vec![Action::StartDeadlineTimer {
+            at_unix_ms: DEADLINE
+        }]
+    );
+    for i in 0..branches {
+        let actions = txn
+            .handle_command(Command::Enlist(spec(&format!("b{i}"))), T0)
+            .unwrap();
+        assert!(actions.is_empty());
+    }
+    txn
+}
+
+fn spec(id: &str) -> BranchSpec {
+    BranchSpec {
+        id: id.into(),
+        endpoint: "http://127.0.0.1:1".into(),
+        payload: id.as_bytes().to_vec(),
+    }
+}
+
+fn vote(txn: &mut TwoPhaseCommit, branch: usize, vote: Vote) -> Vec<Action> {
+    txn.handle_event(Event::PrepareAnswered { branch, vote }, T0 + 1)
+}
+
+fn deliver(txn: &mut TwoPhaseCommit, branch: usize, answer: Answer) -> Vec<Action> {
+    txn.handle_event(Event::Delivered { branch, answer }, T0 + 2)
+}
+
+/// A transaction of `n` branches past Commit, with every prepare sent.
+fn preparing(n: usize) -> TwoPhaseCommit {
+    let mut txn = new_txn(n);
+    let actions = txn.handle_command(Command::Commit, T0).unwrap();
+    let mut expected = vec![Action::StartPrepareTimer { after_ms: 5_000 }];
+    expected.extend((0..n).map(|branch| Action::SendPrepare { branch }));
+    assert_eq!(actions, expected);
+    assert_eq!(txn.state(), TxnState::Preparing);
+    txn
+}
+
+/// A transaction of `n` branches whose commit decision is durable.
+fn committing(n: usize) -> TwoPhaseCommit {
+    let mut txn = preparing(n);
+    for branch in 0..n - 1 {
+        assert!(vote(&mut txn, branch, Vote::Yes).is_empty());
+    }
+    assert_eq!(
+        vote(&mut txn, n - 1, Vote::Yes),
+        vec![Action::PersistDecision]
+    );
+    let actions = txn.handle_event(Event::DecisionPersisted, T0 + 1);
+    assert_eq!(
+        actions,
+        (0..n)
+            .map(|branch| Action::SendCommit { branch })
+            .collect::<Vec<_>>()
+    );
+    txn
+}
+
+#[test]
+fn all_yes_commits_only_after_the_decision_is_durable() {
+    let mut txn = preparing(3);
+    assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
+    assert!(vote(&mut txn, 2, Vote::Yes).is_empty());
+    assert_eq!(vote(&mut txn, 1, Vote::Yes), vec![Action::PersistDecision]);
+    // The decision is being written: not reported as committing yet.
+    assert_eq!(txn.state(), TxnState::Preparing);
+    assert_eq!(txn.phase(), Phase::Deciding);
+
+    let actions = txn.handle_event(Event::DecisionPersisted, T0 + 1);
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendCommit { branch: 0 },
+            Action::SendCommit { branch: 1 },
+            Action::SendCommit { branch: 2 },
+        ]
+    );
+    assert_eq!(txn.state(), TxnState::Committing);
+    assert_eq!(txn.record().state, TxnState::Committing);
+
+    assert!(deliver(&mut txn, 1, Answer::Committed).is_empty());
+    assert!(deliver(&mut txn, 0, Answer::Committed).is_empty());
+    assert_eq!(
+        deliver(&mut txn, 2, Answer::Committed),
+        vec![Action::PersistEnd]
+    );
+    assert_eq!(txn.state(), TxnState::Committed);
+    let record = txn.record();
+    assert_eq!(record.ended_unix_ms, Some(T0 + 2));
+    assert!(
+        record
+            .branches
+            .iter()
+            .all(|b| b.state == BranchState::Committed)
+    );
+    let states: Vec<_> = record.transitions.iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        vec![
+            TxnState::Active,
+            TxnState::Preparing,
+            TxnState::Committing,
+            TxnState::Committed
+        ]
+    );
+}
+
+#[test]
+fn one_no_vote_aborts_and_tells_every_branch_that_may_have_prepared() {
+    let mut txn = preparing(3);
+    assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
+    let actions = vote(&mut txn, 1, Vote::no("insufficient funds"));
+    // Branch 0 voted YES, branch 2 has not answered yet: both get an abort; the NO voter
+    // does not need one.
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendAbort { branch: 0 },
+            Action::SendAbort { branch: 2 }
+        ]
+    );
+    assert_eq!(txn.state(), TxnState::Aborting);
+    assert_eq!(txn.reason(), Some("branch b1 voted NO: insufficient funds"));
+
+    assert!(deliver(&mut txn, 0, Answer::Aborted).is_empty());
+    // Aborts are never logged: no PersistEnd.
+    assert!(deliver(&mut txn, 2, Answer::Aborted).is_empty());
+    assert_eq!(txn.state(), TxnState::Aborted);
+}
+
+#[test]
+fn duplicate_vote_is_ignored() {
+    let mut txn = preparing(2);
+    assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
+    assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
+    assert!(vote(&mut txn, 0, Vote::no("changed my mind")).is_empty());
+    assert_eq!(txn.branch(0).unwrap().state, BranchState::Prepared);
+    assert_eq!(vote(&mut txn, 1, Vote::Yes), vec![Action::PersistDecision]);
+}
+
+#[test]
+fn late_vote_after_the_decision_changes_nothing() {
+    // Abort decided by a NO; a YES arriving afterwards must not revive the commit.
+    let mut txn = preparing(2);
+    vote(&mut txn, 0, Vote::no(""));
+    assert!(vote(&mut txn, 1, Vote::Yes).is_empty());
+    assert_eq!(txn.state(), TxnState::Aborting);
+
+    // Commit decided; a NO for an unknown branch index or a repeated vote does nothing.
+    let mut txn = committing(2);
+    assert!(vote(&mut txn, 1, Vote::no("late")).is_empty());
+    assert!(vote(&mut txn, 7, Vote::Yes).is_empty());
+    assert_eq!(txn.state(), TxnState::Committing);
+}
+
+#[test]
+fn prepare_timeout_aborts_and_a_timer_after_the_decision_does_nothing() {
+    let mut txn = preparing(2);
+    vote(&mut txn, 0, Vote::Yes);
+    let actions = txn.handle_event(Event::PrepareTimerFired, T0 + 5_000);
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendAbort { branch: 0 },
+            Action::SendAbort { branch: 1 }
+        ]
+    );
+    assert_eq!(txn.reason(), Some("prepare timed out after 5000 ms"));
+
+    let mut txn = committing(2);
+    assert!(
+        txn.handle_event(Event::PrepareTimerFired, T0 + 5_000)
+            .is_empty()
+    );
+    assert!(
+        txn.handle_event(Event::DeadlineReached, DEADLINE)
+            .is_empty()
+    );
+    assert_eq!(txn.state(), TxnState::Committing);
+}
+
+#[test]
+fn abort_requested_while_preparing() {
+    let mut txn = preparing(2);
+    vote(&mut txn, 1, Vote::Yes);
+    let actions = txn
+        .handle_command(
+            Command::Abort {
+                reason: "user cancelled".into(),
+            },
+            T0 + 1,
+        )
+        .unwrap();
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendAbort { branch: 0 },
+            Action::SendAbort { branch: 1 }
+        ]
+    );
+    assert_eq!(txn.reason(), Some("user cancelled"));
+    // Asking again is fine; a commit now waits for the abort already decided.
+    assert_eq!(
+        txn.handle_command(
+            Command::Abort {
+                reason: "again".into()
+            },
+            T0 + 2
+        ),
+        Ok(vec![])
+    );
+    assert_eq!(txn.handle_command(Command::Commit, T0 + 2), Ok(vec![]));
+    assert_eq!(txn.state(), TxnState::Aborting);
+}
+
+#[test]
+fn abort_is_refused_once_the_commit_decision_is_being_written() {
+    let mut txn = preparing(2);
+    vote(&mut txn, 0, Vote::Yes);
+    vote(&mut txn, 1, Vote::Yes);
+    assert_eq!(
+        txn.handle_command(
+            Command::Abort {
+                reason: String::new()
+            },
+            T0 + 1
+        ),
+        Err(Refusal::AlreadyCommitting)
+    );
+    let mut txn = committing(2);
+    assert_eq!(
+        txn.handle_command(
+            Command::Abort {
+                reason: String::new()
+            },
+            T0 + 1
+        ),
+        Err(Refusal::AlreadyCommitting)
+    );
+}
+
+#[test]
+fn read_only_branch_gets_no_phase_two() {
+    let mut txn = preparing(3);
+    vote(&mut txn, 0, Vote::Yes);
+    vote(&mut txn, 1, Vote::ReadOnly);
+    assert_eq!(vote(&mut txn, 2, Vote::Yes), vec![Action::PersistDecision]);
+    assert_eq!(
+        txn.handle_event(Event::DecisionPersisted, T0 + 1),
+        vec![
+            Action::SendCommit { branch: 0 },
+            Action::SendCommit { branch: 2 }
+        ]
+    );
+    deliver(&mut txn, 0, Answer::Committed);
+    assert_eq!(
+        deliver(&mut txn, 2, Answer::Committed),
+        vec![Action::PersistEnd]
+    );
+    assert_eq!(txn.branch(1).unwrap().state, BranchState::ReadOnly);
+}
+
+#[test]
+fn all_read_only_commits_without_any_log_write() {
+    let mut txn = preparing(2);
+    assert!(vote(&mut txn, 0, Vote::ReadOnly).is_empty());
+    assert!(vote(&mut txn, 1, Vote::ReadOnly).is_empty());
+    assert_eq!(txn.state(), TxnState::Committed);
+}
+
+#[test]
+fn single_branch_commits_in_one_phase_without_any_log_write() {
+    let mut txn = new_txn(1);
+    assert_eq!(
+        txn.handle_command(Command::Commit, T0),
+        Ok(vec![Action::SendOnePhaseCommit { branch: 0 }])
+    );
+    assert_eq!(txn.state(), TxnState::Preparing);
+    assert!(deliver(&mut txn, 0, Answer::Committed).is_empty());
+    assert_eq!(txn.state(), TxnState::Committed);
+    assert_eq!(txn.branch(0).unwrap().state, BranchState::Committed);
+}
+
+#[test]
+fn single_branch_rejection_aborts() {
+    let mut txn = new_txn(1);
+    txn.handle_command(Command::Commit, T0).unwrap();
+    let actions = deliver(
+        &mut txn,
+        0,
+        Answer::Rejected {
+            reason: "out of stock".into(),
+        },
+    );
+    assert!(actions.is_empty());
+    assert_eq!(txn.state(), TxnState::Aborted);
+    assert_eq!(
+        txn.reason(),
+        Some("branch b0 rejected the one-phase commit: out of stock")
+    );
+}
+
+#[test]
+fn one_phase_deadline_probes_with_an_abort_and_takes_the_first_definitive_answer() {
+    // The participant had not committed: the abort wins.
+    let mut txn = new_txn(1);
+    txn.handle_command(Command::Commit, T0).unwrap();
+    assert_eq!(
+        txn.handle_event(
+            Event::DeliveryFailed {
+                branch: 0,
+                error: "unavailable".into()
+            },
+            T0 + 1
+        ),
+        vec![Action::ScheduleRetry {
+            branch: 0,
+            attempt: 1
+        }]
+    );
+    assert_eq!(
+        txn.handle_event(Event::DeadlineReached, DEADLINE),
+        vec![Action::SendAbort { branch: 0 }]
+    );
+    // A retry due now probes with an abort too.
+    assert_eq!(
+        txn.handle_event(Event::RetryDue { branch: 0 }, DEADLINE + 1),
+        vec![Action::SendAbort { branch: 0 }]
+    );
+    assert!(deliver(&mut txn, 0, Answer::Aborted).is_empty());
+    assert_eq!(txn.state(), TxnState::Aborted);
+    assert!(deliver(&mut txn, 0, Answer::Committed).is_empty());
+    assert_eq!(txn.state(), TxnState::Aborted);
+
+    // The participant had committed: the abort is answered "already committed".
+    let mut txn = new_txn(1);
+    txn.handle_command(Command::Commit, T0).unwrap();
+    txn.handle_event(Event::DeadlineReached, DEADLINE);
+    deliver(&mut txn, 0, Answer::Committed);
+    assert_eq!(txn.state(), TxnState::Committed);
+}
+
+#[test]
+fn abort_is_refused_during_a_one_phase_commit() {
+    let mut txn = new_txn(1);
+    txn.handle_command(Command::Commit, T0).unwrap();
+    assert_eq!(
+        txn.handle_command(
+            Command::Abort {
+                reason: String::new()
+            },
+            T0
+        ),
+        Err(Refusal::AlreadyCommitting)
+    );
+}
+
+#[test]
+fn phase_two_failures_are_retried_until_acknowledged() {
+    let mut txn = committing(2);
+    let failed = |txn: &mut TwoPhaseCommit| {
+        txn.handle_event(
+            Event::DeliveryFailed {
+                branch: 1,
+                error: "connection refused".into(),
+            },
+            T0 + 3,
+        )
+    };
+    assert_eq!(
+        failed(&mut txn),
+        vec![Action::ScheduleRetry {
+            branch: 1,
+            attempt: 1
+        }]
+    );
+    assert_eq!(
+        txn.handle_event(Event::RetryDue { branch: 1 }, T0 + 4),
+        vec![Action::SendCommit { branch: 1 }]
+    );
+    assert_eq!(
+        failed(&mut txn),
+        vec![Action::ScheduleRetry {
+            branch: 1,
+            attempt: 2
+        }]
+    );
+    assert_eq!(
+        txn.branch(1).unwrap().last_error.as_deref(),
+        Some("connection refused")
+    );
+    deliver(&mut txn, 0, Answer::Committed);
+    assert_eq!(
+        deliver(&mut txn, 1, Answer::Committed),
+        vec![Action::PersistEnd]
+    );
+    // Redelivered acks and retries after the end do nothing.
+    assert!(deliver(&mut txn, 1, Answer::Committed).is_empty());
+    assert!(
+        txn.handle_event(Event::RetryDue { branch: 1 }, T0 + 5)
+            .is_empty()
+    );
+    assert!(failed(&mut txn).is_empty());
+    assert_eq!(txn.branch(1).unwrap().attempts, 2);
+}
+
+#[test]
+fn decision_persisted_twice_sends_phase_two_once() {
+    let mut txn = committing(2);
+    assert!(
+        txn.handle_event(Event::DecisionPersisted, T0 + 1)
+            .is_empty()
+    );
+}
+
+#[test]
+fn prepare_without_an_answer_aborts_including_the_silent_branch() {
+    let mut txn = preparing(2);
+    vote(&mut txn, 0, Vote::Yes);
+    let actions = txn.handle_event(
+        Event::PrepareFailed {
+            branch: 1,
+            error: "deadline exceeded".into(),
+        },
+        T0 + 1,
+    );
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendAbort { branch: 0 },
+            Action::SendAbort { branch: 1 }
+        ]
+    );
+    assert_eq!(txn.branch(1).unwrap().state, BranchState::Unreachable);
+}
+
+#[test]
+fn deadline_while_active_aborts_without_contacting_anyone() {
+    let mut txn = new_txn(2);
+    assert!(
+        txn.handle_event(Event::DeadlineReached, DEADLINE)
+            .is_empty()
+    );
+    assert_eq!(txn.state(), TxnState::Aborted);
+    assert_eq!(txn.reason(), Some("the transaction's deadline passed"));
+}
+
+#[test]
+fn enlist_rules() {
+    let mut txn = new_txn(2);
+    assert_eq!(
+        txn.handle_command(Command::Enlist(spec("b0")), T0),
+        Err(Refusal::DuplicateBranch("b0".into()))
+    );
+    txn.handle_command(Command::Enlist(spec("b2")), T0).unwrap();
+    txn.handle_command(Command::Enlist(spec("b3")), T0).unwrap();
+    assert_eq!(
+        txn.handle_command(Command::Enlist(spec("b4")), T0),
+        Err(Refusal::TooManyBranches(4))
+    );
+    txn.handle_command(Command::Commit, T0).unwrap();
+    assert_eq!(
+        txn.handle_command(Command::Enlist(spec("b5")), T0),
+        Err(Refusal::NotActive(TxnState::Preparing))
+    );
+    let mut empty = new_txn(0);
+    assert_eq!(
+        empty.handle_command(Command::Commit, T0),
+        Err(Refusal::NoBranches)
+    );
+    assert_eq!(empty.state(), TxnState::Active);
+}
+
+#[test]
+fn recovery_redelivers_the_commit_to_every_yes_voter() {
+    let mut txn = preparing(3);
+    vote(&mut txn, 0, Vote::Yes);
+    vote(&mut txn, 1, Vote::ReadOnly);
+    vote(&mut txn, 2, Vote::Yes);
+    txn.handle_event(Event::DecisionPersisted, T0 + 1);
+    let logged = txn.record();
+
+    let (mut recovered, actions) = TwoPhaseCommit::recover(logged, 4, T0 + 10);
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendCommit { branch: 0 },
+            Action::SendCommit { branch: 2 }
+        ]
+    );
+    assert_eq!(recovered.state(), TxnState::Committing);
+    deliver(&mut recovered, 0, Answer::Committed);
+    assert_eq!(
+        deliver(&mut recovered, 2, Answer::Committed),
+        vec![Action::PersistEnd]
+    );
+    assert_eq!(recovered.state(), TxnState::Committed);
+}
+
+#[test]
+fn a_participant_that_broke_its_yes_vote_is_recorded_as_heuristic() {
+    let mut txn = committing(2);
+    deliver(&mut txn, 0, Answer::NotPrepared);
+    assert_eq!(
+        deliver(&mut txn, 1, Answer::Committed),
+        vec![Action::PersistEnd]
+    );
+    let branch = txn.branch(0).unwrap();
+    assert_eq!(branch.state, BranchState::Aborted);
+    assert!(
+        branch
+            .last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("HEURISTIC")
+    );
+    // The decision itself stands.
+    assert_eq!(txn.state(), TxnState::Committed);
+}

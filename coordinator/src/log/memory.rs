@@ -1,0 +1,126 @@
+//! An in-memory decision log: for tests and for running without a disk. Every write is
+//! "durable" the moment it is applied, for as long as the [`MemoryLog`]'s storage lives;
+//! handles made with [`MemoryLog::reopen`] share that storage, which is how tests
+//! simulate a restart.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{DecisionLog, Durability, LogError, LogWrite};
+use crate::model::{TxnId, TxnRecord, UnixMs};
+
+#[derive(Debug, Default)]
+pub struct MemoryLog {
+    records: Arc<Mutex<BTreeMap<TxnId, TxnRecord>>>,
+    closed: AtomicBool,
+}
+
+impl MemoryLog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new handle on the same storage, as if the process had restarted.
+    pub fn reopen(&self) -> Self {
+        Self {
+            records: self.records.clone(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn records(&self) -> MutexGuard<'_, BTreeMap<TxnId, TxnRecord>> {
+        // A panic while holding the lock cannot leave a map half-updated: every
+        // mutation is a single insert or remove.
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DecisionLog for MemoryLog {
+    fn write(&self, record: &TxnRecord, _durability: Durability) -> LogWrite {
+        let result = if self.closed.load(Ordering::SeqCst) {
+            Err(LogError::Closed)
+        } else {
+            self.records().insert(record.id, record.clone());
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {
+        Ok(self.records().get(id).cloned())
+    }
+
+    fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError> {
+        Ok(self
+            .records()
+            .values()
+            .filter(|r| !r.state.is_final())
+            .cloned()
+            .collect())
+    }
+
+    fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>, LogError> {
+        let records = self.records();
+        let iter: Box<dyn Iterator<Item = &TxnRecord>> = match after {
+            Some(after) => Box::new(
+                records
+                    .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                    .map(|(_, r)| r),
+            ),
+            None => Box::new(records.values()),
+        };
+        Ok(iter.take(limit).cloned().collect())
+    }
+
+    fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError> {
+        let mut records = self.records();
+        let mut ended: Vec<(UnixMs, TxnId)> = records
+            .values()
+            .filter(|r| r.state.is_final())
+            .filter_map(|r| r.ended_unix_ms.map(|ended| (ended, r.id)))
+            .filter(|(ended, _)| *ended < cutoff_unix_ms)
+            .collect();
+        ended.sort();
+        ended.truncate(max);
+        for (_, id) in &ended {
+            records.remove(id);
+        }
+        Ok(ended.len())
+    }
+
+    fn close(&self) -> Result<(), LogError> {
+        self.closed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::suite::{self, LogHarness};
+    use super::*;
+
+    struct MemoryHarness {
+        storage: MemoryLog,
+    }
+
+    impl LogHarness for MemoryHarness {
+        fn open(&mut self) -> Arc<dyn DecisionLog> {
+            Arc::new(self.storage.reopen())
+        }
+
+        fn reopen(&mut self, previous: Arc<dyn DecisionLog>) -> Arc<dyn DecisionLog> {
+            previous.close().unwrap();
+            drop(previous);
+            self.open()
+        }
+    }
+
+    fn harness() -> MemoryHarness {
+        MemoryHarness {
+            storage: MemoryLog::new(),
+        }
+    }
+
+    suite::decision_log_suite!(harness);
+}

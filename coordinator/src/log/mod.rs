@@ -1,0 +1,69 @@
+//! The decision log: where the coordinator keeps what it must not forget.
+//!
+//! Presumed abort keeps it small: a two-phase commit is written once when its commit
+//! decision is taken (forced) and once when every participant has acknowledged (lazy).
+//! Aborts, one-phase and read-only commits are never written. After a restart, the
+//! records whose state is not final are the coordinator's unfinished work.
+//!
+//! Any error from a log is fatal to the coordinator: it stops acknowledging anything,
+//! shuts down, and recovers from the log on the next start.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::model::{TxnId, TxnRecord, UnixMs};
+
+pub mod memory;
+pub mod sled_log;
+#[cfg(test)]
+mod suite;
+
+pub use memory::MemoryLog;
+pub use sled_log::SledLog;
+pub use treaty_sdk::durable::Durability;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    #[error("decision log storage: {0}")]
+    Store(#[from] treaty_sdk::durable::StoreError),
+    #[error("decision log record {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("the decision log is closed")]
+    Closed,
+}
+
+/// Resolves when a [`DecisionLog::write`] is done (see its contract).
+pub type LogWrite = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
+
+/// Durable storage of transaction records.
+///
+/// Contract, for every implementation:
+/// - `write(record, Forced)`: when the future resolves `Ok`, the record survives a crash
+///   of the process (and, as far as the disk honours fdatasync, of the machine). Until it
+///   resolves `Ok`, nothing derived from the record may be reported to anyone.
+/// - `write(record, Lazy)`: resolves once the record is applied; it reaches the disk at
+///   the latest with the next forced write.
+/// - Writes are applied in the order `write` is called (not the order the futures are
+///   polled): a lazy write issued after a forced one never lands before it.
+/// - A record replaces any earlier record of the same transaction.
+/// - After an `Err` from any method, the log may refuse everything that follows.
+pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
+    fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite;
+
+    /// The record of `id`, as last written (durable or not: see `DurableStore::db`).
+    fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError>;
+
+    /// Every record whose state is not final, in id order: the work to resume at start.
+    fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError>;
+
+    /// Up to `limit` records with ids greater than `after`, in id order.
+    fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>, LogError>;
+
+    /// Deletes up to `max` final records that ended before `cutoff_unix_ms`, oldest
+    /// first; returns how many. Unfinished records are never deleted.
+    fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError>;
+
+    /// Makes every write issued so far durable and refuses later ones.
+    fn close(&self) -> Result<(), LogError>;
+}

@@ -1,0 +1,223 @@
+//! The decision log on sled 0.34.7, written through the SDK's group-committing
+//! [`DurableStore`] (one logger thread, one `apply_batch` per group, `flush()` then
+//! `fdatasync`; see shared/DESIGN.md "Durability on sled").
+//!
+//! One database, one tree, key prefixes; a record and its index entries change in one
+//! batch:
+//! - `t/<id: 16 bytes>` → the record (a format byte, then postcard);
+//! - `u/<id>` → empty, while the record's state is not final (recovery reads these);
+//! - `e/<ended_unix_ms: 8 bytes big-endian><id>` → empty, for final records (retention).
+//!
+//! Records stay far below sled's 128 KiB blob threshold: branches carry no payload, and
+//! the API bounds branch count, id, endpoint and reason lengths.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use treaty_sdk::durable::{Durability, DurableStore, StoreError, StoreOptions, WriteBatch};
+
+use super::{DecisionLog, LogError, LogWrite};
+use crate::model::{TxnId, TxnRecord, UnixMs};
+
+const FORMAT_VERSION: u8 = 1;
+const RECORD: u8 = b't';
+const UNFINISHED: u8 = b'u';
+const ENDED: u8 = b'e';
+
+#[derive(Debug, Clone)]
+pub struct SledLog {
+    store: Arc<DurableStore>,
+}
+
+impl SledLog {
+    pub fn open(dir: &Path) -> Result<Self, LogError> {
+        Ok(Self {
+            store: Arc::new(DurableStore::open(dir, StoreOptions::default())?),
+        })
+    }
+
+    fn read(&self, key: &[u8]) -> Result<Option<TxnRecord>, LogError> {
+        let value = self
+            .store
+            .db()
+            .get(key)
+            .map_err(|e| StoreError::Read(e.to_string()))?;
+        value.map(|bytes| decode(key, &bytes)).transpose()
+    }
+}
+
+fn key(prefix: u8, id: &TxnId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(17);
+    key.push(prefix);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn ended_key(ended_unix_ms: UnixMs, id: &TxnId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(25);
+    key.push(ENDED);
+    key.extend_from_slice(&ended_unix_ms.to_be_bytes());
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn encode(record: &TxnRecord) -> Vec<u8> {
+    let mut bytes = vec![FORMAT_VERSION];
+    // Serializing plain data into a Vec cannot fail.
+    bytes.extend(postcard::to_allocvec(record).unwrap_or_default());
+    bytes
+}
+
+fn decode(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
+    let corrupt = |message: String| LogError::Corrupt {
+        key: format!("{key:02x?}"),
+        message,
+    };
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))
+        }
+        Some((version, _)) => Err(corrupt(format!("unknown format version {version}"))),
+        None => Err(corrupt("empty record".into())),
+    }
+}
+
+fn read_error(e: sled::Error) -> LogError {
+    LogError::Store(StoreError::Read(e.to_string()))
+}
+
+impl DecisionLog for SledLog {
+    fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite {
+        let mut batch = WriteBatch::new();
+        batch.insert(key(RECORD, &record.id), encode(record));
+        if record.state.is_final() {
+            batch.remove(key(UNFINISHED, &record.id));
+            if let Some(ended) = record.ended_unix_ms {
+                batch.insert(ended_key(ended, &record.id), Vec::new());
+            }
+        } else {
+            batch.insert(key(UNFINISHED, &record.id), Vec::new());
+        }
+        let ticket = self.store.write(batch, durability);
+        Box::pin(async move { Ok(ticket.await?) })
+    }
+
+    fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {
+        self.read(&key(RECORD, id))
+    }
+
+    fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError> {
+        let mut records = Vec::new();
+        for entry in self.store.db().scan_prefix([UNFINISHED]) {
+            let (index_key, _) = entry.map_err(read_error)?;
+            let id_bytes: [u8; 16] = index_key[1..].try_into().map_err(|_| LogError::Corrupt {
+                key: format!("{index_key:02x?}"),
+                message: "unfinished-index key of the wrong length".into(),
+            })?;
+            let id = TxnId::from_bytes(id_bytes);
+            match self.get(&id)? {
+                Some(record) => records.push(record),
+                None => {
+                    return Err(LogError::Corrupt {
+                        key: id.to_string(),
+                        message: "indexed as unfinished but has no record".into(),
+                    });
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>, LogError> {
+        let start = match after {
+            // The smallest key greater than `t/<after>`.
+            Some(after) => {
+                let mut start = key(RECORD, &after);
+                start.push(0);
+                start
+            }
+            None => vec![RECORD],
+        };
+        let mut records = Vec::new();
+        for entry in self.store.db().range(start..vec![RECORD + 1]).take(limit) {
+            let (record_key, value) = entry.map_err(read_error)?;
+            records.push(decode(&record_key, &value)?);
+        }
+        Ok(records)
+    }
+
+    fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError> {
+        let end = ended_key(cutoff_unix_ms, &TxnId::from_bytes([0; 16]));
+        let mut batch = WriteBatch::new();
+        let mut purged = 0;
+        for entry in self.store.db().range(vec![ENDED]..end).take(max) {
+            let (index_key, _) = entry.map_err(read_error)?;
+            let id_bytes: [u8; 16] = index_key[9..].try_into().map_err(|_| LogError::Corrupt {
+                key: format!("{index_key:02x?}"),
+                message: "ended-index key of the wrong length".into(),
+            })?;
+            batch.remove(index_key.to_vec());
+            batch.remove(key(RECORD, &TxnId::from_bytes(id_bytes)));
+            purged += 1;
+        }
+        if purged > 0 {
+            // Forgetting is lazy: a purge lost in a crash is simply done again.
+            let ticket = self.store.write(batch, Durability::Lazy);
+            futures::executor::block_on(ticket)?;
+        }
+        Ok(purged)
+    }
+
+    fn close(&self) -> Result<(), LogError> {
+        Ok(self.store.close()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::suite::{self, LogHarness};
+    use super::*;
+
+    struct SledHarness {
+        dir: tempfile::TempDir,
+    }
+
+    impl LogHarness for SledHarness {
+        fn open(&mut self) -> Arc<dyn DecisionLog> {
+            Arc::new(SledLog::open(self.dir.path()).unwrap())
+        }
+
+        fn reopen(&mut self, previous: Arc<dyn DecisionLog>) -> Arc<dyn DecisionLog> {
+            previous.close().unwrap();
+            // sled releases its file lock when the last handle is dropped.
+            assert_eq!(
+                Arc::strong_count(&previous),
+                1,
+                "the test still holds the log"
+            );
+            drop(previous);
+            self.open()
+        }
+    }
+
+    fn harness() -> SledHarness {
+        SledHarness {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    suite::decision_log_suite!(harness);
+
+    #[test]
+    fn a_corrupt_record_is_reported_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SledLog::open(dir.path()).unwrap();
+        let id = TxnId::generate(1_700_000_000_000);
+        let mut batch = WriteBatch::new();
+        batch.insert(key(RECORD, &id), vec![FORMAT_VERSION, 0xff, 0xff]);
+        batch.insert(key(UNFINISHED, &id), Vec::new());
+        futures::executor::block_on(log.store.write(batch, Durability::Forced)).unwrap();
+        assert!(matches!(log.unfinished(), Err(LogError::Corrupt { .. })));
+        assert!(matches!(log.get(&id), Err(LogError::Corrupt { .. })));
+    }
+}
