@@ -1,6 +1,19 @@
-//! The Treaty coordinator: runs two-phase commits, logs decisions durably before acting
-//! on them, and keeps delivering them until every participant has them.
+//! The Treaty coordinator: runs two-phase commits, logs each commit decision durably
+//! before anyone hears of it, and keeps delivering it until every participant has it.
+//!
+//! - [`engine`]: the protocol as pure state machines (no I/O, no clock).
+//! - [`runtime`]: shards that own live transactions and carry out the engine's actions.
+//! - [`participants`]: calls to participants, deadlines, retry backoff.
+//! - [`log`]: the decision log (`DecisionLog`) on sled, and in memory.
+//! - [`api`]: the gRPC service; protobuf stops there.
+//! - [`daemon`], [`config`], [`cli`]: `treaty serve` and the `treaty` command line.
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod log;
 pub mod model;
+pub mod participants;
+pub mod runtime;

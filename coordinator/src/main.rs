@@ -1,1 +1,36 @@
-fn main() {}
+//! The `treaty` binary: the coordinator daemon (`treaty serve`) and its CLI.
+
+use clap::Parser;
+use treaty_coordinator::cli::{Cli, Command, TXN_COMMAND_TIMEOUT, run_txn};
+use treaty_coordinator::daemon;
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TREATY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    if let Err(message) = treaty_sdk::failpoint::configure_from_env() {
+        anyhow::bail!(message);
+    }
+    match cli.command {
+        Command::Serve(config) => {
+            daemon::run(config, daemon::shutdown_signal()).await?;
+        }
+        Command::Txn { endpoint, command } => {
+            tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_txn(&endpoint, command))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("no answer from {endpoint} within {TXN_COMMAND_TIMEOUT:?}")
+                })??;
+        }
+    }
+    Ok(())
+}

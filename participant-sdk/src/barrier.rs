@@ -290,7 +290,7 @@ impl Barrier {
                 },
                 "",
             );
-            return Ok(self.save(branch, &record).await?);
+            return self.save(branch, &record).await;
         };
         let after_commit = match record.status {
             BranchStatus::Committed => {
@@ -308,7 +308,7 @@ impl Barrier {
         };
         record.status = BranchStatus::Compensated { after_commit };
         record.payload = Vec::new();
-        Ok(self.save(branch, &record).await?)
+        self.save(branch, &record).await
     }
 
     /// Writes the record (and the in-doubt index) and waits until it is on disk.

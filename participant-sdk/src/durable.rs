@@ -98,11 +98,16 @@ impl Default for StoreOptions {
     }
 }
 
+type Done = oneshot::Sender<Result<(), StoreError>>;
+
+/// Writes taken together in one group commit.
+type Group = Vec<(WriteBatch, Durability, Done)>;
+
 enum Request {
     Write {
         batch: WriteBatch,
         durability: Durability,
-        done: oneshot::Sender<Result<(), StoreError>>,
+        done: Done,
     },
     /// Replied on a std channel: `close` blocks, and may be called from async code.
     Close {
@@ -309,18 +314,10 @@ impl Logger {
 
     /// Takes writes from the front of `pending` up to the record limit, stopping at a
     /// close request (returned separately).
-    #[allow(clippy::type_complexity)]
     fn take_group(
         &self,
         pending: &mut VecDeque<Request>,
-    ) -> (
-        Vec<(
-            WriteBatch,
-            Durability,
-            oneshot::Sender<Result<(), StoreError>>,
-        )>,
-        Option<mpsc::SyncSender<Result<(), StoreError>>>,
-    ) {
+    ) -> (Group, Option<mpsc::SyncSender<Result<(), StoreError>>>) {
         let mut group = Vec::new();
         let mut records = 0;
         while let Some(request) = pending.pop_front() {
@@ -347,14 +344,7 @@ impl Logger {
         (group, None)
     }
 
-    fn commit_group(
-        &self,
-        group: Vec<(
-            WriteBatch,
-            Durability,
-            oneshot::Sender<Result<(), StoreError>>,
-        )>,
-    ) {
+    fn commit_group(&self, group: Group) {
         if group.is_empty() {
             return;
         }

@@ -1,0 +1,362 @@
+//! The Coordinator gRPC service: protobuf in, typed call to the runtime, protobuf out.
+//!
+//! Every request is checked completely before the runtime sees it ([`pb`]); a bad field
+//! is INVALID_ARGUMENT naming it, and nothing changes. Runtime errors become statuses in
+//! one place ([`status_of`]). Protocol outcomes (aborted, unknown transaction, pending)
+//! are response fields.
+
+pub mod pb;
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use treaty_proto::v1 as proto;
+use treaty_sdk::limits::{FieldError, check_reason};
+
+use crate::config::defaults;
+use crate::engine::twopc::Refusal;
+use crate::model::{TxnRecord, TxnState};
+use crate::runtime::{BeginParams, Decision, Runtime, RuntimeError, now_unix_ms};
+
+/// Limits and defaults the API applies to requests.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub default_transaction_timeout_ms: u64,
+    pub max_transaction_timeout_ms: u64,
+    pub default_prepare_timeout_ms: u64,
+    pub max_prepare_timeout_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            default_transaction_timeout_ms: defaults::DEFAULT_TRANSACTION_TIMEOUT_MS,
+            max_transaction_timeout_ms: defaults::MAX_TRANSACTION_TIMEOUT_MS,
+            default_prepare_timeout_ms: defaults::DEFAULT_PREPARE_TIMEOUT_MS,
+            max_prepare_timeout_ms: defaults::MAX_PREPARE_TIMEOUT_MS,
+        }
+    }
+}
+
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    runtime: Runtime,
+    config: ApiConfig,
+    /// Becomes true when the daemon stops: open watch streams end.
+    stopping: watch::Receiver<bool>,
+}
+
+impl CoordinatorService {
+    pub fn new(runtime: Runtime, config: ApiConfig, stopping: watch::Receiver<bool>) -> Self {
+        Self {
+            runtime,
+            config,
+            stopping,
+        }
+    }
+
+    fn deadline(&self, requested: u64) -> Result<u64, FieldError> {
+        let now = now_unix_ms();
+        if requested == 0 {
+            return Ok(now + self.config.default_transaction_timeout_ms);
+        }
+        if requested <= now {
+            return Err(FieldError::new(
+                "deadline_unix_ms",
+                format!("{requested} is in the past (now is {now})"),
+            ));
+        }
+        let latest = now + self.config.max_transaction_timeout_ms;
+        if requested > latest {
+            return Err(FieldError::new(
+                "deadline_unix_ms",
+                format!(
+                    "{requested} is more than max_transaction_timeout_ms ({} ms) from now",
+                    self.config.max_transaction_timeout_ms
+                ),
+            ));
+        }
+        Ok(requested)
+    }
+
+    fn prepare_timeout(&self, requested: u64) -> Result<u64, FieldError> {
+        match requested {
+            0 => Ok(self.config.default_prepare_timeout_ms),
+            ms if ms > self.config.max_prepare_timeout_ms => Err(FieldError::new(
+                "prepare_timeout_ms",
+                format!(
+                    "{ms} exceeds the limit of {} ms",
+                    self.config.max_prepare_timeout_ms
+                ),
+            )),
+            ms => Ok(ms),
+        }
+    }
+}
+
+fn invalid(error: FieldError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// The one mapping from runtime errors to gRPC statuses.
+pub fn status_of(error: RuntimeError) -> Status {
+    let field = match &error {
+        RuntimeError::UnknownTransaction(_) => "transaction_id",
+        RuntimeError::Refused(Refusal::DuplicateBranch(_)) => "branch.branch_id",
+        RuntimeError::Refused(Refusal::TooManyBranches(_)) => "branch",
+        RuntimeError::Refused(Refusal::NoBranches) => "branches",
+        RuntimeError::Refused(Refusal::NotActive(_) | Refusal::AlreadyCommitting) => {
+            "transaction_id"
+        }
+        RuntimeError::Overloaded(_) => return Status::resource_exhausted(error.to_string()),
+        RuntimeError::ShuttingDown => return Status::unavailable(error.to_string()),
+        RuntimeError::Log(_) => return Status::internal(error.to_string()),
+    };
+    Status::invalid_argument(format!("{field}: {error}"))
+}
+
+fn outcome_of(record: &TxnRecord) -> proto::CommitResponse {
+    if record.state.is_commit() {
+        proto::CommitResponse {
+            outcome: proto::Outcome::Committed as i32,
+            reason: String::new(),
+        }
+    } else {
+        proto::CommitResponse {
+            outcome: proto::Outcome::Aborted as i32,
+            reason: record.reason.clone().unwrap_or_default(),
+        }
+    }
+}
+
+type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<proto::WatchTransactionResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::coordinator_server::Coordinator for CoordinatorService {
+    async fn begin(
+        &self,
+        request: Request<proto::BeginRequest>,
+    ) -> Result<Response<proto::BeginResponse>, Status> {
+        let request = request.into_inner();
+        let deadline_unix_ms = self.deadline(request.deadline_unix_ms).map_err(invalid)?;
+        let prepare_timeout_ms = self
+            .prepare_timeout(request.prepare_timeout_ms)
+            .map_err(invalid)?;
+        let branches = pb::branch_specs(request.branches).map_err(invalid)?;
+        let id = self
+            .runtime
+            .begin(BeginParams {
+                deadline_unix_ms,
+                prepare_timeout_ms,
+                branches,
+            })
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(proto::BeginResponse {
+            transaction_id: id.to_string(),
+            deadline_unix_ms,
+        }))
+    }
+
+    async fn enlist(
+        &self,
+        request: Request<proto::EnlistRequest>,
+    ) -> Result<Response<proto::EnlistResponse>, Status> {
+        let request = request.into_inner();
+        let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
+        let spec = request
+            .branch
+            .ok_or_else(|| invalid(FieldError::new("branch", "is required")))?;
+        let branch = pb::branch_spec("branch", spec).map_err(invalid)?;
+        self.runtime.enlist(id, branch).await.map_err(status_of)?;
+        Ok(Response::new(proto::EnlistResponse {}))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<proto::CommitRequest>,
+    ) -> Result<Response<proto::CommitResponse>, Status> {
+        let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
+            .map_err(invalid)?;
+        let decided = self.runtime.commit(id).await.map_err(status_of)?;
+        Ok(Response::new(outcome_of(&decided)))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<proto::AbortRequest>,
+    ) -> Result<Response<proto::AbortResponse>, Status> {
+        let request = request.into_inner();
+        let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
+        check_reason("reason", &request.reason).map_err(invalid)?;
+        let reason = if request.reason.is_empty() {
+            "abort requested".to_string()
+        } else {
+            request.reason
+        };
+        self.runtime.abort(id, reason).await.map_err(status_of)?;
+        Ok(Response::new(proto::AbortResponse {}))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<proto::GetTransactionRequest>,
+    ) -> Result<Response<proto::GetTransactionResponse>, Status> {
+        let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
+            .map_err(invalid)?;
+        let record = self.runtime.get(id).await.map_err(status_of)?;
+        Ok(Response::new(proto::GetTransactionResponse {
+            found: record.is_some(),
+            transaction: record.as_ref().map(pb::transaction_to_pb),
+        }))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<proto::ListTransactionsRequest>,
+    ) -> Result<Response<proto::ListTransactionsResponse>, Status> {
+        let request = request.into_inner();
+        let states = request
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| pb::state_from_pb(&format!("states[{i}]"), *s))
+            .collect::<Result<Vec<TxnState>, _>>()
+            .map_err(invalid)?;
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(invalid(FieldError::new(
+                    "page_size",
+                    format!("{n} exceeds the limit of {MAX_PAGE_SIZE}"),
+                )));
+            }
+            n => n,
+        };
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(pb::parse_txn_id("page_token", &request.page_token).map_err(invalid)?)
+        };
+        let page = self
+            .runtime
+            .list(&states, after, page_size as usize)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(proto::ListTransactionsResponse {
+            transactions: page
+                .transactions
+                .iter()
+                .map(pb::transaction_to_pb)
+                .collect(),
+            next_page_token: page.next_after.map(|id| id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    type WatchTransactionStream = WatchStream;
+
+    async fn watch_transaction(
+        &self,
+        request: Request<proto::WatchTransactionRequest>,
+    ) -> Result<Response<Self::WatchTransactionStream>, Status> {
+        let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
+            .map_err(invalid)?;
+        if let Some(updates) = self.runtime.watch(id).await.map_err(status_of)? {
+            return Ok(Response::new(watch_stream(updates, self.stopping.clone())));
+        }
+        // Not live: its final state from the log, or nothing.
+        let message = match self.runtime.get(id).await.map_err(status_of)? {
+            Some(record) => update_message(&record, record.transitions.len().saturating_sub(1)),
+            None => proto::WatchTransactionResponse {
+                found: false,
+                transaction: None,
+                transition: None,
+            },
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(
+            message,
+        )]))))
+    }
+
+    async fn get_outcome(
+        &self,
+        request: Request<proto::GetOutcomeRequest>,
+    ) -> Result<Response<proto::GetOutcomeResponse>, Status> {
+        let request = request.into_inner();
+        let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
+        let decision = self.runtime.outcome(id).await.map_err(status_of)?;
+        tracing::debug!(txn_id = %id, branch_id = %request.branch_id, ?decision, "outcome asked");
+        let decision = match decision {
+            Decision::Commit => proto::Decision::Commit,
+            Decision::Abort => proto::Decision::Abort,
+            Decision::Pending => proto::Decision::Pending,
+        };
+        Ok(Response::new(proto::GetOutcomeResponse {
+            decision: decision as i32,
+        }))
+    }
+}
+
+fn update_message(record: &TxnRecord, transition: usize) -> proto::WatchTransactionResponse {
+    proto::WatchTransactionResponse {
+        found: true,
+        transaction: Some(pb::transaction_to_pb(record)),
+        transition: record.transitions.get(transition).map(pb::transition_to_pb),
+    }
+}
+
+/// The current state first, then one message per transition, never skipping one; ends
+/// after a final state, or when the transaction leaves memory or the daemon stops.
+fn watch_stream(
+    mut updates: watch::Receiver<Arc<TxnRecord>>,
+    stopping: watch::Receiver<bool>,
+) -> WatchStream {
+    let current = updates.borrow_and_update().clone();
+    let first = update_message(&current, current.transitions.len().saturating_sub(1));
+    struct State {
+        updates: watch::Receiver<Arc<TxnRecord>>,
+        stopping: watch::Receiver<bool>,
+        queue: VecDeque<proto::WatchTransactionResponse>,
+        sent: usize,
+        finished: bool,
+    }
+    let state = State {
+        finished: current.state.is_final(),
+        sent: current.transitions.len(),
+        queue: VecDeque::from([first]),
+        updates,
+        stopping,
+    };
+    Box::pin(futures::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(message) = state.queue.pop_front() {
+                return Some((Ok(message), state));
+            }
+            if state.finished || *state.stopping.borrow() {
+                return None;
+            }
+            tokio::select! {
+                changed = state.updates.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                _ = state.stopping.changed() => return None,
+            }
+            let record = state.updates.borrow_and_update().clone();
+            for index in state.sent..record.transitions.len() {
+                state.queue.push_back(update_message(&record, index));
+            }
+            state.sent = record.transitions.len();
+            state.finished = record.state.is_final();
+        }
+    }))
+}

@@ -1,0 +1,191 @@
+//! The `treaty` command line: `serve` runs the daemon; `txn ...` inspects transactions
+//! through a running coordinator.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use treaty_sdk::client::{Decision, Transaction, TransactionState, TreatyClient};
+
+use crate::config::ServeConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "treaty",
+    version,
+    about = "Treaty: a distributed transaction coordinator"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator daemon.
+    Serve(ServeConfig),
+    /// Inspect transactions of a running coordinator.
+    Txn {
+        /// The coordinator to ask.
+        #[arg(
+            long,
+            env = "TREATY_ENDPOINT",
+            default_value = "http://127.0.0.1:7420",
+            global = true
+        )]
+        endpoint: String,
+        #[command(subcommand)]
+        command: TxnCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TxnCommand {
+    /// List transactions, oldest first.
+    List {
+        /// Only transactions in this state (repeatable).
+        #[arg(long = "state", value_enum)]
+        states: Vec<StateArg>,
+        /// Most transactions to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one transaction with its branches and history.
+    Show { transaction_id: String },
+    /// Print each state change of a transaction until it is final.
+    Watch { transaction_id: String },
+    /// What a participant in doubt would be told (COMMIT, ABORT or PENDING).
+    Outcome { transaction_id: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StateArg {
+    Active,
+    Preparing,
+    Committing,
+    Aborting,
+    Committed,
+    Aborted,
+}
+
+impl From<StateArg> for TransactionState {
+    fn from(state: StateArg) -> Self {
+        match state {
+            StateArg::Active => TransactionState::Active,
+            StateArg::Preparing => TransactionState::Preparing,
+            StateArg::Committing => TransactionState::Committing,
+            StateArg::Aborting => TransactionState::Aborting,
+            StateArg::Committed => TransactionState::Committed,
+            StateArg::Aborted => TransactionState::Aborted,
+        }
+    }
+}
+
+fn state_name(value: i32) -> &'static str {
+    TransactionState::try_from(value)
+        .map(|s| s.as_str_name().trim_start_matches("TRANSACTION_STATE_"))
+        .unwrap_or("?")
+}
+
+fn summary(txn: &Transaction) -> String {
+    let mut line = format!(
+        "{}  {:<10}  {} branch(es)",
+        txn.transaction_id,
+        state_name(txn.state),
+        txn.branches.len()
+    );
+    if !txn.reason.is_empty() {
+        line.push_str(&format!("  ({})", txn.reason));
+    }
+    line
+}
+
+fn details(txn: &Transaction) -> String {
+    let mut out = summary(txn);
+    out.push_str(&format!(
+        "\n  created {} ms, deadline {} ms, prepare timeout {} ms",
+        txn.created_unix_ms, txn.deadline_unix_ms, txn.prepare_timeout_ms
+    ));
+    for branch in &txn.branches {
+        let state = treaty_proto::v1::BranchState::try_from(branch.state)
+            .map(|s| s.as_str_name().trim_start_matches("BRANCH_STATE_"))
+            .unwrap_or("?");
+        out.push_str(&format!(
+            "\n  branch {:<16} {:<12} {} attempts  {}",
+            branch.branch_id, state, branch.attempts, branch.endpoint
+        ));
+        if !branch.last_error.is_empty() {
+            out.push_str(&format!("  last error: {}", branch.last_error));
+        }
+    }
+    for transition in &txn.transitions {
+        out.push_str(&format!(
+            "\n  at {} ms  -> {}  {}",
+            transition.at_unix_ms,
+            state_name(transition.state),
+            transition.reason
+        ));
+    }
+    out
+}
+
+/// Runs a `txn` subcommand, printing to stdout.
+pub async fn run_txn(endpoint: &str, command: TxnCommand) -> anyhow::Result<()> {
+    let client = TreatyClient::connect(endpoint).await?;
+    match command {
+        TxnCommand::List { states, limit } => {
+            let states: Vec<TransactionState> = states.into_iter().map(Into::into).collect();
+            let mut token = String::new();
+            let mut printed = 0;
+            // Bounded: each page advances the token, and we stop at `limit`.
+            while printed < limit {
+                let page_size = (limit - printed).min(1000) as u32;
+                let (page, next) = client.list(&states, page_size, &token).await?;
+                for txn in &page {
+                    println!("{}", summary(txn));
+                }
+                printed += page.len();
+                match next {
+                    Some(next) => token = next,
+                    None => break,
+                }
+            }
+        }
+        TxnCommand::Show { transaction_id } => match client.get(&transaction_id).await? {
+            Some(txn) => println!("{}", details(&txn)),
+            None => anyhow::bail!(
+                "unknown transaction {transaction_id} (never begun here, removed after retention, or presumed aborted)"
+            ),
+        },
+        TxnCommand::Watch { transaction_id } => {
+            let Some(stream) = client.watch(&transaction_id).await? else {
+                anyhow::bail!("unknown transaction {transaction_id}");
+            };
+            let mut stream = std::pin::pin!(stream);
+            while let Some(update) = stream.next().await {
+                let update = update?;
+                println!(
+                    "{} ms  {}  {}",
+                    update.transition.at_unix_ms,
+                    state_name(update.transition.state),
+                    update.transition.reason
+                );
+            }
+        }
+        TxnCommand::Outcome { transaction_id } => {
+            let decision = client.outcome(&transaction_id).await?;
+            println!(
+                "{}",
+                match decision {
+                    Decision::Commit => "COMMIT",
+                    Decision::Abort => "ABORT",
+                    Decision::Pending => "PENDING",
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// How long `txn` commands wait for the coordinator before giving up.
+pub const TXN_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,280 @@
+//! The daemon's configuration: one struct, from flags or `TREATY_*` environment
+//! variables, validated once at start. Units are in the names.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::api::ApiConfig;
+use crate::runtime::RuntimeConfig;
+
+/// Default values, shared by the flags, [`ServeConfig::new`] and the parts' defaults.
+pub mod defaults {
+    pub const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+    pub const MAX_TRANSACTION_TIMEOUT_MS: u64 = 3_600_000;
+    pub const DEFAULT_PREPARE_TIMEOUT_MS: u64 = 10_000;
+    pub const MAX_PREPARE_TIMEOUT_MS: u64 = 600_000;
+    pub const PARTICIPANT_CALL_TIMEOUT_MS: u64 = 5_000;
+    pub const RETRY_BACKOFF_INITIAL_MS: u64 = 100;
+    pub const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
+    pub const MAX_ACTIVE_TRANSACTIONS: usize = 100_000;
+    pub const MAX_IN_FLIGHT_CALLS: usize = 4_096;
+    pub const MEMORY_RETENTION_MS: u64 = 300_000;
+    pub const MAX_RETAINED_TRANSACTIONS: usize = 100_000;
+    pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
+    pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+}
+
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct ServeConfig {
+    /// Address to serve gRPC on (IP:PORT; port 0 picks a free port).
+    #[arg(long, env = "TREATY_LISTEN", default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+
+    /// Directory of the decision log (created if missing).
+    #[arg(long, env = "TREATY_DATA_DIR", default_value = "treaty-data")]
+    pub data_dir: PathBuf,
+
+    /// The endpoint participants use to reach this coordinator (GetOutcome). Defaults to
+    /// http://LISTEN, with 127.0.0.1 for an unspecified IP.
+    #[arg(long, env = "TREATY_ADVERTISE_ENDPOINT")]
+    pub advertise_endpoint: Option<String>,
+
+    /// Deadline of a transaction that asks for none.
+    #[arg(long, env = "TREATY_DEFAULT_TRANSACTION_TIMEOUT_MS", default_value_t = defaults::DEFAULT_TRANSACTION_TIMEOUT_MS)]
+    pub default_transaction_timeout_ms: u64,
+
+    /// Latest deadline a transaction may ask for, from now.
+    #[arg(long, env = "TREATY_MAX_TRANSACTION_TIMEOUT_MS", default_value_t = defaults::MAX_TRANSACTION_TIMEOUT_MS)]
+    pub max_transaction_timeout_ms: u64,
+
+    /// Phase-1 time limit of a transaction that asks for none.
+    #[arg(long, env = "TREATY_DEFAULT_PREPARE_TIMEOUT_MS", default_value_t = defaults::DEFAULT_PREPARE_TIMEOUT_MS)]
+    pub default_prepare_timeout_ms: u64,
+
+    /// Longest phase-1 time limit a transaction may ask for.
+    #[arg(long, env = "TREATY_MAX_PREPARE_TIMEOUT_MS", default_value_t = defaults::MAX_PREPARE_TIMEOUT_MS)]
+    pub max_prepare_timeout_ms: u64,
+
+    /// Deadline of each phase-2 call to a participant.
+    #[arg(long, env = "TREATY_PARTICIPANT_CALL_TIMEOUT_MS", default_value_t = defaults::PARTICIPANT_CALL_TIMEOUT_MS)]
+    pub participant_call_timeout_ms: u64,
+
+    /// First retry delay of a failed phase-2 delivery (doubles per attempt, with jitter).
+    #[arg(long, env = "TREATY_RETRY_BACKOFF_INITIAL_MS", default_value_t = defaults::RETRY_BACKOFF_INITIAL_MS)]
+    pub retry_backoff_initial_ms: u64,
+
+    /// Longest retry delay.
+    #[arg(long, env = "TREATY_RETRY_BACKOFF_MAX_MS", default_value_t = defaults::RETRY_BACKOFF_MAX_MS)]
+    pub retry_backoff_max_ms: u64,
+
+    /// Transactions in progress at once; Begin beyond it is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TREATY_MAX_ACTIVE_TRANSACTIONS", default_value_t = defaults::MAX_ACTIVE_TRANSACTIONS)]
+    pub max_active_transactions: usize,
+
+    /// Participant calls in flight at once.
+    #[arg(long, env = "TREATY_MAX_IN_FLIGHT_CALLS", default_value_t = defaults::MAX_IN_FLIGHT_CALLS)]
+    pub max_in_flight_calls: usize,
+
+    /// How long a finished transaction stays in memory.
+    #[arg(long, env = "TREATY_MEMORY_RETENTION_MS", default_value_t = defaults::MEMORY_RETENTION_MS)]
+    pub memory_retention_ms: u64,
+
+    /// Most finished transactions kept in memory.
+    #[arg(long, env = "TREATY_MAX_RETAINED_TRANSACTIONS", default_value_t = defaults::MAX_RETAINED_TRANSACTIONS)]
+    pub max_retained_transactions: usize,
+
+    /// How long finished transactions stay in the log.
+    #[arg(long, env = "TREATY_LOG_RETENTION_MS", default_value_t = defaults::LOG_RETENTION_MS)]
+    pub log_retention_ms: u64,
+
+    /// How long shutdown waits for work in flight before leaving it to recovery.
+    #[arg(long, env = "TREATY_SHUTDOWN_GRACE_MS", default_value_t = defaults::SHUTDOWN_GRACE_MS)]
+    pub shutdown_grace_ms: u64,
+
+    /// Engine shards (tasks owning transactions); 0 means one per CPU.
+    #[arg(long, env = "TREATY_SHARDS", default_value_t = 0)]
+    pub shards: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+fn positive(field: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(bad(field, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+impl ServeConfig {
+    /// A configuration with every default, serving on `listen` from `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen,
+            data_dir: data_dir.into(),
+            advertise_endpoint: None,
+            default_transaction_timeout_ms: defaults::DEFAULT_TRANSACTION_TIMEOUT_MS,
+            max_transaction_timeout_ms: defaults::MAX_TRANSACTION_TIMEOUT_MS,
+            default_prepare_timeout_ms: defaults::DEFAULT_PREPARE_TIMEOUT_MS,
+            max_prepare_timeout_ms: defaults::MAX_PREPARE_TIMEOUT_MS,
+            participant_call_timeout_ms: defaults::PARTICIPANT_CALL_TIMEOUT_MS,
+            retry_backoff_initial_ms: defaults::RETRY_BACKOFF_INITIAL_MS,
+            retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
+            max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
+            max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,
+            memory_retention_ms: defaults::MEMORY_RETENTION_MS,
+            max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
+            log_retention_ms: defaults::LOG_RETENTION_MS,
+            shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
+            shards: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        positive(
+            "default_transaction_timeout_ms",
+            self.default_transaction_timeout_ms,
+        )?;
+        positive(
+            "default_prepare_timeout_ms",
+            self.default_prepare_timeout_ms,
+        )?;
+        positive(
+            "participant_call_timeout_ms",
+            self.participant_call_timeout_ms,
+        )?;
+        positive("retry_backoff_initial_ms", self.retry_backoff_initial_ms)?;
+        positive(
+            "max_active_transactions",
+            self.max_active_transactions as u64,
+        )?;
+        positive("max_in_flight_calls", self.max_in_flight_calls as u64)?;
+        positive(
+            "max_retained_transactions",
+            self.max_retained_transactions as u64,
+        )?;
+        if self.default_transaction_timeout_ms > self.max_transaction_timeout_ms {
+            return Err(bad(
+                "default_transaction_timeout_ms",
+                "must not exceed max_transaction_timeout_ms",
+            ));
+        }
+        if self.default_prepare_timeout_ms > self.max_prepare_timeout_ms {
+            return Err(bad(
+                "default_prepare_timeout_ms",
+                "must not exceed max_prepare_timeout_ms",
+            ));
+        }
+        if self.retry_backoff_initial_ms > self.retry_backoff_max_ms {
+            return Err(bad(
+                "retry_backoff_initial_ms",
+                "must not exceed retry_backoff_max_ms",
+            ));
+        }
+        if let Some(endpoint) = &self.advertise_endpoint {
+            treaty_sdk::limits::check_endpoint("advertise_endpoint", endpoint)
+                .map_err(|e| bad("advertise_endpoint", e.message))?;
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    pub fn api(&self) -> ApiConfig {
+        ApiConfig {
+            default_transaction_timeout_ms: self.default_transaction_timeout_ms,
+            max_transaction_timeout_ms: self.max_transaction_timeout_ms,
+            default_prepare_timeout_ms: self.default_prepare_timeout_ms,
+            max_prepare_timeout_ms: self.max_prepare_timeout_ms,
+        }
+    }
+
+    /// The runtime's part; `bound` is the address actually listened on.
+    pub fn runtime(&self, bound: SocketAddr) -> RuntimeConfig {
+        let shards = match self.shards {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        RuntimeConfig {
+            shards,
+            advertise_endpoint: self
+                .advertise_endpoint
+                .clone()
+                .unwrap_or_else(|| advertised(bound)),
+            participant_call_timeout_ms: self.participant_call_timeout_ms,
+            connect_timeout_ms: self.participant_call_timeout_ms.min(2_000),
+            retry_backoff_initial_ms: self.retry_backoff_initial_ms,
+            retry_backoff_max_ms: self.retry_backoff_max_ms,
+            max_active_transactions: self.max_active_transactions,
+            max_in_flight_calls: self.max_in_flight_calls,
+            max_branches: treaty_sdk::limits::MAX_BRANCHES,
+            memory_retention_ms: self.memory_retention_ms,
+            max_retained_transactions: self.max_retained_transactions,
+            log_retention_ms: self.log_retention_ms,
+        }
+    }
+}
+
+fn advertised(bound: SocketAddr) -> String {
+    let mut address = bound;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{address}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ServeConfig {
+        ServeConfig::new("127.0.0.1:0".parse().unwrap(), "/tmp/x")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn inconsistent_values_are_named() {
+        let mut c = config();
+        c.default_prepare_timeout_ms = c.max_prepare_timeout_ms + 1;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "default_prepare_timeout_ms"
+        );
+        let mut c = config();
+        c.retry_backoff_initial_ms = 0;
+        assert_eq!(c.validate().unwrap_err().field, "retry_backoff_initial_ms");
+        let mut c = config();
+        c.advertise_endpoint = Some("localhost:1".into());
+        assert_eq!(c.validate().unwrap_err().field, "advertise_endpoint");
+    }
+
+    #[test]
+    fn unspecified_listen_address_advertises_loopback() {
+        assert_eq!(
+            advertised("0.0.0.0:7420".parse().unwrap()),
+            "http://127.0.0.1:7420"
+        );
+        assert_eq!(
+            advertised("10.0.0.5:7420".parse().unwrap()),
+            "http://10.0.0.5:7420"
+        );
+    }
+}

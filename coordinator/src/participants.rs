@@ -1,0 +1,210 @@
+//! Talking to participants: one lazily connected tonic channel per endpoint, a deadline
+//! on every call, a bound on calls in flight, and the retry backoff.
+//!
+//! Every failure to get an answer (transport error, deadline, an error status) comes back
+//! as `Err(description)`: the engine decides what it means (abort in phase 1, retry in
+//! phase 2). Protocol outcomes come back as values.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::participant_client::ParticipantClient;
+
+use crate::engine::twopc::{Answer, Vote};
+
+/// Channels kept open; past this the cache starts over (old channels close when their
+/// calls finish).
+const MAX_CACHED_ENDPOINTS: usize = 4096;
+
+/// Where and how to reach one branch.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub endpoint: String,
+    pub transaction_id: String,
+    pub branch_id: String,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Participants {
+    channels: Arc<Mutex<HashMap<String, ParticipantClient<Channel>>>>,
+    in_flight: Arc<Semaphore>,
+    coordinator_endpoint: String,
+    connect_timeout: Duration,
+}
+
+impl Participants {
+    pub fn new(
+        coordinator_endpoint: String,
+        max_in_flight: usize,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            channels: Arc::default(),
+            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            coordinator_endpoint,
+            connect_timeout,
+        }
+    }
+
+    fn client(&self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = channels.get(endpoint) {
+            return Ok(client.clone());
+        }
+        if channels.len() >= MAX_CACHED_ENDPOINTS {
+            channels.clear();
+        }
+        let channel = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let client = ParticipantClient::new(channel);
+        channels.insert(endpoint.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Runs `request` against the branch's participant within the call's deadline,
+    /// holding one of the in-flight permits.
+    async fn call<T, F, Fut>(&self, call: &Call, request: F) -> Result<T, String>
+    where
+        F: FnOnce(ParticipantClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| "coordinator shutting down".to_string())?;
+        let client = self.client(&call.endpoint)?;
+        match tokio::time::timeout(call.timeout, request(client)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => Err(format!("no answer within {} ms", call.timeout.as_millis())),
+        }
+    }
+
+    pub async fn prepare(&self, call: &Call, payload: Vec<u8>) -> Result<Vote, String> {
+        let request = pb::PrepareBranchRequest {
+            transaction_id: call.transaction_id.clone(),
+            branch_id: call.branch_id.clone(),
+            payload,
+            coordinator_endpoint: self.coordinator_endpoint.clone(),
+        };
+        let response = self
+            .call(
+                call,
+                |mut client| async move { client.prepare(request).await },
+            )
+            .await?;
+        match pb::Vote::try_from(response.vote) {
+            Ok(pb::Vote::Yes) => Ok(Vote::Yes),
+            Ok(pb::Vote::No) => Ok(Vote::No {
+                reason: response.reason,
+            }),
+            Ok(pb::Vote::ReadOnly) => Ok(Vote::ReadOnly),
+            _ => Err(format!(
+                "participant sent an unknown vote {}",
+                response.vote
+            )),
+        }
+    }
+
+    /// A phase-2 commit (`payload` empty) or a one-phase commit.
+    pub async fn commit(
+        &self,
+        call: &Call,
+        mode: pb::CommitMode,
+        payload: Vec<u8>,
+    ) -> Result<Answer, String> {
+        let request = pb::CommitBranchRequest {
+            transaction_id: call.transaction_id.clone(),
+            branch_id: call.branch_id.clone(),
+            mode: mode as i32,
+            payload,
+            coordinator_endpoint: self.coordinator_endpoint.clone(),
+        };
+        let response = self
+            .call(
+                call,
+                |mut client| async move { client.commit(request).await },
+            )
+            .await?;
+        match pb::CommitResult::try_from(response.result) {
+            Ok(pb::CommitResult::Committed) => Ok(Answer::Committed),
+            Ok(pb::CommitResult::Rejected) => Ok(Answer::Rejected {
+                reason: response.reason,
+            }),
+            Ok(pb::CommitResult::NotPrepared) => Ok(Answer::NotPrepared),
+            Ok(pb::CommitResult::AlreadyAborted) => Ok(Answer::Aborted),
+            _ => Err(format!(
+                "participant sent an unknown commit result {}",
+                response.result
+            )),
+        }
+    }
+
+    pub async fn abort(&self, call: &Call) -> Result<Answer, String> {
+        let request = pb::AbortBranchRequest {
+            transaction_id: call.transaction_id.clone(),
+            branch_id: call.branch_id.clone(),
+        };
+        let response = self
+            .call(
+                call,
+                |mut client| async move { client.abort(request).await },
+            )
+            .await?;
+        match pb::AbortResult::try_from(response.result) {
+            Ok(pb::AbortResult::Aborted) => Ok(Answer::Aborted),
+            Ok(pb::AbortResult::AlreadyCommitted) => Ok(Answer::Committed),
+            _ => Err(format!(
+                "participant sent an unknown abort result {}",
+                response.result
+            )),
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: the delay before retry number `attempt`
+/// (1-based) is drawn from `[cap/2, cap]`, where `cap = min(max, initial · 2^(attempt-1))`.
+///
+/// Written here rather than taken from a backoff crate because the engine owns the
+/// attempt count (it survives in the transaction's state and history), so what is needed
+/// is a pure function of the attempt, not a stateful iterator per branch.
+pub fn retry_delay(attempt: u32, initial_ms: u64, max_ms: u64, rng: &mut impl Rng) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(32);
+    let cap = initial_ms
+        .max(1)
+        .saturating_mul(1u64 << exponent)
+        .min(max_ms.max(1));
+    Duration::from_millis(rng.random_range(cap.div_ceil(2)..=cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_grows_exponentially_then_stays_capped_with_jitter() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for attempt in 1..=40 {
+            let cap = (100u64 << (attempt - 1).min(32)).min(10_000);
+            for _ in 0..20 {
+                let delay = retry_delay(attempt, 100, 10_000, &mut rng).as_millis() as u64;
+                assert!(
+                    delay >= cap / 2 && delay <= cap,
+                    "attempt {attempt}: {delay}"
+                );
+            }
+        }
+        assert!(retry_delay(u32::MAX, 100, 10_000, &mut rng) <= Duration::from_secs(10));
+    }
+}

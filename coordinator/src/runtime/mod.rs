@@ -1,0 +1,401 @@
+//! The runtime: owns the live transactions and carries out the engine's actions.
+//!
+//! Transactions are spread over shards by id. Each shard is one task that owns its
+//! transactions outright (no shared locks): the API talks to it with messages carrying a
+//! oneshot for the reply, and the work it starts (participant calls, log writes, timers)
+//! reports back to it as events. See `shard.rs` for the loop.
+//!
+//! Invariants kept here:
+//! - A commit is reported (to the caller of `commit`, to watchers, to `outcome`) only
+//!   once the transaction's state says so, and the engine enters `Committing` only after
+//!   the forced log write returned.
+//! - The number of undecided-or-unacknowledged transactions is bounded
+//!   (`max_active_transactions`); `begin` beyond it is refused, which also bounds the
+//!   log's queue (one write in flight per transaction at most) and in-flight calls.
+//! - A failed log write is fatal: it is reported on the fatal channel and nothing that
+//!   depended on it is acknowledged.
+
+mod shard;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::defaults;
+use crate::engine::twopc::{BranchSpec, Refusal};
+use crate::log::{DecisionLog, LogError};
+use crate::model::{TxnId, TxnRecord, TxnState, UnixMs};
+use crate::participants::Participants;
+use shard::{Shard, ShardMsg};
+
+/// What the runtime needs to know; the daemon fills it from its validated config.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub shards: usize,
+    /// The endpoint participants are told to ask for outcomes.
+    pub advertise_endpoint: String,
+    pub participant_call_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub retry_backoff_initial_ms: u64,
+    pub retry_backoff_max_ms: u64,
+    pub max_active_transactions: usize,
+    pub max_in_flight_calls: usize,
+    pub max_branches: usize,
+    /// How long a final transaction stays in memory (GetTransaction, Watch, Outcome).
+    pub memory_retention_ms: u64,
+    /// At most this many final transactions are kept in memory (oldest go first).
+    pub max_retained_transactions: usize,
+    /// How long final records stay in the log.
+    pub log_retention_ms: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            shards: 2,
+            advertise_endpoint: String::new(),
+            participant_call_timeout_ms: defaults::PARTICIPANT_CALL_TIMEOUT_MS,
+            connect_timeout_ms: 2_000,
+            retry_backoff_initial_ms: defaults::RETRY_BACKOFF_INITIAL_MS,
+            retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
+            max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
+            max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,
+            max_branches: treaty_sdk::limits::MAX_BRANCHES,
+            memory_retention_ms: defaults::MEMORY_RETENTION_MS,
+            max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
+            log_retention_ms: defaults::LOG_RETENTION_MS,
+        }
+    }
+}
+
+/// Why the runtime could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "unknown transaction {0}: never begun here, or undecided when the coordinator restarted (presumed aborted)"
+    )]
+    UnknownTransaction(TxnId),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("{0} transactions are in progress, the most allowed; retry later")]
+    Overloaded(usize),
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// A new transaction's parameters, validated by the API.
+#[derive(Debug, Clone)]
+pub struct BeginParams {
+    pub deadline_unix_ms: UnixMs,
+    pub prepare_timeout_ms: u64,
+    pub branches: Vec<BranchSpec>,
+}
+
+/// What a participant in doubt is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Commit,
+    Abort,
+    Pending,
+}
+
+impl Decision {
+    fn of_state(state: TxnState) -> Self {
+        match state {
+            TxnState::Active | TxnState::Preparing => Decision::Pending,
+            TxnState::Committing | TxnState::Committed => Decision::Commit,
+            TxnState::Aborting | TxnState::Aborted => Decision::Abort,
+        }
+    }
+}
+
+/// What the log reader found: the transactions to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub redelivering: usize,
+}
+
+/// A page of [`Runtime::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub transactions: Vec<TxnRecord>,
+    pub next_after: Option<TxnId>,
+}
+
+/// Log records examined at most by one `list` call.
+const LIST_SCAN_LIMIT: usize = 10_000;
+
+/// The handle the API uses. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    shards: Arc<Vec<mpsc::Sender<ShardMsg>>>,
+    log: Arc<dyn DecisionLog>,
+    active: Arc<AtomicUsize>,
+    max_active: usize,
+}
+
+/// Runs the shards until [`Runtime::shutdown`].
+#[derive(Debug)]
+pub struct RuntimeTasks {
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub fn now_unix_ms() -> UnixMs {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Runtime {
+    /// Recovers unfinished work from `log` and starts the shards. Log errors are fatal
+    /// later: they are sent on `fatal`.
+    pub fn start(
+        log: Arc<dyn DecisionLog>,
+        config: RuntimeConfig,
+        fatal: mpsc::UnboundedSender<String>,
+    ) -> Result<(Self, RuntimeTasks, RecoveryReport), LogError> {
+        let unfinished = log.unfinished()?;
+        let shard_count = config.shards.max(1);
+        let participants = Participants::new(
+            config.advertise_endpoint.clone(),
+            config.max_in_flight_calls,
+            Duration::from_millis(config.connect_timeout_ms),
+        );
+        let active = Arc::new(AtomicUsize::new(unfinished.len()));
+        let report = RecoveryReport {
+            redelivering: unfinished.len(),
+        };
+        let mut recovered: Vec<Vec<TxnRecord>> = vec![Vec::new(); shard_count];
+        for record in unfinished {
+            recovered[shard_of(&record.id, shard_count)].push(record);
+        }
+        let mut senders = Vec::with_capacity(shard_count);
+        let mut handles = Vec::with_capacity(shard_count);
+        for records in recovered {
+            // Bounded: the API waits for room rather than queueing without end.
+            let (sender, receiver) = mpsc::channel(1024);
+            let shard = Shard::new(
+                log.clone(),
+                participants.clone(),
+                config.clone(),
+                active.clone(),
+                fatal.clone(),
+                receiver,
+            );
+            handles.push(tokio::spawn(shard.run(records)));
+            senders.push(sender);
+        }
+        let runtime = Self {
+            shards: Arc::new(senders),
+            log,
+            active,
+            max_active: config.max_active_transactions,
+        };
+        Ok((runtime, RuntimeTasks { handles }, report))
+    }
+
+    async fn ask<T>(
+        &self,
+        id: &TxnId,
+        make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
+    ) -> Result<T, RuntimeError> {
+        let (reply, answer) = oneshot::channel();
+        let shard = &self.shards[shard_of(id, self.shards.len())];
+        shard
+            .send(make(reply))
+            .await
+            .map_err(|_| RuntimeError::ShuttingDown)?;
+        answer.await.map_err(|_| RuntimeError::ShuttingDown)
+    }
+
+    pub async fn begin(&self, params: BeginParams) -> Result<TxnId, RuntimeError> {
+        let now = now_unix_ms();
+        let id = TxnId::generate(now);
+        let active = self.active.fetch_add(1, Ordering::SeqCst);
+        if active >= self.max_active {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return Err(RuntimeError::Overloaded(active));
+        }
+        let result = self
+            .ask(&id, |reply| ShardMsg::Begin { id, params, reply })
+            .await;
+        match result {
+            Ok(Ok(())) => Ok(id),
+            Ok(Err(error)) | Err(error) => {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                Err(error)
+            }
+        }
+    }
+
+    pub async fn enlist(&self, id: TxnId, branch: BranchSpec) -> Result<(), RuntimeError> {
+        match self
+            .ask(&id, |reply| ShardMsg::Enlist { id, branch, reply })
+            .await?
+        {
+            Err(RuntimeError::UnknownTransaction(_)) => match self.log.get(&id)? {
+                Some(record) => Err(Refusal::NotActive(record.state).into()),
+                None => Err(RuntimeError::UnknownTransaction(id)),
+            },
+            other => other,
+        }
+    }
+
+    /// Starts the commit (or joins the one under way) and waits for the decision.
+    /// Returns the transaction as of its decision.
+    pub async fn commit(&self, id: TxnId) -> Result<Arc<TxnRecord>, RuntimeError> {
+        let mut updates = match self
+            .ask(&id, |reply| ShardMsg::Commit { id, reply })
+            .await?
+        {
+            Ok(updates) => updates,
+            // Asked again after the transaction left memory: the log has its outcome.
+            Err(RuntimeError::UnknownTransaction(_)) => {
+                return match self.log.get(&id)? {
+                    Some(record) => Ok(Arc::new(record)),
+                    None => Err(RuntimeError::UnknownTransaction(id)),
+                };
+            }
+            Err(error) => return Err(error),
+        };
+        let decided = updates
+            .wait_for(|record| record.state.is_decided())
+            .await
+            .map_err(|_| RuntimeError::ShuttingDown)?;
+        Ok(decided.clone())
+    }
+
+    pub async fn abort(&self, id: TxnId, reason: String) -> Result<(), RuntimeError> {
+        match self
+            .ask(&id, |reply| ShardMsg::Abort { id, reason, reply })
+            .await?
+        {
+            Err(RuntimeError::UnknownTransaction(_)) => match self.log.get(&id)? {
+                Some(record) if record.state.is_commit() => Err(Refusal::AlreadyCommitting.into()),
+                Some(_) => Ok(()),
+                None => Err(RuntimeError::UnknownTransaction(id)),
+            },
+            other => other,
+        }
+    }
+
+    /// The transaction from memory, else from the log.
+    pub async fn get(&self, id: TxnId) -> Result<Option<TxnRecord>, RuntimeError> {
+        if let Some(record) = self.ask(&id, |reply| ShardMsg::Get { id, reply }).await? {
+            return Ok(Some(record));
+        }
+        Ok(self.log.get(&id)?)
+    }
+
+    /// Updates of a live transaction (the current state first); `None` if it is not in
+    /// memory (then `get` has its final state, if anything).
+    pub async fn watch(
+        &self,
+        id: TxnId,
+    ) -> Result<Option<watch::Receiver<Arc<TxnRecord>>>, RuntimeError> {
+        self.ask(&id, |reply| ShardMsg::Watch { id, reply }).await
+    }
+
+    /// Presumed abort: anything not known to be committed or still undecided is ABORT.
+    pub async fn outcome(&self, id: TxnId) -> Result<Decision, RuntimeError> {
+        if let Some(state) = self.ask(&id, |reply| ShardMsg::State { id, reply }).await? {
+            return Ok(Decision::of_state(state));
+        }
+        // Not in memory: either final and evicted, or unknown. The log only holds
+        // durable commit decisions and their ends.
+        Ok(match self.log.get(&id)? {
+            Some(record) if record.state.is_commit() => Decision::Commit,
+            _ => Decision::Abort,
+        })
+    }
+
+    /// Up to `limit` transactions with ids after `after`, in id order, whose state is in
+    /// `states` (all if empty), from memory and the log.
+    pub async fn list(
+        &self,
+        states: &[TxnState],
+        after: Option<TxnId>,
+        limit: usize,
+    ) -> Result<Page, RuntimeError> {
+        let limit = limit.max(1);
+        let matches = |record: &TxnRecord| states.is_empty() || states.contains(&record.state);
+        let mut candidates: Vec<TxnRecord> = Vec::new();
+        for shard in self.shards.iter() {
+            let (reply, answer) = oneshot::channel();
+            let states = states.to_vec();
+            shard
+                .send(ShardMsg::List {
+                    states,
+                    after,
+                    limit,
+                    reply,
+                })
+                .await
+                .map_err(|_| RuntimeError::ShuttingDown)?;
+            candidates.extend(answer.await.map_err(|_| RuntimeError::ShuttingDown)?);
+        }
+        let scanned = self.log.scan(after, LIST_SCAN_LIMIT)?;
+        // Past the last log record examined, the log has not been looked at yet: leave
+        // those ids for a later page.
+        let horizon = (scanned.len() == LIST_SCAN_LIMIT)
+            .then(|| scanned.last().map(|r| r.id))
+            .flatten();
+        candidates.retain(|r| horizon.is_none_or(|h| r.id <= h));
+        let in_memory: std::collections::HashSet<TxnId> = candidates.iter().map(|r| r.id).collect();
+        candidates.extend(
+            scanned
+                .into_iter()
+                .filter(|r| !in_memory.contains(&r.id) && matches(r)),
+        );
+        candidates.sort_by_key(|r| r.id);
+        let full = candidates.len() >= limit;
+        candidates.truncate(limit);
+        let next_after = if full {
+            candidates.last().map(|r| r.id)
+        } else {
+            horizon
+        };
+        Ok(Page {
+            transactions: candidates,
+            next_after,
+        })
+    }
+
+    /// Deletes final log records older than the retention; bounded work per call.
+    pub fn purge_log(&self, log_retention_ms: u64, max: usize) -> Result<usize, LogError> {
+        let cutoff = now_unix_ms().saturating_sub(log_retention_ms);
+        self.log.purge_ended_before(cutoff, max)
+    }
+
+    /// Transactions not yet final.
+    pub fn active_transactions(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Stops the shards: undecided transactions are aborted, and work in flight gets
+    /// `grace` to finish. What is left is recovery's job at the next start.
+    pub async fn shutdown(&self, tasks: RuntimeTasks, grace: Duration) {
+        for shard in self.shards.iter() {
+            let _ = shard.send(ShardMsg::Shutdown { grace }).await;
+        }
+        for handle in tasks.handles {
+            if let Err(error) = handle.await {
+                tracing::error!(%error, "shard task ended abnormally");
+            }
+        }
+    }
+}
+
+fn shard_of(id: &TxnId, shards: usize) -> usize {
+    // The last bytes of a UUIDv7 are random: an even spread.
+    let bytes = id.as_bytes();
+    let tail = u64::from_le_bytes([
+        bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
+    ]);
+    (tail % shards as u64) as usize
+}
