@@ -80,6 +80,20 @@ fn barrier_error(branch: &BranchContext, error: BarrierError) -> Status {
     }
 }
 
+/// Runs a barrier operation in its own task, so that it finishes (user code and the
+/// barrier record both) even when the caller gives up and the request is dropped: user
+/// code is never cancelled half-way.
+async fn run_to_completion<T: Send + 'static>(
+    operation: impl std::future::Future<Output = Result<T, BarrierError>> + Send + 'static,
+) -> Result<T, BarrierError> {
+    match tokio::spawn(operation).await {
+        Ok(result) => result,
+        Err(join_error) => Err(BarrierError::Participant(crate::ParticipantError::new(
+            format!("participant code panicked: {join_error}"),
+        ))),
+    }
+}
+
 #[tonic::async_trait]
 impl<P: Participant> pb::participant_server::Participant for ParticipantService<P> {
     async fn prepare(
@@ -90,16 +104,23 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
         check_payload("payload", &request.payload).map_err(field_error)?;
         coordinator_endpoint(&request.coordinator_endpoint)?;
-        let vote = self
-            .barrier
-            .prepare(
-                self.participant.as_ref(),
-                &branch,
-                &request.payload,
-                &request.coordinator_endpoint,
-            )
-            .await
-            .map_err(|e| barrier_error(&branch, e))?;
+        let (participant, barrier, ctx) = (
+            self.participant.clone(),
+            self.barrier.clone(),
+            branch.clone(),
+        );
+        let vote = run_to_completion(async move {
+            barrier
+                .prepare(
+                    participant.as_ref(),
+                    &ctx,
+                    &request.payload,
+                    &request.coordinator_endpoint,
+                )
+                .await
+        })
+        .await
+        .map_err(|e| barrier_error(&branch, e))?;
         tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?vote, "prepared");
         let (vote, reason) = match vote {
             Vote::Yes => (pb::Vote::Yes, String::new()),
@@ -131,17 +152,24 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
         };
         check_payload("payload", &request.payload).map_err(field_error)?;
         coordinator_endpoint(&request.coordinator_endpoint)?;
-        let answer = self
-            .barrier
-            .commit(
-                self.participant.as_ref(),
-                &branch,
-                mode,
-                &request.payload,
-                &request.coordinator_endpoint,
-            )
-            .await
-            .map_err(|e| barrier_error(&branch, e))?;
+        let (participant, barrier, ctx) = (
+            self.participant.clone(),
+            self.barrier.clone(),
+            branch.clone(),
+        );
+        let answer = run_to_completion(async move {
+            barrier
+                .commit(
+                    participant.as_ref(),
+                    &ctx,
+                    mode,
+                    &request.payload,
+                    &request.coordinator_endpoint,
+                )
+                .await
+        })
+        .await
+        .map_err(|e| barrier_error(&branch, e))?;
         tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?mode, ?answer, "commit");
         let (result, reason) = match answer {
             CommitAnswer::Committed => (pb::CommitResult::Committed, String::new()),
@@ -161,11 +189,15 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
         let request = request.into_inner();
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
-        let answer = self
-            .barrier
-            .abort(self.participant.as_ref(), &branch)
-            .await
-            .map_err(|e| barrier_error(&branch, e))?;
+        let (participant, barrier, ctx) = (
+            self.participant.clone(),
+            self.barrier.clone(),
+            branch.clone(),
+        );
+        let answer =
+            run_to_completion(async move { barrier.abort(participant.as_ref(), &ctx).await })
+                .await
+                .map_err(|e| barrier_error(&branch, e))?;
         tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?answer, "abort");
         let result = match answer {
             AbortAnswer::Aborted => pb::AbortResult::Aborted,
@@ -183,10 +215,18 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
         let request = request.into_inner();
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
         check_payload("payload", &request.payload).map_err(field_error)?;
-        self.barrier
-            .compensate(self.participant.as_ref(), &branch, &request.payload)
-            .await
-            .map_err(|e| barrier_error(&branch, e))?;
+        let (participant, barrier, ctx) = (
+            self.participant.clone(),
+            self.barrier.clone(),
+            branch.clone(),
+        );
+        run_to_completion(async move {
+            barrier
+                .compensate(participant.as_ref(), &ctx, &request.payload)
+                .await
+        })
+        .await
+        .map_err(|e| barrier_error(&branch, e))?;
         Ok(Response::new(pb::CompensateBranchResponse {
             result: pb::CompensateResult::Compensated as i32,
         }))

@@ -1,1 +1,8 @@
-//! stub
+//! Helpers for Treaty's black-box tests (`tests/tests/*.rs`): in-process servers over
+//! real gRPC and sled, child processes of the real binaries, and a scripted participant.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: failing loudly is the point
+
+pub mod harness;
+pub mod process;
+pub mod scripted;

@@ -187,7 +187,8 @@ pub enum Action {
         branch: usize,
         attempt: u32,
     },
-    /// Force the commit decision (`record()`) to the log, then feed `DecisionPersisted`.
+    /// Force the commit decision (`decision_record()`) to the log, then feed
+    /// `DecisionPersisted`.
     PersistDecision,
     /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
     PersistEnd,
@@ -243,7 +244,13 @@ impl TwoPhaseCommit {
 
     /// A transaction whose commit decision was found in the log after a restart: phase 2
     /// is delivered again to every branch that voted YES (deliveries are idempotent).
+    /// `record.state` must be `Committing`: the only unfinished state the log holds.
     pub fn recover(record: TxnRecord, max_branches: usize, now: UnixMs) -> (Self, Vec<Action>) {
+        assert_eq!(
+            record.state,
+            TxnState::Committing,
+            "invariant: only commit decisions are recovered (the runtime checks the log first)"
+        );
         let mut txn = Self {
             id: record.id,
             phase: Phase::Committing,
@@ -267,15 +274,6 @@ impl TwoPhaseCommit {
             reason: record.reason,
             transitions: record.transitions,
         };
-        if record.state != TxnState::Committing {
-            // Only commit decisions are logged before the end; anything else is final.
-            txn.phase = if record.state.is_commit() {
-                Phase::Committed
-            } else {
-                Phase::Aborted
-            };
-            return (txn, Vec::new());
-        }
         txn.transitions.push(Transition {
             state: TxnState::Committing,
             at_unix_ms: now,
@@ -347,6 +345,21 @@ impl TwoPhaseCommit {
                 .state()
                 .is_final()
                 .then(|| self.transitions.last().map_or(0, |t| t.at_unix_ms)),
+        }
+    }
+
+    /// The record `PersistDecision` writes: the transaction as it is, but in state
+    /// `Committing`, which is what recovery redelivers. (Until the write returns, users
+    /// still see `Preparing`.)
+    pub fn decision_record(&self) -> TxnRecord {
+        debug_assert_eq!(
+            self.phase,
+            Phase::Deciding,
+            "only a deciding transaction logs a decision"
+        );
+        TxnRecord {
+            state: TxnState::Committing,
+            ..self.record()
         }
     }
 

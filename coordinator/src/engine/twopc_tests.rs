@@ -82,9 +82,18 @@ fn all_yes_commits_only_after_the_decision_is_durable() {
     assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
     assert!(vote(&mut txn, 2, Vote::Yes).is_empty());
     assert_eq!(vote(&mut txn, 1, Vote::Yes), vec![Action::PersistDecision]);
-    // The decision is being written: not reported as committing yet.
+    // The decision is being written: not reported as committing yet, but what is
+    // written is a commit decision.
     assert_eq!(txn.state(), TxnState::Preparing);
     assert_eq!(txn.phase(), Phase::Deciding);
+    let decision = txn.decision_record();
+    assert_eq!(decision.state, TxnState::Committing);
+    assert!(
+        decision
+            .branches
+            .iter()
+            .all(|b| b.state == BranchState::Prepared)
+    );
 
     let actions = txn.handle_event(Event::DecisionPersisted, T0 + 1);
     assert_eq!(
@@ -497,8 +506,8 @@ fn recovery_redelivers_the_commit_to_every_yes_voter() {
     vote(&mut txn, 0, Vote::Yes);
     vote(&mut txn, 1, Vote::ReadOnly);
     vote(&mut txn, 2, Vote::Yes);
+    let logged = txn.decision_record();
     txn.handle_event(Event::DecisionPersisted, T0 + 1);
-    let logged = txn.record();
 
     let (mut recovered, actions) = TwoPhaseCommit::recover(logged, 4, T0 + 10);
     assert_eq!(

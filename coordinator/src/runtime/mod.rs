@@ -160,6 +160,18 @@ impl Runtime {
         fatal: mpsc::UnboundedSender<String>,
     ) -> Result<(Self, RuntimeTasks, RecoveryReport), LogError> {
         let unfinished = log.unfinished()?;
+        // Presumed abort logs nothing for undecided transactions: an unfinished record
+        // that is not a commit decision means the log is damaged. Guessing could undo a
+        // commit, so refuse to start and let an operator look.
+        if let Some(odd) = unfinished.iter().find(|r| r.state != TxnState::Committing) {
+            return Err(LogError::Corrupt {
+                key: odd.id.to_string(),
+                message: format!(
+                    "unfinished record in state {:?}; only commit decisions can be unfinished",
+                    odd.state
+                ),
+            });
+        }
         let shard_count = config.shards.max(1);
         let participants = Participants::new(
             config.advertise_endpoint.clone(),
@@ -398,4 +410,53 @@ fn shard_of(id: &TxnId, shards: usize) -> usize {
         bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
     ]);
     (tail % shards as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{Durability, MemoryLog};
+    use crate::model::{TxnKind, TxnRecord};
+
+    fn record(state: TxnState) -> TxnRecord {
+        TxnRecord {
+            id: TxnId::generate(now_unix_ms()),
+            kind: TxnKind::TwoPhase,
+            state,
+            created_unix_ms: 0,
+            deadline_unix_ms: 0,
+            prepare_timeout_ms: 0,
+            reason: None,
+            branches: Vec::new(),
+            transitions: Vec::new(),
+            ended_unix_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_to_start_on_an_unfinished_record_that_is_not_a_commit_decision() {
+        let log = Arc::new(MemoryLog::new());
+        log.write(&record(TxnState::Preparing), Durability::Forced)
+            .await
+            .unwrap();
+        let (fatal, _) = mpsc::unbounded_channel();
+        let started = Runtime::start(log, RuntimeConfig::default(), fatal);
+        assert!(matches!(started, Err(LogError::Corrupt { .. })));
+    }
+
+    #[tokio::test]
+    async fn unknown_transactions_are_presumed_aborted() {
+        let (fatal, _) = mpsc::unbounded_channel();
+        let (runtime, tasks, report) =
+            Runtime::start(Arc::new(MemoryLog::new()), RuntimeConfig::default(), fatal).unwrap();
+        assert_eq!(report.redelivering, 0);
+        let unknown = TxnId::generate(now_unix_ms());
+        assert_eq!(runtime.outcome(unknown).await, Ok(Decision::Abort));
+        assert_eq!(runtime.get(unknown).await, Ok(None));
+        assert_eq!(
+            runtime.commit(unknown).await.map(|_| ()),
+            Err(RuntimeError::UnknownTransaction(unknown))
+        );
+        runtime.shutdown(tasks, Duration::from_secs(1)).await;
+    }
 }

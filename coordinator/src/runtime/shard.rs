@@ -461,8 +461,12 @@ impl Shard {
         let Some(entry) = self.txns.get(&id) else {
             return;
         };
-        let record = entry.txn.record();
         let forced = durability == Durability::Forced;
+        let record = if forced {
+            entry.txn.decision_record()
+        } else {
+            entry.txn.record()
+        };
         if forced {
             crash_point("coordinator::before_decision_logged");
         }

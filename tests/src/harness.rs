@@ -1,0 +1,189 @@
+//! In-process servers for tests: a coordinator (the daemon's own `run_on`) and scripted
+//! participants (the SDK's own `serve`), each on 127.0.0.1 port 0 with a real sled
+//! directory. Dropping a handle does not stop it; call `stop` (bounded in time).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use treaty_coordinator::config::ServeConfig;
+use treaty_sdk::TreatyClient;
+use treaty_sdk::in_doubt::InDoubtOptions;
+use treaty_sdk::server::ServeOptions;
+
+use crate::scripted::Scripted;
+
+/// How long a test waits for anything that should happen "soon". Generous on purpose:
+/// tests must pass on a loaded 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `PATIENCE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "gave up after {PATIENCE:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Debug)]
+pub struct Coordinator {
+    pub endpoint: String,
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), treaty_coordinator::daemon::DaemonError>>,
+}
+
+/// Test-friendly defaults: short timeouts and retries, one shard per core.
+pub fn coordinator_config(data_dir: &Path) -> ServeConfig {
+    let mut config = ServeConfig::new("127.0.0.1:0".parse().expect("a literal address"), data_dir);
+    config.retry_backoff_initial_ms = 20;
+    config.retry_backoff_max_ms = 200;
+    config.participant_call_timeout_ms = 2_000;
+    config.shutdown_grace_ms = 2_000;
+    config
+}
+
+impl Coordinator {
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(coordinator_config(data_dir)).await
+    }
+
+    pub async fn start_with(config: ServeConfig) -> Self {
+        let listener = TcpListener::bind(config.listen).await.expect("bind port 0");
+        let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let data_dir = config.data_dir.clone();
+        let task = tokio::spawn(treaty_coordinator::daemon::run_on(
+            config,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            endpoint,
+            data_dir,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn client(&self) -> TreatyClient {
+        TreatyClient::connect(self.endpoint.clone())
+            .await
+            .expect("connect to the test coordinator")
+    }
+
+    /// Stops it gracefully and returns how `run_on` ended.
+    pub async fn stop(mut self) -> Result<(), treaty_coordinator::daemon::DaemonError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("coordinator stops in time")
+            .expect("coordinator task did not panic")
+    }
+}
+
+#[derive(Debug)]
+pub struct ParticipantServer {
+    pub endpoint: String,
+    pub participant: Arc<Scripted>,
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), treaty_sdk::ServeError>>,
+}
+
+/// In-doubt resolution that asks quickly, for tests.
+pub fn quick_in_doubt() -> InDoubtOptions {
+    InDoubtOptions {
+        poll_interval_ms: 200,
+        ask_after_ms: 300,
+        call_timeout_ms: 1_000,
+        max_branches_per_round: 256,
+    }
+}
+
+impl ParticipantServer {
+    pub async fn start(data_dir: &Path) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
+        let participant = Arc::new(Scripted::new());
+        let mut options = ServeOptions::new(data_dir);
+        options.in_doubt = quick_in_doubt();
+        options.shutdown_grace_ms = 2_000;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(treaty_sdk::serve(
+            participant.clone(),
+            listener,
+            options,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            endpoint,
+            participant,
+            data_dir: data_dir.to_path_buf(),
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("participant stops in time")
+            .expect("participant task did not panic")
+            .expect("participant stopped cleanly");
+    }
+}
+
+/// What the barrier in a (stopped) participant's directory recorded for a branch.
+pub fn barrier_record(
+    data_dir: &Path,
+    transaction_id: &str,
+    branch_id: &str,
+) -> Option<treaty_sdk::barrier::BranchRecord> {
+    let store = treaty_sdk::durable::DurableStore::open(data_dir, Default::default())
+        .expect("open the participant's barrier");
+    let barrier = treaty_sdk::barrier::Barrier::new(Arc::new(store));
+    barrier
+        .record(&treaty_sdk::BranchContext {
+            transaction_id: transaction_id.to_string(),
+            branch_id: branch_id.to_string(),
+        })
+        .expect("read the barrier")
+}
+
+/// What the (stopped) coordinator's log holds for a transaction.
+pub fn log_record(
+    data_dir: &Path,
+    transaction_id: &str,
+) -> Option<treaty_coordinator::model::TxnRecord> {
+    use treaty_coordinator::log::DecisionLog;
+    let log = treaty_coordinator::log::SledLog::open(data_dir).expect("open the coordinator's log");
+    let id = transaction_id.parse().expect("a transaction id");
+    let record = log.get(&id).expect("read the log");
+    log.close().expect("close the log");
+    record
+}

@@ -1,0 +1,419 @@
+//! Two-phase commit end to end: an in-process coordinator (the daemon's own code) and
+//! scripted participants, over real gRPC on 127.0.0.1, each with its own sled directory.
+
+use futures::StreamExt;
+use treaty_sdk::barrier::{BranchMode, BranchStatus};
+use treaty_sdk::client::{BeginOptions, BranchSpec, Decision, Outcome, TransactionState};
+use treaty_tests::harness::{
+    Coordinator, PATIENCE, ParticipantServer, barrier_record, eventually, log_record,
+};
+use treaty_tests::scripted::Op;
+
+struct World {
+    _dir: tempfile::TempDir,
+    coordinator: Coordinator,
+    a: ParticipantServer,
+    b: ParticipantServer,
+}
+
+impl World {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+        let a = ParticipantServer::start(&dir.path().join("a")).await;
+        let b = ParticipantServer::start(&dir.path().join("b")).await;
+        Self {
+            _dir: dir,
+            coordinator,
+            a,
+            b,
+        }
+    }
+
+    fn branch_a(&self, script: &str) -> BranchSpec {
+        BranchSpec::new("a", &self.a.endpoint, script)
+    }
+
+    fn branch_b(&self, script: &str) -> BranchSpec {
+        BranchSpec::new("b", &self.b.endpoint, script)
+    }
+
+    /// Stops everything; the data directories stay for inspection until the World drops.
+    async fn stop(
+        self,
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
+        let paths = (
+            self.coordinator.data_dir.clone(),
+            self.a.data_dir.clone(),
+            self.b.data_dir.clone(),
+        );
+        self.coordinator.stop().await.unwrap();
+        self.a.stop().await;
+        self.b.stop().await;
+        (self._dir, paths.0, paths.1, paths.2)
+    }
+}
+
+async fn final_state(
+    client: &treaty_sdk::TreatyClient,
+    id: &str,
+) -> treaty_sdk::client::Transaction {
+    let txn = client
+        .wait_until_finished(id, PATIENCE)
+        .await
+        .unwrap()
+        .expect("the transaction is known");
+    let state = TransactionState::try_from(txn.state).unwrap();
+    assert!(
+        matches!(
+            state,
+            TransactionState::Committed | TransactionState::Aborted
+        ),
+        "not final after {PATIENCE:?}: {txn:?}"
+    );
+    txn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_yes_commits_at_every_participant_and_logs_the_decision() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![world.branch_a("yes"), world.branch_b("yes")],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    let txn = final_state(&client, &id).await;
+    assert_eq!(txn.state, TransactionState::Committed as i32);
+    let states: Vec<i32> = txn.transitions.iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        [
+            TransactionState::Active,
+            TransactionState::Preparing,
+            TransactionState::Committing,
+            TransactionState::Committed
+        ]
+        .map(|s| s as i32)
+    );
+    assert_eq!(world.a.participant.ops(&id, "a"), [Op::Prepare, Op::Commit]);
+    assert_eq!(world.b.participant.ops(&id, "b"), [Op::Prepare, Op::Commit]);
+    assert_eq!(client.outcome(&id).await.unwrap(), Decision::Commit);
+
+    let (_dir, coordinator_dir, a_dir, b_dir) = world.stop().await;
+    // Durable at both participants, and the coordinator's log has the ended commit.
+    for (dir, branch) in [(&a_dir, "a"), (&b_dir, "b")] {
+        let record = barrier_record(dir, &id, branch).unwrap();
+        assert_eq!(record.status, BranchStatus::Committed);
+        assert_eq!(record.mode, BranchMode::TwoPhase);
+    }
+    let logged = log_record(&coordinator_dir, &id).unwrap();
+    assert_eq!(logged.state, treaty_coordinator::model::TxnState::Committed);
+    assert!(logged.ended_unix_ms.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_no_vote_aborts_everywhere_and_writes_nothing_to_the_log() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![world.branch_a("yes"), world.branch_b("no")],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Aborted {
+            reason: "branch b voted NO: scripted NO".into()
+        }
+    );
+    let txn = final_state(&client, &id).await;
+    assert_eq!(txn.state, TransactionState::Aborted as i32);
+    assert_eq!(world.a.participant.ops(&id, "a"), [Op::Prepare, Op::Abort]);
+    assert_eq!(world.b.participant.ops(&id, "b"), [Op::Prepare]);
+    assert_eq!(client.outcome(&id).await.unwrap(), Decision::Abort);
+
+    let (_dir, coordinator_dir, a_dir, _) = world.stop().await;
+    assert_eq!(
+        barrier_record(&a_dir, &id, "a").unwrap().status,
+        BranchStatus::Aborted {
+            after_prepare: true
+        }
+    );
+    // Presumed abort: no trace in the coordinator's log.
+    assert_eq!(log_record(&coordinator_dir, &id), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_timeout_aborts() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let options = BeginOptions {
+        prepare_timeout_ms: Some(300),
+        ..Default::default()
+    };
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![world.branch_a("yes"), world.branch_b("slow:3000")],
+            options,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Aborted {
+            reason: "prepare timed out after 300 ms".into()
+        }
+    );
+    let txn = final_state(&client, &id).await;
+    assert_eq!(txn.state, TransactionState::Aborted as i32);
+    // The slow branch finishes its prepare (YES) and is then aborted: the barrier runs
+    // the abort after the prepare, never the other way round.
+    assert_eq!(world.a.participant.ops(&id, "a"), [Op::Prepare, Op::Abort]);
+    assert_eq!(world.b.participant.ops(&id, "b"), [Op::Prepare, Op::Abort]);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_participant_gets_no_phase_two() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![world.branch_a("yes"), world.branch_b("readonly")],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    final_state(&client, &id).await;
+    assert_eq!(world.a.participant.ops(&id, "a"), [Op::Prepare, Op::Commit]);
+    assert_eq!(world.b.participant.ops(&id, "b"), [Op::Prepare]);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_read_only_commits_without_a_log_write() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![world.branch_a("readonly"), world.branch_b("readonly")],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    let (_dir, coordinator_dir, _, _) = world.stop().await;
+    assert_eq!(log_record(&coordinator_dir, &id), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_participant_commits_in_one_phase_without_a_log_write() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let (id, outcome) = client
+        .run_two_phase(vec![world.branch_a("yes")], BeginOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    let txn = final_state(&client, &id).await;
+    let states: Vec<i32> = txn.transitions.iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        [
+            TransactionState::Active,
+            TransactionState::Preparing,
+            TransactionState::Committed
+        ]
+        .map(|s| s as i32)
+    );
+    let (_dir, coordinator_dir, a_dir, _) = world.stop().await;
+    let record = barrier_record(&a_dir, &id, "a").unwrap();
+    assert_eq!(record.mode, BranchMode::OnePhase);
+    assert_eq!(record.status, BranchStatus::Committed);
+    assert_eq!(log_record(&coordinator_dir, &id), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_participant_that_refuses_aborts_the_transaction() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let (_, outcome) = client
+        .run_two_phase(vec![world.branch_a("no")], BeginOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Aborted {
+            reason: "branch a rejected the one-phase commit: scripted NO".into()
+        }
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phase_two_failures_are_retried_until_acknowledged() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    world.b.participant.fail_next_commits(3);
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![world.branch_a("yes"), world.branch_b("yes")],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    let txn = final_state(&client, &id).await;
+    assert_eq!(txn.state, TransactionState::Committed as i32);
+    let b = txn.branches.iter().find(|b| b.branch_id == "b").unwrap();
+    assert_eq!(
+        b.attempts, 4,
+        "three failures, then the delivery that worked"
+    );
+    assert!(b.last_error.contains("scripted commit failure"), "{b:?}");
+    assert_eq!(world.b.participant.ops(&id, "b"), [Op::Prepare, Op::Commit]);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initiator_abort_and_repeated_commit() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let id = client
+        .begin(BeginOptions::default(), vec![world.branch_a("yes")])
+        .await
+        .unwrap();
+    client.enlist(&id, world.branch_b("yes")).await.unwrap();
+    client.abort(&id, "changed my mind").await.unwrap();
+    // Idempotent, and a later commit reports the abort.
+    client.abort(&id, "again").await.unwrap();
+    assert_eq!(
+        client.commit(&id).await.unwrap(),
+        Outcome::Aborted {
+            reason: "changed my mind".into()
+        }
+    );
+    // Nobody was contacted: the transaction never reached phase 1.
+    assert!(world.a.participant.calls().is_empty());
+
+    // A committed transaction: committing again returns the same outcome.
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![world.branch_a("yes"), world.branch_b("yes")],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    assert_eq!(client.commit(&id).await.unwrap(), Outcome::Committed);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reports_every_state_in_order_and_outcome_is_pending_while_undecided() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let id = client
+        .begin(
+            BeginOptions::default(),
+            vec![world.branch_a("yes"), world.branch_b("slow:1000")],
+        )
+        .await
+        .unwrap();
+    let stream = client.watch(&id).await.unwrap().expect("known transaction");
+    let committer = {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move { client.commit(&id).await })
+    };
+    eventually("the slow prepare is under way", || async {
+        let txn = client.get(&id).await.unwrap()?;
+        (txn.state == TransactionState::Preparing as i32).then_some(())
+    })
+    .await;
+    assert_eq!(client.outcome(&id).await.unwrap(), Decision::Pending);
+    assert_eq!(committer.await.unwrap().unwrap(), Outcome::Committed);
+
+    let updates: Vec<i32> = tokio::time::timeout(
+        PATIENCE,
+        stream.map(|u| u.unwrap().transition.state).collect(),
+    )
+    .await
+    .expect("the stream ends after the final state");
+    assert_eq!(
+        updates,
+        [
+            TransactionState::Active,
+            TransactionState::Preparing,
+            TransactionState::Committing,
+            TransactionState::Committed
+        ]
+        .map(|s| s as i32)
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_by_state_and_pages() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let mut committed = Vec::new();
+    for _ in 0..5 {
+        let (id, outcome) = client
+            .run_two_phase(
+                vec![world.branch_a("yes"), world.branch_b("yes")],
+                BeginOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Committed);
+        final_state(&client, &id).await;
+        committed.push(id);
+    }
+    let active = client
+        .begin(BeginOptions::default(), vec![world.branch_a("yes")])
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let (page, next) = client
+            .list(&[TransactionState::Committed], 2, &token)
+            .await
+            .unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(page.into_iter().map(|t| t.transaction_id));
+        match next {
+            Some(next) => token = next,
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen, committed,
+        "every committed transaction once, in id order"
+    );
+    let (page, _) = client
+        .list(&[TransactionState::Active], 100, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter()
+            .map(|t| t.transaction_id.clone())
+            .collect::<Vec<_>>(),
+        vec![active]
+    );
+    world.stop().await;
+}
