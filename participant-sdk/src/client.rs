@@ -12,7 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 
-pub use pb::{Branch, Transaction, TransactionState, Transition};
+pub use pb::{Branch, BranchState, Transaction, TransactionState, Transition};
 
 /// A branch to enlist: who does the work, and what work.
 #[derive(Debug, Clone, PartialEq, Eq)]

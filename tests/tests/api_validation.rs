@@ -1,0 +1,266 @@
+//! Bad input: every malformed request is INVALID_ARGUMENT naming the field, and changes
+//! nothing. Sent with the raw generated client, so that any value can be sent.
+
+use tonic::Code;
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::coordinator_client::CoordinatorClient;
+use treaty_sdk::limits::{MAX_BRANCHES, MAX_PAYLOAD_BYTES, MAX_REASON_BYTES};
+use treaty_tests::harness::{Coordinator, ParticipantServer};
+
+fn spec(id: &str, endpoint: &str) -> pb::BranchSpec {
+    pb::BranchSpec {
+        branch_id: id.into(),
+        endpoint: endpoint.into(),
+        payload: b"yes".to_vec(),
+    }
+}
+
+fn now_ms() -> u64 {
+    treaty_coordinator::runtime::now_unix_ms()
+}
+
+/// Asserts `result` is INVALID_ARGUMENT whose message starts with `field: `.
+#[track_caller]
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
+    let status = result.expect_err("the request should be refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with(&format!("{field}: ")),
+        "expected the message to name {field:?}: {:?}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let good = participant.endpoint.clone();
+    let mut api = CoordinatorClient::connect(coordinator.endpoint.clone())
+        .await
+        .unwrap();
+
+    let begin = |branches: Vec<pb::BranchSpec>, deadline_unix_ms: u64, prepare_timeout_ms: u64| {
+        pb::BeginRequest {
+            deadline_unix_ms,
+            prepare_timeout_ms,
+            branches,
+        }
+    };
+
+    // Begin.
+    assert_invalid(
+        api.begin(begin(vec![spec("a", "localhost:1")], 0, 0)).await,
+        "branches[0].endpoint",
+    );
+    assert_invalid(
+        api.begin(begin(vec![spec("a", "http://host")], 0, 0)).await,
+        "branches[0].endpoint",
+    );
+    assert_invalid(
+        api.begin(begin(vec![spec("a/b", &good)], 0, 0)).await,
+        "branches[0].branch_id",
+    );
+    assert_invalid(
+        api.begin(begin(vec![spec("", &good)], 0, 0)).await,
+        "branches[0].branch_id",
+    );
+    assert_invalid(
+        api.begin(begin(vec![spec("a", &good), spec("a", &good)], 0, 0))
+            .await,
+        "branches[1].branch_id",
+    );
+    let mut big = spec("a", &good);
+    big.payload = vec![0; MAX_PAYLOAD_BYTES + 1];
+    assert_invalid(
+        api.begin(begin(vec![big], 0, 0)).await,
+        "branches[0].payload",
+    );
+    let too_many = (0..=MAX_BRANCHES)
+        .map(|i| spec(&format!("b{i}"), &good))
+        .collect();
+    assert_invalid(api.begin(begin(too_many, 0, 0)).await, "branches");
+    assert_invalid(
+        api.begin(begin(vec![], now_ms() - 1_000, 0)).await,
+        "deadline_unix_ms",
+    );
+    assert_invalid(
+        api.begin(begin(vec![], now_ms() + 24 * 3_600_000, 0)).await,
+        "deadline_unix_ms",
+    );
+    assert_invalid(
+        api.begin(begin(vec![], 0, 3_600_000)).await,
+        "prepare_timeout_ms",
+    );
+
+    // A valid transaction to aim the remaining bad requests at.
+    let id = api
+        .begin(begin(vec![spec("a", &good)], 0, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .transaction_id;
+    let enlist = |transaction_id: &str, branch: Option<pb::BranchSpec>| pb::EnlistRequest {
+        transaction_id: transaction_id.into(),
+        branch,
+    };
+    assert_invalid(
+        api.enlist(enlist("", Some(spec("b", &good)))).await,
+        "transaction_id",
+    );
+    assert_invalid(
+        api.enlist(enlist("not-an-id", Some(spec("b", &good))))
+            .await,
+        "transaction_id",
+    );
+    let unknown = treaty_coordinator::model::TxnId::generate(now_ms()).to_string();
+    assert_invalid(
+        api.enlist(enlist(&unknown, Some(spec("b", &good)))).await,
+        "transaction_id",
+    );
+    assert_invalid(api.enlist(enlist(&id, None)).await, "branch");
+    assert_invalid(
+        api.enlist(enlist(&id, Some(spec("a", &good)))).await,
+        "branch.branch_id",
+    );
+    assert_invalid(
+        api.enlist(enlist(&id, Some(spec("b", "http://h:0")))).await,
+        "branch.endpoint",
+    );
+    for i in 1..MAX_BRANCHES {
+        api.enlist(enlist(&id, Some(spec(&format!("b{i}"), &good))))
+            .await
+            .unwrap();
+    }
+    assert_invalid(
+        api.enlist(enlist(&id, Some(spec("one-too-many", &good))))
+            .await,
+        "branch",
+    );
+    assert_invalid(
+        api.abort(pb::AbortRequest {
+            transaction_id: id.clone(),
+            reason: "x".repeat(MAX_REASON_BYTES + 1),
+        })
+        .await,
+        "reason",
+    );
+    assert_invalid(
+        api.commit(pb::CommitRequest {
+            transaction_id: unknown.clone(),
+        })
+        .await,
+        "transaction_id",
+    );
+
+    // Nothing above changed the transaction.
+    let txn = api
+        .get_transaction(pb::GetTransactionRequest {
+            transaction_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .transaction
+        .unwrap();
+    assert_eq!(txn.branches.len(), MAX_BRANCHES);
+    assert_eq!(txn.state, pb::TransactionState::Active as i32);
+
+    // Finished transactions take no branches; a committed one cannot be aborted.
+    api.abort(pb::AbortRequest {
+        transaction_id: id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_invalid(
+        api.enlist(enlist(&id, Some(spec("late", &good)))).await,
+        "transaction_id",
+    );
+    let empty = api
+        .begin(begin(vec![], 0, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .transaction_id;
+    assert_invalid(
+        api.commit(pb::CommitRequest {
+            transaction_id: empty.clone(),
+        })
+        .await,
+        "branches",
+    );
+    let committed = api
+        .begin(begin(vec![spec("solo", &good)], 0, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .transaction_id;
+    let outcome = api
+        .commit(pb::CommitRequest {
+            transaction_id: committed.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome.outcome, pb::Outcome::Committed as i32);
+    assert_invalid(
+        api.abort(pb::AbortRequest {
+            transaction_id: committed,
+            reason: String::new(),
+        })
+        .await,
+        "transaction_id",
+    );
+
+    // Listing.
+    let list = |states: Vec<i32>, page_size: u32, page_token: &str| pb::ListTransactionsRequest {
+        states,
+        page_size,
+        page_token: page_token.into(),
+    };
+    assert_invalid(
+        api.list_transactions(list(vec![], 5_000, "")).await,
+        "page_size",
+    );
+    assert_invalid(
+        api.list_transactions(list(vec![99], 10, "")).await,
+        "states[0]",
+    );
+    assert_invalid(
+        api.list_transactions(list(vec![], 10, "garbage")).await,
+        "page_token",
+    );
+    // Only the three transactions begun above exist: no refused request created one.
+    let all = api
+        .list_transactions(list(vec![], 100, ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .transactions;
+    assert_eq!(all.len(), 3, "{all:?}");
+
+    // Queries about unknown transactions are answers, not errors.
+    let found = api
+        .get_transaction(pb::GetTransactionRequest {
+            transaction_id: unknown.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!found.found);
+    let decision = api
+        .get_outcome(pb::GetOutcomeRequest {
+            transaction_id: unknown,
+            branch_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .decision;
+    assert_eq!(decision, pb::Decision::Abort as i32);
+
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}

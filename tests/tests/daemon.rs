@@ -1,0 +1,158 @@
+//! `treaty serve` as a process: graceful stop on SIGTERM, restart on the same data,
+//! standard health and reflection services for generic gRPC clients.
+
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use treaty_sdk::TreatyClient;
+use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TransactionState};
+use treaty_tests::harness::{ParticipantServer, eventually};
+use treaty_tests::process::start_treaty;
+use treaty_tests::scripted::Op;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_a_restart_remembers_committed_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = ParticipantServer::start(&dir.path().join("a")).await;
+    let b = ParticipantServer::start(&dir.path().join("b")).await;
+    let data_dir = dir.path().join("coordinator");
+    let mut coordinator = start_treaty(&data_dir, "127.0.0.1:0", None).await;
+    let client = TreatyClient::connect(coordinator.endpoint()).await.unwrap();
+    let (committed, outcome) = client
+        .run_two_phase(
+            vec![
+                BranchSpec::new("a", &a.endpoint, "yes"),
+                BranchSpec::new("b", &b.endpoint, "yes"),
+            ],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    eventually("the commit is acknowledged everywhere", || async {
+        let txn = client.get(&committed).await.unwrap()?;
+        (txn.state == TransactionState::Committed as i32).then_some(())
+    })
+    .await;
+
+    // A transaction still preparing when the stop comes is aborted, and its caller told.
+    let undecided = client
+        .begin(
+            BeginOptions::default(),
+            vec![
+                BranchSpec::new("a", &a.endpoint, "yes"),
+                BranchSpec::new("b", &b.endpoint, "slow:1500"),
+            ],
+        )
+        .await
+        .unwrap();
+    let waiting = {
+        let client = client.clone();
+        let id = undecided.clone();
+        tokio::spawn(async move { client.commit(&id).await })
+    };
+    eventually("the slow prepare is under way", || async {
+        let txn = client.get(&undecided).await.unwrap()?;
+        (txn.state == TransactionState::Preparing as i32).then_some(())
+    })
+    .await;
+    coordinator.terminate();
+    assert_eq!(
+        waiting.await.unwrap().unwrap(),
+        Outcome::Aborted {
+            reason: "the coordinator is shutting down".into()
+        }
+    );
+    let status = coordinator.wait_exit().await;
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        coordinator.log()
+    );
+    eventually("both participants are told to abort", || async {
+        let a_ops = a.participant.ops(&undecided, "a");
+        let b_ops = b.participant.ops(&undecided, "b");
+        (a_ops == [Op::Prepare, Op::Abort] && b_ops == [Op::Prepare, Op::Abort]).then_some(())
+    })
+    .await;
+
+    let mut restarted = start_treaty(&data_dir, "127.0.0.1:0", None).await;
+    let client = TreatyClient::connect(restarted.endpoint()).await.unwrap();
+    let txn = client
+        .get(&committed)
+        .await
+        .unwrap()
+        .expect("the commit is in the log");
+    assert_eq!(txn.state, TransactionState::Committed as i32);
+    restarted.terminate();
+    assert!(restarted.wait_exit().await.success());
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_grpc_client_can_discover_and_health_check_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = treaty_tests::harness::Coordinator::start(dir.path()).await;
+    let channel = Channel::from_shared(coordinator.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut health = HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "treaty.v1.Coordinator".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["treaty.v1.Coordinator", "grpc.health.v1.Health"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    // The descriptor of the service is served too, so a client can build requests.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "treaty.v1.Coordinator".into(),
+        )),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    assert!(matches!(
+        response.message_response,
+        Some(MessageResponse::FileDescriptorResponse(ref files)) if !files.file_descriptor_proto.is_empty()
+    ));
+    coordinator.stop().await.unwrap();
+}
