@@ -6,7 +6,6 @@
 //! (user code errors, a failed store) become error statuses.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_server::ParticipantServer;
 
 use crate::barrier::{AbortAnswer, Barrier, BarrierError, BranchMode, CommitAnswer};
-use crate::durable::{DurableStore, StoreOptions};
+use crate::durable::DurableStore;
 use crate::in_doubt::{InDoubtOptions, InDoubtResolver};
 use crate::limits::{FieldError, check_endpoint, check_id, check_payload};
 use crate::participant::{BranchContext, Participant, Vote};
@@ -233,11 +232,9 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
     }
 }
 
-/// Everything [`serve`] needs besides the participant.
+/// How [`serve`] behaves.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// The barrier's sled directory (one per participant process).
-    pub data_dir: PathBuf,
     pub in_doubt: InDoubtOptions,
     /// Most requests served at once per connection.
     pub max_concurrent_requests: usize,
@@ -245,10 +242,9 @@ pub struct ServeOptions {
     pub shutdown_grace_ms: u64,
 }
 
-impl ServeOptions {
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+impl Default for ServeOptions {
+    fn default() -> Self {
         Self {
-            data_dir: data_dir.into(),
             in_doubt: InDoubtOptions::default(),
             max_concurrent_requests: 1024,
             shutdown_grace_ms: 5_000,
@@ -266,11 +262,16 @@ pub enum ServeError {
     Listener(#[from] std::io::Error),
 }
 
-/// Serves `participant` on `listener` with a barrier in `options.data_dir`, the standard
-/// gRPC health service, and in-doubt resolution, until `shutdown` resolves. Requests in
-/// flight get `shutdown_grace_ms` to finish; the barrier is then closed durably.
+/// Serves `participant` on `listener`, with its barrier in `store`, the standard gRPC
+/// health service, and in-doubt resolution, until `shutdown` resolves. Requests in
+/// flight get `shutdown_grace_ms` to finish; `store` is then closed durably.
+///
+/// The store is the participant's one sled database (see [`DurableStore::open`]); a
+/// participant may keep its own data there too, under keys that do not start with `b/`
+/// or `d/`.
 pub async fn serve<P, F>(
     participant: Arc<P>,
+    store: Arc<DurableStore>,
     listener: TcpListener,
     options: ServeOptions,
     shutdown: F,
@@ -279,10 +280,6 @@ where
     P: Participant,
     F: std::future::Future<Output = ()> + Send,
 {
-    let store = Arc::new(DurableStore::open(
-        &options.data_dir,
-        StoreOptions::default(),
-    )?);
     let barrier = Arc::new(Barrier::new(store.clone()));
     let local_addr: SocketAddr = listener.local_addr()?;
     let service = ParticipantService::new(participant.clone(), barrier.clone());
@@ -295,7 +292,7 @@ where
     let resolver = InDoubtResolver::new(participant, barrier, options.in_doubt.clone());
     let resolver_task = tokio::spawn(resolver.run(resolver_stopped));
 
-    tracing::info!(%local_addr, data_dir = %options.data_dir.display(), "participant serving");
+    tracing::info!(%local_addr, data_dir = %store.path().display(), "participant serving");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (shutdown_started_tx, shutdown_started_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()

@@ -125,12 +125,19 @@ impl ParticipantServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
         let participant = Arc::new(Scripted::new());
-        let mut options = ServeOptions::new(data_dir);
-        options.in_doubt = quick_in_doubt();
-        options.shutdown_grace_ms = 2_000;
+        let options = ServeOptions {
+            in_doubt: quick_in_doubt(),
+            shutdown_grace_ms: 2_000,
+            ..ServeOptions::default()
+        };
+        let store = Arc::new(
+            treaty_sdk::durable::DurableStore::open(data_dir, Default::default())
+                .expect("open the participant's store"),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(treaty_sdk::serve(
             participant.clone(),
+            store,
             listener,
             options,
             async {

@@ -1,19 +1,11 @@
 //! Real processes: the workspace's binaries, built once per test process with the same
-//! cargo that runs the tests, started as children with their output kept in a log file.
-//! Children are killed if the test fails before stopping them.
+//! cargo that runs the tests, started as children (see `treaty_examples::process`) with
+//! their stderr kept in a log file. Children are killed if the test fails first.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
-
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use crate::harness::PATIENCE;
 
@@ -60,114 +52,35 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-/// A child process that printed `<prefix> <address>` on stdout once it was serving.
-#[derive(Debug)]
-pub struct ServerProcess {
-    child: Child,
-    pub address: SocketAddr,
-    pub log_file: PathBuf,
-}
+pub use treaty_examples::process::{ServerProcess, killed_by_sigkill, tail};
 
-impl ServerProcess {
-    /// Starts `program args…` with `envs`, its stderr appended to `log_file`, and waits
-    /// (at most `PATIENCE`) for the line announcing its address.
-    pub async fn start(
-        program: &Path,
-        args: &[String],
-        envs: &[(&str, &str)],
-        ready_prefix: &str,
-        log_file: PathBuf,
-    ) -> Self {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_file)
-            .expect("open the child's log file");
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true);
-        for (key, value) in envs {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("spawn the child process");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let address = tokio::time::timeout(PATIENCE, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(address) = line.strip_prefix(ready_prefix) {
-                    return address.trim().parse::<SocketAddr>().ok();
-                }
-            }
-            None
-        })
+/// Starts a server process, failing the test (with its log) if it does not come up.
+pub async fn start_server(
+    program: &Path,
+    args: &[String],
+    envs: &[(&str, &str)],
+    ready_prefix: &str,
+    log_file: PathBuf,
+) -> ServerProcess {
+    ServerProcess::start(program, args, envs, ready_prefix, log_file, PATIENCE)
         .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            panic!(
-                "{} did not announce its address; its log:\n{}",
-                program.display(),
-                tail(&log_file)
-            )
-        });
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            child,
-            address,
-            log_file,
-        }
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id().expect("child still running") as i32)
-    }
-
-    /// kill -9, then wait for it to be gone.
-    pub async fn kill9(mut self) -> ExitStatus {
-        let _ = self.child.start_kill();
-        self.wait_exit().await
-    }
-
-    /// SIGTERM: a graceful stop.
-    pub fn terminate(&self) {
-        let _ = kill(self.pid(), Signal::SIGTERM);
-    }
-
-    /// Waits (at most `PATIENCE`) for the process to end on its own.
-    pub async fn wait_exit(&mut self) -> ExitStatus {
-        match tokio::time::timeout(PATIENCE, self.child.wait()).await {
-            Ok(Ok(status)) => status,
-            _ => panic!(
-                "process did not exit in time; its log:\n{}",
-                tail(&self.log_file)
-            ),
-        }
-    }
-
-    pub fn log(&self) -> String {
-        tail(&self.log_file)
-    }
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Whether `status` is death by SIGKILL.
-pub fn killed_by_sigkill(status: ExitStatus) -> bool {
-    status.signal() == Some(Signal::SIGKILL as i32)
+/// Waits for the process to end, failing the test (with its log) if it does not.
+pub async fn exit_status(process: &mut ServerProcess) -> ExitStatus {
+    process
+        .wait_exit(PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The last 60 lines of a log file.
-pub fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
+/// kill -9, and wait until it is gone.
+pub async fn kill9(process: &mut ServerProcess) -> ExitStatus {
+    process
+        .kill9(PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `treaty serve` as a child process on `listen` with data in `data_dir`.
@@ -198,10 +111,5 @@ pub async fn start_treaty(
         envs.push(("FAILPOINTS", failpoints));
     }
     let log_file = data_dir.with_extension("log");
-    ServerProcess::start(&binary, &args, &envs, "treaty listening on", log_file).await
-}
-
-/// Sleeps briefly; for the rare places a test must let time pass.
-pub async fn pause(ms: u64) {
-    tokio::time::sleep(Duration::from_millis(ms)).await;
+    start_server(&binary, &args, &envs, "treaty listening on", log_file).await
 }

@@ -1,6 +1,8 @@
 //! Bad input: every malformed request is INVALID_ARGUMENT naming the field, and changes
 //! nothing. Sent with the raw generated client, so that any value can be sent.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
 use tonic::Code;
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;

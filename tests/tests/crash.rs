@@ -2,10 +2,12 @@
 //! SIGKILL at a failpoint (FAILPOINTS=...=return), then restarts on the same data
 //! directory and address. Participants run in this process over real gRPC.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::{BeginOptions, BranchSpec, Decision, TransactionState};
 use treaty_tests::harness::{ParticipantServer, eventually};
-use treaty_tests::process::{killed_by_sigkill, start_treaty};
+use treaty_tests::process::{exit_status, killed_by_sigkill, start_treaty};
 use treaty_tests::scripted::Op;
 
 struct Participants {
@@ -53,11 +55,11 @@ async fn commit_until_the_coordinator_dies(
         commit.is_err(),
         "the coordinator died, so no outcome: {commit:?}"
     );
-    let status = coordinator.wait_exit().await;
+    let status = exit_status(&mut coordinator).await;
     assert!(
         killed_by_sigkill(status),
         "expected death by SIGKILL at {failpoint}, got {status:?}; log:\n{}",
-        coordinator.log()
+        coordinator.log_tail(60)
     );
     // Both voted YES and are in doubt: neither has committed or aborted.
     assert_eq!(participants.a.participant.ops(&id, "a"), [Op::Prepare]);
@@ -95,7 +97,11 @@ async fn a_commit_decision_logged_before_a_kill_9_is_carried_out_after_restart()
     assert_eq!(client.outcome(&id).await.unwrap(), Decision::Commit);
 
     restarted.terminate();
-    assert!(restarted.wait_exit().await.success(), "{}", restarted.log());
+    assert!(
+        exit_status(&mut restarted).await.success(),
+        "{}",
+        restarted.log_tail(60)
+    );
     participants.stop().await;
 }
 
@@ -128,6 +134,10 @@ async fn a_kill_9_before_the_decision_aborts_everything() {
     assert_eq!(late.code(), Some(tonic::Code::InvalidArgument), "{late}");
 
     restarted.terminate();
-    assert!(restarted.wait_exit().await.success(), "{}", restarted.log());
+    assert!(
+        exit_status(&mut restarted).await.success(),
+        "{}",
+        restarted.log_tail(60)
+    );
     participants.stop().await;
 }

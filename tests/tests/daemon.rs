@@ -1,6 +1,8 @@
 //! `treaty serve` as a process: graceful stop on SIGTERM, restart on the same data,
 //! standard health and reflection services for generic gRPC clients.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -11,7 +13,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TransactionState};
 use treaty_tests::harness::{ParticipantServer, eventually};
-use treaty_tests::process::start_treaty;
+use treaty_tests::process::{exit_status, start_treaty};
 use treaty_tests::scripted::Op;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,11 +69,11 @@ async fn sigterm_stops_cleanly_and_a_restart_remembers_committed_work() {
             reason: "the coordinator is shutting down".into()
         }
     );
-    let status = coordinator.wait_exit().await;
+    let status = exit_status(&mut coordinator).await;
     assert!(
         status.success(),
         "exit {status:?}; log:\n{}",
-        coordinator.log()
+        coordinator.log_tail(60)
     );
     eventually("both participants are told to abort", || async {
         let a_ops = a.participant.ops(&undecided, "a");
@@ -89,7 +91,7 @@ async fn sigterm_stops_cleanly_and_a_restart_remembers_committed_work() {
         .expect("the commit is in the log");
     assert_eq!(txn.state, TransactionState::Committed as i32);
     restarted.terminate();
-    assert!(restarted.wait_exit().await.success());
+    assert!(exit_status(&mut restarted).await.success());
     a.stop().await;
     b.stop().await;
 }

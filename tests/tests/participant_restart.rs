@@ -2,12 +2,14 @@
 //! participant is a real process, killed with SIGKILL after it voted YES and restarted
 //! on the same address and data directory.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
 use std::path::Path;
 
 use treaty_sdk::barrier::BranchStatus;
 use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
 use treaty_tests::harness::{Coordinator, ParticipantServer, barrier_record, eventually};
-use treaty_tests::process::{ServerProcess, killed_by_sigkill};
+use treaty_tests::process::{ServerProcess, exit_status, kill9, killed_by_sigkill, start_server};
 
 async fn start_participant(data_dir: &Path, listen: &str) -> ServerProcess {
     let args = vec![
@@ -16,7 +18,7 @@ async fn start_participant(data_dir: &Path, listen: &str) -> ServerProcess {
         "--data-dir".to_string(),
         data_dir.to_string_lossy().into_owned(),
     ];
-    ServerProcess::start(
+    start_server(
         Path::new(env!("CARGO_BIN_EXE_scripted-participant")),
         &args,
         &[],
@@ -41,7 +43,7 @@ async fn a_participant_down_during_phase_two_receives_the_commit_once_back() {
     let client = coordinator.client().await;
     let fast = ParticipantServer::start(&dir.path().join("fast")).await;
     let remote_dir = dir.path().join("remote");
-    let remote = start_participant(&remote_dir, "127.0.0.1:0").await;
+    let mut remote = start_participant(&remote_dir, "127.0.0.1:0").await;
     let address = remote.address;
 
     // The fast branch takes a while to vote, so the remote branch's YES comes first and
@@ -66,7 +68,7 @@ async fn a_participant_down_during_phase_two_receives_the_commit_once_back() {
         (branch_state(&txn, "remote") == BranchState::Prepared as i32).then_some(())
     })
     .await;
-    let status = remote.kill9().await;
+    let status = kill9(&mut remote).await;
     assert!(killed_by_sigkill(status));
 
     // The decision is commit (the dead participant's YES is durable there); phase 2 to
@@ -93,7 +95,11 @@ async fn a_participant_down_during_phase_two_receives_the_commit_once_back() {
     .await;
 
     remote.terminate();
-    assert!(remote.wait_exit().await.success(), "{}", remote.log());
+    assert!(
+        exit_status(&mut remote).await.success(),
+        "{}",
+        remote.log_tail(60)
+    );
     assert_eq!(
         barrier_record(&remote_dir, &id, "remote").unwrap().status,
         BranchStatus::Committed

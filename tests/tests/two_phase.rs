@@ -1,6 +1,8 @@
 //! Two-phase commit end to end: an in-process coordinator (the daemon's own code) and
 //! scripted participants, over real gRPC on 127.0.0.1, each with its own sled directory.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
 use futures::StreamExt;
 use treaty_sdk::barrier::{BranchMode, BranchStatus};
 use treaty_sdk::client::{BeginOptions, BranchSpec, Decision, Outcome, TransactionState};

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use clap::Parser;
+use treaty_sdk::durable::DurableStore;
 use treaty_sdk::server::ServeOptions;
 use treaty_tests::harness::quick_in_doubt;
 use treaty_tests::scripted::Scripted;
@@ -26,10 +27,14 @@ async fn main() -> anyhow::Result<()> {
     treaty_sdk::failpoint::configure_from_env().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("participant listening on {}", listener.local_addr()?);
-    let mut options = ServeOptions::new(&args.data_dir);
-    options.in_doubt = quick_in_doubt();
+    let options = ServeOptions {
+        in_doubt: quick_in_doubt(),
+        ..ServeOptions::default()
+    };
+    let store = Arc::new(DurableStore::open(&args.data_dir, Default::default())?);
     treaty_sdk::serve(
         Arc::new(Scripted::new()),
+        store,
         listener,
         options,
         treaty_coordinator::daemon::shutdown_signal(),
