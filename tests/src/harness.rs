@@ -194,3 +194,23 @@ pub fn log_record(
     log.close().expect("close the log");
     record
 }
+
+/// Asks a participant, through the real protocol, what its barrier recorded for a
+/// branch: a duplicate Prepare is answered from the record without running user code
+/// (NO once the branch is aborted, YES while prepared or committed).
+pub async fn recorded_vote(endpoint: &str, transaction_id: &str, branch_id: &str) -> Option<i32> {
+    let mut client =
+        treaty_proto::v1::participant_client::ParticipantClient::connect(endpoint.to_string())
+            .await
+            .ok()?;
+    let response = client
+        .prepare(treaty_proto::v1::PrepareBranchRequest {
+            transaction_id: transaction_id.to_string(),
+            branch_id: branch_id.to_string(),
+            payload: b"yes".to_vec(),
+            coordinator_endpoint: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().vote)
+}

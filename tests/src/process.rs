@@ -113,3 +113,21 @@ pub async fn start_treaty(
     let log_file = data_dir.with_extension("log");
     start_server(&binary, &args, &envs, "treaty listening on", log_file).await
 }
+
+/// The scripted participant (`src/bin/scripted-participant.rs`) as a child process.
+pub async fn start_scripted_participant(data_dir: &Path, listen: &str) -> ServerProcess {
+    let args = vec![
+        "--listen".to_string(),
+        listen.to_string(),
+        "--data-dir".to_string(),
+        data_dir.to_string_lossy().into_owned(),
+    ];
+    start_server(
+        &workspace_binary("treaty-tests", "scripted-participant"),
+        &args,
+        &[],
+        "participant listening on",
+        data_dir.with_extension("log"),
+    )
+    .await
+}

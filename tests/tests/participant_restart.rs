@@ -4,29 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
-use std::path::Path;
-
 use treaty_sdk::barrier::BranchStatus;
 use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
 use treaty_tests::harness::{Coordinator, ParticipantServer, barrier_record, eventually};
-use treaty_tests::process::{ServerProcess, exit_status, kill9, killed_by_sigkill, start_server};
-
-async fn start_participant(data_dir: &Path, listen: &str) -> ServerProcess {
-    let args = vec![
-        "--listen".to_string(),
-        listen.to_string(),
-        "--data-dir".to_string(),
-        data_dir.to_string_lossy().into_owned(),
-    ];
-    start_server(
-        Path::new(env!("CARGO_BIN_EXE_scripted-participant")),
-        &args,
-        &[],
-        "participant listening on",
-        data_dir.with_extension("log"),
-    )
-    .await
-}
+use treaty_tests::process::{exit_status, kill9, killed_by_sigkill, start_scripted_participant};
 
 fn branch_state(txn: &treaty_sdk::client::Transaction, branch: &str) -> i32 {
     txn.branches
@@ -43,7 +24,7 @@ async fn a_participant_down_during_phase_two_receives_the_commit_once_back() {
     let client = coordinator.client().await;
     let fast = ParticipantServer::start(&dir.path().join("fast")).await;
     let remote_dir = dir.path().join("remote");
-    let mut remote = start_participant(&remote_dir, "127.0.0.1:0").await;
+    let mut remote = start_scripted_participant(&remote_dir, "127.0.0.1:0").await;
     let address = remote.address;
 
     // The fast branch takes a while to vote, so the remote branch's YES comes first and
@@ -84,7 +65,7 @@ async fn a_participant_down_during_phase_two_receives_the_commit_once_back() {
     )
     .await;
 
-    let mut remote = start_participant(&remote_dir, &address.to_string()).await;
+    let mut remote = start_scripted_participant(&remote_dir, &address.to_string()).await;
     eventually(
         "the restarted participant acknowledges the commit",
         || async {

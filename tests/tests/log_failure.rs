@@ -1,0 +1,97 @@
+//! A decision-log write that fails is fatal: the commit is never acknowledged, the daemon
+//! stops with an error, and after a restart every participant ends the same way as the
+//! coordinator's answer. The failpoint registry is process-wide, so the coordinator runs
+//! in this test binary and the participants as processes of their own.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use treaty_sdk::barrier::BranchStatus;
+use treaty_sdk::client::{BeginOptions, BranchSpec, Decision};
+use treaty_tests::harness::{Coordinator, barrier_record, eventually, recorded_vote};
+use treaty_tests::process::{exit_status, start_scripted_participant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_decision_write_is_never_acknowledged_and_stops_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let mut a = start_scripted_participant(&a_dir, "127.0.0.1:0").await;
+    let mut b = start_scripted_participant(&b_dir, "127.0.0.1:0").await;
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let client = coordinator.client().await;
+    let id = client
+        .begin(
+            BeginOptions::default(),
+            vec![
+                BranchSpec::new("a", a.endpoint(), "yes"),
+                BranchSpec::new("b", b.endpoint(), "yes"),
+            ],
+        )
+        .await
+        .unwrap();
+
+    fail::cfg("durable::sync", "return").unwrap();
+    let commit = client.commit(&id).await;
+    fail::remove("durable::sync");
+    assert!(
+        commit.is_err(),
+        "a commit whose decision write failed was answered: {commit:?}"
+    );
+    let stopped = coordinator.stop().await;
+    assert!(
+        matches!(
+            stopped,
+            Err(treaty_coordinator::daemon::DaemonError::Fatal(_))
+        ),
+        "{stopped:?}"
+    );
+
+    // Whatever the restarted coordinator finds (the failed write may or may not have
+    // reached the disk), both participants end with its answer.
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let client = coordinator.client().await;
+    let decision = eventually("the restarted coordinator decides", || async {
+        match client.outcome(&id).await.unwrap() {
+            Decision::Pending => None,
+            decided => Some(decided),
+        }
+    })
+    .await;
+    eprintln!("the restarted coordinator answers {decision:?}");
+    if decision == Decision::Commit {
+        eventually("phase 2 completes", || async {
+            let txn = client.get(&id).await.unwrap()?;
+            (txn.state == treaty_sdk::client::TransactionState::Committed as i32).then_some(())
+        })
+        .await;
+    } else {
+        // Presumed abort: the in-doubt participants learn it by asking.
+        eventually("both in-doubt participants abort", || async {
+            for (participant, branch) in [(&a, "a"), (&b, "b")] {
+                let vote = recorded_vote(&participant.endpoint(), &id, branch).await?;
+                if vote != treaty_proto::v1::Vote::No as i32 {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
+    coordinator.stop().await.unwrap();
+    for participant in [&mut a, &mut b] {
+        participant.terminate();
+        assert!(exit_status(participant).await.success());
+    }
+    let wanted = match decision {
+        Decision::Commit => BranchStatus::Committed,
+        _ => BranchStatus::Aborted {
+            after_prepare: true,
+        },
+    };
+    for (dir, branch) in [(&a_dir, "a"), (&b_dir, "b")] {
+        assert_eq!(
+            barrier_record(dir, &id, branch).unwrap().status,
+            wanted,
+            "branch {branch}"
+        );
+    }
+}
