@@ -83,9 +83,11 @@ fn barrier_error(branch: &BranchContext, error: BarrierError) -> Status {
 /// barrier record both) even when the caller gives up and the request is dropped: user
 /// code is never cancelled half-way.
 async fn run_to_completion<T: Send + 'static>(
+    branch: &BranchContext,
     operation: impl std::future::Future<Output = Result<T, BarrierError>> + Send + 'static,
 ) -> Result<T, BarrierError> {
-    match tokio::spawn(operation).await {
+    let span = tracing::info_span!("branch", txn_id = %branch.transaction_id, branch_id = %branch.branch_id);
+    match tokio::spawn(tracing::Instrument::instrument(operation, span)).await {
         Ok(result) => result,
         Err(join_error) => Err(BarrierError::Participant(crate::ParticipantError::new(
             format!("participant code panicked: {join_error}"),
@@ -108,7 +110,7 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
             self.barrier.clone(),
             branch.clone(),
         );
-        let vote = run_to_completion(async move {
+        let vote = run_to_completion(&branch, async move {
             barrier
                 .prepare(
                     participant.as_ref(),
@@ -156,7 +158,7 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
             self.barrier.clone(),
             branch.clone(),
         );
-        let answer = run_to_completion(async move {
+        let answer = run_to_completion(&branch, async move {
             barrier
                 .commit(
                     participant.as_ref(),
@@ -193,10 +195,11 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
             self.barrier.clone(),
             branch.clone(),
         );
-        let answer =
-            run_to_completion(async move { barrier.abort(participant.as_ref(), &ctx).await })
-                .await
-                .map_err(|e| barrier_error(&branch, e))?;
+        let answer = run_to_completion(&branch, async move {
+            barrier.abort(participant.as_ref(), &ctx).await
+        })
+        .await
+        .map_err(|e| barrier_error(&branch, e))?;
         tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?answer, "abort");
         let result = match answer {
             AbortAnswer::Aborted => pb::AbortResult::Aborted,
@@ -219,7 +222,7 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
             self.barrier.clone(),
             branch.clone(),
         );
-        run_to_completion(async move {
+        run_to_completion(&branch, async move {
             barrier
                 .compensate(participant.as_ref(), &ctx, &request.payload)
                 .await

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
+use tracing::Instrument;
 use treaty_proto::v1::CommitMode;
 use treaty_sdk::failpoint::crash_point;
 
@@ -256,6 +257,7 @@ impl Shard {
     }
 
     fn begin(&mut self, id: TxnId, params: BeginParams, now: UnixMs) -> Result<(), RuntimeError> {
+        let _span = txn_span(id).entered();
         let (mut txn, actions) = TwoPhaseCommit::begin(NewTransaction {
             id,
             created_unix_ms: now,
@@ -274,6 +276,7 @@ impl Shard {
     }
 
     fn command(&mut self, id: TxnId, command: Command, now: UnixMs) -> Result<(), RuntimeError> {
+        let _span = txn_span(id).entered();
         let entry = self
             .txns
             .get_mut(&id)
@@ -293,6 +296,7 @@ impl Shard {
     }
 
     fn on_event(&mut self, id: TxnId, event: Event) {
+        let _span = txn_span(id).entered();
         let now = now_unix_ms();
         let Some(entry) = self.txns.get_mut(&id) else {
             return;
@@ -454,7 +458,8 @@ impl Shard {
             // The shard outlives every call it starts, except at shutdown: then the
             // event no longer matters (recovery redelivers).
             let _ = events.send((id, event));
-        });
+        }
+        .instrument(txn_span(id)));
     }
 
     fn persist(&self, id: TxnId, durability: Durability) {
@@ -473,19 +478,22 @@ impl Shard {
         let write = self.log.write(&record, durability);
         let events = self.events.clone();
         let fatal = self.fatal.clone();
-        tokio::spawn(async move {
-            match write.await {
-                Ok(()) if forced => {
-                    crash_point("coordinator::after_decision_logged");
-                    let _ = events.send((id, Event::DecisionPersisted));
-                }
-                Ok(()) => {}
-                Err(error) => {
-                    tracing::error!(txn_id = %id, %error, "decision log write failed");
-                    let _ = fatal.send(format!("decision log write for {id} failed: {error}"));
+        tokio::spawn(
+            async move {
+                match write.await {
+                    Ok(()) if forced => {
+                        crash_point("coordinator::after_decision_logged");
+                        let _ = events.send((id, Event::DecisionPersisted));
+                    }
+                    Ok(()) => {}
+                    Err(error) => {
+                        tracing::error!(txn_id = %id, %error, "decision log write failed");
+                        let _ = fatal.send(format!("decision log write for {id} failed: {error}"));
+                    }
                 }
             }
-        });
+            .instrument(txn_span(id)),
+        );
     }
 
     fn abort_undecided(&mut self) {
@@ -518,6 +526,11 @@ impl Shard {
             self.txns.remove(&id);
         }
     }
+}
+
+/// The span every log line about one transaction is emitted in.
+fn txn_span(id: TxnId) -> tracing::Span {
+    tracing::info_span!("txn", txn_id = %id)
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
