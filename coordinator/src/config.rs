@@ -112,6 +112,19 @@ fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+fn at_most(field: &'static str, value: u64, max: u64, max_text: &str) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(bad(
+            field,
+            format!("{value} exceeds the limit of {max_text}"),
+        ));
+    }
+    Ok(())
+}
+
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
 fn positive(field: &'static str, value: u64) -> Result<(), ConfigError> {
     if value == 0 {
         return Err(bad(field, "must be greater than 0"));
@@ -166,6 +179,68 @@ impl ServeConfig {
             "max_retained_transactions",
             self.max_retained_transactions as u64,
         )?;
+        // Upper bounds keep every timer and deadline computation far from overflow.
+        at_most(
+            "max_transaction_timeout_ms",
+            self.max_transaction_timeout_ms,
+            7 * DAY_MS,
+            "7 days",
+        )?;
+        at_most(
+            "max_prepare_timeout_ms",
+            self.max_prepare_timeout_ms,
+            DAY_MS,
+            "1 day",
+        )?;
+        at_most(
+            "participant_call_timeout_ms",
+            self.participant_call_timeout_ms,
+            HOUR_MS,
+            "1 hour",
+        )?;
+        at_most(
+            "retry_backoff_max_ms",
+            self.retry_backoff_max_ms,
+            HOUR_MS,
+            "1 hour",
+        )?;
+        at_most(
+            "shutdown_grace_ms",
+            self.shutdown_grace_ms,
+            10 * 60_000,
+            "10 minutes",
+        )?;
+        at_most(
+            "memory_retention_ms",
+            self.memory_retention_ms,
+            30 * DAY_MS,
+            "30 days",
+        )?;
+        at_most(
+            "log_retention_ms",
+            self.log_retention_ms,
+            3650 * DAY_MS,
+            "10 years",
+        )?;
+        at_most(
+            "max_active_transactions",
+            self.max_active_transactions as u64,
+            10_000_000,
+            "10,000,000",
+        )?;
+        at_most(
+            "max_retained_transactions",
+            self.max_retained_transactions as u64,
+            10_000_000,
+            "10,000,000",
+        )?;
+        at_most(
+            "max_in_flight_calls",
+            self.max_in_flight_calls as u64,
+            1_000_000,
+            "1,000,000",
+        )?;
+        at_most("shards", self.shards as u64, 1024, "1024")?;
         if self.default_transaction_timeout_ms > self.max_transaction_timeout_ms {
             return Err(bad(
                 "default_transaction_timeout_ms",
@@ -261,6 +336,15 @@ mod tests {
         let mut c = config();
         c.retry_backoff_initial_ms = 0;
         assert_eq!(c.validate().unwrap_err().field, "retry_backoff_initial_ms");
+        let mut c = config();
+        c.max_transaction_timeout_ms = u64::MAX;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "max_transaction_timeout_ms"
+        );
+        let mut c = config();
+        c.shutdown_grace_ms = u64::MAX;
+        assert_eq!(c.validate().unwrap_err().field, "shutdown_grace_ms");
         let mut c = config();
         c.advertise_endpoint = Some("localhost:1".into());
         assert_eq!(c.validate().unwrap_err().field, "advertise_endpoint");

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_client::ParticipantClient;
+use treaty_sdk::limits::truncate_reason;
 
 use crate::engine::twopc::{Answer, Vote};
 
@@ -85,7 +86,12 @@ impl Participants {
         let client = self.client(&call.endpoint)?;
         match tokio::time::timeout(call.timeout, request(client)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+            // A participant's message is bounded before it is kept or logged.
+            Ok(Err(status)) => Err(truncate_reason(format!(
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            ))),
             Err(_) => Err(format!("no answer within {} ms", call.timeout.as_millis())),
         }
     }
@@ -106,7 +112,7 @@ impl Participants {
         match pb::Vote::try_from(response.vote) {
             Ok(pb::Vote::Yes) => Ok(Vote::Yes),
             Ok(pb::Vote::No) => Ok(Vote::No {
-                reason: response.reason,
+                reason: truncate_reason(response.reason),
             }),
             Ok(pb::Vote::ReadOnly) => Ok(Vote::ReadOnly),
             _ => Err(format!(
@@ -139,7 +145,7 @@ impl Participants {
         match pb::CommitResult::try_from(response.result) {
             Ok(pb::CommitResult::Committed) => Ok(Answer::Committed),
             Ok(pb::CommitResult::Rejected) => Ok(Answer::Rejected {
-                reason: response.reason,
+                reason: truncate_reason(response.reason),
             }),
             Ok(pb::CommitResult::NotPrepared) => Ok(Answer::NotPrepared),
             Ok(pb::CommitResult::AlreadyAborted) => Ok(Answer::Aborted),

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::durable::{Durability, DurableStore, StoreError, WriteBatch};
 use crate::failpoint::crash_point;
 use crate::keyed_locks::KeyedLocks;
+use crate::limits::truncate_reason;
 use crate::participant::{BranchContext, Participant, ParticipantError, Vote};
 
 const RECORD_FORMAT_VERSION: u8 = 1;
@@ -120,6 +121,15 @@ impl Barrier {
         &self.store
     }
 
+    /// After a failed write, records may be visible that never reached the disk:
+    /// nothing may be answered from them, and no user code may run on them.
+    fn ensure_store_healthy(&self) -> Result<(), BarrierError> {
+        match self.store.failure() {
+            Some(message) => Err(BarrierError::Store(StoreError::Failed(message))),
+            None => Ok(()),
+        }
+    }
+
     /// What the barrier has recorded for a branch.
     pub fn record(&self, branch: &BranchContext) -> Result<Option<BranchRecord>, BarrierError> {
         let key = record_key(branch);
@@ -133,9 +143,34 @@ impl Barrier {
 
     /// Up to `limit` branches that voted YES and have no outcome yet.
     pub fn in_doubt(&self, limit: usize) -> Result<Vec<InDoubtBranch>, BarrierError> {
+        Ok(self.in_doubt_after(None, limit)?.0)
+    }
+
+    /// Up to `limit` in-doubt branches after the cursor (`None`: from the start), and the
+    /// cursor to continue from; `None` once the end was reached.
+    pub fn in_doubt_after(
+        &self,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<InDoubtBranch>, Option<Vec<u8>>), BarrierError> {
+        self.ensure_store_healthy()?;
+        let start = match cursor {
+            Some(cursor) => {
+                let mut start = cursor.to_vec();
+                start.push(0);
+                start
+            }
+            None => IN_DOUBT_PREFIX.as_bytes().to_vec(),
+        };
         let mut found = Vec::new();
-        for entry in self.store.db().scan_prefix(IN_DOUBT_PREFIX).take(limit) {
+        let mut last_key = None;
+        let mut examined = 0;
+        for entry in self.store.db().range(start..).take(limit) {
             let (key, _) = entry.map_err(|e| StoreError::Read(e.to_string()))?;
+            if !key.starts_with(IN_DOUBT_PREFIX.as_bytes()) {
+                break;
+            }
+            examined += 1;
             let text = String::from_utf8_lossy(&key[IN_DOUBT_PREFIX.len()..]).into_owned();
             let Some((transaction_id, branch_id)) = text.split_once('/') else {
                 return Err(BarrierError::Corrupt {
@@ -156,8 +191,10 @@ impl Barrier {
                     });
                 }
             }
+            last_key = Some(key.to_vec());
         }
-        Ok(found)
+        let next = if examined == limit { last_key } else { None };
+        Ok((found, next))
     }
 
     /// Phase 1 of a two-phase commit.
@@ -169,6 +206,7 @@ impl Barrier {
         coordinator_endpoint: &str,
     ) -> Result<Vote, BarrierError> {
         let _guard = self.locks.lock(record_key(branch)).await;
+        self.ensure_store_healthy()?;
         if let Some(record) = self.record(branch)? {
             return Ok(match record.status {
                 BranchStatus::Prepared | BranchStatus::Committed => Vote::Yes,
@@ -179,7 +217,7 @@ impl Barrier {
                 }
             });
         }
-        let vote = participant.prepare(branch, payload).await?;
+        let vote = bounded(participant.prepare(branch, payload).await?);
         let status = status_after_vote(&vote);
         let mut record = new_record(BranchMode::TwoPhase, status, coordinator_endpoint);
         if record.status == BranchStatus::Prepared {
@@ -202,12 +240,13 @@ impl Barrier {
         coordinator_endpoint: &str,
     ) -> Result<CommitAnswer, BarrierError> {
         let _guard = self.locks.lock(record_key(branch)).await;
+        self.ensure_store_healthy()?;
         let mut record = match self.record(branch)? {
             Some(record) => record,
             None if mode == BranchMode::TwoPhase => return Ok(CommitAnswer::NotPrepared),
             None => {
                 // One call does both phases; the participant decides.
-                let vote = participant.prepare(branch, payload).await?;
+                let vote = bounded(participant.prepare(branch, payload).await?);
                 let mut record = new_record(mode, status_after_vote(&vote), coordinator_endpoint);
                 if record.status == BranchStatus::Prepared {
                     record.payload = payload.to_vec();
@@ -244,6 +283,7 @@ impl Barrier {
         branch: &BranchContext,
     ) -> Result<AbortAnswer, BarrierError> {
         let _guard = self.locks.lock(record_key(branch)).await;
+        self.ensure_store_healthy()?;
         let Some(mut record) = self.record(branch)? else {
             let record = new_record(
                 BranchMode::TwoPhase,
@@ -282,6 +322,7 @@ impl Barrier {
         payload: &[u8],
     ) -> Result<(), BarrierError> {
         let _guard = self.locks.lock(record_key(branch)).await;
+        self.ensure_store_healthy()?;
         let Some(mut record) = self.record(branch)? else {
             let record = new_record(
                 BranchMode::SagaStep,
@@ -328,6 +369,16 @@ impl Barrier {
             batch.remove(in_doubt_key);
         }
         Ok(self.store.write(batch, Durability::Forced).await?)
+    }
+}
+
+/// The vote with its reason cut to the documented limit, before it is kept or sent.
+fn bounded(vote: Vote) -> Vote {
+    match vote {
+        Vote::No { reason } => Vote::No {
+            reason: truncate_reason(reason),
+        },
+        other => other,
     }
 }
 

@@ -122,6 +122,7 @@ pub struct DurableStore {
     path: PathBuf,
     queue: Mutex<Option<mpsc::Sender<Request>>>,
     failure: Arc<OnceLock<String>>,
+    failed: Arc<tokio::sync::Notify>,
     logger: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -144,11 +145,13 @@ impl DurableStore {
         let db_file = File::open(dir.join("db")).map_err(|e| open_error(e.to_string()))?;
         let (sender, receiver) = mpsc::channel();
         let failure = Arc::new(OnceLock::new());
+        let failed = Arc::new(tokio::sync::Notify::new());
         let logger = Logger {
             db: db.clone(),
             db_file,
             receiver,
             failure: failure.clone(),
+            failed: failed.clone(),
             max_batch_records: options.max_batch_records.max(1),
         };
         let handle = std::thread::Builder::new()
@@ -160,6 +163,7 @@ impl DurableStore {
             path: dir.to_path_buf(),
             queue: Mutex::new(Some(sender)),
             failure,
+            failed,
             logger: Mutex::new(Some(handle)),
         })
     }
@@ -203,6 +207,18 @@ impl DurableStore {
     /// The reason the store failed, if it did.
     pub fn failure(&self) -> Option<String> {
         self.failure.get().cloned()
+    }
+
+    /// Resolves with the reason once the store has failed (at once if it already has).
+    pub async fn failed(&self) -> String {
+        loop {
+            // Registered before the check, so a failure in between still wakes us.
+            let notified = self.failed.notified();
+            if let Some(message) = self.failure.get() {
+                return message.clone();
+            }
+            notified.await;
+        }
     }
 
     /// Makes every write queued so far durable, then stops the logger. Later writes
@@ -279,6 +295,7 @@ struct Logger {
     db_file: File,
     receiver: mpsc::Receiver<Request>,
     failure: Arc<OnceLock<String>>,
+    failed: Arc<tokio::sync::Notify>,
     max_batch_records: usize,
 }
 
@@ -398,6 +415,7 @@ impl Logger {
     fn fail(&self, message: String) -> StoreError {
         tracing::error!(error = %message, "durable store failed; no further writes are accepted");
         let _ = self.failure.set(message);
+        self.failed.notify_waiters();
         StoreError::Failed(self.failure.get().cloned().unwrap_or_default())
     }
 }

@@ -47,6 +47,9 @@ pub struct InDoubtResolver<P> {
     barrier: Arc<Barrier>,
     options: InDoubtOptions,
     coordinators: HashMap<String, CoordinatorClient<Channel>>,
+    /// Where the next round continues, so that branches which cannot be resolved do not
+    /// keep the ones after them from being asked about.
+    cursor: Option<Vec<u8>>,
 }
 
 /// What one round did, for logs and tests.
@@ -64,32 +67,41 @@ impl<P: Participant> InDoubtResolver<P> {
             barrier,
             options,
             coordinators: HashMap::new(),
+            cursor: None,
         }
     }
 
-    /// Runs rounds until `stop` becomes true.
+    /// Runs rounds until `stop` becomes true (or its sender is dropped).
     pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let interval = Duration::from_millis(self.options.poll_interval_ms.max(10));
         loop {
-            let report = self.round().await;
+            let report = self.round(&mut stop).await;
             if report != RoundReport::default() {
                 tracing::info!(?report, "in-doubt resolution round");
+            }
+            if *stop.borrow() {
+                return;
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = stop.changed() => return,
             }
-            if *stop.borrow() {
-                return;
-            }
         }
     }
 
-    /// Asks about every branch in doubt for long enough and applies the answers.
-    pub async fn round(&mut self) -> RoundReport {
+    /// Asks about the branches in doubt for long enough (at most
+    /// `max_branches_per_round`, continuing where the last round stopped) and applies
+    /// the answers. Returns early once `stop` is set.
+    pub async fn round(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> RoundReport {
         let mut report = RoundReport::default();
-        let branches = match self.barrier.in_doubt(self.options.max_branches_per_round) {
-            Ok(branches) => branches,
+        let page = self
+            .barrier
+            .in_doubt_after(self.cursor.as_deref(), self.options.max_branches_per_round);
+        let branches = match page {
+            Ok((branches, next)) => {
+                self.cursor = next;
+                branches
+            }
             Err(error) => {
                 tracing::error!(%error, "cannot list in-doubt branches");
                 return report;
@@ -97,10 +109,22 @@ impl<P: Participant> InDoubtResolver<P> {
         };
         let now = now_unix_ms();
         for in_doubt in branches {
+            if *stop.borrow() {
+                break;
+            }
             if now.saturating_sub(in_doubt.prepared_unix_ms) < self.options.ask_after_ms {
                 continue;
             }
-            match self.resolve(&in_doubt).await {
+            // Asking may be abandoned at a stop; applying the answer runs to the end.
+            let decision = tokio::select! {
+                decision = self.ask(&in_doubt) => decision,
+                _ = stop.changed() => break,
+            };
+            let resolved = match decision {
+                Some(decision) => self.apply(&in_doubt, decision).await,
+                None => None,
+            };
+            match resolved {
                 Some(pb::Decision::Commit) => report.committed += 1,
                 Some(pb::Decision::Abort) => report.aborted += 1,
                 _ => report.still_in_doubt += 1,
@@ -109,9 +133,14 @@ impl<P: Participant> InDoubtResolver<P> {
         report
     }
 
-    async fn resolve(&mut self, in_doubt: &InDoubtBranch) -> Option<pb::Decision> {
+    /// Applies the coordinator's answer through the barrier; `None` if it could not be
+    /// applied yet.
+    async fn apply(
+        &self,
+        in_doubt: &InDoubtBranch,
+        decision: pb::Decision,
+    ) -> Option<pb::Decision> {
         let branch = &in_doubt.branch;
-        let decision = self.ask(in_doubt).await?;
         let applied = match decision {
             pb::Decision::Commit => self
                 .barrier

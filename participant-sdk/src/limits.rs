@@ -78,6 +78,21 @@ pub fn check_reason(field: &str, reason: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Cuts free text from elsewhere (a participant's reason, an error message) to at most
+/// [`MAX_REASON_BYTES`], on a character boundary, marking the cut with `…`.
+pub fn truncate_reason(mut text: String) -> String {
+    if text.len() <= MAX_REASON_BYTES {
+        return text;
+    }
+    let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+    text
+}
+
 /// A gRPC endpoint: `http://host:port` or `https://host:port`, with nothing after the
 /// port but an optional `/`.
 pub fn check_endpoint(field: &str, endpoint: &str) -> Result<(), FieldError> {
@@ -162,6 +177,15 @@ mod tests {
             let err = check_endpoint("branch.endpoint", bad).unwrap_err();
             assert_eq!(err.field, "branch.endpoint", "{bad}");
         }
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_character_boundary() {
+        assert_eq!(truncate_reason("short".into()), "short");
+        let long = "é".repeat(MAX_REASON_BYTES);
+        let cut = truncate_reason(long);
+        assert!(cut.len() <= MAX_REASON_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
     }
 
     #[test]

@@ -263,6 +263,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
 }
 
 /// Serves `participant` on `listener`, with its barrier in `store`, the standard gRPC
@@ -295,26 +297,53 @@ where
     let resolver = InDoubtResolver::new(participant, barrier, options.in_doubt.clone());
     let resolver_task = tokio::spawn(resolver.run(resolver_stopped));
 
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(treaty_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
     tracing::info!(%local_addr, data_dir = %store.path().display(), "participant serving");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let (shutdown_started_tx, shutdown_started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let server = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(options.max_concurrent_requests)
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(ParticipantServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            let _ = shutdown_started_tx.send(());
+            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
         });
     tokio::pin!(server);
+    tokio::pin!(shutdown);
+    // A failed store cannot promise durability any more: stop serving at once.
+    let mut store_failure = None;
     let served = tokio::select! {
-        result = &mut server => result,
-        _ = async {
-            let _ = shutdown_started_rx.await;
-            tokio::time::sleep(Duration::from_millis(options.shutdown_grace_ms)).await;
-        } => {
-            tracing::warn!("requests still in flight after the shutdown grace period; stopping");
-            Ok(())
+        result = &mut server => Some(result),
+        _ = &mut shutdown => None,
+        message = store.failed() => {
+            tracing::error!(error = %message, "the participant's store failed; stopping");
+            store_failure = Some(message);
+            None
+        }
+    };
+    let _ = stopping_tx.send(true);
+    let _ = health_reporter
+        .set_not_serving::<ParticipantServer<ParticipantService<P>>>()
+        .await;
+    let served = match served {
+        Some(result) => result,
+        None => {
+            let grace = Duration::from_millis(options.shutdown_grace_ms);
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        "requests still in flight after the shutdown grace period; stopping"
+                    );
+                    Ok(())
+                }
+            }
         }
     };
     let _ = stop_resolver.send(true);
@@ -322,6 +351,11 @@ where
     let closed = tokio::task::spawn_blocking(move || store.close())
         .await
         .unwrap_or(Err(crate::durable::StoreError::Closed));
+    if let Some(message) = store_failure {
+        return Err(ServeError::Store(crate::durable::StoreError::Failed(
+            message,
+        )));
+    }
     served?;
     closed?;
     Ok(())

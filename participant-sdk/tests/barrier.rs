@@ -240,3 +240,28 @@ async fn a_yes_vote_survives_reopen_and_is_listed_in_doubt_until_resolved() {
     assert!(barrier.in_doubt(10).unwrap().is_empty());
     assert_eq!(counts(&p), [1, 0, 1, 0]);
 }
+
+#[tokio::test]
+async fn in_doubt_branches_are_paged_with_a_cursor_so_none_is_starved() {
+    let dir = tempfile::tempdir().unwrap();
+    let barrier = open(dir.path());
+    let p = Counting::default();
+    for i in 0..5 {
+        barrier
+            .prepare(&p, &branch(&format!("b{i}")), b"yes", COORDINATOR)
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<Vec<u8>> = None;
+    for _ in 0..10 {
+        let (page, next) = barrier.in_doubt_after(cursor.as_deref(), 2).unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(page.into_iter().map(|b| b.branch.branch_id));
+        cursor = next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, ["b0", "b1", "b2", "b3", "b4"]);
+}

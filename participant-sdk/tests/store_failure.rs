@@ -1,10 +1,19 @@
-//! A failed durable write fails its waiters and every write after it: nothing is
-//! acknowledged once the store cannot promise durability. (Its own test binary: the
-//! failpoint registry is process-wide.)
+//! A failed durable write fails its waiters and every write after it, and a participant
+//! whose store failed stops: nothing is acknowledged, and no user code runs, once the
+//! store cannot promise durability. (Its own test binary: the failpoint registry is
+//! process-wide; the tests here take turns.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use treaty_sdk::barrier::{Barrier, BranchMode};
 use treaty_sdk::durable::{Durability, DurableStore, StoreError, WriteBatch};
+use treaty_sdk::{BranchContext, Participant, ParticipantError, ServeError, Vote};
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn batch(key: &[u8]) -> WriteBatch {
     let mut batch = WriteBatch::new();
@@ -12,19 +21,44 @@ fn batch(key: &[u8]) -> WriteBatch {
     batch
 }
 
+/// Makes the next durable sync of any store in this process fail.
+async fn fail_next_sync(store: &DurableStore) {
+    fail::cfg("durable::sync", "return").unwrap();
+    let failed = store.write(batch(b"during"), Durability::Forced).await;
+    fail::remove("durable::sync");
+    assert!(matches!(failed, Err(StoreError::Failed(_))), "{failed:?}");
+}
+
+#[derive(Debug, Default)]
+struct Counting {
+    calls: AtomicUsize,
+}
+
+impl Participant for Counting {
+    async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Vote::Yes)
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn after_a_failed_sync_the_store_refuses_everything() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let store = DurableStore::open(dir.path(), Default::default()).unwrap();
     store
         .write(batch(b"before"), Durability::Forced)
         .await
         .unwrap();
-
-    fail::cfg("durable::sync", "return").unwrap();
-    let failed = store.write(batch(b"during"), Durability::Forced).await;
-    fail::remove("durable::sync");
-    assert!(matches!(failed, Err(StoreError::Failed(_))), "{failed:?}");
+    fail_next_sync(&store).await;
     assert!(store.failure().is_some());
 
     // Failed for good, lazy writes included, even though syncing would work again.
@@ -34,4 +68,61 @@ async fn after_a_failed_sync_the_store_refuses_everything() {
     }
     assert!(store.db().get(b"after").unwrap().is_none());
     assert!(store.close().is_err());
+}
+
+#[tokio::test]
+async fn the_barrier_runs_no_user_code_on_a_failed_store() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let barrier = Barrier::new(store.clone());
+    let participant = Counting::default();
+    let branch = BranchContext {
+        transaction_id: "t".into(),
+        branch_id: "b".into(),
+    };
+    // A YES whose record could not be made durable: the vote is not acknowledged...
+    fail::cfg("durable::sync", "return").unwrap();
+    let vote = barrier.prepare(&participant, &branch, b"", "").await;
+    fail::remove("durable::sync");
+    assert!(vote.is_err(), "{vote:?}");
+    assert_eq!(participant.calls.load(Ordering::SeqCst), 1);
+    // ...and the record it left visible is never acted on or answered from.
+    assert!(
+        barrier
+            .prepare(&participant, &branch, b"", "")
+            .await
+            .is_err()
+    );
+    let commit = barrier
+        .commit(&participant, &branch, BranchMode::TwoPhase, &[], "")
+        .await;
+    assert!(commit.is_err(), "{commit:?}");
+    assert!(barrier.abort(&participant, &branch).await.is_err());
+    assert!(barrier.in_doubt(10).is_err());
+    assert_eq!(participant.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_participant_whose_store_fails_stops_serving() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let serving = tokio::spawn(treaty_sdk::serve(
+        Arc::new(Counting::default()),
+        store.clone(),
+        listener,
+        Default::default(),
+        std::future::pending(),
+    ));
+    fail_next_sync(&store).await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .expect("serve stops by itself")
+        .unwrap();
+    assert!(
+        matches!(ended, Err(ServeError::Store(StoreError::Failed(_)))),
+        "{ended:?}"
+    );
 }

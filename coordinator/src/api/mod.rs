@@ -15,7 +15,7 @@ use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use treaty_proto::v1 as proto;
-use treaty_sdk::limits::{FieldError, check_reason};
+use treaty_sdk::limits::{FieldError, check_id, check_reason};
 
 use crate::config::defaults;
 use crate::engine::twopc::Refusal;
@@ -65,7 +65,7 @@ impl CoordinatorService {
     fn deadline(&self, requested: u64) -> Result<u64, FieldError> {
         let now = now_unix_ms();
         if requested == 0 {
-            return Ok(now + self.config.default_transaction_timeout_ms);
+            return Ok(now.saturating_add(self.config.default_transaction_timeout_ms));
         }
         if requested <= now {
             return Err(FieldError::new(
@@ -73,7 +73,7 @@ impl CoordinatorService {
                 format!("{requested} is in the past (now is {now})"),
             ));
         }
-        let latest = now + self.config.max_transaction_timeout_ms;
+        let latest = now.saturating_add(self.config.max_transaction_timeout_ms);
         if requested > latest {
             return Err(FieldError::new(
                 "deadline_unix_ms",
@@ -292,6 +292,9 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<proto::GetOutcomeResponse>, Status> {
         let request = request.into_inner();
         let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
+        if !request.branch_id.is_empty() {
+            check_id("branch_id", &request.branch_id).map_err(invalid)?;
+        }
         let decision = self.runtime.outcome(id).await.map_err(status_of)?;
         tracing::debug!(txn_id = %id, branch_id = %request.branch_id, ?decision, "outcome asked");
         let decision = match decision {

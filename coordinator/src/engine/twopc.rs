@@ -24,17 +24,12 @@
 //! - A one-phase commit's outcome is the participant's: at the deadline the coordinator
 //!   asks for an abort, and whichever definitive answer comes first is the outcome.
 
+pub use super::messages::{
+    Action, Answer, BranchSpec, Command, Event, NewTransaction, Refusal, Vote,
+};
 use crate::model::{
     BranchRecord, BranchState, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
 };
-
-/// A branch to enlist, already validated by the API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BranchSpec {
-    pub id: String,
-    pub endpoint: String,
-    pub payload: Vec<u8>,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Branch {
@@ -79,129 +74,6 @@ impl Phase {
             Phase::Aborted => TxnState::Aborted,
         }
     }
-}
-
-/// A participant's vote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Vote {
-    Yes,
-    No { reason: String },
-    ReadOnly,
-}
-
-impl Vote {
-    pub fn no(reason: impl Into<String>) -> Self {
-        Vote::No {
-            reason: reason.into(),
-        }
-    }
-}
-
-/// A participant's definitive answer to a phase-2 or one-phase delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
-    Committed,
-    Aborted,
-    /// One-phase: the participant refused the work.
-    Rejected {
-        reason: String,
-    },
-    /// Two-phase commit for a branch the participant never prepared.
-    NotPrepared,
-}
-
-/// Requests from the API; they may be refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    Enlist(BranchSpec),
-    Commit,
-    Abort { reason: String },
-}
-
-/// Why a command was refused. Nothing changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("the transaction is {0:?}, not ACTIVE: no more branches can be enlisted")]
-    NotActive(TxnState),
-    #[error("branch {0:?} is already enlisted")]
-    DuplicateBranch(String),
-    #[error("the transaction already has {0} branches, the most allowed")]
-    TooManyBranches(usize),
-    #[error("the transaction has no branches to commit")]
-    NoBranches,
-    #[error("the commit decision is already taken")]
-    AlreadyCommitting,
-}
-
-/// Results of the runtime's work, and timers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    PrepareAnswered {
-        branch: usize,
-        vote: Vote,
-    },
-    PrepareFailed {
-        branch: usize,
-        error: String,
-    },
-    /// The answer to `SendOnePhaseCommit`, `SendCommit` or `SendAbort`.
-    Delivered {
-        branch: usize,
-        answer: Answer,
-    },
-    DeliveryFailed {
-        branch: usize,
-        error: String,
-    },
-    RetryDue {
-        branch: usize,
-    },
-    PrepareTimerFired,
-    DeadlineReached,
-    DecisionPersisted,
-}
-
-/// What the runtime must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    StartDeadlineTimer {
-        at_unix_ms: UnixMs,
-    },
-    StartPrepareTimer {
-        after_ms: u64,
-    },
-    SendPrepare {
-        branch: usize,
-    },
-    SendOnePhaseCommit {
-        branch: usize,
-    },
-    SendCommit {
-        branch: usize,
-    },
-    SendAbort {
-        branch: usize,
-    },
-    /// Deliver to `branch` again after a backoff for its `attempt`-th failure.
-    ScheduleRetry {
-        branch: usize,
-        attempt: u32,
-    },
-    /// Force the commit decision (`decision_record()`) to the log, then feed
-    /// `DecisionPersisted`.
-    PersistDecision,
-    /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
-    PersistEnd,
-}
-
-/// Parameters of a new transaction, already validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewTransaction {
-    pub id: TxnId,
-    pub created_unix_ms: UnixMs,
-    pub deadline_unix_ms: UnixMs,
-    pub prepare_timeout_ms: u64,
-    pub max_branches: usize,
 }
 
 /// One two-phase commit transaction.

@@ -17,6 +17,7 @@
 
 mod shard;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -74,7 +75,9 @@ impl Default for RuntimeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuntimeError {
     #[error(
-        "unknown transaction {0}: never begun here, or undecided when the coordinator restarted (presumed aborted)"
+        "unknown transaction {0}: never begun here, finished longer ago than this coordinator \
+         remembers it (aborts, one-phase and read-only commits are kept in memory only), or \
+         undecided when the coordinator restarted (and therefore aborted)"
     )]
     UnknownTransaction(TxnId),
     #[error(transparent)]
@@ -135,7 +138,6 @@ pub struct Runtime {
     shards: Arc<Vec<mpsc::Sender<ShardMsg>>>,
     log: Arc<dyn DecisionLog>,
     active: Arc<AtomicUsize>,
-    max_active: usize,
 }
 
 /// Runs the shards until [`Runtime::shutdown`].
@@ -199,14 +201,21 @@ impl Runtime {
                 fatal.clone(),
                 receiver,
             );
-            handles.push(tokio::spawn(shard.run(records)));
+            // A shard that panics leaves its transactions stranded: stop the daemon so
+            // that recovery takes over, rather than serve on without them.
+            let shard_failed = fatal.clone();
+            let shard_task = tokio::spawn(shard.run(records));
+            handles.push(tokio::spawn(async move {
+                if let Err(error) = shard_task.await {
+                    let _ = shard_failed.send(format!("a shard task failed: {error}"));
+                }
+            }));
             senders.push(sender);
         }
         let runtime = Self {
             shards: Arc::new(senders),
             log,
             active,
-            max_active: config.max_active_transactions,
         };
         Ok((runtime, RuntimeTasks { handles }, report))
     }
@@ -226,23 +235,12 @@ impl Runtime {
     }
 
     pub async fn begin(&self, params: BeginParams) -> Result<TxnId, RuntimeError> {
-        let now = now_unix_ms();
-        let id = TxnId::generate(now);
-        let active = self.active.fetch_add(1, Ordering::SeqCst);
-        if active >= self.max_active {
-            self.active.fetch_sub(1, Ordering::SeqCst);
-            return Err(RuntimeError::Overloaded(active));
-        }
-        let result = self
-            .ask(&id, |reply| ShardMsg::Begin { id, params, reply })
-            .await;
-        match result {
-            Ok(Ok(())) => Ok(id),
-            Ok(Err(error)) | Err(error) => {
-                self.active.fetch_sub(1, Ordering::SeqCst);
-                Err(error)
-            }
-        }
+        let id = TxnId::generate(now_unix_ms());
+        // The shard admits (or refuses) and counts the transaction in one step, so a
+        // caller that gives up half-way cannot leave the count wrong.
+        self.ask(&id, |reply| ShardMsg::Begin { id, params, reply })
+            .await??;
+        Ok(id)
     }
 
     pub async fn enlist(&self, id: TxnId, branch: BranchSpec) -> Result<(), RuntimeError> {
@@ -327,7 +325,9 @@ impl Runtime {
     }
 
     /// Up to `limit` transactions with ids after `after`, in id order, whose state is in
-    /// `states` (all if empty), from memory and the log.
+    /// `states` (all if empty), from memory and the log. For a transaction in memory, the
+    /// memory copy is the truth: the log may hold a decision not yet durable, or an older
+    /// state.
     pub async fn list(
         &self,
         states: &[TxnState],
@@ -335,35 +335,42 @@ impl Runtime {
         limit: usize,
     ) -> Result<Page, RuntimeError> {
         let limit = limit.max(1);
-        let matches = |record: &TxnRecord| states.is_empty() || states.contains(&record.state);
-        let mut candidates: Vec<TxnRecord> = Vec::new();
-        for shard in self.shards.iter() {
-            let (reply, answer) = oneshot::channel();
-            let states = states.to_vec();
-            shard
-                .send(ShardMsg::List {
-                    states,
-                    after,
-                    limit,
-                    reply,
-                })
-                .await
-                .map_err(|_| RuntimeError::ShuttingDown)?;
-            candidates.extend(answer.await.map_err(|_| RuntimeError::ShuttingDown)?);
-        }
-        let scanned = self.log.scan(after, LIST_SCAN_LIMIT)?;
+        let log = self.log.clone();
+        let scanned = tokio::task::spawn_blocking(move || log.scan(after, LIST_SCAN_LIMIT))
+            .await
+            .map_err(|_| RuntimeError::ShuttingDown)??;
         // Past the last log record examined, the log has not been looked at yet: leave
         // those ids for a later page.
         let horizon = (scanned.len() == LIST_SCAN_LIMIT)
             .then(|| scanned.last().map(|r| r.id))
             .flatten();
+        let mut scanned_ids: Vec<Vec<TxnId>> = vec![Vec::new(); self.shards.len()];
+        for record in &scanned {
+            scanned_ids[shard_of(&record.id, self.shards.len())].push(record.id);
+        }
+        let mut candidates: Vec<TxnRecord> = Vec::new();
+        let mut in_memory: HashSet<TxnId> = HashSet::new();
+        for (shard, known) in self.shards.iter().zip(scanned_ids) {
+            let (reply, answer) = oneshot::channel();
+            let message = ShardMsg::List {
+                states: states.to_vec(),
+                after,
+                limit,
+                known,
+                reply,
+            };
+            shard
+                .send(message)
+                .await
+                .map_err(|_| RuntimeError::ShuttingDown)?;
+            let listed = answer.await.map_err(|_| RuntimeError::ShuttingDown)?;
+            candidates.extend(listed.matching);
+            in_memory.extend(listed.present);
+        }
         candidates.retain(|r| horizon.is_none_or(|h| r.id <= h));
-        let in_memory: std::collections::HashSet<TxnId> = candidates.iter().map(|r| r.id).collect();
-        candidates.extend(
-            scanned
-                .into_iter()
-                .filter(|r| !in_memory.contains(&r.id) && matches(r)),
-        );
+        candidates.extend(scanned.into_iter().filter(|r| {
+            !in_memory.contains(&r.id) && (states.is_empty() || states.contains(&r.state))
+        }));
         candidates.sort_by_key(|r| r.id);
         let full = candidates.len() >= limit;
         candidates.truncate(limit);

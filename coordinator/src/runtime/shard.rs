@@ -64,15 +64,25 @@ pub(super) enum ShardMsg {
         id: TxnId,
         reply: Reply<Option<TxnState>>,
     },
+    /// The `limit` smallest ids after `after` in `states`, and which of `known` (ids
+    /// found in the log) this shard holds in memory.
     List {
         states: Vec<TxnState>,
         after: Option<TxnId>,
         limit: usize,
-        reply: Reply<Vec<TxnRecord>>,
+        known: Vec<TxnId>,
+        reply: Reply<Listed>,
     },
     Shutdown {
         grace: Duration,
     },
+}
+
+/// A shard's answer to `List`.
+#[derive(Debug)]
+pub(super) struct Listed {
+    pub matching: Vec<TxnRecord>,
+    pub present: Vec<TxnId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +247,7 @@ impl Shard {
                 states,
                 after,
                 limit,
+                known,
                 reply,
             } => {
                 let mut found: Vec<&Entry> = self
@@ -248,9 +259,20 @@ impl Shard {
                     })
                     .map(|(_, e)| e)
                     .collect();
+                // Only the `limit` smallest ids are needed: select, then sort those.
+                if found.len() > limit {
+                    found.select_nth_unstable_by_key(limit, |e| e.txn.id());
+                    found.truncate(limit);
+                }
                 found.sort_by_key(|e| e.txn.id());
-                found.truncate(limit);
-                let _ = reply.send(found.into_iter().map(|e| e.txn.record()).collect());
+                let present = known
+                    .into_iter()
+                    .filter(|id| self.txns.contains_key(id))
+                    .collect();
+                let _ = reply.send(Listed {
+                    matching: found.into_iter().map(|e| e.txn.record()).collect(),
+                    present,
+                });
             }
             ShardMsg::Shutdown { .. } => {}
         }
@@ -258,6 +280,19 @@ impl Shard {
 
     fn begin(&mut self, id: TxnId, params: BeginParams, now: UnixMs) -> Result<(), RuntimeError> {
         let _span = txn_span(id).entered();
+        let active = self.active.fetch_add(1, Ordering::SeqCst);
+        if active >= self.config.max_active_transactions {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return Err(RuntimeError::Overloaded(active));
+        }
+        let admitted = self.create(id, params, now);
+        if admitted.is_err() {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        admitted
+    }
+
+    fn create(&mut self, id: TxnId, params: BeginParams, now: UnixMs) -> Result<(), RuntimeError> {
         let (mut txn, actions) = TwoPhaseCommit::begin(NewTransaction {
             id,
             created_unix_ms: now,

@@ -1,0 +1,208 @@
+//! The runtime against logs that misbehave in time: a decision write that is visible
+//! before it is durable (as on sled), and callers that give up half-way.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use tokio::sync::{Semaphore, mpsc};
+use treaty_coordinator::engine::twopc::BranchSpec;
+use treaty_coordinator::log::{DecisionLog, Durability, LogError, LogWrite, MemoryLog};
+use treaty_coordinator::model::{TxnId, TxnRecord, TxnState, UnixMs};
+use treaty_coordinator::runtime::{BeginParams, Decision, Runtime, RuntimeConfig, now_unix_ms};
+use treaty_sdk::durable::DurableStore;
+use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
+
+/// Like sled: a write is readable at once, but a forced write only returns when the
+/// test opens the gate.
+#[derive(Debug)]
+struct GatedLog {
+    inner: MemoryLog,
+    gate: Arc<Semaphore>,
+}
+
+impl DecisionLog for GatedLog {
+    fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite {
+        let written = self.inner.write(record, durability);
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            if durability == Durability::Forced {
+                gate.acquire().await.unwrap().forget();
+            }
+            written.await
+        })
+    }
+    fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {
+        self.inner.get(id)
+    }
+    fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError> {
+        self.inner.unfinished()
+    }
+    fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>, LogError> {
+        self.inner.scan(after, limit)
+    }
+    fn purge_ended_before(&self, cutoff: UnixMs, max: usize) -> Result<usize, LogError> {
+        self.inner.purge_ended_before(cutoff, max)
+    }
+    fn close(&self) -> Result<(), LogError> {
+        self.inner.close()
+    }
+}
+
+#[derive(Debug)]
+struct AlwaysYes;
+
+impl Participant for AlwaysYes {
+    async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+        Ok(Vote::Yes)
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+fn config() -> RuntimeConfig {
+    RuntimeConfig {
+        advertise_endpoint: "http://127.0.0.1:1".into(),
+        ..RuntimeConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_being_written_is_shown_nowhere_as_committing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_participant, stopped) = tokio::sync::oneshot::channel::<()>();
+    let participant = tokio::spawn(treaty_sdk::serve(
+        Arc::new(AlwaysYes),
+        store,
+        listener,
+        Default::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let gate = Arc::new(Semaphore::new(0));
+    let log = Arc::new(GatedLog {
+        inner: MemoryLog::new(),
+        gate: gate.clone(),
+    });
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let (runtime, tasks, _) = Runtime::start(log.clone(), config(), fatal).unwrap();
+    let branches = ["a", "b"]
+        .map(|id| BranchSpec {
+            id: id.into(),
+            endpoint: endpoint.clone(),
+            payload: Vec::new(),
+        })
+        .to_vec();
+    let id = runtime
+        .begin(BeginParams {
+            deadline_unix_ms: now_unix_ms() + 60_000,
+            prepare_timeout_ms: 10_000,
+            branches,
+        })
+        .await
+        .unwrap();
+    let committing = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { runtime.commit(id).await })
+    };
+    let started = Instant::now();
+    while log.get(&id).unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the decision was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Written and readable in the log, but not yet durable: nobody may see a commit.
+    assert_eq!(
+        runtime.get(id).await.unwrap().unwrap().state,
+        TxnState::Preparing
+    );
+    assert_eq!(runtime.outcome(id).await.unwrap(), Decision::Pending);
+    let listed = runtime
+        .list(&[TxnState::Committing], None, 100)
+        .await
+        .unwrap();
+    assert!(listed.transactions.is_empty(), "{listed:?}");
+    let listed = runtime.list(&[], None, 100).await.unwrap();
+    assert_eq!(listed.transactions.len(), 1);
+    assert_eq!(listed.transactions[0].state, TxnState::Preparing);
+    assert!(!committing.is_finished());
+
+    gate.add_permits(1);
+    let decided = committing.await.unwrap().unwrap();
+    assert!(decided.state.is_commit());
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+    let _ = stop_participant.send(());
+    participant.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begins_abandoned_by_their_callers_do_not_leak_admission() {
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let config = RuntimeConfig {
+        shards: 1,
+        ..config()
+    };
+    let (runtime, tasks, _) = Runtime::start(Arc::new(MemoryLog::new()), config, fatal).unwrap();
+    for _ in 0..1_100 {
+        // A client that gives up: the handler's future is dropped after one poll.
+        let begin = runtime.begin(BeginParams {
+            deadline_unix_ms: now_unix_ms() + 300,
+            prepare_timeout_ms: 1_000,
+            branches: Vec::new(),
+        });
+        let _ = begin.now_or_never();
+    }
+    // Some of them were created all the same (the shard got the message)...
+    let started = Instant::now();
+    let created = loop {
+        let listed = runtime
+            .list(&[], None, 1_000)
+            .await
+            .unwrap()
+            .transactions
+            .len();
+        if listed > 0 {
+            break listed;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no transaction was created"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // ...and every one reaches its deadline and aborts: the count of transactions in
+    // progress must come back to zero.
+    let started = Instant::now();
+    while runtime.active_transactions() != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} transactions still counted as in progress",
+            runtime.active_transactions()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let aborted = runtime
+        .list(&[TxnState::Aborted], None, 1_000)
+        .await
+        .unwrap();
+    assert!(
+        aborted.transactions.len() >= created,
+        "{} < {created}",
+        aborted.transactions.len()
+    );
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+}
