@@ -24,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the coordinator daemon.
     Serve(ServeConfig),
+    /// Measure commits per second and latency over loopback gRPC.
+    Bench(crate::bench::BenchArgs),
     /// Inspect transactions of a running coordinator.
     Txn {
         /// The coordinator to ask.

@@ -107,7 +107,8 @@ pub async fn run_on(
         .add_service(reflection)
         .add_service(CoordinatorServer::new(service))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY on accepted sockets, replies wait on delayed ACKs (~40 ms).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 let _ = server_stop.wait_for(|stopping| *stopping).await;
             },

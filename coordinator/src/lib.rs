@@ -7,8 +7,10 @@
 //! - [`log`]: the decision log (`DecisionLog`) on sled, and in memory.
 //! - [`api`]: the gRPC service; protobuf stops there.
 //! - [`daemon`], [`config`], [`cli`]: `treaty serve` and the `treaty` command line.
+//! - [`bench`]: `treaty bench`, commits per second over loopback gRPC.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;

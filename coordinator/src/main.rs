@@ -24,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(config) => {
             daemon::run(config, daemon::shutdown_signal()).await?;
         }
+        Command::Bench(args) => treaty_coordinator::bench::run(args).await?,
         Command::Txn { endpoint, command } => {
             tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_txn(&endpoint, command))
                 .await

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_server::ParticipantServer;
@@ -304,7 +305,8 @@ where
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     tracing::info!(%local_addr, data_dir = %store.path().display(), "participant serving");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Without TCP_NODELAY on accepted sockets, replies wait on delayed ACKs (~40 ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let server = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(options.max_concurrent_requests)
