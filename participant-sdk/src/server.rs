@@ -45,6 +45,24 @@ impl<P: Participant> ParticipantService<P> {
             barrier,
         }
     }
+
+    /// Runs a barrier operation for `branch` to completion (see [`run_to_completion`])
+    /// and turns its failure into a status.
+    async fn run<T, F, Fut>(&self, branch: &BranchContext, operation: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<P>, Arc<Barrier>, BranchContext) -> Fut,
+        Fut: std::future::Future<Output = Result<T, BarrierError>> + Send + 'static,
+    {
+        let operation = operation(
+            self.participant.clone(),
+            self.barrier.clone(),
+            branch.clone(),
+        );
+        run_to_completion(branch, operation)
+            .await
+            .map_err(|e| barrier_error(branch, e))
+    }
 }
 
 fn field_error(error: FieldError) -> Status {
@@ -106,23 +124,18 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
         check_payload("payload", &request.payload).map_err(field_error)?;
         coordinator_endpoint(&request.coordinator_endpoint)?;
-        let (participant, barrier, ctx) = (
-            self.participant.clone(),
-            self.barrier.clone(),
-            branch.clone(),
-        );
-        let vote = run_to_completion(&branch, async move {
-            barrier
-                .prepare(
-                    participant.as_ref(),
-                    &ctx,
-                    &request.payload,
-                    &request.coordinator_endpoint,
-                )
-                .await
-        })
-        .await
-        .map_err(|e| barrier_error(&branch, e))?;
+        let vote = self
+            .run(&branch, move |participant, barrier, ctx| async move {
+                barrier
+                    .prepare(
+                        participant.as_ref(),
+                        &ctx,
+                        &request.payload,
+                        &request.coordinator_endpoint,
+                    )
+                    .await
+            })
+            .await?;
         tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?vote, "prepared");
         let (vote, reason) = match vote {
             Vote::Yes => (pb::Vote::Yes, String::new()),
@@ -154,24 +167,19 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
         };
         check_payload("payload", &request.payload).map_err(field_error)?;
         coordinator_endpoint(&request.coordinator_endpoint)?;
-        let (participant, barrier, ctx) = (
-            self.participant.clone(),
-            self.barrier.clone(),
-            branch.clone(),
-        );
-        let answer = run_to_completion(&branch, async move {
-            barrier
-                .commit(
-                    participant.as_ref(),
-                    &ctx,
-                    mode,
-                    &request.payload,
-                    &request.coordinator_endpoint,
-                )
-                .await
-        })
-        .await
-        .map_err(|e| barrier_error(&branch, e))?;
+        let answer = self
+            .run(&branch, move |participant, barrier, ctx| async move {
+                barrier
+                    .commit(
+                        participant.as_ref(),
+                        &ctx,
+                        mode,
+                        &request.payload,
+                        &request.coordinator_endpoint,
+                    )
+                    .await
+            })
+            .await?;
         tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?mode, ?answer, "commit");
         let (result, reason) = match answer {
             CommitAnswer::Committed => (pb::CommitResult::Committed, String::new()),
@@ -191,16 +199,11 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
         let request = request.into_inner();
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
-        let (participant, barrier, ctx) = (
-            self.participant.clone(),
-            self.barrier.clone(),
-            branch.clone(),
-        );
-        let answer = run_to_completion(&branch, async move {
-            barrier.abort(participant.as_ref(), &ctx).await
-        })
-        .await
-        .map_err(|e| barrier_error(&branch, e))?;
+        let answer = self
+            .run(&branch, move |participant, barrier, ctx| async move {
+                barrier.abort(participant.as_ref(), &ctx).await
+            })
+            .await?;
         tracing::debug!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?answer, "abort");
         let result = match answer {
             AbortAnswer::Aborted => pb::AbortResult::Aborted,
@@ -218,18 +221,12 @@ impl<P: Participant> pb::participant_server::Participant for ParticipantService<
         let request = request.into_inner();
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
         check_payload("payload", &request.payload).map_err(field_error)?;
-        let (participant, barrier, ctx) = (
-            self.participant.clone(),
-            self.barrier.clone(),
-            branch.clone(),
-        );
-        run_to_completion(&branch, async move {
+        self.run(&branch, move |participant, barrier, ctx| async move {
             barrier
                 .compensate(participant.as_ref(), &ctx, &request.payload)
                 .await
         })
-        .await
-        .map_err(|e| barrier_error(&branch, e))?;
+        .await?;
         Ok(Response::new(pb::CompensateBranchResponse {
             result: pb::CompensateResult::Compensated as i32,
         }))

@@ -47,7 +47,7 @@ async fn sigterm_stops_cleanly_and_a_restart_remembers_committed_work() {
             BeginOptions::default(),
             vec![
                 BranchSpec::new("a", &a.endpoint, "yes"),
-                BranchSpec::new("b", &b.endpoint, "slow:1500"),
+                BranchSpec::new("b", &b.endpoint, "slow:3000"),
             ],
         )
         .await

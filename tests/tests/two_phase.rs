@@ -330,7 +330,7 @@ async fn watch_reports_every_state_in_order_and_outcome_is_pending_while_undecid
     let id = client
         .begin(
             BeginOptions::default(),
-            vec![world.branch_a("yes"), world.branch_b("slow:1000")],
+            vec![world.branch_a("yes"), world.branch_b("slow:3000")],
         )
         .await
         .unwrap();

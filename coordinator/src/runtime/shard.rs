@@ -30,6 +30,9 @@ use crate::participants::{Call, Participants, retry_delay};
 
 type Reply<T> = oneshot::Sender<T>;
 
+/// How much longer a prepare call may take than the transaction's prepare timeout.
+const PREPARE_CALL_GRACE_MS: u64 = 1_000;
+
 /// Messages from the API to a shard.
 #[derive(Debug)]
 pub(super) enum ShardMsg {
@@ -434,7 +437,12 @@ impl Shard {
             return;
         };
         let timeout_ms = match kind {
-            CallKind::Prepare => entry.txn.prepare_timeout_ms(),
+            // The prepare timer is phase 1's limit; the call's own deadline only bounds
+            // the task, so it trails the timer rather than race it.
+            CallKind::Prepare => entry
+                .txn
+                .prepare_timeout_ms()
+                .saturating_add(PREPARE_CALL_GRACE_MS),
             _ => self.config.participant_call_timeout_ms,
         };
         let call = Call {
