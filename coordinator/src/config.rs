@@ -24,6 +24,9 @@ pub mod defaults {
     pub const MAX_RETAINED_TRANSACTIONS: usize = 100_000;
     pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
     pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+    pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
+    pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
+    pub const COMPENSATION_STUCK_AFTER_ATTEMPTS: u32 = 10;
 }
 
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -89,9 +92,27 @@ pub struct ServeConfig {
     #[arg(long, env = "TREATY_LOG_RETENTION_MS", default_value_t = defaults::LOG_RETENTION_MS)]
     pub log_retention_ms: u64,
 
+    /// Keep the history of transactions the protocol does not log (aborts, one-phase and
+    /// read-only commits) in the log too, written lazily (never forced). `false` gives
+    /// presumed abort's bare costs: no log write at all for those.
+    #[arg(long, env = "TREATY_HISTORY_RECORDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub history_records: bool,
+
     /// How long shutdown waits for work in flight before leaving it to recovery.
     #[arg(long, env = "TREATY_SHUTDOWN_GRACE_MS", default_value_t = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: u64,
+
+    /// Deadline of each call of a saga step that asks for none.
+    #[arg(long, env = "TREATY_DEFAULT_STEP_TIMEOUT_MS", default_value_t = defaults::DEFAULT_STEP_TIMEOUT_MS)]
+    pub default_step_timeout_ms: u64,
+
+    /// Forward attempts of a saga step that asks for no retry policy.
+    #[arg(long, env = "TREATY_DEFAULT_STEP_ATTEMPTS", default_value_t = defaults::DEFAULT_STEP_ATTEMPTS)]
+    pub default_step_attempts: u32,
+
+    /// Failed attempts at one compensation after which a saga is flagged stuck.
+    #[arg(long, env = "TREATY_COMPENSATION_STUCK_AFTER_ATTEMPTS", default_value_t = defaults::COMPENSATION_STUCK_AFTER_ATTEMPTS)]
+    pub compensation_stuck_after_attempts: u32,
 
     /// Engine shards (tasks owning transactions); 0 means one per CPU.
     #[arg(long, env = "TREATY_SHARDS", default_value_t = 0)]
@@ -151,7 +172,11 @@ impl ServeConfig {
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
             log_retention_ms: defaults::LOG_RETENTION_MS,
+            history_records: true,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
+            default_step_timeout_ms: defaults::DEFAULT_STEP_TIMEOUT_MS,
+            default_step_attempts: defaults::DEFAULT_STEP_ATTEMPTS,
+            compensation_stuck_after_attempts: defaults::COMPENSATION_STUCK_AFTER_ATTEMPTS,
             shards: 0,
         }
     }
@@ -241,6 +266,27 @@ impl ServeConfig {
             "1,000,000",
         )?;
         at_most("shards", self.shards as u64, 1024, "1024")?;
+        positive("default_step_timeout_ms", self.default_step_timeout_ms)?;
+        at_most(
+            "default_step_timeout_ms",
+            self.default_step_timeout_ms,
+            crate::api::saga::MAX_STEP_TIMEOUT_MS,
+            "10 minutes",
+        )?;
+        positive(
+            "default_step_attempts",
+            u64::from(self.default_step_attempts),
+        )?;
+        at_most(
+            "default_step_attempts",
+            u64::from(self.default_step_attempts),
+            u64::from(crate::api::saga::MAX_STEP_ATTEMPTS),
+            "100",
+        )?;
+        positive(
+            "compensation_stuck_after_attempts",
+            u64::from(self.compensation_stuck_after_attempts),
+        )?;
         if self.default_transaction_timeout_ms > self.max_transaction_timeout_ms {
             return Err(bad(
                 "default_transaction_timeout_ms",
@@ -275,6 +321,13 @@ impl ServeConfig {
             max_transaction_timeout_ms: self.max_transaction_timeout_ms,
             default_prepare_timeout_ms: self.default_prepare_timeout_ms,
             max_prepare_timeout_ms: self.max_prepare_timeout_ms,
+            saga: crate::api::saga::SagaDefaults {
+                step_timeout_ms: self.default_step_timeout_ms,
+                step_attempts: self.default_step_attempts,
+                retry_backoff_initial_ms: self.retry_backoff_initial_ms,
+                retry_backoff_max_ms: self.retry_backoff_max_ms,
+                stuck_after_attempts: self.compensation_stuck_after_attempts,
+            },
         }
     }
 
@@ -300,6 +353,7 @@ impl ServeConfig {
             memory_retention_ms: self.memory_retention_ms,
             max_retained_transactions: self.max_retained_transactions,
             log_retention_ms: self.log_retention_ms,
+            history_records: self.history_records,
         }
     }
 }

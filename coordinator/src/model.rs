@@ -66,7 +66,9 @@ impl FromStr for TxnId {
     }
 }
 
-/// A transaction's state as users see it.
+/// A transaction's state as users see it. Two-phase commits go Active → Preparing →
+/// Committing/Aborting → Committed/Aborted; sagas go Running → (Compensating →)
+/// Completed/Compensated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TxnState {
     Active,
@@ -75,26 +77,39 @@ pub enum TxnState {
     Aborting,
     Committed,
     Aborted,
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
 }
 
 impl TxnState {
-    /// The outcome is fixed (and, for a commit, durable).
+    /// The outcome is fixed (and durable where the protocol says so).
     pub fn is_decided(self) -> bool {
-        !matches!(self, TxnState::Active | TxnState::Preparing)
+        !matches!(
+            self,
+            TxnState::Active | TxnState::Preparing | TxnState::Running
+        )
     }
 
-    /// Every participant has acknowledged the outcome; nothing is left to do.
+    /// Nothing is left to do: every participant has the outcome.
     pub fn is_final(self) -> bool {
-        matches!(self, TxnState::Committed | TxnState::Aborted)
+        matches!(
+            self,
+            TxnState::Committed | TxnState::Aborted | TxnState::Completed | TxnState::Compensated
+        )
     }
 
-    /// For a decided state, whether the decision is commit.
+    /// For a decided state, whether the outcome is that the work stands.
     pub fn is_commit(self) -> bool {
-        matches!(self, TxnState::Committing | TxnState::Committed)
+        matches!(
+            self,
+            TxnState::Committing | TxnState::Committed | TxnState::Completed
+        )
     }
 }
 
-/// One branch's progress as the coordinator knows it.
+/// One branch's (or saga step's) progress as the coordinator knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BranchState {
     Enlisted,
@@ -106,9 +121,32 @@ pub enum BranchState {
     Unreachable,
     Committed,
     Aborted,
+    /// A saga step waiting for the steps it runs after.
+    Pending,
+    /// A saga step's forward action is under way (in flight or waiting to retry).
+    Running,
+    /// The participant refused the step (business failure).
+    Rejected,
+    /// The step's attempts ran out without a definitive answer; it is compensated.
+    Uncertain,
+    Compensating,
+    Compensated,
+    /// Never started: the saga was compensated first.
+    Skipped,
 }
 
-/// A change of state, kept forever as the transaction's history.
+impl BranchState {
+    /// A saga step whose forward action may have taken effect.
+    pub fn may_have_run(self) -> bool {
+        matches!(
+            self,
+            BranchState::Running | BranchState::Committed | BranchState::Uncertain
+        )
+    }
+}
+
+/// A change of state, or a notable event (a saga flagged stuck), kept as the
+/// transaction's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
     pub state: TxnState,
@@ -119,23 +157,121 @@ pub struct Transition {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnKind {
     TwoPhase,
+    Saga,
 }
 
-/// A branch as recorded in the log and shown to users (no payload: it is not kept).
+/// What one call to a participant was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operation {
+    Prepare,
+    Commit,
+    OnePhaseCommit,
+    Abort,
+    Step,
+    Compensate,
+}
+
+/// One call to a participant and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub operation: Operation,
+    pub started_unix_ms: UnixMs,
+    /// `None` while the call is in flight.
+    pub finished_unix_ms: Option<UnixMs>,
+    /// "committed", "voted NO: …", "error: …".
+    pub result: Option<String>,
+}
+
+/// Most attempts kept per branch; older ones are dropped (the counts stay exact).
+pub const MAX_ATTEMPTS_KEPT: usize = 16;
+
+/// The attempts of one branch, oldest first, at most [`MAX_ATTEMPTS_KEPT`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptLog(Vec<Attempt>);
+
+impl AttemptLog {
+    pub fn start(&mut self, operation: Operation, now: UnixMs) {
+        if self.0.len() == MAX_ATTEMPTS_KEPT {
+            self.0.remove(0);
+        }
+        self.0.push(Attempt {
+            operation,
+            started_unix_ms: now,
+            finished_unix_ms: None,
+            result: None,
+        });
+    }
+
+    /// Records the result of the most recent attempt still in flight of one of
+    /// `operations` (an answer can only be to a call of its own kind).
+    pub fn finish(&mut self, operations: &[Operation], result: impl Into<String>, now: UnixMs) {
+        let open = self
+            .0
+            .iter_mut()
+            .rev()
+            .find(|a| a.finished_unix_ms.is_none() && operations.contains(&a.operation));
+        if let Some(open) = open {
+            open.finished_unix_ms = Some(now);
+            open.result = Some(result.into());
+        }
+    }
+
+    pub fn attempts(&self) -> &[Attempt] {
+        &self.0
+    }
+}
+
+/// A branch (or saga step) as recorded in the log and shown to users.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BranchRecord {
     pub id: String,
     pub endpoint: String,
     pub state: BranchState,
-    /// Phase-2 deliveries tried.
+    /// Phase-2 deliveries tried (two-phase), forward attempts (saga step).
     pub attempts: u32,
+    /// Compensations tried (saga step).
+    pub compensation_attempts: u32,
     pub last_error: Option<String>,
+    pub history: AttemptLog,
+}
+
+/// How often a saga step is retried after failures that gave no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Forward attempts in all, the first included (≥ 1).
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+/// One step of a saga as submitted (validated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepDefinition {
+    pub id: String,
+    pub endpoint: String,
+    pub payload: Vec<u8>,
+    pub compensation: Vec<u8>,
+    /// Deadline of each forward or compensation call.
+    pub timeout_ms: u64,
+    pub retry: RetryPolicy,
+    /// Indices of the steps this one runs after.
+    pub after: Vec<usize>,
+}
+
+/// A saga's definition: forced to the log before its first step runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaDefinition {
+    pub steps: Vec<StepDefinition>,
+    /// Compensation attempts of one step after which the saga is flagged stuck.
+    pub stuck_after_attempts: u32,
 }
 
 /// What the log stores of a transaction, and what GetTransaction shows.
 ///
-/// A commit decision is written (forced) with `state == Committing`; the end of a
-/// transaction (`Committed` / `Aborted`) is written lazily with `ended_unix_ms` set.
+/// Two-phase: a commit decision is written (forced) with `state == Committing`; the end
+/// (`Committed`) lazily with `ended_unix_ms` set. Sagas: the definition is forced before
+/// the first step, progress is lazy, the decision to compensate and the final state are
+/// forced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxnRecord {
     pub id: TxnId,
@@ -148,6 +284,11 @@ pub struct TxnRecord {
     pub branches: Vec<BranchRecord>,
     pub transitions: Vec<Transition>,
     pub ended_unix_ms: Option<UnixMs>,
+    /// Sagas: the client's key that makes submitting idempotent.
+    pub idempotency_key: Option<String>,
+    /// Sagas: a compensation keeps failing; an operator should look.
+    pub stuck: bool,
+    pub saga: Option<SagaDefinition>,
 }
 
 #[cfg(test)]
@@ -178,5 +319,35 @@ mod tests {
         assert!(!TxnState::Preparing.is_decided());
         assert!(TxnState::Committing.is_decided() && !TxnState::Committing.is_final());
         assert!(TxnState::Aborted.is_final() && !TxnState::Aborted.is_commit());
+        assert!(!TxnState::Running.is_decided());
+        assert!(TxnState::Compensating.is_decided() && !TxnState::Compensating.is_commit());
+        assert!(TxnState::Completed.is_final() && TxnState::Completed.is_commit());
+    }
+
+    #[test]
+    fn attempt_log_keeps_the_latest_and_closes_the_open_one() {
+        let mut log = AttemptLog::default();
+        for i in 0..(MAX_ATTEMPTS_KEPT as u64 + 3) {
+            log.start(Operation::Commit, i);
+            log.finish(&[Operation::Commit], format!("error {i}"), i + 1);
+        }
+        assert_eq!(log.attempts().len(), MAX_ATTEMPTS_KEPT);
+        assert_eq!(log.attempts()[0].started_unix_ms, 3);
+        // An answer closes an attempt of its own kind, even if another one started later.
+        log.start(Operation::Prepare, 100);
+        log.start(Operation::Abort, 101);
+        log.finish(&[Operation::Prepare], "voted YES", 102);
+        log.finish(&[Operation::Abort], "aborted", 105);
+        let results: Vec<_> = log.attempts()[MAX_ATTEMPTS_KEPT - 2..]
+            .iter()
+            .map(|a| (a.operation, a.result.as_deref()))
+            .collect();
+        assert_eq!(
+            results,
+            [
+                (Operation::Prepare, Some("voted YES")),
+                (Operation::Abort, Some("aborted"))
+            ]
+        );
     }
 }

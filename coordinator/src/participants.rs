@@ -178,6 +178,29 @@ impl Participants {
     }
 }
 
+impl Participants {
+    /// A saga step's compensation.
+    pub async fn compensate(&self, call: &Call, payload: Vec<u8>) -> Result<(), String> {
+        let request = pb::CompensateBranchRequest {
+            transaction_id: call.transaction_id.clone(),
+            branch_id: call.branch_id.clone(),
+            payload,
+        };
+        let response = self
+            .call(call, |mut client| async move {
+                client.compensate(request).await
+            })
+            .await?;
+        match pb::CompensateResult::try_from(response.result) {
+            Ok(pb::CompensateResult::Compensated) => Ok(()),
+            _ => Err(format!(
+                "participant sent an unknown compensate result {}",
+                response.result
+            )),
+        }
+    }
+}
+
 /// Capped exponential backoff with jitter: the delay before retry number `attempt`
 /// (1-based) is drawn from `[cap/2, cap]`, where `cap = min(max, initial · 2^(attempt-1))`.
 ///

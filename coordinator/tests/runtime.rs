@@ -37,6 +37,9 @@ impl DecisionLog for GatedLog {
     fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {
         self.inner.get(id)
     }
+    fn find_by_key(&self, key: &str) -> Result<Option<TxnId>, LogError> {
+        self.inner.find_by_key(key)
+    }
     fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError> {
         self.inner.unfinished()
     }

@@ -46,6 +46,107 @@ impl From<BranchSpec> for pb::BranchSpec {
     }
 }
 
+/// One step of a saga: a forward action (delivered to the participant as `prepare` +
+/// `commit`) and how to undo it (`compensate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaStep {
+    pub step_id: String,
+    pub endpoint: String,
+    pub payload: Vec<u8>,
+    pub compensation_payload: Vec<u8>,
+    /// Deadline of each call; `None` takes the coordinator's default.
+    pub timeout_ms: Option<u64>,
+    /// `None` takes the coordinator's defaults.
+    pub retry: Option<pb::RetryPolicy>,
+    /// Ids of the steps this one runs after; empty: at once.
+    pub after: Vec<String>,
+}
+
+impl SagaStep {
+    pub fn new(
+        step_id: impl Into<String>,
+        endpoint: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Self {
+        Self {
+            step_id: step_id.into(),
+            endpoint: endpoint.into(),
+            payload: payload.into(),
+            compensation_payload: Vec::new(),
+            timeout_ms: None,
+            retry: None,
+            after: Vec::new(),
+        }
+    }
+
+    pub fn compensation(mut self, payload: impl Into<Vec<u8>>) -> Self {
+        self.compensation_payload = payload.into();
+        self
+    }
+
+    pub fn after<I, S>(mut self, steps: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.after = steps.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.timeout_ms = Some(timeout_ms);
+        self
+    }
+
+    /// Forward attempts in all and the retry backoff; zeros take the defaults.
+    pub fn retry(
+        mut self,
+        max_attempts: u32,
+        initial_backoff_ms: u64,
+        max_backoff_ms: u64,
+    ) -> Self {
+        self.retry = Some(pb::RetryPolicy {
+            max_attempts,
+            initial_backoff_ms,
+            max_backoff_ms,
+        });
+        self
+    }
+}
+
+impl From<SagaStep> for pb::SagaStep {
+    fn from(step: SagaStep) -> Self {
+        pb::SagaStep {
+            step_id: step.step_id,
+            endpoint: step.endpoint,
+            payload: step.payload,
+            compensation_payload: step.compensation_payload,
+            timeout_ms: step.timeout_ms.unwrap_or(0),
+            retry: step.retry,
+            after: step.after,
+        }
+    }
+}
+
+/// How to submit a saga.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubmitOptions {
+    /// Submitting again with the same key returns the first saga instead of a new one.
+    pub idempotency_key: Option<String>,
+    /// Return only once the saga is COMPLETED or COMPENSATED.
+    pub wait_for_outcome: bool,
+}
+
+/// The answer to a submit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubmittedSaga {
+    pub transaction_id: String,
+    /// False when the idempotency key matched an earlier saga.
+    pub created: bool,
+    /// The saga as of the answer (final when waited for).
+    pub transaction: Transaction,
+}
+
 /// Options of a new transaction; `None` takes the coordinator's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BeginOptions {
@@ -291,6 +392,33 @@ impl TreatyClient {
                 response.decision
             ))),
         }
+    }
+
+    /// Submits a saga. Returns once its definition is durable (or, with
+    /// `wait_for_outcome`, once it is COMPLETED or COMPENSATED).
+    pub async fn submit_saga(
+        &self,
+        steps: Vec<SagaStep>,
+        options: SubmitOptions,
+    ) -> Result<SubmittedSaga, ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .submit_saga(pb::SubmitSagaRequest {
+                idempotency_key: options.idempotency_key.unwrap_or_default(),
+                steps: steps.into_iter().map(Into::into).collect(),
+                wait_for_outcome: options.wait_for_outcome,
+            })
+            .await?
+            .into_inner();
+        let transaction = response
+            .transaction
+            .ok_or_else(|| ClientError::UnknownValue("a submit answer without the saga".into()))?;
+        Ok(SubmittedSaga {
+            transaction_id: response.transaction_id,
+            created: response.created,
+            transaction,
+        })
     }
 
     /// Begins a transaction over `branches`, commits it, and returns its id and outcome.

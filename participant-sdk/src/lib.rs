@@ -18,6 +18,9 @@ pub mod limits;
 pub mod participant;
 pub mod server;
 
-pub use client::{BeginOptions, BranchSpec, ClientError, Outcome, TreatyClient};
+pub use client::{
+    BeginOptions, BranchSpec, ClientError, Outcome, SagaStep, SubmitOptions, SubmittedSaga,
+    TreatyClient,
+};
 pub use participant::{BranchContext, Participant, ParticipantError, Vote};
 pub use server::{ParticipantService, ServeError, ServeOptions, serve};

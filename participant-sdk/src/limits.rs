@@ -12,6 +12,10 @@ pub const MAX_ID_BYTES: usize = 64;
 pub const MAX_ENDPOINT_BYTES: usize = 256;
 /// Most branches in one transaction.
 pub const MAX_BRANCHES: usize = 32;
+/// Longest saga idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+/// Most bytes of payloads and compensation payloads in one saga, all steps together.
+pub const MAX_SAGA_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Longest free-text reason (abort reasons, NO-vote reasons), in bytes.
 pub const MAX_REASON_BYTES: usize = 1024;
 
@@ -34,13 +38,22 @@ impl FieldError {
 
 /// An id: 1..=64 bytes of `[A-Za-z0-9._:-]`.
 pub fn check_id(field: &str, value: &str) -> Result<(), FieldError> {
+    check_name(field, value, MAX_ID_BYTES)
+}
+
+/// A saga idempotency key: 1..=128 bytes of `[A-Za-z0-9._:-]`.
+pub fn check_idempotency_key(field: &str, value: &str) -> Result<(), FieldError> {
+    check_name(field, value, MAX_IDEMPOTENCY_KEY_BYTES)
+}
+
+fn check_name(field: &str, value: &str, max_bytes: usize) -> Result<(), FieldError> {
     if value.is_empty() {
         return Err(FieldError::new(field, "must not be empty"));
     }
-    if value.len() > MAX_ID_BYTES {
+    if value.len() > max_bytes {
         return Err(FieldError::new(
             field,
-            format!("is {} bytes long; the limit is {MAX_ID_BYTES}", value.len()),
+            format!("is {} bytes long; the limit is {max_bytes}", value.len()),
         ));
     }
     if let Some(bad) = value

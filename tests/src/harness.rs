@@ -55,6 +55,8 @@ pub fn coordinator_config(data_dir: &Path) -> ServeConfig {
     config.retry_backoff_max_ms = 200;
     config.participant_call_timeout_ms = 2_000;
     config.shutdown_grace_ms = 2_000;
+    config.default_step_timeout_ms = 2_000;
+    config.compensation_stuck_after_attempts = 3;
     config
 }
 

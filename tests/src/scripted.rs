@@ -8,12 +8,16 @@
 //! | `readonly`    | votes READ_ONLY                           |
 //! | `slow:MS`     | sleeps MS milliseconds, then votes YES    |
 //! | `error`       | fails (no answer)                         |
+//! | `flaky:N`     | fails the first N times for a branch, then votes YES |
 //!
-//! Every call that reaches user code is recorded; `fail_next_commits(n)` makes the next
-//! `n` commits fail, for phase-2 retry tests.
+//! A saga step arrives as prepare + commit, so the same scripts drive saga steps (`no`
+//! is a rejection). Every call that reaches user code is recorded; `fail_next_commits(n)`
+//! makes the next `n` commits fail (phase-2 retry tests) and `fail_compensations(true)`
+//! makes every compensation fail until switched off (stuck sagas).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
@@ -37,6 +41,9 @@ pub struct Call {
 pub struct Scripted {
     calls: Mutex<Vec<Call>>,
     failing_commits: AtomicU32,
+    failing_compensations: AtomicBool,
+    /// Prepares seen per (transaction, branch), for `flaky:N`.
+    prepares: Mutex<HashMap<(String, String), u32>>,
 }
 
 impl Scripted {
@@ -62,6 +69,19 @@ impl Scripted {
         self.failing_commits.store(count, Ordering::SeqCst);
     }
 
+    pub fn fail_compensations(&self, failing: bool) {
+        self.failing_compensations.store(failing, Ordering::SeqCst);
+    }
+
+    /// The transactions and branches user code compensated, in order.
+    pub fn compensated(&self) -> Vec<(String, String)> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.op == Op::Compensate)
+            .map(|c| (c.transaction_id, c.branch_id))
+            .collect()
+    }
+
     fn record(&self, op: Op, branch: &BranchContext) {
         self.calls
             .lock()
@@ -81,19 +101,39 @@ impl Participant for Scripted {
         payload: &[u8],
     ) -> Result<Vote, ParticipantError> {
         self.record(Op::Prepare, branch);
+        let seen = {
+            let mut prepares = self.prepares.lock().unwrap_or_else(|e| e.into_inner());
+            let count = prepares
+                .entry((branch.transaction_id.clone(), branch.branch_id.clone()))
+                .or_default();
+            *count += 1;
+            *count
+        };
         let script = String::from_utf8_lossy(payload);
         match script.as_ref() {
             "" | "yes" => Ok(Vote::Yes),
             "no" => Ok(Vote::no("scripted NO")),
             "readonly" => Ok(Vote::ReadOnly),
             "error" => Err(ParticipantError::new("scripted error")),
-            other => match other.strip_prefix("slow:").and_then(|ms| ms.parse().ok()) {
-                Some(ms) => {
+            other => {
+                if let Some(ms) = other.strip_prefix("slow:").and_then(|ms| ms.parse().ok()) {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
-                    Ok(Vote::Yes)
+                    return Ok(Vote::Yes);
                 }
-                None => Ok(Vote::no(format!("unknown script {other:?}"))),
-            },
+                if let Some(failures) = other
+                    .strip_prefix("flaky:")
+                    .and_then(|n| n.parse::<u32>().ok())
+                {
+                    return if seen <= failures {
+                        Err(ParticipantError::new(format!(
+                            "scripted transient failure {seen}"
+                        )))
+                    } else {
+                        Ok(Vote::Yes)
+                    };
+                }
+                Ok(Vote::no(format!("unknown script {other:?}")))
+            }
         }
     }
 
@@ -123,6 +163,9 @@ impl Participant for Scripted {
         branch: &BranchContext,
         _payload: &[u8],
     ) -> Result<(), ParticipantError> {
+        if self.failing_compensations.load(Ordering::SeqCst) {
+            return Err(ParticipantError::new("scripted compensation failure"));
+        }
         self.record(Op::Compensate, branch);
         Ok(())
     }

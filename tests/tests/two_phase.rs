@@ -4,10 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use futures::StreamExt;
+use treaty_proto::v1::Operation;
 use treaty_sdk::barrier::{BranchMode, BranchStatus};
 use treaty_sdk::client::{BeginOptions, BranchSpec, Decision, Outcome, TransactionState};
 use treaty_tests::harness::{
-    Coordinator, PATIENCE, ParticipantServer, barrier_record, eventually, log_record,
+    Coordinator, PATIENCE, ParticipantServer, barrier_record, coordinator_config, eventually,
+    log_record,
 };
 use treaty_tests::scripted::Op;
 
@@ -20,8 +22,15 @@ struct World {
 
 impl World {
     async fn start() -> Self {
+        Self::start_keeping_history(true).await
+    }
+
+    /// With `history_records` off, the log holds only what the protocol writes.
+    async fn start_keeping_history(history_records: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+        let mut config = coordinator_config(&dir.path().join("coordinator"));
+        config.history_records = history_records;
+        let coordinator = Coordinator::start_with(config).await;
         let a = ParticipantServer::start(&dir.path().join("a")).await;
         let b = ParticipantServer::start(&dir.path().join("b")).await;
         Self {
@@ -124,7 +133,7 @@ async fn all_yes_commits_at_every_participant_and_logs_the_decision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_no_vote_aborts_everywhere_and_writes_nothing_to_the_log() {
-    let world = World::start().await;
+    let world = World::start_keeping_history(false).await;
     let client = world.coordinator.client().await;
     let (id, outcome) = client
         .run_two_phase(
@@ -206,7 +215,7 @@ async fn a_read_only_participant_gets_no_phase_two() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_read_only_commits_without_a_log_write() {
-    let world = World::start().await;
+    let world = World::start_keeping_history(false).await;
     let client = world.coordinator.client().await;
     let (id, outcome) = client
         .run_two_phase(
@@ -222,7 +231,7 @@ async fn all_read_only_commits_without_a_log_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_participant_commits_in_one_phase_without_a_log_write() {
-    let world = World::start().await;
+    let world = World::start_keeping_history(false).await;
     let client = world.coordinator.client().await;
     let (id, outcome) = client
         .run_two_phase(vec![world.branch_a("yes")], BeginOptions::default())
@@ -285,6 +294,23 @@ async fn phase_two_failures_are_retried_until_acknowledged() {
         "three failures, then the delivery that worked"
     );
     assert!(b.last_error.contains("scripted commit failure"), "{b:?}");
+    // Every call is in the branch's history with its result.
+    let history: Vec<(i32, &str)> = b
+        .history
+        .iter()
+        .map(|a| (a.operation, a.result.as_str()))
+        .collect();
+    let failure = "error: Unavailable: participant: scripted commit failure";
+    assert_eq!(
+        history,
+        [
+            (Operation::Prepare as i32, "voted YES"),
+            (Operation::Commit as i32, failure),
+            (Operation::Commit as i32, failure),
+            (Operation::Commit as i32, failure),
+            (Operation::Commit as i32, "committed"),
+        ]
+    );
     assert_eq!(world.b.participant.ops(&id, "b"), [Op::Prepare, Op::Commit]);
     world.stop().await;
 }
@@ -418,4 +444,57 @@ async fn list_filters_by_state_and_pages() {
         vec![active]
     );
     world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_of_unlogged_outcomes_is_kept_and_survives_a_restart() {
+    let world = World::start().await;
+    let client = world.coordinator.client().await;
+    let (aborted, _) = client
+        .run_two_phase(
+            vec![world.branch_a("yes"), world.branch_b("no")],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    let (one_phase, _) = client
+        .run_two_phase(vec![world.branch_a("yes")], BeginOptions::default())
+        .await
+        .unwrap();
+    final_state(&client, &aborted).await;
+    final_state(&client, &one_phase).await;
+    let data_dir = world.coordinator.data_dir.clone();
+    let (_dir, ..) = world.stop().await;
+
+    let coordinator = Coordinator::start(&data_dir).await;
+    let client = coordinator.client().await;
+    let txn = client
+        .get(&aborted)
+        .await
+        .unwrap()
+        .expect("kept after the restart");
+    assert_eq!(txn.state, TransactionState::Aborted as i32);
+    assert_eq!(txn.reason, "branch b voted NO: scripted NO");
+    let a = txn.branches.iter().find(|b| b.branch_id == "a").unwrap();
+    let history: Vec<(i32, &str)> = a
+        .history
+        .iter()
+        .map(|h| (h.operation, h.result.as_str()))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (Operation::Prepare as i32, "voted YES"),
+            (Operation::Abort as i32, "aborted")
+        ]
+    );
+    let txn = client
+        .get(&one_phase)
+        .await
+        .unwrap()
+        .expect("kept after the restart");
+    assert_eq!(txn.state, TransactionState::Committed as i32);
+    // A repeated Commit is answered from the kept history.
+    assert_eq!(client.commit(&one_phase).await.unwrap(), Outcome::Committed);
+    coordinator.stop().await.unwrap();
 }

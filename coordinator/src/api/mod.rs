@@ -6,6 +6,7 @@
 //! are response fields.
 
 pub mod pb;
+pub mod saga;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -29,6 +30,7 @@ pub struct ApiConfig {
     pub max_transaction_timeout_ms: u64,
     pub default_prepare_timeout_ms: u64,
     pub max_prepare_timeout_ms: u64,
+    pub saga: saga::SagaDefaults,
 }
 
 impl Default for ApiConfig {
@@ -38,6 +40,13 @@ impl Default for ApiConfig {
             max_transaction_timeout_ms: defaults::MAX_TRANSACTION_TIMEOUT_MS,
             default_prepare_timeout_ms: defaults::DEFAULT_PREPARE_TIMEOUT_MS,
             max_prepare_timeout_ms: defaults::MAX_PREPARE_TIMEOUT_MS,
+            saga: saga::SagaDefaults {
+                step_timeout_ms: defaults::DEFAULT_STEP_TIMEOUT_MS,
+                step_attempts: defaults::DEFAULT_STEP_ATTEMPTS,
+                retry_backoff_initial_ms: defaults::RETRY_BACKOFF_INITIAL_MS,
+                retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
+                stuck_after_attempts: defaults::COMPENSATION_STUCK_AFTER_ATTEMPTS,
+            },
         }
     }
 }
@@ -112,9 +121,9 @@ pub fn status_of(error: RuntimeError) -> Status {
         RuntimeError::Refused(Refusal::DuplicateBranch(_)) => "branch.branch_id",
         RuntimeError::Refused(Refusal::TooManyBranches(_)) => "branch",
         RuntimeError::Refused(Refusal::NoBranches) => "branches",
-        RuntimeError::Refused(Refusal::NotActive(_) | Refusal::AlreadyCommitting) => {
-            "transaction_id"
-        }
+        RuntimeError::Refused(Refusal::NotActive(_) | Refusal::AlreadyCommitting)
+        | RuntimeError::NotTwoPhase(_) => "transaction_id",
+        RuntimeError::IdempotencyConflict(_) => "idempotency_key",
         RuntimeError::Overloaded(_) => return Status::resource_exhausted(error.to_string()),
         RuntimeError::ShuttingDown => return Status::unavailable(error.to_string()),
         RuntimeError::Log(_) => return Status::internal(error.to_string()),
@@ -284,6 +293,33 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(Box::pin(futures::stream::iter([Ok(
             message,
         )]))))
+    }
+
+    async fn submit_saga(
+        &self,
+        request: Request<proto::SubmitSagaRequest>,
+    ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
+        let request = request.into_inner();
+        let wait_for_outcome = request.wait_for_outcome;
+        let params = saga::saga_params(request, &self.config.saga).map_err(invalid)?;
+        let mut submitted = self.runtime.submit_saga(params).await.map_err(status_of)?;
+        if wait_for_outcome {
+            let mut stopping = self.stopping.clone();
+            tokio::select! {
+                finished = submitted.updates.wait_for(|record| record.state.is_final()) => {
+                    finished.map_err(|_| status_of(RuntimeError::ShuttingDown))?;
+                }
+                _ = stopping.wait_for(|stopping| *stopping) => {
+                    return Err(status_of(RuntimeError::ShuttingDown));
+                }
+            }
+        }
+        let record = submitted.updates.borrow().clone();
+        Ok(Response::new(proto::SubmitSagaResponse {
+            transaction_id: submitted.id.to_string(),
+            created: submitted.created,
+            transaction: Some(pb::transaction_to_pb(&record)),
+        }))
     }
 
     async fn get_outcome(

@@ -6,7 +6,9 @@ use treaty_proto::v1 as pb;
 use treaty_sdk::limits::{FieldError, MAX_BRANCHES, check_endpoint, check_id, check_payload};
 
 use crate::engine::twopc::BranchSpec;
-use crate::model::{BranchState, Transition, TxnId, TxnRecord, TxnState};
+use crate::model::{
+    Attempt, BranchState, Operation, Transition, TxnId, TxnKind, TxnRecord, TxnState,
+};
 
 pub fn parse_txn_id(field: &str, text: &str) -> Result<TxnId, FieldError> {
     if text.is_empty() {
@@ -51,18 +53,22 @@ pub fn branch_specs(specs: Vec<pb::BranchSpec>) -> Result<Vec<BranchSpec>, Field
 }
 
 pub fn state_from_pb(field: &str, value: i32) -> Result<TxnState, FieldError> {
-    match pb::TransactionState::try_from(value) {
-        Ok(pb::TransactionState::Active) => Ok(TxnState::Active),
-        Ok(pb::TransactionState::Preparing) => Ok(TxnState::Preparing),
-        Ok(pb::TransactionState::Committing) => Ok(TxnState::Committing),
-        Ok(pb::TransactionState::Aborting) => Ok(TxnState::Aborting),
-        Ok(pb::TransactionState::Committed) => Ok(TxnState::Committed),
-        Ok(pb::TransactionState::Aborted) => Ok(TxnState::Aborted),
-        _ => Err(FieldError::new(
-            field,
-            format!("{value} is not a transaction state"),
-        )),
-    }
+    let unknown = || FieldError::new(field, format!("{value} is not a transaction state"));
+    Ok(
+        match pb::TransactionState::try_from(value).map_err(|_| unknown())? {
+            pb::TransactionState::Unspecified => return Err(unknown()),
+            pb::TransactionState::Active => TxnState::Active,
+            pb::TransactionState::Preparing => TxnState::Preparing,
+            pb::TransactionState::Committing => TxnState::Committing,
+            pb::TransactionState::Aborting => TxnState::Aborting,
+            pb::TransactionState::Committed => TxnState::Committed,
+            pb::TransactionState::Aborted => TxnState::Aborted,
+            pb::TransactionState::Running => TxnState::Running,
+            pb::TransactionState::Compensating => TxnState::Compensating,
+            pb::TransactionState::Completed => TxnState::Completed,
+            pb::TransactionState::Compensated => TxnState::Compensated,
+        },
+    )
 }
 
 pub fn state_to_pb(state: TxnState) -> pb::TransactionState {
@@ -73,6 +79,10 @@ pub fn state_to_pb(state: TxnState) -> pb::TransactionState {
         TxnState::Aborting => pb::TransactionState::Aborting,
         TxnState::Committed => pb::TransactionState::Committed,
         TxnState::Aborted => pb::TransactionState::Aborted,
+        TxnState::Running => pb::TransactionState::Running,
+        TxnState::Compensating => pb::TransactionState::Compensating,
+        TxnState::Completed => pb::TransactionState::Completed,
+        TxnState::Compensated => pb::TransactionState::Compensated,
     }
 }
 
@@ -86,6 +96,33 @@ fn branch_state_to_pb(state: BranchState) -> pb::BranchState {
         BranchState::Unreachable => pb::BranchState::Unreachable,
         BranchState::Committed => pb::BranchState::Committed,
         BranchState::Aborted => pb::BranchState::Aborted,
+        BranchState::Pending => pb::BranchState::Pending,
+        BranchState::Running => pb::BranchState::Running,
+        BranchState::Rejected => pb::BranchState::Rejected,
+        BranchState::Uncertain => pb::BranchState::Uncertain,
+        BranchState::Compensating => pb::BranchState::Compensating,
+        BranchState::Compensated => pb::BranchState::Compensated,
+        BranchState::Skipped => pb::BranchState::Skipped,
+    }
+}
+
+fn operation_to_pb(operation: Operation) -> pb::Operation {
+    match operation {
+        Operation::Prepare => pb::Operation::Prepare,
+        Operation::Commit => pb::Operation::Commit,
+        Operation::OnePhaseCommit => pb::Operation::OnePhaseCommit,
+        Operation::Abort => pb::Operation::Abort,
+        Operation::Step => pb::Operation::Step,
+        Operation::Compensate => pb::Operation::Compensate,
+    }
+}
+
+fn attempt_to_pb(attempt: &Attempt) -> pb::Attempt {
+    pb::Attempt {
+        operation: operation_to_pb(attempt.operation) as i32,
+        started_unix_ms: attempt.started_unix_ms,
+        finished_unix_ms: attempt.finished_unix_ms.unwrap_or(0),
+        result: attempt.result.clone().unwrap_or_default(),
     }
 }
 
@@ -98,9 +135,28 @@ pub fn transition_to_pb(transition: &Transition) -> pb::Transition {
 }
 
 pub fn transaction_to_pb(record: &TxnRecord) -> pb::Transaction {
+    let kind = match record.kind {
+        TxnKind::TwoPhase => pb::TransactionKind::TwoPhase,
+        TxnKind::Saga => pb::TransactionKind::Saga,
+    };
+    // A step's dependencies, by id.
+    let after = |index: usize| -> Vec<String> {
+        let Some(saga) = &record.saga else {
+            return Vec::new();
+        };
+        saga.steps
+            .get(index)
+            .map(|step| {
+                step.after
+                    .iter()
+                    .map(|&d| saga.steps[d].id.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     pb::Transaction {
         transaction_id: record.id.to_string(),
-        kind: pb::TransactionKind::TwoPhase as i32,
+        kind: kind as i32,
         state: state_to_pb(record.state) as i32,
         created_unix_ms: record.created_unix_ms,
         deadline_unix_ms: record.deadline_unix_ms,
@@ -108,15 +164,21 @@ pub fn transaction_to_pb(record: &TxnRecord) -> pb::Transaction {
         branches: record
             .branches
             .iter()
-            .map(|b| pb::Branch {
+            .enumerate()
+            .map(|(index, b)| pb::Branch {
                 branch_id: b.id.clone(),
                 endpoint: b.endpoint.clone(),
                 state: branch_state_to_pb(b.state) as i32,
                 attempts: b.attempts,
                 last_error: b.last_error.clone().unwrap_or_default(),
+                compensation_attempts: b.compensation_attempts,
+                history: b.history.attempts().iter().map(attempt_to_pb).collect(),
+                after: after(index),
             })
             .collect(),
         reason: record.reason.clone().unwrap_or_default(),
         transitions: record.transitions.iter().map(transition_to_pb).collect(),
+        stuck: record.stuck,
+        idempotency_key: record.idempotency_key.clone().unwrap_or_default(),
     }
 }

@@ -40,6 +40,18 @@ pub enum Answer {
     NotPrepared,
 }
 
+impl Answer {
+    /// How the answer reads in a branch's history.
+    pub fn describe(&self) -> String {
+        match self {
+            Answer::Committed => "committed".into(),
+            Answer::Aborted => "aborted".into(),
+            Answer::Rejected { reason } => format!("rejected: {reason}"),
+            Answer::NotPrepared => "not prepared".into(),
+        }
+    }
+}
+
 /// Requests from the API; they may be refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -122,6 +134,9 @@ pub enum Action {
     PersistDecision,
     /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
     PersistEnd,
+    /// Not part of the protocol: the transaction ended without a logged decision (abort,
+    /// one-phase or read-only commit); its history may be written lazily, if kept.
+    RecordHistory,
 }
 
 /// Parameters of a new transaction, already validated.

@@ -3,8 +3,12 @@
 //! feeds the results back. Time enters as the `now` argument of every step.
 
 pub mod messages;
+pub mod saga;
 pub mod twopc;
 
+#[cfg(test)]
+#[path = "saga_tests.rs"]
+mod saga_tests;
 #[cfg(test)]
 #[path = "twopc_tests.rs"]
 mod twopc_tests;

@@ -19,6 +19,8 @@
 //! - Aborts are never written to the log (presumed abort); neither are all-read-only and
 //!   one-phase commits. A logged commit decision is followed by one lazy end record
 //!   (`PersistEnd`) once every branch acknowledged: 1 forced + 1 unforced write.
+//!   Transactions that end without a logged decision emit `RecordHistory`, which is not
+//!   a protocol write: the runtime writes their history lazily only if configured to.
 //! - Phase-2 deliveries are retried (`ScheduleRetry`) until every branch that needs one
 //!   has acknowledged; only then is the transaction final.
 //! - A one-phase commit's outcome is the participant's: at the deadline the coordinator
@@ -28,7 +30,8 @@ pub use super::messages::{
     Action, Answer, BranchSpec, Command, Event, NewTransaction, Refusal, Vote,
 };
 use crate::model::{
-    BranchRecord, BranchState, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
+    AttemptLog, BranchRecord, BranchState, Operation, Transition, TxnId, TxnKind, TxnRecord,
+    TxnState, UnixMs,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +46,16 @@ pub struct Branch {
     pub last_error: Option<String>,
     /// Phase 2 must still reach this branch.
     pub awaiting_ack: bool,
+    /// The latest calls to this branch and their results.
+    pub history: AttemptLog,
 }
+
+/// The calls a `Delivered` / `DeliveryFailed` event can answer.
+const PHASE_TWO: &[Operation] = &[
+    Operation::Commit,
+    Operation::OnePhaseCommit,
+    Operation::Abort,
+];
 
 /// Where the transaction is. Finer than [`TxnState`], which is what users see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +153,7 @@ impl TwoPhaseCommit {
                     state: b.state,
                     attempts: b.attempts,
                     last_error: b.last_error,
+                    history: b.history,
                 })
                 .collect(),
             reason: record.reason,
@@ -151,7 +164,7 @@ impl TwoPhaseCommit {
             at_unix_ms: now,
             reason: "recovered after a coordinator restart".into(),
         });
-        let actions = txn.deliver_to_awaiting(Action::send_commit);
+        let actions = txn.deliver_to_awaiting(Operation::Commit, now);
         (txn, actions)
     }
 
@@ -209,7 +222,9 @@ impl TwoPhaseCommit {
                     endpoint: b.endpoint.clone(),
                     state: b.state,
                     attempts: b.attempts,
+                    compensation_attempts: 0,
                     last_error: b.last_error.clone(),
+                    history: b.history.clone(),
                 })
                 .collect(),
             transitions: self.transitions.clone(),
@@ -217,6 +232,9 @@ impl TwoPhaseCommit {
                 .state()
                 .is_final()
                 .then(|| self.transitions.last().map_or(0, |t| t.at_unix_ms)),
+            idempotency_key: None,
+            stuck: false,
+            saga: None,
         }
     }
 
@@ -232,6 +250,16 @@ impl TwoPhaseCommit {
         TxnRecord {
             state: TxnState::Committing,
             ..self.record()
+        }
+    }
+
+    /// What a log write issued now must hold: the commit decision while deciding, the
+    /// transaction as it is otherwise.
+    pub fn log_record(&self) -> TxnRecord {
+        if self.phase == Phase::Deciding {
+            self.decision_record()
+        } else {
+            self.record()
         }
     }
 
@@ -260,6 +288,7 @@ impl TwoPhaseCommit {
                     attempts: 0,
                     last_error: None,
                     awaiting_ack: false,
+                    history: AttemptLog::default(),
                 });
                 Ok(Vec::new())
             }
@@ -284,6 +313,10 @@ impl TwoPhaseCommit {
         match event {
             Event::PrepareAnswered { branch, vote } => self.on_vote(branch, vote, now),
             Event::PrepareFailed { branch, error } => {
+                if let Some(b) = self.branches.get_mut(branch) {
+                    b.history
+                        .finish(&[Operation::Prepare], format!("error: {error}"), now);
+                }
                 if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing)
                 {
                     return Vec::new();
@@ -298,6 +331,7 @@ impl TwoPhaseCommit {
                 let Some(b) = self.branches.get_mut(branch) else {
                     return Vec::new();
                 };
+                b.history.finish(PHASE_TWO, format!("error: {error}"), now);
                 if !b.awaiting_ack || self.phase.state().is_final() {
                     return Vec::new();
                 }
@@ -307,7 +341,7 @@ impl TwoPhaseCommit {
                     attempt: b.attempts,
                 }]
             }
-            Event::RetryDue { branch } => self.on_retry_due(branch),
+            Event::RetryDue { branch } => self.on_retry_due(branch, now),
             Event::PrepareTimerFired => match self.phase {
                 Phase::Preparing => {
                     let ms = self.prepare_timeout_ms;
@@ -323,6 +357,7 @@ impl TwoPhaseCommit {
                     // The participant holds the outcome; an abort settles it either way.
                     self.phase = Phase::OnePhase { probing: true };
                     self.branches[0].attempts += 1;
+                    self.branches[0].history.start(Operation::Abort, now);
                     vec![Action::SendAbort { branch: 0 }]
                 }
                 _ => Vec::new(),
@@ -332,7 +367,7 @@ impl TwoPhaseCommit {
                     return Vec::new();
                 }
                 self.enter(Phase::Committing, String::new(), now);
-                self.deliver_to_awaiting(Action::send_commit)
+                self.deliver_to_awaiting(Operation::Commit, now)
             }
         }
     }
@@ -345,6 +380,7 @@ impl TwoPhaseCommit {
                 branch.state = BranchState::Preparing;
                 branch.awaiting_ack = true;
                 branch.attempts = 1;
+                branch.history.start(Operation::OnePhaseCommit, now);
                 self.enter(
                     Phase::OnePhase { probing: false },
                     "one-phase commit".into(),
@@ -359,6 +395,7 @@ impl TwoPhaseCommit {
                 }];
                 for (index, branch) in self.branches.iter_mut().enumerate() {
                     branch.state = BranchState::Preparing;
+                    branch.history.start(Operation::Prepare, now);
                     actions.push(Action::SendPrepare { branch: index });
                 }
                 debug_assert_eq!(actions.len(), n + 1);
@@ -368,6 +405,14 @@ impl TwoPhaseCommit {
     }
 
     fn on_vote(&mut self, branch: usize, vote: Vote, now: UnixMs) -> Vec<Action> {
+        if let Some(b) = self.branches.get_mut(branch) {
+            let result = match &vote {
+                Vote::Yes => "voted YES".to_string(),
+                Vote::ReadOnly => "voted READ_ONLY".to_string(),
+                Vote::No { reason } => format!("voted NO: {reason}"),
+            };
+            b.history.finish(&[Operation::Prepare], result, now);
+        }
         if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing) {
             return Vec::new();
         }
@@ -402,7 +447,7 @@ impl TwoPhaseCommit {
         {
             // Nothing to commit anywhere: no decision to log, no phase 2, no end record.
             self.enter(Phase::Committed, "every branch was read-only".into(), now);
-            return Vec::new();
+            return vec![Action::RecordHistory];
         }
         self.phase = Phase::Deciding;
         for b in &mut self.branches {
@@ -416,6 +461,7 @@ impl TwoPhaseCommit {
         let Some(b) = self.branches.get_mut(branch) else {
             return Vec::new();
         };
+        b.history.finish(PHASE_TWO, answer.describe(), now);
         if !b.awaiting_ack {
             return Vec::new();
         }
@@ -474,7 +520,7 @@ impl TwoPhaseCommit {
         }
     }
 
-    fn on_retry_due(&mut self, branch: usize) -> Vec<Action> {
+    fn on_retry_due(&mut self, branch: usize, now: UnixMs) -> Vec<Action> {
         let phase = self.phase;
         let Some(b) = self.branches.get_mut(branch) else {
             return Vec::new();
@@ -482,13 +528,19 @@ impl TwoPhaseCommit {
         if !b.awaiting_ack {
             return Vec::new();
         }
-        let action = match phase {
-            Phase::OnePhase { probing: false } => Action::SendOnePhaseCommit { branch },
-            Phase::OnePhase { probing: true } | Phase::Aborting => Action::SendAbort { branch },
-            Phase::Committing => Action::SendCommit { branch },
+        let (action, operation) = match phase {
+            Phase::OnePhase { probing: false } => (
+                Action::SendOnePhaseCommit { branch },
+                Operation::OnePhaseCommit,
+            ),
+            Phase::OnePhase { probing: true } | Phase::Aborting => {
+                (Action::SendAbort { branch }, Operation::Abort)
+            }
+            Phase::Committing => (Action::SendCommit { branch }, Operation::Commit),
             _ => return Vec::new(),
         };
         b.attempts += 1;
+        b.history.start(operation, now);
         vec![action]
     }
 
@@ -504,18 +556,23 @@ impl TwoPhaseCommit {
         }
         if self.branches.iter().any(|b| b.awaiting_ack) {
             self.enter(Phase::Aborting, reason, now);
-            self.deliver_to_awaiting(Action::send_abort)
+            self.deliver_to_awaiting(Operation::Abort, now)
         } else {
             self.finish(Phase::Aborted, reason, now)
         }
     }
 
-    fn deliver_to_awaiting(&mut self, make: fn(usize) -> Action) -> Vec<Action> {
+    /// Sends phase 2 (`Commit` or `Abort`) to every branch still awaiting it.
+    fn deliver_to_awaiting(&mut self, operation: Operation, now: UnixMs) -> Vec<Action> {
         let mut actions = Vec::new();
-        for (index, b) in self.branches.iter_mut().enumerate() {
+        for (branch, b) in self.branches.iter_mut().enumerate() {
             if b.awaiting_ack {
                 b.attempts += 1;
-                actions.push(make(index));
+                b.history.start(operation, now);
+                actions.push(match operation {
+                    Operation::Abort => Action::SendAbort { branch },
+                    _ => Action::SendCommit { branch },
+                });
             }
         }
         actions
@@ -529,14 +586,15 @@ impl TwoPhaseCommit {
     }
 
     /// Enters a final phase. Only a transaction whose commit decision is in the log gets
-    /// an end record; aborts, one-phase and read-only commits never touch the log.
+    /// an end record; for aborts, one-phase and read-only commits the protocol writes
+    /// nothing (the runtime may keep their history).
     fn finish(&mut self, end: Phase, reason: String, now: UnixMs) -> Vec<Action> {
         let decision_logged = self.phase == Phase::Committing;
         self.enter(end, reason, now);
         if decision_logged {
             vec![Action::PersistEnd]
         } else {
-            Vec::new()
+            vec![Action::RecordHistory]
         }
     }
 
@@ -554,15 +612,5 @@ impl TwoPhaseCommit {
 
     fn branch_is(&self, index: usize, state: BranchState) -> bool {
         self.branches.get(index).is_some_and(|b| b.state == state)
-    }
-}
-
-impl Action {
-    fn send_commit(branch: usize) -> Self {
-        Action::SendCommit { branch }
-    }
-
-    fn send_abort(branch: usize) -> Self {
-        Action::SendAbort { branch }
     }
 }

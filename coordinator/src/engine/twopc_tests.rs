@@ -152,8 +152,11 @@ fn one_no_vote_aborts_and_tells_every_branch_that_may_have_prepared() {
     assert_eq!(txn.reason(), Some("branch b1 voted NO: insufficient funds"));
 
     assert!(deliver(&mut txn, 0, Answer::Aborted).is_empty());
-    // Aborts are never logged: no PersistEnd.
-    assert!(deliver(&mut txn, 2, Answer::Aborted).is_empty());
+    // Aborts are never logged (no PersistEnd); only their history may be kept.
+    assert_eq!(
+        deliver(&mut txn, 2, Answer::Aborted),
+        vec![Action::RecordHistory]
+    );
     assert_eq!(txn.state(), TxnState::Aborted);
 }
 
@@ -293,7 +296,11 @@ fn read_only_branch_gets_no_phase_two() {
 fn all_read_only_commits_without_any_log_write() {
     let mut txn = preparing(2);
     assert!(vote(&mut txn, 0, Vote::ReadOnly).is_empty());
-    assert!(vote(&mut txn, 1, Vote::ReadOnly).is_empty());
+    // No decision, no phase 2, no protocol write: only the history, if kept.
+    assert_eq!(
+        vote(&mut txn, 1, Vote::ReadOnly),
+        vec![Action::RecordHistory]
+    );
     assert_eq!(txn.state(), TxnState::Committed);
 }
 
@@ -305,7 +312,10 @@ fn single_branch_commits_in_one_phase_without_any_log_write() {
         Ok(vec![Action::SendOnePhaseCommit { branch: 0 }])
     );
     assert_eq!(txn.state(), TxnState::Preparing);
-    assert!(deliver(&mut txn, 0, Answer::Committed).is_empty());
+    assert_eq!(
+        deliver(&mut txn, 0, Answer::Committed),
+        vec![Action::RecordHistory]
+    );
     assert_eq!(txn.state(), TxnState::Committed);
     assert_eq!(txn.branch(0).unwrap().state, BranchState::Committed);
 }
@@ -321,7 +331,7 @@ fn single_branch_rejection_aborts() {
             reason: "out of stock".into(),
         },
     );
-    assert!(actions.is_empty());
+    assert_eq!(actions, vec![Action::RecordHistory]);
     assert_eq!(txn.state(), TxnState::Aborted);
     assert_eq!(
         txn.reason(),
@@ -356,7 +366,10 @@ fn one_phase_deadline_probes_with_an_abort_and_takes_the_first_definitive_answer
         txn.handle_event(Event::RetryDue { branch: 0 }, DEADLINE + 1),
         vec![Action::SendAbort { branch: 0 }]
     );
-    assert!(deliver(&mut txn, 0, Answer::Aborted).is_empty());
+    assert_eq!(
+        deliver(&mut txn, 0, Answer::Aborted),
+        vec![Action::RecordHistory]
+    );
     assert_eq!(txn.state(), TxnState::Aborted);
     assert!(deliver(&mut txn, 0, Answer::Committed).is_empty());
     assert_eq!(txn.state(), TxnState::Aborted);
@@ -466,9 +479,9 @@ fn prepare_without_an_answer_aborts_including_the_silent_branch() {
 #[test]
 fn deadline_while_active_aborts_without_contacting_anyone() {
     let mut txn = new_txn(2);
-    assert!(
-        txn.handle_event(Event::DeadlineReached, DEADLINE)
-            .is_empty()
+    assert_eq!(
+        txn.handle_event(Event::DeadlineReached, DEADLINE),
+        vec![Action::RecordHistory]
     );
     assert_eq!(txn.state(), TxnState::Aborted);
     assert_eq!(txn.reason(), Some("the transaction's deadline passed"));

@@ -51,6 +51,14 @@ impl DecisionLog for MemoryLog {
         Ok(self.records().get(id).cloned())
     }
 
+    fn find_by_key(&self, key: &str) -> Result<Option<TxnId>, LogError> {
+        Ok(self
+            .records()
+            .values()
+            .find(|r| r.idempotency_key.as_deref() == Some(key))
+            .map(|r| r.id))
+    }
+
     fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError> {
         Ok(self
             .records()

@@ -54,6 +54,9 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     /// The record of `id`, as last written (durable or not: see `DurableStore::db`).
     fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError>;
 
+    /// The saga submitted with this idempotency key, if its record is still kept.
+    fn find_by_key(&self, key: &str) -> Result<Option<TxnId>, LogError>;
+
     /// Every record whose state is not final, in id order: the work to resume at start.
     fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError>;
 

@@ -6,7 +6,8 @@
 //! batch:
 //! - `t/<id: 16 bytes>` → the record (a format byte, then postcard);
 //! - `u/<id>` → empty, while the record's state is not final (recovery reads these);
-//! - `e/<ended_unix_ms: 8 bytes big-endian><id>` → empty, for final records (retention).
+//! - `e/<ended_unix_ms: 8 bytes big-endian><id>` → empty, for final records (retention);
+//! - `k/<idempotency key>` → the id of the saga submitted with that key.
 //!
 //! Records stay far below sled's 128 KiB blob threshold: branches carry no payload, and
 //! the API bounds branch count, id, endpoint and reason lengths.
@@ -23,6 +24,7 @@ const FORMAT_VERSION: u8 = 1;
 const RECORD: u8 = b't';
 const UNFINISHED: u8 = b'u';
 const ENDED: u8 = b'e';
+const KEY: u8 = b'k';
 
 #[derive(Debug, Clone)]
 pub struct SledLog {
@@ -59,6 +61,21 @@ fn ended_key(ended_unix_ms: UnixMs, id: &TxnId) -> Vec<u8> {
     key.extend_from_slice(&ended_unix_ms.to_be_bytes());
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+fn idempotency_key(key: &str) -> Vec<u8> {
+    let mut index = Vec::with_capacity(1 + key.len());
+    index.push(KEY);
+    index.extend_from_slice(key.as_bytes());
+    index
+}
+
+fn id_from(key: &[u8], bytes: &[u8]) -> Result<TxnId, LogError> {
+    let id: [u8; 16] = bytes.try_into().map_err(|_| LogError::Corrupt {
+        key: format!("{key:02x?}"),
+        message: "an index entry that is not a transaction id".into(),
+    })?;
+    Ok(TxnId::from_bytes(id))
 }
 
 fn encode(record: &TxnRecord) -> Vec<u8> {
@@ -98,12 +115,21 @@ impl DecisionLog for SledLog {
         } else {
             batch.insert(key(UNFINISHED, &record.id), Vec::new());
         }
+        if let Some(idempotency) = &record.idempotency_key {
+            batch.insert(idempotency_key(idempotency), record.id.as_bytes().to_vec());
+        }
         let ticket = self.store.write(batch, durability);
         Box::pin(async move { Ok(ticket.await?) })
     }
 
     fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {
         self.read(&key(RECORD, id))
+    }
+
+    fn find_by_key(&self, key: &str) -> Result<Option<TxnId>, LogError> {
+        let index = idempotency_key(key);
+        let value = self.store.db().get(&index).map_err(read_error)?;
+        value.map(|bytes| id_from(&index, &bytes)).transpose()
     }
 
     fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError> {
@@ -156,8 +182,14 @@ impl DecisionLog for SledLog {
                 key: format!("{index_key:02x?}"),
                 message: "ended-index key of the wrong length".into(),
             })?;
+            let id = TxnId::from_bytes(id_bytes);
+            if let Some(record) = self.get(&id)? {
+                if let Some(idempotency) = &record.idempotency_key {
+                    batch.remove(idempotency_key(idempotency));
+                }
+            }
             batch.remove(index_key.to_vec());
-            batch.remove(key(RECORD, &TxnId::from_bytes(id_bytes)));
+            batch.remove(key(RECORD, &id));
             purged += 1;
         }
         if purged > 0 {

@@ -32,7 +32,9 @@ pub fn record(created: UnixMs, state: TxnState) -> TxnRecord {
             endpoint: "http://127.0.0.1:7001".into(),
             state: BranchState::Prepared,
             attempts: 1,
+            compensation_attempts: 0,
             last_error: None,
+            history: Default::default(),
         }],
         transitions: vec![Transition {
             state,
@@ -40,6 +42,9 @@ pub fn record(created: UnixMs, state: TxnState) -> TxnRecord {
             reason: String::new(),
         }],
         ended_unix_ms: state.is_final().then_some(created + 10),
+        idempotency_key: None,
+        stuck: false,
+        saga: None,
     }
 }
 
@@ -147,6 +152,25 @@ pub async fn concurrent_forced_writes_are_all_durable(harness: &mut dyn LogHarne
     assert_eq!(log.unfinished().unwrap(), expected);
 }
 
+pub async fn idempotency_keys_find_their_saga_until_purged(harness: &mut dyn LogHarness) {
+    let log = harness.open();
+    let mut saga = record(T0, TxnState::Running);
+    saga.kind = TxnKind::Saga;
+    saga.idempotency_key = Some("order-42".into());
+    log.write(&saga, Durability::Forced).await.unwrap();
+    assert_eq!(log.find_by_key("order-42").unwrap(), Some(saga.id));
+    assert_eq!(log.find_by_key("order-43").unwrap(), None);
+
+    let log = harness.reopen(log);
+    assert_eq!(log.find_by_key("order-42").unwrap(), Some(saga.id));
+    let mut done = saga.clone();
+    done.state = TxnState::Completed;
+    done.ended_unix_ms = Some(T0 + 100);
+    log.write(&done, Durability::Forced).await.unwrap();
+    assert_eq!(log.purge_ended_before(T0 + 1_000, 10).unwrap(), 1);
+    assert_eq!(log.find_by_key("order-42").unwrap(), None);
+}
+
 pub async fn writes_after_close_are_refused(harness: &mut dyn LogHarness) {
     let log = harness.open();
     log.close().unwrap();
@@ -192,6 +216,11 @@ macro_rules! decision_log_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_forced_writes_are_all_durable() {
                 suite::concurrent_forced_writes_are_all_durable(&mut $harness()).await;
+            }
+
+            #[tokio::test]
+            async fn idempotency_keys_find_their_saga_until_purged() {
+                suite::idempotency_keys_find_their_saga_until_purged(&mut $harness()).await;
             }
 
             #[tokio::test]

@@ -15,6 +15,8 @@
 //! - A failed log write is fatal: it is reported on the fatal channel and nothing that
 //!   depended on it is acknowledged.
 
+mod execute;
+mod machine;
 mod shard;
 
 use std::collections::HashSet;
@@ -27,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::defaults;
 use crate::engine::twopc::{BranchSpec, Refusal};
 use crate::log::{DecisionLog, LogError};
-use crate::model::{TxnId, TxnRecord, TxnState, UnixMs};
+use crate::model::{SagaDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
 use shard::{Shard, ShardMsg};
 
@@ -50,6 +52,9 @@ pub struct RuntimeConfig {
     pub max_retained_transactions: usize,
     /// How long final records stay in the log.
     pub log_retention_ms: u64,
+    /// Write (lazily) the history of transactions the protocol does not log: aborts,
+    /// one-phase and read-only commits.
+    pub history_records: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -67,6 +72,7 @@ impl Default for RuntimeConfig {
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
             log_retention_ms: defaults::LOG_RETENTION_MS,
+            history_records: true,
         }
     }
 }
@@ -82,6 +88,10 @@ pub enum RuntimeError {
     UnknownTransaction(TxnId),
     #[error(transparent)]
     Refused(#[from] Refusal),
+    #[error("transaction {0} is a saga: Enlist, Commit and Abort are for two-phase commits")]
+    NotTwoPhase(TxnId),
+    #[error("idempotency key {0:?} was used before for a saga with other steps")]
+    IdempotencyConflict(String),
     #[error("{0} transactions are in progress, the most allowed; retry later")]
     Overloaded(usize),
     #[error("the coordinator is shutting down")]
@@ -98,6 +108,22 @@ pub struct BeginParams {
     pub branches: Vec<BranchSpec>,
 }
 
+/// A saga to submit, validated by the API.
+#[derive(Debug, Clone)]
+pub struct SagaParams {
+    pub definition: SagaDefinition,
+    pub idempotency_key: Option<String>,
+}
+
+/// The answer to a submit: the saga (new, or the one submitted earlier with the same
+/// idempotency key) and its updates.
+#[derive(Debug)]
+pub struct Submitted {
+    pub id: TxnId,
+    pub created: bool,
+    pub updates: watch::Receiver<Arc<TxnRecord>>,
+}
+
 /// What a participant in doubt is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -109,9 +135,12 @@ pub enum Decision {
 impl Decision {
     fn of_state(state: TxnState) -> Self {
         match state {
-            TxnState::Active | TxnState::Preparing => Decision::Pending,
-            TxnState::Committing | TxnState::Committed => Decision::Commit,
-            TxnState::Aborting | TxnState::Aborted => Decision::Abort,
+            TxnState::Active | TxnState::Preparing | TxnState::Running => Decision::Pending,
+            TxnState::Committing | TxnState::Committed | TxnState::Completed => Decision::Commit,
+            TxnState::Aborting
+            | TxnState::Aborted
+            | TxnState::Compensating
+            | TxnState::Compensated => Decision::Abort,
         }
     }
 }
@@ -162,15 +191,22 @@ impl Runtime {
         fatal: mpsc::UnboundedSender<String>,
     ) -> Result<(Self, RuntimeTasks, RecoveryReport), LogError> {
         let unfinished = log.unfinished()?;
-        // Presumed abort logs nothing for undecided transactions: an unfinished record
-        // that is not a commit decision means the log is damaged. Guessing could undo a
-        // commit, so refuse to start and let an operator look.
-        if let Some(odd) = unfinished.iter().find(|r| r.state != TxnState::Committing) {
+        // Presumed abort logs nothing for undecided two-phase commits, so their only
+        // unfinished records are commit decisions; sagas are unfinished while running or
+        // compensating (with their definition). Anything else means the log is damaged:
+        // guessing could undo a commit, so refuse to start and let an operator look.
+        let resumable = |r: &TxnRecord| match r.kind {
+            TxnKind::TwoPhase => r.state == TxnState::Committing,
+            TxnKind::Saga => {
+                matches!(r.state, TxnState::Running | TxnState::Compensating) && r.saga.is_some()
+            }
+        };
+        if let Some(odd) = unfinished.iter().find(|r| !resumable(r)) {
             return Err(LogError::Corrupt {
                 key: odd.id.to_string(),
                 message: format!(
-                    "unfinished record in state {:?}; only commit decisions can be unfinished",
-                    odd.state
+                    "unfinished {:?} record in state {:?} cannot be resumed",
+                    odd.kind, odd.state
                 ),
             });
         }
@@ -294,6 +330,34 @@ impl Runtime {
         }
     }
 
+    /// Submits a saga, or finds the one submitted earlier with the same idempotency key.
+    /// Returns once it is accepted (its definition durable) with its updates.
+    pub async fn submit_saga(&self, params: SagaParams) -> Result<Submitted, RuntimeError> {
+        let shards = self.shards.len();
+        // Every submit of one key is decided by the same shard, one after the other; the
+        // saga's id is drawn so that it lives on that shard too.
+        let id = match &params.idempotency_key {
+            Some(key) => {
+                let target = shard_of_key(key, shards);
+                let mut id = TxnId::generate(now_unix_ms());
+                while shard_of(&id, shards) != target {
+                    id = TxnId::generate(now_unix_ms());
+                }
+                id
+            }
+            None => TxnId::generate(now_unix_ms()),
+        };
+        let mut submitted = self
+            .ask(&id, |reply| ShardMsg::Submit { id, params, reply })
+            .await??;
+        submitted
+            .updates
+            .wait_for(|record| !record.transitions.is_empty())
+            .await
+            .map_err(|_| RuntimeError::ShuttingDown)?;
+        Ok(submitted)
+    }
+
     /// The transaction from memory, else from the log.
     pub async fn get(&self, id: TxnId) -> Result<Option<TxnRecord>, RuntimeError> {
         if let Some(record) = self.ask(&id, |reply| ShardMsg::Get { id, reply }).await? {
@@ -410,6 +474,13 @@ impl Runtime {
     }
 }
 
+fn shard_of_key(key: &str, shards: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % shards as u64) as usize
+}
+
 fn shard_of(id: &TxnId, shards: usize) -> usize {
     // The last bytes of a UUIDv7 are random: an even spread.
     let bytes = id.as_bytes();
@@ -437,6 +508,9 @@ mod tests {
             branches: Vec::new(),
             transitions: Vec::new(),
             ended_unix_ms: None,
+            idempotency_key: None,
+            stuck: false,
+            saga: None,
         }
     }
 

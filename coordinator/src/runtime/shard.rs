@@ -1,13 +1,12 @@
-//! One shard: a task that owns a set of transactions and is the only one to touch them.
+//! One shard: a task that owns a set of transactions (two-phase commits and sagas) and is
+//! the only one to touch them.
 //!
 //! The loop takes, in turn, results of its own work (participant answers, log writes),
-//! expired timers, and messages from the API; each goes through the engine, and the
-//! actions that come out are carried out here: calls and log writes are spawned and
-//! report back as events, timers go into one `DelayQueue`.
+//! expired timers, and messages from the API; each goes through the transaction's engine,
+//! and the actions that come out are carried out by `execute.rs`.
 //!
-//! Log writes are issued in the order the engine asks for them (the log applies them in
-//! call order), and a forced write's `DecisionPersisted` event is only sent once the
-//! write returned Ok. A failed write goes to the fatal channel and produces no event.
+//! Sagas submitted with an idempotency key are routed to the shard chosen by the key, so
+//! that every submit of one key is decided here, one after the other.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -18,20 +17,17 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
-use tracing::Instrument;
-use treaty_proto::v1::CommitMode;
-use treaty_sdk::failpoint::crash_point;
 
-use super::{BeginParams, RuntimeConfig, RuntimeError, now_unix_ms};
-use crate::engine::twopc::{Action, BranchSpec, Command, Event, NewTransaction, TwoPhaseCommit};
-use crate::log::{DecisionLog, Durability};
-use crate::model::{TxnId, TxnRecord, TxnState, UnixMs};
-use crate::participants::{Call, Participants, retry_delay};
+use super::execute::Actions;
+use super::machine::{Input, Machine, Timer};
+use super::{BeginParams, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms};
+use crate::engine::saga::{NewSaga, Saga};
+use crate::engine::twopc::{BranchSpec, Command, NewTransaction, TwoPhaseCommit};
+use crate::log::{DecisionLog, LogError};
+use crate::model::{TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
+use crate::participants::Participants;
 
 type Reply<T> = oneshot::Sender<T>;
-
-/// How much longer a prepare call may take than the transaction's prepare timeout.
-const PREPARE_CALL_GRACE_MS: u64 = 1_000;
 
 /// Messages from the API to a shard.
 #[derive(Debug)]
@@ -54,6 +50,11 @@ pub(super) enum ShardMsg {
         id: TxnId,
         reason: String,
         reply: Reply<Result<(), RuntimeError>>,
+    },
+    Submit {
+        id: TxnId,
+        params: SagaParams,
+        reply: Reply<Result<Submitted, RuntimeError>>,
     },
     Get {
         id: TxnId,
@@ -88,26 +89,19 @@ pub(super) struct Listed {
     pub present: Vec<TxnId>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Timer {
-    Deadline,
-    Prepare,
-    Retry { branch: usize },
-}
-
 #[derive(Debug)]
-struct Entry {
-    txn: TwoPhaseCommit,
-    /// Present once someone watches or waits for the outcome.
+pub(super) struct Entry {
+    pub(super) machine: Machine,
+    /// Present once someone watches or waits.
     updates: Option<watch::Sender<Arc<TxnRecord>>>,
-    deadline_timer: Option<delay_queue::Key>,
-    prepare_timer: Option<delay_queue::Key>,
+    pub(super) deadline_timer: Option<delay_queue::Key>,
+    pub(super) prepare_timer: Option<delay_queue::Key>,
 }
 
 impl Entry {
-    fn new(txn: TwoPhaseCommit) -> Self {
+    fn new(machine: Machine) -> Self {
         Self {
-            txn,
+            machine,
             updates: None,
             deadline_timer: None,
             prepare_timer: None,
@@ -115,36 +109,34 @@ impl Entry {
     }
 
     fn subscribe(&mut self) -> watch::Receiver<Arc<TxnRecord>> {
-        let txn = &self.txn;
+        let machine = &self.machine;
         self.updates
-            .get_or_insert_with(|| watch::channel(Arc::new(txn.record())).0)
+            .get_or_insert_with(|| watch::channel(Arc::new(machine.record())).0)
             .subscribe()
     }
 }
 
-/// What a spawned participant call is for.
-#[derive(Debug, Clone, Copy)]
-enum CallKind {
-    Prepare,
-    OnePhaseCommit,
-    Commit,
-    Abort,
+/// The span every log line about one transaction is emitted in.
+pub(super) fn txn_span(id: TxnId) -> tracing::Span {
+    tracing::info_span!("txn", txn_id = %id)
 }
 
 #[derive(Debug)]
 pub(super) struct Shard {
-    txns: HashMap<TxnId, Entry>,
+    pub(super) txns: HashMap<TxnId, Entry>,
+    /// Sagas in memory by idempotency key.
+    keys: HashMap<String, TxnId>,
     /// Final transactions in the order they ended, for eviction.
     retained: VecDeque<(UnixMs, TxnId)>,
-    timers: DelayQueue<(TxnId, Timer)>,
-    events: mpsc::UnboundedSender<(TxnId, Event)>,
-    events_in: mpsc::UnboundedReceiver<(TxnId, Event)>,
+    pub(super) timers: DelayQueue<(TxnId, Timer)>,
+    pub(super) inputs: mpsc::UnboundedSender<(TxnId, Input)>,
+    inputs_in: mpsc::UnboundedReceiver<(TxnId, Input)>,
     commands: mpsc::Receiver<ShardMsg>,
-    log: Arc<dyn DecisionLog>,
-    participants: Participants,
-    config: RuntimeConfig,
+    pub(super) log: Arc<dyn DecisionLog>,
+    pub(super) participants: Participants,
+    pub(super) config: RuntimeConfig,
     active: Arc<AtomicUsize>,
-    fatal: mpsc::UnboundedSender<String>,
+    pub(super) fatal: mpsc::UnboundedSender<String>,
 }
 
 impl Shard {
@@ -156,13 +148,14 @@ impl Shard {
         fatal: mpsc::UnboundedSender<String>,
         commands: mpsc::Receiver<ShardMsg>,
     ) -> Self {
-        let (events, events_in) = mpsc::unbounded_channel();
+        let (inputs, inputs_in) = mpsc::unbounded_channel();
         Self {
             txns: HashMap::new(),
+            keys: HashMap::new(),
             retained: VecDeque::new(),
             timers: DelayQueue::new(),
-            events,
-            events_in,
+            inputs,
+            inputs_in,
             commands,
             log,
             participants,
@@ -176,20 +169,35 @@ impl Shard {
         let now = now_unix_ms();
         for record in recovered {
             let id = record.id;
-            tracing::info!(txn_id = %id, "resuming phase 2 of a logged commit");
-            let (txn, actions) = TwoPhaseCommit::recover(record, self.config.max_branches, now);
-            self.txns.insert(id, Entry::new(txn));
+            let _span = txn_span(id).entered();
+            let (machine, actions) = match record.kind {
+                TxnKind::TwoPhase => {
+                    tracing::info!("resuming phase 2 of a logged commit");
+                    let (txn, actions) =
+                        TwoPhaseCommit::recover(record, self.config.max_branches, now);
+                    (Machine::TwoPhase(txn), Actions::TwoPhase(actions))
+                }
+                TxnKind::Saga => {
+                    tracing::info!(state = ?record.state, "resuming a saga");
+                    let (saga, actions) = Saga::recover(record, now);
+                    (Machine::Saga(saga), Actions::Saga(actions))
+                }
+            };
+            if let Some(key) = machine.idempotency_key() {
+                self.keys.insert(key.to_string(), id);
+            }
+            self.txns.insert(id, Entry::new(machine));
             self.execute(id, actions);
         }
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping_at: Option<Instant> = None;
         loop {
-            if stopping_at.is_some() && self.all_final() {
+            if stopping_at.is_some() && self.nothing_to_wait_for() {
                 break;
             }
             tokio::select! {
-                Some((id, event)) = self.events_in.recv() => self.on_event(id, event),
+                Some((id, input)) = self.inputs_in.recv() => self.on_input(id, input),
                 Some(expired) = self.timers.next() => {
                     let (id, timer) = expired.into_inner();
                     self.on_timer(id, timer);
@@ -204,7 +212,7 @@ impl Shard {
                     None => stopping_at = Some(Instant::now()),
                 },
                 _ = sleep_until_opt(stopping_at) => {
-                    let unfinished = self.txns.values().filter(|e| !e.txn.state().is_final()).count();
+                    let unfinished = self.txns.values().filter(|e| !e.machine.state().is_final()).count();
                     tracing::warn!(unfinished, "shutdown grace period over; recovery will finish the rest");
                     break;
                 }
@@ -213,8 +221,14 @@ impl Shard {
         }
     }
 
-    fn all_final(&self) -> bool {
-        self.txns.values().all(|e| e.txn.state().is_final())
+    /// Shutdown may end once every two-phase commit is final. Sagas need no waiting:
+    /// everything they decided is in the log (closed durably after the shards stop), and
+    /// recovery resumes them.
+    fn nothing_to_wait_for(&self) -> bool {
+        self.txns.values().all(|e| match e.machine {
+            Machine::TwoPhase(_) => e.machine.state().is_final(),
+            Machine::Saga(_) => true,
+        })
     }
 
     fn on_message(&mut self, message: ShardMsg) {
@@ -237,14 +251,17 @@ impl Shard {
                 let result = self.command(id, Command::Abort { reason }, now);
                 let _ = reply.send(result);
             }
+            ShardMsg::Submit { id, params, reply } => {
+                let _ = reply.send(self.submit(id, params, now));
+            }
             ShardMsg::Get { id, reply } => {
-                let _ = reply.send(self.txns.get(&id).map(|e| e.txn.record()));
+                let _ = reply.send(self.txns.get(&id).map(|e| e.machine.record()));
             }
             ShardMsg::Watch { id, reply } => {
                 let _ = reply.send(self.subscribe(id).ok());
             }
             ShardMsg::State { id, reply } => {
-                let _ = reply.send(self.txns.get(&id).map(|e| e.txn.state()));
+                let _ = reply.send(self.txns.get(&id).map(|e| e.machine.state()));
             }
             ShardMsg::List {
                 states,
@@ -253,49 +270,25 @@ impl Shard {
                 known,
                 reply,
             } => {
-                let mut found: Vec<&Entry> = self
-                    .txns
-                    .iter()
-                    .filter(|(id, e)| {
-                        after.is_none_or(|after| **id > after)
-                            && (states.is_empty() || states.contains(&e.txn.state()))
-                    })
-                    .map(|(_, e)| e)
-                    .collect();
-                // Only the `limit` smallest ids are needed: select, then sort those.
-                if found.len() > limit {
-                    found.select_nth_unstable_by_key(limit, |e| e.txn.id());
-                    found.truncate(limit);
-                }
-                found.sort_by_key(|e| e.txn.id());
-                let present = known
-                    .into_iter()
-                    .filter(|id| self.txns.contains_key(id))
-                    .collect();
-                let _ = reply.send(Listed {
-                    matching: found.into_iter().map(|e| e.txn.record()).collect(),
-                    present,
-                });
+                let _ = reply.send(self.list(&states, after, limit, known));
             }
             ShardMsg::Shutdown { .. } => {}
         }
     }
 
-    fn begin(&mut self, id: TxnId, params: BeginParams, now: UnixMs) -> Result<(), RuntimeError> {
-        let _span = txn_span(id).entered();
+    /// Counts a new transaction in progress, or refuses it past the limit.
+    fn admit(&self) -> Result<(), RuntimeError> {
         let active = self.active.fetch_add(1, Ordering::SeqCst);
         if active >= self.config.max_active_transactions {
             self.active.fetch_sub(1, Ordering::SeqCst);
             return Err(RuntimeError::Overloaded(active));
         }
-        let admitted = self.create(id, params, now);
-        if admitted.is_err() {
-            self.active.fetch_sub(1, Ordering::SeqCst);
-        }
-        admitted
+        Ok(())
     }
 
-    fn create(&mut self, id: TxnId, params: BeginParams, now: UnixMs) -> Result<(), RuntimeError> {
+    fn begin(&mut self, id: TxnId, params: BeginParams, now: UnixMs) -> Result<(), RuntimeError> {
+        let _span = txn_span(id).entered();
+        self.admit()?;
         let (mut txn, actions) = TwoPhaseCommit::begin(NewTransaction {
             id,
             created_unix_ms: now,
@@ -305,12 +298,99 @@ impl Shard {
         });
         for branch in params.branches {
             // Enlisting into a new ACTIVE transaction emits no actions.
-            txn.handle_command(Command::Enlist(branch), now)?;
+            if let Err(refusal) = txn.handle_command(Command::Enlist(branch), now) {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                return Err(refusal.into());
+            }
         }
-        tracing::debug!(txn_id = %id, branches = txn.branches().len(), "begun");
-        self.txns.insert(id, Entry::new(txn));
-        self.execute(id, actions);
+        tracing::debug!(branches = txn.branches().len(), "begun");
+        self.txns.insert(id, Entry::new(Machine::TwoPhase(txn)));
+        self.execute(id, Actions::TwoPhase(actions));
         Ok(())
+    }
+
+    /// A new saga, or the one already submitted with the same idempotency key.
+    fn submit(
+        &mut self,
+        id: TxnId,
+        params: SagaParams,
+        now: UnixMs,
+    ) -> Result<Submitted, RuntimeError> {
+        if let Some(key) = &params.idempotency_key {
+            if let Some(existing) = self.existing_saga(key, &params)? {
+                return Ok(existing);
+            }
+        }
+        let _span = txn_span(id).entered();
+        self.admit()?;
+        let (saga, actions) = Saga::submit(NewSaga {
+            id,
+            created_unix_ms: now,
+            definition: params.definition,
+            idempotency_key: params.idempotency_key.clone(),
+        });
+        tracing::info!(
+            steps = saga.definition().steps.len(),
+            key = params.idempotency_key.as_deref().unwrap_or(""),
+            "saga submitted"
+        );
+        if let Some(key) = params.idempotency_key {
+            self.keys.insert(key, id);
+        }
+        let mut entry = Entry::new(Machine::Saga(saga));
+        let updates = entry.subscribe();
+        self.txns.insert(id, entry);
+        self.execute(id, Actions::Saga(actions));
+        Ok(Submitted {
+            id,
+            created: true,
+            updates,
+        })
+    }
+
+    /// The saga submitted earlier with `key`: in memory if unfinished or recent, else in
+    /// the log (then final). Its steps must be the ones submitted now.
+    fn existing_saga(
+        &mut self,
+        key: &str,
+        params: &SagaParams,
+    ) -> Result<Option<Submitted>, RuntimeError> {
+        let same_steps = |record_steps: &[crate::model::StepDefinition]| {
+            if record_steps == params.definition.steps.as_slice() {
+                Ok(())
+            } else {
+                Err(RuntimeError::IdempotencyConflict(key.to_string()))
+            }
+        };
+        if let Some(&id) = self.keys.get(key) {
+            if let Some(entry) = self.txns.get_mut(&id) {
+                if let Machine::Saga(saga) = &entry.machine {
+                    same_steps(&saga.definition().steps)?;
+                }
+                return Ok(Some(Submitted {
+                    id,
+                    created: false,
+                    updates: entry.subscribe(),
+                }));
+            }
+        }
+        let Some(id) = self.log.find_by_key(key)? else {
+            return Ok(None);
+        };
+        let record = self.log.get(&id)?.ok_or_else(|| LogError::Corrupt {
+            key: key.to_string(),
+            message: format!("the idempotency key names {id}, which has no record"),
+        })?;
+        if let Some(saga) = &record.saga {
+            same_steps(&saga.steps)?;
+        }
+        // Not in memory, so final: a snapshot that will not change.
+        let (_, updates) = watch::channel(Arc::new(record));
+        Ok(Some(Submitted {
+            id,
+            created: false,
+            updates,
+        }))
     }
 
     fn command(&mut self, id: TxnId, command: Command, now: UnixMs) -> Result<(), RuntimeError> {
@@ -319,9 +399,13 @@ impl Shard {
             .txns
             .get_mut(&id)
             .ok_or(RuntimeError::UnknownTransaction(id))?;
-        let before = entry.txn.state();
-        let actions = entry.txn.handle_command(command, now)?;
-        self.execute(id, actions);
+        let before = entry.machine.state();
+        let txn = entry
+            .machine
+            .as_two_phase()
+            .ok_or(RuntimeError::NotTwoPhase(id))?;
+        let actions = txn.handle_command(command, now)?;
+        self.execute(id, Actions::TwoPhase(actions));
         self.after_step(id, before, now);
         Ok(())
     }
@@ -333,14 +417,60 @@ impl Shard {
             .ok_or(RuntimeError::UnknownTransaction(id))
     }
 
-    fn on_event(&mut self, id: TxnId, event: Event) {
+    fn list(
+        &self,
+        states: &[TxnState],
+        after: Option<TxnId>,
+        limit: usize,
+        known: Vec<TxnId>,
+    ) -> Listed {
+        let mut found: Vec<&Entry> = self
+            .txns
+            .iter()
+            .filter(|(id, e)| {
+                after.is_none_or(|after| **id > after)
+                    && (states.is_empty() || states.contains(&e.machine.state()))
+            })
+            .map(|(_, e)| e)
+            .collect();
+        // Only the `limit` smallest ids are needed: select, then sort those.
+        if found.len() > limit {
+            found.select_nth_unstable_by_key(limit, |e| e.machine.id());
+            found.truncate(limit);
+        }
+        found.sort_by_key(|e| e.machine.id());
+        Listed {
+            matching: found.into_iter().map(|e| e.machine.record()).collect(),
+            present: known
+                .into_iter()
+                .filter(|id| self.txns.contains_key(id))
+                .collect(),
+        }
+    }
+
+    fn on_input(&mut self, id: TxnId, input: Input) {
         let _span = txn_span(id).entered();
         let now = now_unix_ms();
         let Some(entry) = self.txns.get_mut(&id) else {
             return;
         };
-        let before = entry.txn.state();
-        let actions = entry.txn.handle_event(event, now);
+        let before = entry.machine.state();
+        let actions = match (&mut entry.machine, input) {
+            (Machine::TwoPhase(txn), Input::TwoPhase(event)) => {
+                Actions::TwoPhase(txn.handle_event(event, now))
+            }
+            (Machine::Saga(saga), Input::Saga(event)) => {
+                Actions::Saga(saga.handle_event(event, now))
+            }
+            (machine, input) => {
+                tracing::error!(
+                    ?machine,
+                    ?input,
+                    "an input for the other kind of transaction; ignored"
+                );
+                return;
+            }
+        };
         self.execute(id, actions);
         self.after_step(id, before, now);
     }
@@ -350,18 +480,12 @@ impl Shard {
             return;
         };
         // The key is spent: forget it so that it is never removed again.
-        let event = match timer {
-            Timer::Deadline => {
-                entry.deadline_timer = None;
-                Event::DeadlineReached
-            }
-            Timer::Prepare => {
-                entry.prepare_timer = None;
-                Event::PrepareTimerFired
-            }
-            Timer::Retry { branch } => Event::RetryDue { branch },
-        };
-        self.on_event(id, event);
+        match timer {
+            Timer::Deadline => entry.deadline_timer = None,
+            Timer::Prepare => entry.prepare_timer = None,
+            _ => {}
+        }
+        self.on_input(id, timer.input());
     }
 
     /// Publishes the new state and does the bookkeeping of decisions and ends.
@@ -369,14 +493,14 @@ impl Shard {
         let Some(entry) = self.txns.get_mut(&id) else {
             return;
         };
-        let state = entry.txn.state();
+        let state = entry.machine.state();
         if let Some(updates) = &entry.updates {
-            updates.send_replace(Arc::new(entry.txn.record()));
+            updates.send_replace(Arc::new(entry.machine.record()));
         }
         if state == before {
             return;
         }
-        tracing::info!(txn_id = %id, from = ?before, to = ?state, reason = entry.txn.reason().unwrap_or(""), "transaction state changed");
+        tracing::info!(from = ?before, to = ?state, reason = entry.machine.reason().unwrap_or(""), "transaction state changed");
         if state.is_decided() {
             // Deadline and prepare timeout mean nothing once the outcome is fixed.
             let keys = [entry.deadline_timer.take(), entry.prepare_timer.take()];
@@ -390,161 +514,14 @@ impl Shard {
         }
     }
 
-    fn execute(&mut self, id: TxnId, actions: Vec<Action>) {
-        for action in actions {
-            match action {
-                Action::StartDeadlineTimer { at_unix_ms } => {
-                    let delay = Duration::from_millis(at_unix_ms.saturating_sub(now_unix_ms()));
-                    let key = self.timers.insert((id, Timer::Deadline), delay);
-                    if let Some(entry) = self.txns.get_mut(&id) {
-                        entry.deadline_timer = Some(key);
-                    }
-                }
-                Action::StartPrepareTimer { after_ms } => {
-                    let key = self
-                        .timers
-                        .insert((id, Timer::Prepare), Duration::from_millis(after_ms));
-                    if let Some(entry) = self.txns.get_mut(&id) {
-                        entry.prepare_timer = Some(key);
-                    }
-                }
-                Action::SendPrepare { branch } => self.spawn_call(id, branch, CallKind::Prepare),
-                Action::SendOnePhaseCommit { branch } => {
-                    self.spawn_call(id, branch, CallKind::OnePhaseCommit)
-                }
-                Action::SendCommit { branch } => self.spawn_call(id, branch, CallKind::Commit),
-                Action::SendAbort { branch } => self.spawn_call(id, branch, CallKind::Abort),
-                Action::ScheduleRetry { branch, attempt } => {
-                    let delay = retry_delay(
-                        attempt,
-                        self.config.retry_backoff_initial_ms,
-                        self.config.retry_backoff_max_ms,
-                        &mut rand::rng(),
-                    );
-                    self.timers.insert((id, Timer::Retry { branch }), delay);
-                }
-                Action::PersistDecision => self.persist(id, Durability::Forced),
-                Action::PersistEnd => self.persist(id, Durability::Lazy),
-            }
-        }
-    }
-
-    fn spawn_call(&self, id: TxnId, branch_index: usize, kind: CallKind) {
-        let Some(entry) = self.txns.get(&id) else {
-            return;
-        };
-        let Some(branch) = entry.txn.branch(branch_index) else {
-            return;
-        };
-        let timeout_ms = match kind {
-            // The prepare timer is phase 1's limit; the call's own deadline only bounds
-            // the task, so it trails the timer rather than race it.
-            CallKind::Prepare => entry
-                .txn
-                .prepare_timeout_ms()
-                .saturating_add(PREPARE_CALL_GRACE_MS),
-            _ => self.config.participant_call_timeout_ms,
-        };
-        let call = Call {
-            endpoint: branch.endpoint.clone(),
-            transaction_id: id.to_string(),
-            branch_id: branch.id.clone(),
-            timeout: Duration::from_millis(timeout_ms),
-        };
-        let payload = match kind {
-            CallKind::Prepare | CallKind::OnePhaseCommit => branch.payload.clone(),
-            CallKind::Commit | CallKind::Abort => Vec::new(),
-        };
-        let participants = self.participants.clone();
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            let event = match kind {
-                CallKind::Prepare => match participants.prepare(&call, payload).await {
-                    Ok(vote) => Event::PrepareAnswered {
-                        branch: branch_index,
-                        vote,
-                    },
-                    Err(error) => Event::PrepareFailed {
-                        branch: branch_index,
-                        error,
-                    },
-                },
-                CallKind::OnePhaseCommit | CallKind::Commit | CallKind::Abort => {
-                    let answer = match kind {
-                        CallKind::OnePhaseCommit => {
-                            participants
-                                .commit(&call, CommitMode::OnePhase, payload)
-                                .await
-                        }
-                        CallKind::Commit => {
-                            participants
-                                .commit(&call, CommitMode::TwoPhase, payload)
-                                .await
-                        }
-                        _ => participants.abort(&call).await,
-                    };
-                    match answer {
-                        Ok(answer) => Event::Delivered {
-                            branch: branch_index,
-                            answer,
-                        },
-                        Err(error) => {
-                            tracing::info!(txn_id = %id, branch_id = %call.branch_id, ?kind, %error, "delivery failed; will retry");
-                            Event::DeliveryFailed {
-                                branch: branch_index,
-                                error,
-                            }
-                        }
-                    }
-                }
-            };
-            // The shard outlives every call it starts, except at shutdown: then the
-            // event no longer matters (recovery redelivers).
-            let _ = events.send((id, event));
-        }
-        .instrument(txn_span(id)));
-    }
-
-    fn persist(&self, id: TxnId, durability: Durability) {
-        let Some(entry) = self.txns.get(&id) else {
-            return;
-        };
-        let forced = durability == Durability::Forced;
-        let record = if forced {
-            entry.txn.decision_record()
-        } else {
-            entry.txn.record()
-        };
-        if forced {
-            crash_point("coordinator::before_decision_logged");
-        }
-        let write = self.log.write(&record, durability);
-        let events = self.events.clone();
-        let fatal = self.fatal.clone();
-        tokio::spawn(
-            async move {
-                match write.await {
-                    Ok(()) if forced => {
-                        crash_point("coordinator::after_decision_logged");
-                        let _ = events.send((id, Event::DecisionPersisted));
-                    }
-                    Ok(()) => {}
-                    Err(error) => {
-                        tracing::error!(txn_id = %id, %error, "decision log write failed");
-                        let _ = fatal.send(format!("decision log write for {id} failed: {error}"));
-                    }
-                }
-            }
-            .instrument(txn_span(id)),
-        );
-    }
-
     fn abort_undecided(&mut self) {
         let now = now_unix_ms();
         let undecided: Vec<TxnId> = self
             .txns
             .iter()
-            .filter(|(_, e)| !e.txn.state().is_decided())
+            .filter(|(_, e)| {
+                matches!(e.machine, Machine::TwoPhase(_)) && !e.machine.state().is_decided()
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in undecided {
@@ -566,14 +543,13 @@ impl Shard {
                 break;
             }
             self.retained.pop_front();
-            self.txns.remove(&id);
+            if let Some(entry) = self.txns.remove(&id) {
+                if let Some(key) = entry.machine.idempotency_key() {
+                    self.keys.remove(key);
+                }
+            }
         }
     }
-}
-
-/// The span every log line about one transaction is emitted in.
-fn txn_span(id: TxnId) -> tracing::Span {
-    tracing::info_span!("txn", txn_id = %id)
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -1,0 +1,156 @@
+//! Checking and converting a SubmitSaga request. Every rule names the field (and so the
+//! step) it is about; nothing reaches the runtime until the whole request passed.
+
+use treaty_proto::v1 as pb;
+use treaty_sdk::limits::{
+    FieldError, MAX_BRANCHES, MAX_SAGA_PAYLOAD_BYTES, check_endpoint, check_id,
+    check_idempotency_key, check_payload,
+};
+
+use crate::engine::saga::{GraphError, resolve_dependencies};
+use crate::model::{RetryPolicy, SagaDefinition, StepDefinition};
+use crate::runtime::SagaParams;
+
+/// Longest a step's call may take.
+pub const MAX_STEP_TIMEOUT_MS: u64 = 600_000;
+/// Most forward attempts a step may ask for.
+pub const MAX_STEP_ATTEMPTS: u32 = 100;
+/// Longest retry delay a step may ask for.
+pub const MAX_STEP_BACKOFF_MS: u64 = 3_600_000;
+
+/// Server defaults for what a step leaves unset.
+#[derive(Debug, Clone)]
+pub struct SagaDefaults {
+    pub step_timeout_ms: u64,
+    pub step_attempts: u32,
+    pub retry_backoff_initial_ms: u64,
+    pub retry_backoff_max_ms: u64,
+    pub stuck_after_attempts: u32,
+}
+
+pub fn saga_params(
+    request: pb::SubmitSagaRequest,
+    defaults: &SagaDefaults,
+) -> Result<SagaParams, FieldError> {
+    let idempotency_key = if request.idempotency_key.is_empty() {
+        None
+    } else {
+        check_idempotency_key("idempotency_key", &request.idempotency_key)?;
+        Some(request.idempotency_key)
+    };
+    if request.steps.is_empty() {
+        return Err(FieldError::new("steps", "a saga needs at least one step"));
+    }
+    if request.steps.len() > MAX_BRANCHES {
+        return Err(FieldError::new(
+            "steps",
+            format!("{} steps; the limit is {MAX_BRANCHES}", request.steps.len()),
+        ));
+    }
+    let payload_bytes: usize = request
+        .steps
+        .iter()
+        .map(|s| s.payload.len() + s.compensation_payload.len())
+        .sum();
+    if payload_bytes > MAX_SAGA_PAYLOAD_BYTES {
+        return Err(FieldError::new(
+            "steps",
+            format!(
+                "payloads and compensation payloads total {payload_bytes} bytes; the limit is {MAX_SAGA_PAYLOAD_BYTES}"
+            ),
+        ));
+    }
+    let mut steps = Vec::with_capacity(request.steps.len());
+    let mut after_names = Vec::with_capacity(request.steps.len());
+    for (index, step) in request.steps.into_iter().enumerate() {
+        let field = |name: &str| format!("steps[{index}].{name}");
+        check_id(&field("step_id"), &step.step_id)?;
+        check_endpoint(&field("endpoint"), &step.endpoint)?;
+        check_payload(&field("payload"), &step.payload)?;
+        check_payload(&field("compensation_payload"), &step.compensation_payload)?;
+        let timeout_ms = match step.timeout_ms {
+            0 => defaults.step_timeout_ms,
+            ms if ms > MAX_STEP_TIMEOUT_MS => {
+                return Err(FieldError::new(
+                    field("timeout_ms"),
+                    format!("{ms} exceeds the limit of {MAX_STEP_TIMEOUT_MS} ms"),
+                ));
+            }
+            ms => ms,
+        };
+        let retry = retry_policy(&field("retry"), step.retry, defaults)?;
+        steps.push(StepDefinition {
+            id: step.step_id,
+            endpoint: step.endpoint,
+            payload: step.payload,
+            compensation: step.compensation_payload,
+            timeout_ms,
+            retry,
+            after: Vec::new(),
+        });
+        after_names.push(step.after);
+    }
+    let ids: Vec<String> = steps.iter().map(|s| s.id.clone()).collect();
+    let resolved = resolve_dependencies(&ids, &after_names).map_err(|error| {
+        let (step, name) = match &error {
+            GraphError::DuplicateStep { step, .. } => (*step, "step_id"),
+            GraphError::UnknownStep { step, .. }
+            | GraphError::SelfDependency { step }
+            | GraphError::Cycle { step, .. } => (*step, "after"),
+        };
+        FieldError::new(format!("steps[{step}].{name}"), error.to_string())
+    })?;
+    for (step, after) in steps.iter_mut().zip(resolved) {
+        step.after = after;
+    }
+    Ok(SagaParams {
+        definition: SagaDefinition {
+            steps,
+            stuck_after_attempts: defaults.stuck_after_attempts,
+        },
+        idempotency_key,
+    })
+}
+
+fn retry_policy(
+    field: &str,
+    retry: Option<pb::RetryPolicy>,
+    defaults: &SagaDefaults,
+) -> Result<RetryPolicy, FieldError> {
+    let retry = retry.unwrap_or_default();
+    let max_attempts = match retry.max_attempts {
+        0 => defaults.step_attempts,
+        n if n > MAX_STEP_ATTEMPTS => {
+            return Err(FieldError::new(
+                format!("{field}.max_attempts"),
+                format!("{n} exceeds the limit of {MAX_STEP_ATTEMPTS}"),
+            ));
+        }
+        n => n,
+    };
+    let initial_backoff_ms = match retry.initial_backoff_ms {
+        0 => defaults.retry_backoff_initial_ms,
+        ms => ms,
+    };
+    let max_backoff_ms = match retry.max_backoff_ms {
+        0 => defaults.retry_backoff_max_ms.max(initial_backoff_ms),
+        ms => ms,
+    };
+    if max_backoff_ms > MAX_STEP_BACKOFF_MS {
+        return Err(FieldError::new(
+            format!("{field}.max_backoff_ms"),
+            format!("{max_backoff_ms} exceeds the limit of {MAX_STEP_BACKOFF_MS} ms"),
+        ));
+    }
+    if initial_backoff_ms > max_backoff_ms {
+        return Err(FieldError::new(
+            format!("{field}.initial_backoff_ms"),
+            format!("{initial_backoff_ms} exceeds max_backoff_ms ({max_backoff_ms})"),
+        ));
+    }
+    Ok(RetryPolicy {
+        max_attempts,
+        initial_backoff_ms,
+        max_backoff_ms,
+    })
+}

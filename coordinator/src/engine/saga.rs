@@ -1,0 +1,729 @@
+//! Sagas (Garcia-Molina & Salem 1987) as a pure state machine: events in, actions out;
+//! no I/O, no clock, no randomness.
+//!
+//! ```text
+//!  Submitting ──Persisted──▶ Running ──every step committed──▶ Finishing(Completed) ──Persisted──▶ Completed
+//!                               │ a step rejected, or out of attempts
+//!                               ▼
+//!                      DecidingCompensation ──Persisted──▶ Compensating ──all undone──▶ Finishing(Compensated) ──Persisted──▶ Compensated
+//! ```
+//!
+//! Invariants:
+//! - No step runs before the definition is durable (`Submitting` waits for `Persisted`).
+//! - A step starts only when every step it runs `after` has committed.
+//! - The decision to compensate is durable before the first compensation is sent or
+//!   anyone is told; "completed" and "compensated" are durable before they are shown.
+//!   Every log write issued after the decision carries it ([`Saga::log_record`]), so a
+//!   lazy progress write can never take the direction back.
+//! - Once compensating, no forward action is sent again. A step is compensated only when
+//!   every step that runs after it is compensated, skipped or rejected (reverse
+//!   dependency order); independent steps are compensated in parallel.
+//! - Every step whose forward action may have run (committed, in flight, out of attempts)
+//!   is compensated; the participant's barrier makes compensating a step that never ran
+//!   a recorded no-op.
+//! - Compensations are retried without limit; after `stuck_after_attempts` failures of
+//!   one step the saga is flagged stuck (and keeps retrying).
+
+use crate::model::{
+    AttemptLog, BranchRecord, BranchState, Operation, RetryPolicy, SagaDefinition, Transition,
+    TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
+};
+
+/// What a participant answered to a step's forward action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepAnswer {
+    Committed,
+    Rejected {
+        reason: String,
+    },
+    /// The step had been compensated before this forward action arrived.
+    AlreadyCompensated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SagaEvent {
+    StepAnswered {
+        step: usize,
+        answer: StepAnswer,
+    },
+    /// No answer: a transport error, a timeout, or an error status.
+    StepFailed {
+        step: usize,
+        error: String,
+    },
+    StepRetryDue {
+        step: usize,
+    },
+    Compensated {
+        step: usize,
+    },
+    CompensationFailed {
+        step: usize,
+        error: String,
+    },
+    CompensationRetryDue {
+        step: usize,
+    },
+    /// The forced write asked for last (definition, decision or final state) returned.
+    Persisted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SagaAction {
+    SendStep {
+        step: usize,
+    },
+    SendCompensation {
+        step: usize,
+    },
+    /// Retry the forward action after a backoff for its `attempt`-th failure.
+    ScheduleStepRetry {
+        step: usize,
+        attempt: u32,
+        policy: RetryPolicy,
+    },
+    ScheduleCompensationRetry {
+        step: usize,
+        attempt: u32,
+        policy: RetryPolicy,
+    },
+    /// Force `log_record()` to the log, then feed `Persisted`.
+    PersistForced,
+    /// Write `log_record()` lazily (progress only).
+    PersistLazy,
+    /// A compensation keeps failing: tell the operator.
+    WarnStuck {
+        step: usize,
+    },
+}
+
+/// Where the saga is. Finer than [`TxnState`], which is what users see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SagaPhase {
+    /// The definition is being forced to the log; nothing has run.
+    Submitting,
+    Running,
+    /// The decision to compensate is being forced to the log.
+    DecidingCompensation,
+    Compensating,
+    /// The final state is being forced to the log.
+    Finishing {
+        compensated: bool,
+    },
+    Completed,
+    Compensated,
+}
+
+impl SagaPhase {
+    /// What users see: nothing not yet durable.
+    pub fn state(self) -> TxnState {
+        match self {
+            SagaPhase::Submitting
+            | SagaPhase::Running
+            | SagaPhase::DecidingCompensation
+            | SagaPhase::Finishing { compensated: false } => TxnState::Running,
+            SagaPhase::Compensating | SagaPhase::Finishing { compensated: true } => {
+                TxnState::Compensating
+            }
+            SagaPhase::Completed => TxnState::Completed,
+            SagaPhase::Compensated => TxnState::Compensated,
+        }
+    }
+
+    /// What the log must hold once this phase's writes are issued: decisions included.
+    fn logged_state(self) -> TxnState {
+        match self {
+            SagaPhase::Submitting | SagaPhase::Running => TxnState::Running,
+            SagaPhase::DecidingCompensation | SagaPhase::Compensating => TxnState::Compensating,
+            SagaPhase::Finishing { compensated: false } | SagaPhase::Completed => {
+                TxnState::Completed
+            }
+            SagaPhase::Finishing { compensated: true } | SagaPhase::Compensated => {
+                TxnState::Compensated
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub state: BranchState,
+    pub attempts: u32,
+    pub compensation_attempts: u32,
+    pub last_error: Option<String>,
+    pub history: AttemptLog,
+    /// A compensation is in flight or waiting to be retried.
+    compensation_sent: bool,
+}
+
+impl Step {
+    fn new(state: BranchState) -> Self {
+        Self {
+            state,
+            attempts: 0,
+            compensation_attempts: 0,
+            last_error: None,
+            history: AttemptLog::default(),
+            compensation_sent: false,
+        }
+    }
+
+    /// Nothing left to undo: compensated, never started, or refused by the participant.
+    fn undone(&self) -> bool {
+        matches!(
+            self.state,
+            BranchState::Compensated | BranchState::Skipped | BranchState::Rejected
+        )
+    }
+}
+
+/// A new saga, validated by the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSaga {
+    pub id: TxnId,
+    pub created_unix_ms: UnixMs,
+    pub definition: SagaDefinition,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saga {
+    id: TxnId,
+    phase: SagaPhase,
+    created_unix_ms: UnixMs,
+    definition: SagaDefinition,
+    idempotency_key: Option<String>,
+    steps: Vec<Step>,
+    reason: Option<String>,
+    stuck: bool,
+    transitions: Vec<Transition>,
+}
+
+impl Saga {
+    /// A new saga: its definition must be durable before anything runs. Its first
+    /// transition (RUNNING) is recorded when that write returns.
+    pub fn submit(params: NewSaga) -> (Self, Vec<SagaAction>) {
+        let steps = params
+            .definition
+            .steps
+            .iter()
+            .map(|_| Step::new(BranchState::Pending))
+            .collect();
+        let saga = Self {
+            id: params.id,
+            phase: SagaPhase::Submitting,
+            created_unix_ms: params.created_unix_ms,
+            definition: params.definition,
+            idempotency_key: params.idempotency_key,
+            steps,
+            reason: None,
+            stuck: false,
+            transitions: Vec::new(),
+        };
+        (saga, vec![SagaAction::PersistForced])
+    }
+
+    /// A saga found unfinished in the log after a restart: forward steps are driven
+    /// again from where the log says they stood (participants answer replays from their
+    /// barrier), or compensation resumes.
+    pub fn recover(record: TxnRecord, now: UnixMs) -> (Self, Vec<SagaAction>) {
+        let Some(definition) = record.saga.clone() else {
+            panic!("invariant: a saga is recovered only with its definition (the runtime checks)");
+        };
+        let mut steps: Vec<Step> = record
+            .branches
+            .iter()
+            .map(|b| Step {
+                state: b.state,
+                attempts: b.attempts,
+                compensation_attempts: b.compensation_attempts,
+                last_error: b.last_error.clone(),
+                history: b.history.clone(),
+                compensation_sent: false,
+            })
+            .collect();
+        steps.resize_with(definition.steps.len(), || Step::new(BranchState::Pending));
+        let mut saga = Self {
+            id: record.id,
+            phase: SagaPhase::Running,
+            created_unix_ms: record.created_unix_ms,
+            definition,
+            idempotency_key: record.idempotency_key,
+            steps,
+            reason: record.reason,
+            stuck: record.stuck,
+            transitions: record.transitions,
+        };
+        if saga.transitions.is_empty() {
+            // Only the definition reached the disk: it was accepted when that write returned.
+            saga.transitions.push(Transition {
+                state: TxnState::Running,
+                at_unix_ms: saga.created_unix_ms,
+                reason: String::new(),
+            });
+        }
+        let recovered = "recovered after a coordinator restart".to_string();
+        match record.state {
+            TxnState::Compensating => {
+                saga.phase = SagaPhase::Compensating;
+                saga.note(recovered, now);
+                let actions = saga.compensate_what_is_left(now);
+                (saga, actions)
+            }
+            TxnState::Running => {
+                saga.note(recovered, now);
+                // A rejection whose decision had not reached the disk: decide again.
+                let rejected = saga
+                    .steps
+                    .iter()
+                    .position(|s| s.state == BranchState::Rejected);
+                let actions = match rejected {
+                    Some(index) => {
+                        let id = &saga.definition.steps[index].id;
+                        let why = format!("step {id} was rejected");
+                        saga.decide_compensation(why)
+                    }
+                    None => saga.start_runnable_steps(now, true),
+                };
+                (saga, actions)
+            }
+            other => panic!(
+                "invariant: only RUNNING and COMPENSATING sagas are recovered, not {other:?}"
+            ),
+        }
+    }
+
+    pub fn id(&self) -> TxnId {
+        self.id
+    }
+
+    pub fn phase(&self) -> SagaPhase {
+        self.phase
+    }
+
+    pub fn state(&self) -> TxnState {
+        self.phase.state()
+    }
+
+    /// Whether the definition is durable (the saga is accepted and may be reported).
+    pub fn is_accepted(&self) -> bool {
+        self.phase != SagaPhase::Submitting
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    pub fn definition(&self) -> &SagaDefinition {
+        &self.definition
+    }
+
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
+
+    pub fn is_stuck(&self) -> bool {
+        self.stuck
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+
+    /// What GetTransaction shows: nothing that is not durable yet.
+    pub fn record(&self) -> TxnRecord {
+        self.record_in(self.state())
+    }
+
+    /// What the log must hold: the decisions taken, even while their write is in flight.
+    pub fn log_record(&self) -> TxnRecord {
+        self.record_in(self.phase.logged_state())
+    }
+
+    fn record_in(&self, state: TxnState) -> TxnRecord {
+        TxnRecord {
+            id: self.id,
+            kind: TxnKind::Saga,
+            state,
+            created_unix_ms: self.created_unix_ms,
+            deadline_unix_ms: 0,
+            prepare_timeout_ms: 0,
+            reason: self.reason.clone(),
+            branches: self
+                .steps
+                .iter()
+                .zip(&self.definition.steps)
+                .map(|(step, definition)| BranchRecord {
+                    id: definition.id.clone(),
+                    endpoint: definition.endpoint.clone(),
+                    state: step.state,
+                    attempts: step.attempts,
+                    compensation_attempts: step.compensation_attempts,
+                    last_error: step.last_error.clone(),
+                    history: step.history.clone(),
+                })
+                .collect(),
+            transitions: self.transitions.clone(),
+            ended_unix_ms: state
+                .is_final()
+                .then(|| self.transitions.last().map_or(0, |t| t.at_unix_ms)),
+            idempotency_key: self.idempotency_key.clone(),
+            stuck: self.stuck,
+            saga: Some(self.definition.clone()),
+        }
+    }
+
+    pub fn handle_event(&mut self, event: SagaEvent, now: UnixMs) -> Vec<SagaAction> {
+        match event {
+            SagaEvent::Persisted => self.on_persisted(now),
+            SagaEvent::StepAnswered { step, answer } => self.on_step_answer(step, answer, now),
+            SagaEvent::StepFailed { step, error } => self.on_step_failure(step, error, now),
+            SagaEvent::StepRetryDue { step } => {
+                let running = self.phase == SagaPhase::Running;
+                match self.steps.get_mut(step) {
+                    Some(s) if running && s.state == BranchState::Running => {
+                        s.attempts += 1;
+                        s.history.start(Operation::Step, now);
+                        vec![SagaAction::SendStep { step }]
+                    }
+                    _ => Vec::new(),
+                }
+            }
+            SagaEvent::Compensated { step } => {
+                let Some(s) = self.steps.get_mut(step) else {
+                    return Vec::new();
+                };
+                s.history
+                    .finish(&[Operation::Compensate], "compensated", now);
+                if s.state != BranchState::Compensating || self.phase != SagaPhase::Compensating {
+                    return Vec::new();
+                }
+                s.state = BranchState::Compensated;
+                s.compensation_sent = false;
+                let mut actions = vec![SagaAction::PersistLazy];
+                actions.extend(self.compensate_what_is_left(now));
+                actions
+            }
+            SagaEvent::CompensationFailed { step, error } => {
+                let stuck_after = self.definition.stuck_after_attempts;
+                let Some(s) = self.steps.get_mut(step) else {
+                    return Vec::new();
+                };
+                s.history
+                    .finish(&[Operation::Compensate], format!("error: {error}"), now);
+                if s.state != BranchState::Compensating {
+                    return Vec::new();
+                }
+                let attempt = s.compensation_attempts;
+                s.last_error = Some(error.clone());
+                let mut actions = vec![SagaAction::ScheduleCompensationRetry {
+                    step,
+                    attempt,
+                    policy: self.definition.steps[step].retry,
+                }];
+                if attempt >= stuck_after && !self.stuck {
+                    self.stuck = true;
+                    let id = &self.definition.steps[step].id;
+                    let note = format!(
+                        "stuck: compensating step {id} failed {attempt} times (last: {error}); still retrying"
+                    );
+                    self.note(note, now);
+                    actions.push(SagaAction::WarnStuck { step });
+                }
+                actions
+            }
+            SagaEvent::CompensationRetryDue { step } => match self.steps.get_mut(step) {
+                Some(s) if s.state == BranchState::Compensating => {
+                    s.compensation_attempts += 1;
+                    s.history.start(Operation::Compensate, now);
+                    vec![SagaAction::SendCompensation { step }]
+                }
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    fn on_persisted(&mut self, now: UnixMs) -> Vec<SagaAction> {
+        match self.phase {
+            SagaPhase::Submitting => {
+                self.enter(SagaPhase::Running, String::new(), now);
+                self.start_runnable_steps(now, false)
+            }
+            SagaPhase::DecidingCompensation => {
+                let reason = self.reason.clone().unwrap_or_default();
+                self.enter(SagaPhase::Compensating, reason, now);
+                for step in &mut self.steps {
+                    if step.state == BranchState::Pending {
+                        step.state = BranchState::Skipped;
+                    }
+                }
+                self.compensate_what_is_left(now)
+            }
+            SagaPhase::Finishing { compensated } => {
+                let end = if compensated {
+                    SagaPhase::Compensated
+                } else {
+                    SagaPhase::Completed
+                };
+                self.stuck = false;
+                self.enter(end, String::new(), now);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_step_answer(&mut self, step: usize, answer: StepAnswer, now: UnixMs) -> Vec<SagaAction> {
+        let Some(s) = self.steps.get_mut(step) else {
+            return Vec::new();
+        };
+        s.history.finish(
+            &[Operation::Step],
+            match &answer {
+                StepAnswer::Committed => "committed".to_string(),
+                StepAnswer::Rejected { reason } => format!("rejected: {reason}"),
+                StepAnswer::AlreadyCompensated => "already compensated".to_string(),
+            },
+            now,
+        );
+        if s.state != BranchState::Running {
+            // A late or repeated answer: the step has moved on (compensation under way).
+            return Vec::new();
+        }
+        match answer {
+            StepAnswer::Committed => {
+                s.state = BranchState::Committed;
+                let mut actions = vec![SagaAction::PersistLazy];
+                match self.phase {
+                    SagaPhase::Running => {
+                        if self.steps.iter().all(|s| s.state == BranchState::Committed) {
+                            self.phase = SagaPhase::Finishing { compensated: false };
+                            actions.push(SagaAction::PersistForced);
+                        } else {
+                            actions.extend(self.start_runnable_steps(now, false));
+                        }
+                    }
+                    // It will be compensated with the others.
+                    SagaPhase::Compensating => actions.extend(self.compensate_what_is_left(now)),
+                    _ => {}
+                }
+                actions
+            }
+            StepAnswer::Rejected { reason } => {
+                s.state = BranchState::Rejected;
+                let id = &self.definition.steps[step].id;
+                let why = format!("step {id} was rejected: {reason}");
+                match self.phase {
+                    SagaPhase::Running => self.decide_compensation(why),
+                    SagaPhase::Compensating => self.compensate_what_is_left(now),
+                    _ => Vec::new(),
+                }
+            }
+            StepAnswer::AlreadyCompensated => Vec::new(),
+        }
+    }
+
+    fn on_step_failure(&mut self, step: usize, error: String, now: UnixMs) -> Vec<SagaAction> {
+        let running = self.phase == SagaPhase::Running;
+        let Some(s) = self.steps.get_mut(step) else {
+            return Vec::new();
+        };
+        s.history
+            .finish(&[Operation::Step], format!("error: {error}"), now);
+        if s.state != BranchState::Running {
+            return Vec::new();
+        }
+        s.last_error = Some(error.clone());
+        if !running {
+            // Compensation is decided; this step will be compensated, not retried.
+            return Vec::new();
+        }
+        let policy = self.definition.steps[step].retry;
+        if s.attempts < policy.max_attempts {
+            return vec![SagaAction::ScheduleStepRetry {
+                step,
+                attempt: s.attempts,
+                policy,
+            }];
+        }
+        s.state = BranchState::Uncertain;
+        let attempts = s.attempts;
+        let id = &self.definition.steps[step].id;
+        let why = format!("step {id} failed {attempts} times (last: {error})");
+        self.decide_compensation(why)
+    }
+
+    /// Starts every pending step whose dependencies have all committed. After a restart
+    /// (`again`), steps that were running are sent again too.
+    fn start_runnable_steps(&mut self, now: UnixMs, again: bool) -> Vec<SagaAction> {
+        let mut actions = Vec::new();
+        for step in 0..self.steps.len() {
+            let state = self.steps[step].state;
+            let startable =
+                state == BranchState::Pending || (again && state == BranchState::Running);
+            let ready = self.definition.steps[step]
+                .after
+                .iter()
+                .all(|&d| self.steps[d].state == BranchState::Committed);
+            if startable && ready {
+                let s = &mut self.steps[step];
+                s.state = BranchState::Running;
+                s.attempts += 1;
+                s.history.start(Operation::Step, now);
+                actions.push(SagaAction::SendStep { step });
+            }
+        }
+        actions
+    }
+
+    /// The decision to compensate: forced before anything is undone or anyone is told.
+    fn decide_compensation(&mut self, reason: String) -> Vec<SagaAction> {
+        self.reason = Some(reason);
+        self.phase = SagaPhase::DecidingCompensation;
+        vec![SagaAction::PersistForced]
+    }
+
+    /// Sends the compensations that may go now (every dependent step is undone), and
+    /// finishes the saga when nothing is left to undo.
+    fn compensate_what_is_left(&mut self, now: UnixMs) -> Vec<SagaAction> {
+        let mut actions = Vec::new();
+        for step in 0..self.steps.len() {
+            let s = &self.steps[step];
+            let needs = s.state.may_have_run()
+                || (s.state == BranchState::Compensating && !s.compensation_sent);
+            if !needs {
+                continue;
+            }
+            let dependents_undone = self
+                .definition
+                .steps
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.after.contains(&step))
+                .all(|(d, _)| self.steps[d].undone());
+            if dependents_undone {
+                let s = &mut self.steps[step];
+                s.state = BranchState::Compensating;
+                s.compensation_sent = true;
+                s.compensation_attempts += 1;
+                s.history.start(Operation::Compensate, now);
+                actions.push(SagaAction::SendCompensation { step });
+            }
+        }
+        if self.phase == SagaPhase::Compensating && self.steps.iter().all(Step::undone) {
+            self.phase = SagaPhase::Finishing { compensated: true };
+            actions.push(SagaAction::PersistForced);
+        }
+        actions
+    }
+
+    fn enter(&mut self, phase: SagaPhase, reason: String, now: UnixMs) {
+        self.phase = phase;
+        self.transitions.push(Transition {
+            state: phase.state(),
+            at_unix_ms: now,
+            reason,
+        });
+    }
+
+    /// A notable event in the history, without a change of state.
+    fn note(&mut self, reason: String, now: UnixMs) {
+        self.transitions.push(Transition {
+            state: self.state(),
+            at_unix_ms: now,
+            reason,
+        });
+    }
+}
+
+/// Why a saga's step graph is refused. `step` is the index of the step to name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GraphError {
+    #[error("step id {id:?} is used twice")]
+    DuplicateStep { step: usize, id: String },
+    #[error("runs after unknown step {after:?}")]
+    UnknownStep { step: usize, after: String },
+    #[error("runs after itself")]
+    SelfDependency { step: usize },
+    #[error("is part of a cycle: {cycle}")]
+    Cycle { step: usize, cycle: String },
+}
+
+/// Resolves each step's `after` names to indices, refusing duplicate ids, unknown or
+/// repeated dependencies and cycles: the steps must form a DAG.
+pub fn resolve_dependencies(
+    ids: &[String],
+    after: &[Vec<String>],
+) -> Result<Vec<Vec<usize>>, GraphError> {
+    let mut index = std::collections::HashMap::new();
+    for (step, id) in ids.iter().enumerate() {
+        if index.insert(id.as_str(), step).is_some() {
+            return Err(GraphError::DuplicateStep {
+                step,
+                id: id.clone(),
+            });
+        }
+    }
+    let mut resolved = Vec::with_capacity(ids.len());
+    for (step, names) in after.iter().enumerate() {
+        let mut deps: Vec<usize> = Vec::with_capacity(names.len());
+        for name in names {
+            let dep = *index
+                .get(name.as_str())
+                .ok_or_else(|| GraphError::UnknownStep {
+                    step,
+                    after: name.clone(),
+                })?;
+            if dep == step {
+                return Err(GraphError::SelfDependency { step });
+            }
+            if !deps.contains(&dep) {
+                deps.push(dep);
+            }
+        }
+        resolved.push(deps);
+    }
+    // Depth-first search with colours; a grey node reached again closes a cycle.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Colour {
+        White,
+        Grey,
+        Black,
+    }
+    let mut colour = vec![Colour::White; ids.len()];
+    for root in 0..ids.len() {
+        if colour[root] != Colour::White {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+        colour[root] = Colour::Grey;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            if let Some(&dep) = resolved[node].get(*next) {
+                *next += 1;
+                match colour[dep] {
+                    Colour::White => {
+                        colour[dep] = Colour::Grey;
+                        stack.push((dep, 0));
+                    }
+                    Colour::Grey => {
+                        let start = stack.iter().position(|(n, _)| *n == dep).unwrap_or(0);
+                        let mut names: Vec<&str> = stack[start..]
+                            .iter()
+                            .map(|(n, _)| ids[*n].as_str())
+                            .collect();
+                        names.push(ids[dep].as_str());
+                        return Err(GraphError::Cycle {
+                            step: dep,
+                            cycle: names.join(" after "),
+                        });
+                    }
+                    Colour::Black => {}
+                }
+            } else {
+                colour[node] = Colour::Black;
+                stack.pop();
+            }
+        }
+    }
+    Ok(resolved)
+}

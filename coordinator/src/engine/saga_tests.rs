@@ -1,0 +1,491 @@
+//! One test per situation, asserting the exact actions each step of a saga emits.
+
+use super::saga::*;
+use crate::model::{
+    BranchState, Operation, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnState, UnixMs,
+};
+
+const T0: UnixMs = 1_700_000_000_000;
+
+const RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 3,
+    initial_backoff_ms: 10,
+    max_backoff_ms: 100,
+};
+
+/// Steps named by letter; `graph` lists, per step, the indices it runs after.
+fn definition(graph: &[&[usize]]) -> SagaDefinition {
+    SagaDefinition {
+        steps: graph
+            .iter()
+            .enumerate()
+            .map(|(i, after)| StepDefinition {
+                id: ((b'a' + i as u8) as char).to_string(),
+                endpoint: "http://127.0.0.1:1".into(),
+                payload: vec![i as u8],
+                compensation: vec![100 + i as u8],
+                timeout_ms: 1_000,
+                retry: RETRY,
+                after: after.to_vec(),
+            })
+            .collect(),
+        stuck_after_attempts: 3,
+    }
+}
+
+/// A saga past submission: its definition durable, its root steps sent.
+fn running(graph: &[&[usize]]) -> Saga {
+    let (mut saga, actions) = Saga::submit(NewSaga {
+        id: TxnId::generate(T0),
+        created_unix_ms: T0,
+        definition: definition(graph),
+        idempotency_key: Some("order-1".into()),
+    });
+    assert_eq!(actions, vec![SagaAction::PersistForced]);
+    assert!(!saga.is_accepted());
+    let roots: Vec<SagaAction> = graph
+        .iter()
+        .enumerate()
+        .filter(|(_, after)| after.is_empty())
+        .map(|(step, _)| SagaAction::SendStep { step })
+        .collect();
+    assert_eq!(saga.handle_event(SagaEvent::Persisted, T0 + 1), roots);
+    assert!(saga.is_accepted());
+    saga
+}
+
+fn answer(saga: &mut Saga, step: usize, answer: StepAnswer) -> Vec<SagaAction> {
+    saga.handle_event(SagaEvent::StepAnswered { step, answer }, T0 + 2)
+}
+
+fn committed(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
+    answer(saga, step, StepAnswer::Committed)
+}
+
+fn rejected(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
+    answer(
+        saga,
+        step,
+        StepAnswer::Rejected {
+            reason: "out of stock".into(),
+        },
+    )
+}
+
+fn compensated(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
+    saga.handle_event(SagaEvent::Compensated { step }, T0 + 3)
+}
+
+fn persisted(saga: &mut Saga) -> Vec<SagaAction> {
+    saga.handle_event(SagaEvent::Persisted, T0 + 4)
+}
+
+fn states(saga: &Saga) -> Vec<BranchState> {
+    saga.steps().iter().map(|s| s.state).collect()
+}
+
+#[test]
+fn nothing_runs_before_the_definition_is_durable() {
+    let (saga, actions) = Saga::submit(NewSaga {
+        id: TxnId::generate(T0),
+        created_unix_ms: T0,
+        definition: definition(&[&[], &[0]]),
+        idempotency_key: None,
+    });
+    assert_eq!(actions, vec![SagaAction::PersistForced]);
+    assert_eq!(states(&saga), [BranchState::Pending, BranchState::Pending]);
+    // The record forced carries the whole definition.
+    let logged = saga.log_record();
+    assert_eq!(logged.state, TxnState::Running);
+    assert_eq!(logged.saga.unwrap().steps[1].after, vec![0]);
+    assert!(logged.transitions.is_empty());
+}
+
+#[test]
+fn a_chain_runs_step_by_step_and_completion_is_durable_before_it_shows() {
+    let mut saga = running(&[&[], &[0], &[1]]);
+    assert_eq!(
+        committed(&mut saga, 0),
+        vec![SagaAction::PersistLazy, SagaAction::SendStep { step: 1 }]
+    );
+    assert_eq!(
+        committed(&mut saga, 1),
+        vec![SagaAction::PersistLazy, SagaAction::SendStep { step: 2 }]
+    );
+    assert_eq!(
+        committed(&mut saga, 2),
+        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
+    );
+    assert_eq!(
+        saga.state(),
+        TxnState::Running,
+        "not completed until durable"
+    );
+    assert_eq!(saga.log_record().state, TxnState::Completed);
+    assert!(persisted(&mut saga).is_empty());
+    assert_eq!(saga.state(), TxnState::Completed);
+    let transitions: Vec<TxnState> = saga.record().transitions.iter().map(|t| t.state).collect();
+    assert_eq!(transitions, [TxnState::Running, TxnState::Completed]);
+}
+
+#[test]
+fn a_rejected_step_compensates_the_earlier_ones_and_later_ones_never_start() {
+    let mut saga = running(&[&[], &[0], &[1]]);
+    committed(&mut saga, 0);
+    // The decision is forced first; nothing is undone or shown before it is durable.
+    assert_eq!(rejected(&mut saga, 1), vec![SagaAction::PersistForced]);
+    assert_eq!(saga.state(), TxnState::Running);
+    assert_eq!(saga.log_record().state, TxnState::Compensating);
+    assert_eq!(
+        persisted(&mut saga),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+    assert_eq!(saga.state(), TxnState::Compensating);
+    assert_eq!(
+        states(&saga),
+        [
+            BranchState::Compensating,
+            BranchState::Rejected,
+            BranchState::Skipped
+        ]
+    );
+    assert_eq!(
+        compensated(&mut saga, 0),
+        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
+    );
+    assert_eq!(
+        saga.state(),
+        TxnState::Compensating,
+        "not compensated until durable"
+    );
+    persisted(&mut saga);
+    assert_eq!(saga.state(), TxnState::Compensated);
+    assert_eq!(saga.reason(), Some("step b was rejected: out of stock"));
+    // Step c was never sent: no Step attempt in its history.
+    assert!(saga.steps()[2].history.attempts().is_empty());
+}
+
+#[test]
+fn compensation_runs_in_reverse_dependency_order() {
+    let mut saga = running(&[&[], &[0], &[1], &[2]]);
+    committed(&mut saga, 0);
+    committed(&mut saga, 1);
+    committed(&mut saga, 2);
+    rejected(&mut saga, 3);
+    assert_eq!(
+        persisted(&mut saga),
+        vec![SagaAction::SendCompensation { step: 2 }]
+    );
+    assert_eq!(
+        compensated(&mut saga, 2),
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendCompensation { step: 1 }
+        ]
+    );
+    assert_eq!(
+        compensated(&mut saga, 1),
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendCompensation { step: 0 }
+        ]
+    );
+    assert_eq!(
+        compensated(&mut saga, 0),
+        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
+    );
+}
+
+#[test]
+fn independent_steps_run_and_are_compensated_in_parallel() {
+    // a and b in parallel; c after both.
+    let mut saga = running(&[&[], &[], &[0, 1]]);
+    assert_eq!(committed(&mut saga, 1), vec![SagaAction::PersistLazy]);
+    assert_eq!(
+        committed(&mut saga, 0),
+        vec![SagaAction::PersistLazy, SagaAction::SendStep { step: 2 }]
+    );
+    rejected(&mut saga, 2);
+    assert_eq!(
+        persisted(&mut saga),
+        vec![
+            SagaAction::SendCompensation { step: 0 },
+            SagaAction::SendCompensation { step: 1 }
+        ]
+    );
+}
+
+#[test]
+fn a_failing_branch_of_a_parallel_group_compensates_its_sibling_in_flight() {
+    // a and b in parallel; c after both. b is rejected while a is still running.
+    let mut saga = running(&[&[], &[], &[0, 1]]);
+    assert_eq!(rejected(&mut saga, 1), vec![SagaAction::PersistForced]);
+    // a's answer arrives while the decision is being written: recorded, nothing sent.
+    assert_eq!(committed(&mut saga, 0), vec![SagaAction::PersistLazy]);
+    assert_eq!(
+        persisted(&mut saga),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+    assert_eq!(saga.steps()[2].state, BranchState::Skipped);
+
+    // The same, but a's forward action is still in flight at the decision: it is
+    // compensated anyway (the barrier makes that safe), and its late answer changes nothing.
+    let mut saga = running(&[&[], &[], &[0, 1]]);
+    rejected(&mut saga, 1);
+    assert_eq!(
+        persisted(&mut saga),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+    assert!(committed(&mut saga, 0).is_empty());
+    assert_eq!(
+        compensated(&mut saga, 0),
+        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
+    );
+}
+
+#[test]
+fn transient_failures_are_retried_and_every_attempt_is_in_the_history() {
+    let mut saga = running(&[&[]]);
+    let failure = SagaEvent::StepFailed {
+        step: 0,
+        error: "unavailable".into(),
+    };
+    assert_eq!(
+        saga.handle_event(failure, T0 + 2),
+        vec![SagaAction::ScheduleStepRetry {
+            step: 0,
+            attempt: 1,
+            policy: RETRY
+        }]
+    );
+    assert_eq!(
+        saga.handle_event(SagaEvent::StepRetryDue { step: 0 }, T0 + 20),
+        vec![SagaAction::SendStep { step: 0 }]
+    );
+    committed(&mut saga, 0);
+    let step = &saga.steps()[0];
+    assert_eq!(step.attempts, 2);
+    let results: Vec<(Operation, Option<&str>)> = step
+        .history
+        .attempts()
+        .iter()
+        .map(|a| (a.operation, a.result.as_deref()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            (Operation::Step, Some("error: unavailable")),
+            (Operation::Step, Some("committed"))
+        ]
+    );
+}
+
+#[test]
+fn out_of_attempts_the_uncertain_step_is_compensated_too() {
+    let mut saga = running(&[&[], &[0]]);
+    committed(&mut saga, 0);
+    for attempt in 1..RETRY.max_attempts {
+        let actions = saga.handle_event(
+            SagaEvent::StepFailed {
+                step: 1,
+                error: "timeout".into(),
+            },
+            T0 + 5,
+        );
+        assert_eq!(
+            actions,
+            vec![SagaAction::ScheduleStepRetry {
+                step: 1,
+                attempt,
+                policy: RETRY
+            }]
+        );
+        saga.handle_event(SagaEvent::StepRetryDue { step: 1 }, T0 + 6);
+    }
+    let last = saga.handle_event(
+        SagaEvent::StepFailed {
+            step: 1,
+            error: "timeout".into(),
+        },
+        T0 + 7,
+    );
+    assert_eq!(last, vec![SagaAction::PersistForced]);
+    assert_eq!(saga.steps()[1].state, BranchState::Uncertain);
+    assert_eq!(saga.reason(), Some("step b failed 3 times (last: timeout)"));
+    // b may have run: it is compensated first, then a.
+    assert_eq!(
+        persisted(&mut saga),
+        vec![SagaAction::SendCompensation { step: 1 }]
+    );
+    assert_eq!(
+        compensated(&mut saga, 1),
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendCompensation { step: 0 }
+        ]
+    );
+}
+
+#[test]
+fn a_compensation_failing_repeatedly_flags_the_saga_stuck_until_it_succeeds() {
+    let mut saga = running(&[&[], &[0]]);
+    committed(&mut saga, 0);
+    rejected(&mut saga, 1);
+    persisted(&mut saga);
+    for attempt in 1..=5u32 {
+        let actions = saga.handle_event(
+            SagaEvent::CompensationFailed {
+                step: 0,
+                error: "refund service down".into(),
+            },
+            T0 + 10,
+        );
+        let mut expected = vec![SagaAction::ScheduleCompensationRetry {
+            step: 0,
+            attempt,
+            policy: RETRY,
+        }];
+        // Flagged once, at the third failure (stuck_after_attempts = 3).
+        if attempt == 3 {
+            expected.push(SagaAction::WarnStuck { step: 0 });
+        }
+        assert_eq!(actions, expected, "attempt {attempt}");
+        assert_eq!(saga.is_stuck(), attempt >= 3);
+        assert_eq!(
+            saga.handle_event(SagaEvent::CompensationRetryDue { step: 0 }, T0 + 11),
+            vec![SagaAction::SendCompensation { step: 0 }]
+        );
+    }
+    assert!(saga.record().stuck);
+    assert!(
+        saga.record()
+            .transitions
+            .iter()
+            .any(|t| t.reason.starts_with("stuck:"))
+    );
+    compensated(&mut saga, 0);
+    persisted(&mut saga);
+    assert_eq!(saga.state(), TxnState::Compensated);
+    assert!(!saga.is_stuck());
+    assert_eq!(saga.steps()[0].compensation_attempts, 6);
+}
+
+#[test]
+fn no_forward_retry_once_compensation_is_decided() {
+    let mut saga = running(&[&[], &[]]);
+    saga.handle_event(
+        SagaEvent::StepFailed {
+            step: 0,
+            error: "unavailable".into(),
+        },
+        T0 + 2,
+    );
+    rejected(&mut saga, 1);
+    assert!(
+        saga.handle_event(SagaEvent::StepRetryDue { step: 0 }, T0 + 3)
+            .is_empty()
+    );
+    // Step 0 may have run: it is compensated.
+    assert_eq!(
+        persisted(&mut saga),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+}
+
+#[test]
+fn recovery_resumes_forward_from_the_last_known_step() {
+    let mut saga = running(&[&[], &[0], &[1]]);
+    committed(&mut saga, 0);
+    // The log has a committed, b running (its answer lost in the crash), c pending.
+    let logged = saga.log_record();
+    let (recovered, actions) = Saga::recover(logged, T0 + 100);
+    assert_eq!(actions, vec![SagaAction::SendStep { step: 1 }]);
+    assert_eq!(recovered.steps()[1].attempts, 2);
+    assert_eq!(recovered.state(), TxnState::Running);
+}
+
+#[test]
+fn recovery_of_a_definition_alone_starts_the_saga() {
+    let (saga, _) = Saga::submit(NewSaga {
+        id: TxnId::generate(T0),
+        created_unix_ms: T0,
+        definition: definition(&[&[], &[]]),
+        idempotency_key: None,
+    });
+    let (recovered, actions) = Saga::recover(saga.log_record(), T0 + 100);
+    assert_eq!(
+        actions,
+        vec![
+            SagaAction::SendStep { step: 0 },
+            SagaAction::SendStep { step: 1 }
+        ]
+    );
+    assert_eq!(recovered.record().transitions[0].state, TxnState::Running);
+}
+
+#[test]
+fn recovery_resumes_compensation_and_never_goes_forward_again() {
+    let mut saga = running(&[&[], &[0], &[1]]);
+    committed(&mut saga, 0);
+    committed(&mut saga, 1);
+    rejected(&mut saga, 2);
+    persisted(&mut saga);
+    compensated(&mut saga, 1);
+    let (recovered, actions) = Saga::recover(saga.log_record(), T0 + 100);
+    assert_eq!(actions, vec![SagaAction::SendCompensation { step: 0 }]);
+    assert_eq!(recovered.state(), TxnState::Compensating);
+
+    // A decision whose write was in flight: the lazy writes after it carry it too.
+    let mut saga = running(&[&[], &[0]]);
+    committed(&mut saga, 0);
+    rejected(&mut saga, 1);
+    let (_, actions) = Saga::recover(saga.log_record(), T0 + 100);
+    assert_eq!(actions, vec![SagaAction::SendCompensation { step: 0 }]);
+}
+
+#[test]
+fn a_rejection_recovered_before_its_decision_was_logged_is_decided_again() {
+    let mut saga = running(&[&[], &[0]]);
+    committed(&mut saga, 0);
+    let mut logged = saga.log_record();
+    logged.branches[1].state = BranchState::Rejected;
+    let (recovered, actions) = Saga::recover(logged, T0 + 100);
+    assert_eq!(actions, vec![SagaAction::PersistForced]);
+    assert_eq!(recovered.log_record().state, TxnState::Compensating);
+}
+
+#[test]
+fn step_graphs_must_be_acyclic_with_known_unique_ids() {
+    let ids = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let after = |lists: &[&[&str]]| {
+        lists
+            .iter()
+            .map(|l| l.iter().map(|s| s.to_string()).collect())
+            .collect::<Vec<Vec<String>>>()
+    };
+    assert_eq!(
+        resolve_dependencies(
+            &ids(&["a", "b", "c"]),
+            &after(&[&[], &["a"], &["a", "b", "a"]])
+        ),
+        Ok(vec![vec![], vec![0], vec![0, 1]])
+    );
+    assert!(matches!(
+        resolve_dependencies(&ids(&["a", "a"]), &after(&[&[], &[]])),
+        Err(GraphError::DuplicateStep { step: 1, .. })
+    ));
+    assert!(matches!(
+        resolve_dependencies(&ids(&["a", "b"]), &after(&[&[], &["x"]])),
+        Err(GraphError::UnknownStep { step: 1, .. })
+    ));
+    assert_eq!(
+        resolve_dependencies(&ids(&["a"]), &after(&[&["a"]])),
+        Err(GraphError::SelfDependency { step: 0 })
+    );
+    let cycle = resolve_dependencies(&ids(&["a", "b", "c"]), &after(&[&["c"], &["a"], &["b"]]));
+    assert!(matches!(cycle, Err(GraphError::Cycle { .. })), "{cycle:?}");
+    assert_eq!(
+        cycle.unwrap_err().to_string(),
+        "is part of a cycle: a after c after b after a"
+    );
+}

@@ -1,0 +1,328 @@
+//! How a shard carries out the engines' actions: participant calls and log writes are
+//! spawned and report back as inputs; timers go into the shard's queue.
+//!
+//! Log writes are issued here, synchronously, in the order the engine asked for them
+//! (the log applies them in call order). A forced write's follow-up input (the decision
+//! or definition is durable) is sent only once the write returned Ok; a failed write goes
+//! to the fatal channel and produces no input.
+
+use std::time::Duration;
+
+use tracing::Instrument;
+use treaty_proto::v1::CommitMode;
+use treaty_sdk::failpoint::crash_point;
+
+use super::machine::{Input, Machine, Timer};
+use super::now_unix_ms;
+use super::shard::{Shard, txn_span};
+use crate::engine::saga::{SagaAction, SagaEvent, StepAnswer};
+use crate::engine::twopc::{Action, Answer, Event};
+use crate::log::Durability;
+use crate::model::{RetryPolicy, TxnId};
+use crate::participants::{Call, retry_delay};
+
+/// How much longer a prepare call may take than the transaction's prepare timeout.
+const PREPARE_CALL_GRACE_MS: u64 = 1_000;
+
+/// Actions of either engine.
+#[derive(Debug)]
+pub(super) enum Actions {
+    TwoPhase(Vec<Action>),
+    Saga(Vec<SagaAction>),
+}
+
+/// What a spawned two-phase call is for.
+#[derive(Debug, Clone, Copy)]
+enum CallKind {
+    Prepare,
+    OnePhaseCommit,
+    Commit,
+    Abort,
+}
+
+/// Crash points around a forced write, for the crash tests.
+struct ForcedWritePoints {
+    before: &'static str,
+    after: &'static str,
+}
+
+const DECISION_POINTS: ForcedWritePoints = ForcedWritePoints {
+    before: "coordinator::before_decision_logged",
+    after: "coordinator::after_decision_logged",
+};
+
+const SAGA_POINTS: ForcedWritePoints = ForcedWritePoints {
+    before: "coordinator::before_saga_write",
+    after: "coordinator::after_saga_write",
+};
+
+impl Shard {
+    pub(super) fn execute(&mut self, id: TxnId, actions: Actions) {
+        match actions {
+            Actions::TwoPhase(actions) => self.execute_two_phase(id, actions),
+            Actions::Saga(actions) => self.execute_saga(id, actions),
+        }
+    }
+
+    fn execute_two_phase(&mut self, id: TxnId, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::StartDeadlineTimer { at_unix_ms } => {
+                    let delay = Duration::from_millis(at_unix_ms.saturating_sub(now_unix_ms()));
+                    let key = self.timers.insert((id, Timer::Deadline), delay);
+                    if let Some(entry) = self.txns.get_mut(&id) {
+                        entry.deadline_timer = Some(key);
+                    }
+                }
+                Action::StartPrepareTimer { after_ms } => {
+                    let key = self
+                        .timers
+                        .insert((id, Timer::Prepare), Duration::from_millis(after_ms));
+                    if let Some(entry) = self.txns.get_mut(&id) {
+                        entry.prepare_timer = Some(key);
+                    }
+                }
+                Action::SendPrepare { branch } => self.spawn_call(id, branch, CallKind::Prepare),
+                Action::SendOnePhaseCommit { branch } => {
+                    self.spawn_call(id, branch, CallKind::OnePhaseCommit)
+                }
+                Action::SendCommit { branch } => self.spawn_call(id, branch, CallKind::Commit),
+                Action::SendAbort { branch } => self.spawn_call(id, branch, CallKind::Abort),
+                Action::ScheduleRetry { branch, attempt } => {
+                    let policy = RetryPolicy {
+                        max_attempts: 0,
+                        initial_backoff_ms: self.config.retry_backoff_initial_ms,
+                        max_backoff_ms: self.config.retry_backoff_max_ms,
+                    };
+                    self.schedule(id, Timer::Retry { branch }, attempt, policy);
+                }
+                Action::PersistDecision => self.persist(
+                    id,
+                    Durability::Forced,
+                    Some((Input::TwoPhase(Event::DecisionPersisted), DECISION_POINTS)),
+                ),
+                Action::PersistEnd => self.persist(id, Durability::Lazy, None),
+                Action::RecordHistory => {
+                    if self.config.history_records {
+                        self.persist(id, Durability::Lazy, None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn execute_saga(&mut self, id: TxnId, actions: Vec<SagaAction>) {
+        for action in actions {
+            match action {
+                SagaAction::SendStep { step } => self.spawn_step(id, step, false),
+                SagaAction::SendCompensation { step } => self.spawn_step(id, step, true),
+                SagaAction::ScheduleStepRetry {
+                    step,
+                    attempt,
+                    policy,
+                } => self.schedule(id, Timer::StepRetry { step }, attempt, policy),
+                SagaAction::ScheduleCompensationRetry {
+                    step,
+                    attempt,
+                    policy,
+                } => self.schedule(id, Timer::CompensationRetry { step }, attempt, policy),
+                SagaAction::PersistForced => self.persist(
+                    id,
+                    Durability::Forced,
+                    Some((Input::Saga(SagaEvent::Persisted), SAGA_POINTS)),
+                ),
+                SagaAction::PersistLazy => self.persist(id, Durability::Lazy, None),
+                SagaAction::WarnStuck { step } => {
+                    if let Some(Machine::Saga(saga)) = self.txns.get(&id).map(|e| &e.machine) {
+                        let definition = &saga.definition().steps[step];
+                        let attempts = saga.steps()[step].compensation_attempts;
+                        tracing::warn!(
+                            txn_id = %id,
+                            step_id = %definition.id,
+                            endpoint = %definition.endpoint,
+                            attempts,
+                            error = saga.steps()[step].last_error.as_deref().unwrap_or(""),
+                            "saga stuck: a compensation keeps failing; still retrying"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A retry `timer` after the backoff for failure number `attempt`.
+    fn schedule(&mut self, id: TxnId, timer: Timer, attempt: u32, policy: RetryPolicy) {
+        let delay = retry_delay(
+            attempt,
+            policy.initial_backoff_ms,
+            policy.max_backoff_ms,
+            &mut rand::rng(),
+        );
+        self.timers.insert((id, timer), delay);
+    }
+
+    fn spawn_call(&self, id: TxnId, branch_index: usize, kind: CallKind) {
+        let Some(Machine::TwoPhase(txn)) = self.txns.get(&id).map(|e| &e.machine) else {
+            return;
+        };
+        let Some(branch) = txn.branch(branch_index) else {
+            return;
+        };
+        let timeout_ms = match kind {
+            // The prepare timer is phase 1's limit; the call's own deadline only bounds
+            // the task, so it trails the timer rather than race it.
+            CallKind::Prepare => txn
+                .prepare_timeout_ms()
+                .saturating_add(PREPARE_CALL_GRACE_MS),
+            _ => self.config.participant_call_timeout_ms,
+        };
+        let call = Call {
+            endpoint: branch.endpoint.clone(),
+            transaction_id: id.to_string(),
+            branch_id: branch.id.clone(),
+            timeout: Duration::from_millis(timeout_ms),
+        };
+        let payload = match kind {
+            CallKind::Prepare | CallKind::OnePhaseCommit => branch.payload.clone(),
+            CallKind::Commit | CallKind::Abort => Vec::new(),
+        };
+        let participants = self.participants.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(
+            async move {
+                let branch = branch_index;
+                let event = match kind {
+                    CallKind::Prepare => match participants.prepare(&call, payload).await {
+                        Ok(vote) => Event::PrepareAnswered { branch, vote },
+                        Err(error) => Event::PrepareFailed { branch, error },
+                    },
+                    CallKind::OnePhaseCommit | CallKind::Commit | CallKind::Abort => {
+                        let answer = match kind {
+                            CallKind::OnePhaseCommit => {
+                                participants
+                                    .commit(&call, CommitMode::OnePhase, payload)
+                                    .await
+                            }
+                            CallKind::Commit => {
+                                participants
+                                    .commit(&call, CommitMode::TwoPhase, payload)
+                                    .await
+                            }
+                            _ => participants.abort(&call).await,
+                        };
+                        match answer {
+                            Ok(answer) => Event::Delivered { branch, answer },
+                            Err(error) => {
+                                tracing::info!(branch_id = %call.branch_id, ?kind, %error, "delivery failed; will retry");
+                                Event::DeliveryFailed { branch, error }
+                            }
+                        }
+                    }
+                };
+                // The shard outlives every call it starts, except at shutdown: then the
+                // answer no longer matters (recovery redelivers).
+                let _ = inputs.send((id, Input::TwoPhase(event)));
+            }
+            .instrument(txn_span(id)),
+        );
+    }
+
+    /// A saga step's forward action (delivered as a Commit in SAGA_STEP mode) or its
+    /// compensation.
+    fn spawn_step(&self, id: TxnId, step: usize, compensation: bool) {
+        let Some(Machine::Saga(saga)) = self.txns.get(&id).map(|e| &e.machine) else {
+            return;
+        };
+        let Some(definition) = saga.definition().steps.get(step) else {
+            return;
+        };
+        let call = Call {
+            endpoint: definition.endpoint.clone(),
+            transaction_id: id.to_string(),
+            branch_id: definition.id.clone(),
+            timeout: Duration::from_millis(definition.timeout_ms),
+        };
+        let payload = if compensation {
+            definition.compensation.clone()
+        } else {
+            definition.payload.clone()
+        };
+        let participants = self.participants.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(
+            async move {
+                let event = if compensation {
+                    match participants.compensate(&call, payload).await {
+                        Ok(()) => SagaEvent::Compensated { step },
+                        Err(error) => {
+                            tracing::info!(step_id = %call.branch_id, %error, "compensation failed; will retry");
+                            SagaEvent::CompensationFailed { step, error }
+                        }
+                    }
+                } else {
+                    match participants.commit(&call, CommitMode::SagaStep, payload).await {
+                        Ok(Answer::Committed) => SagaEvent::StepAnswered {
+                            step,
+                            answer: StepAnswer::Committed,
+                        },
+                        Ok(Answer::Rejected { reason }) => SagaEvent::StepAnswered {
+                            step,
+                            answer: StepAnswer::Rejected { reason },
+                        },
+                        Ok(Answer::Aborted) => SagaEvent::StepAnswered {
+                            step,
+                            answer: StepAnswer::AlreadyCompensated,
+                        },
+                        Ok(Answer::NotPrepared) => SagaEvent::StepFailed {
+                            step,
+                            error: "participant answered NOT_PREPARED to a saga step".into(),
+                        },
+                        Err(error) => {
+                            tracing::info!(step_id = %call.branch_id, %error, "step failed");
+                            SagaEvent::StepFailed { step, error }
+                        }
+                    }
+                };
+                let _ = inputs.send((id, Input::Saga(event)));
+            }
+            .instrument(txn_span(id)),
+        );
+    }
+
+    /// Writes what the log must hold of `id` now. For a forced write, `on_durable` is fed
+    /// back once it returned Ok, with crash points around it.
+    fn persist(
+        &self,
+        id: TxnId,
+        durability: Durability,
+        on_durable: Option<(Input, ForcedWritePoints)>,
+    ) {
+        let Some(entry) = self.txns.get(&id) else {
+            return;
+        };
+        let record = entry.machine.log_record();
+        if let Some((_, points)) = &on_durable {
+            crash_point(points.before);
+        }
+        let write = self.log.write(&record, durability);
+        let inputs = self.inputs.clone();
+        let fatal = self.fatal.clone();
+        tokio::spawn(
+            async move {
+                match write.await {
+                    Ok(()) => {
+                        if let Some((input, points)) = on_durable {
+                            crash_point(points.after);
+                            let _ = inputs.send((id, input));
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "decision log write failed");
+                        let _ = fatal.send(format!("log write for {id} failed: {error}"));
+                    }
+                }
+            }
+            .instrument(txn_span(id)),
+        );
+    }
+}

@@ -1,0 +1,507 @@
+//! Sagas end to end: an in-process coordinator and scripted participants over real gRPC,
+//! each with its own sled directory.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use futures::StreamExt;
+use tonic::Code;
+use treaty_sdk::client::{BranchState, Transaction, TransactionState};
+use treaty_sdk::{SagaStep, SubmitOptions, TreatyClient};
+use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer, eventually};
+use treaty_tests::scripted::Op;
+
+struct World {
+    _dir: tempfile::TempDir,
+    coordinator: Coordinator,
+    participant: ParticipantServer,
+    client: TreatyClient,
+}
+
+impl World {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+        let participant = ParticipantServer::start(&dir.path().join("p")).await;
+        let client = coordinator.client().await;
+        Self {
+            _dir: dir,
+            coordinator,
+            participant,
+            client,
+        }
+    }
+
+    fn step(&self, id: &str, script: &str) -> SagaStep {
+        SagaStep::new(id, &self.participant.endpoint, script).compensation(format!("undo {id}"))
+    }
+
+    /// Submits and waits for the outcome.
+    async fn run(&self, steps: Vec<SagaStep>) -> Transaction {
+        let submitted = self
+            .client
+            .submit_saga(
+                steps,
+                SubmitOptions {
+                    wait_for_outcome: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(submitted.created);
+        submitted.transaction
+    }
+
+    fn ops(&self, txn: &Transaction, step: &str) -> Vec<Op> {
+        self.participant.participant.ops(&txn.transaction_id, step)
+    }
+
+    async fn stop(self) {
+        self.coordinator.stop().await.unwrap();
+        self.participant.stop().await;
+    }
+}
+
+fn state(txn: &Transaction) -> TransactionState {
+    TransactionState::try_from(txn.state).unwrap()
+}
+
+fn step_state(txn: &Transaction, step: &str) -> BranchState {
+    let branch = txn.branches.iter().find(|b| b.branch_id == step).unwrap();
+    BranchState::try_from(branch.state).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_commits_in_dependency_order() {
+    let world = World::start().await;
+    let txn = world
+        .run(vec![
+            world.step("charge", "yes"),
+            world.step("reserve", "yes"),
+            world.step("ship", "yes").after(["charge", "reserve"]),
+        ])
+        .await;
+    assert_eq!(state(&txn), TransactionState::Completed);
+    for step in ["charge", "reserve", "ship"] {
+        assert_eq!(world.ops(&txn, step), [Op::Prepare, Op::Commit], "{step}");
+        assert_eq!(step_state(&txn, step), BranchState::Committed);
+    }
+    // ship ran after both of the steps it depends on.
+    let calls = world.participant.participant.calls();
+    let position = |step: &str, op: Op| {
+        calls
+            .iter()
+            .position(|c| c.branch_id == step && c.op == op)
+            .unwrap()
+    };
+    assert!(position("ship", Op::Prepare) > position("charge", Op::Commit));
+    assert!(position("ship", Op::Prepare) > position("reserve", Op::Commit));
+    let ship = txn.branches.iter().find(|b| b.branch_id == "ship").unwrap();
+    assert_eq!(ship.after, ["charge", "reserve"]);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_step_compensates_the_earlier_ones_in_reverse_and_later_ones_never_run() {
+    let world = World::start().await;
+    let txn = world
+        .run(vec![
+            world.step("a", "yes"),
+            world.step("b", "yes").after(["a"]),
+            world.step("c", "yes").after(["b"]),
+            world.step("d", "no").after(["c"]),
+            world.step("e", "yes").after(["d"]),
+        ])
+        .await;
+    assert_eq!(state(&txn), TransactionState::Compensated);
+    assert_eq!(txn.reason, "step d was rejected: scripted NO");
+    let compensated: Vec<String> = world
+        .participant
+        .participant
+        .compensated()
+        .into_iter()
+        .map(|(_, step)| step)
+        .collect();
+    assert_eq!(compensated, ["c", "b", "a"]);
+    assert_eq!(world.ops(&txn, "d"), [Op::Prepare]);
+    assert!(world.ops(&txn, "e").is_empty(), "a later step ran");
+    assert_eq!(step_state(&txn, "d"), BranchState::Rejected);
+    assert_eq!(step_state(&txn, "e"), BranchState::Skipped);
+    let transitions: Vec<i32> = txn.transitions.iter().map(|t| t.state).collect();
+    assert_eq!(
+        transitions,
+        [
+            TransactionState::Running,
+            TransactionState::Compensating,
+            TransactionState::Compensated
+        ]
+        .map(|s| s as i32)
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_then_success_completes_with_the_attempts_in_the_history() {
+    let world = World::start().await;
+    let txn = world
+        .run(vec![
+            world.step("a", "yes"),
+            world.step("b", "flaky:2").after(["a"]).retry(3, 10, 50),
+        ])
+        .await;
+    assert_eq!(state(&txn), TransactionState::Completed);
+    let b = txn.branches.iter().find(|b| b.branch_id == "b").unwrap();
+    assert_eq!(b.attempts, 3);
+    let results: Vec<&str> = b.history.iter().map(|a| a.result.as_str()).collect();
+    assert_eq!(
+        results,
+        [
+            "error: Unavailable: participant: scripted transient failure 1",
+            "error: Unavailable: participant: scripted transient failure 2",
+            "committed"
+        ]
+    );
+    assert!(
+        b.history
+            .iter()
+            .all(|a| a.finished_unix_ms >= a.started_unix_ms)
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_attempts_the_saga_compensates_the_uncertain_step_too() {
+    let world = World::start().await;
+    let txn = world
+        .run(vec![
+            world.step("a", "yes"),
+            world.step("b", "flaky:9").after(["a"]).retry(3, 10, 50),
+        ])
+        .await;
+    assert_eq!(state(&txn), TransactionState::Compensated);
+    assert!(
+        txn.reason.starts_with("step b failed 3 times"),
+        "{}",
+        txn.reason
+    );
+    assert_eq!(
+        world.ops(&txn, "a"),
+        [Op::Prepare, Op::Commit, Op::Compensate]
+    );
+    // b never committed: its compensation was recorded by the barrier without user code.
+    assert_eq!(
+        world.ops(&txn, "b"),
+        [Op::Prepare, Op::Prepare, Op::Prepare]
+    );
+    assert_eq!(step_state(&txn, "b"), BranchState::Compensated);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_that_keeps_failing_flags_the_saga_stuck_until_it_recovers() {
+    let world = World::start().await;
+    world.participant.participant.fail_compensations(true);
+    let submitted = world
+        .client
+        .submit_saga(
+            vec![
+                world.step("a", "yes").retry(1, 10, 100),
+                world.step("b", "no").after(["a"]),
+            ],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap();
+    let id = submitted.transaction_id;
+    // The harness flags a saga stuck after 3 failed compensations of one step.
+    let stuck = eventually("the saga is flagged stuck", || async {
+        let txn = world.client.get(&id).await.unwrap()?;
+        txn.stuck.then_some(txn)
+    })
+    .await;
+    assert_eq!(state(&stuck), TransactionState::Compensating);
+    assert!(
+        stuck
+            .transitions
+            .iter()
+            .any(|t| t.reason.starts_with("stuck:")),
+        "{:?}",
+        stuck.transitions
+    );
+    let (listed, _) = world
+        .client
+        .list(&[TransactionState::Compensating], 10, "")
+        .await
+        .unwrap();
+    assert!(listed.iter().any(|t| t.transaction_id == id && t.stuck));
+
+    // It keeps retrying; once the participant recovers, the saga is compensated.
+    world.participant.participant.fail_compensations(false);
+    let done = world
+        .client
+        .wait_until_finished(&id, PATIENCE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state(&done), TransactionState::Compensated);
+    assert!(!done.stuck);
+    let a = done.branches.iter().find(|b| b.branch_id == "a").unwrap();
+    assert!(a.compensation_attempts >= 4, "{a:?}");
+    assert_eq!(
+        world.participant.participant.ops(&id, "a"),
+        [Op::Prepare, Op::Commit, Op::Compensate]
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_branch_of_a_parallel_group_compensates_its_siblings() {
+    let world = World::start().await;
+    let txn = world
+        .run(vec![
+            world.step("payment", "yes"),
+            world.step("inventory", "slow:300"),
+            world.step("loyalty", "no"),
+            world
+                .step("shipping", "yes")
+                .after(["payment", "inventory", "loyalty"]),
+        ])
+        .await;
+    assert_eq!(state(&txn), TransactionState::Compensated);
+    assert_eq!(
+        world.ops(&txn, "payment"),
+        [Op::Prepare, Op::Commit, Op::Compensate]
+    );
+    // inventory was still running when loyalty was rejected; it is compensated once done.
+    assert_eq!(
+        world.ops(&txn, "inventory"),
+        [Op::Prepare, Op::Commit, Op::Compensate]
+    );
+    assert_eq!(world.ops(&txn, "loyalty"), [Op::Prepare]);
+    assert!(world.ops(&txn, "shipping").is_empty());
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_step_graphs_are_refused_naming_the_step_and_nothing_is_logged() {
+    let world = World::start().await;
+    let refused = |steps: Vec<SagaStep>| {
+        let client = world.client.clone();
+        async move {
+            client
+                .submit_saga(steps, SubmitOptions::default())
+                .await
+                .expect_err("the saga should be refused")
+        }
+    };
+    let cases: Vec<(Vec<SagaStep>, &str)> = vec![
+        (
+            vec![
+                world.step("a", "yes").after(["c"]),
+                world.step("b", "yes").after(["a"]),
+                world.step("c", "yes").after(["b"]),
+            ],
+            "steps[0].after: is part of a cycle",
+        ),
+        (
+            vec![world.step("a", "yes"), world.step("b", "yes").after(["x"])],
+            "steps[1].after: runs after unknown step \"x\"",
+        ),
+        (
+            vec![world.step("a", "yes"), world.step("a", "yes")],
+            "steps[1].step_id",
+        ),
+        (
+            vec![world.step("a", "yes").after(["a"])],
+            "steps[0].after: runs after itself",
+        ),
+        (vec![], "steps: a saga needs at least one step"),
+        (
+            (0..33)
+                .map(|i| world.step(&format!("s{i}"), "yes"))
+                .collect(),
+            "steps: 33 steps",
+        ),
+        (
+            (0..5)
+                .map(|i| world.step(&format!("s{i}"), &"x".repeat(16 * 1024)))
+                .collect(),
+            "steps: payloads and compensation payloads total",
+        ),
+        (
+            vec![SagaStep::new("a", "not-a-url", "yes")],
+            "steps[0].endpoint",
+        ),
+        (
+            vec![world.step("a", "yes").retry(1000, 0, 0)],
+            "steps[0].retry.max_attempts",
+        ),
+        (
+            vec![world.step("a", "yes").timeout_ms(3_600_000)],
+            "steps[0].timeout_ms",
+        ),
+    ];
+    for (steps, expected) in cases {
+        let error = refused(steps).await;
+        assert_eq!(error.code(), Some(Code::InvalidArgument), "{error}");
+        assert!(
+            error.to_string().contains(expected),
+            "{expected:?} not in {error}"
+        );
+    }
+    let key_error = world
+        .client
+        .submit_saga(
+            vec![world.step("a", "yes")],
+            SubmitOptions {
+                idempotency_key: Some("has a space".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        key_error.to_string().contains("idempotency_key"),
+        "{key_error}"
+    );
+    assert!(world.participant.participant.calls().is_empty());
+    let (listed, _) = world.client.list(&[], 100, "").await.unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    let data_dir = world.coordinator.data_dir.clone();
+    world.stop().await;
+    let log = treaty_coordinator::log::SledLog::open(&data_dir).unwrap();
+    use treaty_coordinator::log::DecisionLog;
+    assert!(
+        log.scan(None, 10).unwrap().is_empty(),
+        "a refused saga reached the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_idempotency_key_returns_the_first_saga() {
+    let world = World::start().await;
+    let steps = || {
+        vec![
+            world.step("charge", "yes"),
+            world.step("ship", "yes").after(["charge"]),
+        ]
+    };
+    let options = SubmitOptions {
+        idempotency_key: Some("order-7".into()),
+        wait_for_outcome: false,
+    };
+    // Submitted concurrently, as a client retrying after a timeout would.
+    let (first, second) = tokio::join!(
+        world.client.submit_saga(steps(), options.clone()),
+        world.client.submit_saga(steps(), options.clone())
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first.transaction_id, second.transaction_id);
+    assert_eq!(
+        [first.created, second.created]
+            .iter()
+            .filter(|c| **c)
+            .count(),
+        1,
+        "exactly one submit created the saga"
+    );
+    let done = world
+        .client
+        .wait_until_finished(&first.transaction_id, PATIENCE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state(&done), TransactionState::Completed);
+    assert_eq!(done.idempotency_key, "order-7");
+    let again = world
+        .client
+        .submit_saga(steps(), options.clone())
+        .await
+        .unwrap();
+    assert_eq!(again.transaction_id, first.transaction_id);
+    assert!(!again.created);
+    assert_eq!(
+        world
+            .participant
+            .participant
+            .ops(&first.transaction_id, "charge"),
+        [Op::Prepare, Op::Commit]
+    );
+    // The same key with other steps is a client bug, not a retry.
+    let conflict = world
+        .client
+        .submit_saga(vec![world.step("refund", "yes")], options.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Some(Code::InvalidArgument));
+    assert!(
+        conflict.to_string().contains("idempotency_key"),
+        "{conflict}"
+    );
+
+    // After a restart, the key is found in the log.
+    let data_dir = world.coordinator.data_dir.clone();
+    world.coordinator.stop().await.unwrap();
+    let coordinator = Coordinator::start(&data_dir).await;
+    let client = coordinator.client().await;
+    let after_restart = client
+        .submit_saga(
+            vec![
+                SagaStep::new("charge", &world.participant.endpoint, "yes")
+                    .compensation("undo charge"),
+                SagaStep::new("ship", &world.participant.endpoint, "yes")
+                    .compensation("undo ship")
+                    .after(["charge"]),
+            ],
+            options,
+        )
+        .await
+        .unwrap();
+    assert_eq!(after_restart.transaction_id, first.transaction_id);
+    assert!(!after_restart.created);
+    assert_eq!(
+        state(&after_restart.transaction),
+        TransactionState::Completed
+    );
+    coordinator.stop().await.unwrap();
+    world.participant.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_returns_at_once_and_watch_streams_every_state() {
+    let world = World::start().await;
+    let submitted = world
+        .client
+        .submit_saga(
+            vec![
+                world.step("a", "slow:500"),
+                world.step("b", "no").after(["a"]),
+            ],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(state(&submitted.transaction), TransactionState::Running);
+    let stream = world
+        .client
+        .watch(&submitted.transaction_id)
+        .await
+        .unwrap()
+        .expect("known saga");
+    let states: Vec<i32> = tokio::time::timeout(
+        PATIENCE,
+        stream.map(|u| u.unwrap().transition.state).collect(),
+    )
+    .await
+    .expect("the stream ends after the final state");
+    assert_eq!(
+        states,
+        [
+            TransactionState::Running,
+            TransactionState::Compensating,
+            TransactionState::Compensated
+        ]
+        .map(|s| s as i32)
+    );
+    world.stop().await;
+}
