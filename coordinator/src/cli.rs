@@ -68,6 +68,10 @@ pub enum StateArg {
     Aborting,
     Committed,
     Aborted,
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
 }
 
 impl From<StateArg> for TransactionState {
@@ -79,6 +83,10 @@ impl From<StateArg> for TransactionState {
             StateArg::Aborting => TransactionState::Aborting,
             StateArg::Committed => TransactionState::Committed,
             StateArg::Aborted => TransactionState::Aborted,
+            StateArg::Running => TransactionState::Running,
+            StateArg::Compensating => TransactionState::Compensating,
+            StateArg::Completed => TransactionState::Completed,
+            StateArg::Compensated => TransactionState::Compensated,
         }
     }
 }

@@ -83,10 +83,7 @@ pub async fn run_on(
     let runtime_config = config.runtime(bound);
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (runtime, tasks, recovery) = Runtime::start(log.clone(), runtime_config.clone(), fatal_tx)?;
-    tracing::info!(
-        redelivering = recovery.redelivering,
-        "recovered the decision log"
-    );
+    tracing::info!(resumed = recovery.resumed, "recovered the decision log");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

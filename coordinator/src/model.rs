@@ -219,6 +219,15 @@ impl AttemptLog {
     pub fn attempts(&self) -> &[Attempt] {
         &self.0
     }
+
+    /// Forgets the oldest attempt; false if there was none.
+    pub fn drop_oldest(&mut self) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        self.0.remove(0);
+        true
+    }
 }
 
 /// A branch (or saga step) as recorded in the log and shown to users.
@@ -289,6 +298,51 @@ pub struct TxnRecord {
     /// Sagas: a compensation keeps failing; an operator should look.
     pub stuck: bool,
     pub saga: Option<SagaDefinition>,
+}
+
+/// Longest error text kept once a record has to be trimmed.
+const TRIMMED_ERROR_BYTES: usize = 128;
+
+impl TxnRecord {
+    /// Drops history, oldest first, until `fits(self)`: first attempts (from the branch
+    /// with the most), then long error texts, then transitions between the first and the
+    /// last few. The protocol's fields (states, decisions, the saga's definition) are
+    /// never touched. Returns whether it fits in the end.
+    pub fn trim_history(&mut self, fits: impl Fn(&TxnRecord) -> bool) -> bool {
+        while !fits(self) {
+            let busiest = self
+                .branches
+                .iter_mut()
+                .max_by_key(|b| b.history.attempts().len());
+            if let Some(branch) = busiest {
+                if branch.history.drop_oldest() {
+                    continue;
+                }
+            }
+            let mut cut = false;
+            for branch in &mut self.branches {
+                if let Some(error) = &mut branch.last_error {
+                    if error.len() > TRIMMED_ERROR_BYTES {
+                        let mut end = TRIMMED_ERROR_BYTES;
+                        while !error.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        error.truncate(end);
+                        cut = true;
+                    }
+                }
+            }
+            if cut {
+                continue;
+            }
+            if self.transitions.len() > 8 {
+                self.transitions.remove(1);
+                continue;
+            }
+            return fits(self);
+        }
+        true
+    }
 }
 
 #[cfg(test)]

@@ -209,3 +209,83 @@ async fn begins_abandoned_by_their_callers_do_not_leak_admission() {
     );
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_is_shown_only_once_its_definition_is_durable() {
+    use treaty_coordinator::model::{RetryPolicy, SagaDefinition, StepDefinition};
+    use treaty_coordinator::runtime::SagaParams;
+
+    let gate = Arc::new(Semaphore::new(0));
+    let log = Arc::new(GatedLog {
+        inner: MemoryLog::new(),
+        gate: gate.clone(),
+    });
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let (runtime, tasks, _) = Runtime::start(log.clone(), config(), fatal).unwrap();
+    let params = SagaParams {
+        definition: SagaDefinition {
+            steps: vec![StepDefinition {
+                id: "only".into(),
+                endpoint: "http://127.0.0.1:1".into(),
+                payload: Vec::new(),
+                compensation: Vec::new(),
+                timeout_ms: 100,
+                retry: RetryPolicy {
+                    max_attempts: 1,
+                    initial_backoff_ms: 10,
+                    max_backoff_ms: 10,
+                },
+                after: Vec::new(),
+            }],
+            stuck_after_attempts: 3,
+        },
+        idempotency_key: Some("k".into()),
+    };
+    let submitting = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { runtime.submit_saga(params).await })
+    };
+    let started = Instant::now();
+    let written = loop {
+        let scanned = log.scan(None, 10).unwrap();
+        if let Some(record) = scanned.into_iter().next() {
+            break record;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the definition was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Written (readable in the log) but not durable: shown nowhere.
+    assert!(
+        runtime
+            .list(&[], None, 10)
+            .await
+            .unwrap()
+            .transactions
+            .is_empty()
+    );
+    assert_eq!(runtime.get(written.id).await.unwrap(), None);
+    assert!(runtime.watch(written.id).await.unwrap().is_none());
+    assert_eq!(
+        runtime.outcome(written.id).await.unwrap(),
+        Decision::Pending
+    );
+    assert!(!submitting.is_finished());
+
+    gate.add_permits(100);
+    let submitted = submitting.await.unwrap().unwrap();
+    assert_eq!(submitted.id, written.id);
+    assert!(runtime.get(written.id).await.unwrap().is_some());
+    assert_eq!(
+        runtime
+            .list(&[], None, 10)
+            .await
+            .unwrap()
+            .transactions
+            .len(),
+        1
+    );
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+}

@@ -1,4 +1,5 @@
-//! A bank: accounts with balances, taking part in transfers as a Treaty participant.
+//! A bank: accounts with balances, taking part in transfers as a two-phase-commit
+//! participant.
 //!
 //! A branch's payload is one leg of a transfer, `{"account":"alice","amount":-30}`.
 //! - prepare: a withdrawal places a hold if the available balance (balance minus holds)
@@ -6,17 +7,17 @@
 //! - commit: applies the amount and releases the hold.
 //! - abort: releases the hold.
 //!
-//! The ledger lives in the participant's durable store, beside the barrier, under `acct/`
-//! (balances) and `hold/` (holds by transaction and branch). Every change is forced to
-//! disk before the operation returns. One lock serializes ledger updates: the bank is an
-//! example, not a benchmark.
+//! Balances live under `acct/`, holds under `hold/<transaction>/<branch>` (see
+//! [`crate::ledger`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use treaty_sdk::durable::{Durability, DurableStore, WriteBatch};
+use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
+
+use crate::ledger::{Changes, Ledger, counters, records};
 
 /// One leg of a transfer: what a branch asks of the bank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,86 +39,62 @@ struct Hold {
     amount: i64,
 }
 
-const BALANCE_PREFIX: &str = "acct/";
-const HOLD_PREFIX: &str = "hold/";
+const BALANCES: &str = "acct/";
+const HOLDS: &str = "hold/";
+
+fn balance_key(account: &str) -> String {
+    format!("{BALANCES}{account}")
+}
+
+fn hold_key(branch: &BranchContext) -> String {
+    format!("{HOLDS}{}/{}", branch.transaction_id, branch.branch_id)
+}
 
 #[derive(Debug)]
 pub struct Bank {
     name: String,
-    store: Arc<DurableStore>,
-    ledger: tokio::sync::Mutex<()>,
-}
-
-fn failed(error: impl std::fmt::Display) -> ParticipantError {
-    ParticipantError::new(format!("ledger: {error}"))
+    ledger: Ledger,
 }
 
 impl Bank {
     pub fn new(name: impl Into<String>, store: Arc<DurableStore>) -> Self {
         Self {
             name: name.into(),
-            store,
-            ledger: tokio::sync::Mutex::new(()),
+            ledger: Ledger::new(store),
         }
     }
 
     /// Creates the accounts that do not exist yet, with these balances.
     pub async fn open_accounts(&self, accounts: &[(String, i64)]) -> Result<(), ParticipantError> {
-        let _ledger = self.ledger.lock().await;
-        let mut batch = WriteBatch::new();
-        for (account, balance) in accounts {
-            if self.balance(account)?.is_none() {
-                batch.insert(balance_key(account), balance.to_be_bytes().to_vec());
-            }
-        }
-        self.store
-            .write(batch, Durability::Forced)
-            .await
-            .map_err(failed)
-    }
-
-    /// Every account's balance (holds not subtracted).
-    pub fn balances(&self) -> Result<BTreeMap<String, i64>, ParticipantError> {
-        balances(&self.store)
-    }
-
-    fn balance(&self, account: &str) -> Result<Option<i64>, ParticipantError> {
-        let value = self.store.db().get(balance_key(account)).map_err(failed)?;
-        value.map(|bytes| decode_i64(&bytes)).transpose()
+        let counters: Vec<(String, i64)> = accounts
+            .iter()
+            .map(|(account, balance)| (balance_key(account), *balance))
+            .collect();
+        self.ledger.open_counters(&counters).await
     }
 
     /// The sum of the holds withdrawing from `account`.
     fn withheld(&self, account: &str) -> Result<i64, ParticipantError> {
-        let mut total = 0;
-        for entry in self.store.db().scan_prefix(HOLD_PREFIX) {
-            let (_, value) = entry.map_err(failed)?;
-            let hold: Hold = serde_json::from_slice(&value).map_err(failed)?;
-            if hold.account == account && hold.amount < 0 {
-                total += -hold.amount;
-            }
-        }
-        Ok(total)
-    }
-
-    fn hold(&self, branch: &BranchContext) -> Result<Option<Hold>, ParticipantError> {
-        let value = self.store.db().get(hold_key(branch)).map_err(failed)?;
-        value
-            .map(|bytes| serde_json::from_slice(&bytes).map_err(failed))
-            .transpose()
+        let holds: BTreeMap<String, Hold> = records(self.ledger.store(), HOLDS)?;
+        Ok(holds
+            .values()
+            .filter(|hold| hold.account == account && hold.amount < 0)
+            .map(|hold| -hold.amount)
+            .sum())
     }
 
     /// Releases the branch's hold, applying its amount first if `apply`.
     async fn settle(&self, branch: &BranchContext, apply: bool) -> Result<(), ParticipantError> {
-        let _ledger = self.ledger.lock().await;
-        let Some(hold) = self.hold(branch)? else {
+        let _guard = self.ledger.lock().await;
+        let Some(hold) = self.ledger.json::<Hold>(&hold_key(branch))? else {
             return Ok(());
         };
-        let mut batch = WriteBatch::new();
-        batch.remove(hold_key(branch));
+        let mut changes = Changes::default();
+        changes.remove(&hold_key(branch));
         if apply {
-            let before = self.balance(&hold.account)?.unwrap_or(0);
+            let before = self.ledger.i64(&balance_key(&hold.account))?.unwrap_or(0);
             let after = before + hold.amount;
-            batch.insert(balance_key(&hold.account), after.to_be_bytes().to_vec());
+            changes.set_i64(&balance_key(&hold.account), after);
             println!(
                 "{}: commit {}: {} {before} -> {after}",
                 self.name, branch.transaction_id, hold.account
@@ -128,10 +105,7 @@ impl Bank {
                 self.name, branch.transaction_id, hold.account
             );
         }
-        self.store
-            .write(batch, Durability::Forced)
-            .await
-            .map_err(failed)
+        self.ledger.apply(changes).await
     }
 }
 
@@ -145,8 +119,8 @@ impl Participant for Bank {
             Ok(leg) => leg,
             Err(e) => return Ok(Vote::no(format!("not a transfer leg: {e}"))),
         };
-        let _ledger = self.ledger.lock().await;
-        let Some(balance) = self.balance(leg.account)? else {
+        let _guard = self.ledger.lock().await;
+        let Some(balance) = self.ledger.i64(&balance_key(leg.account))? else {
             println!(
                 "{}: prepare {}: no account {} -> NO",
                 self.name, branch.transaction_id, leg.account
@@ -167,16 +141,15 @@ impl Participant for Bank {
                 leg.account, -leg.amount
             )));
         }
-        let hold = Hold {
-            account: leg.account.to_string(),
-            amount: leg.amount,
-        };
-        let mut batch = WriteBatch::new();
-        batch.insert(hold_key(branch), serde_json::to_vec(&hold).map_err(failed)?);
-        self.store
-            .write(batch, Durability::Forced)
-            .await
-            .map_err(failed)?;
+        let mut changes = Changes::default();
+        changes.put(
+            &hold_key(branch),
+            &Hold {
+                account: leg.account.to_string(),
+                amount: leg.amount,
+            },
+        );
+        self.ledger.apply(changes).await?;
         println!(
             "{}: prepare {}: {} {:+} (available {available}) -> YES, hold placed",
             self.name, branch.transaction_id, leg.account, leg.amount
@@ -197,57 +170,14 @@ impl Participant for Bank {
     }
 }
 
-/// The balances recorded in a bank's store (for the demo's checks after it stopped).
+/// The balances recorded in a bank's store (for checks after it stopped).
 pub fn balances(store: &DurableStore) -> Result<BTreeMap<String, i64>, ParticipantError> {
-    let mut balances = BTreeMap::new();
-    for entry in store.db().scan_prefix(BALANCE_PREFIX) {
-        let (key, value) = entry.map_err(failed)?;
-        let account = String::from_utf8_lossy(&key[BALANCE_PREFIX.len()..]).into_owned();
-        balances.insert(account, decode_i64(&value)?);
-    }
-    Ok(balances)
+    counters(store, BALANCES)
 }
 
 /// How many holds a bank's store still has (zero once every transfer is settled).
 pub fn open_holds(store: &DurableStore) -> usize {
-    store.db().scan_prefix(HOLD_PREFIX).count()
-}
-
-fn balance_key(account: &str) -> Vec<u8> {
-    format!("{BALANCE_PREFIX}{account}").into_bytes()
-}
-
-fn hold_key(branch: &BranchContext) -> Vec<u8> {
-    format!(
-        "{HOLD_PREFIX}{}/{}",
-        branch.transaction_id, branch.branch_id
-    )
-    .into_bytes()
-}
-
-fn decode_i64(bytes: &[u8]) -> Result<i64, ParticipantError> {
-    let bytes: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| failed("a balance is not 8 bytes"))?;
-    Ok(i64::from_be_bytes(bytes))
-}
-
-/// Parses `alice=100,bob=50`.
-pub fn parse_accounts(text: &str) -> Result<Vec<(String, i64)>, String> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|entry| {
-            let (name, balance) = entry
-                .split_once('=')
-                .ok_or_else(|| format!("{entry:?} is not NAME=BALANCE"))?;
-            let balance = balance
-                .trim()
-                .parse::<i64>()
-                .map_err(|e| format!("{entry:?}: {e}"))?;
-            Ok((name.trim().to_string(), balance))
-        })
-        .collect()
+    store.db().scan_prefix(HOLDS).count()
 }
 
 #[cfg(test)]
@@ -288,17 +218,7 @@ mod tests {
             Vote::Yes
         );
         bank.commit(&branch("t3"), &[]).await.unwrap();
-        assert_eq!(bank.balances().unwrap()["alice"], 30);
+        assert_eq!(balances(&store).unwrap()["alice"], 30);
         assert_eq!(open_holds(&store), 0);
-    }
-
-    #[test]
-    fn accounts_parse() {
-        assert_eq!(
-            parse_accounts("alice=100, bob=-5").unwrap(),
-            vec![("alice".to_string(), 100), ("bob".to_string(), -5)]
-        );
-        assert!(parse_accounts("alice").is_err());
-        assert!(parse_accounts("alice=x").is_err());
     }
 }

@@ -1,8 +1,15 @@
 //! Treaty's examples: participants a service developer can read as models, and the
 //! support the demo needs to run them as separate processes.
 //!
+//! - [`shop`]: the showcase — payment, inventory and shipping services, orders placed
+//!   as sagas across them, and the audit of the shop's invariants.
 //! - [`bank`]: accounts and transfers, as a two-phase-commit participant.
+//! - [`ledger`]: what the services keep in their durable stores.
 //! - [`process`]: starting and stopping child server processes.
+//! - [`service`]: what the service binaries share.
 
 pub mod bank;
+pub mod ledger;
 pub mod process;
+pub mod service;
+pub mod shop;

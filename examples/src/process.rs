@@ -154,3 +154,39 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// The directory of the workspace's binaries beside the running one. When run through
+/// cargo (`CARGO` is set), first builds `binaries` — `(package, binary)` pairs — with the
+/// same profile, so that a fresh checkout needs nothing but the one `cargo run`.
+pub fn workspace_binaries(binaries: &[(&str, &str)]) -> std::io::Result<PathBuf> {
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| error("the running binary has no directory".into()))?;
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or_else(|| error("examples/ is not inside the workspace".into()))?;
+        let mut command = std::process::Command::new(cargo);
+        command.current_dir(workspace).args(["build", "--quiet"]);
+        for (package, binary) in binaries {
+            command.args(["-p", package, "--bin", binary]);
+        }
+        if !cfg!(debug_assertions) {
+            command.arg("--release");
+        }
+        let status = command.status()?;
+        if !status.success() {
+            return Err(error(format!("cargo build failed: {status}")));
+        }
+    }
+    for (_, binary) in binaries {
+        if !bin_dir.join(binary).exists() {
+            return Err(error(format!(
+                "{} is missing: run this with `cargo run -p treaty-examples --bin ...`",
+                bin_dir.join(binary).display()
+            )));
+        }
+    }
+    Ok(bin_dir)
+}

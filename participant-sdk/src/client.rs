@@ -227,6 +227,21 @@ impl TreatyClient {
         Ok(Self::from_channel(channel))
     }
 
+    /// A client that connects on first use and reconnects after failures: for callers
+    /// that must outlive coordinator restarts. Fails only on a malformed endpoint.
+    pub fn connect_lazy(endpoint: impl Into<String>) -> Result<Self, ClientError> {
+        let endpoint = endpoint.into();
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| ClientError::Endpoint {
+                endpoint,
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self::from_channel(channel))
+    }
+
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             inner: CoordinatorClient::new(channel),

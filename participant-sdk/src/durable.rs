@@ -136,11 +136,7 @@ impl DurableStore {
         };
         std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
         remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_capacity_bytes)
-            .open()
-            .map_err(|e| open_error(e.to_string()))?;
+        let db = open_sled(dir, &options).map_err(|e| open_error(e.to_string()))?;
         // fdatasync through our own descriptor: sled's flush() only calls sync_file_range.
         let db_file = File::open(dir.join("db")).map_err(|e| open_error(e.to_string()))?;
         let (sender, receiver) = mpsc::channel();
@@ -273,6 +269,31 @@ fn reply(request: Request, result: Result<(), StoreError>) {
         }
         Request::Close { done } => {
             let _ = done.send(result);
+        }
+    }
+}
+
+/// How long `open` waits for the file lock of a database that another handle is still
+/// letting go of: sled's background IO threads release it shortly after the last handle
+/// is dropped, so a quick reopen in the same process can find it still held.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn open_sled(dir: &Path, options: &StoreOptions) -> sled::Result<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_capacity_bytes)
+            .open();
+        match opened {
+            // sled 0.34.7 reports a held lock as an `Other` I/O error with this text.
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_PATIENCE =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
         }
     }
 }
@@ -480,6 +501,21 @@ mod tests {
             store.write(batch, Durability::Forced).await,
             Err(StoreError::Closed)
         );
+    }
+
+    #[test]
+    fn opening_waits_briefly_for_a_handle_being_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path());
+        let path = dir.path().to_path_buf();
+        let letting_go = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        // Held for 300 ms, then released: the second open waits for it.
+        let second = DurableStore::open(&path, StoreOptions::default());
+        letting_go.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
     }
 
     #[test]

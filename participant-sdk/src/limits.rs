@@ -14,8 +14,9 @@ pub const MAX_ENDPOINT_BYTES: usize = 256;
 pub const MAX_BRANCHES: usize = 32;
 /// Longest saga idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
-/// Most bytes of payloads and compensation payloads in one saga, all steps together.
-pub const MAX_SAGA_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Most bytes of payloads and compensation payloads in one saga, all steps together: the
+/// definition is one log record, kept well below sled's 128 KiB blob threshold.
+pub const MAX_SAGA_PAYLOAD_BYTES: usize = 48 * 1024;
 /// Longest free-text reason (abort reasons, NO-vote reasons), in bytes.
 pub const MAX_REASON_BYTES: usize = 1024;
 

@@ -11,7 +11,7 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use treaty_sdk::TreatyClient;
-use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TransactionState};
+use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
 use treaty_tests::harness::{ParticipantServer, eventually};
 use treaty_tests::process::{exit_status, start_treaty};
 use treaty_tests::scripted::Op;
@@ -57,10 +57,14 @@ async fn sigterm_stops_cleanly_and_a_restart_remembers_committed_work() {
         let id = undecided.clone();
         tokio::spawn(async move { client.commit(&id).await })
     };
-    eventually("the slow prepare is under way", || async {
-        let txn = client.get(&undecided).await.unwrap()?;
-        (txn.state == TransactionState::Preparing as i32).then_some(())
-    })
+    eventually(
+        "a voted YES while b's slow prepare is under way",
+        || async {
+            let txn = client.get(&undecided).await.unwrap()?;
+            let a = txn.branches.iter().find(|b| b.branch_id == "a")?;
+            (a.state == BranchState::Prepared as i32).then_some(())
+        },
+    )
     .await;
     coordinator.terminate();
     assert_eq!(

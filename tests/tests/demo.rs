@@ -1,5 +1,5 @@
-//! The README's first command: the demo runs to completion and its checks of the banks'
-//! own data pass.
+//! The demos run to completion and their checks pass: the order saga demo (the README's
+//! first command, with a coordinator crash half-way) and the two-phase bank demo.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use treaty_tests::process::workspace_binary;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_commits_one_transfer_aborts_the_other_and_balances_hold() {
-    let demo = workspace_binary("treaty-examples", "demo");
-    let run = tokio::process::Command::new(demo)
+async fn run(binary: &str, args: &[&str]) -> String {
+    let run = tokio::process::Command::new(workspace_binary("treaty-examples", binary))
+        .args(args)
         .env("CARGO", env!("CARGO"))
         .kill_on_drop(true)
         .output();
@@ -18,9 +17,40 @@ async fn the_demo_commits_one_transfer_aborts_the_other_and_balances_hold() {
         .await
         .expect("the demo finishes within 5 minutes")
         .expect("the demo runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "{binary} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_demo_survives_a_coordinator_crash_and_its_invariants_hold() {
+    let stdout = run("demo", &["--orders", "40", "--concurrency", "8"]).await;
+    for expected in [
+        "! coordinator killed with SIGKILL",
+        "! coordinator back",
+        "completed",
+        "compensated",
+        "✓ money conserved (balances + revenue)",
+        "✓ stock conserved (stock + reserved)",
+        "✓ no refund without a charge",
+        "✓ no shipment for a compensated order",
+        "✓ every order finished",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert!(!stdout.contains('✗'), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bank_demo_commits_one_transfer_aborts_the_other_and_balances_hold() {
+    let stdout = run("bank-demo", &[]).await;
     for expected in [
         "Outcome: COMMITTED",
         "Outcome: ABORTED (branch alice voted NO: insufficient funds",

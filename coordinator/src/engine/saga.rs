@@ -452,11 +452,6 @@ impl Saga {
             SagaPhase::DecidingCompensation => {
                 let reason = self.reason.clone().unwrap_or_default();
                 self.enter(SagaPhase::Compensating, reason, now);
-                for step in &mut self.steps {
-                    if step.state == BranchState::Pending {
-                        step.state = BranchState::Skipped;
-                    }
-                }
                 self.compensate_what_is_left(now)
             }
             SagaPhase::Finishing { compensated } => {
@@ -586,6 +581,12 @@ impl Saga {
     /// Sends the compensations that may go now (every dependent step is undone), and
     /// finishes the saga when nothing is left to undo.
     fn compensate_what_is_left(&mut self, now: UnixMs) -> Vec<SagaAction> {
+        // Steps that never started never will: nothing to wait for, nothing to undo.
+        for step in &mut self.steps {
+            if step.state == BranchState::Pending {
+                step.state = BranchState::Skipped;
+            }
+        }
         let mut actions = Vec::new();
         for step in 0..self.steps.len() {
             let s = &self.steps[step];

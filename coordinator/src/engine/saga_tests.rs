@@ -444,6 +444,19 @@ fn recovery_resumes_compensation_and_never_goes_forward_again() {
 }
 
 #[test]
+fn recovered_compensation_does_not_wait_for_steps_that_never_started() {
+    // a ∥ b, c after both; b rejected and the decision logged, c never started; the
+    // coordinator dies before anything is compensated.
+    let mut saga = running(&[&[], &[], &[0, 1]]);
+    rejected(&mut saga, 1);
+    let logged = saga.log_record();
+    assert_eq!(logged.branches[2].state, BranchState::Pending);
+    let (recovered, actions) = Saga::recover(logged, T0 + 100);
+    assert_eq!(actions, vec![SagaAction::SendCompensation { step: 0 }]);
+    assert_eq!(recovered.steps()[2].state, BranchState::Skipped);
+}
+
+#[test]
 fn a_rejection_recovered_before_its_decision_was_logged_is_decided_again() {
     let mut saga = running(&[&[], &[0]]);
     committed(&mut saga, 0);

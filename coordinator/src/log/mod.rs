@@ -31,6 +31,8 @@ pub enum LogError {
     Corrupt { key: String, message: String },
     #[error("the decision log is closed")]
     Closed,
+    #[error("the record of {id} needs {bytes} bytes even without its history")]
+    TooLarge { id: String, bytes: usize },
 }
 
 /// Resolves when a [`DecisionLog::write`] is done (see its contract).
@@ -46,7 +48,9 @@ pub type LogWrite = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
 ///   the latest with the next forced write.
 /// - Writes are applied in the order `write` is called (not the order the futures are
 ///   polled): a lazy write issued after a forced one never lands before it.
-/// - A record replaces any earlier record of the same transaction.
+/// - A record replaces any earlier record of the same transaction. An implementation may
+///   drop its oldest history (attempts, transitions) to keep it small; the protocol's
+///   fields (states, decisions, definitions) are kept as written.
 /// - After an `Err` from any method, the log may refuse everything that follows.
 pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite;

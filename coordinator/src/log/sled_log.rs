@@ -21,6 +21,11 @@ use super::{DecisionLog, LogError, LogWrite};
 use crate::model::{TxnId, TxnRecord, UnixMs};
 
 const FORMAT_VERSION: u8 = 1;
+
+/// Largest encoded record written. sled stores values over 128 KiB in blob files that it
+/// never fsyncs, so records must stay well below: history is trimmed to fit, and a
+/// record whose protocol fields alone exceed this is refused.
+pub const MAX_RECORD_BYTES: usize = 96 * 1024;
 const RECORD: u8 = b't';
 const UNFINISHED: u8 = b'u';
 const ENDED: u8 = b'e';
@@ -105,8 +110,22 @@ fn read_error(e: sled::Error) -> LogError {
 
 impl DecisionLog for SledLog {
     fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite {
+        let mut encoded = encode(record);
+        if encoded.len() > MAX_RECORD_BYTES {
+            let mut trimmed = record.clone();
+            let fits = trimmed.trim_history(|r| encode(r).len() <= MAX_RECORD_BYTES);
+            if !fits {
+                let error = LogError::TooLarge {
+                    id: record.id.to_string(),
+                    bytes: encoded.len(),
+                };
+                return Box::pin(std::future::ready(Err(error)));
+            }
+            tracing::debug!(txn_id = %record.id, from = encoded.len(), "trimmed history to fit the log");
+            encoded = encode(&trimmed);
+        }
         let mut batch = WriteBatch::new();
-        batch.insert(key(RECORD, &record.id), encode(record));
+        batch.insert(key(RECORD, &record.id), encoded);
         if record.state.is_final() {
             batch.remove(key(UNFINISHED, &record.id));
             if let Some(ended) = record.ended_unix_ms {
@@ -239,6 +258,50 @@ mod tests {
     }
 
     suite::decision_log_suite!(harness);
+
+    #[tokio::test]
+    async fn records_are_kept_below_the_blob_threshold_by_trimming_history() {
+        use crate::model::{AttemptLog, BranchRecord, BranchState, Operation, TxnState};
+        let dir = tempfile::tempdir().unwrap();
+        let log = SledLog::open(dir.path()).unwrap();
+        let mut record = suite::record(1_700_000_000_000, TxnState::Committing);
+        record.branches = (0..32)
+            .map(|i| {
+                let mut history = AttemptLog::default();
+                for attempt in 0..16 {
+                    history.start(Operation::Commit, attempt);
+                    history.finish(&[Operation::Commit], "e".repeat(1024), attempt + 1);
+                }
+                BranchRecord {
+                    id: format!("branch-{i}"),
+                    endpoint: format!("http://participant-{i}.example:7000"),
+                    state: BranchState::Prepared,
+                    attempts: 16,
+                    compensation_attempts: 0,
+                    last_error: Some("x".repeat(1024)),
+                    history,
+                }
+            })
+            .collect();
+        assert!(encode(&record).len() > 400 * 1024);
+        log.write(&record, Durability::Forced).await.unwrap();
+        let stored = log
+            .store
+            .db()
+            .get(key(RECORD, &record.id))
+            .unwrap()
+            .unwrap();
+        assert!(stored.len() <= MAX_RECORD_BYTES, "{}", stored.len());
+        let read = log.get(&record.id).unwrap().unwrap();
+        // The protocol's fields are intact; only history went.
+        assert_eq!(read.state, record.state);
+        assert_eq!(read.branches.len(), 32);
+        assert!(
+            read.branches
+                .iter()
+                .all(|b| b.state == BranchState::Prepared)
+        );
+    }
 
     #[test]
     fn a_corrupt_record_is_reported_not_skipped() {

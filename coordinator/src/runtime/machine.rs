@@ -51,6 +51,15 @@ impl Machine {
         }
     }
 
+    /// Whether users may see it: a saga only once its definition is durable (before
+    /// that, a crash would make it vanish; its submitter has not been answered yet).
+    pub(super) fn is_visible(&self) -> bool {
+        match self {
+            Machine::TwoPhase(_) => true,
+            Machine::Saga(saga) => saga.is_accepted(),
+        }
+    }
+
     pub(super) fn state(&self) -> TxnState {
         match self {
             Machine::TwoPhase(txn) => txn.state(),

@@ -31,7 +31,7 @@ use crate::engine::twopc::{BranchSpec, Refusal};
 use crate::log::{DecisionLog, LogError};
 use crate::model::{SagaDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
-use shard::{Shard, ShardMsg};
+use shard::{Lookup, Shard, ShardMsg};
 
 /// What the runtime needs to know; the daemon fills it from its validated config.
 #[derive(Debug, Clone)]
@@ -145,10 +145,11 @@ impl Decision {
     }
 }
 
-/// What the log reader found: the transactions to resume.
+/// What the log reader found: the transactions to resume (logged commits whose phase 2
+/// is not acknowledged, running or compensating sagas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecoveryReport {
-    pub redelivering: usize,
+    pub resumed: usize,
 }
 
 /// A page of [`Runtime::list`].
@@ -218,7 +219,7 @@ impl Runtime {
         );
         let active = Arc::new(AtomicUsize::new(unfinished.len()));
         let report = RecoveryReport {
-            redelivering: unfinished.len(),
+            resumed: unfinished.len(),
         };
         let mut recovered: Vec<Vec<TxnRecord>> = vec![Vec::new(); shard_count];
         for record in unfinished {
@@ -360,10 +361,11 @@ impl Runtime {
 
     /// The transaction from memory, else from the log.
     pub async fn get(&self, id: TxnId) -> Result<Option<TxnRecord>, RuntimeError> {
-        if let Some(record) = self.ask(&id, |reply| ShardMsg::Get { id, reply }).await? {
-            return Ok(Some(record));
+        match self.ask(&id, |reply| ShardMsg::Get { id, reply }).await? {
+            Lookup::Visible(record) => Ok(Some(record)),
+            Lookup::Hidden => Ok(None),
+            Lookup::Absent => Ok(self.log.get(&id)?),
         }
-        Ok(self.log.get(&id)?)
     }
 
     /// Updates of a live transaction (the current state first); `None` if it is not in
@@ -377,8 +379,10 @@ impl Runtime {
 
     /// Presumed abort: anything not known to be committed or still undecided is ABORT.
     pub async fn outcome(&self, id: TxnId) -> Result<Decision, RuntimeError> {
-        if let Some(state) = self.ask(&id, |reply| ShardMsg::State { id, reply }).await? {
-            return Ok(Decision::of_state(state));
+        match self.ask(&id, |reply| ShardMsg::State { id, reply }).await? {
+            Lookup::Visible(state) => return Ok(Decision::of_state(state)),
+            Lookup::Hidden => return Ok(Decision::Pending),
+            Lookup::Absent => {}
         }
         // Not in memory: either final and evicted, or unknown. The log only holds
         // durable commit decisions and their ends.
@@ -530,7 +534,7 @@ mod tests {
         let (fatal, _) = mpsc::unbounded_channel();
         let (runtime, tasks, report) =
             Runtime::start(Arc::new(MemoryLog::new()), RuntimeConfig::default(), fatal).unwrap();
-        assert_eq!(report.redelivering, 0);
+        assert_eq!(report.resumed, 0);
         let unknown = TxnId::generate(now_unix_ms());
         assert_eq!(runtime.outcome(unknown).await, Ok(Decision::Abort));
         assert_eq!(runtime.get(unknown).await, Ok(None));

@@ -58,7 +58,7 @@ pub(super) enum ShardMsg {
     },
     Get {
         id: TxnId,
-        reply: Reply<Option<TxnRecord>>,
+        reply: Reply<Lookup<TxnRecord>>,
     },
     Watch {
         id: TxnId,
@@ -66,7 +66,7 @@ pub(super) enum ShardMsg {
     },
     State {
         id: TxnId,
-        reply: Reply<Option<TxnState>>,
+        reply: Reply<Lookup<TxnState>>,
     },
     /// The `limit` smallest ids after `after` in `states`, and which of `known` (ids
     /// found in the log) this shard holds in memory.
@@ -80,6 +80,17 @@ pub(super) enum ShardMsg {
     Shutdown {
         grace: Duration,
     },
+}
+
+/// What a shard knows of a transaction.
+#[derive(Debug)]
+pub(super) enum Lookup<T> {
+    Visible(T),
+    /// In memory but not shown yet (a saga whose definition is not durable): the log
+    /// must not be asked either, as it may show that definition already.
+    Hidden,
+    /// Not in memory: the log may know it.
+    Absent,
 }
 
 /// A shard's answer to `List`.
@@ -255,13 +266,17 @@ impl Shard {
                 let _ = reply.send(self.submit(id, params, now));
             }
             ShardMsg::Get { id, reply } => {
-                let _ = reply.send(self.txns.get(&id).map(|e| e.machine.record()));
+                let _ = reply.send(self.lookup(id, |e| e.machine.record()));
             }
             ShardMsg::Watch { id, reply } => {
-                let _ = reply.send(self.subscribe(id).ok());
+                let updates = match self.visible(id) {
+                    Some(_) => self.subscribe(id).ok(),
+                    None => None,
+                };
+                let _ = reply.send(updates);
             }
             ShardMsg::State { id, reply } => {
-                let _ = reply.send(self.txns.get(&id).map(|e| e.machine.state()));
+                let _ = reply.send(self.lookup(id, |e| e.machine.state()));
             }
             ShardMsg::List {
                 states,
@@ -410,6 +425,18 @@ impl Shard {
         Ok(())
     }
 
+    fn visible(&self, id: TxnId) -> Option<&Entry> {
+        self.txns.get(&id).filter(|e| e.machine.is_visible())
+    }
+
+    fn lookup<T>(&self, id: TxnId, view: impl FnOnce(&Entry) -> T) -> Lookup<T> {
+        match self.txns.get(&id) {
+            Some(entry) if entry.machine.is_visible() => Lookup::Visible(view(entry)),
+            Some(_) => Lookup::Hidden,
+            None => Lookup::Absent,
+        }
+    }
+
     fn subscribe(&mut self, id: TxnId) -> Result<watch::Receiver<Arc<TxnRecord>>, RuntimeError> {
         self.txns
             .get_mut(&id)
@@ -429,6 +456,7 @@ impl Shard {
             .iter()
             .filter(|(id, e)| {
                 after.is_none_or(|after| **id > after)
+                    && e.machine.is_visible()
                     && (states.is_empty() || states.contains(&e.machine.state()))
             })
             .map(|(_, e)| e)

@@ -1,44 +1,81 @@
-//! The Treaty demo: starts the coordinator and two banks as separate processes on
-//! loopback, runs one transfer that commits and one that aborts, step by step, then stops
-//! everything and checks from the banks' own data that no money was created or lost.
-//! Exits non-zero if a check fails.
+//! The Treaty demo: an online shop whose orders are sagas across three services.
+//!
+//! It builds and starts the coordinator and the payment, inventory and shipping services
+//! as separate processes on loopback, places orders through the coordinator (some run out
+//! of stock, find no courier, hit insufficient funds or transient errors), kills the
+//! coordinator with SIGKILL half-way and restarts it, then stops everything and checks
+//! the shop's invariants from each service's own data. Exits non-zero if one fails.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
-use treaty_examples::bank::{Leg, balances, open_holds};
-use treaty_examples::process::ServerProcess;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use treaty_examples::process::{ServerProcess, killed_by_sigkill, workspace_binaries};
+use treaty_examples::shop::audit::audit;
+use treaty_examples::shop::orders::{Order, Placed, Shop, place};
+use treaty_examples::shop::{Faults, check_rate};
 use treaty_sdk::TreatyClient;
-use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, Transaction, TransactionState};
-use treaty_sdk::durable::DurableStore;
+use treaty_sdk::client::TransactionState;
 
-/// How long any one process may take to start or stop.
+/// How long a process may take to start or stop.
 const PROCESS_PATIENCE: Duration = Duration::from_secs(30);
-/// How long the demo waits for a transaction to finish everywhere.
-const FINISH_PATIENCE: Duration = Duration::from_secs(30);
+/// How long one order may take, coordinator crash included.
+const ORDER_PATIENCE: Duration = Duration::from_secs(120);
+
+const CUSTOMERS: [&str; 8] = [
+    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+];
+const SKUS: [&str; 4] = ["widget", "gadget", "gizmo", "doohickey"];
 
 #[derive(Debug, Parser)]
-#[command(about = "Run Treaty's two-phase commit demo: two banks, one coordinator")]
+#[command(about = "Treaty's demo: orders as sagas across payment, inventory and shipping")]
 struct Args {
-    /// Keep the data directories (printed at the end) instead of deleting them.
+    /// Orders to place.
+    #[arg(long, default_value_t = 200)]
+    orders: usize,
+    /// Orders in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Chance that inventory refuses a reservation for no reason (besides real shortages).
+    #[arg(long, default_value_t = 0.1)]
+    out_of_stock_rate: f64,
+    /// Chance that shipping refuses a delivery.
+    #[arg(long, default_value_t = 0.1)]
+    rejection_rate: f64,
+    /// Chance that any service call fails without an answer (and is retried).
+    #[arg(long, default_value_t = 0.05)]
+    transient_error_rate: f64,
+    /// Delay added to every service call.
+    #[arg(long, default_value_t = 2)]
+    latency_ms: u64,
+    /// Do not kill the coordinator half-way.
+    #[arg(long)]
+    no_crash: bool,
+    /// Seed of the orders and of the injected failures.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Keep the data directories (printed at the end).
     #[arg(long)]
     keep: bool,
-}
-
-struct Services {
-    coordinator: ServerProcess,
-    bank_a: ServerProcess,
-    bank_b: ServerProcess,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("\ndemo failed: an invariant does not hold");
+            ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("\ndemo failed: {error:#}");
             ExitCode::FAILURE
@@ -46,262 +83,13 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let bin_dir = build_binaries()?;
-    let workdir = tempfile::Builder::new().prefix("treaty-demo-").tempdir()?;
-    let work = workdir.path().to_path_buf();
-
-    println!("== Treaty demo: a transfer between two banks, as a two-phase commit ==\n");
-    let mut services = start_services(&bin_dir, &work).await?;
-    let client = TreatyClient::connect(services.coordinator.endpoint()).await?;
-
-    println!("3. A transfer alice can afford: it commits.");
-    let first = transfer(&client, &mut services, "alice", "bob", 30).await?;
-    anyhow::ensure!(first.is_committed(), "the first transfer should commit");
-    println!("4. A transfer alice cannot afford: bank-a votes NO, so it aborts everywhere.");
-    let second = transfer(&client, &mut services, "alice", "bob", 500).await?;
-    anyhow::ensure!(!second.is_committed(), "the second transfer should abort");
-
-    println!("5. The coordinator's list of transactions (`treaty txn list`):");
-    let (listed, _) = client.list(&[], 100, "").await?;
-    for txn in &listed {
-        println!("  {}  {}", txn.transaction_id, state_name(txn.state));
-    }
-
-    println!("\n6. Stop the coordinator and the banks (SIGTERM).");
-    for process in [
-        &mut services.coordinator,
-        &mut services.bank_a,
-        &mut services.bank_b,
-    ] {
-        let status = process.stop(PROCESS_PATIENCE).await?;
-        anyhow::ensure!(status.success(), "a process exited with {status}");
-    }
-    check_books(&work)?;
-    if args.keep {
-        println!("\nData kept in {}", workdir.keep().display());
-    }
-    Ok(())
-}
-
-/// Builds `treaty` and `bank` when run through cargo, and returns their directory.
-fn build_binaries() -> anyhow::Result<PathBuf> {
-    let bin_dir = std::env::current_exe()?
-        .parent()
-        .context("the demo binary has no directory")?
-        .to_path_buf();
-    if let Ok(cargo) = std::env::var("CARGO") {
-        println!("Building the coordinator and the example bank (quick once built)...");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .context("examples/ lives in the workspace")?;
-        let mut command = std::process::Command::new(cargo);
-        command.current_dir(workspace).args([
-            "build",
-            "--quiet",
-            "-p",
-            "treaty-coordinator",
-            "--bin",
-            "treaty",
-            "-p",
-            "treaty-examples",
-            "--bin",
-            "bank",
-        ]);
-        if !cfg!(debug_assertions) {
-            command.arg("--release");
-        }
-        let status = command.status().context("running cargo build")?;
-        anyhow::ensure!(status.success(), "cargo build failed");
-    }
-    for binary in ["treaty", "bank"] {
-        if !bin_dir.join(binary).exists() {
-            bail!(
-                "{} is missing: run the demo with `cargo run -p treaty-examples --bin demo`",
-                bin_dir.join(binary).display()
-            );
-        }
-    }
-    Ok(bin_dir)
-}
-
-async fn start_services(bin_dir: &Path, work: &Path) -> anyhow::Result<Services> {
-    let coordinator_dir = work.join("coordinator");
-    let args = strings(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &path(&coordinator_dir),
-    ]);
-    println!("1. Start the coordinator:  treaty {}", args.join(" "));
-    let coordinator = ServerProcess::start(
-        &bin_dir.join("treaty"),
-        &args,
-        &[("TREATY_LOG", "warn")],
-        "treaty listening on",
-        work.join("coordinator.log"),
-        PROCESS_PATIENCE,
-    )
-    .await?;
-    println!("   listening on {}\n", coordinator.endpoint());
-
-    let mut banks = Vec::new();
-    for (name, accounts) in [("bank-a", "alice=100"), ("bank-b", "bob=50")] {
-        let dir = work.join(name);
-        let args = strings(&[
-            "--name",
-            name,
-            "--data-dir",
-            &path(&dir),
-            "--accounts",
-            accounts,
-        ]);
-        let bank = ServerProcess::start(
-            &bin_dir.join("bank"),
-            &args,
-            &[("BANK_LOG", "warn")],
-            "bank listening on",
-            work.join(format!("{name}.log")),
-            PROCESS_PATIENCE,
-        )
-        .await?;
-        println!("2. Start {name} with {accounts}:  bank {}", args.join(" "));
-        println!("   listening on {}", bank.endpoint());
-        banks.push(bank);
-    }
-    let bank_b = banks.pop().context("two banks")?;
-    let bank_a = banks.pop().context("two banks")?;
-    println!();
-    Ok(Services {
-        coordinator,
-        bank_a,
-        bank_b,
-    })
-}
-
-async fn transfer(
-    client: &TreatyClient,
-    services: &mut Services,
-    from: &str,
-    to: &str,
-    amount: i64,
-) -> anyhow::Result<Outcome> {
-    println!("   Transfer {amount} from {from} (bank-a) to {to} (bank-b)");
-    let branches = vec![
-        BranchSpec::new(
-            from,
-            services.bank_a.endpoint(),
-            Leg {
-                account: from,
-                amount: -amount,
-            }
-            .payload(),
-        ),
-        BranchSpec::new(
-            to,
-            services.bank_b.endpoint(),
-            Leg {
-                account: to,
-                amount,
-            }
-            .payload(),
-        ),
-    ];
-    let id = client.begin(BeginOptions::default(), branches).await?;
-    println!("   Begin  -> transaction {id}, two branches enlisted");
-    println!("   Commit -> the coordinator asks both banks to prepare:");
-    let outcome = client.commit(&id).await?;
-    let finished = client
-        .wait_until_finished(&id, FINISH_PATIENCE)
-        .await?
-        .context("the coordinator forgot the transaction")?;
-    for bank in [&mut services.bank_a, &mut services.bank_b] {
-        for line in drain(&mut bank.stdout).await {
-            println!("     {line}");
-        }
-    }
-    match &outcome {
-        Outcome::Committed => {
-            println!("   Outcome: COMMITTED (decision forced to the coordinator's log first)")
-        }
-        Outcome::Aborted { reason } => println!("   Outcome: ABORTED ({reason})"),
-    }
-    print_history(&finished);
-    println!();
-    Ok(outcome)
-}
-
-/// The lines a bank printed, waiting until it has been quiet for a moment.
-async fn drain(lines: &mut tokio::sync::mpsc::Receiver<String>) -> Vec<String> {
-    let mut drained = Vec::new();
-    while drained.len() < 100 {
-        match tokio::time::timeout(Duration::from_millis(300), lines.recv()).await {
-            Ok(Some(line)) => drained.push(line),
-            _ => break,
-        }
-    }
-    drained
-}
-
-fn print_history(txn: &Transaction) {
-    let steps: Vec<String> = txn
-        .transitions
-        .iter()
-        .map(|t| {
-            format!(
-                "{} (+{} ms)",
-                state_name(t.state),
-                t.at_unix_ms.saturating_sub(txn.created_unix_ms)
-            )
-        })
-        .collect();
-    println!("   History: {}", steps.join(" -> "));
-}
-
-fn state_name(value: i32) -> &'static str {
-    TransactionState::try_from(value)
-        .map(|s| s.as_str_name().trim_start_matches("TRANSACTION_STATE_"))
-        .unwrap_or("?")
-}
-
-/// Reads each bank's own data, now that it has stopped, and checks the books.
-fn check_books(work: &Path) -> anyhow::Result<()> {
-    let mut total = 0;
-    let mut failures = Vec::new();
-    println!("\n7. Check the banks' own data:");
-    for (name, expected) in [("bank-a", [("alice", 70)]), ("bank-b", [("bob", 80)])] {
-        let store = DurableStore::open(&work.join(name), Default::default())?;
-        let books = balances(&store).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        let holds = open_holds(&store);
-        store.close()?;
-        println!("   {name}: {books:?}, open holds: {holds}");
-        for (account, balance) in expected {
-            if books.get(account) != Some(&balance) {
-                failures.push(format!(
-                    "{name}: {account} should be {balance}, is {:?}",
-                    books.get(account)
-                ));
-            }
-        }
-        if holds != 0 {
-            failures.push(format!("{name}: {holds} holds were never settled"));
-        }
-        total += books.values().sum::<i64>();
-    }
-    if total == 150 {
-        println!("   ✓ money conserved: 150 before, {total} after");
-    } else {
-        failures.push(format!("money not conserved: 150 before, {total} after"));
-    }
-    if failures.is_empty() {
-        println!(
-            "   ✓ the committed transfer is applied at both banks, the aborted one at neither"
-        );
-        Ok(())
-    } else {
-        bail!("{}", failures.join("; "))
-    }
+struct Services {
+    bin_dir: PathBuf,
+    work: PathBuf,
+    coordinator: ServerProcess,
+    payment: ServerProcess,
+    inventory: ServerProcess,
+    shipping: ServerProcess,
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -310,4 +98,343 @@ fn strings(items: &[&str]) -> Vec<String> {
 
 fn path(path: &Path) -> String {
     path.to_string_lossy().into_owned()
+}
+
+async fn start(
+    bin_dir: &Path,
+    work: &Path,
+    binary: &str,
+    args: Vec<String>,
+    log_env: &str,
+) -> anyhow::Result<ServerProcess> {
+    let ready = format!(
+        "{} listening on",
+        if binary == "treaty" { "treaty" } else { binary }
+    );
+    let process = ServerProcess::start(
+        &bin_dir.join(binary),
+        &args,
+        &[(log_env, "warn")],
+        &ready,
+        work.join(format!("{binary}.log")),
+        PROCESS_PATIENCE,
+    )
+    .await?;
+    Ok(process)
+}
+
+fn coordinator_args(work: &Path, listen: &str) -> Vec<String> {
+    strings(&[
+        "serve",
+        "--listen",
+        listen,
+        "--data-dir",
+        &path(&work.join("coordinator")),
+        "--retry-backoff-initial-ms",
+        "20",
+        "--retry-backoff-max-ms",
+        "500",
+    ])
+}
+
+async fn start_services(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Result<Services> {
+    let stock = (args.orders / 3).max(5);
+    let fault_flags = |service: &str, seed: u64| {
+        let mut flags = strings(&[
+            "--data-dir",
+            &path(&work.join(service)),
+            "--transient-error-rate",
+            &args.transient_error_rate.to_string(),
+            "--latency-ms",
+            &args.latency_ms.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]);
+        flags.shrink_to_fit();
+        flags
+    };
+    let coordinator = start(
+        &bin_dir,
+        &work,
+        "treaty",
+        coordinator_args(&work, "127.0.0.1:0"),
+        "TREATY_LOG",
+    )
+    .await?;
+    let accounts: Vec<String> = CUSTOMERS.iter().map(|c| format!("{c}=3000")).collect();
+    let mut payment_args = fault_flags("payment", args.seed + 1);
+    payment_args.extend(strings(&["--accounts", &accounts.join(",")]));
+    let payment = start(&bin_dir, &work, "payment", payment_args, "SHOP_LOG").await?;
+    let shelves: Vec<String> = SKUS.iter().map(|s| format!("{s}={stock}")).collect();
+    let mut inventory_args = fault_flags("inventory", args.seed + 2);
+    inventory_args.extend(strings(&[
+        "--stock",
+        &shelves.join(","),
+        "--out-of-stock-rate",
+        &args.out_of_stock_rate.to_string(),
+    ]));
+    let inventory = start(&bin_dir, &work, "inventory", inventory_args, "SHOP_LOG").await?;
+    let mut shipping_args = fault_flags("shipping", args.seed + 3);
+    shipping_args.extend(strings(&[
+        "--rejection-rate",
+        &args.rejection_rate.to_string(),
+    ]));
+    let shipping = start(&bin_dir, &work, "shipping", shipping_args, "SHOP_LOG").await?;
+    println!("  coordinator  {}  (treaty serve)", coordinator.endpoint());
+    println!(
+        "  payment      {}  8 customers with 3000 each",
+        payment.endpoint()
+    );
+    println!(
+        "  inventory    {}  {} each of {}",
+        inventory.endpoint(),
+        stock,
+        SKUS.join(", ")
+    );
+    println!("  shipping     {}", shipping.endpoint());
+    Ok(Services {
+        bin_dir,
+        work,
+        coordinator,
+        payment,
+        inventory,
+        shipping,
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        (1..=100_000).contains(&args.orders),
+        "--orders must be 1..=100000"
+    );
+    anyhow::ensure!(
+        (1..=1_000).contains(&args.concurrency),
+        "--concurrency must be 1..=1000"
+    );
+    for (name, rate) in [
+        ("out-of-stock-rate", args.out_of_stock_rate),
+        ("rejection-rate", args.rejection_rate),
+        ("transient-error-rate", args.transient_error_rate),
+    ] {
+        check_rate(name, rate).map_err(anyhow::Error::msg)?;
+    }
+    // Validates the fault flags the services will get, before starting anything.
+    let _ = Faults::none();
+
+    println!("Building the coordinator and the shop's services (quick once built)...");
+    let bin_dir = workspace_binaries(&[
+        ("treaty-coordinator", "treaty"),
+        ("treaty-examples", "payment"),
+        ("treaty-examples", "inventory"),
+        ("treaty-examples", "shipping"),
+    ])?;
+    let workdir = tempfile::Builder::new().prefix("treaty-shop-").tempdir()?;
+    let work = workdir.path().to_path_buf();
+    let outcome = run_shop(&args, bin_dir, work).await;
+    if args.keep {
+        println!("\nData and logs kept in {}", workdir.keep().display());
+    }
+    outcome
+}
+
+async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Result<bool> {
+    println!(
+        "\n== Treaty demo: {} orders as sagas: charge ∥ reserve → schedule ==\n",
+        args.orders
+    );
+    println!("1. Start the coordinator and three services, each a process with its own data:");
+    let mut services = start_services(args, bin_dir, work).await?;
+
+    println!(
+        "\n2. Place the orders ({} at a time){}:",
+        args.concurrency,
+        if args.no_crash {
+            ""
+        } else {
+            "; half-way, kill -9 the coordinator and restart it"
+        }
+    );
+    let started = Instant::now();
+    let placed = place_orders(args, &mut services).await?;
+    let elapsed = started.elapsed();
+
+    println!(
+        "\n3. Outcomes ({} orders in {:.1} s):",
+        placed.len(),
+        elapsed.as_secs_f64()
+    );
+    summarize(&placed);
+
+    println!("\n4. Stop every process (SIGTERM) and check the shop from each service's own data:");
+    for process in [
+        &mut services.coordinator,
+        &mut services.payment,
+        &mut services.inventory,
+        &mut services.shipping,
+    ] {
+        let status = process.stop(PROCESS_PATIENCE).await?;
+        anyhow::ensure!(status.success(), "a process exited with {status}");
+    }
+    let work = &services.work;
+    let checks = audit(
+        &work.join("payment"),
+        &work.join("inventory"),
+        &work.join("shipping"),
+        &placed,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut all_hold = true;
+    for check in &checks {
+        if check.holds() {
+            println!("   ✓ {}", check.name);
+        } else {
+            all_hold = false;
+            println!("   ✗ {}: {}", check.name, check.violations.join("; "));
+        }
+    }
+    Ok(all_hold)
+}
+
+async fn place_orders(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Placed>> {
+    let client = TreatyClient::connect_lazy(services.coordinator.endpoint())?;
+    let shop = Shop {
+        payment: services.payment.endpoint(),
+        inventory: services.inventory.endpoint(),
+        shipping: services.shipping.endpoint(),
+    };
+    let customers: Vec<String> = CUSTOMERS.iter().map(|s| s.to_string()).collect();
+    let skus: Vec<String> = SKUS.iter().map(|s| s.to_string()).collect();
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let run = format!("{:x}", rand::random::<u32>());
+    let orders: Vec<Order> = (0..args.orders)
+        .map(|n| Order::random(format!("{run}-{n}"), &customers, &skus, &mut rng))
+        .collect();
+
+    let bar = ProgressBar::new(args.orders as u64);
+    bar.set_style(
+        ProgressStyle::with_template("   {bar:40} {pos}/{len} orders  {msg}")
+            .map(|style| style.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let finished = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+    let mut tasks = Vec::with_capacity(orders.len());
+    for order in orders {
+        let (client, shop, bar, finished, slots) = (
+            client.clone(),
+            shop.clone(),
+            bar.clone(),
+            finished.clone(),
+            slots.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await.map_err(|e| e.to_string())?;
+            let placed = place(&client, &shop, order, ORDER_PATIENCE).await;
+            finished.fetch_add(1, Ordering::SeqCst);
+            bar.inc(1);
+            placed
+        }));
+    }
+
+    if !args.no_crash {
+        // Half-way, with orders in flight: kill -9, then restart on the same address
+        // and data. The orders in flight finish after recovery.
+        let half = args.orders / 2;
+        while finished.load(Ordering::SeqCst) < half {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let address = services.coordinator.address.to_string();
+        let status = services.coordinator.kill9(PROCESS_PATIENCE).await?;
+        anyhow::ensure!(
+            killed_by_sigkill(status),
+            "the coordinator did not die by SIGKILL"
+        );
+        say(
+            &bar,
+            format!(
+                "   ! coordinator killed with SIGKILL after {} orders; restarting it on {address}",
+                finished.load(Ordering::SeqCst)
+            ),
+        );
+        services.coordinator = start(
+            &services.bin_dir,
+            &services.work,
+            "treaty",
+            coordinator_args(&services.work, &address),
+            "TREATY_LOG",
+        )
+        .await
+        .context("restarting the coordinator")?;
+        say(
+            &bar,
+            "   ! coordinator back: it resumed the sagas in flight from its log".into(),
+        );
+    }
+
+    let mut placed = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        placed.push(task.await?.map_err(anyhow::Error::msg)?);
+    }
+    bar.finish_and_clear();
+    Ok(placed)
+}
+
+/// Prints above the progress bar, or plainly where there is no bar (not a terminal).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+fn summarize(placed: &[Placed]) {
+    let count = |state: TransactionState| placed.iter().filter(|p| p.state() == state).count();
+    let stuck = placed
+        .iter()
+        .filter(|p| {
+            p.transaction
+                .transitions
+                .iter()
+                .any(|t| t.reason.starts_with("stuck:"))
+        })
+        .count();
+    let retries: u32 = placed.iter().map(Placed::retries).sum();
+    println!("   completed    {}", count(TransactionState::Completed));
+    println!("   compensated  {}", count(TransactionState::Compensated));
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for p in placed
+        .iter()
+        .filter(|p| p.state() == TransactionState::Compensated)
+    {
+        *reasons
+            .entry(reason_kind(&p.transaction.reason))
+            .or_default() += 1;
+    }
+    for (reason, n) in reasons {
+        println!("      {n:>4}  {reason}");
+    }
+    println!("   stuck        {stuck} (flagged while a compensation kept failing)");
+    println!("   retries      {retries} calls repeated after transient failures");
+}
+
+/// "step reserve was rejected: out of stock: gizmo has 0, needs 2" → "reserve: out of stock".
+fn reason_kind(reason: &str) -> String {
+    let Some(rest) = reason.strip_prefix("step ") else {
+        return reason.to_string();
+    };
+    let step = rest.split_whitespace().next().unwrap_or("?");
+    let why = if rest.contains("failed") {
+        "no answer after its retries".to_string()
+    } else {
+        // The participant's reason without its particulars (quantities, addresses).
+        let reason = rest.split(": ").nth(1).unwrap_or("rejected");
+        let end = [" for ", " (", ":"]
+            .iter()
+            .filter_map(|cut| reason.find(cut))
+            .min()
+            .unwrap_or(reason.len());
+        reason[..end].to_string()
+    };
+    format!("{step}: {why}")
 }

@@ -1,0 +1,160 @@
+//! The showcase shop: an order is a saga across three services, each its own process with
+//! its own data.
+//!
+//! ```text
+//!   charge (payment) ──┐
+//!                      ├──▶ schedule (shipping)
+//!   reserve (inventory)┘
+//! ```
+//! Compensations: refund, release, cancel. Payment and inventory place a hold at
+//! prepare and apply it at commit, so that concurrent orders can never spend the same
+//! money or stock; shipping may refuse (no courier).
+//!
+//! - [`payment`], [`inventory`], [`shipping`]: the participants.
+//! - [`orders`]: the driver that places orders through a coordinator.
+//! - [`audit`]: the invariants, checked from each service's own data.
+
+pub mod audit;
+pub mod inventory;
+pub mod orders;
+pub mod payment;
+pub mod shipping;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use treaty_sdk::{BranchContext, ParticipantError};
+
+use crate::ledger::Ledger;
+
+/// What the payment step does: charge `amount` to `customer` for `order`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charge {
+    pub order: String,
+    pub customer: String,
+    pub amount: i64,
+}
+
+/// What the inventory step does: reserve `quantity` of `sku` for `order`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub order: String,
+    pub sku: String,
+    pub quantity: i64,
+}
+
+/// What the shipping step does: schedule a delivery of `order` to `address`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shipment {
+    pub order: String,
+    pub address: String,
+}
+
+/// Failure injection, shared by the three services.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FaultArgs {
+    /// Chance (0..1) that a call fails without an answer (retried by the coordinator).
+    #[arg(long, default_value_t = 0.0)]
+    pub transient_error_rate: f64,
+    /// Delay added to every call.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Seed of the random choices (a random one if absent).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Checks a rate flag.
+pub fn check_rate(name: &str, rate: f64) -> Result<(), String> {
+    if (0.0..=1.0).contains(&rate) {
+        Ok(())
+    } else {
+        Err(format!("--{name} must be between 0 and 1, not {rate}"))
+    }
+}
+
+#[derive(Debug)]
+pub struct Faults {
+    transient_error_rate: f64,
+    latency: Duration,
+    rng: Mutex<StdRng>,
+}
+
+impl Faults {
+    pub fn new(args: &FaultArgs) -> Result<Self, String> {
+        check_rate("transient-error-rate", args.transient_error_rate)?;
+        Ok(Self {
+            transient_error_rate: args.transient_error_rate,
+            latency: Duration::from_millis(args.latency_ms),
+            rng: Mutex::new(match args.seed {
+                Some(seed) => StdRng::seed_from_u64(seed),
+                None => StdRng::from_os_rng(),
+            }),
+        })
+    }
+
+    /// No faults at all.
+    pub fn none() -> Self {
+        Self {
+            transient_error_rate: 0.0,
+            latency: Duration::ZERO,
+            rng: Mutex::new(StdRng::seed_from_u64(0)),
+        }
+    }
+
+    /// True with probability `rate`.
+    pub fn chance(&self, rate: f64) -> bool {
+        rate > 0.0
+            && self
+                .rng
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .random_bool(rate.min(1.0))
+    }
+
+    /// At the start of every call: the added latency, then maybe a transient failure.
+    pub async fn enter(&self) -> Result<(), ParticipantError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        if self.chance(self.transient_error_rate) {
+            return Err(ParticipantError::new("injected transient error"));
+        }
+        Ok(())
+    }
+}
+
+/// A hold on a counter (money, stock), placed at prepare and applied or released later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold<T> {
+    pub counter: String,
+    pub amount: i64,
+    pub work: T,
+}
+
+pub fn hold_key(branch: &BranchContext) -> String {
+    format!("hold/{}/{}", branch.transaction_id, branch.branch_id)
+}
+
+/// What a counter has that no hold has claimed; `None` if the counter does not exist.
+/// Call with the ledger lock held.
+pub fn available(ledger: &Ledger, counter: &str) -> Result<Option<i64>, ParticipantError> {
+    let Some(value) = ledger.i64(counter)? else {
+        return Ok(None);
+    };
+    let holds: std::collections::BTreeMap<String, Hold<serde_json::Value>> =
+        crate::ledger::records(ledger.store(), "hold/")?;
+    let held: i64 = holds
+        .values()
+        .filter(|hold| hold.counter == counter)
+        .map(|hold| hold.amount)
+        .sum();
+    Ok(Some(value - held))
+}
+
+pub fn parse<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(payload).map_err(|e| format!("malformed payload: {e}"))
+}
