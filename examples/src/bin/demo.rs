@@ -56,6 +56,10 @@ struct Args {
     /// Delay added to every service call.
     #[arg(long, default_value_t = 2)]
     latency_ms: u64,
+    /// From the first refund on, refunds fail for this long: sagas are flagged stuck, then
+    /// recover once refunds work again.
+    #[arg(long, default_value_t = 1000)]
+    refund_outage_ms: u64,
     /// Do not kill the coordinator half-way.
     #[arg(long)]
     no_crash: bool,
@@ -134,6 +138,8 @@ fn coordinator_args(work: &Path, listen: &str) -> Vec<String> {
         "20",
         "--retry-backoff-max-ms",
         "500",
+        "--compensation-stuck-after-attempts",
+        "3",
     ])
 }
 
@@ -163,7 +169,12 @@ async fn start_services(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow:
     .await?;
     let accounts: Vec<String> = CUSTOMERS.iter().map(|c| format!("{c}=3000")).collect();
     let mut payment_args = fault_flags("payment", args.seed + 1);
-    payment_args.extend(strings(&["--accounts", &accounts.join(",")]));
+    payment_args.extend(strings(&[
+        "--accounts",
+        &accounts.join(","),
+        "--compensation-outage-ms",
+        &args.refund_outage_ms.to_string(),
+    ]));
     let payment = start(&bin_dir, &work, "payment", payment_args, "SHOP_LOG").await?;
     let shelves: Vec<String> = SKUS.iter().map(|s| format!("{s}={stock}")).collect();
     let mut inventory_args = fault_flags("inventory", args.seed + 2);
@@ -182,8 +193,9 @@ async fn start_services(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow:
     let shipping = start(&bin_dir, &work, "shipping", shipping_args, "SHOP_LOG").await?;
     println!("  coordinator  {}  (treaty serve)", coordinator.endpoint());
     println!(
-        "  payment      {}  8 customers with 3000 each",
-        payment.endpoint()
+        "  payment      {}  8 customers with 3000 each; refunds down for {} ms after the first",
+        payment.endpoint(),
+        args.refund_outage_ms
     );
     println!(
         "  inventory    {}  {} each of {}",
@@ -414,7 +426,9 @@ fn summarize(placed: &[Placed]) {
     for (reason, n) in reasons {
         println!("      {n:>4}  {reason}");
     }
-    println!("   stuck        {stuck} (flagged while a compensation kept failing)");
+    println!(
+        "   stuck        {stuck} (flagged while refunds were down; all compensated once they were back)"
+    );
     println!("   retries      {retries} calls repeated after transient failures");
 }
 

@@ -119,7 +119,7 @@ impl Participant for Inventory {
         _branch: &BranchContext,
         payload: &[u8],
     ) -> Result<(), ParticipantError> {
-        self.faults.enter().await?;
+        self.faults.enter_compensation().await?;
         let release: Reservation = parse(payload).map_err(ParticipantError::new)?;
         let _guard = self.ledger.lock().await;
         let reservation_key = format!("reservation/{}", release.order);

@@ -65,6 +65,10 @@ pub struct FaultArgs {
     /// Seed of the random choices (a random one if absent).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// An outage of compensations: from the first compensation on, every compensation
+    /// fails for this long (sagas get flagged stuck, then recover).
+    #[arg(long, default_value_t = 0)]
+    pub compensation_outage_ms: u64,
 }
 
 /// Checks a rate flag.
@@ -81,6 +85,9 @@ pub struct Faults {
     transient_error_rate: f64,
     latency: Duration,
     rng: Mutex<StdRng>,
+    compensation_outage: Duration,
+    /// When the first compensation came (the outage starts then).
+    first_compensation: Mutex<Option<std::time::Instant>>,
 }
 
 impl Faults {
@@ -93,6 +100,8 @@ impl Faults {
                 Some(seed) => StdRng::seed_from_u64(seed),
                 None => StdRng::from_os_rng(),
             }),
+            compensation_outage: Duration::from_millis(args.compensation_outage_ms),
+            first_compensation: Mutex::new(None),
         })
     }
 
@@ -102,6 +111,8 @@ impl Faults {
             transient_error_rate: 0.0,
             latency: Duration::ZERO,
             rng: Mutex::new(StdRng::seed_from_u64(0)),
+            compensation_outage: Duration::ZERO,
+            first_compensation: Mutex::new(None),
         }
     }
 
@@ -113,6 +124,27 @@ impl Faults {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .random_bool(rate.min(1.0))
+    }
+
+    /// At the start of every compensation: as [`Faults::enter`], and during the outage
+    /// window a failure.
+    pub async fn enter_compensation(&self) -> Result<(), ParticipantError> {
+        self.enter().await?;
+        if self.compensation_outage.is_zero() {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let started = *self
+            .first_compensation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(now);
+        if now.duration_since(started) < self.compensation_outage {
+            return Err(ParticipantError::new(
+                "compensations are down (injected outage)",
+            ));
+        }
+        Ok(())
     }
 
     /// At the start of every call: the added latency, then maybe a transient failure.

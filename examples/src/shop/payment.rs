@@ -117,7 +117,7 @@ impl Participant for Payment {
         _branch: &BranchContext,
         payload: &[u8],
     ) -> Result<(), ParticipantError> {
-        self.faults.enter().await?;
+        self.faults.enter_compensation().await?;
         let refund: Charge = parse(payload).map_err(ParticipantError::new)?;
         let _guard = self.ledger.lock().await;
         let charge_key = format!("charge/{}", refund.order);

@@ -77,7 +77,7 @@ impl Participant for Shipping {
         _branch: &BranchContext,
         payload: &[u8],
     ) -> Result<(), ParticipantError> {
-        self.faults.enter().await?;
+        self.faults.enter_compensation().await?;
         let cancel: Shipment = parse(payload).map_err(ParticipantError::new)?;
         let _guard = self.ledger.lock().await;
         if self
