@@ -48,6 +48,9 @@ pub enum TxnCommand {
         /// Only transactions in this state (repeatable).
         #[arg(long = "state", value_enum)]
         states: Vec<StateArg>,
+        /// Only sagas flagged stuck (a compensation keeps failing).
+        #[arg(long)]
+        stuck: bool,
         /// Most transactions to print.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -98,12 +101,20 @@ fn state_name(value: i32) -> &'static str {
 }
 
 fn summary(txn: &Transaction) -> String {
+    let kind = if txn.kind == treaty_proto::v1::TransactionKind::Saga as i32 {
+        "saga"
+    } else {
+        "2pc"
+    };
     let mut line = format!(
-        "{}  {:<10}  {} branch(es)",
+        "{}  {kind:<4}  {:<12}  {} branch(es)",
         txn.transaction_id,
         state_name(txn.state),
         txn.branches.len()
     );
+    if txn.stuck {
+        line.push_str("  STUCK");
+    }
     if !txn.reason.is_empty() {
         line.push_str(&format!("  ({})", txn.reason));
     }
@@ -112,10 +123,16 @@ fn summary(txn: &Transaction) -> String {
 
 fn details(txn: &Transaction) -> String {
     let mut out = summary(txn);
-    out.push_str(&format!(
-        "\n  created {} ms, deadline {} ms, prepare timeout {} ms",
-        txn.created_unix_ms, txn.deadline_unix_ms, txn.prepare_timeout_ms
-    ));
+    out.push_str(&format!("\n  created {} ms", txn.created_unix_ms));
+    if txn.kind == treaty_proto::v1::TransactionKind::TwoPhase as i32 {
+        out.push_str(&format!(
+            ", deadline {} ms, prepare timeout {} ms",
+            txn.deadline_unix_ms, txn.prepare_timeout_ms
+        ));
+    }
+    if !txn.idempotency_key.is_empty() {
+        out.push_str(&format!(", idempotency key {}", txn.idempotency_key));
+    }
     for branch in &txn.branches {
         let state = treaty_proto::v1::BranchState::try_from(branch.state)
             .map(|s| s.as_str_name().trim_start_matches("BRANCH_STATE_"))
@@ -126,6 +143,20 @@ fn details(txn: &Transaction) -> String {
         ));
         if !branch.last_error.is_empty() {
             out.push_str(&format!("  last error: {}", branch.last_error));
+        }
+        for attempt in &branch.history {
+            let operation = treaty_proto::v1::Operation::try_from(attempt.operation)
+                .map(|o| o.as_str_name().trim_start_matches("OPERATION_"))
+                .unwrap_or("?");
+            let result = if attempt.finished_unix_ms == 0 {
+                "(in flight)"
+            } else {
+                attempt.result.as_str()
+            };
+            out.push_str(&format!(
+                "\n      at {} ms  {operation:<16} {result}",
+                attempt.started_unix_ms
+            ));
         }
     }
     for transition in &txn.transitions {
@@ -143,7 +174,11 @@ fn details(txn: &Transaction) -> String {
 pub async fn run_txn(endpoint: &str, command: TxnCommand) -> anyhow::Result<()> {
     let client = TreatyClient::connect(endpoint).await?;
     match command {
-        TxnCommand::List { states, limit } => {
+        TxnCommand::List {
+            states,
+            stuck,
+            limit,
+        } => {
             let states: Vec<TransactionState> = states.into_iter().map(Into::into).collect();
             let mut token = String::new();
             let mut printed = 0;
@@ -151,10 +186,10 @@ pub async fn run_txn(endpoint: &str, command: TxnCommand) -> anyhow::Result<()> 
             while printed < limit {
                 let page_size = (limit - printed).min(1000) as u32;
                 let (page, next) = client.list(&states, page_size, &token).await?;
-                for txn in &page {
+                for txn in page.iter().filter(|t| t.stuck || !stuck) {
                     println!("{}", summary(txn));
+                    printed += 1;
                 }
-                printed += page.len();
                 match next {
                     Some(next) => token = next,
                     None => break,

@@ -220,6 +220,15 @@ impl AttemptLog {
         &self.0
     }
 
+    /// Closes every attempt still in flight with `result` (their answers will never
+    /// come: the coordinator restarted).
+    pub fn abandon_open(&mut self, result: &str, now: UnixMs) {
+        for attempt in self.0.iter_mut().filter(|a| a.finished_unix_ms.is_none()) {
+            attempt.finished_unix_ms = Some(now);
+            attempt.result = Some(result.to_string());
+        }
+    }
+
     /// Forgets the oldest attempt; false if there was none.
     pub fn drop_oldest(&mut self) -> bool {
         if self.0.is_empty() {
@@ -253,7 +262,17 @@ pub struct RetryPolicy {
     pub max_backoff_ms: u64,
 }
 
-/// One step of a saga as submitted (validated).
+/// A step's timeout and retry policy as the client sent them (zeros: server defaults),
+/// so that a retried submit is recognised even if the server's defaults changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRequest {
+    pub timeout_ms: u64,
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+/// One step of a saga as submitted (validated, with the server's defaults applied).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepDefinition {
     pub id: String,
@@ -265,6 +284,19 @@ pub struct StepDefinition {
     pub retry: RetryPolicy,
     /// Indices of the steps this one runs after.
     pub after: Vec<usize>,
+    pub requested: StepRequest,
+}
+
+impl StepDefinition {
+    /// Whether `other` is the same step as the client submitted it.
+    pub fn same_request(&self, other: &StepDefinition) -> bool {
+        self.id == other.id
+            && self.endpoint == other.endpoint
+            && self.payload == other.payload
+            && self.compensation == other.compensation
+            && self.after == other.after
+            && self.requested == other.requested
+    }
 }
 
 /// A saga's definition: forced to the log before its first step runs.

@@ -236,6 +236,7 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
                     max_backoff_ms: 10,
                 },
                 after: Vec::new(),
+                requested: Default::default(),
             }],
             stuck_after_attempts: 3,
         },

@@ -120,6 +120,10 @@ impl Participant for Bank {
             Err(e) => return Ok(Vote::no(format!("not a transfer leg: {e}"))),
         };
         let _guard = self.ledger.lock().await;
+        if self.ledger.json::<Hold>(&hold_key(branch))?.is_some() {
+            // A prepare repeated after a crash, before the barrier recorded the vote.
+            return Ok(Vote::Yes);
+        }
         let Some(balance) = self.ledger.i64(&balance_key(leg.account))? else {
             println!(
                 "{}: prepare {}: no account {} -> NO",

@@ -66,6 +66,14 @@ impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// The bytes of every key and value in the batch.
+    pub fn byte_len(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+            .sum()
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -85,6 +93,9 @@ pub enum StoreError {
 pub struct StoreOptions {
     /// Most records one group commit applies; more wait for the next one.
     pub max_batch_records: usize,
+    /// Most bytes (keys and values) one group commit applies; a single larger write
+    /// still goes alone.
+    pub max_batch_bytes: usize,
     /// sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
 }
@@ -93,6 +104,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             max_batch_records: 4096,
+            max_batch_bytes: 8 * 1024 * 1024,
             cache_capacity_bytes: 256 * 1024 * 1024,
         }
     }
@@ -149,6 +161,7 @@ impl DurableStore {
             failure: failure.clone(),
             failed: failed.clone(),
             max_batch_records: options.max_batch_records.max(1),
+            max_batch_bytes: options.max_batch_bytes.max(1),
         };
         let handle = std::thread::Builder::new()
             .name("treaty-logger".into())
@@ -318,6 +331,7 @@ struct Logger {
     failure: Arc<OnceLock<String>>,
     failed: Arc<tokio::sync::Notify>,
     max_batch_records: usize,
+    max_batch_bytes: usize,
 }
 
 impl Logger {
@@ -350,14 +364,15 @@ impl Logger {
         }
     }
 
-    /// Takes writes from the front of `pending` up to the record limit, stopping at a
-    /// close request (returned separately).
+    /// Takes writes from the front of `pending` up to the record and byte limits,
+    /// stopping at a close request (returned separately).
     fn take_group(
         &self,
         pending: &mut VecDeque<Request>,
     ) -> (Group, Option<mpsc::SyncSender<Result<(), StoreError>>>) {
         let mut group = Vec::new();
         let mut records = 0;
+        let mut bytes = 0;
         while let Some(request) = pending.pop_front() {
             match request {
                 Request::Write {
@@ -365,7 +380,9 @@ impl Logger {
                     durability,
                     done,
                 } => {
-                    if !group.is_empty() && records + batch.len() > self.max_batch_records {
+                    let too_many = records + batch.len() > self.max_batch_records;
+                    let too_big = bytes + batch.byte_len() > self.max_batch_bytes;
+                    if !group.is_empty() && (too_many || too_big) {
                         pending.push_front(Request::Write {
                             batch,
                             durability,
@@ -374,6 +391,7 @@ impl Logger {
                         break;
                     }
                     records += batch.len();
+                    bytes += batch.byte_len();
                     group.push((batch, durability, done));
                 }
                 Request::Close { done } => return (group, Some(done)),

@@ -50,8 +50,14 @@ async fn txn_list_show_watch_and_outcome() {
 
     let (ok, out) = treaty(endpoint, &["list"]).await;
     assert!(ok, "{out}");
-    assert!(out.contains(&format!("{committed}  COMMITTED")), "{out}");
-    assert!(out.contains(&format!("{active}  ACTIVE")), "{out}");
+    let line_of = |id: &str| {
+        out.lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(line_of(&committed).contains("2pc   COMMITTED"), "{out}");
+    assert!(line_of(&active).contains("2pc   ACTIVE"), "{out}");
 
     let (ok, out) = treaty(endpoint, &["list", "--state", "active"]).await;
     assert!(
@@ -63,6 +69,10 @@ async fn txn_list_show_watch_and_outcome() {
     assert!(ok, "{out}");
     assert!(
         out.contains("branch solo") && out.contains("-> COMMITTED"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ONE_PHASE_COMMIT") && out.contains("committed"),
         "{out}"
     );
 

@@ -505,3 +505,56 @@ async fn submit_returns_at_once_and_watch_streams_every_state() {
     );
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_submit_finds_its_unfinished_saga_after_a_restart_with_other_settings() {
+    let world = World::start().await;
+    // Stuck compensating, so still unfinished across the restart.
+    world.participant.participant.fail_compensations(true);
+    let steps = || {
+        vec![
+            SagaStep::new("a", &world.participant.endpoint, "yes").compensation("undo a"),
+            SagaStep::new("b", &world.participant.endpoint, "no")
+                .compensation("undo b")
+                .after(["a"]),
+        ]
+    };
+    let options = SubmitOptions {
+        idempotency_key: Some("order-restart".into()),
+        wait_for_outcome: false,
+    };
+    let first = world
+        .client
+        .submit_saga(steps(), options.clone())
+        .await
+        .unwrap();
+    eventually("the saga is compensating", || async {
+        let txn = world.client.get(&first.transaction_id).await.unwrap()?;
+        (state(&txn) == TransactionState::Compensating).then_some(())
+    })
+    .await;
+    let data_dir = world.coordinator.data_dir.clone();
+    world.coordinator.stop().await.unwrap();
+
+    // Other defaults (which the request left to the server) and another shard count.
+    let mut config = treaty_tests::harness::coordinator_config(&data_dir);
+    config.default_step_attempts = 7;
+    config.default_step_timeout_ms = 1_234;
+    config.shards = 3;
+    let coordinator = Coordinator::start_with(config).await;
+    let client = coordinator.client().await;
+    let again = client.submit_saga(steps(), options).await.unwrap();
+    assert_eq!(again.transaction_id, first.transaction_id);
+    assert!(!again.created);
+    assert_eq!(state(&again.transaction), TransactionState::Compensating);
+
+    world.participant.participant.fail_compensations(false);
+    let done = client
+        .wait_until_finished(&first.transaction_id, PATIENCE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state(&done), TransactionState::Compensated);
+    coordinator.stop().await.unwrap();
+    world.participant.stop().await;
+}

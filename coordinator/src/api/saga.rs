@@ -7,8 +7,8 @@ use treaty_sdk::limits::{
     check_idempotency_key, check_payload,
 };
 
-use crate::engine::saga::{GraphError, resolve_dependencies};
-use crate::model::{RetryPolicy, SagaDefinition, StepDefinition};
+use crate::engine::saga_graph::{GraphError, resolve_dependencies};
+use crate::model::{RetryPolicy, SagaDefinition, StepDefinition, StepRequest};
 use crate::runtime::SagaParams;
 
 /// Longest a step's call may take.
@@ -17,6 +17,9 @@ pub const MAX_STEP_TIMEOUT_MS: u64 = 600_000;
 pub const MAX_STEP_ATTEMPTS: u32 = 100;
 /// Longest retry delay a step may ask for.
 pub const MAX_STEP_BACKOFF_MS: u64 = 3_600_000;
+/// Shortest first retry delay a step may ask for: compensations retry without end, so
+/// their pace must not be a busy loop.
+pub const MIN_STEP_BACKOFF_MS: u64 = 10;
 
 /// Server defaults for what a step leaves unset.
 #[derive(Debug, Clone)]
@@ -78,6 +81,13 @@ pub fn saga_params(
             }
             ms => ms,
         };
+        let requested_retry = step.retry.unwrap_or_default();
+        let requested = StepRequest {
+            timeout_ms: step.timeout_ms,
+            max_attempts: requested_retry.max_attempts,
+            initial_backoff_ms: requested_retry.initial_backoff_ms,
+            max_backoff_ms: requested_retry.max_backoff_ms,
+        };
         let retry = retry_policy(&field("retry"), step.retry, defaults)?;
         steps.push(StepDefinition {
             id: step.step_id,
@@ -87,6 +97,7 @@ pub fn saga_params(
             timeout_ms,
             retry,
             after: Vec::new(),
+            requested,
         });
         after_names.push(step.after);
     }
@@ -130,6 +141,12 @@ fn retry_policy(
     };
     let initial_backoff_ms = match retry.initial_backoff_ms {
         0 => defaults.retry_backoff_initial_ms,
+        ms if ms < MIN_STEP_BACKOFF_MS => {
+            return Err(FieldError::new(
+                format!("{field}.initial_backoff_ms"),
+                format!("{ms} is below the minimum of {MIN_STEP_BACKOFF_MS} ms"),
+            ));
+        }
         ms => ms,
     };
     let max_backoff_ms = match retry.max_backoff_ms {

@@ -4,6 +4,7 @@
 
 pub mod messages;
 pub mod saga;
+pub mod saga_graph;
 pub mod twopc;
 
 #[cfg(test)]

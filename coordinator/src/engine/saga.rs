@@ -106,9 +106,10 @@ pub enum SagaPhase {
     /// The decision to compensate is being forced to the log.
     DecidingCompensation,
     Compensating,
-    /// The final state is being forced to the log.
+    /// The final state (reached at `at`) is being forced to the log.
     Finishing {
         compensated: bool,
+        at: UnixMs,
     },
     Completed,
     Compensated,
@@ -121,10 +122,13 @@ impl SagaPhase {
             SagaPhase::Submitting
             | SagaPhase::Running
             | SagaPhase::DecidingCompensation
-            | SagaPhase::Finishing { compensated: false } => TxnState::Running,
-            SagaPhase::Compensating | SagaPhase::Finishing { compensated: true } => {
-                TxnState::Compensating
-            }
+            | SagaPhase::Finishing {
+                compensated: false, ..
+            } => TxnState::Running,
+            SagaPhase::Compensating
+            | SagaPhase::Finishing {
+                compensated: true, ..
+            } => TxnState::Compensating,
             SagaPhase::Completed => TxnState::Completed,
             SagaPhase::Compensated => TxnState::Compensated,
         }
@@ -135,12 +139,14 @@ impl SagaPhase {
         match self {
             SagaPhase::Submitting | SagaPhase::Running => TxnState::Running,
             SagaPhase::DecidingCompensation | SagaPhase::Compensating => TxnState::Compensating,
-            SagaPhase::Finishing { compensated: false } | SagaPhase::Completed => {
-                TxnState::Completed
+            SagaPhase::Finishing {
+                compensated: false, ..
             }
-            SagaPhase::Finishing { compensated: true } | SagaPhase::Compensated => {
-                TxnState::Compensated
+            | SagaPhase::Completed => TxnState::Completed,
+            SagaPhase::Finishing {
+                compensated: true, ..
             }
+            | SagaPhase::Compensated => TxnState::Compensated,
         }
     }
 }
@@ -197,6 +203,9 @@ pub struct Saga {
     reason: Option<String>,
     stuck: bool,
     transitions: Vec<Transition>,
+    /// Rebuilt from the log after a restart: steps the log shows as pending may have run
+    /// (progress is written lazily), so compensation cannot skip them.
+    recovered: bool,
 }
 
 impl Saga {
@@ -219,6 +228,7 @@ impl Saga {
             reason: None,
             stuck: false,
             transitions: Vec::new(),
+            recovered: false,
         };
         (saga, vec![SagaAction::PersistForced])
     }
@@ -233,13 +243,17 @@ impl Saga {
         let mut steps: Vec<Step> = record
             .branches
             .iter()
-            .map(|b| Step {
-                state: b.state,
-                attempts: b.attempts,
-                compensation_attempts: b.compensation_attempts,
-                last_error: b.last_error.clone(),
-                history: b.history.clone(),
-                compensation_sent: false,
+            .map(|b| {
+                let mut history = b.history.clone();
+                history.abandon_open("unknown: the coordinator restarted", now);
+                Step {
+                    state: b.state,
+                    attempts: b.attempts,
+                    compensation_attempts: b.compensation_attempts,
+                    last_error: b.last_error.clone(),
+                    history,
+                    compensation_sent: false,
+                }
             })
             .collect();
         steps.resize_with(definition.steps.len(), || Step::new(BranchState::Pending));
@@ -253,6 +267,7 @@ impl Saga {
             reason: record.reason,
             stuck: record.stuck,
             transitions: record.transitions,
+            recovered: true,
         };
         if saga.transitions.is_empty() {
             // Only the definition reached the disk: it was accepted when that write returned.
@@ -283,7 +298,7 @@ impl Saga {
                         let why = format!("step {id} was rejected");
                         saga.decide_compensation(why)
                     }
-                    None => saga.start_runnable_steps(now, true),
+                    None => saga.resume_forward(now),
                 };
                 (saga, actions)
             }
@@ -330,14 +345,29 @@ impl Saga {
         self.reason.as_deref()
     }
 
-    /// What GetTransaction shows: nothing that is not durable yet.
+    /// What GetTransaction shows: nothing that is not durable yet (not even the reason
+    /// for a decision still being written).
     pub fn record(&self) -> TxnRecord {
-        self.record_in(self.state())
+        let mut record = self.record_in(self.state());
+        if record.state == TxnState::Running {
+            record.reason = None;
+        }
+        record
     }
 
-    /// What the log must hold: the decisions taken, even while their write is in flight.
+    /// What the log must hold: the decisions taken, even while their write is in flight,
+    /// and while finishing, the final state as it will be shown.
     pub fn log_record(&self) -> TxnRecord {
-        self.record_in(self.phase.logged_state())
+        let mut record = self.record_in(self.phase.logged_state());
+        if let SagaPhase::Finishing { at, .. } = self.phase {
+            record.transitions.push(Transition {
+                state: record.state,
+                at_unix_ms: at,
+                reason: String::new(),
+            });
+            record.ended_unix_ms = Some(at);
+        }
+        record
     }
 
     fn record_in(&self, state: TxnState) -> TxnRecord {
@@ -454,14 +484,14 @@ impl Saga {
                 self.enter(SagaPhase::Compensating, reason, now);
                 self.compensate_what_is_left(now)
             }
-            SagaPhase::Finishing { compensated } => {
+            SagaPhase::Finishing { compensated, at } => {
                 let end = if compensated {
                     SagaPhase::Compensated
                 } else {
                     SagaPhase::Completed
                 };
-                self.stuck = false;
-                self.enter(end, String::new(), now);
+                // The same transition the final record was written with.
+                self.enter(end, String::new(), at);
                 Vec::new()
             }
             _ => Vec::new(),
@@ -492,8 +522,7 @@ impl Saga {
                 match self.phase {
                     SagaPhase::Running => {
                         if self.steps.iter().all(|s| s.state == BranchState::Committed) {
-                            self.phase = SagaPhase::Finishing { compensated: false };
-                            actions.push(SagaAction::PersistForced);
+                            actions.extend(self.finish(false, now));
                         } else {
                             actions.extend(self.start_runnable_steps(now, false));
                         }
@@ -514,7 +543,17 @@ impl Saga {
                     _ => Vec::new(),
                 }
             }
-            StepAnswer::AlreadyCompensated => Vec::new(),
+            StepAnswer::AlreadyCompensated => {
+                // Compensated before it ran, so it never will: the saga cannot complete.
+                s.state = BranchState::Uncertain;
+                let id = &self.definition.steps[step].id;
+                let why = format!("step {id} was compensated before it could run");
+                match self.phase {
+                    SagaPhase::Running => self.decide_compensation(why),
+                    SagaPhase::Compensating => self.compensate_what_is_left(now),
+                    _ => Vec::new(),
+                }
+            }
         }
     }
 
@@ -571,6 +610,30 @@ impl Saga {
         actions
     }
 
+    /// Every step committed or nothing left to do: the final state is forced before it is
+    /// shown.
+    fn finish(&mut self, compensated: bool, now: UnixMs) -> Vec<SagaAction> {
+        self.phase = SagaPhase::Finishing {
+            compensated,
+            at: now,
+        };
+        self.stuck = false;
+        vec![SagaAction::PersistForced]
+    }
+
+    /// After a restart, sends every step that was running or may run now. A saga with
+    /// nothing left to send either completed (its final write was lost) or cannot go on.
+    fn resume_forward(&mut self, now: UnixMs) -> Vec<SagaAction> {
+        let actions = self.start_runnable_steps(now, true);
+        if !actions.is_empty() {
+            return actions;
+        }
+        if self.steps.iter().all(|s| s.state == BranchState::Committed) {
+            return self.finish(false, now);
+        }
+        self.decide_compensation("the saga could not be resumed after a restart".into())
+    }
+
     /// The decision to compensate: forced before anything is undone or anyone is told.
     fn decide_compensation(&mut self, reason: String) -> Vec<SagaAction> {
         self.reason = Some(reason);
@@ -582,9 +645,17 @@ impl Saga {
     /// finishes the saga when nothing is left to undo.
     fn compensate_what_is_left(&mut self, now: UnixMs) -> Vec<SagaAction> {
         // Steps that never started never will: nothing to wait for, nothing to undo.
+        // After a restart the log's "pending" may be stale (progress is lazy): such a step
+        // may have run, so it is compensated like any uncertain one (the barrier makes
+        // that a recorded no-op if it never ran).
+        let recovered = self.recovered;
         for step in &mut self.steps {
             if step.state == BranchState::Pending {
-                step.state = BranchState::Skipped;
+                step.state = if recovered {
+                    BranchState::Uncertain
+                } else {
+                    BranchState::Skipped
+                };
             }
         }
         let mut actions = Vec::new();
@@ -612,8 +683,7 @@ impl Saga {
             }
         }
         if self.phase == SagaPhase::Compensating && self.steps.iter().all(Step::undone) {
-            self.phase = SagaPhase::Finishing { compensated: true };
-            actions.push(SagaAction::PersistForced);
+            actions.extend(self.finish(true, now));
         }
         actions
     }
@@ -635,96 +705,4 @@ impl Saga {
             reason,
         });
     }
-}
-
-/// Why a saga's step graph is refused. `step` is the index of the step to name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GraphError {
-    #[error("step id {id:?} is used twice")]
-    DuplicateStep { step: usize, id: String },
-    #[error("runs after unknown step {after:?}")]
-    UnknownStep { step: usize, after: String },
-    #[error("runs after itself")]
-    SelfDependency { step: usize },
-    #[error("is part of a cycle: {cycle}")]
-    Cycle { step: usize, cycle: String },
-}
-
-/// Resolves each step's `after` names to indices, refusing duplicate ids, unknown or
-/// repeated dependencies and cycles: the steps must form a DAG.
-pub fn resolve_dependencies(
-    ids: &[String],
-    after: &[Vec<String>],
-) -> Result<Vec<Vec<usize>>, GraphError> {
-    let mut index = std::collections::HashMap::new();
-    for (step, id) in ids.iter().enumerate() {
-        if index.insert(id.as_str(), step).is_some() {
-            return Err(GraphError::DuplicateStep {
-                step,
-                id: id.clone(),
-            });
-        }
-    }
-    let mut resolved = Vec::with_capacity(ids.len());
-    for (step, names) in after.iter().enumerate() {
-        let mut deps: Vec<usize> = Vec::with_capacity(names.len());
-        for name in names {
-            let dep = *index
-                .get(name.as_str())
-                .ok_or_else(|| GraphError::UnknownStep {
-                    step,
-                    after: name.clone(),
-                })?;
-            if dep == step {
-                return Err(GraphError::SelfDependency { step });
-            }
-            if !deps.contains(&dep) {
-                deps.push(dep);
-            }
-        }
-        resolved.push(deps);
-    }
-    // Depth-first search with colours; a grey node reached again closes a cycle.
-    #[derive(Clone, Copy, PartialEq)]
-    enum Colour {
-        White,
-        Grey,
-        Black,
-    }
-    let mut colour = vec![Colour::White; ids.len()];
-    for root in 0..ids.len() {
-        if colour[root] != Colour::White {
-            continue;
-        }
-        let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
-        colour[root] = Colour::Grey;
-        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
-            if let Some(&dep) = resolved[node].get(*next) {
-                *next += 1;
-                match colour[dep] {
-                    Colour::White => {
-                        colour[dep] = Colour::Grey;
-                        stack.push((dep, 0));
-                    }
-                    Colour::Grey => {
-                        let start = stack.iter().position(|(n, _)| *n == dep).unwrap_or(0);
-                        let mut names: Vec<&str> = stack[start..]
-                            .iter()
-                            .map(|(n, _)| ids[*n].as_str())
-                            .collect();
-                        names.push(ids[dep].as_str());
-                        return Err(GraphError::Cycle {
-                            step: dep,
-                            cycle: names.join(" after "),
-                        });
-                    }
-                    Colour::Black => {}
-                }
-            } else {
-                colour[node] = Colour::Black;
-                stack.pop();
-            }
-        }
-    }
-    Ok(resolved)
 }

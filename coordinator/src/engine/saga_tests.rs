@@ -1,6 +1,7 @@
 //! One test per situation, asserting the exact actions each step of a saga emits.
 
 use super::saga::*;
+use super::saga_graph::*;
 use crate::model::{
     BranchState, Operation, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnState, UnixMs,
 };
@@ -27,6 +28,7 @@ fn definition(graph: &[&[usize]]) -> SagaDefinition {
                 timeout_ms: 1_000,
                 retry: RETRY,
                 after: after.to_vec(),
+                requested: Default::default(),
             })
             .collect(),
         stuck_after_attempts: 3,
@@ -444,16 +446,23 @@ fn recovery_resumes_compensation_and_never_goes_forward_again() {
 }
 
 #[test]
-fn recovered_compensation_does_not_wait_for_steps_that_never_started() {
-    // a ∥ b, c after both; b rejected and the decision logged, c never started; the
-    // coordinator dies before anything is compensated.
+fn recovered_compensation_neither_hangs_on_nor_skips_steps_the_log_shows_pending() {
+    // a ∥ b, c after both; b rejected and the decision logged; the coordinator dies
+    // before anything is compensated. c shows pending, but progress is lazy: it may
+    // have run. It is compensated (a no-op at its barrier if it never ran), then a.
     let mut saga = running(&[&[], &[], &[0, 1]]);
     rejected(&mut saga, 1);
     let logged = saga.log_record();
     assert_eq!(logged.branches[2].state, BranchState::Pending);
-    let (recovered, actions) = Saga::recover(logged, T0 + 100);
-    assert_eq!(actions, vec![SagaAction::SendCompensation { step: 0 }]);
-    assert_eq!(recovered.steps()[2].state, BranchState::Skipped);
+    let (mut recovered, actions) = Saga::recover(logged, T0 + 100);
+    assert_eq!(actions, vec![SagaAction::SendCompensation { step: 2 }]);
+    assert_eq!(
+        compensated(&mut recovered, 2),
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendCompensation { step: 0 }
+        ]
+    );
 }
 
 #[test]
@@ -500,5 +509,128 @@ fn step_graphs_must_be_acyclic_with_known_unique_ids() {
     assert_eq!(
         cycle.unwrap_err().to_string(),
         "is part of a cycle: a after c after b after a"
+    );
+}
+
+#[test]
+fn after_a_restart_a_step_the_log_shows_pending_is_compensated_too() {
+    // a ∥ b, c after a. Before the crash a and c committed, but only the definition
+    // reached the disk (progress is lazy). After the restart b is rejected: c may have
+    // run, so it is compensated (first: it runs after a), not skipped.
+    let (saga, _) = Saga::submit(NewSaga {
+        id: TxnId::generate(T0),
+        created_unix_ms: T0,
+        definition: definition(&[&[], &[], &[0]]),
+        idempotency_key: None,
+    });
+    let (mut saga, actions) = Saga::recover(saga.log_record(), T0 + 100);
+    assert_eq!(
+        actions,
+        vec![
+            SagaAction::SendStep { step: 0 },
+            SagaAction::SendStep { step: 1 }
+        ]
+    );
+    assert_eq!(rejected(&mut saga, 1), vec![SagaAction::PersistForced]);
+    assert_eq!(
+        persisted(&mut saga),
+        vec![SagaAction::SendCompensation { step: 2 }]
+    );
+    assert_eq!(saga.steps()[2].state, BranchState::Compensating);
+    assert_eq!(
+        compensated(&mut saga, 2),
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendCompensation { step: 0 }
+        ]
+    );
+}
+
+#[test]
+fn the_final_record_is_written_as_it_will_be_shown() {
+    let mut saga = running(&[&[], &[0]]);
+    committed(&mut saga, 0);
+    rejected(&mut saga, 1);
+    persisted(&mut saga);
+    for _ in 0..3 {
+        saga.handle_event(
+            SagaEvent::CompensationFailed {
+                step: 0,
+                error: "down".into(),
+            },
+            T0 + 10,
+        );
+        saga.handle_event(SagaEvent::CompensationRetryDue { step: 0 }, T0 + 11);
+    }
+    assert!(saga.is_stuck());
+    let finished_at = T0 + 50;
+    assert_eq!(
+        saga.handle_event(SagaEvent::Compensated { step: 0 }, finished_at),
+        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
+    );
+    // The forced final record: not stuck, ending with its final transition.
+    let logged = saga.log_record();
+    assert_eq!(logged.state, TxnState::Compensated);
+    assert!(!logged.stuck);
+    assert_eq!(logged.ended_unix_ms, Some(finished_at));
+    let last = logged.transitions.last().unwrap();
+    assert_eq!(
+        (last.state, last.at_unix_ms),
+        (TxnState::Compensated, finished_at)
+    );
+    // Once durable, what is shown is the same.
+    saga.handle_event(SagaEvent::Persisted, finished_at + 5);
+    assert_eq!(saga.record(), logged);
+}
+
+#[test]
+fn a_step_compensated_before_it_ran_makes_the_saga_compensate() {
+    let mut saga = running(&[&[], &[0]]);
+    committed(&mut saga, 0);
+    assert_eq!(
+        answer(&mut saga, 1, StepAnswer::AlreadyCompensated),
+        vec![SagaAction::PersistForced]
+    );
+    assert_eq!(saga.steps()[1].state, BranchState::Uncertain);
+}
+
+#[test]
+fn a_recovered_saga_with_nothing_left_to_send_finishes() {
+    // Every step committed, but the final write was lost.
+    let mut saga = running(&[&[], &[0]]);
+    committed(&mut saga, 0);
+    let mut logged = saga.log_record();
+    logged.branches[1].state = BranchState::Committed;
+    let (recovered, actions) = Saga::recover(logged, T0 + 100);
+    assert_eq!(actions, vec![SagaAction::PersistForced]);
+    assert_eq!(recovered.log_record().state, TxnState::Completed);
+}
+
+#[test]
+fn the_reason_for_a_decision_is_shown_only_once_it_is_durable() {
+    let mut saga = running(&[&[], &[0]]);
+    committed(&mut saga, 0);
+    rejected(&mut saga, 1);
+    assert_eq!(saga.record().reason, None);
+    assert!(saga.log_record().reason.is_some());
+    persisted(&mut saga);
+    assert_eq!(
+        saga.record().reason.as_deref(),
+        Some("step b was rejected: out of stock")
+    );
+}
+
+#[test]
+fn attempts_in_flight_at_a_crash_are_closed_on_recovery() {
+    let saga = running(&[&[]]);
+    let (recovered, _) = Saga::recover(saga.log_record(), T0 + 100);
+    let attempts = recovered.steps()[0].history.attempts();
+    assert_eq!(
+        attempts[0].result.as_deref(),
+        Some("unknown: the coordinator restarted")
+    );
+    assert_eq!(
+        attempts[1].finished_unix_ms, None,
+        "the resent one is in flight"
     );
 }

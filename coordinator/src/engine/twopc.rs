@@ -145,15 +145,19 @@ impl TwoPhaseCommit {
             branches: record
                 .branches
                 .into_iter()
-                .map(|b| Branch {
-                    awaiting_ack: b.state == BranchState::Prepared,
-                    id: b.id,
-                    endpoint: b.endpoint,
-                    payload: Vec::new(),
-                    state: b.state,
-                    attempts: b.attempts,
-                    last_error: b.last_error,
-                    history: b.history,
+                .map(|b| {
+                    let mut history = b.history;
+                    history.abandon_open("unknown: the coordinator restarted", now);
+                    Branch {
+                        awaiting_ack: b.state == BranchState::Prepared,
+                        id: b.id,
+                        endpoint: b.endpoint,
+                        payload: Vec::new(),
+                        state: b.state,
+                        attempts: b.attempts,
+                        last_error: b.last_error,
+                        history,
+                    }
                 })
                 .collect(),
             reason: record.reason,

@@ -115,7 +115,10 @@ impl Shard {
         for action in actions {
             match action {
                 SagaAction::SendStep { step } => self.spawn_step(id, step, false),
-                SagaAction::SendCompensation { step } => self.spawn_step(id, step, true),
+                SagaAction::SendCompensation { step } => {
+                    crash_point("coordinator::compensation_sent");
+                    self.spawn_step(id, step, true);
+                }
                 SagaAction::ScheduleStepRetry {
                     step,
                     attempt,

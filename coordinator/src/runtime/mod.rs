@@ -31,7 +31,7 @@ use crate::engine::twopc::{BranchSpec, Refusal};
 use crate::log::{DecisionLog, LogError};
 use crate::model::{SagaDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
-use shard::{Lookup, Shard, ShardMsg};
+use shard::{Lookup, Shard, ShardMsg, SubmitReply};
 
 /// What the runtime needs to know; the daemon fills it from its validated config.
 #[derive(Debug, Clone)]
@@ -160,7 +160,7 @@ pub struct Page {
 }
 
 /// Log records examined at most by one `list` call.
-const LIST_SCAN_LIMIT: usize = 10_000;
+const LIST_SCAN_LIMIT: usize = 2_000;
 
 /// The handle the API uses. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -348,9 +348,20 @@ impl Runtime {
             }
             None => TxnId::generate(now_unix_ms()),
         };
-        let mut submitted = self
+        let mut submitted = match self
             .ask(&id, |reply| ShardMsg::Submit { id, params, reply })
-            .await??;
+            .await??
+        {
+            SubmitReply::Here(submitted) => submitted,
+            SubmitReply::LivesOn(existing) => Submitted {
+                id: existing,
+                created: false,
+                updates: self
+                    .watch(existing)
+                    .await?
+                    .ok_or(RuntimeError::UnknownTransaction(existing))?,
+            },
+        };
         submitted
             .updates
             .wait_for(|record| !record.transitions.is_empty())

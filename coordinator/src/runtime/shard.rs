@@ -23,8 +23,8 @@ use super::machine::{Input, Machine, Timer};
 use super::{BeginParams, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms};
 use crate::engine::saga::{NewSaga, Saga};
 use crate::engine::twopc::{BranchSpec, Command, NewTransaction, TwoPhaseCommit};
-use crate::log::{DecisionLog, LogError};
-use crate::model::{TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
+use crate::log::DecisionLog;
+use crate::model::{StepDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
 
 type Reply<T> = oneshot::Sender<T>;
@@ -54,7 +54,7 @@ pub(super) enum ShardMsg {
     Submit {
         id: TxnId,
         params: SagaParams,
-        reply: Reply<Result<Submitted, RuntimeError>>,
+        reply: Reply<Result<SubmitReply, RuntimeError>>,
     },
     Get {
         id: TxnId,
@@ -80,6 +80,15 @@ pub(super) enum ShardMsg {
     Shutdown {
         grace: Duration,
     },
+}
+
+/// A shard's answer to `Submit`.
+#[derive(Debug)]
+pub(super) enum SubmitReply {
+    Here(Submitted),
+    /// The idempotency key names an unfinished saga that lives on the shard of its id
+    /// (the shard count changed across a restart): ask that shard.
+    LivesOn(TxnId),
 }
 
 /// What a shard knows of a transaction.
@@ -330,7 +339,7 @@ impl Shard {
         id: TxnId,
         params: SagaParams,
         now: UnixMs,
-    ) -> Result<Submitted, RuntimeError> {
+    ) -> Result<SubmitReply, RuntimeError> {
         if let Some(key) = &params.idempotency_key {
             if let Some(existing) = self.existing_saga(key, &params)? {
                 return Ok(existing);
@@ -356,22 +365,27 @@ impl Shard {
         let updates = entry.subscribe();
         self.txns.insert(id, entry);
         self.execute(id, Actions::Saga(actions));
-        Ok(Submitted {
+        Ok(SubmitReply::Here(Submitted {
             id,
             created: true,
             updates,
-        })
+        }))
     }
 
     /// The saga submitted earlier with `key`: in memory if unfinished or recent, else in
-    /// the log (then final). Its steps must be the ones submitted now.
+    /// the log. Its steps must be the ones submitted now, as the client sent them.
     fn existing_saga(
         &mut self,
         key: &str,
         params: &SagaParams,
-    ) -> Result<Option<Submitted>, RuntimeError> {
-        let same_steps = |record_steps: &[crate::model::StepDefinition]| {
-            if record_steps == params.definition.steps.as_slice() {
+    ) -> Result<Option<SubmitReply>, RuntimeError> {
+        let same_steps = |recorded: &[StepDefinition]| {
+            let same = recorded.len() == params.definition.steps.len()
+                && recorded
+                    .iter()
+                    .zip(&params.definition.steps)
+                    .all(|(a, b)| a.same_request(b));
+            if same {
                 Ok(())
             } else {
                 Err(RuntimeError::IdempotencyConflict(key.to_string()))
@@ -382,30 +396,33 @@ impl Shard {
                 if let Machine::Saga(saga) = &entry.machine {
                     same_steps(&saga.definition().steps)?;
                 }
-                return Ok(Some(Submitted {
+                return Ok(Some(SubmitReply::Here(Submitted {
                     id,
                     created: false,
                     updates: entry.subscribe(),
-                }));
+                })));
             }
         }
         let Some(id) = self.log.find_by_key(key)? else {
             return Ok(None);
         };
-        let record = self.log.get(&id)?.ok_or_else(|| LogError::Corrupt {
-            key: key.to_string(),
-            message: format!("the idempotency key names {id}, which has no record"),
-        })?;
+        // Purged since the lookup: as if it had never been.
+        let Some(record) = self.log.get(&id)? else {
+            return Ok(None);
+        };
         if let Some(saga) = &record.saga {
             same_steps(&saga.steps)?;
         }
-        // Not in memory, so final: a snapshot that will not change.
+        if !record.state.is_final() {
+            return Ok(Some(SubmitReply::LivesOn(id)));
+        }
+        // Final and out of memory: a snapshot that will not change.
         let (_, updates) = watch::channel(Arc::new(record));
-        Ok(Some(Submitted {
+        Ok(Some(SubmitReply::Here(Submitted {
             id,
             created: false,
             updates,
-        }))
+        })))
     }
 
     fn command(&mut self, id: TxnId, command: Command, now: UnixMs) -> Result<(), RuntimeError> {

@@ -19,9 +19,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use treaty_examples::process::{ServerProcess, killed_by_sigkill, workspace_binaries};
-use treaty_examples::shop::audit::audit;
+use treaty_examples::shop::audit::{Check, audit};
+use treaty_examples::shop::check_rate;
 use treaty_examples::shop::orders::{Order, Placed, Shop, place};
-use treaty_examples::shop::{Faults, check_rate};
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::TransactionState;
 
@@ -230,8 +230,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     ] {
         check_rate(name, rate).map_err(anyhow::Error::msg)?;
     }
-    // Validates the fault flags the services will get, before starting anything.
-    let _ = Faults::none();
 
     println!("Building the coordinator and the shop's services (quick once built)...");
     let bin_dir = workspace_binaries(&[
@@ -267,7 +265,7 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
         }
     );
     let started = Instant::now();
-    let placed = place_orders(args, &mut services).await?;
+    let (placed, failed) = place_orders(args, &mut services).await?;
     let elapsed = started.elapsed();
 
     println!(
@@ -288,13 +286,17 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
         anyhow::ensure!(status.success(), "a process exited with {status}");
     }
     let work = &services.work;
-    let checks = audit(
+    let mut checks = audit(
         &work.join("payment"),
         &work.join("inventory"),
         &work.join("shipping"),
         &placed,
     )
     .map_err(anyhow::Error::msg)?;
+    checks.push(Check {
+        name: "every order finished (completed or compensated)",
+        violations: failed,
+    });
     let mut all_hold = true;
     for check in &checks {
         if check.holds() {
@@ -307,7 +309,11 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
     Ok(all_hold)
 }
 
-async fn place_orders(args: &Args, services: &mut Services) -> anyhow::Result<Vec<Placed>> {
+/// The orders that finished, and what went wrong with those that did not.
+async fn place_orders(
+    args: &Args,
+    services: &mut Services,
+) -> anyhow::Result<(Vec<Placed>, Vec<String>)> {
     let client = TreatyClient::connect_lazy(services.coordinator.endpoint())?;
     let shop = Shop {
         payment: services.payment.endpoint(),
@@ -384,11 +390,15 @@ async fn place_orders(args: &Args, services: &mut Services) -> anyhow::Result<Ve
     }
 
     let mut placed = Vec::with_capacity(tasks.len());
+    let mut failed = Vec::new();
     for task in tasks {
-        placed.push(task.await?.map_err(anyhow::Error::msg)?);
+        match task.await? {
+            Ok(order) => placed.push(order),
+            Err(error) => failed.push(error),
+        }
     }
     bar.finish_and_clear();
-    Ok(placed)
+    Ok((placed, failed))
 }
 
 /// Prints above the progress bar, or plainly where there is no bar (not a terminal).
@@ -426,9 +436,13 @@ fn summarize(placed: &[Placed]) {
     for (reason, n) in reasons {
         println!("      {n:>4}  {reason}");
     }
-    println!(
-        "   stuck        {stuck} (flagged while refunds were down; all compensated once they were back)"
-    );
+    if stuck > 0 {
+        println!(
+            "   stuck        {stuck} (flagged while refunds were down; all compensated once they were back)"
+        );
+    } else {
+        println!("   stuck        0");
+    }
     println!("   retries      {retries} calls repeated after transient failures");
 }
 

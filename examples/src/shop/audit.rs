@@ -9,7 +9,7 @@ use treaty_sdk::client::TransactionState;
 use treaty_sdk::durable::DurableStore;
 
 use super::orders::Placed;
-use super::{Charge, Reservation, Shipment};
+use super::{Applied, Charge, Reservation, Shipment};
 use crate::ledger::{counters, records};
 
 /// One invariant and what was found.
@@ -55,6 +55,18 @@ fn recorded<T: serde::de::DeserializeOwned>(
     records(&data.store, prefix).map_err(|e| e.to_string())
 }
 
+/// Work records (charges, reservations, shipments), without who applied them.
+fn applied<T: serde::de::DeserializeOwned>(
+    data: &Data,
+    prefix: &str,
+) -> Result<BTreeMap<String, T>, String> {
+    let records: BTreeMap<String, Applied<T>> = recorded(data, prefix)?;
+    Ok(records
+        .into_iter()
+        .map(|(order, a)| (order, a.work))
+        .collect())
+}
+
 /// Checks every invariant; an error only if a directory cannot be read.
 pub fn audit(
     payment_dir: &Path,
@@ -65,11 +77,11 @@ pub fn audit(
     let payment = open(payment_dir, "acct/")?;
     let inventory = open(inventory_dir, "stock/")?;
     let shipping = open(shipping_dir, "none/")?;
-    let charges: BTreeMap<String, Charge> = recorded(&payment, "charge/")?;
+    let charges: BTreeMap<String, Charge> = applied(&payment, "charge/")?;
     let refunds: BTreeMap<String, Charge> = recorded(&payment, "refund/")?;
-    let reservations: BTreeMap<String, Reservation> = recorded(&inventory, "reservation/")?;
+    let reservations: BTreeMap<String, Reservation> = applied(&inventory, "reservation/")?;
     let releases: BTreeMap<String, Reservation> = recorded(&inventory, "release/")?;
-    let shipments: BTreeMap<String, Shipment> = recorded(&shipping, "shipment/")?;
+    let shipments: BTreeMap<String, Shipment> = applied(&shipping, "shipment/")?;
     let cancels: BTreeMap<String, Shipment> = recorded(&shipping, "cancel/")?;
 
     let charged: BTreeSet<&String> = charges
@@ -87,14 +99,61 @@ pub fn audit(
 
     let mut checks = Vec::new();
 
+    // Every balance is its opening balance minus the customer's unrefunded charges, and
+    // the revenue is the sum of those charges: money neither created nor lost, and every
+    // movement accounted for by a charge or a refund.
+    let mut money = Vec::new();
+    let mut charged_to: BTreeMap<&str, i64> = BTreeMap::new();
+    for (order, charge) in &charges {
+        if charged.contains(order) {
+            *charged_to.entry(charge.customer.as_str()).or_default() += charge.amount;
+        }
+    }
+    for (customer, initial) in &payment.initial {
+        if customer == super::payment::REVENUE {
+            continue;
+        }
+        let expected = initial - charged_to.get(customer.as_str()).copied().unwrap_or(0);
+        let actual = payment.counters.get(customer).copied().unwrap_or(0);
+        if actual != expected {
+            money.push(format!("{customer} has {actual}, expected {expected}"));
+        }
+    }
+    let revenue = payment
+        .counters
+        .get(super::payment::REVENUE)
+        .copied()
+        .unwrap_or(0);
+    let charged_total: i64 = charged_to.values().sum();
+    if revenue != charged_total {
+        money.push(format!(
+            "revenue is {revenue}, unrefunded charges total {charged_total}"
+        ));
+    }
     let before: i64 = payment.initial.values().sum();
     let after: i64 = payment.counters.values().sum();
+    if before != after {
+        money.push(format!("{before} in all before, {after} after"));
+    }
     checks.push(Check {
-        name: "money conserved (balances + revenue)",
-        violations: (before != after)
-            .then(|| format!("{before} before, {after} after"))
-            .into_iter()
-            .collect(),
+        name: "money conserved (each balance and the revenue match the charges)",
+        violations: money,
+    });
+    let amounts: Vec<String> = placed
+        .iter()
+        .filter_map(|p| {
+            let charge = charges.get(&p.order.id)?;
+            (charge.amount != p.order.amount || charge.customer != p.order.customer).then(|| {
+                format!(
+                    "order {} charged {} to {}, ordered {} by {}",
+                    p.order.id, charge.amount, charge.customer, p.order.amount, p.order.customer
+                )
+            })
+        })
+        .collect();
+    checks.push(Check {
+        name: "every charge is the order's amount, to its customer",
+        violations: amounts,
     });
 
     let mut stock = Vec::new();
@@ -130,7 +189,7 @@ pub fn audit(
         let outcome = match order.state() {
             TransactionState::Completed => "completed",
             TransactionState::Compensated => "compensated",
-            _ => "unfinished",
+            _ => "other",
         };
         by_outcome.entry(outcome).or_default().push(&order.order.id);
     }
@@ -183,18 +242,6 @@ pub fn audit(
             .filter(|(_, holds)| *holds > 0)
             .map(|(service, holds)| format!("{service} has {holds} unsettled holds"))
             .collect(),
-    });
-    checks.push(Check {
-        name: "every order finished",
-        violations: by_outcome
-            .get("unfinished")
-            .map(|orders| {
-                orders
-                    .iter()
-                    .map(|o| format!("order {o} unfinished"))
-                    .collect()
-            })
-            .unwrap_or_default(),
     });
     for data in [payment, inventory, shipping] {
         data.store.close().map_err(|e| e.to_string())?;

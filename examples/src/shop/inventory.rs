@@ -1,10 +1,11 @@
 //! The inventory service: stock per SKU.
 //!
 //! - step `reserve`: prepare holds the quantity if the unheld stock covers it (else NO,
-//!   "out of stock"; also, with `out_of_stock_rate`, for no reason at all); commit takes
-//!   it from the stock and records `reservation/<order>`.
-//! - compensation `release`: puts a recorded reservation back and records
-//!   `release/<order>`.
+//!   "out of stock"; also, with `out_of_stock_rate`, for no reason at all; an order is
+//!   reserved at most once); commit takes it from the stock and records
+//!   `reservation/<order>` with the branch that made it.
+//! - compensation `release`: puts a reservation made by this branch back and records
+//!   `release/<order>`. An abort releases the hold and such a reservation, if any.
 //!
 //! Stock is conserved: stock + unreleased reservations = the initial stock, per SKU.
 
@@ -13,11 +14,19 @@ use std::sync::Arc;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
-use super::{Faults, Hold, Reservation, available, hold_key, parse};
+use super::{Applied, Faults, Hold, Reservation, available, hold_key, holds_already, parse};
 use crate::ledger::{Changes, Ledger};
 
 pub fn stock_key(sku: &str) -> String {
     format!("stock/{sku}")
+}
+
+fn reservation_key(order: &str) -> String {
+    format!("reservation/{order}")
+}
+
+fn release_key(order: &str) -> String {
+    format!("release/{order}")
 }
 
 #[derive(Debug)]
@@ -44,20 +53,32 @@ impl Inventory {
         self.ledger.open_counters(&counters).await
     }
 
-    async fn settle(&self, branch: &BranchContext, apply: bool) -> Result<(), ParticipantError> {
-        self.faults.enter().await?;
-        let _guard = self.ledger.lock().await;
-        let Some(hold) = self.ledger.json::<Hold<Reservation>>(&hold_key(branch))? else {
+    /// Releases the reservation this branch made for `order`, once. Lock held.
+    fn release(
+        &self,
+        branch: &BranchContext,
+        order: &str,
+        changes: &mut Changes,
+    ) -> Result<(), ParticipantError> {
+        let Some(reservation) = self
+            .ledger
+            .json::<Applied<Reservation>>(&reservation_key(order))?
+        else {
             return Ok(());
         };
-        let mut changes = Changes::default();
-        changes.remove(&hold_key(branch));
-        if apply {
-            let stock = self.ledger.i64(&hold.counter)?.unwrap_or(0);
-            changes.set_i64(&hold.counter, stock - hold.amount);
-            changes.put(&format!("reservation/{}", hold.work.order), &hold.work);
+        if !reservation.by(branch)
+            || self
+                .ledger
+                .json::<Reservation>(&release_key(order))?
+                .is_some()
+        {
+            return Ok(());
         }
-        self.ledger.apply(changes).await
+        let counter = stock_key(&reservation.work.sku);
+        let stock = self.ledger.i64(&counter)?.unwrap_or(0);
+        changes.set_i64(&counter, stock + reservation.work.quantity);
+        changes.put(&release_key(order), &reservation.work);
+        Ok(())
     }
 }
 
@@ -72,13 +93,26 @@ impl Participant for Inventory {
             Ok(reservation) => reservation,
             Err(reason) => return Ok(Vote::no(reason)),
         };
+        let _guard = self.ledger.lock().await;
+        if holds_already(&self.ledger, branch)? {
+            return Ok(Vote::Yes);
+        }
         if self.faults.chance(self.out_of_stock_rate) {
             return Ok(Vote::no(format!(
                 "out of stock: {} (injected)",
                 reservation.sku
             )));
         }
-        let _guard = self.ledger.lock().await;
+        if self
+            .ledger
+            .json::<serde_json::Value>(&reservation_key(&reservation.order))?
+            .is_some()
+        {
+            return Ok(Vote::no(format!(
+                "order {} was already reserved",
+                reservation.order
+            )));
+        }
         let counter = stock_key(&reservation.sku);
         let Some(available) = available(&self.ledger, &counter)? else {
             return Ok(Vote::no(format!("unknown sku {}", reservation.sku)));
@@ -107,34 +141,42 @@ impl Participant for Inventory {
         branch: &BranchContext,
         _payload: &[u8],
     ) -> Result<(), ParticipantError> {
-        self.settle(branch, true).await
+        self.faults.enter().await?;
+        let _guard = self.ledger.lock().await;
+        let Some(hold) = self.ledger.json::<Hold<Reservation>>(&hold_key(branch))? else {
+            return Ok(());
+        };
+        let mut changes = Changes::default();
+        changes.remove(&hold_key(branch));
+        let stock = self.ledger.i64(&hold.counter)?.unwrap_or(0);
+        changes.set_i64(&hold.counter, stock - hold.amount);
+        changes.put(
+            &reservation_key(&hold.work.order),
+            &Applied::new(branch, hold.work),
+        );
+        self.ledger.apply(changes).await
     }
 
-    async fn abort(&self, branch: &BranchContext, _payload: &[u8]) -> Result<(), ParticipantError> {
-        self.settle(branch, false).await
+    async fn abort(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
+        self.faults.enter().await?;
+        let reservation: Reservation = parse(payload).map_err(ParticipantError::new)?;
+        let _guard = self.ledger.lock().await;
+        let mut changes = Changes::default();
+        changes.remove(&hold_key(branch));
+        self.release(branch, &reservation.order, &mut changes)?;
+        self.ledger.apply(changes).await
     }
 
     async fn compensate(
         &self,
-        _branch: &BranchContext,
+        branch: &BranchContext,
         payload: &[u8],
     ) -> Result<(), ParticipantError> {
         self.faults.enter_compensation().await?;
         let release: Reservation = parse(payload).map_err(ParticipantError::new)?;
         let _guard = self.ledger.lock().await;
-        let reservation_key = format!("reservation/{}", release.order);
-        let release_key = format!("release/{}", release.order);
-        let Some(reservation) = self.ledger.json::<Reservation>(&reservation_key)? else {
-            return Ok(());
-        };
-        if self.ledger.json::<Reservation>(&release_key)?.is_some() {
-            return Ok(());
-        }
-        let counter = stock_key(&reservation.sku);
-        let stock = self.ledger.i64(&counter)?.unwrap_or(0);
         let mut changes = Changes::default();
-        changes.set_i64(&counter, stock + reservation.quantity);
-        changes.put(&release_key, &reservation);
+        self.release(branch, &release.order, &mut changes)?;
         self.ledger.apply(changes).await
     }
 }

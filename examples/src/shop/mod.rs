@@ -171,6 +171,37 @@ pub fn hold_key(branch: &BranchContext) -> String {
     format!("hold/{}/{}", branch.transaction_id, branch.branch_id)
 }
 
+/// Work a branch applied (a charge, a reservation, a shipment), with who applied it: an
+/// undo only ever undoes its own branch's work, whatever its payload says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied<T> {
+    pub transaction_id: String,
+    pub branch_id: String,
+    pub work: T,
+}
+
+impl<T> Applied<T> {
+    pub fn new(branch: &BranchContext, work: T) -> Self {
+        Self {
+            transaction_id: branch.transaction_id.clone(),
+            branch_id: branch.branch_id.clone(),
+            work,
+        }
+    }
+
+    pub fn by(&self, branch: &BranchContext) -> bool {
+        self.transaction_id == branch.transaction_id && self.branch_id == branch.branch_id
+    }
+}
+
+/// Whether this branch already placed its hold: a prepare repeated after a crash (before
+/// the barrier recorded the vote) must not count its own hold against itself.
+pub fn holds_already(ledger: &Ledger, branch: &BranchContext) -> Result<bool, ParticipantError> {
+    Ok(ledger
+        .json::<serde_json::Value>(&hold_key(branch))?
+        .is_some())
+}
+
 /// What a counter has that no hold has claimed; `None` if the counter does not exist.
 /// Call with the ledger lock held.
 pub fn available(ledger: &Ledger, counter: &str) -> Result<Option<i64>, ParticipantError> {

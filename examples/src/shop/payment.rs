@@ -1,24 +1,37 @@
 //! The payment service: customer accounts and the shop's revenue.
 //!
 //! - step `charge`: prepare holds the amount if the customer's unheld balance covers it
-//!   (else NO, "insufficient funds"); commit moves it from the customer to `revenue` and
-//!   records `charge/<order>`.
-//! - compensation `refund`: moves a recorded charge back and records `refund/<order>`.
+//!   (else NO, "insufficient funds"; an order is charged at most once); commit moves it
+//!   from the customer to `revenue` and records `charge/<order>` with the branch that
+//!   charged it.
+//! - compensation `refund`: moves a charge made by this branch back and records
+//!   `refund/<order>`. An abort (a step compensated while the barrier still shows it
+//!   prepared, as after a crash between the commit's write and its barrier record)
+//!   releases the hold and refunds a charge made by this branch, if any.
 //!
-//! Money is conserved: balances + revenue = the initial balances, always.
+//! Money is conserved: balances + revenue = the initial balances, and revenue = the
+//! unrefunded charges.
 
 use std::sync::Arc;
 
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
-use super::{Charge, Faults, Hold, available, hold_key, parse};
+use super::{Applied, Charge, Faults, Hold, available, hold_key, holds_already, parse};
 use crate::ledger::{Changes, Ledger};
 
 pub const REVENUE: &str = "revenue";
 
 pub fn account_key(customer: &str) -> String {
     format!("acct/{customer}")
+}
+
+fn charge_key(order: &str) -> String {
+    format!("charge/{order}")
+}
+
+fn refund_key(order: &str) -> String {
+    format!("refund/{order}")
 }
 
 #[derive(Debug)]
@@ -45,23 +58,47 @@ impl Payment {
         self.ledger.open_counters(&counters).await
     }
 
-    async fn settle(&self, branch: &BranchContext, apply: bool) -> Result<(), ParticipantError> {
-        self.faults.enter().await?;
-        let _guard = self.ledger.lock().await;
+    /// Applies the branch's hold: the charge. Call with the ledger lock held.
+    fn apply_hold(
+        &self,
+        branch: &BranchContext,
+        changes: &mut Changes,
+    ) -> Result<(), ParticipantError> {
         let Some(hold) = self.ledger.json::<Hold<Charge>>(&hold_key(branch))? else {
             return Ok(());
         };
-        let mut changes = Changes::default();
         changes.remove(&hold_key(branch));
-        if apply {
-            let charge = hold.work;
-            let customer = self.ledger.i64(&hold.counter)?.unwrap_or(0);
-            let revenue = self.ledger.i64(&account_key(REVENUE))?.unwrap_or(0);
-            changes.set_i64(&hold.counter, customer - charge.amount);
-            changes.set_i64(&account_key(REVENUE), revenue + charge.amount);
-            changes.put(&format!("charge/{}", charge.order), &charge);
+        let customer = self.ledger.i64(&hold.counter)?.unwrap_or(0);
+        let revenue = self.ledger.i64(&account_key(REVENUE))?.unwrap_or(0);
+        changes.set_i64(&hold.counter, customer - hold.amount);
+        changes.set_i64(&account_key(REVENUE), revenue + hold.amount);
+        changes.put(
+            &charge_key(&hold.work.order),
+            &Applied::new(branch, hold.work),
+        );
+        Ok(())
+    }
+
+    /// Refunds the charge this branch made for `order`, once. Call with the lock held.
+    fn refund(
+        &self,
+        branch: &BranchContext,
+        order: &str,
+        changes: &mut Changes,
+    ) -> Result<(), ParticipantError> {
+        let Some(charge) = self.ledger.json::<Applied<Charge>>(&charge_key(order))? else {
+            return Ok(());
+        };
+        if !charge.by(branch) || self.ledger.json::<Charge>(&refund_key(order))?.is_some() {
+            return Ok(());
         }
-        self.ledger.apply(changes).await
+        let customer_key = account_key(&charge.work.customer);
+        let customer = self.ledger.i64(&customer_key)?.unwrap_or(0);
+        let revenue = self.ledger.i64(&account_key(REVENUE))?.unwrap_or(0);
+        changes.set_i64(&customer_key, customer + charge.work.amount);
+        changes.set_i64(&account_key(REVENUE), revenue - charge.work.amount);
+        changes.put(&refund_key(order), &charge.work);
+        Ok(())
     }
 }
 
@@ -77,6 +114,19 @@ impl Participant for Payment {
             Err(reason) => return Ok(Vote::no(reason)),
         };
         let _guard = self.ledger.lock().await;
+        if holds_already(&self.ledger, branch)? {
+            return Ok(Vote::Yes);
+        }
+        if self
+            .ledger
+            .json::<serde_json::Value>(&charge_key(&charge.order))?
+            .is_some()
+        {
+            return Ok(Vote::no(format!(
+                "order {} was already charged",
+                charge.order
+            )));
+        }
         let counter = account_key(&charge.customer);
         let Some(available) = available(&self.ledger, &counter)? else {
             return Ok(Vote::no(format!("no account for {}", charge.customer)));
@@ -105,36 +155,33 @@ impl Participant for Payment {
         branch: &BranchContext,
         _payload: &[u8],
     ) -> Result<(), ParticipantError> {
-        self.settle(branch, true).await
+        self.faults.enter().await?;
+        let _guard = self.ledger.lock().await;
+        let mut changes = Changes::default();
+        self.apply_hold(branch, &mut changes)?;
+        self.ledger.apply(changes).await
     }
 
-    async fn abort(&self, branch: &BranchContext, _payload: &[u8]) -> Result<(), ParticipantError> {
-        self.settle(branch, false).await
+    async fn abort(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
+        self.faults.enter().await?;
+        let charge: Charge = parse(payload).map_err(ParticipantError::new)?;
+        let _guard = self.ledger.lock().await;
+        let mut changes = Changes::default();
+        changes.remove(&hold_key(branch));
+        self.refund(branch, &charge.order, &mut changes)?;
+        self.ledger.apply(changes).await
     }
 
     async fn compensate(
         &self,
-        _branch: &BranchContext,
+        branch: &BranchContext,
         payload: &[u8],
     ) -> Result<(), ParticipantError> {
         self.faults.enter_compensation().await?;
         let refund: Charge = parse(payload).map_err(ParticipantError::new)?;
         let _guard = self.ledger.lock().await;
-        let charge_key = format!("charge/{}", refund.order);
-        let refund_key = format!("refund/{}", refund.order);
-        let Some(charge) = self.ledger.json::<Charge>(&charge_key)? else {
-            return Ok(());
-        };
-        if self.ledger.json::<Charge>(&refund_key)?.is_some() {
-            return Ok(());
-        }
-        let customer_key = account_key(&charge.customer);
-        let customer = self.ledger.i64(&customer_key)?.unwrap_or(0);
-        let revenue = self.ledger.i64(&account_key(REVENUE))?.unwrap_or(0);
         let mut changes = Changes::default();
-        changes.set_i64(&customer_key, customer + charge.amount);
-        changes.set_i64(&account_key(REVENUE), revenue - charge.amount);
-        changes.put(&refund_key, &charge);
+        self.refund(branch, &refund.order, &mut changes)?;
         self.ledger.apply(changes).await
     }
 }

@@ -1,8 +1,10 @@
 //! The shipping service: deliveries.
 //!
 //! - step `schedule`: prepare refuses with `rejection_rate` ("no courier available");
-//!   commit records `shipment/<order>`.
-//! - compensation `cancel`: records `cancel/<order>` for a recorded shipment.
+//!   commit records `shipment/<order>` with the branch that scheduled it (an order ships
+//!   at most once).
+//! - compensation `cancel`: records `cancel/<order>` for a shipment this branch
+//!   scheduled. An abort does the same, in case the commit ran before a crash.
 //!
 //! A shipment is active while it has no cancellation; no compensated order may have one.
 
@@ -11,8 +13,16 @@ use std::sync::Arc;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
-use super::{Faults, Shipment, parse};
+use super::{Applied, Faults, Shipment, parse};
 use crate::ledger::{Changes, Ledger};
+
+fn shipment_key(order: &str) -> String {
+    format!("shipment/{order}")
+}
+
+fn cancel_key(order: &str) -> String {
+    format!("cancel/{order}")
+}
 
 #[derive(Debug)]
 pub struct Shipping {
@@ -29,12 +39,41 @@ impl Shipping {
             rejection_rate,
         }
     }
+
+    /// Cancels the shipment this branch scheduled for `order`, once. Lock held.
+    fn cancel(
+        &self,
+        branch: &BranchContext,
+        order: &str,
+    ) -> Result<Option<Changes>, ParticipantError> {
+        let Some(shipment) = self
+            .ledger
+            .json::<Applied<Shipment>>(&shipment_key(order))?
+        else {
+            return Ok(None);
+        };
+        if !shipment.by(branch) || self.ledger.json::<Shipment>(&cancel_key(order))?.is_some() {
+            return Ok(None);
+        }
+        let mut changes = Changes::default();
+        changes.put(&cancel_key(order), &shipment.work);
+        Ok(Some(changes))
+    }
+
+    async fn undo(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
+        let shipment: Shipment = parse(payload).map_err(ParticipantError::new)?;
+        let _guard = self.ledger.lock().await;
+        match self.cancel(branch, &shipment.order)? {
+            Some(changes) => self.ledger.apply(changes).await,
+            None => Ok(()),
+        }
+    }
 }
 
 impl Participant for Shipping {
     async fn prepare(
         &self,
-        _branch: &BranchContext,
+        branch: &BranchContext,
         payload: &[u8],
     ) -> Result<Vote, ParticipantError> {
         self.faults.enter().await?;
@@ -42,6 +81,15 @@ impl Participant for Shipping {
             Ok(shipment) => shipment,
             Err(reason) => return Ok(Vote::no(reason)),
         };
+        let shipped = self
+            .ledger
+            .json::<Applied<Shipment>>(&shipment_key(&shipment.order))?;
+        if shipped.is_some_and(|s| !s.by(branch)) {
+            return Ok(Vote::no(format!(
+                "order {} was already shipped",
+                shipment.order
+            )));
+        }
         if self.faults.chance(self.rejection_rate) {
             return Ok(Vote::no(format!(
                 "no courier available for {}",
@@ -51,44 +99,36 @@ impl Participant for Shipping {
         Ok(Vote::Yes)
     }
 
-    async fn commit(
-        &self,
-        _branch: &BranchContext,
-        payload: &[u8],
-    ) -> Result<(), ParticipantError> {
+    async fn commit(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
         self.faults.enter().await?;
         let shipment: Shipment = parse(payload).map_err(ParticipantError::new)?;
+        let _guard = self.ledger.lock().await;
+        let key = shipment_key(&shipment.order);
+        if let Some(existing) = self.ledger.json::<Applied<Shipment>>(&key)? {
+            if existing.by(branch) {
+                return Ok(());
+            }
+            return Err(ParticipantError::new(format!(
+                "order {} is already shipped by another transaction",
+                shipment.order
+            )));
+        }
         let mut changes = Changes::default();
-        changes.put(&format!("shipment/{}", shipment.order), &shipment);
+        changes.put(&key, &Applied::new(branch, shipment));
         self.ledger.apply(changes).await
     }
 
-    async fn abort(
-        &self,
-        _branch: &BranchContext,
-        _payload: &[u8],
-    ) -> Result<(), ParticipantError> {
-        // Prepare holds nothing here.
-        Ok(())
+    async fn abort(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
+        self.faults.enter().await?;
+        self.undo(branch, payload).await
     }
 
     async fn compensate(
         &self,
-        _branch: &BranchContext,
+        branch: &BranchContext,
         payload: &[u8],
     ) -> Result<(), ParticipantError> {
         self.faults.enter_compensation().await?;
-        let cancel: Shipment = parse(payload).map_err(ParticipantError::new)?;
-        let _guard = self.ledger.lock().await;
-        if self
-            .ledger
-            .json::<Shipment>(&format!("shipment/{}", cancel.order))?
-            .is_none()
-        {
-            return Ok(());
-        }
-        let mut changes = Changes::default();
-        changes.put(&format!("cancel/{}", cancel.order), &cancel);
-        self.ledger.apply(changes).await
+        self.undo(branch, payload).await
     }
 }
