@@ -1,0 +1,416 @@
+//! Property tests of the saga state machine against a simulated world: random step graphs,
+//! participants that commit, reject or fail as scripted and obey the barrier (null
+//! compensation, anti-hanging), messages delivered in any order, duplicated or lost, a log
+//! that applies writes in order and loses unflushed ones in a crash, and restarts.
+//!
+//! Invariants, checked after every step:
+//! - no step runs before the definition is durable, nor before every step it runs after
+//!   has committed at its participant;
+//! - no step is compensated while a step that runs after it is still applied;
+//! - COMPENSATING / COMPLETED / COMPENSATED are shown only once durable, and once the
+//!   decision to compensate is durable the saga never completes (irreversibility);
+//! - a completed saga has every step applied;
+//! - when the world settles, a compensated saga has no step still applied.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use proptest::prelude::*;
+use treaty_coordinator::engine::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
+use treaty_coordinator::model::{
+    RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnRecord, TxnState,
+};
+
+const T0: u64 = 1_700_000_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    Commit,
+    Reject,
+}
+
+/// What a participant's barrier holds for one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Barrier {
+    None,
+    Committed,
+    Rejected,
+    Compensated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Step(usize),
+    Compensate(usize),
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Deliver(usize),
+    LoseAnswer(usize),
+    Duplicate(usize),
+    /// Apply the oldest pending log write.
+    Flush,
+    Retry(usize),
+    Crash,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => any::<usize>().prop_map(Step::Deliver),
+        1 => any::<usize>().prop_map(Step::LoseAnswer),
+        1 => any::<usize>().prop_map(Step::Duplicate),
+        4 => Just(Step::Flush),
+        2 => any::<usize>().prop_map(Step::Retry),
+        1 => Just(Step::Crash),
+    ]
+}
+
+/// A random DAG: each step runs after a random subset of the ones before it.
+fn graph() -> impl Strategy<Value = Vec<(Script, Vec<usize>)>> {
+    (2..6usize).prop_flat_map(|n| {
+        (0..n)
+            .map(|i| {
+                let script = prop_oneof![5 => Just(Script::Commit), 1 => Just(Script::Reject)];
+                let after = prop::collection::vec(any::<bool>(), i).prop_map(|picks| {
+                    picks
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| **p)
+                        .map(|(d, _)| d)
+                        .collect()
+                });
+                (script, after)
+            })
+            .collect::<Vec<_>>()
+    })
+}
+
+struct World {
+    scripts: Vec<Script>,
+    after: Vec<Vec<usize>>,
+    saga: Option<Saga>,
+    calls: Vec<Call>,
+    retries: Vec<SagaEvent>,
+    /// Writes issued to the log, applied in order; forced ones report back.
+    log_queue: Vec<(TxnRecord, bool)>,
+    durable: Option<TxnRecord>,
+    barriers: Vec<Barrier>,
+    decided_compensation: bool,
+    now: u64,
+}
+
+impl World {
+    fn new(graph: Vec<(Script, Vec<usize>)>) -> Self {
+        let steps = graph
+            .iter()
+            .enumerate()
+            .map(|(i, (_, after))| StepDefinition {
+                id: format!("s{i}"),
+                endpoint: "http://127.0.0.1:1".into(),
+                payload: Vec::new(),
+                compensation: Vec::new(),
+                timeout_ms: 100,
+                retry: RetryPolicy {
+                    max_attempts: 3,
+                    initial_backoff_ms: 10,
+                    max_backoff_ms: 10,
+                },
+                after: after.clone(),
+                requested: Default::default(),
+            })
+            .collect();
+        let (saga, actions) = Saga::submit(NewSaga {
+            id: TxnId::generate(T0),
+            created_unix_ms: T0,
+            definition: SagaDefinition {
+                steps,
+                stuck_after_attempts: 3,
+            },
+            idempotency_key: None,
+        });
+        let n = graph.len();
+        let mut world = Self {
+            scripts: graph.iter().map(|(s, _)| *s).collect(),
+            after: graph.into_iter().map(|(_, a)| a).collect(),
+            saga: Some(saga),
+            calls: Vec::new(),
+            retries: Vec::new(),
+            log_queue: Vec::new(),
+            durable: None,
+            barriers: vec![Barrier::None; n],
+            decided_compensation: false,
+            now: T0,
+        };
+        world.carry_out(actions);
+        world
+    }
+
+    fn carry_out(&mut self, actions: Vec<SagaAction>) {
+        for action in actions {
+            match action {
+                SagaAction::SendStep { step } => {
+                    assert!(
+                        self.durable.is_some(),
+                        "step {step} sent before the definition was durable"
+                    );
+                    self.calls.push(Call::Step(step));
+                }
+                SagaAction::SendCompensation { step } => self.calls.push(Call::Compensate(step)),
+                SagaAction::ScheduleStepRetry { step, .. } => {
+                    self.retries.push(SagaEvent::StepRetryDue { step })
+                }
+                SagaAction::ScheduleCompensationRetry { step, .. } => {
+                    self.retries.push(SagaEvent::CompensationRetryDue { step })
+                }
+                SagaAction::PersistForced | SagaAction::PersistLazy => {
+                    let record = self.saga.as_ref().unwrap().log_record();
+                    let forced = action == SagaAction::PersistForced;
+                    self.log_queue.push((record, forced));
+                }
+                SagaAction::WarnStuck { .. } => {}
+            }
+        }
+    }
+
+    fn feed(&mut self, event: SagaEvent) {
+        self.now += 1;
+        if let Some(saga) = self.saga.as_mut() {
+            let actions = saga.handle_event(event, self.now);
+            self.carry_out(actions);
+        }
+    }
+
+    /// The participant's barrier handles a call; returns the answer event.
+    fn participant(&mut self, call: &Call) -> SagaEvent {
+        match *call {
+            Call::Step(step) => {
+                let answer = match self.barriers[step] {
+                    Barrier::None => {
+                        for &d in &self.after[step] {
+                            assert_eq!(
+                                self.barriers[d],
+                                Barrier::Committed,
+                                "step {step} ran before step {d} it runs after had committed"
+                            );
+                        }
+                        match self.scripts[step] {
+                            Script::Commit => {
+                                self.barriers[step] = Barrier::Committed;
+                                StepAnswer::Committed
+                            }
+                            Script::Reject => {
+                                self.barriers[step] = Barrier::Rejected;
+                                StepAnswer::Rejected {
+                                    reason: "scripted".into(),
+                                }
+                            }
+                        }
+                    }
+                    Barrier::Committed => StepAnswer::Committed,
+                    Barrier::Rejected => StepAnswer::Rejected {
+                        reason: "scripted".into(),
+                    },
+                    // Anti-hanging: compensated first, the forward action is refused.
+                    Barrier::Compensated => StepAnswer::AlreadyCompensated,
+                };
+                SagaEvent::StepAnswered { step, answer }
+            }
+            Call::Compensate(step) => {
+                if self.barriers[step] == Barrier::Committed {
+                    for (j, after) in self.after.iter().enumerate() {
+                        if after.contains(&step) {
+                            assert_ne!(
+                                self.barriers[j],
+                                Barrier::Committed,
+                                "step {step} compensated while step {j} after it is applied"
+                            );
+                        }
+                    }
+                }
+                if self.barriers[step] != Barrier::Rejected {
+                    self.barriers[step] = Barrier::Compensated;
+                }
+                SagaEvent::Compensated { step }
+            }
+        }
+    }
+
+    fn failure(call: &Call) -> SagaEvent {
+        match *call {
+            Call::Step(step) => SagaEvent::StepFailed {
+                step,
+                error: "lost".into(),
+            },
+            Call::Compensate(step) => SagaEvent::CompensationFailed {
+                step,
+                error: "lost".into(),
+            },
+        }
+    }
+
+    fn take(&mut self, index: usize) -> Option<Call> {
+        if self.calls.is_empty() {
+            return None;
+        }
+        let i = index % self.calls.len();
+        Some(self.calls.remove(i))
+    }
+
+    fn flush(&mut self) {
+        if self.log_queue.is_empty() {
+            return;
+        }
+        let (record, forced) = self.log_queue.remove(0);
+        if record.state == TxnState::Compensating || record.state == TxnState::Compensated {
+            self.decided_compensation = true;
+        }
+        self.durable = Some(record);
+        if forced {
+            self.feed(SagaEvent::Persisted);
+        }
+    }
+
+    fn run(&mut self, step: &Step) {
+        match step {
+            Step::Deliver(i) => {
+                if let Some(call) = self.take(*i) {
+                    let event = self.participant(&call);
+                    self.feed(event);
+                }
+            }
+            Step::LoseAnswer(i) => {
+                if let Some(call) = self.take(*i) {
+                    self.participant(&call);
+                    self.feed(Self::failure(&call));
+                }
+            }
+            Step::Duplicate(i) => {
+                if let Some(call) = self.take(*i) {
+                    for _ in 0..2 {
+                        let event = self.participant(&call);
+                        self.feed(event);
+                    }
+                }
+            }
+            Step::Flush => self.flush(),
+            Step::Retry(i) => {
+                if !self.retries.is_empty() {
+                    let event = self.retries.remove(i % self.retries.len());
+                    self.feed(event);
+                }
+            }
+            Step::Crash => {
+                self.calls.clear();
+                self.retries.clear();
+                self.log_queue.clear();
+                self.now += 1;
+                self.saga = None;
+                if let Some(record) = self.durable.clone() {
+                    if matches!(record.state, TxnState::Running | TxnState::Compensating) {
+                        let (saga, actions) = Saga::recover(record, self.now);
+                        self.saga = Some(saga);
+                        self.carry_out(actions);
+                    }
+                }
+            }
+        }
+        self.check();
+    }
+
+    fn check(&self) {
+        let durable_state = self.durable.as_ref().map(|r| r.state);
+        if let Some(saga) = &self.saga {
+            match saga.state() {
+                TxnState::Compensating | TxnState::Compensated => assert!(
+                    matches!(
+                        durable_state,
+                        Some(TxnState::Compensating | TxnState::Compensated)
+                    ),
+                    "shown {:?} before it was durable ({durable_state:?})",
+                    saga.state()
+                ),
+                TxnState::Completed => {
+                    assert_eq!(
+                        durable_state,
+                        Some(TxnState::Completed),
+                        "completion not durable"
+                    );
+                    assert!(
+                        self.barriers.iter().all(|b| *b == Barrier::Committed),
+                        "completed with steps not applied: {:?}",
+                        self.barriers
+                    );
+                }
+                _ => {}
+            }
+            if self.decided_compensation {
+                assert_ne!(
+                    saga.state(),
+                    TxnState::Completed,
+                    "completed after a durable decision to compensate"
+                );
+                assert_ne!(saga.log_record().state, TxnState::Completed);
+            }
+        }
+        if self.decided_compensation {
+            assert_ne!(durable_state, Some(TxnState::Completed));
+        }
+    }
+
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            if !self.log_queue.is_empty() {
+                self.flush();
+            } else if let Some(call) = self.take(0) {
+                let event = self.participant(&call);
+                self.feed(event);
+            } else if !self.retries.is_empty() {
+                let event = self.retries.remove(0);
+                self.feed(event);
+            } else {
+                break;
+            }
+            self.check();
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_schedule_keeps_the_direction_and_undoes_what_ran(
+        graph in graph(),
+        steps in prop::collection::vec(step(), 0..80),
+    ) {
+        let mut world = World::new(graph);
+        for step in &steps {
+            world.run(step);
+        }
+        world.settle();
+        // The outcome: the saga's state, or (after a crash once it was final) the log's.
+        let outcome = match (&world.saga, &world.durable) {
+            (Some(saga), _) => saga.state(),
+            (None, Some(record)) => record.state,
+            (None, None) => {
+                // Gone before its definition was durable: nothing may have run.
+                prop_assert!(world.barriers.iter().all(|b| *b == Barrier::None));
+                return Ok(());
+            }
+        };
+        prop_assert!(outcome.is_final(), "not final: {:?}", outcome);
+        if outcome == TxnState::Completed {
+            prop_assert!(world.barriers.iter().all(|b| *b == Barrier::Committed));
+        }
+        if outcome == TxnState::Compensated {
+            prop_assert!(
+                world.barriers.iter().all(|b| *b != Barrier::Committed),
+                "compensated, but still applied: {:?}",
+                world.barriers
+            );
+        }
+        if world.scripts.contains(&Script::Reject) {
+            prop_assert_eq!(outcome, TxnState::Compensated);
+        }
+    }
+}

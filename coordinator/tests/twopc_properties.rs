@@ -1,0 +1,441 @@
+//! Property tests of the two-phase commit state machine against a simulated world:
+//! participants that vote as scripted and obey the barrier, messages delivered in any
+//! order, duplicated or lost, timers firing at any moment, and coordinator crashes that
+//! lose everything but the durable log.
+//!
+//! Invariants, checked after every step:
+//! - no participant is told COMMIT unless every branch voted YES or READ_ONLY;
+//! - no participant is told both COMMIT and ABORT (agreement);
+//! - once the commit decision is durable, the coordinator (and every restart of it)
+//!   stays on commit, and reports commit only after that (irreversibility);
+//! - when the world settles, every branch that voted YES knows the outcome.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use proptest::prelude::*;
+use treaty_coordinator::engine::twopc::{
+    Action, Answer, BranchSpec, Command, Event, NewTransaction, TwoPhaseCommit, Vote,
+};
+use treaty_coordinator::model::{TxnId, TxnRecord, TxnState};
+
+const T0: u64 = 1_700_000_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    Yes,
+    No,
+    ReadOnly,
+}
+
+/// A message on its way between the coordinator and a participant (or the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum InFlight {
+    Prepare(usize),
+    Commit(usize),
+    OnePhaseCommit(usize),
+    Abort(usize),
+    Persist,
+}
+
+/// What a participant's barrier holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Barrier {
+    None,
+    Prepared,
+    VotedNo,
+    ReadOnly,
+    Committed,
+    Aborted,
+}
+
+/// One scheduling choice of the environment.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Deliver the message at this index (mod the number in flight).
+    Deliver(usize),
+    /// Deliver it, but lose the answer (the sender sees a failure).
+    LoseAnswer(usize),
+    /// Deliver it twice.
+    Duplicate(usize),
+    PrepareTimer,
+    Deadline,
+    /// Fire a pending retry.
+    Retry(usize),
+    /// The coordinator process dies; only the durable log survives.
+    Crash,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => any::<usize>().prop_map(Step::Deliver),
+        1 => any::<usize>().prop_map(Step::LoseAnswer),
+        1 => any::<usize>().prop_map(Step::Duplicate),
+        1 => Just(Step::PrepareTimer),
+        1 => Just(Step::Deadline),
+        2 => any::<usize>().prop_map(Step::Retry),
+        1 => Just(Step::Crash),
+    ]
+}
+
+fn script() -> impl Strategy<Value = Script> {
+    prop_oneof![6 => Just(Script::Yes), 1 => Just(Script::No), 1 => Just(Script::ReadOnly)]
+}
+
+struct World {
+    scripts: Vec<Script>,
+    /// `None` once the coordinator crashed without a durable decision (presumed abort:
+    /// it knows nothing of the transaction any more).
+    coordinator: Option<TwoPhaseCommit>,
+    in_flight: Vec<InFlight>,
+    retries: Vec<usize>,
+    durable: Option<TxnRecord>,
+    barriers: Vec<Barrier>,
+    told_commit: Vec<bool>,
+    told_abort: Vec<bool>,
+    now: u64,
+}
+
+impl World {
+    fn new(scripts: Vec<Script>) -> Self {
+        let (mut txn, _) = TwoPhaseCommit::begin(NewTransaction {
+            id: TxnId::generate(T0),
+            created_unix_ms: T0,
+            deadline_unix_ms: T0 + 60_000,
+            prepare_timeout_ms: 1_000,
+            max_branches: 8,
+        });
+        for i in 0..scripts.len() {
+            txn.handle_command(
+                Command::Enlist(BranchSpec {
+                    id: format!("b{i}"),
+                    endpoint: "http://127.0.0.1:1".into(),
+                    payload: Vec::new(),
+                }),
+                T0,
+            )
+            .unwrap();
+        }
+        let n = scripts.len();
+        let mut world = Self {
+            scripts,
+            coordinator: Some(txn),
+            in_flight: Vec::new(),
+            retries: Vec::new(),
+            durable: None,
+            barriers: vec![Barrier::None; n],
+            told_commit: vec![false; n],
+            told_abort: vec![false; n],
+            now: T0,
+        };
+        let actions = world
+            .coordinator
+            .as_mut()
+            .unwrap()
+            .handle_command(Command::Commit, T0)
+            .unwrap();
+        world.carry_out(actions);
+        world
+    }
+
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::SendPrepare { branch } => self.in_flight.push(InFlight::Prepare(branch)),
+                Action::SendCommit { branch } => self.in_flight.push(InFlight::Commit(branch)),
+                Action::SendOnePhaseCommit { branch } => {
+                    self.in_flight.push(InFlight::OnePhaseCommit(branch))
+                }
+                Action::SendAbort { branch } => self.in_flight.push(InFlight::Abort(branch)),
+                Action::ScheduleRetry { branch, .. } => self.retries.push(branch),
+                Action::PersistDecision => {
+                    let record = self.coordinator.as_ref().unwrap().log_record();
+                    assert_eq!(record.state, TxnState::Committing, "a decision is a commit");
+                    self.in_flight.push(InFlight::Persist);
+                }
+                Action::PersistEnd
+                | Action::RecordHistory
+                | Action::StartDeadlineTimer { .. }
+                | Action::StartPrepareTimer { .. } => {}
+            }
+        }
+    }
+
+    fn feed(&mut self, event: Event) {
+        self.now += 1;
+        if let Some(coordinator) = self.coordinator.as_mut() {
+            let actions = coordinator.handle_event(event, self.now);
+            self.carry_out(actions);
+        }
+    }
+
+    /// The participant's barrier handles a request; returns its answer (None: an error).
+    fn participant(&mut self, message: &InFlight) -> Option<Event> {
+        match *message {
+            InFlight::Prepare(b) => {
+                let vote = match self.barriers[b] {
+                    Barrier::None => match self.scripts[b] {
+                        Script::Yes => {
+                            self.barriers[b] = Barrier::Prepared;
+                            Vote::Yes
+                        }
+                        Script::No => {
+                            self.barriers[b] = Barrier::VotedNo;
+                            Vote::no("scripted")
+                        }
+                        Script::ReadOnly => {
+                            self.barriers[b] = Barrier::ReadOnly;
+                            Vote::ReadOnly
+                        }
+                    },
+                    Barrier::Prepared | Barrier::Committed => Vote::Yes,
+                    Barrier::ReadOnly => Vote::ReadOnly,
+                    Barrier::VotedNo | Barrier::Aborted => Vote::no("aborted"),
+                };
+                Some(Event::PrepareAnswered { branch: b, vote })
+            }
+            InFlight::Commit(b) => {
+                self.told_commit[b] = true;
+                let answer = match self.barriers[b] {
+                    Barrier::Prepared | Barrier::Committed | Barrier::ReadOnly => {
+                        if self.barriers[b] == Barrier::Prepared {
+                            self.barriers[b] = Barrier::Committed;
+                        }
+                        Answer::Committed
+                    }
+                    Barrier::None => Answer::NotPrepared,
+                    Barrier::VotedNo | Barrier::Aborted => Answer::Aborted,
+                };
+                Some(Event::Delivered { branch: b, answer })
+            }
+            InFlight::OnePhaseCommit(b) => {
+                let answer = match self.barriers[b] {
+                    Barrier::None => match self.scripts[b] {
+                        Script::Yes | Script::ReadOnly => {
+                            self.barriers[b] = Barrier::Committed;
+                            Answer::Committed
+                        }
+                        Script::No => {
+                            self.barriers[b] = Barrier::VotedNo;
+                            Answer::Rejected {
+                                reason: "scripted".into(),
+                            }
+                        }
+                    },
+                    Barrier::Committed | Barrier::Prepared | Barrier::ReadOnly => {
+                        self.barriers[b] = Barrier::Committed;
+                        Answer::Committed
+                    }
+                    Barrier::VotedNo => Answer::Rejected {
+                        reason: "scripted".into(),
+                    },
+                    Barrier::Aborted => Answer::Aborted,
+                };
+                Some(Event::Delivered { branch: b, answer })
+            }
+            InFlight::Abort(b) => {
+                let answer = match self.barriers[b] {
+                    Barrier::Committed => Answer::Committed,
+                    _ => {
+                        self.told_abort[b] = true;
+                        if matches!(self.barriers[b], Barrier::None | Barrier::Prepared) {
+                            self.barriers[b] = Barrier::Aborted;
+                        }
+                        Answer::Aborted
+                    }
+                };
+                Some(Event::Delivered { branch: b, answer })
+            }
+            InFlight::Persist => {
+                self.durable = Some(self.coordinator.as_ref().unwrap().log_record());
+                Some(Event::DecisionPersisted)
+            }
+        }
+    }
+
+    fn failure(message: &InFlight) -> Event {
+        match *message {
+            InFlight::Prepare(branch) => Event::PrepareFailed {
+                branch,
+                error: "lost".into(),
+            },
+            InFlight::Commit(branch)
+            | InFlight::OnePhaseCommit(branch)
+            | InFlight::Abort(branch) => Event::DeliveryFailed {
+                branch,
+                error: "lost".into(),
+            },
+            // A log write does not get lost; it may only be slow.
+            InFlight::Persist => Event::DecisionPersisted,
+        }
+    }
+
+    fn take(&mut self, index: usize) -> Option<InFlight> {
+        if self.in_flight.is_empty() {
+            return None;
+        }
+        let i = index % self.in_flight.len();
+        Some(self.in_flight.remove(i))
+    }
+
+    fn run(&mut self, step: &Step) {
+        match step {
+            Step::Deliver(i) => {
+                if let Some(message) = self.take(*i) {
+                    if let Some(event) = self.participant(&message) {
+                        self.feed(event);
+                    }
+                }
+            }
+            Step::LoseAnswer(i) => {
+                if let Some(message) = self.take(*i) {
+                    // The request reached the participant; its answer did not come back.
+                    if message != InFlight::Persist {
+                        self.participant(&message);
+                    }
+                    let event = if message == InFlight::Persist {
+                        self.participant(&message).unwrap()
+                    } else {
+                        Self::failure(&message)
+                    };
+                    self.feed(event);
+                }
+            }
+            Step::Duplicate(i) => {
+                if let Some(message) = self.take(*i) {
+                    for _ in 0..2 {
+                        if let Some(event) = self.participant(&message) {
+                            self.feed(event);
+                        }
+                    }
+                }
+            }
+            Step::PrepareTimer => self.feed(Event::PrepareTimerFired),
+            Step::Deadline => self.feed(Event::DeadlineReached),
+            Step::Retry(i) => {
+                if !self.retries.is_empty() {
+                    let branch = self.retries.remove(i % self.retries.len());
+                    self.feed(Event::RetryDue { branch });
+                }
+            }
+            Step::Crash => {
+                self.in_flight.clear();
+                self.retries.clear();
+                self.now += 1;
+                self.coordinator = match self.durable.clone() {
+                    Some(record) if record.state == TxnState::Committing => {
+                        let (txn, actions) = TwoPhaseCommit::recover(record, 8, self.now);
+                        self.coordinator = Some(txn);
+                        self.carry_out(actions);
+                        self.coordinator.take()
+                    }
+                    // Presumed abort: no record, no transaction.
+                    _ => None,
+                };
+            }
+        }
+        self.check();
+    }
+
+    fn check(&self) {
+        let every_vote_yes = self.scripts.iter().all(|s| *s != Script::No);
+        for b in 0..self.scripts.len() {
+            assert!(
+                !(self.told_commit[b] && self.told_abort[b]),
+                "branch {b} was told both commit and abort"
+            );
+            if self.told_commit[b] || self.barriers[b] == Barrier::Committed {
+                assert!(every_vote_yes, "a commit without every vote YES");
+            }
+        }
+        let committed_anywhere = self.barriers.iter().any(|b| *b == Barrier::Committed);
+        let aborted_anywhere = self
+            .barriers
+            .iter()
+            .zip(&self.scripts)
+            .any(|(b, s)| *b == Barrier::Aborted && *s == Script::Yes);
+        assert!(
+            !(committed_anywhere && aborted_anywhere),
+            "disagreement: {:?}",
+            self.barriers
+        );
+        if let (Some(durable), Some(coordinator)) = (&self.durable, &self.coordinator) {
+            if durable.state == TxnState::Committing {
+                assert!(
+                    coordinator.state().is_commit() || coordinator.state() == TxnState::Preparing,
+                    "a durable commit decision turned into {:?}",
+                    coordinator.state()
+                );
+            }
+        }
+        // A commit with something to commit is reported only once durable (all
+        // read-only needs no decision; one-phase is the participant's).
+        let all_read_only = self.scripts.iter().all(|s| *s == Script::ReadOnly);
+        if let Some(coordinator) = &self.coordinator {
+            if coordinator.state().is_commit() && self.scripts.len() > 1 && !all_read_only {
+                assert!(
+                    self.durable.is_some(),
+                    "commit reported before it was durable"
+                );
+            }
+        }
+    }
+
+    /// Lets everything still pending happen, without losses.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            if let Some(message) = self.take(0) {
+                if let Some(event) = self.participant(&message) {
+                    self.feed(event);
+                }
+            } else if !self.retries.is_empty() {
+                let branch = self.retries.remove(0);
+                self.feed(Event::RetryDue { branch });
+            } else if self
+                .coordinator
+                .as_ref()
+                .is_some_and(|c| !c.state().is_decided())
+            {
+                self.feed(Event::PrepareTimerFired);
+                self.feed(Event::DeadlineReached);
+            } else {
+                break;
+            }
+            self.check();
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_schedule_keeps_the_decision_and_the_agreement(
+        scripts in prop::collection::vec(script(), 1..5),
+        steps in prop::collection::vec(step(), 0..60),
+    ) {
+        let mut world = World::new(scripts);
+        for step in &steps {
+            world.run(step);
+        }
+        world.settle();
+        // Settled: every YES voter knows the outcome (or, if the coordinator forgot
+        // the transaction, has nothing to commit and would be told ABORT on asking).
+        if let Some(coordinator) = &world.coordinator {
+            prop_assert!(coordinator.state().is_final(), "not final: {:?}", coordinator.state());
+            let committed = coordinator.state().is_commit();
+            for (b, barrier) in world.barriers.iter().enumerate() {
+                match barrier {
+                    Barrier::Prepared => prop_assert!(false, "branch {b} left in doubt"),
+                    Barrier::Committed => prop_assert!(committed, "branch {b} committed, outcome abort"),
+                    Barrier::Aborted => prop_assert!(!committed, "branch {b} aborted, outcome commit"),
+                    _ => {}
+                }
+            }
+        } else if world.scripts.len() > 1 {
+            // Forgotten without a durable decision: presumed abort, so nobody committed.
+            // (A one-phase commit's outcome is its only participant's, logged nowhere
+            // else; that participant is not in doubt either way.)
+            prop_assert!(world.barriers.iter().all(|b| *b != Barrier::Committed));
+        }
+    }
+}
