@@ -347,7 +347,7 @@ impl World {
                 assert!(every_vote_yes, "a commit without every vote YES");
             }
         }
-        let committed_anywhere = self.barriers.iter().any(|b| *b == Barrier::Committed);
+        let committed_anywhere = self.barriers.contains(&Barrier::Committed);
         let aborted_anywhere = self
             .barriers
             .iter()
