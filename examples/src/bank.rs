@@ -105,7 +105,7 @@ impl Bank {
                 self.name, branch.transaction_id, hold.account
             );
         }
-        self.ledger.apply(changes).await
+        self.ledger.apply_with(branch, changes).await
     }
 }
 
@@ -153,7 +153,7 @@ impl Participant for Bank {
                 amount: leg.amount,
             },
         );
-        self.ledger.apply(changes).await?;
+        self.ledger.apply_with(branch, changes).await?;
         println!(
             "{}: prepare {}: {} {:+} (available {available}) -> YES, hold placed",
             self.name, branch.transaction_id, leg.account, leg.amount
@@ -189,10 +189,7 @@ mod tests {
     use super::*;
 
     fn branch(txn: &str) -> BranchContext {
-        BranchContext {
-            transaction_id: txn.into(),
-            branch_id: "leg".into(),
-        }
+        BranchContext::new(txn, "leg")
     }
 
     #[tokio::test]

@@ -3,6 +3,8 @@
 //! disk before the operation that made it returns.
 //!
 //! Keys are `<prefix>/<name>`; no example key starts with the barrier's `b/` or `d/`.
+//! An operation's changes are applied with the barrier's record of it
+//! ([`Ledger::apply_with`]): exactly-once effects across crashes.
 //! One lock serializes read-modify-write sequences: these are examples, not benchmarks.
 
 use std::collections::BTreeMap;
@@ -11,8 +13,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, MutexGuard};
-use treaty_sdk::ParticipantError;
 use treaty_sdk::durable::{Durability, DurableStore, WriteBatch};
+use treaty_sdk::{BranchContext, ParticipantError};
 
 pub fn failed(error: impl std::fmt::Display) -> ParticipantError {
     ParticipantError::new(format!("ledger: {error}"))
@@ -73,6 +75,18 @@ impl Ledger {
         value
             .map(|bytes| serde_json::from_slice(&bytes).map_err(failed))
             .transpose()
+    }
+
+    /// Applies `changes` together with the barrier's record of the operation `branch` is
+    /// running (see `BranchContext::include_barrier_record`): the effect and the record
+    /// reach the disk in one write, so a crash can never separate them.
+    pub async fn apply_with(
+        &self,
+        branch: &BranchContext,
+        mut changes: Changes,
+    ) -> Result<(), ParticipantError> {
+        branch.include_barrier_record(&mut changes.0);
+        self.apply(changes).await
     }
 
     /// Applies `changes` and waits until they are on disk.

@@ -178,10 +178,7 @@ impl Barrier {
                     message: "in-doubt key without a branch".into(),
                 });
             };
-            let branch = BranchContext {
-                transaction_id: transaction_id.to_string(),
-                branch_id: branch_id.to_string(),
-            };
+            let branch = BranchContext::new(transaction_id.to_string(), branch_id.to_string());
             if let Some(record) = self.record(&branch)? {
                 if record.status == BranchStatus::Prepared {
                     found.push(InDoubtBranch {
@@ -217,13 +214,16 @@ impl Barrier {
                 }
             });
         }
-        let vote = bounded(participant.prepare(branch, payload).await?);
-        let status = status_after_vote(&vote);
-        let mut record = new_record(BranchMode::TwoPhase, status, coordinator_endpoint);
-        if record.status == BranchStatus::Prepared {
-            record.payload = payload.to_vec();
-        }
-        self.save(branch, &record).await?;
+        let vote = self
+            .prepare_user(
+                participant,
+                branch,
+                BranchMode::TwoPhase,
+                payload,
+                coordinator_endpoint,
+            )
+            .await?
+            .0;
         if vote == Vote::Yes {
             crash_point("participant::after_vote_recorded");
         }
@@ -246,21 +246,20 @@ impl Barrier {
             None if mode == BranchMode::TwoPhase => return Ok(CommitAnswer::NotPrepared),
             None => {
                 // One call does both phases; the participant decides.
-                let vote = bounded(participant.prepare(branch, payload).await?);
-                let mut record = new_record(mode, status_after_vote(&vote), coordinator_endpoint);
-                if record.status == BranchStatus::Prepared {
-                    record.payload = payload.to_vec();
-                }
-                self.save(branch, &record).await?;
-                record
+                self.prepare_user(participant, branch, mode, payload, coordinator_endpoint)
+                    .await?
+                    .1
             }
         };
         match &record.status {
             BranchStatus::Prepared => {
-                participant.commit(branch, &record.payload).await?;
+                let prepared_payload = std::mem::take(&mut record.payload);
                 record.status = BranchStatus::Committed;
-                record.payload = Vec::new();
-                self.save(branch, &record).await?;
+                record.updated_unix_ms = now_unix_ms();
+                self.apply_user(branch, &record, |context| async move {
+                    participant.commit(&context, &prepared_payload).await
+                })
+                .await?;
                 crash_point("participant::after_commit_applied");
                 Ok(CommitAnswer::Committed)
             }
@@ -297,12 +296,15 @@ impl Barrier {
         };
         match record.status {
             BranchStatus::Prepared => {
-                participant.abort(branch, &record.payload).await?;
+                let prepared_payload = std::mem::take(&mut record.payload);
                 record.status = BranchStatus::Aborted {
                     after_prepare: true,
                 };
-                record.payload = Vec::new();
-                self.save(branch, &record).await?;
+                record.updated_unix_ms = now_unix_ms();
+                self.apply_user(branch, &record, |context| async move {
+                    participant.abort(&context, &prepared_payload).await
+                })
+                .await?;
                 Ok(AbortAnswer::Aborted)
             }
             BranchStatus::Committed => Ok(AbortAnswer::AlreadyCommitted),
@@ -333,23 +335,81 @@ impl Barrier {
             );
             return self.save(branch, &record).await;
         };
-        let after_commit = match record.status {
+        let prepared_payload = std::mem::take(&mut record.payload);
+        record.updated_unix_ms = now_unix_ms();
+        match record.status {
             BranchStatus::Committed => {
-                participant.compensate(branch, payload).await?;
-                true
+                record.status = BranchStatus::Compensated { after_commit: true };
+                self.apply_user(branch, &record, |context| async move {
+                    participant.compensate(&context, payload).await
+                })
+                .await
             }
             BranchStatus::Prepared => {
-                participant.abort(branch, &record.payload).await?;
-                false
+                record.status = BranchStatus::Compensated {
+                    after_commit: false,
+                };
+                self.apply_user(branch, &record, |context| async move {
+                    participant.abort(&context, &prepared_payload).await
+                })
+                .await
             }
             BranchStatus::VotedNo { .. }
             | BranchStatus::ReadOnly
             | BranchStatus::Aborted { .. }
-            | BranchStatus::Compensated { .. } => return Ok(()),
-        };
-        record.status = BranchStatus::Compensated { after_commit };
-        record.payload = Vec::new();
-        self.save(branch, &record).await
+            | BranchStatus::Compensated { .. } => Ok(()),
+        }
+    }
+
+    /// Runs the user's `prepare` with the record of a YES vote in its context, then
+    /// records the vote it gave (unless the user included that record with its own
+    /// writes). Returns the vote and the record.
+    async fn prepare_user<P: Participant>(
+        &self,
+        participant: &P,
+        branch: &BranchContext,
+        mode: BranchMode,
+        payload: &[u8],
+        coordinator_endpoint: &str,
+    ) -> Result<(Vote, BranchRecord), BarrierError> {
+        let mut prepared = new_record(mode, BranchStatus::Prepared, coordinator_endpoint);
+        prepared.payload = payload.to_vec();
+        let (context, slot) = branch.with_barrier_writes(self.writes_for(branch, &prepared));
+        let vote = bounded(participant.prepare(&context, payload).await?);
+        if vote == Vote::Yes {
+            if !slot.included() {
+                self.save(branch, &prepared).await?;
+            }
+            return Ok((vote, prepared));
+        }
+        if slot.included() {
+            tracing::error!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?vote,
+                "participant included the barrier record of a YES vote, then voted otherwise");
+        }
+        let record = new_record(mode, status_after_vote(&vote), coordinator_endpoint);
+        self.save(branch, &record).await?;
+        Ok((vote, record))
+    }
+
+    /// Runs user code with `success` (the record of its success) in its context; once
+    /// it succeeded, writes that record, unless the user included it with its own writes
+    /// (then both are on disk already, atomically).
+    async fn apply_user<F, Fut>(
+        &self,
+        branch: &BranchContext,
+        success: &BranchRecord,
+        operation: F,
+    ) -> Result<(), BarrierError>
+    where
+        F: FnOnce(BranchContext) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ParticipantError>>,
+    {
+        let (context, slot) = branch.with_barrier_writes(self.writes_for(branch, success));
+        operation(context).await?;
+        if !slot.included() {
+            self.save(branch, success).await?;
+        }
+        Ok(())
     }
 
     /// Writes the record (and the in-doubt index) and waits until it is on disk.
@@ -358,6 +418,12 @@ impl Barrier {
         branch: &BranchContext,
         record: &BranchRecord,
     ) -> Result<(), BarrierError> {
+        let batch = self.writes_for(branch, record);
+        Ok(self.store.write(batch, Durability::Forced).await?)
+    }
+
+    /// The writes that record `record`: the record and the in-doubt index.
+    fn writes_for(&self, branch: &BranchContext, record: &BranchRecord) -> WriteBatch {
         let mut batch = WriteBatch::new();
         batch.insert(record_key(branch), encode(record));
         let in_doubt_key = in_doubt_key(branch);
@@ -368,7 +434,7 @@ impl Barrier {
         } else {
             batch.remove(in_doubt_key);
         }
-        Ok(self.store.write(batch, Durability::Forced).await?)
+        batch
     }
 }
 

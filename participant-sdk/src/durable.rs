@@ -67,6 +67,11 @@ impl WriteBatch {
         self.ops.is_empty()
     }
 
+    /// Appends `other`'s writes after this batch's.
+    pub fn extend(&mut self, other: WriteBatch) {
+        self.ops.extend(other.ops);
+    }
+
     /// The bytes of every key and value in the batch.
     pub fn byte_len(&self) -> usize {
         self.ops

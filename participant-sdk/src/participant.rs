@@ -15,13 +15,112 @@
 //!   give up on the transaction (prepare). Return it for transient trouble only; business
 //!   refusals are [`Vote::No`].
 
+use std::fmt;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::durable::WriteBatch;
 
 /// Which transaction and branch an operation is for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// For participants whose data lives in the SDK's [`crate::durable::DurableStore`] (the
+/// one the barrier uses), it also carries the barrier's record of the operation, to be
+/// committed together with the participant's own writes: see
+/// [`BranchContext::include_barrier_record`].
+#[derive(Clone)]
 pub struct BranchContext {
     pub transaction_id: String,
     pub branch_id: String,
+    barrier: Option<Arc<RecordSlot>>,
+}
+
+/// The barrier's writes for an operation that succeeds, waiting to be included in the
+/// participant's own batch.
+#[derive(Debug, Default)]
+pub(crate) struct RecordSlot {
+    writes: Mutex<Option<WriteBatch>>,
+    included: AtomicBool,
+}
+
+impl RecordSlot {
+    pub(crate) fn included(&self) -> bool {
+        self.included.load(Ordering::SeqCst)
+    }
+}
+
+impl BranchContext {
+    pub fn new(transaction_id: impl Into<String>, branch_id: impl Into<String>) -> Self {
+        Self {
+            transaction_id: transaction_id.into(),
+            branch_id: branch_id.into(),
+            barrier: None,
+        }
+    }
+
+    /// A copy carrying the barrier's writes for the operation's success.
+    pub(crate) fn with_barrier_writes(&self, writes: WriteBatch) -> (Self, Arc<RecordSlot>) {
+        let slot = Arc::new(RecordSlot {
+            writes: Mutex::new(Some(writes)),
+            included: AtomicBool::new(false),
+        });
+        let context = Self {
+            barrier: Some(slot.clone()),
+            ..self.clone()
+        };
+        (context, slot)
+    }
+
+    /// Adds the barrier's record of this operation to `batch`, so that your writes and
+    /// the record reach the disk together: exactly-once effects across crashes. Use it
+    /// when your data lives in the participant's `DurableStore`:
+    ///
+    /// - call it in the batch that makes the operation's effect, and only when the
+    ///   operation succeeds as it will say (for `prepare`, when voting YES);
+    /// - apply that batch with `Durability::Forced` and await it before returning;
+    /// - the barrier then writes nothing more for the operation.
+    ///
+    /// Returns false (and adds nothing) when there is no record to include: outside the
+    /// SDK, or when it was included already.
+    pub fn include_barrier_record(&self, batch: &mut WriteBatch) -> bool {
+        let Some(slot) = &self.barrier else {
+            return false;
+        };
+        let writes = slot.writes.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match writes {
+            Some(writes) => {
+                batch.extend(writes);
+                slot.included.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl fmt::Debug for BranchContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BranchContext")
+            .field("transaction_id", &self.transaction_id)
+            .field("branch_id", &self.branch_id)
+            .finish()
+    }
+}
+
+impl PartialEq for BranchContext {
+    fn eq(&self, other: &Self) -> bool {
+        self.transaction_id == other.transaction_id && self.branch_id == other.branch_id
+    }
+}
+
+impl Eq for BranchContext {}
+
+impl Hash for BranchContext {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.transaction_id.hash(state);
+        self.branch_id.hash(state);
+    }
 }
 
 /// A participant's answer to `prepare`.

@@ -72,10 +72,10 @@ fn field_error(error: FieldError) -> Status {
 fn branch_context(transaction_id: &str, branch_id: &str) -> Result<BranchContext, Status> {
     check_id("transaction_id", transaction_id).map_err(field_error)?;
     check_id("branch_id", branch_id).map_err(field_error)?;
-    Ok(BranchContext {
-        transaction_id: transaction_id.to_string(),
-        branch_id: branch_id.to_string(),
-    })
+    Ok(BranchContext::new(
+        transaction_id.to_string(),
+        branch_id.to_string(),
+    ))
 }
 
 fn coordinator_endpoint(endpoint: &str) -> Result<(), Status> {

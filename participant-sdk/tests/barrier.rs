@@ -56,10 +56,7 @@ fn counts(p: &Counting) -> [usize; 4] {
 }
 
 fn branch(id: &str) -> BranchContext {
-    BranchContext {
-        transaction_id: "t1".into(),
-        branch_id: id.into(),
-    }
+    BranchContext::new("t1", id)
 }
 
 fn open(dir: &std::path::Path) -> Barrier {
@@ -264,4 +261,107 @@ async fn in_doubt_branches_are_paged_with_a_cursor_so_none_is_starved() {
         }
     }
     assert_eq!(seen, ["b0", "b1", "b2", "b3", "b4"]);
+}
+
+/// Keeps its data in the barrier's store, and commits it with the barrier's record.
+#[derive(Debug)]
+struct Atomic {
+    store: Arc<DurableStore>,
+    /// After its write, the operation fails as if the process died before answering.
+    fail_after_write: bool,
+    calls: AtomicUsize,
+}
+
+impl Atomic {
+    async fn write(&self, branch: &BranchContext, key: &str) -> Result<(), ParticipantError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut batch = treaty_sdk::durable::WriteBatch::new();
+        batch.insert(format!("data/{key}/{}", branch.branch_id), b"x".to_vec());
+        assert!(branch.include_barrier_record(&mut batch));
+        assert!(!branch.include_barrier_record(&mut batch), "only once");
+        self.store
+            .write(batch, treaty_sdk::durable::Durability::Forced)
+            .await
+            .map_err(|e| ParticipantError::new(e.to_string()))?;
+        if self.fail_after_write {
+            return Err(ParticipantError::new("died before answering"));
+        }
+        Ok(())
+    }
+}
+
+impl Participant for Atomic {
+    async fn prepare(&self, branch: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+        self.write(branch, "held").await?;
+        Ok(Vote::Yes)
+    }
+    async fn commit(&self, branch: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        self.write(branch, "applied").await
+    }
+    async fn abort(&self, branch: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        self.write(branch, "released").await
+    }
+}
+
+#[tokio::test]
+async fn user_writes_and_the_barrier_record_commit_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), StoreOptions::default()).unwrap());
+    let barrier = Barrier::new(store.clone());
+    // The user's write (with the record) reached the disk, then the answer was lost.
+    let p = Atomic {
+        store: store.clone(),
+        fail_after_write: true,
+        calls: AtomicUsize::new(0),
+    };
+    let b = branch("b");
+    assert!(barrier.prepare(&p, &b, b"", COORDINATOR).await.is_err());
+    // The record came with the user's write: the retry is answered from it.
+    assert_eq!(
+        barrier.record(&b).unwrap().unwrap().status,
+        BranchStatus::Prepared
+    );
+    assert_eq!(
+        barrier.prepare(&p, &b, b"", COORDINATOR).await.unwrap(),
+        Vote::Yes
+    );
+    assert!(
+        barrier
+            .commit(&p, &b, BranchMode::TwoPhase, &[], COORDINATOR)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        barrier.record(&b).unwrap().unwrap().status,
+        BranchStatus::Committed
+    );
+    assert_eq!(
+        barrier
+            .commit(&p, &b, BranchMode::TwoPhase, &[], COORDINATOR)
+            .await
+            .unwrap(),
+        CommitAnswer::Committed
+    );
+    // User code ran once per operation, and its data is there.
+    assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+    for key in ["data/held/b", "data/applied/b"] {
+        assert!(store.db().get(key).unwrap().is_some(), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn without_the_record_included_the_barrier_writes_it_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let barrier = open(dir.path());
+    let p = Counting::default();
+    let b = branch("b");
+    // `include_barrier_record` outside the SDK has nothing to include.
+    let mut batch = treaty_sdk::durable::WriteBatch::new();
+    assert!(!b.include_barrier_record(&mut batch));
+    assert!(batch.is_empty());
+    barrier.prepare(&p, &b, b"yes", COORDINATOR).await.unwrap();
+    assert_eq!(
+        barrier.record(&b).unwrap().unwrap().status,
+        BranchStatus::Prepared
+    );
 }

@@ -77,10 +77,7 @@ async fn the_barrier_runs_no_user_code_on_a_failed_store() {
     let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
     let barrier = Barrier::new(store.clone());
     let participant = Counting::default();
-    let branch = BranchContext {
-        transaction_id: "t".into(),
-        branch_id: "b".into(),
-    };
+    let branch = BranchContext::new("t", "b");
     // A YES whose record could not be made durable: the vote is not acknowledged...
     fail::cfg("durable::sync", "return").unwrap();
     let vote = barrier.prepare(&participant, &branch, b"", "").await;

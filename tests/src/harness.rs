@@ -177,10 +177,10 @@ pub fn barrier_record(
         .expect("open the participant's barrier");
     let barrier = treaty_sdk::barrier::Barrier::new(Arc::new(store));
     barrier
-        .record(&treaty_sdk::BranchContext {
-            transaction_id: transaction_id.to_string(),
-            branch_id: branch_id.to_string(),
-        })
+        .record(&treaty_sdk::BranchContext::new(
+            transaction_id.to_string(),
+            branch_id.to_string(),
+        ))
         .expect("read the barrier")
 }
 

@@ -132,7 +132,7 @@ impl Participant for Inventory {
                 work: reservation,
             },
         );
-        self.ledger.apply(changes).await?;
+        self.ledger.apply_with(branch, changes).await?;
         Ok(Vote::Yes)
     }
 
@@ -154,7 +154,7 @@ impl Participant for Inventory {
             &reservation_key(&hold.work.order),
             &Applied::new(branch, hold.work),
         );
-        self.ledger.apply(changes).await
+        self.ledger.apply_with(branch, changes).await
     }
 
     async fn abort(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
@@ -164,7 +164,7 @@ impl Participant for Inventory {
         let mut changes = Changes::default();
         changes.remove(&hold_key(branch));
         self.release(branch, &reservation.order, &mut changes)?;
-        self.ledger.apply(changes).await
+        self.ledger.apply_with(branch, changes).await
     }
 
     async fn compensate(
@@ -177,6 +177,6 @@ impl Participant for Inventory {
         let _guard = self.ledger.lock().await;
         let mut changes = Changes::default();
         self.release(branch, &release.order, &mut changes)?;
-        self.ledger.apply(changes).await
+        self.ledger.apply_with(branch, changes).await
     }
 }

@@ -5,9 +5,10 @@
 //!   from the customer to `revenue` and records `charge/<order>` with the branch that
 //!   charged it.
 //! - compensation `refund`: moves a charge made by this branch back and records
-//!   `refund/<order>`. An abort (a step compensated while the barrier still shows it
-//!   prepared, as after a crash between the commit's write and its barrier record)
-//!   releases the hold and refunds a charge made by this branch, if any.
+//!   `refund/<order>`. An abort (a step compensated while still prepared) releases the
+//!   hold, and refunds a charge made by this branch if there is one: it cannot be, as
+//!   every change is committed with the barrier's record of it, but the undo does not
+//!   rely on that.
 //!
 //! Money is conserved: balances + revenue = the initial balances, and revenue = the
 //! unrefunded charges.
@@ -146,7 +147,7 @@ impl Participant for Payment {
                 work: charge,
             },
         );
-        self.ledger.apply(changes).await?;
+        self.ledger.apply_with(branch, changes).await?;
         Ok(Vote::Yes)
     }
 
@@ -159,7 +160,7 @@ impl Participant for Payment {
         let _guard = self.ledger.lock().await;
         let mut changes = Changes::default();
         self.apply_hold(branch, &mut changes)?;
-        self.ledger.apply(changes).await
+        self.ledger.apply_with(branch, changes).await
     }
 
     async fn abort(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
@@ -169,7 +170,7 @@ impl Participant for Payment {
         let mut changes = Changes::default();
         changes.remove(&hold_key(branch));
         self.refund(branch, &charge.order, &mut changes)?;
-        self.ledger.apply(changes).await
+        self.ledger.apply_with(branch, changes).await
     }
 
     async fn compensate(
@@ -182,6 +183,6 @@ impl Participant for Payment {
         let _guard = self.ledger.lock().await;
         let mut changes = Changes::default();
         self.refund(branch, &refund.order, &mut changes)?;
-        self.ledger.apply(changes).await
+        self.ledger.apply_with(branch, changes).await
     }
 }

@@ -64,7 +64,7 @@ impl Shipping {
         let shipment: Shipment = parse(payload).map_err(ParticipantError::new)?;
         let _guard = self.ledger.lock().await;
         match self.cancel(branch, &shipment.order)? {
-            Some(changes) => self.ledger.apply(changes).await,
+            Some(changes) => self.ledger.apply_with(branch, changes).await,
             None => Ok(()),
         }
     }
@@ -115,7 +115,7 @@ impl Participant for Shipping {
         }
         let mut changes = Changes::default();
         changes.put(&key, &Applied::new(branch, shipment));
-        self.ledger.apply(changes).await
+        self.ledger.apply_with(branch, changes).await
     }
 
     async fn abort(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
