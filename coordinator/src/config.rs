@@ -27,6 +27,9 @@ pub mod defaults {
     pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
     pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
     pub const COMPENSATION_STUCK_AFTER_ATTEMPTS: u32 = 10;
+    pub const SWEEP_INTERVAL_MS: u64 = 5_000;
+    pub const SWEEP_BATCH: usize = 1_000;
+    pub const STALE_AFTER_MS: u64 = 60_000;
 }
 
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -114,6 +117,15 @@ pub struct ServeConfig {
     #[arg(long, env = "TREATY_COMPENSATION_STUCK_AFTER_ATTEMPTS", default_value_t = defaults::COMPENSATION_STUCK_AFTER_ATTEMPTS)]
     pub compensation_stuck_after_attempts: u32,
 
+    /// How often the sweeper looks for transactions without progress.
+    #[arg(long, env = "TREATY_SWEEP_INTERVAL_MS", default_value_t = defaults::SWEEP_INTERVAL_MS)]
+    pub sweep_interval_ms: u64,
+
+    /// How long a participant call may go without an answer before the sweeper sends it
+    /// again (a safety net for lost answers: retries and deadlines have their own timers).
+    #[arg(long, env = "TREATY_STALE_AFTER_MS", default_value_t = defaults::STALE_AFTER_MS)]
+    pub stale_after_ms: u64,
+
     /// Engine shards (tasks owning transactions); 0 means one per CPU.
     #[arg(long, env = "TREATY_SHARDS", default_value_t = 0)]
     pub shards: usize,
@@ -177,6 +189,8 @@ impl ServeConfig {
             default_step_timeout_ms: defaults::DEFAULT_STEP_TIMEOUT_MS,
             default_step_attempts: defaults::DEFAULT_STEP_ATTEMPTS,
             compensation_stuck_after_attempts: defaults::COMPENSATION_STUCK_AFTER_ATTEMPTS,
+            sweep_interval_ms: defaults::SWEEP_INTERVAL_MS,
+            stale_after_ms: defaults::STALE_AFTER_MS,
             shards: 0,
         }
     }
@@ -287,6 +301,20 @@ impl ServeConfig {
             "compensation_stuck_after_attempts",
             u64::from(self.compensation_stuck_after_attempts),
         )?;
+        positive("sweep_interval_ms", self.sweep_interval_ms)?;
+        at_most(
+            "sweep_interval_ms",
+            self.sweep_interval_ms,
+            HOUR_MS,
+            "1 hour",
+        )?;
+        at_most("stale_after_ms", self.stale_after_ms, DAY_MS, "1 day")?;
+        if self.stale_after_ms <= self.participant_call_timeout_ms {
+            return Err(bad(
+                "stale_after_ms",
+                "must exceed participant_call_timeout_ms (or calls still running would look lost)",
+            ));
+        }
         if self.default_transaction_timeout_ms > self.max_transaction_timeout_ms {
             return Err(bad(
                 "default_transaction_timeout_ms",
@@ -354,6 +382,9 @@ impl ServeConfig {
             max_retained_transactions: self.max_retained_transactions,
             log_retention_ms: self.log_retention_ms,
             history_records: self.history_records,
+            sweep_interval_ms: self.sweep_interval_ms,
+            sweep_batch: defaults::SWEEP_BATCH,
+            stale_after_ms: self.stale_after_ms,
         }
     }
 }
@@ -402,6 +433,12 @@ mod tests {
         let mut c = config();
         c.advertise_endpoint = Some("localhost:1".into());
         assert_eq!(c.validate().unwrap_err().field, "advertise_endpoint");
+        let mut c = config();
+        c.stale_after_ms = c.participant_call_timeout_ms;
+        assert_eq!(c.validate().unwrap_err().field, "stale_after_ms");
+        let mut c = config();
+        c.sweep_interval_ms = 0;
+        assert_eq!(c.validate().unwrap_err().field, "sweep_interval_ms");
     }
 
     #[test]

@@ -216,6 +216,13 @@ impl AttemptLog {
         }
     }
 
+    /// Whether a call has been in flight (unanswered) for at least `ms`.
+    pub fn open_for_at_least(&self, ms: u64, now: UnixMs) -> bool {
+        self.0
+            .iter()
+            .any(|a| a.finished_unix_ms.is_none() && now.saturating_sub(a.started_unix_ms) >= ms)
+    }
+
     pub fn attempts(&self) -> &[Attempt] {
         &self.0
     }

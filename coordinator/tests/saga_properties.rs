@@ -10,7 +10,8 @@
 //! - COMPENSATING / COMPLETED / COMPENSATED are shown only once durable, and once the
 //!   decision to compensate is durable the saga never completes (irreversibility);
 //! - a completed saga has every step applied;
-//! - when the world settles, a compensated saga has no step still applied.
+//! - when the world settles (the sweeper recovering answers that vanished), the saga is
+//!   final, and a compensated saga has no step still applied.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -21,6 +22,7 @@ use treaty_coordinator::model::{
 };
 
 const T0: u64 = 1_700_000_000_000;
+const STEP_TIMEOUT_MS: u64 = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Script {
@@ -48,6 +50,11 @@ enum Step {
     Deliver(usize),
     LoseAnswer(usize),
     Duplicate(usize),
+    /// Deliver it, and lose the answer without a trace (no failure either): only the
+    /// sweeper's nudge can recover.
+    Vanish(usize),
+    /// The sweeper's nudge, once every open call has outlived its timeout.
+    Nudge,
     /// Apply the oldest pending log write.
     Flush,
     Retry(usize),
@@ -59,6 +66,8 @@ fn step() -> impl Strategy<Value = Step> {
         6 => any::<usize>().prop_map(Step::Deliver),
         1 => any::<usize>().prop_map(Step::LoseAnswer),
         1 => any::<usize>().prop_map(Step::Duplicate),
+        1 => any::<usize>().prop_map(Step::Vanish),
+        1 => Just(Step::Nudge),
         4 => Just(Step::Flush),
         2 => any::<usize>().prop_map(Step::Retry),
         1 => Just(Step::Crash),
@@ -109,7 +118,7 @@ impl World {
                 endpoint: "http://127.0.0.1:1".into(),
                 payload: Vec::new(),
                 compensation: Vec::new(),
-                timeout_ms: 100,
+                timeout_ms: STEP_TIMEOUT_MS,
                 retry: RetryPolicy {
                     max_attempts: 3,
                     initial_backoff_ms: 10,
@@ -170,6 +179,12 @@ impl World {
                 SagaAction::WarnStuck { .. } => {}
             }
         }
+    }
+
+    /// The sweeper's look, after every call in flight has outlived its timeout.
+    fn nudge(&mut self) {
+        self.now += STEP_TIMEOUT_MS;
+        self.feed(SagaEvent::Nudge { stale_after_ms: 1 });
     }
 
     fn feed(&mut self, event: SagaEvent) {
@@ -292,6 +307,12 @@ impl World {
                     }
                 }
             }
+            Step::Vanish(i) => {
+                if let Some(call) = self.take(*i) {
+                    self.participant(&call);
+                }
+            }
+            Step::Nudge => self.nudge(),
             Step::Flush => self.flush(),
             Step::Retry(i) => {
                 if !self.retries.is_empty() {
@@ -367,6 +388,10 @@ impl World {
             } else if !self.retries.is_empty() {
                 let event = self.retries.remove(0);
                 self.feed(event);
+            } else if self.saga.as_ref().is_some_and(|s| !s.state().is_final()) {
+                // Nothing pending, yet not finished: answers vanished, and the sweeper
+                // sends their calls again.
+                self.nudge();
             } else {
                 break;
             }

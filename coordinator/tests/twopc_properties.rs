@@ -8,7 +8,8 @@
 //! - no participant is told both COMMIT and ABORT (agreement);
 //! - once the commit decision is durable, the coordinator (and every restart of it)
 //!   stays on commit, and reports commit only after that (irreversibility);
-//! - when the world settles, every branch that voted YES knows the outcome.
+//! - when the world settles (the sweeper recovering answers that vanished), every branch
+//!   that voted YES knows the outcome.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -57,6 +58,11 @@ enum Step {
     LoseAnswer(usize),
     /// Deliver it twice.
     Duplicate(usize),
+    /// Deliver it, and lose the answer without a trace (no failure either): only the
+    /// sweeper's nudge can recover.
+    Vanish(usize),
+    /// The sweeper's nudge, with every open call taken as stale.
+    Nudge,
     PrepareTimer,
     Deadline,
     /// Fire a pending retry.
@@ -70,6 +76,8 @@ fn step() -> impl Strategy<Value = Step> {
         6 => any::<usize>().prop_map(Step::Deliver),
         1 => any::<usize>().prop_map(Step::LoseAnswer),
         1 => any::<usize>().prop_map(Step::Duplicate),
+        1 => any::<usize>().prop_map(Step::Vanish),
+        1 => Just(Step::Nudge),
         1 => Just(Step::PrepareTimer),
         1 => Just(Step::Deadline),
         2 => any::<usize>().prop_map(Step::Retry),
@@ -309,6 +317,19 @@ impl World {
                     }
                 }
             }
+            Step::Vanish(i) => {
+                if let Some(message) = self.take(*i) {
+                    if message == InFlight::Persist {
+                        // A log write is not lost; it completes.
+                        if let Some(event) = self.participant(&message) {
+                            self.feed(event);
+                        }
+                    } else {
+                        self.participant(&message);
+                    }
+                }
+            }
+            Step::Nudge => self.feed(Event::Nudge { stale_after_ms: 0 }),
             Step::PrepareTimer => self.feed(Event::PrepareTimerFired),
             Step::Deadline => self.feed(Event::DeadlineReached),
             Step::Retry(i) => {
@@ -393,10 +414,13 @@ impl World {
             } else if self
                 .coordinator
                 .as_ref()
-                .is_some_and(|c| !c.state().is_decided())
+                .is_some_and(|c| !c.state().is_final())
             {
+                // Nothing pending, yet not finished: the timers fire, and answers that
+                // vanished are recovered by the sweeper sending their calls again.
                 self.feed(Event::PrepareTimerFired);
                 self.feed(Event::DeadlineReached);
+                self.feed(Event::Nudge { stale_after_ms: 0 });
             } else {
                 break;
             }

@@ -41,3 +41,10 @@ fn die(name: &'static str) {
     // raise(SIGKILL) does not return; abort is the fallback if it somehow did.
     std::process::abort();
 }
+
+/// Whether the failpoint `name` is armed with `return` right now (for faults other than a
+/// crash, such as losing a message). Each evaluation consumes one count of `N*return`.
+pub fn triggered(name: &'static str) -> bool {
+    fail::fail_point!(name, |_| true);
+    false
+}

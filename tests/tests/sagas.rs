@@ -37,16 +37,16 @@ impl World {
 
     /// Submits and waits for the outcome.
     async fn run(&self, steps: Vec<SagaStep>) -> Transaction {
-        let submitted = self
-            .client
-            .submit_saga(
-                steps,
-                SubmitOptions {
-                    wait_for_outcome: true,
-                    ..Default::default()
-                },
-            )
+        let submit = self.client.submit_saga(
+            steps,
+            SubmitOptions {
+                wait_for_outcome: true,
+                ..Default::default()
+            },
+        );
+        let submitted = tokio::time::timeout(PATIENCE, submit)
             .await
+            .expect("the saga finishes in time")
             .unwrap();
         assert!(submitted.created);
         submitted.transaction

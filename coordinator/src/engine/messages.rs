@@ -101,7 +101,16 @@ pub enum Event {
     PrepareTimerFired,
     DeadlineReached,
     DecisionPersisted,
+    /// The sweeper's periodic look: send again every call that has had no answer for
+    /// `stale_after_ms`.
+    Nudge {
+        stale_after_ms: u64,
+    },
 }
+
+/// The result recorded for a call whose answer never came when the sweeper sends it
+/// again.
+pub const NO_ANSWER: &str = "no answer; sent again";
 
 /// What the runtime must do.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,7 @@
 //! - Compensations are retried without limit; after `stuck_after_attempts` failures of
 //!   one step the saga is flagged stuck (and keeps retrying).
 
+use super::messages::NO_ANSWER;
 use crate::model::{
     AttemptLog, BranchRecord, BranchState, Operation, RetryPolicy, SagaDefinition, Transition,
     TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
@@ -66,6 +67,11 @@ pub enum SagaEvent {
     },
     /// The forced write asked for last (definition, decision or final state) returned.
     Persisted,
+    /// The sweeper's periodic look: send again every call that has had no answer for
+    /// `stale_after_ms`.
+    Nudge {
+        stale_after_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,6 +412,7 @@ impl Saga {
     pub fn handle_event(&mut self, event: SagaEvent, now: UnixMs) -> Vec<SagaAction> {
         match event {
             SagaEvent::Persisted => self.on_persisted(now),
+            SagaEvent::Nudge { stale_after_ms } => self.nudge(stale_after_ms, now),
             SagaEvent::StepAnswered { step, answer } => self.on_step_answer(step, answer, now),
             SagaEvent::StepFailed { step, error } => self.on_step_failure(step, error, now),
             SagaEvent::StepRetryDue { step } => {
@@ -605,6 +612,39 @@ impl Saga {
                 s.attempts += 1;
                 s.history.start(Operation::Step, now);
                 actions.push(SagaAction::SendStep { step });
+            }
+        }
+        actions
+    }
+
+    /// Sends again every forward action or compensation whose call has had no answer for
+    /// `stale_after_ms`, or for its own call timeout if longer (the answer was lost; the
+    /// barrier answers a repeat from its record). Steps waiting for a retry have their
+    /// timer.
+    fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<SagaAction> {
+        let (state, operation) = match self.phase {
+            SagaPhase::Running => (BranchState::Running, Operation::Step),
+            SagaPhase::Compensating => (BranchState::Compensating, Operation::Compensate),
+            _ => return Vec::new(),
+        };
+        let mut actions = Vec::new();
+        for (step, s) in self.steps.iter_mut().enumerate() {
+            let call_timeout_ms = self.definition.steps[step].timeout_ms;
+            if s.state != state
+                || !s
+                    .history
+                    .open_for_at_least(stale_after_ms.max(call_timeout_ms), now)
+            {
+                continue;
+            }
+            s.history.abandon_open(NO_ANSWER, now);
+            s.history.start(operation, now);
+            if operation == Operation::Step {
+                s.attempts += 1;
+                actions.push(SagaAction::SendStep { step });
+            } else {
+                s.compensation_attempts += 1;
+                actions.push(SagaAction::SendCompensation { step });
             }
         }
         actions

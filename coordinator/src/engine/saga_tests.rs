@@ -1,5 +1,6 @@
 //! One test per situation, asserting the exact actions each step of a saga emits.
 
+use super::messages::NO_ANSWER;
 use super::saga::*;
 use super::saga_graph::*;
 use crate::model::{
@@ -633,4 +634,42 @@ fn attempts_in_flight_at_a_crash_are_closed_on_recovery() {
         attempts[1].finished_unix_ms, None,
         "the resent one is in flight"
     );
+}
+
+#[test]
+fn a_nudge_sends_again_only_calls_unanswered_beyond_their_timeout() {
+    let nudge = |saga: &mut Saga, at: UnixMs| {
+        saga.handle_event(
+            SagaEvent::Nudge {
+                stale_after_ms: 100,
+            },
+            at,
+        )
+    };
+    // Both steps went out at T0 + 1 with a 1 s call timeout, which is longer than
+    // stale_after_ms: a call may run that long.
+    let mut saga = running(&[&[], &[]]);
+    committed(&mut saga, 0);
+    assert!(nudge(&mut saga, T0 + 500).is_empty());
+    assert_eq!(
+        nudge(&mut saga, T0 + 1_001),
+        vec![SagaAction::SendStep { step: 1 }]
+    );
+    let step = &saga.steps()[1];
+    assert_eq!(step.attempts, 2);
+    assert_eq!(
+        step.history.attempts()[0].result.as_deref(),
+        Some(NO_ANSWER)
+    );
+    rejected(&mut saga, 1);
+    assert_eq!(
+        persisted(&mut saga),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+    assert!(nudge(&mut saga, T0 + 500).is_empty());
+    assert_eq!(
+        nudge(&mut saga, T0 + 1_004),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+    assert_eq!(saga.steps()[0].compensation_attempts, 2);
 }

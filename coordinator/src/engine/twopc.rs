@@ -27,7 +27,7 @@
 //!   asks for an abort, and whichever definitive answer comes first is the outcome.
 
 pub use super::messages::{
-    Action, Answer, BranchSpec, Command, Event, NewTransaction, Refusal, Vote,
+    Action, Answer, BranchSpec, Command, Event, NO_ANSWER, NewTransaction, Refusal, Vote,
 };
 use crate::model::{
     AttemptLog, BranchRecord, BranchState, Operation, Transition, TxnId, TxnKind, TxnRecord,
@@ -48,6 +48,19 @@ pub struct Branch {
     pub awaiting_ack: bool,
     /// The latest calls to this branch and their results.
     pub history: AttemptLog,
+}
+
+impl Branch {
+    /// Counts and records one more phase-2 (or one-phase) call, and asks for it.
+    fn send_phase_two(&mut self, index: usize, operation: Operation, now: UnixMs) -> Action {
+        self.attempts += 1;
+        self.history.start(operation, now);
+        match operation {
+            Operation::Abort => Action::SendAbort { branch: index },
+            Operation::OnePhaseCommit => Action::SendOnePhaseCommit { branch: index },
+            _ => Action::SendCommit { branch: index },
+        }
+    }
 }
 
 /// The calls a `Delivered` / `DeliveryFailed` event can answer.
@@ -373,7 +386,29 @@ impl TwoPhaseCommit {
                 self.enter(Phase::Committing, String::new(), now);
                 self.deliver_to_awaiting(Operation::Commit, now)
             }
+            Event::Nudge { stale_after_ms } => self.nudge(stale_after_ms, now),
         }
+    }
+
+    /// Sends phase 2 again to every branch whose call has had no answer for
+    /// `stale_after_ms` (the answer was lost; deliveries are idempotent, so sending again
+    /// is always safe). Branches waiting for a retry have their timer; phase 1 has the
+    /// prepare timer and the decision write its completion.
+    fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<Action> {
+        let operation = match self.phase {
+            Phase::Committing => Operation::Commit,
+            Phase::Aborting | Phase::OnePhase { probing: true } => Operation::Abort,
+            Phase::OnePhase { probing: false } => Operation::OnePhaseCommit,
+            _ => return Vec::new(),
+        };
+        let mut actions = Vec::new();
+        for (branch, b) in self.branches.iter_mut().enumerate() {
+            if b.awaiting_ack && b.history.open_for_at_least(stale_after_ms, now) {
+                b.history.abandon_open(NO_ANSWER, now);
+                actions.push(b.send_phase_two(branch, operation, now));
+            }
+        }
+        actions
     }
 
     fn start_commit(&mut self, now: UnixMs) -> Result<Vec<Action>, Refusal> {
@@ -571,12 +606,7 @@ impl TwoPhaseCommit {
         let mut actions = Vec::new();
         for (branch, b) in self.branches.iter_mut().enumerate() {
             if b.awaiting_ack {
-                b.attempts += 1;
-                b.history.start(operation, now);
-                actions.push(match operation {
-                    Operation::Abort => Action::SendAbort { branch },
-                    _ => Action::SendCommit { branch },
-                });
+                actions.push(b.send_phase_two(branch, operation, now));
             }
         }
         actions

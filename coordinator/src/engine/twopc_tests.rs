@@ -559,3 +559,53 @@ fn a_participant_that_broke_its_yes_vote_is_recorded_as_heuristic() {
     // The decision itself stands.
     assert_eq!(txn.state(), TxnState::Committed);
 }
+
+#[test]
+fn a_nudge_sends_again_only_calls_unanswered_for_too_long() {
+    let nudge = |txn: &mut TwoPhaseCommit, at: UnixMs| {
+        txn.handle_event(
+            Event::Nudge {
+                stale_after_ms: 1_000,
+            },
+            at,
+        )
+    };
+    // Commits went out at T0 + 1; branch 1 answered, branch 2 failed and waits for its
+    // retry timer, branch 0's answer never came.
+    let mut txn = committing(3);
+    deliver(&mut txn, 1, Answer::Committed);
+    let failed = Event::DeliveryFailed {
+        branch: 2,
+        error: "connection refused".into(),
+    };
+    assert_eq!(
+        txn.handle_event(failed, T0 + 2),
+        vec![Action::ScheduleRetry {
+            branch: 2,
+            attempt: 1
+        }]
+    );
+    assert!(nudge(&mut txn, T0 + 500).is_empty(), "not stale yet");
+    assert_eq!(
+        nudge(&mut txn, T0 + 1_001),
+        vec![Action::SendCommit { branch: 0 }]
+    );
+    let calls = txn.branch(0).unwrap().history.attempts();
+    let results: Vec<Option<&str>> = calls.iter().map(|a| a.result.as_deref()).collect();
+    assert_eq!(results, [Some("voted YES"), Some(NO_ANSWER), None]);
+    assert_eq!(txn.branch(0).unwrap().attempts, 2);
+    assert!(
+        nudge(&mut txn, T0 + 1_002).is_empty(),
+        "the resent call is fresh"
+    );
+
+    // Phase 1 has its own timer: a nudge changes nothing there.
+    let mut txn = preparing(2);
+    assert!(nudge(&mut txn, T0 + 10_000).is_empty());
+    // Nor after the end.
+    let mut txn = committing(2);
+    deliver(&mut txn, 0, Answer::Committed);
+    deliver(&mut txn, 1, Answer::Committed);
+    assert_eq!(txn.state(), TxnState::Committed);
+    assert!(nudge(&mut txn, T0 + 10_000).is_empty());
+}

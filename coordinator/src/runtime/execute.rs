@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tracing::Instrument;
 use treaty_proto::v1::CommitMode;
-use treaty_sdk::failpoint::crash_point;
+use treaty_sdk::failpoint::{self, crash_point};
 
 use super::machine::{Input, Machine, Timer};
 use super::now_unix_ms;
@@ -29,6 +29,15 @@ const PREPARE_CALL_GRACE_MS: u64 = 1_000;
 pub(super) enum Actions {
     TwoPhase(Vec<Action>),
     Saga(Vec<SagaAction>),
+}
+
+impl Actions {
+    pub(super) fn is_empty(&self) -> bool {
+        match self {
+            Self::TwoPhase(actions) => actions.is_empty(),
+            Self::Saga(actions) => actions.is_empty(),
+        }
+    }
 }
 
 /// What a spawned two-phase call is for.
@@ -222,6 +231,12 @@ impl Shard {
                         }
                     }
                 };
+                if matches!(event, Event::Delivered { .. })
+                    && failpoint::triggered("coordinator::lose_delivery_answer")
+                {
+                    tracing::warn!("failpoint: dropping a delivery's answer");
+                    return;
+                }
                 // The shard outlives every call it starts, except at shutdown: then the
                 // answer no longer matters (recovery redelivers).
                 let _ = inputs.send((id, Input::TwoPhase(event)));
@@ -286,6 +301,10 @@ impl Shard {
                         }
                     }
                 };
+                if failpoint::triggered("coordinator::lose_step_answer") {
+                    tracing::warn!("failpoint: dropping a saga step's answer");
+                    return;
+                }
                 let _ = inputs.send((id, Input::Saga(event)));
             }
             .instrument(txn_span(id)),

@@ -55,6 +55,12 @@ pub struct RuntimeConfig {
     /// Write (lazily) the history of transactions the protocol does not log: aborts,
     /// one-phase and read-only commits.
     pub history_records: bool,
+    /// How often each shard sweeps for transactions without progress.
+    pub sweep_interval_ms: u64,
+    /// Unfinished transactions examined per sweep, per shard.
+    pub sweep_batch: usize,
+    /// How long a call may go unanswered before the sweeper sends it again.
+    pub stale_after_ms: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -73,6 +79,9 @@ impl Default for RuntimeConfig {
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
             log_retention_ms: defaults::LOG_RETENTION_MS,
             history_records: true,
+            sweep_interval_ms: defaults::SWEEP_INTERVAL_MS,
+            sweep_batch: defaults::SWEEP_BATCH,
+            stale_after_ms: defaults::STALE_AFTER_MS,
         }
     }
 }

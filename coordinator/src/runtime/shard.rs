@@ -21,8 +21,8 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use super::execute::Actions;
 use super::machine::{Input, Machine, Timer};
 use super::{BeginParams, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms};
-use crate::engine::saga::{NewSaga, Saga};
-use crate::engine::twopc::{BranchSpec, Command, NewTransaction, TwoPhaseCommit};
+use crate::engine::saga::{NewSaga, Saga, SagaEvent};
+use crate::engine::twopc::{BranchSpec, Command, Event, NewTransaction, TwoPhaseCommit};
 use crate::log::DecisionLog;
 use crate::model::{StepDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
@@ -157,6 +157,8 @@ pub(super) struct Shard {
     pub(super) config: RuntimeConfig,
     active: Arc<AtomicUsize>,
     pub(super) fatal: mpsc::UnboundedSender<String>,
+    /// Where the next sweep continues.
+    sweep_after: Option<TxnId>,
 }
 
 impl Shard {
@@ -182,6 +184,7 @@ impl Shard {
             config,
             active,
             fatal,
+            sweep_after: None,
         }
     }
 
@@ -211,6 +214,9 @@ impl Shard {
         }
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweeping =
+            tokio::time::interval(Duration::from_millis(self.config.sweep_interval_ms.max(10)));
+        sweeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping_at: Option<Instant> = None;
         loop {
             if stopping_at.is_some() && self.nothing_to_wait_for() {
@@ -237,6 +243,7 @@ impl Shard {
                     break;
                 }
                 _ = housekeeping.tick() => self.evict(now_unix_ms()),
+                _ = sweeping.tick() => self.sweep(now_unix_ms()),
             }
         }
     }
@@ -576,6 +583,54 @@ impl Shard {
             // One-phase commits and decisions being written cannot be aborted; they
             // finish within the grace period or are recovered.
             let _ = self.command(id, abort, now);
+        }
+    }
+
+    /// The safety net: looks at up to `sweep_batch` unfinished transactions (continuing
+    /// where the last sweep stopped) and sends again every call that has had no answer
+    /// for `stale_after_ms` (its answer was lost). Deadlines and retries have their own
+    /// timers; this catches what slipped through.
+    fn sweep(&mut self, now: UnixMs) {
+        let batch = self.config.sweep_batch.max(1);
+        let mut unfinished: Vec<TxnId> = self
+            .txns
+            .iter()
+            .filter(|(id, e)| {
+                !e.machine.state().is_final() && self.sweep_after.is_none_or(|after| **id > after)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        unfinished.sort_unstable();
+        unfinished.truncate(batch);
+        self.sweep_after = if unfinished.len() < batch {
+            None
+        } else {
+            unfinished.last().copied()
+        };
+        let stale_after_ms = self.config.stale_after_ms;
+        for id in unfinished {
+            let Some(entry) = self.txns.get_mut(&id) else {
+                continue;
+            };
+            let before = entry.machine.state();
+            let actions = match &mut entry.machine {
+                Machine::TwoPhase(txn) => {
+                    Actions::TwoPhase(txn.handle_event(Event::Nudge { stale_after_ms }, now))
+                }
+                Machine::Saga(saga) => {
+                    Actions::Saga(saga.handle_event(SagaEvent::Nudge { stale_after_ms }, now))
+                }
+            };
+            if actions.is_empty() {
+                continue;
+            }
+            let _span = txn_span(id).entered();
+            tracing::warn!(
+                stale_after_ms,
+                "calls without an answer; sending them again"
+            );
+            self.execute(id, actions);
+            self.after_step(id, before, now);
         }
     }
 
