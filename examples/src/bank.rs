@@ -1,14 +1,19 @@
 //! A bank: accounts with balances, taking part in transfers as a two-phase-commit
-//! participant.
+//! participant or as saga steps.
 //!
 //! A branch's payload is one leg of a transfer, `{"account":"alice","amount":-30}`.
 //! - prepare: a withdrawal places a hold if the available balance (balance minus holds)
 //!   covers it, else votes NO; a deposit only records its hold (nothing to check).
 //! - commit: applies the amount and releases the hold.
 //! - abort: releases the hold.
+//! - compensate (sagas): applies the compensation payload, the opposite leg. A
+//!   compensation must succeed, so it may take a balance below zero (the money was spent
+//!   meanwhile); the barrier runs it only after the step's commit, and once.
 //!
 //! Balances live under `acct/`, holds under `hold/<transaction>/<branch>` (see
-//! [`crate::ledger`]).
+//! [`crate::ledger`]). With the journal on, every effect also appends an entry under
+//! `journal/<sequence>` in the same write, so an audit can tell what ran, in which
+//! order and how often (it grows by one entry per operation: for audits and tests).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,10 +55,37 @@ fn hold_key(branch: &BranchContext) -> String {
     format!("{HOLDS}{}/{}", branch.transaction_id, branch.branch_id)
 }
 
+const JOURNAL: &str = "journal/";
+const JOURNAL_NEXT: &str = "journal-next";
+
+/// What an operation did to an account, as the journal records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Effect {
+    /// A YES vote: the leg is held.
+    Hold,
+    /// The hold was applied to the balance.
+    Commit,
+    /// The hold was released unapplied.
+    Release,
+    /// A committed saga step was undone.
+    Compensate,
+}
+
+/// One journal entry: `effect` for `amount` on `account`, by a branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub transaction_id: String,
+    pub branch_id: String,
+    pub effect: Effect,
+    pub account: String,
+    pub amount: i64,
+}
+
 #[derive(Debug)]
 pub struct Bank {
     name: String,
     ledger: Ledger,
+    journal: bool,
 }
 
 impl Bank {
@@ -61,7 +93,41 @@ impl Bank {
         Self {
             name: name.into(),
             ledger: Ledger::new(store),
+            journal: false,
         }
+    }
+
+    /// Keeps a journal of every effect (see the module docs).
+    pub fn with_journal(mut self) -> Self {
+        self.journal = true;
+        self
+    }
+
+    /// Adds the journal entry of an effect to `changes` (the caller holds the lock).
+    fn journal(
+        &self,
+        changes: &mut Changes,
+        branch: &BranchContext,
+        effect: Effect,
+        account: &str,
+        amount: i64,
+    ) -> Result<(), ParticipantError> {
+        if !self.journal {
+            return Ok(());
+        }
+        let next = self.ledger.i64(JOURNAL_NEXT)?.unwrap_or(0);
+        changes.set_i64(JOURNAL_NEXT, next + 1);
+        changes.put(
+            &format!("{JOURNAL}{next:020}"),
+            &JournalEntry {
+                transaction_id: branch.transaction_id.clone(),
+                branch_id: branch.branch_id.clone(),
+                effect,
+                account: account.to_string(),
+                amount,
+            },
+        );
+        Ok(())
     }
 
     /// Creates the accounts that do not exist yet, with these balances.
@@ -105,6 +171,12 @@ impl Bank {
                 self.name, branch.transaction_id, hold.account
             );
         }
+        let effect = if apply {
+            Effect::Commit
+        } else {
+            Effect::Release
+        };
+        self.journal(&mut changes, branch, effect, &hold.account, hold.amount)?;
         self.ledger.apply_with(branch, changes).await
     }
 }
@@ -153,6 +225,7 @@ impl Participant for Bank {
                 amount: leg.amount,
             },
         );
+        self.journal(&mut changes, branch, Effect::Hold, leg.account, leg.amount)?;
         self.ledger.apply_with(branch, changes).await?;
         println!(
             "{}: prepare {}: {} {:+} (available {available}) -> YES, hold placed",
@@ -172,6 +245,37 @@ impl Participant for Bank {
     async fn abort(&self, branch: &BranchContext, _payload: &[u8]) -> Result<(), ParticipantError> {
         self.settle(branch, false).await
     }
+
+    async fn compensate(
+        &self,
+        branch: &BranchContext,
+        payload: &[u8],
+    ) -> Result<(), ParticipantError> {
+        // A compensation that cannot be read can never succeed: an error keeps it
+        // retried (and the saga flagged stuck) for an operator to see.
+        let leg: Leg = serde_json::from_slice(payload)
+            .map_err(|e| ParticipantError::new(format!("not a compensation leg: {e}")))?;
+        let _guard = self.ledger.lock().await;
+        let before = self.ledger.i64(&balance_key(leg.account))?.ok_or_else(|| {
+            ParticipantError::new(format!("no account {:?} to compensate", leg.account))
+        })?;
+        let after = before + leg.amount;
+        let mut changes = Changes::default();
+        changes.set_i64(&balance_key(leg.account), after);
+        self.journal(
+            &mut changes,
+            branch,
+            Effect::Compensate,
+            leg.account,
+            leg.amount,
+        )?;
+        self.ledger.apply_with(branch, changes).await?;
+        println!(
+            "{}: compensate {}: {} {before} -> {after}",
+            self.name, branch.transaction_id, leg.account
+        );
+        Ok(())
+    }
 }
 
 /// The balances recorded in a bank's store (for checks after it stopped).
@@ -182,6 +286,13 @@ pub fn balances(store: &DurableStore) -> Result<BTreeMap<String, i64>, Participa
 /// How many holds a bank's store still has (zero once every transfer is settled).
 pub fn open_holds(store: &DurableStore) -> usize {
     store.db().scan_prefix(HOLDS).count()
+}
+
+/// The journal recorded in a bank's store, oldest first (empty if it was off).
+pub fn journal(store: &DurableStore) -> Result<Vec<JournalEntry>, ParticipantError> {
+    Ok(records::<JournalEntry>(store, JOURNAL)?
+        .into_values()
+        .collect())
 }
 
 #[cfg(test)]
@@ -221,5 +332,47 @@ mod tests {
         bank.commit(&branch("t3"), &[]).await.unwrap();
         assert_eq!(balances(&store).unwrap()["alice"], 30);
         assert_eq!(open_holds(&store), 0);
+    }
+
+    #[tokio::test]
+    async fn compensation_applies_the_opposite_leg_and_the_journal_tells_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+        let bank = Bank::new("bank", store.clone()).with_journal();
+        bank.open_accounts(&[("bob".into(), 10)]).await.unwrap();
+        let leg = |amount| {
+            Leg {
+                account: "bob",
+                amount,
+            }
+            .payload()
+        };
+        assert_eq!(
+            bank.prepare(&branch("t1"), &leg(25)).await.unwrap(),
+            Vote::Yes
+        );
+        bank.commit(&branch("t1"), &[]).await.unwrap();
+        // Bob spent it meanwhile: the compensation still succeeds, below zero.
+        let mut spend = Changes::default();
+        spend.set_i64(&balance_key("bob"), 0);
+        bank.ledger.apply(spend).await.unwrap();
+        bank.compensate(&branch("t1"), &leg(-25)).await.unwrap();
+        assert_eq!(balances(&store).unwrap()["bob"], -25);
+        let effects: Vec<(Effect, i64)> = journal(&store)
+            .unwrap()
+            .iter()
+            .map(|e| (e.effect, e.amount))
+            .collect();
+        assert_eq!(
+            effects,
+            [
+                (Effect::Hold, 25),
+                (Effect::Commit, 25),
+                (Effect::Compensate, -25)
+            ]
+        );
+        let unreadable = bank.compensate(&branch("t2"), b"?").await;
+        assert!(unreadable.is_err());
+        assert_eq!(journal(&store).unwrap().len(), 3);
     }
 }

@@ -129,6 +129,11 @@ impl ServerProcess {
         }
     }
 
+    /// How it ended, if it has (without waiting).
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGTERM, then wait; SIGKILL if it does not stop within `within`.
     pub async fn stop(&mut self, within: Duration) -> std::io::Result<ExitStatus> {
         self.terminate();

@@ -1,8 +1,10 @@
 //! Helpers for Treaty's black-box tests (`tests/tests/*.rs`): in-process servers over
-//! real gRPC and sled, child processes of the real binaries, and a scripted participant.
+//! real gRPC and sled, child processes of the real binaries, a scripted participant, and
+//! the chaos suite's parts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: failing loudly is the point
 
+pub mod chaos;
 pub mod harness;
 pub mod process;
 pub mod scripted;

@@ -18,6 +18,9 @@ struct Args {
     /// Accounts to open if missing, as NAME=BALANCE,NAME=BALANCE.
     #[arg(long, default_value = "")]
     accounts: String,
+    /// Keep a journal of every effect in the store, for audits (grows without end).
+    #[arg(long)]
+    journal: bool,
     #[command(flatten)]
     service: ServiceArgs,
 }
@@ -28,7 +31,11 @@ async fn main() -> anyhow::Result<()> {
     service::init_logging("BANK_LOG");
     let accounts = parse_counters(&args.accounts).map_err(anyhow::Error::msg)?;
     let store = service::open_store(&args.service)?;
-    let bank = Arc::new(Bank::new(args.name, store.clone()));
+    let mut bank = Bank::new(args.name, store.clone());
+    if args.journal {
+        bank = bank.with_journal();
+    }
+    let bank = Arc::new(bank);
     bank.open_accounts(&accounts).await?;
     service::serve("bank", bank, store, &args.service).await
 }

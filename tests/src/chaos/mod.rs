@@ -1,0 +1,221 @@
+//! The chaos suite: the real binaries as processes (`treaty serve` and several `bank`s),
+//! a bank workload of transfers run as two-phase commits and as sagas, and a seeded
+//! schedule of faults — kill -9 at random moments, restarts with a crash point armed so
+//! the process dies at a dangerous instant, answers the coordinator loses — then an audit
+//! of the invariants once everything runs clean again (see [`audit`]).
+//!
+//! The seed fixes the schedule (which process, when, how) and each worker's transfers;
+//! the operating system's timing is not replayed, so a seed replays the same faults
+//! against the same workload, not the same interleaving.
+//!
+//! `TREATY_CHAOS_SECONDS` (default 20) sets how long faults are injected;
+//! `TREATY_CHAOS_SEED` replays a seed.
+
+pub mod audit;
+pub mod cluster;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use cluster::{BANK_CRASH_POINTS, COORDINATOR_CRASH_POINTS, Cluster, Role};
+use workload::{Account, Workload};
+
+/// Default duration of the fault injection, in seconds (the CI's short form).
+const DEFAULT_SECONDS: u64 = 20;
+/// How long the workers may take to finish their last calls after the chaos.
+const WORKERS_PATIENCE: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    pub seed: u64,
+    pub duration: Duration,
+    pub banks: usize,
+    pub accounts_per_bank: usize,
+    pub initial_balance: i64,
+    pub workers: usize,
+}
+
+impl ChaosConfig {
+    /// The short form, or what `TREATY_CHAOS_SECONDS` / `TREATY_CHAOS_SEED` ask for.
+    pub fn from_env() -> Self {
+        let number = |name: &str| {
+            std::env::var(name).ok().map(|value| {
+                value
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or_else(|e| panic!("{name}={value:?}: {e}"))
+            })
+        };
+        let seed = number("TREATY_CHAOS_SEED").unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+        Self {
+            seed,
+            duration: Duration::from_secs(
+                number("TREATY_CHAOS_SECONDS").unwrap_or(DEFAULT_SECONDS),
+            ),
+            banks: 3,
+            accounts_per_bank: 3,
+            initial_balance: 1_000,
+            workers: 4,
+        }
+    }
+}
+
+/// One fault of the schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// Since the start of the chaos.
+    pub at: Duration,
+    pub victim: Role,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultKind {
+    /// kill -9, down for this long, then a restart.
+    Kill { down: Duration },
+    /// kill -9, then a restart with the crash point armed after `skip` passes: it dies
+    /// there (and is restarted clean), or is killed by a later fault.
+    CrashAt { point: &'static str, skip: u32 },
+}
+
+/// The faults a seed stands for, over `duration`.
+pub fn schedule(seed: u64, duration: Duration, banks: usize) -> Vec<Fault> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut faults = Vec::new();
+    let mut at = Duration::ZERO;
+    loop {
+        at += Duration::from_millis(rng.random_range(400..=1_500));
+        if at >= duration {
+            return faults;
+        }
+        // The coordinator is the victim half of the time.
+        let victim = if rng.random_bool(0.5) {
+            Role::Coordinator
+        } else {
+            Role::Bank(rng.random_range(0..banks))
+        };
+        let kind = if rng.random_bool(0.5) {
+            FaultKind::Kill {
+                down: Duration::from_millis(rng.random_range(0..=800)),
+            }
+        } else {
+            let points = match victim {
+                Role::Coordinator => COORDINATOR_CRASH_POINTS,
+                Role::Bank(_) => BANK_CRASH_POINTS,
+            };
+            FaultKind::CrashAt {
+                point: points[rng.random_range(0..points.len())],
+                skip: rng.random_range(0..4),
+            }
+        };
+        faults.push(Fault { at, victim, kind });
+    }
+}
+
+/// What a run did, for the report.
+#[derive(Debug)]
+pub struct ChaosReport {
+    pub seed: u64,
+    pub faults: usize,
+    pub kills: u32,
+    pub crash_point_deaths: u32,
+    pub transfers: usize,
+    pub tally: audit::Tally,
+    pub elapsed: Duration,
+}
+
+/// Runs the chaos and the audit in `dir`; the report, or every violation found.
+pub async fn run(config: &ChaosConfig, dir: &std::path::Path) -> Result<ChaosReport, String> {
+    let started = Instant::now();
+    let accounts: Vec<Account> = (0..config.banks)
+        .flat_map(|bank| {
+            (0..config.accounts_per_bank).map(move |i| Account {
+                bank,
+                name: format!("acct{bank}x{i}"),
+            })
+        })
+        .collect();
+    let initial_balances: BTreeMap<(usize, String), i64> = accounts
+        .iter()
+        .map(|a| ((a.bank, a.name.clone()), config.initial_balance))
+        .collect();
+    let per_bank = (0..config.banks)
+        .map(|bank| {
+            accounts
+                .iter()
+                .filter(|a| a.bank == bank)
+                .map(|a| (a.name.clone(), config.initial_balance))
+                .collect()
+        })
+        .collect();
+    let mut cluster = Cluster::start(dir, per_bank).await;
+    let workload = Arc::new(Workload {
+        seed: config.seed,
+        coordinator: cluster.endpoint(Role::Coordinator),
+        bank_endpoints: (0..config.banks)
+            .map(|i| cluster.endpoint(Role::Bank(i)))
+            .collect(),
+        accounts,
+    });
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workers: Vec<_> = (0..config.workers)
+        .map(|worker| tokio::spawn(workload.clone().run_worker(worker, stopped.clone())))
+        .collect();
+
+    let faults = schedule(config.seed, config.duration, config.banks);
+    let chaos_started = Instant::now();
+    for fault in &faults {
+        tokio::time::sleep_until((chaos_started + fault.at).into()).await;
+        cluster.revive_the_dead().await;
+        match fault.kind {
+            FaultKind::Kill { down } => {
+                cluster.kill(fault.victim).await;
+                tokio::time::sleep(down).await;
+                cluster.restart_in_chaos(fault.victim).await;
+            }
+            FaultKind::CrashAt { point, skip } => {
+                cluster
+                    .kill_and_restart(fault.victim, Some((point, skip)))
+                    .await;
+            }
+        }
+    }
+    tokio::time::sleep_until((chaos_started + config.duration).into()).await;
+
+    // Everything clean again; the workers finish their last calls.
+    cluster.calm_down().await;
+    let _ = stop.send(true);
+    let mut transfers = Vec::new();
+    for worker in workers {
+        let done = tokio::time::timeout(WORKERS_PATIENCE, worker)
+            .await
+            .map_err(|_| format!("a worker did not finish within {WORKERS_PATIENCE:?}"))?
+            .map_err(|e| format!("a worker panicked: {e}"))?;
+        transfers.extend(done);
+    }
+    let (kills, crash_point_deaths) = (cluster.kills, cluster.crash_point_deaths);
+    let tally = audit::Audit::new(&mut cluster, &workload, initial_balances)
+        .run(&mut transfers)
+        .await
+        .map_err(|violations| violations.join("\n"))?;
+    Ok(ChaosReport {
+        seed: config.seed,
+        faults: faults.len(),
+        kills,
+        crash_point_deaths,
+        transfers: transfers.len(),
+        tally,
+        elapsed: started.elapsed(),
+    })
+}
