@@ -8,29 +8,29 @@
 //! - a `prepare` / `commit` arriving after that is refused without calling user code
 //!   (anti-hanging);
 //! - concurrent duplicates are serialized per branch by [`KeyedLocks`];
-//! - every record is written with [`Durability::Forced`] before the reply: a YES vote and
-//!   a commit survive a crash of the participant right after it answered.
+//! - every record is durable (the store's `save`, or the participant's own transaction)
+//!   before the reply: a YES vote and a commit survive a crash of the participant right
+//!   after it answered.
 //!
-//! A branch that voted YES in a two-phase or one-phase commit is also indexed as in
-//! doubt until its outcome is applied; [`crate::in_doubt`] asks the coordinator about it.
+//! A branch that voted YES in a two-phase or one-phase commit is also marked in doubt
+//! until its outcome is applied; [`crate::in_doubt`] asks the coordinator about it.
 //!
-//! Keys: `b/<transaction>/<branch>` holds the [`BranchRecord`]; `d/<transaction>/<branch>`
-//! marks an in-doubt branch. Ids cannot contain `/` (see [`crate::limits::check_id`]).
+//! The records live in a [`BarrierStore`]: the SDK's own [`DurableStore`] by default, or
+//! the participant's own database.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{Durability, DurableStore, StoreError, WriteBatch};
+use crate::barrier_store::{BarrierStore, BarrierWrite, BranchKey};
+use crate::durable::{DurableStore, StoreError};
 use crate::failpoint::crash_point;
 use crate::keyed_locks::KeyedLocks;
 use crate::limits::truncate_reason;
 use crate::participant::{BranchContext, Participant, ParticipantError, Vote};
 
 const RECORD_FORMAT_VERSION: u8 = 1;
-const RECORD_PREFIX: &str = "b/";
-const IN_DOUBT_PREFIX: &str = "d/";
 
 /// How a branch takes part: it decides which operations may follow which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,22 +102,29 @@ pub enum BarrierError {
     Corrupt { key: String, message: String },
 }
 
-/// The durable barrier of one participant.
-#[derive(Debug)]
-pub struct Barrier {
-    store: Arc<DurableStore>,
+/// The durable barrier of one participant, keeping its records in `S`.
+pub struct Barrier<S: BarrierStore = DurableStore> {
+    store: Arc<S>,
     locks: KeyedLocks,
 }
 
-impl Barrier {
-    pub fn new(store: Arc<DurableStore>) -> Self {
+impl<S: BarrierStore> std::fmt::Debug for Barrier<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Barrier")
+            .field("store", &self.store.describe())
+            .finish()
+    }
+}
+
+impl<S: BarrierStore> Barrier<S> {
+    pub fn new(store: Arc<S>) -> Self {
         Self {
             store,
             locks: KeyedLocks::new(),
         }
     }
 
-    pub fn store(&self) -> &Arc<DurableStore> {
+    pub fn store(&self) -> &Arc<S> {
         &self.store
     }
 
@@ -132,12 +139,8 @@ impl Barrier {
 
     /// What the barrier has recorded for a branch.
     pub fn record(&self, branch: &BranchContext) -> Result<Option<BranchRecord>, BarrierError> {
-        let key = record_key(branch);
-        let value = self
-            .store
-            .db()
-            .get(&key)
-            .map_err(|e| StoreError::Read(e.to_string()))?;
+        let key = branch_key(branch);
+        let value = self.store.load(&key)?;
         value.map(|bytes| decode(&key, &bytes)).transpose()
     }
 
@@ -146,39 +149,26 @@ impl Barrier {
         Ok(self.in_doubt_after(None, limit)?.0)
     }
 
-    /// Up to `limit` in-doubt branches after the cursor (`None`: from the start), and the
-    /// cursor to continue from; `None` once the end was reached.
+    /// In-doubt branches among the next `limit` the store lists after the cursor
+    /// (`None`: from the start), and the cursor to continue from; `None` once the end was
+    /// reached.
     pub fn in_doubt_after(
         &self,
-        cursor: Option<&[u8]>,
+        cursor: Option<&BranchKey>,
         limit: usize,
-    ) -> Result<(Vec<InDoubtBranch>, Option<Vec<u8>>), BarrierError> {
+    ) -> Result<(Vec<InDoubtBranch>, Option<BranchKey>), BarrierError> {
         self.ensure_store_healthy()?;
-        let start = match cursor {
-            Some(cursor) => {
-                let mut start = cursor.to_vec();
-                start.push(0);
-                start
-            }
-            None => IN_DOUBT_PREFIX.as_bytes().to_vec(),
+        let keys = self.store.in_doubt(cursor, limit)?;
+        let next = if keys.len() == limit {
+            keys.last().cloned()
+        } else {
+            None
         };
         let mut found = Vec::new();
-        let mut last_key = None;
-        let mut examined = 0;
-        for entry in self.store.db().range(start..).take(limit) {
-            let (key, _) = entry.map_err(|e| StoreError::Read(e.to_string()))?;
-            if !key.starts_with(IN_DOUBT_PREFIX.as_bytes()) {
-                break;
-            }
-            examined += 1;
-            let text = String::from_utf8_lossy(&key[IN_DOUBT_PREFIX.len()..]).into_owned();
-            let Some((transaction_id, branch_id)) = text.split_once('/') else {
-                return Err(BarrierError::Corrupt {
-                    key: text,
-                    message: "in-doubt key without a branch".into(),
-                });
-            };
-            let branch = BranchContext::new(transaction_id.to_string(), branch_id.to_string());
+        for key in keys {
+            let branch = BranchContext::new(key.transaction_id, key.branch_id);
+            // The mark and the record are written together; a record that is no longer
+            // prepared means the mark is being cleared.
             if let Some(record) = self.record(&branch)? {
                 if record.status == BranchStatus::Prepared {
                     found.push(InDoubtBranch {
@@ -188,9 +178,7 @@ impl Barrier {
                     });
                 }
             }
-            last_key = Some(key.to_vec());
         }
-        let next = if examined == limit { last_key } else { None };
         Ok((found, next))
     }
 
@@ -202,7 +190,7 @@ impl Barrier {
         payload: &[u8],
         coordinator_endpoint: &str,
     ) -> Result<Vote, BarrierError> {
-        let _guard = self.locks.lock(record_key(branch)).await;
+        let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
         if let Some(record) = self.record(branch)? {
             return Ok(match record.status {
@@ -239,7 +227,7 @@ impl Barrier {
         payload: &[u8],
         coordinator_endpoint: &str,
     ) -> Result<CommitAnswer, BarrierError> {
-        let _guard = self.locks.lock(record_key(branch)).await;
+        let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
         let mut record = match self.record(branch)? {
             Some(record) => record,
@@ -281,7 +269,7 @@ impl Barrier {
         participant: &P,
         branch: &BranchContext,
     ) -> Result<AbortAnswer, BarrierError> {
-        let _guard = self.locks.lock(record_key(branch)).await;
+        let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
         let Some(mut record) = self.record(branch)? else {
             let record = new_record(
@@ -323,7 +311,7 @@ impl Barrier {
         branch: &BranchContext,
         payload: &[u8],
     ) -> Result<(), BarrierError> {
-        let _guard = self.locks.lock(record_key(branch)).await;
+        let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
         let Some(mut record) = self.record(branch)? else {
             let record = new_record(
@@ -374,7 +362,7 @@ impl Barrier {
     ) -> Result<(Vote, BranchRecord), BarrierError> {
         let mut prepared = new_record(mode, BranchStatus::Prepared, coordinator_endpoint);
         prepared.payload = payload.to_vec();
-        let (context, slot) = branch.with_barrier_writes(self.writes_for(branch, &prepared));
+        let (context, slot) = self.context_for(branch, &prepared);
         let vote = bounded(participant.prepare(&context, payload).await?);
         if vote == Vote::Yes {
             if !slot.included() {
@@ -404,7 +392,7 @@ impl Barrier {
         F: FnOnce(BranchContext) -> Fut,
         Fut: std::future::Future<Output = Result<(), ParticipantError>>,
     {
-        let (context, slot) = branch.with_barrier_writes(self.writes_for(branch, success));
+        let (context, slot) = self.context_for(branch, success);
         operation(context).await?;
         if !slot.included() {
             self.save(branch, success).await?;
@@ -412,29 +400,32 @@ impl Barrier {
         Ok(())
     }
 
-    /// Writes the record (and the in-doubt index) and waits until it is on disk.
+    /// Writes the record (and the in-doubt mark) and waits until it is durable.
     async fn save(
         &self,
         branch: &BranchContext,
         record: &BranchRecord,
     ) -> Result<(), BarrierError> {
-        let batch = self.writes_for(branch, record);
-        Ok(self.store.write(batch, Durability::Forced).await?)
+        Ok(self.store.save(write_for(branch, record)).await?)
     }
 
-    /// The writes that record `record`: the record and the in-doubt index.
-    fn writes_for(&self, branch: &BranchContext, record: &BranchRecord) -> WriteBatch {
-        let mut batch = WriteBatch::new();
-        batch.insert(record_key(branch), encode(record));
-        let in_doubt_key = in_doubt_key(branch);
-        let indexed =
-            record.status == BranchStatus::Prepared && record.mode != BranchMode::SagaStep;
-        if indexed {
-            batch.insert(in_doubt_key, Vec::new());
-        } else {
-            batch.remove(in_doubt_key);
-        }
-        batch
+    /// A copy of `branch` carrying the write that records `success`, for user code to
+    /// include with its own.
+    fn context_for(
+        &self,
+        branch: &BranchContext,
+        success: &BranchRecord,
+    ) -> (BranchContext, Arc<crate::participant::RecordSlot>) {
+        branch.with_barrier_write(write_for(branch, success), self.store.takes_write_batches())
+    }
+}
+
+/// The write that records `record`: the record, and whether the branch is in doubt.
+fn write_for(branch: &BranchContext, record: &BranchRecord) -> BarrierWrite {
+    BarrierWrite {
+        key: branch_key(branch),
+        record: encode(record),
+        in_doubt: record.status == BranchStatus::Prepared && record.mode != BranchMode::SagaStep,
     }
 }
 
@@ -468,20 +459,16 @@ fn new_record(mode: BranchMode, status: BranchStatus, coordinator_endpoint: &str
     }
 }
 
-fn record_key(branch: &BranchContext) -> Vec<u8> {
-    format!(
-        "{RECORD_PREFIX}{}/{}",
-        branch.transaction_id, branch.branch_id
-    )
-    .into_bytes()
+fn branch_key(branch: &BranchContext) -> BranchKey {
+    BranchKey {
+        transaction_id: branch.transaction_id.clone(),
+        branch_id: branch.branch_id.clone(),
+    }
 }
 
-fn in_doubt_key(branch: &BranchContext) -> Vec<u8> {
-    format!(
-        "{IN_DOUBT_PREFIX}{}/{}",
-        branch.transaction_id, branch.branch_id
-    )
-    .into_bytes()
+/// Operations on one branch are serialized under this key.
+fn lock_key(branch: &BranchContext) -> Vec<u8> {
+    format!("{}/{}", branch.transaction_id, branch.branch_id).into_bytes()
 }
 
 fn encode(record: &BranchRecord) -> Vec<u8> {
@@ -491,9 +478,9 @@ fn encode(record: &BranchRecord) -> Vec<u8> {
     bytes
 }
 
-fn decode(key: &[u8], bytes: &[u8]) -> Result<BranchRecord, BarrierError> {
+fn decode(key: &BranchKey, bytes: &[u8]) -> Result<BranchRecord, BarrierError> {
     let corrupt = |message: String| BarrierError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
+        key: format!("{}/{}", key.transaction_id, key.branch_id),
         message,
     };
     match bytes.split_first() {

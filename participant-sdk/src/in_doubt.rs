@@ -17,6 +17,8 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 
 use crate::barrier::{Barrier, BranchMode, InDoubtBranch, now_unix_ms};
+use crate::barrier_store::{BarrierStore, BranchKey};
+use crate::durable::DurableStore;
 use crate::participant::Participant;
 
 /// Channels kept to coordinators; past this the cache starts over.
@@ -42,14 +44,14 @@ impl Default for InDoubtOptions {
 }
 
 #[derive(Debug)]
-pub struct InDoubtResolver<P> {
+pub struct InDoubtResolver<P, S: BarrierStore = DurableStore> {
     participant: Arc<P>,
-    barrier: Arc<Barrier>,
+    barrier: Arc<Barrier<S>>,
     options: InDoubtOptions,
     coordinators: HashMap<String, CoordinatorClient<Channel>>,
     /// Where the next round continues, so that branches which cannot be resolved do not
     /// keep the ones after them from being asked about.
-    cursor: Option<Vec<u8>>,
+    cursor: Option<BranchKey>,
 }
 
 /// What one round did, for logs and tests.
@@ -60,8 +62,8 @@ pub struct RoundReport {
     pub still_in_doubt: usize,
 }
 
-impl<P: Participant> InDoubtResolver<P> {
-    pub fn new(participant: Arc<P>, barrier: Arc<Barrier>, options: InDoubtOptions) -> Self {
+impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
+    pub fn new(participant: Arc<P>, barrier: Arc<Barrier<S>>, options: InDoubtOptions) -> Self {
         Self {
             participant,
             barrier,
@@ -96,7 +98,7 @@ impl<P: Participant> InDoubtResolver<P> {
         let mut report = RoundReport::default();
         let page = self
             .barrier
-            .in_doubt_after(self.cursor.as_deref(), self.options.max_branches_per_round);
+            .in_doubt_after(self.cursor.as_ref(), self.options.max_branches_per_round);
         let branches = match page {
             Ok((branches, next)) => {
                 self.cursor = next;

@@ -7,8 +7,11 @@
 //! - [`client::TreatyClient`]: begin, enlist, commit, abort, get, list, watch.
 //! - [`durable`]: group-committed durable writes on sled 0.34.7, which the barrier and
 //!   the coordinator's decision log share.
+//! - [`barrier_store::BarrierStore`]: implement it to keep the barrier's records in your
+//!   own database, beside your data.
 
 pub mod barrier;
+pub mod barrier_store;
 pub mod client;
 pub mod durable;
 pub mod failpoint;

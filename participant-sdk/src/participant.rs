@@ -21,14 +21,15 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::barrier_store::{BarrierWrite, write_batch};
 use crate::durable::WriteBatch;
 
 /// Which transaction and branch an operation is for.
 ///
-/// For participants whose data lives in the SDK's [`crate::durable::DurableStore`] (the
-/// one the barrier uses), it also carries the barrier's record of the operation, to be
+/// Inside the SDK it also carries the barrier's record of the operation's success, to be
 /// committed together with the participant's own writes: see
-/// [`BranchContext::include_barrier_record`].
+/// [`BranchContext::include_barrier_record`] (data in the SDK's `DurableStore`) and
+/// [`BranchContext::take_barrier_write`] (data in a store of your own).
 #[derive(Clone)]
 pub struct BranchContext {
     pub transaction_id: String,
@@ -36,17 +37,28 @@ pub struct BranchContext {
     barrier: Option<Arc<RecordSlot>>,
 }
 
-/// The barrier's writes for an operation that succeeds, waiting to be included in the
-/// participant's own batch.
+/// The barrier's write for an operation that succeeds, waiting to be included in the
+/// participant's own transaction.
 #[derive(Debug, Default)]
 pub(crate) struct RecordSlot {
-    writes: Mutex<Option<WriteBatch>>,
+    write: Mutex<Option<BarrierWrite>>,
+    /// The barrier's store is the SDK's own: a `WriteBatch` of it may carry the record.
+    takes_write_batches: bool,
     included: AtomicBool,
 }
 
 impl RecordSlot {
     pub(crate) fn included(&self) -> bool {
         self.included.load(Ordering::SeqCst)
+    }
+
+    /// The write, once; taking it means the participant writes it.
+    fn take(&self) -> Option<BarrierWrite> {
+        let write = self.write.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if write.is_some() {
+            self.included.store(true, Ordering::SeqCst);
+        }
+        write
     }
 }
 
@@ -59,10 +71,15 @@ impl BranchContext {
         }
     }
 
-    /// A copy carrying the barrier's writes for the operation's success.
-    pub(crate) fn with_barrier_writes(&self, writes: WriteBatch) -> (Self, Arc<RecordSlot>) {
+    /// A copy carrying the barrier's write for the operation's success.
+    pub(crate) fn with_barrier_write(
+        &self,
+        write: BarrierWrite,
+        takes_write_batches: bool,
+    ) -> (Self, Arc<RecordSlot>) {
         let slot = Arc::new(RecordSlot {
-            writes: Mutex::new(Some(writes)),
+            write: Mutex::new(Some(write)),
+            takes_write_batches,
             included: AtomicBool::new(false),
         });
         let context = Self {
@@ -82,20 +99,32 @@ impl BranchContext {
     /// - the barrier then writes nothing more for the operation.
     ///
     /// Returns false (and adds nothing) when there is no record to include: outside the
-    /// SDK, or when it was included already.
+    /// SDK, when it was included already, or when the barrier keeps its records in a
+    /// store of yours (use [`BranchContext::take_barrier_write`] then).
     pub fn include_barrier_record(&self, batch: &mut WriteBatch) -> bool {
-        let Some(slot) = &self.barrier else {
-            return false;
-        };
-        let writes = slot.writes.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match writes {
-            Some(writes) => {
-                batch.extend(writes);
-                slot.included.store(true, Ordering::SeqCst);
-                true
-            }
-            None => false,
+        match &self.barrier {
+            Some(slot) if slot.takes_write_batches => match slot.take() {
+                Some(write) => {
+                    batch.extend(write_batch(&write));
+                    true
+                }
+                None => false,
+            },
+            _ => false,
         }
+    }
+
+    /// Takes the barrier's record of this operation, for a participant whose barrier
+    /// lives in its own database (a [`crate::barrier_store::BarrierStore`] of its own):
+    /// write it in the same local transaction as the operation's effect, exactly as
+    /// your store's `save` would, and commit that transaction durably before returning.
+    /// The rules of [`BranchContext::include_barrier_record`] apply. Once taken, the
+    /// barrier writes nothing more for the operation, so a transaction that then fails
+    /// must make the operation fail too.
+    ///
+    /// `None` outside the SDK, or when it was taken already.
+    pub fn take_barrier_write(&self) -> Option<BarrierWrite> {
+        self.barrier.as_ref().and_then(|slot| slot.take())
     }
 }
 

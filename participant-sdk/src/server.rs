@@ -16,6 +16,7 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_server::ParticipantServer;
 
 use crate::barrier::{AbortAnswer, Barrier, BarrierError, BranchMode, CommitAnswer};
+use crate::barrier_store::BarrierStore;
 use crate::durable::DurableStore;
 use crate::in_doubt::{InDoubtOptions, InDoubtResolver};
 use crate::limits::{FieldError, check_endpoint, check_id, check_payload};
@@ -24,12 +25,12 @@ use crate::participant::{BranchContext, Participant, Vote};
 /// The tonic service for one participant. Mount it with [`ParticipantServer::new`] in a
 /// server of your own, or let [`serve`] do everything.
 #[derive(Debug)]
-pub struct ParticipantService<P> {
+pub struct ParticipantService<P, S: BarrierStore = DurableStore> {
     participant: Arc<P>,
-    barrier: Arc<Barrier>,
+    barrier: Arc<Barrier<S>>,
 }
 
-impl<P> Clone for ParticipantService<P> {
+impl<P, S: BarrierStore> Clone for ParticipantService<P, S> {
     fn clone(&self) -> Self {
         Self {
             participant: self.participant.clone(),
@@ -38,8 +39,8 @@ impl<P> Clone for ParticipantService<P> {
     }
 }
 
-impl<P: Participant> ParticipantService<P> {
-    pub fn new(participant: Arc<P>, barrier: Arc<Barrier>) -> Self {
+impl<P: Participant, S: BarrierStore> ParticipantService<P, S> {
+    pub fn new(participant: Arc<P>, barrier: Arc<Barrier<S>>) -> Self {
         Self {
             participant,
             barrier,
@@ -51,7 +52,7 @@ impl<P: Participant> ParticipantService<P> {
     async fn run<T, F, Fut>(&self, branch: &BranchContext, operation: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(Arc<P>, Arc<Barrier>, BranchContext) -> Fut,
+        F: FnOnce(Arc<P>, Arc<Barrier<S>>, BranchContext) -> Fut,
         Fut: std::future::Future<Output = Result<T, BarrierError>> + Send + 'static,
     {
         let operation = operation(
@@ -115,7 +116,9 @@ async fn run_to_completion<T: Send + 'static>(
 }
 
 #[tonic::async_trait]
-impl<P: Participant> pb::participant_server::Participant for ParticipantService<P> {
+impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
+    for ParticipantService<P, S>
+{
     async fn prepare(
         &self,
         request: Request<pb::PrepareBranchRequest>,
@@ -269,18 +272,19 @@ pub enum ServeError {
 /// health service, and in-doubt resolution, until `shutdown` resolves. Requests in
 /// flight get `shutdown_grace_ms` to finish; `store` is then closed durably.
 ///
-/// The store is the participant's one sled database (see [`DurableStore::open`]); a
-/// participant may keep its own data there too, under keys that do not start with `b/`
-/// or `d/`.
-pub async fn serve<P, F>(
+/// The store is usually the participant's one sled database (see
+/// [`DurableStore::open`]), where it may keep its own data too, under keys that do not
+/// start with `b/` or `d/`; or a [`BarrierStore`] in the participant's own database.
+pub async fn serve<P, S, F>(
     participant: Arc<P>,
-    store: Arc<DurableStore>,
+    store: Arc<S>,
     listener: TcpListener,
     options: ServeOptions,
     shutdown: F,
 ) -> Result<(), ServeError>
 where
     P: Participant,
+    S: BarrierStore,
     F: std::future::Future<Output = ()> + Send,
 {
     let barrier = Arc::new(Barrier::new(store.clone()));
@@ -288,7 +292,7 @@ where
     let service = ParticipantService::new(participant.clone(), barrier.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<ParticipantServer<ParticipantService<P>>>()
+        .set_serving::<ParticipantServer<ParticipantService<P, S>>>()
         .await;
 
     let (stop_resolver, resolver_stopped) = tokio::sync::watch::channel(false);
@@ -301,7 +305,7 @@ where
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    tracing::info!(%local_addr, data_dir = %store.path().display(), "participant serving");
+    tracing::info!(%local_addr, barrier = %store.describe(), "participant serving");
     // Without TCP_NODELAY on accepted sockets, replies wait on delayed ACKs (~40 ms).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
@@ -328,7 +332,7 @@ where
     };
     let _ = stopping_tx.send(true);
     let _ = health_reporter
-        .set_not_serving::<ParticipantServer<ParticipantService<P>>>()
+        .set_not_serving::<ParticipantServer<ParticipantService<P, S>>>()
         .await;
     let served = match served {
         Some(result) => result,

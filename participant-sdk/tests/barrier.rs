@@ -250,9 +250,9 @@ async fn in_doubt_branches_are_paged_with_a_cursor_so_none_is_starved() {
             .unwrap();
     }
     let mut seen = Vec::new();
-    let mut cursor: Option<Vec<u8>> = None;
+    let mut cursor = None;
     for _ in 0..10 {
-        let (page, next) = barrier.in_doubt_after(cursor.as_deref(), 2).unwrap();
+        let (page, next) = barrier.in_doubt_after(cursor.as_ref(), 2).unwrap();
         assert!(page.len() <= 2);
         seen.extend(page.into_iter().map(|b| b.branch.branch_id));
         cursor = next;
