@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use treaty_sdk::Participant;
+use treaty_sdk::barrier_store::BarrierStore;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::server::ServeOptions;
 
@@ -44,10 +45,10 @@ pub fn open_store(args: &ServiceArgs) -> anyhow::Result<Arc<DurableStore>> {
 }
 
 /// Serves `participant` on `args.listen`, printing `<name> listening on ADDR` once ready.
-pub async fn serve<P: Participant>(
+pub async fn serve<P: Participant, S: BarrierStore>(
     name: &str,
     participant: Arc<P>,
-    store: Arc<DurableStore>,
+    store: Arc<S>,
     args: &ServiceArgs,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;

@@ -171,3 +171,78 @@ impl BarrierStore for DurableStore {
         true
     }
 }
+
+/// Checks a store against the parts of the contract a test can see: records read back as
+/// written and replaced by later writes, and in-doubt marks listed, paged with a
+/// cursor, and cleared. Run it in your tests on an empty store; it writes branches of
+/// transactions named `conformance-*`.
+pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String> {
+    let key = |txn: usize, branch: &str| BranchKey {
+        transaction_id: format!("conformance-{txn}"),
+        branch_id: branch.to_string(),
+    };
+    let write = |key: BranchKey, record: &[u8], in_doubt: bool| BarrierWrite {
+        key,
+        record: record.to_vec(),
+        in_doubt,
+    };
+    let failed = |what: &str, e: StoreError| format!("{what}: {e}");
+    let absent = store.load(&key(0, "a")).map_err(|e| failed("load", e))?;
+    if absent.is_some() {
+        return Err("a branch never written has a record".into());
+    }
+    store
+        .save(write(key(0, "a"), b"first", true))
+        .await
+        .map_err(|e| failed("save", e))?;
+    store
+        .save(write(key(0, "a"), b"second", false))
+        .await
+        .map_err(|e| failed("save", e))?;
+    match store.load(&key(0, "a")).map_err(|e| failed("load", e))? {
+        Some(record) if record == b"second" => {}
+        other => return Err(format!("after two writes, load gave {other:?}")),
+    }
+    if !store
+        .in_doubt(None, 10)
+        .map_err(|e| failed("in_doubt", e))?
+        .is_empty()
+    {
+        return Err("a branch whose last write cleared the mark is still in doubt".into());
+    }
+    let marked: Vec<BranchKey> = (1..=5).map(|txn| key(txn, "b")).collect();
+    for branch in &marked {
+        store
+            .save(write(branch.clone(), b"prepared", true))
+            .await
+            .map_err(|e| failed("save", e))?;
+    }
+    let mut listed = Vec::new();
+    let mut cursor: Option<BranchKey> = None;
+    for _ in 0..marked.len() + 1 {
+        let page = store
+            .in_doubt(cursor.as_ref(), 2)
+            .map_err(|e| failed("in_doubt", e))?;
+        if page.len() > 2 {
+            return Err(format!(
+                "in_doubt gave {} branches for a limit of 2",
+                page.len()
+            ));
+        }
+        cursor = page.last().cloned();
+        let done = page.len() < 2;
+        listed.extend(page);
+        if done {
+            break;
+        }
+    }
+    let mut sorted = listed.clone();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.len() != listed.len() || sorted != marked {
+        return Err(format!(
+            "paging in_doubt listed {listed:?}, not each of {marked:?} once"
+        ));
+    }
+    Ok(())
+}

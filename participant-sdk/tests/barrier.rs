@@ -365,3 +365,12 @@ async fn without_the_record_included_the_barrier_writes_it_itself() {
         BranchStatus::Prepared
     );
 }
+
+#[tokio::test]
+async fn the_sdk_store_meets_the_barrier_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DurableStore::open(dir.path(), Default::default()).unwrap();
+    treaty_sdk::barrier_store::check_conformance(&store)
+        .await
+        .unwrap();
+}

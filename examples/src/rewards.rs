@@ -1,0 +1,458 @@
+//! Rewards: loyalty points kept in SQLite — the example of a participant whose data lives
+//! outside the SDK's store. [`SqliteStore`] implements the SDK's `BarrierStore` in the
+//! same database file, and every operation writes its effect and the barrier's record
+//! (`BranchContext::take_barrier_write`) in one SQLite transaction: exactly-once effects
+//! across crashes, as the sled examples get with `include_barrier_record`.
+//!
+//! A branch's payload is `{"member":"alice","points":-30}`: earn (positive) or redeem
+//! (negative), like a bank's leg.
+//! - prepare: a redemption is held if the member has that many points not already held,
+//!   else the vote is NO; an earning is held as it is.
+//! - commit: applies the hold; abort: releases it.
+//! - compensate (sagas): applies the compensation payload, the opposite leg.
+//!
+//! Tables: `points(member, balance)`, `holds(transaction_id, branch_id, member, points)`
+//! and the barrier's `treaty_barrier(transaction_id, branch_id, record, in_doubt)`.
+//! SQLite runs in WAL mode with `synchronous=FULL`, so a commit is on disk when it
+//! returns. Writes go through one connection on blocking threads, reads through another:
+//! an example, not a benchmark.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use treaty_sdk::barrier_store::{BarrierStore, BarrierWrite, BranchKey};
+use treaty_sdk::durable::StoreError;
+use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS points (
+        member TEXT PRIMARY KEY,
+        balance INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS holds (
+        transaction_id TEXT NOT NULL,
+        branch_id TEXT NOT NULL,
+        member TEXT NOT NULL,
+        points INTEGER NOT NULL,
+        PRIMARY KEY (transaction_id, branch_id)
+    );
+    CREATE TABLE IF NOT EXISTS treaty_barrier (
+        transaction_id TEXT NOT NULL,
+        branch_id TEXT NOT NULL,
+        record BLOB NOT NULL,
+        in_doubt INTEGER NOT NULL,
+        PRIMARY KEY (transaction_id, branch_id)
+    );
+    CREATE INDEX IF NOT EXISTS treaty_barrier_in_doubt
+        ON treaty_barrier (in_doubt, transaction_id, branch_id);
+";
+
+/// One leg: points earned (positive) or redeemed (negative) by a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointsLeg<'a> {
+    pub member: &'a str,
+    pub points: i64,
+}
+
+impl PointsLeg<'_> {
+    pub fn payload(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Why a rewards operation failed (the caller may try again).
+#[derive(Debug, thiserror::Error)]
+pub enum RewardsError {
+    #[error("sqlite: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("no member {0:?}")]
+    NoMember(String),
+    #[error("the write task ended: {0}")]
+    Task(String),
+}
+
+fn sql_failed(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Read(error.to_string())
+}
+
+fn participant_failed(error: impl std::fmt::Display) -> ParticipantError {
+    ParticipantError::new(format!("rewards: {error}"))
+}
+
+/// The rewards database: the service's data and the barrier's records, in one file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    reader: Mutex<Connection>,
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = Connection::open(path)?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(connection)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_error = |e: rusqlite::Error| StoreError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let writer = connect(path).map_err(open_error)?;
+        writer.execute_batch(SCHEMA).map_err(open_error)?;
+        let reader = connect(path).map_err(open_error)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// Runs `work` in one write transaction on a blocking thread; commits (durably) if it
+    /// returns Ok, rolls back otherwise.
+    pub async fn transaction<T, F>(&self, work: F) -> Result<T, RewardsError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, RewardsError> + Send + 'static,
+    {
+        let writer = self.writer.clone();
+        let run = move || {
+            let mut connection = writer.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let value = work(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        };
+        tokio::task::spawn_blocking(run)
+            .await
+            .unwrap_or_else(|e| Err(RewardsError::Task(e.to_string())))
+    }
+
+    fn read<T>(
+        &self,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let connection = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        work(&connection).map_err(sql_failed)
+    }
+}
+
+/// Writes the barrier's record in `tx`, exactly as [`SqliteStore`]'s `save` does.
+pub fn write_barrier(tx: &Transaction<'_>, write: &BarrierWrite) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO treaty_barrier (transaction_id, branch_id, record, in_doubt)
+         VALUES (?1, ?2, ?3, ?4)",
+        params![
+            write.key.transaction_id,
+            write.key.branch_id,
+            write.record,
+            write.in_doubt
+        ],
+    )?;
+    Ok(())
+}
+
+impl BarrierStore for SqliteStore {
+    fn load(&self, key: &BranchKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|connection| {
+            connection
+                .query_row(
+                    "SELECT record FROM treaty_barrier WHERE transaction_id = ?1 AND branch_id = ?2",
+                    params![key.transaction_id, key.branch_id],
+                    |row| row.get(0),
+                )
+                .optional()
+        })
+    }
+
+    async fn save(&self, write: BarrierWrite) -> Result<(), StoreError> {
+        self.transaction(move |tx| Ok(write_barrier(tx, &write)?))
+            .await
+            .map_err(sql_failed)
+    }
+
+    fn in_doubt(
+        &self,
+        after: Option<&BranchKey>,
+        limit: usize,
+    ) -> Result<Vec<BranchKey>, StoreError> {
+        let (after_transaction, after_branch) = after
+            .map(|k| (k.transaction_id.as_str(), k.branch_id.as_str()))
+            .unwrap_or(("", ""));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|connection| {
+            let mut query = connection.prepare(
+                "SELECT transaction_id, branch_id FROM treaty_barrier
+                 WHERE in_doubt = 1 AND (transaction_id, branch_id) > (?1, ?2)
+                 ORDER BY transaction_id, branch_id LIMIT ?3",
+            )?;
+            let rows = query.query_map(params![after_transaction, after_branch, limit], |row| {
+                Ok(BranchKey {
+                    transaction_id: row.get(0)?,
+                    branch_id: row.get(1)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("sqlite {}", self.path.display())
+    }
+}
+
+#[derive(Debug)]
+pub struct Rewards {
+    store: Arc<SqliteStore>,
+}
+
+impl Rewards {
+    pub fn new(store: Arc<SqliteStore>) -> Self {
+        Self { store }
+    }
+
+    /// Creates the members that do not exist yet, with these balances.
+    pub async fn open_members(&self, members: &[(String, i64)]) -> Result<(), ParticipantError> {
+        let members = members.to_vec();
+        self.store
+            .transaction(move |tx| {
+                for (member, balance) in &members {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO points (member, balance) VALUES (?1, ?2)",
+                        params![member, balance],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(participant_failed)
+    }
+
+    /// Settles the branch's hold (applying it first if `apply`) with the barrier's record.
+    async fn settle(&self, branch: &BranchContext, apply: bool) -> Result<(), ParticipantError> {
+        let branch = branch.clone();
+        self.store
+            .transaction(move |tx| {
+                let hold: Option<(String, i64)> = tx
+                    .query_row(
+                        "DELETE FROM holds WHERE transaction_id = ?1 AND branch_id = ?2
+                         RETURNING member, points",
+                        params![branch.transaction_id, branch.branch_id],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()?;
+                if let (Some((member, points)), true) = (hold, apply) {
+                    tx.execute(
+                        "UPDATE points SET balance = balance + ?2 WHERE member = ?1",
+                        params![member, points],
+                    )?;
+                }
+                if let Some(write) = branch.take_barrier_write() {
+                    write_barrier(tx, &write)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(participant_failed)
+    }
+}
+
+impl Participant for Rewards {
+    async fn prepare(
+        &self,
+        branch: &BranchContext,
+        payload: &[u8],
+    ) -> Result<Vote, ParticipantError> {
+        let leg: PointsLeg = match serde_json::from_slice(payload) {
+            Ok(leg) => leg,
+            Err(e) => return Ok(Vote::no(format!("not a points leg: {e}"))),
+        };
+        let (member, points) = (leg.member.to_string(), leg.points);
+        let branch = branch.clone();
+        self.store
+            .transaction(move |tx| {
+                let balance: Option<i64> = tx
+                    .query_row(
+                        "SELECT balance FROM points WHERE member = ?1",
+                        params![member],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                let Some(balance) = balance else {
+                    return Ok(Vote::no(format!("no member {member:?}")));
+                };
+                let held: i64 = tx.query_row(
+                    "SELECT COALESCE(SUM(-points), 0) FROM holds WHERE member = ?1 AND points < 0",
+                    params![member],
+                    |row| row.get(0),
+                )?;
+                let available = balance - held;
+                if points < 0 && available < -points {
+                    return Ok(Vote::no(format!(
+                        "{member} has {available} points available, needs {}",
+                        -points
+                    )));
+                }
+                tx.execute(
+                    "INSERT OR REPLACE INTO holds (transaction_id, branch_id, member, points)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![branch.transaction_id, branch.branch_id, member, points],
+                )?;
+                if let Some(write) = branch.take_barrier_write() {
+                    write_barrier(tx, &write)?;
+                }
+                Ok(Vote::Yes)
+            })
+            .await
+            .map_err(participant_failed)
+    }
+
+    async fn commit(
+        &self,
+        branch: &BranchContext,
+        _payload: &[u8],
+    ) -> Result<(), ParticipantError> {
+        self.settle(branch, true).await
+    }
+
+    async fn abort(&self, branch: &BranchContext, _payload: &[u8]) -> Result<(), ParticipantError> {
+        self.settle(branch, false).await
+    }
+
+    async fn compensate(
+        &self,
+        branch: &BranchContext,
+        payload: &[u8],
+    ) -> Result<(), ParticipantError> {
+        let leg: PointsLeg = serde_json::from_slice(payload)
+            .map_err(|e| participant_failed(format!("not a compensation leg: {e}")))?;
+        let (member, points) = (leg.member.to_string(), leg.points);
+        let branch = branch.clone();
+        self.store
+            .transaction(move |tx| {
+                let changed = tx.execute(
+                    "UPDATE points SET balance = balance + ?2 WHERE member = ?1",
+                    params![member, points],
+                )?;
+                if changed == 0 {
+                    return Err(RewardsError::NoMember(member));
+                }
+                if let Some(write) = branch.take_barrier_write() {
+                    write_barrier(tx, &write)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(participant_failed)
+    }
+}
+
+/// The balances in a rewards database (for checks after the service stopped).
+pub fn balances(path: &Path) -> rusqlite::Result<BTreeMap<String, i64>> {
+    let connection = Connection::open(path)?;
+    let mut query = connection.prepare("SELECT member, balance FROM points ORDER BY member")?;
+    let rows = query.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    rows.collect()
+}
+
+/// How many holds a rewards database still has.
+pub fn open_holds(path: &Path) -> rusqlite::Result<i64> {
+    let connection = Connection::open(path)?;
+    connection.query_row("SELECT COUNT(*) FROM holds", [], |row| row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use treaty_sdk::barrier::{Barrier, BranchMode, BranchStatus, CommitAnswer};
+
+    fn branch(txn: &str, id: &str) -> BranchContext {
+        BranchContext::new(txn, id)
+    }
+
+    fn leg(member: &str, points: i64) -> Vec<u8> {
+        PointsLeg { member, points }.payload()
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_store_meets_the_barrier_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("rewards.sqlite3")).unwrap();
+        treaty_sdk::barrier_store::check_conformance(&store)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn effects_and_barrier_records_commit_together_and_run_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rewards.sqlite3");
+        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let rewards = Rewards::new(store.clone());
+        rewards
+            .open_members(&[("alice".into(), 100), ("bob".into(), 0)])
+            .await
+            .unwrap();
+        let barrier = Barrier::new(store.clone());
+
+        // A redemption alice can afford, prepared and committed; the duplicate commit is
+        // answered from the record.
+        let redeem = branch("t1", "redeem");
+        let vote = barrier
+            .prepare(&rewards, &redeem, &leg("alice", -70), "http://c:1")
+            .await
+            .unwrap();
+        assert_eq!(vote, Vote::Yes);
+        assert_eq!(barrier.in_doubt(10).unwrap().len(), 1);
+        // 70 are held: another 70 are not available.
+        let second = barrier
+            .prepare(&rewards, &branch("t2", "redeem"), &leg("alice", -70), "")
+            .await
+            .unwrap();
+        assert!(matches!(second, Vote::No { .. }), "{second:?}");
+        for _ in 0..2 {
+            let answer = barrier
+                .commit(&rewards, &redeem, BranchMode::TwoPhase, &[], "")
+                .await
+                .unwrap();
+            assert_eq!(answer, CommitAnswer::Committed);
+        }
+        assert!(barrier.in_doubt(10).unwrap().is_empty());
+        assert_eq!(
+            barrier.record(&redeem).unwrap().unwrap().status,
+            BranchStatus::Committed
+        );
+
+        // A saga step: earned, then compensated twice (the second from the record); a
+        // compensation of a step that never ran is a recorded no-op.
+        let earn = branch("t3", "earn");
+        let answer = barrier
+            .commit(&rewards, &earn, BranchMode::SagaStep, &leg("bob", 40), "")
+            .await
+            .unwrap();
+        assert_eq!(answer, CommitAnswer::Committed);
+        for _ in 0..2 {
+            barrier
+                .compensate(&rewards, &earn, &leg("bob", -40))
+                .await
+                .unwrap();
+        }
+        barrier
+            .compensate(&rewards, &branch("t4", "earn"), &leg("bob", -40))
+            .await
+            .unwrap();
+
+        assert_eq!(
+            balances(&path).unwrap(),
+            BTreeMap::from([("alice".to_string(), 30), ("bob".to_string(), 0)])
+        );
+        assert_eq!(open_holds(&path).unwrap(), 0);
+    }
+}
