@@ -6,5 +6,6 @@
 
 pub mod chaos;
 pub mod harness;
+pub mod power_cut;
 pub mod process;
 pub mod scripted;

@@ -38,9 +38,18 @@ pub struct SledLog {
 
 impl SledLog {
     pub fn open(dir: &Path) -> Result<Self, LogError> {
+        Self::open_with(dir, StoreOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, LogError> {
         Ok(Self {
-            store: Arc::new(DurableStore::open(dir, StoreOptions::default())?),
+            store: Arc::new(DurableStore::open(dir, options)?),
         })
+    }
+
+    /// The store underneath, for integrity checks (`treaty log verify`).
+    pub fn store(&self) -> &DurableStore {
+        &self.store
     }
 
     fn read(&self, key: &[u8]) -> Result<Option<TxnRecord>, LogError> {

@@ -1,24 +1,37 @@
-//! Durable writes on sled 0.34.7, with group commit.
+//! Durable writes on sled 0.34.7, with group commit, that survive a power cut and refuse
+//! to open on damage.
 //!
-//! sled alone does not make a write durable when it returns, and its own flushing is
-//! unsafe to use concurrently (see `shared/DESIGN.md`, "Durability on sled"). This module
-//! is the one place that writes to a Treaty sled database; the coordinator's decision log
-//! and the participant barrier both sit on it.
+//! sled alone does not make a write durable when it returns, its own flushing is unsafe
+//! to use concurrently, it never syncs the blob files it writes for large messages, and
+//! it reads a damaged log as a shorter one (see `shared/DESIGN.md`, "Durability on
+//! sled"). This module is the one place that writes to a Treaty sled database; the
+//! coordinator's decision log and the participant barrier both sit on it.
 //!
-//! Invariants:
-//! - One logger thread owns every write. It takes the queued requests in arrival order (up
-//!   to [`StoreOptions::max_batch_records`] records), applies them with one `apply_batch`,
-//!   and, when any of them is [`Durability::Forced`], calls `flush()` and then `fdatasync`
-//!   on the database file before it wakes any waiter of that batch. `flush_async` is never
-//!   called.
-//! - A forced write's ticket resolves `Ok` only once its records are on disk. Writes are
-//!   applied in the order `write` was called, so a lazy write issued after a forced one can
-//!   never reach the disk before it.
+//! The contract (what a caller may rely on):
+//! - A [`Durability::Forced`] write's ticket resolves `Ok` only once its records, and
+//!   every write queued before it, survive a crash of the process **and a power cut**
+//!   (as far as the disk honours `fdatasync`), whatever their size: the log file, every
+//!   file sled created beside it (blobs, snapshots) and the directories naming them are
+//!   synced before any waiter of the group is woken. The directory itself is synced when
+//!   `open` creates it.
+//! - Writes are applied in the order `write` was called, so a lazy write issued after a
+//!   forced one can never reach the disk before it.
+//! - **Damage is detected, not served.** Each forced group is numbered; the number goes
+//!   into sled with the group and, once the group is durable, into a high-water mark file
+//!   beside it ([`high_water`]). `open` refuses ([`StoreError::Damaged`]) a store whose
+//!   sled holds fewer forced groups than the mark says were acknowledged — what a damaged
+//!   byte or a cut-short file does to sled, which otherwise opens without complaint —
+//!   and, unless told not to, reads every record once so that a damaged one is found at
+//!   start, not when it is asked for.
 //! - After the first failed write the store is failed for good: every later write
 //!   resolves with [`StoreError::Failed`]. The owner must stop, restart and recover.
 //! - `snap.*.generating` files left by a crash during `open()` are removed before opening.
+//! - Keys are the caller's: the store keeps its own bookkeeping in a separate sled tree.
 
-use std::collections::VecDeque;
+mod files;
+pub mod high_water;
+mod logger;
+
 use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -30,10 +43,20 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
+pub use files::SyncedPath;
+use high_water::{HighWater, Mark};
+
+/// sled's log file in the store's directory.
+pub const LOG_FILE_NAME: &str = "db";
+/// The sled tree where the store keeps the number of its last forced group.
+const META_TREE: &[u8] = b"__treaty_durable_store";
+const FORCED_GROUPS_KEY: &[u8] = b"forced-groups";
+
 /// How long a write may stay only in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// On disk (flushed and fdatasync'ed) before the ticket resolves.
+    /// On disk (flushed and fdatasync'ed, with every file it needs) before the ticket
+    /// resolves.
     Forced,
     /// Applied (visible to readers) when the ticket resolves; on disk at the next forced
     /// write or sled's background flush, whichever comes first.
@@ -85,6 +108,12 @@ impl WriteBatch {
 pub enum StoreError {
     #[error("cannot open the database in {path}: {message}")]
     Open { path: PathBuf, message: String },
+    #[error(
+        "the database in {path} is damaged: {message}. Acknowledged writes may be lost, so \
+         it is not opened. Keep the directory as it is (copy it for a post-mortem), restore \
+         it from a backup, and see `treaty log verify --data-dir {path}` for what is readable"
+    )]
+    Damaged { path: PathBuf, message: String },
     #[error("the store failed and accepts no more writes: {0}")]
     Failed(String),
     #[error("the store is closed")]
@@ -93,8 +122,12 @@ pub enum StoreError {
     Read(String),
 }
 
+/// Called after each sync with what it made durable (tests of power loss use it to
+/// build the disk a power cut would leave).
+pub type SyncObserver = Arc<dyn Fn(&[SyncedPath]) + Send + Sync>;
+
 /// Tunables of a [`DurableStore`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// Most records one group commit applies; more wait for the next one.
     pub max_batch_records: usize,
@@ -103,6 +136,22 @@ pub struct StoreOptions {
     pub max_batch_bytes: usize,
     /// sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
+    /// Read every record at open, so that a damaged one stops the open rather than a
+    /// later read (costs a scan of the whole store).
+    pub verify_on_open: bool,
+    pub sync_observer: Option<SyncObserver>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("max_batch_records", &self.max_batch_records)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("cache_capacity_bytes", &self.cache_capacity_bytes)
+            .field("verify_on_open", &self.verify_on_open)
+            .field("sync_observer", &self.sync_observer.is_some())
+            .finish()
+    }
 }
 
 impl Default for StoreOptions {
@@ -111,20 +160,30 @@ impl Default for StoreOptions {
             max_batch_records: 4096,
             max_batch_bytes: 8 * 1024 * 1024,
             cache_capacity_bytes: 256 * 1024 * 1024,
+            verify_on_open: true,
+            sync_observer: None,
         }
     }
 }
 
-type Done = oneshot::Sender<Result<(), StoreError>>;
-
-/// Writes taken together in one group commit.
-type Group = Vec<(WriteBatch, Durability, Done)>;
+/// What a full read of the store found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreSummary {
+    /// Records (keys) in the caller's tree.
+    pub records: u64,
+    /// Their keys' and values' bytes.
+    pub bytes: u64,
+    /// Forced groups sled holds, and the number the high-water mark says were
+    /// acknowledged (sled may be ahead: the mark is written last).
+    pub forced_groups: u64,
+    pub acknowledged_groups: u64,
+}
 
 enum Request {
     Write {
         batch: WriteBatch,
         durability: Durability,
-        done: Done,
+        done: oneshot::Sender<Result<(), StoreError>>,
     },
     /// Replied on a std channel: `close` blocks, and may be called from async code.
     Close {
@@ -136,6 +195,7 @@ enum Request {
 #[derive(Debug)]
 pub struct DurableStore {
     db: sled::Db,
+    meta: sled::Tree,
     path: PathBuf,
     queue: Mutex<Option<mpsc::Sender<Request>>>,
     failure: Arc<OnceLock<String>>,
@@ -145,28 +205,75 @@ pub struct DurableStore {
 
 impl DurableStore {
     /// Opens (creating if needed) the database in `dir`, after removing the
-    /// `snap.*.generating` files a crash during a previous open may have left.
+    /// `snap.*.generating` files a crash during a previous open may have left. Refuses
+    /// a damaged store with [`StoreError::Damaged`].
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let open_error = |message: String| StoreError::Open {
             path: dir.to_path_buf(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
+        let damaged = |message: String| StoreError::Damaged {
+            path: dir.to_path_buf(),
+            message,
+        };
+        files::create_dir_synced(dir).map_err(|e| open_error(e.to_string()))?;
         remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
-        let db = open_sled(dir, &options).map_err(|e| open_error(e.to_string()))?;
+        let mark = high_water::read(dir).map_err(|e| open_error(e.to_string()))?;
+        let (db, meta) = open_sled(dir, &options)?;
+        let forced_groups = forced_groups(&meta).map_err(damaged)?;
+        let acknowledged = check_mark(&mark, forced_groups, &db).map_err(damaged)?;
+        if options.verify_on_open {
+            read_everything(&db, &meta).map_err(damaged)?;
+        }
+        let db_path = dir.join(LOG_FILE_NAME);
         // fdatasync through our own descriptor: sled's flush() only calls sync_file_range.
-        let db_file = File::open(dir.join("db")).map_err(|e| open_error(e.to_string()))?;
+        let db_file = File::open(&db_path).map_err(|e| open_error(e.to_string()))?;
+        // What the last run (or sled's own open) left unsynced becomes durable now, and
+        // the mark catches up with sled (it may lag one group after a crash).
+        let mut files = files::SyncedFiles::new(dir, &[LOG_FILE_NAME, high_water::FILE_NAME]);
+        let mut synced = Vec::new();
+        let baseline = db
+            .flush()
+            .map_err(|e| e.to_string())
+            .and_then(|_| files.sync_new(&mut synced).map_err(|e| e.to_string()))
+            .and_then(|()| db_file.sync_data().map_err(|e| e.to_string()));
+        baseline.map_err(|e| open_error(format!("syncing at open: {e}")))?;
+        let high_water = HighWater::open(dir, forced_groups.max(acknowledged))
+            .map_err(|e| open_error(format!("writing the high-water mark: {e}")))?;
+        if let Some(observer) = &options.sync_observer {
+            // The baseline above and the mark's creation synced the directory too.
+            for path in [db_path.clone(), dir.join(high_water::FILE_NAME)] {
+                let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+                synced.push(SyncedPath {
+                    path,
+                    len,
+                    is_dir: false,
+                });
+            }
+            synced.push(SyncedPath {
+                path: dir.to_path_buf(),
+                len: 0,
+                is_dir: true,
+            });
+            observer(&synced);
+        }
         let (sender, receiver) = mpsc::channel();
         let failure = Arc::new(OnceLock::new());
         let failed = Arc::new(tokio::sync::Notify::new());
-        let logger = Logger {
+        let logger = logger::Logger {
             db: db.clone(),
+            meta: meta.clone(),
             db_file,
+            db_path,
+            files,
+            high_water,
+            forced_groups,
             receiver,
             failure: failure.clone(),
             failed: failed.clone(),
             max_batch_records: options.max_batch_records.max(1),
             max_batch_bytes: options.max_batch_bytes.max(1),
+            sync_observer: options.sync_observer.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("treaty-logger".into())
@@ -174,6 +281,7 @@ impl DurableStore {
             .map_err(|e| open_error(format!("cannot start the logger thread: {e}")))?;
         Ok(Self {
             db,
+            meta,
             path: dir.to_path_buf(),
             queue: Mutex::new(Some(sender)),
             failure,
@@ -191,6 +299,27 @@ impl DurableStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Reads every record (checking sled's checksums on the way) and counts them.
+    pub fn verify(&self) -> Result<StoreSummary, StoreError> {
+        let damaged = |message: String| StoreError::Damaged {
+            path: self.path.clone(),
+            message,
+        };
+        let (records, bytes) = read_everything(&self.db, &self.meta).map_err(damaged)?;
+        let forced_groups = forced_groups(&self.meta).map_err(damaged)?;
+        let acknowledged_groups = match high_water::read(&self.path) {
+            Ok(Mark::At(mark)) => mark,
+            Ok(_) => 0,
+            Err(error) => return Err(damaged(error.to_string())),
+        };
+        Ok(StoreSummary {
+            records,
+            bytes,
+            forced_groups,
+            acknowledged_groups,
+        })
     }
 
     /// Queues `batch`; it is applied after every write queued before it. The ticket
@@ -291,29 +420,132 @@ fn reply(request: Request, result: Result<(), StoreError>) {
     }
 }
 
+/// The number of the last forced group sled holds (0: none yet).
+fn forced_groups(meta: &sled::Tree) -> Result<u64, String> {
+    let stored = meta
+        .get(FORCED_GROUPS_KEY)
+        .map_err(|e| format!("reading the forced-group number: {e}"))?;
+    match stored {
+        None => Ok(0),
+        Some(bytes) => {
+            let number: [u8; 8] = bytes
+                .as_ref()
+                .try_into()
+                .map_err(|_| format!("the forced-group number has {} bytes, not 8", bytes.len()))?;
+            Ok(u64::from_be_bytes(number))
+        }
+    }
+}
+
+/// Compares sled's forced groups with the high-water mark; returns the mark.
+fn check_mark(mark: &Mark, forced_groups: u64, db: &sled::Db) -> Result<u64, String> {
+    match *mark {
+        Mark::At(acknowledged) if forced_groups < acknowledged => Err(format!(
+            "it holds {forced_groups} forced write groups but {acknowledged} were acknowledged \
+             ({} says so): everything logged after group {forced_groups} is missing, as sled \
+             stops reading its log at the first damaged or cut-short message",
+            high_water::FILE_NAME
+        )),
+        Mark::At(acknowledged) => Ok(acknowledged),
+        Mark::Unreadable(ref why) => Err(format!("its high-water mark is unreadable: {why}")),
+        // The mark is written with the first forced group and at every open: sled
+        // holding a numbered group without it means the file was lost.
+        Mark::Absent if forced_groups > 0 => Err(format!(
+            "its high-water mark {} is missing although {forced_groups} forced write groups \
+             were logged",
+            high_water::FILE_NAME
+        )),
+        Mark::Absent => {
+            if !db.is_empty() {
+                tracing::warn!(
+                    "the store has records but no high-water mark (written by an older \
+                     version): damage before this open cannot be detected; it is from now on"
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Reads every key and value, so that sled checks each page's checksum; returns the
+/// caller's records and their bytes. sled trips on some damage with a panic: that is
+/// damage too.
+fn read_everything(db: &sled::Db, meta: &sled::Tree) -> Result<(u64, u64), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_all(db, meta)))
+        .unwrap_or_else(|panic| Err(format!("sled failed reading it: {}", panic_text(&panic))))
+}
+
+fn read_all(db: &sled::Db, meta: &sled::Tree) -> Result<(u64, u64), String> {
+    let mut records = 0;
+    let mut bytes = 0;
+    for entry in db.iter() {
+        let (key, value) = entry.map_err(|e| format!("reading record {}: {e}", records + 1))?;
+        records += 1;
+        bytes += (key.len() + value.len()) as u64;
+    }
+    for entry in meta.iter() {
+        entry.map_err(|e| format!("reading the store's bookkeeping: {e}"))?;
+    }
+    Ok((records, bytes))
+}
+
 /// How long `open` waits for the file lock of a database that another handle is still
 /// letting go of: sled's background IO threads release it shortly after the last handle
 /// is dropped, so a quick reopen in the same process can find it still held.
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
-fn open_sled(dir: &Path, options: &StoreOptions) -> sled::Result<sled::Db> {
+/// Opens sled and the store's bookkeeping tree. sled reports some damage as a
+/// corruption error and trips on other damage with a panic: both are `Damaged`.
+fn open_sled(dir: &Path, options: &StoreOptions) -> Result<(sled::Db, sled::Tree), StoreError> {
     let started = std::time::Instant::now();
+    let damaged = |message: String| StoreError::Damaged {
+        path: dir.to_path_buf(),
+        message,
+    };
     loop {
-        let opened = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_capacity_bytes)
-            .open();
-        match opened {
+        let cache_capacity_bytes = options.cache_capacity_bytes;
+        let attempt = std::panic::catch_unwind(|| {
+            let db = sled::Config::new()
+                .path(dir)
+                .cache_capacity(cache_capacity_bytes)
+                .open()?;
+            let meta = db.open_tree(META_TREE)?;
+            Ok::<_, sled::Error>((db, meta))
+        });
+        match attempt {
+            Ok(Ok(opened)) => return Ok(opened),
             // sled 0.34.7 reports a held lock as an `Other` I/O error with this text.
-            Err(sled::Error::Io(error))
+            Ok(Err(sled::Error::Io(error)))
                 if error.to_string().contains("could not acquire lock")
                     && started.elapsed() < LOCK_PATIENCE =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            other => return other,
+            Ok(Err(error @ sled::Error::Corruption { .. })) => {
+                return Err(damaged(format!("sled found it corrupt: {error}")));
+            }
+            Ok(Err(error)) => {
+                return Err(StoreError::Open {
+                    path: dir.to_path_buf(),
+                    message: error.to_string(),
+                });
+            }
+            Err(panic) => {
+                return Err(damaged(format!(
+                    "sled failed reading it: {}",
+                    panic_text(&panic)
+                )));
+            }
         }
     }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
 }
 
 fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
@@ -327,141 +559,6 @@ fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-struct Logger {
-    db: sled::Db,
-    db_file: File,
-    receiver: mpsc::Receiver<Request>,
-    failure: Arc<OnceLock<String>>,
-    failed: Arc<tokio::sync::Notify>,
-    max_batch_records: usize,
-    max_batch_bytes: usize,
-}
-
-impl Logger {
-    fn run(self) {
-        let mut pending: VecDeque<Request> = VecDeque::new();
-        loop {
-            if pending.is_empty() {
-                match self.receiver.recv() {
-                    Ok(request) => pending.push_back(request),
-                    // Every sender is gone without a close: make what we have durable.
-                    Err(mpsc::RecvError) => {
-                        let _ = self.make_durable();
-                        return;
-                    }
-                }
-            }
-            while let Ok(request) = self.receiver.try_recv() {
-                pending.push_back(request);
-            }
-            let (group, close) = self.take_group(&mut pending);
-            self.commit_group(group);
-            if let Some(done) = close {
-                let result = self.make_durable();
-                let _ = done.send(result);
-                for request in pending.drain(..).chain(self.receiver.try_iter()) {
-                    reply(request, Err(StoreError::Closed));
-                }
-                return;
-            }
-        }
-    }
-
-    /// Takes writes from the front of `pending` up to the record and byte limits,
-    /// stopping at a close request (returned separately).
-    fn take_group(
-        &self,
-        pending: &mut VecDeque<Request>,
-    ) -> (Group, Option<mpsc::SyncSender<Result<(), StoreError>>>) {
-        let mut group = Vec::new();
-        let mut records = 0;
-        let mut bytes = 0;
-        while let Some(request) = pending.pop_front() {
-            match request {
-                Request::Write {
-                    batch,
-                    durability,
-                    done,
-                } => {
-                    let too_many = records + batch.len() > self.max_batch_records;
-                    let too_big = bytes + batch.byte_len() > self.max_batch_bytes;
-                    if !group.is_empty() && (too_many || too_big) {
-                        pending.push_front(Request::Write {
-                            batch,
-                            durability,
-                            done,
-                        });
-                        break;
-                    }
-                    records += batch.len();
-                    bytes += batch.byte_len();
-                    group.push((batch, durability, done));
-                }
-                Request::Close { done } => return (group, Some(done)),
-            }
-        }
-        (group, None)
-    }
-
-    fn commit_group(&self, group: Group) {
-        if group.is_empty() {
-            return;
-        }
-        let result = match self.failure.get() {
-            Some(message) => Err(StoreError::Failed(message.clone())),
-            None => {
-                let forced = group.iter().any(|(_, d, _)| *d == Durability::Forced);
-                let mut sled_batch = sled::Batch::default();
-                for (batch, _, _) in &group {
-                    for (key, value) in &batch.ops {
-                        match value {
-                            Some(value) => sled_batch.insert(key.as_slice(), value.as_slice()),
-                            None => sled_batch.remove(key.as_slice()),
-                        }
-                    }
-                }
-                let applied = self
-                    .db
-                    .apply_batch(sled_batch)
-                    .map_err(|e| format!("apply_batch: {e}"));
-                let result = match applied {
-                    Ok(()) if forced => self.sync(),
-                    other => other,
-                };
-                result.map_err(|message| self.fail(message))
-            }
-        };
-        for (_, _, done) in group {
-            let _ = done.send(result.clone());
-        }
-    }
-
-    fn make_durable(&self) -> Result<(), StoreError> {
-        if let Some(message) = self.failure.get() {
-            return Err(StoreError::Failed(message.clone()));
-        }
-        self.sync().map_err(|message| self.fail(message))
-    }
-
-    fn sync(&self) -> Result<(), String> {
-        fail::fail_point!(
-            "durable::sync",
-            |_| Err("injected sync failure".to_string())
-        );
-        self.db.flush().map_err(|e| format!("flush: {e}"))?;
-        self.db_file
-            .sync_data()
-            .map_err(|e| format!("fdatasync: {e}"))
-    }
-
-    fn fail(&self, message: String) -> StoreError {
-        tracing::error!(error = %message, "durable store failed; no further writes are accepted");
-        let _ = self.failure.set(message);
-        self.failed.notify_waiters();
-        StoreError::Failed(self.failure.get().cloned().unwrap_or_default())
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,168 @@
+//! The high-water mark: a witness of acknowledged forced writes kept outside sled.
+//!
+//! sled checksums each log message but treats a bad one as the end of its log, so one
+//! damaged byte (or a file cut short) makes it open "successfully" without everything
+//! written after that point. The store therefore numbers its forced group commits: the
+//! number goes into sled with each group, and, once the group is on disk, into this
+//! file. At open, sled must hold at least the number this file holds; if it holds less,
+//! acknowledged writes were lost and the store refuses to open.
+//!
+//! Invariants:
+//! - The file is written only after sled's group is durable, so after any crash the
+//!   number in sled is at least the number here (never the reverse).
+//! - The file has two checksummed slots, in different sectors; group `n` overwrites slot
+//!   `n % 2` in place (the file's size never changes after creation, so `fdatasync`
+//!   writes no metadata). A torn write of one slot leaves the other, one group older,
+//!   which still bounds what sled must hold.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The file's name in the store's directory.
+pub const FILE_NAME: &str = "treaty-high-water";
+
+const MAGIC: &[u8; 8] = b"TRTYHW01";
+const SLOT_BYTES: usize = 20;
+/// Slot `i` starts at `i * SLOT_SPACING`: separate sectors, so one torn write spoils one.
+const SLOT_SPACING: u64 = 512;
+const FILE_BYTES: usize = SLOT_SPACING as usize + SLOT_BYTES;
+
+/// The open high-water mark file.
+#[derive(Debug)]
+pub(super) struct HighWater {
+    file: File,
+    path: PathBuf,
+}
+
+/// What reading the file found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Mark {
+    /// No file: a new store, or one written before the mark existed.
+    Absent,
+    /// The highest forced group known to be acknowledged.
+    At(u64),
+    /// The file exists but neither slot is readable.
+    Unreadable(String),
+}
+
+/// Reads the mark in `dir` without changing anything.
+pub(super) fn read(dir: &Path) -> std::io::Result<Mark> {
+    let path = dir.join(FILE_NAME);
+    let mut bytes = Vec::with_capacity(FILE_BYTES);
+    match File::open(&path) {
+        Ok(file) => {
+            file.take(FILE_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+        }
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(Mark::Absent),
+        Err(error) => return Err(error),
+    }
+    let slots = [0, 1].map(|i| {
+        let start = i * SLOT_SPACING as usize;
+        bytes.get(start..start + SLOT_BYTES).and_then(decode_slot)
+    });
+    match slots.into_iter().flatten().max() {
+        Some(mark) => Ok(Mark::At(mark)),
+        None => Ok(Mark::Unreadable(format!(
+            "{} ({} bytes) has no slot whose checksum matches",
+            path.display(),
+            bytes.len()
+        ))),
+    }
+}
+
+impl HighWater {
+    /// Opens the file in `dir` for writing, creating it holding `mark` if it is absent
+    /// (and syncing the file and `dir`, so that it exists after a power cut).
+    pub(super) fn open(dir: &Path, mark: u64) -> std::io::Result<Self> {
+        let path = dir.join(FILE_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let mut high_water = Self { file, path };
+        if high_water.file.metadata()?.len() != FILE_BYTES as u64 {
+            let mut bytes = vec![0u8; FILE_BYTES];
+            for slot in [0, 1] {
+                let start = slot * SLOT_SPACING as usize;
+                bytes[start..start + SLOT_BYTES].copy_from_slice(&encode_slot(mark));
+            }
+            high_water.file.set_len(0)?;
+            high_water.file.write_all_at(&bytes, 0)?;
+            high_water.file.sync_all()?;
+            super::files::sync_dir(dir)?;
+        } else {
+            high_water.record(mark)?;
+        }
+        Ok(high_water)
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Durably records that forced group `mark` is acknowledged.
+    pub(super) fn record(&mut self, mark: u64) -> std::io::Result<()> {
+        let offset = (mark % 2) * SLOT_SPACING;
+        self.file.write_all_at(&encode_slot(mark), offset)?;
+        self.file.sync_data()
+    }
+}
+
+fn encode_slot(mark: u64) -> [u8; SLOT_BYTES] {
+    let mut slot = [0u8; SLOT_BYTES];
+    slot[..8].copy_from_slice(MAGIC);
+    slot[8..16].copy_from_slice(&mark.to_le_bytes());
+    let crc = crc32fast::hash(&slot[..16]);
+    slot[16..].copy_from_slice(&crc.to_le_bytes());
+    slot
+}
+
+fn decode_slot(slot: &[u8]) -> Option<u64> {
+    let (body, crc) = slot.split_at(16);
+    if &body[..8] != MAGIC || crc32fast::hash(body).to_le_bytes() != crc {
+        return None;
+    }
+    let mut mark = [0u8; 8];
+    mark.copy_from_slice(&body[8..]);
+    Some(u64::from_le_bytes(mark))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_then_created_then_advanced() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Mark::Absent);
+        let mut mark = HighWater::open(dir.path(), 7).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Mark::At(7));
+        mark.record(8).unwrap();
+        mark.record(9).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Mark::At(9));
+        drop(mark);
+        // Reopening keeps the mark it is given (the store passes the larger one).
+        HighWater::open(dir.path(), 9).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Mark::At(9));
+    }
+
+    #[test]
+    fn a_spoiled_slot_falls_back_to_the_other_and_two_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mark = HighWater::open(dir.path(), 1).unwrap();
+        mark.record(2).unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Slot 0 holds 2: spoil it; slot 1 still says 1.
+        bytes[9] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Mark::At(1));
+        bytes[SLOT_SPACING as usize + 3] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(read(dir.path()).unwrap(), Mark::Unreadable(_)));
+    }
+}

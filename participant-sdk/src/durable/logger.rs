@@ -1,0 +1,210 @@
+//! The logger thread: the one writer of a [`DurableStore`](super::DurableStore).
+//!
+//! It takes the queued requests in arrival order, applies a group with one
+//! `apply_batch`, and, when the group holds a forced write, makes it durable before it
+//! wakes anyone: sled's `flush()`, then every new file sled created (blobs, snapshots)
+//! and the directories that changed, then `fdatasync` of the log file, then the group's
+//! number in the high-water mark. `flush_async` is never called.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+
+use super::files::{SyncedFiles, SyncedPath};
+use super::high_water::HighWater;
+use super::{Durability, FORCED_GROUPS_KEY, Request, StoreError, SyncObserver, reply};
+
+type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+/// Writes taken together in one group commit.
+type Group = Vec<(super::WriteBatch, Durability, Done)>;
+
+pub(super) struct Logger {
+    pub(super) db: sled::Db,
+    /// Where the number of the last forced group is kept, inside sled.
+    pub(super) meta: sled::Tree,
+    pub(super) db_file: File,
+    pub(super) db_path: std::path::PathBuf,
+    pub(super) files: SyncedFiles,
+    pub(super) high_water: HighWater,
+    /// The number of the last forced group made durable.
+    pub(super) forced_groups: u64,
+    pub(super) receiver: mpsc::Receiver<Request>,
+    pub(super) failure: Arc<OnceLock<String>>,
+    pub(super) failed: Arc<tokio::sync::Notify>,
+    pub(super) max_batch_records: usize,
+    pub(super) max_batch_bytes: usize,
+    pub(super) sync_observer: Option<SyncObserver>,
+}
+
+impl Logger {
+    pub(super) fn run(mut self) {
+        let mut pending: VecDeque<Request> = VecDeque::new();
+        loop {
+            if pending.is_empty() {
+                match self.receiver.recv() {
+                    Ok(request) => pending.push_back(request),
+                    // Every sender is gone without a close: make what we have durable.
+                    Err(mpsc::RecvError) => {
+                        let _ = self.make_durable();
+                        return;
+                    }
+                }
+            }
+            while let Ok(request) = self.receiver.try_recv() {
+                pending.push_back(request);
+            }
+            let (group, close) = self.take_group(&mut pending);
+            self.commit_group(group);
+            if let Some(done) = close {
+                let result = self.make_durable();
+                let _ = done.send(result);
+                for request in pending.drain(..).chain(self.receiver.try_iter()) {
+                    reply(request, Err(StoreError::Closed));
+                }
+                return;
+            }
+        }
+    }
+
+    /// Takes writes from the front of `pending` up to the record and byte limits,
+    /// stopping at a close request (returned separately).
+    fn take_group(
+        &self,
+        pending: &mut VecDeque<Request>,
+    ) -> (Group, Option<mpsc::SyncSender<Result<(), StoreError>>>) {
+        let mut group = Vec::new();
+        let mut records = 0;
+        let mut bytes = 0;
+        while let Some(request) = pending.pop_front() {
+            match request {
+                Request::Write {
+                    batch,
+                    durability,
+                    done,
+                } => {
+                    let too_many = records + batch.len() > self.max_batch_records;
+                    let too_big = bytes + batch.byte_len() > self.max_batch_bytes;
+                    if !group.is_empty() && (too_many || too_big) {
+                        pending.push_front(Request::Write {
+                            batch,
+                            durability,
+                            done,
+                        });
+                        break;
+                    }
+                    records += batch.len();
+                    bytes += batch.byte_len();
+                    group.push((batch, durability, done));
+                }
+                Request::Close { done } => return (group, Some(done)),
+            }
+        }
+        (group, None)
+    }
+
+    fn commit_group(&mut self, group: Group) {
+        if group.is_empty() {
+            return;
+        }
+        let result = match self.failure.get() {
+            Some(message) => Err(StoreError::Failed(message.clone())),
+            None => {
+                let forced = group.iter().any(|(_, d, _)| *d == Durability::Forced);
+                let result = self.apply(&group, forced).and_then(|()| {
+                    if forced {
+                        self.sync(Some(self.forced_groups + 1))
+                    } else {
+                        Ok(())
+                    }
+                });
+                result.map_err(|message| self.fail(message))
+            }
+        };
+        for (_, _, done) in group {
+            let _ = done.send(result.clone());
+        }
+    }
+
+    /// Applies the group's writes; a forced group is numbered after them, so a log cut
+    /// anywhere before its end loses the number too.
+    fn apply(&self, group: &Group, forced: bool) -> Result<(), String> {
+        let mut sled_batch = sled::Batch::default();
+        for (batch, _, _) in group {
+            for (key, value) in &batch.ops {
+                match value {
+                    Some(value) => sled_batch.insert(key.as_slice(), value.as_slice()),
+                    None => sled_batch.remove(key.as_slice()),
+                }
+            }
+        }
+        self.db
+            .apply_batch(sled_batch)
+            .map_err(|e| format!("apply_batch: {e}"))?;
+        if forced {
+            let number = (self.forced_groups + 1).to_be_bytes();
+            self.meta
+                .insert(FORCED_GROUPS_KEY, &number)
+                .map_err(|e| format!("numbering the group: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn make_durable(&mut self) -> Result<(), StoreError> {
+        if let Some(message) = self.failure.get() {
+            return Err(StoreError::Failed(message.clone()));
+        }
+        self.sync(None).map_err(|message| self.fail(message))
+    }
+
+    /// Makes everything applied so far durable; with `group`, records that forced group
+    /// as acknowledged in the high-water mark, last.
+    fn sync(&mut self, group: Option<u64>) -> Result<(), String> {
+        fail::fail_point!(
+            "durable::sync",
+            |_| Err("injected sync failure".to_string())
+        );
+        self.db.flush().map_err(|e| format!("flush: {e}"))?;
+        let mut synced = Vec::new();
+        self.files
+            .sync_new(&mut synced)
+            .map_err(|e| format!("syncing new files: {e}"))?;
+        self.db_file
+            .sync_data()
+            .map_err(|e| format!("fdatasync: {e}"))?;
+        let observed = self.sync_observer.is_some();
+        if observed {
+            synced.push(synced_file(&self.db_path));
+        }
+        if let Some(group) = group {
+            self.high_water
+                .record(group)
+                .map_err(|e| format!("recording the high-water mark: {e}"))?;
+            self.forced_groups = group;
+            if observed {
+                synced.push(synced_file(self.high_water.path()));
+            }
+        }
+        if let Some(observer) = &self.sync_observer {
+            observer(&synced);
+        }
+        Ok(())
+    }
+
+    fn fail(&self, message: String) -> StoreError {
+        tracing::error!(error = %message, "durable store failed; no further writes are accepted");
+        let _ = self.failure.set(message);
+        self.failed.notify_waiters();
+        StoreError::Failed(self.failure.get().cloned().unwrap_or_default())
+    }
+}
+
+/// A file just synced, for the observer.
+fn synced_file(path: &std::path::Path) -> SyncedPath {
+    SyncedPath {
+        path: path.to_path_buf(),
+        len: std::fs::metadata(path).map_or(0, |m| m.len()),
+        is_dir: false,
+    }
+}
