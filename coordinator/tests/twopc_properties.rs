@@ -157,7 +157,8 @@ impl World {
                 Action::ScheduleRetry { branch, .. } => self.retries.push(branch),
                 Action::PersistDecision => {
                     let record = self.coordinator.as_ref().unwrap().log_record();
-                    assert_eq!(record.state, TxnState::Committing, "a decision is a commit");
+                    // A commit decision, or a one-phase / read-only commit's final record.
+                    assert!(record.state.is_commit(), "a decision is a commit");
                     self.in_flight.push(InFlight::Persist);
                 }
                 Action::PersistEnd
@@ -388,11 +389,10 @@ impl World {
                 );
             }
         }
-        // A commit with something to commit is reported only once durable (all
-        // read-only needs no decision; one-phase is the participant's).
-        let all_read_only = self.scripts.iter().all(|s| *s == Script::ReadOnly);
+        // Every commit, one-phase and all-read-only included, is reported only once
+        // durable, so that no restart can contradict it.
         if let Some(coordinator) = &self.coordinator {
-            if coordinator.state().is_commit() && self.scripts.len() > 1 && !all_read_only {
+            if coordinator.state().is_commit() {
                 assert!(
                     self.durable.is_some(),
                     "commit reported before it was durable"
@@ -455,6 +455,12 @@ proptest! {
                     _ => {}
                 }
             }
+        } else if world.durable.as_ref().is_some_and(|r| r.state.is_commit()) {
+            // Forgotten by the process, but its durable final record says committed:
+            // nobody may have aborted a YES vote.
+            let aborted = world.barriers.iter().zip(&world.scripts)
+                .any(|(b, s)| *b == Barrier::Aborted && *s == Script::Yes);
+            prop_assert!(!aborted, "a durable commit, yet a YES voter aborted");
         } else if world.scripts.len() > 1 {
             // Forgotten without a durable decision: presumed abort, so nobody committed.
             // (A one-phase commit's outcome is its only participant's, logged nowhere

@@ -141,3 +141,45 @@ async fn a_kill_9_before_the_decision_aborts_everything() {
     );
     participants.stop().await;
 }
+
+/// A one-phase commit told COMMITTED, then kill -9 at once: after the restart the
+/// coordinator still says COMMITTED everywhere (its final record was forced before the
+/// client heard), never ABORT or "unknown".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_told_committed_stays_committed_after_a_kill_9() {
+    use treaty_sdk::Outcome;
+    use treaty_tests::process::kill9;
+    let dir = tempfile::tempdir().unwrap();
+    let participants = Participants::start(dir.path()).await;
+    let data_dir = dir.path().join("coordinator");
+    let mut coordinator = start_treaty(&data_dir, "127.0.0.1:0", None).await;
+    let client = TreatyClient::connect(coordinator.endpoint()).await.unwrap();
+    let mut told = Vec::new();
+    for _ in 0..5 {
+        let branch = vec![BranchSpec::new("a", &participants.a.endpoint, "yes")];
+        let (id, outcome) = client
+            .run_two_phase(branch, BeginOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Committed);
+        told.push(id);
+    }
+    assert!(killed_by_sigkill(kill9(&mut coordinator).await));
+
+    let address = coordinator.address.to_string();
+    let mut restarted = start_treaty(&data_dir, &address, None).await;
+    let client = TreatyClient::connect(restarted.endpoint()).await.unwrap();
+    for id in &told {
+        let txn = client.get(id).await.unwrap().expect("still known");
+        assert_eq!(txn.state, TransactionState::Committed as i32, "{id}");
+        assert_eq!(client.outcome(id).await.unwrap(), Decision::Commit, "{id}");
+        assert_eq!(client.commit(id).await.unwrap(), Outcome::Committed, "{id}");
+        assert_eq!(
+            participants.a.participant.ops(id, "a"),
+            [Op::Prepare, Op::Commit]
+        );
+    }
+    restarted.terminate();
+    assert!(exit_status(&mut restarted).await.success());
+    participants.stop().await;
+}

@@ -219,7 +219,7 @@ async fn a_read_only_participant_gets_no_phase_two() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_read_only_commits_without_a_log_write() {
+async fn all_read_only_commits_with_only_its_final_record_logged() {
     let world = World::start_keeping_history(false).await;
     let client = world.coordinator.client().await;
     let (id, outcome) = client
@@ -231,11 +231,14 @@ async fn all_read_only_commits_without_a_log_write() {
         .unwrap();
     assert_eq!(outcome, Outcome::Committed);
     let (_dir, coordinator_dir, _, _) = world.stop().await;
-    assert_eq!(log_record(&coordinator_dir, &id), None);
+    // No decision and no phase 2, but the reported outcome is durable (even without
+    // history records), so that a restart can never contradict it.
+    let logged = log_record(&coordinator_dir, &id).expect("the outcome is logged");
+    assert_eq!(logged.state, treaty_coordinator::model::TxnState::Committed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_single_participant_commits_in_one_phase_without_a_log_write() {
+async fn a_single_participant_commits_in_one_phase_with_its_outcome_logged() {
     let world = World::start_keeping_history(false).await;
     let client = world.coordinator.client().await;
     let (id, outcome) = client
@@ -258,7 +261,8 @@ async fn a_single_participant_commits_in_one_phase_without_a_log_write() {
     let record = barrier_record(&a_dir, &id, "a").unwrap();
     assert_eq!(record.mode, BranchMode::OnePhase);
     assert_eq!(record.status, BranchStatus::Committed);
-    assert_eq!(log_record(&coordinator_dir, &id), None);
+    let logged = log_record(&coordinator_dir, &id).expect("the outcome is logged");
+    assert_eq!(logged.state, treaty_coordinator::model::TxnState::Committed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

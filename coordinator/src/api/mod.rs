@@ -121,7 +121,9 @@ pub fn status_of(error: RuntimeError) -> Status {
         RuntimeError::Refused(Refusal::DuplicateBranch(_)) => "branch.branch_id",
         RuntimeError::Refused(Refusal::TooManyBranches(_)) => "branch",
         RuntimeError::Refused(Refusal::NoBranches) => "branches",
-        RuntimeError::Refused(Refusal::NotActive(_) | Refusal::AlreadyCommitting)
+        RuntimeError::Refused(
+            Refusal::NotActive(_) | Refusal::AlreadyCommitting | Refusal::CommitInFlight,
+        )
         | RuntimeError::NotTwoPhase(_) => "transaction_id",
         RuntimeError::IdempotencyConflict(_) => "idempotency_key",
         RuntimeError::Overloaded(_) => return Status::resource_exhausted(error.to_string()),

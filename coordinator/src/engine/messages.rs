@@ -73,6 +73,10 @@ pub enum Refusal {
     NoBranches,
     #[error("the commit decision is already taken")]
     AlreadyCommitting,
+    /// A commit is under way whose outcome is not durable yet (one-phase commit sent,
+    /// decision being written): wait for the outcome rather than act on it.
+    #[error("a commit is in flight; its outcome is not known yet")]
+    CommitInFlight,
 }
 
 /// Results of the runtime's work, and timers.
@@ -138,13 +142,13 @@ pub enum Action {
         branch: usize,
         attempt: u32,
     },
-    /// Force the commit decision (`decision_record()`) to the log, then feed
-    /// `DecisionPersisted`.
+    /// Force the commit decision (`decision_record()`), or the concluded one-phase or
+    /// read-only commit, to the log (`log_record()`), then feed `DecisionPersisted`.
     PersistDecision,
     /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
     PersistEnd,
-    /// Not part of the protocol: the transaction ended without a logged decision (abort,
-    /// one-phase or read-only commit); its history may be written lazily, if kept.
+    /// Not part of the protocol: the transaction ended without a logged decision (an
+    /// abort); its history may be written lazily, if kept.
     RecordHistory,
 }
 

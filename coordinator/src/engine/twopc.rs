@@ -9,6 +9,9 @@
 //!    │──────────────▶ OnePhase       │  deadline, Abort                                      ▼
 //!    │                   │           ▼                          all acked               Committed
 //!    └─ Abort/deadline ──┴──────▶ Aborting ─────────────────────────────────────────▶ Aborted
+//!
+//!  OnePhase ── committed ──▶ Concluding ── DecisionPersisted ──▶ Committed
+//!  Preparing ── all READ_ONLY ──▶ Concluding
 //! ```
 //!
 //! Invariants:
@@ -16,11 +19,18 @@
 //!   (state `Committing`) only after `PersistDecision` came back as `DecisionPersisted`.
 //! - Once decided, the outcome never changes: late votes, timers and abort requests after
 //!   the decision change nothing.
-//! - Aborts are never written to the log (presumed abort); neither are all-read-only and
-//!   one-phase commits. A logged commit decision is followed by one lazy end record
-//!   (`PersistEnd`) once every branch acknowledged: 1 forced + 1 unforced write.
-//!   Transactions that end without a logged decision emit `RecordHistory`, which is not
-//!   a protocol write: the runtime writes their history lazily only if configured to.
+//! - Aborts are never written to the log (presumed abort). A logged commit decision is
+//!   followed by one lazy end record (`PersistEnd`) once every branch acknowledged:
+//!   1 forced + 1 unforced write. Transactions that end without a logged decision emit
+//!   `RecordHistory`, which is not a protocol write: the runtime writes their history
+//!   lazily only if configured to.
+//! - An outcome once reported is never contradicted: a one-phase or all-read-only
+//!   commit (which R* leaves unlogged) is forced to the log as its final record
+//!   (`Concluding`, one group-committed write) before anyone sees COMMITTED, so that
+//!   after a restart it is still COMMITTED rather than unknown (presumed aborted).
+//! - An abort asked for while a commit is in flight (one-phase under way, decision or
+//!   conclusion being written) is refused with `CommitInFlight`: the caller waits for
+//!   the durable outcome rather than hearing of a decision that is not yet durable.
 //! - Phase-2 deliveries are retried (`ScheduleRetry`) until every branch that needs one
 //!   has acknowledged; only then is the transaction final.
 //! - A one-phase commit's outcome is the participant's: at the deadline the coordinator
@@ -82,6 +92,12 @@ pub enum Phase {
     },
     /// Every vote was YES / READ_ONLY; the commit decision is being forced to the log.
     Deciding,
+    /// A one-phase commit's participant committed (or every branch was read-only) at
+    /// `at_unix_ms`; the final record is being forced to the log before it is shown.
+    Concluding {
+        at_unix_ms: UnixMs,
+        read_only: bool,
+    },
     Committing,
     Aborting,
     Committed,
@@ -92,7 +108,10 @@ impl Phase {
     pub fn state(self) -> TxnState {
         match self {
             Phase::Active => TxnState::Active,
-            Phase::Preparing | Phase::OnePhase { .. } | Phase::Deciding => TxnState::Preparing,
+            Phase::Preparing
+            | Phase::OnePhase { .. }
+            | Phase::Deciding
+            | Phase::Concluding { .. } => TxnState::Preparing,
             Phase::Committing => TxnState::Committing,
             Phase::Aborting => TxnState::Aborting,
             Phase::Committed => TxnState::Committed,
@@ -271,13 +290,30 @@ impl TwoPhaseCommit {
     }
 
     /// What a log write issued now must hold: the commit decision while deciding, the
-    /// transaction as it is otherwise.
+    /// final record while concluding, the transaction as it is otherwise.
     pub fn log_record(&self) -> TxnRecord {
-        if self.phase == Phase::Deciding {
-            self.decision_record()
-        } else {
-            self.record()
+        match self.phase {
+            Phase::Deciding => self.decision_record(),
+            Phase::Concluding {
+                at_unix_ms,
+                read_only,
+            } => {
+                let mut concluded = self.clone();
+                concluded.conclude(at_unix_ms, read_only);
+                concluded.record()
+            }
+            _ => self.record(),
         }
+    }
+
+    /// Enters `Committed` as of `at_unix_ms`, when the participant(s) settled it.
+    fn conclude(&mut self, at_unix_ms: UnixMs, read_only: bool) {
+        let reason = if read_only {
+            "every branch was read-only".to_string()
+        } else {
+            String::new()
+        };
+        self.enter(Phase::Committed, reason, at_unix_ms);
     }
 
     /// Handles a request from the API.
@@ -316,9 +352,11 @@ impl TwoPhaseCommit {
             },
             Command::Abort { reason } => match self.phase {
                 Phase::Active | Phase::Preparing => Ok(self.decide_abort(reason, now)),
-                Phase::OnePhase { .. } | Phase::Deciding | Phase::Committing | Phase::Committed => {
-                    Err(Refusal::AlreadyCommitting)
+                // The outcome is not durable yet: the caller waits for it.
+                Phase::OnePhase { .. } | Phase::Deciding | Phase::Concluding { .. } => {
+                    Err(Refusal::CommitInFlight)
                 }
+                Phase::Committing | Phase::Committed => Err(Refusal::AlreadyCommitting),
                 Phase::Aborting | Phase::Aborted => Ok(Vec::new()),
             },
         }
@@ -379,13 +417,21 @@ impl TwoPhaseCommit {
                 }
                 _ => Vec::new(),
             },
-            Event::DecisionPersisted => {
-                if self.phase != Phase::Deciding {
-                    return Vec::new();
+            Event::DecisionPersisted => match self.phase {
+                Phase::Deciding => {
+                    self.enter(Phase::Committing, String::new(), now);
+                    self.deliver_to_awaiting(Operation::Commit, now)
                 }
-                self.enter(Phase::Committing, String::new(), now);
-                self.deliver_to_awaiting(Operation::Commit, now)
-            }
+                // The final record is what was written: nothing more to log.
+                Phase::Concluding {
+                    at_unix_ms,
+                    read_only,
+                } => {
+                    self.conclude(at_unix_ms, read_only);
+                    Vec::new()
+                }
+                _ => Vec::new(),
+            },
             Event::Nudge { stale_after_ms } => self.nudge(stale_after_ms, now),
         }
     }
@@ -484,9 +530,13 @@ impl TwoPhaseCommit {
             .iter()
             .all(|b| b.state == BranchState::ReadOnly)
         {
-            // Nothing to commit anywhere: no decision to log, no phase 2, no end record.
-            self.enter(Phase::Committed, "every branch was read-only".into(), now);
-            return vec![Action::RecordHistory];
+            // Nothing to commit anywhere: no phase 2, but the outcome is forced before
+            // it is reported (it is final at once).
+            self.phase = Phase::Concluding {
+                at_unix_ms: now,
+                read_only: true,
+            };
+            return vec![Action::PersistDecision];
         }
         self.phase = Phase::Deciding;
         for b in &mut self.branches {
@@ -509,7 +559,11 @@ impl TwoPhaseCommit {
                 b.state = BranchState::Committed;
                 b.awaiting_ack = false;
                 b.payload = Vec::new();
-                self.finish(Phase::Committed, String::new(), now)
+                self.phase = Phase::Concluding {
+                    at_unix_ms: now,
+                    read_only: false,
+                };
+                vec![Action::PersistDecision]
             }
             (Phase::OnePhase { .. }, Answer::Rejected { reason }) => {
                 b.state = BranchState::VotedNo;
@@ -620,8 +674,8 @@ impl TwoPhaseCommit {
     }
 
     /// Enters a final phase. Only a transaction whose commit decision is in the log gets
-    /// an end record; for aborts, one-phase and read-only commits the protocol writes
-    /// nothing (the runtime may keep their history).
+    /// an end record; for aborts the protocol writes nothing (the runtime may keep their
+    /// history). Committed one-phase and read-only commits end through `Concluding`.
     fn finish(&mut self, end: Phase, reason: String, now: UnixMs) -> Vec<Action> {
         let decision_logged = self.phase == Phase::Committing;
         self.enter(end, reason, now);

@@ -246,10 +246,11 @@ fn abort_requested_while_preparing() {
 }
 
 #[test]
-fn abort_is_refused_once_the_commit_decision_is_being_written() {
+fn abort_waits_while_the_commit_decision_is_being_written_then_is_refused() {
     let mut txn = preparing(2);
     vote(&mut txn, 0, Vote::Yes);
     vote(&mut txn, 1, Vote::Yes);
+    // Not durable yet: a crash now would abort it, so nothing may be said of it.
     assert_eq!(
         txn.handle_command(
             Command::Abort {
@@ -257,8 +258,9 @@ fn abort_is_refused_once_the_commit_decision_is_being_written() {
             },
             T0 + 1
         ),
-        Err(Refusal::AlreadyCommitting)
+        Err(Refusal::CommitInFlight)
     );
+    assert_eq!(txn.state(), TxnState::Preparing);
     let mut txn = committing(2);
     assert_eq!(
         txn.handle_command(
@@ -293,19 +295,29 @@ fn read_only_branch_gets_no_phase_two() {
 }
 
 #[test]
-fn all_read_only_commits_without_any_log_write() {
+fn all_read_only_commits_with_one_forced_final_record_and_no_phase_two() {
     let mut txn = preparing(2);
     assert!(vote(&mut txn, 0, Vote::ReadOnly).is_empty());
-    // No decision, no phase 2, no protocol write: only the history, if kept.
+    // No decision and no phase 2, but the outcome is durable before it is shown.
     assert_eq!(
         vote(&mut txn, 1, Vote::ReadOnly),
-        vec![Action::RecordHistory]
+        vec![Action::PersistDecision]
+    );
+    assert_eq!(txn.state(), TxnState::Preparing);
+    let logged = txn.log_record();
+    assert_eq!(logged.state, TxnState::Committed);
+    assert_eq!(logged.ended_unix_ms, Some(T0 + 1));
+    assert!(
+        txn.handle_event(Event::DecisionPersisted, T0 + 5)
+            .is_empty()
     );
     assert_eq!(txn.state(), TxnState::Committed);
+    // What is shown is what was written, to the millisecond.
+    assert_eq!(txn.record(), logged);
 }
 
 #[test]
-fn single_branch_commits_in_one_phase_without_any_log_write() {
+fn single_branch_commits_in_one_phase_with_one_forced_final_record() {
     let mut txn = new_txn(1);
     assert_eq!(
         txn.handle_command(Command::Commit, T0),
@@ -314,10 +326,26 @@ fn single_branch_commits_in_one_phase_without_any_log_write() {
     assert_eq!(txn.state(), TxnState::Preparing);
     assert_eq!(
         deliver(&mut txn, 0, Answer::Committed),
-        vec![Action::RecordHistory]
+        vec![Action::PersistDecision]
+    );
+    // Not shown as committed until the final record is durable.
+    assert_eq!(txn.state(), TxnState::Preparing);
+    let logged = txn.log_record();
+    assert_eq!(logged.state, TxnState::Committed);
+    assert!(logged.state.is_final());
+    // A late answer or the deadline changes nothing while it is written.
+    assert!(deliver(&mut txn, 0, Answer::Aborted).is_empty());
+    assert!(
+        txn.handle_event(Event::DeadlineReached, DEADLINE)
+            .is_empty()
+    );
+    assert!(
+        txn.handle_event(Event::DecisionPersisted, T0 + 9)
+            .is_empty()
     );
     assert_eq!(txn.state(), TxnState::Committed);
     assert_eq!(txn.branch(0).unwrap().state, BranchState::Committed);
+    assert_eq!(txn.record(), logged);
 }
 
 #[test]
@@ -374,27 +402,37 @@ fn one_phase_deadline_probes_with_an_abort_and_takes_the_first_definitive_answer
     assert!(deliver(&mut txn, 0, Answer::Committed).is_empty());
     assert_eq!(txn.state(), TxnState::Aborted);
 
-    // The participant had committed: the abort is answered "already committed".
+    // The participant had committed: the abort is answered "already committed", and
+    // the commit is final once its record is durable.
     let mut txn = new_txn(1);
     txn.handle_command(Command::Commit, T0).unwrap();
     txn.handle_event(Event::DeadlineReached, DEADLINE);
-    deliver(&mut txn, 0, Answer::Committed);
+    assert_eq!(
+        deliver(&mut txn, 0, Answer::Committed),
+        vec![Action::PersistDecision]
+    );
+    txn.handle_event(Event::DecisionPersisted, DEADLINE + 1);
     assert_eq!(txn.state(), TxnState::Committed);
 }
 
 #[test]
-fn abort_is_refused_during_a_one_phase_commit() {
+fn abort_during_a_one_phase_commit_waits_for_its_outcome() {
     let mut txn = new_txn(1);
     txn.handle_command(Command::Commit, T0).unwrap();
-    assert_eq!(
+    let abort = |txn: &mut TwoPhaseCommit| {
         txn.handle_command(
             Command::Abort {
-                reason: String::new()
+                reason: String::new(),
             },
-            T0
-        ),
-        Err(Refusal::AlreadyCommitting)
-    );
+            T0,
+        )
+    };
+    // The participant holds the outcome; then it is being written: wait either way.
+    assert_eq!(abort(&mut txn), Err(Refusal::CommitInFlight));
+    deliver(&mut txn, 0, Answer::Committed);
+    assert_eq!(abort(&mut txn), Err(Refusal::CommitInFlight));
+    txn.handle_event(Event::DecisionPersisted, T0 + 1);
+    assert_eq!(abort(&mut txn), Err(Refusal::AlreadyCommitting));
 }
 
 #[test]

@@ -90,9 +90,10 @@ impl Default for RuntimeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuntimeError {
     #[error(
-        "unknown transaction {0}: never begun here, finished longer ago than this coordinator \
-         remembers it (aborts, one-phase and read-only commits are kept in memory only), or \
-         undecided when the coordinator restarted (and therefore aborted)"
+        "unknown transaction {0}: this coordinator has no record of it. It was never begun \
+         here, or it ended longer ago than the log keeps records (aborts may be kept in \
+         memory only), or it was undecided when the coordinator restarted (then no commit \
+         was ever reported for it, and participants that voted are told to abort)"
     )]
     UnknownTransaction(TxnId),
     #[error(transparent)]
@@ -326,16 +327,36 @@ impl Runtime {
         Ok(decided.clone())
     }
 
+    /// Aborts, or says the commit won. While a commit is in flight (its outcome not yet
+    /// durable) it waits for that outcome and answers by it, never by a decision that a
+    /// crash could still undo.
     pub async fn abort(&self, id: TxnId, reason: String) -> Result<(), RuntimeError> {
+        let answer_by = |state: TxnState| {
+            if state.is_commit() {
+                Err(Refusal::AlreadyCommitting.into())
+            } else {
+                Ok(())
+            }
+        };
+        let outcome_in_log = || match self.log.get(&id)? {
+            Some(record) => answer_by(record.state),
+            None => Err(RuntimeError::UnknownTransaction(id)),
+        };
         match self
             .ask(&id, |reply| ShardMsg::Abort { id, reason, reply })
             .await?
         {
-            Err(RuntimeError::UnknownTransaction(_)) => match self.log.get(&id)? {
-                Some(record) if record.state.is_commit() => Err(Refusal::AlreadyCommitting.into()),
-                Some(_) => Ok(()),
-                None => Err(RuntimeError::UnknownTransaction(id)),
-            },
+            Err(RuntimeError::UnknownTransaction(_)) => outcome_in_log(),
+            Err(RuntimeError::Refused(Refusal::CommitInFlight)) => {
+                let Some(mut updates) = self.watch(id).await? else {
+                    return outcome_in_log();
+                };
+                let decided = updates
+                    .wait_for(|record| record.state.is_decided())
+                    .await
+                    .map_err(|_| RuntimeError::ShuttingDown)?;
+                answer_by(decided.state)
+            }
             other => other,
         }
     }
