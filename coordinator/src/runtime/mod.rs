@@ -368,14 +368,11 @@ impl Runtime {
         // Every submit of one key is decided by the same shard, one after the other; the
         // saga's id is drawn so that it lives on that shard too.
         let id = match &params.idempotency_key {
-            Some(key) => {
-                let target = shard_of_key(key, shards);
-                let mut id = TxnId::generate(now_unix_ms());
-                while shard_of(&id, shards) != target {
-                    id = TxnId::generate(now_unix_ms());
-                }
-                id
-            }
+            Some(key) => in_shard(
+                TxnId::generate(now_unix_ms()),
+                shard_of_key(key, shards),
+                shards,
+            ),
             None => TxnId::generate(now_unix_ms()),
         };
         let mut submitted = match self
@@ -519,20 +516,38 @@ impl Runtime {
     }
 }
 
+/// The shard that decides every submit of an idempotency key. CRC-32 is fixed by its
+/// definition, so the choice is the same across Rust releases and restarts.
 fn shard_of_key(key: &str, shards: usize) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut hasher);
-    (hasher.finish() % shards as u64) as usize
+    (crc32fast::hash(key.as_bytes()) as u64 % shards.max(1) as u64) as usize
+}
+
+/// A UUIDv7's bytes 9..16 are random (byte 8 holds the variant bits, bytes 6..8 the
+/// version): 56 random bits, read big-endian, spread evenly over any shard count.
+const RANDOM_TAIL: std::ops::Range<usize> = 9..16;
+
+fn random_tail(id: &TxnId) -> u64 {
+    id.as_bytes()[RANDOM_TAIL]
+        .iter()
+        .fold(0, |tail, byte| (tail << 8) | u64::from(*byte))
 }
 
 fn shard_of(id: &TxnId, shards: usize) -> usize {
-    // The last bytes of a UUIDv7 are random: an even spread.
-    let bytes = id.as_bytes();
-    let tail = u64::from_le_bytes([
-        bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
-    ]);
-    (tail % shards as u64) as usize
+    (random_tail(id) % shards.max(1) as u64) as usize
+}
+
+/// `id` with its random tail moved to the nearest value that lands on `target`: one
+/// step, no redrawing (the time order and the other random bits are kept).
+fn in_shard(id: TxnId, target: usize, shards: usize) -> TxnId {
+    let shards = shards.max(1) as u64;
+    let tail = random_tail(&id);
+    let mut moved = tail - tail % shards + target as u64 % shards;
+    if moved >= 1 << 56 {
+        moved -= shards;
+    }
+    let mut bytes = *id.as_bytes();
+    bytes[RANDOM_TAIL].copy_from_slice(&moved.to_be_bytes()[1..]);
+    TxnId::from_bytes(bytes)
 }
 
 #[cfg(test)]
@@ -568,6 +583,59 @@ mod tests {
         let (fatal, _) = mpsc::unbounded_channel();
         let started = Runtime::start(log, RuntimeConfig::default(), fatal);
         assert!(matches!(started, Err(LogError::Corrupt { .. })));
+    }
+
+    /// The most shards the config accepts.
+    const MAX_SHARDS: usize = 1024;
+
+    #[test]
+    fn ids_are_minted_in_the_wanted_shard_for_every_shard_count() {
+        for shards in 1..=MAX_SHARDS {
+            for target in [0, shards / 2, shards - 1] {
+                let id = in_shard(TxnId::generate(now_unix_ms()), target, shards);
+                assert_eq!(shard_of(&id, shards), target, "{shards} shards");
+                // Still a well-formed UUIDv7.
+                let uuid = uuid::Uuid::from_bytes(*id.as_bytes());
+                assert_eq!(uuid.get_version_num(), 7);
+                assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
+            }
+        }
+        // The top of the 56-bit range wraps down instead of overflowing.
+        let mut top = [0xff; 16];
+        top[6] = 0x7f;
+        top[8] = 0xbf;
+        let id = in_shard(TxnId::from_bytes(top), 0, 1000);
+        assert_eq!(shard_of(&id, 1000), 0);
+    }
+
+    #[test]
+    fn every_shard_is_used_for_every_shard_count() {
+        for shards in 1..=MAX_SHARDS {
+            let mut used = vec![false; shards];
+            // 16 draws per shard leave one unused with odds of about e^-16 each.
+            for _ in 0..shards * 16 {
+                used[shard_of(&TxnId::generate(now_unix_ms()), shards)] = true;
+            }
+            let unused = used.iter().filter(|u| !**u).count();
+            assert!(
+                unused == 0 || (shards > 64 && unused <= 1),
+                "{shards}: {unused} unused"
+            );
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_spread_over_every_shard_and_stay_put() {
+        // Fixed: the same key maps to the same shard in every build.
+        // CRC-32 (IEEE) of "order-42" is 0x57f706de, as any implementation computes it.
+        assert_eq!(shard_of_key("order-42", 1024), 0x57f7_06de % 1024);
+        for shards in [1, 2, 3, 7, 64, 128, 1000, MAX_SHARDS] {
+            let mut used = vec![false; shards];
+            for i in 0..shards * 32 {
+                used[shard_of_key(&format!("order-{i}"), shards)] = true;
+            }
+            assert!(used.iter().all(|u| *u), "{shards} shards");
+        }
     }
 
     #[tokio::test]
