@@ -39,6 +39,22 @@ pub enum Command {
         #[command(subcommand)]
         command: TxnCommand,
     },
+    /// Offline checks of a stopped coordinator's log or participant's store.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Check integrity (on a copy: the directory is not changed), print counts by
+    /// state and what could not be read; exit 1 on damage.
+    Verify {
+        /// The store's directory (`treaty serve --data-dir`, or a participant's).
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

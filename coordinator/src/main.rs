@@ -1,7 +1,7 @@
 //! The `treaty` binary: the coordinator daemon (`treaty serve`) and its CLI.
 
 use clap::Parser;
-use treaty_coordinator::cli::{Cli, Command, TXN_COMMAND_TIMEOUT, run_txn};
+use treaty_coordinator::cli::{Cli, Command, LogCommand, TXN_COMMAND_TIMEOUT, run_txn};
 use treaty_coordinator::daemon;
 
 fn init_tracing() {
@@ -31,6 +31,16 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|_| {
                     anyhow::anyhow!("no answer from {endpoint} within {TXN_COMMAND_TIMEOUT:?}")
                 })??;
+        }
+        Command::Log {
+            command: LogCommand::Verify { data_dir },
+        } => {
+            let verdict = treaty_coordinator::log::verify::verify(&data_dir)
+                .map_err(|message| anyhow::anyhow!(message))?;
+            print!("{}", verdict.report);
+            if verdict.damaged {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

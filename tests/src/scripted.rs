@@ -109,8 +109,10 @@ impl Participant for Scripted {
             *count += 1;
             *count
         };
+        // Trailing spaces pad a payload to a size without changing its script.
         let script = String::from_utf8_lossy(payload);
-        match script.as_ref() {
+        let script = script.trim_end();
+        match script {
             "" | "yes" => Ok(Vote::Yes),
             "no" => Ok(Vote::no("scripted NO")),
             "readonly" => Ok(Vote::ReadOnly),

@@ -18,6 +18,7 @@ use treaty_sdk::durable::{Durability, DurableStore, StoreError, StoreOptions, Wr
 use treaty_sdk::{BeginOptions, BranchSpec, SagaStep, SubmitOptions};
 use treaty_tests::harness::{Coordinator, ParticipantServer};
 use treaty_tests::power_cut::{contents, copy_dir, flip_one_byte};
+use treaty_tests::process::workspace_binary;
 
 const TRANSACTIONS: usize = 60;
 
@@ -30,7 +31,9 @@ async fn run_workload(coordinator: &Coordinator, participant: &ParticipantServer
     let client = coordinator.client().await;
     for i in 0..TRANSACTIONS {
         let size = if i % 3 == 0 { 16 * 1024 } else { 64 };
-        let payload = vec![b'x'; size];
+        // "yes", padded with spaces the scripted participant ignores.
+        let mut payload = b"yes".to_vec();
+        payload.resize(size, b' ');
         let branches = ["a", "b"]
             .map(|b| BranchSpec::new(b, participant.endpoint.clone(), payload.clone()))
             .to_vec();
@@ -138,6 +141,7 @@ async fn one_changed_byte_is_refused_or_harmless_never_a_silent_loss() {
     participant.stop().await;
     coordinator.stop().await.unwrap();
 
+    log_verify_tells_intact_from_damaged(&base, &dir.path().join("cut"));
     let scratch = dir.path().join("scratch");
     std::fs::create_dir(&scratch).unwrap();
     damage_trials(
@@ -190,4 +194,45 @@ async fn a_changed_byte_in_a_blob_file_is_refused_or_harmless() {
         false,
         |file| file.parent().is_some_and(|p| p.ends_with("blobs")),
     );
+}
+
+/// `treaty log verify`, the real binary: counts on intact stores, exit 1 on a cut one.
+fn log_verify_tells_intact_from_damaged(base: &Path, scratch: &Path) {
+    let verify = |dir: &Path| {
+        std::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+            .args(["log", "verify", "--data-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let intact = verify(&base.join("coordinator"));
+    let report = String::from_utf8_lossy(&intact.stdout);
+    assert!(intact.status.success(), "{report}");
+    assert!(
+        report.contains("coordinator TwoPhase Committed: "),
+        "{report}"
+    );
+    assert!(report.contains("coordinator Saga Completed: "), "{report}");
+    assert!(report.trim_end().ends_with("OK"), "{report}");
+    let participant = verify(&base.join("participant"));
+    let report = String::from_utf8_lossy(&participant.stdout);
+    assert!(participant.status.success(), "{report}");
+    assert!(report.contains("participant barrier records: "), "{report}");
+
+    // The log cut to half its length: acknowledged decisions are gone.
+    copy_dir(&base.join("coordinator"), scratch);
+    let log = scratch.join("db");
+    let len = std::fs::metadata(&log).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let damaged = verify(scratch);
+    let report = String::from_utf8_lossy(&damaged.stdout);
+    assert_eq!(damaged.status.code(), Some(1), "{report}");
+    assert!(report.contains("DAMAGED"), "{report}");
+    // The directory is checked on a copy: it is left exactly as it was.
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), len / 2);
 }

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod sled_log;
 #[cfg(test)]
 mod suite;
+pub mod verify;
 
 pub use memory::MemoryLog;
 pub use sled_log::SledLog;

@@ -99,6 +99,11 @@ fn encode(record: &TxnRecord) -> Vec<u8> {
     bytes
 }
 
+/// Decodes a record as stored under `key` (for `treaty log verify` too).
+pub(super) fn decode_record(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
+    decode(key, bytes)
+}
+
 fn decode(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
     let corrupt = |message: String| LogError::Corrupt {
         key: format!("{key:02x?}"),
