@@ -1,8 +1,10 @@
 //! Limits on what crosses Treaty's wire, and the checks that enforce them.
 //!
-//! They keep every log and barrier record far below sled's 128 KiB blob threshold (blobs
-//! are never fsynced) and bound the memory one request can pin. A failed check names the
-//! field, so callers can turn it into INVALID_ARGUMENT as is.
+//! They bound the size of every log and barrier record and the memory one request can
+//! pin. (They do not keep sled from writing blob files: sled writes whole tree nodes over
+//! ~128 KiB to blobs, so values from ~7.5 KiB on make them; the durable store syncs
+//! them.) A failed check names the field, so callers can turn it into INVALID_ARGUMENT
+//! as is.
 
 /// Largest branch payload (and saga compensation payload), in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
@@ -15,7 +17,7 @@ pub const MAX_BRANCHES: usize = 32;
 /// Longest saga idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 /// Most bytes of payloads and compensation payloads in one saga, all steps together: the
-/// definition is one log record, kept well below sled's 128 KiB blob threshold.
+/// definition is one log record, kept below the log's 96 KiB record bound.
 pub const MAX_SAGA_PAYLOAD_BYTES: usize = 48 * 1024;
 /// Longest free-text reason (abort reasons, NO-vote reasons), in bytes.
 pub const MAX_REASON_BYTES: usize = 1024;

@@ -9,8 +9,9 @@
 //! - `e/<ended_unix_ms: 8 bytes big-endian><id>` → empty, for final records (retention);
 //! - `k/<idempotency key>` → the id of the saga submitted with that key.
 //!
-//! Records stay far below sled's 128 KiB blob threshold: branches carry no payload, and
-//! the API bounds branch count, id, endpoint and reason lengths.
+//! Records are bounded (`MAX_RECORD_BYTES`): branches carry no payload, and the API
+//! bounds branch count, id, endpoint and reason lengths. sled still writes blob files for
+//! tree nodes over ~128 KiB (values from ~7.5 KiB on); the durable store syncs them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,9 +23,8 @@ use crate::model::{TxnId, TxnRecord, UnixMs};
 
 const FORMAT_VERSION: u8 = 1;
 
-/// Largest encoded record written. sled stores values over 128 KiB in blob files that it
-/// never fsyncs, so records must stay well below: history is trimmed to fit, and a
-/// record whose protocol fields alone exceed this is refused.
+/// Largest encoded record written, which bounds memory and write cost: history is
+/// trimmed to fit, and a record whose protocol fields alone exceed this is refused.
 pub const MAX_RECORD_BYTES: usize = 96 * 1024;
 const RECORD: u8 = b't';
 const UNFINISHED: u8 = b'u';
