@@ -9,6 +9,8 @@
 //! `TREATY_DAMAGE_SEED` replays the positions; `TREATY_DAMAGE_TRIALS` sets how many per
 //! store (default 200).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
 use std::path::Path;
 
 use rand::SeedableRng;

@@ -7,6 +7,8 @@
 //!
 //! Not a timed test: each case is a fixed number of writes. `TREATY_POWER_SEED` replays.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -138,7 +140,7 @@ async fn the_coordinator_log_keeps_every_acknowledged_decision_through_a_power_c
     let seed = seed();
     println!("TREATY_POWER_SEED={seed}");
     for size_kib in RECORD_SIZES_KIB {
-        let mut rng = StdRng::seed_from_u64(seed ^ (size_kib as u64) << 8);
+        let mut rng = StdRng::seed_from_u64(seed ^ ((size_kib as u64) << 8));
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("log");
         let model = DiskModel::new();
