@@ -1,19 +1,22 @@
 //! A bank: accounts with balances, taking part in transfers as a two-phase-commit
 //! participant or as saga steps.
 //!
-//! A branch's payload is one leg of a transfer, `{"account":"alice","amount":-30}`.
+//! A branch's payload is one leg of a transfer, `{"account":"alice","amount":-30}`,
+//! perhaps with a `"memo"` (remittance text, of any length the payload limit allows).
 //! - prepare: a withdrawal places a hold if the available balance (balance minus holds)
 //!   covers it, else votes NO; a deposit only records its hold (nothing to check).
-//! - commit: applies the amount and releases the hold.
+//! - commit: applies the amount, releases the hold and keeps the leg's memo, if any.
 //! - abort: releases the hold.
 //! - compensate (sagas): applies the compensation payload, the opposite leg. A
 //!   compensation must succeed, so it may take a balance below zero (the money was spent
 //!   meanwhile); the barrier runs it only after the step's commit, and once.
 //!
-//! Balances live under `acct/`, holds under `hold/<transaction>/<branch>` (see
-//! [`crate::ledger`]). With the journal on, every effect also appends an entry under
-//! `journal/<sequence>` in the same write, so an audit can tell what ran, in which
-//! order and how often (it grows by one entry per operation: for audits and tests).
+//! Balances live under `acct/`, holds under `hold/<transaction>/<branch>`, memos of
+//! applied legs under `memo/<transaction>/<branch>` (see [`crate::ledger`]; a memo stays
+//! when its saga step is compensated, as a statement line would). With the journal on, every effect also appends an entry under
+//! `journal/<sequence>` in the same write (see [`crate::journal`]), so an audit can tell
+//! what ran, in which order and how often (it grows by one entry per operation: for
+//! audits and tests).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
+pub use crate::journal::{Effect, JournalEntry};
 use crate::ledger::{Changes, Ledger, counters, records};
 
 /// One leg of a transfer: what a branch asks of the bank.
@@ -38,6 +42,13 @@ impl Leg<'_> {
     }
 }
 
+/// What a leg may carry beside its account and amount.
+#[derive(Debug, Default, Deserialize)]
+struct Remittance {
+    #[serde(default)]
+    memo: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Hold {
     account: String,
@@ -46,6 +57,7 @@ struct Hold {
 
 const BALANCES: &str = "acct/";
 const HOLDS: &str = "hold/";
+const MEMOS: &str = "memo/";
 
 fn balance_key(account: &str) -> String {
     format!("{BALANCES}{account}")
@@ -55,31 +67,12 @@ fn hold_key(branch: &BranchContext) -> String {
     format!("{HOLDS}{}/{}", branch.transaction_id, branch.branch_id)
 }
 
+fn memo_key(branch: &BranchContext) -> String {
+    format!("{MEMOS}{}/{}", branch.transaction_id, branch.branch_id)
+}
+
 const JOURNAL: &str = "journal/";
 const JOURNAL_NEXT: &str = "journal-next";
-
-/// What an operation did to an account, as the journal records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Effect {
-    /// A YES vote: the leg is held.
-    Hold,
-    /// The hold was applied to the balance.
-    Commit,
-    /// The hold was released unapplied.
-    Release,
-    /// A committed saga step was undone.
-    Compensate,
-}
-
-/// One journal entry: `effect` for `amount` on `account`, by a branch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JournalEntry {
-    pub transaction_id: String,
-    pub branch_id: String,
-    pub effect: Effect,
-    pub account: String,
-    pub amount: i64,
-}
 
 #[derive(Debug)]
 pub struct Bank {
@@ -149,18 +142,29 @@ impl Bank {
             .sum())
     }
 
-    /// Releases the branch's hold, applying its amount first if `apply`.
-    async fn settle(&self, branch: &BranchContext, apply: bool) -> Result<(), ParticipantError> {
+    /// Releases the branch's hold; with `applying` (the prepared payload), applies its
+    /// amount first and keeps its memo.
+    async fn settle(
+        &self,
+        branch: &BranchContext,
+        applying: Option<&[u8]>,
+    ) -> Result<(), ParticipantError> {
         let _guard = self.ledger.lock().await;
         let Some(hold) = self.ledger.json::<Hold>(&hold_key(branch))? else {
             return Ok(());
         };
         let mut changes = Changes::default();
         changes.remove(&hold_key(branch));
-        if apply {
+        let apply = applying.is_some();
+        if let Some(payload) = applying {
             let before = self.ledger.i64(&balance_key(&hold.account))?.unwrap_or(0);
             let after = before + hold.amount;
             changes.set_i64(&balance_key(&hold.account), after);
+            // The payload was read as a leg when it was prepared.
+            let remittance: Remittance = serde_json::from_slice(payload).unwrap_or_default();
+            if !remittance.memo.is_empty() {
+                changes.put(&memo_key(branch), &remittance.memo);
+            }
             println!(
                 "{}: commit {}: {} {before} -> {after}",
                 self.name, branch.transaction_id, hold.account
@@ -234,16 +238,12 @@ impl Participant for Bank {
         Ok(Vote::Yes)
     }
 
-    async fn commit(
-        &self,
-        branch: &BranchContext,
-        _payload: &[u8],
-    ) -> Result<(), ParticipantError> {
-        self.settle(branch, true).await
+    async fn commit(&self, branch: &BranchContext, payload: &[u8]) -> Result<(), ParticipantError> {
+        self.settle(branch, Some(payload)).await
     }
 
     async fn abort(&self, branch: &BranchContext, _payload: &[u8]) -> Result<(), ParticipantError> {
-        self.settle(branch, false).await
+        self.settle(branch, None).await
     }
 
     async fn compensate(
@@ -286,6 +286,11 @@ pub fn balances(store: &DurableStore) -> Result<BTreeMap<String, i64>, Participa
 /// How many holds a bank's store still has (zero once every transfer is settled).
 pub fn open_holds(store: &DurableStore) -> usize {
     store.db().scan_prefix(HOLDS).count()
+}
+
+/// The memos of the legs a bank applied, by `<transaction>/<branch>`.
+pub fn memos(store: &DurableStore) -> Result<BTreeMap<String, String>, ParticipantError> {
+    records(store, MEMOS)
 }
 
 /// The journal recorded in a bank's store, oldest first (empty if it was off).
@@ -332,6 +337,37 @@ mod tests {
         bank.commit(&branch("t3"), &[]).await.unwrap();
         assert_eq!(balances(&store).unwrap()["alice"], 30);
         assert_eq!(open_holds(&store), 0);
+    }
+
+    #[tokio::test]
+    async fn an_applied_leg_keeps_its_memo() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+        let bank = Bank::new("bank", store.clone());
+        bank.open_accounts(&[("alice".into(), 100)]).await.unwrap();
+        let memo = "x".repeat(16 * 1024);
+        let payload = |amount| {
+            serde_json::to_vec(&serde_json::json!({
+                "account": "alice",
+                "amount": amount,
+                "memo": memo,
+            }))
+            .unwrap()
+        };
+        for txn in ["t1", "t2"] {
+            assert_eq!(
+                bank.prepare(&branch(txn), &payload(-40)).await.unwrap(),
+                Vote::Yes
+            );
+        }
+        // The barrier hands commit and abort the prepared payload.
+        bank.commit(&branch("t1"), &payload(-40)).await.unwrap();
+        bank.abort(&branch("t2"), &payload(-40)).await.unwrap();
+        assert_eq!(balances(&store).unwrap()["alice"], 60);
+        assert_eq!(
+            memos(&store).unwrap(),
+            BTreeMap::from([("t1/leg".to_string(), memo.clone())])
+        );
     }
 
     #[tokio::test]

@@ -5,12 +5,14 @@
 //!   as sagas across them, and the audit of the shop's invariants.
 //! - [`bank`]: accounts and transfers, as a two-phase-commit participant.
 //! - [`ledger`]: what the services keep in their durable stores.
+//! - [`journal`]: the journal of effects the bank and rewards can keep for audits.
 //! - [`rewards`]: loyalty points in SQLite, with the barrier's records beside them (a
 //!   participant whose data lives outside the SDK's store).
 //! - [`process`]: starting and stopping child server processes.
 //! - [`service`]: what the service binaries share.
 
 pub mod bank;
+pub mod journal;
 pub mod ledger;
 pub mod process;
 pub mod rewards;

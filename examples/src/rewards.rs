@@ -5,14 +5,17 @@
 //! across crashes, as the sled examples get with `include_barrier_record`.
 //!
 //! A branch's payload is `{"member":"alice","points":-30}`: earn (positive) or redeem
-//! (negative), like a bank's leg.
+//! (negative), like a bank's leg; other fields (a `memo`, say) are ignored.
 //! - prepare: a redemption is held if the member has that many points not already held,
 //!   else the vote is NO; an earning is held as it is.
 //! - commit: applies the hold; abort: releases it.
 //! - compensate (sagas): applies the compensation payload, the opposite leg.
 //!
 //! Tables: `points(member, balance)`, `holds(transaction_id, branch_id, member, points)`
-//! and the barrier's `treaty_barrier(transaction_id, branch_id, record, in_doubt)`.
+//! and the barrier's `treaty_barrier(transaction_id, branch_id, record, in_doubt)`. With
+//! the journal on ([`Rewards::with_journal`]), every effect also appends a row to
+//! `journal(sequence, transaction_id, branch_id, effect, member, points)` in its
+//! transaction (see [`crate::journal`]): for audits and tests, it grows without end.
 //! SQLite runs in WAL mode with `synchronous=FULL`, so a commit is on disk when it
 //! returns. Writes go through one connection on blocking threads, reads through another:
 //! an example, not a benchmark.
@@ -26,6 +29,11 @@ use serde::{Deserialize, Serialize};
 use treaty_sdk::barrier_store::{BarrierStore, BarrierWrite, BranchKey};
 use treaty_sdk::durable::StoreError;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
+
+use crate::journal::{Effect, JournalEntry};
+
+/// The database's file name in the service's data directory.
+pub const DATABASE_FILE: &str = "rewards.sqlite3";
 
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS points (
@@ -48,6 +56,14 @@ const SCHEMA: &str = "
     );
     CREATE INDEX IF NOT EXISTS treaty_barrier_in_doubt
         ON treaty_barrier (in_doubt, transaction_id, branch_id);
+    CREATE TABLE IF NOT EXISTS journal (
+        sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+        transaction_id TEXT NOT NULL,
+        branch_id TEXT NOT NULL,
+        effect TEXT NOT NULL,
+        member TEXT NOT NULL,
+        points INTEGER NOT NULL
+    );
 ";
 
 /// One leg: points earned (positive) or redeemed (negative) by a member.
@@ -208,14 +224,46 @@ impl BarrierStore for SqliteStore {
     }
 }
 
+/// Appends the journal entry of an effect, in the operation's transaction `tx`.
+fn write_journal(
+    tx: &Transaction<'_>,
+    branch: &BranchContext,
+    effect: Effect,
+    member: &str,
+    points: i64,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO journal (transaction_id, branch_id, effect, member, points)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            branch.transaction_id,
+            branch.branch_id,
+            effect.name(),
+            member,
+            points
+        ],
+    )?;
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct Rewards {
     store: Arc<SqliteStore>,
+    journal: bool,
 }
 
 impl Rewards {
     pub fn new(store: Arc<SqliteStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            journal: false,
+        }
+    }
+
+    /// Keeps a journal of every effect (see the module docs).
+    pub fn with_journal(mut self) -> Self {
+        self.journal = true;
+        self
     }
 
     /// Creates the members that do not exist yet, with these balances.
@@ -238,6 +286,7 @@ impl Rewards {
     /// Settles the branch's hold (applying it first if `apply`) with the barrier's record.
     async fn settle(&self, branch: &BranchContext, apply: bool) -> Result<(), ParticipantError> {
         let branch = branch.clone();
+        let journal = self.journal;
         self.store
             .transaction(move |tx| {
                 let hold: Option<(String, i64)> = tx
@@ -248,11 +297,21 @@ impl Rewards {
                         |row| Ok((row.get(0)?, row.get(1)?)),
                     )
                     .optional()?;
-                if let (Some((member, points)), true) = (hold, apply) {
-                    tx.execute(
-                        "UPDATE points SET balance = balance + ?2 WHERE member = ?1",
-                        params![member, points],
-                    )?;
+                if let Some((member, points)) = hold {
+                    if apply {
+                        tx.execute(
+                            "UPDATE points SET balance = balance + ?2 WHERE member = ?1",
+                            params![member, points],
+                        )?;
+                    }
+                    if journal {
+                        let effect = if apply {
+                            Effect::Commit
+                        } else {
+                            Effect::Release
+                        };
+                        write_journal(tx, &branch, effect, &member, points)?;
+                    }
                 }
                 if let Some(write) = branch.take_barrier_write() {
                     write_barrier(tx, &write)?;
@@ -276,6 +335,7 @@ impl Participant for Rewards {
         };
         let (member, points) = (leg.member.to_string(), leg.points);
         let branch = branch.clone();
+        let journal = self.journal;
         self.store
             .transaction(move |tx| {
                 let balance: Option<i64> = tx
@@ -305,6 +365,9 @@ impl Participant for Rewards {
                      VALUES (?1, ?2, ?3, ?4)",
                     params![branch.transaction_id, branch.branch_id, member, points],
                 )?;
+                if journal {
+                    write_journal(tx, &branch, Effect::Hold, &member, points)?;
+                }
                 if let Some(write) = branch.take_barrier_write() {
                     write_barrier(tx, &write)?;
                 }
@@ -335,6 +398,7 @@ impl Participant for Rewards {
             .map_err(|e| participant_failed(format!("not a compensation leg: {e}")))?;
         let (member, points) = (leg.member.to_string(), leg.points);
         let branch = branch.clone();
+        let journal = self.journal;
         self.store
             .transaction(move |tx| {
                 let changed = tx.execute(
@@ -343,6 +407,9 @@ impl Participant for Rewards {
                 )?;
                 if changed == 0 {
                     return Err(RewardsError::NoMember(member));
+                }
+                if journal {
+                    write_journal(tx, &branch, Effect::Compensate, &member, points)?;
                 }
                 if let Some(write) = branch.take_barrier_write() {
                     write_barrier(tx, &write)?;
@@ -366,6 +433,33 @@ pub fn balances(path: &Path) -> rusqlite::Result<BTreeMap<String, i64>> {
 pub fn open_holds(path: &Path) -> rusqlite::Result<i64> {
     let connection = Connection::open(path)?;
     connection.query_row("SELECT COUNT(*) FROM holds", [], |row| row.get(0))
+}
+
+/// The journal in a rewards database, oldest first (empty if it was off), with each
+/// member in `account` and its points in `amount`.
+pub fn journal(path: &Path) -> rusqlite::Result<Vec<JournalEntry>> {
+    let connection = Connection::open(path)?;
+    let mut query = connection.prepare(
+        "SELECT transaction_id, branch_id, effect, member, points FROM journal
+         ORDER BY sequence",
+    )?;
+    let rows = query.query_map([], |row| {
+        let effect: String = row.get(2)?;
+        Ok(JournalEntry {
+            transaction_id: row.get(0)?,
+            branch_id: row.get(1)?,
+            effect: Effect::from_name(&effect).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    2,
+                    rusqlite::types::Type::Text,
+                    format!("unknown effect {effect:?}").into(),
+                )
+            })?,
+            account: row.get(3)?,
+            amount: row.get(4)?,
+        })
+    })?;
+    rows.collect()
 }
 
 #[cfg(test)]
@@ -395,7 +489,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rewards.sqlite3");
         let store = Arc::new(SqliteStore::open(&path).unwrap());
-        let rewards = Rewards::new(store.clone());
+        let rewards = Rewards::new(store.clone()).with_journal();
         rewards
             .open_members(&[("alice".into(), 100), ("bob".into(), 0)])
             .await
@@ -454,5 +548,49 @@ mod tests {
             BTreeMap::from([("alice".to_string(), 30), ("bob".to_string(), 0)])
         );
         assert_eq!(open_holds(&path).unwrap(), 0);
+        // The journal has each effect once, in order; the refused prepare, the repeats
+        // and the null compensation left nothing.
+        let effects: Vec<(String, Effect, i64)> = journal(&path)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.transaction_id, e.effect, e.amount))
+            .collect();
+        let expected = [
+            ("t1", Effect::Hold, -70),
+            ("t1", Effect::Commit, -70),
+            ("t3", Effect::Hold, 40),
+            ("t3", Effect::Commit, 40),
+            ("t3", Effect::Compensate, -40),
+        ]
+        .map(|(t, effect, points)| (t.to_string(), effect, points));
+        assert_eq!(effects, expected);
+    }
+
+    #[tokio::test]
+    async fn a_leg_may_carry_a_memo_rewards_ignores() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DATABASE_FILE);
+        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let rewards = Rewards::new(store.clone());
+        rewards.open_members(&[("alice".into(), 0)]).await.unwrap();
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "member": "alice",
+            "points": 12,
+            "memo": "x".repeat(16 * 1024),
+        }))
+        .unwrap();
+        let barrier = Barrier::new(store);
+        let answer = barrier
+            .commit(
+                &rewards,
+                &branch("t1", "earn"),
+                BranchMode::SagaStep,
+                &payload,
+                "",
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer, CommitAnswer::Committed);
+        assert_eq!(balances(&path).unwrap()["alice"], 12);
     }
 }

@@ -1,6 +1,8 @@
 //! The chaos suite (see `treaty_tests::chaos`): transfers between banks as two-phase
-//! commits and sagas while a seeded schedule kills the coordinator and the banks, then an
-//! audit of agreement, validity, exactly-once effects and the sum of all balances.
+//! commits and sagas, some with points at a rewards service kept in SQLite and some with
+//! payloads big enough for sled's blob files, while a seeded schedule kills the
+//! coordinator, the banks and rewards; then an audit of agreement, validity,
+//! exactly-once effects, every balance and the sum of all money.
 //!
 //! Its own harness, so that the seed and the tally are printed even when it passes:
 //! `TREATY_CHAOS_SECONDS=600 cargo test -p treaty-tests --test chaos` runs it longer,
@@ -44,13 +46,20 @@ fn main() -> ExitCode {
         Ok(report) => {
             let t = &report.tally;
             println!(
-                "chaos: survived {} kills ({} at crash points) from {} faults in {:.0?}",
-                report.kills, report.crash_point_deaths, report.faults, report.elapsed
+                "chaos: survived {} kills ({} at crash points) from {} faults {:?} in {:.0?} \
+                 (after the faults: workers finished in {:.0?}, the audit took {:.0?})",
+                report.kills,
+                report.crash_point_deaths,
+                report.faults,
+                report.victims,
+                report.elapsed,
+                report.workers_finishing,
+                report.auditing
             );
             println!(
                 "chaos: checked {} transactions of {} transfers: 2PC {} committed / {} \
                  aborted, sagas {} completed / {} compensated; {} never begun, {} outcomes \
-                 the client never heard; {} journal entries",
+                 the client never heard",
                 t.transactions_checked,
                 report.transfers,
                 t.committed,
@@ -59,7 +68,19 @@ fn main() -> ExitCode {
                 t.compensated,
                 t.never_begun,
                 t.told_nothing,
-                t.journal_entries
+            );
+            println!(
+                "chaos: {} with points at rewards ({} committed), {} with big payloads ({} \
+                 committed, {} memos intact at the banks); journal entries: {} at banks, {} \
+                 at rewards; sled blob files at the end: {:?}",
+                t.with_points,
+                t.with_points_committed,
+                t.big,
+                t.big_committed,
+                t.memos_intact,
+                t.bank_journal_entries,
+                t.rewards_journal_entries,
+                report.blob_files
             );
             println!("test chaos ... ok");
             ExitCode::SUCCESS

@@ -6,11 +6,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use treaty_examples::ledger::parse_counters;
-use treaty_examples::rewards::{Rewards, SqliteStore};
+use treaty_examples::rewards::{DATABASE_FILE, Rewards, SqliteStore};
 use treaty_examples::service::{self, ServiceArgs};
-
-/// The database's file name in `--data-dir`.
-pub const DATABASE_FILE: &str = "rewards.sqlite3";
 
 #[derive(Debug, Parser)]
 #[command(about = "An example participant whose data (and barrier) live in SQLite")]
@@ -18,6 +15,9 @@ struct Args {
     /// Members to create if missing, as NAME=POINTS,NAME=POINTS.
     #[arg(long, default_value = "")]
     members: String,
+    /// Keep a journal of every effect in the database, for audits (grows without end).
+    #[arg(long)]
+    journal: bool,
     #[command(flatten)]
     service: ServiceArgs,
 }
@@ -32,7 +32,11 @@ async fn main() -> anyhow::Result<()> {
     let store = Arc::new(SqliteStore::open(
         &args.service.data_dir.join(DATABASE_FILE),
     )?);
-    let rewards = Arc::new(Rewards::new(store.clone()));
+    let mut rewards = Rewards::new(store.clone());
+    if args.journal {
+        rewards = rewards.with_journal();
+    }
+    let rewards = Arc::new(rewards);
     rewards.open_members(&members).await?;
     service::serve("rewards", rewards, store, &args.service).await
 }

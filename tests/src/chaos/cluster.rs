@@ -1,6 +1,7 @@
-//! The chaos suite's cluster: one `treaty serve` and several `bank` processes, each with
-//! its own sled directory, that can be killed with SIGKILL and restarted on the same
-//! address and data — with failpoints armed, to die at a dangerous instant, or clean.
+//! The chaos suite's cluster: one `treaty serve`, several `bank` processes (their data
+//! and barrier in sled) and one `rewards` process (its data and barrier in SQLite), each
+//! with its own data directory, that can be killed with SIGKILL and restarted on the
+//! same address and data — with failpoints armed, to die at a dangerous instant, or clean.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,8 @@ pub const COORDINATOR_CRASH_POINTS: &[&str] = &[
     "coordinator::after_saga_write",
     "coordinator::compensation_sent",
 ];
-pub const BANK_CRASH_POINTS: &[&str] = &[
+/// Those of the participant SDK, for every participant (banks and rewards alike).
+pub const PARTICIPANT_CRASH_POINTS: &[&str] = &[
     "participant::after_vote_recorded",
     "participant::after_commit_applied",
 ];
@@ -32,17 +34,42 @@ pub const BANK_CRASH_POINTS: &[&str] = &[
 /// the port for a moment).
 const RESTART_ATTEMPTS: u32 = 10;
 
+/// A process of the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Coordinator,
+    Participant(Service),
+}
+
+/// A participant process: where a transfer's legs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Service {
     Bank(usize),
+    Rewards,
+}
+
+impl Role {
+    pub const REWARDS: Role = Role::Participant(Service::Rewards);
+
+    pub fn bank(index: usize) -> Role {
+        Role::Participant(Service::Bank(index))
+    }
 }
 
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Role::Coordinator => write!(f, "coordinator"),
-            Role::Bank(i) => write!(f, "bank{i}"),
+            Role::Participant(service) => service.fmt(f),
+        }
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Service::Bank(i) => write!(f, "bank{i}"),
+            Service::Rewards => write!(f, "rewards"),
         }
     }
 }
@@ -62,16 +89,24 @@ struct Node {
 pub struct Cluster {
     coordinator: Node,
     banks: Vec<Node>,
+    rewards: Node,
     /// The accounts each bank opens on its first start.
     accounts: Vec<Vec<(String, i64)>>,
+    /// The members (with their points) rewards opens on its first start.
+    members: Vec<(String, i64)>,
     /// Processes that died by SIGKILL: from the driver, or at an armed crash point.
     pub kills: u32,
     pub crash_point_deaths: u32,
 }
 
 impl Cluster {
-    /// Starts every process on a free port of 127.0.0.1, each bank with `accounts`.
-    pub async fn start(dir: &Path, accounts: Vec<Vec<(String, i64)>>) -> Self {
+    /// Starts every process on a free port of 127.0.0.1: bank `i` with `accounts[i]`,
+    /// rewards with `members`.
+    pub async fn start(
+        dir: &Path,
+        accounts: Vec<Vec<(String, i64)>>,
+        members: Vec<(String, i64)>,
+    ) -> Self {
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("a literal address");
         let node = |name: String| Node {
             data_dir: dir.join(name),
@@ -85,7 +120,9 @@ impl Cluster {
             banks: (0..accounts.len())
                 .map(|i| node(format!("bank{i}")))
                 .collect(),
+            rewards: node("rewards".into()),
             accounts,
+            members,
             kills: 0,
             crash_point_deaths: 0,
         };
@@ -97,7 +134,15 @@ impl Cluster {
 
     pub fn roles(&self) -> Vec<Role> {
         std::iter::once(Role::Coordinator)
-            .chain((0..self.banks.len()).map(Role::Bank))
+            .chain(self.services().into_iter().map(Role::Participant))
+            .collect()
+    }
+
+    /// The participants: every bank, then rewards.
+    pub fn services(&self) -> Vec<Service> {
+        (0..self.banks.len())
+            .map(Service::Bank)
+            .chain([Service::Rewards])
             .collect()
     }
 
@@ -112,14 +157,16 @@ impl Cluster {
     fn node(&self, role: Role) -> &Node {
         match role {
             Role::Coordinator => &self.coordinator,
-            Role::Bank(i) => &self.banks[i],
+            Role::Participant(Service::Bank(i)) => &self.banks[i],
+            Role::Participant(Service::Rewards) => &self.rewards,
         }
     }
 
     fn node_mut(&mut self, role: Role) -> &mut Node {
         match role {
             Role::Coordinator => &mut self.coordinator,
-            Role::Bank(i) => &mut self.banks[i],
+            Role::Participant(Service::Bank(i)) => &mut self.banks[i],
+            Role::Participant(Service::Rewards) => &mut self.rewards,
         }
     }
 
@@ -237,7 +284,11 @@ impl Cluster {
         let (program, args, ready) = self.command(role);
         let node = self.node_mut(role);
         assert!(node.process.is_none(), "{role} is already running");
-        let mut envs = vec![("TREATY_LOG", "info"), ("BANK_LOG", "info")];
+        let mut envs = vec![
+            ("TREATY_LOG", "info"),
+            ("BANK_LOG", "info"),
+            ("REWARDS_LOG", "info"),
+        ];
         if !failpoints.is_empty() {
             envs.push(("FAILPOINTS", &failpoints));
         }
@@ -298,12 +349,8 @@ impl Cluster {
                 ]),
                 "treaty listening on",
             ),
-            Role::Bank(i) => {
-                let accounts = self.accounts[i]
-                    .iter()
-                    .map(|(name, balance)| format!("{name}={balance}"))
-                    .collect::<Vec<_>>()
-                    .join(",");
+            Role::Participant(Service::Bank(i)) => {
+                let accounts = counters(&self.accounts[i]);
                 (
                     workspace_binary("treaty-examples", "bank"),
                     strings(&[
@@ -318,6 +365,26 @@ impl Cluster {
                     "bank listening on",
                 )
             }
+            Role::Participant(Service::Rewards) => (
+                workspace_binary("treaty-examples", "rewards"),
+                strings(&[
+                    "--members",
+                    &counters(&self.members),
+                    "--journal",
+                    "--data-dir",
+                    &data_dir,
+                ]),
+                "rewards listening on",
+            ),
         }
     }
+}
+
+/// `name=value,name=value`, as the example binaries read them.
+fn counters(counters: &[(String, i64)]) -> String {
+    counters
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -1,8 +1,10 @@
-//! The chaos suite: the real binaries as processes (`treaty serve` and several `bank`s),
-//! a bank workload of transfers run as two-phase commits and as sagas, and a seeded
-//! schedule of faults — kill -9 at random moments, restarts with a crash point armed so
-//! the process dies at a dangerous instant, answers the coordinator loses — then an audit
-//! of the invariants once everything runs clean again (see [`audit`]).
+//! The chaos suite: the real binaries as processes (`treaty serve`, several `bank`s with
+//! their data in sled and a `rewards` service with its data in SQLite), a workload of
+//! transfers run as two-phase commits and as sagas (some with a third leg at rewards,
+//! some with payloads big enough to make sled write blob files), and a seeded schedule
+//! of faults — kill -9 at random moments, restarts with a crash point armed so the
+//! process dies at a dangerous instant, answers the coordinator loses — then an audit of
+//! the invariants once everything runs clean again (see [`audit`]).
 //!
 //! The seed fixes the schedule (which process, when, how) and each worker's transfers;
 //! the operating system's timing is not replayed, so a seed replays the same faults
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use cluster::{BANK_CRASH_POINTS, COORDINATOR_CRASH_POINTS, Cluster, Role};
+use cluster::{COORDINATOR_CRASH_POINTS, Cluster, PARTICIPANT_CRASH_POINTS, Role, Service};
 use workload::{Account, Workload};
 
 /// Default duration of the fault injection, in seconds (the CI's short form).
@@ -37,6 +39,8 @@ pub struct ChaosConfig {
     pub banks: usize,
     pub accounts_per_bank: usize,
     pub initial_balance: i64,
+    /// Every account holder is a rewards member with these points at the start.
+    pub initial_points: i64,
     pub workers: usize,
 }
 
@@ -65,6 +69,7 @@ impl ChaosConfig {
             banks: 3,
             accounts_per_bank: 3,
             initial_balance: 1_000,
+            initial_points: 100,
             workers: 4,
         }
     }
@@ -88,8 +93,9 @@ pub enum FaultKind {
     CrashAt { point: &'static str, skip: u32 },
 }
 
-/// The faults a seed stands for, over `duration`.
-pub fn schedule(seed: u64, duration: Duration, banks: usize) -> Vec<Fault> {
+/// The faults a seed stands for, over `duration`, against the coordinator and
+/// `participants`.
+pub fn schedule(seed: u64, duration: Duration, participants: &[Service]) -> Vec<Fault> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults = Vec::new();
     let mut at = Duration::ZERO;
@@ -102,7 +108,7 @@ pub fn schedule(seed: u64, duration: Duration, banks: usize) -> Vec<Fault> {
         let victim = if rng.random_bool(0.5) {
             Role::Coordinator
         } else {
-            Role::Bank(rng.random_range(0..banks))
+            Role::Participant(participants[rng.random_range(0..participants.len())])
         };
         let kind = if rng.random_bool(0.5) {
             FaultKind::Kill {
@@ -111,7 +117,7 @@ pub fn schedule(seed: u64, duration: Duration, banks: usize) -> Vec<Fault> {
         } else {
             let points = match victim {
                 Role::Coordinator => COORDINATOR_CRASH_POINTS,
-                Role::Bank(_) => BANK_CRASH_POINTS,
+                Role::Participant(_) => PARTICIPANT_CRASH_POINTS,
             };
             FaultKind::CrashAt {
                 point: points[rng.random_range(0..points.len())],
@@ -127,11 +133,19 @@ pub fn schedule(seed: u64, duration: Duration, banks: usize) -> Vec<Fault> {
 pub struct ChaosReport {
     pub seed: u64,
     pub faults: usize,
+    /// How many faults struck each process.
+    pub victims: BTreeMap<String, usize>,
     pub kills: u32,
     pub crash_point_deaths: u32,
     pub transfers: usize,
     pub tally: audit::Tally,
+    /// Files in sled's `blobs/` directories once it is over (big values live there),
+    /// per process that has any.
+    pub blob_files: BTreeMap<String, usize>,
     pub elapsed: Duration,
+    /// From the end of the chaos until the workers finished, and the audit's time.
+    pub workers_finishing: Duration,
+    pub auditing: Duration,
 }
 
 /// Runs the chaos and the audit in `dir`; the report, or every violation found.
@@ -145,26 +159,36 @@ pub async fn run(config: &ChaosConfig, dir: &std::path::Path) -> Result<ChaosRep
             })
         })
         .collect();
-    let initial_balances: BTreeMap<(usize, String), i64> = accounts
-        .iter()
-        .map(|a| ((a.bank, a.name.clone()), config.initial_balance))
-        .collect();
+    // What each participant opens on its first start: banks their accounts, rewards a
+    // member for every account holder.
+    let mut initial: BTreeMap<Service, BTreeMap<String, i64>> = BTreeMap::new();
+    for account in &accounts {
+        initial
+            .entry(Service::Bank(account.bank))
+            .or_default()
+            .insert(account.name.clone(), config.initial_balance);
+        initial
+            .entry(Service::Rewards)
+            .or_default()
+            .insert(account.name.clone(), config.initial_points);
+    }
+    let opening = |service| -> Vec<(String, i64)> {
+        initial
+            .get(&service)
+            .map(|counters| counters.clone().into_iter().collect())
+            .unwrap_or_default()
+    };
     let per_bank = (0..config.banks)
-        .map(|bank| {
-            accounts
-                .iter()
-                .filter(|a| a.bank == bank)
-                .map(|a| (a.name.clone(), config.initial_balance))
-                .collect()
-        })
+        .map(|bank| opening(Service::Bank(bank)))
         .collect();
-    let mut cluster = Cluster::start(dir, per_bank).await;
+    let mut cluster = Cluster::start(dir, per_bank, opening(Service::Rewards)).await;
     let workload = Arc::new(Workload {
         seed: config.seed,
         coordinator: cluster.endpoint(Role::Coordinator),
         bank_endpoints: (0..config.banks)
-            .map(|i| cluster.endpoint(Role::Bank(i)))
+            .map(|i| cluster.endpoint(Role::bank(i)))
             .collect(),
+        rewards_endpoint: cluster.endpoint(Role::REWARDS),
         accounts,
     });
 
@@ -173,7 +197,7 @@ pub async fn run(config: &ChaosConfig, dir: &std::path::Path) -> Result<ChaosRep
         .map(|worker| tokio::spawn(workload.clone().run_worker(worker, stopped.clone())))
         .collect();
 
-    let faults = schedule(config.seed, config.duration, config.banks);
+    let faults = schedule(config.seed, config.duration, &cluster.services());
     let chaos_started = Instant::now();
     for fault in &faults {
         tokio::time::sleep_until((chaos_started + fault.at).into()).await;
@@ -194,6 +218,7 @@ pub async fn run(config: &ChaosConfig, dir: &std::path::Path) -> Result<ChaosRep
     tokio::time::sleep_until((chaos_started + config.duration).into()).await;
 
     // Everything clean again; the workers finish their last calls.
+    let chaos_ended = Instant::now();
     cluster.calm_down().await;
     let _ = stop.send(true);
     let mut transfers = Vec::new();
@@ -205,17 +230,62 @@ pub async fn run(config: &ChaosConfig, dir: &std::path::Path) -> Result<ChaosRep
         transfers.extend(done);
     }
     let (kills, crash_point_deaths) = (cluster.kills, cluster.crash_point_deaths);
-    let tally = audit::Audit::new(&mut cluster, &workload, initial_balances)
+    let workers_finishing = chaos_ended.elapsed();
+    let audit_started = Instant::now();
+    let tally = audit::Audit::new(&mut cluster, &workload, initial)
         .run(&mut transfers)
         .await
         .map_err(|violations| violations.join("\n"))?;
     Ok(ChaosReport {
         seed: config.seed,
         faults: faults.len(),
+        victims: faults.iter().fold(BTreeMap::new(), |mut victims, fault| {
+            *victims.entry(fault.victim.to_string()).or_default() += 1;
+            victims
+        }),
         kills,
         crash_point_deaths,
         transfers: transfers.len(),
         tally,
+        blob_files: blob_files_per_process(dir),
         elapsed: started.elapsed(),
+        workers_finishing,
+        auditing: audit_started.elapsed(),
     })
+}
+
+/// The files in sled's `blobs/` directories of each process's data directory in `dir`.
+fn blob_files_per_process(dir: &std::path::Path) -> BTreeMap<String, usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .flatten()
+        .map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            (name, blob_files(&entry.path(), 3))
+        })
+        .filter(|(_, files)| *files > 0)
+        .collect()
+}
+
+/// The files in directories named `blobs` under `dir`, looking `depth` levels down.
+fn blob_files(dir: &std::path::Path, depth: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|entry| {
+            let path = entry.path();
+            if entry.file_name() == "blobs" {
+                std::fs::read_dir(&path).map_or(0, |files| files.count())
+            } else if depth > 0 {
+                blob_files(&path, depth - 1)
+            } else {
+                0
+            }
+        })
+        .sum()
 }
