@@ -33,18 +33,10 @@ pub fn verify(data_dir: &Path) -> Result<Verdict, String> {
 
 fn verify_copy(original: &Path, copy: &Path) -> Verdict {
     let mut report = format!("store: {}\n", original.display());
-    let store = match DurableStore::open(copy, StoreOptions::default()) {
-        Ok(store) => store,
-        Err(error) => {
-            let _ = writeln!(report, "DAMAGED: {error}");
-            return Verdict {
-                report,
-                damaged: true,
-            };
-        }
-    };
-    let summary = match store.verify() {
-        Ok(summary) => summary,
+    let opened = DurableStore::open(copy, StoreOptions::default())
+        .and_then(|store| store.verify().map(|summary| (store, summary)));
+    let (store, summary) = match opened {
+        Ok(opened) => opened,
         Err(error) => {
             let _ = writeln!(report, "DAMAGED: {error}");
             return Verdict {
