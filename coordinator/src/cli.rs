@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
-use treaty_sdk::client::{Decision, Transaction, TransactionState, TreatyClient};
+use treaty_sdk::client::{
+    ClientOptions, ClientTlsFiles, Decision, Transaction, TransactionState, TreatyClient,
+};
 
 use crate::config::ServeConfig;
 
@@ -23,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordinator daemon.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Measure commits per second and latency over loopback gRPC.
     Bench(crate::bench::BenchArgs),
     /// Inspect transactions of a running coordinator.
@@ -36,6 +38,8 @@ pub enum Command {
             global = true
         )]
         endpoint: String,
+        #[command(flatten)]
+        access: AccessArgs,
         #[command(subcommand)]
         command: TxnCommand,
     },
@@ -44,6 +48,47 @@ pub enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+}
+
+/// How the CLI proves who it is and verifies the coordinator.
+#[derive(Clone, clap::Args)]
+pub struct AccessArgs {
+    /// Bearer token (prefer the environment variable: flags are visible to other users).
+    #[arg(long, env = "TREATY_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// CA (PEM) to verify an https:// coordinator with (default: the system's roots).
+    #[arg(long, env = "TREATY_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires mutual TLS.
+    #[arg(long, env = "TREATY_CERT", global = true, requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "TREATY_KEY", global = true, requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for AccessArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessArgs")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl AccessArgs {
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            tls: Some(ClientTlsFiles {
+                ca: self.ca.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+            }),
+            token: self.token.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +161,23 @@ fn state_name(value: i32) -> &'static str {
         .unwrap_or("?")
 }
 
+/// `text` from the coordinator with control characters escaped, so that what others
+/// wrote into endpoints or reasons cannot move the cursor or recolour the terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
 fn summary(txn: &Transaction) -> String {
     let kind = if txn.kind == treaty_proto::v1::TransactionKind::Saga as i32 {
         "saga"
@@ -132,7 +194,7 @@ fn summary(txn: &Transaction) -> String {
         line.push_str("  STUCK");
     }
     if !txn.reason.is_empty() {
-        line.push_str(&format!("  ({})", txn.reason));
+        line.push_str(&format!("  ({})", printable(&txn.reason)));
     }
     line
 }
@@ -147,7 +209,10 @@ fn details(txn: &Transaction) -> String {
         ));
     }
     if !txn.idempotency_key.is_empty() {
-        out.push_str(&format!(", idempotency key {}", txn.idempotency_key));
+        out.push_str(&format!(
+            ", idempotency key {}",
+            printable(&txn.idempotency_key)
+        ));
     }
     for branch in &txn.branches {
         let state = treaty_proto::v1::BranchState::try_from(branch.state)
@@ -155,19 +220,22 @@ fn details(txn: &Transaction) -> String {
             .unwrap_or("?");
         out.push_str(&format!(
             "\n  branch {:<16} {:<12} {} attempts  {}",
-            branch.branch_id, state, branch.attempts, branch.endpoint
+            printable(&branch.branch_id),
+            state,
+            branch.attempts,
+            printable(&branch.endpoint)
         ));
         if !branch.last_error.is_empty() {
-            out.push_str(&format!("  last error: {}", branch.last_error));
+            out.push_str(&format!("  last error: {}", printable(&branch.last_error)));
         }
         for attempt in &branch.history {
             let operation = treaty_proto::v1::Operation::try_from(attempt.operation)
                 .map(|o| o.as_str_name().trim_start_matches("OPERATION_"))
                 .unwrap_or("?");
             let result = if attempt.finished_unix_ms == 0 {
-                "(in flight)"
+                "(in flight)".into()
             } else {
-                attempt.result.as_str()
+                printable(&attempt.result)
             };
             out.push_str(&format!(
                 "\n      at {} ms  {operation:<16} {result}",
@@ -180,15 +248,19 @@ fn details(txn: &Transaction) -> String {
             "\n  at {} ms  -> {}  {}",
             transition.at_unix_ms,
             state_name(transition.state),
-            transition.reason
+            printable(&transition.reason)
         ));
     }
     out
 }
 
 /// Runs a `txn` subcommand, printing to stdout.
-pub async fn run_txn(endpoint: &str, command: TxnCommand) -> anyhow::Result<()> {
-    let client = TreatyClient::connect(endpoint).await?;
+pub async fn run_txn(
+    endpoint: &str,
+    options: &ClientOptions,
+    command: TxnCommand,
+) -> anyhow::Result<()> {
+    let client = TreatyClient::connect_with(endpoint, options).await?;
     match command {
         TxnCommand::List {
             states,
@@ -229,7 +301,7 @@ pub async fn run_txn(endpoint: &str, command: TxnCommand) -> anyhow::Result<()> 
                     "{} ms  {}  {}",
                     update.transition.at_unix_ms,
                     state_name(update.transition.state),
-                    update.transition.reason
+                    printable(&update.transition.reason)
                 );
             }
         }
@@ -250,3 +322,17 @@ pub async fn run_txn(endpoint: &str, command: TxnCommand) -> anyhow::Result<()> 
 
 /// How long `txn` commands wait for the coordinator before giving up.
 pub const TXN_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(printable("plain text"), "plain text");
+        assert_eq!(
+            printable("red\u{1b}[31m\r\nnext\u{9b}"),
+            "red\\u{1b}[31m\\r\\nnext\\u{9b}"
+        );
+    }
+}

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::api::ApiConfig;
 use crate::runtime::RuntimeConfig;
+pub use crate::security::SecurityConfig;
 
 /// Default values, shared by the flags, [`ServeConfig::new`] and the parts' defaults.
 pub mod defaults {
@@ -129,6 +130,10 @@ pub struct ServeConfig {
     /// Engine shards (tasks owning transactions); 0 means one per CPU.
     #[arg(long, env = "TREATY_SHARDS", default_value_t = 0)]
     pub shards: usize,
+
+    /// TLS, authentication, and how participants are called (see docs/SECURITY.md).
+    #[command(flatten)]
+    pub security: SecurityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -192,6 +197,7 @@ impl ServeConfig {
             sweep_interval_ms: defaults::SWEEP_INTERVAL_MS,
             stale_after_ms: defaults::STALE_AFTER_MS,
             shards: 0,
+            security: SecurityConfig::new(),
         }
     }
 
@@ -340,11 +346,12 @@ impl ServeConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }
-        Ok(())
+        self.security.validate(self.listen)
     }
 
     pub fn api(&self) -> ApiConfig {
         ApiConfig {
+            https_participants: self.security.participant_ca.is_some(),
             default_transaction_timeout_ms: self.default_transaction_timeout_ms,
             max_transaction_timeout_ms: self.max_transaction_timeout_ms,
             default_prepare_timeout_ms: self.default_prepare_timeout_ms,
@@ -370,7 +377,7 @@ impl ServeConfig {
             advertise_endpoint: self
                 .advertise_endpoint
                 .clone()
-                .unwrap_or_else(|| advertised(bound)),
+                .unwrap_or_else(|| advertised(bound, self.security.tls_cert.is_some())),
             participant_call_timeout_ms: self.participant_call_timeout_ms,
             connect_timeout_ms: self.participant_call_timeout_ms.min(2_000),
             retry_backoff_initial_ms: self.retry_backoff_initial_ms,
@@ -385,16 +392,20 @@ impl ServeConfig {
             sweep_interval_ms: self.sweep_interval_ms,
             sweep_batch: defaults::SWEEP_BATCH,
             stale_after_ms: self.stale_after_ms,
+            // Read from files by the daemon at start (and on SIGHUP).
+            participant_tls: None,
+            participant_credentials: self.security.participant_credentials(),
         }
     }
 }
 
-fn advertised(bound: SocketAddr) -> String {
+fn advertised(bound: SocketAddr, tls: bool) -> String {
     let mut address = bound;
     if address.ip().is_unspecified() {
         address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    format!("http://{address}")
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{address}")
 }
 
 #[cfg(test)]
@@ -444,12 +455,16 @@ mod tests {
     #[test]
     fn unspecified_listen_address_advertises_loopback() {
         assert_eq!(
-            advertised("0.0.0.0:7420".parse().unwrap()),
+            advertised("0.0.0.0:7420".parse().unwrap(), false),
             "http://127.0.0.1:7420"
         );
         assert_eq!(
-            advertised("10.0.0.5:7420".parse().unwrap()),
+            advertised("10.0.0.5:7420".parse().unwrap(), false),
             "http://10.0.0.5:7420"
+        );
+        assert_eq!(
+            advertised("10.0.0.5:7420".parse().unwrap(), true),
+            "https://10.0.0.5:7420"
         );
     }
 }

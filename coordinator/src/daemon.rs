@@ -1,8 +1,9 @@
 //! `treaty serve`: the coordinator daemon's life from start to stop.
 //!
-//! Start: validate the configuration, open the decision log, recover (every logged commit
-//! not yet acknowledged is delivered again), then serve the Coordinator service with the
-//! standard health service and server reflection.
+//! Start: validate the configuration and read its files (certificates, tokens), open the
+//! decision log, recover (every logged commit not yet acknowledged is delivered again),
+//! then serve the Coordinator service with the standard health service and server
+//! reflection, over TLS when configured. SIGHUP reloads certificates and tokens.
 //!
 //! Stop (on the caller's shutdown signal, or at once on a fatal log error): stop taking
 //! requests and end watch streams; abort undecided transactions and give work in flight
@@ -17,10 +18,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use treaty_proto::v1::coordinator_server::CoordinatorServer;
 
+use treaty_sdk::connections::incoming;
+use treaty_sdk::tls::ReloadableServerTls;
+
 use crate::api::CoordinatorService;
+use crate::api::auth::Authenticator;
 use crate::config::{ConfigError, ServeConfig};
 use crate::log::{DecisionLog, LogError, SledLog};
 use crate::runtime::Runtime;
+use crate::security::SecurityConfig;
 
 /// Final log records purged per round, and how often rounds run.
 const PURGE_BATCH: usize = 1_000;
@@ -43,6 +49,10 @@ pub enum DaemonError {
     Reflection(String),
     #[error("stopped after a fatal error: {0}")]
     Fatal(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] treaty_sdk::tls::TlsError),
+    #[error("authentication: {0}")]
+    Auth(#[from] treaty_sdk::auth::TokenFileError),
 }
 
 /// Binds `config.listen` and runs the daemon until `shutdown` resolves.
@@ -74,13 +84,18 @@ pub async fn run_on(
             address: config.listen,
             source,
         })?;
+    // Every file is read before the log is opened: a bad file changes nothing.
+    let server_tls = config.security.server_tls()?.map(Arc::new);
+    let authenticator = Arc::new(config.security.authenticator()?);
+    let participant_tls = config.security.participant_tls()?;
     let data_dir = config.data_dir.clone();
     let log: Arc<dyn DecisionLog> = Arc::new(
         tokio::task::spawn_blocking(move || SledLog::open(&data_dir))
             .await
             .map_err(|e| DaemonError::Fatal(format!("opening the log panicked: {e}")))??,
     );
-    let runtime_config = config.runtime(bound);
+    let mut runtime_config = config.runtime(bound);
+    runtime_config.participant_tls = participant_tls;
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (runtime, tasks, recovery) = Runtime::start(log.clone(), runtime_config.clone(), fatal_tx)?;
     tracing::info!(resumed = recovery.resumed, "recovered the decision log");
@@ -96,16 +111,28 @@ pub async fn run_on(
         .map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
     let (stopping_tx, stopping_rx) = watch::channel(false);
-    let service = CoordinatorService::new(runtime.clone(), config.api(), stopping_rx.clone());
+    let service = CoordinatorService::new(runtime.clone(), config.api(), stopping_rx.clone())
+        .with_authenticator(authenticator.clone());
+    let reloader = treaty_sdk::server::hangups().map(|hangups| {
+        tokio::spawn(reload_on_hangup(
+            hangups,
+            config.security.clone(),
+            server_tls.clone(),
+            authenticator,
+            runtime.clone(),
+        ))
+    });
     let mut server_stop = stopping_rx.clone();
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let server = treaty_sdk::connections::server_builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(CoordinatorServer::new(service))
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY on accepted sockets, replies wait on delayed ACKs (~40 ms).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            incoming(
+                listener,
+                server_tls.clone(),
+                config.security.connection_limits(),
+            ),
             async move {
                 let _ = server_stop.wait_for(|stopping| *stopping).await;
             },
@@ -117,7 +144,7 @@ pub async fn run_on(
     ));
 
     println!("treaty listening on {bound}");
-    tracing::info!(%bound, advertise = %runtime_config.advertise_endpoint, data_dir = %config.data_dir.display(), "coordinator serving");
+    tracing::info!(%bound, tls = server_tls.is_some(), authenticated = config.security.authenticates(), advertise = %runtime_config.advertise_endpoint, data_dir = %config.data_dir.display(), "coordinator serving");
 
     tokio::pin!(shutdown);
     let mut fatal = None;
@@ -135,6 +162,9 @@ pub async fn run_on(
         .set_not_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
     purger.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     runtime.shutdown(tasks, grace).await;
     let server_result = match server_result {
@@ -188,21 +218,33 @@ async fn purge_periodically(runtime: Runtime, log_retention_ms: u64) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+/// Reads certificates, the token file and the participant TLS files again on every
+/// SIGHUP (so SIGHUP never kills the daemon). A file that fails to load is reported and
+/// the old settings stay.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    security: SecurityConfig,
+    server_tls: Option<Arc<ReloadableServerTls>>,
+    authenticator: Arc<Authenticator>,
+    runtime: Runtime,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading certificates and tokens");
+        if let Some(tls) = &server_tls {
+            if let Err(error) = tls.reload() {
+                tracing::error!(%error, "server certificate not reloaded; keeping the old one");
             }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
+        if let Err(error) = authenticator.reload() {
+            tracing::error!(%error, "token file not reloaded; keeping the old tokens");
+        }
+        match security.participant_tls() {
+            Ok(tls) => runtime.reload_participant_tls(tls),
+            Err(error) => {
+                tracing::error!(%error, "participant TLS not reloaded; keeping the old settings")
+            }
+        }
     }
 }
+
+pub use treaty_sdk::server::shutdown_signal;

@@ -7,6 +7,7 @@
 //! - [`log`]: the decision log (`DecisionLog`) on sled, and in memory.
 //! - [`api`]: the gRPC service; protobuf stops there.
 //! - [`daemon`], [`config`], [`cli`]: `treaty serve` and the `treaty` command line.
+//! - [`security`]: TLS, authentication and participant credentials of the daemon.
 //! - [`bench`]: `treaty bench`, commits per second over loopback gRPC.
 
 pub mod api;
@@ -19,3 +20,4 @@ pub mod log;
 pub mod model;
 pub mod participants;
 pub mod runtime;
+pub mod security;

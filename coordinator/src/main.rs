@@ -22,11 +22,17 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve(config) => {
-            daemon::run(config, daemon::shutdown_signal()).await?;
+            let shutdown = daemon::shutdown_signal();
+            daemon::run(*config, shutdown).await?;
         }
         Command::Bench(args) => treaty_coordinator::bench::run(args).await?,
-        Command::Txn { endpoint, command } => {
-            tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_txn(&endpoint, command))
+        Command::Txn {
+            endpoint,
+            access,
+            command,
+        } => {
+            let options = access.client_options();
+            tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_txn(&endpoint, &options, command))
                 .await
                 .map_err(|_| {
                     anyhow::anyhow!("no answer from {endpoint} within {TXN_COMMAND_TIMEOUT:?}")

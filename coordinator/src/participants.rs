@@ -6,14 +6,16 @@
 //! phase 2). Protocol outcomes come back as values.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_client::ParticipantClient;
+use treaty_sdk::auth::Credentials;
 use treaty_sdk::limits::truncate_reason;
 
 use crate::engine::twopc::{Answer, Vote};
@@ -31,12 +33,18 @@ pub struct Call {
     pub timeout: Duration,
 }
 
+type Client = ParticipantClient<InterceptedService<Channel, Credentials>>;
+
 #[derive(Debug, Clone)]
 pub struct Participants {
-    channels: Arc<Mutex<HashMap<String, ParticipantClient<Channel>>>>,
+    channels: Arc<Mutex<HashMap<String, Client>>>,
     in_flight: Arc<Semaphore>,
     coordinator_endpoint: String,
     connect_timeout: Duration,
+    /// For `https://` participants (`None`: they are refused); replaced on reload.
+    tls: Arc<RwLock<Option<ClientTlsConfig>>>,
+    /// What every call presents.
+    credentials: Credentials,
 }
 
 impl Participants {
@@ -50,10 +58,28 @@ impl Participants {
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
             coordinator_endpoint,
             connect_timeout,
+            tls: Arc::default(),
+            credentials: Credentials::none(),
         }
     }
 
-    fn client(&self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
+    /// Calls `https://` participants with `tls` and presents `credentials` on every call.
+    pub fn with_security(mut self, tls: Option<ClientTlsConfig>, credentials: Credentials) -> Self {
+        self.tls = Arc::new(RwLock::new(tls));
+        self.credentials = credentials;
+        self
+    }
+
+    /// New TLS settings (SIGHUP): channels opened from now on use them.
+    pub fn reload_tls(&self, tls: Option<ClientTlsConfig>) {
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn client(&self, endpoint: &str) -> Result<Client, String> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(client) = channels.get(endpoint) {
             return Ok(client.clone());
@@ -61,12 +87,26 @@ impl Participants {
         if channels.len() >= MAX_CACHED_ENDPOINTS {
             channels.clear();
         }
-        let channel = Endpoint::from_shared(endpoint.to_string())
+        let mut channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
             .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let client = ParticipantClient::new(channel);
+            .tcp_nodelay(true);
+        if endpoint.starts_with("https://") {
+            // Never cleartext: without a TLS configuration the call fails.
+            let tls = self
+                .tls
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .ok_or_else(|| {
+                    "https:// participants are not configured (--participant-ca)".to_string()
+                })?;
+            channel = channel
+                .tls_config(tls)
+                .map_err(|e| format!("TLS configuration for {endpoint:?}: {e}"))?;
+        }
+        let client =
+            ParticipantClient::with_interceptor(channel.connect_lazy(), self.credentials.clone());
         channels.insert(endpoint.to_string(), client.clone());
         Ok(client)
     }
@@ -75,7 +115,7 @@ impl Participants {
     /// holding one of the in-flight permits.
     async fn call<T, F, Fut>(&self, call: &Call, request: F) -> Result<T, String>
     where
-        F: FnOnce(ParticipantClient<Channel>) -> Fut,
+        F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let _permit = self

@@ -112,6 +112,13 @@ impl ServerProcess {
         }
     }
 
+    /// SIGHUP: ask a daemon to reload its certificates and tokens.
+    pub fn hang_up(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = kill(pid, Signal::SIGHUP);
+        }
+    }
+
     /// SIGKILL, then wait for the process to be gone.
     pub async fn kill9(&mut self, within: Duration) -> std::io::Result<ExitStatus> {
         let _ = self.child.start_kill();

@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use treaty_sdk::Participant;
 use treaty_sdk::barrier_store::BarrierStore;
+use treaty_sdk::client::{ClientOptions, ClientTlsFiles};
 use treaty_sdk::durable::DurableStore;
-use treaty_sdk::server::ServeOptions;
+use treaty_sdk::limits::check_endpoint;
+use treaty_sdk::server::{CoordinatorTrust, ServeOptions};
+use treaty_sdk::tls::{ReloadableServerTls, ServerTlsFiles};
 
 use crate::shop::FaultArgs;
 
@@ -22,6 +25,93 @@ pub struct ServiceArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub faults: FaultArgs,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// TLS and which coordinators the service trusts (see docs/SECURITY.md).
+#[derive(Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// The service's certificate chain (PEM): serve TLS only. Reloaded on SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) the coordinator's client certificate must chain to (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The token the coordinator presents (its `TREATY_PARTICIPANT_TOKEN`).
+    #[arg(long, env = "TREATY_COORDINATOR_TOKEN", hide_env_values = true)]
+    pub coordinator_token: Option<String>,
+    /// A name of the coordinator's client certificate (repeatable; needs --tls-client-ca).
+    #[arg(long = "coordinator-identity", requires = "tls_client_ca")]
+    pub coordinator_identities: Vec<String>,
+    /// The coordinator to ask about branches in doubt (repeatable); requests naming any
+    /// other are refused. Without it, the one each request names.
+    #[arg(long = "coordinator-endpoint")]
+    pub coordinator_endpoints: Vec<String>,
+    /// CA (PEM) to verify an https:// coordinator with (default: the system's roots).
+    #[arg(long)]
+    pub coordinator_ca: Option<PathBuf>,
+    /// Serve callers without credentials even on a non-loopback address.
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+}
+
+impl std::fmt::Debug for SecurityArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecurityArgs")
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_client_ca", &self.tls_client_ca)
+            .field(
+                "coordinator_token",
+                &self.coordinator_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("coordinator_identities", &self.coordinator_identities)
+            .field("coordinator_endpoints", &self.coordinator_endpoints)
+            .field("coordinator_ca", &self.coordinator_ca)
+            .field("allow_unauthenticated", &self.allow_unauthenticated)
+            .finish()
+    }
+}
+
+impl SecurityArgs {
+    /// The serve options these flags stand for, with certificates read.
+    pub fn serve_options(&self) -> anyhow::Result<ServeOptions> {
+        let mut options = ServeOptions::default();
+        let mut trust = CoordinatorTrust::default();
+        if let Some(token) = &self.coordinator_token {
+            trust = trust.token(token);
+        }
+        for identity in &self.coordinator_identities {
+            trust = trust.identity(identity);
+        }
+        for endpoint in &self.coordinator_endpoints {
+            check_endpoint("coordinator_endpoint", endpoint)?;
+            trust = trust.endpoint(endpoint);
+        }
+        options.trust = trust;
+        let files = ServerTlsFiles::from_options(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_client_ca.clone(),
+        )?;
+        options.tls = files
+            .map(ReloadableServerTls::load)
+            .transpose()?
+            .map(Arc::new);
+        options.in_doubt.coordinator_client = ClientOptions {
+            tls: Some(ClientTlsFiles {
+                ca: self.coordinator_ca.clone(),
+                cert: None,
+                key: None,
+            }),
+            token: None,
+        };
+        options.allow_unauthenticated = self.allow_unauthenticated;
+        Ok(options)
+    }
 }
 
 /// Logs to stderr, filtered by `env_var` (default: info).
@@ -51,28 +141,27 @@ pub async fn serve<P: Participant, S: BarrierStore>(
     store: Arc<S>,
     args: &ServiceArgs,
 ) -> anyhow::Result<()> {
+    let options = args.security.serve_options()?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let shutdown = shutdown_signal();
+    if let (Some(tls), Some(hangups)) = (options.tls.clone(), treaty_sdk::server::hangups()) {
+        tokio::spawn(reload_on_hangup(hangups, tls));
+    }
     println!("{name} listening on {}", listener.local_addr()?);
-    treaty_sdk::serve(
-        participant,
-        store,
-        listener,
-        ServeOptions::default(),
-        shutdown_signal(),
-    )
-    .await?;
+    treaty_sdk::serve(participant, store, listener, options, shutdown).await?;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => return std::future::pending().await,
-        };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// Reloads the service's certificates on every SIGHUP (which then never kills it).
+async fn reload_on_hangup(mut hangups: tokio::signal::unix::Signal, tls: Arc<ReloadableServerTls>) {
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "certificates not reloaded; keeping the old ones")
+            }
+        }
     }
 }
+
+pub use treaty_sdk::server::shutdown_signal;

@@ -8,9 +8,13 @@
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
+
+use crate::auth::{BearerToken, Credentials};
+pub use crate::tls::ClientTlsFiles;
 
 pub use pb::{Branch, BranchState, Transaction, TransactionState, Transition};
 
@@ -205,46 +209,103 @@ impl ClientError {
     }
 }
 
+/// How a client reaches its coordinator: TLS for `https://` endpoints and the token it
+/// presents (redacted from `Debug`).
+#[derive(Clone, Default)]
+pub struct ClientOptions {
+    /// For `https://` endpoints: the CA to verify the coordinator with (the system's roots
+    /// if `ca` is `None`) and a client certificate for mutual TLS. An `https://` endpoint
+    /// without it uses the system's roots; `http://` is always cleartext.
+    pub tls: Option<ClientTlsFiles>,
+    /// Sent as `authorization: Bearer TOKEN` with every call.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("tls", &self.tls)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The channel to `endpoint` with `options` applied, not yet connected.
+pub fn endpoint_with(endpoint: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
+    let bad = |message: String| ClientError::Endpoint {
+        endpoint: endpoint.to_string(),
+        message,
+    };
+    let mut channel = Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if endpoint.starts_with("https://") {
+        let tls = options.tls.clone().unwrap_or_default();
+        let config = tls.load().map_err(|e| bad(e.to_string()))?;
+        channel = channel.tls_config(config).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(channel)
+}
+
+/// The interceptor that presents `options.token`.
+pub fn credentials(options: &ClientOptions) -> Result<Credentials, ClientError> {
+    match &options.token {
+        None => Ok(Credentials::none()),
+        Some(token) => BearerToken::new(token)
+            .map(Credentials::bearer)
+            .map_err(|message| ClientError::Endpoint {
+                endpoint: "(token)".to_string(),
+                message,
+            }),
+    }
+}
+
+type Connection = InterceptedService<Channel, Credentials>;
+
 /// A connection to one coordinator. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct TreatyClient {
-    inner: CoordinatorClient<Channel>,
+    inner: CoordinatorClient<Connection>,
 }
 
 impl TreatyClient {
     /// Connects to `endpoint` (`http://host:port`), failing fast if it is not reachable.
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self, ClientError> {
-        let endpoint = endpoint.into();
-        let channel = Endpoint::from_shared(endpoint.clone())
-            .map_err(|e| ClientError::Endpoint {
-                endpoint: endpoint.clone(),
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        Ok(Self::from_channel(channel))
+        Self::connect_with(endpoint, &ClientOptions::default()).await
+    }
+
+    /// [`connect`](Self::connect) with TLS files and a token.
+    pub async fn connect_with(
+        endpoint: impl Into<String>,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let channel = endpoint_with(&endpoint.into(), options)?.connect().await?;
+        Ok(Self::from_channel_with(channel, credentials(options)?))
     }
 
     /// A client that connects on first use and reconnects after failures: for callers
     /// that must outlive coordinator restarts. Fails only on a malformed endpoint.
     pub fn connect_lazy(endpoint: impl Into<String>) -> Result<Self, ClientError> {
-        let endpoint = endpoint.into();
-        let channel = Endpoint::from_shared(endpoint.clone())
-            .map_err(|e| ClientError::Endpoint {
-                endpoint,
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        Ok(Self::from_channel(channel))
+        Self::connect_lazy_with(endpoint, &ClientOptions::default())
+    }
+
+    /// [`connect_lazy`](Self::connect_lazy) with TLS files and a token.
+    pub fn connect_lazy_with(
+        endpoint: impl Into<String>,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let channel = endpoint_with(&endpoint.into(), options)?.connect_lazy();
+        Ok(Self::from_channel_with(channel, credentials(options)?))
     }
 
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_channel_with(channel, Credentials::none())
+    }
+
+    pub fn from_channel_with(channel: Channel, credentials: Credentials) -> Self {
         Self {
-            inner: CoordinatorClient::new(channel),
+            inner: CoordinatorClient::with_interceptor(channel, credentials),
         }
     }
 

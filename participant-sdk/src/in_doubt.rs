@@ -12,14 +12,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 
+use crate::auth::Credentials;
 use crate::barrier::{Barrier, BranchMode, InDoubtBranch, now_unix_ms};
 use crate::barrier_store::{BarrierStore, BranchKey};
+use crate::client::{ClientOptions, credentials, endpoint_with};
 use crate::durable::DurableStore;
 use crate::participant::Participant;
+use crate::trust::CoordinatorTrust;
 
 /// Channels kept to coordinators; past this the cache starts over.
 const MAX_CACHED_COORDINATORS: usize = 64;
@@ -30,6 +34,8 @@ pub struct InDoubtOptions {
     pub ask_after_ms: u64,
     pub call_timeout_ms: u64,
     pub max_branches_per_round: usize,
+    /// How to reach coordinators: TLS for `https://` ones, and the token to present.
+    pub coordinator_client: ClientOptions,
 }
 
 impl Default for InDoubtOptions {
@@ -39,6 +45,7 @@ impl Default for InDoubtOptions {
             ask_after_ms: 2_000,
             call_timeout_ms: 2_000,
             max_branches_per_round: 256,
+            coordinator_client: ClientOptions::default(),
         }
     }
 }
@@ -48,7 +55,8 @@ pub struct InDoubtResolver<P, S: BarrierStore = DurableStore> {
     participant: Arc<P>,
     barrier: Arc<Barrier<S>>,
     options: InDoubtOptions,
-    coordinators: HashMap<String, CoordinatorClient<Channel>>,
+    trust: CoordinatorTrust,
+    coordinators: HashMap<String, CoordinatorClient<InterceptedService<Channel, Credentials>>>,
     /// Where the next round continues, so that branches which cannot be resolved do not
     /// keep the ones after them from being asked about.
     cursor: Option<BranchKey>,
@@ -68,9 +76,16 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             participant,
             barrier,
             options,
+            trust: CoordinatorTrust::default(),
             coordinators: HashMap::new(),
             cursor: None,
         }
+    }
+
+    /// Asks only the coordinators `trust` allows.
+    pub fn with_trust(mut self, trust: CoordinatorTrust) -> Self {
+        self.trust = trust;
+        self
     }
 
     /// Runs rounds until `stop` becomes true (or its sender is dropped).
@@ -180,6 +195,10 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, "in doubt, but the prepare named no coordinator to ask");
             return None;
         }
+        if !self.trust.may_ask(&in_doubt.coordinator_endpoint) {
+            tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, coordinator = %in_doubt.coordinator_endpoint, "in doubt, but its coordinator is not one this participant trusts; waiting for a trusted one to deliver the outcome");
+            return None;
+        }
         let timeout = Duration::from_millis(self.options.call_timeout_ms);
         let client = match self.coordinators.get(&in_doubt.coordinator_endpoint) {
             Some(client) => client.clone(),
@@ -187,11 +206,17 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
                 if self.coordinators.len() >= MAX_CACHED_COORDINATORS {
                     self.coordinators.clear();
                 }
-                let endpoint = Endpoint::from_shared(in_doubt.coordinator_endpoint.clone())
-                    .ok()?
-                    .connect_timeout(timeout)
-                    .timeout(timeout);
-                let client = CoordinatorClient::new(endpoint.connect_lazy());
+                let options = &self.options.coordinator_client;
+                let endpoint = match endpoint_with(&in_doubt.coordinator_endpoint, options) {
+                    Ok(endpoint) => endpoint.connect_timeout(timeout).timeout(timeout),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot ask the coordinator");
+                        return None;
+                    }
+                };
+                let credentials = credentials(options).ok()?;
+                let client =
+                    CoordinatorClient::with_interceptor(endpoint.connect_lazy(), credentials);
                 self.coordinators
                     .insert(in_doubt.coordinator_endpoint.clone(), client.clone());
                 client

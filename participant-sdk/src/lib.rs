@@ -9,10 +9,14 @@
 //!   the coordinator's decision log share.
 //! - [`barrier_store::BarrierStore`]: implement it to keep the barrier's records in your
 //!   own database, beside your data.
+//! - [`tls`], [`auth`] and [`connections`]: TLS (rustls), bearer tokens and principals,
+//!   and the accept loop the servers share (the coordinator's too).
 
+pub mod auth;
 pub mod barrier;
 pub mod barrier_store;
 pub mod client;
+pub mod connections;
 pub mod durable;
 pub mod failpoint;
 pub mod in_doubt;
@@ -20,6 +24,8 @@ mod keyed_locks;
 pub mod limits;
 pub mod participant;
 pub mod server;
+pub mod tls;
+pub mod trust;
 
 pub use client::{
     BeginOptions, BranchSpec, ClientError, Outcome, SagaStep, SubmitOptions, SubmittedSaga,

@@ -10,17 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_server::ParticipantServer;
 
 use crate::barrier::{AbortAnswer, Barrier, BarrierError, BranchMode, CommitAnswer};
 use crate::barrier_store::BarrierStore;
+use crate::connections::{ConnectionLimits, incoming};
 use crate::durable::DurableStore;
 use crate::in_doubt::{InDoubtOptions, InDoubtResolver};
 use crate::limits::{FieldError, check_endpoint, check_id, check_payload};
 use crate::participant::{BranchContext, Participant, Vote};
+use crate::tls::ReloadableServerTls;
+pub use crate::trust::CoordinatorTrust;
 
 /// The tonic service for one participant. Mount it with [`ParticipantServer::new`] in a
 /// server of your own, or let [`serve`] do everything.
@@ -28,6 +30,7 @@ use crate::participant::{BranchContext, Participant, Vote};
 pub struct ParticipantService<P, S: BarrierStore = DurableStore> {
     participant: Arc<P>,
     barrier: Arc<Barrier<S>>,
+    trust: Arc<CoordinatorTrust>,
 }
 
 impl<P, S: BarrierStore> Clone for ParticipantService<P, S> {
@@ -35,16 +38,25 @@ impl<P, S: BarrierStore> Clone for ParticipantService<P, S> {
         Self {
             participant: self.participant.clone(),
             barrier: self.barrier.clone(),
+            trust: self.trust.clone(),
         }
     }
 }
 
 impl<P: Participant, S: BarrierStore> ParticipantService<P, S> {
+    /// A service that serves every caller (see [`with_trust`](Self::with_trust)).
     pub fn new(participant: Arc<P>, barrier: Arc<Barrier<S>>) -> Self {
         Self {
             participant,
             barrier,
+            trust: Arc::new(CoordinatorTrust::default()),
         }
+    }
+
+    /// Serves only the coordinators `trust` names.
+    pub fn with_trust(mut self, trust: CoordinatorTrust) -> Self {
+        self.trust = Arc::new(trust);
+        self
     }
 
     /// Runs a barrier operation for `branch` to completion (see [`run_to_completion`])
@@ -123,10 +135,12 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         &self,
         request: Request<pb::PrepareBranchRequest>,
     ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
+        self.trust.check(&request)?;
         let request = request.into_inner();
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
         check_payload("payload", &request.payload).map_err(field_error)?;
         coordinator_endpoint(&request.coordinator_endpoint)?;
+        self.trust.check_endpoint(&request.coordinator_endpoint)?;
         let vote = self
             .run(&branch, move |participant, barrier, ctx| async move {
                 barrier
@@ -155,6 +169,7 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         &self,
         request: Request<pb::CommitBranchRequest>,
     ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        self.trust.check(&request)?;
         let request = request.into_inner();
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
         let mode = match pb::CommitMode::try_from(request.mode) {
@@ -170,6 +185,7 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         };
         check_payload("payload", &request.payload).map_err(field_error)?;
         coordinator_endpoint(&request.coordinator_endpoint)?;
+        self.trust.check_endpoint(&request.coordinator_endpoint)?;
         let answer = self
             .run(&branch, move |participant, barrier, ctx| async move {
                 barrier
@@ -200,6 +216,7 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         &self,
         request: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        self.trust.check(&request)?;
         let request = request.into_inner();
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
         let answer = self
@@ -221,6 +238,7 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         &self,
         request: Request<pb::CompensateBranchRequest>,
     ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
+        self.trust.check(&request)?;
         let request = request.into_inner();
         let branch = branch_context(&request.transaction_id, &request.branch_id)?;
         check_payload("payload", &request.payload).map_err(field_error)?;
@@ -240,6 +258,14 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub in_doubt: InDoubtOptions,
+    /// The coordinators served and asked (default: every caller; see [`CoordinatorTrust`]).
+    pub trust: CoordinatorTrust,
+    /// TLS for the server (`None`: cleartext). Call `reload` on it to change certificates.
+    pub tls: Option<Arc<ReloadableServerTls>>,
+    pub connections: ConnectionLimits,
+    /// Listening beyond loopback without `trust` authenticating callers is refused unless
+    /// this is set.
+    pub allow_unauthenticated: bool,
     /// Most requests served at once per connection.
     pub max_concurrent_requests: usize,
     /// How long shutdown waits for requests in flight.
@@ -250,6 +276,10 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             in_doubt: InDoubtOptions::default(),
+            trust: CoordinatorTrust::default(),
+            tls: None,
+            connections: ConnectionLimits::default(),
+            allow_unauthenticated: false,
             max_concurrent_requests: 1024,
             shutdown_grace_ms: 5_000,
         }
@@ -266,6 +296,11 @@ pub enum ServeError {
     Listener(#[from] std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error(
+        "refusing to serve on {0} without authenticating the coordinator: configure a \
+         coordinator token or identity, or allow unauthenticated callers explicitly"
+    )]
+    Unauthenticated(SocketAddr),
 }
 
 /// Serves `participant` on `listener`, with its barrier in `store`, the standard gRPC
@@ -287,16 +322,24 @@ where
     S: BarrierStore,
     F: std::future::Future<Output = ()> + Send,
 {
-    let barrier = Arc::new(Barrier::new(store.clone()));
     let local_addr: SocketAddr = listener.local_addr()?;
-    let service = ParticipantService::new(participant.clone(), barrier.clone());
+    if !local_addr.ip().is_loopback()
+        && !options.trust.authenticates()
+        && !options.allow_unauthenticated
+    {
+        return Err(ServeError::Unauthenticated(local_addr));
+    }
+    let barrier = Arc::new(Barrier::new(store.clone()));
+    let service = ParticipantService::new(participant.clone(), barrier.clone())
+        .with_trust(options.trust.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<ParticipantServer<ParticipantService<P, S>>>()
         .await;
 
     let (stop_resolver, resolver_stopped) = tokio::sync::watch::channel(false);
-    let resolver = InDoubtResolver::new(participant, barrier, options.in_doubt.clone());
+    let resolver = InDoubtResolver::new(participant, barrier, options.in_doubt.clone())
+        .with_trust(options.trust.clone());
     let resolver_task = tokio::spawn(resolver.run(resolver_stopped));
 
     let reflection = tonic_reflection::server::Builder::configure()
@@ -305,11 +348,10 @@ where
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    tracing::info!(%local_addr, barrier = %store.describe(), "participant serving");
-    // Without TCP_NODELAY on accepted sockets, replies wait on delayed ACKs (~40 ms).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tracing::info!(%local_addr, barrier = %store.describe(), tls = options.tls.is_some(), "participant serving");
+    let incoming = incoming(listener, options.tls.clone(), options.connections.clone());
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let server = tonic::transport::Server::builder()
+    let server = crate::connections::server_builder()
         .concurrency_limit_per_connection(options.max_concurrent_requests)
         .add_service(health_service)
         .add_service(reflection)
@@ -362,4 +404,43 @@ where
     served?;
     closed?;
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when it is first polled: call it before announcing that the server is ready, so that
+/// a signal sent right after the announcement stops it gracefully instead of killing it.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        match (interrupt, terminate) {
+            (Ok(mut interrupt), Ok(mut terminate)) => {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            (interrupt, terminate) => {
+                let error = interrupt.err().or(terminate.err());
+                tracing::error!(
+                    ?error,
+                    "cannot listen for SIGINT/SIGTERM; stop with SIGKILL"
+                );
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// A stream of SIGHUPs, installed now (so that from here on SIGHUP never kills the
+/// process); `None` if it cannot be installed.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; certificates will not reload");
+            None
+        }
+    }
 }

@@ -40,6 +40,17 @@ where
     }
 }
 
+/// `http://127.0.0.1:PORT`, or with TLS `https://localhost:PORT` (the name test
+/// certificates carry).
+fn local_endpoint(listener: &TcpListener, tls: bool) -> String {
+    let port = listener.local_addr().expect("bound address").port();
+    if tls {
+        format!("https://localhost:{port}")
+    } else {
+        format!("http://127.0.0.1:{port}")
+    }
+}
+
 #[derive(Debug)]
 pub struct Coordinator {
     pub endpoint: String,
@@ -67,7 +78,7 @@ impl Coordinator {
 
     pub async fn start_with(config: ServeConfig) -> Self {
         let listener = TcpListener::bind(config.listen).await.expect("bind port 0");
-        let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
+        let endpoint = local_endpoint(&listener, config.security.tls_cert.is_some());
         let (stop, stopped) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
         let task = tokio::spawn(treaty_coordinator::daemon::run_on(
@@ -119,18 +130,28 @@ pub fn quick_in_doubt() -> InDoubtOptions {
         ask_after_ms: 300,
         call_timeout_ms: 1_000,
         max_branches_per_round: 256,
+        ..InDoubtOptions::default()
     }
 }
 
 impl ParticipantServer {
     pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, ServeOptions::default()).await
+    }
+
+    /// With `options` (TLS, trust); in-doubt resolution and the grace period are the
+    /// tests' quick ones.
+    pub async fn start_with(data_dir: &Path, options: ServeOptions) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
-        let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
+        let endpoint = local_endpoint(&listener, options.tls.is_some());
         let participant = Arc::new(Scripted::new());
         let options = ServeOptions {
-            in_doubt: quick_in_doubt(),
+            in_doubt: InDoubtOptions {
+                coordinator_client: options.in_doubt.coordinator_client.clone(),
+                ..quick_in_doubt()
+            },
             shutdown_grace_ms: 2_000,
-            ..ServeOptions::default()
+            ..options
         };
         let store = Arc::new(
             treaty_sdk::durable::DurableStore::open(data_dir, Default::default())

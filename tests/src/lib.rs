@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: failing loudly is the point
 
+pub mod certs;
 pub mod chaos;
 pub mod harness;
 pub mod power_cut;

@@ -5,6 +5,7 @@
 //! one place ([`status_of`]). Protocol outcomes (aborted, unknown transaction, pending)
 //! are response fields.
 
+pub mod auth;
 pub mod pb;
 pub mod saga;
 
@@ -22,6 +23,7 @@ use crate::config::defaults;
 use crate::engine::twopc::Refusal;
 use crate::model::{TxnRecord, TxnState};
 use crate::runtime::{BeginParams, Decision, Runtime, RuntimeError, now_unix_ms};
+use auth::Authenticator;
 
 /// Limits and defaults the API applies to requests.
 #[derive(Debug, Clone)]
@@ -31,11 +33,15 @@ pub struct ApiConfig {
     pub default_prepare_timeout_ms: u64,
     pub max_prepare_timeout_ms: u64,
     pub saga: saga::SagaDefaults,
+    /// Whether `https://` participant endpoints are accepted (a TLS configuration for
+    /// them exists); without it they are INVALID_ARGUMENT.
+    pub https_participants: bool,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
+            https_participants: false,
             default_transaction_timeout_ms: defaults::DEFAULT_TRANSACTION_TIMEOUT_MS,
             max_transaction_timeout_ms: defaults::MAX_TRANSACTION_TIMEOUT_MS,
             default_prepare_timeout_ms: defaults::DEFAULT_PREPARE_TIMEOUT_MS,
@@ -58,17 +64,50 @@ const MAX_PAGE_SIZE: u32 = 1000;
 pub struct CoordinatorService {
     runtime: Runtime,
     config: ApiConfig,
+    auth: Arc<Authenticator>,
     /// Becomes true when the daemon stops: open watch streams end.
     stopping: watch::Receiver<bool>,
 }
 
 impl CoordinatorService {
+    /// A service that authenticates no one (every caller is the anonymous admin).
     pub fn new(runtime: Runtime, config: ApiConfig, stopping: watch::Receiver<bool>) -> Self {
         Self {
             runtime,
             config,
+            auth: Arc::new(Authenticator::open()),
             stopping,
         }
+    }
+
+    /// Authenticates callers with `auth`.
+    pub fn with_authenticator(mut self, auth: Arc<Authenticator>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Refuses `https://` participant endpoints when no TLS configuration exists for them:
+    /// they would otherwise fail on every call (never fall back to cleartext).
+    fn check_scheme<'a>(
+        &self,
+        endpoints: impl IntoIterator<Item = (String, &'a str)>,
+    ) -> Result<(), Status> {
+        if self.config.https_participants {
+            return Ok(());
+        }
+        for (field, endpoint) in endpoints {
+            if endpoint
+                .get(..8)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+            {
+                return Err(invalid(FieldError::new(
+                    field,
+                    "is https:// but this coordinator has no TLS configuration for \
+                     participants (--participant-ca)",
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn deadline(&self, requested: u64) -> Result<u64, FieldError> {
@@ -156,7 +195,15 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::BeginRequest>,
     ) -> Result<Response<proto::BeginResponse>, Status> {
+        let _principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
+        self.check_scheme(
+            request
+                .branches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (format!("branches[{i}].endpoint"), b.endpoint.as_str())),
+        )?;
         let deadline_unix_ms = self.deadline(request.deadline_unix_ms).map_err(invalid)?;
         let prepare_timeout_ms = self
             .prepare_timeout(request.prepare_timeout_ms)
@@ -181,11 +228,13 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::EnlistRequest>,
     ) -> Result<Response<proto::EnlistResponse>, Status> {
+        let _principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
         let spec = request
             .branch
             .ok_or_else(|| invalid(FieldError::new("branch", "is required")))?;
+        self.check_scheme([("branch.endpoint".to_string(), spec.endpoint.as_str())])?;
         let branch = pb::branch_spec("branch", spec).map_err(invalid)?;
         self.runtime.enlist(id, branch).await.map_err(status_of)?;
         Ok(Response::new(proto::EnlistResponse {}))
@@ -195,6 +244,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
+        let _principal = self.auth.authenticate(&request)?;
         let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
             .map_err(invalid)?;
         let decided = self.runtime.commit(id).await.map_err(status_of)?;
@@ -205,6 +255,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::AbortRequest>,
     ) -> Result<Response<proto::AbortResponse>, Status> {
+        let _principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
         check_reason("reason", &request.reason).map_err(invalid)?;
@@ -221,6 +272,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::GetTransactionRequest>,
     ) -> Result<Response<proto::GetTransactionResponse>, Status> {
+        let _principal = self.auth.authenticate(&request)?;
         let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
             .map_err(invalid)?;
         let record = self.runtime.get(id).await.map_err(status_of)?;
@@ -234,6 +286,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::ListTransactionsRequest>,
     ) -> Result<Response<proto::ListTransactionsResponse>, Status> {
+        let _principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         let states = request
             .states
@@ -278,6 +331,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::WatchTransactionRequest>,
     ) -> Result<Response<Self::WatchTransactionStream>, Status> {
+        let _principal = self.auth.authenticate(&request)?;
         let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
             .map_err(invalid)?;
         if let Some(updates) = self.runtime.watch(id).await.map_err(status_of)? {
@@ -301,7 +355,15 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::SubmitSagaRequest>,
     ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
+        let _principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
+        self.check_scheme(
+            request
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("steps[{i}].endpoint"), s.endpoint.as_str())),
+        )?;
         let wait_for_outcome = request.wait_for_outcome;
         let params = saga::saga_params(request, &self.config.saga).map_err(invalid)?;
         let mut submitted = self.runtime.submit_saga(params).await.map_err(status_of)?;

@@ -61,6 +61,10 @@ pub struct RuntimeConfig {
     pub sweep_batch: usize,
     /// How long a call may go unanswered before the sweeper sends it again.
     pub stale_after_ms: u64,
+    /// TLS for `https://` participants (`None`: the API refuses them).
+    pub participant_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// What participant calls present.
+    pub participant_credentials: treaty_sdk::auth::Credentials,
 }
 
 impl Default for RuntimeConfig {
@@ -82,6 +86,8 @@ impl Default for RuntimeConfig {
             sweep_interval_ms: defaults::SWEEP_INTERVAL_MS,
             sweep_batch: defaults::SWEEP_BATCH,
             stale_after_ms: defaults::STALE_AFTER_MS,
+            participant_tls: None,
+            participant_credentials: treaty_sdk::auth::Credentials::none(),
         }
     }
 }
@@ -176,6 +182,7 @@ const LIST_SCAN_LIMIT: usize = 2_000;
 #[derive(Debug, Clone)]
 pub struct Runtime {
     shards: Arc<Vec<mpsc::Sender<ShardMsg>>>,
+    participants: Participants,
     log: Arc<dyn DecisionLog>,
     active: Arc<AtomicUsize>,
 }
@@ -226,6 +233,10 @@ impl Runtime {
             config.advertise_endpoint.clone(),
             config.max_in_flight_calls,
             Duration::from_millis(config.connect_timeout_ms),
+        )
+        .with_security(
+            config.participant_tls.clone(),
+            config.participant_credentials.clone(),
         );
         let active = Arc::new(AtomicUsize::new(unfinished.len()));
         let report = RecoveryReport {
@@ -261,10 +272,17 @@ impl Runtime {
         }
         let runtime = Self {
             shards: Arc::new(senders),
+            participants,
             log,
             active,
         };
         Ok((runtime, RuntimeTasks { handles }, report))
+    }
+
+    /// New TLS settings for `https://` participants (on SIGHUP); calls made from now on
+    /// use them.
+    pub fn reload_participant_tls(&self, tls: Option<tonic::transport::ClientTlsConfig>) {
+        self.participants.reload_tls(tls);
     }
 
     async fn ask<T>(

@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     treaty_sdk::failpoint::configure_from_env().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let shutdown = treaty_sdk::server::shutdown_signal();
     println!("participant listening on {}", listener.local_addr()?);
     let options = ServeOptions {
         in_doubt: quick_in_doubt(),
@@ -37,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         store,
         listener,
         options,
-        treaty_coordinator::daemon::shutdown_signal(),
+        shutdown,
     )
     .await?;
     Ok(())

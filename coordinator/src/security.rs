@@ -1,0 +1,215 @@
+//! The daemon's trust settings: TLS on its server, who may call it, and how it proves
+//! itself to participants. Validated at start; see docs/SECURITY.md.
+//!
+//! Invariants: listening beyond loopback with no authentication refuses to start unless
+//! `--allow-unauthenticated` is given; `https://` participant endpoints are refused at
+//! the API unless a participant TLS configuration (`--participant-ca`) exists, and are
+//! then always verified (chain and host name); secrets (tokens) are never serialized,
+//! printed or logged.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use tonic::transport::ClientTlsConfig;
+use treaty_sdk::auth::{BearerToken, Credentials};
+use treaty_sdk::connections::ConnectionLimits;
+use treaty_sdk::tls::{ClientTlsFiles, ReloadableServerTls, ServerTlsFiles, TlsError};
+
+use crate::api::auth::Authenticator;
+use crate::config::ConfigError;
+
+/// `--participant-ca` value that means the system's roots.
+pub const SYSTEM_ROOTS: &str = "system";
+
+#[derive(Clone, Default, clap::Args, Serialize)]
+pub struct SecurityConfig {
+    /// The server's certificate chain (PEM): serve TLS only. Reloaded on SIGHUP.
+    #[arg(long, env = "TREATY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "TREATY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) whose client certificates authenticate callers (mutual TLS); the
+    /// certificate's first DNS/URI name (else its common name) is the principal.
+    #[arg(long, env = "TREATY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Principals and their bearer tokens, one `PRINCIPAL TOKEN [admin]` a line.
+    /// Reloaded on SIGHUP.
+    #[arg(long, env = "TREATY_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// A client-certificate identity with the admin role (repeatable).
+    #[arg(
+        long = "admin-identity",
+        env = "TREATY_ADMIN_IDENTITIES",
+        value_delimiter = ','
+    )]
+    pub admin_identities: Vec<String>,
+
+    /// Serve callers without credentials even on a non-loopback address.
+    #[arg(long, env = "TREATY_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// CA (PEM) to verify `https://` participants with, or `system` for the system's
+    /// roots. Without it, `https://` endpoints are refused.
+    #[arg(long, env = "TREATY_PARTICIPANT_CA")]
+    pub participant_ca: Option<String>,
+
+    /// Client certificate (PEM) presented to `https://` participants that require mutual
+    /// TLS; reloaded on SIGHUP.
+    #[arg(long, env = "TREATY_PARTICIPANT_CERT", requires = "participant_key")]
+    pub participant_cert: Option<PathBuf>,
+
+    /// Its private key (PEM).
+    #[arg(long, env = "TREATY_PARTICIPANT_KEY", requires = "participant_cert")]
+    pub participant_key: Option<PathBuf>,
+
+    /// Bearer token presented to participants (prefer the environment variable: flags are
+    /// visible to other users of the machine).
+    #[arg(long, env = "TREATY_PARTICIPANT_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub participant_token: Option<String>,
+
+    /// Connections open at once; more are closed as they arrive.
+    #[arg(long, env = "TREATY_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
+}
+
+impl std::fmt::Debug for SecurityConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecurityConfig")
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_client_ca", &self.tls_client_ca)
+            .field("auth_tokens", &self.auth_tokens)
+            .field("admin_identities", &self.admin_identities)
+            .field("allow_unauthenticated", &self.allow_unauthenticated)
+            .field("participant_ca", &self.participant_ca)
+            .field("participant_cert", &self.participant_cert)
+            .field("participant_key", &self.participant_key)
+            .field(
+                "participant_token",
+                &self.participant_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl SecurityConfig {
+    /// The defaults: no TLS, no authentication (loopback only), 1024 connections.
+    pub fn new() -> Self {
+        Self {
+            max_connections: ConnectionLimits::default().max_connections,
+            ..Self::default()
+        }
+    }
+
+    /// Checks what can be checked without reading files.
+    pub fn validate(&self, listen: SocketAddr) -> Result<(), ConfigError> {
+        ServerTlsFiles::from_options(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_client_ca.clone(),
+        )
+        .map_err(|e| bad("tls_cert", e.to_string()))?;
+        if !self.admin_identities.is_empty() && self.tls_client_ca.is_none() {
+            return Err(bad(
+                "admin_identities",
+                "client-certificate identities need --tls-client-ca",
+            ));
+        }
+        if self.participant_cert.is_some() != self.participant_key.is_some() {
+            return Err(bad(
+                "participant_cert",
+                "the participant client certificate and its key come together",
+            ));
+        }
+        if let Some(token) = &self.participant_token {
+            BearerToken::new(token).map_err(|e| bad("participant_token", e))?;
+        }
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return Err(bad("max_connections", "must be 1 to 1,000,000"));
+        }
+        if !listen.ip().is_loopback() && !self.authenticates() && !self.allow_unauthenticated {
+            return Err(bad(
+                "listen",
+                format!(
+                    "{listen} is not a loopback address and no authentication is configured \
+                     (--auth-tokens or --tls-client-ca); pass --allow-unauthenticated to \
+                     serve anyone who can reach it"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether callers must prove who they are.
+    pub fn authenticates(&self) -> bool {
+        self.auth_tokens.is_some() || self.tls_client_ca.is_some()
+    }
+
+    pub fn server_tls(&self) -> Result<Option<ReloadableServerTls>, TlsError> {
+        ServerTlsFiles::from_options(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_client_ca.clone(),
+        )?
+        .map(ReloadableServerTls::load)
+        .transpose()
+    }
+
+    pub fn authenticator(&self) -> Result<Authenticator, treaty_sdk::auth::TokenFileError> {
+        if !self.authenticates() {
+            return Ok(Authenticator::open());
+        }
+        Authenticator::new(
+            self.auth_tokens.clone(),
+            self.tls_client_ca.is_some(),
+            self.admin_identities.clone(),
+        )
+    }
+
+    /// The TLS configuration for `https://` participants, if they are allowed at all.
+    pub fn participant_tls(&self) -> Result<Option<ClientTlsConfig>, TlsError> {
+        let Some(ca) = &self.participant_ca else {
+            return Ok(None);
+        };
+        let files = ClientTlsFiles {
+            ca: (ca != SYSTEM_ROOTS).then(|| PathBuf::from(ca)),
+            cert: self.participant_cert.clone(),
+            key: self.participant_key.clone(),
+        };
+        files.load().map(Some)
+    }
+
+    /// What the coordinator presents to participants.
+    pub fn participant_credentials(&self) -> Credentials {
+        match self
+            .participant_token
+            .as_deref()
+            .and_then(|token| BearerToken::new(token).ok())
+        {
+            Some(token) => Credentials::bearer(token),
+            None => Credentials::none(),
+        }
+    }
+
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            ..ConnectionLimits::default()
+        }
+    }
+}
