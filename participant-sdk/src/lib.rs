@@ -9,11 +9,14 @@
 //!   the coordinator's decision log share.
 //! - [`barrier_store::BarrierStore`]: implement it to keep the barrier's records in your
 //!   own database, beside your data.
+//! - [`limits`] and [`endpoint`]: what crosses the wire, checked; endpoints in canonical
+//!   form.
 
 pub mod barrier;
 pub mod barrier_store;
 pub mod client;
 pub mod durable;
+pub mod endpoint;
 pub mod failpoint;
 pub mod in_doubt;
 mod keyed_locks;
