@@ -68,6 +68,7 @@ pub async fn run_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     config.validate()?;
+    let api_config = config.api()?;
     let bound = listener
         .local_addr()
         .map_err(|source| DaemonError::Listen {
@@ -96,7 +97,7 @@ pub async fn run_on(
         .map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
     let (stopping_tx, stopping_rx) = watch::channel(false);
-    let service = CoordinatorService::new(runtime.clone(), config.api(), stopping_rx.clone());
+    let service = CoordinatorService::new(runtime.clone(), api_config, stopping_rx.clone());
     let mut server_stop = stopping_rx.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -19,6 +19,7 @@ use treaty_proto::v1 as proto;
 use treaty_sdk::limits::{FieldError, check_id, check_reason};
 
 use crate::config::defaults;
+use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::twopc::Refusal;
 use crate::model::{TxnRecord, TxnState};
 use crate::runtime::{BeginParams, Decision, Runtime, RuntimeError, now_unix_ms};
@@ -31,6 +32,8 @@ pub struct ApiConfig {
     pub default_prepare_timeout_ms: u64,
     pub max_prepare_timeout_ms: u64,
     pub saga: saga::SagaDefaults,
+    /// Where participant endpoints named in requests may point.
+    pub endpoint_policy: Arc<EndpointPolicy>,
 }
 
 impl Default for ApiConfig {
@@ -47,6 +50,7 @@ impl Default for ApiConfig {
                 retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
                 stuck_after_attempts: defaults::COMPENSATION_STUCK_AFTER_ATTEMPTS,
             },
+            endpoint_policy: Arc::default(),
         }
     }
 }
@@ -161,7 +165,8 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let prepare_timeout_ms = self
             .prepare_timeout(request.prepare_timeout_ms)
             .map_err(invalid)?;
-        let branches = pb::branch_specs(request.branches).map_err(invalid)?;
+        let branches =
+            pb::branch_specs(request.branches, &self.config.endpoint_policy).map_err(invalid)?;
         let id = self
             .runtime
             .begin(BeginParams {
@@ -186,7 +191,8 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let spec = request
             .branch
             .ok_or_else(|| invalid(FieldError::new("branch", "is required")))?;
-        let branch = pb::branch_spec("branch", spec).map_err(invalid)?;
+        let branch =
+            pb::branch_spec("branch", spec, &self.config.endpoint_policy).map_err(invalid)?;
         self.runtime.enlist(id, branch).await.map_err(status_of)?;
         Ok(Response::new(proto::EnlistResponse {}))
     }
@@ -303,7 +309,8 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
         let request = request.into_inner();
         let wait_for_outcome = request.wait_for_outcome;
-        let params = saga::saga_params(request, &self.config.saga).map_err(invalid)?;
+        let params = saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
+            .map_err(invalid)?;
         let mut submitted = self.runtime.submit_saga(params).await.map_err(status_of)?;
         if wait_for_outcome {
             let mut stopping = self.stopping.clone();
