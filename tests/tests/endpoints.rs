@@ -1,10 +1,14 @@
 //! Where the coordinator may call, over real gRPC on 127.0.0.1: endpoints are parsed
 //! strictly and kept in canonical form, refused ones are INVALID_ARGUMENT naming the field
-//! and create nothing, and `--allow-endpoint` restricts them.
+//! and create nothing, `--allow-endpoint` restricts them, and a branch's error does not
+//! tell a closed port from an open one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 use tonic::Code;
+use treaty_coordinator::participants::UNREACHABLE;
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome};
@@ -300,4 +304,79 @@ async fn a_bad_allowlist_stops_the_daemon_at_start_naming_the_setting() {
             .starts_with("invalid configuration: allow_endpoint: pattern 1 (\"*:*\")"),
         "{error}"
     );
+}
+
+/// Serves TCP on 127.0.0.1 port 0, answering each connection with `reply` and closing it.
+async fn not_a_participant(reply: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket.write_all(reply).await;
+            let _ = socket.shutdown().await;
+        }
+    });
+    endpoint
+}
+
+/// Before, the closed port read `Unavailable: tcp connect error` and the others
+/// `Cancelled: operation was canceled`: enough to scan ports through the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_and_a_port_that_speaks_something_else_look_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let client = coordinator.client().await;
+
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let targets = [
+        ("closed port", closed),
+        ("closes at once", not_a_participant(b"").await),
+        (
+            "SSH banner",
+            not_a_participant(b"SSH-2.0-OpenSSH_9.6\r\n").await,
+        ),
+        (
+            "HTTP/1.1 server",
+            not_a_participant(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await,
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (what, endpoint) in targets {
+        let (id, outcome) = client
+            .run_two_phase(
+                vec![
+                    BranchSpec::new("a", &participant.endpoint, "yes"),
+                    BranchSpec::new("b", &endpoint, "yes"),
+                ],
+                BeginOptions::default(),
+            )
+            .await
+            .unwrap();
+        let Outcome::Aborted { reason } = outcome else {
+            panic!("{what}: committed without b");
+        };
+        let txn = client.get(&id).await.unwrap().unwrap();
+        assert_eq!(txn.reason, reason, "{what}");
+        let b = txn.branches.iter().find(|b| b.branch_id == "b").unwrap();
+        assert_eq!(b.last_error, UNREACHABLE, "{what}");
+        let prepare = b
+            .history
+            .first()
+            .map(|a| a.result.clone())
+            .unwrap_or_default();
+        seen.push((what, reason, prepare));
+    }
+    let expected_reason = format!("branch b did not answer prepare: {UNREACHABLE}");
+    let expected_prepare = format!("error: {UNREACHABLE}");
+    for (what, reason, prepare) in &seen {
+        assert_eq!(reason, &expected_reason, "{what}");
+        assert_eq!(prepare, &expected_prepare, "{what}");
+    }
+
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
 }
