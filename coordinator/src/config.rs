@@ -3,10 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::api::ApiConfig;
+use crate::endpoint_policy::EndpointPolicy;
 use crate::runtime::RuntimeConfig;
 pub use crate::security::SecurityConfig;
 
@@ -134,6 +136,21 @@ pub struct ServeConfig {
     /// TLS, authentication, and how participants are called (see docs/SECURITY.md).
     #[command(flatten)]
     pub security: SecurityConfig,
+
+    /// Participant endpoints the coordinator may call (repeatable; comma-separated in the
+    /// environment). Without any, every endpoint may be called except unspecified,
+    /// broadcast, multicast, link-local and cloud metadata addresses; with some, only
+    /// matching ones, and those classes only if a pattern names them. Forms:
+    /// `http://host:port` (exactly that endpoint), `host:port` or `host:*`,
+    /// `*.domain:port` or `*.domain:*` (names below domain), `10.0.0.0/8:port` or
+    /// `[fd00::/8]:*` (addresses in a network).
+    #[arg(
+        long = "allow-endpoint",
+        env = "TREATY_ALLOW_ENDPOINT",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub allow_endpoint: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,6 +215,7 @@ impl ServeConfig {
             stale_after_ms: defaults::STALE_AFTER_MS,
             shards: 0,
             security: SecurityConfig::new(),
+            allow_endpoint: Vec::new(),
         }
     }
 
@@ -343,14 +361,20 @@ impl ServeConfig {
             treaty_sdk::limits::check_endpoint("advertise_endpoint", endpoint)
                 .map_err(|e| bad("advertise_endpoint", e.message))?;
         }
+        self.endpoint_policy()?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }
         self.security.validate(self.listen)
     }
 
-    pub fn api(&self) -> ApiConfig {
-        ApiConfig {
+    /// The address policy and the `--allow-endpoint` allowlist.
+    pub fn endpoint_policy(&self) -> Result<EndpointPolicy, ConfigError> {
+        EndpointPolicy::new(&self.allow_endpoint).map_err(|e| bad("allow_endpoint", e.to_string()))
+    }
+
+    pub fn api(&self) -> Result<ApiConfig, ConfigError> {
+        Ok(ApiConfig {
             https_participants: self.security.participant_ca.is_some(),
             default_transaction_timeout_ms: self.default_transaction_timeout_ms,
             max_transaction_timeout_ms: self.max_transaction_timeout_ms,
@@ -363,7 +387,8 @@ impl ServeConfig {
                 retry_backoff_max_ms: self.retry_backoff_max_ms,
                 stuck_after_attempts: self.compensation_stuck_after_attempts,
             },
-        }
+            endpoint_policy: Arc::new(self.endpoint_policy()?),
+        })
     }
 
     /// The runtime's part; `bound` is the address actually listened on.
@@ -374,10 +399,15 @@ impl ServeConfig {
         };
         RuntimeConfig {
             shards,
-            advertise_endpoint: self
-                .advertise_endpoint
-                .clone()
-                .unwrap_or_else(|| advertised(bound, self.security.tls_cert.is_some())),
+            advertise_endpoint: match &self.advertise_endpoint {
+                // In canonical form, so participants can compare it with the ones they
+                // trust; `validate` refused any that does not parse.
+                Some(endpoint) => {
+                    treaty_sdk::limits::canonical_endpoint("advertise_endpoint", endpoint)
+                        .unwrap_or_else(|_| endpoint.clone())
+                }
+                None => advertised(bound, self.security.tls_cert.is_some()),
+            },
             participant_call_timeout_ms: self.participant_call_timeout_ms,
             connect_timeout_ms: self.participant_call_timeout_ms.min(2_000),
             retry_backoff_initial_ms: self.retry_backoff_initial_ms,
@@ -450,6 +480,55 @@ mod tests {
         let mut c = config();
         c.sweep_interval_ms = 0;
         assert_eq!(c.validate().unwrap_err().field, "sweep_interval_ms");
+        let mut c = config();
+        c.allow_endpoint = vec!["10.0.0.0/8:*".into(), "10.0.0.1/8:*".into()];
+        let error = c.validate().unwrap_err();
+        assert_eq!(error.field, "allow_endpoint");
+        assert!(
+            error.message.starts_with("pattern 1 (\"10.0.0.1/8:*\")"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn allow_endpoint_is_repeatable_and_takes_comma_separated_lists() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "treaty",
+            "serve",
+            "--allow-endpoint",
+            "bank.internal:7001",
+            "--allow-endpoint",
+            "10.0.0.0/8:*,*.shop.internal:*",
+        ])
+        .unwrap();
+        let crate::cli::Command::Serve(config) = cli.command else {
+            panic!("parsed as serve");
+        };
+        assert_eq!(
+            config.allow_endpoint,
+            ["bank.internal:7001", "10.0.0.0/8:*", "*.shop.internal:*"]
+        );
+        assert_eq!(config.validate(), Ok(()));
+        let api = config.api().unwrap();
+        assert!(api.endpoint_policy.check("e", "http://10.1.1.1:80").is_ok());
+        assert!(
+            api.endpoint_policy
+                .check("e", "http://11.1.1.1:80")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_advertised_endpoint_is_kept_in_canonical_form() {
+        let mut c = config();
+        c.advertise_endpoint = Some("HTTP://Coordinator.Internal.:7420/".into());
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.runtime("127.0.0.1:7420".parse().unwrap())
+                .advertise_endpoint,
+            "http://coordinator.internal:7420"
+        );
     }
 
     #[test]

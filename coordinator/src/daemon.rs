@@ -78,6 +78,7 @@ pub async fn run_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     config.validate()?;
+    let api_config = config.api()?;
     let bound = listener
         .local_addr()
         .map_err(|source| DaemonError::Listen {
@@ -111,7 +112,7 @@ pub async fn run_on(
         .map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
     let (stopping_tx, stopping_rx) = watch::channel(false);
-    let service = CoordinatorService::new(runtime.clone(), config.api(), stopping_rx.clone())
+    let service = CoordinatorService::new(runtime.clone(), api_config, stopping_rx.clone())
         .with_authenticator(authenticator.clone());
     let reloader = treaty_sdk::server::hangups().map(|hangups| {
         tokio::spawn(reload_on_hangup(

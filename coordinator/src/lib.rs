@@ -6,6 +6,7 @@
 //! - [`participants`]: calls to participants, deadlines, retry backoff.
 //! - [`log`]: the decision log (`DecisionLog`) on sled, and in memory.
 //! - [`api`]: the gRPC service; protobuf stops there.
+//! - [`endpoint_policy`]: which participant endpoints the coordinator may call.
 //! - [`daemon`], [`config`], [`cli`]: `treaty serve` and the `treaty` command line.
 //! - [`security`]: TLS, authentication and participant credentials of the daemon.
 //! - [`bench`]: `treaty bench`, commits per second over loopback gRPC.
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod endpoint_policy;
 pub mod engine;
 pub mod log;
 pub mod model;

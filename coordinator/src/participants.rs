@@ -4,6 +4,12 @@
 //! Every failure to get an answer (transport error, deadline, an error status) comes back
 //! as `Err(description)`: the engine decides what it means (abort in phase 1, retry in
 //! phase 2). Protocol outcomes come back as values.
+//!
+//! Descriptions reach clients (branch errors, histories, abort reasons), and clients name
+//! the endpoints, so they say only which of three things happened: the participant was
+//! unreachable, did not answer in time, or answered with an error (its gRPC status).
+//! Transport details (connection refused or reset, TLS or HTTP/2 errors, a server that is
+//! not gRPC) would tell a closed port from an open one; they go to the log instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,9 +30,17 @@ use crate::engine::twopc::{Answer, Vote};
 /// calls finish).
 const MAX_CACHED_ENDPOINTS: usize = 4096;
 
+/// What clients are told when no gRPC answer came, whatever the transport said.
+pub const UNREACHABLE: &str = "participant unreachable";
+
+/// How tonic begins the message of a status it made up from an HTTP status code because
+/// the response had no `grpc-status`: the server there does not speak gRPC.
+const NOT_GRPC_PREFIX: &str = "grpc-status header missing";
+
 /// Where and how to reach one branch.
 #[derive(Debug, Clone)]
 pub struct Call {
+    /// In canonical form (the API accepts no other), so that it is the channel's key.
     pub endpoint: String,
     pub transaction_id: String,
     pub branch_id: String,
@@ -88,7 +102,10 @@ impl Participants {
             channels.clear();
         }
         let mut channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
+            .map_err(|error| {
+                tracing::warn!(endpoint = %endpoint.escape_debug(), %error, "participant endpoint not usable");
+                "participant endpoint not usable".to_string()
+            })?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
         if endpoint.starts_with("https://") {
@@ -103,7 +120,10 @@ impl Participants {
                 })?;
             channel = channel
                 .tls_config(tls)
-                .map_err(|e| format!("TLS configuration for {endpoint:?}: {e}"))?;
+                .map_err(|error| {
+                    tracing::warn!(endpoint = %endpoint.escape_debug(), %error, "TLS configuration not usable");
+                    "participant endpoint not usable".to_string()
+                })?;
         }
         let client =
             ParticipantClient::with_interceptor(channel.connect_lazy(), self.credentials.clone());
@@ -126,13 +146,19 @@ impl Participants {
         let client = self.client(&call.endpoint)?;
         match tokio::time::timeout(call.timeout, request(client)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
-            // A participant's message is bounded before it is kept or logged.
-            Ok(Err(status)) => Err(truncate_reason(format!(
-                "{:?}: {}",
-                status.code(),
-                status.message()
-            ))),
-            Err(_) => Err(format!("no answer within {} ms", call.timeout.as_millis())),
+            Ok(Err(status)) => Err(describe_failure(call, &status)),
+            Err(_) => {
+                tracing::warn!(
+                    endpoint = %call.endpoint,
+                    branch_id = %call.branch_id,
+                    timeout_ms = call.timeout.as_millis() as u64,
+                    "participant did not answer in time"
+                );
+                Err(format!(
+                    "participant did not answer within {} ms",
+                    call.timeout.as_millis()
+                ))
+            }
         }
     }
 
@@ -241,6 +267,41 @@ impl Participants {
     }
 }
 
+/// What the client is told of a call that ended in `status`; the details go to the log.
+fn describe_failure(call: &Call, status: &tonic::Status) -> String {
+    if answered_by_participant(status) {
+        tracing::debug!(
+            endpoint = %call.endpoint,
+            branch_id = %call.branch_id,
+            code = ?status.code(),
+            message = %status.message(),
+            "participant answered with an error"
+        );
+        // A participant's message is bounded before it is kept or logged.
+        return truncate_reason(format!(
+            "participant answered {:?}: {}",
+            status.code(),
+            status.message()
+        ));
+    }
+    tracing::warn!(
+        endpoint = %call.endpoint,
+        branch_id = %call.branch_id,
+        code = ?status.code(),
+        message = %status.message(),
+        source = ?std::error::Error::source(status),
+        "participant unreachable"
+    );
+    UNREACHABLE.to_string()
+}
+
+/// Whether `status` is a gRPC server's answer rather than one the client made up: tonic
+/// gives a status made from a transport error (connect, TLS, HTTP/2) its source, and one
+/// made from a non-gRPC HTTP response a recognisable message.
+fn answered_by_participant(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_none() && !status.message().starts_with(NOT_GRPC_PREFIX)
+}
+
 /// Capped exponential backoff with jitter: the delay before retry number `attempt`
 /// (1-based) is drawn from `[cap/2, cap]`, where `cap = min(max, initial · 2^(attempt-1))`.
 ///
@@ -260,6 +321,28 @@ pub fn retry_delay(attempt: u32, initial_ms: u64, max_ms: u64, rng: &mut impl Rn
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn only_a_grpc_servers_own_status_counts_as_an_answer() {
+        let call = Call {
+            endpoint: "http://127.0.0.1:1".into(),
+            transaction_id: "t".into(),
+            branch_id: "b".into(),
+            timeout: Duration::from_secs(1),
+        };
+        let answered = tonic::Status::unavailable("participant: store down");
+        assert_eq!(
+            describe_failure(&call, &answered),
+            "participant answered Unavailable: participant: store down"
+        );
+        let transport =
+            tonic::Status::from_error(Box::new(std::io::Error::other("connection refused")));
+        assert_eq!(describe_failure(&call, &transport), UNREACHABLE);
+        let not_grpc = tonic::Status::unimplemented(
+            "grpc-status header missing, mapped from HTTP status code 404",
+        );
+        assert_eq!(describe_failure(&call, &not_grpc), UNREACHABLE);
+    }
 
     #[test]
     fn backoff_grows_exponentially_then_stays_capped_with_jitter() {

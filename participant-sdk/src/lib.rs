@@ -11,6 +11,8 @@
 //!   own database, beside your data.
 //! - [`tls`], [`auth`] and [`connections`]: TLS (rustls), bearer tokens and principals,
 //!   and the accept loop the servers share (the coordinator's too).
+//! - [`limits`] and [`endpoint`]: what crosses the wire, checked; endpoints in canonical
+//!   form.
 
 pub mod auth;
 pub mod barrier;
@@ -18,6 +20,7 @@ pub mod barrier_store;
 pub mod client;
 pub mod connections;
 pub mod durable;
+pub mod endpoint;
 pub mod failpoint;
 pub mod in_doubt;
 mod keyed_locks;

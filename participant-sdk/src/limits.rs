@@ -4,7 +4,9 @@
 //! pin. (They do not keep sled from writing blob files: sled writes whole tree nodes over
 //! ~128 KiB to blobs, so values from ~7.5 KiB on make them; the durable store syncs
 //! them.) A failed check names the field, so callers can turn it into INVALID_ARGUMENT
-//! as is.
+//! as is, and quotes what the client sent with [`quote_input`].
+
+use crate::endpoint::{Endpoint, EndpointError};
 
 /// Largest branch payload (and saga compensation payload), in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
@@ -109,49 +111,54 @@ pub fn truncate_reason(mut text: String) -> String {
     text
 }
 
-/// A gRPC endpoint: `http://host:port` or `https://host:port`, with nothing after the
-/// port but an optional `/`.
-pub fn check_endpoint(field: &str, endpoint: &str) -> Result<(), FieldError> {
-    if endpoint.is_empty() {
-        return Err(FieldError::new(field, "must not be empty"));
+/// Most bytes of a client's input quoted back in an error message.
+pub const MAX_QUOTED_INPUT_BYTES: usize = 200;
+
+/// Quotes `input` for an error message: at most [`MAX_QUOTED_INPUT_BYTES`] of it (cut on
+/// a character boundary and marked, with the full length), with quotes, backslashes,
+/// control and other invisible characters escaped, so that what a client sent can neither
+/// inflate the message nor reach a terminal raw.
+pub fn quote_input(input: &str) -> String {
+    if input.len() <= MAX_QUOTED_INPUT_BYTES {
+        return format!("\"{}\"", input.escape_debug());
     }
-    if endpoint.len() > MAX_ENDPOINT_BYTES {
-        return Err(FieldError::new(
+    let mut end = MAX_QUOTED_INPUT_BYTES;
+    while !input.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "\"{}\"… ({} bytes)",
+        input[..end].escape_debug(),
+        input.len()
+    )
+}
+
+/// A gRPC endpoint parsed strictly: `http://host:port` or `https://host:port` with nothing
+/// after the port but an optional `/` (see [`crate::endpoint`] for the rules).
+pub fn parse_endpoint(field: &str, endpoint: &str) -> Result<Endpoint, FieldError> {
+    endpoint.parse().map_err(|error| match error {
+        // Quoting these would say nothing more.
+        EndpointError::Empty | EndpointError::TooLong { .. } => {
+            FieldError::new(field, error.to_string())
+        }
+        error => FieldError::new(
             field,
             format!(
-                "is {} bytes long; the limit is {MAX_ENDPOINT_BYTES}",
-                endpoint.len()
+                "{} is not an endpoint of the form http(s)://host:port: {error}",
+                quote_input(endpoint)
             ),
-        ));
-    }
-    let malformed = |why: &str| {
-        FieldError::new(
-            field,
-            format!("{endpoint:?} is not of the form http://host:port ({why})"),
-        )
-    };
-    let rest = endpoint
-        .strip_prefix("http://")
-        .or_else(|| endpoint.strip_prefix("https://"))
-        .ok_or_else(|| malformed("scheme must be http or https"))?;
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains(['/', '?', '#', '@', ' ']) {
-        return Err(malformed("only a host and a port may follow the scheme"));
-    }
-    let (host, port) = authority
-        .rsplit_once(':')
-        .ok_or_else(|| malformed("the port is missing"))?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if host.is_empty() {
-        return Err(malformed("the host is missing"));
-    }
-    match port.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(()),
-        _ => Err(malformed("the port must be a number from 1 to 65535")),
-    }
+        ),
+    })
+}
+
+/// The canonical form of an endpoint: the key that two spellings of one target share.
+pub fn canonical_endpoint(field: &str, endpoint: &str) -> Result<String, FieldError> {
+    parse_endpoint(field, endpoint).map(|endpoint| endpoint.to_string())
+}
+
+/// Whether an endpoint parses (see [`canonical_endpoint`]).
+pub fn check_endpoint(field: &str, endpoint: &str) -> Result<(), FieldError> {
+    parse_endpoint(field, endpoint).map(|_| ())
 }
 
 #[cfg(test)]
@@ -193,6 +200,40 @@ mod tests {
             let err = check_endpoint("branch.endpoint", bad).unwrap_err();
             assert_eq!(err.field, "branch.endpoint", "{bad}");
         }
+        assert_eq!(
+            canonical_endpoint("e", "HTTP://Bank.Example.:7001/").as_deref(),
+            Ok("http://bank.example:7001")
+        );
+    }
+
+    #[test]
+    fn endpoint_errors_quote_the_input_escaped() {
+        let err = check_endpoint("branches[1].endpoint", "http://a\u{1b}[2J:1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "branches[1].endpoint: \"http://a\\u{1b}[2J:1\" is not an endpoint of the form \
+             http(s)://host:port: contains '\\u{1b}'; only ASCII letters, digits and . - : / [ ] \
+             are allowed (no whitespace, control characters or percent-encoding)"
+        );
+        assert!(!err.to_string().contains('\u{1b}'));
+        let err = check_endpoint("e", &"x".repeat(MAX_ENDPOINT_BYTES + 1)).unwrap_err();
+        assert_eq!(err.to_string(), "e: is 257 bytes long; the limit is 256");
+    }
+
+    #[test]
+    fn quoted_input_is_bounded_and_escaped() {
+        assert_eq!(quote_input("plain"), "\"plain\"");
+        assert_eq!(quote_input("a\"b\\c\n\u{202e}"), r#""a\"b\\c\n\u{202e}""#);
+        let huge = "é".repeat(2 * 1024 * 1024);
+        let quoted = quote_input(&huge);
+        assert!(
+            quoted.len() < MAX_QUOTED_INPUT_BYTES + 40,
+            "{}",
+            quoted.len()
+        );
+        assert!(quoted.ends_with("\"… (4194304 bytes)"), "{quoted}");
+        // The cut falls on a character boundary (é is two bytes; 200 is even).
+        assert!(quoted.starts_with(&format!("\"{}", "é".repeat(100))));
     }
 
     #[test]

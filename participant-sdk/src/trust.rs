@@ -14,6 +14,13 @@ use tonic::{Request, Status};
 
 use crate::auth::bearer_token;
 use crate::connections::ConnectionInfo;
+use crate::limits::canonical_endpoint;
+
+/// `endpoint` in canonical form, or as it is if it does not parse (then it matches only
+/// itself).
+fn canonical(endpoint: String) -> String {
+    canonical_endpoint("coordinator_endpoint", &endpoint).unwrap_or(endpoint)
+}
 
 /// The coordinators a participant trusts. The default trusts every caller.
 #[derive(Clone, Default)]
@@ -48,9 +55,10 @@ impl CoordinatorTrust {
     }
 
     /// Asks only this coordinator endpoint about branches in doubt, and refuses requests
-    /// that name another.
+    /// that name another. Compared in canonical form (see [`canonical_endpoint`]), so
+    /// other spellings of the same endpoint match.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        self.endpoints.push(endpoint.into());
+        self.endpoints.push(canonical(endpoint.into()));
         self
     }
 
@@ -61,7 +69,11 @@ impl CoordinatorTrust {
 
     /// Whether in-doubt resolution may ask `endpoint` (and a request may name it).
     pub fn may_ask(&self, endpoint: &str) -> bool {
-        self.endpoints.is_empty() || self.endpoints.iter().any(|e| e == endpoint)
+        if self.endpoints.is_empty() {
+            return true;
+        }
+        let endpoint = canonical(endpoint.to_string());
+        self.endpoints.contains(&endpoint)
     }
 
     /// The endpoints configured (empty: whatever a trusted caller names).
@@ -177,7 +189,7 @@ mod tests {
 
     #[test]
     fn only_configured_endpoints_may_be_asked() {
-        let trust = CoordinatorTrust::default().endpoint("https://treaty.test:7420");
+        let trust = CoordinatorTrust::default().endpoint("https://Treaty.Test:7420/");
         assert!(trust.may_ask("https://treaty.test:7420"));
         assert!(!trust.may_ask("http://attacker.test:7420"));
         assert_eq!(

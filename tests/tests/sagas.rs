@@ -156,8 +156,8 @@ async fn a_transient_failure_then_success_completes_with_the_attempts_in_the_his
     assert_eq!(
         results,
         [
-            "error: Unavailable: participant: scripted transient failure 1",
-            "error: Unavailable: participant: scripted transient failure 2",
+            "error: participant answered Unavailable: participant: scripted transient failure 1",
+            "error: participant answered Unavailable: participant: scripted transient failure 2",
             "committed"
         ]
     );

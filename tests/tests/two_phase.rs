@@ -309,7 +309,7 @@ async fn phase_two_failures_are_retried_until_acknowledged() {
         .iter()
         .map(|a| (a.operation, a.result.as_str()))
         .collect();
-    let failure = "error: Unavailable: participant: scripted commit failure";
+    let failure = "error: participant answered Unavailable: participant: scripted commit failure";
     assert_eq!(
         history,
         [

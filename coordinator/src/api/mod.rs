@@ -20,6 +20,7 @@ use treaty_proto::v1 as proto;
 use treaty_sdk::limits::{FieldError, check_id, check_reason};
 
 use crate::config::defaults;
+use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::twopc::Refusal;
 use crate::model::{TxnRecord, TxnState};
 use crate::runtime::{BeginParams, Decision, Runtime, RuntimeError, now_unix_ms};
@@ -36,6 +37,8 @@ pub struct ApiConfig {
     /// Whether `https://` participant endpoints are accepted (a TLS configuration for
     /// them exists); without it they are INVALID_ARGUMENT.
     pub https_participants: bool,
+    /// Where participant endpoints named in requests may point.
+    pub endpoint_policy: Arc<EndpointPolicy>,
 }
 
 impl Default for ApiConfig {
@@ -53,6 +56,7 @@ impl Default for ApiConfig {
                 retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
                 stuck_after_attempts: defaults::COMPENSATION_STUCK_AFTER_ATTEMPTS,
             },
+            endpoint_policy: Arc::default(),
         }
     }
 }
@@ -208,7 +212,8 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let prepare_timeout_ms = self
             .prepare_timeout(request.prepare_timeout_ms)
             .map_err(invalid)?;
-        let branches = pb::branch_specs(request.branches).map_err(invalid)?;
+        let branches =
+            pb::branch_specs(request.branches, &self.config.endpoint_policy).map_err(invalid)?;
         let id = self
             .runtime
             .begin(BeginParams {
@@ -235,7 +240,8 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             .branch
             .ok_or_else(|| invalid(FieldError::new("branch", "is required")))?;
         self.check_scheme([("branch.endpoint".to_string(), spec.endpoint.as_str())])?;
-        let branch = pb::branch_spec("branch", spec).map_err(invalid)?;
+        let branch =
+            pb::branch_spec("branch", spec, &self.config.endpoint_policy).map_err(invalid)?;
         self.runtime.enlist(id, branch).await.map_err(status_of)?;
         Ok(Response::new(proto::EnlistResponse {}))
     }
@@ -365,7 +371,8 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 .map(|(i, s)| (format!("steps[{i}].endpoint"), s.endpoint.as_str())),
         )?;
         let wait_for_outcome = request.wait_for_outcome;
-        let params = saga::saga_params(request, &self.config.saga).map_err(invalid)?;
+        let params = saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
+            .map_err(invalid)?;
         let mut submitted = self.runtime.submit_saga(params).await.map_err(status_of)?;
         if wait_for_outcome {
             let mut stopping = self.stopping.clone();

@@ -3,8 +3,9 @@
 //! runtime.
 
 use treaty_proto::v1 as pb;
-use treaty_sdk::limits::{FieldError, MAX_BRANCHES, check_endpoint, check_id, check_payload};
+use treaty_sdk::limits::{FieldError, MAX_BRANCHES, check_id, check_payload};
 
+use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::twopc::BranchSpec;
 use crate::model::{
     Attempt, BranchState, Operation, Transition, TxnId, TxnKind, TxnRecord, TxnState,
@@ -18,19 +19,27 @@ pub fn parse_txn_id(field: &str, text: &str) -> Result<TxnId, FieldError> {
         .map_err(|message: String| FieldError::new(field, message))
 }
 
-pub fn branch_spec(field: &str, spec: pb::BranchSpec) -> Result<BranchSpec, FieldError> {
+/// A branch, its endpoint in canonical form and allowed by `policy`.
+pub fn branch_spec(
+    field: &str,
+    spec: pb::BranchSpec,
+    policy: &EndpointPolicy,
+) -> Result<BranchSpec, FieldError> {
     check_id(&format!("{field}.branch_id"), &spec.branch_id)?;
-    check_endpoint(&format!("{field}.endpoint"), &spec.endpoint)?;
+    let endpoint = policy.check(&format!("{field}.endpoint"), &spec.endpoint)?;
     check_payload(&format!("{field}.payload"), &spec.payload)?;
     Ok(BranchSpec {
         id: spec.branch_id,
-        endpoint: spec.endpoint,
+        endpoint,
         payload: spec.payload,
     })
 }
 
 /// The branches of a Begin: each valid, ids unique, at most [`MAX_BRANCHES`].
-pub fn branch_specs(specs: Vec<pb::BranchSpec>) -> Result<Vec<BranchSpec>, FieldError> {
+pub fn branch_specs(
+    specs: Vec<pb::BranchSpec>,
+    policy: &EndpointPolicy,
+) -> Result<Vec<BranchSpec>, FieldError> {
     if specs.len() > MAX_BRANCHES {
         return Err(FieldError::new(
             "branches",
@@ -40,7 +49,7 @@ pub fn branch_specs(specs: Vec<pb::BranchSpec>) -> Result<Vec<BranchSpec>, Field
     let mut branches: Vec<BranchSpec> = Vec::with_capacity(specs.len());
     for (index, spec) in specs.into_iter().enumerate() {
         let field = format!("branches[{index}]");
-        let branch = branch_spec(&field, spec)?;
+        let branch = branch_spec(&field, spec, policy)?;
         if branches.iter().any(|b| b.id == branch.id) {
             return Err(FieldError::new(
                 format!("{field}.branch_id"),

@@ -3,10 +3,11 @@
 
 use treaty_proto::v1 as pb;
 use treaty_sdk::limits::{
-    FieldError, MAX_BRANCHES, MAX_SAGA_PAYLOAD_BYTES, check_endpoint, check_id,
-    check_idempotency_key, check_payload,
+    FieldError, MAX_BRANCHES, MAX_SAGA_PAYLOAD_BYTES, check_id, check_idempotency_key,
+    check_payload,
 };
 
+use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::saga_graph::{GraphError, resolve_dependencies};
 use crate::model::{RetryPolicy, SagaDefinition, StepDefinition, StepRequest};
 use crate::runtime::SagaParams;
@@ -31,9 +32,11 @@ pub struct SagaDefaults {
     pub stuck_after_attempts: u32,
 }
 
+/// The saga a request describes, its endpoints in canonical form and allowed by `policy`.
 pub fn saga_params(
     request: pb::SubmitSagaRequest,
     defaults: &SagaDefaults,
+    policy: &EndpointPolicy,
 ) -> Result<SagaParams, FieldError> {
     let idempotency_key = if request.idempotency_key.is_empty() {
         None
@@ -68,7 +71,7 @@ pub fn saga_params(
     for (index, step) in request.steps.into_iter().enumerate() {
         let field = |name: &str| format!("steps[{index}].{name}");
         check_id(&field("step_id"), &step.step_id)?;
-        check_endpoint(&field("endpoint"), &step.endpoint)?;
+        let endpoint = policy.check(&field("endpoint"), &step.endpoint)?;
         check_payload(&field("payload"), &step.payload)?;
         check_payload(&field("compensation_payload"), &step.compensation_payload)?;
         let timeout_ms = match step.timeout_ms {
@@ -91,7 +94,7 @@ pub fn saga_params(
         let retry = retry_policy(&field("retry"), step.retry, defaults)?;
         steps.push(StepDefinition {
             id: step.step_id,
-            endpoint: step.endpoint,
+            endpoint,
             payload: step.payload,
             compensation: step.compensation_payload,
             timeout_ms,

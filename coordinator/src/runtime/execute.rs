@@ -225,7 +225,8 @@ impl Shard {
                         match answer {
                             Ok(answer) => Event::Delivered { branch, answer },
                             Err(error) => {
-                                tracing::info!(branch_id = %call.branch_id, ?kind, %error, "delivery failed; will retry");
+                                // The transport details were logged where the call failed.
+                                tracing::debug!(branch_id = %call.branch_id, ?kind, %error, "delivery failed; will retry");
                                 Event::DeliveryFailed { branch, error }
                             }
                         }
@@ -273,7 +274,7 @@ impl Shard {
                     match participants.compensate(&call, payload).await {
                         Ok(()) => SagaEvent::Compensated { step },
                         Err(error) => {
-                            tracing::info!(step_id = %call.branch_id, %error, "compensation failed; will retry");
+                            tracing::debug!(step_id = %call.branch_id, %error, "compensation failed; will retry");
                             SagaEvent::CompensationFailed { step, error }
                         }
                     }
@@ -296,7 +297,7 @@ impl Shard {
                             error: "participant answered NOT_PREPARED to a saga step".into(),
                         },
                         Err(error) => {
-                            tracing::info!(step_id = %call.branch_id, %error, "step failed");
+                            tracing::debug!(step_id = %call.branch_id, %error, "step failed");
                             SagaEvent::StepFailed { step, error }
                         }
                     }
