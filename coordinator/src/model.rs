@@ -337,6 +337,11 @@ pub struct TxnRecord {
     /// Sagas: a compensation keeps failing; an operator should look.
     pub stuck: bool,
     pub saga: Option<SagaDefinition>,
+    /// The principal that began or submitted it (`None`: no authentication). Not part of
+    /// the record's serde form: the log appends it (format 2), so records written before
+    /// owners existed still decode (without an owner).
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 /// Longest error text kept once a record has to be trimmed.

@@ -11,7 +11,9 @@ use tokio::sync::{Semaphore, mpsc};
 use treaty_coordinator::engine::twopc::BranchSpec;
 use treaty_coordinator::log::{DecisionLog, Durability, LogError, LogWrite, MemoryLog};
 use treaty_coordinator::model::{TxnId, TxnRecord, TxnState, UnixMs};
-use treaty_coordinator::runtime::{BeginParams, Decision, Runtime, RuntimeConfig, now_unix_ms};
+use treaty_coordinator::runtime::{
+    BeginParams, Decision, ListFilter, Runtime, RuntimeConfig, now_unix_ms,
+};
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
@@ -112,6 +114,7 @@ async fn a_decision_being_written_is_shown_nowhere_as_committing() {
             deadline_unix_ms: now_unix_ms() + 60_000,
             prepare_timeout_ms: 10_000,
             branches,
+            owner: None,
         })
         .await
         .unwrap();
@@ -135,11 +138,21 @@ async fn a_decision_being_written_is_shown_nowhere_as_committing() {
     );
     assert_eq!(runtime.outcome(id).await.unwrap(), Decision::Pending);
     let listed = runtime
-        .list(&[TxnState::Committing], None, 100)
+        .list(
+            &ListFilter {
+                states: vec![TxnState::Committing],
+                owner: None,
+            },
+            None,
+            100,
+        )
         .await
         .unwrap();
     assert!(listed.transactions.is_empty(), "{listed:?}");
-    let listed = runtime.list(&[], None, 100).await.unwrap();
+    let listed = runtime
+        .list(&ListFilter::default(), None, 100)
+        .await
+        .unwrap();
     assert_eq!(listed.transactions.len(), 1);
     assert_eq!(listed.transactions[0].state, TxnState::Preparing);
     assert!(!committing.is_finished());
@@ -166,6 +179,7 @@ async fn begins_abandoned_by_their_callers_do_not_leak_admission() {
             deadline_unix_ms: now_unix_ms() + 300,
             prepare_timeout_ms: 1_000,
             branches: Vec::new(),
+            owner: None,
         });
         let _ = begin.now_or_never();
     }
@@ -173,7 +187,7 @@ async fn begins_abandoned_by_their_callers_do_not_leak_admission() {
     let started = Instant::now();
     let created = loop {
         let listed = runtime
-            .list(&[], None, 1_000)
+            .list(&ListFilter::default(), None, 1_000)
             .await
             .unwrap()
             .transactions
@@ -199,7 +213,14 @@ async fn begins_abandoned_by_their_callers_do_not_leak_admission() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let aborted = runtime
-        .list(&[TxnState::Aborted], None, 1_000)
+        .list(
+            &ListFilter {
+                states: vec![TxnState::Aborted],
+                owner: None,
+            },
+            None,
+            1_000,
+        )
         .await
         .unwrap();
     assert!(
@@ -241,6 +262,7 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
             stuck_after_attempts: 3,
         },
         idempotency_key: Some("k".into()),
+        owner: None,
     };
     let submitting = {
         let runtime = runtime.clone();
@@ -261,7 +283,7 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
     // Written (readable in the log) but not durable: shown nowhere.
     assert!(
         runtime
-            .list(&[], None, 10)
+            .list(&ListFilter::default(), None, 10)
             .await
             .unwrap()
             .transactions
@@ -281,7 +303,7 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
     assert!(runtime.get(written.id).await.unwrap().is_some());
     assert_eq!(
         runtime
-            .list(&[], None, 10)
+            .list(&ListFilter::default(), None, 10)
             .await
             .unwrap()
             .transactions

@@ -136,6 +136,7 @@ impl World {
                 stuck_after_attempts: 3,
             },
             idempotency_key: None,
+            owner: None,
         });
         let n = graph.len();
         let mut world = Self {

@@ -111,6 +111,7 @@ impl World {
             deadline_unix_ms: T0 + 60_000,
             prepare_timeout_ms: 1_000,
             max_branches: 8,
+            owner: None,
         });
         for i in 0..scripts.len() {
             txn.handle_command(

@@ -128,6 +128,7 @@ fn saga_record(id: TxnId, state: TxnState, padding: usize) -> TxnRecord {
         idempotency_key: None,
         stuck: false,
         saga: None,
+        owner: None,
     }
 }
 

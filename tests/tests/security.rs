@@ -564,3 +564,115 @@ async fn sighup_reloads_certificates_and_tokens_and_never_kills_the_daemon() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_belong_to_their_principal_and_admins_see_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let mut config = coordinator_config(&dir.path().join("coordinator"));
+    config.security.auth_tokens = Some(token_file(dir.path()));
+    let coordinator = Coordinator::start_with(config.clone()).await;
+    let connect = |endpoint: String, token: &str| {
+        let options = ClientOptions {
+            tls: None,
+            token: Some(token.to_string()),
+        };
+        async move {
+            TreatyClient::connect_with(endpoint, &options)
+                .await
+                .unwrap()
+        }
+    };
+    let alice = connect(coordinator.endpoint.clone(), ALICE_TOKEN).await;
+    let bob = connect(coordinator.endpoint.clone(), BOB_TOKEN).await;
+    let root = connect(coordinator.endpoint.clone(), ROOT_TOKEN).await;
+
+    let open = alice
+        .begin(
+            BeginOptions::default(),
+            vec![BranchSpec::new("a", &participant.endpoint, "yes")],
+        )
+        .await
+        .unwrap();
+    let denied = |error: treaty_sdk::ClientError| {
+        assert_eq!(error.code(), Some(Code::PermissionDenied), "{error}");
+    };
+    denied(
+        bob.enlist(&open, BranchSpec::new("b", &participant.endpoint, "yes"))
+            .await
+            .unwrap_err(),
+    );
+    denied(bob.commit(&open).await.unwrap_err());
+    denied(bob.abort(&open, "mine now").await.unwrap_err());
+    denied(bob.get(&open).await.unwrap_err());
+    denied(bob.watch(&open).await.err().expect("watch refused"));
+    let untouched = alice.get(&open).await.unwrap().unwrap();
+    assert_eq!(untouched.branches.len(), 1, "bob's enlist changed it");
+    assert_eq!(
+        untouched.state,
+        treaty_sdk::client::TransactionState::Active as i32,
+        "bob's commit or abort changed it"
+    );
+    assert!(participant.participant.calls().is_empty());
+
+    // Lists: one's own; admins see all.
+    let bobs = bob
+        .begin(
+            BeginOptions::default(),
+            vec![BranchSpec::new("a", &participant.endpoint, "yes")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&alice).await, vec![open.clone()]);
+    assert_eq!(ids_of(&bob).await, vec![bobs.clone()]);
+    let mut all = ids_of(&root).await;
+    all.sort();
+    let mut expected = vec![open.clone(), bobs.clone()];
+    expected.sort();
+    assert_eq!(all, expected);
+
+    // Idempotency keys are per principal: the same key names two sagas.
+    let submit = |client: TreatyClient| {
+        let endpoint = participant.endpoint.clone();
+        async move {
+            client
+                .submit_saga(
+                    vec![SagaStep::new("s", &endpoint, "yes")],
+                    SubmitOptions {
+                        idempotency_key: Some("order-1".into()),
+                        wait_for_outcome: true,
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let alices_saga = submit(alice.clone()).await;
+    let bobs_saga = submit(bob.clone()).await;
+    assert!(alices_saga.created && bobs_saga.created);
+    assert_ne!(alices_saga.transaction_id, bobs_saga.transaction_id);
+    assert_eq!(alices_saga.transaction.idempotency_key, "order-1");
+    let again = submit(alice.clone()).await;
+    assert!(!again.created);
+    assert_eq!(again.transaction_id, alices_saga.transaction_id);
+
+    // The owner is in the log: after a restart, only alice (and admins) see her commit.
+    assert_eq!(alice.commit(&open).await.unwrap(), Outcome::Committed);
+    eventually("the commit is finished", || async {
+        let txn = alice.get(&open).await.ok()??;
+        (txn.state == treaty_sdk::client::TransactionState::Committed as i32).then_some(())
+    })
+    .await;
+    coordinator.stop().await.unwrap();
+    let coordinator = Coordinator::start_with(config).await;
+    let alice = connect(coordinator.endpoint.clone(), ALICE_TOKEN).await;
+    let bob = connect(coordinator.endpoint.clone(), BOB_TOKEN).await;
+    let root = connect(coordinator.endpoint.clone(), ROOT_TOKEN).await;
+    denied(bob.get(&open).await.unwrap_err());
+    assert!(alice.get(&open).await.unwrap().is_some());
+    assert!(root.get(&open).await.unwrap().is_some());
+    assert!(!ids_of(&bob).await.contains(&open));
+
+    coordinator.stop().await.unwrap();
+    participant.stop().await;
+}

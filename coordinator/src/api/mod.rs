@@ -22,9 +22,10 @@ use treaty_sdk::limits::{FieldError, check_id, check_reason};
 use crate::config::defaults;
 use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::twopc::Refusal;
-use crate::model::{TxnRecord, TxnState};
-use crate::runtime::{BeginParams, Decision, Runtime, RuntimeError, now_unix_ms};
+use crate::model::{TxnId, TxnRecord, TxnState};
+use crate::runtime::{BeginParams, Decision, ListFilter, Runtime, RuntimeError, now_unix_ms};
 use auth::Authenticator;
+use treaty_sdk::auth::Principal;
 
 /// Limits and defaults the API applies to requests.
 #[derive(Debug, Clone)]
@@ -90,6 +91,18 @@ impl CoordinatorService {
         self
     }
 
+    /// Refuses to let `principal` act on another principal's transaction (admins act on
+    /// all). An unknown transaction passes: the runtime answers for it.
+    async fn check_owner(&self, principal: &Principal, id: TxnId) -> Result<(), Status> {
+        if principal.admin {
+            return Ok(());
+        }
+        match self.runtime.get(id).await.map_err(status_of)? {
+            Some(record) if !may_act(principal, &record) => Err(not_yours(&id)),
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses `https://` participant endpoints when no TLS configuration exists for them:
     /// they would otherwise fail on every call (never fall back to cleartext).
     fn check_scheme<'a>(
@@ -153,6 +166,35 @@ impl CoordinatorService {
     }
 }
 
+/// Idempotency keys belong to principals: the runtime and the log see
+/// `<principal>/<key>` (a key cannot contain `/`), so two principals' equal keys name
+/// two sagas, and no principal can find another's saga by its key.
+pub fn scoped_key(owner: Option<&str>, key: String) -> String {
+    match owner {
+        Some(owner) => format!("{owner}/{key}"),
+        None => key,
+    }
+}
+
+/// The key as its principal gave it.
+pub fn unscoped_key(scoped: &str) -> &str {
+    scoped.rsplit('/').next().unwrap_or(scoped)
+}
+
+/// What a transaction records as its owner when `principal` begins it.
+fn owner_of(principal: &Principal) -> Option<String> {
+    (principal.name != auth::ANONYMOUS).then(|| principal.name.clone())
+}
+
+/// Whether `principal` may see and act on `record`: its owner, or an admin.
+fn may_act(principal: &Principal, record: &TxnRecord) -> bool {
+    principal.admin || record.owner.as_deref() == Some(principal.name.as_str())
+}
+
+fn not_yours(id: &TxnId) -> Status {
+    Status::permission_denied(format!("transaction_id: {id} belongs to another principal"))
+}
+
 fn invalid(error: FieldError) -> Status {
     Status::invalid_argument(error.to_string())
 }
@@ -199,7 +241,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::BeginRequest>,
     ) -> Result<Response<proto::BeginResponse>, Status> {
-        let _principal = self.auth.authenticate(&request)?;
+        let principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         self.check_scheme(
             request
@@ -220,6 +262,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 deadline_unix_ms,
                 prepare_timeout_ms,
                 branches,
+                owner: owner_of(&principal),
             })
             .await
             .map_err(status_of)?;
@@ -233,7 +276,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::EnlistRequest>,
     ) -> Result<Response<proto::EnlistResponse>, Status> {
-        let _principal = self.auth.authenticate(&request)?;
+        let principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
         let spec = request
@@ -242,6 +285,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         self.check_scheme([("branch.endpoint".to_string(), spec.endpoint.as_str())])?;
         let branch =
             pb::branch_spec("branch", spec, &self.config.endpoint_policy).map_err(invalid)?;
+        self.check_owner(&principal, id).await?;
         self.runtime.enlist(id, branch).await.map_err(status_of)?;
         Ok(Response::new(proto::EnlistResponse {}))
     }
@@ -250,9 +294,10 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
-        let _principal = self.auth.authenticate(&request)?;
+        let principal = self.auth.authenticate(&request)?;
         let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
             .map_err(invalid)?;
+        self.check_owner(&principal, id).await?;
         let decided = self.runtime.commit(id).await.map_err(status_of)?;
         Ok(Response::new(outcome_of(&decided)))
     }
@@ -261,7 +306,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::AbortRequest>,
     ) -> Result<Response<proto::AbortResponse>, Status> {
-        let _principal = self.auth.authenticate(&request)?;
+        let principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
         check_reason("reason", &request.reason).map_err(invalid)?;
@@ -270,6 +315,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         } else {
             request.reason
         };
+        self.check_owner(&principal, id).await?;
         self.runtime.abort(id, reason).await.map_err(status_of)?;
         Ok(Response::new(proto::AbortResponse {}))
     }
@@ -278,10 +324,13 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::GetTransactionRequest>,
     ) -> Result<Response<proto::GetTransactionResponse>, Status> {
-        let _principal = self.auth.authenticate(&request)?;
+        let principal = self.auth.authenticate(&request)?;
         let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
             .map_err(invalid)?;
         let record = self.runtime.get(id).await.map_err(status_of)?;
+        if record.as_ref().is_some_and(|r| !may_act(&principal, r)) {
+            return Err(not_yours(&id));
+        }
         Ok(Response::new(proto::GetTransactionResponse {
             found: record.is_some(),
             transaction: record.as_ref().map(pb::transaction_to_pb),
@@ -292,7 +341,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::ListTransactionsRequest>,
     ) -> Result<Response<proto::ListTransactionsResponse>, Status> {
-        let _principal = self.auth.authenticate(&request)?;
+        let principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         let states = request
             .states
@@ -318,7 +367,15 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         };
         let page = self
             .runtime
-            .list(&states, after, page_size as usize)
+            .list(
+                &ListFilter {
+                    states,
+                    // Everyone sees their own; admins see all.
+                    owner: (!principal.admin).then(|| principal.name.clone()),
+                },
+                after,
+                page_size as usize,
+            )
             .await
             .map_err(status_of)?;
         Ok(Response::new(proto::ListTransactionsResponse {
@@ -337,9 +394,10 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::WatchTransactionRequest>,
     ) -> Result<Response<Self::WatchTransactionStream>, Status> {
-        let _principal = self.auth.authenticate(&request)?;
+        let principal = self.auth.authenticate(&request)?;
         let id = pb::parse_txn_id("transaction_id", &request.into_inner().transaction_id)
             .map_err(invalid)?;
+        self.check_owner(&principal, id).await?;
         if let Some(updates) = self.runtime.watch(id).await.map_err(status_of)? {
             return Ok(Response::new(watch_stream(updates, self.stopping.clone())));
         }
@@ -361,7 +419,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::SubmitSagaRequest>,
     ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
-        let _principal = self.auth.authenticate(&request)?;
+        let principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
         self.check_scheme(
             request
@@ -371,8 +429,13 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 .map(|(i, s)| (format!("steps[{i}].endpoint"), s.endpoint.as_str())),
         )?;
         let wait_for_outcome = request.wait_for_outcome;
-        let params = saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
-            .map_err(invalid)?;
+        let mut params =
+            saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
+                .map_err(invalid)?;
+        params.owner = owner_of(&principal);
+        params.idempotency_key = params
+            .idempotency_key
+            .map(|key| scoped_key(params.owner.as_deref(), key));
         let mut submitted = self.runtime.submit_saga(params).await.map_err(status_of)?;
         if wait_for_outcome {
             let mut stopping = self.stopping.clone();

@@ -188,6 +188,11 @@ pub fn transaction_to_pb(record: &TxnRecord) -> pb::Transaction {
         reason: record.reason.clone().unwrap_or_default(),
         transitions: record.transitions.iter().map(transition_to_pb).collect(),
         stuck: record.stuck,
-        idempotency_key: record.idempotency_key.clone().unwrap_or_default(),
+        idempotency_key: record
+            .idempotency_key
+            .as_deref()
+            .map(super::unscoped_key)
+            .unwrap_or_default()
+            .to_string(),
     }
 }

@@ -123,6 +123,8 @@ pub fn saga_params(
             stuck_after_attempts: defaults.stuck_after_attempts,
         },
         idempotency_key,
+        // The API sets the owner and scopes the key once the caller is known.
+        owner: None,
     })
 }
 

@@ -160,4 +160,6 @@ pub struct NewTransaction {
     pub deadline_unix_ms: UnixMs,
     pub prepare_timeout_ms: u64,
     pub max_branches: usize,
+    /// Who began it (opaque to the protocol; kept in its records).
+    pub owner: Option<String>,
 }

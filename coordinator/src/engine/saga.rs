@@ -196,6 +196,8 @@ pub struct NewSaga {
     pub created_unix_ms: UnixMs,
     pub definition: SagaDefinition,
     pub idempotency_key: Option<String>,
+    /// Who submitted it (opaque to the protocol; kept in its records).
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +214,7 @@ pub struct Saga {
     /// Rebuilt from the log after a restart: steps the log shows as pending may have run
     /// (progress is written lazily), so compensation cannot skip them.
     recovered: bool,
+    owner: Option<String>,
 }
 
 impl Saga {
@@ -235,6 +238,7 @@ impl Saga {
             stuck: false,
             transitions: Vec::new(),
             recovered: false,
+            owner: params.owner,
         };
         (saga, vec![SagaAction::PersistForced])
     }
@@ -274,6 +278,7 @@ impl Saga {
             stuck: record.stuck,
             transitions: record.transitions,
             recovered: true,
+            owner: record.owner,
         };
         if saga.transitions.is_empty() {
             // Only the definition reached the disk: it was accepted when that write returned.
@@ -312,6 +317,11 @@ impl Saga {
                 "invariant: only RUNNING and COMPENSATING sagas are recovered, not {other:?}"
             ),
         }
+    }
+
+    /// The principal that began it (`None` without authentication).
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
     }
 
     pub fn id(&self) -> TxnId {
@@ -406,6 +416,7 @@ impl Saga {
             idempotency_key: self.idempotency_key.clone(),
             stuck: self.stuck,
             saga: Some(self.definition.clone()),
+            owner: self.owner.clone(),
         }
     }
 

@@ -43,6 +43,7 @@ fn running(graph: &[&[usize]]) -> Saga {
         created_unix_ms: T0,
         definition: definition(graph),
         idempotency_key: Some("order-1".into()),
+        owner: None,
     });
     assert_eq!(actions, vec![SagaAction::PersistForced]);
     assert!(!saga.is_accepted());
@@ -94,6 +95,7 @@ fn nothing_runs_before_the_definition_is_durable() {
         created_unix_ms: T0,
         definition: definition(&[&[], &[0]]),
         idempotency_key: None,
+        owner: None,
     });
     assert_eq!(actions, vec![SagaAction::PersistForced]);
     assert_eq!(states(&saga), [BranchState::Pending, BranchState::Pending]);
@@ -414,6 +416,7 @@ fn recovery_of_a_definition_alone_starts_the_saga() {
         created_unix_ms: T0,
         definition: definition(&[&[], &[]]),
         idempotency_key: None,
+        owner: None,
     });
     let (recovered, actions) = Saga::recover(saga.log_record(), T0 + 100);
     assert_eq!(
@@ -523,6 +526,7 @@ fn after_a_restart_a_step_the_log_shows_pending_is_compensated_too() {
         created_unix_ms: T0,
         definition: definition(&[&[], &[], &[0]]),
         idempotency_key: None,
+        owner: None,
     });
     let (mut saga, actions) = Saga::recover(saga.log_record(), T0 + 100);
     assert_eq!(

@@ -132,6 +132,7 @@ pub struct TwoPhaseCommit {
     branches: Vec<Branch>,
     reason: Option<String>,
     transitions: Vec<Transition>,
+    owner: Option<String>,
 }
 
 impl TwoPhaseCommit {
@@ -151,6 +152,7 @@ impl TwoPhaseCommit {
                 at_unix_ms: params.created_unix_ms,
                 reason: String::new(),
             }],
+            owner: params.owner,
         };
         let actions = vec![Action::StartDeadlineTimer {
             at_unix_ms: params.deadline_unix_ms,
@@ -194,6 +196,7 @@ impl TwoPhaseCommit {
                 .collect(),
             reason: record.reason,
             transitions: record.transitions,
+            owner: record.owner,
         };
         txn.transitions.push(Transition {
             state: TxnState::Committing,
@@ -202,6 +205,11 @@ impl TwoPhaseCommit {
         });
         let actions = txn.deliver_to_awaiting(Operation::Commit, now);
         (txn, actions)
+    }
+
+    /// The principal that began it (`None` without authentication).
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
     }
 
     pub fn id(&self) -> TxnId {
@@ -271,6 +279,7 @@ impl TwoPhaseCommit {
             idempotency_key: None,
             stuck: false,
             saga: None,
+            owner: self.owner.clone(),
         }
     }
 

@@ -13,6 +13,7 @@ fn new_txn(branches: usize) -> TwoPhaseCommit {
         deadline_unix_ms: DEADLINE,
         prepare_timeout_ms: 5_000,
         max_branches: 4,
+        owner: None,
     });
     assert_eq!(
         actions,

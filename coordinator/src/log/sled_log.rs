@@ -21,7 +21,10 @@ use treaty_sdk::durable::{Durability, DurableStore, StoreError, StoreOptions, Wr
 use super::{DecisionLog, LogError, LogWrite};
 use crate::model::{TxnId, TxnRecord, UnixMs};
 
-const FORMAT_VERSION: u8 = 1;
+/// Format 2: the record, then its owner (both postcard). Format 1 (no owner) is still
+/// read: such records have no owner.
+const FORMAT_VERSION: u8 = 2;
+const FORMAT_WITHOUT_OWNER: u8 = 1;
 
 /// Largest encoded record written, which bounds memory and write cost: history is
 /// trimmed to fit, and a record whose protocol fields alone exceed this is refused.
@@ -96,6 +99,7 @@ fn encode(record: &TxnRecord) -> Vec<u8> {
     let mut bytes = vec![FORMAT_VERSION];
     // Serializing plain data into a Vec cannot fail.
     bytes.extend(postcard::to_allocvec(record).unwrap_or_default());
+    bytes.extend(postcard::to_allocvec(&record.owner).unwrap_or_default());
     bytes
 }
 
@@ -111,6 +115,12 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
     };
     match bytes.split_first() {
         Some((&FORMAT_VERSION, rest)) => {
+            let (mut record, owner): (TxnRecord, &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
+            record.owner = postcard::from_bytes(owner).map_err(|e| corrupt(e.to_string()))?;
+            Ok(record)
+        }
+        Some((&FORMAT_WITHOUT_OWNER, rest)) => {
             postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))
         }
         Some((version, _)) => Err(corrupt(format!("unknown format version {version}"))),
@@ -328,5 +338,24 @@ mod tests {
         futures::executor::block_on(log.store.write(batch, Durability::Forced)).unwrap();
         assert!(matches!(log.unfinished(), Err(LogError::Corrupt { .. })));
         assert!(matches!(log.get(&id), Err(LogError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn owners_round_trip_and_records_of_format_1_still_decode() {
+        use crate::model::TxnState;
+        let mut record = suite::record(1_700_000_000_000, TxnState::Committing);
+        record.owner = Some("alice".into());
+        let key = key(RECORD, &record.id);
+        assert_eq!(decode(&key, &encode(&record)).unwrap(), record);
+        // A record written before owners existed: the record alone, version 1.
+        let mut old = vec![FORMAT_WITHOUT_OWNER];
+        old.extend(postcard::to_allocvec(&record).unwrap());
+        let decoded = decode(&key, &old).unwrap();
+        assert_eq!(decoded.owner, None);
+        assert_eq!(decoded.state, record.state);
+        // A version-2 record cut before its owner is damage, not an anonymous record.
+        let mut cut = encode(&record);
+        cut.truncate(cut.len() - 3);
+        assert!(matches!(decode(&key, &cut), Err(LogError::Corrupt { .. })));
     }
 }

@@ -45,6 +45,7 @@ pub fn record(created: UnixMs, state: TxnState) -> TxnRecord {
         idempotency_key: None,
         stuck: false,
         saga: None,
+        owner: None,
     }
 }
 

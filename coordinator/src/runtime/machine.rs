@@ -90,6 +90,13 @@ impl Machine {
         }
     }
 
+    pub(super) fn owner(&self) -> Option<&str> {
+        match self {
+            Machine::TwoPhase(txn) => txn.owner(),
+            Machine::Saga(saga) => saga.owner(),
+        }
+    }
+
     pub(super) fn idempotency_key(&self) -> Option<&str> {
         match self {
             Machine::TwoPhase(_) => None,

@@ -122,13 +122,37 @@ pub struct BeginParams {
     pub deadline_unix_ms: UnixMs,
     pub prepare_timeout_ms: u64,
     pub branches: Vec<BranchSpec>,
+    /// The principal beginning it (`None` without authentication).
+    pub owner: Option<String>,
+}
+
+/// Which transactions a list shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only these states (every state if empty).
+    pub states: Vec<TxnState>,
+    /// Only this principal's transactions (everyone's if `None`).
+    pub owner: Option<String>,
+}
+
+impl ListFilter {
+    pub fn matches(&self, state: TxnState, owner: Option<&str>) -> bool {
+        (self.states.is_empty() || self.states.contains(&state))
+            && self
+                .owner
+                .as_deref()
+                .is_none_or(|wanted| owner == Some(wanted))
+    }
 }
 
 /// A saga to submit, validated by the API.
 #[derive(Debug, Clone)]
 pub struct SagaParams {
     pub definition: SagaDefinition,
+    /// Scoped to the owner by the API (see `api::scoped_key`).
     pub idempotency_key: Option<String>,
+    /// The principal submitting it (`None` without authentication).
+    pub owner: Option<String>,
 }
 
 /// The answer to a submit: the saga (new, or the one submitted earlier with the same
@@ -454,7 +478,7 @@ impl Runtime {
     /// state.
     pub async fn list(
         &self,
-        states: &[TxnState],
+        filter: &ListFilter,
         after: Option<TxnId>,
         limit: usize,
     ) -> Result<Page, RuntimeError> {
@@ -477,7 +501,7 @@ impl Runtime {
         for (shard, known) in self.shards.iter().zip(scanned_ids) {
             let (reply, answer) = oneshot::channel();
             let message = ShardMsg::List {
-                states: states.to_vec(),
+                filter: filter.clone(),
                 after,
                 limit,
                 known,
@@ -492,9 +516,11 @@ impl Runtime {
             in_memory.extend(listed.present);
         }
         candidates.retain(|r| horizon.is_none_or(|h| r.id <= h));
-        candidates.extend(scanned.into_iter().filter(|r| {
-            !in_memory.contains(&r.id) && (states.is_empty() || states.contains(&r.state))
-        }));
+        candidates.extend(
+            scanned.into_iter().filter(|r| {
+                !in_memory.contains(&r.id) && filter.matches(r.state, r.owner.as_deref())
+            }),
+        );
         candidates.sort_by_key(|r| r.id);
         let full = candidates.len() >= limit;
         candidates.truncate(limit);
@@ -589,6 +615,7 @@ mod tests {
             idempotency_key: None,
             stuck: false,
             saga: None,
+            owner: None,
         }
     }
 

@@ -20,7 +20,9 @@ use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::execute::Actions;
 use super::machine::{Input, Machine, Timer};
-use super::{BeginParams, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms};
+use super::{
+    BeginParams, ListFilter, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms,
+};
 use crate::engine::saga::{NewSaga, Saga, SagaEvent};
 use crate::engine::twopc::{BranchSpec, Command, Event, NewTransaction, TwoPhaseCommit};
 use crate::log::DecisionLog;
@@ -71,7 +73,7 @@ pub(super) enum ShardMsg {
     /// The `limit` smallest ids after `after` in `states`, and which of `known` (ids
     /// found in the log) this shard holds in memory.
     List {
-        states: Vec<TxnState>,
+        filter: ListFilter,
         after: Option<TxnId>,
         limit: usize,
         known: Vec<TxnId>,
@@ -295,13 +297,13 @@ impl Shard {
                 let _ = reply.send(self.lookup(id, |e| e.machine.state()));
             }
             ShardMsg::List {
-                states,
+                filter,
                 after,
                 limit,
                 known,
                 reply,
             } => {
-                let _ = reply.send(self.list(&states, after, limit, known));
+                let _ = reply.send(self.list(&filter, after, limit, known));
             }
             ShardMsg::Shutdown { .. } => {}
         }
@@ -326,6 +328,7 @@ impl Shard {
             deadline_unix_ms: params.deadline_unix_ms,
             prepare_timeout_ms: params.prepare_timeout_ms,
             max_branches: self.config.max_branches,
+            owner: params.owner,
         });
         for branch in params.branches {
             // Enlisting into a new ACTIVE transaction emits no actions.
@@ -359,6 +362,7 @@ impl Shard {
             created_unix_ms: now,
             definition: params.definition,
             idempotency_key: params.idempotency_key.clone(),
+            owner: params.owner,
         });
         tracing::info!(
             steps = saga.definition().steps.len(),
@@ -470,7 +474,7 @@ impl Shard {
 
     fn list(
         &self,
-        states: &[TxnState],
+        filter: &ListFilter,
         after: Option<TxnId>,
         limit: usize,
         known: Vec<TxnId>,
@@ -481,7 +485,7 @@ impl Shard {
             .filter(|(id, e)| {
                 after.is_none_or(|after| **id > after)
                     && e.machine.is_visible()
-                    && (states.is_empty() || states.contains(&e.machine.state()))
+                    && filter.matches(e.machine.state(), e.machine.owner())
             })
             .map(|(_, e)| e)
             .collect();
