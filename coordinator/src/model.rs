@@ -54,12 +54,18 @@ impl FromStr for TxnId {
 
     /// Accepts only the canonical form this coordinator hands out (lowercase, hyphenated).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
+        // The input is quoted bounded and escaped: it comes from clients.
+        let quoted = || treaty_sdk::limits::quote_input(text);
         let uuid = uuid::Uuid::try_parse(text).map_err(|_| {
-            format!("{text:?} is not a transaction id (a UUID such as 019a0b6e-8d2f-7c3a-9b1e-2f4d5c6b7a80)")
+            format!(
+                "{} is not a transaction id (a UUID such as 019a0b6e-8d2f-7c3a-9b1e-2f4d5c6b7a80)",
+                quoted()
+            )
         })?;
         if uuid.hyphenated().to_string() != text {
             return Err(format!(
-                "{text:?} is not in canonical form (lowercase, hyphenated)"
+                "{} is not in canonical form (lowercase, hyphenated)",
+                quoted()
             ));
         }
         Ok(Self(uuid))
@@ -401,6 +407,24 @@ mod tests {
         let text = early.to_string();
         assert_eq!(text.parse::<TxnId>().unwrap(), early);
         assert_eq!(TxnId::from_bytes(*early.as_bytes()), early);
+    }
+
+    #[test]
+    fn a_huge_bad_id_gives_a_small_escaped_error() {
+        // A 4 MiB id once came back as a 35 MB error message.
+        let huge = "\u{1b}[31m".to_string() + &"x".repeat(4 * 1024 * 1024);
+        let error = huge.parse::<TxnId>().unwrap_err();
+        assert!(error.len() < 512, "{} bytes", error.len());
+        assert!(!error.contains('\u{1b}'), "{error}");
+        let upper = TxnId::generate(1_700_000_000_000)
+            .to_string()
+            .to_uppercase();
+        assert!(
+            upper
+                .parse::<TxnId>()
+                .unwrap_err()
+                .contains("canonical form")
+        );
     }
 
     #[test]
