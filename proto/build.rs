@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Malformed messages are INVALID_ARGUMENT (see src/codec.rs).
+        .codec_path("crate::codec::TreatyCodec")
         .compile_fds(descriptors)?;
     for file in PROTO_FILES {
         println!("cargo:rerun-if-changed=proto/{file}");

@@ -4,6 +4,8 @@
 
 #![allow(missing_debug_implementations)] // generated code: clients and servers are not Debug
 
+pub mod codec;
+
 /// The `treaty.v1` package: messages, enums, the Coordinator and Participant services.
 #[allow(
     clippy::all,

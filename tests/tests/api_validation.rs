@@ -266,3 +266,84 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
     participant.stop().await;
     coordinator.stop().await.unwrap();
 }
+
+/// Sends raw bytes as a request body: what a broken or hostile client can put on the wire.
+#[derive(Debug, Clone, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let bytes = bytes::Buf::copy_to_bytes(buf, bytes::Buf::remaining(buf));
+        Ok(Some(bytes.to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_are_not_the_message_are_invalid_argument_at_both_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    // A field tag with wire type 7 (there is none): no protobuf decoder accepts it.
+    let garbage = vec![0x0f, 0xff, 0xff, 0xff];
+    for (endpoint, path) in [
+        (&coordinator.endpoint, "/treaty.v1.Coordinator/Begin"),
+        (&participant.endpoint, "/treaty.v1.Participant/Prepare"),
+    ] {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(
+                tonic::Request::new(garbage.clone()),
+                http::uri::PathAndQuery::from_static(path),
+                RawBytes,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{path}: {status:?}");
+    }
+    let client = coordinator.client().await;
+    assert!(client.list(&[], 10, "").await.unwrap().0.is_empty());
+    assert!(participant.participant.calls().is_empty());
+    coordinator.stop().await.unwrap();
+    participant.stop().await;
+}
