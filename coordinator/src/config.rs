@@ -22,6 +22,7 @@ pub mod defaults {
     pub const RETRY_BACKOFF_INITIAL_MS: u64 = 100;
     pub const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
     pub const MAX_ACTIVE_TRANSACTIONS: usize = 100_000;
+    pub const MAX_ACTIVE_PER_PRINCIPAL: usize = 10_000;
     pub const MAX_IN_FLIGHT_CALLS: usize = 4_096;
     pub const MEMORY_RETENTION_MS: u64 = 300_000;
     pub const MAX_RETAINED_TRANSACTIONS: usize = 100_000;
@@ -81,6 +82,11 @@ pub struct ServeConfig {
     /// Transactions in progress at once; Begin beyond it is RESOURCE_EXHAUSTED.
     #[arg(long, env = "TREATY_MAX_ACTIVE_TRANSACTIONS", default_value_t = defaults::MAX_ACTIVE_TRANSACTIONS)]
     pub max_active_transactions: usize,
+
+    /// Transactions one authenticated principal may have in progress at once (Begin or
+    /// SubmitSaga beyond it is RESOURCE_EXHAUSTED); not applied without authentication.
+    #[arg(long, env = "TREATY_MAX_ACTIVE_PER_PRINCIPAL", default_value_t = defaults::MAX_ACTIVE_PER_PRINCIPAL)]
+    pub max_active_per_principal: usize,
 
     /// Participant calls in flight at once.
     #[arg(long, env = "TREATY_MAX_IN_FLIGHT_CALLS", default_value_t = defaults::MAX_IN_FLIGHT_CALLS)]
@@ -202,6 +208,7 @@ impl ServeConfig {
             retry_backoff_initial_ms: defaults::RETRY_BACKOFF_INITIAL_MS,
             retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
             max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
+            max_active_per_principal: defaults::MAX_ACTIVE_PER_PRINCIPAL,
             max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
@@ -238,6 +245,10 @@ impl ServeConfig {
             self.max_active_transactions as u64,
         )?;
         positive("max_in_flight_calls", self.max_in_flight_calls as u64)?;
+        positive(
+            "max_active_per_principal",
+            self.max_active_per_principal as u64,
+        )?;
         positive(
             "max_retained_transactions",
             self.max_retained_transactions as u64,
@@ -413,6 +424,7 @@ impl ServeConfig {
             retry_backoff_initial_ms: self.retry_backoff_initial_ms,
             retry_backoff_max_ms: self.retry_backoff_max_ms,
             max_active_transactions: self.max_active_transactions,
+            max_active_per_principal: self.max_active_per_principal,
             max_in_flight_calls: self.max_in_flight_calls,
             max_branches: treaty_sdk::limits::MAX_BRANCHES,
             memory_retention_ms: self.memory_retention_ms,

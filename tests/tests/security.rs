@@ -676,3 +676,64 @@ async fn transactions_belong_to_their_principal_and_admins_see_all() {
     coordinator.stop().await.unwrap();
     participant.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_principal_cannot_take_every_transaction_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let mut config = coordinator_config(&dir.path().join("coordinator"));
+    config.security.auth_tokens = Some(token_file(dir.path()));
+    config.max_active_per_principal = 2;
+    let coordinator = Coordinator::start_with(config).await;
+    let connect = |token: &str| {
+        let options = ClientOptions {
+            tls: None,
+            token: Some(token.to_string()),
+        };
+        let endpoint = coordinator.endpoint.clone();
+        async move {
+            TreatyClient::connect_with(endpoint, &options)
+                .await
+                .unwrap()
+        }
+    };
+    let (alice, bob) = (connect(ALICE_TOKEN).await, connect(BOB_TOKEN).await);
+    let branches = || vec![BranchSpec::new("a", &participant.endpoint, "yes")];
+    let first = alice
+        .begin(BeginOptions::default(), branches())
+        .await
+        .unwrap();
+    alice
+        .begin(BeginOptions::default(), branches())
+        .await
+        .unwrap();
+    let refused = alice
+        .begin(BeginOptions::default(), branches())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+    let refused = alice
+        .submit_saga(
+            vec![SagaStep::new("s", &participant.endpoint, "yes")],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+    assert_eq!(
+        ids_of(&alice).await.len(),
+        2,
+        "a refused call created something"
+    );
+    // Others are not held up, and a finished transaction frees its slot.
+    bob.begin(BeginOptions::default(), branches())
+        .await
+        .unwrap();
+    alice.abort(&first, "done").await.unwrap();
+    eventually("the abort frees a slot", || async {
+        alice.begin(BeginOptions::default(), branches()).await.ok()
+    })
+    .await;
+    coordinator.stop().await.unwrap();
+    participant.stop().await;
+}

@@ -16,12 +16,12 @@
 //!   depended on it is acknowledged.
 
 mod execute;
+mod load;
 mod machine;
 mod shard;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -31,6 +31,7 @@ use crate::engine::twopc::{BranchSpec, Refusal};
 use crate::log::{DecisionLog, LogError};
 use crate::model::{SagaDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
+use load::Load;
 use shard::{Lookup, Shard, ShardMsg, SubmitReply};
 
 /// What the runtime needs to know; the daemon fills it from its validated config.
@@ -44,6 +45,8 @@ pub struct RuntimeConfig {
     pub retry_backoff_initial_ms: u64,
     pub retry_backoff_max_ms: u64,
     pub max_active_transactions: usize,
+    /// Transactions one principal may have in progress at once.
+    pub max_active_per_principal: usize,
     pub max_in_flight_calls: usize,
     pub max_branches: usize,
     /// How long a final transaction stays in memory (GetTransaction, Watch, Outcome).
@@ -77,6 +80,7 @@ impl Default for RuntimeConfig {
             retry_backoff_initial_ms: defaults::RETRY_BACKOFF_INITIAL_MS,
             retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
             max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
+            max_active_per_principal: defaults::MAX_ACTIVE_PER_PRINCIPAL,
             max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,
             max_branches: treaty_sdk::limits::MAX_BRANCHES,
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
@@ -110,6 +114,11 @@ pub enum RuntimeError {
     IdempotencyConflict(String),
     #[error("{0} transactions are in progress, the most allowed; retry later")]
     Overloaded(usize),
+    #[error(
+        "{principal} has {limit} transactions in progress, the most one principal may have \
+         (max_active_per_principal); retry after some finish"
+    )]
+    PrincipalOverloaded { principal: String, limit: usize },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -208,7 +217,7 @@ pub struct Runtime {
     shards: Arc<Vec<mpsc::Sender<ShardMsg>>>,
     participants: Participants,
     log: Arc<dyn DecisionLog>,
-    active: Arc<AtomicUsize>,
+    load: Arc<Load>,
 }
 
 /// Runs the shards until [`Runtime::shutdown`].
@@ -262,7 +271,10 @@ impl Runtime {
             config.participant_tls.clone(),
             config.participant_credentials.clone(),
         );
-        let active = Arc::new(AtomicUsize::new(unfinished.len()));
+        let load = Arc::new(Load::default());
+        for record in &unfinished {
+            load.count(record.owner.as_deref());
+        }
         let report = RecoveryReport {
             resumed: unfinished.len(),
         };
@@ -279,7 +291,7 @@ impl Runtime {
                 log.clone(),
                 participants.clone(),
                 config.clone(),
-                active.clone(),
+                load.clone(),
                 fatal.clone(),
                 receiver,
             );
@@ -298,7 +310,7 @@ impl Runtime {
             shards: Arc::new(senders),
             participants,
             log,
-            active,
+            load,
         };
         Ok((runtime, RuntimeTasks { handles }, report))
     }
@@ -543,7 +555,7 @@ impl Runtime {
 
     /// Transactions not yet final.
     pub fn active_transactions(&self) -> usize {
-        self.active.load(Ordering::SeqCst)
+        self.load.total()
     }
 
     /// Stops the shards: undecided transactions are aborted, and work in flight gets

@@ -10,7 +10,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -19,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::execute::Actions;
+use super::load::Load;
 use super::machine::{Input, Machine, Timer};
 use super::{
     BeginParams, ListFilter, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms,
@@ -157,7 +157,7 @@ pub(super) struct Shard {
     pub(super) log: Arc<dyn DecisionLog>,
     pub(super) participants: Participants,
     pub(super) config: RuntimeConfig,
-    active: Arc<AtomicUsize>,
+    load: Arc<Load>,
     pub(super) fatal: mpsc::UnboundedSender<String>,
     /// Where the next sweep continues.
     sweep_after: Option<TxnId>,
@@ -168,7 +168,7 @@ impl Shard {
         log: Arc<dyn DecisionLog>,
         participants: Participants,
         config: RuntimeConfig,
-        active: Arc<AtomicUsize>,
+        load: Arc<Load>,
         fatal: mpsc::UnboundedSender<String>,
         commands: mpsc::Receiver<ShardMsg>,
     ) -> Self {
@@ -184,7 +184,7 @@ impl Shard {
             log,
             participants,
             config,
-            active,
+            load,
             fatal,
             sweep_after: None,
         }
@@ -309,19 +309,18 @@ impl Shard {
         }
     }
 
-    /// Counts a new transaction in progress, or refuses it past the limit.
-    fn admit(&self) -> Result<(), RuntimeError> {
-        let active = self.active.fetch_add(1, Ordering::SeqCst);
-        if active >= self.config.max_active_transactions {
-            self.active.fetch_sub(1, Ordering::SeqCst);
-            return Err(RuntimeError::Overloaded(active));
-        }
-        Ok(())
+    /// Counts a new transaction of `owner` in progress, or refuses it past a limit.
+    fn admit(&self, owner: Option<&str>) -> Result<(), RuntimeError> {
+        self.load.admit(
+            owner,
+            self.config.max_active_transactions,
+            self.config.max_active_per_principal,
+        )
     }
 
     fn begin(&mut self, id: TxnId, params: BeginParams, now: UnixMs) -> Result<(), RuntimeError> {
         let _span = txn_span(id).entered();
-        self.admit()?;
+        self.admit(params.owner.as_deref())?;
         let (mut txn, actions) = TwoPhaseCommit::begin(NewTransaction {
             id,
             created_unix_ms: now,
@@ -333,7 +332,7 @@ impl Shard {
         for branch in params.branches {
             // Enlisting into a new ACTIVE transaction emits no actions.
             if let Err(refusal) = txn.handle_command(Command::Enlist(branch), now) {
-                self.active.fetch_sub(1, Ordering::SeqCst);
+                self.load.release(txn.owner());
                 return Err(refusal.into());
             }
         }
@@ -356,7 +355,7 @@ impl Shard {
             }
         }
         let _span = txn_span(id).entered();
-        self.admit()?;
+        self.admit(params.owner.as_deref())?;
         let (saga, actions) = Saga::submit(NewSaga {
             id,
             created_unix_ms: now,
@@ -565,7 +564,7 @@ impl Shard {
             }
         }
         if state.is_final() {
-            self.active.fetch_sub(1, Ordering::SeqCst);
+            self.load.release(entry.machine.owner());
             self.retained.push_back((now, id));
         }
     }
