@@ -4,6 +4,7 @@
 //! - [`shop`]: the showcase — payment, inventory and shipping services, orders placed
 //!   as sagas across them, and the audit of the shop's invariants.
 //! - [`bank`]: accounts and transfers, as a two-phase-commit participant.
+//! - [`certs`]: a CA and certificates made on the spot, for demos and tests.
 //! - [`ledger`]: what the services keep in their durable stores.
 //! - [`journal`]: the journal of effects the bank and rewards can keep for audits.
 //! - [`rewards`]: loyalty points in SQLite, with the barrier's records beside them (a
@@ -12,6 +13,7 @@
 //! - [`service`]: what the service binaries share.
 
 pub mod bank;
+pub mod certs;
 pub mod journal;
 pub mod ledger;
 pub mod process;
