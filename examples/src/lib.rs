@@ -11,6 +11,7 @@
 //!   participant whose data lives outside the SDK's store).
 //! - [`process`]: starting and stopping child server processes.
 //! - [`service`]: what the service binaries share.
+//! - [`tls_and_tokens`]: TLS and tokens for every hop of `demo --secure`, made for one run.
 
 pub mod bank;
 pub mod certs;
@@ -20,3 +21,4 @@ pub mod process;
 pub mod rewards;
 pub mod service;
 pub mod shop;
+pub mod tls_and_tokens;
