@@ -27,6 +27,7 @@ use treaty_examples::process::{ServerProcess, killed_by_sigkill, workspace_binar
 use treaty_examples::shop::audit::{Check, audit};
 use treaty_examples::shop::check_rate;
 use treaty_examples::shop::orders::{Order, Placed, Shop, place};
+use treaty_examples::shop::strangers;
 use treaty_examples::tls_and_tokens::TlsAndTokens;
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::TransactionState;
@@ -358,7 +359,34 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
     );
     summarize(&placed);
 
-    println!("\n4. Stop every process (SIGTERM) and check the shop from each service's own data:");
+    let mut all_hold = true;
+    let mut step = 4;
+    if let Some(security) = &services.security {
+        println!(
+            "\n{step}. A stranger who trusts the CA but holds no token tries to charge alice \
+             at payment, refund a completed order, and place an order:"
+        );
+        let stranger = security.stranger_options();
+        let payment = services.payment.https_endpoint();
+        let completed = placed
+            .iter()
+            .find(|p| p.state() == TransactionState::Completed);
+        let checks = [
+            strangers::participant_refuses(&payment, &stranger, completed).await,
+            strangers::coordinator_refuses(
+                &services.coordinator.https_endpoint(),
+                &payment,
+                &stranger,
+            )
+            .await,
+        ];
+        all_hold &= report(&checks);
+        step += 1;
+    }
+
+    println!(
+        "\n{step}. Stop every process (SIGTERM) and check the shop from each service's own data:"
+    );
     for process in [
         &mut services.coordinator,
         &mut services.payment,
@@ -380,16 +408,20 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
         name: "every order finished (completed or compensated)",
         violations: failed,
     });
-    let mut all_hold = true;
-    for check in &checks {
+    all_hold &= report(&checks);
+    Ok(all_hold)
+}
+
+/// Prints each check, ✓ or ✗ with what was found; whether all hold.
+fn report(checks: &[Check]) -> bool {
+    for check in checks {
         if check.holds() {
             println!("   ✓ {}", check.name);
         } else {
-            all_hold = false;
             println!("   ✗ {}: {}", check.name, check.violations.join("; "));
         }
     }
-    Ok(all_hold)
+    checks.iter().all(Check::holds)
 }
 
 /// The orders that finished, and what went wrong with those that did not.
