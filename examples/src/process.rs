@@ -97,8 +97,15 @@ impl ServerProcess {
         })
     }
 
+    /// Its cleartext endpoint, `http://ADDRESS`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// Its endpoint when it serves TLS, `https://ADDRESS` (the address as the name its
+    /// certificate must carry).
+    pub fn https_endpoint(&self) -> String {
+        format!("https://{}", self.address)
     }
 
     fn pid(&self) -> Option<Pid> {

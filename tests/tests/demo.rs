@@ -1,5 +1,6 @@
 //! The demos run to completion and their checks pass: the order saga demo (the README's
-//! first command, with a coordinator crash half-way) and the two-phase bank demo.
+//! first command, with a coordinator crash half-way), the same with TLS and tokens on
+//! every hop (`--secure`), and the two-phase bank demo.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -26,27 +27,56 @@ async fn run(binary: &str, args: &[&str]) -> String {
     stdout
 }
 
+/// What every run of the order demo prints: the crash, both outcomes, the invariants.
+const ORDER_DEMO_LINES: [&str; 10] = [
+    "! coordinator killed with SIGKILL",
+    "! coordinator back",
+    "completed",
+    "compensated",
+    "✓ money conserved",
+    "✓ stock conserved (stock + reserved)",
+    "✓ no refund without a charge",
+    "✓ no shipment for a compensated order",
+    "✓ every order finished",
+    "✓ every charge is the order's amount",
+];
+
+fn assert_lines(stdout: &str, expected: &[&str]) {
+    for line in expected {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains('✗'), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_order_demo_survives_a_coordinator_crash_and_its_invariants_hold() {
     let stdout = run("demo", &["--orders", "40", "--concurrency", "8"]).await;
-    for expected in [
-        "! coordinator killed with SIGKILL",
-        "! coordinator back",
-        "completed",
-        "compensated",
-        "✓ money conserved",
-        "✓ stock conserved (stock + reserved)",
-        "✓ no refund without a charge",
-        "✓ no shipment for a compensated order",
-        "✓ every order finished",
-        "✓ every charge is the order's amount",
-    ] {
-        assert!(
-            stdout.contains(expected),
-            "missing {expected:?} in:\n{stdout}"
-        );
-    }
-    assert!(!stdout.contains('✗'), "{stdout}");
+    assert_lines(&stdout, &ORDER_DEMO_LINES);
+    assert!(!stdout.contains("https://"), "the default run is cleartext");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_demo_runs_with_tls_and_tokens_on_every_hop() {
+    let stdout = run(
+        "demo",
+        &["--secure", "--orders", "40", "--concurrency", "8"],
+    )
+    .await;
+    assert_lines(&stdout, &ORDER_DEMO_LINES);
+    assert_lines(
+        &stdout,
+        &[
+            "TLS on every hop and a token on every call",
+            "coordinator  https://127.0.0.1:",
+            "payment      https://127.0.0.1:",
+            "✓ a caller without the coordinator's token is refused",
+            "✓ a client without a token is refused by the coordinator",
+        ],
+    );
+    assert!(
+        !stdout.contains("http://"),
+        "a hop ran cleartext:\n{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

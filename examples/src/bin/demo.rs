@@ -5,6 +5,11 @@
 //! of stock, find no courier, hit insufficient funds or transient errors), kills the
 //! coordinator with SIGKILL half-way and restarts it, then stops everything and checks
 //! the shop's invariants from each service's own data. Exits non-zero if one fails.
+//!
+//! With `--secure`, every hop runs TLS and every call is authenticated: the demo makes a
+//! CA, server certificates and tokens for the run in its work directory (see
+//! `treaty_examples::tls_and_tokens`) and passes the tokens to its children in
+//! environment variables; everything else is the same.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +27,8 @@ use treaty_examples::process::{ServerProcess, killed_by_sigkill, workspace_binar
 use treaty_examples::shop::audit::{Check, audit};
 use treaty_examples::shop::check_rate;
 use treaty_examples::shop::orders::{Order, Placed, Shop, place};
+use treaty_examples::shop::strangers;
+use treaty_examples::tls_and_tokens::TlsAndTokens;
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::TransactionState;
 
@@ -69,6 +76,10 @@ struct Args {
     /// Keep the data directories (printed at the end).
     #[arg(long)]
     keep: bool,
+    /// TLS on every hop and a token on every call, with a CA, certificates and tokens
+    /// made for this run in its work directory.
+    #[arg(long)]
+    secure: bool,
 }
 
 #[tokio::main]
@@ -94,6 +105,8 @@ struct Services {
     payment: ServerProcess,
     inventory: ServerProcess,
     shipping: ServerProcess,
+    /// The credentials of a `--secure` run.
+    security: Option<TlsAndTokens>,
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -104,27 +117,76 @@ fn path(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// How the others reach `process`: over TLS in a `--secure` run.
+fn endpoint(process: &ServerProcess, security: Option<&TlsAndTokens>) -> String {
+    match security {
+        Some(_) => process.https_endpoint(),
+        None => process.endpoint(),
+    }
+}
+
 async fn start(
     bin_dir: &Path,
     work: &Path,
     binary: &str,
     args: Vec<String>,
-    log_env: &str,
+    envs: &[(&str, &str)],
 ) -> anyhow::Result<ServerProcess> {
     let ready = format!(
         "{} listening on",
         if binary == "treaty" { "treaty" } else { binary }
     );
+    let log_env = if binary == "treaty" {
+        "TREATY_LOG"
+    } else {
+        "SHOP_LOG"
+    };
+    let mut envs = envs.to_vec();
+    envs.push((log_env, "warn"));
     let process = ServerProcess::start(
         &bin_dir.join(binary),
         &args,
-        &[(log_env, "warn")],
+        &envs,
         &ready,
         work.join(format!("{binary}.log")),
         PROCESS_PATIENCE,
     )
     .await?;
     Ok(process)
+}
+
+/// Starts `treaty serve` on `listen` (again, after the crash, on the same address).
+async fn start_coordinator(
+    bin_dir: &Path,
+    work: &Path,
+    listen: &str,
+    security: Option<&TlsAndTokens>,
+) -> anyhow::Result<ServerProcess> {
+    let mut args = coordinator_args(work, listen);
+    let mut envs = Vec::new();
+    if let Some(security) = security {
+        args.extend(security.coordinator_args());
+        envs.extend(security.coordinator_env());
+    }
+    start(bin_dir, work, "treaty", args, &envs).await
+}
+
+/// Starts service `binary` with `args`, and in a `--secure` run its TLS and its trust in
+/// the coordinator at `coordinator_endpoint`.
+async fn start_service(
+    bin_dir: &Path,
+    work: &Path,
+    binary: &str,
+    mut args: Vec<String>,
+    security: Option<&TlsAndTokens>,
+    coordinator_endpoint: &str,
+) -> anyhow::Result<ServerProcess> {
+    let mut envs = Vec::new();
+    if let Some(security) = security {
+        args.extend(security.service_args(binary, coordinator_endpoint)?);
+        envs.extend(security.service_env());
+    }
+    start(bin_dir, work, binary, args, &envs).await
 }
 
 fn coordinator_args(work: &Path, listen: &str) -> Vec<String> {
@@ -143,7 +205,12 @@ fn coordinator_args(work: &Path, listen: &str) -> Vec<String> {
     ])
 }
 
-async fn start_services(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Result<Services> {
+async fn start_services(
+    args: &Args,
+    bin_dir: PathBuf,
+    work: PathBuf,
+    security: Option<TlsAndTokens>,
+) -> anyhow::Result<Services> {
     let stock = (args.orders / 3).max(5);
     let fault_flags = |service: &str, seed: u64| {
         let mut flags = strings(&[
@@ -159,14 +226,18 @@ async fn start_services(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow:
         flags.shrink_to_fit();
         flags
     };
-    let coordinator = start(
-        &bin_dir,
-        &work,
-        "treaty",
-        coordinator_args(&work, "127.0.0.1:0"),
-        "TREATY_LOG",
-    )
-    .await?;
+    let coordinator = start_coordinator(&bin_dir, &work, "127.0.0.1:0", security.as_ref()).await?;
+    let coordinator_endpoint = endpoint(&coordinator, security.as_ref());
+    let start_shop_service = |binary: &'static str, args: Vec<String>| {
+        start_service(
+            &bin_dir,
+            &work,
+            binary,
+            args,
+            security.as_ref(),
+            &coordinator_endpoint,
+        )
+    };
     let accounts: Vec<String> = CUSTOMERS.iter().map(|c| format!("{c}=3000")).collect();
     let mut payment_args = fault_flags("payment", args.seed + 1);
     payment_args.extend(strings(&[
@@ -175,7 +246,7 @@ async fn start_services(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow:
         "--compensation-outage-ms",
         &args.refund_outage_ms.to_string(),
     ]));
-    let payment = start(&bin_dir, &work, "payment", payment_args, "SHOP_LOG").await?;
+    let payment = start_shop_service("payment", payment_args).await?;
     let shelves: Vec<String> = SKUS.iter().map(|s| format!("{s}={stock}")).collect();
     let mut inventory_args = fault_flags("inventory", args.seed + 2);
     inventory_args.extend(strings(&[
@@ -184,26 +255,27 @@ async fn start_services(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow:
         "--out-of-stock-rate",
         &args.out_of_stock_rate.to_string(),
     ]));
-    let inventory = start(&bin_dir, &work, "inventory", inventory_args, "SHOP_LOG").await?;
+    let inventory = start_shop_service("inventory", inventory_args).await?;
     let mut shipping_args = fault_flags("shipping", args.seed + 3);
     shipping_args.extend(strings(&[
         "--rejection-rate",
         &args.rejection_rate.to_string(),
     ]));
-    let shipping = start(&bin_dir, &work, "shipping", shipping_args, "SHOP_LOG").await?;
-    println!("  coordinator  {}  (treaty serve)", coordinator.endpoint());
+    let shipping = start_shop_service("shipping", shipping_args).await?;
+    let reach = |process| endpoint(process, security.as_ref());
+    println!("  coordinator  {coordinator_endpoint}  (treaty serve)");
     println!(
         "  payment      {}  8 customers with 3000 each; refunds down for {} ms after the first",
-        payment.endpoint(),
+        reach(&payment),
         args.refund_outage_ms
     );
     println!(
         "  inventory    {}  {} each of {}",
-        inventory.endpoint(),
+        reach(&inventory),
         stock,
         SKUS.join(", ")
     );
-    println!("  shipping     {}", shipping.endpoint());
+    println!("  shipping     {}", reach(&shipping));
     Ok(Services {
         bin_dir,
         work,
@@ -211,6 +283,7 @@ async fn start_services(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow:
         payment,
         inventory,
         shipping,
+        security,
     })
 }
 
@@ -252,8 +325,19 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
         "\n== Treaty demo: {} orders as sagas: charge ∥ reserve → schedule ==\n",
         args.orders
     );
+    let security = if args.secure {
+        let made = TlsAndTokens::create(&work.join("credentials"))
+            .context("making certificates and tokens")?;
+        println!(
+            "Secure: TLS on every hop and a token on every call (a CA, certificates and \
+             tokens made for this run; tokens reach the processes in environment variables).\n"
+        );
+        Some(made)
+    } else {
+        None
+    };
     println!("1. Start the coordinator and three services, each a process with its own data:");
-    let mut services = start_services(args, bin_dir, work).await?;
+    let mut services = start_services(args, bin_dir, work, security).await?;
 
     println!(
         "\n2. Place the orders ({} at a time){}:",
@@ -275,7 +359,34 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
     );
     summarize(&placed);
 
-    println!("\n4. Stop every process (SIGTERM) and check the shop from each service's own data:");
+    let mut all_hold = true;
+    let mut step = 4;
+    if let Some(security) = &services.security {
+        println!(
+            "\n{step}. A stranger who trusts the CA but holds no token tries to charge alice \
+             at payment, refund a completed order, and place an order:"
+        );
+        let stranger = security.stranger_options();
+        let payment = services.payment.https_endpoint();
+        let completed = placed
+            .iter()
+            .find(|p| p.state() == TransactionState::Completed);
+        let checks = [
+            strangers::participant_refuses(&payment, &stranger, completed).await,
+            strangers::coordinator_refuses(
+                &services.coordinator.https_endpoint(),
+                &payment,
+                &stranger,
+            )
+            .await,
+        ];
+        all_hold &= report(&checks);
+        step += 1;
+    }
+
+    println!(
+        "\n{step}. Stop every process (SIGTERM) and check the shop from each service's own data:"
+    );
     for process in [
         &mut services.coordinator,
         &mut services.payment,
@@ -297,16 +408,20 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
         name: "every order finished (completed or compensated)",
         violations: failed,
     });
-    let mut all_hold = true;
-    for check in &checks {
+    all_hold &= report(&checks);
+    Ok(all_hold)
+}
+
+/// Prints each check, ✓ or ✗ with what was found; whether all hold.
+fn report(checks: &[Check]) -> bool {
+    for check in checks {
         if check.holds() {
             println!("   ✓ {}", check.name);
         } else {
-            all_hold = false;
             println!("   ✗ {}: {}", check.name, check.violations.join("; "));
         }
     }
-    Ok(all_hold)
+    checks.iter().all(Check::holds)
 }
 
 /// The orders that finished, and what went wrong with those that did not.
@@ -314,11 +429,18 @@ async fn place_orders(
     args: &Args,
     services: &mut Services,
 ) -> anyhow::Result<(Vec<Placed>, Vec<String>)> {
-    let client = TreatyClient::connect_lazy(services.coordinator.endpoint())?;
+    let security = services.security.as_ref();
+    let client_options = security
+        .map(TlsAndTokens::client_options)
+        .unwrap_or_default();
+    let client = TreatyClient::connect_lazy_with(
+        endpoint(&services.coordinator, security),
+        &client_options,
+    )?;
     let shop = Shop {
-        payment: services.payment.endpoint(),
-        inventory: services.inventory.endpoint(),
-        shipping: services.shipping.endpoint(),
+        payment: endpoint(&services.payment, security),
+        inventory: endpoint(&services.inventory, security),
+        shipping: endpoint(&services.shipping, security),
     };
     let customers: Vec<String> = CUSTOMERS.iter().map(|s| s.to_string()).collect();
     let skus: Vec<String> = SKUS.iter().map(|s| s.to_string()).collect();
@@ -374,12 +496,11 @@ async fn place_orders(
                 finished.load(Ordering::SeqCst)
             ),
         );
-        services.coordinator = start(
+        services.coordinator = start_coordinator(
             &services.bin_dir,
             &services.work,
-            "treaty",
-            coordinator_args(&services.work, &address),
-            "TREATY_LOG",
+            &address,
+            services.security.as_ref(),
         )
         .await
         .context("restarting the coordinator")?;

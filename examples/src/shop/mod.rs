@@ -13,12 +13,14 @@
 //! - [`payment`], [`inventory`], [`shipping`]: the participants.
 //! - [`orders`]: the driver that places orders through a coordinator.
 //! - [`audit`]: the invariants, checked from each service's own data.
+//! - [`strangers`]: callers without a token, refused (`demo --secure`).
 
 pub mod audit;
 pub mod inventory;
 pub mod orders;
 pub mod payment;
 pub mod shipping;
+pub mod strangers;
 
 use std::sync::Mutex;
 use std::time::Duration;

@@ -43,13 +43,18 @@ impl Order {
         }
     }
 
-    /// charge ∥ reserve, then schedule.
-    pub fn steps(&self, shop: &Shop) -> Vec<SagaStep> {
-        let charge = Charge {
+    /// What the payment step charges (and its compensation refunds).
+    pub fn charge(&self) -> Charge {
+        Charge {
             order: self.id.clone(),
             customer: self.customer.clone(),
             amount: self.amount,
-        };
+        }
+    }
+
+    /// charge ∥ reserve, then schedule.
+    pub fn steps(&self, shop: &Shop) -> Vec<SagaStep> {
+        let charge = self.charge();
         let reservation = Reservation {
             order: self.id.clone(),
             sku: self.sku.clone(),
