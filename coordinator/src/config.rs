@@ -23,6 +23,7 @@ pub mod defaults {
     pub const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
     pub const MAX_ACTIVE_TRANSACTIONS: usize = 100_000;
     pub const MAX_ACTIVE_PER_PRINCIPAL: usize = 10_000;
+    pub const MAX_PAYLOAD_MEMORY_BYTES: usize = 512 * 1024 * 1024;
     pub const MAX_IN_FLIGHT_CALLS: usize = 4_096;
     pub const MEMORY_RETENTION_MS: u64 = 300_000;
     pub const MAX_RETAINED_TRANSACTIONS: usize = 100_000;
@@ -87,6 +88,11 @@ pub struct ServeConfig {
     /// SubmitSaga beyond it is RESOURCE_EXHAUSTED); not applied without authentication.
     #[arg(long, env = "TREATY_MAX_ACTIVE_PER_PRINCIPAL", default_value_t = defaults::MAX_ACTIVE_PER_PRINCIPAL)]
     pub max_active_per_principal: usize,
+
+    /// Payload bytes that transactions in progress may hold in memory, all together
+    /// (Begin, Enlist or SubmitSaga beyond it is RESOURCE_EXHAUSTED).
+    #[arg(long, env = "TREATY_MAX_PAYLOAD_MEMORY_BYTES", default_value_t = defaults::MAX_PAYLOAD_MEMORY_BYTES)]
+    pub max_payload_memory_bytes: usize,
 
     /// Participant calls in flight at once.
     #[arg(long, env = "TREATY_MAX_IN_FLIGHT_CALLS", default_value_t = defaults::MAX_IN_FLIGHT_CALLS)]
@@ -209,6 +215,7 @@ impl ServeConfig {
             retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
             max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
             max_active_per_principal: defaults::MAX_ACTIVE_PER_PRINCIPAL,
+            max_payload_memory_bytes: defaults::MAX_PAYLOAD_MEMORY_BYTES,
             max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
@@ -249,6 +256,12 @@ impl ServeConfig {
             "max_active_per_principal",
             self.max_active_per_principal as u64,
         )?;
+        if self.max_payload_memory_bytes < treaty_sdk::limits::MAX_SAGA_PAYLOAD_BYTES {
+            return Err(bad(
+                "max_payload_memory_bytes",
+                "must hold at least one saga's payloads (48 KiB)",
+            ));
+        }
         positive(
             "max_retained_transactions",
             self.max_retained_transactions as u64,
@@ -425,6 +438,7 @@ impl ServeConfig {
             retry_backoff_max_ms: self.retry_backoff_max_ms,
             max_active_transactions: self.max_active_transactions,
             max_active_per_principal: self.max_active_per_principal,
+            max_payload_memory_bytes: self.max_payload_memory_bytes,
             max_in_flight_calls: self.max_in_flight_calls,
             max_branches: treaty_sdk::limits::MAX_BRANCHES,
             memory_retention_ms: self.memory_retention_ms,

@@ -737,3 +737,53 @@ async fn one_principal_cannot_take_every_transaction_slot() {
     coordinator.stop().await.unwrap();
     participant.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_held_in_memory_have_a_budget() {
+    use treaty_sdk::limits::MAX_PAYLOAD_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let mut config = coordinator_config(&dir.path().join("coordinator"));
+    config.max_payload_memory_bytes = 4 * MAX_PAYLOAD_BYTES;
+    let coordinator = Coordinator::start_with(config).await;
+    let client = coordinator.client().await;
+    // "yes" then padding: the scripted participant reads the first word.
+    let big = |id: &str| {
+        let mut payload = b"yes ".to_vec();
+        payload.resize(MAX_PAYLOAD_BYTES, b'.');
+        BranchSpec::new(id, &participant.endpoint, payload)
+    };
+    let first = client
+        .begin(BeginOptions::default(), vec![big("a"), big("b"), big("c")])
+        .await
+        .unwrap();
+    let refused = client
+        .begin(BeginOptions::default(), vec![big("a"), big("b")])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+    client.enlist(&first, big("d")).await.unwrap();
+    let refused = client.enlist(&first, big("e")).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+    let refused = client
+        .submit_saga(
+            vec![SagaStep::new("s", &participant.endpoint, vec![b'.'; 1024])],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+    assert_eq!(client.get(&first).await.unwrap().unwrap().branches.len(), 4);
+    assert_eq!(ids_of(&client).await, vec![first.clone()]);
+    // A finished transaction gives its bytes back.
+    client.abort(&first, "done").await.unwrap();
+    eventually("the abort frees the budget", || async {
+        client
+            .begin(BeginOptions::default(), vec![big("a"), big("b")])
+            .await
+            .ok()
+    })
+    .await;
+    coordinator.stop().await.unwrap();
+    participant.stop().await;
+}

@@ -211,7 +211,9 @@ pub fn status_of(error: RuntimeError) -> Status {
         )
         | RuntimeError::NotTwoPhase(_) => "transaction_id",
         RuntimeError::IdempotencyConflict(_) => "idempotency_key",
-        RuntimeError::Overloaded(_) | RuntimeError::PrincipalOverloaded { .. } => {
+        RuntimeError::Overloaded(_)
+        | RuntimeError::PrincipalOverloaded { .. }
+        | RuntimeError::PayloadBudget { .. } => {
             return Status::resource_exhausted(error.to_string());
         }
         RuntimeError::ShuttingDown => return Status::unavailable(error.to_string()),

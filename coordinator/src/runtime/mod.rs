@@ -47,6 +47,8 @@ pub struct RuntimeConfig {
     pub max_active_transactions: usize,
     /// Transactions one principal may have in progress at once.
     pub max_active_per_principal: usize,
+    /// Payload bytes transactions in progress may hold in memory, all together.
+    pub max_payload_memory_bytes: usize,
     pub max_in_flight_calls: usize,
     pub max_branches: usize,
     /// How long a final transaction stays in memory (GetTransaction, Watch, Outcome).
@@ -81,6 +83,7 @@ impl Default for RuntimeConfig {
             retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
             max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
             max_active_per_principal: defaults::MAX_ACTIVE_PER_PRINCIPAL,
+            max_payload_memory_bytes: defaults::MAX_PAYLOAD_MEMORY_BYTES,
             max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,
             max_branches: treaty_sdk::limits::MAX_BRANCHES,
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
@@ -119,6 +122,11 @@ pub enum RuntimeError {
          (max_active_per_principal); retry after some finish"
     )]
     PrincipalOverloaded { principal: String, limit: usize },
+    #[error(
+        "payloads of transactions in progress hold {held} bytes of the {budget}-byte budget \
+         (max_payload_memory_bytes); retry after some finish"
+    )]
+    PayloadBudget { held: usize, budget: usize },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -273,7 +281,8 @@ impl Runtime {
         );
         let load = Arc::new(Load::default());
         for record in &unfinished {
-            load.count(record.owner.as_deref());
+            let payload_bytes = record.saga.as_ref().map_or(0, shard::definition_bytes);
+            load.count(record.owner.as_deref(), payload_bytes);
         }
         let report = RecoveryReport {
             resumed: unfinished.len(),

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::execute::Actions;
-use super::load::Load;
+use super::load::{Limits, Load};
 use super::machine::{Input, Machine, Timer};
 use super::{
     BeginParams, ListFilter, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms,
@@ -26,7 +26,7 @@ use super::{
 use crate::engine::saga::{NewSaga, Saga, SagaEvent};
 use crate::engine::twopc::{BranchSpec, Command, Event, NewTransaction, TwoPhaseCommit};
 use crate::log::DecisionLog;
-use crate::model::{StepDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
+use crate::model::{SagaDefinition, StepDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
 
 type Reply<T> = oneshot::Sender<T>;
@@ -118,12 +118,15 @@ pub(super) struct Entry {
     updates: Option<watch::Sender<Arc<TxnRecord>>>,
     pub(super) deadline_timer: Option<delay_queue::Key>,
     pub(super) prepare_timer: Option<delay_queue::Key>,
+    /// Payload bytes counted against the memory budget until the transaction is final.
+    payload_bytes: usize,
 }
 
 impl Entry {
-    fn new(machine: Machine) -> Self {
+    fn new(machine: Machine, payload_bytes: usize) -> Self {
         Self {
             machine,
+            payload_bytes,
             updates: None,
             deadline_timer: None,
             prepare_timer: None,
@@ -195,6 +198,8 @@ impl Shard {
         for record in recovered {
             let id = record.id;
             let _span = txn_span(id).entered();
+            // Recovered commits hold no payloads (phase 1 is over); sagas their definition.
+            let payload_bytes = record.saga.as_ref().map_or(0, definition_bytes);
             let (machine, actions) = match record.kind {
                 TxnKind::TwoPhase => {
                     tracing::info!("resuming phase 2 of a logged commit");
@@ -211,7 +216,7 @@ impl Shard {
             if let Some(key) = machine.idempotency_key() {
                 self.keys.insert(key.to_string(), id);
             }
-            self.txns.insert(id, Entry::new(machine));
+            self.txns.insert(id, Entry::new(machine, payload_bytes));
             self.execute(id, actions);
         }
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -309,18 +314,24 @@ impl Shard {
         }
     }
 
-    /// Counts a new transaction of `owner` in progress, or refuses it past a limit.
-    fn admit(&self, owner: Option<&str>) -> Result<(), RuntimeError> {
+    /// Counts a new transaction of `owner` holding `payload_bytes` in progress, or
+    /// refuses it past a limit.
+    fn admit(&self, owner: Option<&str>, payload_bytes: usize) -> Result<(), RuntimeError> {
         self.load.admit(
             owner,
-            self.config.max_active_transactions,
-            self.config.max_active_per_principal,
+            payload_bytes,
+            Limits {
+                max_total: self.config.max_active_transactions,
+                max_per_owner: self.config.max_active_per_principal,
+                max_payload_bytes: self.config.max_payload_memory_bytes,
+            },
         )
     }
 
     fn begin(&mut self, id: TxnId, params: BeginParams, now: UnixMs) -> Result<(), RuntimeError> {
         let _span = txn_span(id).entered();
-        self.admit(params.owner.as_deref())?;
+        let payload_bytes = params.branches.iter().map(|b| b.payload.len()).sum();
+        self.admit(params.owner.as_deref(), payload_bytes)?;
         let (mut txn, actions) = TwoPhaseCommit::begin(NewTransaction {
             id,
             created_unix_ms: now,
@@ -332,12 +343,13 @@ impl Shard {
         for branch in params.branches {
             // Enlisting into a new ACTIVE transaction emits no actions.
             if let Err(refusal) = txn.handle_command(Command::Enlist(branch), now) {
-                self.load.release(txn.owner());
+                self.load.release(txn.owner(), payload_bytes);
                 return Err(refusal.into());
             }
         }
         tracing::debug!(branches = txn.branches().len(), "begun");
-        self.txns.insert(id, Entry::new(Machine::TwoPhase(txn)));
+        self.txns
+            .insert(id, Entry::new(Machine::TwoPhase(txn), payload_bytes));
         self.execute(id, Actions::TwoPhase(actions));
         Ok(())
     }
@@ -355,7 +367,8 @@ impl Shard {
             }
         }
         let _span = txn_span(id).entered();
-        self.admit(params.owner.as_deref())?;
+        let payload_bytes = definition_bytes(&params.definition);
+        self.admit(params.owner.as_deref(), payload_bytes)?;
         let (saga, actions) = Saga::submit(NewSaga {
             id,
             created_unix_ms: now,
@@ -371,7 +384,7 @@ impl Shard {
         if let Some(key) = params.idempotency_key {
             self.keys.insert(key, id);
         }
-        let mut entry = Entry::new(Machine::Saga(saga));
+        let mut entry = Entry::new(Machine::Saga(saga), payload_bytes);
         let updates = entry.subscribe();
         self.txns.insert(id, entry);
         self.execute(id, Actions::Saga(actions));
@@ -446,7 +459,21 @@ impl Shard {
             .machine
             .as_two_phase()
             .ok_or(RuntimeError::NotTwoPhase(id))?;
-        let actions = txn.handle_command(command, now)?;
+        // A branch enlisted later brings its payload under the memory budget.
+        let added_bytes = match &command {
+            Command::Enlist(branch) => branch.payload.len(),
+            _ => 0,
+        };
+        self.load
+            .reserve(added_bytes, self.config.max_payload_memory_bytes)?;
+        let actions = match txn.handle_command(command, now) {
+            Ok(actions) => actions,
+            Err(refusal) => {
+                self.load.unreserve(added_bytes);
+                return Err(refusal.into());
+            }
+        };
+        entry.payload_bytes += added_bytes;
         self.execute(id, Actions::TwoPhase(actions));
         self.after_step(id, before, now);
         Ok(())
@@ -564,7 +591,8 @@ impl Shard {
             }
         }
         if state.is_final() {
-            self.load.release(entry.machine.owner());
+            self.load
+                .release(entry.machine.owner(), entry.payload_bytes);
             self.retained.push_back((now, id));
         }
     }
@@ -660,4 +688,14 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// The payload bytes a saga's definition holds in memory: forward and compensation
+/// payloads of every step.
+pub(super) fn definition_bytes(definition: &SagaDefinition) -> usize {
+    definition
+        .steps
+        .iter()
+        .map(|step| step.payload.len() + step.compensation.len())
+        .sum()
 }
