@@ -12,8 +12,11 @@
 //!   alternative names, then the subject's common name): its identity.
 //!
 //! Invariant: a server with TLS configured never serves a connection in cleartext, and
-//! with a client CA configured never serves a client without a certificate that chains to
-//! it (rustls's verifier checks the chain, validity dates and key usage).
+//! with a client CA configured accepts no client certificate that does not chain to it
+//! (rustls's verifier checks the chain, validity dates and key usage). A client without
+//! a certificate completes the handshake and is then refused by the layer that decides
+//! who may call what (the coordinator's authenticator, a participant's trust), so calls
+//! open to anyone — `GetOutcome`, health checks — stay reachable under mutual TLS.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -74,7 +77,8 @@ pub struct ServerTlsFiles {
     pub cert: PathBuf,
     /// Its private key (PEM).
     pub key: PathBuf,
-    /// With it, clients must present a certificate that chains to this CA (mutual TLS).
+    /// With it, a certificate a client presents must chain to this CA, and its names
+    /// identify the client (mutual TLS); clients without one are anonymous.
     pub client_ca: Option<PathBuf>,
 }
 
@@ -126,6 +130,7 @@ impl ServerTlsFiles {
                     Arc::new(roots),
                     provider(),
                 )
+                .allow_unauthenticated()
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)

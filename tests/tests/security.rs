@@ -271,15 +271,17 @@ async fn client_certificates_authenticate_callers_under_mutual_tls() {
     config.security.tls_client_ca = Some(ca.cert.clone());
     let coordinator = Coordinator::start_with(config).await;
 
-    // Without a client certificate the handshake fails: no call is served.
-    let anonymous =
-        match TreatyClient::connect_with(&coordinator.endpoint, &trusting(&ca, None)).await {
-            Ok(client) => client.list(&[], 10, "").await.is_err(),
-            Err(_) => true,
-        };
-    assert!(
-        anonymous,
-        "a client without a certificate was served under mTLS"
+    // Without a client certificate a caller is anonymous: refused (UNAUTHENTICATED), but
+    // GetOutcome, open to participants, still answers.
+    let anonymous = TreatyClient::connect_with(&coordinator.endpoint, &trusting(&ca, None))
+        .await
+        .unwrap();
+    let refused = anonymous.list(&[], 10, "").await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::Unauthenticated), "{refused}");
+    let unknown = "019a0b6e-8d2f-7c3a-9b1e-2f4d5c6b7a80";
+    assert_eq!(
+        anonymous.outcome(unknown).await.unwrap(),
+        treaty_sdk::client::Decision::Abort
     );
     // A certificate from another CA is refused as well.
     let other_ca = TestCa::new(dir.path(), "other-ca");
