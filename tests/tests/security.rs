@@ -789,3 +789,68 @@ async fn payloads_held_in_memory_have_a_budget() {
     coordinator.stop().await.unwrap();
     participant.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_knows_its_coordinator_by_its_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let participant = ParticipantServer::start_with(
+        &dir.path().join("p"),
+        ServeOptions {
+            tls: Some(server_tls(&ca.server("participant"), Some(&ca))),
+            trust: CoordinatorTrust::default().identity("coordinator.test"),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let identity = ca.issue("coordinator-client", &["coordinator.test"]);
+    let mut config = coordinator_config(&dir.path().join("coordinator"));
+    config.security.participant_ca = Some(ca.cert.to_string_lossy().into_owned());
+    config.security.participant_cert = Some(identity.cert.clone());
+    config.security.participant_key = Some(identity.key.clone());
+    let coordinator = Coordinator::start_with(config).await;
+    let client = coordinator.client().await;
+    let id = begin_two_branches(&client, &participant.endpoint).await;
+    assert_eq!(client.commit(&id).await.unwrap(), Outcome::Committed);
+    // Phase 2 reaches the participant (Commit answers once it is decided).
+    eventually("both commits reach the participant", || async {
+        let ops = |branch| participant.participant.ops(&id, branch);
+        (ops("a") == vec![Op::Prepare, Op::Commit] && ops("b") == vec![Op::Prepare, Op::Commit])
+            .then_some(())
+    })
+    .await;
+    let calls_before = participant.participant.calls().len();
+
+    // Another certificate of the same CA is not the coordinator.
+    let stranger = ca.issue("stranger", &["stranger.test"]);
+    let tls = ClientTlsFiles {
+        ca: Some(ca.cert.clone()),
+        cert: Some(stranger.cert),
+        key: Some(stranger.key),
+    }
+    .load()
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(participant.endpoint.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut direct = ParticipantClient::new(channel);
+    let minted = direct
+        .commit(pb::CommitBranchRequest {
+            transaction_id: "mint-1".into(),
+            branch_id: "a".into(),
+            mode: pb::CommitMode::SagaStep as i32,
+            payload: b"yes".to_vec(),
+            coordinator_endpoint: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(minted.code(), Code::PermissionDenied, "{minted:?}");
+    assert_eq!(participant.participant.calls().len(), calls_before);
+
+    coordinator.stop().await.unwrap();
+    participant.stop().await;
+}
