@@ -141,15 +141,32 @@ pub fn files_in(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Copies the directory tree `from` to `to` (created).
+/// Copies the directory tree `from` to `to` (created). The store may be running: a file
+/// or directory it removes while the copy is made (an old blob, a snapshot being
+/// replaced) is left out, as a copy taken a moment later would have it.
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
+    let entries = match std::fs::read_dir(from) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+        Err(error) => panic!("listing {}: {error}", from.display()),
+    };
+    for entry in entries.flatten() {
         let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
+        let Ok(file_type) = entry.file_type() else {
+            continue;
+        };
+        if file_type.is_dir() {
             copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
+        } else if let Err(error) = std::fs::copy(entry.path(), &target) {
+            assert_eq!(
+                error.kind(),
+                std::io::ErrorKind::NotFound,
+                "copying {}: {error}",
+                entry.path().display()
+            );
+            // Gone since it was listed; drop a partial copy, if any.
+            let _ = std::fs::remove_file(&target);
         }
     }
 }
