@@ -73,6 +73,17 @@ async fn begin_two_branches(client: &TreatyClient, endpoint: &str) -> String {
         .unwrap()
 }
 
+/// A cleartext client of `endpoint` that presents `token`, if any.
+async fn connect_as(endpoint: &str, token: Option<&str>) -> TreatyClient {
+    let options = ClientOptions {
+        tls: None,
+        token: token.map(str::to_string),
+    };
+    TreatyClient::connect_with(endpoint, &options)
+        .await
+        .unwrap()
+}
+
 async fn ids_of(client: &TreatyClient) -> Vec<String> {
     let (page, _) = client.list(&[], 1000, "").await.unwrap();
     page.into_iter().map(|t| t.transaction_id).collect()
@@ -198,25 +209,13 @@ async fn callers_without_valid_tokens_are_unauthenticated_and_change_nothing() {
     let mut config = coordinator_config(&dir.path().join("coordinator"));
     config.security.auth_tokens = Some(token_file(dir.path()));
     let coordinator = Coordinator::start_with(config).await;
-    let as_who = |token: Option<&str>| {
-        let options = ClientOptions {
-            tls: None,
-            token: token.map(str::to_string),
-        };
-        let endpoint = coordinator.endpoint.clone();
-        async move {
-            TreatyClient::connect_with(endpoint, &options)
-                .await
-                .unwrap()
-        }
-    };
     let branches = || vec![BranchSpec::new("a", &participant.endpoint, "yes")];
 
     for (who, client) in [
-        ("no token", as_who(None).await),
+        ("no token", connect_as(&coordinator.endpoint, None).await),
         (
             "a wrong token",
-            as_who(Some("alice-token-0123456780")).await,
+            connect_as(&coordinator.endpoint, Some("alice-token-0123456780")).await,
         ),
     ] {
         let error = client
@@ -235,21 +234,21 @@ async fn callers_without_valid_tokens_are_unauthenticated_and_change_nothing() {
         let error = client.list(&[], 10, "").await.unwrap_err();
         assert_eq!(error.code(), Some(Code::Unauthenticated), "{who}: {error}");
     }
-    let root = as_who(Some(ROOT_TOKEN)).await;
+    let root = connect_as(&coordinator.endpoint, Some(ROOT_TOKEN)).await;
     assert!(
         ids_of(&root).await.is_empty(),
         "a refused call created something"
     );
     assert!(participant.participant.calls().is_empty());
 
-    let alice = as_who(Some(ALICE_TOKEN)).await;
+    let alice = connect_as(&coordinator.endpoint, Some(ALICE_TOKEN)).await;
     let id = alice
         .begin(BeginOptions::default(), branches())
         .await
         .unwrap();
     assert_eq!(alice.commit(&id).await.unwrap(), Outcome::Committed);
     // GetOutcome stays open to participants, who present nothing.
-    let anonymous = as_who(None).await;
+    let anonymous = connect_as(&coordinator.endpoint, None).await;
     assert_eq!(
         anonymous.outcome(&id).await.unwrap(),
         treaty_sdk::client::Decision::Commit
@@ -574,20 +573,9 @@ async fn transactions_belong_to_their_principal_and_admins_see_all() {
     let mut config = coordinator_config(&dir.path().join("coordinator"));
     config.security.auth_tokens = Some(token_file(dir.path()));
     let coordinator = Coordinator::start_with(config.clone()).await;
-    let connect = |endpoint: String, token: &str| {
-        let options = ClientOptions {
-            tls: None,
-            token: Some(token.to_string()),
-        };
-        async move {
-            TreatyClient::connect_with(endpoint, &options)
-                .await
-                .unwrap()
-        }
-    };
-    let alice = connect(coordinator.endpoint.clone(), ALICE_TOKEN).await;
-    let bob = connect(coordinator.endpoint.clone(), BOB_TOKEN).await;
-    let root = connect(coordinator.endpoint.clone(), ROOT_TOKEN).await;
+    let alice = connect_as(&coordinator.endpoint, Some(ALICE_TOKEN)).await;
+    let bob = connect_as(&coordinator.endpoint, Some(BOB_TOKEN)).await;
+    let root = connect_as(&coordinator.endpoint, Some(ROOT_TOKEN)).await;
 
     let open = alice
         .begin(
@@ -667,9 +655,9 @@ async fn transactions_belong_to_their_principal_and_admins_see_all() {
     .await;
     coordinator.stop().await.unwrap();
     let coordinator = Coordinator::start_with(config).await;
-    let alice = connect(coordinator.endpoint.clone(), ALICE_TOKEN).await;
-    let bob = connect(coordinator.endpoint.clone(), BOB_TOKEN).await;
-    let root = connect(coordinator.endpoint.clone(), ROOT_TOKEN).await;
+    let alice = connect_as(&coordinator.endpoint, Some(ALICE_TOKEN)).await;
+    let bob = connect_as(&coordinator.endpoint, Some(BOB_TOKEN)).await;
+    let root = connect_as(&coordinator.endpoint, Some(ROOT_TOKEN)).await;
     denied(bob.get(&open).await.unwrap_err());
     assert!(alice.get(&open).await.unwrap().is_some());
     assert!(root.get(&open).await.unwrap().is_some());
@@ -687,19 +675,10 @@ async fn one_principal_cannot_take_every_transaction_slot() {
     config.security.auth_tokens = Some(token_file(dir.path()));
     config.max_active_per_principal = 2;
     let coordinator = Coordinator::start_with(config).await;
-    let connect = |token: &str| {
-        let options = ClientOptions {
-            tls: None,
-            token: Some(token.to_string()),
-        };
-        let endpoint = coordinator.endpoint.clone();
-        async move {
-            TreatyClient::connect_with(endpoint, &options)
-                .await
-                .unwrap()
-        }
-    };
-    let (alice, bob) = (connect(ALICE_TOKEN).await, connect(BOB_TOKEN).await);
+    let (alice, bob) = (
+        connect_as(&coordinator.endpoint, Some(ALICE_TOKEN)).await,
+        connect_as(&coordinator.endpoint, Some(BOB_TOKEN)).await,
+    );
     let branches = || vec![BranchSpec::new("a", &participant.endpoint, "yes")];
     let first = alice
         .begin(BeginOptions::default(), branches())
