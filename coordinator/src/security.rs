@@ -77,6 +77,11 @@ pub struct SecurityConfig {
     /// Connections open at once; more are closed as they arrive.
     #[arg(long, env = "TREATY_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
     pub max_connections: usize,
+
+    /// A connection with no call in flight for this long is closed (clients reconnect);
+    /// HTTP/2 pings do not count as calls.
+    #[arg(long, env = "TREATY_IDLE_CONNECTION_TIMEOUT_MS", default_value_t = ConnectionLimits::default().idle_timeout_ms)]
+    pub idle_connection_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for SecurityConfig {
@@ -96,6 +101,10 @@ impl std::fmt::Debug for SecurityConfig {
                 &self.participant_token.as_ref().map(|_| "<redacted>"),
             )
             .field("max_connections", &self.max_connections)
+            .field(
+                "idle_connection_timeout_ms",
+                &self.idle_connection_timeout_ms,
+            )
             .finish()
     }
 }
@@ -112,6 +121,7 @@ impl SecurityConfig {
     pub fn new() -> Self {
         Self {
             max_connections: ConnectionLimits::default().max_connections,
+            idle_connection_timeout_ms: ConnectionLimits::default().idle_timeout_ms,
             ..Self::default()
         }
     }
@@ -141,6 +151,9 @@ impl SecurityConfig {
         }
         if self.max_connections == 0 || self.max_connections > 1_000_000 {
             return Err(bad("max_connections", "must be 1 to 1,000,000"));
+        }
+        if !(100..=86_400_000).contains(&self.idle_connection_timeout_ms) {
+            return Err(bad("idle_connection_timeout_ms", "must be 100 ms to 1 day"));
         }
         if !listen.ip().is_loopback() && !self.authenticates() && !self.allow_unauthenticated {
             return Err(bad(
@@ -209,6 +222,7 @@ impl SecurityConfig {
     pub fn connection_limits(&self) -> ConnectionLimits {
         ConnectionLimits {
             max_connections: self.max_connections,
+            idle_timeout_ms: self.idle_connection_timeout_ms,
             ..ConnectionLimits::default()
         }
     }

@@ -108,6 +108,11 @@ impl ServerProcess {
         format!("https://{}", self.address)
     }
 
+    /// The child's process id while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     fn pid(&self) -> Option<Pid> {
         self.child.id().map(|id| Pid::from_raw(id as i32))
     }

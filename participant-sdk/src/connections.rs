@@ -1,6 +1,7 @@
 //! Accepting connections for a gRPC server: TLS when configured, a cap on open
 //! connections, a time limit on handshakes, and back-off when the process runs out of
-//! file descriptors (instead of spinning on `accept`).
+//! file descriptors (instead of spinning on `accept`), and closing connections that have
+//! carried no call for the idle timeout (see [`idle`]).
 //!
 //! [`incoming`] turns a bound listener into the stream tonic's
 //! `serve_with_incoming_shutdown` takes. Every request then carries a
@@ -9,7 +10,8 @@
 //!
 //! Invariants: at most `max_connections` connections are open at once (one past it is
 //! closed at once, before any handshake); with TLS configured no connection reaches the
-//! server without a completed handshake; a failed handshake affects only its connection.
+//! server without a completed handshake; a failed handshake affects only its connection;
+//! a connection is closed for idleness only with no call in flight and nothing to read.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +29,11 @@ use tonic::transport::server::Connected;
 
 use crate::tls::{ReloadableServerTls, peer_names};
 
+mod idle;
+
+use idle::{CallCounter, IdleDeadline};
+pub use idle::{CountCalls, CountCallsLayer, CountedBody};
+
 /// Limits on a server's connections.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
@@ -34,6 +41,8 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Time a client has to finish its TLS handshake.
     pub handshake_timeout_ms: u64,
+    /// A connection with no call in flight for this long is closed; clients reconnect.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for ConnectionLimits {
@@ -41,6 +50,7 @@ impl Default for ConnectionLimits {
         Self {
             max_connections: 1_024,
             handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
         }
     }
 }
@@ -52,12 +62,15 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A tonic server builder with the HTTP/2 limits every Treaty server applies.
-pub fn server_builder() -> tonic::transport::Server {
+/// A tonic server builder with the HTTP/2 limits every Treaty server applies, counting
+/// the calls on each connection for the idle timeout of [`incoming`].
+pub fn server_builder()
+-> tonic::transport::Server<tower_layer::Stack<CountCallsLayer, tower_layer::Identity>> {
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(CountCallsLayer)
 }
 
 /// First and longest pause after `accept` fails (e.g. EMFILE: out of file descriptors).
@@ -73,6 +86,8 @@ pub struct ConnectionInfo {
     /// The names of the verified client certificate (see [`peer_names`]); empty without
     /// mutual TLS.
     pub peer_names: Arc<[String]>,
+    /// The calls in flight on this connection (for its idle timeout).
+    pub(crate) calls: Arc<CallCounter>,
 }
 
 #[derive(Debug)]
@@ -86,7 +101,33 @@ enum Stream {
 pub struct Connection {
     stream: Stream,
     info: ConnectionInfo,
+    idle: IdleDeadline,
+    /// Set once the idle timeout ended the connection: every later read is end-of-stream.
+    closed_for_idleness: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    fn new(
+        stream: Stream,
+        remote_addr: SocketAddr,
+        peer_names: Arc<[String]>,
+        idle_timeout: Duration,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        let calls = Arc::new(CallCounter::default());
+        Self {
+            stream,
+            idle: IdleDeadline::new(calls.clone(), idle_timeout),
+            info: ConnectionInfo {
+                remote_addr: Some(remote_addr),
+                peer_names,
+                calls,
+            },
+            closed_for_idleness: false,
+            _permit: permit,
+        }
+    }
 }
 
 impl Connected for Connection {
@@ -103,10 +144,21 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().stream {
+        let this = self.get_mut();
+        if this.closed_for_idleness {
+            return Poll::Ready(Ok(()));
+        }
+        let read = match &mut this.stream {
             Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        };
+        if read.is_pending() && this.idle.poll_expired(cx) {
+            // Reads as the peer's end of stream: the server closes the connection.
+            tracing::debug!(remote_addr = ?this.info.remote_addr, "closing an idle connection");
+            this.closed_for_idleness = true;
+            return Poll::Ready(Ok(()));
         }
+        read
     }
 }
 
@@ -175,6 +227,7 @@ async fn accept_loop(
 ) {
     let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let handshake_timeout = Duration::from_millis(limits.handshake_timeout_ms.max(1));
+    let idle_timeout = Duration::from_millis(limits.idle_timeout_ms.max(1));
     let mut backoff = ACCEPT_BACKOFF_INITIAL;
     loop {
         let accepted = tokio::select! {
@@ -206,14 +259,13 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let connection = match tls {
-                None => Connection {
-                    stream: Stream::Plain(tcp),
-                    info: ConnectionInfo {
-                        remote_addr: Some(remote_addr),
-                        peer_names: Arc::new([]),
-                    },
-                    _permit: permit,
-                },
+                None => Connection::new(
+                    Stream::Plain(tcp),
+                    remote_addr,
+                    Arc::new([]),
+                    idle_timeout,
+                    permit,
+                ),
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                     let stream =
@@ -235,14 +287,13 @@ async fn accept_loop(
                         .and_then(|chain| chain.first())
                         .map(|leaf| peer_names(leaf))
                         .unwrap_or_default();
-                    Connection {
-                        stream: Stream::Tls(Box::new(stream)),
-                        info: ConnectionInfo {
-                            remote_addr: Some(remote_addr),
-                            peer_names: peer_names.into(),
-                        },
-                        _permit: permit,
-                    }
+                    Connection::new(
+                        Stream::Tls(Box::new(stream)),
+                        remote_addr,
+                        peer_names.into(),
+                        idle_timeout,
+                        permit,
+                    )
                 }
             };
             let _ = sender.send(Ok(connection)).await;

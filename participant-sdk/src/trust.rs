@@ -14,7 +14,7 @@ use tonic::{Request, Status};
 
 use crate::auth::bearer_token;
 use crate::connections::ConnectionInfo;
-use crate::limits::canonical_endpoint;
+use crate::limits::{canonical_endpoint, quote_input};
 
 /// `endpoint` in canonical form, or as it is if it does not parse (then it matches only
 /// itself).
@@ -112,8 +112,8 @@ impl CoordinatorTrust {
             return Ok(());
         }
         Err(Status::permission_denied(format!(
-            "the client certificate of {:?} is not a trusted coordinator's",
-            names[0].chars().take(200).collect::<String>()
+            "the client certificate of {} is not a trusted coordinator's",
+            quote_input(&names[0])
         )))
     }
 
@@ -123,8 +123,8 @@ impl CoordinatorTrust {
             return Ok(());
         }
         Err(Status::permission_denied(format!(
-            "coordinator_endpoint: {:?} is not a coordinator this participant trusts",
-            endpoint.chars().take(200).collect::<String>()
+            "coordinator_endpoint: {} is not a coordinator this participant trusts",
+            quote_input(endpoint)
         )))
     }
 }
@@ -174,6 +174,7 @@ mod tests {
         stranger.extensions_mut().insert(ConnectionInfo {
             remote_addr: None,
             peer_names: vec!["stranger.test".to_string()].into(),
+            ..ConnectionInfo::default()
         });
         assert_eq!(
             trust.check(&stranger).unwrap_err().code(),
@@ -183,6 +184,7 @@ mod tests {
         coordinator.extensions_mut().insert(ConnectionInfo {
             remote_addr: None,
             peer_names: vec!["coordinator.test".to_string()].into(),
+            ..ConnectionInfo::default()
         });
         assert!(trust.check(&coordinator).is_ok());
     }

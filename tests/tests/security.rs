@@ -484,6 +484,151 @@ async fn connections_beyond_the_cap_are_closed_and_room_comes_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_never_under_a_call_in_flight() {
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const IDLE: Duration = Duration::from_millis(500);
+    let dir = tempfile::tempdir().unwrap();
+    let participant = ParticipantServer::start(&dir.path().join("participant")).await;
+    let mut config = coordinator_config(&dir.path().join("coordinator"));
+    config.security.idle_connection_timeout_ms = IDLE.as_millis() as u64;
+    let coordinator = Coordinator::start_with(config).await;
+
+    // A client that opens HTTP/2 and never calls is closed once the timeout passes.
+    let address = coordinator.endpoint.trim_start_matches("http://");
+    let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut received = 0usize;
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buffer = [0u8; 1024];
+        // Bounded by the timeout around it: the server's settings, then end of stream.
+        loop {
+            match silent.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle connection stays open");
+    assert!(received > 0, "the server spoke HTTP/2 before closing");
+
+    // A watch in flight keeps its connection past many timeouts and sees the decision.
+    let client = TreatyClient::connect(coordinator.endpoint.clone())
+        .await
+        .unwrap();
+    let id = begin_two_branches(&client, &participant.endpoint).await;
+    let watcher = TreatyClient::connect(coordinator.endpoint.clone())
+        .await
+        .unwrap();
+    let mut updates = Box::pin(watcher.watch(&id).await.unwrap().unwrap());
+    tokio::time::sleep(IDLE * 6).await;
+    assert_eq!(client.commit(&id).await.unwrap(), Outcome::Committed);
+    let finished = tokio::time::timeout(Duration::from_secs(30), async {
+        // Bounded: the stream ends after the final state (and by the timeout).
+        while let Some(update) = updates.next().await {
+            let update = update.expect("the watch survives idle timeouts");
+            if update.transaction.state == pb::TransactionState::Committed as i32 {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(finished, Ok(true));
+
+    // A client whose connection was closed for idleness reconnects on its next call.
+    tokio::time::sleep(IDLE * 4).await;
+    assert!(client.get(&id).await.unwrap().is_some());
+    coordinator.stop().await.unwrap();
+}
+
+/// CPU time (user + system) the process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // Linux reports in USER_HZ, 100 per second on every architecture it supports.
+    Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_daemon_pauses_accepting_instead_of_spinning() {
+    use treaty_tests::process::{start_server, workspace_binary};
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("coordinator");
+    let treaty = workspace_binary("treaty-coordinator", "treaty");
+    let args: Vec<String> = [
+        "-c",
+        "ulimit -n 64 && exec \"$0\" \"$@\"",
+        &treaty.to_string_lossy(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir.to_string_lossy(),
+        "--max-connections",
+        "1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log_file = dir.path().join("coordinator.log");
+    let mut daemon = start_server(
+        std::path::Path::new("/bin/sh"),
+        &args,
+        &[("TREATY_LOG", "warn")],
+        "treaty listening on",
+        log_file.clone(),
+    )
+    .await;
+    let pid = daemon.id().unwrap();
+
+    // More connections than the daemon has descriptors left: accept fails with EMFILE.
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open.push(
+            tokio::net::TcpStream::connect(daemon.address)
+                .await
+                .unwrap(),
+        );
+    }
+    eventually("the daemon reports that accept failed", || async {
+        let log = std::fs::read_to_string(&log_file).ok()?;
+        log.contains("accept failed; pausing").then_some(())
+    })
+    .await;
+    let before = cpu_time(pid);
+    let watched = Duration::from_secs(3);
+    tokio::time::sleep(watched).await;
+    let used = cpu_time(pid) - before;
+    assert!(
+        used < watched / 4,
+        "the daemon used {used:?} of CPU in {watched:?} at the descriptor limit"
+    );
+    assert!(daemon.try_exit_status().is_none(), "the daemon died");
+
+    // Descriptors come back: the daemon serves again.
+    drop(open);
+    let endpoint = daemon.endpoint();
+    eventually("a client is served once descriptors are free", || async {
+        let client = TreatyClient::connect(endpoint.clone()).await.ok()?;
+        client.list(&[], 1, "").await.ok()
+    })
+    .await;
+    daemon.stop(Duration::from_secs(30)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_certificates_and_tokens_and_never_kills_the_daemon() {
     use treaty_tests::process::{start_server, workspace_binary};
     let dir = tempfile::tempdir().unwrap();
