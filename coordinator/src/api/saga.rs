@@ -71,6 +71,18 @@ pub fn saga_params(
     for (index, step) in request.steps.into_iter().enumerate() {
         let field = |name: &str| format!("steps[{index}].{name}");
         check_id(&field("step_id"), &step.step_id)?;
+        if step.after.len() > MAX_BRANCHES {
+            return Err(FieldError::new(
+                field("after"),
+                format!(
+                    "{} dependencies; a saga has at most {MAX_BRANCHES} steps",
+                    step.after.len()
+                ),
+            ));
+        }
+        for (position, name) in step.after.iter().enumerate() {
+            check_id(&field(&format!("after[{position}]")), name)?;
+        }
         let endpoint = policy.check(&field("endpoint"), &step.endpoint)?;
         check_payload(&field("payload"), &step.payload)?;
         check_payload(&field("compensation_payload"), &step.compensation_payload)?;
