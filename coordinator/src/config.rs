@@ -47,6 +47,11 @@ pub struct ServeConfig {
     #[arg(long, env = "TREATY_DATA_DIR", default_value = "treaty-data")]
     pub data_dir: PathBuf,
 
+    /// Serve Prometheus metrics at http(s)://ADDR/metrics (IP:PORT; TLS with the
+    /// server's certificate when --tls-cert is set). Off unless given.
+    #[arg(long, env = "TREATY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// The endpoint participants use to reach this coordinator (GetOutcome). Defaults to
     /// http://LISTEN, with 127.0.0.1 for an unspecified IP.
     #[arg(long, env = "TREATY_ADVERTISE_ENDPOINT")]
@@ -205,6 +210,7 @@ impl ServeConfig {
         Self {
             listen,
             data_dir: data_dir.into(),
+            metrics_listen: None,
             advertise_endpoint: None,
             default_transaction_timeout_ms: defaults::DEFAULT_TRANSACTION_TIMEOUT_MS,
             max_transaction_timeout_ms: defaults::MAX_TRANSACTION_TIMEOUT_MS,
@@ -451,6 +457,7 @@ impl ServeConfig {
             // Read from files by the daemon at start (and on SIGHUP).
             participant_tls: None,
             participant_credentials: self.security.participant_credentials(),
+            metrics: Default::default(),
         }
     }
 }

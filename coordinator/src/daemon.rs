@@ -3,7 +3,8 @@
 //! Start: validate the configuration and read its files (certificates, tokens), open the
 //! decision log, recover (every logged commit not yet acknowledged is delivered again),
 //! then serve the Coordinator service with the standard health service and server
-//! reflection, over TLS when configured. SIGHUP reloads certificates and tokens.
+//! reflection, over TLS when configured, and Prometheus metrics when asked
+//! (`--metrics-listen`). SIGHUP reloads certificates and tokens.
 //!
 //! Stop (on the caller's shutdown signal, or at once on a fatal log error): stop taking
 //! requests and end watch streams; abort undecided transactions and give work in flight
@@ -19,12 +20,14 @@ use tokio::sync::{mpsc, watch};
 use treaty_proto::v1::coordinator_server::CoordinatorServer;
 
 use treaty_sdk::connections::incoming;
+use treaty_sdk::durable::{GroupCommitted, StoreOptions};
 use treaty_sdk::tls::ReloadableServerTls;
 
 use crate::api::CoordinatorService;
 use crate::api::auth::Authenticator;
 use crate::config::{ConfigError, ServeConfig};
 use crate::log::{DecisionLog, LogError, SledLog};
+use crate::metrics::{Metrics, serve_metrics};
 use crate::runtime::Runtime;
 use crate::security::SecurityConfig;
 
@@ -89,14 +92,33 @@ pub async fn run_on(
     let server_tls = config.security.server_tls()?.map(Arc::new);
     let authenticator = Arc::new(config.security.authenticator()?);
     let participant_tls = config.security.participant_tls()?;
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| DaemonError::Listen { address, source })?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
     let data_dir = config.data_dir.clone();
+    let log_options = StoreOptions {
+        group_observer: Some({
+            let metrics = metrics.clone();
+            Arc::new(move |group: GroupCommitted| {
+                metrics.log_group(group.records, group.sync_seconds)
+            })
+        }),
+        ..StoreOptions::default()
+    };
     let log: Arc<dyn DecisionLog> = Arc::new(
-        tokio::task::spawn_blocking(move || SledLog::open(&data_dir))
+        tokio::task::spawn_blocking(move || SledLog::open_with(&data_dir, log_options))
             .await
             .map_err(|e| DaemonError::Fatal(format!("opening the log panicked: {e}")))??,
     );
     let mut runtime_config = config.runtime(bound);
     runtime_config.participant_tls = participant_tls;
+    runtime_config.metrics = metrics;
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (runtime, tasks, recovery) = Runtime::start(log.clone(), runtime_config.clone(), fatal_tx)?;
     tracing::info!(resumed = recovery.resumed, "recovered the decision log");
@@ -145,6 +167,30 @@ pub async fn run_on(
     ));
 
     println!("treaty listening on {bound}");
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
+            let address = listener
+                .local_addr()
+                .map_err(|source| DaemonError::Listen {
+                    address: bound,
+                    source,
+                })?;
+            println!("treaty metrics on {address}");
+            tracing::info!(%address, "serving metrics at /metrics");
+            let runtime = runtime.clone();
+            Some(tokio::spawn(serve_metrics(
+                listener,
+                server_tls.clone(),
+                config.security.connection_limits(),
+                move || {
+                    let runtime = runtime.clone();
+                    async move { runtime.render_metrics().await }
+                },
+                stopping_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     tracing::info!(%bound, tls = server_tls.is_some(), authenticated = config.security.authenticates(), advertise = %runtime_config.advertise_endpoint, data_dir = %config.data_dir.display(), "coordinator serving");
 
     tokio::pin!(shutdown);
@@ -163,6 +209,9 @@ pub async fn run_on(
         .set_not_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
     purger.abort();
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     if let Some(reloader) = reloader {
         reloader.abort();
     }

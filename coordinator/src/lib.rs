@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod endpoint_policy;
 pub mod engine;
 pub mod log;
+pub mod metrics;
 pub mod model;
 pub mod participants;
 pub mod runtime;

@@ -25,6 +25,7 @@ use treaty_sdk::auth::Credentials;
 use treaty_sdk::limits::truncate_reason;
 
 use crate::engine::twopc::{Answer, Vote};
+use crate::metrics::{CallOperation, CallResult, Metrics};
 
 /// Channels kept open; past this the cache starts over (old channels close when their
 /// calls finish).
@@ -59,6 +60,8 @@ pub struct Participants {
     tls: Arc<RwLock<Option<ClientTlsConfig>>>,
     /// What every call presents.
     credentials: Credentials,
+    /// Every call's duration and result.
+    metrics: Arc<Metrics>,
 }
 
 impl Participants {
@@ -74,7 +77,14 @@ impl Participants {
             connect_timeout,
             tls: Arc::default(),
             credentials: Credentials::none(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts calls in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Calls `https://` participants with `tls` and presents `credentials` on every call.
@@ -132,8 +142,13 @@ impl Participants {
     }
 
     /// Runs `request` against the branch's participant within the call's deadline,
-    /// holding one of the in-flight permits.
-    async fn call<T, F, Fut>(&self, call: &Call, request: F) -> Result<T, String>
+    /// holding one of the in-flight permits, and counts it in the metrics.
+    async fn call<T, F, Fut>(
+        &self,
+        call: &Call,
+        operation: CallOperation,
+        request: F,
+    ) -> Result<T, String>
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -143,10 +158,37 @@ impl Participants {
             .acquire()
             .await
             .map_err(|_| "coordinator shutting down".to_string())?;
-        let client = self.client(&call.endpoint)?;
+        let started = std::time::Instant::now();
+        let (result, answer) = self.send(call, request).await;
+        self.metrics.participant_call(
+            &call.endpoint,
+            operation,
+            result,
+            started.elapsed().as_secs_f64(),
+        );
+        answer
+    }
+
+    /// One call, and how it ended for the metrics.
+    async fn send<T, F, Fut>(&self, call: &Call, request: F) -> (CallResult, Result<T, String>)
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = match self.client(&call.endpoint) {
+            Ok(client) => client,
+            Err(error) => return (CallResult::unreachable, Err(error)),
+        };
         match tokio::time::timeout(call.timeout, request(client)).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(describe_failure(call, &status)),
+            Ok(Ok(response)) => (CallResult::ok, Ok(response.into_inner())),
+            Ok(Err(status)) => {
+                let result = if answered_by_participant(&status) {
+                    CallResult::error
+                } else {
+                    CallResult::unreachable
+                };
+                (result, Err(describe_failure(call, &status)))
+            }
             Err(_) => {
                 tracing::warn!(
                     endpoint = %call.endpoint,
@@ -154,10 +196,13 @@ impl Participants {
                     timeout_ms = call.timeout.as_millis() as u64,
                     "participant did not answer in time"
                 );
-                Err(format!(
-                    "participant did not answer within {} ms",
-                    call.timeout.as_millis()
-                ))
+                (
+                    CallResult::timeout,
+                    Err(format!(
+                        "participant did not answer within {} ms",
+                        call.timeout.as_millis()
+                    )),
+                )
             }
         }
     }
@@ -170,10 +215,9 @@ impl Participants {
             coordinator_endpoint: self.coordinator_endpoint.clone(),
         };
         let response = self
-            .call(
-                call,
-                |mut client| async move { client.prepare(request).await },
-            )
+            .call(call, CallOperation::prepare, |mut client| async move {
+                client.prepare(request).await
+            })
             .await?;
         match pb::Vote::try_from(response.vote) {
             Ok(pb::Vote::Yes) => Ok(Vote::Yes),
@@ -195,6 +239,11 @@ impl Participants {
         mode: pb::CommitMode,
         payload: Vec<u8>,
     ) -> Result<Answer, String> {
+        let operation = match mode {
+            pb::CommitMode::OnePhase => CallOperation::one_phase_commit,
+            pb::CommitMode::SagaStep => CallOperation::step,
+            _ => CallOperation::commit,
+        };
         let request = pb::CommitBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
@@ -203,10 +252,9 @@ impl Participants {
             coordinator_endpoint: self.coordinator_endpoint.clone(),
         };
         let response = self
-            .call(
-                call,
-                |mut client| async move { client.commit(request).await },
-            )
+            .call(call, operation, |mut client| async move {
+                client.commit(request).await
+            })
             .await?;
         match pb::CommitResult::try_from(response.result) {
             Ok(pb::CommitResult::Committed) => Ok(Answer::Committed),
@@ -228,10 +276,9 @@ impl Participants {
             branch_id: call.branch_id.clone(),
         };
         let response = self
-            .call(
-                call,
-                |mut client| async move { client.abort(request).await },
-            )
+            .call(call, CallOperation::abort, |mut client| async move {
+                client.abort(request).await
+            })
             .await?;
         match pb::AbortResult::try_from(response.result) {
             Ok(pb::AbortResult::Aborted) => Ok(Answer::Aborted),
@@ -253,7 +300,7 @@ impl Participants {
             payload,
         };
         let response = self
-            .call(call, |mut client| async move {
+            .call(call, CallOperation::compensate, |mut client| async move {
                 client.compensate(request).await
             })
             .await?;

@@ -32,7 +32,7 @@ use crate::tls::{ReloadableServerTls, peer_names};
 mod idle;
 
 use idle::{CallCounter, IdleDeadline};
-pub use idle::{CountCalls, CountCallsLayer, CountedBody};
+pub use idle::{CallInFlight, CountCalls, CountCallsLayer, CountedBody};
 
 /// Limits on a server's connections.
 #[derive(Debug, Clone)]
@@ -88,6 +88,15 @@ pub struct ConnectionInfo {
     pub peer_names: Arc<[String]>,
     /// The calls in flight on this connection (for its idle timeout).
     pub(crate) calls: Arc<CallCounter>,
+}
+
+impl ConnectionInfo {
+    /// Counts a call on this connection until the guard is dropped (servers that are not
+    /// built with [`server_builder`] use it to keep busy connections from the idle
+    /// timeout).
+    pub fn start_call(&self) -> CallInFlight {
+        self.calls.start()
+    }
 }
 
 #[derive(Debug)]

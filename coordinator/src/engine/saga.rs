@@ -357,6 +357,10 @@ impl Saga {
         self.stuck
     }
 
+    pub fn transitions(&self) -> &[Transition] {
+        &self.transitions
+    }
+
     pub fn reason(&self) -> Option<&str> {
         self.reason.as_deref()
     }

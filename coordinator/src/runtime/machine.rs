@@ -3,7 +3,8 @@
 
 use crate::engine::saga::{Saga, SagaEvent};
 use crate::engine::twopc::{Event, TwoPhaseCommit};
-use crate::model::{TxnId, TxnRecord, TxnState};
+use crate::metrics::Health;
+use crate::model::{BranchState, Operation, Transition, TxnId, TxnKind, TxnRecord, TxnState};
 
 #[derive(Debug)]
 pub(super) enum Machine {
@@ -41,6 +42,15 @@ impl Timer {
             }
         }
     }
+}
+
+/// When the transaction last entered `state`.
+fn entered(transitions: &[Transition], state: TxnState) -> Option<u64> {
+    transitions
+        .iter()
+        .rev()
+        .find(|t| t.state == state)
+        .map(|t| t.at_unix_ms)
 }
 
 impl Machine {
@@ -101,6 +111,70 @@ impl Machine {
         match self {
             Machine::TwoPhase(_) => None,
             Machine::Saga(saga) => saga.idempotency_key(),
+        }
+    }
+
+    pub(super) fn kind(&self) -> TxnKind {
+        match self {
+            Machine::TwoPhase(_) => TxnKind::TwoPhase,
+            Machine::Saga(_) => TxnKind::Saga,
+        }
+    }
+
+    /// Adds this transaction to the shard's [`Health`] summary.
+    pub(super) fn add_health(&self, health: &mut Health) {
+        let state = self.state();
+        if state.is_final() {
+            return;
+        }
+        let older = |current: &mut Option<u64>, candidate: Option<u64>| {
+            if let Some(candidate) = candidate {
+                *current = Some(current.map_or(candidate, |c| c.min(candidate)));
+            }
+        };
+        match self {
+            Machine::TwoPhase(txn) => {
+                health.two_phase_in_progress += 1;
+                if state.is_decided() {
+                    health.in_doubt += 1;
+                    older(
+                        &mut health.oldest_in_doubt_unix_ms,
+                        entered(txn.transitions(), state),
+                    );
+                }
+                let waiting = txn.branches().iter().filter(|b| b.awaiting_ack);
+                for branch in waiting {
+                    older(
+                        &mut health.oldest_retry_unix_ms,
+                        branch.history.failing_since(),
+                    );
+                }
+                let abort_failed = |b: &crate::engine::twopc::Branch| {
+                    b.awaiting_ack
+                        && b.history.attempts().last().is_some_and(|a| {
+                            a.operation == Operation::Abort
+                                && a.result.as_deref().is_some_and(|r| r.starts_with("error"))
+                        })
+                };
+                if state == TxnState::Aborting && txn.branches().iter().any(abort_failed) {
+                    health.undelivered_aborts += 1;
+                }
+            }
+            Machine::Saga(saga) => {
+                health.sagas_in_progress += 1;
+                if saga.is_stuck() {
+                    health.stuck_sagas += 1;
+                }
+                let busy = saga.steps().iter().filter(|s| {
+                    matches!(s.state, BranchState::Running | BranchState::Compensating)
+                });
+                for step in busy {
+                    older(
+                        &mut health.oldest_retry_unix_ms,
+                        step.history.failing_since(),
+                    );
+                }
+            }
         }
     }
 

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::defaults;
 use crate::engine::twopc::{BranchSpec, Refusal};
 use crate::log::{DecisionLog, LogError};
+use crate::metrics::{Health, Metrics};
 use crate::model::{SagaDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
 use load::Load;
@@ -70,6 +71,8 @@ pub struct RuntimeConfig {
     pub participant_tls: Option<tonic::transport::ClientTlsConfig>,
     /// What participant calls present.
     pub participant_credentials: treaty_sdk::auth::Credentials,
+    /// Where transactions, participant calls and the log are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for RuntimeConfig {
@@ -95,6 +98,7 @@ impl Default for RuntimeConfig {
             stale_after_ms: defaults::STALE_AFTER_MS,
             participant_tls: None,
             participant_credentials: treaty_sdk::auth::Credentials::none(),
+            metrics: Arc::default(),
         }
     }
 }
@@ -226,6 +230,7 @@ pub struct Runtime {
     participants: Participants,
     log: Arc<dyn DecisionLog>,
     load: Arc<Load>,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs the shards until [`Runtime::shutdown`].
@@ -278,7 +283,8 @@ impl Runtime {
         .with_security(
             config.participant_tls.clone(),
             config.participant_credentials.clone(),
-        );
+        )
+        .with_metrics(config.metrics.clone());
         let load = Arc::new(Load::default());
         for record in &unfinished {
             let payload_bytes = record.saga.as_ref().map_or(0, shard::definition_bytes);
@@ -320,8 +326,36 @@ impl Runtime {
             participants,
             log,
             load,
+            metrics: config.metrics.clone(),
         };
         Ok((runtime, RuntimeTasks { handles }, report))
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The summary of the transactions in memory that the metrics' gauges show.
+    pub async fn health(&self) -> Result<Health, RuntimeError> {
+        let mut health = Health::default();
+        for shard in self.shards.iter() {
+            let (reply, answer) = oneshot::channel();
+            shard
+                .send(ShardMsg::Health { reply })
+                .await
+                .map_err(|_| RuntimeError::ShuttingDown)?;
+            let part = answer.await.map_err(|_| RuntimeError::ShuttingDown)?;
+            health = health.merge(part);
+        }
+        Ok(health)
+    }
+
+    /// The metrics' text exposition as of now.
+    pub async fn render_metrics(&self) -> Result<String, String> {
+        let health = self.health().await.map_err(|e| e.to_string())?;
+        self.metrics
+            .encode(health, now_unix_ms())
+            .map_err(|e| format!("encoding metrics: {e}"))
     }
 
     /// New TLS settings for `https://` participants (on SIGHUP); calls made from now on

@@ -26,6 +26,7 @@ use super::{
 use crate::engine::saga::{NewSaga, Saga, SagaEvent};
 use crate::engine::twopc::{BranchSpec, Command, Event, NewTransaction, TwoPhaseCommit};
 use crate::log::DecisionLog;
+use crate::metrics::Health;
 use crate::model::{SagaDefinition, StepDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
 
@@ -69,6 +70,10 @@ pub(super) enum ShardMsg {
     State {
         id: TxnId,
         reply: Reply<Lookup<TxnState>>,
+    },
+    /// The shard's part of the metrics' summary.
+    Health {
+        reply: Reply<Health>,
     },
     /// The `limit` smallest ids after `after` in `states`, and which of `known` (ids
     /// found in the log) this shard holds in memory.
@@ -300,6 +305,13 @@ impl Shard {
             }
             ShardMsg::State { id, reply } => {
                 let _ = reply.send(self.lookup(id, |e| e.machine.state()));
+            }
+            ShardMsg::Health { reply } => {
+                let mut health = Health::default();
+                for entry in self.txns.values() {
+                    entry.machine.add_health(&mut health);
+                }
+                let _ = reply.send(health);
             }
             ShardMsg::List {
                 filter,
@@ -591,6 +603,9 @@ impl Shard {
             }
         }
         if state.is_final() {
+            self.config
+                .metrics
+                .transaction_ended(entry.machine.kind(), state);
             self.load
                 .release(entry.machine.owner(), entry.payload_bytes);
             self.retained.push_back((now, id));

@@ -50,7 +50,7 @@ impl CallCounter {
         Arc::default()
     }
 
-    fn start(self: &Arc<Self>) -> CallInFlight {
+    pub(super) fn start(self: &Arc<Self>) -> CallInFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         CallInFlight(self.clone())
     }
@@ -67,7 +67,7 @@ impl CallCounter {
 
 /// One call being served; finishing it (dropping) restarts the connection's idle clock.
 #[derive(Debug)]
-struct CallInFlight(Arc<CallCounter>);
+pub struct CallInFlight(Arc<CallCounter>);
 
 impl Drop for CallInFlight {
     fn drop(&mut self) {

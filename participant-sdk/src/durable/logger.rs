@@ -13,7 +13,10 @@ use std::sync::{Arc, OnceLock};
 
 use super::files::{SyncedFiles, SyncedPath};
 use super::high_water::HighWater;
-use super::{Durability, FORCED_GROUPS_KEY, Request, StoreError, SyncObserver, reply};
+use super::{
+    Durability, FORCED_GROUPS_KEY, GroupCommitted, GroupObserver, Request, StoreError,
+    SyncObserver, reply,
+};
 
 type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
@@ -36,6 +39,7 @@ pub(super) struct Logger {
     pub(super) max_batch_records: usize,
     pub(super) max_batch_bytes: usize,
     pub(super) sync_observer: Option<SyncObserver>,
+    pub(super) group_observer: Option<GroupObserver>,
 }
 
 impl Logger {
@@ -113,13 +117,26 @@ impl Logger {
             None => {
                 let forced = group.iter().any(|(_, d, _)| *d == Durability::Forced);
                 let result = self.apply(&group, forced).and_then(|()| {
-                    if forced {
-                        self.sync(Some(self.forced_groups + 1))
-                    } else {
+                    if !forced {
+                        return Ok(None);
+                    }
+                    let started = std::time::Instant::now();
+                    self.sync(Some(self.forced_groups + 1))?;
+                    Ok(Some(started.elapsed().as_secs_f64()))
+                });
+                match result {
+                    Ok(sync_seconds) => {
+                        if let Some(observer) = &self.group_observer {
+                            observer(GroupCommitted {
+                                records: group.iter().map(|(batch, _, _)| batch.len()).sum(),
+                                writes: group.len(),
+                                sync_seconds,
+                            });
+                        }
                         Ok(())
                     }
-                });
-                result.map_err(|message| self.fail(message))
+                    Err(message) => Err(self.fail(message)),
+                }
             }
         };
         for (_, _, done) in group {

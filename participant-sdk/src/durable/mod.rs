@@ -126,6 +126,21 @@ pub enum StoreError {
 /// build the disk a power cut would leave).
 pub type SyncObserver = Arc<dyn Fn(&[SyncedPath]) + Send + Sync>;
 
+/// One group commit, as [`StoreOptions::group_observer`] hears of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupCommitted {
+    /// Records (keys written or removed) the group applied.
+    pub records: usize,
+    /// Writes (callers) the group served.
+    pub writes: usize,
+    /// Time spent making a forced group durable (flush, new files, fdatasync, high-water
+    /// mark); `None` for a group of lazy writes only.
+    pub sync_seconds: Option<f64>,
+}
+
+/// Called after each successful group commit (metrics use it).
+pub type GroupObserver = Arc<dyn Fn(GroupCommitted) + Send + Sync>;
+
 /// Tunables of a [`DurableStore`].
 #[derive(Clone)]
 pub struct StoreOptions {
@@ -140,6 +155,7 @@ pub struct StoreOptions {
     /// later read (costs a scan of the whole store).
     pub verify_on_open: bool,
     pub sync_observer: Option<SyncObserver>,
+    pub group_observer: Option<GroupObserver>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -150,6 +166,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("cache_capacity_bytes", &self.cache_capacity_bytes)
             .field("verify_on_open", &self.verify_on_open)
             .field("sync_observer", &self.sync_observer.is_some())
+            .field("group_observer", &self.group_observer.is_some())
             .finish()
     }
 }
@@ -162,6 +179,7 @@ impl Default for StoreOptions {
             cache_capacity_bytes: 256 * 1024 * 1024,
             verify_on_open: true,
             sync_observer: None,
+            group_observer: None,
         }
     }
 }
@@ -274,6 +292,7 @@ impl DurableStore {
             max_batch_records: options.max_batch_records.max(1),
             max_batch_bytes: options.max_batch_bytes.max(1),
             sync_observer: options.sync_observer.clone(),
+            group_observer: options.group_observer.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("treaty-logger".into())

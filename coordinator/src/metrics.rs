@@ -1,0 +1,448 @@
+//! The coordinator's Prometheus metrics and the `/metrics` endpoint that serves them.
+//!
+//! Counters and histograms are updated where things happen: a transaction ends, a
+//! participant call returns, the log makes a group durable. The gauges that describe the
+//! transactions in memory (in progress, in doubt, stuck, undelivered aborts, the retry
+//! backlog) are not kept up to date event by event: every scrape asks the shards for a
+//! [`Health`] summary and sets them from it, so they cannot drift.
+//!
+//! Invariant: every label takes values from a bounded set. Endpoints are named by
+//! clients, so at most [`MAX_ENDPOINT_LABELS`] distinct endpoints get their own label;
+//! calls to any other are counted under `endpoint="other"`.
+
+use std::collections::HashSet;
+use std::sync::RwLock;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::model::{TxnKind, TxnState};
+
+mod server;
+
+pub use server::serve_metrics;
+
+/// Distinct endpoints that get a label of their own.
+pub const MAX_ENDPOINT_LABELS: usize = 256;
+/// The label of every endpoint past [`MAX_ENDPOINT_LABELS`].
+const OTHER_ENDPOINT: &str = "other";
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values as Prometheus users spell them
+pub enum Protocol {
+    two_phase,
+    saga,
+}
+
+impl From<TxnKind> for Protocol {
+    fn from(kind: TxnKind) -> Self {
+        match kind {
+            TxnKind::TwoPhase => Protocol::two_phase,
+            TxnKind::Saga => Protocol::saga,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    committed,
+    aborted,
+    completed,
+    compensated,
+}
+
+impl Outcome {
+    /// The outcome a final state stands for.
+    pub fn of_final(state: TxnState) -> Option<Self> {
+        match state {
+            TxnState::Committed => Some(Outcome::committed),
+            TxnState::Aborted => Some(Outcome::aborted),
+            TxnState::Completed => Some(Outcome::completed),
+            TxnState::Compensated => Some(Outcome::compensated),
+            _ => None,
+        }
+    }
+}
+
+/// What a call to a participant was for.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CallOperation {
+    prepare,
+    commit,
+    one_phase_commit,
+    abort,
+    step,
+    compensate,
+}
+
+/// How a call to a participant ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CallResult {
+    /// An answer of the protocol (whatever it said: a NO vote is an answer).
+    ok,
+    /// The participant answered with an error status.
+    error,
+    /// No answer within the deadline.
+    timeout,
+    /// No connection, or not a gRPC server.
+    unreachable,
+    /// Not sent: the endpoint's circuit is open.
+    circuit_open,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransactionLabels {
+    protocol: Protocol,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    endpoint: String,
+    operation: CallOperation,
+    result: CallResult,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+}
+
+/// The shards' summary of the transactions in memory, taken at a scrape.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Health {
+    pub two_phase_in_progress: u64,
+    pub sagas_in_progress: u64,
+    /// Two-phase commits decided whose phase 2 has not reached every participant.
+    pub in_doubt: u64,
+    /// When the oldest of those was decided.
+    pub oldest_in_doubt_unix_ms: Option<u64>,
+    /// Sagas whose compensation keeps failing.
+    pub stuck_sagas: u64,
+    /// Aborted two-phase commits some participant has not acknowledged.
+    pub undelivered_aborts: u64,
+    /// When the oldest call still waiting to be retried first failed.
+    pub oldest_retry_unix_ms: Option<u64>,
+}
+
+impl Health {
+    /// Both summaries together.
+    pub fn merge(self, other: Health) -> Health {
+        let older = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Health {
+            two_phase_in_progress: self.two_phase_in_progress + other.two_phase_in_progress,
+            sagas_in_progress: self.sagas_in_progress + other.sagas_in_progress,
+            in_doubt: self.in_doubt + other.in_doubt,
+            oldest_in_doubt_unix_ms: older(
+                self.oldest_in_doubt_unix_ms,
+                other.oldest_in_doubt_unix_ms,
+            ),
+            stuck_sagas: self.stuck_sagas + other.stuck_sagas,
+            undelivered_aborts: self.undelivered_aborts + other.undelivered_aborts,
+            oldest_retry_unix_ms: older(self.oldest_retry_unix_ms, other.oldest_retry_unix_ms),
+        }
+    }
+}
+
+/// Every metric of the coordinator. Cheap to update from any task or thread.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    transactions: Family<TransactionLabels, Counter>,
+    in_progress: Family<ProtocolLabels, Gauge>,
+    in_doubt: Gauge,
+    in_doubt_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    stuck_sagas: Gauge,
+    undelivered_aborts: Gauge,
+    retry_backlog_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    heuristic_outcomes: Counter,
+    participant_calls: Family<CallLabels, Histogram>,
+    log_fsync_seconds: Histogram,
+    log_batch_records: Histogram,
+    circuit_state: Family<EndpointLabels, Gauge>,
+    /// Endpoints that have a label of their own.
+    labelled_endpoints: RwLock<HashSet<String>>,
+}
+
+fn call_duration_histogram() -> Histogram {
+    // 250 µs to ~16 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let transactions = Family::<TransactionLabels, Counter>::default();
+        registry.register(
+            "treaty_transactions",
+            "Transactions that ended, by protocol and outcome",
+            transactions.clone(),
+        );
+        let in_progress = Family::<ProtocolLabels, Gauge>::default();
+        registry.register(
+            "treaty_transactions_in_progress",
+            "Transactions not yet final, by protocol",
+            in_progress.clone(),
+        );
+        let in_doubt = Gauge::default();
+        registry.register(
+            "treaty_in_doubt_transactions",
+            "Two-phase commits decided whose phase 2 has not reached every participant",
+            in_doubt.clone(),
+        );
+        let in_doubt_oldest_age_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "treaty_in_doubt_oldest_age",
+            "Time since the oldest in-doubt transaction was decided (0 if none)",
+            Unit::Seconds,
+            in_doubt_oldest_age_seconds.clone(),
+        );
+        let stuck_sagas = Gauge::default();
+        registry.register(
+            "treaty_stuck_sagas",
+            "Sagas whose compensation keeps failing (an operator should look)",
+            stuck_sagas.clone(),
+        );
+        let undelivered_aborts = Gauge::default();
+        registry.register(
+            "treaty_undelivered_aborts",
+            "Aborted two-phase commits that some participant has not acknowledged",
+            undelivered_aborts.clone(),
+        );
+        let retry_backlog_oldest_age_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "treaty_retry_backlog_oldest_age",
+            "Time since the oldest participant call still waiting to be retried first failed (0 if none)",
+            Unit::Seconds,
+            retry_backlog_oldest_age_seconds.clone(),
+        );
+        let heuristic_outcomes = Counter::default();
+        registry.register(
+            "treaty_heuristic_outcomes",
+            "Outcomes an operator forced on a branch or transaction",
+            heuristic_outcomes.clone(),
+        );
+        let participant_calls =
+            Family::<CallLabels, Histogram>::new_with_constructor(call_duration_histogram as _);
+        registry.register_with_unit(
+            "treaty_participant_call_duration",
+            "Calls to participants, by endpoint, operation and result",
+            Unit::Seconds,
+            participant_calls.clone(),
+        );
+        let log_fsync_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register_with_unit(
+            "treaty_log_fsync_duration",
+            "Time to make one group of forced log writes durable",
+            Unit::Seconds,
+            log_fsync_seconds.clone(),
+        );
+        let log_batch_records = Histogram::new(exponential_buckets(1.0, 2.0, 13));
+        registry.register(
+            "treaty_log_batch_records",
+            "Records written by one group commit of the log",
+            log_batch_records.clone(),
+        );
+        let circuit_state = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "treaty_circuit_state",
+            "Circuit of each participant endpoint: 0 closed, 1 half-open, 2 open",
+            circuit_state.clone(),
+        );
+        Self {
+            registry,
+            transactions,
+            in_progress,
+            in_doubt,
+            in_doubt_oldest_age_seconds,
+            stuck_sagas,
+            undelivered_aborts,
+            retry_backlog_oldest_age_seconds,
+            heuristic_outcomes,
+            participant_calls,
+            log_fsync_seconds,
+            log_batch_records,
+            circuit_state,
+            labelled_endpoints: RwLock::default(),
+        }
+    }
+
+    /// A transaction reached a final state.
+    pub fn transaction_ended(&self, kind: TxnKind, state: TxnState) {
+        if let Some(outcome) = Outcome::of_final(state) {
+            self.transactions
+                .get_or_create(&TransactionLabels {
+                    protocol: kind.into(),
+                    outcome,
+                })
+                .inc();
+        }
+    }
+
+    /// An operator forced an outcome.
+    pub fn heuristic_outcome(&self) {
+        self.heuristic_outcomes.inc();
+    }
+
+    pub fn participant_call(
+        &self,
+        endpoint: &str,
+        operation: CallOperation,
+        result: CallResult,
+        seconds: f64,
+    ) {
+        let labels = CallLabels {
+            endpoint: self.endpoint_label(endpoint),
+            operation,
+            result,
+        };
+        self.participant_calls
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// The circuit of `endpoint`: 0 closed, 1 half-open, 2 open.
+    pub fn circuit_state(&self, endpoint: &str, state: i64) {
+        let labels = EndpointLabels {
+            endpoint: self.endpoint_label(endpoint),
+        };
+        self.circuit_state.get_or_create(&labels).set(state);
+    }
+
+    /// One group commit of the log.
+    pub fn log_group(&self, records: usize, sync_seconds: Option<f64>) {
+        self.log_batch_records.observe(records as f64);
+        if let Some(seconds) = sync_seconds {
+            self.log_fsync_seconds.observe(seconds);
+        }
+    }
+
+    /// `endpoint` itself while fewer than [`MAX_ENDPOINT_LABELS`] have labels, else
+    /// "other".
+    fn endpoint_label(&self, endpoint: &str) -> String {
+        let known = self
+            .labelled_endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(endpoint);
+        if known {
+            return endpoint.to_string();
+        }
+        let mut labelled = self
+            .labelled_endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if labelled.len() < MAX_ENDPOINT_LABELS {
+            labelled.insert(endpoint.to_string());
+            return endpoint.to_string();
+        }
+        if labelled.contains(endpoint) {
+            endpoint.to_string()
+        } else {
+            OTHER_ENDPOINT.to_string()
+        }
+    }
+
+    /// The text exposition of every metric, with the gauges set from `health` as of
+    /// `now_unix_ms`.
+    pub fn encode(&self, health: Health, now_unix_ms: u64) -> Result<String, std::fmt::Error> {
+        let age_seconds =
+            |since: Option<u64>| since.map_or(0.0, |t| now_unix_ms.saturating_sub(t) as f64 / 1e3);
+        self.in_progress
+            .get_or_create(&ProtocolLabels {
+                protocol: Protocol::two_phase,
+            })
+            .set(to_i64(health.two_phase_in_progress));
+        self.in_progress
+            .get_or_create(&ProtocolLabels {
+                protocol: Protocol::saga,
+            })
+            .set(to_i64(health.sagas_in_progress));
+        self.in_doubt.set(to_i64(health.in_doubt));
+        self.in_doubt_oldest_age_seconds
+            .set(age_seconds(health.oldest_in_doubt_unix_ms));
+        self.stuck_sagas.set(to_i64(health.stuck_sagas));
+        self.undelivered_aborts
+            .set(to_i64(health.undelivered_aborts));
+        self.retry_backlog_oldest_age_seconds
+            .set(age_seconds(health.oldest_retry_unix_ms));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+fn to_i64(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_labels_are_bounded() {
+        let metrics = Metrics::new();
+        for i in 0..MAX_ENDPOINT_LABELS + 10 {
+            metrics.participant_call(
+                &format!("http://10.0.0.1:{}", 1000 + i),
+                CallOperation::prepare,
+                CallResult::ok,
+                0.001,
+            );
+        }
+        let text = metrics.encode(Health::default(), 0).unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("treaty_participant_call_duration_seconds_count"))
+            .count();
+        assert_eq!(series, MAX_ENDPOINT_LABELS + 1, "{text}");
+        assert!(text.contains("endpoint=\"other\""));
+    }
+
+    #[test]
+    fn gauges_come_from_the_health_summary() {
+        let metrics = Metrics::new();
+        metrics.transaction_ended(TxnKind::TwoPhase, TxnState::Committed);
+        metrics.transaction_ended(TxnKind::Saga, TxnState::Compensated);
+        metrics.transaction_ended(TxnKind::Saga, TxnState::Running);
+        let health = Health {
+            in_doubt: 3,
+            oldest_in_doubt_unix_ms: Some(10_000),
+            ..Health::default()
+        };
+        let text = metrics.encode(health, 12_500).unwrap();
+        for expected in [
+            "treaty_transactions_total{protocol=\"two_phase\",outcome=\"committed\"} 1",
+            "treaty_transactions_total{protocol=\"saga\",outcome=\"compensated\"} 1",
+            "treaty_in_doubt_transactions 3",
+            "treaty_in_doubt_oldest_age_seconds 2.5",
+            "treaty_retry_backlog_oldest_age_seconds 0.0",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from\n{text}");
+        }
+        assert!(!text.contains("outcome=\"running\""));
+    }
+}

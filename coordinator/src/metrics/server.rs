@@ -1,0 +1,95 @@
+//! The `/metrics` endpoint: HTTP/1.1 on a listener of its own, accepted by the same loop
+//! as the gRPC servers (TLS when the coordinator has a certificate, the connection cap,
+//! the idle timeout). `GET /metrics` renders the metrics; anything else is 404 or 405.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::transport::server::Connected;
+use treaty_sdk::connections::{ConnectionLimits, incoming};
+use treaty_sdk::tls::ReloadableServerTls;
+
+/// The content type of Prometheus' text format as prometheus-client writes it.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves `GET /metrics` with what `render` returns until `stop` turns true.
+pub async fn serve_metrics<R, F>(
+    listener: TcpListener,
+    tls: Option<Arc<ReloadableServerTls>>,
+    limits: ConnectionLimits,
+    render: R,
+    mut stop: watch::Receiver<bool>,
+) where
+    R: Fn() -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<String, String>> + Send + 'static,
+{
+    let mut connections = incoming(listener, tls, limits);
+    loop {
+        let connection = tokio::select! {
+            next = connections.next() => match next {
+                Some(Ok(connection)) => connection,
+                Some(Err(_)) => continue,
+                None => return,
+            },
+            _ = stop.wait_for(|stopping| *stopping) => return,
+        };
+        let info = connection.connect_info();
+        let render = render.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                // Counted while it is answered: a scrape is never cut by the idle timeout.
+                let call = info.start_call();
+                let render = render.clone();
+                async move {
+                    let response = respond(&request, render).await;
+                    drop(call);
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(connection), service)
+                .await;
+            if let Err(error) = served {
+                tracing::debug!(%error, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn respond<R, F>(request: &Request<Incoming>, render: R) -> Response<String>
+where
+    R: Fn() -> F,
+    F: Future<Output = Result<String, String>>,
+{
+    let reply = |status: StatusCode, body: String| {
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        response
+    };
+    if request.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "try /metrics\n".into());
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into());
+    }
+    match render().await {
+        Ok(text) => {
+            let mut response = reply(StatusCode::OK, text);
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+            );
+            response
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot render metrics");
+            reply(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n"))
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Metrics (issue 9): a real `treaty serve` with `--metrics-listen`, a known workload over
+//! real gRPC, and scrapes of `/metrics` whose numbers must match it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome};
+use treaty_sdk::{SagaStep, SubmitOptions, TreatyClient};
+use treaty_tests::harness::{PATIENCE, ParticipantServer, eventually};
+use treaty_tests::process::{start_server, workspace_binary};
+
+/// The body of `GET /metrics` at `address`.
+async fn scrape(address: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: treaty\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+        .await
+        .expect("the scrape is answered")
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed), 0 if absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
+}
+
+fn call_count(text: &str, endpoint: &str, operation: &str, result: &str) -> f64 {
+    sample(
+        text,
+        &format!(
+            "treaty_participant_call_duration_seconds_count{{endpoint=\"{endpoint}\",operation=\"{operation}\",result=\"{result}\"}}"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_after_a_known_workload_shows_its_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = ParticipantServer::start(&dir.path().join("participant")).await;
+    let data_dir = dir.path().join("coordinator");
+    let args: Vec<String> = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir.to_string_lossy(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--retry-backoff-initial-ms",
+        "20",
+        "--retry-backoff-max-ms",
+        "200",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut daemon = start_server(
+        &workspace_binary("treaty-coordinator", "treaty"),
+        &args,
+        &[("TREATY_LOG", "warn")],
+        "treaty listening on",
+        dir.path().join("coordinator.log"),
+    )
+    .await;
+    let announced = tokio::time::timeout(PATIENCE, daemon.stdout.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let metrics_address: SocketAddr = announced
+        .strip_prefix("treaty metrics on ")
+        .expect("the metrics address is announced")
+        .parse()
+        .unwrap();
+    let client = TreatyClient::connect(daemon.endpoint()).await.unwrap();
+    let endpoint = participant.endpoint.clone();
+    let branches = |second: &str| {
+        vec![
+            BranchSpec::new("a", &endpoint, "yes"),
+            BranchSpec::new("b", &endpoint, second),
+        ]
+    };
+
+    // 5 commits and 2 aborts (a NO vote) of two branches each; a saga that completes and
+    // one that is compensated (its second step is refused).
+    for _ in 0..5 {
+        let (_, outcome) = client
+            .run_two_phase(branches("yes"), BeginOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Committed);
+    }
+    for _ in 0..2 {
+        let (_, outcome) = client
+            .run_two_phase(branches("no"), BeginOptions::default())
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Aborted { .. }), "{outcome:?}");
+    }
+    let waiting = SubmitOptions {
+        wait_for_outcome: true,
+        ..Default::default()
+    };
+    for second in ["yes", "no"] {
+        client
+            .submit_saga(
+                vec![
+                    SagaStep::new("a", &endpoint, "yes").compensation("undo a"),
+                    SagaStep::new("b", &endpoint, second)
+                        .compensation("undo b")
+                        .after(["a"]),
+                ],
+                waiting.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    // Aborts and acknowledgements finish after the callers heard the outcome.
+    let text = eventually("every transaction is final", || async {
+        let text = scrape(metrics_address).await;
+        let done = sample(
+            &text,
+            "treaty_transactions_total{protocol=\"two_phase\",outcome=\"aborted\"}",
+        ) == 2.0
+            && sample(
+                &text,
+                "treaty_transactions_total{protocol=\"two_phase\",outcome=\"committed\"}",
+            ) == 5.0;
+        done.then_some(text)
+    })
+    .await;
+    for (series, expected) in [
+        (
+            "treaty_transactions_total{protocol=\"saga\",outcome=\"completed\"}",
+            1.0,
+        ),
+        (
+            "treaty_transactions_total{protocol=\"saga\",outcome=\"compensated\"}",
+            1.0,
+        ),
+        (
+            "treaty_transactions_in_progress{protocol=\"two_phase\"}",
+            0.0,
+        ),
+        ("treaty_transactions_in_progress{protocol=\"saga\"}", 0.0),
+        ("treaty_in_doubt_transactions", 0.0),
+        ("treaty_stuck_sagas", 0.0),
+        ("treaty_heuristic_outcomes_total", 0.0),
+    ] {
+        assert_eq!(sample(&text, series), expected, "{series} in\n{text}");
+    }
+    // Every prepare was answered (a NO vote is an answer); 10 phase-2 commits; 4 saga
+    // steps (one refused) and one compensation.
+    assert_eq!(
+        call_count(&text, &endpoint, "prepare", "ok"),
+        14.0,
+        "{text}"
+    );
+    assert_eq!(call_count(&text, &endpoint, "commit", "ok"), 10.0, "{text}");
+    assert_eq!(call_count(&text, &endpoint, "step", "ok"), 4.0, "{text}");
+    assert_eq!(
+        call_count(&text, &endpoint, "compensate", "ok"),
+        1.0,
+        "{text}"
+    );
+    // Each commit decision and each saga definition was forced through the log.
+    assert!(
+        sample(&text, "treaty_log_fsync_duration_seconds_count") >= 7.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "treaty_log_batch_records_count") >= 7.0,
+        "{text}"
+    );
+
+    // A participant that fails its commits holds a decided transaction in doubt, and its
+    // failed deliveries wait in the retry backlog, until it recovers.
+    participant.participant.fail_next_commits(1_000_000);
+    let stuck = client
+        .begin(BeginOptions::default(), branches("yes"))
+        .await
+        .unwrap();
+    assert_eq!(client.commit(&stuck).await.unwrap(), Outcome::Committed);
+    let text = eventually(
+        "the transaction shows in doubt with a retry backlog",
+        || async {
+            let text = scrape(metrics_address).await;
+            let backlog = sample(&text, "treaty_retry_backlog_oldest_age_seconds");
+            (sample(&text, "treaty_in_doubt_transactions") == 1.0 && backlog > 0.0).then_some(text)
+        },
+    )
+    .await;
+    assert!(
+        sample(&text, "treaty_in_doubt_oldest_age_seconds") > 0.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "treaty_transactions_in_progress{protocol=\"two_phase\"}"
+        ),
+        1.0
+    );
+    assert!(
+        call_count(&text, &endpoint, "commit", "error") >= 1.0,
+        "{text}"
+    );
+    participant.participant.fail_next_commits(0);
+    let text = eventually(
+        "the commit is delivered once the participant recovers",
+        || async {
+            let text = scrape(metrics_address).await;
+            (sample(
+                &text,
+                "treaty_transactions_total{protocol=\"two_phase\",outcome=\"committed\"}",
+            ) == 6.0)
+                .then_some(text)
+        },
+    )
+    .await;
+    assert_eq!(sample(&text, "treaty_in_doubt_transactions"), 0.0);
+    assert_eq!(
+        sample(&text, "treaty_retry_backlog_oldest_age_seconds"),
+        0.0
+    );
+
+    // Only /metrics is served.
+    let mut other = tokio::net::TcpStream::connect(metrics_address)
+        .await
+        .unwrap();
+    other
+        .write_all(b"GET / HTTP/1.1\r\nHost: treaty\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    other.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+
+    daemon.stop(Duration::from_secs(30)).await.unwrap();
+    participant.stop().await;
+}
