@@ -1,5 +1,11 @@
 //! Talking to participants: one lazily connected tonic channel per endpoint, a deadline
-//! on every call, a bound on calls in flight, and the retry backoff.
+//! on every call, a bound on calls in flight, a circuit breaker per endpoint, and the
+//! retry backoff.
+//!
+//! Calls in flight are bounded twice: in all (`max_in_flight`), and per endpoint (a
+//! quarter of that), so that a participant that stopped answering never holds the
+//! permits the others need. An endpoint whose circuit is open (see [`circuit`]) is not
+//! called at all: its calls fail at once and hold nothing.
 //!
 //! Every failure to get an answer (transport error, deadline, an error status) comes back
 //! as `Err(description)`: the engine decides what it means (abort in phase 1, retry in
@@ -27,12 +33,18 @@ use treaty_sdk::limits::truncate_reason;
 use crate::engine::twopc::{Answer, Vote};
 use crate::metrics::{CallOperation, CallResult, Metrics};
 
+pub mod circuit;
+
+use circuit::{Admission, Circuit};
+
 /// Channels kept open; past this the cache starts over (old channels close when their
 /// calls finish).
 const MAX_CACHED_ENDPOINTS: usize = 4096;
 
 /// What clients are told when no gRPC answer came, whatever the transport said.
 pub const UNREACHABLE: &str = "participant unreachable";
+/// What they are told when the call was not made: the endpoint's circuit is open.
+pub const CIRCUIT_OPEN: &str = "participant unreachable (circuit open: not called)";
 
 /// How tonic begins the message of a status it made up from an HTTP status code because
 /// the response had no `grpc-status`: the server there does not speak gRPC.
@@ -50,10 +62,20 @@ pub struct Call {
 
 type Client = ParticipantClient<InterceptedService<Channel, Credentials>>;
 
+/// What the coordinator keeps per endpoint.
+#[derive(Debug)]
+struct Peer {
+    client: Client,
+    /// Calls to this endpoint in flight.
+    permits: Semaphore,
+    circuit: Mutex<Circuit>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Participants {
-    channels: Arc<Mutex<HashMap<String, Client>>>,
+    peers: Arc<Mutex<HashMap<String, Arc<Peer>>>>,
     in_flight: Arc<Semaphore>,
+    max_in_flight_per_endpoint: usize,
     coordinator_endpoint: String,
     connect_timeout: Duration,
     /// For `https://` participants (`None`: they are refused); replaced on reload.
@@ -71,8 +93,9 @@ impl Participants {
         connect_timeout: Duration,
     ) -> Self {
         Self {
-            channels: Arc::default(),
+            peers: Arc::default(),
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            max_in_flight_per_endpoint: (max_in_flight / 4).max(1),
             coordinator_endpoint,
             connect_timeout,
             tls: Arc::default(),
@@ -97,19 +120,16 @@ impl Participants {
     /// New TLS settings (SIGHUP): channels opened from now on use them.
     pub fn reload_tls(&self, tls: Option<ClientTlsConfig>) {
         *self.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
-        self.channels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    fn client(&self, endpoint: &str) -> Result<Client, String> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(client) = channels.get(endpoint) {
-            return Ok(client.clone());
+    fn peer(&self, endpoint: &str) -> Result<Arc<Peer>, String> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(peer) = peers.get(endpoint) {
+            return Ok(peer.clone());
         }
-        if channels.len() >= MAX_CACHED_ENDPOINTS {
-            channels.clear();
+        if peers.len() >= MAX_CACHED_ENDPOINTS {
+            peers.clear();
         }
         let mut channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|error| {
@@ -135,10 +155,16 @@ impl Participants {
                     "participant endpoint not usable".to_string()
                 })?;
         }
-        let client =
-            ParticipantClient::with_interceptor(channel.connect_lazy(), self.credentials.clone());
-        channels.insert(endpoint.to_string(), client.clone());
-        Ok(client)
+        let peer = Arc::new(Peer {
+            client: ParticipantClient::with_interceptor(
+                channel.connect_lazy(),
+                self.credentials.clone(),
+            ),
+            permits: Semaphore::new(self.max_in_flight_per_endpoint),
+            circuit: Mutex::default(),
+        });
+        peers.insert(endpoint.to_string(), peer.clone());
+        Ok(peer)
     }
 
     /// Runs `request` against the branch's participant within the call's deadline,
@@ -153,13 +179,30 @@ impl Participants {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| "coordinator shutting down".to_string())?;
         let started = std::time::Instant::now();
-        let (result, answer) = self.send(call, request).await;
+        let peer = match self.peer(&call.endpoint) {
+            Ok(peer) => peer,
+            Err(error) => {
+                self.metrics.participant_call(
+                    &call.endpoint,
+                    operation,
+                    CallResult::unreachable,
+                    0.0,
+                );
+                return Err(error);
+            }
+        };
+        let Some(admitted) = self.admit(call, &peer) else {
+            self.metrics
+                .participant_call(&call.endpoint, operation, CallResult::circuit_open, 0.0);
+            return Err(CIRCUIT_OPEN.to_string());
+        };
+        let shutting_down = |_| "coordinator shutting down".to_string();
+        let _endpoint_permit = peer.permits.acquire().await.map_err(shutting_down)?;
+        let _permit = self.in_flight.acquire().await.map_err(shutting_down)?;
+        let (result, answer) = self.send(call, peer.client.clone(), request).await;
+        let answered = matches!(result, CallResult::ok | CallResult::error);
+        admitted.finish(answered);
         self.metrics.participant_call(
             &call.endpoint,
             operation,
@@ -169,16 +212,39 @@ impl Participants {
         answer
     }
 
+    /// Asks the endpoint's circuit whether the call may go out; `None`: fail at once.
+    fn admit<'a>(&'a self, call: &'a Call, peer: &'a Peer) -> Option<Admitted<'a>> {
+        let mut circuit = peer.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let before = circuit.state(now);
+        let admission = circuit.admit(now);
+        let after = circuit.state(now);
+        drop(circuit);
+        // Open turns half-open with time alone: report it whenever the circuit is not
+        // closed (the slow path), and any change.
+        if before != after || after != circuit::CircuitState::Closed {
+            self.metrics.circuit_state(&call.endpoint, after.gauge());
+        }
+        (admission != Admission::Refuse).then_some(Admitted {
+            participants: self,
+            endpoint: &call.endpoint,
+            peer,
+            admission,
+            finished: false,
+        })
+    }
+
     /// One call, and how it ended for the metrics.
-    async fn send<T, F, Fut>(&self, call: &Call, request: F) -> (CallResult, Result<T, String>)
+    async fn send<T, F, Fut>(
+        &self,
+        call: &Call,
+        client: Client,
+        request: F,
+    ) -> (CallResult, Result<T, String>)
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let client = match self.client(&call.endpoint) {
-            Ok(client) => client,
-            Err(error) => return (CallResult::unreachable, Err(error)),
-        };
         match tokio::time::timeout(call.timeout, request(client)).await {
             Ok(Ok(response)) => (CallResult::ok, Ok(response.into_inner())),
             Ok(Err(status)) => {
@@ -287,6 +353,50 @@ impl Participants {
                 "participant sent an unknown abort result {}",
                 response.result
             )),
+        }
+    }
+}
+
+/// A call the circuit let out; its result goes back to the circuit, and a call dropped
+/// before it had one frees the probe.
+struct Admitted<'a> {
+    participants: &'a Participants,
+    endpoint: &'a str,
+    peer: &'a Peer,
+    admission: Admission,
+    finished: bool,
+}
+
+impl Admitted<'_> {
+    fn finish(mut self, answered: bool) {
+        self.finished = true;
+        let mut circuit = self.peer.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let before = circuit.state(now);
+        circuit.record(self.admission, answered, now);
+        let after = circuit.state(now);
+        drop(circuit);
+        if before != after {
+            if after == circuit::CircuitState::Open {
+                tracing::warn!(endpoint = %self.endpoint, "participant not answering; its circuit is open");
+            } else if after == circuit::CircuitState::Closed {
+                tracing::info!(endpoint = %self.endpoint, "participant answers again; its circuit is closed");
+            }
+            self.participants
+                .metrics
+                .circuit_state(self.endpoint, after.gauge());
+        }
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.peer
+                .circuit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .abandon(self.admission);
         }
     }
 }

@@ -9,4 +9,5 @@ pub mod chaos;
 pub mod harness;
 pub mod power_cut;
 pub mod process;
+pub mod scrape;
 pub mod scripted;

@@ -3,86 +3,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome};
 use treaty_sdk::{SagaStep, SubmitOptions, TreatyClient};
-use treaty_tests::harness::{PATIENCE, ParticipantServer, eventually};
-use treaty_tests::process::{start_server, workspace_binary};
-
-/// The body of `GET /metrics` at `address`.
-async fn scrape(address: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: treaty\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
-        .await
-        .expect("the scrape is answered")
-        .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
-/// The value of the sample `series` (name and labels exactly as exposed), 0 if absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |value| value.trim().parse().unwrap())
-}
-
-fn call_count(text: &str, endpoint: &str, operation: &str, result: &str) -> f64 {
-    sample(
-        text,
-        &format!(
-            "treaty_participant_call_duration_seconds_count{{endpoint=\"{endpoint}\",operation=\"{operation}\",result=\"{result}\"}}"
-        ),
-    )
-}
+use treaty_tests::harness::{ParticipantServer, eventually};
+use treaty_tests::scrape::{call_count, get, sample, scrape, start_treaty_with_metrics};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_after_a_known_workload_shows_its_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let participant = ParticipantServer::start(&dir.path().join("participant")).await;
-    let data_dir = dir.path().join("coordinator");
-    let args: Vec<String> = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data_dir.to_string_lossy(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--retry-backoff-initial-ms",
-        "20",
-        "--retry-backoff-max-ms",
-        "200",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut daemon = start_server(
-        &workspace_binary("treaty-coordinator", "treaty"),
-        &args,
-        &[("TREATY_LOG", "warn")],
-        "treaty listening on",
-        dir.path().join("coordinator.log"),
+    let (mut daemon, metrics_address) = start_treaty_with_metrics(
+        dir.path(),
+        &[
+            "--retry-backoff-initial-ms",
+            "20",
+            "--retry-backoff-max-ms",
+            "200",
+        ],
     )
     .await;
-    let announced = tokio::time::timeout(PATIENCE, daemon.stdout.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let metrics_address: SocketAddr = announced
-        .strip_prefix("treaty metrics on ")
-        .expect("the metrics address is announced")
-        .parse()
-        .unwrap();
     let client = TreatyClient::connect(daemon.endpoint()).await.unwrap();
     let endpoint = participant.endpoint.clone();
     let branches = |second: &str| {
@@ -236,16 +177,8 @@ async fn a_scrape_after_a_known_workload_shows_its_numbers() {
     );
 
     // Only /metrics is served.
-    let mut other = tokio::net::TcpStream::connect(metrics_address)
-        .await
-        .unwrap();
-    other
-        .write_all(b"GET / HTTP/1.1\r\nHost: treaty\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    other.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    let (head, _) = get(metrics_address, "/").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
     daemon.stop(Duration::from_secs(30)).await.unwrap();
     participant.stop().await;
