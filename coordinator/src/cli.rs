@@ -63,7 +63,7 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 
     /// Print the effective configuration as TOML (secrets left out) and exit, after
-    /// checking it as at start.
+    /// checking it as at start (the files it names are not read).
     #[arg(long)]
     pub print_config: bool,
 
