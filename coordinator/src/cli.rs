@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use treaty_sdk::client::{
     ClientOptions, ClientTlsFiles, Decision, Transaction, TransactionState, TreatyClient,
@@ -25,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordinator daemon.
-    Serve(Box<ServeConfig>),
+    Serve(Box<ServeArgs>),
     /// Measure commits per second and latency over loopback gRPC.
     Bench(crate::bench::BenchArgs),
     /// Inspect transactions of a running coordinator.
@@ -48,6 +51,48 @@ pub enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+}
+
+/// `treaty serve`: the daemon's settings, and where else they may come from.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// A TOML file of settings, named like these flags with `_` for `-` (see
+    /// docs/CONFIG.md). A flag or TREATY_* variable wins over the file, which wins over
+    /// the defaults. Read once, at start.
+    #[arg(long, env = "TREATY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration as TOML (secrets left out) and exit, after
+    /// checking it as at start (the files it names are not read).
+    #[arg(long)]
+    pub print_config: bool,
+
+    #[command(flatten)]
+    pub settings: ServeConfig,
+}
+
+impl ServeArgs {
+    /// The settings to run with: `--config`'s file merged in when given. `matches` are
+    /// the `serve` subcommand's, to tell which settings a flag or variable gave.
+    pub fn effective_config(
+        self,
+        matches: &ArgMatches,
+    ) -> Result<ServeConfig, crate::config_file::ConfigFileError> {
+        match &self.config {
+            None => Ok(self.settings),
+            Some(path) => crate::config_file::read_and_merge(path, self.settings, |key| {
+                from_args(matches, key)
+            }),
+        }
+    }
+}
+
+/// Whether setting `key` was given by a flag or an environment variable (not defaulted).
+pub fn from_args(matches: &ArgMatches, key: &str) -> bool {
+    matches!(
+        matches.value_source(key),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
 }
 
 /// How the CLI proves who it is and verifies the coordinator.

@@ -1,11 +1,12 @@
-//! The daemon's configuration: one struct, from flags or `TREATY_*` environment
-//! variables, validated once at start. Units are in the names.
+//! The daemon's configuration: one struct, from flags, `TREATY_*` environment variables
+//! or a TOML file (see [`crate::config_file`]), validated once at start. Units are in the
+//! names; a field's name is its flag's with `_` for `-`, and its key in the file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::api::ApiConfig;
 use crate::endpoint_policy::EndpointPolicy;
@@ -37,7 +38,7 @@ pub mod defaults {
     pub const STALE_AFTER_MS: u64 = 60_000;
 }
 
-#[derive(Debug, Clone, clap::Args, Serialize)]
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct ServeConfig {
     /// Address to serve gRPC on (IP:PORT; port 0 picks a free port).
     #[arg(long, env = "TREATY_LISTEN", default_value = "127.0.0.1:7420")]
@@ -151,7 +152,9 @@ pub struct ServeConfig {
     pub shards: usize,
 
     /// TLS, authentication, and how participants are called (see docs/SECURITY.md).
+    /// Flat in the config file too, like the flags.
     #[command(flatten)]
+    #[serde(flatten)]
     pub security: SecurityConfig,
 
     /// Participant endpoints the coordinator may call (repeatable; comma-separated in the
@@ -535,9 +538,10 @@ mod tests {
             "10.0.0.0/8:*,*.shop.internal:*",
         ])
         .unwrap();
-        let crate::cli::Command::Serve(config) = cli.command else {
+        let crate::cli::Command::Serve(args) = cli.command else {
             panic!("parsed as serve");
         };
+        let config = args.settings;
         assert_eq!(
             config.allow_endpoint,
             ["bank.internal:7001", "10.0.0.0/8:*", "*.shop.internal:*"]

@@ -3,8 +3,9 @@
 //! Start: validate the configuration and read its files (certificates, tokens), open the
 //! decision log, recover (every logged commit not yet acknowledged is delivered again),
 //! then serve the Coordinator service with the standard health service and server
-//! reflection, over TLS when configured, and Prometheus metrics when asked
-//! (`--metrics-listen`). SIGHUP reloads certificates and tokens.
+//! reflection (v1, and v1alpha for older clients), over TLS when configured, and
+//! Prometheus metrics when asked (`--metrics-listen`). SIGHUP reloads certificates and
+//! tokens.
 //!
 //! Stop (on the caller's shutdown signal, or at once on a fatal log error): stop taking
 //! requests and end watch streams; abort undecided transactions and give work in flight
@@ -127,10 +128,7 @@ pub async fn run_on(
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(treaty_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let (reflection_v1, reflection_v1alpha) = treaty_sdk::server::reflection_services()
         .map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
     let (stopping_tx, stopping_rx) = watch::channel(false);
@@ -148,7 +146,8 @@ pub async fn run_on(
     let mut server_stop = stopping_rx.clone();
     let server = treaty_sdk::connections::server_builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(service))
         .serve_with_incoming_shutdown(
             incoming(

@@ -7,7 +7,8 @@
 //! - [`log`]: the decision log (`DecisionLog`) on sled, and in memory.
 //! - [`api`]: the gRPC service; protobuf stops there.
 //! - [`endpoint_policy`]: which participant endpoints the coordinator may call.
-//! - [`daemon`], [`config`], [`cli`]: `treaty serve` and the `treaty` command line.
+//! - [`daemon`], [`config`], [`config_file`], [`cli`]: `treaty serve` (its settings from
+//!   flags, environment and a TOML file) and the `treaty` command line.
 //! - [`security`]: TLS, authentication and participant credentials of the daemon.
 //! - [`bench`]: `treaty bench`, commits per second over loopback gRPC.
 
@@ -15,6 +16,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod daemon;
 pub mod endpoint_policy;
 pub mod engine;

@@ -1,6 +1,6 @@
 //! The `treaty` binary: the coordinator daemon (`treaty serve`) and its CLI.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use treaty_coordinator::cli::{Cli, Command, LogCommand, TXN_COMMAND_TIMEOUT, run_txn};
 use treaty_coordinator::daemon;
 
@@ -15,15 +15,28 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // The matches are kept: `serve --config` needs to know which settings a flag or an
+    // environment variable gave (those win over the file).
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_tracing();
     if let Err(message) = treaty_sdk::failpoint::configure_from_env() {
         anyhow::bail!(message);
     }
     match cli.command {
-        Command::Serve(config) => {
+        Command::Serve(args) => {
+            let serve_matches = matches
+                .subcommand_matches("serve")
+                .ok_or_else(|| anyhow::anyhow!("serve parsed without its arguments"))?;
+            let print_config = args.print_config;
+            let config = args.effective_config(serve_matches)?;
+            if print_config {
+                config.validate()?;
+                print!("{}", treaty_coordinator::config_file::to_toml(&config)?);
+                return Ok(());
+            }
             let shutdown = daemon::shutdown_signal();
-            daemon::run(*config, shutdown).await?;
+            daemon::run(config, shutdown).await?;
         }
         Command::Bench(args) => treaty_coordinator::bench::run(args).await?,
         Command::Txn {

@@ -4,13 +4,16 @@
 //! Invariants: listening beyond loopback with no authentication refuses to start unless
 //! `--allow-unauthenticated` is given; `https://` participant endpoints are refused at
 //! the API unless a participant TLS configuration (`--participant-ca`) exists, and are
-//! then always verified (chain and host name); secrets (tokens) are never serialized,
-//! printed or logged.
+//! then always verified (chain and host name); secrets (tokens, [`SECRET_KEYS`]) are never
+//! serialized, printed or logged, nor read from a config file.
+//!
+//! Settings that come in pairs (a certificate and its key) are checked by `validate`,
+//! not by clap: one of a pair may come from the config file and the other from a flag.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tonic::transport::ClientTlsConfig;
 use treaty_sdk::auth::{BearerToken, Credentials};
 use treaty_sdk::connections::ConnectionLimits;
@@ -22,19 +25,23 @@ use crate::config::ConfigError;
 /// `--participant-ca` value that means the system's roots.
 pub const SYSTEM_ROOTS: &str = "system";
 
-#[derive(Clone, Default, clap::Args, Serialize)]
+/// Settings that are secrets: `#[serde(skip)]`, so never printed by `--print-config`, and
+/// refused in a config file (other users may read it; use the environment).
+pub const SECRET_KEYS: &[&str] = &["participant_token"];
+
+#[derive(Clone, Default, clap::Args, Serialize, Deserialize)]
 pub struct SecurityConfig {
     /// The server's certificate chain (PEM): serve TLS only. Reloaded on SIGHUP.
-    #[arg(long, env = "TREATY_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "TREATY_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// The server certificate's private key (PEM).
-    #[arg(long, env = "TREATY_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "TREATY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// CA (PEM) whose client certificates authenticate callers (mutual TLS); the
     /// certificate's first DNS/URI name (else its common name) is the principal.
-    #[arg(long, env = "TREATY_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, env = "TREATY_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
 
     /// Principals and their bearer tokens, one `PRINCIPAL TOKEN [admin]` a line.
@@ -61,11 +68,11 @@ pub struct SecurityConfig {
 
     /// Client certificate (PEM) presented to `https://` participants that require mutual
     /// TLS; reloaded on SIGHUP.
-    #[arg(long, env = "TREATY_PARTICIPANT_CERT", requires = "participant_key")]
+    #[arg(long, env = "TREATY_PARTICIPANT_CERT")]
     pub participant_cert: Option<PathBuf>,
 
     /// Its private key (PEM).
-    #[arg(long, env = "TREATY_PARTICIPANT_KEY", requires = "participant_cert")]
+    #[arg(long, env = "TREATY_PARTICIPANT_KEY")]
     pub participant_key: Option<PathBuf>,
 
     /// Bearer token presented to participants (prefer the environment variable: flags are

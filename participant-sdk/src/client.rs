@@ -3,7 +3,8 @@
 //!
 //! Protocol outcomes come back as values ([`Outcome`], `Option` for unknown
 //! transactions); [`ClientError`] is for calls that got no answer or were refused as
-//! malformed.
+//! malformed, or that named a transaction the coordinator does not know
+//! ([`ClientError::is_unknown_transaction`]).
 
 use std::time::Duration;
 
@@ -206,6 +207,28 @@ impl ClientError {
             ClientError::Status(status) => Some(status.code()),
             _ => None,
         }
+    }
+
+    /// Whether the coordinator refused the call because it has no record of the
+    /// transaction (Enlist, Commit or Abort of it), as opposed to a malformed request.
+    /// Read from the status's machine-readable detail, not from its text.
+    pub fn is_unknown_transaction(&self) -> bool {
+        self.unknown_transaction().is_some()
+    }
+
+    /// The id of the transaction the coordinator said it has no record of, read from the
+    /// status's `google.rpc.ErrorInfo` (reason `UNKNOWN_TRANSACTION`, domain `treaty.v1`).
+    pub fn unknown_transaction(&self) -> Option<String> {
+        use tonic_types::StatusExt;
+        use treaty_proto::error_info::{DOMAIN, TRANSACTION_ID, UNKNOWN_TRANSACTION};
+        let ClientError::Status(status) = self else {
+            return None;
+        };
+        let mut info = status.get_details_error_info()?;
+        if info.domain != DOMAIN || info.reason != UNKNOWN_TRANSACTION {
+            return None;
+        }
+        Some(info.metadata.remove(TRANSACTION_ID).unwrap_or_default())
     }
 }
 

@@ -342,11 +342,8 @@ where
         .with_trust(options.trust.clone());
     let resolver_task = tokio::spawn(resolver.run(resolver_stopped));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(treaty_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let (reflection_v1, reflection_v1alpha) =
+        reflection_services().map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     tracing::info!(%local_addr, barrier = %store.describe(), tls = options.tls.is_some(), "participant serving");
     let incoming = incoming(listener, options.tls.clone(), options.connections.clone());
@@ -354,7 +351,8 @@ where
     let server = crate::connections::server_builder()
         .concurrency_limit_per_connection(options.max_concurrent_requests)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(ParticipantServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping_rx.wait_for(|stopping| *stopping).await;
@@ -404,6 +402,34 @@ where
     served?;
     closed?;
     Ok(())
+}
+
+/// gRPC server reflection of Treaty's services and the health service, in both versions
+/// of the protocol: v1, and v1alpha for the clients that speak only it (Python's
+/// grpcio-reflection, Postman, older grpcurl). The coordinator serves the same pair.
+pub fn reflection_services() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(treaty_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Each version would list only itself: both are served, so both list both.
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not

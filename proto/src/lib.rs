@@ -19,3 +19,16 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of `treaty.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("treaty_descriptor");
+
+/// The machine-readable details (`google.rpc.ErrorInfo`) Treaty attaches to error
+/// statuses, beside the text, so clients need not parse messages.
+pub mod error_info {
+    /// The `domain` of every `ErrorInfo` Treaty sends.
+    pub const DOMAIN: &str = "treaty.v1";
+    /// `reason`: the coordinator has no record of the transaction a request names (an
+    /// Enlist, Commit or Abort of it); the status is INVALID_ARGUMENT. Not sent for a
+    /// malformed id: that is a malformed request.
+    pub const UNKNOWN_TRANSACTION: &str = "UNKNOWN_TRANSACTION";
+    /// `metadata` key of [`UNKNOWN_TRANSACTION`]: the transaction's id.
+    pub const TRANSACTION_ID: &str = "transaction_id";
+}

@@ -3,7 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+use std::collections::HashMap;
+
 use tonic::Code;
+use tonic_types::{ErrorInfo, StatusExt};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 use treaty_sdk::limits::{MAX_BRANCHES, MAX_PAYLOAD_BYTES, MAX_REASON_BYTES};
@@ -264,6 +267,86 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
     assert_eq!(decision, pb::Decision::Abort as i32);
 
     participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
+
+/// Reason, domain and metadata of the `google.rpc.ErrorInfo` of `result`'s status, if it
+/// carries one.
+type Info = (String, String, HashMap<String, String>);
+fn error_info<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Option<Info> {
+    let status = result.expect_err("the request should be refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("transaction_id: "),
+        "{status:?}"
+    );
+    status
+        .get_details_error_info()
+        .map(|info: ErrorInfo| (info.reason, info.domain, info.metadata))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_transaction_is_told_from_a_malformed_id_by_a_machine_readable_detail() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let mut api = CoordinatorClient::connect(coordinator.endpoint.clone())
+        .await
+        .unwrap();
+    // Well formed (a UUIDv7), but never begun here.
+    let unknown = treaty_coordinator::model::TxnId::generate(now_ms()).to_string();
+    let expected: Info = (
+        "UNKNOWN_TRANSACTION".into(),
+        "treaty.v1".into(),
+        HashMap::from([("transaction_id".to_string(), unknown.clone())]),
+    );
+
+    let commit = |id: &str| pb::CommitRequest {
+        transaction_id: id.into(),
+    };
+    let detail = error_info(api.commit(commit(&unknown)).await);
+    assert_eq!(detail, Some(expected.clone()));
+    let detail = error_info(
+        api.abort(pb::AbortRequest {
+            transaction_id: unknown.clone(),
+            reason: String::new(),
+        })
+        .await,
+    );
+    assert_eq!(detail, Some(expected.clone()));
+    let detail = error_info(
+        api.enlist(pb::EnlistRequest {
+            transaction_id: unknown.clone(),
+            branch: Some(spec("b", "http://127.0.0.1:1")),
+        })
+        .await,
+    );
+    assert_eq!(detail, Some(expected));
+    // The text stays as it was, for people.
+    let status = api.commit(commit(&unknown)).await.unwrap_err();
+    assert!(
+        status
+            .message()
+            .starts_with(&format!("transaction_id: unknown transaction {unknown}")),
+        "{status:?}"
+    );
+
+    // A malformed id is a malformed request, not an unknown transaction.
+    for malformed in ["not-an-id", "", &unknown.to_uppercase()] {
+        assert_eq!(error_info(api.commit(commit(malformed)).await), None);
+    }
+
+    // The SDK client reads the detail.
+    let client = coordinator.client().await;
+    let error = client.commit(&unknown).await.unwrap_err();
+    assert!(error.is_unknown_transaction(), "{error}");
+    assert_eq!(error.unknown_transaction(), Some(unknown.clone()));
+    let error = client.abort(&unknown, "").await.unwrap_err();
+    assert!(error.is_unknown_transaction(), "{error}");
+    let error = client.commit("not-an-id").await.unwrap_err();
+    assert_eq!(error.code(), Some(Code::InvalidArgument));
+    assert!(!error.is_unknown_transaction(), "{error}");
+    assert_eq!(error.unknown_transaction(), None);
+
     coordinator.stop().await.unwrap();
 }
 

@@ -1,10 +1,11 @@
-//! The `treaty txn …` commands against a running coordinator.
+//! The `treaty` command line as a process: `txn …` against a running coordinator,
+//! `bench`, and `serve --config FILE` / `--print-config`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome};
 use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer};
-use treaty_tests::process::workspace_binary;
+use treaty_tests::process::{start_server, workspace_binary};
 
 async fn treaty(endpoint: &str, args: &[&str]) -> (bool, String) {
     let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
@@ -124,4 +125,154 @@ async fn bench_runs_transactions_and_reports_them() {
     assert!(committed > 0, "{stdout}");
     assert!(stdout.contains("; 0 failed or aborted"), "{stdout}");
     assert!(stdout.contains("latency ms: p50"), "{stdout}");
+}
+
+/// `treaty serve ARGS` with exactly the environment `envs` among TREATY_* variables;
+/// returns success, stdout and stderr.
+async fn serve_once(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command =
+        tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"));
+    command.arg("serve").args(args).kill_on_drop(true);
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("TREATY_")) {
+        command.env_remove(name);
+    }
+    command.envs(envs.iter().copied()).env("TREATY_LOG", "warn");
+    let output = tokio::time::timeout(PATIENCE, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_a_config_file_below_flags_and_environment_and_prints_it_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let file = dir.path().join("treaty.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen = \"127.0.0.1:0\"\n\
+             data_dir = {:?}\n\
+             retry_backoff_initial_ms = 30\n\
+             retry_backoff_max_ms = 3000\n\
+             shards = 2\n\
+             max_connections = 50\n\
+             allow_endpoint = [\"127.0.0.1:*\"]\n",
+            data_dir.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let secret = "config-test-secret-token-0123456789";
+    let file_arg = file.to_string_lossy().into_owned();
+
+    // A flag beats the file, and so does an environment variable.
+    let (ok, printed, stderr) = serve_once(
+        &[
+            "--config",
+            &file_arg,
+            "--print-config",
+            "--retry-backoff-max-ms",
+            "900",
+        ],
+        &[("TREATY_SHARDS", "3"), ("TREATY_PARTICIPANT_TOKEN", secret)],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(!printed.contains(secret), "{printed}");
+    let table: toml::Table = toml::from_str(&printed).unwrap();
+    assert_eq!(table["listen"].as_str(), Some("127.0.0.1:0"));
+    assert_eq!(
+        table["data_dir"].as_str(),
+        Some(&*data_dir.to_string_lossy())
+    );
+    assert_eq!(table["retry_backoff_initial_ms"].as_integer(), Some(30));
+    assert_eq!(
+        table["retry_backoff_max_ms"].as_integer(),
+        Some(900),
+        "flag"
+    );
+    assert_eq!(table["shards"].as_integer(), Some(3), "environment");
+    assert_eq!(table["max_connections"].as_integer(), Some(50));
+    assert_eq!(
+        table["shutdown_grace_ms"].as_integer(),
+        Some(5_000),
+        "default"
+    );
+    assert!(!table.contains_key("participant_token"), "{printed}");
+
+    // What it prints is a config file that gives the same configuration.
+    let printed_file = dir.path().join("printed.toml");
+    std::fs::write(&printed_file, &printed).unwrap();
+    let (ok, again, stderr) = serve_once(
+        &[
+            "--config",
+            &printed_file.to_string_lossy(),
+            "--print-config",
+        ],
+        &[],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let without_token_note = |text: &str| {
+        text.lines()
+            .filter(|line| !line.starts_with("# participant_token"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(without_token_note(&again), without_token_note(&printed));
+
+    // And the daemon runs with it (TREATY_CONFIG names the file as --config does).
+    let mut server = start_server(
+        &workspace_binary("treaty-coordinator", "treaty"),
+        &["serve".to_string()],
+        &[("TREATY_CONFIG", &file_arg), ("TREATY_LOG", "info")],
+        "treaty listening on",
+        dir.path().join("serve.log"),
+    )
+    .await;
+    let client = treaty_sdk::TreatyClient::connect(server.endpoint())
+        .await
+        .unwrap();
+    let (transactions, _) = client.list(&[], 10, "").await.unwrap();
+    assert!(transactions.is_empty());
+    server.stop(PATIENCE).await.unwrap();
+    assert!(data_dir.exists(), "the file's data_dir was used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_with_an_unknown_key_or_a_bad_value_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("treaty.toml");
+    for (text, named) in [
+        (
+            "retry_backof_max_ms = 10\n",
+            "unknown key \"retry_backof_max_ms\"",
+        ),
+        ("shards = \"many\"\n", "shards: invalid type"),
+        (
+            "participant_token = \"abc\"\n",
+            "participant_token: secrets are not read",
+        ),
+        (
+            "retry_backoff_initial_ms = 0\n",
+            "retry_backoff_initial_ms: must be greater than 0",
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let (ok, stdout, stderr) = serve_once(
+            &["--config", &file.to_string_lossy(), "--print-config"],
+            &[],
+        )
+        .await;
+        assert!(!ok, "{text} was accepted: {stdout}");
+        assert!(
+            stderr.contains(named),
+            "{text}: expected {named:?} in {stderr}"
+        );
+    }
 }

@@ -3,7 +3,8 @@
 //! Every request is checked completely before the runtime sees it ([`pb`]); a bad field
 //! is INVALID_ARGUMENT naming it, and nothing changes. Runtime errors become statuses in
 //! one place ([`status_of`]). Protocol outcomes (aborted, unknown transaction, pending)
-//! are response fields.
+//! are response fields; where an unknown transaction is an error (Enlist, Commit, Abort)
+//! the status carries a machine-readable `google.rpc.ErrorInfo` beside its text.
 
 pub mod auth;
 pub mod pb;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 use treaty_proto::v1 as proto;
 use treaty_sdk::limits::{FieldError, check_id, check_reason};
 
@@ -199,10 +201,11 @@ fn invalid(error: FieldError) -> Status {
     Status::invalid_argument(error.to_string())
 }
 
-/// The one mapping from runtime errors to gRPC statuses.
+/// The one mapping from runtime errors to gRPC statuses. An unknown transaction also
+/// carries a machine-readable `ErrorInfo` (see [`unknown_transaction`]).
 pub fn status_of(error: RuntimeError) -> Status {
     let field = match &error {
-        RuntimeError::UnknownTransaction(_) => "transaction_id",
+        RuntimeError::UnknownTransaction(id) => return unknown_transaction(*id, &error),
         RuntimeError::Refused(Refusal::DuplicateBranch(_)) => "branch.branch_id",
         RuntimeError::Refused(Refusal::TooManyBranches(_)) => "branch",
         RuntimeError::Refused(Refusal::NoBranches) => "branches",
@@ -220,6 +223,22 @@ pub fn status_of(error: RuntimeError) -> Status {
         RuntimeError::Log(_) => return Status::internal(error.to_string()),
     };
     Status::invalid_argument(format!("{field}: {error}"))
+}
+
+/// INVALID_ARGUMENT naming `transaction_id`, as every other bad field, with an
+/// `ErrorInfo` detail (reason UNKNOWN_TRANSACTION, the id in its metadata) so that
+/// clients can tell it from a malformed request without reading the text.
+fn unknown_transaction(id: TxnId, error: &RuntimeError) -> Status {
+    use treaty_proto::error_info::{DOMAIN, TRANSACTION_ID, UNKNOWN_TRANSACTION};
+    Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        format!("transaction_id: {error}"),
+        ErrorDetails::with_error_info(
+            UNKNOWN_TRANSACTION,
+            DOMAIN,
+            [(TRANSACTION_ID.to_string(), id.to_string())],
+        ),
+    )
 }
 
 fn outcome_of(record: &TxnRecord) -> proto::CommitResponse {
