@@ -11,6 +11,7 @@
 //!   own database, beside your data.
 //! - [`tls`], [`auth`] and [`connections`]: TLS (rustls), bearer tokens and principals,
 //!   and the accept loop the servers share (the coordinator's too).
+//! - [`trace`]: W3C trace context, carried from initiator to participants.
 //! - [`limits`] and [`endpoint`]: what crosses the wire, checked; endpoints in canonical
 //!   form.
 
@@ -28,6 +29,7 @@ pub mod limits;
 pub mod participant;
 pub mod server;
 pub mod tls;
+pub mod trace;
 pub mod trust;
 
 pub use client::{
