@@ -23,6 +23,7 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_client::ParticipantClient;
 use treaty_sdk::auth::Credentials;
 use treaty_sdk::limits::truncate_reason;
+use treaty_sdk::trace::TraceContext;
 
 use crate::engine::twopc::{Answer, Vote};
 
@@ -45,6 +46,20 @@ pub struct Call {
     pub transaction_id: String,
     pub branch_id: String,
     pub timeout: Duration,
+    /// Sent as `traceparent` / `tracestate`: the transaction's trace, with a span id
+    /// fresh for this call.
+    pub trace: Option<TraceContext>,
+}
+
+impl Call {
+    /// `message` as a request carrying the call's trace context.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(trace) = &self.trace {
+            trace.inject(request.metadata_mut());
+        }
+        request
+    }
 }
 
 type Client = ParticipantClient<InterceptedService<Channel, Credentials>>;
@@ -163,12 +178,12 @@ impl Participants {
     }
 
     pub async fn prepare(&self, call: &Call, payload: Vec<u8>) -> Result<Vote, String> {
-        let request = pb::PrepareBranchRequest {
+        let request = call.request(pb::PrepareBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             payload,
             coordinator_endpoint: self.coordinator_endpoint.clone(),
-        };
+        });
         let response = self
             .call(
                 call,
@@ -195,13 +210,13 @@ impl Participants {
         mode: pb::CommitMode,
         payload: Vec<u8>,
     ) -> Result<Answer, String> {
-        let request = pb::CommitBranchRequest {
+        let request = call.request(pb::CommitBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             mode: mode as i32,
             payload,
             coordinator_endpoint: self.coordinator_endpoint.clone(),
-        };
+        });
         let response = self
             .call(
                 call,
@@ -223,10 +238,10 @@ impl Participants {
     }
 
     pub async fn abort(&self, call: &Call) -> Result<Answer, String> {
-        let request = pb::AbortBranchRequest {
+        let request = call.request(pb::AbortBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
-        };
+        });
         let response = self
             .call(
                 call,
@@ -247,11 +262,11 @@ impl Participants {
 impl Participants {
     /// A saga step's compensation.
     pub async fn compensate(&self, call: &Call, payload: Vec<u8>) -> Result<(), String> {
-        let request = pb::CompensateBranchRequest {
+        let request = call.request(pb::CompensateBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             payload,
-        };
+        });
         let response = self
             .call(call, |mut client| async move {
                 client.compensate(request).await
@@ -329,6 +344,7 @@ mod tests {
             transaction_id: "t".into(),
             branch_id: "b".into(),
             timeout: Duration::from_secs(1),
+            trace: None,
         };
         let answered = tonic::Status::unavailable("participant: store down");
         assert_eq!(

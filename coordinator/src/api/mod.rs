@@ -4,6 +4,10 @@
 //! is INVALID_ARGUMENT naming it, and nothing changes. Runtime errors become statuses in
 //! one place ([`status_of`]). Protocol outcomes (aborted, unknown transaction, pending)
 //! are response fields.
+//!
+//! The W3C trace context (`traceparent`, `tracestate` metadata) of Begin and SubmitSaga
+//! goes to the runtime with the transaction; an invalid one is ignored (the transaction
+//! starts a new trace), never refused.
 
 pub mod auth;
 pub mod pb;
@@ -18,6 +22,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use treaty_proto::v1 as proto;
 use treaty_sdk::limits::{FieldError, check_id, check_reason};
+use treaty_sdk::trace::TraceContext;
 
 use crate::config::defaults;
 use crate::endpoint_policy::EndpointPolicy;
@@ -246,6 +251,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         request: Request<proto::BeginRequest>,
     ) -> Result<Response<proto::BeginResponse>, Status> {
         let principal = self.auth.authenticate(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
         self.check_scheme(
             request
@@ -267,6 +273,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 prepare_timeout_ms,
                 branches,
                 owner: owner_of(&principal),
+                trace,
             })
             .await
             .map_err(status_of)?;
@@ -424,6 +431,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         request: Request<proto::SubmitSagaRequest>,
     ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
         let principal = self.auth.authenticate(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
         self.check_scheme(
             request
@@ -437,6 +445,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
                 .map_err(invalid)?;
         params.owner = owner_of(&principal);
+        params.trace = trace;
         params.idempotency_key = params
             .idempotency_key
             .map(|key| scoped_key(params.owner.as_deref(), key));
