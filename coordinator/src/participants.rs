@@ -289,7 +289,7 @@ fn describe_failure(call: &Call, status: &tonic::Status) -> String {
             endpoint = %call.endpoint,
             branch_id = %call.branch_id,
             code = ?status.code(),
-            message = %status.message(),
+            status_message = %status.message(),
             "participant answered with an error"
         );
         // A participant's message is bounded before it is kept or logged.
@@ -303,7 +303,7 @@ fn describe_failure(call: &Call, status: &tonic::Status) -> String {
         endpoint = %call.endpoint,
         branch_id = %call.branch_id,
         code = ?status.code(),
-        message = %status.message(),
+        status_message = %status.message(),
         source = ?std::error::Error::source(status),
         "participant unreachable"
     );

@@ -105,7 +105,7 @@ fn coordinator_endpoint(endpoint: &str) -> Result<(), Status> {
 fn barrier_error(branch: &BranchContext, error: BarrierError) -> Status {
     match &error {
         BarrierError::Participant(e) => {
-            tracing::info!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %e, "participant code failed");
+            tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %e, "participant code failed");
             Status::unavailable(error.to_string())
         }
         BarrierError::Store(_) | BarrierError::Corrupt { .. } => {

@@ -394,7 +394,7 @@ impl Shard {
             owner: params.owner,
         });
         let trace = parent_span(params.trace);
-        tracing::info!(
+        tracing::debug!(
             steps = saga.definition().steps.len(),
             key = params.idempotency_key.as_deref().unwrap_or(""),
             trace_id = %trace.trace_id_hex(),
@@ -601,7 +601,7 @@ impl Shard {
         if state == before {
             return;
         }
-        tracing::info!(from = ?before, to = ?state, reason = entry.machine.reason().unwrap_or(""), "transaction state changed");
+        tracing::debug!(from = ?before, to = ?state, reason = entry.machine.reason().unwrap_or(""), "transaction state changed");
         if state.is_decided() {
             // Deadline and prepare timeout mean nothing once the outcome is fixed.
             let keys = [entry.deadline_timer.take(), entry.prepare_timer.take()];
