@@ -9,6 +9,8 @@ use treaty_sdk::client::{
     ClientOptions, ClientTlsFiles, Decision, Transaction, TransactionState, TreatyClient,
 };
 
+use treaty_sdk::logging::{LOG_FORMAT_ENV, LogFormat};
+
 use crate::config::ServeConfig;
 
 #[derive(Debug, Parser)]
@@ -20,6 +22,10 @@ use crate::config::ServeConfig;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line,
+    /// with the transaction, branch and trace ids of its spans), to stderr.
+    #[arg(long, global = true, env = LOG_FORMAT_ENV, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,19 +4,11 @@ use clap::Parser;
 use treaty_coordinator::cli::{Cli, Command, LogCommand, TXN_COMMAND_TIMEOUT, run_txn};
 use treaty_coordinator::daemon;
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TREATY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    // Filtered by TREATY_LOG (`RUST_LOG` syntax; default info).
+    treaty_sdk::logging::init("TREATY_LOG", cli.log_format);
     if let Err(message) = treaty_sdk::failpoint::configure_from_env() {
         anyhow::bail!(message);
     }
