@@ -26,6 +26,10 @@ pub struct Cli {
     /// with the transaction, branch and trace ids of its spans), to stderr.
     #[arg(long, global = true, env = LOG_FORMAT_ENV, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export participant-call spans to this OpenTelemetry collector over OTLP/gRPC
+    /// (`http://HOST:4317`). Needs a build with the `otlp` feature.
+    #[arg(long, global = true, env = "TREATY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

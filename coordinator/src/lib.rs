@@ -10,6 +10,7 @@
 //! - [`daemon`], [`config`], [`cli`]: `treaty serve` and the `treaty` command line.
 //! - [`security`]: TLS, authentication and participant credentials of the daemon.
 //! - [`bench`]: `treaty bench`, commits per second over loopback gRPC.
+//! - `otlp` (cargo feature `otlp`): export of participant-call spans over OTLP/gRPC.
 
 pub mod api;
 pub mod bench;
@@ -20,6 +21,8 @@ pub mod endpoint_policy;
 pub mod engine;
 pub mod log;
 pub mod model;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod participants;
 pub mod runtime;
 pub mod security;

@@ -4,11 +4,44 @@ use clap::Parser;
 use treaty_coordinator::cli::{Cli, Command, LogCommand, TXN_COMMAND_TIMEOUT, run_txn};
 use treaty_coordinator::daemon;
 
+/// Logs to stderr, filtered by TREATY_LOG (`RUST_LOG` syntax; default info), in the
+/// format asked for; with `--otlp-endpoint`, also exports spans (flushed when the
+/// returned guard drops).
+#[cfg(feature = "otlp")]
+fn init_tracing(cli: &Cli) -> anyhow::Result<Option<treaty_coordinator::otlp::OtlpGuard>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (exporter, guard) = match &cli.otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, guard) = treaty_coordinator::otlp::layer(endpoint)?;
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(treaty_sdk::logging::env_filter("TREATY_LOG"))
+        .with(treaty_sdk::logging::stderr_layer(cli.log_format))
+        .with(exporter)
+        .try_init()?;
+    Ok(guard)
+}
+
+#[cfg(not(feature = "otlp"))]
+fn init_tracing(cli: &Cli) -> anyhow::Result<Option<()>> {
+    if cli.otlp_endpoint.is_some() {
+        anyhow::bail!(
+            "--otlp-endpoint / TREATY_OTLP_ENDPOINT: this treaty was built without the `otlp` \
+             feature (cargo build --features otlp)"
+        );
+    }
+    treaty_sdk::logging::init("TREATY_LOG", cli.log_format);
+    Ok(None)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Filtered by TREATY_LOG (`RUST_LOG` syntax; default info).
-    treaty_sdk::logging::init("TREATY_LOG", cli.log_format);
+    let _exporter = init_tracing(&cli)?;
     if let Err(message) = treaty_sdk::failpoint::configure_from_env() {
         anyhow::bail!(message);
     }

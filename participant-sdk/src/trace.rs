@@ -231,6 +231,18 @@ impl TraceContext {
         }
     }
 
+    /// The same trace, flags and trace state with `parent_id` (a span id an exporter
+    /// assigned); `None` if it is all zeros.
+    pub fn with_parent_id(&self, parent_id: [u8; 8]) -> Option<Self> {
+        (parent_id != [0; 8]).then(|| Self {
+            parent: TraceParent {
+                parent_id,
+                ..self.parent
+            },
+            state: self.state.clone(),
+        })
+    }
+
     /// The same trace and trace state with a fresh parent id.
     pub fn child(&self) -> Self {
         Self {

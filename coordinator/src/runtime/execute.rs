@@ -60,19 +60,24 @@ impl CallKind {
     }
 }
 
-/// The span of one participant call, inside its transaction's: the branch, what the call
-/// is for, and the trace and span ids it sends (which the participant's logs show too).
-fn call_span(id: TxnId, call: &Call, op: &'static str) -> tracing::Span {
+/// The span of one participant call, inside its transaction's: the transaction and
+/// branch, what the call is for, and the trace and span ids it sends (which the
+/// participant's logs show too).
+fn call_span(id: TxnId, call: &mut Call, op: &'static str) -> tracing::Span {
     let txn = txn_span(id);
     let span = tracing::info_span!(
         parent: &txn,
         "call",
+        txn_id = %id,
         branch_id = %call.branch_id,
         op,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     );
-    if let Some(trace) = &call.trace {
+    if let Some(trace) = &mut call.trace {
+        // With span export, the call sends the id of its exported span.
+        #[cfg(feature = "otlp")]
+        crate::otlp::adopt(&span, trace);
         let parent = trace.traceparent();
         span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
         span.record("span_id", tracing::field::display(parent.parent_id_hex()));
@@ -222,14 +227,14 @@ impl Shard {
                 .saturating_add(PREPARE_CALL_GRACE_MS),
             _ => self.config.participant_call_timeout_ms,
         };
-        let call = Call {
+        let mut call = Call {
             endpoint: branch.endpoint.clone(),
             transaction_id: id.to_string(),
             branch_id: branch.id.clone(),
             timeout: Duration::from_millis(timeout_ms),
             trace: Some(entry.trace.child()),
         };
-        let span = call_span(id, &call, kind.name());
+        let span = call_span(id, &mut call, kind.name());
         let payload = match kind {
             CallKind::Prepare | CallKind::OnePhaseCommit => branch.payload.clone(),
             CallKind::Commit | CallKind::Abort => Vec::new(),
@@ -294,7 +299,7 @@ impl Shard {
         let Some(definition) = saga.definition().steps.get(step) else {
             return;
         };
-        let call = Call {
+        let mut call = Call {
             endpoint: definition.endpoint.clone(),
             transaction_id: id.to_string(),
             branch_id: definition.id.clone(),
@@ -302,7 +307,7 @@ impl Shard {
             trace: Some(entry.trace.child()),
         };
         let op = if compensation { "compensate" } else { "step" };
-        let span = call_span(id, &call, op);
+        let span = call_span(id, &mut call, op);
         let payload = if compensation {
             definition.compensation.clone()
         } else {
