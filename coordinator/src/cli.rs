@@ -12,6 +12,8 @@ use treaty_sdk::client::{
     ClientOptions, ClientTlsFiles, Decision, Transaction, TransactionState, TreatyClient,
 };
 
+use treaty_sdk::logging::{LOG_FORMAT_ENV, LogFormat};
+
 use crate::config::ServeConfig;
 
 #[derive(Debug, Parser)]
@@ -23,6 +25,14 @@ use crate::config::ServeConfig;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line,
+    /// with the transaction, branch and trace ids of its spans), to stderr.
+    #[arg(long, global = true, env = LOG_FORMAT_ENV, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Export participant-call spans to this OpenTelemetry collector over OTLP/gRPC
+    /// (`http://HOST:4317`). Needs a build with the `otlp` feature.
+    #[arg(long, global = true, env = "TREATY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

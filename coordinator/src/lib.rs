@@ -11,6 +11,7 @@
 //!   flags, environment and a TOML file) and the `treaty` command line.
 //! - [`security`]: TLS, authentication and participant credentials of the daemon.
 //! - [`bench`]: `treaty bench`, commits per second over loopback gRPC.
+//! - `otlp` (cargo feature `otlp`): export of participant-call spans over OTLP/gRPC.
 
 pub mod api;
 pub mod bench;
@@ -23,6 +24,8 @@ pub mod engine;
 pub mod log;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod participants;
 pub mod runtime;
 pub mod security;

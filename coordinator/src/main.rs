@@ -4,13 +4,38 @@ use clap::{CommandFactory, FromArgMatches};
 use treaty_coordinator::cli::{Cli, Command, LogCommand, TXN_COMMAND_TIMEOUT, run_txn};
 use treaty_coordinator::daemon;
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TREATY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs to stderr, filtered by TREATY_LOG (`RUST_LOG` syntax; default info), in the
+/// format asked for; with `--otlp-endpoint`, also exports spans (flushed when the
+/// returned guard drops).
+#[cfg(feature = "otlp")]
+fn init_tracing(cli: &Cli) -> anyhow::Result<Option<treaty_coordinator::otlp::OtlpGuard>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (exporter, guard) = match &cli.otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, guard) = treaty_coordinator::otlp::layer(endpoint)?;
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(treaty_sdk::logging::env_filter("TREATY_LOG"))
+        .with(treaty_sdk::logging::stderr_layer(cli.log_format))
+        .with(exporter)
+        .try_init()?;
+    Ok(guard)
+}
+
+#[cfg(not(feature = "otlp"))]
+fn init_tracing(cli: &Cli) -> anyhow::Result<Option<()>> {
+    if cli.otlp_endpoint.is_some() {
+        anyhow::bail!(
+            "--otlp-endpoint / TREATY_OTLP_ENDPOINT: this treaty was built without the `otlp` \
+             feature (cargo build --features otlp)"
+        );
+    }
+    treaty_sdk::logging::init("TREATY_LOG", cli.log_format);
+    Ok(None)
 }
 
 #[tokio::main]
@@ -19,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     // environment variable gave (those win over the file).
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    init_tracing();
+    let _exporter = init_tracing(&cli)?;
     if let Err(message) = treaty_sdk::failpoint::configure_from_env() {
         anyhow::bail!(message);
     }

@@ -29,6 +29,7 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_client::ParticipantClient;
 use treaty_sdk::auth::Credentials;
 use treaty_sdk::limits::truncate_reason;
+use treaty_sdk::trace::TraceContext;
 
 use crate::engine::twopc::{Answer, Vote};
 use crate::metrics::{CallOperation, CallResult, Metrics};
@@ -58,6 +59,20 @@ pub struct Call {
     pub transaction_id: String,
     pub branch_id: String,
     pub timeout: Duration,
+    /// Sent as `traceparent` / `tracestate`: the transaction's trace, with a span id
+    /// fresh for this call.
+    pub trace: Option<TraceContext>,
+}
+
+impl Call {
+    /// `message` as a request carrying the call's trace context.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(trace) = &self.trace {
+            trace.inject(request.metadata_mut());
+        }
+        request
+    }
 }
 
 type Client = ParticipantClient<InterceptedService<Channel, Credentials>>;
@@ -274,12 +289,12 @@ impl Participants {
     }
 
     pub async fn prepare(&self, call: &Call, payload: Vec<u8>) -> Result<Vote, String> {
-        let request = pb::PrepareBranchRequest {
+        let request = call.request(pb::PrepareBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             payload,
             coordinator_endpoint: self.coordinator_endpoint.clone(),
-        };
+        });
         let response = self
             .call(call, CallOperation::prepare, |mut client| async move {
                 client.prepare(request).await
@@ -310,13 +325,13 @@ impl Participants {
             pb::CommitMode::SagaStep => CallOperation::step,
             _ => CallOperation::commit,
         };
-        let request = pb::CommitBranchRequest {
+        let request = call.request(pb::CommitBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             mode: mode as i32,
             payload,
             coordinator_endpoint: self.coordinator_endpoint.clone(),
-        };
+        });
         let response = self
             .call(call, operation, |mut client| async move {
                 client.commit(request).await
@@ -337,10 +352,10 @@ impl Participants {
     }
 
     pub async fn abort(&self, call: &Call) -> Result<Answer, String> {
-        let request = pb::AbortBranchRequest {
+        let request = call.request(pb::AbortBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
-        };
+        });
         let response = self
             .call(call, CallOperation::abort, |mut client| async move {
                 client.abort(request).await
@@ -404,11 +419,11 @@ impl Drop for Admitted<'_> {
 impl Participants {
     /// A saga step's compensation.
     pub async fn compensate(&self, call: &Call, payload: Vec<u8>) -> Result<(), String> {
-        let request = pb::CompensateBranchRequest {
+        let request = call.request(pb::CompensateBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             payload,
-        };
+        });
         let response = self
             .call(call, CallOperation::compensate, |mut client| async move {
                 client.compensate(request).await
@@ -431,7 +446,7 @@ fn describe_failure(call: &Call, status: &tonic::Status) -> String {
             endpoint = %call.endpoint,
             branch_id = %call.branch_id,
             code = ?status.code(),
-            message = %status.message(),
+            status_message = %status.message(),
             "participant answered with an error"
         );
         // A participant's message is bounded before it is kept or logged.
@@ -445,7 +460,7 @@ fn describe_failure(call: &Call, status: &tonic::Status) -> String {
         endpoint = %call.endpoint,
         branch_id = %call.branch_id,
         code = ?status.code(),
-        message = %status.message(),
+        status_message = %status.message(),
         source = ?std::error::Error::source(status),
         "participant unreachable"
     );
@@ -486,6 +501,7 @@ mod tests {
             transaction_id: "t".into(),
             branch_id: "b".into(),
             timeout: Duration::from_secs(1),
+            trace: None,
         };
         let answered = tonic::Status::unavailable("participant: store down");
         assert_eq!(

@@ -115,6 +115,7 @@ async fn a_decision_being_written_is_shown_nowhere_as_committing() {
             prepare_timeout_ms: 10_000,
             branches,
             owner: None,
+            trace: None,
         })
         .await
         .unwrap();
@@ -180,6 +181,7 @@ async fn begins_abandoned_by_their_callers_do_not_leak_admission() {
             prepare_timeout_ms: 1_000,
             branches: Vec::new(),
             owner: None,
+            trace: None,
         });
         let _ = begin.now_or_never();
     }
@@ -263,6 +265,7 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
         },
         idempotency_key: Some("k".into()),
         owner: None,
+        trace: None,
     };
     let submitting = {
         let runtime = runtime.clone();

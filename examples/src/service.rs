@@ -10,6 +10,7 @@ use treaty_sdk::barrier_store::BarrierStore;
 use treaty_sdk::client::{ClientOptions, ClientTlsFiles};
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::limits::check_endpoint;
+use treaty_sdk::logging::LogFormat;
 use treaty_sdk::server::{CoordinatorTrust, ServeOptions};
 use treaty_sdk::tls::{ReloadableServerTls, ServerTlsFiles};
 
@@ -114,15 +115,14 @@ impl SecurityArgs {
     }
 }
 
-/// Logs to stderr, filtered by `env_var` (default: info).
+/// Logs to stderr, filtered by `env_var` (default: info), as text or, with
+/// `TREATY_LOG_FORMAT=json`, one JSON object per line.
 pub fn init_logging(env_var: &str) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env(env_var)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let format = LogFormat::from_env();
+    treaty_sdk::logging::init(env_var, format.clone().unwrap_or_default());
+    if let Err(error) = format {
+        tracing::warn!(%error, "logging as text");
+    }
 }
 
 /// Opens the service's durable store, arming failpoints from `FAILPOINTS` first.

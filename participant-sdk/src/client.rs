@@ -16,6 +16,7 @@ use treaty_proto::v1::coordinator_client::CoordinatorClient;
 
 use crate::auth::{BearerToken, Credentials};
 pub use crate::tls::ClientTlsFiles;
+use crate::trace::TraceContext;
 
 pub use pb::{Branch, BranchState, Transaction, TransactionState, Transition};
 
@@ -290,6 +291,8 @@ type Connection = InterceptedService<Channel, Credentials>;
 #[derive(Debug, Clone)]
 pub struct TreatyClient {
     inner: CoordinatorClient<Connection>,
+    /// Sent with every call (see [`TreatyClient::with_trace`]).
+    trace: Option<TraceContext>,
 }
 
 impl TreatyClient {
@@ -329,7 +332,38 @@ impl TreatyClient {
     pub fn from_channel_with(channel: Channel, credentials: Credentials) -> Self {
         Self {
             inner: CoordinatorClient::with_interceptor(channel, credentials),
+            trace: None,
         }
+    }
+
+    /// A client (sharing this one's connection) whose calls carry `trace` as W3C
+    /// `traceparent` / `tracestate` metadata. The coordinator keeps the trace of `begin`
+    /// and `submit_saga` with the transaction, and every participant call it makes for
+    /// that transaction (prepare, commit, abort, saga steps, compensations, retries)
+    /// carries the same trace id. Without it the coordinator starts a new trace.
+    ///
+    /// Pass the context of the initiator's current span, e.g.
+    /// `TraceContext::parse(&traceparent, None)` from an incoming request, or a
+    /// participant's [`BranchContext::trace`](crate::BranchContext::trace).
+    pub fn with_trace(&self, trace: TraceContext) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            trace: Some(trace),
+        }
+    }
+
+    /// The trace context this client sends, if any.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
+    }
+
+    /// `message` as a request carrying this client's trace context.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(trace) = &self.trace {
+            trace.inject(request.metadata_mut());
+        }
+        request
     }
 
     /// Starts a two-phase commit with these first branches; returns its id.
@@ -341,11 +375,11 @@ impl TreatyClient {
         let response = self
             .inner
             .clone()
-            .begin(pb::BeginRequest {
+            .begin(self.request(pb::BeginRequest {
                 deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
                 prepare_timeout_ms: options.prepare_timeout_ms.unwrap_or(0),
                 branches: branches.into_iter().map(Into::into).collect(),
-            })
+            }))
             .await?;
         Ok(response.into_inner().transaction_id)
     }
@@ -357,10 +391,10 @@ impl TreatyClient {
     ) -> Result<(), ClientError> {
         self.inner
             .clone()
-            .enlist(pb::EnlistRequest {
+            .enlist(self.request(pb::EnlistRequest {
                 transaction_id: transaction_id.to_string(),
                 branch: Some(branch.into()),
-            })
+            }))
             .await?;
         Ok(())
     }
@@ -370,9 +404,9 @@ impl TreatyClient {
         let response = self
             .inner
             .clone()
-            .commit(pb::CommitRequest {
+            .commit(self.request(pb::CommitRequest {
                 transaction_id: transaction_id.to_string(),
-            })
+            }))
             .await?
             .into_inner();
         match pb::Outcome::try_from(response.outcome) {
@@ -390,10 +424,10 @@ impl TreatyClient {
     pub async fn abort(&self, transaction_id: &str, reason: &str) -> Result<(), ClientError> {
         self.inner
             .clone()
-            .abort(pb::AbortRequest {
+            .abort(self.request(pb::AbortRequest {
                 transaction_id: transaction_id.to_string(),
                 reason: reason.to_string(),
-            })
+            }))
             .await?;
         Ok(())
     }
@@ -403,9 +437,9 @@ impl TreatyClient {
         let response = self
             .inner
             .clone()
-            .get_transaction(pb::GetTransactionRequest {
+            .get_transaction(self.request(pb::GetTransactionRequest {
                 transaction_id: transaction_id.to_string(),
-            })
+            }))
             .await?
             .into_inner();
         Ok(if response.found {
@@ -426,11 +460,11 @@ impl TreatyClient {
         let response = self
             .inner
             .clone()
-            .list_transactions(pb::ListTransactionsRequest {
+            .list_transactions(self.request(pb::ListTransactionsRequest {
                 states: states.iter().map(|s| *s as i32).collect(),
                 page_size,
                 page_token: page_token.to_string(),
-            })
+            }))
             .await?
             .into_inner();
         let next = (!response.next_page_token.is_empty()).then_some(response.next_page_token);
@@ -446,9 +480,9 @@ impl TreatyClient {
         let mut stream = self
             .inner
             .clone()
-            .watch_transaction(pb::WatchTransactionRequest {
+            .watch_transaction(self.request(pb::WatchTransactionRequest {
                 transaction_id: transaction_id.to_string(),
-            })
+            }))
             .await?
             .into_inner()
             .peekable();
@@ -476,10 +510,10 @@ impl TreatyClient {
         let response = self
             .inner
             .clone()
-            .get_outcome(pb::GetOutcomeRequest {
+            .get_outcome(self.request(pb::GetOutcomeRequest {
                 transaction_id: transaction_id.to_string(),
                 branch_id: String::new(),
-            })
+            }))
             .await?
             .into_inner();
         match pb::Decision::try_from(response.decision) {
@@ -503,11 +537,11 @@ impl TreatyClient {
         let response = self
             .inner
             .clone()
-            .submit_saga(pb::SubmitSagaRequest {
+            .submit_saga(self.request(pb::SubmitSagaRequest {
                 idempotency_key: options.idempotency_key.unwrap_or_default(),
                 steps: steps.into_iter().map(Into::into).collect(),
                 wait_for_outcome: options.wait_for_outcome,
-            })
+            }))
             .await?
             .into_inner();
         let transaction = response

@@ -11,6 +11,8 @@
 //!   own database, beside your data.
 //! - [`tls`], [`auth`] and [`connections`]: TLS (rustls), bearer tokens and principals,
 //!   and the accept loop the servers share (the coordinator's too).
+//! - [`trace`]: W3C trace context, carried from initiator to participants; with the
+//!   `logging` feature, `logging`: text or JSON log lines for binaries.
 //! - [`limits`] and [`endpoint`]: what crosses the wire, checked; endpoints in canonical
 //!   form.
 
@@ -25,9 +27,12 @@ pub mod failpoint;
 pub mod in_doubt;
 mod keyed_locks;
 pub mod limits;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod participant;
 pub mod server;
 pub mod tls;
+pub mod trace;
 pub mod trust;
 
 pub use client::{

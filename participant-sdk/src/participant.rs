@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::barrier_store::{BarrierWrite, write_batch};
 use crate::durable::WriteBatch;
+use crate::trace::{TraceContext, TraceParent};
 
 /// Which transaction and branch an operation is for.
 ///
@@ -30,11 +31,16 @@ use crate::durable::WriteBatch;
 /// committed together with the participant's own writes: see
 /// [`BranchContext::include_barrier_record`] (data in the SDK's `DurableStore`) and
 /// [`BranchContext::take_barrier_write`] (data in a store of your own).
+///
+/// It also carries the W3C trace context the coordinator sent with the call (see
+/// [`BranchContext::traceparent`]); two contexts of one branch are equal whatever their
+/// trace.
 #[derive(Clone)]
 pub struct BranchContext {
     pub transaction_id: String,
     pub branch_id: String,
     barrier: Option<Arc<RecordSlot>>,
+    trace: Option<TraceContext>,
 }
 
 /// The barrier's write for an operation that succeeds, waiting to be included in the
@@ -68,7 +74,32 @@ impl BranchContext {
             transaction_id: transaction_id.into(),
             branch_id: branch_id.into(),
             barrier: None,
+            trace: None,
         }
+    }
+
+    /// This context with the trace context of the call.
+    pub fn with_trace(mut self, trace: Option<TraceContext>) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// The `traceparent` the coordinator sent with this call: the transaction's trace id
+    /// and the id of the coordinator's span for the call (its `Display` is the header
+    /// value). Start your own spans as its children. `None` when the call carried none
+    /// (a coordinator without tracing, in-doubt resolution, a direct call).
+    pub fn traceparent(&self) -> Option<&TraceParent> {
+        self.trace.as_ref().map(TraceContext::traceparent)
+    }
+
+    /// The `tracestate` that came with [`traceparent`](Self::traceparent), if any.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.trace.as_ref().and_then(TraceContext::tracestate)
+    }
+
+    /// The whole trace context of the call, to send on with calls of your own.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
     }
 
     /// A copy carrying the barrier's write for the operation's success.
@@ -133,6 +164,7 @@ impl fmt::Debug for BranchContext {
         f.debug_struct("BranchContext")
             .field("transaction_id", &self.transaction_id)
             .field("branch_id", &self.branch_id)
+            .field("traceparent", &self.traceparent())
             .finish()
     }
 }

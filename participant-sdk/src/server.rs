@@ -22,6 +22,7 @@ use crate::in_doubt::{InDoubtOptions, InDoubtResolver};
 use crate::limits::{FieldError, check_endpoint, check_id, check_payload};
 use crate::participant::{BranchContext, Participant, Vote};
 use crate::tls::ReloadableServerTls;
+use crate::trace::TraceContext;
 pub use crate::trust::CoordinatorTrust;
 
 /// The tonic service for one participant. Mount it with [`ParticipantServer::new`] in a
@@ -82,13 +83,16 @@ fn field_error(error: FieldError) -> Status {
     Status::invalid_argument(error.to_string())
 }
 
-fn branch_context(transaction_id: &str, branch_id: &str) -> Result<BranchContext, Status> {
+/// The branch a request is for, with the trace context its metadata carries (an invalid
+/// or missing `traceparent` is simply none: tracing never fails a call).
+fn branch_context(
+    trace: Option<TraceContext>,
+    transaction_id: &str,
+    branch_id: &str,
+) -> Result<BranchContext, Status> {
     check_id("transaction_id", transaction_id).map_err(field_error)?;
     check_id("branch_id", branch_id).map_err(field_error)?;
-    Ok(BranchContext::new(
-        transaction_id.to_string(),
-        branch_id.to_string(),
-    ))
+    Ok(BranchContext::new(transaction_id.to_string(), branch_id.to_string()).with_trace(trace))
 }
 
 fn coordinator_endpoint(endpoint: &str) -> Result<(), Status> {
@@ -101,7 +105,7 @@ fn coordinator_endpoint(endpoint: &str) -> Result<(), Status> {
 fn barrier_error(branch: &BranchContext, error: BarrierError) -> Status {
     match &error {
         BarrierError::Participant(e) => {
-            tracing::info!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %e, "participant code failed");
+            tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %e, "participant code failed");
             Status::unavailable(error.to_string())
         }
         BarrierError::Store(_) | BarrierError::Corrupt { .. } => {
@@ -118,7 +122,15 @@ async fn run_to_completion<T: Send + 'static>(
     branch: &BranchContext,
     operation: impl std::future::Future<Output = Result<T, BarrierError>> + Send + 'static,
 ) -> Result<T, BarrierError> {
-    let span = tracing::info_span!("branch", txn_id = %branch.transaction_id, branch_id = %branch.branch_id);
+    let span = tracing::info_span!(
+        "branch",
+        txn_id = %branch.transaction_id,
+        branch_id = %branch.branch_id,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(parent) = branch.traceparent() {
+        span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
+    }
     match tokio::spawn(tracing::Instrument::instrument(operation, span)).await {
         Ok(result) => result,
         Err(join_error) => Err(BarrierError::Participant(crate::ParticipantError::new(
@@ -136,8 +148,9 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         request: Request<pb::PrepareBranchRequest>,
     ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
         self.trust.check(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
-        let branch = branch_context(&request.transaction_id, &request.branch_id)?;
+        let branch = branch_context(trace, &request.transaction_id, &request.branch_id)?;
         check_payload("payload", &request.payload).map_err(field_error)?;
         coordinator_endpoint(&request.coordinator_endpoint)?;
         self.trust.check_endpoint(&request.coordinator_endpoint)?;
@@ -170,8 +183,9 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         request: Request<pb::CommitBranchRequest>,
     ) -> Result<Response<pb::CommitBranchResponse>, Status> {
         self.trust.check(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
-        let branch = branch_context(&request.transaction_id, &request.branch_id)?;
+        let branch = branch_context(trace, &request.transaction_id, &request.branch_id)?;
         let mode = match pb::CommitMode::try_from(request.mode) {
             Ok(pb::CommitMode::TwoPhase) => BranchMode::TwoPhase,
             Ok(pb::CommitMode::OnePhase) => BranchMode::OnePhase,
@@ -217,8 +231,9 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         request: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
         self.trust.check(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
-        let branch = branch_context(&request.transaction_id, &request.branch_id)?;
+        let branch = branch_context(trace, &request.transaction_id, &request.branch_id)?;
         let answer = self
             .run(&branch, move |participant, barrier, ctx| async move {
                 barrier.abort(participant.as_ref(), &ctx).await
@@ -239,8 +254,9 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         request: Request<pb::CompensateBranchRequest>,
     ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
         self.trust.check(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
-        let branch = branch_context(&request.transaction_id, &request.branch_id)?;
+        let branch = branch_context(trace, &request.transaction_id, &request.branch_id)?;
         check_payload("payload", &request.payload).map_err(field_error)?;
         self.run(&branch, move |participant, barrier, ctx| async move {
             barrier

@@ -89,6 +89,17 @@ pub async fn start_treaty(
     listen: &str,
     failpoints: Option<&str>,
 ) -> ServerProcess {
+    let failpoints = failpoints.map(|f| ("FAILPOINTS", f));
+    start_treaty_with_env(data_dir, listen, failpoints.as_slice()).await
+}
+
+/// [`start_treaty`] with more environment variables (they override the defaults, e.g.
+/// `TREATY_LOG`).
+pub async fn start_treaty_with_env(
+    data_dir: &Path,
+    listen: &str,
+    extra_envs: &[(&str, &str)],
+) -> ServerProcess {
     let binary = workspace_binary("treaty-coordinator", "treaty");
     let args: Vec<String> = [
         "serve",
@@ -107,9 +118,8 @@ pub async fn start_treaty(
     .map(|s| s.to_string())
     .collect();
     let mut envs = vec![("TREATY_LOG", "info")];
-    if let Some(failpoints) = failpoints {
-        envs.push(("FAILPOINTS", failpoints));
-    }
+    envs.retain(|(key, _)| !extra_envs.iter().any(|(extra, _)| extra == key));
+    envs.extend_from_slice(extra_envs);
     let log_file = data_dir.with_extension("log");
     start_server(&binary, &args, &envs, "treaty listening on", log_file).await
 }

@@ -13,13 +13,15 @@
 //! A saga step arrives as prepare + commit, so the same scripts drive saga steps (`no`
 //! is a rejection). Every call that reaches user code is recorded; `fail_next_commits(n)`
 //! makes the next `n` commits fail (phase-2 retry tests) and `fail_compensations(true)`
-//! makes every compensation fail until switched off (stuck sagas).
+//! makes every compensation fail until switched off (stuck sagas). Each call keeps the
+//! trace context (`traceparent`, `tracestate`) it carried, for the tracing tests.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use treaty_sdk::trace::TraceContext;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,6 +37,9 @@ pub struct Call {
     pub op: Op,
     pub transaction_id: String,
     pub branch_id: String,
+    /// The W3C trace context (`traceparent`, `tracestate`) the call carried, as the
+    /// SDK passed it on.
+    pub trace: Option<TraceContext>,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +95,7 @@ impl Scripted {
                 op,
                 transaction_id: branch.transaction_id.clone(),
                 branch_id: branch.branch_id.clone(),
+                trace: branch.trace().cloned(),
             });
     }
 }

@@ -5,6 +5,10 @@
 //! one place ([`status_of`]). Protocol outcomes (aborted, unknown transaction, pending)
 //! are response fields; where an unknown transaction is an error (Enlist, Commit, Abort)
 //! the status carries a machine-readable `google.rpc.ErrorInfo` beside its text.
+//!
+//! The W3C trace context (`traceparent`, `tracestate` metadata) of Begin and SubmitSaga
+//! goes to the runtime with the transaction; an invalid one is ignored (the transaction
+//! starts a new trace), never refused.
 
 pub mod auth;
 pub mod pb;
@@ -20,6 +24,7 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use treaty_proto::v1 as proto;
 use treaty_sdk::limits::{FieldError, check_id, check_reason};
+use treaty_sdk::trace::TraceContext;
 
 use crate::config::defaults;
 use crate::endpoint_policy::EndpointPolicy;
@@ -265,6 +270,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         request: Request<proto::BeginRequest>,
     ) -> Result<Response<proto::BeginResponse>, Status> {
         let principal = self.auth.authenticate(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
         self.check_scheme(
             request
@@ -286,6 +292,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 prepare_timeout_ms,
                 branches,
                 owner: owner_of(&principal),
+                trace,
             })
             .await
             .map_err(status_of)?;
@@ -443,6 +450,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         request: Request<proto::SubmitSagaRequest>,
     ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
         let principal = self.auth.authenticate(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
         self.check_scheme(
             request
@@ -456,6 +464,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
                 .map_err(invalid)?;
         params.owner = owner_of(&principal);
+        params.trace = trace;
         params.idempotency_key = params
             .idempotency_key
             .map(|key| scoped_key(params.owner.as_deref(), key));

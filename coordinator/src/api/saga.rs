@@ -135,8 +135,10 @@ pub fn saga_params(
             stuck_after_attempts: defaults.stuck_after_attempts,
         },
         idempotency_key,
-        // The API sets the owner and scopes the key once the caller is known.
+        // The API sets the owner and scopes the key once the caller is known, and the
+        // trace from the request's metadata.
         owner: None,
+        trace: None,
     })
 }
 

@@ -49,6 +49,42 @@ enum CallKind {
     Abort,
 }
 
+impl CallKind {
+    fn name(self) -> &'static str {
+        match self {
+            CallKind::Prepare => "prepare",
+            CallKind::OnePhaseCommit => "one_phase_commit",
+            CallKind::Commit => "commit",
+            CallKind::Abort => "abort",
+        }
+    }
+}
+
+/// The span of one participant call, inside its transaction's: the transaction and
+/// branch, what the call is for, and the trace and span ids it sends (which the
+/// participant's logs show too).
+fn call_span(id: TxnId, call: &mut Call, op: &'static str) -> tracing::Span {
+    let txn = txn_span(id);
+    let span = tracing::info_span!(
+        parent: &txn,
+        "call",
+        txn_id = %id,
+        branch_id = %call.branch_id,
+        op,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    if let Some(trace) = &mut call.trace {
+        // With span export, the call sends the id of its exported span.
+        #[cfg(feature = "otlp")]
+        crate::otlp::adopt(&span, trace);
+        let parent = trace.traceparent();
+        span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
+        span.record("span_id", tracing::field::display(parent.parent_id_hex()));
+    }
+    span
+}
+
 /// Crash points around a forced write, for the crash tests.
 struct ForcedWritePoints {
     before: &'static str,
@@ -174,7 +210,10 @@ impl Shard {
     }
 
     fn spawn_call(&self, id: TxnId, branch_index: usize, kind: CallKind) {
-        let Some(Machine::TwoPhase(txn)) = self.txns.get(&id).map(|e| &e.machine) else {
+        let Some(entry) = self.txns.get(&id) else {
+            return;
+        };
+        let Machine::TwoPhase(txn) = &entry.machine else {
             return;
         };
         let Some(branch) = txn.branch(branch_index) else {
@@ -188,12 +227,14 @@ impl Shard {
                 .saturating_add(PREPARE_CALL_GRACE_MS),
             _ => self.config.participant_call_timeout_ms,
         };
-        let call = Call {
+        let mut call = Call {
             endpoint: branch.endpoint.clone(),
             transaction_id: id.to_string(),
             branch_id: branch.id.clone(),
             timeout: Duration::from_millis(timeout_ms),
+            trace: Some(entry.trace.child()),
         };
+        let span = call_span(id, &mut call, kind.name());
         let payload = match kind {
             CallKind::Prepare | CallKind::OnePhaseCommit => branch.payload.clone(),
             CallKind::Commit | CallKind::Abort => Vec::new(),
@@ -242,25 +283,31 @@ impl Shard {
                 // answer no longer matters (recovery redelivers).
                 let _ = inputs.send((id, Input::TwoPhase(event)));
             }
-            .instrument(txn_span(id)),
+            .instrument(span),
         );
     }
 
     /// A saga step's forward action (delivered as a Commit in SAGA_STEP mode) or its
     /// compensation.
     fn spawn_step(&self, id: TxnId, step: usize, compensation: bool) {
-        let Some(Machine::Saga(saga)) = self.txns.get(&id).map(|e| &e.machine) else {
+        let Some(entry) = self.txns.get(&id) else {
+            return;
+        };
+        let Machine::Saga(saga) = &entry.machine else {
             return;
         };
         let Some(definition) = saga.definition().steps.get(step) else {
             return;
         };
-        let call = Call {
+        let mut call = Call {
             endpoint: definition.endpoint.clone(),
             transaction_id: id.to_string(),
             branch_id: definition.id.clone(),
             timeout: Duration::from_millis(definition.timeout_ms),
+            trace: Some(entry.trace.child()),
         };
+        let op = if compensation { "compensate" } else { "step" };
+        let span = call_span(id, &mut call, op);
         let payload = if compensation {
             definition.compensation.clone()
         } else {
@@ -308,7 +355,7 @@ impl Shard {
                 }
                 let _ = inputs.send((id, Input::Saga(event)));
             }
-            .instrument(txn_span(id)),
+            .instrument(span),
         );
     }
 

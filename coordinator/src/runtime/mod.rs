@@ -14,6 +14,9 @@
 //!   log's queue (one write in flight per transaction at most) and in-flight calls.
 //! - A failed log write is fatal: it is reported on the fatal channel and nothing that
 //!   depended on it is acknowledged.
+//! - Every participant call of a transaction carries its trace: the trace id the caller
+//!   of Begin / SubmitSaga sent (or a new one), with a span id fresh for each call. The
+//!   trace lives in memory only: work resumed from the log starts a new trace.
 
 mod execute;
 mod load;
@@ -25,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
+use treaty_sdk::trace::TraceContext;
 
 use crate::config::defaults;
 use crate::engine::twopc::{BranchSpec, Refusal};
@@ -145,6 +149,8 @@ pub struct BeginParams {
     pub branches: Vec<BranchSpec>,
     /// The principal beginning it (`None` without authentication).
     pub owner: Option<String>,
+    /// The caller's W3C trace context (`None`: the transaction starts a new trace).
+    pub trace: Option<TraceContext>,
 }
 
 /// Which transactions a list shows.
@@ -174,6 +180,8 @@ pub struct SagaParams {
     pub idempotency_key: Option<String>,
     /// The principal submitting it (`None` without authentication).
     pub owner: Option<String>,
+    /// The caller's W3C trace context (`None`: the saga starts a new trace).
+    pub trace: Option<TraceContext>,
 }
 
 /// The answer to a submit: the saga (new, or the one submitted earlier with the same

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
+use treaty_sdk::trace::TraceContext;
 
 use super::execute::Actions;
 use super::load::{Limits, Load};
@@ -125,13 +126,17 @@ pub(super) struct Entry {
     pub(super) prepare_timer: Option<delay_queue::Key>,
     /// Payload bytes counted against the memory budget until the transaction is final.
     payload_bytes: usize,
+    /// The W3C trace of the transaction and the span its participant calls are
+    /// children of (each call gets a span id of its own).
+    pub(super) trace: TraceContext,
 }
 
 impl Entry {
-    fn new(machine: Machine, payload_bytes: usize) -> Self {
+    fn new(machine: Machine, payload_bytes: usize, trace: TraceContext) -> Self {
         Self {
             machine,
             payload_bytes,
+            trace,
             updates: None,
             deadline_timer: None,
             prepare_timer: None,
@@ -149,6 +154,13 @@ impl Entry {
 /// The span every log line about one transaction is emitted in.
 pub(super) fn txn_span(id: TxnId) -> tracing::Span {
     tracing::info_span!("txn", txn_id = %id)
+}
+
+/// The span a new transaction's participant calls are children of: the caller's, or
+/// the root of a new trace (standing for the coordinator's span of the transaction) when
+/// the caller sent none.
+fn parent_span(caller: Option<TraceContext>) -> TraceContext {
+    caller.unwrap_or_else(TraceContext::new_root)
 }
 
 #[derive(Debug)]
@@ -221,7 +233,11 @@ impl Shard {
             if let Some(key) = machine.idempotency_key() {
                 self.keys.insert(key.to_string(), id);
             }
-            self.txns.insert(id, Entry::new(machine, payload_bytes));
+            // The trace is not logged: resumed work starts a new one.
+            self.txns.insert(
+                id,
+                Entry::new(machine, payload_bytes, TraceContext::new_root()),
+            );
             self.execute(id, actions);
         }
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -359,9 +375,10 @@ impl Shard {
                 return Err(refusal.into());
             }
         }
-        tracing::debug!(branches = txn.branches().len(), "begun");
+        let trace = parent_span(params.trace);
+        tracing::debug!(branches = txn.branches().len(), trace_id = %trace.trace_id_hex(), "begun");
         self.txns
-            .insert(id, Entry::new(Machine::TwoPhase(txn), payload_bytes));
+            .insert(id, Entry::new(Machine::TwoPhase(txn), payload_bytes, trace));
         self.execute(id, Actions::TwoPhase(actions));
         Ok(())
     }
@@ -388,15 +405,17 @@ impl Shard {
             idempotency_key: params.idempotency_key.clone(),
             owner: params.owner,
         });
-        tracing::info!(
+        let trace = parent_span(params.trace);
+        tracing::debug!(
             steps = saga.definition().steps.len(),
             key = params.idempotency_key.as_deref().unwrap_or(""),
+            trace_id = %trace.trace_id_hex(),
             "saga submitted"
         );
         if let Some(key) = params.idempotency_key {
             self.keys.insert(key, id);
         }
-        let mut entry = Entry::new(Machine::Saga(saga), payload_bytes);
+        let mut entry = Entry::new(Machine::Saga(saga), payload_bytes, trace);
         let updates = entry.subscribe();
         self.txns.insert(id, entry);
         self.execute(id, Actions::Saga(actions));
@@ -594,7 +613,7 @@ impl Shard {
         if state == before {
             return;
         }
-        tracing::info!(from = ?before, to = ?state, reason = entry.machine.reason().unwrap_or(""), "transaction state changed");
+        tracing::debug!(from = ?before, to = ?state, reason = entry.machine.reason().unwrap_or(""), "transaction state changed");
         if state.is_decided() {
             // Deadline and prepare timeout mean nothing once the outcome is fixed.
             let keys = [entry.deadline_timer.take(), entry.prepare_timer.take()];
