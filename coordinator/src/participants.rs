@@ -81,14 +81,39 @@ type Client = ParticipantClient<InterceptedService<Channel, Credentials>>;
 #[derive(Debug)]
 struct Peer {
     client: Client,
+    /// The TLS settings the client was made with (see `Participants::reload_tls`).
+    tls_generation: u64,
+    health: Arc<PeerHealth>,
+}
+
+/// What outlives a peer's channel (a TLS reload makes a new one): its share of the
+/// permits and its circuit.
+#[derive(Debug)]
+struct PeerHealth {
     /// Calls to this endpoint in flight.
     permits: Semaphore,
+    max_permits: usize,
     circuit: Mutex<Circuit>,
+}
+
+impl PeerHealth {
+    /// No call in flight and the circuit closed: nothing is lost by forgetting it.
+    fn is_idle(&self) -> bool {
+        self.permits.available_permits() == self.max_permits
+            && self
+                .circuit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(std::time::Instant::now())
+                == circuit::CircuitState::Closed
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Participants {
     peers: Arc<Mutex<HashMap<String, Arc<Peer>>>>,
+    /// Bumped by each TLS reload: channels made before it are made again.
+    tls_generation: Arc<std::sync::atomic::AtomicU64>,
     in_flight: Arc<Semaphore>,
     max_in_flight_per_endpoint: usize,
     coordinator_endpoint: String,
@@ -109,6 +134,7 @@ impl Participants {
     ) -> Self {
         Self {
             peers: Arc::default(),
+            tls_generation: Arc::default(),
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
             max_in_flight_per_endpoint: (max_in_flight / 4).max(1),
             coordinator_endpoint,
@@ -135,16 +161,26 @@ impl Participants {
     /// New TLS settings (SIGHUP): channels opened from now on use them.
     pub fn reload_tls(&self, tls: Option<ClientTlsConfig>) {
         *self.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
-        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // Channels are made again; circuits and permit shares stay.
+        self.tls_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn peer(&self, endpoint: &str) -> Result<Arc<Peer>, String> {
+        let generation = self
+            .tls_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(peer) = peers.get(endpoint) {
-            return Ok(peer.clone());
+        let existing = peers.get(endpoint).cloned();
+        if let Some(peer) = &existing {
+            if peer.tls_generation == generation {
+                return Ok(peer.clone());
+            }
         }
-        if peers.len() >= MAX_CACHED_ENDPOINTS {
-            peers.clear();
+        if existing.is_none() && peers.len() >= MAX_CACHED_ENDPOINTS {
+            // Forget idle endpoints only: one with calls in flight or an open circuit
+            // keeps its permits and circuit (at most one per call in flight).
+            peers.retain(|_, peer| !peer.health.is_idle());
         }
         let mut channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|error| {
@@ -170,13 +206,26 @@ impl Participants {
                     "participant endpoint not usable".to_string()
                 })?;
         }
+        let health = match existing {
+            Some(peer) => peer.health.clone(),
+            None => {
+                // Shown from the first call, so that dashboards list every endpoint.
+                self.metrics
+                    .circuit_state(endpoint, circuit::CircuitState::Closed.gauge());
+                Arc::new(PeerHealth {
+                    permits: Semaphore::new(self.max_in_flight_per_endpoint),
+                    max_permits: self.max_in_flight_per_endpoint,
+                    circuit: Mutex::default(),
+                })
+            }
+        };
         let peer = Arc::new(Peer {
             client: ParticipantClient::with_interceptor(
                 channel.connect_lazy(),
                 self.credentials.clone(),
             ),
-            permits: Semaphore::new(self.max_in_flight_per_endpoint),
-            circuit: Mutex::default(),
+            tls_generation: generation,
+            health,
         });
         peers.insert(endpoint.to_string(), peer.clone());
         Ok(peer)
@@ -213,7 +262,13 @@ impl Participants {
             return Err(CIRCUIT_OPEN.to_string());
         };
         let shutting_down = |_| "coordinator shutting down".to_string();
-        let _endpoint_permit = peer.permits.acquire().await.map_err(shutting_down)?;
+        let _endpoint_permit = peer.health.permits.acquire().await.map_err(shutting_down)?;
+        // The circuit may have opened while this call waited for its permit.
+        if admitted.admission == Admission::Call && !admitted.circuit_closed() {
+            self.metrics
+                .participant_call(&call.endpoint, operation, CallResult::circuit_open, 0.0);
+            return Err(CIRCUIT_OPEN.to_string());
+        }
         let _permit = self.in_flight.acquire().await.map_err(shutting_down)?;
         let (result, answer) = self.send(call, peer.client.clone(), request).await;
         let answered = matches!(result, CallResult::ok | CallResult::error);
@@ -229,7 +284,11 @@ impl Participants {
 
     /// Asks the endpoint's circuit whether the call may go out; `None`: fail at once.
     fn admit<'a>(&'a self, call: &'a Call, peer: &'a Peer) -> Option<Admitted<'a>> {
-        let mut circuit = peer.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut circuit = peer
+            .health
+            .circuit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         let before = circuit.state(now);
         let admission = circuit.admit(now);
@@ -383,9 +442,24 @@ struct Admitted<'a> {
 }
 
 impl Admitted<'_> {
+    fn circuit_closed(&self) -> bool {
+        self.peer
+            .health
+            .circuit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state(std::time::Instant::now())
+            == circuit::CircuitState::Closed
+    }
+
     fn finish(mut self, answered: bool) {
         self.finished = true;
-        let mut circuit = self.peer.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut circuit = self
+            .peer
+            .health
+            .circuit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         let before = circuit.state(now);
         circuit.record(self.admission, answered, now);
@@ -408,6 +482,7 @@ impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if !self.finished {
             self.peer
+                .health
                 .circuit
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

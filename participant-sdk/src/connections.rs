@@ -157,10 +157,14 @@ impl AsyncRead for Connection {
         if this.closed_for_idleness {
             return Poll::Ready(Ok(()));
         }
+        let filled_before = buf.filled().len();
         let read = match &mut this.stream {
             Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
         };
+        if buf.filled().len() > filled_before {
+            this.idle.saw_bytes();
+        }
         if read.is_pending() && this.idle.poll_expired(cx) {
             // Reads as the peer's end of stream: the server closes the connection.
             tracing::debug!(remote_addr = ?this.info.remote_addr, "closing an idle connection");

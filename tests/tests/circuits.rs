@@ -127,10 +127,9 @@ async fn a_refusing_participant_opens_its_circuit_and_a_probe_closes_it() {
     assert_eq!(sample(&text, &circuit), 2.0, "{text}");
     let failed = call_count(&text, &endpoint, "prepare", "unreachable")
         + call_count(&text, &endpoint, "abort", "unreachable");
-    assert!(
-        (5.0..=8.0).contains(&failed),
-        "{failed} calls sent and failed\n{text}"
-    );
+    // Abort retries go on in the background (a probe after each cool-down), so only a
+    // lower bound holds.
+    assert!(failed >= 5.0, "{failed} calls sent and failed\n{text}");
     assert!(
         call_count(&text, &endpoint, "prepare", "circuit_open") >= 6.0,
         "{text}"

@@ -177,6 +177,36 @@ async fn a_scrape_after_a_known_workload_shows_its_numbers() {
     );
 
     // Only /metrics is served.
+    // Every metric the shipped Grafana dashboard queries is one this daemon exposes.
+    let dashboard_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/grafana/treaty-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboard_path).unwrap()).unwrap();
+    let queried: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap().clone())
+        .map(|target| target["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(queried.len() >= 10, "{queried:?}");
+    for expr in &queried {
+        for name in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("treaty_"))
+        {
+            let family = ["_bucket", "_sum", "_count", "_total"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {family} "))
+                    || text.contains(&format!("# TYPE {name} ")),
+                "the dashboard queries {name}, which /metrics does not expose"
+            );
+        }
+    }
+
     let (head, _) = get(metrics_address, "/").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 

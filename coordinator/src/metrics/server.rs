@@ -41,6 +41,7 @@ pub async fn serve_metrics<R, F>(
         };
         let info = connection.connect_info();
         let render = render.clone();
+        let mut connection_stop = stop.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 // Counted while it is answered: a scrape is never cut by the idle timeout.
@@ -53,8 +54,16 @@ pub async fn serve_metrics<R, F>(
                 }
             });
             let served = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(connection), service)
-                .await;
+                .serve_connection(TokioIo::new(connection), service);
+            tokio::pin!(served);
+            // On stop, a keep-alive connection ends after the answer in progress.
+            let served = tokio::select! {
+                served = served.as_mut() => served,
+                () = async { let _ = connection_stop.wait_for(|stopping| *stopping).await; } => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
             if let Err(error) = served {
                 tracing::debug!(%error, "metrics connection ended with an error");
             }

@@ -239,7 +239,13 @@ pub struct Runtime {
     log: Arc<dyn DecisionLog>,
     load: Arc<Load>,
     metrics: Arc<Metrics>,
+    /// The last rendering of the metrics and when it was made (see `render_metrics`).
+    rendered_metrics: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>>,
 }
+
+/// How long one rendering of the metrics answers scrapes: a scrape costs a pass over
+/// every shard's transactions, and `/metrics` is not authenticated.
+const METRICS_REUSE: Duration = Duration::from_secs(1);
 
 /// Runs the shards until [`Runtime::shutdown`].
 #[derive(Debug)]
@@ -335,6 +341,7 @@ impl Runtime {
             log,
             load,
             metrics: config.metrics.clone(),
+            rendered_metrics: Arc::default(),
         };
         Ok((runtime, RuntimeTasks { handles }, report))
     }
@@ -358,12 +365,22 @@ impl Runtime {
         Ok(health)
     }
 
-    /// The metrics' text exposition as of now.
+    /// The metrics' text exposition, at most [`METRICS_REUSE`] old. One rendering at a
+    /// time: concurrent scrapes wait for it and share it.
     pub async fn render_metrics(&self) -> Result<String, String> {
+        let mut rendered = self.rendered_metrics.lock().await;
+        if let Some((at, text)) = rendered.as_ref() {
+            if at.elapsed() < METRICS_REUSE {
+                return Ok(text.clone());
+            }
+        }
         let health = self.health().await.map_err(|e| e.to_string())?;
-        self.metrics
+        let text = self
+            .metrics
             .encode(health, now_unix_ms())
-            .map_err(|e| format!("encoding metrics: {e}"))
+            .map_err(|e| format!("encoding metrics: {e}"))?;
+        *rendered = Some((tokio::time::Instant::now(), text.clone()));
+        Ok(text)
     }
 
     /// New TLS settings for `https://` participants (on SIGHUP); calls made from now on

@@ -8,8 +8,12 @@
 //! flight for the whole idle timeout. HTTP/2 pings are not calls: they keep a connection
 //! alive only while it is in use.
 //!
-//! Invariants: a connection is never closed while a call on it is in flight, nor while
-//! bytes from the peer wait to be read (a request that has arrived is always served).
+//! A request is counted only once the server's service is called, which hyper does on a
+//! task of its own after reading the request's headers; so bytes read within the last
+//! [`BYTES_GRACE`] also hold the connection open (a ping every 30 s barely does).
+//!
+//! Invariants: a connection is never closed while a call on it is in flight, while
+//! bytes from the peer wait to be read, or within [`BYTES_GRACE`] of the last bytes read.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -74,12 +78,17 @@ impl Drop for CallInFlight {
         let counter = &self.0;
         let finished_ms = u64::try_from(counter.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         // The time first, then the count: whoever sees the count at zero sees the time.
+        // The latest end wins, whatever order calls ending together store in.
         counter
             .last_finished_ms
-            .store(finished_ms, Ordering::SeqCst);
+            .fetch_max(finished_ms, Ordering::SeqCst);
         counter.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// How long bytes just read keep a connection open: time for the request they may carry
+/// to reach the server's service and be counted.
+pub const BYTES_GRACE: Duration = Duration::from_secs(2);
 
 /// The idle clock of one connection, polled by its reader.
 #[derive(Debug)]
@@ -87,6 +96,7 @@ pub(super) struct IdleDeadline {
     calls: Arc<CallCounter>,
     timeout: Duration,
     check: Pin<Box<Sleep>>,
+    last_bytes: Option<Instant>,
 }
 
 impl IdleDeadline {
@@ -95,7 +105,13 @@ impl IdleDeadline {
             calls,
             timeout,
             check: Box::pin(tokio::time::sleep(timeout)),
+            last_bytes: None,
         }
+    }
+
+    /// The reader got bytes from the peer.
+    pub(super) fn saw_bytes(&mut self) {
+        self.last_bytes = Some(Instant::now());
     }
 
     /// Whether the connection has been idle for the whole timeout. Otherwise the timer is
@@ -106,7 +122,12 @@ impl IdleDeadline {
             if self.check.as_mut().poll(cx).is_pending() {
                 return false;
             }
+            let recent_bytes = self
+                .last_bytes
+                .map(|at| at + BYTES_GRACE)
+                .filter(|until| *until > Instant::now());
             let wait = match self.calls.idle_for() {
+                Some(_) if recent_bytes.is_some() => BYTES_GRACE,
                 Some(idle) if idle >= self.timeout => return true,
                 Some(idle) => self.timeout - idle,
                 // Busy: the earliest it can expire is a full timeout after the call ends.
@@ -214,6 +235,12 @@ mod tests {
         assert!(!expired(&mut deadline).await, "the last call ended 9 s ago");
 
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(expired(&mut deadline).await, "idle for 11 s");
+        deadline.saw_bytes();
+        assert!(!expired(&mut deadline).await, "bytes just read");
+        tokio::time::advance(BYTES_GRACE).await;
+        assert!(
+            expired(&mut deadline).await,
+            "idle for 11 s, bytes read 2 s ago"
+        );
     }
 }
