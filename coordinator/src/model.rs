@@ -233,26 +233,6 @@ impl AttemptLog {
         &self.0
     }
 
-    /// When the current run of failed calls began: the start of the oldest of the
-    /// latest attempts that all failed ("error: …") and are of the latest one's kind.
-    /// `None` if the latest attempt is in flight or did not fail.
-    pub fn failing_since(&self) -> Option<UnixMs> {
-        let latest = self.0.last()?;
-        let failed = |a: &Attempt| {
-            a.operation == latest.operation
-                && a.result.as_deref().is_some_and(|r| r.starts_with("error"))
-        };
-        if !failed(latest) {
-            return None;
-        }
-        self.0
-            .iter()
-            .rev()
-            .take_while(|a| failed(a))
-            .last()
-            .map(|a| a.started_unix_ms)
-    }
-
     /// Closes every attempt still in flight with `result` (their answers will never
     /// come: the coordinator restarted).
     pub fn abandon_open(&mut self, result: &str, now: UnixMs) {

@@ -166,6 +166,8 @@ pub struct Step {
     pub history: AttemptLog,
     /// A compensation is in flight or waiting to be retried.
     compensation_sent: bool,
+    /// When calls for this step began to fail without an answer, until one comes.
+    pub failing_since: Option<UnixMs>,
 }
 
 impl Step {
@@ -177,6 +179,7 @@ impl Step {
             last_error: None,
             history: AttemptLog::default(),
             compensation_sent: false,
+            failing_since: None,
         }
     }
 
@@ -263,6 +266,7 @@ impl Saga {
                     last_error: b.last_error.clone(),
                     history,
                     compensation_sent: false,
+                    failing_since: None,
                 }
             })
             .collect();
@@ -447,6 +451,7 @@ impl Saga {
                 };
                 s.history
                     .finish(&[Operation::Compensate], "compensated", now);
+                s.failing_since = None;
                 if s.state != BranchState::Compensating || self.phase != SagaPhase::Compensating {
                     return Vec::new();
                 }
@@ -463,6 +468,7 @@ impl Saga {
                 };
                 s.history
                     .finish(&[Operation::Compensate], format!("error: {error}"), now);
+                s.failing_since.get_or_insert(now);
                 if s.state != BranchState::Compensating {
                     return Vec::new();
                 }
@@ -533,6 +539,7 @@ impl Saga {
             },
             now,
         );
+        s.failing_since = None;
         if s.state != BranchState::Running {
             // A late or repeated answer: the step has moved on (compensation under way).
             return Vec::new();
@@ -586,6 +593,7 @@ impl Saga {
         };
         s.history
             .finish(&[Operation::Step], format!("error: {error}"), now);
+        s.failing_since.get_or_insert(now);
         if s.state != BranchState::Running {
             return Vec::new();
         }

@@ -58,6 +58,9 @@ pub struct Branch {
     pub awaiting_ack: bool,
     /// The latest calls to this branch and their results.
     pub history: AttemptLog,
+    /// When the calls to this branch began to fail without an answer, until one comes
+    /// (kept apart from the history, which holds only the latest attempts).
+    pub failing_since: Option<UnixMs>,
 }
 
 impl Branch {
@@ -191,6 +194,7 @@ impl TwoPhaseCommit {
                         attempts: b.attempts,
                         last_error: b.last_error,
                         history,
+                        failing_since: None,
                     }
                 })
                 .collect(),
@@ -351,6 +355,7 @@ impl TwoPhaseCommit {
                     last_error: None,
                     awaiting_ack: false,
                     history: AttemptLog::default(),
+                    failing_since: None,
                 });
                 Ok(Vec::new())
             }
@@ -396,6 +401,7 @@ impl TwoPhaseCommit {
                     return Vec::new();
                 };
                 b.history.finish(PHASE_TWO, format!("error: {error}"), now);
+                b.failing_since.get_or_insert(now);
                 if !b.awaiting_ack || self.phase.state().is_final() {
                     return Vec::new();
                 }
@@ -560,6 +566,7 @@ impl TwoPhaseCommit {
             return Vec::new();
         };
         b.history.finish(PHASE_TWO, answer.describe(), now);
+        b.failing_since = None;
         if !b.awaiting_ack {
             return Vec::new();
         }

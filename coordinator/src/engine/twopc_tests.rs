@@ -1,7 +1,7 @@
 //! One test per situation, asserting the exact actions each step emits.
 
 use super::twopc::*;
-use crate::model::{BranchState, TxnId, TxnState, UnixMs};
+use crate::model::{BranchState, MAX_ATTEMPTS_KEPT, TxnId, TxnState, UnixMs};
 
 const T0: UnixMs = 1_700_000_000_000;
 const DEADLINE: UnixMs = T0 + 60_000;
@@ -483,6 +483,26 @@ fn phase_two_failures_are_retried_until_acknowledged() {
     );
     assert!(failed(&mut txn).is_empty());
     assert_eq!(txn.branch(1).unwrap().attempts, 2);
+}
+
+#[test]
+fn a_branch_is_failing_since_its_first_failed_delivery_however_long_it_lasts() {
+    let mut txn = committing(2);
+    // Far more failures than the history keeps.
+    for attempt in 0..(3 * MAX_ATTEMPTS_KEPT as u64) {
+        txn.handle_event(
+            Event::DeliveryFailed {
+                branch: 1,
+                error: "connection refused".into(),
+            },
+            T0 + 10 + 2 * attempt,
+        );
+        txn.handle_event(Event::RetryDue { branch: 1 }, T0 + 11 + 2 * attempt);
+    }
+    assert_eq!(txn.branch(1).unwrap().failing_since, Some(T0 + 10));
+    assert_eq!(txn.branch(0).unwrap().failing_since, None);
+    deliver(&mut txn, 1, Answer::Committed);
+    assert_eq!(txn.branch(1).unwrap().failing_since, None);
 }
 
 #[test]

@@ -144,10 +144,7 @@ impl Machine {
                 }
                 let waiting = txn.branches().iter().filter(|b| b.awaiting_ack);
                 for branch in waiting {
-                    older(
-                        &mut health.oldest_retry_unix_ms,
-                        branch.history.failing_since(),
-                    );
+                    older(&mut health.oldest_retry_unix_ms, branch.failing_since);
                 }
                 let abort_failed = |b: &crate::engine::twopc::Branch| {
                     b.awaiting_ack
@@ -169,10 +166,7 @@ impl Machine {
                     matches!(s.state, BranchState::Running | BranchState::Compensating)
                 });
                 for step in busy {
-                    older(
-                        &mut health.oldest_retry_unix_ms,
-                        step.history.failing_since(),
-                    );
+                    older(&mut health.oldest_retry_unix_ms, step.failing_since);
                 }
             }
         }
