@@ -36,7 +36,7 @@ use crate::metrics::{CallOperation, CallResult, Metrics};
 
 pub mod circuit;
 
-use circuit::{Admission, Circuit};
+use circuit::{Admission, Circuit, CircuitState};
 
 /// Channels kept open; past this the cache starts over (old channels close when their
 /// calls finish).
@@ -100,12 +100,24 @@ impl PeerHealth {
     /// No call in flight and the circuit closed: nothing is lost by forgetting it.
     fn is_idle(&self) -> bool {
         self.permits.available_permits() == self.max_permits
-            && self
-                .circuit
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .state(std::time::Instant::now())
-                == circuit::CircuitState::Closed
+            && self.circuit_state() == CircuitState::Closed
+    }
+
+    fn circuit_state(&self) -> CircuitState {
+        self.change_circuit(|_, _| ()).2
+    }
+
+    /// Runs `change` on the circuit; returns its result and the circuit's state before
+    /// and after.
+    fn change_circuit<R>(
+        &self,
+        change: impl FnOnce(&mut Circuit, std::time::Instant) -> R,
+    ) -> (R, CircuitState, CircuitState) {
+        let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let before = circuit.state(now);
+        let result = change(&mut circuit, now);
+        (result, before, circuit.state(now))
     }
 }
 
@@ -211,7 +223,7 @@ impl Participants {
             None => {
                 // Shown from the first call, so that dashboards list every endpoint.
                 self.metrics
-                    .circuit_state(endpoint, circuit::CircuitState::Closed.gauge());
+                    .circuit_state(endpoint, CircuitState::Closed.gauge());
                 Arc::new(PeerHealth {
                     permits: Semaphore::new(self.max_in_flight_per_endpoint),
                     max_permits: self.max_in_flight_per_endpoint,
@@ -284,19 +296,10 @@ impl Participants {
 
     /// Asks the endpoint's circuit whether the call may go out; `None`: fail at once.
     fn admit<'a>(&'a self, call: &'a Call, peer: &'a Peer) -> Option<Admitted<'a>> {
-        let mut circuit = peer
-            .health
-            .circuit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        let before = circuit.state(now);
-        let admission = circuit.admit(now);
-        let after = circuit.state(now);
-        drop(circuit);
+        let (admission, before, after) = peer.health.change_circuit(Circuit::admit);
         // Open turns half-open with time alone: report it whenever the circuit is not
         // closed (the slow path), and any change.
-        if before != after || after != circuit::CircuitState::Closed {
+        if before != after || after != CircuitState::Closed {
             self.metrics.circuit_state(&call.endpoint, after.gauge());
         }
         (admission != Admission::Refuse).then_some(Admitted {
@@ -443,32 +446,20 @@ struct Admitted<'a> {
 
 impl Admitted<'_> {
     fn circuit_closed(&self) -> bool {
-        self.peer
-            .health
-            .circuit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .state(std::time::Instant::now())
-            == circuit::CircuitState::Closed
+        self.peer.health.circuit_state() == CircuitState::Closed
     }
 
     fn finish(mut self, answered: bool) {
         self.finished = true;
-        let mut circuit = self
+        let admission = self.admission;
+        let ((), before, after) = self
             .peer
             .health
-            .circuit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        let before = circuit.state(now);
-        circuit.record(self.admission, answered, now);
-        let after = circuit.state(now);
-        drop(circuit);
+            .change_circuit(|circuit, now| circuit.record(admission, answered, now));
         if before != after {
-            if after == circuit::CircuitState::Open {
+            if after == CircuitState::Open {
                 tracing::warn!(endpoint = %self.endpoint, "participant not answering; its circuit is open");
-            } else if after == circuit::CircuitState::Closed {
+            } else if after == CircuitState::Closed {
                 tracing::info!(endpoint = %self.endpoint, "participant answers again; its circuit is closed");
             }
             self.participants
@@ -481,12 +472,10 @@ impl Admitted<'_> {
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if !self.finished {
+            let admission = self.admission;
             self.peer
                 .health
-                .circuit
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .abandon(self.admission);
+                .change_circuit(|circuit, _| circuit.abandon(admission));
         }
     }
 }
