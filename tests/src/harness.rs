@@ -237,3 +237,25 @@ pub async fn recorded_vote(endpoint: &str, transaction_id: &str, branch_id: &str
         .ok()?;
     Some(response.into_inner().vote)
 }
+
+/// The services a server lists through gRPC reflection v1.
+pub async fn reflected_services_v1(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1;
+    use v1::server_reflection_request::MessageRequest;
+    use v1::server_reflection_response::MessageResponse;
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected v1 reflection answer: {response:?}");
+    };
+    list.service.into_iter().map(|s| s.name).collect()
+}

@@ -100,8 +100,18 @@ pub async fn start_treaty_with_env(
     listen: &str,
     extra_envs: &[(&str, &str)],
 ) -> ServerProcess {
+    start_treaty_with(data_dir, listen, &[], extra_envs).await
+}
+
+/// [`start_treaty_with_env`] with more arguments to `treaty serve`.
+pub async fn start_treaty_with(
+    data_dir: &Path,
+    listen: &str,
+    extra_args: &[&str],
+    extra_envs: &[(&str, &str)],
+) -> ServerProcess {
     let binary = workspace_binary("treaty-coordinator", "treaty");
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "serve",
         "--listen",
         listen,
@@ -117,6 +127,7 @@ pub async fn start_treaty_with_env(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    args.extend(extra_args.iter().map(|s| s.to_string()));
     let mut envs = vec![("TREATY_LOG", "info")];
     envs.retain(|(key, _)| !extra_envs.iter().any(|(extra, _)| extra == key));
     envs.extend_from_slice(extra_envs);

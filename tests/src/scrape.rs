@@ -6,34 +6,21 @@ use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::PATIENCE;
-use crate::process::{ServerProcess, start_server, workspace_binary};
+use crate::process::{ServerProcess, start_treaty_with};
 
-/// `treaty serve` on 127.0.0.1:0 with data in `dir/coordinator`, metrics on another port
-/// and `extra_args`; returns the process and its metrics address.
+/// [`start_treaty_with`] on 127.0.0.1:0 with data in `dir/coordinator`, metrics on another
+/// port and `extra_args`; returns the process and its metrics address.
 pub async fn start_treaty_with_metrics(
     dir: &Path,
     extra_args: &[&str],
 ) -> (ServerProcess, SocketAddr) {
-    let data_dir = dir.join("coordinator");
-    let mut args: Vec<String> = [
-        "serve",
-        "--listen",
+    let mut args = vec!["--metrics-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra_args);
+    let mut daemon = start_treaty_with(
+        &dir.join("coordinator"),
         "127.0.0.1:0",
-        "--data-dir",
-        &data_dir.to_string_lossy(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra_args.iter().map(|s| s.to_string()));
-    let mut daemon = start_server(
-        &workspace_binary("treaty-coordinator", "treaty"),
         &args,
         &[("TREATY_LOG", "warn")],
-        "treaty listening on",
-        dir.join("coordinator.log"),
     )
     .await;
     let announced = tokio::time::timeout(PATIENCE, daemon.stdout.recv())

@@ -12,7 +12,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
-use treaty_tests::harness::{ParticipantServer, eventually};
+use treaty_tests::harness::{ParticipantServer, eventually, reflected_services_v1};
 use treaty_tests::process::{exit_status, start_treaty};
 use treaty_tests::scripted::Op;
 
@@ -121,21 +121,7 @@ async fn a_generic_grpc_client_can_discover_and_health_check_the_coordinator() {
         .status;
     assert_eq!(status, ServingStatus::Serving as i32);
 
-    let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = reflection
-        .server_reflection_info(futures::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection answer: {response:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let names = reflected_services_v1(channel.clone()).await;
     for expected in ["treaty.v1.Coordinator", "grpc.health.v1.Health"] {
         assert!(
             names.iter().any(|n| n == expected),
@@ -144,6 +130,7 @@ async fn a_generic_grpc_client_can_discover_and_health_check_the_coordinator() {
     }
 
     // The descriptor of the service is served too, so a client can build requests.
+    let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::FileContainingSymbol(

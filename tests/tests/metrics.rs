@@ -14,16 +14,8 @@ use treaty_tests::scrape::{call_count, get, sample, scrape, start_treaty_with_me
 async fn a_scrape_after_a_known_workload_shows_its_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let participant = ParticipantServer::start(&dir.path().join("participant")).await;
-    let (mut daemon, metrics_address) = start_treaty_with_metrics(
-        dir.path(),
-        &[
-            "--retry-backoff-initial-ms",
-            "20",
-            "--retry-backoff-max-ms",
-            "200",
-        ],
-    )
-    .await;
+    // Retries back off 20 to 200 ms (start_treaty's settings).
+    let (mut daemon, metrics_address) = start_treaty_with_metrics(dir.path(), &[]).await;
     let client = TreatyClient::connect(daemon.endpoint()).await.unwrap();
     let endpoint = participant.endpoint.clone();
     let branches = |second: &str| {

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use tonic::transport::Channel;
-use tonic_reflection::pb::{v1, v1alpha};
-use treaty_tests::harness::{Coordinator, ParticipantServer};
+use tonic_reflection::pb::v1alpha;
+use treaty_tests::harness::{Coordinator, ParticipantServer, reflected_services_v1};
 
 async fn channel(endpoint: &str) -> Channel {
     Channel::from_shared(endpoint.to_string())
@@ -14,27 +14,6 @@ async fn channel(endpoint: &str) -> Channel {
         .connect()
         .await
         .unwrap()
-}
-
-/// The services listed by reflection v1.
-async fn services_v1(channel: Channel) -> Vec<String> {
-    use v1::server_reflection_request::MessageRequest;
-    use v1::server_reflection_response::MessageResponse;
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(futures::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected v1 reflection answer: {response:?}");
-    };
-    list.service.into_iter().map(|s| s.name).collect()
 }
 
 /// The services listed by reflection v1alpha, and whether the file declaring `symbol` is
@@ -93,7 +72,11 @@ async fn the_coordinator_serves_reflection_v1_and_v1alpha() {
         "grpc.reflection.v1alpha.ServerReflection",
     ];
 
-    assert_lists(&services_v1(channel.clone()).await, &expected, "v1");
+    assert_lists(
+        &reflected_services_v1(channel.clone()).await,
+        &expected,
+        "v1",
+    );
     let (names, described) = services_v1alpha(channel, "treaty.v1.Coordinator").await;
     assert_lists(&names, &expected, "v1alpha");
     assert!(described, "v1alpha serves the Coordinator's descriptor");
@@ -112,7 +95,11 @@ async fn the_participant_server_serves_reflection_v1_and_v1alpha() {
         "grpc.reflection.v1alpha.ServerReflection",
     ];
 
-    assert_lists(&services_v1(channel.clone()).await, &expected, "v1");
+    assert_lists(
+        &reflected_services_v1(channel.clone()).await,
+        &expected,
+        "v1",
+    );
     let (names, described) = services_v1alpha(channel, "treaty.v1.Participant").await;
     assert_lists(&names, &expected, "v1alpha");
     assert!(described, "v1alpha serves the Participant's descriptor");

@@ -630,36 +630,30 @@ async fn out_of_file_descriptors_the_daemon_pauses_accepting_instead_of_spinning
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_certificates_and_tokens_and_never_kills_the_daemon() {
-    use treaty_tests::process::{start_server, workspace_binary};
+    use treaty_tests::process::start_treaty_with;
     let dir = tempfile::tempdir().unwrap();
     let old_ca = TestCa::new(dir.path(), "old-ca");
     let new_ca = TestCa::new(dir.path(), "new-ca");
     let live = old_ca.server("live");
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("alice {ALICE_TOKEN}\n")).unwrap();
-    let data_dir = dir.path().join("coordinator");
-    let args: Vec<String> = [
-        "serve",
-        "--listen",
+    let (cert, key, tokens_path) = (
+        live.cert.to_string_lossy().into_owned(),
+        live.key.to_string_lossy().into_owned(),
+        tokens.to_string_lossy().into_owned(),
+    );
+    let mut daemon = start_treaty_with(
+        &dir.path().join("coordinator"),
         "127.0.0.1:0",
-        "--data-dir",
-        &data_dir.to_string_lossy(),
-        "--tls-cert",
-        &live.cert.to_string_lossy(),
-        "--tls-key",
-        &live.key.to_string_lossy(),
-        "--auth-tokens",
-        &tokens.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut daemon = start_server(
-        &workspace_binary("treaty-coordinator", "treaty"),
-        &args,
-        &[("TREATY_LOG", "info")],
-        "treaty listening on",
-        dir.path().join("coordinator.log"),
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--auth-tokens",
+            &tokens_path,
+        ],
+        &[],
     )
     .await;
     let endpoint = format!("https://localhost:{}", daemon.address.port());
