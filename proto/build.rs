@@ -4,7 +4,11 @@
 
 use std::path::PathBuf;
 
-const PROTO_FILES: [&str; 2] = ["treaty/v1/coordinator.proto", "treaty/v1/participant.proto"];
+const PROTO_FILES: [&str; 3] = [
+    "treaty/v1/coordinator.proto",
+    "treaty/v1/participant.proto",
+    "treaty/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -1,5 +1,8 @@
 //! The `treaty` command line: `serve` runs the daemon; `txn ...` inspects transactions
-//! through a running coordinator.
+//! through a running coordinator and, for admins, moves stuck ones (see `operator`);
+//! `endpoints` shows the participants' health.
+
+mod operator;
 
 use std::time::Duration;
 
@@ -10,6 +13,7 @@ use clap::{ArgMatches, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use treaty_sdk::client::{
     ClientOptions, ClientTlsFiles, Decision, Transaction, TransactionState, TreatyClient,
+    credentials, endpoint_with,
 };
 
 use treaty_sdk::logging::{LOG_FORMAT_ENV, LogFormat};
@@ -41,20 +45,21 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Measure commits per second and latency over loopback gRPC.
     Bench(crate::bench::BenchArgs),
-    /// Inspect transactions of a running coordinator.
+    /// Inspect transactions of a running coordinator, and move stuck ones (admins).
     Txn {
-        /// The coordinator to ask.
-        #[arg(
-            long,
-            env = "TREATY_ENDPOINT",
-            default_value = "http://127.0.0.1:7420",
-            global = true
-        )]
-        endpoint: String,
         #[command(flatten)]
-        access: AccessArgs,
+        coordinator: CoordinatorArgs,
         #[command(subcommand)]
         command: TxnCommand,
+    },
+    /// Each participant endpoint the coordinator called lately: health, circuit, calls
+    /// in flight, error rate (admins).
+    Endpoints {
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+        /// One JSON array for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Offline checks of a stopped coordinator's log or participant's store.
     Log {
@@ -103,6 +108,21 @@ pub fn from_args(matches: &ArgMatches, key: &str) -> bool {
         matches.value_source(key),
         Some(ValueSource::CommandLine | ValueSource::EnvVariable)
     )
+}
+
+/// Which coordinator the CLI asks, and how it gets in.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoordinatorArgs {
+    /// The coordinator to ask.
+    #[arg(
+        long = "coordinator",
+        env = "TREATY_ENDPOINT",
+        default_value = "http://127.0.0.1:7420",
+        global = true
+    )]
+    pub address: String,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// How the CLI proves who it is and verifies the coordinator.
@@ -161,22 +181,70 @@ pub enum LogCommand {
 pub enum TxnCommand {
     /// List transactions, oldest first.
     List {
-        /// Only transactions in this state (repeatable).
-        #[arg(long = "state", value_enum)]
-        states: Vec<StateArg>,
-        /// Only sagas flagged stuck (a compensation keeps failing).
-        #[arg(long)]
-        stuck: bool,
+        #[command(flatten)]
+        filter: operator::FilterArgs,
         /// Most transactions to print.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// One JSON array for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Show one transaction with its branches and history.
-    Show { transaction_id: String },
+    Show {
+        transaction_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The heuristic report: what each branch applied, which is unknown, and what
+    /// operators resolved.
+    Report {
+        transaction_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send now every delivery waiting for its retry (admins).
+    RetryNow(VerbArgs),
+    /// Stop retries and resends until `resume` (admins).
+    Pause(VerbArgs),
+    /// Let retries go on; what waits is sent now (admins).
+    Resume(VerbArgs),
+    /// Compensate a saga; abort an undecided two-phase commit (admins).
+    Cancel(VerbArgs),
+    /// State a branch's outcome where the protocol cannot settle it (admins). Refused
+    /// where it contradicts the decision.
+    Resolve {
+        #[command(flatten)]
+        verb: VerbArgs,
+        /// The branch (saga: step) to resolve.
+        #[arg(long)]
+        branch: String,
+        /// Its work stands (committed, or applied by hand).
+        #[arg(long, conflicts_with = "abort", required_unless_present = "abort")]
+        commit: bool,
+        /// Its work is not there (aborted, compensated, or undone by hand).
+        #[arg(long)]
+        abort: bool,
+    },
+    /// Remove final transactions from memory and the log (admins).
+    Forget(VerbArgs),
     /// Print each state change of a transaction until it is final.
     Watch { transaction_id: String },
     /// What a participant in doubt would be told (COMMIT, ABORT or PENDING).
     Outcome { transaction_id: String },
+}
+
+/// What every operator verb takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerbArgs {
+    #[command(flatten)]
+    pub selection: operator::Selection,
+    /// Why: kept in each transaction's history.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// One JSON array (one object per transaction) for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -309,42 +377,88 @@ fn details(txn: &Transaction) -> String {
     out
 }
 
+/// The coordinator's Coordinator and Admin clients over one connection.
+async fn connect(coordinator: &CoordinatorArgs) -> anyhow::Result<(TreatyClient, operator::Admin)> {
+    let options = coordinator.access.client_options();
+    let channel = endpoint_with(&coordinator.address, &options)?
+        .connect()
+        .await?;
+    let credentials = credentials(&options)?;
+    let admin = treaty_proto::v1::admin_client::AdminClient::with_interceptor(
+        channel.clone(),
+        credentials.clone(),
+    );
+    Ok((TreatyClient::from_channel_with(channel, credentials), admin))
+}
+
+/// Runs `treaty endpoints`.
+pub async fn run_endpoints(coordinator: &CoordinatorArgs, json: bool) -> anyhow::Result<()> {
+    let (_, admin) = connect(coordinator).await?;
+    operator::print_endpoints(admin, json).await
+}
+
 /// Runs a `txn` subcommand, printing to stdout.
-pub async fn run_txn(
-    endpoint: &str,
-    options: &ClientOptions,
-    command: TxnCommand,
-) -> anyhow::Result<()> {
-    let client = TreatyClient::connect_with(endpoint, options).await?;
+pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyhow::Result<()> {
+    let (client, admin) = connect(coordinator).await?;
+    let verb = |verb: operator::Verb, args: VerbArgs, branch: Option<String>| {
+        let client = client.clone();
+        let admin = admin.clone();
+        async move {
+            operator::run_verb(
+                &client,
+                &admin,
+                verb,
+                &args.selection,
+                branch.as_deref(),
+                &args.reason,
+                args.json,
+            )
+            .await
+        }
+    };
     match command {
         TxnCommand::List {
-            states,
-            stuck,
+            filter,
             limit,
+            json,
         } => {
-            let states: Vec<TransactionState> = states.into_iter().map(Into::into).collect();
-            let mut token = String::new();
-            let mut printed = 0;
-            // Bounded: each page advances the token, and we stop at `limit`.
-            while printed < limit {
-                let page_size = (limit - printed).min(1000) as u32;
-                let (page, next) = client.list(&states, page_size, &token).await?;
-                for txn in page.iter().filter(|t| t.stuck || !stuck) {
-                    println!("{}", summary(txn));
-                    printed += 1;
-                }
-                match next {
-                    Some(next) => token = next,
-                    None => break,
-                }
+            let listed = operator::select(&client, &filter.to_filter(), limit).await?;
+            if json {
+                let rows: Vec<serde_json::Value> =
+                    listed.iter().map(operator::transaction_json).collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                operator::print_table(&listed, crate::runtime::now_unix_ms());
             }
         }
-        TxnCommand::Show { transaction_id } => match client.get(&transaction_id).await? {
+        TxnCommand::Show {
+            transaction_id,
+            json,
+        } => match client.get(&transaction_id).await? {
+            Some(txn) if json => println!("{}", operator::transaction_json(&txn)),
             Some(txn) => println!("{}", details(&txn)),
             None => anyhow::bail!(
                 "unknown transaction {transaction_id} (never begun here, removed after retention, or presumed aborted)"
             ),
         },
+        TxnCommand::Report {
+            transaction_id,
+            json,
+        } => match client.get(&transaction_id).await? {
+            Some(txn) => operator::print_report(&txn, json),
+            None => anyhow::bail!("unknown transaction {transaction_id}"),
+        },
+        TxnCommand::RetryNow(args) => verb(operator::Verb::RetryNow, args, None).await?,
+        TxnCommand::Pause(args) => verb(operator::Verb::Pause, args, None).await?,
+        TxnCommand::Resume(args) => verb(operator::Verb::Resume, args, None).await?,
+        TxnCommand::Cancel(args) => verb(operator::Verb::Cancel, args, None).await?,
+        TxnCommand::Forget(args) => verb(operator::Verb::Forget, args, None).await?,
+        TxnCommand::Resolve {
+            verb: args,
+            branch,
+            commit,
+            abort: _,
+        } => verb(operator::Verb::Resolve { commit }, args, Some(branch)).await?,
         TxnCommand::Watch { transaction_id } => {
             let Some(stream) = client.watch(&transaction_id).await? else {
                 anyhow::bail!("unknown transaction {transaction_id}");

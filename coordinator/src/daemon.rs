@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use treaty_proto::v1::admin_server::AdminServer;
 use treaty_proto::v1::coordinator_server::CoordinatorServer;
 
 use treaty_sdk::connections::incoming;
@@ -25,6 +26,7 @@ use treaty_sdk::durable::{GroupCommitted, StoreOptions};
 use treaty_sdk::tls::ReloadableServerTls;
 
 use crate::api::CoordinatorService;
+use crate::api::admin::AdminService;
 use crate::api::auth::Authenticator;
 use crate::config::{ConfigError, ServeConfig};
 use crate::log::{DecisionLog, LogError, SledLog};
@@ -134,6 +136,7 @@ pub async fn run_on(
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let service = CoordinatorService::new(runtime.clone(), api_config, stopping_rx.clone())
         .with_authenticator(authenticator.clone());
+    let admin = AdminService::new(runtime.clone(), authenticator.clone());
     let reloader = treaty_sdk::server::hangups().map(|hangups| {
         tokio::spawn(reload_on_hangup(
             hangups,
@@ -149,6 +152,7 @@ pub async fn run_on(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(service))
+        .add_service(AdminServer::new(admin))
         .serve_with_incoming_shutdown(
             incoming(
                 listener,

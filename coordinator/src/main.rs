@@ -1,7 +1,9 @@
 //! The `treaty` binary: the coordinator daemon (`treaty serve`) and its CLI.
 
 use clap::{CommandFactory, FromArgMatches};
-use treaty_coordinator::cli::{Cli, Command, LogCommand, TXN_COMMAND_TIMEOUT, run_txn};
+use treaty_coordinator::cli::{
+    Cli, Command, LogCommand, TXN_COMMAND_TIMEOUT, run_endpoints, run_txn,
+};
 use treaty_coordinator::daemon;
 
 /// Logs to stderr, filtered by TREATY_LOG (`RUST_LOG` syntax; default info), in the
@@ -65,15 +67,22 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => treaty_coordinator::bench::run(args).await?,
         Command::Txn {
-            endpoint,
-            access,
+            coordinator,
             command,
         } => {
-            let options = access.client_options();
-            tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_txn(&endpoint, &options, command))
+            let address = coordinator.address.clone();
+            tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_txn(&coordinator, command))
                 .await
                 .map_err(|_| {
-                    anyhow::anyhow!("no answer from {endpoint} within {TXN_COMMAND_TIMEOUT:?}")
+                    anyhow::anyhow!("no answer from {address} within {TXN_COMMAND_TIMEOUT:?}")
+                })??;
+        }
+        Command::Endpoints { coordinator, json } => {
+            let address = coordinator.address.clone();
+            tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_endpoints(&coordinator, json))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("no answer from {address} within {TXN_COMMAND_TIMEOUT:?}")
                 })??;
         }
         Command::Log {

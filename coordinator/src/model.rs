@@ -264,6 +264,33 @@ pub struct BranchRecord {
     pub compensation_attempts: u32,
     pub last_error: Option<String>,
     pub history: AttemptLog,
+    /// What the participant answered against the decision (it lost or overrode its
+    /// vote), if it did. Stored after the record's serde form (log format 3).
+    #[serde(skip)]
+    pub heuristic: Option<String>,
+    /// An operator's decision about this branch, if one was taken. Stored like
+    /// `heuristic`.
+    #[serde(skip)]
+    pub resolution: Option<OperatorResolution>,
+}
+
+/// The outcome an operator states for a branch the protocol could not settle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resolution {
+    /// The branch's work stands (it was committed, or applied by hand).
+    Commit,
+    /// The branch's work is not there (aborted, compensated, or undone by hand).
+    Abort,
+}
+
+/// An operator's decision about one branch, kept in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorResolution {
+    pub outcome: Resolution,
+    /// The principal that decided (empty without authentication).
+    pub by: String,
+    pub at_unix_ms: UnixMs,
+    pub reason: String,
 }
 
 /// How often a saga step is retried after failures that gave no answer.
@@ -348,6 +375,9 @@ pub struct TxnRecord {
     /// owners existed still decode (without an owner).
     #[serde(skip)]
     pub owner: Option<String>,
+    /// An operator paused its retries (in memory only: a restart resumes them).
+    #[serde(skip)]
+    pub paused: bool,
 }
 
 /// Longest error text kept once a record has to be trimmed.

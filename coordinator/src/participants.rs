@@ -35,8 +35,12 @@ use crate::engine::twopc::{Answer, Vote};
 use crate::metrics::{CallOperation, CallResult, Metrics};
 
 pub mod circuit;
+mod status;
+pub mod window;
 
 use circuit::{Admission, Circuit, CircuitState};
+pub use status::EndpointStatus;
+use window::CallWindow;
 
 /// Channels kept open; past this the cache starts over (old channels close when their
 /// calls finish).
@@ -94,6 +98,8 @@ struct PeerHealth {
     permits: Semaphore,
     max_permits: usize,
     circuit: Mutex<Circuit>,
+    /// Calls and failures of about the last minute.
+    recent: Mutex<CallWindow>,
 }
 
 impl PeerHealth {
@@ -228,6 +234,7 @@ impl Participants {
                     permits: Semaphore::new(self.max_in_flight_per_endpoint),
                     max_permits: self.max_in_flight_per_endpoint,
                     circuit: Mutex::default(),
+                    recent: Mutex::default(),
                 })
             }
         };
@@ -285,6 +292,15 @@ impl Participants {
         let (result, answer) = self.send(call, peer.client.clone(), request).await;
         let answered = matches!(result, CallResult::ok | CallResult::error);
         admitted.finish(answered);
+        peer.health
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(
+                std::time::Instant::now(),
+                crate::runtime::now_unix_ms(),
+                answer.as_ref().err().map(String::as_str),
+            );
         self.metrics.participant_call(
             &call.endpoint,
             operation,

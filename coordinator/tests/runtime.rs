@@ -51,6 +51,9 @@ impl DecisionLog for GatedLog {
     fn purge_ended_before(&self, cutoff: UnixMs, max: usize) -> Result<usize, LogError> {
         self.inner.purge_ended_before(cutoff, max)
     }
+    fn forget(&self, id: &TxnId) -> LogWrite {
+        self.inner.forget(id)
+    }
     fn close(&self) -> Result<(), LogError> {
         self.inner.close()
     }
@@ -142,7 +145,7 @@ async fn a_decision_being_written_is_shown_nowhere_as_committing() {
         .list(
             &ListFilter {
                 states: vec![TxnState::Committing],
-                owner: None,
+                ..ListFilter::default()
             },
             None,
             100,
@@ -218,7 +221,7 @@ async fn begins_abandoned_by_their_callers_do_not_leak_admission() {
         .list(
             &ListFilter {
                 states: vec![TxnState::Aborted],
-                owner: None,
+                ..ListFilter::default()
             },
             None,
             1_000,
@@ -266,6 +269,7 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
         idempotency_key: Some("k".into()),
         owner: None,
         trace: None,
+        deadline_unix_ms: None,
     };
     let submitting = {
         let runtime = runtime.clone();

@@ -17,6 +17,7 @@
 
 use proptest::prelude::*;
 use treaty_coordinator::engine::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
+use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
 use treaty_coordinator::model::{
     RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnRecord, TxnState,
 };
@@ -59,6 +60,10 @@ enum Step {
     Flush,
     Retry(usize),
     Crash,
+    /// The initiator cancels (compensation if still running).
+    Cancel,
+    /// An operator sends every waiting retry now.
+    RetryNow,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -71,6 +76,8 @@ fn step() -> impl Strategy<Value = Step> {
         4 => Just(Step::Flush),
         2 => any::<usize>().prop_map(Step::Retry),
         1 => Just(Step::Crash),
+        1 => Just(Step::Cancel),
+        1 => Just(Step::RetryNow),
     ]
 }
 
@@ -137,6 +144,7 @@ impl World {
             },
             idempotency_key: None,
             owner: None,
+            deadline_unix_ms: None,
         });
         let n = graph.len();
         let mut world = Self {
@@ -166,18 +174,18 @@ impl World {
                     self.calls.push(Call::Step(step));
                 }
                 SagaAction::SendCompensation { step } => self.calls.push(Call::Compensate(step)),
-                SagaAction::ScheduleStepRetry { step, .. } => {
-                    self.retries.push(SagaEvent::StepRetryDue { step })
+                SagaAction::ScheduleStepRetry { step, attempt, .. } => {
+                    self.retries.push(SagaEvent::StepRetryDue { step, attempt })
                 }
-                SagaAction::ScheduleCompensationRetry { step, .. } => {
-                    self.retries.push(SagaEvent::CompensationRetryDue { step })
-                }
+                SagaAction::ScheduleCompensationRetry { step, attempt, .. } => self
+                    .retries
+                    .push(SagaEvent::CompensationRetryDue { step, attempt }),
                 SagaAction::PersistForced | SagaAction::PersistLazy => {
                     let record = self.saga.as_ref().unwrap().log_record();
                     let forced = action == SagaAction::PersistForced;
                     self.log_queue.push((record, forced));
                 }
-                SagaAction::WarnStuck { .. } => {}
+                SagaAction::WarnStuck { .. } | SagaAction::StartDeadlineTimer { .. } => {}
             }
         }
     }
@@ -319,6 +327,26 @@ impl World {
                 if !self.retries.is_empty() {
                     let event = self.retries.remove(i % self.retries.len());
                     self.feed(event);
+                }
+            }
+            Step::Cancel => {
+                if let Some(saga) = self.saga.as_mut() {
+                    if let Ok(actions) = saga.cancel("cancelled by the test".into()) {
+                        self.carry_out(actions);
+                    }
+                }
+            }
+            Step::RetryNow => {
+                self.now += 1;
+                if let Some(saga) = self.saga.as_mut() {
+                    let request = OperatorRequest {
+                        command: OperatorCommand::RetryNow,
+                        by: "ops".into(),
+                        reason: String::new(),
+                    };
+                    if let Ok(actions) = saga.handle_operator(&request, self.now) {
+                        self.carry_out(actions);
+                    }
                 }
             }
             Step::Crash => {

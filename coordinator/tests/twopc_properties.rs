@@ -95,7 +95,7 @@ struct World {
     /// it knows nothing of the transaction any more).
     coordinator: Option<TwoPhaseCommit>,
     in_flight: Vec<InFlight>,
-    retries: Vec<usize>,
+    retries: Vec<(usize, u32)>,
     durable: Option<TxnRecord>,
     barriers: Vec<Barrier>,
     told_commit: Vec<bool>,
@@ -155,7 +155,7 @@ impl World {
                     self.in_flight.push(InFlight::OnePhaseCommit(branch))
                 }
                 Action::SendAbort { branch } => self.in_flight.push(InFlight::Abort(branch)),
-                Action::ScheduleRetry { branch, .. } => self.retries.push(branch),
+                Action::ScheduleRetry { branch, attempt } => self.retries.push((branch, attempt)),
                 Action::PersistDecision => {
                     let record = self.coordinator.as_ref().unwrap().log_record();
                     // A commit decision, or a one-phase / read-only commit's final record.
@@ -163,6 +163,8 @@ impl World {
                     self.in_flight.push(InFlight::Persist);
                 }
                 Action::PersistEnd
+                | Action::PersistProgress
+                | Action::ReportHeuristic { .. }
                 | Action::RecordHistory
                 | Action::StartDeadlineTimer { .. }
                 | Action::StartPrepareTimer { .. } => {}
@@ -336,8 +338,8 @@ impl World {
             Step::Deadline => self.feed(Event::DeadlineReached),
             Step::Retry(i) => {
                 if !self.retries.is_empty() {
-                    let branch = self.retries.remove(i % self.retries.len());
-                    self.feed(Event::RetryDue { branch });
+                    let (branch, attempt) = self.retries.remove(i % self.retries.len());
+                    self.feed(Event::RetryDue { branch, attempt });
                 }
             }
             Step::Crash => {
@@ -410,8 +412,8 @@ impl World {
                     self.feed(event);
                 }
             } else if !self.retries.is_empty() {
-                let branch = self.retries.remove(0);
-                self.feed(Event::RetryDue { branch });
+                let (branch, attempt) = self.retries.remove(0);
+                self.feed(Event::RetryDue { branch, attempt });
             } else if self
                 .coordinator
                 .as_ref()

@@ -141,6 +141,22 @@ pub struct SubmitOptions {
     pub idempotency_key: Option<String>,
     /// Return only once the saga is COMPLETED or COMPENSATED.
     pub wait_for_outcome: bool,
+    /// Compensate the saga if it has not completed by then (ms since the Unix epoch).
+    pub deadline_unix_ms: Option<u64>,
+}
+
+/// Which transactions [`TreatyClient::list_filtered`] returns; every condition set must
+/// hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransactionFilter {
+    /// Only these states (all if empty).
+    pub states: Vec<TransactionState>,
+    /// Only those flagged stuck (a delivery or compensation keeps failing).
+    pub stuck: bool,
+    /// Only those created more than this long ago.
+    pub older_than_ms: Option<u64>,
+    /// Only those with a branch (or saga step) at this endpoint.
+    pub endpoint: Option<String>,
 }
 
 /// The answer to a submit.
@@ -457,13 +473,31 @@ impl TreatyClient {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<Transaction>, Option<String>), ClientError> {
+        let filter = TransactionFilter {
+            states: states.to_vec(),
+            ..TransactionFilter::default()
+        };
+        self.list_filtered(&filter, page_size, page_token).await
+    }
+
+    /// One page of the transactions `filter` selects, and the token of the next page if
+    /// there is more. A page may be short, even empty, while a next one exists.
+    pub async fn list_filtered(
+        &self,
+        filter: &TransactionFilter,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<Transaction>, Option<String>), ClientError> {
         let response = self
             .inner
             .clone()
             .list_transactions(self.request(pb::ListTransactionsRequest {
-                states: states.iter().map(|s| *s as i32).collect(),
+                states: filter.states.iter().map(|s| *s as i32).collect(),
                 page_size,
                 page_token: page_token.to_string(),
+                stuck: filter.stuck,
+                older_than_ms: filter.older_than_ms.unwrap_or(0),
+                endpoint: filter.endpoint.clone().unwrap_or_default(),
             }))
             .await?
             .into_inner();
@@ -541,6 +575,7 @@ impl TreatyClient {
                 idempotency_key: options.idempotency_key.unwrap_or_default(),
                 steps: steps.into_iter().map(Into::into).collect(),
                 wait_for_outcome: options.wait_for_outcome,
+                deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
             }))
             .await?
             .into_inner();
@@ -552,6 +587,29 @@ impl TreatyClient {
             created: response.created,
             transaction,
         })
+    }
+
+    /// Cancels a saga this caller submitted: its steps that ran are compensated. Returns
+    /// once the decision is durable: `true` with the saga compensating (or compensated),
+    /// or `false` if it had completed first (nothing is undone).
+    pub async fn cancel_saga(
+        &self,
+        transaction_id: &str,
+        reason: &str,
+    ) -> Result<(bool, Transaction), ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .cancel_saga(self.request(pb::CancelSagaRequest {
+                transaction_id: transaction_id.to_string(),
+                reason: reason.to_string(),
+            }))
+            .await?
+            .into_inner();
+        let transaction = response
+            .transaction
+            .ok_or_else(|| ClientError::UnknownValue("a cancel answer without the saga".into()))?;
+        Ok((response.cancelled, transaction))
     }
 
     /// Begins a transaction over `branches`, commits it, and returns its id and outcome.

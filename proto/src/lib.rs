@@ -6,7 +6,8 @@
 
 pub mod codec;
 
-/// The `treaty.v1` package: messages, enums, the Coordinator and Participant services.
+/// The `treaty.v1` package: messages, enums, the Coordinator, Admin and Participant
+/// services.
 #[allow(
     clippy::all,
     clippy::pedantic,

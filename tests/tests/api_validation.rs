@@ -224,6 +224,7 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
         states,
         page_size,
         page_token: page_token.into(),
+        ..Default::default()
     };
     assert_invalid(
         api.list_transactions(list(vec![], 5_000, "")).await,
@@ -526,9 +527,19 @@ async fn errors_quote_at_most_a_little_of_a_huge_input_at_both_servers() {
             states: vec![],
             page_size: 10,
             page_token: huge.clone(),
+            ..Default::default()
         })
         .await,
         "page_token",
+    );
+    assert_invalid_and_short(
+        api.list_transactions(pb::ListTransactionsRequest {
+            page_size: 10,
+            endpoint: huge.clone(),
+            ..Default::default()
+        })
+        .await,
+        "endpoint",
     );
     let step = |step_id: &str, endpoint: &str, after: Vec<String>| pb::SagaStep {
         step_id: step_id.into(),
@@ -540,7 +551,7 @@ async fn errors_quote_at_most_a_little_of_a_huge_input_at_both_servers() {
     let saga = |idempotency_key: &str, steps: Vec<pb::SagaStep>| pb::SubmitSagaRequest {
         idempotency_key: idempotency_key.into(),
         steps,
-        wait_for_outcome: false,
+        ..Default::default()
     };
     assert_invalid_and_short(
         api.submit_saga(saga(&huge, vec![step("s", &good, vec![])]))

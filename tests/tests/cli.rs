@@ -11,7 +11,7 @@ async fn treaty(endpoint: &str, args: &[&str]) -> (bool, String) {
     let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
         .arg("txn")
         .args(args)
-        .args(["--endpoint", endpoint])
+        .args(["--coordinator", endpoint])
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(PATIENCE, output)

@@ -52,6 +52,7 @@ async fn run_workload(coordinator: &Coordinator, participant: &ParticipantServer
         let options = SubmitOptions {
             idempotency_key: Some(format!("damage-{i}")),
             wait_for_outcome: true,
+            ..SubmitOptions::default()
         };
         tokio::time::timeout(
             treaty_tests::harness::PATIENCE,

@@ -89,7 +89,7 @@ async fn all_transactions(api: &mut Api) -> Vec<pb::Transaction> {
     api.list_transactions(pb::ListTransactionsRequest {
         states: vec![],
         page_size: 1000,
-        page_token: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap()

@@ -129,6 +129,7 @@ fn saga_record(id: TxnId, state: TxnState, padding: usize) -> TxnRecord {
         stuck: false,
         saga: None,
         owner: None,
+        paused: false,
     }
 }
 

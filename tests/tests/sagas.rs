@@ -389,6 +389,7 @@ async fn a_repeated_idempotency_key_returns_the_first_saga() {
     let options = SubmitOptions {
         idempotency_key: Some("order-7".into()),
         wait_for_outcome: false,
+        ..SubmitOptions::default()
     };
     // Submitted concurrently, as a client retrying after a timeout would.
     let (first, second) = tokio::join!(
@@ -522,6 +523,7 @@ async fn a_retried_submit_finds_its_unfinished_saga_after_a_restart_with_other_s
     let options = SubmitOptions {
         idempotency_key: Some("order-restart".into()),
         wait_for_outcome: false,
+        ..SubmitOptions::default()
     };
     let first = world
         .client

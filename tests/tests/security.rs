@@ -84,6 +84,28 @@ async fn connect_as(endpoint: &str, token: Option<&str>) -> TreatyClient {
         .unwrap()
 }
 
+/// The Admin service as the holder of `token`.
+async fn admin_as(
+    endpoint: &str,
+    token: Option<&str>,
+) -> pb::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credentials>,
+> {
+    let options = ClientOptions {
+        tls: None,
+        token: token.map(str::to_string),
+    };
+    let channel = treaty_sdk::client::endpoint_with(endpoint, &options)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        treaty_sdk::client::credentials(&options).unwrap(),
+    )
+}
+
 async fn ids_of(client: &TreatyClient) -> Vec<String> {
     let (page, _) = client.list(&[], 1000, "").await.unwrap();
     page.into_iter().map(|t| t.transaction_id).collect()
@@ -760,6 +782,48 @@ async fn transactions_belong_to_their_principal_and_admins_see_all() {
     expected.sort();
     assert_eq!(all, expected);
 
+    // Operator verbs are for admins only: others are refused before anything changes.
+    let pause = |id: &str| pb::OperatorRequest {
+        transaction_id: id.to_string(),
+        reason: "look".into(),
+    };
+    for token in [Some(ALICE_TOKEN), Some(BOB_TOKEN), None] {
+        let mut admin = admin_as(&coordinator.endpoint, token).await;
+        let code = if token.is_some() {
+            Code::PermissionDenied
+        } else {
+            Code::Unauthenticated
+        };
+        assert_eq!(admin.pause(pause(&open)).await.unwrap_err().code(), code);
+        assert_eq!(
+            admin
+                .list_endpoints(pb::ListEndpointsRequest {})
+                .await
+                .unwrap_err()
+                .code(),
+            code
+        );
+    }
+    assert!(!alice.get(&open).await.unwrap().unwrap().paused);
+    let mut admin = admin_as(&coordinator.endpoint, Some(ROOT_TOKEN)).await;
+    let paused = admin.pause(pause(&open)).await.unwrap().into_inner();
+    assert!(paused.applied, "{paused:?}");
+    let history = alice.get(&open).await.unwrap().unwrap().transitions;
+    assert!(
+        history
+            .iter()
+            .any(|t| t.reason == "retries paused by operator root: look"),
+        "{history:?}"
+    );
+    assert!(
+        admin
+            .resume(pause(&open))
+            .await
+            .unwrap()
+            .into_inner()
+            .applied
+    );
+
     // Idempotency keys are per principal: the same key names two sagas.
     let submit = |client: TreatyClient| {
         let endpoint = participant.endpoint.clone();
@@ -770,6 +834,7 @@ async fn transactions_belong_to_their_principal_and_admins_see_all() {
                     SubmitOptions {
                         idempotency_key: Some("order-1".into()),
                         wait_for_outcome: true,
+                        ..SubmitOptions::default()
                     },
                 )
                 .await

@@ -10,6 +10,7 @@
 //! goes to the runtime with the transaction; an invalid one is ignored (the transaction
 //! starts a new trace), never refused.
 
+pub mod admin;
 pub mod auth;
 pub mod pb;
 pub mod saga;
@@ -23,7 +24,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use treaty_proto::v1 as proto;
-use treaty_sdk::limits::{FieldError, check_id, check_reason};
+use treaty_sdk::limits::{FieldError, canonical_endpoint, check_id, check_reason};
 use treaty_sdk::trace::TraceContext;
 
 use crate::config::defaults;
@@ -214,10 +215,27 @@ pub fn status_of(error: RuntimeError) -> Status {
         RuntimeError::Refused(Refusal::DuplicateBranch(_)) => "branch.branch_id",
         RuntimeError::Refused(Refusal::TooManyBranches(_)) => "branch",
         RuntimeError::Refused(Refusal::NoBranches) => "branches",
+        RuntimeError::Refused(Refusal::UnknownBranch(_) | Refusal::NothingToResolve { .. }) => {
+            "branch_id"
+        }
+        // Operator verbs answer their refusals as `applied: false` (see admin.rs); the
+        // rest cannot come from the calls of this service.
         RuntimeError::Refused(
-            Refusal::NotActive(_) | Refusal::AlreadyCommitting | Refusal::CommitInFlight,
+            Refusal::NotActive(_)
+            | Refusal::AlreadyCommitting
+            | Refusal::CommitInFlight
+            | Refusal::DecisionInFlight
+            | Refusal::Final(_)
+            | Refusal::Unfinished(_)
+            | Refusal::AlreadyEnding(_)
+            | Refusal::NothingToRetry
+            | Refusal::AlreadyPaused
+            | Refusal::NotPaused
+            | Refusal::Undecided(_)
+            | Refusal::ContradictsDecision { .. },
         )
-        | RuntimeError::NotTwoPhase(_) => "transaction_id",
+        | RuntimeError::NotTwoPhase(_)
+        | RuntimeError::NotSaga(_) => "transaction_id",
         RuntimeError::IdempotencyConflict(_) => "idempotency_key",
         RuntimeError::Overloaded(_)
         | RuntimeError::PrincipalOverloaded { .. }
@@ -395,17 +413,23 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         } else {
             Some(pb::parse_txn_id("page_token", &request.page_token).map_err(invalid)?)
         };
+        let endpoint = match request.endpoint.as_str() {
+            "" => None,
+            // Branches keep their endpoints in canonical form.
+            written => Some(canonical_endpoint("endpoint", written).map_err(invalid)?),
+        };
+        let filter = ListFilter {
+            states,
+            // Everyone sees their own; admins see all.
+            owner: (!principal.admin).then(|| principal.name.clone()),
+            stuck: request.stuck,
+            created_before_unix_ms: (request.older_than_ms > 0)
+                .then(|| now_unix_ms().saturating_sub(request.older_than_ms)),
+            endpoint,
+        };
         let page = self
             .runtime
-            .list(
-                &ListFilter {
-                    states,
-                    // Everyone sees their own; admins see all.
-                    owner: (!principal.admin).then(|| principal.name.clone()),
-                },
-                after,
-                page_size as usize,
-            )
+            .list(&filter, after, page_size as usize)
             .await
             .map_err(status_of)?;
         Ok(Response::new(proto::ListTransactionsResponse {
@@ -460,11 +484,16 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 .map(|(i, s)| (format!("steps[{i}].endpoint"), s.endpoint.as_str())),
         )?;
         let wait_for_outcome = request.wait_for_outcome;
+        let deadline_unix_ms = match request.deadline_unix_ms {
+            0 => None,
+            requested => Some(self.deadline(requested).map_err(invalid)?),
+        };
         let mut params =
             saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
                 .map_err(invalid)?;
         params.owner = owner_of(&principal);
         params.trace = trace;
+        params.deadline_unix_ms = deadline_unix_ms;
         params.idempotency_key = params
             .idempotency_key
             .map(|key| scoped_key(params.owner.as_deref(), key));
@@ -484,6 +513,31 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(proto::SubmitSagaResponse {
             transaction_id: submitted.id.to_string(),
             created: submitted.created,
+            transaction: Some(pb::transaction_to_pb(&record)),
+        }))
+    }
+
+    async fn cancel_saga(
+        &self,
+        request: Request<proto::CancelSagaRequest>,
+    ) -> Result<Response<proto::CancelSagaResponse>, Status> {
+        let principal = self.auth.authenticate(&request)?;
+        let request = request.into_inner();
+        let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
+        check_reason("reason", &request.reason).map_err(invalid)?;
+        let reason = if request.reason.is_empty() {
+            "cancelled by its initiator".to_string()
+        } else {
+            format!("cancelled by its initiator: {}", request.reason)
+        };
+        self.check_owner(&principal, id).await?;
+        let record = self
+            .runtime
+            .cancel_saga(id, reason)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(proto::CancelSagaResponse {
+            cancelled: !record.state.is_commit(),
             transaction: Some(pb::transaction_to_pb(&record)),
         }))
     }

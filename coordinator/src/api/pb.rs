@@ -8,7 +8,8 @@ use treaty_sdk::limits::{FieldError, MAX_BRANCHES, check_id, check_payload};
 use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::twopc::BranchSpec;
 use crate::model::{
-    Attempt, BranchState, Operation, Transition, TxnId, TxnKind, TxnRecord, TxnState,
+    Attempt, BranchState, Operation, OperatorResolution, Resolution, Transition, TxnId, TxnKind,
+    TxnRecord, TxnState,
 };
 
 pub fn parse_txn_id(field: &str, text: &str) -> Result<TxnId, FieldError> {
@@ -183,6 +184,8 @@ pub fn transaction_to_pb(record: &TxnRecord) -> pb::Transaction {
                 compensation_attempts: b.compensation_attempts,
                 history: b.history.attempts().iter().map(attempt_to_pb).collect(),
                 after: after(index),
+                heuristic: b.heuristic.clone().unwrap_or_default(),
+                resolution: b.resolution.as_ref().map(resolution_to_pb),
             })
             .collect(),
         reason: record.reason.clone().unwrap_or_default(),
@@ -194,5 +197,30 @@ pub fn transaction_to_pb(record: &TxnRecord) -> pb::Transaction {
             .map(super::unscoped_key)
             .unwrap_or_default()
             .to_string(),
+        paused: record.paused,
+    }
+}
+
+pub fn resolution_from_pb(field: &str, value: i32) -> Result<Resolution, FieldError> {
+    match pb::Resolution::try_from(value) {
+        Ok(pb::Resolution::Commit) => Ok(Resolution::Commit),
+        Ok(pb::Resolution::Abort) => Ok(Resolution::Abort),
+        _ => Err(FieldError::new(
+            field,
+            format!("{value} is not RESOLUTION_COMMIT (1) or RESOLUTION_ABORT (2)"),
+        )),
+    }
+}
+
+fn resolution_to_pb(resolution: &OperatorResolution) -> pb::BranchResolution {
+    let outcome = match resolution.outcome {
+        Resolution::Commit => pb::Resolution::Commit,
+        Resolution::Abort => pb::Resolution::Abort,
+    };
+    pb::BranchResolution {
+        outcome: outcome as i32,
+        by: resolution.by.clone(),
+        at_unix_ms: resolution.at_unix_ms,
+        reason: resolution.reason.clone(),
     }
 }

@@ -139,6 +139,7 @@ pub fn saga_params(
         // trace from the request's metadata.
         owner: None,
         trace: None,
+        deadline_unix_ms: None,
     })
 }
 

@@ -1,7 +1,7 @@
 //! The vocabulary of the two-phase commit state machine: what goes in (commands from the
 //! API, events from the runtime) and what comes out (actions for the runtime, refusals).
 
-use crate::model::{TxnId, TxnState, UnixMs};
+use crate::model::{Resolution, TxnId, TxnState, UnixMs};
 
 /// A branch to enlist, already validated by the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,50 @@ pub enum Command {
     Abort { reason: String },
 }
 
+/// What an operator (an admin principal) asks of a transaction of either kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorCommand {
+    /// Send now every delivery waiting for its retry timer.
+    RetryNow,
+    /// Send no retries (nor the sweeper's resends) until `Resume`.
+    Pause,
+    /// Retries go on; what was waiting is sent now.
+    Resume,
+    /// Two-phase: abort if undecided. Saga: compensate what ran.
+    Cancel,
+    /// The operator states the outcome of one branch (saga step) that the protocol
+    /// could not settle: refused where it contradicts the transaction's decision.
+    Resolve {
+        branch_id: String,
+        outcome: Resolution,
+    },
+}
+
+/// An operator's request, with who asks and why (both kept in the history).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorRequest {
+    pub command: OperatorCommand,
+    /// The principal asking (empty without authentication).
+    pub by: String,
+    pub reason: String,
+}
+
+impl OperatorRequest {
+    /// How the request reads in the transaction's history.
+    pub fn describe(&self, what: &str) -> String {
+        let by = if self.by.is_empty() {
+            "an operator".to_string()
+        } else {
+            format!("operator {}", self.by)
+        };
+        if self.reason.is_empty() {
+            format!("{what} by {by}")
+        } else {
+            format!("{what} by {by}: {}", self.reason)
+        }
+    }
+}
+
 /// Why a command was refused. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -77,6 +121,38 @@ pub enum Refusal {
     /// decision being written): wait for the outcome rather than act on it.
     #[error("a commit is in flight; its outcome is not known yet")]
     CommitInFlight,
+    /// A saga's decision (to compensate, or that it completed) is being written.
+    #[error("a decision is being written; ask again in a moment")]
+    DecisionInFlight,
+    #[error("the transaction is final ({0:?}): there is nothing left to do")]
+    Final(TxnState),
+    #[error("the transaction is not final ({0:?}): forgetting it would lose its decision")]
+    Unfinished(TxnState),
+    #[error("the transaction is already {0:?}")]
+    AlreadyEnding(TxnState),
+    #[error(
+        "nothing is waiting for a retry (calls in flight are answered, or sent again by the sweeper)"
+    )]
+    NothingToRetry,
+    #[error("its retries are already paused")]
+    AlreadyPaused,
+    #[error("its retries are not paused")]
+    NotPaused,
+    #[error("there is no branch {0:?}")]
+    UnknownBranch(String),
+    #[error("the transaction is undecided ({0:?}): cancel it instead")]
+    Undecided(TxnState),
+    #[error("resolving branch {branch:?} as {wanted:?} contradicts the decision to {decided}")]
+    ContradictsDecision {
+        branch: String,
+        wanted: Resolution,
+        decided: &'static str,
+    },
+    #[error("branch {branch:?} is {state:?}: it has its outcome, there is nothing to resolve")]
+    NothingToResolve {
+        branch: String,
+        state: crate::model::BranchState,
+    },
 }
 
 /// Results of the runtime's work, and timers.
@@ -99,8 +175,11 @@ pub enum Event {
         branch: usize,
         error: String,
     },
+    /// The retry timer set after the `attempt`-th delivery failed; stale (ignored) if
+    /// the branch was sent again since.
     RetryDue {
         branch: usize,
+        attempt: u32,
     },
     PrepareTimerFired,
     DeadlineReached,
@@ -147,6 +226,13 @@ pub enum Action {
     PersistDecision,
     /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
     PersistEnd,
+    /// Write `record()` lazily: an operator's resolution of a logged commit's branch
+    /// (never issued for a transaction whose commit decision is not in the log).
+    PersistProgress,
+    /// A participant answered against the decision: count it and warn the operator.
+    ReportHeuristic {
+        branch: usize,
+    },
     /// Not part of the protocol: the transaction ended without a logged decision (an
     /// abort); its history may be written lazily, if kept.
     RecordHistory,

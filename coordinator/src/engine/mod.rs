@@ -8,6 +8,9 @@ pub mod saga_graph;
 pub mod twopc;
 
 #[cfg(test)]
+#[path = "operator_tests.rs"]
+mod operator_tests;
+#[cfg(test)]
 #[path = "saga_tests.rs"]
 mod saga_tests;
 #[cfg(test)]

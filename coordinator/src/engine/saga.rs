@@ -23,11 +23,15 @@
 //!   a recorded no-op.
 //! - Compensations are retried without limit; after `stuck_after_attempts` failures of
 //!   one step the saga is flagged stuck (and keeps retrying).
+//! - The initiator or an operator may cancel a running saga, and it may carry an overall
+//!   deadline: either is a decision to compensate like any other (forced first).
+//! - An operator may pause retries, send them at once, or state a stuck step's outcome;
+//!   a stated outcome that contradicts the decision to compensate is refused.
 
-use super::messages::NO_ANSWER;
+use super::messages::{NO_ANSWER, OperatorCommand, OperatorRequest, Refusal};
 use crate::model::{
-    AttemptLog, BranchRecord, BranchState, Operation, RetryPolicy, SagaDefinition, Transition,
-    TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
+    AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, RetryPolicy,
+    SagaDefinition, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
 };
 
 /// What a participant answered to a step's forward action.
@@ -52,8 +56,11 @@ pub enum SagaEvent {
         step: usize,
         error: String,
     },
+    /// The retry timer set after the `attempt`-th forward attempt failed; stale
+    /// (ignored) if the step was sent again since.
     StepRetryDue {
         step: usize,
+        attempt: u32,
     },
     Compensated {
         step: usize,
@@ -62,9 +69,13 @@ pub enum SagaEvent {
         step: usize,
         error: String,
     },
+    /// Like `StepRetryDue`, for the `attempt`-th compensation.
     CompensationRetryDue {
         step: usize,
+        attempt: u32,
     },
+    /// The saga's overall deadline passed.
+    DeadlineReached,
     /// The forced write asked for last (definition, decision or final state) returned.
     Persisted,
     /// The sweeper's periodic look: send again every call that has had no answer for
@@ -76,6 +87,10 @@ pub enum SagaEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SagaAction {
+    /// Feed `DeadlineReached` at this time.
+    StartDeadlineTimer {
+        at_unix_ms: UnixMs,
+    },
     SendStep {
         step: usize,
     },
@@ -168,6 +183,8 @@ pub struct Step {
     compensation_sent: bool,
     /// When calls for this step began to fail without an answer, until one comes.
     pub failing_since: Option<UnixMs>,
+    /// An operator's decision about this step.
+    pub resolution: Option<OperatorResolution>,
 }
 
 impl Step {
@@ -180,6 +197,7 @@ impl Step {
             history: AttemptLog::default(),
             compensation_sent: false,
             failing_since: None,
+            resolution: None,
         }
     }
 
@@ -201,6 +219,8 @@ pub struct NewSaga {
     pub idempotency_key: Option<String>,
     /// Who submitted it (opaque to the protocol; kept in its records).
     pub owner: Option<String>,
+    /// Compensate if it has not completed by then.
+    pub deadline_unix_ms: Option<UnixMs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +238,9 @@ pub struct Saga {
     /// (progress is written lazily), so compensation cannot skip them.
     recovered: bool,
     owner: Option<String>,
+    deadline_unix_ms: Option<UnixMs>,
+    /// An operator paused retries and resends.
+    paused: bool,
 }
 
 impl Saga {
@@ -242,6 +265,8 @@ impl Saga {
             transitions: Vec::new(),
             recovered: false,
             owner: params.owner,
+            deadline_unix_ms: params.deadline_unix_ms,
+            paused: false,
         };
         (saga, vec![SagaAction::PersistForced])
     }
@@ -267,6 +292,7 @@ impl Saga {
                     history,
                     compensation_sent: false,
                     failing_since: None,
+                    resolution: b.resolution.clone(),
                 }
             })
             .collect();
@@ -283,6 +309,8 @@ impl Saga {
             transitions: record.transitions,
             recovered: true,
             owner: record.owner,
+            deadline_unix_ms: (record.deadline_unix_ms != 0).then_some(record.deadline_unix_ms),
+            paused: false,
         };
         if saga.transitions.is_empty() {
             // Only the definition reached the disk: it was accepted when that write returned.
@@ -315,6 +343,10 @@ impl Saga {
                     }
                     None => saga.resume_forward(now),
                 };
+                let mut actions = actions;
+                if saga.phase == SagaPhase::Running {
+                    actions.extend(saga.deadline_timer());
+                }
                 (saga, actions)
             }
             other => panic!(
@@ -369,6 +401,20 @@ impl Saga {
         self.reason.as_deref()
     }
 
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn created_unix_ms(&self) -> UnixMs {
+        self.created_unix_ms
+    }
+
+    /// The timer for the overall deadline, if the saga has one.
+    fn deadline_timer(&self) -> Option<SagaAction> {
+        self.deadline_unix_ms
+            .map(|at_unix_ms| SagaAction::StartDeadlineTimer { at_unix_ms })
+    }
+
     /// What GetTransaction shows: nothing that is not durable yet (not even the reason
     /// for a decision still being written).
     pub fn record(&self) -> TxnRecord {
@@ -400,7 +446,7 @@ impl Saga {
             kind: TxnKind::Saga,
             state,
             created_unix_ms: self.created_unix_ms,
-            deadline_unix_ms: 0,
+            deadline_unix_ms: self.deadline_unix_ms.unwrap_or(0),
             prepare_timeout_ms: 0,
             reason: self.reason.clone(),
             branches: self
@@ -415,6 +461,8 @@ impl Saga {
                     compensation_attempts: step.compensation_attempts,
                     last_error: step.last_error.clone(),
                     history: step.history.clone(),
+                    heuristic: None,
+                    resolution: step.resolution.clone(),
                 })
                 .collect(),
             transitions: self.transitions.clone(),
@@ -425,6 +473,7 @@ impl Saga {
             stuck: self.stuck,
             saga: Some(self.definition.clone()),
             owner: self.owner.clone(),
+            paused: self.paused,
         }
     }
 
@@ -434,10 +483,16 @@ impl Saga {
             SagaEvent::Nudge { stale_after_ms } => self.nudge(stale_after_ms, now),
             SagaEvent::StepAnswered { step, answer } => self.on_step_answer(step, answer, now),
             SagaEvent::StepFailed { step, error } => self.on_step_failure(step, error, now),
-            SagaEvent::StepRetryDue { step } => {
-                let running = self.phase == SagaPhase::Running;
+            SagaEvent::DeadlineReached => match self.phase {
+                SagaPhase::Running => self.decide_compensation("the saga's deadline passed".into()),
+                _ => Vec::new(),
+            },
+            SagaEvent::StepRetryDue { step, attempt } => {
+                let running = self.phase == SagaPhase::Running && !self.paused;
                 match self.steps.get_mut(step) {
-                    Some(s) if running && s.state == BranchState::Running => {
+                    Some(s)
+                        if running && s.state == BranchState::Running && s.attempts == attempt =>
+                    {
                         s.attempts += 1;
                         s.history.start(Operation::Step, now);
                         vec![SagaAction::SendStep { step }]
@@ -490,8 +545,12 @@ impl Saga {
                 }
                 actions
             }
-            SagaEvent::CompensationRetryDue { step } => match self.steps.get_mut(step) {
-                Some(s) if s.state == BranchState::Compensating => {
+            SagaEvent::CompensationRetryDue { step, attempt } => match self.steps.get_mut(step) {
+                Some(s)
+                    if s.state == BranchState::Compensating
+                        && s.compensation_attempts == attempt
+                        && !self.paused =>
+                {
                     s.compensation_attempts += 1;
                     s.history.start(Operation::Compensate, now);
                     vec![SagaAction::SendCompensation { step }]
@@ -505,7 +564,9 @@ impl Saga {
         match self.phase {
             SagaPhase::Submitting => {
                 self.enter(SagaPhase::Running, String::new(), now);
-                self.start_runnable_steps(now, false)
+                let mut actions: Vec<SagaAction> = self.deadline_timer().into_iter().collect();
+                actions.extend(self.start_runnable_steps(now, false));
+                actions
             }
             SagaPhase::DecidingCompensation => {
                 let reason = self.reason.clone().unwrap_or_default();
@@ -645,6 +706,9 @@ impl Saga {
     /// barrier answers a repeat from its record). Steps waiting for a retry have their
     /// timer.
     fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<SagaAction> {
+        if self.paused {
+            return Vec::new();
+        }
         let (state, operation) = match self.phase {
             SagaPhase::Running => (BranchState::Running, Operation::Step),
             SagaPhase::Compensating => (BranchState::Compensating, Operation::Compensate),
@@ -671,6 +735,167 @@ impl Saga {
             }
         }
         actions
+    }
+
+    /// Compensates a running saga (the initiator's or an operator's cancel): a decision
+    /// like any other, forced before anything is undone. A saga already compensating
+    /// answers as such; one completed (or completing) cannot be cancelled.
+    pub fn cancel(&mut self, reason: String) -> Result<Vec<SagaAction>, Refusal> {
+        match self.phase {
+            SagaPhase::Running => Ok(self.decide_compensation(reason)),
+            SagaPhase::Submitting
+            | SagaPhase::DecidingCompensation
+            | SagaPhase::Finishing {
+                compensated: false, ..
+            } => Err(Refusal::DecisionInFlight),
+            SagaPhase::Compensating
+            | SagaPhase::Finishing {
+                compensated: true, ..
+            } => Err(Refusal::AlreadyEnding(TxnState::Compensating)),
+            SagaPhase::Completed | SagaPhase::Compensated => Err(Refusal::Final(self.state())),
+        }
+    }
+
+    /// Handles an operator's request (the API checked the caller is an admin).
+    pub fn handle_operator(
+        &mut self,
+        request: &OperatorRequest,
+        now: UnixMs,
+    ) -> Result<Vec<SagaAction>, Refusal> {
+        let state = self.state();
+        match &request.command {
+            OperatorCommand::Cancel => self.cancel(request.describe("cancelled")),
+            _ if state.is_final() => Err(Refusal::Final(state)),
+            OperatorCommand::RetryNow => {
+                let actions = self.send_waiting(now);
+                if actions.is_empty() {
+                    return Err(Refusal::NothingToRetry);
+                }
+                self.note(request.describe("retried now"), now);
+                Ok(actions)
+            }
+            OperatorCommand::Pause => {
+                if self.paused {
+                    return Err(Refusal::AlreadyPaused);
+                }
+                self.paused = true;
+                self.note(request.describe("retries paused"), now);
+                Ok(Vec::new())
+            }
+            OperatorCommand::Resume => {
+                if !self.paused {
+                    return Err(Refusal::NotPaused);
+                }
+                self.paused = false;
+                self.note(request.describe("retries resumed"), now);
+                Ok(self.send_waiting(now))
+            }
+            OperatorCommand::Resolve { branch_id, outcome } => {
+                self.resolve(request, branch_id, *outcome, now)
+            }
+        }
+    }
+
+    /// Sends now every call that waits (for a retry timer, or for `Resume`): forward
+    /// actions of running steps, or compensations, with no call in flight.
+    fn send_waiting(&mut self, now: UnixMs) -> Vec<SagaAction> {
+        let compensating = match self.phase {
+            SagaPhase::Running => false,
+            SagaPhase::Compensating => true,
+            _ => return Vec::new(),
+        };
+        let mut actions = Vec::new();
+        for (step, s) in self.steps.iter_mut().enumerate() {
+            if s.history.open_for_at_least(0, now) {
+                continue;
+            }
+            if !compensating && s.state == BranchState::Running {
+                s.attempts += 1;
+                s.history.start(Operation::Step, now);
+                actions.push(SagaAction::SendStep { step });
+            } else if compensating && s.state == BranchState::Compensating && s.compensation_sent {
+                s.compensation_attempts += 1;
+                s.history.start(Operation::Compensate, now);
+                actions.push(SagaAction::SendCompensation { step });
+            }
+        }
+        actions
+    }
+
+    /// An operator states a step's outcome: a forward action that keeps failing is
+    /// taken as committed (applied by hand) or given up (compensated, which the barrier
+    /// makes a no-op if it never ran); a compensation that keeps failing as done by hand.
+    /// Committing a step of a saga decided to compensate is refused.
+    fn resolve(
+        &mut self,
+        request: &OperatorRequest,
+        step_id: &str,
+        outcome: Resolution,
+        now: UnixMs,
+    ) -> Result<Vec<SagaAction>, Refusal> {
+        let step = self
+            .definition
+            .steps
+            .iter()
+            .position(|d| d.id == step_id)
+            .ok_or_else(|| Refusal::UnknownBranch(step_id.to_string()))?;
+        let compensating = match self.phase {
+            SagaPhase::Running => false,
+            SagaPhase::Compensating => true,
+            _ => return Err(Refusal::DecisionInFlight),
+        };
+        let state = self.steps[step].state;
+        let expected = if compensating {
+            BranchState::Compensating
+        } else {
+            BranchState::Running
+        };
+        if compensating && outcome == Resolution::Commit {
+            return Err(Refusal::ContradictsDecision {
+                branch: step_id.to_string(),
+                wanted: outcome,
+                decided: "compensate",
+            });
+        }
+        if state != expected {
+            return Err(Refusal::NothingToResolve {
+                branch: step_id.to_string(),
+                state,
+            });
+        }
+        let what = format!("step {step_id} resolved as {outcome:?}");
+        self.note(request.describe(&what), now);
+        let s = &mut self.steps[step];
+        s.resolution = Some(OperatorResolution {
+            outcome,
+            by: request.by.clone(),
+            at_unix_ms: now,
+            reason: request.reason.clone(),
+        });
+        s.failing_since = None;
+        if compensating {
+            s.state = BranchState::Compensated;
+            s.compensation_sent = false;
+            let mut actions = vec![SagaAction::PersistLazy];
+            actions.extend(self.compensate_what_is_left(now));
+            return Ok(actions);
+        }
+        match outcome {
+            Resolution::Commit => {
+                s.state = BranchState::Committed;
+                let mut actions = vec![SagaAction::PersistLazy];
+                if self.steps.iter().all(|s| s.state == BranchState::Committed) {
+                    actions.extend(self.finish(false, now));
+                } else {
+                    actions.extend(self.start_runnable_steps(now, false));
+                }
+                Ok(actions)
+            }
+            Resolution::Abort => {
+                s.state = BranchState::Uncertain;
+                Ok(self.decide_compensation(request.describe(&what)))
+            }
+        }
     }
 
     /// Every step committed or nothing left to do: the final state is forced before it is

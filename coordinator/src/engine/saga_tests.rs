@@ -44,6 +44,7 @@ fn running(graph: &[&[usize]]) -> Saga {
         definition: definition(graph),
         idempotency_key: Some("order-1".into()),
         owner: None,
+        deadline_unix_ms: None,
     });
     assert_eq!(actions, vec![SagaAction::PersistForced]);
     assert!(!saga.is_accepted());
@@ -96,6 +97,7 @@ fn nothing_runs_before_the_definition_is_durable() {
         definition: definition(&[&[], &[0]]),
         idempotency_key: None,
         owner: None,
+        deadline_unix_ms: None,
     });
     assert_eq!(actions, vec![SagaAction::PersistForced]);
     assert_eq!(states(&saga), [BranchState::Pending, BranchState::Pending]);
@@ -264,7 +266,13 @@ fn transient_failures_are_retried_and_every_attempt_is_in_the_history() {
         }]
     );
     assert_eq!(
-        saga.handle_event(SagaEvent::StepRetryDue { step: 0 }, T0 + 20),
+        saga.handle_event(
+            SagaEvent::StepRetryDue {
+                step: 0,
+                attempt: 1
+            },
+            T0 + 20
+        ),
         vec![SagaAction::SendStep { step: 0 }]
     );
     committed(&mut saga, 0);
@@ -305,7 +313,7 @@ fn out_of_attempts_the_uncertain_step_is_compensated_too() {
                 policy: RETRY
             }]
         );
-        saga.handle_event(SagaEvent::StepRetryDue { step: 1 }, T0 + 6);
+        saga.handle_event(SagaEvent::StepRetryDue { step: 1, attempt }, T0 + 6);
     }
     let last = saga.handle_event(
         SagaEvent::StepFailed {
@@ -357,7 +365,10 @@ fn a_compensation_failing_repeatedly_flags_the_saga_stuck_until_it_succeeds() {
         assert_eq!(actions, expected, "attempt {attempt}");
         assert_eq!(saga.is_stuck(), attempt >= 3);
         assert_eq!(
-            saga.handle_event(SagaEvent::CompensationRetryDue { step: 0 }, T0 + 11),
+            saga.handle_event(
+                SagaEvent::CompensationRetryDue { step: 0, attempt },
+                T0 + 11
+            ),
             vec![SagaAction::SendCompensation { step: 0 }]
         );
     }
@@ -387,8 +398,14 @@ fn no_forward_retry_once_compensation_is_decided() {
     );
     rejected(&mut saga, 1);
     assert!(
-        saga.handle_event(SagaEvent::StepRetryDue { step: 0 }, T0 + 3)
-            .is_empty()
+        saga.handle_event(
+            SagaEvent::StepRetryDue {
+                step: 0,
+                attempt: 1
+            },
+            T0 + 3
+        )
+        .is_empty()
     );
     // Step 0 may have run: it is compensated.
     assert_eq!(
@@ -417,6 +434,7 @@ fn recovery_of_a_definition_alone_starts_the_saga() {
         definition: definition(&[&[], &[]]),
         idempotency_key: None,
         owner: None,
+        deadline_unix_ms: None,
     });
     let (recovered, actions) = Saga::recover(saga.log_record(), T0 + 100);
     assert_eq!(
@@ -527,6 +545,7 @@ fn after_a_restart_a_step_the_log_shows_pending_is_compensated_too() {
         definition: definition(&[&[], &[], &[0]]),
         idempotency_key: None,
         owner: None,
+        deadline_unix_ms: None,
     });
     let (mut saga, actions) = Saga::recover(saga.log_record(), T0 + 100);
     assert_eq!(
@@ -565,7 +584,11 @@ fn the_final_record_is_written_as_it_will_be_shown() {
             },
             T0 + 10,
         );
-        saga.handle_event(SagaEvent::CompensationRetryDue { step: 0 }, T0 + 11);
+        let attempt = saga.steps()[0].compensation_attempts;
+        saga.handle_event(
+            SagaEvent::CompensationRetryDue { step: 0, attempt },
+            T0 + 11,
+        );
     }
     assert!(saga.is_stuck());
     let finished_at = T0 + 50;

@@ -37,12 +37,17 @@
 //!   asks for an abort, and whichever definitive answer comes first is the outcome.
 
 pub use super::messages::{
-    Action, Answer, BranchSpec, Command, Event, NO_ANSWER, NewTransaction, Refusal, Vote,
+    Action, Answer, BranchSpec, Command, Event, NO_ANSWER, NewTransaction, OperatorCommand,
+    OperatorRequest, Refusal, Vote,
 };
 use crate::model::{
-    AttemptLog, BranchRecord, BranchState, Operation, Transition, TxnId, TxnKind, TxnRecord,
-    TxnState, UnixMs,
+    AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, Transition,
+    TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
 };
+
+/// Failed deliveries to one branch after which the transaction is flagged stuck (it
+/// keeps retrying; an operator should look).
+pub const STUCK_AFTER_DELIVERIES: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Branch {
@@ -61,6 +66,10 @@ pub struct Branch {
     /// When the calls to this branch began to fail without an answer, until one comes
     /// (kept apart from the history, which holds only the latest attempts).
     pub failing_since: Option<UnixMs>,
+    /// What the participant answered against the decision, if it did.
+    pub heuristic: Option<String>,
+    /// An operator's decision about this branch.
+    pub resolution: Option<OperatorResolution>,
 }
 
 impl Branch {
@@ -136,6 +145,10 @@ pub struct TwoPhaseCommit {
     reason: Option<String>,
     transitions: Vec<Transition>,
     owner: Option<String>,
+    /// An operator paused retries and resends.
+    paused: bool,
+    /// A delivery keeps failing (flagged once, cleared at the end).
+    stuck: bool,
 }
 
 impl TwoPhaseCommit {
@@ -156,6 +169,8 @@ impl TwoPhaseCommit {
                 reason: String::new(),
             }],
             owner: params.owner,
+            paused: false,
+            stuck: false,
         };
         let actions = vec![Action::StartDeadlineTimer {
             at_unix_ms: params.deadline_unix_ms,
@@ -195,12 +210,16 @@ impl TwoPhaseCommit {
                         last_error: b.last_error,
                         history,
                         failing_since: None,
+                        heuristic: b.heuristic,
+                        resolution: b.resolution,
                     }
                 })
                 .collect(),
             reason: record.reason,
             transitions: record.transitions,
             owner: record.owner,
+            paused: false,
+            stuck: record.stuck,
         };
         txn.transitions.push(Transition {
             state: TxnState::Committing,
@@ -252,6 +271,18 @@ impl TwoPhaseCommit {
         self.prepare_timeout_ms
     }
 
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn is_stuck(&self) -> bool {
+        self.stuck
+    }
+
+    pub fn created_unix_ms(&self) -> UnixMs {
+        self.created_unix_ms
+    }
+
     /// What the log stores and GetTransaction shows.
     pub fn record(&self) -> TxnRecord {
         TxnRecord {
@@ -273,6 +304,8 @@ impl TwoPhaseCommit {
                     compensation_attempts: 0,
                     last_error: b.last_error.clone(),
                     history: b.history.clone(),
+                    heuristic: b.heuristic.clone(),
+                    resolution: b.resolution.clone(),
                 })
                 .collect(),
             transitions: self.transitions.clone(),
@@ -281,9 +314,10 @@ impl TwoPhaseCommit {
                 .is_final()
                 .then(|| self.transitions.last().map_or(0, |t| t.at_unix_ms)),
             idempotency_key: None,
-            stuck: false,
+            stuck: self.stuck,
             saga: None,
             owner: self.owner.clone(),
+            paused: self.paused,
         }
     }
 
@@ -356,6 +390,8 @@ impl TwoPhaseCommit {
                     awaiting_ack: false,
                     history: AttemptLog::default(),
                     failing_since: None,
+                    heuristic: None,
+                    resolution: None,
                 });
                 Ok(Vec::new())
             }
@@ -405,13 +441,19 @@ impl TwoPhaseCommit {
                 if !b.awaiting_ack || self.phase.state().is_final() {
                     return Vec::new();
                 }
-                b.last_error = Some(error);
-                vec![Action::ScheduleRetry {
-                    branch,
-                    attempt: b.attempts,
-                }]
+                let attempt = b.attempts;
+                let id = b.id.clone();
+                b.last_error = Some(error.clone());
+                if attempt >= STUCK_AFTER_DELIVERIES && !self.stuck {
+                    self.stuck = true;
+                    let note = format!(
+                        "stuck: delivering to branch {id} failed {attempt} times (last: {error}); still retrying"
+                    );
+                    self.note(note, now);
+                }
+                vec![Action::ScheduleRetry { branch, attempt }]
             }
-            Event::RetryDue { branch } => self.on_retry_due(branch, now),
+            Event::RetryDue { branch, attempt } => self.on_retry_due(branch, attempt, now),
             Event::PrepareTimerFired => match self.phase {
                 Phase::Preparing => {
                     let ms = self.prepare_timeout_ms;
@@ -456,6 +498,9 @@ impl TwoPhaseCommit {
     /// is always safe). Branches waiting for a retry have their timer; phase 1 has the
     /// prepare timer and the decision write its completion.
     fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<Action> {
+        if self.paused {
+            return Vec::new();
+        }
         let operation = match self.phase {
             Phase::Committing => Operation::Commit,
             Phase::Aborting | Phase::OnePhase { probing: true } => Operation::Abort,
@@ -608,9 +653,12 @@ impl TwoPhaseCommit {
                     // The participant broke the protocol (it lost or overrode its YES
                     // vote). Retrying cannot change that; record it for the operator.
                     b.state = BranchState::Aborted;
-                    b.last_error = Some(format!(
-                        "HEURISTIC: participant answered {answer:?} to a commit after voting YES"
-                    ));
+                    let said = format!("answered {answer:?} to a commit after voting YES");
+                    b.last_error = Some(format!("HEURISTIC: participant {said}"));
+                    b.heuristic = Some(said);
+                    let mut actions = vec![Action::ReportHeuristic { branch }];
+                    actions.extend(self.finish_when_all_acked(Phase::Committed, now));
+                    return actions;
                 }
                 self.finish_when_all_acked(Phase::Committed, now)
             }
@@ -618,39 +666,213 @@ impl TwoPhaseCommit {
                 b.awaiting_ack = false;
                 if answer == Answer::Committed {
                     b.state = BranchState::Committed;
-                    b.last_error =
-                        Some("HEURISTIC: participant answered committed to an abort".to_string());
-                } else {
-                    b.state = BranchState::Aborted;
+                    let said = "answered committed to an abort".to_string();
+                    b.last_error = Some(format!("HEURISTIC: participant {said}"));
+                    b.heuristic = Some(said);
+                    let mut actions = vec![Action::ReportHeuristic { branch }];
+                    actions.extend(self.finish_when_all_acked(Phase::Aborted, now));
+                    return actions;
                 }
+                b.state = BranchState::Aborted;
                 self.finish_when_all_acked(Phase::Aborted, now)
             }
             _ => Vec::new(),
         }
     }
 
-    fn on_retry_due(&mut self, branch: usize, now: UnixMs) -> Vec<Action> {
-        let phase = self.phase;
+    /// A retry timer fired: the branch is sent again, unless the timer is stale (the
+    /// branch was sent since) or retries are paused (`Resume` sends it).
+    fn on_retry_due(&mut self, branch: usize, attempt: u32, now: UnixMs) -> Vec<Action> {
+        let Some(operation) = self.delivery_operation() else {
+            return Vec::new();
+        };
+        let paused = self.paused;
         let Some(b) = self.branches.get_mut(branch) else {
             return Vec::new();
         };
-        if !b.awaiting_ack {
+        if !b.awaiting_ack || b.attempts != attempt || paused {
             return Vec::new();
         }
-        let (action, operation) = match phase {
-            Phase::OnePhase { probing: false } => (
-                Action::SendOnePhaseCommit { branch },
-                Operation::OnePhaseCommit,
-            ),
-            Phase::OnePhase { probing: true } | Phase::Aborting => {
-                (Action::SendAbort { branch }, Operation::Abort)
-            }
-            Phase::Committing => (Action::SendCommit { branch }, Operation::Commit),
-            _ => return Vec::new(),
+        vec![b.send_phase_two(branch, operation, now)]
+    }
+
+    /// What a delivery in this phase is, if the phase delivers anything.
+    fn delivery_operation(&self) -> Option<Operation> {
+        match self.phase {
+            Phase::OnePhase { probing: false } => Some(Operation::OnePhaseCommit),
+            Phase::OnePhase { probing: true } | Phase::Aborting => Some(Operation::Abort),
+            Phase::Committing => Some(Operation::Commit),
+            _ => None,
+        }
+    }
+
+    /// Sends now every delivery that waits (for a retry timer, or for `Resume`): each
+    /// branch still awaiting one with no call in flight. Stale timers are ignored later.
+    fn send_waiting(&mut self, now: UnixMs) -> Vec<Action> {
+        let Some(operation) = self.delivery_operation() else {
+            return Vec::new();
         };
-        b.attempts += 1;
-        b.history.start(operation, now);
-        vec![action]
+        let mut actions = Vec::new();
+        for (branch, b) in self.branches.iter_mut().enumerate() {
+            if b.awaiting_ack && !b.history.open_for_at_least(0, now) {
+                actions.push(b.send_phase_two(branch, operation, now));
+            }
+        }
+        actions
+    }
+
+    /// Handles an operator's request (the API checked the caller is an admin).
+    pub fn handle_operator(
+        &mut self,
+        request: &OperatorRequest,
+        now: UnixMs,
+    ) -> Result<Vec<Action>, Refusal> {
+        let state = self.state();
+        match &request.command {
+            OperatorCommand::Cancel => match self.phase {
+                Phase::Active | Phase::Preparing => {
+                    Ok(self.decide_abort(request.describe("cancelled"), now))
+                }
+                Phase::OnePhase { .. } | Phase::Deciding | Phase::Concluding { .. } => {
+                    Err(Refusal::CommitInFlight)
+                }
+                Phase::Committing | Phase::Committed => Err(Refusal::AlreadyCommitting),
+                Phase::Aborting | Phase::Aborted => Err(Refusal::AlreadyEnding(state)),
+            },
+            _ if state.is_final()
+                && !matches!(request.command, OperatorCommand::Resolve { .. }) =>
+            {
+                Err(Refusal::Final(state))
+            }
+            OperatorCommand::RetryNow => {
+                let actions = self.send_waiting(now);
+                if actions.is_empty() {
+                    return Err(Refusal::NothingToRetry);
+                }
+                self.note(request.describe("retried now"), now);
+                Ok(actions)
+            }
+            OperatorCommand::Pause => {
+                if self.paused {
+                    return Err(Refusal::AlreadyPaused);
+                }
+                self.paused = true;
+                self.note(request.describe("retries paused"), now);
+                Ok(Vec::new())
+            }
+            OperatorCommand::Resume => {
+                if !self.paused {
+                    return Err(Refusal::NotPaused);
+                }
+                self.paused = false;
+                self.note(request.describe("retries resumed"), now);
+                Ok(self.send_waiting(now))
+            }
+            OperatorCommand::Resolve { branch_id, outcome } => {
+                self.resolve(request, branch_id, *outcome, now)
+            }
+        }
+    }
+
+    /// An operator states a branch's outcome: a branch that never acknowledged phase 2
+    /// (its participant is gone), a one-phase commit whose participant never answers,
+    /// or a heuristic answer repaired by hand. Only the decided outcome can be stated.
+    fn resolve(
+        &mut self,
+        request: &OperatorRequest,
+        branch_id: &str,
+        outcome: Resolution,
+        now: UnixMs,
+    ) -> Result<Vec<Action>, Refusal> {
+        let index = self
+            .branches
+            .iter()
+            .position(|b| b.id == branch_id)
+            .ok_or_else(|| Refusal::UnknownBranch(branch_id.to_string()))?;
+        let resolution = OperatorResolution {
+            outcome,
+            by: request.by.clone(),
+            at_unix_ms: now,
+            reason: request.reason.clone(),
+        };
+        let what = format!("branch {branch_id} resolved as {outcome:?}");
+        let decided = match self.phase {
+            // The participant holds the outcome; the operator asked it.
+            Phase::OnePhase { .. } => {
+                let b = &mut self.branches[index];
+                b.awaiting_ack = false;
+                b.payload = Vec::new();
+                b.resolution = Some(resolution);
+                self.note(request.describe(&what), now);
+                return Ok(match outcome {
+                    Resolution::Commit => {
+                        self.branches[index].state = BranchState::Committed;
+                        self.phase = Phase::Concluding {
+                            at_unix_ms: now,
+                            read_only: false,
+                        };
+                        vec![Action::PersistDecision]
+                    }
+                    Resolution::Abort => {
+                        self.branches[index].state = BranchState::Aborted;
+                        let reason = request.describe("one-phase commit resolved as aborted");
+                        self.reason = Some(reason.clone());
+                        self.finish(Phase::Aborted, reason, now)
+                    }
+                });
+            }
+            Phase::Committing | Phase::Committed => Resolution::Commit,
+            Phase::Aborting | Phase::Aborted => Resolution::Abort,
+            Phase::Deciding | Phase::Concluding { .. } => return Err(Refusal::CommitInFlight),
+            Phase::Active | Phase::Preparing => return Err(Refusal::Undecided(self.state())),
+        };
+        if outcome != decided {
+            return Err(Refusal::ContradictsDecision {
+                branch: branch_id.to_string(),
+                wanted: outcome,
+                decided: if decided == Resolution::Commit {
+                    "commit"
+                } else {
+                    "abort"
+                },
+            });
+        }
+        let logged = matches!(self.phase, Phase::Committing | Phase::Committed);
+        let b = &mut self.branches[index];
+        if b.awaiting_ack {
+            b.awaiting_ack = false;
+            b.state = match outcome {
+                Resolution::Commit => BranchState::Committed,
+                Resolution::Abort => BranchState::Aborted,
+            };
+        } else if b.heuristic.is_none() || b.resolution.is_some() {
+            return Err(Refusal::NothingToResolve {
+                branch: branch_id.to_string(),
+                state: b.state,
+            });
+        }
+        b.resolution = Some(resolution);
+        self.note(request.describe(&what), now);
+        let end = match self.phase {
+            Phase::Committing => Some(Phase::Committed),
+            Phase::Aborting => Some(Phase::Aborted),
+            _ => None,
+        };
+        let mut actions = match end {
+            Some(end) => self.finish_when_all_acked(end, now),
+            None => Vec::new(),
+        };
+        if actions.is_empty() {
+            // Nothing ended: a logged commit keeps the resolution in its record now; an
+            // abort (never logged unfinished) gets its history written when it ends, or
+            // again now if it already has.
+            if logged {
+                actions.push(Action::PersistProgress);
+            } else if self.state().is_final() {
+                actions.push(Action::RecordHistory);
+            }
+        }
+        Ok(actions)
     }
 
     /// Aborts: every branch that may hold a YES vote (or may yet cast one) is told.
@@ -694,6 +916,7 @@ impl TwoPhaseCommit {
     /// history). Committed one-phase and read-only commits end through `Concluding`.
     fn finish(&mut self, end: Phase, reason: String, now: UnixMs) -> Vec<Action> {
         let decision_logged = self.phase == Phase::Committing;
+        self.stuck = false;
         self.enter(end, reason, now);
         if decision_logged {
             vec![Action::PersistEnd]
@@ -712,6 +935,16 @@ impl TwoPhaseCommit {
                 reason,
             });
         }
+    }
+
+    /// A notable event in the history (an operator's action, a stuck flag), without a
+    /// change of state.
+    fn note(&mut self, reason: String, now: UnixMs) {
+        self.transitions.push(Transition {
+            state: self.state(),
+            at_unix_ms: now,
+            reason,
+        });
     }
 
     fn branch_is(&self, index: usize, state: BranchState) -> bool {

@@ -390,9 +390,26 @@ fn one_phase_deadline_probes_with_an_abort_and_takes_the_first_definitive_answer
         txn.handle_event(Event::DeadlineReached, DEADLINE),
         vec![Action::SendAbort { branch: 0 }]
     );
-    // A retry due now probes with an abort too.
+    // The retry timer of the failed commit is stale: the probe went out since.
+    assert!(
+        txn.handle_event(
+            Event::RetryDue {
+                branch: 0,
+                attempt: 1
+            },
+            DEADLINE + 1
+        )
+        .is_empty()
+    );
+    // A retry after the probe failed probes with an abort too.
     assert_eq!(
-        txn.handle_event(Event::RetryDue { branch: 0 }, DEADLINE + 1),
+        txn.handle_event(
+            Event::RetryDue {
+                branch: 0,
+                attempt: 2
+            },
+            DEADLINE + 1
+        ),
         vec![Action::SendAbort { branch: 0 }]
     );
     assert_eq!(
@@ -456,7 +473,13 @@ fn phase_two_failures_are_retried_until_acknowledged() {
         }]
     );
     assert_eq!(
-        txn.handle_event(Event::RetryDue { branch: 1 }, T0 + 4),
+        txn.handle_event(
+            Event::RetryDue {
+                branch: 1,
+                attempt: 1
+            },
+            T0 + 4
+        ),
         vec![Action::SendCommit { branch: 1 }]
     );
     assert_eq!(
@@ -478,8 +501,14 @@ fn phase_two_failures_are_retried_until_acknowledged() {
     // Redelivered acks and retries after the end do nothing.
     assert!(deliver(&mut txn, 1, Answer::Committed).is_empty());
     assert!(
-        txn.handle_event(Event::RetryDue { branch: 1 }, T0 + 5)
-            .is_empty()
+        txn.handle_event(
+            Event::RetryDue {
+                branch: 1,
+                attempt: 2
+            },
+            T0 + 5
+        )
+        .is_empty()
     );
     assert!(failed(&mut txn).is_empty());
     assert_eq!(txn.branch(1).unwrap().attempts, 2);
@@ -497,7 +526,14 @@ fn a_branch_is_failing_since_its_first_failed_delivery_however_long_it_lasts() {
             },
             T0 + 10 + 2 * attempt,
         );
-        txn.handle_event(Event::RetryDue { branch: 1 }, T0 + 11 + 2 * attempt);
+        let attempt_now = txn.branch(1).unwrap().attempts;
+        txn.handle_event(
+            Event::RetryDue {
+                branch: 1,
+                attempt: attempt_now,
+            },
+            T0 + 11 + 2 * attempt,
+        );
     }
     assert_eq!(txn.branch(1).unwrap().failing_since, Some(T0 + 10));
     assert_eq!(txn.branch(0).unwrap().failing_since, None);

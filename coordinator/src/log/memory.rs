@@ -97,6 +97,16 @@ impl DecisionLog for MemoryLog {
         Ok(ended.len())
     }
 
+    fn forget(&self, id: &TxnId) -> LogWrite {
+        let result = if self.closed.load(Ordering::SeqCst) {
+            Err(LogError::Closed)
+        } else {
+            self.records().remove(id);
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
+    }
+
     fn close(&self) -> Result<(), LogError> {
         self.closed.store(true, Ordering::SeqCst);
         Ok(())

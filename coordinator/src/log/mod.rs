@@ -72,6 +72,10 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     /// first; returns how many. Unfinished records are never deleted.
     fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError>;
 
+    /// Deletes the record of `id` and its index entries, durably (an operator's
+    /// `forget`; the runtime only forgets final transactions). Nothing to delete is Ok.
+    fn forget(&self, id: &TxnId) -> LogWrite;
+
     /// Makes every write issued so far durable and refuses later ones.
     fn close(&self) -> Result<(), LogError>;
 }

@@ -4,7 +4,7 @@
 //!
 //! One database, one tree, key prefixes; a record and its index entries change in one
 //! batch:
-//! - `t/<id: 16 bytes>` → the record (a format byte, then postcard);
+//! - `t/<id: 16 bytes>` → the record (a format byte, then postcard: see `encode`);
 //! - `u/<id>` → empty, while the record's state is not final (recovery reads these);
 //! - `e/<ended_unix_ms: 8 bytes big-endian><id>` → empty, for final records (retention);
 //! - `k/<idempotency key>` → the id of the saga submitted with that key.
@@ -19,12 +19,17 @@ use std::sync::Arc;
 use treaty_sdk::durable::{Durability, DurableStore, StoreError, StoreOptions, WriteBatch};
 
 use super::{DecisionLog, LogError, LogWrite};
-use crate::model::{TxnId, TxnRecord, UnixMs};
+use crate::model::{OperatorResolution, TxnId, TxnRecord, UnixMs};
 
-/// Format 2: the record, then its owner (both postcard). Format 1 (no owner) is still
-/// read: such records have no owner.
-const FORMAT_VERSION: u8 = 2;
+/// Format 3: the record, its owner, then each branch's heuristic answer and operator
+/// resolution (all postcard). Formats 2 (no branch notes) and 1 (no owner either) are
+/// still read: such records have none.
+const FORMAT_VERSION: u8 = 3;
+const FORMAT_WITHOUT_BRANCH_NOTES: u8 = 2;
 const FORMAT_WITHOUT_OWNER: u8 = 1;
+
+/// What format 3 adds per branch (fields of `BranchRecord` outside its serde form).
+type BranchNotes = (Option<String>, Option<OperatorResolution>);
 
 /// Largest encoded record written, which bounds memory and write cost: history is
 /// trimmed to fit, and a record whose protocol fields alone exceed this is refused.
@@ -100,6 +105,12 @@ fn encode(record: &TxnRecord) -> Vec<u8> {
     // Serializing plain data into a Vec cannot fail.
     bytes.extend(postcard::to_allocvec(record).unwrap_or_default());
     bytes.extend(postcard::to_allocvec(&record.owner).unwrap_or_default());
+    let notes: Vec<BranchNotes> = record
+        .branches
+        .iter()
+        .map(|b| (b.heuristic.clone(), b.resolution.clone()))
+        .collect();
+    bytes.extend(postcard::to_allocvec(&notes).unwrap_or_default());
     bytes
 }
 
@@ -115,6 +126,27 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
     };
     match bytes.split_first() {
         Some((&FORMAT_VERSION, rest)) => {
+            let (mut record, rest): (TxnRecord, &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
+            let (owner, notes): (Option<String>, &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
+            let notes: Vec<BranchNotes> =
+                postcard::from_bytes(notes).map_err(|e| corrupt(e.to_string()))?;
+            if notes.len() != record.branches.len() {
+                return Err(corrupt(format!(
+                    "{} branch notes for {} branches",
+                    notes.len(),
+                    record.branches.len()
+                )));
+            }
+            for (branch, (heuristic, resolution)) in record.branches.iter_mut().zip(notes) {
+                branch.heuristic = heuristic;
+                branch.resolution = resolution;
+            }
+            record.owner = owner;
+            Ok(record)
+        }
+        Some((&FORMAT_WITHOUT_BRANCH_NOTES, rest)) => {
             let (mut record, owner): (TxnRecord, &[u8]) =
                 postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
             record.owner = postcard::from_bytes(owner).map_err(|e| corrupt(e.to_string()))?;
@@ -243,6 +275,25 @@ impl DecisionLog for SledLog {
         Ok(purged)
     }
 
+    fn forget(&self, id: &TxnId) -> LogWrite {
+        let record = match self.get(id) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Box::pin(std::future::ready(Ok(()))),
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        let mut batch = WriteBatch::new();
+        batch.remove(key(RECORD, id));
+        batch.remove(key(UNFINISHED, id));
+        if let Some(ended) = record.ended_unix_ms {
+            batch.remove(ended_key(ended, id));
+        }
+        if let Some(idempotency) = &record.idempotency_key {
+            batch.remove(idempotency_key(idempotency));
+        }
+        let ticket = self.store.write(batch, Durability::Forced);
+        Box::pin(async move { Ok(ticket.await?) })
+    }
+
     fn close(&self) -> Result<(), LogError> {
         Ok(self.store.close()?)
     }
@@ -304,6 +355,8 @@ mod tests {
                     compensation_attempts: 0,
                     last_error: Some("x".repeat(1024)),
                     history,
+                    heuristic: None,
+                    resolution: None,
                 }
             })
             .collect();
@@ -341,19 +394,33 @@ mod tests {
     }
 
     #[test]
-    fn owners_round_trip_and_records_of_format_1_still_decode() {
-        use crate::model::TxnState;
+    fn owners_and_branch_notes_round_trip_and_older_formats_still_decode() {
+        use crate::model::{OperatorResolution, Resolution, TxnState};
         let mut record = suite::record(1_700_000_000_000, TxnState::Committing);
         record.owner = Some("alice".into());
+        record.branches[0].heuristic = Some("answered Aborted to a commit".into());
+        record.branches[0].resolution = Some(OperatorResolution {
+            outcome: Resolution::Commit,
+            by: "ops".into(),
+            at_unix_ms: 1_700_000_000_500,
+            reason: "re-applied by hand".into(),
+        });
         let key = key(RECORD, &record.id);
         assert_eq!(decode(&key, &encode(&record)).unwrap(), record);
+        // Version 2: the record and its owner, no branch notes.
+        let mut v2 = vec![FORMAT_WITHOUT_BRANCH_NOTES];
+        v2.extend(postcard::to_allocvec(&record).unwrap());
+        v2.extend(postcard::to_allocvec(&record.owner).unwrap());
+        let decoded = decode(&key, &v2).unwrap();
+        assert_eq!(decoded.owner.as_deref(), Some("alice"));
+        assert_eq!(decoded.branches[0].resolution, None);
         // A record written before owners existed: the record alone, version 1.
         let mut old = vec![FORMAT_WITHOUT_OWNER];
         old.extend(postcard::to_allocvec(&record).unwrap());
         let decoded = decode(&key, &old).unwrap();
         assert_eq!(decoded.owner, None);
         assert_eq!(decoded.state, record.state);
-        // A version-2 record cut before its owner is damage, not an anonymous record.
+        // A record cut short is damage, not a record without owner or notes.
         let mut cut = encode(&record);
         cut.truncate(cut.len() - 3);
         assert!(matches!(decode(&key, &cut), Err(LogError::Corrupt { .. })));

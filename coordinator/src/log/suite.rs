@@ -35,6 +35,8 @@ pub fn record(created: UnixMs, state: TxnState) -> TxnRecord {
             compensation_attempts: 0,
             last_error: None,
             history: Default::default(),
+            heuristic: None,
+            resolution: None,
         }],
         transitions: vec![Transition {
             state,
@@ -46,6 +48,7 @@ pub fn record(created: UnixMs, state: TxnState) -> TxnRecord {
         stuck: false,
         saga: None,
         owner: None,
+        paused: false,
     }
 }
 
@@ -172,6 +175,27 @@ pub async fn idempotency_keys_find_their_saga_until_purged(harness: &mut dyn Log
     assert_eq!(log.find_by_key("order-42").unwrap(), None);
 }
 
+pub async fn forget_removes_a_record_and_its_key_for_good(harness: &mut dyn LogHarness) {
+    let log = harness.open();
+    let mut saga = ended(record(T0, TxnState::Running), T0 + 100);
+    saga.kind = TxnKind::Saga;
+    saga.state = TxnState::Completed;
+    saga.idempotency_key = Some("order-7".into());
+    let other = ended(record(T0 + 1, TxnState::Committing), T0 + 100);
+    for r in [&saga, &other] {
+        log.write(r, Durability::Forced).await.unwrap();
+    }
+    log.forget(&saga.id).await.unwrap();
+    // Forgetting what is not there is done already.
+    log.forget(&saga.id).await.unwrap();
+    let log = harness.reopen(log);
+    assert_eq!(log.get(&saga.id).unwrap(), None);
+    assert_eq!(log.find_by_key("order-7").unwrap(), None);
+    assert_eq!(log.get(&other.id).unwrap(), Some(other.clone()));
+    // Its retention entry went with it: only the other one is purged.
+    assert_eq!(log.purge_ended_before(T0 + 1_000, 10).unwrap(), 1);
+}
+
 pub async fn writes_after_close_are_refused(harness: &mut dyn LogHarness) {
     let log = harness.open();
     log.close().unwrap();
@@ -222,6 +246,11 @@ macro_rules! decision_log_suite {
             #[tokio::test]
             async fn idempotency_keys_find_their_saga_until_purged() {
                 suite::idempotency_keys_find_their_saga_until_purged(&mut $harness()).await;
+            }
+
+            #[tokio::test]
+            async fn forget_removes_a_record_and_its_key_for_good() {
+                suite::forget_removes_a_record_and_its_key_for_good(&mut $harness()).await;
             }
 
             #[tokio::test]

@@ -106,6 +106,19 @@ impl Circuit {
         }
     }
 
+    /// An operator asked for a retry now: an open circuit's cool-down ends, so that the
+    /// next call probes (a closed or half-open circuit is left as it is).
+    pub fn probe_now(&mut self, now: Instant) {
+        if self.state(now) == CircuitState::Open {
+            self.open_until = Some(now);
+        }
+    }
+
+    /// Calls in a row that got no answer.
+    pub fn failures_in_a_row(&self) -> u32 {
+        self.failures_in_a_row
+    }
+
     /// A probe that ended without a result: the next call may probe.
     pub fn abandon(&mut self, admission: Admission) {
         if admission == Admission::Probe {
@@ -117,6 +130,20 @@ impl Circuit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_now_ends_the_cool_down_of_an_open_circuit_only() {
+        let now = Instant::now();
+        let mut circuit = Circuit::default();
+        circuit.probe_now(now);
+        assert_eq!(circuit.state(now), CircuitState::Closed);
+        fail_calls(&mut circuit, FAILURES_TO_OPEN, now);
+        assert_eq!(circuit.state(now), CircuitState::Open);
+        assert_eq!(circuit.failures_in_a_row(), FAILURES_TO_OPEN);
+        circuit.probe_now(now);
+        assert_eq!(circuit.admit(now), Admission::Probe);
+        assert_eq!(circuit.admit(now), Admission::Refuse);
+    }
 
     fn fail_calls(circuit: &mut Circuit, count: u32, now: Instant) {
         for _ in 0..count {

@@ -139,14 +139,30 @@ impl Shard {
                         initial_backoff_ms: self.config.retry_backoff_initial_ms,
                         max_backoff_ms: self.config.retry_backoff_max_ms,
                     };
-                    self.schedule(id, Timer::Retry { branch }, attempt, policy);
+                    self.schedule(id, Timer::Retry { branch, attempt }, attempt, policy);
                 }
                 Action::PersistDecision => self.persist(
                     id,
                     Durability::Forced,
                     Some((Input::TwoPhase(Event::DecisionPersisted), DECISION_POINTS)),
                 ),
-                Action::PersistEnd => self.persist(id, Durability::Lazy, None),
+                Action::PersistEnd | Action::PersistProgress => {
+                    self.persist(id, Durability::Lazy, None)
+                }
+                Action::ReportHeuristic { branch } => {
+                    self.config.metrics.heuristic_outcome();
+                    if let Some(Machine::TwoPhase(txn)) = self.txns.get(&id).map(|e| &e.machine) {
+                        if let Some(b) = txn.branch(branch) {
+                            tracing::warn!(
+                                txn_id = %id,
+                                branch_id = %b.id,
+                                endpoint = %b.endpoint,
+                                answer = b.heuristic.as_deref().unwrap_or(""),
+                                "HEURISTIC outcome: a participant answered against the decision; see `treaty txn report`"
+                            );
+                        }
+                    }
+                }
                 Action::RecordHistory => {
                     if self.config.history_records {
                         self.persist(id, Durability::Lazy, None);
@@ -159,6 +175,13 @@ impl Shard {
     fn execute_saga(&mut self, id: TxnId, actions: Vec<SagaAction>) {
         for action in actions {
             match action {
+                SagaAction::StartDeadlineTimer { at_unix_ms } => {
+                    let delay = Duration::from_millis(at_unix_ms.saturating_sub(now_unix_ms()));
+                    let key = self.timers.insert((id, Timer::SagaDeadline), delay);
+                    if let Some(entry) = self.txns.get_mut(&id) {
+                        entry.deadline_timer = Some(key);
+                    }
+                }
                 SagaAction::SendStep { step } => self.spawn_step(id, step, false),
                 SagaAction::SendCompensation { step } => {
                     crash_point("coordinator::compensation_sent");
@@ -168,12 +191,17 @@ impl Shard {
                     step,
                     attempt,
                     policy,
-                } => self.schedule(id, Timer::StepRetry { step }, attempt, policy),
+                } => self.schedule(id, Timer::StepRetry { step, attempt }, attempt, policy),
                 SagaAction::ScheduleCompensationRetry {
                     step,
                     attempt,
                     policy,
-                } => self.schedule(id, Timer::CompensationRetry { step }, attempt, policy),
+                } => self.schedule(
+                    id,
+                    Timer::CompensationRetry { step, attempt },
+                    attempt,
+                    policy,
+                ),
                 SagaAction::PersistForced => self.persist(
                     id,
                     Durability::Forced,

@@ -1,6 +1,7 @@
 //! The two kinds of transaction a shard runs, behind one type: what the shard needs to
 //! know of either (state, records) and how their inputs reach them.
 
+use super::ListFilter;
 use crate::engine::saga::{Saga, SagaEvent};
 use crate::engine::twopc::{Event, TwoPhaseCommit};
 use crate::metrics::Health;
@@ -24,9 +25,10 @@ pub(super) enum Input {
 pub(super) enum Timer {
     Deadline,
     Prepare,
-    Retry { branch: usize },
-    StepRetry { step: usize },
-    CompensationRetry { step: usize },
+    Retry { branch: usize, attempt: u32 },
+    StepRetry { step: usize, attempt: u32 },
+    CompensationRetry { step: usize, attempt: u32 },
+    SagaDeadline,
 }
 
 impl Timer {
@@ -35,11 +37,16 @@ impl Timer {
         match self {
             Timer::Deadline => Input::TwoPhase(Event::DeadlineReached),
             Timer::Prepare => Input::TwoPhase(Event::PrepareTimerFired),
-            Timer::Retry { branch } => Input::TwoPhase(Event::RetryDue { branch }),
-            Timer::StepRetry { step } => Input::Saga(SagaEvent::StepRetryDue { step }),
-            Timer::CompensationRetry { step } => {
-                Input::Saga(SagaEvent::CompensationRetryDue { step })
+            Timer::Retry { branch, attempt } => {
+                Input::TwoPhase(Event::RetryDue { branch, attempt })
             }
+            Timer::StepRetry { step, attempt } => {
+                Input::Saga(SagaEvent::StepRetryDue { step, attempt })
+            }
+            Timer::CompensationRetry { step, attempt } => {
+                Input::Saga(SagaEvent::CompensationRetryDue { step, attempt })
+            }
+            Timer::SagaDeadline => Input::Saga(SagaEvent::DeadlineReached),
         }
     }
 }
@@ -170,6 +177,34 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// The participant endpoints it calls, once per branch or step.
+    pub(super) fn endpoints(&self) -> Vec<&str> {
+        match self {
+            Machine::TwoPhase(txn) => txn.branches().iter().map(|b| b.endpoint.as_str()).collect(),
+            Machine::Saga(saga) => saga
+                .definition()
+                .steps
+                .iter()
+                .map(|s| s.endpoint.as_str())
+                .collect(),
+        }
+    }
+
+    /// Whether a list with `filter` shows it (without building its record).
+    pub(super) fn matches(&self, filter: &ListFilter) -> bool {
+        let (created_unix_ms, stuck) = match self {
+            Machine::TwoPhase(txn) => (txn.created_unix_ms(), txn.is_stuck()),
+            Machine::Saga(saga) => (saga.created_unix_ms(), saga.is_stuck()),
+        };
+        filter.matches(
+            self.state(),
+            self.owner(),
+            created_unix_ms,
+            stuck,
+            self.endpoints().into_iter(),
+        )
     }
 
     pub(super) fn as_two_phase(&mut self) -> Option<&mut TwoPhaseCommit> {

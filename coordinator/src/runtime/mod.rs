@@ -31,11 +31,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use treaty_sdk::trace::TraceContext;
 
 use crate::config::defaults;
-use crate::engine::twopc::{BranchSpec, Refusal};
-use crate::log::{DecisionLog, LogError};
+use crate::engine::twopc::{BranchSpec, OperatorCommand, OperatorRequest, Refusal};
+use crate::log::{DecisionLog, Durability, LogError};
 use crate::metrics::{Health, Metrics};
-use crate::model::{SagaDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
-use crate::participants::Participants;
+use crate::model::{
+    OperatorResolution, Resolution, SagaDefinition, Transition, TxnId, TxnKind, TxnRecord,
+    TxnState, UnixMs,
+};
+use crate::participants::{EndpointStatus, Participants};
 use load::Load;
 use shard::{Lookup, Shard, ShardMsg, SubmitReply};
 
@@ -121,6 +124,8 @@ pub enum RuntimeError {
     Refused(#[from] Refusal),
     #[error("transaction {0} is a saga: Enlist, Commit and Abort are for two-phase commits")]
     NotTwoPhase(TxnId),
+    #[error("transaction {0} is a two-phase commit: CancelSaga is for sagas (use Abort)")]
+    NotSaga(TxnId),
     #[error("idempotency key {0:?} was used before for a saga with other steps")]
     IdempotencyConflict(String),
     #[error("{0} transactions are in progress, the most allowed; retry later")]
@@ -153,22 +158,53 @@ pub struct BeginParams {
     pub trace: Option<TraceContext>,
 }
 
-/// Which transactions a list shows.
+/// Which transactions a list shows (every condition set must hold).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListFilter {
     /// Only these states (every state if empty).
     pub states: Vec<TxnState>,
     /// Only this principal's transactions (everyone's if `None`).
     pub owner: Option<String>,
+    /// Only those flagged stuck (a delivery or compensation keeps failing).
+    pub stuck: bool,
+    /// Only those created before this time.
+    pub created_before_unix_ms: Option<UnixMs>,
+    /// Only those with a branch (or step) at this endpoint.
+    pub endpoint: Option<String>,
 }
 
 impl ListFilter {
-    pub fn matches(&self, state: TxnState, owner: Option<&str>) -> bool {
+    pub fn matches<'a>(
+        &self,
+        state: TxnState,
+        owner: Option<&str>,
+        created_unix_ms: UnixMs,
+        stuck: bool,
+        mut endpoints: impl Iterator<Item = &'a str>,
+    ) -> bool {
         (self.states.is_empty() || self.states.contains(&state))
             && self
                 .owner
                 .as_deref()
                 .is_none_or(|wanted| owner == Some(wanted))
+            && (stuck || !self.stuck)
+            && self
+                .created_before_unix_ms
+                .is_none_or(|before| created_unix_ms < before)
+            && self
+                .endpoint
+                .as_deref()
+                .is_none_or(|wanted| endpoints.any(|e| e == wanted))
+    }
+
+    pub fn matches_record(&self, record: &TxnRecord) -> bool {
+        self.matches(
+            record.state,
+            record.owner.as_deref(),
+            record.created_unix_ms,
+            record.stuck,
+            record.branches.iter().map(|b| b.endpoint.as_str()),
+        )
     }
 }
 
@@ -182,6 +218,8 @@ pub struct SagaParams {
     pub owner: Option<String>,
     /// The caller's W3C trace context (`None`: the saga starts a new trace).
     pub trace: Option<TraceContext>,
+    /// Compensate if it has not completed by then (`None`: no deadline).
+    pub deadline_unix_ms: Option<UnixMs>,
 }
 
 /// The answer to a submit: the saga (new, or the one submitted earlier with the same
@@ -597,9 +635,9 @@ impl Runtime {
         }
         candidates.retain(|r| horizon.is_none_or(|h| r.id <= h));
         candidates.extend(
-            scanned.into_iter().filter(|r| {
-                !in_memory.contains(&r.id) && filter.matches(r.state, r.owner.as_deref())
-            }),
+            scanned
+                .into_iter()
+                .filter(|r| !in_memory.contains(&r.id) && filter.matches_record(r)),
         );
         candidates.sort_by_key(|r| r.id);
         let full = candidates.len() >= limit;
@@ -613,6 +651,86 @@ impl Runtime {
             transactions: candidates,
             next_after,
         })
+    }
+
+    /// Carries out an operator's request (the API checked the caller is an admin) and
+    /// returns the transaction as it is now. A final transaction no longer in memory can
+    /// only have a heuristic branch resolved, in its log record.
+    pub async fn operate(
+        &self,
+        id: TxnId,
+        request: OperatorRequest,
+    ) -> Result<TxnRecord, RuntimeError> {
+        let resolve = request.clone();
+        match self
+            .ask(&id, |reply| ShardMsg::Operate { id, request, reply })
+            .await?
+        {
+            Err(RuntimeError::UnknownTransaction(_)) => {}
+            other => return other,
+        }
+        // Unfinished records are all in memory (recovered at start).
+        let Some(mut record) = self.log.get(&id)?.filter(|r| r.state.is_final()) else {
+            return Err(RuntimeError::UnknownTransaction(id));
+        };
+        if let OperatorCommand::Cancel = resolve.command {
+            return Err(match record.state.is_commit() {
+                true => Refusal::AlreadyCommitting,
+                false => Refusal::AlreadyEnding(record.state),
+            }
+            .into());
+        }
+        resolve_logged(&mut record, &resolve, now_unix_ms())?;
+        self.log.write(&record, Durability::Forced).await?;
+        Ok(record)
+    }
+
+    /// The initiator cancels a saga: once the answer comes, the saga is compensating
+    /// (durably), compensated, or it had completed (the record says which).
+    pub async fn cancel_saga(&self, id: TxnId, reason: String) -> Result<TxnRecord, RuntimeError> {
+        let mut updates = match self
+            .ask(&id, |reply| ShardMsg::CancelSaga { id, reason, reply })
+            .await?
+        {
+            Ok(updates) => updates,
+            Err(RuntimeError::UnknownTransaction(_)) => {
+                return match self.log.get(&id)? {
+                    Some(record) if record.kind == TxnKind::Saga => Ok(record),
+                    Some(_) => Err(RuntimeError::NotSaga(id)),
+                    None => Err(RuntimeError::UnknownTransaction(id)),
+                };
+            }
+            Err(error) => return Err(error),
+        };
+        let decided = updates
+            .wait_for(|record| record.state != TxnState::Running)
+            .await
+            .map_err(|_| RuntimeError::ShuttingDown)?;
+        Ok(decided.as_ref().clone())
+    }
+
+    /// Forgets a final transaction, in memory and in the log (durably). Returns its
+    /// record as it was.
+    pub async fn forget(&self, id: TxnId) -> Result<TxnRecord, RuntimeError> {
+        let in_memory = self
+            .ask(&id, |reply| ShardMsg::Forget { id, reply })
+            .await??;
+        let record = match in_memory {
+            Some(record) => record,
+            None => match self.log.get(&id)? {
+                Some(record) if record.state.is_final() => record,
+                Some(record) => return Err(Refusal::Unfinished(record.state).into()),
+                None => return Err(RuntimeError::UnknownTransaction(id)),
+            },
+        };
+        self.log.forget(&id).await?;
+        tracing::info!(txn_id = %id, "forgotten at an operator's request");
+        Ok(record)
+    }
+
+    /// Every participant endpoint called lately, with its health.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.participants.endpoints()
     }
 
     /// Deletes final log records older than the retention; bounded work per call.
@@ -638,6 +756,57 @@ impl Runtime {
             }
         }
     }
+}
+
+/// An operator's resolution of a heuristic branch of a final transaction that is only in
+/// the log (see `TwoPhaseCommit::resolve` for the same rule in memory).
+fn resolve_logged(
+    record: &mut TxnRecord,
+    request: &OperatorRequest,
+    now: UnixMs,
+) -> Result<(), Refusal> {
+    let OperatorCommand::Resolve { branch_id, outcome } = &request.command else {
+        return Err(Refusal::Final(record.state));
+    };
+    let decided = if record.state.is_commit() {
+        Resolution::Commit
+    } else {
+        Resolution::Abort
+    };
+    let branch = record
+        .branches
+        .iter_mut()
+        .find(|b| &b.id == branch_id)
+        .ok_or_else(|| Refusal::UnknownBranch(branch_id.clone()))?;
+    if *outcome != decided {
+        return Err(Refusal::ContradictsDecision {
+            branch: branch_id.clone(),
+            wanted: *outcome,
+            decided: if decided == Resolution::Commit {
+                "commit"
+            } else {
+                "abort"
+            },
+        });
+    }
+    if branch.heuristic.is_none() || branch.resolution.is_some() {
+        return Err(Refusal::NothingToResolve {
+            branch: branch_id.clone(),
+            state: branch.state,
+        });
+    }
+    branch.resolution = Some(OperatorResolution {
+        outcome: *outcome,
+        by: request.by.clone(),
+        at_unix_ms: now,
+        reason: request.reason.clone(),
+    });
+    record.transitions.push(Transition {
+        state: record.state,
+        at_unix_ms: now,
+        reason: request.describe(&format!("branch {branch_id} resolved as {outcome:?}")),
+    });
+    Ok(())
 }
 
 /// The shard that decides every submit of an idempotency key. CRC-32 is fixed by its
@@ -696,6 +865,7 @@ mod tests {
             stuck: false,
             saga: None,
             owner: None,
+            paused: false,
         }
     }
 

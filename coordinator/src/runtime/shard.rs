@@ -25,7 +25,10 @@ use super::{
     BeginParams, ListFilter, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms,
 };
 use crate::engine::saga::{NewSaga, Saga, SagaEvent};
-use crate::engine::twopc::{BranchSpec, Command, Event, NewTransaction, TwoPhaseCommit};
+use crate::engine::twopc::Refusal;
+use crate::engine::twopc::{
+    BranchSpec, Command, Event, NewTransaction, OperatorCommand, OperatorRequest, TwoPhaseCommit,
+};
 use crate::log::DecisionLog;
 use crate::metrics::Health;
 use crate::model::{SagaDefinition, StepDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
@@ -71,6 +74,25 @@ pub(super) enum ShardMsg {
     State {
         id: TxnId,
         reply: Reply<Lookup<TxnState>>,
+    },
+    /// An operator's request (the API checked the caller is an admin).
+    Operate {
+        id: TxnId,
+        request: OperatorRequest,
+        reply: Reply<Result<TxnRecord, RuntimeError>>,
+    },
+    /// The initiator cancels a saga; the reply's updates show when the decision is
+    /// durable.
+    CancelSaga {
+        id: TxnId,
+        reason: String,
+        reply: Reply<Result<watch::Receiver<Arc<TxnRecord>>, RuntimeError>>,
+    },
+    /// Drops a final transaction from memory: its record if it was there, `None` if not
+    /// (the log may still have it).
+    Forget {
+        id: TxnId,
+        reply: Reply<Result<Option<TxnRecord>, RuntimeError>>,
     },
     /// The shard's part of the metrics' summary.
     Health {
@@ -322,6 +344,15 @@ impl Shard {
             ShardMsg::State { id, reply } => {
                 let _ = reply.send(self.lookup(id, |e| e.machine.state()));
             }
+            ShardMsg::Operate { id, request, reply } => {
+                let _ = reply.send(self.operate(id, request, now));
+            }
+            ShardMsg::CancelSaga { id, reason, reply } => {
+                let _ = reply.send(self.cancel_saga(id, reason, now));
+            }
+            ShardMsg::Forget { id, reply } => {
+                let _ = reply.send(self.forget(id));
+            }
             ShardMsg::Health { reply } => {
                 let mut health = Health::default();
                 for entry in self.txns.values() {
@@ -404,6 +435,7 @@ impl Shard {
             definition: params.definition,
             idempotency_key: params.idempotency_key.clone(),
             owner: params.owner,
+            deadline_unix_ms: params.deadline_unix_ms,
         });
         let trace = parent_span(params.trace);
         tracing::debug!(
@@ -510,6 +542,87 @@ impl Shard {
         Ok(())
     }
 
+    /// Carries out an operator's request and returns the transaction as it is now.
+    fn operate(
+        &mut self,
+        id: TxnId,
+        request: OperatorRequest,
+        now: UnixMs,
+    ) -> Result<TxnRecord, RuntimeError> {
+        let _span = txn_span(id).entered();
+        let entry = self
+            .txns
+            .get_mut(&id)
+            .filter(|e| e.machine.is_visible())
+            .ok_or(RuntimeError::UnknownTransaction(id))?;
+        let before = entry.machine.state();
+        if matches!(
+            request.command,
+            OperatorCommand::RetryNow | OperatorCommand::Resume
+        ) {
+            // What is sent now must not be refused by a circuit still cooling down.
+            for endpoint in entry.machine.endpoints() {
+                self.participants.probe_now(endpoint);
+            }
+        }
+        let actions = match &mut entry.machine {
+            Machine::TwoPhase(txn) => Actions::TwoPhase(txn.handle_operator(&request, now)?),
+            Machine::Saga(saga) => Actions::Saga(saga.handle_operator(&request, now)?),
+        };
+        tracing::info!(command = ?request.command, by = %request.by, reason = %request.reason, "operator request carried out");
+        self.execute(id, actions);
+        self.after_step(id, before, now);
+        self.txns
+            .get(&id)
+            .map(|e| e.machine.record())
+            .ok_or(RuntimeError::UnknownTransaction(id))
+    }
+
+    /// The initiator's cancel of a saga: compensation is decided unless it already was,
+    /// or the saga completed. The caller learns which from the updates.
+    fn cancel_saga(
+        &mut self,
+        id: TxnId,
+        reason: String,
+        now: UnixMs,
+    ) -> Result<watch::Receiver<Arc<TxnRecord>>, RuntimeError> {
+        let _span = txn_span(id).entered();
+        let entry = self
+            .txns
+            .get_mut(&id)
+            .filter(|e| e.machine.is_visible())
+            .ok_or(RuntimeError::UnknownTransaction(id))?;
+        let before = entry.machine.state();
+        let Machine::Saga(saga) = &mut entry.machine else {
+            return Err(RuntimeError::NotSaga(id));
+        };
+        // A refusal says it is compensating or completed already: the updates show it.
+        if let Ok(actions) = saga.cancel(reason) {
+            self.execute(id, Actions::Saga(actions));
+            self.after_step(id, before, now);
+        }
+        self.subscribe(id)
+    }
+
+    /// Drops a final transaction from memory (an operator's `forget`; the runtime then
+    /// forgets its log record). An unfinished one is refused: its decision is needed.
+    fn forget(&mut self, id: TxnId) -> Result<Option<TxnRecord>, RuntimeError> {
+        let Some(entry) = self.txns.get(&id).filter(|e| e.machine.is_visible()) else {
+            return Ok(None);
+        };
+        let state = entry.machine.state();
+        if !state.is_final() {
+            return Err(Refusal::Unfinished(state).into());
+        }
+        let record = entry.machine.record();
+        if let Some(entry) = self.txns.remove(&id) {
+            if let Some(key) = entry.machine.idempotency_key() {
+                self.keys.remove(key);
+            }
+        }
+        Ok(Some(record))
+    }
+
     fn visible(&self, id: TxnId) -> Option<&Entry> {
         self.txns.get(&id).filter(|e| e.machine.is_visible())
     }
@@ -542,7 +655,7 @@ impl Shard {
             .filter(|(id, e)| {
                 after.is_none_or(|after| **id > after)
                     && e.machine.is_visible()
-                    && filter.matches(e.machine.state(), e.machine.owner())
+                    && e.machine.matches(filter)
             })
             .map(|(_, e)| e)
             .collect();
@@ -594,7 +707,7 @@ impl Shard {
         };
         // The key is spent: forget it so that it is never removed again.
         match timer {
-            Timer::Deadline => entry.deadline_timer = None,
+            Timer::Deadline | Timer::SagaDeadline => entry.deadline_timer = None,
             Timer::Prepare => entry.prepare_timer = None,
             _ => {}
         }
@@ -701,6 +814,7 @@ impl Shard {
 
     /// Forgets final transactions past their retention, or beyond the memory cap.
     fn evict(&mut self, now: UnixMs) {
+        // A forgotten transaction is no longer in `txns`: its entry here goes unnoticed.
         let cap = (self.config.max_retained_transactions / self.config.shards.max(1)).max(1);
         while let Some(&(ended, id)) = self.retained.front() {
             let expired = now.saturating_sub(ended) >= self.config.memory_retention_ms;

@@ -129,7 +129,7 @@ pub async fn place(
     let deadline = Instant::now() + patience;
     let options = SubmitOptions {
         idempotency_key: Some(format!("order-{}", order.id)),
-        wait_for_outcome: false,
+        ..SubmitOptions::default()
     };
     let submitted = loop {
         match client.submit_saga(order.steps(shop), options.clone()).await {

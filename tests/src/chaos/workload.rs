@@ -350,6 +350,7 @@ impl Workload {
         let options = SubmitOptions {
             idempotency_key: transfer.idempotency_key.clone(),
             wait_for_outcome: true,
+            ..SubmitOptions::default()
         };
         let submitted = tokio::time::timeout(SAGA_PATIENCE, client.submit_saga(steps, options))
             .await

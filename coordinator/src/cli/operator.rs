@@ -1,0 +1,494 @@
+//! `treaty txn` operator verbs (retry-now, pause, resume, cancel, resolve, forget), the
+//! heuristic report, and `treaty endpoints`: tables for people, `--json` for scripts.
+//!
+//! A verb acts on one transaction id or on every transaction a filter selects (at most
+//! `--limit`, listed through the API first, each then acted on by its id): the
+//! coordinator checks each one when it acts, so a transaction that changed in between
+//! is reported as not applied, never acted on blindly. A filter without any condition is
+//! refused: an operator must say what to touch.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::admin_client::AdminClient;
+use treaty_sdk::auth::Credentials;
+use treaty_sdk::client::{Transaction, TransactionFilter, TransactionState, TreatyClient};
+
+use super::{StateArg, printable, state_name};
+
+pub type Admin = AdminClient<InterceptedService<Channel, Credentials>>;
+
+/// Which transactions a verb or a list acts on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Selection {
+    /// One transaction; or leave it out and select with the filters below.
+    pub transaction_id: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Most transactions to act on (or print).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Only transactions in this state (repeatable).
+    #[arg(long = "state", value_enum)]
+    pub states: Vec<StateArg>,
+    /// Only transactions flagged stuck (a delivery or compensation keeps failing).
+    #[arg(long)]
+    pub stuck: bool,
+    /// Only transactions created longer ago than this ("90s", "15m", "2h", "1d").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub older_than: Option<Duration>,
+    /// Only transactions with a branch (or saga step) at this participant endpoint.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+}
+
+impl FilterArgs {
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+            && !self.stuck
+            && self.older_than.is_none()
+            && self.endpoint.is_none()
+    }
+
+    pub fn to_filter(&self) -> TransactionFilter {
+        TransactionFilter {
+            states: self
+                .states
+                .iter()
+                .map(|s| TransactionState::from(*s))
+                .collect(),
+            stuck: self.stuck,
+            older_than_ms: self
+                .older_than
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
+/// What an operator verb does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    RetryNow,
+    Pause,
+    Resume,
+    Cancel,
+    Resolve { commit: bool },
+    Forget,
+}
+
+impl Verb {
+    fn name(self) -> &'static str {
+        match self {
+            Verb::RetryNow => "retry-now",
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+            Verb::Cancel => "cancel",
+            Verb::Resolve { commit: true } => "resolve --commit",
+            Verb::Resolve { commit: false } => "resolve --abort",
+            Verb::Forget => "forget",
+        }
+    }
+}
+
+/// Up to `limit` transactions matching `filter`, page by page (bounded: each page
+/// advances the token, and it stops at `limit` or after 1000 pages).
+pub async fn select(
+    client: &TreatyClient,
+    filter: &TransactionFilter,
+    limit: usize,
+) -> anyhow::Result<Vec<Transaction>> {
+    let mut selected = Vec::new();
+    let mut token = String::new();
+    for _ in 0..1000 {
+        if selected.len() >= limit {
+            break;
+        }
+        let page_size = (limit - selected.len()).min(1000) as u32;
+        let (page, next) = client.list_filtered(filter, page_size, &token).await?;
+        selected.extend(page);
+        match next {
+            Some(next) => token = next,
+            None => break,
+        }
+    }
+    selected.truncate(limit);
+    Ok(selected)
+}
+
+/// The ids a verb acts on: the one given, or those the filter selects.
+async fn targets(client: &TreatyClient, selection: &Selection) -> anyhow::Result<Vec<String>> {
+    match &selection.transaction_id {
+        Some(id) => {
+            if !selection.filter.is_empty() {
+                anyhow::bail!("give a transaction id or filters, not both");
+            }
+            Ok(vec![id.clone()])
+        }
+        None if selection.filter.is_empty() => anyhow::bail!(
+            "name a transaction id, or select with --state, --stuck, --older-than or --endpoint"
+        ),
+        None => Ok(
+            select(client, &selection.filter.to_filter(), selection.limit)
+                .await?
+                .into_iter()
+                .map(|t| t.transaction_id)
+                .collect(),
+        ),
+    }
+}
+
+/// Runs `verb` on each selected transaction and prints one line (or JSON object) per
+/// transaction. Fails (exit 1) if any was not applied or failed.
+pub async fn run_verb(
+    client: &TreatyClient,
+    admin: &Admin,
+    verb: Verb,
+    selection: &Selection,
+    branch_id: Option<&str>,
+    reason: &str,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let ids = targets(client, selection).await?;
+    let mut results = Vec::with_capacity(ids.len());
+    let mut all_applied = true;
+    for id in &ids {
+        let answer = act(admin.clone(), verb, id, branch_id, reason).await;
+        let (applied, detail, transaction) = match answer {
+            Ok(response) => (response.applied, response.detail, response.transaction),
+            Err(status) => (false, status.message().to_string(), None),
+        };
+        all_applied &= applied;
+        results.push((id.clone(), applied, detail, transaction));
+    }
+    if json_output {
+        let rows: Vec<Value> = results
+            .iter()
+            .map(|(id, applied, detail, transaction)| {
+                json!({
+                    "transaction_id": id,
+                    "verb": verb.name(),
+                    "applied": applied,
+                    "detail": detail,
+                    "state": transaction.as_ref().map(|t| state_name(t.state)),
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(rows));
+    } else {
+        if results.is_empty() {
+            println!("no transaction matches");
+        }
+        for (id, applied, detail, transaction) in &results {
+            let state = transaction.as_ref().map_or("", |t| state_name(t.state));
+            let outcome = if *applied { "applied" } else { "not applied" };
+            println!(
+                "{id}  {:<16} {outcome:<12} {state:<12} {}",
+                verb.name(),
+                printable(detail)
+            );
+        }
+    }
+    if !all_applied {
+        anyhow::bail!("{} not applied to every transaction selected", verb.name());
+    }
+    Ok(())
+}
+
+async fn act(
+    mut admin: Admin,
+    verb: Verb,
+    id: &str,
+    branch_id: Option<&str>,
+    reason: &str,
+) -> Result<pb::OperatorResponse, tonic::Status> {
+    let request = pb::OperatorRequest {
+        transaction_id: id.to_string(),
+        reason: reason.to_string(),
+    };
+    let response = match verb {
+        Verb::RetryNow => admin.retry_now(request).await,
+        Verb::Pause => admin.pause(request).await,
+        Verb::Resume => admin.resume(request).await,
+        Verb::Cancel => admin.cancel(request).await,
+        Verb::Forget => admin.forget(request).await,
+        Verb::Resolve { commit } => {
+            let outcome = if commit {
+                pb::Resolution::Commit
+            } else {
+                pb::Resolution::Abort
+            };
+            admin
+                .resolve(pb::ResolveRequest {
+                    transaction_id: id.to_string(),
+                    branch_id: branch_id.unwrap_or_default().to_string(),
+                    outcome: outcome as i32,
+                    reason: reason.to_string(),
+                })
+                .await
+        }
+    };
+    response.map(tonic::Response::into_inner)
+}
+
+fn age_text(created_unix_ms: u64, now_unix_ms: u64) -> String {
+    let seconds = now_unix_ms.saturating_sub(created_unix_ms) / 1000;
+    humantime::format_duration(Duration::from_secs(seconds)).to_string()
+}
+
+fn kind_name(txn: &Transaction) -> &'static str {
+    if txn.kind == pb::TransactionKind::Saga as i32 {
+        "saga"
+    } else {
+        "2pc"
+    }
+}
+
+fn branch_state_name(value: i32) -> &'static str {
+    pb::BranchState::try_from(value)
+        .map(|s| s.as_str_name().trim_start_matches("BRANCH_STATE_"))
+        .unwrap_or("?")
+}
+
+/// A transaction for scripts: the fields people filter on, and every branch.
+pub fn transaction_json(txn: &Transaction) -> Value {
+    json!({
+        "transaction_id": txn.transaction_id,
+        "kind": kind_name(txn),
+        "state": state_name(txn.state),
+        "created_unix_ms": txn.created_unix_ms,
+        "deadline_unix_ms": txn.deadline_unix_ms,
+        "stuck": txn.stuck,
+        "paused": txn.paused,
+        "reason": txn.reason,
+        "idempotency_key": txn.idempotency_key,
+        "branches": txn.branches.iter().map(|b| json!({
+            "branch_id": b.branch_id,
+            "endpoint": b.endpoint,
+            "state": branch_state_name(b.state),
+            "attempts": b.attempts,
+            "compensation_attempts": b.compensation_attempts,
+            "last_error": b.last_error,
+            "heuristic": b.heuristic,
+            "resolution": b.resolution.as_ref().map(resolution_json),
+        })).collect::<Vec<_>>(),
+        "transitions": txn.transitions.iter().map(|t| json!({
+            "state": state_name(t.state),
+            "at_unix_ms": t.at_unix_ms,
+            "reason": t.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn resolution_json(resolution: &pb::BranchResolution) -> Value {
+    json!({
+        "outcome": resolution_name(resolution.outcome),
+        "by": resolution.by,
+        "at_unix_ms": resolution.at_unix_ms,
+        "reason": resolution.reason,
+    })
+}
+
+fn resolution_name(value: i32) -> &'static str {
+    match pb::Resolution::try_from(value) {
+        Ok(pb::Resolution::Commit) => "commit",
+        Ok(pb::Resolution::Abort) => "abort",
+        _ => "?",
+    }
+}
+
+/// The list as a table: one row per transaction.
+pub fn print_table(transactions: &[Transaction], now_unix_ms: u64) {
+    println!(
+        "{:<36}  {:<4}  {:<12}  {:>10}  {:>8}  {:<14}  REASON",
+        "ID", "KIND", "STATE", "AGE", "BRANCHES", "FLAGS"
+    );
+    for txn in transactions {
+        let mut flags = Vec::new();
+        if txn.stuck {
+            flags.push("STUCK");
+        }
+        if txn.paused {
+            flags.push("PAUSED");
+        }
+        if txn.branches.iter().any(|b| !b.heuristic.is_empty()) {
+            flags.push("HEURISTIC");
+        }
+        println!(
+            "{:<36}  {:<4}  {:<12}  {:>10}  {:>8}  {:<14}  {}",
+            txn.transaction_id,
+            kind_name(txn),
+            state_name(txn.state),
+            age_text(txn.created_unix_ms, now_unix_ms),
+            txn.branches.len(),
+            flags.join(","),
+            printable(&txn.reason)
+        );
+    }
+}
+
+/// What each branch of `txn` applied, as far as the coordinator knows: the heuristic
+/// report. "unknown" means no participant answer settles it yet.
+pub fn branch_report(txn: &Transaction) -> Vec<(String, &'static str, String)> {
+    let decided_commit = matches!(
+        pb::TransactionState::try_from(txn.state),
+        Ok(pb::TransactionState::Committing
+            | pb::TransactionState::Committed
+            | pb::TransactionState::Completed)
+    );
+    txn.branches
+        .iter()
+        .map(|b| {
+            let state = pb::BranchState::try_from(b.state).unwrap_or(pb::BranchState::Unspecified);
+            let applied = match state {
+                pb::BranchState::Committed => "committed",
+                pb::BranchState::Aborted | pb::BranchState::VotedNo => "aborted",
+                pb::BranchState::ReadOnly => "nothing (read-only)",
+                pb::BranchState::Compensated => "compensated",
+                pb::BranchState::Rejected => "nothing (rejected)",
+                pb::BranchState::Skipped | pb::BranchState::Pending => "nothing (never ran)",
+                _ => "unknown",
+            };
+            let mut note = String::new();
+            if !b.heuristic.is_empty() {
+                note.push_str(&format!(
+                    "HEURISTIC: {} (the decision was {})",
+                    printable(&b.heuristic),
+                    if decided_commit { "commit" } else { "abort" }
+                ));
+            } else if applied == "unknown" && !b.last_error.is_empty() {
+                note.push_str(&format!("last error: {}", printable(&b.last_error)));
+            }
+            if let Some(resolution) = &b.resolution {
+                if !note.is_empty() {
+                    note.push_str("; ");
+                }
+                let by = if resolution.by.is_empty() {
+                    "an operator"
+                } else {
+                    resolution.by.as_str()
+                };
+                note.push_str(&format!(
+                    "resolved as {} by {by} at {} ms: {}",
+                    resolution_name(resolution.outcome),
+                    resolution.at_unix_ms,
+                    printable(&resolution.reason)
+                ));
+            }
+            (b.branch_id.clone(), applied, note)
+        })
+        .collect()
+}
+
+pub fn print_report(txn: &Transaction, json_output: bool) {
+    let rows = branch_report(txn);
+    if json_output {
+        let branches: Vec<Value> = rows
+            .iter()
+            .zip(&txn.branches)
+            .map(|((id, applied, note), b)| {
+                json!({
+                    "branch_id": id,
+                    "endpoint": b.endpoint,
+                    "applied": applied,
+                    "heuristic": b.heuristic,
+                    "resolution": b.resolution.as_ref().map(resolution_json),
+                    "note": note,
+                })
+            })
+            .collect();
+        let report = json!({
+            "transaction_id": txn.transaction_id,
+            "state": state_name(txn.state),
+            "heuristic": txn.branches.iter().any(|b| !b.heuristic.is_empty()),
+            "branches": branches,
+        });
+        println!("{report}");
+        return;
+    }
+    println!(
+        "{}  {}  {}",
+        txn.transaction_id,
+        kind_name(txn),
+        state_name(txn.state)
+    );
+    println!("  {:<24} {:<20} NOTE", "BRANCH", "APPLIED");
+    for (id, applied, note) in rows {
+        println!("  {:<24} {applied:<20} {note}", printable(&id));
+    }
+}
+
+/// `treaty endpoints`: every participant endpoint the coordinator called lately.
+pub async fn print_endpoints(mut admin: Admin, json_output: bool) -> anyhow::Result<()> {
+    let endpoints = admin
+        .list_endpoints(pb::ListEndpointsRequest {})
+        .await?
+        .into_inner()
+        .endpoints;
+    let circuit = |value: i32| {
+        pb::CircuitState::try_from(value)
+            .map(|s| s.as_str_name().trim_start_matches("CIRCUIT_STATE_"))
+            .unwrap_or("?")
+    };
+    let health = |e: &pb::EndpointHealth| {
+        if e.circuit != pb::CircuitState::Closed as i32 {
+            "down"
+        } else if e.recent_failures > 0 {
+            "failing"
+        } else {
+            "ok"
+        }
+    };
+    let error_rate = |e: &pb::EndpointHealth| {
+        if e.recent_calls == 0 {
+            0.0
+        } else {
+            f64::from(e.recent_failures) / f64::from(e.recent_calls)
+        }
+    };
+    if json_output {
+        let rows: Vec<Value> = endpoints
+            .iter()
+            .map(|e| {
+                json!({
+                    "endpoint": e.endpoint,
+                    "health": health(e),
+                    "circuit": circuit(e.circuit),
+                    "calls_in_flight": e.calls_in_flight,
+                    "failures_in_a_row": e.failures_in_a_row,
+                    "recent_calls": e.recent_calls,
+                    "recent_failures": e.recent_failures,
+                    "error_rate": error_rate(e),
+                    "last_failure": e.last_failure,
+                    "last_failure_unix_ms": e.last_failure_unix_ms,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<40}  {:<7}  {:<9}  {:>9}  {:>11}  {:>10}  LAST FAILURE",
+        "ENDPOINT", "HEALTH", "CIRCUIT", "IN FLIGHT", "CALLS (1m)", "ERROR RATE"
+    );
+    for e in &endpoints {
+        println!(
+            "{:<40}  {:<7}  {:<9}  {:>9}  {:>11}  {:>9.1}%  {}",
+            printable(&e.endpoint),
+            health(e),
+            circuit(e.circuit),
+            e.calls_in_flight,
+            e.recent_calls,
+            error_rate(e) * 100.0,
+            printable(&e.last_failure)
+        );
+    }
+    Ok(())
+}

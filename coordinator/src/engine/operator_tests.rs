@@ -1,0 +1,511 @@
+//! Operator verbs and cancels on both engines: the exact actions each emits, and what is
+//! refused (and then changed nothing).
+
+use super::messages::{
+    Action, Answer, BranchSpec, Command, Event, NewTransaction, OperatorCommand, OperatorRequest,
+    Refusal, Vote,
+};
+use super::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
+use super::twopc::{STUCK_AFTER_DELIVERIES, TwoPhaseCommit};
+use crate::model::{
+    BranchState, Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnState, UnixMs,
+};
+
+const T0: UnixMs = 1_700_000_000_000;
+
+fn ops(command: OperatorCommand) -> OperatorRequest {
+    OperatorRequest {
+        command,
+        by: "ops".into(),
+        reason: "ticket 7".into(),
+    }
+}
+
+fn resolve(branch: &str, outcome: Resolution) -> OperatorRequest {
+    ops(OperatorCommand::Resolve {
+        branch_id: branch.into(),
+        outcome,
+    })
+}
+
+fn two_phase(branches: usize) -> TwoPhaseCommit {
+    let (mut txn, _) = TwoPhaseCommit::begin(NewTransaction {
+        id: TxnId::generate(T0),
+        created_unix_ms: T0,
+        deadline_unix_ms: T0 + 60_000,
+        prepare_timeout_ms: 5_000,
+        max_branches: 4,
+        owner: None,
+    });
+    for i in 0..branches {
+        let spec = BranchSpec {
+            id: format!("b{i}"),
+            endpoint: format!("http://127.0.0.1:{}", 7000 + i),
+            payload: Vec::new(),
+        };
+        txn.handle_command(Command::Enlist(spec), T0).unwrap();
+    }
+    txn
+}
+
+/// Two branches, commit decided and durable, both commits sent.
+fn committing() -> TwoPhaseCommit {
+    let mut txn = two_phase(2);
+    txn.handle_command(Command::Commit, T0).unwrap();
+    for branch in 0..2 {
+        txn.handle_event(
+            Event::PrepareAnswered {
+                branch,
+                vote: Vote::Yes,
+            },
+            T0 + 1,
+        );
+    }
+    txn.handle_event(Event::DecisionPersisted, T0 + 2);
+    assert_eq!(txn.state(), TxnState::Committing);
+    txn
+}
+
+fn fail_delivery(txn: &mut TwoPhaseCommit, branch: usize, now: UnixMs) -> Vec<Action> {
+    txn.handle_event(
+        Event::DeliveryFailed {
+            branch,
+            error: "participant unreachable".into(),
+        },
+        now,
+    )
+}
+
+#[test]
+fn pause_holds_retries_and_resends_until_resume_sends_what_waits() {
+    let mut txn = committing();
+    assert_eq!(
+        fail_delivery(&mut txn, 1, T0 + 3),
+        vec![Action::ScheduleRetry {
+            branch: 1,
+            attempt: 1
+        }]
+    );
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::Pause), T0 + 4),
+        Ok(vec![])
+    );
+    assert!(txn.record().paused);
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::Pause), T0 + 4),
+        Err(Refusal::AlreadyPaused)
+    );
+    // The timer fires: nothing is sent while paused; nor does the sweeper resend.
+    assert!(
+        txn.handle_event(
+            Event::RetryDue {
+                branch: 1,
+                attempt: 1
+            },
+            T0 + 5
+        )
+        .is_empty()
+    );
+    assert!(
+        txn.handle_event(Event::Nudge { stale_after_ms: 0 }, T0 + 6)
+            .is_empty()
+    );
+    // Resume sends branch 1 (waiting), not branch 0 (its commit is in flight).
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::Resume), T0 + 7),
+        Ok(vec![Action::SendCommit { branch: 1 }])
+    );
+    assert_eq!(txn.branch(1).unwrap().attempts, 2);
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::Resume), T0 + 7),
+        Err(Refusal::NotPaused)
+    );
+    let notes: Vec<&str> = txn
+        .transitions()
+        .iter()
+        .map(|t| t.reason.as_str())
+        .collect();
+    assert!(
+        notes.contains(&"retries paused by operator ops: ticket 7"),
+        "{notes:?}"
+    );
+    assert!(notes.contains(&"retries resumed by operator ops: ticket 7"));
+}
+
+#[test]
+fn retry_now_sends_what_waits_and_its_old_timer_becomes_stale() {
+    let mut txn = committing();
+    // Both commits in flight: nothing waits.
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::RetryNow), T0 + 3),
+        Err(Refusal::NothingToRetry)
+    );
+    fail_delivery(&mut txn, 0, T0 + 3);
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::RetryNow), T0 + 4),
+        Ok(vec![Action::SendCommit { branch: 0 }])
+    );
+    // The timer set after the first failure fires later: stale, nothing sent twice.
+    assert!(
+        txn.handle_event(
+            Event::RetryDue {
+                branch: 0,
+                attempt: 1
+            },
+            T0 + 5
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn a_branch_whose_participant_is_gone_is_resolved_only_as_the_decision_says() {
+    let mut txn = committing();
+    txn.handle_event(
+        Event::Delivered {
+            branch: 0,
+            answer: Answer::Committed,
+        },
+        T0 + 3,
+    );
+    fail_delivery(&mut txn, 1, T0 + 3);
+    let before = txn.clone();
+    assert_eq!(
+        txn.handle_operator(&resolve("b1", Resolution::Abort), T0 + 4),
+        Err(Refusal::ContradictsDecision {
+            branch: "b1".into(),
+            wanted: Resolution::Abort,
+            decided: "commit"
+        })
+    );
+    assert_eq!(
+        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 4),
+        Err(Refusal::NothingToResolve {
+            branch: "b0".into(),
+            state: BranchState::Committed
+        })
+    );
+    assert_eq!(
+        txn.handle_operator(&resolve("b9", Resolution::Commit), T0 + 4),
+        Err(Refusal::UnknownBranch("b9".into()))
+    );
+    assert_eq!(txn, before, "refusals change nothing");
+    // The last branch acknowledged by the operator: the commit ends, with its end record.
+    assert_eq!(
+        txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 5),
+        Ok(vec![Action::PersistEnd])
+    );
+    assert_eq!(txn.state(), TxnState::Committed);
+    let record = txn.record();
+    let resolution = record.branches[1].resolution.as_ref().unwrap();
+    assert_eq!(
+        (resolution.outcome, resolution.by.as_str()),
+        (Resolution::Commit, "ops")
+    );
+    assert_eq!(record.branches[1].state, BranchState::Committed);
+}
+
+#[test]
+fn a_heuristic_answer_is_reported_and_can_be_resolved_once() {
+    let mut txn = committing();
+    txn.handle_event(
+        Event::Delivered {
+            branch: 0,
+            answer: Answer::Committed,
+        },
+        T0 + 3,
+    );
+    assert_eq!(
+        txn.handle_event(
+            Event::Delivered {
+                branch: 1,
+                answer: Answer::Aborted
+            },
+            T0 + 4
+        ),
+        vec![Action::ReportHeuristic { branch: 1 }, Action::PersistEnd]
+    );
+    assert!(txn.branch(1).unwrap().heuristic.is_some());
+    // Repaired by hand: the final record is written again with the resolution.
+    assert_eq!(
+        txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 5),
+        Ok(vec![Action::PersistProgress])
+    );
+    assert!(matches!(
+        txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 6),
+        Err(Refusal::NothingToResolve { .. })
+    ));
+    // Other verbs have nothing to do on a final transaction.
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::RetryNow), T0 + 6),
+        Err(Refusal::Final(TxnState::Committed))
+    );
+}
+
+#[test]
+fn a_one_phase_commit_nobody_answers_is_settled_by_the_operator() {
+    let mut txn = two_phase(1);
+    assert_eq!(
+        txn.handle_command(Command::Commit, T0),
+        Ok(vec![Action::SendOnePhaseCommit { branch: 0 }])
+    );
+    assert_eq!(
+        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 1),
+        Ok(vec![Action::PersistDecision])
+    );
+    assert_eq!(txn.state(), TxnState::Preparing, "shown once durable");
+    txn.handle_event(Event::DecisionPersisted, T0 + 2);
+    assert_eq!(txn.state(), TxnState::Committed);
+    // A late answer changes nothing.
+    assert!(
+        txn.handle_event(
+            Event::Delivered {
+                branch: 0,
+                answer: Answer::Committed
+            },
+            T0 + 3
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn cancel_aborts_an_undecided_commit_and_nothing_decided() {
+    let mut txn = two_phase(2);
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::Cancel), T0 + 1),
+        Ok(vec![Action::RecordHistory])
+    );
+    assert_eq!(txn.state(), TxnState::Aborted);
+    assert_eq!(txn.reason(), Some("cancelled by operator ops: ticket 7"));
+    let mut txn = committing();
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::Cancel), T0 + 3),
+        Err(Refusal::AlreadyCommitting)
+    );
+    let mut txn = two_phase(2);
+    txn.handle_command(Command::Commit, T0).unwrap();
+    assert_eq!(
+        txn.handle_operator(&resolve("b0", Resolution::Abort), T0 + 1),
+        Err(Refusal::Undecided(TxnState::Preparing))
+    );
+}
+
+#[test]
+fn a_delivery_that_keeps_failing_flags_the_transaction_stuck_until_it_ends() {
+    let mut txn = committing();
+    for attempt in 1..=STUCK_AFTER_DELIVERIES {
+        fail_delivery(&mut txn, 1, T0 + 3);
+        assert_eq!(txn.is_stuck(), attempt >= STUCK_AFTER_DELIVERIES);
+        txn.handle_event(Event::RetryDue { branch: 1, attempt }, T0 + 4);
+    }
+    for branch in 0..2 {
+        txn.handle_event(
+            Event::Delivered {
+                branch,
+                answer: Answer::Committed,
+            },
+            T0 + 5,
+        );
+    }
+    assert_eq!(txn.state(), TxnState::Committed);
+    assert!(!txn.is_stuck());
+}
+
+fn saga(steps: usize, deadline_unix_ms: Option<UnixMs>) -> (Saga, Vec<SagaAction>) {
+    let definition = SagaDefinition {
+        steps: (0..steps)
+            .map(|i| StepDefinition {
+                id: format!("s{i}"),
+                endpoint: "http://127.0.0.1:1".into(),
+                payload: Vec::new(),
+                compensation: Vec::new(),
+                timeout_ms: 1_000,
+                retry: RetryPolicy {
+                    max_attempts: 3,
+                    initial_backoff_ms: 10,
+                    max_backoff_ms: 100,
+                },
+                after: if i == 0 { vec![] } else { vec![i - 1] },
+                requested: Default::default(),
+            })
+            .collect(),
+        stuck_after_attempts: 3,
+    };
+    let (mut saga, _) = Saga::submit(NewSaga {
+        id: TxnId::generate(T0),
+        created_unix_ms: T0,
+        definition,
+        idempotency_key: None,
+        owner: None,
+        deadline_unix_ms,
+    });
+    let actions = saga.handle_event(SagaEvent::Persisted, T0 + 1);
+    (saga, actions)
+}
+
+#[test]
+fn a_cancelled_saga_compensates_what_ran_once_the_decision_is_durable() {
+    let (mut saga, _) = saga(2, None);
+    saga.handle_event(
+        SagaEvent::StepAnswered {
+            step: 0,
+            answer: StepAnswer::Committed,
+        },
+        T0 + 2,
+    );
+    assert_eq!(
+        saga.cancel("cancelled by its initiator".into()),
+        Ok(vec![SagaAction::PersistForced])
+    );
+    assert_eq!(saga.state(), TxnState::Running, "not shown before durable");
+    assert_eq!(saga.cancel("again".into()), Err(Refusal::DecisionInFlight));
+    // Step 1 was sent after step 0 committed: it may have run, so it is undone first.
+    assert_eq!(
+        saga.handle_event(SagaEvent::Persisted, T0 + 3),
+        vec![SagaAction::SendCompensation { step: 1 }]
+    );
+    assert_eq!(saga.state(), TxnState::Compensating);
+    assert_eq!(saga.reason(), Some("cancelled by its initiator"));
+    assert_eq!(
+        saga.cancel("again".into()),
+        Err(Refusal::AlreadyEnding(TxnState::Compensating))
+    );
+}
+
+#[test]
+fn a_saga_past_its_deadline_is_compensated_and_the_deadline_survives_in_its_record() {
+    let (mut saga, actions) = saga(1, Some(T0 + 500));
+    assert_eq!(
+        actions,
+        vec![
+            SagaAction::StartDeadlineTimer {
+                at_unix_ms: T0 + 500
+            },
+            SagaAction::SendStep { step: 0 }
+        ]
+    );
+    assert_eq!(saga.record().deadline_unix_ms, T0 + 500);
+    assert_eq!(
+        saga.handle_event(SagaEvent::DeadlineReached, T0 + 500),
+        vec![SagaAction::PersistForced]
+    );
+    assert_eq!(
+        saga.handle_event(SagaEvent::Persisted, T0 + 501),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+    assert_eq!(saga.reason(), Some("the saga's deadline passed"));
+    // After a restart the timer is set again from the record.
+    let (recovered, actions) = Saga::recover(saga.log_record(), T0 + 600);
+    assert_eq!(recovered.state(), TxnState::Compensating);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, SagaAction::StartDeadlineTimer { .. })),
+        "a compensating saga needs no deadline"
+    );
+    let (_, running) = saga_running_recovered();
+    assert!(running.contains(&SagaAction::StartDeadlineTimer {
+        at_unix_ms: T0 + 500
+    }));
+}
+
+/// A running saga with a deadline, recovered from its record.
+fn saga_running_recovered() -> (Saga, Vec<SagaAction>) {
+    let (saga, _) = saga(1, Some(T0 + 500));
+    Saga::recover(saga.log_record(), T0 + 100)
+}
+
+#[test]
+fn a_stuck_compensation_is_resolved_by_hand_but_never_as_committed() {
+    let (mut saga, _) = saga(2, None);
+    saga.handle_event(
+        SagaEvent::StepAnswered {
+            step: 0,
+            answer: StepAnswer::Committed,
+        },
+        T0 + 2,
+    );
+    saga.cancel("stop".into()).unwrap();
+    saga.handle_event(SagaEvent::Persisted, T0 + 3);
+    assert_eq!(
+        saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 3),
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendCompensation { step: 0 }
+        ]
+    );
+    saga.handle_event(
+        SagaEvent::CompensationFailed {
+            step: 0,
+            error: "participant unreachable".into(),
+        },
+        T0 + 4,
+    );
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 5),
+        Err(Refusal::ContradictsDecision {
+            branch: "s0".into(),
+            wanted: Resolution::Commit,
+            decided: "compensate"
+        })
+    );
+    // Paused: the compensation's retry timer sends nothing; resume sends it.
+    saga.handle_operator(&ops(OperatorCommand::Pause), T0 + 5)
+        .unwrap();
+    assert!(
+        saga.handle_event(
+            SagaEvent::CompensationRetryDue {
+                step: 0,
+                attempt: 1
+            },
+            T0 + 6
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 7),
+        Ok(vec![SagaAction::PersistLazy, SagaAction::PersistForced])
+    );
+    assert_eq!(saga.steps()[0].state, BranchState::Compensated);
+    saga.handle_event(SagaEvent::Persisted, T0 + 8);
+    assert_eq!(saga.state(), TxnState::Compensated);
+    assert!(saga.record().branches[0].resolution.is_some());
+}
+
+#[test]
+fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
+    let (mut saga, _) = saga(2, None);
+    saga.handle_event(
+        SagaEvent::StepFailed {
+            step: 0,
+            error: "participant unreachable".into(),
+        },
+        T0 + 2,
+    );
+    assert_eq!(
+        saga.handle_operator(&resolve("s1", Resolution::Commit), T0 + 3),
+        Err(Refusal::NothingToResolve {
+            branch: "s1".into(),
+            state: BranchState::Pending
+        })
+    );
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3),
+        Ok(vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendStep { step: 1 }
+        ])
+    );
+    // Its retry timer is stale now.
+    assert!(
+        saga.handle_event(
+            SagaEvent::StepRetryDue {
+                step: 0,
+                attempt: 1
+            },
+            T0 + 4
+        )
+        .is_empty()
+    );
+}

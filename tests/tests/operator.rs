@@ -1,0 +1,351 @@
+//! Operator verbs through the `treaty` command line (a real process) against a real
+//! coordinator and participant over gRPC: stuck work is listed by filter, paused,
+//! resumed, retried, resolved only as the decision allows, reported and forgotten; sagas
+//! are cancelled by their initiator, or compensated at their deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::time::Duration;
+
+use serde_json::Value;
+use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, SagaStep, SubmitOptions};
+use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer, eventually};
+use treaty_tests::process::workspace_binary;
+
+/// Runs `treaty ARGS --coordinator ENDPOINT`; returns whether it succeeded and stdout
+/// (stderr appended).
+async fn treaty(endpoint: &str, args: &[&str]) -> (bool, String) {
+    let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+        .args(args)
+        .args(["--coordinator", endpoint])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(PATIENCE, output)
+        .await
+        .unwrap()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// The JSON a `--json` command printed (its first line).
+fn json_of(out: &str) -> Value {
+    serde_json::from_str(out.lines().next().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The ids a `txn list --json` printed.
+fn listed_ids(out: &str) -> Vec<String> {
+    json_of(out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["transaction_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_commits_are_found_paused_retried_resolved_reported_and_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let p = participant.endpoint.clone();
+    let client = coordinator.client().await;
+    let endpoint = coordinator.endpoint.as_str();
+
+    // Committed, but the participant fails every commit: phase 2 keeps retrying.
+    participant.participant.fail_next_commits(1_000_000);
+    let stuck = client
+        .begin(
+            BeginOptions::default(),
+            vec![
+                BranchSpec::new("b0", &p, "yes"),
+                BranchSpec::new("b1", &p, "yes"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.commit(&stuck).await.unwrap(), Outcome::Committed);
+    // Active for the whole test (a slow machine must not see it abort at its deadline).
+    let half_an_hour = BeginOptions {
+        deadline_unix_ms: Some(treaty_coordinator::runtime::now_unix_ms() + 1_800_000),
+        ..BeginOptions::default()
+    };
+    let open = client
+        .begin(half_an_hour, vec![BranchSpec::new("x", &p, "yes")])
+        .await
+        .unwrap();
+
+    // Filters: by state, by endpoint, by age; a verb without id or filter is refused.
+    let (ok, out) = treaty(
+        endpoint,
+        &["txn", "list", "--state", "committing", "--json"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert_eq!(listed_ids(&out), vec![stuck.clone()]);
+    let (ok, out) = treaty(endpoint, &["txn", "list", "--endpoint", &p, "--json"]).await;
+    assert!(
+        ok && listed_ids(&out) == vec![stuck.clone(), open.clone()],
+        "{out}"
+    );
+    let (ok, out) = treaty(endpoint, &["txn", "list", "--older-than", "1h", "--json"]).await;
+    assert!(ok && listed_ids(&out).is_empty(), "{out}");
+    let (ok, out) = treaty(endpoint, &["txn", "pause"]).await;
+    assert!(!ok && out.contains("name a transaction id"), "{out}");
+
+    // Flagged stuck once a delivery failed 10 times.
+    eventually("the commit is flagged stuck", || async {
+        let (ok, out) = treaty(endpoint, &["txn", "list", "--stuck", "--json"]).await;
+        (ok && listed_ids(&out) == vec![stuck.clone()]).then_some(())
+    })
+    .await;
+
+    // Paused: no more calls reach the participant until resumed.
+    let (ok, out) = treaty(
+        endpoint,
+        &["txn", "pause", &stuck, "--reason", "maintenance", "--json"],
+    )
+    .await;
+    assert!(ok && json_of(&out)[0]["applied"] == true, "{out}");
+    let attempts = || async {
+        let txn = client.get(&stuck).await.unwrap().unwrap();
+        txn.branches.iter().map(|b| b.attempts).sum::<u32>()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await; // calls in flight finish
+    let attempts_when_paused = attempts().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        attempts().await,
+        attempts_when_paused,
+        "deliveries went out while paused"
+    );
+    let (ok, out) = treaty(endpoint, &["txn", "show", &stuck, "--json"]).await;
+    let shown = json_of(&out);
+    assert!(ok && shown["paused"] == true, "{out}");
+    assert!(
+        shown["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["reason"] == "retries paused by an operator: maintenance"),
+        "{out}"
+    );
+    // Pausing twice does not apply (and says why); the exit status says so too.
+    let (ok, out) = treaty(endpoint, &["txn", "pause", &stuck, "--json"]).await;
+    assert!(
+        !ok && json_of(&out)[0]["detail"] == "its retries are already paused",
+        "{out}"
+    );
+
+    // Resolving against the durable commit decision is refused and changes nothing.
+    let (ok, out) = treaty(
+        endpoint,
+        &[
+            "txn", "resolve", &stuck, "--branch", "b1", "--abort", "--json",
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        json_of(&out)[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("contradicts the decision to commit"),
+        "{out}"
+    );
+    // The operator applied b1 by hand; the participant recovers and b0 is retried now.
+    let (ok, out) = treaty(
+        endpoint,
+        &[
+            "txn",
+            "resolve",
+            &stuck,
+            "--branch",
+            "b1",
+            "--commit",
+            "--reason",
+            "applied by hand",
+        ],
+    )
+    .await;
+    assert!(ok && out.contains("applied"), "{out}");
+    participant.participant.fail_next_commits(0);
+    let (ok, out) = treaty(endpoint, &["txn", "resume", "--endpoint", &p, "--json"]).await;
+    // The open transaction is not paused: resume applies to one of the two.
+    let results = json_of(&out);
+    assert!(!ok, "{out}");
+    assert_eq!(results.as_array().unwrap().len(), 2, "{out}");
+    eventually("the stuck commit finishes", || async {
+        let txn = client.get(&stuck).await.unwrap().unwrap();
+        (txn.state == treaty_sdk::client::TransactionState::Committed as i32).then_some(())
+    })
+    .await;
+    assert!(participant.participant.ops(&stuck, "b0").len() >= 2);
+
+    // The report says which branch applied what, and who resolved what.
+    let (ok, out) = treaty(endpoint, &["txn", "report", &stuck, "--json"]).await;
+    assert!(ok, "{out}");
+    let report = json_of(&out);
+    let branches = report["branches"].as_array().unwrap();
+    assert_eq!(branches[0]["applied"], "committed", "{out}");
+    assert_eq!(branches[1]["applied"], "committed", "{out}");
+    assert_eq!(branches[1]["resolution"]["outcome"], "commit", "{out}");
+    assert_eq!(
+        branches[1]["resolution"]["reason"], "applied by hand",
+        "{out}"
+    );
+
+    // The endpoints' health shows the failures of the last minute.
+    let (ok, out) = treaty(endpoint, &["endpoints", "--json"]).await;
+    assert!(ok, "{out}");
+    let endpoints = json_of(&out);
+    let seen = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["endpoint"] == p.as_str())
+        .unwrap_or_else(|| panic!("{p} not listed: {out}"));
+    assert!(seen["recent_failures"].as_u64().unwrap() >= 10, "{out}");
+    assert!(seen["recent_calls"].as_u64().unwrap() > seen["recent_failures"].as_u64().unwrap());
+    assert_eq!(seen["circuit"], "CLOSED", "{out}");
+
+    // Forget: only final transactions; then it is gone from memory and the log.
+    let (ok, out) = treaty(endpoint, &["txn", "forget", &open, "--json"]).await;
+    assert!(!ok && json_of(&out)[0]["applied"] == false, "{out}");
+    let (ok, out) = treaty(endpoint, &["txn", "forget", &stuck]).await;
+    assert!(ok, "{out}");
+    assert_eq!(client.get(&stuck).await.unwrap(), None);
+    let (ok, out) = treaty(endpoint, &["txn", "show", &stuck]).await;
+    assert!(!ok && out.contains("unknown transaction"), "{out}");
+
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
+
+/// A step at an address where nothing listens: its calls fail until resolved.
+fn dead_step(id: &str) -> SagaStep {
+    SagaStep::new(id, "http://127.0.0.1:9", "forward")
+        .compensation("undo")
+        .retry(100, 100, 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_are_cancelled_by_their_initiator_or_compensated_at_their_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let client = coordinator.client().await;
+    let endpoint = coordinator.endpoint.as_str();
+
+    // Cancelled while its second step keeps failing: the first is compensated once the
+    // second is resolved as undone (it never ran: nothing listens there).
+    let submitted = client
+        .submit_saga(
+            vec![
+                SagaStep::new("reserve", &participant.endpoint, "yes").compensation("release"),
+                dead_step("ship").after(["reserve"]),
+            ],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap();
+    let id = submitted.transaction_id;
+    eventually("the first step committed", || async {
+        let txn = client.get(&id).await.unwrap().unwrap();
+        (txn.branches[0].state == treaty_sdk::client::BranchState::Committed as i32).then_some(())
+    })
+    .await;
+    let (cancelled, txn) = client
+        .cancel_saga(&id, "customer changed their mind")
+        .await
+        .unwrap();
+    assert!(cancelled);
+    assert_eq!(
+        txn.state,
+        treaty_sdk::client::TransactionState::Compensating as i32
+    );
+    assert_eq!(
+        txn.reason,
+        "cancelled by its initiator: customer changed their mind"
+    );
+    // Cancelling again answers the same.
+    assert!(client.cancel_saga(&id, "again").await.unwrap().0);
+    let (ok, out) = treaty(
+        endpoint,
+        &[
+            "txn", "resolve", &id, "--branch", "ship", "--commit", "--json",
+        ],
+    )
+    .await;
+    assert!(
+        !ok && out.contains("contradicts the decision to compensate"),
+        "{out}"
+    );
+    let (ok, out) = treaty(
+        endpoint,
+        &[
+            "txn",
+            "resolve",
+            &id,
+            "--branch",
+            "ship",
+            "--abort",
+            "--reason",
+            "never shipped",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    eventually("the saga is compensated", || async {
+        let txn = client.get(&id).await.unwrap().unwrap();
+        (txn.state == treaty_sdk::client::TransactionState::Compensated as i32).then_some(())
+    })
+    .await;
+    assert_eq!(
+        participant.participant.compensated(),
+        vec![(id.clone(), "reserve".to_string())]
+    );
+
+    // A deadline: not completed by then, it is compensated.
+    let deadline_unix_ms = treaty_coordinator::runtime::now_unix_ms() + 1_500;
+    let submitted = client
+        .submit_saga(
+            vec![dead_step("late")],
+            SubmitOptions {
+                deadline_unix_ms: Some(deadline_unix_ms),
+                ..SubmitOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let late = submitted.transaction_id;
+    assert_eq!(submitted.transaction.deadline_unix_ms, deadline_unix_ms);
+    let txn = eventually("the deadline compensates the saga", || async {
+        let txn = client.get(&late).await.unwrap().unwrap();
+        (txn.state == treaty_sdk::client::TransactionState::Compensating as i32).then_some(txn)
+    })
+    .await;
+    assert_eq!(txn.reason, "the saga's deadline passed");
+    // A deadline in the past is refused, naming the field.
+    let refused = client
+        .submit_saga(
+            vec![dead_step("x")],
+            SubmitOptions {
+                deadline_unix_ms: Some(1),
+                ..SubmitOptions::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("deadline_unix_ms"),
+        "{refused}"
+    );
+
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
