@@ -152,3 +152,23 @@ pub async fn start_scripted_participant(data_dir: &Path, listen: &str) -> Server
     )
     .await
 }
+
+/// Runs the `treaty` command line with `args`, then `--coordinator COORDINATOR`; returns
+/// whether it exited successfully, and its stdout with its stderr after.
+pub async fn treaty_cli(coordinator: &str, args: &[&str]) -> (bool, String) {
+    let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+        .args(args)
+        .args(["--coordinator", coordinator])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(PATIENCE, output)
+        .await
+        .expect("the treaty command finishes in time")
+        .expect("run the treaty command");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}

@@ -5,25 +5,11 @@
 
 use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome};
 use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer};
-use treaty_tests::process::{start_server, workspace_binary};
+use treaty_tests::process::{start_server, treaty_cli, workspace_binary};
 
 async fn treaty(endpoint: &str, args: &[&str]) -> (bool, String) {
-    let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
-        .arg("txn")
-        .args(args)
-        .args(["--coordinator", endpoint])
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(PATIENCE, output)
-        .await
-        .unwrap()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    let args: Vec<&str> = ["txn"].into_iter().chain(args.iter().copied()).collect();
+    treaty_cli(endpoint, &args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

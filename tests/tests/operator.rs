@@ -9,27 +9,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, SagaStep, SubmitOptions};
-use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer, eventually};
-use treaty_tests::process::workspace_binary;
+use treaty_tests::harness::{Coordinator, ParticipantServer, eventually};
+use treaty_tests::process::treaty_cli;
 
-/// Runs `treaty ARGS --coordinator ENDPOINT`; returns whether it succeeded and stdout
-/// (stderr appended).
 async fn treaty(endpoint: &str, args: &[&str]) -> (bool, String) {
-    let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
-        .args(args)
-        .args(["--coordinator", endpoint])
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(PATIENCE, output)
-        .await
-        .unwrap()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    treaty_cli(endpoint, args).await
 }
 
 /// The JSON a `--json` command printed (its first line).

@@ -104,6 +104,55 @@ impl OperatorRequest {
     }
 }
 
+/// Retry-now, pause and resume: the same for both engines, which say how they keep the
+/// flag, send what waits and note an event in their history.
+pub trait RetryControl {
+    type Action;
+
+    fn paused_mut(&mut self) -> &mut bool;
+
+    /// Sends now every delivery waiting for a retry timer (or for `Resume`).
+    fn send_waiting(&mut self, now: UnixMs) -> Vec<Self::Action>;
+
+    fn note(&mut self, reason: String, now: UnixMs);
+
+    /// Carries out `RetryNow`, `Pause` or `Resume` (other commands change nothing).
+    fn control_retries(
+        &mut self,
+        request: &OperatorRequest,
+        now: UnixMs,
+    ) -> Result<Vec<Self::Action>, Refusal> {
+        let (actions, what) = match request.command {
+            OperatorCommand::RetryNow => {
+                let actions = self.send_waiting(now);
+                if actions.is_empty() {
+                    return Err(Refusal::NothingToRetry);
+                }
+                (actions, "retried now")
+            }
+            OperatorCommand::Pause => {
+                let paused = self.paused_mut();
+                if *paused {
+                    return Err(Refusal::AlreadyPaused);
+                }
+                *paused = true;
+                (Vec::new(), "retries paused")
+            }
+            OperatorCommand::Resume => {
+                let paused = self.paused_mut();
+                if !*paused {
+                    return Err(Refusal::NotPaused);
+                }
+                *paused = false;
+                (self.send_waiting(now), "retries resumed")
+            }
+            _ => return Ok(Vec::new()),
+        };
+        self.note(request.describe(what), now);
+        Ok(actions)
+    }
+}
+
 /// Why a command was refused. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {

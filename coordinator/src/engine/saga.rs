@@ -28,7 +28,7 @@
 //! - An operator may pause retries, send them at once, or state a stuck step's outcome;
 //!   a stated outcome that contradicts the decision to compensate is refused.
 
-use super::messages::{NO_ANSWER, OperatorCommand, OperatorRequest, Refusal};
+use super::messages::{NO_ANSWER, OperatorCommand, OperatorRequest, Refusal, RetryControl};
 use crate::model::{
     AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, RetryPolicy,
     SagaDefinition, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
@@ -766,60 +766,13 @@ impl Saga {
         match &request.command {
             OperatorCommand::Cancel => self.cancel(request.describe("cancelled")),
             _ if state.is_final() => Err(Refusal::Final(state)),
-            OperatorCommand::RetryNow => {
-                let actions = self.send_waiting(now);
-                if actions.is_empty() {
-                    return Err(Refusal::NothingToRetry);
-                }
-                self.note(request.describe("retried now"), now);
-                Ok(actions)
-            }
-            OperatorCommand::Pause => {
-                if self.paused {
-                    return Err(Refusal::AlreadyPaused);
-                }
-                self.paused = true;
-                self.note(request.describe("retries paused"), now);
-                Ok(Vec::new())
-            }
-            OperatorCommand::Resume => {
-                if !self.paused {
-                    return Err(Refusal::NotPaused);
-                }
-                self.paused = false;
-                self.note(request.describe("retries resumed"), now);
-                Ok(self.send_waiting(now))
+            OperatorCommand::RetryNow | OperatorCommand::Pause | OperatorCommand::Resume => {
+                self.control_retries(request, now)
             }
             OperatorCommand::Resolve { branch_id, outcome } => {
                 self.resolve(request, branch_id, *outcome, now)
             }
         }
-    }
-
-    /// Sends now every call that waits (for a retry timer, or for `Resume`): forward
-    /// actions of running steps, or compensations, with no call in flight.
-    fn send_waiting(&mut self, now: UnixMs) -> Vec<SagaAction> {
-        let compensating = match self.phase {
-            SagaPhase::Running => false,
-            SagaPhase::Compensating => true,
-            _ => return Vec::new(),
-        };
-        let mut actions = Vec::new();
-        for (step, s) in self.steps.iter_mut().enumerate() {
-            if s.history.open_for_at_least(0, now) {
-                continue;
-            }
-            if !compensating && s.state == BranchState::Running {
-                s.attempts += 1;
-                s.history.start(Operation::Step, now);
-                actions.push(SagaAction::SendStep { step });
-            } else if compensating && s.state == BranchState::Compensating && s.compensation_sent {
-                s.compensation_attempts += 1;
-                s.history.start(Operation::Compensate, now);
-                actions.push(SagaAction::SendCompensation { step });
-            }
-        }
-        actions
     }
 
     /// An operator states a step's outcome: a forward action that keeps failing is
@@ -983,6 +936,40 @@ impl Saga {
             at_unix_ms: now,
             reason,
         });
+    }
+}
+
+impl RetryControl for Saga {
+    type Action = SagaAction;
+
+    fn paused_mut(&mut self) -> &mut bool {
+        &mut self.paused
+    }
+
+    /// Sends now every call that waits (for a retry timer, or for `Resume`): forward
+    /// actions of running steps, or compensations, with no call in flight.
+    fn send_waiting(&mut self, now: UnixMs) -> Vec<SagaAction> {
+        let compensating = match self.phase {
+            SagaPhase::Running => false,
+            SagaPhase::Compensating => true,
+            _ => return Vec::new(),
+        };
+        let mut actions = Vec::new();
+        for (step, s) in self.steps.iter_mut().enumerate() {
+            if s.history.open_for_at_least(0, now) {
+                continue;
+            }
+            if !compensating && s.state == BranchState::Running {
+                s.attempts += 1;
+                s.history.start(Operation::Step, now);
+                actions.push(SagaAction::SendStep { step });
+            } else if compensating && s.state == BranchState::Compensating && s.compensation_sent {
+                s.compensation_attempts += 1;
+                s.history.start(Operation::Compensate, now);
+                actions.push(SagaAction::SendCompensation { step });
+            }
+        }
+        actions
     }
 
     /// A notable event in the history, without a change of state.
