@@ -23,6 +23,7 @@ pub mod defaults {
     pub const RETRY_BACKOFF_INITIAL_MS: u64 = 100;
     pub const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
     pub const MAX_ACTIVE_TRANSACTIONS: usize = 100_000;
+    pub const MAX_UNDELIVERED_ABORTS: usize = 100_000;
     pub const MAX_ACTIVE_PER_PRINCIPAL: usize = 10_000;
     pub const MAX_PAYLOAD_MEMORY_BYTES: usize = 512 * 1024 * 1024;
     pub const MAX_IN_FLIGHT_CALLS: usize = 4_096;
@@ -89,6 +90,12 @@ pub struct ServeConfig {
     /// Transactions in progress at once; Begin beyond it is RESOURCE_EXHAUSTED.
     #[arg(long, env = "TREATY_MAX_ACTIVE_TRANSACTIONS", default_value_t = defaults::MAX_ACTIVE_TRANSACTIONS)]
     pub max_active_transactions: usize,
+
+    /// Aborts still undelivered past their transaction's deadline that are kept (and
+    /// retried) in memory; the oldest beyond are forgotten (a participant in doubt asks
+    /// and hears ABORT). They no longer count as transactions in progress.
+    #[arg(long, env = "TREATY_MAX_UNDELIVERED_ABORTS", default_value_t = defaults::MAX_UNDELIVERED_ABORTS)]
+    pub max_undelivered_aborts: usize,
 
     /// Transactions one authenticated principal may have in progress at once (Begin or
     /// SubmitSaga beyond it is RESOURCE_EXHAUSTED); not applied without authentication.
@@ -223,6 +230,7 @@ impl ServeConfig {
             retry_backoff_initial_ms: defaults::RETRY_BACKOFF_INITIAL_MS,
             retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
             max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
+            max_undelivered_aborts: defaults::MAX_UNDELIVERED_ABORTS,
             max_active_per_principal: defaults::MAX_ACTIVE_PER_PRINCIPAL,
             max_payload_memory_bytes: defaults::MAX_PAYLOAD_MEMORY_BYTES,
             max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,
@@ -273,6 +281,7 @@ impl ServeConfig {
             self.max_active_transactions as u64,
         )?;
         positive("max_in_flight_calls", self.max_in_flight_calls as u64)?;
+        positive("max_undelivered_aborts", self.max_undelivered_aborts as u64)?;
         positive(
             "max_active_per_principal",
             self.max_active_per_principal as u64,
@@ -333,6 +342,12 @@ impl ServeConfig {
         at_most(
             "max_active_transactions",
             self.max_active_transactions as u64,
+            10_000_000,
+            "10,000,000",
+        )?;
+        at_most(
+            "max_undelivered_aborts",
+            self.max_undelivered_aborts as u64,
             10_000_000,
             "10,000,000",
         )?;
@@ -458,6 +473,7 @@ impl ServeConfig {
             retry_backoff_initial_ms: self.retry_backoff_initial_ms,
             retry_backoff_max_ms: self.retry_backoff_max_ms,
             max_active_transactions: self.max_active_transactions,
+            max_undelivered_aborts: self.max_undelivered_aborts,
             max_active_per_principal: self.max_active_per_principal,
             max_payload_memory_bytes: self.max_payload_memory_bytes,
             max_in_flight_calls: self.max_in_flight_calls,

@@ -160,3 +160,84 @@ async fn a_refusing_participant_opens_its_circuit_and_a_probe_closes_it() {
     daemon.stop(Duration::from_secs(30)).await.unwrap();
     participant.stop(Duration::from_secs(30)).await.unwrap();
 }
+
+/// Presumed abort needs no acknowledgement: an abort nobody acknowledges is retried, but
+/// gives back its slot of the work in progress at the transaction's deadline, and at most
+/// `max_undelivered_aborts` of them are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_nobody_acknowledges_gives_back_its_slot_at_the_deadline() {
+    use treaty_sdk::client::TransactionState;
+    use treaty_tests::harness::{Coordinator, coordinator_config};
+
+    let dir = tempfile::tempdir().unwrap();
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let mut config = coordinator_config(&dir.path().join("coordinator"));
+    config.max_active_transactions = 2;
+    config.max_undelivered_aborts = 1;
+    config.shards = 1;
+    let coordinator = Coordinator::start_with(config).await;
+    let client = coordinator.client().await;
+    // Nothing listens on port 9: the prepare fails, so does every abort sent there.
+    let branches = || {
+        vec![
+            BranchSpec::new("gone", "http://127.0.0.1:9", "yes"),
+            BranchSpec::new("here", &participant.endpoint, "yes"),
+        ]
+    };
+    let soon = || BeginOptions {
+        deadline_unix_ms: Some(treaty_coordinator::runtime::now_unix_ms() + 3_000),
+        ..BeginOptions::default()
+    };
+    let mut aborted = Vec::new();
+    for _ in 0..2 {
+        let id = client.begin(soon(), branches()).await.unwrap();
+        assert!(matches!(
+            client.commit(&id).await.unwrap(),
+            Outcome::Aborted { .. }
+        ));
+        aborted.push(id);
+    }
+    let state = |id: String| {
+        let client = client.clone();
+        async move { client.get(&id).await.unwrap().map(|t| t.state) }
+    };
+    assert_eq!(
+        state(aborted[0].clone()).await,
+        Some(TransactionState::Aborting as i32)
+    );
+    // Both still hold their slots before the deadline.
+    let refused = client.begin(soon(), branches()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(tonic::Code::ResourceExhausted),
+        "{refused}"
+    );
+    // At the deadline they give them back; the newer stays, still retried, the older is
+    // forgotten (one undelivered abort is kept).
+    let id = eventually("a slot is free again", || async {
+        client.begin(BeginOptions::default(), branches()).await.ok()
+    })
+    .await;
+    client.abort(&id, "done with it").await.unwrap();
+    let kept = eventually("the older undelivered abort is forgotten", || async {
+        let older = state(aborted[0].clone()).await;
+        let newer = client.get(&aborted[1]).await.unwrap();
+        (older.is_none()).then_some(newer).flatten()
+    })
+    .await;
+    assert_eq!(kept.state, TransactionState::Aborting as i32);
+    assert!(
+        kept.transitions
+            .iter()
+            .any(|t| t.reason.starts_with("abort undelivered at the deadline")),
+        "{:?}",
+        kept.transitions
+    );
+    // Presumed abort: a participant in doubt about the forgotten one hears ABORT.
+    assert_eq!(
+        client.outcome(&aborted[0]).await.unwrap(),
+        treaty_sdk::client::Decision::Abort
+    );
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}

@@ -509,3 +509,37 @@ fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
         .is_empty()
     );
 }
+
+#[test]
+fn past_its_deadline_a_transaction_waiting_only_on_a_participant_says_so() {
+    // An abort not delivered.
+    let mut txn = two_phase(2);
+    txn.handle_command(Command::Commit, T0).unwrap();
+    txn.handle_event(
+        Event::PrepareFailed {
+            branch: 0,
+            error: "participant unreachable".into(),
+        },
+        T0 + 1,
+    );
+    assert_eq!(txn.state(), TxnState::Aborting);
+    assert!(!txn.waits_past_deadline(T0 + 59_999));
+    assert!(
+        txn.handle_event(Event::DeadlineReached, T0 + 60_000)
+            .is_empty()
+    );
+    assert!(txn.waits_past_deadline(T0 + 60_000));
+    assert!(
+        txn.transitions()
+            .last()
+            .is_some_and(|t| t.reason.starts_with("abort undelivered at the deadline"))
+    );
+    // A one-phase commit whose participant never answers, probed at the deadline.
+    let mut txn = two_phase(1);
+    txn.handle_command(Command::Commit, T0).unwrap();
+    assert!(!txn.waits_past_deadline(T0 + 60_000), "not probed yet");
+    txn.handle_event(Event::DeadlineReached, T0 + 60_000);
+    assert!(txn.waits_past_deadline(T0 + 60_000));
+    // Neither a commit being delivered.
+    assert!(!committing().waits_past_deadline(T0 + 120_000));
+}

@@ -35,10 +35,12 @@
 //!   has acknowledged; only then is the transaction final.
 //! - A one-phase commit's outcome is the participant's: at the deadline the coordinator
 //!   asks for an abort, and whichever definitive answer comes first is the outcome.
+//! - Aborts undelivered at the deadline are still retried (noted in the history); the
+//!   runtime stops counting such a transaction as work in progress.
 
 pub use super::messages::{
     Action, Answer, BranchSpec, Command, Event, NO_ANSWER, NewTransaction, OperatorCommand,
-    OperatorRequest, Refusal, Vote,
+    OperatorRequest, Refusal, RetryControl, Vote,
 };
 use crate::model::{
     AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, Transition,
@@ -283,6 +285,17 @@ impl TwoPhaseCommit {
         self.created_unix_ms
     }
 
+    /// Whether it is past its deadline yet still waits on a participant: aborts not
+    /// delivered, or a one-phase commit whose participant does not answer. Such a
+    /// transaction no longer counts as work in progress (see the runtime's admission).
+    pub fn waits_past_deadline(&self, now: UnixMs) -> bool {
+        now >= self.deadline_unix_ms
+            && matches!(
+                self.phase,
+                Phase::Aborting | Phase::OnePhase { probing: true }
+            )
+    }
+
     /// What the log stores and GetTransaction shows.
     pub fn record(&self) -> TxnRecord {
         TxnRecord {
@@ -471,6 +484,12 @@ impl TwoPhaseCommit {
                     self.branches[0].attempts += 1;
                     self.branches[0].history.start(Operation::Abort, now);
                     vec![Action::SendAbort { branch: 0 }]
+                }
+                Phase::Aborting => {
+                    let note = "abort undelivered at the deadline: still retried, and a \
+                                participant in doubt hears ABORT when it asks";
+                    self.note(note.to_string(), now);
+                    Vec::new()
                 }
                 _ => Vec::new(),
             },
@@ -706,21 +725,6 @@ impl TwoPhaseCommit {
         }
     }
 
-    /// Sends now every delivery that waits (for a retry timer, or for `Resume`): each
-    /// branch still awaiting one with no call in flight. Stale timers are ignored later.
-    fn send_waiting(&mut self, now: UnixMs) -> Vec<Action> {
-        let Some(operation) = self.delivery_operation() else {
-            return Vec::new();
-        };
-        let mut actions = Vec::new();
-        for (branch, b) in self.branches.iter_mut().enumerate() {
-            if b.awaiting_ack && !b.history.open_for_at_least(0, now) {
-                actions.push(b.send_phase_two(branch, operation, now));
-            }
-        }
-        actions
-    }
-
     /// Handles an operator's request (the API checked the caller is an admin).
     pub fn handle_operator(
         &mut self,
@@ -744,29 +748,8 @@ impl TwoPhaseCommit {
             {
                 Err(Refusal::Final(state))
             }
-            OperatorCommand::RetryNow => {
-                let actions = self.send_waiting(now);
-                if actions.is_empty() {
-                    return Err(Refusal::NothingToRetry);
-                }
-                self.note(request.describe("retried now"), now);
-                Ok(actions)
-            }
-            OperatorCommand::Pause => {
-                if self.paused {
-                    return Err(Refusal::AlreadyPaused);
-                }
-                self.paused = true;
-                self.note(request.describe("retries paused"), now);
-                Ok(Vec::new())
-            }
-            OperatorCommand::Resume => {
-                if !self.paused {
-                    return Err(Refusal::NotPaused);
-                }
-                self.paused = false;
-                self.note(request.describe("retries resumed"), now);
-                Ok(self.send_waiting(now))
+            OperatorCommand::RetryNow | OperatorCommand::Pause | OperatorCommand::Resume => {
+                self.control_retries(request, now)
             }
             OperatorCommand::Resolve { branch_id, outcome } => {
                 self.resolve(request, branch_id, *outcome, now)
@@ -937,6 +920,33 @@ impl TwoPhaseCommit {
         }
     }
 
+    fn branch_is(&self, index: usize, state: BranchState) -> bool {
+        self.branches.get(index).is_some_and(|b| b.state == state)
+    }
+}
+
+impl RetryControl for TwoPhaseCommit {
+    type Action = Action;
+
+    fn paused_mut(&mut self) -> &mut bool {
+        &mut self.paused
+    }
+
+    /// Sends now every delivery that waits (for a retry timer, or for `Resume`): each
+    /// branch still awaiting one with no call in flight. Stale timers are ignored later.
+    fn send_waiting(&mut self, now: UnixMs) -> Vec<Action> {
+        let Some(operation) = self.delivery_operation() else {
+            return Vec::new();
+        };
+        let mut actions = Vec::new();
+        for (branch, b) in self.branches.iter_mut().enumerate() {
+            if b.awaiting_ack && !b.history.open_for_at_least(0, now) {
+                actions.push(b.send_phase_two(branch, operation, now));
+            }
+        }
+        actions
+    }
+
     /// A notable event in the history (an operator's action, a stuck flag), without a
     /// change of state.
     fn note(&mut self, reason: String, now: UnixMs) {
@@ -945,9 +955,5 @@ impl TwoPhaseCommit {
             at_unix_ms: now,
             reason,
         });
-    }
-
-    fn branch_is(&self, index: usize, state: BranchState) -> bool {
-        self.branches.get(index).is_some_and(|b| b.state == state)
     }
 }

@@ -107,6 +107,15 @@ impl Machine {
         }
     }
 
+    /// Past its deadline and only waiting on a participant (see
+    /// `TwoPhaseCommit::waits_past_deadline`); sagas have no such state.
+    pub(super) fn waits_past_deadline(&self, now: u64) -> bool {
+        match self {
+            Machine::TwoPhase(txn) => txn.waits_past_deadline(now),
+            Machine::Saga(_) => false,
+        }
+    }
+
     pub(super) fn owner(&self) -> Option<&str> {
         match self {
             Machine::TwoPhase(txn) => txn.owner(),

@@ -53,6 +53,9 @@ pub struct RuntimeConfig {
     pub retry_backoff_initial_ms: u64,
     pub retry_backoff_max_ms: u64,
     pub max_active_transactions: usize,
+    /// Aborts undelivered past their deadline kept in memory (and retried) at most; the
+    /// oldest beyond are forgotten.
+    pub max_undelivered_aborts: usize,
     /// Transactions one principal may have in progress at once.
     pub max_active_per_principal: usize,
     /// Payload bytes transactions in progress may hold in memory, all together.
@@ -92,6 +95,7 @@ impl Default for RuntimeConfig {
             retry_backoff_initial_ms: defaults::RETRY_BACKOFF_INITIAL_MS,
             retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
             max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
+            max_undelivered_aborts: defaults::MAX_UNDELIVERED_ABORTS,
             max_active_per_principal: defaults::MAX_ACTIVE_PER_PRINCIPAL,
             max_payload_memory_bytes: defaults::MAX_PAYLOAD_MEMORY_BYTES,
             max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,

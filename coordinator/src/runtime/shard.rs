@@ -151,6 +151,9 @@ pub(super) struct Entry {
     /// The W3C trace of the transaction and the span its participant calls are
     /// children of (each call gets a span id of its own).
     pub(super) trace: TraceContext,
+    /// No longer counted as work in progress: past its deadline, it only waits on a
+    /// participant (see `TwoPhaseCommit::waits_past_deadline`).
+    released: bool,
 }
 
 impl Entry {
@@ -162,6 +165,7 @@ impl Entry {
             updates: None,
             deadline_timer: None,
             prepare_timer: None,
+            released: false,
         }
     }
 
@@ -203,6 +207,9 @@ pub(super) struct Shard {
     pub(super) fatal: mpsc::UnboundedSender<String>,
     /// Where the next sweep continues.
     sweep_after: Option<TxnId>,
+    /// Aborts undelivered past their deadline, oldest first (ids of ones that ended
+    /// since are dropped at housekeeping); at most `max_undelivered_aborts` are kept.
+    undelivered_aborts: VecDeque<TxnId>,
 }
 
 impl Shard {
@@ -229,6 +236,7 @@ impl Shard {
             load,
             fatal,
             sweep_after: None,
+            undelivered_aborts: VecDeque::new(),
         }
     }
 
@@ -292,7 +300,10 @@ impl Shard {
                     tracing::warn!(unfinished, "shutdown grace period over; recovery will finish the rest");
                     break;
                 }
-                _ = housekeeping.tick() => self.evict(now_unix_ms()),
+                _ = housekeeping.tick() => {
+                    self.evict(now_unix_ms());
+                    self.undelivered_aborts.retain(|id| self.txns.get(id).is_some_and(|e| !e.machine.state().is_final()));
+                }
                 _ = sweeping.tick() => self.sweep(now_unix_ms()),
             }
         }
@@ -550,11 +561,8 @@ impl Shard {
         now: UnixMs,
     ) -> Result<TxnRecord, RuntimeError> {
         let _span = txn_span(id).entered();
-        let entry = self
-            .txns
-            .get_mut(&id)
-            .filter(|e| e.machine.is_visible())
-            .ok_or(RuntimeError::UnknownTransaction(id))?;
+        let participants = self.participants.clone();
+        let entry = self.visible_mut(id)?;
         let before = entry.machine.state();
         if matches!(
             request.command,
@@ -562,7 +570,7 @@ impl Shard {
         ) {
             // What is sent now must not be refused by a circuit still cooling down.
             for endpoint in entry.machine.endpoints() {
-                self.participants.probe_now(endpoint);
+                participants.probe_now(endpoint);
             }
         }
         let actions = match &mut entry.machine {
@@ -587,11 +595,7 @@ impl Shard {
         now: UnixMs,
     ) -> Result<watch::Receiver<Arc<TxnRecord>>, RuntimeError> {
         let _span = txn_span(id).entered();
-        let entry = self
-            .txns
-            .get_mut(&id)
-            .filter(|e| e.machine.is_visible())
-            .ok_or(RuntimeError::UnknownTransaction(id))?;
+        let entry = self.visible_mut(id)?;
         let before = entry.machine.state();
         let Machine::Saga(saga) = &mut entry.machine else {
             return Err(RuntimeError::NotSaga(id));
@@ -621,6 +625,14 @@ impl Shard {
             }
         }
         Ok(Some(record))
+    }
+
+    /// A transaction users may see, to act on.
+    fn visible_mut(&mut self, id: TxnId) -> Result<&mut Entry, RuntimeError> {
+        self.txns
+            .get_mut(&id)
+            .filter(|e| e.machine.is_visible())
+            .ok_or(RuntimeError::UnknownTransaction(id))
     }
 
     fn visible(&self, id: TxnId) -> Option<&Entry> {
@@ -723,14 +735,30 @@ impl Shard {
         if let Some(updates) = &entry.updates {
             updates.send_replace(Arc::new(entry.machine.record()));
         }
+        if !entry.released && entry.machine.waits_past_deadline(now) {
+            // Presumed abort needs no acknowledgement (a participant in doubt asks and
+            // hears ABORT), and a one-phase commit's outcome is its participant's: what
+            // is left is retried, but no longer holds a slot of the work in progress.
+            entry.released = true;
+            self.load
+                .release(entry.machine.owner(), entry.payload_bytes);
+            if state == TxnState::Aborting {
+                self.undelivered_aborts.push_back(id);
+                self.forget_undelivered_beyond_cap();
+            }
+            return self.after_step(id, before, now);
+        }
         if state == before {
             return;
         }
         tracing::debug!(from = ?before, to = ?state, reason = entry.machine.reason().unwrap_or(""), "transaction state changed");
         if state.is_decided() {
-            // Deadline and prepare timeout mean nothing once the outcome is fixed.
-            let keys = [entry.deadline_timer.take(), entry.prepare_timer.take()];
-            for key in keys.into_iter().flatten() {
+            // The prepare timeout means nothing once the outcome is fixed; the deadline
+            // only to an abort still being delivered (it stops holding a slot then).
+            let deadline = (state != TxnState::Aborting)
+                .then(|| entry.deadline_timer.take())
+                .flatten();
+            for key in [deadline, entry.prepare_timer.take()].into_iter().flatten() {
                 self.timers.remove(&key);
             }
         }
@@ -738,9 +766,38 @@ impl Shard {
             self.config
                 .metrics
                 .transaction_ended(entry.machine.kind(), state);
-            self.load
-                .release(entry.machine.owner(), entry.payload_bytes);
+            if !entry.released {
+                self.load
+                    .release(entry.machine.owner(), entry.payload_bytes);
+            }
             self.retained.push_back((now, id));
+        }
+    }
+
+    /// Keeps at most `max_undelivered_aborts` aborts undelivered past their deadline in
+    /// memory (per shard, its share): the oldest beyond are forgotten, which presumed
+    /// abort allows — a participant in doubt asks and hears ABORT.
+    fn forget_undelivered_beyond_cap(&mut self) {
+        // Ids of aborts that ended since are dropped at housekeeping; until then they
+        // count here too, so one may be forgotten a little early (which is safe).
+        let cap = (self.config.max_undelivered_aborts / self.config.shards.max(1)).max(1);
+        while self.undelivered_aborts.len() > cap {
+            let Some(oldest) = self.undelivered_aborts.pop_front() else {
+                break;
+            };
+            let live = self
+                .txns
+                .get(&oldest)
+                .is_some_and(|e| e.machine.state() == TxnState::Aborting);
+            if live {
+                // Its watchers' streams end with it.
+                self.txns.remove(&oldest);
+                let _span = txn_span(oldest).entered();
+                tracing::warn!(
+                    cap,
+                    "too many aborts undelivered past their deadline: the oldest is forgotten; its participants learn ABORT when they ask"
+                );
+            }
         }
     }
 
