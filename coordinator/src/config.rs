@@ -30,6 +30,7 @@ pub mod defaults {
     pub const MEMORY_RETENTION_MS: u64 = 300_000;
     pub const MAX_RETAINED_TRANSACTIONS: usize = 100_000;
     pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
+    pub const DELIVERY_HORIZON_MS: u64 = 7 * 24 * 3_600_000;
     pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
     pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
     pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
@@ -122,6 +123,13 @@ pub struct ServeConfig {
     /// How long finished transactions stay in the log.
     #[arg(long, env = "TREATY_LOG_RETENTION_MS", default_value_t = defaults::LOG_RETENTION_MS)]
     pub log_retention_ms: u64,
+
+    /// No participant is called about a transaction older than this (its id holds its
+    /// creation time): deliveries still missing then wait for an operator (`treaty txn
+    /// resolve`). Participants keep final barrier records at least this long (plus a
+    /// margin for clock skew) and refuse calls about older transactions.
+    #[arg(long, env = "TREATY_DELIVERY_HORIZON_MS", default_value_t = defaults::DELIVERY_HORIZON_MS)]
+    pub delivery_horizon_ms: u64,
 
     /// Keep the history of transactions the protocol does not log (aborts, one-phase and
     /// read-only commits) in the log too, written lazily (never forced). `false` gives
@@ -237,6 +245,7 @@ impl ServeConfig {
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
             log_retention_ms: defaults::LOG_RETENTION_MS,
+            delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             default_step_timeout_ms: defaults::DEFAULT_STEP_TIMEOUT_MS,
@@ -332,6 +341,26 @@ impl ServeConfig {
             self.memory_retention_ms,
             30 * DAY_MS,
             "30 days",
+        )?;
+        // Work within its deadline is never cut off by the horizon.
+        let longest_decision = self
+            .max_transaction_timeout_ms
+            .saturating_add(self.max_prepare_timeout_ms);
+        if self.delivery_horizon_ms < longest_decision {
+            return Err(bad(
+                "delivery_horizon_ms",
+                format!(
+                    "{} is shorter than max_transaction_timeout_ms + max_prepare_timeout_ms \
+                     ({longest_decision} ms): transactions could be cut off before their decision",
+                    self.delivery_horizon_ms
+                ),
+            ));
+        }
+        at_most(
+            "delivery_horizon_ms",
+            self.delivery_horizon_ms,
+            3650 * DAY_MS,
+            "10 years",
         )?;
         at_most(
             "log_retention_ms",
@@ -481,6 +510,7 @@ impl ServeConfig {
             memory_retention_ms: self.memory_retention_ms,
             max_retained_transactions: self.max_retained_transactions,
             log_retention_ms: self.log_retention_ms,
+            delivery_horizon_ms: self.delivery_horizon_ms,
             history_records: self.history_records,
             sweep_interval_ms: self.sweep_interval_ms,
             sweep_batch: defaults::SWEEP_BATCH,
@@ -544,6 +574,9 @@ mod tests {
         let mut c = config();
         c.sweep_interval_ms = 0;
         assert_eq!(c.validate().unwrap_err().field, "sweep_interval_ms");
+        let mut c = config();
+        c.delivery_horizon_ms = c.max_transaction_timeout_ms;
+        assert_eq!(c.validate().unwrap_err().field, "delivery_horizon_ms");
         let mut c = config();
         c.allow_endpoint = vec!["10.0.0.0/8:*".into(), "10.0.0.1/8:*".into()];
         let error = c.validate().unwrap_err();

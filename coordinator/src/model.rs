@@ -32,6 +32,14 @@ impl TxnId {
         self.0.as_bytes()
     }
 
+    /// When it was generated: the UUIDv7's 48-bit millisecond timestamp (the
+    /// coordinator's clock then).
+    pub fn created_unix_ms(&self) -> UnixMs {
+        self.0.as_bytes()[..6]
+            .iter()
+            .fold(0, |ms, byte| (ms << 8) | UnixMs::from(*byte))
+    }
+
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(uuid::Uuid::from_bytes(bytes))
     }
@@ -436,6 +444,7 @@ mod tests {
         assert!(early < late);
         let text = early.to_string();
         assert_eq!(text.parse::<TxnId>().unwrap(), early);
+        assert_eq!(early.created_unix_ms(), 1_700_000_000_000);
         assert_eq!(TxnId::from_bytes(*early.as_bytes()), early);
     }
 

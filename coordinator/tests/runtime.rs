@@ -319,3 +319,73 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
     );
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_participant_is_called_about_a_transaction_past_the_delivery_horizon() {
+    use treaty_coordinator::model::{BranchRecord, BranchState, TxnKind};
+
+    // A commit decision older than the horizon, found in the log at start. Its
+    // participant listens (a call would be answered), yet no call may be made.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let created = now_unix_ms() - 5_000;
+    let record = TxnRecord {
+        id: TxnId::generate(created),
+        kind: TxnKind::TwoPhase,
+        state: TxnState::Committing,
+        created_unix_ms: created,
+        deadline_unix_ms: created + 1_000,
+        prepare_timeout_ms: 1_000,
+        reason: None,
+        branches: vec![BranchRecord {
+            id: "late".into(),
+            endpoint,
+            state: BranchState::Prepared,
+            attempts: 1,
+            compensation_attempts: 0,
+            last_error: None,
+            history: Default::default(),
+            heuristic: None,
+            resolution: None,
+        }],
+        transitions: Vec::new(),
+        ended_unix_ms: None,
+        idempotency_key: None,
+        stuck: false,
+        saga: None,
+        owner: None,
+        paused: false,
+    };
+    let log = Arc::new(MemoryLog::new());
+    log.write(&record, Durability::Forced).await.unwrap();
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let config = RuntimeConfig {
+        delivery_horizon_ms: 1_000,
+        retry_backoff_initial_ms: 10,
+        retry_backoff_max_ms: 20,
+        ..config()
+    };
+    let (runtime, tasks, report) = Runtime::start(log, config, fatal).unwrap();
+    assert_eq!(report.resumed, 1);
+    let started = Instant::now();
+    loop {
+        let shown = runtime.get(record.id).await.unwrap().unwrap();
+        let branch = &shown.branches[0];
+        if branch.attempts >= 4 {
+            let error = branch.last_error.as_deref().unwrap_or("");
+            assert!(error.contains("delivery horizon"), "{error}");
+            assert_eq!(
+                shown.state,
+                TxnState::Committing,
+                "still waits for an operator"
+            );
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{shown:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing connected to the participant's port.
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "a connection was made");
+    runtime.shutdown(tasks, Duration::from_secs(1)).await;
+}

@@ -237,7 +237,29 @@ impl Shard {
         self.timers.insert((id, timer), delay);
     }
 
+    /// Why a call about `id` must not be made: it is older than the delivery horizon,
+    /// past which participants may have forgotten it (and refuse it).
+    fn past_horizon(&self, id: TxnId) -> Option<String> {
+        let age_ms = now_unix_ms().saturating_sub(id.created_unix_ms());
+        (age_ms > self.config.delivery_horizon_ms).then(|| {
+            format!(
+                "not sent: the transaction is older than the delivery horizon ({} ms); \
+                 an operator must resolve it (treaty txn resolve)",
+                self.config.delivery_horizon_ms
+            )
+        })
+    }
+
     fn spawn_call(&self, id: TxnId, branch_index: usize, kind: CallKind) {
+        if let Some(error) = self.past_horizon(id) {
+            let branch = branch_index;
+            let event = match kind {
+                CallKind::Prepare => Event::PrepareFailed { branch, error },
+                _ => Event::DeliveryFailed { branch, error },
+            };
+            let _ = self.inputs.send((id, Input::TwoPhase(event)));
+            return;
+        }
         let Some(entry) = self.txns.get(&id) else {
             return;
         };
@@ -318,6 +340,15 @@ impl Shard {
     /// A saga step's forward action (delivered as a Commit in SAGA_STEP mode) or its
     /// compensation.
     fn spawn_step(&self, id: TxnId, step: usize, compensation: bool) {
+        if let Some(error) = self.past_horizon(id) {
+            let event = if compensation {
+                SagaEvent::CompensationFailed { step, error }
+            } else {
+                SagaEvent::StepFailed { step, error }
+            };
+            let _ = self.inputs.send((id, Input::Saga(event)));
+            return;
+        }
         let Some(entry) = self.txns.get(&id) else {
             return;
         };

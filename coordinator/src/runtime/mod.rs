@@ -14,6 +14,9 @@
 //!   log's queue (one write in flight per transaction at most) and in-flight calls.
 //! - A failed log write is fatal: it is reported on the fatal channel and nothing that
 //!   depended on it is acknowledged.
+//! - No participant is called about a transaction older than `delivery_horizon_ms` (by
+//!   its id's timestamp): such a call fails at once, without a connection, and what is
+//!   undelivered waits for an operator. Participants rely on it to forget old records.
 //! - Every participant call of a transaction carries its trace: the trace id the caller
 //!   of Begin / SubmitSaga sent (or a new one), with a span id fresh for each call. The
 //!   trace lives in memory only: work resumed from the log starts a new trace.
@@ -68,6 +71,10 @@ pub struct RuntimeConfig {
     pub max_retained_transactions: usize,
     /// How long final records stay in the log.
     pub log_retention_ms: u64,
+    /// No participant is called about a transaction older than this (by its id): what
+    /// is still undelivered then waits for an operator. Participants may forget final
+    /// barrier records past it (plus a margin for clock skew).
+    pub delivery_horizon_ms: u64,
     /// Write (lazily) the history of transactions the protocol does not log: aborts,
     /// one-phase and read-only commits.
     pub history_records: bool,
@@ -103,6 +110,7 @@ impl Default for RuntimeConfig {
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
             log_retention_ms: defaults::LOG_RETENTION_MS,
+            delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,
             sweep_interval_ms: defaults::SWEEP_INTERVAL_MS,
             sweep_batch: defaults::SWEEP_BATCH,
