@@ -393,8 +393,8 @@ const TRIMMED_ERROR_BYTES: usize = 128;
 
 impl TxnRecord {
     /// Drops history, oldest first, until `fits(self)`: first attempts (from the branch
-    /// with the most), then long error texts, then transitions between the first and the
-    /// last few. The protocol's fields (states, decisions, the saga's definition) are
+    /// with the most), then long error texts and operators' reasons, then transitions
+    /// between the first and the last few. The protocol's fields (states, decisions, the saga's definition) are
     /// never touched. Returns whether it fits in the end.
     pub fn trim_history(&mut self, fits: impl Fn(&TxnRecord) -> bool) -> bool {
         while !fits(self) {
@@ -409,13 +409,17 @@ impl TxnRecord {
             }
             let mut cut = false;
             for branch in &mut self.branches {
-                if let Some(error) = &mut branch.last_error {
-                    if error.len() > TRIMMED_ERROR_BYTES {
+                let texts = [
+                    branch.last_error.as_mut(),
+                    branch.resolution.as_mut().map(|r| &mut r.reason),
+                ];
+                for text in texts.into_iter().flatten() {
+                    if text.len() > TRIMMED_ERROR_BYTES {
                         let mut end = TRIMMED_ERROR_BYTES;
-                        while !error.is_char_boundary(end) {
+                        while !text.is_char_boundary(end) {
                             end -= 1;
                         }
-                        error.truncate(end);
+                        text.truncate(end);
                         cut = true;
                     }
                 }

@@ -51,8 +51,8 @@ impl DecisionLog for GatedLog {
     fn purge_ended_before(&self, cutoff: UnixMs, max: usize) -> Result<usize, LogError> {
         self.inner.purge_ended_before(cutoff, max)
     }
-    fn forget(&self, id: &TxnId) -> LogWrite {
-        self.inner.forget(id)
+    fn forget(&self, record: &TxnRecord) -> LogWrite {
+        self.inner.forget(record)
     }
     fn close(&self) -> Result<(), LogError> {
         self.inner.close()
@@ -387,5 +387,92 @@ async fn no_participant_is_called_about_a_transaction_past_the_delivery_horizon(
     // Nothing connected to the participant's port.
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(accepted.is_err(), "a connection was made");
+    runtime.shutdown(tasks, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_hears_of_a_resolution_only_once_it_is_durable() {
+    use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
+    use treaty_coordinator::model::{BranchState, Resolution};
+    use treaty_coordinator::model::{RetryPolicy, SagaDefinition, StepDefinition};
+    use treaty_coordinator::runtime::SagaParams;
+
+    let gate = Arc::new(Semaphore::new(1)); // the definition's write
+    let log = Arc::new(GatedLog {
+        inner: MemoryLog::new(),
+        gate: gate.clone(),
+    });
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let (runtime, tasks, _) = Runtime::start(log.clone(), config(), fatal).unwrap();
+    // Nothing listens at port 9: the step keeps failing until an operator steps in.
+    let step = |id: &str, after: Vec<usize>| StepDefinition {
+        id: id.into(),
+        endpoint: "http://127.0.0.1:9".into(),
+        payload: Vec::new(),
+        compensation: Vec::new(),
+        timeout_ms: 100,
+        retry: RetryPolicy {
+            max_attempts: 100,
+            initial_backoff_ms: 10,
+            max_backoff_ms: 20,
+        },
+        after,
+        requested: Default::default(),
+    };
+    let submitted = runtime
+        .submit_saga(SagaParams {
+            definition: SagaDefinition {
+                steps: vec![step("charged-by-hand", vec![]), step("next", vec![0])],
+                stuck_after_attempts: 3,
+            },
+            idempotency_key: None,
+            owner: None,
+            trace: None,
+            deadline_unix_ms: None,
+        })
+        .await
+        .unwrap();
+    let id = submitted.id;
+    let resolving = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move {
+            let request = OperatorRequest {
+                command: OperatorCommand::Resolve {
+                    branch_id: "charged-by-hand".into(),
+                    outcome: Resolution::Commit,
+                },
+                by: "ops".into(),
+                reason: "charged by hand".into(),
+            };
+            runtime.operate(id, request).await
+        })
+    };
+    // The resolution is taken (the saga moves on) but not durable: no answer yet.
+    let started = Instant::now();
+    loop {
+        let shown = runtime.get(id).await.unwrap().unwrap();
+        if shown.branches[0].state == BranchState::Committed {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{shown:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !resolving.is_finished(),
+        "answered before the write was durable"
+    );
+    gate.add_permits(1);
+    let record = tokio::time::timeout(Duration::from_secs(30), resolving)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(record.branches[0].resolution.is_some());
+    // What the log holds now: the step committed, by the operator.
+    let logged = log.get(&id).unwrap().unwrap();
+    assert_eq!(logged.branches[0].state, BranchState::Committed);
+    assert!(logged.branches[0].resolution.is_some());
+    gate.add_permits(1_000);
     runtime.shutdown(tasks, Duration::from_secs(1)).await;
 }

@@ -125,6 +125,13 @@ async fn stuck_commits_are_found_paused_retried_resolved_reported_and_forgotten(
         "{out}"
     );
 
+    // A branch the transaction does not have is a bad argument, named.
+    let (ok, out) = treaty(
+        endpoint,
+        &["txn", "resolve", &stuck, "--branch", "nope", "--commit"],
+    )
+    .await;
+    assert!(!ok && out.contains("branch_id"), "{out}");
     // Resolving against the durable commit decision is refused and changes nothing.
     let (ok, out) = treaty(
         endpoint,

@@ -795,6 +795,20 @@ async fn transactions_belong_to_their_principal_and_admins_see_all() {
             Code::Unauthenticated
         };
         assert_eq!(admin.pause(pause(&open)).await.unwrap_err().code(), code);
+        assert_eq!(admin.resume(pause(&open)).await.unwrap_err().code(), code);
+        assert_eq!(
+            admin.retry_now(pause(&open)).await.unwrap_err().code(),
+            code
+        );
+        assert_eq!(admin.cancel(pause(&open)).await.unwrap_err().code(), code);
+        assert_eq!(admin.forget(pause(&open)).await.unwrap_err().code(), code);
+        let resolve = pb::ResolveRequest {
+            transaction_id: open.clone(),
+            branch_id: "a".into(),
+            outcome: pb::Resolution::Abort as i32,
+            reason: String::new(),
+        };
+        assert_eq!(admin.resolve(resolve).await.unwrap_err().code(), code);
         assert_eq!(
             admin
                 .list_endpoints(pb::ListEndpointsRequest {})

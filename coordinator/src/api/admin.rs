@@ -16,7 +16,7 @@ use treaty_sdk::limits::{check_id, check_reason};
 
 use super::auth::Authenticator;
 use super::{invalid, pb, status_of};
-use crate::engine::twopc::{OperatorCommand, OperatorRequest};
+use crate::engine::twopc::{OperatorCommand, OperatorRequest, Refusal};
 use crate::model::TxnId;
 use crate::participants::circuit::CircuitState;
 use crate::runtime::{Runtime, RuntimeError};
@@ -74,6 +74,10 @@ fn answer(
             detail: String::new(),
             transaction: Some(pb::transaction_to_pb(&record)),
         },
+        // A branch the transaction does not have is a bad argument, not a refusal.
+        Err(error @ RuntimeError::Refused(Refusal::UnknownBranch(_))) => {
+            return Err(status_of(error));
+        }
         Err(RuntimeError::Refused(refusal)) => proto::OperatorResponse {
             applied: false,
             detail: refusal.to_string(),

@@ -227,6 +227,7 @@ pub fn status_of(error: RuntimeError) -> Status {
             | Refusal::DecisionInFlight
             | Refusal::Final(_)
             | Refusal::Unfinished(_)
+            | Refusal::MayStillAsk
             | Refusal::AlreadyEnding(_)
             | Refusal::NothingToRetry
             | Refusal::AlreadyPaused
@@ -525,10 +526,15 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let request = request.into_inner();
         let id = pb::parse_txn_id("transaction_id", &request.transaction_id).map_err(invalid)?;
         check_reason("reason", &request.reason).map_err(invalid)?;
+        // The submitter, or an admin acting for it: named, unless nobody is.
+        let by = match principal.name.as_str() {
+            auth::ANONYMOUS => "its initiator".to_string(),
+            name => name.to_string(),
+        };
         let reason = if request.reason.is_empty() {
-            "cancelled by its initiator".to_string()
+            format!("cancelled by {by}")
         } else {
-            format!("cancelled by its initiator: {}", request.reason)
+            format!("cancelled by {by}: {}", request.reason)
         };
         self.check_owner(&principal, id).await?;
         let record = self

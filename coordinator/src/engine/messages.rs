@@ -177,6 +177,11 @@ pub enum Refusal {
     Final(TxnState),
     #[error("the transaction is not final ({0:?}): forgetting it would lose its decision")]
     Unfinished(TxnState),
+    #[error(
+        "an operator resolved a branch of this commit without its participant's answer: \
+         that participant may still ask, and must hear COMMIT; it is kept for the log's retention"
+    )]
+    MayStillAsk,
     #[error("the transaction is already {0:?}")]
     AlreadyEnding(TxnState),
     #[error(

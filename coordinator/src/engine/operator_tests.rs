@@ -249,8 +249,23 @@ fn a_one_phase_commit_nobody_answers_is_settled_by_the_operator() {
         txn.handle_command(Command::Commit, T0),
         Ok(vec![Action::SendOnePhaseCommit { branch: 0 }])
     );
+    // Before the deadline the commit may still arrive: neither outcome may be stated.
+    for outcome in [Resolution::Commit, Resolution::Abort] {
+        assert_eq!(
+            txn.handle_operator(&resolve("b0", outcome), T0 + 1),
+            Err(Refusal::CommitInFlight)
+        );
+    }
     assert_eq!(
-        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 1),
+        txn.handle_event(Event::DeadlineReached, T0 + 60_000),
+        vec![Action::SendAbort { branch: 0 }]
+    );
+    assert!(
+        txn.branch(0).unwrap().payload.is_empty(),
+        "not kept while probing"
+    );
+    assert_eq!(
+        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 60_001),
         Ok(vec![Action::PersistDecision])
     );
     assert_eq!(txn.state(), TxnState::Preparing, "shown once durable");
@@ -534,12 +549,12 @@ fn past_its_deadline_a_transaction_waiting_only_on_a_participant_says_so() {
             .last()
             .is_some_and(|t| t.reason.starts_with("abort undelivered at the deadline"))
     );
-    // A one-phase commit whose participant never answers, probed at the deadline.
+    // A one-phase commit whose participant never answers keeps counting: its outcome is
+    // unknown.
     let mut txn = two_phase(1);
     txn.handle_command(Command::Commit, T0).unwrap();
-    assert!(!txn.waits_past_deadline(T0 + 60_000), "not probed yet");
     txn.handle_event(Event::DeadlineReached, T0 + 60_000);
-    assert!(txn.waits_past_deadline(T0 + 60_000));
+    assert!(!txn.waits_past_deadline(T0 + 60_000));
     // Neither a commit being delivered.
     assert!(!committing().waits_past_deadline(T0 + 120_000));
 }

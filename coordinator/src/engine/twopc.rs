@@ -37,6 +37,8 @@
 //!   asks for an abort, and whichever definitive answer comes first is the outcome.
 //! - Aborts undelivered at the deadline are still retried (noted in the history); the
 //!   runtime stops counting such a transaction as work in progress.
+//! - An operator may settle a one-phase commit only once the deadline's abort probe is
+//!   out (before, the commit may still arrive), and a branch only as the decision says.
 
 pub use super::messages::{
     Action, Answer, BranchSpec, Command, Event, NO_ANSWER, NewTransaction, OperatorCommand,
@@ -285,15 +287,12 @@ impl TwoPhaseCommit {
         self.created_unix_ms
     }
 
-    /// Whether it is past its deadline yet still waits on a participant: aborts not
-    /// delivered, or a one-phase commit whose participant does not answer. Such a
+    /// Whether it is past its deadline with only aborts left to deliver: such a
     /// transaction no longer counts as work in progress (see the runtime's admission).
+    /// A one-phase commit whose participant does not answer keeps counting: its outcome
+    /// is unknown until the participant answers or an operator resolves it.
     pub fn waits_past_deadline(&self, now: UnixMs) -> bool {
-        now >= self.deadline_unix_ms
-            && matches!(
-                self.phase,
-                Phase::Aborting | Phase::OnePhase { probing: true }
-            )
+        now >= self.deadline_unix_ms && self.phase == Phase::Aborting
     }
 
     /// What the log stores and GetTransaction shows.
@@ -481,6 +480,8 @@ impl TwoPhaseCommit {
                 Phase::OnePhase { probing: false } => {
                     // The participant holds the outcome; an abort settles it either way.
                     self.phase = Phase::OnePhase { probing: true };
+                    // Only aborts go out from now on: the payload is not needed.
+                    self.branches[0].payload = Vec::new();
                     self.branches[0].attempts += 1;
                     self.branches[0].history.start(Operation::Abort, now);
                     vec![Action::SendAbort { branch: 0 }]
@@ -780,8 +781,10 @@ impl TwoPhaseCommit {
         };
         let what = format!("branch {branch_id} resolved as {outcome:?}");
         let decided = match self.phase {
+            // Before the deadline the commit may still be on its way: wait for it.
+            Phase::OnePhase { probing: false } => return Err(Refusal::CommitInFlight),
             // The participant holds the outcome; the operator asked it.
-            Phase::OnePhase { .. } => {
+            Phase::OnePhase { probing: true } => {
                 let b = &mut self.branches[index];
                 b.awaiting_ack = false;
                 b.payload = Vec::new();

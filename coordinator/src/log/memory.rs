@@ -97,11 +97,11 @@ impl DecisionLog for MemoryLog {
         Ok(ended.len())
     }
 
-    fn forget(&self, id: &TxnId) -> LogWrite {
+    fn forget(&self, record: &TxnRecord) -> LogWrite {
         let result = if self.closed.load(Ordering::SeqCst) {
             Err(LogError::Closed)
         } else {
-            self.records().remove(id);
+            self.records().remove(&record.id);
             Ok(())
         };
         Box::pin(std::future::ready(result))

@@ -72,9 +72,12 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     /// first; returns how many. Unfinished records are never deleted.
     fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError>;
 
-    /// Deletes the record of `id` and its index entries, durably (an operator's
-    /// `forget`; the runtime only forgets final transactions). Nothing to delete is Ok.
-    fn forget(&self, id: &TxnId) -> LogWrite;
+    /// Deletes `record`'s transaction and its index entries, durably, after every write
+    /// issued before (an operator's `forget`; the runtime only forgets final
+    /// transactions). The keys come from `record`, not from what the log has applied, so
+    /// that a write still queued cannot bring the transaction back. Nothing to delete
+    /// is Ok.
+    fn forget(&self, record: &TxnRecord) -> LogWrite;
 
     /// Makes every write issued so far durable and refuses later ones.
     fn close(&self) -> Result<(), LogError>;

@@ -275,12 +275,8 @@ impl DecisionLog for SledLog {
         Ok(purged)
     }
 
-    fn forget(&self, id: &TxnId) -> LogWrite {
-        let record = match self.get(id) {
-            Ok(Some(record)) => record,
-            Ok(None) => return Box::pin(std::future::ready(Ok(()))),
-            Err(error) => return Box::pin(std::future::ready(Err(error))),
-        };
+    fn forget(&self, record: &TxnRecord) -> LogWrite {
+        let id = &record.id;
         let mut batch = WriteBatch::new();
         batch.remove(key(RECORD, id));
         batch.remove(key(UNFINISHED, id));

@@ -185,9 +185,9 @@ pub async fn forget_removes_a_record_and_its_key_for_good(harness: &mut dyn LogH
     for r in [&saga, &other] {
         log.write(r, Durability::Forced).await.unwrap();
     }
-    log.forget(&saga.id).await.unwrap();
+    log.forget(&saga).await.unwrap();
     // Forgetting what is not there is done already.
-    log.forget(&saga.id).await.unwrap();
+    log.forget(&saga).await.unwrap();
     let log = harness.reopen(log);
     assert_eq!(log.get(&saga.id).unwrap(), None);
     assert_eq!(log.find_by_key("order-7").unwrap(), None);

@@ -51,12 +51,14 @@ impl Timer {
     }
 }
 
-/// When the transaction last entered `state`.
+/// When the transaction entered `state`, its current one: the first of the transitions
+/// at its end in that state (notes, such as an operator's pause, repeat the state).
 fn entered(transitions: &[Transition], state: TxnState) -> Option<u64> {
     transitions
         .iter()
         .rev()
-        .find(|t| t.state == state)
+        .take_while(|t| t.state == state)
+        .last()
         .map(|t| t.at_unix_ms)
 }
 
@@ -104,6 +106,15 @@ impl Machine {
         match self {
             Machine::TwoPhase(txn) => txn.reason(),
             Machine::Saga(saga) => saga.reason(),
+        }
+    }
+
+    /// Whether its log record holds its decision: a saga (from its definition on), or a
+    /// two-phase commit decided to commit. Aborts are never logged unfinished.
+    pub(super) fn is_logged(&self) -> bool {
+        match self {
+            Machine::TwoPhase(txn) => txn.log_record().state.is_commit(),
+            Machine::Saga(saga) => saga.is_accepted(),
         }
     }
 
@@ -221,5 +232,27 @@ impl Machine {
             Machine::TwoPhase(txn) => Some(txn),
             Machine::Saga(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_is_entered_where_its_run_begins_not_at_a_later_note() {
+        let at = |state, at_unix_ms| Transition {
+            state,
+            at_unix_ms,
+            reason: String::new(),
+        };
+        let history = [
+            at(TxnState::Preparing, 1),
+            at(TxnState::Committing, 2),
+            at(TxnState::Committing, 9),
+            at(TxnState::Committing, 12),
+        ];
+        assert_eq!(entered(&history, TxnState::Committing), Some(2));
+        assert_eq!(entered(&history, TxnState::Aborting), None);
     }
 }

@@ -679,7 +679,32 @@ impl Runtime {
             .await?
         {
             Err(RuntimeError::UnknownTransaction(_)) => {}
-            other => return other,
+            Err(error) => return Err(error),
+            Ok(operated) => {
+                if let Some(durable) = operated.durable {
+                    durable.await?;
+                }
+                if operated.record.kind == TxnKind::Saga
+                    && matches!(resolve.command, OperatorCommand::Cancel)
+                {
+                    // Answered once the decision to compensate is durable, as for the
+                    // initiator's cancel.
+                    return match self.watch(id).await? {
+                        Some(mut updates) => {
+                            let decided = updates
+                                .wait_for(|record| record.state != TxnState::Running)
+                                .await
+                                .map_err(|_| RuntimeError::ShuttingDown)?;
+                            Ok(decided.as_ref().clone())
+                        }
+                        None => self
+                            .get(id)
+                            .await?
+                            .ok_or(RuntimeError::UnknownTransaction(id)),
+                    };
+                }
+                return Ok(operated.record);
+            }
         }
         // Unfinished records are all in memory (recovered at start).
         let Some(mut record) = self.log.get(&id)?.filter(|r| r.state.is_final()) else {
@@ -722,8 +747,17 @@ impl Runtime {
     }
 
     /// Forgets a final transaction, in memory and in the log (durably). Returns its
-    /// record as it was.
+    /// record as it was. A commit with a branch an operator resolved without its
+    /// participant's answer is refused: that participant may still be in doubt and ask,
+    /// and must hear COMMIT (its record stays for the log's retention).
     pub async fn forget(&self, id: TxnId) -> Result<TxnRecord, RuntimeError> {
+        if let Some(record) = self.get(id).await? {
+            let unanswered =
+                |b: &crate::model::BranchRecord| b.resolution.is_some() && b.heuristic.is_none();
+            if record.state.is_commit() && record.branches.iter().any(unanswered) {
+                return Err(Refusal::MayStillAsk.into());
+            }
+        }
         let in_memory = self
             .ask(&id, |reply| ShardMsg::Forget { id, reply })
             .await??;
@@ -735,7 +769,7 @@ impl Runtime {
                 None => return Err(RuntimeError::UnknownTransaction(id)),
             },
         };
-        self.log.forget(&id).await?;
+        self.log.forget(&record).await?;
         tracing::info!(txn_id = %id, "forgotten at an operator's request");
         Ok(record)
     }

@@ -29,7 +29,7 @@ use crate::engine::twopc::Refusal;
 use crate::engine::twopc::{
     BranchSpec, Command, Event, NewTransaction, OperatorCommand, OperatorRequest, TwoPhaseCommit,
 };
-use crate::log::DecisionLog;
+use crate::log::{DecisionLog, Durability};
 use crate::metrics::Health;
 use crate::model::{SagaDefinition, StepDefinition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 use crate::participants::Participants;
@@ -79,7 +79,7 @@ pub(super) enum ShardMsg {
     Operate {
         id: TxnId,
         request: OperatorRequest,
-        reply: Reply<Result<TxnRecord, RuntimeError>>,
+        reply: Reply<Result<Operated, RuntimeError>>,
     },
     /// The initiator cancels a saga; the reply's updates show when the decision is
     /// durable.
@@ -130,6 +130,22 @@ pub(super) enum Lookup<T> {
     Hidden,
     /// Not in memory: the log may know it.
     Absent,
+}
+
+/// A shard's answer to `Operate`: the transaction as it is now, and the write to wait
+/// for before telling the operator, if any.
+pub(super) struct Operated {
+    pub record: TxnRecord,
+    pub durable: Option<crate::log::LogWrite>,
+}
+
+impl std::fmt::Debug for Operated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operated")
+            .field("record", &self.record)
+            .field("durable", &self.durable.is_some())
+            .finish()
+    }
 }
 
 /// A shard's answer to `List`.
@@ -559,31 +575,45 @@ impl Shard {
         id: TxnId,
         request: OperatorRequest,
         now: UnixMs,
-    ) -> Result<TxnRecord, RuntimeError> {
+    ) -> Result<Operated, RuntimeError> {
         let _span = txn_span(id).entered();
         let participants = self.participants.clone();
         let entry = self.visible_mut(id)?;
         let before = entry.machine.state();
-        if matches!(
-            request.command,
-            OperatorCommand::RetryNow | OperatorCommand::Resume
-        ) {
-            // What is sent now must not be refused by a circuit still cooling down.
-            for endpoint in entry.machine.endpoints() {
-                participants.probe_now(endpoint);
-            }
-        }
         let actions = match &mut entry.machine {
             Machine::TwoPhase(txn) => Actions::TwoPhase(txn.handle_operator(&request, now)?),
             Machine::Saga(saga) => Actions::Saga(saga.handle_operator(&request, now)?),
         };
+        let sends = matches!(
+            request.command,
+            OperatorCommand::RetryNow | OperatorCommand::Resume
+        ) && !actions.is_empty();
+        if sends {
+            // What is sent now must not be refused by a circuit still cooling down (the
+            // next call to the endpoint probes it, this one or another's).
+            for endpoint in entry.machine.endpoints() {
+                participants.probe_now(endpoint);
+            }
+        }
         tracing::info!(command = ?request.command, by = %request.by, reason = %request.reason, "operator request carried out");
         self.execute(id, actions);
         self.after_step(id, before, now);
-        self.txns
+        let entry = self
+            .txns
             .get(&id)
-            .map(|e| e.machine.record())
-            .ok_or(RuntimeError::UnknownTransaction(id))
+            .ok_or(RuntimeError::UnknownTransaction(id))?;
+        // A resolution is reported once it is durable where the decision is (a logged
+        // commit, a saga): work done by hand has no barrier record to answer a replay,
+        // so after a crash it must not be sent again.
+        let resolved = matches!(request.command, OperatorCommand::Resolve { .. });
+        let durable = (resolved && entry.machine.is_logged()).then(|| {
+            self.log
+                .write(&entry.machine.log_record(), Durability::Forced)
+        });
+        Ok(Operated {
+            record: entry.machine.record(),
+            durable,
+        })
     }
 
     /// The initiator's cancel of a saga: compensation is decided unless it already was,
