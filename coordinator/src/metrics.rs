@@ -241,7 +241,7 @@ impl Metrics {
         let heuristic_outcomes = Counter::default();
         registry.register(
             "treaty_heuristic_outcomes",
-            "Outcomes an operator forced on a branch or transaction",
+            "Heuristic outcomes: a participant answered against the decision, or an operator stated a branch's outcome (treaty txn resolve)",
             heuristic_outcomes.clone(),
         );
         let participant_calls =
@@ -301,7 +301,8 @@ impl Metrics {
         }
     }
 
-    /// An operator forced an outcome.
+    /// A participant answered against the decision, or an operator stated a branch's
+    /// outcome.
     pub fn heuristic_outcome(&self) {
         self.heuristic_outcomes.inc();
     }

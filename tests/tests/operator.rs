@@ -204,13 +204,17 @@ async fn stuck_commits_are_found_paused_retried_resolved_reported_and_forgotten(
     assert!(seen["recent_calls"].as_u64().unwrap() > seen["recent_failures"].as_u64().unwrap());
     assert_eq!(seen["circuit"], "CLOSED", "{out}");
 
-    // Forget: only final transactions; then it is gone from memory and the log.
+    // Forget: only final transactions, and not a commit whose resolved branch may still
+    // ask for its outcome; then it is gone from memory and the log.
     let (ok, out) = treaty(endpoint, &["txn", "forget", &open, "--json"]).await;
     assert!(!ok && json_of(&out)[0]["applied"] == false, "{out}");
     let (ok, out) = treaty(endpoint, &["txn", "forget", &stuck]).await;
+    assert!(!ok && out.contains("must hear COMMIT"), "{out}");
+    client.abort(&open, "not needed").await.unwrap();
+    let (ok, out) = treaty(endpoint, &["txn", "forget", &open]).await;
     assert!(ok, "{out}");
-    assert_eq!(client.get(&stuck).await.unwrap(), None);
-    let (ok, out) = treaty(endpoint, &["txn", "show", &stuck]).await;
+    assert_eq!(client.get(&open).await.unwrap(), None);
+    let (ok, out) = treaty(endpoint, &["txn", "show", &open]).await;
     assert!(!ok && out.contains("unknown transaction"), "{out}");
 
     participant.stop().await;

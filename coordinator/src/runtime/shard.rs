@@ -606,6 +606,9 @@ impl Shard {
         // commit, a saga): work done by hand has no barrier record to answer a replay,
         // so after a crash it must not be sent again.
         let resolved = matches!(request.command, OperatorCommand::Resolve { .. });
+        if resolved {
+            self.config.metrics.heuristic_outcome();
+        }
         let durable = (resolved && entry.machine.is_logged()).then(|| {
             self.log
                 .write(&entry.machine.log_record(), Durability::Forced)
