@@ -219,6 +219,51 @@ impl BarrierStore for SqliteStore {
         })
     }
 
+    fn records_before(
+        &self,
+        after: Option<&BranchKey>,
+        before_transaction_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(BranchKey, Vec<u8>)>, StoreError> {
+        let (after_transaction, after_branch) = after
+            .map(|k| (k.transaction_id.as_str(), k.branch_id.as_str()))
+            .unwrap_or(("", ""));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|connection| {
+            // The primary key's order; text compares bytewise (SQLite's BINARY collation).
+            let mut query = connection.prepare(
+                "SELECT transaction_id, branch_id, record FROM treaty_barrier
+                 WHERE transaction_id < ?1 AND (transaction_id, branch_id) > (?2, ?3)
+                 ORDER BY transaction_id, branch_id LIMIT ?4",
+            )?;
+            let rows = query.query_map(
+                params![before_transaction_id, after_transaction, after_branch, limit],
+                |row| {
+                    let key = BranchKey {
+                        transaction_id: row.get(0)?,
+                        branch_id: row.get(1)?,
+                    };
+                    Ok((key, row.get(2)?))
+                },
+            )?;
+            rows.collect()
+        })
+    }
+
+    async fn remove(&self, keys: Vec<BranchKey>) -> Result<(), StoreError> {
+        self.transaction(move |tx| {
+            let mut delete = tx.prepare(
+                "DELETE FROM treaty_barrier WHERE transaction_id = ?1 AND branch_id = ?2",
+            )?;
+            for key in &keys {
+                delete.execute(params![key.transaction_id, key.branch_id])?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(sql_failed)
+    }
+
     fn describe(&self) -> String {
         format!("sqlite {}", self.path.display())
     }
