@@ -202,6 +202,10 @@ mod tests {
         assert!(summary[0].ends_with("= 1.000"), "{}", summary[0]);
         // Quarters of two: (7 + 8) / (3 + 4).
         assert!(summary[1].ends_with("= 2.143"), "{}", summary[1]);
-        assert!(watched.csv(&samples).starts_with("elapsed_s,transactions,flat_allocated"));
+        assert!(
+            watched
+                .csv(&samples)
+                .starts_with("elapsed_s,transactions,flat_allocated")
+        );
     }
 }

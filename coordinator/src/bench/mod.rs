@@ -15,8 +15,8 @@ mod disk;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::net::TcpListener;
 
 use treaty_proto::v1 as pb;
 use treaty_sdk::barrier_gc::BarrierGcOptions;
