@@ -53,6 +53,9 @@ impl Changes {
     }
 }
 
+/// Entries (key as text, value) of one page of a [`Pass`].
+pub type Page = Vec<(String, Vec<u8>)>;
+
 /// A pass over the entries under one prefix, a page per call, for background work that
 /// must not hold the ledger for long (pruning old entries).
 #[derive(Debug, Default)]
@@ -69,7 +72,7 @@ impl Pass {
         store: &DurableStore,
         prefix: &str,
         limit: usize,
-    ) -> Result<(Vec<(String, Vec<u8>)>, bool), ParticipantError> {
+    ) -> Result<(Page, bool), ParticipantError> {
         let mut cursor = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
         let start = match cursor.take() {
             Some(mut last) => {
