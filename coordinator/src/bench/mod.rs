@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Stop once this many transactions have run (before --duration-s if sooner).
     #[arg(long)]
     pub transactions: Option<u64>,
+    /// Start at most this many transactions a second (a steady rate keeps the data that
+    /// retention holds constant, so a disk that grows is a leak, not a faster run).
+    #[arg(long)]
+    pub rate_per_s: Option<u64>,
     /// Every Nth transaction is a saga with a step on each participant instead of a
     /// two-phase commit; every other saga's last step is rejected, so it compensates.
     #[arg(long, default_value_t = 0)]
@@ -197,6 +201,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--duration-s must be 1..=86400"
     );
     anyhow::ensure!(
+        args.rate_per_s.is_none_or(|r| (1..=1_000_000).contains(&r)),
+        "--rate-per-s must be 1..=1000000"
+    );
+    anyhow::ensure!(
         args.disk_sample_s.is_none_or(|s| (1..=3_600).contains(&s)),
         "--disk-sample-s must be 1..=3600"
     );
@@ -285,6 +293,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let endpoints = endpoints.clone();
         let tally = tally.clone();
         let saga_every = args.saga_every;
+        let rate_per_s = args.rate_per_s;
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut failures = 0u64;
@@ -292,6 +301,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let number = tally.started.fetch_add(1, Ordering::SeqCst);
                 if number >= limit {
                     break;
+                }
+                if let Some(rate) = rate_per_s {
+                    let due = started + Duration::from_secs_f64(number as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
                 }
                 if saga_every > 0 && number % saga_every == saga_every - 1 {
                     let compensate = (number / saga_every) % 2 == 1;
