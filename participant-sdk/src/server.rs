@@ -331,8 +331,8 @@ pub enum ServeError {
 
 /// Serves `participant` on `listener`, with its barrier in `store`, the standard gRPC
 /// health service, in-doubt resolution and the barrier's garbage collection, until
-/// `shutdown` resolves. Requests in
-/// flight get `shutdown_grace_ms` to finish; `store` is then closed durably.
+/// `shutdown` resolves. Requests in flight get `shutdown_grace_ms` to finish; `store` is
+/// then closed durably.
 ///
 /// The store is usually the participant's one sled database (see
 /// [`DurableStore::open`]), where it may keep its own data too, under keys that do not

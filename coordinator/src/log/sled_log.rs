@@ -219,7 +219,6 @@ impl DecisionLog for SledLog {
         let end = ended_key(cutoff_unix_ms, &TxnId::from_bytes([0; 16]));
         let mut batch = WriteBatch::new();
         let mut purged = 0;
-        let mut highest_id: Option<TxnId> = None;
         for entry in self.store.db().range(vec![ENDED]..end).take(max) {
             let (index_key, _) = entry.map_err(read_error)?;
             let id_bytes: [u8; 16] = index_key[9..].try_into().map_err(|_| LogError::Corrupt {
@@ -234,21 +233,12 @@ impl DecisionLog for SledLog {
             }
             batch.remove(index_key.to_vec());
             batch.remove(key(RECORD, &id));
-            highest_id = highest_id.max(Some(id));
             purged += 1;
         }
-        if let Some(highest_id) = highest_id {
+        if purged > 0 {
             // Forgetting is lazy: a purge lost in a crash is simply done again.
             let ticket = self.store.write(batch, Durability::Lazy);
             futures::executor::block_on(ticket)?;
-            // sled 0.34.7 merges an emptied tree node only when a later read or write
-            // passes through it, and record keys only grow (UUIDv7): walking over the
-            // range just emptied lets it merge those nodes instead of keeping them for
-            // ever. Only the unfinished records left in it are read (bounded by `max`).
-            let walked = key(RECORD, &highest_id);
-            for entry in self.store.db().range(vec![RECORD]..=walked).take(max) {
-                entry.map_err(read_error)?;
-            }
         }
         Ok(purged)
     }
