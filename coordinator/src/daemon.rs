@@ -34,9 +34,17 @@ use crate::metrics::{Metrics, serve_metrics};
 use crate::runtime::Runtime;
 use crate::security::SecurityConfig;
 
-/// Final log records purged per round, and how often rounds run.
+/// Final log records purged per batch, and the pause between the batches of a round
+/// that has more to purge: together they cap the purge rate (about 100,000 records/s)
+/// while letting it keep up with any rate of transactions the coordinator sustains.
 const PURGE_BATCH: usize = 1_000;
-const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+const PURGE_BATCH_PAUSE: Duration = Duration::from_millis(10);
+/// Most batches one round runs; the rest waits for the next round.
+const MAX_PURGE_BATCHES_PER_ROUND: usize = 1_000;
+/// Rounds start every tenth of the log retention, between these bounds: a final record
+/// stays at most that much longer than its retention.
+const PURGE_INTERVAL_MIN: Duration = Duration::from_secs(1);
+const PURGE_INTERVAL_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -253,20 +261,48 @@ pub async fn run_on(
     Ok(())
 }
 
+/// How often purge rounds start for a log retention.
+fn purge_interval(log_retention_ms: u64) -> Duration {
+    Duration::from_millis(log_retention_ms / 10).clamp(PURGE_INTERVAL_MIN, PURGE_INTERVAL_MAX)
+}
+
+/// Deletes final records past the log retention, round after round. A round purges batch
+/// after batch until one comes back short (caught up), so the log's size follows the
+/// retention whatever the rate of transactions; work per batch and per round is bounded.
 async fn purge_periodically(runtime: Runtime, log_retention_ms: u64) {
-    let mut interval = tokio::time::interval(PURGE_INTERVAL);
+    let mut interval = tokio::time::interval(purge_interval(log_retention_ms));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let runtime = runtime.clone();
-        let purged =
-            tokio::task::spawn_blocking(move || runtime.purge_log(log_retention_ms, PURGE_BATCH))
-                .await;
-        match purged {
-            Ok(Ok(0)) => {}
-            Ok(Ok(purged)) => tracing::info!(purged, "purged finished transactions past retention"),
-            Ok(Err(error)) => tracing::error!(%error, "purging the log failed"),
-            Err(error) => tracing::error!(%error, "purge task failed"),
+        let mut purged_in_round = 0;
+        for _ in 0..MAX_PURGE_BATCHES_PER_ROUND {
+            let runtime = runtime.clone();
+            let purged = tokio::task::spawn_blocking(move || {
+                runtime.purge_log(log_retention_ms, PURGE_BATCH)
+            })
+            .await;
+            let purged = match purged {
+                Ok(Ok(purged)) => purged,
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "purging the log failed");
+                    break;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "purge task failed");
+                    break;
+                }
+            };
+            purged_in_round += purged;
+            if purged < PURGE_BATCH {
+                break;
+            }
+            tokio::time::sleep(PURGE_BATCH_PAUSE).await;
+        }
+        if purged_in_round > 0 {
+            tracing::info!(
+                purged = purged_in_round,
+                "purged finished transactions past retention"
+            );
         }
     }
 }
@@ -301,3 +337,15 @@ async fn reload_on_hangup(
 }
 
 pub use treaty_sdk::server::shutdown_signal;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purge_rounds_follow_the_retention_within_bounds() {
+        assert_eq!(purge_interval(200), PURGE_INTERVAL_MIN);
+        assert_eq!(purge_interval(30_000), Duration::from_secs(3));
+        assert_eq!(purge_interval(7 * 24 * 3_600_000), PURGE_INTERVAL_MAX);
+    }
+}

@@ -16,7 +16,8 @@
 //! when its saga step is compensated, as a statement line would). With the journal on, every effect also appends an entry under
 //! `journal/<sequence>` in the same write (see [`crate::journal`]), so an audit can tell
 //! what ran, in which order and how often (it grows by one entry per operation: for
-//! audits and tests).
+//! audits and tests). Journal entries and memos of transactions older than the journal
+//! retention are deleted in the background ([`crate::retention`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +27,8 @@ use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
 pub use crate::journal::{Effect, JournalEntry};
-use crate::ledger::{Changes, Ledger, counters, records};
+use crate::ledger::{Changes, Ledger, Pass, counters, records};
+use crate::retention::{Prune, PruneRound, created_before};
 
 /// One leg of a transfer: what a branch asks of the bank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +81,8 @@ pub struct Bank {
     name: String,
     ledger: Ledger,
     journal: bool,
+    journal_pass: Pass,
+    memo_pass: Pass,
 }
 
 impl Bank {
@@ -87,6 +91,8 @@ impl Bank {
             name: name.into(),
             ledger: Ledger::new(store),
             journal: false,
+            journal_pass: Pass::default(),
+            memo_pass: Pass::default(),
         }
     }
 
@@ -275,6 +281,46 @@ impl Participant for Bank {
             self.name, branch.transaction_id, leg.account
         );
         Ok(())
+    }
+}
+
+impl Prune for Bank {
+    /// Deletes journal entries and memos of old transactions among the next `limit` of
+    /// each.
+    async fn prune_round(
+        &self,
+        cutoff_unix_ms: u64,
+        limit: usize,
+    ) -> Result<PruneRound, ParticipantError> {
+        let _guard = self.ledger.lock().await;
+        let store = self.ledger.store();
+        let mut changes = Changes::default();
+        let mut pruned = 0;
+        let (entries, more_entries) = self.journal_pass.next_page(store, JOURNAL, limit)?;
+        for (key, value) in entries {
+            let entry: JournalEntry =
+                serde_json::from_slice(&value).map_err(crate::ledger::failed)?;
+            if created_before(&entry.transaction_id, cutoff_unix_ms) {
+                changes.remove(&key);
+                pruned += 1;
+            }
+        }
+        let (memos, more_memos) = self.memo_pass.next_page(store, MEMOS, limit)?;
+        for (key, _) in memos {
+            // memo/<transaction>/<branch>
+            let transaction_id = key[MEMOS.len()..].split('/').next().unwrap_or_default();
+            if created_before(transaction_id, cutoff_unix_ms) {
+                changes.remove(&key);
+                pruned += 1;
+            }
+        }
+        if !changes.is_empty() {
+            self.ledger.apply(changes).await?;
+        }
+        Ok(PruneRound {
+            pruned,
+            more: more_entries || more_memos,
+        })
     }
 }
 

@@ -47,6 +47,56 @@ impl Changes {
     pub fn remove(&mut self, key: &str) {
         self.0.remove(key.as_bytes().to_vec());
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Entries (key as text, value) of one page of a [`Pass`].
+pub type Page = Vec<(String, Vec<u8>)>;
+
+/// A pass over the entries under one prefix, a page per call, for background work that
+/// must not hold the ledger for long (pruning old entries).
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// The last key of the previous page; `None` starts the pass over.
+    cursor: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl Pass {
+    /// The next (at most `limit`) entries under `prefix`, keys as text, and whether the
+    /// pass goes on after them (once it does not, the next call starts over).
+    pub fn next_page(
+        &self,
+        store: &DurableStore,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<(Page, bool), ParticipantError> {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let start = match cursor.take() {
+            Some(mut last) => {
+                last.push(0);
+                last
+            }
+            None => prefix.as_bytes().to_vec(),
+        };
+        let mut page = Vec::new();
+        let mut last = None;
+        for entry in store.db().range(start..).take(limit) {
+            let (key, value) = entry.map_err(failed)?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            last = Some(key.to_vec());
+            page.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
+        }
+        let more = page.len() == limit;
+        if more {
+            *cursor = last;
+        }
+        Ok((page, more))
+    }
 }
 
 impl Ledger {

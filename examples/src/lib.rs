@@ -10,6 +10,7 @@
 //! - [`rewards`]: loyalty points in SQLite, with the barrier's records beside them (a
 //!   participant whose data lives outside the SDK's store).
 //! - [`process`]: starting and stopping child server processes.
+//! - [`retention`]: journal entries and per-order records of old transactions, pruned.
 //! - [`service`]: what the service binaries share.
 //! - [`tls_and_tokens`]: TLS and tokens for every hop of `demo --secure`, made for one run.
 
@@ -18,6 +19,7 @@ pub mod certs;
 pub mod journal;
 pub mod ledger;
 pub mod process;
+pub mod retention;
 pub mod rewards;
 pub mod service;
 pub mod shop;

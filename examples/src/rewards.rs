@@ -15,7 +15,9 @@
 //! and the barrier's `treaty_barrier(transaction_id, branch_id, record, in_doubt)`. With
 //! the journal on ([`Rewards::with_journal`]), every effect also appends a row to
 //! `journal(sequence, transaction_id, branch_id, effect, member, points)` in its
-//! transaction (see [`crate::journal`]): for audits and tests, it grows without end.
+//! transaction (see [`crate::journal`]): for audits and tests; rows of transactions
+//! older than the journal retention are deleted in the background
+//! ([`crate::retention`]).
 //! SQLite runs in WAL mode with `synchronous=FULL`, so a commit is on disk when it
 //! returns. Writes go through one connection on blocking threads, reads through another:
 //! an example, not a benchmark.
@@ -31,6 +33,7 @@ use treaty_sdk::durable::StoreError;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
 use crate::journal::{Effect, JournalEntry};
+use crate::retention::{Prune, PruneRound, created_before};
 
 /// The database's file name in the service's data directory.
 pub const DATABASE_FILE: &str = "rewards.sqlite3";
@@ -219,6 +222,56 @@ impl BarrierStore for SqliteStore {
         })
     }
 
+    fn records_before(
+        &self,
+        after: Option<&BranchKey>,
+        before_transaction_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(BranchKey, Vec<u8>)>, StoreError> {
+        let (after_transaction, after_branch) = after
+            .map(|k| (k.transaction_id.as_str(), k.branch_id.as_str()))
+            .unwrap_or(("", ""));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|connection| {
+            // The primary key's order; text compares bytewise (SQLite's BINARY collation).
+            let mut query = connection.prepare(
+                "SELECT transaction_id, branch_id, record FROM treaty_barrier
+                 WHERE transaction_id < ?1 AND (transaction_id, branch_id) > (?2, ?3)
+                 ORDER BY transaction_id, branch_id LIMIT ?4",
+            )?;
+            let rows = query.query_map(
+                params![
+                    before_transaction_id,
+                    after_transaction,
+                    after_branch,
+                    limit
+                ],
+                |row| {
+                    let key = BranchKey {
+                        transaction_id: row.get(0)?,
+                        branch_id: row.get(1)?,
+                    };
+                    Ok((key, row.get(2)?))
+                },
+            )?;
+            rows.collect()
+        })
+    }
+
+    async fn remove(&self, keys: Vec<BranchKey>) -> Result<(), StoreError> {
+        self.transaction(move |tx| {
+            let mut delete = tx.prepare(
+                "DELETE FROM treaty_barrier WHERE transaction_id = ?1 AND branch_id = ?2",
+            )?;
+            for key in &keys {
+                delete.execute(params![key.transaction_id, key.branch_id])?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(sql_failed)
+    }
+
     fn describe(&self) -> String {
         format!("sqlite {}", self.path.display())
     }
@@ -250,6 +303,8 @@ fn write_journal(
 pub struct Rewards {
     store: Arc<SqliteStore>,
     journal: bool,
+    /// The last journal sequence the pruning pass examined (0: start over).
+    pruned_up_to: Mutex<i64>,
 }
 
 impl Rewards {
@@ -257,6 +312,7 @@ impl Rewards {
         Self {
             store,
             journal: false,
+            pruned_up_to: Mutex::new(0),
         }
     }
 
@@ -418,6 +474,57 @@ impl Participant for Rewards {
             })
             .await
             .map_err(participant_failed)
+    }
+}
+
+impl Prune for Rewards {
+    /// Deletes the journal rows of old transactions among the next `limit`.
+    async fn prune_round(
+        &self,
+        cutoff_unix_ms: u64,
+        limit: usize,
+    ) -> Result<PruneRound, ParticipantError> {
+        let after = *self.pruned_up_to.lock().unwrap_or_else(|e| e.into_inner());
+        let page_limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, String)> = self
+            .store
+            .read(|connection| {
+                let mut query = connection.prepare(
+                    "SELECT sequence, transaction_id FROM journal WHERE sequence > ?1
+                     ORDER BY sequence LIMIT ?2",
+                )?;
+                let rows = query.query_map(params![after, page_limit], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?;
+                rows.collect()
+            })
+            .map_err(participant_failed)?;
+        let more = rows.len() == limit;
+        let next = if more {
+            rows.last().map_or(0, |(sequence, _)| *sequence)
+        } else {
+            0
+        };
+        *self.pruned_up_to.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        let old: Vec<i64> = rows
+            .into_iter()
+            .filter(|(_, transaction_id)| created_before(transaction_id, cutoff_unix_ms))
+            .map(|(sequence, _)| sequence)
+            .collect();
+        let pruned = old.len();
+        if pruned > 0 {
+            self.store
+                .transaction(move |tx| {
+                    let mut delete = tx.prepare("DELETE FROM journal WHERE sequence = ?1")?;
+                    for sequence in old {
+                        delete.execute(params![sequence])?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(participant_failed)?;
+        }
+        Ok(PruneRound { pruned, more })
     }
 }
 

@@ -14,6 +14,7 @@ use treaty_sdk::logging::LogFormat;
 use treaty_sdk::server::{CoordinatorTrust, ServeOptions};
 use treaty_sdk::tls::{ReloadableServerTls, ServerTlsFiles};
 
+use crate::retention::{Prune, RetentionArgs, prune_periodically};
 use crate::shop::FaultArgs;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -28,6 +29,8 @@ pub struct ServiceArgs {
     pub faults: FaultArgs,
     #[command(flatten)]
     pub security: SecurityArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }
 
 /// TLS and which coordinators the service trusts (see docs/SECURITY.md).
@@ -134,14 +137,21 @@ pub fn open_store(args: &ServiceArgs) -> anyhow::Result<Arc<DurableStore>> {
     )?))
 }
 
-/// Serves `participant` on `args.listen`, printing `<name> listening on ADDR` once ready.
-pub async fn serve<P: Participant, S: BarrierStore>(
+/// Serves `participant` on `args.listen`, printing `<name> listening on ADDR` once ready,
+/// with its barrier's and its own entries' retention.
+pub async fn serve<P: Participant + Prune, S: BarrierStore>(
     name: &str,
     participant: Arc<P>,
     store: Arc<S>,
     args: &ServiceArgs,
 ) -> anyhow::Result<()> {
-    let options = args.security.serve_options()?;
+    args.retention.validate().map_err(anyhow::Error::msg)?;
+    let mut options = args.security.serve_options()?;
+    options.barrier_gc.retention_ms = args.retention.barrier_retention_ms;
+    tokio::spawn(prune_periodically(
+        participant.clone(),
+        args.retention.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let shutdown = shutdown_signal();
     if let (Some(tls), Some(hangups)) = (options.tls.clone(), treaty_sdk::server::hangups()) {

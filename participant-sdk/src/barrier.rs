@@ -17,8 +17,30 @@
 //!
 //! The records live in a [`BarrierStore`]: the SDK's own [`DurableStore`] by default, or
 //! the participant's own database.
+//!
+//! **Retention.** Records of final branches (every status but `Prepared`) of a
+//! transaction created more than `retention_ms` ago (by its UUIDv7 id) may be deleted by
+//! the garbage collector ([`crate::barrier_gc`]); `Prepared` records never are. A call
+//! for such an old transaction that finds no record cannot tell "never ran" from "ran and
+//! was collected", so it never runs user code and never writes a record; it answers only
+//! what is true either way:
+//!
+//! | call, old id, no record | answer | why |
+//! |---|---|---|
+//! | `prepare` | vote NO | a NO can only lead to an abort, and a coordinator that has decided ignores late votes |
+//! | `commit` (any mode) | [`BarrierError::PastRetention`] | COMMITTED, REJECTED, NOT_PREPARED or ALREADY_ABORTED could each be false |
+//! | `abort` | [`BarrierError::PastRetention`] | ABORTED would be false if the branch had committed (one-phase, saga step) |
+//! | `compensate` | [`BarrierError::PastRetention`] | COMPENSATED would be false if the step's effect is there |
+//!
+//! The error reaches the coordinator as FAILED_PRECONDITION, "no answer": it keeps
+//! retrying and the transaction waits for an operator. Such a call only comes from a
+//! coordinator that broke its delivery horizon, or from clocks further apart than the
+//! retention's margin over that horizon (docs/decisions.md, "Bounded disk"). Ids that are
+//! not canonical UUIDv7s have no age: their records are kept and their calls answered as
+//! usual.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +51,11 @@ use crate::failpoint::crash_point;
 use crate::keyed_locks::KeyedLocks;
 use crate::limits::truncate_reason;
 use crate::participant::{BranchContext, Participant, ParticipantError, Vote};
+use crate::transaction_age::transaction_created_unix_ms;
+
+/// How long records of final branches are kept by default: 8 days, the coordinator's
+/// default delivery horizon (7 days) and a day of margin for clock skew.
+pub const DEFAULT_RETENTION_MS: u64 = 8 * 24 * 3_600_000;
 
 const RECORD_FORMAT_VERSION: u8 = 1;
 
@@ -57,6 +84,14 @@ pub enum BranchStatus {
     Compensated {
         after_commit: bool,
     },
+}
+
+impl BranchStatus {
+    /// No operation can make the branch in doubt again: everything but a YES vote
+    /// waiting for its outcome. Such a record may be collected once it is old enough.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, BranchStatus::Prepared)
+    }
 }
 
 /// What the barrier knows of one branch.
@@ -100,32 +135,96 @@ pub enum BarrierError {
     Participant(#[from] ParticipantError),
     #[error("barrier record for {key} is unreadable: {message}")]
     Corrupt { key: String, message: String },
+    #[error(
+        "transaction {transaction_id} was created at {created_unix_ms} (Unix ms), longer ago \
+         than this participant's barrier retention of {retention_ms} ms, and branch \
+         {branch_id} has no record: it may have been collected, so no answer would be \
+         true. Coordinators make no call past their delivery horizon; check the clocks \
+         and resolve the transaction by hand (`treaty txn resolve`)"
+    )]
+    PastRetention {
+        transaction_id: String,
+        branch_id: String,
+        created_unix_ms: u64,
+        retention_ms: u64,
+    },
 }
 
 /// The durable barrier of one participant, keeping its records in `S`.
 pub struct Barrier<S: BarrierStore = DurableStore> {
     store: Arc<S>,
-    locks: KeyedLocks,
+    pub(crate) locks: KeyedLocks,
+    retention_ms: u64,
+    /// The highest cutoff the collector has used: transactions created before it are
+    /// refused without a record even if the wall clock steps back.
+    collected_below_unix_ms: AtomicU64,
 }
 
 impl<S: BarrierStore> std::fmt::Debug for Barrier<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Barrier")
             .field("store", &self.store.describe())
+            .field("retention_ms", &self.retention_ms)
             .finish()
     }
 }
 
 impl<S: BarrierStore> Barrier<S> {
+    /// A barrier keeping final records for [`DEFAULT_RETENTION_MS`].
     pub fn new(store: Arc<S>) -> Self {
         Self {
             store,
             locks: KeyedLocks::new(),
+            retention_ms: DEFAULT_RETENTION_MS,
+            collected_below_unix_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps records of final branches for `retention_ms` after their transaction was
+    /// created (see the module docs). It must be at least the coordinator's delivery
+    /// horizon plus the worst skew between the two clocks.
+    pub fn with_retention_ms(mut self, retention_ms: u64) -> Self {
+        self.retention_ms = retention_ms;
+        self
+    }
+
+    pub fn retention_ms(&self) -> u64 {
+        self.retention_ms
     }
 
     pub fn store(&self) -> &Arc<S> {
         &self.store
+    }
+
+    /// Transactions created before this instant are past the retention: their final
+    /// records may be collected, and their calls without a record are refused.
+    pub fn retention_cutoff_unix_ms(&self) -> u64 {
+        let by_clock = now_unix_ms().saturating_sub(self.retention_ms);
+        by_clock.max(self.collected_below_unix_ms.load(Ordering::SeqCst))
+    }
+
+    /// Called by the collector before it deletes records of transactions created before
+    /// `cutoff_unix_ms`.
+    pub(crate) fn collecting_below(&self, cutoff_unix_ms: u64) {
+        self.collected_below_unix_ms
+            .fetch_max(cutoff_unix_ms, Ordering::SeqCst);
+    }
+
+    /// For a branch without a record: refuses it if its transaction is past the
+    /// retention (its record may have been collected).
+    fn check_not_past_retention(&self, branch: &BranchContext) -> Result<(), BarrierError> {
+        let Some(created_unix_ms) = transaction_created_unix_ms(&branch.transaction_id) else {
+            return Ok(());
+        };
+        if created_unix_ms >= self.retention_cutoff_unix_ms() {
+            return Ok(());
+        }
+        Err(BarrierError::PastRetention {
+            transaction_id: branch.transaction_id.clone(),
+            branch_id: branch.branch_id.clone(),
+            created_unix_ms,
+            retention_ms: self.retention_ms,
+        })
     }
 
     /// After a failed write, records may be visible that never reached the disk:
@@ -202,6 +301,10 @@ impl<S: BarrierStore> Barrier<S> {
                 }
             });
         }
+        if let Err(past) = self.check_not_past_retention(branch) {
+            tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, "prepare past the barrier retention: voting NO");
+            return Ok(Vote::no(past.to_string()));
+        }
         let vote = self
             .prepare_user(
                 participant,
@@ -231,8 +334,11 @@ impl<S: BarrierStore> Barrier<S> {
         self.ensure_store_healthy()?;
         let mut record = match self.record(branch)? {
             Some(record) => record,
-            None if mode == BranchMode::TwoPhase => return Ok(CommitAnswer::NotPrepared),
             None => {
+                self.check_not_past_retention(branch)?;
+                if mode == BranchMode::TwoPhase {
+                    return Ok(CommitAnswer::NotPrepared);
+                }
                 // One call does both phases; the participant decides.
                 self.prepare_user(participant, branch, mode, payload, coordinator_endpoint)
                     .await?
@@ -272,6 +378,7 @@ impl<S: BarrierStore> Barrier<S> {
         let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
         let Some(mut record) = self.record(branch)? else {
+            self.check_not_past_retention(branch)?;
             let record = new_record(
                 BranchMode::TwoPhase,
                 BranchStatus::Aborted {
@@ -314,6 +421,7 @@ impl<S: BarrierStore> Barrier<S> {
         let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
         let Some(mut record) = self.record(branch)? else {
+            self.check_not_past_retention(branch)?;
             let record = new_record(
                 BranchMode::SagaStep,
                 BranchStatus::Compensated {
@@ -467,7 +575,7 @@ fn branch_key(branch: &BranchContext) -> BranchKey {
 }
 
 /// Operations on one branch are serialized under this key.
-fn lock_key(branch: &BranchContext) -> Vec<u8> {
+pub(crate) fn lock_key(branch: &BranchContext) -> Vec<u8> {
     format!("{}/{}", branch.transaction_id, branch.branch_id).into_bytes()
 }
 
@@ -478,7 +586,7 @@ fn encode(record: &BranchRecord) -> Vec<u8> {
     bytes
 }
 
-fn decode(key: &BranchKey, bytes: &[u8]) -> Result<BranchRecord, BarrierError> {
+pub(crate) fn decode(key: &BranchKey, bytes: &[u8]) -> Result<BranchRecord, BarrierError> {
     let corrupt = |message: String| BarrierError::Corrupt {
         key: format!("{}/{}", key.transaction_id, key.branch_id),
         message,

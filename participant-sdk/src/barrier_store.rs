@@ -15,7 +15,13 @@
 //! - `in_doubt` lists the branches whose last write was marked in doubt, in an order of the
 //!   store's choosing that does not change, strictly after `after` in that order;
 //! - once a write failed, `failure` says so: a record the store shows may then not be
-//!   durable, so the barrier answers nothing from it and runs no user code.
+//!   durable, so the barrier answers nothing from it and runs no user code;
+//! - `records_before` lists, in pages, every record whose transaction id sorts bytewise
+//!   below a bound, in an order of the store's choosing that does not change, strictly
+//!   after `after` in that order (it may list others too: the barrier checks each), and
+//!   `remove` deletes records with their in-doubt marks. The barrier's garbage collector
+//!   ([`crate::barrier_gc`]) uses them to delete the records of final branches past the
+//!   retention; a store where they do nothing keeps every record for ever.
 
 use std::future::Future;
 
@@ -52,6 +58,21 @@ pub trait BarrierStore: Send + Sync + 'static {
         after: Option<&BranchKey>,
         limit: usize,
     ) -> Result<Vec<BranchKey>, StoreError>;
+
+    /// Up to `limit` records (key and bytes) whose transaction id sorts bytewise below
+    /// `before_transaction_id`, after `after` (`None`: from the start) in the store's
+    /// order. Every such record of a canonical UUIDv7 transaction must come up in a pass
+    /// over the pages; records of other ids may come up too.
+    fn records_before(
+        &self,
+        after: Option<&BranchKey>,
+        before_transaction_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(BranchKey, Vec<u8>)>, StoreError>;
+
+    /// Deletes these records and their in-doubt marks; resolves once applied. It need not
+    /// be durable when it resolves: a removal lost in a crash is simply done again.
+    fn remove(&self, keys: Vec<BranchKey>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Why the store can no longer promise durability, if it cannot.
     fn failure(&self) -> Option<String> {
@@ -91,6 +112,20 @@ fn record_key(key: &BranchKey) -> Vec<u8> {
 
 fn in_doubt_key(key: &BranchKey) -> Vec<u8> {
     format!("{IN_DOUBT_PREFIX}{}/{}", key.transaction_id, key.branch_id).into_bytes()
+}
+
+/// The branch a `<prefix><transaction>/<branch>` key names.
+fn parse_key(key: &[u8], prefix: &str) -> Result<BranchKey, StoreError> {
+    let text = String::from_utf8_lossy(key.strip_prefix(prefix.as_bytes()).unwrap_or(key));
+    let Some((transaction_id, branch_id)) = text.split_once('/') else {
+        return Err(StoreError::Read(format!(
+            "barrier key {prefix}{text:?} has no branch"
+        )));
+    };
+    Ok(BranchKey {
+        transaction_id: transaction_id.to_string(),
+        branch_id: branch_id.to_string(),
+    })
 }
 
 /// `write` as operations on the SDK's own store.
@@ -134,21 +169,49 @@ impl BarrierStore for DurableStore {
         let mut found = Vec::new();
         for entry in self.db().range(start..).take(limit) {
             let (key, _) = entry.map_err(|e| StoreError::Read(e.to_string()))?;
-            let Some(rest) = key.strip_prefix(IN_DOUBT_PREFIX.as_bytes()) else {
+            if !key.starts_with(IN_DOUBT_PREFIX.as_bytes()) {
                 break;
-            };
-            let text = String::from_utf8_lossy(rest);
-            let Some((transaction_id, branch_id)) = text.split_once('/') else {
-                return Err(StoreError::Read(format!(
-                    "in-doubt key {text:?} has no branch"
-                )));
-            };
-            found.push(BranchKey {
-                transaction_id: transaction_id.to_string(),
-                branch_id: branch_id.to_string(),
-            });
+            }
+            found.push(parse_key(&key, IN_DOUBT_PREFIX)?);
         }
         Ok(found)
+    }
+
+    fn records_before(
+        &self,
+        after: Option<&BranchKey>,
+        before_transaction_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(BranchKey, Vec<u8>)>, StoreError> {
+        let start = match after {
+            Some(after) => {
+                let mut start = record_key(after);
+                start.push(0);
+                start
+            }
+            None => RECORD_PREFIX.as_bytes().to_vec(),
+        };
+        // `b/<id>` sorts below `b/<bound>` exactly when the id sorts below the bound and is
+        // not a prefix of it followed by a character below `/` (never a canonical UUID).
+        let end = format!("{RECORD_PREFIX}{before_transaction_id}").into_bytes();
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for entry in self.db().range(start..end).take(limit) {
+            let (key, value) = entry.map_err(|e| StoreError::Read(e.to_string()))?;
+            found.push((parse_key(&key, RECORD_PREFIX)?, value.to_vec()));
+        }
+        Ok(found)
+    }
+
+    fn remove(&self, keys: Vec<BranchKey>) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let mut batch = WriteBatch::new();
+        for key in &keys {
+            batch.remove(record_key(key));
+            batch.remove(in_doubt_key(key));
+        }
+        self.write(batch, Durability::Lazy)
     }
 
     fn failure(&self) -> Option<String> {
@@ -173,9 +236,10 @@ impl BarrierStore for DurableStore {
 }
 
 /// Checks a store against the parts of the contract a test can see: records read back as
-/// written and replaced by later writes, and in-doubt marks listed, paged with a
-/// cursor, and cleared. Run it in your tests on an empty store; it writes branches of
-/// transactions named `conformance-*`.
+/// written and replaced by later writes; in-doubt marks listed, paged with a cursor, and
+/// cleared; records listed below a transaction id bound, paged, and removed with their
+/// marks (what the garbage collector needs). Run it in your tests on an empty store; it
+/// writes branches of transactions named `conformance-*` and of UUIDv7 ids from 2023.
 pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String> {
     let key = |txn: usize, branch: &str| BranchKey {
         transaction_id: format!("conformance-{txn}"),
@@ -244,5 +308,90 @@ pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String>
             "paging in_doubt listed {listed:?}, not each of {marked:?} once"
         ));
     }
-    Ok(())
+    check_collection(store).await
+}
+
+/// The part of [`check_conformance`] the garbage collector relies on.
+async fn check_collection<S: BarrierStore>(store: &S) -> Result<(), String> {
+    use crate::transaction_age::first_transaction_id_at;
+    let failed = |what: &str, e: StoreError| format!("{what}: {e}");
+    // November 2023: old UUIDv7 ids, one in doubt, and a young one at the bound.
+    let at = 1_700_000_000_000;
+    let old: Vec<BranchKey> = (0..5u64)
+        .map(|i| BranchKey {
+            transaction_id: first_transaction_id_at(at + i * 1_000),
+            branch_id: format!("old-{i}"),
+        })
+        .collect();
+    let bound = first_transaction_id_at(at + 60_000);
+    let young = BranchKey {
+        transaction_id: bound.clone(),
+        branch_id: "young".into(),
+    };
+    for (index, key) in old.iter().chain([&young]).enumerate() {
+        let write = BarrierWrite {
+            key: key.clone(),
+            record: format!("record-{index}").into_bytes(),
+            in_doubt: index == 1,
+        };
+        store.save(write).await.map_err(|e| failed("save", e))?;
+    }
+    let list_all = || -> Result<Vec<BranchKey>, String> {
+        let mut listed = Vec::new();
+        let mut cursor: Option<BranchKey> = None;
+        for _ in 0..100 {
+            let page = store
+                .records_before(cursor.as_ref(), &bound, 2)
+                .map_err(|e| failed("records_before", e))?;
+            if page.len() > 2 {
+                return Err(format!(
+                    "records_before gave {} records for a limit of 2",
+                    page.len()
+                ));
+            }
+            cursor = page.last().map(|(key, _)| key.clone());
+            let done = page.len() < 2;
+            listed.extend(page.into_iter().map(|(key, _)| key));
+            if done {
+                return Ok(listed);
+            }
+        }
+        Err("records_before kept giving full pages".into())
+    };
+    let listed = list_all()?;
+    if listed.contains(&young) {
+        return Err("records_before listed a record at its bound".into());
+    }
+    let mut old_listed: Vec<BranchKey> = listed
+        .into_iter()
+        .filter(|key| key.branch_id.starts_with("old-"))
+        .collect();
+    old_listed.sort();
+    if old_listed != old {
+        return Err(format!(
+            "paging records_before listed {old_listed:?}, not each of {old:?} once"
+        ));
+    }
+    store
+        .remove(old.clone())
+        .await
+        .map_err(|e| failed("remove", e))?;
+    for key in &old {
+        if store.load(key).map_err(|e| failed("load", e))?.is_some() {
+            return Err(format!("{key:?} still has a record after remove"));
+        }
+    }
+    let in_doubt = store
+        .in_doubt(None, 100)
+        .map_err(|e| failed("in_doubt", e))?;
+    if in_doubt.contains(&old[1]) {
+        return Err("a removed branch is still listed in doubt".into());
+    }
+    if list_all()?.iter().any(|key| old.contains(key)) {
+        return Err("records_before still lists removed records".into());
+    }
+    match store.load(&young).map_err(|e| failed("load", e))? {
+        Some(record) if record == b"record-5" => Ok(()),
+        other => Err(format!("a record not removed reads {other:?}")),
+    }
 }

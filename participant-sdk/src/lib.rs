@@ -9,6 +9,8 @@
 //!   the coordinator's decision log share.
 //! - [`barrier_store::BarrierStore`]: implement it to keep the barrier's records in your
 //!   own database, beside your data.
+//! - [`barrier_gc`] and [`transaction_age`]: records of final branches are deleted once
+//!   their transaction (a UUIDv7, which tells its age) is older than the retention.
 //! - [`tls`], [`auth`] and [`connections`]: TLS (rustls), bearer tokens and principals,
 //!   and the accept loop the servers share (the coordinator's too).
 //! - [`trace`]: W3C trace context, carried from initiator to participants; with the
@@ -18,6 +20,7 @@
 
 pub mod auth;
 pub mod barrier;
+pub mod barrier_gc;
 pub mod barrier_store;
 pub mod client;
 pub mod connections;
@@ -33,6 +36,7 @@ pub mod participant;
 pub mod server;
 pub mod tls;
 pub mod trace;
+pub mod transaction_age;
 pub mod trust;
 
 pub use client::{

@@ -15,6 +15,7 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_server::ParticipantServer;
 
 use crate::barrier::{AbortAnswer, Barrier, BarrierError, BranchMode, CommitAnswer};
+use crate::barrier_gc::{BarrierCollector, BarrierGcOptions};
 use crate::barrier_store::BarrierStore;
 use crate::connections::{ConnectionLimits, incoming};
 use crate::durable::DurableStore;
@@ -107,6 +108,10 @@ fn barrier_error(branch: &BranchContext, error: BarrierError) -> Status {
         BarrierError::Participant(e) => {
             tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %e, "participant code failed");
             Status::unavailable(error.to_string())
+        }
+        BarrierError::PastRetention { .. } => {
+            tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %error, "call past the barrier retention refused");
+            Status::failed_precondition(error.to_string())
         }
         BarrierError::Store(_) | BarrierError::Corrupt { .. } => {
             tracing::error!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %error, "barrier failed");
@@ -274,6 +279,8 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub in_doubt: InDoubtOptions,
+    /// How long records of final branches are kept, and how their collection runs.
+    pub barrier_gc: BarrierGcOptions,
     /// The coordinators served and asked (default: every caller; see [`CoordinatorTrust`]).
     pub trust: CoordinatorTrust,
     /// TLS for the server (`None`: cleartext). Call `reload` on it to change certificates.
@@ -292,6 +299,7 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             in_doubt: InDoubtOptions::default(),
+            barrier_gc: BarrierGcOptions::default(),
             trust: CoordinatorTrust::default(),
             tls: None,
             connections: ConnectionLimits::default(),
@@ -312,6 +320,8 @@ pub enum ServeError {
     Listener(#[from] std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error("serve options: {0}")]
+    Options(String),
     #[error(
         "refusing to serve on {0} without authenticating the coordinator: configure a \
          coordinator token or identity, or allow unauthenticated callers explicitly"
@@ -320,8 +330,9 @@ pub enum ServeError {
 }
 
 /// Serves `participant` on `listener`, with its barrier in `store`, the standard gRPC
-/// health service, and in-doubt resolution, until `shutdown` resolves. Requests in
-/// flight get `shutdown_grace_ms` to finish; `store` is then closed durably.
+/// health service, in-doubt resolution and the barrier's garbage collection, until
+/// `shutdown` resolves. Requests in flight get `shutdown_grace_ms` to finish; `store` is
+/// then closed durably.
 ///
 /// The store is usually the participant's one sled database (see
 /// [`DurableStore::open`]), where it may keep its own data too, under keys that do not
@@ -345,7 +356,9 @@ where
     {
         return Err(ServeError::Unauthenticated(local_addr));
     }
-    let barrier = Arc::new(Barrier::new(store.clone()));
+    options.barrier_gc.validate().map_err(ServeError::Options)?;
+    let barrier =
+        Arc::new(Barrier::new(store.clone()).with_retention_ms(options.barrier_gc.retention_ms));
     let service = ParticipantService::new(participant.clone(), barrier.clone())
         .with_trust(options.trust.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -353,10 +366,12 @@ where
         .set_serving::<ParticipantServer<ParticipantService<P, S>>>()
         .await;
 
-    let (stop_resolver, resolver_stopped) = tokio::sync::watch::channel(false);
-    let resolver = InDoubtResolver::new(participant, barrier, options.in_doubt.clone())
+    let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
+    let resolver = InDoubtResolver::new(participant, barrier.clone(), options.in_doubt.clone())
         .with_trust(options.trust.clone());
-    let resolver_task = tokio::spawn(resolver.run(resolver_stopped));
+    let resolver_task = tokio::spawn(resolver.run(background_stopped.clone()));
+    let collector = BarrierCollector::new(barrier.clone(), options.barrier_gc.clone());
+    let collector_task = tokio::spawn(collector.run(background_stopped));
 
     let (reflection_v1, reflection_v1alpha) =
         reflection_services().map_err(|e| ServeError::Reflection(e.to_string()))?;
@@ -405,8 +420,9 @@ where
             }
         }
     };
-    let _ = stop_resolver.send(true);
+    let _ = stop_background.send(true);
     let _ = resolver_task.await;
+    let _ = collector_task.await;
     let closed = tokio::task::spawn_blocking(move || store.close())
         .await
         .unwrap_or(Err(crate::durable::StoreError::Closed));

@@ -18,7 +18,8 @@ struct Args {
     /// Accounts to open if missing, as NAME=BALANCE,NAME=BALANCE.
     #[arg(long, default_value = "")]
     accounts: String,
-    /// Keep a journal of every effect in the store, for audits (grows without end).
+    /// Keep a journal of every effect in the store, for audits (entries of transactions
+    /// older than --journal-retention-ms are pruned).
     #[arg(long)]
     journal: bool,
     #[command(flatten)]

@@ -15,7 +15,8 @@ struct Args {
     /// Members to create if missing, as NAME=POINTS,NAME=POINTS.
     #[arg(long, default_value = "")]
     members: String,
-    /// Keep a journal of every effect in the database, for audits (grows without end).
+    /// Keep a journal of every effect in the database, for audits (rows of transactions
+    /// older than --journal-retention-ms are pruned).
     #[arg(long)]
     journal: bool,
     #[command(flatten)]

@@ -1,6 +1,11 @@
 //! The shop's invariants, checked from each service's own data (read from their sled
 //! directories once they have stopped) against how the coordinator says each order
 //! ended.
+//!
+//! Records pruned past the journal retention are in the services' `settled/` totals: the
+//! sums (money, stock) count them, and the checks of single orders cover the orders
+//! created after the latest `settled/before` of the three (older ones may have no records
+//! left; see [`super::prune_orders`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -30,8 +35,16 @@ impl Check {
 struct Data {
     counters: BTreeMap<String, i64>,
     initial: BTreeMap<String, i64>,
+    /// Totals folded in from pruned records, and `before`.
+    settled: BTreeMap<String, i64>,
     holds: usize,
     store: DurableStore,
+}
+
+impl Data {
+    fn settled(&self, counter: &str) -> i64 {
+        self.settled.get(counter).copied().unwrap_or(0)
+    }
 }
 
 fn open(dir: &Path, prefix: &str) -> Result<Data, String> {
@@ -40,9 +53,11 @@ fn open(dir: &Path, prefix: &str) -> Result<Data, String> {
     let initial =
         crate::ledger::counters(&store, &format!("initial/{prefix}")).map_err(|e| e.to_string())?;
     let holds = store.db().scan_prefix("hold/").count();
+    let settled = crate::ledger::counters(&store, super::SETTLED).map_err(|e| e.to_string())?;
     Ok(Data {
         counters,
         initial,
+        settled,
         holds,
         store,
     })
@@ -77,6 +92,17 @@ pub fn audit(
     let payment = open(payment_dir, "acct/")?;
     let inventory = open(inventory_dir, "stock/")?;
     let shipping = open(shipping_dir, "none/")?;
+    // Orders of transactions created before this may have had their records pruned.
+    let settled_before = [&payment, &inventory, &shipping]
+        .iter()
+        .map(|data| data.settled("before"))
+        .max()
+        .unwrap_or(0);
+    let all_placed = placed;
+    let placed: Vec<&Placed> = all_placed
+        .iter()
+        .filter(|p| p.transaction.created_unix_ms as i64 >= settled_before)
+        .collect();
     let charges: BTreeMap<String, Charge> = applied(&payment, "charge/")?;
     let refunds: BTreeMap<String, Charge> = recorded(&payment, "refund/")?;
     let reservations: BTreeMap<String, Reservation> = applied(&inventory, "reservation/")?;
@@ -113,7 +139,8 @@ pub fn audit(
         if customer == super::payment::REVENUE {
             continue;
         }
-        let expected = initial - charged_to.get(customer.as_str()).copied().unwrap_or(0);
+        let settled = payment.settled(&super::payment::settled_charges_counter(customer));
+        let expected = initial - charged_to.get(customer.as_str()).copied().unwrap_or(0) - settled;
         let actual = payment.counters.get(customer).copied().unwrap_or(0);
         if actual != expected {
             money.push(format!("{customer} has {actual}, expected {expected}"));
@@ -124,7 +151,13 @@ pub fn audit(
         .get(super::payment::REVENUE)
         .copied()
         .unwrap_or(0);
-    let charged_total: i64 = charged_to.values().sum();
+    let settled_total: i64 = payment
+        .settled
+        .iter()
+        .filter(|(counter, _)| counter.starts_with("charged/"))
+        .map(|(_, amount)| amount)
+        .sum();
+    let charged_total: i64 = charged_to.values().sum::<i64>() + settled_total;
     if revenue != charged_total {
         money.push(format!(
             "revenue is {revenue}, unrefunded charges total {charged_total}"
@@ -163,7 +196,8 @@ pub fn audit(
             .iter()
             .filter(|(order, r)| &r.sku == sku && reserved.contains(order))
             .map(|(_, r)| r.quantity)
-            .sum();
+            .sum::<i64>()
+            + inventory.settled(&super::inventory::settled_reservations_counter(sku));
         if now + held != *initial {
             stock.push(format!(
                 "{sku}: {initial} initially, {now} in stock + {held} reserved"
@@ -185,7 +219,7 @@ pub fn audit(
     });
 
     let mut by_outcome: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
-    for order in placed {
+    for order in &placed {
         let outcome = match order.state() {
             TransactionState::Completed => "completed",
             TransactionState::Compensated => "compensated",
@@ -224,7 +258,7 @@ pub fn audit(
             .map(|order| format!("order {order} completed but not charged, reserved and shipped"))
             .collect(),
     });
-    let known: BTreeSet<&String> = placed.iter().map(|p| &p.order.id).collect();
+    let known: BTreeSet<&String> = all_placed.iter().map(|p| &p.order.id).collect();
     checks.push(Check {
         name: "no effect without an order",
         violations: charged

@@ -14,19 +14,30 @@ use std::sync::Arc;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
-use super::{Applied, Faults, Hold, Reservation, available, hold_key, holds_already, parse};
-use crate::ledger::{Changes, Ledger};
+use super::{
+    Applied, Faults, Hold, Reservation, available, hold_key, holds_already, parse, prune_orders,
+};
+use crate::ledger::{Changes, Ledger, Pass};
+use crate::retention::{Prune, PruneRound};
 
 pub fn stock_key(sku: &str) -> String {
     format!("stock/{sku}")
 }
 
+const RESERVATIONS: &str = "reservation/";
+const RELEASES: &str = "release/";
+
 fn reservation_key(order: &str) -> String {
-    format!("reservation/{order}")
+    format!("{RESERVATIONS}{order}")
 }
 
 fn release_key(order: &str) -> String {
-    format!("release/{order}")
+    format!("{RELEASES}{order}")
+}
+
+/// The counter under `settled/` that sums a SKU's pruned, unreleased reservations.
+pub fn settled_reservations_counter(sku: &str) -> String {
+    format!("reserved/{sku}")
 }
 
 #[derive(Debug)]
@@ -34,6 +45,7 @@ pub struct Inventory {
     ledger: Ledger,
     faults: Faults,
     out_of_stock_rate: f64,
+    prune_pass: Pass,
 }
 
 impl Inventory {
@@ -42,6 +54,7 @@ impl Inventory {
             ledger: Ledger::new(store),
             faults,
             out_of_stock_rate,
+            prune_pass: Pass::default(),
         }
     }
 
@@ -178,5 +191,34 @@ impl Participant for Inventory {
         let mut changes = Changes::default();
         self.release(branch, &release.order, &mut changes)?;
         self.ledger.apply_with(branch, changes).await
+    }
+}
+
+impl Prune for Inventory {
+    /// Prunes old reservations with their releases, adding each unreleased one to its
+    /// SKU's `settled/reserved/<sku>`.
+    async fn prune_round(
+        &self,
+        cutoff_unix_ms: u64,
+        limit: usize,
+    ) -> Result<PruneRound, ParticipantError> {
+        let settle = |reservation: &Reservation, released: bool| {
+            (!released).then(|| {
+                (
+                    settled_reservations_counter(&reservation.sku),
+                    reservation.quantity,
+                )
+            })
+        };
+        let prefixes = (RESERVATIONS, RELEASES);
+        prune_orders(
+            &self.ledger,
+            &self.prune_pass,
+            prefixes,
+            cutoff_unix_ms,
+            limit,
+            settle,
+        )
+        .await
     }
 }

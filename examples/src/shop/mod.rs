@@ -14,6 +14,13 @@
 //! - [`orders`]: the driver that places orders through a coordinator.
 //! - [`audit`]: the invariants, checked from each service's own data.
 //! - [`strangers`]: callers without a token, refused (`demo --secure`).
+//!
+//! Each service keeps a record per order (a charge, a reservation, a shipment, and their
+//! undoing). Records of orders whose transaction is older than the journal retention are
+//! deleted in the background ([`prune_orders`]), and what the audit sums from them is
+//! added to `settled/<counter>` totals in the same write, with `settled/before` saying
+//! which orders' records may be gone: the audit's sums still balance, and its per-order
+//! checks cover the orders after that instant.
 
 pub mod audit;
 pub mod inventory;
@@ -30,7 +37,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use treaty_sdk::{BranchContext, ParticipantError};
 
-use crate::ledger::Ledger;
+use crate::ledger::{Changes, Ledger, Pass};
+use crate::retention::{PruneRound, created_before};
+
+/// Where a shop service keeps the totals folded in from the records it pruned.
+pub const SETTLED: &str = "settled/";
+/// `settled/before`: the orders of transactions created before this instant (Unix ms)
+/// may have had their records pruned.
+pub const SETTLED_BEFORE: &str = "settled/before";
 
 /// What the payment step does: charge `amount` to `customer` for `order`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,4 +236,51 @@ pub fn available(ledger: &Ledger, counter: &str) -> Result<Option<i64>, Particip
 
 pub fn parse<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, String> {
     serde_json::from_slice(payload).map_err(|e| format!("malformed payload: {e}"))
+}
+
+/// Prunes the next (at most `limit`) work records `<work_prefix><order>` (an
+/// [`Applied`] work) of transactions created before `cutoff_unix_ms`, with the undo
+/// records `<undo_prefix><order>` of the same orders. For each, `settle(work, undone)`
+/// may name a counter and an amount to add to `settled/<counter>`; the totals, the
+/// raised `settled/before` and the deletions are one write, under the ledger's lock.
+pub async fn prune_orders<T: for<'de> Deserialize<'de>>(
+    ledger: &Ledger,
+    pass: &Pass,
+    prefixes: (&str, &str),
+    cutoff_unix_ms: u64,
+    limit: usize,
+    settle: impl Fn(&T, bool) -> Option<(String, i64)>,
+) -> Result<PruneRound, ParticipantError> {
+    let (work_prefix, undo_prefix) = prefixes;
+    let _guard = ledger.lock().await;
+    let (page, more) = pass.next_page(ledger.store(), work_prefix, limit)?;
+    let mut changes = Changes::default();
+    let mut totals: std::collections::BTreeMap<String, i64> = Default::default();
+    let mut pruned = 0;
+    for (key, value) in page {
+        let applied: Applied<T> = serde_json::from_slice(&value).map_err(crate::ledger::failed)?;
+        if !created_before(&applied.transaction_id, cutoff_unix_ms) {
+            continue;
+        }
+        let undo_key = format!("{undo_prefix}{}", &key[work_prefix.len()..]);
+        let undone = ledger.json::<serde_json::Value>(&undo_key)?.is_some();
+        if let Some((counter, amount)) = settle(&applied.work, undone) {
+            *totals.entry(counter).or_default() += amount;
+        }
+        changes.remove(&key);
+        changes.remove(&undo_key);
+        pruned += 1;
+    }
+    if pruned > 0 {
+        for (counter, amount) in totals {
+            let key = format!("{SETTLED}{counter}");
+            let before = ledger.i64(&key)?.unwrap_or(0);
+            changes.set_i64(&key, before + amount);
+        }
+        let settled_before = ledger.i64(SETTLED_BEFORE)?.unwrap_or(0);
+        let cutoff = i64::try_from(cutoff_unix_ms).unwrap_or(i64::MAX);
+        changes.set_i64(SETTLED_BEFORE, settled_before.max(cutoff));
+        ledger.apply(changes).await?;
+    }
+    Ok(PruneRound { pruned, more })
 }

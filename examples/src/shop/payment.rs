@@ -18,8 +18,11 @@ use std::sync::Arc;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
-use super::{Applied, Charge, Faults, Hold, available, hold_key, holds_already, parse};
-use crate::ledger::{Changes, Ledger};
+use super::{
+    Applied, Charge, Faults, Hold, available, hold_key, holds_already, parse, prune_orders,
+};
+use crate::ledger::{Changes, Ledger, Pass};
+use crate::retention::{Prune, PruneRound};
 
 pub const REVENUE: &str = "revenue";
 
@@ -27,18 +30,27 @@ pub fn account_key(customer: &str) -> String {
     format!("acct/{customer}")
 }
 
+const CHARGES: &str = "charge/";
+const REFUNDS: &str = "refund/";
+
 fn charge_key(order: &str) -> String {
-    format!("charge/{order}")
+    format!("{CHARGES}{order}")
 }
 
 fn refund_key(order: &str) -> String {
-    format!("refund/{order}")
+    format!("{REFUNDS}{order}")
+}
+
+/// The counter under `settled/` that sums a customer's pruned, unrefunded charges.
+pub fn settled_charges_counter(customer: &str) -> String {
+    format!("charged/{customer}")
 }
 
 #[derive(Debug)]
 pub struct Payment {
     ledger: Ledger,
     faults: Faults,
+    prune_pass: Pass,
 }
 
 impl Payment {
@@ -46,6 +58,7 @@ impl Payment {
         Self {
             ledger: Ledger::new(store),
             faults,
+            prune_pass: Pass::default(),
         }
     }
 
@@ -184,5 +197,29 @@ impl Participant for Payment {
         let mut changes = Changes::default();
         self.refund(branch, &refund.order, &mut changes)?;
         self.ledger.apply_with(branch, changes).await
+    }
+}
+
+impl Prune for Payment {
+    /// Prunes old charges with their refunds, adding each unrefunded one to its
+    /// customer's `settled/charged/<customer>`.
+    async fn prune_round(
+        &self,
+        cutoff_unix_ms: u64,
+        limit: usize,
+    ) -> Result<PruneRound, ParticipantError> {
+        let settle = |charge: &Charge, refunded: bool| {
+            (!refunded).then(|| (settled_charges_counter(&charge.customer), charge.amount))
+        };
+        let prefixes = (CHARGES, REFUNDS);
+        prune_orders(
+            &self.ledger,
+            &self.prune_pass,
+            prefixes,
+            cutoff_unix_ms,
+            limit,
+            settle,
+        )
+        .await
     }
 }

@@ -13,15 +13,19 @@ use std::sync::Arc;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
-use super::{Applied, Faults, Shipment, parse};
-use crate::ledger::{Changes, Ledger};
+use super::{Applied, Faults, Shipment, parse, prune_orders};
+use crate::ledger::{Changes, Ledger, Pass};
+use crate::retention::{Prune, PruneRound};
+
+const SHIPMENTS: &str = "shipment/";
+const CANCELS: &str = "cancel/";
 
 fn shipment_key(order: &str) -> String {
-    format!("shipment/{order}")
+    format!("{SHIPMENTS}{order}")
 }
 
 fn cancel_key(order: &str) -> String {
-    format!("cancel/{order}")
+    format!("{CANCELS}{order}")
 }
 
 #[derive(Debug)]
@@ -29,6 +33,7 @@ pub struct Shipping {
     ledger: Ledger,
     faults: Faults,
     rejection_rate: f64,
+    prune_pass: Pass,
 }
 
 impl Shipping {
@@ -37,6 +42,7 @@ impl Shipping {
             ledger: Ledger::new(store),
             faults,
             rejection_rate,
+            prune_pass: Pass::default(),
         }
     }
 
@@ -130,5 +136,27 @@ impl Participant for Shipping {
     ) -> Result<(), ParticipantError> {
         self.faults.enter_compensation().await?;
         self.undo(branch, payload).await
+    }
+}
+
+impl Prune for Shipping {
+    /// Prunes old shipments with their cancellations (no totals: the audit sums nothing
+    /// from them).
+    async fn prune_round(
+        &self,
+        cutoff_unix_ms: u64,
+        limit: usize,
+    ) -> Result<PruneRound, ParticipantError> {
+        let settle = |_: &Shipment, _: bool| None;
+        let prefixes = (SHIPMENTS, CANCELS);
+        prune_orders(
+            &self.ledger,
+            &self.prune_pass,
+            prefixes,
+            cutoff_unix_ms,
+            limit,
+            settle,
+        )
+        .await
     }
 }
