@@ -128,8 +128,8 @@ async fn run_saga(
         })
         .collect();
     let options = SubmitOptions {
-        idempotency_key: None,
         wait_for_outcome: true,
+        ..SubmitOptions::default()
     };
     let Ok(submitted) = client.submit_saga(steps, options).await else {
         return false;

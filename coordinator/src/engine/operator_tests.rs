@@ -544,6 +544,8 @@ fn past_its_deadline_a_transaction_waiting_only_on_a_participant_says_so() {
             .is_empty()
     );
     assert!(txn.waits_past_deadline(T0 + 60_000));
+    // The timer fired: a wall clock a little behind the timer's does not hold it back.
+    assert!(txn.waits_past_deadline(T0 + 59_990));
     assert!(
         txn.transitions()
             .last()

@@ -153,6 +153,8 @@ pub struct TwoPhaseCommit {
     paused: bool,
     /// A delivery keeps failing (flagged once, cleared at the end).
     stuck: bool,
+    /// The deadline timer fired (the wall clock may read a little earlier).
+    deadline_passed: bool,
 }
 
 impl TwoPhaseCommit {
@@ -175,6 +177,7 @@ impl TwoPhaseCommit {
             owner: params.owner,
             paused: false,
             stuck: false,
+            deadline_passed: false,
         };
         let actions = vec![Action::StartDeadlineTimer {
             at_unix_ms: params.deadline_unix_ms,
@@ -224,6 +227,7 @@ impl TwoPhaseCommit {
             owner: record.owner,
             paused: false,
             stuck: record.stuck,
+            deadline_passed: false,
         };
         txn.transitions.push(Transition {
             state: TxnState::Committing,
@@ -292,7 +296,7 @@ impl TwoPhaseCommit {
     /// A one-phase commit whose participant does not answer keeps counting: its outcome
     /// is unknown until the participant answers or an operator resolves it.
     pub fn waits_past_deadline(&self, now: UnixMs) -> bool {
-        now >= self.deadline_unix_ms && self.phase == Phase::Aborting
+        (self.deadline_passed || now >= self.deadline_unix_ms) && self.phase == Phase::Aborting
     }
 
     /// What the log stores and GetTransaction shows.
@@ -473,27 +477,30 @@ impl TwoPhaseCommit {
                 }
                 _ => Vec::new(),
             },
-            Event::DeadlineReached => match self.phase {
-                Phase::Active | Phase::Preparing => {
-                    self.decide_abort("the transaction's deadline passed".into(), now)
-                }
-                Phase::OnePhase { probing: false } => {
-                    // The participant holds the outcome; an abort settles it either way.
-                    self.phase = Phase::OnePhase { probing: true };
-                    // Only aborts go out from now on: the payload is not needed.
-                    self.branches[0].payload = Vec::new();
-                    self.branches[0].attempts += 1;
-                    self.branches[0].history.start(Operation::Abort, now);
-                    vec![Action::SendAbort { branch: 0 }]
-                }
-                Phase::Aborting => {
-                    let note = "abort undelivered at the deadline: still retried, and a \
+            Event::DeadlineReached => {
+                self.deadline_passed = true;
+                match self.phase {
+                    Phase::Active | Phase::Preparing => {
+                        self.decide_abort("the transaction's deadline passed".into(), now)
+                    }
+                    Phase::OnePhase { probing: false } => {
+                        // The participant holds the outcome; an abort settles it either way.
+                        self.phase = Phase::OnePhase { probing: true };
+                        // Only aborts go out from now on: the payload is not needed.
+                        self.branches[0].payload = Vec::new();
+                        self.branches[0].attempts += 1;
+                        self.branches[0].history.start(Operation::Abort, now);
+                        vec![Action::SendAbort { branch: 0 }]
+                    }
+                    Phase::Aborting => {
+                        let note = "abort undelivered at the deadline: still retried, and a \
                                 participant in doubt hears ABORT when it asks";
-                    self.note(note.to_string(), now);
-                    Vec::new()
+                        self.note(note.to_string(), now);
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
                 }
-                _ => Vec::new(),
-            },
+            }
             Event::DecisionPersisted => match self.phase {
                 Phase::Deciding => {
                     self.enter(Phase::Committing, String::new(), now);

@@ -770,8 +770,8 @@ impl Shard {
         }
         if !entry.released && entry.machine.waits_past_deadline(now) {
             // Presumed abort needs no acknowledgement (a participant in doubt asks and
-            // hears ABORT), and a one-phase commit's outcome is its participant's: what
-            // is left is retried, but no longer holds a slot of the work in progress.
+            // hears ABORT): the aborts left are retried, but no longer hold a slot of
+            // the work in progress.
             entry.released = true;
             self.load
                 .release(entry.machine.owner(), entry.payload_bytes);
