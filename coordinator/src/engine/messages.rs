@@ -104,6 +104,20 @@ impl OperatorRequest {
     }
 }
 
+impl Refusal {
+    /// Resolving `branch` as `wanted` goes against the transaction's `decided` outcome.
+    pub fn contradicts(branch: &str, wanted: Resolution, decided: Resolution) -> Self {
+        Refusal::ContradictsDecision {
+            branch: branch.to_string(),
+            wanted,
+            decided: match decided {
+                Resolution::Commit => "commit",
+                Resolution::Abort => "abort",
+            },
+        }
+    }
+}
+
 /// Retry-now, pause and resume: the same for both engines, which say how they keep the
 /// flag, send what waits and note an event in their history.
 pub trait RetryControl {

@@ -291,6 +291,15 @@ impl TwoPhaseCommit {
         self.created_unix_ms
     }
 
+    /// Whether its commit decision is in the log or being written there (so a write of
+    /// its record now keeps the decision).
+    pub fn commit_is_logged(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Deciding | Phase::Concluding { .. } | Phase::Committing | Phase::Committed
+        )
+    }
+
     /// Whether it is past its deadline with only aborts left to deliver: such a
     /// transaction no longer counts as work in progress (see the runtime's admission).
     /// A one-phase commit whose participant does not answer keeps counting: its outcome
@@ -820,15 +829,7 @@ impl TwoPhaseCommit {
             Phase::Active | Phase::Preparing => return Err(Refusal::Undecided(self.state())),
         };
         if outcome != decided {
-            return Err(Refusal::ContradictsDecision {
-                branch: branch_id.to_string(),
-                wanted: outcome,
-                decided: if decided == Resolution::Commit {
-                    "commit"
-                } else {
-                    "abort"
-                },
-            });
+            return Err(Refusal::contradicts(branch_id, outcome, decided));
         }
         let logged = matches!(self.phase, Phase::Committing | Phase::Committed);
         let b = &mut self.branches[index];

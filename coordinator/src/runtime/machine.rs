@@ -113,7 +113,7 @@ impl Machine {
     /// two-phase commit decided to commit. Aborts are never logged unfinished.
     pub(super) fn is_logged(&self) -> bool {
         match self {
-            Machine::TwoPhase(txn) => txn.log_record().state.is_commit(),
+            Machine::TwoPhase(txn) => txn.commit_is_logged(),
             Machine::Saga(saga) => saga.is_accepted(),
         }
     }

@@ -825,15 +825,7 @@ fn resolve_logged(
         .find(|b| &b.id == branch_id)
         .ok_or_else(|| Refusal::UnknownBranch(branch_id.clone()))?;
     if *outcome != decided {
-        return Err(Refusal::ContradictsDecision {
-            branch: branch_id.clone(),
-            wanted: *outcome,
-            decided: if decided == Resolution::Commit {
-                "commit"
-            } else {
-                "abort"
-            },
-        });
+        return Err(Refusal::contradicts(branch_id, *outcome, decided));
     }
     if branch.heuristic.is_none() || branch.resolution.is_some() {
         return Err(Refusal::NothingToResolve {

@@ -652,11 +652,7 @@ impl Shard {
             return Err(Refusal::Unfinished(state).into());
         }
         let record = entry.machine.record();
-        if let Some(entry) = self.txns.remove(&id) {
-            if let Some(key) = entry.machine.idempotency_key() {
-                self.keys.remove(key);
-            }
-        }
+        self.remove(id);
         Ok(Some(record))
     }
 
@@ -824,7 +820,7 @@ impl Shard {
                 .is_some_and(|e| e.machine.state() == TxnState::Aborting);
             if live {
                 // Its watchers' streams end with it.
-                self.txns.remove(&oldest);
+                self.remove(oldest);
                 let _span = txn_span(oldest).entered();
                 tracing::warn!(
                     cap,
@@ -912,10 +908,15 @@ impl Shard {
                 break;
             }
             self.retained.pop_front();
-            if let Some(entry) = self.txns.remove(&id) {
-                if let Some(key) = entry.machine.idempotency_key() {
-                    self.keys.remove(key);
-                }
+            self.remove(id);
+        }
+    }
+
+    /// Drops a transaction from memory, and its idempotency key with it.
+    fn remove(&mut self, id: TxnId) {
+        if let Some(entry) = self.txns.remove(&id) {
+            if let Some(key) = entry.machine.idempotency_key() {
+                self.keys.remove(key);
             }
         }
     }
