@@ -31,6 +31,7 @@ pub mod defaults {
     pub const MAX_RETAINED_TRANSACTIONS: usize = 100_000;
     pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
     pub const DELIVERY_HORIZON_MS: u64 = 7 * 24 * 3_600_000;
+    pub const LOG_COMPACTION_MIN_BYTES: u64 = 32 * 1024 * 1024;
     pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
     pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
     pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
@@ -130,6 +131,12 @@ pub struct ServeConfig {
     /// margin for clock skew) and refuse calls about older transactions.
     #[arg(long, env = "TREATY_DELIVERY_HORIZON_MS", default_value_t = defaults::DELIVERY_HORIZON_MS)]
     pub delivery_horizon_ms: u64,
+
+    /// The log is compacted (rebuilt holding only its live records, while writes go on)
+    /// once its files exceed both this and twice their size after the last compaction;
+    /// sled alone never gives back the space of purged records. 0: never.
+    #[arg(long, env = "TREATY_LOG_COMPACTION_MIN_BYTES", default_value_t = defaults::LOG_COMPACTION_MIN_BYTES)]
+    pub log_compaction_min_bytes: u64,
 
     /// Keep the history of transactions the protocol does not log (aborts, one-phase and
     /// read-only commits) in the log too, written lazily (never forced). `false` gives
@@ -246,6 +253,7 @@ impl ServeConfig {
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
             log_retention_ms: defaults::LOG_RETENTION_MS,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
+            log_compaction_min_bytes: defaults::LOG_COMPACTION_MIN_BYTES,
             history_records: true,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             default_step_timeout_ms: defaults::DEFAULT_STEP_TIMEOUT_MS,

@@ -22,7 +22,7 @@ use treaty_proto::v1::admin_server::AdminServer;
 use treaty_proto::v1::coordinator_server::CoordinatorServer;
 
 use treaty_sdk::connections::incoming;
-use treaty_sdk::durable::{GroupCommitted, StoreOptions};
+use treaty_sdk::durable::{CompactionPolicy, GroupCommitted, StoreOptions};
 use treaty_sdk::tls::ReloadableServerTls;
 
 use crate::api::CoordinatorService;
@@ -119,6 +119,10 @@ pub async fn run_on(
             Arc::new(move |group: GroupCommitted| {
                 metrics.log_group(group.records, group.sync_seconds)
             })
+        }),
+        compaction: (config.log_compaction_min_bytes > 0).then(|| CompactionPolicy {
+            min_bytes: config.log_compaction_min_bytes,
+            ..CompactionPolicy::default()
         }),
         ..StoreOptions::default()
     };

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
             println!(
                 "chaos: {} with points at rewards ({} committed), {} with big payloads ({} \
                  committed, {} memos intact at the banks); journal entries: {} at banks, {} \
-                 at rewards; sled blob files at the end: {:?}",
+                 at rewards; sled blob files at the end: {:?}; coordinator log compactions: {}",
                 t.with_points,
                 t.with_points_committed,
                 t.big,
@@ -80,7 +80,8 @@ fn main() -> ExitCode {
                 t.memos_intact,
                 t.bank_journal_entries,
                 t.rewards_journal_entries,
-                report.blob_files
+                report.blob_files,
+                report.log_compactions
             );
             println!("test chaos ... ok");
             ExitCode::SUCCESS

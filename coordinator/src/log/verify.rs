@@ -21,7 +21,7 @@ pub struct Verdict {
 
 /// Checks the store in `data_dir` without changing it.
 pub fn verify(data_dir: &Path) -> Result<Verdict, String> {
-    if !data_dir.join(treaty_sdk::durable::LOG_FILE_NAME).is_file() {
+    if !treaty_sdk::durable::is_store(data_dir) {
         return Err(format!("{} holds no Treaty store", data_dir.display()));
     }
     let copy = scratch_dir();

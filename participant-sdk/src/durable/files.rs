@@ -92,7 +92,9 @@ fn sync_new_in(
         // Subdirectories (`blobs/`) are entries too: synced like files, and their parent
         // when they appear.
         let name = entry.file_name();
-        if skipped.contains(&name) || tracked.settled.contains(&name) {
+        // A compaction's generations and pointer are synced by compaction.
+        let layout = super::generations::is_layout_entry(&name.to_string_lossy());
+        if layout || skipped.contains(&name) || tracked.settled.contains(&name) {
             present.insert(name);
             continue;
         }

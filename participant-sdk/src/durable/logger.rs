@@ -4,17 +4,19 @@
 //! `apply_batch`, and, when the group holds a forced write, makes it durable before it
 //! wakes anyone: sled's `flush()`, then every new file sled created (blobs, snapshots)
 //! and the directories that changed, then `fdatasync` of the log file, then the group's
-//! number in the high-water mark. `flush_async` is never called.
+//! number in the high-water mark. `flush_async` is never called. Between groups it
+//! does compaction's work, one bounded step at a time (see `compaction`).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
+use super::compaction::Compaction;
 use super::files::{SyncedFiles, SyncedPath};
 use super::high_water::HighWater;
 use super::{
-    Durability, FORCED_GROUPS_KEY, GroupCommitted, GroupObserver, Request, StoreError,
+    Durability, FORCED_GROUPS_KEY, Generation, GroupCommitted, GroupObserver, Request, StoreError,
     SyncObserver, reply,
 };
 
@@ -24,9 +26,14 @@ type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 type Group = Vec<(super::WriteBatch, Durability, Done)>;
 
 pub(super) struct Logger {
-    pub(super) db: sled::Db,
-    /// Where the number of the last forced group is kept, inside sled.
-    pub(super) meta: sled::Tree,
+    /// The store's directory.
+    pub(super) root: std::path::PathBuf,
+    /// The database written to (with, in its `meta` tree, the number of the last forced
+    /// group), and where readers find it.
+    pub(super) generation: Arc<Generation>,
+    pub(super) shared: Arc<RwLock<Arc<Generation>>>,
+    pub(super) cache_capacity_bytes: u64,
+    pub(super) compaction: Compaction,
     pub(super) db_file: File,
     pub(super) db_path: std::path::PathBuf,
     pub(super) files: SyncedFiles,
@@ -47,10 +54,19 @@ impl Logger {
         let mut pending: VecDeque<Request> = VecDeque::new();
         loop {
             if pending.is_empty() {
-                match self.receiver.recv() {
+                let received = match self.compaction.idle_wait() {
+                    None => self.receiver.recv().map_err(|_| true),
+                    Some(wait) => self
+                        .receiver
+                        .recv_timeout(wait)
+                        .map_err(|error| matches!(error, mpsc::RecvTimeoutError::Disconnected)),
+                };
+                match received {
                     Ok(request) => pending.push_back(request),
+                    Err(false) => {}
                     // Every sender is gone without a close: make what we have durable.
-                    Err(mpsc::RecvError) => {
+                    Err(true) => {
+                        self.stop_compacting();
                         let _ = self.make_durable();
                         return;
                     }
@@ -62,6 +78,7 @@ impl Logger {
             let (group, close) = self.take_group(&mut pending);
             self.commit_group(group);
             if let Some(done) = close {
+                self.stop_compacting();
                 let result = self.make_durable();
                 let _ = done.send(result);
                 for request in pending.drain(..).chain(self.receiver.try_iter()) {
@@ -69,13 +86,23 @@ impl Logger {
                 }
                 return;
             }
+            self.compaction_step();
         }
+    }
+
+    /// At close: a rebuild in progress is given up (its directory goes at the next
+    /// open) and whoever waits for one hears that it will not happen.
+    fn stop_compacting(&mut self) {
+        if let Some(rebuild) = self.compaction.rebuild.take() {
+            drop(rebuild);
+        }
+        self.compaction.refuse_waiters("the store closed");
     }
 
     /// Takes writes from the front of `pending` up to the record and byte limits,
     /// stopping at a close request (returned separately).
     fn take_group(
-        &self,
+        &mut self,
         pending: &mut VecDeque<Request>,
     ) -> (Group, Option<mpsc::SyncSender<Result<(), StoreError>>>) {
         let mut group = Vec::new();
@@ -103,6 +130,7 @@ impl Logger {
                     group.push((batch, durability, done));
                 }
                 Request::Close { done } => return (group, Some(done)),
+                Request::Compact { done } => self.compaction.request(done),
             }
         }
         (group, None)
@@ -146,7 +174,7 @@ impl Logger {
 
     /// Applies the group's writes; a forced group is numbered after them, so a log cut
     /// anywhere before its end loses the number too.
-    fn apply(&self, group: &Group, forced: bool) -> Result<(), String> {
+    fn apply(&mut self, group: &Group, forced: bool) -> Result<(), String> {
         let mut sled_batch = sled::Batch::default();
         for (batch, _, _) in group {
             for (key, value) in &batch.ops {
@@ -156,14 +184,26 @@ impl Logger {
                 }
             }
         }
-        self.db
+        let mirrored = self
+            .compaction
+            .rebuild
+            .is_some()
+            .then(|| sled_batch.clone());
+        self.generation
+            .db
             .apply_batch(sled_batch)
             .map_err(|e| format!("apply_batch: {e}"))?;
-        if forced {
-            let number = (self.forced_groups + 1).to_be_bytes();
-            self.meta
+        let number = forced.then(|| (self.forced_groups + 1).to_be_bytes());
+        if let Some(number) = number {
+            self.generation
+                .meta
                 .insert(FORCED_GROUPS_KEY, &number)
                 .map_err(|e| format!("numbering the group: {e}"))?;
+        }
+        if let (Some(rebuild), Some(batch)) = (&self.compaction.rebuild, mirrored) {
+            if let Err(message) = rebuild.mirror(&batch, number) {
+                self.abandon_rebuild(message);
+            }
         }
         Ok(())
     }
@@ -182,7 +222,10 @@ impl Logger {
             "durable::sync",
             |_| Err("injected sync failure".to_string())
         );
-        self.db.flush().map_err(|e| format!("flush: {e}"))?;
+        self.generation
+            .db
+            .flush()
+            .map_err(|e| format!("flush: {e}"))?;
         let mut synced = Vec::new();
         self.files
             .sync_new(&mut synced)
@@ -209,7 +252,7 @@ impl Logger {
         Ok(())
     }
 
-    fn fail(&self, message: String) -> StoreError {
+    pub(super) fn fail(&self, message: String) -> StoreError {
         tracing::error!(error = %message, "durable store failed; no further writes are accepted");
         let _ = self.failure.set(message);
         self.failed.notify_waiters();

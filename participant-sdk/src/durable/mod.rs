@@ -27,8 +27,15 @@
 //!   resolves with [`StoreError::Failed`]. The owner must stop, restart and recover.
 //! - `snap.*.generating` files left by a crash during `open()` are removed before opening.
 //! - Keys are the caller's: the store keeps its own bookkeeping in a separate sled tree.
+//! - The store's size on disk can be kept to its live records by compaction
+//!   ([`StoreOptions::compaction`], [`DurableStore::compact`]): a rebuilt copy replaces
+//!   the database without a write waiting for more than one bounded step, and a crash at
+//!   any point leaves either the old or the new copy, whole (see `compaction` and
+//!   `generations`).
 
+mod compaction;
 mod files;
+mod generations;
 pub mod high_water;
 mod logger;
 
@@ -37,13 +44,15 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
+pub use compaction::{COPY_CHUNK_RECORDS, CompactionPolicy, CompactionReport};
 pub use files::SyncedPath;
+pub use generations::{POINTER_FILE, is_store};
 use high_water::{HighWater, Mark};
 
 /// sled's log file in the store's directory.
@@ -154,6 +163,10 @@ pub struct StoreOptions {
     /// Read every record at open, so that a damaged one stops the open rather than a
     /// later read (costs a scan of the whole store).
     pub verify_on_open: bool,
+    /// When the store compacts itself (`None`: only when [`DurableStore::compact`] is
+    /// called). Compaction copies the store's own tree only: a store whose database
+    /// also holds sled trees written around it is never compacted.
+    pub compaction: Option<CompactionPolicy>,
     pub sync_observer: Option<SyncObserver>,
     pub group_observer: Option<GroupObserver>,
 }
@@ -165,6 +178,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("cache_capacity_bytes", &self.cache_capacity_bytes)
             .field("verify_on_open", &self.verify_on_open)
+            .field("compaction", &self.compaction)
             .field("sync_observer", &self.sync_observer.is_some())
             .field("group_observer", &self.group_observer.is_some())
             .finish()
@@ -178,6 +192,7 @@ impl Default for StoreOptions {
             max_batch_bytes: 8 * 1024 * 1024,
             cache_capacity_bytes: 256 * 1024 * 1024,
             verify_on_open: true,
+            compaction: None,
             sync_observer: None,
             group_observer: None,
         }
@@ -207,13 +222,38 @@ enum Request {
     Close {
         done: mpsc::SyncSender<Result<(), StoreError>>,
     },
+    Compact {
+        done: compaction::CompactionWaiter,
+    },
+}
+
+/// One generation of the store: a sled database and the directory holding it.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    number: u64,
+    dir: PathBuf,
+    db: sled::Db,
+    /// The store's bookkeeping (the number of the last forced group).
+    meta: sled::Tree,
+}
+
+/// The database as it was when [`DurableStore::db`] was called; derefs to it. Keeps
+/// that generation's files from being deleted while it lives.
+#[derive(Debug)]
+pub struct DbRef(Arc<Generation>);
+
+impl std::ops::Deref for DbRef {
+    type Target = sled::Db;
+
+    fn deref(&self) -> &sled::Db {
+        &self.0.db
+    }
 }
 
 /// A sled database whose writes go through one group-committing logger thread.
 #[derive(Debug)]
 pub struct DurableStore {
-    db: sled::Db,
-    meta: sled::Tree,
+    current: Arc<RwLock<Arc<Generation>>>,
     path: PathBuf,
     queue: Mutex<Option<mpsc::Sender<Request>>>,
     failure: Arc<OnceLock<String>>,
@@ -234,10 +274,17 @@ impl DurableStore {
             path: dir.to_path_buf(),
             message,
         };
-        files::create_dir_synced(dir).map_err(|e| open_error(e.to_string()))?;
+        let root = dir;
+        files::create_dir_synced(root).map_err(|e| open_error(e.to_string()))?;
+        let located = generations::locate(root)
+            .map_err(|e| open_error(e.to_string()))?
+            .map_err(damaged)?;
+        generations::remove_all_but(root, located.number)
+            .map_err(|e| open_error(format!("removing replaced generations: {e}")))?;
+        let dir = located.dir.as_path();
         remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
         let mark = high_water::read(dir).map_err(|e| open_error(e.to_string()))?;
-        let (db, meta) = open_sled(dir, &options)?;
+        let (db, meta) = open_sled(root, dir, &options)?;
         let forced_groups = forced_groups(&meta).map_err(damaged)?;
         let acknowledged = check_mark(&mark, forced_groups, &db).map_err(damaged)?;
         if options.verify_on_open {
@@ -278,9 +325,21 @@ impl DurableStore {
         let (sender, receiver) = mpsc::channel();
         let failure = Arc::new(OnceLock::new());
         let failed = Arc::new(tokio::sync::Notify::new());
+        let generation = Arc::new(Generation {
+            number: located.number,
+            dir: dir.to_path_buf(),
+            db,
+            meta,
+        });
+        let current = Arc::new(RwLock::new(generation.clone()));
+        let baseline_bytes = compaction::generation_bytes(&generation)
+            .map_err(|e| open_error(format!("measuring the store: {e}")))?;
         let logger = logger::Logger {
-            db: db.clone(),
-            meta: meta.clone(),
+            root: root.to_path_buf(),
+            generation,
+            shared: current.clone(),
+            cache_capacity_bytes: options.cache_capacity_bytes,
+            compaction: compaction::Compaction::new(options.compaction.clone(), baseline_bytes),
             db_file,
             db_path,
             files,
@@ -299,9 +358,8 @@ impl DurableStore {
             .spawn(move || logger.run())
             .map_err(|e| open_error(format!("cannot start the logger thread: {e}")))?;
         Ok(Self {
-            db,
-            meta,
-            path: dir.to_path_buf(),
+            current,
+            path: root.to_path_buf(),
             queue: Mutex::new(Some(sender)),
             failure,
             failed,
@@ -312,12 +370,45 @@ impl DurableStore {
     /// The database, for reads. Writes must go through [`DurableStore::write`]. Reads
     /// may see lazy and not-yet-durable forced writes: never answer a question whose
     /// answer must be durable from a read alone.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// A compaction may replace the database: a reader that holds the returned handle
+    /// (or an iterator made from it) long after compaction keeps reading the old one.
+    pub fn db(&self) -> DbRef {
+        DbRef(self.generation())
     }
 
+    fn generation(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The store's directory (the database may be in a generation's directory below it).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The bytes of the store's current database files on disk.
+    pub fn size_on_disk_bytes(&self) -> std::io::Result<u64> {
+        compaction::generation_bytes(&self.generation())
+    }
+
+    /// Rebuilds the database in a fresh copy holding only the live records, while
+    /// writes go on; resolves once the copy is current (or with why it could not be
+    /// made: the store is then unchanged).
+    pub async fn compact(&self) -> Result<CompactionReport, String> {
+        let (done, report) = oneshot::channel();
+        let request = Request::Compact { done };
+        let sent = {
+            let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.as_ref().map(|sender| sender.send(request).is_ok())
+        };
+        if sent != Some(true) {
+            return Err("the store is closed".into());
+        }
+        report
+            .await
+            .unwrap_or_else(|_| Err("the store closed".into()))
     }
 
     /// Reads every record (checking sled's checksums on the way) and counts them.
@@ -326,9 +417,11 @@ impl DurableStore {
             path: self.path.clone(),
             message,
         };
-        let (records, bytes) = read_everything(&self.db, &self.meta).map_err(damaged)?;
-        let forced_groups = forced_groups(&self.meta).map_err(damaged)?;
-        let acknowledged_groups = match high_water::read(&self.path) {
+        let generation = self.generation();
+        let (records, bytes) =
+            read_everything(&generation.db, &generation.meta).map_err(damaged)?;
+        let forced_groups = forced_groups(&generation.meta).map_err(damaged)?;
+        let acknowledged_groups = match high_water::read(&generation.dir) {
             Ok(Mark::At(mark)) => mark,
             Ok(_) => 0,
             Err(error) => return Err(damaged(error.to_string())),
@@ -436,6 +529,10 @@ fn reply(request: Request, result: Result<(), StoreError>) {
         Request::Close { done } => {
             let _ = done.send(result);
         }
+        Request::Compact { done } => {
+            let why = result.err().unwrap_or(StoreError::Closed);
+            let _ = done.send(Err(why.to_string()));
+        }
     }
 }
 
@@ -513,12 +610,26 @@ fn read_all(db: &sled::Db, meta: &sled::Tree) -> Result<(u64, u64), String> {
 /// is dropped, so a quick reopen in the same process can find it still held.
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Opens sled and the store's bookkeeping tree. sled reports some damage as a
-/// corruption error and trips on other damage with a panic: both are `Damaged`.
-fn open_sled(dir: &Path, options: &StoreOptions) -> Result<(sled::Db, sled::Tree), StoreError> {
+/// Opens a new generation's empty database (for compaction).
+fn open_sled_at(dir: &Path, cache_capacity_bytes: u64) -> Result<sled::Db, String> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_capacity_bytes)
+        .open()
+        .map_err(|e| format!("opening a database in {}: {e}", dir.display()))
+}
+
+/// Opens sled in `dir` (the current generation of the store at `root`) and the store's
+/// bookkeeping tree. sled reports some damage as a corruption error and trips on other
+/// damage with a panic: both are `Damaged`.
+fn open_sled(
+    root: &Path,
+    dir: &Path,
+    options: &StoreOptions,
+) -> Result<(sled::Db, sled::Tree), StoreError> {
     let started = std::time::Instant::now();
     let damaged = |message: String| StoreError::Damaged {
-        path: dir.to_path_buf(),
+        path: root.to_path_buf(),
         message,
     };
     loop {
@@ -545,7 +656,7 @@ fn open_sled(dir: &Path, options: &StoreOptions) -> Result<(sled::Db, sled::Tree
             }
             Ok(Err(error)) => {
                 return Err(StoreError::Open {
-                    path: dir.to_path_buf(),
+                    path: root.to_path_buf(),
                     message: error.to_string(),
                 });
             }
@@ -655,6 +766,247 @@ mod tests {
         let second = DurableStore::open(&path, StoreOptions::default());
         letting_go.join().unwrap();
         assert!(second.is_ok(), "{:?}", second.err());
+    }
+
+    fn insert_batch(range: std::ops::Range<u32>, value: &[u8]) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        for i in range {
+            batch.insert(format!("k{i:06}").into_bytes(), value.to_vec());
+        }
+        batch
+    }
+
+    fn contents(store: &DurableStore) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+        store
+            .db()
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry.unwrap();
+                (key.to_vec(), value.to_vec())
+            })
+            .collect()
+    }
+
+    /// Polls `condition` every 50 ms for up to 20 s.
+    fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+        for _ in 0..400 {
+            if condition() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("gave up after 20 s waiting for: {what}");
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_live_records_and_gives_back_the_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let value = vec![7u8; 200];
+        for start in (0..20_000).step_by(2_000) {
+            let batch = insert_batch(start..start + 2_000, &value);
+            store.write(batch, Durability::Forced).await.unwrap();
+        }
+        let mut removals = WriteBatch::new();
+        for i in (0..20_000).filter(|i| i % 20 != 0) {
+            removals.remove(format!("k{i:06}").into_bytes());
+        }
+        store.write(removals, Durability::Forced).await.unwrap();
+        let before = contents(&store);
+        assert_eq!(before.len(), 1_000);
+        let report = store.compact().await.unwrap();
+        assert_eq!(report.generation, 1);
+        assert_eq!(report.records, 1_000);
+        assert!(
+            report.bytes_after < report.bytes_before,
+            "{report:?}: the copy is not smaller"
+        );
+        assert_eq!(contents(&store), before);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(POINTER_FILE)).unwrap(),
+            "gen-1\n"
+        );
+        // The old generation (the directory's own files) goes once sled let go of it.
+        wait_for("the replaced generation is deleted", || {
+            !dir.path().join(LOG_FILE_NAME).exists()
+        });
+        assert!(dir.path().join("gen-1").join(LOG_FILE_NAME).is_file());
+        // Written after the switch, durable in the new generation.
+        store
+            .write(insert_batch(50_000..50_010, b"after"), Durability::Forced)
+            .await
+            .unwrap();
+        let expected = contents(&store);
+        store.close().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(contents(&store), expected);
+        let summary = store.verify().unwrap();
+        assert_eq!(summary.records, 1_010);
+        assert_eq!(summary.forced_groups, summary.acknowledged_groups);
+        // A second compaction replaces generation 1 with 2.
+        assert_eq!(store.compact().await.unwrap().generation, 2);
+        wait_for("generation 1 is deleted", || {
+            !dir.path().join("gen-1").exists()
+        });
+        assert_eq!(contents(&store), expected);
+    }
+
+    #[tokio::test]
+    async fn writes_during_compaction_reach_the_new_generation_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path()));
+        let mut expected = std::collections::BTreeMap::new();
+        // Several copy steps' worth of records.
+        let records = (COPY_CHUNK_RECORDS * 5) as u32;
+        store
+            .write(insert_batch(0..records, b"v0"), Durability::Forced)
+            .await
+            .unwrap();
+        for i in 0..records {
+            expected.insert(format!("k{i:06}").into_bytes(), b"v0".to_vec());
+        }
+        let compacting = {
+            let store = store.clone();
+            tokio::spawn(async move { store.compact().await })
+        };
+        // Overwrites, removals and new keys all over the key space, behind and ahead of
+        // the copy, until the compaction is done (bounded: at most 2,000 rounds).
+        let mut round = 0u32;
+        while !compacting.is_finished() && round < 2_000 {
+            let key = |i: u32| format!("k{:06}", i % (records + 500)).into_bytes();
+            let mut batch = WriteBatch::new();
+            let overwritten = key(round.wrapping_mul(7_919));
+            let removed = key(round.wrapping_mul(104_729) + 13);
+            let value = format!("v{round}").into_bytes();
+            batch.insert(overwritten.clone(), value.clone());
+            batch.remove(removed.clone());
+            expected.insert(overwritten, value);
+            expected.remove(&removed);
+            let durability = if round % 3 == 0 {
+                Durability::Forced
+            } else {
+                Durability::Lazy
+            };
+            store.write(batch, durability).await.unwrap();
+            round += 1;
+        }
+        let report = compacting.await.unwrap().unwrap();
+        assert!(round > 0, "no write went in during the compaction");
+        assert_eq!(report.generation, 1);
+        assert_eq!(contents(&store), expected, "after {round} rounds of writes");
+        store.close().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(contents(&store), expected, "after reopening");
+    }
+
+    #[tokio::test]
+    async fn a_reader_keeps_the_old_generation_until_it_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .write(insert_batch(0..10, b"v"), Durability::Forced)
+            .await
+            .unwrap();
+        let held = store.db();
+        store.compact().await.unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        assert!(
+            dir.path().join(LOG_FILE_NAME).exists(),
+            "deleted under a reader"
+        );
+        assert_eq!(held.get(b"k000003").unwrap().as_deref(), Some(&b"v"[..]));
+        drop(held);
+        wait_for("the replaced generation is deleted", || {
+            !dir.path().join(LOG_FILE_NAME).exists()
+        });
+    }
+
+    #[tokio::test]
+    async fn the_store_compacts_itself_when_it_has_grown() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            compaction: Some(CompactionPolicy {
+                min_bytes: 1,
+                growth_factor: 1,
+                check_interval_ms: 50,
+            }),
+            ..StoreOptions::default()
+        };
+        let store = DurableStore::open(dir.path(), options).unwrap();
+        store
+            .write(insert_batch(0..5_000, &[1u8; 100]), Durability::Forced)
+            .await
+            .unwrap();
+        let pointer = dir.path().join(POINTER_FILE);
+        for _ in 0..400 {
+            if pointer.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(pointer.exists(), "no compaction after 20 s");
+        assert_eq!(contents(&store).len(), 5_000);
+    }
+
+    #[test]
+    fn an_unfinished_rebuild_is_removed_and_the_old_generation_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        futures::executor::block_on(store.write(insert_batch(0..10, b"v"), Durability::Forced))
+            .unwrap();
+        store.close().unwrap();
+        drop(store);
+        // What a crash in the middle of a copy leaves: a generation nobody names.
+        let unfinished = dir.path().join("gen-1");
+        std::fs::create_dir(&unfinished).unwrap();
+        std::fs::write(unfinished.join(LOG_FILE_NAME), b"half a database").unwrap();
+        let store = open(dir.path());
+        assert_eq!(contents(&store).len(), 10);
+        assert!(!unfinished.exists());
+    }
+
+    #[tokio::test]
+    async fn a_switch_survives_a_crash_before_the_old_generation_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .write(insert_batch(0..10, b"v"), Durability::Forced)
+            .await
+            .unwrap();
+        let held = store.db();
+        store.compact().await.unwrap();
+        // The disk as a crash now would leave it: both generations and the pointer.
+        copy_tree(dir.path(), copy.path());
+        drop(held);
+        let reopened = open(copy.path());
+        assert_eq!(contents(&reopened).len(), 10);
+        assert!(
+            !copy.path().join(LOG_FILE_NAME).exists(),
+            "old generation kept"
+        );
+        drop(reopened);
+        // Without its pointer the compacted store is damage, not a new empty store.
+        std::fs::remove_file(copy.path().join(POINTER_FILE)).unwrap();
+        assert!(matches!(
+            DurableStore::open(copy.path(), StoreOptions::default()),
+            Err(StoreError::Damaged { .. })
+        ));
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
     }
 
     #[test]

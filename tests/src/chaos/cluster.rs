@@ -346,6 +346,10 @@ impl Cluster {
                     "3000",
                     "--shutdown-grace-ms",
                     "3000",
+                    // Compact whenever the log has doubled since the last compaction or
+                    // start, so that kills also land in the middle of compactions.
+                    "--log-compaction-min-bytes",
+                    "1",
                 ]),
                 "treaty listening on",
             ),

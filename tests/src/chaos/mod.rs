@@ -142,6 +142,9 @@ pub struct ChaosReport {
     /// Files in sled's `blobs/` directories once it is over (big values live there),
     /// per process that has any.
     pub blob_files: BTreeMap<String, usize>,
+    /// Compactions of the coordinator's log that completed (the generation its
+    /// directory names at the end; each compaction adds one).
+    pub log_compactions: u64,
     pub elapsed: Duration,
     /// From the end of the chaos until the workers finished, and the audit's time.
     pub workers_finishing: Duration,
@@ -248,10 +251,19 @@ pub async fn run(config: &ChaosConfig, dir: &std::path::Path) -> Result<ChaosRep
         transfers: transfers.len(),
         tally,
         blob_files: blob_files_per_process(dir),
+        log_compactions: log_generation(&dir.join("coordinator")),
         elapsed: started.elapsed(),
         workers_finishing,
         auditing: audit_started.elapsed(),
     })
+}
+
+/// The generation of the store in `dir` (0: never compacted).
+fn log_generation(dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(dir.join(treaty_sdk::durable::POINTER_FILE))
+        .ok()
+        .and_then(|name| name.trim().strip_prefix("gen-")?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The files in sled's `blobs/` directories of each process's data directory in `dir`.

@@ -1,0 +1,498 @@
+//! Compaction: rebuilding the store in a fresh sled database so that its size on disk
+//! follows its live records, not everything ever written (sled 0.34.7 does not give
+//! back the space of removed records; a log whose live records stay the same size still
+//! grew from 12 to 39 MiB over 1,000,000 transactions).
+//!
+//! The logger thread does it between group commits, so no write ever waits for more
+//! than one bounded step:
+//! 1. it opens an empty database in the next generation's directory (see
+//!    `generations`);
+//! 2. it copies the live records over, [`COPY_CHUNK_RECORDS`] at a time between groups,
+//!    in key order; every group committed meanwhile is applied to both databases, so a
+//!    record written or removed behind the copy's position is written or removed in the
+//!    new one too, and one ahead of it is copied with its latest value when reached;
+//! 3. when the copy is done it makes the new generation complete and durable (sled's
+//!    flush, every file and directory synced, `fdatasync`, its own high-water mark at the
+//!    last acknowledged group), then switches `CURRENT` to it;
+//! 4. readers get the new database from then on; the old one is deleted once no reader
+//!    holds it any more.
+//!
+//! Invariants:
+//! - Until the switch the old generation is the store: a crash, or any error, before it
+//!   leaves the store as it was (the unfinished generation is removed at the next open
+//!   or after the error). A failed step of compaction never fails the store; a failed
+//!   switch whose rename may have happened does, as any uncertain write would.
+//! - The new generation holds, at the switch, exactly what the old one holds: every
+//!   record copied or mirrored, and the forced-group number (so that the high-water
+//!   check keeps working across the switch).
+//! - Only the caller's tree and the store's bookkeeping are copied, so a database that
+//!   holds other sled trees (written around the store) is never compacted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::files::{self, SyncedFiles, SyncedPath};
+use super::generations::{self, SwitchError};
+use super::high_water::{self, HighWater};
+use super::logger::Logger;
+use super::{Generation, LOG_FILE_NAME, META_TREE, open_sled_at};
+
+/// Records copied per step, between two group commits.
+pub const COPY_CHUNK_RECORDS: usize = 1_000;
+/// How long after an abandoned compaction the policy may start another.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(600);
+/// How long sled's background threads may still touch a database after its last
+/// handle is dropped, before its files are deleted.
+const LET_GO_OF_FILES: Duration = Duration::from_secs(2);
+
+/// When a store compacts itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// Never compact a store smaller than this on disk.
+    pub min_bytes: u64,
+    /// Compact once the store is this many times its size after the last compaction
+    /// (or at open).
+    pub growth_factor: u64,
+    /// How often the size on disk is looked at.
+    pub check_interval_ms: u64,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        Self {
+            min_bytes: 32 * 1024 * 1024,
+            growth_factor: 2,
+            check_interval_ms: 10_000,
+        }
+    }
+}
+
+/// What a finished compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// The generation now current.
+    pub generation: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Records (keys of the caller's tree) copied.
+    pub records: u64,
+}
+
+pub(super) type CompactionWaiter = tokio::sync::oneshot::Sender<Result<CompactionReport, String>>;
+
+/// A generation being built.
+pub(super) struct Rebuild {
+    number: u64,
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    /// The last key of the caller's tree copied so far.
+    copied_up_to: Option<sled::IVec>,
+    records: u64,
+    bytes_before: u64,
+}
+
+impl Rebuild {
+    /// Applies a group commit's writes (and its number, if forced) to the new database
+    /// too.
+    pub(super) fn mirror(
+        &self,
+        batch: &sled::Batch,
+        forced_number: Option<[u8; 8]>,
+    ) -> Result<(), String> {
+        self.db
+            .apply_batch(batch.clone())
+            .map_err(|e| format!("mirroring a group: {e}"))?;
+        if let Some(number) = forced_number {
+            self.meta
+                .insert(super::FORCED_GROUPS_KEY, &number)
+                .map_err(|e| format!("mirroring a group's number: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A generation replaced by a newer one (or abandoned), waiting to be deleted.
+pub(super) struct Retired {
+    number: u64,
+    /// Still referenced while readers may hold it.
+    held: Option<Arc<Generation>>,
+    let_go_at: Option<Instant>,
+}
+
+/// The logger's compaction state.
+#[derive(Default)]
+pub(super) struct Compaction {
+    pub(super) policy: Option<CompactionPolicy>,
+    pub(super) rebuild: Option<Rebuild>,
+    pub(super) retired: Option<Retired>,
+    waiters: Vec<CompactionWaiter>,
+    requested: bool,
+    /// The size the policy grows from.
+    baseline_bytes: u64,
+    next_check: Option<Instant>,
+}
+
+impl Compaction {
+    pub(super) fn new(policy: Option<CompactionPolicy>, baseline_bytes: u64) -> Self {
+        Self {
+            policy,
+            baseline_bytes,
+            ..Self::default()
+        }
+    }
+
+    /// Someone asked for a compaction now (a rebuild already under way serves them:
+    /// it copies what is there when it ends).
+    pub(super) fn request(&mut self, waiter: CompactionWaiter) {
+        self.waiters.push(waiter);
+        self.requested |= self.rebuild.is_none();
+    }
+
+    /// How long the logger may wait for requests before it has compaction work to do
+    /// (`None`: it has none).
+    pub(super) fn idle_wait(&self) -> Option<Duration> {
+        if self.rebuild.is_some() || (self.requested && self.retired.is_none()) {
+            Some(Duration::ZERO)
+        } else if self.retired.is_some() || self.requested {
+            Some(LET_GO_OF_FILES / 4)
+        } else {
+            self.policy
+                .as_ref()
+                .map(|policy| Duration::from_millis(policy.check_interval_ms.max(1)))
+        }
+    }
+
+    fn answer(&mut self, result: &Result<CompactionReport, String>) {
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    /// Tells every waiter that no compaction will happen (the store closes or failed).
+    pub(super) fn refuse_waiters(&mut self, why: &str) {
+        self.requested = false;
+        self.answer(&Err(why.to_string()));
+    }
+}
+
+impl Logger {
+    /// One step of compaction work, between group commits: delete a retired
+    /// generation, start a rebuild when asked or due, or copy the next chunk (and
+    /// switch when the copy is done).
+    pub(super) fn compaction_step(&mut self) {
+        if let Some(message) = self.failure.get().cloned() {
+            self.abandon_rebuild(format!("the store failed: {message}"));
+            self.compaction.refuse_waiters(&message);
+            return;
+        }
+        self.delete_retired_when_let_go();
+        if self.compaction.rebuild.is_none() {
+            let due = self.compaction.requested || self.compaction_due();
+            // A new rebuild waits until the previous generation's files are gone.
+            if due && self.compaction.retired.is_none() {
+                self.compaction.requested = false;
+                if let Err(message) = self.start_rebuild() {
+                    self.abandon_rebuild(message);
+                }
+            }
+            return;
+        }
+        match self.copy_chunk() {
+            Ok(false) => {}
+            Ok(true) => self.finish_rebuild(),
+            Err(message) => self.abandon_rebuild(message),
+        }
+    }
+
+    fn compaction_due(&mut self) -> bool {
+        let Some(policy) = self.compaction.policy.clone() else {
+            return false;
+        };
+        let now = Instant::now();
+        if self.compaction.next_check.is_some_and(|next| now < next) {
+            return false;
+        }
+        self.compaction.next_check = Some(now + Duration::from_millis(policy.check_interval_ms));
+        let bytes = match generation_bytes(&self.generation) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::warn!(%error, "cannot measure the store's size on disk");
+                return false;
+            }
+        };
+        let threshold = policy.min_bytes.max(
+            self.compaction
+                .baseline_bytes
+                .saturating_mul(policy.growth_factor),
+        );
+        bytes > threshold
+    }
+
+    fn start_rebuild(&mut self) -> Result<(), String> {
+        let trees = self.generation.db.tree_names();
+        // The default tree and the store's bookkeeping tree.
+        if trees.len() > 2 {
+            return Err(format!(
+                "the database holds {} sled trees besides the store's own; only the store's \
+                 records would be copied",
+                trees.len() - 2
+            ));
+        }
+        let bytes_before = generation_bytes(&self.generation).map_err(|e| e.to_string())?;
+        let number = self.generation.number + 1;
+        let dir = generations::dir_of(&self.root, number);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("removing an unfinished {}: {e}", dir.display()))?;
+        }
+        files::create_dir_synced(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let db = open_sled_at(&dir, self.cache_capacity_bytes)?;
+        let meta = db
+            .open_tree(META_TREE)
+            .map_err(|e| format!("opening the new generation's bookkeeping: {e}"))?;
+        tracing::info!(generation = number, bytes_before, "compacting the store");
+        self.compaction.rebuild = Some(Rebuild {
+            number,
+            dir,
+            db,
+            meta,
+            copied_up_to: None,
+            records: 0,
+            bytes_before,
+        });
+        Ok(())
+    }
+
+    /// Copies the next chunk; `Ok(true)` when everything has been copied.
+    fn copy_chunk(&mut self) -> Result<bool, String> {
+        let Some(rebuild) = self.compaction.rebuild.as_mut() else {
+            return Ok(false);
+        };
+        let start = match rebuild.copied_up_to.clone() {
+            Some(key) => std::ops::Bound::Excluded(key),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut batch = sled::Batch::default();
+        let mut copied = 0;
+        let mut last = None;
+        let range = (start, std::ops::Bound::<sled::IVec>::Unbounded);
+        for entry in self.generation.db.range(range).take(COPY_CHUNK_RECORDS) {
+            let (key, value) = entry.map_err(|e| format!("reading a record to copy: {e}"))?;
+            batch.insert(key.clone(), value);
+            last = Some(key);
+            copied += 1;
+        }
+        rebuild
+            .db
+            .apply_batch(batch)
+            .map_err(|e| format!("copying records: {e}"))?;
+        rebuild.records += copied as u64;
+        if let Some(last) = last {
+            rebuild.copied_up_to = Some(last);
+        }
+        if copied == COPY_CHUNK_RECORDS {
+            return Ok(false);
+        }
+        for entry in self.generation.meta.iter() {
+            let (key, value) = entry.map_err(|e| format!("reading the bookkeeping: {e}"))?;
+            rebuild
+                .meta
+                .insert(key, value)
+                .map_err(|e| format!("copying the bookkeeping: {e}"))?;
+        }
+        Ok(true)
+    }
+
+    /// Makes the new generation durable, switches to it and retires the old one.
+    fn finish_rebuild(&mut self) {
+        let Some(rebuild) = self.compaction.rebuild.take() else {
+            return;
+        };
+        let number = rebuild.number;
+        let prepared = self.make_generation_durable(&rebuild);
+        let (db_file, files, high_water, mut synced) = match prepared {
+            Ok(prepared) => prepared,
+            Err(message) => {
+                self.compaction.rebuild = Some(rebuild);
+                self.abandon_rebuild(message);
+                return;
+            }
+        };
+        match generations::switch_to(&self.root, number) {
+            Ok(paths) => synced.extend(paths.into_iter().map(|path| SyncedPath {
+                len: std::fs::metadata(&path).map_or(0, |m| m.len()),
+                is_dir: path == self.root,
+                path,
+            })),
+            Err(SwitchError::NothingChanged(error)) => {
+                self.compaction.rebuild = Some(rebuild);
+                self.abandon_rebuild(format!("writing {}: {error}", generations::POINTER_FILE));
+                return;
+            }
+            Err(SwitchError::NotDurable(error)) => {
+                // The rename may or may not survive a crash: either generation may be
+                // the one found at the next open, so both are kept (both are complete),
+                // and the store stops, as after any failed write.
+                let message = format!("syncing the switch to generation {number}: {error}");
+                drop(rebuild);
+                let _ = self.fail(message.clone());
+                self.compaction.refuse_waiters(&message);
+                return;
+            }
+        }
+        let generation = Arc::new(Generation {
+            number,
+            dir: rebuild.dir.clone(),
+            db: rebuild.db,
+            meta: rebuild.meta,
+        });
+        let old = std::mem::replace(&mut self.generation, generation.clone());
+        *self.shared.write().unwrap_or_else(|e| e.into_inner()) = generation;
+        self.db_path = self.generation.dir.join(LOG_FILE_NAME);
+        self.db_file = db_file;
+        self.files = files;
+        self.high_water = high_water;
+        if let Some(observer) = &self.sync_observer {
+            observer(&synced);
+        }
+        let bytes_after = generation_bytes(&self.generation).unwrap_or(0);
+        self.compaction.baseline_bytes = bytes_after;
+        self.compaction.retired = Some(Retired {
+            number: old.number,
+            held: Some(old),
+            let_go_at: None,
+        });
+        let report = CompactionReport {
+            generation: number,
+            bytes_before: rebuild.bytes_before,
+            bytes_after,
+            records: rebuild.records,
+        };
+        tracing::info!(
+            generation = number,
+            bytes_before = report.bytes_before,
+            bytes_after,
+            records = report.records,
+            "compacted the store"
+        );
+        self.compaction.answer(&Ok(report));
+    }
+
+    /// Syncs every file of the new generation, its directory and a high-water mark at
+    /// the last acknowledged group.
+    #[allow(clippy::type_complexity)]
+    fn make_generation_durable(
+        &self,
+        rebuild: &Rebuild,
+    ) -> Result<(std::fs::File, SyncedFiles, HighWater, Vec<SyncedPath>), String> {
+        let failed = |what: &str, error: &dyn std::fmt::Display| {
+            format!(
+                "making generation {} durable: {what}: {error}",
+                rebuild.number
+            )
+        };
+        rebuild.db.flush().map_err(|e| failed("flush", &e))?;
+        let mut synced = Vec::new();
+        let mut files = SyncedFiles::new(&rebuild.dir, &[LOG_FILE_NAME, high_water::FILE_NAME]);
+        files
+            .sync_new(&mut synced)
+            .map_err(|e| failed("syncing its files", &e))?;
+        let db_path = rebuild.dir.join(LOG_FILE_NAME);
+        let db_file = std::fs::File::open(&db_path).map_err(|e| failed("opening its log", &e))?;
+        db_file.sync_data().map_err(|e| failed("fdatasync", &e))?;
+        let high_water = HighWater::open(&rebuild.dir, self.forced_groups)
+            .map_err(|e| failed("writing its high-water mark", &e))?;
+        files::sync_dir(&rebuild.dir).map_err(|e| failed("syncing its directory", &e))?;
+        for path in [db_path, high_water.path().to_path_buf()] {
+            synced.push(SyncedPath {
+                len: std::fs::metadata(&path).map_or(0, |m| m.len()),
+                path,
+                is_dir: false,
+            });
+        }
+        synced.push(SyncedPath {
+            path: rebuild.dir.clone(),
+            len: 0,
+            is_dir: true,
+        });
+        Ok((db_file, files, high_water, synced))
+    }
+
+    /// Gives up the rebuild in progress, if any: its directory is deleted once sled has
+    /// let go of it, and the policy waits before trying again.
+    pub(super) fn abandon_rebuild(&mut self, message: String) {
+        if let Some(rebuild) = self.compaction.rebuild.take() {
+            tracing::warn!(generation = rebuild.number, error = %message, "compaction abandoned; the store is unchanged");
+            drop(rebuild);
+            self.compaction.retired = Some(Retired {
+                number: self.generation.number + 1,
+                held: None,
+                let_go_at: Some(Instant::now()),
+            });
+        } else {
+            tracing::warn!(error = %message, "compaction not started");
+        }
+        self.compaction.next_check = Some(Instant::now() + RETRY_AFTER_FAILURE);
+        self.compaction.answer(&Err(message));
+    }
+
+    fn delete_retired_when_let_go(&mut self) {
+        let Some(retired) = self.compaction.retired.as_mut() else {
+            return;
+        };
+        if let Some(held) = retired.held.take() {
+            match Arc::try_unwrap(held) {
+                // The last reader let go: sled closes the database on drop.
+                Ok(generation) => {
+                    drop(generation);
+                    retired.let_go_at = Some(Instant::now());
+                }
+                Err(held) => {
+                    retired.held = Some(held);
+                    return;
+                }
+            }
+        }
+        if retired
+            .let_go_at
+            .is_some_and(|at| at.elapsed() < LET_GO_OF_FILES)
+        {
+            return;
+        }
+        match generations::remove_generation(&self.root, retired.number) {
+            Ok(()) => self.compaction.retired = None,
+            Err(error) => {
+                tracing::warn!(generation = retired.number, %error, "cannot delete a replaced generation yet");
+                retired.let_go_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// The bytes of a generation's files on disk.
+pub(super) fn generation_bytes(generation: &Generation) -> std::io::Result<u64> {
+    fn bytes_in(dir: &std::path::Path, top: bool) -> std::io::Result<u64> {
+        let mut total = 0;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if top && generations::is_layout_entry(&entry.file_name().to_string_lossy()) {
+                continue;
+            }
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
+                // sled removes old blobs and snapshots as it goes.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error),
+            };
+            total += if metadata.is_dir() {
+                bytes_in(&entry.path(), false)?
+            } else {
+                metadata.len()
+            };
+        }
+        Ok(total)
+    }
+    bytes_in(&generation.dir, true)
+}
