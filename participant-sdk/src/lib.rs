@@ -15,6 +15,7 @@
 //!   and the accept loop the servers share (the coordinator's too).
 //! - [`trace`]: W3C trace context, carried from initiator to participants; with the
 //!   `logging` feature, `logging`: text or JSON log lines for binaries.
+//! - [`metrics`]: the `/metrics` endpoint (the coordinator's).
 //! - [`limits`] and [`endpoint`]: what crosses the wire, checked; endpoints in canonical
 //!   form.
 
@@ -32,6 +33,7 @@ mod keyed_locks;
 pub mod limits;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod metrics;
 pub mod participant;
 pub mod server;
 pub mod tls;
