@@ -270,15 +270,8 @@ impl ServeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(metrics) = self.metrics_listen {
             // /metrics has no authentication of its own: beyond loopback only when asked.
-            if !metrics.ip().is_loopback() && !self.security.allow_unauthenticated {
-                return Err(bad(
-                    "metrics_listen",
-                    format!(
-                        "{metrics} is not a loopback address and /metrics has no \
-                         authentication; pass --allow-unauthenticated to serve it there"
-                    ),
-                ));
-            }
+            treaty_sdk::metrics::check_metrics_listen(metrics, self.security.allow_unauthenticated)
+                .map_err(|message| bad("metrics_listen", message))?;
         }
         positive(
             "default_transaction_timeout_ms",

@@ -23,9 +23,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::model::{TxnKind, TxnState};
 
-mod server;
-
-pub use server::serve_metrics;
+pub use treaty_sdk::metrics::serve_metrics;
 
 /// Distinct endpoints that get a label of their own.
 pub const MAX_ENDPOINT_LABELS: usize = 256;

@@ -11,7 +11,7 @@ use treaty_sdk::client::{ClientOptions, ClientTlsFiles};
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::limits::check_endpoint;
 use treaty_sdk::logging::LogFormat;
-use treaty_sdk::server::{CoordinatorTrust, ServeOptions};
+use treaty_sdk::server::{CoordinatorTrust, MetricsListen, ServeOptions};
 use treaty_sdk::tls::{ReloadableServerTls, ServerTlsFiles};
 
 use crate::retention::{Prune, RetentionArgs, prune_periodically};
@@ -25,6 +25,11 @@ pub struct ServiceArgs {
     /// The service's own sled directory (its data and its barrier).
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// Serve the participant's Prometheus metrics at http(s)://ADDR/metrics (IP:PORT;
+    /// port 0 picks a free one, printed as `<name> metrics on ADDR`; TLS with --tls-cert).
+    /// Beyond loopback it needs --allow-unauthenticated. Off unless given.
+    #[arg(long, env = "TREATY_PARTICIPANT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub faults: FaultArgs,
     #[command(flatten)]
@@ -137,8 +142,9 @@ pub fn open_store(args: &ServiceArgs) -> anyhow::Result<Arc<DurableStore>> {
     )?))
 }
 
-/// Serves `participant` on `args.listen`, printing `<name> listening on ADDR` once ready,
-/// with its barrier's and its own entries' retention.
+/// Serves `participant` on `args.listen`, printing `<name> listening on ADDR` once ready
+/// (then `<name> metrics on ADDR` with `--metrics-listen`), with its barrier's and its
+/// own entries' retention.
 pub async fn serve<P: Participant + Prune, S: BarrierStore>(
     name: &str,
     participant: Arc<P>,
@@ -153,11 +159,19 @@ pub async fn serve<P: Participant + Prune, S: BarrierStore>(
         args.retention.clone(),
     ));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    if let Some(address) = args.metrics_listen {
+        treaty_sdk::metrics::check_metrics_listen(address, options.allow_unauthenticated)
+            .map_err(anyhow::Error::msg)?;
+        options.metrics_listen = Some(std::net::TcpListener::bind(address)?.into());
+    }
     let shutdown = shutdown_signal();
     if let (Some(tls), Some(hangups)) = (options.tls.clone(), treaty_sdk::server::hangups()) {
         tokio::spawn(reload_on_hangup(hangups, tls));
     }
     println!("{name} listening on {}", listener.local_addr()?);
+    if let Some(MetricsListen::Listener(metrics)) = &options.metrics_listen {
+        println!("{name} metrics on {}", metrics.local_addr()?);
+    }
     treaty_sdk::serve(participant, store, listener, options, shutdown).await?;
     Ok(())
 }

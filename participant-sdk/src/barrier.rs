@@ -50,6 +50,7 @@ use crate::durable::{DurableStore, StoreError};
 use crate::failpoint::crash_point;
 use crate::keyed_locks::KeyedLocks;
 use crate::limits::truncate_reason;
+use crate::metrics::ParticipantMetrics;
 use crate::participant::{BranchContext, Participant, ParticipantError, Vote};
 use crate::transaction_age::transaction_created_unix_ms;
 
@@ -158,6 +159,8 @@ pub struct Barrier<S: BarrierStore = DurableStore> {
     /// The highest cutoff the collector has used: transactions created before it are
     /// refused without a record even if the wall clock steps back.
     collected_below_unix_ms: AtomicU64,
+    /// Counts the records it creates (see [`crate::metrics`]).
+    metrics: Arc<ParticipantMetrics>,
 }
 
 impl<S: BarrierStore> std::fmt::Debug for Barrier<S> {
@@ -177,7 +180,21 @@ impl<S: BarrierStore> Barrier<S> {
             locks: KeyedLocks::new(),
             retention_ms: DEFAULT_RETENTION_MS,
             collected_below_unix_ms: AtomicU64::new(0),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts into `metrics` (by default, metrics of its own that nothing reads). Its
+    /// record gauge counts only the records this barrier creates and collects: add those
+    /// already in the store with [`ParticipantMetrics::barrier_records_found`] before the
+    /// first call ([`crate::serve`] does).
+    pub fn with_metrics(mut self, metrics: Arc<ParticipantMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<ParticipantMetrics> {
+        &self.metrics
     }
 
     /// Keeps records of final branches for `retention_ms` after their transaction was
@@ -387,6 +404,7 @@ impl<S: BarrierStore> Barrier<S> {
                 "",
             );
             self.save(branch, &record).await?;
+            self.metrics.barrier_record_created();
             return Ok(AbortAnswer::Aborted);
         };
         match record.status {
@@ -429,7 +447,9 @@ impl<S: BarrierStore> Barrier<S> {
                 },
                 "",
             );
-            return self.save(branch, &record).await;
+            self.save(branch, &record).await?;
+            self.metrics.barrier_record_created();
+            return Ok(());
         };
         let prepared_payload = std::mem::take(&mut record.payload);
         record.updated_unix_ms = now_unix_ms();
@@ -459,7 +479,8 @@ impl<S: BarrierStore> Barrier<S> {
 
     /// Runs the user's `prepare` with the record of a YES vote in its context, then
     /// records the vote it gave (unless the user included that record with its own
-    /// writes). Returns the vote and the record.
+    /// writes). Returns the vote and the record. Called only for a branch that has no
+    /// record, under its lock: the record it writes is the branch's first (counted).
     async fn prepare_user<P: Participant>(
         &self,
         participant: &P,
@@ -471,11 +492,21 @@ impl<S: BarrierStore> Barrier<S> {
         let mut prepared = new_record(mode, BranchStatus::Prepared, coordinator_endpoint);
         prepared.payload = payload.to_vec();
         let (context, slot) = self.context_for(branch, &prepared);
-        let vote = bounded(participant.prepare(&context, payload).await?);
+        let vote = match participant.prepare(&context, payload).await {
+            Ok(vote) => bounded(vote),
+            Err(error) => {
+                // User code that included the record and then failed may have written it.
+                if slot.included() && self.store.load(&branch_key(branch))?.is_some() {
+                    self.metrics.barrier_record_created();
+                }
+                return Err(error.into());
+            }
+        };
         if vote == Vote::Yes {
             if !slot.included() {
                 self.save(branch, &prepared).await?;
             }
+            self.metrics.barrier_record_created();
             return Ok((vote, prepared));
         }
         if slot.included() {
@@ -484,6 +515,7 @@ impl<S: BarrierStore> Barrier<S> {
         }
         let record = new_record(mode, status_after_vote(&vote), coordinator_endpoint);
         self.save(branch, &record).await?;
+        self.metrics.barrier_record_created();
         Ok((vote, record))
     }
 

@@ -206,6 +206,9 @@ impl<S: BarrierStore> BarrierCollector<S> {
         report.collected = doomed.len();
         if !doomed.is_empty() {
             self.barrier.store().remove(doomed).await?;
+            self.barrier
+                .metrics()
+                .barrier_records_collected(report.collected as u64);
         }
         drop(guards);
         Ok(report)

@@ -74,6 +74,24 @@ pub trait BarrierStore: Send + Sync + 'static {
     /// be durable when it resolves: a removal lost in a crash is simply done again.
     fn remove(&self, keys: Vec<BranchKey>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// How many records the store holds. Called once, when [`crate::serve`] starts with
+    /// metrics on, from a blocking thread (see [`crate::metrics`]). The default pages
+    /// through [`records_before`](Self::records_before) with a bound above every valid
+    /// transaction id; a store with a cheaper count (`SELECT COUNT(*)`) should say so.
+    fn count_records(&self) -> Result<u64, StoreError> {
+        const PAGE: usize = 1_000;
+        let mut count = 0u64;
+        let mut cursor: Option<BranchKey> = None;
+        loop {
+            let page = self.records_before(cursor.as_ref(), ABOVE_EVERY_ID, PAGE)?;
+            count += page.len() as u64;
+            if page.len() < PAGE {
+                return Ok(count);
+            }
+            cursor = page.into_iter().next_back().map(|(key, _)| key);
+        }
+    }
+
     /// Why the store can no longer promise durability, if it cannot.
     fn failure(&self) -> Option<String> {
         None
@@ -99,6 +117,9 @@ pub trait BarrierStore: Send + Sync + 'static {
         false
     }
 }
+
+/// Sorts above every id [`crate::limits::check_id`] accepts (letters, digits, `.:_-`).
+const ABOVE_EVERY_ID: &str = "~";
 
 const RECORD_PREFIX: &str = "b/";
 const IN_DOUBT_PREFIX: &str = "d/";
@@ -212,6 +233,15 @@ impl BarrierStore for DurableStore {
             batch.remove(in_doubt_key(key));
         }
         self.write(batch, Durability::Lazy)
+    }
+
+    fn count_records(&self) -> Result<u64, StoreError> {
+        let mut count = 0u64;
+        for entry in self.db().scan_prefix(RECORD_PREFIX.as_bytes()) {
+            entry.map_err(|e| StoreError::Read(e.to_string()))?;
+            count += 1;
+        }
+        Ok(count)
     }
 
     fn failure(&self) -> Option<String> {

@@ -7,6 +7,11 @@
 //! `max_branches_per_round` per round. PENDING and unreachable coordinators leave the
 //! branch prepared for the next round: nothing here ever aborts a YES vote without the
 //! coordinator's ABORT.
+//!
+//! A pass over every branch in doubt takes one round, or several when more than
+//! `max_branches_per_round` are in doubt; at its end the number still in doubt and the
+//! oldest one's prepare time go to the metrics ([`crate::metrics`]), so they cost no
+//! reads of their own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use crate::barrier::{Barrier, BranchMode, InDoubtBranch, now_unix_ms};
 use crate::barrier_store::{BarrierStore, BranchKey};
 use crate::client::{ClientOptions, credentials, endpoint_with};
 use crate::durable::DurableStore;
+use crate::metrics::InquiryResult;
 use crate::participant::Participant;
 use crate::trust::CoordinatorTrust;
 
@@ -60,6 +66,9 @@ pub struct InDoubtResolver<P, S: BarrierStore = DurableStore> {
     /// Where the next round continues, so that branches which cannot be resolved do not
     /// keep the ones after them from being asked about.
     cursor: Option<BranchKey>,
+    /// Branches seen still in doubt by the pass under way, and the oldest prepare time.
+    pass_in_doubt: u64,
+    pass_oldest_unix_ms: Option<u64>,
 }
 
 /// What one round did, for logs and tests.
@@ -79,6 +88,8 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             trust: CoordinatorTrust::default(),
             coordinators: HashMap::new(),
             cursor: None,
+            pass_in_doubt: 0,
+            pass_oldest_unix_ms: None,
         }
     }
 
@@ -114,28 +125,31 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
         let page = self
             .barrier
             .in_doubt_after(self.cursor.as_ref(), self.options.max_branches_per_round);
-        let branches = match page {
+        let (branches, pass_done) = match page {
             Ok((branches, next)) => {
+                let pass_done = next.is_none();
                 self.cursor = next;
-                branches
+                (branches, pass_done)
             }
             Err(error) => {
                 tracing::error!(%error, "cannot list in-doubt branches");
+                self.start_pass();
                 return report;
             }
         };
         let now = now_unix_ms();
         for in_doubt in branches {
             if *stop.borrow() {
-                break;
+                return report;
             }
             if now.saturating_sub(in_doubt.prepared_unix_ms) < self.options.ask_after_ms {
+                self.still_in_doubt(&in_doubt);
                 continue;
             }
             // Asking may be abandoned at a stop; applying the answer runs to the end.
             let decision = tokio::select! {
                 decision = self.ask(&in_doubt) => decision,
-                _ = stop.changed() => break,
+                _ = stop.changed() => return report,
             };
             let resolved = match decision {
                 Some(decision) => self.apply(&in_doubt, decision).await,
@@ -144,10 +158,35 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             match resolved {
                 Some(pb::Decision::Commit) => report.committed += 1,
                 Some(pb::Decision::Abort) => report.aborted += 1,
-                _ => report.still_in_doubt += 1,
+                _ => {
+                    report.still_in_doubt += 1;
+                    self.still_in_doubt(&in_doubt);
+                }
             }
         }
+        if pass_done {
+            self.barrier
+                .metrics()
+                .in_doubt_pass(self.pass_in_doubt, self.pass_oldest_unix_ms);
+            self.start_pass();
+        }
         report
+    }
+
+    fn still_in_doubt(&mut self, in_doubt: &InDoubtBranch) {
+        self.pass_in_doubt += 1;
+        let prepared = in_doubt.prepared_unix_ms;
+        self.pass_oldest_unix_ms = Some(
+            self.pass_oldest_unix_ms
+                .map_or(prepared, |t| t.min(prepared)),
+        );
+    }
+
+    /// Forgets what the pass under way has seen: the next round starts a new one.
+    fn start_pass(&mut self) {
+        self.cursor = None;
+        self.pass_in_doubt = 0;
+        self.pass_oldest_unix_ms = None;
     }
 
     /// Applies the coordinator's answer through the barrier; `None` if it could not be
@@ -226,13 +265,22 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             transaction_id: branch.transaction_id.clone(),
             branch_id: branch.branch_id.clone(),
         };
-        match tokio::time::timeout(timeout, client.clone().get_outcome(request)).await {
-            Ok(Ok(response)) => pb::Decision::try_from(response.into_inner().decision).ok(),
-            Ok(Err(status)) => {
-                tracing::debug!(txn_id = %branch.transaction_id, %status, "GetOutcome failed");
-                None
-            }
-            Err(_) => None,
-        }
+        let decision =
+            match tokio::time::timeout(timeout, client.clone().get_outcome(request)).await {
+                Ok(Ok(response)) => pb::Decision::try_from(response.into_inner().decision).ok(),
+                Ok(Err(status)) => {
+                    tracing::debug!(txn_id = %branch.transaction_id, %status, "GetOutcome failed");
+                    None
+                }
+                Err(_) => None,
+            };
+        let result = match decision {
+            Some(pb::Decision::Commit) => InquiryResult::commit,
+            Some(pb::Decision::Abort) => InquiryResult::abort,
+            Some(pb::Decision::Pending) => InquiryResult::pending,
+            Some(pb::Decision::Unspecified) | None => InquiryResult::error,
+        };
+        self.barrier.metrics().outcome_inquiry(result);
+        decision
     }
 }

@@ -15,6 +15,9 @@
 //!   and the accept loop the servers share (the coordinator's too).
 //! - [`trace`]: W3C trace context, carried from initiator to participants; with the
 //!   `logging` feature, `logging`: text or JSON log lines for binaries.
+//! - [`metrics`]: the participant server's Prometheus metrics (operations by result,
+//!   barrier records, branches in doubt) and the `/metrics` endpoint (the coordinator's
+//!   too).
 //! - [`limits`] and [`endpoint`]: what crosses the wire, checked; endpoints in canonical
 //!   form.
 
@@ -32,6 +35,7 @@ mod keyed_locks;
 pub mod limits;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod metrics;
 pub mod participant;
 pub mod server;
 pub mod tls;
@@ -44,4 +48,4 @@ pub use client::{
     TreatyClient,
 };
 pub use participant::{BranchContext, Participant, ParticipantError, Vote};
-pub use server::{ParticipantService, ServeError, ServeOptions, serve};
+pub use server::{MetricsListen, ParticipantService, ServeError, ServeOptions, serve};

@@ -3,11 +3,12 @@
 //! This is the edge of the SDK: protobuf requests are checked and converted here (bad
 //! input is INVALID_ARGUMENT naming the field, and reaches neither the barrier nor user
 //! code), protocol outcomes go back as response fields, and only failures to answer
-//! (user code errors, a failed store) become error statuses.
+//! (user code errors, a failed store) become error statuses. Every answer is counted
+//! here, by operation and result ([`crate::metrics`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -21,6 +22,9 @@ use crate::connections::{ConnectionLimits, incoming};
 use crate::durable::DurableStore;
 use crate::in_doubt::{InDoubtOptions, InDoubtResolver};
 use crate::limits::{FieldError, check_endpoint, check_id, check_payload};
+use crate::metrics::{
+    Operation, OperationResult, ParticipantMetrics, check_metrics_listen, serve_metrics,
+};
 use crate::participant::{BranchContext, Participant, Vote};
 use crate::tls::ReloadableServerTls;
 use crate::trace::TraceContext;
@@ -144,11 +148,136 @@ async fn run_to_completion<T: Send + 'static>(
     }
 }
 
+/// The result label of a call that ended in `status`.
+fn status_result(status: &Status) -> OperationResult {
+    match status.code() {
+        tonic::Code::InvalidArgument
+        | tonic::Code::Unauthenticated
+        | tonic::Code::PermissionDenied => OperationResult::refused,
+        _ => OperationResult::error,
+    }
+}
+
+/// Counts a call to `operation` that started at `started` and ended with `answer`,
+/// whose protocol result `result_of` reads.
+fn count<T>(
+    metrics: &ParticipantMetrics,
+    operation: Operation,
+    started: Instant,
+    answer: &Result<Response<T>, Status>,
+    result_of: impl FnOnce(&T) -> OperationResult,
+) {
+    let result = match answer {
+        Ok(response) => result_of(response.get_ref()),
+        Err(status) => status_result(status),
+    };
+    metrics.operation(operation, result, started.elapsed());
+}
+
+fn vote_result(response: &pb::PrepareBranchResponse) -> OperationResult {
+    match pb::Vote::try_from(response.vote) {
+        Ok(pb::Vote::Yes) => OperationResult::yes,
+        Ok(pb::Vote::ReadOnly) => OperationResult::read_only,
+        _ => OperationResult::no,
+    }
+}
+
+fn commit_result(response: &pb::CommitBranchResponse) -> OperationResult {
+    match pb::CommitResult::try_from(response.result) {
+        Ok(pb::CommitResult::Committed) => OperationResult::committed,
+        Ok(pb::CommitResult::Rejected) => OperationResult::rejected,
+        Ok(pb::CommitResult::NotPrepared) => OperationResult::not_prepared,
+        _ => OperationResult::already_aborted,
+    }
+}
+
+fn abort_result(response: &pb::AbortBranchResponse) -> OperationResult {
+    match pb::AbortResult::try_from(response.result) {
+        Ok(pb::AbortResult::AlreadyCommitted) => OperationResult::already_committed,
+        _ => OperationResult::aborted,
+    }
+}
+
+/// The operation label of a commit in `mode` (an invalid mode counts as a commit).
+fn commit_operation(mode: i32) -> Operation {
+    match pb::CommitMode::try_from(mode) {
+        Ok(pb::CommitMode::OnePhase) => Operation::one_phase_commit,
+        Ok(pb::CommitMode::SagaStep) => Operation::saga_step,
+        _ => Operation::commit,
+    }
+}
+
 #[tonic::async_trait]
 impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
     for ParticipantService<P, S>
 {
     async fn prepare(
+        &self,
+        request: Request<pb::PrepareBranchRequest>,
+    ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_prepare(request).await;
+        count(
+            self.metrics(),
+            Operation::prepare,
+            started,
+            &answer,
+            vote_result,
+        );
+        answer
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        let started = Instant::now();
+        let operation = commit_operation(request.get_ref().mode);
+        let answer = self.answer_commit(request).await;
+        count(self.metrics(), operation, started, &answer, commit_result);
+        answer
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_abort(request).await;
+        count(
+            self.metrics(),
+            Operation::abort,
+            started,
+            &answer,
+            abort_result,
+        );
+        answer
+    }
+
+    async fn compensate(
+        &self,
+        request: Request<pb::CompensateBranchRequest>,
+    ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_compensate(request).await;
+        count(
+            self.metrics(),
+            Operation::compensate,
+            started,
+            &answer,
+            |_| OperationResult::compensated,
+        );
+        answer
+    }
+}
+
+/// The calls, answered through the barrier (counted by the trait methods above).
+impl<P: Participant, S: BarrierStore> ParticipantService<P, S> {
+    fn metrics(&self) -> &ParticipantMetrics {
+        self.barrier.metrics()
+    }
+
+    async fn answer_prepare(
         &self,
         request: Request<pb::PrepareBranchRequest>,
     ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
@@ -183,7 +312,7 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         }))
     }
 
-    async fn commit(
+    async fn answer_commit(
         &self,
         request: Request<pb::CommitBranchRequest>,
     ) -> Result<Response<pb::CommitBranchResponse>, Status> {
@@ -231,7 +360,7 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         }))
     }
 
-    async fn abort(
+    async fn answer_abort(
         &self,
         request: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
@@ -254,7 +383,7 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         }))
     }
 
-    async fn compensate(
+    async fn answer_compensate(
         &self,
         request: Request<pb::CompensateBranchRequest>,
     ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
@@ -272,6 +401,47 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         Ok(Response::new(pb::CompensateBranchResponse {
             result: pb::CompensateResult::Compensated as i32,
         }))
+    }
+}
+
+/// Where [`serve`] serves `/metrics`.
+#[derive(Debug, Clone)]
+pub enum MetricsListen {
+    /// Bind this address.
+    Address(SocketAddr),
+    /// Accept on this listener, bound by the caller (e.g. on port 0, to print the port).
+    Listener(Arc<std::net::TcpListener>),
+}
+
+impl From<SocketAddr> for MetricsListen {
+    fn from(address: SocketAddr) -> Self {
+        MetricsListen::Address(address)
+    }
+}
+
+impl From<std::net::TcpListener> for MetricsListen {
+    fn from(listener: std::net::TcpListener) -> Self {
+        MetricsListen::Listener(Arc::new(listener))
+    }
+}
+
+impl MetricsListen {
+    fn address(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            MetricsListen::Address(address) => Ok(*address),
+            MetricsListen::Listener(listener) => listener.local_addr(),
+        }
+    }
+
+    async fn bind(&self) -> std::io::Result<TcpListener> {
+        match self {
+            MetricsListen::Address(address) => TcpListener::bind(address).await,
+            MetricsListen::Listener(listener) => {
+                let listener = listener.try_clone()?;
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)
+            }
+        }
     }
 }
 
@@ -293,6 +463,15 @@ pub struct ServeOptions {
     pub max_concurrent_requests: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace_ms: u64,
+    /// Serve Prometheus metrics at http(s)://ADDR/metrics (TLS with `tls` when set):
+    /// an address to bind, or a listener already bound (to learn a port 0's number).
+    /// `/metrics` has no authentication: beyond loopback it needs
+    /// `allow_unauthenticated`.
+    pub metrics_listen: Option<MetricsListen>,
+    /// The metrics to count into, for a service that also registers them in a
+    /// prometheus-client registry of its own ([`ParticipantMetrics::register`]). With
+    /// this or `metrics_listen` set, the barrier's records are counted once at start.
+    pub metrics: Option<Arc<ParticipantMetrics>>,
 }
 
 impl Default for ServeOptions {
@@ -306,6 +485,8 @@ impl Default for ServeOptions {
             allow_unauthenticated: false,
             max_concurrent_requests: 1024,
             shutdown_grace_ms: 5_000,
+            metrics_listen: None,
+            metrics: None,
         }
     }
 }
@@ -357,8 +538,31 @@ where
         return Err(ServeError::Unauthenticated(local_addr));
     }
     options.barrier_gc.validate().map_err(ServeError::Options)?;
-    let barrier =
-        Arc::new(Barrier::new(store.clone()).with_retention_ms(options.barrier_gc.retention_ms));
+    let metrics_listener = match &options.metrics_listen {
+        Some(listen) => {
+            check_metrics_listen(listen.address()?, options.allow_unauthenticated)
+                .map_err(|message| ServeError::Options(format!("metrics_listen: {message}")))?;
+            Some(listen.bind().await?)
+        }
+        None => None,
+    };
+    let metrics = match (&options.metrics, &metrics_listener) {
+        (Some(metrics), _) => Some(metrics.clone()),
+        (None, Some(_)) => Some(Arc::new(ParticipantMetrics::new())),
+        (None, None) => None,
+    };
+    let mut barrier =
+        Barrier::new(store.clone()).with_retention_ms(options.barrier_gc.retention_ms);
+    if let Some(metrics) = &metrics {
+        // Before the first call: records written from here on are counted as they come.
+        let counted = store.clone();
+        let found = tokio::task::spawn_blocking(move || counted.count_records())
+            .await
+            .map_err(|e| ServeError::Options(format!("counting barrier records: {e}")))??;
+        metrics.barrier_records_found(found);
+        barrier = barrier.with_metrics(metrics.clone());
+    }
+    let barrier = Arc::new(barrier);
     let service = ParticipantService::new(participant.clone(), barrier.clone())
         .with_trust(options.trust.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -379,6 +583,24 @@ where
     tracing::info!(%local_addr, barrier = %store.describe(), tls = options.tls.is_some(), "participant serving");
     let incoming = incoming(listener, options.tls.clone(), options.connections.clone());
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let metrics_server = match (metrics_listener, metrics) {
+        (Some(listener), Some(metrics)) => {
+            tracing::info!(address = %listener.local_addr()?, "serving metrics at /metrics");
+            Some(tokio::spawn(serve_metrics(
+                listener,
+                options.tls.clone(),
+                options.connections.clone(),
+                move || {
+                    let text = metrics
+                        .encode()
+                        .map_err(|e| format!("encoding metrics: {e}"));
+                    std::future::ready(text)
+                },
+                stopping_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let server = crate::connections::server_builder()
         .concurrency_limit_per_connection(options.max_concurrent_requests)
         .add_service(health_service)
@@ -421,6 +643,9 @@ where
         }
     };
     let _ = stop_background.send(true);
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     let _ = resolver_task.await;
     let _ = collector_task.await;
     let closed = tokio::task::spawn_blocking(move || store.close())

@@ -1,10 +1,17 @@
-//! The `/metrics` endpoint: HTTP/1.1 on a listener of its own, accepted by the same loop
-//! as the gRPC servers (TLS when the coordinator has a certificate, the connection cap,
-//! the idle timeout). `GET /metrics` renders the metrics; anything else is 404 or 405.
+//! The `/metrics` endpoint, shared by the coordinator and the participant server:
+//! HTTP/1.1 on a listener of its own, accepted by the same loop as the gRPC servers (TLS
+//! when the server has a certificate, the connection cap, the idle timeout).
+//! `GET /metrics` renders the metrics; anything else is 404 or 405.
+//!
+//! `/metrics` has no authentication of its own, so [`check_metrics_listen`] refuses an
+//! address beyond loopback unless the operator allowed unauthenticated callers.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::connections::{ConnectionLimits, incoming};
+use crate::tls::ReloadableServerTls;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -12,11 +19,24 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::transport::server::Connected;
-use treaty_sdk::connections::{ConnectionLimits, incoming};
-use treaty_sdk::tls::ReloadableServerTls;
 
 /// The content type of Prometheus' text format as prometheus-client writes it.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Refuses to serve `/metrics` on `address` if it is beyond loopback and unauthenticated
+/// callers were not allowed (`--allow-unauthenticated`); the message says so.
+pub fn check_metrics_listen(
+    address: SocketAddr,
+    allow_unauthenticated: bool,
+) -> Result<(), String> {
+    if address.ip().is_loopback() || allow_unauthenticated {
+        return Ok(());
+    }
+    Err(format!(
+        "{address} is not a loopback address and /metrics has no authentication; \
+         pass --allow-unauthenticated to serve it there"
+    ))
+}
 
 /// Serves `GET /metrics` with what `render` returns until `stop` turns true.
 pub async fn serve_metrics<R, F>(

@@ -1,0 +1,339 @@
+//! The participant server's `/metrics`, against real gRPC and a real sled directory: a
+//! known workload, then exact counts of operations by result, of the barrier's records
+//! (those found at start included, those collected subtracted), of branches in doubt.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::participant_client::ParticipantClient;
+use treaty_sdk::barrier::Barrier;
+use treaty_sdk::barrier_gc::BarrierGcOptions;
+use treaty_sdk::durable::DurableStore;
+use treaty_sdk::in_doubt::InDoubtOptions;
+use treaty_sdk::server::{MetricsListen, ServeError, ServeOptions};
+use treaty_sdk::transaction_age::first_transaction_id_at;
+use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
+
+/// Nothing listens there: every question about a branch in doubt fails.
+const UNREACHABLE_COORDINATOR: &str = "http://127.0.0.1:9";
+const RETENTION_MS: u64 = 300;
+const AHEAD_MS: u64 = 2_000;
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Votes by payload: "no" → NO, "ro" → READ_ONLY, "fail" → an error; else YES.
+#[derive(Debug, Default)]
+struct ByPayload;
+
+impl Participant for ByPayload {
+    async fn prepare(&self, _: &BranchContext, payload: &[u8]) -> Result<Vote, ParticipantError> {
+        match payload {
+            b"no" => Ok(Vote::no("refused")),
+            b"ro" => Ok(Vote::ReadOnly),
+            b"fail" => Err(ParticipantError::new("the database is down")),
+            _ => Ok(Vote::Yes),
+        }
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The body of `GET /metrics` at `address`.
+async fn scrape(address: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: participant\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+        .await
+        .expect("the scrape is answered in time")
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap())
+}
+
+fn operations(text: &str, operation: &str, result: &str) -> Option<f64> {
+    sample(
+        text,
+        &format!(
+            "treaty_participant_operations_total{{operation=\"{operation}\",result=\"{result}\"}}"
+        ),
+    )
+}
+
+fn prepare(txn: &str, branch: &str, payload: &[u8], coordinator: &str) -> pb::PrepareBranchRequest {
+    pb::PrepareBranchRequest {
+        transaction_id: txn.into(),
+        branch_id: branch.into(),
+        payload: payload.to_vec(),
+        coordinator_endpoint: coordinator.into(),
+    }
+}
+
+fn commit(
+    txn: &str,
+    branch: &str,
+    mode: pb::CommitMode,
+    payload: &[u8],
+) -> pb::CommitBranchRequest {
+    pb::CommitBranchRequest {
+        transaction_id: txn.into(),
+        branch_id: branch.into(),
+        mode: mode as i32,
+        payload: payload.to_vec(),
+        coordinator_endpoint: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_known_workload_is_counted_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    // A record from before the server started: counted at start.
+    Barrier::new(store.clone())
+        .abort(&ByPayload, &BranchContext::new("before-start", "b"))
+        .await
+        .unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_address = metrics_listener.local_addr().unwrap();
+    let options = ServeOptions {
+        metrics_listen: Some(metrics_listener.into()),
+        in_doubt: InDoubtOptions {
+            poll_interval_ms: 50,
+            ask_after_ms: 0,
+            call_timeout_ms: 500,
+            ..InDoubtOptions::default()
+        },
+        barrier_gc: BarrierGcOptions {
+            retention_ms: RETENTION_MS,
+            interval_ms: 50,
+            max_records_per_round: 100,
+            round_pause_ms: 0,
+        },
+        ..ServeOptions::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(treaty_sdk::serve(
+        Arc::new(ByPayload),
+        store.clone(),
+        listener,
+        options,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut client = ParticipantClient::connect(endpoint).await.unwrap();
+
+    // Ids without an age: their records are never collected.
+    let txn = "m-1";
+    let votes = [
+        ("a", &b"yes"[..], pb::Vote::Yes), // stays in doubt: its coordinator never answers
+        ("a", b"yes", pb::Vote::Yes),      // a duplicate: answered from the record
+        ("b", b"no", pb::Vote::No),
+        ("c", b"ro", pb::Vote::ReadOnly),
+    ];
+    for (branch, payload, vote) in votes {
+        let answer = client
+            .prepare(prepare(txn, branch, payload, UNREACHABLE_COORDINATOR))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.vote, vote as i32, "{branch}");
+    }
+    let failed = client
+        .prepare(prepare(txn, "h", b"fail", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    let invalid = client
+        .prepare(prepare(txn, "no/slashes", b"yes", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{invalid:?}");
+    let commits = [
+        (
+            "x",
+            pb::CommitMode::TwoPhase,
+            &b""[..],
+            pb::CommitResult::NotPrepared,
+        ),
+        (
+            "f",
+            pb::CommitMode::OnePhase,
+            b"do",
+            pb::CommitResult::Committed,
+        ),
+        (
+            "g",
+            pb::CommitMode::SagaStep,
+            b"no",
+            pb::CommitResult::Rejected,
+        ),
+    ];
+    for (branch, mode, payload, result) in commits {
+        let answer = client
+            .commit(commit(txn, branch, mode, payload))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.result, result as i32, "{branch}");
+    }
+    let aborted = client
+        .abort(pb::AbortBranchRequest {
+            transaction_id: txn.into(),
+            branch_id: "d".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(aborted.result, pb::AbortResult::Aborted as i32);
+    client
+        .compensate(pb::CompensateBranchRequest {
+            transaction_id: txn.into(),
+            branch_id: "e".into(),
+            payload: b"undo".to_vec(),
+        })
+        .await
+        .unwrap();
+    // Saga steps of a transaction "created" a little ahead (young however loaded the
+    // machine while they run): collected once past the retention.
+    let young = first_transaction_id_at(now_unix_ms() + AHEAD_MS);
+    for branch in ["s1", "s2", "s3"] {
+        let answer = client
+            .commit(commit(&young, branch, pb::CommitMode::SagaStep, b"do"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.result, pb::CommitResult::Committed as i32);
+    }
+
+    // The collector deletes the three young records once they are old enough, and the
+    // resolver finishes passes over the branch in doubt, asking its coordinator in vain.
+    let started = Instant::now();
+    let text = loop {
+        let text = scrape(metrics_address).await;
+        let collected = sample(&text, "treaty_participant_barrier_gc_removed_total");
+        let age = sample(&text, "treaty_participant_in_doubt_oldest_age_seconds");
+        let asked = sample(
+            &text,
+            "treaty_participant_outcome_inquiries_total{result=\"error\"}",
+        );
+        if collected == Some(3.0)
+            && age.is_some_and(|age| age > 0.0)
+            && asked.is_some_and(|asked| asked >= 1.0)
+        {
+            break text;
+        }
+        assert!(started.elapsed() < PATIENCE, "not there yet:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let expected = [
+        ("prepare", "yes", 2.0),
+        ("prepare", "no", 1.0),
+        ("prepare", "read_only", 1.0),
+        ("prepare", "error", 1.0),
+        ("prepare", "refused", 1.0),
+        ("commit", "not_prepared", 1.0),
+        ("commit", "committed", 0.0),
+        ("one_phase_commit", "committed", 1.0),
+        ("saga_step", "rejected", 1.0),
+        ("saga_step", "committed", 3.0),
+        ("abort", "aborted", 1.0),
+        ("abort", "already_committed", 0.0),
+        ("compensate", "compensated", 1.0),
+    ];
+    for (operation, result, count) in expected {
+        assert_eq!(
+            operations(&text, operation, result),
+            Some(count),
+            "{operation} {result} in\n{text}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &text,
+            "treaty_participant_operation_duration_seconds_count{operation=\"prepare\"}"
+        ),
+        Some(6.0)
+    );
+    // 1 from before the start, a b c d e f g, and the three saga steps, collected.
+    assert_eq!(
+        sample(&text, "treaty_participant_barrier_records"),
+        Some(8.0),
+        "{text}"
+    );
+    assert_eq!(store.db().scan_prefix(b"b/").count(), 8);
+    assert_eq!(
+        sample(&text, "treaty_participant_branches_in_doubt"),
+        Some(1.0),
+        "{text}"
+    );
+    for result in ["commit", "abort", "pending"] {
+        assert_eq!(
+            sample(
+                &text,
+                &format!("treaty_participant_outcome_inquiries_total{{result=\"{result}\"}}")
+            ),
+            Some(0.0)
+        );
+    }
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn metrics_beyond_loopback_need_unauthenticated_callers_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let options = ServeOptions {
+        metrics_listen: Some(MetricsListen::Address("0.0.0.0:0".parse().unwrap())),
+        ..ServeOptions::default()
+    };
+    let refused = treaty_sdk::serve(
+        Arc::new(ByPayload),
+        store,
+        listener,
+        options,
+        std::future::ready(()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&refused, ServeError::Options(message) if message.contains("--allow-unauthenticated")),
+        "{refused}"
+    );
+}
