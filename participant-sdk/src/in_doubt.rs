@@ -253,7 +253,13 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
                         return None;
                     }
                 };
-                let credentials = credentials(options).ok()?;
+                let credentials = match credentials(options) {
+                    Ok(credentials) => credentials,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot ask the coordinator: its token is unusable");
+                        return None;
+                    }
+                };
                 let client =
                     CoordinatorClient::with_interceptor(endpoint.connect_lazy(), credentials);
                 self.coordinators

@@ -538,6 +538,10 @@ where
         return Err(ServeError::Unauthenticated(local_addr));
     }
     options.barrier_gc.validate().map_err(ServeError::Options)?;
+    // In-doubt branches are asked about with this token: an unusable one would leave
+    // them unresolved, so it stops the start instead.
+    crate::client::credentials(&options.in_doubt.coordinator_client)
+        .map_err(|e| ServeError::Options(format!("in_doubt.coordinator_client.token: {e}")))?;
     let metrics_listener = match &options.metrics_listen {
         Some(listen) => {
             check_metrics_listen(listen.address()?, options.allow_unauthenticated)
