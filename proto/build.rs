@@ -4,10 +4,11 @@
 
 use std::path::PathBuf;
 
-const PROTO_FILES: [&str; 3] = [
+const PROTO_FILES: [&str; 4] = [
     "treaty/v1/coordinator.proto",
     "treaty/v1/participant.proto",
     "treaty/v1/admin.proto",
+    "treaty/v1/conformance.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
