@@ -270,6 +270,7 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
         owner: None,
         trace: None,
         deadline_unix_ms: None,
+        refused_if_new: None,
     };
     let submitting = {
         let runtime = runtime.clone();
@@ -429,6 +430,7 @@ async fn an_operator_hears_of_a_resolution_only_once_it_is_durable() {
             owner: None,
             trace: None,
             deadline_unix_ms: None,
+            refused_if_new: None,
         })
         .await
         .unwrap();

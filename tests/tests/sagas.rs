@@ -468,6 +468,53 @@ async fn a_repeated_idempotency_key_returns_the_first_saga() {
     world.participant.stop().await;
 }
 
+/// A client that retries a submit with its idempotency key after the deadline it first
+/// asked for has passed gets the saga it submitted, not an error about the deadline;
+/// only a new saga with a deadline in the past is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_deadline_passed_finds_the_first_saga() {
+    let world = World::start().await;
+    let now_unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let deadline_unix_ms = now_unix_ms() + 30_000;
+    let options = |key: &str, deadline_unix_ms: u64| SubmitOptions {
+        idempotency_key: Some(key.into()),
+        deadline_unix_ms: Some(deadline_unix_ms),
+        ..SubmitOptions::default()
+    };
+    let steps = || vec![world.step("charge", "yes")];
+    let first = world
+        .client
+        .submit_saga(steps(), options("order-8", deadline_unix_ms))
+        .await
+        .unwrap();
+    assert!(first.created);
+    // The retry's request carries a deadline that has passed by now.
+    let past = now_unix_ms() - 1_000;
+    let retried = world
+        .client
+        .submit_saga(steps(), options("order-8", past))
+        .await
+        .unwrap();
+    assert_eq!(retried.transaction_id, first.transaction_id);
+    assert!(!retried.created);
+    let refused = world
+        .client
+        .submit_saga(steps(), options("order-9", past))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(Code::InvalidArgument));
+    assert!(
+        refused.to_string().contains("deadline_unix_ms"),
+        "{refused}"
+    );
+    world.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_returns_at_once_and_watch_streams_every_state() {
     let world = World::start().await;

@@ -238,6 +238,7 @@ pub fn status_of(error: RuntimeError) -> Status {
         | RuntimeError::NotTwoPhase(_)
         | RuntimeError::NotSaga(_) => "transaction_id",
         RuntimeError::IdempotencyConflict(_) => "idempotency_key",
+        RuntimeError::Invalid(error) => return Status::invalid_argument(error.to_string()),
         RuntimeError::Overloaded(_)
         | RuntimeError::PrincipalOverloaded { .. }
         | RuntimeError::PayloadBudget { .. } => {
@@ -485,9 +486,16 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 .map(|(i, s)| (format!("steps[{i}].endpoint"), s.endpoint.as_str())),
         )?;
         let wait_for_outcome = request.wait_for_outcome;
-        let deadline_unix_ms = match request.deadline_unix_ms {
-            0 => None,
-            requested => Some(self.deadline(requested).map_err(invalid)?),
+        let has_key = !request.idempotency_key.is_empty();
+        // A retry with the same key after the deadline passed must still find the saga
+        // it submitted: the runtime answers that one, and refuses only a new saga.
+        let (deadline_unix_ms, refused_if_new) = match request.deadline_unix_ms {
+            0 => (None, None),
+            requested => match self.deadline(requested) {
+                Ok(deadline) => (Some(deadline), None),
+                Err(error) if has_key && requested <= now_unix_ms() => (None, Some(error)),
+                Err(error) => return Err(invalid(error)),
+            },
         };
         let mut params =
             saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
@@ -495,6 +503,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         params.owner = owner_of(&principal);
         params.trace = trace;
         params.deadline_unix_ms = deadline_unix_ms;
+        params.refused_if_new = refused_if_new;
         params.idempotency_key = params
             .idempotency_key
             .map(|key| scoped_key(params.owner.as_deref(), key));

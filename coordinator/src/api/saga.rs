@@ -140,6 +140,7 @@ pub fn saga_params(
         owner: None,
         trace: None,
         deadline_unix_ms: None,
+        refused_if_new: None,
     })
 }
 

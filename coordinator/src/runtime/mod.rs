@@ -140,6 +140,9 @@ pub enum RuntimeError {
     NotSaga(TxnId),
     #[error("idempotency key {0:?} was used before for a saga with other steps")]
     IdempotencyConflict(String),
+    /// A request field refused once the runtime knew it would start something new.
+    #[error(transparent)]
+    Invalid(treaty_sdk::limits::FieldError),
     #[error("{0} transactions are in progress, the most allowed; retry later")]
     Overloaded(usize),
     #[error(
@@ -232,6 +235,10 @@ pub struct SagaParams {
     pub trace: Option<TraceContext>,
     /// Compensate if it has not completed by then (`None`: no deadline).
     pub deadline_unix_ms: Option<UnixMs>,
+    /// Answer the saga already submitted with the idempotency key, but refuse with this
+    /// error rather than submit a new one: a retry after the first request's deadline
+    /// passed still finds its saga, and a new saga cannot have a deadline in the past.
+    pub refused_if_new: Option<treaty_sdk::limits::FieldError>,
 }
 
 /// The answer to a submit: the saga (new, or the one submitted earlier with the same

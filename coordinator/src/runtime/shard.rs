@@ -453,6 +453,9 @@ impl Shard {
                 return Ok(existing);
             }
         }
+        if let Some(error) = params.refused_if_new {
+            return Err(RuntimeError::Invalid(error));
+        }
         let _span = txn_span(id).entered();
         let payload_bytes = definition_bytes(&params.definition);
         self.admit(params.owner.as_deref(), payload_bytes)?;
