@@ -634,3 +634,54 @@ async fn errors_quote_at_most_a_little_of_a_huge_input_at_both_servers() {
     participant.stop().await;
     coordinator.stop().await.unwrap();
 }
+
+/// The Admin service's verbs check their fields like every other call: a malformed id,
+/// branch, outcome or reason is INVALID_ARGUMENT naming it, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_operator_requests_are_refused_naming_the_field() {
+    use treaty_proto::v1::admin_client::AdminClient;
+    let dir = tempfile::tempdir().unwrap();
+    // Without authentication every caller may use the Admin service.
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let mut admin = AdminClient::connect(coordinator.endpoint.clone())
+        .await
+        .unwrap();
+    let operator = |transaction_id: &str, reason: &str| pb::OperatorRequest {
+        transaction_id: transaction_id.into(),
+        reason: reason.into(),
+    };
+    let well_formed = treaty_coordinator::model::TxnId::generate(now_ms()).to_string();
+    let long_reason = "r".repeat(MAX_REASON_BYTES + 1);
+    for (transaction_id, reason, field) in [
+        ("", "", "transaction_id"),
+        ("not-an-id", "", "transaction_id"),
+        (well_formed.as_str(), long_reason.as_str(), "reason"),
+    ] {
+        let request = || operator(transaction_id, reason);
+        assert_invalid(admin.retry_now(request()).await, field);
+        assert_invalid(admin.pause(request()).await, field);
+        assert_invalid(admin.resume(request()).await, field);
+        assert_invalid(admin.cancel(request()).await, field);
+        assert_invalid(admin.forget(request()).await, field);
+    }
+    let resolve = |branch_id: &str, outcome: i32, reason: &str| pb::ResolveRequest {
+        transaction_id: well_formed.clone(),
+        branch_id: branch_id.into(),
+        outcome,
+        reason: reason.into(),
+    };
+    let commit = pb::Resolution::Commit as i32;
+    assert_invalid(admin.resolve(resolve("a/b", commit, "")).await, "branch_id");
+    assert_invalid(admin.resolve(resolve("", commit, "")).await, "branch_id");
+    assert_invalid(admin.resolve(resolve("a", 0, "")).await, "outcome");
+    assert_invalid(admin.resolve(resolve("a", 99, "")).await, "outcome");
+    assert_invalid(
+        admin.resolve(resolve("a", commit, &long_reason)).await,
+        "reason",
+    );
+    // A well-formed id nobody began is told apart by its machine-readable detail.
+    let unknown = admin.pause(operator(&well_formed, "")).await;
+    let (reason, _, _) = error_info(unknown).expect("an ErrorInfo detail");
+    assert_eq!(reason, "UNKNOWN_TRANSACTION");
+    coordinator.stop().await.unwrap();
+}
