@@ -13,6 +13,8 @@ connection) and :func:`serve` it. The contract it keeps is docs/PARTICIPANT-PROT
     handle = serve(Payments(), SqliteBarrier("payments.db"), "127.0.0.1:7001")
 """
 
+import logging as _logging
+
 from .answer_table import AbortAnswer, CommitAnswer, CompensateAnswer, Mode, Request, Status
 from .barrier import (
     DEFAULT_RETENTION_MS,
@@ -26,6 +28,9 @@ from .in_doubt import InDoubtResolver
 from .participant import BranchContext, Participant, ParticipantError, Vote, VoteKind
 from .server import ParticipantServicer, ServerHandle, ServerTls, serve
 from .trust import CoordinatorTrust
+
+# A library logs to its own logger and leaves configuring output to the application.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "AbortAnswer",
