@@ -89,6 +89,8 @@ class InDoubtResolver:
         self._backoff: dict[tuple[str, str], tuple[int, float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # One round at a time (the thread's, or a caller's such as a test or an operator).
+        self._round_lock = threading.Lock()
 
     # ----- running -------------------------------------------------------------------
 
@@ -118,6 +120,10 @@ class InDoubtResolver:
     def round(self) -> RoundReport:
         """Asks about the in-doubt branches due (at most ``max_branches_per_round``,
         continuing where the last round stopped) and applies the answers."""
+        with self._round_lock:
+            return self._round()
+
+    def _round(self) -> RoundReport:
         report = RoundReport()
         branches, self._cursor = self._barrier.in_doubt_after(self._cursor, self._max_branches)
         now_ms = now_unix_ms()

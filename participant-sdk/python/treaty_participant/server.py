@@ -209,13 +209,14 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
 @dataclass(frozen=True)
 class ServerTls:
     """TLS for the participant's server (its endpoint is then ``https://``). With
-    ``client_ca_pem``, client certificates chaining to it are verified (required when
-    ``require_client_certificate``) and their names can be ``accepted_identities``."""
+    ``client_ca_pem``, every connection must present a client certificate chaining to it
+    (mutual TLS), whose names can be ``accepted_identities``. grpcio offers no
+    "optional but verified" client certificate, so unlike the Rust SDK a connection
+    without one is refused at the handshake."""
 
     certificate_chain_pem: bytes
     private_key_pem: bytes
     client_ca_pem: bytes | None = None
-    require_client_certificate: bool = False
 
 
 class ServerHandle:
@@ -381,7 +382,7 @@ def serve(
             credentials = grpc.ssl_server_credentials(
                 [(tls.private_key_pem, tls.certificate_chain_pem)],
                 root_certificates=tls.client_ca_pem,
-                require_client_auth=tls.require_client_certificate,
+                require_client_auth=tls.client_ca_pem is not None,
             )
             port = server.add_secure_port(address, credentials)
     except RuntimeError as error:
