@@ -567,7 +567,8 @@ class DbApiBarrier:
                 error,
             )
             raise UserCodeFailed(f"participant {name} failed: {error}") from error
-        if getattr(ctx.connection, "in_transaction", True) is False:
+        # Only an explicit BEGIN makes "no transaction open" mean the user ended it.
+        if self._begin_sql and getattr(ctx.connection, "in_transaction", True) is False:
             raise UserCodeFailed(
                 f"participant {name} ended the barrier's transaction (commit or rollback): "
                 "leave that to the SDK, or its effect and record are no longer atomic"
