@@ -32,7 +32,7 @@ import grpc
 from . import endpoint as endpoints
 from ._proto import participant_pb2 as pb
 from ._proto import participant_pb2_grpc
-from .answer_table import AbortAnswer, CommitAnswer, Mode, Reply, Request
+from .answer_table import AbortAnswer, CommitAnswer, Mode, Request
 from .barrier import (
     BarrierError,
     ConcurrentChange,
