@@ -1,0 +1,143 @@
+"""The barrier in a database of the user's: its record and the user's effect commit in
+one transaction or not at all; any DB-API paramstyle; a concurrent writer from another
+process is caught by the compare-and-set instead of being overwritten."""
+
+import sqlite3
+import unittest
+
+from treaty_participant import DbApiBarrier, Mode, Participant, Request, SqliteBarrier, Vote
+from treaty_participant.answer_table import AbortAnswer, CommitAnswer
+from treaty_participant.barrier import ConcurrentChange, UserCodeFailed, _convert_placeholders
+from treaty_participant.participant import BranchContext, VoteKind
+
+from .support import TempDirTest, uuid7
+
+
+class Orders(Participant):
+    """Writes its effects into an `orders` table through ctx.connection."""
+
+    def __init__(self):
+        self.fail_commit = False
+        self.commit_itself = False
+        self.meddle = None
+
+    def prepare(self, ctx, payload):
+        ctx.cursor.execute("INSERT INTO orders (txn, state) VALUES (?, 'held')", (ctx.transaction_id,))
+        return Vote.yes()
+
+    def commit(self, ctx, payload):
+        if self.meddle:
+            self.meddle(ctx)
+            return
+        ctx.cursor.execute("UPDATE orders SET state = 'applied' WHERE txn = ?", (ctx.transaction_id,))
+        if self.commit_itself:
+            ctx.connection.commit()
+        if self.fail_commit:
+            raise RuntimeError("the payment service is down")
+
+    def abort(self, ctx, payload):
+        ctx.cursor.execute("DELETE FROM orders WHERE txn = ?", (ctx.transaction_id,))
+
+
+class UserConnectionTest(TempDirTest):
+    def setUp(self):
+        super().setUp()
+        self.db = str(self.tmp / "app.db")
+        self.connection = sqlite3.connect(self.db, check_same_thread=False)
+        self.addCleanup(self.connection.close)
+        self.connection.execute("CREATE TABLE orders (txn TEXT PRIMARY KEY, state TEXT)")
+        self.connection.commit()
+        self.barrier = SqliteBarrier(self.connection)
+        self.orders = Orders()
+
+    def state(self, txn):
+        row = self.connection.execute("SELECT state FROM orders WHERE txn = ?", (txn,)).fetchone()
+        return row[0] if row else None
+
+    def handle(self, request, txn, **options):
+        return self.barrier.handle(self.orders, request, BranchContext(txn, "b"), **options)
+
+    def test_effect_and_record_commit_together(self):
+        txn = uuid7()
+        self.assertEqual(self.handle(Request.PREPARE, txn).answer, VoteKind.YES)
+        self.assertEqual(self.state(txn), "held")
+        self.assertEqual(self.handle(Request.COMMIT, txn, mode=Mode.TWO_PHASE).answer, CommitAnswer.COMMITTED)
+        self.assertEqual((self.state(txn), self.barrier.record(txn, "b").status.value), ("applied", "committed"))
+
+    def test_failing_user_code_rolls_back_its_effect_and_records_nothing(self):
+        txn = uuid7()
+        self.handle(Request.PREPARE, txn)
+        self.orders.fail_commit = True
+        with self.assertRaisesRegex(UserCodeFailed, "payment service is down"):
+            self.handle(Request.COMMIT, txn, mode=Mode.TWO_PHASE)
+        self.assertEqual((self.state(txn), self.barrier.record(txn, "b").status.value), ("held", "prepared"))
+        self.orders.fail_commit = False
+        self.handle(Request.COMMIT, txn, mode=Mode.TWO_PHASE)
+        self.assertEqual(self.state(txn), "applied")
+
+    def test_user_code_may_not_end_the_transaction(self):
+        txn = uuid7()
+        self.handle(Request.PREPARE, txn)
+        self.orders.commit_itself = True
+        with self.assertRaisesRegex(UserCodeFailed, "ended the barrier's transaction"):
+            self.handle(Request.COMMIT, txn, mode=Mode.TWO_PHASE)
+        self.assertEqual(self.barrier.record(txn, "b").status.value, "prepared")
+
+    def test_a_connection_tied_to_its_thread_is_refused(self):
+        tied = sqlite3.connect(str(self.tmp / "other.db"))
+        self.addCleanup(tied.close)
+        with self.assertRaisesRegex(ValueError, "check_same_thread=False"):
+            SqliteBarrier(tied)
+
+
+class GenericDbApiTest(TempDirTest):
+    def make(self, paramstyle):
+        db = str(self.tmp / f"{paramstyle}.db")
+        setup = sqlite3.connect(db)
+        setup.execute("CREATE TABLE orders (txn TEXT PRIMARY KEY, state TEXT)")
+        setup.commit()
+        setup.close()
+        # sqlite3 in its default (implicit-transaction) mode, as a generic DB-API driver.
+        barrier = DbApiBarrier(lambda: sqlite3.connect(db, timeout=30, check_same_thread=False),
+                               paramstyle=paramstyle, max_connections=2)
+        self.addCleanup(barrier.close)
+        return db, barrier
+
+    def test_named_paramstyle(self):
+        db, barrier = self.make("named")
+        orders, txn = Orders(), uuid7()
+        reply = barrier.handle(orders, Request.COMMIT, BranchContext(txn, "b"), mode=Mode.ONE_PHASE, payload=b"x")
+        self.assertEqual(reply.answer, CommitAnswer.COMMITTED)
+        self.assertEqual(barrier.handle(orders, Request.ABORT, BranchContext(txn, "b")).answer,
+                         AbortAnswer.ALREADY_COMMITTED)
+        self.assertEqual(barrier.in_doubt_after(None, 10), ([], None))
+
+    def test_a_concurrent_writer_is_caught_by_the_compare_and_set(self):
+        db, barrier = self.make("qmark")
+        orders, txn = Orders(), uuid7()
+        barrier.handle(orders, Request.PREPARE, BranchContext(txn, "b"))
+
+        def another_process_aborts_it(ctx):
+            other = sqlite3.connect(db, timeout=30)
+            other.execute("UPDATE treaty_barrier SET status = 'aborted', in_doubt = 0 WHERE transaction_id = ?", (txn,))
+            other.commit()
+            other.close()
+
+        orders.meddle = another_process_aborts_it
+        with self.assertRaises(ConcurrentChange):
+            barrier.handle(orders, Request.COMMIT, BranchContext(txn, "b"), mode=Mode.TWO_PHASE)
+        self.assertEqual(barrier.record(txn, "b").status.value, "aborted")
+
+    def test_placeholders_for_every_paramstyle(self):
+        sql = "SELECT a FROM t WHERE b = ? AND c = ?"
+        self.assertEqual(_convert_placeholders(sql, (1, 2), "qmark"), (sql, (1, 2)))
+        self.assertEqual(_convert_placeholders(sql, (1, 2), "format")[0], "SELECT a FROM t WHERE b = %s AND c = %s")
+        self.assertEqual(_convert_placeholders(sql, (1, 2), "numeric")[0], "SELECT a FROM t WHERE b = :1 AND c = :2")
+        self.assertEqual(_convert_placeholders(sql, (1, 2), "named"),
+                         ("SELECT a FROM t WHERE b = :p1 AND c = :p2", {"p1": 1, "p2": 2}))
+        with self.assertRaisesRegex(ValueError, "paramstyle"):
+            DbApiBarrier(lambda: None, paramstyle="dollar", create_table=False)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,398 @@
+"""Serves a :class:`Participant` over gRPC (``treaty.v1.Participant``), through the barrier.
+
+This is the edge of the SDK: protobuf requests are checked and converted here, protocol
+outcomes go back as response fields, and only failures to answer become error statuses
+(PARTICIPANT-PROTOCOL.md §10). Order of checks, as in the Rust SDK: the caller's
+credentials first; then the fields (INVALID_ARGUMENT naming the field); then whether the
+named coordinator is trusted (PERMISSION_DENIED); only then the barrier and user code.
+
+| barrier outcome                         | status              |
+|-----------------------------------------|---------------------|
+| user code raised; concurrent change     | UNAVAILABLE         |
+| no record, past the barrier retention   | FAILED_PRECONDITION |
+| the barrier's database failed           | INTERNAL            |
+
+Each call runs on a thread of a bounded pool (``max_workers``), with at most
+``max_concurrent_rpcs`` accepted at once (RESOURCE_EXHAUSTED beyond). A call whose
+client gives up still runs to its end: user code and its record are never cut half-way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import grpc
+
+from . import endpoint as endpoints
+from ._proto import participant_pb2 as pb
+from ._proto import participant_pb2_grpc
+from .answer_table import AbortAnswer, CommitAnswer, Mode, Request
+from .barrier import (
+    BarrierError,
+    ConcurrentChange,
+    DbApiBarrier,
+    PastRetention,
+    StoreError,
+    UserCodeFailed,
+)
+from .in_doubt import InDoubtResolver
+from .limits import MAX_MESSAGE_BYTES, FieldError, check_id, check_payload
+from .participant import BranchContext, Participant, VoteKind
+from .trust import CoordinatorTrust, TrustRefusal, check_token_value
+
+log = logging.getLogger("treaty_participant.server")
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_MAX_TRACESTATE_BYTES = 512
+
+_VOTES = {VoteKind.YES: pb.VOTE_YES, VoteKind.NO: pb.VOTE_NO, VoteKind.READ_ONLY: pb.VOTE_READ_ONLY}
+_COMMIT_RESULTS = {
+    CommitAnswer.COMMITTED: pb.COMMIT_RESULT_COMMITTED,
+    CommitAnswer.REJECTED: pb.COMMIT_RESULT_REJECTED,
+    CommitAnswer.NOT_PREPARED: pb.COMMIT_RESULT_NOT_PREPARED,
+    CommitAnswer.ALREADY_ABORTED: pb.COMMIT_RESULT_ALREADY_ABORTED,
+}
+_ABORT_RESULTS = {
+    AbortAnswer.ABORTED: pb.ABORT_RESULT_ABORTED,
+    AbortAnswer.ALREADY_COMMITTED: pb.ABORT_RESULT_ALREADY_COMMITTED,
+}
+_MODES = {
+    pb.COMMIT_MODE_TWO_PHASE: Mode.TWO_PHASE,
+    pb.COMMIT_MODE_ONE_PHASE: Mode.ONE_PHASE,
+    pb.COMMIT_MODE_SAGA_STEP: Mode.SAGA_STEP,
+}
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _trace(metadata: Sequence[tuple[str, object]]) -> tuple[str | None, str | None]:
+    """The W3C trace context of a call; an invalid or missing one is none (never fails)."""
+    traceparent = tracestate = None
+    for key, value in metadata:
+        if key == "traceparent" and isinstance(value, str) and _TRACEPARENT.match(value):
+            if not value.startswith("ff"):
+                traceparent = value
+        elif key == "tracestate" and isinstance(value, str) and len(value) <= _MAX_TRACESTATE_BYTES:
+            tracestate = value
+    return traceparent, (tracestate if traceparent else None)
+
+
+def _peer_names(context: grpc.ServicerContext) -> list[str]:
+    """The verified client certificate's names: subject alternative names, then the
+    common name (empty without a verified client certificate)."""
+    auth = context.auth_context() or {}
+    names: list[str] = []
+    for key in ("x509_subject_alternative_name", "peer_dns", "peer_uri", "x509_common_name"):
+        for value in auth.get(key, ()):
+            name = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+            if name not in names:
+                names.append(name)
+    return names
+
+
+class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
+    """The ``treaty.v1.Participant`` service for one participant and its barrier. Mount it
+    on a grpc.Server of your own with ``add_ParticipantServicer_to_server``, or let
+    :func:`serve` do everything."""
+
+    def __init__(
+        self, participant: Participant, barrier: DbApiBarrier, trust: CoordinatorTrust | None = None
+    ) -> None:
+        self._participant = participant
+        self._barrier = barrier
+        self._trust = trust or CoordinatorTrust()
+
+    def Prepare(self, request: pb.PrepareBranchRequest, context: grpc.ServicerContext):
+        def answer(ctx: BranchContext) -> pb.PrepareBranchResponse:
+            check_payload("payload", request.payload)
+            self._check_coordinator(request.coordinator_endpoint)
+            reply = self._barrier.handle(
+                self._participant,
+                Request.PREPARE,
+                ctx,
+                payload=request.payload,
+                coordinator_endpoint=request.coordinator_endpoint,
+            )
+            return pb.PrepareBranchResponse(vote=_VOTES[reply.answer], reason=reply.reason)
+
+        return self._serve(context, request.transaction_id, request.branch_id, answer)
+
+    def Commit(self, request: pb.CommitBranchRequest, context: grpc.ServicerContext):
+        def answer(ctx: BranchContext) -> pb.CommitBranchResponse:
+            mode = _MODES.get(request.mode)
+            if mode is None:
+                raise FieldError("mode", f"{request.mode} is not a commit mode")
+            check_payload("payload", request.payload)
+            self._check_coordinator(request.coordinator_endpoint)
+            reply = self._barrier.handle(
+                self._participant,
+                Request.COMMIT,
+                ctx,
+                mode=mode,
+                payload=request.payload,
+                coordinator_endpoint=request.coordinator_endpoint,
+            )
+            return pb.CommitBranchResponse(result=_COMMIT_RESULTS[reply.answer], reason=reply.reason)
+
+        return self._serve(context, request.transaction_id, request.branch_id, answer)
+
+    def Abort(self, request: pb.AbortBranchRequest, context: grpc.ServicerContext):
+        def answer(ctx: BranchContext) -> pb.AbortBranchResponse:
+            reply = self._barrier.handle(self._participant, Request.ABORT, ctx)
+            return pb.AbortBranchResponse(result=_ABORT_RESULTS[reply.answer])
+
+        return self._serve(context, request.transaction_id, request.branch_id, answer)
+
+    def Compensate(self, request: pb.CompensateBranchRequest, context: grpc.ServicerContext):
+        def answer(ctx: BranchContext) -> pb.CompensateBranchResponse:
+            check_payload("payload", request.payload)
+            self._barrier.handle(self._participant, Request.COMPENSATE, ctx, payload=request.payload)
+            return pb.CompensateBranchResponse(result=pb.COMPENSATE_RESULT_COMPENSATED)
+
+        return self._serve(context, request.transaction_id, request.branch_id, answer)
+
+    # ----- the common path -----------------------------------------------------------
+
+    def _check_coordinator(self, coordinator_endpoint: str) -> None:
+        if coordinator_endpoint:
+            endpoints.parse_field("coordinator_endpoint", coordinator_endpoint)
+        try:
+            self._trust.check_endpoint(coordinator_endpoint)
+        except TrustRefusal as refusal:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, str(refusal)) from None
+
+    def _serve(
+        self,
+        context: grpc.ServicerContext,
+        transaction_id: str,
+        branch_id: str,
+        answer: Callable[[BranchContext], object],
+    ):
+        metadata = context.invocation_metadata() or ()
+        try:
+            try:
+                self._trust.check_caller(metadata, _peer_names(context))
+            except TrustRefusal as refusal:
+                raise _Refused(getattr(grpc.StatusCode, refusal.code), str(refusal)) from None
+            check_id("transaction_id", transaction_id)
+            check_id("branch_id", branch_id)
+            traceparent, tracestate = _trace(metadata)
+            ctx = BranchContext(transaction_id, branch_id, traceparent, tracestate)
+            return answer(ctx)
+        except FieldError as error:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        except _Refused as refusal:
+            code, message = refusal.code, str(refusal)
+        except (UserCodeFailed, ConcurrentChange) as error:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(error)
+        except PastRetention as error:
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(error)
+        except (StoreError, BarrierError) as error:
+            log.error("barrier failed: txn_id=%s branch_id=%s error=%s", transaction_id, branch_id, error)
+            code, message = grpc.StatusCode.INTERNAL, str(error)
+        except Exception as error:  # noqa: BLE001 - a bug must still answer, not hang
+            log.exception("unexpected error: txn_id=%s branch_id=%s", transaction_id, branch_id)
+            code, message = grpc.StatusCode.INTERNAL, f"unexpected error: {error}"
+        context.abort(code, message)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for the participant's server (its endpoint is then ``https://``). With
+    ``client_ca_pem``, every connection must present a client certificate chaining to it
+    (mutual TLS), whose names can be ``accepted_identities``. grpcio offers no
+    "optional but verified" client certificate, so unlike the Rust SDK a connection
+    without one is refused at the handshake."""
+
+    certificate_chain_pem: bytes
+    private_key_pem: bytes
+    client_ca_pem: bytes | None = None
+
+
+class ServerHandle:
+    """A running participant server: its ``port``, and :meth:`stop`."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        address: str,
+        barrier: DbApiBarrier,
+        resolver: InDoubtResolver,
+        gc_interval_ms: int,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.address = address
+        self.barrier = barrier
+        self.resolver = resolver
+        self._stopped = threading.Event()
+        self._stopping = threading.Lock()
+        self._gc_interval_ms = gc_interval_ms
+        self._gc_thread = threading.Thread(target=self._collect, name="treaty-barrier-gc", daemon=True)
+
+    def _start_background(self) -> None:
+        self.resolver.start()
+        self._gc_thread.start()
+
+    def _collect(self) -> None:
+        """Deletes old final barrier records: bounded rounds while a pass has more to do,
+        then a pause of ``gc_interval_ms``."""
+        per_round = 1000
+        while not self._stopped.is_set():
+            try:
+                for _ in range(100):
+                    if self.barrier.collect(per_round) < per_round or self._stopped.is_set():
+                        break
+            except BarrierError as error:
+                log.warning("barrier garbage collection failed; trying again later: %s", error)
+            self._stopped.wait(self._gc_interval_ms / 1000)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stops accepting calls, gives those in flight ``grace_s`` to finish, then stops
+        in-doubt resolution and collection. Safe to call more than once, from any thread."""
+        with self._stopping:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        self.server.stop(grace_s).wait(grace_s + 1)
+        self.resolver.stop()
+        if self._gc_thread.is_alive():
+            self._gc_thread.join(5)
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Blocks until :meth:`stop` (or ``timeout_s``); True once stopped."""
+        return self._stopped.wait(timeout_s)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    participant: Participant,
+    barrier: DbApiBarrier,
+    address: str = "127.0.0.1:0",
+    *,
+    accepted_tokens: Iterable[str] = (),
+    accepted_identities: Iterable[str] = (),
+    trusted_coordinators: Iterable[str] = (),
+    tls: ServerTls | None = None,
+    coordinator_token: str | None = None,
+    coordinator_ca_pem: bytes | None = None,
+    allow_unauthenticated: bool = False,
+    in_doubt_interval_ms: int = 2_000,
+    in_doubt_ask_after_ms: int = 2_000,
+    in_doubt_call_timeout_ms: int = 2_000,
+    in_doubt_backoff_max_ms: int = 60_000,
+    barrier_retention_ms: int | None = None,
+    gc_interval_ms: int = 10_000,
+    max_workers: int = 16,
+    max_concurrent_rpcs: int = 256,
+    services: Iterable[Callable[[grpc.Server], None]] = (),
+) -> ServerHandle:
+    """Serves ``participant`` on ``address`` (``host:port``; port 0 picks one, see
+    ``handle.port``) with its records in ``barrier``; starts in-doubt resolution and the
+    barrier's garbage collection. Returns once the server is listening.
+
+    - ``accepted_tokens`` / ``accepted_identities``: the coordinator must present one of
+      these bearer tokens, or (with ``tls.client_ca_pem``) a client certificate of one of
+      these names. Authenticating callers requires ``trusted_coordinators``: the
+      endpoints asked about branches in doubt (a request naming another is refused).
+    - Listening beyond loopback without authentication needs ``allow_unauthenticated``.
+    - ``coordinator_token`` / ``coordinator_ca_pem``: what in-doubt resolution presents
+      to ``GetOutcome`` and the CA it verifies ``https://`` coordinators with (None: the
+      system's roots).
+    - ``services``: callables adding more services to the same grpc.Server.
+    """
+    trust = CoordinatorTrust(
+        tokens=tuple(accepted_tokens),
+        identities=tuple(accepted_identities),
+        endpoints=tuple(trusted_coordinators),
+    )
+    if trust.authenticates and not trust.endpoints:
+        raise ValueError(
+            "trusted_coordinators: required when callers are authenticated; an address "
+            "named in a request is data, not a credential, so in-doubt branches are only "
+            "asked about at configured coordinators"
+        )
+    if accepted_identities and (tls is None or tls.client_ca_pem is None):
+        raise ValueError("accepted_identities: needs tls with client_ca_pem to verify client certificates")
+    if coordinator_token is not None:
+        check_token_value(coordinator_token, "coordinator_token")
+    host, _, port_text = address.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise ValueError(f"address: {address!r} is not host:port")
+    if not _is_loopback(host) and not trust.authenticates and not allow_unauthenticated:
+        raise ValueError(
+            f"refusing to serve on {address} without authenticating the coordinator: "
+            "configure accepted_tokens or accepted_identities, or pass allow_unauthenticated=True"
+        )
+    if barrier_retention_ms is not None:
+        if barrier_retention_ms < 1:
+            raise ValueError("barrier_retention_ms: must be at least 1")
+        barrier.retention_ms = barrier_retention_ms
+    if max_workers < 1 or max_concurrent_rpcs < 1:
+        raise ValueError("max_workers and max_concurrent_rpcs: must be at least 1")
+    resolver = InDoubtResolver(
+        participant,
+        barrier,
+        trust,
+        poll_interval_ms=in_doubt_interval_ms,
+        ask_after_ms=in_doubt_ask_after_ms,
+        call_timeout_ms=in_doubt_call_timeout_ms,
+        backoff_max_ms=in_doubt_backoff_max_ms,
+        coordinator_token=coordinator_token,
+        coordinator_ca_pem=coordinator_ca_pem,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="treaty-participant"),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    participant_pb2_grpc.add_ParticipantServicer_to_server(
+        ParticipantServicer(participant, barrier, trust), server
+    )
+    for add in services:
+        add(server)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.private_key_pem, tls.certificate_chain_pem)],
+                root_certificates=tls.client_ca_pem,
+                require_client_auth=tls.client_ca_pem is not None,
+            )
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {address}: {error}") from error
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    handle = ServerHandle(server, port, f"{host}:{port}", barrier, resolver, gc_interval_ms)
+    handle._start_background()
+    # A barrier that can no longer promise durability stops the server.
+    barrier.on_failure(lambda _message: threading.Thread(target=handle.stop, daemon=True).start())
+    log.info("participant serving on %s (tls=%s)", handle.address, tls is not None)
+    return handle
