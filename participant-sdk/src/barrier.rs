@@ -496,7 +496,8 @@ impl<S: BarrierStore> Barrier<S> {
             Ok(vote) => bounded(vote),
             Err(error) => {
                 // User code that included the record and then failed may have written it.
-                if slot.included() && self.store.load(&branch_key(branch))?.is_some() {
+                // A failed read here must not turn the user's error into a store error.
+                if slot.included() && matches!(self.store.load(&branch_key(branch)), Ok(Some(_))) {
                     self.metrics.barrier_record_created();
                 }
                 return Err(error.into());

@@ -36,10 +36,18 @@ use super::files::{self, SyncedFiles, SyncedPath};
 use super::generations::{self, SwitchError};
 use super::high_water::{self, HighWater};
 use super::logger::Logger;
-use super::{Generation, LOG_FILE_NAME, META_TREE, open_sled_at};
+use super::{COMPACTED_BYTES_KEY, Generation, LOG_FILE_NAME, META_TREE, open_sled_at};
 
-/// Records copied per step, between two group commits.
+/// Records copied per step, between two group commits (fewer if they reach the
+/// store's `max_batch_bytes`).
 pub const COPY_CHUNK_RECORDS: usize = 1_000;
+/// Free space a compaction leaves on the filesystem beyond its copy: it does not start
+/// without it, and gives up when the copy would eat into it (the store's own writes
+/// need the room more than the compaction does).
+const FREE_SPACE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
+/// How long a replaced generation may wait for its readers, or for its files to be
+/// deleted, before they are left to the next open (and compaction may start again).
+const RETIRED_PATIENCE: Duration = Duration::from_secs(600);
 /// How long after an abandoned compaction the policy may start another.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(600);
 /// How long sled's background threads may still touch a database after its last
@@ -52,7 +60,8 @@ pub struct CompactionPolicy {
     /// Never compact a store smaller than this on disk.
     pub min_bytes: u64,
     /// Compact once the store is this many times its size after the last compaction
-    /// (or at open).
+    /// (kept in the store; a store never compacted starts from 0, so `min_bytes` alone
+    /// decides its first one). At least 2: below, each compaction would call the next.
     pub growth_factor: u64,
     /// How often the size on disk is looked at.
     pub check_interval_ms: u64,
@@ -119,6 +128,7 @@ pub(super) struct Retired {
     /// Still referenced while readers may hold it.
     held: Option<Arc<Generation>>,
     let_go_at: Option<Instant>,
+    since: Instant,
 }
 
 /// The logger's compaction state.
@@ -182,12 +192,16 @@ impl Logger {
     /// generation, start a rebuild when asked or due, or copy the next chunk (and
     /// switch when the copy is done).
     pub(super) fn compaction_step(&mut self) {
+        self.delete_retired_when_let_go();
         if let Some(message) = self.failure.get().cloned() {
-            self.abandon_rebuild(format!("the store failed: {message}"));
+            // Once: the policy stops, and so do the wake-ups it asks for.
+            if self.compaction.rebuild.is_some() {
+                self.abandon_rebuild(format!("the store failed: {message}"));
+            }
+            self.compaction.policy = None;
             self.compaction.refuse_waiters(&message);
             return;
         }
-        self.delete_retired_when_let_go();
         if self.compaction.rebuild.is_none() {
             let due = self.compaction.requested || self.compaction_due();
             // A new rebuild waits until the previous generation's files are gone.
@@ -225,7 +239,7 @@ impl Logger {
         let threshold = policy.min_bytes.max(
             self.compaction
                 .baseline_bytes
-                .saturating_mul(policy.growth_factor),
+                .saturating_mul(policy.growth_factor.max(2)),
         );
         bytes > threshold
     }
@@ -241,6 +255,14 @@ impl Logger {
             ));
         }
         let bytes_before = generation_bytes(&self.generation).map_err(|e| e.to_string())?;
+        // The copy is at most as big as what it copies.
+        let free = free_bytes(&self.root)?;
+        if free < bytes_before.saturating_add(FREE_SPACE_MARGIN_BYTES) {
+            return Err(format!(
+                "{free} bytes free: not enough room for a copy of the store's \
+                 {bytes_before} bytes and a margin of {FREE_SPACE_MARGIN_BYTES}"
+            ));
+        }
         let number = self.generation.number + 1;
         let dir = generations::dir_of(&self.root, number);
         if dir.exists() {
@@ -276,10 +298,17 @@ impl Logger {
         };
         let mut batch = sled::Batch::default();
         let mut copied = 0;
+        let mut bytes = 0;
         let mut last = None;
+        let mut more = false;
         let range = (start, std::ops::Bound::<sled::IVec>::Unbounded);
-        for entry in self.generation.db.range(range).take(COPY_CHUNK_RECORDS) {
+        for entry in self.generation.db.range(range) {
+            if copied == COPY_CHUNK_RECORDS || bytes >= self.max_batch_bytes {
+                more = true;
+                break;
+            }
             let (key, value) = entry.map_err(|e| format!("reading a record to copy: {e}"))?;
+            bytes += key.len() + value.len();
             batch.insert(key.clone(), value);
             last = Some(key);
             copied += 1;
@@ -292,7 +321,14 @@ impl Logger {
         if let Some(last) = last {
             rebuild.copied_up_to = Some(last);
         }
-        if copied == COPY_CHUNK_RECORDS {
+        if more {
+            let free = free_bytes(&self.root)?;
+            if free < FREE_SPACE_MARGIN_BYTES {
+                return Err(format!(
+                    "{free} bytes left free on the filesystem, less than the margin of \
+                     {FREE_SPACE_MARGIN_BYTES}"
+                ));
+            }
             return Ok(false);
         }
         for entry in self.generation.meta.iter() {
@@ -359,10 +395,20 @@ impl Logger {
         }
         let bytes_after = generation_bytes(&self.generation).unwrap_or(0);
         self.compaction.baseline_bytes = bytes_after;
+        // Kept for the policy after a restart; durable with the next forced group (a
+        // loss only makes the next compaction come sooner).
+        if let Err(error) = self
+            .generation
+            .meta
+            .insert(COMPACTED_BYTES_KEY, &bytes_after.to_be_bytes())
+        {
+            tracing::warn!(%error, "cannot keep the compacted size");
+        }
         self.compaction.retired = Some(Retired {
             number: old.number,
             held: Some(old),
             let_go_at: None,
+            since: Instant::now(),
         });
         let report = CompactionReport {
             generation: number,
@@ -430,6 +476,7 @@ impl Logger {
                 number: self.generation.number + 1,
                 held: None,
                 let_go_at: Some(Instant::now()),
+                since: Instant::now(),
             });
         } else {
             tracing::warn!(error = %message, "compaction not started");
@@ -442,6 +489,15 @@ impl Logger {
         let Some(retired) = self.compaction.retired.as_mut() else {
             return;
         };
+        if retired.since.elapsed() > RETIRED_PATIENCE {
+            tracing::warn!(
+                generation = retired.number,
+                "a replaced generation of the store is still in use or cannot be deleted; \
+                 its files are left for the next open to remove"
+            );
+            self.compaction.retired = None;
+            return;
+        }
         if let Some(held) = retired.held.take() {
             match Arc::try_unwrap(held) {
                 // The last reader let go: sled closes the database on drop.
@@ -469,6 +525,22 @@ impl Logger {
             }
         }
     }
+}
+
+/// The size after the last compaction, as the store keeps it (0: never compacted).
+pub(super) fn baseline_bytes(meta: &sled::Tree) -> u64 {
+    meta.get(COMPACTED_BYTES_KEY)
+        .ok()
+        .flatten()
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Bytes available to this process on the filesystem holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> Result<u64, String> {
+    let stats = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| format!("reading the free space of {}: {e}", dir.display()))?;
+    Ok((stats.blocks_available() as u64).saturating_mul(stats.fragment_size() as u64))
 }
 
 /// The bytes of a generation's files on disk.

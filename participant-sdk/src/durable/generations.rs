@@ -21,6 +21,10 @@
 //!   generation already replaced: also removed at open.
 //! - A store that has a generation directory but neither `CURRENT` nor sled files of its
 //!   own lost its pointer: it is damaged and refused, never opened as a new empty store.
+//! - When generation 0 is replaced, its high-water mark is not deleted but set to
+//!   `u64::MAX`: a binary from before compaction (which knows nothing of `CURRENT`) then
+//!   refuses the directory as damaged instead of opening an empty database in it and
+//!   presuming every logged commit aborted.
 
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -136,7 +140,8 @@ pub(super) fn remove_all_but(root: &Path, current: u64) -> std::io::Result<bool>
             removed = true;
         }
     }
-    if current != 0 && root.join(LOG_FILE_NAME).exists() {
+    if current != 0 {
+        // Idempotent: also finishes a removal a crash cut short.
         remove_generation(root, 0)?;
         removed = true;
     }
@@ -151,19 +156,21 @@ pub(super) fn remove_all_but(root: &Path, current: u64) -> std::io::Result<bool>
     Ok(removed)
 }
 
-/// Deletes generation `number`'s files (for generation 0, only sled's files and the
-/// high-water mark in the store's directory, never the layout's).
+/// Deletes generation `number`'s files. For generation 0, only sled's files in the
+/// store's directory, never the layout's; its high-water mark stays, set to `u64::MAX`
+/// so that an older binary refuses the directory (see the module docs).
 pub(super) fn remove_generation(root: &Path, number: u64) -> std::io::Result<()> {
     if number != 0 {
         return ignore_missing(std::fs::remove_dir_all(dir_of(root, number)));
     }
+    // First, so that a crash part-way never leaves a mark an old binary would accept.
+    high_water::HighWater::open(root, u64::MAX)?;
     for entry in std::fs::read_dir(root)? {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let is_sled_file = name == LOG_FILE_NAME
             || name == SLED_CONFIG_FILE
-            || name == high_water::FILE_NAME
             || name.starts_with(SLED_SNAPSHOT_PREFIX);
         if name == SLED_BLOB_DIR {
             ignore_missing(std::fs::remove_dir_all(entry.path()))?;
@@ -250,7 +257,15 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["CURRENT", "gen-2", "unrelated.txt"]);
+        assert_eq!(
+            left,
+            ["CURRENT", "gen-2", high_water::FILE_NAME, "unrelated.txt"]
+        );
+        // What a binary from before compaction reads there: a mark no database can meet.
+        assert_eq!(
+            high_water::read(root.path()).unwrap(),
+            high_water::Mark::At(u64::MAX)
+        );
     }
 
     #[test]

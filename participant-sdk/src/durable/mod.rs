@@ -60,6 +60,8 @@ pub const LOG_FILE_NAME: &str = "db";
 /// The sled tree where the store keeps the number of its last forced group.
 const META_TREE: &[u8] = b"__treaty_durable_store";
 const FORCED_GROUPS_KEY: &[u8] = b"forced-groups";
+/// The size on disk of the store right after its last compaction (the policy's base).
+const COMPACTED_BYTES_KEY: &[u8] = b"compacted-bytes";
 
 /// How long a write may stay only in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,8 +281,6 @@ impl DurableStore {
         let located = generations::locate(root)
             .map_err(|e| open_error(e.to_string()))?
             .map_err(damaged)?;
-        generations::remove_all_but(root, located.number)
-            .map_err(|e| open_error(format!("removing replaced generations: {e}")))?;
         let dir = located.dir.as_path();
         remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
         let mark = high_water::read(dir).map_err(|e| open_error(e.to_string()))?;
@@ -290,6 +290,10 @@ impl DurableStore {
         if options.verify_on_open {
             read_everything(&db, &meta).map_err(damaged)?;
         }
+        // Only once the current generation passed its checks: a store refused as damaged
+        // keeps every file it had.
+        generations::remove_all_but(root, located.number)
+            .map_err(|e| open_error(format!("removing replaced generations: {e}")))?;
         let db_path = dir.join(LOG_FILE_NAME);
         // fdatasync through our own descriptor: sled's flush() only calls sync_file_range.
         let db_file = File::open(&db_path).map_err(|e| open_error(e.to_string()))?;
@@ -332,8 +336,7 @@ impl DurableStore {
             meta,
         });
         let current = Arc::new(RwLock::new(generation.clone()));
-        let baseline_bytes = compaction::generation_bytes(&generation)
-            .map_err(|e| open_error(format!("measuring the store: {e}")))?;
+        let baseline_bytes = compaction::baseline_bytes(&generation.meta);
         let logger = logger::Logger {
             root: root.to_path_buf(),
             generation,
@@ -371,7 +374,9 @@ impl DurableStore {
     /// may see lazy and not-yet-durable forced writes: never answer a question whose
     /// answer must be durable from a read alone.
     /// A compaction may replace the database: a reader that holds the returned handle
-    /// (or an iterator made from it) long after compaction keeps reading the old one.
+    /// keeps reading the old one, whose files are kept until the handle is dropped. An
+    /// iterator made from it does not keep them: keep the handle while iterating (a
+    /// `for` loop over `store.db().range(..)` does).
     pub fn db(&self) -> DbRef {
         DbRef(self.generation())
     }
@@ -844,6 +849,11 @@ mod tests {
         let summary = store.verify().unwrap();
         assert_eq!(summary.records, 1_010);
         assert_eq!(summary.forced_groups, summary.acknowledged_groups);
+        // The policy grows from the compacted size, also after a restart.
+        assert_eq!(
+            compaction::baseline_bytes(&store.generation().meta),
+            report.bytes_after
+        );
         // A second compaction replaces generation 1 with 2.
         assert_eq!(store.compact().await.unwrap().generation, 2);
         wait_for("generation 1 is deleted", || {
