@@ -89,6 +89,28 @@ class CollectionTest(ParticipantTest):
             self.client.abort(final, "null")
         self.assertEqual(still_refused.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
 
+    def test_records_kept_below_the_bound_do_not_hide_the_ones_after(self):
+        barrier = self.server.barrier
+        # Ids that sort below every UUIDv7 but have no age: never collected.
+        kept = [f"000{i}" for i in range(5)]
+        for txn in kept:
+            self.client.prepare(txn, "b", b"vote=no")
+        old = uuid7(now_ms() - 60_000)
+        self.client.prepare(old, "b", b"vote=no")
+        barrier.retention_ms = 30_000
+        try:
+            collected = 0
+            for _ in range(10):  # pages of 2: the old record is on the third
+                collected += barrier.collect(max_records=2)
+                if barrier.record(old, "b") is None:
+                    break
+            self.assertIsNone(barrier.record(old, "b"))
+            self.assertEqual(collected, 1)
+            for txn in kept:
+                self.assertIsNotNone(barrier.record(txn, "b"))
+        finally:
+            barrier.retention_ms = DEFAULT_RETENTION_MS
+
 
 if __name__ == "__main__":
     unittest.main()

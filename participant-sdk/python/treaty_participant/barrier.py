@@ -233,6 +233,8 @@ class DbApiBarrier:
         self._connection_wait_s = connection_wait_s
         self.retention_ms = retention_ms
         self._collected_below_unix_ms = 0
+        # Where the collector's next round goes on from (None: the start).
+        self._collect_after: tuple[str, str] | None = None
         self._locks = KeyedLocks()
         self._failure: str | None = None
         self._failure_listeners: list[Callable[[str], None]] = []
@@ -366,6 +368,11 @@ class DbApiBarrier:
         except Exception as error:  # noqa: BLE001 - any driver error at COMMIT
             self._fail(f"committing a barrier record failed: {error}")
             raise StoreError(self._failure) from error
+        # A connection whose commit() does nothing (sqlite3 with autocommit=True) would
+        # leave the record uncommitted while its YES vote goes out.
+        if getattr(connection, "in_transaction", False):
+            self._fail("the connection is still in a transaction after commit()")
+            raise StoreError(self._failure)
 
     def _fail(self, message: str) -> None:
         if self._failure is None:
@@ -458,6 +465,11 @@ class DbApiBarrier:
                 record = self._load(cursor, ctx.transaction_id, ctx.branch_id)
             except BarrierError:
                 raise
+            except sqlite3.OperationalError as error:
+                if _is_lock_contention(error):
+                    # Another writer held the lock past busy_timeout: transient.
+                    raise ConcurrentChange(f"the database is busy: {error}") from error
+                raise StoreError(f"reading the barrier record: {error}") from error
             except Exception as error:  # noqa: BLE001 - any driver error
                 raise StoreError(f"reading the barrier record: {error}") from error
             step = plan(
@@ -643,12 +655,24 @@ class DbApiBarrier:
         its branch's lock (a busy branch is left for the next round)."""
         cutoff = self.retention_cutoff_unix_ms()
         self._collected_below_unix_ms = max(self._collected_below_unix_ms, cutoff)
+        # Pages on from where the last round stopped: records kept below the bound (ids
+        # that are not canonical UUIDv7s, busy branches) must not hide the ones after.
+        after_id, after_branch = self._collect_after or ("", "")
         rows = self._read(
             f"SELECT transaction_id, branch_id FROM {self._table}"
-            f" WHERE transaction_id < ? AND status <> ? ORDER BY transaction_id, branch_id"
-            f" LIMIT {int(max_records)}",
-            (first_transaction_id_at(cutoff), Status.PREPARED.value),
+            f" WHERE transaction_id < ? AND status <> ?"
+            f" AND (transaction_id > ? OR (transaction_id = ? AND branch_id > ?))"
+            f" ORDER BY transaction_id, branch_id LIMIT {int(max_records)}",
+            (
+                first_transaction_id_at(cutoff),
+                Status.PREPARED.value,
+                after_id,
+                after_id,
+                after_branch,
+            ),
         )
+        # A short page ends the pass: the next round starts from the beginning again.
+        self._collect_after = (rows[-1][0], rows[-1][1]) if len(rows) == max_records else None
         collected = 0
         for transaction_id, branch_id in rows:
             created = transaction_created_unix_ms(transaction_id)
@@ -681,6 +705,9 @@ class SqliteBarrier(DbApiBarrier):
     """A barrier in SQLite: a database file (``database`` a path; the barrier opens up to
     ``max_connections`` connections, in WAL mode) or one ``sqlite3.Connection`` of yours
     (opened with ``check_same_thread=False``; every operation then takes turns on it).
+    Such a connection must be the barrier's alone: anything else written or committed on
+    it would land inside, or commit, a barrier operation's transaction. Not with
+    ``autocommit=True`` (Python 3.12+), whose ``commit()`` does nothing.
 
     Every connection runs with ``synchronous=FULL``, so a commit is on disk when it
     returns. Each operation's transaction starts with ``BEGIN IMMEDIATE``: writers, in
@@ -699,6 +726,11 @@ class SqliteBarrier(DbApiBarrier):
     ) -> None:
         if isinstance(database, sqlite3.Connection):
             connection = database
+            if getattr(connection, "autocommit", None) is True:
+                raise ValueError(
+                    "database: a sqlite3 connection with autocommit=True commits nothing on "
+                    "commit(); open it with the default autocommit setting"
+                )
             _check_shareable(connection)
             connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             connection.execute("PRAGMA synchronous = FULL")
@@ -732,6 +764,11 @@ class SqliteBarrier(DbApiBarrier):
         )
         if isinstance(database, sqlite3.Connection):
             self._pool.owns_connections = False
+
+
+def _is_lock_contention(error: sqlite3.OperationalError) -> bool:
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
 
 
 def _check_shareable(connection: sqlite3.Connection) -> None:
