@@ -542,6 +542,15 @@ where
     // them unresolved, so it stops the start instead.
     crate::client::credentials(&options.in_doubt.coordinator_client)
         .map_err(|e| ServeError::Options(format!("in_doubt.coordinator_client.token: {e}")))?;
+    // Without a list of coordinators, branches in doubt are asked about at the address
+    // their Prepare named: a token would go to whoever sent that Prepare.
+    if options.in_doubt.coordinator_client.token.is_some() && options.trust.endpoints().is_empty() {
+        return Err(ServeError::Options(
+            "in_doubt.coordinator_client.token: a token is only sent to listed coordinators; \
+             list them (trust.endpoint) or send none"
+                .into(),
+        ));
+    }
     let metrics_listener = match &options.metrics_listen {
         Some(listen) => {
             check_metrics_listen(listen.address()?, options.allow_unauthenticated)

@@ -338,6 +338,30 @@ async fn metrics_beyond_loopback_need_unauthenticated_callers_allowed() {
     );
 }
 
+/// A token for asking coordinators without a list of them would go to whatever address
+/// a Prepare named: refused at start.
+#[tokio::test]
+async fn a_coordinator_token_needs_listed_coordinators() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut options = ServeOptions::default();
+    options.in_doubt.coordinator_client.token = Some("secret".into());
+    let refused = treaty_sdk::serve(
+        Arc::new(ByPayload),
+        store,
+        listener,
+        options,
+        std::future::ready(()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&refused, ServeError::Options(message) if message.contains("listed coordinators")),
+        "{refused}"
+    );
+}
+
 /// In-doubt branches are asked about with the configured token: one that cannot be sent
 /// stops the start rather than leaving them unresolved without a word.
 #[tokio::test]
@@ -347,6 +371,7 @@ async fn an_unusable_coordinator_token_stops_the_start() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut options = ServeOptions::default();
     options.in_doubt.coordinator_client.token = Some("line\nbreak".into());
+    options.trust = treaty_sdk::trust::CoordinatorTrust::default().endpoint("http://127.0.0.1:9");
     let refused = treaty_sdk::serve(
         Arc::new(ByPayload),
         store,

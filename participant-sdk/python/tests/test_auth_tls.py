@@ -84,6 +84,8 @@ class ServeRefusalsTest(TempDirTest):
             ({"trusted_coordinators": ["127.0.0.1:7420"]}, "trusted_coordinators"),
             ({"accepted_tokens": ["has space"], "trusted_coordinators": [COORDINATOR]}, "accepted_tokens"),
             ({"coordinator_token": "bad\ntoken"}, "coordinator_token"),
+            # Without a list it would go to whatever address a Prepare named.
+            ({"coordinator_token": "secret"}, "coordinator_token: only sent to trusted"),
             ({"barrier_retention_ms": 0}, "barrier_retention_ms"),
             ({"accepted_identities": ["c"], "trusted_coordinators": [COORDINATOR]}, "accepted_identities"),
         ):
@@ -148,7 +150,8 @@ class TlsTest(TempDirTest):
         fake = FakeCoordinator(tls=(self.certs["server.pem"], self.certs["server.key"]))
         self.addCleanup(fake.stop)
         server = InProcessParticipant(self.tmp / "participant.db", coordinator_ca_pem=self.certs["ca.pem"],
-                                      coordinator_token=TOKEN, in_doubt_interval_ms=50, in_doubt_ask_after_ms=0)
+                                      coordinator_token=TOKEN, trusted_coordinators=[fake.endpoint],
+                                      in_doubt_interval_ms=50, in_doubt_ask_after_ms=0)
         self.addCleanup(server.stop)
         client = server.client()
         self.addCleanup(client.close)

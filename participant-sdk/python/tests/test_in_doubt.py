@@ -28,7 +28,7 @@ class InDoubtTest(TempDirTest):
 
     def test_commit_and_abort_are_applied_through_the_barrier(self):
         fake = self.coordinator()
-        server = self.participant(coordinator_token=TOKEN)
+        server = self.participant(coordinator_token=TOKEN, trusted_coordinators=[fake.endpoint])
         client = server.client()
         self.addCleanup(client.close)
         committed, aborted = uuid7(), uuid7()

@@ -336,6 +336,11 @@ def serve(
         raise ValueError("accepted_identities: needs tls with client_ca_pem to verify client certificates")
     if coordinator_token is not None:
         check_token_value(coordinator_token, "coordinator_token")
+        if not trust.endpoints:
+            raise ValueError(
+                "coordinator_token: only sent to trusted_coordinators; without the list it "
+                "would go to whatever address a Prepare named"
+            )
     host, _, port_text = address.rpartition(":")
     if not host or not port_text.isdigit():
         raise ValueError(f"address: {address!r} is not host:port")
