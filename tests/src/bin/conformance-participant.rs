@@ -79,7 +79,24 @@ async fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.exit_on_stdin_eof {
         std::thread::spawn(|| {
-            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            use std::io::Read;
+            let mut buffer = [0u8; 64];
+            loop {
+                match std::io::stdin().read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // A pipe the parent left non-blocking: poll it.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading stdin");
+                        break;
+                    }
+                }
+            }
+            tracing::info!("stdin closed: the supervisor is gone; exiting");
             std::process::exit(0);
         });
     }
@@ -181,6 +198,8 @@ async fn supervise(args: &Args, pid_file: &Path) -> anyhow::Result<()> {
             .kill_on_drop(true)
             .spawn()
             .context("starting the participant")?;
+        // Held until the child ends (`wait` would close it): the child exits at EOF.
+        let _stdin = child.stdin.take();
         let stdout = child.stdout.take().context("the child has no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let announced = tokio::time::timeout(START_TIMEOUT, async {
