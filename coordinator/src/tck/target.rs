@@ -45,7 +45,7 @@ pub enum Answer {
     Abort(i32),
     Compensate(i32),
     Status { code: tonic::Code, message: String },
-    NoAnswer { timeout_ms: u64 },
+    Silent { timeout_ms: u64 },
 }
 
 impl Answer {
@@ -64,7 +64,7 @@ impl Answer {
             Answer::Abort(result) => named(*result, |r: pb::AbortResult| r.as_str_name()),
             Answer::Compensate(result) => named(*result, |r: pb::CompensateResult| r.as_str_name()),
             Answer::Status { code, .. } => code_name(*code).to_string(),
-            Answer::NoAnswer { timeout_ms } => format!("no answer within {timeout_ms} ms"),
+            Answer::Silent { timeout_ms } => format!("no answer within {timeout_ms} ms"),
         }
     }
 
@@ -209,7 +209,7 @@ impl Target {
                 code: status.code(),
                 message: status.message().to_string(),
             },
-            Err(_) => Answer::NoAnswer {
+            Err(_) => Answer::Silent {
                 timeout_ms: self.timeout_ms,
             },
         }
@@ -295,7 +295,7 @@ impl Target {
                 code: status.code(),
                 message: status.message().to_string(),
             }),
-            Err(_) => Err(Answer::NoAnswer {
+            Err(_) => Err(Answer::Silent {
                 timeout_ms: self.timeout_ms,
             }),
         }
