@@ -264,3 +264,91 @@ async fn preflight(ctx: &Ctx) -> Result<(), String> {
         Err(answer) => Err(format!("Conformance.Effects answered {answer}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        tck: TckArgs,
+    }
+
+    fn args(extra: &[&str]) -> TckArgs {
+        let mut argv = vec!["tck", "--participant", "http://127.0.0.1:7001"];
+        argv.extend_from_slice(extra);
+        Wrapper::parse_from(argv).tck
+    }
+
+    #[test]
+    fn cases_are_selected_by_any_word_of_the_filter() {
+        let all = args(&[]);
+        assert!(all.selects("restart.yes-survives"));
+        let some = args(&["--cases", "reorder, restart.yes"]);
+        assert!(some.selects("reorder.abort-before-prepare"));
+        assert!(some.selects("restart.yes-survives"));
+        assert!(!some.selects("restart.commit-survives"));
+        assert!(!some.selects("dup.prepare"));
+    }
+
+    #[test]
+    fn case_names_are_unique() {
+        let mut names: Vec<&str> = ordinary_cases().iter().map(|c| c.name).collect();
+        names.extend(restart::names().map(|(name, _)| name));
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_naming_the_flag() {
+        assert!(args(&[]).validate().is_ok());
+        for (extra, flag) in [
+            (vec!["--conformance", "127.0.0.1:1"], "--conformance"),
+            (vec!["--timeout-ms", "0"], "--timeout-ms"),
+            (
+                vec!["--restart-timeout-ms", "600001"],
+                "--restart-timeout-ms",
+            ),
+            (
+                vec!["--barrier-retention-ms", "0"],
+                "--barrier-retention-ms",
+            ),
+            (vec!["--restart-command", " "], "--restart-command"),
+        ] {
+            let error = args(&extra).validate().unwrap_err().to_string();
+            assert!(error.starts_with(flag), "{error}");
+        }
+        let mut bad = args(&[]);
+        bad.participant = "ftp://x:1".into();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--participant")
+        );
+    }
+
+    #[test]
+    fn answers_are_named_as_the_table_names_them() {
+        use target::Answer;
+        use treaty_proto::v1 as pb;
+        let vote = Answer::Vote {
+            vote: pb::Vote::No as i32,
+            reason: "no stock".into(),
+        };
+        assert_eq!(vote.name(), "VOTE_NO");
+        assert_eq!(vote.to_string(), "VOTE_NO (\"no stock\")");
+        let status = Answer::Status {
+            code: tonic::Code::InvalidArgument,
+            message: "branch_id: must not be empty".into(),
+        };
+        assert_eq!(status.name(), "INVALID_ARGUMENT");
+        assert_eq!(Answer::Abort(7).name(), "unknown value 7");
+        assert!(check::expect("step", vote, "VOTE_YES").is_err());
+    }
+}
