@@ -16,12 +16,13 @@
 //!   reached), 2 for bad command-line input.
 //!
 //! Files: `target` (the calls), `check` (cases, steps, expectations), `cases` (the
-//! table, duplicates, reordering, failures, malformed requests), `concurrency`, `late`
-//! (past the barrier retention), `restart`, `report`.
+//! table, duplicates, reordering), `failures` (failing user code, malformed requests),
+//! `concurrency`, `late` (past the barrier retention), `restart`, `report`.
 
 mod cases;
 mod check;
 mod concurrency;
+mod failures;
 mod late;
 mod report;
 mod restart;
@@ -166,6 +167,7 @@ impl TckArgs {
 /// Every case but the restart ones, in the order they run.
 fn ordinary_cases() -> Vec<Case> {
     let mut all = cases::all();
+    all.extend(failures::all());
     all.extend(concurrency::all());
     all.extend(late::all());
     all
