@@ -1,6 +1,7 @@
 //! The `treaty` command line: `serve` runs the daemon; `txn ...` inspects transactions
 //! through a running coordinator and, for admins, moves stuck ones (see `operator`);
-//! `endpoints` shows the participants' health.
+//! `endpoints` shows the participants' health; `tck` checks a participant against the
+//! participant protocol (see `crate::tck`).
 
 mod operator;
 
@@ -61,6 +62,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a participant against the participant protocol (the conformance kit):
+    /// duplicates, reordering, concurrency, late calls, restarts. Needs a test
+    /// participant that serves treaty.v1.Conformance. Exit 1 on any failure.
+    Tck(Box<crate::tck::TckArgs>),
     /// Offline checks of a stopped coordinator's log or participant's store.
     Log {
         #[command(subcommand)]

@@ -11,6 +11,8 @@
 //!   flags, environment and a TOML file) and the `treaty` command line.
 //! - [`security`]: TLS, authentication and participant credentials of the daemon.
 //! - [`bench`]: `treaty bench`, commits per second over loopback gRPC.
+//! - [`tck`]: `treaty tck`, the conformance kit that checks a participant against the
+//!   participant protocol.
 //! - `otlp` (cargo feature `otlp`): export of participant-call spans over OTLP/gRPC.
 
 pub mod api;
@@ -29,3 +31,4 @@ pub mod otlp;
 pub mod participants;
 pub mod runtime;
 pub mod security;
+pub mod tck;

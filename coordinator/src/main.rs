@@ -85,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
                     anyhow::anyhow!("no answer from {address} within {TXN_COMMAND_TIMEOUT:?}")
                 })??;
         }
+        Command::Tck(args) => std::process::exit(treaty_coordinator::tck::run(*args).await),
         Command::Log {
             command: LogCommand::Verify { data_dir },
         } => {

@@ -3,7 +3,8 @@
 //!
 //! - [`Participant`]: implement prepare / commit / abort / compensate for your data.
 //! - [`serve`]: serves it over gRPC behind a durable [`barrier`] (idempotency, null
-//!   compensation, anti-hanging) and resolves in-doubt branches with the coordinator.
+//!   compensation, anti-hanging) and resolves in-doubt branches with the coordinator;
+//!   [`serve_with_routes`] serves more gRPC services beside it (e.g. `Conformance`).
 //! - [`client::TreatyClient`]: begin, enlist, commit, abort, get, list, watch.
 //! - [`durable`]: group-committed durable writes on sled 0.34.7, which the barrier and
 //!   the coordinator's decision log share.
@@ -48,4 +49,6 @@ pub use client::{
     TreatyClient,
 };
 pub use participant::{BranchContext, Participant, ParticipantError, Vote};
-pub use server::{MetricsListen, ParticipantService, ServeError, ServeOptions, serve};
+pub use server::{
+    MetricsListen, ParticipantService, ServeError, ServeOptions, serve, serve_with_routes,
+};

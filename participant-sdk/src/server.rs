@@ -530,6 +530,38 @@ where
     S: BarrierStore,
     F: std::future::Future<Output = ()> + Send,
 {
+    serve_with_routes(
+        participant,
+        store,
+        listener,
+        options,
+        tonic::service::Routes::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`], with more gRPC services on the same port: `extra` (built with
+/// `tonic::service::Routes::new(service).add_service(…)`). A test participant uses it to
+/// serve `treaty.v1.Conformance` beside `treaty.v1.Participant` for `treaty tck`.
+///
+/// The extra services get the same TLS and connection limits, but not the SDK's
+/// coordinator authentication: they check their callers themselves. They must not be
+/// the services `serve` mounts (Participant, health, reflection): a name served twice
+/// is a programming error (the router panics at start).
+pub async fn serve_with_routes<P, S, F>(
+    participant: Arc<P>,
+    store: Arc<S>,
+    listener: TcpListener,
+    options: ServeOptions,
+    extra: tonic::service::Routes,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    P: Participant,
+    S: BarrierStore,
+    F: std::future::Future<Output = ()> + Send,
+{
     let local_addr: SocketAddr = listener.local_addr()?;
     if !local_addr.ip().is_loopback()
         && !options.trust.authenticates()
@@ -616,6 +648,7 @@ where
     };
     let server = crate::connections::server_builder()
         .concurrency_limit_per_connection(options.max_concurrent_requests)
+        .add_routes(extra)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

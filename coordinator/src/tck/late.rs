@@ -1,0 +1,71 @@
+//! Calls about a transaction older than the participant's barrier retention that find
+//! no record (docs/PARTICIPANT-PROTOCOL.md, section 11): the participant cannot tell
+//! "never ran" from "ran and was collected", so it runs nothing, writes nothing, and
+//! answers only what is true either way: VOTE_NO to a Prepare, FAILED_PRECONDITION to
+//! everything else. The kit knows the retention only when told
+//! (`--barrier-retention-ms`); without it these cases are skipped, visibly.
+
+use super::cases::{UNDO, YES};
+use super::check::{Case, Ctx, ONE_PHASE, Outcome, SAGA_STEP, Stop, TWO_PHASE, cases, expect};
+use super::target::Branch;
+
+/// How far past the retention the old transaction is, so that clock skew between the
+/// kit and the participant cannot bring it back inside.
+const PAST_RETENTION_MS: u64 = 3_600_000;
+
+pub fn all() -> Vec<Case> {
+    cases! {
+        "late.prepare-past-retention", "Prepare for a transaction older than the retention, no record: VOTE_NO, no effect, nothing recorded", prepare;
+        "late.calls-past-retention", "Commit (every mode), Abort, Compensate older than the retention, no record: FAILED_PRECONDITION, no effect", other_calls;
+    }
+}
+
+/// A branch of a transaction created before the retention, or why there is none.
+fn old_branch(ctx: &Ctx) -> Result<Branch, Stop> {
+    let Some(retention_ms) = ctx.settings.barrier_retention_ms else {
+        return Err(Stop::Skipped(
+            "the participant's barrier retention is unknown (pass --barrier-retention-ms)".into(),
+        ));
+    };
+    let now_unix_ms = crate::runtime::now_unix_ms();
+    let created_unix_ms = now_unix_ms
+        .checked_sub(retention_ms.saturating_add(PAST_RETENTION_MS))
+        .ok_or_else(|| Stop::Skipped("the retention reaches back before 1970".into()))?;
+    Ok(Branch::created_at(created_unix_ms))
+}
+
+async fn prepare(ctx: &Ctx) -> Outcome {
+    let b = old_branch(ctx)?;
+    for n in 1..=2 {
+        let prepare = ctx.prepare(&b, YES).await;
+        expect(
+            &format!("Prepare #{n} past the retention"),
+            prepare,
+            "VOTE_NO",
+        )?;
+    }
+    ctx.expect_effects("after the late Prepares", &b, &[]).await
+}
+
+async fn other_calls(ctx: &Ctx) -> Outcome {
+    let b = old_branch(ctx)?;
+    let refused = "FAILED_PRECONDITION";
+    for (mode, name) in [
+        (TWO_PHASE, "TWO_PHASE"),
+        (ONE_PHASE, "ONE_PHASE"),
+        (SAGA_STEP, "SAGA_STEP"),
+    ] {
+        let commit = ctx.commit(&b, mode, YES).await;
+        expect(
+            &format!("Commit {name} past the retention"),
+            commit,
+            refused,
+        )?;
+    }
+    expect("Abort past the retention", ctx.abort(&b).await, refused)?;
+    let compensate = ctx.compensate(&b, UNDO).await;
+    expect("Compensate past the retention", compensate, refused)?;
+    // Nothing was recorded: the Abort left no null abort behind.
+    expect("Abort again", ctx.abort(&b).await, refused)?;
+    ctx.expect_effects("after the late calls", &b, &[]).await
+}

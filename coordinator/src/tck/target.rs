@@ -1,0 +1,303 @@
+//! The participant under test, as the kit sees it: the four `Participant` calls and
+//! `Conformance.Effects`, each bounded by the call timeout, every outcome (a response, an
+//! error status, no answer in time) turned into an [`Answer`] that a case compares with
+//! the table by name.
+
+use std::time::Duration;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::conformance_client::ConformanceClient;
+use treaty_proto::v1::participant_client::ParticipantClient;
+use treaty_sdk::auth::Credentials;
+use treaty_sdk::client::{ClientOptions, credentials, endpoint_with};
+
+type Connection = InterceptedService<Channel, Credentials>;
+
+/// One branch: the identity every call is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Branch {
+    pub transaction_id: String,
+    pub branch_id: String,
+}
+
+impl Branch {
+    /// A branch of a transaction created now, named as a coordinator names it.
+    pub fn fresh() -> Self {
+        Self::created_at(crate::runtime::now_unix_ms())
+    }
+
+    /// A branch of a transaction created at `created_unix_ms` (UUIDv7 time).
+    pub fn created_at(created_unix_ms: u64) -> Self {
+        Self {
+            transaction_id: crate::model::TxnId::generate(created_unix_ms).to_string(),
+            branch_id: "tck-branch".to_string(),
+        }
+    }
+}
+
+/// What a call came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Vote { vote: i32, reason: String },
+    Commit { result: i32, reason: String },
+    Abort(i32),
+    Compensate(i32),
+    Status { code: tonic::Code, message: String },
+    Silent { timeout_ms: u64 },
+}
+
+impl Answer {
+    /// The name the table uses: `VOTE_YES`, `COMMIT_RESULT_NOT_PREPARED`,
+    /// `INVALID_ARGUMENT`, ...
+    pub fn name(&self) -> String {
+        fn named<E: TryFrom<i32>>(value: i32, name: impl Fn(E) -> &'static str) -> String {
+            E::try_from(value)
+                .map(name)
+                .map(str::to_string)
+                .unwrap_or_else(|_| format!("unknown value {value}"))
+        }
+        match self {
+            Answer::Vote { vote, .. } => named(*vote, |v: pb::Vote| v.as_str_name()),
+            Answer::Commit { result, .. } => named(*result, |r: pb::CommitResult| r.as_str_name()),
+            Answer::Abort(result) => named(*result, |r: pb::AbortResult| r.as_str_name()),
+            Answer::Compensate(result) => named(*result, |r: pb::CompensateResult| r.as_str_name()),
+            Answer::Status { code, .. } => code_name(*code).to_string(),
+            Answer::Silent { timeout_ms } => format!("no answer within {timeout_ms} ms"),
+        }
+    }
+
+    /// The reason of a NO vote or a rejection, or the message of an error status.
+    pub fn text(&self) -> &str {
+        match self {
+            Answer::Vote { reason, .. } | Answer::Commit { reason, .. } => reason,
+            Answer::Status { message, .. } => message,
+            _ => "",
+        }
+    }
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.text();
+        if text.is_empty() {
+            write!(f, "{}", self.name())
+        } else {
+            write!(f, "{} ({:?})", self.name(), shorten(text))
+        }
+    }
+}
+
+/// At most 160 characters of `text`, for one-line reports.
+pub fn shorten(text: &str) -> String {
+    const MAX_CHARS: usize = 160;
+    if text.chars().count() <= MAX_CHARS {
+        return text.to_string();
+    }
+    let mut short: String = text.chars().take(MAX_CHARS).collect();
+    short.push('…');
+    short
+}
+
+/// gRPC's canonical name of a status code.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// An effect the participant's user code recorded, as `Conformance.Effects` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effect {
+    pub kind: i32,
+    pub payload: Vec<u8>,
+}
+
+impl Effect {
+    pub fn new(kind: pb::EffectKind, payload: &[u8]) -> Self {
+        Self {
+            kind: kind as i32,
+            payload: payload.to_vec(),
+        }
+    }
+}
+
+impl std::fmt::Display for Effect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = pb::EffectKind::try_from(self.kind)
+            .map(|k| {
+                k.as_str_name()
+                    .trim_start_matches("EFFECT_KIND_")
+                    .to_string()
+            })
+            .unwrap_or_else(|_| format!("unknown kind {}", self.kind));
+        write!(
+            f,
+            "{kind}({:?})",
+            shorten(&String::from_utf8_lossy(&self.payload))
+        )
+    }
+}
+
+/// The effects of a branch, for reports: `[PREPARE("vote=yes"), COMMIT("vote=yes")]`.
+pub fn effects_text(effects: &[Effect]) -> String {
+    let items: Vec<String> = effects.iter().map(Effect::to_string).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// Connections to the participant and its conformance service.
+#[derive(Debug, Clone)]
+pub struct Target {
+    participant: ParticipantClient<Connection>,
+    conformance: ConformanceClient<Connection>,
+    timeout_ms: u64,
+}
+
+impl Target {
+    /// Channels to both endpoints, connected lazily (and again after a restart).
+    pub fn new(
+        participant: &str,
+        conformance: &str,
+        options: &ClientOptions,
+        timeout_ms: u64,
+    ) -> Result<Self, String> {
+        let interceptor = credentials(options).map_err(|e| e.to_string())?;
+        let channel = |endpoint: &str| {
+            endpoint_with(endpoint, options)
+                .map(|e| {
+                    e.connect_timeout(Duration::from_millis(timeout_ms.min(2_000)))
+                        .connect_lazy()
+                })
+                .map_err(|e| e.to_string())
+        };
+        Ok(Self {
+            participant: ParticipantClient::with_interceptor(
+                channel(participant)?,
+                interceptor.clone(),
+            ),
+            conformance: ConformanceClient::with_interceptor(channel(conformance)?, interceptor),
+            timeout_ms,
+        })
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        answer: impl FnOnce(T) -> Answer,
+    ) -> Answer {
+        match tokio::time::timeout(Duration::from_millis(self.timeout_ms), call).await {
+            Ok(Ok(response)) => answer(response.into_inner()),
+            Ok(Err(status)) => Answer::Status {
+                code: status.code(),
+                message: status.message().to_string(),
+            },
+            Err(_) => Answer::Silent {
+                timeout_ms: self.timeout_ms,
+            },
+        }
+    }
+
+    pub async fn prepare(&self, branch: &Branch, payload: &[u8], coordinator: &str) -> Answer {
+        let mut client = self.participant.clone();
+        let request = pb::PrepareBranchRequest {
+            transaction_id: branch.transaction_id.clone(),
+            branch_id: branch.branch_id.clone(),
+            payload: payload.to_vec(),
+            coordinator_endpoint: coordinator.to_string(),
+        };
+        self.bounded(client.prepare(request), |r| Answer::Vote {
+            vote: r.vote,
+            reason: r.reason,
+        })
+        .await
+    }
+
+    pub async fn commit(
+        &self,
+        branch: &Branch,
+        mode: i32,
+        payload: &[u8],
+        coordinator: &str,
+    ) -> Answer {
+        let mut client = self.participant.clone();
+        let request = pb::CommitBranchRequest {
+            transaction_id: branch.transaction_id.clone(),
+            branch_id: branch.branch_id.clone(),
+            mode,
+            payload: payload.to_vec(),
+            coordinator_endpoint: coordinator.to_string(),
+        };
+        self.bounded(client.commit(request), |r| Answer::Commit {
+            result: r.result,
+            reason: r.reason,
+        })
+        .await
+    }
+
+    pub async fn abort(&self, branch: &Branch) -> Answer {
+        let mut client = self.participant.clone();
+        let request = pb::AbortBranchRequest {
+            transaction_id: branch.transaction_id.clone(),
+            branch_id: branch.branch_id.clone(),
+        };
+        self.bounded(client.abort(request), |r| Answer::Abort(r.result))
+            .await
+    }
+
+    pub async fn compensate(&self, branch: &Branch, payload: &[u8]) -> Answer {
+        let mut client = self.participant.clone();
+        let request = pb::CompensateBranchRequest {
+            transaction_id: branch.transaction_id.clone(),
+            branch_id: branch.branch_id.clone(),
+            payload: payload.to_vec(),
+        };
+        self.bounded(client.compensate(request), |r| Answer::Compensate(r.result))
+            .await
+    }
+
+    /// The branch's effects, or the answer that was not a list of them.
+    pub async fn effects(&self, branch: &Branch) -> Result<Vec<Effect>, Answer> {
+        let mut client = self.conformance.clone();
+        let request = pb::EffectsRequest {
+            transaction_id: branch.transaction_id.clone(),
+            branch_id: branch.branch_id.clone(),
+        };
+        let call = client.effects(request);
+        match tokio::time::timeout(Duration::from_millis(self.timeout_ms), call).await {
+            Ok(Ok(response)) => Ok(response
+                .into_inner()
+                .effects
+                .into_iter()
+                .map(|e| Effect {
+                    kind: e.kind,
+                    payload: e.payload,
+                })
+                .collect()),
+            Ok(Err(status)) => Err(Answer::Status {
+                code: status.code(),
+                message: status.message().to_string(),
+            }),
+            Err(_) => Err(Answer::Silent {
+                timeout_ms: self.timeout_ms,
+            }),
+        }
+    }
+}

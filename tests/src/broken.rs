@@ -1,0 +1,322 @@
+//! Deliberately broken participants, each bypassing the SDK's barrier in one way, to show
+//! that `treaty tck` catches what the protocol forbids (tests/tests/tck.rs). Never a
+//! model: every one of them loses or duplicates work.
+//!
+//! - [`NoBarrier`]: runs user code on every call, with no record and no deduplication
+//!   (duplicates run twice, a late Prepare after an Abort runs, a Commit with no YES
+//!   commits).
+//! - [`VolatileYes`]: the SDK's barrier, but its store keeps YES votes (the writes that
+//!   mark a branch in doubt) in memory only: a restart forgets them.
+//! - [`NoAntiHanging`]: the SDK's barrier, except that a Prepare for a branch already
+//!   aborted or compensated runs user code and votes YES.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tonic::{Request, Response, Status};
+use treaty_proto::v1 as pb;
+use treaty_sdk::barrier::{Barrier, BranchStatus};
+use treaty_sdk::barrier_store::{BarrierStore, BarrierWrite, BranchKey};
+use treaty_sdk::durable::{DurableStore, StoreError};
+use treaty_sdk::limits::check_id;
+use treaty_sdk::{BranchContext, Participant, ParticipantService, Vote};
+
+use crate::conformance::ConformanceParticipant;
+
+fn branch(transaction_id: &str, branch_id: &str) -> Result<BranchContext, Status> {
+    for (field, value) in [("transaction_id", transaction_id), ("branch_id", branch_id)] {
+        check_id(field, value).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    Ok(BranchContext::new(transaction_id, branch_id))
+}
+
+fn unavailable(error: treaty_sdk::ParticipantError) -> Status {
+    Status::unavailable(error.to_string())
+}
+
+/// Runs user code on every call: no barrier at all. Keeps prepare payloads in memory
+/// only so that commit and abort get them.
+#[derive(Debug)]
+pub struct NoBarrier {
+    user: Arc<ConformanceParticipant>,
+    prepared_payloads: Mutex<HashMap<(String, String), Vec<u8>>>,
+}
+
+impl NoBarrier {
+    pub fn new(user: Arc<ConformanceParticipant>) -> Self {
+        Self {
+            user,
+            prepared_payloads: Mutex::default(),
+        }
+    }
+
+    fn prepared_payload(&self, branch: &BranchContext) -> Vec<u8> {
+        self.prepared_payloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(branch.transaction_id.clone(), branch.branch_id.clone()))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::participant_server::Participant for NoBarrier {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareBranchRequest>,
+    ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
+        let request = request.into_inner();
+        let branch = branch(&request.transaction_id, &request.branch_id)?;
+        self.prepared_payloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                (branch.transaction_id.clone(), branch.branch_id.clone()),
+                request.payload.clone(),
+            );
+        let vote = self
+            .user
+            .prepare(&branch, &request.payload)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(vote_response(vote)))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        let request = request.into_inner();
+        let branch = branch(&request.transaction_id, &request.branch_id)?;
+        let payload = if request.mode == pb::CommitMode::TwoPhase as i32 {
+            self.prepared_payload(&branch)
+        } else {
+            match self
+                .user
+                .prepare(&branch, &request.payload)
+                .await
+                .map_err(unavailable)?
+            {
+                Vote::Yes => request.payload,
+                Vote::ReadOnly => {
+                    return Ok(Response::new(commit_response(pb::CommitResult::Committed)));
+                }
+                Vote::No { reason } => {
+                    return Ok(Response::new(pb::CommitBranchResponse {
+                        result: pb::CommitResult::Rejected as i32,
+                        reason,
+                    }));
+                }
+            }
+        };
+        self.user
+            .commit(&branch, &payload)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(commit_response(pb::CommitResult::Committed)))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        let request = request.into_inner();
+        let branch = branch(&request.transaction_id, &request.branch_id)?;
+        let payload = self.prepared_payload(&branch);
+        self.user
+            .abort(&branch, &payload)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(pb::AbortBranchResponse {
+            result: pb::AbortResult::Aborted as i32,
+        }))
+    }
+
+    async fn compensate(
+        &self,
+        request: Request<pb::CompensateBranchRequest>,
+    ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
+        let request = request.into_inner();
+        let branch = branch(&request.transaction_id, &request.branch_id)?;
+        self.user
+            .compensate(&branch, &request.payload)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(pb::CompensateBranchResponse {
+            result: pb::CompensateResult::Compensated as i32,
+        }))
+    }
+}
+
+fn vote_response(vote: Vote) -> pb::PrepareBranchResponse {
+    let (vote, reason) = match vote {
+        Vote::Yes => (pb::Vote::Yes, String::new()),
+        Vote::No { reason } => (pb::Vote::No, reason),
+        Vote::ReadOnly => (pb::Vote::ReadOnly, String::new()),
+    };
+    pb::PrepareBranchResponse {
+        vote: vote as i32,
+        reason,
+    }
+}
+
+fn commit_response(result: pb::CommitResult) -> pb::CommitBranchResponse {
+    pb::CommitBranchResponse {
+        result: result as i32,
+        reason: String::new(),
+    }
+}
+
+/// The SDK's store, except that a write marking a branch in doubt (a YES vote) stays in
+/// memory: `load` sees it, the disk never does.
+#[derive(Debug)]
+pub struct VolatileYes {
+    inner: Arc<DurableStore>,
+    yes_votes: Mutex<HashMap<BranchKey, Vec<u8>>>,
+}
+
+impl VolatileYes {
+    pub fn new(inner: Arc<DurableStore>) -> Self {
+        Self {
+            inner,
+            yes_votes: Mutex::default(),
+        }
+    }
+
+    fn votes(&self) -> std::sync::MutexGuard<'_, HashMap<BranchKey, Vec<u8>>> {
+        self.yes_votes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl BarrierStore for VolatileYes {
+    fn load(&self, key: &BranchKey) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(record) = self.votes().get(key) {
+            return Ok(Some(record.clone()));
+        }
+        BarrierStore::load(self.inner.as_ref(), key)
+    }
+
+    fn save(&self, write: BarrierWrite) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let durable = if write.in_doubt {
+            self.votes().insert(write.key, write.record);
+            None
+        } else {
+            self.votes().remove(&write.key);
+            Some(BarrierStore::save(self.inner.as_ref(), write))
+        };
+        async move {
+            match durable {
+                Some(save) => save.await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn in_doubt(
+        &self,
+        after: Option<&BranchKey>,
+        limit: usize,
+    ) -> Result<Vec<BranchKey>, StoreError> {
+        BarrierStore::in_doubt(self.inner.as_ref(), after, limit)
+    }
+
+    fn records_before(
+        &self,
+        after: Option<&BranchKey>,
+        before_transaction_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(BranchKey, Vec<u8>)>, StoreError> {
+        BarrierStore::records_before(self.inner.as_ref(), after, before_transaction_id, limit)
+    }
+
+    fn remove(&self, keys: Vec<BranchKey>) -> impl Future<Output = Result<(), StoreError>> + Send {
+        BarrierStore::remove(self.inner.as_ref(), keys)
+    }
+
+    fn failure(&self) -> Option<String> {
+        BarrierStore::failure(self.inner.as_ref())
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        BarrierStore::close(self.inner.as_ref())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (YES votes in memory only: broken)",
+            BarrierStore::describe(self.inner.as_ref())
+        )
+    }
+}
+
+/// The SDK's service, except for a Prepare of a branch whose record says aborted or
+/// compensated: that one runs user code and answers its vote.
+#[derive(Debug)]
+pub struct NoAntiHanging {
+    inner: ParticipantService<ConformanceParticipant>,
+    barrier: Arc<Barrier>,
+    user: Arc<ConformanceParticipant>,
+}
+
+impl NoAntiHanging {
+    pub fn new(user: Arc<ConformanceParticipant>, barrier: Arc<Barrier>) -> Self {
+        Self {
+            inner: ParticipantService::new(user.clone(), barrier.clone()),
+            barrier,
+            user,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::participant_server::Participant for NoAntiHanging {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareBranchRequest>,
+    ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
+        let message = request.get_ref();
+        let branch = branch(&message.transaction_id, &message.branch_id)?;
+        let record = self
+            .barrier
+            .record(&branch)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let ended = record.is_some_and(|r| {
+            matches!(
+                r.status,
+                BranchStatus::Aborted { .. } | BranchStatus::Compensated { .. }
+            )
+        });
+        if !ended {
+            return self.inner.prepare(request).await;
+        }
+        let vote = self
+            .user
+            .prepare(&branch, &message.payload)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(vote_response(vote)))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        self.inner.commit(request).await
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        self.inner.abort(request).await
+    }
+
+    async fn compensate(
+        &self,
+        request: Request<pb::CompensateBranchRequest>,
+    ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
+        self.inner.compensate(request).await
+    }
+}

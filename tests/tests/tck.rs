@@ -1,0 +1,273 @@
+//! `treaty tck`, the conformance kit, against real participant processes on 127.0.0.1:
+//! it passes the Rust SDK's conformance participant (restarts by kill -9 included), and
+//! fails each deliberately broken one, naming the cases that show the fault.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use treaty_tests::process::{ServerProcess, start_server, workspace_binary};
+
+/// Longest a whole kit run may take here (it takes a few seconds).
+const KIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The retention the participants run with, told to the kit.
+const RETENTION_MS: &str = "86400000";
+
+/// The conformance participant, supervised (restartable with kill -9 of the pid in
+/// `dir/pid`), optionally broken.
+async fn start_participant(dir: &Path, broken: Option<&str>) -> ServerProcess {
+    let mut args: Vec<String> = [
+        "--data-dir",
+        &dir.join("data").to_string_lossy(),
+        "--supervise",
+        &dir.join("pid").to_string_lossy(),
+        "--barrier-retention-ms",
+        RETENTION_MS,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(mode) = broken {
+        args.extend(["--broken".to_string(), mode.to_string()]);
+    }
+    start_server(
+        Path::new(env!("CARGO_BIN_EXE_conformance-participant")),
+        &args,
+        &[],
+        "participant listening on",
+        dir.join("participant.log"),
+    )
+    .await
+}
+
+/// The restart command for a participant started in `dir`.
+fn restart_command(dir: &Path) -> String {
+    format!("kill -9 \"$(cat '{}')\"", dir.join("pid").display())
+}
+
+struct KitRun {
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl KitRun {
+    /// The report (`--json` runs only).
+    fn report(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+    }
+
+    /// Each case's result: "ok", "failed" or "skipped".
+    fn results(&self) -> BTreeMap<String, String> {
+        self.report()["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .map(|case| {
+                (
+                    case["name"].as_str().unwrap().to_string(),
+                    case["result"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn failed(&self) -> Vec<String> {
+        self.results()
+            .into_iter()
+            .filter(|(_, result)| result == "failed")
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
+async fn kit(args: &[&str]) -> KitRun {
+    let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+        .arg("tck")
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(KIT_TIMEOUT, output)
+        .await
+        .expect("treaty tck ends in time")
+        .expect("run treaty tck");
+    KitRun {
+        status: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), None).await;
+    let first_pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
+    let endpoint = participant.endpoint();
+    let restart = restart_command(dir.path());
+    let run = kit(&[
+        "--participant",
+        &endpoint,
+        "--restart-command",
+        &restart,
+        "--barrier-retention-ms",
+        RETENTION_MS,
+        "--json",
+    ])
+    .await;
+    let report = run.report();
+    assert_eq!(run.status, Some(0), "{report:#}\n{}", run.stderr);
+    assert_eq!(report["conforms"], true);
+    assert_eq!(report["summary"]["failed"], 0, "{report:#}");
+    assert_eq!(report["summary"]["skipped"], 0, "{report:#}");
+    let results = run.results();
+    assert!(results.len() >= 45, "{results:?}");
+    for name in [
+        "dup.prepare",
+        "concurrent.one-phase",
+        "reorder.abort-before-prepare",
+        "late.calls-past-retention",
+        "restart.yes-survives",
+    ] {
+        assert_eq!(results.get(name).map(String::as_str), Some("ok"), "{name}");
+    }
+    // The participant really was killed and started again.
+    let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
+    assert_ne!(
+        pid, first_pid,
+        "the restart command restarted the participant"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_fails_a_participant_without_a_barrier() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), Some("no-barrier")).await;
+    let run = kit(&["--participant", &participant.endpoint(), "--json"]).await;
+    assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
+    let failed = run.failed();
+    for name in [
+        "2pc.commit-without-prepare",
+        "dup.prepare",
+        "dup.null-abort",
+        "concurrent.prepare",
+        "concurrent.one-phase",
+        "reorder.abort-before-prepare",
+        "reorder.compensate-before-step",
+        "reorder.commit-after-abort",
+        "reorder.abort-after-commit",
+        "race.compensate-during-step",
+    ] {
+        assert!(failed.iter().any(|f| f == name), "{name} not in {failed:?}");
+    }
+    assert_eq!(run.report()["conforms"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_fails_a_participant_whose_yes_vote_is_not_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), Some("yes-not-durable")).await;
+    let restart = restart_command(dir.path());
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--restart-command",
+        &restart,
+        "--cases",
+        "2pc,restart",
+        "--json",
+    ])
+    .await;
+    assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
+    // Only the restart shows it: in memory, the YES vote is answered correctly.
+    assert_eq!(run.failed(), vec!["restart.yes-survives".to_string()]);
+    assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_fails_a_participant_without_anti_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), Some("no-anti-hanging")).await;
+    let restart = restart_command(dir.path());
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--restart-command",
+        &restart,
+        "--cases",
+        "2pc,reorder,concurrent.null-abort,restart.null-abort",
+        "--json",
+    ])
+    .await;
+    assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.failed(),
+        vec![
+            "2pc.yes-then-abort".to_string(),
+            "concurrent.null-abort".to_string(),
+            "reorder.abort-before-prepare".to_string(),
+            "restart.null-abort-survives".to_string(),
+        ]
+    );
+    assert_eq!(run.results()["reorder.compensate-before-step"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skips_are_shown_and_bad_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), None).await;
+    // Without a restart command or a retention those cases are skipped, visibly, and
+    // the run still passes.
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--cases",
+        "restart.yes,late,2pc.no-vote",
+    ])
+    .await;
+    assert_eq!(run.status, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("2pc.no-vote") && run.stdout.contains(" ok"));
+    let skipped: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|line| line.split_whitespace().nth(1) == Some("skipped:"))
+        .collect();
+    assert_eq!(skipped.len(), 3, "{}", run.stdout);
+    assert!(run.stdout.contains("restart.yes-survives"));
+    assert!(run.stdout.contains("--barrier-retention-ms"));
+    assert!(
+        run.stdout.contains("5 cases: 2 ok, 0 failed, 3 skipped"),
+        "{}",
+        run.stdout
+    );
+
+    // A flag that makes no sense: exit 2 with the flag named.
+    let run = kit(&["--participant", "127.0.0.1:1"]).await;
+    assert_eq!(run.status, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--participant"), "{}", run.stderr);
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--timeout-ms",
+        "0",
+    ])
+    .await;
+    assert_eq!(run.status, Some(2), "{}", run.stderr);
+
+    // Nothing listening: one clear error, exit 1.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let run = kit(&[
+        "--participant",
+        &format!("http://127.0.0.1:{port}"),
+        "--timeout-ms",
+        "2000",
+    ])
+    .await;
+    assert_eq!(run.status, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("cannot check"), "{}", run.stderr);
+}
