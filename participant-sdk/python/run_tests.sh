@@ -3,7 +3,8 @@
 # makes a virtual environment (participant-sdk/python/.venv, or $TREATY_PY_VENV) if there
 # is none, installs the package with its test extra into it (again only when
 # pyproject.toml changed), checks that the committed gRPC stubs are fresh, then runs the
-# unittest suite. Exits non-zero on any failure.
+# unittest suite. Exits non-zero on any failure. With --venv-only it stops once the
+# environment is ready and prints its python (the conformance kit's tests use it).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,6 +21,10 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then
     echo "python-sdk: installing treaty-participant[test] into $venv" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here[test]"
     echo "$wanted" >"$stamp"
+fi
+if [ "${1:-}" = "--venv-only" ]; then
+    echo "$venv/bin/python"
+    exit 0
 fi
 
 cd "$here"

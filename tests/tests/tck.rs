@@ -101,16 +101,14 @@ async fn kit(args: &[&str]) -> KitRun {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
-    let dir = tempfile::tempdir().unwrap();
-    let participant = start_participant(dir.path(), None).await;
-    let first_pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
-    let endpoint = participant.endpoint();
-    let restart = restart_command(dir.path());
+/// Runs every case, restarts included, against the participant at `endpoint` started
+/// supervised in `dir`, and checks that it conforms and really was restarted.
+async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path) {
+    let first_pid = std::fs::read_to_string(dir.join("pid")).unwrap();
+    let restart = restart_command(dir);
     let run = kit(&[
         "--participant",
-        &endpoint,
+        endpoint,
         "--restart-command",
         &restart,
         "--barrier-retention-ms",
@@ -135,11 +133,73 @@ async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
         assert_eq!(results.get(name).map(String::as_str), Some("ok"), "{name}");
     }
     // The participant really was killed and started again.
-    let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
+    let pid = std::fs::read_to_string(dir.join("pid")).unwrap();
     assert_ne!(
         pid, first_pid,
         "the restart command restarted the participant"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), None).await;
+    assert_conforms_across_restarts(&participant.endpoint(), dir.path()).await;
+}
+
+/// The Python SDK's interpreter, its virtual environment made if needed (the script
+/// installs grpcio and protobuf from PyPI the first time).
+async fn python_sdk_interpreter() -> String {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../participant-sdk/python/run_tests.sh");
+    let run = tokio::process::Command::new("bash")
+        .arg(&script)
+        .arg("--venv-only")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(900), run)
+        .await
+        .expect("the virtual environment is ready within 15 minutes")
+        .expect("run bash");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// The same kit, restarts by kill -9 included, against the Python SDK's conformance
+/// participant (`participant-sdk/python/treaty_participant/conformance.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_passes_the_python_sdk_participant_across_restarts() {
+    let python = python_sdk_interpreter().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "-m",
+        "treaty_participant.conformance",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        &dir.path().join("barrier.db").to_string_lossy(),
+        "--supervise",
+        &dir.path().join("pid").to_string_lossy(),
+        "--barrier-retention-ms",
+        RETENTION_MS,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let participant = start_server(
+        Path::new(&python),
+        &args,
+        &[],
+        "participant listening on",
+        dir.path().join("participant.log"),
+    )
+    .await;
+    assert_conforms_across_restarts(&participant.endpoint(), dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

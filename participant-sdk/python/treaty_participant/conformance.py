@@ -17,6 +17,7 @@ barrier's record, so after any crash both are there or neither is.
 from __future__ import annotations
 
 import argparse
+import os
 import collections
 import logging
 import pathlib
@@ -160,8 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--barrier-retention-ms", type=int)
     parser.add_argument("--in-doubt-interval-ms", type=int, default=2_000)
     parser.add_argument("--in-doubt-ask-after-ms", type=int, default=2_000)
+    parser.add_argument(
+        "--supervise",
+        type=pathlib.Path,
+        metavar="PIDFILE",
+        help="run the participant as a child, restart it on the same address whenever it dies "
+        "(at most 100 times), and keep its pid in PIDFILE: the conformance kit's restart "
+        "command is then kill -9 \"$(cat PIDFILE)\"",
+    )
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if arguments.supervise is not None:
+        return supervise(arguments.supervise, arguments.listen, _without_supervise(argv))
 
     if (arguments.tls_cert is None) != (arguments.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -190,11 +201,73 @@ def main(argv: list[str] | None = None) -> int:
     host = arguments.listen.rpartition(":")[0]
     print(f"participant listening on {host}:{handle.port}", flush=True)
     barrier.on_failure(lambda _message: stop.set())
-    while not stop.wait(1.0):
-        pass
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    while not stop.wait(0.2):
+        # A supervised child leaves with its supervisor.
+        if supervisor is not None and os.getppid() != int(supervisor):
+            break
     handle.stop()
     barrier.close()
     return 1 if barrier.failure else 0
+
+
+SUPERVISOR_PID_ENV = "TREATY_CONFORMANCE_SUPERVISOR"
+MAX_RESTARTS = 100
+READY = "participant listening on "
+
+
+def _without_supervise(argv: list[str] | None) -> list[str]:
+    """The arguments for the child: ``--supervise PIDFILE`` and ``--listen`` removed."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    kept: list[str] = []
+    skip = False
+    for argument in given:
+        if skip:
+            skip = False
+            continue
+        if argument in ("--supervise", "--listen"):
+            skip = True
+            continue
+        if argument.startswith(("--supervise=", "--listen=")):
+            continue
+        kept.append(argument)
+    return kept
+
+
+def supervise(pid_file: pathlib.Path, listen: str, child_arguments: list[str]) -> int:
+    """Runs the participant as a child and starts it again, on the address it first got,
+    each time it dies; prints the ready line once. Ends (stopping the child) on SIGTERM."""
+    import subprocess
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    environment = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
+    announced = False
+    for _ in range(MAX_RESTARTS + 1):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "treaty_participant.conformance", "--listen", listen, *child_arguments],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
+        pid_file.write_text(f"{child.pid}\n")
+        assert child.stdout is not None
+        ready = child.stdout.readline()
+        if ready.startswith(READY):
+            listen = ready[len(READY):].strip()
+            if not announced:
+                print(ready, end="", flush=True)
+                announced = True
+        while child.poll() is None:
+            if stop.wait(0.1):
+                child.terminate()
+                child.wait(timeout=10)
+                return 0
+        if stop.is_set():
+            return 0
+    print(f"conformance: the participant died {MAX_RESTARTS + 1} times; giving up", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
