@@ -19,6 +19,7 @@ pub mod certs;
 pub mod journal;
 pub mod ledger;
 pub mod process;
+pub mod python;
 pub mod retention;
 pub mod rewards;
 pub mod service;

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use treaty_examples::bank::{self, Bank, Leg};
 use treaty_examples::retention::{Prune, PruneRound};
 use treaty_examples::rewards::{self, PointsLeg, Rewards, SqliteStore};
-use treaty_examples::shop::audit::audit;
+use treaty_examples::shop::audit::{ShippingData, audit};
 use treaty_examples::shop::inventory::Inventory;
 use treaty_examples::shop::orders::{Order, Placed};
 use treaty_examples::shop::payment::Payment;
@@ -248,7 +248,7 @@ async fn the_shop_audit_holds_after_old_orders_are_pruned() {
     let checks = audit(
         &dir.path().join("payment"),
         &dir.path().join("inventory"),
-        &dir.path().join("shipping"),
+        ShippingData::Sled(&dir.path().join("shipping")),
         &all_placed,
     )
     .unwrap();

@@ -11,6 +11,11 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${TREATY_PY_VENV:-$here/.venv}"
 python3_bin="${PYTHON:-python3}"
 
+# Runs started at once (tests in parallel, the demo) take turns making the environment.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$venv.lock"
+    flock 9
+fi
 if [ ! -x "$venv/bin/python" ]; then
     echo "python-sdk: creating a virtual environment in $venv" >&2
     "$python3_bin" -m venv "$venv"
@@ -21,6 +26,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then
     echo "python-sdk: installing treaty-participant[test] into $venv" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here[test]"
     echo "$wanted" >"$stamp"
+fi
+if command -v flock >/dev/null 2>&1; then
+    flock --unlock 9
 fi
 if [ "${1:-}" = "--venv-only" ]; then
     echo "$venv/bin/python"

@@ -1,6 +1,7 @@
 //! The demos run to completion and their checks pass: the order saga demo (the README's
 //! first command, with a coordinator crash half-way), the same with TLS and tokens on
-//! every hop (`--secure`), and the two-phase bank demo.
+//! every hop (`--secure`), the same with the shipping service in Python on the Python
+//! participant SDK (`--python-shipping`), and the two-phase bank demo.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -77,6 +78,37 @@ async fn the_order_demo_runs_with_tls_and_tokens_on_every_hop() {
         !stdout.contains("http://"),
         "a hop ran cleartext:\n{stdout}"
     );
+}
+
+/// Shipping in Python (its SQLite file audited like the Rust services' sled data), with TLS
+/// and tokens so that the Python SDK's secure path runs too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_demo_holds_with_the_shipping_service_in_python() {
+    let stdout = run(
+        "demo",
+        &[
+            "--python-shipping",
+            "--secure",
+            "--orders",
+            "40",
+            "--concurrency",
+            "8",
+        ],
+    )
+    .await;
+    assert_lines(&stdout, &ORDER_DEMO_LINES);
+    assert_lines(
+        &stdout,
+        &[
+            "in Python (examples/python/shipping.py",
+            "✓ completed orders are charged, reserved and shipped",
+        ],
+    );
+    let shipping = stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("shipping "))
+        .expect("the demo names the shipping service");
+    assert!(shipping.contains("https://127.0.0.1:"), "{shipping}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use treaty_examples::process::ServerProcess;
-use treaty_examples::shop::audit::audit;
+use treaty_examples::shop::audit::{ShippingData, audit};
 use treaty_examples::shop::orders::{Order, Placed, Shop, place};
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::TransactionState;
@@ -100,7 +100,7 @@ async fn stop_and_audit(dir: &Path, mut services: Services, placed: &[Placed]) {
     let checks = audit(
         &dir.join("payment"),
         &dir.join("inventory"),
-        &dir.join("shipping"),
+        ShippingData::Sled(&dir.join("shipping")),
         placed,
     )
     .unwrap();

@@ -147,34 +147,11 @@ async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
     assert_conforms_across_restarts(&participant.endpoint(), dir.path()).await;
 }
 
-/// The Python SDK's interpreter, its virtual environment made if needed (the script
-/// installs grpcio and protobuf from PyPI the first time).
-async fn python_sdk_interpreter() -> String {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../participant-sdk/python/run_tests.sh");
-    let run = tokio::process::Command::new("bash")
-        .arg(&script)
-        .arg("--venv-only")
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(900), run)
-        .await
-        .expect("the virtual environment is ready within 15 minutes")
-        .expect("run bash");
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
 /// The same kit, restarts by kill -9 included, against the Python SDK's conformance
 /// participant (`participant-sdk/python/treaty_participant/conformance.py`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kit_passes_the_python_sdk_participant_across_restarts() {
-    let python = python_sdk_interpreter().await;
+    let python = treaty_examples::python::sdk_interpreter().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let args: Vec<String> = [
         "-m",
@@ -192,7 +169,7 @@ async fn the_kit_passes_the_python_sdk_participant_across_restarts() {
     .map(|s| s.to_string())
     .collect();
     let participant = start_server(
-        Path::new(&python),
+        &python,
         &args,
         &[],
         "participant listening on",

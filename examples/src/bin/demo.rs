@@ -24,10 +24,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use treaty_examples::process::{ServerProcess, killed_by_sigkill, workspace_binaries};
-use treaty_examples::shop::audit::{Check, audit};
-use treaty_examples::shop::check_rate;
+use treaty_examples::shop::audit::{Check, ShippingData, audit};
 use treaty_examples::shop::orders::{Order, Placed, Shop, place};
 use treaty_examples::shop::strangers;
+use treaty_examples::shop::{check_rate, python_shipping};
 use treaty_examples::tls_and_tokens::TlsAndTokens;
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::TransactionState;
@@ -80,6 +80,11 @@ struct Args {
     /// made for this run in its work directory.
     #[arg(long)]
     secure: bool,
+    /// Run the shipping service in Python (`examples/python/shipping.py`, on the Python
+    /// participant SDK) in place of the Rust one. Its virtual environment is made the
+    /// first time (grpcio and protobuf from PyPI).
+    #[arg(long)]
+    python_shipping: bool,
 }
 
 #[tokio::main]
@@ -125,18 +130,16 @@ fn endpoint(process: &ServerProcess, security: Option<&TlsAndTokens>) -> String 
     }
 }
 
+/// Starts `program args…`, which announces itself as `<name> listening on ADDR`; its
+/// stderr goes to `<name>.log` in `work`.
 async fn start(
-    bin_dir: &Path,
+    program: &Path,
     work: &Path,
-    binary: &str,
+    name: &str,
     args: Vec<String>,
     envs: &[(&str, &str)],
 ) -> anyhow::Result<ServerProcess> {
-    let ready = format!(
-        "{} listening on",
-        if binary == "treaty" { "treaty" } else { binary }
-    );
-    let log_env = if binary == "treaty" {
+    let log_env = if name == "treaty" {
         "TREATY_LOG"
     } else {
         "SHOP_LOG"
@@ -144,11 +147,11 @@ async fn start(
     let mut envs = envs.to_vec();
     envs.push((log_env, "warn"));
     let process = ServerProcess::start(
-        &bin_dir.join(binary),
+        program,
         &args,
         &envs,
-        &ready,
-        work.join(format!("{binary}.log")),
+        &format!("{name} listening on"),
+        work.join(format!("{name}.log")),
         PROCESS_PATIENCE,
     )
     .await?;
@@ -168,25 +171,25 @@ async fn start_coordinator(
         args.extend(security.coordinator_args());
         envs.extend(security.coordinator_env());
     }
-    start(bin_dir, work, "treaty", args, &envs).await
+    start(&bin_dir.join("treaty"), work, "treaty", args, &envs).await
 }
 
-/// Starts service `binary` with `args`, and in a `--secure` run its TLS and its trust in
-/// the coordinator at `coordinator_endpoint`.
+/// Starts service `name` (`program args…`), and in a `--secure` run its TLS and its trust
+/// in the coordinator at `coordinator_endpoint`.
 async fn start_service(
-    bin_dir: &Path,
+    program: &Path,
     work: &Path,
-    binary: &str,
+    name: &str,
     mut args: Vec<String>,
     security: Option<&TlsAndTokens>,
     coordinator_endpoint: &str,
 ) -> anyhow::Result<ServerProcess> {
     let mut envs = Vec::new();
     if let Some(security) = security {
-        args.extend(security.service_args(binary, coordinator_endpoint)?);
+        args.extend(security.service_args(name, coordinator_endpoint)?);
         envs.extend(security.service_env());
     }
-    start(bin_dir, work, binary, args, &envs).await
+    start(program, work, name, args, &envs).await
 }
 
 fn coordinator_args(work: &Path, listen: &str) -> Vec<String> {
@@ -211,6 +214,10 @@ async fn start_services(
     work: PathBuf,
     security: Option<TlsAndTokens>,
 ) -> anyhow::Result<Services> {
+    let python = match args.python_shipping {
+        true => Some(treaty_examples::python::sdk_interpreter().await?),
+        false => None,
+    };
     let stock = (args.orders / 3).max(5);
     let fault_flags = |service: &str, seed: u64| {
         let mut flags = strings(&[
@@ -228,15 +235,10 @@ async fn start_services(
     };
     let coordinator = start_coordinator(&bin_dir, &work, "127.0.0.1:0", security.as_ref()).await?;
     let coordinator_endpoint = endpoint(&coordinator, security.as_ref());
-    let start_shop_service = |binary: &'static str, args: Vec<String>| {
-        start_service(
-            &bin_dir,
-            &work,
-            binary,
-            args,
-            security.as_ref(),
-            &coordinator_endpoint,
-        )
+    let start_shop_service = |name: &'static str, program: PathBuf, args: Vec<String>| {
+        let security = security.as_ref();
+        let (work, coordinator_endpoint) = (&work, &coordinator_endpoint);
+        async move { start_service(&program, work, name, args, security, coordinator_endpoint).await }
     };
     let accounts: Vec<String> = CUSTOMERS.iter().map(|c| format!("{c}=3000")).collect();
     let mut payment_args = fault_flags("payment", args.seed + 1);
@@ -246,7 +248,7 @@ async fn start_services(
         "--compensation-outage-ms",
         &args.refund_outage_ms.to_string(),
     ]));
-    let payment = start_shop_service("payment", payment_args).await?;
+    let payment = start_shop_service("payment", bin_dir.join("payment"), payment_args).await?;
     let shelves: Vec<String> = SKUS.iter().map(|s| format!("{s}={stock}")).collect();
     let mut inventory_args = fault_flags("inventory", args.seed + 2);
     inventory_args.extend(strings(&[
@@ -255,13 +257,21 @@ async fn start_services(
         "--out-of-stock-rate",
         &args.out_of_stock_rate.to_string(),
     ]));
-    let inventory = start_shop_service("inventory", inventory_args).await?;
+    let inventory =
+        start_shop_service("inventory", bin_dir.join("inventory"), inventory_args).await?;
     let mut shipping_args = fault_flags("shipping", args.seed + 3);
     shipping_args.extend(strings(&[
         "--rejection-rate",
         &args.rejection_rate.to_string(),
     ]));
-    let shipping = start_shop_service("shipping", shipping_args).await?;
+    let shipping = match &python {
+        Some(python) => {
+            let mut args = vec![path(&python_shipping::script())];
+            args.extend(shipping_args);
+            start_shop_service("shipping", python.clone(), args).await?
+        }
+        None => start_shop_service("shipping", bin_dir.join("shipping"), shipping_args).await?,
+    };
     let reach = |process| endpoint(process, security.as_ref());
     println!("  coordinator  {coordinator_endpoint}  (treaty serve)");
     println!(
@@ -275,7 +285,15 @@ async fn start_services(
         stock,
         SKUS.join(", ")
     );
-    println!("  shipping     {}", reach(&shipping));
+    println!(
+        "  shipping     {}{}",
+        reach(&shipping),
+        if python.is_some() {
+            "  in Python (examples/python/shipping.py, the Python participant SDK)"
+        } else {
+            ""
+        }
+    );
     Ok(Services {
         bin_dir,
         work,
@@ -397,10 +415,15 @@ async fn run_shop(args: &Args, bin_dir: PathBuf, work: PathBuf) -> anyhow::Resul
         anyhow::ensure!(status.success(), "a process exited with {status}");
     }
     let work = &services.work;
+    let shipping_dir = work.join("shipping");
+    let shipping_data = match args.python_shipping {
+        true => ShippingData::Sqlite(&shipping_dir),
+        false => ShippingData::Sled(&shipping_dir),
+    };
     let mut checks = audit(
         &work.join("payment"),
         &work.join("inventory"),
-        &work.join("shipping"),
+        shipping_data,
         &placed,
     )
     .map_err(anyhow::Error::msg)?;

@@ -1,6 +1,6 @@
 //! The shop's invariants, checked from each service's own data (read from their sled
-//! directories once they have stopped) against how the coordinator says each order
-//! ended.
+//! directories once they have stopped, or the Python shipping service's SQLite file)
+//! against how the coordinator says each order ended.
 //!
 //! Records pruned past the journal retention are in the services' `settled/` totals: the
 //! sums (money, stock) count them, and the checks of single orders cover the orders
@@ -82,20 +82,67 @@ fn applied<T: serde::de::DeserializeOwned>(
         .collect())
 }
 
+/// Where the shipping service kept its records: the Rust service in its sled directory,
+/// the Python one (`demo --python-shipping`) in a table of its SQLite file.
+#[derive(Debug, Clone, Copy)]
+pub enum ShippingData<'a> {
+    /// The Rust service's data directory.
+    Sled(&'a Path),
+    /// The Python service's data directory (see [`super::python_shipping`]).
+    Sqlite(&'a Path),
+}
+
+/// What the audit reads from shipping.
+struct ShippingRecords {
+    shipments: BTreeMap<String, Shipment>,
+    cancels: BTreeMap<String, Shipment>,
+    settled_before: i64,
+}
+
+impl ShippingData<'_> {
+    fn read(self) -> Result<ShippingRecords, String> {
+        match self {
+            Self::Sled(dir) => {
+                let data = open(dir, "none/")?;
+                let records = ShippingRecords {
+                    shipments: applied(&data, "shipment/")?,
+                    cancels: recorded(&data, "cancel/")?,
+                    settled_before: data.settled("before"),
+                };
+                data.store.close().map_err(|e| e.to_string())?;
+                Ok(records)
+            }
+            Self::Sqlite(dir) => {
+                let records = super::python_shipping::records(dir)?;
+                Ok(ShippingRecords {
+                    shipments: records.shipments,
+                    cancels: records.cancels,
+                    settled_before: 0,
+                })
+            }
+        }
+    }
+}
+
 /// Checks every invariant; an error only if a directory cannot be read.
 pub fn audit(
     payment_dir: &Path,
     inventory_dir: &Path,
-    shipping_dir: &Path,
+    shipping_data: ShippingData<'_>,
     placed: &[Placed],
 ) -> Result<Vec<Check>, String> {
     let payment = open(payment_dir, "acct/")?;
     let inventory = open(inventory_dir, "stock/")?;
-    let shipping = open(shipping_dir, "none/")?;
+    let ShippingRecords {
+        shipments,
+        cancels,
+        settled_before: shipping_settled_before,
+    } = shipping_data.read()?;
     // Orders of transactions created before this may have had their records pruned.
-    let settled_before = [&payment, &inventory, &shipping]
+    let settled_before = [&payment, &inventory]
         .iter()
         .map(|data| data.settled("before"))
+        .chain([shipping_settled_before])
         .max()
         .unwrap_or(0);
     let all_placed = placed;
@@ -107,8 +154,6 @@ pub fn audit(
     let refunds: BTreeMap<String, Charge> = recorded(&payment, "refund/")?;
     let reservations: BTreeMap<String, Reservation> = applied(&inventory, "reservation/")?;
     let releases: BTreeMap<String, Reservation> = recorded(&inventory, "release/")?;
-    let shipments: BTreeMap<String, Shipment> = applied(&shipping, "shipment/")?;
-    let cancels: BTreeMap<String, Shipment> = recorded(&shipping, "cancel/")?;
 
     let charged: BTreeSet<&String> = charges
         .keys()
@@ -277,7 +322,7 @@ pub fn audit(
             .map(|(service, holds)| format!("{service} has {holds} unsettled holds"))
             .collect(),
     });
-    for data in [payment, inventory, shipping] {
+    for data in [payment, inventory] {
         data.store.close().map_err(|e| e.to_string())?;
     }
     Ok(checks)

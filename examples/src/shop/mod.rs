@@ -26,6 +26,7 @@ pub mod audit;
 pub mod inventory;
 pub mod orders;
 pub mod payment;
+pub mod python_shipping;
 pub mod shipping;
 pub mod strangers;
 
