@@ -137,7 +137,7 @@ async fn run_to_completion<T: Send + 'static>(
         branch_id = %branch.branch_id,
         trace_id = tracing::field::Empty,
     );
-    if let Some(parent) = branch.traceparent() {
+    if let Some(parent) = branch.traceparent().filter(|_| !span.is_disabled()) {
         span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
     }
     match tokio::spawn(tracing::Instrument::instrument(operation, span)).await {

@@ -78,9 +78,11 @@ fn call_span(id: TxnId, call: &mut Call, op: &'static str) -> tracing::Span {
         // With span export, the call sends the id of its exported span.
         #[cfg(feature = "otlp")]
         crate::otlp::adopt(&span, trace);
-        let parent = trace.traceparent();
-        span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
-        span.record("span_id", tracing::field::display(parent.parent_id_hex()));
+        if !span.is_disabled() {
+            let parent = trace.traceparent();
+            span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
+            span.record("span_id", tracing::field::display(parent.parent_id_hex()));
+        }
     }
     span
 }

@@ -764,8 +764,14 @@ impl Shard {
             return;
         };
         let state = entry.machine.state();
+        // Publishing builds the whole record: only for someone who still listens (a
+        // later subscriber starts from the record as it is then).
         if let Some(updates) = &entry.updates {
-            updates.send_replace(Arc::new(entry.machine.record()));
+            if updates.receiver_count() == 0 {
+                entry.updates = None;
+            } else {
+                updates.send_replace(Arc::new(entry.machine.record()));
+            }
         }
         if !entry.released && entry.machine.waits_past_deadline(now) {
             // Presumed abort needs no acknowledgement (a participant in doubt asks and
