@@ -6,6 +6,12 @@ use treaty_coordinator::cli::{
 };
 use treaty_coordinator::daemon;
 
+/// mimalloc rather than glibc's malloc: every call allocates and frees many small
+/// buffers (HTTP/2 frames, messages, records), and a profile of `treaty bench` spent a
+/// fifth of its CPU in glibc's allocator (docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Logs to stderr, filtered by TREATY_LOG (`RUST_LOG` syntax; default info), in the
 /// format asked for; with `--otlp-endpoint`, also exports spans (flushed when the
 /// returned guard drops).
