@@ -309,6 +309,11 @@ impl<S: BarrierStore> Barrier<S> {
         let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
         if let Some(record) = self.record(branch)? {
+            if record.status == BranchStatus::Prepared && record.mode != BranchMode::TwoPhase {
+                // A one-phase or saga YES may have been written unforced (its commit
+                // failed after it): made durable before a YES is heard from it.
+                self.save(branch, &record).await?;
+            }
             return Ok(match record.status {
                 BranchStatus::Prepared | BranchStatus::Committed => Vote::Yes,
                 BranchStatus::VotedNo { reason } => Vote::No { reason },
@@ -505,7 +510,18 @@ impl<S: BarrierStore> Barrier<S> {
         };
         if vote == Vote::Yes {
             if !slot.included() {
-                self.save(branch, &prepared).await?;
+                // A two-phase YES is heard by the coordinator: durable first. A one-phase
+                // or saga YES is heard by nobody: its commit's forced record follows and
+                // makes it durable too, and a crash before that loses no promise (the
+                // retried call prepares again).
+                match mode {
+                    BranchMode::TwoPhase => self.save(branch, &prepared).await?,
+                    _ => {
+                        self.store
+                            .save_unforced(write_for(branch, &prepared))
+                            .await?
+                    }
+                }
             }
             self.metrics.barrier_record_created();
             return Ok((vote, prepared));

@@ -10,6 +10,9 @@
 //! What an implementation must guarantee:
 //! - `save` returns Ok only once the write is durable (it survives a crash of the
 //!   process or the machine), with the record and its in-doubt mark applied together;
+//! - `save_unforced` may return before its write is durable, but writes reach the disk
+//!   in the order they were made: a later `save` makes it durable too, and a crash keeps
+//!   a prefix of the writes (the default makes it a `save`);
 //! - `load` returns what the last durable write for the branch held, whether `save` or the
 //!   participant's own transaction made it;
 //! - `in_doubt` lists the branches whose last write was marked in doubt, in an order of the
@@ -51,6 +54,17 @@ pub trait BarrierStore: Send + Sync + 'static {
 
     /// Writes `write` and resolves once it is durable.
     fn save(&self, write: BarrierWrite) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Writes `write`, perhaps not yet durably: for a record nobody hears of before a
+    /// later `save` of the same branch (the YES of a one-phase commit or a saga step,
+    /// which its commit's record follows). Writes must reach the disk in the order they
+    /// were made; a store that cannot promise it keeps this default, a forced write.
+    fn save_unforced(
+        &self,
+        write: BarrierWrite,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.save(write)
+    }
 
     /// Up to `limit` branches marked in doubt, after `after` (`None`: from the start).
     fn in_doubt(
@@ -172,6 +186,14 @@ impl BarrierStore for DurableStore {
 
     fn save(&self, write: BarrierWrite) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.write(write_batch(&write), Durability::Forced)
+    }
+
+    /// A lazy write: the store applies writes in order, so the next forced one covers it.
+    fn save_unforced(
+        &self,
+        write: BarrierWrite,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(write_batch(&write), Durability::Lazy)
     }
 
     fn in_doubt(

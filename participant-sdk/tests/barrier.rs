@@ -374,3 +374,104 @@ async fn the_sdk_store_meets_the_barrier_store_contract() {
         .await
         .unwrap();
 }
+
+/// A barrier on a store that counts its forced group commits.
+fn open_counting_forced(dir: &std::path::Path) -> (Barrier, Arc<AtomicUsize>) {
+    let forced = Arc::new(AtomicUsize::new(0));
+    let counter = forced.clone();
+    let options = StoreOptions {
+        group_observer: Some(Arc::new(
+            move |group: treaty_sdk::durable::GroupCommitted| {
+                if group.sync_seconds.is_some() {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+        )),
+        ..StoreOptions::default()
+    };
+    let store = DurableStore::open(dir, options).unwrap();
+    (Barrier::new(Arc::new(store)), forced)
+}
+
+#[tokio::test]
+async fn a_one_phase_commit_or_saga_step_waits_for_one_forced_write_a_two_phase_vote_for_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (barrier, forced) = open_counting_forced(dir.path());
+    let p = Counting::default();
+    for (id, mode) in [
+        ("one", BranchMode::OnePhase),
+        ("step", BranchMode::SagaStep),
+    ] {
+        let before = forced.load(Ordering::SeqCst);
+        let answer = barrier
+            .commit(&p, &branch(id), mode, b"yes", COORDINATOR)
+            .await
+            .unwrap();
+        assert_eq!(answer, CommitAnswer::Committed);
+        assert_eq!(forced.load(Ordering::SeqCst) - before, 1, "{mode:?}");
+    }
+    let two = branch("two");
+    let before = forced.load(Ordering::SeqCst);
+    barrier
+        .prepare(&p, &two, b"yes", COORDINATOR)
+        .await
+        .unwrap();
+    assert_eq!(forced.load(Ordering::SeqCst) - before, 1, "the YES vote");
+    barrier
+        .commit(&p, &two, BranchMode::TwoPhase, b"", COORDINATOR)
+        .await
+        .unwrap();
+    assert_eq!(forced.load(Ordering::SeqCst) - before, 2, "the commit");
+    drop(barrier);
+    let reopened = open(dir.path());
+    for id in ["one", "step", "two"] {
+        let record = reopened.record(&branch(id)).unwrap().unwrap();
+        assert_eq!(record.status, BranchStatus::Committed, "{id}");
+    }
+}
+
+/// Votes YES; its commit fails.
+#[derive(Debug)]
+struct CommitFails;
+
+impl Participant for CommitFails {
+    async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+        Ok(Vote::Yes)
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Err(ParticipantError::new("commit failed"))
+    }
+    async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_prepare_that_finds_the_unforced_yes_of_a_failed_one_phase_commit_forces_it_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (barrier, forced) = open_counting_forced(dir.path());
+    let b = branch("b");
+    let before = forced.load(Ordering::SeqCst);
+    barrier
+        .commit(&CommitFails, &b, BranchMode::OnePhase, b"", COORDINATOR)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        barrier.record(&b).unwrap().unwrap().status,
+        BranchStatus::Prepared
+    );
+    assert_eq!(forced.load(Ordering::SeqCst), before, "nothing was forced");
+    let vote = barrier
+        .prepare(&CommitFails, &b, b"", COORDINATOR)
+        .await
+        .unwrap();
+    assert_eq!(vote, Vote::Yes);
+    assert_eq!(
+        forced.load(Ordering::SeqCst) - before,
+        1,
+        "the YES is forced before it is heard"
+    );
+}
