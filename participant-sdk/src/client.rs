@@ -183,6 +183,15 @@ pub enum Outcome {
     Aborted { reason: String },
 }
 
+/// The outcome a Commit (or a Begin with commit) answered.
+fn outcome_from(outcome: i32, reason: String) -> Result<Outcome, ClientError> {
+    match pb::Outcome::try_from(outcome) {
+        Ok(pb::Outcome::Committed) => Ok(Outcome::Committed),
+        Ok(pb::Outcome::Aborted) => Ok(Outcome::Aborted { reason }),
+        _ => Err(ClientError::UnknownValue(format!("outcome {outcome}"))),
+    }
+}
+
 impl Outcome {
     pub fn is_committed(&self) -> bool {
         matches!(self, Outcome::Committed)
@@ -395,6 +404,7 @@ impl TreatyClient {
                 deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
                 prepare_timeout_ms: options.prepare_timeout_ms.unwrap_or(0),
                 branches: branches.into_iter().map(Into::into).collect(),
+                commit: false,
             }))
             .await?;
         Ok(response.into_inner().transaction_id)
@@ -425,16 +435,7 @@ impl TreatyClient {
             }))
             .await?
             .into_inner();
-        match pb::Outcome::try_from(response.outcome) {
-            Ok(pb::Outcome::Committed) => Ok(Outcome::Committed),
-            Ok(pb::Outcome::Aborted) => Ok(Outcome::Aborted {
-                reason: response.reason,
-            }),
-            _ => Err(ClientError::UnknownValue(format!(
-                "outcome {}",
-                response.outcome
-            ))),
-        }
+        outcome_from(response.outcome, response.reason)
     }
 
     pub async fn abort(&self, transaction_id: &str, reason: &str) -> Result<(), ClientError> {
@@ -612,15 +613,26 @@ impl TreatyClient {
         Ok((response.cancelled, transaction))
     }
 
-    /// Begins a transaction over `branches`, commits it, and returns its id and outcome.
+    /// Begins a transaction over `branches`, commits it, and returns its id and outcome,
+    /// in one round trip (a Begin with `commit`). An error says nothing of the outcome.
     pub async fn run_two_phase(
         &self,
         branches: Vec<BranchSpec>,
         options: BeginOptions,
     ) -> Result<(String, Outcome), ClientError> {
-        let transaction_id = self.begin(options, branches).await?;
-        let outcome = self.commit(&transaction_id).await?;
-        Ok((transaction_id, outcome))
+        let response = self
+            .inner
+            .clone()
+            .begin(self.request(pb::BeginRequest {
+                deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
+                prepare_timeout_ms: options.prepare_timeout_ms.unwrap_or(0),
+                branches: branches.into_iter().map(Into::into).collect(),
+                commit: true,
+            }))
+            .await?
+            .into_inner();
+        let outcome = outcome_from(response.outcome, response.reason)?;
+        Ok((response.transaction_id, outcome))
     }
 
     /// Follows the transaction until it reaches COMMITTED or ABORTED (every participant

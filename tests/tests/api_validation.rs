@@ -51,10 +51,19 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
             deadline_unix_ms,
             prepare_timeout_ms,
             branches,
+            ..Default::default()
         }
     };
 
     // Begin.
+    assert_invalid(
+        api.begin(pb::BeginRequest {
+            commit: true,
+            ..begin(Vec::new(), 0, 0)
+        })
+        .await,
+        "branches",
+    );
     assert_invalid(
         api.begin(begin(vec![spec("a", "localhost:1")], 0, 0)).await,
         "branches[0].endpoint",
@@ -468,6 +477,7 @@ async fn errors_quote_at_most_a_little_of_a_huge_input_at_both_servers() {
         deadline_unix_ms: 0,
         prepare_timeout_ms: 0,
         branches: vec![branch],
+        ..Default::default()
     };
     assert_invalid_and_short(
         api.begin(begin(spec(&huge, &good))).await,

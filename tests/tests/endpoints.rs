@@ -38,6 +38,7 @@ fn begin(branches: Vec<pb::BranchSpec>) -> pb::BeginRequest {
         deadline_unix_ms: 0,
         prepare_timeout_ms: 0,
         branches,
+        ..Default::default()
     }
 }
 

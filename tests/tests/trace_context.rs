@@ -148,8 +148,8 @@ async fn a_sagas_steps_and_compensations_carry_the_submitters_trace() {
     participant.stop().await;
 }
 
-/// Begins (through the raw gRPC API, to send any metadata at all) a transaction of two
-/// branches on `endpoint`, with `traceparent` if given, and commits it.
+/// Begins and commits in one call (through the raw gRPC API, to send any metadata at all)
+/// a transaction of two branches on `endpoint`, with `traceparent` if given.
 async fn begin_with_raw_traceparent(
     coordinator: &Coordinator,
     endpoint: &str,
@@ -164,6 +164,7 @@ async fn begin_with_raw_traceparent(
         branches: ["a", "b"]
             .map(|b| BranchSpec::new(b, endpoint, "yes").into())
             .to_vec(),
+        commit: true,
     });
     if let Some(traceparent) = traceparent {
         request
@@ -173,13 +174,11 @@ async fn begin_with_raw_traceparent(
             .metadata_mut()
             .insert("tracestate", TRACESTATE.parse().unwrap());
     }
-    let id = raw
-        .begin(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .transaction_id;
+    let begun = raw.begin(request).await.unwrap().into_inner();
+    assert_eq!(begun.outcome(), pb::Outcome::Committed, "{begun:?}");
+    let id = begun.transaction_id;
     let client = coordinator.client().await;
+    // Committing again answers the same outcome.
     assert_eq!(client.commit(&id).await.unwrap(), Outcome::Committed);
     client.wait_until_finished(&id, PATIENCE).await.unwrap();
     id

@@ -303,6 +303,12 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let prepare_timeout_ms = self
             .prepare_timeout(request.prepare_timeout_ms)
             .map_err(invalid)?;
+        if request.commit && request.branches.is_empty() {
+            return Err(invalid(FieldError::new(
+                "branches",
+                "a Begin with commit needs at least one branch",
+            )));
+        }
         let branches =
             pb::branch_specs(request.branches, &self.config.endpoint_policy).map_err(invalid)?;
         let id = self
@@ -316,10 +322,19 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             })
             .await
             .map_err(status_of)?;
-        Ok(Response::new(proto::BeginResponse {
+        let mut response = proto::BeginResponse {
             transaction_id: id.to_string(),
             deadline_unix_ms,
-        }))
+            ..Default::default()
+        };
+        if request.commit {
+            // Begun just now for this caller: no ownership to check.
+            let decided = self.runtime.commit(id).await.map_err(status_of)?;
+            let outcome = outcome_of(&decided);
+            response.outcome = outcome.outcome;
+            response.reason = outcome.reason;
+        }
+        Ok(Response::new(response))
     }
 
     async fn enlist(

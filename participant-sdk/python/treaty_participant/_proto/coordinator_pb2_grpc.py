@@ -92,6 +92,7 @@ class CoordinatorServicer:
     def Begin(self, request, context):
         """Starts a two-phase commit transaction (optionally with its first branches). Nothing
         is written to the log: a transaction that never decides leaves no trace on disk.
+        With `commit`, also runs both phases as Commit does, in the same round trip.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
