@@ -226,9 +226,13 @@ async fn start_in_process(
             config.metrics_listen = Some(metrics);
             let endpoint = format!("http://{}", listener.local_addr()?);
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(crate::daemon::run_on(config, listener, async {
+            let stopped = async {
                 let _ = stopped.await;
-            }));
+            };
+            // Its addresses are known here; stdout is the report's.
+            let task = tokio::spawn(crate::daemon::run_on_announcing(
+                config, listener, stopped, false,
+            ));
             (endpoint, Some(metrics), Some((stop, task)))
         }
     };

@@ -216,6 +216,9 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     let workloads = validate(&args)?;
+    if let Some(url) = &args.postgres {
+        postgres::check_server(url, args.concurrency).await?;
+    }
     let cluster = cluster::Cluster::start(&cluster::ClusterOptions {
         processes: args.processes,
         participants: args.participants,

@@ -83,13 +83,14 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-pub async fn run(
-    url: &str,
-    concurrency: usize,
-    duration: Duration,
-    limit: u64,
-) -> anyhow::Result<PostgresReport> {
+/// Connects and checks `max_prepared_transactions`: run before the Treaty workloads, so
+/// that a server that cannot run the yardstick stops the bench before it starts.
+pub async fn check_server(url: &str, concurrency: usize) -> anyhow::Result<()> {
     let admin = connect(url).await?;
+    check_prepared_transactions(&admin, concurrency).await
+}
+
+async fn check_prepared_transactions(admin: &Client, concurrency: usize) -> anyhow::Result<()> {
     let row = admin
         .query_one("SHOW max_prepared_transactions", &[])
         .await
@@ -102,6 +103,17 @@ pub async fn run(
          in postgresql.conf, e.g. max_prepared_transactions = {concurrency}, and restart the \
          server)"
     );
+    Ok(())
+}
+
+pub async fn run(
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+    limit: u64,
+) -> anyhow::Result<PostgresReport> {
+    let admin = connect(url).await?;
+    check_prepared_transactions(&admin, concurrency).await?;
     admin
         .batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {TABLE} (id integer PRIMARY KEY, n bigint NOT NULL); \
