@@ -780,6 +780,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn forced_groups_and_their_records_are_counted_lazy_ones_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let counters = store.durability_counters();
+        let mut lazy = WriteBatch::new();
+        lazy.insert(b"lazy".to_vec(), b"1".to_vec());
+        store.write(lazy, Durability::Lazy).await.unwrap();
+        assert_eq!((counters.syncs(), counters.forced_records()), (0, 0));
+        let mut forced = WriteBatch::new();
+        forced.insert(b"a".to_vec(), b"1".to_vec());
+        forced.insert(b"b".to_vec(), b"2".to_vec());
+        store.write(forced, Durability::Forced).await.unwrap();
+        assert_eq!((counters.syncs(), counters.forced_records()), (1, 2));
+    }
+
+    #[tokio::test]
     async fn remove_deletes_and_close_rejects_later_writes() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
