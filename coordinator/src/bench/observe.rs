@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub participants: Vec<ParticipantCounts>,
     /// CPU time (user and system) of each observed process, in microseconds.
     pub cpu_us: Vec<Option<u64>>,
+    /// This process's, when it is not among the observed (the servers are children).
+    pub load_generator_cpu_us: Option<u64>,
 }
 
 impl Snapshot {
@@ -74,6 +76,14 @@ impl Snapshot {
             coordinator,
             participants,
             cpu_us: cluster.processes.iter().map(cpu_us).collect(),
+            load_generator_cpu_us: if cluster.processes.iter().any(|p| p.pid.is_none()) {
+                None
+            } else {
+                cpu_us(&Observed {
+                    name: "load generator".into(),
+                    pid: None,
+                })
+            },
         })
     }
 }

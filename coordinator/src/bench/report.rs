@@ -54,6 +54,7 @@ pub struct Rpcs {
 #[derive(Debug, serde::Serialize)]
 pub struct CoordinatorFigures {
     pub fsyncs_per_transaction: f64,
+    /// Records written by all the log's group commits, forced and lazy.
     pub log_records_per_transaction: f64,
     pub decisions_per_fsync: Option<f64>,
     /// At the end of the workload (in-process: the whole bench process).
@@ -89,6 +90,9 @@ pub struct WorkloadReport {
     pub cpu_us_per_transaction: Option<f64>,
     /// In-process, the CPU figures include the load generator.
     pub cpu_includes_load_generator: bool,
+    /// With `--processes`: the bench process's own CPU (the initiators and their gRPC
+    /// clients), not in `cpu_us_per_transaction`.
+    pub load_generator_cpu_us_per_transaction: Option<f64>,
     pub efficiency: Option<f64>,
     pub sagas_completed: u64,
     pub sagas_compensated: u64,
@@ -185,6 +189,10 @@ impl WorkloadReport {
             cpu,
             cpu_us_per_transaction: cpu_total,
             cpu_includes_load_generator: processes.iter().any(|p| p.pid.is_none()),
+            load_generator_cpu_us_per_transaction: before
+                .load_generator_cpu_us
+                .zip(after.load_generator_cpu_us)
+                .map(|(b, a)| per(a.saturating_sub(b) as f64)),
             efficiency: None,
             sagas_completed: load.sagas_completed,
             sagas_compensated: load.sagas_compensated,
@@ -270,8 +278,8 @@ impl Report {
             let r = &w.rpcs_per_transaction;
             out.push_str(&format!(
                 "{}: rpc/txn client→coordinator {:.2}, coordinator→participants {}, \
-                 client→participants {:.2} (participants answered {:.2}); forced records/txn: \
-                 coordinator log {}, participants {:.2}",
+                 client→participants {:.2} (participants answered {:.2}); records/txn: \
+                 coordinator log {} (forced and lazy groups), participants {:.2} (forced)",
                 w.workload.name(),
                 r.client_to_coordinator,
                 or_na(r.coordinator_to_participants.map(|c| format!("{c:.2}"))),
@@ -306,6 +314,9 @@ impl Report {
                 })
                 .collect();
             out.push_str(&format!("; cpu µs/txn: {}", cpu.join(", ")));
+            if let Some(generator) = w.load_generator_cpu_us_per_transaction {
+                out.push_str(&format!(" (load generator {generator:.0}, not counted)"));
+            }
             if w.sagas_completed + w.sagas_compensated > 0 {
                 out.push_str(&format!(
                     "; sagas {} completed, {} compensated",
