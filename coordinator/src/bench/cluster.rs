@@ -96,16 +96,21 @@ pub fn serve_options(
         ..ServeOptions::default()
     };
     if let Some(retention_ms) = barrier_retention_ms {
-        options.barrier_gc = BarrierGcOptions {
-            retention_ms,
-            interval_ms: (retention_ms / 10).clamp(100, 10_000),
-            ..BarrierGcOptions::default()
-        };
-        options
-            .barrier_gc
-            .validate()
-            .map_err(|e| anyhow::anyhow!("--barrier-retention-ms: {e}"))?;
+        options.barrier_gc = barrier_gc(retention_ms)?;
     }
+    Ok(options)
+}
+
+/// The barrier collector for `--barrier-retention-ms`, checked.
+pub fn barrier_gc(retention_ms: u64) -> anyhow::Result<BarrierGcOptions> {
+    let options = BarrierGcOptions {
+        retention_ms,
+        interval_ms: (retention_ms / 10).clamp(100, 10_000),
+        ..BarrierGcOptions::default()
+    };
+    options
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--barrier-retention-ms: {e}"))?;
     Ok(options)
 }
 

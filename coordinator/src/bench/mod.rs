@@ -185,6 +185,9 @@ fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
         args.log_retention_ms.is_none_or(|ms| ms >= 1),
         "--log-retention-ms must be at least 1"
     );
+    if let Some(retention_ms) = args.barrier_retention_ms {
+        cluster::barrier_gc(retention_ms)?;
+    }
     if let Some(url) = &args.postgres {
         postgres::check_url(url)?;
         anyhow::ensure!(
