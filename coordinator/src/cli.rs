@@ -44,8 +44,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the coordinator daemon.
     Serve(Box<ServeArgs>),
-    /// Measure commits per second and latency over loopback gRPC.
+    /// Measure 2PC, sagas, compensating sagas and the bare-call ceiling over loopback
+    /// gRPC: throughput, latency, calls, fsyncs and CPU per transaction.
     Bench(crate::bench::BenchArgs),
+    /// One participant of `treaty bench --processes` (started by the bench itself).
+    #[command(hide = true)]
+    BenchParticipant(crate::bench::BenchParticipantArgs),
     /// Inspect transactions of a running coordinator, and move stuck ones (admins).
     Txn {
         #[command(flatten)]

@@ -91,6 +91,17 @@ pub async fn run_on(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
+    run_on_announcing(config, listener, shutdown, true).await
+}
+
+/// [`run_on`]; `announce`: print the listening addresses on stdout (`treaty bench
+/// --json` runs a coordinator in its own process, whose stdout is the report alone).
+pub async fn run_on_announcing(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    announce: bool,
+) -> Result<(), DaemonError> {
     config.validate()?;
     let api_config = config.api()?;
     let bound = listener
@@ -181,7 +192,9 @@ pub async fn run_on(
         runtime_config.log_retention_ms,
     ));
 
-    println!("treaty listening on {bound}");
+    if announce {
+        println!("treaty listening on {bound}");
+    }
     let metrics_server = match metrics_listener {
         Some(listener) => {
             let address = listener
@@ -190,7 +203,9 @@ pub async fn run_on(
                     address: bound,
                     source,
                 })?;
-            println!("treaty metrics on {address}");
+            if announce {
+                println!("treaty metrics on {address}");
+            }
             tracing::info!(%address, "serving metrics at /metrics");
             let runtime = runtime.clone();
             Some(tokio::spawn(serve_metrics(

@@ -72,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
             daemon::run(config, shutdown).await?;
         }
         Command::Bench(args) => treaty_coordinator::bench::run(args).await?,
+        Command::BenchParticipant(args) => treaty_coordinator::bench::run_participant(args).await?,
         Command::Txn {
             coordinator,
             command,

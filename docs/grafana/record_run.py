@@ -320,6 +320,7 @@ def main():
             if what == "bench":
                 bench = subprocess.Popen(
                     [str(bins / "treaty"), "bench", "--endpoint", coordinator,
+                     "--workloads", "twopc",
                      "--participants", "2", "--concurrency", "8",
                      "--duration-s", str(args.bench_seconds)],
                     stdout=open(work / "bench.out", "wb"), stderr=subprocess.STDOUT,

@@ -27,6 +27,7 @@
 //!   retention; a store where they do nothing keeps every record for ever.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use crate::durable::{Durability, DurableStore, StoreError, WriteBatch};
 
@@ -106,6 +107,13 @@ pub trait BarrierStore: Send + Sync + 'static {
         }
     }
 
+    /// What the store has made durable since it opened, for the server's metrics
+    /// (`treaty_participant_store_fsyncs_total`, `..._store_forced_records_total`); `None`
+    /// (the default) for a store that does not count.
+    fn durability_counters(&self) -> Option<Arc<crate::durable::DurabilityCounters>> {
+        None
+    }
+
     /// Why the store can no longer promise durability, if it cannot.
     fn failure(&self) -> Option<String> {
         None
@@ -176,6 +184,10 @@ pub(crate) fn write_batch(write: &BarrierWrite) -> WriteBatch {
 }
 
 impl BarrierStore for DurableStore {
+    fn durability_counters(&self) -> Option<Arc<crate::durable::DurabilityCounters>> {
+        Some(DurableStore::durability_counters(self))
+    }
+
     fn load(&self, key: &BranchKey) -> Result<Option<Vec<u8>>, StoreError> {
         let value = self
             .db()

@@ -25,6 +25,10 @@
 //! - `treaty_participant_barrier_gc_removed_total`: records deleted by the collector.
 //! - `treaty_participant_outcome_inquiries_total{result}`: `GetOutcome` calls to
 //!   coordinators for branches in doubt, by answer.
+//! - `treaty_participant_store_fsyncs_total` and
+//!   `treaty_participant_store_forced_records_total`: forced groups the barrier's store
+//!   made durable, and the records in them, as the store's logger counts them
+//!   ([`crate::durable::DurabilityCounters`]); absent for a store that does not count.
 //!
 //! Invariants: every label takes values from a fixed enum, never from a request; an update
 //! is an atomic operation or a read-locked map lookup, never held across an await; a
@@ -39,7 +43,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
 };
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -143,6 +147,7 @@ pub struct ParticipantMetrics {
     gc_removed: Counter,
     inquiries: Family<InquiryLabels, Counter>,
     in_doubt: Arc<InDoubtGauges>,
+    store: Arc<StoreCounters>,
 }
 
 impl Default for ParticipantMetrics {
@@ -191,6 +196,7 @@ impl ParticipantMetrics {
             gc_removed: Counter::default(),
             inquiries,
             in_doubt: Arc::new(InDoubtGauges::default()),
+            store: Arc::new(StoreCounters::default()),
         };
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -228,6 +234,12 @@ impl ParticipantMetrics {
             self.inquiries.clone(),
         );
         registry.register_collector(Box::new(self.in_doubt.clone()));
+        registry.register_collector(Box::new(self.store.clone()));
+    }
+
+    /// Exports what the barrier's store has made durable (the first call wins).
+    pub fn observe_store(&self, counters: Arc<crate::durable::DurabilityCounters>) {
+        let _ = self.store.counters.set(counters);
     }
 
     /// The text exposition of every metric.
@@ -315,6 +327,35 @@ impl Collector for InDoubtGauges {
             "Time since the oldest branch in doubt voted YES (0 if none).",
             Some(&Unit::Seconds),
             age.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// The store's durability counters, read at each scrape.
+#[derive(Debug, Default)]
+struct StoreCounters {
+    counters: std::sync::OnceLock<Arc<crate::durable::DurabilityCounters>>,
+}
+
+impl Collector for StoreCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(counters) = self.counters.get() else {
+            return Ok(());
+        };
+        let fsyncs = ConstCounter::new(counters.syncs());
+        fsyncs.encode(encoder.encode_descriptor(
+            "treaty_participant_store_fsyncs",
+            "Forced groups the barrier's store made durable (each a flush and fdatasync).",
+            None,
+            fsyncs.metric_type(),
+        )?)?;
+        let records = ConstCounter::new(counters.forced_records());
+        records.encode(encoder.encode_descriptor(
+            "treaty_participant_store_forced_records",
+            "Records written in forced groups by the barrier's store.",
+            None,
+            records.metric_type(),
         )?)?;
         Ok(())
     }

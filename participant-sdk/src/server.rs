@@ -605,6 +605,9 @@ where
             .await
             .map_err(|e| ServeError::Options(format!("counting barrier records: {e}")))??;
         metrics.barrier_records_found(found);
+        if let Some(counters) = store.durability_counters() {
+            metrics.observe_store(counters);
+        }
         barrier = barrier.with_metrics(metrics.clone());
     }
     let barrier = Arc::new(barrier);

@@ -309,6 +309,10 @@ async fn a_known_workload_is_counted_exactly() {
             Some(0.0)
         );
     }
+    // The store's own counts: every durable answer above forced at least one group.
+    let fsyncs = sample(&text, "treaty_participant_store_fsyncs_total").unwrap();
+    let forced = sample(&text, "treaty_participant_store_forced_records_total").unwrap();
+    assert!(fsyncs >= 1.0 && forced >= fsyncs, "{text}");
 
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();

@@ -1,57 +1,85 @@
-//! `treaty bench`: measures two-phase commits per second and their latency over real gRPC
-//! on loopback. It starts its own participants (each a real SDK server with a durable
-//! barrier in a temporary directory, voting YES without other work), and its own
-//! coordinator unless `--endpoint` names a running one; then `concurrency` initiators
-//! each run one transaction after another for `duration_s` seconds, or until
-//! `--transactions` have run.
+//! `treaty bench`: measures Treaty side by side over real gRPC on loopback, in one run:
+//! (a) `twopc`, two-phase commits over the participants (2 by default); (b) `saga`,
+//! 3-step sagas; (c) `compensating`, 3-step sagas whose last step is rejected; (d)
+//! `ceiling`, the cheapest call the same participant servers answer, at the same
+//! concurrency (see [`workload`]). Each runs `--duration-s` (or `--transactions`), one
+//! after another, with `--concurrency` initiators.
 //!
-//! It is also the soak run of docs/limits.md, "Disk": `--saga-every` mixes in sagas (every
-//! other one compensated), `--log-retention-ms` and `--barrier-retention-ms` shorten the
-//! retentions, and `--disk-sample-s` samples the size of every data directory as the run
-//! goes, then prints whether they stayed flat ([`disk`]).
+//! The system under test is its own ([`cluster`]): participants that vote YES and do
+//! nothing else, each a real SDK server with a durable barrier in a temporary directory,
+//! and a coordinator (unless `--endpoint` names a running one); in this process, or with
+//! `--processes` as child processes, so that each one's CPU and memory are its own.
+//! Around each workload it reads the servers' counters and `/proc` ([`observe`]) and
+//! reports, per transaction, calls, forced writes and fsyncs at the coordinator and the
+//! participants, CPU time, and efficiency against the ceiling ([`report`]). With
+//! `--postgres URL` it also runs PostgreSQL's own 2PC as a yardstick ([`postgres`]).
+//! Progress goes to stderr; the results to stdout, as a table or (`--json`) one object.
+//!
+//! It is also the soak run of docs/limits.md, "Disk": `--saga-every` mixes sagas into
+//! `twopc` (every other one compensated), `--log-retention-ms` and
+//! `--barrier-retention-ms` shorten the retentions, and `--disk-sample-s` samples the
+//! size of every data directory as the run goes, then says whether they stayed flat
+//! ([`disk`]). Either of the first and the last makes `twopc` the only default workload,
+//! so the soak's command line means what it always did.
 
+mod cluster;
 mod disk;
+mod observe;
+mod participant;
+mod postgres;
+mod report;
+mod workload;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::net::TcpListener;
+use std::sync::atomic::Ordering;
 
-use treaty_proto::v1 as pb;
-use treaty_sdk::barrier_gc::BarrierGcOptions;
-use treaty_sdk::client::{
-    BeginOptions, BranchSpec, Outcome, SagaStep, SubmitOptions, TreatyClient,
-};
-use treaty_sdk::durable::DurableStore;
-use treaty_sdk::server::ServeOptions;
-use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
-
-use crate::config::ServeConfig;
+pub use participant::{BenchParticipantArgs, run as run_participant};
+use workload::{LoadOptions, Tally, Targets, Workload};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// A running coordinator to measure; by default one is started in this process.
+    /// Workloads to run, one after another, separated by commas: twopc, saga,
+    /// compensating, ceiling. Default: all four (only twopc with --saga-every or
+    /// --disk-sample-s, the soak).
+    #[arg(long)]
+    pub workloads: Option<String>,
+    /// Run the coordinator and each participant as a separate child process (of this
+    /// executable) instead of inside this process.
+    #[arg(long)]
+    pub processes: bool,
+    /// Print one JSON object with every figure instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also run PostgreSQL's own two-phase commit (PREPARE TRANSACTION / COMMIT
+    /// PREPARED) at the same concurrency against this server (URL or key=value string;
+    /// it needs max_prepared_transactions ≥ --concurrency), and print the ratio.
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// A running coordinator to measure; by default one is started (its figures are
+    /// n/a with this: its metrics address is not known).
     #[arg(long)]
     pub endpoint: Option<String>,
-    /// Participants (branches) per transaction; 1 measures one-phase commits.
+    /// Participants (branches) per two-phase commit; 1 measures one-phase commits.
     #[arg(long, default_value_t = 2)]
     pub participants: usize,
     /// Transactions in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// How long to measure (at most; see --transactions).
+    /// How long each workload runs (at most; see --transactions).
     #[arg(long, default_value_t = 10)]
     pub duration_s: u64,
-    /// Stop once this many transactions have run (before --duration-s if sooner).
+    /// Stop each workload once this many transactions have run (before --duration-s if
+    /// sooner).
     #[arg(long)]
     pub transactions: Option<u64>,
     /// Start at most this many transactions a second (a steady rate keeps the data that
     /// retention holds constant, so a disk that grows is a leak, not a faster run).
     #[arg(long)]
     pub rate_per_s: Option<u64>,
-    /// Every Nth transaction is a saga with a step on each participant instead of a
-    /// two-phase commit; every other saga's last step is rejected, so it compensates.
+    /// In twopc, every Nth transaction is a saga with a step on each participant instead
+    /// of a two-phase commit; every other saga's last step is rejected, so it compensates.
     #[arg(long, default_value_t = 0)]
     pub saga_every: u64,
     /// The started coordinator's `--log-retention-ms`.
@@ -70,86 +98,10 @@ pub struct BenchArgs {
     pub disk_csv: Option<std::path::PathBuf>,
 }
 
-/// A participant that votes YES (NO to the payload `reject`) and does nothing else: what
-/// is measured is Treaty.
-#[derive(Debug)]
-struct NoWork;
-
-/// The payload of a saga step [`NoWork`] rejects.
-const REJECT: &[u8] = b"reject";
-
-impl Participant for NoWork {
-    async fn prepare(&self, _: &BranchContext, payload: &[u8]) -> Result<Vote, ParticipantError> {
-        if payload == REJECT {
-            return Ok(Vote::no("rejected by the bench"));
-        }
-        Ok(Vote::Yes)
-    }
-    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
-        Ok(())
-    }
-    async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
-        Ok(())
-    }
-    async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
-        Ok(())
-    }
-}
-
-/// How the run's transactions ended.
-#[derive(Debug, Default)]
-struct Tally {
-    /// Transactions handed out to initiators (the next one's number).
-    started: AtomicU64,
-    finished: AtomicU64,
-    sagas_completed: AtomicU64,
-    sagas_compensated: AtomicU64,
-}
-
-/// One saga with a step on each participant; `compensate`: the last step is rejected.
-/// Returns whether it ended as asked.
-async fn run_saga(
-    client: &TreatyClient,
-    endpoints: &[String],
-    compensate: bool,
-    tally: &Tally,
-) -> bool {
-    let last = endpoints.len().saturating_sub(1);
-    let steps = endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, endpoint)| {
-            let payload = if compensate && i == last {
-                REJECT.to_vec()
-            } else {
-                Vec::new()
-            };
-            SagaStep::new(format!("s{i}"), endpoint, payload)
-        })
-        .collect();
-    let options = SubmitOptions {
-        wait_for_outcome: true,
-        ..SubmitOptions::default()
-    };
-    let Ok(submitted) = client.submit_saga(steps, options).await else {
-        return false;
-    };
-    match pb::TransactionState::try_from(submitted.transaction.state) {
-        Ok(pb::TransactionState::Completed) => {
-            tally.sagas_completed.fetch_add(1, Ordering::Relaxed);
-            !compensate
-        }
-        Ok(pb::TransactionState::Compensated) => {
-            tally.sagas_compensated.fetch_add(1, Ordering::Relaxed);
-            compensate
-        }
-        _ => false,
-    }
-}
-
 /// Samples the directories every `every` until stopped (and once more then), printing
-/// each sample; returns them.
+/// each sample (to stderr with `--json`, whose stdout is the report alone); returns them.
 async fn sample_disk(
+    json: bool,
     watched: disk::Watched,
     every: Duration,
     started: Instant,
@@ -168,7 +120,11 @@ async fn sample_disk(
         })
         .await;
         if let Ok((sample, line)) = sampled {
-            println!("{line}");
+            if json {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
             if samples.len() < disk::MAX_SAMPLES {
                 samples.push(sample);
             }
@@ -183,10 +139,23 @@ async fn sample_disk(
     }
 }
 
-/// Most latencies kept for the percentiles.
-const MAX_SAMPLES: usize = 10_000_000;
+/// The workloads to run: `--workloads`, or the default (see the module docs).
+fn workloads(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
+    let soak = args.saga_every > 0 || args.disk_sample_s.is_some();
+    let workloads = match &args.workloads {
+        Some(list) => Workload::parse_list(list).map_err(|message| anyhow::anyhow!(message))?,
+        None if soak => vec![Workload::Twopc],
+        None => Workload::ALL.to_vec(),
+    };
+    anyhow::ensure!(
+        args.saga_every == 0 || workloads.contains(&Workload::Twopc),
+        "--saga-every mixes sagas into the twopc workload, which --workloads leaves out"
+    );
+    Ok(workloads)
+}
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+/// Checks every flag, naming it.
+fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
     anyhow::ensure!(
         (1..=treaty_sdk::limits::MAX_BRANCHES).contains(&args.participants),
         "--participants must be 1..={}",
@@ -201,6 +170,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--duration-s must be 1..=86400"
     );
     anyhow::ensure!(
+        args.transactions.is_none_or(|t| t >= 1),
+        "--transactions must be at least 1"
+    );
+    anyhow::ensure!(
         args.rate_per_s.is_none_or(|r| (1..=1_000_000).contains(&r)),
         "--rate-per-s must be 1..=1000000"
     );
@@ -208,78 +181,83 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.disk_sample_s.is_none_or(|s| (1..=3_600).contains(&s)),
         "--disk-sample-s must be 1..=3600"
     );
-    let workdir = tempfile::tempdir()?;
-    let mut stops = Vec::new();
-    let mut endpoints = Vec::new();
-    let mut watched = disk::Watched {
-        names: Vec::new(),
-        dirs: Vec::new(),
-    };
-    let mut serve_options = ServeOptions::default();
-    if let Some(retention_ms) = args.barrier_retention_ms {
-        serve_options.barrier_gc = BarrierGcOptions {
-            retention_ms,
-            interval_ms: (retention_ms / 10).clamp(100, 10_000),
-            ..BarrierGcOptions::default()
-        };
-        serve_options
-            .barrier_gc
-            .validate()
-            .map_err(|e| anyhow::anyhow!("--barrier-retention-ms: {e}"))?;
-    }
-    for index in 0..args.participants {
-        let dir = workdir.path().join(format!("participant-{index}"));
-        let store = Arc::new(DurableStore::open(&dir, Default::default())?);
-        watched.names.push(format!("participant-{index}"));
-        watched.dirs.push(dir);
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        endpoints.push(format!("http://{}", listener.local_addr()?));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        stops.push(stop);
-        tokio::spawn(treaty_sdk::serve(
-            Arc::new(NoWork),
-            store,
-            listener,
-            serve_options.clone(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-    }
-    let (endpoint, coordinator) = match args.endpoint.clone() {
-        Some(endpoint) => (endpoint, None),
-        None => {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
-            let endpoint = format!("http://{}", listener.local_addr()?);
-            let dir = workdir.path().join("coordinator");
-            let mut config = ServeConfig::new(listener.local_addr()?, dir.clone());
-            config.max_active_transactions = args.concurrency.max(1_000);
-            if let Some(retention_ms) = args.log_retention_ms {
-                config.log_retention_ms = retention_ms;
-            }
-            watched.names.insert(0, "coordinator".into());
-            watched.dirs.insert(0, dir);
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(crate::daemon::run_on(config, listener, async {
-                let _ = stopped.await;
-            }));
-            (endpoint, Some((stop, task)))
-        }
-    };
-    let client = TreatyClient::connect(endpoint.clone()).await?;
-    println!(
-        "bench: {} participant(s) per transaction, {} in flight, {} s, coordinator {endpoint}",
-        args.participants, args.concurrency, args.duration_s
+    anyhow::ensure!(
+        args.log_retention_ms.is_none_or(|ms| ms >= 1),
+        "--log-retention-ms must be at least 1"
     );
+    if let Some(retention_ms) = args.barrier_retention_ms {
+        cluster::barrier_gc(retention_ms)?;
+    }
+    if let Some(url) = &args.postgres {
+        postgres::check_url(url)?;
+        anyhow::ensure!(
+            args.concurrency <= 1_000,
+            "--postgres: --concurrency must be 1..=1000 (one PostgreSQL connection each)"
+        );
+    }
+    if let Some(endpoint) = &args.endpoint {
+        treaty_sdk::limits::check_endpoint("--endpoint", endpoint)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    workloads(args)
+}
 
+/// Runs the bench; Ctrl-C stops it, and every child process with it.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    tokio::select! {
+        result = run_to_end(args) => result,
+        interrupted = tokio::signal::ctrl_c() => {
+            interrupted?;
+            anyhow::bail!("interrupted (the bench's child processes are killed)")
+        }
+    }
+}
+
+/// How long, after a workload's load ends, its last transactions may take to finish
+/// phase 2 before the counters are read.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
+    let workloads = validate(&args)?;
+    if let Some(url) = &args.postgres {
+        postgres::check_server(url, args.concurrency).await?;
+    }
+    let cluster = cluster::Cluster::start(&cluster::ClusterOptions {
+        processes: args.processes,
+        participants: args.participants,
+        max_active_transactions: args.concurrency.max(1_000),
+        log_retention_ms: args.log_retention_ms,
+        barrier_retention_ms: args.barrier_retention_ms,
+        endpoint: args.endpoint.clone(),
+    })
+    .await?;
+    let endpoints: Vec<String> = cluster
+        .participants
+        .iter()
+        .map(|p| p.endpoint.clone())
+        .collect();
+    let targets = Targets::connect(&cluster.coordinator_endpoint, &endpoints).await?;
+    let names: Vec<&str> = workloads.iter().map(|w| w.name()).collect();
+    eprintln!(
+        "bench: {}; {} participant(s), {} in flight, {} s per workload ({}); coordinator {}",
+        if args.processes {
+            "separate processes"
+        } else {
+            "in process"
+        },
+        args.participants,
+        args.concurrency,
+        args.duration_s,
+        names.join(", "),
+        cluster.coordinator_endpoint
+    );
     let started = Instant::now();
-    let until = started + Duration::from_secs(args.duration_s);
-    let limit = args.transactions.unwrap_or(u64::MAX);
     let tally = Arc::new(Tally::default());
     let sampler = args.disk_sample_s.map(|every_s| {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(sample_disk(
-            watched.clone(),
+            args.json,
+            cluster.watched.clone(),
             Duration::from_secs(every_s),
             started,
             tally.clone(),
@@ -287,108 +265,104 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ));
         (stop, task)
     });
-    let mut workers = Vec::with_capacity(args.concurrency);
-    for _ in 0..args.concurrency {
-        let client = client.clone();
-        let endpoints = endpoints.clone();
-        let tally = tally.clone();
-        let saga_every = args.saga_every;
-        let rate_per_s = args.rate_per_s;
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failures = 0u64;
-            while Instant::now() < until {
-                let number = tally.started.fetch_add(1, Ordering::SeqCst);
-                if number >= limit {
-                    break;
-                }
-                if let Some(rate) = rate_per_s {
-                    let due = started + Duration::from_secs_f64(number as f64 / rate as f64);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                if saga_every > 0 && number % saga_every == saga_every - 1 {
-                    let compensate = (number / saga_every) % 2 == 1;
-                    if !run_saga(&client, &endpoints, compensate, &tally).await {
-                        failures += 1;
-                    }
-                    tally.finished.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let branches = endpoints
-                    .iter()
-                    .enumerate()
-                    .map(|(i, endpoint)| BranchSpec::new(format!("p{i}"), endpoint, Vec::new()))
-                    .collect();
-                let begun = Instant::now();
-                match client
-                    .run_two_phase(branches, BeginOptions::default())
-                    .await
-                {
-                    Ok((_, Outcome::Committed)) if latencies.len() < MAX_SAMPLES => {
-                        latencies.push(begun.elapsed())
-                    }
-                    Ok((_, Outcome::Committed)) => {}
-                    Ok((_, Outcome::Aborted { .. })) | Err(_) => failures += 1,
-                }
-                tally.finished.fetch_add(1, Ordering::Relaxed);
-            }
-            (latencies, failures)
-        }));
-    }
-    let mut latencies = Vec::new();
-    let mut failures = 0;
-    for worker in workers {
-        let (mut worker_latencies, worker_failures) = worker.await?;
-        latencies.append(&mut worker_latencies);
-        failures += worker_failures;
-    }
-    let elapsed = started.elapsed();
-    latencies.sort();
-    let percentile = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[index].as_secs_f64() * 1_000.0
+    let options = LoadOptions {
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.duration_s),
+        limit: args.transactions.unwrap_or(u64::MAX),
+        rate_per_s: args.rate_per_s,
+        saga_every: args.saga_every,
     };
-    println!(
-        "committed {} in {:.1} s: {:.0} commits/s; {failures} failed or aborted",
-        latencies.len(),
-        elapsed.as_secs_f64(),
-        latencies.len() as f64 / elapsed.as_secs_f64()
-    );
-    println!(
-        "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
-        percentile(0.50),
-        percentile(0.90),
-        percentile(0.99),
-        percentile(1.0)
-    );
-    if args.saga_every > 0 {
-        println!(
-            "sagas: {} completed, {} compensated (counted among the {failures} failed only if \
-             they ended otherwise)",
-            tally.sagas_completed.load(Ordering::SeqCst),
-            tally.sagas_compensated.load(Ordering::SeqCst)
+    let coordinator_pid = match (&args.endpoint, args.processes) {
+        (Some(_), _) => None,
+        (None, true) => Some(cluster.processes.first().and_then(|p| p.pid)),
+        (None, false) => Some(None),
+    };
+    let mut report = report::Report {
+        mode: if args.processes {
+            "processes"
+        } else {
+            "in_process"
+        },
+        participants: args.participants,
+        concurrency: args.concurrency,
+        duration_s: args.duration_s,
+        workloads: Vec::new(),
+        ceiling_calls_per_s: None,
+        postgres: None,
+    };
+    for workload in workloads {
+        let before = observe::Snapshot::take(&cluster).await?;
+        let load = workload::run(workload, &targets, &options, tally.clone()).await?;
+        settle(&cluster).await;
+        let after = observe::Snapshot::take(&cluster).await?;
+        let rss_bytes = coordinator_pid.and_then(observe::rss_bytes);
+        let figures = report::WorkloadReport::new(
+            workload,
+            &load,
+            &before,
+            &after,
+            &cluster.processes,
+            rss_bytes,
         );
+        eprintln!(
+            "bench {:<12} {} done, {} failed: {:.0}/s",
+            workload.name(),
+            figures.transactions,
+            figures.failed,
+            figures.transactions_per_s
+        );
+        report.workloads.push(figures);
     }
     if let Some((stop, task)) = sampler {
         let _ = stop.send(true);
         let samples = task.await?;
-        for line in watched.summary(&samples) {
-            println!("{line}");
+        for line in cluster.watched.summary(&samples) {
+            if args.json {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
         }
         if let Some(path) = &args.disk_csv {
-            std::fs::write(path, watched.csv(&samples))?;
-            println!("disk samples written to {}", path.display());
+            std::fs::write(path, cluster.watched.csv(&samples))
+                .map_err(|e| anyhow::anyhow!("--disk-csv {}: {e}", path.display()))?;
+            eprintln!("disk samples written to {}", path.display());
         }
     }
-    if let Some((stop, task)) = coordinator {
-        let _ = stop.send(());
-        task.await??;
+    cluster.stop().await?;
+    if let Some(url) = &args.postgres {
+        eprintln!("bench postgresql 2pc: {} in flight", args.concurrency);
+        let mut postgres =
+            postgres::run(url, args.concurrency, options.duration, options.limit).await?;
+        postgres.treaty_twopc_ratio = report
+            .workloads
+            .iter()
+            .find(|w| w.workload == Workload::Twopc)
+            .filter(|_| postgres.transactions_per_s > 0.0)
+            .map(|w| w.transactions_per_s / postgres.transactions_per_s);
+        report.postgres = Some(postgres);
     }
-    for stop in stops {
-        let _ = stop.send(());
+    report.compute_efficiency();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
     }
     Ok(())
+}
+
+/// Waits (up to [`SETTLE_TIMEOUT`]) until the coordinator has no transaction in
+/// progress: phase 2 of the last commits is counted with the workload that caused it.
+async fn settle(cluster: &cluster::Cluster) {
+    let Some(address) = cluster.coordinator_metrics else {
+        return;
+    };
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while Instant::now() < deadline {
+        match observe::coordinator_counts(address).await {
+            Ok(counts) if counts.in_progress > 0.0 => {}
+            _ => return,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -47,6 +47,7 @@ pub(super) struct Logger {
     pub(super) max_batch_bytes: usize,
     pub(super) sync_observer: Option<SyncObserver>,
     pub(super) group_observer: Option<GroupObserver>,
+    pub(super) counters: Arc<super::DurabilityCounters>,
 }
 
 impl Logger {
@@ -154,9 +155,13 @@ impl Logger {
                 });
                 match result {
                     Ok(sync_seconds) => {
+                        let records = group.iter().map(|(batch, _, _)| batch.len()).sum();
+                        if sync_seconds.is_some() {
+                            self.counters.forced_group(records);
+                        }
                         if let Some(observer) = &self.group_observer {
                             observer(GroupCommitted {
-                                records: group.iter().map(|(batch, _, _)| batch.len()).sum(),
+                                records,
                                 writes: group.len(),
                                 sync_seconds,
                             });

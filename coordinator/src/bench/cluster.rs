@@ -1,0 +1,405 @@
+//! The system `treaty bench` measures: its participants and its coordinator, either in
+//! this process (tasks on this runtime, beside the load generator) or, with
+//! `--processes`, as child processes of the current executable (`treaty serve` and the
+//! hidden `treaty bench-participant`), so that each one's CPU and memory can be read
+//! from `/proc` on its own.
+//!
+//! Either way every member serves `/metrics` on a loopback port, and the bench reads the
+//! same counters from both modes ([`super::observe`]). Children are started with
+//! `kill_on_drop`: however the bench ends (an error, Ctrl-C dropping the run), none
+//! outlives it. Every address is 127.0.0.1.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, ChildStdout, Command};
+
+use treaty_sdk::barrier_gc::BarrierGcOptions;
+use treaty_sdk::durable::DurableStore;
+use treaty_sdk::server::{MetricsListen, ServeOptions};
+
+use super::disk;
+use super::participant::NoWork;
+use crate::config::ServeConfig;
+
+/// How long a child has to announce its addresses.
+const START_PATIENCE: Duration = Duration::from_secs(30);
+/// Longest line read from a child's stdout while waiting for its announcements.
+const MAX_ANNOUNCEMENT_BYTES: usize = 4_096;
+
+/// What the cluster is started with.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub processes: bool,
+    pub participants: usize,
+    /// The coordinator's `--max-active-transactions`.
+    pub max_active_transactions: usize,
+    pub log_retention_ms: Option<u64>,
+    pub barrier_retention_ms: Option<u64>,
+    /// A running coordinator to use instead of starting one.
+    pub endpoint: Option<String>,
+}
+
+/// One participant as the bench reaches it.
+#[derive(Debug, Clone)]
+pub struct ParticipantAt {
+    pub endpoint: String,
+    pub metrics: SocketAddr,
+}
+
+/// A process whose CPU time and memory are read: a child by its pid, or this process.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub name: String,
+    /// `None`: this process.
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub coordinator_endpoint: String,
+    /// `None` for a coordinator the bench did not start (`--endpoint`).
+    pub coordinator_metrics: Option<SocketAddr>,
+    pub participants: Vec<ParticipantAt>,
+    /// The coordinator first (if started), then the participants; in-process, one entry
+    /// for this whole process.
+    pub processes: Vec<Observed>,
+    pub watched: disk::Watched,
+    running: Running,
+    _workdir: tempfile::TempDir,
+}
+
+type CoordinatorTask = tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>;
+
+#[derive(Debug)]
+enum Running {
+    InProcess {
+        participants: Vec<tokio::sync::oneshot::Sender<()>>,
+        coordinator: Option<(tokio::sync::oneshot::Sender<()>, CoordinatorTask)>,
+    },
+    Children(Vec<Child>),
+}
+
+/// The participants' serve options: the barrier retention asked for, metrics on.
+pub fn serve_options(
+    barrier_retention_ms: Option<u64>,
+    metrics: std::net::TcpListener,
+) -> anyhow::Result<ServeOptions> {
+    let mut options = ServeOptions {
+        metrics_listen: Some(MetricsListen::from(metrics)),
+        ..ServeOptions::default()
+    };
+    if let Some(retention_ms) = barrier_retention_ms {
+        options.barrier_gc = barrier_gc(retention_ms)?;
+    }
+    Ok(options)
+}
+
+/// The barrier collector for `--barrier-retention-ms`, checked.
+pub fn barrier_gc(retention_ms: u64) -> anyhow::Result<BarrierGcOptions> {
+    let options = BarrierGcOptions {
+        retention_ms,
+        interval_ms: (retention_ms / 10).clamp(100, 10_000),
+        ..BarrierGcOptions::default()
+    };
+    options
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--barrier-retention-ms: {e}"))?;
+    Ok(options)
+}
+
+impl Cluster {
+    pub async fn start(options: &ClusterOptions) -> anyhow::Result<Self> {
+        let workdir = tempfile::tempdir().context("creating the bench's temporary directory")?;
+        let mut watched = disk::Watched {
+            names: Vec::new(),
+            dirs: Vec::new(),
+        };
+        let coordinator_dir = workdir.path().join("coordinator");
+        if options.endpoint.is_none() {
+            watched.names.push("coordinator".into());
+            watched.dirs.push(coordinator_dir.clone());
+        }
+        let participant_dirs: Vec<PathBuf> = (0..options.participants)
+            .map(|index| workdir.path().join(format!("participant-{index}")))
+            .collect();
+        for (index, dir) in participant_dirs.iter().enumerate() {
+            watched.names.push(format!("participant-{index}"));
+            watched.dirs.push(dir.clone());
+        }
+        let started = if options.processes {
+            start_children(options, &coordinator_dir, &participant_dirs).await?
+        } else {
+            start_in_process(options, &coordinator_dir, &participant_dirs).await?
+        };
+        Ok(Self {
+            coordinator_endpoint: started.coordinator_endpoint,
+            coordinator_metrics: started.coordinator_metrics,
+            participants: started.participants,
+            processes: started.processes,
+            watched,
+            running: started.running,
+            _workdir: workdir,
+        })
+    }
+
+    /// Stops every member: in-process ones gracefully, children by SIGKILL (their data
+    /// is temporary; what was measured is already read).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        match self.running {
+            Running::InProcess {
+                participants,
+                coordinator,
+            } => {
+                if let Some((stop, task)) = coordinator {
+                    let _ = stop.send(());
+                    task.await??;
+                }
+                for stop in participants {
+                    let _ = stop.send(());
+                }
+            }
+            Running::Children(children) => {
+                for mut child in children {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Started {
+    coordinator_endpoint: String,
+    coordinator_metrics: Option<SocketAddr>,
+    participants: Vec<ParticipantAt>,
+    processes: Vec<Observed>,
+    running: Running,
+}
+
+async fn start_in_process(
+    options: &ClusterOptions,
+    coordinator_dir: &Path,
+    participant_dirs: &[PathBuf],
+) -> anyhow::Result<Started> {
+    let mut participants = Vec::new();
+    let mut stops = Vec::new();
+    for dir in participant_dirs {
+        let store = Arc::new(DurableStore::open(dir, Default::default())?);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?;
+        participants.push(ParticipantAt {
+            endpoint: format!("http://{}", listener.local_addr()?),
+            metrics: metrics.local_addr()?,
+        });
+        let serve_options = serve_options(options.barrier_retention_ms, metrics)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop);
+        tokio::spawn(treaty_sdk::serve(
+            Arc::new(NoWork),
+            store,
+            listener,
+            serve_options,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+    }
+    let (coordinator_endpoint, coordinator_metrics, coordinator) = match &options.endpoint {
+        Some(endpoint) => (endpoint.clone(), None, None),
+        None => {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let mut config =
+                ServeConfig::new(listener.local_addr()?, coordinator_dir.to_path_buf());
+            config.max_active_transactions = options.max_active_transactions;
+            if let Some(retention_ms) = options.log_retention_ms {
+                config.log_retention_ms = retention_ms;
+            }
+            // The daemon binds its metrics address itself: a port just free is given it
+            // (another process taking it in between makes the start fail, loudly).
+            let metrics = {
+                let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+                probe.local_addr()?
+            };
+            config.metrics_listen = Some(metrics);
+            let endpoint = format!("http://{}", listener.local_addr()?);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            // Its addresses are known here; stdout is the report's.
+            let task = tokio::spawn(crate::daemon::run_on_announcing(
+                config, listener, stopped, false,
+            ));
+            (endpoint, Some(metrics), Some((stop, task)))
+        }
+    };
+    Ok(Started {
+        coordinator_endpoint,
+        coordinator_metrics,
+        participants,
+        processes: vec![Observed {
+            name: "this process (load generator included)".into(),
+            pid: None,
+        }],
+        running: Running::InProcess {
+            participants: stops,
+            coordinator,
+        },
+    })
+}
+
+async fn start_children(
+    options: &ClusterOptions,
+    coordinator_dir: &Path,
+    participant_dirs: &[PathBuf],
+) -> anyhow::Result<Started> {
+    let executable = std::env::current_exe().context("finding the treaty executable")?;
+    let mut children = Vec::new();
+    let mut processes = Vec::new();
+    let mut participants = Vec::new();
+    for (index, dir) in participant_dirs.iter().enumerate() {
+        let mut args = vec![
+            "bench-participant".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.to_string_lossy().into_owned(),
+        ];
+        if let Some(retention_ms) = options.barrier_retention_ms {
+            args.extend(["--barrier-retention-ms".into(), retention_ms.to_string()]);
+        }
+        let name = format!("participant-{index}");
+        let (child, announced) = spawn(
+            &executable,
+            &name,
+            &args,
+            &[PARTICIPANT_LISTENING, PARTICIPANT_METRICS],
+        )
+        .await?;
+        participants.push(ParticipantAt {
+            endpoint: format!("http://{}", announced[0]),
+            metrics: announced[1],
+        });
+        processes.push(Observed {
+            name,
+            pid: child.id(),
+        });
+        children.push(child);
+    }
+    let (coordinator_endpoint, coordinator_metrics) = match &options.endpoint {
+        Some(endpoint) => (endpoint.clone(), None),
+        None => {
+            let mut args = vec![
+                "serve".to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                coordinator_dir.to_string_lossy().into_owned(),
+                "--max-active-transactions".into(),
+                options.max_active_transactions.to_string(),
+            ];
+            if let Some(retention_ms) = options.log_retention_ms {
+                args.extend(["--log-retention-ms".into(), retention_ms.to_string()]);
+            }
+            let (child, announced) = spawn(
+                &executable,
+                "coordinator",
+                &args,
+                &["treaty listening on ", "treaty metrics on "],
+            )
+            .await?;
+            processes.insert(
+                0,
+                Observed {
+                    name: "coordinator".into(),
+                    pid: child.id(),
+                },
+            );
+            children.insert(0, child);
+            (format!("http://{}", announced[0]), Some(announced[1]))
+        }
+    };
+    Ok(Started {
+        coordinator_endpoint,
+        coordinator_metrics,
+        participants,
+        processes,
+        running: Running::Children(children),
+    })
+}
+
+/// What `treaty bench-participant` prints once it serves, before its address.
+pub const PARTICIPANT_LISTENING: &str = "bench participant listening on ";
+/// What it prints before its metrics address.
+pub const PARTICIPANT_METRICS: &str = "bench participant metrics on ";
+
+/// Starts `executable args` (logging warnings and errors only, to our stderr) and reads
+/// the address after each of `prefixes` from its stdout, in order; the rest of its
+/// stdout is read and dropped, so that it never blocks on a full pipe.
+async fn spawn(
+    executable: &Path,
+    name: &str,
+    args: &[String],
+    prefixes: &[&str],
+) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
+    let mut child = Command::new(executable)
+        .args(args)
+        .env("TREATY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting the {name} ({})", executable.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("the {name}'s stdout is not piped"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut announced = Vec::new();
+    for prefix in prefixes {
+        let address = tokio::time::timeout(START_PATIENCE, announcement(&mut lines, prefix))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("the {name} did not print {prefix:?} within {START_PATIENCE:?}")
+            })?
+            .with_context(|| format!("the {name} ({})", executable.display()))?;
+        announced.push(address);
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, announced))
+}
+
+async fn announcement(
+    lines: &mut tokio::io::Lines<BufReader<ChildStdout>>,
+    prefix: &str,
+) -> anyhow::Result<SocketAddr> {
+    loop {
+        let Some(line) = lines.next_line().await? else {
+            anyhow::bail!("exited (or closed its stdout) before printing {prefix:?}");
+        };
+        anyhow::ensure!(
+            line.len() <= MAX_ANNOUNCEMENT_BYTES,
+            "printed a line of {} bytes",
+            line.len()
+        );
+        if let Some(address) = line.strip_prefix(prefix) {
+            return address
+                .trim()
+                .parse()
+                .with_context(|| format!("{prefix:?} followed by {address:?}"));
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! What `treaty bench` reads from the system under test around each workload: the
+//! members' `/metrics` counters (calls, fsyncs, forced records) and their CPU time and
+//! memory from `/proc`. A workload's figures are the difference of two [`Snapshot`]s.
+//!
+//! Counters come from the servers themselves, not from the load generator, so that what
+//! is counted is what the coordinator and participants did (retries and background work
+//! included). `/proc` is Linux only; elsewhere CPU and RSS are simply absent.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::cluster::{Cluster, Observed};
+
+/// Longest `/metrics` answer read (the coordinator's, with one histogram per participant
+/// endpoint and operation, is a few tens of kilobytes).
+const MAX_METRICS_BYTES: u64 = 8 * 1024 * 1024;
+/// How long a scrape may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `/proc/PID/stat` counts CPU time in clock ticks of `USER_HZ`, which Linux fixes at
+/// 100 a second for user space whatever the kernel's own tick rate.
+const CLOCK_TICKS_PER_S: u64 = 100;
+
+/// The coordinator's counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CoordinatorCounts {
+    /// Calls to participants (`treaty_participant_call_duration_seconds_count`, summed).
+    pub participant_calls: f64,
+    /// Forced log groups made durable (`treaty_log_fsync_duration_seconds_count`).
+    pub fsyncs: f64,
+    /// Records written by the log's group commits (`treaty_log_batch_records_sum`).
+    pub log_records: f64,
+    /// Transactions not yet final (`treaty_transactions_in_progress`, summed).
+    pub in_progress: f64,
+}
+
+/// One participant's counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ParticipantCounts {
+    /// Calls answered (`treaty_participant_operations_total`, summed).
+    pub operations: f64,
+    /// `treaty_participant_store_fsyncs_total`.
+    pub fsyncs: f64,
+    /// `treaty_participant_store_forced_records_total`.
+    pub forced_records: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub coordinator: Option<CoordinatorCounts>,
+    pub participants: Vec<ParticipantCounts>,
+    /// CPU time (user and system) of each observed process, in microseconds.
+    pub cpu_us: Vec<Option<u64>>,
+    /// This process's, when it is not among the observed (the servers are children).
+    pub load_generator_cpu_us: Option<u64>,
+}
+
+impl Snapshot {
+    pub async fn take(cluster: &Cluster) -> anyhow::Result<Self> {
+        let coordinator = match cluster.coordinator_metrics {
+            Some(address) => Some(coordinator_counts(address).await?),
+            None => None,
+        };
+        let mut participants = Vec::with_capacity(cluster.participants.len());
+        for participant in &cluster.participants {
+            let text = scrape(participant.metrics).await?;
+            participants.push(ParticipantCounts {
+                operations: sum(&text, "treaty_participant_operations_total"),
+                fsyncs: sum(&text, "treaty_participant_store_fsyncs_total"),
+                forced_records: sum(&text, "treaty_participant_store_forced_records_total"),
+            });
+        }
+        Ok(Self {
+            coordinator,
+            participants,
+            cpu_us: cluster.processes.iter().map(cpu_us).collect(),
+            load_generator_cpu_us: if cluster.processes.iter().any(|p| p.pid.is_none()) {
+                None
+            } else {
+                cpu_us(&Observed {
+                    name: "load generator".into(),
+                    pid: None,
+                })
+            },
+        })
+    }
+}
+
+pub async fn coordinator_counts(address: SocketAddr) -> anyhow::Result<CoordinatorCounts> {
+    let text = scrape(address).await?;
+    Ok(CoordinatorCounts {
+        participant_calls: sum(&text, "treaty_participant_call_duration_seconds_count"),
+        fsyncs: sum(&text, "treaty_log_fsync_duration_seconds_count"),
+        log_records: sum(&text, "treaty_log_batch_records_sum"),
+        in_progress: sum(&text, "treaty_transactions_in_progress"),
+    })
+}
+
+/// The body of `GET /metrics` at `address` (plain HTTP/1.1 on loopback).
+pub async fn scrape(address: SocketAddr) -> anyhow::Result<String> {
+    let read = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: treaty\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream
+            .take(MAX_METRICS_BYTES)
+            .read_to_string(&mut response)
+            .await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(SCRAPE_TIMEOUT, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {address}/metrics within {SCRAPE_TIMEOUT:?}"))?
+        .with_context(|| format!("reading {address}/metrics"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("{address}/metrics: not an HTTP answer"))?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "{address}/metrics: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(body.to_string())
+}
+
+/// The sum of every sample of the metric `name` (all label sets) in a text exposition;
+/// 0 if there is none.
+pub fn sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let value = match rest.chars().next()? {
+                '{' => rest.rsplit_once('}')?.1,
+                ' ' => rest,
+                _ => return None,
+            };
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+fn proc_path(pid: Option<u32>, file: &str) -> String {
+    match pid {
+        Some(pid) => format!("/proc/{pid}/{file}"),
+        None => format!("/proc/self/{file}"),
+    }
+}
+
+/// User plus system CPU time of the process so far, in microseconds.
+pub fn cpu_us(process: &Observed) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_path(process.pid, "stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count fields
+    // from after it. utime and stime are fields 14 and 15.
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) * (1_000_000 / CLOCK_TICKS_PER_S))
+}
+
+/// Resident set size of the process now, in bytes (`VmRSS`).
+pub fn rss_bytes(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(proc_path(pid, "status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_every_label_set_of_exactly_the_name() {
+        let text = "# HELP x\n\
+                    treaty_a_count{endpoint=\"p1\",op=\"prepare\"} 3\n\
+                    treaty_a_count{endpoint=\"p2 }\"} 4\n\
+                    treaty_a_count_other 100\n\
+                    treaty_a_sum 9.5\n\
+                    treaty_b 2\n";
+        assert_eq!(sum(text, "treaty_a_count"), 7.0);
+        assert_eq!(sum(text, "treaty_a_sum"), 9.5);
+        assert_eq!(sum(text, "treaty_b"), 2.0);
+        assert_eq!(sum(text, "treaty_c"), 0.0);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let this = Observed {
+            name: "self".into(),
+            pid: None,
+        };
+        if cfg!(target_os = "linux") {
+            assert!(cpu_us(&this).is_some());
+            assert!(rss_bytes(None).is_some_and(|bytes| bytes > 0));
+        }
+    }
+}
