@@ -88,7 +88,6 @@ impl Workload {
         }
         Ok(workloads)
     }
-
 }
 
 /// How the load runs.
