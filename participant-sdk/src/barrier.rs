@@ -10,7 +10,9 @@
 //! - concurrent duplicates are serialized per branch by [`KeyedLocks`];
 //! - every record is durable (the store's `save`, or the participant's own transaction)
 //!   before the reply: a YES vote and a commit survive a crash of the participant right
-//!   after it answered.
+//!   after it answered. (With [`Barrier::with_unforced_one_phase_yes`], the YES on the
+//!   way to a one-phase or saga commit is written unforced: nothing is answered from
+//!   it before the commit's forced record, and a Prepare that finds it forces it first.)
 //!
 //! A branch that voted YES in a two-phase or one-phase commit is also marked in doubt
 //! until its outcome is applied; [`crate::in_doubt`] asks the coordinator about it.
@@ -161,6 +163,9 @@ pub struct Barrier<S: BarrierStore = DurableStore> {
     collected_below_unix_ms: AtomicU64,
     /// Counts the records it creates (see [`crate::metrics`]).
     metrics: Arc<ParticipantMetrics>,
+    /// Write a one-phase or saga YES without waiting for the disk (see
+    /// [`Barrier::with_unforced_one_phase_yes`]).
+    unforced_one_phase_yes: bool,
 }
 
 impl<S: BarrierStore> std::fmt::Debug for Barrier<S> {
@@ -168,6 +173,7 @@ impl<S: BarrierStore> std::fmt::Debug for Barrier<S> {
         f.debug_struct("Barrier")
             .field("store", &self.store.describe())
             .field("retention_ms", &self.retention_ms)
+            .field("unforced_one_phase_yes", &self.unforced_one_phase_yes)
             .finish()
     }
 }
@@ -181,7 +187,25 @@ impl<S: BarrierStore> Barrier<S> {
             retention_ms: DEFAULT_RETENTION_MS,
             collected_below_unix_ms: AtomicU64::new(0),
             metrics: Arc::default(),
+            unforced_one_phase_yes: false,
         }
+    }
+
+    /// Opt-in: a one-phase commit or a saga step writes its YES on the way to the commit
+    /// without waiting for the disk, so that it waits for one forced write instead of
+    /// two (the commit's forced write carries the YES to disk too, the store keeping
+    /// writes in order).
+    ///
+    /// Only for a participant whose `prepare` and `commit` write every effect in the same
+    /// local transaction as the barrier's record
+    /// ([`BranchContext::include_barrier_record`](crate::BranchContext::include_barrier_record)
+    /// or [`take_barrier_write`](crate::BranchContext::take_barrier_write)), or that has
+    /// none. Otherwise a crash while `commit` runs can lose the YES while its effect stays
+    /// (a call to another service, a write elsewhere): a later Abort or Compensate then
+    /// finds no record and answers without undoing it.
+    pub fn with_unforced_one_phase_yes(mut self, unforced: bool) -> Self {
+        self.unforced_one_phase_yes = unforced;
+        self
     }
 
     /// Counts into `metrics` (by default, metrics of its own that nothing reads). Its
@@ -309,7 +333,10 @@ impl<S: BarrierStore> Barrier<S> {
         let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
         if let Some(record) = self.record(branch)? {
-            if record.status == BranchStatus::Prepared && record.mode != BranchMode::TwoPhase {
+            if record.status == BranchStatus::Prepared
+                && record.mode != BranchMode::TwoPhase
+                && self.unforced_one_phase_yes
+            {
                 // A one-phase or saga YES may have been written unforced (its commit
                 // failed after it): made durable before a YES is heard from it.
                 self.save(branch, &record).await?;
@@ -511,16 +538,15 @@ impl<S: BarrierStore> Barrier<S> {
         if vote == Vote::Yes {
             if !slot.included() {
                 // A two-phase YES is heard by the coordinator: durable first. A one-phase
-                // or saga YES is heard by nobody: its commit's forced record follows and
-                // makes it durable too, and a crash before that loses no promise (the
-                // retried call prepares again).
-                match mode {
-                    BranchMode::TwoPhase => self.save(branch, &prepared).await?,
-                    _ => {
-                        self.store
-                            .save_unforced(write_for(branch, &prepared))
-                            .await?
-                    }
+                // or saga YES is heard by nobody; where the participant opted in (its
+                // effects commit with its records), the commit's forced record that
+                // follows carries it to disk.
+                if mode != BranchMode::TwoPhase && self.unforced_one_phase_yes {
+                    self.store
+                        .save_unforced(write_for(branch, &prepared))
+                        .await?;
+                } else {
+                    self.save(branch, &prepared).await?;
                 }
             }
             self.metrics.barrier_record_created();

@@ -10,9 +10,10 @@
 //! What an implementation must guarantee:
 //! - `save` returns Ok only once the write is durable (it survives a crash of the
 //!   process or the machine), with the record and its in-doubt mark applied together;
-//! - `save_unforced` may return before its write is durable, but writes reach the disk
-//!   in the order they were made: a later `save` makes it durable too, and a crash keeps
-//!   a prefix of the writes (the default makes it a `save`);
+//! - `save_unforced` may return before its write is durable, but once it returns `load`
+//!   and `in_doubt` see it, and writes reach the disk in the order they were made: a
+//!   later `save` makes it durable too, and a crash keeps a prefix of the writes (the
+//!   default makes it a `save`);
 //! - `load` returns what the last durable write for the branch held, whether `save` or the
 //!   participant's own transaction made it;
 //! - `in_doubt` lists the branches whose last write was marked in doubt, in an order of the
@@ -58,8 +59,11 @@ pub trait BarrierStore: Send + Sync + 'static {
 
     /// Writes `write`, perhaps not yet durably: for a record nobody hears of before a
     /// later `save` of the same branch (the YES of a one-phase commit or a saga step,
-    /// which its commit's record follows). Writes must reach the disk in the order they
-    /// were made; a store that cannot promise it keeps this default, a forced write.
+    /// which its commit's record follows; only with
+    /// [`Barrier::with_unforced_one_phase_yes`](crate::barrier::Barrier::with_unforced_one_phase_yes)).
+    /// Once it resolves, `load` and `in_doubt` see the write; writes must reach the disk
+    /// in the order they were made. A store that cannot promise it keeps this default,
+    /// a forced write.
     fn save_unforced(
         &self,
         write: BarrierWrite,
@@ -338,6 +342,7 @@ pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String>
     {
         return Err("a branch whose last write cleared the mark is still in doubt".into());
     }
+    check_unforced(store).await?;
     let marked: Vec<BranchKey> = (1..=5).map(|txn| key(txn, "b")).collect();
     for branch in &marked {
         store
@@ -373,6 +378,53 @@ pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String>
         ));
     }
     check_collection(store).await
+}
+
+/// An unforced write is seen at once (record and mark), and a later forced write of the
+/// branch replaces it.
+async fn check_unforced<S: BarrierStore>(store: &S) -> Result<(), String> {
+    let failed = |what: &str, e: StoreError| format!("{what}: {e}");
+    let key = BranchKey {
+        transaction_id: "conformance-unforced".into(),
+        branch_id: "u".into(),
+    };
+    let write = |record: &[u8], in_doubt: bool| BarrierWrite {
+        key: key.clone(),
+        record: record.to_vec(),
+        in_doubt,
+    };
+    store
+        .save_unforced(write(b"unforced", true))
+        .await
+        .map_err(|e| failed("save_unforced", e))?;
+    match store.load(&key).map_err(|e| failed("load", e))? {
+        Some(record) if record == b"unforced" => {}
+        other => return Err(format!("after save_unforced, load gave {other:?}")),
+    }
+    let listed = store
+        .in_doubt(None, 10)
+        .map_err(|e| failed("in_doubt", e))?;
+    if listed != [key.clone()] {
+        return Err(format!(
+            "after save_unforced with a mark, in_doubt listed {listed:?}"
+        ));
+    }
+    store
+        .save(write(b"settled", false))
+        .await
+        .map_err(|e| failed("save", e))?;
+    match store.load(&key).map_err(|e| failed("load", e))? {
+        Some(record) if record == b"settled" => {}
+        other => return Err(format!("a save after save_unforced left {other:?}")),
+    }
+    if !store
+        .in_doubt(None, 10)
+        .map_err(|e| failed("in_doubt", e))?
+        .is_empty()
+    {
+        return Err("a save clearing the mark left an unforced mark in doubt".into());
+    }
+    Ok(())
 }
 
 /// The part of [`check_conformance`] the garbage collector relies on.

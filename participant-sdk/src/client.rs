@@ -631,6 +631,11 @@ impl TreatyClient {
             }))
             .await?
             .into_inner();
+        if response.outcome == pb::Outcome::Unspecified as i32 {
+            // A coordinator older than Begin's `commit` began it and no more.
+            let outcome = self.commit(&response.transaction_id).await?;
+            return Ok((response.transaction_id, outcome));
+        }
         let outcome = outcome_from(response.outcome, response.reason)?;
         Ok((response.transaction_id, outcome))
     }

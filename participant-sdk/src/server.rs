@@ -472,6 +472,10 @@ pub struct ServeOptions {
     /// prometheus-client registry of its own ([`ParticipantMetrics::register`]). With
     /// this or `metrics_listen` set, the barrier's records are counted once at start.
     pub metrics: Option<Arc<ParticipantMetrics>>,
+    /// A one-phase commit or saga step waits for one forced write instead of two; only
+    /// for participants whose effects commit with the barrier's records (see
+    /// [`Barrier::with_unforced_one_phase_yes`]). Off by default.
+    pub unforced_one_phase_yes: bool,
 }
 
 impl Default for ServeOptions {
@@ -487,6 +491,7 @@ impl Default for ServeOptions {
             shutdown_grace_ms: 5_000,
             metrics_listen: None,
             metrics: None,
+            unforced_one_phase_yes: false,
         }
     }
 }
@@ -596,8 +601,9 @@ where
         (None, Some(_)) => Some(Arc::new(ParticipantMetrics::new())),
         (None, None) => None,
     };
-    let mut barrier =
-        Barrier::new(store.clone()).with_retention_ms(options.barrier_gc.retention_ms);
+    let mut barrier = Barrier::new(store.clone())
+        .with_retention_ms(options.barrier_gc.retention_ms)
+        .with_unforced_one_phase_yes(options.unforced_one_phase_yes);
     if let Some(metrics) = &metrics {
         // Before the first call: records written from here on are counted as they come.
         let counted = store.clone();

@@ -375,8 +375,12 @@ async fn the_sdk_store_meets_the_barrier_store_contract() {
         .unwrap();
 }
 
-/// A barrier on a store that counts its forced group commits.
-fn open_counting_forced(dir: &std::path::Path) -> (Barrier, Arc<AtomicUsize>) {
+/// A barrier on a store that counts its forced group commits, with a one-phase or saga
+/// YES written unforced if `unforced_one_phase_yes`.
+fn open_counting_forced(
+    dir: &std::path::Path,
+    unforced_one_phase_yes: bool,
+) -> (Barrier, Arc<AtomicUsize>) {
     let forced = Arc::new(AtomicUsize::new(0));
     let counter = forced.clone();
     let options = StoreOptions {
@@ -390,13 +394,46 @@ fn open_counting_forced(dir: &std::path::Path) -> (Barrier, Arc<AtomicUsize>) {
         ..StoreOptions::default()
     };
     let store = DurableStore::open(dir, options).unwrap();
-    (Barrier::new(Arc::new(store)), forced)
+    let barrier = Barrier::new(Arc::new(store)).with_unforced_one_phase_yes(unforced_one_phase_yes);
+    (barrier, forced)
+}
+
+/// By default a one-phase or saga YES is durable before the user's commit runs: an
+/// effect the commit makes elsewhere is undone by a later Abort or Compensate even if
+/// the participant crashed while committing.
+#[tokio::test]
+async fn by_default_a_one_phase_yes_is_forced_before_the_commit_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (barrier, forced) = open_counting_forced(dir.path(), false);
+    let b = branch("b");
+    let before = forced.load(Ordering::SeqCst);
+    barrier
+        .commit(&CommitFails, &b, BranchMode::OnePhase, b"", COORDINATOR)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        forced.load(Ordering::SeqCst) - before,
+        1,
+        "the YES was forced before the commit ran (and failed)"
+    );
+    let p = Counting::default();
+    let before = forced.load(Ordering::SeqCst);
+    barrier
+        .commit(&p, &branch("c"), BranchMode::SagaStep, b"yes", COORDINATOR)
+        .await
+        .unwrap();
+    assert_eq!(
+        forced.load(Ordering::SeqCst) - before,
+        2,
+        "YES, then commit"
+    );
 }
 
 #[tokio::test]
-async fn a_one_phase_commit_or_saga_step_waits_for_one_forced_write_a_two_phase_vote_for_its_own() {
+async fn opted_in_a_one_phase_commit_or_saga_step_waits_for_one_forced_write_a_two_phase_vote_for_its_own()
+ {
     let dir = tempfile::tempdir().unwrap();
-    let (barrier, forced) = open_counting_forced(dir.path());
+    let (barrier, forced) = open_counting_forced(dir.path(), true);
     let p = Counting::default();
     for (id, mode) in [
         ("one", BranchMode::OnePhase),
@@ -452,7 +489,7 @@ impl Participant for CommitFails {
 #[tokio::test]
 async fn a_prepare_that_finds_the_unforced_yes_of_a_failed_one_phase_commit_forces_it_first() {
     let dir = tempfile::tempdir().unwrap();
-    let (barrier, forced) = open_counting_forced(dir.path());
+    let (barrier, forced) = open_counting_forced(dir.path(), true);
     let b = branch("b");
     let before = forced.load(Ordering::SeqCst);
     barrier

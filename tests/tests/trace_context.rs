@@ -96,6 +96,25 @@ async fn a_traceparent_sent_with_begin_reaches_prepare_and_commit_and_their_retr
         );
     }
     assert_one_trace(&calls, TRACE_ID, Some(TRACESTATE));
+
+    // Begun with the trace and committed in a call of its own that sends none: the
+    // calls still carry the trace of Begin.
+    let id = client
+        .begin(
+            BeginOptions::default(),
+            vec![
+                BranchSpec::new("a", &participant.endpoint, "yes"),
+                BranchSpec::new("b", &participant.endpoint, "yes"),
+            ],
+        )
+        .await
+        .unwrap();
+    let untraced = coordinator.client().await;
+    assert_eq!(untraced.commit(&id).await.unwrap(), Outcome::Committed);
+    untraced.wait_until_finished(&id, PATIENCE).await.unwrap();
+    let calls = calls_of(&participant, &id);
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert_one_trace(&calls, TRACE_ID, Some(TRACESTATE));
     coordinator.stop().await.unwrap();
     participant.stop().await;
 }

@@ -328,8 +328,15 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             ..Default::default()
         };
         if request.commit {
-            // Begun just now for this caller: no ownership to check.
-            let decided = self.runtime.commit(id).await.map_err(status_of)?;
+            // Begun just now for this caller: no ownership to check. A failure now leaves
+            // a transaction the caller has no id of: the status names it.
+            let decided = self.runtime.commit(id).await.map_err(|error| {
+                let status = status_of(error);
+                Status::new(
+                    status.code(),
+                    format!("transaction {id} began; its commit: {}", status.message()),
+                )
+            })?;
             let outcome = outcome_of(&decided);
             response.outcome = outcome.outcome;
             response.reason = outcome.reason;
