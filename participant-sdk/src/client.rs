@@ -183,6 +183,20 @@ pub enum Outcome {
     Aborted { reason: String },
 }
 
+/// A Begin of `branches`; with `commit`, one that also runs both phases.
+fn begin_request(
+    options: BeginOptions,
+    branches: Vec<BranchSpec>,
+    commit: bool,
+) -> pb::BeginRequest {
+    pb::BeginRequest {
+        deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
+        prepare_timeout_ms: options.prepare_timeout_ms.unwrap_or(0),
+        branches: branches.into_iter().map(Into::into).collect(),
+        commit,
+    }
+}
+
 /// The outcome a Commit (or a Begin with commit) answered.
 fn outcome_from(outcome: i32, reason: String) -> Result<Outcome, ClientError> {
     match pb::Outcome::try_from(outcome) {
@@ -400,12 +414,7 @@ impl TreatyClient {
         let response = self
             .inner
             .clone()
-            .begin(self.request(pb::BeginRequest {
-                deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
-                prepare_timeout_ms: options.prepare_timeout_ms.unwrap_or(0),
-                branches: branches.into_iter().map(Into::into).collect(),
-                commit: false,
-            }))
+            .begin(self.request(begin_request(options, branches, false)))
             .await?;
         Ok(response.into_inner().transaction_id)
     }
@@ -623,12 +632,7 @@ impl TreatyClient {
         let response = self
             .inner
             .clone()
-            .begin(self.request(pb::BeginRequest {
-                deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
-                prepare_timeout_ms: options.prepare_timeout_ms.unwrap_or(0),
-                branches: branches.into_iter().map(Into::into).collect(),
-                commit: true,
-            }))
+            .begin(self.request(begin_request(options, branches, true)))
             .await?
             .into_inner();
         if response.outcome == pb::Outcome::Unspecified as i32 {

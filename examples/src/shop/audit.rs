@@ -14,7 +14,8 @@ use treaty_sdk::client::TransactionState;
 use treaty_sdk::durable::DurableStore;
 
 use super::orders::Placed;
-use super::{Applied, Charge, Reservation, Shipment};
+use super::python_shipping::Records;
+use super::{Applied, Charge, Reservation};
 use crate::ledger::{counters, records};
 
 /// One invariant and what was found.
@@ -92,34 +93,22 @@ pub enum ShippingData<'a> {
     Sqlite(&'a Path),
 }
 
-/// What the audit reads from shipping.
-struct ShippingRecords {
-    shipments: BTreeMap<String, Shipment>,
-    cancels: BTreeMap<String, Shipment>,
-    settled_before: i64,
-}
-
 impl ShippingData<'_> {
-    fn read(self) -> Result<ShippingRecords, String> {
+    /// The shipments and cancellations, and the service's `settled/before` (0 for the
+    /// Python service, which prunes nothing).
+    fn read(self) -> Result<(Records, i64), String> {
         match self {
             Self::Sled(dir) => {
                 let data = open(dir, "none/")?;
-                let records = ShippingRecords {
+                let records = Records {
                     shipments: applied(&data, "shipment/")?,
                     cancels: recorded(&data, "cancel/")?,
-                    settled_before: data.settled("before"),
                 };
+                let settled_before = data.settled("before");
                 data.store.close().map_err(|e| e.to_string())?;
-                Ok(records)
+                Ok((records, settled_before))
             }
-            Self::Sqlite(dir) => {
-                let records = super::python_shipping::records(dir)?;
-                Ok(ShippingRecords {
-                    shipments: records.shipments,
-                    cancels: records.cancels,
-                    settled_before: 0,
-                })
-            }
+            Self::Sqlite(dir) => Ok((super::python_shipping::records(dir)?, 0)),
         }
     }
 }
@@ -133,11 +122,7 @@ pub fn audit(
 ) -> Result<Vec<Check>, String> {
     let payment = open(payment_dir, "acct/")?;
     let inventory = open(inventory_dir, "stock/")?;
-    let ShippingRecords {
-        shipments,
-        cancels,
-        settled_before: shipping_settled_before,
-    } = shipping_data.read()?;
+    let (Records { shipments, cancels }, shipping_settled_before) = shipping_data.read()?;
     // Orders of transactions created before this may have had their records pruned.
     let settled_before = [&payment, &inventory]
         .iter()
