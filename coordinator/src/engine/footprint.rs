@@ -5,9 +5,10 @@
 //! The figure is an estimate, used to bound the final transactions the runtime keeps in
 //! memory by bytes (`--memory-budget-bytes`). It follows the record, not a constant: a
 //! transaction with many branches, long error texts or a saga with large payloads counts
-//! for more. It counts heap blocks at their capacity where the field exposes it, at
-//! their length otherwise, and leaves out the allocator's own rounding and headers, so it
-//! errs low by that much (docs/PERFORMANCE.md, "Memory", compares it with RSS).
+//! for more. Each heap block counts at its capacity (at its length where only a slice is
+//! exposed), rounded up as the allocator rounds it ([`block_bytes`]: mimalloc's size
+//! classes, four per doubling). What it leaves out (allocator pages only partly used,
+//! fragmentation) makes it err low: docs/PERFORMANCE.md, "Memory", compares it with RSS.
 //!
 //! Invariant: pure (no I/O, no clock) and linear in the size of the record.
 
@@ -24,15 +25,28 @@ trait Heap {
     fn heap_bytes(&self) -> usize;
 }
 
+/// The bytes the allocator takes for a block of `n` bytes: up to 64 bytes in steps of
+/// 8, then in four size classes per doubling (mimalloc's, the binaries' allocator).
+pub fn block_bytes(n: usize) -> usize {
+    match n {
+        0 => 0,
+        1..=64 => n.next_multiple_of(8),
+        _ => {
+            let step = n.next_power_of_two() / 8;
+            n.next_multiple_of(step)
+        }
+    }
+}
+
 impl Heap for String {
     fn heap_bytes(&self) -> usize {
-        self.capacity()
+        block_bytes(self.capacity())
     }
 }
 
 impl Heap for Vec<u8> {
     fn heap_bytes(&self) -> usize {
-        self.capacity()
+        block_bytes(self.capacity())
     }
 }
 
@@ -44,7 +58,7 @@ impl<T: Heap> Heap for Option<T> {
 
 /// A vector's block (at its capacity) and what its elements hold.
 fn vec_bytes<T>(items: &[T], capacity: usize, each: impl Fn(&T) -> usize) -> usize {
-    capacity * size_of::<T>() + items.iter().map(each).sum::<usize>()
+    block_bytes(capacity * size_of::<T>()) + items.iter().map(each).sum::<usize>()
 }
 
 impl Heap for Attempt {
@@ -55,9 +69,7 @@ impl Heap for Attempt {
 
 impl Heap for AttemptLog {
     fn heap_bytes(&self) -> usize {
-        // The log's vector is not exposed: its length stands for its capacity.
-        let attempts = self.attempts();
-        vec_bytes(attempts, attempts.len(), Heap::heap_bytes)
+        vec_bytes(self.attempts(), self.capacity(), Heap::heap_bytes)
     }
 }
 
@@ -97,7 +109,7 @@ impl Heap for StepDefinition {
             + self.endpoint.heap_bytes()
             + self.payload.heap_bytes()
             + self.compensation.heap_bytes()
-            + self.after.capacity() * size_of::<usize>()
+            + block_bytes(self.after.capacity() * size_of::<usize>())
     }
 }
 
@@ -107,13 +119,13 @@ impl Heap for SagaDefinition {
     }
 }
 
-/// Transitions are only exposed as a slice: their length stands for the capacity.
-fn transitions_bytes(transitions: &[Transition]) -> usize {
-    vec_bytes(transitions, transitions.len(), Heap::heap_bytes)
+fn transitions_bytes(transitions: &[Transition], capacity: usize) -> usize {
+    vec_bytes(transitions, capacity, Heap::heap_bytes)
 }
 
+/// Texts exposed as `&str` only: their length stands for their capacity.
 fn text_bytes(text: Option<&str>) -> usize {
-    text.map_or(0, str::len)
+    text.map_or(0, |t| block_bytes(t.len()))
 }
 
 impl TwoPhaseCommit {
@@ -124,9 +136,9 @@ impl TwoPhaseCommit {
 
     /// What its fields hold on the heap (the estimate without the struct itself).
     pub fn heap_bytes(&self) -> usize {
-        let branches = self.branches();
-        vec_bytes(branches, branches.len(), Heap::heap_bytes)
-            + transitions_bytes(self.transitions())
+        let (branches_capacity, transitions_capacity) = self.capacities();
+        vec_bytes(self.branches(), branches_capacity, Heap::heap_bytes)
+            + transitions_bytes(self.transitions(), transitions_capacity)
             + text_bytes(self.reason())
             + text_bytes(self.owner())
     }
@@ -140,10 +152,10 @@ impl Saga {
 
     /// What its fields hold on the heap (the estimate without the struct itself).
     pub fn heap_bytes(&self) -> usize {
-        let steps = self.steps();
+        let (steps_capacity, transitions_capacity) = self.capacities();
         self.definition().heap_bytes()
-            + vec_bytes(steps, steps.len(), Heap::heap_bytes)
-            + transitions_bytes(self.transitions())
+            + vec_bytes(self.steps(), steps_capacity, Heap::heap_bytes)
+            + transitions_bytes(self.transitions(), transitions_capacity)
             + text_bytes(self.reason())
             + text_bytes(self.owner())
             + text_bytes(self.idempotency_key())
@@ -181,12 +193,40 @@ mod tests {
         let empty = two_phase(0, 0).estimated_bytes();
         assert!(empty >= size_of::<TwoPhaseCommit>());
         let two = two_phase(2, 0).estimated_bytes();
-        let four = two_phase(4, 0).estimated_bytes();
-        // Each branch adds its own size and its id and endpoint at least.
-        let per_branch = size_of::<Branch>() + "branch-0".len() + "http://127.0.0.1:7001".len();
-        assert!(two >= empty + 2 * per_branch, "{empty} {two}");
-        assert!(four >= two + 2 * per_branch, "{two} {four}");
-        // Payloads count byte for byte.
-        assert_eq!(two_phase(2, 1_000).estimated_bytes(), two + 2 * 1_000);
+        let eight = two_phase(8, 0).estimated_bytes();
+        // Each branch adds its own size (vectors grow by doubling: room for 4, then 8)
+        // and its id and endpoint at least.
+        let strings = "branch-0".len() + "http://127.0.0.1:7001".len();
+        assert!(
+            two >= empty + 4 * size_of::<Branch>() + 2 * strings,
+            "{empty} {two}"
+        );
+        assert!(
+            eight >= two + 4 * size_of::<Branch>() + 6 * strings,
+            "{two} {eight}"
+        );
+        // Payloads count as the allocator's blocks for them.
+        assert_eq!(
+            two_phase(2, 1_000).estimated_bytes(),
+            two + 2 * block_bytes(1_000)
+        );
+    }
+
+    #[test]
+    fn blocks_round_up_to_the_allocators_size_classes() {
+        let cases = [
+            (0, 0),
+            (1, 8),
+            (8, 8),
+            (9, 16),
+            (64, 64),
+            (65, 80),
+            (129, 160),
+        ];
+        for (n, bytes) in cases {
+            assert_eq!(block_bytes(n), bytes, "{n}");
+        }
+        assert_eq!(block_bytes(1_000), 1_024);
+        assert_eq!(block_bytes(1_025), 1_280);
     }
 }

@@ -188,17 +188,18 @@ impl Entry {
     }
 
     /// The memory a final transaction holds in its shard, estimated: its slot in the
-    /// map (with the map's spare room at its 7/8 load), its place in the retention
-    /// queue, what its state holds on the heap (`engine::footprint`), its trace state,
-    /// and, if someone watched it, the last record published to them (a second copy of
-    /// the same fields).
+    /// map and its place in the retention queue (each with the spare room of a table
+    /// that doubles when full: half again, on average), what its state holds on the heap
+    /// (`engine::footprint`), its trace state, and, if someone watched it, the last
+    /// record published to them (a second copy of the same fields).
     fn estimated_bytes(&self) -> usize {
         let published = match &self.updates {
             Some(_) => size_of::<TxnRecord>() + self.machine.heap_bytes(),
             None => 0,
         };
-        size_of::<(TxnId, Entry)>() * 8 / 7
-            + Retained::ENTRY_BYTES
+        // The map's slot, and its control byte.
+        (size_of::<(TxnId, Entry)>() + 1) * 3 / 2
+            + Retained::ENTRY_BYTES * 3 / 2
             + self.machine.heap_bytes()
             + self.trace.tracestate().map_or(0, str::len)
             + published
