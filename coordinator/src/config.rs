@@ -29,6 +29,10 @@ pub mod defaults {
     pub const MAX_IN_FLIGHT_CALLS: usize = 4_096;
     pub const MEMORY_RETENTION_MS: u64 = 300_000;
     pub const MAX_RETAINED_TRANSACTIONS: usize = 100_000;
+    pub const MEMORY_BUDGET_BYTES: u64 = 512 * 1024 * 1024;
+    /// Below this the shares are too small to be useful: the process alone (runtime,
+    /// gRPC, TLS, allocator) takes some 20–30 MiB before it holds any transaction.
+    pub const MIN_MEMORY_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
     pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
     pub const DELIVERY_HORIZON_MS: u64 = 7 * 24 * 3_600_000;
     pub const LOG_COMPACTION_MIN_BYTES: u64 = 32 * 1024 * 1024;
@@ -121,6 +125,13 @@ pub struct ServeConfig {
     #[arg(long, env = "TREATY_MAX_RETAINED_TRANSACTIONS", default_value_t = defaults::MAX_RETAINED_TRANSACTIONS)]
     pub max_retained_transactions: usize,
 
+    /// Memory the coordinator plans to use, split as docs/CONFIG.md says: a quarter for
+    /// the log's page cache, a quarter for finished transactions kept in memory
+    /// (estimated bytes; the oldest leave memory first, their records stay in the log),
+    /// the rest headroom for work in progress and the process itself. At least 64 MiB.
+    #[arg(long, env = "TREATY_MEMORY_BUDGET_BYTES", default_value_t = defaults::MEMORY_BUDGET_BYTES)]
+    pub memory_budget_bytes: u64,
+
     /// How long finished transactions stay in the log.
     #[arg(long, env = "TREATY_LOG_RETENTION_MS", default_value_t = defaults::LOG_RETENTION_MS)]
     pub log_retention_ms: u64,
@@ -202,6 +213,36 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// How `memory_budget_bytes` is split. The shares are fixed fractions so that one number
+/// is all an operator sets; each part is bounded by its own mechanism:
+/// - `log_cache_bytes` (1/4): the capacity of the log's sled page cache;
+/// - `retained_bytes` (1/4): finished transactions kept in memory, by their estimated
+///   bytes (the oldest leave memory first; `max_retained_transactions` and
+///   `memory_retention_ms` still apply, whichever comes first);
+/// - `headroom_bytes` (the rest): work in progress and the process itself. Work in
+///   progress is bounded by `max_active_transactions` and `max_payload_memory_bytes`,
+///   not by the budget: set those so that it fits (docs/CONFIG.md, "Memory").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBudget {
+    pub budget_bytes: u64,
+    pub log_cache_bytes: u64,
+    pub retained_bytes: usize,
+    pub headroom_bytes: u64,
+}
+
+impl MemoryBudget {
+    pub fn of(budget_bytes: u64) -> Self {
+        let log_cache_bytes = budget_bytes / 4;
+        let retained_bytes = budget_bytes / 4;
+        Self {
+            budget_bytes,
+            log_cache_bytes,
+            retained_bytes: usize::try_from(retained_bytes).unwrap_or(usize::MAX),
+            headroom_bytes: budget_bytes - log_cache_bytes - retained_bytes,
+        }
+    }
+}
+
 fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         field,
@@ -251,6 +292,7 @@ impl ServeConfig {
             max_in_flight_calls: defaults::MAX_IN_FLIGHT_CALLS,
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
+            memory_budget_bytes: defaults::MEMORY_BUDGET_BYTES,
             log_retention_ms: defaults::LOG_RETENTION_MS,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             log_compaction_min_bytes: defaults::LOG_COMPACTION_MIN_BYTES,
@@ -305,6 +347,24 @@ impl ServeConfig {
         positive(
             "max_retained_transactions",
             self.max_retained_transactions as u64,
+        )?;
+        if self.memory_budget_bytes < defaults::MIN_MEMORY_BUDGET_BYTES {
+            return Err(bad(
+                "memory_budget_bytes",
+                format!(
+                    "{} is below the minimum of {} (64 MiB): the process itself takes \
+                     20-30 MiB, and a quarter each goes to the log's cache and to finished \
+                     transactions kept in memory",
+                    self.memory_budget_bytes,
+                    defaults::MIN_MEMORY_BUDGET_BYTES
+                ),
+            ));
+        }
+        at_most(
+            "memory_budget_bytes",
+            self.memory_budget_bytes,
+            1 << 40,
+            "1 TiB",
         )?;
         // Upper bounds keep every timer and deadline computation far from overflow.
         at_most(
@@ -458,6 +518,11 @@ impl ServeConfig {
         self.security.validate(self.listen)
     }
 
+    /// How the memory budget is split.
+    pub fn memory_budget(&self) -> MemoryBudget {
+        MemoryBudget::of(self.memory_budget_bytes)
+    }
+
     /// The address policy and the `--allow-endpoint` allowlist.
     pub fn endpoint_policy(&self) -> Result<EndpointPolicy, ConfigError> {
         EndpointPolicy::new(&self.allow_endpoint).map_err(|e| bad("allow_endpoint", e.to_string()))
@@ -510,6 +575,7 @@ impl ServeConfig {
             max_branches: treaty_sdk::limits::MAX_BRANCHES,
             memory_retention_ms: self.memory_retention_ms,
             max_retained_transactions: self.max_retained_transactions,
+            max_retained_bytes: self.memory_budget().retained_bytes,
             log_retention_ms: self.log_retention_ms,
             delivery_horizon_ms: self.delivery_horizon_ms,
             history_records: self.history_records,
@@ -585,6 +651,53 @@ mod tests {
         assert!(
             error.message.starts_with("pattern 1 (\"10.0.0.1/8:*\")"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn a_memory_budget_below_the_minimum_is_refused_by_name() {
+        let mut c = config();
+        c.memory_budget_bytes = defaults::MIN_MEMORY_BUDGET_BYTES - 1;
+        let error = c.validate().unwrap_err();
+        assert_eq!(error.field, "memory_budget_bytes");
+        assert!(error.message.contains("minimum"), "{error}");
+        c.memory_budget_bytes = defaults::MIN_MEMORY_BUDGET_BYTES;
+        assert_eq!(c.validate(), Ok(()));
+        c.memory_budget_bytes = u64::MAX;
+        assert_eq!(c.validate().unwrap_err().field, "memory_budget_bytes");
+    }
+
+    #[test]
+    fn the_memory_budget_is_split_in_quarters_and_reaches_the_runtime() {
+        let budget = MemoryBudget::of(512 * 1024 * 1024);
+        assert_eq!(budget.log_cache_bytes, 128 * 1024 * 1024);
+        assert_eq!(budget.retained_bytes, 128 * 1024 * 1024);
+        assert_eq!(budget.headroom_bytes, 256 * 1024 * 1024);
+        let odd = MemoryBudget::of(64 * 1024 * 1024 + 3);
+        assert_eq!(
+            odd.log_cache_bytes + odd.retained_bytes as u64 + odd.headroom_bytes,
+            odd.budget_bytes
+        );
+        let mut c = config();
+        c.memory_budget_bytes = 256 * 1024 * 1024;
+        let runtime = c.runtime("127.0.0.1:7420".parse().unwrap());
+        assert_eq!(runtime.max_retained_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn the_memory_budget_flag_and_environment_variable_parse() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let cli = crate::cli::Cli::try_parse_from(args).unwrap();
+            let crate::cli::Command::Serve(args) = cli.command else {
+                panic!("parsed as serve");
+            };
+            args.settings.memory_budget_bytes
+        };
+        assert_eq!(parse(&["treaty", "serve"]), defaults::MEMORY_BUDGET_BYTES);
+        assert_eq!(
+            parse(&["treaty", "serve", "--memory-budget-bytes", "100000000"]),
+            100_000_000
         );
     }
 

@@ -123,8 +123,12 @@ pub async fn run_on_announcing(
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
+    let budget = config.memory_budget();
+    metrics.memory_budget(&budget);
     let data_dir = config.data_dir.clone();
     let log_options = StoreOptions {
+        // The log's share of the memory budget (see `config::MemoryBudget`).
+        cache_capacity_bytes: budget.log_cache_bytes,
         group_observer: Some({
             let metrics = metrics.clone();
             Arc::new(move |group: GroupCommitted| {

@@ -114,6 +114,21 @@ struct CallLabels {
     result: CallResult,
 }
 
+/// A part of the memory budget (`config::MemoryBudget`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values as Prometheus users spell them
+enum BudgetPart {
+    total,
+    log_cache,
+    retained,
+    headroom,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    part: BudgetPart,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     endpoint: String,
@@ -134,6 +149,9 @@ pub struct Health {
     pub undelivered_aborts: u64,
     /// When the oldest call still waiting to be retried first failed.
     pub oldest_retry_unix_ms: Option<u64>,
+    /// Final transactions kept in memory, and their estimated bytes.
+    pub retained_transactions: u64,
+    pub retained_estimated_bytes: u64,
 }
 
 impl Health {
@@ -154,6 +172,9 @@ impl Health {
             stuck_sagas: self.stuck_sagas + other.stuck_sagas,
             undelivered_aborts: self.undelivered_aborts + other.undelivered_aborts,
             oldest_retry_unix_ms: older(self.oldest_retry_unix_ms, other.oldest_retry_unix_ms),
+            retained_transactions: self.retained_transactions + other.retained_transactions,
+            retained_estimated_bytes: self.retained_estimated_bytes
+                + other.retained_estimated_bytes,
         }
     }
 }
@@ -174,6 +195,9 @@ pub struct Metrics {
     log_fsync_seconds: Histogram,
     log_batch_records: Histogram,
     circuit_state: Family<EndpointLabels, Gauge>,
+    retained_transactions: Gauge,
+    retained_estimated_bytes: Gauge,
+    memory_budget_bytes: Family<BudgetLabels, Gauge>,
     /// Endpoints that have a label of their own.
     labelled_endpoints: RwLock<HashSet<String>>,
 }
@@ -269,6 +293,26 @@ impl Metrics {
             "Circuit of each participant endpoint: 0 closed, 1 half-open, 2 open",
             circuit_state.clone(),
         );
+        let retained_transactions = Gauge::default();
+        registry.register(
+            "treaty_retained_transactions",
+            "Final transactions kept in memory (for GetTransaction, Watch and Outcome without a log read)",
+            retained_transactions.clone(),
+        );
+        let retained_estimated_bytes = Gauge::default();
+        registry.register_with_unit(
+            "treaty_retained_transactions_estimated",
+            "Estimated memory held by the final transactions kept in memory",
+            Unit::Bytes,
+            retained_estimated_bytes.clone(),
+        );
+        let memory_budget_bytes = Family::<BudgetLabels, Gauge>::default();
+        registry.register_with_unit(
+            "treaty_memory_budget",
+            "The configured memory budget (part=total) and its split: the log's page cache, final transactions kept in memory, headroom for work in progress",
+            Unit::Bytes,
+            memory_budget_bytes.clone(),
+        );
         Self {
             registry,
             transactions,
@@ -283,7 +327,25 @@ impl Metrics {
             log_fsync_seconds,
             log_batch_records,
             circuit_state,
+            retained_transactions,
+            retained_estimated_bytes,
+            memory_budget_bytes,
             labelled_endpoints: RwLock::default(),
+        }
+    }
+
+    /// The configured memory budget and its split (set once, at start).
+    pub fn memory_budget(&self, budget: &crate::config::MemoryBudget) {
+        let parts = [
+            (BudgetPart::total, budget.budget_bytes),
+            (BudgetPart::log_cache, budget.log_cache_bytes),
+            (BudgetPart::retained, budget.retained_bytes as u64),
+            (BudgetPart::headroom, budget.headroom_bytes),
+        ];
+        for (part, bytes) in parts {
+            self.memory_budget_bytes
+                .get_or_create(&BudgetLabels { part })
+                .set(to_i64(bytes));
         }
     }
 
@@ -387,6 +449,10 @@ impl Metrics {
             .set(to_i64(health.undelivered_aborts));
         self.retry_backlog_oldest_age_seconds
             .set(age_seconds(health.oldest_retry_unix_ms));
+        self.retained_transactions
+            .set(to_i64(health.retained_transactions));
+        self.retained_estimated_bytes
+            .set(to_i64(health.retained_estimated_bytes));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
@@ -430,8 +496,11 @@ mod tests {
         let health = Health {
             in_doubt: 3,
             oldest_in_doubt_unix_ms: Some(10_000),
+            retained_transactions: 7,
+            retained_estimated_bytes: 9_000,
             ..Health::default()
         };
+        metrics.memory_budget(&crate::config::MemoryBudget::of(400));
         let text = metrics.encode(health, 12_500).unwrap();
         for expected in [
             "treaty_transactions_total{protocol=\"two_phase\",outcome=\"committed\"} 1",
@@ -439,6 +508,12 @@ mod tests {
             "treaty_in_doubt_transactions 3",
             "treaty_in_doubt_oldest_age_seconds 2.5",
             "treaty_retry_backlog_oldest_age_seconds 0.0",
+            "treaty_retained_transactions 7",
+            "treaty_retained_transactions_estimated_bytes 9000",
+            "treaty_memory_budget_bytes{part=\"total\"} 400",
+            "treaty_memory_budget_bytes{part=\"log_cache\"} 100",
+            "treaty_memory_budget_bytes{part=\"retained\"} 100",
+            "treaty_memory_budget_bytes{part=\"headroom\"} 200",
         ] {
             assert!(text.contains(expected), "{expected} missing from\n{text}");
         }

@@ -241,6 +241,11 @@ impl AttemptLog {
         &self.0
     }
 
+    /// Attempts the log has room for without growing (for memory estimates).
+    pub fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+
     /// Closes every attempt still in flight with `result` (their answers will never
     /// come: the coordinator restarted).
     pub fn abandon_open(&mut self, result: &str, now: UnixMs) {

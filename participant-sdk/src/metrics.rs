@@ -21,7 +21,9 @@
 //!   `treaty_participant_in_doubt_oldest_age_seconds`: as of the last complete pass of the
 //!   in-doubt resolver ([`crate::in_doubt`]), which reads every branch in doubt anyway;
 //!   the age is computed at the scrape from the oldest branch's prepare time. Absent until
-//!   the first pass ends.
+//!   the first pass ends. `treaty_participant_in_doubt_passes_total` counts the passes
+//!   ended, so that a reader can tell a gauge from a pass that began after some instant
+//!   (two more passes than then) from an older one.
 //! - `treaty_participant_barrier_gc_removed_total`: records deleted by the collector.
 //! - `treaty_participant_outcome_inquiries_total{result}`: `GetOutcome` calls to
 //!   coordinators for branches in doubt, by answer.
@@ -289,6 +291,7 @@ impl ParticipantMetrics {
         self.in_doubt
             .oldest_prepared_unix_ms
             .store(oldest_prepared_unix_ms.unwrap_or(0), Ordering::Relaxed);
+        self.in_doubt.passes.fetch_add(1, Ordering::Relaxed);
         self.in_doubt.known.store(true, Ordering::Release);
     }
 }
@@ -301,6 +304,8 @@ struct InDoubtGauges {
     count: AtomicU64,
     /// 0 when none is in doubt.
     oldest_prepared_unix_ms: AtomicU64,
+    /// Passes ended.
+    passes: AtomicU64,
 }
 
 impl Collector for InDoubtGauges {
@@ -327,6 +332,13 @@ impl Collector for InDoubtGauges {
             "Time since the oldest branch in doubt voted YES (0 if none).",
             Some(&Unit::Seconds),
             age.metric_type(),
+        )?)?;
+        let passes = ConstCounter::new(self.passes.load(Ordering::Relaxed));
+        passes.encode(encoder.encode_descriptor(
+            "treaty_participant_in_doubt_passes",
+            "Passes of the in-doubt resolver over every branch in doubt that have ended.",
+            None,
+            passes.metric_type(),
         )?)?;
         Ok(())
     }
@@ -402,6 +414,7 @@ mod tests {
             "treaty_participant_barrier_gc_removed_total 2",
             "treaty_participant_outcome_inquiries_total{result=\"pending\"} 1",
             "treaty_participant_branches_in_doubt 3",
+            "treaty_participant_in_doubt_passes_total 1",
         ] {
             assert!(text.contains(expected), "{expected} missing from\n{text}");
         }

@@ -13,8 +13,19 @@ use treaty_tests::process::workspace_binary;
 /// shared machine: generous.
 const BENCH_PATIENCE: Duration = Duration::from_secs(180);
 
-/// Runs `treaty bench ARGS --json` and returns its report.
+/// Runs `treaty bench ARGS --json` and returns its report, checking that it printed
+/// workload progress.
 async fn bench(args: &[&str]) -> Value {
+    let (report, stderr) = bench_with_stderr(args).await;
+    assert!(
+        stderr.contains(" done "),
+        "no progress on stderr:\n{stderr}"
+    );
+    report
+}
+
+/// Runs `treaty bench ARGS --json` and returns its report and what it printed on stderr.
+async fn bench_with_stderr(args: &[&str]) -> (Value, String) {
     let run = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
         .arg("bench")
         .args(args)
@@ -29,11 +40,9 @@ async fn bench(args: &[&str]) -> Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}{stderr}");
-    assert!(
-        stderr.contains(" done "),
-        "no progress on stderr:\n{stderr}"
-    );
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: not JSON:\n{stdout}"))
+    let report =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: not JSON:\n{stdout}"));
+    (report, stderr.into_owned())
 }
 
 fn workload<'a>(report: &'a Value, name: &str) -> &'a Value {
@@ -136,4 +145,109 @@ async fn in_process_twopc_alone_has_no_efficiency() {
         number(w, &["participants", "fsyncs_per_transaction"]) > 0.0,
         "{w:#}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
+    let budget_bytes: u64 = 64 * 1024 * 1024;
+    let (report, stderr) = bench_with_stderr(&[
+        "--processes",
+        "--workloads",
+        "twopc",
+        "--duration-s",
+        "4",
+        "--concurrency",
+        "8",
+        "--rss-sample-ms",
+        "50",
+        "--memory-budget-bytes",
+        &budget_bytes.to_string(),
+    ])
+    .await;
+    let memory = &report["memory"];
+    assert!(number(memory, &["samples"]) >= 8.0, "{memory:#}");
+    let quarters = memory["quarters"].as_array().unwrap();
+    assert_eq!(quarters.len(), 4, "{memory:#}");
+    for quarter in quarters {
+        assert!(number(quarter, &["min_bytes"]) > 0.0, "{memory:#}");
+        assert!(number(quarter, &["min_bytes"]) <= number(quarter, &["mean_bytes"]));
+        assert!(number(quarter, &["mean_bytes"]) <= number(quarter, &["max_bytes"]));
+    }
+    assert!(number(memory, &["flatness"]) >= 0.0, "{memory:#}");
+    // The coordinator reports the budget it was given and keeps finished transactions
+    // within their quarter of it.
+    assert_eq!(number(memory, &["budget_bytes"]), budget_bytes as f64);
+    assert!(
+        number(memory, &["retained_transactions"]) > 0.0,
+        "{memory:#}"
+    );
+    let retained = number(memory, &["retained_estimated_bytes"]);
+    assert!(
+        retained > 0.0 && retained <= budget_bytes as f64 / 4.0,
+        "{memory:#}"
+    );
+    assert!(stderr.contains("flatness"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_budget_below_the_minimum_is_refused_by_name() {
+    let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+        .args(["bench", "--memory-budget-bytes", "1000"])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(BENCH_PATIENCE, output)
+        .await
+        .expect("the bench ends in time")
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--memory-budget-bytes"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_with_transactions_in_flight_the_restart_resolves_them_all() {
+    let (report, stderr) = bench_with_stderr(&[
+        "--processes",
+        "--recovery",
+        "--in-flight",
+        "200",
+        "--in-doubt-poll-ms",
+        "200",
+        "--recovery-timeout-s",
+        "150",
+    ])
+    .await;
+    assert_eq!(number(&report, &["in_flight"]), 200.0, "{report:#}");
+    assert_eq!(number(&report, &["decided"]), 100.0, "{report:#}");
+    assert!(
+        number(&report, &["in_progress_at_kill"]) >= 200.0,
+        "{report:#}"
+    );
+    assert!(
+        number(&report, &["in_doubt_at_kill"]) >= 100.0,
+        "{report:#}"
+    );
+    // The decided half is committed by the restarted coordinator's recovery; it never
+    // knew the undecided half (presumed abort), whose participants asked and heard ABORT
+    // (one inquiry per prepared branch at most: 100 transactions × 2 participants).
+    assert_eq!(
+        number(&report, &["committed_after_restart"]),
+        100.0,
+        "{report:#}"
+    );
+    assert_eq!(
+        number(&report, &["aborted_after_restart"]),
+        0.0,
+        "{report:#}"
+    );
+    let aborts = number(&report, &["participant_inquiries_abort"]);
+    assert!(aborts <= 200.0, "{report:#}");
+    let serving = number(&report, &["restart_to_serving_ms"]);
+    let idle = number(&report, &["restart_to_coordinator_idle_ms"]);
+    let resolved = number(&report, &["restart_to_all_resolved_ms"]);
+    assert!(
+        0.0 < serving && serving <= idle && idle <= resolved,
+        "{report:#}"
+    );
+    assert!(stderr.contains("kill -9"), "{stderr}");
 }

@@ -42,6 +42,14 @@ pub struct ClusterOptions {
     pub max_active_transactions: usize,
     pub log_retention_ms: Option<u64>,
     pub barrier_retention_ms: Option<u64>,
+    /// The coordinator's `--memory-budget-bytes`.
+    pub memory_budget_bytes: Option<u64>,
+    /// Participants hold branches named for it until SIGUSR1 (`--recovery`; children
+    /// only).
+    pub hold: bool,
+    /// The participants' in-doubt poll interval (children only; the SDK's default if
+    /// `None`).
+    pub in_doubt_poll_ms: Option<u64>,
     /// A running coordinator to use instead of starting one.
     pub endpoint: Option<String>,
 }
@@ -71,6 +79,9 @@ pub struct Cluster {
     /// for this whole process.
     pub processes: Vec<Observed>,
     pub watched: disk::Watched,
+    /// How the coordinator child was started, with the addresses it announced, so that
+    /// it can be started again the same way (`None` in process or with `--endpoint`).
+    coordinator_args: Option<Vec<String>>,
     running: Running,
     _workdir: tempfile::TempDir,
 }
@@ -89,6 +100,7 @@ enum Running {
 /// The participants' serve options: the barrier retention asked for, metrics on.
 pub fn serve_options(
     barrier_retention_ms: Option<u64>,
+    in_doubt_poll_ms: Option<u64>,
     metrics: std::net::TcpListener,
 ) -> anyhow::Result<ServeOptions> {
     let mut options = ServeOptions {
@@ -97,6 +109,10 @@ pub fn serve_options(
     };
     if let Some(retention_ms) = barrier_retention_ms {
         options.barrier_gc = barrier_gc(retention_ms)?;
+    }
+    if let Some(poll_ms) = in_doubt_poll_ms {
+        options.in_doubt.poll_interval_ms = poll_ms;
+        options.in_doubt.ask_after_ms = poll_ms;
     }
     Ok(options)
 }
@@ -144,6 +160,7 @@ impl Cluster {
             participants: started.participants,
             processes: started.processes,
             watched,
+            coordinator_args: started.coordinator_args,
             running: started.running,
             _workdir: workdir,
         })
@@ -181,6 +198,7 @@ struct Started {
     coordinator_metrics: Option<SocketAddr>,
     participants: Vec<ParticipantAt>,
     processes: Vec<Observed>,
+    coordinator_args: Option<Vec<String>>,
     running: Running,
 }
 
@@ -199,11 +217,11 @@ async fn start_in_process(
             endpoint: format!("http://{}", listener.local_addr()?),
             metrics: metrics.local_addr()?,
         });
-        let serve_options = serve_options(options.barrier_retention_ms, metrics)?;
+        let serve_options = serve_options(options.barrier_retention_ms, None, metrics)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         stops.push(stop);
         tokio::spawn(treaty_sdk::serve(
-            Arc::new(NoWork),
+            Arc::new(NoWork::default()),
             store,
             listener,
             serve_options,
@@ -221,6 +239,9 @@ async fn start_in_process(
             config.max_active_transactions = options.max_active_transactions;
             if let Some(retention_ms) = options.log_retention_ms {
                 config.log_retention_ms = retention_ms;
+            }
+            if let Some(budget) = options.memory_budget_bytes {
+                config.memory_budget_bytes = budget;
             }
             // The daemon binds its metrics address itself: a port just free is given it
             // (another process taking it in between makes the start fail, loudly).
@@ -249,6 +270,7 @@ async fn start_in_process(
             name: "this process (load generator included)".into(),
             pid: None,
         }],
+        coordinator_args: None,
         running: Running::InProcess {
             participants: stops,
             coordinator,
@@ -278,12 +300,21 @@ async fn start_children(
         if let Some(retention_ms) = options.barrier_retention_ms {
             args.extend(["--barrier-retention-ms".into(), retention_ms.to_string()]);
         }
+        if options.hold {
+            args.push("--hold".into());
+        }
+        if let Some(poll_ms) = options.in_doubt_poll_ms {
+            args.extend(["--in-doubt-poll-ms".into(), poll_ms.to_string()]);
+        }
         let name = format!("participant-{index}");
+        // Held commits fail on purpose, each with a warning: errors only, then.
+        let log = if options.hold { "error" } else { "warn" };
         let (child, announced) = spawn(
             &executable,
             &name,
             &args,
             &[PARTICIPANT_LISTENING, PARTICIPANT_METRICS],
+            log,
         )
         .await?;
         participants.push(ParticipantAt {
@@ -296,8 +327,8 @@ async fn start_children(
         });
         children.push(child);
     }
-    let (coordinator_endpoint, coordinator_metrics) = match &options.endpoint {
-        Some(endpoint) => (endpoint.clone(), None),
+    let (coordinator_endpoint, coordinator_metrics, coordinator_args) = match &options.endpoint {
+        Some(endpoint) => (endpoint.clone(), None, None),
         None => {
             let mut args = vec![
                 "serve".to_string(),
@@ -313,13 +344,20 @@ async fn start_children(
             if let Some(retention_ms) = options.log_retention_ms {
                 args.extend(["--log-retention-ms".into(), retention_ms.to_string()]);
             }
+            if let Some(budget) = options.memory_budget_bytes {
+                args.extend(["--memory-budget-bytes".into(), budget.to_string()]);
+            }
             let (child, announced) = spawn(
                 &executable,
                 "coordinator",
                 &args,
-                &["treaty listening on ", "treaty metrics on "],
+                &COORDINATOR_ANNOUNCEMENTS,
+                "warn",
             )
             .await?;
+            // A restart listens where this one does: participants know it by address.
+            args[2] = announced[0].to_string();
+            args[4] = announced[1].to_string();
             processes.insert(
                 0,
                 Observed {
@@ -328,7 +366,11 @@ async fn start_children(
                 },
             );
             children.insert(0, child);
-            (format!("http://{}", announced[0]), Some(announced[1]))
+            (
+                format!("http://{}", announced[0]),
+                Some(announced[1]),
+                Some(args),
+            )
         }
     };
     Ok(Started {
@@ -336,8 +378,77 @@ async fn start_children(
         coordinator_metrics,
         participants,
         processes,
+        coordinator_args,
         running: Running::Children(children),
     })
+}
+
+/// What `treaty serve` prints before its two addresses.
+const COORDINATOR_ANNOUNCEMENTS: [&str; 2] = ["treaty listening on ", "treaty metrics on "];
+
+impl Cluster {
+    /// The coordinator child and how it was started (`--processes` without `--endpoint`).
+    fn coordinator_child(&mut self) -> anyhow::Result<(&mut Child, &[String])> {
+        match (&mut self.running, &self.coordinator_args) {
+            (Running::Children(children), Some(args)) if !children.is_empty() => {
+                Ok((&mut children[0], args.as_slice()))
+            }
+            _ => anyhow::bail!("the coordinator is not a child process started by the bench"),
+        }
+    }
+
+    /// Kills the coordinator child with SIGKILL (kill -9) and waits for it to be gone.
+    pub async fn kill_coordinator(&mut self) -> anyhow::Result<()> {
+        let (child, _) = self.coordinator_child()?;
+        child.start_kill().context("killing the coordinator")?;
+        child
+            .wait()
+            .await
+            .context("waiting for the coordinator to die")?;
+        Ok(())
+    }
+
+    /// Starts the coordinator again, on the same data directory and addresses; returns
+    /// once it has announced both (it serves from then on).
+    pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        let executable = std::env::current_exe().context("finding the treaty executable")?;
+        let (_, args) = self.coordinator_child()?;
+        let args = args.to_vec();
+        let (child, _) = spawn(
+            &executable,
+            "restarted coordinator",
+            &args,
+            &COORDINATOR_ANNOUNCEMENTS,
+            "warn",
+        )
+        .await?;
+        if let Some(observed) = self.processes.first_mut() {
+            observed.pid = child.id();
+        }
+        let (old, _) = self.coordinator_child()?;
+        *old = child;
+        Ok(())
+    }
+
+    /// Sends `signal` to every participant child.
+    pub fn signal_participants(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let Running::Children(children) = &self.running else {
+            anyhow::bail!("the participants are not child processes");
+        };
+        let participants = children
+            .iter()
+            .skip(usize::from(self.coordinator_args.is_some()));
+        for child in participants {
+            let pid = child
+                .id()
+                .ok_or_else(|| anyhow::anyhow!("a participant exited"))?;
+            let pid = nix::unistd::Pid::from_raw(
+                i32::try_from(pid).context("a participant's pid out of range")?,
+            );
+            nix::sys::signal::kill(pid, signal).context("signalling a participant")?;
+        }
+        Ok(())
+    }
 }
 
 /// What `treaty bench-participant` prints once it serves, before its address.
@@ -345,7 +456,8 @@ pub const PARTICIPANT_LISTENING: &str = "bench participant listening on ";
 /// What it prints before its metrics address.
 pub const PARTICIPANT_METRICS: &str = "bench participant metrics on ";
 
-/// Starts `executable args` (logging warnings and errors only, to our stderr) and reads
+/// Starts `executable args` (logging at `log`, warnings and errors or errors only, to our
+/// stderr) and reads
 /// the address after each of `prefixes` from its stdout, in order; the rest of its
 /// stdout is read and dropped, so that it never blocks on a full pipe.
 async fn spawn(
@@ -353,10 +465,11 @@ async fn spawn(
     name: &str,
     args: &[String],
     prefixes: &[&str],
+    log: &str,
 ) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
     let mut child = Command::new(executable)
         .args(args)
-        .env("TREATY_LOG", "warn")
+        .env("TREATY_LOG", log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

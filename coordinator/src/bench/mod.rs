@@ -24,9 +24,11 @@
 
 mod cluster;
 mod disk;
+mod memory;
 mod observe;
 mod participant;
 mod postgres;
+mod recovery;
 mod report;
 mod workload;
 
@@ -96,6 +98,28 @@ pub struct BenchArgs {
     /// Also write the samples to this CSV file.
     #[arg(long, requires = "disk_sample_s")]
     pub disk_csv: Option<std::path::PathBuf>,
+    /// Sample the started coordinator's RSS this often through the run, and report it
+    /// per quarter after a warm-up (the first tenth), with its flatness.
+    #[arg(long, default_value_t = 1_000)]
+    pub rss_sample_ms: u64,
+    /// The started coordinator's `--memory-budget-bytes` (its default if not given).
+    #[arg(long)]
+    pub memory_budget_bytes: Option<u64>,
+    /// Instead of the workloads: put --in-flight transactions in flight, kill -9 the
+    /// coordinator, start it again, and measure until all are resolved (needs
+    /// --processes).
+    #[arg(long)]
+    pub recovery: bool,
+    /// `--recovery`: transactions in flight at the kill (half decided, half undecided).
+    #[arg(long, default_value_t = 10_000, requires = "recovery")]
+    pub in_flight: usize,
+    /// `--recovery`: the participants' in-doubt poll interval (the SDK's 2 s if not
+    /// given).
+    #[arg(long, requires = "recovery")]
+    pub in_doubt_poll_ms: Option<u64>,
+    /// `--recovery`: the longest the whole run may take.
+    #[arg(long, default_value_t = 600, requires = "recovery")]
+    pub recovery_timeout_s: u64,
 }
 
 /// Samples the directories every `every` until stopped (and once more then), printing
@@ -185,6 +209,20 @@ fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
         args.log_retention_ms.is_none_or(|ms| ms >= 1),
         "--log-retention-ms must be at least 1"
     );
+    anyhow::ensure!(
+        (10..=3_600_000).contains(&args.rss_sample_ms),
+        "--rss-sample-ms must be 10..=3600000"
+    );
+    if let Some(budget) = args.memory_budget_bytes {
+        let mut config = crate::config::ServeConfig::new(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            "bench",
+        );
+        config.memory_budget_bytes = budget;
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--memory-budget-bytes: {}", e.message))?;
+    }
     if let Some(retention_ms) = args.barrier_retention_ms {
         cluster::barrier_gc(retention_ms)?;
     }
@@ -198,6 +236,25 @@ fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
     if let Some(endpoint) = &args.endpoint {
         treaty_sdk::limits::check_endpoint("--endpoint", endpoint)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if args.recovery {
+        anyhow::ensure!(
+            args.processes && args.endpoint.is_none(),
+            "--recovery needs --processes (it kills the coordinator's process) and no --endpoint"
+        );
+        anyhow::ensure!(
+            (1..=100_000).contains(&args.in_flight),
+            "--in-flight must be 1..=100000"
+        );
+        anyhow::ensure!(
+            args.in_doubt_poll_ms
+                .is_none_or(|ms| (10..=60_000).contains(&ms)),
+            "--in-doubt-poll-ms must be 10..=60000"
+        );
+        anyhow::ensure!(
+            (1..=86_400).contains(&args.recovery_timeout_s),
+            "--recovery-timeout-s must be 1..=86400"
+        );
     }
     workloads(args)
 }
@@ -219,6 +276,27 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     let workloads = validate(&args)?;
+    if args.recovery {
+        let report = recovery::run(&recovery::RecoveryOptions {
+            in_flight: args.in_flight,
+            participants: args.participants,
+            in_doubt_poll_ms: args.in_doubt_poll_ms,
+            memory_budget_bytes: args.memory_budget_bytes,
+            timeout: Duration::from_secs(args.recovery_timeout_s),
+        })
+        .await?;
+        if args.json {
+            for line in report.lines() {
+                eprintln!("{line}");
+            }
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            for line in report.lines() {
+                println!("{line}");
+            }
+        }
+        return Ok(());
+    }
     if let Some(url) = &args.postgres {
         postgres::check_server(url, args.concurrency).await?;
     }
@@ -228,6 +306,9 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         max_active_transactions: args.concurrency.max(1_000),
         log_retention_ms: args.log_retention_ms,
         barrier_retention_ms: args.barrier_retention_ms,
+        memory_budget_bytes: args.memory_budget_bytes,
+        hold: false,
+        in_doubt_poll_ms: None,
         endpoint: args.endpoint.clone(),
     })
     .await?;
@@ -277,6 +358,17 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         (None, true) => Some(cluster.processes.first().and_then(|p| p.pid)),
         (None, false) => Some(None),
     };
+    let rss_sampler = coordinator_pid.map(|pid| {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(memory::sample(
+            pid,
+            Duration::from_millis(args.rss_sample_ms),
+            started,
+            tally.clone(),
+            stopped,
+        ));
+        (stop, task)
+    });
     let mut report = report::Report {
         mode: if args.processes {
             "processes"
@@ -289,6 +381,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         workloads: Vec::new(),
         ceiling_calls_per_s: None,
         postgres: None,
+        memory: None,
     };
     for workload in workloads {
         let before = observe::Snapshot::take(&cluster).await?;
@@ -312,6 +405,26 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
             figures.transactions_per_s
         );
         report.workloads.push(figures);
+    }
+    if let Some((stop, task)) = rss_sampler {
+        let _ = stop.send(true);
+        let (samples, taken) = task.await?;
+        let mut memory = memory::summarize(&samples, args.rss_sample_ms, taken);
+        if let Some(address) = cluster.coordinator_metrics {
+            let text = observe::scrape(address).await?;
+            let gauge = |name: &str| Some(observe::sum(&text, name));
+            memory.budget_bytes = gauge("treaty_memory_budget_bytes{part=\"total\"}");
+            memory.retained_transactions = gauge("treaty_retained_transactions");
+            memory.retained_estimated_bytes = gauge("treaty_retained_transactions_estimated_bytes");
+        }
+        for line in memory.lines() {
+            if args.json {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+        }
+        report.memory = Some(memory);
     }
     if let Some((stop, task)) = sampler {
         let _ = stop.send(true);

@@ -2,10 +2,18 @@
 //! durable barrier, in the bench's own process or as the hidden `treaty
 //! bench-participant` child process (`--processes`). It votes YES and does nothing else,
 //! so what is measured is Treaty: the gRPC calls and the barrier's durable writes.
+//!
+//! For `treaty bench --recovery` it also keeps transactions in flight on purpose
+//! (`--hold`): until the process gets SIGUSR1, a branch whose id starts with
+//! [`HOLD_PREPARE`] has its prepare wait, and one whose id starts with [`HOLD_COMMIT`]
+//! has its commit fail (a transient error: the coordinator keeps it decided and retries
+//! with backoff, without holding a call open). After SIGUSR1 (or [`MAX_HOLD`]) every
+//! call is answered at once, for good.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -14,21 +22,56 @@ use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
 use super::cluster::{PARTICIPANT_LISTENING, PARTICIPANT_METRICS, serve_options};
 
-/// A participant that votes YES (NO to the payload [`REJECT`]) and does nothing else.
-#[derive(Debug)]
-pub struct NoWork;
+/// A participant that votes YES (NO to the payload [`REJECT`]) and does nothing else;
+/// with a hold, it keeps some branches in flight until released (see the module docs).
+#[derive(Debug, Default)]
+pub struct NoWork {
+    /// `Some` while a hold may be on; the value turns true at the release.
+    released: Option<tokio::sync::watch::Receiver<bool>>,
+}
 
 /// The payload of a branch or saga step [`NoWork`] rejects.
 pub const REJECT: &[u8] = b"reject";
+/// Branch ids whose prepare waits for the release.
+pub const HOLD_PREPARE: &str = "hold-prepare-";
+/// Branch ids whose commit fails until the release.
+pub const HOLD_COMMIT: &str = "hold-commit-";
+/// Longest a hold lasts without a release.
+pub const MAX_HOLD: Duration = Duration::from_secs(600);
+
+impl NoWork {
+    /// Holding until `released` turns true.
+    pub fn holding(released: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            released: Some(released),
+        }
+    }
+
+    fn held(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.released.clone().filter(|released| !*released.borrow())
+    }
+}
 
 impl Participant for NoWork {
-    async fn prepare(&self, _: &BranchContext, payload: &[u8]) -> Result<Vote, ParticipantError> {
+    async fn prepare(
+        &self,
+        branch: &BranchContext,
+        payload: &[u8],
+    ) -> Result<Vote, ParticipantError> {
+        if let Some(mut released) = self.held() {
+            if branch.branch_id.starts_with(HOLD_PREPARE) {
+                let _ = tokio::time::timeout(MAX_HOLD, released.wait_for(|r| *r)).await;
+            }
+        }
         if payload == REJECT {
             return Ok(Vote::no("rejected by the bench"));
         }
         Ok(Vote::Yes)
     }
-    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+    async fn commit(&self, branch: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        if self.held().is_some() && branch.branch_id.starts_with(HOLD_COMMIT) {
+            return Err(ParticipantError::new("held by the bench until SIGUSR1"));
+        }
         Ok(())
     }
     async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
@@ -57,6 +100,13 @@ pub struct BenchParticipantArgs {
     /// created.
     #[arg(long)]
     pub barrier_retention_ms: Option<u64>,
+    /// Hold branches named for it until SIGUSR1 (see the module docs).
+    #[arg(long)]
+    pub hold: bool,
+    /// The in-doubt resolver's poll interval and age before asking (the SDK's default
+    /// if not given).
+    #[arg(long)]
+    pub in_doubt_poll_ms: Option<u64>,
 }
 
 /// Serves [`NoWork`] until SIGINT or SIGTERM, printing its two addresses on stdout.
@@ -80,9 +130,22 @@ pub async fn run(args: BenchParticipantArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--metrics-listen {}", args.metrics_listen))?;
     println!("{PARTICIPANT_LISTENING}{}", listener.local_addr()?);
     println!("{PARTICIPANT_METRICS}{}", metrics.local_addr()?);
-    let options = serve_options(args.barrier_retention_ms, metrics)?;
+    let options = serve_options(args.barrier_retention_ms, args.in_doubt_poll_ms, metrics)?;
+    let participant = if args.hold {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .context("listening for SIGUSR1")?;
+        tokio::spawn(async move {
+            usr1.recv().await;
+            let _ = release.send(true);
+        });
+        NoWork::holding(released)
+    } else {
+        NoWork::default()
+    };
     treaty_sdk::serve(
-        Arc::new(NoWork),
+        Arc::new(participant),
         store,
         listener,
         options,

@@ -28,6 +28,8 @@ pub struct Report {
     /// The ceiling workload's calls per second, if it ran.
     pub ceiling_calls_per_s: Option<f64>,
     pub postgres: Option<super::postgres::PostgresReport>,
+    /// The started coordinator's RSS over the run (`None` with `--endpoint`).
+    pub memory: Option<super::memory::MemoryReport>,
 }
 
 #[derive(Debug, serde::Serialize)]

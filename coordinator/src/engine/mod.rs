@@ -2,6 +2,7 @@
 //! no clock and no randomness. The runtime (`crate::runtime`) executes their actions and
 //! feeds the results back. Time enters as the `now` argument of every step.
 
+pub mod footprint;
 pub mod messages;
 pub mod saga;
 pub mod saga_graph;

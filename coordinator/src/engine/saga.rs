@@ -393,6 +393,11 @@ impl Saga {
         self.stuck
     }
 
+    /// Room of the step and transition vectors (for memory estimates).
+    pub fn capacities(&self) -> (usize, usize) {
+        (self.steps.capacity(), self.transitions.capacity())
+    }
+
     pub fn transitions(&self) -> &[Transition] {
         &self.transitions
     }

@@ -267,6 +267,11 @@ impl TwoPhaseCommit {
         self.reason.as_deref()
     }
 
+    /// Room of the branch and transition vectors (for memory estimates).
+    pub fn capacities(&self) -> (usize, usize) {
+        (self.branches.capacity(), self.transitions.capacity())
+    }
+
     pub fn transitions(&self) -> &[Transition] {
         &self.transitions
     }

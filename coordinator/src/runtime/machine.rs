@@ -86,6 +86,14 @@ impl Machine {
         }
     }
 
+    /// What its state holds on the heap, estimated (see `engine::footprint`).
+    pub(super) fn heap_bytes(&self) -> usize {
+        match self {
+            Machine::TwoPhase(txn) => txn.heap_bytes(),
+            Machine::Saga(saga) => saga.heap_bytes(),
+        }
+    }
+
     /// What users see.
     pub(super) fn record(&self) -> TxnRecord {
         match self {

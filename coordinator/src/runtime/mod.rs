@@ -24,6 +24,7 @@
 mod execute;
 mod load;
 mod machine;
+mod retained;
 mod shard;
 
 use std::collections::HashSet;
@@ -69,6 +70,9 @@ pub struct RuntimeConfig {
     pub memory_retention_ms: u64,
     /// At most this many final transactions are kept in memory (oldest go first).
     pub max_retained_transactions: usize,
+    /// At most this many estimated bytes of final transactions are kept in memory, all
+    /// shards together (oldest go first): their share of `memory_budget_bytes`.
+    pub max_retained_bytes: usize,
     /// How long final records stay in the log.
     pub log_retention_ms: u64,
     /// No participant is called about a transaction older than this (by its id): what
@@ -109,6 +113,8 @@ impl Default for RuntimeConfig {
             max_branches: treaty_sdk::limits::MAX_BRANCHES,
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
+            max_retained_bytes: crate::config::MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES)
+                .retained_bytes,
             log_retention_ms: defaults::LOG_RETENTION_MS,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,

@@ -9,6 +9,7 @@
 //! that every submit of one key is decided here, one after the other.
 
 use std::collections::{HashMap, VecDeque};
+use std::mem::size_of;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use treaty_sdk::trace::TraceContext;
 use super::execute::Actions;
 use super::load::{Limits, Load};
 use super::machine::{Input, Machine, Timer};
+use super::retained::{RetainLimits, Retained};
 use super::{
     BeginParams, ListFilter, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms,
 };
@@ -185,6 +187,24 @@ impl Entry {
         }
     }
 
+    /// The memory a final transaction holds in its shard, estimated: its slot in the
+    /// map and its place in the retention queue (each with the spare room of a table
+    /// that doubles when full: half again, on average), what its state holds on the heap
+    /// (`engine::footprint`), its trace state, and, if someone watched it, the last
+    /// record published to them (a second copy of the same fields).
+    fn estimated_bytes(&self) -> usize {
+        let published = match &self.updates {
+            Some(_) => size_of::<TxnRecord>() + self.machine.heap_bytes(),
+            None => 0,
+        };
+        // The map's slot, and its control byte.
+        (size_of::<(TxnId, Entry)>() + 1) * 3 / 2
+            + Retained::ENTRY_BYTES * 3 / 2
+            + self.machine.heap_bytes()
+            + self.trace.tracestate().map_or(0, str::len)
+            + published
+    }
+
     fn subscribe(&mut self) -> watch::Receiver<Arc<TxnRecord>> {
         let machine = &self.machine;
         self.updates
@@ -210,8 +230,9 @@ pub(super) struct Shard {
     pub(super) txns: HashMap<TxnId, Entry>,
     /// Sagas in memory by idempotency key.
     keys: HashMap<String, TxnId>,
-    /// Final transactions in the order they ended, for eviction.
-    retained: VecDeque<(UnixMs, TxnId)>,
+    /// Final transactions in the order they ended, with their estimated bytes, for
+    /// eviction.
+    retained: Retained,
     pub(super) timers: DelayQueue<(TxnId, Timer)>,
     pub(super) inputs: mpsc::UnboundedSender<(TxnId, Input)>,
     inputs_in: mpsc::UnboundedReceiver<(TxnId, Input)>,
@@ -241,7 +262,7 @@ impl Shard {
         Self {
             txns: HashMap::new(),
             keys: HashMap::new(),
-            retained: VecDeque::new(),
+            retained: Retained::default(),
             timers: DelayQueue::new(),
             inputs,
             inputs_in,
@@ -381,7 +402,11 @@ impl Shard {
                 let _ = reply.send(self.forget(id));
             }
             ShardMsg::Health { reply } => {
-                let mut health = Health::default();
+                let mut health = Health {
+                    retained_transactions: self.retained.len() as u64,
+                    retained_estimated_bytes: self.retained.bytes() as u64,
+                    ..Health::default()
+                };
                 for entry in self.txns.values() {
                     entry.machine.add_health(&mut health);
                 }
@@ -656,6 +681,7 @@ impl Shard {
         }
         let record = entry.machine.record();
         self.remove(id);
+        self.retained.remove(id);
         Ok(Some(record))
     }
 
@@ -808,7 +834,15 @@ impl Shard {
                 self.load
                     .release(entry.machine.owner(), entry.payload_bytes);
             }
-            self.retained.push_back((now, id));
+            let estimated_bytes = entry.estimated_bytes();
+            self.retained.push(now, id, estimated_bytes);
+            // Count and bytes are held at once (the retention waits for housekeeping);
+            // the transaction just ended is never the one dropped.
+            let limits = RetainLimits {
+                retention_ms: u64::MAX,
+                ..self.retain_limits()
+            };
+            self.evict_with(now, limits);
         }
     }
 
@@ -907,18 +941,27 @@ impl Shard {
         }
     }
 
-    /// Forgets final transactions past their retention, or beyond the memory cap.
-    fn evict(&mut self, now: UnixMs) {
-        // A forgotten transaction is no longer in `txns`: its entry here goes unnoticed.
-        let cap = (self.config.max_retained_transactions / self.config.shards.max(1)).max(1);
-        while let Some(&(ended, id)) = self.retained.front() {
-            let expired = now.saturating_sub(ended) >= self.config.memory_retention_ms;
-            if !expired && self.retained.len() <= cap {
-                break;
-            }
-            self.retained.pop_front();
-            self.remove(id);
+    /// This shard's share of the limits on final transactions kept in memory.
+    fn retain_limits(&self) -> RetainLimits {
+        let shards = self.config.shards.max(1);
+        RetainLimits {
+            retention_ms: self.config.memory_retention_ms,
+            max_transactions: (self.config.max_retained_transactions / shards).max(1),
+            max_bytes: self.config.max_retained_bytes / shards,
         }
+    }
+
+    /// Forgets final transactions past their retention, or beyond the count or bytes
+    /// they may hold.
+    fn evict(&mut self, now: UnixMs) {
+        self.evict_with(now, self.retain_limits());
+    }
+
+    fn evict_with(&mut self, now: UnixMs, limits: RetainLimits) {
+        let mut retained = std::mem::take(&mut self.retained);
+        // A forgotten transaction is no longer in `txns`: removing it again does nothing.
+        retained.evict(now, limits, |id| self.remove(id));
+        self.retained = retained;
     }
 
     /// Drops a transaction from memory, and its idempotency key with it.

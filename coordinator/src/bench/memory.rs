@@ -1,0 +1,248 @@
+//! `treaty bench`: the coordinator's resident memory (RSS, from `/proc`) sampled every
+//! `--rss-sample-ms` through the whole run, and whether it stayed flat (docs/limits.md,
+//! "Memory"; issue 11: flat within ±10 % over 1,000,000 transactions).
+//!
+//! The first tenth of the run (by time) is warm-up: caches fill, the retained
+//! transactions reach their bound. The rest is cut into four quarters of equal time;
+//! each gets the min, max and mean of its samples, and the run's flatness is
+//! (max − min) / mean of the four quarter means: 0.10 means the quarters' means lie
+//! within 10 % of their average of each other.
+//!
+//! Invariants: at most [`MAX_SAMPLES`] samples are kept (later ones are dropped, and the
+//! report says how many were taken); sampling reads one `/proc` file and never blocks the
+//! load.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::observe;
+use super::workload::Tally;
+
+/// Most samples kept (a sample a second for more than a day).
+pub const MAX_SAMPLES: usize = 100_000;
+/// The share of the run, from its start, that is warm-up.
+const WARMUP_FRACTION: f64 = 0.1;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RssSample {
+    pub elapsed_s: f64,
+    pub transactions: u64,
+    pub rss_bytes: u64,
+}
+
+/// One quarter of the run after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Quarter {
+    pub from_s: f64,
+    pub to_s: f64,
+    pub samples: usize,
+    pub min_bytes: u64,
+    pub max_bytes: u64,
+    pub mean_bytes: f64,
+}
+
+/// The coordinator's memory over the run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MemoryReport {
+    pub sample_every_ms: u64,
+    pub samples: usize,
+    pub warmup_s: f64,
+    /// The largest sample of the whole run, warm-up included.
+    pub max_bytes: u64,
+    /// Four, unless there were too few samples after the warm-up (then none).
+    pub quarters: Vec<Quarter>,
+    /// (max − min) / mean of the quarters' means; `None` without quarters.
+    pub flatness: Option<f64>,
+    /// The coordinator's `--memory-budget-bytes` (from its /metrics), and what it
+    /// reported at the end about the final transactions it kept in memory.
+    pub budget_bytes: Option<f64>,
+    pub retained_transactions: Option<f64>,
+    pub retained_estimated_bytes: Option<f64>,
+}
+
+/// Samples `pid`'s RSS (`None`: this process) every `every` until `stop` is set, and
+/// once more then.
+pub async fn sample(
+    pid: Option<u32>,
+    every: Duration,
+    started: Instant,
+    tally: Arc<Tally>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<RssSample>, usize) {
+    let mut samples = Vec::new();
+    let mut taken = 0;
+    loop {
+        if let Some(rss_bytes) = observe::rss_bytes(pid) {
+            taken += 1;
+            if samples.len() < MAX_SAMPLES {
+                samples.push(RssSample {
+                    elapsed_s: started.elapsed().as_secs_f64(),
+                    transactions: tally.finished.load(Ordering::Relaxed),
+                    rss_bytes,
+                });
+            }
+        }
+        if *stop.borrow() {
+            return (samples, taken);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// The quarters and flatness of `samples` (in time order).
+pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> MemoryReport {
+    let end_s = samples.last().map_or(0.0, |s| s.elapsed_s);
+    let warmup_s = end_s * WARMUP_FRACTION;
+    let quarter_s = (end_s - warmup_s) / 4.0;
+    let mut quarters = Vec::new();
+    for index in 0..4 {
+        let from_s = warmup_s + quarter_s * index as f64;
+        let to_s = from_s + quarter_s;
+        let last = index == 3;
+        let part: Vec<u64> = samples
+            .iter()
+            .filter(|s| s.elapsed_s >= from_s && (s.elapsed_s < to_s || last))
+            .map(|s| s.rss_bytes)
+            .collect();
+        let (Some(&min_bytes), Some(&max_bytes)) = (part.iter().min(), part.iter().max()) else {
+            quarters.clear();
+            break;
+        };
+        quarters.push(Quarter {
+            from_s,
+            to_s,
+            samples: part.len(),
+            min_bytes,
+            max_bytes,
+            mean_bytes: part.iter().sum::<u64>() as f64 / part.len() as f64,
+        });
+    }
+    let means: Vec<f64> = quarters.iter().map(|q| q.mean_bytes).collect();
+    let flatness = (!means.is_empty()).then(|| {
+        let low = means.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = means.iter().copied().fold(0.0, f64::max);
+        let mean = means.iter().sum::<f64>() / means.len() as f64;
+        (high - low) / mean
+    });
+    MemoryReport {
+        sample_every_ms,
+        samples: taken,
+        warmup_s,
+        max_bytes: samples.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
+        quarters,
+        flatness,
+        budget_bytes: None,
+        retained_transactions: None,
+        retained_estimated_bytes: None,
+    }
+}
+
+impl MemoryReport {
+    /// Lines for people.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = vec![format!(
+            "coordinator RSS: {} samples every {} ms; warm-up {:.0} s; max {}",
+            self.samples,
+            self.sample_every_ms,
+            self.warmup_s,
+            mib(self.max_bytes as f64)
+        )];
+        for (index, q) in self.quarters.iter().enumerate() {
+            lines.push(format!(
+                "  quarter {} ({:.0}-{:.0} s, {} samples): min {}, max {}, mean {}",
+                index + 1,
+                q.from_s,
+                q.to_s,
+                q.samples,
+                mib(q.min_bytes as f64),
+                mib(q.max_bytes as f64),
+                mib(q.mean_bytes),
+            ));
+        }
+        lines.push(match self.flatness {
+            Some(flatness) => format!(
+                "  flatness (max - min) / mean of the quarter means: {:.3} ({})",
+                flatness,
+                if flatness <= 0.1 {
+                    "within 10 %"
+                } else {
+                    "NOT within 10 %"
+                }
+            ),
+            None => "  too few samples after the warm-up for quarters".into(),
+        });
+        if let Some(budget) = self.budget_bytes {
+            lines.push(format!(
+                "  budget {}; at the end {} final transactions kept in memory, estimated {}",
+                mib(budget),
+                self.retained_transactions.unwrap_or(f64::NAN),
+                mib(self.retained_estimated_bytes.unwrap_or(f64::NAN)),
+            ));
+        }
+        lines
+    }
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(elapsed_s: f64, rss_bytes: u64) -> RssSample {
+        RssSample {
+            elapsed_s,
+            transactions: 0,
+            rss_bytes,
+        }
+    }
+
+    #[test]
+    fn quarters_follow_the_warm_up_and_flatness_compares_their_means() {
+        // 0..=100 s; warm-up to 10 s, then quarters of 22.5 s.
+        let samples: Vec<RssSample> = (0..=100)
+            .map(|t| {
+                let rss = match t {
+                    0..10 => 10,
+                    10..55 => 100,
+                    _ => 110,
+                };
+                at(t as f64, rss)
+            })
+            .collect();
+        let report = summarize(&samples, 1_000, 101);
+        assert_eq!(report.warmup_s, 10.0);
+        assert_eq!(report.max_bytes, 110);
+        assert_eq!(report.quarters.len(), 4);
+        let q = &report.quarters;
+        assert_eq!((q[0].from_s, q[0].to_s), (10.0, 32.5));
+        assert_eq!(
+            (q[0].min_bytes, q[0].max_bytes, q[0].mean_bytes),
+            (100, 100, 100.0)
+        );
+        // 32.5..55: 33..=54 at 100 (22 samples), none at 110.
+        assert_eq!(q[1].samples, 22);
+        // The last quarter includes the last sample.
+        assert_eq!(q[3].samples, 23);
+        assert_eq!(q[3].mean_bytes, 110.0);
+        // Means 100, 100, ~110, 110: (110 - 100) / their mean.
+        let mean = (100.0 + 100.0 + q[2].mean_bytes + 110.0) / 4.0;
+        let flatness = report.flatness.unwrap();
+        assert!((flatness - 10.0 / mean).abs() < 1e-9, "{flatness}");
+        assert!(report.lines().iter().any(|l| l.contains("within 10 %")));
+    }
+
+    #[test]
+    fn too_few_samples_give_no_quarters() {
+        let report = summarize(&[at(0.0, 5), at(1.0, 6)], 1_000, 2);
+        assert!(report.quarters.is_empty());
+        assert_eq!(report.flatness, None);
+        assert_eq!(summarize(&[], 1_000, 0).max_bytes, 0);
+    }
+}

@@ -1,0 +1,318 @@
+//! `treaty bench --recovery --in-flight N`: how long a coordinator takes, after kill -9
+//! with N transactions in flight, to resolve them all once it is started again
+//! (issue 11: 10,000 in flight, all resolved within 10 s of the restart).
+//!
+//! The run, with the coordinator and participants as child processes:
+//! 1. participants start holding (`treaty bench-participant --hold`, see
+//!    [`super::participant`]);
+//! 2. N/2 two-phase commits are run whose commits the participants refuse until released:
+//!    each is decided (its commit durable in the log) and stays in flight, phase 2
+//!    retried with backoff;
+//! 3. the other N − N/2 are begun with prepares the participants hold: they stay
+//!    undecided (the coordinator keeps them in memory only);
+//! 4. once the coordinator reports at least N in progress, it is killed with SIGKILL;
+//!    the participants are released (SIGUSR1): held prepares now vote YES and are in
+//!    doubt, held commits will succeed;
+//! 5. the coordinator is started again on the same data directory and addresses, and
+//!    the bench polls every [`POLL`] until the coordinator has nothing in progress and
+//!    every participant reports no branch in doubt.
+//!
+//! Measured from the restart (the spawn of the new process): until it serves (it has
+//! announced its addresses), until it has nothing in progress, and until everything is
+//! resolved. The decided half is committed by the coordinator's recovery; the undecided
+//! half is aborted by presumed abort when the participants ask (`GetOutcome`), so the
+//! last figure includes the participants' in-doubt poll interval (`--in-doubt-poll-ms`,
+//! the SDK's 2 s by default, which is also how long a branch must have been in doubt
+//! before it is asked about). A participant's in-doubt gauge is as of its resolver's last
+//! pass, so a participant counts as resolved once its gauge reads 0 and it has ended two
+//! passes since the release (the second began after it). The coordinator's gauges are
+//! rendered at most once a second: its figures may be late by up to that much.
+//!
+//! Every wait is bounded (`--recovery-timeout-s`) and fails with what it waited for.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TreatyClient};
+
+use super::cluster::{Cluster, ClusterOptions};
+use super::observe;
+use super::participant::{HOLD_COMMIT, HOLD_PREPARE};
+
+/// How often the bench looks at the servers' metrics while it waits.
+const POLL: Duration = Duration::from_millis(50);
+/// Concurrent calls the bench puts on one connection to the coordinator (its servers
+/// take 256 per connection).
+const CALLS_PER_CONNECTION: usize = 200;
+/// The SDK's in-doubt poll interval, when the bench does not set one.
+const SDK_IN_DOUBT_POLL_MS: u64 = 2_000;
+
+/// What `--recovery` is run with.
+#[derive(Debug, Clone)]
+pub struct RecoveryOptions {
+    pub in_flight: usize,
+    pub participants: usize,
+    pub in_doubt_poll_ms: Option<u64>,
+    pub memory_budget_bytes: Option<u64>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecoveryReport {
+    pub in_flight: usize,
+    /// Two-phase commits decided before the kill (their commits held).
+    pub decided: usize,
+    /// The coordinator's gauges just before the kill.
+    pub in_progress_at_kill: f64,
+    pub in_doubt_at_kill: f64,
+    pub restart_to_serving_ms: f64,
+    /// Until the restarted coordinator had nothing in progress.
+    pub restart_to_coordinator_idle_ms: f64,
+    /// Until, also, no participant had a branch in doubt.
+    pub restart_to_all_resolved_ms: f64,
+    /// Transactions the restarted coordinator saw end, by outcome.
+    pub committed_after_restart: f64,
+    pub aborted_after_restart: f64,
+    /// The participants' `GetOutcome` calls after the kill, by answer (branches).
+    pub participant_inquiries_commit: f64,
+    pub participant_inquiries_abort: f64,
+    pub in_doubt_poll_ms: u64,
+}
+
+impl RecoveryReport {
+    pub fn lines(&self) -> Vec<String> {
+        vec![
+            format!(
+                "recovery: {} in flight ({} decided, commits held; the rest with prepares held); at the kill the coordinator had {} in progress, {} in doubt",
+                self.in_flight, self.decided, self.in_progress_at_kill, self.in_doubt_at_kill
+            ),
+            format!(
+                "  restart to serving {:.0} ms; to nothing in progress {:.0} ms; to all resolved (participants included) {:.0} ms",
+                self.restart_to_serving_ms,
+                self.restart_to_coordinator_idle_ms,
+                self.restart_to_all_resolved_ms
+            ),
+            format!(
+                "  after the restart: {} committed and {} aborted by the coordinator; participants asked and heard COMMIT {} times, ABORT {} times (in-doubt poll {} ms)",
+                self.committed_after_restart,
+                self.aborted_after_restart,
+                self.participant_inquiries_commit,
+                self.participant_inquiries_abort,
+                self.in_doubt_poll_ms
+            ),
+        ]
+    }
+}
+
+pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
+    let n = options.in_flight;
+    let mut cluster = Cluster::start(&ClusterOptions {
+        processes: true,
+        participants: options.participants,
+        max_active_transactions: (n * 2).max(1_000),
+        log_retention_ms: None,
+        barrier_retention_ms: None,
+        memory_budget_bytes: options.memory_budget_bytes,
+        hold: true,
+        in_doubt_poll_ms: options.in_doubt_poll_ms,
+        endpoint: None,
+    })
+    .await?;
+    let coordinator_metrics = cluster
+        .coordinator_metrics
+        .ok_or_else(|| anyhow::anyhow!("the coordinator serves no metrics"))?;
+    let deadline = Instant::now() + options.timeout;
+    let clients = connect(&cluster.coordinator_endpoint, n).await?;
+    let endpoints: Vec<String> = cluster
+        .participants
+        .iter()
+        .map(|p| p.endpoint.clone())
+        .collect();
+    let decided = n / 2;
+    eprintln!("recovery: {decided} two-phase commits decided with their commits held");
+    let mut commits = JoinSet::new();
+    for i in 0..decided {
+        let client = clients[i % clients.len()].clone();
+        let branches = branches(HOLD_COMMIT, i, &endpoints);
+        commits.spawn(async move { client.run_two_phase(branches, long_options()).await });
+    }
+    while let Some(joined) =
+        within(deadline, "the decided half's commits", commits.join_next()).await?
+    {
+        let (id, outcome) = joined?.context("a commit of the decided half")?;
+        anyhow::ensure!(
+            outcome == Outcome::Committed,
+            "transaction {id} of the decided half ended {outcome:?}"
+        );
+    }
+    eprintln!(
+        "recovery: {} more begun with their prepares held",
+        n - decided
+    );
+    let mut held = JoinSet::new();
+    for i in decided..n {
+        let client = clients[i % clients.len()].clone();
+        let branches = branches(HOLD_PREPARE, i, &endpoints);
+        held.spawn(async move { client.run_two_phase(branches, long_options()).await });
+    }
+    let (in_progress_at_kill, in_doubt_at_kill) =
+        within(deadline, "N transactions in progress", async {
+            loop {
+                let text = observe::scrape(coordinator_metrics).await?;
+                let in_progress = observe::sum(&text, "treaty_transactions_in_progress");
+                if in_progress >= n as f64 {
+                    return Ok::<_, anyhow::Error>((
+                        in_progress,
+                        observe::sum(&text, "treaty_in_doubt_transactions"),
+                    ));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        })
+        .await??;
+    eprintln!("recovery: {in_progress_at_kill} in progress; kill -9 of the coordinator");
+    cluster.kill_coordinator().await?;
+    held.abort_all();
+    let inquiries_before = inquiries(&cluster).await?;
+    let passes_at_release: Vec<f64> = in_doubt(&cluster)
+        .await?
+        .into_iter()
+        .map(|(passes, _)| passes)
+        .collect();
+    cluster.signal_participants(nix::sys::signal::Signal::SIGUSR1)?;
+    let restarted = Instant::now();
+    within(
+        deadline,
+        "the coordinator's restart",
+        cluster.restart_coordinator(),
+    )
+    .await??;
+    let restart_to_serving = restarted.elapsed();
+    let poll_ms = options.in_doubt_poll_ms.unwrap_or(SDK_IN_DOUBT_POLL_MS);
+    let mut idle: Option<Duration> = None;
+    let resolved = within(deadline, "every transaction resolved", async {
+        loop {
+            let text = observe::scrape(coordinator_metrics).await?;
+            if idle.is_none() && observe::sum(&text, "treaty_transactions_in_progress") == 0.0 {
+                idle = Some(restarted.elapsed());
+            }
+            if idle.is_some() {
+                let now = in_doubt(&cluster).await?;
+                let settled = now.iter().zip(&passes_at_release).all(|(state, before)| {
+                    let (passes, count) = *state;
+                    passes >= before + 2.0 && count == Some(0.0)
+                });
+                if settled {
+                    return Ok::<_, anyhow::Error>(restarted.elapsed());
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await??;
+    let text = observe::scrape(coordinator_metrics).await?;
+    // `+ 0.0`: a sum of no samples is -0.0.
+    let ended = |outcome: &str| {
+        0.0 + observe::sum(
+            &text,
+            &format!("treaty_transactions_total{{protocol=\"two_phase\",outcome=\"{outcome}\"}}"),
+        )
+    };
+    let inquiries_after = inquiries(&cluster).await?;
+    let report = RecoveryReport {
+        in_flight: n,
+        decided,
+        in_progress_at_kill,
+        in_doubt_at_kill,
+        restart_to_serving_ms: millis(restart_to_serving),
+        restart_to_coordinator_idle_ms: millis(idle.unwrap_or(resolved)),
+        restart_to_all_resolved_ms: millis(resolved),
+        committed_after_restart: ended("committed"),
+        aborted_after_restart: ended("aborted"),
+        participant_inquiries_commit: inquiries_after.0 - inquiries_before.0,
+        participant_inquiries_abort: inquiries_after.1 - inquiries_before.1,
+        in_doubt_poll_ms: poll_ms,
+    };
+    cluster.stop().await?;
+    Ok(report)
+}
+
+/// Enough connections to the coordinator for `n` calls at once.
+async fn connect(endpoint: &str, n: usize) -> anyhow::Result<Vec<TreatyClient>> {
+    let connections = n.div_ceil(CALLS_PER_CONNECTION).clamp(1, 512);
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        clients.push(
+            TreatyClient::connect(endpoint.to_string())
+                .await
+                .with_context(|| format!("connecting to the coordinator at {endpoint}"))?,
+        );
+    }
+    Ok(clients)
+}
+
+/// One branch on each participant, named for the hold.
+fn branches(hold: &str, i: usize, endpoints: &[String]) -> Vec<BranchSpec> {
+    endpoints
+        .iter()
+        .enumerate()
+        .map(|(p, endpoint)| {
+            BranchSpec::new(format!("{hold}{i}-{p}"), endpoint.clone(), b"x".to_vec())
+        })
+        .collect()
+}
+
+/// Deadlines far beyond the run: nothing may time out while it is held.
+fn long_options() -> BeginOptions {
+    BeginOptions {
+        deadline_unix_ms: Some(crate::runtime::now_unix_ms() + 30 * 60_000),
+        prepare_timeout_ms: Some(crate::config::defaults::MAX_PREPARE_TIMEOUT_MS),
+    }
+}
+
+async fn within<T>(
+    deadline: Instant,
+    what: &str,
+    future: impl std::future::Future<Output = T>,
+) -> anyhow::Result<T> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::timeout(left, future)
+        .await
+        .map_err(|_| anyhow::anyhow!("--recovery-timeout-s passed waiting for {what}"))
+}
+
+/// Each participant's in-doubt passes ended so far, and its branches in doubt as of the
+/// last one (`None` before its first pass ends).
+async fn in_doubt(cluster: &Cluster) -> anyhow::Result<Vec<(f64, Option<f64>)>> {
+    let mut states = Vec::with_capacity(cluster.participants.len());
+    for participant in &cluster.participants {
+        let text = observe::scrape(participant.metrics).await?;
+        let gauge = "treaty_participant_branches_in_doubt";
+        let count = text
+            .contains(&format!("{gauge} "))
+            .then(|| observe::sum(&text, gauge));
+        states.push((
+            observe::sum(&text, "treaty_participant_in_doubt_passes_total"),
+            count,
+        ));
+    }
+    Ok(states)
+}
+
+/// The participants' `GetOutcome` calls so far answered COMMIT and ABORT, summed.
+async fn inquiries(cluster: &Cluster) -> anyhow::Result<(f64, f64)> {
+    let mut commit = 0.0;
+    let mut abort = 0.0;
+    for participant in &cluster.participants {
+        let text = observe::scrape(participant.metrics).await?;
+        let name = "treaty_participant_outcome_inquiries_total";
+        commit += observe::sum(&text, &format!("{name}{{result=\"commit\"}}"));
+        abort += observe::sum(&text, &format!("{name}{{result=\"abort\"}}"));
+    }
+    Ok((commit, abort))
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
