@@ -34,8 +34,7 @@ use std::time::{Duration, Instant};
 
 use super::files::{self, SyncedFiles, SyncedPath};
 use super::generations::{self, SwitchError};
-use super::high_water::HighWater;
-use super::journal::Journal;
+use super::high_water::{self, HighWater};
 use super::logger::Logger;
 use super::{COMPACTED_BYTES_KEY, Generation, LOG_FILE_NAME, META_TREE, open_sled_at};
 
@@ -349,7 +348,7 @@ impl Logger {
         };
         let number = rebuild.number;
         let prepared = self.make_generation_durable(&rebuild);
-        let (db_file, files, high_water, journal, mut synced) = match prepared {
+        let (db_file, files, high_water, mut synced) = match prepared {
             Ok(prepared) => prepared,
             Err(message) => {
                 self.compaction.rebuild = Some(rebuild);
@@ -391,7 +390,6 @@ impl Logger {
         self.db_file = db_file;
         self.files = files;
         self.high_water = high_water;
-        self.journal = journal;
         if let Some(observer) = &self.sync_observer {
             observer(&synced);
         }
@@ -428,37 +426,22 @@ impl Logger {
         self.compaction.answer(&Ok(report));
     }
 
-    /// Syncs every file of the new generation, its directory, a high-water mark at the
-    /// last acknowledged group and an empty journal after the last frame (the new
-    /// generation holds every frame: each was mirrored into it).
+    /// Syncs every file of the new generation, its directory and a high-water mark at
+    /// the last acknowledged group.
     #[allow(clippy::type_complexity)]
     fn make_generation_durable(
         &self,
         rebuild: &Rebuild,
-    ) -> Result<
-        (
-            std::fs::File,
-            SyncedFiles,
-            HighWater,
-            Journal,
-            Vec<SyncedPath>,
-        ),
-        String,
-    > {
+    ) -> Result<(std::fs::File, SyncedFiles, HighWater, Vec<SyncedPath>), String> {
         let failed = |what: &str, error: &dyn std::fmt::Display| {
             format!(
                 "making generation {} durable: {what}: {error}",
                 rebuild.number
             )
         };
-        let frames = self.journal.last_frame();
-        rebuild
-            .meta
-            .insert(super::FRAMES_KEY, &frames.to_be_bytes())
-            .map_err(|e| failed("numbering its checkpoint", &e))?;
         rebuild.db.flush().map_err(|e| failed("flush", &e))?;
         let mut synced = Vec::new();
-        let mut files = SyncedFiles::new(&rebuild.dir, &super::FILES_SYNCED_BY_NAME);
+        let mut files = SyncedFiles::new(&rebuild.dir, &[LOG_FILE_NAME, high_water::FILE_NAME]);
         files
             .sync_new(&mut synced)
             .map_err(|e| failed("syncing its files", &e))?;
@@ -467,6 +450,7 @@ impl Logger {
         db_file.sync_data().map_err(|e| failed("fdatasync", &e))?;
         let high_water = HighWater::open(&rebuild.dir, self.forced_groups)
             .map_err(|e| failed("writing its high-water mark", &e))?;
+        files::sync_dir(&rebuild.dir).map_err(|e| failed("syncing its directory", &e))?;
         for path in [db_path, high_water.path().to_path_buf()] {
             synced.push(SyncedPath {
                 len: std::fs::metadata(&path).map_or(0, |m| m.len()),
@@ -474,10 +458,12 @@ impl Logger {
                 is_dir: false,
             });
         }
-        // Syncs the directory too.
-        let journal = Journal::start(&rebuild.dir, frames, &mut synced)
-            .map_err(|e| failed("starting its journal", &e))?;
-        Ok((db_file, files, high_water, journal, synced))
+        synced.push(SyncedPath {
+            path: rebuild.dir.clone(),
+            len: 0,
+            is_dir: true,
+        });
+        Ok((db_file, files, high_water, synced))
     }
 
     /// Gives up the rebuild in progress, if any: its directory is deleted once sled has

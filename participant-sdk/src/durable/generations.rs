@@ -156,8 +156,8 @@ pub(super) fn remove_all_but(root: &Path, current: u64) -> std::io::Result<bool>
     Ok(removed)
 }
 
-/// Deletes generation `number`'s files. For generation 0, only sled's files and the
-/// journal in the store's directory, never the layout's; its high-water mark stays, set to `u64::MAX`
+/// Deletes generation `number`'s files. For generation 0, only sled's files in the
+/// store's directory, never the layout's; its high-water mark stays, set to `u64::MAX`
 /// so that an older binary refuses the directory (see the module docs).
 pub(super) fn remove_generation(root: &Path, number: u64) -> std::io::Result<()> {
     if number != 0 {
@@ -171,8 +171,7 @@ pub(super) fn remove_generation(root: &Path, number: u64) -> std::io::Result<()>
         let name = name.to_string_lossy();
         let is_sled_file = name == LOG_FILE_NAME
             || name == SLED_CONFIG_FILE
-            || name.starts_with(SLED_SNAPSHOT_PREFIX)
-            || super::journal::is_journal_file(&name);
+            || name.starts_with(SLED_SNAPSHOT_PREFIX);
         if name == SLED_BLOB_DIR {
             ignore_missing(std::fs::remove_dir_all(entry.path()))?;
         } else if is_sled_file {

@@ -2,18 +2,14 @@
 //!
 //! sled checksums each log message but treats a bad one as the end of its log, so one
 //! damaged byte (or a file cut short) makes it open "successfully" without everything
-//! written after that point; the journal likewise ends at its first bad frame. The store
-//! therefore numbers its forced group commits: the number goes into sled and the journal
-//! with each group, and, once the group is durable in the journal, into this file
-//! (unsynced: the file is synced at each checkpoint). At open, after the journal's
-//! replay, sled must hold at least the number this file holds; if it holds less,
+//! written after that point. The store therefore numbers its forced group commits: the
+//! number goes into sled with each group, and, once the group is on disk, into this
+//! file. At open, sled must hold at least the number this file holds; if it holds less,
 //! acknowledged writes were lost and the store refuses to open.
 //!
 //! Invariants:
-//! - The file is written only after the group is durable in the journal, so after any
-//!   crash the number the journal and sled hold together is at least the number here
-//!   (never the reverse). After a power cut the file may hold an older number than was
-//!   acknowledged: it then bounds less, never wrongly.
+//! - The file is written only after sled's group is durable, so after any crash the
+//!   number in sled is at least the number here (never the reverse).
 //! - The file has two checksummed slots, in different sectors; group `n` overwrites slot
 //!   `n % 2` in place (the file's size never changes after creation, so `fdatasync`
 //!   writes no metadata). A torn write of one slot leaves the other, one group older,
@@ -110,18 +106,9 @@ impl HighWater {
 
     /// Durably records that forced group `mark` is acknowledged.
     pub(super) fn record(&mut self, mark: u64) -> std::io::Result<()> {
-        self.record_unsynced(mark)?;
-        self.file.sync_data()
-    }
-
-    /// Records that forced group `mark` is acknowledged without waiting for the disk:
-    /// after the group is durable in the journal, so that whenever this write reaches
-    /// the disk (the next checkpoint, or the kernel's writeback) it is never ahead of
-    /// what the journal holds. It survives a crash of the process; a power cut may
-    /// leave an older mark, which bounds less but never wrongly.
-    pub(super) fn record_unsynced(&mut self, mark: u64) -> std::io::Result<()> {
         let offset = (mark % 2) * SLOT_SPACING;
-        self.file.write_all_at(&encode_slot(mark), offset)
+        self.file.write_all_at(&encode_slot(mark), offset)?;
+        self.file.sync_data()
     }
 }
 

@@ -1,14 +1,11 @@
 //! The logger thread: the one writer of a [`DurableStore`](super::DurableStore).
 //!
-//! It takes the queued requests in arrival order, appends a group to the journal as one
-//! frame, applies it with one `apply_batch`, and, when the group holds a forced write,
-//! makes it durable before it wakes anyone: `fdatasync` of the journal, then the group's
-//! number in the high-water mark (unsynced; see `journal`). When the journal has grown
-//! past its size it checkpoints: sled's `flush()`, every new file sled created (blobs,
-//! snapshots) and the directories that changed, `fdatasync` of sled's log file, the
-//! high-water mark synced, and a fresh journal in place of the old one. `flush_async` is
-//! never called. Between groups it does compaction's work, one bounded step at a time
-//! (see `compaction`).
+//! It takes the queued requests in arrival order, applies a group with one
+//! `apply_batch`, and, when the group holds a forced write, makes it durable before it
+//! wakes anyone: sled's `flush()`, then every new file sled created (blobs, snapshots)
+//! and the directories that changed, then `fdatasync` of the log file, then the group's
+//! number in the high-water mark. `flush_async` is never called. Between groups it
+//! does compaction's work, one bounded step at a time (see `compaction`).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -18,10 +15,9 @@ use std::sync::{Arc, OnceLock, RwLock};
 use super::compaction::Compaction;
 use super::files::{SyncedFiles, SyncedPath};
 use super::high_water::HighWater;
-use super::journal::Journal;
 use super::{
-    Durability, FORCED_GROUPS_KEY, FRAMES_KEY, Generation, GroupCommitted, GroupObserver, Request,
-    StoreError, SyncObserver, reply,
+    Durability, FORCED_GROUPS_KEY, Generation, GroupCommitted, GroupObserver, Request, StoreError,
+    SyncObserver, reply,
 };
 
 type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
@@ -42,10 +38,6 @@ pub(super) struct Logger {
     pub(super) db_path: std::path::PathBuf,
     pub(super) files: SyncedFiles,
     pub(super) high_water: HighWater,
-    /// Where every group goes first; the current generation's.
-    pub(super) journal: Journal,
-    /// The journal's size that makes the next group end with a checkpoint.
-    pub(super) checkpoint_bytes: u64,
     /// The number of the last forced group made durable.
     pub(super) forced_groups: u64,
     pub(super) receiver: mpsc::Receiver<Request>,
@@ -86,11 +78,6 @@ impl Logger {
             }
             let (group, close) = self.take_group(&mut pending);
             self.commit_group(group);
-            if self.journal.len_bytes() >= self.checkpoint_bytes && self.failure.get().is_none() {
-                if let Err(message) = self.checkpoint() {
-                    let _ = self.fail(message);
-                }
-            }
             if let Some(done) = close {
                 self.stop_compacting();
                 let result = self.make_durable();
@@ -163,7 +150,7 @@ impl Logger {
                         return Ok(None);
                     }
                     let started = std::time::Instant::now();
-                    self.sync_group(self.forced_groups + 1)?;
+                    self.sync(Some(self.forced_groups + 1))?;
                     Ok(Some(started.elapsed().as_secs_f64()))
                 });
                 match result {
@@ -190,24 +177,16 @@ impl Logger {
         }
     }
 
-    /// Appends the group to the journal, then applies its writes; a forced group is
-    /// numbered after them, so a sled log cut anywhere before its end loses the number
-    /// too.
+    /// Applies the group's writes; a forced group is numbered after them, so a log cut
+    /// anywhere before its end loses the number too.
     fn apply(&mut self, group: &Group, forced: bool) -> Result<(), String> {
-        let ops = || {
-            group.iter().flat_map(|(batch, _, _)| {
-                (batch.ops.iter()).map(|(key, value)| (key.as_slice(), value.as_deref()))
-            })
-        };
-        let forced_group = if forced { self.forced_groups + 1 } else { 0 };
-        self.journal
-            .append(forced_group, ops())
-            .map_err(|e| format!("appending to the journal: {e}"))?;
         let mut sled_batch = sled::Batch::default();
-        for (key, value) in ops() {
-            match value {
-                Some(value) => sled_batch.insert(key, value),
-                None => sled_batch.remove(key),
+        for (batch, _, _) in group {
+            for (key, value) in &batch.ops {
+                match value {
+                    Some(value) => sled_batch.insert(key.as_slice(), value.as_slice()),
+                    None => sled_batch.remove(key.as_slice()),
+                }
             }
         }
         let mirrored = self
@@ -238,41 +217,16 @@ impl Logger {
         if let Some(message) = self.failure.get() {
             return Err(StoreError::Failed(message.clone()));
         }
-        self.checkpoint().map_err(|message| self.fail(message))
+        self.sync(None).map_err(|message| self.fail(message))
     }
 
-    /// Makes the journal, and so every group applied so far, durable, then records
-    /// forced group `group` as acknowledged in the high-water mark.
-    fn sync_group(&mut self, group: u64) -> Result<(), String> {
+    /// Makes everything applied so far durable; with `group`, records that forced group
+    /// as acknowledged in the high-water mark, last.
+    fn sync(&mut self, group: Option<u64>) -> Result<(), String> {
         fail::fail_point!(
             "durable::sync",
             |_| Err("injected sync failure".to_string())
         );
-        self.journal
-            .sync()
-            .map_err(|e| format!("fdatasync of the journal: {e}"))?;
-        self.high_water
-            .record_unsynced(group)
-            .map_err(|e| format!("recording the high-water mark: {e}"))?;
-        self.forced_groups = group;
-        if let Some(observer) = &self.sync_observer {
-            observer(&[self.journal.synced_path()]);
-        }
-        Ok(())
-    }
-
-    /// Makes sled hold everything applied so far durably, then starts a fresh journal
-    /// after the last frame (see `journal`).
-    pub(super) fn checkpoint(&mut self) -> Result<(), String> {
-        fail::fail_point!(
-            "durable::sync",
-            |_| Err("injected sync failure".to_string())
-        );
-        let frames = self.journal.last_frame();
-        self.generation
-            .meta
-            .insert(FRAMES_KEY, &frames.to_be_bytes())
-            .map_err(|e| format!("numbering the checkpoint: {e}"))?;
         self.generation
             .db
             .flush()
@@ -284,15 +238,19 @@ impl Logger {
         self.db_file
             .sync_data()
             .map_err(|e| format!("fdatasync: {e}"))?;
-        self.high_water
-            .record(self.forced_groups)
-            .map_err(|e| format!("recording the high-water mark: {e}"))?;
-        if self.sync_observer.is_some() {
+        let observed = self.sync_observer.is_some();
+        if observed {
             synced.push(synced_file(&self.db_path));
-            synced.push(synced_file(self.high_water.path()));
         }
-        self.journal = Journal::start(&self.generation.dir, frames, &mut synced)
-            .map_err(|e| format!("starting a new journal: {e}"))?;
+        if let Some(group) = group {
+            self.high_water
+                .record(group)
+                .map_err(|e| format!("recording the high-water mark: {e}"))?;
+            self.forced_groups = group;
+            if observed {
+                synced.push(synced_file(self.high_water.path()));
+            }
+        }
         if let Some(observer) = &self.sync_observer {
             observer(&synced);
         }

@@ -10,24 +10,19 @@
 //! The contract (what a caller may rely on):
 //! - A [`Durability::Forced`] write's ticket resolves `Ok` only once its records, and
 //!   every write queued before it, survive a crash of the process **and a power cut**
-//!   (as far as the disk honours `fdatasync`), whatever their size: each group is
-//!   appended to the journal ([`journal`]) before sled applies it, and the journal is
-//!   synced before any waiter of a forced group is woken. sled's own files (its log,
-//!   every file it created beside it — blobs, snapshots — and the directories naming
-//!   them) are synced at checkpoints, after which a fresh journal replaces the old; `open`
-//!   replays the journal over what sled recovered. The directory itself is synced when
+//!   (as far as the disk honours `fdatasync`), whatever their size: the log file, every
+//!   file sled created beside it (blobs, snapshots) and the directories naming them are
+//!   synced before any waiter of the group is woken. The directory itself is synced when
 //!   `open` creates it.
 //! - Writes are applied in the order `write` was called, so a lazy write issued after a
 //!   forced one can never reach the disk before it.
 //! - **Damage is detected, not served.** Each forced group is numbered; the number goes
-//!   into sled and the journal with the group and, once the group is durable, into a
-//!   high-water mark file beside them ([`high_water`]). `open` refuses
-//!   ([`StoreError::Damaged`]) a store that, after the journal's replay, holds fewer
-//!   forced groups than the mark says were acknowledged, or whose sled holds fewer
-//!   journal frames than the journal says were checkpointed — what a damaged byte or a
-//!   cut-short file does to sled, which otherwise opens without complaint — and, unless
-//!   told not to, reads every record once so that a damaged one is found at start, not
-//!   when it is asked for.
+//!   into sled with the group and, once the group is durable, into a high-water mark file
+//!   beside it ([`high_water`]). `open` refuses ([`StoreError::Damaged`]) a store whose
+//!   sled holds fewer forced groups than the mark says were acknowledged — what a damaged
+//!   byte or a cut-short file does to sled, which otherwise opens without complaint —
+//!   and, unless told not to, reads every record once so that a damaged one is found at
+//!   start, not when it is asked for.
 //! - After the first failed write the store is failed for good: every later write
 //!   resolves with [`StoreError::Failed`]. The owner must stop, restart and recover.
 //! - `snap.*.generating` files left by a crash during `open()` are removed before opening.
@@ -42,7 +37,6 @@ mod compaction;
 mod files;
 mod generations;
 pub mod high_water;
-mod journal;
 mod logger;
 
 use std::fs::File;
@@ -66,11 +60,6 @@ pub const LOG_FILE_NAME: &str = "db";
 /// The sled tree where the store keeps the number of its last forced group.
 const META_TREE: &[u8] = b"__treaty_durable_store";
 const FORCED_GROUPS_KEY: &[u8] = b"forced-groups";
-/// The number of the last journal frame sled held when it was last checkpointed.
-const FRAMES_KEY: &[u8] = b"journal-frames";
-/// sled's files and the store's own in a generation's directory that are synced by
-/// name, not as files that appeared.
-const FILES_SYNCED_BY_NAME: [&str; 3] = [LOG_FILE_NAME, high_water::FILE_NAME, journal::FILE_NAME];
 /// The size on disk of the store right after its last compaction (the policy's base).
 const COMPACTED_BYTES_KEY: &[u8] = b"compacted-bytes";
 
@@ -155,8 +144,8 @@ pub struct GroupCommitted {
     pub records: usize,
     /// Writes (callers) the group served.
     pub writes: usize,
-    /// Time spent making a forced group durable (the journal's `fdatasync` and the
-    /// high-water mark); `None` for a group of lazy writes only.
+    /// Time spent making a forced group durable (flush, new files, fdatasync, high-water
+    /// mark); `None` for a group of lazy writes only.
     pub sync_seconds: Option<f64>,
 }
 
@@ -174,8 +163,8 @@ pub struct DurabilityCounters {
 }
 
 impl DurabilityCounters {
-    /// Forced groups made durable (each one `fdatasync` of the journal; sled's own
-    /// files are synced at checkpoints, not counted here).
+    /// Forced groups made durable (each one sled flush, then `fdatasync` of the log
+    /// file and of any new file, then the high-water mark).
     pub fn syncs(&self) -> u64 {
         self.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -203,9 +192,6 @@ pub struct StoreOptions {
     pub max_batch_bytes: usize,
     /// sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
-    /// The journal's size past which the logger checkpoints (makes sled durable and
-    /// starts a fresh journal). Bigger: fewer checkpoints, a longer replay at open.
-    pub journal_checkpoint_bytes: u64,
     /// Read every record at open, so that a damaged one stops the open rather than a
     /// later read (costs a scan of the whole store).
     pub verify_on_open: bool,
@@ -223,7 +209,6 @@ impl std::fmt::Debug for StoreOptions {
             .field("max_batch_records", &self.max_batch_records)
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("cache_capacity_bytes", &self.cache_capacity_bytes)
-            .field("journal_checkpoint_bytes", &self.journal_checkpoint_bytes)
             .field("verify_on_open", &self.verify_on_open)
             .field("compaction", &self.compaction)
             .field("sync_observer", &self.sync_observer.is_some())
@@ -238,7 +223,6 @@ impl Default for StoreOptions {
             max_batch_records: 4096,
             max_batch_bytes: 8 * 1024 * 1024,
             cache_capacity_bytes: 256 * 1024 * 1024,
-            journal_checkpoint_bytes: 16 * 1024 * 1024,
             verify_on_open: true,
             compaction: None,
             sync_observer: None,
@@ -331,32 +315,8 @@ impl DurableStore {
         let dir = located.dir.as_path();
         remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
         let mark = high_water::read(dir).map_err(|e| open_error(e.to_string()))?;
-        let (mut db, mut meta) = open_sled(root, dir, &options)?;
-        let found = journal::read(dir)
-            .map_err(|e| open_error(format!("reading the journal: {e}")))?
-            .map_err(damaged)?;
-        let frames = match found {
-            // A new store, or one from before the journal: sled is all there is.
-            None => stored_number(&meta, FRAMES_KEY).map_err(damaged)?,
-            Some(found) if found.frames.is_empty() => {
-                check_checkpointed(&meta, found.base).map_err(damaged)?;
-                found.base
-            }
-            Some(found) => {
-                let frames = replay(&db, &meta, found).map_err(damaged)?;
-                // sled snapshots its page table only when it opens, and its recovery
-                // skips the rest of a damaged log segment written after that snapshot
-                // without a word. Reopened, sled reads what the replay wrote through a
-                // fresh snapshot, as it reads everything it held before, so damage to
-                // it is found (see docs/decisions.md, "The journal").
-                db.flush()
-                    .map_err(|e| open_error(format!("flushing the replay: {e}")))?;
-                drop((db, meta));
-                (db, meta) = open_sled(root, dir, &options)?;
-                frames
-            }
-        };
-        let forced_groups = stored_number(&meta, FORCED_GROUPS_KEY).map_err(damaged)?;
+        let (db, meta) = open_sled(root, dir, &options)?;
+        let forced_groups = forced_groups(&meta).map_err(damaged)?;
         let acknowledged = check_mark(&mark, forced_groups, &db).map_err(damaged)?;
         if options.verify_on_open {
             read_everything(&db, &meta).map_err(damaged)?;
@@ -368,22 +328,18 @@ impl DurableStore {
         let db_path = dir.join(LOG_FILE_NAME);
         // fdatasync through our own descriptor: sled's flush() only calls sync_file_range.
         let db_file = File::open(&db_path).map_err(|e| open_error(e.to_string()))?;
-        // A checkpoint: what the last run (or sled's own open, or the replay) left
-        // unsynced becomes durable now, the mark catches up with sled (it may lag after
-        // a crash) and a fresh journal follows the last frame.
-        let mut files = files::SyncedFiles::new(dir, &FILES_SYNCED_BY_NAME);
+        // What the last run (or sled's own open) left unsynced becomes durable now, and
+        // the mark catches up with sled (it may lag one group after a crash).
+        let mut files = files::SyncedFiles::new(dir, &[LOG_FILE_NAME, high_water::FILE_NAME]);
         let mut synced = Vec::new();
-        let baseline = meta
-            .insert(FRAMES_KEY, &frames.to_be_bytes())
+        let baseline = db
+            .flush()
             .map_err(|e| e.to_string())
-            .and_then(|_| db.flush().map_err(|e| e.to_string()))
             .and_then(|_| files.sync_new(&mut synced).map_err(|e| e.to_string()))
             .and_then(|()| db_file.sync_data().map_err(|e| e.to_string()));
         baseline.map_err(|e| open_error(format!("syncing at open: {e}")))?;
         let high_water = HighWater::open(dir, forced_groups.max(acknowledged))
             .map_err(|e| open_error(format!("writing the high-water mark: {e}")))?;
-        let journal = journal::Journal::start(dir, frames, &mut synced)
-            .map_err(|e| open_error(format!("starting the journal: {e}")))?;
         if let Some(observer) = &options.sync_observer {
             // The baseline above and the mark's creation synced the directory too.
             for path in [db_path.clone(), dir.join(high_water::FILE_NAME)] {
@@ -423,8 +379,6 @@ impl DurableStore {
             db_path,
             files,
             high_water,
-            journal,
-            checkpoint_bytes: options.journal_checkpoint_bytes.max(1),
             forced_groups,
             receiver,
             failure: failure.clone(),
@@ -510,7 +464,7 @@ impl DurableStore {
         let generation = self.generation();
         let (records, bytes) =
             read_everything(&generation.db, &generation.meta).map_err(damaged)?;
-        let forced_groups = stored_number(&generation.meta, FORCED_GROUPS_KEY).map_err(damaged)?;
+        let forced_groups = forced_groups(&generation.meta).map_err(damaged)?;
         let acknowledged_groups = match high_water::read(&generation.dir) {
             Ok(Mark::At(mark)) => mark,
             Ok(_) => 0,
@@ -626,65 +580,21 @@ fn reply(request: Request, result: Result<(), StoreError>) {
     }
 }
 
-/// A number the store keeps in its bookkeeping: the last forced group, or the last
-/// journal frame checkpointed, that sled holds (0: none yet).
-fn stored_number(meta: &sled::Tree, key: &[u8]) -> Result<u64, String> {
-    let name = String::from_utf8_lossy(key);
+/// The number of the last forced group sled holds (0: none yet).
+fn forced_groups(meta: &sled::Tree) -> Result<u64, String> {
     let stored = meta
-        .get(key)
-        .map_err(|e| format!("reading the store's {name} number: {e}"))?;
+        .get(FORCED_GROUPS_KEY)
+        .map_err(|e| format!("reading the forced-group number: {e}"))?;
     match stored {
         None => Ok(0),
         Some(bytes) => {
-            let number: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
-                format!("the store's {name} number has {} bytes, not 8", bytes.len())
-            })?;
+            let number: [u8; 8] = bytes
+                .as_ref()
+                .try_into()
+                .map_err(|_| format!("the forced-group number has {} bytes, not 8", bytes.len()))?;
             Ok(u64::from_be_bytes(number))
         }
     }
-}
-
-/// Refuses a sled that holds fewer journal frames than the journal's base: the last
-/// checkpoint made them durable in sled, so sled lost acknowledged writes.
-fn check_checkpointed(meta: &sled::Tree, base: u64) -> Result<(), String> {
-    let checkpointed = stored_number(meta, FRAMES_KEY)?;
-    if checkpointed < base {
-        return Err(format!(
-            "sled holds the journal's frames up to {checkpointed}, but the journal {} says \
-             frames up to {base} were made durable in sled: sled lost acknowledged writes",
-            journal::FILE_NAME,
-        ));
-    }
-    Ok(())
-}
-
-/// Applies the journal's frames over what sled recovered, in order (see `journal`);
-/// returns the number of the last frame.
-fn replay(db: &sled::Db, meta: &sled::Tree, found: journal::Found) -> Result<u64, String> {
-    check_checkpointed(meta, found.base)?;
-    if found.trailing_bytes > 0 {
-        tracing::info!(
-            bytes = found.trailing_bytes,
-            "the journal ends with a write a crash cut short (never acknowledged): ignored"
-        );
-    }
-    let last = found.base + found.frames.len() as u64;
-    for frame in found.frames {
-        let mut batch = sled::Batch::default();
-        for (key, value) in frame.ops {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
-            }
-        }
-        db.apply_batch(batch)
-            .map_err(|e| format!("replaying journal frame {}: {e}", frame.number))?;
-        if frame.forced_group > 0 {
-            meta.insert(FORCED_GROUPS_KEY, &frame.forced_group.to_be_bytes())
-                .map_err(|e| format!("replaying journal frame {}: {e}", frame.number))?;
-        }
-    }
-    Ok(last)
 }
 
 /// Compares sled's forced groups with the high-water mark; returns the mark.
@@ -1149,81 +1059,6 @@ mod tests {
             DurableStore::open(copy.path(), StoreOptions::default()),
             Err(StoreError::Damaged { .. })
         ));
-    }
-
-    /// Forced and lazy writes of `0..count`, every fourth lazy, each `value_bytes` long;
-    /// every write waited for.
-    async fn write_mixed(store: &DurableStore, count: u32, value_bytes: usize) {
-        for i in 0..count {
-            let durability = if i % 4 == 3 {
-                Durability::Lazy
-            } else {
-                Durability::Forced
-            };
-            store
-                .write(
-                    insert_batch(i..i + 1, &vec![i as u8; value_bytes]),
-                    durability,
-                )
-                .await
-                .unwrap();
-        }
-    }
-
-    #[tokio::test]
-    async fn the_journal_is_checkpointed_past_its_size_and_a_running_copy_replays_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions {
-            journal_checkpoint_bytes: 8 * 1024,
-            ..StoreOptions::default()
-        };
-        let store = DurableStore::open(dir.path(), options.clone()).unwrap();
-        write_mixed(&store, 200, 300).await;
-        // 200 frames of ~330 bytes: without checkpoints the journal would hold ~66 KB.
-        let journal_bytes = std::fs::metadata(dir.path().join(journal::FILE_NAME))
-            .unwrap()
-            .len();
-        assert!(journal_bytes < 8 * 1024 + 1024, "{journal_bytes} bytes");
-        let found = journal::read(dir.path()).unwrap().unwrap().unwrap();
-        assert!(found.base > 0 && found.base < 200, "base {}", found.base);
-        // The disk as a kill -9 now would leave it: sled as it last wrote, and the
-        // journal since the last checkpoint.
-        let copy = tempfile::tempdir().unwrap();
-        copy_tree(dir.path(), copy.path());
-        let reopened = DurableStore::open(copy.path(), options).unwrap();
-        let held = contents(&reopened);
-        assert_eq!(held.len(), 200);
-        for i in 0..200u32 {
-            let key = format!("k{i:06}").into_bytes();
-            assert_eq!(held.get(&key), Some(&vec![i as u8; 300]), "record {i}");
-        }
-        // The replay was checkpointed at open: a fresh, empty journal.
-        let found = journal::read(copy.path()).unwrap().unwrap().unwrap();
-        assert_eq!((found.base, found.frames.len()), (200, 0));
-        reopened.close().unwrap();
-        store.close().unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_store_whose_sled_lost_checkpointed_frames_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        write_mixed(&store, 8, 16).await;
-        store.close().unwrap();
-        drop(store);
-        // As if sled had lost what it held at the last checkpoint (its frame number is
-        // written with it).
-        {
-            let db = sled::open(dir.path()).unwrap();
-            let meta = db.open_tree(META_TREE).unwrap();
-            meta.insert(FRAMES_KEY, &3u64.to_be_bytes()).unwrap();
-            db.flush().unwrap();
-        }
-        let refused = DurableStore::open(dir.path(), StoreOptions::default()).unwrap_err();
-        let StoreError::Damaged { message, .. } = refused else {
-            panic!("refused, but not as damage: {refused}");
-        };
-        assert!(message.contains("frames up to 3"), "{message}");
     }
 
     fn copy_tree(from: &Path, to: &Path) {
