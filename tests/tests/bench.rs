@@ -191,8 +191,15 @@ async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_budget_below_the_minimum_is_refused_by_name() {
+    let stderr = bench_refused(&["--memory-budget-bytes", "1000"]).await;
+    assert!(stderr.contains("--memory-budget-bytes"), "{stderr}");
+}
+
+/// Runs `treaty bench ARGS`, which must fail; returns what it printed on stderr.
+async fn bench_refused(args: &[&str]) -> String {
     let output = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
-        .args(["bench", "--memory-budget-bytes", "1000"])
+        .arg("bench")
+        .args(args)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(BENCH_PATIENCE, output)
@@ -200,8 +207,7 @@ async fn a_memory_budget_below_the_minimum_is_refused_by_name() {
         .expect("the bench ends in time")
         .unwrap();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--memory-budget-bytes"), "{stderr}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,4 +256,55 @@ async fn after_kill_9_with_transactions_in_flight_the_restart_resolves_them_all(
         "{report:#}"
     );
     assert!(stderr.contains("kill -9"), "{stderr}");
+}
+
+/// A coordinator the bench did not start is measured through the metrics address it is
+/// given; without `--endpoint` that address is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_coordinator_is_measured_through_its_metrics_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, metrics) = treaty_tests::scrape::start_treaty_with_metrics(dir.path(), &[]).await;
+    let metrics = metrics.to_string();
+    let report = bench(&[
+        "--endpoint",
+        &daemon.endpoint(),
+        "--coordinator-metrics",
+        &metrics,
+        "--workloads",
+        "twopc",
+        "--duration-s",
+        "1",
+        "--concurrency",
+        "4",
+    ])
+    .await;
+    let w = workload(&report, "twopc");
+    assert!(number(w, &["transactions"]) > 0.0, "{w:#}");
+    assert_eq!(number(w, &["failed"]), 0.0, "{w:#}");
+    // Counted by the coordinator: a 2PC over two participants is 4 calls to them and 5
+    // log records, and its decision is forced.
+    assert!(
+        about(
+            number(w, &["rpcs_per_transaction", "coordinator_to_participants"]),
+            4.0
+        ),
+        "{w:#}"
+    );
+    assert!(
+        about(
+            number(w, &["coordinator", "log_records_per_transaction"]),
+            5.0
+        ),
+        "{w:#}"
+    );
+    assert!(
+        number(w, &["coordinator", "fsyncs_per_transaction"]) > 0.0,
+        "{w:#}"
+    );
+
+    let stderr = bench_refused(&["--coordinator-metrics", &metrics]).await;
+    assert!(
+        stderr.contains("--coordinator-metrics needs --endpoint"),
+        "{stderr}"
+    );
 }

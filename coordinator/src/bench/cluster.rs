@@ -52,6 +52,8 @@ pub struct ClusterOptions {
     pub in_doubt_poll_ms: Option<u64>,
     /// A running coordinator to use instead of starting one.
     pub endpoint: Option<String>,
+    /// That coordinator's metrics address (its figures are not measured without it).
+    pub coordinator_metrics: Option<SocketAddr>,
 }
 
 /// One participant as the bench reaches it.
@@ -231,7 +233,7 @@ async fn start_in_process(
         ));
     }
     let (coordinator_endpoint, coordinator_metrics, coordinator) = match &options.endpoint {
-        Some(endpoint) => (endpoint.clone(), None, None),
+        Some(endpoint) => (endpoint.clone(), options.coordinator_metrics, None),
         None => {
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let mut config =
@@ -328,7 +330,7 @@ async fn start_children(
         children.push(child);
     }
     let (coordinator_endpoint, coordinator_metrics, coordinator_args) = match &options.endpoint {
-        Some(endpoint) => (endpoint.clone(), None, None),
+        Some(endpoint) => (endpoint.clone(), options.coordinator_metrics, None),
         None => {
             let mut args = vec![
                 "serve".to_string(),

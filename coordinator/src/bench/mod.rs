@@ -60,9 +60,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub postgres: Option<String>,
     /// A running coordinator to measure; by default one is started (its figures are
-    /// n/a with this: its metrics address is not known).
+    /// n/a with this unless --coordinator-metrics says where its metrics are).
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// The metrics address (HOST:PORT, plain HTTP) of the coordinator --endpoint names,
+    /// so that its calls, fsyncs, log records and memory are measured too.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coordinator_metrics: Option<std::net::SocketAddr>,
     /// Participants (branches) per two-phase commit; 1 measures one-phase commits.
     #[arg(long, default_value_t = 2)]
     pub participants: usize,
@@ -237,6 +241,11 @@ fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
         treaty_sdk::limits::check_endpoint("--endpoint", endpoint)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    anyhow::ensure!(
+        args.coordinator_metrics.is_none() || args.endpoint.is_some(),
+        "--coordinator-metrics needs --endpoint (a coordinator the bench starts is measured \
+         through its own metrics address)"
+    );
     if args.recovery {
         anyhow::ensure!(
             args.processes && args.endpoint.is_none(),
@@ -310,6 +319,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         hold: false,
         in_doubt_poll_ms: None,
         endpoint: args.endpoint.clone(),
+        coordinator_metrics: args.coordinator_metrics,
     })
     .await?;
     let endpoints: Vec<String> = cluster

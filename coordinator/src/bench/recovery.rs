@@ -117,6 +117,7 @@ pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
         hold: true,
         in_doubt_poll_ms: options.in_doubt_poll_ms,
         endpoint: None,
+        coordinator_metrics: None,
     })
     .await?;
     let coordinator_metrics = cluster
