@@ -11,7 +11,10 @@
 //! A pass over every branch in doubt takes one round, or several when more than
 //! `max_branches_per_round` are in doubt; at its end the number still in doubt and the
 //! oldest one's prepare time go to the metrics ([`crate::metrics`]), so they cost no
-//! reads of their own.
+//! reads of their own. The rounds of a pass follow one another without the interval
+//! while they resolve branches (after a restart with thousands in doubt, the pass takes
+//! the time its questions take, not thousands ÷ `max_branches_per_round` intervals); a
+//! round that resolved nothing, and the end of a pass, wait the interval.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -109,6 +112,13 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             }
             if *stop.borrow() {
                 return;
+            }
+            let pass_goes_on = self.cursor.is_some();
+            if pass_goes_on && report.committed + report.aborted > 0 {
+                // Rounds ask one question at a time: going on at once is bounded by the
+                // coordinators' answers, and only lasts while they resolve branches.
+                tokio::task::yield_now().await;
+                continue;
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}

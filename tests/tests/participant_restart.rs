@@ -88,3 +88,92 @@ async fn a_participant_down_during_phase_two_receives_the_commit_once_back() {
     fast.stop().await;
     coordinator.stop().await.unwrap();
 }
+
+/// After a restart with more branches in doubt than one round asks about, the rounds of
+/// the pass follow one another: the branches are all resolved long before a single
+/// poll interval (ten minutes here) has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_many_branches_in_doubt_resolves_them_without_waiting_between_rounds() {
+    use std::sync::Arc;
+    use treaty_proto::v1 as pb;
+    use treaty_proto::v1::participant_client::ParticipantClient;
+    use treaty_sdk::in_doubt::InDoubtOptions;
+    use treaty_sdk::server::ServeOptions;
+    use treaty_tests::scripted::{Op, Scripted};
+
+    const BRANCHES: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let data_dir = dir.path().join("participant");
+    let serve = |participant: Arc<Scripted>| {
+        let store = Arc::new(
+            treaty_sdk::durable::DurableStore::open(&data_dir, Default::default()).unwrap(),
+        );
+        let options = ServeOptions {
+            in_doubt: InDoubtOptions {
+                poll_interval_ms: 600_000,
+                ask_after_ms: 0,
+                call_timeout_ms: 5_000,
+                max_branches_per_round: 3,
+                ..InDoubtOptions::default()
+            },
+            shutdown_grace_ms: 2_000,
+            ..ServeOptions::default()
+        };
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let endpoint = format!("http://{}", listener.local_addr().unwrap());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(treaty_sdk::serve(
+                participant,
+                store,
+                listener,
+                options,
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            (endpoint, stop, task)
+        }
+    };
+
+    // YES votes for transactions the coordinator never began: once asked, it answers
+    // ABORT (presumed abort).
+    let (endpoint, stop, task) = serve(Arc::new(Scripted::new())).await;
+    let mut client = ParticipantClient::connect(endpoint).await.unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let txns: Vec<String> = (0..BRANCHES as u64)
+        .map(|i| treaty_sdk::transaction_age::first_transaction_id_at(now_ms - 60_000 + i))
+        .collect();
+    for txn in &txns {
+        let answer = client
+            .prepare(pb::PrepareBranchRequest {
+                transaction_id: txn.clone(),
+                branch_id: "b".into(),
+                payload: b"yes".to_vec(),
+                coordinator_endpoint: coordinator.endpoint.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.vote, pb::Vote::Yes as i32);
+    }
+    // Stopped before its next round (ten minutes away): all twelve stay in doubt.
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+
+    let participant = Arc::new(Scripted::new());
+    let (_endpoint, stop, task) = serve(participant.clone()).await;
+    eventually("every branch in doubt is aborted after the restart", || {
+        let all = txns
+            .iter()
+            .all(|txn| participant.ops(txn, "b").contains(&Op::Abort));
+        std::future::ready(all.then_some(()))
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
