@@ -46,6 +46,22 @@ class InDoubtTest(TempDirTest):
         self.assertEqual(fake.asked[0][2].get("authorization"), f"Bearer {TOKEN}")
         self.assertEqual({asked[1] for asked in fake.asked}, {"b"})
 
+    def test_after_a_restart_the_rounds_of_a_pass_follow_one_another_while_they_resolve(self):
+        fake = self.coordinator()
+        slow = {"in_doubt_interval_ms": 600_000, "in_doubt_ask_after_ms": 0, "in_doubt_max_branches_per_round": 3}
+        first = InProcessParticipant(self.tmp / "participant.db", **slow)
+        client = first.client()
+        txns = [uuid7() for _ in range(12)]
+        for txn in txns:
+            fake.decisions[txn] = coordinator_pb2.DECISION_ABORT
+            self.assertEqual(client.prepare(txn, "b", b"vote=yes", fake.endpoint).vote, pb.VOTE_YES)
+        client.close()
+        first.stop()  # before its next round, ten minutes away: all twelve stay in doubt
+        # Four rounds of three: before, one round per interval (40 minutes).
+        server = self.participant(**slow)
+        wait_until(lambda: all(server.barrier.record(txn, "b").status.value == "aborted" for txn in txns),
+                   what="every branch in doubt aborted after the restart")
+
     def test_pending_and_errors_keep_the_branch_prepared_until_an_answer(self):
         fake = self.coordinator()
         server = self.participant()

@@ -6,6 +6,9 @@ so when its outcome is slow to come the participant asks the coordinator
 A round runs at start and then every ``poll_interval_ms``. It lists at most
 ``max_branches_per_round`` in-doubt branches, continuing after the last one the
 previous round listed, and asks about those prepared at least ``ask_after_ms`` ago.
+When a round resolved branches and the pass over them is not finished, the next round
+follows at once (a restart with thousands in doubt is not paced at one page per
+interval); a round that resolved nothing, and the end of a pass, wait the interval.
 Invariants:
 
 - only a trusted coordinator is asked: the endpoint recorded with the YES vote, and,
@@ -112,6 +115,8 @@ class InDoubtResolver:
                 report = self.round()
                 if report.committed or report.aborted:
                     log.info("in-doubt resolution round: %s", report)
+                if (report.committed or report.aborted) and self._cursor is not None:
+                    continue
             except Exception:  # noqa: BLE001 - a round's failure must not end resolution
                 log.exception("in-doubt resolution round failed")
                 self._cursor = None

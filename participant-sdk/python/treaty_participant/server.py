@@ -301,6 +301,7 @@ def serve(
     in_doubt_ask_after_ms: int = 2_000,
     in_doubt_call_timeout_ms: int = 2_000,
     in_doubt_backoff_max_ms: int = 60_000,
+    in_doubt_max_branches_per_round: int = 256,
     barrier_retention_ms: int | None = None,
     gc_interval_ms: int = 10_000,
     max_workers: int = 16,
@@ -363,6 +364,7 @@ def serve(
         ask_after_ms=in_doubt_ask_after_ms,
         call_timeout_ms=in_doubt_call_timeout_ms,
         backoff_max_ms=in_doubt_backoff_max_ms,
+        max_branches_per_round=in_doubt_max_branches_per_round,
         coordinator_token=coordinator_token,
         coordinator_ca_pem=coordinator_ca_pem,
     )
