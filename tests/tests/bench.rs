@@ -63,6 +63,16 @@ fn number(value: &Value, path: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("{} is not a number in {value:#}", path.join(".")))
 }
 
+/// One second of two-phase commits, 4 in flight.
+const QUICK_TWOPC: [&str; 6] = [
+    "--workloads",
+    "twopc",
+    "--duration-s",
+    "1",
+    "--concurrency",
+    "4",
+];
+
 /// Within a tenth of `expected`: retries are allowed, but not a different protocol.
 fn about(value: f64, expected: f64) -> bool {
     (value - expected).abs() <= expected * 0.1
@@ -125,15 +135,7 @@ async fn every_workload_is_measured_with_separate_processes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_twopc_alone_has_no_efficiency() {
-    let report = bench(&[
-        "--workloads",
-        "twopc",
-        "--duration-s",
-        "1",
-        "--concurrency",
-        "4",
-    ])
-    .await;
+    let report = bench(&QUICK_TWOPC).await;
     assert_eq!(report["mode"], "in_process", "{report:#}");
     assert_eq!(report["workloads"].as_array().unwrap().len(), 1);
     let w = workload(&report, "twopc");
@@ -265,19 +267,9 @@ async fn a_running_coordinator_is_measured_through_its_metrics_address() {
     let dir = tempfile::tempdir().unwrap();
     let (daemon, metrics) = treaty_tests::scrape::start_treaty_with_metrics(dir.path(), &[]).await;
     let metrics = metrics.to_string();
-    let report = bench(&[
-        "--endpoint",
-        &daemon.endpoint(),
-        "--coordinator-metrics",
-        &metrics,
-        "--workloads",
-        "twopc",
-        "--duration-s",
-        "1",
-        "--concurrency",
-        "4",
-    ])
-    .await;
+    let endpoint = daemon.endpoint();
+    let coordinator = ["--endpoint", &endpoint, "--coordinator-metrics", &metrics];
+    let report = bench(&[&coordinator[..], &QUICK_TWOPC[..]].concat()).await;
     let w = workload(&report, "twopc");
     assert!(number(w, &["transactions"]) > 0.0, "{w:#}");
     assert_eq!(number(w, &["failed"]), 0.0, "{w:#}");
