@@ -5,21 +5,27 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use crate::harness::PATIENCE;
 
-/// The path of `bin` from workspace package `package`, building it if needed. Cargo
-/// gives integration tests only their own package's binaries, so the others are built
-/// here with `cargo build` (the outer `cargo test` no longer holds the build lock).
+/// The path of `bin` from workspace package `package`. Cargo gives integration tests
+/// only their own package's binaries, so the first call builds the others with `cargo
+/// build` (the outer `cargo test` no longer holds the build lock): all of the
+/// workspace's binaries at once, so that their dependencies are built with one set of
+/// features rather than one set per package (each set is a rebuild and gigabytes of
+/// disk).
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Mutex::default);
-    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    let key = format!("{package}/{bin}");
-    if let Some(path) = built.get(&key) {
-        return path.clone();
-    }
+    static BUILT: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(build_workspace_binaries)
+        .get(bin)
+        .cloned()
+        .unwrap_or_else(|| panic!("cargo built no executable {bin} (package {package})"))
+}
+
+/// Every binary of the workspace by name (names are unique in it), built.
+fn build_workspace_binaries() -> HashMap<String, PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ lives in the workspace");
@@ -28,28 +34,39 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
             "build",
             "--quiet",
             "--message-format=json",
-            "-p",
-            package,
-            "--bin",
-            bin,
+            "--workspace",
+            "--bins",
         ])
         .current_dir(workspace)
         .stderr(Stdio::inherit())
         .output()
         .expect("run cargo build");
-    assert!(
-        output.status.success(),
-        "cargo build -p {package} --bin {bin} failed"
-    );
-    let path = String::from_utf8_lossy(&output.stdout)
+    let messages: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    if !output.status.success() {
+        // With --message-format=json the compiler's errors go to stdout, not to the
+        // inherited stderr: print them, or the failure says only "1 previous error".
+        let diagnostics: String = messages
+            .iter()
+            .filter(|message| message["reason"] == "compiler-message")
+            .filter_map(|message| message["message"]["rendered"].as_str())
+            .collect();
+        panic!(
+            "cargo build --workspace --bins failed ({}):\n{diagnostics}",
+            output.status
+        );
+    }
+    messages
+        .iter()
         .filter(|message| message["reason"] == "compiler-artifact")
-        .filter(|message| message["target"]["name"] == bin)
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("cargo reported no executable for {bin}"));
-    built.insert(key, path.clone());
-    path
+        .filter_map(|message| {
+            let name = message["target"]["name"].as_str()?;
+            let executable = message["executable"].as_str()?;
+            Some((name.to_owned(), PathBuf::from(executable)))
+        })
+        .collect()
 }
 
 pub use treaty_examples::process::{ServerProcess, killed_by_sigkill, tail};
