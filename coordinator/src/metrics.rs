@@ -385,11 +385,13 @@ impl Metrics {
     }
 
     /// The circuit of `endpoint`: 0 closed, 1 half-open, 2 open.
-    pub fn circuit_state(&self, endpoint: &str, state: i64) {
+    /// The `treaty_circuit_state` gauge of `endpoint` (0 closed, 1 half-open, 2 open),
+    /// for its circuit to set under its own lock.
+    pub fn circuit_gauge(&self, endpoint: &str) -> Gauge {
         let labels = EndpointLabels {
             endpoint: self.endpoint_label(endpoint),
         };
-        self.circuit_state.get_or_create(&labels).set(state);
+        self.circuit_state.get_or_create(&labels).clone()
     }
 
     /// One group commit of the log.

@@ -98,6 +98,10 @@ struct PeerHealth {
     permits: Semaphore,
     max_permits: usize,
     circuit: Mutex<Circuit>,
+    /// `treaty_circuit_state` for this endpoint, set under the circuit's lock so that
+    /// the last value written is the circuit's last state (set after the lock, a call
+    /// that saw it open could overwrite the close a probe had just reported).
+    circuit_gauge: prometheus_client::metrics::gauge::Gauge,
     /// Calls and failures of about the last minute.
     recent: Mutex<CallWindow>,
 }
@@ -114,7 +118,9 @@ impl PeerHealth {
     }
 
     /// Runs `change` on the circuit; returns its result and the circuit's state before
-    /// and after.
+    /// and after. The gauge shows the state after; open turns half-open with time
+    /// alone, so it is written whenever the circuit is not closed (the slow path), and
+    /// at any change.
     fn change_circuit<R>(
         &self,
         change: impl FnOnce(&mut Circuit, std::time::Instant) -> R,
@@ -123,7 +129,11 @@ impl PeerHealth {
         let now = std::time::Instant::now();
         let before = circuit.state(now);
         let result = change(&mut circuit, now);
-        (result, before, circuit.state(now))
+        let after = circuit.state(now);
+        if before != after || after != CircuitState::Closed {
+            self.circuit_gauge.set(after.gauge());
+        }
+        (result, before, after)
     }
 }
 
@@ -228,12 +238,13 @@ impl Participants {
             Some(peer) => peer.health.clone(),
             None => {
                 // Shown from the first call, so that dashboards list every endpoint.
-                self.metrics
-                    .circuit_state(endpoint, CircuitState::Closed.gauge());
+                let circuit_gauge = self.metrics.circuit_gauge(endpoint);
+                circuit_gauge.set(CircuitState::Closed.gauge());
                 Arc::new(PeerHealth {
                     permits: Semaphore::new(self.max_in_flight_per_endpoint),
                     max_permits: self.max_in_flight_per_endpoint,
                     circuit: Mutex::default(),
+                    circuit_gauge,
                     recent: Mutex::default(),
                 })
             }
@@ -312,14 +323,8 @@ impl Participants {
 
     /// Asks the endpoint's circuit whether the call may go out; `None`: fail at once.
     fn admit<'a>(&'a self, call: &'a Call, peer: &'a Peer) -> Option<Admitted<'a>> {
-        let (admission, before, after) = peer.health.change_circuit(Circuit::admit);
-        // Open turns half-open with time alone: report it whenever the circuit is not
-        // closed (the slow path), and any change.
-        if before != after || after != CircuitState::Closed {
-            self.metrics.circuit_state(&call.endpoint, after.gauge());
-        }
+        let (admission, _, _) = peer.health.change_circuit(Circuit::admit);
         (admission != Admission::Refuse).then_some(Admitted {
-            participants: self,
             endpoint: &call.endpoint,
             peer,
             admission,
@@ -453,7 +458,6 @@ impl Participants {
 /// A call the circuit let out; its result goes back to the circuit, and a call dropped
 /// before it had one frees the probe.
 struct Admitted<'a> {
-    participants: &'a Participants,
     endpoint: &'a str,
     peer: &'a Peer,
     admission: Admission,
@@ -478,9 +482,6 @@ impl Admitted<'_> {
             } else if after == CircuitState::Closed {
                 tracing::info!(endpoint = %self.endpoint, "participant answers again; its circuit is closed");
             }
-            self.participants
-                .metrics
-                .circuit_state(self.endpoint, after.gauge());
         }
     }
 }
