@@ -129,6 +129,7 @@ pub async fn run_on_announcing(
     let log_options = StoreOptions {
         // The log's share of the memory budget (see `config::MemoryBudget`).
         cache_capacity_bytes: budget.log_cache_bytes,
+        group_commit_hold: Duration::from_micros(config.log_group_commit_hold_us),
         group_observer: Some({
             let metrics = metrics.clone();
             Arc::new(move |group: GroupCommitted| {

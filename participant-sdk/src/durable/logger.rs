@@ -4,8 +4,11 @@
 //! `apply_batch`, and, when the group holds a forced write, makes it durable before it
 //! wakes anyone: sled's `flush()`, then every new file sled created (blobs, snapshots)
 //! and the directories that changed, then `fdatasync` of the log file, then the group's
-//! number in the high-water mark. `flush_async` is never called. Between groups it
-//! does compaction's work, one bounded step at a time (see `compaction`).
+//! number in the high-water mark. `flush_async` is never called. Under load (the
+//! previous forced group held several writes) a group with a forced write first waits
+//! a little for more, so that one sync serves more of them; a lone writer never waits.
+//! Between groups it does compaction's work, one bounded step at a time (see
+//! `compaction`).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -45,6 +48,11 @@ pub(super) struct Logger {
     pub(super) failed: Arc<tokio::sync::Notify>,
     pub(super) max_batch_records: usize,
     pub(super) max_batch_bytes: usize,
+    /// How long a forced group waits for more writes under load, and what counts as
+    /// load: the previous forced group's writes (see `StoreOptions::group_commit_hold`).
+    pub(super) hold: std::time::Duration,
+    pub(super) hold_after_writes: usize,
+    pub(super) last_forced_writes: usize,
     pub(super) sync_observer: Option<SyncObserver>,
     pub(super) group_observer: Option<GroupObserver>,
     pub(super) counters: Arc<super::DurabilityCounters>,
@@ -76,6 +84,7 @@ impl Logger {
             while let Ok(request) = self.receiver.try_recv() {
                 pending.push_back(request);
             }
+            self.hold_for_more(&mut pending);
             let (group, close) = self.take_group(&mut pending);
             self.commit_group(group);
             if let Some(done) = close {
@@ -98,6 +107,46 @@ impl Logger {
             drop(rebuild);
         }
         self.compaction.refuse_waiters("the store closed");
+    }
+
+    /// Under load (the previous forced group held at least `hold_after_writes` writes),
+    /// a forced write waits up to `hold` for others to share its sync. Waiting changes
+    /// only when writes are acknowledged, never what is durable before that.
+    fn hold_for_more(&mut self, pending: &mut VecDeque<Request>) {
+        if self.hold.is_zero() || self.last_forced_writes < self.hold_after_writes {
+            return;
+        }
+        let forced = pending.iter().any(|request| {
+            matches!(
+                request,
+                Request::Write {
+                    durability: Durability::Forced,
+                    ..
+                }
+            )
+        });
+        let closing = pending
+            .iter()
+            .any(|request| matches!(request, Request::Close { .. }));
+        if !forced || closing {
+            return;
+        }
+        let deadline = std::time::Instant::now() + self.hold;
+        while pending.len() < self.max_batch_records {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // A disconnect is noticed by the next `recv` in `run`.
+            let Ok(request) = self.receiver.recv_timeout(deadline - now) else {
+                break;
+            };
+            let close = matches!(request, Request::Close { .. });
+            pending.push_back(request);
+            if close {
+                break;
+            }
+        }
     }
 
     /// Takes writes from the front of `pending` up to the record and byte limits,
@@ -158,6 +207,7 @@ impl Logger {
                         let records = group.iter().map(|(batch, _, _)| batch.len()).sum();
                         if sync_seconds.is_some() {
                             self.counters.forced_group(records);
+                            self.last_forced_writes = group.len();
                         }
                         if let Some(observer) = &self.group_observer {
                             observer(GroupCommitted {

@@ -182,6 +182,11 @@ impl DurabilityCounters {
     }
 }
 
+/// [`StoreOptions::group_commit_hold`] by default.
+pub const DEFAULT_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::from_micros(500);
+/// [`StoreOptions::group_commit_hold_after_writes`] by default.
+pub const DEFAULT_GROUP_COMMIT_HOLD_AFTER_WRITES: usize = 8;
+
 /// Tunables of a [`DurableStore`].
 #[derive(Clone)]
 pub struct StoreOptions {
@@ -190,6 +195,15 @@ pub struct StoreOptions {
     /// Most bytes (keys and values) one group commit applies; a single larger write
     /// still goes alone.
     pub max_batch_bytes: usize,
+    /// Under load, how long a group with a forced write waits for more writes before it
+    /// is applied and synced, so that one sync makes more of them durable (PostgreSQL's
+    /// `commit_delay`). It waits only while the previous forced group held at least
+    /// [`group_commit_hold_after_writes`](Self::group_commit_hold_after_writes) writes:
+    /// a lone writer never waits. Zero: never wait.
+    pub group_commit_hold: std::time::Duration,
+    /// Writes in the previous forced group from which the next one waits
+    /// [`group_commit_hold`](Self::group_commit_hold) (PostgreSQL's `commit_siblings`).
+    pub group_commit_hold_after_writes: usize,
     /// sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
     /// Read every record at open, so that a damaged one stops the open rather than a
@@ -208,6 +222,11 @@ impl std::fmt::Debug for StoreOptions {
         f.debug_struct("StoreOptions")
             .field("max_batch_records", &self.max_batch_records)
             .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("group_commit_hold", &self.group_commit_hold)
+            .field(
+                "group_commit_hold_after_writes",
+                &self.group_commit_hold_after_writes,
+            )
             .field("cache_capacity_bytes", &self.cache_capacity_bytes)
             .field("verify_on_open", &self.verify_on_open)
             .field("compaction", &self.compaction)
@@ -222,6 +241,8 @@ impl Default for StoreOptions {
         Self {
             max_batch_records: 4096,
             max_batch_bytes: 8 * 1024 * 1024,
+            group_commit_hold: DEFAULT_GROUP_COMMIT_HOLD,
+            group_commit_hold_after_writes: DEFAULT_GROUP_COMMIT_HOLD_AFTER_WRITES,
             cache_capacity_bytes: 256 * 1024 * 1024,
             verify_on_open: true,
             compaction: None,
@@ -385,6 +406,9 @@ impl DurableStore {
             failed: failed.clone(),
             max_batch_records: options.max_batch_records.max(1),
             max_batch_bytes: options.max_batch_bytes.max(1),
+            hold: options.group_commit_hold,
+            hold_after_writes: options.group_commit_hold_after_writes,
+            last_forced_writes: 0,
             sync_observer: options.sync_observer.clone(),
             group_observer: options.group_observer.clone(),
             counters: counters.clone(),
@@ -793,6 +817,84 @@ mod tests {
         forced.insert(b"b".to_vec(), b"2".to_vec());
         store.write(forced, Durability::Forced).await.unwrap();
         assert_eq!((counters.syncs(), counters.forced_records()), (1, 2));
+    }
+
+    fn one_key(key: &[u8]) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        batch.insert(key.to_vec(), b"1".to_vec());
+        batch
+    }
+
+    /// Holds a forced write for up to a minute once the previous forced group had
+    /// `after_writes` writes: long enough that only company or a close ends a hold.
+    fn holding_a_minute(after_writes: usize, max_batch_records: usize) -> StoreOptions {
+        StoreOptions {
+            group_commit_hold: std::time::Duration::from_secs(60),
+            group_commit_hold_after_writes: after_writes,
+            max_batch_records,
+            ..StoreOptions::default()
+        }
+    }
+
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn under_load_a_forced_write_waits_to_share_its_sync_with_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), holding_a_minute(1, 2)).unwrap();
+        let counters = store.durability_counters();
+        // No forced group before it: not held.
+        tokio::time::timeout(PATIENCE, store.write(one_key(b"first"), Durability::Forced))
+            .await
+            .expect("a write after no load is not held")
+            .unwrap();
+        let mut held = store.write(one_key(b"held"), Durability::Forced);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut held).await;
+        assert!(early.is_err(), "acknowledged before its company came");
+        assert_eq!(counters.syncs(), 1);
+        // The second write fills the group (max_batch_records 2): one sync for both.
+        let company = store.write(one_key(b"company"), Durability::Forced);
+        tokio::time::timeout(PATIENCE, held).await.unwrap().unwrap();
+        tokio::time::timeout(PATIENCE, company)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((counters.syncs(), counters.forced_records()), (2, 3));
+    }
+
+    #[tokio::test]
+    async fn a_lone_writer_is_never_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), holding_a_minute(2, 4096)).unwrap();
+        for key in [&b"a"[..], b"b", b"c"] {
+            tokio::time::timeout(PATIENCE, store.write(one_key(key), Durability::Forced))
+                .await
+                .expect("one write at a time is not held")
+                .unwrap();
+        }
+        assert_eq!(store.durability_counters().syncs(), 3);
+    }
+
+    #[tokio::test]
+    async fn close_ends_a_hold_and_makes_the_held_write_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = DurableStore::open(dir.path(), holding_a_minute(1, 4096)).unwrap();
+            store
+                .write(one_key(b"first"), Durability::Forced)
+                .await
+                .unwrap();
+            let mut held = store.write(one_key(b"held"), Durability::Forced);
+            let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut held);
+            assert!(
+                early.await.is_err(),
+                "acknowledged with nobody to share its sync"
+            );
+            store.close().unwrap();
+            tokio::time::timeout(PATIENCE, held).await.unwrap().unwrap();
+        }
+        let store = open(dir.path());
+        assert!(store.db().get(b"held").unwrap().is_some());
     }
 
     #[tokio::test]
