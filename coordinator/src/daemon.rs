@@ -102,6 +102,20 @@ pub async fn run_on_announcing(
     shutdown: impl Future<Output = ()> + Send + 'static,
     announce: bool,
 ) -> Result<(), DaemonError> {
+    run_on_listeners(config, listener, None, shutdown, announce).await
+}
+
+/// [`run_on_announcing`], with `/metrics` served on `metrics_listener` when given (bound
+/// by the caller, so that its address is known before the daemon starts and no other
+/// process can take it in between) instead of on `config.metrics_listen`, which must
+/// then be its address.
+pub async fn run_on_listeners(
+    config: ServeConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    announce: bool,
+) -> Result<(), DaemonError> {
     config.validate()?;
     let api_config = config.api()?;
     let bound = listener
@@ -114,13 +128,14 @@ pub async fn run_on_announcing(
     let server_tls = config.security.server_tls()?.map(Arc::new);
     let authenticator = Arc::new(config.security.authenticator()?);
     let participant_tls = config.security.participant_tls()?;
-    let metrics_listener = match config.metrics_listen {
-        Some(address) => Some(
+    let metrics_listener = match (metrics_listener, config.metrics_listen) {
+        (Some(listener), _) => Some(listener),
+        (None, Some(address)) => Some(
             TcpListener::bind(address)
                 .await
                 .map_err(|source| DaemonError::Listen { address, source })?,
         ),
-        None => None,
+        (None, None) => None,
     };
     let metrics = Arc::new(Metrics::new());
     let budget = config.memory_budget();

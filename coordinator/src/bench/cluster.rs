@@ -245,12 +245,9 @@ async fn start_in_process(
             if let Some(budget) = options.memory_budget_bytes {
                 config.memory_budget_bytes = budget;
             }
-            // The daemon binds its metrics address itself: a port just free is given it
-            // (another process taking it in between makes the start fail, loudly).
-            let metrics = {
-                let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-                probe.local_addr()?
-            };
+            // Bound here and handed over, so that its address is known and stays ours.
+            let metrics_listener = TcpListener::bind("127.0.0.1:0").await?;
+            let metrics = metrics_listener.local_addr()?;
             config.metrics_listen = Some(metrics);
             let endpoint = format!("http://{}", listener.local_addr()?);
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -258,8 +255,12 @@ async fn start_in_process(
                 let _ = stopped.await;
             };
             // Its addresses are known here; stdout is the report's.
-            let task = tokio::spawn(crate::daemon::run_on_announcing(
-                config, listener, stopped, false,
+            let task = tokio::spawn(crate::daemon::run_on_listeners(
+                config,
+                listener,
+                Some(metrics_listener),
+                stopped,
+                false,
             ));
             (endpoint, Some(metrics), Some((stop, task)))
         }
