@@ -384,7 +384,6 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The circuit of `endpoint`: 0 closed, 1 half-open, 2 open.
     /// The `treaty_circuit_state` gauge of `endpoint` (0 closed, 1 half-open, 2 open),
     /// for its circuit to set under its own lock.
     pub fn circuit_gauge(&self, endpoint: &str) -> Gauge {

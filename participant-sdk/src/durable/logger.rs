@@ -52,6 +52,7 @@ pub(super) struct Logger {
     /// load: the previous forced group's writes (see `StoreOptions::group_commit_hold`).
     pub(super) hold: std::time::Duration,
     pub(super) hold_after_writes: usize,
+    /// Forced writes in the last forced group; 0 after an idle spell longer than `hold`.
     pub(super) last_forced_writes: usize,
     pub(super) sync_observer: Option<SyncObserver>,
     pub(super) group_observer: Option<GroupObserver>,
@@ -63,6 +64,7 @@ impl Logger {
         let mut pending: VecDeque<Request> = VecDeque::new();
         loop {
             if pending.is_empty() {
+                let idle_since = std::time::Instant::now();
                 let received = match self.compaction.idle_wait() {
                     None => self.receiver.recv().map_err(|_| true),
                     Some(wait) => self
@@ -70,6 +72,10 @@ impl Logger {
                         .recv_timeout(wait)
                         .map_err(|error| matches!(error, mpsc::RecvTimeoutError::Disconnected)),
                 };
+                // Idle for longer than a hold: whatever load there was is over.
+                if idle_since.elapsed() > self.hold {
+                    self.last_forced_writes = 0;
+                }
                 match received {
                     Ok(request) => pending.push_back(request),
                     Err(false) => {}
@@ -109,44 +115,51 @@ impl Logger {
         self.compaction.refuse_waiters("the store closed");
     }
 
-    /// Under load (the previous forced group held at least `hold_after_writes` writes),
-    /// a forced write waits up to `hold` for others to share its sync. Waiting changes
-    /// only when writes are acknowledged, never what is durable before that.
+    /// Under load (the previous forced group held at least `hold_after_writes` forced
+    /// writes, and the logger has not been idle for longer than a hold since), the next
+    /// group waits up to `hold` for others to share its sync, if it holds a forced write
+    /// and is not full yet by `take_group`'s limits. Waiting changes only when writes
+    /// are acknowledged, never what is durable before that.
     fn hold_for_more(&mut self, pending: &mut VecDeque<Request>) {
         if self.hold.is_zero() || self.last_forced_writes < self.hold_after_writes {
             return;
         }
-        let forced = pending.iter().any(|request| {
-            matches!(
-                request,
-                Request::Write {
-                    durability: Durability::Forced,
-                    ..
-                }
-            )
-        });
-        let closing = pending
-            .iter()
-            .any(|request| matches!(request, Request::Close { .. }));
-        if !forced || closing {
+        let Some(deadline) = std::time::Instant::now().checked_add(self.hold) else {
             return;
-        }
-        let deadline = std::time::Instant::now() + self.hold;
-        while pending.len() < self.max_batch_records {
+        };
+        while self.next_group_waits(pending) {
             let now = std::time::Instant::now();
             if now >= deadline {
                 break;
             }
             // A disconnect is noticed by the next `recv` in `run`.
-            let Ok(request) = self.receiver.recv_timeout(deadline - now) else {
-                break;
-            };
-            let close = matches!(request, Request::Close { .. });
-            pending.push_back(request);
-            if close {
-                break;
+            match self.receiver.recv_timeout(deadline - now) {
+                Ok(request) => pending.push_back(request),
+                Err(_) => break,
             }
         }
+    }
+
+    /// Whether the group `take_group` would take now holds a forced write, is not full,
+    /// and no close or compaction request waits in `pending`.
+    fn next_group_waits(&self, pending: &VecDeque<Request>) -> bool {
+        let (mut records, mut bytes, mut forced) = (0, 0, false);
+        for request in pending {
+            match request {
+                Request::Write {
+                    batch, durability, ..
+                } => {
+                    records += batch.len();
+                    bytes += batch.byte_len();
+                    if records >= self.max_batch_records || bytes >= self.max_batch_bytes {
+                        return false;
+                    }
+                    forced |= *durability == Durability::Forced;
+                }
+                Request::Close { .. } | Request::Compact { .. } => return false,
+            }
+        }
+        forced
     }
 
     /// Takes writes from the front of `pending` up to the record and byte limits,
@@ -207,7 +220,10 @@ impl Logger {
                         let records = group.iter().map(|(batch, _, _)| batch.len()).sum();
                         if sync_seconds.is_some() {
                             self.counters.forced_group(records);
-                            self.last_forced_writes = group.len();
+                            self.last_forced_writes = group
+                                .iter()
+                                .filter(|(_, durability, _)| *durability == Durability::Forced)
+                                .count();
                         }
                         if let Some(observer) = &self.group_observer {
                             observer(GroupCommitted {

@@ -184,6 +184,10 @@ impl DurabilityCounters {
 
 /// [`StoreOptions::group_commit_hold`] by default.
 pub const DEFAULT_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::from_micros(500);
+/// The longest [`StoreOptions::group_commit_hold`] the store uses (a longer one is
+/// taken as this). A sync takes about a millisecond, so anything near this only adds
+/// latency; the bound keeps deadlines far from overflow.
+pub const MAX_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 /// [`StoreOptions::group_commit_hold_after_writes`] by default.
 pub const DEFAULT_GROUP_COMMIT_HOLD_AFTER_WRITES: usize = 8;
 
@@ -197,11 +201,13 @@ pub struct StoreOptions {
     pub max_batch_bytes: usize,
     /// Under load, how long a group with a forced write waits for more writes before it
     /// is applied and synced, so that one sync makes more of them durable (PostgreSQL's
-    /// `commit_delay`). It waits only while the previous forced group held at least
-    /// [`group_commit_hold_after_writes`](Self::group_commit_hold_after_writes) writes:
-    /// a lone writer never waits. Zero: never wait.
+    /// `commit_delay`; at most [`MAX_GROUP_COMMIT_HOLD`]). It waits only while the
+    /// previous forced group held at least
+    /// [`group_commit_hold_after_writes`](Self::group_commit_hold_after_writes) forced
+    /// writes and the store has not been idle for longer than the hold since: one
+    /// writer at a time never waits. Zero: never wait.
     pub group_commit_hold: std::time::Duration,
-    /// Writes in the previous forced group from which the next one waits
+    /// Forced writes in the previous forced group from which the next one waits
     /// [`group_commit_hold`](Self::group_commit_hold) (PostgreSQL's `commit_siblings`).
     pub group_commit_hold_after_writes: usize,
     /// sled's page cache, in bytes.
@@ -406,7 +412,7 @@ impl DurableStore {
             failed: failed.clone(),
             max_batch_records: options.max_batch_records.max(1),
             max_batch_bytes: options.max_batch_bytes.max(1),
-            hold: options.group_commit_hold,
+            hold: options.group_commit_hold.min(MAX_GROUP_COMMIT_HOLD),
             hold_after_writes: options.group_commit_hold_after_writes,
             last_forced_writes: 0,
             sync_observer: options.sync_observer.clone(),
@@ -825,11 +831,12 @@ mod tests {
         batch
     }
 
-    /// Holds a forced write for up to a minute once the previous forced group had
-    /// `after_writes` writes: long enough that only company or a close ends a hold.
+    /// Holds a forced write for up to a minute (the longest hold) once the previous
+    /// forced group had `after_writes` forced writes: long enough that only company, a
+    /// full group or a close ends a hold within the tests' patience.
     fn holding_a_minute(after_writes: usize, max_batch_records: usize) -> StoreOptions {
         StoreOptions {
-            group_commit_hold: std::time::Duration::from_secs(60),
+            group_commit_hold: MAX_GROUP_COMMIT_HOLD,
             group_commit_hold_after_writes: after_writes,
             max_batch_records,
             ..StoreOptions::default()
@@ -873,6 +880,46 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(store.durability_counters().syncs(), 3);
+    }
+
+    #[tokio::test]
+    async fn lazy_writes_in_a_forced_group_do_not_count_as_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), holding_a_minute(2, 4096)).unwrap();
+        let mut tickets: Vec<_> = (0..7u8)
+            .map(|i| store.write(one_key(&[b'l', i]), Durability::Lazy))
+            .collect();
+        tickets.push(store.write(one_key(b"forced"), Durability::Forced));
+        for ticket in tickets {
+            tokio::time::timeout(PATIENCE, ticket)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        tokio::time::timeout(PATIENCE, store.write(one_key(b"next"), Durability::Forced))
+            .await
+            .expect("one forced write per group is no load")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_group_full_by_its_bytes_is_not_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            max_batch_bytes: 1024,
+            ..holding_a_minute(1, 4096)
+        };
+        let store = DurableStore::open(dir.path(), options).unwrap();
+        store
+            .write(one_key(b"first"), Durability::Forced)
+            .await
+            .unwrap();
+        let mut full = WriteBatch::new();
+        full.insert(b"full".to_vec(), vec![7; 1024]);
+        tokio::time::timeout(PATIENCE, store.write(full, Durability::Forced))
+            .await
+            .expect("a full group has nobody to wait for")
+            .unwrap();
     }
 
     #[tokio::test]
