@@ -5,7 +5,7 @@
 //! wakes anyone: sled's `flush()`, then every new file sled created (blobs, snapshots)
 //! and the directories that changed, then `fdatasync` of the log file, then the group's
 //! number in the high-water mark. `flush_async` is never called. Under load (the
-//! previous forced group held several writes) a group with a forced write first waits
+//! previous forced group held several forced writes) a group with a forced write first waits
 //! a little for more, so that one sync serves more of them; a lone writer never waits.
 //! Between groups it does compaction's work, one bounded step at a time (see
 //! `compaction`).
@@ -27,6 +27,14 @@ type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
 /// Writes taken together in one group commit.
 type Group = Vec<(super::WriteBatch, Durability, Done)>;
+
+/// What the next group holds so far, while it waits for company.
+#[derive(Debug, Default)]
+struct NextGroup {
+    records: usize,
+    bytes: usize,
+    forced: bool,
+}
 
 pub(super) struct Logger {
     /// The store's directory.
@@ -117,9 +125,9 @@ impl Logger {
 
     /// Under load (the previous forced group held at least `hold_after_writes` forced
     /// writes, and the logger has not been idle for longer than a hold since), the next
-    /// group waits up to `hold` for others to share its sync, if it holds a forced write
-    /// and is not full yet by `take_group`'s limits. Waiting changes only when writes
-    /// are acknowledged, never what is durable before that.
+    /// group waits up to `hold` for others to share its sync, if it holds a forced write,
+    /// until it is full by `take_group`'s limits. Each request is tallied once. Waiting
+    /// changes only when writes are acknowledged, never what is durable before that.
     fn hold_for_more(&mut self, pending: &mut VecDeque<Request>) {
         if self.hold.is_zero() || self.last_forced_writes < self.hold_after_writes {
             return;
@@ -127,39 +135,45 @@ impl Logger {
         let Some(deadline) = std::time::Instant::now().checked_add(self.hold) else {
             return;
         };
-        while self.next_group_waits(pending) {
+        let mut next = NextGroup::default();
+        if !pending
+            .iter()
+            .all(|request| self.room_after(&mut next, request))
+            || !next.forced
+        {
+            return;
+        }
+        loop {
             let now = std::time::Instant::now();
             if now >= deadline {
-                break;
+                return;
             }
             // A disconnect is noticed by the next `recv` in `run`.
-            match self.receiver.recv_timeout(deadline - now) {
-                Ok(request) => pending.push_back(request),
-                Err(_) => break,
+            let Ok(request) = self.receiver.recv_timeout(deadline - now) else {
+                return;
+            };
+            let room = self.room_after(&mut next, &request);
+            pending.push_back(request);
+            if !room {
+                return;
             }
         }
     }
 
-    /// Whether the group `take_group` would take now holds a forced write, is not full,
-    /// and no close or compaction request waits in `pending`.
-    fn next_group_waits(&self, pending: &VecDeque<Request>) -> bool {
-        let (mut records, mut bytes, mut forced) = (0, 0, false);
-        for request in pending {
-            match request {
-                Request::Write {
-                    batch, durability, ..
-                } => {
-                    records += batch.len();
-                    bytes += batch.byte_len();
-                    if records >= self.max_batch_records || bytes >= self.max_batch_bytes {
-                        return false;
-                    }
-                    forced |= *durability == Durability::Forced;
-                }
-                Request::Close { .. } | Request::Compact { .. } => return false,
+    /// Adds `request` to the tally of the group `take_group` would take; whether that
+    /// group still has room after it (a close or compaction request ends the wait too).
+    fn room_after(&self, next: &mut NextGroup, request: &Request) -> bool {
+        match request {
+            Request::Write {
+                batch, durability, ..
+            } => {
+                next.records += batch.len();
+                next.bytes += batch.byte_len();
+                next.forced |= *durability == Durability::Forced;
+                next.records < self.max_batch_records && next.bytes < self.max_batch_bytes
             }
+            Request::Close { .. } | Request::Compact { .. } => false,
         }
-        forced
     }
 
     /// Takes writes from the front of `pending` up to the record and byte limits,
