@@ -845,27 +845,34 @@ mod tests {
 
     const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
+    /// Waits for `ticket` (failing with `what` if it takes longer than the tests'
+    /// patience) and for the write to have succeeded.
+    async fn acknowledged(ticket: WriteTicket, what: &str) {
+        tokio::time::timeout(PATIENCE, ticket)
+            .await
+            .unwrap_or_else(|_| panic!("not acknowledged in time: {what}"))
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn under_load_a_forced_write_waits_to_share_its_sync_with_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let store = DurableStore::open(dir.path(), holding_a_minute(1, 2)).unwrap();
         let counters = store.durability_counters();
         // No forced group before it: not held.
-        tokio::time::timeout(PATIENCE, store.write(one_key(b"first"), Durability::Forced))
-            .await
-            .expect("a write after no load is not held")
-            .unwrap();
+        acknowledged(
+            store.write(one_key(b"first"), Durability::Forced),
+            "a write after no load is not held",
+        )
+        .await;
         let mut held = store.write(one_key(b"held"), Durability::Forced);
         let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut held).await;
         assert!(early.is_err(), "acknowledged before its company came");
         assert_eq!(counters.syncs(), 1);
         // The second write fills the group (max_batch_records 2): one sync for both.
         let company = store.write(one_key(b"company"), Durability::Forced);
-        tokio::time::timeout(PATIENCE, held).await.unwrap().unwrap();
-        tokio::time::timeout(PATIENCE, company)
-            .await
-            .unwrap()
-            .unwrap();
+        acknowledged(held, "the held write").await;
+        acknowledged(company, "its company").await;
         assert_eq!((counters.syncs(), counters.forced_records()), (2, 3));
     }
 
@@ -874,10 +881,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DurableStore::open(dir.path(), holding_a_minute(2, 4096)).unwrap();
         for key in [&b"a"[..], b"b", b"c"] {
-            tokio::time::timeout(PATIENCE, store.write(one_key(key), Durability::Forced))
-                .await
-                .expect("one write at a time is not held")
-                .unwrap();
+            acknowledged(
+                store.write(one_key(key), Durability::Forced),
+                "one write at a time is not held",
+            )
+            .await;
         }
         assert_eq!(store.durability_counters().syncs(), 3);
     }
@@ -891,15 +899,13 @@ mod tests {
             .collect();
         tickets.push(store.write(one_key(b"forced"), Durability::Forced));
         for ticket in tickets {
-            tokio::time::timeout(PATIENCE, ticket)
-                .await
-                .unwrap()
-                .unwrap();
+            acknowledged(ticket, "a write of the group").await;
         }
-        tokio::time::timeout(PATIENCE, store.write(one_key(b"next"), Durability::Forced))
-            .await
-            .expect("one forced write per group is no load")
-            .unwrap();
+        acknowledged(
+            store.write(one_key(b"next"), Durability::Forced),
+            "one forced write per group is no load",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -916,10 +922,11 @@ mod tests {
             .unwrap();
         let mut full = WriteBatch::new();
         full.insert(b"full".to_vec(), vec![7; 1024]);
-        tokio::time::timeout(PATIENCE, store.write(full, Durability::Forced))
-            .await
-            .expect("a full group has nobody to wait for")
-            .unwrap();
+        acknowledged(
+            store.write(full, Durability::Forced),
+            "a full group has nobody to wait for",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -938,7 +945,7 @@ mod tests {
                 "acknowledged with nobody to share its sync"
             );
             store.close().unwrap();
-            tokio::time::timeout(PATIENCE, held).await.unwrap().unwrap();
+            acknowledged(held, "the held write, at close").await;
         }
         let store = open(dir.path());
         assert!(store.db().get(b"held").unwrap().is_some());
