@@ -390,6 +390,9 @@ impl Logger {
         self.db_file = db_file;
         self.files = files;
         self.high_water = high_water;
+        // Created holding the last acknowledged group, synced.
+        self.mark_synced = self.forced_groups;
+        self.mark_synced_at = Instant::now();
         if let Some(observer) = &self.sync_observer {
             observer(&synced);
         }

@@ -4,12 +4,17 @@
 //! damaged byte (or a file cut short) makes it open "successfully" without everything
 //! written after that point. The store therefore numbers its forced group commits: the
 //! number goes into sled with each group, and, once the group is on disk, into this
-//! file. At open, sled must hold at least the number this file holds; if it holds less,
+//! file: written in place without a sync of its own (a *note*: the group's own sync
+//! already cost one device flush), the file synced within a second and at close. At
+//! open, sled must hold at least the number this file holds; if it holds less,
 //! acknowledged writes were lost and the store refuses to open.
 //!
 //! Invariants:
-//! - The file is written only after sled's group is durable, so after any crash the
-//!   number in sled is at least the number here (never the reverse).
+//! - A number is written only after its group is durable in sled, so after any crash
+//!   the number in sled is at least the number here (never the reverse). After a kill
+//!   -9 the file holds the last group's number; a power cut may lose the notes since the
+//!   file's last sync (at most a second's), leaving an older number that still bounds
+//!   what sled must hold.
 //! - The file has two checksummed slots, in different sectors; group `n` overwrites slot
 //!   `n % 2` in place (the file's size never changes after creation, so `fdatasync`
 //!   writes no metadata). A torn write of one slot leaves the other, one group older,
@@ -106,8 +111,20 @@ impl HighWater {
 
     /// Durably records that forced group `mark` is acknowledged.
     pub(super) fn record(&mut self, mark: u64) -> std::io::Result<()> {
+        self.note(mark)?;
+        self.sync()
+    }
+
+    /// Records that forced group `mark` is acknowledged, without syncing: call only once
+    /// the group is durable. A power cut may lose the note (leaving an older, still true
+    /// number), never make it claim more.
+    pub(super) fn note(&mut self, mark: u64) -> std::io::Result<()> {
         let offset = (mark % 2) * SLOT_SPACING;
-        self.file.write_all_at(&encode_slot(mark), offset)?;
+        self.file.write_all_at(&encode_slot(mark), offset)
+    }
+
+    /// Makes the notes so far durable.
+    pub(super) fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }
 }

@@ -4,7 +4,8 @@
 //! `apply_batch`, and, when the group holds a forced write, makes it durable before it
 //! wakes anyone: sled's `flush()`, then every new file sled created (blobs, snapshots)
 //! and the directories that changed, then `fdatasync` of the log file, then the group's
-//! number in the high-water mark. `flush_async` is never called. Under load (the
+//! number in the high-water mark (written there without a sync of its own; the mark is
+//! synced within [`MARK_SYNC_INTERVAL`] and at close). `flush_async` is never called. Under load (the
 //! previous forced group held several forced writes) a group with a forced write first waits
 //! a little for more, so that one sync serves more of them; a lone writer never waits.
 //! Between groups it does compaction's work, one bounded step at a time (see
@@ -24,6 +25,11 @@ use super::{
 };
 
 type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+/// The longest the high-water mark's file goes unsynced after a forced group noted a
+/// newer number in it (see `high_water`): the cost is one small sync a second under
+/// load, instead of one per forced group.
+pub(super) const MARK_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Writes taken together in one group commit.
 type Group = Vec<(super::WriteBatch, Durability, Done)>;
@@ -49,6 +55,9 @@ pub(super) struct Logger {
     pub(super) db_path: std::path::PathBuf,
     pub(super) files: SyncedFiles,
     pub(super) high_water: HighWater,
+    /// The number the high-water mark's file holds durably, and when it was synced.
+    pub(super) mark_synced: u64,
+    pub(super) mark_synced_at: std::time::Instant,
     /// The number of the last forced group made durable.
     pub(super) forced_groups: u64,
     pub(super) receiver: mpsc::Receiver<Request>,
@@ -73,7 +82,11 @@ impl Logger {
         loop {
             if pending.is_empty() {
                 let idle_since = std::time::Instant::now();
-                let received = match self.compaction.idle_wait() {
+                let wait = match (self.compaction.idle_wait(), self.mark_sync_wait()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let received = match wait {
                     None => self.receiver.recv().map_err(|_| true),
                     Some(wait) => self
                         .receiver
@@ -110,8 +123,38 @@ impl Logger {
                 }
                 return;
             }
+            if let Err(message) = self.sync_mark(false) {
+                let _ = self.fail(message);
+            }
             self.compaction_step();
         }
+    }
+
+    /// How long until the mark's noted number is due to be synced, if it is newer than
+    /// the synced one (and the store has not failed).
+    fn mark_sync_wait(&self) -> Option<std::time::Duration> {
+        (self.forced_groups > self.mark_synced && self.failure.get().is_none())
+            .then(|| MARK_SYNC_INTERVAL.saturating_sub(self.mark_synced_at.elapsed()))
+    }
+
+    /// Syncs the high-water mark's file if it holds a newer number than it durably did,
+    /// once [`MARK_SYNC_INTERVAL`] has passed since its last sync (or now, with `now`).
+    fn sync_mark(&mut self, now: bool) -> Result<(), String> {
+        if self.failure.get().is_some() || self.forced_groups <= self.mark_synced {
+            return Ok(());
+        }
+        if !now && self.mark_synced_at.elapsed() < MARK_SYNC_INTERVAL {
+            return Ok(());
+        }
+        self.high_water
+            .sync()
+            .map_err(|e| format!("syncing the high-water mark: {e}"))?;
+        self.mark_synced = self.forced_groups;
+        self.mark_synced_at = std::time::Instant::now();
+        if let Some(observer) = &self.sync_observer {
+            observer(&[synced_file(self.high_water.path())]);
+        }
+        Ok(())
     }
 
     /// At close: a rebuild in progress is given up (its directory goes at the next
@@ -297,11 +340,13 @@ impl Logger {
         if let Some(message) = self.failure.get() {
             return Err(StoreError::Failed(message.clone()));
         }
-        self.sync(None).map_err(|message| self.fail(message))
+        self.sync(None)
+            .and_then(|()| self.sync_mark(true))
+            .map_err(|message| self.fail(message))
     }
 
-    /// Makes everything applied so far durable; with `group`, records that forced group
-    /// as acknowledged in the high-water mark, last.
+    /// Makes everything applied so far durable; with `group`, notes that forced group
+    /// as acknowledged in the high-water mark, last (unsynced: see `sync_mark`).
     fn sync(&mut self, group: Option<u64>) -> Result<(), String> {
         fail::fail_point!(
             "durable::sync",
@@ -324,12 +369,9 @@ impl Logger {
         }
         if let Some(group) = group {
             self.high_water
-                .record(group)
-                .map_err(|e| format!("recording the high-water mark: {e}"))?;
+                .note(group)
+                .map_err(|e| format!("noting the high-water mark: {e}"))?;
             self.forced_groups = group;
-            if observed {
-                synced.push(synced_file(self.high_water.path()));
-            }
         }
         if let Some(observer) = &self.sync_observer {
             observer(&synced);

@@ -365,7 +365,8 @@ impl DurableStore {
             .and_then(|_| files.sync_new(&mut synced).map_err(|e| e.to_string()))
             .and_then(|()| db_file.sync_data().map_err(|e| e.to_string()));
         baseline.map_err(|e| open_error(format!("syncing at open: {e}")))?;
-        let high_water = HighWater::open(dir, forced_groups.max(acknowledged))
+        let mark_synced = forced_groups.max(acknowledged);
+        let high_water = HighWater::open(dir, mark_synced)
             .map_err(|e| open_error(format!("writing the high-water mark: {e}")))?;
         if let Some(observer) = &options.sync_observer {
             // The baseline above and the mark's creation synced the directory too.
@@ -406,6 +407,8 @@ impl DurableStore {
             db_path,
             files,
             high_water,
+            mark_synced,
+            mark_synced_at: std::time::Instant::now(),
             forced_groups,
             receiver,
             failure: failure.clone(),
@@ -1012,6 +1015,40 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         panic!("gave up after 20 s waiting for: {what}");
+    }
+
+    /// The mark is written with each forced group (what a kill -9 leaves holds the last
+    /// one) but synced on its own only within a second, not once per group.
+    #[tokio::test]
+    async fn the_mark_is_noted_with_each_forced_group_and_synced_within_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark_syncs = Arc::new(Mutex::new(0usize));
+        let counted = mark_syncs.clone();
+        let options = StoreOptions {
+            sync_observer: Some(Arc::new(move |paths: &[SyncedPath]| {
+                let mark = paths
+                    .iter()
+                    .filter(|synced| synced.path.ends_with(high_water::FILE_NAME));
+                *counted.lock().unwrap() += mark.count();
+            })),
+            ..StoreOptions::default()
+        };
+        let store = DurableStore::open(dir.path(), options).unwrap();
+        let at_open = *mark_syncs.lock().unwrap();
+        for i in 0..5u32 {
+            let ticket = store.write(insert_batch(i..i + 1, b"v"), Durability::Forced);
+            ticket.await.unwrap();
+        }
+        assert_eq!(high_water::read(dir.path()).unwrap(), Mark::At(5));
+        wait_for("the mark's own sync", || {
+            *mark_syncs.lock().unwrap() > at_open
+        });
+        // One sync per forced group would be five (a slow machine may take two).
+        assert!(
+            *mark_syncs.lock().unwrap() < at_open + 5,
+            "the mark was synced with every forced group"
+        );
+        store.close().unwrap();
     }
 
     #[tokio::test]
