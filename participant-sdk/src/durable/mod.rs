@@ -18,7 +18,9 @@
 //!   forced one can never reach the disk before it.
 //! - **Damage is detected, not served.** Each forced group is numbered; the number goes
 //!   into sled with the group and, once the group is durable, into a high-water mark file
-//!   beside it ([`high_water`]). `open` refuses ([`StoreError::Damaged`]) a store whose
+//!   beside it ([`high_water`]; written at once, synced within a second: after a kill -9
+//!   it names the last acknowledged group, after a power cut possibly an earlier one).
+//!   `open` refuses ([`StoreError::Damaged`]) a store whose
 //!   sled holds fewer forced groups than the mark says were acknowledged — what a damaged
 //!   byte or a cut-short file does to sled, which otherwise opens without complaint —
 //!   and, unless told not to, reads every record once so that a damaged one is found at
@@ -144,8 +146,8 @@ pub struct GroupCommitted {
     pub records: usize,
     /// Writes (callers) the group served.
     pub writes: usize,
-    /// Time spent making a forced group durable (flush, new files, fdatasync, high-water
-    /// mark); `None` for a group of lazy writes only.
+    /// Time spent making a forced group durable (flush, new files, fdatasync, the
+    /// high-water mark's note); `None` for a group of lazy writes only.
     pub sync_seconds: Option<f64>,
 }
 
@@ -164,7 +166,8 @@ pub struct DurabilityCounters {
 
 impl DurabilityCounters {
     /// Forced groups made durable (each one sled flush, then `fdatasync` of the log
-    /// file and of any new file, then the high-water mark).
+    /// file and of any new file; the high-water mark's own sync, at most one a second,
+    /// is not counted).
     pub fn syncs(&self) -> u64 {
         self.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
