@@ -266,6 +266,7 @@ impl Logger {
                 let forced = group.iter().any(|(_, d, _)| *d == Durability::Forced);
                 let result = self.apply(&group, forced).and_then(|()| {
                     if !forced {
+                        self.sync_new_files()?;
                         return Ok(None);
                     }
                     let started = std::time::Instant::now();
@@ -374,6 +375,23 @@ impl Logger {
             self.forced_groups = group;
         }
         if let Some(observer) = &self.sync_observer {
+            observer(&synced);
+        }
+        Ok(())
+    }
+
+    /// Syncs the files sled created for a lazy group (blobs, snapshots) before the next
+    /// group is written. sled's flusher thread fsyncs its log every 500 ms on its own,
+    /// so the log can become durable before a blob it points at, and sled's recovery
+    /// skips a message whose blob is missing and reads on: without this, a power cut
+    /// could keep a later group and lose part of this one. Costs a `readdir` of the
+    /// store's directory and of `blobs/`, and a sync only when a file appeared.
+    fn sync_new_files(&mut self) -> Result<(), String> {
+        let mut synced = Vec::new();
+        self.files
+            .sync_new(&mut synced)
+            .map_err(|e| format!("syncing new files: {e}"))?;
+        if let (Some(observer), false) = (&self.sync_observer, synced.is_empty()) {
             observer(&synced);
         }
         Ok(())
