@@ -8,16 +8,19 @@
 //! short blob, and sled's recovery stops (or skips) there.
 //!
 //! [`SyncedFiles`] closes that hole. At every forced group commit, after sled's
-//! `flush()` and before the waiters are woken, it syncs each file in the store's
-//! directory and in `blobs/` that it has not synced yet, and each directory whose
-//! entries changed.
+//! `flush()` and before the waiters are woken, and after every lazy group, before the
+//! next group is written (sled's flusher thread fsyncs its log every 500 ms on its own,
+//! so waiting for the next forced group is not enough), it syncs each file in the
+//! store's directory and in `blobs/` that it has not synced yet, and each directory
+//! whose entries changed.
 //!
 //! Invariant: when [`SyncedFiles::sync_new`] returns, every file that existed when sled's
-//! `flush()` returned is on disk with all its bytes, and so are the directory entries
-//! naming them. sled writes a blob whole while the message that points at it is being
-//! reserved, and `flush()` waits for every reservation made before it; a blob seen for
-//! the first time may still be growing (it belongs to a message after the flush), so it
-//! is synced again at the next group commit, after which it is settled and left alone.
+//! `flush()` (or the lazy group's `apply_batch`) returned is on disk with all its bytes,
+//! and so are the directory entries naming them. sled writes a blob whole while the
+//! message that points at it is being reserved (in `apply_batch`, before it returns),
+//! and `flush()` waits for every reservation made before it; a blob seen for the first
+//! time may still be growing (it belongs to a later message), so it is synced again at
+//! the next group commit, after which it is settled and left alone.
 
 use std::collections::HashSet;
 use std::ffi::OsString;

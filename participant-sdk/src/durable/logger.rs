@@ -5,9 +5,11 @@
 //! wakes anyone: sled's `flush()`, then every new file sled created (blobs, snapshots)
 //! and the directories that changed, then `fdatasync` of the log file, then the group's
 //! number in the high-water mark (written there without a sync of its own; the mark is
-//! synced within [`MARK_SYNC_INTERVAL`] and at close). `flush_async` is never called. Under load (the
-//! previous forced group held several forced writes) a group with a forced write first waits
-//! a little for more, so that one sync serves more of them; a lone writer never waits.
+//! synced within [`MARK_SYNC_INTERVAL`] and at close). A lazy group's new files are
+//! synced before the next group is written. `flush_async` is never called. Under load
+//! (the previous forced group held several forced writes) a group with a forced write
+//! first waits a little for more, so that one sync serves more of them; a lone writer
+//! never waits.
 //! Between groups it does compaction's work, one bounded step at a time (see
 //! `compaction`).
 

@@ -20,11 +20,11 @@
 //!   into sled with the group and, once the group is durable, into a high-water mark file
 //!   beside it ([`high_water`]; written at once, synced within a second: after a kill -9
 //!   it names the last acknowledged group, after a power cut possibly an earlier one).
-//!   `open` refuses ([`StoreError::Damaged`]) a store whose
-//!   sled holds fewer forced groups than the mark says were acknowledged — what a damaged
-//!   byte or a cut-short file does to sled, which otherwise opens without complaint —
-//!   and, unless told not to, reads every record once so that a damaged one is found at
-//!   start, not when it is asked for.
+//!   `open` refuses ([`StoreError::Damaged`]) a store whose sled holds fewer forced
+//!   groups than the mark says were acknowledged — what a damaged byte or a cut-short
+//!   file does to sled, which otherwise opens without complaint — and, unless told not
+//!   to, reads every record once so that a damaged one is found at start, not when it is
+//!   asked for.
 //! - After the first failed write the store is failed for good: every later write
 //!   resolves with [`StoreError::Failed`]. The owner must stop, restart and recover.
 //! - `snap.*.generating` files left by a crash during `open()` are removed before opening.
