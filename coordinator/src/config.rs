@@ -38,7 +38,8 @@ pub mod defaults {
     pub const LOG_COMPACTION_MIN_BYTES: u64 = 32 * 1024 * 1024;
     pub const LOG_GROUP_COMMIT_HOLD_US: u64 =
         treaty_sdk::durable::DEFAULT_GROUP_COMMIT_HOLD.as_micros() as u64;
-    /// A longer hold only adds latency: a sync of this disk takes about a millisecond.
+    /// A longer hold only adds latency: a forced write of the log takes under a
+    /// millisecond on this project's machines.
     pub const MAX_LOG_GROUP_COMMIT_HOLD_US: u64 = 100_000;
     pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
     pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;

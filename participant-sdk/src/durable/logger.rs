@@ -359,16 +359,12 @@ impl Logger {
             .db
             .flush()
             .map_err(|e| format!("flush: {e}"))?;
-        let mut synced = Vec::new();
-        self.files
-            .sync_new(&mut synced)
-            .map_err(|e| format!("syncing new files: {e}"))?;
+        self.sync_new_files()?;
         self.db_file
             .sync_data()
             .map_err(|e| format!("fdatasync: {e}"))?;
-        let observed = self.sync_observer.is_some();
-        if observed {
-            synced.push(synced_file(&self.db_path));
+        if let Some(observer) = &self.sync_observer {
+            observer(&[synced_file(&self.db_path)]);
         }
         if let Some(group) = group {
             self.high_water
@@ -376,18 +372,16 @@ impl Logger {
                 .map_err(|e| format!("noting the high-water mark: {e}"))?;
             self.forced_groups = group;
         }
-        if let Some(observer) = &self.sync_observer {
-            observer(&synced);
-        }
         Ok(())
     }
 
-    /// Syncs the files sled created for a lazy group (blobs, snapshots) before the next
-    /// group is written. sled's flusher thread fsyncs its log every 500 ms on its own,
-    /// so the log can become durable before a blob it points at, and sled's recovery
-    /// skips a message whose blob is missing and reads on: without this, a power cut
-    /// could keep a later group and lose part of this one. Costs a `readdir` of the
-    /// store's directory and of `blobs/`, and a sync only when a file appeared.
+    /// Syncs the files sled created beside its log (blobs, snapshots) and the
+    /// directories that changed, and tells the observer. Every group does it before the
+    /// next is written, a lazy one too: sled's flusher thread fsyncs its log every
+    /// 500 ms on its own, so the log can become durable before a blob it points at, and
+    /// sled's recovery skips a message whose blob is missing and reads on; without it,
+    /// a power cut could keep a later group and lose part of this one. Costs a `readdir`
+    /// of the store's directory and of `blobs/`, and a sync only when a file appeared.
     fn sync_new_files(&mut self) -> Result<(), String> {
         let mut synced = Vec::new();
         self.files

@@ -188,7 +188,7 @@ impl DurabilityCounters {
 /// [`StoreOptions::group_commit_hold`] by default.
 pub const DEFAULT_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::from_micros(500);
 /// The longest [`StoreOptions::group_commit_hold`] the store uses (a longer one is
-/// taken as this). A sync takes about a millisecond, so anything near this only adds
+/// taken as this). A sync takes under a millisecond, so anything near this only adds
 /// latency; the bound keeps deadlines far from overflow.
 pub const MAX_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 /// [`StoreOptions::group_commit_hold_after_writes`] by default.
