@@ -7,7 +7,9 @@
 //!   service answers, at the edge ([`crate::server`]), by the protocol answer it gave, or
 //!   `refused` (bad input, unauthenticated or untrusted caller: INVALID_ARGUMENT,
 //!   UNAUTHENTICATED, PERMISSION_DENIED) or `error` (any other status: user code failed,
-//!   store failed, call past the retention).
+//!   store failed, call past the retention), or `cancelled` (the call was dropped before
+//!   it answered: the caller cancelled, its deadline passed or its connection went; the
+//!   operation behind it still ran to its end).
 //! - `treaty_participant_barrier_records`: records in the barrier store. Counting them at
 //!   each scrape would be a pass over the whole store (millions of records over a week's
 //!   retention) on an unauthenticated endpoint, and a capped count would stop growing
@@ -68,7 +70,7 @@ pub enum Operation {
     compensate,
 }
 
-/// How the participant answered a call.
+/// How a call to the participant ended: the answer it gave, or none.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum OperationResult {
@@ -86,9 +88,13 @@ pub enum OperationResult {
     refused,
     /// No answer: user code or the store failed, or the call was past the retention.
     error,
+    /// The caller went before the answer (it cancelled, its deadline passed or its
+    /// connection dropped); the operation itself still ran to its end.
+    cancelled,
 }
 
-/// The protocol answers each operation can give (plus `refused` and `error` for all):
+/// The protocol answers each operation can give (plus `refused`, `error` and `cancelled`
+/// for all):
 /// their series exist from the start, at 0.
 const ANSWERS: &[(Operation, &[OperationResult])] = {
     use OperationResult::*;
@@ -173,7 +179,11 @@ impl ParticipantMetrics {
             drop(durations.get_or_create(&OperationLabels {
                 operation: *operation,
             }));
-            let always = [OperationResult::refused, OperationResult::error];
+            let always = [
+                OperationResult::refused,
+                OperationResult::error,
+                OperationResult::cancelled,
+            ];
             for result in answers.iter().chain(always.iter()) {
                 drop(operations.get_or_create(&OperationResultLabels {
                     operation: *operation,

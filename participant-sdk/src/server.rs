@@ -158,20 +158,53 @@ fn status_result(status: &Status) -> OperationResult {
     }
 }
 
-/// Counts a call to `operation` that started at `started` and ended with `answer`,
-/// whose protocol result `result_of` reads.
-fn count<T>(
-    metrics: &ParticipantMetrics,
+/// One call to `operation`, counted once when it ends: by the answer it gave, or as
+/// `cancelled` when it is dropped before answering (the caller cancelled, its deadline
+/// passed or its connection went). The barrier operation behind a dropped call runs on
+/// to completion (`run_to_completion`); only its answer has nobody to go to.
+struct CountedCall<'a> {
+    metrics: &'a ParticipantMetrics,
     operation: Operation,
     started: Instant,
-    answer: &Result<Response<T>, Status>,
-    result_of: impl FnOnce(&T) -> OperationResult,
-) {
-    let result = match answer {
-        Ok(response) => result_of(response.get_ref()),
-        Err(status) => status_result(status),
-    };
-    metrics.operation(operation, result, started.elapsed());
+    answered: bool,
+}
+
+impl<'a> CountedCall<'a> {
+    fn start(metrics: &'a ParticipantMetrics, operation: Operation) -> Self {
+        Self {
+            metrics,
+            operation,
+            started: Instant::now(),
+            answered: false,
+        }
+    }
+
+    /// The call ended with `answer`, whose protocol result `result_of` reads.
+    fn answered<T>(
+        mut self,
+        answer: &Result<Response<T>, Status>,
+        result_of: impl FnOnce(&T) -> OperationResult,
+    ) {
+        let result = match answer {
+            Ok(response) => result_of(response.get_ref()),
+            Err(status) => status_result(status),
+        };
+        self.metrics
+            .operation(self.operation, result, self.started.elapsed());
+        self.answered = true;
+    }
+}
+
+impl Drop for CountedCall<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics.operation(
+                self.operation,
+                OperationResult::cancelled,
+                self.started.elapsed(),
+            );
+        }
+    }
 }
 
 fn vote_result(response: &pb::PrepareBranchResponse) -> OperationResult {
@@ -215,15 +248,9 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         &self,
         request: Request<pb::PrepareBranchRequest>,
     ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
-        let started = Instant::now();
+        let call = CountedCall::start(self.metrics(), Operation::prepare);
         let answer = self.answer_prepare(request).await;
-        count(
-            self.metrics(),
-            Operation::prepare,
-            started,
-            &answer,
-            vote_result,
-        );
+        call.answered(&answer, vote_result);
         answer
     }
 
@@ -231,10 +258,9 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         &self,
         request: Request<pb::CommitBranchRequest>,
     ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        let started = Instant::now();
-        let operation = commit_operation(request.get_ref().mode);
+        let call = CountedCall::start(self.metrics(), commit_operation(request.get_ref().mode));
         let answer = self.answer_commit(request).await;
-        count(self.metrics(), operation, started, &answer, commit_result);
+        call.answered(&answer, commit_result);
         answer
     }
 
@@ -242,15 +268,9 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         &self,
         request: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        let started = Instant::now();
+        let call = CountedCall::start(self.metrics(), Operation::abort);
         let answer = self.answer_abort(request).await;
-        count(
-            self.metrics(),
-            Operation::abort,
-            started,
-            &answer,
-            abort_result,
-        );
+        call.answered(&answer, abort_result);
         answer
     }
 
@@ -258,15 +278,9 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         &self,
         request: Request<pb::CompensateBranchRequest>,
     ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
-        let started = Instant::now();
+        let call = CountedCall::start(self.metrics(), Operation::compensate);
         let answer = self.answer_compensate(request).await;
-        count(
-            self.metrics(),
-            Operation::compensate,
-            started,
-            &answer,
-            |_| OperationResult::compensated,
-        );
+        call.answered(&answer, |_| OperationResult::compensated);
         answer
     }
 }

@@ -390,3 +390,117 @@ async fn an_unusable_coordinator_token_stops_the_start() {
         "{refused}"
     );
 }
+
+/// Holds every prepare until released; counts the prepares that ran to their end.
+#[derive(Debug, Default)]
+struct HeldPrepare {
+    release: tokio::sync::Notify,
+    finished: std::sync::atomic::AtomicUsize,
+}
+
+impl Participant for HeldPrepare {
+    async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+        self.release.notified().await;
+        self.finished
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Vote::Yes)
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_call_the_caller_gives_up_on_is_counted_as_cancelled_and_its_work_still_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_address = metrics_listener.local_addr().unwrap();
+    let options = ServeOptions {
+        metrics_listen: Some(metrics_listener.into()),
+        ..ServeOptions::default()
+    };
+    let participant = Arc::new(HeldPrepare::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(treaty_sdk::serve(
+        participant.clone(),
+        store.clone(),
+        listener,
+        options,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut client = ParticipantClient::connect(endpoint).await.unwrap();
+
+    // The caller gives up while the prepare is held: its call is dropped (RST_STREAM).
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        client.prepare(prepare("c-1", "a", b"yes", "")),
+    )
+    .await;
+    assert!(given_up.is_err(), "the held prepare answered: {given_up:?}");
+    let started = Instant::now();
+    let text = loop {
+        let text = scrape(metrics_address).await;
+        if operations(&text, "prepare", "cancelled") == Some(1.0) {
+            break text;
+        }
+        assert!(started.elapsed() < PATIENCE, "not counted yet:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(operations(&text, "prepare", "yes"), Some(0.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "treaty_participant_operation_duration_seconds_count{operation=\"prepare\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // Every operation has the series from the start.
+    assert_eq!(operations(&text, "abort", "cancelled"), Some(0.0), "{text}");
+
+    // The prepare behind the dropped call runs to its end once released, and a repeat
+    // is answered from its record (a YES, counted as one) without running it again.
+    participant.release.notify_one();
+    let started = Instant::now();
+    while participant
+        .finished
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        assert!(started.elapsed() < PATIENCE, "the held prepare never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let repeat = client
+        .prepare(prepare("c-1", "a", b"yes", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(repeat.vote, pb::Vote::Yes as i32);
+    assert_eq!(
+        participant
+            .finished
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let text = scrape(metrics_address).await;
+    assert_eq!(operations(&text, "prepare", "yes"), Some(1.0), "{text}");
+    assert_eq!(
+        operations(&text, "prepare", "cancelled"),
+        Some(1.0),
+        "{text}"
+    );
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
