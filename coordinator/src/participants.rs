@@ -62,6 +62,7 @@ pub struct Call {
     pub endpoint: String,
     pub transaction_id: String,
     pub branch_id: String,
+    /// How long the coordinator waits for the answer; sent along as `grpc-timeout`.
     pub timeout: Duration,
     /// Sent as `traceparent` / `tracestate`: the transaction's trace, with a span id
     /// fresh for this call.
@@ -69,9 +70,12 @@ pub struct Call {
 }
 
 impl Call {
-    /// `message` as a request carrying the call's trace context.
+    /// `message` as a request carrying the call's trace context and its deadline (as
+    /// `grpc-timeout`: the participant, in any language, knows when the coordinator stops
+    /// waiting, and its gRPC server can drop the call then even if no cancel reaches it).
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
         if let Some(trace) = &self.trace {
             trace.inject(request.metadata_mut());
         }

@@ -391,16 +391,26 @@ async fn an_unusable_coordinator_token_stops_the_start() {
     );
 }
 
-/// Holds every prepare until released; counts the prepares that ran to their end.
-#[derive(Debug, Default)]
+/// Holds every prepare until a permit is released for it; counts the prepares that ran
+/// to their end.
+#[derive(Debug)]
 struct HeldPrepare {
-    release: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
     finished: std::sync::atomic::AtomicUsize,
+}
+
+impl HeldPrepare {
+    fn new() -> Self {
+        Self {
+            release: tokio::sync::Semaphore::new(0),
+            finished: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Participant for HeldPrepare {
     async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
-        self.release.notified().await;
+        self.release.acquire().await.unwrap().forget();
         self.finished
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Vote::Yes)
@@ -417,7 +427,7 @@ impl Participant for HeldPrepare {
 }
 
 #[tokio::test]
-async fn a_call_the_caller_gives_up_on_is_counted_as_cancelled_and_its_work_still_ends() {
+async fn a_call_dropped_before_its_answer_is_counted_as_cancelled_and_its_work_still_ends() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -428,7 +438,7 @@ async fn a_call_the_caller_gives_up_on_is_counted_as_cancelled_and_its_work_stil
         metrics_listen: Some(metrics_listener.into()),
         ..ServeOptions::default()
     };
-    let participant = Arc::new(HeldPrepare::default());
+    let participant = Arc::new(HeldPrepare::new());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(treaty_sdk::serve(
         participant.clone(),
@@ -469,16 +479,35 @@ async fn a_call_the_caller_gives_up_on_is_counted_as_cancelled_and_its_work_stil
     // Every operation has the series from the start.
     assert_eq!(operations(&text, "abort", "cancelled"), Some(0.0), "{text}");
 
-    // The prepare behind the dropped call runs to its end once released, and a repeat
-    // is answered from its record (a YES, counted as one) without running it again.
-    participant.release.notify_one();
+    // A caller that stays but whose deadline (`grpc-timeout`) passes: the server drops
+    // the call itself and says so; counted the same way.
+    let mut late = tonic::Request::new(prepare("c-2", "a", b"yes", ""));
+    late.set_timeout(Duration::from_millis(200));
+    let expired = tokio::time::timeout(PATIENCE, client.prepare(late))
+        .await
+        .expect("the server ends the call at its deadline")
+        .unwrap_err();
+    assert_eq!(expired.code(), tonic::Code::Cancelled, "{expired:?}");
+    let text = scrape(metrics_address).await;
+    assert_eq!(
+        operations(&text, "prepare", "cancelled"),
+        Some(2.0),
+        "{text}"
+    );
+
+    // The prepares behind the dropped calls run to their end once released, and a
+    // repeat is answered from its record (a YES, counted as one) without running again.
+    participant.release.add_permits(2);
     let started = Instant::now();
     while participant
         .finished
         .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
+        < 2
     {
-        assert!(started.elapsed() < PATIENCE, "the held prepare never ended");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the held prepares never ended"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let repeat = client
@@ -491,13 +520,13 @@ async fn a_call_the_caller_gives_up_on_is_counted_as_cancelled_and_its_work_stil
         participant
             .finished
             .load(std::sync::atomic::Ordering::SeqCst),
-        1
+        2
     );
     let text = scrape(metrics_address).await;
     assert_eq!(operations(&text, "prepare", "yes"), Some(1.0), "{text}");
     assert_eq!(
         operations(&text, "prepare", "cancelled"),
-        Some(1.0),
+        Some(2.0),
         "{text}"
     );
 
