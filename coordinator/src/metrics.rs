@@ -385,12 +385,18 @@ impl Metrics {
     }
 
     /// The `treaty_circuit_state` gauge of `endpoint` (0 closed, 1 half-open, 2 open),
-    /// for its circuit to set under its own lock.
+    /// for its circuit to set under its own lock. An endpoint without a label of its own
+    /// gets a gauge that is not exported: a state is one circuit's, and the endpoints
+    /// counted under "other" would overwrite each other's (`treaty endpoints` shows
+    /// every circuit).
     pub fn circuit_gauge(&self, endpoint: &str) -> Gauge {
-        let labels = EndpointLabels {
-            endpoint: self.endpoint_label(endpoint),
-        };
-        self.circuit_state.get_or_create(&labels).clone()
+        let label = self.endpoint_label(endpoint);
+        if label == OTHER_ENDPOINT {
+            return Gauge::default();
+        }
+        self.circuit_state
+            .get_or_create(&EndpointLabels { endpoint: label })
+            .clone()
     }
 
     /// One group commit of the log.
@@ -486,6 +492,36 @@ mod tests {
             .count();
         assert_eq!(series, MAX_ENDPOINT_LABELS + 1, "{text}");
         assert!(text.contains("endpoint=\"other\""));
+    }
+
+    #[test]
+    fn circuit_states_are_exported_only_for_endpoints_with_a_label_of_their_own() {
+        let metrics = Metrics::new();
+        let gauges: Vec<Gauge> = (0..MAX_ENDPOINT_LABELS + 2)
+            .map(|i| metrics.circuit_gauge(&format!("http://10.0.0.1:{}", 1000 + i)))
+            .collect();
+        // Two endpoints past the cap: one open, one closed after it. A shared series
+        // would show the last write (closed) for both.
+        gauges[MAX_ENDPOINT_LABELS].set(2);
+        gauges[MAX_ENDPOINT_LABELS + 1].set(0);
+        gauges[0].set(2);
+        let text = metrics.encode(Health::default(), 0).unwrap();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("treaty_circuit_state{"))
+            .collect();
+        assert_eq!(series.len(), MAX_ENDPOINT_LABELS, "{text}");
+        assert!(
+            series.contains(&"treaty_circuit_state{endpoint=\"http://10.0.0.1:1000\"} 2"),
+            "{series:?}"
+        );
+        assert!(
+            !text.contains("treaty_circuit_state{endpoint=\"other\""),
+            "{text}"
+        );
+        // The endpoints past the cap still have working gauges of their own.
+        assert_eq!(gauges[MAX_ENDPOINT_LABELS].get(), 2);
+        assert_eq!(gauges[MAX_ENDPOINT_LABELS + 1].get(), 0);
     }
 
     #[test]
