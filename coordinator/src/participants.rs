@@ -211,8 +211,11 @@ impl Participants {
         }
         if existing.is_none() && peers.len() >= MAX_CACHED_ENDPOINTS {
             // Forget idle endpoints only: one with calls in flight or an open circuit
-            // keeps its permits and circuit (at most one per call in flight).
-            peers.retain(|_, peer| !peer.health.is_idle());
+            // keeps its permits and circuit (at most one per call in flight). A call
+            // that holds its peer but has no permit yet holds a reference: forgotten
+            // under it, the endpoint would get a second circuit and gauge beside the one
+            // that call goes on changing.
+            peers.retain(|_, peer| Arc::strong_count(peer) > 1 || !peer.health.is_idle());
         }
         let mut channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|error| {
@@ -600,6 +603,26 @@ mod tests {
             "grpc-status header missing, mapped from HTTP status code 404",
         );
         assert_eq!(describe_failure(&call, &not_grpc), UNREACHABLE);
+    }
+
+    #[tokio::test]
+    async fn a_full_cache_forgets_no_endpoint_a_call_still_holds() {
+        let participants = Participants::new(String::new(), 64, Duration::from_secs(1));
+        let endpoint = |i: usize| format!("http://127.0.0.1:{}", 10_000 + i);
+        for i in 0..MAX_CACHED_ENDPOINTS {
+            participants.peer(&endpoint(i)).unwrap();
+        }
+        // A call has its peer and waits for a permit; a new endpoint fills the cache.
+        let held = participants.peer(&endpoint(0)).unwrap();
+        participants.peer(&endpoint(MAX_CACHED_ENDPOINTS)).unwrap();
+        let again = participants.peer(&endpoint(0)).unwrap();
+        assert!(
+            Arc::ptr_eq(&held.health, &again.health),
+            "the held endpoint got a second circuit"
+        );
+        // Idle endpoints nobody holds were forgotten.
+        let cached = participants.peers.lock().unwrap().len();
+        assert!(cached <= 3, "{cached} endpoints still cached");
     }
 
     #[test]
