@@ -83,6 +83,25 @@ impl Call {
     }
 }
 
+/// Why a call brought no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFailure {
+    /// What happened, for the branch's history and the logs.
+    pub message: String,
+    /// Sending the same call again cannot succeed: the participant refused it for good
+    /// (see [`refused_for_good`]).
+    pub permanent: bool,
+}
+
+impl CallFailure {
+    fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+}
+
 type Client = ParticipantClient<InterceptedService<Channel, Credentials>>;
 
 /// What the coordinator keeps per endpoint.
@@ -275,7 +294,7 @@ impl Participants {
         call: &Call,
         operation: CallOperation,
         request: F,
-    ) -> Result<T, String>
+    ) -> Result<T, CallFailure>
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -290,21 +309,21 @@ impl Participants {
                     CallResult::unreachable,
                     0.0,
                 );
-                return Err(error);
+                return Err(CallFailure::transient(error));
             }
         };
         let Some(admitted) = self.admit(call, &peer) else {
             self.metrics
                 .participant_call(&call.endpoint, operation, CallResult::circuit_open, 0.0);
-            return Err(CIRCUIT_OPEN.to_string());
+            return Err(CallFailure::transient(CIRCUIT_OPEN));
         };
-        let shutting_down = |_| "coordinator shutting down".to_string();
+        let shutting_down = |_| CallFailure::transient("coordinator shutting down");
         let _endpoint_permit = peer.health.permits.acquire().await.map_err(shutting_down)?;
         // The circuit may have opened while this call waited for its permit.
         if admitted.admission == Admission::Call && !admitted.circuit_closed() {
             self.metrics
                 .participant_call(&call.endpoint, operation, CallResult::circuit_open, 0.0);
-            return Err(CIRCUIT_OPEN.to_string());
+            return Err(CallFailure::transient(CIRCUIT_OPEN));
         }
         let _permit = self.in_flight.acquire().await.map_err(shutting_down)?;
         let (result, answer) = self.send(call, peer.client.clone(), request).await;
@@ -317,7 +336,10 @@ impl Participants {
             .record(
                 std::time::Instant::now(),
                 crate::runtime::now_unix_ms(),
-                answer.as_ref().err().map(String::as_str),
+                answer
+                    .as_ref()
+                    .err()
+                    .map(|failure| failure.message.as_str()),
             );
         self.metrics.participant_call(
             &call.endpoint,
@@ -345,7 +367,7 @@ impl Participants {
         call: &Call,
         client: Client,
         request: F,
-    ) -> (CallResult, Result<T, String>)
+    ) -> (CallResult, Result<T, CallFailure>)
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -358,7 +380,11 @@ impl Participants {
                 } else {
                     CallResult::unreachable
                 };
-                (result, Err(describe_failure(call, &status)))
+                let failure = CallFailure {
+                    message: describe_failure(call, &status),
+                    permanent: refused_for_good(&status),
+                };
+                (result, Err(failure))
             }
             Err(_) => {
                 tracing::warn!(
@@ -369,16 +395,16 @@ impl Participants {
                 );
                 (
                     CallResult::timeout,
-                    Err(format!(
+                    Err(CallFailure::transient(format!(
                         "participant did not answer within {} ms",
                         call.timeout.as_millis()
-                    )),
+                    ))),
                 )
             }
         }
     }
 
-    pub async fn prepare(&self, call: &Call, payload: Vec<u8>) -> Result<Vote, String> {
+    pub async fn prepare(&self, call: &Call, payload: Vec<u8>) -> Result<Vote, CallFailure> {
         let request = call.request(pb::PrepareBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
@@ -396,10 +422,10 @@ impl Participants {
                 reason: truncate_reason(response.reason),
             }),
             Ok(pb::Vote::ReadOnly) => Ok(Vote::ReadOnly),
-            _ => Err(format!(
+            _ => Err(CallFailure::transient(format!(
                 "participant sent an unknown vote {}",
                 response.vote
-            )),
+            ))),
         }
     }
 
@@ -409,7 +435,7 @@ impl Participants {
         call: &Call,
         mode: pb::CommitMode,
         payload: Vec<u8>,
-    ) -> Result<Answer, String> {
+    ) -> Result<Answer, CallFailure> {
         let operation = match mode {
             pb::CommitMode::OnePhase => CallOperation::one_phase_commit,
             pb::CommitMode::SagaStep => CallOperation::step,
@@ -434,14 +460,14 @@ impl Participants {
             }),
             Ok(pb::CommitResult::NotPrepared) => Ok(Answer::NotPrepared),
             Ok(pb::CommitResult::AlreadyAborted) => Ok(Answer::Aborted),
-            _ => Err(format!(
+            _ => Err(CallFailure::transient(format!(
                 "participant sent an unknown commit result {}",
                 response.result
-            )),
+            ))),
         }
     }
 
-    pub async fn abort(&self, call: &Call) -> Result<Answer, String> {
+    pub async fn abort(&self, call: &Call) -> Result<Answer, CallFailure> {
         let request = call.request(pb::AbortBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
@@ -454,10 +480,10 @@ impl Participants {
         match pb::AbortResult::try_from(response.result) {
             Ok(pb::AbortResult::Aborted) => Ok(Answer::Aborted),
             Ok(pb::AbortResult::AlreadyCommitted) => Ok(Answer::Committed),
-            _ => Err(format!(
+            _ => Err(CallFailure::transient(format!(
                 "participant sent an unknown abort result {}",
                 response.result
-            )),
+            ))),
         }
     }
 }
@@ -506,7 +532,7 @@ impl Drop for Admitted<'_> {
 
 impl Participants {
     /// A saga step's compensation.
-    pub async fn compensate(&self, call: &Call, payload: Vec<u8>) -> Result<(), String> {
+    pub async fn compensate(&self, call: &Call, payload: Vec<u8>) -> Result<(), CallFailure> {
         let request = call.request(pb::CompensateBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
@@ -519,10 +545,10 @@ impl Participants {
             .await?;
         match pb::CompensateResult::try_from(response.result) {
             Ok(pb::CompensateResult::Compensated) => Ok(()),
-            _ => Err(format!(
+            _ => Err(CallFailure::transient(format!(
                 "participant sent an unknown compensate result {}",
                 response.result
-            )),
+            ))),
         }
     }
 }
@@ -560,6 +586,14 @@ fn describe_failure(call: &Call, status: &tonic::Status) -> String {
 /// made from a non-gRPC HTTP response a recognisable message.
 fn answered_by_participant(status: &tonic::Status) -> bool {
     std::error::Error::source(status).is_none() && !status.message().starts_with(NOT_GRPC_PREFIX)
+}
+
+/// A participant's FAILED_PRECONDITION: a call about a transaction past its barrier
+/// retention that found no record. It answers the same however often it is sent, so
+/// an operator must end the transaction (docs/PARTICIPANT-PROTOCOL.md, "Barrier
+/// retention and late calls").
+fn refused_for_good(status: &tonic::Status) -> bool {
+    answered_by_participant(status) && status.code() == tonic::Code::FailedPrecondition
 }
 
 /// Capped exponential backoff with jitter: the delay before retry number `attempt`
@@ -603,6 +637,19 @@ mod tests {
             "grpc-status header missing, mapped from HTTP status code 404",
         );
         assert_eq!(describe_failure(&call, &not_grpc), UNREACHABLE);
+    }
+
+    #[test]
+    fn only_a_participants_failed_precondition_is_a_refusal_for_good() {
+        let past_retention =
+            tonic::Status::failed_precondition("the transaction is past the barrier retention");
+        assert!(refused_for_good(&past_retention));
+        assert!(!refused_for_good(&tonic::Status::unavailable(
+            "participant: store down"
+        )));
+        assert!(!refused_for_good(&tonic::Status::internal(
+            "record unreadable"
+        )));
     }
 
     #[tokio::test]

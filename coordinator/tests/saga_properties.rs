@@ -268,6 +268,9 @@ impl World {
             Call::Compensate(step) => SagaEvent::CompensationFailed {
                 step,
                 error: "lost".into(),
+                // Some failures are for good: that flags the saga stuck and must change
+                // nothing else.
+                permanent: step % 2 == 1,
             },
         }
     }

@@ -275,6 +275,9 @@ impl World {
             | InFlight::Abort(branch) => Event::DeliveryFailed {
                 branch,
                 error: "lost".into(),
+                // Some failures are for good: that flags the transaction stuck and must
+                // change nothing else.
+                permanent: branch % 2 == 1,
             },
             // A log write does not get lost; it may only be slow.
             InFlight::Persist => Event::DecisionPersisted,

@@ -143,6 +143,12 @@ impl ParticipantServer {
     /// tests' quick ones.
     pub async fn start_with(data_dir: &Path, options: ServeOptions) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        Self::start_on(listener, data_dir, options)
+    }
+
+    /// [`Self::start_with`] on `listener`, bound earlier (calls made to it before are
+    /// served now).
+    pub fn start_on(listener: TcpListener, data_dir: &Path, options: ServeOptions) -> Self {
         let endpoint = local_endpoint(&listener, options.tls.is_some());
         let participant = Arc::new(Scripted::new());
         let options = ServeOptions {

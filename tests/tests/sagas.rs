@@ -5,7 +5,9 @@
 
 use futures::StreamExt;
 use tonic::Code;
+use treaty_sdk::barrier_gc::BarrierGcOptions;
 use treaty_sdk::client::{BranchState, Transaction, TransactionState};
+use treaty_sdk::server::ServeOptions;
 use treaty_sdk::{SagaStep, SubmitOptions, TreatyClient};
 use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer, eventually};
 use treaty_tests::scripted::Op;
@@ -195,6 +197,79 @@ async fn out_of_attempts_the_saga_compensates_the_uncertain_step_too() {
     );
     assert_eq!(step_state(&txn, "b"), BranchState::Compensated);
     world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_refused_past_the_participants_retention_flags_the_saga_stuck_at_once() {
+    let world = World::start().await;
+    // Step b's participant: its port is bound but not served yet, so b's step and its
+    // first compensations get no answer.
+    let late = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let late_endpoint = format!("http://{}", late.local_addr().unwrap());
+    let submitted = world
+        .client
+        .submit_saga(
+            vec![
+                world.step("a", "yes"),
+                SagaStep::new("b", &late_endpoint, "yes")
+                    .compensation("undo b")
+                    .timeout_ms(300)
+                    .retry(1, 10, 100)
+                    .after(["a"]),
+            ],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap();
+    let id = submitted.transaction_id;
+    eventually("b's compensation has failed once", || async {
+        let txn = world.client.get(&id).await.unwrap()?;
+        let b = txn.branches.iter().find(|b| b.branch_id == "b")?;
+        (b.compensation_attempts >= 1 && !b.last_error.is_empty()).then_some(())
+    })
+    .await;
+    // It comes up keeping records for 300 ms: the saga is older by now, and b has no
+    // record there, so its compensation is refused for good (FAILED_PRECONDITION).
+    let dir = tempfile::tempdir().unwrap();
+    let late_participant = ParticipantServer::start_on(
+        late,
+        dir.path(),
+        ServeOptions {
+            barrier_gc: BarrierGcOptions {
+                retention_ms: 300,
+                ..BarrierGcOptions::default()
+            },
+            ..ServeOptions::default()
+        },
+    );
+    let stuck = eventually("the saga is flagged stuck", || async {
+        let txn = world.client.get(&id).await.unwrap()?;
+        txn.stuck.then_some(txn)
+    })
+    .await;
+    assert_eq!(state(&stuck), TransactionState::Compensating);
+    let note = stuck
+        .transitions
+        .iter()
+        .find(|t| t.reason.starts_with("stuck:"))
+        .map(|t| t.reason.clone())
+        .unwrap();
+    assert!(
+        note.contains("compensating step b cannot succeed")
+            && note.contains("FailedPrecondition")
+            && note.contains("an operator must resolve it"),
+        "{note}"
+    );
+    assert!(
+        late_participant
+            .participant
+            .ops(&id, "b")
+            .iter()
+            .all(|op| !matches!(op, Op::Compensate)),
+        "b's compensation ran"
+    );
+    world.stop().await;
+    late_participant.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -242,6 +242,9 @@ pub enum Event {
     DeliveryFailed {
         branch: usize,
         error: String,
+        /// Sending it again cannot succeed (the participant refused it for good, or it
+        /// is past the delivery horizon): the transaction is flagged stuck at once.
+        permanent: bool,
     },
     /// The retry timer set after the `attempt`-th delivery failed; stale (ignored) if
     /// the branch was sent again since.

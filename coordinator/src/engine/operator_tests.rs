@@ -71,6 +71,7 @@ fn fail_delivery(txn: &mut TwoPhaseCommit, branch: usize, now: UnixMs) -> Vec<Ac
         Event::DeliveryFailed {
             branch,
             error: "participant unreachable".into(),
+            permanent: false,
         },
         now,
     )
@@ -307,6 +308,33 @@ fn cancel_aborts_an_undecided_commit_and_nothing_decided() {
 }
 
 #[test]
+fn a_delivery_that_cannot_succeed_flags_the_transaction_stuck_at_once_and_is_still_retried() {
+    let mut txn = committing();
+    let actions = txn.handle_event(
+        Event::DeliveryFailed {
+            branch: 1,
+            error: "participant answered FailedPrecondition: past the barrier retention".into(),
+            permanent: true,
+        },
+        T0 + 3,
+    );
+    assert_eq!(
+        actions,
+        vec![Action::ScheduleRetry {
+            branch: 1,
+            attempt: 1
+        }]
+    );
+    assert!(txn.is_stuck());
+    let note = &txn.transitions().last().unwrap().reason;
+    assert!(
+        note.starts_with("stuck: delivering to branch b1 cannot succeed")
+            && note.contains("an operator must resolve it"),
+        "{note}"
+    );
+}
+
+#[test]
 fn a_delivery_that_keeps_failing_flags_the_transaction_stuck_until_it_ends() {
     let mut txn = committing();
     for attempt in 1..=STUCK_AFTER_DELIVERIES {
@@ -432,6 +460,40 @@ fn saga_running_recovered() -> (Saga, Vec<SagaAction>) {
 }
 
 #[test]
+fn a_compensation_that_cannot_succeed_flags_the_saga_stuck_at_once() {
+    let (mut saga, _) = saga(2, None);
+    saga.handle_event(
+        SagaEvent::StepAnswered {
+            step: 0,
+            answer: StepAnswer::Committed,
+        },
+        T0 + 2,
+    );
+    saga.cancel("stop".into()).unwrap();
+    saga.handle_event(SagaEvent::Persisted, T0 + 3);
+    saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 3);
+    let actions = saga.handle_event(
+        SagaEvent::CompensationFailed {
+            step: 0,
+            error: "participant answered FailedPrecondition: past the barrier retention".into(),
+            permanent: true,
+        },
+        T0 + 4,
+    );
+    assert!(saga.is_stuck());
+    assert!(
+        actions.contains(&SagaAction::WarnStuck { step: 0 }),
+        "{actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, SagaAction::ScheduleCompensationRetry { step: 0, .. })),
+        "{actions:?}"
+    );
+}
+
+#[test]
 fn a_stuck_compensation_is_resolved_by_hand_but_never_as_committed() {
     let (mut saga, _) = saga(2, None);
     saga.handle_event(
@@ -454,6 +516,7 @@ fn a_stuck_compensation_is_resolved_by_hand_but_never_as_committed() {
         SagaEvent::CompensationFailed {
             step: 0,
             error: "participant unreachable".into(),
+            permanent: false,
         },
         T0 + 4,
     );

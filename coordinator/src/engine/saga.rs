@@ -68,6 +68,9 @@ pub enum SagaEvent {
     CompensationFailed {
         step: usize,
         error: String,
+        /// Sending it again cannot succeed (the participant refused it for good, or it
+        /// is past the delivery horizon): the saga is flagged stuck at once.
+        permanent: bool,
     },
     /// Like `StepRetryDue`, for the `attempt`-th compensation.
     CompensationRetryDue {
@@ -521,7 +524,11 @@ impl Saga {
                 actions.extend(self.compensate_what_is_left(now));
                 actions
             }
-            SagaEvent::CompensationFailed { step, error } => {
+            SagaEvent::CompensationFailed {
+                step,
+                error,
+                permanent,
+            } => {
                 let stuck_after = self.definition.stuck_after_attempts;
                 let Some(s) = self.steps.get_mut(step) else {
                     return Vec::new();
@@ -539,12 +546,18 @@ impl Saga {
                     attempt,
                     policy: self.definition.steps[step].retry,
                 }];
-                if attempt >= stuck_after && !self.stuck {
+                if (attempt >= stuck_after || permanent) && !self.stuck {
                     self.stuck = true;
                     let id = &self.definition.steps[step].id;
-                    let note = format!(
-                        "stuck: compensating step {id} failed {attempt} times (last: {error}); still retrying"
-                    );
+                    let note = if permanent {
+                        format!(
+                            "stuck: compensating step {id} cannot succeed ({error}); an operator must resolve it; still retrying"
+                        )
+                    } else {
+                        format!(
+                            "stuck: compensating step {id} failed {attempt} times (last: {error}); still retrying"
+                        )
+                    };
                     self.note(note, now);
                     actions.push(SagaAction::WarnStuck { step });
                 }

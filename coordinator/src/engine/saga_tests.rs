@@ -350,6 +350,7 @@ fn a_compensation_failing_repeatedly_flags_the_saga_stuck_until_it_succeeds() {
             SagaEvent::CompensationFailed {
                 step: 0,
                 error: "refund service down".into(),
+                permanent: false,
             },
             T0 + 10,
         );
@@ -581,6 +582,7 @@ fn the_final_record_is_written_as_it_will_be_shown() {
             SagaEvent::CompensationFailed {
                 step: 0,
                 error: "down".into(),
+                permanent: false,
             },
             T0 + 10,
         );

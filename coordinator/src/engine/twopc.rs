@@ -462,7 +462,11 @@ impl TwoPhaseCommit {
                 self.decide_abort(format!("branch {id} did not answer prepare: {error}"), now)
             }
             Event::Delivered { branch, answer } => self.on_delivered(branch, answer, now),
-            Event::DeliveryFailed { branch, error } => {
+            Event::DeliveryFailed {
+                branch,
+                error,
+                permanent,
+            } => {
                 let Some(b) = self.branches.get_mut(branch) else {
                     return Vec::new();
                 };
@@ -474,11 +478,17 @@ impl TwoPhaseCommit {
                 let attempt = b.attempts;
                 let id = b.id.clone();
                 b.last_error = Some(error.clone());
-                if attempt >= STUCK_AFTER_DELIVERIES && !self.stuck {
+                if (attempt >= STUCK_AFTER_DELIVERIES || permanent) && !self.stuck {
                     self.stuck = true;
-                    let note = format!(
-                        "stuck: delivering to branch {id} failed {attempt} times (last: {error}); still retrying"
-                    );
+                    let note = if permanent {
+                        format!(
+                            "stuck: delivering to branch {id} cannot succeed ({error}); an operator must resolve it; still retrying"
+                        )
+                    } else {
+                        format!(
+                            "stuck: delivering to branch {id} failed {attempt} times (last: {error}); still retrying"
+                        )
+                    };
                     self.note(note, now);
                 }
                 vec![Action::ScheduleRetry { branch, attempt }]

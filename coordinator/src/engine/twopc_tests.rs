@@ -377,7 +377,8 @@ fn one_phase_deadline_probes_with_an_abort_and_takes_the_first_definitive_answer
         txn.handle_event(
             Event::DeliveryFailed {
                 branch: 0,
-                error: "unavailable".into()
+                error: "unavailable".into(),
+                permanent: false,
             },
             T0 + 1
         ),
@@ -461,6 +462,7 @@ fn phase_two_failures_are_retried_until_acknowledged() {
             Event::DeliveryFailed {
                 branch: 1,
                 error: "connection refused".into(),
+                permanent: false,
             },
             T0 + 3,
         )
@@ -523,6 +525,7 @@ fn a_branch_is_failing_since_its_first_failed_delivery_however_long_it_lasts() {
             Event::DeliveryFailed {
                 branch: 1,
                 error: "connection refused".into(),
+                permanent: false,
             },
             T0 + 10 + 2 * attempt,
         );
@@ -672,6 +675,7 @@ fn a_nudge_sends_again_only_calls_unanswered_for_too_long() {
     let failed = Event::DeliveryFailed {
         branch: 2,
         error: "connection refused".into(),
+        permanent: false,
     };
     assert_eq!(
         txn.handle_event(failed, T0 + 2),

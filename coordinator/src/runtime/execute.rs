@@ -257,7 +257,12 @@ impl Shard {
             let branch = branch_index;
             let event = match kind {
                 CallKind::Prepare => Event::PrepareFailed { branch, error },
-                _ => Event::DeliveryFailed { branch, error },
+                // Not sent, and never will be: sending again cannot succeed.
+                _ => Event::DeliveryFailed {
+                    branch,
+                    error,
+                    permanent: true,
+                },
             };
             let _ = self.inputs.send((id, Input::TwoPhase(event)));
             return;
@@ -299,7 +304,10 @@ impl Shard {
                 let event = match kind {
                     CallKind::Prepare => match participants.prepare(&call, payload).await {
                         Ok(vote) => Event::PrepareAnswered { branch, vote },
-                        Err(error) => Event::PrepareFailed { branch, error },
+                        Err(failure) => Event::PrepareFailed {
+                            branch,
+                            error: failure.message,
+                        },
                     },
                     CallKind::OnePhaseCommit | CallKind::Commit | CallKind::Abort => {
                         let answer = match kind {
@@ -317,10 +325,14 @@ impl Shard {
                         };
                         match answer {
                             Ok(answer) => Event::Delivered { branch, answer },
-                            Err(error) => {
+                            Err(failure) => {
                                 // The transport details were logged where the call failed.
-                                tracing::debug!(branch_id = %call.branch_id, ?kind, %error, "delivery failed; will retry");
-                                Event::DeliveryFailed { branch, error }
+                                tracing::debug!(branch_id = %call.branch_id, ?kind, error = %failure.message, "delivery failed; will retry");
+                                Event::DeliveryFailed {
+                                    branch,
+                                    error: failure.message,
+                                    permanent: failure.permanent,
+                                }
                             }
                         }
                     }
@@ -344,7 +356,11 @@ impl Shard {
     fn spawn_step(&self, id: TxnId, step: usize, compensation: bool) {
         if let Some(error) = self.past_horizon(id) {
             let event = if compensation {
-                SagaEvent::CompensationFailed { step, error }
+                SagaEvent::CompensationFailed {
+                    step,
+                    error,
+                    permanent: true,
+                }
             } else {
                 SagaEvent::StepFailed { step, error }
             };
@@ -381,9 +397,13 @@ impl Shard {
                 let event = if compensation {
                     match participants.compensate(&call, payload).await {
                         Ok(()) => SagaEvent::Compensated { step },
-                        Err(error) => {
-                            tracing::debug!(step_id = %call.branch_id, %error, "compensation failed; will retry");
-                            SagaEvent::CompensationFailed { step, error }
+                        Err(failure) => {
+                            tracing::debug!(step_id = %call.branch_id, error = %failure.message, "compensation failed; will retry");
+                            SagaEvent::CompensationFailed {
+                                step,
+                                error: failure.message,
+                                permanent: failure.permanent,
+                            }
                         }
                     }
                 } else {
@@ -404,9 +424,12 @@ impl Shard {
                             step,
                             error: "participant answered NOT_PREPARED to a saga step".into(),
                         },
-                        Err(error) => {
-                            tracing::debug!(step_id = %call.branch_id, %error, "step failed");
-                            SagaEvent::StepFailed { step, error }
+                        Err(failure) => {
+                            tracing::debug!(step_id = %call.branch_id, error = %failure.message, "step failed");
+                            SagaEvent::StepFailed {
+                                step,
+                                error: failure.message,
+                            }
                         }
                     }
                 };
