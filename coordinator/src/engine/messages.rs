@@ -266,6 +266,18 @@ pub enum Event {
 /// again.
 pub const NO_ANSWER: &str = "no answer; sent again";
 
+/// The note a transaction gets when it is flagged stuck: `what` (say "delivering to
+/// branch b1") failed `attempts` times, or cannot succeed at all (`permanent`).
+pub fn stuck_note(what: &str, attempts: u32, error: &str, permanent: bool) -> String {
+    if permanent {
+        format!(
+            "stuck: {what} cannot succeed ({error}); an operator must resolve it; still retrying"
+        )
+    } else {
+        format!("stuck: {what} failed {attempts} times (last: {error}); still retrying")
+    }
+}
+
 /// What the runtime must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {

@@ -28,7 +28,9 @@
 //! - An operator may pause retries, send them at once, or state a stuck step's outcome;
 //!   a stated outcome that contradicts the decision to compensate is refused.
 
-use super::messages::{NO_ANSWER, OperatorCommand, OperatorRequest, Refusal, RetryControl};
+use super::messages::{
+    NO_ANSWER, OperatorCommand, OperatorRequest, Refusal, RetryControl, stuck_note,
+};
 use crate::model::{
     AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, RetryPolicy,
     SagaDefinition, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
@@ -549,16 +551,8 @@ impl Saga {
                 if (attempt >= stuck_after || permanent) && !self.stuck {
                     self.stuck = true;
                     let id = &self.definition.steps[step].id;
-                    let note = if permanent {
-                        format!(
-                            "stuck: compensating step {id} cannot succeed ({error}); an operator must resolve it; still retrying"
-                        )
-                    } else {
-                        format!(
-                            "stuck: compensating step {id} failed {attempt} times (last: {error}); still retrying"
-                        )
-                    };
-                    self.note(note, now);
+                    let what = format!("compensating step {id}");
+                    self.note(stuck_note(&what, attempt, &error, permanent), now);
                     actions.push(SagaAction::WarnStuck { step });
                 }
                 actions

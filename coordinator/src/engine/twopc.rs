@@ -40,6 +40,7 @@
 //! - An operator may settle a one-phase commit only once the deadline's abort probe is
 //!   out (before, the commit may still arrive), and a branch only as the decision says.
 
+use super::messages::stuck_note;
 pub use super::messages::{
     Action, Answer, BranchSpec, Command, Event, NO_ANSWER, NewTransaction, OperatorCommand,
     OperatorRequest, Refusal, RetryControl, Vote,
@@ -480,16 +481,8 @@ impl TwoPhaseCommit {
                 b.last_error = Some(error.clone());
                 if (attempt >= STUCK_AFTER_DELIVERIES || permanent) && !self.stuck {
                     self.stuck = true;
-                    let note = if permanent {
-                        format!(
-                            "stuck: delivering to branch {id} cannot succeed ({error}); an operator must resolve it; still retrying"
-                        )
-                    } else {
-                        format!(
-                            "stuck: delivering to branch {id} failed {attempt} times (last: {error}); still retrying"
-                        )
-                    };
-                    self.note(note, now);
+                    let what = format!("delivering to branch {id}");
+                    self.note(stuck_note(&what, attempt, &error, permanent), now);
                 }
                 vec![Action::ScheduleRetry { branch, attempt }]
             }
