@@ -62,7 +62,10 @@ pub struct Call {
     pub endpoint: String,
     pub transaction_id: String,
     pub branch_id: String,
-    /// How long the coordinator waits for the answer; sent along as `grpc-timeout`.
+    /// How long the coordinator waits for the answer. It is not sent as
+    /// `grpc-timeout`: with the same deadline there, tonic's client or the participant's
+    /// server could end the call first, and it would read as unreachable, or as an
+    /// answer that keeps the circuit closed (`call_deadline.rs`).
     pub timeout: Duration,
     /// Sent as `traceparent` / `tracestate`: the transaction's trace, with a span id
     /// fresh for this call.
@@ -70,12 +73,9 @@ pub struct Call {
 }
 
 impl Call {
-    /// `message` as a request carrying the call's trace context and its deadline (as
-    /// `grpc-timeout`: the participant, in any language, knows when the coordinator stops
-    /// waiting, and its gRPC server can drop the call then even if no cancel reaches it).
+    /// `message` as a request carrying the call's trace context.
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request.set_timeout(self.timeout);
         if let Some(trace) = &self.trace {
             trace.inject(request.metadata_mut());
         }
