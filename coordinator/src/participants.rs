@@ -231,10 +231,14 @@ impl Participants {
         if existing.is_none() && peers.len() >= MAX_CACHED_ENDPOINTS {
             // Forget idle endpoints only: one with calls in flight or an open circuit
             // keeps its permits and circuit (at most one per call in flight). A call
-            // that holds its peer but has no permit yet holds a reference: forgotten
-            // under it, the endpoint would get a second circuit and gauge beside the one
-            // that call goes on changing.
-            peers.retain(|_, peer| Arc::strong_count(peer) > 1 || !peer.health.is_idle());
+            // between taking its peer and taking a permit holds that peer, or an older
+            // one a TLS reload replaced, which shares the health: forgotten under it, the
+            // endpoint would get a second circuit and gauge beside the one that call goes
+            // on changing.
+            peers.retain(|_, peer| {
+                let held = Arc::strong_count(peer) > 1 || Arc::strong_count(&peer.health) > 1;
+                held || !peer.health.is_idle()
+            });
         }
         let mut channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|error| {
@@ -670,6 +674,24 @@ mod tests {
         // Idle endpoints nobody holds were forgotten.
         let cached = participants.peers.lock().unwrap().len();
         assert!(cached <= 3, "{cached} endpoints still cached");
+        drop(again);
+
+        // After a TLS reload the cache holds a new peer sharing the held one's circuit:
+        // the held call still keeps that circuit from being forgotten.
+        participants.reload_tls(None);
+        let renewed = participants.peer(&endpoint(0)).unwrap();
+        assert!(Arc::ptr_eq(&held.health, &renewed.health));
+        drop(renewed);
+        for i in 1..=MAX_CACHED_ENDPOINTS {
+            participants
+                .peer(&endpoint(MAX_CACHED_ENDPOINTS + i))
+                .unwrap();
+        }
+        let after_reload = participants.peer(&endpoint(0)).unwrap();
+        assert!(
+            Arc::ptr_eq(&held.health, &after_reload.health),
+            "the held endpoint got a second circuit after a TLS reload"
+        );
     }
 
     #[test]
