@@ -50,6 +50,15 @@ enum CallKind {
 }
 
 impl CallKind {
+    /// Whether a failure that sending again cannot mend (a participant's
+    /// FAILED_PRECONDITION, or past the delivery horizon) flags the transaction stuck at
+    /// once: only a phase-2 commit's. An abort that cannot be delivered leaves nothing in
+    /// doubt (the participant has no record, or presumed abort answers for it past the
+    /// horizon), and a one-phase commit is settled by its deadline's abort probe.
+    fn hopeless_needs_an_operator(self) -> bool {
+        matches!(self, CallKind::Commit)
+    }
+
     fn name(self) -> &'static str {
         match self {
             CallKind::Prepare => "prepare",
@@ -261,7 +270,7 @@ impl Shard {
                 _ => Event::DeliveryFailed {
                     branch,
                     error,
-                    permanent: true,
+                    permanent: kind.hopeless_needs_an_operator(),
                 },
             };
             let _ = self.inputs.send((id, Input::TwoPhase(event)));
@@ -331,7 +340,8 @@ impl Shard {
                                 Event::DeliveryFailed {
                                     branch,
                                     error: failure.message,
-                                    permanent: failure.permanent,
+                                    permanent: failure.permanent
+                                        && kind.hopeless_needs_an_operator(),
                                 }
                             }
                         }
