@@ -113,6 +113,53 @@ fn commit(
     }
 }
 
+/// A participant served on loopback with `/metrics` on a port of its own.
+struct Served {
+    endpoint: String,
+    metrics_address: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Served {
+    /// Serves `participant` over `store` with `options` and metrics on.
+    async fn start<P: Participant>(
+        participant: Arc<P>,
+        store: Arc<DurableStore>,
+        options: ServeOptions,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let metrics_address = metrics_listener.local_addr().unwrap();
+        let options = ServeOptions {
+            metrics_listen: Some(metrics_listener.into()),
+            ..options
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(treaty_sdk::serve(
+            participant,
+            store,
+            listener,
+            options,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            endpoint,
+            metrics_address,
+            stop,
+            server,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.server.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_known_workload_is_counted_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,12 +170,7 @@ async fn a_known_workload_is_counted_exactly() {
         .await
         .unwrap();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let metrics_address = metrics_listener.local_addr().unwrap();
     let options = ServeOptions {
-        metrics_listen: Some(metrics_listener.into()),
         in_doubt: InDoubtOptions {
             poll_interval_ms: 50,
             ask_after_ms: 0,
@@ -143,17 +185,11 @@ async fn a_known_workload_is_counted_exactly() {
         },
         ..ServeOptions::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(treaty_sdk::serve(
-        Arc::new(ByPayload),
-        store.clone(),
-        listener,
-        options,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let mut client = ParticipantClient::connect(endpoint).await.unwrap();
+    let served = Served::start(Arc::new(ByPayload), store.clone(), options).await;
+    let metrics_address = served.metrics_address;
+    let mut client = ParticipantClient::connect(served.endpoint.clone())
+        .await
+        .unwrap();
 
     // Ids without an age: their records are never collected.
     let txn = "m-1";
@@ -314,8 +350,7 @@ async fn a_known_workload_is_counted_exactly() {
     let forced = sample(&text, "treaty_participant_store_forced_records_total").unwrap();
     assert!(fsyncs >= 1.0 && forced >= fsyncs, "{text}");
 
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    served.stop().await;
 }
 
 #[tokio::test]
@@ -430,26 +465,12 @@ impl Participant for HeldPrepare {
 async fn a_call_dropped_before_its_answer_is_counted_as_cancelled_and_its_work_still_ends() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let metrics_address = metrics_listener.local_addr().unwrap();
-    let options = ServeOptions {
-        metrics_listen: Some(metrics_listener.into()),
-        ..ServeOptions::default()
-    };
     let participant = Arc::new(HeldPrepare::new());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(treaty_sdk::serve(
-        participant.clone(),
-        store.clone(),
-        listener,
-        options,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let mut client = ParticipantClient::connect(endpoint).await.unwrap();
+    let served = Served::start(participant.clone(), store, ServeOptions::default()).await;
+    let metrics_address = served.metrics_address;
+    let mut client = ParticipantClient::connect(served.endpoint.clone())
+        .await
+        .unwrap();
 
     // The caller gives up while the prepare is held: its call is dropped (RST_STREAM).
     let given_up = tokio::time::timeout(
@@ -530,6 +551,5 @@ async fn a_call_dropped_before_its_answer_is_counted_as_cancelled_and_its_work_s
         "{text}"
     );
 
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    served.stop().await;
 }

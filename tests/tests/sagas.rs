@@ -199,6 +199,49 @@ async fn out_of_attempts_the_saga_compensates_the_uncertain_step_too() {
     world.stop().await;
 }
 
+/// A step that does not answer within its deadline fails as a timeout: not as
+/// unreachable, and not as an answer (an answer would count for its circuit). The
+/// coordinator enforces the deadline itself; a `grpc-timeout` header with the same
+/// deadline let tonic's client or the participant's server end the call first, and the
+/// failure then read "unreachable" or "answered Cancelled".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_without_an_answer_in_time_fails_as_a_timeout() {
+    let world = World::start().await;
+    let submitted = world
+        .client
+        .submit_saga(
+            vec![
+                world
+                    .step("slow", "slow:3000")
+                    .timeout_ms(300)
+                    .retry(3, 10, 50),
+            ],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap();
+    let id = submitted.transaction_id;
+    let errors = eventually("the step failed three times", || async {
+        let txn = world.client.get(&id).await.unwrap()?;
+        let step = txn.branches.iter().find(|b| b.branch_id == "slow")?;
+        let errors: Vec<String> = step
+            .history
+            .iter()
+            .map(|attempt| attempt.result.clone())
+            .filter(|result| result.starts_with("error"))
+            .collect();
+        (errors.len() >= 3).then_some(errors)
+    })
+    .await;
+    for error in &errors {
+        assert!(
+            error.contains("participant did not answer within 300 ms"),
+            "a missed deadline reported as {error:?}; all: {errors:?}"
+        );
+    }
+    world.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compensation_refused_past_the_participants_retention_flags_the_saga_stuck_at_once() {
     let world = World::start().await;

@@ -459,8 +459,10 @@ fn saga_running_recovered() -> (Saga, Vec<SagaAction>) {
     Saga::recover(saga.log_record(), T0 + 100)
 }
 
-#[test]
-fn a_compensation_that_cannot_succeed_flags_the_saga_stuck_at_once() {
+/// A two-step saga whose first step committed, cancelled, with its second step
+/// compensated; returns what that compensation's answer asked for (the first step's
+/// compensation goes out).
+fn compensating_first_step() -> (Saga, Vec<SagaAction>) {
     let (mut saga, _) = saga(2, None);
     saga.handle_event(
         SagaEvent::StepAnswered {
@@ -471,7 +473,13 @@ fn a_compensation_that_cannot_succeed_flags_the_saga_stuck_at_once() {
     );
     saga.cancel("stop".into()).unwrap();
     saga.handle_event(SagaEvent::Persisted, T0 + 3);
-    saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 3);
+    let actions = saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 3);
+    (saga, actions)
+}
+
+#[test]
+fn a_compensation_that_cannot_succeed_flags_the_saga_stuck_at_once() {
+    let (mut saga, _) = compensating_first_step();
     let actions = saga.handle_event(
         SagaEvent::CompensationFailed {
             step: 0,
@@ -495,18 +503,9 @@ fn a_compensation_that_cannot_succeed_flags_the_saga_stuck_at_once() {
 
 #[test]
 fn a_stuck_compensation_is_resolved_by_hand_but_never_as_committed() {
-    let (mut saga, _) = saga(2, None);
-    saga.handle_event(
-        SagaEvent::StepAnswered {
-            step: 0,
-            answer: StepAnswer::Committed,
-        },
-        T0 + 2,
-    );
-    saga.cancel("stop".into()).unwrap();
-    saga.handle_event(SagaEvent::Persisted, T0 + 3);
+    let (mut saga, actions) = compensating_first_step();
     assert_eq!(
-        saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 3),
+        actions,
         vec![
             SagaAction::PersistLazy,
             SagaAction::SendCompensation { step: 0 }
