@@ -564,7 +564,10 @@ impl<S: BarrierStore> Barrier<S> {
 
     /// Runs user code with `success` (the record of its success) in its context; once
     /// it succeeded, writes that record, unless the user included it with its own writes
-    /// (then both are on disk already, atomically).
+    /// (then both are on disk already, atomically). A two-phase commit's phase-2 record
+    /// is written with `save_phase_two`: only the coordinator's bookkeeping waits for
+    /// that answer, while a one-phase commit's, a saga step's or a compensation's answer
+    /// is on the initiator's path.
     async fn apply_user<F, Fut>(
         &self,
         branch: &BranchContext,
@@ -577,7 +580,14 @@ impl<S: BarrierStore> Barrier<S> {
     {
         let (context, slot) = self.context_for(branch, success);
         operation(context).await?;
-        if !slot.included() {
+        if slot.included() {
+            return Ok(());
+        }
+        if success.mode == BranchMode::TwoPhase {
+            self.store
+                .save_phase_two(write_for(branch, success))
+                .await?;
+        } else {
             self.save(branch, success).await?;
         }
         Ok(())

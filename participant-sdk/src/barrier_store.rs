@@ -14,6 +14,8 @@
 //!   and `in_doubt` see it, and writes reach the disk in the order they were made: a
 //!   later `save` makes it durable too, and a crash keeps a prefix of the writes (the
 //!   default makes it a `save`);
+//! - `save_phase_two` returns Ok only once the write is durable, like `save`; it may wait
+//!   a short, bounded while to share a later write's sync (the default makes it a `save`);
 //! - `load` returns what the last durable write for the branch held, whether `save` or the
 //!   participant's own transaction made it;
 //! - `in_doubt` lists the branches whose last write was marked in doubt, in an order of the
@@ -65,6 +67,18 @@ pub trait BarrierStore: Send + Sync + 'static {
     /// in the order they were made. A store that cannot promise it keeps this default,
     /// a forced write.
     fn save_unforced(
+        &self,
+        write: BarrierWrite,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.save(write)
+    }
+
+    /// Writes `write` and resolves once it is durable, as `save` does, for the record of
+    /// a two-phase commit's phase 2: only the coordinator's bookkeeping waits for that
+    /// answer, so a store may make it durable with the sync of a write that follows
+    /// shortly (the next transaction's YES) instead of a sync of its own, as long as
+    /// the wait is short and bounded. A store that cannot keeps this default, `save`.
+    fn save_phase_two(
         &self,
         write: BarrierWrite,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
@@ -210,6 +224,15 @@ impl BarrierStore for DurableStore {
         write: BarrierWrite,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.write(write_batch(&write), Durability::Lazy)
+    }
+
+    /// A patient write: durable before it resolves, synced with the next forced write
+    /// or within [`StoreOptions::patient_sync_wait`](crate::durable::StoreOptions::patient_sync_wait).
+    fn save_phase_two(
+        &self,
+        write: BarrierWrite,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(write_batch(&write), Durability::Patient)
     }
 
     fn in_doubt(

@@ -512,3 +512,78 @@ async fn a_prepare_that_finds_the_unforced_yes_of_a_failed_one_phase_commit_forc
         "the YES is forced before it is heard"
     );
 }
+
+/// A two-phase commit's phase-2 record (commit or abort) is durable before it is
+/// answered, but waits for the next forced write (the next transaction's YES) to share
+/// its sync; a one-phase commit, whose answer the initiator waits for, does not wait.
+#[tokio::test]
+async fn a_phase_two_record_shares_the_next_yes_votes_sync_a_one_phase_commit_does_not_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        patient_sync_wait: treaty_sdk::durable::MAX_GROUP_COMMIT_HOLD,
+        ..StoreOptions::default()
+    };
+    let barrier = Arc::new(Barrier::new(Arc::new(
+        DurableStore::open(dir.path(), options).unwrap(),
+    )));
+    let syncs = barrier.store().durability_counters();
+    let p = Arc::new(Counting::default());
+    let patience = Duration::from_secs(30);
+    let answer = tokio::time::timeout(
+        patience,
+        barrier.commit(
+            &*p,
+            &branch("one"),
+            BranchMode::OnePhase,
+            b"yes",
+            COORDINATOR,
+        ),
+    )
+    .await
+    .expect("a one-phase commit is not held back")
+    .unwrap();
+    assert_eq!(answer, CommitAnswer::Committed);
+    for id in ["committed", "aborted"] {
+        barrier
+            .prepare(&*p, &branch(id), b"yes", COORDINATOR)
+            .await
+            .unwrap();
+    }
+    let before = syncs.syncs();
+    let phase_two = {
+        let (barrier, p) = (barrier.clone(), p.clone());
+        tokio::spawn(async move {
+            let (committed, aborted) = (branch("committed"), branch("aborted"));
+            let commit = barrier.commit(&*p, &committed, BranchMode::TwoPhase, b"", COORDINATOR);
+            let abort = barrier.abort(&*p, &aborted);
+            tokio::join!(commit, abort)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!phase_two.is_finished(), "answered before any sync");
+    assert_eq!(syncs.syncs(), before);
+    let vote = tokio::time::timeout(
+        patience,
+        barrier.prepare(&*p, &branch("next"), b"yes", COORDINATOR),
+    )
+    .await
+    .expect("the next YES is not held back")
+    .unwrap();
+    assert_eq!(vote, Vote::Yes);
+    let (commit, abort) = tokio::time::timeout(patience, phase_two)
+        .await
+        .expect("phase 2 answered with the next YES's sync")
+        .unwrap();
+    assert_eq!(commit.unwrap(), CommitAnswer::Committed);
+    assert_eq!(abort.unwrap(), AbortAnswer::Aborted);
+    assert_eq!(
+        syncs.syncs(),
+        before + 1,
+        "one sync for the YES and both records"
+    );
+    drop(barrier);
+    let reopened = open(dir.path());
+    let status = |id| reopened.record(&branch(id)).unwrap().unwrap().status;
+    assert_eq!(status("committed"), BranchStatus::Committed);
+    assert!(matches!(status("aborted"), BranchStatus::Aborted { .. }));
+}

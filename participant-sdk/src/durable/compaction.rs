@@ -103,16 +103,18 @@ pub(super) struct Rebuild {
 }
 
 impl Rebuild {
-    /// Applies a group commit's writes (and its number, if forced) to the new database
-    /// too.
+    /// Applies a group commit's writes (if it has any) and its number (if forced) to the
+    /// new database too.
     pub(super) fn mirror(
         &self,
-        batch: &sled::Batch,
+        batch: Option<&sled::Batch>,
         forced_number: Option<[u8; 8]>,
     ) -> Result<(), String> {
-        self.db
-            .apply_batch(batch.clone())
-            .map_err(|e| format!("mirroring a group: {e}"))?;
+        if let Some(batch) = batch {
+            self.db
+                .apply_batch(batch.clone())
+                .map_err(|e| format!("mirroring a group: {e}"))?;
+        }
         if let Some(number) = forced_number {
             self.meta
                 .insert(super::FORCED_GROUPS_KEY, &number)
@@ -343,6 +345,12 @@ impl Logger {
 
     /// Makes the new generation durable, switches to it and retires the old one.
     fn finish_rebuild(&mut self) {
+        // No write waits across a switch: patient writes get their sync in this
+        // generation (and their number mirrored into the new one) first.
+        self.sync_patient();
+        if self.failure.get().is_some() {
+            return;
+        }
         let Some(rebuild) = self.compaction.rebuild.take() else {
             return;
         };

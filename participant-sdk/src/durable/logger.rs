@@ -6,7 +6,11 @@
 //! and the directories that changed, then `fdatasync` of the log file, then the group's
 //! number in the high-water mark (written there without a sync of its own; the mark is
 //! synced within [`MARK_SYNC_INTERVAL`] and at close). A lazy group's new files are
-//! synced before the next group is written. `flush_async` is never called. Under load
+//! synced before the next group is written. `flush_async` is never called. A patient
+//! write is applied with its group and acknowledged after the next sync: the next forced
+//! group's, or one of its own once `patient_sync_wait` has passed (numbered like a forced
+//! group), whichever comes first; at close and before a compaction switch, every waiting
+//! patient write is synced first. Under load
 //! (the previous forced group held several forced writes) a group with a forced write
 //! first waits a little for more, so that one sync serves more of them; a lone writer
 //! never waits.
@@ -35,6 +39,43 @@ pub(super) const MARK_SYNC_INTERVAL: std::time::Duration = std::time::Duration::
 
 /// Writes taken together in one group commit.
 type Group = Vec<(super::WriteBatch, Durability, Done)>;
+
+/// Patient writes applied and not yet durable: their tickets, their records, and when
+/// they must be synced at the latest.
+#[derive(Default)]
+pub(super) struct PatientWrites {
+    waiting: Vec<Done>,
+    records: usize,
+    sync_due: Option<std::time::Instant>,
+}
+
+impl PatientWrites {
+    fn add(&mut self, records: usize, done: Done, wait: std::time::Duration) {
+        if self.sync_due.is_none() {
+            let now = std::time::Instant::now();
+            self.sync_due = Some(now.checked_add(wait).unwrap_or(now));
+        }
+        self.records += records;
+        self.waiting.push(done);
+    }
+
+    /// How long until their sync is due, if any wait.
+    fn wait(&self) -> Option<std::time::Duration> {
+        self.sync_due
+            .map(|due| due.saturating_duration_since(std::time::Instant::now()))
+    }
+
+    fn due(&self) -> bool {
+        self.sync_due
+            .is_some_and(|due| std::time::Instant::now() >= due)
+    }
+
+    fn resolve(self, result: &Result<(), StoreError>) {
+        for done in self.waiting {
+            let _ = done.send(result.clone());
+        }
+    }
+}
 
 /// What the next group holds so far, while it waits for company.
 #[derive(Debug, Default)]
@@ -73,6 +114,10 @@ pub(super) struct Logger {
     pub(super) hold_after_writes: usize,
     /// Forced writes in the last forced group; 0 after an idle spell longer than `hold`.
     pub(super) last_forced_writes: usize,
+    /// The longest a patient write waits for a forced group to share its sync (zero: it
+    /// is synced as a forced write), and the patient writes waiting.
+    pub(super) patient_sync_wait: std::time::Duration,
+    pub(super) patient: PatientWrites,
     pub(super) sync_observer: Option<SyncObserver>,
     pub(super) group_observer: Option<GroupObserver>,
     pub(super) counters: Arc<super::DurabilityCounters>,
@@ -84,10 +129,14 @@ impl Logger {
         loop {
             if pending.is_empty() {
                 let idle_since = std::time::Instant::now();
-                let wait = match (self.compaction.idle_wait(), self.mark_sync_wait()) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let wait = [
+                    self.compaction.idle_wait(),
+                    self.mark_sync_wait(),
+                    self.patient.wait(),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 let received = match wait {
                     None => self.receiver.recv().map_err(|_| true),
                     Some(wait) => self
@@ -116,6 +165,9 @@ impl Logger {
             self.hold_for_more(&mut pending);
             let (group, close) = self.take_group(&mut pending);
             self.commit_group(group);
+            if self.patient.due() {
+                self.sync_patient();
+            }
             if let Some(done) = close {
                 self.stop_compacting();
                 let result = self.make_durable();
@@ -262,44 +314,103 @@ impl Logger {
         if group.is_empty() {
             return;
         }
-        let result = match self.failure.get() {
-            Some(message) => Err(StoreError::Failed(message.clone())),
-            None => {
-                let forced = group.iter().any(|(_, d, _)| *d == Durability::Forced);
-                let result = self.apply(&group, forced).and_then(|()| {
-                    if !forced {
-                        self.sync_new_files()?;
-                        return Ok(None);
-                    }
-                    let started = std::time::Instant::now();
-                    self.sync(Some(self.forced_groups + 1))?;
-                    Ok(Some(started.elapsed().as_secs_f64()))
-                });
-                match result {
-                    Ok(sync_seconds) => {
-                        let records = group.iter().map(|(batch, _, _)| batch.len()).sum();
-                        if sync_seconds.is_some() {
-                            self.counters.forced_group(records);
-                            self.last_forced_writes = group
-                                .iter()
-                                .filter(|(_, durability, _)| *durability == Durability::Forced)
-                                .count();
-                        }
-                        if let Some(observer) = &self.group_observer {
-                            observer(GroupCommitted {
-                                records,
-                                writes: group.len(),
-                                sync_seconds,
-                            });
-                        }
-                        Ok(())
-                    }
-                    Err(message) => Err(self.fail(message)),
+        if let Some(message) = self.failure.get() {
+            let error = Err(StoreError::Failed(message.clone()));
+            for (_, _, done) in group {
+                let _ = done.send(error.clone());
+            }
+            std::mem::take(&mut self.patient).resolve(&error);
+            return;
+        }
+        let forced = group
+            .iter()
+            .any(|(_, durability, _)| self.syncs_at_once(*durability));
+        let result = self.apply(&group, forced).and_then(|()| {
+            if !forced {
+                self.sync_new_files()?;
+                return Ok(None);
+            }
+            let started = std::time::Instant::now();
+            self.sync(Some(self.forced_groups + 1))?;
+            Ok(Some(started.elapsed().as_secs_f64()))
+        });
+        let sync_seconds = match result {
+            Ok(sync_seconds) => sync_seconds,
+            Err(message) => {
+                let error = Err(self.fail(message));
+                for (_, _, done) in group {
+                    let _ = done.send(error.clone());
                 }
+                std::mem::take(&mut self.patient).resolve(&error);
+                return;
             }
         };
-        for (_, _, done) in group {
-            let _ = done.send(result.clone());
+        let records = group.iter().map(|(batch, _, _)| batch.len()).sum();
+        if sync_seconds.is_some() {
+            // The sync made every patient write applied before this group durable too.
+            let patient = std::mem::take(&mut self.patient);
+            self.counters.forced_group(records + patient.records);
+            patient.resolve(&Ok(()));
+            self.last_forced_writes = group
+                .iter()
+                .filter(|(_, durability, _)| *durability == Durability::Forced)
+                .count();
+        }
+        if let Some(observer) = &self.group_observer {
+            observer(GroupCommitted {
+                records,
+                writes: group.len(),
+                sync_seconds,
+            });
+        }
+        for (batch, durability, done) in group {
+            if durability == Durability::Patient && sync_seconds.is_none() {
+                self.patient.add(batch.len(), done, self.patient_sync_wait);
+            } else {
+                let _ = done.send(Ok(()));
+            }
+        }
+    }
+
+    /// Whether a write of this durability makes its group sync before it is
+    /// acknowledged (a patient one may wait for a later sync, unless waiting is off).
+    fn syncs_at_once(&self, durability: Durability) -> bool {
+        match durability {
+            Durability::Forced => true,
+            Durability::Patient => self.patient_sync_wait.is_zero(),
+            Durability::Lazy => false,
+        }
+    }
+
+    /// Makes the patient writes waiting durable with a sync of their own, numbered like
+    /// a forced group so that the high-water mark covers them.
+    pub(super) fn sync_patient(&mut self) {
+        if self.patient.waiting.is_empty() {
+            self.patient = PatientWrites::default();
+            return;
+        }
+        let patient = std::mem::take(&mut self.patient);
+        if let Some(message) = self.failure.get() {
+            patient.resolve(&Err(StoreError::Failed(message.clone())));
+            return;
+        }
+        let started = std::time::Instant::now();
+        let result = self
+            .apply(&Group::new(), true)
+            .and_then(|()| self.sync(Some(self.forced_groups + 1)));
+        match result {
+            Ok(()) => {
+                self.counters.forced_group(patient.records);
+                if let Some(observer) = &self.group_observer {
+                    observer(GroupCommitted {
+                        records: 0,
+                        writes: 0,
+                        sync_seconds: Some(started.elapsed().as_secs_f64()),
+                    });
+                }
+                patient.resolve(&Ok(()));
+            }
+            Err(message) => patient.resolve(&Err(self.fail(message))),
         }
     }
 
@@ -307,7 +418,9 @@ impl Logger {
     /// anywhere before its end loses the number too.
     fn apply(&mut self, group: &Group, forced: bool) -> Result<(), String> {
         let mut sled_batch = sled::Batch::default();
+        let mut records = 0;
         for (batch, _, _) in group {
+            records += batch.ops.len();
             for (key, value) in &batch.ops {
                 match value {
                     Some(value) => sled_batch.insert(key.as_slice(), value.as_slice()),
@@ -315,15 +428,14 @@ impl Logger {
                 }
             }
         }
-        let mirrored = self
-            .compaction
-            .rebuild
-            .is_some()
-            .then(|| sled_batch.clone());
-        self.generation
-            .db
-            .apply_batch(sled_batch)
-            .map_err(|e| format!("apply_batch: {e}"))?;
+        let mirrored =
+            (self.compaction.rebuild.is_some() && records > 0).then(|| sled_batch.clone());
+        if records > 0 {
+            self.generation
+                .db
+                .apply_batch(sled_batch)
+                .map_err(|e| format!("apply_batch: {e}"))?;
+        }
         let number = forced.then(|| (self.forced_groups + 1).to_be_bytes());
         if let Some(number) = number {
             self.generation
@@ -331,8 +443,8 @@ impl Logger {
                 .insert(FORCED_GROUPS_KEY, &number)
                 .map_err(|e| format!("numbering the group: {e}"))?;
         }
-        if let (Some(rebuild), Some(batch)) = (&self.compaction.rebuild, mirrored) {
-            if let Err(message) = rebuild.mirror(&batch, number) {
+        if let Some(rebuild) = &self.compaction.rebuild {
+            if let Err(message) = rebuild.mirror(mirrored.as_ref(), number) {
                 self.abandon_rebuild(message);
             }
         }
@@ -340,6 +452,7 @@ impl Logger {
     }
 
     fn make_durable(&mut self) -> Result<(), StoreError> {
+        self.sync_patient();
         if let Some(message) = self.failure.get() {
             return Err(StoreError::Failed(message.clone()));
         }

@@ -13,7 +13,9 @@
 //!   (as far as the disk honours `fdatasync`), whatever their size: the log file, every
 //!   file sled created beside it (blobs, snapshots) and the directories naming them are
 //!   synced before any waiter of the group is woken. The directory itself is synced when
-//!   `open` creates it.
+//!   `open` creates it. A [`Durability::Patient`] write's ticket resolves on the same
+//!   terms; only the sync that makes it durable may come up to
+//!   [`StoreOptions::patient_sync_wait`] later.
 //! - Writes are applied in the order `write` was called, so a lazy write issued after a
 //!   forced one can never reach the disk before it.
 //! - **Damage is detected, not served.** Each forced group is numbered; the number goes
@@ -74,6 +76,13 @@ pub enum Durability {
     /// Applied (visible to readers) when the ticket resolves; on disk at the next forced
     /// write or sled's background flush, whichever comes first.
     Lazy,
+    /// On disk before the ticket resolves, as [`Forced`](Self::Forced), but without
+    /// hurry: applied at once, and made durable by the next forced write's sync or, if
+    /// none comes within [`StoreOptions::patient_sync_wait`], by a sync of its own. For
+    /// writes whose acknowledgement nobody is waiting on, such as a participant's
+    /// phase-2 record: it shares the sync of the next transaction's forced YES instead
+    /// of making that YES wait behind a sync of its own.
+    Patient,
 }
 
 /// An ordered set of inserts and removes applied atomically.
@@ -193,6 +202,10 @@ pub const DEFAULT_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::
 pub const MAX_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 /// [`StoreOptions::group_commit_hold_after_writes`] by default.
 pub const DEFAULT_GROUP_COMMIT_HOLD_AFTER_WRITES: usize = 8;
+/// [`StoreOptions::patient_sync_wait`] by default: a few times the gap between a
+/// participant's phase-2 record and the next transaction's prepare at one transaction in
+/// flight on loopback, and short beside anything that waits for a phase-2 answer.
+pub const DEFAULT_PATIENT_SYNC_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Tunables of a [`DurableStore`].
 #[derive(Clone)]
@@ -213,6 +226,10 @@ pub struct StoreOptions {
     /// Forced writes in the previous forced group from which the next one waits
     /// [`group_commit_hold`](Self::group_commit_hold) (PostgreSQL's `commit_siblings`).
     pub group_commit_hold_after_writes: usize,
+    /// The longest a [`Durability::Patient`] write waits for a forced write to share
+    /// its sync before it is synced alone (at most [`MAX_GROUP_COMMIT_HOLD`]; zero: it is
+    /// synced as a forced write).
+    pub patient_sync_wait: std::time::Duration,
     /// sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
     /// Read every record at open, so that a damaged one stops the open rather than a
@@ -236,6 +253,7 @@ impl std::fmt::Debug for StoreOptions {
                 "group_commit_hold_after_writes",
                 &self.group_commit_hold_after_writes,
             )
+            .field("patient_sync_wait", &self.patient_sync_wait)
             .field("cache_capacity_bytes", &self.cache_capacity_bytes)
             .field("verify_on_open", &self.verify_on_open)
             .field("compaction", &self.compaction)
@@ -252,6 +270,7 @@ impl Default for StoreOptions {
             max_batch_bytes: 8 * 1024 * 1024,
             group_commit_hold: DEFAULT_GROUP_COMMIT_HOLD,
             group_commit_hold_after_writes: DEFAULT_GROUP_COMMIT_HOLD_AFTER_WRITES,
+            patient_sync_wait: DEFAULT_PATIENT_SYNC_WAIT,
             cache_capacity_bytes: 256 * 1024 * 1024,
             verify_on_open: true,
             compaction: None,
@@ -421,6 +440,8 @@ impl DurableStore {
             hold: options.group_commit_hold.min(MAX_GROUP_COMMIT_HOLD),
             hold_after_writes: options.group_commit_hold_after_writes,
             last_forced_writes: 0,
+            patient_sync_wait: options.patient_sync_wait.min(MAX_GROUP_COMMIT_HOLD),
+            patient: logger::PatientWrites::default(),
             sync_observer: options.sync_observer.clone(),
             group_observer: options.group_observer.clone(),
             counters: counters.clone(),
@@ -515,7 +536,7 @@ impl DurableStore {
     }
 
     /// Queues `batch`; it is applied after every write queued before it. The ticket
-    /// resolves when the batch is applied (`Lazy`) or on disk (`Forced`).
+    /// resolves when the batch is applied (`Lazy`) or on disk (`Forced`, `Patient`).
     pub fn write(&self, batch: WriteBatch, durability: Durability) -> WriteTicket {
         let (done, ticket) = oneshot::channel();
         if let Some(message) = self.failure.get() {
@@ -860,6 +881,12 @@ mod tests {
             .unwrap();
     }
 
+    /// Fails if `ticket` resolves within 300 ms: it must still wait for its sync.
+    async fn still_waiting(ticket: &mut WriteTicket, what: &str) {
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), ticket).await;
+        assert!(early.is_err(), "acknowledged too early: {what}");
+    }
+
     #[tokio::test]
     async fn under_load_a_forced_write_waits_to_share_its_sync_with_the_next() {
         let dir = tempfile::tempdir().unwrap();
@@ -872,8 +899,7 @@ mod tests {
         )
         .await;
         let mut held = store.write(one_key(b"held"), Durability::Forced);
-        let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut held).await;
-        assert!(early.is_err(), "acknowledged before its company came");
+        still_waiting(&mut held, "a held write before its company came").await;
         assert_eq!(counters.syncs(), 1);
         // The second write fills the group (max_batch_records 2): one sync for both.
         let company = store.write(one_key(b"company"), Durability::Forced);
@@ -945,16 +971,116 @@ mod tests {
                 .await
                 .unwrap();
             let mut held = store.write(one_key(b"held"), Durability::Forced);
-            let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut held);
-            assert!(
-                early.await.is_err(),
-                "acknowledged with nobody to share its sync"
-            );
+            still_waiting(&mut held, "a held write with nobody to share its sync").await;
             store.close().unwrap();
             acknowledged(held, "the held write, at close").await;
         }
         let store = open(dir.path());
         assert!(store.db().get(b"held").unwrap().is_some());
+    }
+
+    /// A patient write waits up to a minute for a forced write to share its sync.
+    fn patient_a_minute() -> StoreOptions {
+        StoreOptions {
+            patient_sync_wait: MAX_GROUP_COMMIT_HOLD,
+            ..StoreOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_patient_write_is_applied_at_once_and_acknowledged_with_the_next_forced_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), patient_a_minute()).unwrap();
+        let counters = store.durability_counters();
+        let mut patient = store.write(one_key(b"patient"), Durability::Patient);
+        still_waiting(&mut patient, "a patient write with nothing after it").await;
+        assert!(store.db().get(b"patient").unwrap().is_some(), "not applied");
+        assert_eq!(counters.syncs(), 0);
+        // A lazy write after it is applied and answered without a sync.
+        acknowledged(
+            store.write(one_key(b"lazy"), Durability::Lazy),
+            "a lazy write behind a patient one",
+        )
+        .await;
+        still_waiting(&mut patient, "after a lazy write").await;
+        let forced = store.write(one_key(b"forced"), Durability::Forced);
+        acknowledged(forced, "the forced write").await;
+        acknowledged(patient, "the patient write, by the forced sync").await;
+        assert_eq!((counters.syncs(), counters.forced_records()), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn a_patient_write_alone_is_synced_once_its_wait_is_over_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let options = StoreOptions {
+                patient_sync_wait: std::time::Duration::from_millis(20),
+                ..StoreOptions::default()
+            };
+            let store = DurableStore::open(dir.path(), options).unwrap();
+            let counters = store.durability_counters();
+            acknowledged(
+                store.write(one_key(b"patient"), Durability::Patient),
+                "a patient write past its wait",
+            )
+            .await;
+            assert_eq!((counters.syncs(), counters.forced_records()), (1, 1));
+            // Acknowledged groups are numbered: the mark names it, so losing it is damage.
+            let summary = store.verify().unwrap();
+            assert_eq!((summary.forced_groups, summary.acknowledged_groups), (1, 1));
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert!(store.db().get(b"patient").unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn close_syncs_the_patient_writes_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = DurableStore::open(dir.path(), patient_a_minute()).unwrap();
+            let mut patient = store.write(one_key(b"patient"), Durability::Patient);
+            still_waiting(&mut patient, "before the close").await;
+            store.close().unwrap();
+            acknowledged(patient, "the patient write, at close").await;
+        }
+        let store = open(dir.path());
+        assert!(store.db().get(b"patient").unwrap().is_some());
+        let summary = store.verify().unwrap();
+        assert_eq!((summary.forced_groups, summary.acknowledged_groups), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn without_a_wait_a_patient_write_is_synced_as_a_forced_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            patient_sync_wait: std::time::Duration::ZERO,
+            ..StoreOptions::default()
+        };
+        let store = DurableStore::open(dir.path(), options).unwrap();
+        acknowledged(
+            store.write(one_key(b"patient"), Durability::Patient),
+            "a patient write that may not wait",
+        )
+        .await;
+        assert_eq!(store.durability_counters().syncs(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_compaction_syncs_the_patient_writes_waiting_before_it_switches() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = DurableStore::open(dir.path(), patient_a_minute()).unwrap();
+            let mut patient = store.write(one_key(b"patient"), Durability::Patient);
+            still_waiting(&mut patient, "before the compaction").await;
+            store.compact().await.unwrap();
+            acknowledged(patient, "the patient write, at the switch").await;
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert!(store.db().get(b"patient").unwrap().is_some());
+        let summary = store.verify().unwrap();
+        assert_eq!(summary.forced_groups, summary.acknowledged_groups);
     }
 
     #[tokio::test]
