@@ -47,6 +47,8 @@ pub(super) struct PatientWrites {
     waiting: Vec<Done>,
     records: usize,
     sync_due: Option<std::time::Instant>,
+    /// Some were applied since sled last wrote its buffers out (see `write_behind`).
+    unwritten: bool,
 }
 
 impl PatientWrites {
@@ -57,6 +59,7 @@ impl PatientWrites {
         }
         self.records += records;
         self.waiting.push(done);
+        self.unwritten = true;
     }
 
     /// How long until their sync is due, if any wait.
@@ -127,6 +130,9 @@ impl Logger {
     pub(super) fn run(mut self) {
         let mut pending: VecDeque<Request> = VecDeque::new();
         loop {
+            if pending.is_empty() {
+                self.write_behind(&mut pending);
+            }
             if pending.is_empty() {
                 let idle_since = std::time::Instant::now();
                 let wait = [
@@ -379,6 +385,25 @@ impl Logger {
             Durability::Forced => true,
             Durability::Patient => self.patient_sync_wait.is_zero(),
             Durability::Lazy => false,
+        }
+    }
+
+    /// With patient writes applied and nothing queued, has sled write its buffers out
+    /// (its `flush`: `pwrite` and `sync_file_range`, no `fdatasync`), so that the sync
+    /// that makes them durable, usually the next YES's, finds them written and does not
+    /// write their page before its own. Nothing is acknowledged by it.
+    fn write_behind(&mut self, pending: &mut VecDeque<Request>) {
+        if !self.patient.unwritten || self.failure.get().is_some() {
+            return;
+        }
+        if let Ok(request) = self.receiver.try_recv() {
+            pending.push_back(request);
+            return;
+        }
+        self.patient.unwritten = false;
+        if let Err(error) = self.generation.db.flush() {
+            let error = Err(self.fail(format!("flush: {error}")));
+            std::mem::take(&mut self.patient).resolve(&error);
         }
     }
 

@@ -1010,6 +1010,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_patient_write_is_written_out_while_the_store_is_idle_before_its_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), patient_a_minute()).unwrap();
+        let value = b"patient value 5c1f0e".to_vec();
+        let mut batch = WriteBatch::new();
+        batch.insert(b"patient".to_vec(), value.clone());
+        let mut patient = store.write(batch, Durability::Patient);
+        still_waiting(&mut patient, "with nothing after it").await;
+        let log = std::fs::read(dir.path().join(LOG_FILE_NAME)).unwrap();
+        assert!(
+            log.windows(value.len()).any(|window| window == value),
+            "the patient write is not in the log file while the store is idle"
+        );
+        assert_eq!(
+            store.durability_counters().syncs(),
+            0,
+            "written, not synced"
+        );
+        store.close().unwrap();
+        acknowledged(patient, "the patient write, at close").await;
+    }
+
+    #[tokio::test]
     async fn a_patient_write_alone_is_synced_once_its_wait_is_over_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
