@@ -153,6 +153,17 @@ pub enum BarrierError {
     },
 }
 
+/// How the record of a two-phase branch's phase 2 is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PhaseTwoWrite {
+    /// With [`BarrierStore::save_phase_two`]: an answer to the coordinator, which only
+    /// its bookkeeping waits for.
+    Patient,
+    /// With `save`: somebody waits for it, e.g. the in-doubt resolver, which settles
+    /// one branch at a time.
+    Forced,
+}
+
 /// The durable barrier of one participant, keeping its records in `S`.
 pub struct Barrier<S: BarrierStore = DurableStore> {
     store: Arc<S>,
@@ -371,6 +382,8 @@ impl<S: BarrierStore> Barrier<S> {
     }
 
     /// A two-phase commit's phase 2, a one-phase commit, or a saga step's forward action.
+    /// Phase 2's record is written patiently ([`BarrierStore::save_phase_two`]): only the
+    /// coordinator's bookkeeping waits for that answer.
     pub async fn commit<P: Participant>(
         &self,
         participant: &P,
@@ -378,6 +391,27 @@ impl<S: BarrierStore> Barrier<S> {
         mode: BranchMode,
         payload: &[u8],
         coordinator_endpoint: &str,
+    ) -> Result<CommitAnswer, BarrierError> {
+        self.commit_with(
+            participant,
+            branch,
+            mode,
+            payload,
+            coordinator_endpoint,
+            PhaseTwoWrite::Patient,
+        )
+        .await
+    }
+
+    /// [`commit`](Self::commit), with phase 2's record written as `phase_two` says.
+    pub(crate) async fn commit_with<P: Participant>(
+        &self,
+        participant: &P,
+        branch: &BranchContext,
+        mode: BranchMode,
+        payload: &[u8],
+        coordinator_endpoint: &str,
+        phase_two: PhaseTwoWrite,
     ) -> Result<CommitAnswer, BarrierError> {
         let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
@@ -397,9 +431,12 @@ impl<S: BarrierStore> Barrier<S> {
         match &record.status {
             BranchStatus::Prepared => {
                 let prepared_payload = std::mem::take(&mut record.payload);
+                let patient = phase_two == PhaseTwoWrite::Patient
+                    && mode == BranchMode::TwoPhase
+                    && record.mode == BranchMode::TwoPhase;
                 record.status = BranchStatus::Committed;
                 record.updated_unix_ms = now_unix_ms();
-                self.apply_user(branch, &record, |context| async move {
+                self.apply_user(branch, &record, patient, |context| async move {
                     participant.commit(&context, &prepared_payload).await
                 })
                 .await?;
@@ -418,11 +455,23 @@ impl<S: BarrierStore> Barrier<S> {
         }
     }
 
-    /// Phase 2 abort; for a branch that never prepared, a recorded null abort.
+    /// Phase 2 abort; for a branch that never prepared, a recorded null abort. The record
+    /// of a prepared two-phase branch is written patiently, as in [`commit`](Self::commit).
     pub async fn abort<P: Participant>(
         &self,
         participant: &P,
         branch: &BranchContext,
+    ) -> Result<AbortAnswer, BarrierError> {
+        self.abort_with(participant, branch, PhaseTwoWrite::Patient)
+            .await
+    }
+
+    /// [`abort`](Self::abort), with phase 2's record written as `phase_two` says.
+    pub(crate) async fn abort_with<P: Participant>(
+        &self,
+        participant: &P,
+        branch: &BranchContext,
+        phase_two: PhaseTwoWrite,
     ) -> Result<AbortAnswer, BarrierError> {
         let _guard = self.locks.lock(lock_key(branch)).await;
         self.ensure_store_healthy()?;
@@ -442,11 +491,13 @@ impl<S: BarrierStore> Barrier<S> {
         match record.status {
             BranchStatus::Prepared => {
                 let prepared_payload = std::mem::take(&mut record.payload);
+                let patient =
+                    phase_two == PhaseTwoWrite::Patient && record.mode == BranchMode::TwoPhase;
                 record.status = BranchStatus::Aborted {
                     after_prepare: true,
                 };
                 record.updated_unix_ms = now_unix_ms();
-                self.apply_user(branch, &record, |context| async move {
+                self.apply_user(branch, &record, patient, |context| async move {
                     participant.abort(&context, &prepared_payload).await
                 })
                 .await?;
@@ -488,7 +539,7 @@ impl<S: BarrierStore> Barrier<S> {
         match record.status {
             BranchStatus::Committed => {
                 record.status = BranchStatus::Compensated { after_commit: true };
-                self.apply_user(branch, &record, |context| async move {
+                self.apply_user(branch, &record, false, |context| async move {
                     participant.compensate(&context, payload).await
                 })
                 .await
@@ -497,7 +548,7 @@ impl<S: BarrierStore> Barrier<S> {
                 record.status = BranchStatus::Compensated {
                     after_commit: false,
                 };
-                self.apply_user(branch, &record, |context| async move {
+                self.apply_user(branch, &record, false, |context| async move {
                     participant.abort(&context, &prepared_payload).await
                 })
                 .await
@@ -564,14 +615,14 @@ impl<S: BarrierStore> Barrier<S> {
 
     /// Runs user code with `success` (the record of its success) in its context; once
     /// it succeeded, writes that record, unless the user included it with its own writes
-    /// (then both are on disk already, atomically). A two-phase commit's phase-2 record
-    /// is written with `save_phase_two`: only the coordinator's bookkeeping waits for
-    /// that answer, while a one-phase commit's, a saga step's or a compensation's answer
-    /// is on the initiator's path.
+    /// (then both are on disk already, atomically). With `patient` (a two-phase
+    /// commit's phase 2, answering the coordinator) it is written with `save_phase_two`;
+    /// a one-phase commit's, a saga step's or a compensation's answer is waited for.
     async fn apply_user<F, Fut>(
         &self,
         branch: &BranchContext,
         success: &BranchRecord,
+        patient: bool,
         operation: F,
     ) -> Result<(), BarrierError>
     where
@@ -583,7 +634,7 @@ impl<S: BarrierStore> Barrier<S> {
         if slot.included() {
             return Ok(());
         }
-        if success.mode == BranchMode::TwoPhase {
+        if patient {
             self.store
                 .save_phase_two(write_for(branch, success))
                 .await?;
@@ -690,4 +741,65 @@ pub(crate) fn now_unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::durable::{MAX_GROUP_COMMIT_HOLD, StoreOptions};
+    use crate::{ParticipantError, Vote};
+
+    /// Votes YES and does nothing else.
+    struct Yes;
+
+    impl Participant for Yes {
+        async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+            Ok(Vote::Yes)
+        }
+        async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+            Ok(())
+        }
+        async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+            Ok(())
+        }
+    }
+
+    /// What the in-doubt resolver uses, settling one branch at a time: phase 2 written
+    /// forced, so it never waits out a patient write's wait (a minute here).
+    #[tokio::test]
+    async fn phase_two_written_forced_does_not_wait_for_company() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            patient_sync_wait: MAX_GROUP_COMMIT_HOLD,
+            ..StoreOptions::default()
+        };
+        let barrier = Barrier::new(Arc::new(DurableStore::open(dir.path(), options).unwrap()));
+        let patience = std::time::Duration::from_secs(30);
+        let (committed, aborted) = (
+            BranchContext::new("t", "committed"),
+            BranchContext::new("t", "aborted"),
+        );
+        for branch in [&committed, &aborted] {
+            barrier.prepare(&Yes, branch, b"", "c").await.unwrap();
+        }
+        let commit = barrier.commit_with(
+            &Yes,
+            &committed,
+            BranchMode::TwoPhase,
+            b"",
+            "c",
+            PhaseTwoWrite::Forced,
+        );
+        let answer = tokio::time::timeout(patience, commit)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, CommitAnswer::Committed);
+        let abort = barrier.abort_with(&Yes, &aborted, PhaseTwoWrite::Forced);
+        let answer = tokio::time::timeout(patience, abort)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, AbortAnswer::Aborted);
+    }
 }

@@ -26,7 +26,7 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 
 use crate::auth::Credentials;
-use crate::barrier::{Barrier, BranchMode, InDoubtBranch, now_unix_ms};
+use crate::barrier::{Barrier, BranchMode, InDoubtBranch, PhaseTwoWrite, now_unix_ms};
 use crate::barrier_store::{BarrierStore, BranchKey};
 use crate::client::{ClientOptions, credentials, endpoint_with};
 use crate::durable::DurableStore;
@@ -208,20 +208,23 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
     ) -> Option<pb::Decision> {
         let branch = &in_doubt.branch;
         let applied = match decision {
+            // Forced, not patient: branches are settled one at a time, and a patient
+            // record would wait out its full wait with nothing following it.
             pb::Decision::Commit => self
                 .barrier
-                .commit(
+                .commit_with(
                     self.participant.as_ref(),
                     branch,
                     BranchMode::TwoPhase,
                     &[],
                     &in_doubt.coordinator_endpoint,
+                    PhaseTwoWrite::Forced,
                 )
                 .await
                 .map(|answer| format!("{answer:?}")),
             pb::Decision::Abort => self
                 .barrier
-                .abort(self.participant.as_ref(), branch)
+                .abort_with(self.participant.as_ref(), branch, PhaseTwoWrite::Forced)
                 .await
                 .map(|answer| format!("{answer:?}")),
             _ => return Some(decision),

@@ -529,20 +529,41 @@ async fn a_phase_two_record_shares_the_next_yes_votes_sync_a_one_phase_commit_do
     let syncs = barrier.store().durability_counters();
     let p = Arc::new(Counting::default());
     let patience = Duration::from_secs(30);
-    let answer = tokio::time::timeout(
-        patience,
-        barrier.commit(
-            &*p,
-            &branch("one"),
+    // Answers somebody waits for are not held back: a one-phase commit, a saga step and
+    // its compensation, and the abort of a one-phase branch whose commit failed.
+    for (id, mode) in [
+        ("one", BranchMode::OnePhase),
+        ("step", BranchMode::SagaStep),
+    ] {
+        let answer = tokio::time::timeout(
+            patience,
+            barrier.commit(&*p, &branch(id), mode, b"yes", COORDINATOR),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{mode:?} held back"))
+        .unwrap();
+        assert_eq!(answer, CommitAnswer::Committed);
+    }
+    tokio::time::timeout(patience, barrier.compensate(&*p, &branch("step"), b""))
+        .await
+        .expect("a compensation held back")
+        .unwrap();
+    let failed_one_phase = branch("one-failed");
+    barrier
+        .commit(
+            &CommitFails,
+            &failed_one_phase,
             BranchMode::OnePhase,
-            b"yes",
+            b"",
             COORDINATOR,
-        ),
-    )
-    .await
-    .expect("a one-phase commit is not held back")
-    .unwrap();
-    assert_eq!(answer, CommitAnswer::Committed);
+        )
+        .await
+        .unwrap_err();
+    let answer = tokio::time::timeout(patience, barrier.abort(&*p, &failed_one_phase))
+        .await
+        .expect("the abort of a prepared one-phase branch held back")
+        .unwrap();
+    assert_eq!(answer, AbortAnswer::Aborted);
     for id in ["committed", "aborted"] {
         barrier
             .prepare(&*p, &branch(id), b"yes", COORDINATOR)

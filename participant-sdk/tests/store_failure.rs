@@ -62,7 +62,7 @@ async fn after_a_failed_sync_the_store_refuses_everything() {
     assert!(store.failure().is_some());
 
     // Failed for good, lazy writes included, even though syncing would work again.
-    for durability in [Durability::Forced, Durability::Lazy] {
+    for durability in [Durability::Forced, Durability::Patient, Durability::Lazy] {
         let later = store.write(batch(b"after"), durability).await;
         assert!(matches!(later, Err(StoreError::Failed(_))), "{later:?}");
     }
@@ -122,4 +122,23 @@ async fn a_participant_whose_store_fails_stops_serving() {
         matches!(ended, Err(ServeError::Store(StoreError::Failed(_)))),
         "{ended:?}"
     );
+}
+
+#[tokio::test]
+async fn a_patient_write_waiting_for_a_sync_that_fails_is_failed_too() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = treaty_sdk::durable::StoreOptions {
+        patient_sync_wait: treaty_sdk::durable::MAX_GROUP_COMMIT_HOLD,
+        ..Default::default()
+    };
+    let store = DurableStore::open(dir.path(), options).unwrap();
+    let mut patient = store.write(batch(b"patient"), Durability::Patient);
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut patient).await;
+    assert!(early.is_err(), "acknowledged before any sync");
+    fail_next_sync(&store).await;
+    let answer = tokio::time::timeout(Duration::from_secs(30), patient)
+        .await
+        .expect("answered once the sync failed");
+    assert!(matches!(answer, Err(StoreError::Failed(_))), "{answer:?}");
 }

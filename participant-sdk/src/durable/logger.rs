@@ -272,7 +272,7 @@ impl Logger {
             } => {
                 next.records += batch.len();
                 next.bytes += batch.byte_len();
-                next.forced |= *durability == Durability::Forced;
+                next.forced |= self.syncs_at_once(*durability);
                 next.records < self.max_batch_records && next.bytes < self.max_batch_bytes
             }
             Request::Close { .. } | Request::Compact { .. } => false,
@@ -359,7 +359,7 @@ impl Logger {
             patient.resolve(&Ok(()));
             self.last_forced_writes = group
                 .iter()
-                .filter(|(_, durability, _)| *durability == Durability::Forced)
+                .filter(|(_, durability, _)| self.syncs_at_once(*durability))
                 .count();
         }
         if let Some(observer) = &self.group_observer {
@@ -393,7 +393,7 @@ impl Logger {
     /// that makes them durable, usually the next YES's, finds them written and does not
     /// write their page before its own. Nothing is acknowledged by it.
     fn write_behind(&mut self, pending: &mut VecDeque<Request>) {
-        if !self.patient.unwritten || self.failure.get().is_some() {
+        if !self.patient.unwritten || self.patient.due() || self.failure.get().is_some() {
             return;
         }
         if let Ok(request) = self.receiver.try_recv() {
@@ -428,8 +428,8 @@ impl Logger {
                 self.counters.forced_group(patient.records);
                 if let Some(observer) = &self.group_observer {
                     observer(GroupCommitted {
-                        records: 0,
-                        writes: 0,
+                        records: patient.records,
+                        writes: patient.waiting.len(),
                         sync_seconds: Some(started.elapsed().as_secs_f64()),
                     });
                 }
