@@ -117,6 +117,9 @@ pub(super) struct Logger {
     pub(super) hold_after_writes: usize,
     /// Forced writes in the last forced group; 0 after an idle spell longer than `hold`.
     pub(super) last_forced_writes: usize,
+    /// When the last group was committed: the start of the idle spell, however many
+    /// timed wake-ups (a patient sync, the mark's sync, compaction) fall inside it.
+    pub(super) last_group_at: std::time::Instant,
     /// The longest a patient write waits for a forced group to share its sync (zero: it
     /// is synced as a forced write), and the patient writes waiting.
     pub(super) patient_sync_wait: std::time::Duration,
@@ -134,7 +137,6 @@ impl Logger {
                 self.write_behind(&mut pending);
             }
             if pending.is_empty() {
-                let idle_since = std::time::Instant::now();
                 let wait = [
                     self.compaction.idle_wait(),
                     self.mark_sync_wait(),
@@ -151,7 +153,7 @@ impl Logger {
                         .map_err(|error| matches!(error, mpsc::RecvTimeoutError::Disconnected)),
                 };
                 // Idle for longer than a hold: whatever load there was is over.
-                if idle_since.elapsed() > self.hold {
+                if self.last_group_at.elapsed() > self.hold {
                     self.last_forced_writes = 0;
                 }
                 match received {
@@ -369,6 +371,7 @@ impl Logger {
                 sync_seconds,
             });
         }
+        self.last_group_at = std::time::Instant::now();
         for (batch, durability, done) in group {
             if durability == Durability::Patient && sync_seconds.is_none() {
                 self.patient.add(batch.len(), done, self.patient_sync_wait);

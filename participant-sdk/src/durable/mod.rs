@@ -443,6 +443,7 @@ impl DurableStore {
             hold: options.group_commit_hold.min(MAX_GROUP_COMMIT_HOLD),
             hold_after_writes: options.group_commit_hold_after_writes,
             last_forced_writes: 0,
+            last_group_at: std::time::Instant::now(),
             patient_sync_wait: options.patient_sync_wait.min(MAX_GROUP_COMMIT_HOLD),
             patient: logger::PatientWrites::default(),
             sync_observer: options.sync_observer.clone(),
@@ -1076,6 +1077,32 @@ mod tests {
         }
         let store = open(dir.path());
         assert!(store.db().get(b"patient").unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_patient_write_is_synced_on_time_while_lazy_writes_keep_the_logger_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            patient_sync_wait: std::time::Duration::from_millis(20),
+            // One write per group: the queue below keeps the logger busy for a while.
+            max_batch_records: 1,
+            ..StoreOptions::default()
+        };
+        let store = DurableStore::open(dir.path(), options).unwrap();
+        let patient = store.write(one_key(b"patient"), Durability::Patient);
+        let lazy: Vec<_> = (0..20_000u32)
+            .map(|i| store.write(one_key(&i.to_be_bytes()), Durability::Lazy))
+            .collect();
+        acknowledged(patient, "the patient write, while lazy writes are queued").await;
+        let unanswered = lazy
+            .into_iter()
+            .map(|mut ticket| futures::FutureExt::now_or_never(&mut ticket).is_none())
+            .filter(|&waiting| waiting)
+            .count();
+        assert!(
+            unanswered > 0,
+            "the patient write waited until the queue of lazy writes was empty"
+        );
     }
 
     #[tokio::test]
