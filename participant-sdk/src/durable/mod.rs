@@ -1389,10 +1389,12 @@ mod tests {
             batch.remove(removed.clone());
             expected.insert(overwritten, value);
             expected.remove(&removed);
-            let durability = if round % 3 == 0 {
-                Durability::Forced
-            } else {
-                Durability::Lazy
+            // Patient writes too: synced by a forced group or by their own numbered
+            // sync, whose number the rebuild must mirror.
+            let durability = match round % 3 {
+                0 => Durability::Forced,
+                1 => Durability::Patient,
+                _ => Durability::Lazy,
             };
             store.write(batch, durability).await.unwrap();
             round += 1;
@@ -1405,6 +1407,8 @@ mod tests {
         drop(store);
         let store = open(dir.path());
         assert_eq!(contents(&store), expected, "after reopening");
+        let summary = store.verify().unwrap();
+        assert_eq!(summary.forced_groups, summary.acknowledged_groups);
     }
 
     #[tokio::test]
