@@ -323,11 +323,8 @@ impl Logger {
             return;
         }
         if let Some(message) = self.failure.get() {
-            let error = Err(StoreError::Failed(message.clone()));
-            for (_, _, done) in group {
-                let _ = done.send(error.clone());
-            }
-            std::mem::take(&mut self.patient).resolve(&error);
+            let error = StoreError::Failed(message.clone());
+            self.refuse(group, error);
             return;
         }
         let forced = group
@@ -345,11 +342,8 @@ impl Logger {
         let sync_seconds = match result {
             Ok(sync_seconds) => sync_seconds,
             Err(message) => {
-                let error = Err(self.fail(message));
-                for (_, _, done) in group {
-                    let _ = done.send(error.clone());
-                }
-                std::mem::take(&mut self.patient).resolve(&error);
+                let error = self.fail(message);
+                self.refuse(group, error);
                 return;
             }
         };
@@ -379,6 +373,16 @@ impl Logger {
                 let _ = done.send(Ok(()));
             }
         }
+    }
+
+    /// Answers `error` to the group's writes and to the patient writes waiting: none of
+    /// them is known to be durable.
+    fn refuse(&mut self, group: Group, error: StoreError) {
+        let error = Err(error);
+        for (_, _, done) in group {
+            let _ = done.send(error.clone());
+        }
+        std::mem::take(&mut self.patient).resolve(&error);
     }
 
     /// Whether a write of this durability makes its group sync before it is
@@ -414,7 +418,6 @@ impl Logger {
     /// a forced group so that the high-water mark covers them.
     pub(super) fn sync_patient(&mut self) {
         if self.patient.waiting.is_empty() {
-            self.patient = PatientWrites::default();
             return;
         }
         let patient = std::mem::take(&mut self.patient);
