@@ -21,12 +21,21 @@
 //! and `flush()` waits for every reservation made before it; a blob seen for the first
 //! time may still be growing (it belongs to a later message), so it is synced again at
 //! the next group commit, after which it is settled and left alone.
+//!
+//! Listing the two directories costs about ten system calls, at every group. On Linux
+//! an inotify watch on both says whether any entry appeared or vanished since the last
+//! listing; while none did and no file waits for its second sync, the listing is
+//! skipped, since it would find nothing to sync. Where the watch cannot be set up
+//! (no inotify, or the user's limit of instances reached), every call lists.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 /// A file or directory that a group commit synced, and its length once synced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,24 +63,146 @@ pub(super) struct SyncedFiles {
     skipped: Vec<OsString>,
     top: Tracked,
     blob_files: Tracked,
+    /// Says when the directories' entries changed; `None`: list at every call.
+    watch: Option<EntryWatch>,
+    /// Entries may have changed since the last complete listing.
+    listing_owed: bool,
+    /// Listings made, for tests.
+    listings: u64,
 }
 
 impl SyncedFiles {
     pub(super) fn new(dir: &Path, skipped: &[&str]) -> Self {
+        let blobs = dir.join("blobs");
+        let watch = match EntryWatch::start(dir, &blobs) {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::debug!(dir = %dir.display(), %error, "no inotify watch on the store's directory; listing it at every group");
+                None
+            }
+        };
+        Self::with_watch(dir, skipped, watch)
+    }
+
+    fn with_watch(dir: &Path, skipped: &[&str], watch: Option<EntryWatch>) -> Self {
         Self {
             dir: dir.to_path_buf(),
             blobs: dir.join("blobs"),
             skipped: skipped.iter().map(OsString::from).collect(),
             top: Tracked::default(),
             blob_files: Tracked::default(),
+            watch,
+            listing_owed: true,
+            listings: 0,
         }
     }
 
     /// Syncs every file not synced yet (and the fresh ones again), and each directory
     /// whose entries changed, noting each in `synced`.
     pub(super) fn sync_new(&mut self, synced: &mut Vec<SyncedPath>) -> std::io::Result<()> {
+        // The watch is read before the listing: a change during the listing is seen by
+        // the next call as well.
+        self.listing_owed |= match self.watch.as_mut().map(|w| w.entries_changed(&self.blobs)) {
+            None => true,
+            Some(Ok(changed)) => changed,
+            Some(Err(error)) => {
+                tracing::warn!(dir = %self.dir.display(), %error, "the inotify watch on the store's directory failed; listing it at every group from now on");
+                self.watch = None;
+                true
+            }
+        };
+        let fresh = !self.top.fresh.is_empty() || !self.blob_files.fresh.is_empty();
+        if !self.listing_owed && !fresh {
+            return Ok(());
+        }
+        self.listings += 1;
         sync_new_in(&self.blobs, &[], &mut self.blob_files, synced)?;
-        sync_new_in(&self.dir, &self.skipped, &mut self.top, synced)
+        sync_new_in(&self.dir, &self.skipped, &mut self.top, synced)?;
+        self.listing_owed = false;
+        Ok(())
+    }
+}
+
+/// An inotify watch on a store's directory and its `blobs/`, for entries created,
+/// removed or renamed. `blobs/` is watched from when it exists: sled creates it with
+/// its first blob, and its creation is itself an event in the store's directory.
+#[derive(Debug)]
+struct EntryWatch {
+    inotify: Inotify,
+    dir: WatchDescriptor,
+    blobs: Option<WatchDescriptor>,
+}
+
+/// What makes a name appear in or vanish from a directory, or the directory go.
+fn entry_changes() -> AddWatchFlags {
+    AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_DELETE_SELF
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_ONLYDIR
+}
+
+impl EntryWatch {
+    fn start(dir: &Path, blobs: &Path) -> std::io::Result<Self> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        let dir = inotify.add_watch(dir, entry_changes())?;
+        let mut watch = Self {
+            inotify,
+            dir,
+            blobs: None,
+        };
+        watch.watch_blobs(blobs)?;
+        Ok(watch)
+    }
+
+    /// Watches `blobs/` if it exists and is not watched yet.
+    fn watch_blobs(&mut self, blobs: &Path) -> Result<(), Errno> {
+        if self.blobs.is_some() {
+            return Ok(());
+        }
+        match self.inotify.add_watch(blobs, entry_changes()) {
+            Ok(descriptor) => {
+                self.blobs = Some(descriptor);
+                Ok(())
+            }
+            Err(Errno::ENOENT | Errno::ENOTDIR) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether any entry may have appeared or vanished since the last call: an event
+    /// arrived (events the kernel could not queue show as `IN_Q_OVERFLOW`, an event
+    /// too). When `blobs/` was created, it is watched from now on; what was created in
+    /// it before is found by the listing this answer asks for. An error when the watch
+    /// can no longer tell (the store's directory itself went).
+    fn entries_changed(&mut self, blobs: &Path) -> Result<bool, String> {
+        let mut changed = false;
+        loop {
+            let events = match self.inotify.read_events() {
+                Ok(events) if !events.is_empty() => events,
+                Ok(_) | Err(Errno::EAGAIN) => break,
+                Err(error) => return Err(format!("reading inotify events: {error}")),
+            };
+            changed = true;
+            for event in events {
+                if !event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    continue;
+                }
+                if event.wd == self.dir {
+                    return Err("the store's directory is no longer watched".into());
+                }
+                if Some(event.wd) == self.blobs {
+                    self.blobs = None;
+                }
+            }
+        }
+        if changed {
+            self.watch_blobs(blobs)
+                .map_err(|e| format!("watching blobs/: {e}"))?;
+        }
+        Ok(changed)
     }
 }
 
@@ -192,25 +323,23 @@ mod tests {
         names
     }
 
-    #[test]
-    fn new_files_are_synced_twice_then_settled_and_directories_when_they_change() {
+    /// A store directory holding its log, one blob and `blobs/`.
+    fn store_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let blobs = dir.path().join("blobs");
         std::fs::create_dir(&blobs).unwrap();
         std::fs::write(dir.path().join("db"), b"log").unwrap();
         std::fs::write(blobs.join("17"), b"blob").unwrap();
-        let mut files = SyncedFiles::new(dir.path(), &["db"]);
+        dir
+    }
 
+    fn new_files_are_synced_twice_then_settled(dir: &Path, mut files: SyncedFiles) {
+        let blobs = dir.join("blobs");
         let mut synced = Vec::new();
         files.sync_new(&mut synced).unwrap();
         // The blob, `blobs/` as a new entry and as a directory whose entries changed,
         // and the store's directory; never the skipped log.
-        let tmp = dir
-            .path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+        let tmp = dir.file_name().unwrap().to_string_lossy().into_owned();
         let mut expected = vec!["17".to_string(), "blobs".into(), "blobs".into(), tmp];
         expected.sort();
         assert_eq!(names(&synced), expected);
@@ -229,6 +358,95 @@ mod tests {
         synced.clear();
         files.sync_new(&mut synced).unwrap();
         assert_eq!(names(&synced), vec!["18".to_string(), "blobs".into()]);
+    }
+
+    #[test]
+    fn new_files_are_synced_twice_then_settled_and_directories_when_they_change() {
+        let dir = store_dir();
+        let files = SyncedFiles::new(dir.path(), &["db"]);
+        assert!(files.watch.is_some(), "inotify is available here");
+        new_files_are_synced_twice_then_settled(dir.path(), files);
+    }
+
+    #[test]
+    fn without_a_watch_every_call_lists_and_syncs_the_same() {
+        let dir = store_dir();
+        let files = SyncedFiles::with_watch(dir.path(), &["db"], None);
+        new_files_are_synced_twice_then_settled(dir.path(), files);
+
+        let mut files = SyncedFiles::with_watch(dir.path(), &["db"], None);
+        for _ in 0..3 {
+            files.sync_new(&mut Vec::new()).unwrap();
+        }
+        assert_eq!(files.listings, 3);
+    }
+
+    #[test]
+    fn a_watched_store_lists_only_when_entries_changed_or_a_file_waits_for_its_second_sync() {
+        // No `blobs/` yet: sled creates it with its first blob.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), b"log").unwrap();
+        let mut files = SyncedFiles::new(dir.path(), &["db"]);
+        let mut synced = Vec::new();
+        let mut sync = |files: &mut SyncedFiles| {
+            synced.clear();
+            files.sync_new(&mut synced).unwrap();
+            (names(&synced), files.listings)
+        };
+        let tmp = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+
+        assert_eq!(sync(&mut files), (vec![], 1), "the first call lists");
+        assert_eq!(sync(&mut files), (vec![], 1), "nothing changed: no listing");
+
+        // Written to, not created: not an entry change, as before the watch.
+        std::fs::write(dir.path().join("db"), b"log, longer").unwrap();
+        assert_eq!(sync(&mut files), (vec![], 1));
+
+        // `blobs/` and a blob in it, created before the watch on `blobs/` can start:
+        // the listing the creation asks for finds the blob.
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir(&blobs).unwrap();
+        std::fs::write(blobs.join("1"), b"blob").unwrap();
+        let mut expected = vec!["1".to_string(), "blobs".into(), "blobs".into(), tmp.clone()];
+        expected.sort();
+        assert_eq!(sync(&mut files), (expected, 2));
+        let again = vec!["1".to_string(), "blobs".into()];
+        assert_eq!(sync(&mut files), (again, 3), "their second sync");
+        assert_eq!(sync(&mut files), (vec![], 3), "settled: no listing");
+
+        // A blob created in the now watched `blobs/`.
+        std::fs::write(blobs.join("2"), b"blob").unwrap();
+        let new_blob = vec!["2".to_string(), "blobs".into()];
+        assert_eq!(
+            sync(&mut files),
+            (new_blob, 4),
+            "the blob and its directory"
+        );
+        assert_eq!(
+            sync(&mut files),
+            (vec!["2".to_string()], 5),
+            "its second sync"
+        );
+        assert_eq!(sync(&mut files), (vec![], 5));
+
+        // A blob removed: its directory is synced.
+        std::fs::remove_file(blobs.join("2")).unwrap();
+        assert_eq!(sync(&mut files), (vec!["blobs".to_string()], 6));
+        // A snapshot renamed into place in the store's directory.
+        std::fs::write(dir.path().join("snap.generating"), b"snap").unwrap();
+        std::fs::rename(
+            dir.path().join("snap.generating"),
+            dir.path().join("snap.1"),
+        )
+        .unwrap();
+        let mut expected = vec!["snap.1".to_string(), tmp];
+        expected.sort();
+        assert_eq!(sync(&mut files), (expected, 7));
     }
 
     #[test]

@@ -524,8 +524,9 @@ impl Logger {
     /// next is written, a lazy one too: sled's flusher thread fsyncs its log every
     /// 500 ms on its own, so the log can become durable before a blob it points at, and
     /// sled's recovery skips a message whose blob is missing and reads on; without it,
-    /// a power cut could keep a later group and lose part of this one. Costs a `readdir`
-    /// of the store's directory and of `blobs/`, and a sync only when a file appeared.
+    /// a power cut could keep a later group and lose part of this one. Costs a read of
+    /// an inotify watch; a `readdir` of the store's directory and of `blobs/` only when
+    /// an entry changed (or without the watch), and a sync only when a file appeared.
     fn sync_new_files(&mut self) -> Result<(), String> {
         let mut synced = Vec::new();
         self.files
