@@ -47,8 +47,6 @@ pub(super) struct PatientWrites {
     waiting: Vec<Done>,
     records: usize,
     sync_due: Option<std::time::Instant>,
-    /// Some were applied since sled last wrote its buffers out (see `write_behind`).
-    unwritten: bool,
 }
 
 impl PatientWrites {
@@ -59,7 +57,6 @@ impl PatientWrites {
         }
         self.records += records;
         self.waiting.push(done);
-        self.unwritten = true;
     }
 
     /// How long until their sync is due, if any wait.
@@ -124,6 +121,9 @@ pub(super) struct Logger {
     /// is synced as a forced write), and the patient writes waiting.
     pub(super) patient_sync_wait: std::time::Duration,
     pub(super) patient: PatientWrites,
+    /// Lazy or patient writes were applied since sled last wrote its buffers out (see
+    /// `write_behind`).
+    pub(super) unwritten: bool,
     pub(super) sync_observer: Option<SyncObserver>,
     pub(super) group_observer: Option<GroupObserver>,
     pub(super) counters: Arc<super::DurabilityCounters>,
@@ -366,6 +366,9 @@ impl Logger {
             });
         }
         self.last_group_at = std::time::Instant::now();
+        if sync_seconds.is_none() {
+            self.unwritten = true;
+        }
         for (batch, durability, done) in group {
             if durability == Durability::Patient && sync_seconds.is_none() {
                 self.patient.add(batch.len(), done, self.patient_sync_wait);
@@ -395,19 +398,21 @@ impl Logger {
         }
     }
 
-    /// With patient writes applied and nothing queued, has sled write its buffers out
-    /// (its `flush`: `pwrite` and `sync_file_range`, no `fdatasync`), so that the sync
-    /// that makes them durable, usually the next YES's, finds them written and does not
-    /// write their page before its own. Nothing is acknowledged by it.
+    /// With lazy or patient writes applied and nothing queued, has sled write its
+    /// buffers out (its `flush`: `pwrite` and `sync_file_range`, no `fdatasync`), so
+    /// that the next forced group finds them written: sled seals and writes the buffer
+    /// before a batch, so otherwise that group would wait for one more device write of
+    /// their page before its own. Nothing is acknowledged by it; patient writes still
+    /// wait for a sync.
     fn write_behind(&mut self, pending: &mut VecDeque<Request>) {
-        if !self.patient.unwritten || self.patient.due() || self.failure.get().is_some() {
+        if !self.unwritten || self.patient.due() || self.failure.get().is_some() {
             return;
         }
         if let Ok(request) = self.receiver.try_recv() {
             pending.push_back(request);
             return;
         }
-        self.patient.unwritten = false;
+        self.unwritten = false;
         if let Err(error) = self.generation.db.flush() {
             let error = Err(self.fail(format!("flush: {error}")));
             std::mem::take(&mut self.patient).resolve(&error);
@@ -503,6 +508,7 @@ impl Logger {
             .db
             .flush()
             .map_err(|e| format!("flush: {e}"))?;
+        self.unwritten = false;
         self.sync_new_files()?;
         self.db_file
             .sync_data()
