@@ -914,6 +914,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_idle_spell_longer_than_the_hold_ends_the_load_across_timed_wake_ups() {
+        // The idle spell runs from the last group, not from the logger's last wake-up:
+        // the mark's sync (1 s after a forced group) wakes the logger inside it.
+        let hold = std::time::Duration::from_secs(4);
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            group_commit_hold: hold,
+            group_commit_hold_after_writes: 1,
+            ..StoreOptions::default()
+        };
+        let store = DurableStore::open(dir.path(), options).unwrap();
+        acknowledged(
+            store.write(one_key(b"first"), Durability::Forced),
+            "a write after no load is not held",
+        )
+        .await;
+        tokio::time::sleep(hold + std::time::Duration::from_millis(500)).await;
+        // Held, it would wait out the whole hold: nothing else comes.
+        let after_idle = store.write(one_key(b"after idle"), Durability::Forced);
+        tokio::time::timeout(hold - std::time::Duration::from_secs(1), after_idle)
+            .await
+            .expect("a forced write after an idle spell longer than the hold was held")
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn a_lone_writer_is_never_held() {
         let dir = tempfile::tempdir().unwrap();
         let store = DurableStore::open(dir.path(), holding_a_minute(2, 4096)).unwrap();
