@@ -26,16 +26,14 @@
 //! an inotify watch on both says whether any entry appeared or vanished since the last
 //! listing; while none did and no file waits for its second sync, the listing is
 //! skipped, since it would find nothing to sync. Where the watch cannot be set up
-//! (no inotify, or the user's limit of instances reached), every call lists.
+//! (other systems, or the user's limit of inotify instances reached, which is logged)
+//! or stops working, every call lists.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-
-use nix::errno::Errno;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 /// A file or directory that a group commit synced, and its length once synced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +75,7 @@ impl SyncedFiles {
         let watch = match EntryWatch::start(dir, &blobs) {
             Ok(watch) => Some(watch),
             Err(error) => {
-                tracing::debug!(dir = %dir.display(), %error, "no inotify watch on the store's directory; listing it at every group");
+                tracing::info!(dir = %dir.display(), %error, "no inotify watch on the store's directory; listing it at every group");
                 None
             }
         };
@@ -123,86 +121,129 @@ impl SyncedFiles {
     }
 }
 
-/// An inotify watch on a store's directory and its `blobs/`, for entries created,
-/// removed or renamed. `blobs/` is watched from when it exists: sled creates it with
-/// its first blob, and its creation is itself an event in the store's directory.
-#[derive(Debug)]
-struct EntryWatch {
-    inotify: Inotify,
-    dir: WatchDescriptor,
-    blobs: Option<WatchDescriptor>,
-}
+#[cfg(any(target_os = "linux", target_os = "android"))]
+use entry_watch::EntryWatch;
 
-/// What makes a name appear in or vanish from a directory, or the directory go.
-fn entry_changes() -> AddWatchFlags {
-    AddWatchFlags::IN_CREATE
-        | AddWatchFlags::IN_DELETE
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_DELETE_SELF
-        | AddWatchFlags::IN_MOVE_SELF
-        | AddWatchFlags::IN_ONLYDIR
-}
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod entry_watch {
+    use std::path::Path;
 
-impl EntryWatch {
-    fn start(dir: &Path, blobs: &Path) -> std::io::Result<Self> {
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        let dir = inotify.add_watch(dir, entry_changes())?;
-        let mut watch = Self {
-            inotify,
-            dir,
-            blobs: None,
-        };
-        watch.watch_blobs(blobs)?;
-        Ok(watch)
+    use nix::errno::Errno;
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+
+    /// An inotify watch on a store's directory and its `blobs/`, for entries created,
+    /// removed or renamed. `blobs/` is watched from when it exists (sled creates it at
+    /// open; the watch does not count on that), and its creation, or another directory
+    /// put in its place, is an event in the store's directory.
+    #[derive(Debug)]
+    pub(super) struct EntryWatch {
+        inotify: Inotify,
+        dir: WatchDescriptor,
+        blobs: Option<WatchDescriptor>,
     }
 
-    /// Watches `blobs/` if it exists and is not watched yet.
-    fn watch_blobs(&mut self, blobs: &Path) -> Result<(), Errno> {
-        if self.blobs.is_some() {
-            return Ok(());
-        }
-        match self.inotify.add_watch(blobs, entry_changes()) {
-            Ok(descriptor) => {
-                self.blobs = Some(descriptor);
-                Ok(())
-            }
-            Err(Errno::ENOENT | Errno::ENOTDIR) => Ok(()),
-            Err(error) => Err(error),
-        }
+    /// What makes a name appear in or vanish from a directory, or the directory go.
+    fn entry_changes() -> AddWatchFlags {
+        AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF
+            | AddWatchFlags::IN_ONLYDIR
     }
 
-    /// Whether any entry may have appeared or vanished since the last call: an event
-    /// arrived (events the kernel could not queue show as `IN_Q_OVERFLOW`, an event
-    /// too). When `blobs/` was created, it is watched from now on; what was created in
-    /// it before is found by the listing this answer asks for. An error when the watch
-    /// can no longer tell (the store's directory itself went).
-    fn entries_changed(&mut self, blobs: &Path) -> Result<bool, String> {
-        let mut changed = false;
-        loop {
-            let events = match self.inotify.read_events() {
-                Ok(events) if !events.is_empty() => events,
-                Ok(_) | Err(Errno::EAGAIN) => break,
-                Err(error) => return Err(format!("reading inotify events: {error}")),
+    /// The watched directory itself was removed or moved away, or its watch ended.
+    fn watch_ended() -> AddWatchFlags {
+        AddWatchFlags::IN_IGNORED | AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF
+    }
+
+    impl EntryWatch {
+        pub(super) fn start(dir: &Path, blobs: &Path) -> std::io::Result<Self> {
+            let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+            let dir = inotify.add_watch(dir, entry_changes())?;
+            let mut watch = Self {
+                inotify,
+                dir,
+                blobs: None,
             };
-            changed = true;
-            for event in events {
-                if !event.mask.contains(AddWatchFlags::IN_IGNORED) {
-                    continue;
+            watch.watch_blobs(blobs)?;
+            Ok(watch)
+        }
+
+        /// Watches the directory at `blobs` if it exists and is not watched yet.
+        fn watch_blobs(&mut self, blobs: &Path) -> Result<(), Errno> {
+            if self.blobs.is_some() {
+                return Ok(());
+            }
+            match self.inotify.add_watch(blobs, entry_changes()) {
+                Ok(descriptor) => {
+                    self.blobs = Some(descriptor);
+                    Ok(())
                 }
-                if event.wd == self.dir {
-                    return Err("the store's directory is no longer watched".into());
-                }
-                if Some(event.wd) == self.blobs {
-                    self.blobs = None;
-                }
+                Err(Errno::ENOENT | Errno::ENOTDIR) => Ok(()),
+                Err(error) => Err(error),
             }
         }
-        if changed {
-            self.watch_blobs(blobs)
-                .map_err(|e| format!("watching blobs/: {e}"))?;
+
+        /// Whether any entry may have appeared or vanished since the last call: an
+        /// event arrived (events the kernel could not queue show as `IN_Q_OVERFLOW`,
+        /// an event too). When `blobs/` went, was moved, or events were lost, the
+        /// directory now at `blobs` is watched afresh; what was created in it before
+        /// is found by the listing this answer asks for. An error when the watch can
+        /// no longer tell: the store's directory itself went or moved.
+        pub(super) fn entries_changed(&mut self, blobs: &Path) -> Result<bool, String> {
+            let mut changed = false;
+            loop {
+                let events = match self.inotify.read_events() {
+                    Ok(events) if !events.is_empty() => events,
+                    Ok(_) | Err(Errno::EAGAIN) => break,
+                    Err(error) => return Err(format!("reading inotify events: {error}")),
+                };
+                changed = true;
+                for event in events {
+                    if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                        self.blobs = None;
+                    }
+                    if !event.mask.intersects(watch_ended()) {
+                        continue;
+                    }
+                    if event.wd == self.dir {
+                        return Err("the store's directory was removed or moved".into());
+                    }
+                    if Some(event.wd) == self.blobs {
+                        // A moved directory keeps its watch; its events would only
+                        // cause listings.
+                        let _ = self.inotify.rm_watch(event.wd);
+                        self.blobs = None;
+                    }
+                }
+            }
+            if changed {
+                self.watch_blobs(blobs)
+                    .map_err(|e| format!("watching blobs/: {e}"))?;
+            }
+            Ok(changed)
         }
-        Ok(changed)
+    }
+}
+
+/// Without inotify the store lists its directories at every group.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+#[derive(Debug)]
+enum EntryWatch {}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+impl EntryWatch {
+    fn start(_dir: &Path, _blobs: &Path) -> std::io::Result<Self> {
+        Err(std::io::Error::new(
+            ErrorKind::Unsupported,
+            "no inotify on this system",
+        ))
+    }
+
+    fn entries_changed(&mut self, _blobs: &Path) -> Result<bool, String> {
+        match *self {}
     }
 }
 
@@ -214,7 +255,7 @@ fn sync_new_in(
 ) -> std::io::Result<()> {
     let listing = match std::fs::read_dir(dir) {
         Ok(listing) => listing,
-        // sled creates `blobs/` with its first blob.
+        // `blobs/` may not exist (sled creates it at open, but not every store is sled's).
         Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
         Err(error) => return Err(error),
     };
@@ -364,7 +405,6 @@ mod tests {
     fn new_files_are_synced_twice_then_settled_and_directories_when_they_change() {
         let dir = store_dir();
         let files = SyncedFiles::new(dir.path(), &["db"]);
-        assert!(files.watch.is_some(), "inotify is available here");
         new_files_are_synced_twice_then_settled(dir.path(), files);
     }
 
@@ -381,12 +421,24 @@ mod tests {
         assert_eq!(files.listings, 3);
     }
 
+    /// A store with a watch; fails where inotify is missing or its instances are used up.
+    fn watched(dir: &Path) -> SyncedFiles {
+        let files = SyncedFiles::new(dir, &["db"]);
+        assert!(
+            files.watch.is_some(),
+            "no inotify watch on {}",
+            dir.display()
+        );
+        files
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn a_watched_store_lists_only_when_entries_changed_or_a_file_waits_for_its_second_sync() {
-        // No `blobs/` yet: sled creates it with its first blob.
+        // No `blobs/` yet (sled creates it at open; the watch does not count on it).
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("db"), b"log").unwrap();
-        let mut files = SyncedFiles::new(dir.path(), &["db"]);
+        let mut files = watched(dir.path());
         let mut synced = Vec::new();
         let mut sync = |files: &mut SyncedFiles| {
             synced.clear();
@@ -447,6 +499,46 @@ mod tests {
         let mut expected = vec!["snap.1".to_string(), tmp];
         expected.sort();
         assert_eq!(sync(&mut files), (expected, 7));
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn a_blobs_directory_moved_away_and_replaced_is_watched_afresh() {
+        let dir = store_dir();
+        let blobs = dir.path().join("blobs");
+        let mut files = watched(dir.path());
+        for _ in 0..3 {
+            files.sync_new(&mut Vec::new()).unwrap();
+        }
+        std::fs::rename(&blobs, dir.path().join("old-blobs")).unwrap();
+        std::fs::create_dir(&blobs).unwrap();
+        files.sync_new(&mut Vec::new()).unwrap();
+        files.sync_new(&mut Vec::new()).unwrap();
+        let settled = files.listings;
+        // A blob in the new `blobs/`: seen, although the old watch went with the old one.
+        std::fs::write(blobs.join("19"), b"blob").unwrap();
+        let mut synced = Vec::new();
+        files.sync_new(&mut synced).unwrap();
+        assert_eq!(files.listings, settled + 1);
+        assert!(names(&synced).contains(&"19".to_string()), "{synced:?}");
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn a_store_directory_moved_away_ends_the_watch_and_every_call_lists() {
+        let parent = tempfile::tempdir().unwrap();
+        let store = parent.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let mut files = watched(&store);
+        files.sync_new(&mut Vec::new()).unwrap();
+        std::fs::rename(&store, parent.path().join("moved")).unwrap();
+        files.sync_new(&mut Vec::new()).unwrap();
+        assert!(files.watch.is_none(), "the watch can no longer tell");
+        std::fs::rename(parent.path().join("moved"), &store).unwrap();
+        std::fs::write(store.join("snap.2"), b"snap").unwrap();
+        let mut synced = Vec::new();
+        files.sync_new(&mut synced).unwrap();
+        assert!(names(&synced).contains(&"snap.2".to_string()), "{synced:?}");
     }
 
     #[test]

@@ -916,12 +916,23 @@ mod tests {
     #[tokio::test]
     async fn an_idle_spell_longer_than_the_hold_ends_the_load_across_timed_wake_ups() {
         // The idle spell runs from the last group, not from the logger's last wake-up:
-        // the mark's sync (1 s after a forced group) wakes the logger inside it.
+        // the mark's sync (due a second after the mark was last synced, at open) wakes
+        // the logger inside it. The observer shows that wake-up came.
         let hold = std::time::Duration::from_secs(4);
         let dir = tempfile::tempdir().unwrap();
+        let mark_synced_at = Arc::new(Mutex::new(Vec::new()));
+        let noted = mark_synced_at.clone();
         let options = StoreOptions {
             group_commit_hold: hold,
             group_commit_hold_after_writes: 1,
+            sync_observer: Some(Arc::new(move |paths: &[SyncedPath]| {
+                if paths
+                    .iter()
+                    .any(|p| p.path.ends_with(high_water::FILE_NAME))
+                {
+                    noted.lock().unwrap().push(std::time::Instant::now());
+                }
+            })),
             ..StoreOptions::default()
         };
         let store = DurableStore::open(dir.path(), options).unwrap();
@@ -930,7 +941,16 @@ mod tests {
             "a write after no load is not held",
         )
         .await;
+        let acknowledged_at = std::time::Instant::now();
         tokio::time::sleep(hold + std::time::Duration::from_millis(500)).await;
+        let woken = mark_synced_at.lock().unwrap().iter().any(|at| {
+            at.checked_duration_since(acknowledged_at)
+                .is_some_and(|after| after >= std::time::Duration::from_millis(100))
+        });
+        assert!(
+            woken,
+            "no timed wake-up (the mark's sync) inside the idle spell"
+        );
         // Held, it would wait out the whole hold: nothing else comes.
         let after_idle = store.write(one_key(b"after idle"), Durability::Forced);
         tokio::time::timeout(hold - std::time::Duration::from_secs(1), after_idle)
@@ -1041,9 +1061,9 @@ mod tests {
     }
 
     /// Writes three values of `durability`, one at a time, and checks that each is in
-    /// sled's log file within 20 ms while the store is idle, without a sync. Looked for
-    /// soon after each write, three times: sled's own flusher (every 500 ms) would have
-    /// to run in each of the three short windows to stand in for the write-behind.
+    /// sled's log file within 200 ms while the store is idle, without a sync. Looked
+    /// for soon after each write, three times: sled's own flusher (every 500 ms) would
+    /// have to run in each of the three short windows to stand in for the write-behind.
     async fn written_out_while_idle(
         store: &DurableStore,
         dir: &std::path::Path,
@@ -1060,7 +1080,7 @@ mod tests {
             batch.insert(format!("idle/{round}").into_bytes(), value.clone());
             tickets.push(store.write(batch, durability));
             let mut written = false;
-            for _ in 0..20 {
+            for _ in 0..200 {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 if in_log(&value) {
                     written = true;
