@@ -71,15 +71,15 @@ pub(super) struct SyncedFiles {
 
 impl SyncedFiles {
     pub(super) fn new(dir: &Path, skipped: &[&str]) -> Self {
-        let blobs = dir.join("blobs");
-        let watch = match EntryWatch::start(dir, &blobs) {
+        let mut files = Self::with_watch(dir, skipped, None);
+        files.watch = match EntryWatch::start(&files.dir, &files.blobs) {
             Ok(watch) => Some(watch),
             Err(error) => {
                 tracing::info!(dir = %dir.display(), %error, "no inotify watch on the store's directory; listing it at every group");
                 None
             }
         };
-        Self::with_watch(dir, skipped, watch)
+        files
     }
 
     fn with_watch(dir: &Path, skipped: &[&str], watch: Option<EntryWatch>) -> Self {
@@ -422,6 +422,7 @@ mod tests {
     }
 
     /// A store with a watch; fails where inotify is missing or its instances are used up.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn watched(dir: &Path) -> SyncedFiles {
         let files = SyncedFiles::new(dir, &["db"]);
         assert!(

@@ -414,8 +414,8 @@ impl Logger {
         }
         self.unwritten = false;
         if let Err(error) = self.generation.db.flush() {
-            let error = Err(self.fail(format!("flush: {error}")));
-            std::mem::take(&mut self.patient).resolve(&error);
+            let error = self.fail(format!("flush: {error}"));
+            self.refuse(Group::new(), error);
         }
     }
 
