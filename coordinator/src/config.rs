@@ -596,6 +596,8 @@ impl ServeConfig {
             memory_retention_ms: self.memory_retention_ms,
             max_retained_transactions: self.max_retained_transactions,
             max_retained_bytes: self.memory_budget().retained_bytes,
+            // The daemon's memory governor moves it (runtime/memory.rs).
+            retained_allowance: Default::default(),
             log_retention_ms: self.log_retention_ms,
             delivery_horizon_ms: self.delivery_horizon_ms,
             history_records: self.history_records,

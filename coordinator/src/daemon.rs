@@ -32,6 +32,7 @@ use crate::config::{ConfigError, ServeConfig};
 use crate::log::{DecisionLog, LogError, SledLog};
 use crate::metrics::{Metrics, serve_metrics};
 use crate::runtime::Runtime;
+use crate::runtime::memory::{self, Governor};
 use crate::security::SecurityConfig;
 
 /// Final log records purged per batch, and the pause between the batches of a round
@@ -164,10 +165,16 @@ pub async fn run_on_listeners(
     );
     let mut runtime_config = config.runtime(bound);
     runtime_config.participant_tls = participant_tls;
-    runtime_config.metrics = metrics;
+    runtime_config.metrics = metrics.clone();
+    let governor = Governor::new(
+        budget.budget_bytes,
+        runtime_config.max_retained_bytes,
+        runtime_config.retained_allowance.clone(),
+    );
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (runtime, tasks, recovery) = Runtime::start(log.clone(), runtime_config.clone(), fatal_tx)?;
     tracing::info!(resumed = recovery.resumed, "recovered the decision log");
+    let governing = tokio::spawn(memory::govern(governor, runtime.clone(), metrics));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -259,6 +266,7 @@ pub async fn run_on_listeners(
         .set_not_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
     purger.abort();
+    governing.abort();
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

@@ -198,6 +198,8 @@ pub struct Metrics {
     retained_transactions: Gauge,
     retained_estimated_bytes: Gauge,
     memory_budget_bytes: Family<BudgetLabels, Gauge>,
+    resident_bytes: Gauge,
+    retained_allowance_bytes: Gauge,
     /// Endpoints that have a label of their own.
     labelled_endpoints: RwLock<HashSet<String>>,
 }
@@ -313,6 +315,20 @@ impl Metrics {
             Unit::Bytes,
             memory_budget_bytes.clone(),
         );
+        let resident_bytes = Gauge::default();
+        registry.register_with_unit(
+            "treaty_resident_memory",
+            "The coordinator's resident set, as the memory governor last read it (every second)",
+            Unit::Bytes,
+            resident_bytes.clone(),
+        );
+        let retained_allowance_bytes = Gauge::default();
+        registry.register_with_unit(
+            "treaty_retained_transactions_allowed",
+            "What final transactions kept in memory may hold now: their share of the budget, lowered while the resident set is over 15/16 of the budget",
+            Unit::Bytes,
+            retained_allowance_bytes.clone(),
+        );
         Self {
             registry,
             transactions,
@@ -330,8 +346,17 @@ impl Metrics {
             retained_transactions,
             retained_estimated_bytes,
             memory_budget_bytes,
+            resident_bytes,
+            retained_allowance_bytes,
             labelled_endpoints: RwLock::default(),
         }
+    }
+
+    /// The memory governor's last reading of the resident set and the allowance it set.
+    pub fn memory_governed(&self, resident_bytes: u64, allowance_bytes: usize) {
+        self.resident_bytes.set(to_i64(resident_bytes));
+        self.retained_allowance_bytes
+            .set(to_i64(allowance_bytes as u64));
     }
 
     /// The configured memory budget and its split (set once, at start).

@@ -205,3 +205,28 @@ async fn a_scrape_after_a_known_workload_shows_its_numbers() {
     daemon.stop(Duration::from_secs(30)).await.unwrap();
     participant.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resident_set_and_what_finished_transactions_may_hold_are_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget_bytes: u64 = 256 * 1024 * 1024;
+    let (_daemon, metrics_address) = start_treaty_with_metrics(
+        dir.path(),
+        &["--memory-budget-bytes", &budget_bytes.to_string()],
+    )
+    .await;
+    // The governor reads the resident set every second.
+    let text = eventually("the governor's first reading", || async {
+        let text = scrape(metrics_address).await;
+        (sample(&text, "treaty_resident_memory_bytes") > 0.0).then_some(text)
+    })
+    .await;
+    let resident = sample(&text, "treaty_resident_memory_bytes");
+    assert!(resident < budget_bytes as f64, "{text}");
+    // Well under the budget: finished transactions may hold their whole share.
+    assert_eq!(
+        sample(&text, "treaty_retained_transactions_allowed_bytes"),
+        (budget_bytes / 4) as f64,
+        "{text}"
+    );
+}

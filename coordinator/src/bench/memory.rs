@@ -59,6 +59,8 @@ pub struct MemoryReport {
     pub budget_bytes: Option<f64>,
     pub retained_transactions: Option<f64>,
     pub retained_estimated_bytes: Option<f64>,
+    /// What the coordinator's memory governor allowed them at the end.
+    pub retained_allowed_bytes: Option<f64>,
 }
 
 /// Samples `pid`'s RSS (`None`: this process) every `every` until `stop` is set, and
@@ -138,6 +140,7 @@ pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> M
         budget_bytes: None,
         retained_transactions: None,
         retained_estimated_bytes: None,
+        retained_allowed_bytes: None,
     }
 }
 
@@ -176,11 +179,15 @@ impl MemoryReport {
             None => "  too few samples after the warm-up for quarters".into(),
         });
         if let Some(budget) = self.budget_bytes {
+            let largest = self.max_bytes as f64;
             lines.push(format!(
-                "  budget {}; at the end {} final transactions kept in memory, estimated {}",
+                "  budget {}: largest sample {:.0} % of it ({}); at the end {} final transactions kept in memory, estimated {}, allowed {}",
                 mib(budget),
+                100.0 * largest / budget,
+                if largest <= budget { "within" } else { "OVER" },
                 self.retained_transactions.unwrap_or(f64::NAN),
                 mib(self.retained_estimated_bytes.unwrap_or(f64::NAN)),
+                mib(self.retained_allowed_bytes.unwrap_or(f64::NAN)),
             ));
         }
         lines

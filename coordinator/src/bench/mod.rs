@@ -426,6 +426,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
             memory.budget_bytes = gauge("treaty_memory_budget_bytes{part=\"total\"}");
             memory.retained_transactions = gauge("treaty_retained_transactions");
             memory.retained_estimated_bytes = gauge("treaty_retained_transactions_estimated_bytes");
+            memory.retained_allowed_bytes = gauge("treaty_retained_transactions_allowed_bytes");
         }
         for line in memory.lines() {
             if args.json {

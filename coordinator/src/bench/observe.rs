@@ -165,10 +165,7 @@ pub fn cpu_us(process: &Observed) -> Option<u64> {
 
 /// Resident set size of the process now, in bytes (`VmRSS`).
 pub fn rss_bytes(pid: Option<u32>) -> Option<u64> {
-    let status = std::fs::read_to_string(proc_path(pid, "status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    crate::runtime::memory::resident_bytes_of(pid)
 }
 
 #[cfg(test)]

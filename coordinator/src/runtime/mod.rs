@@ -24,6 +24,7 @@
 mod execute;
 mod load;
 mod machine;
+pub mod memory;
 mod retained;
 mod shard;
 
@@ -73,6 +74,9 @@ pub struct RuntimeConfig {
     /// At most this many estimated bytes of final transactions are kept in memory, all
     /// shards together (oldest go first): their share of `memory_budget_bytes`.
     pub max_retained_bytes: usize,
+    /// What of `max_retained_bytes` final transactions may hold now: lowered by the
+    /// memory governor while the process is over its budget (see `memory.rs`).
+    pub retained_allowance: memory::RetainedAllowance,
     /// How long final records stay in the log.
     pub log_retention_ms: u64,
     /// No participant is called about a transaction older than this (by its id): what
@@ -115,6 +119,7 @@ impl Default for RuntimeConfig {
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
             max_retained_bytes: crate::config::MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES)
                 .retained_bytes,
+            retained_allowance: memory::RetainedAllowance::default(),
             log_retention_ms: defaults::LOG_RETENTION_MS,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,
@@ -982,6 +987,65 @@ mod tests {
             }
             assert!(used.iter().all(|u| *u), "{shards} shards");
         }
+    }
+
+    /// Polls `health` (every 50 ms, for at most 10 s) until `done` holds for it.
+    async fn health_until(runtime: &Runtime, done: impl Fn(&Health) -> bool) -> Health {
+        for _ in 0..200 {
+            let health = runtime.health().await.unwrap();
+            if done(&health) {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        runtime.health().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lowered_allowance_drops_finished_transactions_without_new_ones() {
+        let (fatal, _) = mpsc::unbounded_channel();
+        let config = RuntimeConfig::default();
+        let allowance = config.retained_allowance.clone();
+        let governor = memory::Governor::new(1 << 30, config.max_retained_bytes, allowance);
+        let (runtime, tasks, _) =
+            Runtime::start(Arc::new(MemoryLog::new()), config.clone(), fatal).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..40 {
+            let id = runtime
+                .begin(BeginParams {
+                    deadline_unix_ms: now_unix_ms() + 60_000,
+                    prepare_timeout_ms: 5_000,
+                    branches: Vec::new(),
+                    owner: None,
+                    trace: None,
+                })
+                .await
+                .unwrap();
+            runtime.abort(id, "test".into()).await.unwrap();
+            ids.push(id);
+        }
+        let kept = health_until(&runtime, |h| h.retained_transactions == 40).await;
+        assert_eq!(kept.retained_transactions, 40, "all within the share");
+
+        // A resident set far over the budget's ceiling: the allowance falls to nothing,
+        // and each shard's next housekeeping drops all but its latest.
+        let mut governor = governor;
+        assert_eq!(governor.observe(4 << 30, Some(usize::MAX)), 0);
+        let left = health_until(&runtime, |h| {
+            h.retained_transactions <= config.shards as u64
+        })
+        .await;
+        assert!(
+            left.retained_transactions <= config.shards as u64,
+            "{} kept after the fall",
+            left.retained_transactions
+        );
+        // Left memory, not the log: each one still answers.
+        for id in ids {
+            let record = runtime.get(id).await.unwrap().expect("in the log");
+            assert_eq!(record.state, TxnState::Aborted);
+        }
+        runtime.shutdown(tasks, Duration::from_secs(1)).await;
     }
 
     #[tokio::test]

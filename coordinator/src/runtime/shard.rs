@@ -947,7 +947,11 @@ impl Shard {
         RetainLimits {
             retention_ms: self.config.memory_retention_ms,
             max_transactions: (self.config.max_retained_transactions / shards).max(1),
-            max_bytes: self.config.max_retained_bytes / shards,
+            max_bytes: self
+                .config
+                .max_retained_bytes
+                .min(self.config.retained_allowance.bytes())
+                / shards,
         }
     }
 
