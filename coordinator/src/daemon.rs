@@ -174,7 +174,6 @@ pub async fn run_on_listeners(
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (runtime, tasks, recovery) = Runtime::start(log.clone(), runtime_config.clone(), fatal_tx)?;
     tracing::info!(resumed = recovery.resumed, "recovered the decision log");
-    let governing = tokio::spawn(memory::govern(governor, runtime.clone(), metrics));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -217,6 +216,12 @@ pub async fn run_on_listeners(
     let purger = tokio::spawn(purge_periodically(
         runtime.clone(),
         runtime_config.log_retention_ms,
+    ));
+    let governing = tokio::spawn(memory::govern(
+        governor,
+        runtime.clone(),
+        metrics,
+        stopping_rx.clone(),
     ));
 
     if announce {

@@ -12,15 +12,18 @@ use treaty_coordinator::daemon;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Asks the kernel for no transparent huge pages in this process (and the children it
-/// starts). mimalloc advises them for its arenas, and a huge page is resident whole for
-/// any byte of it in use: with them, the coordinator's resident set stood about 70 MiB
-/// higher for the same work, over its memory budget (docs/PERFORMANCE.md, "Memory").
-/// Where the kernel has no such switch, nothing changes.
+/// Asks the kernel for no transparent huge pages in this process and the children it
+/// starts (the kernel's switch is per process; regions mimalloc already advised get no
+/// more huge pages from here on). Only for the servers and the bench: `treaty tck`
+/// starts the user's participant, which keeps its own setting. mimalloc advises huge
+/// pages for its arenas, and a huge page is resident whole for any byte of it in use:
+/// with them, the coordinator's resident set stood about 70 MiB higher for the same
+/// work, over its memory budget (docs/PERFORMANCE.md, "Memory"). Off Linux, nothing
+/// changes.
 fn no_transparent_huge_pages() {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[cfg(target_os = "linux")]
     if let Err(error) = nix::sys::prctl::set_thp_disable(true) {
-        eprintln!("treaty: transparent huge pages stay on: {error}");
+        tracing::warn!(%error, "transparent huge pages stay on");
     }
 }
 
@@ -60,7 +63,6 @@ fn init_tracing(cli: &Cli) -> anyhow::Result<Option<()>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    no_transparent_huge_pages();
     // The matches are kept: `serve --config` needs to know which settings a flag or an
     // environment variable gave (those win over the file).
     let matches = Cli::command().get_matches();
@@ -71,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve(args) => {
+            no_transparent_huge_pages();
             let serve_matches = matches
                 .subcommand_matches("serve")
                 .ok_or_else(|| anyhow::anyhow!("serve parsed without its arguments"))?;
@@ -84,8 +87,14 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = daemon::shutdown_signal();
             daemon::run(config, shutdown).await?;
         }
-        Command::Bench(args) => treaty_coordinator::bench::run(args).await?,
-        Command::BenchParticipant(args) => treaty_coordinator::bench::run_participant(args).await?,
+        Command::Bench(args) => {
+            no_transparent_huge_pages();
+            treaty_coordinator::bench::run(args).await?
+        }
+        Command::BenchParticipant(args) => {
+            no_transparent_huge_pages();
+            treaty_coordinator::bench::run_participant(args).await?
+        }
         Command::Txn {
             coordinator,
             command,

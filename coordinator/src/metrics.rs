@@ -325,7 +325,7 @@ impl Metrics {
         let retained_allowance_bytes = Gauge::default();
         registry.register_with_unit(
             "treaty_retained_transactions_allowed",
-            "What final transactions kept in memory may hold now: their share of the budget, lowered while the resident set is over 15/16 of the budget",
+            "What final transactions kept in memory may hold now: their share of the budget, lowered once the resident set passes 15/16 of the budget and raised again under 7/8",
             Unit::Bytes,
             retained_allowance_bytes.clone(),
         );
@@ -352,9 +352,13 @@ impl Metrics {
         }
     }
 
-    /// The memory governor's last reading of the resident set and the allowance it set.
-    pub fn memory_governed(&self, resident_bytes: u64, allowance_bytes: usize) {
+    /// Shows the memory governor's last reading of the resident set.
+    pub fn set_resident_memory(&self, resident_bytes: u64) {
         self.resident_bytes.set(to_i64(resident_bytes));
+    }
+
+    /// Shows what finished transactions kept in memory may hold now.
+    pub fn set_retained_allowance(&self, allowance_bytes: usize) {
         self.retained_allowance_bytes
             .set(to_i64(allowance_bytes as u64));
     }

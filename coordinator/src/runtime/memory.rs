@@ -6,20 +6,24 @@
 //! [`SAMPLE_INTERVAL`] and moves the bytes those transactions may hold (the allowance) so
 //! that the resident set stays under a ceiling a little below the budget:
 //! - above the ceiling (15/16 of the budget), the allowance falls by the excess, from
-//!   what the kept transactions hold if that is less. After a fall it waits
-//!   [`SETTLE_SAMPLES`] readings before it falls again: memory freed and not yet handed
+//!   what the kept transactions hold if that is less. The next [`SETTLE_SAMPLES`]
+//!   readings after a fall cannot make it fall again: memory freed and not yet handed
 //!   back by the allocator must not be taken out twice.
 //! - below the floor (7/8 of the budget), it rises by half the room under the ceiling.
 //!
-//! Invariants: the allowance is never above the configured share (`max_retained_bytes`)
-//! and never below zero (each shard still keeps its latest final transaction, as
-//! `retained.rs` says); a shard applies a lower allowance at its next housekeeping (every
-//! second) or when its next transaction ends, whichever comes first. Where the resident
-//! set cannot be read (no `/proc`), the allowance stays at the share.
+//! Invariants: the allowance is never above the configured share (`max_retained_bytes`);
+//! at zero, each shard still keeps what ended in the last second (`retained.rs`), so that
+//! a lazily written final record is in the log before its transaction leaves memory. A
+//! shard applies a lower allowance at its next housekeeping (every second) or when its
+//! next transaction ends, whichever comes first. Where the resident set cannot be read
+//! (no `/proc`), the allowance stays at the share. The governor ends when the daemon
+//! stops (or its stop signal is dropped).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use super::Runtime;
 use crate::metrics::Metrics;
@@ -42,6 +46,7 @@ impl Default for RetainedAllowance {
 }
 
 impl RetainedAllowance {
+    /// What finished transactions may hold now, all shards together.
     pub fn bytes(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
@@ -58,7 +63,7 @@ pub struct Governor {
     floor_bytes: u64,
     share_bytes: usize,
     allowance: RetainedAllowance,
-    /// Readings still to wait before the next fall.
+    /// Readings still to come before the allowance may fall again.
     settling: u32,
 }
 
@@ -99,7 +104,7 @@ impl Governor {
                     .saturating_sub(excess)
             }
         } else {
-            self.settling = 0;
+            self.settling = self.settling.saturating_sub(1);
             if resident_bytes < self.floor_bytes {
                 let room = usize::try_from((self.ceiling_bytes - resident_bytes) / 2)
                     .unwrap_or(usize::MAX);
@@ -131,9 +136,15 @@ pub fn resident_bytes_of(pid: Option<u32>) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Runs `governor` until the runtime shuts down, reading the resident set every
-/// [`SAMPLE_INTERVAL`] and showing it and the allowance on `/metrics`.
-pub async fn govern(mut governor: Governor, runtime: Runtime, metrics: Arc<Metrics>) {
+/// Runs `governor` until `stopping` says so (or its sender is gone), reading the resident
+/// set every [`SAMPLE_INTERVAL`] and showing it and the allowance on `/metrics`.
+pub async fn govern(
+    mut governor: Governor,
+    runtime: Runtime,
+    metrics: Arc<Metrics>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    metrics.set_retained_allowance(governor.allowance.bytes());
     if resident_bytes().is_none() {
         tracing::info!(
             "the resident set cannot be read here: final transactions kept in memory are bounded by their share of the budget alone"
@@ -143,7 +154,10 @@ pub async fn govern(mut governor: Governor, runtime: Runtime, metrics: Arc<Metri
     let mut ticks = tokio::time::interval(SAMPLE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopping.wait_for(|stopping| *stopping) => return,
+        }
         let Some(resident) = resident_bytes() else {
             continue;
         };
@@ -166,7 +180,8 @@ pub async fn govern(mut governor: Governor, runtime: Runtime, metrics: Arc<Metri
                 "resident memory over the budget's ceiling: keeping fewer final transactions in memory"
             );
         }
-        metrics.memory_governed(resident, allowance);
+        metrics.set_retained_allowance(allowance);
+        metrics.set_resident_memory(resident);
     }
 }
 
@@ -192,12 +207,37 @@ mod tests {
     }
 
     #[test]
-    fn the_allowance_starts_at_the_share_and_stays_between_floor_and_ceiling() {
+    fn the_allowance_starts_at_the_share_and_stays_put_between_floor_and_ceiling() {
         let (mut governor, allowance) = governor();
         assert_eq!(allowance.bytes(), SHARE);
         for resident in [FLOOR, FLOOR + MIB, CEILING] {
             assert_eq!(governor.observe(resident, None), SHARE);
         }
+        // Lowered, it neither falls nor rises while the reading stays in the band.
+        let fallen = governor.observe(CEILING + 16 * MIB, Some(SHARE));
+        assert_eq!(fallen, SHARE - 16 * MIB as usize);
+        for _ in 0..10 {
+            for resident in [FLOOR, FLOOR + MIB, CEILING] {
+                assert_eq!(governor.observe(resident, None), fallen);
+            }
+        }
+    }
+
+    #[test]
+    fn a_dip_under_the_ceiling_does_not_cut_the_settling_short() {
+        let (mut governor, _) = governor();
+        let over = CEILING + 4 * MIB;
+        let fallen = governor.observe(over, Some(SHARE));
+        // Under, over, over: still within the three readings after the fall.
+        assert_eq!(governor.observe(CEILING, None), fallen);
+        assert!(!governor.would_fall(over));
+        assert_eq!(governor.observe(over, None), fallen);
+        assert_eq!(governor.observe(over, None), fallen);
+        assert!(governor.would_fall(over));
+        assert_eq!(
+            governor.observe(over, Some(fallen)),
+            fallen - 4 * MIB as usize
+        );
     }
 
     #[test]

@@ -9,11 +9,19 @@
 //!
 //! Invariants: `bytes` is the sum of the estimates of the entries kept; entries are in
 //! the order their transactions ended; every limit is at least one entry, so the
-//! latest final transaction is kept until it expires.
+//! latest final transaction is kept until it expires; the byte limit drops nothing that
+//! ended less than [`MIN_KEPT_MS`] ago, so that a transaction whose final record is
+//! written lazily leaves memory only once the log has it (the memory governor can take
+//! the byte limit to zero: `memory.rs`).
 
 use std::collections::VecDeque;
 
 use crate::model::{TxnId, UnixMs};
+
+/// How long a final transaction stays in memory at least, whatever its bytes: longer
+/// than the log takes to apply the lazy write of its final record (milliseconds, unless
+/// the log is failing, which stops the coordinator).
+pub(super) const MIN_KEPT_MS: u64 = 1_000;
 
 /// When final transactions leave memory, for one shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +77,9 @@ impl Retained {
             let too_many = self.kept.len() > max_transactions;
             // The latest one stays whatever its size: a limit below one transaction
             // would keep nothing.
-            let too_big = self.bytes > limits.max_bytes && self.kept.len() > 1;
+            let too_big = self.bytes > limits.max_bytes
+                && self.kept.len() > 1
+                && now.saturating_sub(oldest.ended_unix_ms) >= MIN_KEPT_MS;
             if !(expired || too_many || too_big) {
                 break;
             }
@@ -123,12 +133,12 @@ mod tests {
         }
         assert_eq!(retained.bytes(), 10_000);
         // 4,500 bytes allowed: 4 entries of 1,000 fit, the 6 oldest go.
-        let dropped = evicted(&mut retained, 10, limits(100, 4_500));
+        let dropped = evicted(&mut retained, MIN_KEPT_MS + 10, limits(100, 4_500));
         assert_eq!(dropped, ids[..6].to_vec());
         assert_eq!(retained.len(), 4);
         assert_eq!(retained.bytes(), 4_000);
         // Exactly at the share: nothing more goes.
-        let dropped = evicted(&mut retained, 10, limits(100, 4_000));
+        let dropped = evicted(&mut retained, MIN_KEPT_MS + 10, limits(100, 4_000));
         assert!(dropped.is_empty());
         assert_eq!(retained.len(), 4);
     }
@@ -141,7 +151,7 @@ mod tests {
             retained.push(1, *id, bytes);
         }
         // One big old entry alone is over: dropping it is enough.
-        let dropped = evicted(&mut retained, 2, limits(100, 1_000));
+        let dropped = evicted(&mut retained, MIN_KEPT_MS + 2, limits(100, 1_000));
         assert_eq!(dropped, vec![ids[0]]);
         assert_eq!(retained.bytes(), 300);
         assert_eq!(retained.len(), 3);
@@ -155,9 +165,15 @@ mod tests {
             retained.push(1, *id, 100);
         }
         // The count cap (3) is tighter than the bytes (10,000).
-        assert_eq!(evicted(&mut retained, 2, limits(3, 10_000)), ids[..7]);
+        assert_eq!(
+            evicted(&mut retained, MIN_KEPT_MS + 2, limits(3, 10_000)),
+            ids[..7]
+        );
         // The bytes (150) are tighter than the count (3).
-        assert_eq!(evicted(&mut retained, 2, limits(3, 150)), ids[7..9]);
+        assert_eq!(
+            evicted(&mut retained, MIN_KEPT_MS + 2, limits(3, 150)),
+            ids[7..9]
+        );
         assert_eq!(retained.len(), 1);
         assert_eq!(retained.bytes(), 100);
     }
@@ -168,9 +184,35 @@ mod tests {
         let mut retained = Retained::default();
         retained.push(1, ids[0], 10_000);
         retained.push(1, ids[1], 10_000);
-        assert_eq!(evicted(&mut retained, 2, limits(100, 1)), vec![ids[0]]);
+        assert_eq!(
+            evicted(&mut retained, MIN_KEPT_MS + 2, limits(100, 1)),
+            vec![ids[0]]
+        );
         assert_eq!(retained.len(), 1);
-        assert!(evicted(&mut retained, 2, limits(100, 1)).is_empty());
+        assert!(evicted(&mut retained, MIN_KEPT_MS + 2, limits(100, 1)).is_empty());
+    }
+
+    #[test]
+    fn the_byte_share_drops_nothing_that_ended_within_the_minimum() {
+        let ids = ids(3);
+        let mut retained = Retained::default();
+        retained.push(1_000, ids[0], 1_000);
+        retained.push(1_500, ids[1], 1_000);
+        retained.push(2_000, ids[2], 1_000);
+        let nothing_fits = limits(100, 0);
+        // At 1,999 every one ended less than a second ago.
+        assert!(evicted(&mut retained, 1_000 + MIN_KEPT_MS - 1, nothing_fits).is_empty());
+        assert_eq!(retained.len(), 3);
+        // Then they go as they come of age, the latest staying.
+        assert_eq!(
+            evicted(&mut retained, 1_000 + MIN_KEPT_MS, nothing_fits),
+            ids[..1]
+        );
+        assert_eq!(
+            evicted(&mut retained, 2_000 + MIN_KEPT_MS, nothing_fits),
+            ids[1..2]
+        );
+        assert_eq!(retained.len(), 1);
     }
 
     #[test]
