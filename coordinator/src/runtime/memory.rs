@@ -287,7 +287,7 @@ mod tests {
     fn below_the_floor_it_rises_by_half_the_room_up_to_the_share() {
         let (mut governor, _) = governor();
         assert_eq!(governor.observe(BUDGET * 2, Some(SHARE)), 0);
-        // Back under the ceiling: the settling ends.
+        // Under the floor it rises (the settling only holds back falls).
         let resident = CEILING - 20 * MIB;
         assert_eq!(governor.observe(resident, None), 10 * MIB as usize);
         assert_eq!(governor.observe(resident, None), 20 * MIB as usize);
