@@ -273,28 +273,32 @@ impl Cluster {
         crash_point: Option<(&str, u32)>,
         losing_answers: bool,
     ) {
-        let mut failpoints: Vec<String> = Vec::new();
-        if let Some((point, skip)) = crash_point {
-            failpoints.push(format!("{point}={skip}*off->return"));
-        }
-        if role == Role::Coordinator && losing_answers {
-            failpoints.push(LOST_ANSWERS.to_string());
-        }
-        let failpoints = failpoints.join(";");
         let (program, args, ready) = self.command(role);
-        let node = self.node_mut(role);
-        assert!(node.process.is_none(), "{role} is already running");
-        let mut envs = vec![
-            ("TREATY_LOG", "info"),
-            ("BANK_LOG", "info"),
-            ("REWARDS_LOG", "info"),
-        ];
-        if !failpoints.is_empty() {
-            envs.push(("FAILPOINTS", &failpoints));
-        }
-        let log_file = node.data_dir.with_extension("log");
+        assert!(
+            self.node(role).process.is_none(),
+            "{role} is already running"
+        );
+        let log_file = self.node(role).data_dir.with_extension("log");
+        let mut crash_point = crash_point;
         let mut last_error = String::new();
         for _ in 0..RESTART_ATTEMPTS {
+            let mut failpoints: Vec<String> = Vec::new();
+            if let Some((point, skip)) = crash_point {
+                failpoints.push(format!("{point}={skip}*off->return"));
+            }
+            if role == Role::Coordinator && losing_answers {
+                failpoints.push(LOST_ANSWERS.to_string());
+            }
+            let failpoints = failpoints.join(";");
+            let mut envs = vec![
+                ("TREATY_LOG", "info"),
+                ("BANK_LOG", "info"),
+                ("REWARDS_LOG", "info"),
+            ];
+            if !failpoints.is_empty() {
+                envs.push(("FAILPOINTS", &failpoints));
+            }
+            let node = self.node_mut(role);
             let mut args = args.clone();
             args.extend(["--listen".to_string(), node.address.to_string()]);
             match ServerProcess::start(&program, &args, &envs, ready, log_file.clone(), PATIENCE)
@@ -309,13 +313,22 @@ impl Cluster {
                 }
                 Err(error) => {
                     last_error = error.to_string();
+                    // Its recovery can reach the crash point before it announces (a
+                    // resumed saga compensating, say): that is the kill the crash point
+                    // was for. Started again with it, it would die the same way each time.
+                    if let Some((point, _)) = crash_point.take() {
+                        if last_error.contains(&format!("failpoint {point} reached")) {
+                            self.kills += 1;
+                            self.crash_point_deaths += 1;
+                        }
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
         panic!(
             "{role} did not start again on {}: {last_error}",
-            node.address
+            self.node(role).address
         );
     }
 
