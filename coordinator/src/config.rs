@@ -228,7 +228,13 @@ pub struct ConfigError {
 
 /// How `memory_budget_bytes` is split. The shares are fixed fractions so that one number
 /// is all an operator sets; each part is bounded by its own mechanism:
-/// - `log_cache_bytes` (1/4): the capacity of the log's sled page cache;
+/// - `log_bytes` (1/4): the decision log. Only `log_cache_bytes`, an eighth of it, is
+///   given to sled as the page cache of each of its databases: sled counts its cache in
+///   bytes on disk, keeps structures outside it that grow with the log (its page table,
+///   replaced nodes not yet reclaimed), and while the log compacts itself a second
+///   database with its own cache holds the rebuilt copy (docs/PERFORMANCE.md, "The
+///   log's cache"). The log's records are keyed by time, so writes and removals touch
+///   the two ends of its tree and a small cache serves them;
 /// - `retained_bytes` (1/4): finished transactions kept in memory, by their estimated
 ///   bytes (the oldest leave memory first; `max_retained_transactions` and
 ///   `memory_retention_ms` still apply, whichever comes first);
@@ -238,20 +244,26 @@ pub struct ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBudget {
     pub budget_bytes: u64,
+    pub log_bytes: u64,
+    /// sled's `cache_capacity` for each of the log's databases.
     pub log_cache_bytes: u64,
     pub retained_bytes: usize,
     pub headroom_bytes: u64,
 }
 
+/// The log's share over sled's cache capacity per database (see [`MemoryBudget`]).
+const LOG_SHARE_PER_CACHE: u64 = 8;
+
 impl MemoryBudget {
     pub fn of(budget_bytes: u64) -> Self {
-        let log_cache_bytes = budget_bytes / 4;
+        let log_bytes = budget_bytes / 4;
         let retained_bytes = budget_bytes / 4;
         Self {
             budget_bytes,
-            log_cache_bytes,
+            log_bytes,
+            log_cache_bytes: log_bytes / LOG_SHARE_PER_CACHE,
             retained_bytes: usize::try_from(retained_bytes).unwrap_or(usize::MAX),
-            headroom_bytes: budget_bytes - log_cache_bytes - retained_bytes,
+            headroom_bytes: budget_bytes - log_bytes - retained_bytes,
         }
     }
 }
@@ -695,12 +707,13 @@ mod tests {
     #[test]
     fn the_memory_budget_is_split_in_quarters_and_reaches_the_runtime() {
         let budget = MemoryBudget::of(512 * 1024 * 1024);
-        assert_eq!(budget.log_cache_bytes, 128 * 1024 * 1024);
+        assert_eq!(budget.log_bytes, 128 * 1024 * 1024);
+        assert_eq!(budget.log_cache_bytes, 16 * 1024 * 1024);
         assert_eq!(budget.retained_bytes, 128 * 1024 * 1024);
         assert_eq!(budget.headroom_bytes, 256 * 1024 * 1024);
         let odd = MemoryBudget::of(64 * 1024 * 1024 + 3);
         assert_eq!(
-            odd.log_cache_bytes + odd.retained_bytes as u64 + odd.headroom_bytes,
+            odd.log_bytes + odd.retained_bytes as u64 + odd.headroom_bytes,
             odd.budget_bytes
         );
         let mut c = config();

@@ -143,7 +143,8 @@ pub async fn run_on_listeners(
     metrics.memory_budget(&budget);
     let data_dir = config.data_dir.clone();
     let log_options = StoreOptions {
-        // The log's share of the memory budget (see `config::MemoryBudget`).
+        // An eighth of the log's share of the memory budget, per database (see
+        // `config::MemoryBudget`).
         cache_capacity_bytes: budget.log_cache_bytes,
         group_commit_hold: Duration::from_micros(config.log_group_commit_hold_us),
         group_observer: Some({

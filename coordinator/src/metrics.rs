@@ -119,7 +119,7 @@ struct CallLabels {
 #[allow(non_camel_case_types)] // label values as Prometheus users spell them
 enum BudgetPart {
     total,
-    log_cache,
+    log,
     retained,
     headroom,
 }
@@ -311,7 +311,7 @@ impl Metrics {
         let memory_budget_bytes = Family::<BudgetLabels, Gauge>::default();
         registry.register_with_unit(
             "treaty_memory_budget",
-            "The configured memory budget (part=total) and its split: the log's page cache, final transactions kept in memory, headroom for work in progress",
+            "The configured memory budget (part=total) and its split: the decision log (sled's caches and what sled keeps beside them), final transactions kept in memory, headroom for work in progress",
             Unit::Bytes,
             memory_budget_bytes.clone(),
         );
@@ -367,7 +367,7 @@ impl Metrics {
     pub fn memory_budget(&self, budget: &crate::config::MemoryBudget) {
         let parts = [
             (BudgetPart::total, budget.budget_bytes),
-            (BudgetPart::log_cache, budget.log_cache_bytes),
+            (BudgetPart::log, budget.log_bytes),
             (BudgetPart::retained, budget.retained_bytes as u64),
             (BudgetPart::headroom, budget.headroom_bytes),
         ];
@@ -577,7 +577,7 @@ mod tests {
             "treaty_retained_transactions 7",
             "treaty_retained_transactions_estimated_bytes 9000",
             "treaty_memory_budget_bytes{part=\"total\"} 400",
-            "treaty_memory_budget_bytes{part=\"log_cache\"} 100",
+            "treaty_memory_budget_bytes{part=\"log\"} 100",
             "treaty_memory_budget_bytes{part=\"retained\"} 100",
             "treaty_memory_budget_bytes{part=\"headroom\"} 200",
         ] {
