@@ -131,7 +131,7 @@ pub struct ServeConfig {
     pub max_retained_transactions: usize,
 
     /// Memory the coordinator plans to use, split as docs/CONFIG.md says: a quarter for
-    /// the log's page cache, a quarter for finished transactions kept in memory
+    /// the decision log (an eighth of it is sled's cache), a quarter for finished transactions kept in memory
     /// (estimated bytes; the oldest leave memory first, their records stay in the log),
     /// the rest headroom for work in progress and the process itself. At least 64 MiB.
     #[arg(long, env = "TREATY_MEMORY_BUDGET_BYTES", default_value_t = defaults::MEMORY_BUDGET_BYTES)]
@@ -233,8 +233,9 @@ pub struct ConfigError {
 ///   bytes on disk, keeps structures outside it that grow with the log (its page table,
 ///   replaced nodes not yet reclaimed), and while the log compacts itself a second
 ///   database with its own cache holds the rebuilt copy (docs/PERFORMANCE.md, "The
-///   log's cache"). The log's records are keyed by time, so writes and removals touch
-///   the two ends of its tree and a small cache serves them;
+///   log's cache"). Records and their index entries are keyed by time-ordered ids or
+///   end times, so writes and removals touch the ends of each key range and a small
+///   cache serves them (saga idempotency keys, chosen by clients, are the exception);
 /// - `retained_bytes` (1/4): finished transactions kept in memory, by their estimated
 ///   bytes (the oldest leave memory first; `max_retained_transactions` and
 ///   `memory_retention_ms` still apply, whichever comes first);
@@ -379,7 +380,7 @@ impl ServeConfig {
                 "memory_budget_bytes",
                 format!(
                     "{} is below the minimum of {} (64 MiB): the process itself takes \
-                     20-30 MiB, and a quarter each goes to the log's cache and to finished \
+                     20-30 MiB, and a quarter each goes to the decision log and to finished \
                      transactions kept in memory",
                     self.memory_budget_bytes,
                     defaults::MIN_MEMORY_BUDGET_BYTES
