@@ -131,9 +131,10 @@ pub struct ServeConfig {
     pub max_retained_transactions: usize,
 
     /// Memory the coordinator plans to use, split as docs/CONFIG.md says: a quarter for
-    /// the decision log (an eighth of it is sled's cache), a quarter for finished transactions kept in memory
-    /// (estimated bytes; the oldest leave memory first, their records stay in the log),
-    /// the rest headroom for work in progress and the process itself. At least 64 MiB.
+    /// the decision log (an eighth of it is sled's cache), a quarter for finished
+    /// transactions kept in memory (estimated bytes; the oldest leave memory first, their
+    /// records stay in the log), the rest headroom for work in progress and the process
+    /// itself. At least 64 MiB.
     #[arg(long, env = "TREATY_MEMORY_BUDGET_BYTES", default_value_t = defaults::MEMORY_BUDGET_BYTES)]
     pub memory_budget_bytes: u64,
 
