@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::observe;
 use super::workload::Tally;
 
 /// Most samples kept (a sample a second for more than a day).
@@ -75,7 +74,7 @@ pub async fn sample(
     let mut samples = Vec::new();
     let mut taken = 0;
     loop {
-        if let Some(rss_bytes) = observe::rss_bytes(pid) {
+        if let Some(rss_bytes) = crate::runtime::memory::resident_bytes_of(pid) {
             taken += 1;
             if samples.len() < MAX_SAMPLES {
                 samples.push(RssSample {

@@ -398,7 +398,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         let load = workload::run(workload, &targets, &options, tally.clone()).await?;
         settle(&cluster).await;
         let after = observe::Snapshot::take(&cluster).await?;
-        let rss_bytes = coordinator_pid.and_then(observe::rss_bytes);
+        let rss_bytes = coordinator_pid.and_then(crate::runtime::memory::resident_bytes_of);
         let figures = report::WorkloadReport::new(
             workload,
             &load,

@@ -163,11 +163,6 @@ pub fn cpu_us(process: &Observed) -> Option<u64> {
     Some((utime + stime) * (1_000_000 / CLOCK_TICKS_PER_S))
 }
 
-/// Resident set size of the process now, in bytes (`VmRSS`).
-pub fn rss_bytes(pid: Option<u32>) -> Option<u64> {
-    crate::runtime::memory::resident_bytes_of(pid)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,7 +189,7 @@ mod tests {
         };
         if cfg!(target_os = "linux") {
             assert!(cpu_us(&this).is_some());
-            assert!(rss_bytes(None).is_some_and(|bytes| bytes > 0));
+            assert!(crate::runtime::memory::resident_bytes_of(None).is_some_and(|bytes| bytes > 0));
         }
     }
 }
