@@ -51,6 +51,12 @@ impl DecisionLog for GatedLog {
     fn purge_ended_before(&self, cutoff: UnixMs, max: usize) -> Result<usize, LogError> {
         self.inner.purge_ended_before(cutoff, max)
     }
+    fn finished_count(&self) -> u64 {
+        self.inner.finished_count()
+    }
+    fn purge_finished_beyond(&self, keep: u64, max: usize) -> Result<usize, LogError> {
+        self.inner.purge_finished_beyond(keep, max)
+    }
     fn forget(&self, record: &TxnRecord) -> LogWrite {
         self.inner.forget(record)
     }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{DecisionLog, Durability, LogError, LogWrite};
+use super::{DecisionLog, Durability, LogError, LogWrite, held_for_retention};
 use crate::model::{TxnId, TxnRecord, UnixMs};
 
 #[derive(Debug, Default)]
@@ -34,6 +34,21 @@ impl MemoryLog {
         // mutation is a single insert or remove.
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The final records that have an end and pass `which`, oldest end first: the ones
+/// purges delete.
+fn finished_by_end(
+    records: &BTreeMap<TxnId, TxnRecord>,
+    which: impl Fn(&TxnRecord) -> bool,
+) -> Vec<(UnixMs, TxnId)> {
+    let mut ended: Vec<(UnixMs, TxnId)> = records
+        .values()
+        .filter(|r| r.state.is_final() && which(r))
+        .filter_map(|r| r.ended_unix_ms.map(|ended| (ended, r.id)))
+        .collect();
+    ended.sort();
+    ended
 }
 
 impl DecisionLog for MemoryLog {
@@ -83,14 +98,24 @@ impl DecisionLog for MemoryLog {
 
     fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError> {
         let mut records = self.records();
-        let mut ended: Vec<(UnixMs, TxnId)> = records
-            .values()
-            .filter(|r| r.state.is_final())
-            .filter_map(|r| r.ended_unix_ms.map(|ended| (ended, r.id)))
-            .filter(|(ended, _)| *ended < cutoff_unix_ms)
-            .collect();
-        ended.sort();
+        let mut ended = finished_by_end(&records, |_| true);
+        ended.retain(|(ended, _)| *ended < cutoff_unix_ms);
         ended.truncate(max);
+        for (_, id) in &ended {
+            records.remove(id);
+        }
+        Ok(ended.len())
+    }
+
+    fn finished_count(&self) -> u64 {
+        finished_by_end(&self.records(), |r| !held_for_retention(r)).len() as u64
+    }
+
+    fn purge_finished_beyond(&self, keep: u64, max: usize) -> Result<usize, LogError> {
+        let mut records = self.records();
+        let mut ended = finished_by_end(&records, |r| !held_for_retention(r));
+        let excess = (ended.len() as u64).saturating_sub(keep);
+        ended.truncate(usize::try_from(excess).unwrap_or(usize::MAX).min(max));
         for (_, id) in &ended {
             records.remove(id);
         }

@@ -14,10 +14,11 @@ use std::pin::Pin;
 
 use crate::model::{TxnId, TxnRecord, UnixMs};
 
+mod finished;
 pub mod memory;
 pub mod sled_log;
 #[cfg(test)]
-mod suite;
+pub(crate) mod suite;
 pub mod verify;
 
 pub use memory::MemoryLog;
@@ -34,6 +35,21 @@ pub enum LogError {
     Closed,
     #[error("the record of {id} needs {bytes} bytes even without its history")]
     TooLarge { id: String, bytes: usize },
+}
+
+/// Whether a final record stays for the whole log retention even beyond the count the
+/// memory budget sets ([`DecisionLog::purge_finished_beyond`]), because someone may still
+/// rely on it then: a saga's idempotency key answers a resubmit for as long as its record
+/// is kept, a branch an operator resolved may still be in doubt at its participant,
+/// which asks the coordinator for the outcome when it comes back (presumed abort would
+/// answer ABORT without the record), and a heuristic outcome is what an operator reads
+/// (`treaty txn report`) and settles.
+pub fn held_for_retention(record: &TxnRecord) -> bool {
+    record.idempotency_key.is_some()
+        || record
+            .branches
+            .iter()
+            .any(|b| b.resolution.is_some() || b.heuristic.is_some())
 }
 
 /// Resolves when a [`DecisionLog::write`] is done (see its contract).
@@ -71,6 +87,17 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     /// Deletes up to `max` final records that ended before `cutoff_unix_ms`, oldest
     /// first; returns how many. Unfinished records are never deleted.
     fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError>;
+
+    /// How many final records the log keeps that [`held_for_retention`] does not hold.
+    /// Never fewer than it holds: an implementation that counts may count a final record
+    /// written twice in quick succession twice, until it is reopened (it then purges
+    /// early, never late).
+    fn finished_count(&self) -> u64;
+
+    /// Deletes up to `max` final records, oldest (by end) first, while more than `keep`
+    /// are counted; returns how many. Unfinished records, and final ones
+    /// [`held_for_retention`] holds, are never deleted by it.
+    fn purge_finished_beyond(&self, keep: u64, max: usize) -> Result<usize, LogError>;
 
     /// Deletes `record`'s transaction and its index entries, durably, after every write
     /// issued before (an operator's `forget`; the runtime only forgets final

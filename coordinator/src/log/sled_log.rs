@@ -6,8 +6,15 @@
 //! batch:
 //! - `t/<id: 16 bytes>` → the record (a format byte, then postcard: see `encode`);
 //! - `u/<id>` → empty, while the record's state is not final (recovery reads these);
-//! - `e/<ended_unix_ms: 8 bytes big-endian><id>` → empty, for final records (retention);
+//! - `e/<ended_unix_ms: 8 bytes big-endian><id>` → empty, for final records (retention
+//!   and the count);
+//! - `h/<ended_unix_ms><id>` → empty, instead, for final records
+//!   [`held_for_retention`](super::held_for_retention) (retention only);
 //! - `k/<idempotency key>` → the id of the saga submitted with that key.
+//!
+//! The log counts its final records not held (`e/` entries): exactly at open, then as it
+//! writes and purges them (`finished.rs` says how, and when the count may be high), so a
+//! purge by count ([`DecisionLog::purge_finished_beyond`]) deletes early, never late.
 //!
 //! Records are bounded (`MAX_RECORD_BYTES`): branches carry no payload, and the API
 //! bounds branch count, id, endpoint and reason lengths. sled still writes blob files for
@@ -18,7 +25,8 @@ use std::sync::Arc;
 
 use treaty_sdk::durable::{Durability, DurableStore, StoreError, StoreOptions, WriteBatch};
 
-use super::{DecisionLog, LogError, LogWrite};
+use super::finished::FinishedCount;
+use super::{DecisionLog, LogError, LogWrite, held_for_retention};
 use crate::model::{OperatorResolution, TxnId, TxnRecord, UnixMs};
 
 /// Format 3: the record, its owner, then each branch's heuristic answer and operator
@@ -37,11 +45,14 @@ pub const MAX_RECORD_BYTES: usize = 96 * 1024;
 const RECORD: u8 = b't';
 const UNFINISHED: u8 = b'u';
 const ENDED: u8 = b'e';
+const HELD: u8 = b'h';
 const KEY: u8 = b'k';
 
 #[derive(Debug, Clone)]
 pub struct SledLog {
     store: Arc<DurableStore>,
+    /// `e/` entries: counted at open, then kept up to date.
+    finished: Arc<FinishedCount>,
 }
 
 impl SledLog {
@@ -49,10 +60,87 @@ impl SledLog {
         Self::open_with(dir, StoreOptions::default())
     }
 
+    /// Opens the log; counting its final records takes about a second per million.
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, LogError> {
+        let store = DurableStore::open(dir, options)?;
+        let mut finished = 0;
+        for entry in store.db().scan_prefix([ENDED]).keys() {
+            entry.map_err(read_error)?;
+            finished += 1;
+        }
         Ok(Self {
-            store: Arc::new(DurableStore::open(dir, options)?),
+            store: Arc::new(store),
+            finished: Arc::new(FinishedCount::new(finished)),
         })
+    }
+
+    /// Deletes up to `max` final records whose `prefix` entries (`e/` or `h/`) sort
+    /// before `end` (`None`: all), oldest first, with their records and idempotency keys;
+    /// returns how many records it deleted. With `release_held`, a record
+    /// [`held_for_retention`] is not deleted: its `e/` entry (written before there were
+    /// `h/` ones, or before a heuristic answer came) becomes an `h/` one. Purges must not
+    /// run concurrently (the daemon has one purger).
+    fn purge_oldest(
+        &self,
+        prefix: u8,
+        end: Option<UnixMs>,
+        max: usize,
+        release_held: bool,
+    ) -> Result<usize, LogError> {
+        let emptying = end.is_none();
+        let end = match end {
+            Some(cutoff) => ended_key(prefix, cutoff, &TxnId::from_bytes([0; 16])),
+            None => vec![prefix + 1],
+        };
+        let mut batch = WriteBatch::new();
+        let mut purged = 0;
+        let mut found = 0;
+        let mut counted_entries = Vec::new();
+        for entry in self.store.db().range(vec![prefix]..end).take(max) {
+            let (index_key, _) = entry.map_err(read_error)?;
+            let id = indexed_id(&index_key, 9, "ended")?;
+            let record = self.get(&id)?;
+            found += 1;
+            batch.remove(index_key.to_vec());
+            if prefix == ENDED {
+                counted_entries.push(index_key.to_vec());
+            }
+            let Some(record) = record else {
+                // An entry left without its record: nothing else to delete.
+                continue;
+            };
+            if release_held && held_for_retention(&record) {
+                let mut held = index_key.to_vec();
+                held[0] = HELD;
+                batch.insert(held, Vec::new());
+                continue;
+            }
+            if let Some(idempotency) = &record.idempotency_key {
+                batch.remove(idempotency_key(idempotency));
+            }
+            batch.remove(key(RECORD, &id));
+            purged += 1;
+        }
+        if batch.is_empty() {
+            if emptying {
+                self.finished.removed(&[], true, true);
+            }
+            return Ok(purged);
+        }
+        // Forgetting is lazy: a purge lost in a crash is simply done again.
+        let ticket = self.finished.removing(&counted_entries, || {
+            self.store.write(batch, Durability::Lazy)
+        });
+        let applied = futures::executor::block_on(ticket);
+        self.finished
+            .removed(&counted_entries, applied.is_ok(), emptying && found < max);
+        applied?;
+        Ok(purged)
+    }
+
+    /// Whether the log has applied `key` (a write still queued is not seen).
+    fn holds(&self, key: &[u8]) -> Result<bool, LogError> {
+        self.store.db().contains_key(key).map_err(read_error)
     }
 
     /// The store underneath, for integrity checks (`treaty log verify`).
@@ -77,12 +165,25 @@ fn key(prefix: u8, id: &TxnId) -> Vec<u8> {
     key
 }
 
-fn ended_key(ended_unix_ms: UnixMs, id: &TxnId) -> Vec<u8> {
+/// The `e/` entry of a final record, or its `h/` one (`prefix`).
+fn ended_key(prefix: u8, ended_unix_ms: UnixMs, id: &TxnId) -> Vec<u8> {
     let mut key = Vec::with_capacity(25);
-    key.push(ENDED);
+    key.push(prefix);
     key.extend_from_slice(&ended_unix_ms.to_be_bytes());
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+/// The id an index entry ends with, from byte `id_at` on (`index` names the index).
+fn indexed_id(index_key: &[u8], id_at: usize, index: &str) -> Result<TxnId, LogError> {
+    let id_bytes: [u8; 16] = index_key
+        .get(id_at..)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| LogError::Corrupt {
+            key: format!("{index_key:02x?}"),
+            message: format!("{index}-index key of the wrong length"),
+        })?;
+    Ok(TxnId::from_bytes(id_bytes))
 }
 
 fn idempotency_key(key: &str) -> Vec<u8> {
@@ -182,10 +283,16 @@ impl DecisionLog for SledLog {
         }
         let mut batch = WriteBatch::new();
         batch.insert(key(RECORD, &record.id), encoded);
+        // The `e/` entry of a final record that is counted, added to `batch` when counted.
+        let mut counted = None;
         if record.state.is_final() {
             batch.remove(key(UNFINISHED, &record.id));
             if let Some(ended) = record.ended_unix_ms {
-                batch.insert(ended_key(ended, &record.id), Vec::new());
+                if held_for_retention(record) {
+                    batch.insert(ended_key(HELD, ended, &record.id), Vec::new());
+                } else {
+                    counted = Some(ended_key(ENDED, ended, &record.id));
+                }
             }
         } else {
             batch.insert(key(UNFINISHED, &record.id), Vec::new());
@@ -193,7 +300,17 @@ impl DecisionLog for SledLog {
         if let Some(idempotency) = &record.idempotency_key {
             batch.insert(idempotency_key(idempotency), record.id.as_bytes().to_vec());
         }
-        let ticket = self.store.write(batch, durability);
+        let ticket = match counted {
+            Some(index_key) => self.finished.write(
+                &index_key,
+                || self.holds(&index_key),
+                || {
+                    batch.insert(index_key.clone(), Vec::new());
+                    self.store.write(batch, durability)
+                },
+            ),
+            None => self.store.write(batch, durability),
+        };
         Box::pin(async move { Ok(ticket.await?) })
     }
 
@@ -211,11 +328,7 @@ impl DecisionLog for SledLog {
         let mut records = Vec::new();
         for entry in self.store.db().scan_prefix([UNFINISHED]) {
             let (index_key, _) = entry.map_err(read_error)?;
-            let id_bytes: [u8; 16] = index_key[1..].try_into().map_err(|_| LogError::Corrupt {
-                key: format!("{index_key:02x?}"),
-                message: "unfinished-index key of the wrong length".into(),
-            })?;
-            let id = TxnId::from_bytes(id_bytes);
+            let id = indexed_id(&index_key, 1, "unfinished")?;
             match self.get(&id)? {
                 Some(record) => records.push(record),
                 None => {
@@ -248,31 +361,22 @@ impl DecisionLog for SledLog {
     }
 
     fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError> {
-        let end = ended_key(cutoff_unix_ms, &TxnId::from_bytes([0; 16]));
-        let mut batch = WriteBatch::new();
-        let mut purged = 0;
-        for entry in self.store.db().range(vec![ENDED]..end).take(max) {
-            let (index_key, _) = entry.map_err(read_error)?;
-            let id_bytes: [u8; 16] = index_key[9..].try_into().map_err(|_| LogError::Corrupt {
-                key: format!("{index_key:02x?}"),
-                message: "ended-index key of the wrong length".into(),
-            })?;
-            let id = TxnId::from_bytes(id_bytes);
-            if let Some(record) = self.get(&id)? {
-                if let Some(idempotency) = &record.idempotency_key {
-                    batch.remove(idempotency_key(idempotency));
-                }
-            }
-            batch.remove(index_key.to_vec());
-            batch.remove(key(RECORD, &id));
-            purged += 1;
+        let purged = self.purge_oldest(ENDED, Some(cutoff_unix_ms), max, false)?;
+        let max = max.saturating_sub(purged);
+        Ok(purged + self.purge_oldest(HELD, Some(cutoff_unix_ms), max, false)?)
+    }
+
+    fn finished_count(&self) -> u64 {
+        self.finished.get()
+    }
+
+    fn purge_finished_beyond(&self, keep: u64, max: usize) -> Result<usize, LogError> {
+        let excess = self.finished_count().saturating_sub(keep);
+        if excess == 0 {
+            return Ok(0);
         }
-        if purged > 0 {
-            // Forgetting is lazy: a purge lost in a crash is simply done again.
-            let ticket = self.store.write(batch, Durability::Lazy);
-            futures::executor::block_on(ticket)?;
-        }
-        Ok(purged)
+        let max = usize::try_from(excess).unwrap_or(max).min(max);
+        self.purge_oldest(ENDED, None, max, true)
     }
 
     fn forget(&self, record: &TxnRecord) -> LogWrite {
@@ -281,7 +385,11 @@ impl DecisionLog for SledLog {
         batch.remove(key(RECORD, id));
         batch.remove(key(UNFINISHED, id));
         if let Some(ended) = record.ended_unix_ms {
-            batch.remove(ended_key(ended, id));
+            // Still counted (see `finished.rs`).
+            let index_key = ended_key(ENDED, ended, id);
+            self.finished.forgotten(&index_key);
+            batch.remove(index_key);
+            batch.remove(ended_key(HELD, ended, id));
         }
         if let Some(idempotency) = &record.idempotency_key {
             batch.remove(idempotency_key(idempotency));
@@ -415,6 +523,91 @@ mod tests {
             log.purge_ended_before(1_700_000_002_000, 10_000).unwrap(),
             167
         );
+    }
+
+    #[tokio::test]
+    async fn a_final_record_written_twice_at_once_is_counted_once() {
+        use crate::model::TxnState;
+        let mut harness = harness();
+        let log = harness.open();
+        let mut done = suite::record(1_700_000_000_000, TxnState::Committed);
+        done.ended_unix_ms = Some(1_700_000_000_100);
+        // As a saga's last step does: lazily, then forced, both issued before either
+        // is applied.
+        let first = log.write(&done, Durability::Lazy);
+        let second = log.write(&done, Durability::Forced);
+        first.await.unwrap();
+        second.await.unwrap();
+        assert_eq!(log.finished_count(), 1);
+        // Once applied, written again.
+        log.write(&done, Durability::Lazy).await.unwrap();
+        assert_eq!(log.finished_count(), 1);
+        assert_eq!(log.purge_finished_beyond(0, 10).unwrap(), 1);
+        assert_eq!(log.finished_count(), 0);
+        // Written again after its purge: counted again.
+        log.write(&done, Durability::Lazy).await.unwrap();
+        assert_eq!(log.finished_count(), 1);
+        let log = harness.reopen(log);
+        assert_eq!(log.finished_count(), 1, "counted exactly at open");
+    }
+
+    #[tokio::test]
+    async fn a_count_left_high_by_a_forget_comes_down_when_the_entries_run_out() {
+        use crate::model::TxnState;
+        let mut harness = harness();
+        let log = harness.open();
+        let mut records = Vec::new();
+        for i in 0..3 {
+            let mut done = suite::record(1_700_000_000_000 + i, TxnState::Committed);
+            done.ended_unix_ms = Some(1_700_000_000_100 + i);
+            log.write(&done, Durability::Forced).await.unwrap();
+            records.push(done);
+        }
+        log.forget(&records[2]).await.unwrap();
+        assert_eq!(log.finished_count(), 3, "a forgotten record stays counted");
+        // Keep 1: deletes the two oldest (one early, for the forgotten one), and the
+        // count, high, stays above what is left until the entries run out.
+        assert_eq!(log.purge_finished_beyond(1, 10).unwrap(), 2);
+        assert_eq!(log.finished_count(), 1);
+        assert_eq!(log.purge_finished_beyond(0, 10).unwrap(), 0);
+        assert_eq!(
+            log.finished_count(),
+            0,
+            "nothing left, and nothing written since"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_record_indexed_before_there_were_held_entries_is_kept_by_the_count() {
+        use crate::model::TxnState;
+        let dir = tempfile::tempdir().unwrap();
+        let mut saga = suite::record(1_700_000_000_000, TxnState::Completed);
+        saga.idempotency_key = Some("order-1".into());
+        saga.ended_unix_ms = Some(1_700_000_000_100);
+        // As an earlier version wrote it: under `e/`.
+        let mut batch = WriteBatch::new();
+        batch.insert(key(RECORD, &saga.id), encode(&saga));
+        batch.insert(ended_key(ENDED, 1_700_000_000_100, &saga.id), Vec::new());
+        batch.insert(idempotency_key("order-1"), saga.id.as_bytes().to_vec());
+        let earlier = SledLog::open(dir.path()).unwrap();
+        earlier
+            .store()
+            .write(batch, Durability::Forced)
+            .await
+            .unwrap();
+        earlier.close().unwrap();
+        drop(earlier);
+        let sled_log = SledLog::open(dir.path()).unwrap();
+        assert_eq!(sled_log.finished_count(), 1);
+        assert_eq!(sled_log.purge_finished_beyond(0, 10).unwrap(), 0);
+        assert_eq!(sled_log.finished_count(), 0);
+        assert_eq!(sled_log.find_by_key("order-1").unwrap(), Some(saga.id));
+        // Now under `h/`: the retention purges it.
+        assert_eq!(
+            sled_log.purge_ended_before(1_700_000_001_000, 10).unwrap(),
+            1
+        );
+        assert_eq!(sled_log.find_by_key("order-1").unwrap(), None);
     }
 
     #[test]

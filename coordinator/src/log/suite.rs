@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use super::{DecisionLog, Durability};
+use super::{DecisionLog, Durability, held_for_retention};
 use crate::model::{
-    BranchRecord, BranchState, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
+    BranchRecord, BranchState, OperatorResolution, Resolution, Transition, TxnId, TxnKind,
+    TxnRecord, TxnState, UnixMs,
 };
 
 /// Opens the log under test, and reopens its storage as a restarted coordinator would.
@@ -135,6 +136,75 @@ pub async fn purge_removes_only_old_final_records(harness: &mut dyn LogHarness) 
     assert_eq!(log.unfinished().unwrap(), vec![unfinished]);
 }
 
+pub async fn purge_by_count_keeps_the_newest_final_records(harness: &mut dyn LogHarness) {
+    let log = harness.open();
+    // Ids in one order, ends in the reverse one: the oldest end goes first.
+    let finished: Vec<TxnRecord> = (0..6)
+        .map(|i| ended(record(T0 + i, TxnState::Committing), T0 + 10_000 - i * 100))
+        .collect();
+    let unfinished = record(T0 + 10, TxnState::Committing);
+    for r in finished.iter().chain([&unfinished]) {
+        log.write(r, Durability::Forced).await.unwrap();
+    }
+    // Written again once applied: still one final record.
+    log.write(&finished[0], Durability::Lazy).await.unwrap();
+    assert_eq!(log.finished_count(), 6);
+    assert_eq!(log.purge_finished_beyond(4, 1).unwrap(), 1);
+    assert_eq!(log.get(&finished[5].id).unwrap(), None);
+    assert_eq!(log.purge_finished_beyond(4, 10).unwrap(), 1);
+    assert_eq!(log.get(&finished[4].id).unwrap(), None);
+    assert_eq!(log.purge_finished_beyond(4, 10).unwrap(), 0);
+    assert_eq!(log.finished_count(), 4);
+
+    let log = harness.reopen(log);
+    assert_eq!(log.finished_count(), 4);
+    for r in &finished[..4] {
+        assert_eq!(log.get(&r.id).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(log.unfinished().unwrap(), vec![unfinished]);
+    assert_eq!(log.purge_finished_beyond(0, 10).unwrap(), 4);
+    assert_eq!(log.finished_count(), 0);
+    assert_eq!(log.scan(None, 10).unwrap().len(), 1);
+}
+
+pub async fn purge_by_count_leaves_what_someone_may_still_ask_for(harness: &mut dyn LogHarness) {
+    let log = harness.open();
+    let mut keyed = ended(record(T0, TxnState::Running), T0 + 100);
+    keyed.kind = TxnKind::Saga;
+    keyed.state = TxnState::Completed;
+    keyed.idempotency_key = Some("order-9".into());
+    let mut resolved = ended(record(T0 + 1, TxnState::Committing), T0 + 200);
+    resolved.branches[0].resolution = Some(OperatorResolution {
+        outcome: Resolution::Commit,
+        by: "ops".into(),
+        at_unix_ms: T0 + 150,
+        reason: "applied by hand".into(),
+    });
+    let mut heuristic = ended(record(T0 + 3, TxnState::Committing), T0 + 250);
+    heuristic.branches[0].heuristic = Some("rolled back on its own".into());
+    let plain = ended(record(T0 + 2, TxnState::Committing), T0 + 300);
+    for r in [&keyed, &resolved, &heuristic, &plain] {
+        log.write(r, Durability::Forced).await.unwrap();
+    }
+    assert!(
+        [&keyed, &resolved, &heuristic]
+            .iter()
+            .all(|r| held_for_retention(r))
+    );
+    assert_eq!(log.finished_count(), 1, "held records are not counted");
+    assert_eq!(log.purge_finished_beyond(0, 10).unwrap(), 1);
+    assert_eq!(log.get(&plain.id).unwrap(), None);
+    let log = harness.reopen(log);
+    assert_eq!(log.finished_count(), 0);
+    assert_eq!(log.get(&resolved.id).unwrap(), Some(resolved));
+    assert_eq!(log.get(&heuristic.id).unwrap(), Some(heuristic));
+    assert_eq!(log.find_by_key("order-9").unwrap(), Some(keyed.id));
+    // The retention still ends them.
+    assert_eq!(log.purge_ended_before(T0 + 1_000, 10).unwrap(), 3);
+    assert_eq!(log.find_by_key("order-9").unwrap(), None);
+    assert!(log.scan(None, 10).unwrap().is_empty());
+}
+
 pub async fn concurrent_forced_writes_are_all_durable(harness: &mut dyn LogHarness) {
     let log = harness.open();
     let records: Vec<_> = (0..200)
@@ -192,8 +262,10 @@ pub async fn forget_removes_a_record_and_its_key_for_good(harness: &mut dyn LogH
     assert_eq!(log.get(&saga.id).unwrap(), None);
     assert_eq!(log.find_by_key("order-7").unwrap(), None);
     assert_eq!(log.get(&other.id).unwrap(), Some(other.clone()));
+    assert_eq!(log.finished_count(), 1);
     // Its retention entry went with it: only the other one is purged.
     assert_eq!(log.purge_ended_before(T0 + 1_000, 10).unwrap(), 1);
+    assert_eq!(log.finished_count(), 0);
 }
 
 pub async fn writes_after_close_are_refused(harness: &mut dyn LogHarness) {
@@ -236,6 +308,16 @@ macro_rules! decision_log_suite {
             #[tokio::test]
             async fn purge_removes_only_old_final_records() {
                 suite::purge_removes_only_old_final_records(&mut $harness()).await;
+            }
+
+            #[tokio::test]
+            async fn purge_by_count_keeps_the_newest_final_records() {
+                suite::purge_by_count_keeps_the_newest_final_records(&mut $harness()).await;
+            }
+
+            #[tokio::test]
+            async fn purge_by_count_leaves_what_someone_may_still_ask_for() {
+                suite::purge_by_count_leaves_what_someone_may_still_ask_for(&mut $harness()).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
