@@ -236,7 +236,11 @@ pub struct ConfigError {
 ///   database with its own cache holds the rebuilt copy (docs/PERFORMANCE.md, "The
 ///   log's cache"). Records and their index entries are keyed by time-ordered ids or
 ///   end times, so writes and removals touch the ends of each key range and a small
-///   cache serves them (saga idempotency keys, chosen by clients, are the exception);
+///   cache serves them (saga idempotency keys, chosen by clients, are the exception).
+///   What sled keeps beside its caches grows with the records the log holds, so the log
+///   keeps at most `log_finished_max` finished transactions (the rest of its share at
+///   [`LOG_BYTES_PER_FINISHED`] each): beyond that the oldest are purged before
+///   `log_retention_ms` is up;
 /// - `retained_bytes` (1/4): finished transactions kept in memory, by their estimated
 ///   bytes (the oldest leave memory first; `max_retained_transactions` and
 ///   `memory_retention_ms` still apply, whichever comes first);
@@ -249,12 +253,22 @@ pub struct MemoryBudget {
     pub log_bytes: u64,
     /// sled's `cache_capacity` for each of the log's databases.
     pub log_cache_bytes: u64,
+    /// Finished transactions the log keeps at most (the oldest beyond are purged).
+    pub log_finished_max: u64,
     pub retained_bytes: usize,
     pub headroom_bytes: u64,
 }
 
 /// The log's share over sled's cache capacity per database (see [`MemoryBudget`]).
 const LOG_SHARE_PER_CACHE: u64 = 8;
+
+/// Memory the log is given per finished transaction it keeps, beside sled's caches.
+/// Measured (docs/decisions.md, "Memory: the log keeps what its share of the budget
+/// holds"): sled keeps 36 bytes per finished 2PC in a log written once, 80 or more in the
+/// daemon's log, which is compacted while it runs, and a compaction holds a second copy
+/// until it switches (its resident set rose by about 400 bytes per finished transaction
+/// for a few seconds).
+pub const LOG_BYTES_PER_FINISHED: u64 = 256;
 
 impl MemoryBudget {
     pub fn of(budget_bytes: u64) -> Self {
@@ -264,6 +278,9 @@ impl MemoryBudget {
             budget_bytes,
             log_bytes,
             log_cache_bytes: log_bytes / LOG_SHARE_PER_CACHE,
+            // Two caches while the log compacts itself.
+            log_finished_max: (log_bytes - 2 * (log_bytes / LOG_SHARE_PER_CACHE))
+                / LOG_BYTES_PER_FINISHED,
             retained_bytes: usize::try_from(retained_bytes).unwrap_or(usize::MAX),
             headroom_bytes: budget_bytes - log_bytes - retained_bytes,
         }
@@ -613,6 +630,7 @@ impl ServeConfig {
             // The daemon's memory governor moves it (runtime/memory.rs).
             retained_allowance: Default::default(),
             log_retention_ms: self.log_retention_ms,
+            log_finished_max: self.memory_budget().log_finished_max,
             delivery_horizon_ms: self.delivery_horizon_ms,
             history_records: self.history_records,
             sweep_interval_ms: self.sweep_interval_ms,
@@ -711,6 +729,7 @@ mod tests {
         let budget = MemoryBudget::of(512 * 1024 * 1024);
         assert_eq!(budget.log_bytes, 128 * 1024 * 1024);
         assert_eq!(budget.log_cache_bytes, 16 * 1024 * 1024);
+        assert_eq!(budget.log_finished_max, 96 * 1024 * 1024 / 256);
         assert_eq!(budget.retained_bytes, 128 * 1024 * 1024);
         assert_eq!(budget.headroom_bytes, 256 * 1024 * 1024);
         let odd = MemoryBudget::of(64 * 1024 * 1024 + 3);
@@ -722,6 +741,7 @@ mod tests {
         c.memory_budget_bytes = 256 * 1024 * 1024;
         let runtime = c.runtime("127.0.0.1:7420".parse().unwrap());
         assert_eq!(runtime.max_retained_bytes, 64 * 1024 * 1024);
+        assert_eq!(runtime.log_finished_max, 48 * 1024 * 1024 / 256);
     }
 
     #[test]

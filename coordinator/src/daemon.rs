@@ -31,8 +31,8 @@ use crate::api::auth::Authenticator;
 use crate::config::{ConfigError, ServeConfig};
 use crate::log::{DecisionLog, LogError, SledLog};
 use crate::metrics::{Metrics, serve_metrics};
-use crate::runtime::Runtime;
 use crate::runtime::memory::{self, Governor};
+use crate::runtime::{Purged, Runtime};
 use crate::security::SecurityConfig;
 
 /// Final log records purged per batch, and the pause between the batches of a round
@@ -43,9 +43,14 @@ const PURGE_BATCH_PAUSE: Duration = Duration::from_millis(10);
 /// Most batches one round runs; the rest waits for the next round.
 const MAX_PURGE_BATCHES_PER_ROUND: usize = 1_000;
 /// Rounds start every tenth of the log retention, between these bounds: a final record
-/// stays at most that much longer than its retention.
+/// stays at most that much longer than its retention, and the log holds at most what
+/// that long adds beyond its limit (`log_finished_max`), about 10,000 records at 2,000
+/// transactions/s. A round that finds nothing to purge costs two short range reads.
 const PURGE_INTERVAL_MIN: Duration = Duration::from_secs(1);
-const PURGE_INTERVAL_MAX: Duration = Duration::from_secs(60);
+const PURGE_INTERVAL_MAX: Duration = Duration::from_secs(5);
+/// The warning that history is purged early for the memory budget is repeated at most
+/// this often (the metric counts every purge).
+const LIMIT_REPORT_INTERVAL: Duration = Duration::from_secs(3_600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -174,7 +179,12 @@ pub async fn run_on_listeners(
     );
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (runtime, tasks, recovery) = Runtime::start(log.clone(), runtime_config.clone(), fatal_tx)?;
-    tracing::info!(resumed = recovery.resumed, "recovered the decision log");
+    tracing::info!(
+        resumed = recovery.resumed,
+        finished_kept = log.finished_count(),
+        finished_limit = budget.log_finished_max,
+        "recovered the decision log"
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -217,6 +227,7 @@ pub async fn run_on_listeners(
     let purger = tokio::spawn(purge_periodically(
         runtime.clone(),
         runtime_config.log_retention_ms,
+        runtime_config.log_finished_max,
     ));
     let governing = tokio::spawn(memory::govern(
         governor,
@@ -319,19 +330,21 @@ fn purge_interval(log_retention_ms: u64) -> Duration {
     Duration::from_millis(log_retention_ms / 10).clamp(PURGE_INTERVAL_MIN, PURGE_INTERVAL_MAX)
 }
 
-/// Deletes final records past the log retention, round after round. A round purges batch
-/// after batch until one comes back short (caught up), so the log's size follows the
-/// retention whatever the rate of transactions; work per batch and per round is bounded.
-async fn purge_periodically(runtime: Runtime, log_retention_ms: u64) {
+/// Deletes final records past the log retention, and the oldest beyond
+/// `log_finished_max`, round after round. A round purges batch after batch until one
+/// comes back short (caught up), so the log's size follows the retention and the limit
+/// whatever the rate of transactions; work per batch and per round is bounded.
+async fn purge_periodically(runtime: Runtime, log_retention_ms: u64, log_finished_max: u64) {
     let mut interval = tokio::time::interval(purge_interval(log_retention_ms));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut limit_last_reported: Option<tokio::time::Instant> = None;
     loop {
         interval.tick().await;
-        let mut purged_in_round = 0;
+        let mut purged_in_round = Purged::default();
         for _ in 0..MAX_PURGE_BATCHES_PER_ROUND {
             let runtime = runtime.clone();
             let purged = tokio::task::spawn_blocking(move || {
-                runtime.purge_log(log_retention_ms, PURGE_BATCH)
+                runtime.purge_log(log_retention_ms, log_finished_max, PURGE_BATCH)
             })
             .await;
             let purged = match purged {
@@ -345,17 +358,36 @@ async fn purge_periodically(runtime: Runtime, log_retention_ms: u64) {
                     break;
                 }
             };
-            purged_in_round += purged;
-            if purged < PURGE_BATCH {
+            purged_in_round.past_retention += purged.past_retention;
+            purged_in_round.over_limit += purged.over_limit;
+            if purged.total() < PURGE_BATCH {
                 break;
             }
             tokio::time::sleep(PURGE_BATCH_PAUSE).await;
         }
-        if purged_in_round > 0 {
+        if purged_in_round.past_retention > 0 {
             tracing::info!(
-                purged = purged_in_round,
+                purged = purged_in_round.past_retention,
                 "purged finished transactions past retention"
             );
+        }
+        if purged_in_round.over_limit > 0 {
+            let due = limit_last_reported.is_none_or(|at| at.elapsed() >= LIMIT_REPORT_INTERVAL);
+            if due {
+                limit_last_reported = Some(tokio::time::Instant::now());
+                tracing::warn!(
+                    purged = purged_in_round.over_limit,
+                    limit = log_finished_max,
+                    "purged finished transactions before their log retention was up: the \
+                     memory budget lets the log keep this many (treaty_log_purged_total\
+                     {{reason=\"limit\"}} counts them; a larger --memory-budget-bytes keeps more)"
+                );
+            } else {
+                tracing::debug!(
+                    purged = purged_in_round.over_limit,
+                    "purged finished transactions beyond the log's limit"
+                );
+            }
         }
     }
 }
@@ -399,6 +431,73 @@ mod tests {
     fn purge_rounds_follow_the_retention_within_bounds() {
         assert_eq!(purge_interval(200), PURGE_INTERVAL_MIN);
         assert_eq!(purge_interval(30_000), Duration::from_secs(3));
+        assert_eq!(purge_interval(60_000), PURGE_INTERVAL_MAX);
         assert_eq!(purge_interval(7 * 24 * 3_600_000), PURGE_INTERVAL_MAX);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purges_keep_the_log_within_its_limit_before_the_retention_is_up() {
+        use crate::config::defaults;
+        use crate::log::{Durability, suite};
+        use crate::model::TxnState;
+        use crate::runtime::{RuntimeConfig, now_unix_ms};
+
+        const FINISHED: u64 = 2_500; // more than two purge batches
+        const LIMIT: u64 = 100;
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(SledLog::open(dir.path()).unwrap());
+        let now = now_unix_ms();
+        let mut finished = Vec::new();
+        for i in 0..FINISHED {
+            let mut record = suite::record(now - 60_000 + i, TxnState::Committed);
+            record.ended_unix_ms = Some(now - 30_000 + i);
+            log.write(&record, Durability::Lazy).await.unwrap();
+            finished.push(record);
+        }
+        let mut unfinished = suite::record(now, TxnState::Committing);
+        // Recovery redelivers its commit: to a port nothing listens on.
+        unfinished.branches[0].endpoint = "http://127.0.0.1:1".into();
+        log.write(&unfinished, Durability::Forced).await.unwrap();
+
+        let config = RuntimeConfig::default();
+        let metrics = config.metrics.clone();
+        let (fatal, _fatal) = tokio::sync::mpsc::unbounded_channel();
+        let (runtime, tasks, _) = Runtime::start(log.clone(), config, fatal).unwrap();
+        // The default retention (7 days) is far off: only the limit purges.
+        let purger = tokio::spawn(purge_periodically(
+            runtime.clone(),
+            defaults::LOG_RETENTION_MS,
+            LIMIT,
+        ));
+        let purged_for_the_limit = "treaty_log_purged_total{reason=\"limit\"} 2400";
+        let mut polls = 0;
+        loop {
+            let text = metrics.encode(Default::default(), now).unwrap();
+            if log.finished_count() <= LIMIT && text.contains(purged_for_the_limit) {
+                break;
+            }
+            polls += 1;
+            assert!(polls < 600, "still {} kept: {text}", log.finished_count());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        purger.abort();
+
+        assert_eq!(log.finished_count(), LIMIT);
+        let kept = (FINISHED - LIMIT) as usize;
+        assert_eq!(
+            log.get(&finished[kept - 1].id).unwrap(),
+            None,
+            "the oldest go"
+        );
+        for record in &finished[kept..] {
+            assert!(log.get(&record.id).unwrap().is_some(), "the newest stay");
+        }
+        assert_eq!(log.unfinished().unwrap(), vec![unfinished]);
+        let text = runtime.render_metrics().await.unwrap();
+        assert!(
+            text.contains("treaty_log_finished_transactions 100"),
+            "{text}"
+        );
+        runtime.shutdown(tasks, Duration::from_secs(5)).await;
     }
 }

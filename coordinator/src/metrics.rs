@@ -129,6 +129,21 @@ struct BudgetLabels {
     part: BudgetPart,
 }
 
+/// Why final records left the log.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values as Prometheus users spell them
+enum PurgeReason {
+    /// Older than the log retention.
+    retention,
+    /// Beyond the most the memory budget lets the log keep.
+    limit,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PurgeLabels {
+    reason: PurgeReason,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     endpoint: String,
@@ -200,6 +215,9 @@ pub struct Metrics {
     memory_budget_bytes: Family<BudgetLabels, Gauge>,
     resident_bytes: Gauge,
     retained_allowance_bytes: Gauge,
+    log_finished: Gauge,
+    log_finished_limit: Gauge,
+    log_purged: Family<PurgeLabels, Counter>,
     /// Endpoints that have a label of their own.
     labelled_endpoints: RwLock<HashSet<String>>,
 }
@@ -329,6 +347,24 @@ impl Metrics {
             Unit::Bytes,
             retained_allowance_bytes.clone(),
         );
+        let log_finished = Gauge::default();
+        registry.register(
+            "treaty_log_finished_transactions",
+            "Final transactions the decision log keeps (counted by the log; see treaty_log_finished_transactions_limit)",
+            log_finished.clone(),
+        );
+        let log_finished_limit = Gauge::default();
+        registry.register(
+            "treaty_log_finished_transactions_limit",
+            "The most final transactions the decision log keeps: what its share of the memory budget holds; beyond it the oldest are purged before their retention is up",
+            log_finished_limit.clone(),
+        );
+        let log_purged = Family::<PurgeLabels, Counter>::default();
+        registry.register(
+            "treaty_log_purged",
+            "Final transactions deleted from the decision log: past the log retention (reason=retention) or beyond the limit the memory budget sets (reason=limit)",
+            log_purged.clone(),
+        );
         Self {
             registry,
             transactions,
@@ -348,6 +384,9 @@ impl Metrics {
             memory_budget_bytes,
             resident_bytes,
             retained_allowance_bytes,
+            log_finished,
+            log_finished_limit,
+            log_purged,
             labelled_endpoints: RwLock::default(),
         }
     }
@@ -376,6 +415,24 @@ impl Metrics {
                 .get_or_create(&BudgetLabels { part })
                 .set(to_i64(bytes));
         }
+        self.log_finished_limit.set(to_i64(budget.log_finished_max));
+    }
+
+    /// Counts final records a purge deleted, by why.
+    pub fn log_purged(&self, past_retention: usize, over_limit: usize) {
+        for (reason, purged) in [
+            (PurgeReason::retention, past_retention),
+            (PurgeReason::limit, over_limit),
+        ] {
+            self.log_purged
+                .get_or_create(&PurgeLabels { reason })
+                .inc_by(purged as u64);
+        }
+    }
+
+    /// Shows how many final records the log keeps.
+    pub fn set_log_finished(&self, finished: u64) {
+        self.log_finished.set(to_i64(finished));
     }
 
     /// A transaction reached a final state.
@@ -567,8 +624,16 @@ mod tests {
             ..Health::default()
         };
         metrics.memory_budget(&crate::config::MemoryBudget::of(400));
+        metrics.log_purged(3, 2);
+        metrics.log_purged(1, 0);
+        metrics.set_log_finished(5);
         let text = metrics.encode(health, 12_500).unwrap();
         for expected in [
+            "treaty_log_purged_total{reason=\"retention\"} 4",
+            "treaty_log_purged_total{reason=\"limit\"} 2",
+            "treaty_log_finished_transactions 5",
+            // (100 bytes of log share − two 12-byte caches) ÷ 256 bytes each.
+            "treaty_log_finished_transactions_limit 0",
             "treaty_transactions_total{protocol=\"two_phase\",outcome=\"committed\"} 1",
             "treaty_transactions_total{protocol=\"saga\",outcome=\"compensated\"} 1",
             "treaty_in_doubt_transactions 3",

@@ -60,6 +60,11 @@ pub struct MemoryReport {
     pub retained_estimated_bytes: Option<f64>,
     /// What the coordinator's memory governor allowed them at the end.
     pub retained_allowed_bytes: Option<f64>,
+    /// Final transactions the coordinator's log kept at the end, the most the budget
+    /// lets it keep, and how many it purged for that limit before their retention.
+    pub log_finished: Option<f64>,
+    pub log_finished_limit: Option<f64>,
+    pub log_purged_for_limit: Option<f64>,
 }
 
 /// Samples `pid`'s RSS (`None`: this process) every `every` until `stop` is set, and
@@ -140,6 +145,9 @@ pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> M
         retained_transactions: None,
         retained_estimated_bytes: None,
         retained_allowed_bytes: None,
+        log_finished: None,
+        log_finished_limit: None,
+        log_purged_for_limit: None,
     }
 }
 
@@ -187,6 +195,14 @@ impl MemoryReport {
                 self.retained_transactions.unwrap_or(f64::NAN),
                 mib(self.retained_estimated_bytes.unwrap_or(f64::NAN)),
                 mib(self.retained_allowed_bytes.unwrap_or(f64::NAN)),
+            ));
+        }
+        if let Some(finished) = self.log_finished {
+            lines.push(format!(
+                "  the log kept {} final transactions at the end (limit {}; {} purged for the limit before their retention)",
+                finished,
+                self.log_finished_limit.unwrap_or(f64::NAN),
+                self.log_purged_for_limit.unwrap_or(f64::NAN),
             ));
         }
         lines
@@ -242,6 +258,13 @@ mod tests {
         let flatness = report.flatness.unwrap();
         assert!((flatness - 10.0 / mean).abs() < 1e-9, "{flatness}");
         assert!(report.lines().iter().any(|l| l.contains("within 10 %")));
+        let mut with_log = report.clone();
+        with_log.log_finished = Some(786_432.0);
+        with_log.log_finished_limit = Some(786_432.0);
+        with_log.log_purged_for_limit = Some(5.0);
+        assert!(with_log.lines().iter().any(|l| l.contains(
+            "the log kept 786432 final transactions at the end (limit 786432; 5 purged"
+        )));
     }
 
     #[test]

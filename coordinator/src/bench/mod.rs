@@ -427,6 +427,9 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
             memory.retained_transactions = gauge("treaty_retained_transactions");
             memory.retained_estimated_bytes = gauge("treaty_retained_transactions_estimated_bytes");
             memory.retained_allowed_bytes = gauge("treaty_retained_transactions_allowed_bytes");
+            memory.log_finished = gauge("treaty_log_finished_transactions");
+            memory.log_finished_limit = gauge("treaty_log_finished_transactions_limit");
+            memory.log_purged_for_limit = gauge("treaty_log_purged_total{reason=\"limit\"}");
         }
         for line in memory.lines() {
             if args.json {

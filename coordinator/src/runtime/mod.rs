@@ -79,6 +79,9 @@ pub struct RuntimeConfig {
     pub retained_allowance: memory::RetainedAllowance,
     /// How long final records stay in the log.
     pub log_retention_ms: u64,
+    /// At most this many final records stay in the log (the oldest go first, before
+    /// their retention is up): what the log's share of `memory_budget_bytes` holds.
+    pub log_finished_max: u64,
     /// No participant is called about a transaction older than this (by its id): what
     /// is still undelivered then waits for an operator. Participants may forget final
     /// barrier records past it (plus a margin for clock skew).
@@ -121,6 +124,8 @@ impl Default for RuntimeConfig {
                 .retained_bytes,
             retained_allowance: memory::RetainedAllowance::default(),
             log_retention_ms: defaults::LOG_RETENTION_MS,
+            log_finished_max: crate::config::MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES)
+                .log_finished_max,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,
             sweep_interval_ms: defaults::SWEEP_INTERVAL_MS,
@@ -289,6 +294,21 @@ pub struct RecoveryReport {
     pub resumed: usize,
 }
 
+/// What one [`Runtime::purge_log`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Final records older than the log retention.
+    pub past_retention: usize,
+    /// The oldest final records beyond what the memory budget lets the log keep.
+    pub over_limit: usize,
+}
+
+impl Purged {
+    pub fn total(&self) -> usize {
+        self.past_retention + self.over_limit
+    }
+}
+
 /// A page of [`Runtime::list`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -443,6 +463,7 @@ impl Runtime {
             }
         }
         let health = self.health().await.map_err(|e| e.to_string())?;
+        self.metrics.set_log_finished(self.log.finished_count());
         let text = self
             .metrics
             .encode(health, now_unix_ms())
@@ -797,10 +818,24 @@ impl Runtime {
         self.participants.endpoints()
     }
 
-    /// Deletes final log records older than the retention; bounded work per call.
-    pub fn purge_log(&self, log_retention_ms: u64, max: usize) -> Result<usize, LogError> {
+    /// Deletes up to `max` final log records: those older than `log_retention_ms`, then
+    /// the oldest beyond `log_finished_max`.
+    pub fn purge_log(
+        &self,
+        log_retention_ms: u64,
+        log_finished_max: u64,
+        max: usize,
+    ) -> Result<Purged, LogError> {
         let cutoff = now_unix_ms().saturating_sub(log_retention_ms);
-        self.log.purge_ended_before(cutoff, max)
+        let past_retention = self.log.purge_ended_before(cutoff, max)?;
+        let over_limit = self
+            .log
+            .purge_finished_beyond(log_finished_max, max.saturating_sub(past_retention))?;
+        self.metrics.log_purged(past_retention, over_limit);
+        Ok(Purged {
+            past_retention,
+            over_limit,
+        })
     }
 
     /// Transactions not yet final.
