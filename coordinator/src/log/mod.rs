@@ -89,9 +89,8 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError>;
 
     /// How many final records the log keeps that [`held_for_retention`] does not hold.
-    /// Never fewer than it holds: an implementation that counts may count a final record
-    /// written twice in quick succession twice, until it is reopened (it then purges
-    /// early, never late).
+    /// Never fewer than it holds; an implementation that counts may count more (see
+    /// `finished.rs` for `SledLog`), and then purges early, never late.
     fn finished_count(&self) -> u64;
 
     /// Deletes up to `max` final records, oldest (by end) first, while more than `keep`
@@ -103,7 +102,7 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     /// issued before (an operator's `forget`; the runtime only forgets final
     /// transactions). The keys come from `record`, not from what the log has applied, so
     /// that a write still queued cannot bring the transaction back. Nothing to delete
-    /// is Ok.
+    /// is Ok. The caller writes no record of the transaction after forgetting it.
     fn forget(&self, record: &TxnRecord) -> LogWrite;
 
     /// Makes every write issued so far durable and refuses later ones.

@@ -53,6 +53,8 @@ pub struct SledLog {
     store: Arc<DurableStore>,
     /// `e/` entries: counted at open, then kept up to date.
     finished: Arc<FinishedCount>,
+    /// Held by the purge under way (see `purge_oldest`).
+    purging: Arc<std::sync::Mutex<()>>,
 }
 
 impl SledLog {
@@ -71,6 +73,7 @@ impl SledLog {
         Ok(Self {
             store: Arc::new(store),
             finished: Arc::new(FinishedCount::new(finished)),
+            purging: Arc::default(),
         })
     }
 
@@ -78,8 +81,8 @@ impl SledLog {
     /// before `end` (`None`: all), oldest first, with their records and idempotency keys;
     /// returns how many records it deleted. With `release_held`, a record
     /// [`held_for_retention`] is not deleted: its `e/` entry (written before there were
-    /// `h/` ones, or before a heuristic answer came) becomes an `h/` one. Purges must not
-    /// run concurrently (the daemon has one purger).
+    /// `h/` ones, or before a heuristic answer came) becomes an `h/` one. One purge runs
+    /// at a time: two that read the same entry would both take it off the count.
     fn purge_oldest(
         &self,
         prefix: u8,
@@ -87,6 +90,7 @@ impl SledLog {
         max: usize,
         release_held: bool,
     ) -> Result<usize, LogError> {
+        let _one_at_a_time = self.purging.lock().unwrap_or_else(|e| e.into_inner());
         let emptying = end.is_none();
         let end = match end {
             Some(cutoff) => ended_key(prefix, cutoff, &TxnId::from_bytes([0; 16])),
@@ -122,7 +126,9 @@ impl SledLog {
             purged += 1;
         }
         if batch.is_empty() {
-            if emptying {
+            if emptying && found < max {
+                // Not one entry left: what the count holds beyond the keys counted
+                // lately was counted high.
                 self.finished.removed(&[], true, true);
             }
             return Ok(purged);
@@ -372,7 +378,7 @@ impl DecisionLog for SledLog {
 
     fn purge_finished_beyond(&self, keep: u64, max: usize) -> Result<usize, LogError> {
         let excess = self.finished_count().saturating_sub(keep);
-        if excess == 0 {
+        if excess == 0 || max == 0 {
             return Ok(0);
         }
         let max = usize::try_from(excess).unwrap_or(max).min(max);
@@ -565,6 +571,9 @@ mod tests {
         }
         log.forget(&records[2]).await.unwrap();
         assert_eq!(log.finished_count(), 3, "a forgotten record stays counted");
+        // A purge given no room (a retention purge took the whole batch) changes nothing.
+        assert_eq!(log.purge_finished_beyond(1, 0).unwrap(), 0);
+        assert_eq!(log.finished_count(), 3);
         // Keep 1: deletes the two oldest (one early, for the forgotten one), and the
         // count, high, stays above what is left until the entries run out.
         assert_eq!(log.purge_finished_beyond(1, 10).unwrap(), 2);
