@@ -830,8 +830,11 @@ impl Runtime {
         let past_retention = self.log.purge_ended_before(cutoff, max)?;
         let over_limit = self
             .log
-            .purge_finished_beyond(log_finished_max, max.saturating_sub(past_retention))?;
-        self.metrics.log_purged(past_retention, over_limit);
+            .purge_finished_beyond(log_finished_max, max.saturating_sub(past_retention));
+        // What the first purge deleted is counted even if the second failed.
+        self.metrics
+            .log_purged(past_retention, *over_limit.as_ref().unwrap_or(&0));
+        let over_limit = over_limit?;
         Ok(Purged {
             past_retention,
             over_limit,
