@@ -289,7 +289,8 @@ impl DecisionLog for SledLog {
         }
         let mut batch = WriteBatch::new();
         batch.insert(key(RECORD, &record.id), encoded);
-        // The `e/` entry of a final record that is counted, added to `batch` when counted.
+        // The `e/` entry of a final record that is counted: added to `batch` under the
+        // count's lock, so that the count and the store see writes in one order.
         let mut counted = None;
         if record.state.is_final() {
             batch.remove(key(UNFINISHED, &record.id));
