@@ -36,7 +36,9 @@ use super::files::{self, SyncedFiles, SyncedPath};
 use super::generations::{self, SwitchError};
 use super::high_water::{self, HighWater};
 use super::logger::Logger;
-use super::{COMPACTED_BYTES_KEY, Generation, LOG_FILE_NAME, META_TREE, open_sled_at};
+use super::{
+    COMPACTED_BYTES_KEY, CompactionObserver, Generation, LOG_FILE_NAME, META_TREE, open_sled_at,
+};
 
 /// Records copied per step, between two group commits (fewer if they reach the
 /// store's `max_batch_bytes`).
@@ -144,13 +146,19 @@ pub(super) struct Compaction {
     /// The size the policy grows from.
     baseline_bytes: u64,
     next_check: Option<Instant>,
+    observer: Option<CompactionObserver>,
 }
 
 impl Compaction {
-    pub(super) fn new(policy: Option<CompactionPolicy>, baseline_bytes: u64) -> Self {
+    pub(super) fn new(
+        policy: Option<CompactionPolicy>,
+        baseline_bytes: u64,
+        observer: Option<CompactionObserver>,
+    ) -> Self {
         Self {
             policy,
             baseline_bytes,
+            observer,
             ..Self::default()
         }
     }
@@ -180,6 +188,14 @@ impl Compaction {
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(result.clone());
         }
+    }
+
+    /// A compaction ended (switched or abandoned): its waiters and the observer hear it.
+    fn ended(&mut self, result: &Result<CompactionReport, String>) {
+        if let Some(observer) = &self.observer {
+            observer(result);
+        }
+        self.answer(result);
     }
 
     /// Tells every waiter that no compaction will happen (the store closes or failed).
@@ -434,7 +450,7 @@ impl Logger {
             records = report.records,
             "compacted the store"
         );
-        self.compaction.answer(&Ok(report));
+        self.compaction.ended(&Ok(report));
     }
 
     /// Syncs every file of the new generation, its directory and a high-water mark at
@@ -493,7 +509,7 @@ impl Logger {
             tracing::warn!(error = %message, "compaction not started");
         }
         self.compaction.next_check = Some(Instant::now() + RETRY_AFTER_FAILURE);
-        self.compaction.answer(&Err(message));
+        self.compaction.ended(&Err(message));
     }
 
     fn delete_retired_when_let_go(&mut self) {

@@ -166,6 +166,11 @@ pub struct GroupCommitted {
 /// Called after each successful group commit (metrics use it).
 pub type GroupObserver = Arc<dyn Fn(GroupCommitted) + Send + Sync>;
 
+/// Called on the logger thread when a compaction ends: switched (`Ok`) or abandoned
+/// with the store unchanged (`Err`, why). Metrics use it: a compaction holds a second
+/// copy of the store in memory and on disk until it switches.
+pub type CompactionObserver = Arc<dyn Fn(&Result<CompactionReport, String>) + Send + Sync>;
+
 /// What a [`DurableStore`] has made durable since it opened, counted by its logger
 /// thread (two relaxed additions per forced group: cheap enough to be always on). The
 /// participant server exports them (`treaty_participant_store_*`); `treaty bench`
@@ -244,6 +249,7 @@ pub struct StoreOptions {
     pub compaction: Option<CompactionPolicy>,
     pub sync_observer: Option<SyncObserver>,
     pub group_observer: Option<GroupObserver>,
+    pub compaction_observer: Option<CompactionObserver>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -262,6 +268,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("compaction", &self.compaction)
             .field("sync_observer", &self.sync_observer.is_some())
             .field("group_observer", &self.group_observer.is_some())
+            .field("compaction_observer", &self.compaction_observer.is_some())
             .finish()
     }
 }
@@ -279,6 +286,7 @@ impl Default for StoreOptions {
             compaction: None,
             sync_observer: None,
             group_observer: None,
+            compaction_observer: None,
         }
     }
 }
@@ -427,7 +435,11 @@ impl DurableStore {
             generation,
             shared: current.clone(),
             cache_capacity_bytes: options.cache_capacity_bytes,
-            compaction: compaction::Compaction::new(options.compaction.clone(), baseline_bytes),
+            compaction: compaction::Compaction::new(
+                options.compaction.clone(),
+                baseline_bytes,
+                options.compaction_observer.clone(),
+            ),
             db_file,
             db_path,
             files,
@@ -1426,6 +1438,37 @@ mod tests {
             !dir.path().join("gen-1").exists()
         });
         assert_eq!(contents(&store), expected);
+    }
+
+    #[tokio::test]
+    async fn the_compaction_observer_hears_each_compaction_switched_or_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let options = StoreOptions {
+            compaction_observer: Some({
+                let heard = heard.clone();
+                Arc::new(move |result: &Result<CompactionReport, String>| {
+                    heard.lock().unwrap().push(result.clone());
+                })
+            }),
+            ..StoreOptions::default()
+        };
+        let store = DurableStore::open(dir.path(), options).unwrap();
+        store
+            .write(insert_batch(0..100, b"value"), Durability::Forced)
+            .await
+            .unwrap();
+        let report = store.compact().await.unwrap();
+        assert_eq!(report.records, 100);
+        assert_eq!(*heard.lock().unwrap(), vec![Ok(report)]);
+        // A tree written around the store: compaction refuses, and says why.
+        wait_for("the replaced generation is deleted", || {
+            !dir.path().join(LOG_FILE_NAME).exists()
+        });
+        store.db().open_tree("written around the store").unwrap();
+        let refused = store.compact().await.unwrap_err();
+        assert!(refused.contains("sled trees"), "{refused}");
+        assert_eq!(*heard.lock().unwrap(), vec![Ok(report), Err(refused)]);
     }
 
     #[tokio::test]
