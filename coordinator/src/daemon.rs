@@ -22,13 +22,13 @@ use treaty_proto::v1::admin_server::AdminServer;
 use treaty_proto::v1::coordinator_server::CoordinatorServer;
 
 use treaty_sdk::connections::incoming;
-use treaty_sdk::durable::{CompactionPolicy, GroupCommitted, StoreOptions};
+use treaty_sdk::durable::{CompactionPolicy, CompactionReport, GroupCommitted, StoreOptions};
 use treaty_sdk::tls::ReloadableServerTls;
 
 use crate::api::CoordinatorService;
 use crate::api::admin::AdminService;
 use crate::api::auth::Authenticator;
-use crate::config::{ConfigError, ServeConfig};
+use crate::config::{ConfigError, MemoryBudget, ServeConfig};
 use crate::log::{DecisionLog, LogError, SledLog};
 use crate::metrics::{Metrics, serve_metrics};
 use crate::runtime::memory::{self, Governor};
@@ -147,23 +147,7 @@ pub async fn run_on_listeners(
     let budget = config.memory_budget();
     metrics.memory_budget(&budget);
     let data_dir = config.data_dir.clone();
-    let log_options = StoreOptions {
-        // An eighth of the log's share of the memory budget, per database (see
-        // `config::MemoryBudget`).
-        cache_capacity_bytes: budget.log_cache_bytes,
-        group_commit_hold: Duration::from_micros(config.log_group_commit_hold_us),
-        group_observer: Some({
-            let metrics = metrics.clone();
-            Arc::new(move |group: GroupCommitted| {
-                metrics.log_group(group.records, group.sync_seconds)
-            })
-        }),
-        compaction: (config.log_compaction_min_bytes > 0).then(|| CompactionPolicy {
-            min_bytes: config.log_compaction_min_bytes,
-            ..CompactionPolicy::default()
-        }),
-        ..StoreOptions::default()
-    };
+    let log_options = log_options(&config, &budget, &metrics);
     let log: Arc<dyn DecisionLog> = Arc::new(
         tokio::task::spawn_blocking(move || SledLog::open_with(&data_dir, log_options))
             .await
@@ -330,6 +314,38 @@ fn purge_interval(log_retention_ms: u64) -> Duration {
     Duration::from_millis(log_retention_ms / 10).clamp(PURGE_INTERVAL_MIN, PURGE_INTERVAL_MAX)
 }
 
+/// The decision log's store: its cache from the memory budget, group commit and
+/// compaction from the configuration, its groups and compactions counted in `metrics`.
+fn log_options(
+    config: &ServeConfig,
+    budget: &MemoryBudget,
+    metrics: &Arc<Metrics>,
+) -> StoreOptions {
+    StoreOptions {
+        // An eighth of the log's share of the memory budget, per database (see
+        // `config::MemoryBudget`).
+        cache_capacity_bytes: budget.log_cache_bytes,
+        group_commit_hold: Duration::from_micros(config.log_group_commit_hold_us),
+        group_observer: Some({
+            let metrics = metrics.clone();
+            Arc::new(move |group: GroupCommitted| {
+                metrics.log_group(group.records, group.sync_seconds)
+            })
+        }),
+        compaction_observer: Some({
+            let metrics = metrics.clone();
+            Arc::new(move |result: &Result<CompactionReport, String>| {
+                metrics.log_compacted(result.is_ok())
+            })
+        }),
+        compaction: (config.log_compaction_min_bytes > 0).then(|| CompactionPolicy {
+            min_bytes: config.log_compaction_min_bytes,
+            ..CompactionPolicy::default()
+        }),
+        ..StoreOptions::default()
+    }
+}
+
 /// Deletes final records past the log retention, and the oldest beyond
 /// `log_finished_max`, round after round. A round purges batch after batch until one
 /// comes back short (caught up), so the log's size follows the retention and the limit
@@ -433,6 +449,46 @@ mod tests {
         assert_eq!(purge_interval(30_000), Duration::from_secs(3));
         assert_eq!(purge_interval(60_000), PURGE_INTERVAL_MAX);
         assert_eq!(purge_interval(7 * 24 * 3_600_000), PURGE_INTERVAL_MAX);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_logs_size_on_disk_and_its_compactions_reach_the_metrics() {
+        use crate::log::{Durability, suite};
+        use crate::model::TxnState;
+        use crate::runtime::{RuntimeConfig, now_unix_ms};
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path());
+        let runtime_config = RuntimeConfig::default();
+        let options = log_options(&config, &config.memory_budget(), &runtime_config.metrics);
+        let log = Arc::new(SledLog::open_with(dir.path(), options).unwrap());
+        let now = now_unix_ms();
+        for i in 0..50 {
+            let record = suite::record(now - 1_000 + i, TxnState::Committed);
+            log.write(&record, Durability::Lazy).await.unwrap();
+        }
+        let report = log.store().compact().await.unwrap();
+        assert!(report.records >= 50, "{report:?}");
+
+        let (fatal, _fatal) = tokio::sync::mpsc::unbounded_channel();
+        let (runtime, tasks, _) = Runtime::start(log.clone(), runtime_config, fatal).unwrap();
+        let text = runtime.render_metrics().await.unwrap();
+        assert!(
+            text.contains("treaty_log_compactions_total{result=\"switched\"} 1"),
+            "{text}"
+        );
+        let disk_bytes: u64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("treaty_log_disk_bytes "))
+            .unwrap_or_else(|| panic!("no treaty_log_disk_bytes in {text}"))
+            .parse()
+            .unwrap();
+        let on_disk = log.store().size_on_disk_bytes().unwrap();
+        assert!(
+            disk_bytes > 0 && disk_bytes <= 2 * on_disk,
+            "{disk_bytes} against {on_disk}"
+        );
+        runtime.shutdown(tasks, Duration::from_secs(5)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

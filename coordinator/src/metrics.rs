@@ -144,6 +144,21 @@ struct PurgeLabels {
     reason: PurgeReason,
 }
 
+/// How a compaction of the log ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values as Prometheus users spell them
+enum CompactionResult {
+    /// The rebuilt copy replaced the log.
+    switched,
+    /// Given up (or not started), the log unchanged.
+    abandoned,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CompactionLabels {
+    result: CompactionResult,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     endpoint: String,
@@ -218,6 +233,8 @@ pub struct Metrics {
     log_finished: Gauge,
     log_finished_limit: Gauge,
     log_purged: Family<PurgeLabels, Counter>,
+    log_compactions: Family<CompactionLabels, Counter>,
+    log_disk_bytes: Gauge,
     /// Endpoints that have a label of their own.
     labelled_endpoints: RwLock<HashSet<String>>,
 }
@@ -365,6 +382,19 @@ impl Metrics {
             "Final transactions deleted from the decision log: past the log retention (reason=retention) or beyond the limit the memory budget sets (reason=limit)",
             log_purged.clone(),
         );
+        let log_compactions = Family::<CompactionLabels, Counter>::default();
+        registry.register(
+            "treaty_log_compactions",
+            "Compactions of the decision log (rebuilt holding only its live records), by how they ended; while one runs the process holds a second copy of the log in memory and on disk",
+            log_compactions.clone(),
+        );
+        let log_disk_bytes = Gauge::default();
+        registry.register_with_unit(
+            "treaty_log_disk",
+            "What the decision log's files take on disk",
+            Unit::Bytes,
+            log_disk_bytes.clone(),
+        );
         Self {
             registry,
             transactions,
@@ -387,6 +417,8 @@ impl Metrics {
             log_finished,
             log_finished_limit,
             log_purged,
+            log_compactions,
+            log_disk_bytes,
             labelled_endpoints: RwLock::default(),
         }
     }
@@ -433,6 +465,23 @@ impl Metrics {
     /// Shows how many final records the log keeps.
     pub fn set_log_finished(&self, finished: u64) {
         self.log_finished.set(to_i64(finished));
+    }
+
+    /// Counts a compaction of the log that ended: switched, or abandoned.
+    pub fn log_compacted(&self, switched: bool) {
+        let result = if switched {
+            CompactionResult::switched
+        } else {
+            CompactionResult::abandoned
+        };
+        self.log_compactions
+            .get_or_create(&CompactionLabels { result })
+            .inc();
+    }
+
+    /// Shows what the log's files take on disk.
+    pub fn set_log_disk_bytes(&self, bytes: u64) {
+        self.log_disk_bytes.set(to_i64(bytes));
     }
 
     /// A transaction reached a final state.
@@ -627,8 +676,15 @@ mod tests {
         metrics.log_purged(3, 2);
         metrics.log_purged(1, 0);
         metrics.set_log_finished(5);
+        metrics.log_compacted(true);
+        metrics.log_compacted(true);
+        metrics.log_compacted(false);
+        metrics.set_log_disk_bytes(4096);
         let text = metrics.encode(health, 12_500).unwrap();
         for expected in [
+            "treaty_log_compactions_total{result=\"switched\"} 2",
+            "treaty_log_compactions_total{result=\"abandoned\"} 1",
+            "treaty_log_disk_bytes 4096",
             "treaty_log_purged_total{reason=\"retention\"} 4",
             "treaty_log_purged_total{reason=\"limit\"} 2",
             "treaty_log_finished_transactions 5",

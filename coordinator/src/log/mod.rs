@@ -93,6 +93,12 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     /// `finished.rs` for `SledLog`), and then purges early, never late.
     fn finished_count(&self) -> u64;
 
+    /// What the log's files take on disk (`None`: it keeps no files). Reads the
+    /// filesystem: call it off the async runtime's threads.
+    fn size_on_disk_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Deletes up to `max` final records, oldest (by end) first, while more than `keep`
     /// are counted; returns how many. Unfinished records, and final ones
     /// [`held_for_retention`] holds, are never deleted by it.

@@ -377,6 +377,16 @@ impl DecisionLog for SledLog {
         self.finished.get()
     }
 
+    fn size_on_disk_bytes(&self) -> Option<u64> {
+        match self.store.size_on_disk_bytes() {
+            Ok(bytes) => Some(bytes),
+            Err(error) => {
+                tracing::warn!(%error, "cannot measure the log's size on disk");
+                None
+            }
+        }
+    }
+
     fn purge_finished_beyond(&self, keep: u64, max: usize) -> Result<usize, LogError> {
         let excess = self.finished_count().saturating_sub(keep);
         if excess == 0 || max == 0 {
