@@ -150,7 +150,8 @@ struct PurgeLabels {
 enum CompactionResult {
     /// The rebuilt copy replaced the log.
     switched,
-    /// Given up (or not started), the log unchanged.
+    /// Given up after it started (the log unchanged, unless the switch could not be
+    /// made durable, which fails the log).
     abandoned,
 }
 
@@ -383,6 +384,12 @@ impl Metrics {
             log_purged.clone(),
         );
         let log_compactions = Family::<CompactionLabels, Counter>::default();
+        // Both series from the start, at 0, so that a rate over them has a beginning.
+        for result in [CompactionResult::switched, CompactionResult::abandoned] {
+            log_compactions
+                .get_or_create(&CompactionLabels { result })
+                .inc_by(0);
+        }
         registry.register(
             "treaty_log_compactions",
             "Compactions of the decision log (rebuilt holding only its live records), by how they ended; while one runs the process holds a second copy of the log in memory and on disk",
@@ -391,7 +398,7 @@ impl Metrics {
         let log_disk_bytes = Gauge::default();
         registry.register_with_unit(
             "treaty_log_disk",
-            "What the decision log's files take on disk",
+            "What the decision log's files take on disk, a compaction's copy and a replaced generation not yet deleted included",
             Unit::Bytes,
             log_disk_bytes.clone(),
         );

@@ -378,7 +378,7 @@ impl DecisionLog for SledLog {
     }
 
     fn size_on_disk_bytes(&self) -> Option<u64> {
-        match self.store.size_on_disk_bytes() {
+        match self.store.files_on_disk_bytes() {
             Ok(bytes) => Some(bytes),
             Err(error) => {
                 tracing::warn!(%error, "cannot measure the log's size on disk");

@@ -190,8 +190,9 @@ impl Compaction {
         }
     }
 
-    /// A compaction ended (switched or abandoned): its waiters and the observer hear it.
-    fn ended(&mut self, result: &Result<CompactionReport, String>) {
+    /// A compaction that started ended (switched, or abandoned): the observer hears it
+    /// first, then its waiters.
+    pub(super) fn ended(&mut self, result: &Result<CompactionReport, String>) {
         if let Some(observer) = &self.observer {
             observer(result);
         }
@@ -398,6 +399,7 @@ impl Logger {
                 let message = format!("syncing the switch to generation {number}: {error}");
                 drop(rebuild);
                 let _ = self.fail(message.clone());
+                self.compaction.ended(&Err(message.clone()));
                 self.compaction.refuse_waiters(&message);
                 return;
             }
@@ -496,6 +498,7 @@ impl Logger {
     /// Gives up the rebuild in progress, if any: its directory is deleted once sled has
     /// let go of it, and the policy waits before trying again.
     pub(super) fn abandon_rebuild(&mut self, message: String) {
+        self.compaction.next_check = Some(Instant::now() + RETRY_AFTER_FAILURE);
         if let Some(rebuild) = self.compaction.rebuild.take() {
             tracing::warn!(generation = rebuild.number, error = %message, "compaction abandoned; the store is unchanged");
             drop(rebuild);
@@ -505,11 +508,12 @@ impl Logger {
                 let_go_at: Some(Instant::now()),
                 since: Instant::now(),
             });
+            self.compaction.ended(&Err(message));
         } else {
+            // Not a compaction that ended: its waiters hear why none started.
             tracing::warn!(error = %message, "compaction not started");
+            self.compaction.answer(&Err(message));
         }
-        self.compaction.next_check = Some(Instant::now() + RETRY_AFTER_FAILURE);
-        self.compaction.ended(&Err(message));
     }
 
     fn delete_retired_when_let_go(&mut self) {
@@ -572,26 +576,39 @@ fn free_bytes(dir: &std::path::Path) -> Result<u64, String> {
 
 /// The bytes of a generation's files on disk.
 pub(super) fn generation_bytes(generation: &Generation) -> std::io::Result<u64> {
-    fn bytes_in(dir: &std::path::Path, top: bool) -> std::io::Result<u64> {
-        let mut total = 0;
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            if top && generations::is_layout_entry(&entry.file_name().to_string_lossy()) {
-                continue;
-            }
-            let metadata = match entry.metadata() {
-                Ok(metadata) => metadata,
-                // sled removes old blobs and snapshots as it goes.
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(error),
-            };
-            total += if metadata.is_dir() {
-                bytes_in(&entry.path(), false)?
-            } else {
-                metadata.len()
-            };
-        }
-        Ok(total)
-    }
     bytes_in(&generation.dir, true)
+}
+
+/// Every file under the store's root: the current generation, a copy being built and a
+/// replaced one not yet deleted.
+pub(super) fn store_bytes(root: &std::path::Path) -> std::io::Result<u64> {
+    bytes_in(root, false)
+}
+
+/// The bytes of the files under `dir`, leaving out the other generations' directories
+/// and the pointer to the current one if `skip_layout`.
+fn bytes_in(dir: &std::path::Path, skip_layout: bool) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if skip_layout && generations::is_layout_entry(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
+        let metadata = match entry.metadata() {
+            Ok(metadata) => metadata,
+            // sled removes old blobs and snapshots as it goes; compaction removes
+            // whole generations.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error),
+        };
+        total += if metadata.is_dir() {
+            match bytes_in(&entry.path(), false) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+                other => other?,
+            }
+        } else {
+            metadata.len()
+        };
+    }
+    Ok(total)
 }

@@ -224,6 +224,9 @@ impl Logger {
     fn stop_compacting(&mut self) {
         if let Some(rebuild) = self.compaction.rebuild.take() {
             drop(rebuild);
+            self.compaction.ended(&Err(
+                "the store closed before the compaction finished".into()
+            ));
         }
         self.compaction.refuse_waiters("the store closed");
     }
