@@ -93,9 +93,10 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     /// `finished.rs` for `SledLog`), and then purges early, never late.
     fn finished_count(&self) -> u64;
 
-    /// What the log's files take on disk (`None`: it keeps no files). Reads the
-    /// filesystem: call it off the async runtime's threads.
-    fn size_on_disk_bytes(&self) -> Option<u64> {
+    /// What all the log's files take on disk (`None`: it keeps no files); for
+    /// `SledLog`, its store's [`files_on_disk_bytes`](treaty_sdk::durable::DurableStore::files_on_disk_bytes).
+    /// Reads the filesystem: call it off the async runtime's threads.
+    fn files_on_disk_bytes(&self) -> Option<u64> {
         None
     }
 

@@ -377,7 +377,7 @@ impl DecisionLog for SledLog {
         self.finished.get()
     }
 
-    fn size_on_disk_bytes(&self) -> Option<u64> {
+    fn files_on_disk_bytes(&self) -> Option<u64> {
         match self.store.files_on_disk_bytes() {
             Ok(bytes) => Some(bytes),
             Err(error) => {

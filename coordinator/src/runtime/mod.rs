@@ -465,7 +465,8 @@ impl Runtime {
         let health = self.health().await.map_err(|e| e.to_string())?;
         self.metrics.set_log_finished(self.log.finished_count());
         let log = self.log.clone();
-        if let Ok(Some(bytes)) = tokio::task::spawn_blocking(move || log.size_on_disk_bytes()).await
+        if let Ok(Some(bytes)) =
+            tokio::task::spawn_blocking(move || log.files_on_disk_bytes()).await
         {
             self.metrics.set_log_disk_bytes(bytes);
         }
