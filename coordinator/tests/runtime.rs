@@ -18,15 +18,27 @@ use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
 /// Like sled: a write is readable at once, but a forced write only returns when the
-/// test opens the gate.
+/// test opens the gate. Each write's state and durability are noted.
 #[derive(Debug)]
 struct GatedLog {
     inner: MemoryLog,
     gate: Arc<Semaphore>,
+    writes: std::sync::Mutex<Vec<(TxnState, Durability)>>,
+}
+
+impl GatedLog {
+    fn new(gate: Arc<Semaphore>) -> Self {
+        Self {
+            inner: MemoryLog::new(),
+            gate,
+            writes: Default::default(),
+        }
+    }
 }
 
 impl DecisionLog for GatedLog {
     fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite {
+        self.writes.lock().unwrap().push((record.state, durability));
         let written = self.inner.write(record, durability);
         let gate = self.gate.clone();
         Box::pin(async move {
@@ -80,6 +92,61 @@ impl Participant for AlwaysYes {
     }
 }
 
+/// An [`AlwaysYes`] participant served on 127.0.0.1 with its own store.
+struct AlwaysYesServed {
+    endpoint: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), treaty_sdk::ServeError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl AlwaysYesServed {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(treaty_sdk::serve(
+            Arc::new(AlwaysYes),
+            store,
+            listener,
+            Default::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            endpoint,
+            stop,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A saga of `steps`, with no key, owner or deadline.
+fn saga_of(
+    steps: Vec<treaty_coordinator::model::StepDefinition>,
+) -> treaty_coordinator::runtime::SagaParams {
+    treaty_coordinator::runtime::SagaParams {
+        definition: treaty_coordinator::model::SagaDefinition {
+            steps,
+            stuck_after_attempts: 3,
+        },
+        idempotency_key: None,
+        owner: None,
+        trace: None,
+        deadline_unix_ms: None,
+        refused_if_new: None,
+    }
+}
+
 fn config() -> RuntimeConfig {
     RuntimeConfig {
         advertise_endpoint: "http://127.0.0.1:1".into(),
@@ -89,26 +156,11 @@ fn config() -> RuntimeConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_being_written_is_shown_nowhere_as_committing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let (stop_participant, stopped) = tokio::sync::oneshot::channel::<()>();
-    let participant = tokio::spawn(treaty_sdk::serve(
-        Arc::new(AlwaysYes),
-        store,
-        listener,
-        Default::default(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let participant = AlwaysYesServed::start().await;
+    let endpoint = participant.endpoint.clone();
 
     let gate = Arc::new(Semaphore::new(0));
-    let log = Arc::new(GatedLog {
-        inner: MemoryLog::new(),
-        gate: gate.clone(),
-    });
+    let log = Arc::new(GatedLog::new(gate.clone()));
     let (fatal, _fatal) = mpsc::unbounded_channel();
     let (runtime, tasks, _) = Runtime::start(log.clone(), config(), fatal).unwrap();
     let branches = ["a", "b"]
@@ -171,8 +223,7 @@ async fn a_decision_being_written_is_shown_nowhere_as_committing() {
     let decided = committing.await.unwrap().unwrap();
     assert!(decided.state.is_commit());
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
-    let _ = stop_participant.send(());
-    participant.await.unwrap().unwrap();
+    participant.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,10 +299,7 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
     use treaty_coordinator::runtime::SagaParams;
 
     let gate = Arc::new(Semaphore::new(0));
-    let log = Arc::new(GatedLog {
-        inner: MemoryLog::new(),
-        gate: gate.clone(),
-    });
+    let log = Arc::new(GatedLog::new(gate.clone()));
     let (fatal, _fatal) = mpsc::unbounded_channel();
     let (runtime, tasks, _) = Runtime::start(log.clone(), config(), fatal).unwrap();
     let params = SagaParams {
@@ -401,14 +449,10 @@ async fn no_participant_is_called_about_a_transaction_past_the_delivery_horizon(
 async fn an_operator_hears_of_a_resolution_only_once_it_is_durable() {
     use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
     use treaty_coordinator::model::{BranchState, Resolution};
-    use treaty_coordinator::model::{RetryPolicy, SagaDefinition, StepDefinition};
-    use treaty_coordinator::runtime::SagaParams;
+    use treaty_coordinator::model::{RetryPolicy, StepDefinition};
 
     let gate = Arc::new(Semaphore::new(1)); // the definition's write
-    let log = Arc::new(GatedLog {
-        inner: MemoryLog::new(),
-        gate: gate.clone(),
-    });
+    let log = Arc::new(GatedLog::new(gate.clone()));
     let (fatal, _fatal) = mpsc::unbounded_channel();
     let (runtime, tasks, _) = Runtime::start(log.clone(), config(), fatal).unwrap();
     // Nothing listens at port 9: the step keeps failing until an operator steps in.
@@ -427,17 +471,10 @@ async fn an_operator_hears_of_a_resolution_only_once_it_is_durable() {
         requested: Default::default(),
     };
     let submitted = runtime
-        .submit_saga(SagaParams {
-            definition: SagaDefinition {
-                steps: vec![step("charged-by-hand", vec![]), step("next", vec![0])],
-                stuck_after_attempts: 3,
-            },
-            idempotency_key: None,
-            owner: None,
-            trace: None,
-            deadline_unix_ms: None,
-            refused_if_new: None,
-        })
+        .submit_saga(saga_of(vec![
+            step("charged-by-hand", vec![]),
+            step("next", vec![0]),
+        ]))
         .await
         .unwrap();
     let id = submitted.id;
@@ -483,4 +520,57 @@ async fn an_operator_hears_of_a_resolution_only_once_it_is_durable() {
     assert!(logged.branches[0].resolution.is_some());
     gate.add_permits(1_000);
     runtime.shutdown(tasks, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_writes_its_last_steps_progress_only_with_its_final_state() {
+    use treaty_coordinator::model::{RetryPolicy, StepDefinition};
+
+    let participant = AlwaysYesServed::start().await;
+    let endpoint = participant.endpoint.clone();
+    // The gate stays open.
+    let log = Arc::new(GatedLog::new(Arc::new(Semaphore::new(
+        Semaphore::MAX_PERMITS,
+    ))));
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let (runtime, tasks, _) = Runtime::start(log.clone(), config(), fatal).unwrap();
+    // Two steps, the second after the first: one answer alone, then the last one.
+    let step = |id: &str, after: Vec<usize>| StepDefinition {
+        id: id.into(),
+        endpoint: endpoint.clone(),
+        payload: Vec::new(),
+        compensation: Vec::new(),
+        timeout_ms: 10_000,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff_ms: 10,
+            max_backoff_ms: 10,
+        },
+        after,
+        requested: Default::default(),
+    };
+    let params = saga_of(vec![step("reserve", Vec::new()), step("charge", vec![0])]);
+    let mut updates = runtime.submit_saga(params).await.unwrap().updates;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        updates.wait_for(|record| record.state.is_final()),
+    )
+    .await
+    .expect("the saga did not finish in time")
+    .unwrap();
+    let state = updates.borrow().state;
+    assert_eq!(state, TxnState::Completed);
+
+    // The definition (forced), the first step's progress (lazy), then the final state
+    // (forced), which carries the last step's progress: not a lazy write of it first.
+    let writes = log.writes.lock().unwrap().clone();
+    let durabilities: Vec<Durability> = writes.iter().map(|(_, d)| *d).collect();
+    assert_eq!(
+        durabilities,
+        [Durability::Forced, Durability::Lazy, Durability::Forced],
+        "{writes:?}"
+    );
+    assert_eq!(writes[2].0, TxnState::Completed);
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+    participant.stop().await;
 }

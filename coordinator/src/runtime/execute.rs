@@ -184,6 +184,10 @@ impl Shard {
     }
 
     fn execute_saga(&mut self, id: TxnId, actions: Vec<SagaAction>) {
+        // Every write in one batch of actions writes the saga as it is now (`persist`
+        // reads the record when it runs), so a lazy write beside a forced one (the last
+        // step's progress, then the final state) would write the same record twice.
+        let forced = actions.contains(&SagaAction::PersistForced);
         for action in actions {
             match action {
                 SagaAction::StartDeadlineTimer { at_unix_ms } => {
@@ -218,6 +222,7 @@ impl Shard {
                     Durability::Forced,
                     Some((Input::Saga(SagaEvent::Persisted), SAGA_POINTS)),
                 ),
+                SagaAction::PersistLazy if forced => {}
                 SagaAction::PersistLazy => self.persist(id, Durability::Lazy, None),
                 SagaAction::WarnStuck { step } => {
                     if let Some(Machine::Saga(saga)) = self.txns.get(&id).map(|e| &e.machine) {
