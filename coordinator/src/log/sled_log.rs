@@ -12,6 +12,10 @@
 //!   [`held_for_retention`](super::held_for_retention) (retention only);
 //! - `k/<idempotency key>` → the id of the saga submitted with that key.
 //!
+//! `u/` and `k/` entries are written with a record's first write in this process, not
+//! again with each later one while it is unfinished (a saga rewrites its record at every
+//! step): the log remembers which unfinished records it wrote them for (`indexed`).
+//!
 //! The log counts its final records not held (`e/` entries): exactly at open, then as it
 //! writes and purges them (`finished.rs` says how, and when the count may be high), so a
 //! purge by count ([`DecisionLog::purge_finished_beyond`]) deletes early, never late.
@@ -55,6 +59,12 @@ pub struct SledLog {
     finished: Arc<FinishedCount>,
     /// Held by the purge under way (see `purge_oldest`).
     purging: Arc<std::sync::Mutex<()>>,
+    /// Unfinished records whose `u/` entry (and `k/` entry, if they have a key) this
+    /// process has queued and not removed: a later write of one need not write them
+    /// again. One entry per unfinished record written since the log opened, so it is
+    /// bounded as the coordinator's transactions in progress are; the first write of a
+    /// record recovered at open writes its entries again, which changes nothing.
+    indexed: Arc<std::sync::Mutex<std::collections::HashSet<TxnId>>>,
 }
 
 impl SledLog {
@@ -74,6 +84,7 @@ impl SledLog {
             store: Arc::new(store),
             finished: Arc::new(FinishedCount::new(finished)),
             purging: Arc::default(),
+            indexed: Arc::default(),
         })
     }
 
@@ -289,6 +300,14 @@ impl DecisionLog for SledLog {
         }
         let mut batch = WriteBatch::new();
         batch.insert(key(RECORD, &record.id), encoded);
+        // Held until the write is queued, so that the set and the queue agree on the
+        // order of one record's writes.
+        let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
+        let entries_written = if record.state.is_final() {
+            indexed.remove(&record.id)
+        } else {
+            !indexed.insert(record.id)
+        };
         // The `e/` entry of a final record that is counted: added to `batch` under the
         // count's lock, so that the count and the store see writes in one order.
         let mut counted = None;
@@ -301,10 +320,10 @@ impl DecisionLog for SledLog {
                     counted = Some(ended_key(ENDED, ended, &record.id));
                 }
             }
-        } else {
+        } else if !entries_written {
             batch.insert(key(UNFINISHED, &record.id), Vec::new());
         }
-        if let Some(idempotency) = &record.idempotency_key {
+        if let (Some(idempotency), false) = (&record.idempotency_key, entries_written) {
             batch.insert(idempotency_key(idempotency), record.id.as_bytes().to_vec());
         }
         let ticket = match counted {
@@ -318,6 +337,7 @@ impl DecisionLog for SledLog {
             ),
             None => self.store.write(batch, durability),
         };
+        drop(indexed);
         Box::pin(async move { Ok(ticket.await?) })
     }
 
@@ -398,6 +418,8 @@ impl DecisionLog for SledLog {
 
     fn forget(&self, record: &TxnRecord) -> LogWrite {
         let id = &record.id;
+        let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
+        indexed.remove(id);
         let mut batch = WriteBatch::new();
         batch.remove(key(RECORD, id));
         batch.remove(key(UNFINISHED, id));
@@ -499,6 +521,71 @@ mod tests {
                 .iter()
                 .all(|b| b.state == BranchState::Prepared)
         );
+    }
+
+    /// Opens a log at `dir` that adds up the records (keys written or removed) of its
+    /// group commits in `records`.
+    fn counting_log(dir: &Path, records: &Arc<std::sync::atomic::AtomicUsize>) -> SledLog {
+        let records = records.clone();
+        let observer: treaty_sdk::durable::GroupObserver = Arc::new(move |group| {
+            records.fetch_add(group.records, std::sync::atomic::Ordering::SeqCst);
+        });
+        let options = StoreOptions {
+            group_observer: Some(observer),
+            ..StoreOptions::default()
+        };
+        SledLog::open_with(dir, options).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_record_rewritten_writes_its_index_entries_only_once() {
+        use crate::model::TxnState;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let dir = tempfile::tempdir().unwrap();
+        let records = Arc::new(AtomicUsize::new(0));
+        let log = counting_log(dir.path(), &records);
+        let mut saga = suite::record(1_700_000_000_000, TxnState::Running);
+        saga.kind = crate::model::TxnKind::Saga;
+        saga.idempotency_key = Some("order-17".into());
+        let mut written = Vec::new();
+        for _ in 0..3 {
+            log.write(&saga, Durability::Forced).await.unwrap();
+            written.push(records.swap(0, SeqCst));
+        }
+        // The record, `u/` and `k/`; then the record alone.
+        assert_eq!(written, [3, 1, 1]);
+
+        // Reopened, the entries are there: recovery finds it, and so does its key. Its
+        // first write since the open writes them again.
+        drop(log);
+        let log = counting_log(dir.path(), &records);
+        let unfinished: Vec<TxnId> = log.unfinished().unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(unfinished, [saga.id]);
+        assert_eq!(log.find_by_key("order-17").unwrap(), Some(saga.id));
+        log.write(&saga, Durability::Forced).await.unwrap();
+        log.write(&saga, Durability::Forced).await.unwrap();
+        assert_eq!(records.swap(0, SeqCst), 3 + 1);
+
+        // Final: the record and its `e/` entry, `u/` removed.
+        saga.state = TxnState::Completed;
+        saga.ended_unix_ms = Some(1_700_000_000_100);
+        log.write(&saga, Durability::Forced).await.unwrap();
+        assert_eq!(records.swap(0, SeqCst), 3);
+        assert!(log.unfinished().unwrap().is_empty());
+        assert_eq!(log.find_by_key("order-17").unwrap(), Some(saga.id));
+
+        // Forgotten, then written unfinished again (as recovery of an operator's mistake
+        // might): its entries are written again, since the forget removed them.
+        let mut again = suite::record(1_700_000_000_200, TxnState::Running);
+        again.idempotency_key = Some("order-18".into());
+        log.write(&again, Durability::Forced).await.unwrap();
+        log.forget(&again).await.unwrap();
+        log.write(&again, Durability::Forced).await.unwrap();
+        drop(log);
+        let log = SledLog::open(dir.path()).unwrap();
+        let unfinished: Vec<TxnId> = log.unfinished().unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(unfinished, [again.id]);
+        assert_eq!(log.find_by_key("order-18").unwrap(), Some(again.id));
     }
 
     #[tokio::test]
