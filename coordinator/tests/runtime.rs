@@ -524,7 +524,7 @@ async fn an_operator_hears_of_a_resolution_only_once_it_is_durable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saga_writes_its_last_steps_progress_only_with_its_final_state() {
-    use treaty_coordinator::model::{RetryPolicy, StepDefinition};
+    use treaty_coordinator::model::{BranchState, RetryPolicy, StepDefinition};
 
     let participant = AlwaysYesServed::start().await;
     let endpoint = participant.endpoint.clone();
@@ -550,7 +550,8 @@ async fn a_saga_writes_its_last_steps_progress_only_with_its_final_state() {
         requested: Default::default(),
     };
     let params = saga_of(vec![step("reserve", Vec::new()), step("charge", vec![0])]);
-    let mut updates = runtime.submit_saga(params).await.unwrap().updates;
+    let submitted = runtime.submit_saga(params).await.unwrap();
+    let mut updates = submitted.updates;
     tokio::time::timeout(
         Duration::from_secs(30),
         updates.wait_for(|record| record.state.is_final()),
@@ -571,6 +572,10 @@ async fn a_saga_writes_its_last_steps_progress_only_with_its_final_state() {
         "{writes:?}"
     );
     assert_eq!(writes[2].0, TxnState::Completed);
+    // And the final record holds the last step's progress.
+    let logged = log.get(&submitted.id).unwrap().unwrap();
+    let steps: Vec<BranchState> = logged.branches.iter().map(|b| b.state).collect();
+    assert_eq!(steps, [BranchState::Committed, BranchState::Committed]);
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
     participant.stop().await;
 }

@@ -4,9 +4,9 @@
 //! The log counts its entries once at open, then follows its writes and purges. Both act
 //! on what the store has *applied*, and both are queued before they are applied, so the
 //! count takes three things into account:
-//! - a final record written again before its first write was applied (a saga's last step
-//!   writes its final record lazily, then forced) is found among the keys counted
-//!   lately, not counted twice;
+//! - a final record written again before its first write was applied (an operator's
+//!   resolve that finishes a saga writes its final record twice, both forced) is found
+//!   among the keys counted lately, not counted twice;
 //! - a write issued after a purge queued the removal of its entry, but before the removal
 //!   was applied, lands after it: it is counted again;
 //! - a write and a purge submit their batches under one lock, so that the order they are

@@ -12,9 +12,11 @@
 //!   [`held_for_retention`](super::held_for_retention) (retention only);
 //! - `k/<idempotency key>` → the id of the saga submitted with that key.
 //!
-//! `u/` and `k/` entries are written with a record's first write in this process, not
-//! again with each later one while it is unfinished (a saga rewrites its record at every
-//! step): the log remembers which unfinished records it wrote them for (`indexed`).
+//! A `u/` entry is written with a record's first write in this process, not again with
+//! each later one while it is unfinished (a saga rewrites its record at every step): the
+//! log remembers which unfinished records it wrote one for (`indexed`). A `k/` entry is
+//! written with every write: a forget or purge of an earlier saga with the same key
+//! removes the entry by key, and may land after a new saga's first write.
 //!
 //! The log counts its final records not held (`e/` entries): exactly at open, then as it
 //! writes and purges them (`finished.rs` says how, and when the count may be high), so a
@@ -59,11 +61,12 @@ pub struct SledLog {
     finished: Arc<FinishedCount>,
     /// Held by the purge under way (see `purge_oldest`).
     purging: Arc<std::sync::Mutex<()>>,
-    /// Unfinished records whose `u/` entry (and `k/` entry, if they have a key) this
-    /// process has queued and not removed: a later write of one need not write them
-    /// again. One entry per unfinished record written since the log opened, so it is
-    /// bounded as the coordinator's transactions in progress are; the first write of a
-    /// record recovered at open writes its entries again, which changes nothing.
+    /// Unfinished records whose `u/` entry this process has queued and not removed: a
+    /// later write of one need not write it again. Only the record's own final write or
+    /// forget removes a `u/` entry (it is keyed by the id). One entry per unfinished
+    /// record written since the log opened, so it is bounded as the coordinator's
+    /// transactions in progress are; the first write of a record recovered at open
+    /// writes its entry again, which changes nothing.
     indexed: Arc<std::sync::Mutex<std::collections::HashSet<TxnId>>>,
 }
 
@@ -303,7 +306,7 @@ impl DecisionLog for SledLog {
         // Held until the write is queued, so that the set and the queue agree on the
         // order of one record's writes.
         let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
-        let entries_written = if record.state.is_final() {
+        let unfinished_entry_written = if record.state.is_final() {
             indexed.remove(&record.id)
         } else {
             !indexed.insert(record.id)
@@ -320,10 +323,10 @@ impl DecisionLog for SledLog {
                     counted = Some(ended_key(ENDED, ended, &record.id));
                 }
             }
-        } else if !entries_written {
+        } else if !unfinished_entry_written {
             batch.insert(key(UNFINISHED, &record.id), Vec::new());
         }
-        if let (Some(idempotency), false) = (&record.idempotency_key, entries_written) {
+        if let Some(idempotency) = &record.idempotency_key {
             batch.insert(idempotency_key(idempotency), record.id.as_bytes().to_vec());
         }
         let ticket = match counted {
@@ -538,7 +541,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unfinished_record_rewritten_writes_its_index_entries_only_once() {
+    async fn an_unfinished_record_rewritten_writes_its_unfinished_entry_only_once() {
         use crate::model::TxnState;
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let dir = tempfile::tempdir().unwrap();
@@ -552,11 +555,11 @@ mod tests {
             log.write(&saga, Durability::Forced).await.unwrap();
             written.push(records.swap(0, SeqCst));
         }
-        // The record, `u/` and `k/`; then the record alone.
-        assert_eq!(written, [3, 1, 1]);
+        // The record, `u/` and `k/`; then the record and `k/`.
+        assert_eq!(written, [3, 2, 2]);
 
         // Reopened, the entries are there: recovery finds it, and so does its key. Its
-        // first write since the open writes them again.
+        // first write since the open writes `u/` again.
         drop(log);
         let log = counting_log(dir.path(), &records);
         let unfinished: Vec<TxnId> = log.unfinished().unwrap().iter().map(|r| r.id).collect();
@@ -564,28 +567,35 @@ mod tests {
         assert_eq!(log.find_by_key("order-17").unwrap(), Some(saga.id));
         log.write(&saga, Durability::Forced).await.unwrap();
         log.write(&saga, Durability::Forced).await.unwrap();
-        assert_eq!(records.swap(0, SeqCst), 3 + 1);
+        assert_eq!(records.swap(0, SeqCst), 3 + 2);
 
-        // Final: the record and its `e/` entry, `u/` removed.
+        // Final: the record, its `e/` and `k/` entries, `u/` removed.
         saga.state = TxnState::Completed;
         saga.ended_unix_ms = Some(1_700_000_000_100);
         log.write(&saga, Durability::Forced).await.unwrap();
-        assert_eq!(records.swap(0, SeqCst), 3);
+        assert_eq!(records.swap(0, SeqCst), 4);
         assert!(log.unfinished().unwrap().is_empty());
         assert_eq!(log.find_by_key("order-17").unwrap(), Some(saga.id));
+    }
 
-        // Forgotten, then written unfinished again (as recovery of an operator's mistake
-        // might): its entries are written again, since the forget removed them.
-        let mut again = suite::record(1_700_000_000_200, TxnState::Running);
-        again.idempotency_key = Some("order-18".into());
-        log.write(&again, Durability::Forced).await.unwrap();
-        log.forget(&again).await.unwrap();
-        log.write(&again, Durability::Forced).await.unwrap();
-        drop(log);
+    #[tokio::test]
+    async fn a_key_removed_by_the_forget_of_an_earlier_saga_is_written_again() {
+        use crate::model::TxnState;
+        let dir = tempfile::tempdir().unwrap();
         let log = SledLog::open(dir.path()).unwrap();
-        let unfinished: Vec<TxnId> = log.unfinished().unwrap().iter().map(|r| r.id).collect();
-        assert_eq!(unfinished, [again.id]);
-        assert_eq!(log.find_by_key("order-18").unwrap(), Some(again.id));
+        let mut earlier = suite::record(1_700_000_000_000, TxnState::Completed);
+        earlier.idempotency_key = Some("order-17".into());
+        log.write(&earlier, Durability::Forced).await.unwrap();
+        // The earlier saga left the log (retention) and a new one took its key; an
+        // operator's forget of the earlier one, read before, lands after that.
+        let mut later = suite::record(1_700_000_000_100, TxnState::Running);
+        later.idempotency_key = Some("order-17".into());
+        log.write(&later, Durability::Forced).await.unwrap();
+        log.forget(&earlier).await.unwrap();
+        assert_eq!(log.find_by_key("order-17").unwrap(), None);
+        // The new saga's next write puts its key back.
+        log.write(&later, Durability::Forced).await.unwrap();
+        assert_eq!(log.find_by_key("order-17").unwrap(), Some(later.id));
     }
 
     #[tokio::test]
@@ -636,8 +646,8 @@ mod tests {
         let log = harness.open();
         let mut done = suite::record(1_700_000_000_000, TxnState::Committed);
         done.ended_unix_ms = Some(1_700_000_000_100);
-        // As a saga's last step does: lazily, then forced, both issued before either
-        // is applied.
+        // As an operator's resolve that finishes a saga does (and as a saga's last step
+        // did, lazily then forced): both issued before either is applied.
         let first = log.write(&done, Durability::Lazy);
         let second = log.write(&done, Durability::Forced);
         first.await.unwrap();
