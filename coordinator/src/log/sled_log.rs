@@ -646,8 +646,8 @@ mod tests {
         let log = harness.open();
         let mut done = suite::record(1_700_000_000_000, TxnState::Committed);
         done.ended_unix_ms = Some(1_700_000_000_100);
-        // As an operator's resolve that finishes a saga does (and as a saga's last step
-        // did, lazily then forced): both issued before either is applied.
+        // As an operator's resolve that ends a logged 2PC does (its lazy end record,
+        // then the resolve's forced write): both issued before either is applied.
         let first = log.write(&done, Durability::Lazy);
         let second = log.write(&done, Durability::Forced);
         first.await.unwrap();
