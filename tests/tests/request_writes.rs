@@ -6,7 +6,10 @@
 //! at the server.
 //!
 //! The client is tonic's `Channel` over a real TCP connection to a real gRPC server on
-//! 127.0.0.1; the connector wraps the socket to record what each write carried.
+//! 127.0.0.1; the connector wraps the socket to record what each write carried. The
+//! tests run on tokio's current-thread runtime, where the connection task cannot run
+//! between the request's hand-over and its first chunk's, so the single write is
+//! certain; on a multi-threaded runtime it is the usual case, not a guarantee.
 
 use std::io;
 use std::pin::Pin;
@@ -17,11 +20,16 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codegen::Service;
-use tonic::transport::{Endpoint, Server, Uri};
+use tonic::transport::{Channel, Endpoint, Server, Uri};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 /// The bytes of every write the client made, one entry per write, in order.
 type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
@@ -128,6 +136,7 @@ const CLIENT_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #[derive(Debug)]
 struct SentFrame {
     write: usize,
+    length: usize,
     kind: u8,
     flags: u8,
     stream: u32,
@@ -158,6 +167,7 @@ fn frames_sent(writes: &[Vec<u8>]) -> Vec<SentFrame> {
         ]);
         frames.push(SentFrame {
             write: write_of_byte[at],
+            length,
             kind: bytes[at + 3],
             flags: bytes[at + 4],
             stream,
@@ -167,18 +177,28 @@ fn frames_sent(writes: &[Vec<u8>]) -> Vec<SentFrame> {
     frames
 }
 
-/// A health server on 127.0.0.1, and a client whose writes are recorded.
-async fn recorded_health_client() -> anyhow::Result<(
-    HealthClient<tonic::transport::Channel>,
+/// The windows the test server grants: HTTP/2's initial 65,535 bytes, for the stream
+/// and for the connection, so that a body of a few hundred KiB must wait for the
+/// server's WINDOW_UPDATEs (hyper's server would otherwise grant 1 MiB).
+const SERVER_WINDOW_BYTES: u32 = 65_535;
+
+/// A gRPC server on 127.0.0.1 (health, and reflection for a streaming call), and a
+/// channel to it whose writes are recorded.
+async fn recorded_channel() -> anyhow::Result<(
+    Channel,
     Writes,
     tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 )> {
     let (_reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure().build_v1()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let server = tokio::spawn(
         Server::builder()
+            .initial_stream_window_size(SERVER_WINDOW_BYTES)
+            .initial_connection_window_size(SERVER_WINDOW_BYTES)
             .add_service(health)
+            .add_service(reflection)
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let writes = Writes::default();
@@ -190,23 +210,20 @@ async fn recorded_health_client() -> anyhow::Result<(
         .timeout(Duration::from_secs(30))
         .connect_with_connector(connector)
         .await?;
-    Ok((HealthClient::new(channel), writes, server))
+    Ok((channel, writes, server))
 }
 
 #[tokio::test]
 async fn a_unary_requests_headers_and_data_leave_in_one_write() -> anyhow::Result<()> {
-    let (mut client, writes, server) = recorded_health_client().await?;
+    let (channel, writes, server) = recorded_channel().await?;
+    let mut client = HealthClient::new(channel);
     const CALLS: usize = 3;
     for _ in 0..CALLS {
         client.check(HealthCheckRequest::default()).await?;
     }
     server.abort();
 
-    let recorded = writes
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .clone();
-    let frames = frames_sent(&recorded);
+    let frames = frames_sent(&writes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     let request_streams: Vec<u32> = frames
         .iter()
         .filter(|frame| frame.kind == FRAME_HEADERS && frame.stream != 0)
@@ -239,13 +256,14 @@ async fn a_unary_requests_headers_and_data_leave_in_one_write() -> anyhow::Resul
     Ok(())
 }
 
-/// Bodies larger than the first chunk sent without capacity (16 KiB) take hyper's own
-/// path, and bodies larger than the stream's initial window (64 KiB) wait for the
-/// server's WINDOW_UPDATEs: both still arrive whole. The server answers NOT_FOUND for a
-/// service it does not know, which it can only do after reading the whole name.
+/// Bodies larger than the first chunk handed over without capacity (16 KiB) take
+/// hyper's own path, and bodies larger than the server's windows wait for its
+/// WINDOW_UPDATEs: both still arrive whole. The server answers NOT_FOUND for a service it
+/// does not know, which it can only do after reading the whole name.
 #[tokio::test]
 async fn requests_larger_than_a_frame_or_the_window_still_arrive_whole() -> anyhow::Result<()> {
-    let (mut client, _writes, server) = recorded_health_client().await?;
+    let (channel, _writes, server) = recorded_channel().await?;
+    let mut client = HealthClient::new(channel);
     for name_bytes in [10 * 1024, 20 * 1024, 200 * 1024] {
         let request = HealthCheckRequest {
             service: "x".repeat(name_bytes),
@@ -262,5 +280,78 @@ async fn requests_larger_than_a_frame_or_the_window_still_arrive_whole() -> anyh
         );
     }
     server.abort();
+    Ok(())
+}
+
+/// A streaming body: its first chunk is small and handed over at once; the chunks after
+/// it (tonic puts up to 32 KiB of ready messages in one) wait for send capacity, and
+/// together they are six times the server's windows. Every message arrives and is
+/// answered, in order. The requests are reflection's ListServices, padded in the field
+/// the server ignores and echoes back.
+#[tokio::test]
+async fn a_streaming_body_after_a_first_small_chunk_keeps_to_the_window() -> anyhow::Result<()> {
+    let (channel, writes, server) = recorded_channel().await?;
+    let mut client = ServerReflectionClient::new(channel);
+    let asking_for = |padding: String| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(padding)),
+    };
+    let (requests, outgoing) = tokio::sync::mpsc::channel(64);
+    requests.send(asking_for("first".to_string())).await?;
+    let mut responses = client
+        .server_reflection_info(ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    const WAIT: Duration = Duration::from_secs(30);
+    let first = tokio::time::timeout(WAIT, responses.message())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("no answer to the first request"))?;
+    assert_eq!(
+        first.original_request,
+        Some(asking_for("first".to_string()))
+    );
+
+    const LATER: usize = 40;
+    const PADDING_BYTES: usize = 10 * 1024;
+    let padding = |index: usize| format!("{index:04}{}", "x".repeat(PADDING_BYTES));
+    let sender = tokio::spawn(async move {
+        for index in 0..LATER {
+            if requests.send(asking_for(padding(index))).await.is_err() {
+                break;
+            }
+        }
+    });
+    for index in 0..LATER {
+        let response = tokio::time::timeout(WAIT, responses.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("the stream ended after {index} of {LATER}"))?;
+        assert_eq!(
+            response.original_request,
+            Some(asking_for(padding(index))),
+            "answer {index} is to request {index}, whole"
+        );
+        assert!(
+            matches!(
+                response.message_response,
+                Some(MessageResponse::ListServicesResponse(_))
+            ),
+            "answer {index} lists the services"
+        );
+    }
+    tokio::time::timeout(WAIT, sender).await??;
+    let end = tokio::time::timeout(WAIT, responses.message()).await??;
+    assert!(end.is_none(), "nothing is answered twice: {end:?}");
+    server.abort();
+
+    let frames = frames_sent(&writes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let data_bytes: usize = frames
+        .iter()
+        .filter(|frame| frame.kind == FRAME_DATA && frame.stream != 0)
+        .map(|frame| frame.length)
+        .sum();
+    assert!(
+        data_bytes > 6 * SERVER_WINDOW_BYTES as usize,
+        "the body ({data_bytes} bytes) outgrew the server's windows several times over"
+    );
     Ok(())
 }
