@@ -2,8 +2,8 @@
 //! DATA together. This is the change Treaty's vendored hyper makes
 //! (third_party/hyper/TREATY-PATCHES.md): the release handed a request's body to h2 only
 //! once the stream had send capacity, which it never has before the connection task
-//! next runs, so every request cost a second task, a second write and a second wake-up
-//! at the server.
+//! next runs, so every request cost a second task and a second write, and could cost a
+//! second read at the server.
 //!
 //! The client is tonic's `Channel` over a real TCP connection to a real gRPC server on
 //! 127.0.0.1; the connector wraps the socket to record what each write carried. The
@@ -256,10 +256,10 @@ async fn a_unary_requests_headers_and_data_leave_in_one_write() -> anyhow::Resul
     Ok(())
 }
 
-/// Bodies larger than the first chunk handed over without capacity (16 KiB) take
-/// hyper's own path, and bodies larger than the server's windows wait for its
-/// WINDOW_UPDATEs: both still arrive whole. The server answers NOT_FOUND for a service it
-/// does not know, which it can only do after reading the whole name.
+/// A 10 KiB body (a first chunk handed over at once), bodies larger than the 16 KiB such
+/// a chunk may be (hyper's own path), and a body larger than the server's windows (which
+/// waits for its WINDOW_UPDATEs) all arrive whole. The server answers NOT_FOUND for a
+/// service it does not know, which it can only do after reading the whole name.
 #[tokio::test]
 async fn requests_larger_than_a_frame_or_the_window_still_arrive_whole() -> anyhow::Result<()> {
     let (channel, _writes, server) = recorded_channel().await?;
@@ -284,10 +284,10 @@ async fn requests_larger_than_a_frame_or_the_window_still_arrive_whole() -> anyh
 }
 
 /// A streaming body: its first chunk is small and handed over at once; the chunks after
-/// it (tonic puts up to 32 KiB of ready messages in one) wait for send capacity, and
-/// together they are six times the server's windows. Every message arrives and is
-/// answered, in order. The requests are reflection's ListServices, padded in the field
-/// the server ignores and echoes back.
+/// it (tonic puts ready messages in one until it holds 32 KiB or more) wait for send
+/// capacity, and together they are six times the server's windows. Every message arrives
+/// and is answered, in order. The requests are reflection's ListServices, padded in the
+/// field the server ignores and echoes back.
 #[tokio::test]
 async fn a_streaming_body_after_a_first_small_chunk_keeps_to_the_window() -> anyhow::Result<()> {
     let (channel, writes, server) = recorded_channel().await?;
