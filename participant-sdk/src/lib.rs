@@ -38,6 +38,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod participant;
+mod run_to_end;
 pub mod server;
 pub mod tls;
 pub mod trace;

@@ -26,6 +26,7 @@ use crate::metrics::{
     Operation, OperationResult, ParticipantMetrics, check_metrics_listen, serve_metrics,
 };
 use crate::participant::{BranchContext, Participant, Vote};
+use crate::run_to_end::RunToEnd;
 use crate::tls::ReloadableServerTls;
 use crate::trace::TraceContext;
 pub use crate::trust::CoordinatorTrust;
@@ -124,9 +125,9 @@ fn barrier_error(branch: &BranchContext, error: BarrierError) -> Status {
     }
 }
 
-/// Runs a barrier operation in its own task, so that it finishes (user code and the
-/// barrier record both) even when the caller gives up and the request is dropped: user
-/// code is never cancelled half-way.
+/// Runs a barrier operation to its end even when the caller gives up and the request is
+/// dropped ([`RunToEnd`]): user code is never cancelled half-way. A panic in user code is
+/// answered as the participant's failure.
 async fn run_to_completion<T: Send + 'static>(
     branch: &BranchContext,
     operation: impl std::future::Future<Output = Result<T, BarrierError>> + Send + 'static,
@@ -140,10 +141,10 @@ async fn run_to_completion<T: Send + 'static>(
     if let Some(parent) = branch.traceparent().filter(|_| !span.is_disabled()) {
         span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
     }
-    match tokio::spawn(tracing::Instrument::instrument(operation, span)).await {
+    match RunToEnd::new(tracing::Instrument::instrument(operation, span)).await {
         Ok(result) => result,
-        Err(join_error) => Err(BarrierError::Participant(crate::ParticipantError::new(
-            format!("participant code panicked: {join_error}"),
+        Err(panic) => Err(BarrierError::Participant(crate::ParticipantError::new(
+            format!("participant code panicked: {panic}"),
         ))),
     }
 }

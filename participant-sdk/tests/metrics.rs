@@ -25,7 +25,8 @@ const RETENTION_MS: u64 = 300;
 const AHEAD_MS: u64 = 2_000;
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Votes by payload: "no" → NO, "ro" → READ_ONLY, "fail" → an error; else YES.
+/// Votes by payload: "no" → NO, "ro" → READ_ONLY, "fail" → an error, "panic" → a
+/// panic; else YES.
 #[derive(Debug, Default)]
 struct ByPayload;
 
@@ -35,6 +36,7 @@ impl Participant for ByPayload {
             b"no" => Ok(Vote::no("refused")),
             b"ro" => Ok(Vote::ReadOnly),
             b"fail" => Err(ParticipantError::new("the database is down")),
+            b"panic" => panic!("user code broke"),
             _ => Ok(Vote::Yes),
         }
     }
@@ -550,6 +552,45 @@ async fn a_call_dropped_before_its_answer_is_counted_as_cancelled_and_its_work_s
         Some(2.0),
         "{text}"
     );
+
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn a_panic_in_user_code_is_answered_as_the_participant_failing_and_serving_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let served = Served::start(Arc::new(ByPayload), store, ServeOptions::default()).await;
+    let mut client = ParticipantClient::connect(served.endpoint.clone())
+        .await
+        .unwrap();
+
+    let panicked = client
+        .prepare(prepare("p-1", "a", b"panic", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(panicked.code(), tonic::Code::Unavailable, "{panicked:?}");
+    assert!(
+        panicked
+            .message()
+            .contains("participant code panicked: user code broke"),
+        "{panicked:?}"
+    );
+    // No record was written: asked again, the code runs again (and panics again).
+    let again = client
+        .prepare(prepare("p-1", "a", b"panic", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
+    let yes = client
+        .prepare(prepare("p-2", "a", b"yes", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(yes.vote, pb::Vote::Yes as i32);
+    let text = scrape(served.metrics_address).await;
+    assert_eq!(operations(&text, "prepare", "error"), Some(2.0), "{text}");
+    assert_eq!(operations(&text, "prepare", "yes"), Some(1.0), "{text}");
 
     served.stop().await;
 }
