@@ -18,12 +18,16 @@ use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
 /// Like sled: a write is readable at once, but a forced write only returns when the
-/// test opens the gate. Each write's state and durability are noted.
+/// test opens the gate. Each write's state and durability are noted. Made with
+/// [`GatedLog::failing_lazy_writes`], it is like sled when the disk goes away behind a
+/// queued write: a lazy write is applied, its future never resolves, and the log
+/// reports the failure through `failed`.
 #[derive(Debug)]
 struct GatedLog {
     inner: MemoryLog,
     gate: Arc<Semaphore>,
     writes: std::sync::Mutex<Vec<(TxnState, Durability)>>,
+    lazy_failure: Option<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl GatedLog {
@@ -32,6 +36,15 @@ impl GatedLog {
             inner: MemoryLog::new(),
             gate,
             writes: Default::default(),
+            lazy_failure: None,
+        }
+    }
+
+    /// Forced writes pass; every lazy write fails once queued.
+    fn failing_lazy_writes() -> Self {
+        Self {
+            lazy_failure: Some(tokio::sync::watch::channel(None).0),
+            ..Self::new(Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)))
         }
     }
 }
@@ -40,12 +53,32 @@ impl DecisionLog for GatedLog {
     fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite {
         self.writes.lock().unwrap().push((record.state, durability));
         let written = self.inner.write(record, durability);
+        if let (Some(failure), Durability::Lazy) = (&self.lazy_failure, durability) {
+            failure.send_replace(Some("the disk went away".into()));
+            return Box::pin(std::future::pending());
+        }
         let gate = self.gate.clone();
         Box::pin(async move {
             if durability == Durability::Forced {
                 gate.acquire().await.unwrap().forget();
             }
             written.await
+        })
+    }
+    fn failed(&self) -> treaty_coordinator::log::LogFailed {
+        let Some(failure) = &self.lazy_failure else {
+            return Box::pin(std::future::pending());
+        };
+        let mut failure = failure.subscribe();
+        Box::pin(async move {
+            let reason = match failure.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone(),
+                Err(_) => None,
+            };
+            match reason {
+                Some(reason) => reason,
+                None => std::future::pending().await,
+            }
         })
     }
     fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {
@@ -147,6 +180,27 @@ fn saga_of(
     }
 }
 
+/// Begins a two-phase commit with branches "a" and "b", both at `endpoint`.
+async fn begin_two_branches(runtime: &Runtime, endpoint: &str) -> TxnId {
+    let branches = ["a", "b"]
+        .map(|id| BranchSpec {
+            id: id.into(),
+            endpoint: endpoint.into(),
+            payload: Vec::new(),
+        })
+        .to_vec();
+    runtime
+        .begin(BeginParams {
+            deadline_unix_ms: now_unix_ms() + 60_000,
+            prepare_timeout_ms: 10_000,
+            branches,
+            owner: None,
+            trace: None,
+        })
+        .await
+        .unwrap()
+}
+
 fn config() -> RuntimeConfig {
     RuntimeConfig {
         advertise_endpoint: "http://127.0.0.1:1".into(),
@@ -163,23 +217,7 @@ async fn a_decision_being_written_is_shown_nowhere_as_committing() {
     let log = Arc::new(GatedLog::new(gate.clone()));
     let (fatal, _fatal) = mpsc::unbounded_channel();
     let (runtime, tasks, _) = Runtime::start(log.clone(), config(), fatal).unwrap();
-    let branches = ["a", "b"]
-        .map(|id| BranchSpec {
-            id: id.into(),
-            endpoint: endpoint.clone(),
-            payload: Vec::new(),
-        })
-        .to_vec();
-    let id = runtime
-        .begin(BeginParams {
-            deadline_unix_ms: now_unix_ms() + 60_000,
-            prepare_timeout_ms: 10_000,
-            branches,
-            owner: None,
-            trace: None,
-        })
-        .await
-        .unwrap();
+    let id = begin_two_branches(&runtime, &endpoint).await;
     let committing = {
         let runtime = runtime.clone();
         tokio::spawn(async move { runtime.commit(id).await })
@@ -576,6 +614,25 @@ async fn a_saga_writes_its_last_steps_progress_only_with_its_final_state() {
     let logged = log.get(&submitted.id).unwrap().unwrap();
     let steps: Vec<BranchState> = logged.branches.iter().map(|b| b.state).collect();
     assert_eq!(steps, [BranchState::Committed, BranchState::Committed]);
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+    participant.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_write_that_fails_once_queued_is_fatal() {
+    let participant = AlwaysYesServed::start().await;
+    let log = Arc::new(GatedLog::failing_lazy_writes());
+    let (fatal, mut fatal_reports) = mpsc::unbounded_channel();
+    let (runtime, tasks, _) = Runtime::start(log, config(), fatal).unwrap();
+    let id = begin_two_branches(&runtime, &participant.endpoint).await;
+    // The decision is forced and succeeds; the end record, once both acknowledged, is
+    // lazy, and its write fails after it was queued.
+    assert!(runtime.commit(id).await.unwrap().state.is_commit());
+    let report = tokio::time::timeout(Duration::from_secs(30), fatal_reports.recv())
+        .await
+        .expect("a failed lazy write was never reported")
+        .unwrap();
+    assert!(report.contains("the disk went away"), "{report}");
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
     participant.stop().await;
 }

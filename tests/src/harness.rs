@@ -224,6 +224,32 @@ pub fn log_record(
     record
 }
 
+/// A two-phase record with no branches, for tests of the log itself: its reason is
+/// `padding` bytes long, so that its size can be chosen.
+pub fn bare_record(
+    id: treaty_coordinator::model::TxnId,
+    state: treaty_coordinator::model::TxnState,
+    padding: usize,
+) -> treaty_coordinator::model::TxnRecord {
+    treaty_coordinator::model::TxnRecord {
+        id,
+        kind: treaty_coordinator::model::TxnKind::TwoPhase,
+        state,
+        created_unix_ms: 1_700_000_000_000,
+        deadline_unix_ms: 1_700_000_060_000,
+        prepare_timeout_ms: 5_000,
+        reason: Some("p".repeat(padding)),
+        branches: Vec::new(),
+        transitions: Vec::new(),
+        ended_unix_ms: state.is_final().then_some(1_700_000_001_000),
+        idempotency_key: None,
+        stuck: false,
+        saga: None,
+        owner: None,
+        paused: false,
+    }
+}
+
 /// Asks a participant, through the real protocol, what its barrier recorded for a
 /// branch: a duplicate Prepare is answered from the record without running user code
 /// (NO once the branch is aborted, YES while prepared or committed).

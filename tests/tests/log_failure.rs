@@ -1,17 +1,23 @@
 //! A decision-log write that fails is fatal: the commit is never acknowledged, the daemon
 //! stops with an error, and after a restart every participant ends the same way as the
-//! coordinator's answer. The failpoint registry is process-wide, so the coordinator runs
-//! in this test binary and the participants as processes of their own.
+//! coordinator's answer; a lazy write that fails once queued fails the log, which is how
+//! the runtime hears of it (it does not await lazy writes). The failpoint registry is
+//! process-wide, so the coordinator runs in this test binary and the participants as
+//! processes of their own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+use treaty_coordinator::log::{DecisionLog, Durability, SledLog};
+use treaty_coordinator::model::{TxnId, TxnState};
 use treaty_sdk::barrier::BranchStatus;
 use treaty_sdk::client::{BeginOptions, BranchSpec, Decision};
-use treaty_tests::harness::{Coordinator, barrier_record, eventually, recorded_vote};
+use treaty_tests::harness::{Coordinator, bare_record, barrier_record, eventually, recorded_vote};
 use treaty_tests::process::{exit_status, start_scripted_participant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_decision_write_is_never_acknowledged_and_stops_the_daemon() {
+    // Failpoints are process-wide: one test at a time sets them.
+    let scenario = fail::FailScenario::setup();
     let dir = tempfile::tempdir().unwrap();
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     let mut a = start_scripted_participant(&a_dir, "127.0.0.1:0").await;
@@ -94,4 +100,34 @@ async fn a_failed_decision_write_is_never_acknowledged_and_stops_the_daemon() {
             "branch {branch}"
         );
     }
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_write_that_fails_once_queued_fails_the_log() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let log = SledLog::open(dir.path()).unwrap();
+    let id = TxnId::generate(1_700_000_000_000);
+    log.write(
+        &bare_record(id, TxnState::Committing, 0),
+        Durability::Forced,
+    )
+    .await
+    .unwrap();
+
+    fail::cfg("durable::apply", "return").unwrap();
+    // Nobody polls it, as the runtime does not poll its lazy writes.
+    drop(log.write(&bare_record(id, TxnState::Committed, 0), Durability::Lazy));
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(30), log.failed())
+        .await
+        .expect("the failed lazy write never failed the log");
+    fail::remove("durable::apply");
+    assert!(reason.contains("injected apply failure"), "{reason}");
+    // Nothing after it is accepted.
+    let refused = log
+        .write(&bare_record(id, TxnState::Committed, 0), Durability::Forced)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    scenario.teardown();
 }

@@ -16,8 +16,9 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use treaty_coordinator::log::{DecisionLog, SledLog};
-use treaty_coordinator::model::{TxnId, TxnKind, TxnRecord, TxnState};
+use treaty_coordinator::model::{TxnId, TxnState};
 use treaty_sdk::durable::{Durability, DurableStore, StoreOptions, WriteBatch};
+use treaty_tests::harness::bare_record;
 use treaty_tests::power_cut::DiskModel;
 
 const RECORD_SIZES_KIB: [usize; 4] = [1, 8, 16, 48];
@@ -129,26 +130,6 @@ async fn the_sdk_store_keeps_every_acknowledged_write_through_a_power_cut() {
     assert!(blob_files > 0, "no blob file was ever written");
 }
 
-fn saga_record(id: TxnId, state: TxnState, padding: usize) -> TxnRecord {
-    TxnRecord {
-        id,
-        kind: TxnKind::TwoPhase,
-        state,
-        created_unix_ms: 1_700_000_000_000,
-        deadline_unix_ms: 1_700_000_060_000,
-        prepare_timeout_ms: 5_000,
-        reason: Some("p".repeat(padding)),
-        branches: Vec::new(),
-        transitions: Vec::new(),
-        ended_unix_ms: state.is_final().then_some(1_700_000_001_000),
-        idempotency_key: None,
-        stuck: false,
-        saga: None,
-        owner: None,
-        paused: false,
-    }
-}
-
 fn open_log(dir: &Path, options: StoreOptions) -> SledLog {
     SledLog::open_with(dir, options).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
@@ -175,14 +156,14 @@ async fn the_coordinator_log_keeps_every_acknowledged_decision_through_a_power_c
                 None => TxnState::Committing,
                 Some(_) => TxnState::Committed,
             };
-            let record = saga_record(id, state, size_kib * 1024 - 200);
+            let record = bare_record(id, state, size_kib * 1024 - 200);
             log.write(&record, Durability::Forced).await.unwrap();
             acknowledged.insert(id, state);
             if !points.contains(&i) {
                 continue;
             }
             let lazy = TxnId::generate(1_800_000_000_000 + i as u64);
-            let record = saga_record(lazy, TxnState::Aborted, size_kib * 1024);
+            let record = bare_record(lazy, TxnState::Aborted, size_kib * 1024);
             log.write(&record, Durability::Lazy).await.unwrap();
             log.store().db().flush().unwrap();
             let image = dir.path().join(format!("cut-{i}"));

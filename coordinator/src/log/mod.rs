@@ -55,6 +55,9 @@ pub fn held_for_retention(record: &TxnRecord) -> bool {
 /// Resolves when a [`DecisionLog::write`] is done (see its contract).
 pub type LogWrite = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
 
+/// Resolves with the reason once a [`DecisionLog`] has failed (see [`DecisionLog::failed`]).
+pub type LogFailed = Pin<Box<dyn Future<Output = String> + Send>>;
+
 /// Durable storage of transaction records.
 ///
 /// Contract, for every implementation:
@@ -65,12 +68,23 @@ pub type LogWrite = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
 ///   the latest with the next forced write.
 /// - Writes are applied in the order `write` is called (not the order the futures are
 ///   polled): a lazy write issued after a forced one never lands before it.
+/// - `write` queues the write before it returns: its future only reports the outcome,
+///   and dropping it unpolled does not cancel the write. A write that fails after
+///   `write` returned makes [`failed`](DecisionLog::failed) resolve, so a caller that
+///   needs nothing from a lazy write may drop its future and watch `failed` instead.
 /// - A record replaces any earlier record of the same transaction. An implementation may
 ///   drop its oldest history (attempts, transitions) to keep it small; the protocol's
 ///   fields (states, decisions, definitions) are kept as written.
 /// - After an `Err` from any method, the log may refuse everything that follows.
 pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite;
+
+    /// Resolves with the reason once the log has failed: a write failed after `write`
+    /// returned, and the log refuses every write from then on. Never resolves for a log
+    /// whose writes can only fail within `write` itself (the default).
+    fn failed(&self) -> LogFailed {
+        Box::pin(std::future::pending())
+    }
 
     /// The record of `id`, as last written (durable or not: see `DurableStore::db`).
     fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError>;

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use treaty_sdk::durable::{Durability, DurableStore, StoreError, StoreOptions, WriteBatch};
 
 use super::finished::FinishedCount;
-use super::{DecisionLog, LogError, LogWrite, held_for_retention};
+use super::{DecisionLog, LogError, LogFailed, LogWrite, held_for_retention};
 use crate::model::{OperatorResolution, TxnId, TxnRecord, UnixMs};
 
 /// Format 3: the record, its owner, then each branch's heuristic answer and operator
@@ -342,6 +342,13 @@ impl DecisionLog for SledLog {
         };
         drop(indexed);
         Box::pin(async move { Ok(ticket.await?) })
+    }
+
+    /// The store's failure: every write's error after it was queued makes the store fail
+    /// (`DurableStore::failed`), and so does a write-behind's. Does not keep the store
+    /// open.
+    fn failed(&self) -> LogFailed {
+        Box::pin(self.store.failure_watch())
     }
 
     fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {

@@ -1,13 +1,16 @@
-//! How a shard carries out the engines' actions: participant calls and log writes are
-//! spawned and report back as inputs; timers go into the shard's queue.
+//! How a shard carries out the engines' actions: participant calls are spawned and
+//! report back as inputs; timers go into the shard's queue.
 //!
 //! Log writes are issued here, synchronously, in the order the engine asked for them
 //! (the log applies them in call order). A forced write's follow-up input (the decision
 //! or definition is durable) is sent only once the write returned Ok; a failed write goes
-//! to the fatal channel and produces no input.
+//! to the fatal channel and produces no input. A write with no follow-up is not awaited:
+//! a failure after it was queued fails the log, which the runtime watches.
 
 use std::time::Duration;
 
+use futures::FutureExt;
+use tokio::sync::mpsc;
 use tracing::Instrument;
 use treaty_proto::v1::CommitMode;
 use treaty_sdk::failpoint::{self, crash_point};
@@ -17,7 +20,7 @@ use super::now_unix_ms;
 use super::shard::{Shard, txn_span};
 use crate::engine::saga::{SagaAction, SagaEvent, StepAnswer};
 use crate::engine::twopc::{Action, Answer, Event};
-use crate::log::Durability;
+use crate::log::{Durability, LogError};
 use crate::model::{RetryPolicy, TxnId};
 use crate::participants::{Call, retry_delay};
 
@@ -459,7 +462,10 @@ impl Shard {
     }
 
     /// Writes what the log must hold of `id` now. For a forced write, `on_durable` is fed
-    /// back once it returned Ok, with crash points around it.
+    /// back once it returned Ok, with crash points around it. A write with nothing to
+    /// feed back is not awaited: its failure once queued is the log's
+    /// [`failed`](crate::log::DecisionLog::failed), which the runtime watches, so it
+    /// costs no task here.
     fn persist(
         &self,
         id: TxnId,
@@ -474,24 +480,32 @@ impl Shard {
             crash_point(points.before);
         }
         let write = self.log.write(&record, durability);
+        let Some((input, points)) = on_durable else {
+            // Refused at once (too large, or the log closed or failed before).
+            if let Some(Err(error)) = write.now_or_never() {
+                log_write_failed(&self.fatal, id, &error);
+            }
+            return;
+        };
         let inputs = self.inputs.clone();
         let fatal = self.fatal.clone();
         tokio::spawn(
             async move {
                 match write.await {
                     Ok(()) => {
-                        if let Some((input, points)) = on_durable {
-                            crash_point(points.after);
-                            let _ = inputs.send((id, input));
-                        }
+                        crash_point(points.after);
+                        let _ = inputs.send((id, input));
                     }
-                    Err(error) => {
-                        tracing::error!(%error, "decision log write failed");
-                        let _ = fatal.send(format!("log write for {id} failed: {error}"));
-                    }
+                    Err(error) => log_write_failed(&fatal, id, &error),
                 }
             }
             .instrument(txn_span(id)),
         );
     }
+}
+
+/// A failed log write is fatal (see the module docs of `runtime`).
+fn log_write_failed(fatal: &mpsc::UnboundedSender<String>, id: TxnId, error: &LogError) {
+    tracing::error!(txn_id = %id, %error, "decision log write failed");
+    let _ = fatal.send(format!("log write for {id} failed: {error}"));
 }

@@ -12,8 +12,9 @@
 //! - The number of undecided-or-unacknowledged transactions is bounded
 //!   (`max_active_transactions`); `begin` beyond it is refused, which also bounds the
 //!   log's queue (one write in flight per transaction at most) and in-flight calls.
-//! - A failed log write is fatal: it is reported on the fatal channel and nothing that
-//!   depended on it is acknowledged.
+//! - A failed log write is fatal: it is reported on the fatal channel (one that nobody
+//!   awaits, a lazy write, through the log's `failed`) and nothing that depended on it is
+//!   acknowledged.
 //! - No participant is called about a transaction older than `delivery_horizon_ms` (by
 //!   its id's timestamp): such a call fails at once, without a connection, and what is
 //!   undelivered waits for an operator. Participants rely on it to forget old records.
@@ -339,6 +340,8 @@ const METRICS_REUSE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct RuntimeTasks {
     handles: Vec<tokio::task::JoinHandle<()>>,
+    /// Reports the log's failure on the fatal channel; stopped at shutdown.
+    log_watch: tokio::task::JoinHandle<()>,
 }
 
 pub fn now_unix_ms() -> UnixMs {
@@ -423,6 +426,12 @@ impl Runtime {
             }));
             senders.push(sender);
         }
+        // Writes nobody awaits (`Shard::persist`) report a failure through this.
+        let failed = log.failed();
+        let log_watch = tokio::spawn(async move {
+            let reason = failed.await;
+            let _ = fatal.send(format!("the decision log failed: {reason}"));
+        });
         let runtime = Self {
             shards: Arc::new(senders),
             participants,
@@ -431,7 +440,7 @@ impl Runtime {
             metrics: config.metrics.clone(),
             rendered_metrics: Arc::default(),
         };
-        Ok((runtime, RuntimeTasks { handles }, report))
+        Ok((runtime, RuntimeTasks { handles, log_watch }, report))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -863,6 +872,9 @@ impl Runtime {
                 tracing::error!(%error, "shard task ended abnormally");
             }
         }
+        // Awaited, so that what it holds is gone when this returns.
+        tasks.log_watch.abort();
+        let _ = tasks.log_watch.await;
     }
 }
 

@@ -456,6 +456,9 @@ impl Logger {
     /// Applies the group's writes; a forced group is numbered after them, so a log cut
     /// anywhere before its end loses the number too.
     fn apply(&mut self, group: &Group, forced: bool) -> Result<(), String> {
+        fail::fail_point!("durable::apply", |_| Err(
+            "injected apply failure".to_string()
+        ));
         let mut sled_batch = sled::Batch::default();
         let mut records = 0;
         for (batch, _, _) in group {

@@ -595,13 +595,22 @@ impl DurableStore {
 
     /// Resolves with the reason once the store has failed (at once if it already has).
     pub async fn failed(&self) -> String {
-        loop {
-            // Registered before the check, so a failure in between still wakes us.
-            let notified = self.failed.notified();
-            if let Some(message) = self.failure.get() {
-                return message.clone();
+        self.failure_watch().await
+    }
+
+    /// Like [`failed`](Self::failed), without holding the store: it never resolves if
+    /// the store is dropped without having failed.
+    pub fn failure_watch(&self) -> impl Future<Output = String> + Send + 'static {
+        let (failure, failed) = (self.failure.clone(), self.failed.clone());
+        async move {
+            loop {
+                // Registered before the check, so a failure in between still wakes us.
+                let notified = failed.notified();
+                if let Some(message) = failure.get() {
+                    return message.clone();
+                }
+                notified.await;
             }
-            notified.await;
         }
     }
 
