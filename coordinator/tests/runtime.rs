@@ -636,3 +636,62 @@ async fn a_lazy_write_that_fails_once_queued_is_fatal() {
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
     participant.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_starts_from_the_saga_as_it_is_even_between_transitions() {
+    use treaty_coordinator::model::{BranchState, RetryPolicy, StepDefinition};
+
+    let participant = AlwaysYesServed::start().await;
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let (runtime, tasks, _) = Runtime::start(Arc::new(MemoryLog::new()), config(), fatal).unwrap();
+    // The first step commits; the second's participant is unreachable, so the saga
+    // stays running, retrying it, with no transition after the first step's answer.
+    let step = |id: &str, endpoint: &str, after: Vec<usize>| StepDefinition {
+        id: id.into(),
+        endpoint: endpoint.into(),
+        payload: Vec::new(),
+        compensation: Vec::new(),
+        timeout_ms: 1_000,
+        retry: RetryPolicy {
+            max_attempts: 100_000,
+            initial_backoff_ms: 50,
+            max_backoff_ms: 50,
+        },
+        after,
+        requested: Default::default(),
+    };
+    let submitted = runtime
+        .submit_saga(saga_of(vec![
+            step("reserve", &participant.endpoint, Vec::new()),
+            step("charge", "http://127.0.0.1:9", vec![0]),
+        ]))
+        .await
+        .unwrap();
+    let id = submitted.id;
+    let transitions_at_submit = submitted.updates.borrow().transitions.len();
+    let started = Instant::now();
+    loop {
+        let shown = runtime.get(id).await.unwrap().unwrap();
+        if shown.branches[0].state == BranchState::Committed && shown.branches[1].attempts >= 2 {
+            assert_eq!(shown.state, TxnState::Running);
+            assert_eq!(shown.transitions.len(), transitions_at_submit, "{shown:?}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{shown:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A watcher that comes now starts from the step's progress, not from the record
+    // as of the last transition.
+    let watched = runtime.watch(id).await.unwrap().unwrap();
+    let current = watched.borrow().clone();
+    assert_eq!(
+        current.branches[0].state,
+        BranchState::Committed,
+        "{current:?}"
+    );
+    assert!(current.branches[1].attempts >= 2, "{current:?}");
+
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+    participant.stop().await;
+}

@@ -94,6 +94,14 @@ impl Machine {
         }
     }
 
+    /// How many transitions its history holds (it only grows in memory).
+    pub(super) fn transition_count(&self) -> usize {
+        match self {
+            Machine::TwoPhase(txn) => txn.transitions().len(),
+            Machine::Saga(saga) => saga.transitions().len(),
+        }
+    }
+
     /// What users see.
     pub(super) fn record(&self) -> TxnRecord {
         match self {

@@ -162,6 +162,8 @@ pub(super) struct Entry {
     pub(super) machine: Machine,
     /// Present once someone watches or waits.
     updates: Option<watch::Sender<Arc<TxnRecord>>>,
+    /// The state and the number of transitions of the record last sent on `updates`.
+    published: (TxnState, usize),
     pub(super) deadline_timer: Option<delay_queue::Key>,
     pub(super) prepare_timer: Option<delay_queue::Key>,
     /// Payload bytes counted against the memory budget until the transaction is final.
@@ -177,6 +179,7 @@ pub(super) struct Entry {
 impl Entry {
     fn new(machine: Machine, payload_bytes: usize, trace: TraceContext) -> Self {
         Self {
+            published: (machine.state(), machine.transition_count()),
             machine,
             payload_bytes,
             trace,
@@ -205,11 +208,40 @@ impl Entry {
             + published
     }
 
+    /// A receiver that starts from the record as it is now.
     fn subscribe(&mut self) -> watch::Receiver<Arc<TxnRecord>> {
-        let machine = &self.machine;
-        self.updates
-            .get_or_insert_with(|| watch::channel(Arc::new(machine.record())).0)
-            .subscribe()
+        let record = Arc::new(self.machine.record());
+        self.published = (record.state, record.transitions.len());
+        match &self.updates {
+            Some(updates) => {
+                updates.send_replace(record);
+                updates.subscribe()
+            }
+            None => {
+                let (updates, receiver) = watch::channel(record);
+                self.updates = Some(updates);
+                receiver
+            }
+        }
+    }
+
+    /// Sends the record to those who listen, if what they wait on moved since the last
+    /// one: its state or its transitions. Every waiter's condition is on these, and the
+    /// Watch stream sends one message per transition, so a step's progress alone does
+    /// not build and send the whole record (a later subscriber starts from it anyway).
+    fn publish(&mut self) {
+        let Some(updates) = &self.updates else {
+            return;
+        };
+        if updates.receiver_count() == 0 {
+            self.updates = None;
+            return;
+        }
+        let now = (self.machine.state(), self.machine.transition_count());
+        if now != self.published {
+            self.published = now;
+            updates.send_replace(Arc::new(self.machine.record()));
+        }
     }
 }
 
@@ -790,15 +822,7 @@ impl Shard {
             return;
         };
         let state = entry.machine.state();
-        // Publishing builds the whole record: only for someone who still listens (a
-        // later subscriber starts from the record as it is then).
-        if let Some(updates) = &entry.updates {
-            if updates.receiver_count() == 0 {
-                entry.updates = None;
-            } else {
-                updates.send_replace(Arc::new(entry.machine.record()));
-            }
-        }
+        entry.publish();
         if !entry.released && entry.machine.waits_past_deadline(now) {
             // Presumed abort needs no acknowledgement (a participant in doubt asks and
             // hears ABORT): the aborts left are retried, but no longer hold a slot of
