@@ -1,7 +1,8 @@
 //! A decision-log write that fails is fatal: the commit is never acknowledged, the daemon
 //! stops with an error, and after a restart every participant ends the same way as the
-//! coordinator's answer; a lazy write that fails once queued fails the log, which is how
-//! the runtime hears of it (it does not await lazy writes). The failpoint registry is
+//! coordinator's answer; a lazy write that fails once queued, or a logger thread that
+//! dies, fails the log, which is how the runtime hears of it (it does not await lazy
+//! writes). The failpoint registry is
 //! process-wide, so the coordinator runs in this test binary and the participants as
 //! processes of their own.
 
@@ -125,6 +126,26 @@ async fn a_lazy_write_that_fails_once_queued_fails_the_log() {
     fail::remove("durable::apply");
     assert!(reason.contains("injected apply failure"), "{reason}");
     // Nothing after it is accepted.
+    let refused = log
+        .write(&bare_record(id, TxnState::Committed, 0), Durability::Forced)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logger_thread_that_panics_fails_the_log() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let log = SledLog::open(dir.path()).unwrap();
+    let id = TxnId::generate(1_700_000_000_000);
+    fail::cfg("durable::apply", "panic").unwrap();
+    drop(log.write(&bare_record(id, TxnState::Committed, 0), Durability::Lazy));
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(30), log.failed())
+        .await
+        .expect("a dead logger thread never failed the log");
+    fail::remove("durable::apply");
+    assert!(reason.contains("logger thread panicked"), "{reason}");
     let refused = log
         .write(&bare_record(id, TxnState::Committed, 0), Durability::Forced)
         .await;

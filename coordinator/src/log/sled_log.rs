@@ -345,8 +345,8 @@ impl DecisionLog for SledLog {
     }
 
     /// The store's failure: every write's error after it was queued makes the store fail
-    /// (`DurableStore::failed`), and so does a write-behind's. Does not keep the store
-    /// open.
+    /// (`DurableStore::failed`), and so do a write-behind's and a panic of its logger
+    /// thread. Does not keep the store open.
     fn failed(&self) -> LogFailed {
         Box::pin(self.store.failure_watch())
     }

@@ -481,8 +481,9 @@ impl Shard {
         }
         let write = self.log.write(&record, durability);
         let Some((input, points)) = on_durable else {
-            // Refused at once (too large, or the log closed or failed before).
-            if let Some(Err(error)) = write.now_or_never() {
+            // Refused at once (too large, or the log closed or failed before); polled
+            // outside the task's budget, which could otherwise hide an answer there.
+            if let Some(Err(error)) = tokio::task::unconstrained(write).now_or_never() {
                 log_write_failed(&self.fatal, id, &error);
             }
             return;

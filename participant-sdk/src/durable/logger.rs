@@ -15,7 +15,8 @@
 //! first waits a little for more, so that one sync serves more of them; a lone writer
 //! never waits.
 //! Between groups it does compaction's work, one bounded step at a time (see
-//! `compaction`).
+//! `compaction`). Any error it meets, and a panic of the thread itself, fails the store
+//! (`DurableStore::failed`): writes nobody awaits rely on that to be reported.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -129,9 +130,33 @@ pub(super) struct Logger {
     pub(super) counters: Arc<super::DurabilityCounters>,
 }
 
+/// Fails the store if the logger thread panics, before the writes it holds are dropped
+/// (their tickets then resolve `Closed`): a write nobody awaits is reported through the
+/// store's failure only, so a dead logger must be a failed store.
+struct FailOnPanic {
+    failure: Arc<OnceLock<String>>,
+    failed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self
+                .failure
+                .set("the durable store's logger thread panicked".to_string());
+            self.failed.notify_waiters();
+        }
+    }
+}
+
 impl Logger {
     pub(super) fn run(mut self) {
         let mut pending: VecDeque<Request> = VecDeque::new();
+        // Declared after `pending` (and `self`, a parameter), so dropped before them.
+        let _fail_on_panic = FailOnPanic {
+            failure: self.failure.clone(),
+            failed: self.failed.clone(),
+        };
         loop {
             if pending.is_empty() {
                 self.write_behind(&mut pending);
