@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -382,7 +383,9 @@ pub struct TxnRecord {
     pub idempotency_key: Option<String>,
     /// Sagas: a compensation keeps failing; an operator should look.
     pub stuck: bool,
-    pub saga: Option<SagaDefinition>,
+    /// Sagas: the definition, shared with the saga's engine (it never changes), so that
+    /// building a record to log or show does not copy it.
+    pub saga: Option<Arc<SagaDefinition>>,
     /// The principal that began or submitted it (`None`: no authentication). Not part of
     /// the record's serde form: the log appends it (format 2), so records written before
     /// owners existed still decode (without an owner).

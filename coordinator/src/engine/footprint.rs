@@ -119,6 +119,12 @@ impl Heap for SagaDefinition {
     }
 }
 
+/// A saga's definition, in a block of its own behind an `Arc` (its two counts and the
+/// struct), and what it holds. Records built from the saga share it and add nothing.
+fn shared_definition_bytes(definition: &SagaDefinition) -> usize {
+    block_bytes(2 * size_of::<usize>() + size_of::<SagaDefinition>()) + definition.heap_bytes()
+}
+
 fn transitions_bytes(transitions: &[Transition], capacity: usize) -> usize {
     vec_bytes(transitions, capacity, Heap::heap_bytes)
 }
@@ -153,7 +159,7 @@ impl Saga {
     /// What its fields hold on the heap (the estimate without the struct itself).
     pub fn heap_bytes(&self) -> usize {
         let (steps_capacity, transitions_capacity) = self.capacities();
-        self.definition().heap_bytes()
+        shared_definition_bytes(self.definition())
             + vec_bytes(self.steps(), steps_capacity, Heap::heap_bytes)
             + transitions_bytes(self.transitions(), transitions_capacity)
             + text_bytes(self.reason())

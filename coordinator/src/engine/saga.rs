@@ -28,6 +28,8 @@
 //! - An operator may pause retries, send them at once, or state a stuck step's outcome;
 //!   a stated outcome that contradicts the decision to compensate is refused.
 
+use std::sync::Arc;
+
 use super::messages::{
     NO_ANSWER, OperatorCommand, OperatorRequest, Refusal, RetryControl, stuck_note,
 };
@@ -233,7 +235,8 @@ pub struct Saga {
     id: TxnId,
     phase: SagaPhase,
     created_unix_ms: UnixMs,
-    definition: SagaDefinition,
+    /// Shared with every record built from it (`record_in`).
+    definition: Arc<SagaDefinition>,
     idempotency_key: Option<String>,
     steps: Vec<Step>,
     reason: Option<String>,
@@ -262,7 +265,7 @@ impl Saga {
             id: params.id,
             phase: SagaPhase::Submitting,
             created_unix_ms: params.created_unix_ms,
-            definition: params.definition,
+            definition: Arc::new(params.definition),
             idempotency_key: params.idempotency_key,
             steps,
             reason: None,
@@ -481,7 +484,7 @@ impl Saga {
                 .then(|| self.transitions.last().map_or(0, |t| t.at_unix_ms)),
             idempotency_key: self.idempotency_key.clone(),
             stuck: self.stuck,
-            saga: Some(self.definition.clone()),
+            saga: Some(Arc::clone(&self.definition)),
             owner: self.owner.clone(),
             paused: self.paused,
         }

@@ -109,6 +109,19 @@ fn nothing_runs_before_the_definition_is_durable() {
 }
 
 #[test]
+fn records_share_the_definition_instead_of_copying_it() {
+    let mut saga = running(&[&[], &[0]]);
+    let logged = saga.log_record();
+    committed(&mut saga, 0);
+    let shown = saga.record();
+    let (Some(logged), Some(shown)) = (logged.saga, shown.saga) else {
+        panic!("a saga's records carry its definition");
+    };
+    assert!(std::sync::Arc::ptr_eq(&logged, &shown));
+    assert_eq!(*logged, definition(&[&[], &[0]]));
+}
+
+#[test]
 fn a_chain_runs_step_by_step_and_completion_is_durable_before_it_shows() {
     let mut saga = running(&[&[], &[0], &[1]]);
     assert_eq!(

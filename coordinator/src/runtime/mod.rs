@@ -392,7 +392,7 @@ impl Runtime {
         .with_metrics(config.metrics.clone());
         let load = Arc::new(Load::default());
         for record in &unfinished {
-            let payload_bytes = record.saga.as_ref().map_or(0, shard::definition_bytes);
+            let payload_bytes = record.saga.as_deref().map_or(0, shard::definition_bytes);
             load.count(record.owner.as_deref(), payload_bytes);
         }
         let report = RecoveryReport {

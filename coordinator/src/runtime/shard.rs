@@ -315,7 +315,7 @@ impl Shard {
             let id = record.id;
             let _span = txn_span(id).entered();
             // Recovered commits hold no payloads (phase 1 is over); sagas their definition.
-            let payload_bytes = record.saga.as_ref().map_or(0, definition_bytes);
+            let payload_bytes = record.saga.as_deref().map_or(0, definition_bytes);
             let (machine, actions) = match record.kind {
                 TxnKind::TwoPhase => {
                     tracing::info!("resuming phase 2 of a logged commit");
