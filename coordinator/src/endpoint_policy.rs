@@ -71,7 +71,11 @@ impl EndpointPolicy {
 
     /// The canonical form of `endpoint` if the coordinator may call it; otherwise an
     /// error naming `field`.
-    pub fn check(&self, field: &str, endpoint: &str) -> Result<String, FieldError> {
+    pub fn check(
+        &self,
+        field: impl std::fmt::Display + Copy,
+        endpoint: &str,
+    ) -> Result<String, FieldError> {
         let parsed = parse_endpoint(field, endpoint)?;
         self.admit(&parsed).map_err(|refusal| {
             FieldError::new(field, format!("{} {refusal}", quote_input(endpoint)))

@@ -113,9 +113,9 @@ impl CoordinatorService {
 
     /// Refuses `https://` participant endpoints when no TLS configuration exists for them:
     /// they would otherwise fail on every call (never fall back to cleartext).
-    fn check_scheme<'a>(
+    fn check_scheme<'a, F: std::fmt::Display>(
         &self,
-        endpoints: impl IntoIterator<Item = (String, &'a str)>,
+        endpoints: impl IntoIterator<Item = (F, &'a str)>,
     ) -> Result<(), Status> {
         if self.config.https_participants {
             return Ok(());
@@ -201,6 +201,16 @@ fn may_act(principal: &Principal, record: &TxnRecord) -> bool {
 
 fn not_yours(id: &TxnId) -> Status {
     Status::permission_denied(format!("transaction_id: {id} belongs to another principal"))
+}
+
+/// `list[i].endpoint` of a request (`branches` or `steps`), formatted only if it is
+/// refused.
+struct EndpointField(&'static str, usize);
+
+impl std::fmt::Display for EndpointField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}].endpoint", self.0, self.1)
+    }
 }
 
 fn invalid(error: FieldError) -> Status {
@@ -297,7 +307,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 .branches
                 .iter()
                 .enumerate()
-                .map(|(i, b)| (format!("branches[{i}].endpoint"), b.endpoint.as_str())),
+                .map(|(i, b)| (EndpointField("branches", i), b.endpoint.as_str())),
         )?;
         let deadline_unix_ms = self.deadline(request.deadline_unix_ms).map_err(invalid)?;
         let prepare_timeout_ms = self
@@ -354,7 +364,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let spec = request
             .branch
             .ok_or_else(|| invalid(FieldError::new("branch", "is required")))?;
-        self.check_scheme([("branch.endpoint".to_string(), spec.endpoint.as_str())])?;
+        self.check_scheme([("branch.endpoint", spec.endpoint.as_str())])?;
         let branch =
             pb::branch_spec("branch", spec, &self.config.endpoint_policy).map_err(invalid)?;
         self.check_owner(&principal, id).await?;
@@ -505,7 +515,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
                 .steps
                 .iter()
                 .enumerate()
-                .map(|(i, s)| (format!("steps[{i}].endpoint"), s.endpoint.as_str())),
+                .map(|(i, s)| (EndpointField("steps", i), s.endpoint.as_str())),
         )?;
         let wait_for_outcome = request.wait_for_outcome;
         let has_key = !request.idempotency_key.is_empty();

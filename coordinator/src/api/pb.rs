@@ -22,13 +22,13 @@ pub fn parse_txn_id(field: &str, text: &str) -> Result<TxnId, FieldError> {
 
 /// A branch, its endpoint in canonical form and allowed by `policy`.
 pub fn branch_spec(
-    field: &str,
+    field: impl std::fmt::Display,
     spec: pb::BranchSpec,
     policy: &EndpointPolicy,
 ) -> Result<BranchSpec, FieldError> {
-    check_id(&format!("{field}.branch_id"), &spec.branch_id)?;
-    let endpoint = policy.check(&format!("{field}.endpoint"), &spec.endpoint)?;
-    check_payload(&format!("{field}.payload"), &spec.payload)?;
+    check_id(format_args!("{field}.branch_id"), &spec.branch_id)?;
+    let endpoint = policy.check(format_args!("{field}.endpoint"), &spec.endpoint)?;
+    check_payload(format_args!("{field}.payload"), &spec.payload)?;
     Ok(BranchSpec {
         id: spec.branch_id,
         endpoint,
@@ -49,11 +49,10 @@ pub fn branch_specs(
     }
     let mut branches: Vec<BranchSpec> = Vec::with_capacity(specs.len());
     for (index, spec) in specs.into_iter().enumerate() {
-        let field = format!("branches[{index}]");
-        let branch = branch_spec(&field, spec, policy)?;
+        let branch = branch_spec(format_args!("branches[{index}]"), spec, policy)?;
         if branches.iter().any(|b| b.id == branch.id) {
             return Err(FieldError::new(
-                format!("{field}.branch_id"),
+                format!("branches[{index}].branch_id"),
                 format!("{:?} appears twice", branch.id),
             ));
         }

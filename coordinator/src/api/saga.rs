@@ -69,8 +69,13 @@ pub fn saga_params(
     let mut steps = Vec::with_capacity(request.steps.len());
     let mut after_names = Vec::with_capacity(request.steps.len());
     for (index, step) in request.steps.into_iter().enumerate() {
-        let field = |name: &str| format!("steps[{index}].{name}");
-        check_id(&field("step_id"), &step.step_id)?;
+        // Formatted only if a check fails.
+        let field = |name: &'static str| StepField {
+            index,
+            name,
+            position: None,
+        };
+        check_id(field("step_id"), &step.step_id)?;
         if step.after.len() > MAX_BRANCHES {
             return Err(FieldError::new(
                 field("after"),
@@ -81,11 +86,15 @@ pub fn saga_params(
             ));
         }
         for (position, name) in step.after.iter().enumerate() {
-            check_id(&field(&format!("after[{position}]")), name)?;
+            let field = StepField {
+                position: Some(position),
+                ..field("after")
+            };
+            check_id(field, name)?;
         }
-        let endpoint = policy.check(&field("endpoint"), &step.endpoint)?;
-        check_payload(&field("payload"), &step.payload)?;
-        check_payload(&field("compensation_payload"), &step.compensation_payload)?;
+        let endpoint = policy.check(field("endpoint"), &step.endpoint)?;
+        check_payload(field("payload"), &step.payload)?;
+        check_payload(field("compensation_payload"), &step.compensation_payload)?;
         let timeout_ms = match step.timeout_ms {
             0 => defaults.step_timeout_ms,
             ms if ms > MAX_STEP_TIMEOUT_MS => {
@@ -103,7 +112,7 @@ pub fn saga_params(
             initial_backoff_ms: requested_retry.initial_backoff_ms,
             max_backoff_ms: requested_retry.max_backoff_ms,
         };
-        let retry = retry_policy(&field("retry"), step.retry, defaults)?;
+        let retry = retry_policy(field("retry"), step.retry, defaults)?;
         steps.push(StepDefinition {
             id: step.step_id,
             endpoint,
@@ -144,8 +153,27 @@ pub fn saga_params(
     })
 }
 
+/// A step's field in a SubmitSaga request, `steps[i].name` (or `steps[i].after[j]`),
+/// formatted only when a check of it fails.
+#[derive(Debug, Clone, Copy)]
+struct StepField {
+    index: usize,
+    name: &'static str,
+    position: Option<usize>,
+}
+
+impl std::fmt::Display for StepField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "steps[{}].{}", self.index, self.name)?;
+        match self.position {
+            Some(position) => write!(f, "[{position}]"),
+            None => Ok(()),
+        }
+    }
+}
+
 fn retry_policy(
-    field: &str,
+    field: impl std::fmt::Display,
     retry: Option<pb::RetryPolicy>,
     defaults: &SagaDefaults,
 ) -> Result<RetryPolicy, FieldError> {
