@@ -332,7 +332,17 @@ impl DecisionLog for SledLog {
         let ticket = match counted {
             Some(index_key) => self.finished.write(
                 &index_key,
-                || self.holds(&index_key),
+                // A record this process wrote unfinished and not final since holds no
+                // `e/` entry in the store: only a final write adds one, a final record
+                // is never written unfinished again, and one final at open is not
+                // resumed. Its first final write then needs no read of the store.
+                || {
+                    if unfinished_entry_written {
+                        Ok(false)
+                    } else {
+                        self.holds(&index_key)
+                    }
+                },
                 || {
                     batch.insert(index_key.clone(), Vec::new());
                     self.store.write(batch, durability)
@@ -667,6 +677,28 @@ mod tests {
         assert_eq!(log.finished_count(), 0);
         // Written again after its purge: counted again.
         log.write(&done, Durability::Lazy).await.unwrap();
+        assert_eq!(log.finished_count(), 1);
+        let log = harness.reopen(log);
+        assert_eq!(log.finished_count(), 1, "counted exactly at open");
+    }
+
+    #[tokio::test]
+    async fn a_record_written_unfinished_then_final_is_counted_once() {
+        use crate::model::TxnState;
+        let mut harness = harness();
+        let log = harness.open();
+        // A 2PC's decision, then its end: the end's `e/` entry is counted without a read
+        // of the store (the record was unfinished in this process).
+        let deciding = suite::record(1_700_000_000_000, TxnState::Committing);
+        log.write(&deciding, Durability::Forced).await.unwrap();
+        let mut done = deciding.clone();
+        done.state = TxnState::Committed;
+        done.ended_unix_ms = Some(1_700_000_000_100);
+        log.write(&done, Durability::Lazy).await.unwrap();
+        assert_eq!(log.finished_count(), 1);
+        assert!(log.unfinished().unwrap().is_empty());
+        // Written final again (an operator's resolve): found, not counted twice.
+        log.write(&done, Durability::Forced).await.unwrap();
         assert_eq!(log.finished_count(), 1);
         let log = harness.reopen(log);
         assert_eq!(log.finished_count(), 1, "counted exactly at open");
