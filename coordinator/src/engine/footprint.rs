@@ -120,7 +120,8 @@ impl Heap for SagaDefinition {
 }
 
 /// A saga's definition, in a block of its own behind an `Arc` (its two counts and the
-/// struct), and what it holds. Records built from the saga share it and add nothing.
+/// struct), and what it holds. Records built from the saga share it: a record's own
+/// estimate leaves it out (`Saga::shared_heap_bytes`).
 fn shared_definition_bytes(definition: &SagaDefinition) -> usize {
     block_bytes(2 * size_of::<usize>() + size_of::<SagaDefinition>()) + definition.heap_bytes()
 }
@@ -156,10 +157,16 @@ impl Saga {
         size_of::<Self>() + self.heap_bytes()
     }
 
+    /// What of [`heap_bytes`](Self::heap_bytes) the records built from it share: its
+    /// definition.
+    pub fn shared_heap_bytes(&self) -> usize {
+        shared_definition_bytes(self.definition())
+    }
+
     /// What its fields hold on the heap (the estimate without the struct itself).
     pub fn heap_bytes(&self) -> usize {
         let (steps_capacity, transitions_capacity) = self.capacities();
-        shared_definition_bytes(self.definition())
+        self.shared_heap_bytes()
             + vec_bytes(self.steps(), steps_capacity, Heap::heap_bytes)
             + transitions_bytes(self.transitions(), transitions_capacity)
             + text_bytes(self.reason())

@@ -94,6 +94,15 @@ impl Machine {
         }
     }
 
+    /// What of [`heap_bytes`](Self::heap_bytes) the records built from it share rather
+    /// than copy: a saga's definition.
+    pub(super) fn shared_heap_bytes(&self) -> usize {
+        match self {
+            Machine::TwoPhase(_) => 0,
+            Machine::Saga(saga) => saga.shared_heap_bytes(),
+        }
+    }
+
     /// How many transitions its history holds (it only grows in memory).
     pub(super) fn transition_count(&self) -> usize {
         match self {

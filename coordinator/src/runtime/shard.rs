@@ -194,10 +194,14 @@ impl Entry {
     /// map and its place in the retention queue (each with the spare room of a table
     /// that doubles when full: half again, on average), what its state holds on the heap
     /// (`engine::footprint`), its trace state, and, if someone watched it, the last
-    /// record published to them (a second copy of the same fields).
+    /// record published to them (a second copy of the same fields, but for a saga's
+    /// definition, which the record shares).
     fn estimated_bytes(&self) -> usize {
         let published = match &self.updates {
-            Some(_) => size_of::<TxnRecord>() + self.machine.heap_bytes(),
+            Some(_) => {
+                size_of::<TxnRecord>() + self.machine.heap_bytes()
+                    - self.machine.shared_heap_bytes()
+            }
             None => 0,
         };
         // The map's slot, and its control byte.
@@ -1017,4 +1021,60 @@ pub(super) fn definition_bytes(definition: &SagaDefinition) -> usize {
         .iter()
         .map(|step| step.payload.len() + step.compensation.len())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RetryPolicy;
+
+    fn saga_with_payloads(payload_bytes: usize) -> Machine {
+        let step = |id: &str| StepDefinition {
+            id: id.into(),
+            endpoint: "http://127.0.0.1:7001".into(),
+            payload: vec![1; payload_bytes],
+            compensation: vec![2; payload_bytes],
+            timeout_ms: 1_000,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff_ms: 10,
+                max_backoff_ms: 100,
+            },
+            after: Vec::new(),
+            requested: Default::default(),
+        };
+        let (saga, _) = Saga::submit(NewSaga {
+            id: TxnId::generate(1),
+            created_unix_ms: 1,
+            definition: SagaDefinition {
+                steps: vec![step("a"), step("b")],
+                stuck_after_attempts: 3,
+            },
+            idempotency_key: None,
+            owner: None,
+            deadline_unix_ms: None,
+        });
+        Machine::Saga(saga)
+    }
+
+    #[test]
+    fn a_watched_sagas_estimate_counts_its_shared_definition_once() {
+        let payload_bytes = 8 * 1024;
+        let mut entry = Entry::new(
+            saga_with_payloads(payload_bytes),
+            0,
+            TraceContext::new_root(),
+        );
+        let unwatched = entry.estimated_bytes();
+        assert!(unwatched >= 4 * payload_bytes, "{unwatched}");
+        let _watcher = entry.subscribe();
+        let watched = entry.estimated_bytes();
+        // The published record adds its own fields, not a second copy of the payloads
+        // it shares with the saga.
+        assert!(
+            watched >= unwatched + size_of::<TxnRecord>(),
+            "{unwatched} {watched}"
+        );
+        assert!(watched < unwatched + payload_bytes, "{unwatched} {watched}");
+    }
 }
