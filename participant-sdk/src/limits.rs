@@ -6,8 +6,8 @@
 //! them.) A failed check names the field, so callers can turn it into INVALID_ARGUMENT
 //! as is, and quotes what the client sent with [`quote_input`]. The checks take the
 //! field's name as anything `Display`, and format it only when they fail: a caller on
-//! the hot path passes `format_args!("steps[{index}].payload")` and allocates nothing
-//! for a valid request.
+//! the hot path passes `format_args!("branches[{index}].payload")` or a small type of
+//! its own, and allocates nothing for a valid request.
 
 use std::fmt;
 

@@ -66,7 +66,9 @@ pub struct SledLog {
     /// forget removes a `u/` entry (it is keyed by the id). One entry per unfinished
     /// record written since the log opened, so it is bounded as the coordinator's
     /// transactions in progress are; the first write of a record recovered at open
-    /// writes its entry again, which changes nothing.
+    /// writes its entry again, which changes nothing. The count of final records relies
+    /// on it too: a record found here when it is written final holds no `e/` entry yet
+    /// (see `write`).
     indexed: Arc<std::sync::Mutex<std::collections::HashSet<TxnId>>>,
 }
 
@@ -697,7 +699,7 @@ mod tests {
         log.write(&done, Durability::Lazy).await.unwrap();
         assert_eq!(log.finished_count(), 1);
         assert!(log.unfinished().unwrap().is_empty());
-        // Written final again (an operator's resolve): found, not counted twice.
+        // Written final again: found among the keys counted lately, not counted twice.
         log.write(&done, Durability::Forced).await.unwrap();
         assert_eq!(log.finished_count(), 1);
         let log = harness.reopen(log);
