@@ -203,16 +203,6 @@ fn not_yours(id: &TxnId) -> Status {
     Status::permission_denied(format!("transaction_id: {id} belongs to another principal"))
 }
 
-/// `list[i].endpoint` of a request (`branches` or `steps`), formatted only if it is
-/// refused.
-struct EndpointField(&'static str, usize);
-
-impl std::fmt::Display for EndpointField {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}[{}].endpoint", self.0, self.1)
-    }
-}
-
 fn invalid(error: FieldError) -> Status {
     Status::invalid_argument(error.to_string())
 }
@@ -302,13 +292,12 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let principal = self.auth.authenticate(&request)?;
         let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
-        self.check_scheme(
-            request
-                .branches
-                .iter()
-                .enumerate()
-                .map(|(i, b)| (EndpointField("branches", i), b.endpoint.as_str())),
-        )?;
+        self.check_scheme(request.branches.iter().enumerate().map(|(i, b)| {
+            (
+                pb::ItemField::new("branches", i, "endpoint"),
+                b.endpoint.as_str(),
+            )
+        }))?;
         let deadline_unix_ms = self.deadline(request.deadline_unix_ms).map_err(invalid)?;
         let prepare_timeout_ms = self
             .prepare_timeout(request.prepare_timeout_ms)
@@ -510,13 +499,12 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let principal = self.auth.authenticate(&request)?;
         let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
-        self.check_scheme(
-            request
-                .steps
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (EndpointField("steps", i), s.endpoint.as_str())),
-        )?;
+        self.check_scheme(request.steps.iter().enumerate().map(|(i, s)| {
+            (
+                pb::ItemField::new("steps", i, "endpoint"),
+                s.endpoint.as_str(),
+            )
+        }))?;
         let wait_for_outcome = request.wait_for_outcome;
         let has_key = !request.idempotency_key.is_empty();
         // A retry with the same key after the deadline passed must still find the saga

@@ -20,6 +20,37 @@ pub fn parse_txn_id(field: &str, text: &str) -> Result<TxnId, FieldError> {
         .map_err(|message: String| FieldError::new(field, message))
 }
 
+/// A field of one item of a request's list, `list[index].name` (or
+/// `list[index].name[position]`), formatted only when a check of it fails.
+#[derive(Debug, Clone, Copy)]
+pub struct ItemField {
+    pub list: &'static str,
+    pub index: usize,
+    pub name: &'static str,
+    pub position: Option<usize>,
+}
+
+impl ItemField {
+    pub fn new(list: &'static str, index: usize, name: &'static str) -> Self {
+        Self {
+            list,
+            index,
+            name,
+            position: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ItemField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}].{}", self.list, self.index, self.name)?;
+        match self.position {
+            Some(position) => write!(f, "[{position}]"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A branch, its endpoint in canonical form and allowed by `policy`.
 pub fn branch_spec(
     field: impl std::fmt::Display,

@@ -7,6 +7,7 @@ use treaty_sdk::limits::{
     check_payload,
 };
 
+use super::pb::ItemField;
 use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::saga_graph::{GraphError, resolve_dependencies};
 use crate::model::{RetryPolicy, SagaDefinition, StepDefinition, StepRequest};
@@ -70,11 +71,7 @@ pub fn saga_params(
     let mut after_names = Vec::with_capacity(request.steps.len());
     for (index, step) in request.steps.into_iter().enumerate() {
         // Formatted only if a check fails.
-        let field = |name: &'static str| StepField {
-            index,
-            name,
-            position: None,
-        };
+        let field = |name: &'static str| ItemField::new("steps", index, name);
         check_id(field("step_id"), &step.step_id)?;
         if step.after.len() > MAX_BRANCHES {
             return Err(FieldError::new(
@@ -86,7 +83,7 @@ pub fn saga_params(
             ));
         }
         for (position, name) in step.after.iter().enumerate() {
-            let field = StepField {
+            let field = ItemField {
                 position: Some(position),
                 ..field("after")
             };
@@ -151,25 +148,6 @@ pub fn saga_params(
         deadline_unix_ms: None,
         refused_if_new: None,
     })
-}
-
-/// A step's field in a SubmitSaga request, `steps[i].name` (or `steps[i].after[j]`),
-/// formatted only when a check of it fails.
-#[derive(Debug, Clone, Copy)]
-struct StepField {
-    index: usize,
-    name: &'static str,
-    position: Option<usize>,
-}
-
-impl std::fmt::Display for StepField {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "steps[{}].{}", self.index, self.name)?;
-        match self.position {
-            Some(position) => write!(f, "[{position}]"),
-            None => Ok(()),
-        }
-    }
 }
 
 fn retry_policy(
