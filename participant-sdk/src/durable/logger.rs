@@ -427,11 +427,11 @@ impl Logger {
     }
 
     /// With lazy or patient writes applied and nothing queued, has sled write its
-    /// buffers out (its `flush`: `pwrite` and `sync_file_range`, no `fdatasync`), so
-    /// that the next forced group finds them written: sled seals and writes the buffer
-    /// before a batch, so otherwise that group would wait for one more device write of
-    /// their page before its own. Nothing is acknowledged by it; patient writes still
-    /// wait for a sync.
+    /// buffers out to the OS (its `flush`: a `pwrite`, no sync; see
+    /// third_party/sled/TREATY-PATCHES.md), so that the next forced group finds them
+    /// written: sled seals and writes the buffer before a batch, so otherwise that
+    /// group would write their buffer first. Nothing is acknowledged by it; patient
+    /// writes still wait for a sync.
     fn write_behind(&mut self, pending: &mut VecDeque<Request>) {
         if !self.unwritten || self.patient.due() || self.failure.get().is_some() {
             return;

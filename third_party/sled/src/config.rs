@@ -349,7 +349,11 @@ impl Config {
         let file = config.open_file()?;
 
         // seal config in a Config
-        let config = RunningConfig { inner: config, file: Arc::new(file) };
+        let config = RunningConfig {
+            inner: config,
+            file: Arc::new(file),
+            syncs_before_destroying: Arc::default(),
+        };
 
         Db::start_inner(config)
     }
@@ -439,7 +443,11 @@ impl Config {
         });
 
         // seal config in a Config
-        RunningConfig { inner: self, file: Arc::new(file) }
+        RunningConfig {
+            inner: self,
+            file: Arc::new(file),
+            syncs_before_destroying: Arc::default(),
+        }
     }
 
     fn gen_temp_path() -> PathBuf {
@@ -785,6 +793,8 @@ impl Config {
 pub struct RunningConfig {
     inner: Config,
     pub(crate) file: Arc<File>,
+    /// Treaty: how many times `sync_before_destroying` synced the log file.
+    syncs_before_destroying: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[allow(unsafe_code)]
@@ -818,6 +828,30 @@ impl Drop for Inner {
 }
 
 impl RunningConfig {
+    /// Treaty: `write_to_log` leaves a written buffer in the OS's page cache (no
+    /// `sync_file_range`), so before sled destroys the old copy of anything it moved
+    /// elsewhere (overwriting a freed segment, truncating the file, removing a blob
+    /// file), this makes the new copy durable: an `fsync` of the log file, which holds
+    /// every buffer written so far. The old copies are what a power cut would fall
+    /// back to; they go only once nothing needs them.
+    pub(crate) fn sync_before_destroying(&self) -> Result<()> {
+        if self.temporary {
+            return Ok(());
+        }
+        io_fail!(self, "sync before destroying");
+        self.file.sync_all()?;
+        self.syncs_before_destroying
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Treaty: how many times the log file was synced before an old copy was
+    /// destroyed (see `sync_before_destroying`).
+    pub(crate) fn syncs_before_destroying(&self) -> u64 {
+        self.syncs_before_destroying
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     // returns the snapshot file paths for this system
     #[doc(hidden)]
     pub fn get_snapshot_files(&self) -> io::Result<Vec<PathBuf>> {

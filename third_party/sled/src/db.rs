@@ -427,6 +427,14 @@ impl Db {
         self.context.pagecache.size_on_disk()
     }
 
+    /// Treaty: how many times this database synced its log file before destroying
+    /// the old copy of something it had moved (overwriting a freed segment, truncating
+    /// the file, removing a blob file). sled writes its buffers without syncing them;
+    /// these syncs keep the old copy until the new one is durable.
+    pub fn syncs_before_destroying(&self) -> u64 {
+        self.context.pagecache.syncs_before_destroying()
+    }
+
     /// Traverses all files and calculates their total physical
     /// size, then traverses all pages and calculates their
     /// total logical size, then divides the physical size

@@ -726,35 +726,13 @@ impl IoBufs {
         }
         #[cfg(not(feature = "io_uring"))]
         {
+            // Treaty: written to the OS, not synced (the release called
+            // `sync_file_range` here on Linux and `sync_all` elsewhere). What must be
+            // durable is synced by whoever needs it: the caller of `flush` (Treaty's
+            // store `fdatasync`s after it), and `sync_before_destroying` before an
+            // old copy of anything written here is destroyed.
             let f = &self.config.file;
             pwrite_all(f, data, log_offset)?;
-            if !self.config.temporary {
-                #[cfg(target_os = "linux")]
-                {
-                    use std::os::unix::io::AsRawFd;
-                    let ret = unsafe {
-                        libc::sync_file_range(
-                            f.as_raw_fd(),
-                            i64::try_from(log_offset).unwrap(),
-                            i64::try_from(total_len).unwrap(),
-                            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                                | libc::SYNC_FILE_RANGE_WRITE
-                                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                        )
-                    };
-                    if ret < 0 {
-                        let err = std::io::Error::last_os_error();
-                        if let Some(libc::ENOSYS) = err.raw_os_error() {
-                            f.sync_all()?;
-                        } else {
-                            return Err(err.into());
-                        }
-                    }
-                }
-
-                #[cfg(not(target_os = "linux"))]
-                f.sync_all()?;
-            }
         }
         io_fail!(self, "buffer write post");
 

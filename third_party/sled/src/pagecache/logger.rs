@@ -428,23 +428,15 @@ impl Log {
                 return Err(e);
             }
 
+            // Treaty: written by this thread, not handed to a `sled-io` thread:
+            // `write_to_log` no longer waits for the device, so the hand-off cost
+            // more than the write.
             let lsn = iobuf.lsn;
-            trace!(
-                "asynchronously writing iobuf with lsn {} \
-                 to log from exit_reservation",
-                lsn
-            );
-            let iobufs = self.iobufs.clone();
-            let iobuf = iobuf.clone();
-            threadpool::spawn(move || {
-                if let Err(e) = iobufs.write_to_log(&iobuf) {
-                    error!(
-                        "hit error while writing iobuf with lsn {}: {:?}",
-                        lsn, e
-                    );
-                    iobufs.config.set_global_error(e);
-                }
-            })?;
+            trace!("writing iobuf with lsn {} to log from exit_reservation", lsn);
+            if let Err(e) = self.iobufs.write_to_log(iobuf) {
+                error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
+                self.iobufs.config.set_global_error(e);
+            }
 
             Ok(())
         } else {

@@ -1395,6 +1395,11 @@ impl PageCache {
         Ok(on_disk_bytes / logical_size)
     }
 
+    /// Treaty: see `RunningConfig::sync_before_destroying`.
+    pub(crate) fn syncs_before_destroying(&self) -> u64 {
+        self.config.syncs_before_destroying()
+    }
+
     pub(crate) fn size_on_disk(&self) -> Result<u64> {
         let mut size = self.config.file.metadata()?.len();
 

@@ -256,12 +256,17 @@ impl Segment {
     fn active_to_inactive(
         &mut self,
         lsn: Lsn,
-        config: &Config,
+        config: &RunningConfig,
     ) -> Result<FastSet8<Lsn>> {
         trace!("setting Segment with lsn {:?} to Inactive", self.lsn());
 
         let (inactive, ret) = if let Segment::Active(active) = self {
             assert!(lsn >= active.lsn);
+
+            // Treaty: what replaced these blobs was written, not synced.
+            if !active.deferred_rm_blob.is_empty() {
+                config.sync_before_destroying()?;
+            }
 
             // now we can push any deferred blob removals to the removed set
             for ptr in &active.deferred_rm_blob {
@@ -435,7 +440,7 @@ impl Segment {
     fn remove_blob(
         &mut self,
         blob_ptr: BlobPointer,
-        config: &Config,
+        config: &RunningConfig,
     ) -> Result<()> {
         match self {
             Segment::Active(active) => {
@@ -451,6 +456,8 @@ impl Segment {
                      or Draining.",
                     blob_ptr,
                 );
+                // Treaty: what replaced this blob was written, not synced.
+                config.sync_before_destroying()?;
                 remove_blob(blob_ptr, config)?;
             }
             Segment::Free(_) => panic!("remove_blob called on a Free Segment"),
@@ -1016,6 +1023,9 @@ impl SegmentAccountant {
         let safe = self.free.iter().next().copied();
 
         let lid = if let Some(next) = safe {
+            // Treaty: the pages that moved out of this segment were written, not
+            // synced; they must be durable before it is overwritten.
+            self.config.sync_before_destroying()?;
             self.free.remove(&next);
             next
         } else {
@@ -1097,11 +1107,15 @@ impl SegmentAccountant {
         io_fail!(&config, "file truncation");
         threadpool::spawn(move || {
             debug!("truncating file to length {}", at);
-            let res = config
-                .file
-                .set_len(at)
-                .and_then(|_| config.file.sync_all())
-                .map_err(|e| e.into());
+            // Treaty: what moved out of the truncated segments was written, not
+            // synced; it must be durable before they are cut off.
+            let res = config.sync_before_destroying().and_then(|()| {
+                config
+                    .file
+                    .set_len(at)
+                    .and_then(|_| config.file.sync_all())
+                    .map_err(|e| e.into())
+            });
             completer.fill(res);
         })?;
 
