@@ -1402,12 +1402,13 @@ mod tests {
     }
 
     /// sled writes its buffers without syncing them (third_party/sled/TREATY-PATCHES.md),
-    /// so the old copy of whatever it moved (a freed segment it overwrites, a replaced
-    /// blob file it removes) may be all a power cut leaves: it syncs its log file
-    /// before destroying one. Rewriting a few large values over and over makes sled do
-    /// both: each write replaces a blob, and the segments they were in are reused.
+    /// so it syncs what it wrote wherever it relies on it being on disk: before it
+    /// overwrites a freed segment, removes replaced blob files, or opens a segment whose
+    /// header vouches for what came before, and at open before it snapshots what it
+    /// recovered. Rewriting a few large values over and over makes it do each: every
+    /// write replaces a blob, and the log reuses its segments.
     #[tokio::test]
-    async fn sled_syncs_its_log_before_it_destroys_an_old_copy() {
+    async fn sled_syncs_what_it_wrote_before_it_relies_on_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let value_bytes = 40 * 1024;
@@ -1429,11 +1430,14 @@ mod tests {
             "the log ({log_bytes} bytes) should reuse its segments for {written_bytes} bytes of \
              rewritten values"
         );
-        let syncs = store.db().syncs_before_destroying();
-        assert!(syncs > 0, "no sync before an old copy was destroyed");
+        let syncs = store.db().order_syncs();
+        assert!(syncs.segment_reused > 0, "{syncs:?}");
+        assert!(syncs.segment_header > 0, "{syncs:?}");
+        assert!(syncs.blobs_removed > 0, "{syncs:?}");
         store.close().unwrap();
         drop(store);
         let reopened = open(dir.path());
+        assert_eq!(reopened.db().order_syncs().recovered, 1);
         assert_eq!(contents(&reopened), expected);
     }
 

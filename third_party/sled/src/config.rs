@@ -352,7 +352,7 @@ impl Config {
         let config = RunningConfig {
             inner: config,
             file: Arc::new(file),
-            syncs_before_destroying: Arc::default(),
+            order: Arc::default(),
         };
 
         Db::start_inner(config)
@@ -446,7 +446,7 @@ impl Config {
         RunningConfig {
             inner: self,
             file: Arc::new(file),
-            syncs_before_destroying: Arc::default(),
+            order: Arc::default(),
         }
     }
 
@@ -793,8 +793,48 @@ impl Config {
 pub struct RunningConfig {
     inner: Config,
     pub(crate) file: Arc<File>,
-    /// Treaty: how many times `sync_before_destroying` synced the log file.
-    syncs_before_destroying: Arc<std::sync::atomic::AtomicU64>,
+    /// Treaty: what `sync_for_order` needs (see there).
+    order: Arc<OrderSyncs>,
+}
+
+/// Treaty: why sled made what it wrote durable before going on (see
+/// `RunningConfig::sync_for_order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncReason {
+    /// A freed segment is about to be overwritten.
+    SegmentReused,
+    /// The file is about to be cut short.
+    Truncated,
+    /// Replaced blob files are about to be removed.
+    BlobsRemoved,
+    /// A segment's header is about to vouch for everything up to its stable lsn.
+    SegmentHeader,
+    /// At open, before a snapshot is written and unused segments are zeroed.
+    Recovered,
+}
+
+/// Treaty: how many times sled synced for each [`SyncReason`] (`Db::order_syncs`).
+/// A sync asked for when nothing was written since the last one is not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OrderSyncCounts {
+    pub segment_reused: u64,
+    pub truncated: u64,
+    pub blobs_removed: u64,
+    pub segment_header: u64,
+    pub recovered: u64,
+}
+
+/// Treaty: the state behind `RunningConfig::sync_for_order`.
+#[derive(Debug, Default)]
+pub(crate) struct OrderSyncs {
+    /// Set after each buffer's `pwrite`, before it can count as stable; cleared by a
+    /// sync that covers it.
+    written: std::sync::atomic::AtomicBool,
+    /// Blob files written since the last sync.
+    unsynced_blobs: Mutex<Vec<Lsn>>,
+    /// Held across a sync, so that nobody skips a sync another is still making.
+    syncing: Mutex<()>,
+    counts: Mutex<OrderSyncCounts>,
 }
 
 #[allow(unsafe_code)]
@@ -829,27 +869,74 @@ impl Drop for Inner {
 
 impl RunningConfig {
     /// Treaty: `write_to_log` leaves a written buffer in the OS's page cache (no
-    /// `sync_file_range`), so before sled destroys the old copy of anything it moved
-    /// elsewhere (overwriting a freed segment, truncating the file, removing a blob
-    /// file), this makes the new copy durable: an `fsync` of the log file, which holds
-    /// every buffer written so far. The old copies are what a power cut would fall
-    /// back to; they go only once nothing needs them.
-    pub(crate) fn sync_before_destroying(&self) -> Result<()> {
+    /// `sync_file_range`), and counts it as stable once written. Wherever sled relies
+    /// on stable meaning "on disk" it first makes everything written so far durable:
+    /// before it destroys the old copy of something it moved (overwriting a freed
+    /// segment, truncating the file, removing replaced blob files), before a segment's
+    /// header vouches for what lies below its stable lsn (recovery trusts that), and at
+    /// open before the recovered log is snapshotted and unused segments are zeroed.
+    /// This `fdatasync`s the blob files written since the last such sync, the blob
+    /// directory, then the log file; nothing if nothing was written since. A failure
+    /// is sled's global error.
+    pub(crate) fn sync_for_order(&self, reason: SyncReason) -> Result<()> {
         if self.temporary {
             return Ok(());
         }
-        io_fail!(self, "sync before destroying");
-        self.file.sync_all()?;
-        self.syncs_before_destroying
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _one_at_a_time = self.order.syncing.lock();
+        let blobs = std::mem::take(&mut *self.order.unsynced_blobs.lock());
+        let written =
+            self.order.written.swap(false, std::sync::atomic::Ordering::SeqCst);
+        // At open, what to sync is what the last run wrote: this one has no notes of it.
+        if !written && blobs.is_empty() && reason != SyncReason::Recovered {
+            return Ok(());
+        }
+        if let Err(e) = self.sync_written(&blobs) {
+            let error = Error::from(e);
+            self.set_global_error(error.clone());
+            return Err(error);
+        }
+        let mut counts = self.order.counts.lock();
+        match reason {
+            SyncReason::SegmentReused => counts.segment_reused += 1,
+            SyncReason::Truncated => counts.truncated += 1,
+            SyncReason::BlobsRemoved => counts.blobs_removed += 1,
+            SyncReason::SegmentHeader => counts.segment_header += 1,
+            SyncReason::Recovered => counts.recovered += 1,
+        }
         Ok(())
     }
 
-    /// Treaty: how many times the log file was synced before an old copy was
-    /// destroyed (see `sync_before_destroying`).
-    pub(crate) fn syncs_before_destroying(&self) -> u64 {
-        self.syncs_before_destroying
-            .load(std::sync::atomic::Ordering::Relaxed)
+    fn sync_written(&self, blobs: &[Lsn]) -> io::Result<()> {
+        io_fail!(self, "sync for order");
+        for blob in blobs {
+            match std::fs::File::open(self.blob_path(*blob)) {
+                Ok(file) => file.sync_data()?,
+                // Removed since (a cancelled reservation's): nothing to keep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !blobs.is_empty() {
+            if let Some(dir) = self.blob_path(0).parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+        }
+        self.file.sync_data()
+    }
+
+    /// Treaty: a buffer was written to the log file (`write_to_log`), not synced.
+    pub(crate) fn note_written(&self) {
+        self.order.written.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Treaty: a blob file was written, not synced.
+    pub(crate) fn note_blob_written(&self, id: Lsn) {
+        self.order.unsynced_blobs.lock().push(id);
+    }
+
+    /// Treaty: how many times `sync_for_order` synced, by reason.
+    pub(crate) fn order_syncs(&self) -> OrderSyncCounts {
+        *self.order.counts.lock()
     }
 
     // returns the snapshot file paths for this system

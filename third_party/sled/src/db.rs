@@ -427,12 +427,11 @@ impl Db {
         self.context.pagecache.size_on_disk()
     }
 
-    /// Treaty: how many times this database synced its log file before destroying
-    /// the old copy of something it had moved (overwriting a freed segment, truncating
-    /// the file, removing a blob file). sled writes its buffers without syncing them;
-    /// these syncs keep the old copy until the new one is durable.
-    pub fn syncs_before_destroying(&self) -> u64 {
-        self.context.pagecache.syncs_before_destroying()
+    /// Treaty: how many times this database made what it had written durable before
+    /// relying on it, by reason (see third_party/sled/TREATY-PATCHES.md): sled writes
+    /// its buffers without syncing them.
+    pub fn order_syncs(&self) -> OrderSyncCounts {
+        self.context.pagecache.order_syncs()
     }
 
     /// Traverses all files and calculates their total physical

@@ -306,9 +306,11 @@ pub use {
     },
 };
 
+pub(crate) use self::config::SyncReason;
+
 pub use self::{
     batch::Batch,
-    config::{Config, Mode},
+    config::{Config, Mode, OrderSyncCounts},
     db::{open, Db},
     iter::Iter,
     ivec::IVec,

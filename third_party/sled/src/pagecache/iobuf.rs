@@ -543,6 +543,8 @@ impl IoBufs {
             // write blob to file
             io_fail!(self, "blob blob write");
             write_blob(&self.config, header.kind, blob_id, item)?;
+            // Treaty: synced by the next `sync_for_order` (and by Treaty's store).
+            self.config.note_blob_written(blob_id);
 
             let _ = Measure::new(&M.serialize);
             blob_id.serialize_into(out_buf_ref);
@@ -729,10 +731,17 @@ impl IoBufs {
             // Treaty: written to the OS, not synced (the release called
             // `sync_file_range` here on Linux and `sync_all` elsewhere). What must be
             // durable is synced by whoever needs it: the caller of `flush` (Treaty's
-            // store `fdatasync`s after it), and `sync_before_destroying` before an
-            // old copy of anything written here is destroyed.
+            // store `fdatasync`s after it), and `sync_for_order` wherever sled relies
+            // on a stable buffer being on disk. A buffer opening a segment carries a
+            // header vouching for everything up to its stable lsn, all of it written
+            // before this buffer was sealed: that is made durable first.
+            if stored_max_stable_lsn >= 0 {
+                self.config.sync_for_order(SyncReason::SegmentHeader)?;
+            }
             let f = &self.config.file;
             pwrite_all(f, data, log_offset)?;
+            // Before `mark_interval` below can make it stable.
+            self.config.note_written();
         }
         io_fail!(self, "buffer write post");
 

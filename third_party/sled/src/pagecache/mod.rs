@@ -1395,9 +1395,9 @@ impl PageCache {
         Ok(on_disk_bytes / logical_size)
     }
 
-    /// Treaty: see `RunningConfig::sync_before_destroying`.
-    pub(crate) fn syncs_before_destroying(&self) -> u64 {
-        self.config.syncs_before_destroying()
+    /// Treaty: see `RunningConfig::sync_for_order`.
+    pub(crate) fn order_syncs(&self) -> OrderSyncCounts {
+        self.config.order_syncs()
     }
 
     pub(crate) fn size_on_disk(&self) -> Result<u64> {

@@ -265,7 +265,7 @@ impl Segment {
 
             // Treaty: what replaced these blobs was written, not synced.
             if !active.deferred_rm_blob.is_empty() {
-                config.sync_before_destroying()?;
+                config.sync_for_order(SyncReason::BlobsRemoved)?;
             }
 
             // now we can push any deferred blob removals to the removed set
@@ -457,7 +457,7 @@ impl Segment {
                     blob_ptr,
                 );
                 // Treaty: what replaced this blob was written, not synced.
-                config.sync_before_destroying()?;
+                config.sync_for_order(SyncReason::BlobsRemoved)?;
                 remove_blob(blob_ptr, config)?;
             }
             Segment::Free(_) => panic!("remove_blob called on a Free Segment"),
@@ -1025,7 +1025,7 @@ impl SegmentAccountant {
         let lid = if let Some(next) = safe {
             // Treaty: the pages that moved out of this segment were written, not
             // synced; they must be durable before it is overwritten.
-            self.config.sync_before_destroying()?;
+            self.config.sync_for_order(SyncReason::SegmentReused)?;
             self.free.remove(&next);
             next
         } else {
@@ -1109,7 +1109,7 @@ impl SegmentAccountant {
             debug!("truncating file to length {}", at);
             // Treaty: what moved out of the truncated segments was written, not
             // synced; it must be durable before they are cut off.
-            let res = config.sync_before_destroying().and_then(|()| {
+            let res = config.sync_for_order(SyncReason::Truncated).and_then(|()| {
                 config
                     .file
                     .set_len(at)

@@ -361,6 +361,11 @@ fn advance_snapshot(
         return Err(Error::corruption(None));
     }
 
+    // Treaty: the log as recovered may hold the last run's writes, never synced if it
+    // was killed; the snapshot below points into them, and opening zeroes the
+    // segments it does not reference.
+    config.sync_for_order(SyncReason::Recovered)?;
+
     if snapshot.stable_lsn > old_stable_lsn {
         write_snapshot(config, &snapshot)?;
     }
