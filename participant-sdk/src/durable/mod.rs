@@ -1405,8 +1405,10 @@ mod tests {
     /// so it syncs what it wrote wherever it relies on it being on disk: before it
     /// overwrites a freed segment, removes replaced blob files, or opens a segment whose
     /// header vouches for what came before, and at open before it snapshots what it
-    /// recovered. Rewriting a few large values over and over makes it do each: every
-    /// write replaces a blob, and the log reuses its segments.
+    /// recovered. Rewriting a few large values over and over makes it do each: a leaf
+    /// of them is a blob, replaced whenever sled consolidates it, and the log reuses
+    /// its segments. (It checks that each kind of sync happened, not when: the order
+    /// rests on third_party/sled/TREATY-PATCHES.md.)
     #[tokio::test]
     async fn sled_syncs_what_it_wrote_before_it_relies_on_it() {
         let dir = tempfile::tempdir().unwrap();

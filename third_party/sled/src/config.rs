@@ -883,14 +883,20 @@ impl RunningConfig {
             return Ok(());
         }
         let _one_at_a_time = self.order.syncing.lock();
+        // A failed sync is final: what it was to make durable may be lost, and a later
+        // fsync of the same file may report success all the same.
+        self.global_error()?;
         let blobs = std::mem::take(&mut *self.order.unsynced_blobs.lock());
         let written =
             self.order.written.swap(false, std::sync::atomic::Ordering::SeqCst);
         // At open, what to sync is what the last run wrote: this one has no notes of it.
-        if !written && blobs.is_empty() && reason != SyncReason::Recovered {
+        let recovered = reason == SyncReason::Recovered;
+        if !written && blobs.is_empty() && !recovered {
             return Ok(());
         }
-        if let Err(e) = self.sync_written(&blobs) {
+        if let Err(e) = self.sync_written(&blobs, recovered) {
+            self.order.written.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.order.unsynced_blobs.lock().extend(blobs);
             let error = Error::from(e);
             self.set_global_error(error.clone());
             return Err(error);
@@ -906,20 +912,37 @@ impl RunningConfig {
         Ok(())
     }
 
-    fn sync_written(&self, blobs: &[Lsn]) -> io::Result<()> {
-        io_fail!(self, "sync for order");
+    /// Syncs the blob files `blobs` (with `every_blob`, every file in the blob
+    /// directory: at open, the last run's), the blob directory, then the log file.
+    fn sync_written(&self, blobs: &[Lsn], every_blob: bool) -> io::Result<()> {
+        let blob_dir = self.blob_path(0).parent().map(Path::to_path_buf);
+        let mut sync_dir = false;
+        if let (true, Some(dir)) = (every_blob, &blob_dir) {
+            match std::fs::read_dir(dir) {
+                Ok(entries) => {
+                    for entry in entries {
+                        let entry = entry?;
+                        if entry.file_type()?.is_file() {
+                            File::open(entry.path())?.sync_data()?;
+                        }
+                    }
+                    sync_dir = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
         for blob in blobs {
-            match std::fs::File::open(self.blob_path(*blob)) {
+            match File::open(self.blob_path(*blob)) {
                 Ok(file) => file.sync_data()?,
                 // Removed since (a cancelled reservation's): nothing to keep.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
+            sync_dir = true;
         }
-        if !blobs.is_empty() {
-            if let Some(dir) = self.blob_path(0).parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
+        if let (true, Some(dir)) = (sync_dir, &blob_dir) {
+            File::open(dir)?.sync_all()?;
         }
         self.file.sync_data()
     }
@@ -931,7 +954,9 @@ impl RunningConfig {
 
     /// Treaty: a blob file was written, not synced.
     pub(crate) fn note_blob_written(&self, id: Lsn) {
-        self.order.unsynced_blobs.lock().push(id);
+        if !self.temporary {
+            self.order.unsynced_blobs.lock().push(id);
+        }
     }
 
     /// Treaty: how many times `sync_for_order` synced, by reason.

@@ -306,6 +306,10 @@ pub use {
     },
 };
 
+// Treaty: changes 3 to 5 of TREATY-PATCHES.md are made on the `pwrite` path only.
+#[cfg(feature = "io_uring")]
+compile_error!("Treaty's vendored sled does not support the io_uring feature");
+
 pub(crate) use self::config::SyncReason;
 
 pub use self::{

@@ -436,6 +436,10 @@ impl Log {
             if let Err(e) = self.iobufs.write_to_log(iobuf) {
                 error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
                 self.iobufs.config.set_global_error(e);
+                // Wake whoever waits for the buffer to become stable: it never will.
+                let intervals = self.iobufs.intervals.lock();
+                drop(intervals);
+                let _notified = self.iobufs.interval_updated.notify_all();
             }
 
             Ok(())

@@ -263,13 +263,14 @@ impl Segment {
         let (inactive, ret) = if let Segment::Active(active) = self {
             assert!(lsn >= active.lsn);
 
-            // Treaty: what replaced these blobs was written, not synced.
-            if !active.deferred_rm_blob.is_empty() {
-                config.sync_for_order(SyncReason::BlobsRemoved)?;
-            }
+            // Treaty: what replaced these blobs was written, not synced. If the sync
+            // fails (sled's global error from then on) the blobs stay: a file left
+            // behind is harmless, and the segment's state still moves on.
+            let keep_blobs = !active.deferred_rm_blob.is_empty()
+                && config.sync_for_order(SyncReason::BlobsRemoved).is_err();
 
             // now we can push any deferred blob removals to the removed set
-            for ptr in &active.deferred_rm_blob {
+            for ptr in active.deferred_rm_blob.iter().filter(|_| !keep_blobs) {
                 trace!(
                     "removing blob {} while transitioning \
                      segment lsn {:?} to Inactive",
@@ -456,9 +457,11 @@ impl Segment {
                      or Draining.",
                     blob_ptr,
                 );
-                // Treaty: what replaced this blob was written, not synced.
-                config.sync_for_order(SyncReason::BlobsRemoved)?;
-                remove_blob(blob_ptr, config)?;
+                // Treaty: what replaced this blob was written, not synced. If the
+                // sync fails (sled's global error from then on) the blob stays.
+                if config.sync_for_order(SyncReason::BlobsRemoved).is_ok() {
+                    remove_blob(blob_ptr, config)?;
+                }
             }
             Segment::Free(_) => panic!("remove_blob called on a Free Segment"),
         }
