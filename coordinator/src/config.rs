@@ -157,9 +157,9 @@ pub struct ServeConfig {
 
     /// Under load (the previous forced group of log writes held 8 or more forced ones,
     /// with no idle spell longer than this since), a decision waits up to this long for
-    /// others to share its sync before it is written (like PostgreSQL's `commit_delay`):
-    /// fewer syncs per transaction, a little latency. One transaction at a time never
-    /// waits. 0: never.
+    /// others to share its sync before it is written (like PostgreSQL's `commit_delay`),
+    /// once for every 8 forced writes that group held, up to 4 times: fewer syncs per
+    /// transaction, a little latency. One transaction at a time never waits. 0: never.
     #[arg(long, env = "TREATY_LOG_GROUP_COMMIT_HOLD_US", default_value_t = defaults::LOG_GROUP_COMMIT_HOLD_US)]
     pub log_group_commit_hold_us: u64,
 

@@ -40,6 +40,7 @@ use crate::security::SecurityConfig;
 /// while letting it keep up with any rate of transactions the coordinator sustains.
 const PURGE_BATCH: usize = 1_000;
 const PURGE_BATCH_PAUSE: Duration = Duration::from_millis(10);
+
 /// Most batches one round runs; the rest waits for the next round.
 const MAX_PURGE_BATCHES_PER_ROUND: usize = 1_000;
 /// Rounds start every tenth of the log retention, between these bounds: a final record
@@ -314,6 +315,11 @@ fn purge_interval(log_retention_ms: u64) -> Duration {
     Duration::from_millis(log_retention_ms / 10).clamp(PURGE_INTERVAL_MIN, PURGE_INTERVAL_MAX)
 }
 
+/// The decision log's forced groups wait one `--log-group-commit-hold-us` for every 8
+/// forced writes in the previous group, up to this many (`StoreOptions::
+/// group_commit_max_holds`; participants keep one).
+const LOG_GROUP_COMMIT_MAX_HOLDS: u32 = 4;
+
 /// The decision log's store: its cache from the memory budget, group commit and
 /// compaction from the configuration, its groups and compactions counted in `metrics`.
 fn log_options(
@@ -326,6 +332,9 @@ fn log_options(
         // `config::MemoryBudget`).
         cache_capacity_bytes: budget.log_cache_bytes,
         group_commit_hold: Duration::from_micros(config.log_group_commit_hold_us),
+        // The coordinator's forced writes are decisions of independent transactions:
+        // the more arrive per sync, the more a longer wait gathers.
+        group_commit_max_holds: LOG_GROUP_COMMIT_MAX_HOLDS,
         group_observer: Some({
             let metrics = metrics.clone();
             Arc::new(move |group: GroupCommitted| {

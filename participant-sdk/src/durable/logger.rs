@@ -27,8 +27,8 @@ use super::compaction::Compaction;
 use super::files::{SyncedFiles, SyncedPath};
 use super::high_water::HighWater;
 use super::{
-    Durability, FORCED_GROUPS_KEY, Generation, GroupCommitted, GroupObserver, Request, StoreError,
-    SyncObserver, reply,
+    Durability, FORCED_GROUPS_KEY, Generation, GroupCommitted, GroupObserver,
+    MAX_GROUP_COMMIT_HOLD, Request, StoreError, SyncObserver, reply,
 };
 
 type Done = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
@@ -113,6 +113,8 @@ pub(super) struct Logger {
     /// load: the previous forced group's writes (see `StoreOptions::group_commit_hold`).
     pub(super) hold: std::time::Duration,
     pub(super) hold_after_writes: usize,
+    /// The most holds one group waits (see [`hold_after`]).
+    pub(super) max_holds: u32,
     /// Forced writes in the last forced group; 0 after an idle spell longer than `hold`.
     pub(super) last_forced_writes: usize,
     /// When the last group was committed: the start of the idle spell, however many
@@ -147,6 +149,27 @@ impl Drop for FailOnPanic {
             self.failed.notify_waiters();
         }
     }
+}
+
+/// How long a forced group waits for company after a forced group of
+/// `last_forced_writes`: nothing if that is fewer than `hold_after_writes`, then one
+/// `hold` for every `hold_after_writes` of them, up to `max_holds` holds and
+/// [`MAX_GROUP_COMMIT_HOLD`].
+pub(super) fn hold_after(
+    hold: std::time::Duration,
+    hold_after_writes: usize,
+    max_holds: u32,
+    last_forced_writes: usize,
+) -> Option<std::time::Duration> {
+    if hold.is_zero() || last_forced_writes < hold_after_writes {
+        return None;
+    }
+    let max_holds = max_holds.max(1);
+    let holds = last_forced_writes / hold_after_writes.max(1);
+    let holds = u32::try_from(holds)
+        .unwrap_or(max_holds)
+        .clamp(1, max_holds);
+    Some(hold.saturating_mul(holds).min(MAX_GROUP_COMMIT_HOLD))
 }
 
 impl Logger {
@@ -256,16 +279,20 @@ impl Logger {
         self.compaction.refuse_waiters("the store closed");
     }
 
-    /// Under load (the previous forced group held at least `hold_after_writes` forced
-    /// writes, and the logger has not been idle for longer than a hold since), the next
-    /// group waits up to `hold` for others to share its sync, if it holds a forced write,
+    /// Under load (see [`hold_after`]; an idle spell longer than a hold ends the load),
+    /// the next group waits for others to share its sync, if it holds a forced write,
     /// until it is full by `take_group`'s limits. Each request is tallied once. Waiting
     /// changes only when writes are acknowledged, never what is durable before that.
     fn hold_for_more(&mut self, pending: &mut VecDeque<Request>) {
-        if self.hold.is_zero() || self.last_forced_writes < self.hold_after_writes {
+        let Some(hold) = hold_after(
+            self.hold,
+            self.hold_after_writes,
+            self.max_holds,
+            self.last_forced_writes,
+        ) else {
             return;
-        }
-        let Some(deadline) = std::time::Instant::now().checked_add(self.hold) else {
+        };
+        let Some(deadline) = std::time::Instant::now().checked_add(hold) else {
             return;
         };
         let mut next = NextGroup::default();

@@ -214,6 +214,9 @@ pub const DEFAULT_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::
 pub const MAX_GROUP_COMMIT_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 /// [`StoreOptions::group_commit_hold_after_writes`] by default.
 pub const DEFAULT_GROUP_COMMIT_HOLD_AFTER_WRITES: usize = 8;
+/// [`StoreOptions::group_commit_max_holds`] by default: one hold, however large the
+/// previous group.
+pub const DEFAULT_GROUP_COMMIT_MAX_HOLDS: u32 = 1;
 /// [`StoreOptions::patient_sync_wait`] by default: a few times the gap between a
 /// participant's phase-2 record and the next transaction's prepare at one transaction in
 /// flight on loopback, and short beside anything that waits for a phase-2 answer.
@@ -238,6 +241,14 @@ pub struct StoreOptions {
     /// Forced writes in the previous forced group from which the next one waits
     /// [`group_commit_hold`](Self::group_commit_hold) (PostgreSQL's `commit_siblings`).
     pub group_commit_hold_after_writes: usize,
+    /// The next forced group waits one hold for every
+    /// [`group_commit_hold_after_writes`](Self::group_commit_hold_after_writes) forced
+    /// writes the previous one held, up to this many holds (and
+    /// [`MAX_GROUP_COMMIT_HOLD`]): the more writes arrive during one sync, the more a
+    /// wait gathers. 1 (the default): one hold, however large the previous group. A
+    /// store whose writers wait for each other in turn (a participant answering a
+    /// saga's steps one after another) loses throughput to longer holds.
+    pub group_commit_max_holds: u32,
     /// The longest a [`Durability::Patient`] write waits for a forced write to share
     /// its sync before it is synced alone (at most [`MAX_GROUP_COMMIT_HOLD`]; zero: it is
     /// synced as a forced write).
@@ -266,6 +277,7 @@ impl std::fmt::Debug for StoreOptions {
                 "group_commit_hold_after_writes",
                 &self.group_commit_hold_after_writes,
             )
+            .field("group_commit_max_holds", &self.group_commit_max_holds)
             .field("patient_sync_wait", &self.patient_sync_wait)
             .field("cache_capacity_bytes", &self.cache_capacity_bytes)
             .field("verify_on_open", &self.verify_on_open)
@@ -284,6 +296,7 @@ impl Default for StoreOptions {
             max_batch_bytes: 8 * 1024 * 1024,
             group_commit_hold: DEFAULT_GROUP_COMMIT_HOLD,
             group_commit_hold_after_writes: DEFAULT_GROUP_COMMIT_HOLD_AFTER_WRITES,
+            group_commit_max_holds: DEFAULT_GROUP_COMMIT_MAX_HOLDS,
             patient_sync_wait: DEFAULT_PATIENT_SYNC_WAIT,
             cache_capacity_bytes: 256 * 1024 * 1024,
             verify_on_open: true,
@@ -458,6 +471,7 @@ impl DurableStore {
             max_batch_bytes: options.max_batch_bytes.max(1),
             hold: options.group_commit_hold.min(MAX_GROUP_COMMIT_HOLD),
             hold_after_writes: options.group_commit_hold_after_writes,
+            max_holds: options.group_commit_max_holds.max(1),
             last_forced_writes: 0,
             last_group_at: std::time::Instant::now(),
             patient_sync_wait: options.patient_sync_wait.min(MAX_GROUP_COMMIT_HOLD),
@@ -943,6 +957,85 @@ mod tests {
         acknowledged(held, "the held write").await;
         acknowledged(company, "its company").await;
         assert_eq!((counters.syncs(), counters.forced_records()), (2, 3));
+    }
+
+    #[tokio::test]
+    async fn with_more_holds_a_forced_write_waits_longer_after_a_larger_group() {
+        let hold = std::time::Duration::from_secs(2);
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            group_commit_hold: hold,
+            group_commit_hold_after_writes: 1,
+            group_commit_max_holds: 4,
+            max_batch_records: 3,
+            ..StoreOptions::default()
+        };
+        let store = DurableStore::open(dir.path(), options).unwrap();
+        let counters = store.durability_counters();
+        acknowledged(
+            store.write(one_key(b"first"), Durability::Forced),
+            "a write after no load is not held",
+        )
+        .await;
+        // Held one hold after a group of one, until three fill the group.
+        let group: Vec<_> = [&b"a"[..], b"b", b"c"]
+            .into_iter()
+            .map(|key| store.write(one_key(key), Durability::Forced))
+            .collect();
+        for ticket in group {
+            acknowledged(ticket, "a full group").await;
+        }
+        assert_eq!((counters.syncs(), counters.forced_records()), (2, 4));
+        // After a group of three: three holds, so still waiting after one.
+        let mut held = store.write(one_key(b"held"), Durability::Forced);
+        tokio::time::sleep(hold).await;
+        still_waiting(&mut held, "a write held after a group of three").await;
+        let company: Vec<_> = [&b"d"[..], b"e"]
+            .into_iter()
+            .map(|key| store.write(one_key(key), Durability::Forced))
+            .collect();
+        acknowledged(held, "the held write").await;
+        for ticket in company {
+            acknowledged(ticket, "its company").await;
+        }
+        assert_eq!((counters.syncs(), counters.forced_records()), (3, 7));
+    }
+
+    #[test]
+    fn the_hold_grows_with_the_last_group_up_to_its_cap() {
+        let hold = std::time::Duration::from_micros(500);
+        let cases = [
+            (0, None),
+            (7, None),
+            (8, Some(hold)),
+            (15, Some(hold)),
+            (16, Some(hold * 2)),
+            (31, Some(hold * 3)),
+            (32, Some(hold * 4)),
+            (10_000, Some(hold * 4)),
+        ];
+        for (last_forced_writes, expected) in cases {
+            assert_eq!(
+                logger::hold_after(hold, 8, 4, last_forced_writes),
+                expected,
+                "after a group of {last_forced_writes}"
+            );
+        }
+        // One hold by default, however large the group.
+        let default_holds = DEFAULT_GROUP_COMMIT_MAX_HOLDS;
+        assert_eq!(
+            logger::hold_after(hold, 8, default_holds, 10_000),
+            Some(hold)
+        );
+        assert_eq!(logger::hold_after(hold, 0, 4, 0), Some(hold));
+        assert_eq!(
+            logger::hold_after(std::time::Duration::ZERO, 8, 4, 100),
+            None
+        );
+        assert_eq!(
+            logger::hold_after(MAX_GROUP_COMMIT_HOLD, 1, 4, 4),
+            Some(MAX_GROUP_COMMIT_HOLD)
+        );
     }
 
     #[tokio::test]
