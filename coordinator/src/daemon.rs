@@ -40,7 +40,6 @@ use crate::security::SecurityConfig;
 /// while letting it keep up with any rate of transactions the coordinator sustains.
 const PURGE_BATCH: usize = 1_000;
 const PURGE_BATCH_PAUSE: Duration = Duration::from_millis(10);
-
 /// Most batches one round runs; the rest waits for the next round.
 const MAX_PURGE_BATCHES_PER_ROUND: usize = 1_000;
 /// Rounds start every tenth of the log retention, between these bounds: a final record

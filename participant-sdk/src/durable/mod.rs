@@ -471,7 +471,7 @@ impl DurableStore {
             max_batch_bytes: options.max_batch_bytes.max(1),
             hold: options.group_commit_hold.min(MAX_GROUP_COMMIT_HOLD),
             hold_after_writes: options.group_commit_hold_after_writes,
-            max_holds: options.group_commit_max_holds.max(1),
+            max_holds: options.group_commit_max_holds,
             last_forced_writes: 0,
             last_group_at: std::time::Instant::now(),
             patient_sync_wait: options.patient_sync_wait.min(MAX_GROUP_COMMIT_HOLD),

@@ -266,18 +266,20 @@ impl Segment {
             // Treaty: what replaced these blobs was written, not synced. If the sync
             // fails (sled's global error from then on) the blobs stay: a file left
             // behind is harmless, and the segment's state still moves on.
-            let keep_blobs = !active.deferred_rm_blob.is_empty()
-                && config.sync_for_order(SyncReason::BlobsRemoved).is_err();
+            let remove_blobs = active.deferred_rm_blob.is_empty()
+                || config.sync_for_order(SyncReason::BlobsRemoved).is_ok();
 
             // now we can push any deferred blob removals to the removed set
-            for ptr in active.deferred_rm_blob.iter().filter(|_| !keep_blobs) {
-                trace!(
-                    "removing blob {} while transitioning \
-                     segment lsn {:?} to Inactive",
-                    ptr,
-                    active.lsn,
-                );
-                remove_blob(*ptr, config)?;
+            if remove_blobs {
+                for ptr in &active.deferred_rm_blob {
+                    trace!(
+                        "removing blob {} while transitioning \
+                         segment lsn {:?} to Inactive",
+                        ptr,
+                        active.lsn,
+                    );
+                    remove_blob(*ptr, config)?;
+                }
             }
 
             let inactive = Segment::Inactive(Inactive {
