@@ -1536,6 +1536,81 @@ mod tests {
         assert_eq!(contents(&reopened), expected);
     }
 
+    /// sled's default segment size, which the store keeps.
+    const SLED_SEGMENT_BYTES: u64 = 512 * 1024;
+
+    fn log_file_bytes(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(LOG_FILE_NAME)).unwrap().len()
+    }
+
+    /// The vendored sled fills a segment it adds at the log's end when it adds it
+    /// (third_party/sled/TREATY-PATCHES.md), so a forced write's `fdatasync` flushes
+    /// data into blocks the file already has rather than committing a new length each
+    /// time: the log only ever grows by whole segments.
+    #[tokio::test]
+    async fn the_log_grows_by_whole_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let value = vec![b'v'; 900];
+        let mut lengths = std::collections::BTreeSet::new();
+        for i in 0..1_500u32 {
+            let ticket = store.write(insert_batch(i..i + 1, &value), Durability::Forced);
+            ticket.await.unwrap();
+            lengths.insert(log_file_bytes(dir.path()));
+        }
+        assert!(
+            lengths.len() > 2,
+            "the writes should span several segments: {lengths:?}"
+        );
+        let unaligned: Vec<u64> = lengths
+            .iter()
+            .copied()
+            .filter(|bytes| bytes % SLED_SEGMENT_BYTES != 0)
+            .collect();
+        assert!(
+            unaligned.is_empty(),
+            "log lengths that are not whole segments: {unaligned:?}"
+        );
+    }
+
+    /// A kill -9 between the fill of a new segment and its first write leaves a segment
+    /// of zeros at the log's end. sled reads zeros as a corrupted message, as in any
+    /// unwritten part of a segment, and a segment without a valid header as free: the
+    /// open recovers every record and the store keeps writing.
+    #[tokio::test]
+    async fn a_segment_of_zeros_at_the_end_of_the_log_is_recovered_as_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .write(insert_batch(0..300, &[b'a'; 300]), Durability::Forced)
+            .await
+            .unwrap();
+        let expected = contents(&store);
+        store.close().unwrap();
+        drop(store);
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(LOG_FILE_NAME))
+            .unwrap();
+        let length = log.metadata().unwrap().len();
+        log.set_len(length.next_multiple_of(SLED_SEGMENT_BYTES) + SLED_SEGMENT_BYTES)
+            .unwrap();
+        log.sync_all().unwrap();
+        drop(log);
+
+        let reopened = open(dir.path());
+        assert_eq!(contents(&reopened), expected);
+        reopened
+            .write(insert_batch(300..600, &[b'b'; 300]), Durability::Forced)
+            .await
+            .unwrap();
+        let expected = contents(&reopened);
+        assert_eq!(expected.len(), 600);
+        reopened.close().unwrap();
+        drop(reopened);
+        assert_eq!(contents(&open(dir.path())), expected);
+    }
+
     #[tokio::test]
     async fn compaction_keeps_the_live_records_and_gives_back_the_space() {
         let dir = tempfile::tempdir().unwrap();

@@ -1005,11 +1005,47 @@ impl SegmentAccountant {
             }
         }
 
+        self.fill_new_segment(lid)?;
+
         self.tip += self.config.segment_size as LogOffset;
 
         trace!("advancing file tip from {} to {}", lid, self.tip);
 
         Ok(lid)
+    }
+
+    /// Treaty: writes zeros over the part of a segment added at the file's end
+    /// that lies past the file's current length, so that the buffers later
+    /// written into it overwrite blocks that already belong to the file.
+    ///
+    /// An `fdatasync` after a write that extends a file must also commit the
+    /// file's new length and its newly allocated blocks, which on ext4 is a
+    /// journal commit; after a write inside the file it flushes the data alone.
+    /// Filling the segment at once moves that metadata into one sync per
+    /// segment instead of one per sync. Zeros read as `MessageKind::Corrupted`,
+    /// which is what recovery already reads in a segment's unwritten part (a
+    /// hole) and what `initialize_from_snapshot` writes over free segments, so
+    /// the fill adds no state recovery does not already meet. The fill is not
+    /// synced here: the first sync of the log after it carries it.
+    fn fill_new_segment(&self, lid: LogOffset) -> Result<()> {
+        if self.config.temporary {
+            return Ok(());
+        }
+        let segment_end = lid + self.config.segment_size as LogOffset;
+        let file_len = self.config.file.metadata()?.len();
+        if file_len >= segment_end {
+            return Ok(());
+        }
+        // Never below `lid`: an earlier segment's last buffer may still be on
+        // its way to the file (a `sled-io` thread), past the current length.
+        let fill_from = file_len.max(lid);
+        let zeros = vec![
+            MessageKind::Corrupted.into();
+            usize::try_from(segment_end - fill_from).unwrap()
+        ];
+        io_fail!(self.config, "fill new segment");
+        pwrite_all(&self.config.file, &zeros, fill_from)?;
+        Ok(())
     }
 
     /// Returns the next offset to write a new segment in.
