@@ -65,7 +65,7 @@ fn run(
     while shutdown.is_running() || wrote_data {
         let before = std::time::Instant::now();
         let cc = concurrency_control::read();
-        match pagecache.log.roll_iobuf() {
+        match pagecache.log.roll_iobuf(false) {
             Ok(0) => {
                 wrote_data = false;
                 if !shutdown.is_running() {

@@ -840,7 +840,10 @@ impl IoBufs {
     }
 }
 
-pub(crate) fn roll_iobuf(iobufs: &Arc<IoBufs>) -> Result<usize> {
+pub(crate) fn roll_iobuf(
+    iobufs: &Arc<IoBufs>,
+    write_inline: bool,
+) -> Result<usize> {
     let iobuf = iobufs.current_iobuf();
     let header = iobuf.get_header();
     if header::is_sealed(header) {
@@ -851,7 +854,13 @@ pub(crate) fn roll_iobuf(iobufs: &Arc<IoBufs>) -> Result<usize> {
         trace!("skipping roll_iobuf due to empty segment");
     } else {
         trace!("sealing ioubuf from  roll_iobuf");
-        maybe_seal_and_write_iobuf(iobufs, &iobuf, header, false, false)?;
+        maybe_seal_and_write_iobuf(
+            iobufs,
+            &iobuf,
+            header,
+            false,
+            write_inline,
+        )?;
     }
 
     Ok(header::offset(header))

@@ -43,8 +43,8 @@ impl Log {
         self.iobufs.iter_from(lsn)
     }
 
-    pub(crate) fn roll_iobuf(&self) -> Result<usize> {
-        roll_iobuf(&self.iobufs)
+    pub(crate) fn roll_iobuf(&self, write_inline: bool) -> Result<usize> {
+        roll_iobuf(&self.iobufs, write_inline)
     }
 
     /// read a buffer from the disk
