@@ -568,6 +568,15 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
 
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
 
+    // Treaty: the rename is durable before the old snapshots go, and before
+    // anything relies on this one (at open, the segments it does not reference
+    // are zeroed next). See TREATY-PATCHES.md, change 8.
+    #[cfg(unix)]
+    {
+        io_fail!(config, "snap write dir sync");
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+
     // clean up any old snapshots
     let candidates = config.get_snapshot_files()?;
     for path in candidates {
