@@ -92,6 +92,10 @@ async fn every_workload_is_measured_with_separate_processes() {
         // The coordinator and both participants, each on its own.
         assert_eq!(w["cpu"].as_array().unwrap().len(), 3, "{w:#}");
         assert!(number(w, &["coordinator", "rss_bytes"]) > 0.0, "{w:#}");
+        assert!(
+            number(w, &["coordinator", "log_compactions_ended"]) >= 0.0,
+            "{w:#}"
+        );
         if name == "ceiling" {
             assert_eq!(number(w, &["rpcs_per_transaction", "total"]), 1.0, "{w:#}");
             continue;

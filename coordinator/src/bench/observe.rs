@@ -34,6 +34,9 @@ pub struct CoordinatorCounts {
     pub log_records: f64,
     /// Transactions not yet final (`treaty_transactions_in_progress`, summed).
     pub in_progress: f64,
+    /// Compactions of the log that ended, switched or abandoned
+    /// (`treaty_log_compactions_total`, summed).
+    pub log_compactions: f64,
 }
 
 /// One participant's counters.
@@ -95,6 +98,7 @@ pub async fn coordinator_counts(address: SocketAddr) -> anyhow::Result<Coordinat
         fsyncs: sum(&text, "treaty_log_fsync_duration_seconds_count"),
         log_records: sum(&text, "treaty_log_batch_records_sum"),
         in_progress: sum(&text, "treaty_transactions_in_progress"),
+        log_compactions: sum(&text, "treaty_log_compactions_total"),
     })
 }
 

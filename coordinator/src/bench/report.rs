@@ -61,6 +61,10 @@ pub struct CoordinatorFigures {
     pub decisions_per_fsync: Option<f64>,
     /// At the end of the workload (in-process: the whole bench process).
     pub rss_bytes: Option<u64>,
+    /// Compactions of the log that ended during the workload. Their copying is in the
+    /// coordinator's CPU figures (one that started or ended outside the workload, in
+    /// part).
+    pub log_compactions_ended: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -128,6 +132,7 @@ impl WorkloadReport {
                     decisions_per_fsync: (!ceiling && a.fsyncs > b.fsyncs)
                         .then(|| transactions as f64 / (a.fsyncs - b.fsyncs)),
                     rss_bytes: coordinator_rss_bytes,
+                    log_compactions_ended: a.log_compactions - b.log_compactions,
                 },
             )),
             _ => None,
@@ -295,13 +300,18 @@ impl Report {
                 w.participants.forced_records_per_transaction,
             ));
             out.push_str(&format!(
-                "; latency max {:.2} ms; coordinator RSS {}",
+                "; latency max {:.2} ms; coordinator RSS {}; log compactions ended {}",
                 w.latency.max_ms,
                 or_na(
                     w.coordinator
                         .as_ref()
                         .and_then(|c| c.rss_bytes)
                         .map(|b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+                ),
+                or_na(
+                    w.coordinator
+                        .as_ref()
+                        .map(|c| format!("{:.0}", c.log_compactions_ended))
                 )
             ));
             let cpu: Vec<String> = w
@@ -354,4 +364,59 @@ impl Report {
 
 fn or_na(value: Option<String>) -> String {
     value.unwrap_or_else(|| "n/a".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::observe::CoordinatorCounts;
+    use std::time::Duration;
+
+    fn snapshot(coordinator: CoordinatorCounts) -> Snapshot {
+        Snapshot {
+            coordinator: Some(coordinator),
+            ..Snapshot::default()
+        }
+    }
+
+    /// A compaction that ended during a workload is in its figures and its line: its
+    /// copying is in the coordinator's CPU per transaction.
+    #[test]
+    fn a_log_compaction_during_a_workload_is_reported_with_it() {
+        let load = LoadResult {
+            succeeded: 100,
+            failed: 0,
+            elapsed: Duration::from_secs(1),
+            latencies: vec![Duration::from_millis(2); 100],
+            client_calls: 100,
+            sagas_completed: 0,
+            sagas_compensated: 0,
+        };
+        let before = snapshot(CoordinatorCounts {
+            fsyncs: 10.0,
+            log_compactions: 2.0,
+            ..CoordinatorCounts::default()
+        });
+        let after = snapshot(CoordinatorCounts {
+            fsyncs: 20.0,
+            log_compactions: 3.0,
+            ..CoordinatorCounts::default()
+        });
+        let workload = WorkloadReport::new(Workload::Twopc, &load, &before, &after, &[], None);
+        let figures = workload.coordinator.as_ref().unwrap();
+        assert_eq!(figures.log_compactions_ended, 1.0);
+        assert_eq!(figures.decisions_per_fsync, Some(10.0));
+        let report = Report {
+            mode: "processes",
+            participants: 2,
+            concurrency: 4,
+            duration_s: 1,
+            workloads: vec![workload],
+            ceiling_calls_per_s: None,
+            postgres: None,
+            memory: None,
+        };
+        let table = report.table();
+        assert!(table.contains("log compactions ended 1;"), "{table}");
+    }
 }
