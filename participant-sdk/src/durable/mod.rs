@@ -1517,9 +1517,7 @@ mod tests {
         ticket.await.unwrap();
         let expected = contents(&store);
         let written_bytes = u64::from(rounds) * value_bytes as u64;
-        let log_bytes = std::fs::metadata(dir.path().join(LOG_FILE_NAME))
-            .unwrap()
-            .len();
+        let log_bytes = log_file_bytes(dir.path());
         assert!(
             log_bytes < written_bytes,
             "the log ({log_bytes} bytes) should reuse its segments for {written_bytes} bytes of \

@@ -1036,8 +1036,8 @@ impl SegmentAccountant {
         if file_len >= segment_end {
             return Ok(());
         }
-        // Never below `lid`: an earlier segment's last buffer may still be on
-        // its way to the file (a `sled-io` thread), past the current length.
+        // Never below `lid`: another thread may still be writing an earlier
+        // segment's last buffer, past the file's current length.
         let fill_from = file_len.max(lid);
         let zeros = vec![
             MessageKind::Corrupted.into();
