@@ -26,6 +26,7 @@ pub mod auth;
 pub mod barrier;
 pub mod barrier_gc;
 pub mod barrier_store;
+pub mod call_stream;
 pub mod client;
 pub mod connections;
 pub mod durable;

@@ -38,6 +38,9 @@ pub struct ParticipantService<P, S: BarrierStore = DurableStore> {
     participant: Arc<P>,
     barrier: Arc<Barrier<S>>,
     trust: Arc<CoordinatorTrust>,
+    /// With it, the `Calls` stream is served: the server's stopping signal (streams read
+    /// no further call once it is true) and the calls answered at once per stream.
+    call_streams: Option<(tokio::sync::watch::Receiver<bool>, usize)>,
 }
 
 impl<P, S: BarrierStore> Clone for ParticipantService<P, S> {
@@ -46,6 +49,7 @@ impl<P, S: BarrierStore> Clone for ParticipantService<P, S> {
             participant: self.participant.clone(),
             barrier: self.barrier.clone(),
             trust: self.trust.clone(),
+            call_streams: self.call_streams.clone(),
         }
     }
 }
@@ -57,7 +61,23 @@ impl<P: Participant, S: BarrierStore> ParticipantService<P, S> {
             participant,
             barrier,
             trust: Arc::new(CoordinatorTrust::default()),
+            call_streams: None,
         }
+    }
+
+    /// Serves the `Calls` stream (docs/PARTICIPANT-PROTOCOL.md, section 15), at most
+    /// `max_calls_in_flight` calls at once per stream. `stopping` must turn true when
+    /// the server stops: each stream then reads no further call, answers those it has
+    /// read, and ends, so that a graceful shutdown is not held up by a caller's
+    /// long-lived stream. Without this the stream is answered UNIMPLEMENTED and callers
+    /// make unary calls. [`serve`] sets it.
+    pub fn with_call_streams(
+        mut self,
+        stopping: tokio::sync::watch::Receiver<bool>,
+        max_calls_in_flight: usize,
+    ) -> Self {
+        self.call_streams = Some((stopping, max_calls_in_flight));
+        self
     }
 
     /// Serves only the coordinators `trust` names.
@@ -284,6 +304,26 @@ impl<P: Participant, S: BarrierStore> pb::participant_server::Participant
         call.answered(&answer, |_| OperationResult::compensated);
         answer
     }
+
+    type CallsStream = crate::call_stream::CallAnswers;
+
+    async fn calls(
+        &self,
+        request: Request<tonic::Streaming<pb::CallRequest>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        let Some((stopping, max_in_flight)) = self.call_streams.clone() else {
+            return Err(Status::unimplemented(
+                "this participant serves unary calls only",
+            ));
+        };
+        self.trust.check(&request)?;
+        Ok(crate::call_stream::serve(
+            self.clone(),
+            request,
+            stopping,
+            max_in_flight,
+        ))
+    }
 }
 
 /// The calls, answered through the barrier (counted by the trait methods above).
@@ -474,7 +514,8 @@ pub struct ServeOptions {
     /// Listening beyond loopback without `trust` authenticating callers is refused unless
     /// this is set.
     pub allow_unauthenticated: bool,
-    /// Most requests served at once per connection.
+    /// Most requests served at once per connection, and most calls answered at once on
+    /// each `Calls` stream (a stream counts as one request of its connection).
     pub max_concurrent_requests: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace_ms: u64,
@@ -632,8 +673,10 @@ where
         barrier = barrier.with_metrics(metrics.clone());
     }
     let barrier = Arc::new(barrier);
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let service = ParticipantService::new(participant.clone(), barrier.clone())
-        .with_trust(options.trust.clone());
+        .with_trust(options.trust.clone())
+        .with_call_streams(stopping_rx.clone(), options.max_concurrent_requests);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<ParticipantServer<ParticipantService<P, S>>>()
@@ -651,7 +694,6 @@ where
 
     tracing::info!(%local_addr, barrier = %store.describe(), tls = options.tls.is_some(), "participant serving");
     let incoming = incoming(listener, options.tls.clone(), options.connections.clone());
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let metrics_server = match (metrics_listener, metrics) {
         (Some(listener), Some(metrics)) => {
             tracing::info!(address = %listener.local_addr()?, "serving metrics at /metrics");

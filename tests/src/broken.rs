@@ -148,6 +148,16 @@ impl pb::participant_server::Participant for NoBarrier {
             result: pb::CompensateResult::Compensated as i32,
         }))
     }
+
+    type CallsStream = treaty_sdk::call_stream::CallAnswers;
+
+    /// Unary calls only, as a participant written from the proto alone may be.
+    async fn calls(
+        &self,
+        _request: Request<tonic::Streaming<pb::CallRequest>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        Err(Status::unimplemented("NoBarrier serves unary calls only"))
+    }
 }
 
 fn vote_response(vote: Vote) -> pb::PrepareBranchResponse {
@@ -318,5 +328,17 @@ impl pb::participant_server::Participant for NoAntiHanging {
         request: Request<pb::CompensateBranchRequest>,
     ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
         self.inner.compensate(request).await
+    }
+
+    type CallsStream = treaty_sdk::call_stream::CallAnswers;
+
+    /// Unary calls only: a stream would go through `inner`'s prepare, not this one's.
+    async fn calls(
+        &self,
+        _request: Request<tonic::Streaming<pb::CallRequest>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        Err(Status::unimplemented(
+            "NoAntiHanging serves unary calls only",
+        ))
     }
 }

@@ -54,6 +54,11 @@ class ParticipantStub:
                 request_serializer=treaty_dot_v1_dot_participant__pb2.CompensateBranchRequest.SerializeToString,
                 response_deserializer=treaty_dot_v1_dot_participant__pb2.CompensateBranchResponse.FromString,
                 _registered_method=True)
+        self.Calls = channel.stream_stream(
+                '/treaty.v1.Participant/Calls',
+                request_serializer=treaty_dot_v1_dot_participant__pb2.CallRequest.SerializeToString,
+                response_deserializer=treaty_dot_v1_dot_participant__pb2.CallAnswer.FromString,
+                _registered_method=True)
 
 
 class ParticipantServicer:
@@ -96,6 +101,19 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Calls(self, request_iterator, context):
+        """The four calls above, many at once over one long-lived stream: the coordinator's
+        way when the participant serves it (a call costs a fraction of a unary call's CPU).
+        Each request carries a number its caller chose and is answered exactly as the unary
+        call would be, by an answer with the same number; answers come in the order they
+        are ready. Credentials and peer identity are the stream's, checked at its start and
+        again for every call. Optional: a participant that answers the stream's start with
+        UNIMPLEMENTED gets unary calls instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +136,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.Compensate,
                     request_deserializer=treaty_dot_v1_dot_participant__pb2.CompensateBranchRequest.FromString,
                     response_serializer=treaty_dot_v1_dot_participant__pb2.CompensateBranchResponse.SerializeToString,
+            ),
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=treaty_dot_v1_dot_participant__pb2.CallRequest.FromString,
+                    response_serializer=treaty_dot_v1_dot_participant__pb2.CallAnswer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +251,33 @@ class Participant:
             '/treaty.v1.Participant/Compensate',
             treaty_dot_v1_dot_participant__pb2.CompensateBranchRequest.SerializeToString,
             treaty_dot_v1_dot_participant__pb2.CompensateBranchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/treaty.v1.Participant/Calls',
+            treaty_dot_v1_dot_participant__pb2.CallRequest.SerializeToString,
+            treaty_dot_v1_dot_participant__pb2.CallAnswer.FromString,
             options,
             channel_credentials,
             insecure,

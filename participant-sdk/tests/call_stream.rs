@@ -1,0 +1,363 @@
+//! The `Calls` stream of a participant served by the SDK, over real gRPC on loopback and a
+//! real sled directory: each call on it is answered as its unary call would be, under its
+//! own number; credentials are the stream's; a stopping server ends the stream.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::participant_client::ParticipantClient;
+use treaty_sdk::durable::DurableStore;
+use treaty_sdk::server::{CoordinatorTrust, ServeError, ServeOptions};
+use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Votes NO for the payload "no", else YES (after 300 ms, telling `slow_started`, for
+/// "slow"); counts every run of user code.
+#[derive(Debug, Default)]
+struct Counting {
+    runs: AtomicUsize,
+    slow_started: tokio::sync::Notify,
+}
+
+impl Participant for Counting {
+    async fn prepare(&self, _: &BranchContext, payload: &[u8]) -> Result<Vote, ParticipantError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        if payload == b"slow" {
+            self.slow_started.notify_one();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok(if payload == b"no" {
+            Vote::no("refused")
+        } else {
+            Vote::Yes
+        })
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct Served {
+    endpoint: String,
+    participant: Arc<Counting>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), ServeError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(PATIENCE, self.server)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn start(options: ServeOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let participant = Arc::new(Counting::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(treaty_sdk::serve(
+            participant.clone(),
+            store,
+            listener,
+            options,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            endpoint,
+            participant,
+            stop,
+            server,
+            _dir: dir,
+        }
+    }
+}
+
+/// One open `Calls` stream: its sending side and its answers.
+struct Stream {
+    calls: tokio::sync::mpsc::Sender<pb::CallRequest>,
+    answers: tonic::Streaming<pb::CallAnswer>,
+}
+
+impl Stream {
+    async fn open(endpoint: &str, token: Option<&str>) -> Result<Self, tonic::Status> {
+        let mut client = ParticipantClient::connect(endpoint.to_string())
+            .await
+            .unwrap();
+        let (calls, queued) = tokio::sync::mpsc::channel(64);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(queued));
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let answers = client.calls(request).await?.into_inner();
+        Ok(Self { calls, answers })
+    }
+
+    /// Sends `calls` at once and returns their answers by number.
+    async fn call_all(
+        &mut self,
+        calls: Vec<(u64, Option<pb::call_request::Call>)>,
+    ) -> HashMap<u64, pb::call_answer::Answer> {
+        let count = calls.len();
+        for (call_id, call) in calls {
+            let request = pb::CallRequest {
+                call_id,
+                call,
+                ..Default::default()
+            };
+            self.calls.send(request).await.unwrap();
+        }
+        let mut answers = HashMap::new();
+        while answers.len() < count {
+            let answer = tokio::time::timeout(PATIENCE, self.answers.message())
+                .await
+                .expect("every call is answered in time")
+                .unwrap()
+                .expect("the stream stays open");
+            let previous = answers.insert(answer.call_id, answer.answer.unwrap());
+            assert!(previous.is_none(), "one answer per call");
+        }
+        answers
+    }
+}
+
+fn prepare(branch: &str, payload: &[u8], coordinator: &str) -> Option<pb::call_request::Call> {
+    Some(pb::call_request::Call::Prepare(pb::PrepareBranchRequest {
+        transaction_id: "s-1".into(),
+        branch_id: branch.into(),
+        payload: payload.to_vec(),
+        coordinator_endpoint: coordinator.into(),
+    }))
+}
+
+fn commit(branch: &str, mode: pb::CommitMode) -> Option<pb::call_request::Call> {
+    Some(pb::call_request::Call::Commit(pb::CommitBranchRequest {
+        transaction_id: "s-1".into(),
+        branch_id: branch.into(),
+        mode: mode as i32,
+        payload: Vec::new(),
+        coordinator_endpoint: String::new(),
+    }))
+}
+
+fn vote(answer: &pb::call_answer::Answer) -> pb::Vote {
+    match answer {
+        pb::call_answer::Answer::Prepare(response) => pb::Vote::try_from(response.vote).unwrap(),
+        other => panic!("not a prepare's answer: {other:?}"),
+    }
+}
+
+fn error(answer: &pb::call_answer::Answer) -> (tonic::Code, &str) {
+    match answer {
+        pb::call_answer::Answer::Error(error) => (error.code.into(), error.message.as_str()),
+        other => panic!("not an error: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn each_call_on_a_stream_is_answered_as_its_unary_call_under_its_number() {
+    let served = Served::start(ServeOptions::default()).await;
+    let mut stream = Stream::open(&served.endpoint, None).await.unwrap();
+
+    let answers = stream
+        .call_all(vec![
+            (1, prepare("yes", b"", "")),
+            (2, prepare("no", b"no", "")),
+            (3, prepare("no/slashes", b"", "")),
+            (4, None),
+            (5, prepare("bad-endpoint", b"", "not an endpoint")),
+        ])
+        .await;
+    assert_eq!(vote(&answers[&1]), pb::Vote::Yes);
+    assert_eq!(vote(&answers[&2]), pb::Vote::No);
+    let (code, message) = error(&answers[&3]);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(message.contains("branch_id"), "{message}");
+    let (code, message) = error(&answers[&4]);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(message.starts_with("call:"), "{message}");
+    let (code, message) = error(&answers[&5]);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(message.contains("coordinator_endpoint"), "{message}");
+    assert_eq!(
+        served.participant.runs.load(Ordering::SeqCst),
+        2,
+        "bad calls reach no user code"
+    );
+
+    // Phase 2, a repeat answered from the record, the null abort and compensation.
+    let answers = stream
+        .call_all(vec![
+            (6, commit("yes", pb::CommitMode::TwoPhase)),
+            (
+                7,
+                Some(pb::call_request::Call::Abort(pb::AbortBranchRequest {
+                    transaction_id: "s-1".into(),
+                    branch_id: "never-prepared".into(),
+                })),
+            ),
+            (
+                8,
+                Some(pb::call_request::Call::Compensate(
+                    pb::CompensateBranchRequest {
+                        transaction_id: "s-1".into(),
+                        branch_id: "never-run".into(),
+                        payload: Vec::new(),
+                    },
+                )),
+            ),
+        ])
+        .await;
+    match &answers[&6] {
+        pb::call_answer::Answer::Commit(response) => {
+            assert_eq!(response.result, pb::CommitResult::Committed as i32)
+        }
+        other => panic!("{other:?}"),
+    }
+    match &answers[&7] {
+        pb::call_answer::Answer::Abort(response) => {
+            assert_eq!(response.result, pb::AbortResult::Aborted as i32)
+        }
+        other => panic!("{other:?}"),
+    }
+    match &answers[&8] {
+        pb::call_answer::Answer::Compensate(response) => {
+            assert_eq!(response.result, pb::CompensateResult::Compensated as i32)
+        }
+        other => panic!("{other:?}"),
+    }
+    let answers = stream
+        .call_all(vec![(9, commit("yes", pb::CommitMode::TwoPhase))])
+        .await;
+    assert!(matches!(
+        &answers[&9],
+        pb::call_answer::Answer::Commit(r) if r.result == pb::CommitResult::Committed as i32
+    ));
+    assert_eq!(
+        served.participant.runs.load(Ordering::SeqCst),
+        3,
+        "one commit ran; the repeat and the null abort and compensation ran no user code"
+    );
+
+    // The unary call sees what the stream's calls recorded.
+    let mut client = ParticipantClient::connect(served.endpoint.clone())
+        .await
+        .unwrap();
+    let late = client
+        .prepare(pb::PrepareBranchRequest {
+            transaction_id: "s-1".into(),
+            branch_id: "never-prepared".into(),
+            payload: Vec::new(),
+            coordinator_endpoint: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        late.vote,
+        pb::Vote::No as i32,
+        "a Prepare after the null abort"
+    );
+
+    served.stop.send(()).unwrap();
+    served.server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_presents_the_credentials_of_its_start_for_every_call() {
+    let trust = CoordinatorTrust::default()
+        .token("stream-secret")
+        .endpoint("http://127.0.0.1:7420");
+    let served = Served::start(ServeOptions {
+        trust,
+        ..ServeOptions::default()
+    })
+    .await;
+
+    for token in [None, Some("wrong")] {
+        let refused = Stream::open(&served.endpoint, token).await.err();
+        let refused = refused.expect("a stream without the token is refused at its start");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    }
+
+    let mut stream = Stream::open(&served.endpoint, Some("stream-secret"))
+        .await
+        .unwrap();
+    let answers = stream
+        .call_all(vec![
+            (1, prepare("trusted", b"", "http://127.0.0.1:7420")),
+            (2, prepare("elsewhere", b"", "http://127.0.0.1:7421")),
+        ])
+        .await;
+    assert_eq!(vote(&answers[&1]), pb::Vote::Yes);
+    let (code, message) = error(&answers[&2]);
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert_eq!(served.participant.runs.load(Ordering::SeqCst), 1);
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopping_server_answers_the_calls_it_read_and_ends_the_stream() {
+    let served = Served::start(ServeOptions {
+        // Far longer than the test waits: the stream must not be what ends the wait.
+        shutdown_grace_ms: 600_000,
+        ..ServeOptions::default()
+    })
+    .await;
+    let mut stream = Stream::open(&served.endpoint, None).await.unwrap();
+    let answers = stream.call_all(vec![(1, prepare("before", b"", ""))]).await;
+    assert_eq!(vote(&answers[&1]), pb::Vote::Yes);
+
+    // A call in flight when the server starts to stop.
+    stream
+        .calls
+        .send(pb::CallRequest {
+            call_id: 2,
+            call: prepare("in-flight", b"slow", ""),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let participant = served.participant.clone();
+    tokio::time::timeout(PATIENCE, participant.slow_started.notified())
+        .await
+        .expect("the slow prepare starts");
+    served.stop().await;
+
+    let answer = tokio::time::timeout(PATIENCE, stream.answers.message())
+        .await
+        .expect("the call read before the stop is answered")
+        .unwrap()
+        .expect("an answer before the end");
+    assert_eq!(answer.call_id, 2);
+    assert_eq!(vote(&answer.answer.unwrap()), pb::Vote::Yes);
+    let end = tokio::time::timeout(PATIENCE, stream.answers.message())
+        .await
+        .expect("the stream ends");
+    assert!(matches!(end, Ok(None)), "the stream ends cleanly: {end:?}");
+}
