@@ -169,6 +169,12 @@ pub struct ServeConfig {
     #[arg(long, env = "TREATY_HISTORY_RECORDS", default_value_t = true, action = clap::ArgAction::Set)]
     pub history_records: bool,
 
+    /// Call each participant over one long-lived `Calls` stream when it serves one (a
+    /// call there costs a fraction of a unary call's CPU; participants that do not are
+    /// called unary). `false`: every call is unary.
+    #[arg(long, env = "TREATY_PARTICIPANT_CALL_STREAMS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub participant_call_streams: bool,
+
     /// How long shutdown waits for work in flight before leaving it to recovery.
     #[arg(long, env = "TREATY_SHUTDOWN_GRACE_MS", default_value_t = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: u64,
@@ -342,6 +348,7 @@ impl ServeConfig {
             log_compaction_min_bytes: defaults::LOG_COMPACTION_MIN_BYTES,
             log_group_commit_hold_us: defaults::LOG_GROUP_COMMIT_HOLD_US,
             history_records: true,
+            participant_call_streams: true,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             default_step_timeout_ms: defaults::DEFAULT_STEP_TIMEOUT_MS,
             default_step_attempts: defaults::DEFAULT_STEP_ATTEMPTS,
@@ -633,6 +640,7 @@ impl ServeConfig {
             log_finished_max: self.memory_budget().log_finished_max,
             delivery_horizon_ms: self.delivery_horizon_ms,
             history_records: self.history_records,
+            participant_call_streams: self.participant_call_streams,
             sweep_interval_ms: self.sweep_interval_ms,
             sweep_batch: defaults::SWEEP_BATCH,
             stale_after_ms: self.stale_after_ms,

@@ -36,10 +36,12 @@ use crate::metrics::{CallOperation, CallResult, Metrics};
 
 pub mod circuit;
 mod status;
+mod stream;
 pub mod window;
 
 use circuit::{Admission, Circuit, CircuitState};
 pub use status::EndpointStatus;
+use stream::{CallStream, StreamedCall};
 use window::CallWindow;
 
 /// Channels kept open; past this the cache starts over (old channels close when their
@@ -109,6 +111,9 @@ type Client = ParticipantClient<InterceptedService<Channel, Credentials>>;
 #[derive(Debug)]
 struct Peer {
     client: Client,
+    /// Carries the calls over the client's channel, unless the participant or the
+    /// configuration wants them unary.
+    stream: Option<CallStream>,
     /// The TLS settings the client was made with (see `Participants::reload_tls`).
     tls_generation: u64,
     health: Arc<PeerHealth>,
@@ -176,6 +181,8 @@ pub struct Participants {
     credentials: Credentials,
     /// Every call's duration and result.
     metrics: Arc<Metrics>,
+    /// Calls go over each participant's `Calls` stream where it serves one.
+    call_streams: bool,
 }
 
 impl Participants {
@@ -194,7 +201,15 @@ impl Participants {
             tls: Arc::default(),
             credentials: Credentials::none(),
             metrics: Arc::default(),
+            call_streams: true,
         }
+    }
+
+    /// With `false`, every call is a unary call, even to participants that serve the
+    /// `Calls` stream.
+    pub fn with_call_streams(mut self, call_streams: bool) -> Self {
+        self.call_streams = call_streams;
+        self
     }
 
     /// Counts calls in `metrics`.
@@ -285,6 +300,7 @@ impl Participants {
                 channel.connect_lazy(),
                 self.credentials.clone(),
             ),
+            stream: self.call_streams.then(CallStream::default),
             tls_generation: generation,
             health,
         });
@@ -298,11 +314,13 @@ impl Participants {
         &self,
         call: &Call,
         operation: CallOperation,
-        request: F,
-    ) -> Result<T, CallFailure>
+        message: T,
+        unary: F,
+    ) -> Result<T::Response, CallFailure>
     where
-        F: FnOnce(Client) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        T: StreamedCall,
+        F: FnOnce(Client, tonic::Request<T>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T::Response>, tonic::Status>>,
     {
         let started = std::time::Instant::now();
         let peer = match self.peer(&call.endpoint) {
@@ -331,7 +349,7 @@ impl Participants {
             return Err(CallFailure::transient(CIRCUIT_OPEN));
         }
         let _permit = self.in_flight.acquire().await.map_err(shutting_down)?;
-        let (result, answer) = self.send(call, peer.client.clone(), request).await;
+        let (result, answer) = self.send(call, &peer, message, unary).await;
         let answered = matches!(result, CallResult::ok | CallResult::error);
         admitted.finish(answered);
         peer.health
@@ -370,15 +388,34 @@ impl Participants {
     async fn send<T, F, Fut>(
         &self,
         call: &Call,
-        client: Client,
-        request: F,
-    ) -> (CallResult, Result<T, CallFailure>)
+        peer: &Peer,
+        message: T,
+        unary: F,
+    ) -> (CallResult, Result<T::Response, CallFailure>)
     where
-        F: FnOnce(Client) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        T: StreamedCall,
+        F: FnOnce(Client, tonic::Request<T>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T::Response>, tonic::Status>>,
     {
-        match tokio::time::timeout(call.timeout, request(client)).await {
-            Ok(Ok(response)) => (CallResult::ok, Ok(response.into_inner())),
+        let answer = async {
+            let message = match &peer.stream {
+                Some(stream) => {
+                    match stream
+                        .call(&peer.client, message, call.trace.as_ref())
+                        .await
+                    {
+                        Ok(answer) => return answer,
+                        Err(message) => message,
+                    }
+                }
+                None => message,
+            };
+            unary(peer.client.clone(), call.request(message))
+                .await
+                .map(tonic::Response::into_inner)
+        };
+        match tokio::time::timeout(call.timeout, answer).await {
+            Ok(Ok(response)) => (CallResult::ok, Ok(response)),
             Ok(Err(status)) => {
                 let result = if answered_by_participant(&status) {
                     CallResult::error
@@ -410,16 +447,19 @@ impl Participants {
     }
 
     pub async fn prepare(&self, call: &Call, payload: Vec<u8>) -> Result<Vote, CallFailure> {
-        let request = call.request(pb::PrepareBranchRequest {
+        let message = pb::PrepareBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             payload,
             coordinator_endpoint: self.coordinator_endpoint.clone(),
-        });
+        };
         let response = self
-            .call(call, CallOperation::prepare, |mut client| async move {
-                client.prepare(request).await
-            })
+            .call(
+                call,
+                CallOperation::prepare,
+                message,
+                |mut client, request| async move { client.prepare(request).await },
+            )
             .await?;
         match pb::Vote::try_from(response.vote) {
             Ok(pb::Vote::Yes) => Ok(Vote::Yes),
@@ -446,15 +486,15 @@ impl Participants {
             pb::CommitMode::SagaStep => CallOperation::step,
             _ => CallOperation::commit,
         };
-        let request = call.request(pb::CommitBranchRequest {
+        let message = pb::CommitBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             mode: mode as i32,
             payload,
             coordinator_endpoint: self.coordinator_endpoint.clone(),
-        });
+        };
         let response = self
-            .call(call, operation, |mut client| async move {
+            .call(call, operation, message, |mut client, request| async move {
                 client.commit(request).await
             })
             .await?;
@@ -473,14 +513,17 @@ impl Participants {
     }
 
     pub async fn abort(&self, call: &Call) -> Result<Answer, CallFailure> {
-        let request = call.request(pb::AbortBranchRequest {
+        let message = pb::AbortBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
-        });
+        };
         let response = self
-            .call(call, CallOperation::abort, |mut client| async move {
-                client.abort(request).await
-            })
+            .call(
+                call,
+                CallOperation::abort,
+                message,
+                |mut client, request| async move { client.abort(request).await },
+            )
             .await?;
         match pb::AbortResult::try_from(response.result) {
             Ok(pb::AbortResult::Aborted) => Ok(Answer::Aborted),
@@ -538,15 +581,18 @@ impl Drop for Admitted<'_> {
 impl Participants {
     /// A saga step's compensation.
     pub async fn compensate(&self, call: &Call, payload: Vec<u8>) -> Result<(), CallFailure> {
-        let request = call.request(pb::CompensateBranchRequest {
+        let message = pb::CompensateBranchRequest {
             transaction_id: call.transaction_id.clone(),
             branch_id: call.branch_id.clone(),
             payload,
-        });
+        };
         let response = self
-            .call(call, CallOperation::compensate, |mut client| async move {
-                client.compensate(request).await
-            })
+            .call(
+                call,
+                CallOperation::compensate,
+                message,
+                |mut client, request| async move { client.compensate(request).await },
+            )
             .await?;
         match pb::CompensateResult::try_from(response.result) {
             Ok(pb::CompensateResult::Compensated) => Ok(()),
@@ -693,6 +739,283 @@ mod tests {
             Arc::ptr_eq(&held.health, &after_reload.health),
             "the held endpoint got a second circuit after a TLS reload"
         );
+    }
+
+    /// Votes YES after `delay`, telling `started` when a prepare begins; commits.
+    #[derive(Debug, Default)]
+    struct Slow {
+        delay: Duration,
+        started: Arc<tokio::sync::Notify>,
+    }
+
+    impl treaty_sdk::Participant for Slow {
+        async fn prepare(
+            &self,
+            _: &treaty_sdk::BranchContext,
+            _: &[u8],
+        ) -> Result<treaty_sdk::Vote, treaty_sdk::ParticipantError> {
+            self.started.notify_one();
+            tokio::time::sleep(self.delay).await;
+            Ok(treaty_sdk::Vote::Yes)
+        }
+        async fn commit(
+            &self,
+            _: &treaty_sdk::BranchContext,
+            _: &[u8],
+        ) -> Result<(), treaty_sdk::ParticipantError> {
+            Ok(())
+        }
+        async fn abort(
+            &self,
+            _: &treaty_sdk::BranchContext,
+            _: &[u8],
+        ) -> Result<(), treaty_sdk::ParticipantError> {
+            Ok(())
+        }
+        async fn compensate(
+            &self,
+            _: &treaty_sdk::BranchContext,
+            _: &[u8],
+        ) -> Result<(), treaty_sdk::ParticipantError> {
+            Ok(())
+        }
+    }
+
+    /// The SDK's participant, serving unary calls only, as one written from the unary
+    /// methods alone does.
+    struct UnaryOnly(treaty_sdk::ParticipantService<Slow>);
+
+    #[tonic::async_trait]
+    impl pb::participant_server::Participant for UnaryOnly {
+        async fn prepare(
+            &self,
+            request: tonic::Request<pb::PrepareBranchRequest>,
+        ) -> Result<tonic::Response<pb::PrepareBranchResponse>, tonic::Status> {
+            self.0.prepare(request).await
+        }
+        async fn commit(
+            &self,
+            request: tonic::Request<pb::CommitBranchRequest>,
+        ) -> Result<tonic::Response<pb::CommitBranchResponse>, tonic::Status> {
+            self.0.commit(request).await
+        }
+        async fn abort(
+            &self,
+            request: tonic::Request<pb::AbortBranchRequest>,
+        ) -> Result<tonic::Response<pb::AbortBranchResponse>, tonic::Status> {
+            self.0.abort(request).await
+        }
+        async fn compensate(
+            &self,
+            request: tonic::Request<pb::CompensateBranchRequest>,
+        ) -> Result<tonic::Response<pb::CompensateBranchResponse>, tonic::Status> {
+            self.0.compensate(request).await
+        }
+        type CallsStream = treaty_sdk::call_stream::CallAnswers;
+        async fn calls(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::CallRequest>>,
+        ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("unary calls only"))
+        }
+    }
+
+    /// A participant served by the SDK at `listener` until `stop` is sent.
+    struct Served {
+        /// Told when a prepare begins.
+        started: Arc<tokio::sync::Notify>,
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Served {
+        async fn start(listener: tokio::net::TcpListener, delay: Duration, streams: bool) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(
+                treaty_sdk::durable::DurableStore::open(dir.path(), Default::default()).unwrap(),
+            );
+            let started = Arc::new(tokio::sync::Notify::new());
+            let participant = Arc::new(Slow {
+                delay,
+                started: started.clone(),
+            });
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = if streams {
+                tokio::spawn(async move {
+                    treaty_sdk::serve(participant, store, listener, Default::default(), async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+                })
+            } else {
+                let barrier = Arc::new(treaty_sdk::barrier::Barrier::new(store));
+                let service = UnaryOnly(treaty_sdk::ParticipantService::new(participant, barrier));
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                tokio::spawn(async move {
+                    tonic::transport::Server::builder()
+                        .add_service(pb::participant_server::ParticipantServer::new(service))
+                        .serve_with_incoming_shutdown(incoming, async {
+                            let _ = stopped.await;
+                        })
+                        .await
+                        .unwrap();
+                })
+            };
+            Self {
+                started,
+                stop,
+                server,
+                _dir: dir,
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(60), self.server)
+                .await
+                .expect("the participant stops")
+                .unwrap();
+        }
+    }
+
+    fn branch_call(endpoint: &str, branch_id: &str) -> Call {
+        Call {
+            endpoint: endpoint.to_string(),
+            transaction_id: "stream-test".into(),
+            branch_id: branch_id.into(),
+            timeout: Duration::from_secs(30),
+            trace: None,
+        }
+    }
+
+    fn stream_state(participants: &Participants, endpoint: &str) -> &'static str {
+        let peer = participants.peer(endpoint).unwrap();
+        match &peer.stream {
+            Some(stream) => stream.describe(),
+            None => "off",
+        }
+    }
+
+    async fn loopback() -> (tokio::net::TcpListener, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        (listener, endpoint)
+    }
+
+    #[tokio::test]
+    async fn calls_go_on_a_stream_where_the_participant_serves_one_and_unary_elsewhere() {
+        let (listener, streaming) = loopback().await;
+        let with_stream = Served::start(listener, Duration::ZERO, true).await;
+        let (listener, unary) = loopback().await;
+        let unary_only = Served::start(listener, Duration::ZERO, false).await;
+        let participants = Participants::new(String::new(), 64, Duration::from_secs(5));
+        let off =
+            Participants::new(String::new(), 64, Duration::from_secs(5)).with_call_streams(false);
+
+        for (participants, endpoint, expected) in [
+            (&participants, &streaming, "open"),
+            (&participants, &unary, "unsupported"),
+            (&off, &streaming, "off"),
+        ] {
+            for branch in ["a", "b"] {
+                let call = branch_call(endpoint, branch);
+                assert_eq!(participants.prepare(&call, Vec::new()).await, Ok(Vote::Yes));
+                let committed = participants
+                    .commit(&call, pb::CommitMode::TwoPhase, Vec::new())
+                    .await;
+                assert_eq!(committed, Ok(Answer::Committed));
+            }
+            assert_eq!(stream_state(participants, endpoint), expected, "{endpoint}");
+        }
+        let call = branch_call(&streaming, "never-prepared");
+        assert_eq!(participants.abort(&call).await, Ok(Answer::Aborted));
+        assert_eq!(participants.compensate(&call, Vec::new()).await, Ok(()));
+        with_stream.stop().await;
+        unary_only.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_participant_that_stops_answers_the_calls_on_its_stream_and_a_new_stream_follows() {
+        let (listener, endpoint) = loopback().await;
+        let address = listener.local_addr().unwrap();
+        let served = Served::start(listener, Duration::from_millis(300), true).await;
+        let participants = Participants::new(String::new(), 64, Duration::from_secs(5));
+        let call = branch_call(&endpoint, "before");
+        assert_eq!(participants.prepare(&call, Vec::new()).await, Ok(Vote::Yes));
+        assert_eq!(stream_state(&participants, &endpoint), "open");
+        // The first prepare's start was told with nobody waiting: take that notice.
+        served.started.notified().await;
+
+        // A call in flight when the participant stops is still answered on the stream.
+        let in_flight = {
+            let participants = participants.clone();
+            let call = branch_call(&endpoint, "in-flight");
+            tokio::spawn(async move { participants.prepare(&call, Vec::new()).await })
+        };
+        tokio::time::timeout(Duration::from_secs(30), served.started.notified())
+            .await
+            .expect("the prepare reaches the participant");
+        served.stop().await;
+        assert_eq!(in_flight.await.unwrap(), Ok(Vote::Yes));
+
+        // Nobody listens: the call fails as unreachable, whatever way it went.
+        let failed = participants
+            .prepare(&branch_call(&endpoint, "while-down"), Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(failed.message, UNREACHABLE);
+
+        // Back on the same address: calls are answered, and a new stream opens.
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        let served = Served::start(listener, Duration::ZERO, true).await;
+        let mut state = "";
+        for attempt in 0..100 {
+            let call = branch_call(&endpoint, &format!("after-{attempt}"));
+            assert_eq!(participants.prepare(&call, Vec::new()).await, Ok(Vote::Yes));
+            state = stream_state(&participants, &endpoint);
+            if state == "open" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(state, "open");
+        served.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_caller_gave_up_leaves_the_stream_to_the_others() {
+        let (listener, endpoint) = loopback().await;
+        let served = Served::start(listener, Duration::from_millis(500), true).await;
+        let participants = Participants::new(String::new(), 64, Duration::from_secs(5));
+        assert_eq!(
+            participants
+                .prepare(&branch_call(&endpoint, "first"), Vec::new())
+                .await,
+            Ok(Vote::Yes)
+        );
+
+        let impatient = Call {
+            timeout: Duration::from_millis(50),
+            ..branch_call(&endpoint, "impatient")
+        };
+        let failed = participants
+            .prepare(&impatient, Vec::new())
+            .await
+            .unwrap_err();
+        assert!(
+            failed.message.contains("did not answer within"),
+            "{failed:?}"
+        );
+
+        // Its answer comes later and goes to nobody; the stream serves the next calls.
+        for branch in ["after-1", "after-2"] {
+            let call = branch_call(&endpoint, branch);
+            assert_eq!(participants.prepare(&call, Vec::new()).await, Ok(Vote::Yes));
+        }
+        assert_eq!(stream_state(&participants, &endpoint), "open");
+        served.stop().await;
     }
 
     #[test]

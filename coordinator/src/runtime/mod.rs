@@ -90,6 +90,9 @@ pub struct RuntimeConfig {
     /// Write (lazily) the history of transactions the protocol does not log: aborts,
     /// one-phase and read-only commits.
     pub history_records: bool,
+    /// Calls go over each participant's `Calls` stream where it serves one (see
+    /// `participants::stream`); `false`: every call is unary.
+    pub participant_call_streams: bool,
     /// How often each shard sweeps for transactions without progress.
     pub sweep_interval_ms: u64,
     /// Unfinished transactions examined per sweep, per shard.
@@ -129,6 +132,7 @@ impl Default for RuntimeConfig {
                 .log_finished_max,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,
+            participant_call_streams: true,
             sweep_interval_ms: defaults::SWEEP_INTERVAL_MS,
             sweep_batch: defaults::SWEEP_BATCH,
             stale_after_ms: defaults::STALE_AFTER_MS,
@@ -389,7 +393,8 @@ impl Runtime {
             config.participant_tls.clone(),
             config.participant_credentials.clone(),
         )
-        .with_metrics(config.metrics.clone());
+        .with_metrics(config.metrics.clone())
+        .with_call_streams(config.participant_call_streams);
         let load = Arc::new(Load::default());
         for record in &unfinished {
             let payload_bytes = record.saga.as_deref().map_or(0, shard::definition_bytes);
