@@ -1018,6 +1018,85 @@ mod tests {
         served.stop().await;
     }
 
+    /// Answers every call on its stream with an Abort's response, and nothing unary.
+    struct WrongKind;
+
+    #[tonic::async_trait]
+    impl pb::participant_server::Participant for WrongKind {
+        async fn prepare(
+            &self,
+            _: tonic::Request<pb::PrepareBranchRequest>,
+        ) -> Result<tonic::Response<pb::PrepareBranchResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("stream only"))
+        }
+        async fn commit(
+            &self,
+            _: tonic::Request<pb::CommitBranchRequest>,
+        ) -> Result<tonic::Response<pb::CommitBranchResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("stream only"))
+        }
+        async fn abort(
+            &self,
+            _: tonic::Request<pb::AbortBranchRequest>,
+        ) -> Result<tonic::Response<pb::AbortBranchResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("stream only"))
+        }
+        async fn compensate(
+            &self,
+            _: tonic::Request<pb::CompensateBranchRequest>,
+        ) -> Result<tonic::Response<pb::CompensateBranchResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("stream only"))
+        }
+        type CallsStream = treaty_sdk::call_stream::CallAnswers;
+        async fn calls(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::CallRequest>>,
+        ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
+            use tokio_stream::StreamExt;
+            let answers = request.into_inner().map(|call| {
+                call.map(|call| pb::CallAnswer {
+                    call_id: call.call_id,
+                    answer: Some(pb::call_answer::Answer::Abort(pb::AbortBranchResponse {
+                        result: pb::AbortResult::Aborted as i32,
+                    })),
+                })
+            });
+            Ok(tonic::Response::new(Box::pin(answers)))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_another_kind_is_an_error_from_the_participant() {
+        let (listener, endpoint) = loopback().await;
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::participant_server::ParticipantServer::new(WrongKind))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                }),
+        );
+        let participants = Participants::new(String::new(), 64, Duration::from_secs(5));
+        let failed = participants
+            .prepare(&branch_call(&endpoint, "a"), Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            failed.message,
+            "participant answered Internal: the participant answered a call with another kind"
+        );
+        assert_eq!(stream_state(&participants, &endpoint), "open");
+        // Its stream ends when the coordinator's side does: with the peer.
+        drop(participants);
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), server)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
+
     #[test]
     fn backoff_grows_exponentially_then_stays_capped_with_jitter() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
