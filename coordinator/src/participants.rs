@@ -41,6 +41,7 @@ pub mod window;
 
 use circuit::{Admission, Circuit, CircuitState};
 pub use status::EndpointStatus;
+pub use stream::Transport;
 use stream::{CallStream, StreamedCall};
 use window::CallWindow;
 
@@ -892,9 +893,19 @@ mod tests {
 
     fn stream_state(participants: &Participants, endpoint: &str) -> &'static str {
         let peer = participants.peer(endpoint).unwrap();
-        match &peer.stream {
-            Some(stream) => stream.describe(),
-            None => "off",
+        let listed = participants
+            .endpoints()
+            .into_iter()
+            .find(|status| status.endpoint == endpoint)
+            .unwrap();
+        let transport = peer.transport();
+        assert_eq!(listed.transport, transport, "what operators see");
+        match (&peer.stream, transport) {
+            (None, Transport::Unary) => "off",
+            (Some(_), Transport::Stream) => "open",
+            (Some(_), Transport::Unary) => "unary",
+            (Some(_), Transport::NoStreamOpen) => "none open",
+            (None, other) => panic!("no stream kept, yet {other:?}"),
         }
     }
 
@@ -916,7 +927,7 @@ mod tests {
 
         for (participants, endpoint, expected) in [
             (&participants, &streaming, "open"),
-            (&participants, &unary, "unsupported"),
+            (&participants, &unary, "unary"),
             (&off, &streaming, "off"),
         ] {
             for branch in ["a", "b"] {

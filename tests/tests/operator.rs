@@ -203,6 +203,8 @@ async fn stuck_commits_are_found_paused_retried_resolved_reported_and_forgotten(
     assert!(seen["recent_failures"].as_u64().unwrap() >= 10, "{out}");
     assert!(seen["recent_calls"].as_u64().unwrap() > seen["recent_failures"].as_u64().unwrap());
     assert_eq!(seen["circuit"], "CLOSED", "{out}");
+    // The SDK's participant serves the Calls stream: the calls go on it.
+    assert_eq!(seen["calls"], "stream", "{out}");
 
     // Forget: only final transactions, and not a commit whose resolved branch may still
     // ask for its outcome; then it is gone from memory and the log.

@@ -18,6 +18,7 @@ use super::auth::Authenticator;
 use super::{invalid, pb, status_of};
 use crate::engine::twopc::{OperatorCommand, OperatorRequest, Refusal};
 use crate::model::TxnId;
+use crate::participants::Transport;
 use crate::participants::circuit::CircuitState;
 use crate::runtime::{Runtime, RuntimeError};
 
@@ -175,6 +176,11 @@ impl proto::admin_server::Admin for AdminService {
                 };
                 let (last_failure_unix_ms, last_failure) =
                     status.recent.last_failure.unwrap_or_default();
+                let transport = match status.transport {
+                    Transport::Stream => proto::CallTransport::Stream,
+                    Transport::Unary => proto::CallTransport::Unary,
+                    Transport::NoStreamOpen => proto::CallTransport::NoStreamOpen,
+                };
                 proto::EndpointHealth {
                     endpoint: status.endpoint,
                     circuit: circuit as i32,
@@ -184,6 +190,7 @@ impl proto::admin_server::Admin for AdminService {
                     recent_failures: status.recent.failures,
                     last_failure,
                     last_failure_unix_ms,
+                    transport: transport as i32,
                 }
             })
             .collect();

@@ -446,6 +446,12 @@ pub async fn print_endpoints(mut admin: Admin, json_output: bool) -> anyhow::Res
             "ok"
         }
     };
+    let transport = |e: &pb::EndpointHealth| match pb::CallTransport::try_from(e.transport) {
+        Ok(pb::CallTransport::Stream) => "stream",
+        Ok(pb::CallTransport::Unary) => "unary",
+        Ok(pb::CallTransport::NoStreamOpen) => "none open",
+        _ => "?",
+    };
     let error_rate = |e: &pb::EndpointHealth| {
         if e.recent_calls == 0 {
             0.0
@@ -468,6 +474,7 @@ pub async fn print_endpoints(mut admin: Admin, json_output: bool) -> anyhow::Res
                     "error_rate": error_rate(e),
                     "last_failure": e.last_failure,
                     "last_failure_unix_ms": e.last_failure_unix_ms,
+                    "calls": transport(e),
                 })
             })
             .collect();
@@ -475,15 +482,16 @@ pub async fn print_endpoints(mut admin: Admin, json_output: bool) -> anyhow::Res
         return Ok(());
     }
     println!(
-        "{:<40}  {:<7}  {:<9}  {:>9}  {:>11}  {:>10}  LAST FAILURE",
-        "ENDPOINT", "HEALTH", "CIRCUIT", "IN FLIGHT", "CALLS (1m)", "ERROR RATE"
+        "{:<40}  {:<7}  {:<9}  {:<9}  {:>9}  {:>11}  {:>10}  LAST FAILURE",
+        "ENDPOINT", "HEALTH", "CIRCUIT", "CALLS", "IN FLIGHT", "CALLS (1m)", "ERROR RATE"
     );
     for e in &endpoints {
         println!(
-            "{:<40}  {:<7}  {:<9}  {:>9}  {:>11}  {:>9.1}%  {}",
+            "{:<40}  {:<7}  {:<9}  {:<9}  {:>9}  {:>11}  {:>9.1}%  {}",
             printable(&e.endpoint),
             health(e),
             circuit(e.circuit),
+            transport(e),
             e.calls_in_flight,
             e.recent_calls,
             error_rate(e) * 100.0,

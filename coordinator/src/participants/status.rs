@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::circuit::{Circuit, CircuitState};
 use super::window::RecentCalls;
-use super::{Participants, PeerHealth};
+use super::{Participants, Peer, PeerHealth, Transport};
 
 /// One participant endpoint as operators see it (`treaty endpoints`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,23 +17,33 @@ pub struct EndpointStatus {
     /// Calls in a row that got no answer.
     pub failures_in_a_row: u32,
     pub recent: RecentCalls,
+    pub transport: Transport,
+}
+
+impl Peer {
+    /// How calls to it travel now.
+    pub(super) fn transport(&self) -> Transport {
+        self.stream
+            .as_ref()
+            .map_or(Transport::Unary, |stream| stream.transport())
+    }
 }
 
 impl Participants {
     /// Every endpoint called lately (the cache forgets idle ones past its bound), in
     /// name order.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
-        let peers: Vec<(String, Arc<PeerHealth>)> = self
+        let peers: Vec<(String, Arc<PeerHealth>, Transport)> = self
             .peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(endpoint, peer)| (endpoint.clone(), peer.health.clone()))
+            .map(|(endpoint, peer)| (endpoint.clone(), peer.health.clone(), peer.transport()))
             .collect();
         let now = std::time::Instant::now();
         let mut statuses: Vec<EndpointStatus> = peers
             .into_iter()
-            .map(|(endpoint, health)| {
+            .map(|(endpoint, health, transport)| {
                 let ((failures_in_a_row, circuit), _, _) =
                     health.change_circuit(|c, now| (c.failures_in_a_row(), c.state(now)));
                 EndpointStatus {
@@ -48,6 +58,7 @@ impl Participants {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .recent(now),
+                    transport,
                 }
             })
             .collect();

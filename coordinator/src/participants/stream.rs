@@ -267,21 +267,33 @@ impl CallStream {
         Some(stream)
     }
 
-    /// What the stream is now: "closed", "open", "failed" or "unsupported".
-    #[cfg(test)]
-    pub(super) fn describe(&self) -> &'static str {
+    /// How calls travel now.
+    pub(super) fn transport(&self) -> Transport {
         match &*lock(&self.state) {
             State::Open(stream) => match lock(&stream.shared.waiting).ended {
-                None => "open",
-                Some(Ended::Unsupported) => "unsupported",
-                Some(Ended::NotOpened(_)) => "failed",
-                Some(Ended::Over) => "closed",
+                None => Transport::Stream,
+                Some(Ended::Unsupported) => Transport::Unary,
+                Some(Ended::NotOpened(at)) if at.elapsed() < REOPEN_AFTER => Transport::Unary,
+                Some(Ended::NotOpened(_) | Ended::Over) => Transport::NoStreamOpen,
             },
-            State::Closed => "closed",
-            State::FailedAt(_) => "failed",
-            State::Unsupported => "unsupported",
+            State::Closed => Transport::NoStreamOpen,
+            State::FailedAt(at) if at.elapsed() < REOPEN_AFTER => Transport::Unary,
+            State::FailedAt(_) => Transport::NoStreamOpen,
+            State::Unsupported => Transport::Unary,
         }
     }
+}
+
+/// How calls to an endpoint travel now (`treaty endpoints`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// On its open `Calls` stream.
+    Stream,
+    /// Unary: the participant serves no stream, streams are off, or one could not be
+    /// opened lately.
+    Unary,
+    /// No stream is open: the next call opens one.
+    NoStreamOpen,
 }
 
 /// Opens the stream, then hands each answer to its caller until the stream ends, breaks
