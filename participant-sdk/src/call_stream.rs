@@ -7,8 +7,9 @@
 //! peer's identity) and its own trace context, and goes through the same trait method,
 //! so the trust check, the checks of every field, the barrier and the metrics are the
 //! unary call's. Invariants:
-//! - at most [`MAX_CALLS_IN_FLIGHT_PER_STREAM`] calls of one stream are being answered
-//!   at once; the next call is not read until one of them is answered;
+//! - at most `max_in_flight` calls of one stream (the server's
+//!   `max_concurrent_requests`) are being answered at once; the next call is not read
+//!   until one of them is answered;
 //! - every call read is answered on the stream, unless the caller has gone (then the
 //!   operation still runs to its end, as for a unary call whose caller gave up);
 //! - once the server is stopping, no further call is read: the stream ends when the
