@@ -184,6 +184,8 @@ pub struct Participants {
     metrics: Arc<Metrics>,
     /// Calls go over each participant's `Calls` stream where it serves one.
     call_streams: bool,
+    /// A stream idle this long is ended (`stream::CLOSE_IDLE_AFTER` but in tests).
+    stream_idle_close: Duration,
 }
 
 impl Participants {
@@ -203,6 +205,7 @@ impl Participants {
             credentials: Credentials::none(),
             metrics: Arc::default(),
             call_streams: true,
+            stream_idle_close: stream::CLOSE_IDLE_AFTER,
         }
     }
 
@@ -301,7 +304,9 @@ impl Participants {
                 channel.connect_lazy(),
                 self.credentials.clone(),
             ),
-            stream: self.call_streams.then(CallStream::default),
+            stream: self
+                .call_streams
+                .then(|| CallStream::closing_idle_after(self.stream_idle_close)),
             tls_generation: generation,
             health,
         });
@@ -1106,6 +1111,33 @@ mod tests {
             .expect("the server stops")
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_is_ended_and_the_next_call_opens_another() {
+        let (listener, endpoint) = loopback().await;
+        let served = Served::start(listener, Duration::ZERO, true).await;
+        let mut participants = Participants::new(String::new(), 64, Duration::from_secs(5));
+        participants.stream_idle_close = Duration::from_millis(100);
+        let call = branch_call(&endpoint, "a");
+        assert_eq!(participants.prepare(&call, Vec::new()).await, Ok(Vote::Yes));
+        assert_eq!(stream_state(&participants, &endpoint), "open");
+
+        let mut state = "open";
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            state = stream_state(&participants, &endpoint);
+            if state != "open" {
+                break;
+            }
+        }
+        assert_eq!(state, "none open", "the idle stream was ended");
+        let committed = participants
+            .commit(&call, pb::CommitMode::TwoPhase, Vec::new())
+            .await;
+        assert_eq!(committed, Ok(Answer::Committed));
+        assert_eq!(stream_state(&participants, &endpoint), "open");
+        served.stop().await;
     }
 
     #[test]

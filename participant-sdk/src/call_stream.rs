@@ -64,6 +64,11 @@ where
             let call = match next {
                 Ok(Some(call)) => call,
                 Ok(None) => return,
+                // The caller ended it (the coordinator ends an idle stream so).
+                Err(status) if status.code() == tonic::Code::Cancelled => {
+                    tracing::debug!(status_message = %status.message(), "a call stream was cancelled by its caller");
+                    return;
+                }
                 Err(status) => {
                     tracing::warn!(code = ?status.code(), status_message = %status.message(), "a call stream broke; no further call is read from it");
                     return;

@@ -16,7 +16,8 @@
 //! - a caller that gives up (its deadline) takes its call out of the waiting ones;
 //! - a call that was never sent (its stream ended first) is sent on a new stream, once;
 //! - a stream that ended is never used again: the next call opens another. A stream
-//!   with no call sent and none waiting for [`CLOSE_IDLE_AFTER`] is ended, so that an
+//!   with no call sent and none waiting for [`CLOSE_IDLE_AFTER`] (twice that at most,
+//!   as it is checked every such period) is ended, so that an
 //!   endpoint no longer called holds no connection at the participant;
 //! - after UNIMPLEMENTED, calls to the participant are unary for this peer's life; after
 //!   any other failure to open the stream, unary for [`REOPEN_AFTER`], so that a
@@ -86,9 +87,18 @@ streamed_call!(
 );
 
 /// One endpoint's stream, opened on first use.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct CallStream {
     state: Mutex<State>,
+    /// A stream with no call sent and none waiting for this long is ended
+    /// ([`CLOSE_IDLE_AFTER`] but in tests).
+    close_idle_after: Duration,
+}
+
+impl Default for CallStream {
+    fn default() -> Self {
+        Self::closing_idle_after(CLOSE_IDLE_AFTER)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -165,6 +175,13 @@ fn no_answer(message: impl Into<String>) -> tonic::Status {
 }
 
 impl CallStream {
+    pub(super) fn closing_idle_after(close_idle_after: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            close_idle_after,
+        }
+    }
+
     /// Sends `request` on the stream and waits for its outcome; `Err(request)` if the
     /// call is to be made unary (no stream can be used, or the participant refused it).
     pub(super) async fn call<T: StreamedCall>(
@@ -261,7 +278,7 @@ impl CallStream {
                 ))
                 .await
         };
-        tokio::spawn(deliver(opening, shared.clone()));
+        tokio::spawn(deliver(opening, shared.clone(), self.close_idle_after));
         let stream = Arc::new(OpenStream { requests, shared });
         *state = State::Open(stream.clone());
         Some(stream)
@@ -299,7 +316,7 @@ pub enum Transport {
 /// Opens the stream, then hands each answer to its caller until the stream ends, breaks
 /// or is idle; then gives every call still waiting its outcome (nobody will answer it
 /// on this stream).
-async fn deliver<F>(opening: F, shared: Arc<Shared>)
+async fn deliver<F>(opening: F, shared: Arc<Shared>, close_idle_after: Duration)
 where
     F: std::future::Future<
             Output = Result<tonic::Response<tonic::Streaming<pb::CallAnswer>>, tonic::Status>,
@@ -325,8 +342,8 @@ where
         }
     };
     let mut idle_check = tokio::time::interval_at(
-        tokio::time::Instant::now() + CLOSE_IDLE_AFTER,
-        CLOSE_IDLE_AFTER,
+        tokio::time::Instant::now() + close_idle_after,
+        close_idle_after,
     );
     let mut sent_at_last_check = shared.next_call_id.load(Ordering::Relaxed);
     let reason = loop {
