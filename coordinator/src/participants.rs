@@ -1,6 +1,8 @@
 //! Talking to participants: one lazily connected tonic channel per endpoint, a deadline
 //! on every call, a bound on calls in flight, a circuit breaker per endpoint, and the
-//! retry backoff.
+//! retry backoff. Over the channel, calls go on the participant's `Calls` stream where
+//! it serves one, and unary otherwise (module `stream`); which way a call travels changes
+//! nothing else here.
 //!
 //! Calls in flight are bounded twice: in all (`max_in_flight`), and per endpoint (a
 //! quarter of that), so that a participant that stopped answering never holds the
@@ -390,7 +392,7 @@ impl Participants {
         })
     }
 
-    /// One call, and how it ended for the metrics.
+    /// One call, on the endpoint's stream or unary, and how it ended for the metrics.
     async fn send<T, F, Fut>(
         &self,
         call: &Call,
@@ -837,6 +839,15 @@ mod tests {
 
     impl Served {
         async fn start(listener: tokio::net::TcpListener, delay: Duration, streams: bool) -> Self {
+            Self::start_with(listener, delay, streams, Default::default()).await
+        }
+
+        async fn start_with(
+            listener: tokio::net::TcpListener,
+            delay: Duration,
+            streams: bool,
+            options: treaty_sdk::server::ServeOptions,
+        ) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let store = Arc::new(
                 treaty_sdk::durable::DurableStore::open(dir.path(), Default::default()).unwrap(),
@@ -849,7 +860,7 @@ mod tests {
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let server = if streams {
                 tokio::spawn(async move {
-                    treaty_sdk::serve(participant, store, listener, Default::default(), async {
+                    treaty_sdk::serve(participant, store, listener, options, async {
                         let _ = stopped.await;
                     })
                     .await
@@ -1137,6 +1148,34 @@ mod tests {
             .await;
         assert_eq!(committed, Ok(Answer::Committed));
         assert_eq!(stream_state(&participants, &endpoint), "open");
+        served.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_stream_refused_for_its_credentials_is_each_calls_answer_as_unary() {
+        let (listener, endpoint) = loopback().await;
+        let options = treaty_sdk::server::ServeOptions {
+            trust: treaty_sdk::server::CoordinatorTrust::default().token("right"),
+            ..Default::default()
+        };
+        let served = Served::start_with(listener, Duration::ZERO, true, options).await;
+        let wrong = Credentials::bearer(treaty_sdk::auth::BearerToken::new("wrong").unwrap());
+        let participants =
+            Participants::new(String::new(), 64, Duration::from_secs(5)).with_security(None, wrong);
+        // The first call goes on the stream, which is refused; the next ones unary.
+        for branch in ["first", "second"] {
+            let failed = participants
+                .prepare(&branch_call(&endpoint, branch), Vec::new())
+                .await
+                .unwrap_err();
+            assert!(
+                failed
+                    .message
+                    .starts_with("participant answered Unauthenticated"),
+                "{branch}: {failed:?}"
+            );
+        }
+        assert_eq!(stream_state(&participants, &endpoint), "unary");
         served.stop().await;
     }
 

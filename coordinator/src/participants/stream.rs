@@ -334,9 +334,16 @@ where
         }
         Err(status) => {
             tracing::debug!(code = ?status.code(), status_message = %status.message(), "call stream not opened; calling unary for a while");
+            // The participant's own refusal (credentials) is every call's answer, as it
+            // would be unary; a transport failure is no answer.
+            let refused = std::error::Error::source(&status).is_none();
             let reason = format!("the call stream was not opened: {}", status.message());
             end(&shared, Ended::NotOpened(Instant::now()), || {
-                Outcome::Answered(Err(no_answer(reason.clone())))
+                Outcome::Answered(Err(if refused {
+                    status.clone()
+                } else {
+                    no_answer(reason.clone())
+                }))
             });
             return;
         }
