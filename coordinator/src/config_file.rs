@@ -173,6 +173,7 @@ retry_backoff_max_ms = 5000
 max_connections = 64
 allow_endpoint = ["10.0.0.0/8:*"]
 history_records = false
+participant_call_streams = false
 "#;
 
     #[test]
@@ -185,6 +186,12 @@ history_records = false
         assert_eq!(config.security.max_connections, 64);
         assert_eq!(config.allow_endpoint, ["10.0.0.0/8:*"]);
         assert!(!config.history_records);
+        assert!(!config.participant_call_streams);
+        assert!(
+            !config
+                .runtime("127.0.0.1:7500".parse().unwrap())
+                .participant_call_streams
+        );
         assert_eq!(
             config.shutdown_grace_ms,
             crate::config::defaults::SHUTDOWN_GRACE_MS
