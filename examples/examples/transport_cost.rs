@@ -148,14 +148,9 @@ where
     }
 }
 
-/// The CPU time process `pid` has used (user and system), from `/proc`; 0 if unreadable.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+/// The CPU time process `pid` (`None`: this one) has used, in seconds; 0 if unreadable.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    treaty_coordinator::bench::cpu_us(pid).map_or(0.0, |us| us as f64 / 1e6)
 }
 
 async fn serve() -> anyhow::Result<()> {
@@ -301,7 +296,6 @@ async fn main() -> anyhow::Result<()> {
     let server_pid = server
         .id()
         .ok_or_else(|| anyhow::anyhow!("the server exited"))?;
-    let me = std::process::id();
     println!("{in_flight} in flight, {seconds} s each, client and server in separate processes");
     for round in 0..2 {
         for mode in [
@@ -310,7 +304,7 @@ async fn main() -> anyhow::Result<()> {
             "stream, a task per message",
             "4 streams, a task per message",
         ] {
-            let (client_before, server_before) = (cpu_seconds(me), cpu_seconds(server_pid));
+            let (client_before, server_before) = (cpu_seconds(None), cpu_seconds(Some(server_pid)));
             let started = Instant::now();
             let calls = match mode {
                 "unary" => unary_calls(port, in_flight, run_for).await?,
@@ -330,8 +324,8 @@ async fn main() -> anyhow::Result<()> {
                 "round {} {mode:32} {:>9.0} calls/s   CPU per call: client {:>5.1} µs, server {:>5.1} µs",
                 round + 1,
                 calls as f64 / elapsed,
-                per_call(client_before, cpu_seconds(me)),
-                per_call(server_before, cpu_seconds(server_pid)),
+                per_call(client_before, cpu_seconds(None)),
+                per_call(server_before, cpu_seconds(Some(server_pid))),
             );
         }
     }

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::atomic::Ordering;
 
+pub use observe::cpu_us;
 pub use participant::{BenchParticipantArgs, run as run_participant};
 use workload::{LoadOptions, Tally, Targets, Workload};
 

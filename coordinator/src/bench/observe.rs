@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::cluster::{Cluster, Observed};
+use super::cluster::Cluster;
 
 /// Longest `/metrics` answer read (the coordinator's, with one histogram per participant
 /// endpoint and operation, is a few tens of kilobytes).
@@ -78,14 +78,11 @@ impl Snapshot {
         Ok(Self {
             coordinator,
             participants,
-            cpu_us: cluster.processes.iter().map(cpu_us).collect(),
+            cpu_us: cluster.processes.iter().map(|p| cpu_us(p.pid)).collect(),
             load_generator_cpu_us: if cluster.processes.iter().any(|p| p.pid.is_none()) {
                 None
             } else {
-                cpu_us(&Observed {
-                    name: "load generator".into(),
-                    pid: None,
-                })
+                cpu_us(None)
             },
         })
     }
@@ -155,9 +152,10 @@ fn proc_path(pid: Option<u32>, file: &str) -> String {
     }
 }
 
-/// User plus system CPU time of the process so far, in microseconds.
-pub fn cpu_us(process: &Observed) -> Option<u64> {
-    let stat = std::fs::read_to_string(proc_path(process.pid, "stat")).ok()?;
+/// User plus system CPU time so far of process `pid` (`None`: this one), in
+/// microseconds.
+pub fn cpu_us(pid: Option<u32>) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_path(pid, "stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count fields
     // from after it. utime and stime are fields 14 and 15.
     let (_, after_name) = stat.rsplit_once(')')?;
@@ -187,12 +185,8 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        let this = Observed {
-            name: "self".into(),
-            pid: None,
-        };
         if cfg!(target_os = "linux") {
-            assert!(cpu_us(&this).is_some());
+            assert!(cpu_us(None).is_some());
             assert!(crate::runtime::memory::resident_bytes_of(None).is_some_and(|bytes| bytes > 0));
         }
     }
