@@ -254,19 +254,14 @@ impl CallStream {
     /// The open stream, opened now if there is none; `None`: go unary.
     fn open(&self, client: &Client) -> Option<Arc<OpenStream>> {
         let mut state = lock(&self.state);
-        if let State::Open(stream) = &*state {
-            let ended = lock(&stream.shared.waiting).ended;
-            match ended {
-                None => return Some(stream.clone()),
-                Some(Ended::Unsupported) => *state = State::Unsupported,
-                Some(Ended::NotOpened(at)) => *state = State::FailedAt(at),
-                Some(Ended::Over) => *state = State::Closed,
+        match state.settled() {
+            Transport::Stream => {
+                if let State::Open(stream) = &*state {
+                    return Some(stream.clone());
+                }
             }
-        }
-        match &*state {
-            State::Unsupported => return None,
-            State::FailedAt(at) if at.elapsed() < REOPEN_AFTER => return None,
-            _ => {}
+            Transport::Unary => return None,
+            Transport::NoStreamOpen => {}
         }
         let (requests, queued) = mpsc::channel(MAX_QUEUED_CALLS);
         let shared = Arc::new(Shared::default());
@@ -286,17 +281,27 @@ impl CallStream {
 
     /// How calls travel now.
     pub(super) fn transport(&self) -> Transport {
-        match &*lock(&self.state) {
-            State::Open(stream) => match lock(&stream.shared.waiting).ended {
-                None => Transport::Stream,
-                Some(Ended::Unsupported) => Transport::Unary,
-                Some(Ended::NotOpened(at)) if at.elapsed() < REOPEN_AFTER => Transport::Unary,
-                Some(Ended::NotOpened(_) | Ended::Over) => Transport::NoStreamOpen,
-            },
-            State::Closed => Transport::NoStreamOpen,
-            State::FailedAt(at) if at.elapsed() < REOPEN_AFTER => Transport::Unary,
-            State::FailedAt(_) => Transport::NoStreamOpen,
+        lock(&self.state).settled()
+    }
+}
+
+impl State {
+    /// Takes in how an open stream ended (its delivering task records that), and says
+    /// how the next call travels.
+    fn settled(&mut self) -> Transport {
+        if let State::Open(stream) = self {
+            let ended = lock(&stream.shared.waiting).ended;
+            *self = match ended {
+                None => return Transport::Stream,
+                Some(Ended::Unsupported) => State::Unsupported,
+                Some(Ended::NotOpened(at)) => State::FailedAt(at),
+                Some(Ended::Over) => State::Closed,
+            };
+        }
+        match self {
             State::Unsupported => Transport::Unary,
+            State::FailedAt(at) if at.elapsed() < REOPEN_AFTER => Transport::Unary,
+            _ => Transport::NoStreamOpen,
         }
     }
 }
