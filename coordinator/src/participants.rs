@@ -408,10 +408,11 @@ impl Participants {
         let answer = async {
             let message = match &peer.stream {
                 Some(stream) => {
-                    match stream
-                        .call(&peer.client, message, call.trace.as_ref())
-                        .await
-                    {
+                    let open = |requests| {
+                        let mut client = peer.client.clone();
+                        async move { client.calls(tonic::Request::new(requests)).await }
+                    };
+                    match stream.call(open, message, call.trace.as_ref()).await {
                         Ok(answer) => return answer,
                         Err(message) => message,
                     }
@@ -1111,7 +1112,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             failed.message,
-            "participant answered Internal: the participant answered a call with another kind"
+            "participant answered Internal: the server answered a call with another kind"
         );
         assert_eq!(stream_state(&participants, &endpoint), "open");
         // Its stream ends when the coordinator's side does: with the peer.

@@ -27,6 +27,7 @@ pub mod barrier;
 pub mod barrier_gc;
 pub mod barrier_store;
 pub mod call_stream;
+pub mod call_stream_client;
 pub mod client;
 pub mod connections;
 pub mod durable;

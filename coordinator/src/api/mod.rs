@@ -34,6 +34,8 @@ use crate::model::{TxnId, TxnRecord, TxnState};
 use crate::runtime::{BeginParams, Decision, ListFilter, Runtime, RuntimeError, now_unix_ms};
 use auth::Authenticator;
 use treaty_sdk::auth::Principal;
+use treaty_sdk::call_stream::{Answers, StreamContext, call_error, serve_calls};
+use treaty_sdk::connections::MAX_CONCURRENT_STREAMS;
 
 /// Limits and defaults the API applies to requests.
 #[derive(Debug, Clone)]
@@ -577,6 +579,28 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         }))
     }
 
+    type CallsStream = Answers<proto::TransactionAnswer>;
+
+    /// Each call is answered by its unary method with the stream's credentials, so it is
+    /// authenticated (and its fields checked) as that call; a caller without valid
+    /// credentials is refused at the stream's start as well.
+    async fn calls(
+        &self,
+        request: Request<tonic::Streaming<proto::TransactionCall>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        self.auth.authenticate(&request)?;
+        let service = Arc::new(self.clone());
+        Ok(serve_calls(
+            request,
+            self.stopping.clone(),
+            MAX_CONCURRENT_STREAMS as usize,
+            move |stream, call| {
+                let service = service.clone();
+                async move { service.answer_call(&stream, call).await }
+            },
+        ))
+    }
+
     async fn get_outcome(
         &self,
         request: Request<proto::GetOutcomeRequest>,
@@ -596,6 +620,53 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(proto::GetOutcomeResponse {
             decision: decision as i32,
         }))
+    }
+}
+
+impl CoordinatorService {
+    /// The answer to one call of a `Calls` stream: its unary method's, or its status.
+    async fn answer_call(
+        &self,
+        stream: &StreamContext,
+        call: proto::TransactionCall,
+    ) -> proto::TransactionAnswer {
+        use proto::coordinator_server::Coordinator;
+        use proto::transaction_answer::Answer;
+        use proto::transaction_call::Call;
+        let (traceparent, tracestate) = (call.traceparent.as_str(), call.tracestate.as_str());
+        let answer = match call.call {
+            Some(Call::Begin(message)) => self
+                .begin(stream.request(traceparent, tracestate, message))
+                .await
+                .map(|r| Answer::Begin(r.into_inner())),
+            Some(Call::Enlist(message)) => self
+                .enlist(stream.request(traceparent, tracestate, message))
+                .await
+                .map(|r| Answer::Enlist(r.into_inner())),
+            Some(Call::Commit(message)) => self
+                .commit(stream.request(traceparent, tracestate, message))
+                .await
+                .map(|r| Answer::Commit(r.into_inner())),
+            Some(Call::Abort(message)) => self
+                .abort(stream.request(traceparent, tracestate, message))
+                .await
+                .map(|r| Answer::Abort(r.into_inner())),
+            Some(Call::SubmitSaga(message)) => self
+                .submit_saga(stream.request(traceparent, tracestate, message))
+                .await
+                .map(|r| Answer::SubmitSaga(r.into_inner())),
+            Some(Call::CancelSaga(message)) => self
+                .cancel_saga(stream.request(traceparent, tracestate, message))
+                .await
+                .map(|r| Answer::CancelSaga(r.into_inner())),
+            None => Err(Status::invalid_argument(
+                "call: one of begin, enlist, commit, abort, submit_saga or cancel_saga is required",
+            )),
+        };
+        proto::TransactionAnswer {
+            call_id: call.call_id,
+            answer: Some(answer.unwrap_or_else(|status| Answer::Error(call_error(&status)))),
+        }
     }
 }
 

@@ -84,6 +84,11 @@ class CoordinatorStub:
                 request_serializer=treaty_dot_v1_dot_coordinator__pb2.CancelSagaRequest.SerializeToString,
                 response_deserializer=treaty_dot_v1_dot_coordinator__pb2.CancelSagaResponse.FromString,
                 _registered_method=True)
+        self.Calls = channel.stream_stream(
+                '/treaty.v1.Coordinator/Calls',
+                request_serializer=treaty_dot_v1_dot_coordinator__pb2.TransactionCall.SerializeToString,
+                response_deserializer=treaty_dot_v1_dot_coordinator__pb2.TransactionAnswer.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -171,6 +176,19 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Calls(self, request_iterator, context):
+        """Begin, Enlist, Commit, Abort, SubmitSaga and CancelSaga, many at once over one
+        long-lived stream: the SDK's client's way when the coordinator serves it (a call on
+        it costs a fraction of a unary call's CPU). Each call carries a number its caller
+        chose and is answered exactly as the unary call would be, by an answer with the same
+        number; answers come in the order they are ready. Credentials and peer identity are
+        the stream's, checked for every call. A coordinator that answers the stream's start
+        with UNIMPLEMENTED gets unary calls instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +241,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CancelSaga,
                     request_deserializer=treaty_dot_v1_dot_coordinator__pb2.CancelSagaRequest.FromString,
                     response_serializer=treaty_dot_v1_dot_coordinator__pb2.CancelSagaResponse.SerializeToString,
+            ),
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=treaty_dot_v1_dot_coordinator__pb2.TransactionCall.FromString,
+                    response_serializer=treaty_dot_v1_dot_coordinator__pb2.TransactionAnswer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -495,6 +518,33 @@ class Coordinator:
             '/treaty.v1.Coordinator/CancelSaga',
             treaty_dot_v1_dot_coordinator__pb2.CancelSagaRequest.SerializeToString,
             treaty_dot_v1_dot_coordinator__pb2.CancelSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/treaty.v1.Coordinator/Calls',
+            treaty_dot_v1_dot_coordinator__pb2.TransactionCall.SerializeToString,
+            treaty_dot_v1_dot_coordinator__pb2.TransactionAnswer.FromString,
             options,
             channel_credentials,
             insecure,
