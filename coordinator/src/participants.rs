@@ -1046,11 +1046,48 @@ mod tests {
         served.stop().await;
     }
 
-    /// Answers every call on its stream with an Abort's response, and nothing unary.
-    struct WrongKind;
+    /// Serves the stream only: answers every call on it with `answer`, and tells `ended`
+    /// when the coordinator's side of a stream ends.
+    struct StreamOnly {
+        answer: pb::call_answer::Answer,
+        ended: Arc<tokio::sync::Notify>,
+    }
+
+    impl StreamOnly {
+        /// Served at `listener` until [`StreamOnlyServed::stop`].
+        fn serve(self, listener: tokio::net::TcpListener) -> StreamOnlyServed {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(pb::participant_server::ParticipantServer::new(self))
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = stopped.await;
+                    }),
+            );
+            StreamOnlyServed { stop, server }
+        }
+    }
+
+    struct StreamOnlyServed {
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    }
+
+    impl StreamOnlyServed {
+        /// Stops it gracefully: it ends once every stream to it has ended.
+        async fn stop(self) {
+            self.stop.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(60), self.server)
+                .await
+                .expect("the server stops")
+                .unwrap()
+                .unwrap();
+        }
+    }
 
     #[tonic::async_trait]
-    impl pb::participant_server::Participant for WrongKind {
+    impl pb::participant_server::Participant for StreamOnly {
         async fn prepare(
             &self,
             _: tonic::Request<pb::PrepareBranchRequest>,
@@ -1080,31 +1117,38 @@ mod tests {
             &self,
             request: tonic::Request<tonic::Streaming<pb::CallRequest>>,
         ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
-            use tokio_stream::StreamExt;
-            let answers = request.into_inner().map(|call| {
-                call.map(|call| pb::CallAnswer {
-                    call_id: call.call_id,
-                    answer: Some(pb::call_answer::Answer::Abort(pb::AbortBranchResponse {
-                        result: pb::AbortResult::Aborted as i32,
-                    })),
-                })
+            let (answer, ended) = (self.answer.clone(), self.ended.clone());
+            let mut calls = request.into_inner();
+            let (answers, answered) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(async move {
+                // Until the coordinator's side ends or breaks.
+                while let Ok(Some(call)) = calls.message().await {
+                    let answer = pb::CallAnswer {
+                        call_id: call.call_id,
+                        answer: Some(answer.clone()),
+                    };
+                    if answers.send(Ok(answer)).await.is_err() {
+                        break;
+                    }
+                }
+                ended.notify_one();
             });
-            Ok(tonic::Response::new(Box::pin(answers)))
+            Ok(tonic::Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(answered),
+            )))
         }
     }
 
     #[tokio::test]
     async fn an_answer_of_another_kind_is_an_error_from_the_participant() {
         let (listener, endpoint) = loopback().await;
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(pb::participant_server::ParticipantServer::new(WrongKind))
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                }),
-        );
+        let wrong_kind = StreamOnly {
+            answer: pb::call_answer::Answer::Abort(pb::AbortBranchResponse {
+                result: pb::AbortResult::Aborted as i32,
+            }),
+            ended: Arc::default(),
+        };
+        let served = wrong_kind.serve(listener);
         let participants = Participants::new(String::new(), 64, Duration::from_secs(5));
         let failed = participants
             .prepare(&branch_call(&endpoint, "a"), Vec::new())
@@ -1112,17 +1156,35 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             failed.message,
-            "participant answered Internal: the server answered a call with another kind"
+            "participant answered Internal: the participant answered a call with another kind"
         );
         assert_eq!(stream_state(&participants, &endpoint), "open");
         // Its stream ends when the coordinator's side does: with the peer.
         drop(participants);
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(60), server)
+        served.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_ends_at_the_participant_without_another_call() {
+        let (listener, endpoint) = loopback().await;
+        let ended = Arc::new(tokio::sync::Notify::new());
+        let yes = StreamOnly {
+            answer: pb::call_answer::Answer::Prepare(pb::PrepareBranchResponse {
+                vote: pb::Vote::Yes as i32,
+                reason: String::new(),
+            }),
+            ended: ended.clone(),
+        };
+        let served = yes.serve(listener);
+        let mut participants = Participants::new(String::new(), 64, Duration::from_secs(5));
+        participants.stream_idle_close = Duration::from_millis(100);
+        let call = branch_call(&endpoint, "a");
+        assert_eq!(participants.prepare(&call, Vec::new()).await, Ok(Vote::Yes));
+        // Nothing asks how calls travel: the idle check alone ends the stream.
+        tokio::time::timeout(Duration::from_secs(60), ended.notified())
             .await
-            .expect("the server stops")
-            .unwrap()
-            .unwrap();
+            .expect("the participant sees the idle stream end");
+        served.stop().await;
     }
 
     #[tokio::test]

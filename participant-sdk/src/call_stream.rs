@@ -2,18 +2,21 @@
 //! stream, each numbered by its caller and answered under that number. A participant
 //! serves its prepare / commit / abort / compensate calls so (see
 //! docs/PARTICIPANT-PROTOCOL.md, "Calls over one stream"), and the coordinator its
-//! `Coordinator.Calls` with [`serve_calls`].
+//! `Coordinator.Calls`, both through [`serve_calls`].
 //!
 //! Each call on the stream is answered exactly as its unary call would be: it is made
 //! into the unary request, with the stream's metadata (credentials) and extensions (the
 //! peer's identity) and its own trace context, and goes through the same method, so
-//! the trust check, the checks of every field, the barrier and the metrics are the
-//! unary call's. Invariants:
-//! - at most `max_in_flight` calls of one stream (the server's
-//!   `max_concurrent_requests`) are being answered at once; the next call is not read
-//!   until one of them is answered;
-//! - every call read is answered on the stream, unless the caller has gone (then the
-//!   operation still runs to its end, as for a unary call whose caller gave up);
+//! the checks of credentials and of every field are the unary call's. Invariants:
+//! - at most `max_in_flight` calls are being answered at once on one connection, all of
+//!   its streams together (a stream that does not come through
+//!   [`server_builder`](crate::connections::server_builder)'s connections: per stream);
+//!   the next call is not read until one of them is answered;
+//! - every call read is answered on the stream: by its method, or INTERNAL if the
+//!   method panicked;
+//! - once the caller has gone (it dropped the stream, or its connection broke), the
+//!   calls it left are dropped as unary calls are when their caller goes: a participant's
+//!   operations still run to their end, as they do unary;
 //! - once the server is stopping, no further call is read: the stream ends when the
 //!   calls read so far are answered.
 
@@ -21,12 +24,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Extensions, Request, Response, Status, Streaming};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_server::Participant as ParticipantRpc;
 
+use crate::connections::ConnectionInfo;
 use crate::trace::{TRACEPARENT, TRACESTATE};
 
 /// The answers of one stream, in the order they are ready.
@@ -55,6 +60,38 @@ impl StreamContext {
     }
 }
 
+/// The messages of one kind of calls stream, as its server sees them.
+pub trait CallMessages: 'static {
+    /// A call as it comes.
+    type Call: Send + 'static;
+    /// An answer as it goes.
+    type Answer: Send + 'static;
+    /// The number the caller gave `call`.
+    fn call_id(call: &Self::Call) -> u64;
+    /// The answer that ends call `call_id` with `status`.
+    fn error(call_id: u64, status: &Status) -> Self::Answer;
+}
+
+/// The messages of `Participant.Calls`.
+#[derive(Debug)]
+pub struct ParticipantCalls;
+
+impl CallMessages for ParticipantCalls {
+    type Call = pb::CallRequest;
+    type Answer = pb::CallAnswer;
+
+    fn call_id(call: &pb::CallRequest) -> u64 {
+        call.call_id
+    }
+
+    fn error(call_id: u64, status: &Status) -> pb::CallAnswer {
+        pb::CallAnswer {
+            call_id,
+            answer: Some(pb::call_answer::Answer::Error(call_error(status))),
+        }
+    }
+}
+
 /// Serves one `Calls` stream with `service`'s unary methods, at most `max_in_flight`
 /// calls at once. `stopping` must turn true when the server stops: no further call is
 /// read then, and the stream ends once those read are answered (a graceful shutdown
@@ -69,37 +106,37 @@ pub fn serve<T>(
 where
     T: ParticipantRpc + Clone,
 {
-    serve_calls(request, stopping, max_in_flight, move |stream, call| {
+    serve_calls::<ParticipantCalls, _, _>(request, stopping, max_in_flight, move |stream, call| {
         let service = service.clone();
         async move { answer(&service, &stream, call).await }
     })
 }
 
 /// Serves one stream of calls of any service: reads each call, has `answer` answer it
-/// in a task of its own, and sends the answers in the order they are ready; at most
-/// `max_in_flight` calls are being answered at once, and the next call is not read
-/// until one of them is. Once `stopping` is true no further call is read, and the
-/// stream ends when those read are answered.
-pub fn serve_calls<C, A, F, Fut>(
-    request: Request<Streaming<C>>,
+/// in a task of its own, and sends the answers in the order they are ready (see the
+/// module's invariants for the bounds, the caller's going and the server's stop).
+pub fn serve_calls<M, F, Fut>(
+    request: Request<Streaming<M::Call>>,
     mut stopping: watch::Receiver<bool>,
     max_in_flight: usize,
     answer: F,
-) -> Response<Answers<A>>
+) -> Response<Answers<M::Answer>>
 where
-    C: Send + 'static,
-    A: Send + 'static,
-    F: Fn(StreamContext, C) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = A> + Send + 'static,
+    M: CallMessages,
+    F: Fn(StreamContext, M::Call) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = M::Answer> + Send + 'static,
 {
     let max_in_flight = max_in_flight.max(1);
     let (metadata, extensions, mut calls) = request.into_parts();
+    let in_flight = match extensions.get::<ConnectionInfo>() {
+        Some(connection) => connection.stream_call_places(max_in_flight),
+        None => Arc::new(Semaphore::new(max_in_flight)),
+    };
     let stream = StreamContext {
         metadata: Arc::new(metadata),
         extensions: Arc::new(extensions),
     };
     let (answers, answered) = mpsc::channel(max_in_flight);
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
     tokio::spawn(async move {
         loop {
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -124,10 +161,17 @@ where
                     return;
                 }
             };
+            let call_id = M::call_id(&call);
             let answers = answers.clone();
-            let answering = answer(stream.clone(), call);
+            let answering = std::panic::AssertUnwindSafe(answer(stream.clone(), call));
             tokio::spawn(async move {
-                let answer = answering.await;
+                let answer = tokio::select! {
+                    answer = answering.catch_unwind() => answer.unwrap_or_else(|_| {
+                        M::error(call_id, &Status::internal("the call's handler panicked"))
+                    }),
+                    // The caller has gone: its call is dropped, as a unary call's is.
+                    () = answers.closed() => return,
+                };
                 // A send fails only when the caller has gone: nobody to tell.
                 let _ = answers.send(Ok(answer)).await;
                 drop(permit);
@@ -153,10 +197,11 @@ pub fn call_error(status: &Status) -> pb::CallError {
     }
 }
 
-/// The status a [`pb::CallError`] stands for (an error that claims OK is INTERNAL).
-pub fn status_of(error: pb::CallError) -> Status {
+/// The status a [`pb::CallError`] from `server` stands for (an error that claims OK is
+/// INTERNAL).
+pub fn status_of(error: pb::CallError, server: &str) -> Status {
     if error.code == tonic::Code::Ok as i32 {
-        return Status::internal("the server answered an error with code OK");
+        return Status::internal(format!("{server} answered an error with code OK"));
     }
     Status::with_details(error.code.into(), error.message, error.details.into())
 }
@@ -192,9 +237,12 @@ async fn answer<T: ParticipantRpc>(
             "call: one of prepare, commit, abort or compensate is required",
         )),
     };
-    pb::CallAnswer {
-        call_id,
-        answer: Some(answer.unwrap_or_else(|status| Answer::Error(call_error(&status)))),
+    match answer {
+        Ok(answer) => pb::CallAnswer {
+            call_id,
+            answer: Some(answer),
+        },
+        Err(status) => ParticipantCalls::error(call_id, &status),
     }
 }
 

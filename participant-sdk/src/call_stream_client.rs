@@ -49,6 +49,8 @@ pub const CLOSE_IDLE_AFTER: Duration = Duration::from_secs(60);
 
 /// The messages of one kind of calls stream, as its caller sees them.
 pub trait CallsProtocol: 'static {
+    /// Who serves the stream, as errors name it ("the participant").
+    const SERVER: &'static str;
     /// A call as it is sent: numbered, with its trace context.
     type Request: Send + 'static;
     /// An answer as it comes.
@@ -84,6 +86,7 @@ pub trait StreamedCall<P: CallsProtocol>: Sized + Clone {
 macro_rules! calls_protocol {
     ($protocol:ty, $($request:ident)::+, $($answer:ident)::+, $($call:ident)::+, $($answered:ident)::+, $server:literal) => {
         impl $crate::call_stream_client::CallsProtocol for $protocol {
+            const SERVER: &'static str = $server;
             type Request = $($request)::+;
             type Answer = $($answer)::+;
             type Call = $($call)::+;
@@ -110,7 +113,7 @@ macro_rules! calls_protocol {
             fn answered(answer: Self::Answer) -> (u64, Result<Self::Answered, tonic::Status>) {
                 let outcome = match answer.answer {
                     Some($($answered)::+::Error(error)) => {
-                        Err($crate::call_stream::status_of(error))
+                        Err($crate::call_stream::status_of(error, $server))
                     }
                     Some(answer) => Ok(answer),
                     None => Err(tonic::Status::internal(concat!(
@@ -184,8 +187,15 @@ enum State<P: CallsProtocol> {
 }
 
 struct OpenStream<P: CallsProtocol> {
-    requests: mpsc::Sender<P::Request>,
     shared: Arc<Shared<P>>,
+}
+
+impl<P: CallsProtocol> Drop for OpenStream<P> {
+    /// Nobody can send on it any more: the server sees its end once the calls being
+    /// sent are out.
+    fn drop(&mut self) {
+        lock(&self.shared.waiting).requests = None;
+    }
 }
 
 /// What the callers and the task delivering the answers share.
@@ -196,6 +206,9 @@ struct Shared<P: CallsProtocol> {
 
 /// The calls sent and not yet answered, and how the stream stands.
 struct Waiting<P: CallsProtocol> {
+    /// Where calls are sent; taken out when the stream ends, so that the server sees
+    /// its end (the sending side ends once no caller holds a copy).
+    requests: Option<mpsc::Sender<P::Request>>,
     calls: HashMap<u64, oneshot::Sender<Outcome<P>>>,
     /// The server's response headers came: it serves the stream.
     confirmed: bool,
@@ -246,16 +259,14 @@ pub fn trace_fields(trace: Option<&TraceContext>) -> (String, String) {
     }
 }
 
-/// A failure without an answer, made so that it reads as one: it has a source, as a
-/// transport error of a unary call has (a status the server sent has none).
+/// A failure without an answer: UNAVAILABLE, as a unary call that could not reach its
+/// server is, and made so that it reads as no answer: it has a source, as a transport
+/// error of a unary call has (a status the server sent has none).
 pub fn no_answer(message: impl Into<String>) -> Status {
-    Status::from_error(Box::new(std::io::Error::other(message.into())))
-}
-
-/// Whether `status` came from the server rather than from the way to it (see
-/// [`no_answer`]).
-pub fn answered_by_server(status: &Status) -> bool {
-    std::error::Error::source(status).is_none()
+    let message = message.into();
+    let mut status = Status::unavailable(message.clone());
+    status.set_source(Arc::new(std::io::Error::other(message)));
+    status
 }
 
 impl<P: CallsProtocol> CallStream<P> {
@@ -290,13 +301,13 @@ impl<P: CallsProtocol> CallStream<P> {
             };
             let call_id = stream.shared.next_call_id.fetch_add(1, Ordering::Relaxed);
             let (answered, answer) = oneshot::channel();
-            let confirmed = {
+            let (requests, confirmed) = {
                 let mut waiting = lock(&stream.shared.waiting);
-                if waiting.ended.is_some() {
+                let Some(requests) = waiting.requests.clone() else {
                     continue;
-                }
+                };
                 waiting.calls.insert(call_id, answered);
-                waiting.confirmed
+                (requests, waiting.confirmed)
             };
             let _stop_waiting = StopWaiting {
                 shared: &stream.shared,
@@ -306,7 +317,7 @@ impl<P: CallsProtocol> CallStream<P> {
             // stream, and the call then goes unary.
             let kept = (!confirmed).then(|| request.clone());
             let message = P::request(call_id, trace, request.into_call());
-            if let Err(unsent) = stream.requests.send(message).await {
+            if let Err(unsent) = requests.send(message).await {
                 match P::call_of(unsent.0).and_then(T::from_call) {
                     Some(unsent) => {
                         request = unsent;
@@ -324,8 +335,9 @@ impl<P: CallsProtocol> CallStream<P> {
                 Err(_) => Err(no_answer("the call stream ended")),
             };
             return Ok(answer.and_then(|answer| {
-                T::from_answer(answer)
-                    .ok_or_else(|| Status::internal("the server answered a call with another kind"))
+                T::from_answer(answer).ok_or_else(|| {
+                    Status::internal(format!("{} answered a call with another kind", P::SERVER))
+                })
             }));
         }
         Ok(Err(no_answer(
@@ -355,6 +367,7 @@ impl<P: CallsProtocol> CallStream<P> {
         let shared = Arc::new(Shared {
             next_call_id: AtomicU64::new(0),
             waiting: Mutex::new(Waiting {
+                requests: Some(requests),
                 calls: HashMap::new(),
                 confirmed: false,
                 ended: None,
@@ -362,7 +375,7 @@ impl<P: CallsProtocol> CallStream<P> {
         });
         let opening = open(ReceiverStream::new(queued));
         tokio::spawn(deliver(opening, shared.clone(), self.close_idle_after));
-        let stream = Arc::new(OpenStream { requests, shared });
+        let stream = Arc::new(OpenStream { shared });
         *state = State::Open(stream.clone());
         Some(stream)
     }
@@ -399,7 +412,8 @@ impl<P: CallsProtocol> State<P> {
 pub enum Transport {
     /// On its open calls stream.
     Stream,
-    /// Unary: the server serves no stream, or one could not be opened lately.
+    /// Unary: the server serves no stream, one could not be opened lately, or the
+    /// caller keeps no stream (its calls are unary by choice).
     Unary,
     /// No stream is open: the next call opens one.
     NoStreamOpen,
@@ -425,16 +439,11 @@ where
         }
         Err(status) => {
             tracing::debug!(code = ?status.code(), status_message = %status.message(), "call stream not opened; calling unary for a while");
-            // The server's own refusal (credentials) is every call's answer, as it would
-            // be unary; a transport failure is no answer.
-            let refused = answered_by_server(&status);
-            let reason = format!("the call stream was not opened: {}", status.message());
+            // Every call's answer, as it would be unary: the server's own refusal
+            // (credentials), or the transport's failure (which keeps its source, so it
+            // reads as no answer).
             end(&shared, Ended::NotOpened(Instant::now()), || {
-                Outcome::Answered(Err(if refused {
-                    status.clone()
-                } else {
-                    no_answer(reason.clone())
-                }))
+                Outcome::Answered(Err(status.clone()))
             });
             return;
         }
@@ -456,8 +465,9 @@ where
                 let mut waiting = lock(&shared.waiting);
                 if sent == sent_at_last_check && waiting.calls.is_empty() {
                     // Under the lock: a call registering now finds it ended and opens
-                    // another. Dropping `answers` resets the stream at the server.
+                    // another. Without a sender the server sees the stream's end.
                     waiting.ended = Some(Ended::Over);
+                    waiting.requests = None;
                     return;
                 }
                 sent_at_last_check = sent;
@@ -483,6 +493,7 @@ fn end<P: CallsProtocol>(shared: &Shared<P>, ended: Ended, outcome: impl Fn() ->
     let callers = {
         let mut waiting = lock(&shared.waiting);
         waiting.ended = Some(ended);
+        waiting.requests = None;
         std::mem::take(&mut waiting.calls)
     };
     for (_, caller) in callers {

@@ -370,8 +370,10 @@ coordinator_call!(pb::CancelSagaRequest, pb::CancelSagaResponse, CancelSaga);
 /// coordinator serves it: each costs a fraction of a unary call's CPU at both ends. A
 /// coordinator that does not serve it gets unary calls, as does a client made with
 /// [`unary_only`](Self::unary_only). A call whose caller stops waiting for it still runs
-/// to its end at the coordinator (a unary call is dropped there instead): that is why a
-/// submit that waits for the saga's outcome, which may take long, stays unary.
+/// to its end at the coordinator (a unary call is dropped there instead; every call on
+/// the stream ends once its outcome is decided): that is why a submit that waits for the
+/// saga's outcome, which may take long, stays unary. A call that gets no answer (the
+/// coordinator out of reach, the stream broken) fails UNAVAILABLE, as unary.
 #[derive(Debug, Clone)]
 pub struct TreatyClient {
     inner: CoordinatorClient<Connection>,

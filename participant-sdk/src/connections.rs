@@ -88,9 +88,20 @@ pub struct ConnectionInfo {
     pub peer_names: Arc<[String]>,
     /// The calls in flight on this connection (for its idle timeout).
     pub(crate) calls: Arc<CallCounter>,
+    /// The places of the calls being answered on this connection's calls streams, all
+    /// streams together (made with the first stream's bound).
+    pub(crate) stream_calls: Arc<std::sync::OnceLock<Arc<tokio::sync::Semaphore>>>,
 }
 
 impl ConnectionInfo {
+    /// The places shared by the calls streams of this connection: `max_in_flight` in
+    /// all, however many streams it opens.
+    pub fn stream_call_places(&self, max_in_flight: usize) -> Arc<tokio::sync::Semaphore> {
+        self.stream_calls
+            .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1))))
+            .clone()
+    }
+
     /// Counts a call on this connection until the guard is dropped (servers that are not
     /// built with [`server_builder`] use it to keep busy connections from the idle
     /// timeout).
@@ -132,6 +143,7 @@ impl Connection {
                 remote_addr: Some(remote_addr),
                 peer_names,
                 calls,
+                stream_calls: Arc::default(),
             },
             closed_for_idleness: false,
             _permit: permit,

@@ -23,6 +23,10 @@ const PATIENCE: Duration = Duration::from_secs(30);
 struct Counting {
     runs: AtomicUsize,
     slow_started: tokio::sync::Notify,
+    /// Slow prepares run to their end so far.
+    slow_finished: AtomicUsize,
+    /// `slow_finished` as each other prepare began.
+    slow_finished_before: std::sync::Mutex<Vec<usize>>,
 }
 
 impl Participant for Counting {
@@ -31,6 +35,10 @@ impl Participant for Counting {
         if payload == b"slow" {
             self.slow_started.notify_one();
             tokio::time::sleep(Duration::from_millis(300)).await;
+            self.slow_finished.fetch_add(1, Ordering::SeqCst);
+        } else {
+            let finished = self.slow_finished.load(Ordering::SeqCst);
+            self.slow_finished_before.lock().unwrap().push(finished);
         }
         Ok(if payload == b"no" {
             Vote::no("refused")
@@ -104,9 +112,20 @@ struct Stream {
 
 impl Stream {
     async fn open(endpoint: &str, token: Option<&str>) -> Result<Self, tonic::Status> {
-        let mut client = ParticipantClient::connect(endpoint.to_string())
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .unwrap()
+            .connect()
             .await
             .unwrap();
+        Self::open_on(channel, token).await
+    }
+
+    /// A stream on `channel`'s connection.
+    async fn open_on(
+        channel: tonic::transport::Channel,
+        token: Option<&str>,
+    ) -> Result<Self, tonic::Status> {
+        let mut client = ParticipantClient::new(channel);
         let (calls, queued) = tokio::sync::mpsc::channel(64);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(queued));
         if let Some(token) = token {
@@ -360,4 +379,143 @@ async fn a_stopping_server_answers_the_calls_it_read_and_ends_the_stream() {
         .await
         .expect("the stream ends");
     assert!(matches!(end, Ok(None)), "the stream ends cleanly: {end:?}");
+}
+
+#[tokio::test]
+async fn the_streams_of_one_connection_share_its_places() {
+    let served = Served::start(ServeOptions {
+        max_concurrent_requests: 2,
+        ..ServeOptions::default()
+    })
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(served.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut first = Stream::open_on(channel.clone(), None).await.unwrap();
+    let mut second = Stream::open_on(channel, None).await.unwrap();
+    // Two slow calls on the first stream take both places of the connection...
+    for (call_id, branch) in [(1, "slow-1"), (2, "slow-2")] {
+        let request = pb::CallRequest {
+            call_id,
+            call: prepare(branch, b"slow", ""),
+            ..Default::default()
+        };
+        first.calls.send(request).await.unwrap();
+    }
+    for _ in 0..2 {
+        tokio::time::timeout(PATIENCE, served.participant.slow_started.notified())
+            .await
+            .expect("the slow prepares start");
+    }
+    // ...so a call on the second stream waits for one of them to end.
+    let answers = second.call_all(vec![(3, prepare("fast", b"", ""))]).await;
+    assert_eq!(vote(&answers[&3]), pb::Vote::Yes);
+    assert_eq!(
+        *served.participant.slow_finished_before.lock().unwrap(),
+        vec![1],
+        "the second stream's call began before a place was free"
+    );
+    for _ in 0..2 {
+        let answer = tokio::time::timeout(PATIENCE, first.answers.message())
+            .await
+            .expect("the slow calls are answered")
+            .unwrap()
+            .expect("the stream stays open");
+        assert_eq!(vote(&answer.answer.unwrap()), pb::Vote::Yes);
+    }
+    served.stop().await;
+}
+
+/// A service whose every method panics, serving the stream through them until
+/// `stopping` turns true.
+#[derive(Clone)]
+struct Panicking {
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+#[tonic::async_trait]
+impl pb::participant_server::Participant for Panicking {
+    async fn prepare(
+        &self,
+        _: tonic::Request<pb::PrepareBranchRequest>,
+    ) -> Result<tonic::Response<pb::PrepareBranchResponse>, tonic::Status> {
+        panic!("the test's handler panics");
+    }
+    async fn commit(
+        &self,
+        _: tonic::Request<pb::CommitBranchRequest>,
+    ) -> Result<tonic::Response<pb::CommitBranchResponse>, tonic::Status> {
+        panic!("the test's handler panics");
+    }
+    async fn abort(
+        &self,
+        _: tonic::Request<pb::AbortBranchRequest>,
+    ) -> Result<tonic::Response<pb::AbortBranchResponse>, tonic::Status> {
+        panic!("the test's handler panics");
+    }
+    async fn compensate(
+        &self,
+        _: tonic::Request<pb::CompensateBranchRequest>,
+    ) -> Result<tonic::Response<pb::CompensateBranchResponse>, tonic::Status> {
+        panic!("the test's handler panics");
+    }
+    type CallsStream = treaty_sdk::call_stream::CallAnswers;
+    async fn calls(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::CallRequest>>,
+    ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
+        let stopping = self.stopping.subscribe();
+        Ok(treaty_sdk::call_stream::serve(
+            self.clone(),
+            request,
+            stopping,
+            4,
+        ))
+    }
+}
+
+#[tokio::test]
+async fn a_call_whose_handler_panics_is_answered_internal_and_the_stream_goes_on() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let panicking = Panicking {
+        stopping: Arc::new(tokio::sync::watch::channel(false).0),
+    };
+    let stopping = panicking.stopping.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::participant_server::ParticipantServer::new(panicking))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let mut stream = Stream::open(&endpoint, None).await.unwrap();
+    for round in 0..2u64 {
+        let answers = stream
+            .call_all(vec![
+                (2 * round, prepare("a", b"", "")),
+                (2 * round + 1, commit("a", pb::CommitMode::TwoPhase)),
+            ])
+            .await;
+        for call_id in [2 * round, 2 * round + 1] {
+            assert_eq!(
+                error(&answers[&call_id]),
+                (tonic::Code::Internal, "the call's handler panicked")
+            );
+        }
+    }
+    drop(stream);
+    stopping.send_replace(true);
+    stop.send(()).unwrap();
+    tokio::time::timeout(PATIENCE, server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
 }

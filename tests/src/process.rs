@@ -138,12 +138,14 @@ pub async fn start_treaty_with(
         "20",
         "--retry-backoff-max-ms",
         "200",
-        "--shutdown-grace-ms",
-        "2000",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // A short grace unless the test chooses its own.
+    if !extra_args.contains(&"--shutdown-grace-ms") {
+        args.extend(["--shutdown-grace-ms".to_string(), "2000".to_string()]);
+    }
     args.extend(extra_args.iter().map(|s| s.to_string()));
     let mut envs = vec![("TREATY_LOG", "info")];
     envs.retain(|(key, _)| !extra_envs.iter().any(|(extra, _)| extra == key));

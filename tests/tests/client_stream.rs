@@ -206,10 +206,26 @@ async fn a_call_on_the_stream_without_its_call_is_refused_under_its_number() {
             })),
             ..Default::default()
         },
+        // A wait for a saga's outcome is unary only.
+        pb::TransactionCall {
+            call_id: 9,
+            call: Some(pb::transaction_call::Call::SubmitSaga(
+                pb::SubmitSagaRequest {
+                    steps: vec![pb::SagaStep {
+                        step_id: "s".into(),
+                        endpoint: "http://127.0.0.1:1".into(),
+                        ..Default::default()
+                    }],
+                    wait_for_outcome: true,
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        },
     ]);
     let mut answers = raw.calls(calls).await.unwrap().into_inner();
     let mut seen = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let answer = tokio::time::timeout(Duration::from_secs(30), answers.next())
             .await
             .expect("an answer")
@@ -227,8 +243,19 @@ async fn a_call_on_the_stream_without_its_call_is_refused_under_its_number() {
     seen.sort();
     assert_eq!(
         seen,
-        vec![(7, "call".to_string()), (8, "transaction_id".to_string())]
+        vec![
+            (7, "call".to_string()),
+            (8, "transaction_id".to_string()),
+            (9, "wait_for_outcome".to_string())
+        ]
     );
+    let (page, _) = TreatyClient::connect(coordinator.endpoint.clone())
+        .await
+        .unwrap()
+        .list(&[], 10, "")
+        .await
+        .unwrap();
+    assert!(page.is_empty(), "a refused call created something");
     coordinator.stop().await.unwrap();
 }
 
@@ -285,7 +312,13 @@ async fn a_revoked_token_is_refused_on_a_stream_opened_with_it_and_the_daemon_st
     let mut daemon = start_treaty_with(
         &dir.path().join("coordinator"),
         "127.0.0.1:0",
-        &["--auth-tokens", &tokens_path],
+        // A stream holding the stop up would be waited for this long.
+        &[
+            "--auth-tokens",
+            &tokens_path,
+            "--shutdown-grace-ms",
+            "600000",
+        ],
         &[],
     )
     .await;
@@ -331,4 +364,141 @@ async fn a_revoked_token_is_refused_on_a_stream_opened_with_it_and_the_daemon_st
         .unwrap();
     assert!(status.success(), "{status:?}");
     participant.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_out_of_reach_is_unavailable_on_the_stream_as_unary() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let client = TreatyClient::connect_lazy(endpoint).unwrap();
+    let branches = || vec![BranchSpec::new("a", "http://127.0.0.1:1", "yes")];
+    for client in [client.clone(), client.unary_only()] {
+        let error = client
+            .run_two_phase(branches(), BeginOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Some(Code::Unavailable), "{error}");
+    }
+}
+
+/// A coordinator from before `Calls`: it runs a Begin with `commit` (as committed) and
+/// answers everything else UNIMPLEMENTED, the stream included.
+struct WithoutCallsStream;
+
+fn unimplemented<T>() -> Result<tonic::Response<T>, tonic::Status> {
+    Err(tonic::Status::unimplemented("not in this coordinator"))
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for WithoutCallsStream {
+    async fn begin(
+        &self,
+        request: tonic::Request<pb::BeginRequest>,
+    ) -> Result<tonic::Response<pb::BeginResponse>, tonic::Status> {
+        assert!(request.into_inner().commit);
+        Ok(tonic::Response::new(pb::BeginResponse {
+            transaction_id: "unary".into(),
+            outcome: pb::Outcome::Committed as i32,
+            ..Default::default()
+        }))
+    }
+    async fn enlist(
+        &self,
+        _: tonic::Request<pb::EnlistRequest>,
+    ) -> Result<tonic::Response<pb::EnlistResponse>, tonic::Status> {
+        unimplemented()
+    }
+    async fn commit(
+        &self,
+        _: tonic::Request<pb::CommitRequest>,
+    ) -> Result<tonic::Response<pb::CommitResponse>, tonic::Status> {
+        unimplemented()
+    }
+    async fn abort(
+        &self,
+        _: tonic::Request<pb::AbortRequest>,
+    ) -> Result<tonic::Response<pb::AbortResponse>, tonic::Status> {
+        unimplemented()
+    }
+    async fn get_transaction(
+        &self,
+        _: tonic::Request<pb::GetTransactionRequest>,
+    ) -> Result<tonic::Response<pb::GetTransactionResponse>, tonic::Status> {
+        unimplemented()
+    }
+    async fn list_transactions(
+        &self,
+        _: tonic::Request<pb::ListTransactionsRequest>,
+    ) -> Result<tonic::Response<pb::ListTransactionsResponse>, tonic::Status> {
+        unimplemented()
+    }
+    type WatchTransactionStream =
+        futures::stream::Empty<Result<pb::WatchTransactionResponse, tonic::Status>>;
+    async fn watch_transaction(
+        &self,
+        _: tonic::Request<pb::WatchTransactionRequest>,
+    ) -> Result<tonic::Response<Self::WatchTransactionStream>, tonic::Status> {
+        unimplemented()
+    }
+    async fn get_outcome(
+        &self,
+        _: tonic::Request<pb::GetOutcomeRequest>,
+    ) -> Result<tonic::Response<pb::GetOutcomeResponse>, tonic::Status> {
+        unimplemented()
+    }
+    async fn submit_saga(
+        &self,
+        _: tonic::Request<pb::SubmitSagaRequest>,
+    ) -> Result<tonic::Response<pb::SubmitSagaResponse>, tonic::Status> {
+        unimplemented()
+    }
+    async fn cancel_saga(
+        &self,
+        _: tonic::Request<pb::CancelSagaRequest>,
+    ) -> Result<tonic::Response<pb::CancelSagaResponse>, tonic::Status> {
+        unimplemented()
+    }
+    type CallsStream = futures::stream::Empty<Result<pb::TransactionAnswer, tonic::Status>>;
+    async fn calls(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::TransactionCall>>,
+    ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
+        unimplemented()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_without_the_stream_gets_unary_calls() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::coordinator_server::CoordinatorServer::new(
+                WithoutCallsStream,
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let client = TreatyClient::connect(endpoint).await.unwrap();
+    let branches = || vec![BranchSpec::new("a", "http://127.0.0.1:1", "yes")];
+    for _ in 0..3 {
+        let (id, outcome) = client
+            .run_two_phase(branches(), BeginOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((id.as_str(), outcome), ("unary", Outcome::Committed));
+        assert_eq!(client.transport(), Transport::Unary);
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
 }

@@ -6,9 +6,15 @@
 //! are response fields; where an unknown transaction is an error (Enlist, Commit, Abort)
 //! the status carries a machine-readable `google.rpc.ErrorInfo` beside its text.
 //!
-//! The W3C trace context (`traceparent`, `tracestate` metadata) of Begin and SubmitSaga
-//! goes to the runtime with the transaction; an invalid one is ignored (the transaction
-//! starts a new trace), never refused.
+//! The W3C trace context of Begin and SubmitSaga (the `traceparent`, `tracestate`
+//! metadata of a unary call; the call's own fields on the `Calls` stream) goes to the
+//! runtime with the transaction; an invalid one is ignored (the transaction starts a new
+//! trace), never refused.
+//!
+//! `Calls` answers each call on it through the unary handler of its kind, with the
+//! stream's credentials, so that every check is the unary call's; a SubmitSaga that
+//! waits for the outcome is refused there (INVALID_ARGUMENT, `wait_for_outcome`): its
+//! wait may be as long as the saga's retries, and only a unary caller can give it up.
 
 pub mod admin;
 pub mod auth;
@@ -34,7 +40,7 @@ use crate::model::{TxnId, TxnRecord, TxnState};
 use crate::runtime::{BeginParams, Decision, ListFilter, Runtime, RuntimeError, now_unix_ms};
 use auth::Authenticator;
 use treaty_sdk::auth::Principal;
-use treaty_sdk::call_stream::{Answers, StreamContext, call_error, serve_calls};
+use treaty_sdk::call_stream::{Answers, CallMessages, StreamContext, call_error, serve_calls};
 use treaty_sdk::connections::MAX_CONCURRENT_STREAMS;
 
 /// Limits and defaults the API applies to requests.
@@ -590,7 +596,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<Self::CallsStream>, Status> {
         self.auth.authenticate(&request)?;
         let service = Arc::new(self.clone());
-        Ok(serve_calls(
+        Ok(serve_calls::<TransactionCalls, _, _>(
             request,
             self.stopping.clone(),
             MAX_CONCURRENT_STREAMS as usize,
@@ -651,6 +657,14 @@ impl CoordinatorService {
                 .abort(stream.request(traceparent, tracestate, message))
                 .await
                 .map(|r| Answer::Abort(r.into_inner())),
+            // A wait for the saga's outcome may be as long as its retries: unary, its
+            // caller can give it up; on the stream it would hold its place till the end.
+            Some(Call::SubmitSaga(message)) if message.wait_for_outcome => {
+                Err(invalid(FieldError::new(
+                    "wait_for_outcome",
+                    "not on the Calls stream: submit unary to wait for the outcome",
+                )))
+            }
             Some(Call::SubmitSaga(message)) => self
                 .submit_saga(stream.request(traceparent, tracestate, message))
                 .await
@@ -663,9 +677,31 @@ impl CoordinatorService {
                 "call: one of begin, enlist, commit, abort, submit_saga or cancel_saga is required",
             )),
         };
+        match answer {
+            Ok(answer) => proto::TransactionAnswer {
+                call_id: call.call_id,
+                answer: Some(answer),
+            },
+            Err(status) => TransactionCalls::error(call.call_id, &status),
+        }
+    }
+}
+
+/// The messages of `Coordinator.Calls`.
+struct TransactionCalls;
+
+impl CallMessages for TransactionCalls {
+    type Call = proto::TransactionCall;
+    type Answer = proto::TransactionAnswer;
+
+    fn call_id(call: &proto::TransactionCall) -> u64 {
+        call.call_id
+    }
+
+    fn error(call_id: u64, status: &Status) -> proto::TransactionAnswer {
         proto::TransactionAnswer {
-            call_id: call.call_id,
-            answer: Some(answer.unwrap_or_else(|status| Answer::Error(call_error(&status)))),
+            call_id,
+            answer: Some(proto::transaction_answer::Answer::Error(call_error(status))),
         }
     }
 }

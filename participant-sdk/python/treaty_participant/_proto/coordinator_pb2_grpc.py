@@ -182,8 +182,13 @@ class CoordinatorServicer:
         it costs a fraction of a unary call's CPU). Each call carries a number its caller
         chose and is answered exactly as the unary call would be, by an answer with the same
         number; answers come in the order they are ready. Credentials and peer identity are
-        the stream's, checked for every call. A coordinator that answers the stream's start
-        with UNIMPLEMENTED gets unary calls instead.
+        the stream's, checked for every call. A SubmitSaga with `wait_for_outcome` is
+        refused on it (INVALID_ARGUMENT): send it unary, so that giving up the wait cancels
+        it. A call is not cancelled when its caller stops waiting for it, only when the
+        stream ends (as a unary call is when its caller goes). At most 256 calls of one
+        connection's streams are answered at once; the next is read when one is answered.
+        A coordinator that answers the stream's start with UNIMPLEMENTED gets unary calls
+        instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
