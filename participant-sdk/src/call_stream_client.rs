@@ -81,7 +81,7 @@ pub trait StreamedCall<P: CallsProtocol>: Sized + Clone {
 /// Implements [`CallsProtocol`] for `$protocol`, whose calls travel as `$request`
 /// messages (fields `call_id`, `traceparent`, `tracestate`, `call`) and are answered by
 /// `$answer` messages (fields `call_id`, `answer`, whose `Error` is a `CallError`);
-/// `$server` names the server in the error for an empty answer.
+/// `$server` names the server in the errors the caller makes of its answers.
 #[macro_export]
 macro_rules! calls_protocol {
     ($protocol:ty, $($request:ident)::+, $($answer:ident)::+, $($call:ident)::+, $($answered:ident)::+, $server:literal) => {

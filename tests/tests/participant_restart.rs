@@ -177,3 +177,68 @@ async fn a_restart_with_many_branches_in_doubt_resolves_them_without_waiting_bet
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// A participant killed while its prepare is on the coordinator's stream to it: that call
+/// fails at once as one without an answer (not at its timeout), the transaction aborts,
+/// and the restarted participant gets the next call on a new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_killed_with_a_prepare_on_its_stream_fails_that_call_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let client = coordinator.client().await;
+    let fast = ParticipantServer::start(&dir.path().join("fast")).await;
+    let remote_dir = dir.path().join("remote");
+    let mut remote = start_scripted_participant(&remote_dir, "127.0.0.1:0").await;
+    let address = remote.address;
+    // Longer than the test waits: only the broken stream can end the prepare in time.
+    let patient = BeginOptions {
+        prepare_timeout_ms: Some(600_000),
+        ..BeginOptions::default()
+    };
+    let branches = |remote_script: &str, remote: &str| {
+        vec![
+            BranchSpec::new("fast", &fast.endpoint, "yes"),
+            BranchSpec::new("remote", remote, remote_script),
+        ]
+    };
+    let running = {
+        let client = client.clone();
+        let branches = branches("slow:600000", &remote.endpoint());
+        let patient = patient.clone();
+        tokio::spawn(async move { client.run_two_phase(branches, patient).await })
+    };
+    eventually("the fast branch voted YES", || async {
+        let (page, _) = client.list(&[], 10, "").await.ok()?;
+        let txn = page.first()?;
+        (branch_state(txn, "fast") == BranchState::Prepared as i32).then_some(())
+    })
+    .await;
+    let status = kill9(&mut remote).await;
+    assert!(killed_by_sigkill(status));
+
+    let (_, outcome) = tokio::time::timeout(treaty_tests::harness::PATIENCE, running)
+        .await
+        .expect("the prepare on the broken stream fails before its timeout")
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&outcome, Outcome::Aborted { .. }),
+        "a prepare without an answer aborts: {outcome:?}"
+    );
+
+    let mut remote = start_scripted_participant(&remote_dir, &address.to_string()).await;
+    let (_, outcome) = client
+        .run_two_phase(branches("yes", &remote.endpoint()), patient)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+
+    remote.terminate();
+    assert!(
+        exit_status(&mut remote).await.success(),
+        "{}",
+        remote.log_tail(60)
+    );
+    fast.stop().await;
+    coordinator.stop().await.unwrap();
+}
