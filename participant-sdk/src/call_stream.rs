@@ -11,7 +11,8 @@
 //! - at most `max_in_flight` calls are being answered at once on one connection, all of
 //!   its streams together (a stream that does not come through
 //!   [`server_builder`](crate::connections::server_builder)'s connections: per stream);
-//!   the next call is not read until one of them is answered;
+//!   a stream reads its next call and then waits for a place, so an idle stream holds
+//!   none;
 //! - every call read is answered on the stream: by its method, or INTERNAL if the
 //!   method panicked;
 //! - once the caller has gone (it dropped the stream, or its connection broke), the
@@ -139,12 +140,12 @@ where
     let (answers, answered) = mpsc::channel(max_in_flight);
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
-            };
+            // Read first, then wait for a place: an idle stream holds none of its
+            // connection's places.
             let next = tokio::select! {
-                next = calls.message() => next,
+                biased;
                 () = stopped(&mut stopping) => return,
+                next = calls.message() => next,
             };
             // The caller ended its side, or the stream broke: the calls read so far are
             // still answered (their tasks hold the sender).
@@ -160,6 +161,11 @@ where
                     tracing::warn!(code = ?status.code(), status_message = %status.message(), "a call stream broke; no further call is read from it");
                     return;
                 }
+            };
+            // A call read is answered, even once the server is stopping: its place comes
+            // when one of the calls being answered is.
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
             };
             let call_id = M::call_id(&call);
             let answers = answers.clone();

@@ -317,7 +317,15 @@ impl<P: CallsProtocol> CallStream<P> {
             // stream, and the call then goes unary.
             let kept = (!confirmed).then(|| request.clone());
             let message = P::request(call_id, trace, request.into_call());
-            if let Err(unsent) = requests.send(message).await {
+            let sent = requests.send(message).await;
+            drop(requests);
+            if let Err(unsent) = sent {
+                // Nothing more can go out on it: the next attempt opens another (its
+                // delivering task still gives the calls sent on it their outcomes).
+                let mut waiting = lock(&stream.shared.waiting);
+                waiting.ended.get_or_insert(Ended::Over);
+                waiting.requests = None;
+                drop(waiting);
                 match P::call_of(unsent.0).and_then(T::from_call) {
                     Some(unsent) => {
                         request = unsent;
@@ -427,6 +435,7 @@ where
     P: CallsProtocol,
     F: Future<Output = Result<tonic::Response<tonic::Streaming<P::Answer>>, Status>>,
 {
+    let _end_when_gone = EndWhenGone(&shared);
     let mut answers = match opening.await {
         Ok(response) => {
             lock(&shared.waiting).confirmed = true;
@@ -477,6 +486,21 @@ where
     end(&shared, Ended::Over, || {
         Outcome::Answered(Err(no_answer(reason.clone())))
     });
+}
+
+/// Ends the stream for its callers if its delivering task stops without having said how
+/// (its runtime shut down): nobody else would give them an outcome.
+struct EndWhenGone<'a, P: CallsProtocol>(&'a Shared<P>);
+
+impl<P: CallsProtocol> Drop for EndWhenGone<'_, P> {
+    fn drop(&mut self) {
+        let ended = lock(&self.0.waiting).ended.is_some();
+        if !ended {
+            end(self.0, Ended::Over, || {
+                Outcome::Answered(Err(no_answer("the call stream's task ended")))
+            });
+        }
+    }
 }
 
 /// Gives `answer` to the call waiting for it, if its caller still waits.

@@ -39,7 +39,8 @@ pub struct ParticipantService<P, S: BarrierStore = DurableStore> {
     barrier: Arc<Barrier<S>>,
     trust: Arc<CoordinatorTrust>,
     /// With it, the `Calls` stream is served: the server's stopping signal (streams read
-    /// no further call once it is true) and the calls answered at once per stream.
+    /// no further call once it is true) and the calls answered at once per connection,
+    /// all its streams together.
     call_streams: Option<(tokio::sync::watch::Receiver<bool>, usize)>,
 }
 
@@ -66,7 +67,7 @@ impl<P: Participant, S: BarrierStore> ParticipantService<P, S> {
     }
 
     /// Serves the `Calls` stream (docs/PARTICIPANT-PROTOCOL.md, section 15), at most
-    /// `max_calls_in_flight` calls at once per stream. `stopping` must turn true when
+    /// `max_calls_in_flight` calls at once per connection, all its streams together. `stopping` must turn true when
     /// the server stops: each stream then reads no further call, answers those it has
     /// read, and ends, so that a graceful shutdown is not held up by a caller's
     /// long-lived stream. Without this the stream is answered UNIMPLEMENTED and callers
@@ -515,7 +516,8 @@ pub struct ServeOptions {
     /// this is set.
     pub allow_unauthenticated: bool,
     /// Most requests served at once per connection, and most calls answered at once on
-    /// each `Calls` stream (a stream counts as one request of its connection).
+    /// its `Calls` streams, all together (a stream counts as one request of its
+    /// connection besides).
     pub max_concurrent_requests: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace_ms: u64,

@@ -19,14 +19,31 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Votes NO for the payload "no", else YES (after 300 ms, telling `slow_started`, for
 /// "slow"); counts every run of user code.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counting {
     runs: AtomicUsize,
     slow_started: tokio::sync::Notify,
-    /// Slow prepares run to their end so far.
-    slow_finished: AtomicUsize,
-    /// `slow_finished` as each other prepare began.
-    slow_finished_before: std::sync::Mutex<Vec<usize>>,
+    /// A permit per "gated" prepare begun.
+    gated_started: tokio::sync::Semaphore,
+    /// A "gated" prepare waits for a permit of this one, which the test gives.
+    gate: tokio::sync::Semaphore,
+    /// Gated prepares run to their end so far.
+    gated_finished: AtomicUsize,
+    /// `gated_finished` as each ungated prepare began.
+    gated_finished_before: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Default for Counting {
+    fn default() -> Self {
+        Self {
+            runs: AtomicUsize::new(0),
+            slow_started: tokio::sync::Notify::new(),
+            gated_started: tokio::sync::Semaphore::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+            gated_finished: AtomicUsize::new(0),
+            gated_finished_before: std::sync::Mutex::default(),
+        }
+    }
 }
 
 impl Participant for Counting {
@@ -35,10 +52,14 @@ impl Participant for Counting {
         if payload == b"slow" {
             self.slow_started.notify_one();
             tokio::time::sleep(Duration::from_millis(300)).await;
-            self.slow_finished.fetch_add(1, Ordering::SeqCst);
+        }
+        if payload == b"gated" {
+            self.gated_started.add_permits(1);
+            self.gate.acquire().await.unwrap().forget();
+            self.gated_finished.fetch_add(1, Ordering::SeqCst);
         } else {
-            let finished = self.slow_finished.load(Ordering::SeqCst);
-            self.slow_finished_before.lock().unwrap().push(finished);
+            let finished = self.gated_finished.load(Ordering::SeqCst);
+            self.gated_finished_before.lock().unwrap().push(finished);
         }
         Ok(if payload == b"no" {
             Vote::no("refused")
@@ -393,34 +414,51 @@ async fn the_streams_of_one_connection_share_its_places() {
         .connect()
         .await
         .unwrap();
+    let participant = served.participant.clone();
     let mut first = Stream::open_on(channel.clone(), None).await.unwrap();
     let mut second = Stream::open_on(channel, None).await.unwrap();
-    // Two slow calls on the first stream take both places of the connection...
-    for (call_id, branch) in [(1, "slow-1"), (2, "slow-2")] {
+    // Two calls on the first stream, held at the gate, take both places of the
+    // connection (the idle second stream holds none)...
+    for (call_id, branch) in [(1, "gated-1"), (2, "gated-2")] {
         let request = pb::CallRequest {
             call_id,
-            call: prepare(branch, b"slow", ""),
+            call: prepare(branch, b"gated", ""),
             ..Default::default()
         };
         first.calls.send(request).await.unwrap();
     }
-    for _ in 0..2 {
-        tokio::time::timeout(PATIENCE, served.participant.slow_started.notified())
-            .await
-            .expect("the slow prepares start");
-    }
-    // ...so a call on the second stream waits for one of them to end.
-    let answers = second.call_all(vec![(3, prepare("fast", b"", ""))]).await;
-    assert_eq!(vote(&answers[&3]), pb::Vote::Yes);
+    tokio::time::timeout(PATIENCE, participant.gated_started.acquire_many(2))
+        .await
+        .expect("both gated prepares begin")
+        .unwrap()
+        .forget();
+    // ...so a call on the second stream begins only once one of them has ended.
+    let request = pb::CallRequest {
+        call_id: 3,
+        call: prepare("ungated", b"", ""),
+        ..Default::default()
+    };
+    second.calls.send(request).await.unwrap();
+    // Time for it to begin if it had a place (it has none): a slow machine can only make
+    // this test miss a wrong bound, never fail a right one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    participant.gate.add_permits(1);
+    let answer = tokio::time::timeout(PATIENCE, second.answers.message())
+        .await
+        .expect("the second stream's call is answered")
+        .unwrap()
+        .expect("the stream stays open");
+    assert_eq!(vote(&answer.answer.unwrap()), pb::Vote::Yes);
     assert_eq!(
-        *served.participant.slow_finished_before.lock().unwrap(),
+        *participant.gated_finished_before.lock().unwrap(),
         vec![1],
         "the second stream's call began before a place was free"
     );
+    participant.gate.add_permits(1);
     for _ in 0..2 {
         let answer = tokio::time::timeout(PATIENCE, first.answers.message())
             .await
-            .expect("the slow calls are answered")
+            .expect("the gated calls are answered")
             .unwrap()
             .expect("the stream stays open");
         assert_eq!(vote(&answer.answer.unwrap()), pb::Vote::Yes);

@@ -368,10 +368,8 @@ async fn a_revoked_token_is_refused_on_a_stream_opened_with_it_and_the_daemon_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_out_of_reach_is_unavailable_on_the_stream_as_unary() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
-    let client = TreatyClient::connect_lazy(endpoint).unwrap();
+    // Port 1: nothing listens there, and no other test binds it.
+    let client = TreatyClient::connect_lazy("http://127.0.0.1:1").unwrap();
     let branches = || vec![BranchSpec::new("a", "http://127.0.0.1:1", "yes")];
     for client in [client.clone(), client.unary_only()] {
         let error = client

@@ -201,14 +201,25 @@ async fn a_participant_killed_with_a_prepare_on_its_stream_fails_that_call_at_on
             BranchSpec::new("remote", remote, remote_script),
         ]
     };
+    // A first transaction opens the coordinator's stream to the remote participant.
+    let (_, outcome) = client
+        .run_two_phase(branches("yes", &remote.endpoint()), patient.clone())
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
     let running = {
         let client = client.clone();
         let branches = branches("slow:600000", &remote.endpoint());
         let patient = patient.clone();
         tokio::spawn(async move { client.run_two_phase(branches, patient).await })
     };
+    // Its prepares go out together: once the fast branch has voted, the remote's is on
+    // the stream.
     eventually("the fast branch voted YES", || async {
-        let (page, _) = client.list(&[], 10, "").await.ok()?;
+        let (page, _) = client
+            .list(&[TransactionState::Preparing], 10, "")
+            .await
+            .ok()?;
         let txn = page.first()?;
         (branch_state(txn, "fast") == BranchState::Prepared as i32).then_some(())
     })
