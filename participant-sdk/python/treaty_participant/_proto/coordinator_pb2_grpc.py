@@ -186,7 +186,8 @@ class CoordinatorServicer:
         refused on it (INVALID_ARGUMENT): send it unary, so that giving up the wait cancels
         it. A call is not cancelled when its caller stops waiting for it, only when the
         stream ends (as a unary call is when its caller goes). At most 256 calls of one
-        connection's streams are answered at once; the next is read when one is answered.
+        connection's streams are answered at once; a stream reads one call ahead and waits
+        for a place.
         A coordinator that answers the stream's start with UNIMPLEMENTED gets unary calls
         instead.
         """
