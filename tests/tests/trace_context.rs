@@ -97,6 +97,24 @@ async fn a_traceparent_sent_with_begin_reaches_prepare_and_commit_and_their_retr
     }
     assert_one_trace(&calls, TRACE_ID, Some(TRACESTATE));
 
+    // The same from a client whose calls are unary: the trace travels as metadata.
+    let unary = client.unary_only();
+    let (id, outcome) = unary
+        .run_two_phase(
+            vec![
+                BranchSpec::new("a", &participant.endpoint, "yes"),
+                BranchSpec::new("b", &participant.endpoint, "yes"),
+            ],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    unary.wait_until_finished(&id, PATIENCE).await.unwrap();
+    let calls = calls_of(&participant, &id);
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert_one_trace(&calls, TRACE_ID, Some(TRACESTATE));
+
     // Begun with the trace and committed in a call of its own that sends none: the
     // calls still carry the trace of Begin.
     let id = client
