@@ -380,26 +380,30 @@ async fn a_coordinator_out_of_reach_is_unavailable_on_the_stream_as_unary() {
     }
 }
 
-/// A coordinator from before `Calls`: it runs a Begin with `commit` (as committed) and
-/// answers everything else UNIMPLEMENTED, the stream included.
-struct WithoutCallsStream;
+/// A stand-in coordinator that runs a Begin with `commit` (as committed, under an id that
+/// says how the call came) and answers everything else UNIMPLEMENTED: with `stream`, it
+/// serves Begin on the `Calls` stream only; without, unary only (a coordinator from
+/// before `Calls`).
+#[derive(Clone, Copy)]
+struct StandIn {
+    stream: bool,
+}
 
 fn unimplemented<T>() -> Result<tonic::Response<T>, tonic::Status> {
     Err(tonic::Status::unimplemented("not in this coordinator"))
 }
 
 #[tonic::async_trait]
-impl pb::coordinator_server::Coordinator for WithoutCallsStream {
+impl pb::coordinator_server::Coordinator for StandIn {
     async fn begin(
         &self,
         request: tonic::Request<pb::BeginRequest>,
     ) -> Result<tonic::Response<pb::BeginResponse>, tonic::Status> {
+        if self.stream {
+            return unimplemented();
+        }
         assert!(request.into_inner().commit);
-        Ok(tonic::Response::new(pb::BeginResponse {
-            transaction_id: "unary".into(),
-            outcome: pb::Outcome::Committed as i32,
-            ..Default::default()
-        }))
+        Ok(tonic::Response::new(committed("unary")))
     }
     async fn enlist(
         &self,
@@ -457,46 +461,77 @@ impl pb::coordinator_server::Coordinator for WithoutCallsStream {
     ) -> Result<tonic::Response<pb::CancelSagaResponse>, tonic::Status> {
         unimplemented()
     }
-    type CallsStream = futures::stream::Empty<Result<pb::TransactionAnswer, tonic::Status>>;
+    type CallsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::TransactionAnswer, tonic::Status>> + Send>,
+    >;
     async fn calls(
         &self,
-        _: tonic::Request<tonic::Streaming<pb::TransactionCall>>,
+        request: tonic::Request<tonic::Streaming<pb::TransactionCall>>,
     ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
-        unimplemented()
+        use futures::StreamExt;
+        if !self.stream {
+            return unimplemented();
+        }
+        let answers = request.into_inner().map(|call| {
+            let call = call?;
+            let Some(pb::transaction_call::Call::Begin(begin)) = call.call else {
+                return Err(tonic::Status::unimplemented("only Begin"));
+            };
+            assert!(begin.commit);
+            Ok(pb::TransactionAnswer {
+                call_id: call.call_id,
+                answer: Some(pb::transaction_answer::Answer::Begin(committed("stream"))),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(answers)))
+    }
+}
+
+fn committed(transaction_id: &str) -> pb::BeginResponse {
+    pb::BeginResponse {
+        transaction_id: transaction_id.into(),
+        outcome: pb::Outcome::Committed as i32,
+        ..Default::default()
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_without_the_stream_gets_unary_calls() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::coordinator_server::CoordinatorServer::new(
-                WithoutCallsStream,
-            ))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stopped.await;
-                },
-            ),
-    );
-    let client = TreatyClient::connect(endpoint).await.unwrap();
-    let branches = || vec![BranchSpec::new("a", "http://127.0.0.1:1", "yes")];
-    for _ in 0..3 {
-        let (id, outcome) = client
-            .run_two_phase(branches(), BeginOptions::default())
+async fn the_client_calls_on_the_stream_where_it_is_served_and_unary_where_not() {
+    for (stream, came, transport) in [
+        (true, "stream", Transport::Stream),
+        (false, "unary", Transport::Unary),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::coordinator_server::CoordinatorServer::new(StandIn {
+                    stream,
+                }))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        let client = TreatyClient::connect(endpoint).await.unwrap();
+        let branches = || vec![BranchSpec::new("a", "http://127.0.0.1:1", "yes")];
+        for _ in 0..3 {
+            let (id, outcome) = client
+                .run_two_phase(branches(), BeginOptions::default())
+                .await
+                .unwrap();
+            assert_eq!((id.as_str(), outcome), (came, Outcome::Committed));
+            assert_eq!(client.transport(), transport);
+        }
+        drop(client);
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), server)
             .await
+            .expect("the server stops")
+            .unwrap()
             .unwrap();
-        assert_eq!((id.as_str(), outcome), ("unary", Outcome::Committed));
-        assert_eq!(client.transport(), Transport::Unary);
     }
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(60), server)
-        .await
-        .expect("the server stops")
-        .unwrap()
-        .unwrap();
 }
