@@ -65,12 +65,14 @@ impl StreamContext {
 pub trait CallMessages: 'static {
     /// A call as it comes.
     type Call: Send + 'static;
+    /// What an answer carries when the call did not fail (its `oneof`).
+    type Answered: Send + 'static;
     /// An answer as it goes.
     type Answer: Send + 'static;
     /// The number the caller gave `call`.
     fn call_id(call: &Self::Call) -> u64;
-    /// The answer that ends call `call_id` with `status`.
-    fn error(call_id: u64, status: &Status) -> Self::Answer;
+    /// The answer to call `call_id`: what it gave, or its status as a `CallError`.
+    fn answer(call_id: u64, answered: Result<Self::Answered, Status>) -> Self::Answer;
 }
 
 /// The messages of `Participant.Calls`.
@@ -79,16 +81,20 @@ pub struct ParticipantCalls;
 
 impl CallMessages for ParticipantCalls {
     type Call = pb::CallRequest;
+    type Answered = pb::call_answer::Answer;
     type Answer = pb::CallAnswer;
 
     fn call_id(call: &pb::CallRequest) -> u64 {
         call.call_id
     }
 
-    fn error(call_id: u64, status: &Status) -> pb::CallAnswer {
+    fn answer(call_id: u64, answered: Result<Self::Answered, Status>) -> pb::CallAnswer {
         pb::CallAnswer {
             call_id,
-            answer: Some(pb::call_answer::Answer::Error(call_error(status))),
+            answer: Some(
+                answered
+                    .unwrap_or_else(|status| pb::call_answer::Answer::Error(call_error(&status))),
+            ),
         }
     }
 }
@@ -114,6 +120,7 @@ where
 }
 
 /// Serves one stream of calls of any service: reads each call, has `answer` answer it
+/// (with what the unary call gives: its response's place in the answer, or its status)
 /// in a task of its own, and sends the answers in the order they are ready (see the
 /// module's invariants for the bounds, the caller's going and the server's stop).
 pub fn serve_calls<M, F, Fut>(
@@ -125,7 +132,7 @@ pub fn serve_calls<M, F, Fut>(
 where
     M: CallMessages,
     F: Fn(StreamContext, M::Call) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = M::Answer> + Send + 'static,
+    Fut: Future<Output = Result<M::Answered, Status>> + Send + 'static,
 {
     let max_in_flight = max_in_flight.max(1);
     let (metadata, extensions, mut calls) = request.into_parts();
@@ -172,9 +179,12 @@ where
             let answering = std::panic::AssertUnwindSafe(answer(stream.clone(), call));
             tokio::spawn(async move {
                 let answer = tokio::select! {
-                    answer = answering.catch_unwind() => answer.unwrap_or_else(|_| {
-                        M::error(call_id, &Status::internal("the call's handler panicked"))
-                    }),
+                    answer = answering.catch_unwind() => M::answer(
+                        call_id,
+                        answer.unwrap_or_else(|_| {
+                            Err(Status::internal("the call's handler panicked"))
+                        }),
+                    ),
                     // The caller has gone: its call is dropped, as a unary call's is.
                     () = answers.closed() => return,
                 };
@@ -212,17 +222,16 @@ pub fn status_of(error: pb::CallError, server: &str) -> Status {
     Status::with_details(error.code.into(), error.message, error.details.into())
 }
 
-/// The answer to one call of the stream: its unary method's, or its status as an error.
+/// What one call of the stream gives: its unary method's response, or its status.
 async fn answer<T: ParticipantRpc>(
     service: &T,
     stream: &StreamContext,
     call: pb::CallRequest,
-) -> pb::CallAnswer {
+) -> Result<pb::call_answer::Answer, Status> {
     use pb::call_answer::Answer;
     use pb::call_request::Call;
-    let call_id = call.call_id;
     let (traceparent, tracestate) = (call.traceparent.as_str(), call.tracestate.as_str());
-    let answer = match call.call {
+    match call.call {
         Some(Call::Prepare(message)) => service
             .prepare(stream.request(traceparent, tracestate, message))
             .await
@@ -242,13 +251,6 @@ async fn answer<T: ParticipantRpc>(
         None => Err(Status::invalid_argument(
             "call: one of prepare, commit, abort or compensate is required",
         )),
-    };
-    match answer {
-        Ok(answer) => pb::CallAnswer {
-            call_id,
-            answer: Some(answer),
-        },
-        Err(status) => ParticipantCalls::error(call_id, &status),
     }
 }
 

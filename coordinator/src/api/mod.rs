@@ -630,17 +630,18 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
 }
 
 impl CoordinatorService {
-    /// The answer to one call of a `Calls` stream: its unary method's, or its status.
+    /// What one call of a `Calls` stream gives: its unary method's response, or its
+    /// status.
     async fn answer_call(
         &self,
         stream: &StreamContext,
         call: proto::TransactionCall,
-    ) -> proto::TransactionAnswer {
+    ) -> Result<proto::transaction_answer::Answer, Status> {
         use proto::coordinator_server::Coordinator;
         use proto::transaction_answer::Answer;
         use proto::transaction_call::Call;
         let (traceparent, tracestate) = (call.traceparent.as_str(), call.tracestate.as_str());
-        let answer = match call.call {
+        match call.call {
             Some(Call::Begin(message)) => self
                 .begin(stream.request(traceparent, tracestate, message))
                 .await
@@ -676,13 +677,6 @@ impl CoordinatorService {
             None => Err(Status::invalid_argument(
                 "call: one of begin, enlist, commit, abort, submit_saga or cancel_saga is required",
             )),
-        };
-        match answer {
-            Ok(answer) => proto::TransactionAnswer {
-                call_id: call.call_id,
-                answer: Some(answer),
-            },
-            Err(status) => TransactionCalls::error(call.call_id, &status),
         }
     }
 }
@@ -692,16 +686,19 @@ struct TransactionCalls;
 
 impl CallMessages for TransactionCalls {
     type Call = proto::TransactionCall;
+    type Answered = proto::transaction_answer::Answer;
     type Answer = proto::TransactionAnswer;
 
     fn call_id(call: &proto::TransactionCall) -> u64 {
         call.call_id
     }
 
-    fn error(call_id: u64, status: &Status) -> proto::TransactionAnswer {
+    fn answer(call_id: u64, answered: Result<Self::Answered, Status>) -> Self::Answer {
         proto::TransactionAnswer {
             call_id,
-            answer: Some(proto::transaction_answer::Answer::Error(call_error(status))),
+            answer: Some(answered.unwrap_or_else(|status| {
+                proto::transaction_answer::Answer::Error(call_error(&status))
+            })),
         }
     }
 }
