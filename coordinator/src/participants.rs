@@ -30,6 +30,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::participant_client::ParticipantClient;
 use treaty_sdk::auth::Credentials;
+use treaty_sdk::call_stream_client::call_or_unary;
 use treaty_sdk::limits::truncate_reason;
 use treaty_sdk::trace::TraceContext;
 
@@ -405,24 +406,17 @@ impl Participants {
         F: FnOnce(Client, tonic::Request<T>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T::Response>, tonic::Status>>,
     {
-        let answer = async {
-            let message = match &peer.stream {
-                Some(stream) => {
-                    let open = |requests| {
-                        let mut client = peer.client.clone();
-                        async move { client.calls(tonic::Request::new(requests)).await }
-                    };
-                    match stream.call(open, message, call.trace.as_ref()).await {
-                        Ok(answer) => return answer,
-                        Err(message) => message,
-                    }
-                }
-                None => message,
-            };
-            unary(peer.client.clone(), call.request(message))
-                .await
-                .map(tonic::Response::into_inner)
+        let open = |requests| {
+            let mut client = peer.client.clone();
+            async move { client.calls(tonic::Request::new(requests)).await }
         };
+        let answer = call_or_unary(
+            peer.stream.as_ref(),
+            open,
+            message,
+            call.trace.as_ref(),
+            |message| unary(peer.client.clone(), call.request(message)),
+        );
         match tokio::time::timeout(call.timeout, answer).await {
             Ok(Ok(response)) => (CallResult::ok, Ok(response)),
             Ok(Err(status)) => {

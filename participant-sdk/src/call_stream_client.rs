@@ -415,6 +415,35 @@ impl<P: CallsProtocol> State<P> {
     }
 }
 
+/// One call: on `stream` (opened with `open` if none is open), or with `unary`, which
+/// gets the request back, when there is no stream or it cannot carry the call.
+pub async fn call_or_unary<P, T, O, OpenFut, U, UnaryFut>(
+    stream: Option<&CallStream<P>>,
+    open: O,
+    request: T,
+    trace: Option<&TraceContext>,
+    unary: U,
+) -> Result<T::Response, Status>
+where
+    P: CallsProtocol,
+    T: StreamedCall<P>,
+    O: Fn(ReceiverStream<P::Request>) -> OpenFut,
+    OpenFut: Future<Output = Result<tonic::Response<tonic::Streaming<P::Answer>>, Status>>
+        + Send
+        + 'static,
+    U: FnOnce(T) -> UnaryFut,
+    UnaryFut: Future<Output = Result<tonic::Response<T::Response>, Status>>,
+{
+    let request = match stream {
+        Some(stream) => match stream.call(open, request, trace).await {
+            Ok(answer) => return answer,
+            Err(request) => request,
+        },
+        None => request,
+    };
+    unary(request).await.map(tonic::Response::into_inner)
+}
+
 /// How calls to a server travel now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {

@@ -18,7 +18,7 @@ use treaty_proto::v1::coordinator_client::CoordinatorClient;
 
 use crate::auth::{BearerToken, Credentials};
 pub use crate::call_stream_client::Transport;
-use crate::call_stream_client::{CallStream, StreamedCall};
+use crate::call_stream_client::{CallStream, StreamedCall, call_or_unary};
 pub use crate::tls::ClientTlsFiles;
 use crate::trace::TraceContext;
 
@@ -468,22 +468,18 @@ impl TreatyClient {
         F: FnOnce(CoordinatorClient<Connection>, tonic::Request<T>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T::Response>, tonic::Status>>,
     {
-        let message = match &self.calls {
-            Some(calls) => {
-                let open = |requests| {
-                    let mut client = self.inner.clone();
-                    async move { client.calls(tonic::Request::new(requests)).await }
-                };
-                match calls.call(open, message, self.trace.as_ref()).await {
-                    Ok(answer) => return Ok(answer?),
-                    Err(message) => message,
-                }
-            }
-            None => message,
+        let open = |requests| {
+            let mut client = self.inner.clone();
+            async move { client.calls(tonic::Request::new(requests)).await }
         };
-        Ok(unary(self.inner.clone(), self.request(message))
-            .await?
-            .into_inner())
+        let answer = call_or_unary(
+            self.calls.as_deref(),
+            open,
+            message,
+            self.trace.as_ref(),
+            |message| unary(self.inner.clone(), self.request(message)),
+        );
+        Ok(answer.await?)
     }
 
     /// `message` as a request carrying this client's trace context.
