@@ -66,6 +66,24 @@ fn assert_one_trace(calls: &[Call], trace_id: &str, tracestate: Option<&str>) {
     assert_eq!(distinct.len(), ids.len(), "a span id used twice: {calls:?}");
 }
 
+/// Runs a 2PC of branches `a` and `b` at `endpoint` through `client` to its end (both
+/// vote YES, so it commits); returns its id.
+async fn commit_two_branches(client: &TreatyClient, endpoint: &str) -> String {
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![
+                BranchSpec::new("a", endpoint, "yes"),
+                BranchSpec::new("b", endpoint, "yes"),
+            ],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+    client.wait_until_finished(&id, PATIENCE).await.unwrap();
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traceparent_sent_with_begin_reaches_prepare_and_commit_and_their_retries() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,18 +92,7 @@ async fn a_traceparent_sent_with_begin_reaches_prepare_and_commit_and_their_retr
     // The first phase-2 commit fails: its retry must carry the trace too.
     participant.participant.fail_next_commits(1);
     let client = coordinator.client().await.with_trace(initiator_trace());
-    let (id, outcome) = client
-        .run_two_phase(
-            vec![
-                BranchSpec::new("a", &participant.endpoint, "yes"),
-                BranchSpec::new("b", &participant.endpoint, "yes"),
-            ],
-            BeginOptions::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
-    client.wait_until_finished(&id, PATIENCE).await.unwrap();
+    let id = commit_two_branches(&client, &participant.endpoint).await;
 
     let calls = calls_of(&participant, &id);
     for branch in ["a", "b"] {
@@ -98,19 +105,7 @@ async fn a_traceparent_sent_with_begin_reaches_prepare_and_commit_and_their_retr
     assert_one_trace(&calls, TRACE_ID, Some(TRACESTATE));
 
     // The same from a client whose calls are unary: the trace travels as metadata.
-    let unary = client.unary_only();
-    let (id, outcome) = unary
-        .run_two_phase(
-            vec![
-                BranchSpec::new("a", &participant.endpoint, "yes"),
-                BranchSpec::new("b", &participant.endpoint, "yes"),
-            ],
-            BeginOptions::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
-    unary.wait_until_finished(&id, PATIENCE).await.unwrap();
+    let id = commit_two_branches(&client.unary_only(), &participant.endpoint).await;
     let calls = calls_of(&participant, &id);
     assert_eq!(calls.len(), 4, "{calls:?}");
     assert_one_trace(&calls, TRACE_ID, Some(TRACESTATE));
