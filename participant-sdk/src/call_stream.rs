@@ -13,20 +13,28 @@
 //!   [`server_builder`](crate::connections::server_builder)'s connections: per stream);
 //!   a stream reads its next call and then waits for a place, so an idle stream holds
 //!   none;
-//! - every call read is answered on the stream: by its method, or INTERNAL if the
-//!   method panicked;
+//! - a call that only waits (for an outcome decided elsewhere) may trade its place for
+//!   one of the connection's `max_in_flight` waits ([`CallPlace`]), so that places are
+//!   held only by calls whose work ends on its own and the stream goes on reading (a
+//!   withdrawal among what it reads); an answer not yet sent still holds its place or
+//!   wait;
+//! - every call read is answered on the stream: by its method, INTERNAL if the method
+//!   panicked, or CANCELLED once its caller withdrew it (a protocol whose calls can be
+//!   withdrawals: [`CallMessages::withdraws`]); a withdrawal itself is not answered;
 //! - once the caller has gone (it dropped the stream, or its connection broke), the
-//!   calls it left are dropped as unary calls are when their caller goes: a participant's
-//!   operations still run to their end, as they do unary;
+//!   calls it left are dropped as unary calls are when their caller goes, and a call it
+//!   withdrew is dropped so at once: a participant's operations still run to their end,
+//!   as they do unary;
 //! - once the server is stopping, no further call is read: the stream ends when the
 //!   calls read so far are answered.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Extensions, Request, Response, Status, Streaming};
 use treaty_proto::v1 as pb;
@@ -71,6 +79,13 @@ pub trait CallMessages: 'static {
     type Answer: Send + 'static;
     /// The number the caller gave `call`.
     fn call_id(call: &Self::Call) -> u64;
+    /// Whether a call can be withdrawn (then the stream keeps, for each call being
+    /// answered, the means to withdraw it).
+    const WITHDRAWALS: bool = false;
+    /// Whether `call` is no call but the withdrawal of the one numbered as it is.
+    fn withdraws(_call: &Self::Call) -> bool {
+        false
+    }
     /// The answer to call `call_id`: what it gave, or its status as a `CallError`.
     fn answer(call_id: u64, answered: Result<Self::Answered, Status>) -> Self::Answer;
 }
@@ -99,6 +114,116 @@ impl CallMessages for ParticipantCalls {
     }
 }
 
+/// The messages of `Coordinator.Calls`.
+#[derive(Debug)]
+pub struct TransactionCalls;
+
+impl CallMessages for TransactionCalls {
+    type Call = pb::TransactionCall;
+    type Answered = pb::transaction_answer::Answer;
+    type Answer = pb::TransactionAnswer;
+
+    fn call_id(call: &pb::TransactionCall) -> u64 {
+        call.call_id
+    }
+
+    const WITHDRAWALS: bool = true;
+
+    fn withdraws(call: &pb::TransactionCall) -> bool {
+        matches!(call.call, Some(pb::transaction_call::Call::Withdraw(_)))
+    }
+
+    fn answer(call_id: u64, answered: Result<Self::Answered, Status>) -> pb::TransactionAnswer {
+        pb::TransactionAnswer {
+            call_id,
+            answer: Some(answered.unwrap_or_else(|status| {
+                pb::transaction_answer::Answer::Error(call_error(&status))
+            })),
+        }
+    }
+}
+
+/// What a call being answered holds: its place among the calls its connection's
+/// streams answer at once, or, once it traded that place for a wait, one of the
+/// connection's waits. Held until its answer is sent.
+#[derive(Debug, Clone)]
+pub struct CallPlace {
+    held: Arc<Mutex<Held>>,
+    waits: Arc<Semaphore>,
+}
+
+#[derive(Debug)]
+struct Held {
+    place: Option<OwnedSemaphorePermit>,
+    wait: Option<OwnedSemaphorePermit>,
+}
+
+impl CallPlace {
+    /// Takes one of the connection's waits, beside the place, for a call that is about
+    /// to wait for an outcome decided elsewhere; `false` if every wait is taken (the
+    /// caller then refuses the call, or waits in its place). Taking it before the work
+    /// that leads to the wait lets a call be refused before it changed anything.
+    pub fn take_wait(&self) -> bool {
+        let mut held = lock(&self.held);
+        if held.wait.is_some() {
+            return true;
+        }
+        match self.waits.clone().try_acquire_owned() {
+            Ok(wait) => {
+                held.wait = Some(wait);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Gives the place back, if the call holds a wait ([`take_wait`](Self::take_wait)):
+    /// from now on the call only waits, and another call can be answered in its place.
+    pub fn wait_without_place(&self) {
+        let mut held = lock(&self.held);
+        if held.wait.is_some() {
+            held.place = None;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The calls of one stream being answered, by number: how to withdraw each. Kept by the
+/// stream's reader alone; the calls answered since are swept out as the list grows, so
+/// it holds at most about twice the calls in progress (their places and waits).
+#[derive(Default)]
+struct Withdrawals {
+    calls: HashMap<u64, oneshot::Sender<()>>,
+    sweep_at_len: usize,
+}
+
+/// The least length at which [`Withdrawals`] are swept.
+const MIN_WITHDRAWALS_SWEPT: usize = 64;
+
+impl Withdrawals {
+    /// Lists call `call_id`; the receiver resolves once it is withdrawn.
+    fn list(&mut self, call_id: u64) -> oneshot::Receiver<()> {
+        if self.calls.len() >= self.sweep_at_len {
+            // A call's receiver is gone once its answering ended.
+            self.calls.retain(|_, withdraw| !withdraw.is_closed());
+            self.sweep_at_len = (2 * self.calls.len()).max(MIN_WITHDRAWALS_SWEPT);
+        }
+        let (withdraw, withdrawn) = oneshot::channel();
+        self.calls.insert(call_id, withdraw);
+        withdrawn
+    }
+
+    /// Withdraws call `call_id`, if it is being answered.
+    fn withdraw(&mut self, call_id: u64) {
+        if let Some(withdraw) = self.calls.remove(&call_id) {
+            let _ = withdraw.send(());
+        }
+    }
+}
+
 /// Serves one `Calls` stream with `service`'s unary methods, at most `max_in_flight`
 /// calls at once. `stopping` must turn true when the server stops: no further call is
 /// read then, and the stream ends once those read are answered (a graceful shutdown
@@ -113,16 +238,22 @@ pub fn serve<T>(
 where
     T: ParticipantRpc + Clone,
 {
-    serve_calls::<ParticipantCalls, _, _>(request, stopping, max_in_flight, move |stream, call| {
-        let service = service.clone();
-        async move { answer(&service, &stream, call).await }
-    })
+    serve_calls::<ParticipantCalls, _, _>(
+        request,
+        stopping,
+        max_in_flight,
+        move |stream, call, _place| {
+            let service = service.clone();
+            async move { answer(&service, &stream, call).await }
+        },
+    )
 }
 
 /// Serves one stream of calls of any service: reads each call, has `answer` answer it
 /// (with what the unary call gives: its response's place in the answer, or its status)
 /// in a task of its own, and sends the answers in the order they are ready (see the
-/// module's invariants for the bounds, the caller's going and the server's stop).
+/// module's invariants for the bounds, withdrawals, the caller's going and the server's
+/// stop). `answer` gets the call's [`CallPlace`] too, to trade it for a wait.
 pub fn serve_calls<M, F, Fut>(
     request: Request<Streaming<M::Call>>,
     mut stopping: watch::Receiver<bool>,
@@ -131,15 +262,22 @@ pub fn serve_calls<M, F, Fut>(
 ) -> Response<Answers<M::Answer>>
 where
     M: CallMessages,
-    F: Fn(StreamContext, M::Call) -> Fut + Send + Sync + 'static,
+    F: Fn(StreamContext, M::Call, CallPlace) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<M::Answered, Status>> + Send + 'static,
 {
     let max_in_flight = max_in_flight.max(1);
     let (metadata, extensions, mut calls) = request.into_parts();
-    let in_flight = match extensions.get::<ConnectionInfo>() {
-        Some(connection) => connection.stream_call_places(max_in_flight),
-        None => Arc::new(Semaphore::new(max_in_flight)),
+    let (in_flight, waits) = match extensions.get::<ConnectionInfo>() {
+        Some(connection) => (
+            connection.stream_call_places(max_in_flight),
+            connection.stream_call_waits(max_in_flight),
+        ),
+        None => (
+            Arc::new(Semaphore::new(max_in_flight)),
+            Arc::new(Semaphore::new(max_in_flight)),
+        ),
     };
+    let mut withdrawals = Withdrawals::default();
     let stream = StreamContext {
         metadata: Arc::new(metadata),
         extensions: Arc::new(extensions),
@@ -169,34 +307,60 @@ where
                     return;
                 }
             };
+            let call_id = M::call_id(&call);
+            if M::withdraws(&call) {
+                // Needs no place. A call already answered is not withdrawn.
+                withdrawals.withdraw(call_id);
+                continue;
+            }
             // A call read is answered, even once the server is stopping: its place comes
             // when one of the calls being answered is.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;
             };
-            let call_id = M::call_id(&call);
+            let place = CallPlace {
+                held: Arc::new(Mutex::new(Held {
+                    place: Some(permit),
+                    wait: None,
+                })),
+                waits: waits.clone(),
+            };
+            let withdrawn = M::WITHDRAWALS.then(|| withdrawals.list(call_id));
             let answers = answers.clone();
-            let answering = std::panic::AssertUnwindSafe(answer(stream.clone(), call));
+            let answering =
+                std::panic::AssertUnwindSafe(answer(stream.clone(), call, place.clone()));
             tokio::spawn(async move {
-                let answer = tokio::select! {
-                    answer = answering.catch_unwind() => M::answer(
-                        call_id,
-                        answer.unwrap_or_else(|_| {
-                            Err(Status::internal("the call's handler panicked"))
-                        }),
-                    ),
+                let answered = tokio::select! {
+                    answered = answering.catch_unwind() => answered.unwrap_or_else(|_| {
+                        Err(Status::internal("the call's handler panicked"))
+                    }),
+                    Some(Ok(())) = withdrawal(withdrawn) => {
+                        Err(Status::cancelled("the call was withdrawn by its caller"))
+                    }
                     // The caller has gone: its call is dropped, as a unary call's is.
                     () = answers.closed() => return,
                 };
                 // A send fails only when the caller has gone: nobody to tell.
-                let _ = answers.send(Ok(answer)).await;
-                drop(permit);
+                let _ = answers.send(Ok(M::answer(call_id, answered))).await;
+                drop(place);
             });
         }
     });
     Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
         answered,
     )))
+}
+
+/// The withdrawal of a call, if the protocol has them: resolves `Some(Ok(()))` once the
+/// call is withdrawn, `Some(Err(_))` if its listing is gone (its number taken by a later
+/// call, or the reader ended), never without one.
+async fn withdrawal(
+    withdrawn: Option<oneshot::Receiver<()>>,
+) -> Option<Result<(), oneshot::error::RecvError>> {
+    match withdrawn {
+        Some(withdrawn) => Some(withdrawn.await),
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves once `stopping` is true, or its sender is gone (the server with it).

@@ -15,7 +15,10 @@
 //! - a call sent on a stream gets exactly one outcome: its answer; a failure without an
 //!   answer when the stream ends first; or, when the server refuses the stream with
 //!   UNIMPLEMENTED (it read none of it), its request back to be sent unary;
-//! - a caller that gives up (its deadline) takes its call out of the waiting ones;
+//! - a caller that gives up (its deadline) takes its call out of the waiting ones and,
+//!   where the protocol has withdrawals ([`CallsProtocol::withdrawal`]) and the call
+//!   was sent, sends its withdrawal, so that the server stops answering it as it stops a
+//!   unary call whose caller went;
 //! - a call that was never sent (its stream ended first) is sent on a new stream, once;
 //! - a stream that ended is never used again: the next call opens another. A stream
 //!   with no call sent and none waiting for [`CLOSE_IDLE_AFTER`] (twice that at most,
@@ -65,6 +68,10 @@ pub trait CallsProtocol: 'static {
     fn call_of(request: Self::Request) -> Option<Self::Call>;
     /// The number of the call `answer` answers, and what it says.
     fn answered(answer: Self::Answer) -> (u64, Result<Self::Answered, Status>);
+    /// The withdrawal of call `call_id`, if the protocol has withdrawals.
+    fn withdrawal(_call_id: u64) -> Option<Self::Request> {
+        None
+    }
 }
 
 /// A unary request that can travel on a stream of protocol `P`, and its answer's place
@@ -81,10 +88,12 @@ pub trait StreamedCall<P: CallsProtocol>: Sized + Clone {
 /// Implements [`CallsProtocol`] for `$protocol`, whose calls travel as `$request`
 /// messages (fields `call_id`, `traceparent`, `tracestate`, `call`) and are answered by
 /// `$answer` messages (fields `call_id`, `answer`, whose `Error` is a `CallError`);
-/// `$server` names the server in the errors the caller makes of its answers.
+/// `$server` names the server in the errors the caller makes of its answers. With
+/// `withdraw = $withdraw`, a call is withdrawn by a request of the same number that
+/// carries `$withdraw` as its call.
 #[macro_export]
 macro_rules! calls_protocol {
-    ($protocol:ty, $($request:ident)::+, $($answer:ident)::+, $($call:ident)::+, $($answered:ident)::+, $server:literal) => {
+    ($protocol:ty, $($request:ident)::+, $($answer:ident)::+, $($call:ident)::+, $($answered:ident)::+, $server:literal $(, withdraw = $withdraw:expr)?) => {
         impl $crate::call_stream_client::CallsProtocol for $protocol {
             const SERVER: &'static str = $server;
             type Request = $($request)::+;
@@ -123,6 +132,12 @@ macro_rules! calls_protocol {
                 };
                 (answer.call_id, outcome)
             }
+
+            $(
+                fn withdrawal(call_id: u64) -> Option<Self::Request> {
+                    Some(Self::request(call_id, None, $withdraw))
+                }
+            )?
         }
     };
 }
@@ -232,15 +247,35 @@ enum Outcome<P: CallsProtocol> {
     Unary,
 }
 
-/// Takes a call out of the waiting ones when its caller stops waiting.
+/// Takes a call out of the waiting ones when its caller stops waiting, and withdraws it
+/// if it was sent and not answered.
 struct StopWaiting<'a, P: CallsProtocol> {
     shared: &'a Shared<P>,
     call_id: u64,
+    sent: bool,
 }
 
 impl<P: CallsProtocol> Drop for StopWaiting<'_, P> {
     fn drop(&mut self) {
-        lock(&self.shared.waiting).calls.remove(&self.call_id);
+        let mut waiting = lock(&self.shared.waiting);
+        let unanswered = waiting.calls.remove(&self.call_id).is_some();
+        if !(self.sent && unanswered) {
+            return;
+        }
+        let (Some(requests), Some(withdrawal)) =
+            (waiting.requests.clone(), P::withdrawal(self.call_id))
+        else {
+            return;
+        };
+        drop(waiting);
+        if let Err(mpsc::error::TrySendError::Full(withdrawal)) = requests.try_send(withdrawal) {
+            // Behind a full queue: sent when there is room, if a runtime is there to.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = requests.send(withdrawal).await;
+                });
+            }
+        }
     }
 }
 
@@ -309,9 +344,10 @@ impl<P: CallsProtocol> CallStream<P> {
                 waiting.calls.insert(call_id, answered);
                 (requests, waiting.confirmed)
             };
-            let _stop_waiting = StopWaiting {
+            let mut stop_waiting = StopWaiting {
                 shared: &stream.shared,
                 call_id,
+                sent: false,
             };
             // Until the server has shown it serves the stream, it may refuse the whole
             // stream, and the call then goes unary.
@@ -319,6 +355,7 @@ impl<P: CallsProtocol> CallStream<P> {
             let message = P::request(call_id, trace, request.into_call());
             let sent = requests.send(message).await;
             drop(requests);
+            stop_waiting.sent = sent.is_ok();
             if let Err(unsent) = sent {
                 // Nothing more can go out on it: the next attempt opens another (its
                 // delivering task still gives the calls sent on it their outcomes).

@@ -260,6 +260,20 @@ impl ClientError {
         self.unknown_transaction().is_some()
     }
 
+    /// A waiting SubmitSaga on the stream found every wait of its connection taken (the
+    /// status's `google.rpc.ErrorInfo`, reason `STREAM_WAITS_TAKEN`): nothing was
+    /// submitted.
+    fn is_stream_waits_taken(&self) -> bool {
+        use tonic_types::StatusExt;
+        use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
+        let ClientError::Status(status) = self else {
+            return false;
+        };
+        status
+            .get_details_error_info()
+            .is_some_and(|info| info.domain == DOMAIN && info.reason == STREAM_WAITS_TAKEN)
+    }
+
     /// The id of the transaction the coordinator said it has no record of, read from the
     /// status's `google.rpc.ErrorInfo` (reason `UNKNOWN_TRANSACTION`, domain `treaty.v1`).
     pub fn unknown_transaction(&self) -> Option<String> {
@@ -340,7 +354,8 @@ crate::calls_protocol!(
     pb::TransactionAnswer,
     pb::transaction_call::Call,
     pb::transaction_answer::Answer,
-    "the coordinator"
+    "the coordinator",
+    withdraw = pb::transaction_call::Call::Withdraw(pb::WithdrawCall {})
 );
 
 macro_rules! coordinator_call {
@@ -365,15 +380,15 @@ coordinator_call!(pb::CancelSagaRequest, pb::CancelSagaResponse, CancelSaga);
 
 /// A connection to one coordinator. Cheap to clone; clones share the connection.
 ///
-/// Begin, Enlist, Commit, Abort, CancelSaga and SubmitSaga (unless it waits for the
-/// outcome) travel on one `Coordinator.Calls` stream shared by the clones, where the
-/// coordinator serves it: each costs a fraction of a unary call's CPU at both ends. A
-/// coordinator that does not serve it gets unary calls, as does a client made with
-/// [`unary_only`](Self::unary_only). A call whose caller stops waiting for it still runs
-/// to its end at the coordinator (a unary call is dropped there instead; every call on
-/// the stream ends once its outcome is decided): that is why a submit that waits for the
-/// saga's outcome, which may take long, stays unary. A call that gets no answer (the
-/// coordinator out of reach, the stream broken) fails UNAVAILABLE, as unary.
+/// Begin, Enlist, Commit, Abort, SubmitSaga and CancelSaga travel on one
+/// `Coordinator.Calls` stream shared by the clones, where the coordinator serves it:
+/// each costs a fraction of a unary call's CPU at both ends. A coordinator that does
+/// not serve it gets unary calls, as does a client made with
+/// [`unary_only`](Self::unary_only). A call whose caller stops waiting for it is
+/// withdrawn, and the coordinator cancels it as it cancels a unary call whose caller
+/// went. A submit that waits for the saga's outcome while every wait the coordinator
+/// keeps for the connection is taken is sent unary instead. A call that gets no answer
+/// (the coordinator out of reach, the stream broken) fails UNAVAILABLE, as unary.
 #[derive(Debug, Clone)]
 pub struct TreatyClient {
     inner: CoordinatorClient<Connection>,
@@ -667,15 +682,17 @@ impl TreatyClient {
             wait_for_outcome: options.wait_for_outcome,
             deadline_unix_ms: options.deadline_unix_ms.unwrap_or(0),
         };
-        // A wait for the outcome stays unary: see the type's doc.
-        let client = if request.wait_for_outcome {
-            self.unary_only()
-        } else {
-            self.clone()
+        let unary = |mut client: CoordinatorClient<Connection>, request| async move {
+            client.submit_saga(request).await
         };
-        let response = client
-            .send(request, |mut c, r| async move { c.submit_saga(r).await })
-            .await?;
+        // Refused only before anything was submitted: then it waits unary.
+        let if_waits_taken = request.wait_for_outcome.then(|| request.clone());
+        let response = match (self.send(request, unary).await, if_waits_taken) {
+            (Err(error), Some(request)) if error.is_stream_waits_taken() => {
+                self.unary_only().send(request, unary).await?
+            }
+            (answer, _) => answer?,
+        };
         let transaction = response
             .transaction
             .ok_or_else(|| ClientError::UnknownValue("a submit answer without the saga".into()))?;

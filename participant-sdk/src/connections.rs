@@ -91,6 +91,9 @@ pub struct ConnectionInfo {
     /// The places of the calls being answered on this connection's calls streams, all
     /// streams together (made with the first stream's bound).
     pub(crate) stream_calls: Arc<std::sync::OnceLock<Arc<tokio::sync::Semaphore>>>,
+    /// The waits of calls that gave their place back to wait for an outcome, all streams
+    /// together (made with the first stream's bound).
+    pub(crate) stream_waits: Arc<std::sync::OnceLock<Arc<tokio::sync::Semaphore>>>,
 }
 
 impl ConnectionInfo {
@@ -99,6 +102,14 @@ impl ConnectionInfo {
     pub fn stream_call_places(&self, max_in_flight: usize) -> Arc<tokio::sync::Semaphore> {
         self.stream_calls
             .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1))))
+            .clone()
+    }
+
+    /// The waits shared by the calls streams of this connection (see
+    /// [`CallPlace`](crate::call_stream::CallPlace)): `max_waits` in all.
+    pub fn stream_call_waits(&self, max_waits: usize) -> Arc<tokio::sync::Semaphore> {
+        self.stream_waits
+            .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(max_waits.max(1))))
             .clone()
     }
 
@@ -144,6 +155,7 @@ impl Connection {
                 peer_names,
                 calls,
                 stream_calls: Arc::default(),
+                stream_waits: Arc::default(),
             },
             closed_for_idleness: false,
             _permit: permit,

@@ -32,4 +32,8 @@ pub mod error_info {
     pub const UNKNOWN_TRANSACTION: &str = "UNKNOWN_TRANSACTION";
     /// `metadata` key of [`UNKNOWN_TRANSACTION`]: the transaction's id.
     pub const TRANSACTION_ID: &str = "transaction_id";
+    /// `reason`: a SubmitSaga that waits for its outcome found every wait of its
+    /// connection's `Calls` streams taken; the status is RESOURCE_EXHAUSTED and nothing
+    /// was submitted. Sent unary, the same call waits as any unary call does.
+    pub const STREAM_WAITS_TAKEN: &str = "STREAM_WAITS_TAKEN";
 }

@@ -5,9 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tonic::Code;
+use tonic_types::StatusExt;
 use treaty_proto::v1 as pb;
 use treaty_sdk::client::{
     BeginOptions, BranchSpec, ClientError, ClientOptions, Outcome, SagaStep, SubmitOptions,
@@ -105,6 +108,27 @@ async fn what_the_calls_give(client: &TreatyClient, endpoint: &str, tag: &str) -
         status.message().split(':').next().unwrap()
     ));
 
+    // Sagas submitted to wait for their outcome: one completes, one is compensated.
+    for script in ["yes", "no"] {
+        let saga = client
+            .submit_saga(
+                vec![
+                    SagaStep::new("s1", endpoint, "yes"),
+                    SagaStep::new("s2", endpoint, script).after(["s1"]),
+                ],
+                SubmitOptions {
+                    wait_for_outcome: true,
+                    ..SubmitOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+        seen.push(format!(
+            "submit and wait, {script}: {:?}",
+            pb::TransactionState::try_from(saga.transaction.state).unwrap()
+        ));
+    }
+
     // A saga submitted without waiting, then cancelled.
     let submitted = client
         .submit_saga(
@@ -161,6 +185,8 @@ async fn the_clients_calls_on_the_stream_are_answered_as_unary_calls_are() {
             format!("unknown: Some(InvalidArgument) Some(\"{UNKNOWN_ID}\")"),
             "no branches: InvalidArgument branches".to_string(),
             "bad branch id: InvalidArgument branch.branch_id".to_string(),
+            "submit and wait, yes: Completed".to_string(),
+            "submit and wait, no: Compensated".to_string(),
             "submit: created true".to_string(),
             "cancel: same saga true".to_string(),
         ]
@@ -206,20 +232,26 @@ async fn a_call_on_the_stream_without_its_call_is_refused_under_its_number() {
             })),
             ..Default::default()
         },
-        // A wait for a saga's outcome is unary only.
+        // A submit that would wait, checked before anything is submitted.
         pb::TransactionCall {
             call_id: 9,
             call: Some(pb::transaction_call::Call::SubmitSaga(
                 pb::SubmitSagaRequest {
                     steps: vec![pb::SagaStep {
                         step_id: "s".into(),
-                        endpoint: "http://127.0.0.1:1".into(),
+                        endpoint: "not an endpoint".into(),
                         ..Default::default()
                     }],
                     wait_for_outcome: true,
                     ..Default::default()
                 },
             )),
+            ..Default::default()
+        },
+        // The withdrawal of a call the stream never had: not answered.
+        pb::TransactionCall {
+            call_id: 10,
+            call: Some(pb::transaction_call::Call::Withdraw(pb::WithdrawCall {})),
             ..Default::default()
         },
     ]);
@@ -246,9 +278,14 @@ async fn a_call_on_the_stream_without_its_call_is_refused_under_its_number() {
         vec![
             (7, "call".to_string()),
             (8, "transaction_id".to_string()),
-            (9, "wait_for_outcome".to_string())
+            (9, "steps[0].endpoint".to_string())
         ]
     );
+    // The stream ended after the three answers: the withdrawal got none.
+    let end = tokio::time::timeout(Duration::from_secs(30), answers.next())
+        .await
+        .expect("the stream ends");
+    assert!(end.is_none(), "an answer to a withdrawal: {end:?}");
     let (page, _) = TreatyClient::connect(coordinator.endpoint.clone())
         .await
         .unwrap()
@@ -383,10 +420,71 @@ async fn a_coordinator_out_of_reach_is_unavailable_on_the_stream_as_unary() {
 /// A stand-in coordinator that runs a Begin with `commit` (as committed, under an id that
 /// says how the call came) and answers everything else UNIMPLEMENTED: with `stream`, it
 /// serves Begin on the `Calls` stream only; without, unary only (a coordinator from
-/// before `Calls`).
-#[derive(Clone, Copy)]
+/// before `Calls`). A SubmitSaga that waits is answered unary, and on the stream unless
+/// `waits_taken` (then refused as a coordinator whose waits are all taken refuses it),
+/// under an id that says how it came. With `hanging`, its stream is served by the SDK's
+/// machinery instead and every call on it hangs, counted in `hanging` while it does.
+#[derive(Clone)]
 struct StandIn {
     stream: bool,
+    waits_taken: bool,
+    hanging: Option<Arc<AtomicUsize>>,
+    /// Never turns true: the stand-in's streams end with their caller.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl StandIn {
+    fn new(stream: bool, waits_taken: bool, hanging: Option<Arc<AtomicUsize>>) -> Self {
+        Self {
+            stream,
+            waits_taken,
+            hanging,
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    /// Serves it on a port of its own until the returned stop is called.
+    async fn serve(self) -> (String, impl AsyncFnOnce()) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::coordinator_server::CoordinatorServer::new(self))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        let stop = async move || {
+            stop.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(60), server)
+                .await
+                .expect("the server stops")
+                .unwrap()
+                .unwrap();
+        };
+        (endpoint, stop)
+    }
+}
+
+/// Counts a hanging call until it is dropped.
+struct Hangs(Arc<AtomicUsize>);
+
+impl Drop for Hangs {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn submitted(transaction_id: &str) -> pb::SubmitSagaResponse {
+    pb::SubmitSagaResponse {
+        transaction_id: transaction_id.into(),
+        created: true,
+        transaction: Some(pb::Transaction::default()),
+    }
 }
 
 fn unimplemented<T>() -> Result<tonic::Response<T>, tonic::Status> {
@@ -451,9 +549,10 @@ impl pb::coordinator_server::Coordinator for StandIn {
     }
     async fn submit_saga(
         &self,
-        _: tonic::Request<pb::SubmitSagaRequest>,
+        request: tonic::Request<pb::SubmitSagaRequest>,
     ) -> Result<tonic::Response<pb::SubmitSagaResponse>, tonic::Status> {
-        unimplemented()
+        assert!(request.into_inner().wait_for_outcome);
+        Ok(tonic::Response::new(submitted("unary")))
     }
     async fn cancel_saga(
         &self,
@@ -472,15 +571,55 @@ impl pb::coordinator_server::Coordinator for StandIn {
         if !self.stream {
             return unimplemented();
         }
-        let answers = request.into_inner().map(|call| {
+        if let Some(hanging) = self.hanging.clone() {
+            let stopping = self.stopping.subscribe();
+            return Ok(treaty_sdk::call_stream::serve_calls::<
+                treaty_sdk::call_stream::TransactionCalls,
+                _,
+                _,
+            >(request, stopping, 4, move |_, _, _| {
+                hanging.fetch_add(1, Ordering::SeqCst);
+                let hangs = Hangs(hanging.clone());
+                async move {
+                    let _hangs = hangs;
+                    std::future::pending::<()>().await;
+                    unreachable!("a pending future ended")
+                }
+            }));
+        }
+        use pb::transaction_answer::Answer;
+        use pb::transaction_call::Call;
+        let waits_taken = self.waits_taken;
+        let answers = request.into_inner().map(move |call| {
             let call = call?;
-            let Some(pb::transaction_call::Call::Begin(begin)) = call.call else {
-                return Err(tonic::Status::unimplemented("only Begin"));
+            let answer = match call.call {
+                Some(Call::Begin(begin)) => {
+                    assert!(begin.commit);
+                    Answer::Begin(committed("stream"))
+                }
+                Some(Call::SubmitSaga(submit)) => {
+                    assert!(submit.wait_for_outcome);
+                    if waits_taken {
+                        use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
+                        let status = tonic::Status::with_error_details(
+                            Code::ResourceExhausted,
+                            "every wait is taken",
+                            tonic_types::ErrorDetails::with_error_info(
+                                STREAM_WAITS_TAKEN,
+                                DOMAIN,
+                                [],
+                            ),
+                        );
+                        Answer::Error(treaty_sdk::call_stream::call_error(&status))
+                    } else {
+                        Answer::SubmitSaga(submitted("stream"))
+                    }
+                }
+                _ => return Err(tonic::Status::unimplemented("only Begin and SubmitSaga")),
             };
-            assert!(begin.commit);
             Ok(pb::TransactionAnswer {
                 call_id: call.call_id,
-                answer: Some(pb::transaction_answer::Answer::Begin(committed("stream"))),
+                answer: Some(answer),
             })
         });
         Ok(tonic::Response::new(Box::pin(answers)))
@@ -497,25 +636,12 @@ fn committed(transaction_id: &str) -> pb::BeginResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_calls_on_the_stream_where_it_is_served_and_unary_where_not() {
-    for (stream, came, transport) in [
-        (true, "stream", Transport::Stream),
-        (false, "unary", Transport::Unary),
+    for (stream, waits_taken, came, waited, transport) in [
+        (true, false, "stream", "stream", Transport::Stream),
+        (true, true, "stream", "unary", Transport::Stream),
+        (false, false, "unary", "unary", Transport::Unary),
     ] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(pb::coordinator_server::CoordinatorServer::new(StandIn {
-                    stream,
-                }))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = stopped.await;
-                    },
-                ),
-        );
+        let (endpoint, stop) = StandIn::new(stream, waits_taken, None).serve().await;
         let client = TreatyClient::connect(endpoint).await.unwrap();
         let branches = || vec![BranchSpec::new("a", "http://127.0.0.1:1", "yes")];
         for _ in 0..3 {
@@ -525,13 +651,214 @@ async fn the_client_calls_on_the_stream_where_it_is_served_and_unary_where_not()
                 .unwrap();
             assert_eq!((id.as_str(), outcome), (came, Outcome::Committed));
             assert_eq!(client.transport(), transport);
+            // A submit that waits goes on the stream too, unless the coordinator says
+            // every wait is taken: then it goes again, unary.
+            let saga = client
+                .submit_saga(
+                    vec![SagaStep::new("s", "http://127.0.0.1:1", "yes")],
+                    SubmitOptions {
+                        wait_for_outcome: true,
+                        ..SubmitOptions::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(saga.transaction_id, waited);
+            assert_eq!(client.transport(), transport);
         }
         drop(client);
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(60), server)
+        stop().await;
+    }
+}
+
+/// The coordinator keeps 256 waits per connection for SubmitSagas that wait on the
+/// stream, apart from the 256 places of calls being answered: a wait holds no place,
+/// the 257th wait is refused before anything is submitted, and a withdrawn wait is
+/// cancelled and frees its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_on_the_stream_hold_no_place_are_bounded_and_are_withdrawn() {
+    use futures::StreamExt;
+    use pb::transaction_answer::Answer;
+    use pb::transaction_call::Call;
+    const WAITS: u64 = treaty_sdk::connections::MAX_CONCURRENT_STREAMS as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let client = coordinator.client().await;
+    let mut raw = pb::coordinator_client::CoordinatorClient::connect(coordinator.endpoint.clone())
+        .await
+        .unwrap();
+    let (calls, requests) = tokio::sync::mpsc::channel(2 * WAITS as usize);
+    let mut answers = raw
+        .calls(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_answer = async || {
+        tokio::time::timeout(Duration::from_secs(60), answers.next())
             .await
-            .expect("the server stops")
+            .expect("an answer in time")
+            .expect("the stream is open")
             .unwrap()
+    };
+    let call = |call_id: u64, call: Call| pb::TransactionCall {
+        call_id,
+        call: Some(call),
+        ..Default::default()
+    };
+    let waiting_submit = |key: &str, endpoint: &str| {
+        Call::SubmitSaga(pb::SubmitSagaRequest {
+            idempotency_key: key.to_string(),
+            steps: vec![pb::SagaStep {
+                step_id: "s".into(),
+                endpoint: endpoint.to_string(),
+                ..Default::default()
+            }],
+            wait_for_outcome: true,
+            ..Default::default()
+        })
+    };
+
+    // Sagas that never end: nothing listens on port 1, and compensations are retried
+    // without end. Each waits for its outcome.
+    for call_id in 1..=WAITS {
+        calls
+            .send(call(
+                call_id,
+                waiting_submit(&format!("stuck-{call_id}"), "http://127.0.0.1:1"),
+            ))
+            .await
             .unwrap();
     }
+    let sagas = || async {
+        let (page, _) = client.list(&[], 1000, "").await.unwrap();
+        page.len() as u64
+    };
+    eventually("every stuck saga is submitted", || async {
+        (sagas().await == WAITS).then_some(())
+    })
+    .await;
+
+    // Every wait is taken, yet a call is answered: the waits hold no place.
+    calls
+        .send(call(
+            1000,
+            Call::Begin(pb::BeginRequest {
+                branches: vec![pb::BranchSpec {
+                    branch_id: "a".into(),
+                    endpoint: participant.endpoint.clone(),
+                    payload: b"yes".to_vec(),
+                }],
+                commit: true,
+                ..Default::default()
+            }),
+        ))
+        .await
+        .unwrap();
+    let answer = next_answer().await;
+    assert_eq!(answer.call_id, 1000);
+    let Some(Answer::Begin(begun)) = answer.answer else {
+        panic!("not a Begin's answer: {answer:?}");
+    };
+    assert_eq!(begun.outcome, pb::Outcome::Committed as i32);
+
+    // One wait more is refused, machine-readably, and submits nothing.
+    calls
+        .send(call(
+            1001,
+            waiting_submit("one-too-many", &participant.endpoint),
+        ))
+        .await
+        .unwrap();
+    let answer = next_answer().await;
+    assert_eq!(answer.call_id, 1001);
+    let Some(Answer::Error(error)) = answer.answer else {
+        panic!("not refused: {answer:?}");
+    };
+    let status = treaty_sdk::call_stream::status_of(error, "the coordinator");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let info = status.get_details_error_info().expect("an ErrorInfo");
+    assert_eq!(
+        (info.domain.as_str(), info.reason.as_str()),
+        (
+            treaty_proto::error_info::DOMAIN,
+            treaty_proto::error_info::STREAM_WAITS_TAKEN
+        )
+    );
+    assert_eq!(sagas().await, WAITS + 1, "the stuck sagas and the 2PC only");
+
+    // Withdrawn, each wait is answered CANCELLED and frees its wait.
+    for call_id in 1..=WAITS {
+        calls
+            .send(call(call_id, Call::Withdraw(pb::WithdrawCall {})))
+            .await
+            .unwrap();
+    }
+    let mut cancelled = Vec::new();
+    for _ in 1..=WAITS {
+        let answer = next_answer().await;
+        let Some(Answer::Error(error)) = &answer.answer else {
+            panic!("not cancelled: {answer:?}");
+        };
+        assert_eq!(error.code, Code::Cancelled as i32, "{error:?}");
+        cancelled.push(answer.call_id);
+    }
+    cancelled.sort_unstable();
+    assert_eq!(cancelled, (1..=WAITS).collect::<Vec<_>>());
+    calls
+        .send(call(1002, waiting_submit("after", &participant.endpoint)))
+        .await
+        .unwrap();
+    let answer = next_answer().await;
+    assert_eq!(answer.call_id, 1002);
+    let Some(Answer::SubmitSaga(saga)) = answer.answer else {
+        panic!("not a submit's answer: {answer:?}");
+    };
+    assert_eq!(
+        saga.transaction.unwrap().state,
+        pb::TransactionState::Completed as i32
+    );
+
+    drop(calls);
+    coordinator.stop().await.unwrap();
+    participant.stop().await;
+}
+
+/// A caller that stops waiting for a call on the stream withdraws it: the server drops
+/// the call, as it drops a unary call whose caller went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_caller_stops_waiting_is_withdrawn() {
+    let hanging = Arc::new(AtomicUsize::new(0));
+    let (endpoint, stop) = StandIn::new(true, false, Some(hanging.clone()))
+        .serve()
+        .await;
+    let client = TreatyClient::connect(endpoint).await.unwrap();
+    // More rounds than the stand-in's 4 places: a call left hanging would hold one.
+    for round in 0..6 {
+        let caller = client.clone();
+        let waiting =
+            tokio::spawn(async move { caller.begin(BeginOptions::default(), Vec::new()).await });
+        let count = hanging.clone();
+        eventually(
+            &format!("round {round}: the call hangs at the server"),
+            || {
+                let count = count.clone();
+                async move { (count.load(Ordering::SeqCst) == 1).then_some(()) }
+            },
+        )
+        .await;
+        waiting.abort();
+        let count = hanging.clone();
+        eventually(
+            &format!("round {round}: the withdrawn call is dropped"),
+            || {
+                let count = count.clone();
+                async move { (count.load(Ordering::SeqCst) == 0).then_some(()) }
+            },
+        )
+        .await;
+        assert_eq!(client.transport(), Transport::Stream);
+    }
+    drop(client);
+    stop().await;
 }

@@ -12,9 +12,11 @@
 //! trace), never refused.
 //!
 //! `Calls` answers each call on it through the unary handler of its kind, with the
-//! stream's credentials, so that every check is the unary call's; a SubmitSaga that
-//! waits for the outcome is refused there (INVALID_ARGUMENT, `wait_for_outcome`): its
-//! wait may be as long as the saga's retries, and only a unary caller can give it up.
+//! stream's credentials, so that every check is the unary call's. A SubmitSaga that
+//! waits for the outcome (which may take as long as the saga's retries) waits there
+//! without a place once its saga is durable, in one of its connection's waits; with
+//! none left it is refused before anything is submitted (RESOURCE_EXHAUSTED, ErrorInfo
+//! `STREAM_WAITS_TAKEN`), and its caller sends it unary.
 
 pub mod admin;
 pub mod auth;
@@ -37,10 +39,12 @@ use crate::config::defaults;
 use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::twopc::Refusal;
 use crate::model::{TxnId, TxnRecord, TxnState};
-use crate::runtime::{BeginParams, Decision, ListFilter, Runtime, RuntimeError, now_unix_ms};
+use crate::runtime::{
+    BeginParams, Decision, ListFilter, Runtime, RuntimeError, Submitted, now_unix_ms,
+};
 use auth::Authenticator;
 use treaty_sdk::auth::Principal;
-use treaty_sdk::call_stream::{Answers, CallMessages, StreamContext, call_error, serve_calls};
+use treaty_sdk::call_stream::{Answers, CallPlace, StreamContext, TransactionCalls, serve_calls};
 use treaty_sdk::connections::MAX_CONCURRENT_STREAMS;
 
 /// Limits and defaults the API applies to requests.
@@ -274,6 +278,21 @@ fn unknown_transaction(id: TxnId, error: &RuntimeError) -> Status {
     )
 }
 
+/// A waiting SubmitSaga on a `Calls` stream that found every wait of its connection
+/// taken: RESOURCE_EXHAUSTED with an `ErrorInfo` (reason STREAM_WAITS_TAKEN) by which
+/// the SDK's client knows to send it unary. Nothing was submitted.
+fn stream_waits_taken() -> Status {
+    use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "every one of this connection's {MAX_CONCURRENT_STREAMS} waits on Calls streams is taken: \
+             submit unary to wait for the outcome"
+        ),
+        ErrorDetails::with_error_info(STREAM_WAITS_TAKEN, DOMAIN, []),
+    )
+}
+
 fn outcome_of(record: &TxnRecord) -> proto::CommitResponse {
     if record.state.is_commit() {
         proto::CommitResponse {
@@ -504,55 +523,9 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::SubmitSagaRequest>,
     ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
-        let principal = self.auth.authenticate(&request)?;
-        let trace = TraceContext::from_metadata(request.metadata());
-        let request = request.into_inner();
-        self.check_scheme(request.steps.iter().enumerate().map(|(i, s)| {
-            (
-                pb::ItemField::new("steps", i, "endpoint"),
-                s.endpoint.as_str(),
-            )
-        }))?;
-        let wait_for_outcome = request.wait_for_outcome;
-        let has_key = !request.idempotency_key.is_empty();
-        // A retry with the same key after the deadline passed must still find the saga
-        // it submitted: the runtime answers that one, and refuses only a new saga.
-        let (deadline_unix_ms, refused_if_new) = match request.deadline_unix_ms {
-            0 => (None, None),
-            requested => match self.deadline(requested) {
-                Ok(deadline) => (Some(deadline), None),
-                Err(error) if has_key && requested <= now_unix_ms() => (None, Some(error)),
-                Err(error) => return Err(invalid(error)),
-            },
-        };
-        let mut params =
-            saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
-                .map_err(invalid)?;
-        params.owner = owner_of(&principal);
-        params.trace = trace;
-        params.deadline_unix_ms = deadline_unix_ms;
-        params.refused_if_new = refused_if_new;
-        params.idempotency_key = params
-            .idempotency_key
-            .map(|key| scoped_key(params.owner.as_deref(), key));
-        let mut submitted = self.runtime.submit_saga(params).await.map_err(status_of)?;
-        if wait_for_outcome {
-            let mut stopping = self.stopping.clone();
-            tokio::select! {
-                finished = submitted.updates.wait_for(|record| record.state.is_final()) => {
-                    finished.map_err(|_| status_of(RuntimeError::ShuttingDown))?;
-                }
-                _ = stopping.wait_for(|stopping| *stopping) => {
-                    return Err(status_of(RuntimeError::ShuttingDown));
-                }
-            }
-        }
-        let record = submitted.updates.borrow().clone();
-        Ok(Response::new(proto::SubmitSagaResponse {
-            transaction_id: submitted.id.to_string(),
-            created: submitted.created,
-            transaction: Some(pb::transaction_to_pb(&record)),
-        }))
+        let wait_for_outcome = request.get_ref().wait_for_outcome;
+        let submitted = self.submit(request).await?;
+        self.answer_submit(submitted, wait_for_outcome).await
     }
 
     async fn cancel_saga(
@@ -600,9 +573,9 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             request,
             self.stopping.clone(),
             MAX_CONCURRENT_STREAMS as usize,
-            move |stream, call| {
+            move |stream, call, place| {
                 let service = service.clone();
-                async move { service.answer_call(&stream, call).await }
+                async move { service.answer_call(&stream, call, &place).await }
             },
         ))
     }
@@ -630,12 +603,77 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
 }
 
 impl CoordinatorService {
+    /// A SubmitSaga's checks and the runtime's submit (its definition durable, or the
+    /// saga its idempotency key names found).
+    async fn submit(
+        &self,
+        request: Request<proto::SubmitSagaRequest>,
+    ) -> Result<Submitted, Status> {
+        let principal = self.auth.authenticate(&request)?;
+        let trace = TraceContext::from_metadata(request.metadata());
+        let request = request.into_inner();
+        self.check_scheme(request.steps.iter().enumerate().map(|(i, s)| {
+            (
+                pb::ItemField::new("steps", i, "endpoint"),
+                s.endpoint.as_str(),
+            )
+        }))?;
+        let has_key = !request.idempotency_key.is_empty();
+        // A retry with the same key after the deadline passed must still find the saga
+        // it submitted: the runtime answers that one, and refuses only a new saga.
+        let (deadline_unix_ms, refused_if_new) = match request.deadline_unix_ms {
+            0 => (None, None),
+            requested => match self.deadline(requested) {
+                Ok(deadline) => (Some(deadline), None),
+                Err(error) if has_key && requested <= now_unix_ms() => (None, Some(error)),
+                Err(error) => return Err(invalid(error)),
+            },
+        };
+        let mut params =
+            saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
+                .map_err(invalid)?;
+        params.owner = owner_of(&principal);
+        params.trace = trace;
+        params.deadline_unix_ms = deadline_unix_ms;
+        params.refused_if_new = refused_if_new;
+        params.idempotency_key = params
+            .idempotency_key
+            .map(|key| scoped_key(params.owner.as_deref(), key));
+        self.runtime.submit_saga(params).await.map_err(status_of)
+    }
+
+    /// The answer to a submit: at once, or once the saga is final.
+    async fn answer_submit(
+        &self,
+        mut submitted: Submitted,
+        wait_for_outcome: bool,
+    ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
+        if wait_for_outcome {
+            let mut stopping = self.stopping.clone();
+            tokio::select! {
+                finished = submitted.updates.wait_for(|record| record.state.is_final()) => {
+                    finished.map_err(|_| status_of(RuntimeError::ShuttingDown))?;
+                }
+                _ = stopping.wait_for(|stopping| *stopping) => {
+                    return Err(status_of(RuntimeError::ShuttingDown));
+                }
+            }
+        }
+        let record = submitted.updates.borrow().clone();
+        Ok(Response::new(proto::SubmitSagaResponse {
+            transaction_id: submitted.id.to_string(),
+            created: submitted.created,
+            transaction: Some(pb::transaction_to_pb(&record)),
+        }))
+    }
+
     /// What one call of a `Calls` stream gives: its unary method's response, or its
     /// status.
     async fn answer_call(
         &self,
         stream: &StreamContext,
         call: proto::TransactionCall,
+        place: &CallPlace,
     ) -> Result<proto::transaction_answer::Answer, Status> {
         use proto::coordinator_server::Coordinator;
         use proto::transaction_answer::Answer;
@@ -658,13 +696,21 @@ impl CoordinatorService {
                 .abort(stream.request(traceparent, tracestate, message))
                 .await
                 .map(|r| Answer::Abort(r.into_inner())),
-            // A wait for the saga's outcome may be as long as its retries: unary, its
-            // caller can give it up; on the stream it would hold its place till the end.
+            // A wait for the saga's outcome may be as long as its retries: it waits
+            // without a place once the saga is durable, so that the places stay with
+            // calls whose work ends on its own and the stream reads on (a withdrawal of
+            // this wait among what it reads).
             Some(Call::SubmitSaga(message)) if message.wait_for_outcome => {
-                Err(invalid(FieldError::new(
-                    "wait_for_outcome",
-                    "not on the Calls stream: submit unary to wait for the outcome",
-                )))
+                if !place.take_wait() {
+                    return Err(stream_waits_taken());
+                }
+                let submitted = self
+                    .submit(stream.request(traceparent, tracestate, message))
+                    .await?;
+                place.wait_without_place();
+                self.answer_submit(submitted, true)
+                    .await
+                    .map(|r| Answer::SubmitSaga(r.into_inner()))
             }
             Some(Call::SubmitSaga(message)) => self
                 .submit_saga(stream.request(traceparent, tracestate, message))
@@ -674,31 +720,13 @@ impl CoordinatorService {
                 .cancel_saga(stream.request(traceparent, tracestate, message))
                 .await
                 .map(|r| Answer::CancelSaga(r.into_inner())),
+            // The stream's reader takes withdrawals itself: none is answered.
+            Some(Call::Withdraw(_)) => Err(Status::internal(
+                "a withdrawal was answered as a call (the stream's reader takes them)",
+            )),
             None => Err(Status::invalid_argument(
                 "call: one of begin, enlist, commit, abort, submit_saga or cancel_saga is required",
             )),
-        }
-    }
-}
-
-/// The messages of `Coordinator.Calls`.
-struct TransactionCalls;
-
-impl CallMessages for TransactionCalls {
-    type Call = proto::TransactionCall;
-    type Answered = proto::transaction_answer::Answer;
-    type Answer = proto::TransactionAnswer;
-
-    fn call_id(call: &proto::TransactionCall) -> u64 {
-        call.call_id
-    }
-
-    fn answer(call_id: u64, answered: Result<Self::Answered, Status>) -> Self::Answer {
-        proto::TransactionAnswer {
-            call_id,
-            answer: Some(answered.unwrap_or_else(|status| {
-                proto::transaction_answer::Answer::Error(call_error(&status))
-            })),
         }
     }
 }

@@ -182,12 +182,15 @@ class CoordinatorServicer:
         it costs a fraction of a unary call's CPU). Each call carries a number its caller
         chose and is answered exactly as the unary call would be, by an answer with the same
         number; answers come in the order they are ready. Credentials and peer identity are
-        the stream's, checked for every call. A SubmitSaga with `wait_for_outcome` is
-        refused on it (INVALID_ARGUMENT): send it unary, so that giving up the wait cancels
-        it. A call is not cancelled when its caller stops waiting for it, only when the
-        stream ends (as a unary call is when its caller goes). At most 256 calls of one
-        connection's streams are answered at once; a stream reads one call ahead and waits
-        for a place.
+        the stream's, checked for every call. A caller that stops waiting for a call sends
+        its withdrawal (`withdraw`), and the call is cancelled as a unary call is when its
+        caller goes; every call left is cancelled when the stream ends. At most 256 calls of
+        one connection's streams are answered at once; a stream reads one call ahead and
+        waits for a place. A SubmitSaga with `wait_for_outcome` gives its place back once
+        its saga is durable and then waits for the outcome in one of the connection's 256
+        waits; when all are taken, it is refused RESOURCE_EXHAUSTED before anything is
+        submitted, with a google.rpc.ErrorInfo of reason "STREAM_WAITS_TAKEN" (domain
+        "treaty.v1"): send it unary.
         A coordinator that answers the stream's start with UNIMPLEMENTED gets unary calls
         instead.
         """
