@@ -270,10 +270,17 @@ impl<P: CallsProtocol> Drop for StopWaiting<'_, P> {
         drop(waiting);
         if let Err(mpsc::error::TrySendError::Full(withdrawal)) = requests.try_send(withdrawal) {
             // Behind a full queue: sent when there is room, if a runtime is there to.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = requests.send(withdrawal).await;
-                });
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        let _ = requests.send(withdrawal).await;
+                    });
+                }
+                Err(_) => tracing::warn!(
+                    call_id = self.call_id,
+                    "a call's withdrawal was not sent (its stream's queue is full, and no \
+                     runtime is there to send it later): the server answers the call in full"
+                ),
             }
         }
     }

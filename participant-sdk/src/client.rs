@@ -260,18 +260,27 @@ impl ClientError {
         self.unknown_transaction().is_some()
     }
 
-    /// A waiting SubmitSaga on the stream found every wait of its connection taken (the
-    /// status's `google.rpc.ErrorInfo`, reason `STREAM_WAITS_TAKEN`): nothing was
-    /// submitted.
-    fn is_stream_waits_taken(&self) -> bool {
+    /// A waiting SubmitSaga was refused on the stream before anything was submitted, to
+    /// be sent unary: the coordinator found every wait of its connection taken (the
+    /// status's `google.rpc.ErrorInfo`, reason `STREAM_WAITS_TAKEN`), or it is one from
+    /// before waits were served on the stream (INVALID_ARGUMENT on `wait_for_outcome`,
+    /// a field no unary submit is refused for).
+    fn is_wait_refused_on_stream(&self) -> bool {
         use tonic_types::StatusExt;
         use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
         let ClientError::Status(status) = self else {
             return false;
         };
-        status
-            .get_details_error_info()
-            .is_some_and(|info| info.domain == DOMAIN && info.reason == STREAM_WAITS_TAKEN)
+        let waits_taken = || {
+            status
+                .get_details_error_info()
+                .is_some_and(|info| info.domain == DOMAIN && info.reason == STREAM_WAITS_TAKEN)
+        };
+        let refused_as_before = || {
+            status.code() == tonic::Code::InvalidArgument
+                && status.message().starts_with("wait_for_outcome:")
+        };
+        waits_taken() || refused_as_before()
     }
 
     /// The id of the transaction the coordinator said it has no record of, read from the
@@ -386,8 +395,10 @@ coordinator_call!(pb::CancelSagaRequest, pb::CancelSagaResponse, CancelSaga);
 /// not serve it gets unary calls, as does a client made with
 /// [`unary_only`](Self::unary_only). A call whose caller stops waiting for it is
 /// withdrawn, and the coordinator cancels it as it cancels a unary call whose caller
-/// went. A submit that waits for the saga's outcome while every wait the coordinator
-/// keeps for the connection is taken is sent unary instead. A call that gets no answer
+/// went (once its stream reads the withdrawal: at once, unless every place of the
+/// connection is taken). A submit that waits for the saga's outcome while every wait the
+/// coordinator keeps for the connection is taken (or that a coordinator from before
+/// such waits refuses on the stream) is sent unary instead. A call that gets no answer
 /// (the coordinator out of reach, the stream broken) fails UNAVAILABLE, as unary.
 #[derive(Debug, Clone)]
 pub struct TreatyClient {
@@ -688,7 +699,7 @@ impl TreatyClient {
         // Refused only before anything was submitted: then it waits unary.
         let if_waits_taken = request.wait_for_outcome.then(|| request.clone());
         let response = match (self.send(request, unary).await, if_waits_taken) {
-            (Err(error), Some(request)) if error.is_stream_waits_taken() => {
+            (Err(error), Some(request)) if error.is_wait_refused_on_stream() => {
                 self.unary_only().send(request, unary).await?
             }
             (answer, _) => answer?,

@@ -420,24 +420,34 @@ async fn a_coordinator_out_of_reach_is_unavailable_on_the_stream_as_unary() {
 /// A stand-in coordinator that runs a Begin with `commit` (as committed, under an id that
 /// says how the call came) and answers everything else UNIMPLEMENTED: with `stream`, it
 /// serves Begin on the `Calls` stream only; without, unary only (a coordinator from
-/// before `Calls`). A SubmitSaga that waits is answered unary, and on the stream unless
-/// `waits_taken` (then refused as a coordinator whose waits are all taken refuses it),
-/// under an id that says how it came. With `hanging`, its stream is served by the SDK's
-/// machinery instead and every call on it hangs, counted in `hanging` while it does.
+/// before `Calls`). A SubmitSaga that waits is answered unary, and on the stream as
+/// `waits` says, under an id that says how it came. With `hanging`, its stream is served
+/// by the SDK's machinery instead and every call on it hangs, counted in `hanging` while
+/// it does.
 #[derive(Clone)]
 struct StandIn {
     stream: bool,
-    waits_taken: bool,
+    waits: WaitsOnStream,
     hanging: Option<Arc<AtomicUsize>>,
     /// Never turns true: the stand-in's streams end with their caller.
     stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
+/// How a stand-in answers a SubmitSaga that waits, on its stream.
+#[derive(Clone, Copy, Debug)]
+enum WaitsOnStream {
+    Served,
+    /// Refused as a coordinator whose waits are all taken refuses it.
+    AllTaken,
+    /// Refused as a coordinator from before such waits refused it.
+    RefusedAsBefore,
+}
+
 impl StandIn {
-    fn new(stream: bool, waits_taken: bool, hanging: Option<Arc<AtomicUsize>>) -> Self {
+    fn new(stream: bool, waits: WaitsOnStream, hanging: Option<Arc<AtomicUsize>>) -> Self {
         Self {
             stream,
-            waits_taken,
+            waits,
             hanging,
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
         }
@@ -589,7 +599,7 @@ impl pb::coordinator_server::Coordinator for StandIn {
         }
         use pb::transaction_answer::Answer;
         use pb::transaction_call::Call;
-        let waits_taken = self.waits_taken;
+        let waits = self.waits;
         let answers = request.into_inner().map(move |call| {
             let call = call?;
             let answer = match call.call {
@@ -599,21 +609,32 @@ impl pb::coordinator_server::Coordinator for StandIn {
                 }
                 Some(Call::SubmitSaga(submit)) => {
                     assert!(submit.wait_for_outcome);
-                    if waits_taken {
-                        use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
-                        let status = tonic::Status::with_error_details(
-                            Code::ResourceExhausted,
-                            "every wait is taken",
-                            tonic_types::ErrorDetails::with_error_info(
-                                STREAM_WAITS_TAKEN,
-                                DOMAIN,
-                                [],
-                            ),
-                        );
-                        Answer::Error(treaty_sdk::call_stream::call_error(&status))
-                    } else {
-                        Answer::SubmitSaga(submitted("stream"))
-                    }
+                    let refusal = match waits {
+                        WaitsOnStream::Served => {
+                            return Ok(pb::TransactionAnswer {
+                                call_id: call.call_id,
+                                answer: Some(Answer::SubmitSaga(submitted("stream"))),
+                            });
+                        }
+                        WaitsOnStream::AllTaken => {
+                            use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
+                            tonic::Status::with_error_details(
+                                Code::ResourceExhausted,
+                                "every wait is taken",
+                                tonic_types::ErrorDetails::with_error_info(
+                                    STREAM_WAITS_TAKEN,
+                                    DOMAIN,
+                                    [],
+                                ),
+                            )
+                        }
+                        // What the coordinator answered from 3f62934 to b4d6f73.
+                        WaitsOnStream::RefusedAsBefore => tonic::Status::invalid_argument(
+                            "wait_for_outcome: not on the Calls stream: submit unary to wait \
+                             for the outcome",
+                        ),
+                    };
+                    Answer::Error(treaty_sdk::call_stream::call_error(&refusal))
                 }
                 _ => return Err(tonic::Status::unimplemented("only Begin and SubmitSaga")),
             };
@@ -636,12 +657,37 @@ fn committed(transaction_id: &str) -> pb::BeginResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_calls_on_the_stream_where_it_is_served_and_unary_where_not() {
-    for (stream, waits_taken, came, waited, transport) in [
-        (true, false, "stream", "stream", Transport::Stream),
-        (true, true, "stream", "unary", Transport::Stream),
-        (false, false, "unary", "unary", Transport::Unary),
+    for (stream, waits, came, waited, transport) in [
+        (
+            true,
+            WaitsOnStream::Served,
+            "stream",
+            "stream",
+            Transport::Stream,
+        ),
+        (
+            true,
+            WaitsOnStream::AllTaken,
+            "stream",
+            "unary",
+            Transport::Stream,
+        ),
+        (
+            true,
+            WaitsOnStream::RefusedAsBefore,
+            "stream",
+            "unary",
+            Transport::Stream,
+        ),
+        (
+            false,
+            WaitsOnStream::Served,
+            "unary",
+            "unary",
+            Transport::Unary,
+        ),
     ] {
-        let (endpoint, stop) = StandIn::new(stream, waits_taken, None).serve().await;
+        let (endpoint, stop) = StandIn::new(stream, waits, None).serve().await;
         let client = TreatyClient::connect(endpoint).await.unwrap();
         let branches = || vec![BranchSpec::new("a", "http://127.0.0.1:1", "yes")];
         for _ in 0..3 {
@@ -651,8 +697,9 @@ async fn the_client_calls_on_the_stream_where_it_is_served_and_unary_where_not()
                 .unwrap();
             assert_eq!((id.as_str(), outcome), (came, Outcome::Committed));
             assert_eq!(client.transport(), transport);
-            // A submit that waits goes on the stream too, unless the coordinator says
-            // every wait is taken: then it goes again, unary.
+            // A submit that waits goes on the stream too, unless the coordinator refuses
+            // it there (every wait taken, or a coordinator from before): then it goes
+            // again, unary.
             let saga = client
                 .submit_saga(
                     vec![SagaStep::new("s", "http://127.0.0.1:1", "yes")],
@@ -786,6 +833,18 @@ async fn waits_on_the_stream_hold_no_place_are_bounded_and_are_withdrawn() {
         )
     );
     assert_eq!(sagas().await, WAITS + 1, "the stuck sagas and the 2PC only");
+    // A malformed one is refused for what it is: the checks come before the wait.
+    calls
+        .send(call(1003, waiting_submit("malformed", "not an endpoint")))
+        .await
+        .unwrap();
+    let answer = next_answer().await;
+    assert_eq!(answer.call_id, 1003);
+    let Some(Answer::Error(error)) = answer.answer else {
+        panic!("not refused: {answer:?}");
+    };
+    assert_eq!(error.code, Code::InvalidArgument as i32, "{error:?}");
+    assert!(error.message.starts_with("steps[0].endpoint"), "{error:?}");
 
     // Withdrawn, each wait is answered CANCELLED and frees its wait.
     for call_id in 1..=WAITS {
@@ -829,7 +888,7 @@ async fn waits_on_the_stream_hold_no_place_are_bounded_and_are_withdrawn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_caller_stops_waiting_is_withdrawn() {
     let hanging = Arc::new(AtomicUsize::new(0));
-    let (endpoint, stop) = StandIn::new(true, false, Some(hanging.clone()))
+    let (endpoint, stop) = StandIn::new(true, WaitsOnStream::Served, Some(hanging.clone()))
         .serve()
         .await;
     let client = TreatyClient::connect(endpoint).await.unwrap();

@@ -40,7 +40,7 @@ use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::twopc::Refusal;
 use crate::model::{TxnId, TxnRecord, TxnState};
 use crate::runtime::{
-    BeginParams, Decision, ListFilter, Runtime, RuntimeError, Submitted, now_unix_ms,
+    BeginParams, Decision, ListFilter, Runtime, RuntimeError, SagaParams, Submitted, now_unix_ms,
 };
 use auth::Authenticator;
 use treaty_sdk::auth::Principal;
@@ -609,6 +609,16 @@ impl CoordinatorService {
         &self,
         request: Request<proto::SubmitSagaRequest>,
     ) -> Result<Submitted, Status> {
+        let params = self.checked_saga(request)?;
+        self.runtime.submit_saga(params).await.map_err(status_of)
+    }
+
+    /// A SubmitSaga checked (credentials, every field) and made into the runtime's
+    /// parameters; nothing is changed.
+    fn checked_saga(
+        &self,
+        request: Request<proto::SubmitSagaRequest>,
+    ) -> Result<SagaParams, Status> {
         let principal = self.auth.authenticate(&request)?;
         let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
@@ -639,7 +649,7 @@ impl CoordinatorService {
         params.idempotency_key = params
             .idempotency_key
             .map(|key| scoped_key(params.owner.as_deref(), key));
-        self.runtime.submit_saga(params).await.map_err(status_of)
+        Ok(params)
     }
 
     /// The answer to a submit: at once, or once the saga is final.
@@ -701,12 +711,11 @@ impl CoordinatorService {
             // calls whose work ends on its own and the stream reads on (a withdrawal of
             // this wait among what it reads).
             Some(Call::SubmitSaga(message)) if message.wait_for_outcome => {
+                let params = self.checked_saga(stream.request(traceparent, tracestate, message))?;
                 if !place.take_wait() {
                     return Err(stream_waits_taken());
                 }
-                let submitted = self
-                    .submit(stream.request(traceparent, tracestate, message))
-                    .await?;
+                let submitted = self.runtime.submit_saga(params).await.map_err(status_of)?;
                 place.wait_without_place();
                 self.answer_submit(submitted, true)
                     .await

@@ -184,9 +184,11 @@ class CoordinatorServicer:
         number; answers come in the order they are ready. Credentials and peer identity are
         the stream's, checked for every call. A caller that stops waiting for a call sends
         its withdrawal (`withdraw`), and the call is cancelled as a unary call is when its
-        caller goes; every call left is cancelled when the stream ends. At most 256 calls of
-        one connection's streams are answered at once; a stream reads one call ahead and
-        waits for a place. A SubmitSaga with `wait_for_outcome` gives its place back once
+        caller goes; every call left is cancelled when the caller goes (the stream
+        cancelled, its connection broken). At most 256 calls of one connection's streams
+        are answered at once; a stream reads one call ahead and waits for a place, so while
+        every place is taken, a withdrawal behind that call is read once one frees. A
+        SubmitSaga with `wait_for_outcome` gives its place back once
         its saga is durable and then waits for the outcome in one of the connection's 256
         waits; when all are taken, it is refused RESOURCE_EXHAUSTED before anything is
         submitted, with a google.rpc.ErrorInfo of reason "STREAM_WAITS_TAKEN" (domain
