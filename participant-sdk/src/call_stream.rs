@@ -12,7 +12,10 @@
 //!   its streams together (a stream that does not come through
 //!   [`server_builder`](crate::connections::server_builder)'s connections: per stream);
 //!   a stream reads its next call and then waits for a place, so an idle stream holds
-//!   none;
+//!   none; where calls can be withdrawn, it reads on while it waits, taking withdrawals
+//!   (the waiting call's own too) and keeping the next call for its turn, so that it
+//!   reads at most two calls ahead and a withdrawal frees a place even while all are
+//!   taken;
 //! - a call that only waits (for an outcome decided elsewhere) may trade its place for
 //!   one of the connection's `max_in_flight` waits ([`CallPlace`]), so that places are
 //!   held only by calls whose work ends on its own and the stream goes on reading (a
@@ -256,7 +259,7 @@ where
 /// stop). `answer` gets the call's [`CallPlace`] too, to trade it for a wait.
 pub fn serve_calls<M, F, Fut>(
     request: Request<Streaming<M::Call>>,
-    mut stopping: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
     max_in_flight: usize,
     answer: F,
 ) -> Response<Answers<M::Answer>>
@@ -266,7 +269,7 @@ where
     Fut: Future<Output = Result<M::Answered, Status>> + Send + 'static,
 {
     let max_in_flight = max_in_flight.max(1);
-    let (metadata, extensions, mut calls) = request.into_parts();
+    let (metadata, extensions, calls) = request.into_parts();
     let (in_flight, waits) = match extensions.get::<ConnectionInfo>() {
         Some(connection) => (
             connection.stream_call_places(max_in_flight),
@@ -277,46 +280,32 @@ where
             Arc::new(Semaphore::new(max_in_flight)),
         ),
     };
-    let mut withdrawals = Withdrawals::default();
     let stream = StreamContext {
         metadata: Arc::new(metadata),
         extensions: Arc::new(extensions),
     };
     let (answers, answered) = mpsc::channel(max_in_flight);
+    let mut reader = Reader::<M> {
+        calls,
+        stopping,
+        ahead: None,
+        done: false,
+        withdrawals: Withdrawals::default(),
+    };
     tokio::spawn(async move {
-        loop {
-            // Read first, then wait for a place: an idle stream holds none of its
-            // connection's places.
-            let next = tokio::select! {
-                biased;
-                () = stopped(&mut stopping) => return,
-                next = calls.message() => next,
-            };
-            // The caller ended its side, or the stream broke: the calls read so far are
-            // still answered (their tasks hold the sender).
-            let call = match next {
-                Ok(Some(call)) => call,
-                Ok(None) => return,
-                // The caller ended it (an idle stream is ended so).
-                Err(status) if status.code() == tonic::Code::Cancelled => {
-                    tracing::debug!(status_message = %status.message(), "a call stream was cancelled by its caller");
-                    return;
-                }
-                Err(status) => {
-                    tracing::warn!(code = ?status.code(), status_message = %status.message(), "a call stream broke; no further call is read from it");
-                    return;
-                }
-            };
+        while let Some(call) = reader.next_call().await {
             let call_id = M::call_id(&call);
-            if M::withdraws(&call) {
-                // Needs no place. A call already answered is not withdrawn.
-                withdrawals.withdraw(call_id);
-                continue;
-            }
             // A call read is answered, even once the server is stopping: its place comes
             // when one of the calls being answered is.
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
+            let permit = match reader.place_for(call_id, &in_flight).await {
+                Ok(permit) => permit,
+                Err(Unplaced::Withdrawn) => {
+                    let _ = answers
+                        .send(Ok(M::answer(call_id, Err(withdrawn_status()))))
+                        .await;
+                    continue;
+                }
+                Err(Unplaced::Closed) => return,
             };
             let place = CallPlace {
                 held: Arc::new(Mutex::new(Held {
@@ -325,7 +314,7 @@ where
                 })),
                 waits: waits.clone(),
             };
-            let withdrawn = M::WITHDRAWALS.then(|| withdrawals.list(call_id));
+            let withdrawn = M::WITHDRAWALS.then(|| reader.withdrawals.list(call_id));
             let answers = answers.clone();
             let answering =
                 std::panic::AssertUnwindSafe(answer(stream.clone(), call, place.clone()));
@@ -334,9 +323,7 @@ where
                     answered = answering.catch_unwind() => answered.unwrap_or_else(|_| {
                         Err(Status::internal("the call's handler panicked"))
                     }),
-                    Some(Ok(())) = withdrawal(withdrawn) => {
-                        Err(Status::cancelled("the call was withdrawn by its caller"))
-                    }
+                    Some(Ok(())) = withdrawal(withdrawn) => Err(withdrawn_status()),
                     // The caller has gone: its call is dropped, as a unary call's is.
                     () = answers.closed() => return,
                 };
@@ -349,6 +336,106 @@ where
     Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
         answered,
     )))
+}
+
+/// What a withdrawn call is answered.
+fn withdrawn_status() -> Status {
+    Status::cancelled("the call was withdrawn by its caller")
+}
+
+/// The reading side of one stream: calls in the order they came, withdrawals taken on
+/// the way.
+struct Reader<M: CallMessages> {
+    calls: Streaming<M::Call>,
+    stopping: watch::Receiver<bool>,
+    /// A call read while the one before it waited for a place.
+    ahead: Option<M::Call>,
+    /// No further message is read: the stream ended or broke, or the server is stopping.
+    done: bool,
+    withdrawals: Withdrawals,
+}
+
+/// Why a call read got no place.
+enum Unplaced {
+    /// Its caller withdrew it while it waited for one.
+    Withdrawn,
+    /// The places are closed (never, as the server uses them).
+    Closed,
+}
+
+impl<M: CallMessages> Reader<M> {
+    /// The next call to answer, withdrawals taken on the way; `None` once no further
+    /// call is read.
+    async fn next_call(&mut self) -> Option<M::Call> {
+        loop {
+            let call = match self.ahead.take() {
+                Some(call) => call,
+                None => self.read().await?,
+            };
+            if !M::withdraws(&call) {
+                return Some(call);
+            }
+            // Needs no place. A call already answered is not withdrawn.
+            self.withdrawals.withdraw(M::call_id(&call));
+        }
+    }
+
+    /// Waits for a place for call `call_id`; where calls can be withdrawn, reading on
+    /// meanwhile: withdrawals are taken (this call's own too), and the first other call
+    /// is kept for its turn. So a withdrawal is read, and frees a place, even while
+    /// every place is taken.
+    async fn place_for(
+        &mut self,
+        call_id: u64,
+        places: &Arc<Semaphore>,
+    ) -> Result<OwnedSemaphorePermit, Unplaced> {
+        let place = places.clone().acquire_owned();
+        tokio::pin!(place);
+        loop {
+            tokio::select! {
+                biased;
+                place = &mut place => return place.map_err(|_| Unplaced::Closed),
+                next = self.read(), if M::WITHDRAWALS && self.ahead.is_none() && !self.done => match next {
+                    Some(next) if M::withdraws(&next) => {
+                        let withdrawn = M::call_id(&next);
+                        if withdrawn == call_id {
+                            return Err(Unplaced::Withdrawn);
+                        }
+                        self.withdrawals.withdraw(withdrawn);
+                    }
+                    Some(next) => self.ahead = Some(next),
+                    None => {}
+                },
+            }
+        }
+    }
+
+    /// The next message, unless none is to be read: `None` (and done) once the caller
+    /// ended its side, the stream broke, or the server is stopping.
+    async fn read(&mut self) -> Option<M::Call> {
+        if self.done {
+            return None;
+        }
+        let next = tokio::select! {
+            biased;
+            () = stopped(&mut self.stopping) => None,
+            next = self.calls.message() => Some(next),
+        };
+        match next {
+            Some(Ok(Some(call))) => return Some(call),
+            None | Some(Ok(None)) => {}
+            // The caller ended it (an idle stream is ended so).
+            Some(Err(status)) if status.code() == tonic::Code::Cancelled => {
+                tracing::debug!(status_message = %status.message(), "a call stream was cancelled by its caller");
+            }
+            Some(Err(status)) => {
+                tracing::warn!(code = ?status.code(), status_message = %status.message(), "a call stream broke; no further call is read from it");
+            }
+        }
+        // The calls read so far are still answered (their tasks hold the sender).
+        self.done = true;
+        None
+    }
 }
 
 /// The withdrawal of a call, if the protocol has them: resolves `Some(Ok(()))` once the

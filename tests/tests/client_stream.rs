@@ -422,13 +422,13 @@ async fn a_coordinator_out_of_reach_is_unavailable_on_the_stream_as_unary() {
 /// serves Begin on the `Calls` stream only; without, unary only (a coordinator from
 /// before `Calls`). A SubmitSaga that waits is answered unary, and on the stream as
 /// `waits` says, under an id that says how it came. With `hanging`, its stream is served
-/// by the SDK's machinery instead and every call on it hangs, counted in `hanging` while
-/// it does.
+/// by the SDK's machinery instead (4 places) and every call on it hangs, counted in
+/// `hanging`.
 #[derive(Clone)]
 struct StandIn {
     stream: bool,
     waits: WaitsOnStream,
-    hanging: Option<Arc<AtomicUsize>>,
+    hanging: Option<Arc<Hanging>>,
     /// Never turns true: the stand-in's streams end with their caller.
     stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -444,7 +444,7 @@ enum WaitsOnStream {
 }
 
 impl StandIn {
-    fn new(stream: bool, waits: WaitsOnStream, hanging: Option<Arc<AtomicUsize>>) -> Self {
+    fn new(stream: bool, waits: WaitsOnStream, hanging: Option<Arc<Hanging>>) -> Self {
         Self {
             stream,
             waits,
@@ -480,12 +480,36 @@ impl StandIn {
     }
 }
 
+/// The calls a stand-in's stream left hanging: begun in all, and hanging now.
+#[derive(Default)]
+struct Hanging {
+    started: AtomicUsize,
+    live: AtomicUsize,
+}
+
+impl Hanging {
+    /// Waits until `started` calls have begun and `live` of them hang.
+    async fn until(self: &Arc<Self>, what: &str, started: usize, live: usize) {
+        eventually(what, || {
+            let hanging = self.clone();
+            async move {
+                let now = (
+                    hanging.started.load(Ordering::SeqCst),
+                    hanging.live.load(Ordering::SeqCst),
+                );
+                (now == (started, live)).then_some(())
+            }
+        })
+        .await;
+    }
+}
+
 /// Counts a hanging call until it is dropped.
-struct Hangs(Arc<AtomicUsize>);
+struct Hangs(Arc<Hanging>);
 
 impl Drop for Hangs {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.live.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -588,7 +612,8 @@ impl pb::coordinator_server::Coordinator for StandIn {
                 _,
                 _,
             >(request, stopping, 4, move |_, _, _| {
-                hanging.fetch_add(1, Ordering::SeqCst);
+                hanging.started.fetch_add(1, Ordering::SeqCst);
+                hanging.live.fetch_add(1, Ordering::SeqCst);
                 let hangs = Hangs(hanging.clone());
                 async move {
                     let _hangs = hangs;
@@ -887,37 +912,56 @@ async fn waits_on_the_stream_hold_no_place_are_bounded_and_are_withdrawn() {
 /// the call, as it drops a unary call whose caller went.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_caller_stops_waiting_is_withdrawn() {
-    let hanging = Arc::new(AtomicUsize::new(0));
+    let hanging = Arc::new(Hanging::default());
     let (endpoint, stop) = StandIn::new(true, WaitsOnStream::Served, Some(hanging.clone()))
         .serve()
         .await;
     let client = TreatyClient::connect(endpoint).await.unwrap();
-    // More rounds than the stand-in's 4 places: a call left hanging would hold one.
-    for round in 0..6 {
+    let call = || {
         let caller = client.clone();
-        let waiting =
-            tokio::spawn(async move { caller.begin(BeginOptions::default(), Vec::new()).await });
-        let count = hanging.clone();
-        eventually(
-            &format!("round {round}: the call hangs at the server"),
-            || {
-                let count = count.clone();
-                async move { (count.load(Ordering::SeqCst) == 1).then_some(()) }
-            },
-        )
-        .await;
+        tokio::spawn(async move { caller.begin(BeginOptions::default(), Vec::new()).await })
+    };
+    // More rounds than the stand-in's 4 places: a call left hanging would hold one.
+    for round in 1..=6 {
+        let waiting = call();
+        hanging
+            .until(&format!("round {round}: the call hangs"), round, 1)
+            .await;
         waiting.abort();
-        let count = hanging.clone();
-        eventually(
-            &format!("round {round}: the withdrawn call is dropped"),
-            || {
-                let count = count.clone();
-                async move { (count.load(Ordering::SeqCst) == 0).then_some(()) }
-            },
-        )
-        .await;
+        hanging
+            .until(&format!("round {round}: the call is dropped"), round, 0)
+            .await;
         assert_eq!(client.transport(), Transport::Stream);
     }
+
+    // With every place taken, a call waits for one; a withdrawal is still read.
+    let mut waiting: Vec<_> = (0..4).map(|_| call()).collect();
+    hanging.until("four calls hang", 10, 4).await;
+    let fifth = call();
+    // Time for the fifth to be read: a slow machine can only make this test miss a
+    // withdrawal read while every place is taken, never fail.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    waiting.remove(0).abort();
+    hanging
+        .until("the withdrawn call's place goes to the fifth", 11, 4)
+        .await;
+    // A call withdrawn while it waits for a place never begins.
+    let sixth = call();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sixth.abort();
+    waiting.remove(0).abort();
+    let seventh = call();
+    hanging.until("a call takes the freed place", 12, 4).await;
+    // It is the seventh's (had the sixth taken it, the seventh would wait for a place
+    // and its withdrawal would free none).
+    seventh.abort();
+    hanging
+        .until("the seventh's withdrawal frees it", 12, 3)
+        .await;
+    for task in waiting.into_iter().chain([fifth]) {
+        task.abort();
+    }
+    hanging.until("every call is dropped", 12, 0).await;
     drop(client);
     stop().await;
 }

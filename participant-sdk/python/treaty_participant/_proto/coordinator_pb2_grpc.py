@@ -186,8 +186,9 @@ class CoordinatorServicer:
         its withdrawal (`withdraw`), and the call is cancelled as a unary call is when its
         caller goes; every call left is cancelled when the caller goes (the stream
         cancelled, its connection broken). At most 256 calls of one connection's streams
-        are answered at once; a stream reads one call ahead and waits for a place, so while
-        every place is taken, a withdrawal behind that call is read once one frees. A
+        are answered at once; a stream reads a call and waits for a place, reading on
+        meanwhile for withdrawals (that call's own too) up to the next call, which waits
+        its turn: a withdrawal frees a place even while every place is taken. A
         SubmitSaga with `wait_for_outcome` gives its place back once
         its saga is durable and then waits for the outcome in one of the connection's 256
         waits; when all are taken, it is refused RESOURCE_EXHAUSTED before anything is
