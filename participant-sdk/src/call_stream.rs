@@ -13,9 +13,9 @@
 //!   [`server_builder`](crate::connections::server_builder)'s connections: per stream);
 //!   a stream reads its next call and then waits for a place, so an idle stream holds
 //!   none; where calls can be withdrawn, it reads on while it waits, taking withdrawals
-//!   (the waiting call's own too) and keeping the next call for its turn, so that it
-//!   reads at most two calls ahead and a withdrawal frees a place even while all are
-//!   taken;
+//!   (the waiting call's own too) up to the next call, which it keeps for its turn: it
+//!   reads at most two calls ahead, and a withdrawal right behind the waiting call frees
+//!   a place even while all are taken;
 //! - a call that only waits (for an outcome decided elsewhere) may trade its place for
 //!   one of the connection's `max_in_flight` waits ([`CallPlace`]), so that places are
 //!   held only by calls whose work ends on its own and the stream goes on reading (a
@@ -305,8 +305,21 @@ where
                         .await;
                     continue;
                 }
-                Err(Unplaced::Closed) => return,
+                // Never, as the server uses its places: the calls read are answered.
+                Err(Unplaced::Closed) => {
+                    for call_id in
+                        std::iter::once(call_id).chain(reader.ahead.take().map(|c| M::call_id(&c)))
+                    {
+                        let closed = Status::unavailable("the stream's places are closed");
+                        let _ = answers.send(Ok(M::answer(call_id, Err(closed)))).await;
+                    }
+                    return;
+                }
             };
+            // The caller has gone while the call waited: nobody to answer.
+            if answers.is_closed() {
+                return;
+            }
             let place = CallPlace {
                 held: Arc::new(Mutex::new(Held {
                     place: Some(permit),
@@ -382,8 +395,9 @@ impl<M: CallMessages> Reader<M> {
 
     /// Waits for a place for call `call_id`; where calls can be withdrawn, reading on
     /// meanwhile: withdrawals are taken (this call's own too), and the first other call
-    /// is kept for its turn. So a withdrawal is read, and frees a place, even while
-    /// every place is taken.
+    /// is kept for its turn. So a withdrawal right behind the call is read, and frees a
+    /// place, even while every place is taken; one behind the next call is read once a
+    /// place frees.
     async fn place_for(
         &mut self,
         call_id: u64,

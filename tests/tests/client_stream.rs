@@ -945,23 +945,74 @@ async fn a_call_whose_caller_stops_waiting_is_withdrawn() {
     hanging
         .until("the withdrawn call's place goes to the fifth", 11, 4)
         .await;
-    // A call withdrawn while it waits for a place never begins.
-    let sixth = call();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    sixth.abort();
-    waiting.remove(0).abort();
-    let seventh = call();
-    hanging.until("a call takes the freed place", 12, 4).await;
-    // It is the seventh's (had the sixth taken it, the seventh would wait for a place
-    // and its withdrawal would free none).
-    seventh.abort();
-    hanging
-        .until("the seventh's withdrawal frees it", 12, 3)
-        .await;
     for task in waiting.into_iter().chain([fifth]) {
         task.abort();
     }
-    hanging.until("every call is dropped", 12, 0).await;
+    hanging.until("every call is dropped", 11, 0).await;
     drop(client);
+    stop().await;
+}
+
+/// On the stream itself: a call withdrawn while it waits for a place is answered
+/// CANCELLED and never begins, and a withdrawal read while another call waits frees
+/// the place of the call it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_withdrawn_while_it_waits_for_a_place_is_answered_cancelled() {
+    use futures::StreamExt;
+    use pb::transaction_call::Call;
+    let hanging = Arc::new(Hanging::default());
+    let (endpoint, stop) = StandIn::new(true, WaitsOnStream::Served, Some(hanging.clone()))
+        .serve()
+        .await;
+    let mut raw = pb::coordinator_client::CoordinatorClient::connect(endpoint)
+        .await
+        .unwrap();
+    let (calls, requests) = tokio::sync::mpsc::channel(16);
+    let mut answers = raw
+        .calls(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let send = async |call_id: u64, call: Call| {
+        let message = pb::TransactionCall {
+            call_id,
+            call: Some(call),
+            ..Default::default()
+        };
+        calls.send(message).await.unwrap();
+    };
+    let begin = || Call::Begin(pb::BeginRequest::default());
+    let withdraw = || Call::Withdraw(pb::WithdrawCall {});
+    let mut cancelled = async || {
+        let answer = tokio::time::timeout(Duration::from_secs(60), answers.next())
+            .await
+            .expect("an answer in time")
+            .expect("the stream is open")
+            .unwrap();
+        let Some(pb::transaction_answer::Answer::Error(error)) = &answer.answer else {
+            panic!("not an error: {answer:?}");
+        };
+        assert_eq!(error.code, Code::Cancelled as i32, "{error:?}");
+        answer.call_id
+    };
+    // The stand-in's four places taken.
+    for call_id in 1..=4 {
+        send(call_id, begin()).await;
+    }
+    hanging.until("four calls hang", 4, 4).await;
+    // The fifth waits for a place; withdrawn, it is answered and never begins.
+    send(5, begin()).await;
+    send(5, withdraw()).await;
+    assert_eq!(cancelled().await, 5);
+    // The sixth waits; the withdrawal of the first, read meanwhile, frees its place.
+    send(6, begin()).await;
+    send(1, withdraw()).await;
+    assert_eq!(cancelled().await, 1);
+    hanging
+        .until("the sixth takes the first's place", 5, 4)
+        .await;
+    drop(calls);
+    drop(answers);
+    hanging.until("every call is dropped", 5, 0).await;
     stop().await;
 }
