@@ -13,9 +13,10 @@
 //!   [`server_builder`](crate::connections::server_builder)'s connections: per stream);
 //!   a stream reads its next call and then waits for a place, so an idle stream holds
 //!   none; where calls can be withdrawn, it reads on while it waits, taking withdrawals
-//!   (the waiting call's own too) up to the next call, which it keeps for its turn: it
-//!   reads at most two calls ahead, and a withdrawal right behind the waiting call frees
-//!   a place even while all are taken;
+//!   (of calls being answered, of the waiting call, of calls read ahead) and keeping
+//!   the calls for their turn, up to [`MAX_READ_AHEAD_CALLS`] and
+//!   [`MAX_READ_AHEAD_BYTES`]: a withdrawal frees a place even while all are taken,
+//!   unless more than that waits ahead of it;
 //! - a call that only waits (for an outcome decided elsewhere) may trade its place for
 //!   one of the connection's `max_in_flight` waits ([`CallPlace`]), so that places are
 //!   held only by calls whose work ends on its own and the stream goes on reading (a
@@ -31,12 +32,13 @@
 //! - once the server is stopping, no further call is read: the stream ends when the
 //!   calls read so far are answered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
+use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Extensions, Request, Response, Status, Streaming};
@@ -75,7 +77,7 @@ impl StreamContext {
 /// The messages of one kind of calls stream, as its server sees them.
 pub trait CallMessages: 'static {
     /// A call as it comes.
-    type Call: Send + 'static;
+    type Call: prost::Message + Send + 'static;
     /// What an answer carries when the call did not fail (its `oneof`).
     type Answered: Send + 'static;
     /// An answer as it goes.
@@ -288,7 +290,8 @@ where
     let mut reader = Reader::<M> {
         calls,
         stopping,
-        ahead: None,
+        ahead: VecDeque::new(),
+        ahead_bytes: 0,
         done: false,
         withdrawals: Withdrawals::default(),
     };
@@ -297,7 +300,7 @@ where
             let call_id = M::call_id(&call);
             // A call read is answered, even once the server is stopping: its place comes
             // when one of the calls being answered is.
-            let permit = match reader.place_for(call_id, &in_flight).await {
+            let permit = match reader.place_for(call_id, &in_flight, &answers).await {
                 Ok(permit) => permit,
                 Err(Unplaced::Withdrawn) => {
                     let _ = answers
@@ -307,9 +310,8 @@ where
                 }
                 // Never, as the server uses its places: the calls read are answered.
                 Err(Unplaced::Closed) => {
-                    for call_id in
-                        std::iter::once(call_id).chain(reader.ahead.take().map(|c| M::call_id(&c)))
-                    {
+                    let ahead = std::mem::take(&mut reader.ahead);
+                    for call_id in std::iter::once(call_id).chain(ahead.iter().map(M::call_id)) {
                         let closed = Status::unavailable("the stream's places are closed");
                         let _ = answers.send(Ok(M::answer(call_id, Err(closed)))).await;
                     }
@@ -351,6 +353,13 @@ where
     )))
 }
 
+/// Calls a stream holds read ahead while one waits for a place, at most (where calls
+/// can be withdrawn: to read the withdrawals behind them).
+pub const MAX_READ_AHEAD_CALLS: usize = 64;
+/// The encoded size of the calls a stream holds read ahead, at most (the call that
+/// reaches it is the last one read).
+pub const MAX_READ_AHEAD_BYTES: usize = 1024 * 1024;
+
 /// What a withdrawn call is answered.
 fn withdrawn_status() -> Status {
     Status::cancelled("the call was withdrawn by its caller")
@@ -361,8 +370,10 @@ fn withdrawn_status() -> Status {
 struct Reader<M: CallMessages> {
     calls: Streaming<M::Call>,
     stopping: watch::Receiver<bool>,
-    /// A call read while the one before it waited for a place.
-    ahead: Option<M::Call>,
+    /// Calls read while the one before them waited for a place, in order.
+    ahead: VecDeque<M::Call>,
+    /// Their encoded size.
+    ahead_bytes: usize,
     /// No further message is read: the stream ended or broke, or the server is stopping.
     done: bool,
     withdrawals: Withdrawals,
@@ -381,8 +392,11 @@ impl<M: CallMessages> Reader<M> {
     /// call is read.
     async fn next_call(&mut self) -> Option<M::Call> {
         loop {
-            let call = match self.ahead.take() {
-                Some(call) => call,
+            let call = match self.ahead.pop_front() {
+                Some(call) => {
+                    self.ahead_bytes = self.ahead_bytes.saturating_sub(call.encoded_len());
+                    call
+                }
                 None => self.read().await?,
             };
             if !M::withdraws(&call) {
@@ -394,30 +408,45 @@ impl<M: CallMessages> Reader<M> {
     }
 
     /// Waits for a place for call `call_id`; where calls can be withdrawn, reading on
-    /// meanwhile: withdrawals are taken (this call's own too), and the first other call
-    /// is kept for its turn. So a withdrawal right behind the call is read, and frees a
-    /// place, even while every place is taken; one behind the next call is read once a
-    /// place frees.
+    /// meanwhile while there is room ahead: withdrawals are taken (of calls being
+    /// answered, of this call, of calls read ahead, which are answered CANCELLED on
+    /// `answers`), and other calls are kept for their turn. So a withdrawal is read, and
+    /// frees a place, even while every place is taken.
     async fn place_for(
         &mut self,
         call_id: u64,
         places: &Arc<Semaphore>,
+        answers: &mpsc::Sender<Result<M::Answer, Status>>,
     ) -> Result<OwnedSemaphorePermit, Unplaced> {
         let place = places.clone().acquire_owned();
         tokio::pin!(place);
         loop {
+            let room =
+                self.ahead.len() < MAX_READ_AHEAD_CALLS && self.ahead_bytes < MAX_READ_AHEAD_BYTES;
             tokio::select! {
                 biased;
                 place = &mut place => return place.map_err(|_| Unplaced::Closed),
-                next = self.read(), if M::WITHDRAWALS && self.ahead.is_none() && !self.done => match next {
+                next = self.read(), if M::WITHDRAWALS && room && !self.done => match next {
                     Some(next) if M::withdraws(&next) => {
                         let withdrawn = M::call_id(&next);
                         if withdrawn == call_id {
                             return Err(Unplaced::Withdrawn);
                         }
-                        self.withdrawals.withdraw(withdrawn);
+                        match self.ahead.iter().position(|call| M::call_id(call) == withdrawn) {
+                            Some(index) => {
+                                if let Some(call) = self.ahead.remove(index) {
+                                    self.ahead_bytes = self.ahead_bytes.saturating_sub(call.encoded_len());
+                                }
+                                let answer = M::answer(withdrawn, Err(withdrawn_status()));
+                                let _ = answers.send(Ok(answer)).await;
+                            }
+                            None => self.withdrawals.withdraw(withdrawn),
+                        }
                     }
-                    Some(next) => self.ahead = Some(next),
+                    Some(next) => {
+                        self.ahead_bytes += next.encoded_len();
+                        self.ahead.push_back(next);
+                    }
                     None => {}
                 },
             }

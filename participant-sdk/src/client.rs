@@ -395,8 +395,8 @@ coordinator_call!(pb::CancelSagaRequest, pb::CancelSagaResponse, CancelSaga);
 /// not serve it gets unary calls, as does a client made with
 /// [`unary_only`](Self::unary_only). A call whose caller stops waiting for it is
 /// withdrawn, and the coordinator cancels it as it cancels a unary call whose caller
-/// went (while every place the coordinator keeps for the connection is taken, once its
-/// stream reads the withdrawal: at once if no other call is waiting for a place). A
+/// went, even while every place the coordinator keeps for the connection is taken
+/// (unless more than 64 calls, or 1 MiB of them, wait ahead of the withdrawal). A
 /// submit that waits for the saga's outcome while every wait the
 /// coordinator keeps for the connection is taken (or that a coordinator from before
 /// such waits refuses on the stream) is sent unary instead. A call that gets no answer

@@ -953,9 +953,9 @@ async fn a_call_whose_caller_stops_waiting_is_withdrawn() {
     stop().await;
 }
 
-/// On the stream itself: a call withdrawn while it waits for a place is answered
-/// CANCELLED and never begins, and a withdrawal read while another call waits frees
-/// the place of the call it names.
+/// On the stream itself, with every place taken: a call withdrawn while it waits for a
+/// place, or while it is read ahead behind one, is answered CANCELLED and never begins,
+/// and a withdrawal read behind calls that wait frees the place of the call it names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_withdrawn_while_it_waits_for_a_place_is_answered_cancelled() {
     use futures::StreamExt;
@@ -1004,13 +1004,25 @@ async fn a_call_withdrawn_while_it_waits_for_a_place_is_answered_cancelled() {
     send(5, begin()).await;
     send(5, withdraw()).await;
     assert_eq!(cancelled().await, 5);
-    // The sixth waits; the withdrawal of the first, read meanwhile, frees its place.
-    send(6, begin()).await;
+    // The sixth waits, the seventh and eighth are read behind it: withdrawn, the seventh
+    // is answered and never begins; the withdrawal of the first, behind them, frees its
+    // place, which goes to the sixth.
+    for call_id in 6..=8 {
+        send(call_id, begin()).await;
+    }
+    send(7, withdraw()).await;
+    assert_eq!(cancelled().await, 7);
     send(1, withdraw()).await;
     assert_eq!(cancelled().await, 1);
     hanging
         .until("the sixth takes the first's place", 5, 4)
         .await;
+    // The eighth, next in line, is withdrawn while it waits in turn.
+    send(8, withdraw()).await;
+    assert_eq!(cancelled().await, 8);
+    send(2, withdraw()).await;
+    assert_eq!(cancelled().await, 2);
+    hanging.until("the second's place stays free", 5, 3).await;
     drop(calls);
     drop(answers);
     hanging.until("every call is dropped", 5, 0).await;

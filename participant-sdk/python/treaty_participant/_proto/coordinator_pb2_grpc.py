@@ -187,8 +187,8 @@ class CoordinatorServicer:
         caller goes; every call left is cancelled when the caller goes (the stream
         cancelled, its connection broken). At most 256 calls of one connection's streams
         are answered at once; a stream reads a call and waits for a place, reading on
-        meanwhile for withdrawals (that call's own too) up to the next call, which waits
-        its turn; a withdrawal behind that next call is read once a place frees. A
+        meanwhile (up to 64 calls or 1 MiB of them, which wait their turn) so that a
+        withdrawal frees a place, or a waiting call, even while every place is taken. A
         SubmitSaga with `wait_for_outcome` gives its place back once
         its saga is durable and then waits for the outcome in one of the connection's 256
         waits; when all are taken, it is refused RESOURCE_EXHAUSTED before anything is
