@@ -357,7 +357,8 @@ where
 /// can be withdrawn: to read the withdrawals behind them).
 pub const MAX_READ_AHEAD_CALLS: usize = 64;
 /// The encoded size of the calls a stream holds read ahead, at most (the call that
-/// reaches it is the last one read).
+/// reaches it is held too, and is the last one read: the size may pass this by one
+/// call, itself bounded by the server's message limit).
 pub const MAX_READ_AHEAD_BYTES: usize = 1024 * 1024;
 
 /// What a withdrawn call is answered.
