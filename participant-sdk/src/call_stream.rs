@@ -311,7 +311,9 @@ where
                 // Never, as the server uses its places: the calls read are answered.
                 Err(Unplaced::Closed) => {
                     let ahead = std::mem::take(&mut reader.ahead);
-                    for call_id in std::iter::once(call_id).chain(ahead.iter().map(M::call_id)) {
+                    for call_id in
+                        std::iter::once(call_id).chain(ahead.iter().map(|(c, _)| M::call_id(c)))
+                    {
                         let closed = Status::unavailable("the stream's places are closed");
                         let _ = answers.send(Ok(M::answer(call_id, Err(closed)))).await;
                     }
@@ -371,8 +373,9 @@ fn withdrawn_status() -> Status {
 struct Reader<M: CallMessages> {
     calls: Streaming<M::Call>,
     stopping: watch::Receiver<bool>,
-    /// Calls read while the one before them waited for a place, in order.
-    ahead: VecDeque<M::Call>,
+    /// Calls read while the one before them waited for a place, in order, each with
+    /// its encoded size (never a withdrawal: those are taken as they are read).
+    ahead: VecDeque<(M::Call, usize)>,
     /// Their encoded size.
     ahead_bytes: usize,
     /// No further message is read: the stream ended or broke, or the server is stopping.
@@ -392,14 +395,12 @@ impl<M: CallMessages> Reader<M> {
     /// The next call to answer, withdrawals taken on the way; `None` once no further
     /// call is read.
     async fn next_call(&mut self) -> Option<M::Call> {
+        if let Some((call, size)) = self.ahead.pop_front() {
+            self.ahead_bytes -= size;
+            return Some(call);
+        }
         loop {
-            let call = match self.ahead.pop_front() {
-                Some(call) => {
-                    self.ahead_bytes = self.ahead_bytes.saturating_sub(call.encoded_len());
-                    call
-                }
-                None => self.read().await?,
-            };
+            let call = self.read().await?;
             if !M::withdraws(&call) {
                 return Some(call);
             }
@@ -433,10 +434,10 @@ impl<M: CallMessages> Reader<M> {
                         if withdrawn == call_id {
                             return Err(Unplaced::Withdrawn);
                         }
-                        match self.ahead.iter().position(|call| M::call_id(call) == withdrawn) {
+                        match self.ahead.iter().position(|(call, _)| M::call_id(call) == withdrawn) {
                             Some(index) => {
-                                if let Some(call) = self.ahead.remove(index) {
-                                    self.ahead_bytes = self.ahead_bytes.saturating_sub(call.encoded_len());
+                                if let Some((_, size)) = self.ahead.remove(index) {
+                                    self.ahead_bytes -= size;
                                 }
                                 let answer = M::answer(withdrawn, Err(withdrawn_status()));
                                 let _ = answers.send(Ok(answer)).await;
@@ -445,8 +446,9 @@ impl<M: CallMessages> Reader<M> {
                         }
                     }
                     Some(next) => {
-                        self.ahead_bytes += next.encoded_len();
-                        self.ahead.push_back(next);
+                        let size = next.encoded_len();
+                        self.ahead_bytes += size;
+                        self.ahead.push_back((next, size));
                     }
                     None => {}
                 },
