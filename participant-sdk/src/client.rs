@@ -399,13 +399,18 @@ coordinator_call!(pb::CancelSagaRequest, pb::CancelSagaResponse, CancelSaga);
 /// (unless more than 64 calls, or 1 MiB of them, wait ahead of the withdrawal). A
 /// submit that waits for the saga's outcome while every wait the
 /// coordinator keeps for the connection is taken (or that a coordinator from before
-/// such waits refuses on the stream) is sent unary instead. A call that gets no answer
+/// such waits refuses on the stream) is sent unary instead; past as many waiting
+/// submits as the coordinator keeps waits for, it goes unary at once. A call that gets no answer
 /// (the coordinator out of reach, the stream broken) fails UNAVAILABLE, as unary.
 #[derive(Debug, Clone)]
 pub struct TreatyClient {
     inner: CoordinatorClient<Connection>,
     /// The calls stream, unless every call is unary.
     calls: Option<Arc<CallStream<CoordinatorCalls>>>,
+    /// One for each waiting SubmitSaga this client (and its clones) has on the stream:
+    /// as many as the coordinator keeps waits per connection. Past them a waiting
+    /// submit goes unary at once rather than being refused on the stream first.
+    stream_waits: Arc<tokio::sync::Semaphore>,
     /// Sent with every call (see [`TreatyClient::with_trace`]).
     trace: Option<TraceContext>,
 }
@@ -448,6 +453,9 @@ impl TreatyClient {
         Self {
             inner: CoordinatorClient::with_interceptor(channel, credentials),
             calls: Some(Arc::default()),
+            stream_waits: Arc::new(tokio::sync::Semaphore::new(
+                crate::connections::MAX_CONCURRENT_STREAMS as usize,
+            )),
             trace: None,
         }
     }
@@ -697,9 +705,21 @@ impl TreatyClient {
         let unary = |mut client: CoordinatorClient<Connection>, request| async move {
             client.submit_saga(request).await
         };
+        // A wait on the stream holds one of this client's waits until it is answered;
+        // with none left it goes unary at once.
+        let stream_wait = (request.wait_for_outcome && self.calls.is_some())
+            .then(|| self.stream_waits.clone().try_acquire_owned().ok());
+        let unary_client;
+        let client = match &stream_wait {
+            Some(None) => {
+                unary_client = self.unary_only();
+                &unary_client
+            }
+            _ => self,
+        };
         // Refused only before anything was submitted: then it waits unary.
         let if_waits_taken = request.wait_for_outcome.then(|| request.clone());
-        let response = match (self.send(request, unary).await, if_waits_taken) {
+        let response = match (client.send(request, unary).await, if_waits_taken) {
             (Err(error), Some(request)) if error.is_wait_refused_on_stream() => {
                 self.unary_only().send(request, unary).await?
             }

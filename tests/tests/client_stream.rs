@@ -429,6 +429,8 @@ struct StandIn {
     stream: bool,
     waits: WaitsOnStream,
     hanging: Option<Arc<Hanging>>,
+    /// Waiting SubmitSagas that came on the stream.
+    waits_on_stream: Arc<AtomicUsize>,
     /// Never turns true: the stand-in's streams end with their caller.
     stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -441,6 +443,8 @@ enum WaitsOnStream {
     AllTaken,
     /// Refused as a coordinator from before such waits refused it.
     RefusedAsBefore,
+    /// Never answered: each holds one of the connection's waits.
+    Held,
 }
 
 impl StandIn {
@@ -449,6 +453,7 @@ impl StandIn {
             stream,
             waits,
             hanging,
+            waits_on_stream: Arc::default(),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
@@ -622,54 +627,73 @@ impl pb::coordinator_server::Coordinator for StandIn {
                 }
             }));
         }
-        use pb::transaction_answer::Answer;
-        use pb::transaction_call::Call;
         let waits = self.waits;
-        let answers = request.into_inner().map(move |call| {
-            let call = call?;
-            let answer = match call.call {
-                Some(Call::Begin(begin)) => {
-                    assert!(begin.commit);
-                    Answer::Begin(committed("stream"))
-                }
-                Some(Call::SubmitSaga(submit)) => {
-                    assert!(submit.wait_for_outcome);
-                    let refusal = match waits {
-                        WaitsOnStream::Served => {
-                            return Ok(pb::TransactionAnswer {
-                                call_id: call.call_id,
-                                answer: Some(Answer::SubmitSaga(submitted("stream"))),
-                            });
-                        }
-                        WaitsOnStream::AllTaken => {
-                            use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
-                            tonic::Status::with_error_details(
-                                Code::ResourceExhausted,
-                                "every wait is taken",
-                                tonic_types::ErrorDetails::with_error_info(
-                                    STREAM_WAITS_TAKEN,
-                                    DOMAIN,
-                                    [],
-                                ),
-                            )
-                        }
-                        // What the coordinator answered from 3f62934 to b4d6f73.
-                        WaitsOnStream::RefusedAsBefore => tonic::Status::invalid_argument(
-                            "wait_for_outcome: not on the Calls stream: submit unary to wait \
-                             for the outcome",
-                        ),
-                    };
-                    Answer::Error(treaty_sdk::call_stream::call_error(&refusal))
-                }
-                _ => return Err(tonic::Status::unimplemented("only Begin and SubmitSaga")),
-            };
-            Ok(pb::TransactionAnswer {
-                call_id: call.call_id,
-                answer: Some(answer),
-            })
+        let waits_on_stream = self.waits_on_stream.clone();
+        let answers = request.into_inner().filter_map(move |call| {
+            futures::future::ready(answer_on_stream(call, waits, &waits_on_stream))
         });
         Ok(tonic::Response::new(Box::pin(answers)))
     }
+}
+
+/// The stand-in's answer to one call on its stream, if it answers it.
+fn answer_on_stream(
+    call: Result<pb::TransactionCall, tonic::Status>,
+    waits: WaitsOnStream,
+    waits_on_stream: &AtomicUsize,
+) -> Option<Result<pb::TransactionAnswer, tonic::Status>> {
+    use pb::transaction_answer::Answer;
+    use pb::transaction_call::Call;
+    let call = match call {
+        Ok(call) => call,
+        Err(status) => return Some(Err(status)),
+    };
+    let answer = match call.call {
+        Some(Call::Begin(begin)) => {
+            assert!(begin.commit);
+            Answer::Begin(committed("stream"))
+        }
+        Some(Call::SubmitSaga(submit)) => {
+            assert!(submit.wait_for_outcome);
+            waits_on_stream.fetch_add(1, Ordering::SeqCst);
+            match waits {
+                WaitsOnStream::Served => Answer::SubmitSaga(submitted("stream")),
+                WaitsOnStream::Held => return None,
+                WaitsOnStream::AllTaken => {
+                    use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
+                    Answer::Error(treaty_sdk::call_stream::call_error(
+                        &tonic::Status::with_error_details(
+                            Code::ResourceExhausted,
+                            "every wait is taken",
+                            tonic_types::ErrorDetails::with_error_info(
+                                STREAM_WAITS_TAKEN,
+                                DOMAIN,
+                                [],
+                            ),
+                        ),
+                    ))
+                }
+                // What the coordinator answered from 3f62934 to b4d6f73.
+                WaitsOnStream::RefusedAsBefore => Answer::Error(
+                    treaty_sdk::call_stream::call_error(&tonic::Status::invalid_argument(
+                        "wait_for_outcome: not on the Calls stream: submit unary to wait \
+                             for the outcome",
+                    )),
+                ),
+            }
+        }
+        // Withdrawals of held waits are not answered.
+        Some(Call::Withdraw(_)) => return None,
+        _ => {
+            return Some(Err(tonic::Status::unimplemented(
+                "only Begin and SubmitSaga",
+            )));
+        }
+    };
+    Some(Ok(pb::TransactionAnswer {
+        call_id: call.call_id,
+        answer: Some(answer),
+    }))
 }
 
 fn committed(transaction_id: &str) -> pb::BeginResponse {
@@ -725,22 +749,68 @@ async fn the_client_calls_on_the_stream_where_it_is_served_and_unary_where_not()
             // A submit that waits goes on the stream too, unless the coordinator refuses
             // it there (every wait taken, or a coordinator from before): then it goes
             // again, unary.
-            let saga = client
-                .submit_saga(
-                    vec![SagaStep::new("s", "http://127.0.0.1:1", "yes")],
-                    SubmitOptions {
-                        wait_for_outcome: true,
-                        ..SubmitOptions::default()
-                    },
-                )
-                .await
-                .unwrap();
+            let saga = submit_to_wait(&client).await.unwrap();
             assert_eq!(saga.transaction_id, waited);
             assert_eq!(client.transport(), transport);
         }
         drop(client);
         stop().await;
     }
+}
+
+/// Submits a one-step saga to wait for its outcome (a stand-in answers it at once or
+/// never, as its `WaitsOnStream` says).
+async fn submit_to_wait(
+    client: &TreatyClient,
+) -> Result<treaty_sdk::client::SubmittedSaga, ClientError> {
+    client
+        .submit_saga(
+            vec![SagaStep::new("s", "http://127.0.0.1:1", "yes")],
+            SubmitOptions {
+                wait_for_outcome: true,
+                ..SubmitOptions::default()
+            },
+        )
+        .await
+}
+
+/// A client has no more waiting submits on the stream than the coordinator keeps waits
+/// for per connection: the next goes unary at once, rather than after a refusal on the
+/// stream, and a wait given up frees its place for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_coordinators_waits_a_waiting_submit_goes_unary_at_once() {
+    const WAITS: usize = treaty_sdk::connections::MAX_CONCURRENT_STREAMS as usize;
+    let stand_in = StandIn::new(true, WaitsOnStream::Held, None);
+    let waits_on_stream = stand_in.waits_on_stream.clone();
+    let (endpoint, stop) = stand_in.serve().await;
+    let client = TreatyClient::connect(endpoint).await.unwrap();
+    let waiting_submit = || {
+        let client = client.clone();
+        async move { submit_to_wait(&client).await }
+    };
+    let on_stream = |count: usize| {
+        let waits_on_stream = waits_on_stream.clone();
+        async move { (waits_on_stream.load(Ordering::SeqCst) == count).then_some(()) }
+    };
+    let mut held: Vec<_> = (0..WAITS).map(|_| tokio::spawn(waiting_submit())).collect();
+    eventually("every wait held on the stream", || on_stream(WAITS)).await;
+    let saga = tokio::time::timeout(Duration::from_secs(30), waiting_submit())
+        .await
+        .expect("the submit past the waits was answered (it went on the stream and was held)")
+        .unwrap();
+    assert_eq!(saga.transaction_id, "unary");
+    assert_eq!(waits_on_stream.load(Ordering::SeqCst), WAITS);
+    // One held submit given up: the next takes its place on the stream.
+    let given_up = held.pop().unwrap();
+    given_up.abort();
+    assert!(given_up.await.unwrap_err().is_cancelled());
+    held.push(tokio::spawn(waiting_submit()));
+    eventually("the next wait on the stream", || on_stream(WAITS + 1)).await;
+    for task in held {
+        task.abort();
+    }
+    drop(client);
+    stop().await;
 }
 
 /// The coordinator keeps 256 waits per connection for SubmitSagas that wait on the
