@@ -445,6 +445,9 @@ impl TreatyClient {
         Ok(Self::from_channel_with(channel, credentials(options)?))
     }
 
+    /// A client on `channel`. Clients made from clones of one channel count their
+    /// waiting submits on the stream apart, while the coordinator counts them per
+    /// connection: past its waits, theirs are refused first and then sent unary.
     pub fn from_channel(channel: Channel) -> Self {
         Self::from_channel_with(channel, Credentials::none())
     }
@@ -706,8 +709,8 @@ impl TreatyClient {
             client.submit_saga(request).await
         };
         // A wait on the stream holds one of this client's waits until it is answered;
-        // with none left it goes unary at once.
-        let stream_wait = (request.wait_for_outcome && self.calls.is_some())
+        // with none left it goes unary at once. Calls that go unary anyway take none.
+        let stream_wait = (request.wait_for_outcome && self.transport() != Transport::Unary)
             .then(|| self.stream_waits.clone().try_acquire_owned().ok());
         let unary_client;
         let client = match &stream_wait {
@@ -721,6 +724,7 @@ impl TreatyClient {
         let if_waits_taken = request.wait_for_outcome.then(|| request.clone());
         let response = match (client.send(request, unary).await, if_waits_taken) {
             (Err(error), Some(request)) if error.is_wait_refused_on_stream() => {
+                drop(stream_wait);
                 self.unary_only().send(request, unary).await?
             }
             (answer, _) => answer?,

@@ -421,7 +421,8 @@ async fn a_coordinator_out_of_reach_is_unavailable_on_the_stream_as_unary() {
 /// says how the call came) and answers everything else UNIMPLEMENTED: with `stream`, it
 /// serves Begin on the `Calls` stream only; without, unary only (a coordinator from
 /// before `Calls`). A SubmitSaga that waits is answered unary, and on the stream as
-/// `waits` says, under an id that says how it came. With `hanging`, its stream is served
+/// `waits` says, under an id that says how it came; withdrawals on its stream go
+/// unanswered. With `hanging`, its stream is served
 /// by the SDK's machinery instead (4 places) and every call on it hangs, counted in
 /// `hanging`.
 #[derive(Clone)]
