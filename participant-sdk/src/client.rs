@@ -397,11 +397,11 @@ coordinator_call!(pb::CancelSagaRequest, pb::CancelSagaResponse, CancelSaga);
 /// withdrawn, and the coordinator cancels it as it cancels a unary call whose caller
 /// went, even while every place the coordinator keeps for the connection is taken
 /// (unless more than 64 calls, or 1 MiB of them, wait ahead of the withdrawal). A
-/// submit that waits for the saga's outcome while every wait the
-/// coordinator keeps for the connection is taken (or that a coordinator from before
-/// such waits refuses on the stream) is sent unary instead; past as many waiting
-/// submits as the coordinator keeps waits for, it goes unary at once. A call that gets no answer
-/// (the coordinator out of reach, the stream broken) fails UNAVAILABLE, as unary.
+/// submit that waits for the saga's outcome while every wait the coordinator keeps for
+/// the connection is taken (or that a coordinator from before such waits refuses on the
+/// stream) is sent unary instead; past as many waiting submits as the coordinator keeps
+/// waits for, it goes unary at once. A call that gets no answer (the coordinator out of
+/// reach, the stream broken) fails UNAVAILABLE, as unary.
 #[derive(Debug, Clone)]
 pub struct TreatyClient {
     inner: CoordinatorClient<Connection>,
@@ -720,8 +720,10 @@ impl TreatyClient {
             }
             _ => self,
         };
-        // Refused only before anything was submitted: then it waits unary.
-        let if_waits_taken = request.wait_for_outcome.then(|| request.clone());
+        // Refused only before anything was submitted: then it waits unary. A submit sent
+        // unary at once is never refused so, and needs no copy to send again.
+        let if_waits_taken = (request.wait_for_outcome && !matches!(stream_wait, Some(None)))
+            .then(|| request.clone());
         let response = match (client.send(request, unary).await, if_waits_taken) {
             (Err(error), Some(request)) if error.is_wait_refused_on_stream() => {
                 drop(stream_wait);

@@ -459,6 +459,15 @@ impl StandIn {
         }
     }
 
+    /// A stand-in whose stream calls all hang, served: what hangs, its endpoint, its stop.
+    async fn hanging() -> (Arc<Hanging>, String, impl AsyncFnOnce()) {
+        let hanging = Arc::new(Hanging::default());
+        let (endpoint, stop) = Self::new(true, WaitsOnStream::Served, Some(hanging.clone()))
+            .serve()
+            .await;
+        (hanging, endpoint, stop)
+    }
+
     /// Serves it on a port of its own until the returned stop is called.
     async fn serve(self) -> (String, impl AsyncFnOnce()) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -983,10 +992,7 @@ async fn waits_on_the_stream_hold_no_place_are_bounded_and_are_withdrawn() {
 /// the call, as it drops a unary call whose caller went.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_caller_stops_waiting_is_withdrawn() {
-    let hanging = Arc::new(Hanging::default());
-    let (endpoint, stop) = StandIn::new(true, WaitsOnStream::Served, Some(hanging.clone()))
-        .serve()
-        .await;
+    let (hanging, endpoint, stop) = StandIn::hanging().await;
     let client = TreatyClient::connect(endpoint).await.unwrap();
     let call = || {
         let caller = client.clone();
@@ -1031,10 +1037,7 @@ async fn a_call_whose_caller_stops_waiting_is_withdrawn() {
 async fn a_call_withdrawn_while_it_waits_for_a_place_is_answered_cancelled() {
     use futures::StreamExt;
     use pb::transaction_call::Call;
-    let hanging = Arc::new(Hanging::default());
-    let (endpoint, stop) = StandIn::new(true, WaitsOnStream::Served, Some(hanging.clone()))
-        .serve()
-        .await;
+    let (hanging, endpoint, stop) = StandIn::hanging().await;
     let mut raw = pb::coordinator_client::CoordinatorClient::connect(endpoint)
         .await
         .unwrap();
