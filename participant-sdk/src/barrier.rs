@@ -669,8 +669,15 @@ fn write_for(branch: &BranchContext, record: &BranchRecord) -> BarrierWrite {
     BarrierWrite {
         key: branch_key(branch),
         record: encode(record),
-        in_doubt: record.status == BranchStatus::Prepared && record.mode != BranchMode::SagaStep,
+        in_doubt: is_in_doubt(record),
     }
+}
+
+/// Whether a branch with this record is in doubt: it voted YES in a two-phase or
+/// one-phase commit and has no outcome yet (a saga step's YES is followed by its
+/// commit without waiting for anyone, so it is never in doubt).
+pub(crate) fn is_in_doubt(record: &BranchRecord) -> bool {
+    record.status == BranchStatus::Prepared && record.mode != BranchMode::SagaStep
 }
 
 /// The vote with its reason cut to the documented limit, before it is kept or sent.
@@ -715,7 +722,7 @@ pub(crate) fn lock_key(branch: &BranchContext) -> Vec<u8> {
     format!("{}/{}", branch.transaction_id, branch.branch_id).into_bytes()
 }
 
-fn encode(record: &BranchRecord) -> Vec<u8> {
+pub(crate) fn encode(record: &BranchRecord) -> Vec<u8> {
     let mut bytes = vec![RECORD_FORMAT_VERSION];
     // Serializing plain data into a Vec cannot fail.
     bytes.extend(postcard::to_allocvec(record).unwrap_or_default());

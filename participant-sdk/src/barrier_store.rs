@@ -28,6 +28,19 @@
 //!   `remove` deletes records with their in-doubt marks. The barrier's garbage collector
 //!   ([`crate::barrier_gc`]) uses them to delete the records of final branches past the
 //!   retention; a store where they do nothing keeps every record for ever.
+//!
+//! The SDK's own store writes only the records (`b/<transaction>/<branch>`). It keeps
+//! its in-doubt marks in memory (`DurableStore::marked`), changed with each batch that
+//! carries a record, and rebuilds them at its first listing after an open by reading
+//! every record's status: a branch is in doubt exactly when its record says it voted
+//! YES in a two-phase or one-phase commit and has no outcome (`barrier::is_in_doubt`),
+//! so the marks cannot disagree with the records after a crash. That first listing
+//! costs a read of the whole store (0.35–1.0 s for a million records measured here), and
+//! a record it cannot decode fails it: a damaged record might be one in doubt. The
+//! marks an older version kept on disk (`d/<transaction>/<branch>`) are removed then.
+//! Keeping them off the disk saved a sled insert and a remove per two-phase branch,
+//! and a remove per saga step (docs/PERFORMANCE.md, "The participants' in-doubt marks
+//! in memory").
 
 use std::future::Future;
 use std::sync::Arc;
@@ -162,17 +175,15 @@ pub trait BarrierStore: Send + Sync + 'static {
 const ABOVE_EVERY_ID: &str = "~";
 
 const RECORD_PREFIX: &str = "b/";
-const IN_DOUBT_PREFIX: &str = "d/";
+/// Where the SDK's store kept its in-doubt marks before they moved to memory: a store
+/// written by an older version may still hold some, removed at the first listing.
+const OLD_IN_DOUBT_PREFIX: &str = "d/";
 
-/// The keys of the SDK's own store: `b/<transaction>/<branch>` holds the record,
-/// `d/<transaction>/<branch>` marks a branch in doubt. Ids cannot contain `/` (see
-/// [`crate::limits::check_id`]); participants keep their own data under other keys.
+/// The SDK's own store keeps each record under `b/<transaction>/<branch>`. Ids cannot
+/// contain `/` (see [`crate::limits::check_id`]). Participants keep their own data
+/// under other keys, and not under `d/` either: older versions kept marks there.
 fn record_key(key: &BranchKey) -> Vec<u8> {
     format!("{RECORD_PREFIX}{}/{}", key.transaction_id, key.branch_id).into_bytes()
-}
-
-fn in_doubt_key(key: &BranchKey) -> Vec<u8> {
-    format!("{IN_DOUBT_PREFIX}{}/{}", key.transaction_id, key.branch_id).into_bytes()
 }
 
 /// The branch a `<prefix><transaction>/<branch>` key names.
@@ -189,16 +200,42 @@ fn parse_key(key: &[u8], prefix: &str) -> Result<BranchKey, StoreError> {
     })
 }
 
-/// `write` as operations on the SDK's own store.
+/// `write` as operations on the SDK's own store: the record, and the branch's mark in
+/// the store's in-memory set of branches in doubt (see `DurableStore::marked`).
 pub(crate) fn write_batch(write: &BarrierWrite) -> WriteBatch {
     let mut batch = WriteBatch::new();
-    batch.insert(record_key(&write.key), write.record.clone());
+    let key = record_key(&write.key);
+    batch.insert(key.clone(), write.record.clone());
     if write.in_doubt {
-        batch.insert(in_doubt_key(&write.key), Vec::new());
+        batch.mark(key);
     } else {
-        batch.remove(in_doubt_key(&write.key));
+        batch.unmark(key);
     }
     batch
+}
+
+/// The branches in doubt in the SDK's own store, read from their records (the
+/// in-memory marks' seed), and the keys of marks an older version left on disk.
+fn in_doubt_on_disk(
+    db: &sled::Db,
+) -> Result<(std::collections::BTreeSet<Vec<u8>>, Vec<sled::IVec>), StoreError> {
+    let read = |e: sled::Error| StoreError::Read(e.to_string());
+    let mut in_doubt = std::collections::BTreeSet::new();
+    for entry in db.scan_prefix(RECORD_PREFIX.as_bytes()) {
+        let (key, value) = entry.map_err(read)?;
+        let branch = parse_key(&key, RECORD_PREFIX)?;
+        let record =
+            crate::barrier::decode(&branch, &value).map_err(|e| StoreError::Read(e.to_string()))?;
+        if crate::barrier::is_in_doubt(&record) {
+            in_doubt.insert(key.to_vec());
+        }
+    }
+    let old_marks = db
+        .scan_prefix(OLD_IN_DOUBT_PREFIX.as_bytes())
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read)?;
+    Ok((in_doubt, old_marks))
 }
 
 impl BarrierStore for DurableStore {
@@ -235,28 +272,32 @@ impl BarrierStore for DurableStore {
         self.write(write_batch(&write), Durability::Patient)
     }
 
+    /// Listed from memory. The first listing reads every record to find the branches in
+    /// doubt, and removes the marks an older version kept on disk (a lazy write: one
+    /// lost in a crash is made again by the next first listing).
     fn in_doubt(
         &self,
         after: Option<&BranchKey>,
         limit: usize,
     ) -> Result<Vec<BranchKey>, StoreError> {
-        let start = match after {
-            Some(after) => {
-                let mut start = in_doubt_key(after);
-                start.push(0);
-                start
+        let mut old_marks = Vec::new();
+        let after = after.map(record_key);
+        let keys = self.marked(after.as_deref(), limit, |db| {
+            let (in_doubt, old) = in_doubt_on_disk(db)?;
+            old_marks = old;
+            Ok(in_doubt)
+        })?;
+        if !old_marks.is_empty() {
+            let mut batch = WriteBatch::new();
+            for key in old_marks {
+                batch.remove(key.to_vec());
             }
-            None => IN_DOUBT_PREFIX.as_bytes().to_vec(),
-        };
-        let mut found = Vec::new();
-        for entry in self.db().range(start..).take(limit) {
-            let (key, _) = entry.map_err(|e| StoreError::Read(e.to_string()))?;
-            if !key.starts_with(IN_DOUBT_PREFIX.as_bytes()) {
-                break;
-            }
-            found.push(parse_key(&key, IN_DOUBT_PREFIX)?);
+            // A failed write fails the store, which the barrier reports.
+            drop(self.write(batch, Durability::Lazy));
         }
-        Ok(found)
+        keys.iter()
+            .map(|key| parse_key(key, RECORD_PREFIX))
+            .collect()
     }
 
     fn records_before(
@@ -290,8 +331,9 @@ impl BarrierStore for DurableStore {
     fn remove(&self, keys: Vec<BranchKey>) -> impl Future<Output = Result<(), StoreError>> + Send {
         let mut batch = WriteBatch::new();
         for key in &keys {
-            batch.remove(record_key(key));
-            batch.remove(in_doubt_key(key));
+            let key = record_key(key);
+            batch.remove(key.clone());
+            batch.unmark(key);
         }
         self.write(batch, Durability::Lazy)
     }
@@ -330,7 +372,8 @@ impl BarrierStore for DurableStore {
 /// written and replaced by later writes; in-doubt marks listed, paged with a cursor, and
 /// cleared; records listed below a transaction id bound, paged, and removed with their
 /// marks (what the garbage collector needs). Run it in your tests on an empty store; it
-/// writes branches of transactions named `conformance-*` and of UUIDv7 ids from 2023.
+/// writes branches of transactions named `conformance-*` and of UUIDv7 ids from 2023,
+/// with barrier records whose status agrees with their mark, as the barrier's do.
 pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String> {
     let key = |txn: usize, branch: &str| BranchKey {
         transaction_id: format!("conformance-{txn}"),
@@ -338,9 +381,10 @@ pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String>
     };
     let write = |key: BranchKey, record: &[u8], in_doubt: bool| BarrierWrite {
         key,
-        record: record.to_vec(),
+        record: conformance_record(record, in_doubt),
         in_doubt,
     };
+    let record = conformance_record;
     let failed = |what: &str, e: StoreError| format!("{what}: {e}");
     let absent = store.load(&key(0, "a")).map_err(|e| failed("load", e))?;
     if absent.is_some() {
@@ -355,7 +399,7 @@ pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String>
         .await
         .map_err(|e| failed("save", e))?;
     match store.load(&key(0, "a")).map_err(|e| failed("load", e))? {
-        Some(record) if record == b"second" => {}
+        Some(found) if found == record(b"second", false) => {}
         other => return Err(format!("after two writes, load gave {other:?}")),
     }
     if !store
@@ -413,7 +457,7 @@ async fn check_unforced<S: BarrierStore>(store: &S) -> Result<(), String> {
     };
     let write = |record: &[u8], in_doubt: bool| BarrierWrite {
         key: key.clone(),
-        record: record.to_vec(),
+        record: conformance_record(record, in_doubt),
         in_doubt,
     };
     store
@@ -421,7 +465,7 @@ async fn check_unforced<S: BarrierStore>(store: &S) -> Result<(), String> {
         .await
         .map_err(|e| failed("save_unforced", e))?;
     match store.load(&key).map_err(|e| failed("load", e))? {
-        Some(record) if record == b"unforced" => {}
+        Some(record) if record == conformance_record(b"unforced", true) => {}
         other => return Err(format!("after save_unforced, load gave {other:?}")),
     }
     let listed = store
@@ -437,7 +481,7 @@ async fn check_unforced<S: BarrierStore>(store: &S) -> Result<(), String> {
         .await
         .map_err(|e| failed("save", e))?;
     match store.load(&key).map_err(|e| failed("load", e))? {
-        Some(record) if record == b"settled" => {}
+        Some(record) if record == conformance_record(b"settled", false) => {}
         other => return Err(format!("a save after save_unforced left {other:?}")),
     }
     if !store
@@ -470,7 +514,7 @@ async fn check_collection<S: BarrierStore>(store: &S) -> Result<(), String> {
     for (index, key) in old.iter().chain([&young]).enumerate() {
         let write = BarrierWrite {
             key: key.clone(),
-            record: format!("record-{index}").into_bytes(),
+            record: conformance_record(format!("record-{index}").as_bytes(), index == 1),
             in_doubt: index == 1,
         };
         store.save(write).await.map_err(|e| failed("save", e))?;
@@ -530,7 +574,179 @@ async fn check_collection<S: BarrierStore>(store: &S) -> Result<(), String> {
         return Err("records_before still lists removed records".into());
     }
     match store.load(&young).map_err(|e| failed("load", e))? {
-        Some(record) if record == b"record-5" => Ok(()),
+        Some(record) if record == conformance_record(b"record-5", false) => Ok(()),
         other => Err(format!("a record not removed reads {other:?}")),
+    }
+}
+
+/// A barrier record for the conformance check, told apart by `payload`: a two-phase
+/// branch prepared (in doubt) or committed.
+fn conformance_record(payload: &[u8], in_doubt: bool) -> Vec<u8> {
+    use crate::barrier::{BranchMode, BranchRecord, BranchStatus};
+    crate::barrier::encode(&BranchRecord {
+        mode: BranchMode::TwoPhase,
+        status: if in_doubt {
+            BranchStatus::Prepared
+        } else {
+            BranchStatus::Committed
+        },
+        payload: payload.to_vec(),
+        coordinator_endpoint: String::new(),
+        updated_unix_ms: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::barrier::{BranchMode, BranchRecord, BranchStatus, encode};
+    use crate::durable::StoreOptions;
+
+    fn key(transaction_id: &str) -> BranchKey {
+        BranchKey {
+            transaction_id: transaction_id.into(),
+            branch_id: "b".into(),
+        }
+    }
+
+    fn record(mode: BranchMode, status: BranchStatus) -> Vec<u8> {
+        encode(&BranchRecord {
+            mode,
+            status,
+            payload: Vec::new(),
+            coordinator_endpoint: String::new(),
+            updated_unix_ms: 0,
+        })
+    }
+
+    fn open(dir: &std::path::Path) -> DurableStore {
+        DurableStore::open(dir, StoreOptions::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn after_a_reopen_the_branches_in_doubt_are_read_from_their_records_and_old_marks_go() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Written as a version that kept its marks on disk did, with one mark
+            // left behind by a crash between two writes of a committed branch.
+            let store = open(dir.path());
+            let mut batch = WriteBatch::new();
+            let cases = [
+                (
+                    "two-phase-yes",
+                    BranchMode::TwoPhase,
+                    BranchStatus::Prepared,
+                    true,
+                ),
+                (
+                    "one-phase-yes",
+                    BranchMode::OnePhase,
+                    BranchStatus::Prepared,
+                    true,
+                ),
+                (
+                    "saga-step-yes",
+                    BranchMode::SagaStep,
+                    BranchStatus::Prepared,
+                    false,
+                ),
+                (
+                    "committed",
+                    BranchMode::TwoPhase,
+                    BranchStatus::Committed,
+                    true,
+                ),
+            ];
+            for (txn, mode, status, old_mark) in cases {
+                batch.insert(record_key(&key(txn)), record(mode, status));
+                if old_mark {
+                    batch.insert(format!("{OLD_IN_DOUBT_PREFIX}{txn}/b"), Vec::new());
+                }
+            }
+            store.write(batch, Durability::Forced).await.unwrap();
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(
+            store.in_doubt(None, 10).unwrap(),
+            [key("one-phase-yes"), key("two-phase-yes")]
+        );
+        // The old marks' removal is queued before this write, so it is applied first.
+        store
+            .write(WriteBatch::new(), Durability::Forced)
+            .await
+            .unwrap();
+        assert_eq!(store.db().scan_prefix(OLD_IN_DOUBT_PREFIX).count(), 0);
+        // From then on the marks change with the writes.
+        store
+            .save(BarrierWrite {
+                key: key("two-phase-yes"),
+                record: record(BranchMode::TwoPhase, BranchStatus::Committed),
+                in_doubt: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.in_doubt(None, 10).unwrap(), [key("one-phase-yes")]);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_fails_the_listing_instead_of_hiding_a_branch_in_doubt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut batch = WriteBatch::new();
+        batch.insert(record_key(&key("unreadable")), b"\x07garbage".to_vec());
+        store.write(batch, Durability::Forced).await.unwrap();
+        let error = store.in_doubt(None, 10).unwrap_err();
+        assert!(error.to_string().contains("unreadable"), "{error}");
+    }
+
+    /// The first listing reads the records while writes go on; whenever it happens,
+    /// the set afterwards is exactly the branches whose last write left them in doubt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_listing_during_writes_ends_with_exactly_the_branches_in_doubt() {
+        const WRITERS: usize = 4;
+        const BRANCHES: usize = 100;
+        for round in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(open(dir.path()));
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|writer| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        for branch in 0..BRANCHES {
+                            let key = key(&format!("w{writer}-{branch}"));
+                            let write = |status: BranchStatus| BarrierWrite {
+                                key: key.clone(),
+                                in_doubt: status == BranchStatus::Prepared,
+                                record: record(BranchMode::TwoPhase, status),
+                            };
+                            store.save(write(BranchStatus::Prepared)).await.unwrap();
+                            if branch % 2 == 0 {
+                                store.save(write(BranchStatus::Committed)).await.unwrap();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            // The first listing lands somewhere different in each round.
+            tokio::time::sleep(std::time::Duration::from_millis(round * 3)).await;
+            store.in_doubt(None, usize::MAX).unwrap();
+            for writer in writers {
+                writer.await.unwrap();
+            }
+            let mut expected: Vec<BranchKey> = (0..WRITERS)
+                .flat_map(|writer| {
+                    (1..BRANCHES)
+                        .step_by(2)
+                        .map(move |branch| key(&format!("w{writer}-{branch}")))
+                })
+                .collect();
+            expected.sort();
+            let listed = store.in_doubt(None, usize::MAX).unwrap();
+            let mut sorted = listed.clone();
+            sorted.sort();
+            assert_eq!(listed, sorted, "round {round}: listed in one order");
+            assert_eq!(listed, expected, "round {round}");
+        }
     }
 }

@@ -321,6 +321,10 @@ async fn user_writes_and_the_barrier_record_commit_together() {
         barrier.record(&b).unwrap().unwrap().status,
         BranchStatus::Prepared
     );
+    // And the branch is in doubt with it, as if the barrier had written the record.
+    let in_doubt: Vec<_> = barrier.in_doubt(10).unwrap();
+    assert_eq!(in_doubt.len(), 1);
+    assert_eq!(in_doubt[0].branch, b);
     assert_eq!(
         barrier.prepare(&p, &b, b"", COORDINATOR).await.unwrap(),
         Vote::Yes
@@ -335,6 +339,7 @@ async fn user_writes_and_the_barrier_record_commit_together() {
         barrier.record(&b).unwrap().unwrap().status,
         BranchStatus::Committed
     );
+    assert!(barrier.in_doubt(10).unwrap().is_empty());
     assert_eq!(
         barrier
             .commit(&p, &b, BranchMode::TwoPhase, &[], COORDINATOR)

@@ -70,7 +70,9 @@ fn verify_copy(original: &Path, copy: &Path) -> Verdict {
             Some(b'u' | b'e' | b'k') => continue,
             Some(b'h') if key.len() == 25 => continue,
             _ if key.starts_with(b"b/") => "participant barrier records".to_string(),
-            _ if key.starts_with(b"d/") => "participant branches in doubt".to_string(),
+            _ if key.starts_with(b"d/") => {
+                "participant in-doubt marks (older versions')".to_string()
+            }
             _ => "other records (the service's own data)".to_string(),
         };
         *counts.entry(label).or_default() += 1;

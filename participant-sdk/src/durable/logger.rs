@@ -130,6 +130,8 @@ pub(super) struct Logger {
     pub(super) sync_observer: Option<SyncObserver>,
     pub(super) group_observer: Option<GroupObserver>,
     pub(super) counters: Arc<super::DurabilityCounters>,
+    /// The marked keys (see `marks`): changed once a group's batches are in sled.
+    pub(super) marks: Arc<super::marks::Marks>,
 }
 
 /// Fails the store if the logger thread panics, before the writes it holds are dropped
@@ -541,6 +543,10 @@ impl Logger {
             if let Err(message) = rebuild.mirror(mirrored.as_ref(), number) {
                 self.abandon_rebuild(message);
             }
+        }
+        if group.iter().any(|(batch, _, _)| !batch.marks.is_empty()) {
+            self.marks
+                .apply(group.iter().flat_map(|(batch, _, _)| &batch.marks));
         }
         Ok(())
     }

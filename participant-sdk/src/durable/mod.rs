@@ -31,6 +31,10 @@
 //!   resolves with [`StoreError::Failed`]. The owner must stop, restart and recover.
 //! - `snap.*.generating` files left by a crash during `open()` are removed before opening.
 //! - Keys are the caller's: the store keeps its own bookkeeping in a separate sled tree.
+//! - A batch may also set or clear marks in a set of keys the store keeps in memory
+//!   for its caller (`WriteBatch::mark`, `DurableStore::marked`; see `marks`): the
+//!   marks change when the batch is applied, before its ticket resolves, and are never
+//!   written; the caller rebuilds them from its records at the first listing.
 //! - The store's size on disk can be kept to its live records by compaction
 //!   ([`StoreOptions::compaction`], [`DurableStore::compact`]): a rebuilt copy replaces
 //!   the database without a write waiting for more than one bounded step, and a crash at
@@ -42,6 +46,7 @@ mod files;
 mod generations;
 pub mod high_water;
 mod logger;
+mod marks;
 
 use std::fs::File;
 use std::future::Future;
@@ -86,10 +91,12 @@ pub enum Durability {
     Patient,
 }
 
-/// An ordered set of inserts and removes applied atomically.
+/// An ordered set of inserts and removes applied atomically, with the marks it sets or
+/// clears in the store's in-memory set (see `DurableStore::marked`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteBatch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    marks: Vec<(Vec<u8>, bool)>,
 }
 
 impl WriteBatch {
@@ -105,6 +112,16 @@ impl WriteBatch {
         self.ops.push((key.into(), None));
     }
 
+    /// Adds `key` to the store's marked keys once the batch is applied (nothing on disk).
+    pub(crate) fn mark(&mut self, key: impl Into<Vec<u8>>) {
+        self.marks.push((key.into(), true));
+    }
+
+    /// Takes `key` out of the store's marked keys once the batch is applied.
+    pub(crate) fn unmark(&mut self, key: impl Into<Vec<u8>>) {
+        self.marks.push((key.into(), false));
+    }
+
     pub fn len(&self) -> usize {
         self.ops.len()
     }
@@ -113,9 +130,10 @@ impl WriteBatch {
         self.ops.is_empty()
     }
 
-    /// Appends `other`'s writes after this batch's.
+    /// Appends `other`'s writes (and marks) after this batch's.
     pub fn extend(&mut self, other: WriteBatch) {
         self.ops.extend(other.ops);
+        self.marks.extend(other.marks);
     }
 
     /// The bytes of every key and value in the batch.
@@ -369,6 +387,7 @@ pub struct DurableStore {
     failed: Arc<tokio::sync::Notify>,
     logger: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<DurabilityCounters>,
+    marks: Arc<marks::Marks>,
 }
 
 impl DurableStore {
@@ -447,6 +466,7 @@ impl DurableStore {
         let current = Arc::new(RwLock::new(generation.clone()));
         let baseline_bytes = compaction::baseline_bytes(&generation.meta);
         let counters = Arc::new(DurabilityCounters::default());
+        let marks = Arc::new(marks::Marks::default());
         let logger = logger::Logger {
             root: root.to_path_buf(),
             generation,
@@ -480,6 +500,7 @@ impl DurableStore {
             sync_observer: options.sync_observer.clone(),
             group_observer: options.group_observer.clone(),
             counters: counters.clone(),
+            marks: marks.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("treaty-logger".into())
@@ -493,6 +514,7 @@ impl DurableStore {
             failed,
             logger: Mutex::new(Some(handle)),
             counters,
+            marks,
         })
     }
 
@@ -600,6 +622,21 @@ impl DurableStore {
             None => reply(request, Err(StoreError::Closed)),
         }
         WriteTicket(ticket)
+    }
+
+    /// Up to `limit` keys that the batches applied so far left marked, in key order,
+    /// after `after` (`None`: from the first). Marks live in memory only: the first call
+    /// rebuilds them with `seed`, which reads the caller's records from the database it
+    /// is given while the logger holds back the marks of the groups it applies (see
+    /// `marks`). A failed seed fails this call and is tried again by the next.
+    pub(crate) fn marked(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+        seed: impl FnOnce(&sled::Db) -> Result<std::collections::BTreeSet<Vec<u8>>, StoreError>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let db = self.db();
+        self.marks.list(after, limit, || seed(&db))
     }
 
     /// The reason the store failed, if it did.
