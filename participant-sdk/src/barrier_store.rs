@@ -35,9 +35,11 @@
 //! every record's status: a branch is in doubt exactly when its record says it voted
 //! YES in a two-phase or one-phase commit and has no outcome (`barrier::is_in_doubt`),
 //! so the marks cannot disagree with the records after a crash. That first listing
-//! costs a read of the whole store (0.35–1.0 s for a million records measured here), and
-//! a record it cannot decode fails it: a damaged record might be one in doubt. The
-//! marks an older version kept on disk (`d/<transaction>/<branch>`) are removed then.
+//! costs a read of the whole store (0.35–1.0 s for a million records measured here;
+//! writes go on meanwhile, and the resolver lists from a blocking thread), and a record
+//! it cannot decode fails it and every later listing until the store is opened again:
+//! a damaged record might be one in doubt. The marks an older version kept on disk
+//! (`d/<transaction>/<branch>`) are removed then.
 //! Keeping them off the disk saved a sled insert and a remove per two-phase branch,
 //! and a remove per saga step (docs/PERFORMANCE.md, "The participants' in-doubt marks
 //! in memory").

@@ -26,10 +26,12 @@ use treaty_proto::v1 as pb;
 use treaty_proto::v1::coordinator_client::CoordinatorClient;
 
 use crate::auth::Credentials;
-use crate::barrier::{Barrier, BranchMode, InDoubtBranch, PhaseTwoWrite, now_unix_ms};
+use crate::barrier::{
+    Barrier, BarrierError, BranchMode, InDoubtBranch, PhaseTwoWrite, now_unix_ms,
+};
 use crate::barrier_store::{BarrierStore, BranchKey};
 use crate::client::{ClientOptions, credentials, endpoint_with};
-use crate::durable::DurableStore;
+use crate::durable::{DurableStore, StoreError};
 use crate::metrics::InquiryResult;
 use crate::participant::Participant;
 use crate::trust::CoordinatorTrust;
@@ -132,9 +134,18 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
     /// the answers. Returns early once `stop` is set.
     pub async fn round(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> RoundReport {
         let mut report = RoundReport::default();
-        let page = self
-            .barrier
-            .in_doubt_after(self.cursor.as_ref(), self.options.max_branches_per_round);
+        // On a blocking thread: a store may read a lot to list (the SDK's own reads
+        // every record at its first listing after an open), or ask another database.
+        let (barrier, cursor) = (self.barrier.clone(), self.cursor.clone());
+        let limit = self.options.max_branches_per_round;
+        let page =
+            tokio::task::spawn_blocking(move || barrier.in_doubt_after(cursor.as_ref(), limit))
+                .await
+                .unwrap_or_else(|error| {
+                    Err(BarrierError::Store(StoreError::Read(format!(
+                        "the listing's thread: {error}"
+                    ))))
+                });
         let (branches, pass_done) = match page {
             Ok((branches, next)) => {
                 let pass_done = next.is_none();

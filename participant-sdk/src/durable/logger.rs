@@ -532,6 +532,11 @@ impl Logger {
                 .apply_batch(sled_batch)
                 .map_err(|e| format!("apply_batch: {e}"))?;
         }
+        // What sled now holds, the marks show, whatever fails after this.
+        if group.iter().any(|(batch, _, _)| !batch.marks.is_empty()) {
+            self.marks
+                .apply(group.iter().flat_map(|(batch, _, _)| &batch.marks));
+        }
         let number = forced.then(|| (self.forced_groups + 1).to_be_bytes());
         if let Some(number) = number {
             self.generation
@@ -543,10 +548,6 @@ impl Logger {
             if let Err(message) = rebuild.mirror(mirrored.as_ref(), number) {
                 self.abandon_rebuild(message);
             }
-        }
-        if group.iter().any(|(batch, _, _)| !batch.marks.is_empty()) {
-            self.marks
-                .apply(group.iter().flat_map(|(batch, _, _)| &batch.marks));
         }
         Ok(())
     }

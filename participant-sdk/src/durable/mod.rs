@@ -627,16 +627,18 @@ impl DurableStore {
     /// Up to `limit` keys that the batches applied so far left marked, in key order,
     /// after `after` (`None`: from the first). Marks live in memory only: the first call
     /// rebuilds them with `seed`, which reads the caller's records from the database it
-    /// is given while the logger holds back the marks of the groups it applies (see
-    /// `marks`). A failed seed fails this call and is tried again by the next.
+    /// is given while writes go on (see `marks`), so it blocks for a read of the whole
+    /// store: call it from a blocking thread. A failed seed fails this call and every
+    /// later one, until the store is opened again.
     pub(crate) fn marked(
         &self,
         after: Option<&[u8]>,
         limit: usize,
         seed: impl FnOnce(&sled::Db) -> Result<std::collections::BTreeSet<Vec<u8>>, StoreError>,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let db = self.db();
-        self.marks.list(after, limit, || seed(&db))
+        // The handle is taken once the marks are being recorded: a compaction switch
+        // before that is in the database read, one after it in what was recorded.
+        self.marks.list(after, limit, || seed(&self.db()))
     }
 
     /// The reason the store failed, if it did.
