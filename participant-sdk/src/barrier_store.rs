@@ -42,7 +42,7 @@
 //! (`d/<transaction>/<branch>`) are removed then.
 //! Keeping them off the disk saved a sled insert and a remove per two-phase branch,
 //! and a remove per saga step (docs/PERFORMANCE.md, "The participants' in-doubt marks
-//! in memory").
+//! in memory, and the coordinator's unfinished index gone").
 
 use std::future::Future;
 use std::sync::Arc;

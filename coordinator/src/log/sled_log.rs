@@ -5,18 +5,19 @@
 //! One database, one tree, key prefixes; a record and its index entries change in one
 //! batch:
 //! - `t/<id: 16 bytes>` → the record (a format byte, then postcard: see `encode`);
-//! - `u/<id>` → empty, while the record's state is not final (recovery reads these);
 //! - `e/<ended_unix_ms: 8 bytes big-endian><id>` → empty, for final records (retention
 //!   and the count);
 //! - `h/<ended_unix_ms><id>` → empty, instead, for final records
 //!   [`held_for_retention`](super::held_for_retention) (retention only);
 //! - `k/<idempotency key>` → the id of the saga submitted with that key.
 //!
-//! A `u/` entry is written with a record's first write in this process, not again with
-//! each later one while it is unfinished (a saga rewrites its record at every step): the
-//! log remembers which unfinished records it wrote one for (`indexed`). A `k/` entry is
-//! written with every write: a forget or purge of an earlier saga with the same key
-//! removes the entry by key, and may land after a new saga's first write.
+//! Recovery finds the unfinished records by reading every record once, at open
+//! ([`DecisionLog::unfinished`]): the log's size is bounded (docs/limits.md), and an
+//! index of them (`u/<id>`, written with a record's first write and removed with its
+//! final one, until 2026-12) cost a 2PC two of its five sled operations. An older
+//! version's `u/` entries are removed at open. A `k/` entry is written with every
+//! write: a forget or purge of an earlier saga with the same key removes the entry by
+//! key, and may land after a new saga's first write.
 //!
 //! The log counts its final records not held (`e/` entries): exactly at open, then as it
 //! writes and purges them (`finished.rs` says how, and when the count may be high), so a
@@ -33,7 +34,7 @@ use treaty_sdk::durable::{Durability, DurableStore, StoreError, StoreOptions, Wr
 
 use super::finished::FinishedCount;
 use super::{DecisionLog, LogError, LogFailed, LogWrite, held_for_retention};
-use crate::model::{OperatorResolution, TxnId, TxnRecord, UnixMs};
+use crate::model::{OperatorResolution, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 
 /// Format 3: the record, its owner, then each branch's heuristic answer and operator
 /// resolution (all postcard). Formats 2 (no branch notes) and 1 (no owner either) are
@@ -49,7 +50,8 @@ type BranchNotes = (Option<String>, Option<OperatorResolution>);
 /// trimmed to fit, and a record whose protocol fields alone exceed this is refused.
 pub const MAX_RECORD_BYTES: usize = 96 * 1024;
 const RECORD: u8 = b't';
-const UNFINISHED: u8 = b'u';
+/// The index of unfinished records an older version kept (removed at open).
+const OLD_UNFINISHED: u8 = b'u';
 const ENDED: u8 = b'e';
 const HELD: u8 = b'h';
 const KEY: u8 = b'k';
@@ -61,15 +63,12 @@ pub struct SledLog {
     finished: Arc<FinishedCount>,
     /// Held by the purge under way (see `purge_oldest`).
     purging: Arc<std::sync::Mutex<()>>,
-    /// Unfinished records whose `u/` entry this process has queued and not removed: a
-    /// later write of one need not write it again. Only the record's own final write or
-    /// forget removes a `u/` entry (it is keyed by the id). One entry per unfinished
-    /// record written since the log opened, so it is bounded as the coordinator's
-    /// transactions in progress are; the first write of a record recovered at open
-    /// writes its entry again, which changes nothing. The count of final records relies
-    /// on it too: a record found here when it is written final holds no `e/` entry yet
-    /// (see `write`).
-    indexed: Arc<std::sync::Mutex<std::collections::HashSet<TxnId>>>,
+    /// Records this process has written unfinished and not yet final or forgotten: one
+    /// found here when it is written final holds no `e/` entry yet, so its count needs
+    /// no read of the store (see `write`). One entry per unfinished record written
+    /// since the log opened, so it is bounded as the coordinator's transactions in
+    /// progress are.
+    written_unfinished: Arc<std::sync::Mutex<std::collections::HashSet<TxnId>>>,
 }
 
 impl SledLog {
@@ -78,6 +77,8 @@ impl SledLog {
     }
 
     /// Opens the log; counting its final records takes about a second per million.
+    /// Removes the index of unfinished records an older version kept (a lazy write: a
+    /// removal lost in a crash is done again at the next open).
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, LogError> {
         let store = DurableStore::open(dir, options)?;
         let mut finished = 0;
@@ -85,11 +86,18 @@ impl SledLog {
             entry.map_err(read_error)?;
             finished += 1;
         }
+        let mut old_index = WriteBatch::new();
+        for entry in store.db().scan_prefix([OLD_UNFINISHED]).keys() {
+            old_index.remove(entry.map_err(read_error)?.to_vec());
+        }
+        if !old_index.is_empty() {
+            futures::executor::block_on(store.write(old_index, Durability::Lazy))?;
+        }
         Ok(Self {
             store: Arc::new(store),
             finished: Arc::new(FinishedCount::new(finished)),
             purging: Arc::default(),
-            indexed: Arc::default(),
+            written_unfinished: Arc::default(),
         })
     }
 
@@ -283,6 +291,23 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
     }
 }
 
+/// Whether the record stored under `key` is final, from the fields every format begins
+/// with (the id, the kind and the state): recovery reads every record, and most are
+/// final. A record of an unknown format, or too short for them, is reported as damage.
+fn is_final(key: &[u8], bytes: &[u8]) -> Result<bool, LogError> {
+    match bytes.split_first() {
+        Some((&(FORMAT_VERSION | FORMAT_WITHOUT_BRANCH_NOTES | FORMAT_WITHOUT_OWNER), rest)) => {
+            let ((_, _, state), _): ((TxnId, TxnKind, TxnState), &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| LogError::Corrupt {
+                    key: format!("{key:02x?}"),
+                    message: e.to_string(),
+                })?;
+            Ok(state.is_final())
+        }
+        _ => decode(key, bytes).map(|record| record.state.is_final()),
+    }
+}
+
 fn read_error(e: sled::Error) -> LogError {
     LogError::Store(StoreError::Read(e.to_string()))
 }
@@ -307,17 +332,20 @@ impl DecisionLog for SledLog {
         batch.insert(key(RECORD, &record.id), encoded);
         // Held until the write is queued, so that the set and the queue agree on the
         // order of one record's writes.
-        let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
-        let unfinished_entry_written = if record.state.is_final() {
-            indexed.remove(&record.id)
+        let mut written_unfinished = self
+            .written_unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let was_written_unfinished = if record.state.is_final() {
+            written_unfinished.remove(&record.id)
         } else {
-            !indexed.insert(record.id)
+            written_unfinished.insert(record.id);
+            true
         };
         // The `e/` entry of a final record that is counted: added to `batch` under the
         // count's lock, so that the count and the store see writes in one order.
         let mut counted = None;
         if record.state.is_final() {
-            batch.remove(key(UNFINISHED, &record.id));
             if let Some(ended) = record.ended_unix_ms {
                 if held_for_retention(record) {
                     batch.insert(ended_key(HELD, ended, &record.id), Vec::new());
@@ -325,8 +353,6 @@ impl DecisionLog for SledLog {
                     counted = Some(ended_key(ENDED, ended, &record.id));
                 }
             }
-        } else if !unfinished_entry_written {
-            batch.insert(key(UNFINISHED, &record.id), Vec::new());
         }
         if let Some(idempotency) = &record.idempotency_key {
             batch.insert(idempotency_key(idempotency), record.id.as_bytes().to_vec());
@@ -339,7 +365,7 @@ impl DecisionLog for SledLog {
                 // is never written unfinished again, and one final at open is not
                 // resumed. Its first final write then needs no read of the store.
                 || {
-                    if unfinished_entry_written {
+                    if was_written_unfinished {
                         Ok(false)
                     } else {
                         self.holds(&index_key)
@@ -352,7 +378,7 @@ impl DecisionLog for SledLog {
             ),
             None => self.store.write(batch, durability),
         };
-        drop(indexed);
+        drop(written_unfinished);
         Box::pin(async move { Ok(ticket.await?) })
     }
 
@@ -373,19 +399,14 @@ impl DecisionLog for SledLog {
         value.map(|bytes| id_from(&index, &bytes)).transpose()
     }
 
+    /// Reads every record's state, and decodes the unfinished ones: a record whose
+    /// state cannot be read fails it, since it might be an unfinished one.
     fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError> {
         let mut records = Vec::new();
-        for entry in self.store.db().scan_prefix([UNFINISHED]) {
-            let (index_key, _) = entry.map_err(read_error)?;
-            let id = indexed_id(&index_key, 1, "unfinished")?;
-            match self.get(&id)? {
-                Some(record) => records.push(record),
-                None => {
-                    return Err(LogError::Corrupt {
-                        key: id.to_string(),
-                        message: "indexed as unfinished but has no record".into(),
-                    });
-                }
+        for entry in self.store.db().range(vec![RECORD]..vec![RECORD + 1]) {
+            let (record_key, value) = entry.map_err(read_error)?;
+            if !is_final(&record_key, &value)? {
+                records.push(decode(&record_key, &value)?);
             }
         }
         Ok(records)
@@ -440,11 +461,13 @@ impl DecisionLog for SledLog {
 
     fn forget(&self, record: &TxnRecord) -> LogWrite {
         let id = &record.id;
-        let mut indexed = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
-        indexed.remove(id);
+        let mut written_unfinished = self
+            .written_unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        written_unfinished.remove(id);
         let mut batch = WriteBatch::new();
         batch.remove(key(RECORD, id));
-        batch.remove(key(UNFINISHED, id));
         if let Some(ended) = record.ended_unix_ms {
             // Still counted (see `finished.rs`).
             let index_key = ended_key(ENDED, ended, id);
@@ -560,7 +583,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unfinished_record_rewritten_writes_its_unfinished_entry_only_once() {
+    async fn an_unfinished_record_is_written_without_an_index_and_found_by_recovery() {
         use crate::model::TxnState;
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let dir = tempfile::tempdir().unwrap();
@@ -574,25 +597,23 @@ mod tests {
             log.write(&saga, Durability::Forced).await.unwrap();
             written.push(records.swap(0, SeqCst));
         }
-        // The record, `u/` and `k/`; then the record and `k/`.
-        assert_eq!(written, [3, 2, 2]);
+        // The record and `k/`, each time.
+        assert_eq!(written, [2, 2, 2]);
 
-        // Reopened, the entries are there: recovery finds it, and so does its key. Its
-        // first write since the open writes `u/` again.
+        // Reopened: recovery finds it among the records, and its key finds it.
         drop(log);
         let log = counting_log(dir.path(), &records);
         let unfinished: Vec<TxnId> = log.unfinished().unwrap().iter().map(|r| r.id).collect();
         assert_eq!(unfinished, [saga.id]);
         assert_eq!(log.find_by_key("order-17").unwrap(), Some(saga.id));
         log.write(&saga, Durability::Forced).await.unwrap();
-        log.write(&saga, Durability::Forced).await.unwrap();
-        assert_eq!(records.swap(0, SeqCst), 3 + 2);
+        assert_eq!(records.swap(0, SeqCst), 2);
 
-        // Final: the record, its `e/` and `k/` entries, `u/` removed.
+        // Final: the record, its `e/` and `k/` entries.
         saga.state = TxnState::Completed;
         saga.ended_unix_ms = Some(1_700_000_000_100);
         log.write(&saga, Durability::Forced).await.unwrap();
-        assert_eq!(records.swap(0, SeqCst), 4);
+        assert_eq!(records.swap(0, SeqCst), 3);
         assert!(log.unfinished().unwrap().is_empty());
         assert_eq!(log.find_by_key("order-17").unwrap(), Some(saga.id));
     }
@@ -735,6 +756,18 @@ mod tests {
         );
     }
 
+    /// Writes `batch` into the log at `dir` as it is, as an earlier version wrote its
+    /// keys, and closes it.
+    async fn written_as_before(dir: &Path, batch: WriteBatch) {
+        let earlier = SledLog::open(dir).unwrap();
+        earlier
+            .store()
+            .write(batch, Durability::Forced)
+            .await
+            .unwrap();
+        earlier.close().unwrap();
+    }
+
     #[tokio::test]
     async fn a_held_record_indexed_before_there_were_held_entries_is_kept_by_the_count() {
         use crate::model::TxnState;
@@ -747,14 +780,7 @@ mod tests {
         batch.insert(key(RECORD, &saga.id), encode(&saga));
         batch.insert(ended_key(ENDED, 1_700_000_000_100, &saga.id), Vec::new());
         batch.insert(idempotency_key("order-1"), saga.id.as_bytes().to_vec());
-        let earlier = SledLog::open(dir.path()).unwrap();
-        earlier
-            .store()
-            .write(batch, Durability::Forced)
-            .await
-            .unwrap();
-        earlier.close().unwrap();
-        drop(earlier);
+        written_as_before(dir.path(), batch).await;
         let sled_log = SledLog::open(dir.path()).unwrap();
         assert_eq!(sled_log.finished_count(), 1);
         assert_eq!(sled_log.purge_finished_beyond(0, 10).unwrap(), 0);
@@ -768,6 +794,31 @@ mod tests {
         assert_eq!(sled_log.find_by_key("order-1").unwrap(), None);
     }
 
+    #[tokio::test]
+    async fn an_older_versions_index_of_unfinished_records_is_removed_at_open() {
+        use crate::model::TxnState;
+        let dir = tempfile::tempdir().unwrap();
+        let deciding = suite::record(1_700_000_000_000, TxnState::Committing);
+        let mut done = suite::record(1_700_000_000_001, TxnState::Committed);
+        done.ended_unix_ms = Some(1_700_000_000_100);
+        // As an older version wrote them: `u/` beside the unfinished record, and one a
+        // crash left beside a final record.
+        let mut batch = WriteBatch::new();
+        for record in [&deciding, &done] {
+            batch.insert(key(RECORD, &record.id), encode(record));
+            batch.insert(key(OLD_UNFINISHED, &record.id), Vec::new());
+        }
+        written_as_before(dir.path(), batch).await;
+        let log = SledLog::open(dir.path()).unwrap();
+        assert_eq!(log.unfinished().unwrap(), vec![deciding]);
+        // The removal, queued at open, is applied before this write.
+        log.store()
+            .write(WriteBatch::new(), Durability::Forced)
+            .await
+            .unwrap();
+        assert_eq!(log.store().db().scan_prefix([OLD_UNFINISHED]).count(), 0);
+    }
+
     #[test]
     fn a_corrupt_record_is_reported_not_skipped() {
         let dir = tempfile::tempdir().unwrap();
@@ -775,7 +826,6 @@ mod tests {
         let id = TxnId::generate(1_700_000_000_000);
         let mut batch = WriteBatch::new();
         batch.insert(key(RECORD, &id), vec![FORMAT_VERSION, 0xff, 0xff]);
-        batch.insert(key(UNFINISHED, &id), Vec::new());
         futures::executor::block_on(log.store.write(batch, Durability::Forced)).unwrap();
         assert!(matches!(log.unfinished(), Err(LogError::Corrupt { .. })));
         assert!(matches!(log.get(&id), Err(LogError::Corrupt { .. })));
@@ -808,6 +858,21 @@ mod tests {
         let decoded = decode(&key, &old).unwrap();
         assert_eq!(decoded.owner, None);
         assert_eq!(decoded.state, record.state);
+        // Recovery tells an unfinished record by its first fields, in every format.
+        for bytes in [encode(&record), v2, old] {
+            assert!(!is_final(&key, &bytes).unwrap());
+        }
+        let mut done = record.clone();
+        done.state = TxnState::Committed;
+        assert!(is_final(&key, &encode(&done)).unwrap());
+        assert!(matches!(
+            is_final(&key, &[FORMAT_VERSION, 0xff]),
+            Err(LogError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            is_final(&key, &[9]),
+            Err(LogError::Corrupt { .. })
+        ));
         // A record cut short is damage, not a record without owner or notes.
         let mut cut = encode(&record);
         cut.truncate(cut.len() - 3);
