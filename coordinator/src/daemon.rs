@@ -162,7 +162,13 @@ pub async fn run_on_listeners(
         runtime_config.retained_allowance.clone(),
     );
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
-    let (runtime, tasks, recovery) = Runtime::start(log.clone(), runtime_config.clone(), fatal_tx)?;
+    // Recovery reads every record of the log: on a blocking thread, as the open.
+    let (runtime, tasks, recovery) = {
+        let (log, runtime_config) = (log.clone(), runtime_config.clone());
+        tokio::task::spawn_blocking(move || Runtime::start(log, runtime_config, fatal_tx))
+            .await
+            .map_err(|e| DaemonError::Fatal(format!("recovery panicked: {e}")))??
+    };
     tracing::info!(
         resumed = recovery.resumed,
         finished_kept = log.finished_count(),

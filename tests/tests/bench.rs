@@ -285,8 +285,9 @@ async fn a_running_coordinator_is_measured_through_its_metrics_address() {
     let w = workload(&report, "twopc");
     assert!(number(w, &["transactions"]) > 0.0, "{w:#}");
     assert_eq!(number(w, &["failed"]), 0.0, "{w:#}");
-    // Counted by the coordinator: a 2PC over two participants is 4 calls to them and 5
-    // log records, and its decision is forced.
+    // Counted by the coordinator: a 2PC over two participants is 4 calls to them and 3
+    // log records (the decision, the end and its retention entry), and its decision is
+    // forced.
     assert!(
         about(
             number(w, &["rpcs_per_transaction", "coordinator_to_participants"]),
@@ -297,7 +298,7 @@ async fn a_running_coordinator_is_measured_through_its_metrics_address() {
     assert!(
         about(
             number(w, &["coordinator", "log_records_per_transaction"]),
-            5.0
+            3.0
         ),
         "{w:#}"
     );

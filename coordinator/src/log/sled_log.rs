@@ -11,8 +11,9 @@
 //!   [`held_for_retention`](super::held_for_retention) (retention only);
 //! - `k/<idempotency key>` → the id of the saga submitted with that key.
 //!
-//! Recovery finds the unfinished records by reading every record once, at open
-//! ([`DecisionLog::unfinished`]): the log's size is bounded (docs/limits.md), and an
+//! Recovery finds the unfinished records by reading every record's state once, at open
+//! ([`DecisionLog::unfinished`]): the finished records the log keeps are bounded by the
+//! memory budget (docs/limits.md; those held for their retention come on top), and an
 //! index of them (`u/<id>`, written with a record's first write and removed with its
 //! final one, until 2026-12) cost a 2PC two of its five sled operations. An older
 //! version's `u/` entries are removed at open. A `k/` entry is written with every
@@ -609,7 +610,7 @@ mod tests {
         log.write(&saga, Durability::Forced).await.unwrap();
         assert_eq!(records.swap(0, SeqCst), 2);
 
-        // Final: the record, its `e/` and `k/` entries.
+        // Final: the record, its `h/` entry (held: it has a key) and `k/`.
         saga.state = TxnState::Completed;
         saga.ended_unix_ms = Some(1_700_000_000_100);
         log.write(&saga, Durability::Forced).await.unwrap();
@@ -801,8 +802,8 @@ mod tests {
         let deciding = suite::record(1_700_000_000_000, TxnState::Committing);
         let mut done = suite::record(1_700_000_000_001, TxnState::Committed);
         done.ended_unix_ms = Some(1_700_000_000_100);
-        // As an older version wrote them: `u/` beside the unfinished record, and one a
-        // crash left beside a final record.
+        // As an older version wrote them: `u/` beside the unfinished record, and a
+        // stray one beside a final record (every `u/` entry goes, whatever its record).
         let mut batch = WriteBatch::new();
         for record in [&deciding, &done] {
             batch.insert(key(RECORD, &record.id), encode(record));
@@ -811,11 +812,7 @@ mod tests {
         written_as_before(dir.path(), batch).await;
         let log = SledLog::open(dir.path()).unwrap();
         assert_eq!(log.unfinished().unwrap(), vec![deciding]);
-        // The removal, queued at open, is applied before this write.
-        log.store()
-            .write(WriteBatch::new(), Durability::Forced)
-            .await
-            .unwrap();
+        // The open waited for the removal to be applied.
         assert_eq!(log.store().db().scan_prefix([OLD_UNFINISHED]).count(), 0);
     }
 
