@@ -446,6 +446,10 @@ enum WaitsOnStream {
     RefusedAsBefore,
     /// Never answered: each holds one of the connection's waits.
     Held,
+    /// Answered with an error that is not a refusal of the wait.
+    Failed,
+    /// Not answered: the stream breaks instead.
+    Broken,
 }
 
 impl StandIn {
@@ -669,6 +673,12 @@ fn answer_on_stream(
             match waits {
                 WaitsOnStream::Served => Answer::SubmitSaga(submitted("stream")),
                 WaitsOnStream::Held => return None,
+                WaitsOnStream::Failed => Answer::Error(treaty_sdk::call_stream::call_error(
+                    &tonic::Status::failed_precondition("the stand-in fails it"),
+                )),
+                WaitsOnStream::Broken => {
+                    return Some(Err(tonic::Status::internal("the stand-in breaks it")));
+                }
                 WaitsOnStream::AllTaken => {
                     use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
                     Answer::Error(treaty_sdk::call_stream::call_error(
@@ -821,6 +831,38 @@ async fn past_the_coordinators_waits_a_waiting_submit_goes_unary_at_once() {
     }
     drop(client);
     stop().await;
+}
+
+/// A waiting submit whose wait on the stream ends without its saga's outcome (an
+/// error answer, a broken stream) gives its wait back: more of them, one after
+/// another, than the client holds waits for all still go on the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_that_ends_in_an_error_or_a_broken_stream_is_given_back() {
+    const WAITS: usize = treaty_sdk::connections::MAX_CONCURRENT_STREAMS as usize;
+    for (waits, code) in [
+        (WaitsOnStream::Failed, Code::FailedPrecondition),
+        (WaitsOnStream::Broken, Code::Unavailable),
+    ] {
+        let stand_in = StandIn::new(true, waits, None);
+        let waits_on_stream = stand_in.waits_on_stream.clone();
+        let (endpoint, stop) = stand_in.serve().await;
+        let client = TreatyClient::connect(endpoint).await.unwrap();
+        for submit in 1..=WAITS + 1 {
+            let answer = tokio::time::timeout(Duration::from_secs(30), submit_to_wait(&client))
+                .await
+                .expect("answered in time");
+            match answer {
+                Err(error) => assert_eq!(error.code(), Some(code), "{waits:?}, submit {submit}"),
+                Ok(saga) => panic!(
+                    "{waits:?}: submit {submit} went unary ({}): a wait was not given back",
+                    saga.transaction_id
+                ),
+            }
+            assert_eq!(waits_on_stream.load(Ordering::SeqCst), submit, "{waits:?}");
+        }
+        drop(client);
+        stop().await;
+    }
 }
 
 /// The coordinator keeps 256 waits per connection for SubmitSagas that wait on the
