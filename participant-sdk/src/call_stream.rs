@@ -303,9 +303,7 @@ where
             let permit = match reader.place_for(call_id, &in_flight, &answers).await {
                 Ok(permit) => permit,
                 Err(Unplaced::Withdrawn) => {
-                    let _ = answers
-                        .send(Ok(M::answer(call_id, Err(withdrawn_status()))))
-                        .await;
+                    let _ = answers.send(Ok(withdrawn_answer::<M>(call_id))).await;
                     continue;
                 }
                 // Never, as the server uses its places: the calls read are answered.
@@ -366,6 +364,11 @@ pub const MAX_READ_AHEAD_BYTES: usize = 1024 * 1024;
 /// What a withdrawn call is answered.
 fn withdrawn_status() -> Status {
     Status::cancelled("the call was withdrawn by its caller")
+}
+
+/// The answer to call `call_id`, withdrawn before it was answered.
+fn withdrawn_answer<M: CallMessages>(call_id: u64) -> M::Answer {
+    M::answer(call_id, Err(withdrawn_status()))
 }
 
 /// The reading side of one stream: calls in the order they came, withdrawals taken on
@@ -439,8 +442,7 @@ impl<M: CallMessages> Reader<M> {
                                 if let Some((_, size)) = self.ahead.remove(index) {
                                     self.ahead_bytes -= size;
                                 }
-                                let answer = M::answer(withdrawn, Err(withdrawn_status()));
-                                let _ = answers.send(Ok(answer)).await;
+                                let _ = answers.send(Ok(withdrawn_answer::<M>(withdrawn))).await;
                             }
                             None => self.withdrawals.withdraw(withdrawn),
                         }
