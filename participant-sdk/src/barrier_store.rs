@@ -386,7 +386,6 @@ pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String>
         record: conformance_record(record, in_doubt),
         in_doubt,
     };
-    let record = conformance_record;
     let failed = |what: &str, e: StoreError| format!("{what}: {e}");
     let absent = store.load(&key(0, "a")).map_err(|e| failed("load", e))?;
     if absent.is_some() {
@@ -401,7 +400,7 @@ pub async fn check_conformance<S: BarrierStore>(store: &S) -> Result<(), String>
         .await
         .map_err(|e| failed("save", e))?;
     match store.load(&key(0, "a")).map_err(|e| failed("load", e))? {
-        Some(found) if found == record(b"second", false) => {}
+        Some(record) if record == conformance_record(b"second", false) => {}
         other => return Err(format!("after two writes, load gave {other:?}")),
     }
     if !store
