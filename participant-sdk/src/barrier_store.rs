@@ -583,14 +583,24 @@ async fn check_collection<S: BarrierStore>(store: &S) -> Result<(), String> {
 /// A barrier record for the conformance check, told apart by `payload`: a two-phase
 /// branch prepared (in doubt) or committed.
 fn conformance_record(payload: &[u8], in_doubt: bool) -> Vec<u8> {
-    use crate::barrier::{BranchMode, BranchRecord, BranchStatus};
-    crate::barrier::encode(&BranchRecord {
-        mode: BranchMode::TwoPhase,
-        status: if in_doubt {
-            BranchStatus::Prepared
-        } else {
-            BranchStatus::Committed
-        },
+    use crate::barrier::{BranchMode, BranchStatus};
+    let status = if in_doubt {
+        BranchStatus::Prepared
+    } else {
+        BranchStatus::Committed
+    };
+    encoded_record(BranchMode::TwoPhase, status, payload)
+}
+
+/// A barrier record's bytes, with no coordinator and no time (for checks and tests).
+fn encoded_record(
+    mode: crate::barrier::BranchMode,
+    status: crate::barrier::BranchStatus,
+    payload: &[u8],
+) -> Vec<u8> {
+    crate::barrier::encode(&crate::barrier::BranchRecord {
+        mode,
+        status,
         payload: payload.to_vec(),
         coordinator_endpoint: String::new(),
         updated_unix_ms: 0,
@@ -600,7 +610,7 @@ fn conformance_record(payload: &[u8], in_doubt: bool) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::barrier::{BranchMode, BranchRecord, BranchStatus, encode};
+    use crate::barrier::{BranchMode, BranchStatus};
     use crate::durable::StoreOptions;
 
     fn key(transaction_id: &str) -> BranchKey {
@@ -611,13 +621,7 @@ mod tests {
     }
 
     fn record(mode: BranchMode, status: BranchStatus) -> Vec<u8> {
-        encode(&BranchRecord {
-            mode,
-            status,
-            payload: Vec::new(),
-            coordinator_endpoint: String::new(),
-            updated_unix_ms: 0,
-        })
+        encoded_record(mode, status, &[])
     }
 
     fn open(dir: &std::path::Path) -> DurableStore {
@@ -628,8 +632,8 @@ mod tests {
     async fn after_a_reopen_the_branches_in_doubt_are_read_from_their_records_and_old_marks_go() {
         let dir = tempfile::tempdir().unwrap();
         {
-            // Written as a version that kept its marks on disk did, with one mark
-            // left behind by a crash between two writes of a committed branch.
+            // Written as a version that kept its marks on disk did, with a stray mark
+            // beside a committed record: the records decide, not the marks.
             let store = open(dir.path());
             let mut batch = WriteBatch::new();
             let cases = [

@@ -710,20 +710,21 @@ impl TreatyClient {
         };
         // A wait on the stream holds one of this client's waits until it is answered;
         // with none left it goes unary at once. Calls that go unary anyway take none.
-        let stream_wait = (request.wait_for_outcome && self.transport() != Transport::Unary)
-            .then(|| self.stream_waits.clone().try_acquire_owned().ok());
+        let waits_on_stream = request.wait_for_outcome && self.transport() != Transport::Unary;
+        let stream_wait = waits_on_stream
+            .then(|| self.stream_waits.clone().try_acquire_owned().ok())
+            .flatten();
+        let unary_at_once = waits_on_stream && stream_wait.is_none();
         let unary_client;
-        let client = match &stream_wait {
-            Some(None) => {
-                unary_client = self.unary_only();
-                &unary_client
-            }
-            _ => self,
+        let client = if unary_at_once {
+            unary_client = self.unary_only();
+            &unary_client
+        } else {
+            self
         };
         // Refused only before anything was submitted: then it waits unary. A submit sent
         // unary at once is never refused so, and needs no copy to send again.
-        let if_waits_taken = (request.wait_for_outcome && !matches!(stream_wait, Some(None)))
-            .then(|| request.clone());
+        let if_waits_taken = (request.wait_for_outcome && !unary_at_once).then(|| request.clone());
         let response = match (client.send(request, unary).await, if_waits_taken) {
             (Err(error), Some(request)) if error.is_wait_refused_on_stream() => {
                 drop(stream_wait);
