@@ -296,13 +296,18 @@ impl<S: BarrierStore> Barrier<S> {
     }
 
     /// Up to `limit` branches that voted YES and have no outcome yet.
+    ///
+    /// Blocks the calling thread. With the SDK's own store, the first listing after an
+    /// open reads every record to learn which are in doubt (about a second per million
+    /// records); later ones read only the branches listed. From async code, call it on a
+    /// blocking thread (`tokio::task::spawn_blocking`), as the SDK's resolver does.
     pub fn in_doubt(&self, limit: usize) -> Result<Vec<InDoubtBranch>, BarrierError> {
         Ok(self.in_doubt_after(None, limit)?.0)
     }
 
     /// In-doubt branches among the next `limit` the store lists after the cursor
     /// (`None`: from the start), and the cursor to continue from; `None` once the end was
-    /// reached.
+    /// reached. Blocks as [`in_doubt`](Self::in_doubt) does.
     pub fn in_doubt_after(
         &self,
         cursor: Option<&BranchKey>,
