@@ -682,7 +682,41 @@ fn write_for(branch: &BranchContext, record: &BranchRecord) -> BarrierWrite {
 /// one-phase commit and has no outcome yet (a saga step's YES is followed by its
 /// commit without waiting for anyone, so it is never in doubt).
 pub(crate) fn is_in_doubt(record: &BranchRecord) -> bool {
-    record.status == BranchStatus::Prepared && record.mode != BranchMode::SagaStep
+    in_doubt(record.mode, &record.status)
+}
+
+fn in_doubt(mode: BranchMode, status: &BranchStatus) -> bool {
+    *status == BranchStatus::Prepared && mode != BranchMode::SagaStep
+}
+
+/// [`is_in_doubt`] of an encoded record, from its first fields (mode and status) alone:
+/// what the in-doubt marks' seed reads of every record, without decoding its payload.
+/// A record of an unknown format, or too short for those fields, is an error (what is
+/// wrong with it: [`corrupt`] names the branch), as it is for [`decode`].
+pub(crate) fn encoded_is_in_doubt(bytes: &[u8]) -> Result<bool, String> {
+    match bytes.split_first() {
+        Some((&RECORD_FORMAT_VERSION, rest)) => {
+            let ((mode, status), _): ((BranchMode, BranchStatus), &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| e.to_string())?;
+            Ok(in_doubt(mode, &status))
+        }
+        Some((version, _)) => Err(unknown_format(*version)),
+        None => Err(EMPTY_RECORD.into()),
+    }
+}
+
+const EMPTY_RECORD: &str = "empty record";
+
+fn unknown_format(version: u8) -> String {
+    format!("unknown format version {version}")
+}
+
+/// The error for the record of `key` that cannot be read, for `message`.
+pub(crate) fn corrupt(key: &BranchKey, message: String) -> BarrierError {
+    BarrierError::Corrupt {
+        key: format!("{}/{}", key.transaction_id, key.branch_id),
+        message,
+    }
 }
 
 /// The vote with its reason cut to the documented limit, before it is kept or sent.
@@ -735,16 +769,12 @@ pub(crate) fn encode(record: &BranchRecord) -> Vec<u8> {
 }
 
 pub(crate) fn decode(key: &BranchKey, bytes: &[u8]) -> Result<BranchRecord, BarrierError> {
-    let corrupt = |message: String| BarrierError::Corrupt {
-        key: format!("{}/{}", key.transaction_id, key.branch_id),
-        message,
-    };
     match bytes.split_first() {
         Some((&RECORD_FORMAT_VERSION, rest)) => {
-            postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))
+            postcard::from_bytes(rest).map_err(|e| corrupt(key, e.to_string()))
         }
-        Some((version, _)) => Err(corrupt(format!("unknown format version {version}"))),
-        None => Err(corrupt("empty record".into())),
+        Some((version, _)) => Err(corrupt(key, unknown_format(*version))),
+        None => Err(corrupt(key, EMPTY_RECORD.into())),
     }
 }
 
@@ -760,6 +790,53 @@ mod tests {
     use super::*;
     use crate::durable::{MAX_GROUP_COMMIT_HOLD, StoreOptions};
     use crate::{ParticipantError, Vote};
+
+    #[test]
+    fn whether_a_record_is_in_doubt_reads_the_same_from_its_first_fields_as_from_all() {
+        let modes = [
+            BranchMode::TwoPhase,
+            BranchMode::OnePhase,
+            BranchMode::SagaStep,
+        ];
+        let statuses = [
+            BranchStatus::Prepared,
+            BranchStatus::VotedNo {
+                reason: "no".into(),
+            },
+            BranchStatus::ReadOnly,
+            BranchStatus::Committed,
+            BranchStatus::Aborted {
+                after_prepare: true,
+            },
+            BranchStatus::Compensated {
+                after_commit: false,
+            },
+        ];
+        let key = BranchKey {
+            transaction_id: "t".into(),
+            branch_id: "b".into(),
+        };
+        for mode in modes {
+            for status in statuses.clone() {
+                let record = BranchRecord {
+                    mode,
+                    status,
+                    payload: vec![7; 300],
+                    coordinator_endpoint: "https://coordinator:7300".into(),
+                    updated_unix_ms: 1,
+                };
+                let bytes = encode(&record);
+                assert_eq!(
+                    encoded_is_in_doubt(&bytes),
+                    Ok(is_in_doubt(&decode(&key, &bytes).unwrap())),
+                    "{record:?}"
+                );
+            }
+        }
+        assert!(encoded_is_in_doubt(&[]).is_err());
+        assert!(encoded_is_in_doubt(&[RECORD_FORMAT_VERSION + 1, 0, 0]).is_err());
+        assert!(encoded_is_in_doubt(&[RECORD_FORMAT_VERSION]).is_err());
+    }
 
     /// Votes YES and does nothing else.
     struct Yes;

@@ -216,28 +216,75 @@ pub(crate) fn write_batch(write: &BarrierWrite) -> WriteBatch {
     batch
 }
 
-/// The branches in doubt in the SDK's own store, read from their records (the
-/// in-memory marks' seed), and the keys of marks an older version left on disk.
-fn in_doubt_on_disk(
-    db: &sled::Db,
-) -> Result<(std::collections::BTreeSet<Vec<u8>>, Vec<sled::IVec>), StoreError> {
+/// What the first in-doubt listing reads from the SDK's own store.
+struct OnDisk {
+    /// The branches in doubt, read from their records (the in-memory marks' seed).
+    in_doubt: std::collections::BTreeSet<Vec<u8>>,
+    /// The keys of marks an older version left on disk.
+    old_marks: Vec<sled::IVec>,
+    /// How many records were read.
+    records: u64,
+}
+
+fn in_doubt_on_disk(db: &sled::Db) -> Result<OnDisk, StoreError> {
     let read = |e: sled::Error| StoreError::Read(e.to_string());
     let mut in_doubt = std::collections::BTreeSet::new();
+    let mut records = 0;
     for entry in db.scan_prefix(RECORD_PREFIX.as_bytes()) {
         let (key, value) = entry.map_err(read)?;
-        let branch = parse_key(&key, RECORD_PREFIX)?;
-        let record =
-            crate::barrier::decode(&branch, &value).map_err(|e| StoreError::Read(e.to_string()))?;
-        if crate::barrier::is_in_doubt(&record) {
-            in_doubt.insert(key.to_vec());
+        match crate::barrier::encoded_is_in_doubt(&value) {
+            Ok(true) => {
+                in_doubt.insert(key.to_vec());
+            }
+            Ok(false) => {}
+            Err(message) => {
+                let branch = parse_key(&key, RECORD_PREFIX)?;
+                let corrupt = crate::barrier::corrupt(&branch, message);
+                return Err(StoreError::Read(corrupt.to_string()));
+            }
         }
+        records += 1;
     }
     let old_marks = db
         .scan_prefix(OLD_IN_DOUBT_PREFIX.as_bytes())
         .keys()
         .collect::<Result<Vec<_>, _>>()
         .map_err(read)?;
-    Ok((in_doubt, old_marks))
+    Ok(OnDisk {
+        in_doubt,
+        old_marks,
+        records,
+    })
+}
+
+/// The SDK store's in-doubt listing (see `BarrierStore::in_doubt` below). When this
+/// call is the first, the one that reads every record, `records_read` is set to how
+/// many it read.
+fn list_in_doubt(
+    store: &DurableStore,
+    after: Option<&BranchKey>,
+    limit: usize,
+    records_read: &mut Option<u64>,
+) -> Result<Vec<BranchKey>, StoreError> {
+    let mut old_marks = Vec::new();
+    let after = after.map(record_key);
+    let keys = store.marked(after.as_deref(), limit, |db| {
+        let on_disk = in_doubt_on_disk(db)?;
+        old_marks = on_disk.old_marks;
+        *records_read = Some(on_disk.records);
+        Ok(on_disk.in_doubt)
+    })?;
+    if !old_marks.is_empty() {
+        let mut batch = WriteBatch::new();
+        for key in old_marks {
+            batch.remove(key.to_vec());
+        }
+        // A failed write fails the store, which the barrier reports.
+        drop(store.write(batch, Durability::Lazy));
+    }
+    keys.iter()
+        .map(|key| parse_key(key, RECORD_PREFIX))
+        .collect()
 }
 
 impl BarrierStore for DurableStore {
@@ -282,24 +329,7 @@ impl BarrierStore for DurableStore {
         after: Option<&BranchKey>,
         limit: usize,
     ) -> Result<Vec<BranchKey>, StoreError> {
-        let mut old_marks = Vec::new();
-        let after = after.map(record_key);
-        let keys = self.marked(after.as_deref(), limit, |db| {
-            let (in_doubt, old) = in_doubt_on_disk(db)?;
-            old_marks = old;
-            Ok(in_doubt)
-        })?;
-        if !old_marks.is_empty() {
-            let mut batch = WriteBatch::new();
-            for key in old_marks {
-                batch.remove(key.to_vec());
-            }
-            // A failed write fails the store, which the barrier reports.
-            drop(self.write(batch, Durability::Lazy));
-        }
-        keys.iter()
-            .map(|key| parse_key(key, RECORD_PREFIX))
-            .collect()
+        list_in_doubt(self, after, limit, &mut None)
     }
 
     fn records_before(
@@ -340,7 +370,17 @@ impl BarrierStore for DurableStore {
         self.write(batch, Durability::Lazy)
     }
 
+    /// Read in the pass that seeds the in-doubt marks when they are not seeded yet (at
+    /// `serve`'s start they are not), so that a start reads the records once for both.
+    /// A seed that fails (a record that cannot be decoded) is remembered and reported by
+    /// the listings, as it would have been by the first; the records are then counted
+    /// on their own, as they are once the marks are seeded.
     fn count_records(&self) -> Result<u64, StoreError> {
+        let mut records_read = None;
+        let _reported_by_the_listings = list_in_doubt(self, None, 0, &mut records_read);
+        if let Some(records) = records_read {
+            return Ok(records);
+        }
         let mut count = 0u64;
         for entry in self.db().scan_prefix(RECORD_PREFIX.as_bytes()) {
             entry.map_err(|e| StoreError::Read(e.to_string()))?;
@@ -701,6 +741,56 @@ mod tests {
         let mut batch = WriteBatch::new();
         batch.insert(record_key(&key("unreadable")), b"\x07garbage".to_vec());
         store.write(batch, Durability::Forced).await.unwrap();
+        let error = store.in_doubt(None, 10).unwrap_err();
+        assert!(error.to_string().contains("unreadable"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn counting_the_records_at_start_seeds_the_branches_in_doubt_in_the_same_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            let mut batch = WriteBatch::new();
+            for (txn, mode, status) in [
+                (
+                    "two-phase-yes",
+                    BranchMode::TwoPhase,
+                    BranchStatus::Prepared,
+                ),
+                ("committed", BranchMode::TwoPhase, BranchStatus::Committed),
+                (
+                    "saga-step-yes",
+                    BranchMode::SagaStep,
+                    BranchStatus::Prepared,
+                ),
+            ] {
+                batch.insert(record_key(&key(txn)), record(mode, status));
+            }
+            store.write(batch, Durability::Forced).await.unwrap();
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(store.count_records().unwrap(), 3);
+        let listed = store
+            .marked(None, 10, |_| panic!("the records were read a second time"))
+            .unwrap();
+        assert_eq!(listed, [record_key(&key("two-phase-yes"))]);
+        // Once the marks are seeded, a count reads the records on its own.
+        assert_eq!(store.count_records().unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_record_that_cannot_be_decoded_is_still_counted_and_fails_the_listings() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut batch = WriteBatch::new();
+        batch.insert(record_key(&key("unreadable")), b"\x07garbage".to_vec());
+        batch.insert(
+            record_key(&key("committed")),
+            record(BranchMode::TwoPhase, BranchStatus::Committed),
+        );
+        store.write(batch, Durability::Forced).await.unwrap();
+        assert_eq!(store.count_records().unwrap(), 2);
         let error = store.in_doubt(None, 10).unwrap_err();
         assert!(error.to_string().contains("unreadable"), "{error}");
     }
