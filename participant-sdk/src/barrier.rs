@@ -682,23 +682,25 @@ fn write_for(branch: &BranchContext, record: &BranchRecord) -> BarrierWrite {
 /// one-phase commit and has no outcome yet (a saga step's YES is followed by its
 /// commit without waiting for anyone, so it is never in doubt).
 pub(crate) fn is_in_doubt(record: &BranchRecord) -> bool {
-    in_doubt(record.mode, &record.status)
+    is_in_doubt_by(record.mode, &record.status)
 }
 
-fn in_doubt(mode: BranchMode, status: &BranchStatus) -> bool {
+/// [`is_in_doubt`], from the two fields it depends on.
+fn is_in_doubt_by(mode: BranchMode, status: &BranchStatus) -> bool {
     *status == BranchStatus::Prepared && mode != BranchMode::SagaStep
 }
 
 /// [`is_in_doubt`] of an encoded record, from its first fields (mode and status) alone:
-/// what the in-doubt marks' seed reads of every record, without decoding its payload.
-/// A record of an unknown format, or too short for those fields, is an error (what is
-/// wrong with it: [`corrupt`] names the branch), as it is for [`decode`].
+/// what the in-doubt marks' seed reads of every record, without decoding the rest
+/// (payload, endpoint, time), which is not checked. An unknown format byte, or a mode
+/// and status that do not decode, is an error: its message, which
+/// [`corrupt_error`] turns into the branch's error.
 pub(crate) fn encoded_is_in_doubt(bytes: &[u8]) -> Result<bool, String> {
     match bytes.split_first() {
         Some((&RECORD_FORMAT_VERSION, rest)) => {
             let ((mode, status), _): ((BranchMode, BranchStatus), &[u8]) =
                 postcard::take_from_bytes(rest).map_err(|e| e.to_string())?;
-            Ok(in_doubt(mode, &status))
+            Ok(is_in_doubt_by(mode, &status))
         }
         Some((version, _)) => Err(unknown_format(*version)),
         None => Err(EMPTY_RECORD.into()),
@@ -712,7 +714,7 @@ fn unknown_format(version: u8) -> String {
 }
 
 /// The error for the record of `key` that cannot be read, for `message`.
-pub(crate) fn corrupt(key: &BranchKey, message: String) -> BarrierError {
+pub(crate) fn corrupt_error(key: &BranchKey, message: String) -> BarrierError {
     BarrierError::Corrupt {
         key: format!("{}/{}", key.transaction_id, key.branch_id),
         message,
@@ -771,10 +773,10 @@ pub(crate) fn encode(record: &BranchRecord) -> Vec<u8> {
 pub(crate) fn decode(key: &BranchKey, bytes: &[u8]) -> Result<BranchRecord, BarrierError> {
     match bytes.split_first() {
         Some((&RECORD_FORMAT_VERSION, rest)) => {
-            postcard::from_bytes(rest).map_err(|e| corrupt(key, e.to_string()))
+            postcard::from_bytes(rest).map_err(|e| corrupt_error(key, e.to_string()))
         }
-        Some((version, _)) => Err(corrupt(key, unknown_format(*version))),
-        None => Err(corrupt(key, EMPTY_RECORD.into())),
+        Some((version, _)) => Err(corrupt_error(key, unknown_format(*version))),
+        None => Err(corrupt_error(key, EMPTY_RECORD.into())),
     }
 }
 

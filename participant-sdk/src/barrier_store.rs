@@ -31,15 +31,17 @@
 //!
 //! The SDK's own store writes only the records (`b/<transaction>/<branch>`). It keeps
 //! its in-doubt marks in memory (`DurableStore::marked`), changed with each batch that
-//! carries a record, and rebuilds them at its first listing after an open by reading
-//! every record's status: a branch is in doubt exactly when its record says it voted
-//! YES in a two-phase or one-phase commit and has no outcome (`barrier::is_in_doubt`),
-//! so the marks cannot disagree with the records after a crash. That first listing
-//! costs a read of the whole store (0.35–1.0 s for a million records measured here;
-//! writes go on meanwhile, and the resolver lists from a blocking thread), and a record
-//! it cannot decode fails it and every later listing until the store is opened again:
-//! a damaged record might be one in doubt. The marks an older version kept on disk
-//! (`d/<transaction>/<branch>`) are removed then.
+//! carries a record, and rebuilds them at its first listing after an open, or at the
+//! count `serve` makes when it starts with metrics on, whichever comes first, by
+//! reading every record's mode and status: a branch is in doubt exactly when its record
+//! says it voted YES in a two-phase or one-phase commit and has no outcome
+//! (`barrier::is_in_doubt`), so the marks cannot disagree with the records after a
+//! crash. That read covers the whole store (about a second per million records
+//! measured here; writes go on meanwhile, and the resolver lists from a blocking
+//! thread), and a record whose format or mode and status it cannot decode fails it and
+//! every later listing until the store is opened again: a damaged record might be one
+//! in doubt. (The rest of a record is decoded when its branch is listed.) The marks an
+//! older version kept on disk (`d/<transaction>/<branch>`) are removed then.
 //! Keeping them off the disk saved a sled insert and a remove per two-phase branch,
 //! and a remove per saga step (docs/PERFORMANCE.md, "The participants' in-doubt marks
 //! in memory, and the coordinator's unfinished index gone").
@@ -216,9 +218,9 @@ pub(crate) fn write_batch(write: &BarrierWrite) -> WriteBatch {
     batch
 }
 
-/// What the first in-doubt listing reads from the SDK's own store.
-struct OnDisk {
-    /// The branches in doubt, read from their records (the in-memory marks' seed).
+/// What the seed of the in-doubt marks reads from the SDK's own store.
+struct ReadForSeed {
+    /// The branches in doubt, read from their records.
     in_doubt: std::collections::BTreeSet<Vec<u8>>,
     /// The keys of marks an older version left on disk.
     old_marks: Vec<sled::IVec>,
@@ -226,7 +228,9 @@ struct OnDisk {
     records: u64,
 }
 
-fn in_doubt_on_disk(db: &sled::Db) -> Result<OnDisk, StoreError> {
+/// Reads every record's mode and status (`barrier::encoded_is_in_doubt`; the rest of a
+/// record is not decoded, and its key is parsed only to name it in an error).
+fn read_for_seed(db: &sled::Db) -> Result<ReadForSeed, StoreError> {
     let read = |e: sled::Error| StoreError::Read(e.to_string());
     let mut in_doubt = std::collections::BTreeSet::new();
     let mut records = 0;
@@ -239,7 +243,7 @@ fn in_doubt_on_disk(db: &sled::Db) -> Result<OnDisk, StoreError> {
             Ok(false) => {}
             Err(message) => {
                 let branch = parse_key(&key, RECORD_PREFIX)?;
-                let corrupt = crate::barrier::corrupt(&branch, message);
+                let corrupt = crate::barrier::corrupt_error(&branch, message);
                 return Err(StoreError::Read(corrupt.to_string()));
             }
         }
@@ -250,29 +254,28 @@ fn in_doubt_on_disk(db: &sled::Db) -> Result<OnDisk, StoreError> {
         .keys()
         .collect::<Result<Vec<_>, _>>()
         .map_err(read)?;
-    Ok(OnDisk {
+    Ok(ReadForSeed {
         in_doubt,
         old_marks,
         records,
     })
 }
 
-/// The SDK store's in-doubt listing (see `BarrierStore::in_doubt` below). When this
-/// call is the first, the one that reads every record, `records_read` is set to how
-/// many it read.
+/// The SDK store's in-doubt listing (see `BarrierStore::in_doubt` below), and, when
+/// this call is the one that seeded the marks, how many records the seed read.
 fn list_in_doubt(
     store: &DurableStore,
     after: Option<&BranchKey>,
     limit: usize,
-    records_read: &mut Option<u64>,
-) -> Result<Vec<BranchKey>, StoreError> {
+) -> Result<(Vec<BranchKey>, Option<u64>), StoreError> {
     let mut old_marks = Vec::new();
+    let mut records_read = None;
     let after = after.map(record_key);
     let keys = store.marked(after.as_deref(), limit, |db| {
-        let on_disk = in_doubt_on_disk(db)?;
-        old_marks = on_disk.old_marks;
-        *records_read = Some(on_disk.records);
-        Ok(on_disk.in_doubt)
+        let read = read_for_seed(db)?;
+        old_marks = read.old_marks;
+        records_read = Some(read.records);
+        Ok(read.in_doubt)
     })?;
     if !old_marks.is_empty() {
         let mut batch = WriteBatch::new();
@@ -282,9 +285,11 @@ fn list_in_doubt(
         // A failed write fails the store, which the barrier reports.
         drop(store.write(batch, Durability::Lazy));
     }
-    keys.iter()
+    let keys = keys
+        .iter()
         .map(|key| parse_key(key, RECORD_PREFIX))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((keys, records_read))
 }
 
 impl BarrierStore for DurableStore {
@@ -329,7 +334,7 @@ impl BarrierStore for DurableStore {
         after: Option<&BranchKey>,
         limit: usize,
     ) -> Result<Vec<BranchKey>, StoreError> {
-        list_in_doubt(self, after, limit, &mut None)
+        Ok(list_in_doubt(self, after, limit)?.0)
     }
 
     fn records_before(
@@ -371,15 +376,20 @@ impl BarrierStore for DurableStore {
     }
 
     /// Read in the pass that seeds the in-doubt marks when they are not seeded yet (at
-    /// `serve`'s start they are not), so that a start reads the records once for both.
-    /// A seed that fails (a record that cannot be decoded) is remembered and reported by
-    /// the listings, as it would have been by the first; the records are then counted
-    /// on their own, as they are once the marks are seeded.
+    /// `serve`'s start they usually are not), so that a start reads the records once
+    /// for both; that pass also queues the removal of an older version's `d/` marks, as
+    /// the first listing does. A seed that fails, for any reason, is remembered and
+    /// reported by the listings, as it would have been by the first one, and logged
+    /// here; the records are then counted on their own, as they are once the marks are
+    /// seeded.
     fn count_records(&self) -> Result<u64, StoreError> {
-        let mut records_read = None;
-        let _reported_by_the_listings = list_in_doubt(self, None, 0, &mut records_read);
-        if let Some(records) = records_read {
-            return Ok(records);
+        match list_in_doubt(self, None, 0) {
+            Ok((_, Some(records))) => return Ok(records),
+            Ok((_, None)) => {}
+            Err(error) => tracing::warn!(
+                %error,
+                "reading the barrier records for the branches in doubt failed; every in-doubt listing will report it"
+            ),
         }
         let mut count = 0u64;
         for entry in self.db().scan_prefix(RECORD_PREFIX.as_bytes()) {
@@ -793,6 +803,31 @@ mod tests {
         assert_eq!(store.count_records().unwrap(), 2);
         let error = store.in_doubt(None, 10).unwrap_err();
         assert!(error.to_string().contains("unreadable"), "{error}");
+    }
+
+    /// The seed reads a record's mode and status only: damage after them is found when
+    /// the branch is listed, and only a branch in doubt is.
+    #[tokio::test]
+    async fn a_record_damaged_after_its_status_is_skipped_if_settled_and_fails_the_listing_if_in_doubt()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path()));
+        let mut batch = WriteBatch::new();
+        for (txn, status) in [
+            ("settled", BranchStatus::Committed),
+            ("in-doubt", BranchStatus::Prepared),
+        ] {
+            let mut bytes = encoded_record(BranchMode::TwoPhase, status, &[7; 64]);
+            bytes.truncate(bytes.len() - 10);
+            batch.insert(record_key(&key(txn)), bytes);
+        }
+        store.write(batch, Durability::Forced).await.unwrap();
+        assert_eq!(store.count_records().unwrap(), 2);
+        assert_eq!(store.in_doubt(None, 10).unwrap(), [key("in-doubt")]);
+        let error = crate::barrier::Barrier::new(store.clone())
+            .in_doubt(10)
+            .unwrap_err();
+        assert!(error.to_string().contains("in-doubt"), "{error}");
     }
 
     /// The first listing reads the records while writes go on; whenever it happens,
