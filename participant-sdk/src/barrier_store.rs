@@ -678,6 +678,18 @@ mod tests {
         DurableStore::open(dir, StoreOptions::default()).unwrap()
     }
 
+    /// Writes each record (of branch "b" of the named transaction) as given, forced.
+    async fn write_records(
+        store: &DurableStore,
+        records: impl IntoIterator<Item = (&'static str, Vec<u8>)>,
+    ) {
+        let mut batch = WriteBatch::new();
+        for (txn, bytes) in records {
+            batch.insert(record_key(&key(txn)), bytes);
+        }
+        store.write(batch, Durability::Forced).await.unwrap();
+    }
+
     #[tokio::test]
     async fn after_a_reopen_the_branches_in_doubt_are_read_from_their_records_and_old_marks_go() {
         let dir = tempfile::tempdir().unwrap();
@@ -748,9 +760,7 @@ mod tests {
     async fn a_damaged_record_fails_the_listing_instead_of_hiding_a_branch_in_doubt() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let mut batch = WriteBatch::new();
-        batch.insert(record_key(&key("unreadable")), b"\x07garbage".to_vec());
-        store.write(batch, Durability::Forced).await.unwrap();
+        write_records(&store, [("unreadable", b"\x07garbage".to_vec())]).await;
         let error = store.in_doubt(None, 10).unwrap_err();
         assert!(error.to_string().contains("unreadable"), "{error}");
     }
@@ -760,8 +770,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = open(dir.path());
-            let mut batch = WriteBatch::new();
-            for (txn, mode, status) in [
+            let records = [
                 (
                     "two-phase-yes",
                     BranchMode::TwoPhase,
@@ -773,10 +782,9 @@ mod tests {
                     BranchMode::SagaStep,
                     BranchStatus::Prepared,
                 ),
-            ] {
-                batch.insert(record_key(&key(txn)), record(mode, status));
-            }
-            store.write(batch, Durability::Forced).await.unwrap();
+            ];
+            let records = records.map(|(txn, mode, status)| (txn, record(mode, status)));
+            write_records(&store, records).await;
             store.close().unwrap();
         }
         let store = open(dir.path());
@@ -793,13 +801,17 @@ mod tests {
     async fn a_record_that_cannot_be_decoded_is_still_counted_and_fails_the_listings() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let mut batch = WriteBatch::new();
-        batch.insert(record_key(&key("unreadable")), b"\x07garbage".to_vec());
-        batch.insert(
-            record_key(&key("committed")),
-            record(BranchMode::TwoPhase, BranchStatus::Committed),
-        );
-        store.write(batch, Durability::Forced).await.unwrap();
+        write_records(
+            &store,
+            [
+                ("unreadable", b"\x07garbage".to_vec()),
+                (
+                    "committed",
+                    record(BranchMode::TwoPhase, BranchStatus::Committed),
+                ),
+            ],
+        )
+        .await;
         assert_eq!(store.count_records().unwrap(), 2);
         let error = store.in_doubt(None, 10).unwrap_err();
         assert!(error.to_string().contains("unreadable"), "{error}");
@@ -812,16 +824,19 @@ mod tests {
      {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(open(dir.path()));
-        let mut batch = WriteBatch::new();
-        for (txn, status) in [
-            ("settled", BranchStatus::Committed),
-            ("in-doubt", BranchStatus::Prepared),
-        ] {
+        let cut_short = |status| {
             let mut bytes = encoded_record(BranchMode::TwoPhase, status, &[7; 64]);
             bytes.truncate(bytes.len() - 10);
-            batch.insert(record_key(&key(txn)), bytes);
-        }
-        store.write(batch, Durability::Forced).await.unwrap();
+            bytes
+        };
+        write_records(
+            &store,
+            [
+                ("settled", cut_short(BranchStatus::Committed)),
+                ("in-doubt", cut_short(BranchStatus::Prepared)),
+            ],
+        )
+        .await;
         assert_eq!(store.count_records().unwrap(), 2);
         assert_eq!(store.in_doubt(None, 10).unwrap(), [key("in-doubt")]);
         let error = crate::barrier::Barrier::new(store.clone())
