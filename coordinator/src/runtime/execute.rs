@@ -315,8 +315,11 @@ impl Shard {
         };
         let participants = self.participants.clone();
         let inputs = self.inputs.clone();
+        // Boxed: the call's future is large, and tokio moves a task's future when it
+        // spawns it and its stage when it ends; a box makes each move a pointer's
+        // (docs/PERFORMANCE.md, "Release builds with LTO").
         tokio::spawn(
-            async move {
+            Box::pin(async move {
                 let branch = branch_index;
                 let event = match kind {
                     CallKind::Prepare => match participants.prepare(&call, payload).await {
@@ -364,7 +367,7 @@ impl Shard {
                 // The shard outlives every call it starts, except at shutdown: then the
                 // answer no longer matters (recovery redelivers).
                 let _ = inputs.send((id, Input::TwoPhase(event)));
-            }
+            })
             .instrument(span),
         );
     }
@@ -410,8 +413,9 @@ impl Shard {
         };
         let participants = self.participants.clone();
         let inputs = self.inputs.clone();
+        // Boxed, as in `spawn_call`.
         tokio::spawn(
-            async move {
+            Box::pin(async move {
                 let event = if compensation {
                     match participants.compensate(&call, payload).await {
                         Ok(()) => SagaEvent::Compensated { step },
@@ -456,7 +460,7 @@ impl Shard {
                     return;
                 }
                 let _ = inputs.send((id, Input::Saga(event)));
-            }
+            })
             .instrument(span),
         );
     }
