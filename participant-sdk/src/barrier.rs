@@ -47,7 +47,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::barrier_store::{BarrierStore, BarrierWrite, BranchKey};
+use crate::barrier_store::{BarrierStore, BarrierWrite, BranchKey, branch_key_bytes};
 use crate::durable::{DurableStore, StoreError};
 use crate::failpoint::crash_point;
 use crate::keyed_locks::KeyedLocks;
@@ -760,7 +760,7 @@ fn branch_key(branch: &BranchContext) -> BranchKey {
 
 /// Operations on one branch are serialized under this key.
 pub(crate) fn lock_key(branch: &BranchContext) -> Vec<u8> {
-    format!("{}/{}", branch.transaction_id, branch.branch_id).into_bytes()
+    branch_key_bytes("", &branch.transaction_id, &branch.branch_id)
 }
 
 pub(crate) fn encode(record: &BranchRecord) -> Vec<u8> {

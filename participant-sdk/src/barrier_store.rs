@@ -187,7 +187,18 @@ const OLD_IN_DOUBT_PREFIX: &str = "d/";
 /// contain `/` (see [`crate::limits::check_id`]). Participants keep their own data
 /// under other keys, and not under `d/` either: older versions kept marks there.
 fn record_key(key: &BranchKey) -> Vec<u8> {
-    format!("{RECORD_PREFIX}{}/{}", key.transaction_id, key.branch_id).into_bytes()
+    branch_key_bytes(RECORD_PREFIX, &key.transaction_id, &key.branch_id)
+}
+
+/// `<prefix><transaction>/<branch>`, built without the formatting machinery: every call
+/// a participant serves builds two such keys (its lock's and its record's).
+pub(crate) fn branch_key_bytes(prefix: &str, transaction_id: &str, branch_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + transaction_id.len() + 1 + branch_id.len());
+    key.extend_from_slice(prefix.as_bytes());
+    key.extend_from_slice(transaction_id.as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(branch_id.as_bytes());
+    key
 }
 
 /// The branch a `<prefix><transaction>/<branch>` key names.
@@ -668,6 +679,18 @@ mod tests {
             transaction_id: transaction_id.into(),
             branch_id: "b".into(),
         }
+    }
+
+    #[test]
+    fn a_record_key_names_its_branch_and_parses_back() {
+        let branch = BranchKey {
+            transaction_id: "0193a1b2-txn".into(),
+            branch_id: "payment-1".into(),
+        };
+        let bytes = record_key(&branch);
+        assert_eq!(bytes, b"b/0193a1b2-txn/payment-1");
+        assert_eq!(parse_key(&bytes, RECORD_PREFIX).ok(), Some(branch));
+        assert_eq!(branch_key_bytes("", "t", "b"), b"t/b");
     }
 
     fn record(mode: BranchMode, status: BranchStatus) -> Vec<u8> {
