@@ -682,7 +682,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_key_names_its_branch_and_parses_back() {
+    fn branch_keys_name_their_branch_and_a_record_key_parses_back() {
         let branch = BranchKey {
             transaction_id: "0193a1b2-txn".into(),
             branch_id: "payment-1".into(),
