@@ -696,21 +696,19 @@ fn is_in_doubt_by(mode: BranchMode, status: &BranchStatus) -> bool {
 /// and status that do not decode, is an error: its message, which
 /// [`corrupt_error`] turns into the branch's error.
 pub(crate) fn encoded_is_in_doubt(bytes: &[u8]) -> Result<bool, String> {
-    match bytes.split_first() {
-        Some((&RECORD_FORMAT_VERSION, rest)) => {
-            let ((mode, status), _): ((BranchMode, BranchStatus), &[u8]) =
-                postcard::take_from_bytes(rest).map_err(|e| e.to_string())?;
-            Ok(is_in_doubt_by(mode, &status))
-        }
-        Some((version, _)) => Err(unknown_format(*version)),
-        None => Err(EMPTY_RECORD.into()),
-    }
+    let ((mode, status), _): ((BranchMode, BranchStatus), &[u8]) =
+        postcard::take_from_bytes(record_body(bytes)?).map_err(|e| e.to_string())?;
+    Ok(is_in_doubt_by(mode, &status))
 }
 
-const EMPTY_RECORD: &str = "empty record";
-
-fn unknown_format(version: u8) -> String {
-    format!("unknown format version {version}")
+/// An encoded record's fields, after its format byte; an error message if it has none
+/// or one this version does not read.
+fn record_body(bytes: &[u8]) -> Result<&[u8], String> {
+    match bytes.split_first() {
+        Some((&RECORD_FORMAT_VERSION, rest)) => Ok(rest),
+        Some((version, _)) => Err(format!("unknown format version {version}")),
+        None => Err("empty record".into()),
+    }
 }
 
 /// The error for the record of `key` that cannot be read, for `message`.
@@ -771,13 +769,9 @@ pub(crate) fn encode(record: &BranchRecord) -> Vec<u8> {
 }
 
 pub(crate) fn decode(key: &BranchKey, bytes: &[u8]) -> Result<BranchRecord, BarrierError> {
-    match bytes.split_first() {
-        Some((&RECORD_FORMAT_VERSION, rest)) => {
-            postcard::from_bytes(rest).map_err(|e| corrupt_error(key, e.to_string()))
-        }
-        Some((version, _)) => Err(corrupt_error(key, unknown_format(*version))),
-        None => Err(corrupt_error(key, EMPTY_RECORD.into())),
-    }
+    record_body(bytes)
+        .and_then(|rest| postcard::from_bytes(rest).map_err(|e| e.to_string()))
+        .map_err(|message| corrupt_error(key, message))
 }
 
 pub(crate) fn now_unix_ms() -> u64 {
