@@ -601,6 +601,12 @@ impl TwoPhaseCommit {
                 Vote::No { reason } => format!("voted NO: {reason}"),
             };
             b.history.finish(&[Operation::Prepare], result, now);
+            if self.phase == Phase::Aborted {
+                // A vote heard after the abort ended (its answer raced the abort's):
+                // the history written when it ended lacks it, so it is written again,
+                // as an operator's resolution of an ended abort is.
+                return vec![Action::RecordHistory];
+            }
         }
         if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing) {
             return Vec::new();

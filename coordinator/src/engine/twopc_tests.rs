@@ -187,6 +187,36 @@ fn late_vote_after_the_decision_changes_nothing() {
 }
 
 #[test]
+fn a_vote_that_arrives_after_the_abort_ended_has_the_history_written_again() {
+    // Branch 0's YES is answered after the abort it was sent, and the shard happens to
+    // hear the abort's answer first: the abort has ended and its history was written
+    // without the vote.
+    let mut txn = preparing(2);
+    assert_eq!(
+        vote(&mut txn, 1, Vote::no("no")),
+        vec![Action::SendAbort { branch: 0 }]
+    );
+    assert_eq!(
+        deliver(&mut txn, 0, Answer::Aborted),
+        vec![Action::RecordHistory]
+    );
+    assert_eq!(vote(&mut txn, 0, Vote::Yes), vec![Action::RecordHistory]);
+    assert_eq!(txn.state(), TxnState::Aborted);
+    let results: Vec<Option<String>> = txn
+        .branch(0)
+        .unwrap()
+        .history
+        .attempts()
+        .iter()
+        .map(|a| a.result.clone())
+        .collect();
+    assert_eq!(
+        results,
+        [Some("voted YES".to_string()), Some("aborted".to_string())]
+    );
+}
+
+#[test]
 fn prepare_timeout_aborts_and_a_timer_after_the_decision_does_nothing() {
     let mut txn = preparing(2);
     vote(&mut txn, 0, Vote::Yes);
