@@ -156,6 +156,8 @@ async fn in_process_twopc_alone_has_no_efficiency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
     let budget_bytes: u64 = 64 * 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let csv_path = dir.path().join("rss.csv");
     let (report, stderr) = bench_with_stderr(&[
         "--processes",
         "--workloads",
@@ -168,10 +170,39 @@ async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
         "50",
         "--memory-budget-bytes",
         &budget_bytes.to_string(),
+        "--rss-csv",
+        csv_path.to_str().unwrap(),
     ])
     .await;
     let memory = &report["memory"];
     assert!(number(memory, &["samples"]) >= 8.0, "{memory:#}");
+    // The CSV holds the samples the quarters were made of, in time order.
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("elapsed_s,transactions,rss_bytes"));
+    let rows: Vec<(f64, u64, u64)> = lines
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            assert_eq!(fields.len(), 3, "{line}");
+            (
+                fields[0].parse().unwrap(),
+                fields[1].parse().unwrap(),
+                fields[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows.len() as f64, number(memory, &["samples"]), "{csv}");
+    assert!(
+        rows.windows(2)
+            .all(|pair| pair[0].0 <= pair[1].0 && pair[0].1 <= pair[1].1)
+    );
+    assert!(rows.iter().all(|&(_, _, rss_bytes)| rss_bytes > 0), "{csv}");
+    let largest = rows
+        .iter()
+        .map(|&(_, _, rss_bytes)| rss_bytes)
+        .max()
+        .unwrap();
+    assert_eq!(largest as f64, number(memory, &["max_bytes"]), "{csv}");
     let quarters = memory["quarters"].as_array().unwrap();
     assert_eq!(quarters.len(), 4, "{memory:#}");
     for quarter in quarters {
@@ -207,6 +238,15 @@ async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
 async fn a_memory_budget_below_the_minimum_is_refused_by_name() {
     let stderr = bench_refused(&["--memory-budget-bytes", "1000"]).await;
     assert!(stderr.contains("--memory-budget-bytes"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rss_csv_that_cannot_be_written_is_refused_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing").join("rss.csv");
+    let stderr = bench_refused(&["--rss-csv", path.to_str().unwrap(), "--duration-s", "60"]).await;
+    assert!(stderr.contains("--rss-csv"), "{stderr}");
+    assert!(!stderr.contains("bench twopc"), "the run started: {stderr}");
 }
 
 /// Runs `treaty bench ARGS`, which must fail; returns what it printed on stderr.

@@ -67,6 +67,19 @@ pub struct MemoryReport {
     pub log_purged_for_limit: Option<f64>,
 }
 
+/// The samples as CSV, one row each: seconds since the load began, transactions
+/// finished by then, resident bytes.
+pub fn csv(samples: &[RssSample]) -> String {
+    let mut out = String::from("elapsed_s,transactions,rss_bytes\n");
+    for sample in samples {
+        out.push_str(&format!(
+            "{:.3},{},{}\n",
+            sample.elapsed_s, sample.transactions, sample.rss_bytes
+        ));
+    }
+    out
+}
+
 /// Samples `pid`'s RSS (`None`: this process) every `every` until `stop` is set, and
 /// once more then.
 pub async fn sample(
@@ -223,6 +236,22 @@ mod tests {
             transactions: 0,
             rss_bytes,
         }
+    }
+
+    #[test]
+    fn the_csv_has_a_header_and_a_row_per_sample() {
+        let samples = [
+            RssSample {
+                elapsed_s: 0.5,
+                transactions: 10,
+                rss_bytes: 1_048_576,
+            },
+            at(1.25, 2_097_152),
+        ];
+        assert_eq!(
+            csv(&samples),
+            "elapsed_s,transactions,rss_bytes\n0.500,10,1048576\n1.250,0,2097152\n"
+        );
     }
 
     #[test]

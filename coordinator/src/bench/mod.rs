@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// per quarter after a warm-up (the first tenth), with its flatness.
     #[arg(long, default_value_t = 1_000)]
     pub rss_sample_ms: u64,
+    /// Also write those samples to this CSV file (seconds since the load began,
+    /// transactions finished by then, resident bytes): what the quarters average over.
+    #[arg(long, conflicts_with_all = ["endpoint", "recovery"])]
+    pub rss_csv: Option<std::path::PathBuf>,
     /// The started coordinator's `--memory-budget-bytes` (its default if not given).
     #[arg(long)]
     pub memory_budget_bytes: Option<u64>,
@@ -286,6 +290,17 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     let workloads = validate(&args)?;
+    // Created now, so that a path that cannot be written fails before the run, not
+    // after it; written at the end.
+    let rss_csv = args
+        .rss_csv
+        .as_ref()
+        .map(|path| {
+            std::fs::File::create(path)
+                .map(|file| (path, file))
+                .map_err(|e| anyhow::anyhow!("--rss-csv {}: {e}", path.display()))
+        })
+        .transpose()?;
     if args.recovery {
         let report = recovery::run(&recovery::RecoveryOptions {
             in_flight: args.in_flight,
@@ -421,6 +436,11 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
         let (samples, taken) = task.await?;
         let mut memory = memory::summarize(&samples, args.rss_sample_ms, taken);
+        if let Some((path, mut file)) = rss_csv {
+            std::io::Write::write_all(&mut file, memory::csv(&samples).as_bytes())
+                .map_err(|e| anyhow::anyhow!("--rss-csv {}: {e}", path.display()))?;
+            eprintln!("RSS samples written to {}", path.display());
+        }
         if let Some(address) = cluster.coordinator_metrics {
             let text = observe::scrape(address).await?;
             let gauge = |name: &str| Some(observe::sum(&text, name));
