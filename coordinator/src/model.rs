@@ -218,17 +218,25 @@ impl AttemptLog {
     }
 
     /// Records the result of the most recent attempt still in flight of one of
-    /// `operations` (an answer can only be to a call of its own kind).
-    pub fn finish(&mut self, operations: &[Operation], result: impl Into<String>, now: UnixMs) {
+    /// `operations` (an answer can only be to a call of its own kind); whether there
+    /// was one.
+    pub fn finish(
+        &mut self,
+        operations: &[Operation],
+        result: impl Into<String>,
+        now: UnixMs,
+    ) -> bool {
         let open = self
             .0
             .iter_mut()
             .rev()
             .find(|a| a.finished_unix_ms.is_none() && operations.contains(&a.operation));
-        if let Some(open) = open {
-            open.finished_unix_ms = Some(now);
-            open.result = Some(result.into());
-        }
+        let Some(open) = open else {
+            return false;
+        };
+        open.finished_unix_ms = Some(now);
+        open.result = Some(result.into());
+        true
     }
 
     /// Whether a call has been in flight (unanswered) for at least `ms`.

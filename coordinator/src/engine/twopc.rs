@@ -449,9 +449,8 @@ impl TwoPhaseCommit {
         match event {
             Event::PrepareAnswered { branch, vote } => self.on_vote(branch, vote, now),
             Event::PrepareFailed { branch, error } => {
-                if let Some(b) = self.branches.get_mut(branch) {
-                    b.history
-                        .finish(&[Operation::Prepare], format!("error: {error}"), now);
+                if self.finish_prepare(branch, format!("error: {error}"), now) {
+                    return vec![Action::RecordHistory];
                 }
                 if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing)
                 {
@@ -593,20 +592,25 @@ impl TwoPhaseCommit {
         }
     }
 
+    /// Finishes `branch`'s prepare attempt with `result`; whether that answer came after
+    /// the transaction ended (it raced the abort sent to the branch, whose answer ended
+    /// it), so that the history written at the end lacks it and must be written again,
+    /// as an operator's resolution of an ended abort is.
+    fn finish_prepare(&mut self, branch: usize, result: String, now: UnixMs) -> bool {
+        let Some(b) = self.branches.get_mut(branch) else {
+            return false;
+        };
+        b.history.finish(&[Operation::Prepare], result, now) && self.phase.state().is_final()
+    }
+
     fn on_vote(&mut self, branch: usize, vote: Vote, now: UnixMs) -> Vec<Action> {
-        if let Some(b) = self.branches.get_mut(branch) {
-            let result = match &vote {
-                Vote::Yes => "voted YES".to_string(),
-                Vote::ReadOnly => "voted READ_ONLY".to_string(),
-                Vote::No { reason } => format!("voted NO: {reason}"),
-            };
-            b.history.finish(&[Operation::Prepare], result, now);
-            if self.phase == Phase::Aborted {
-                // A vote heard after the abort ended (its answer raced the abort's):
-                // the history written when it ended lacks it, so it is written again,
-                // as an operator's resolution of an ended abort is.
-                return vec![Action::RecordHistory];
-            }
+        let result = match &vote {
+            Vote::Yes => "voted YES".to_string(),
+            Vote::ReadOnly => "voted READ_ONLY".to_string(),
+            Vote::No { reason } => format!("voted NO: {reason}"),
+        };
+        if self.finish_prepare(branch, result, now) {
+            return vec![Action::RecordHistory];
         }
         if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing) {
             return Vec::new();

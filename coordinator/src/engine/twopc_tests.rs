@@ -217,6 +217,29 @@ fn a_vote_that_arrives_after_the_abort_ended_has_the_history_written_again() {
 }
 
 #[test]
+fn a_failed_prepare_heard_after_the_abort_ended_has_the_history_written_again() {
+    // As above, with branch 0's prepare call failing instead of answering.
+    let mut txn = preparing(2);
+    vote(&mut txn, 1, Vote::no("no"));
+    assert_eq!(
+        deliver(&mut txn, 0, Answer::Aborted),
+        vec![Action::RecordHistory]
+    );
+    let failed = Event::PrepareFailed {
+        branch: 0,
+        error: "unavailable".into(),
+    };
+    assert_eq!(
+        txn.handle_event(failed, T0 + 3),
+        vec![Action::RecordHistory]
+    );
+    let prepare = &txn.branch(0).unwrap().history.attempts()[0];
+    assert_eq!(prepare.result.as_deref(), Some("error: unavailable"));
+    // A second answer to the same call changes nothing, and writes nothing.
+    assert_eq!(vote(&mut txn, 0, Vote::Yes), Vec::new());
+}
+
+#[test]
 fn prepare_timeout_aborts_and_a_timer_after_the_decision_does_nothing() {
     let mut txn = preparing(2);
     vote(&mut txn, 0, Vote::Yes);
