@@ -179,11 +179,25 @@ async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
     // The CSV holds the samples the quarters were made of, in time order.
     let csv = std::fs::read_to_string(&csv_path).unwrap();
     let mut lines = csv.lines();
-    assert_eq!(lines.next(), Some("elapsed_s,transactions,rss_bytes"));
+    assert_eq!(
+        lines.next(),
+        Some(
+            "elapsed_s,transactions,rss_bytes,log_compactions,log_disk_bytes,\
+             log_finished_transactions,retained_transactions,retained_estimated_bytes"
+        )
+    );
+    let mut gauges: Vec<Vec<f64>> = Vec::new();
     let rows: Vec<(f64, u64, u64)> = lines
         .map(|line| {
             let fields: Vec<&str> = line.split(',').collect();
-            assert_eq!(fields.len(), 3, "{line}");
+            assert_eq!(fields.len(), 8, "{line}");
+            // The coordinator's gauges: all five, or none when its /metrics did not
+            // answer in time.
+            if fields[3..].iter().all(|f| !f.is_empty()) {
+                gauges.push(fields[3..].iter().map(|f| f.parse().unwrap()).collect());
+            } else {
+                assert!(fields[3..].iter().all(|f| f.is_empty()), "{line}");
+            }
             (
                 fields[0].parse().unwrap(),
                 fields[1].parse().unwrap(),
@@ -191,6 +205,16 @@ async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
             )
         })
         .collect();
+    // Read beside most samples; the log and the memory fill as the run goes on.
+    assert!(gauges.len() * 2 >= rows.len(), "{csv}");
+    assert!(
+        gauges.windows(2).all(|pair| pair[0][0] <= pair[1][0]),
+        "{csv}"
+    );
+    let last = gauges.last().unwrap();
+    assert!(last[1] > 0.0, "the log's files: {csv}");
+    assert!(last[2] > 0.0, "the log's final transactions: {csv}");
+    assert!(last[3] > 0.0 && last[4] > 0.0, "retained: {csv}");
     assert_eq!(rows.len() as f64, number(memory, &["samples"]), "{csv}");
     assert!(
         rows.windows(2)
@@ -246,6 +270,58 @@ async fn an_rss_csv_that_cannot_be_written_is_refused_before_the_run() {
     let path = dir.path().join("missing").join("rss.csv");
     let stderr = bench_refused(&["--rss-csv", path.to_str().unwrap(), "--duration-s", "60"]).await;
     assert!(stderr.contains("--rss-csv"), "{stderr}");
+    assert!(!stderr.contains("bench twopc"), "the run started: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directories_sizes_are_written_to_the_disk_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.csv");
+    let (_, stderr) = bench_with_stderr(&[
+        "--duration-s",
+        "3",
+        "--concurrency",
+        "4",
+        "--disk-sample-s",
+        "1",
+        "--disk-csv",
+        path.to_str().unwrap(),
+    ])
+    .await;
+    assert!(stderr.contains("disk samples written to"), "{stderr}");
+    let csv = std::fs::read_to_string(&path).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    // Seconds, transactions, then two sizes for each data directory.
+    assert_eq!(&header[..2], ["elapsed_s", "transactions"], "{csv}");
+    assert!(header.len() >= 4 && header.len() % 2 == 0, "{csv}");
+    let rows: Vec<Vec<f64>> = lines
+        .map(|line| line.split(',').map(|f| f.parse().unwrap()).collect())
+        .collect();
+    assert!(rows.len() >= 2, "{csv}");
+    assert!(rows.iter().all(|row| row.len() == header.len()), "{csv}");
+    assert!(rows.last().unwrap()[1] > 0.0, "{csv}");
+    assert!(
+        rows.iter()
+            .all(|row| row[2..].iter().any(|&bytes| bytes > 0.0)),
+        "{csv}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_csv_that_cannot_be_written_is_refused_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing").join("disk.csv");
+    let stderr = bench_refused(&[
+        "--disk-sample-s",
+        "1",
+        "--disk-csv",
+        path.to_str().unwrap(),
+        "--duration-s",
+        "60",
+    ])
+    .await;
+    assert!(stderr.contains("--disk-csv"), "{stderr}");
     assert!(!stderr.contains("bench twopc"), "the run started: {stderr}");
 }
 

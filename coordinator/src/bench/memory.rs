@@ -8,10 +8,16 @@
 //! (max − min) / mean of the four quarter means: 0.10 means the quarters' means lie
 //! within 10 % of their average of each other.
 //!
+//! With `--rss-csv`, each sample also reads the coordinator's `/metrics` for what the
+//! resident set can be matched against (the log's compactions, size and final
+//! transactions, the final transactions kept in memory), so that a step in the RSS can be
+//! told from the run's own file.
+//!
 //! Invariants: at most [`MAX_SAMPLES`] samples are kept (later ones are dropped, and the
-//! report says how many were taken); sampling reads one `/proc` file and never blocks the
-//! load.
+//! report says how many were taken); sampling reads one `/proc` file, and at most one
+//! scrape bounded by [`GAUGES_TIMEOUT`], and never blocks the load.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -22,12 +28,49 @@ use super::workload::Tally;
 pub const MAX_SAMPLES: usize = 100_000;
 /// The share of the run, from its start, that is warm-up.
 const WARMUP_FRACTION: f64 = 0.1;
+/// Longest a sample waits for the coordinator's `/metrics`; a slower answer leaves
+/// that sample's gauges empty.
+pub const GAUGES_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RssSample {
     pub elapsed_s: f64,
     pub transactions: u64,
     pub rss_bytes: u64,
+    /// `None` when they were not asked for or could not be read in time.
+    pub gauges: Option<CoordinatorGauges>,
+}
+
+/// What the coordinator's `/metrics` said at a sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CoordinatorGauges {
+    /// Compactions of the log that ended, switched or abandoned.
+    pub log_compactions: f64,
+    /// What the log's files take on disk, a compaction's copy included.
+    pub log_disk_bytes: f64,
+    /// Final transactions the log keeps.
+    pub log_finished: f64,
+    /// Final transactions kept in memory, and what the coordinator estimates they hold.
+    pub retained_transactions: f64,
+    pub retained_estimated_bytes: f64,
+}
+
+impl CoordinatorGauges {
+    /// Reads them from `address`, within [`GAUGES_TIMEOUT`].
+    async fn read(address: SocketAddr) -> Option<Self> {
+        let text = tokio::time::timeout(GAUGES_TIMEOUT, super::observe::scrape(address))
+            .await
+            .ok()?
+            .ok()?;
+        let gauge = |name: &str| super::observe::sum(&text, name);
+        Some(Self {
+            log_compactions: gauge("treaty_log_compactions_total"),
+            log_disk_bytes: gauge("treaty_log_disk_bytes"),
+            log_finished: gauge("treaty_log_finished_transactions"),
+            retained_transactions: gauge("treaty_retained_transactions"),
+            retained_estimated_bytes: gauge("treaty_retained_transactions_estimated_bytes"),
+        })
+    }
 }
 
 /// One quarter of the run after the warm-up.
@@ -67,23 +110,41 @@ pub struct MemoryReport {
     pub log_purged_for_limit: Option<f64>,
 }
 
+/// The CSV's header: what [`csv`] writes in each row.
+pub const CSV_HEADER: &str = "elapsed_s,transactions,rss_bytes,log_compactions,log_disk_bytes,\
+                              log_finished_transactions,retained_transactions,\
+                              retained_estimated_bytes";
+
 /// The samples as CSV, one row each: seconds since the load began, transactions
-/// finished by then, resident bytes.
+/// finished by then, resident bytes, then the coordinator's gauges (empty fields when
+/// the sample has none).
 pub fn csv(samples: &[RssSample]) -> String {
-    let mut out = String::from("elapsed_s,transactions,rss_bytes\n");
+    let mut out = format!("{CSV_HEADER}\n");
     for sample in samples {
         out.push_str(&format!(
-            "{:.3},{},{}\n",
+            "{:.3},{},{},",
             sample.elapsed_s, sample.transactions, sample.rss_bytes
         ));
+        out.push_str(&match sample.gauges {
+            Some(g) => format!(
+                "{},{},{},{},{}\n",
+                g.log_compactions,
+                g.log_disk_bytes,
+                g.log_finished,
+                g.retained_transactions,
+                g.retained_estimated_bytes
+            ),
+            None => ",,,,\n".into(),
+        });
     }
     out
 }
 
 /// Samples `pid`'s RSS (`None`: this process) every `every` until `stop` is set, and
-/// once more then.
+/// once more then; with `metrics`, the coordinator's gauges beside each.
 pub async fn sample(
     pid: Option<u32>,
+    metrics: Option<SocketAddr>,
     every: Duration,
     started: Instant,
     tally: Arc<Tally>,
@@ -95,10 +156,17 @@ pub async fn sample(
         if let Some(rss_bytes) = crate::runtime::memory::resident_bytes_of(pid) {
             taken += 1;
             if samples.len() < MAX_SAMPLES {
+                let elapsed_s = started.elapsed().as_secs_f64();
+                let transactions = tally.finished.load(Ordering::Relaxed);
+                let gauges = match metrics {
+                    Some(address) => CoordinatorGauges::read(address).await,
+                    None => None,
+                };
                 samples.push(RssSample {
-                    elapsed_s: started.elapsed().as_secs_f64(),
-                    transactions: tally.finished.load(Ordering::Relaxed),
+                    elapsed_s,
+                    transactions,
                     rss_bytes,
+                    gauges,
                 });
             }
         }
@@ -235,6 +303,7 @@ mod tests {
             elapsed_s,
             transactions: 0,
             rss_bytes,
+            gauges: None,
         }
     }
 
@@ -245,12 +314,22 @@ mod tests {
                 elapsed_s: 0.5,
                 transactions: 10,
                 rss_bytes: 1_048_576,
+                gauges: Some(CoordinatorGauges {
+                    log_compactions: 1.0,
+                    log_disk_bytes: 40_960.0,
+                    log_finished: 300.0,
+                    retained_transactions: 250.0,
+                    retained_estimated_bytes: 51_200.0,
+                }),
             },
             at(1.25, 2_097_152),
         ];
         assert_eq!(
             csv(&samples),
-            "elapsed_s,transactions,rss_bytes\n0.500,10,1048576\n1.250,0,2097152\n"
+            "elapsed_s,transactions,rss_bytes,log_compactions,log_disk_bytes,\
+             log_finished_transactions,retained_transactions,retained_estimated_bytes\n\
+             0.500,10,1048576,1,40960,300,250,51200\n\
+             1.250,0,2097152,,,,,\n"
         );
     }
 

@@ -98,9 +98,9 @@ pub struct BenchArgs {
     pub barrier_retention_ms: Option<u64>,
     /// Sample the size of every data directory this often, print it, and summarize at
     /// the end whether it stayed flat.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "recovery")]
     pub disk_sample_s: Option<u64>,
-    /// Also write the samples to this CSV file.
+    /// Also write the samples to this CSV file (created before the run).
     #[arg(long, requires = "disk_sample_s")]
     pub disk_csv: Option<std::path::PathBuf>,
     /// Sample the started coordinator's RSS this often through the run, and report it
@@ -108,7 +108,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000)]
     pub rss_sample_ms: u64,
     /// Also write those samples to this CSV file (seconds since the load began,
-    /// transactions finished by then, resident bytes): what the quarters average over.
+    /// transactions finished by then, resident bytes: what the quarters average over),
+    /// each with the coordinator's log and retained-transaction gauges read beside it.
     #[arg(long, conflicts_with_all = ["endpoint", "recovery"])]
     pub rss_csv: Option<std::path::PathBuf>,
     /// The started coordinator's `--memory-budget-bytes` (its default if not given).
@@ -292,15 +293,8 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     let workloads = validate(&args)?;
     // Created now, so that a path that cannot be written fails before the run, not
     // after it; written at the end.
-    let rss_csv = args
-        .rss_csv
-        .as_ref()
-        .map(|path| {
-            std::fs::File::create(path)
-                .map(|file| (path, file))
-                .map_err(|e| anyhow::anyhow!("--rss-csv {}: {e}", path.display()))
-        })
-        .transpose()?;
+    let rss_csv = create_csv("--rss-csv", args.rss_csv.as_deref())?;
+    let disk_csv = create_csv("--disk-csv", args.disk_csv.as_deref())?;
     if args.recovery {
         let report = recovery::run(&recovery::RecoveryOptions {
             in_flight: args.in_flight,
@@ -386,8 +380,11 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     };
     let rss_sampler = coordinator_pid.map(|pid| {
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        // The coordinator's gauges only for the CSV: a plain run scrapes nothing more.
+        let metrics = rss_csv.as_ref().and(cluster.coordinator_metrics);
         let task = tokio::spawn(memory::sample(
             pid,
+            metrics,
             Duration::from_millis(args.rss_sample_ms),
             started,
             tally.clone(),
@@ -436,10 +433,8 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
         let (samples, taken) = task.await?;
         let mut memory = memory::summarize(&samples, args.rss_sample_ms, taken);
-        if let Some((path, mut file)) = rss_csv {
-            std::io::Write::write_all(&mut file, memory::csv(&samples).as_bytes())
-                .map_err(|e| anyhow::anyhow!("--rss-csv {}: {e}", path.display()))?;
-            eprintln!("RSS samples written to {}", path.display());
+        if let Some(csv) = rss_csv {
+            csv.write("RSS", &memory::csv(&samples))?;
         }
         if let Some(address) = cluster.coordinator_metrics {
             let text = observe::scrape(address).await?;
@@ -471,10 +466,8 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
-        if let Some(path) = &args.disk_csv {
-            std::fs::write(path, cluster.watched.csv(&samples))
-                .map_err(|e| anyhow::anyhow!("--disk-csv {}: {e}", path.display()))?;
-            eprintln!("disk samples written to {}", path.display());
+        if let Some(csv) = disk_csv {
+            csv.write("disk", &cluster.watched.csv(&samples))?;
         }
     }
     cluster.stop().await?;
@@ -497,6 +490,34 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         print!("{}", report.table());
     }
     Ok(())
+}
+
+/// A CSV file a flag asked for, created before the run and written after it.
+struct CsvFile<'a> {
+    flag: &'static str,
+    path: &'a std::path::Path,
+    file: std::fs::File,
+}
+
+fn create_csv<'a>(
+    flag: &'static str,
+    path: Option<&'a std::path::Path>,
+) -> anyhow::Result<Option<CsvFile<'a>>> {
+    path.map(|path| {
+        std::fs::File::create(path)
+            .map(|file| CsvFile { flag, path, file })
+            .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
+    })
+    .transpose()
+}
+
+impl CsvFile<'_> {
+    fn write(mut self, what: &str, text: &str) -> anyhow::Result<()> {
+        std::io::Write::write_all(&mut self.file, text.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{} {}: {e}", self.flag, self.path.display()))?;
+        eprintln!("{what} samples written to {}", self.path.display());
+        Ok(())
+    }
 }
 
 /// Waits (up to [`SETTLE_TIMEOUT`]) until the coordinator has no transaction in
