@@ -26,6 +26,7 @@ use super::retained::{RetainLimits, Retained};
 use super::{
     BeginParams, ListFilter, RuntimeConfig, RuntimeError, SagaParams, Submitted, now_unix_ms,
 };
+use crate::engine::footprint::block_bytes;
 use crate::engine::saga::{NewSaga, Saga, SagaEvent};
 use crate::engine::twopc::Refusal;
 use crate::engine::twopc::{
@@ -177,8 +178,10 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    fn new(machine: Machine, payload_bytes: usize, trace: TraceContext) -> Self {
-        Self {
+    /// Boxed: the map's slots then hold a pointer, not the whole entry (see
+    /// [`Shard::txns`]).
+    fn new(machine: Machine, payload_bytes: usize, trace: TraceContext) -> Box<Self> {
+        Box::new(Self {
             published: (machine.state(), machine.transition_count()),
             machine,
             payload_bytes,
@@ -187,15 +190,16 @@ impl Entry {
             deadline_timer: None,
             prepare_timer: None,
             released: false,
-        }
+        })
     }
 
-    /// The memory a final transaction holds in its shard, estimated: its slot in the
-    /// map and its place in the retention queue (each with the spare room of a table
-    /// that doubles when full: half again, on average), what its state holds on the heap
-    /// (`engine::footprint`), its trace state, and, if someone watched it, the last
-    /// record published to them (a second copy of the same fields, but for a saga's
-    /// definition, which the record shares).
+    /// The memory a final transaction holds in its shard, estimated: the entry's own
+    /// block, its slots in the map ([`MAP_SLOTS_PER_ENTRY`]) and its place in the
+    /// retention queue (with the spare room of a queue that doubles when full: half
+    /// again, on average), what its state holds on the heap (`engine::footprint`), its
+    /// trace state, and, if someone watched it, the last record published to them (a
+    /// second copy of the same fields, but for a saga's definition, which the record
+    /// shares).
     fn estimated_bytes(&self) -> usize {
         let published = match &self.updates {
             Some(_) => {
@@ -204,8 +208,9 @@ impl Entry {
             }
             None => 0,
         };
-        // The map's slot, and its control byte.
-        (size_of::<(TxnId, Entry)>() + 1) * 3 / 2
+        // The map's slots, each with its control byte.
+        (size_of::<(TxnId, Box<Entry>)>() + 1) * MAP_SLOTS_PER_ENTRY
+            + block_bytes(size_of::<Entry>())
             + Retained::ENTRY_BYTES * 3 / 2
             + self.machine.heap_bytes()
             + self.trace.tracestate().map_or(0, str::len)
@@ -261,9 +266,23 @@ fn parent_span(caller: Option<TraceContext>) -> TraceContext {
     caller.unwrap_or_else(TraceContext::new_root)
 }
 
+/// The slots of [`Shard::txns`] counted for each transaction it holds. The map does
+/// not shrink, and it can grow while the number of final transactions it holds stays
+/// the same: a removal may leave its slot marked deleted; once those marks use up the
+/// spare room, a table more than half full grows instead of being cleaned in place.
+/// Just past half full, it doubles to 32/7 (about 4.6) slots per transaction, and
+/// more right after housekeeping evicts what arrived since its last round (a second's
+/// worth). Seen in a 1,000,000-2PC run: each shard's map went from 32,768 to 65,536
+/// slots while it held about 14,400 (docs/PERFORMANCE.md, "Where the resident set's
+/// plateau came from"). 6 are counted.
+const MAP_SLOTS_PER_ENTRY: usize = 6;
+
 #[derive(Debug)]
 pub(super) struct Shard {
-    pub(super) txns: HashMap<TxnId, Entry>,
+    /// The transactions in memory, unfinished and final. Entries are boxed: a slot is
+    /// then 24 bytes rather than the entry's 336, and the table's spare and deleted
+    /// slots, several per transaction (see [`MAP_SLOTS_PER_ENTRY`]), cost that much less.
+    pub(super) txns: HashMap<TxnId, Box<Entry>>,
     /// Sagas in memory by idempotency key.
     keys: HashMap<String, TxnId>,
     /// Final transactions in the order they ended, with their estimated bytes, for
@@ -725,12 +744,16 @@ impl Shard {
     fn visible_mut(&mut self, id: TxnId) -> Result<&mut Entry, RuntimeError> {
         self.txns
             .get_mut(&id)
+            .map(|e| &mut **e)
             .filter(|e| e.machine.is_visible())
             .ok_or(RuntimeError::UnknownTransaction(id))
     }
 
     fn visible(&self, id: TxnId) -> Option<&Entry> {
-        self.txns.get(&id).filter(|e| e.machine.is_visible())
+        self.txns
+            .get(&id)
+            .map(|e| &**e)
+            .filter(|e| e.machine.is_visible())
     }
 
     fn lookup<T>(&self, id: TxnId, view: impl FnOnce(&Entry) -> T) -> Lookup<T> {
@@ -744,7 +767,7 @@ impl Shard {
     fn subscribe(&mut self, id: TxnId) -> Result<watch::Receiver<Arc<TxnRecord>>, RuntimeError> {
         self.txns
             .get_mut(&id)
-            .map(Entry::subscribe)
+            .map(|e| e.subscribe())
             .ok_or(RuntimeError::UnknownTransaction(id))
     }
 
@@ -763,7 +786,7 @@ impl Shard {
                     && e.machine.is_visible()
                     && e.machine.matches(filter)
             })
-            .map(|(_, e)| e)
+            .map(|(_, e)| &**e)
             .collect();
         // Only the `limit` smallest ids are needed: select, then sort those.
         if found.len() > limit {
@@ -1055,6 +1078,49 @@ mod tests {
             deadline_unix_ms: None,
         });
         Machine::Saga(saga)
+    }
+
+    /// The map's slots per transaction, as [`MAP_SLOTS_PER_ENTRY`] counts them, hold
+    /// while final transactions come and go at a steady count: new ones added, and
+    /// every so often the oldest beyond the count removed, as housekeeping's eviction
+    /// does once a second. 14,400 is about what each of two shards kept in the run
+    /// that found the doubling, with a quarter of that added between evictions.
+    #[test]
+    fn the_maps_slots_per_transaction_stay_within_the_estimate_at_a_steady_count() {
+        for count in [100_u64, 1_000, 14_400, 20_000] {
+            let mut map: HashMap<TxnId, Box<u8>> = HashMap::new();
+            let mut ids = VecDeque::new();
+            let mut most_slots = 0;
+            for n in 0..count * 20 {
+                let id = TxnId::generate(n);
+                map.insert(id, Box::new(0));
+                ids.push_back(id);
+                if n % (count / 4) == 0 {
+                    while ids.len() as u64 > count
+                        && let Some(oldest) = ids.pop_front()
+                    {
+                        map.remove(&oldest);
+                    }
+                }
+                // A table of 2^k slots holds at most 7/8 of them.
+                most_slots = most_slots.max((map.capacity() * 8).div_ceil(7));
+            }
+            let slots_per_transaction = most_slots as f64 / count as f64;
+            assert!(
+                slots_per_transaction <= MAP_SLOTS_PER_ENTRY as f64,
+                "{count}: {most_slots} slots, {slots_per_transaction:.2} per transaction"
+            );
+        }
+    }
+
+    /// What a slot of the map takes is a key and a pointer, whatever the entry holds.
+    #[test]
+    fn a_slot_of_the_map_is_a_key_and_a_pointer() {
+        assert_eq!(
+            size_of::<(TxnId, Box<Entry>)>(),
+            size_of::<TxnId>() + size_of::<usize>()
+        );
+        assert!(size_of::<Entry>() > 4 * size_of::<(TxnId, Box<Entry>)>());
     }
 
     #[test]
