@@ -1085,8 +1085,8 @@ mod tests {
     /// The map's slots per transaction, as [`MAP_SLOTS_PER_ENTRY`] counts them, hold
     /// while final transactions come and go at a steady count: the oldest removed as
     /// each new one is added, as the count and byte limits evict when a transaction
-    /// ends. At 14,400, about what each of two shards held in the run that found it,
-    /// the table doubles although the count does not move.
+    /// ends. 14,400 is about what each of two shards held in the run that found the
+    /// doubling.
     #[test]
     fn the_maps_slots_per_transaction_stay_within_the_estimate_at_a_steady_count() {
         // Fixed ids and hashes: the same run every time.
