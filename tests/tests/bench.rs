@@ -153,6 +153,33 @@ async fn in_process_twopc_alone_has_no_efficiency() {
     );
 }
 
+/// One saga at a time, its three steps at once: the first and third on one participant,
+/// the second on the other. By default a step's YES and its commit are each forced, one
+/// after the other, so each participant syncs at least twice per saga (4 or more in
+/// all). With the YES unforced, only the three commits are forced: at most 3 syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_step_waits_for_one_forced_write_with_the_yes_unforced() {
+    for mode in [&["--processes"][..], &[]] {
+        let mut args = vec![
+            "--workloads",
+            "saga",
+            "--duration-s",
+            "2",
+            "--concurrency",
+            "1",
+            "--unforced-one-phase-yes",
+        ];
+        args.extend(mode);
+        let report = bench(&args).await;
+        assert_eq!(report["unforced_one_phase_yes"], true, "{report:#}");
+        let w = workload(&report, "saga");
+        assert!(number(w, &["transactions"]) > 0.0, "{w:#}");
+        assert_eq!(number(w, &["failed"]), 0.0, "{w:#}");
+        let fsyncs = number(w, &["participants", "fsyncs_per_transaction"]);
+        assert!(fsyncs > 0.0 && fsyncs <= 3.0, "{mode:?}: {w:#}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
     let budget_bytes: u64 = 64 * 1024 * 1024;

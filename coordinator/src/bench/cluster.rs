@@ -41,15 +41,13 @@ pub struct ClusterOptions {
     /// The coordinator's `--max-active-transactions`.
     pub max_active_transactions: usize,
     pub log_retention_ms: Option<u64>,
-    pub barrier_retention_ms: Option<u64>,
     /// The coordinator's `--memory-budget-bytes`.
     pub memory_budget_bytes: Option<u64>,
     /// Participants hold branches named for it until SIGUSR1 (`--recovery`; children
     /// only).
     pub hold: bool,
-    /// The participants' in-doubt poll interval (children only; the SDK's default if
-    /// `None`).
-    pub in_doubt_poll_ms: Option<u64>,
+    /// How the participants are served.
+    pub participant: ParticipantSettings,
     /// A running coordinator to use instead of starting one.
     pub endpoint: Option<String>,
     /// That coordinator's metrics address (its figures are not measured without it).
@@ -99,24 +97,52 @@ enum Running {
     Children(Vec<Child>),
 }
 
-/// The participants' serve options: the barrier retention asked for, metrics on.
-pub fn serve_options(
-    barrier_retention_ms: Option<u64>,
-    in_doubt_poll_ms: Option<u64>,
-    metrics: std::net::TcpListener,
-) -> anyhow::Result<ServeOptions> {
-    let mut options = ServeOptions {
-        metrics_listen: Some(MetricsListen::from(metrics)),
-        ..ServeOptions::default()
-    };
-    if let Some(retention_ms) = barrier_retention_ms {
-        options.barrier_gc = barrier_gc(retention_ms)?;
+/// How the bench's participants are served, in this process or as children (each
+/// `None` or `false`: the SDK's default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ParticipantSettings {
+    /// Records of final branches are collected this long after their transaction was
+    /// created.
+    pub barrier_retention_ms: Option<u64>,
+    /// The in-doubt resolver's poll interval and age before asking.
+    pub in_doubt_poll_ms: Option<u64>,
+    /// A one-phase commit's or saga step's YES is written unforced
+    /// (`ServeOptions::unforced_one_phase_yes`).
+    pub unforced_one_phase_yes: bool,
+}
+
+impl ParticipantSettings {
+    /// The serve options these settings make, metrics on.
+    pub fn serve_options(&self, metrics: std::net::TcpListener) -> anyhow::Result<ServeOptions> {
+        let mut options = ServeOptions {
+            metrics_listen: Some(MetricsListen::from(metrics)),
+            unforced_one_phase_yes: self.unforced_one_phase_yes,
+            ..ServeOptions::default()
+        };
+        if let Some(retention_ms) = self.barrier_retention_ms {
+            options.barrier_gc = barrier_gc(retention_ms)?;
+        }
+        if let Some(poll_ms) = self.in_doubt_poll_ms {
+            options.in_doubt.poll_interval_ms = poll_ms;
+            options.in_doubt.ask_after_ms = poll_ms;
+        }
+        Ok(options)
     }
-    if let Some(poll_ms) = in_doubt_poll_ms {
-        options.in_doubt.poll_interval_ms = poll_ms;
-        options.in_doubt.ask_after_ms = poll_ms;
+
+    /// The `treaty bench-participant` flags that give a child these settings.
+    fn child_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(retention_ms) = self.barrier_retention_ms {
+            args.extend(["--barrier-retention-ms".into(), retention_ms.to_string()]);
+        }
+        if let Some(poll_ms) = self.in_doubt_poll_ms {
+            args.extend(["--in-doubt-poll-ms".into(), poll_ms.to_string()]);
+        }
+        if self.unforced_one_phase_yes {
+            args.push("--unforced-one-phase-yes".into());
+        }
+        args
     }
-    Ok(options)
 }
 
 /// The barrier collector for `--barrier-retention-ms`, checked.
@@ -219,7 +245,7 @@ async fn start_in_process(
             endpoint: format!("http://{}", listener.local_addr()?),
             metrics: metrics.local_addr()?,
         });
-        let serve_options = serve_options(options.barrier_retention_ms, None, metrics)?;
+        let serve_options = options.participant.serve_options(metrics)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         stops.push(stop);
         tokio::spawn(treaty_sdk::serve(
@@ -300,14 +326,9 @@ async fn start_children(
             "--data-dir".into(),
             dir.to_string_lossy().into_owned(),
         ];
-        if let Some(retention_ms) = options.barrier_retention_ms {
-            args.extend(["--barrier-retention-ms".into(), retention_ms.to_string()]);
-        }
+        args.extend(options.participant.child_args());
         if options.hold {
             args.push("--hold".into());
-        }
-        if let Some(poll_ms) = options.in_doubt_poll_ms {
-            args.extend(["--in-doubt-poll-ms".into(), poll_ms.to_string()]);
         }
         let name = format!("participant-{index}");
         // Held commits fail on purpose, each with a warning: errors only, then.

@@ -96,6 +96,12 @@ pub struct BenchArgs {
     /// this long after their transaction was created).
     #[arg(long)]
     pub barrier_retention_ms: Option<u64>,
+    /// The participants write a saga step's (or one-phase commit's) YES unforced, so a
+    /// step waits for one forced write instead of two (the SDK's
+    /// `ServeOptions::unforced_one_phase_yes`, right for participants whose effects
+    /// commit with their barrier records; the bench's have none).
+    #[arg(long, conflicts_with = "recovery")]
+    pub unforced_one_phase_yes: bool,
     /// Sample the size of every data directory this often, print it, and summarize at
     /// the end whether it stayed flat.
     #[arg(long, conflicts_with = "recovery")]
@@ -324,10 +330,13 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         participants: args.participants,
         max_active_transactions: args.concurrency.max(1_000),
         log_retention_ms: args.log_retention_ms,
-        barrier_retention_ms: args.barrier_retention_ms,
         memory_budget_bytes: args.memory_budget_bytes,
         hold: false,
-        in_doubt_poll_ms: None,
+        participant: cluster::ParticipantSettings {
+            barrier_retention_ms: args.barrier_retention_ms,
+            in_doubt_poll_ms: None,
+            unforced_one_phase_yes: args.unforced_one_phase_yes,
+        },
         endpoint: args.endpoint.clone(),
         coordinator_metrics: args.coordinator_metrics,
     })
@@ -399,6 +408,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
             "in_process"
         },
         participants: args.participants,
+        unforced_one_phase_yes: args.unforced_one_phase_yes,
         concurrency: args.concurrency,
         duration_s: args.duration_s,
         workloads: Vec::new(),

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
-use super::cluster::{PARTICIPANT_LISTENING, PARTICIPANT_METRICS, serve_options};
+use super::cluster::{PARTICIPANT_LISTENING, PARTICIPANT_METRICS, ParticipantSettings};
 
 /// A participant that votes YES (NO to the payload [`REJECT`]) and does nothing else;
 /// with a hold, it keeps some branches in flight until released (see the module docs).
@@ -107,6 +107,10 @@ pub struct BenchParticipantArgs {
     /// if not given).
     #[arg(long)]
     pub in_doubt_poll_ms: Option<u64>,
+    /// Write a one-phase commit's or saga step's YES unforced (the SDK's
+    /// `ServeOptions::unforced_one_phase_yes`).
+    #[arg(long)]
+    pub unforced_one_phase_yes: bool,
 }
 
 /// Serves [`NoWork`] until SIGINT or SIGTERM, printing its two addresses on stdout.
@@ -130,7 +134,12 @@ pub async fn run(args: BenchParticipantArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--metrics-listen {}", args.metrics_listen))?;
     println!("{PARTICIPANT_LISTENING}{}", listener.local_addr()?);
     println!("{PARTICIPANT_METRICS}{}", metrics.local_addr()?);
-    let options = serve_options(args.barrier_retention_ms, args.in_doubt_poll_ms, metrics)?;
+    let options = ParticipantSettings {
+        barrier_retention_ms: args.barrier_retention_ms,
+        in_doubt_poll_ms: args.in_doubt_poll_ms,
+        unforced_one_phase_yes: args.unforced_one_phase_yes,
+    }
+    .serve_options(metrics)?;
     let participant = if args.hold {
         let (release, released) = tokio::sync::watch::channel(false);
         let mut usr1 =

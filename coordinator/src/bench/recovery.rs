@@ -36,7 +36,7 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TreatyClient};
 
-use super::cluster::{Cluster, ClusterOptions};
+use super::cluster::{Cluster, ClusterOptions, ParticipantSettings};
 use super::observe;
 use super::participant::{HOLD_COMMIT, HOLD_PREPARE};
 
@@ -112,10 +112,12 @@ pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
         participants: options.participants,
         max_active_transactions: (n * 2).max(1_000),
         log_retention_ms: None,
-        barrier_retention_ms: None,
         memory_budget_bytes: options.memory_budget_bytes,
         hold: true,
-        in_doubt_poll_ms: options.in_doubt_poll_ms,
+        participant: ParticipantSettings {
+            in_doubt_poll_ms: options.in_doubt_poll_ms,
+            ..ParticipantSettings::default()
+        },
         endpoint: None,
         coordinator_metrics: None,
     })

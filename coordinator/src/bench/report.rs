@@ -22,6 +22,9 @@ pub struct Report {
     /// `processes` or `in_process`.
     pub mode: &'static str,
     pub participants: usize,
+    /// The participants wrote a saga step's (or one-phase commit's) YES unforced
+    /// (`--unforced-one-phase-yes`); by default every YES is forced.
+    pub unforced_one_phase_yes: bool,
     pub concurrency: usize,
     pub duration_s: u64,
     pub workloads: Vec<WorkloadReport>,
@@ -233,8 +236,13 @@ impl Report {
             "processes" => "coordinator and participants as separate processes",
             _ => "coordinator and participants in this process",
         };
+        let yes = if self.unforced_one_phase_yes {
+            " (saga and one-phase YES unforced)"
+        } else {
+            ""
+        };
         out.push_str(&format!(
-            "treaty bench: {mode}; {} participant(s), {} in flight, {} s per workload\n\n",
+            "treaty bench: {mode}; {} participant(s){yes}, {} in flight, {} s per workload\n\n",
             self.participants, self.concurrency, self.duration_s
         ));
         out.push_str(&format!(
@@ -409,6 +417,7 @@ mod tests {
         let report = Report {
             mode: "processes",
             participants: 2,
+            unforced_one_phase_yes: false,
             concurrency: 4,
             duration_s: 1,
             workloads: vec![workload],
