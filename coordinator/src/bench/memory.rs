@@ -152,6 +152,11 @@ pub async fn sample(
 ) -> (Vec<RssSample>, usize) {
     let mut samples = Vec::new();
     let mut taken = 0;
+    // Ticks `every` apart however long a sample (and its scrape) takes; one that comes
+    // late delays the next rather than bunching them.
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
     loop {
         if let Some(rss_bytes) = crate::runtime::memory::resident_bytes_of(pid) {
             taken += 1;
@@ -174,7 +179,7 @@ pub async fn sample(
             return (samples, taken);
         }
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = ticks.tick() => {}
             _ = stop.changed() => {}
         }
     }
@@ -305,6 +310,30 @@ mod tests {
             rss_bytes,
             gauges: None,
         }
+    }
+
+    /// A metrics address that takes connections and never answers: each sample's scrape
+    /// waits out its 0.5 s timeout. The ticks stay 1 s apart: samples at 0, 1, ..., 9 s
+    /// and once more at the stop. Sleeping a period after each scrape gave 1.5 s apart:
+    /// at 0, 1.5, ..., 9 s and the stop, 8 in all.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_scrape_does_not_stretch_the_sampling_period() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let sampler = tokio::spawn(sample(
+            None,
+            Some(silent.local_addr().unwrap()),
+            Duration::from_secs(1),
+            Instant::now(),
+            Arc::default(),
+            stopped,
+        ));
+        tokio::time::sleep(Duration::from_millis(9_900)).await;
+        stop.send(true).unwrap();
+        let (samples, taken) = sampler.await.unwrap();
+        assert_eq!(taken, 11);
+        assert_eq!(samples.len(), 11);
+        assert!(samples.iter().all(|s| s.gauges.is_none()));
     }
 
     #[test]
