@@ -58,9 +58,11 @@ impl World {
         self.participant.participant.ops(&txn.transaction_id, step)
     }
 
-    async fn stop(self) {
+    /// Stops both; the data directory stays for inspection until the returned one drops.
+    async fn stop(self) -> tempfile::TempDir {
         self.coordinator.stop().await.unwrap();
         self.participant.stop().await;
+        self._dir
     }
 }
 
@@ -486,7 +488,7 @@ async fn invalid_step_graphs_are_refused_naming_the_step_and_nothing_is_logged()
     let (listed, _) = world.client.list(&[], 100, "").await.unwrap();
     assert!(listed.is_empty(), "{listed:?}");
     let data_dir = world.coordinator.data_dir.clone();
-    world.stop().await;
+    let _kept = world.stop().await;
     let log = treaty_coordinator::log::SledLog::open(&data_dir).unwrap();
     use treaty_coordinator::log::DecisionLog;
     assert!(
