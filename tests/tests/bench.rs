@@ -80,7 +80,14 @@ fn about(value: f64, expected: f64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_workload_is_measured_with_separate_processes() {
-    let report = bench(&["--processes", "--duration-s", "2", "--concurrency", "4"]).await;
+    let (report, stderr) =
+        bench_with_stderr(&["--processes", "--duration-s", "2", "--concurrency", "4"]).await;
+    assert!(
+        stderr.contains(" done "),
+        "no progress on stderr:\n{stderr}"
+    );
+    // Stopped participants first, none of them saw the coordinator's stream break.
+    assert!(!stderr.contains("a call stream broke"), "{stderr}");
     assert_eq!(report["mode"], "processes", "{report:#}");
     for name in ["twopc", "saga", "compensating", "ceiling"] {
         let w = workload(&report, name);
