@@ -35,7 +35,7 @@ use treaty_sdk::durable::{Durability, DurableStore, StoreError, StoreOptions, Wr
 
 use super::finished::FinishedCount;
 use super::{DecisionLog, LogError, LogFailed, LogWrite, held_for_retention};
-use crate::model::{OperatorResolution, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
+use crate::model::{BranchRecord, OperatorResolution, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 
 /// Format 3: the record, its owner, then each branch's heuristic answer and operator
 /// resolution (all postcard). Formats 2 (no branch notes) and 1 (no owner either) are
@@ -233,17 +233,37 @@ fn id_from(key: &[u8], bytes: &[u8]) -> Result<TxnId, LogError> {
 }
 
 fn encode(record: &TxnRecord) -> Vec<u8> {
-    let mut bytes = vec![FORMAT_VERSION];
+    let mut bytes = Vec::with_capacity(ENCODE_CAPACITY_BYTES);
+    bytes.push(FORMAT_VERSION);
+    // The three parts appended to one buffer, nothing copied or cloned on the way.
     // Serializing plain data into a Vec cannot fail.
-    bytes.extend(postcard::to_allocvec(record).unwrap_or_default());
-    bytes.extend(postcard::to_allocvec(&record.owner).unwrap_or_default());
-    let notes: Vec<BranchNotes> = record
-        .branches
-        .iter()
-        .map(|b| (b.heuristic.clone(), b.resolution.clone()))
-        .collect();
-    bytes.extend(postcard::to_allocvec(&notes).unwrap_or_default());
+    let _ = postcard::to_extend(record, Appender(&mut bytes));
+    let _ = postcard::to_extend(&record.owner, Appender(&mut bytes));
+    let _ = postcard::to_extend(&NotesOf(&record.branches), Appender(&mut bytes));
     bytes
+}
+
+/// Room first given to an encoded record, so that most are written without growing it
+/// (a 3-step saga's records are 280–380 bytes as it runs); a larger one grows it.
+const ENCODE_CAPACITY_BYTES: usize = 512;
+
+/// Appends what postcard writes to a buffer it borrows.
+struct Appender<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Appender<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
+    }
+}
+
+/// The branches' notes as a sequence of [`BranchNotes`], serialized from the branches
+/// themselves (the same bytes as a `Vec<BranchNotes>`).
+struct NotesOf<'a>(&'a [BranchRecord]);
+
+impl serde::Serialize for NotesOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|b| (&b.heuristic, &b.resolution)))
+    }
 }
 
 /// Decodes a record as stored under `key` (for `treaty log verify` too).
@@ -826,6 +846,48 @@ mod tests {
         futures::executor::block_on(log.store.write(batch, Durability::Forced)).unwrap();
         assert!(matches!(log.unfinished(), Err(LogError::Corrupt { .. })));
         assert!(matches!(log.get(&id), Err(LogError::Corrupt { .. })));
+    }
+
+    /// Format 3 as it was defined: the record, its owner and a `Vec<BranchNotes>`, each
+    /// as postcard writes it on its own, one after another; a second branch without notes
+    /// and a saga's definition included.
+    #[test]
+    fn a_record_is_encoded_as_its_three_parts_one_after_another() {
+        use crate::model::{OperatorResolution, Resolution, SagaDefinition, TxnState};
+        let mut record = suite::record(1_700_000_000_000, TxnState::Compensating);
+        record.owner = Some("alice".into());
+        record.branches[0].heuristic = Some("answered Aborted to a commit".into());
+        record.branches[0].resolution = Some(OperatorResolution {
+            outcome: Resolution::Abort,
+            by: "ops".into(),
+            at_unix_ms: 1_700_000_000_500,
+            reason: "undone by hand".into(),
+        });
+        let mut second = record.branches[0].clone();
+        second.id = "shipping".into();
+        second.heuristic = None;
+        second.resolution = None;
+        record.branches.push(second);
+        record.saga = Some(Arc::new(SagaDefinition {
+            steps: Vec::new(),
+            stuck_after_attempts: 3,
+        }));
+        record.idempotency_key = Some("order-17".into());
+        let notes: Vec<BranchNotes> = record
+            .branches
+            .iter()
+            .map(|b| (b.heuristic.clone(), b.resolution.clone()))
+            .collect();
+        let mut expected = vec![FORMAT_VERSION];
+        expected.extend(postcard::to_allocvec(&record).unwrap());
+        expected.extend(postcard::to_allocvec(&record.owner).unwrap());
+        expected.extend(postcard::to_allocvec(&notes).unwrap());
+        assert_eq!(encode(&record), expected);
+        for bytes in [0, 1, 511, 512, 513, 4_000] {
+            record.branches[1].last_error = Some("x".repeat(bytes));
+            let encoded = encode(&record);
+            assert_eq!(decode(b"k", &encoded).unwrap(), record, "{bytes}");
+        }
     }
 
     #[test]
