@@ -13,7 +13,7 @@ use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer, eventually
 use treaty_tests::scripted::Op;
 
 struct World {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     coordinator: Coordinator,
     participant: ParticipantServer,
     client: TreatyClient,
@@ -26,7 +26,7 @@ impl World {
         let participant = ParticipantServer::start(&dir.path().join("p")).await;
         let client = coordinator.client().await;
         Self {
-            _dir: dir,
+            dir,
             coordinator,
             participant,
             client,
@@ -62,7 +62,7 @@ impl World {
     async fn stop(self) -> tempfile::TempDir {
         self.coordinator.stop().await.unwrap();
         self.participant.stop().await;
-        self._dir
+        self.dir
     }
 }
 

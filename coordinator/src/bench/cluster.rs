@@ -94,6 +94,7 @@ enum Running {
         participants: Vec<tokio::sync::oneshot::Sender<()>>,
         coordinator: Option<(tokio::sync::oneshot::Sender<()>, CoordinatorTask)>,
     },
+    /// The coordinator first (if started), then the participants.
     Children(Vec<Child>),
 }
 
@@ -211,7 +212,8 @@ impl Cluster {
                 }
             }
             Running::Children(children) => {
-                // The participants first: a participant that outlives the coordinator
+                // The participants first (the coordinator is the first child, put there
+                // by `start_children`): a participant that outlives the coordinator
                 // sees its call stream break and warns about it, as it should in
                 // production, while nothing calls a participant any more by now.
                 for mut child in children.into_iter().rev() {

@@ -236,11 +236,19 @@ fn encode(record: &TxnRecord) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(ENCODE_CAPACITY_BYTES);
     bytes.push(FORMAT_VERSION);
     // The three parts appended to one buffer, nothing copied or cloned on the way.
-    // Serializing plain data into a Vec cannot fail.
-    let _ = postcard::to_extend(record, Appender(&mut bytes));
-    let _ = postcard::to_extend(&record.owner, Appender(&mut bytes));
-    let _ = postcard::to_extend(&NotesOf(&record.branches), Appender(&mut bytes));
+    append(&mut bytes, record);
+    append(&mut bytes, &record.owner);
+    append(&mut bytes, &NotesOf(&record.branches));
     bytes
+}
+
+/// Appends `part` to `bytes` as postcard writes it.
+fn append<T: serde::Serialize + ?Sized>(bytes: &mut Vec<u8>, part: &T) {
+    if let Err(error) = postcard::to_extend(part, Appender(bytes)) {
+        // postcard fails only on a sequence or map whose length it is not told, and a
+        // record's parts are derived plain data and `NotesOf`'s sequence of known length.
+        unreachable!("a part of a log record failed to serialize: {error}");
+    }
 }
 
 /// Room first given to an encoded record, so that most are written without growing it
@@ -257,7 +265,8 @@ impl Extend<u8> for Appender<'_> {
 }
 
 /// The branches' notes as a sequence of [`BranchNotes`], serialized from the branches
-/// themselves (the same bytes as a `Vec<BranchNotes>`).
+/// themselves (the same bytes as a `Vec<BranchNotes>`). Its iterator must keep telling
+/// its exact length: postcard writes the length first.
 struct NotesOf<'a>(&'a [BranchRecord]);
 
 impl serde::Serialize for NotesOf<'_> {
@@ -849,12 +858,39 @@ mod tests {
     }
 
     /// Format 3 as it was defined: the record, its owner and a `Vec<BranchNotes>`, each
-    /// as postcard writes it on its own, one after another; a second branch without notes
-    /// and a saga's definition included.
+    /// as postcard writes it on its own, one after another.
+    fn encoded_in_three_parts(record: &TxnRecord) -> Vec<u8> {
+        let notes: Vec<BranchNotes> = record
+            .branches
+            .iter()
+            .map(|b| (b.heuristic.clone(), b.resolution.clone()))
+            .collect();
+        let mut bytes = vec![FORMAT_VERSION];
+        bytes.extend(postcard::to_allocvec(record).unwrap());
+        bytes.extend(postcard::to_allocvec(&record.owner).unwrap());
+        bytes.extend(postcard::to_allocvec(&notes).unwrap());
+        bytes
+    }
+
+    /// The same bytes as format 3's three parts, and the record back from them: with and
+    /// without an owner, branches or notes, a saga's definition, and at every length
+    /// from well below the buffer's first size to well above it.
     #[test]
     fn a_record_is_encoded_as_its_three_parts_one_after_another() {
         use crate::model::{OperatorResolution, Resolution, SagaDefinition, TxnState};
+        let check = |record: &TxnRecord| {
+            let encoded = encode(record);
+            assert_eq!(encoded, encoded_in_three_parts(record));
+            assert_eq!(&decode(b"k", &encoded).unwrap(), record);
+            encoded.len()
+        };
         let mut record = suite::record(1_700_000_000_000, TxnState::Compensating);
+        check(&record);
+        let no_branches = TxnRecord {
+            branches: Vec::new(),
+            ..record.clone()
+        };
+        check(&no_branches);
         record.owner = Some("alice".into());
         record.branches[0].heuristic = Some("answered Aborted to a commit".into());
         record.branches[0].resolution = Some(OperatorResolution {
@@ -873,21 +909,13 @@ mod tests {
             stuck_after_attempts: 3,
         }));
         record.idempotency_key = Some("order-17".into());
-        let notes: Vec<BranchNotes> = record
-            .branches
-            .iter()
-            .map(|b| (b.heuristic.clone(), b.resolution.clone()))
-            .collect();
-        let mut expected = vec![FORMAT_VERSION];
-        expected.extend(postcard::to_allocvec(&record).unwrap());
-        expected.extend(postcard::to_allocvec(&record.owner).unwrap());
-        expected.extend(postcard::to_allocvec(&notes).unwrap());
-        assert_eq!(encode(&record), expected);
-        for bytes in [0, 1, 511, 512, 513, 4_000] {
-            record.branches[1].last_error = Some("x".repeat(bytes));
-            let encoded = encode(&record);
-            assert_eq!(decode(b"k", &encoded).unwrap(), record, "{bytes}");
+        let mut lengths = Vec::new();
+        for error_bytes in 0..=2 * ENCODE_CAPACITY_BYTES {
+            record.branches[1].last_error = Some("x".repeat(error_bytes));
+            lengths.push(check(&record));
         }
+        assert!(lengths[0] < ENCODE_CAPACITY_BYTES && lengths.contains(&ENCODE_CAPACITY_BYTES));
+        assert!(lengths.iter().any(|&n| n > 2 * ENCODE_CAPACITY_BYTES));
     }
 
     #[test]
