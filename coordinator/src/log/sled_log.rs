@@ -857,6 +857,21 @@ mod tests {
         assert!(matches!(log.get(&id), Err(LogError::Corrupt { .. })));
     }
 
+    /// A record with an owner, and on its branch a heuristic answer and an operator's
+    /// resolution with `outcome`.
+    fn noted(state: TxnState, outcome: crate::model::Resolution, reason: &str) -> TxnRecord {
+        let mut record = suite::record(1_700_000_000_000, state);
+        record.owner = Some("alice".into());
+        record.branches[0].heuristic = Some("answered Aborted to a commit".into());
+        record.branches[0].resolution = Some(OperatorResolution {
+            outcome,
+            by: "ops".into(),
+            at_unix_ms: 1_700_000_000_500,
+            reason: reason.into(),
+        });
+        record
+    }
+
     /// Format 3 as it was defined: the record, its owner and a `Vec<BranchNotes>`, each
     /// as postcard writes it on its own, one after another.
     fn encoded_in_three_parts(record: &TxnRecord) -> Vec<u8> {
@@ -877,28 +892,21 @@ mod tests {
     /// from well below the buffer's first size to well above it.
     #[test]
     fn a_record_is_encoded_as_its_three_parts_one_after_another() {
-        use crate::model::{OperatorResolution, Resolution, SagaDefinition, TxnState};
+        use crate::model::{Resolution, SagaDefinition, TxnState};
         let check = |record: &TxnRecord| {
             let encoded = encode(record);
             assert_eq!(encoded, encoded_in_three_parts(record));
             assert_eq!(&decode(b"k", &encoded).unwrap(), record);
             encoded.len()
         };
-        let mut record = suite::record(1_700_000_000_000, TxnState::Compensating);
-        check(&record);
+        let plain = suite::record(1_700_000_000_000, TxnState::Compensating);
+        check(&plain);
         let no_branches = TxnRecord {
             branches: Vec::new(),
-            ..record.clone()
+            ..plain
         };
         check(&no_branches);
-        record.owner = Some("alice".into());
-        record.branches[0].heuristic = Some("answered Aborted to a commit".into());
-        record.branches[0].resolution = Some(OperatorResolution {
-            outcome: Resolution::Abort,
-            by: "ops".into(),
-            at_unix_ms: 1_700_000_000_500,
-            reason: "undone by hand".into(),
-        });
+        let mut record = noted(TxnState::Compensating, Resolution::Abort, "undone by hand");
         let mut second = record.branches[0].clone();
         second.id = "shipping".into();
         second.heuristic = None;
@@ -920,16 +928,12 @@ mod tests {
 
     #[test]
     fn owners_and_branch_notes_round_trip_and_older_formats_still_decode() {
-        use crate::model::{OperatorResolution, Resolution, TxnState};
-        let mut record = suite::record(1_700_000_000_000, TxnState::Committing);
-        record.owner = Some("alice".into());
-        record.branches[0].heuristic = Some("answered Aborted to a commit".into());
-        record.branches[0].resolution = Some(OperatorResolution {
-            outcome: Resolution::Commit,
-            by: "ops".into(),
-            at_unix_ms: 1_700_000_000_500,
-            reason: "re-applied by hand".into(),
-        });
+        use crate::model::{Resolution, TxnState};
+        let record = noted(
+            TxnState::Committing,
+            Resolution::Commit,
+            "re-applied by hand",
+        );
         let key = key(RECORD, &record.id);
         assert_eq!(decode(&key, &encode(&record)).unwrap(), record);
         // Version 2: the record and its owner, no branch notes.
