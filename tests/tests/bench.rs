@@ -217,15 +217,16 @@ async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
         lines.next(),
         Some(
             "elapsed_s,transactions,rss_bytes,log_compactions,log_disk_bytes,\
-             log_finished_transactions,retained_transactions,retained_estimated_bytes"
+             log_finished_transactions,log_purged_transactions,retained_transactions,\
+             retained_estimated_bytes"
         )
     );
     let mut gauges: Vec<Vec<f64>> = Vec::new();
     let rows: Vec<(f64, u64, u64)> = lines
         .map(|line| {
             let fields: Vec<&str> = line.split(',').collect();
-            assert_eq!(fields.len(), 8, "{line}");
-            // The coordinator's gauges: all five, or none when its /metrics did not
+            assert_eq!(fields.len(), 9, "{line}");
+            // The coordinator's gauges: all six, or none when its /metrics did not
             // answer in time.
             if fields[3..].iter().all(|f| !f.is_empty()) {
                 gauges.push(fields[3..].iter().map(|f| f.parse().unwrap()).collect());
@@ -241,14 +242,25 @@ async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
         .collect();
     // Read beside most samples; the log and the memory fill as the run goes on.
     assert!(gauges.len() * 2 >= rows.len(), "{csv}");
+    // Compactions and purges only ever add up.
     assert!(
-        gauges.windows(2).all(|pair| pair[0][0] <= pair[1][0]),
+        gauges
+            .windows(2)
+            .all(|pair| pair[0][0] <= pair[1][0] && pair[0][3] <= pair[1][3]),
         "{csv}"
     );
     let last = gauges.last().unwrap();
     assert!(last[1] > 0.0, "the log's files: {csv}");
     assert!(last[2] > 0.0, "the log's final transactions: {csv}");
-    assert!(last[3] > 0.0 && last[4] > 0.0, "retained: {csv}");
+    assert!(last[4] > 0.0 && last[5] > 0.0, "retained: {csv}");
+    // The warm-up read the log's purges, and is at least the run's first tenth (the
+    // CSV's times are rounded to the millisecond).
+    assert_eq!(memory["log_purges_read"], true, "{memory:#}");
+    let end_s = rows.last().unwrap().0;
+    assert!(
+        number(memory, &["warmup_s"]) >= end_s * 0.1 - 0.001,
+        "{memory:#}"
+    );
     assert_eq!(rows.len() as f64, number(memory, &["samples"]), "{csv}");
     assert!(
         rows.windows(2)

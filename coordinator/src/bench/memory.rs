@@ -2,16 +2,22 @@
 //! `--rss-sample-ms` through the whole run, and whether it stayed flat (docs/limits.md,
 //! "Memory"; issue 11: flat within ±10 % over 1,000,000 transactions).
 //!
-//! The first tenth of the run (by time) is warm-up: caches fill, the retained
-//! transactions reach their bound. The rest is cut into four quarters of equal time;
-//! each gets the min, max and mean of its samples, and the run's flatness is
-//! (max − min) / mean of the four quarter means: 0.10 means the quarters' means lie
-//! within 10 % of their average of each other.
+//! The run starts with a warm-up: caches fill, the retained transactions reach their
+//! bound, and the log fills up to its retention or its limit of final transactions,
+//! its memory growing with it. The warm-up is the first tenth of the run (by time), or
+//! longer, until the log first purges, when that comes later but within the first half
+//! of the run (a log still filling past half the run leaves the tenth, and its growth
+//! counts). The rest is cut into four quarters of equal time; each gets the min, max and
+//! mean of its samples, and the run's flatness is (max − min) / mean of the four quarter
+//! means: 0.10 means the quarters' means lie within 10 % of their average of each
+//! other. The report gives the flatness after the first tenth too, as it was measured
+//! before the log's filling was counted as warm-up.
 //!
-//! With `--rss-csv`, each sample also reads the coordinator's `/metrics` for what the
-//! resident set can be matched against (the log's compactions, size and final
-//! transactions, the final transactions kept in memory), so that a step in the RSS can be
-//! told from the run's own file.
+//! Each sample also reads the coordinator's `/metrics`, when the bench knows its
+//! address, for when the log first purged, and for what `--rss-csv` writes beside the
+//! resident set (the log's compactions, size and final transactions, the final
+//! transactions kept in memory), so that a step in the RSS can be told from the run's
+//! own file.
 //!
 //! Invariants: at most [`MAX_SAMPLES`] samples are kept (later ones are dropped, and the
 //! report says how many were taken); sampling reads one `/proc` file, and at most one
@@ -26,8 +32,11 @@ use super::workload::Tally;
 
 /// Most samples kept (a sample a second for more than a day).
 pub const MAX_SAMPLES: usize = 100_000;
-/// The share of the run, from its start, that is warm-up.
+/// The share of the run, from its start, that is warm-up at least.
 const WARMUP_FRACTION: f64 = 0.1;
+/// The share of the run within which the log must first purge for the warm-up to wait
+/// for it.
+const LOG_FILL_MAX_FRACTION: f64 = 0.5;
 /// Longest a sample waits for the coordinator's `/metrics`; a slower answer leaves
 /// that sample's gauges empty.
 pub const GAUGES_TIMEOUT: Duration = Duration::from_millis(500);
@@ -50,6 +59,8 @@ pub struct CoordinatorGauges {
     pub log_disk_bytes: f64,
     /// Final transactions the log keeps.
     pub log_finished: f64,
+    /// Final transactions the log purged so far, for its retention or its limit.
+    pub log_purged: f64,
     /// Final transactions kept in memory, and what the coordinator estimates they hold.
     pub retained_transactions: f64,
     pub retained_estimated_bytes: f64,
@@ -67,6 +78,7 @@ impl CoordinatorGauges {
             log_compactions: gauge("treaty_log_compactions_total"),
             log_disk_bytes: gauge("treaty_log_disk_bytes"),
             log_finished: gauge("treaty_log_finished_transactions"),
+            log_purged: gauge("treaty_log_purged_total"),
             retained_transactions: gauge("treaty_retained_transactions"),
             retained_estimated_bytes: gauge("treaty_retained_transactions_estimated_bytes"),
         })
@@ -90,12 +102,18 @@ pub struct MemoryReport {
     pub sample_every_ms: u64,
     pub samples: usize,
     pub warmup_s: f64,
+    /// When the log first purged, from the start of the load (`None`: it did not, or
+    /// its gauges were not read: see `log_purges_read`).
+    pub log_first_purge_s: Option<f64>,
+    pub log_purges_read: bool,
     /// The largest sample of the whole run, warm-up included.
     pub max_bytes: u64,
     /// Four, unless there were too few samples after the warm-up (then none).
     pub quarters: Vec<Quarter>,
     /// (max − min) / mean of the quarters' means; `None` without quarters.
     pub flatness: Option<f64>,
+    /// The same after a warm-up of the first tenth, when the warm-up was longer.
+    pub flatness_from_tenth: Option<f64>,
     /// The coordinator's `--memory-budget-bytes` (from its /metrics), and what it
     /// reported at the end about the final transactions it kept in memory.
     pub budget_bytes: Option<f64>,
@@ -112,8 +130,8 @@ pub struct MemoryReport {
 
 /// The CSV's header: what [`csv`] writes in each row.
 pub const CSV_HEADER: &str = "elapsed_s,transactions,rss_bytes,log_compactions,log_disk_bytes,\
-                              log_finished_transactions,retained_transactions,\
-                              retained_estimated_bytes";
+                              log_finished_transactions,log_purged_transactions,\
+                              retained_transactions,retained_estimated_bytes";
 
 /// The samples as CSV, one row each: seconds since the load began, transactions
 /// finished by then, resident bytes, then the coordinator's gauges (empty fields when
@@ -127,14 +145,15 @@ pub fn csv(samples: &[RssSample]) -> String {
         ));
         out.push_str(&match sample.gauges {
             Some(g) => format!(
-                "{},{},{},{},{}\n",
+                "{},{},{},{},{},{}\n",
                 g.log_compactions,
                 g.log_disk_bytes,
                 g.log_finished,
+                g.log_purged,
                 g.retained_transactions,
                 g.retained_estimated_bytes
             ),
-            None => ",,,,\n".into(),
+            None => ",,,,,\n".into(),
         });
     }
     out
@@ -185,10 +204,48 @@ pub async fn sample(
     }
 }
 
-/// The quarters and flatness of `samples` (in time order).
+/// The warm-up, quarters and flatness of `samples` (in time order).
 pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> MemoryReport {
     let end_s = samples.last().map_or(0.0, |s| s.elapsed_s);
-    let warmup_s = end_s * WARMUP_FRACTION;
+    let tenth_s = end_s * WARMUP_FRACTION;
+    let log_purges_read = samples.iter().any(|s| s.gauges.is_some());
+    let log_first_purge_s = samples
+        .iter()
+        .find(|s| s.gauges.is_some_and(|g| g.log_purged > 0.0))
+        .map(|s| s.elapsed_s);
+    let warmup_s = match log_first_purge_s {
+        Some(at_s) if at_s > tenth_s && at_s <= end_s * LOG_FILL_MAX_FRACTION => at_s,
+        _ => tenth_s,
+    };
+    let (quarters, flatness) = quarters_after(samples, warmup_s, end_s);
+    let flatness_from_tenth = if warmup_s > tenth_s {
+        quarters_after(samples, tenth_s, end_s).1
+    } else {
+        None
+    };
+    MemoryReport {
+        sample_every_ms,
+        samples: taken,
+        warmup_s,
+        log_first_purge_s,
+        log_purges_read,
+        max_bytes: samples.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
+        quarters,
+        flatness,
+        flatness_from_tenth,
+        budget_bytes: None,
+        retained_transactions: None,
+        retained_estimated_bytes: None,
+        retained_allowed_bytes: None,
+        log_finished: None,
+        log_finished_limit: None,
+        log_purged_for_limit: None,
+    }
+}
+
+/// Four quarters of equal time from `warmup_s` to `end_s` and their flatness; none if
+/// a quarter has no sample.
+fn quarters_after(samples: &[RssSample], warmup_s: f64, end_s: f64) -> (Vec<Quarter>, Option<f64>) {
     let quarter_s = (end_s - warmup_s) / 4.0;
     let mut quarters = Vec::new();
     for index in 0..4 {
@@ -201,8 +258,7 @@ pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> M
             .map(|s| s.rss_bytes)
             .collect();
         let (Some(&min_bytes), Some(&max_bytes)) = (part.iter().min(), part.iter().max()) else {
-            quarters.clear();
-            break;
+            return (Vec::new(), None);
         };
         quarters.push(Quarter {
             from_s,
@@ -214,37 +270,37 @@ pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> M
         });
     }
     let means: Vec<f64> = quarters.iter().map(|q| q.mean_bytes).collect();
-    let flatness = (!means.is_empty()).then(|| {
-        let low = means.iter().copied().fold(f64::INFINITY, f64::min);
-        let high = means.iter().copied().fold(0.0, f64::max);
-        let mean = means.iter().sum::<f64>() / means.len() as f64;
-        (high - low) / mean
-    });
-    MemoryReport {
-        sample_every_ms,
-        samples: taken,
-        warmup_s,
-        max_bytes: samples.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
-        quarters,
-        flatness,
-        budget_bytes: None,
-        retained_transactions: None,
-        retained_estimated_bytes: None,
-        retained_allowed_bytes: None,
-        log_finished: None,
-        log_finished_limit: None,
-        log_purged_for_limit: None,
-    }
+    let low = means.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = means.iter().copied().fold(0.0, f64::max);
+    let mean = means.iter().sum::<f64>() / means.len() as f64;
+    (quarters, Some((high - low) / mean))
 }
 
 impl MemoryReport {
+    /// Why the warm-up ends where it does.
+    fn warmup_reason(&self) -> String {
+        match self.log_first_purge_s {
+            _ if !self.log_purges_read => "the first tenth; the log's purges not read".into(),
+            None => "the first tenth; the log never purged: it filled all run".into(),
+            Some(at_s) if at_s == self.warmup_s => "until the log first purged".into(),
+            Some(at_s) if at_s < self.warmup_s => {
+                format!("the first tenth; the log first purged at {at_s:.0} s")
+            }
+            Some(at_s) => format!(
+                "the first tenth; the log first purged at {at_s:.0} s, past half the run, so \
+                 its filling counts"
+            ),
+        }
+    }
+
     /// Lines for people.
     pub fn lines(&self) -> Vec<String> {
         let mut lines = vec![format!(
-            "coordinator RSS: {} samples every {} ms; warm-up {:.0} s; max {}",
+            "coordinator RSS: {} samples every {} ms; warm-up {:.0} s ({}); max {}",
             self.samples,
             self.sample_every_ms,
             self.warmup_s,
+            self.warmup_reason(),
             mib(self.max_bytes as f64)
         )];
         for (index, q) in self.quarters.iter().enumerate() {
@@ -271,6 +327,11 @@ impl MemoryReport {
             ),
             None => "  too few samples after the warm-up for quarters".into(),
         });
+        if let Some(flatness) = self.flatness_from_tenth {
+            lines.push(format!(
+                "  flatness after the first tenth instead, the log's filling included: {flatness:.3}"
+            ));
+        }
         if let Some(budget) = self.budget_bytes {
             let largest = self.max_bytes as f64;
             lines.push(format!(
@@ -347,6 +408,7 @@ mod tests {
                     log_compactions: 1.0,
                     log_disk_bytes: 40_960.0,
                     log_finished: 300.0,
+                    log_purged: 20.0,
                     retained_transactions: 250.0,
                     retained_estimated_bytes: 51_200.0,
                 }),
@@ -356,9 +418,10 @@ mod tests {
         assert_eq!(
             csv(&samples),
             "elapsed_s,transactions,rss_bytes,log_compactions,log_disk_bytes,\
-             log_finished_transactions,retained_transactions,retained_estimated_bytes\n\
-             0.500,10,1048576,1,40960,300,250,51200\n\
-             1.250,0,2097152,,,,,\n"
+             log_finished_transactions,log_purged_transactions,retained_transactions,\
+             retained_estimated_bytes\n\
+             0.500,10,1048576,1,40960,300,20,250,51200\n\
+             1.250,0,2097152,,,,,,\n"
         );
     }
 
@@ -377,6 +440,12 @@ mod tests {
             .collect();
         let report = summarize(&samples, 1_000, 101);
         assert_eq!(report.warmup_s, 10.0);
+        assert_eq!(report.flatness_from_tenth, None);
+        assert!(
+            report.lines()[0].contains("warm-up 10 s (the first tenth; the log's purges not read)"),
+            "{:?}",
+            report.lines()
+        );
         assert_eq!(report.max_bytes, 110);
         assert_eq!(report.quarters.len(), 4);
         let q = &report.quarters;
@@ -402,6 +471,72 @@ mod tests {
         assert!(with_log.lines().iter().any(|l| l.contains(
             "the log kept 786432 final transactions at the end (limit 786432; 5 purged"
         )));
+    }
+
+    /// 0..=100 s, the resident set at 100 while the log fills and 150 once it is full;
+    /// the log's first purge at `first_purge_s` (`None`: never).
+    fn filling_then_full(full_from_s: u64, first_purge_s: Option<u64>) -> Vec<RssSample> {
+        (0..=100)
+            .map(|t| RssSample {
+                gauges: Some(CoordinatorGauges {
+                    log_compactions: 0.0,
+                    log_disk_bytes: 0.0,
+                    log_finished: 0.0,
+                    log_purged: match first_purge_s {
+                        Some(at_s) if t >= at_s => (t - at_s + 1) as f64,
+                        _ => 0.0,
+                    },
+                    retained_transactions: 0.0,
+                    retained_estimated_bytes: 0.0,
+                }),
+                ..at(t as f64, if t < full_from_s { 100 } else { 150 })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_warm_up_lasts_until_the_log_first_purges() {
+        let report = summarize(&filling_then_full(30, Some(30)), 1_000, 101);
+        assert_eq!(report.warmup_s, 30.0);
+        assert_eq!(report.log_first_purge_s, Some(30.0));
+        assert_eq!(report.quarters[0].from_s, 30.0);
+        assert_eq!(report.flatness, Some(0.0));
+        // From the tenth, the first quarter (10-32.5 s) holds 20 samples at 100.
+        let from_tenth = report.flatness_from_tenth.unwrap();
+        assert!(from_tenth > 0.2, "{from_tenth}");
+        let lines = report.lines();
+        assert!(
+            lines[0].contains("warm-up 30 s (until the log first purged)"),
+            "{lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains(&format!(
+                "flatness after the first tenth instead, the log's filling included: {from_tenth:.3}"
+            ))),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn the_warm_up_is_the_first_tenth_if_the_log_purged_sooner_or_after_half_the_run() {
+        let early = summarize(&filling_then_full(5, Some(5)), 1_000, 101);
+        assert_eq!(early.warmup_s, 10.0);
+        assert_eq!(early.flatness, Some(0.0));
+        assert_eq!(early.flatness_from_tenth, None);
+        assert!(early.lines()[0].contains("(the first tenth; the log first purged at 5 s)"));
+
+        // Filling past half the run: its growth counts against the flatness.
+        let late = summarize(&filling_then_full(60, Some(60)), 1_000, 101);
+        assert_eq!(late.warmup_s, 10.0);
+        assert_eq!(late.log_first_purge_s, Some(60.0));
+        assert!(late.flatness.unwrap() > 0.4, "{:?}", late.flatness);
+        assert_eq!(late.flatness_from_tenth, None);
+        assert!(late.lines()[0].contains("first purged at 60 s, past half the run"));
+
+        let never = summarize(&filling_then_full(101, None), 1_000, 101);
+        assert_eq!(never.warmup_s, 10.0);
+        assert_eq!(never.log_first_purge_s, None);
+        assert!(never.lines()[0].contains("the log never purged: it filled all run"));
     }
 
     #[test]

@@ -110,7 +110,8 @@ pub struct BenchArgs {
     #[arg(long, requires = "disk_sample_s")]
     pub disk_csv: Option<std::path::PathBuf>,
     /// Sample the started coordinator's RSS this often through the run, and report it
-    /// per quarter after a warm-up (the first tenth), with its flatness.
+    /// per quarter after a warm-up (the first tenth, or until its log first purged if
+    /// that is later and within the first half), with its flatness.
     #[arg(long, default_value_t = 1_000)]
     pub rss_sample_ms: u64,
     /// Also write those samples to this CSV file (seconds since the load began,
@@ -389,11 +390,11 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     };
     let rss_sampler = coordinator_pid.map(|pid| {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        // The coordinator's gauges only for the CSV: a plain run scrapes nothing more.
-        let metrics = rss_csv.as_ref().and(cluster.coordinator_metrics);
+        // The coordinator's gauges with each sample: the warm-up waits for the log's
+        // first purge, and the CSV writes them.
         let task = tokio::spawn(memory::sample(
             pid,
-            metrics,
+            cluster.coordinator_metrics,
             Duration::from_millis(args.rss_sample_ms),
             started,
             tally.clone(),
