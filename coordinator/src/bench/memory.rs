@@ -3,21 +3,23 @@
 //! "Memory"; issue 11: flat within ±10 % over 1,000,000 transactions).
 //!
 //! The run starts with a warm-up: caches fill, the retained transactions reach their
-//! bound, and the log fills up to its retention or its limit of final transactions,
-//! its memory growing with it. The warm-up is the first tenth of the run (by time), or
-//! longer, until the log first purges, when that comes later but within the first half
-//! of the run (a log still filling past half the run leaves the tenth, and its growth
-//! counts). The rest is cut into four quarters of equal time; each gets the min, max and
+//! bound, the log fills up to its retention or its limit of final transactions, and the
+//! first compaction of a nearly full log lifts the resident set once to the level it
+//! then keeps (docs/PERFORMANCE.md, "The warm-up waits for the log to fill"). The
+//! warm-up is the first tenth of the run (by time), or longer, until the log first
+//! purges (the sign that it holds what it will hold), when that comes later but within
+//! the first half of the run (a log still filling past half the run leaves the tenth,
+//! and what grows with it counts). The rest is cut into four quarters of equal time; each gets the min, max and
 //! mean of its samples, and the run's flatness is (max − min) / mean of the four quarter
 //! means: 0.10 means the quarters' means lie within 10 % of their average of each
 //! other. The report gives the flatness after the first tenth too, as it was measured
 //! before the log's filling was counted as warm-up.
 //!
-//! Each sample also reads the coordinator's `/metrics`, when the bench knows its
-//! address, for when the log first purged, and for what `--rss-csv` writes beside the
-//! resident set (the log's compactions, size and final transactions, the final
-//! transactions kept in memory), so that a step in the RSS can be told from the run's
-//! own file.
+//! The samples also read the coordinator's `/metrics`, when the bench knows its
+//! address: until one shows the log's first purge, and with `--rss-csv` every one, for
+//! what the CSV writes beside the resident set (the log's compactions, size, final
+//! transactions and purges, the final transactions kept in memory), so that a step in
+//! the RSS can be told from the run's own file.
 //!
 //! Invariants: at most [`MAX_SAMPLES`] samples are kept (later ones are dropped, and the
 //! report says how many were taken); sampling reads one `/proc` file, and at most one
@@ -160,10 +162,14 @@ pub fn csv(samples: &[RssSample]) -> String {
 }
 
 /// Samples `pid`'s RSS (`None`: this process) every `every` until `stop` is set, and
-/// once more then; with `metrics`, the coordinator's gauges beside each.
+/// once more then; with `metrics`, the coordinator's gauges beside each until one shows
+/// the log's first purge (the warm-up's end), or beside every one if `gauges_throughout`
+/// (for the CSV). A scrape costs the coordinator a health check and a look at its log's
+/// files, so a plain run stops asking once it knows what it needs.
 pub async fn sample(
     pid: Option<u32>,
     metrics: Option<SocketAddr>,
+    gauges_throughout: bool,
     every: Duration,
     started: Instant,
     tally: Arc<Tally>,
@@ -176,6 +182,7 @@ pub async fn sample(
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
+    let mut purge_seen = false;
     loop {
         if let Some(rss_bytes) = crate::runtime::memory::resident_bytes_of(pid) {
             taken += 1;
@@ -183,9 +190,12 @@ pub async fn sample(
                 let elapsed_s = started.elapsed().as_secs_f64();
                 let transactions = tally.finished.load(Ordering::Relaxed);
                 let gauges = match metrics {
-                    Some(address) => CoordinatorGauges::read(address).await,
-                    None => None,
+                    Some(address) if gauges_throughout || !purge_seen => {
+                        CoordinatorGauges::read(address).await
+                    }
+                    _ => None,
                 };
+                purge_seen |= gauges.is_some_and(|g| g.log_purged > 0.0);
                 samples.push(RssSample {
                     elapsed_s,
                     transactions,
@@ -281,7 +291,7 @@ impl MemoryReport {
     fn warmup_reason(&self) -> String {
         match self.log_first_purge_s {
             _ if !self.log_purges_read => "the first tenth; the log's purges not read".into(),
-            None => "the first tenth; the log never purged: it filled all run".into(),
+            None => "the first tenth; no sample read showed the log purging".into(),
             Some(at_s) if at_s == self.warmup_s => "until the log first purged".into(),
             Some(at_s) if at_s < self.warmup_s => {
                 format!("the first tenth; the log first purged at {at_s:.0} s")
@@ -363,6 +373,7 @@ fn mib(bytes: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
     fn at(elapsed_s: f64, rss_bytes: u64) -> RssSample {
         RssSample {
@@ -384,6 +395,7 @@ mod tests {
         let sampler = tokio::spawn(sample(
             None,
             Some(silent.local_addr().unwrap()),
+            true,
             Duration::from_secs(1),
             Instant::now(),
             Arc::default(),
@@ -395,6 +407,80 @@ mod tests {
         assert_eq!(taken, 11);
         assert_eq!(samples.len(), 11);
         assert!(samples.iter().all(|s| s.gauges.is_none()));
+    }
+
+    /// A `/metrics` that counts its scrapes and shows the log purging from the
+    /// `purging_from`-th on.
+    async fn counting_metrics(purging_from: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let scrapes = Arc::new(AtomicUsize::new(0));
+        let counted = scrapes.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let scrape = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                let purged = if scrape >= purging_from { 7 } else { 0 };
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let body = format!("treaty_log_purged_total{{reason=\"limit\"}} {purged}\n");
+                let _ = stream
+                    .write_all(format!("HTTP/1.1 200 OK\r\n\r\n{body}").as_bytes())
+                    .await;
+            }
+        });
+        (address, scrapes)
+    }
+
+    /// Samples every 50 ms until `scrapes` has reached `at_least` and 300 ms more (at
+    /// most 10 s).
+    async fn sample_until(
+        address: SocketAddr,
+        gauges_throughout: bool,
+        scrapes: &AtomicUsize,
+        at_least: usize,
+    ) -> Vec<RssSample> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let sampler = tokio::spawn(sample(
+            None,
+            Some(address),
+            gauges_throughout,
+            Duration::from_millis(50),
+            Instant::now(),
+            Arc::default(),
+            stopped,
+        ));
+        for _ in 0..200 {
+            if scrapes.load(Ordering::SeqCst) >= at_least {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.send(true).unwrap();
+        sampler.await.unwrap().0
+    }
+
+    #[tokio::test]
+    async fn a_plain_run_stops_scraping_once_the_log_has_purged() {
+        let (address, scrapes) = counting_metrics(3).await;
+        let samples = sample_until(address, false, &scrapes, 3).await;
+        assert_eq!(scrapes.load(Ordering::SeqCst), 3);
+        assert!(samples.len() >= 5, "{samples:?}");
+        assert!(samples[..3].iter().all(|s| s.gauges.is_some()));
+        assert!(samples[3..].iter().all(|s| s.gauges.is_none()));
+        assert!(
+            summarize(&samples, 50, samples.len())
+                .log_first_purge_s
+                .is_some()
+        );
+
+        // For the CSV, every sample has them.
+        let (address, scrapes) = counting_metrics(3).await;
+        let samples = sample_until(address, true, &scrapes, 5).await;
+        assert!(samples.len() >= 5, "{samples:?}");
+        assert!(samples.iter().all(|s| s.gauges.is_some()), "{samples:?}");
+        assert_eq!(scrapes.load(Ordering::SeqCst), samples.len());
     }
 
     #[test]
@@ -525,6 +611,10 @@ mod tests {
         assert_eq!(early.flatness_from_tenth, None);
         assert!(early.lines()[0].contains("(the first tenth; the log first purged at 5 s)"));
 
+        // A purge at half the run still ends the warm-up; later, it does not.
+        let at_half = summarize(&filling_then_full(50, Some(50)), 1_000, 101);
+        assert_eq!(at_half.warmup_s, 50.0);
+
         // Filling past half the run: its growth counts against the flatness.
         let late = summarize(&filling_then_full(60, Some(60)), 1_000, 101);
         assert_eq!(late.warmup_s, 10.0);
@@ -536,7 +626,7 @@ mod tests {
         let never = summarize(&filling_then_full(101, None), 1_000, 101);
         assert_eq!(never.warmup_s, 10.0);
         assert_eq!(never.log_first_purge_s, None);
-        assert!(never.lines()[0].contains("the log never purged: it filled all run"));
+        assert!(never.lines()[0].contains("no sample read showed the log purging"));
     }
 
     #[test]

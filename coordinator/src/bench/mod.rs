@@ -390,11 +390,12 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     };
     let rss_sampler = coordinator_pid.map(|pid| {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        // The coordinator's gauges with each sample: the warm-up waits for the log's
-        // first purge, and the CSV writes them.
+        // The coordinator's gauges until the log's first purge, which ends the warm-up;
+        // with each sample for the CSV.
         let task = tokio::spawn(memory::sample(
             pid,
             cluster.coordinator_metrics,
+            rss_csv.is_some(),
             Duration::from_millis(args.rss_sample_ms),
             started,
             tally.clone(),
