@@ -153,7 +153,7 @@ pub struct ServeConfig {
     pub delivery_horizon_ms: u64,
 
     /// The log is compacted (rebuilt holding only its live records, while writes go on)
-    /// once its files exceed both this and twice their size after the last compaction;
+    /// once its files exceed both this and three times their size after the last compaction;
     /// sled alone never gives back the space of purged records. 0: never.
     #[arg(long, env = "TREATY_LOG_COMPACTION_MIN_BYTES", default_value_t = defaults::LOG_COMPACTION_MIN_BYTES)]
     pub log_compaction_min_bytes: u64,
