@@ -36,6 +36,16 @@ pub mod defaults {
     pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
     pub const DELIVERY_HORIZON_MS: u64 = 7 * 24 * 3_600_000;
     pub const LOG_COMPACTION_MIN_BYTES: u64 = 32 * 1024 * 1024;
+    /// Above what sled's own reuse of freed space holds the log at with a steady count
+    /// of live records, 1.7–2.0 times its compacted size: at 2, compactions that bought
+    /// nothing lasting came about every 40 s at 7,000 2PCs/s (docs/PERFORMANCE.md,
+    /// "Compactions only for what sled does not reuse").
+    pub const LOG_COMPACTION_GROWTH_FACTOR: u64 =
+        treaty_sdk::durable::DEFAULT_COMPACTION_GROWTH_FACTOR;
+    /// At least 2: below, each compaction would call the next.
+    pub const MIN_LOG_COMPACTION_GROWTH_FACTOR: u64 = 2;
+    /// Beyond, the log's files could grow past any disk before a compaction.
+    pub const MAX_LOG_COMPACTION_GROWTH_FACTOR: u64 = 100;
     /// No hold, as PostgreSQL's `commit_delay` defaults to none: decisions that arrive
     /// during one sync already share the next, and a hold made sagas 5–13 % slower at
     /// 64 in flight on this project's machines (docs/PERFORMANCE.md, "The decision
@@ -153,10 +163,17 @@ pub struct ServeConfig {
     pub delivery_horizon_ms: u64,
 
     /// The log is compacted (rebuilt holding only its live records, while writes go on)
-    /// once its files exceed both this and three times their size after the last compaction;
-    /// sled alone never gives back the space of purged records. 0: never.
+    /// once its files exceed both this and `--log-compaction-growth-factor` times their
+    /// size after the last compaction; sled alone never gives back the space of purged
+    /// records. 0: never.
     #[arg(long, env = "TREATY_LOG_COMPACTION_MIN_BYTES", default_value_t = defaults::LOG_COMPACTION_MIN_BYTES)]
     pub log_compaction_min_bytes: u64,
+
+    /// How many times its size after the last compaction the log's files may grow to
+    /// before the next one (2–100). Lower keeps less dead space on disk and compacts more
+    /// often: each compaction copies the live records, and the rate falls while it does.
+    #[arg(long, env = "TREATY_LOG_COMPACTION_GROWTH_FACTOR", default_value_t = defaults::LOG_COMPACTION_GROWTH_FACTOR)]
+    pub log_compaction_growth_factor: u64,
 
     /// Under load (the previous forced group of log writes held 8 or more forced ones,
     /// with no idle spell longer than this since), a decision waits up to this long for
@@ -350,6 +367,7 @@ impl ServeConfig {
             log_retention_ms: defaults::LOG_RETENTION_MS,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             log_compaction_min_bytes: defaults::LOG_COMPACTION_MIN_BYTES,
+            log_compaction_growth_factor: defaults::LOG_COMPACTION_GROWTH_FACTOR,
             log_group_commit_hold_us: defaults::LOG_GROUP_COMMIT_HOLD_US,
             history_records: true,
             participant_call_streams: true,
@@ -421,6 +439,22 @@ impl ServeConfig {
             self.memory_budget_bytes,
             1 << 40,
             "1 TiB",
+        )?;
+        if self.log_compaction_growth_factor < defaults::MIN_LOG_COMPACTION_GROWTH_FACTOR {
+            return Err(bad(
+                "log_compaction_growth_factor",
+                format!(
+                    "{} is below the minimum of {}: each compaction would call the next",
+                    self.log_compaction_growth_factor,
+                    defaults::MIN_LOG_COMPACTION_GROWTH_FACTOR
+                ),
+            ));
+        }
+        at_most(
+            "log_compaction_growth_factor",
+            self.log_compaction_growth_factor,
+            defaults::MAX_LOG_COMPACTION_GROWTH_FACTOR,
+            "100",
         )?;
         at_most(
             "log_group_commit_hold_us",
@@ -704,6 +738,19 @@ mod tests {
         let mut c = config();
         c.stale_after_ms = c.participant_call_timeout_ms;
         assert_eq!(c.validate().unwrap_err().field, "stale_after_ms");
+        for factor in [0, 1, defaults::MAX_LOG_COMPACTION_GROWTH_FACTOR + 1] {
+            let mut c = config();
+            c.log_compaction_growth_factor = factor;
+            assert_eq!(
+                c.validate().unwrap_err().field,
+                "log_compaction_growth_factor"
+            );
+        }
+        for factor in [2, defaults::MAX_LOG_COMPACTION_GROWTH_FACTOR] {
+            let mut c = config();
+            c.log_compaction_growth_factor = factor;
+            c.validate().unwrap();
+        }
         let mut c = config();
         c.log_group_commit_hold_us = defaults::MAX_LOG_GROUP_COMMIT_HOLD_US + 1;
         assert_eq!(c.validate().unwrap_err().field, "log_group_commit_hold_us");

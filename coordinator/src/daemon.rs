@@ -354,6 +354,7 @@ fn log_options(
         }),
         compaction: (config.log_compaction_min_bytes > 0).then(|| CompactionPolicy {
             min_bytes: config.log_compaction_min_bytes,
+            growth_factor: config.log_compaction_growth_factor,
             ..CompactionPolicy::default()
         }),
         ..StoreOptions::default()
@@ -456,6 +457,27 @@ pub use treaty_sdk::server::shutdown_signal;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_logs_compaction_follows_its_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServeConfig::new("127.0.0.1:0".parse().unwrap(), dir.path());
+        let metrics = Arc::new(Metrics::default());
+        let policy = |config: &ServeConfig| {
+            log_options(config, &config.memory_budget(), &metrics).compaction
+        };
+        let default = policy(&config).unwrap();
+        assert_eq!(
+            (default.min_bytes, default.growth_factor),
+            (32 * 1024 * 1024, 3)
+        );
+        config.log_compaction_min_bytes = 1;
+        config.log_compaction_growth_factor = 2;
+        let set = policy(&config).unwrap();
+        assert_eq!((set.min_bytes, set.growth_factor), (1, 2));
+        config.log_compaction_min_bytes = 0;
+        assert_eq!(policy(&config), None);
+    }
 
     #[test]
     fn purge_rounds_follow_the_retention_within_bounds() {

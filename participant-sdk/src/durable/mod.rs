@@ -59,7 +59,9 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-pub use compaction::{COPY_CHUNK_RECORDS, CompactionPolicy, CompactionReport};
+pub use compaction::{
+    COPY_CHUNK_RECORDS, CompactionPolicy, CompactionReport, DEFAULT_COMPACTION_GROWTH_FACTOR,
+};
 pub use files::SyncedPath;
 pub use generations::{POINTER_FILE, is_store};
 use high_water::{HighWater, Mark};
@@ -279,6 +281,8 @@ pub struct StoreOptions {
     /// When the store compacts itself (`None`: only when [`DurableStore::compact`] is
     /// called). Compaction copies the store's own tree only: a store whose database
     /// also holds sled trees written around it is never compacted.
+    /// `CompactionPolicy::default()` compacts at three times the size the last
+    /// compaction left (twice until 2026-12-05).
     pub compaction: Option<CompactionPolicy>,
     pub sync_observer: Option<SyncObserver>,
     pub group_observer: Option<GroupObserver>,

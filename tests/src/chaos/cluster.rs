@@ -359,10 +359,12 @@ impl Cluster {
                     "3000",
                     "--shutdown-grace-ms",
                     "3000",
-                    // Compact whenever the log has tripled since the last compaction or
+                    // Compact whenever the log has doubled since the last compaction or
                     // start, so that kills also land in the middle of compactions.
                     "--log-compaction-min-bytes",
                     "1",
+                    "--log-compaction-growth-factor",
+                    "2",
                 ]),
                 "treaty listening on",
             ),
