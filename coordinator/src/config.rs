@@ -36,14 +36,11 @@ pub mod defaults {
     pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
     pub const DELIVERY_HORIZON_MS: u64 = 7 * 24 * 3_600_000;
     pub const LOG_COMPACTION_MIN_BYTES: u64 = 32 * 1024 * 1024;
-    /// Above what sled's own reuse of freed space holds the log at with a steady count
-    /// of live records, 1.7–2.0 times its compacted size: at 2, compactions that bought
-    /// nothing lasting came about every 40 s at 7,000 2PCs/s (docs/PERFORMANCE.md,
-    /// "Compactions only for what sled does not reuse").
+    /// The durable store's default and least factors (why 3: their docs).
     pub const LOG_COMPACTION_GROWTH_FACTOR: u64 =
         treaty_sdk::durable::DEFAULT_COMPACTION_GROWTH_FACTOR;
-    /// At least 2: below, each compaction would call the next.
-    pub const MIN_LOG_COMPACTION_GROWTH_FACTOR: u64 = 2;
+    pub const MIN_LOG_COMPACTION_GROWTH_FACTOR: u64 =
+        treaty_sdk::durable::MIN_COMPACTION_GROWTH_FACTOR;
     /// Beyond, the log's files could grow past any disk before a compaction.
     pub const MAX_LOG_COMPACTION_GROWTH_FACTOR: u64 = 100;
     /// No hold, as PostgreSQL's `commit_delay` defaults to none: decisions that arrive

@@ -85,6 +85,11 @@ impl CoordinatorGauges {
             retained_estimated_bytes: gauge("treaty_retained_transactions_estimated_bytes"),
         })
     }
+
+    /// Whether the log had purged anything by then (the warm-up's end).
+    fn show_a_purge(&self) -> bool {
+        self.log_purged > 0.0
+    }
 }
 
 /// One quarter of the run after the warm-up.
@@ -195,7 +200,7 @@ pub async fn sample(
                     }
                     _ => None,
                 };
-                purge_seen |= gauges.is_some_and(|g| g.log_purged > 0.0);
+                purge_seen |= gauges.is_some_and(|g| g.show_a_purge());
                 samples.push(RssSample {
                     elapsed_s,
                     transactions,
@@ -221,7 +226,7 @@ pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> M
     let log_purges_read = samples.iter().any(|s| s.gauges.is_some());
     let log_first_purge_s = samples
         .iter()
-        .find(|s| s.gauges.is_some_and(|g| g.log_purged > 0.0))
+        .find(|s| s.gauges.is_some_and(|g| g.show_a_purge()))
         .map(|s| s.elapsed_s);
     let warmup_s = match log_first_purge_s {
         Some(at_s) if at_s > tenth_s && at_s <= end_s * LOG_FILL_MAX_FRACTION => at_s,
@@ -469,7 +474,7 @@ mod tests {
         // timed out leaves its sample without gauges), and none after it.
         let first = samples
             .iter()
-            .position(|s| s.gauges.is_some_and(|g| g.log_purged > 0.0))
+            .position(|s| s.gauges.is_some_and(|g| g.show_a_purge()))
             .expect("a sample shows the purge");
         assert_eq!(scrapes.load(Ordering::SeqCst), first + 1);
         assert!(samples.len() >= first + 3, "{samples:?}");

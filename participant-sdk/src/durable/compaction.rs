@@ -65,6 +65,9 @@ const LET_GO_OF_FILES: Duration = Duration::from_secs(2);
 /// came about every 40 s at 7,000 2PCs/s, each halving the rate for some seconds
 /// (docs/PERFORMANCE.md, "Compactions only for what sled does not reuse").
 pub const DEFAULT_COMPACTION_GROWTH_FACTOR: u64 = 3;
+/// The least [`CompactionPolicy::growth_factor`] taken: below, each compaction would
+/// call the next.
+pub const MIN_COMPACTION_GROWTH_FACTOR: u64 = 2;
 
 /// When a store compacts itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,8 +76,8 @@ pub struct CompactionPolicy {
     pub min_bytes: u64,
     /// Compact once the store is this many times its size after the last compaction
     /// (kept in the store; a store never compacted starts from 0, so `min_bytes` alone
-    /// decides its first one). Taken as at least 2: below, each compaction would call
-    /// the next. The default, [`DEFAULT_COMPACTION_GROWTH_FACTOR`], is 3.
+    /// decides its first one). Taken as at least [`MIN_COMPACTION_GROWTH_FACTOR`]; the
+    /// default is [`DEFAULT_COMPACTION_GROWTH_FACTOR`].
     pub growth_factor: u64,
     /// How often the size on disk is looked at.
     pub check_interval_ms: u64,
@@ -269,7 +272,7 @@ impl Logger {
         let threshold = policy.min_bytes.max(
             self.compaction
                 .baseline_bytes
-                .saturating_mul(policy.growth_factor.max(2)),
+                .saturating_mul(policy.growth_factor.max(MIN_COMPACTION_GROWTH_FACTOR)),
         );
         bytes > threshold
     }

@@ -61,6 +61,7 @@ use tokio::sync::oneshot;
 
 pub use compaction::{
     COPY_CHUNK_RECORDS, CompactionPolicy, CompactionReport, DEFAULT_COMPACTION_GROWTH_FACTOR,
+    MIN_COMPACTION_GROWTH_FACTOR,
 };
 pub use files::SyncedPath;
 pub use generations::{POINTER_FILE, is_store};
