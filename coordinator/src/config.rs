@@ -35,7 +35,10 @@ pub mod defaults {
     pub const MIN_MEMORY_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
     pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
     pub const DELIVERY_HORIZON_MS: u64 = 7 * 24 * 3_600_000;
-    pub const LOG_COMPACTION_MIN_BYTES: u64 = 32 * 1024 * 1024;
+    /// The durable store's defaults (why: their docs).
+    pub const LOG_COMPACTION_MIN_BYTES: u64 = treaty_sdk::durable::DEFAULT_COMPACTION_MIN_BYTES;
+    pub const LOG_COMPACTION_MIN_REMOVED_RECORDS: u64 =
+        treaty_sdk::durable::DEFAULT_COMPACTION_MIN_REMOVED_RECORDS;
     /// The durable store's default and least factors (why 3: their docs).
     pub const LOG_COMPACTION_GROWTH_FACTOR: u64 =
         treaty_sdk::durable::DEFAULT_COMPACTION_GROWTH_FACTOR;
@@ -171,6 +174,13 @@ pub struct ServeConfig {
     /// often: each compaction copies the live records, and the rate falls while it does.
     #[arg(long, env = "TREATY_LOG_COMPACTION_GROWTH_FACTOR", default_value_t = defaults::LOG_COMPACTION_GROWTH_FACTOR)]
     pub log_compaction_growth_factor: u64,
+
+    /// Nor is the log compacted, whatever its size, before it has removed this many
+    /// records (keys: a purged transaction takes two or three) since its last compaction
+    /// or the daemon's start: a log filling towards `--log-finished-max` removes nothing,
+    /// and a copy of it frees nothing. 0: its size alone decides.
+    #[arg(long, env = "TREATY_LOG_COMPACTION_MIN_REMOVED_RECORDS", default_value_t = defaults::LOG_COMPACTION_MIN_REMOVED_RECORDS)]
+    pub log_compaction_min_removed_records: u64,
 
     /// Under load (the previous forced group of log writes held 8 or more forced ones,
     /// with no idle spell longer than this since), a decision waits up to this long for
@@ -365,6 +375,7 @@ impl ServeConfig {
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             log_compaction_min_bytes: defaults::LOG_COMPACTION_MIN_BYTES,
             log_compaction_growth_factor: defaults::LOG_COMPACTION_GROWTH_FACTOR,
+            log_compaction_min_removed_records: defaults::LOG_COMPACTION_MIN_REMOVED_RECORDS,
             log_group_commit_hold_us: defaults::LOG_GROUP_COMMIT_HOLD_US,
             history_records: true,
             participant_call_streams: true,

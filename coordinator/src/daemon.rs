@@ -355,6 +355,7 @@ fn log_options(
         compaction: (config.log_compaction_min_bytes > 0).then(|| CompactionPolicy {
             min_bytes: config.log_compaction_min_bytes,
             growth_factor: config.log_compaction_growth_factor,
+            min_removed_records: config.log_compaction_min_removed_records,
             ..CompactionPolicy::default()
         }),
         ..StoreOptions::default()
@@ -468,13 +469,21 @@ mod tests {
         };
         let default = policy(&config).unwrap();
         assert_eq!(
-            (default.min_bytes, default.growth_factor),
-            (32 * 1024 * 1024, 3)
+            (
+                default.min_bytes,
+                default.growth_factor,
+                default.min_removed_records
+            ),
+            (32 * 1024 * 1024, 3, 1)
         );
         config.log_compaction_min_bytes = 1;
         config.log_compaction_growth_factor = 2;
+        config.log_compaction_min_removed_records = 0;
         let set = policy(&config).unwrap();
-        assert_eq!((set.min_bytes, set.growth_factor), (1, 2));
+        assert_eq!(
+            (set.min_bytes, set.growth_factor, set.min_removed_records),
+            (1, 2, 0)
+        );
         config.log_compaction_min_bytes = 0;
         assert_eq!(policy(&config), None);
     }

@@ -515,12 +515,16 @@ impl Logger {
         ));
         let mut sled_batch = sled::Batch::default();
         let mut records = 0;
+        let mut removed_records = 0;
         for (batch, _, _) in group {
             records += batch.ops.len();
             for (key, value) in &batch.ops {
                 match value {
                     Some(value) => sled_batch.insert(key.as_slice(), value.as_slice()),
-                    None => sled_batch.remove(key.as_slice()),
+                    None => {
+                        removed_records += 1;
+                        sled_batch.remove(key.as_slice())
+                    }
                 }
             }
         }
@@ -531,6 +535,7 @@ impl Logger {
                 .db
                 .apply_batch(sled_batch)
                 .map_err(|e| format!("apply_batch: {e}"))?;
+            self.compaction.removed(removed_records);
         }
         // What sled now holds, the marks show, whatever fails after this.
         if group.iter().any(|(batch, _, _)| !batch.marks.is_empty()) {

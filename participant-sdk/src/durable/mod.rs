@@ -61,6 +61,7 @@ use tokio::sync::oneshot;
 
 pub use compaction::{
     COPY_CHUNK_RECORDS, CompactionPolicy, CompactionReport, DEFAULT_COMPACTION_GROWTH_FACTOR,
+    DEFAULT_COMPACTION_MIN_BYTES, DEFAULT_COMPACTION_MIN_REMOVED_RECORDS,
     MIN_COMPACTION_GROWTH_FACTOR,
 };
 pub use files::SyncedPath;
@@ -283,7 +284,8 @@ pub struct StoreOptions {
     /// called). Compaction copies the store's own tree only: a store whose database
     /// also holds sled trees written around it is never compacted.
     /// `CompactionPolicy::default()` compacts at three times the size the last
-    /// compaction left (twice until 2026-12-05).
+    /// compaction left (twice until 2026-12-05), and only once a record has been
+    /// removed since (at any removal or none until 2026-12-06).
     pub compaction: Option<CompactionPolicy>,
     pub sync_observer: Option<SyncObserver>,
     pub group_observer: Option<GroupObserver>,
@@ -1885,31 +1887,60 @@ mod tests {
         });
     }
 
-    #[tokio::test]
-    async fn the_store_compacts_itself_when_it_has_grown() {
-        let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions {
+    fn compacting_at_any_size(min_removed_records: u64) -> StoreOptions {
+        StoreOptions {
             compaction: Some(CompactionPolicy {
                 min_bytes: 1,
                 growth_factor: 1,
+                min_removed_records,
                 check_interval_ms: 50,
             }),
             ..StoreOptions::default()
-        };
-        let store = DurableStore::open(dir.path(), options).unwrap();
+        }
+    }
+
+    /// Polls (at most 20 s) until the store has switched to a compacted generation.
+    async fn wait_for_a_compaction(dir: &Path) {
+        let pointer = dir.join(POINTER_FILE);
+        for _ in 0..400 {
+            if pointer.exists() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("no compaction after 20 s");
+    }
+
+    #[tokio::test]
+    async fn the_store_compacts_itself_when_it_has_grown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), compacting_at_any_size(0)).unwrap();
         store
             .write(insert_batch(0..5_000, &[1u8; 100]), Durability::Forced)
             .await
             .unwrap();
-        let pointer = dir.path().join(POINTER_FILE);
-        for _ in 0..400 {
-            if pointer.exists() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        assert!(pointer.exists(), "no compaction after 20 s");
+        wait_for_a_compaction(dir.path()).await;
         assert_eq!(contents(&store).len(), 5_000);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_only_grows_waits_for_a_removal_before_it_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), compacting_at_any_size(2)).unwrap();
+        let mut one_removal = insert_batch(0..5_000, &[1u8; 100]);
+        one_removal.remove(b"k000000".to_vec());
+        store.write(one_removal, Durability::Forced).await.unwrap();
+        // About 40 of the policy's looks, each of which would compact on size alone.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(
+            !dir.path().join(POINTER_FILE).exists(),
+            "compacted after one removal of the two the policy asks for"
+        );
+        let mut removal = WriteBatch::new();
+        removal.remove(b"k000001".to_vec());
+        store.write(removal, Durability::Lazy).await.unwrap();
+        wait_for_a_compaction(dir.path()).await;
+        assert_eq!(contents(&store).len(), 4_998);
     }
 
     #[test]

@@ -360,11 +360,14 @@ impl Cluster {
                     "--shutdown-grace-ms",
                     "3000",
                     // Compact whenever the log has doubled since the last compaction or
-                    // start, so that kills also land in the middle of compactions.
+                    // start, though it keeps every record for the audit, so that kills
+                    // also land in the middle of compactions.
                     "--log-compaction-min-bytes",
                     "1",
                     "--log-compaction-growth-factor",
                     "2",
+                    "--log-compaction-min-removed-records",
+                    "0",
                 ]),
                 "treaty listening on",
             ),
