@@ -3,9 +3,10 @@
 //! "Memory"; issue 11: flat within ±10 % over 1,000,000 transactions).
 //!
 //! The run starts with a warm-up: caches fill, the retained transactions reach their
-//! bound, the log fills up to its retention or its limit of final transactions, and the
-//! first compaction of a nearly full log lifts the resident set once to the level it
-//! then keeps (docs/PERFORMANCE.md, "The warm-up waits for the log to fill"). The
+//! bound, the log fills up to its retention or its limit of final transactions, and its
+//! first purge, with the first compaction after it, lifts the resident set once to about
+//! the level it then keeps (docs/PERFORMANCE.md, "The warm-up waits for the log to fill",
+//! "No compaction while the log only grows"). The
 //! warm-up is the first tenth of the run (by time), or longer, until the log first
 //! purges (the sign that it holds what it will hold), when that comes later but within
 //! the first half of the run (a log still filling past half the run leaves the tenth,

@@ -89,8 +89,9 @@ pub struct CompactionPolicy {
     pub growth_factor: u64,
     /// Never compact a store that has removed fewer records than this since its last
     /// compaction, or since it was opened if it has not compacted since (0: size alone
-    /// decides). Records written again leave garbage too, but sled reuses that space by
-    /// itself; the default is [`DEFAULT_COMPACTION_MIN_REMOVED_RECORDS`].
+    /// decides). Records written again leave dead space too: a store that only ever
+    /// rewrites its records wants 0. The default is
+    /// [`DEFAULT_COMPACTION_MIN_REMOVED_RECORDS`].
     pub min_removed_records: u64,
     /// How often the size on disk is looked at.
     pub check_interval_ms: u64,
