@@ -73,8 +73,8 @@ pub const MIN_COMPACTION_GROWTH_FACTOR: u64 = 2;
 /// The default [`CompactionPolicy::min_removed_records`]: a store that has removed
 /// nothing since its last compaction holds nothing a copy would leave behind. The
 /// coordinator's log, filling towards its limit of final transactions, compacted at
-/// 32 MiB from 34.6 to 35.7 MB (docs/PERFORMANCE.md, "No compaction while the log only
-/// grows").
+/// 32 MiB from 34.6 to 35.7 MB, and at its first purge from 154 MB to 150–161 MB
+/// (docs/PERFORMANCE.md, "No compaction while the log only grows").
 pub const DEFAULT_COMPACTION_MIN_REMOVED_RECORDS: u64 = 1;
 
 /// When a store compacts itself.
@@ -89,9 +89,12 @@ pub struct CompactionPolicy {
     pub growth_factor: u64,
     /// Never compact a store that has removed fewer records than this since its last
     /// compaction, or since it was opened if it has not compacted since (0: size alone
-    /// decides). Records written again leave dead space too: a store that only ever
-    /// rewrites its records wants 0. The default is
-    /// [`DEFAULT_COMPACTION_MIN_REMOVED_RECORDS`].
+    /// decides, and nothing below applies). A store created empty by its open and never
+    /// compacted, when it first gets that far, takes its size then as the base the
+    /// growth factor applies to, as a compaction's result would be, instead of
+    /// compacting: until then it held only what was written to it. Records written
+    /// again leave dead space too: a store that only ever rewrites its records wants 0.
+    /// The default is [`DEFAULT_COMPACTION_MIN_REMOVED_RECORDS`].
     pub min_removed_records: u64,
     /// How often the size on disk is looked at.
     pub check_interval_ms: u64,
@@ -131,6 +134,9 @@ pub(super) struct Rebuild {
     copied_up_to: Option<sled::IVec>,
     records: u64,
     bytes_before: u64,
+    /// The removals counted when it started, given back to the policy if it is
+    /// abandoned (the old generation still holds their dead space).
+    removed_records_before: u64,
 }
 
 impl Rebuild {
@@ -176,6 +182,10 @@ pub(super) struct Compaction {
     baseline_bytes: u64,
     /// Records removed since the last compaction started, or since the store opened.
     removed_records: u64,
+    /// The store was created empty by this open and has no base yet: everything it
+    /// holds was written since, so when it first removes records its size is what its
+    /// live records take (the base a compaction would leave), not dead space.
+    created_empty: bool,
     next_check: Option<Instant>,
     observer: Option<CompactionObserver>,
 }
@@ -184,11 +194,13 @@ impl Compaction {
     pub(super) fn new(
         policy: Option<CompactionPolicy>,
         baseline_bytes: u64,
+        created_empty: bool,
         observer: Option<CompactionObserver>,
     ) -> Self {
         Self {
             policy,
             baseline_bytes,
+            created_empty,
             observer,
             ..Self::default()
         }
@@ -294,6 +306,20 @@ impl Logger {
                 return false;
             }
         };
+        if policy.min_removed_records > 0
+            && self.compaction.created_empty
+            && self.compaction.baseline_bytes == 0
+        {
+            // Its first removals: a copy now would hold everything it holds (a
+            // coordinator's log at its first purge, 154 MB, copied to 150–161 MB).
+            self.compaction.created_empty = false;
+            self.set_baseline(bytes);
+            tracing::info!(
+                bytes,
+                "the store's first removals: its size is the compaction policy's base"
+            );
+            return false;
+        }
         let threshold = policy.min_bytes.max(
             self.compaction
                 .baseline_bytes
@@ -339,7 +365,7 @@ impl Logger {
             "compacting the store"
         );
         // Removals from here on are mirrored into the copy, which never holds them.
-        self.compaction.removed_records = 0;
+        let removed_records_before = std::mem::take(&mut self.compaction.removed_records);
         self.compaction.rebuild = Some(Rebuild {
             number,
             dir,
@@ -348,8 +374,22 @@ impl Logger {
             copied_up_to: None,
             records: 0,
             bytes_before,
+            removed_records_before,
         });
         Ok(())
+    }
+
+    /// The size the policy grows from, kept for it after a restart; durable with the
+    /// next forced group (a loss only makes the next compaction come sooner).
+    fn set_baseline(&mut self, bytes: u64) {
+        self.compaction.baseline_bytes = bytes;
+        if let Err(error) = self
+            .generation
+            .meta
+            .insert(COMPACTED_BYTES_KEY, &bytes.to_be_bytes())
+        {
+            tracing::warn!(%error, "cannot keep the compaction policy's base");
+        }
     }
 
     /// Copies the next chunk; `Ok(true)` when everything has been copied.
@@ -469,16 +509,7 @@ impl Logger {
             observer(&synced);
         }
         let bytes_after = generation_bytes(&self.generation).unwrap_or(0);
-        self.compaction.baseline_bytes = bytes_after;
-        // Kept for the policy after a restart; durable with the next forced group (a
-        // loss only makes the next compaction come sooner).
-        if let Err(error) = self
-            .generation
-            .meta
-            .insert(COMPACTED_BYTES_KEY, &bytes_after.to_be_bytes())
-        {
-            tracing::warn!(%error, "cannot keep the compacted size");
-        }
+        self.set_baseline(bytes_after);
         self.compaction.retired = Some(Retired {
             number: old.number,
             held: Some(old),
@@ -547,6 +578,7 @@ impl Logger {
         self.compaction.next_check = Some(Instant::now() + RETRY_AFTER_FAILURE);
         if let Some(rebuild) = self.compaction.rebuild.take() {
             tracing::warn!(generation = rebuild.number, error = %message, "compaction abandoned; the store is unchanged");
+            self.compaction.removed(rebuild.removed_records_before);
             drop(rebuild);
             self.compaction.retired = Some(Retired {
                 number: self.generation.number + 1,

@@ -73,7 +73,8 @@ pub const LOG_FILE_NAME: &str = "db";
 /// The sled tree where the store keeps the number of its last forced group.
 const META_TREE: &[u8] = b"__treaty_durable_store";
 const FORCED_GROUPS_KEY: &[u8] = b"forced-groups";
-/// The size on disk of the store right after its last compaction (the policy's base).
+/// The compaction policy's base: the store's size on disk right after its last
+/// compaction, or, for a store created empty, when it first removed records.
 const COMPACTED_BYTES_KEY: &[u8] = b"compacted-bytes";
 
 /// How long a write may stay only in memory.
@@ -285,7 +286,8 @@ pub struct StoreOptions {
     /// also holds sled trees written around it is never compacted.
     /// `CompactionPolicy::default()` compacts at three times the size the last
     /// compaction left (twice until 2026-12-05), and only once a record has been
-    /// removed since (at any removal or none until 2026-12-06).
+    /// removed since; a store created empty takes its size at its first removals as
+    /// that base instead of compacting then (until 2026-12-06: by size alone).
     pub compaction: Option<CompactionPolicy>,
     pub sync_observer: Option<SyncObserver>,
     pub group_observer: Option<GroupObserver>,
@@ -418,6 +420,8 @@ impl DurableStore {
         let dir = located.dir.as_path();
         remove_unfinished_snapshots(dir).map_err(|e| open_error(e.to_string()))?;
         let mark = high_water::read(dir).map_err(|e| open_error(e.to_string()))?;
+        // No database yet: sled creates it empty.
+        let created_empty = !dir.join(LOG_FILE_NAME).exists();
         let (db, meta) = open_sled(root, dir, &options)?;
         let forced_groups = forced_groups(&meta).map_err(damaged)?;
         let acknowledged = check_mark(&mark, forced_groups, &db).map_err(damaged)?;
@@ -482,6 +486,7 @@ impl DurableStore {
             compaction: compaction::Compaction::new(
                 options.compaction.clone(),
                 baseline_bytes,
+                created_empty,
                 options.compaction_observer.clone(),
             ),
             db_file,
@@ -1923,17 +1928,30 @@ mod tests {
         assert_eq!(contents(&store).len(), 5_000);
     }
 
+    /// Whether a compaction has started: its generation's directory is made first.
+    fn a_compaction_started(dir: &Path) -> bool {
+        generations::dir_of(dir, 1).exists()
+    }
+
     #[tokio::test]
     async fn a_store_that_only_grows_waits_for_a_removal_before_it_compacts() {
         let dir = tempfile::tempdir().unwrap();
+        // Opened again, so that its size is not taken as a base at its first removals.
+        let store = open(dir.path());
+        store
+            .write(insert_batch(0..5_000, &[1u8; 100]), Durability::Forced)
+            .await
+            .unwrap();
+        store.close().unwrap();
+        drop(store);
         let store = DurableStore::open(dir.path(), compacting_at_any_size(2)).unwrap();
-        let mut one_removal = insert_batch(0..5_000, &[1u8; 100]);
-        one_removal.remove(b"k000000".to_vec());
-        store.write(one_removal, Durability::Forced).await.unwrap();
+        let mut removal = WriteBatch::new();
+        removal.remove(b"k000000".to_vec());
+        store.write(removal, Durability::Forced).await.unwrap();
         // About 40 of the policy's looks, each of which would compact on size alone.
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         assert!(
-            !dir.path().join(POINTER_FILE).exists(),
+            !a_compaction_started(dir.path()),
             "compacted after one removal of the two the policy asks for"
         );
         let mut removal = WriteBatch::new();
@@ -1941,6 +1959,45 @@ mod tests {
         store.write(removal, Durability::Lazy).await.unwrap();
         wait_for_a_compaction(dir.path()).await;
         assert_eq!(contents(&store).len(), 4_998);
+    }
+
+    #[tokio::test]
+    async fn a_store_created_empty_takes_its_size_at_its_first_removal_as_its_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), compacting_at_any_size(1)).unwrap();
+        let mut one_removal = insert_batch(0..5_000, &[1u8; 100]);
+        one_removal.remove(b"k000000".to_vec());
+        store.write(one_removal, Durability::Forced).await.unwrap();
+        let mut base = 0;
+        for _ in 0..400 {
+            base = compaction::baseline_bytes(&store.generation().meta);
+            if base > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(base > 0, "no base taken in 20 s");
+        // Many more of the policy's looks: the store is at its base, not past twice it.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(
+            !a_compaction_started(dir.path()),
+            "compacted at its first removal"
+        );
+        // Past twice the base (the least growth factor).
+        let mut written = 5_000;
+        while store.size_on_disk_bytes().unwrap() <= 2 * base && written < 200_000 {
+            store
+                .write(
+                    insert_batch(written..written + 5_000, &[1u8; 100]),
+                    Durability::Forced,
+                )
+                .await
+                .unwrap();
+            written += 5_000;
+        }
+        assert!(store.size_on_disk_bytes().unwrap() > 2 * base);
+        wait_for_a_compaction(dir.path()).await;
+        assert_eq!(contents(&store).len(), written as usize - 1);
     }
 
     #[test]
