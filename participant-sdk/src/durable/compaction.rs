@@ -73,8 +73,8 @@ pub const MIN_COMPACTION_GROWTH_FACTOR: u64 = 2;
 /// The default [`CompactionPolicy::min_removed_records`]: a store that has removed
 /// nothing since its last compaction holds nothing a copy would leave behind. The
 /// coordinator's log, filling towards its limit of final transactions, compacted at
-/// 32 MiB from 34.6 to 35.7 MB, and at its first purge from 154 MB to 150–161 MB
-/// (docs/PERFORMANCE.md, "No compaction while the log only grows").
+/// 32 MiB from 34.6 to 35.7 MB (docs/PERFORMANCE.md, "No compaction while the log only
+/// grows").
 pub const DEFAULT_COMPACTION_MIN_REMOVED_RECORDS: u64 = 1;
 
 /// When a store compacts itself.
@@ -82,19 +82,24 @@ pub const DEFAULT_COMPACTION_MIN_REMOVED_RECORDS: u64 = 1;
 pub struct CompactionPolicy {
     /// Never compact a store smaller than this on disk.
     pub min_bytes: u64,
-    /// Compact once the store is this many times its size after the last compaction
-    /// (kept in the store; a store never compacted starts from 0, so `min_bytes` alone
-    /// decides its first one). Taken as at least [`MIN_COMPACTION_GROWTH_FACTOR`]; the
-    /// default is [`DEFAULT_COMPACTION_GROWTH_FACTOR`].
+    /// Compact once the store is this many times its base: its size after the last
+    /// compaction, or when a store created empty first removed records (see
+    /// `min_removed_records`), kept in the store. A store with no base yet starts from
+    /// 0, so `min_bytes` alone decides. Taken as at least
+    /// [`MIN_COMPACTION_GROWTH_FACTOR`]; the default is
+    /// [`DEFAULT_COMPACTION_GROWTH_FACTOR`].
     pub growth_factor: u64,
     /// Never compact a store that has removed fewer records than this since its last
     /// compaction, or since it was opened if it has not compacted since (0: size alone
-    /// decides, and nothing below applies). A store created empty by its open and never
-    /// compacted, when it first gets that far, takes its size then as the base the
-    /// growth factor applies to, as a compaction's result would be, instead of
-    /// compacting: until then it held only what was written to it. Records written
-    /// again leave dead space too: a store that only ever rewrites its records wants 0.
-    /// The default is [`DEFAULT_COMPACTION_MIN_REMOVED_RECORDS`].
+    /// decides, and nothing below applies). A store created empty by its open (not
+    /// reopened since) and with no base, when it first gets that far, takes its size
+    /// then as the base the growth factor applies to, instead of compacting: until then
+    /// it held nothing removed, and a copy then freed little (a coordinator's log).
+    /// That happens once, at the first look after its first removals, however few or
+    /// small: a store that first removes a record when it is small gets a small base,
+    /// and `min_bytes` then decides as before. Records written again leave dead space
+    /// too: a store that only ever rewrites its records wants 0. The default is
+    /// [`DEFAULT_COMPACTION_MIN_REMOVED_RECORDS`].
     pub min_removed_records: u64,
     /// How often the size on disk is looked at.
     pub check_interval_ms: u64,
@@ -182,9 +187,8 @@ pub(super) struct Compaction {
     baseline_bytes: u64,
     /// Records removed since the last compaction started, or since the store opened.
     removed_records: u64,
-    /// The store was created empty by this open and has no base yet: everything it
-    /// holds was written since, so when it first removes records its size is what its
-    /// live records take (the base a compaction would leave), not dead space.
+    /// The store was created empty by this open and has no base yet: until its first
+    /// removals it holds nothing removed, so its size then becomes the base.
     created_empty: bool,
     next_check: Option<Instant>,
     observer: Option<CompactionObserver>,
@@ -310,8 +314,9 @@ impl Logger {
             && self.compaction.created_empty
             && self.compaction.baseline_bytes == 0
         {
-            // Its first removals: a copy now would hold everything it holds (a
-            // coordinator's log at its first purge, 154 MB, copied to 150–161 MB).
+            // Its first removals: a copy now would free little (a coordinator's log at
+            // its first purge, 154–155 MB, was copied to 148–161 MB, and grew back past
+            // where a log never copied stays).
             self.compaction.created_empty = false;
             self.set_baseline(bytes);
             tracing::info!(
@@ -636,7 +641,7 @@ impl Logger {
     }
 }
 
-/// The size after the last compaction, as the store keeps it (0: never compacted).
+/// The policy's base, as the store keeps it (0: none yet).
 pub(super) fn baseline_bytes(meta: &sled::Tree) -> u64 {
     meta.get(COMPACTED_BYTES_KEY)
         .ok()

@@ -74,7 +74,8 @@ pub const LOG_FILE_NAME: &str = "db";
 const META_TREE: &[u8] = b"__treaty_durable_store";
 const FORCED_GROUPS_KEY: &[u8] = b"forced-groups";
 /// The compaction policy's base: the store's size on disk right after its last
-/// compaction, or, for a store created empty, when it first removed records.
+/// compaction, or, for a store created empty, when it first removed records (named
+/// for the first of these, which it held alone until 2026-12-06).
 const COMPACTED_BYTES_KEY: &[u8] = b"compacted-bytes";
 
 /// How long a write may stay only in memory.
@@ -287,7 +288,7 @@ pub struct StoreOptions {
     /// `CompactionPolicy::default()` compacts at three times the size the last
     /// compaction left (twice until 2026-12-05), and only once a record has been
     /// removed since; a store created empty takes its size at its first removals as
-    /// that base instead of compacting then (until 2026-12-06: by size alone).
+    /// that base instead of compacting then. Before 2026-12-06 the size alone decided.
     pub compaction: Option<CompactionPolicy>,
     pub sync_observer: Option<SyncObserver>,
     pub group_observer: Option<GroupObserver>,
@@ -1983,6 +1984,19 @@ mod tests {
             !a_compaction_started(dir.path()),
             "compacted at its first removal"
         );
+        // Opened again, it keeps the base: no compaction before twice it either.
+        store.close().unwrap();
+        drop(store);
+        let store = DurableStore::open(dir.path(), compacting_at_any_size(1)).unwrap();
+        assert_eq!(compaction::baseline_bytes(&store.generation().meta), base);
+        let mut removal = WriteBatch::new();
+        removal.remove(b"k000001".to_vec());
+        store.write(removal, Durability::Forced).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(
+            !a_compaction_started(dir.path()),
+            "compacted below twice its base after a reopen"
+        );
         // Past twice the base (the least growth factor).
         let mut written = 5_000;
         while store.size_on_disk_bytes().unwrap() <= 2 * base && written < 200_000 {
@@ -1997,7 +2011,7 @@ mod tests {
         }
         assert!(store.size_on_disk_bytes().unwrap() > 2 * base);
         wait_for_a_compaction(dir.path()).await;
-        assert_eq!(contents(&store).len(), written as usize - 1);
+        assert_eq!(contents(&store).len(), written as usize - 2);
     }
 
     #[test]
