@@ -1906,15 +1906,22 @@ mod tests {
     }
 
     /// Polls (at most 20 s) until the store has switched to a compacted generation.
-    async fn wait_for_a_compaction(dir: &Path) {
-        let pointer = dir.join(POINTER_FILE);
-        for _ in 0..400 {
-            if pointer.exists() {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("no compaction after 20 s");
+    fn wait_for_a_compaction(dir: &Path) {
+        wait_for("a compaction", || dir.join(POINTER_FILE).exists());
+    }
+
+    /// Removes one record.
+    async fn remove_one(store: &DurableStore, key: &[u8]) {
+        let mut removal = WriteBatch::new();
+        removal.remove(key.to_vec());
+        store.write(removal, Durability::Forced).await.unwrap();
+    }
+
+    /// Asserts that no compaction starts in 2 s: about 40 of the policy's looks at
+    /// `compacting_at_any_size`'s interval, each of which would compact on size alone.
+    async fn no_compaction_starts(dir: &Path, why: &str) {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(!a_compaction_started(dir), "{why}");
     }
 
     #[tokio::test]
@@ -1925,7 +1932,7 @@ mod tests {
             .write(insert_batch(0..5_000, &[1u8; 100]), Durability::Forced)
             .await
             .unwrap();
-        wait_for_a_compaction(dir.path()).await;
+        wait_for_a_compaction(dir.path());
         assert_eq!(contents(&store).len(), 5_000);
     }
 
@@ -1946,19 +1953,14 @@ mod tests {
         store.close().unwrap();
         drop(store);
         let store = DurableStore::open(dir.path(), compacting_at_any_size(2)).unwrap();
-        let mut removal = WriteBatch::new();
-        removal.remove(b"k000000".to_vec());
-        store.write(removal, Durability::Forced).await.unwrap();
-        // About 40 of the policy's looks, each of which would compact on size alone.
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        assert!(
-            !a_compaction_started(dir.path()),
-            "compacted after one removal of the two the policy asks for"
-        );
-        let mut removal = WriteBatch::new();
-        removal.remove(b"k000001".to_vec());
-        store.write(removal, Durability::Lazy).await.unwrap();
-        wait_for_a_compaction(dir.path()).await;
+        remove_one(&store, b"k000000").await;
+        no_compaction_starts(
+            dir.path(),
+            "compacted after one removal of the two the policy asks for",
+        )
+        .await;
+        remove_one(&store, b"k000001").await;
+        wait_for_a_compaction(dir.path());
         assert_eq!(contents(&store).len(), 4_998);
     }
 
@@ -1969,34 +1971,19 @@ mod tests {
         let mut one_removal = insert_batch(0..5_000, &[1u8; 100]);
         one_removal.remove(b"k000000".to_vec());
         store.write(one_removal, Durability::Forced).await.unwrap();
-        let mut base = 0;
-        for _ in 0..400 {
-            base = compaction::baseline_bytes(&store.generation().meta);
-            if base > 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        assert!(base > 0, "no base taken in 20 s");
+        wait_for("a base taken", || {
+            compaction::baseline_bytes(&store.generation().meta) > 0
+        });
+        let base = compaction::baseline_bytes(&store.generation().meta);
         // Many more of the policy's looks: the store is at its base, not past twice it.
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        assert!(
-            !a_compaction_started(dir.path()),
-            "compacted at its first removal"
-        );
+        no_compaction_starts(dir.path(), "compacted at its first removal").await;
         // Opened again, it keeps the base: no compaction before twice it either.
         store.close().unwrap();
         drop(store);
         let store = DurableStore::open(dir.path(), compacting_at_any_size(1)).unwrap();
         assert_eq!(compaction::baseline_bytes(&store.generation().meta), base);
-        let mut removal = WriteBatch::new();
-        removal.remove(b"k000001".to_vec());
-        store.write(removal, Durability::Forced).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        assert!(
-            !a_compaction_started(dir.path()),
-            "compacted below twice its base after a reopen"
-        );
+        remove_one(&store, b"k000001").await;
+        no_compaction_starts(dir.path(), "compacted below twice its base after a reopen").await;
         // Past twice the base (the least growth factor).
         let mut written = 5_000;
         while store.size_on_disk_bytes().unwrap() <= 2 * base && written < 200_000 {
@@ -2010,7 +1997,7 @@ mod tests {
             written += 5_000;
         }
         assert!(store.size_on_disk_bytes().unwrap() > 2 * base);
-        wait_for_a_compaction(dir.path()).await;
+        wait_for_a_compaction(dir.path());
         assert_eq!(contents(&store).len(), written as usize - 2);
     }
 
