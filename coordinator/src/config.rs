@@ -175,13 +175,13 @@ pub struct ServeConfig {
     #[arg(long, env = "TREATY_LOG_COMPACTION_GROWTH_FACTOR", default_value_t = defaults::LOG_COMPACTION_GROWTH_FACTOR)]
     pub log_compaction_growth_factor: u64,
 
-    /// Nor is the log compacted, whatever its size, before it has removed this many
+    /// The log is not compacted, whatever its size, before it has removed this many
     /// records (keys: a purged transaction takes two or three) since its last compaction
     /// or the daemon's start: a log filling towards `--log-finished-max` removes nothing,
-    /// and a copy of it frees nothing. A log this daemon created empty (not one it
-    /// reopened) takes its size at its first removals (a purge, or an operator's
-    /// `forget`) as the base the growth factor applies to, instead of compacting then.
-    /// 0: its size alone decides.
+    /// and a copy of it frees nothing. A log created empty takes its size at its first
+    /// removals (a purge, or an operator's `forget`) as the base the growth factor
+    /// applies to, instead of compacting then, also across restarts (docs/CONFIG.md
+    /// names the exceptions). 0: its size alone decides.
     #[arg(long, env = "TREATY_LOG_COMPACTION_MIN_REMOVED_RECORDS", default_value_t = defaults::LOG_COMPACTION_MIN_REMOVED_RECORDS)]
     pub log_compaction_min_removed_records: u64,
 

@@ -4,9 +4,10 @@
 //!
 //! The run starts with a warm-up: caches fill, the retained transactions reach their
 //! bound, the log fills up to its retention or its limit of final transactions, and its
-//! first purge (with a compaction, in a log not created empty by this coordinator) lifts
-//! the resident set once to about the level it then keeps (docs/PERFORMANCE.md, "The
-//! warm-up waits for the log to fill", "No compaction while the log only grows"). The
+//! first purge (the bench's coordinator starts on a new log, which takes its compaction
+//! base there instead of compacting) lifts the resident set once to about the level it
+//! then keeps (docs/PERFORMANCE.md, "The warm-up waits for the log to fill", "No
+//! compaction while the log only grows"). The
 //! warm-up is the first tenth of the run (by time), or longer, until the log first
 //! purges (the sign that it holds what it will hold), when that comes later but within
 //! the first half of the run (a log still filling past half the run leaves the tenth,

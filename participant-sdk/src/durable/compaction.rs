@@ -37,7 +37,8 @@ use super::generations::{self, SwitchError};
 use super::high_water::{self, HighWater};
 use super::logger::Logger;
 use super::{
-    COMPACTED_BYTES_KEY, CompactionObserver, Generation, LOG_FILE_NAME, META_TREE, open_sled_at,
+    BASE_AWAITED_KEY, COMPACTED_BYTES_KEY, CompactionObserver, Generation, LOG_FILE_NAME,
+    META_TREE, open_sled_at,
 };
 
 /// Records copied per step, between two group commits (fewer if they reach the
@@ -91,14 +92,17 @@ pub struct CompactionPolicy {
     pub growth_factor: u64,
     /// Never compact a store that has removed fewer records than this since its last
     /// compaction, or since it was opened if it has not compacted since (0: size alone
-    /// decides, and nothing below applies). A store created empty by its open (not
-    /// reopened since) and with no base, when it first gets that far, takes its size
-    /// then as the base the growth factor applies to, instead of compacting: until then
-    /// it held nothing removed, and a copy then freed little (a coordinator's log).
-    /// That happens once, at the first look after its first removals, however few or
-    /// small: a store that first removes a record when it is small gets a small base,
-    /// and `min_bytes` then decides as before. Records written again leave dead space
-    /// too: a store that only ever rewrites its records wants 0. The default is
+    /// decides, and nothing below applies). A store created empty and with no base,
+    /// when it first gets that far, takes its size then as the base the growth factor
+    /// applies to, instead of compacting: until then it held nothing removed, and a
+    /// copy then freed little (a coordinator's log). That happens once, at the first
+    /// look after its first removals, however few or small: a store that first removes
+    /// a record when it is small gets a small base, and `min_bytes` then decides as
+    /// before. The store remembers across reopens that it waits for that base (until
+    /// later on 2026-12-06, a store reopened before its first removals compacted at
+    /// them); one that removes records while its policy takes no base (none, or 0 here)
+    /// stops waiting, as it then holds removed records. Records written again leave
+    /// dead space too: a store that only ever rewrites its records wants 0. The default is
     /// [`DEFAULT_COMPACTION_MIN_REMOVED_RECORDS`].
     pub min_removed_records: u64,
     /// How often the size on disk is looked at.
@@ -176,6 +180,29 @@ pub(super) struct Retired {
 }
 
 /// The logger's compaction state.
+/// What the policy's growth factor applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Base {
+    /// None yet: `min_bytes` alone decides.
+    #[default]
+    None,
+    /// None yet, and the store was created empty and holds nothing removed: its size at
+    /// the first look after its first removals becomes the base, when the policy counts
+    /// removals (see `CompactionPolicy::min_removed_records`).
+    Awaited,
+    /// The store's size after its last compaction, or when it was taken as above.
+    Bytes(u64),
+}
+
+impl Base {
+    fn bytes(self) -> u64 {
+        match self {
+            Base::Bytes(bytes) => bytes,
+            Base::None | Base::Awaited => 0,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Compaction {
     pub(super) policy: Option<CompactionPolicy>,
@@ -184,12 +211,9 @@ pub(super) struct Compaction {
     waiters: Vec<CompactionWaiter>,
     requested: bool,
     /// The size the policy grows from.
-    baseline_bytes: u64,
+    base: Base,
     /// Records removed since the last compaction started, or since the store opened.
     removed_records: u64,
-    /// The store was created empty by this open and has no base yet: until its first
-    /// removals it holds nothing removed, so its size then becomes the base.
-    created_empty: bool,
     next_check: Option<Instant>,
     observer: Option<CompactionObserver>,
 }
@@ -197,14 +221,12 @@ pub(super) struct Compaction {
 impl Compaction {
     pub(super) fn new(
         policy: Option<CompactionPolicy>,
-        baseline_bytes: u64,
-        created_empty: bool,
+        base: Base,
         observer: Option<CompactionObserver>,
     ) -> Self {
         Self {
             policy,
-            baseline_bytes,
-            created_empty,
+            base,
             observer,
             ..Self::default()
         }
@@ -310,14 +332,10 @@ impl Logger {
                 return false;
             }
         };
-        if policy.min_removed_records > 0
-            && self.compaction.created_empty
-            && self.compaction.baseline_bytes == 0
-        {
+        if policy.min_removed_records > 0 && self.compaction.base == Base::Awaited {
             // Its first removals: a copy now would free little (a coordinator's log at
             // its first purge, 154–155 MB, was copied to 148–161 MB, and grew back past
             // where a log never copied stays).
-            self.compaction.created_empty = false;
             self.set_baseline(bytes);
             tracing::info!(
                 bytes,
@@ -326,8 +344,7 @@ impl Logger {
             return false;
         }
         let threshold = policy.min_bytes.max(
-            self.compaction
-                .baseline_bytes
+            (self.compaction.base.bytes())
                 .saturating_mul(policy.growth_factor.max(MIN_COMPACTION_GROWTH_FACTOR)),
         );
         bytes > threshold
@@ -384,15 +401,34 @@ impl Logger {
         Ok(())
     }
 
-    /// The size the policy grows from, kept for it after a restart; durable with the
-    /// next forced group (a loss only makes the next compaction come sooner).
+    /// A group is about to remove `records` records. A store awaiting a base under a
+    /// policy that will never take one (none, or its size alone) stops awaiting it
+    /// first: it is about to hold removed records, and a policy set later must treat it
+    /// as any store opened with some. The mark goes before the removals in sled's log,
+    /// which recovers a prefix of it, so no removal is durable without it.
+    pub(super) fn removals_coming(&mut self, records: u64) {
+        let takes_a_base = self
+            .compaction
+            .policy
+            .as_ref()
+            .is_some_and(|policy| policy.min_removed_records > 0);
+        if records > 0 && self.compaction.base == Base::Awaited && !takes_a_base {
+            self.compaction.base = Base::None;
+            if let Err(error) = self.generation.meta.remove(BASE_AWAITED_KEY) {
+                tracing::warn!(%error, "cannot mark the store as holding removed records");
+            }
+        }
+    }
+
+    /// The size the policy grows from, kept for it after a restart, and the store no
+    /// longer awaiting one; durable with the next forced group (a loss only makes the
+    /// base be taken again, or the next compaction come sooner).
     fn set_baseline(&mut self, bytes: u64) {
-        self.compaction.baseline_bytes = bytes;
-        if let Err(error) = self
-            .generation
-            .meta
-            .insert(COMPACTED_BYTES_KEY, &bytes.to_be_bytes())
-        {
+        self.compaction.base = Base::Bytes(bytes);
+        let mut batch = sled::Batch::default();
+        batch.insert(COMPACTED_BYTES_KEY, &bytes.to_be_bytes());
+        batch.remove(BASE_AWAITED_KEY);
+        if let Err(error) = self.generation.meta.apply_batch(batch) {
             tracing::warn!(%error, "cannot keep the compaction policy's base");
         }
     }
@@ -648,6 +684,17 @@ pub(super) fn baseline_bytes(meta: &sled::Tree) -> u64 {
         .flatten()
         .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
         .map_or(0, u64::from_be_bytes)
+}
+
+/// The policy's base as the store keeps it: its bytes, or whether it awaits one (a
+/// store that cannot read its mark is taken as not awaiting, so at worst it compacts
+/// at its first removals).
+pub(super) fn stored_base(meta: &sled::Tree) -> Base {
+    match baseline_bytes(meta) {
+        0 if meta.contains_key(BASE_AWAITED_KEY).unwrap_or(false) => Base::Awaited,
+        0 => Base::None,
+        bytes => Base::Bytes(bytes),
+    }
 }
 
 /// Bytes available to this process on the filesystem holding `dir`.

@@ -531,6 +531,7 @@ impl Logger {
         let mirrored =
             (self.compaction.rebuild.is_some() && records > 0).then(|| sled_batch.clone());
         if records > 0 {
+            self.removals_coming(removed_records);
             self.generation
                 .db
                 .apply_batch(sled_batch)

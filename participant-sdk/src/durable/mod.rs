@@ -77,6 +77,14 @@ const FORCED_GROUPS_KEY: &[u8] = b"forced-groups";
 /// compaction, or, for a store created empty, when it first removed records (named
 /// for the first of these, which it held alone until 2026-12-06).
 const COMPACTED_BYTES_KEY: &[u8] = b"compacted-bytes";
+/// Present in a store created empty until its compaction policy takes a base (at the
+/// first look after its first removals, or after a compaction; removed in one batch
+/// with the base) or it removes records under a policy that takes none (removed before
+/// them), so that a store reopened before then is still known to hold nothing removed
+/// (`compaction::Base::Awaited`). Set by the open that creates the store and durable
+/// with that open's sync; a crash before it leaves a store without it, taken as one
+/// holding records from before, which compacts once at its first removals.
+const BASE_AWAITED_KEY: &[u8] = b"base-awaited";
 
 /// How long a write may stay only in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,6 +441,11 @@ impl DurableStore {
         // keeps every file it had.
         generations::remove_all_but(root, located.number)
             .map_err(|e| open_error(format!("removing replaced generations: {e}")))?;
+        if created_empty {
+            // Durable with the sync below, before anything is written.
+            meta.insert(BASE_AWAITED_KEY, &[])
+                .map_err(|e| open_error(format!("marking the new store: {e}")))?;
+        }
         let db_path = dir.join(LOG_FILE_NAME);
         // fdatasync through our own descriptor: sled's flush() only writes to the OS.
         let db_file = File::open(&db_path).map_err(|e| open_error(e.to_string()))?;
@@ -476,7 +489,7 @@ impl DurableStore {
             meta,
         });
         let current = Arc::new(RwLock::new(generation.clone()));
-        let baseline_bytes = compaction::baseline_bytes(&generation.meta);
+        let base = compaction::stored_base(&generation.meta);
         let counters = Arc::new(DurabilityCounters::default());
         let marks = Arc::new(marks::Marks::default());
         let logger = logger::Logger {
@@ -486,8 +499,7 @@ impl DurableStore {
             cache_capacity_bytes: options.cache_capacity_bytes,
             compaction: compaction::Compaction::new(
                 options.compaction.clone(),
-                baseline_bytes,
-                created_empty,
+                base,
                 options.compaction_observer.clone(),
             ),
             db_file,
@@ -1942,14 +1954,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_that_only_grows_waits_for_a_removal_before_it_compacts() {
+    async fn a_store_holding_removed_records_compacts_only_after_the_removals_asked_for() {
         let dir = tempfile::tempdir().unwrap();
-        // Opened again, so that its size is not taken as a base at its first removals.
+        // A removal with no policy, so that the store's size is not taken as a base at
+        // its first removals under the policy below: it holds removed records already.
         let store = open(dir.path());
         store
             .write(insert_batch(0..5_000, &[1u8; 100]), Durability::Forced)
             .await
             .unwrap();
+        remove_one(&store, b"k004999").await;
         store.close().unwrap();
         drop(store);
         let store = DurableStore::open(dir.path(), compacting_at_any_size(2)).unwrap();
@@ -1961,7 +1975,32 @@ mod tests {
         .await;
         remove_one(&store, b"k000001").await;
         wait_for_a_compaction(dir.path());
-        assert_eq!(contents(&store).len(), 4_998);
+        assert_eq!(contents(&store).len(), 4_997);
+    }
+
+    #[tokio::test]
+    async fn a_store_created_empty_and_reopened_before_its_first_removal_takes_a_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), compacting_at_any_size(1)).unwrap();
+        store
+            .write(insert_batch(0..5_000, &[1u8; 100]), Durability::Forced)
+            .await
+            .unwrap();
+        // Its files as a crash now would leave them: not closed.
+        copy_tree(dir.path(), crashed.path());
+        drop(store);
+        let store = DurableStore::open(crashed.path(), compacting_at_any_size(1)).unwrap();
+        remove_one(&store, b"k000000").await;
+        wait_for("a base taken", || {
+            compaction::baseline_bytes(&store.generation().meta) > 0
+        });
+        no_compaction_starts(
+            crashed.path(),
+            "compacted at its first removal after a reopen",
+        )
+        .await;
+        assert_eq!(contents(&store).len(), 4_999);
     }
 
     #[tokio::test]
@@ -1975,6 +2014,11 @@ mod tests {
             compaction::baseline_bytes(&store.generation().meta) > 0
         });
         let base = compaction::baseline_bytes(&store.generation().meta);
+        let awaited = store.generation().meta.contains_key(BASE_AWAITED_KEY);
+        assert!(
+            !awaited.unwrap(),
+            "still marked as awaiting the base it has"
+        );
         // Many more of the policy's looks: the store is at its base, not past twice it.
         no_compaction_starts(dir.path(), "compacted at its first removal").await;
         // Opened again, it keeps the base: no compaction before twice it either.
