@@ -17,6 +17,13 @@
 //! 4. readers get the new database from then on; the old one is deleted once no reader
 //!    holds it any more.
 //!
+//! When: under a [`CompactionPolicy`], once the store is past `min_bytes` and past
+//! `growth_factor` times its base (its size after the last compaction), and has
+//! removed `min_removed_records` records since. A store created empty has no base and
+//! awaits one (`Base::Awaited`, kept in the store across reopens): its size at the
+//! first look after its first removals becomes the base, instead of a copy that would
+//! free little.
+//!
 //! Invariants:
 //! - Until the switch the old generation is the store: a crash, or any error, before it
 //!   leaves the store as it was (the unfinished generation is removed at the next open
@@ -179,7 +186,6 @@ pub(super) struct Retired {
     since: Instant,
 }
 
-/// The logger's compaction state.
 /// What the policy's growth factor applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(super) enum Base {
@@ -203,6 +209,7 @@ impl Base {
     }
 }
 
+/// The logger's compaction state.
 #[derive(Default)]
 pub(super) struct Compaction {
     pub(super) policy: Option<CompactionPolicy>,
@@ -344,7 +351,9 @@ impl Logger {
             return false;
         }
         let threshold = policy.min_bytes.max(
-            (self.compaction.base.bytes())
+            self.compaction
+                .base
+                .bytes()
                 .saturating_mul(policy.growth_factor.max(MIN_COMPACTION_GROWTH_FACTOR)),
         );
         bytes > threshold
