@@ -416,12 +416,12 @@ impl Logger {
     /// as any store opened with some. The mark goes before the removals in sled's log,
     /// which recovers a prefix of it, so no removal is durable without it.
     pub(super) fn removals_coming(&mut self, records: u64) {
-        let takes_a_base = self
-            .compaction
-            .policy
-            .as_ref()
-            .is_some_and(|policy| policy.min_removed_records > 0);
-        if records > 0 && self.compaction.base == Base::Awaited && !takes_a_base {
+        if records == 0 || self.compaction.base != Base::Awaited {
+            return;
+        }
+        // A policy that takes no base: none, or one that does not count removals.
+        let policy = self.compaction.policy.as_ref();
+        if policy.is_none_or(|policy| policy.min_removed_records == 0) {
             self.compaction.base = Base::None;
             if let Err(error) = self.generation.meta.remove(BASE_AWAITED_KEY) {
                 tracing::warn!(%error, "cannot mark the store as holding removed records");

@@ -204,16 +204,23 @@ fn a_compaction_switch_while_the_first_listing_reads_loses_no_mark() {
     assert_eq!(reopened.marked(None, 10, read_in_doubt).unwrap(), expected);
 }
 
-#[tokio::test]
-async fn a_reader_keeps_the_old_generation_until_it_lets_go() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+/// Writes ten records and compacts the store while a reader holds the generation it
+/// starts from; returns that reader's handle.
+async fn compacted_while_a_reader_holds_the_old(store: &DurableStore) -> DbRef {
     store
         .write(insert_batch(0..10, b"v"), Durability::Forced)
         .await
         .unwrap();
     let held = store.db();
     store.compact().await.unwrap();
+    held
+}
+
+#[tokio::test]
+async fn a_reader_keeps_the_old_generation_until_it_lets_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let held = compacted_while_a_reader_holds_the_old(&store).await;
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert!(
         dir.path().join(LOG_FILE_NAME).exists(),
@@ -388,12 +395,7 @@ async fn a_switch_survives_a_crash_before_the_old_generation_is_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let copy = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    store
-        .write(insert_batch(0..10, b"v"), Durability::Forced)
-        .await
-        .unwrap();
-    let held = store.db();
-    store.compact().await.unwrap();
+    let held = compacted_while_a_reader_holds_the_old(&store).await;
     // The disk as a crash now would leave it: both generations and the pointer.
     copy_tree(dir.path(), copy.path());
     drop(held);
