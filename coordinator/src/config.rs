@@ -200,6 +200,14 @@ pub struct ServeConfig {
     #[arg(long, env = "TREATY_HISTORY_RECORDS", default_value_t = true, action = clap::ArgAction::Set)]
     pub history_records: bool,
 
+    /// Write a two-phase commit (with its payloads, up to 48 KiB in all) to the log while
+    /// its prepares are out, so that the votes decide it: the caller hears COMMITTED one
+    /// forced write sooner, and aborts are forced instead. Needs participants that
+    /// answer a repeated Prepare from their record (the SDK and `treaty tck` do).
+    /// `false`: the commit decision is forced after the votes (classic presumed abort).
+    #[arg(long, env = "TREATY_PARALLEL_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub parallel_commit: bool,
+
     /// Call each participant over one long-lived `Calls` stream when it serves one (a
     /// call there costs a fraction of a unary call's CPU; participants that do not are
     /// called unary). `false`: every call is unary.
@@ -381,6 +389,7 @@ impl ServeConfig {
             log_compaction_min_removed_records: defaults::LOG_COMPACTION_MIN_REMOVED_RECORDS,
             log_group_commit_hold_us: defaults::LOG_GROUP_COMMIT_HOLD_US,
             history_records: true,
+            parallel_commit: true,
             participant_call_streams: true,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             default_step_timeout_ms: defaults::DEFAULT_STEP_TIMEOUT_MS,
@@ -689,6 +698,7 @@ impl ServeConfig {
             log_finished_max: self.memory_budget().log_finished_max,
             delivery_horizon_ms: self.delivery_horizon_ms,
             history_records: self.history_records,
+            parallel_commit: self.parallel_commit,
             participant_call_streams: self.participant_call_streams,
             sweep_interval_ms: self.sweep_interval_ms,
             sweep_batch: defaults::SWEEP_BATCH,

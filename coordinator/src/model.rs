@@ -279,6 +279,11 @@ impl AttemptLog {
 pub struct BranchRecord {
     pub id: String,
     pub endpoint: String,
+    /// A two-phase branch's prepare payload while phase 1 runs with its intent logged
+    /// (parallel commit), for asking again after a restart; empty otherwise. Stored after
+    /// the branch notes (log format 4).
+    #[serde(skip)]
+    pub payload: Vec<u8>,
     pub state: BranchState,
     /// Phase-2 deliveries tried (two-phase), forward attempts (saga step).
     pub attempts: u32,

@@ -433,6 +433,7 @@ async fn no_participant_is_called_about_a_transaction_past_the_delivery_horizon(
         branches: vec![BranchRecord {
             id: "late".into(),
             endpoint,
+            payload: Vec::new(),
             state: BranchState::Prepared,
             attempts: 1,
             compensation_attempts: 0,

@@ -8,6 +8,10 @@
 //! - no participant is told both COMMIT and ABORT (agreement);
 //! - once the commit decision is durable, the coordinator (and every restart of it)
 //!   stays on commit, and reports commit only after that (irreversibility);
+//! - an outcome once reported (COMMITTED or ABORTED) is never followed by the other,
+//!   across restarts;
+//! - all of it with the classic protocol and with parallel commit (the intent logged
+//!   alongside the prepares; a restart asks the votes again).
 //! - when the world settles (the sweeper recovering answers that vanished), every branch
 //!   that voted YES knows the outcome.
 
@@ -35,7 +39,13 @@ enum InFlight {
     Commit(usize),
     OnePhaseCommit(usize),
     Abort(usize),
-    Persist,
+    /// A forced log write: the record as it was when the write was issued, its place in
+    /// the log's order, and what its completion feeds back.
+    Persist {
+        record: Box<TxnRecord>,
+        order: u64,
+        completion: Event,
+    },
 }
 
 /// What a participant's barrier holds.
@@ -97,6 +107,14 @@ struct World {
     in_flight: Vec<InFlight>,
     retries: Vec<(usize, u32)>,
     durable: Option<TxnRecord>,
+    /// The order of the write `durable` came from: the log applies writes in the order
+    /// they were issued, so a write that completes later but was issued earlier is
+    /// already in the log, under the later one.
+    durable_order: u64,
+    writes_issued: u64,
+    /// What the coordinator reported, across restarts: COMMITTED, ABORTED.
+    reported_commit: bool,
+    reported_abort: bool,
     barriers: Vec<Barrier>,
     told_commit: Vec<bool>,
     told_abort: Vec<bool>,
@@ -104,7 +122,7 @@ struct World {
 }
 
 impl World {
-    fn new(scripts: Vec<Script>) -> Self {
+    fn new(scripts: Vec<Script>, parallel_commit: bool) -> Self {
         let (mut txn, _) = TwoPhaseCommit::begin(NewTransaction {
             id: TxnId::generate(T0),
             created_unix_ms: T0,
@@ -112,6 +130,7 @@ impl World {
             prepare_timeout_ms: 1_000,
             max_branches: 8,
             owner: None,
+            parallel_commit,
         });
         for i in 0..scripts.len() {
             txn.handle_command(
@@ -131,6 +150,10 @@ impl World {
             in_flight: Vec::new(),
             retries: Vec::new(),
             durable: None,
+            durable_order: 0,
+            writes_issued: 0,
+            reported_commit: false,
+            reported_abort: false,
             barriers: vec![Barrier::None; n],
             told_commit: vec![false; n],
             told_abort: vec![false; n],
@@ -158,11 +181,23 @@ impl World {
                 Action::ScheduleRetry { branch, attempt } => self.retries.push((branch, attempt)),
                 Action::PersistDecision => {
                     let record = self.coordinator.as_ref().unwrap().log_record();
-                    // A commit decision, or a one-phase / read-only commit's final record.
-                    assert!(record.state.is_commit(), "a decision is a commit");
-                    self.in_flight.push(InFlight::Persist);
+                    // A commit decision, a one-phase / read-only commit's final record,
+                    // or an abort decided after the intent was written.
+                    assert!(
+                        record.state.is_commit() || self.writes_issued > 0,
+                        "an abort is forced only after an intent"
+                    );
+                    self.issue(record, Event::DecisionPersisted);
                 }
-                Action::PersistEnd
+                Action::PersistIntent => {
+                    let record = self.coordinator.as_ref().unwrap().log_record();
+                    assert_eq!(record.state, TxnState::Preparing);
+                    self.issue(record, Event::IntentPersisted);
+                }
+                // Lazy writes may be lost in a crash: taken as always lost, recovery
+                // must not need them.
+                Action::NoteDecision
+                | Action::PersistEnd
                 | Action::PersistProgress
                 | Action::ReportHeuristic { .. }
                 | Action::RecordHistory
@@ -172,11 +207,30 @@ impl World {
         }
     }
 
+    fn issue(&mut self, record: TxnRecord, completion: Event) {
+        self.writes_issued += 1;
+        self.in_flight.push(InFlight::Persist {
+            record: Box::new(record),
+            order: self.writes_issued,
+            completion,
+        });
+    }
+
     fn feed(&mut self, event: Event) {
         self.now += 1;
         if let Some(coordinator) = self.coordinator.as_mut() {
             let actions = coordinator.handle_event(event, self.now);
             self.carry_out(actions);
+        }
+        self.note_reported();
+    }
+
+    /// Notes what the coordinator reports now (the API reports its state).
+    fn note_reported(&mut self) {
+        if let Some(coordinator) = &self.coordinator {
+            let state = coordinator.state();
+            self.reported_commit |= state.is_commit();
+            self.reported_abort |= matches!(state, TxnState::Aborting | TxnState::Aborted);
         }
     }
 
@@ -257,9 +311,16 @@ impl World {
                 };
                 Some(Event::Delivered { branch: b, answer })
             }
-            InFlight::Persist => {
-                self.durable = Some(self.coordinator.as_ref().unwrap().log_record());
-                Some(Event::DecisionPersisted)
+            InFlight::Persist {
+                ref record,
+                order,
+                ref completion,
+            } => {
+                if order > self.durable_order {
+                    self.durable = Some(record.as_ref().clone());
+                    self.durable_order = order;
+                }
+                Some(completion.clone())
             }
         }
     }
@@ -280,7 +341,7 @@ impl World {
                 permanent: branch % 2 == 1,
             },
             // A log write does not get lost; it may only be slow.
-            InFlight::Persist => Event::DecisionPersisted,
+            InFlight::Persist { .. } => unreachable!("a log write has no failure"),
         }
     }
 
@@ -304,13 +365,11 @@ impl World {
             Step::LoseAnswer(i) => {
                 if let Some(message) = self.take(*i) {
                     // The request reached the participant; its answer did not come back.
-                    if message != InFlight::Persist {
-                        self.participant(&message);
-                    }
-                    let event = if message == InFlight::Persist {
-                        self.participant(&message).unwrap()
-                    } else {
-                        Self::failure(&message)
+                    // (A log write is not lost: it completes.)
+                    let answer = self.participant(&message);
+                    let event = match message {
+                        InFlight::Persist { .. } => answer.unwrap(),
+                        _ => Self::failure(&message),
                     };
                     self.feed(event);
                 }
@@ -326,13 +385,10 @@ impl World {
             }
             Step::Vanish(i) => {
                 if let Some(message) = self.take(*i) {
-                    if message == InFlight::Persist {
-                        // A log write is not lost; it completes.
-                        if let Some(event) = self.participant(&message) {
-                            self.feed(event);
-                        }
-                    } else {
-                        self.participant(&message);
+                    let answer = self.participant(&message);
+                    // A log write is not lost; it completes.
+                    if let (InFlight::Persist { .. }, Some(event)) = (&message, answer) {
+                        self.feed(event);
                     }
                 }
             }
@@ -349,8 +405,15 @@ impl World {
                 self.in_flight.clear();
                 self.retries.clear();
                 self.now += 1;
+                // Writes issued but not complete may or may not be in the log: taken as
+                // lost (the ones that completed are in `durable`).
                 self.coordinator = match self.durable.clone() {
-                    Some(record) if record.state == TxnState::Committing => {
+                    Some(record)
+                        if matches!(
+                            record.state,
+                            TxnState::Committing | TxnState::Preparing | TxnState::Aborting
+                        ) =>
+                    {
                         let (txn, actions) = TwoPhaseCommit::recover(record, 8, self.now);
                         self.coordinator = Some(txn);
                         self.carry_out(actions);
@@ -359,12 +422,17 @@ impl World {
                     // Presumed abort: no record, no transaction.
                     _ => None,
                 };
+                self.note_reported();
             }
         }
         self.check();
     }
 
     fn check(&self) {
+        assert!(
+            !(self.reported_commit && self.reported_abort),
+            "both COMMITTED and ABORTED were reported"
+        );
         let every_vote_yes = self.scripts.iter().all(|s| *s != Script::No);
         for b in 0..self.scripts.len() {
             assert!(
@@ -442,8 +510,9 @@ proptest! {
     fn any_schedule_keeps_the_decision_and_the_agreement(
         scripts in prop::collection::vec(script(), 1..5),
         steps in prop::collection::vec(step(), 0..60),
+        parallel_commit in any::<bool>(),
     ) {
-        let mut world = World::new(scripts);
+        let mut world = World::new(scripts, parallel_commit);
         for step in &steps {
             world.run(step);
         }

@@ -27,9 +27,15 @@ impl World {
 
     /// With `history_records` off, the log holds only what the protocol writes.
     async fn start_keeping_history(history_records: bool) -> Self {
+        Self::start_with(history_records, true).await
+    }
+
+    /// With `parallel_commit` off, two-phase commits decide the classic way.
+    async fn start_with(history_records: bool, parallel_commit: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = coordinator_config(&dir.path().join("coordinator"));
         config.history_records = history_records;
+        config.parallel_commit = parallel_commit;
         let coordinator = Coordinator::start_with(config).await;
         let a = ParticipantServer::start(&dir.path().join("a")).await;
         let b = ParticipantServer::start(&dir.path().join("b")).await;
@@ -131,9 +137,17 @@ async fn all_yes_commits_at_every_participant_and_logs_the_decision() {
     assert!(logged.ended_unix_ms.is_some());
 }
 
+/// Classic protocol: an abort leaves no trace in the log (presumed abort). With parallel
+/// commit the intent was written, and the abort is forced before it is reported: the log
+/// ends with the transaction aborted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_no_vote_aborts_everywhere_and_writes_nothing_to_the_log() {
-    let world = World::start_keeping_history(false).await;
+async fn one_no_vote_aborts_everywhere_and_writes_nothing_to_the_log_unless_an_intent() {
+    one_no_vote_aborts_everywhere(false).await;
+    one_no_vote_aborts_everywhere(true).await;
+}
+
+async fn one_no_vote_aborts_everywhere(parallel_commit: bool) {
+    let world = World::start_with(false, parallel_commit).await;
     let client = world.coordinator.client().await;
     let (id, outcome) = client
         .run_two_phase(
@@ -166,8 +180,15 @@ async fn one_no_vote_aborts_everywhere_and_writes_nothing_to_the_log() {
             after_prepare: !overtaken
         }
     );
-    // Presumed abort: no trace in the coordinator's log.
-    assert_eq!(log_record(&coordinator_dir, &id), None);
+    let logged = log_record(&coordinator_dir, &id);
+    if parallel_commit {
+        let logged = logged.expect("the intent's transaction ends in the log");
+        assert_eq!(logged.state, treaty_coordinator::model::TxnState::Aborted);
+        assert!(logged.branches.iter().all(|b| b.payload.is_empty()));
+    } else {
+        // Presumed abort: no trace in the coordinator's log.
+        assert_eq!(logged, None);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

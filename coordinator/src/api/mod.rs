@@ -237,6 +237,7 @@ pub fn status_of(error: RuntimeError) -> Status {
             | Refusal::AlreadyCommitting
             | Refusal::CommitInFlight
             | Refusal::DecisionInFlight
+            | Refusal::VotesDecide
             | Refusal::Final(_)
             | Refusal::Unfinished(_)
             | Refusal::MayStillAsk

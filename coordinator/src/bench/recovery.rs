@@ -9,7 +9,9 @@
 //!    each is decided (its commit durable in the log) and stays in flight, phase 2
 //!    retried with backoff;
 //! 3. the other N − N/2 are begun with prepares the participants hold: they stay
-//!    undecided (the coordinator keeps them in memory only);
+//!    undecided (with parallel commit, the default, their intents are in the log; with
+//!    `TREATY_PARALLEL_COMMIT=false` in the bench's environment, which its coordinator
+//!    inherits, the coordinator keeps them in memory only);
 //! 4. once the coordinator reports at least N in progress, it is killed with SIGKILL;
 //!    the participants are released (SIGUSR1): held prepares now vote YES and are in
 //!    doubt, held commits will succeed;
@@ -19,11 +21,14 @@
 //!
 //! Measured from the restart (the spawn of the new process): until it serves (it has
 //! announced its addresses), until it has nothing in progress, and until everything is
-//! resolved. The decided half is committed by the coordinator's recovery; the undecided
-//! half is aborted by presumed abort when the participants ask (`GetOutcome`), so the
-//! last figure includes the participants' in-doubt poll interval (`--in-doubt-poll-ms`,
-//! the SDK's 2 s by default, which is also how long a branch must have been in doubt
-//! before it is asked about). A participant's in-doubt gauge is as of its resolver's last
+//! resolved. The decided half is committed by the coordinator's recovery. The undecided
+//! half, with parallel commit, is asked again by the coordinator's recovery (its intents
+//! name every branch, with its payload) and committed, the participants voting YES from
+//! their records; without it (or for one whose intent was not durable at the kill), it is
+//! aborted by presumed abort when the participants ask (`GetOutcome`), so the last figure
+//! includes the participants' in-doubt poll interval (`--in-doubt-poll-ms`, the SDK's 2 s
+//! by default, which is also how long a branch must have been in doubt before it is asked
+//! about). A participant's in-doubt gauge is as of its resolver's last
 //! pass, so a participant counts as resolved once its gauge reads 0 and it has ended two
 //! passes since the release (the second began after it). The coordinator's gauges are
 //! rendered at most once a second: its figures may be late by up to that much.

@@ -189,6 +189,7 @@ mod tests {
             prepare_timeout_ms: 1_000,
             max_branches: 32,
             owner: None,
+            parallel_commit: false,
         });
         for index in 0..branches {
             let spec = BranchSpec {

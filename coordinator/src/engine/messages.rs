@@ -187,6 +187,13 @@ pub enum Refusal {
     /// A saga's decision (to compensate, or that it completed) is being written.
     #[error("a decision is being written; ask again in a moment")]
     DecisionInFlight,
+    /// The coordinator restarted while this commit was in phase 1 with its intent in the
+    /// log: the participants' votes decide it, and its caller may have heard COMMITTED.
+    #[error(
+        "the participants' votes decide this commit (the coordinator restarted during phase 1): \
+         it cannot be cancelled; resolve a branch whose participant cannot answer instead"
+    )]
+    VotesDecide,
     #[error("the transaction is final ({0:?}): there is nothing left to do")]
     Final(TxnState),
     #[error("the transaction is not final ({0:?}): forgetting it would lose its decision")]
@@ -255,6 +262,8 @@ pub enum Event {
     PrepareTimerFired,
     DeadlineReached,
     DecisionPersisted,
+    /// The record `PersistIntent` wrote is durable.
+    IntentPersisted,
     /// The sweeper's periodic look: send again every call that has had no answer for
     /// `stale_after_ms`.
     Nudge {
@@ -307,6 +316,12 @@ pub enum Action {
     /// Force the commit decision (`decision_record()`), or the concluded one-phase or
     /// read-only commit, to the log (`log_record()`), then feed `DecisionPersisted`.
     PersistDecision,
+    /// Force `record()` to the log alongside the prepares (the transaction, its branches
+    /// and their payloads, in state PREPARING), then feed `IntentPersisted`.
+    PersistIntent,
+    /// Write `record()` lazily: the commit the votes and the durable intent decided
+    /// (state COMMITTING), so that recovery need not ask the participants again.
+    NoteDecision,
     /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
     PersistEnd,
     /// Write `record()` lazily: an operator's resolution of a logged commit's branch
@@ -331,4 +346,8 @@ pub struct NewTransaction {
     pub max_branches: usize,
     /// Who began it (opaque to the protocol; kept in its records).
     pub owner: Option<String>,
+    /// Write the transaction (with its payloads) to the log alongside its prepares, so
+    /// that the votes decide the commit without a forced write after them (see
+    /// `twopc`'s module doc). `false`: classic presumed abort.
+    pub parallel_commit: bool,
 }

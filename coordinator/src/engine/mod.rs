@@ -12,6 +12,9 @@ pub mod twopc;
 #[path = "operator_tests.rs"]
 mod operator_tests;
 #[cfg(test)]
+#[path = "parallel_commit_tests.rs"]
+mod parallel_commit_tests;
+#[cfg(test)]
 #[path = "saga_tests.rs"]
 mod saga_tests;
 #[cfg(test)]

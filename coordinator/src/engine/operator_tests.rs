@@ -36,6 +36,7 @@ fn two_phase(branches: usize) -> TwoPhaseCommit {
         prepare_timeout_ms: 5_000,
         max_branches: 4,
         owner: None,
+        parallel_commit: false,
     });
     for i in 0..branches {
         let spec = BranchSpec {

@@ -469,6 +469,7 @@ impl Saga {
                 .map(|(step, definition)| BranchRecord {
                     id: definition.id.clone(),
                     endpoint: definition.endpoint.clone(),
+                    payload: Vec::new(),
                     state: step.state,
                     attempts: step.attempts,
                     compensation_attempts: step.compensation_attempts,

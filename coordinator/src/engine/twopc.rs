@@ -14,14 +14,29 @@
 //!  Preparing ── all READ_ONLY ──▶ Concluding
 //! ```
 //!
+//! **Parallel commit** (`NewTransaction::parallel_commit`, for transactions whose payloads
+//! fit [`MAX_INTENT_PAYLOAD_BYTES`]): the transaction, with its branches' payloads, is
+//! forced to the log (`PersistIntent`) at the same time as the prepares go out. Once that
+//! intent is durable and every vote is YES / READ_ONLY, the commit is decided: every YES
+//! is durable at its participant and the intent names them all, so a restart finds the
+//! transaction and asks them again (`recover`), and the votes decide it the same way. The
+//! decision is then written lazily (`NoteDecision`), and the client hears COMMITTED one
+//! forced write sooner than with the decision forced after the votes. In exchange, an
+//! abort decided after the intent went out is forced (`PersistDecision`, phase
+//! `DecidingAbort`) before anyone hears it, and such a transaction always gets an end
+//! record. A transaction recovered in phase 1 never aborts on a timeout or a request:
+//! only a NO (or an operator stating a branch's vote) aborts it.
+//!
 //! Invariants:
 //! - Commit is decided only after every branch voted YES or READ_ONLY, and is reported
-//!   (state `Committing`) only after `PersistDecision` came back as `DecisionPersisted`.
+//!   (state `Committing`) only after `PersistDecision` came back as `DecisionPersisted`,
+//!   or, with parallel commit, after the intent came back as `IntentPersisted`.
 //! - Once decided, the outcome never changes: late votes, timers and abort requests after
 //!   the decision change nothing.
-//! - Aborts are never written to the log (presumed abort). A logged commit decision is
-//!   followed by one lazy end record (`PersistEnd`) once every branch acknowledged:
-//!   1 forced + 1 unforced write. Transactions that end without a logged decision emit
+//! - Without an intent, aborts are never written to the log (presumed abort). A logged
+//!   commit decision is followed by one lazy end record (`PersistEnd`) once every branch
+//!   acknowledged: 1 forced + 1 unforced write (with parallel commit: the forced intent,
+//!   the lazy decision and the lazy end). Transactions that end without a logged record emit
 //!   `RecordHistory`, which is not a protocol write: the runtime writes their history
 //!   lazily only if configured to.
 //! - An outcome once reported is never contradicted: a one-phase or all-read-only
@@ -54,6 +69,22 @@ use crate::model::{
 /// keeps retrying; an operator should look).
 pub const STUCK_AFTER_DELIVERIES: u32 = 10;
 
+/// Most bytes of payloads, all branches together, for which a commit writes its intent
+/// (parallel commit); a larger one decides the classic way. Keeps the intent, one log
+/// record, below the log's record bound, as a saga's definition is.
+pub const MAX_INTENT_PAYLOAD_BYTES: usize = treaty_sdk::limits::MAX_SAGA_PAYLOAD_BYTES;
+
+/// Where the transaction's intent (parallel commit) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Not written: the classic protocol (or phase 1 has not started).
+    Unlogged,
+    /// Its forced write was issued and has not returned.
+    Writing,
+    /// It is durable: the votes decide the commit.
+    Durable,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Branch {
     pub id: String,
@@ -85,9 +116,19 @@ impl Branch {
         match operation {
             Operation::Abort => Action::SendAbort { branch: index },
             Operation::OnePhaseCommit => Action::SendOnePhaseCommit { branch: index },
+            Operation::Prepare => Action::SendPrepare { branch: index },
             _ => Action::SendCommit { branch: index },
         }
     }
+}
+
+/// Whether a branch in `state` may hold a YES vote, or may yet cast one: an abort must
+/// reach it.
+fn may_hold_yes(state: BranchState) -> bool {
+    matches!(
+        state,
+        BranchState::Preparing | BranchState::Prepared | BranchState::Unreachable
+    )
 }
 
 /// The calls a `Delivered` / `DeliveryFailed` event can answer.
@@ -107,8 +148,14 @@ pub enum Phase {
     OnePhase {
         probing: bool,
     },
-    /// Every vote was YES / READ_ONLY; the commit decision is being forced to the log.
+    /// Every vote was YES / READ_ONLY; the commit decision is being forced to the log
+    /// (or, with parallel commit, the intent is still being written).
     Deciding,
+    /// With the intent written, the abort decided at `at_unix_ms` is being forced to the
+    /// log before anyone hears it.
+    DecidingAbort {
+        at_unix_ms: UnixMs,
+    },
     /// A one-phase commit's participant committed (or every branch was read-only) at
     /// `at_unix_ms`; the final record is being forced to the log before it is shown.
     Concluding {
@@ -128,6 +175,7 @@ impl Phase {
             Phase::Preparing
             | Phase::OnePhase { .. }
             | Phase::Deciding
+            | Phase::DecidingAbort { .. }
             | Phase::Concluding { .. } => TxnState::Preparing,
             Phase::Committing => TxnState::Committing,
             Phase::Aborting => TxnState::Aborting,
@@ -156,6 +204,12 @@ pub struct TwoPhaseCommit {
     stuck: bool,
     /// The deadline timer fired (the wall clock may read a little earlier).
     deadline_passed: bool,
+    /// Write the intent at commit if the payloads fit (see the module doc).
+    parallel_commit: bool,
+    intent: Intent,
+    /// Recovered in phase 1 with its intent in the log: the prepares are asked again
+    /// until every branch answers, and only a NO aborts it.
+    votes_decide: bool,
 }
 
 impl TwoPhaseCommit {
@@ -179,6 +233,9 @@ impl TwoPhaseCommit {
             paused: false,
             stuck: false,
             deadline_passed: false,
+            parallel_commit: params.parallel_commit,
+            intent: Intent::Unlogged,
+            votes_decide: false,
         };
         let actions = vec![Action::StartDeadlineTimer {
             at_unix_ms: params.deadline_unix_ms,
@@ -186,18 +243,29 @@ impl TwoPhaseCommit {
         (txn, actions)
     }
 
-    /// A transaction whose commit decision was found in the log after a restart: phase 2
-    /// is delivered again to every branch that voted YES (deliveries are idempotent).
-    /// `record.state` must be `Committing`: the only unfinished state the log holds.
+    /// A transaction found unfinished in the log after a restart:
+    /// - a commit decision (`Committing`): phase 2 is delivered again to every branch that
+    ///   voted YES (deliveries are idempotent);
+    /// - an abort decision written after an intent (`Aborting`): the abort is delivered
+    ///   again to every branch that may hold a YES;
+    /// - an intent (`Preparing`): every branch is asked to prepare again, with its
+    ///   payload (a participant answers a repeat from its record), and the votes decide.
+    ///
+    /// Whether `record.state` is one of these is for the runtime to check first.
     pub fn recover(record: TxnRecord, max_branches: usize, now: UnixMs) -> (Self, Vec<Action>) {
-        assert_eq!(
-            record.state,
-            TxnState::Committing,
-            "invariant: only commit decisions are recovered (the runtime checks the log first)"
-        );
+        let (phase, operation) = match record.state {
+            TxnState::Committing => (Phase::Committing, Operation::Commit),
+            TxnState::Aborting => (Phase::Aborting, Operation::Abort),
+            TxnState::Preparing => (Phase::Preparing, Operation::Prepare),
+            other => panic!(
+                "invariant: only commit, abort and intent records are recovered (the runtime \
+                 checks the log first), not {other:?}"
+            ),
+        };
+        let votes_decide = phase == Phase::Preparing;
         let mut txn = Self {
             id: record.id,
-            phase: Phase::Committing,
+            phase,
             created_unix_ms: record.created_unix_ms,
             deadline_unix_ms: record.deadline_unix_ms,
             prepare_timeout_ms: record.prepare_timeout_ms,
@@ -208,12 +276,23 @@ impl TwoPhaseCommit {
                 .map(|b| {
                     let mut history = b.history;
                     history.abandon_open("unknown: the coordinator restarted", now);
+                    let awaiting_ack = match phase {
+                        Phase::Committing => b.state == BranchState::Prepared,
+                        Phase::Aborting => may_hold_yes(b.state),
+                        _ => true,
+                    };
                     Branch {
-                        awaiting_ack: b.state == BranchState::Prepared,
+                        awaiting_ack,
                         id: b.id,
                         endpoint: b.endpoint,
-                        payload: Vec::new(),
-                        state: b.state,
+                        payload: if votes_decide { b.payload } else { Vec::new() },
+                        // Asked again: every vote is cast anew (a YES is answered from
+                        // the participant's record).
+                        state: if votes_decide {
+                            BranchState::Preparing
+                        } else {
+                            b.state
+                        },
                         attempts: b.attempts,
                         last_error: b.last_error,
                         history,
@@ -229,13 +308,27 @@ impl TwoPhaseCommit {
             paused: false,
             stuck: record.stuck,
             deadline_passed: false,
+            // Only consulted at Commit, which is over.
+            parallel_commit: false,
+            intent: if record.state == TxnState::Committing {
+                Intent::Unlogged
+            } else {
+                Intent::Durable
+            },
+            votes_decide,
+        };
+        let reason = if votes_decide {
+            "recovered after a coordinator restart: its intent is logged, so its participants \
+             are asked again and their votes decide"
+        } else {
+            "recovered after a coordinator restart"
         };
         txn.transitions.push(Transition {
-            state: TxnState::Committing,
+            state: txn.phase.state(),
             at_unix_ms: now,
-            reason: "recovered after a coordinator restart".into(),
+            reason: reason.into(),
         });
-        let actions = txn.deliver_to_awaiting(Operation::Commit, now);
+        let actions = txn.deliver_to_awaiting(operation, now);
         (txn, actions)
     }
 
@@ -306,6 +399,36 @@ impl TwoPhaseCommit {
         )
     }
 
+    /// Whether its intent was written (parallel commit): the log then holds it until its
+    /// end record.
+    pub fn intent_logged(&self) -> bool {
+        self.intent != Intent::Unlogged
+    }
+
+    /// Whether its decision is in the log (or being written there), so that a write of
+    /// its record now keeps it: a commit's (see [`Self::commit_is_logged`]), or an abort
+    /// decided after its intent.
+    pub fn decision_is_logged(&self) -> bool {
+        self.commit_is_logged()
+            || (self.intent_logged() && matches!(self.phase, Phase::Aborting | Phase::Aborted))
+    }
+
+    /// An abort undelivered past its deadline that the runtime stops keeping (it keeps a
+    /// bounded number): it ends ABORTED, noted so, and a participant still in doubt hears
+    /// ABORT when it asks. Emits the end record of one whose intent is in the log, which
+    /// would otherwise hold it unfinished (and a restart deliver it again).
+    pub fn give_up_undelivered_abort(&mut self, now: UnixMs) -> Vec<Action> {
+        if self.phase != Phase::Aborting {
+            return Vec::new();
+        }
+        for b in &mut self.branches {
+            b.awaiting_ack = false;
+        }
+        let reason = "given up undelivered: too many aborts undelivered past their deadline; \
+                      a participant in doubt hears ABORT when it asks";
+        self.finish(Phase::Aborted, reason.into(), now)
+    }
+
     /// Whether it is past its deadline with only aborts left to deliver: such a
     /// transaction no longer counts as work in progress (see the runtime's admission).
     /// A one-phase commit whose participant does not answer keeps counting: its outcome
@@ -330,6 +453,8 @@ impl TwoPhaseCommit {
                 .map(|b| BranchRecord {
                     id: b.id.clone(),
                     endpoint: b.endpoint.clone(),
+                    // Kept until phase 1 is over: the intent's, for asking again.
+                    payload: b.payload.clone(),
                     state: b.state,
                     attempts: b.attempts,
                     compensation_attempts: 0,
@@ -368,10 +493,17 @@ impl TwoPhaseCommit {
     }
 
     /// What a log write issued now must hold: the commit decision while deciding, the
-    /// final record while concluding, the transaction as it is otherwise.
+    /// abort decision while deciding to abort, the final record while concluding, the
+    /// transaction as it is otherwise.
     pub fn log_record(&self) -> TxnRecord {
         match self.phase {
             Phase::Deciding => self.decision_record(),
+            Phase::DecidingAbort { at_unix_ms } => {
+                let mut decided = self.clone();
+                let reason = self.reason.clone().unwrap_or_default();
+                decided.enter(self.abort_end(), reason, at_unix_ms);
+                decided.record()
+            }
             Phase::Concluding {
                 at_unix_ms,
                 read_only,
@@ -432,11 +564,14 @@ impl TwoPhaseCommit {
                 _ => Ok(Vec::new()),
             },
             Command::Abort { reason } => match self.phase {
+                // The votes decide: the caller waits for them.
+                Phase::Preparing if self.votes_decide => Err(Refusal::CommitInFlight),
                 Phase::Active | Phase::Preparing => Ok(self.decide_abort(reason, now)),
                 // The outcome is not durable yet: the caller waits for it.
-                Phase::OnePhase { .. } | Phase::Deciding | Phase::Concluding { .. } => {
-                    Err(Refusal::CommitInFlight)
-                }
+                Phase::OnePhase { .. }
+                | Phase::Deciding
+                | Phase::DecidingAbort { .. }
+                | Phase::Concluding { .. } => Err(Refusal::CommitInFlight),
                 Phase::Committing | Phase::Committed => Err(Refusal::AlreadyCommitting),
                 Phase::Aborting | Phase::Aborted => Ok(Vec::new()),
             },
@@ -455,6 +590,9 @@ impl TwoPhaseCommit {
                 if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing)
                 {
                     return Vec::new();
+                }
+                if self.votes_decide {
+                    return self.ask_again_later(branch, error, now);
                 }
                 let id = self.branches[branch].id.clone();
                 self.branches[branch].state = BranchState::Unreachable;
@@ -487,7 +625,7 @@ impl TwoPhaseCommit {
             }
             Event::RetryDue { branch, attempt } => self.on_retry_due(branch, attempt, now),
             Event::PrepareTimerFired => match self.phase {
-                Phase::Preparing => {
+                Phase::Preparing if !self.votes_decide => {
                     let ms = self.prepare_timeout_ms;
                     self.decide_abort(format!("prepare timed out after {ms} ms"), now)
                 }
@@ -496,6 +634,8 @@ impl TwoPhaseCommit {
             Event::DeadlineReached => {
                 self.deadline_passed = true;
                 match self.phase {
+                    // Its caller may have heard COMMITTED before the restart.
+                    Phase::Preparing if self.votes_decide => Vec::new(),
                     Phase::Active | Phase::Preparing => {
                         self.decide_abort("the transaction's deadline passed".into(), now)
                     }
@@ -530,8 +670,18 @@ impl TwoPhaseCommit {
                     self.conclude(at_unix_ms, read_only);
                     Vec::new()
                 }
+                Phase::DecidingAbort { at_unix_ms } => self.enter_abort(at_unix_ms),
                 _ => Vec::new(),
             },
+            Event::IntentPersisted => {
+                if self.intent == Intent::Writing {
+                    self.intent = Intent::Durable;
+                }
+                match self.phase {
+                    Phase::Deciding if self.intent == Intent::Durable => self.commit_implied(now),
+                    _ => Vec::new(),
+                }
+            }
             Event::Nudge { stale_after_ms } => self.nudge(stale_after_ms, now),
         }
     }
@@ -539,16 +689,14 @@ impl TwoPhaseCommit {
     /// Sends phase 2 again to every branch whose call has had no answer for
     /// `stale_after_ms` (the answer was lost; deliveries are idempotent, so sending again
     /// is always safe). Branches waiting for a retry have their timer; phase 1 has the
-    /// prepare timer and the decision write its completion.
+    /// prepare timer (but for a commit its votes decide, whose prepares are sent again
+    /// here too) and the decision write its completion.
     fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<Action> {
         if self.paused {
             return Vec::new();
         }
-        let operation = match self.phase {
-            Phase::Committing => Operation::Commit,
-            Phase::Aborting | Phase::OnePhase { probing: true } => Operation::Abort,
-            Phase::OnePhase { probing: false } => Operation::OnePhaseCommit,
-            _ => return Vec::new(),
+        let Some(operation) = self.delivery_operation() else {
+            return Vec::new();
         };
         let mut actions = Vec::new();
         for (branch, b) in self.branches.iter_mut().enumerate() {
@@ -587,6 +735,11 @@ impl TwoPhaseCommit {
                     actions.push(Action::SendPrepare { branch: index });
                 }
                 debug_assert_eq!(actions.len(), n + 1);
+                let payload_bytes: usize = self.branches.iter().map(|b| b.payload.len()).sum();
+                if self.parallel_commit && payload_bytes <= MAX_INTENT_PAYLOAD_BYTES {
+                    self.intent = Intent::Writing;
+                    actions.push(Action::PersistIntent);
+                }
                 Ok(actions)
             }
         }
@@ -615,6 +768,9 @@ impl TwoPhaseCommit {
         if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing) {
             return Vec::new();
         }
+        // Asked again after a restart, it needs asking no more.
+        self.branches[branch].awaiting_ack = false;
+        self.branches[branch].failing_since = None;
         match vote {
             Vote::Yes => self.branches[branch].state = BranchState::Prepared,
             Vote::ReadOnly => self.branches[branch].state = BranchState::ReadOnly,
@@ -652,11 +808,48 @@ impl TwoPhaseCommit {
             };
             return vec![Action::PersistDecision];
         }
-        self.phase = Phase::Deciding;
         for b in &mut self.branches {
             b.awaiting_ack = b.state == BranchState::Prepared;
         }
-        vec![Action::PersistDecision]
+        match self.intent {
+            Intent::Unlogged => {
+                self.phase = Phase::Deciding;
+                vec![Action::PersistDecision]
+            }
+            // Decided once the intent is durable (`IntentPersisted`).
+            Intent::Writing => {
+                self.phase = Phase::Deciding;
+                Vec::new()
+            }
+            Intent::Durable => self.commit_implied(now),
+        }
+    }
+
+    /// Every vote is YES / READ_ONLY and the intent is durable: the commit is decided.
+    /// Its record is written lazily (a restart would ask the votes again and find the
+    /// same), and phase 2 starts.
+    fn commit_implied(&mut self, now: UnixMs) -> Vec<Action> {
+        self.enter(Phase::Committing, String::new(), now);
+        let mut actions = vec![Action::NoteDecision];
+        actions.extend(self.deliver_to_awaiting(Operation::Commit, now));
+        actions
+    }
+
+    /// A prepare asked again after a restart failed: it is asked again after a backoff,
+    /// without end (the votes decide), and the transaction is flagged stuck after
+    /// [`STUCK_AFTER_DELIVERIES`] attempts.
+    fn ask_again_later(&mut self, branch: usize, error: String, now: UnixMs) -> Vec<Action> {
+        let b = &mut self.branches[branch];
+        b.failing_since.get_or_insert(now);
+        b.last_error = Some(error.clone());
+        let attempt = b.attempts;
+        let id = b.id.clone();
+        if attempt >= STUCK_AFTER_DELIVERIES && !self.stuck {
+            self.stuck = true;
+            let what = format!("asking branch {id} to prepare again");
+            self.note(stuck_note(&what, attempt, &error, false), now);
+        }
+        vec![Action::ScheduleRetry { branch, attempt }]
     }
 
     fn on_delivered(&mut self, branch: usize, answer: Answer, now: UnixMs) -> Vec<Action> {
@@ -756,6 +949,7 @@ impl TwoPhaseCommit {
             Phase::OnePhase { probing: false } => Some(Operation::OnePhaseCommit),
             Phase::OnePhase { probing: true } | Phase::Aborting => Some(Operation::Abort),
             Phase::Committing => Some(Operation::Commit),
+            Phase::Preparing if self.votes_decide => Some(Operation::Prepare),
             _ => None,
         }
     }
@@ -769,12 +963,14 @@ impl TwoPhaseCommit {
         let state = self.state();
         match &request.command {
             OperatorCommand::Cancel => match self.phase {
+                Phase::Preparing if self.votes_decide => Err(Refusal::VotesDecide),
                 Phase::Active | Phase::Preparing => {
                     Ok(self.decide_abort(request.describe("cancelled"), now))
                 }
                 Phase::OnePhase { .. } | Phase::Deciding | Phase::Concluding { .. } => {
                     Err(Refusal::CommitInFlight)
                 }
+                Phase::DecidingAbort { .. } => Err(Refusal::DecisionInFlight),
                 Phase::Committing | Phase::Committed => Err(Refusal::AlreadyCommitting),
                 Phase::Aborting | Phase::Aborted => Err(Refusal::AlreadyEnding(state)),
             },
@@ -844,6 +1040,24 @@ impl TwoPhaseCommit {
             Phase::Committing | Phase::Committed => Resolution::Commit,
             Phase::Aborting | Phase::Aborted => Resolution::Abort,
             Phase::Deciding | Phase::Concluding { .. } => return Err(Refusal::CommitInFlight),
+            Phase::DecidingAbort { .. } => return Err(Refusal::DecisionInFlight),
+            // The operator states the vote its participant cannot give.
+            Phase::Preparing if self.votes_decide => {
+                let b = &mut self.branches[index];
+                if b.state != BranchState::Preparing {
+                    return Err(Refusal::NothingToResolve {
+                        branch: branch_id.to_string(),
+                        state: b.state,
+                    });
+                }
+                b.resolution = Some(resolution);
+                self.note(request.describe(&what), now);
+                let vote = match outcome {
+                    Resolution::Commit => Vote::Yes,
+                    Resolution::Abort => Vote::no(request.describe("NO stated")),
+                };
+                return Ok(self.on_vote(index, vote, now));
+            }
             Phase::Active | Phase::Preparing => return Err(Refusal::Undecided(self.state())),
         };
         if outcome != decided {
@@ -887,21 +1101,41 @@ impl TwoPhaseCommit {
         Ok(actions)
     }
 
-    /// Aborts: every branch that may hold a YES vote (or may yet cast one) is told.
+    /// Aborts: every branch that may hold a YES vote (or may yet cast one) is told. With
+    /// the intent written, no one is told before the abort is durable: a restart would
+    /// otherwise ask the votes again, and they might all be YES by then.
     fn decide_abort(&mut self, reason: String, now: UnixMs) -> Vec<Action> {
-        self.reason = Some(reason.clone());
+        self.reason = Some(reason);
         for b in &mut self.branches {
             b.payload = Vec::new();
-            b.awaiting_ack = matches!(
-                b.state,
-                BranchState::Preparing | BranchState::Prepared | BranchState::Unreachable
-            );
+            b.awaiting_ack = may_hold_yes(b.state);
         }
+        if self.intent != Intent::Unlogged {
+            self.phase = Phase::DecidingAbort { at_unix_ms: now };
+            return vec![Action::PersistDecision];
+        }
+        self.enter_abort(now)
+    }
+
+    /// Enters the abort decided (for `self.reason`): delivers it to every branch that may
+    /// hold a YES, or ends at once if none does.
+    fn enter_abort(&mut self, now: UnixMs) -> Vec<Action> {
+        let reason = self.reason.clone().unwrap_or_default();
+        match self.abort_end() {
+            Phase::Aborting => {
+                self.enter(Phase::Aborting, reason, now);
+                self.deliver_to_awaiting(Operation::Abort, now)
+            }
+            end => self.finish(end, reason, now),
+        }
+    }
+
+    /// Where a decided abort goes: `Aborting` while a branch awaits it, else `Aborted`.
+    fn abort_end(&self) -> Phase {
         if self.branches.iter().any(|b| b.awaiting_ack) {
-            self.enter(Phase::Aborting, reason, now);
-            self.deliver_to_awaiting(Operation::Abort, now)
+            Phase::Aborting
         } else {
-            self.finish(Phase::Aborted, reason, now)
+            Phase::Aborted
         }
     }
 
@@ -923,11 +1157,12 @@ impl TwoPhaseCommit {
         self.finish(end, String::new(), now)
     }
 
-    /// Enters a final phase. Only a transaction whose commit decision is in the log gets
-    /// an end record; for aborts the protocol writes nothing (the runtime may keep their
-    /// history). Committed one-phase and read-only commits end through `Concluding`.
+    /// Enters a final phase. Only a transaction with a record in the log (its commit
+    /// decision, or its intent) gets an end record; for other aborts the protocol writes
+    /// nothing (the runtime may keep their history). Committed one-phase and read-only
+    /// commits end through `Concluding`.
     fn finish(&mut self, end: Phase, reason: String, now: UnixMs) -> Vec<Action> {
-        let decision_logged = self.phase == Phase::Committing;
+        let decision_logged = self.phase == Phase::Committing || self.intent != Intent::Unlogged;
         self.stuck = false;
         self.enter(end, reason, now);
         if decision_logged {

@@ -14,6 +14,7 @@ fn new_txn(branches: usize) -> TwoPhaseCommit {
         prepare_timeout_ms: 5_000,
         max_branches: 4,
         owner: None,
+        parallel_commit: false,
     });
     assert_eq!(
         actions,

@@ -24,7 +24,8 @@
 //! writes and purges them (`finished.rs` says how, and when the count may be high), so a
 //! purge by count ([`DecisionLog::purge_finished_beyond`]) deletes early, never late.
 //!
-//! Records are bounded (`MAX_RECORD_BYTES`): branches carry no payload, and the API
+//! Records are bounded (`MAX_RECORD_BYTES`): branches carry a payload only in a
+//! two-phase commit's intent, whose payloads are bounded like a saga's, and the API
 //! bounds branch count, id, endpoint and reason lengths. sled still writes blob files for
 //! tree nodes over ~128 KiB (values from ~7.5 KiB on); the durable store syncs them.
 
@@ -37,10 +38,12 @@ use super::finished::FinishedCount;
 use super::{DecisionLog, LogError, LogFailed, LogWrite, held_for_retention};
 use crate::model::{BranchRecord, OperatorResolution, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 
-/// Format 3: the record, its owner, then each branch's heuristic answer and operator
-/// resolution (all postcard). Formats 2 (no branch notes) and 1 (no owner either) are
-/// still read: such records have none.
-const FORMAT_VERSION: u8 = 3;
+/// Format 4: the record, its owner, each branch's heuristic answer and operator
+/// resolution, then each branch's payload (all postcard; payloads are empty but in a
+/// two-phase commit's intent). Formats 3 (no payloads), 2 (no branch notes either) and 1
+/// (no owner either) are still read: such records have none.
+const FORMAT_VERSION: u8 = 4;
+const FORMAT_WITHOUT_PAYLOADS: u8 = 3;
 const FORMAT_WITHOUT_BRANCH_NOTES: u8 = 2;
 const FORMAT_WITHOUT_OWNER: u8 = 1;
 
@@ -235,10 +238,11 @@ fn id_from(key: &[u8], bytes: &[u8]) -> Result<TxnId, LogError> {
 fn encode(record: &TxnRecord) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(ENCODE_CAPACITY_BYTES);
     bytes.push(FORMAT_VERSION);
-    // The three parts appended to one buffer, nothing copied or cloned on the way.
+    // The four parts appended to one buffer, nothing copied or cloned on the way.
     append(&mut bytes, record);
     append(&mut bytes, &record.owner);
     append(&mut bytes, &NotesOf(&record.branches));
+    append(&mut bytes, &PayloadsOf(&record.branches));
     bytes
 }
 
@@ -275,6 +279,16 @@ impl serde::Serialize for NotesOf<'_> {
     }
 }
 
+/// The branches' payloads as a sequence of byte strings (the same bytes as a
+/// `Vec<Vec<u8>>`), like [`NotesOf`].
+struct PayloadsOf<'a>(&'a [BranchRecord]);
+
+impl serde::Serialize for PayloadsOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|b| &b.payload))
+    }
+}
+
 /// Decodes a record as stored under `key` (for `treaty log verify` too).
 pub(super) fn decode_record(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
     decode(key, bytes)
@@ -286,23 +300,36 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
         message,
     };
     match bytes.split_first() {
-        Some((&FORMAT_VERSION, rest)) => {
+        Some((&version @ (FORMAT_VERSION | FORMAT_WITHOUT_PAYLOADS), rest)) => {
             let (mut record, rest): (TxnRecord, &[u8]) =
                 postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
-            let (owner, notes): (Option<String>, &[u8]) =
+            let (owner, rest): (Option<String>, &[u8]) =
                 postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
-            let notes: Vec<BranchNotes> =
-                postcard::from_bytes(notes).map_err(|e| corrupt(e.to_string()))?;
-            if notes.len() != record.branches.len() {
+            let (notes, rest): (Vec<BranchNotes>, &[u8]) =
+                postcard::take_from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
+            let branches = record.branches.len();
+            if notes.len() != branches {
                 return Err(corrupt(format!(
-                    "{} branch notes for {} branches",
-                    notes.len(),
-                    record.branches.len()
+                    "{} branch notes for {branches} branches",
+                    notes.len()
                 )));
             }
             for (branch, (heuristic, resolution)) in record.branches.iter_mut().zip(notes) {
                 branch.heuristic = heuristic;
                 branch.resolution = resolution;
+            }
+            if version == FORMAT_VERSION {
+                let payloads: Vec<Vec<u8>> =
+                    postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
+                if payloads.len() != branches {
+                    return Err(corrupt(format!(
+                        "{} payloads for {branches} branches",
+                        payloads.len()
+                    )));
+                }
+                for (branch, payload) in record.branches.iter_mut().zip(payloads) {
+                    branch.payload = payload;
+                }
             }
             record.owner = owner;
             Ok(record)
@@ -326,7 +353,13 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
 /// final. A record of an unknown format, or too short for them, is reported as damage.
 fn is_final(key: &[u8], bytes: &[u8]) -> Result<bool, LogError> {
     match bytes.split_first() {
-        Some((&(FORMAT_VERSION | FORMAT_WITHOUT_BRANCH_NOTES | FORMAT_WITHOUT_OWNER), rest)) => {
+        Some((
+            &(FORMAT_VERSION
+            | FORMAT_WITHOUT_PAYLOADS
+            | FORMAT_WITHOUT_BRANCH_NOTES
+            | FORMAT_WITHOUT_OWNER),
+            rest,
+        )) => {
             let ((_, _, state), _): ((TxnId, TxnKind, TxnState), &[u8]) =
                 postcard::take_from_bytes(rest).map_err(|e| LogError::Corrupt {
                     key: format!("{key:02x?}"),
@@ -568,6 +601,7 @@ mod tests {
                 BranchRecord {
                     id: format!("branch-{i}"),
                     endpoint: format!("http://participant-{i}.example:7000"),
+                    payload: Vec::new(),
                     state: BranchState::Prepared,
                     attempts: 16,
                     compensation_attempts: 0,
@@ -880,22 +914,31 @@ mod tests {
             .iter()
             .map(|b| (b.heuristic.clone(), b.resolution.clone()))
             .collect();
-        let mut bytes = vec![FORMAT_VERSION];
+        let mut bytes = vec![FORMAT_WITHOUT_PAYLOADS];
         bytes.extend(postcard::to_allocvec(record).unwrap());
         bytes.extend(postcard::to_allocvec(&record.owner).unwrap());
         bytes.extend(postcard::to_allocvec(&notes).unwrap());
         bytes
     }
 
-    /// The same bytes as format 3's three parts, and the record back from them: with and
-    /// without an owner, branches or notes, a saga's definition, and at every length
-    /// from well below the buffer's first size to well above it.
+    /// Format 4 as it is defined: format 3's parts, then a `Vec<Vec<u8>>` of payloads.
+    fn encoded_in_four_parts(record: &TxnRecord) -> Vec<u8> {
+        let mut bytes = encoded_in_three_parts(record);
+        bytes[0] = FORMAT_VERSION;
+        let payloads: Vec<Vec<u8>> = record.branches.iter().map(|b| b.payload.clone()).collect();
+        bytes.extend(postcard::to_allocvec(&payloads).unwrap());
+        bytes
+    }
+
+    /// The same bytes as format 4's four parts, and the record back from them: with and
+    /// without an owner, branches, notes or payloads, a saga's definition, and at every
+    /// length from well below the buffer's first size to well above it.
     #[test]
-    fn a_record_is_encoded_as_its_three_parts_one_after_another() {
+    fn a_record_is_encoded_as_its_four_parts_one_after_another() {
         use crate::model::{Resolution, SagaDefinition, TxnState};
         let check = |record: &TxnRecord| {
             let encoded = encode(record);
-            assert_eq!(encoded, encoded_in_three_parts(record));
+            assert_eq!(encoded, encoded_in_four_parts(record));
             assert_eq!(&decode(b"k", &encoded).unwrap(), record);
             encoded.len()
         };
@@ -917,6 +960,7 @@ mod tests {
             stuck_after_attempts: 3,
         }));
         record.idempotency_key = Some("order-17".into());
+        record.branches[0].payload = b"reserve 2 units".to_vec();
         let mut lengths = Vec::new();
         for error_bytes in 0..=2 * ENCODE_CAPACITY_BYTES {
             record.branches[1].last_error = Some("x".repeat(error_bytes));
@@ -936,6 +980,12 @@ mod tests {
         );
         let key = key(RECORD, &record.id);
         assert_eq!(decode(&key, &encode(&record)).unwrap(), record);
+        // Version 3: no payloads (the record's is empty, as every one then was).
+        let v3 = encoded_in_three_parts(&record);
+        assert_eq!(decode(&key, &v3).unwrap(), record);
+        let mut with_payload = record.clone();
+        with_payload.branches[0].payload = vec![7; 300];
+        assert_eq!(decode(&key, &encode(&with_payload)).unwrap(), with_payload);
         // Version 2: the record and its owner, no branch notes.
         let mut v2 = vec![FORMAT_WITHOUT_BRANCH_NOTES];
         v2.extend(postcard::to_allocvec(&record).unwrap());
@@ -950,7 +1000,7 @@ mod tests {
         assert_eq!(decoded.owner, None);
         assert_eq!(decoded.state, record.state);
         // Recovery tells an unfinished record by its first fields, in every format.
-        for bytes in [encode(&record), v2, old] {
+        for bytes in [encode(&record), v3, v2, old] {
             assert!(!is_final(&key, &bytes).unwrap());
         }
         let mut done = record.clone();

@@ -31,6 +31,7 @@ pub fn record(created: UnixMs, state: TxnState) -> TxnRecord {
         branches: vec![BranchRecord {
             id: "payment".into(),
             endpoint: "http://127.0.0.1:7001".into(),
+            payload: Vec::new(),
             state: BranchState::Prepared,
             attempts: 1,
             compensation_attempts: 0,

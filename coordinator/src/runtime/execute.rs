@@ -110,6 +110,15 @@ const DECISION_POINTS: ForcedWritePoints = ForcedWritePoints {
     after: "coordinator::after_decision_logged",
 };
 
+const INTENT_POINTS: ForcedWritePoints = ForcedWritePoints {
+    before: "coordinator::before_intent_logged",
+    after: "coordinator::after_intent_logged",
+};
+
+/// Every vote YES and the intent durable: the commit is decided, before its lazy record
+/// is written, phase 2 starts or the caller hears it.
+const COMMIT_IMPLIED_POINT: &str = "coordinator::commit_implied";
+
 const SAGA_POINTS: ForcedWritePoints = ForcedWritePoints {
     before: "coordinator::before_saga_write",
     after: "coordinator::after_saga_write",
@@ -160,6 +169,15 @@ impl Shard {
                     Durability::Forced,
                     Some((Input::TwoPhase(Event::DecisionPersisted), DECISION_POINTS)),
                 ),
+                Action::PersistIntent => self.persist(
+                    id,
+                    Durability::Forced,
+                    Some((Input::TwoPhase(Event::IntentPersisted), INTENT_POINTS)),
+                ),
+                Action::NoteDecision => {
+                    crash_point(COMMIT_IMPLIED_POINT);
+                    self.persist(id, Durability::Lazy, None);
+                }
                 Action::PersistEnd | Action::PersistProgress => {
                     self.persist(id, Durability::Lazy, None)
                 }

@@ -135,10 +135,11 @@ impl Machine {
     }
 
     /// Whether its log record holds its decision: a saga (from its definition on), or a
-    /// two-phase commit decided to commit. Aborts are never logged unfinished.
+    /// two-phase commit decided to commit, or to abort after its intent was logged (other
+    /// aborts are never logged unfinished).
     pub(super) fn is_logged(&self) -> bool {
         match self {
-            Machine::TwoPhase(txn) => txn.commit_is_logged(),
+            Machine::TwoPhase(txn) => txn.decision_is_logged(),
             Machine::Saga(saga) => saga.is_accepted(),
         }
     }

@@ -90,6 +90,9 @@ pub struct RuntimeConfig {
     /// Write (lazily) the history of transactions the protocol does not log: aborts,
     /// one-phase and read-only commits.
     pub history_records: bool,
+    /// A two-phase commit writes its intent alongside its prepares, and its votes decide
+    /// it (see `engine::twopc`); `false`: the decision is forced after the votes.
+    pub parallel_commit: bool,
     /// Calls go over each participant's `Calls` stream where it serves one (see
     /// `participants::stream`); `false`: every call is unary.
     pub participant_call_streams: bool,
@@ -132,6 +135,7 @@ impl Default for RuntimeConfig {
                 .log_finished_max,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,
+            parallel_commit: true,
             participant_call_streams: true,
             sweep_interval_ms: defaults::SWEEP_INTERVAL_MS,
             sweep_batch: defaults::SWEEP_BATCH,
@@ -364,12 +368,16 @@ impl Runtime {
         fatal: mpsc::UnboundedSender<String>,
     ) -> Result<(Self, RuntimeTasks, RecoveryReport), LogError> {
         let unfinished = log.unfinished()?;
-        // Presumed abort logs nothing for undecided two-phase commits, so their only
-        // unfinished records are commit decisions; sagas are unfinished while running or
-        // compensating (with their definition). Anything else means the log is damaged:
-        // guessing could undo a commit, so refuse to start and let an operator look.
+        // A two-phase commit's unfinished records are its commit decision, its intent
+        // (PREPARING, parallel commit) and the abort decided after an intent; sagas are
+        // unfinished while running or compensating (with their definition). Anything else
+        // means the log is damaged: guessing could undo a commit, so refuse to start and
+        // let an operator look.
         let resumable = |r: &TxnRecord| match r.kind {
-            TxnKind::TwoPhase => r.state == TxnState::Committing,
+            TxnKind::TwoPhase => matches!(
+                r.state,
+                TxnState::Preparing | TxnState::Committing | TxnState::Aborting
+            ),
             TxnKind::Saga => {
                 matches!(r.state, TxnState::Running | TxnState::Compensating) && r.saga.is_some()
             }
@@ -397,8 +405,10 @@ impl Runtime {
         .with_call_streams(config.participant_call_streams);
         let load = Arc::new(Load::default());
         for record in &unfinished {
-            let payload_bytes = record.saga.as_deref().map_or(0, shard::definition_bytes);
-            load.count(record.owner.as_deref(), payload_bytes);
+            load.count(
+                record.owner.as_deref(),
+                shard::recovered_payload_bytes(record),
+            );
         }
         let report = RecoveryReport {
             resumed: unfinished.len(),
@@ -560,7 +570,8 @@ impl Runtime {
 
     /// Aborts, or says the commit won. While a commit is in flight (its outcome not yet
     /// durable) it waits for that outcome and answers by it, never by a decision that a
-    /// crash could still undo.
+    /// crash could still undo; so does an abort that must be forced first (parallel
+    /// commit).
     pub async fn abort(&self, id: TxnId, reason: String) -> Result<(), RuntimeError> {
         let answer_by = |state: TxnState| {
             if state.is_commit() {
@@ -573,23 +584,25 @@ impl Runtime {
             Some(record) => answer_by(record.state),
             None => Err(RuntimeError::UnknownTransaction(id)),
         };
-        match self
+        let asked = self
             .ask(&id, |reply| ShardMsg::Abort { id, reason, reply })
-            .await?
-        {
-            Err(RuntimeError::UnknownTransaction(_)) => outcome_in_log(),
-            Err(RuntimeError::Refused(Refusal::CommitInFlight)) => {
-                let Some(mut updates) = self.watch(id).await? else {
-                    return outcome_in_log();
-                };
-                let decided = updates
-                    .wait_for(|record| record.state.is_decided())
-                    .await
-                    .map_err(|_| RuntimeError::ShuttingDown)?;
-                answer_by(decided.state)
-            }
-            other => other,
-        }
+            .await?;
+        let aborted = match asked {
+            Err(RuntimeError::UnknownTransaction(_)) => return outcome_in_log(),
+            // With an intent, answered once the abort is durable.
+            Ok(()) => true,
+            Err(RuntimeError::Refused(Refusal::CommitInFlight)) => false,
+            Err(error) => return Err(error),
+        };
+        let Some(mut updates) = self.watch(id).await? else {
+            // Ended already: by this abort, or the log has the outcome.
+            return if aborted { Ok(()) } else { outcome_in_log() };
+        };
+        let decided = updates
+            .wait_for(|record| record.state.is_decided())
+            .await
+            .map_err(|_| RuntimeError::ShuttingDown)?;
+        answer_by(decided.state)
     }
 
     /// Submits a saga, or finds the one submitted earlier with the same idempotency key.
@@ -743,15 +756,13 @@ impl Runtime {
                 if let Some(durable) = operated.durable {
                     durable.await?;
                 }
-                if operated.record.kind == TxnKind::Saga
-                    && matches!(resolve.command, OperatorCommand::Cancel)
-                {
-                    // Answered once the decision to compensate is durable, as for the
-                    // initiator's cancel.
+                if matches!(resolve.command, OperatorCommand::Cancel) {
+                    // Answered once the decision (to compensate, or to abort after an
+                    // intent) is durable, as for the initiator's cancel or abort.
                     return match self.watch(id).await? {
                         Some(mut updates) => {
                             let decided = updates
-                                .wait_for(|record| record.state != TxnState::Running)
+                                .wait_for(|record| record.state.is_decided())
                                 .await
                                 .map_err(|_| RuntimeError::ShuttingDown)?;
                             Ok(decided.as_ref().clone())
@@ -987,9 +998,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refuses_to_start_on_an_unfinished_record_that_is_not_a_commit_decision() {
+    async fn refuses_to_start_on_an_unfinished_record_that_cannot_be_resumed() {
         let log = Arc::new(MemoryLog::new());
-        log.write(&record(TxnState::Preparing), Durability::Forced)
+        log.write(&record(TxnState::Active), Durability::Forced)
             .await
             .unwrap();
         let (fatal, _) = mpsc::unbounded_channel();

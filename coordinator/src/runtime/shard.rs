@@ -339,11 +339,10 @@ impl Shard {
         for record in recovered {
             let id = record.id;
             let _span = txn_span(id).entered();
-            // Recovered commits hold no payloads (phase 1 is over); sagas their definition.
-            let payload_bytes = record.saga.as_deref().map_or(0, definition_bytes);
+            let payload_bytes = recovered_payload_bytes(&record);
             let (machine, actions) = match record.kind {
                 TxnKind::TwoPhase => {
-                    tracing::info!("resuming phase 2 of a logged commit");
+                    tracing::info!(state = ?record.state, "resuming a two-phase commit");
                     let (txn, actions) =
                         TwoPhaseCommit::recover(record, self.config.max_branches, now);
                     (Machine::TwoPhase(txn), Actions::TwoPhase(actions))
@@ -507,6 +506,7 @@ impl Shard {
             prepare_timeout_ms: params.prepare_timeout_ms,
             max_branches: self.config.max_branches,
             owner: params.owner,
+            parallel_commit: self.config.parallel_commit,
         });
         for branch in params.branches {
             // Enlisting into a new ACTIVE transaction emits no actions.
@@ -915,6 +915,17 @@ impl Shard {
                 .get(&oldest)
                 .is_some_and(|e| e.machine.state() == TxnState::Aborting);
             if live {
+                // One whose intent is in the log ends there too (presumed abort holds
+                // for the others: they left no record).
+                let logged = match self.txns.get_mut(&oldest).map(|e| &mut e.machine) {
+                    Some(Machine::TwoPhase(txn)) if txn.intent_logged() => {
+                        Some(txn.give_up_undelivered_abort(now_unix_ms()))
+                    }
+                    _ => None,
+                };
+                if let Some(actions) = logged {
+                    self.execute(oldest, Actions::TwoPhase(actions));
+                }
                 // Its watchers' streams end with it.
                 self.remove(oldest);
                 let _span = txn_span(oldest).entered();
@@ -1046,6 +1057,15 @@ pub(super) fn definition_bytes(definition: &SagaDefinition) -> usize {
         .iter()
         .map(|step| step.payload.len() + step.compensation.len())
         .sum()
+}
+
+/// The payload bytes a recovered transaction holds in memory: a saga's definition, or a
+/// two-phase commit's branch payloads (only an intent has any: phase 1 is asked again).
+pub(super) fn recovered_payload_bytes(record: &TxnRecord) -> usize {
+    match record.saga.as_deref() {
+        Some(definition) => definition_bytes(definition),
+        None => record.branches.iter().map(|b| b.payload.len()).sum(),
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,9 @@ pub const LOST_ANSWERS: &str =
 
 /// The crash points of each kind of process (see docs/decisions.md, "Failpoints").
 pub const COORDINATOR_CRASH_POINTS: &[&str] = &[
+    "coordinator::before_intent_logged",
+    "coordinator::after_intent_logged",
+    "coordinator::commit_implied",
     "coordinator::before_decision_logged",
     "coordinator::after_decision_logged",
     "coordinator::before_saga_write",
