@@ -313,8 +313,9 @@ pub enum Action {
         branch: usize,
         attempt: u32,
     },
-    /// Force the commit decision (`decision_record()`), or the concluded one-phase or
-    /// read-only commit, to the log (`log_record()`), then feed `DecisionPersisted`.
+    /// Force the commit decision (`decision_record()`), the abort decided after an
+    /// intent, or the concluded one-phase or read-only commit, to the log
+    /// (`log_record()`), then feed `DecisionPersisted`.
     PersistDecision,
     /// Force `record()` to the log alongside the prepares (the transaction, its branches
     /// and their payloads, in state PREPARING), then feed `IntentPersisted`.
@@ -324,8 +325,8 @@ pub enum Action {
     NoteDecision,
     /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
     PersistEnd,
-    /// Write `record()` lazily: an operator's resolution of a logged commit's branch
-    /// (never issued for a transaction whose commit decision is not in the log).
+    /// Write `record()` lazily: an operator's resolution of a branch of a transaction
+    /// whose decision is in the log (or being written there).
     PersistProgress,
     /// A participant answered against the decision: count it and warn the operator.
     ReportHeuristic {

@@ -3,7 +3,9 @@
 //! the votes again. One test per situation, asserting the exact actions.
 
 use super::twopc::*;
-use crate::model::{BranchState, OperatorResolution, Resolution, TxnId, TxnState, UnixMs};
+use crate::model::{
+    BranchState, Operation, OperatorResolution, Resolution, TxnId, TxnState, UnixMs,
+};
 
 const T0: UnixMs = 1_700_000_000_000;
 const DEADLINE: UnixMs = T0 + 60_000;
@@ -238,6 +240,8 @@ fn after_a_restart_the_votes_asked_again_decide_the_commit() {
     assert!(vote(&mut txn, 1, Vote::Yes).is_empty());
     assert_eq!(vote(&mut txn, 0, Vote::Yes), commits(2));
     assert_eq!(txn.state(), TxnState::Committing);
+    // Phase 2 counts its own attempts, from the first.
+    assert!(txn.branches().iter().all(|b| b.attempts == 1));
 }
 
 #[test]
@@ -328,6 +332,17 @@ fn after_a_restart_an_operator_states_the_vote_of_a_branch_that_cannot_answer() 
             ..
         })
     ));
+    // The prepare asked again is not shown as answered by the participant.
+    let attempts = txn.branches()[1].history.attempts();
+    let asked = attempts
+        .iter()
+        .rev()
+        .find(|a| a.operation == Operation::Prepare);
+    let asked = asked.unwrap();
+    assert_eq!(
+        asked.result.as_deref(),
+        Some("no answer: an operator stated the vote")
+    );
     // Stated NO: the abort is decided, and forced.
     let mut txn = recovered(2);
     assert_eq!(

@@ -12,6 +12,13 @@
 //!
 //!  OnePhase ── committed ──▶ Concluding ── DecisionPersisted ──▶ Committed
 //!  Preparing ── all READ_ONLY ──▶ Concluding
+//!
+//!  With parallel commit (the intent written alongside the prepares):
+//!  Preparing ── all YES/READ_ONLY, intent durable ──▶ Committing (decision written lazily)
+//!  Preparing ── all YES/READ_ONLY, intent not yet ──▶ Deciding ── IntentPersisted ──▶ Committing
+//!  Preparing ── NO, no answer, timeout, deadline, Abort ──▶ DecidingAbort
+//!                                        ── DecisionPersisted ──▶ Aborting (or Aborted)
+//!  recover(intent) ──▶ Preparing, asked again; only a NO aborts it
 //! ```
 //!
 //! **Parallel commit** (`NewTransaction::parallel_commit`, for transactions whose payloads
@@ -36,7 +43,8 @@
 //! - Without an intent, aborts are never written to the log (presumed abort). A logged
 //!   commit decision is followed by one lazy end record (`PersistEnd`) once every branch
 //!   acknowledged: 1 forced + 1 unforced write (with parallel commit: the forced intent,
-//!   the lazy decision and the lazy end). Transactions that end without a logged record emit
+//!   the lazy decision and the lazy end; every transaction with an intent ends with a
+//!   final record in the log). Transactions that end without a logged record emit
 //!   `RecordHistory`, which is not a protocol write: the runtime writes their history
 //!   lazily only if configured to.
 //! - An outcome once reported is never contradicted: a one-phase or all-read-only
@@ -92,7 +100,8 @@ pub struct Branch {
     /// Handed to prepare / one-phase commit; dropped once phase 1 is over.
     pub payload: Vec<u8>,
     pub state: BranchState,
-    /// Phase-2 (or one-phase) deliveries tried.
+    /// Phase-2 (or one-phase) deliveries tried; while the votes decide after a restart,
+    /// the prepares asked again.
     pub attempts: u32,
     pub last_error: Option<String>,
     /// Phase 2 must still reach this branch.
@@ -768,9 +777,14 @@ impl TwoPhaseCommit {
         if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing) {
             return Vec::new();
         }
-        // Asked again after a restart, it needs asking no more.
-        self.branches[branch].awaiting_ack = false;
-        self.branches[branch].failing_since = None;
+        // Asked again after a restart, it needs asking no more; phase 2 counts its own
+        // attempts (the prepares asked again are in the history).
+        let b = &mut self.branches[branch];
+        b.awaiting_ack = false;
+        b.failing_since = None;
+        if self.votes_decide {
+            b.attempts = 0;
+        }
         match vote {
             Vote::Yes => self.branches[branch].state = BranchState::Prepared,
             Vote::ReadOnly => self.branches[branch].state = BranchState::ReadOnly,
@@ -1051,6 +1065,8 @@ impl TwoPhaseCommit {
                     });
                 }
                 b.resolution = Some(resolution);
+                b.history
+                    .abandon_open("no answer: an operator stated the vote", now);
                 self.note(request.describe(&what), now);
                 let vote = match outcome {
                     Resolution::Commit => Vote::Yes,
@@ -1063,7 +1079,7 @@ impl TwoPhaseCommit {
         if outcome != decided {
             return Err(Refusal::contradicts(branch_id, outcome, decided));
         }
-        let logged = matches!(self.phase, Phase::Committing | Phase::Committed);
+        let logged = self.decision_is_logged();
         let b = &mut self.branches[index];
         if b.awaiting_ack {
             b.awaiting_ack = false;
@@ -1089,9 +1105,9 @@ impl TwoPhaseCommit {
             None => Vec::new(),
         };
         if actions.is_empty() {
-            // Nothing ended: a logged commit keeps the resolution in its record now; an
-            // abort (never logged unfinished) gets its history written when it ends, or
-            // again now if it already has.
+            // Nothing ended: a logged decision keeps the resolution in its record now;
+            // an abort without an intent (never logged unfinished) gets its history
+            // written when it ends, or again now if it already has.
             if logged {
                 actions.push(Action::PersistProgress);
             } else if self.state().is_final() {

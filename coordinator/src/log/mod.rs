@@ -1,9 +1,12 @@
 //! The decision log: where the coordinator keeps what it must not forget.
 //!
 //! Presumed abort keeps it small: a two-phase commit is written once when its commit
-//! decision is taken (forced) and once when every participant has acknowledged (lazy).
-//! Aborts, one-phase and read-only commits are never written. After a restart, the
-//! records whose state is not final are the coordinator's unfinished work.
+//! decision is taken (forced) and once when every participant has acknowledged (lazy);
+//! with parallel commit, its intent is forced alongside its prepares, then its decision
+//! (lazy, or forced for an abort) and its end (lazy) follow. Other aborts are never
+//! written; one-phase and read-only commits once, forced, when concluded (and history
+//! records lazily, if kept). After a restart, the records whose state is not final are
+//! the coordinator's unfinished work.
 //!
 //! Any error from a log is fatal to the coordinator: it stops acknowledging anything,
 //! shuts down, and recovers from the log on the next start.

@@ -39,9 +39,9 @@ use super::{DecisionLog, LogError, LogFailed, LogWrite, held_for_retention};
 use crate::model::{BranchRecord, OperatorResolution, TxnId, TxnKind, TxnRecord, TxnState, UnixMs};
 
 /// Format 4: the record, its owner, each branch's heuristic answer and operator
-/// resolution, then each branch's payload (all postcard; payloads are empty but in a
-/// two-phase commit's intent). Formats 3 (no payloads), 2 (no branch notes either) and 1
-/// (no owner either) are still read: such records have none.
+/// resolution, then each branch's payload (all postcard), for a two-phase commit's
+/// intent; every other record is written in format 3, without the payloads. Formats 2
+/// (no branch notes) and 1 (no owner either) are still read: such records have none.
 const FORMAT_VERSION: u8 = 4;
 const FORMAT_WITHOUT_PAYLOADS: u8 = 3;
 const FORMAT_WITHOUT_BRANCH_NOTES: u8 = 2;
@@ -235,14 +235,23 @@ fn id_from(key: &[u8], bytes: &[u8]) -> Result<TxnId, LogError> {
     Ok(TxnId::from_bytes(id))
 }
 
+/// Encodes `record` in format 4 if a branch has a payload (an intent), else in format 3,
+/// which a build from before format 4 still reads: only an unfinished intent keeps a
+/// log from being opened by such a build.
 fn encode(record: &TxnRecord) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(ENCODE_CAPACITY_BYTES);
-    bytes.push(FORMAT_VERSION);
-    // The four parts appended to one buffer, nothing copied or cloned on the way.
+    let payloads = record.branches.iter().any(|b| !b.payload.is_empty());
+    bytes.push(match payloads {
+        true => FORMAT_VERSION,
+        false => FORMAT_WITHOUT_PAYLOADS,
+    });
+    // The parts appended to one buffer, nothing copied or cloned on the way.
     append(&mut bytes, record);
     append(&mut bytes, &record.owner);
     append(&mut bytes, &NotesOf(&record.branches));
-    append(&mut bytes, &PayloadsOf(&record.branches));
+    if payloads {
+        append(&mut bytes, &PayloadsOf(&record.branches));
+    }
     bytes
 }
 
@@ -921,29 +930,35 @@ mod tests {
         bytes
     }
 
-    /// Format 4 as it is defined: format 3's parts, then a `Vec<Vec<u8>>` of payloads.
-    fn encoded_in_four_parts(record: &TxnRecord) -> Vec<u8> {
+    /// Format 4 as it is defined: format 3's parts, then a `Vec<Vec<u8>>` of payloads;
+    /// format 3 for a record without payloads.
+    fn encoded_in_parts(record: &TxnRecord) -> Vec<u8> {
         let mut bytes = encoded_in_three_parts(record);
+        if record.branches.iter().all(|b| b.payload.is_empty()) {
+            return bytes;
+        }
         bytes[0] = FORMAT_VERSION;
         let payloads: Vec<Vec<u8>> = record.branches.iter().map(|b| b.payload.clone()).collect();
         bytes.extend(postcard::to_allocvec(&payloads).unwrap());
         bytes
     }
 
-    /// The same bytes as format 4's four parts, and the record back from them: with and
-    /// without an owner, branches, notes or payloads, a saga's definition, and at every
-    /// length from well below the buffer's first size to well above it.
+    /// The same bytes as format 4's four parts (format 3's three without payloads), and
+    /// the record back from them: with and without an owner, branches, notes or
+    /// payloads, a saga's definition, and at every length from well below the buffer's
+    /// first size to well above it.
     #[test]
-    fn a_record_is_encoded_as_its_four_parts_one_after_another() {
+    fn a_record_is_encoded_as_its_parts_one_after_another() {
         use crate::model::{Resolution, SagaDefinition, TxnState};
         let check = |record: &TxnRecord| {
             let encoded = encode(record);
-            assert_eq!(encoded, encoded_in_four_parts(record));
+            assert_eq!(encoded, encoded_in_parts(record));
             assert_eq!(&decode(b"k", &encoded).unwrap(), record);
             encoded.len()
         };
         let plain = suite::record(1_700_000_000_000, TxnState::Compensating);
         check(&plain);
+        assert_eq!(encode(&plain)[0], FORMAT_WITHOUT_PAYLOADS);
         let no_branches = TxnRecord {
             branches: Vec::new(),
             ..plain
@@ -985,7 +1000,9 @@ mod tests {
         assert_eq!(decode(&key, &v3).unwrap(), record);
         let mut with_payload = record.clone();
         with_payload.branches[0].payload = vec![7; 300];
-        assert_eq!(decode(&key, &encode(&with_payload)).unwrap(), with_payload);
+        let intent = encode(&with_payload);
+        assert_eq!(intent[0], FORMAT_VERSION);
+        assert_eq!(decode(&key, &intent).unwrap(), with_payload);
         // Version 2: the record and its owner, no branch notes.
         let mut v2 = vec![FORMAT_WITHOUT_BRANCH_NOTES];
         v2.extend(postcard::to_allocvec(&record).unwrap());

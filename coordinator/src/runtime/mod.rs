@@ -297,7 +297,8 @@ impl Decision {
 }
 
 /// What the log reader found: the transactions to resume (logged commits whose phase 2
-/// is not acknowledged, running or compensating sagas).
+/// is not acknowledged, intents whose votes decide, aborts decided after an intent,
+/// running or compensating sagas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecoveryReport {
     pub resumed: usize,
@@ -666,8 +667,9 @@ impl Runtime {
             Lookup::Hidden => return Ok(Decision::Pending),
             Lookup::Absent => {}
         }
-        // Not in memory: either final and evicted, or unknown. The log only holds
-        // durable commit decisions and their ends.
+        // Not in memory: either final and evicted, or unknown (every unfinished record
+        // in the log was recovered into memory at start, so what the log holds of it is
+        // final, or an unfinished record that is not durable yet).
         Ok(match self.log.get(&id)? {
             Some(record) if record.state.is_commit() => Decision::Commit,
             _ => Decision::Abort,
