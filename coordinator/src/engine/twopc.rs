@@ -402,15 +402,6 @@ impl TwoPhaseCommit {
         self.created_unix_ms
     }
 
-    /// Whether its commit decision is in the log or being written there (so a write of
-    /// its record now keeps the decision).
-    pub fn commit_is_logged(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::Deciding | Phase::Concluding { .. } | Phase::Committing | Phase::Committed
-        )
-    }
-
     /// Whether its intent was written (parallel commit): the log then holds it until its
     /// end record.
     pub fn intent_logged(&self) -> bool {
@@ -418,11 +409,15 @@ impl TwoPhaseCommit {
     }
 
     /// Whether its decision is in the log (or being written there), so that a write of
-    /// its record now keeps it: a commit's (see [`Self::commit_is_logged`]), or an abort
-    /// decided after its intent.
+    /// its record now keeps it: a commit's, or an abort decided after its intent.
     pub fn decision_is_logged(&self) -> bool {
-        self.commit_is_logged()
-            || (self.intent_logged() && matches!(self.phase, Phase::Aborting | Phase::Aborted))
+        match self.phase {
+            Phase::Deciding | Phase::Concluding { .. } | Phase::Committing | Phase::Committed => {
+                true
+            }
+            Phase::Aborting | Phase::Aborted => self.intent_logged(),
+            _ => false,
+        }
     }
 
     /// An abort undelivered past its deadline that the runtime stops keeping (it keeps a
@@ -465,8 +460,8 @@ impl TwoPhaseCommit {
                 .map(|b| BranchRecord {
                     id: b.id.clone(),
                     endpoint: b.endpoint.clone(),
-                    // Kept until phase 1 is over: the intent's, for asking again.
-                    payload: b.payload.clone(),
+                    // Only the intent carries them (`log_record`).
+                    payload: Vec::new(),
                     state: b.state,
                     attempts: b.attempts,
                     compensation_attempts: 0,
@@ -504,11 +499,19 @@ impl TwoPhaseCommit {
         }
     }
 
-    /// What a log write issued now must hold: the commit decision while deciding, the
-    /// abort decision while deciding to abort, the final record while concluding, the
+    /// What a log write issued now must hold: the intent, with the branches' payloads for
+    /// asking again, while preparing; the commit decision while deciding, the abort
+    /// decision while deciding to abort, the final record while concluding, the
     /// transaction as it is otherwise.
     pub fn log_record(&self) -> TxnRecord {
         match self.phase {
+            Phase::Preparing if self.intent_logged() => {
+                let mut intent = self.record();
+                for (record, branch) in intent.branches.iter_mut().zip(&self.branches) {
+                    record.payload.clone_from(&branch.payload);
+                }
+                intent
+            }
             Phase::Deciding => self.decision_record(),
             Phase::DecidingAbort { at_unix_ms } => {
                 let mut decided = self.clone();
