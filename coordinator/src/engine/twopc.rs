@@ -92,7 +92,8 @@ pub enum Intent {
     Unlogged,
     /// Its forced write was issued and has not returned.
     Writing,
-    /// It is durable: the votes decide the commit.
+    /// It is durable, so the votes decide the commit; or the transaction was recovered
+    /// from a record in the log, which its end record must close.
     Durable,
 }
 
@@ -297,7 +298,8 @@ impl TwoPhaseCommit {
                         awaiting_ack,
                         id: b.id,
                         endpoint: b.endpoint,
-                        payload: if votes_decide { b.payload } else { Vec::new() },
+                        // Only an intent's record holds any.
+                        payload: b.payload,
                         // Asked again: every vote is cast anew (a YES is answered from
                         // the participant's record).
                         state: if votes_decide {
@@ -322,11 +324,8 @@ impl TwoPhaseCommit {
             deadline_passed: false,
             // Only consulted at Commit, which is over.
             parallel_commit: false,
-            intent: if record.state == TxnState::Committing {
-                Intent::Unlogged
-            } else {
-                Intent::Durable
-            },
+            // Whatever it is, its record is in the log, and ends there.
+            intent: Intent::Durable,
             votes_decide,
         };
         let reason = if votes_decide {
