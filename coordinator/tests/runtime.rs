@@ -135,6 +135,10 @@ struct AlwaysYesServed {
 
 impl AlwaysYesServed {
     async fn start() -> Self {
+        Self::start_with(Default::default()).await
+    }
+
+    async fn start_with(options: treaty_sdk::ServeOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -144,7 +148,7 @@ impl AlwaysYesServed {
             Arc::new(AlwaysYes),
             store,
             listener,
-            Default::default(),
+            options,
             async {
                 let _ = stopped.await;
             },
@@ -199,6 +203,66 @@ async fn begin_two_branches(runtime: &Runtime, endpoint: &str) -> TxnId {
         })
         .await
         .unwrap()
+}
+
+/// Starts a runtime on a log holding one two-phase record in `state`, created 5 s ago
+/// (so older than a short horizon or retention), with `branches` (id, endpoint, state,
+/// payload), retrying every 10–20 ms; checks that it was resumed.
+async fn resume_logged_two_phase(
+    state: TxnState,
+    branches: &[(&str, &str, treaty_coordinator::model::BranchState, Vec<u8>)],
+    delivery_horizon_ms: u64,
+) -> (
+    TxnRecord,
+    Runtime,
+    treaty_coordinator::runtime::RuntimeTasks,
+) {
+    use treaty_coordinator::model::{BranchRecord, TxnKind};
+
+    let created = now_unix_ms() - 5_000;
+    let record = TxnRecord {
+        id: TxnId::generate(created),
+        kind: TxnKind::TwoPhase,
+        state,
+        created_unix_ms: created,
+        deadline_unix_ms: created + 1_000,
+        prepare_timeout_ms: 1_000,
+        reason: None,
+        branches: branches
+            .iter()
+            .map(|(id, endpoint, state, payload)| BranchRecord {
+                id: (*id).into(),
+                endpoint: (*endpoint).into(),
+                payload: payload.clone(),
+                state: *state,
+                attempts: 1,
+                compensation_attempts: 0,
+                last_error: None,
+                history: Default::default(),
+                heuristic: None,
+                resolution: None,
+            })
+            .collect(),
+        transitions: Vec::new(),
+        ended_unix_ms: None,
+        idempotency_key: None,
+        stuck: false,
+        saga: None,
+        owner: None,
+        paused: false,
+    };
+    let log = Arc::new(MemoryLog::new());
+    log.write(&record, Durability::Forced).await.unwrap();
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let config = RuntimeConfig {
+        delivery_horizon_ms,
+        retry_backoff_initial_ms: 10,
+        retry_backoff_max_ms: 20,
+        ..config()
+    };
+    let (runtime, tasks, report) = Runtime::start(log, config, fatal).unwrap();
+    assert_eq!(report.resumed, 1);
+    (record, runtime, tasks)
 }
 
 fn config() -> RuntimeConfig {
@@ -415,52 +479,18 @@ async fn a_saga_is_shown_only_once_its_definition_is_durable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_participant_is_called_about_a_transaction_past_the_delivery_horizon() {
-    use treaty_coordinator::model::{BranchRecord, BranchState, TxnKind};
+    use treaty_coordinator::model::BranchState;
 
     // A commit decision older than the horizon, found in the log at start. Its
     // participant listens (a call would be answered), yet no call may be made.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let created = now_unix_ms() - 5_000;
-    let record = TxnRecord {
-        id: TxnId::generate(created),
-        kind: TxnKind::TwoPhase,
-        state: TxnState::Committing,
-        created_unix_ms: created,
-        deadline_unix_ms: created + 1_000,
-        prepare_timeout_ms: 1_000,
-        reason: None,
-        branches: vec![BranchRecord {
-            id: "late".into(),
-            endpoint,
-            payload: Vec::new(),
-            state: BranchState::Prepared,
-            attempts: 1,
-            compensation_attempts: 0,
-            last_error: None,
-            history: Default::default(),
-            heuristic: None,
-            resolution: None,
-        }],
-        transitions: Vec::new(),
-        ended_unix_ms: None,
-        idempotency_key: None,
-        stuck: false,
-        saga: None,
-        owner: None,
-        paused: false,
-    };
-    let log = Arc::new(MemoryLog::new());
-    log.write(&record, Durability::Forced).await.unwrap();
-    let (fatal, _fatal) = mpsc::unbounded_channel();
-    let config = RuntimeConfig {
-        delivery_horizon_ms: 1_000,
-        retry_backoff_initial_ms: 10,
-        retry_backoff_max_ms: 20,
-        ..config()
-    };
-    let (runtime, tasks, report) = Runtime::start(log, config, fatal).unwrap();
-    assert_eq!(report.resumed, 1);
+    let (record, runtime, tasks) = resume_logged_two_phase(
+        TxnState::Committing,
+        &[("late", &endpoint, BranchState::Prepared, Vec::new())],
+        1_000,
+    )
+    .await;
     let started = Instant::now();
     loop {
         let shown = runtime.get(record.id).await.unwrap().unwrap();
@@ -482,6 +512,54 @@ async fn no_participant_is_called_about_a_transaction_past_the_delivery_horizon(
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(accepted.is_err(), "a connection was made");
     runtime.shutdown(tasks, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_intent_is_not_aborted_by_a_participant_past_its_retention() {
+    use treaty_coordinator::model::BranchState;
+
+    // A participant whose barrier retention (1 s) is shorter than the coordinator's
+    // delivery horizon, against the documented rule. The coordinator finds an intent
+    // (PREPARING) of a transaction created 5 s ago and asks both branches again. The
+    // participant has no record of either: it cannot tell "never prepared" from
+    // "committed, and the record collected", so a NO would be a guess, and with parallel
+    // commit a NO here could turn a commit the caller heard into an abort.
+    let participant = AlwaysYesServed::start_with(treaty_sdk::ServeOptions {
+        barrier_gc: treaty_sdk::barrier_gc::BarrierGcOptions {
+            retention_ms: 1_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let endpoint = participant.endpoint.as_str();
+    let (record, runtime, tasks) = resume_logged_two_phase(
+        TxnState::Preparing,
+        &["a", "b"].map(|id| (id, endpoint, BranchState::Preparing, b"payload".to_vec())),
+        7 * 24 * 3_600_000,
+    )
+    .await;
+    let started = Instant::now();
+    loop {
+        let shown = runtime.get(record.id).await.unwrap().unwrap();
+        assert_eq!(
+            shown.state,
+            TxnState::Preparing,
+            "the votes decide, and none may be guessed: {shown:?}"
+        );
+        if shown.branches.iter().all(|b| b.attempts >= 4) {
+            assert!(shown.stuck, "an operator must state the votes: {shown:?}");
+            for b in &shown.branches {
+                let error = b.last_error.as_deref().unwrap_or("");
+                assert!(error.contains("retention"), "{error}");
+            }
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{shown:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+    participant.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -330,6 +330,7 @@ impl World {
             InFlight::Prepare(branch) => Event::PrepareFailed {
                 branch,
                 error: "lost".into(),
+                permanent: false,
             },
             InFlight::Commit(branch)
             | InFlight::OnePhaseCommit(branch)

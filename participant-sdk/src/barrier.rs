@@ -29,7 +29,7 @@
 //!
 //! | call, old id, no record | answer | why |
 //! |---|---|---|
-//! | `prepare` | vote NO | a NO can only lead to an abort, and a coordinator that has decided ignores late votes |
+//! | `prepare` | [`BarrierError::PastRetention`] | NO would be false if the branch had voted YES and committed: a coordinator whose votes decide (parallel commit, asking again after a restart) would abort a commit |
 //! | `commit` (any mode) | [`BarrierError::PastRetention`] | COMMITTED, REJECTED, NOT_PREPARED or ALREADY_ABORTED could each be false |
 //! | `abort` | [`BarrierError::PastRetention`] | ABORTED would be false if the branch had committed (one-phase, saga step) |
 //! | `compensate` | [`BarrierError::PastRetention`] | COMPENSATED would be false if the step's effect is there |
@@ -366,10 +366,7 @@ impl<S: BarrierStore> Barrier<S> {
                 }
             });
         }
-        if let Err(past) = self.check_not_past_retention(branch) {
-            tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, "prepare past the barrier retention: voting NO");
-            return Ok(Vote::no(past.to_string()));
-        }
+        self.check_not_past_retention(branch)?;
         let vote = self
             .prepare_user(
                 participant,

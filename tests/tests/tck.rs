@@ -127,6 +127,7 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path) {
         "dup.prepare",
         "concurrent.one-phase",
         "reorder.abort-before-prepare",
+        "late.prepare-past-retention",
         "late.calls-past-retention",
         "restart.yes-survives",
     ] {

@@ -240,6 +240,10 @@ pub enum Event {
     PrepareFailed {
         branch: usize,
         error: String,
+        /// Asking again cannot mend it (the participant answered FAILED_PRECONDITION,
+        /// or the transaction is past the delivery horizon). Only consulted while the
+        /// votes decide: the classic protocol aborts on any failure.
+        permanent: bool,
     },
     /// The answer to `SendOnePhaseCommit`, `SendCommit` or `SendAbort`.
     Delivered {

@@ -597,6 +597,7 @@ fn past_its_deadline_a_transaction_waiting_only_on_a_participant_says_so() {
         Event::PrepareFailed {
             branch: 0,
             error: "participant unreachable".into(),
+            permanent: false,
         },
         T0 + 1,
     );

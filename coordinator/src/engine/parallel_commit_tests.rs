@@ -267,6 +267,7 @@ fn after_a_restart_only_a_no_aborts_and_it_is_forced() {
         let failed = Event::PrepareFailed {
             branch: 0,
             error: "connection refused".into(),
+            permanent: false,
         };
         assert_eq!(
             txn.handle_event(failed, T0 + 30),
@@ -288,6 +289,27 @@ fn after_a_restart_only_a_no_aborts_and_it_is_forced() {
         txn.handle_event(Event::DecisionPersisted, T0 + 40),
         aborts(&[1])
     );
+}
+
+#[test]
+fn after_a_restart_a_prepare_that_cannot_be_answered_flags_it_stuck_at_once() {
+    // A participant past its barrier retention without a record (FAILED_PRECONDITION):
+    // no answer will come by asking again, and no vote may be guessed for it.
+    let mut txn = recovered(2);
+    let failed = Event::PrepareFailed {
+        branch: 0,
+        error: "past the barrier retention".into(),
+        permanent: true,
+    };
+    assert_eq!(
+        txn.handle_event(failed, T0 + 30),
+        vec![Action::ScheduleRetry {
+            branch: 0,
+            attempt: 1
+        }]
+    );
+    assert!(txn.is_stuck(), "an operator must state the vote");
+    assert_eq!(txn.state(), TxnState::Preparing);
 }
 
 #[test]

@@ -597,7 +597,11 @@ impl TwoPhaseCommit {
     pub fn handle_event(&mut self, event: Event, now: UnixMs) -> Vec<Action> {
         match event {
             Event::PrepareAnswered { branch, vote } => self.on_vote(branch, vote, now),
-            Event::PrepareFailed { branch, error } => {
+            Event::PrepareFailed {
+                branch,
+                error,
+                permanent,
+            } => {
                 if self.finish_prepare(branch, format!("error: {error}"), now) {
                     return vec![Action::RecordHistory];
                 }
@@ -606,7 +610,7 @@ impl TwoPhaseCommit {
                     return Vec::new();
                 }
                 if self.votes_decide {
-                    return self.ask_again_later(branch, error, now);
+                    return self.ask_again_later(branch, error, permanent, now);
                 }
                 let id = self.branches[branch].id.clone();
                 self.branches[branch].state = BranchState::Unreachable;
@@ -856,17 +860,24 @@ impl TwoPhaseCommit {
 
     /// A prepare asked again after a restart failed: it is asked again after a backoff,
     /// without end (the votes decide), and the transaction is flagged stuck after
-    /// [`STUCK_AFTER_DELIVERIES`] attempts.
-    fn ask_again_later(&mut self, branch: usize, error: String, now: UnixMs) -> Vec<Action> {
+    /// [`STUCK_AFTER_DELIVERIES`] attempts, or at once when asking again cannot mend it
+    /// (`permanent`: an operator must state the vote).
+    fn ask_again_later(
+        &mut self,
+        branch: usize,
+        error: String,
+        permanent: bool,
+        now: UnixMs,
+    ) -> Vec<Action> {
         let b = &mut self.branches[branch];
         b.failing_since.get_or_insert(now);
         b.last_error = Some(error.clone());
         let attempt = b.attempts;
         let id = b.id.clone();
-        if attempt >= STUCK_AFTER_DELIVERIES && !self.stuck {
+        if (attempt >= STUCK_AFTER_DELIVERIES || permanent) && !self.stuck {
             self.stuck = true;
             let what = format!("asking branch {id} to prepare again");
-            self.note(stuck_note(&what, attempt, &error, false), now);
+            self.note(stuck_note(&what, attempt, &error, permanent), now);
         }
         vec![Action::ScheduleRetry { branch, attempt }]
     }

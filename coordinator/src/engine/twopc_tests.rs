@@ -229,6 +229,7 @@ fn a_failed_prepare_heard_after_the_abort_ended_has_the_history_written_again() 
     let failed = Event::PrepareFailed {
         branch: 0,
         error: "unavailable".into(),
+        permanent: false,
     };
     assert_eq!(
         txn.handle_event(failed, T0 + 3),
@@ -615,6 +616,7 @@ fn prepare_without_an_answer_aborts_including_the_silent_branch() {
         Event::PrepareFailed {
             branch: 1,
             error: "deadline exceeded".into(),
+            permanent: false,
         },
         T0 + 1,
     );

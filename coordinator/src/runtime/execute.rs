@@ -55,7 +55,8 @@ enum CallKind {
 impl CallKind {
     /// Whether a failure that sending again cannot mend (a participant's
     /// FAILED_PRECONDITION, or past the delivery horizon) flags the transaction stuck at
-    /// once: only a phase-2 commit's. An abort that cannot be delivered leaves nothing in
+    /// once: only a phase-2 commit's (and a prepare's while the votes decide, which the
+    /// engine knows). An abort that cannot be delivered leaves nothing in
     /// doubt (the participant has no record, or presumed abort answers for it past the
     /// horizon), and a one-phase commit is settled by its deadline's abort probe.
     fn hopeless_needs_an_operator(self) -> bool {
@@ -291,7 +292,11 @@ impl Shard {
         if let Some(error) = self.past_horizon(id) {
             let branch = branch_index;
             let event = match kind {
-                CallKind::Prepare => Event::PrepareFailed { branch, error },
+                CallKind::Prepare => Event::PrepareFailed {
+                    branch,
+                    error,
+                    permanent: true,
+                },
                 // Not sent, and never will be: sending again cannot succeed.
                 _ => Event::DeliveryFailed {
                     branch,
@@ -345,6 +350,7 @@ impl Shard {
                         Err(failure) => Event::PrepareFailed {
                             branch,
                             error: failure.message,
+                            permanent: failure.permanent,
                         },
                     },
                     CallKind::OnePhaseCommit | CallKind::Commit | CallKind::Abort => {

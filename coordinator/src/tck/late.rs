@@ -1,8 +1,9 @@
 //! Calls about a transaction older than the participant's barrier retention that find
 //! no record (docs/PARTICIPANT-PROTOCOL.md, section 11): the participant cannot tell
 //! "never ran" from "ran and was collected", so it runs nothing, writes nothing, and
-//! answers only what is true either way: VOTE_NO to a Prepare, FAILED_PRECONDITION to
-//! everything else. The kit knows the retention only when told
+//! gives no answer: FAILED_PRECONDITION to every call, a Prepare too (a NO would be
+//! false for a branch that voted YES and committed, and a coordinator asking again
+//! after a restart with parallel commit would abort on it). The kit knows the retention only when told
 //! (`--barrier-retention-ms`); without it these cases are skipped, visibly.
 
 use super::cases::{UNDO, YES};
@@ -15,7 +16,7 @@ const PAST_RETENTION_MS: u64 = 3_600_000;
 
 pub fn all() -> Vec<Case> {
     cases! {
-        "late.prepare-past-retention", "Prepare for a transaction older than the retention, no record: VOTE_NO, no effect, nothing recorded", prepare;
+        "late.prepare-past-retention", "Prepare for a transaction older than the retention, no record: FAILED_PRECONDITION (not VOTE_NO), no effect, nothing recorded", prepare;
         "late.calls-past-retention", "Commit (every mode), Abort, Compensate older than the retention, no record: FAILED_PRECONDITION, no effect", other_calls;
     }
 }
@@ -41,7 +42,7 @@ async fn prepare(ctx: &Ctx) -> Outcome {
         expect(
             &format!("Prepare #{n} past the retention"),
             prepare,
-            "VOTE_NO",
+            "FAILED_PRECONDITION",
         )?;
     }
     ctx.expect_effects("after the late Prepares", &b, &[]).await

@@ -47,12 +47,12 @@ TABLE = {
         RecordNull(Status.COMPENSATED, COMPENSATED),
     ),
     "past retention": (
-        PastRetention(vote_no=True),
-        PastRetention(vote_no=False),
-        PastRetention(vote_no=False),
-        PastRetention(vote_no=False),
-        PastRetention(vote_no=False),
-        PastRetention(vote_no=False),
+        PastRetention(),
+        PastRetention(),
+        PastRetention(),
+        PastRetention(),
+        PastRetention(),
+        PastRetention(),
     ),
     Status.PREPARED: (
         Reply(VoteKind.YES),

@@ -10,8 +10,8 @@ Invariants kept here, each checked by ``tests/test_answer_table.py`` cell by cel
 - user code runs only where the table says so, and the state it leads to is written
   with its effect;
 - a state other than PREPARED is changed only by Compensate of a COMMITTED branch;
-- a call that finds no record for a transaction past the retention runs nothing and
-  writes nothing: a Prepare gets VOTE_NO, every other call FAILED_PRECONDITION;
+- a call that finds no record for a transaction past the retention runs nothing,
+  writes nothing and gets FAILED_PRECONDITION, a Prepare too;
 - the request's mode matters only without a record and in VOTED_NO (a two-phase Commit
   gets ALREADY_ABORTED, a one-phase one or a saga step REJECTED with the reason).
 """
@@ -118,10 +118,9 @@ class RunUser:
 
 @dataclass(frozen=True)
 class PastRetention:
-    """No record, and the transaction is older than the retention: nothing is true but a
-    NO vote (``vote_no``) or, for every other call, no answer (FAILED_PRECONDITION)."""
-
-    vote_no: bool
+    """No record, and the transaction is older than the retention: no answer would be
+    true, so none is given (FAILED_PRECONDITION), to a Prepare too: a NO would be false
+    for a branch that voted YES and committed."""
 
 
 Step = Union[Reply, RecordNull, RunPrepare, RunUser, PastRetention]
@@ -152,7 +151,7 @@ def plan(
 
 def _without_record(request: Request, mode: Mode | None, past_retention: bool) -> Step:
     if past_retention:
-        return PastRetention(vote_no=request is Request.PREPARE)
+        return PastRetention()
     if request is Request.PREPARE:
         return RunPrepare(Mode.TWO_PHASE)
     if request is Request.COMMIT:

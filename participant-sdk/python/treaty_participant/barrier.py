@@ -20,8 +20,8 @@ It carries out the steps of :mod:`.answer_table` and keeps these invariants
   overwriting.
 - **Retention.** A call for a branch without a record, whose transaction (by its UUIDv7
   id) is older than ``retention_ms`` or below the highest cutoff collected so far, runs
-  nothing and writes nothing: Prepare gets a NO vote, every other call
-  :class:`PastRetention` (FAILED_PRECONDITION). :meth:`DbApiBarrier.collect` deletes only
+  nothing and writes nothing: every call, Prepare too, gets :class:`PastRetention`
+  (FAILED_PRECONDITION). :meth:`DbApiBarrier.collect` deletes only
   final records of such transactions; a prepared record is never deleted.
 """
 
@@ -487,10 +487,7 @@ class DbApiBarrier:
                     ctx.transaction_id,
                     ctx.branch_id,
                 )
-                message = self._past_retention_message(ctx)
-                if step.vote_no:
-                    return Reply(VoteKind.NO, truncate_reason(message))
-                raise PastRetention(message)
+                raise PastRetention(self._past_retention_message(ctx))
             user_ctx = replace(ctx, connection=connection, cursor=cursor)
             if isinstance(step, RecordNull):
                 new = BranchRecord(
