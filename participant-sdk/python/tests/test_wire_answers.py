@@ -8,8 +8,9 @@ import unittest
 
 from treaty_participant._proto import conformance_pb2 as cpb
 from treaty_participant._proto import participant_pb2 as pb
+from treaty_participant.participant import Vote
 
-from .support import DAY_MS, ParticipantTest, uuid7
+from .support import ParticipantTest, uuid7
 
 P, C, A, X = (cpb.EFFECT_KIND_PREPARE, cpb.EFFECT_KIND_COMMIT, cpb.EFFECT_KIND_ABORT,
               cpb.EFFECT_KIND_COMPENSATE)
@@ -204,11 +205,14 @@ class WireAnswerTableTest(ParticipantTest):
         self.assertEqual(self.client.effects(txn, "b"), [(P, payload), (C, payload)])
 
     def test_reasons_sent_are_at_most_one_kib(self):
-        # The barrier's own past-retention reason is long; it is cut like any other.
-        old = uuid7(self.server.barrier.retention_cutoff_unix_ms() - DAY_MS)
-        vote = self.client.prepare(old, "b", YES)
-        self.assertEqual(vote.vote, pb.VOTE_NO)
-        self.assertLessEqual(len(vote.reason.encode()), 1024)
+        # User code that gives a 6 KiB reason: it is recorded and sent cut to 1 KiB.
+        self.server.participant.prepare = lambda ctx, payload: Vote.no("é" * 3_000)
+        txn = uuid7()
+        for _ in range(2):  # the first answer, then the recorded one
+            vote = self.client.prepare(txn, "b", YES)
+            self.assertEqual(vote.vote, pb.VOTE_NO)
+            self.assertLessEqual(len(vote.reason.encode()), 1024)
+            self.assertTrue(vote.reason.startswith("é" * 100), vote.reason[:20])
 
 
 if __name__ == "__main__":
