@@ -170,12 +170,16 @@ struct EndpointLabels {
 pub struct Health {
     pub two_phase_in_progress: u64,
     pub sagas_in_progress: u64,
-    /// Two-phase commits decided whose phase 2 has not reached every participant.
+    /// Two-phase commits decided whose phase 2 has not reached every participant, and
+    /// those recovered with an intent whose votes are being asked again.
     pub in_doubt: u64,
-    /// When the oldest of those was decided.
+    /// When the oldest of those was decided (a recovered intent: when it began).
     pub oldest_in_doubt_unix_ms: Option<u64>,
     /// Sagas whose compensation keeps failing.
     pub stuck_sagas: u64,
+    /// Two-phase commits flagged stuck: a delivery, or a prepare asked again after a
+    /// restart, keeps failing or cannot succeed.
+    pub stuck_two_phase_commits: u64,
     /// Aborted two-phase commits some participant has not acknowledged.
     pub undelivered_aborts: u64,
     /// When the oldest call still waiting to be retried first failed.
@@ -201,6 +205,7 @@ impl Health {
                 other.oldest_in_doubt_unix_ms,
             ),
             stuck_sagas: self.stuck_sagas + other.stuck_sagas,
+            stuck_two_phase_commits: self.stuck_two_phase_commits + other.stuck_two_phase_commits,
             undelivered_aborts: self.undelivered_aborts + other.undelivered_aborts,
             oldest_retry_unix_ms: older(self.oldest_retry_unix_ms, other.oldest_retry_unix_ms),
             retained_transactions: self.retained_transactions + other.retained_transactions,
@@ -219,6 +224,7 @@ pub struct Metrics {
     in_doubt: Gauge,
     in_doubt_oldest_age_seconds: Gauge<f64, AtomicU64>,
     stuck_sagas: Gauge,
+    stuck_two_phase_commits: Gauge,
     undelivered_aborts: Gauge,
     retry_backlog_oldest_age_seconds: Gauge<f64, AtomicU64>,
     heuristic_outcomes: Counter,
@@ -269,13 +275,15 @@ impl Metrics {
         let in_doubt = Gauge::default();
         registry.register(
             "treaty_in_doubt_transactions",
-            "Two-phase commits decided whose phase 2 has not reached every participant",
+            "Two-phase commits decided whose phase 2 has not reached every participant, or \
+             recovered with their intent logged while their votes are asked again",
             in_doubt.clone(),
         );
         let in_doubt_oldest_age_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "treaty_in_doubt_oldest_age",
-            "Time since the oldest in-doubt transaction was decided (0 if none)",
+            "Time since the oldest in-doubt transaction was decided, or began if its votes \
+             are being asked again (0 if none)",
             Unit::Seconds,
             in_doubt_oldest_age_seconds.clone(),
         );
@@ -284,6 +292,13 @@ impl Metrics {
             "treaty_stuck_sagas",
             "Sagas whose compensation keeps failing (an operator should look)",
             stuck_sagas.clone(),
+        );
+        let stuck_two_phase_commits = Gauge::default();
+        registry.register(
+            "treaty_stuck_two_phase_commits",
+            "Two-phase commits whose delivery, or whose prepare asked again after a restart, \
+             keeps failing or cannot succeed (an operator should look)",
+            stuck_two_phase_commits.clone(),
         );
         let undelivered_aborts = Gauge::default();
         registry.register(
@@ -409,6 +424,7 @@ impl Metrics {
             in_doubt,
             in_doubt_oldest_age_seconds,
             stuck_sagas,
+            stuck_two_phase_commits,
             undelivered_aborts,
             retry_backlog_oldest_age_seconds,
             heuristic_outcomes,
@@ -594,6 +610,8 @@ impl Metrics {
         self.in_doubt_oldest_age_seconds
             .set(age_seconds(health.oldest_in_doubt_unix_ms));
         self.stuck_sagas.set(to_i64(health.stuck_sagas));
+        self.stuck_two_phase_commits
+            .set(to_i64(health.stuck_two_phase_commits));
         self.undelivered_aborts
             .set(to_i64(health.undelivered_aborts));
         self.retry_backlog_oldest_age_seconds
@@ -675,6 +693,7 @@ mod tests {
         let health = Health {
             in_doubt: 3,
             oldest_in_doubt_unix_ms: Some(10_000),
+            stuck_two_phase_commits: 2,
             retained_transactions: 7,
             retained_estimated_bytes: 9_000,
             ..Health::default()
@@ -700,6 +719,7 @@ mod tests {
             "treaty_transactions_total{protocol=\"two_phase\",outcome=\"committed\"} 1",
             "treaty_transactions_total{protocol=\"saga\",outcome=\"compensated\"} 1",
             "treaty_in_doubt_transactions 3",
+            "treaty_stuck_two_phase_commits 2",
             "treaty_in_doubt_oldest_age_seconds 2.5",
             "treaty_retry_backlog_oldest_age_seconds 0.0",
             "treaty_retained_transactions 7",

@@ -553,6 +553,11 @@ async fn a_recovered_intent_is_not_aborted_by_a_participant_past_its_retention()
                 let error = b.last_error.as_deref().unwrap_or("");
                 assert!(error.contains("retention"), "{error}");
             }
+            // Operators see it: in doubt since it began, and stuck.
+            let health = runtime.health().await.unwrap();
+            assert_eq!(health.in_doubt, 1, "{health:?}");
+            assert_eq!(health.oldest_in_doubt_unix_ms, Some(record.created_unix_ms));
+            assert_eq!(health.stuck_two_phase_commits, 1, "{health:?}");
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "{shown:?}");

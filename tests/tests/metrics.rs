@@ -89,6 +89,7 @@ async fn a_scrape_after_a_known_workload_shows_its_numbers() {
         ("treaty_transactions_in_progress{protocol=\"saga\"}", 0.0),
         ("treaty_in_doubt_transactions", 0.0),
         ("treaty_stuck_sagas", 0.0),
+        ("treaty_stuck_two_phase_commits", 0.0),
         ("treaty_heuristic_outcomes_total", 0.0),
     ] {
         assert_eq!(sample(&text, series), expected, "{series} in\n{text}");

@@ -397,6 +397,12 @@ impl TwoPhaseCommit {
         self.stuck
     }
 
+    /// Recovered with its intent logged and no decision: its votes are being asked again,
+    /// and they decide.
+    pub fn votes_decide(&self) -> bool {
+        self.votes_decide
+    }
+
     pub fn created_unix_ms(&self) -> UnixMs {
         self.created_unix_ms
     }

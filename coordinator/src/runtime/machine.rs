@@ -194,6 +194,18 @@ impl Machine {
                         &mut health.oldest_in_doubt_unix_ms,
                         entered(txn.transitions(), state),
                     );
+                } else if txn.votes_decide() {
+                    // Its participants may hold YES votes since before the restart, and
+                    // the outcome they wait for is not known here yet: in doubt since
+                    // it began, at the latest.
+                    health.in_doubt += 1;
+                    older(
+                        &mut health.oldest_in_doubt_unix_ms,
+                        Some(txn.created_unix_ms()),
+                    );
+                }
+                if txn.is_stuck() {
+                    health.stuck_two_phase_commits += 1;
                 }
                 let waiting = txn.branches().iter().filter(|b| b.awaiting_ack);
                 for branch in waiting {
