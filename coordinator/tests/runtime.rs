@@ -214,6 +214,7 @@ async fn resume_logged_two_phase(
     delivery_horizon_ms: u64,
 ) -> (
     TxnRecord,
+    Arc<MemoryLog>,
     Runtime,
     treaty_coordinator::runtime::RuntimeTasks,
 ) {
@@ -260,9 +261,9 @@ async fn resume_logged_two_phase(
         retry_backoff_max_ms: 20,
         ..config()
     };
-    let (runtime, tasks, report) = Runtime::start(log, config, fatal).unwrap();
+    let (runtime, tasks, report) = Runtime::start(log.clone(), config, fatal).unwrap();
     assert_eq!(report.resumed, 1);
-    (record, runtime, tasks)
+    (record, log, runtime, tasks)
 }
 
 fn config() -> RuntimeConfig {
@@ -485,7 +486,7 @@ async fn no_participant_is_called_about_a_transaction_past_the_delivery_horizon(
     // participant listens (a call would be answered), yet no call may be made.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let (record, runtime, tasks) = resume_logged_two_phase(
+    let (record, _log, runtime, tasks) = resume_logged_two_phase(
         TxnState::Committing,
         &[("late", &endpoint, BranchState::Prepared, Vec::new())],
         1_000,
@@ -516,7 +517,8 @@ async fn no_participant_is_called_about_a_transaction_past_the_delivery_horizon(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovered_intent_is_not_aborted_by_a_participant_past_its_retention() {
-    use treaty_coordinator::model::BranchState;
+    use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
+    use treaty_coordinator::model::{BranchState, Resolution};
 
     // A participant whose barrier retention (1 s) is shorter than the coordinator's
     // delivery horizon, against the documented rule. The coordinator finds an intent
@@ -533,7 +535,7 @@ async fn a_recovered_intent_is_not_aborted_by_a_participant_past_its_retention()
     })
     .await;
     let endpoint = participant.endpoint.as_str();
-    let (record, runtime, tasks) = resume_logged_two_phase(
+    let (record, log, runtime, tasks) = resume_logged_two_phase(
         TxnState::Preparing,
         &["a", "b"].map(|id| (id, endpoint, BranchState::Preparing, b"payload".to_vec())),
         7 * 24 * 3_600_000,
@@ -563,6 +565,21 @@ async fn a_recovered_intent_is_not_aborted_by_a_participant_past_its_retention()
         assert!(started.elapsed() < Duration::from_secs(30), "{shown:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The operator, who knows "a" committed, states its YES: in the log before the
+    // answer, so that a crash now does not lose it.
+    let request = OperatorRequest {
+        command: OperatorCommand::Resolve {
+            branch_id: "a".into(),
+            outcome: Resolution::Commit,
+        },
+        by: "ops".into(),
+        reason: "a committed before its record was collected".into(),
+    };
+    runtime.operate(record.id, request).await.unwrap();
+    let logged = log.get(&record.id).unwrap().unwrap();
+    assert_eq!(logged.state, TxnState::Preparing);
+    assert_eq!(logged.branches[0].state, BranchState::Prepared);
+    assert!(logged.branches[0].resolution.is_some(), "{logged:?}");
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
     participant.stop().await;
 }

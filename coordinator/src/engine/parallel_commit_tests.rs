@@ -70,6 +70,18 @@ fn cancel() -> OperatorRequest {
     }
 }
 
+/// An operator states `branch`'s vote (commit = YES, abort = NO).
+fn resolve(branch: &str, outcome: Resolution) -> OperatorRequest {
+    OperatorRequest {
+        command: OperatorCommand::Resolve {
+            branch_id: branch.into(),
+            outcome,
+        },
+        by: "ops".into(),
+        reason: "its service is gone".into(),
+    }
+}
+
 fn changed_my_mind() -> Command {
     Command::Abort {
         reason: "changed my mind".into(),
@@ -324,14 +336,6 @@ fn after_a_restart_an_unanswered_prepare_is_sent_again_by_the_nudge() {
 
 #[test]
 fn after_a_restart_an_operator_states_the_vote_of_a_branch_that_cannot_answer() {
-    let resolve = |branch: &str, outcome| OperatorRequest {
-        command: OperatorCommand::Resolve {
-            branch_id: branch.into(),
-            outcome,
-        },
-        by: "ops".into(),
-        reason: "its service is gone".into(),
-    };
     // Stated YES: with the other YES, the commit is decided.
     let mut txn = recovered(2);
     assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
@@ -375,6 +379,49 @@ fn after_a_restart_an_operator_states_the_vote_of_a_branch_that_cannot_answer() 
         txn.handle_event(Event::DecisionPersisted, T0 + 21),
         aborts(&[0])
     );
+}
+
+#[test]
+fn a_vote_stated_after_a_restart_counts_after_the_next_one() {
+    let resolve = |branch: &str| resolve(branch, Resolution::Commit);
+    // b1's YES is stated while b0 and b2 are still asked: nothing is decided yet, and
+    // the record the runtime forces before the operator hears carries the vote.
+    let mut txn = recovered(3);
+    assert_eq!(txn.handle_operator(&resolve("b1"), T0 + 20), Ok(Vec::new()));
+    assert!(txn.votes_decide());
+    let logged = txn.log_record();
+    assert_eq!(logged.state, TxnState::Preparing);
+    assert_eq!(logged.branches[1].state, BranchState::Prepared);
+    // Restarted again: b1 is not asked, its stated vote counts, and its payload is kept
+    // for nobody (every branch still gets phase 2).
+    let (mut again, actions) = TwoPhaseCommit::recover(logged, 4, T0 + 30);
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendPrepare { branch: 0 },
+            Action::SendPrepare { branch: 2 }
+        ]
+    );
+    assert_eq!(again.branches()[1].state, BranchState::Prepared);
+    assert!(again.branches()[1].resolution.is_some());
+    assert!(vote(&mut again, 0, Vote::Yes).is_empty());
+    assert_eq!(vote(&mut again, 2, Vote::Yes), commits(3));
+
+    // A record in which every vote was stated (each statement forced with the record
+    // as it was): read again, the commit is decided at once, and every branch hears it.
+    let stated = |branch: &str| {
+        let mut txn = recovered(2);
+        assert_eq!(
+            txn.handle_operator(&resolve(branch), T0 + 20),
+            Ok(Vec::new())
+        );
+        txn.log_record()
+    };
+    let mut intent = stated("b0");
+    intent.branches[1] = stated("b1").branches[1].clone();
+    let (again, actions) = TwoPhaseCommit::recover(intent, 4, T0 + 30);
+    assert_eq!(actions, commits(2));
+    assert_eq!(again.state(), TxnState::Committing);
 }
 
 #[test]

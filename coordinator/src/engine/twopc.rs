@@ -266,6 +266,21 @@ impl TwoPhaseCommit {
     ///
     /// Whether `record.state` is one of these is for the runtime to check first.
     pub fn recover(record: TxnRecord, max_branches: usize, now: UnixMs) -> (Self, Vec<Action>) {
+        // The YES votes an operator stated while the votes decided (each was forced
+        // with the intent before the operator heard): not asked again.
+        let stated_yes: Vec<usize> = record
+            .branches
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                record.state == TxnState::Preparing
+                    && b.state == BranchState::Prepared
+                    && b.resolution
+                        .as_ref()
+                        .is_some_and(|r| r.outcome == Resolution::Commit)
+            })
+            .map(|(i, _)| i)
+            .collect();
         let (phase, operation) = match record.state {
             TxnState::Committing => (Phase::Committing, Operation::Commit),
             TxnState::Aborting => (Phase::Aborting, Operation::Abort),
@@ -301,7 +316,8 @@ impl TwoPhaseCommit {
                         // Only an intent's record holds any.
                         payload: b.payload,
                         // Asked again: every vote is cast anew (a YES is answered from
-                        // the participant's record).
+                        // the participant's record), but for a YES an operator stated
+                        // (counted below).
                         state: if votes_decide {
                             BranchState::Preparing
                         } else {
@@ -339,7 +355,13 @@ impl TwoPhaseCommit {
             at_unix_ms: now,
             reason: reason.into(),
         });
-        let actions = txn.deliver_to_awaiting(operation, now);
+        for &branch in &stated_yes {
+            txn.branches[branch].awaiting_ack = false;
+        }
+        let mut actions = txn.deliver_to_awaiting(operation, now);
+        for branch in stated_yes {
+            actions.extend(txn.on_vote(branch, Vote::Yes, now));
+        }
         (txn, actions)
     }
 

@@ -134,12 +134,13 @@ impl Machine {
         }
     }
 
-    /// Whether its log record holds its decision: a saga (from its definition on), or a
-    /// two-phase commit decided to commit, or to abort after its intent was logged (other
-    /// aborts are never logged unfinished).
+    /// Whether a write of its record now keeps what an operator stated: a saga (from
+    /// its definition on), a two-phase commit decided to commit, or to abort after its
+    /// intent was logged (other aborts are never logged unfinished), or one whose votes
+    /// decide after a restart (a stated YES is kept with its intent).
     pub(super) fn is_logged(&self) -> bool {
         match self {
-            Machine::TwoPhase(txn) => txn.decision_is_logged(),
+            Machine::TwoPhase(txn) => txn.decision_is_logged() || txn.votes_decide(),
             Machine::Saga(saga) => saga.is_accepted(),
         }
     }

@@ -689,9 +689,8 @@ impl Shard {
             .ok_or(RuntimeError::UnknownTransaction(id))?;
         // A resolution is reported once it is durable where the decision is (a logged
         // decision, a saga): work done by hand has no barrier record to answer a replay,
-        // so after a crash it must not be sent again. A vote stated while the votes decide
-        // (after a restart) is durable with the decision it completes; until then a crash
-        // loses it, and the branch is asked again (the operator states it again).
+        // so after a crash it must not be sent again. A YES stated while the votes decide
+        // (after a restart) is kept with the intent, and not asked again after the next.
         let resolved = matches!(request.command, OperatorCommand::Resolve { .. });
         if resolved {
             self.config.metrics.heuristic_outcome();
