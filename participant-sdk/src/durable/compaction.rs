@@ -61,8 +61,8 @@ const FREE_SPACE_MARGIN_BYTES: u64 = 64 * 1024 * 1024;
 /// How long a replaced generation may wait for its readers, or for its files to be
 /// deleted, before they are left to the next open (and compaction may start again).
 const RETIRED_PATIENCE: Duration = Duration::from_secs(600);
-/// How long after an abandoned compaction the policy may start another.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(600);
+/// The default [`CompactionPolicy::retry_after_failure_ms`].
+pub const DEFAULT_COMPACTION_RETRY_AFTER_FAILURE_MS: u64 = 600_000;
 /// How long sled's background threads may still touch a database after its last
 /// handle is dropped, before its files are deleted.
 const LET_GO_OF_FILES: Duration = Duration::from_secs(2);
@@ -114,6 +114,10 @@ pub struct CompactionPolicy {
     pub min_removed_records: u64,
     /// How often the size on disk is looked at.
     pub check_interval_ms: u64,
+    /// How long after an abandoned compaction (an error while copying, too little free
+    /// space) the policy may start another. The default is
+    /// [`DEFAULT_COMPACTION_RETRY_AFTER_FAILURE_MS`].
+    pub retry_after_failure_ms: u64,
 }
 
 impl Default for CompactionPolicy {
@@ -123,6 +127,7 @@ impl Default for CompactionPolicy {
             growth_factor: DEFAULT_COMPACTION_GROWTH_FACTOR,
             min_removed_records: DEFAULT_COMPACTION_MIN_REMOVED_RECORDS,
             check_interval_ms: 10_000,
+            retry_after_failure_ms: DEFAULT_COMPACTION_RETRY_AFTER_FAILURE_MS,
         }
     }
 }
@@ -447,6 +452,9 @@ impl Logger {
         let Some(rebuild) = self.compaction.rebuild.as_mut() else {
             return Ok(false);
         };
+        fail::fail_point!("durable::compaction_copy", |_| Err(
+            "injected copy failure".to_string()
+        ));
         let start = match rebuild.copied_up_to.clone() {
             Some(key) => std::ops::Bound::Excluded(key),
             None => std::ops::Bound::Unbounded,
@@ -625,7 +633,14 @@ impl Logger {
     /// Gives up the rebuild in progress, if any: its directory is deleted once sled has
     /// let go of it, and the policy waits before trying again.
     pub(super) fn abandon_rebuild(&mut self, message: String) {
-        self.compaction.next_check = Some(Instant::now() + RETRY_AFTER_FAILURE);
+        let retry_after_ms = self
+            .compaction
+            .policy
+            .as_ref()
+            .map_or(DEFAULT_COMPACTION_RETRY_AFTER_FAILURE_MS, |policy| {
+                policy.retry_after_failure_ms
+            });
+        self.compaction.next_check = Some(Instant::now() + Duration::from_millis(retry_after_ms));
         if let Some(rebuild) = self.compaction.rebuild.take() {
             tracing::warn!(generation = rebuild.number, error = %message, "compaction abandoned; the store is unchanged");
             self.compaction.removed(rebuild.removed_records_before);

@@ -240,6 +240,7 @@ fn compacting_at_any_size(min_removed_records: u64) -> StoreOptions {
             growth_factor: 1,
             min_removed_records,
             check_interval_ms: 50,
+            retry_after_failure_ms: 500,
         }),
         ..StoreOptions::default()
     }

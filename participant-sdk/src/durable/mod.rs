@@ -62,7 +62,7 @@ use tokio::sync::oneshot;
 pub use compaction::{
     COPY_CHUNK_RECORDS, CompactionPolicy, CompactionReport, DEFAULT_COMPACTION_GROWTH_FACTOR,
     DEFAULT_COMPACTION_MIN_BYTES, DEFAULT_COMPACTION_MIN_REMOVED_RECORDS,
-    MIN_COMPACTION_GROWTH_FACTOR,
+    DEFAULT_COMPACTION_RETRY_AFTER_FAILURE_MS, MIN_COMPACTION_GROWTH_FACTOR,
 };
 pub use files::SyncedPath;
 pub use generations::{POINTER_FILE, is_store};
