@@ -73,6 +73,8 @@ use crate::model::{
     TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
 };
 
+#[path = "twopc_records.rs"]
+mod records;
 #[path = "twopc_operator.rs"]
 mod operator;
 
@@ -256,115 +258,6 @@ impl TwoPhaseCommit {
         (txn, actions)
     }
 
-    /// A transaction found unfinished in the log after a restart:
-    /// - a commit decision (`Committing`): phase 2 is delivered again to every branch that
-    ///   voted YES (deliveries are idempotent);
-    /// - an abort decision written after an intent (`Aborting`): the abort is delivered
-    ///   again to every branch that may hold a YES;
-    /// - an intent (`Preparing`): every branch is asked to prepare again, with its
-    ///   payload (a participant answers a repeat from its record), and the votes decide.
-    ///
-    /// Whether `record.state` is one of these is for the runtime to check first.
-    pub fn recover(record: TxnRecord, max_branches: usize, now: UnixMs) -> (Self, Vec<Action>) {
-        // The YES votes an operator stated while the votes decided (each was forced
-        // with the intent before the operator heard): not asked again.
-        let stated_yes: Vec<usize> = record
-            .branches
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| {
-                record.state == TxnState::Preparing
-                    && b.state == BranchState::Prepared
-                    && b.resolution
-                        .as_ref()
-                        .is_some_and(|r| r.outcome == Resolution::Commit)
-            })
-            .map(|(i, _)| i)
-            .collect();
-        let (phase, operation) = match record.state {
-            TxnState::Committing => (Phase::Committing, Operation::Commit),
-            TxnState::Aborting => (Phase::Aborting, Operation::Abort),
-            TxnState::Preparing => (Phase::Preparing, Operation::Prepare),
-            other => panic!(
-                "invariant: only commit, abort and intent records are recovered (the runtime \
-                 checks the log first), not {other:?}"
-            ),
-        };
-        let votes_decide = phase == Phase::Preparing;
-        let mut txn = Self {
-            id: record.id,
-            phase,
-            created_unix_ms: record.created_unix_ms,
-            deadline_unix_ms: record.deadline_unix_ms,
-            prepare_timeout_ms: record.prepare_timeout_ms,
-            max_branches,
-            branches: record
-                .branches
-                .into_iter()
-                .map(|b| {
-                    let mut history = b.history;
-                    history.abandon_open("unknown: the coordinator restarted", now);
-                    let awaiting_ack = match phase {
-                        Phase::Committing => b.state == BranchState::Prepared,
-                        Phase::Aborting => may_hold_yes(b.state),
-                        _ => true,
-                    };
-                    Branch {
-                        awaiting_ack,
-                        id: b.id,
-                        endpoint: b.endpoint,
-                        // Only an intent's record holds any.
-                        payload: b.payload,
-                        // Asked again: every vote is cast anew (a YES is answered from
-                        // the participant's record), but for a YES an operator stated
-                        // (counted below).
-                        state: if votes_decide {
-                            BranchState::Preparing
-                        } else {
-                            b.state
-                        },
-                        attempts: b.attempts,
-                        last_error: b.last_error,
-                        history,
-                        failing_since: None,
-                        heuristic: b.heuristic,
-                        resolution: b.resolution,
-                    }
-                })
-                .collect(),
-            reason: record.reason,
-            transitions: record.transitions,
-            owner: record.owner,
-            paused: false,
-            stuck: record.stuck,
-            deadline_passed: false,
-            // Only consulted at Commit, which is over.
-            parallel_commit: false,
-            // Whatever it is, its record is in the log, and ends there.
-            intent: Intent::Durable,
-            votes_decide,
-        };
-        let reason = if votes_decide {
-            "recovered after a coordinator restart: its intent is logged, so its participants \
-             are asked again and their votes decide"
-        } else {
-            "recovered after a coordinator restart"
-        };
-        txn.transitions.push(Transition {
-            state: txn.phase.state(),
-            at_unix_ms: now,
-            reason: reason.into(),
-        });
-        for &branch in &stated_yes {
-            txn.branches[branch].awaiting_ack = false;
-        }
-        let mut actions = txn.deliver_to_awaiting(operation, now);
-        for branch in stated_yes {
-            actions.extend(txn.on_vote(branch, Vote::Yes, now));
-        }
-        (txn, actions)
-    }
-
     /// The principal that began it (`None` without authentication).
     pub fn owner(&self) -> Option<&str> {
         self.owner.as_deref()
@@ -469,103 +362,6 @@ impl TwoPhaseCommit {
     /// is unknown until the participant answers or an operator resolves it.
     pub fn waits_past_deadline(&self, now: UnixMs) -> bool {
         (self.deadline_passed || now >= self.deadline_unix_ms) && self.phase == Phase::Aborting
-    }
-
-    /// What the log stores and GetTransaction shows.
-    pub fn record(&self) -> TxnRecord {
-        TxnRecord {
-            id: self.id,
-            kind: TxnKind::TwoPhase,
-            state: self.state(),
-            created_unix_ms: self.created_unix_ms,
-            deadline_unix_ms: self.deadline_unix_ms,
-            prepare_timeout_ms: self.prepare_timeout_ms,
-            reason: self.reason.clone(),
-            branches: self
-                .branches
-                .iter()
-                .map(|b| BranchRecord {
-                    id: b.id.clone(),
-                    endpoint: b.endpoint.clone(),
-                    // Only the intent carries them (`log_record`).
-                    payload: Vec::new(),
-                    state: b.state,
-                    attempts: b.attempts,
-                    compensation_attempts: 0,
-                    last_error: b.last_error.clone(),
-                    history: b.history.clone(),
-                    heuristic: b.heuristic.clone(),
-                    resolution: b.resolution.clone(),
-                })
-                .collect(),
-            transitions: self.transitions.clone(),
-            ended_unix_ms: self
-                .state()
-                .is_final()
-                .then(|| self.transitions.last().map_or(0, |t| t.at_unix_ms)),
-            idempotency_key: None,
-            stuck: self.stuck,
-            saga: None,
-            owner: self.owner.clone(),
-            paused: self.paused,
-        }
-    }
-
-    /// The record `PersistDecision` writes: the transaction as it is, but in state
-    /// `Committing`, which is what recovery redelivers. (Until the write returns, users
-    /// still see `Preparing`.)
-    pub fn decision_record(&self) -> TxnRecord {
-        debug_assert_eq!(
-            self.phase,
-            Phase::Deciding,
-            "only a deciding transaction logs a decision"
-        );
-        TxnRecord {
-            state: TxnState::Committing,
-            ..self.record()
-        }
-    }
-
-    /// What a log write issued now must hold: the intent, with the branches' payloads for
-    /// asking again, while preparing; the commit decision while deciding, the abort
-    /// decision while deciding to abort, the final record while concluding, the
-    /// transaction as it is otherwise.
-    pub fn log_record(&self) -> TxnRecord {
-        match self.phase {
-            Phase::Preparing if self.intent_logged() => {
-                let mut intent = self.record();
-                for (record, branch) in intent.branches.iter_mut().zip(&self.branches) {
-                    record.payload.clone_from(&branch.payload);
-                }
-                intent
-            }
-            Phase::Deciding => self.decision_record(),
-            Phase::DecidingAbort { at_unix_ms } => {
-                let mut decided = self.clone();
-                let reason = self.reason.clone().unwrap_or_default();
-                decided.enter(self.abort_end(), reason, at_unix_ms);
-                decided.record()
-            }
-            Phase::Concluding {
-                at_unix_ms,
-                read_only,
-            } => {
-                let mut concluded = self.clone();
-                concluded.conclude(at_unix_ms, read_only);
-                concluded.record()
-            }
-            _ => self.record(),
-        }
-    }
-
-    /// Enters `Committed` as of `at_unix_ms`, when the participant(s) settled it.
-    fn conclude(&mut self, at_unix_ms: UnixMs, read_only: bool) {
-        let reason = if read_only {
-            "every branch was read-only".to_string()
-        } else {
-            String::new()
-        };
-        self.enter(Phase::Committed, reason, at_unix_ms);
     }
 
     /// Handles a request from the API.
