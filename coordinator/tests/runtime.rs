@@ -549,12 +549,16 @@ async fn a_recovered_intent_is_not_aborted_by_a_participant_past_its_retention()
             TxnState::Preparing,
             "the votes decide, and none may be guessed: {shown:?}"
         );
-        if shown.branches.iter().all(|b| b.attempts >= 4) {
+        // Each branch asked again a few times, its last answer the participant's
+        // refusal (not a slow call's timeout on a loaded machine).
+        let refused = |b: &treaty_coordinator::model::BranchRecord| {
+            b.attempts >= 3
+                && b.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("retention"))
+        };
+        if shown.branches.iter().all(refused) {
             assert!(shown.stuck, "an operator must state the votes: {shown:?}");
-            for b in &shown.branches {
-                let error = b.last_error.as_deref().unwrap_or("");
-                assert!(error.contains("retention"), "{error}");
-            }
             // Operators see it: in doubt since it began, and stuck.
             let health = runtime.health().await.unwrap();
             assert_eq!(health.in_doubt, 1, "{health:?}");

@@ -34,8 +34,9 @@
 //! | `abort` | [`BarrierError::PastRetention`] | ABORTED would be false if the branch had committed (one-phase, saga step) |
 //! | `compensate` | [`BarrierError::PastRetention`] | COMPENSATED would be false if the step's effect is there |
 //!
-//! The error reaches the coordinator as FAILED_PRECONDITION, "no answer": it keeps
-//! retrying and the transaction waits for an operator. Such a call only comes from a
+//! The error reaches the coordinator as FAILED_PRECONDITION, "no answer": a first
+//! Prepare so refused aborts the transaction (no Abort is sent to the branch); any other
+//! call is retried and the transaction waits for an operator. Such a call only comes from a
 //! coordinator that broke its delivery horizon, or from clocks further apart than the
 //! retention's margin over that horizon (docs/decisions.md, "Bounded disk"). Ids that are
 //! not canonical UUIDv7s have no age: their records are kept and their calls answered as

@@ -322,6 +322,12 @@ fn after_a_restart_a_prepare_that_cannot_be_answered_flags_it_stuck_at_once() {
     );
     assert!(txn.is_stuck(), "an operator must state the vote");
     assert_eq!(txn.state(), TxnState::Preparing);
+    // Once the operator has, it is no longer stuck (another failure would flag it again).
+    assert_eq!(
+        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 40),
+        Ok(Vec::new())
+    );
+    assert!(!txn.is_stuck());
 }
 
 #[test]
@@ -348,7 +354,14 @@ fn after_a_restart_an_operator_states_the_vote_of_a_branch_that_cannot_answer() 
     );
     assert_eq!(
         txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 20),
-        Ok(commits(2))
+        Ok(vec![Action::PersistDecision]),
+        "a stated vote is durable only with the decision: forced before phase 2"
+    );
+    assert_eq!(txn.log_record().state, TxnState::Committing);
+    assert_eq!(txn.state(), TxnState::Preparing);
+    assert_eq!(
+        txn.handle_event(Event::DecisionPersisted, T0 + 21),
+        commits(2)[1..]
     );
     let stated = txn.branches()[1].resolution.clone();
     assert!(matches!(
@@ -405,7 +418,14 @@ fn a_vote_stated_after_a_restart_counts_after_the_next_one() {
     assert_eq!(again.branches()[1].state, BranchState::Prepared);
     assert!(again.branches()[1].resolution.is_some());
     assert!(vote(&mut again, 0, Vote::Yes).is_empty());
-    assert_eq!(vote(&mut again, 2, Vote::Yes), commits(3));
+    assert_eq!(
+        vote(&mut again, 2, Vote::Yes),
+        vec![Action::PersistDecision]
+    );
+    assert_eq!(
+        again.handle_event(Event::DecisionPersisted, T0 + 40),
+        commits(3)[1..]
+    );
 
     // A record in which every vote was stated (each statement forced with the record
     // as it was): read again, the commit is decided at once, and every branch hears it.
@@ -419,8 +439,12 @@ fn a_vote_stated_after_a_restart_counts_after_the_next_one() {
     };
     let mut intent = stated("b0");
     intent.branches[1] = stated("b1").branches[1].clone();
-    let (again, actions) = TwoPhaseCommit::recover(intent, 4, T0 + 30);
-    assert_eq!(actions, commits(2));
+    let (mut again, actions) = TwoPhaseCommit::recover(intent, 4, T0 + 30);
+    assert_eq!(actions, vec![Action::PersistDecision]);
+    assert_eq!(
+        again.handle_event(Event::DecisionPersisted, T0 + 40),
+        commits(2)[1..]
+    );
     assert_eq!(again.state(), TxnState::Committing);
 }
 

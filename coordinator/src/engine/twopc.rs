@@ -18,7 +18,8 @@
 //!  Preparing ── all YES/READ_ONLY, intent not yet ──▶ Deciding ── IntentPersisted ──▶ Committing
 //!  Preparing ── NO, no answer, timeout, deadline, Abort ──▶ DecidingAbort
 //!                                        ── DecisionPersisted ──▶ Aborting (or Aborted)
-//!  recover(intent) ──▶ Preparing, asked again; only a NO aborts it
+//!  recover(intent) ──▶ Preparing, asked again; only a NO aborts it; a commit that a
+//!                      vote stated by an operator completes goes through Deciding
 //! ```
 //!
 //! **Parallel commit** (`NewTransaction::parallel_commit`, for transactions whose payloads
@@ -73,10 +74,10 @@ use crate::model::{
     TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
 };
 
-#[path = "twopc_records.rs"]
-mod records;
 #[path = "twopc_operator.rs"]
 mod operator;
+#[path = "twopc_records.rs"]
+mod records;
 
 /// Failed deliveries to one branch after which the transaction is flagged stuck (it
 /// keeps retrying; an operator should look).
@@ -436,9 +437,17 @@ impl TwoPhaseCommit {
                 if self.votes_decide {
                     return self.ask_again_later(branch, error, permanent, now);
                 }
-                let id = self.branches[branch].id.clone();
-                self.branches[branch].state = BranchState::Unreachable;
-                self.branches[branch].last_error = Some(error.clone());
+                let b = &mut self.branches[branch];
+                let id = b.id.clone();
+                b.last_error = Some(error.clone());
+                if permanent {
+                    // No answer would be true (past the participant's retention, with no
+                    // record; or not sent, past the horizon): it holds no YES and runs
+                    // nothing, so no abort is owed to it, now or after a restart.
+                    b.state = BranchState::VotedNo;
+                    return self.decide_abort(format!("branch {id} refused prepare: {error}"), now);
+                }
+                b.state = BranchState::Unreachable;
                 self.decide_abort(format!("branch {id} did not answer prepare: {error}"), now)
             }
             Event::Delivered { branch, answer } => self.on_delivered(branch, answer, now),
@@ -667,6 +676,13 @@ impl TwoPhaseCommit {
             Intent::Writing => {
                 self.phase = Phase::Deciding;
                 Vec::new()
+            }
+            // A YES an operator stated (after a restart) is durable only in this log, and
+            // may be in memory alone: the commit it helps decide is forced before phase 2,
+            // as a classic decision is.
+            Intent::Durable if self.branches.iter().any(|b| b.resolution.is_some()) => {
+                self.phase = Phase::Deciding;
+                vec![Action::PersistDecision]
             }
             Intent::Durable => self.commit_implied(now),
         }

@@ -105,6 +105,8 @@ impl TwoPhaseCommit {
                 b.resolution = Some(resolution);
                 b.history
                     .abandon_open("no answer: an operator stated the vote", now);
+                // Handled; a branch that still fails flags it again at its next failure.
+                self.stuck = false;
                 self.note(request.describe(&what), now);
                 let vote = match outcome {
                     Resolution::Commit => Vote::Yes,

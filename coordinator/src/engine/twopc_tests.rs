@@ -631,6 +631,36 @@ fn prepare_without_an_answer_aborts_including_the_silent_branch() {
 }
 
 #[test]
+fn a_prepare_refused_for_good_aborts_with_no_abort_owed_to_that_branch() {
+    // FAILED_PRECONDITION (past the participant's retention, no record): it holds no YES
+    // and would refuse an abort the same way for ever.
+    let mut txn = preparing(2);
+    vote(&mut txn, 0, Vote::Yes);
+    let actions = txn.handle_event(
+        Event::PrepareFailed {
+            branch: 1,
+            error: "past the barrier retention".into(),
+            permanent: true,
+        },
+        T0 + 1,
+    );
+    assert_eq!(actions, vec![Action::SendAbort { branch: 0 }]);
+    assert_eq!(txn.branch(1).unwrap().state, BranchState::VotedNo);
+    assert!(txn.reason().unwrap().contains("refused prepare"));
+    assert_eq!(
+        txn.handle_event(
+            Event::Delivered {
+                branch: 0,
+                answer: Answer::Aborted
+            },
+            T0 + 2
+        ),
+        vec![Action::RecordHistory]
+    );
+    assert_eq!(txn.state(), TxnState::Aborted);
+}
+
+#[test]
 fn deadline_while_active_aborts_without_contacting_anyone() {
     let mut txn = new_txn(2);
     assert_eq!(
