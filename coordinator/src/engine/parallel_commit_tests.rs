@@ -322,12 +322,25 @@ fn after_a_restart_a_prepare_that_cannot_be_answered_flags_it_stuck_at_once() {
     );
     assert!(txn.is_stuck(), "an operator must state the vote");
     assert_eq!(txn.state(), TxnState::Preparing);
-    // Once the operator has, it is no longer stuck (another failure would flag it again).
+    // Once the operator has, it is no longer stuck...
+    let mut handled = txn.clone();
     assert_eq!(
-        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 40),
+        handled.handle_operator(&resolve("b0", Resolution::Commit), T0 + 40),
         Ok(Vec::new())
     );
-    assert!(!txn.is_stuck());
+    assert!(!handled.is_stuck());
+    // ...unless another branch still fails to answer.
+    let failed = Event::PrepareFailed {
+        branch: 1,
+        error: "connection refused".into(),
+        permanent: false,
+    };
+    txn.handle_event(failed, T0 + 41);
+    assert_eq!(
+        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 42),
+        Ok(Vec::new())
+    );
+    assert!(txn.is_stuck(), "b1 still fails");
 }
 
 #[test]

@@ -525,11 +525,15 @@ impl TwoPhaseCommit {
                 _ => Vec::new(),
             },
             Event::IntentPersisted => {
-                if self.intent == Intent::Writing {
-                    self.intent = Intent::Durable;
+                // Only the write under way completes it: a decision being forced
+                // (`Deciding` with the intent durable already, after a stated vote)
+                // is not this event's to take.
+                if self.intent != Intent::Writing {
+                    return Vec::new();
                 }
+                self.intent = Intent::Durable;
                 match self.phase {
-                    Phase::Deciding if self.intent == Intent::Durable => self.commit_implied(now),
+                    Phase::Deciding => self.commit_implied(now),
                     _ => Vec::new(),
                 }
             }

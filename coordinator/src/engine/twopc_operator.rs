@@ -105,8 +105,10 @@ impl TwoPhaseCommit {
                 b.resolution = Some(resolution);
                 b.history
                     .abandon_open("no answer: an operator stated the vote", now);
-                // Handled; a branch that still fails flags it again at its next failure.
-                self.stuck = false;
+                // Handled, unless another branch still fails to answer.
+                self.stuck = self.branches.iter().enumerate().any(|(i, b)| {
+                    i != index && b.state == BranchState::Preparing && b.failing_since.is_some()
+                });
                 self.note(request.describe(&what), now);
                 let vote = match outcome {
                     Resolution::Commit => Vote::Yes,
