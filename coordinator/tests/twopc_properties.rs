@@ -1,7 +1,12 @@
 //! Property tests of the two-phase commit state machine against a simulated world:
 //! participants that vote as scripted and obey the barrier, messages delivered in any
 //! order, duplicated or lost, timers firing at any moment, and coordinator crashes that
-//! lose everything but the durable log.
+//! lose everything but the durable log. Also participants past their barrier retention:
+//! one that has no record of a branch refuses every call about it for good, including
+//! one that collected a final record while the coordinator still needed it (a retention
+//! shorter than the horizon, against the rule); an operator then states what is true.
+//! (With such a Prepare answered NO instead, as until 2026-12-06, this test finds a
+//! commit reported and then aborted after a restart.)
 //!
 //! Invariants, checked after every step:
 //! - no participant is told COMMIT unless every branch voted YES or READ_ONLY;
@@ -19,9 +24,10 @@
 
 use proptest::prelude::*;
 use treaty_coordinator::engine::twopc::{
-    Action, Answer, BranchSpec, Command, Event, NewTransaction, TwoPhaseCommit, Vote,
+    Action, Answer, BranchSpec, Command, Event, NewTransaction, OperatorCommand, OperatorRequest,
+    TwoPhaseCommit, Vote,
 };
-use treaty_coordinator::model::{TxnId, TxnRecord, TxnState};
+use treaty_coordinator::model::{BranchState, Resolution, TxnId, TxnRecord, TxnState};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -71,6 +77,14 @@ enum Step {
     /// Deliver it, and lose the answer without a trace (no failure either): only the
     /// sweeper's nudge can recover.
     Vanish(usize),
+    /// Deliver it; a Prepare to a participant with no record of the branch is refused
+    /// for good (FAILED_PRECONDITION: past its barrier retention), and so is every call
+    /// about that branch after it. Anything else is delivered as usual.
+    Refuse(usize),
+    /// A participant whose retention is shorter than the coordinator's horizon (against
+    /// the rule) collects the final record of this branch (mod the number of branches):
+    /// from then on it refuses every call about it. A prepared record is never collected.
+    Collect(usize),
     /// The sweeper's nudge, with every open call taken as stale.
     Nudge,
     PrepareTimer,
@@ -87,6 +101,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(Step::LoseAnswer),
         1 => any::<usize>().prop_map(Step::Duplicate),
         1 => any::<usize>().prop_map(Step::Vanish),
+        1 => any::<usize>().prop_map(Step::Refuse),
+        1 => any::<usize>().prop_map(Step::Collect),
         1 => Just(Step::Nudge),
         1 => Just(Step::PrepareTimer),
         1 => Just(Step::Deadline),
@@ -116,6 +132,10 @@ struct World {
     reported_commit: bool,
     reported_abort: bool,
     barriers: Vec<Barrier>,
+    /// Branches whose participant refuses every call (past its retention, no record).
+    refused: Vec<bool>,
+    /// What a collected record said.
+    collected: Vec<Option<Barrier>>,
     told_commit: Vec<bool>,
     told_abort: Vec<bool>,
     now: u64,
@@ -155,6 +175,8 @@ impl World {
             reported_commit: false,
             reported_abort: false,
             barriers: vec![Barrier::None; n],
+            refused: vec![false; n],
+            collected: vec![None; n],
             told_commit: vec![false; n],
             told_abort: vec![false; n],
             now: T0,
@@ -236,6 +258,9 @@ impl World {
 
     /// The participant's barrier handles a request; returns its answer (None: an error).
     fn participant(&mut self, message: &InFlight) -> Option<Event> {
+        if let Some(refusal) = self.refusal(message) {
+            return Some(refusal);
+        }
         match *message {
             InFlight::Prepare(b) => {
                 let vote = match self.barriers[b] {
@@ -325,6 +350,35 @@ impl World {
         }
     }
 
+    /// What a participant past its retention answers about a branch it has no record of:
+    /// FAILED_PRECONDITION to every call.
+    fn refusal(&self, message: &InFlight) -> Option<Event> {
+        let (InFlight::Prepare(branch)
+        | InFlight::Commit(branch)
+        | InFlight::OnePhaseCommit(branch)
+        | InFlight::Abort(branch)) = *message
+        else {
+            return None;
+        };
+        if !self.refused[branch] || self.barriers[branch] != Barrier::None {
+            return None;
+        }
+        let error = "past the barrier retention".to_string();
+        Some(match message {
+            InFlight::Prepare(_) => Event::PrepareFailed {
+                branch,
+                error,
+                permanent: true,
+            },
+            // As the runtime passes it: only a phase-2 commit's refusal is for good.
+            _ => Event::DeliveryFailed {
+                branch,
+                error,
+                permanent: matches!(message, InFlight::Commit(_)),
+            },
+        })
+    }
+
     fn failure(message: &InFlight) -> Event {
         match *message {
             InFlight::Prepare(branch) => Event::PrepareFailed {
@@ -393,6 +447,29 @@ impl World {
                     }
                 }
             }
+            Step::Refuse(i) => {
+                if let Some(message) = self.take(*i) {
+                    if let InFlight::Prepare(branch) = message {
+                        if self.barriers[branch] == Barrier::None {
+                            self.refused[branch] = true;
+                        }
+                    }
+                    if let Some(event) = self.participant(&message) {
+                        self.feed(event);
+                    }
+                }
+            }
+            // (Not of a one-phase commit's only branch: its outcome is that participant's,
+            // and an operator settles it by the deadline's probe, not modelled here.)
+            Step::Collect(i) if self.barriers.len() > 1 => {
+                let b = i % self.barriers.len();
+                if !matches!(self.barriers[b], Barrier::None | Barrier::Prepared) {
+                    self.collected[b] = Some(self.barriers[b]);
+                    self.barriers[b] = Barrier::None;
+                    self.refused[b] = true;
+                }
+            }
+            Step::Collect(_) => {}
             Step::Nudge => self.feed(Event::Nudge { stale_after_ms: 0 }),
             Step::PrepareTimer => self.feed(Event::PrepareTimerFired),
             Step::Deadline => self.feed(Event::DeadlineReached),
@@ -444,12 +521,12 @@ impl World {
                 assert!(every_vote_yes, "a commit without every vote YES");
             }
         }
-        let committed_anywhere = self.barriers.contains(&Barrier::Committed);
-        let aborted_anywhere = self
-            .barriers
-            .iter()
-            .zip(&self.scripts)
-            .any(|(b, s)| *b == Barrier::Aborted && *s == Script::Yes);
+        let held = |barrier: Barrier| {
+            (0..self.barriers.len())
+                .filter(move |&b| self.barriers[b] == barrier || self.collected[b] == Some(barrier))
+        };
+        let committed_anywhere = held(Barrier::Committed).next().is_some();
+        let aborted_anywhere = held(Barrier::Aborted).any(|b| self.scripts[b] == Script::Yes);
         assert!(
             !(committed_anywhere && aborted_anywhere),
             "disagreement: {:?}",
@@ -476,15 +553,105 @@ impl World {
         }
     }
 
+    /// A branch whose participant refuses for good waits for an operator, who states
+    /// what it knows to be true: while the votes decide after a restart, its vote (YES if
+    /// the collected record said it committed or was read-only, else NO: with no record
+    /// at all it never voted YES, so no commit can have been decided without it); once
+    /// committing, that it committed. Returns whether something was stated.
+    fn state_refused_votes(&mut self) -> bool {
+        let Some(coordinator) = self.coordinator.as_mut() else {
+            return false;
+        };
+        let state = coordinator.state();
+        let waits = |b: usize| {
+            let branch = coordinator.branch(b).unwrap();
+            match state {
+                TxnState::Preparing => {
+                    coordinator.votes_decide() && branch.state == BranchState::Preparing
+                }
+                TxnState::Committing => branch.awaiting_ack,
+                _ => false,
+            }
+        };
+        let waiting = (0..self.refused.len())
+            .find(|&b| self.refused[b] && self.barriers[b] == Barrier::None && waits(b));
+        let Some(branch) = waiting else {
+            return false;
+        };
+        let agreed = matches!(
+            self.collected[branch],
+            Some(Barrier::Committed | Barrier::ReadOnly)
+        );
+        let outcome = if state == TxnState::Committing || agreed {
+            Resolution::Commit
+        } else {
+            Resolution::Abort
+        };
+        let request = OperatorRequest {
+            command: OperatorCommand::Resolve {
+                branch_id: format!("b{branch}"),
+                outcome,
+            },
+            by: "ops".into(),
+            reason: "its participant holds no record".into(),
+        };
+        self.now += 1;
+        // Refused while a decision is being written: the operator tries again later.
+        let Ok(actions) = coordinator.handle_operator(&request, self.now) else {
+            return false;
+        };
+        self.carry_out(actions);
+        self.note_reported();
+        true
+    }
+
+    /// An abort whose only undelivered branches refuse it for good (no record there) is
+    /// retried until the runtime gives it up (its cap on undelivered aborts past their
+    /// deadline): modelled as given up once nothing else is left. Returns whether it was.
+    fn give_up_refused_aborts(&mut self) -> bool {
+        let Some(coordinator) = self.coordinator.as_mut() else {
+            return false;
+        };
+        if coordinator.state() != TxnState::Aborting {
+            return false;
+        }
+        let only_refused = coordinator
+            .branches()
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.awaiting_ack)
+            .all(|(i, _)| self.refused[i] && self.barriers[i] == Barrier::None);
+        if !only_refused {
+            return false;
+        }
+        self.now += 1;
+        let actions = coordinator.give_up_undelivered_abort(self.now);
+        self.carry_out(actions);
+        self.note_reported();
+        true
+    }
+
     /// Lets everything still pending happen, without losses.
     fn settle(&mut self) {
         for _ in 0..10_000 {
+            // A refusing participant's vote only an operator can state, and aborts
+            // nobody will take are retried until the runtime gives them up.
+            if self.state_refused_votes() || self.give_up_refused_aborts() {
+                self.check();
+                continue;
+            }
+            // Retries of calls a participant refuses for good change nothing: they are
+            // left for last, so that the others (and the sweeper) get their turn.
+            let retry = self
+                .retries
+                .iter()
+                .position(|(branch, _)| !self.refused[*branch]);
             if let Some(message) = self.take(0) {
                 if let Some(event) = self.participant(&message) {
                     self.feed(event);
                 }
-            } else if !self.retries.is_empty() {
-                let (branch, attempt) = self.retries.remove(0);
+            } else if let Some(retry) = retry {
+                let (branch, attempt) = self.retries.remove(retry);
                 self.feed(Event::RetryDue { branch, attempt });
             } else if self
                 .coordinator
@@ -524,7 +691,7 @@ proptest! {
             prop_assert!(coordinator.state().is_final(), "not final: {:?}", coordinator.state());
             let committed = coordinator.state().is_commit();
             for (b, barrier) in world.barriers.iter().enumerate() {
-                match barrier {
+                match world.collected[b].unwrap_or(*barrier) {
                     Barrier::Prepared => prop_assert!(false, "branch {b} left in doubt"),
                     Barrier::Committed => prop_assert!(committed, "branch {b} committed, outcome abort"),
                     Barrier::Aborted => prop_assert!(!committed, "branch {b} aborted, outcome commit"),
