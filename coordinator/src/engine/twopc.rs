@@ -38,7 +38,10 @@
 //! Invariants:
 //! - Commit is decided only after every branch voted YES or READ_ONLY, and is reported
 //!   (state `Committing`) only after `PersistDecision` came back as `DecisionPersisted`,
-//!   or, with parallel commit, after the intent came back as `IntentPersisted`.
+//!   or, with parallel commit, once the intent is durable (`IntentPersisted`, or read
+//!   from the log after a restart) and every vote is durable at its participant. A vote
+//!   an operator stated is durable nowhere else: a commit it helps decide waits for
+//!   `DecisionPersisted`.
 //! - Once decided, the outcome never changes: late votes, timers and abort requests after
 //!   the decision change nothing.
 //! - Without an intent, aborts are never written to the log (presumed abort). A logged
