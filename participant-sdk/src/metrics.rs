@@ -29,10 +29,12 @@
 //! - `treaty_participant_barrier_gc_removed_total`: records deleted by the collector.
 //! - `treaty_participant_outcome_inquiries_total{result}`: `GetOutcome` calls to
 //!   coordinators for branches in doubt, by answer.
-//! - `treaty_participant_store_fsyncs_total` and
-//!   `treaty_participant_store_forced_records_total`: forced groups the barrier's store
-//!   made durable, and the records in them, as the store's logger counts them
-//!   ([`crate::durable::DurabilityCounters`]); absent for a store that does not count.
+//! - `treaty_participant_store_fsyncs_total`,
+//!   `treaty_participant_store_forced_records_total` and
+//!   `treaty_participant_store_fsync_seconds_total`: forced groups the barrier's store
+//!   made durable, the records in them and the time their syncs took, as the store's
+//!   logger counts them ([`crate::durable::DurabilityCounters`]); absent for a store that
+//!   does not count.
 //!
 //! Invariants: every label takes values from a fixed enum, never from a request; an update
 //! is an atomic operation or a read-locked map lookup, never held across an await; a
@@ -379,6 +381,14 @@ impl Collector for StoreCounters {
             None,
             records.metric_type(),
         )?)?;
+        let sync_time = ConstCounter::new(counters.sync_seconds());
+        sync_time.encode(encoder.encode_descriptor(
+            "treaty_participant_store_fsync",
+            "Time the barrier's store spent making its forced groups durable; divided by \
+             the fsyncs, the mean wait of a forced group for the disk.",
+            Some(&Unit::Seconds),
+            sync_time.metric_type(),
+        )?)?;
         Ok(())
     }
 }
@@ -435,6 +445,28 @@ mod tests {
             .parse()
             .unwrap();
         assert!(age >= 1.5, "{text}");
+    }
+
+    /// The store's counters are read at each scrape: what its logger counted since the
+    /// last one shows, the time of its syncs in seconds.
+    #[test]
+    fn the_store_counts_its_forced_groups_and_their_sync_time() {
+        let metrics = ParticipantMetrics::new();
+        let text = metrics.encode().unwrap();
+        assert!(!text.contains("treaty_participant_store_"), "{text}");
+        let counters = Arc::new(crate::durable::DurabilityCounters::default());
+        metrics.observe_store(counters.clone());
+        counters.forced_group(3, Duration::from_millis(250));
+        counters.forced_group(2, Duration::from_millis(500));
+        let text = metrics.encode().unwrap();
+        for expected in [
+            "treaty_participant_store_fsyncs_total 2\n",
+            "treaty_participant_store_forced_records_total 5\n",
+            "treaty_participant_store_fsync_seconds_total 0.75\n",
+            "# UNIT treaty_participant_store_fsync_seconds seconds\n",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from\n{text}");
+        }
     }
 
     #[test]

@@ -351,6 +351,8 @@ async fn a_known_workload_is_counted_exactly() {
     let fsyncs = sample(&text, "treaty_participant_store_fsyncs_total").unwrap();
     let forced = sample(&text, "treaty_participant_store_forced_records_total").unwrap();
     assert!(fsyncs >= 1.0 && forced >= fsyncs, "{text}");
+    let sync_time = sample(&text, "treaty_participant_store_fsync_seconds_total").unwrap();
+    assert!(sync_time > 0.0, "{text}");
 
     served.stop().await;
 }

@@ -125,6 +125,9 @@ async fn every_workload_is_measured_with_separate_processes() {
             number(w, &["participants", "fsyncs_per_transaction"]) > 0.0,
             "{w:#}"
         );
+        // The syncs' time, read from each server's `/metrics`.
+        assert!(number(w, &["coordinator", "fsync_mean_ms"]) > 0.0, "{w:#}");
+        assert!(number(w, &["participants", "fsync_mean_ms"]) > 0.0, "{w:#}");
         assert!(number(w, &["cpu_us_per_transaction"]) > 0.0, "{w:#}");
     }
     let rpcs =

@@ -1,6 +1,6 @@
 //! What `treaty bench` reads from the system under test around each workload: the
-//! members' `/metrics` counters (calls, fsyncs, forced records) and their CPU time and
-//! memory from `/proc`. A workload's figures are the difference of two [`Snapshot`]s.
+//! members' `/metrics` counters (calls, fsyncs and their time, forced records) and their
+//! CPU time and memory from `/proc`. A workload's figures are the difference of two [`Snapshot`]s.
 //!
 //! Counters come from the servers themselves, not from the load generator, so that what
 //! is counted is what the coordinator and participants did (retries and background work
@@ -30,6 +30,8 @@ pub struct CoordinatorCounts {
     pub participant_calls: f64,
     /// Forced log groups made durable (`treaty_log_fsync_duration_seconds_count`).
     pub fsyncs: f64,
+    /// Seconds their syncs took (`treaty_log_fsync_duration_seconds_sum`).
+    pub fsync_seconds: f64,
     /// Records written by the log's group commits (`treaty_log_batch_records_sum`).
     pub log_records: f64,
     /// Transactions not yet final (`treaty_transactions_in_progress`, summed).
@@ -46,6 +48,8 @@ pub struct ParticipantCounts {
     pub operations: f64,
     /// `treaty_participant_store_fsyncs_total`.
     pub fsyncs: f64,
+    /// `treaty_participant_store_fsync_seconds_total`.
+    pub fsync_seconds: f64,
     /// `treaty_participant_store_forced_records_total`.
     pub forced_records: f64,
 }
@@ -72,6 +76,7 @@ impl Snapshot {
             participants.push(ParticipantCounts {
                 operations: sum(&text, "treaty_participant_operations_total"),
                 fsyncs: sum(&text, "treaty_participant_store_fsyncs_total"),
+                fsync_seconds: sum(&text, "treaty_participant_store_fsync_seconds_total"),
                 forced_records: sum(&text, "treaty_participant_store_forced_records_total"),
             });
         }
@@ -93,6 +98,7 @@ pub async fn coordinator_counts(address: SocketAddr) -> anyhow::Result<Coordinat
     Ok(CoordinatorCounts {
         participant_calls: sum(&text, "treaty_participant_call_duration_seconds_count"),
         fsyncs: sum(&text, "treaty_log_fsync_duration_seconds_count"),
+        fsync_seconds: sum(&text, "treaty_log_fsync_duration_seconds_sum"),
         log_records: sum(&text, "treaty_log_batch_records_sum"),
         in_progress: sum(&text, "treaty_transactions_in_progress"),
         log_compactions: sum(&text, "treaty_log_compactions_total"),

@@ -9,6 +9,9 @@
 //! - efficiency = transactions/s × RPCs per transaction ÷ the ceiling's calls/s: the
 //!   share of the servers' bare call capacity the protocol turns into useful calls.
 //! - decisions per fsync: transactions ended ÷ the coordinator's forced log groups.
+//! - mean fsync: the time the forced groups' syncs took ÷ their number, at the
+//!   coordinator and over all participants: how long a forced write waits for the disk
+//!   once its group is written.
 //! - CPU per transaction: user+system time of each process over the workload (phase 2
 //!   settling included) ÷ transactions, in core-microseconds. In-process, the one
 //!   process includes the load generator.
@@ -59,6 +62,8 @@ pub struct Rpcs {
 #[derive(Debug, serde::Serialize)]
 pub struct CoordinatorFigures {
     pub fsyncs_per_transaction: f64,
+    /// `None` without a forced group in the workload.
+    pub fsync_mean_ms: Option<f64>,
     /// Records written by all the log's group commits, forced and lazy.
     pub log_records_per_transaction: f64,
     pub decisions_per_fsync: Option<f64>,
@@ -74,6 +79,8 @@ pub struct CoordinatorFigures {
 pub struct ParticipantFigures {
     /// Summed over the participants.
     pub fsyncs_per_transaction: f64,
+    /// Over all the participants' forced groups; `None` without one.
+    pub fsync_mean_ms: Option<f64>,
     pub forced_records_per_transaction: f64,
 }
 
@@ -131,6 +138,7 @@ impl WorkloadReport {
                 a.participant_calls - b.participant_calls,
                 CoordinatorFigures {
                     fsyncs_per_transaction: per(a.fsyncs - b.fsyncs),
+                    fsync_mean_ms: mean_ms(a.fsync_seconds - b.fsync_seconds, a.fsyncs - b.fsyncs),
                     log_records_per_transaction: per(a.log_records - b.log_records),
                     decisions_per_fsync: (!ceiling && a.fsyncs > b.fsyncs)
                         .then(|| transactions as f64 / (a.fsyncs - b.fsyncs)),
@@ -194,6 +202,10 @@ impl WorkloadReport {
             coordinator: coordinator.map(|(_, figures)| figures),
             participants: ParticipantFigures {
                 fsyncs_per_transaction: per(participant_delta(|p| p.fsyncs)),
+                fsync_mean_ms: mean_ms(
+                    participant_delta(|p| p.fsync_seconds),
+                    participant_delta(|p| p.fsyncs),
+                ),
                 forced_records_per_transaction: per(participant_delta(|p| p.forced_records)),
             },
             cpu,
@@ -307,6 +319,12 @@ impl Report {
                 ),
                 w.participants.forced_records_per_transaction,
             ));
+            let mean = |ms: Option<f64>| or_na(ms.map(|ms| format!("{ms:.3}")));
+            out.push_str(&format!(
+                "; mean fsync ms: coordinator {}, participants {}",
+                mean(w.coordinator.as_ref().and_then(|c| c.fsync_mean_ms)),
+                mean(w.participants.fsync_mean_ms),
+            ));
             out.push_str(&format!(
                 "; latency max {:.2} ms; coordinator RSS {}; log compactions ended {}",
                 w.latency.max_ms,
@@ -348,7 +366,8 @@ impl Report {
         out.push_str(
             "\nrpc/txn: client→coordinator + coordinator→participants (the ceiling: its own \
              call). c./p.fsync/t: forced log groups per transaction at the coordinator and at \
-             all participants. dec/fsync: transactions per coordinator fsync. efficiency: \
+             all participants (mean fsync: the time each group's sync took). dec/fsync: \
+             transactions per coordinator fsync. efficiency: \
              txn/s × rpc/txn ÷ ceiling calls/s",
         );
         if self.ceiling_calls_per_s.is_none() {
@@ -370,6 +389,11 @@ impl Report {
     }
 }
 
+/// `seconds` over `count` syncs, in milliseconds each; `None` without a sync.
+fn mean_ms(seconds: f64, count: f64) -> Option<f64> {
+    (count > 0.0).then(|| seconds * 1000.0 / count)
+}
+
 fn or_na(value: Option<String>) -> String {
     value.unwrap_or_else(|| "n/a".into())
 }
@@ -377,8 +401,21 @@ fn or_na(value: Option<String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::observe::CoordinatorCounts;
+    use crate::bench::observe::{CoordinatorCounts, ParticipantCounts};
     use std::time::Duration;
+
+    /// `transactions` that ended as asked in one second, 2 ms each.
+    fn one_second_of(transactions: u64) -> LoadResult {
+        LoadResult {
+            succeeded: transactions,
+            failed: 0,
+            elapsed: Duration::from_secs(1),
+            latencies: vec![Duration::from_millis(2); transactions as usize],
+            client_calls: transactions,
+            sagas_completed: 0,
+            sagas_compensated: 0,
+        }
+    }
 
     fn snapshot(coordinator: CoordinatorCounts) -> Snapshot {
         Snapshot {
@@ -391,22 +428,16 @@ mod tests {
     /// copying is in the coordinator's CPU per transaction.
     #[test]
     fn a_log_compaction_during_a_workload_is_reported_with_it() {
-        let load = LoadResult {
-            succeeded: 100,
-            failed: 0,
-            elapsed: Duration::from_secs(1),
-            latencies: vec![Duration::from_millis(2); 100],
-            client_calls: 100,
-            sagas_completed: 0,
-            sagas_compensated: 0,
-        };
+        let load = one_second_of(100);
         let before = snapshot(CoordinatorCounts {
             fsyncs: 10.0,
+            fsync_seconds: 1.0,
             log_compactions: 2.0,
             ..CoordinatorCounts::default()
         });
         let after = snapshot(CoordinatorCounts {
             fsyncs: 20.0,
+            fsync_seconds: 1.005,
             log_compactions: 3.0,
             ..CoordinatorCounts::default()
         });
@@ -427,5 +458,53 @@ mod tests {
         };
         let table = report.table();
         assert!(table.contains("log compactions ended 1;"), "{table}");
+        assert!(
+            table.contains("mean fsync ms: coordinator 0.500, participants n/a;"),
+            "{table}"
+        );
+    }
+
+    /// The mean sync is the sync time over the syncs made during the workload, at the
+    /// coordinator and over all participants; with no sync there is no mean.
+    #[test]
+    fn the_mean_fsync_is_the_workload_s_sync_time_over_its_syncs() {
+        let load = one_second_of(10);
+        let participant = |fsyncs: f64, fsync_seconds: f64| ParticipantCounts {
+            fsyncs,
+            fsync_seconds,
+            ..ParticipantCounts::default()
+        };
+        let before = Snapshot {
+            coordinator: Some(CoordinatorCounts {
+                fsyncs: 100.0,
+                fsync_seconds: 2.0,
+                ..CoordinatorCounts::default()
+            }),
+            participants: vec![participant(5.0, 1.0), participant(7.0, 3.0)],
+            ..Snapshot::default()
+        };
+        let after = Snapshot {
+            coordinator: Some(CoordinatorCounts {
+                fsyncs: 104.0,
+                fsync_seconds: 2.002,
+                ..CoordinatorCounts::default()
+            }),
+            // 4 syncs in 4 ms at the first, none at the second.
+            participants: vec![participant(9.0, 1.004), participant(7.0, 3.0)],
+            ..Snapshot::default()
+        };
+        let workload = WorkloadReport::new(Workload::Saga, &load, &before, &after, &[], None);
+        let coordinator = workload
+            .coordinator
+            .as_ref()
+            .unwrap()
+            .fsync_mean_ms
+            .unwrap();
+        assert!((coordinator - 0.5).abs() < 1e-9, "{coordinator}");
+        let participants = workload.participants.fsync_mean_ms.unwrap();
+        assert!((participants - 1.0).abs() < 1e-9, "{participants}");
+        let idle = WorkloadReport::new(Workload::Saga, &load, &before, &before, &[], None);
+        assert_eq!(idle.participants.fsync_mean_ms, None);
+        assert_eq!(idle.coordinator.unwrap().fsync_mean_ms, None);
     }
 }

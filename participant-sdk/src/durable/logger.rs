@@ -394,10 +394,10 @@ impl Logger {
             }
             let started = std::time::Instant::now();
             self.sync(Some(self.forced_groups + 1))?;
-            Ok(Some(started.elapsed().as_secs_f64()))
+            Ok(Some(started.elapsed()))
         });
-        let sync_seconds = match result {
-            Ok(sync_seconds) => sync_seconds,
+        let sync_time = match result {
+            Ok(sync_time) => sync_time,
             Err(message) => {
                 let error = self.fail(message);
                 self.refuse(group, error);
@@ -405,10 +405,11 @@ impl Logger {
             }
         };
         let records = group.iter().map(|(batch, _, _)| batch.len()).sum();
-        if sync_seconds.is_some() {
+        if let Some(sync_time) = sync_time {
             // The sync made every patient write applied before this group durable too.
             let patient = std::mem::take(&mut self.patient);
-            self.counters.forced_group(records + patient.records);
+            self.counters
+                .forced_group(records + patient.records, sync_time);
             patient.resolve(&Ok(()));
             self.last_forced_writes = group
                 .iter()
@@ -419,15 +420,15 @@ impl Logger {
             observer(GroupCommitted {
                 records,
                 writes: group.len(),
-                sync_seconds,
+                sync_seconds: sync_time.map(|time| time.as_secs_f64()),
             });
         }
         self.last_group_at = std::time::Instant::now();
-        if sync_seconds.is_none() {
+        if sync_time.is_none() {
             self.unwritten = true;
         }
         for (batch, durability, done) in group {
-            if durability == Durability::Patient && sync_seconds.is_none() {
+            if durability == Durability::Patient && sync_time.is_none() {
                 self.patient.add(batch.len(), done, self.patient_sync_wait);
             } else {
                 let _ = done.send(Ok(()));
@@ -493,12 +494,13 @@ impl Logger {
             .and_then(|()| self.sync(Some(self.forced_groups + 1)));
         match result {
             Ok(()) => {
-                self.counters.forced_group(patient.records);
+                let sync_time = started.elapsed();
+                self.counters.forced_group(patient.records, sync_time);
                 if let Some(observer) = &self.group_observer {
                     observer(GroupCommitted {
                         records: patient.records,
                         writes: patient.waiting.len(),
-                        sync_seconds: Some(started.elapsed().as_secs_f64()),
+                        sync_seconds: Some(sync_time.as_secs_f64()),
                     });
                 }
                 patient.resolve(&Ok(()));

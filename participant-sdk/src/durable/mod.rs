@@ -213,13 +213,15 @@ pub type GroupObserver = Arc<dyn Fn(GroupCommitted) + Send + Sync>;
 pub type CompactionObserver = Arc<dyn Fn(&Result<CompactionReport, String>) + Send + Sync>;
 
 /// What a [`DurableStore`] has made durable since it opened, counted by its logger
-/// thread (two relaxed additions per forced group: cheap enough to be always on). The
+/// thread (three relaxed additions per forced group: cheap enough to be always on). The
 /// participant server exports them (`treaty_participant_store_*`); `treaty bench`
 /// divides them by transactions.
 #[derive(Debug, Default)]
 pub struct DurabilityCounters {
     syncs: std::sync::atomic::AtomicU64,
     forced_records: std::sync::atomic::AtomicU64,
+    /// Time in those groups' syncs, in nanoseconds.
+    sync_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl DurabilityCounters {
@@ -236,10 +238,20 @@ impl DurabilityCounters {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub(crate) fn forced_group(&self, records: usize) {
+    /// Seconds spent making those groups durable (sled's flush and the `fdatasync`s),
+    /// in all. With [`syncs`](Self::syncs) it gives the mean time a forced group waits
+    /// for the disk, which grows when the device is the bottleneck.
+    pub fn sync_seconds(&self) -> f64 {
+        let nanos = self.sync_nanos.load(std::sync::atomic::Ordering::Relaxed);
+        std::time::Duration::from_nanos(nanos).as_secs_f64()
+    }
+
+    pub(crate) fn forced_group(&self, records: usize, sync: std::time::Duration) {
         use std::sync::atomic::Ordering::Relaxed;
         self.syncs.fetch_add(1, Relaxed);
         self.forced_records.fetch_add(records as u64, Relaxed);
+        let nanos = u64::try_from(sync.as_nanos()).unwrap_or(u64::MAX);
+        self.sync_nanos.fetch_add(nanos, Relaxed);
     }
 }
 
