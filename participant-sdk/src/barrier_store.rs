@@ -143,8 +143,9 @@ pub trait BarrierStore: Send + Sync + 'static {
     }
 
     /// What the store has made durable since it opened, for the server's metrics
-    /// (`treaty_participant_store_fsyncs_total`, `..._store_forced_records_total`); `None`
-    /// (the default) for a store that does not count.
+    /// (`treaty_participant_store_fsyncs_total`, `..._store_forced_records_total`,
+    /// `..._store_fsync_seconds_total`); `None` (the default) for a store that does not
+    /// count.
     fn durability_counters(&self) -> Option<Arc<crate::durable::DurabilityCounters>> {
         None
     }

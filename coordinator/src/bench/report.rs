@@ -9,9 +9,8 @@
 //! - efficiency = transactions/s × RPCs per transaction ÷ the ceiling's calls/s: the
 //!   share of the servers' bare call capacity the protocol turns into useful calls.
 //! - decisions per fsync: transactions ended ÷ the coordinator's forced log groups.
-//! - mean fsync: the time the forced groups' syncs took ÷ their number, at the
-//!   coordinator and over all participants: how long a forced write waits for the disk
-//!   once its group is written.
+//! - mean fsync: the time the workload's forced groups took from applied in memory to
+//!   durable ÷ their number, at the coordinator and over all participants.
 //! - CPU per transaction: user+system time of each process over the workload (phase 2
 //!   settling included) ÷ transactions, in core-microseconds. In-process, the one
 //!   process includes the load generator.
@@ -366,7 +365,7 @@ impl Report {
         out.push_str(
             "\nrpc/txn: client→coordinator + coordinator→participants (the ceiling: its own \
              call). c./p.fsync/t: forced log groups per transaction at the coordinator and at \
-             all participants (mean fsync: the time each group's sync took). dec/fsync: \
+             all participants (mean fsync: the mean time of their syncs). dec/fsync: \
              transactions per coordinator fsync. efficiency: \
              txn/s × rpc/txn ÷ ceiling calls/s",
         );

@@ -488,13 +488,13 @@ impl Logger {
             patient.resolve(&Err(StoreError::Failed(message.clone())));
             return;
         }
-        let started = std::time::Instant::now();
-        let result = self
-            .apply(&Group::new(), true)
-            .and_then(|()| self.sync(Some(self.forced_groups + 1)));
+        let result = self.apply(&Group::new(), true).and_then(|()| {
+            let started = std::time::Instant::now();
+            self.sync(Some(self.forced_groups + 1))?;
+            Ok(started.elapsed())
+        });
         match result {
-            Ok(()) => {
-                let sync_time = started.elapsed();
+            Ok(sync_time) => {
                 self.counters.forced_group(patient.records, sync_time);
                 if let Some(observer) = &self.group_observer {
                     observer(GroupCommitted {

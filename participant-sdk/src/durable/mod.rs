@@ -238,9 +238,10 @@ impl DurabilityCounters {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Seconds spent making those groups durable (sled's flush and the `fdatasync`s),
-    /// in all. With [`syncs`](Self::syncs) it gives the mean time a forced group waits
-    /// for the disk, which grows when the device is the bottleneck.
+    /// Seconds those groups took from applied in memory to durable (sled's write-out of
+    /// its buffer, then the `fdatasync`s), in all; wall-clock time, so a wait for a core
+    /// is in it too. With [`syncs`](Self::syncs) it gives the mean time a forced group
+    /// waits for the disk, which grows when the device is slow to flush.
     pub fn sync_seconds(&self) -> f64 {
         let nanos = self.sync_nanos.load(std::sync::atomic::Ordering::Relaxed);
         std::time::Duration::from_nanos(nanos).as_secs_f64()
@@ -251,7 +252,11 @@ impl DurabilityCounters {
         self.syncs.fetch_add(1, Relaxed);
         self.forced_records.fetch_add(records as u64, Relaxed);
         let nanos = u64::try_from(sync.as_nanos()).unwrap_or(u64::MAX);
-        self.sync_nanos.fetch_add(nanos, Relaxed);
+        // Saturates rather than wraps: a counter must never go down (it cannot reach
+        // the limit in practice: 584 years of syncs).
+        let _ = self
+            .sync_nanos
+            .fetch_update(Relaxed, Relaxed, |total| Some(total.saturating_add(nanos)));
     }
 }
 

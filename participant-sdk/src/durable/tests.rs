@@ -44,20 +44,43 @@ async fn writes_apply_in_call_order_within_and_across_groups() {
     assert_eq!(last.as_ref(), &199u32.to_be_bytes());
 }
 
+/// Options whose group observer adds up the sync times it is told of.
+fn observing_sync_times(options: StoreOptions) -> (StoreOptions, Arc<Mutex<f64>>) {
+    let seconds = Arc::new(Mutex::new(0.0));
+    let sum = seconds.clone();
+    let observer: GroupObserver = Arc::new(move |group: GroupCommitted| {
+        *sum.lock().unwrap() += group.sync_seconds.unwrap_or(0.0);
+    });
+    let options = StoreOptions {
+        group_observer: Some(observer),
+        ..options
+    };
+    (options, seconds)
+}
+
 #[tokio::test]
-async fn forced_groups_and_their_records_are_counted_lazy_ones_not() {
+async fn forced_groups_their_records_and_sync_time_are_counted_lazy_ones_not() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let (options, observed) = observing_sync_times(StoreOptions::default());
+    let store = DurableStore::open(dir.path(), options).unwrap();
     let counters = store.durability_counters();
     let mut lazy = WriteBatch::new();
     lazy.insert(b"lazy".to_vec(), b"1".to_vec());
     store.write(lazy, Durability::Lazy).await.unwrap();
     assert_eq!((counters.syncs(), counters.forced_records()), (0, 0));
+    assert_eq!(counters.sync_seconds(), 0.0);
     let mut forced = WriteBatch::new();
     forced.insert(b"a".to_vec(), b"1".to_vec());
     forced.insert(b"b".to_vec(), b"2".to_vec());
     store.write(forced, Durability::Forced).await.unwrap();
     assert_eq!((counters.syncs(), counters.forced_records()), (1, 2));
+    // The time counted is the sync's, as the group's observer is told it.
+    let seconds = counters.sync_seconds();
+    assert!(seconds > 0.0);
+    assert!(
+        (seconds - *observed.lock().unwrap()).abs() < 1e-6,
+        "{seconds}"
+    );
 }
 
 fn one_key(key: &[u8]) -> WriteBatch {
@@ -410,10 +433,10 @@ async fn a_lazy_write_is_written_out_while_the_store_is_idle() {
 async fn a_patient_write_alone_is_synced_once_its_wait_is_over_and_survives_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let options = StoreOptions {
+        let (options, observed) = observing_sync_times(StoreOptions {
             patient_sync_wait: std::time::Duration::from_millis(20),
             ..StoreOptions::default()
-        };
+        });
         let store = DurableStore::open(dir.path(), options).unwrap();
         let counters = store.durability_counters();
         acknowledged(
@@ -422,6 +445,13 @@ async fn a_patient_write_alone_is_synced_once_its_wait_is_over_and_survives_a_re
         )
         .await;
         assert_eq!((counters.syncs(), counters.forced_records()), (1, 1));
+        // A patient sync's time is counted as a forced group's is.
+        let seconds = counters.sync_seconds();
+        assert!(seconds > 0.0);
+        assert!(
+            (seconds - *observed.lock().unwrap()).abs() < 1e-6,
+            "{seconds}"
+        );
         // Acknowledged groups are numbered: the mark names it, so losing it is damage.
         let summary = store.verify().unwrap();
         assert_eq!((summary.forced_groups, summary.acknowledged_groups), (1, 1));
