@@ -1,6 +1,7 @@
 //! What `treaty bench` reads from the system under test around each workload: the
 //! members' `/metrics` counters (calls, fsyncs and their time, forced records) and their
-//! CPU time and memory from `/proc`. A workload's figures are the difference of two [`Snapshot`]s.
+//! CPU time and memory from `/proc`. A workload's figures are the difference of two
+//! [`Snapshot`]s.
 //!
 //! Counters come from the servers themselves, not from the load generator, so that what
 //! is counted is what the coordinator and participants did (retries and background work
