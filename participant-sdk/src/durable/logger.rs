@@ -392,9 +392,7 @@ impl Logger {
                 self.sync_new_files()?;
                 return Ok(None);
             }
-            let started = std::time::Instant::now();
-            self.sync(Some(self.forced_groups + 1))?;
-            Ok(Some(started.elapsed()))
+            self.sync_forced_group().map(Some)
         });
         let sync_time = match result {
             Ok(sync_time) => sync_time,
@@ -488,11 +486,9 @@ impl Logger {
             patient.resolve(&Err(StoreError::Failed(message.clone())));
             return;
         }
-        let result = self.apply(&Group::new(), true).and_then(|()| {
-            let started = std::time::Instant::now();
-            self.sync(Some(self.forced_groups + 1))?;
-            Ok(started.elapsed())
-        });
+        let result = self
+            .apply(&Group::new(), true)
+            .and_then(|()| self.sync_forced_group());
         match result {
             Ok(sync_time) => {
                 self.counters.forced_group(patient.records, sync_time);
@@ -568,6 +564,15 @@ impl Logger {
         self.sync(None)
             .and_then(|()| self.sync_mark(true))
             .map_err(|message| self.fail(message))
+    }
+
+    /// Makes the forced group just applied durable, numbered after the last one, and
+    /// says how long that took: the one measure of a forced group's sync, for the
+    /// counters and the group observer alike.
+    fn sync_forced_group(&mut self) -> Result<std::time::Duration, String> {
+        let started = std::time::Instant::now();
+        self.sync(Some(self.forced_groups + 1))?;
+        Ok(started.elapsed())
     }
 
     /// Makes everything applied so far durable; with `group`, notes that forced group
