@@ -401,6 +401,13 @@ fn to_i64(count: u64) -> i64 {
 mod tests {
     use super::*;
 
+    /// Every line of `expected` is in the exposition `text`.
+    fn assert_shows(text: &str, expected: &[&str]) {
+        for line in expected {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
     #[test]
     fn series_exist_at_zero_and_count_what_happens() {
         let metrics = ParticipantMetrics::new();
@@ -427,17 +434,18 @@ mod tests {
         let long_ago = crate::barrier::now_unix_ms() - 1_500;
         metrics.in_doubt_pass(3, Some(long_ago));
         let text = metrics.encode().unwrap();
-        for expected in [
-            "treaty_participant_operations_total{operation=\"abort\",result=\"aborted\"} 1",
-            "treaty_participant_operation_duration_seconds_count{operation=\"abort\"} 1",
-            "treaty_participant_barrier_records 4",
-            "treaty_participant_barrier_gc_removed_total 2",
-            "treaty_participant_outcome_inquiries_total{result=\"pending\"} 1",
-            "treaty_participant_branches_in_doubt 3",
-            "treaty_participant_in_doubt_passes_total 1",
-        ] {
-            assert!(text.contains(expected), "{expected} missing from\n{text}");
-        }
+        assert_shows(
+            &text,
+            &[
+                "treaty_participant_operations_total{operation=\"abort\",result=\"aborted\"} 1",
+                "treaty_participant_operation_duration_seconds_count{operation=\"abort\"} 1",
+                "treaty_participant_barrier_records 4",
+                "treaty_participant_barrier_gc_removed_total 2",
+                "treaty_participant_outcome_inquiries_total{result=\"pending\"} 1",
+                "treaty_participant_branches_in_doubt 3",
+                "treaty_participant_in_doubt_passes_total 1",
+            ],
+        );
         let age: f64 = text
             .lines()
             .find_map(|l| l.strip_prefix("treaty_participant_in_doubt_oldest_age_seconds "))
@@ -459,14 +467,15 @@ mod tests {
         counters.forced_group(3, Duration::from_millis(250));
         counters.forced_group(2, Duration::from_millis(500));
         let text = metrics.encode().unwrap();
-        for expected in [
-            "treaty_participant_store_fsyncs_total 2\n",
-            "treaty_participant_store_forced_records_total 5\n",
-            "treaty_participant_store_fsync_seconds_total 0.75\n",
-            "# UNIT treaty_participant_store_fsync_seconds seconds\n",
-        ] {
-            assert!(text.contains(expected), "{expected} missing from\n{text}");
-        }
+        assert_shows(
+            &text,
+            &[
+                "treaty_participant_store_fsyncs_total 2\n",
+                "treaty_participant_store_forced_records_total 5\n",
+                "treaty_participant_store_fsync_seconds_total 0.75\n",
+                "# UNIT treaty_participant_store_fsync_seconds seconds\n",
+            ],
+        );
     }
 
     #[test]

@@ -468,30 +468,26 @@ mod tests {
     #[test]
     fn the_mean_fsync_is_the_workload_s_sync_time_over_its_syncs() {
         let load = one_second_of(10);
-        let participant = |fsyncs: f64, fsync_seconds: f64| ParticipantCounts {
-            fsyncs,
-            fsync_seconds,
-            ..ParticipantCounts::default()
-        };
-        let before = Snapshot {
+        // (fsyncs, their seconds) at the coordinator, then at each participant.
+        let syncs = |coordinator: (f64, f64), participants: [(f64, f64); 2]| Snapshot {
             coordinator: Some(CoordinatorCounts {
-                fsyncs: 100.0,
-                fsync_seconds: 2.0,
+                fsyncs: coordinator.0,
+                fsync_seconds: coordinator.1,
                 ..CoordinatorCounts::default()
             }),
-            participants: vec![participant(5.0, 1.0), participant(7.0, 3.0)],
+            participants: participants
+                .map(|(fsyncs, fsync_seconds)| ParticipantCounts {
+                    fsyncs,
+                    fsync_seconds,
+                    ..ParticipantCounts::default()
+                })
+                .to_vec(),
             ..Snapshot::default()
         };
-        let after = Snapshot {
-            coordinator: Some(CoordinatorCounts {
-                fsyncs: 104.0,
-                fsync_seconds: 2.002,
-                ..CoordinatorCounts::default()
-            }),
-            // 4 syncs in 4 ms at the first, none at the second.
-            participants: vec![participant(9.0, 1.004), participant(7.0, 3.0)],
-            ..Snapshot::default()
-        };
+        let before = syncs((100.0, 2.0), [(5.0, 1.0), (7.0, 3.0)]);
+        // 4 syncs in 2 ms at the coordinator; 4 in 4 ms at the first participant, none
+        // at the second.
+        let after = syncs((104.0, 2.002), [(9.0, 1.004), (7.0, 3.0)]);
         let workload = WorkloadReport::new(Workload::Saga, &load, &before, &after, &[], None);
         let coordinator = workload
             .coordinator
