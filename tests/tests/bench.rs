@@ -171,6 +171,10 @@ async fn in_process_twopc_alone_has_no_efficiency() {
         number(w, &["participants", "fsyncs_per_transaction"]) > 0.0,
         "{w:#}"
     );
+    // The sync probe runs by default; the target it serves is only told at one in
+    // flight.
+    assert!(number(&report, &["sync_probe", "at_once", "rounds"]) > 0.0);
+    assert!(report["one_in_flight_target"].is_null(), "{report:#}");
 }
 
 /// One saga at a time, its three steps at once: the first and third on one participant,
@@ -198,6 +202,53 @@ async fn a_saga_step_waits_for_one_forced_write_with_the_yes_unforced() {
         let fsyncs = number(w, &["participants", "fsyncs_per_transaction"]);
         assert!(fsyncs > 0.0 && fsyncs <= 3.0, "{mode:?}: {w:#}");
     }
+}
+
+/// At one in flight the bench computes the target from its own run: the ceiling's p50
+/// and the sync probe's fsync, timed alone and with the coordinator and both
+/// participants syncing at once, in the directory that holds their stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_one_in_flight_the_target_comes_from_the_ceiling_and_a_sync_probe() {
+    let (report, stderr) = bench_with_stderr(&[
+        "--processes",
+        "--workloads",
+        "twopc,ceiling",
+        "--duration-s",
+        "1",
+        "--concurrency",
+        "1",
+        "--sync-probe-ms",
+        "200",
+    ])
+    .await;
+    let probe = &report["sync_probe"];
+    assert_eq!(number(probe, &["alone", "writers"]), 1.0, "{probe:#}");
+    assert_eq!(number(probe, &["at_once", "writers"]), 3.0, "{probe:#}");
+    for part in ["alone", "at_once"] {
+        assert!(number(probe, &[part, "rounds"]) > 0.0, "{probe:#}");
+        assert!(number(probe, &[part, "p50_ms"]) > 0.0, "{probe:#}");
+    }
+    assert!(stderr.contains("bench fsync in "), "{stderr}");
+    let target = &report["one_in_flight_target"];
+    let ceiling_p50 = number(workload(&report, "ceiling"), &["latency", "p50_ms"]);
+    assert_eq!(number(target, &["ceiling_p50_ms"]), ceiling_p50);
+    assert_eq!(
+        number(target, &["twopc_p50_ms"]),
+        number(workload(&report, "twopc"), &["latency", "p50_ms"])
+    );
+    let expected = 2.0 * (2.0 * ceiling_p50 + number(probe, &["alone", "p50_ms"]));
+    assert!(
+        (number(target, &["target_with_fsync_alone_ms"]) - expected).abs() < 1e-9,
+        "{report:#}"
+    );
+    assert_eq!(number(target, &["syncs_at_once"]), 3.0);
+    // Nor without the probe (`in_process_twopc_alone_has_no_efficiency`: nor at another
+    // concurrency).
+    let report = bench(&[&QUICK_TWOPC[..], &["--sync-probe-ms", "0"]].concat()).await;
+    assert!(report["sync_probe"].is_null(), "{report:#}");
+    assert!(report["one_in_flight_target"].is_null(), "{report:#}");
+    let stderr = bench_refused(&["--sync-probe-ms", "60001"]).await;
+    assert!(stderr.contains("--sync-probe-ms"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

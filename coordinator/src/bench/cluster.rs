@@ -83,7 +83,8 @@ pub struct Cluster {
     /// it can be started again the same way (`None` in process or with `--endpoint`).
     coordinator_args: Option<Vec<String>>,
     running: Running,
-    _workdir: tempfile::TempDir,
+    /// Holds every store (removed with the cluster).
+    workdir: tempfile::TempDir,
 }
 
 type CoordinatorTask = tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>;
@@ -191,8 +192,13 @@ impl Cluster {
             watched,
             coordinator_args: started.coordinator_args,
             running: started.running,
-            _workdir: workdir,
+            workdir,
         })
+    }
+
+    /// The temporary directory under which every store the bench started lives.
+    pub fn data_dir(&self) -> &Path {
+        self.workdir.path()
     }
 
     /// Stops every member: in-process ones gracefully, children by SIGKILL (their data

@@ -11,7 +11,9 @@
 //! `--processes` as child processes, so that each one's CPU and memory are its own.
 //! Around each workload it reads the servers' counters and `/proc` ([`observe`]) and
 //! reports, per transaction, calls, forced writes and fsyncs at the coordinator and the
-//! participants, CPU time, and efficiency against the ceiling ([`report`]). With
+//! participants, CPU time, and efficiency against the ceiling ([`report`]). Before the
+//! workloads it times a sync on the stores' disk, alone and as many at once as a
+//! commit's path forces ([`sync_probe`]), for the target at one in flight. With
 //! `--postgres URL` it also runs PostgreSQL's own 2PC as a yardstick ([`postgres`]).
 //! Progress goes to stderr; the results to stdout, as a table or (`--json`) one object.
 //!
@@ -30,6 +32,7 @@ mod participant;
 mod postgres;
 mod recovery;
 mod report;
+mod sync_probe;
 mod workload;
 
 use std::sync::Arc;
@@ -134,6 +137,12 @@ pub struct BenchArgs {
     /// given).
     #[arg(long, requires = "recovery")]
     pub in_doubt_poll_ms: Option<u64>,
+    /// Before the workloads, time 8 KiB writes and `fdatasync`s in the stores'
+    /// directory for this long, alone and then as many at once as the processes that sync
+    /// on a two-phase commit's path, so that the target at one in flight is computed from
+    /// this run (0: no probe).
+    #[arg(long, default_value_t = 1_000, conflicts_with = "recovery")]
+    pub sync_probe_ms: u64,
     /// `--recovery`: the longest the whole run may take.
     #[arg(long, default_value_t = 600, requires = "recovery")]
     pub recovery_timeout_s: u64,
@@ -225,6 +234,10 @@ fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
     anyhow::ensure!(
         args.log_retention_ms.is_none_or(|ms| ms >= 1),
         "--log-retention-ms must be at least 1"
+    );
+    anyhow::ensure!(
+        args.sync_probe_ms <= 60_000,
+        "--sync-probe-ms must be 0..=60000"
     );
     anyhow::ensure!(
         (10..=3_600_000).contains(&args.rss_sample_ms),
@@ -362,6 +375,22 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         names.join(", "),
         cluster.coordinator_endpoint
     );
+    // The coordinator's intent and each participant's YES are forced at once on a
+    // two-phase commit's path (the coordinator's only if its log is in this directory).
+    let sync_probe = match args.sync_probe_ms {
+        0 => None,
+        ms => {
+            let writers = args.participants + usize::from(args.endpoint.is_none());
+            let probe = sync_probe::run_blocking(
+                cluster.data_dir().join("sync-probe"),
+                writers,
+                Duration::from_millis(ms),
+            )
+            .await?;
+            eprintln!("bench {}", probe.line());
+            Some(probe)
+        }
+    };
     let started = Instant::now();
     let tally = Arc::new(Tally::default());
     let sampler = args.disk_sample_s.map(|every_s| {
@@ -417,6 +446,8 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         ceiling_calls_per_s: None,
         postgres: None,
         memory: None,
+        sync_probe,
+        one_in_flight_target: None,
     };
     for workload in workloads {
         let before = observe::Snapshot::take(&cluster).await?;
@@ -496,6 +527,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         report.postgres = Some(postgres);
     }
     report.compute_efficiency();
+    report.compute_one_in_flight_target();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

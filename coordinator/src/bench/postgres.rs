@@ -177,13 +177,7 @@ pub async fn run(
     let elapsed = started.elapsed();
     latencies.sort_unstable();
     clean_up(&admin, run_id).await;
-    let percentile = |p: f64| {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[index.min(latencies.len() - 1)].as_secs_f64() * 1_000.0
-    };
+    let percentile = |p: f64| super::workload::percentile_ms(&latencies, p);
     Ok(PostgresReport {
         transactions: latencies.len() as u64,
         failed,

@@ -35,6 +35,38 @@ pub struct Report {
     pub postgres: Option<super::postgres::PostgresReport>,
     /// The started coordinator's RSS over the run (`None` with `--endpoint`).
     pub memory: Option<super::memory::MemoryReport>,
+    /// What a forced write cost on the stores' disk (`None` with `--sync-probe-ms 0`).
+    pub sync_probe: Option<super::sync_probe::SyncProbeReport>,
+    /// At one in flight, with twopc, the ceiling and the probe run: issue 11's target.
+    pub one_in_flight_target: Option<OneInFlightTarget>,
+}
+
+/// Issue 11's target at one in flight, p50 ≤ 2 × (two echo round trips + one fsync),
+/// from this run's figures: the echo is the ceiling's p50, the fsync the sync probe's,
+/// alone and with the processes on a commit's path syncing at once (the bench puts all
+/// their stores on one disk).
+#[derive(Debug, PartialEq, serde::Serialize)]
+pub struct OneInFlightTarget {
+    pub twopc_p50_ms: f64,
+    pub ceiling_p50_ms: f64,
+    pub target_with_fsync_alone_ms: f64,
+    pub target_with_syncs_at_once_ms: f64,
+    /// How many synced at once in the second.
+    pub syncs_at_once: usize,
+}
+
+impl OneInFlightTarget {
+    fn line(&self) -> String {
+        format!(
+            "p50 at 1 in flight: twopc {:.3} ms; target 2 × (2 × ceiling p50 {:.3} + fsync) = \
+             {:.3} ms with the fsync alone, {:.3} ms with {} syncing at once",
+            self.twopc_p50_ms,
+            self.ceiling_p50_ms,
+            self.target_with_fsync_alone_ms,
+            self.target_with_syncs_at_once_ms,
+            self.syncs_at_once
+        )
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -240,6 +272,34 @@ impl Report {
         }
     }
 
+    /// Fills in the target at one in flight, if this run can tell it.
+    pub fn compute_one_in_flight_target(&mut self) {
+        let p50 = |name: Workload| {
+            self.workloads
+                .iter()
+                .find(|w| w.workload == name && w.transactions > 0)
+                .map(|w| w.latency.p50_ms)
+        };
+        self.one_in_flight_target = match (
+            self.concurrency,
+            p50(Workload::Twopc),
+            p50(Workload::Ceiling),
+            &self.sync_probe,
+        ) {
+            (1, Some(twopc_p50_ms), Some(ceiling_p50_ms), Some(probe)) => {
+                let target = |fsync_ms: f64| 2.0 * (2.0 * ceiling_p50_ms + fsync_ms);
+                Some(OneInFlightTarget {
+                    twopc_p50_ms,
+                    ceiling_p50_ms,
+                    target_with_fsync_alone_ms: target(probe.alone.p50_ms),
+                    target_with_syncs_at_once_ms: target(probe.at_once.p50_ms),
+                    syncs_at_once: probe.at_once.writers,
+                })
+            }
+            _ => None,
+        };
+    }
+
     /// The report as the table printed on stdout.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -384,6 +444,15 @@ impl Report {
             out.push_str(&postgres.line());
             out.push('\n');
         }
+        if let Some(probe) = &self.sync_probe {
+            out.push('\n');
+            out.push_str(&probe.line());
+            out.push('\n');
+        }
+        if let Some(target) = &self.one_in_flight_target {
+            out.push_str(&target.line());
+            out.push('\n');
+        }
         out
     }
 }
@@ -405,11 +474,16 @@ mod tests {
 
     /// `transactions` that ended as asked in one second, 2 ms each.
     fn one_second_of(transactions: u64) -> LoadResult {
+        one_second_taking(transactions, Duration::from_millis(2))
+    }
+
+    /// `transactions` that ended as asked in one second, each taking `latency`.
+    fn one_second_taking(transactions: u64, latency: Duration) -> LoadResult {
         LoadResult {
             succeeded: transactions,
             failed: 0,
             elapsed: Duration::from_secs(1),
-            latencies: vec![Duration::from_millis(2); transactions as usize],
+            latencies: vec![latency; transactions as usize],
             client_calls: transactions,
             sagas_completed: 0,
             sagas_compensated: 0,
@@ -454,6 +528,8 @@ mod tests {
             ceiling_calls_per_s: None,
             postgres: None,
             memory: None,
+            sync_probe: None,
+            one_in_flight_target: None,
         };
         let table = report.table();
         assert!(table.contains("log compactions ended 1;"), "{table}");
@@ -501,5 +577,68 @@ mod tests {
         let idle = WorkloadReport::new(Workload::Saga, &load, &before, &before, &[], None);
         assert_eq!(idle.participants.fsync_mean_ms, None);
         assert_eq!(idle.coordinator.unwrap().fsync_mean_ms, None);
+    }
+
+    /// At one in flight, the target is 2 × (2 × the ceiling's p50 + a sync), with the
+    /// probe's sync alone and with its syncs at once; it is not told at another
+    /// concurrency or without the probe.
+    #[test]
+    fn the_target_at_one_in_flight_comes_from_the_ceiling_and_the_sync_probe() {
+        let idle = Snapshot::default();
+        let workload = |name, latency_us| {
+            let load = one_second_taking(100, Duration::from_micros(latency_us));
+            WorkloadReport::new(name, &load, &idle, &idle, &[], None)
+        };
+        let probe = |writers, p50_ms| crate::bench::sync_probe::SyncTimes {
+            writers,
+            rounds: 10,
+            p50_ms,
+            mean_ms: p50_ms,
+        };
+        let mut report = Report {
+            mode: "processes",
+            participants: 2,
+            unforced_one_phase_yes: false,
+            concurrency: 1,
+            duration_s: 1,
+            workloads: vec![
+                workload(Workload::Twopc, 800),
+                workload(Workload::Ceiling, 100),
+            ],
+            ceiling_calls_per_s: None,
+            postgres: None,
+            memory: None,
+            sync_probe: Some(crate::bench::sync_probe::SyncProbeReport {
+                dir: "/tmp/bench".into(),
+                alone: probe(1, 0.1),
+                at_once: probe(3, 0.25),
+            }),
+            one_in_flight_target: None,
+        };
+        report.compute_one_in_flight_target();
+        let target = report.one_in_flight_target.as_ref().unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(target.twopc_p50_ms, 0.8), "{target:?}");
+        assert!(close(target.ceiling_p50_ms, 0.1), "{target:?}");
+        assert!(close(target.target_with_fsync_alone_ms, 0.6), "{target:?}");
+        assert!(
+            close(target.target_with_syncs_at_once_ms, 0.9),
+            "{target:?}"
+        );
+        assert_eq!(target.syncs_at_once, 3);
+        let table = report.table();
+        assert!(
+            table.contains("target 2 × (2 × ceiling p50 0.100 + fsync) = 0.600 ms with the fsync alone, 0.900 ms with 3 syncing at once"),
+            "{table}"
+        );
+        assert!(table.contains("fsync in /tmp/bench "), "{table}");
+
+        report.concurrency = 4;
+        report.compute_one_in_flight_target();
+        assert_eq!(report.one_in_flight_target, None);
+        report.concurrency = 1;
+        report.sync_probe = None;
+        report.compute_one_in_flight_target();
+        assert_eq!(report.one_in_flight_target, None);
     }
 }
