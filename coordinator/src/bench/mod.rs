@@ -32,6 +32,7 @@ mod participant;
 mod postgres;
 mod recovery;
 mod report;
+mod stats;
 mod sync_probe;
 mod workload;
 
@@ -138,9 +139,9 @@ pub struct BenchArgs {
     #[arg(long, requires = "recovery")]
     pub in_doubt_poll_ms: Option<u64>,
     /// Before the workloads, time 8 KiB writes and `fdatasync`s in the stores'
-    /// directory for this long, alone and then as many at once as the processes that sync
-    /// on a two-phase commit's path, so that the target at one in flight is computed from
-    /// this run (0: no probe).
+    /// directory, alone and then as many at once as the processes that force a write on a
+    /// two-phase commit's path, each part for this long, so that the target at one in
+    /// flight is computed from this run (0: no probe).
     #[arg(long, default_value_t = 1_000, conflicts_with = "recovery")]
     pub sync_probe_ms: u64,
     /// `--recovery`: the longest the whole run may take.
@@ -375,12 +376,14 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         names.join(", "),
         cluster.coordinator_endpoint
     );
-    // The coordinator's intent and each participant's YES are forced at once on a
-    // two-phase commit's path (the coordinator's only if its log is in this directory).
+    // On a two-phase commit's path the coordinator's intent and each participant's YES
+    // are forced about together (the coordinator's only if its log is in this
+    // directory); a one-phase commit forces its participant's write alone.
     let sync_probe = match args.sync_probe_ms {
         0 => None,
         ms => {
-            let writers = args.participants + usize::from(args.endpoint.is_none());
+            let coordinator_writes = args.participants >= 2 && args.endpoint.is_none();
+            let writers = args.participants + usize::from(coordinator_writes);
             let probe = sync_probe::run_blocking(
                 cluster.data_dir().join("sync-probe"),
                 writers,

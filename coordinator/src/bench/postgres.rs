@@ -177,7 +177,7 @@ pub async fn run(
     let elapsed = started.elapsed();
     latencies.sort_unstable();
     clean_up(&admin, run_id).await;
-    let percentile = |p: f64| super::workload::percentile_ms(&latencies, p);
+    let percentile = |p: f64| super::stats::percentile_ms(&latencies, p);
     Ok(PostgresReport {
         transactions: latencies.len() as u64,
         failed,

@@ -17,6 +17,7 @@
 
 use super::cluster::Observed;
 use super::observe::Snapshot;
+use super::stats::mean_ms;
 use super::workload::{LoadResult, Workload};
 
 #[derive(Debug, serde::Serialize)]
@@ -48,10 +49,12 @@ pub struct Report {
 #[derive(Debug, PartialEq, serde::Serialize)]
 pub struct OneInFlightTarget {
     pub twopc_p50_ms: f64,
+    /// One echo round trip.
     pub ceiling_p50_ms: f64,
+    /// 2 × (2 × `ceiling_p50_ms` + the probe's p50 alone).
     pub target_with_fsync_alone_ms: f64,
+    /// 2 × (2 × `ceiling_p50_ms` + the probe's p50 with `syncs_at_once` writers).
     pub target_with_syncs_at_once_ms: f64,
-    /// How many synced at once in the second.
     pub syncs_at_once: usize,
 }
 
@@ -272,21 +275,28 @@ impl Report {
         }
     }
 
-    /// Fills in the target at one in flight, if this run can tell it.
+    /// Fills in the target at one in flight, if this run can tell it: at one in flight,
+    /// with two-phase commits (2 participants or more, no sagas mixed in), the ceiling
+    /// and the sync probe.
     pub fn compute_one_in_flight_target(&mut self) {
         let p50 = |name: Workload| {
             self.workloads
                 .iter()
-                .find(|w| w.workload == name && w.transactions > 0)
+                .find(|w| {
+                    w.workload == name
+                        && w.transactions > 0
+                        && w.sagas_completed + w.sagas_compensated == 0
+                })
                 .map(|w| w.latency.p50_ms)
         };
+        let two_phase = self.participants >= 2;
         self.one_in_flight_target = match (
-            self.concurrency,
+            self.concurrency == 1 && two_phase,
             p50(Workload::Twopc),
             p50(Workload::Ceiling),
             &self.sync_probe,
         ) {
-            (1, Some(twopc_p50_ms), Some(ceiling_p50_ms), Some(probe)) => {
+            (true, Some(twopc_p50_ms), Some(ceiling_p50_ms), Some(probe)) => {
                 let target = |fsync_ms: f64| 2.0 * (2.0 * ceiling_p50_ms + fsync_ms);
                 Some(OneInFlightTarget {
                     twopc_p50_ms,
@@ -457,11 +467,6 @@ impl Report {
     }
 }
 
-/// `seconds` over `count` syncs, in milliseconds each; `None` without a sync.
-fn mean_ms(seconds: f64, count: f64) -> Option<f64> {
-    (count > 0.0).then(|| seconds * 1000.0 / count)
-}
-
 fn or_na(value: Option<String>) -> String {
     value.unwrap_or_else(|| "n/a".into())
 }
@@ -581,7 +586,7 @@ mod tests {
 
     /// At one in flight, the target is 2 × (2 × the ceiling's p50 + a sync), with the
     /// probe's sync alone and with its syncs at once; it is not told at another
-    /// concurrency or without the probe.
+    /// concurrency, for one-phase commits or without the probe.
     #[test]
     fn the_target_at_one_in_flight_comes_from_the_ceiling_and_the_sync_probe() {
         let idle = Snapshot::default();
@@ -637,6 +642,10 @@ mod tests {
         report.compute_one_in_flight_target();
         assert_eq!(report.one_in_flight_target, None);
         report.concurrency = 1;
+        report.participants = 1;
+        report.compute_one_in_flight_target();
+        assert_eq!(report.one_in_flight_target, None, "a one-phase commit");
+        report.participants = 2;
         report.sync_probe = None;
         report.compute_one_in_flight_target();
         assert_eq!(report.one_in_flight_target, None);

@@ -7,24 +7,29 @@
 //! file's size and blocks never change, as in the stores' segments) and `fdatasync`s
 //! it, timed from the write to the sync's return. The probe runs rounds twice:
 //! - **alone**: one writer;
-//! - **at once**: one writer per process that syncs on a two-phase commit's path (the
-//!   coordinator's intent and each participant's YES are forced at the same moment), each
-//!   with its own file, started together; a round lasts until the last of them is
-//!   durable, which is what the commit waits for. The bench puts every store on one
-//!   disk, so there their syncs queue at the one device.
+//! - **at once**: one writer per process that forces a write on a two-phase commit's
+//!   path (the coordinator's intent, as the prepares go out, and each participant's YES),
+//!   each with its own file, started together; a round lasts until the last of them is
+//!   durable. The bench puts every store on one disk, so there their syncs queue at the
+//!   one device. On a commit's path they overlap only in part (a YES is forced when its
+//!   prepare arrives), so this is the most they can cost together.
 //!
-//! Bounded: each part runs for the time given and at most `MAX_ROUNDS` rounds; the files
-//! are `PREWRITTEN_BLOCKS` × 8 KiB each and removed at the end.
+//! Invariants: every writer runs the same rounds (a round starts for all or for none,
+//! decided by one of them between two barrier waits), so round `i` of each writer is the
+//! same round; a writer that fails ends the part at the next round and the part is an
+//! error. Bounded: each part runs for the time given and at most `MAX_ROUNDS` rounds;
+//! the files are `PREWRITTEN_BLOCKS` × 8 KiB each and removed at the end, with the
+//! probe's directory if it is then empty.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Barrier, mpsc};
 use std::time::{Duration, Instant};
 
-use super::workload::percentile_ms;
+use super::stats::{mean_ms, percentile_ms};
 
 /// The size of one write, as `pg_test_fsync`'s.
 const BLOCK_BYTES: usize = 8 * 1024;
@@ -32,23 +37,32 @@ const BLOCK_BYTES: usize = 8 * 1024;
 const PREWRITTEN_BLOCKS: u64 = 256;
 /// Most rounds per part, whatever the time given.
 const MAX_ROUNDS: usize = 1_000_000;
-/// Most writers at once (one per process on a commit's path).
+/// Most writers at once: one per process on a commit's path.
 pub const MAX_WRITERS: usize = 64;
+const _: () = assert!(
+    treaty_sdk::limits::MAX_BRANCHES < MAX_WRITERS,
+    "every participant of a commit and its coordinator get a writer"
+);
 
-/// One part's rounds.
+/// One part's rounds. A round: each writer writes 8 KiB and `fdatasync`s it, all
+/// started together; it lasts from the first write to the last sync's return.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SyncTimes {
+    /// Writers in each round, each on a file of its own.
     pub writers: usize,
     pub rounds: u64,
+    /// The median round.
     pub p50_ms: f64,
     pub mean_ms: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SyncProbeReport {
-    /// Where the probe's files were (the bench's stores' directory).
+    /// Where the probe's files were (beside the bench's stores).
     pub dir: PathBuf,
+    /// One writer.
     pub alone: SyncTimes,
+    /// One writer per process that forces a write on a two-phase commit's path.
     pub at_once: SyncTimes,
 }
 
@@ -91,6 +105,7 @@ pub fn run(
     for path in &paths {
         let _ = std::fs::remove_file(path);
     }
+    let _ = std::fs::remove_dir(dir);
     let (alone, at_once) = measured?;
     Ok(SyncProbeReport {
         dir: dir.to_path_buf(),
@@ -127,74 +142,73 @@ fn prewritten(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Rounds with one writer per file, started together, until `duration` has passed: the
-/// time of each, from the first write to the last sync's return.
+/// What the writers of one part share.
+struct Rounds {
+    /// Two waits a round: after the first, one writer decides whether another round
+    /// runs; after the second, every writer reads that decision.
+    barrier: Barrier,
+    go_on: AtomicBool,
+    /// A writer failed: no round starts after it.
+    failed: AtomicBool,
+    deadline: Instant,
+}
+
+/// Rounds with one writer per file until `duration` has passed: each round's time.
 fn rounds(files: &[File], duration: Duration) -> std::io::Result<SyncTimes> {
     let writers = files.len();
-    // Two waits a round: after the first, the leader decides whether another round
-    // runs; after the second, every writer reads that same decision and starts it.
-    let barrier = Barrier::new(writers);
-    let go_on = AtomicBool::new(true);
-    let deadline = Instant::now() + duration;
-    let per_writer: Vec<std::io::Result<Vec<(Instant, Instant)>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = files
-            .iter()
-            .map(|file| {
-                let barrier = &barrier;
-                let go_on = &go_on;
-                scope.spawn(move || {
-                    let block = vec![0x5au8; BLOCK_BYTES];
-                    let mut spans = Vec::new();
-                    let mut failed = None;
-                    for round in 0..MAX_ROUNDS {
-                        if barrier.wait().is_leader() {
-                            go_on.store(Instant::now() < deadline, Ordering::Relaxed);
-                        }
-                        barrier.wait();
-                        if !go_on.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        // A writer that failed keeps meeting the others at the barrier,
-                        // so that none waits for it forever; it writes no more.
-                        if failed.is_some() {
-                            continue;
-                        }
-                        let offset = (round as u64 % PREWRITTEN_BLOCKS) * BLOCK_BYTES as u64;
-                        let started = Instant::now();
-                        match file
-                            .write_all_at(&block, offset)
-                            .and_then(|()| file.sync_data())
-                        {
-                            Ok(()) => spans.push((started, Instant::now())),
-                            Err(error) => failed = Some(error),
-                        }
-                    }
-                    match failed {
-                        Some(error) => Err(error),
-                        None => Ok(spans),
-                    }
-                })
-            })
-            .collect();
+    let shared = Rounds {
+        barrier: Barrier::new(writers),
+        go_on: AtomicBool::new(true),
+        failed: AtomicBool::new(false),
+        deadline: Instant::now() + duration,
+    };
+    let per_writer = std::thread::scope(|scope| {
+        // Every writer waits at its gate until all are spawned, so that a writer the
+        // system refuses to start cannot leave the others waiting at the barrier: the
+        // gates are dropped instead of opened, and the started ones end.
+        let mut gates = Vec::with_capacity(writers);
+        let mut handles = Vec::with_capacity(writers);
+        for (index, file) in files.iter().enumerate() {
+            let (gate, waits) = mpsc::channel::<()>();
+            let shared = &shared;
+            let spawned = std::thread::Builder::new()
+                .name(format!("sync-probe-{index}"))
+                .spawn_scoped(scope, move || match waits.recv() {
+                    Ok(()) => write_rounds(file, shared),
+                    Err(_) => Ok(Vec::new()),
+                });
+            match spawned {
+                Ok(handle) => {
+                    gates.push(gate);
+                    handles.push(handle);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        for gate in &gates {
+            // A writer that is waiting at its gate has not dropped its end of it.
+            let _ = gate.send(());
+        }
         handles
             .into_iter()
             .map(|handle| match handle.join() {
                 Ok(result) => result,
                 Err(panic) => std::panic::resume_unwind(panic),
             })
-            .collect()
-    });
-    let per_writer = per_writer
-        .into_iter()
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let count = per_writer.iter().map(Vec::len).min().unwrap_or(0);
+            .collect::<std::io::Result<Vec<_>>>()
+    })?;
+    let count = per_writer.first().map_or(0, Vec::len);
+    assert!(
+        per_writer.iter().all(|spans| spans.len() == count),
+        "every writer of the sync probe runs the same rounds"
+    );
     let mut times: Vec<Duration> = (0..count)
         .map(|round| {
-            let started = per_writer.iter().map(|spans| spans[round].0).min();
-            let ended = per_writer.iter().map(|spans| spans[round].1).max();
-            match (started, ended) {
+            let started = per_writer.iter().map(|spans| spans[round].0);
+            let ended = per_writer.iter().map(|spans| spans[round].1);
+            match (started.min(), ended.max()) {
                 (Some(started), Some(ended)) => ended.saturating_duration_since(started),
-                _ => Duration::ZERO,
+                _ => unreachable!("a sync probe's part has at least one writer"),
             }
         })
         .collect();
@@ -204,12 +218,46 @@ fn rounds(files: &[File], duration: Duration) -> std::io::Result<SyncTimes> {
         writers,
         rounds: times.len() as u64,
         p50_ms: percentile_ms(&times, 0.50),
-        mean_ms: if times.is_empty() {
-            0.0
-        } else {
-            total.as_secs_f64() * 1_000.0 / times.len() as f64
-        },
+        mean_ms: mean_ms(total.as_secs_f64(), times.len() as f64).unwrap_or(0.0),
     })
+}
+
+/// One writer's rounds on `file`: when each write began and its sync returned.
+fn write_rounds(file: &File, shared: &Rounds) -> std::io::Result<Vec<(Instant, Instant)>> {
+    let block = vec![0x5au8; BLOCK_BYTES];
+    let mut spans = Vec::new();
+    let mut failed = None;
+    for round in 0..MAX_ROUNDS {
+        if shared.barrier.wait().is_leader() {
+            let go_on = Instant::now() < shared.deadline && !shared.failed.load(Ordering::Relaxed);
+            shared.go_on.store(go_on, Ordering::Relaxed);
+        }
+        shared.barrier.wait();
+        if !shared.go_on.load(Ordering::Relaxed) {
+            break;
+        }
+        // A writer that failed stays until the others stop, meeting them at the
+        // barrier, so that none waits for it forever.
+        if failed.is_some() {
+            continue;
+        }
+        let offset = (round as u64 % PREWRITTEN_BLOCKS) * BLOCK_BYTES as u64;
+        let started = Instant::now();
+        match file
+            .write_all_at(&block, offset)
+            .and_then(|()| file.sync_data())
+        {
+            Ok(()) => spans.push((started, Instant::now())),
+            Err(error) => {
+                shared.failed.store(true, Ordering::Relaxed);
+                failed = Some(error);
+            }
+        }
+    }
+    match failed {
+        Some(error) => Err(error),
+        None => Ok(spans),
+    }
 }
 
 /// The bench's probe, on the runtime's blocking pool.
@@ -241,7 +289,7 @@ mod tests {
             assert!(part.rounds > 0, "{report:?}");
             assert!(part.p50_ms > 0.0 && part.mean_ms > 0.0, "{report:?}");
         }
-        assert_eq!(std::fs::read_dir(&probe_dir).unwrap().count(), 0);
+        assert!(!probe_dir.exists(), "the probe's directory is left behind");
         let line = report.line();
         assert!(line.contains("alone p50 "), "{line}");
         assert!(

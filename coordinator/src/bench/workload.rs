@@ -133,17 +133,8 @@ pub struct LoadResult {
 impl LoadResult {
     /// The `p` quantile of the latencies in milliseconds (0 with none).
     pub fn percentile_ms(&self, p: f64) -> f64 {
-        percentile_ms(&self.latencies, p)
+        super::stats::percentile_ms(&self.latencies, p)
     }
-}
-
-/// The `p` quantile of `sorted` in milliseconds (0 when it is empty).
-pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
-    let Some(last) = sorted.len().checked_sub(1) else {
-        return 0.0;
-    };
-    let index = (last as f64 * p).round() as usize;
-    sorted[index.min(last)].as_secs_f64() * 1_000.0
 }
 
 /// Where the load goes.
