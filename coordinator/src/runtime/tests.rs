@@ -1,0 +1,165 @@
+//! Tests of the runtime as a whole: recovery's refusals, shard routing of ids and
+//! idempotency keys, the memory allowance, and unknown transactions presumed aborted.
+
+use super::*;
+use crate::log::{Durability, MemoryLog};
+use crate::model::{TxnKind, TxnRecord};
+
+fn record(state: TxnState) -> TxnRecord {
+    TxnRecord {
+        id: TxnId::generate(now_unix_ms()),
+        kind: TxnKind::TwoPhase,
+        state,
+        created_unix_ms: 0,
+        deadline_unix_ms: 0,
+        prepare_timeout_ms: 0,
+        reason: None,
+        branches: Vec::new(),
+        transitions: Vec::new(),
+        ended_unix_ms: None,
+        idempotency_key: None,
+        stuck: false,
+        saga: None,
+        owner: None,
+        paused: false,
+    }
+}
+
+#[tokio::test]
+async fn refuses_to_start_on_an_unfinished_record_that_cannot_be_resumed() {
+    let log = Arc::new(MemoryLog::new());
+    log.write(&record(TxnState::Active), Durability::Forced)
+        .await
+        .unwrap();
+    let (fatal, _) = mpsc::unbounded_channel();
+    let started = Runtime::start(log, RuntimeConfig::default(), fatal);
+    assert!(matches!(started, Err(LogError::Corrupt { .. })));
+}
+
+/// The most shards the config accepts.
+const MAX_SHARDS: usize = 1024;
+
+#[test]
+fn ids_are_minted_in_the_wanted_shard_for_every_shard_count() {
+    for shards in 1..=MAX_SHARDS {
+        for target in [0, shards / 2, shards - 1] {
+            let id = in_shard(TxnId::generate(now_unix_ms()), target, shards);
+            assert_eq!(shard_of(&id, shards), target, "{shards} shards");
+            // Still a well-formed UUIDv7.
+            let uuid = uuid::Uuid::from_bytes(*id.as_bytes());
+            assert_eq!(uuid.get_version_num(), 7);
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
+        }
+    }
+    // The top of the 56-bit range wraps down instead of overflowing.
+    let mut top = [0xff; 16];
+    top[6] = 0x7f;
+    top[8] = 0xbf;
+    let id = in_shard(TxnId::from_bytes(top), 0, 1000);
+    assert_eq!(shard_of(&id, 1000), 0);
+}
+
+#[test]
+fn every_shard_is_used_for_every_shard_count() {
+    for shards in 1..=MAX_SHARDS {
+        let mut used = vec![false; shards];
+        // 16 draws per shard leave one unused with odds of about e^-16 each.
+        for _ in 0..shards * 16 {
+            used[shard_of(&TxnId::generate(now_unix_ms()), shards)] = true;
+        }
+        let unused = used.iter().filter(|u| !**u).count();
+        assert!(
+            unused == 0 || (shards > 64 && unused <= 1),
+            "{shards}: {unused} unused"
+        );
+    }
+}
+
+#[test]
+fn idempotency_keys_spread_over_every_shard_and_stay_put() {
+    // Fixed: the same key maps to the same shard in every build.
+    // CRC-32 (IEEE) of "order-42" is 0x57f706de, as any implementation computes it.
+    assert_eq!(shard_of_key("order-42", 1024), 0x57f7_06de % 1024);
+    for shards in [1, 2, 3, 7, 64, 128, 1000, MAX_SHARDS] {
+        let mut used = vec![false; shards];
+        for i in 0..shards * 32 {
+            used[shard_of_key(&format!("order-{i}"), shards)] = true;
+        }
+        assert!(used.iter().all(|u| *u), "{shards} shards");
+    }
+}
+
+/// Polls `health` (every 50 ms, for at most 10 s) until `done` holds for it.
+async fn health_until(runtime: &Runtime, done: impl Fn(&Health) -> bool) -> Health {
+    for _ in 0..200 {
+        let health = runtime.health().await.unwrap();
+        if done(&health) {
+            return health;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    runtime.health().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_lowered_allowance_drops_finished_transactions_without_new_ones() {
+    let (fatal, _) = mpsc::unbounded_channel();
+    let config = RuntimeConfig::default();
+    let allowance = config.retained_allowance.clone();
+    let governor = memory::Governor::new(1 << 30, config.max_retained_bytes, allowance);
+    let (runtime, tasks, _) =
+        Runtime::start(Arc::new(MemoryLog::new()), config.clone(), fatal).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let id = runtime
+            .begin(BeginParams {
+                deadline_unix_ms: now_unix_ms() + 60_000,
+                prepare_timeout_ms: 5_000,
+                branches: Vec::new(),
+                owner: None,
+                trace: None,
+            })
+            .await
+            .unwrap();
+        runtime.abort(id, "test".into()).await.unwrap();
+        ids.push(id);
+    }
+    let kept = health_until(&runtime, |h| h.retained_transactions == 40).await;
+    assert_eq!(kept.retained_transactions, 40, "all within the share");
+
+    // A resident set far over the budget's ceiling: the allowance falls to nothing,
+    // and each shard's next housekeeping drops all but its latest.
+    let mut governor = governor;
+    assert_eq!(governor.observe(4 << 30, Some(usize::MAX)), 0);
+    let left = health_until(&runtime, |h| {
+        h.retained_transactions <= config.shards as u64
+    })
+    .await;
+    assert!(
+        left.retained_transactions <= config.shards as u64,
+        "{} kept after the fall",
+        left.retained_transactions
+    );
+    // Left memory, not the log: each one still answers.
+    for id in ids {
+        let record = runtime.get(id).await.unwrap().expect("in the log");
+        assert_eq!(record.state, TxnState::Aborted);
+    }
+    runtime.shutdown(tasks, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn unknown_transactions_are_presumed_aborted() {
+    let (fatal, _) = mpsc::unbounded_channel();
+    let (runtime, tasks, report) =
+        Runtime::start(Arc::new(MemoryLog::new()), RuntimeConfig::default(), fatal).unwrap();
+    assert_eq!(report.resumed, 0);
+    let unknown = TxnId::generate(now_unix_ms());
+    assert_eq!(runtime.outcome(unknown).await, Ok(Decision::Abort));
+    assert_eq!(runtime.get(unknown).await, Ok(None));
+    assert_eq!(
+        runtime.commit(unknown).await.map(|_| ()),
+        Err(RuntimeError::UnknownTransaction(unknown))
+    );
+    runtime.shutdown(tasks, Duration::from_secs(1)).await;
+}
