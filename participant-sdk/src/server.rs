@@ -31,8 +31,8 @@ use crate::tls::ReloadableServerTls;
 use crate::trace::TraceContext;
 pub use crate::trust::CoordinatorTrust;
 
-mod serve;
-pub use serve::{
+mod serving;
+pub use serving::{
     MetricsListen, ServeError, ServeOptions, hangups, reflection_services, serve,
     serve_with_routes, shutdown_signal,
 };

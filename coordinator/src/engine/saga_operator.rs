@@ -1,7 +1,7 @@
-//! An operator's verbs on a saga (cancel, retry now, pause, resume, resolve) and its
-//! retry control: the part of the state machine the admin API drives. Same invariants
-//! as [`super`]: a cancel is a decision to compensate like any other, forced first, and a
-//! stated outcome that contradicts the decision to compensate is refused.
+//! The verbs that act on a saga from outside (the initiator's or an operator's cancel;
+//! an operator's retry now, pause, resume and resolve) and its retry control. Same
+//! invariants as [`super`]: a cancel is a decision to compensate like any other, forced
+//! first, and a stated outcome that contradicts the decision to compensate is refused.
 
 use super::*;
 

@@ -1,8 +1,8 @@
-//! A saga's steps: forward actions started as their dependencies commit, the answers
-//! and failures that move them, the decision to compensate, and compensations sent in
-//! reverse dependency order. Same invariants as [`super`]: no forward action after the
-//! decision to compensate, which is forced before anything is undone, and every step
-//! that may have run is compensated.
+//! A saga's steps: forward actions started as their dependencies commit, the forward
+//! answers and failures that move them, the decision to compensate, and compensations
+//! sent in reverse dependency order (their answers are handled in [`super`]). Same
+//! invariants as [`super`]: no forward action after the decision to compensate, which
+//! is forced before anything is undone, and every step that may have run is compensated.
 
 use super::*;
 

@@ -1,7 +1,7 @@
-//! Tests of the sled decision log, in real directories: the conformance suite every log
-//! passes, and what only its layout can show (records kept below sled's blob threshold,
-//! the unfinished index and the final count, compaction, damaged records, the record's
-//! encoding and older formats).
+//! Tests of the sled decision log: the conformance suite every log passes, and what only
+//! its layout can show (records kept below sled's blob threshold, the unfinished index
+//! and the final count, compaction, damaged records), in real directories; and the
+//! record's encoding and older formats.
 
 use super::super::suite::{self, LogHarness};
 use super::*;

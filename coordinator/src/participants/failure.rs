@@ -1,7 +1,8 @@
-//! What a call that brought no usable answer becomes. Clients name the endpoints and read
-//! the descriptions (branch errors, histories, abort reasons), so a description says only
-//! which of three things happened: the participant was unreachable, did not answer in
-//! time, or answered with an error (its gRPC status). Transport details go to the log.
+//! What a failed call carries ([`CallFailure`]), and how an error status becomes the
+//! description clients read (branch errors, histories, abort reasons). Clients name the
+//! endpoints, so a status says only whether the participant answered with an error (its
+//! gRPC status) or was unreachable; transport details go to the log. A participant's
+//! FAILED_PRECONDITION is a refusal for good.
 
 use super::Call;
 use treaty_sdk::limits::truncate_reason;

@@ -1,5 +1,6 @@
-//! Tests of talking to participants: the channel cache, calls on a stream or unary,
-//! streams that end or are refused, and the retry backoff. Real gRPC on loopback.
+//! Tests of talking to participants: the channel cache, calls on a stream or unary
+//! (served over real gRPC on loopback), streams that end or are refused, and the retry
+//! backoff.
 
 use super::*;
 use rand::SeedableRng;

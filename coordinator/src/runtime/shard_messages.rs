@@ -1,5 +1,7 @@
-//! What the API and a shard say to each other: the messages a shard takes and the
-//! answers it sends back on each message's own channel.
+//! What the API and a shard say to each other: the messages a shard takes, and the
+//! answers it sends back on the channel a message carries (all but `Shutdown`, which
+//! has none). A transaction in memory but not shown yet is `Lookup::Hidden`: the log
+//! must not be asked about it either.
 
 use super::*;
 

@@ -8,11 +8,7 @@ use super::*;
 impl Shard {
     /// Counts a new transaction of `owner` holding `payload_bytes` in progress, or
     /// refuses it past a limit.
-    pub(super) fn admit(
-        &self,
-        owner: Option<&str>,
-        payload_bytes: usize,
-    ) -> Result<(), RuntimeError> {
+    fn admit(&self, owner: Option<&str>, payload_bytes: usize) -> Result<(), RuntimeError> {
         self.load.admit(
             owner,
             payload_bytes,
@@ -106,7 +102,7 @@ impl Shard {
 
     /// The saga submitted earlier with `key`: in memory if unfinished or recent, else in
     /// the log. Its steps must be the ones submitted now, as the client sent them.
-    pub(super) fn existing_saga(
+    fn existing_saga(
         &mut self,
         key: &str,
         params: &SagaParams,
@@ -283,7 +279,7 @@ impl Shard {
     }
 
     /// A transaction users may see, to act on.
-    pub(super) fn visible_mut(&mut self, id: TxnId) -> Result<&mut Entry, RuntimeError> {
+    fn visible_mut(&mut self, id: TxnId) -> Result<&mut Entry, RuntimeError> {
         self.txns
             .get_mut(&id)
             .map(|e| &mut **e)

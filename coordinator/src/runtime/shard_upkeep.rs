@@ -1,7 +1,8 @@
 //! A shard's upkeep between requests: the cap on undelivered aborts kept in memory, the
 //! undecided two-phase commits aborted at shutdown, the sweep that sends again calls
-//! whose answers were lost, and final transactions evicted past their retention or the
-//! memory budget's share, or dropped from memory.
+//! whose answers were lost, final transactions evicted past their retention or the
+//! memory budget's share, and a transaction dropped from memory with its idempotency
+//! key.
 
 use super::*;
 

@@ -48,7 +48,6 @@ use super::{
     META_TREE, open_sled_at,
 };
 
-#[path = "compaction_policy.rs"]
 mod policy;
 #[cfg(test)]
 pub(super) use policy::baseline_bytes;

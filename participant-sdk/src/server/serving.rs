@@ -1,7 +1,7 @@
-//! Serving a participant: the options, what stops the server from starting (checked
-//! before anything is served), [`serve`] and [`serve_with_routes`] (the barrier over the
-//! store, the in-doubt resolver and the barrier collector started beside the
-//! participant, health and reflection services, `/metrics`, until `shutdown`
+//! Serving a participant: the options, what stops a server (a setting refused at start,
+//! a store that fails, the transport), [`serve()`] and [`serve_with_routes`] (the
+//! barrier over the store, the in-doubt resolver and the barrier collector started
+//! beside the participant, health and reflection services, `/metrics`, until `shutdown`
 //! resolves), and the signals a participant process listens for.
 
 use super::*;

@@ -1,8 +1,7 @@
-//! When a store compacts itself: the policy and its defaults, the base its growth factor
-//! applies to as the store keeps it, and the sizes on disk the policy and a compaction
-//! look at. Part of [`super`], whose invariants these serve: a store with no base yet is
-//! judged by `min_bytes` alone, and one created empty takes its first base instead of
-//! compacting.
+//! The types and sizes behind [`super`]'s "When": the policy and its defaults, what a
+//! finished compaction reports, the base the growth factor applies to as the store
+//! keeps it, and the sizes on disk the policy and a compaction look at. The decisions
+//! (when to compact, when to take a base) stay in [`super`].
 
 use crate::durable::{BASE_AWAITED_KEY, COMPACTED_BYTES_KEY, Generation, generations};
 
