@@ -341,26 +341,6 @@ fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-fn at_most(field: &'static str, value: u64, max: u64, max_text: &str) -> Result<(), ConfigError> {
-    if value > max {
-        return Err(bad(
-            field,
-            format!("{value} exceeds the limit of {max_text}"),
-        ));
-    }
-    Ok(())
-}
-
-const HOUR_MS: u64 = 3_600_000;
-const DAY_MS: u64 = 24 * HOUR_MS;
-
-fn positive(field: &'static str, value: u64) -> Result<(), ConfigError> {
-    if value == 0 {
-        return Err(bad(field, "must be greater than 0"));
-    }
-    Ok(())
-}
-
 impl ServeConfig {
     /// A configuration with every default, serving on `listen` from `data_dir`.
     pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {

@@ -46,8 +46,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
 use crate::barrier_store::{BarrierStore, BarrierWrite, BranchKey, branch_key_bytes};
 use crate::durable::{DurableStore, StoreError};
 use crate::failpoint::crash_point;

@@ -53,8 +53,6 @@ use crate::durable::{Durability, DurableStore, StoreError, WriteBatch};
 
 mod conformance;
 pub use conformance::check_conformance;
-#[cfg(test)]
-use conformance::encoded_record;
 
 /// Which branch of which transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -4,7 +4,29 @@
 
 use super::*;
 
+fn at_most(field: &'static str, value: u64, max: u64, max_text: &str) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(bad(
+            field,
+            format!("{value} exceeds the limit of {max_text}"),
+        ));
+    }
+    Ok(())
+}
+
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+fn positive(field: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(bad(field, "must be greater than 0"));
+    }
+    Ok(())
+}
+
 impl ServeConfig {
+    /// Checks every field against its limits and the fields it must agree with; the
+    /// error names the field refused.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(metrics) = self.metrics_listen {
             // /metrics has no authentication of its own: beyond loopback only when asked.

@@ -1,8 +1,10 @@
 //! The barrier's record of one branch: its mode and status, how it is encoded (a
 //! format byte, then the fields with postcard), and whether it leaves the branch in
 //! doubt, which can be read from an encoded record's first fields alone (what the
-//! in-doubt marks' seed reads of every record). A record that cannot be read is an
-//! error naming its branch.
+//! in-doubt marks' seed reads of every record), and the record a vote starts. A record
+//! that cannot be read is an error naming its branch.
+
+use serde::{Deserialize, Serialize};
 
 use super::*;
 
@@ -131,6 +133,7 @@ pub(crate) fn decode(key: &BranchKey, bytes: &[u8]) -> Result<BranchRecord, Barr
         .and_then(|rest| postcard::from_bytes(rest).map_err(|e| e.to_string()))
         .map_err(|message| corrupt_error(key, message))
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 //! rebuilt from the records after a reopen or by the count at start, damaged records,
 //! and the first listing during writes.
 
+use super::conformance::encoded_record;
 use super::*;
 use crate::barrier::{BranchMode, BranchStatus};
 use crate::durable::StoreOptions;
