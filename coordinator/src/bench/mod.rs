@@ -382,7 +382,8 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     let sync_probe = match args.sync_probe_ms {
         0 => None,
         ms => {
-            let coordinator_writes = args.participants >= 2 && args.endpoint.is_none();
+            let coordinator_writes =
+                workload::commits_in_two_phases(args.participants) && args.endpoint.is_none();
             let writers = args.participants + usize::from(coordinator_writes);
             let probe = sync_probe::run_blocking(
                 cluster.data_dir().join("sync-probe"),

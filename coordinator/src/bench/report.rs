@@ -289,7 +289,7 @@ impl Report {
                 })
                 .map(|w| w.latency.p50_ms)
         };
-        let two_phase = self.participants >= 2;
+        let two_phase = super::workload::commits_in_two_phases(self.participants);
         self.one_in_flight_target = match (
             self.concurrency == 1 && two_phase,
             p50(Workload::Twopc),

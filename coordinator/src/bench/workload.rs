@@ -137,6 +137,12 @@ impl LoadResult {
     }
 }
 
+/// Whether the twopc workload's transactions over `participants` branches commit in two
+/// phases (a single branch is committed in one).
+pub fn commits_in_two_phases(participants: usize) -> bool {
+    participants >= 2
+}
+
 /// Where the load goes.
 #[derive(Debug, Clone)]
 pub struct Targets {
