@@ -15,55 +15,8 @@ pub use crate::security::SecurityConfig;
 
 mod validate;
 
-/// Default values, shared by the flags, [`ServeConfig::new`] and the parts' defaults.
-pub mod defaults {
-    pub const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
-    pub const MAX_TRANSACTION_TIMEOUT_MS: u64 = 3_600_000;
-    pub const DEFAULT_PREPARE_TIMEOUT_MS: u64 = 10_000;
-    pub const MAX_PREPARE_TIMEOUT_MS: u64 = 600_000;
-    pub const PARTICIPANT_CALL_TIMEOUT_MS: u64 = 5_000;
-    pub const RETRY_BACKOFF_INITIAL_MS: u64 = 100;
-    pub const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
-    pub const MAX_ACTIVE_TRANSACTIONS: usize = 100_000;
-    pub const MAX_UNDELIVERED_ABORTS: usize = 100_000;
-    pub const MAX_ACTIVE_PER_PRINCIPAL: usize = 10_000;
-    pub const MAX_PAYLOAD_MEMORY_BYTES: usize = 512 * 1024 * 1024;
-    pub const MAX_IN_FLIGHT_CALLS: usize = 4_096;
-    pub const MEMORY_RETENTION_MS: u64 = 300_000;
-    pub const MAX_RETAINED_TRANSACTIONS: usize = 100_000;
-    pub const MEMORY_BUDGET_BYTES: u64 = 512 * 1024 * 1024;
-    /// Below this the shares are too small to be useful: the process alone (runtime,
-    /// gRPC, TLS, allocator) takes some 20–30 MiB before it holds any transaction.
-    pub const MIN_MEMORY_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
-    pub const LOG_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
-    pub const DELIVERY_HORIZON_MS: u64 = 7 * 24 * 3_600_000;
-    /// The durable store's defaults (why: their docs).
-    pub const LOG_COMPACTION_MIN_BYTES: u64 = treaty_sdk::durable::DEFAULT_COMPACTION_MIN_BYTES;
-    pub const LOG_COMPACTION_MIN_REMOVED_RECORDS: u64 =
-        treaty_sdk::durable::DEFAULT_COMPACTION_MIN_REMOVED_RECORDS;
-    /// The durable store's default and least factors (why 3: their docs).
-    pub const LOG_COMPACTION_GROWTH_FACTOR: u64 =
-        treaty_sdk::durable::DEFAULT_COMPACTION_GROWTH_FACTOR;
-    pub const MIN_LOG_COMPACTION_GROWTH_FACTOR: u64 =
-        treaty_sdk::durable::MIN_COMPACTION_GROWTH_FACTOR;
-    /// Beyond, the log's files could grow past any disk before a compaction.
-    pub const MAX_LOG_COMPACTION_GROWTH_FACTOR: u64 = 100;
-    /// No hold, as PostgreSQL's `commit_delay` defaults to none: decisions that arrive
-    /// during one sync already share the next, and a hold made sagas 5–13 % slower at
-    /// 64 in flight on this project's machines (docs/PERFORMANCE.md, "The decision
-    /// log's hold off by default"). For a disk whose syncs are scarce (an IOPS quota).
-    pub const LOG_GROUP_COMMIT_HOLD_US: u64 = 0;
-    /// A longer hold only adds latency: a forced write of the log takes under a
-    /// millisecond on this project's machines.
-    pub const MAX_LOG_GROUP_COMMIT_HOLD_US: u64 = 100_000;
-    pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
-    pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
-    pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
-    pub const COMPENSATION_STUCK_AFTER_ATTEMPTS: u32 = 10;
-    pub const SWEEP_INTERVAL_MS: u64 = 5_000;
-    pub const SWEEP_BATCH: usize = 1_000;
-    pub const STALE_AFTER_MS: u64 = 60_000;
-}
+pub use crate::defaults;
+pub use crate::defaults::{LOG_BYTES_PER_FINISHED, MemoryBudget};
 
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct ServeConfig {
@@ -274,66 +227,6 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// How `memory_budget_bytes` is split. The shares are fixed fractions so that one number
-/// is all an operator sets; each part is bounded by its own mechanism:
-/// - `log_bytes` (1/4): the decision log. Only `log_cache_bytes`, an eighth of it, is
-///   given to sled as the page cache of each of its databases: sled counts its cache in
-///   bytes on disk, keeps structures outside it that grow with the log (its page table,
-///   replaced nodes not yet reclaimed), and while the log compacts itself a second
-///   database with its own cache holds the rebuilt copy (docs/PERFORMANCE.md, "The
-///   log's cache"). Records and their index entries are keyed by time-ordered ids or
-///   end times, so writes and removals touch the ends of each key range and a small
-///   cache serves them (saga idempotency keys, chosen by clients, are the exception).
-///   What sled keeps beside its caches grows with the records the log holds, so the log
-///   keeps at most `log_finished_max` finished transactions (the rest of its share at
-///   [`LOG_BYTES_PER_FINISHED`] each): beyond that the oldest are purged before
-///   `log_retention_ms` is up;
-/// - `retained_bytes` (1/4): finished transactions kept in memory, by their estimated
-///   bytes (the oldest leave memory first; `max_retained_transactions` and
-///   `memory_retention_ms` still apply, whichever comes first);
-/// - `headroom_bytes` (the rest): work in progress and the process itself. Work in
-///   progress is bounded by `max_active_transactions` and `max_payload_memory_bytes`,
-///   not by the budget: set those so that it fits (docs/CONFIG.md, "Memory").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryBudget {
-    pub budget_bytes: u64,
-    pub log_bytes: u64,
-    /// sled's `cache_capacity` for each of the log's databases.
-    pub log_cache_bytes: u64,
-    /// Finished transactions the log keeps at most (the oldest beyond are purged).
-    pub log_finished_max: u64,
-    pub retained_bytes: usize,
-    pub headroom_bytes: u64,
-}
-
-/// The log's share over sled's cache capacity per database (see [`MemoryBudget`]).
-const LOG_SHARE_PER_CACHE: u64 = 8;
-
-/// Memory the log is given per finished transaction it keeps, beside sled's caches.
-/// Measured (docs/decisions.md, "Memory: the log keeps what its share of the budget
-/// holds"): sled keeps 36 bytes per finished 2PC in a log written once, 80 or more in the
-/// daemon's log, which is compacted while it runs, and a compaction holds a second copy
-/// until it switches (its resident set rose by about 400 bytes per finished transaction
-/// for a few seconds).
-pub const LOG_BYTES_PER_FINISHED: u64 = 256;
-
-impl MemoryBudget {
-    pub fn of(budget_bytes: u64) -> Self {
-        let log_bytes = budget_bytes / 4;
-        let retained_bytes = budget_bytes / 4;
-        Self {
-            budget_bytes,
-            log_bytes,
-            log_cache_bytes: log_bytes / LOG_SHARE_PER_CACHE,
-            // Two caches while the log compacts itself.
-            log_finished_max: (log_bytes - 2 * (log_bytes / LOG_SHARE_PER_CACHE))
-                / LOG_BYTES_PER_FINISHED,
-            retained_bytes: usize::try_from(retained_bytes).unwrap_or(usize::MAX),
-            headroom_bytes: budget_bytes - log_bytes - retained_bytes,
-        }
-    }
-}
-
 fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         field,
@@ -431,7 +324,9 @@ impl ServeConfig {
                 None => advertised(bound, self.security.tls_cert.is_some()),
             },
             participant_call_timeout_ms: self.participant_call_timeout_ms,
-            connect_timeout_ms: self.participant_call_timeout_ms.min(2_000),
+            connect_timeout_ms: self
+                .participant_call_timeout_ms
+                .min(defaults::MAX_CONNECT_TIMEOUT_MS),
             retry_backoff_initial_ms: self.retry_backoff_initial_ms,
             retry_backoff_max_ms: self.retry_backoff_max_ms,
             max_active_transactions: self.max_active_transactions,

@@ -192,10 +192,7 @@ participant_call_streams = false
                 .runtime("127.0.0.1:7500".parse().unwrap())
                 .participant_call_streams
         );
-        assert_eq!(
-            config.shutdown_grace_ms,
-            crate::config::defaults::SHUTDOWN_GRACE_MS
-        );
+        assert_eq!(config.shutdown_grace_ms, crate::defaults::SHUTDOWN_GRACE_MS);
         assert_eq!(config.validate(), Ok(()));
     }
 

@@ -28,7 +28,8 @@ use treaty_sdk::tls::ReloadableServerTls;
 use crate::api::CoordinatorService;
 use crate::api::admin::AdminService;
 use crate::api::auth::Authenticator;
-use crate::config::{ConfigError, MemoryBudget, ServeConfig};
+use crate::config::{ConfigError, ServeConfig};
+use crate::defaults::MemoryBudget;
 use crate::log::{DecisionLog, LogError, SledLog};
 use crate::metrics::{Metrics, serve_metrics};
 use crate::runtime::memory::{self, Governor};
@@ -334,7 +335,7 @@ fn log_options(
 ) -> StoreOptions {
     StoreOptions {
         // An eighth of the log's share of the memory budget, per database (see
-        // `config::MemoryBudget`).
+        // `defaults::MemoryBudget`).
         cache_capacity_bytes: budget.log_cache_bytes,
         group_commit_hold: Duration::from_micros(config.log_group_commit_hold_us),
         // The coordinator's forced writes are decisions of independent transactions:
@@ -542,7 +543,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn purges_keep_the_log_within_its_limit_before_the_retention_is_up() {
-        use crate::config::defaults;
+        use crate::defaults;
         use crate::log::{Durability, suite};
         use crate::model::TxnState;
         use crate::runtime::{RuntimeConfig, now_unix_ms};

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod config_file;
 pub mod daemon;
+pub mod defaults;
 pub mod endpoint_policy;
 pub mod engine;
 pub mod log;

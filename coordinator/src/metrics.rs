@@ -114,7 +114,7 @@ struct CallLabels {
     result: CallResult,
 }
 
-/// A part of the memory budget (`config::MemoryBudget`).
+/// A part of the memory budget (`defaults::MemoryBudget`).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)] // label values as Prometheus users spell them
 enum BudgetPart {
@@ -458,7 +458,7 @@ impl Metrics {
     }
 
     /// The configured memory budget and its split (set once, at start).
-    pub fn memory_budget(&self, budget: &crate::config::MemoryBudget) {
+    pub fn memory_budget(&self, budget: &crate::defaults::MemoryBudget) {
         let parts = [
             (BudgetPart::total, budget.budget_bytes),
             (BudgetPart::log, budget.log_bytes),
@@ -698,7 +698,7 @@ mod tests {
             retained_estimated_bytes: 9_000,
             ..Health::default()
         };
-        metrics.memory_budget(&crate::config::MemoryBudget::of(400));
+        metrics.memory_budget(&crate::defaults::MemoryBudget::of(400));
         metrics.log_purged(3, 2);
         metrics.log_purged(1, 0);
         metrics.set_log_finished(5);

@@ -35,7 +35,7 @@ use treaty_proto::v1 as proto;
 use treaty_sdk::limits::{FieldError, canonical_endpoint, check_id, check_reason};
 use treaty_sdk::trace::TraceContext;
 
-use crate::config::defaults;
+use crate::defaults;
 use crate::endpoint_policy::EndpointPolicy;
 use crate::engine::twopc::Refusal;
 use crate::model::{TxnId, TxnRecord, TxnState};

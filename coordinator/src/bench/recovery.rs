@@ -275,7 +275,7 @@ fn branches(hold: &str, i: usize, endpoints: &[String]) -> Vec<BranchSpec> {
 fn long_options() -> BeginOptions {
     BeginOptions {
         deadline_unix_ms: Some(crate::runtime::now_unix_ms() + 30 * 60_000),
-        prepare_timeout_ms: Some(crate::config::defaults::MAX_PREPARE_TIMEOUT_MS),
+        prepare_timeout_ms: Some(crate::defaults::MAX_PREPARE_TIMEOUT_MS),
     }
 }
 

@@ -177,3 +177,16 @@ fn unspecified_listen_address_advertises_loopback() {
         "https://10.0.0.5:7420"
     );
 }
+
+#[test]
+fn the_runtimes_default_is_the_daemons_but_for_shards_and_endpoint() {
+    let bound: SocketAddr = "127.0.0.1:7420".parse().unwrap();
+    let mut from_daemon = ServeConfig::new(bound, "/tmp/x").runtime(bound);
+    let default = RuntimeConfig::default();
+    assert_eq!(default.shards, 2);
+    assert_eq!(default.advertise_endpoint, "");
+    // What an embedded runtime sets on its own; every other field must agree.
+    from_daemon.shards = default.shards;
+    from_daemon.advertise_endpoint = default.advertise_endpoint.clone();
+    assert_eq!(format!("{from_daemon:?}"), format!("{default:?}"));
+}

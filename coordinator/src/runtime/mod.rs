@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use treaty_sdk::trace::TraceContext;
 
-use crate::config::defaults;
+use crate::defaults::{self, MemoryBudget};
 use crate::engine::twopc::{BranchSpec, OperatorCommand, OperatorRequest, Refusal};
 use crate::log::{DecisionLog, Durability, LogError};
 use crate::metrics::{Health, Metrics};

@@ -72,7 +72,8 @@ impl Default for RuntimeConfig {
             shards: 2,
             advertise_endpoint: String::new(),
             participant_call_timeout_ms: defaults::PARTICIPANT_CALL_TIMEOUT_MS,
-            connect_timeout_ms: 2_000,
+            connect_timeout_ms: defaults::PARTICIPANT_CALL_TIMEOUT_MS
+                .min(defaults::MAX_CONNECT_TIMEOUT_MS),
             retry_backoff_initial_ms: defaults::RETRY_BACKOFF_INITIAL_MS,
             retry_backoff_max_ms: defaults::RETRY_BACKOFF_MAX_MS,
             max_active_transactions: defaults::MAX_ACTIVE_TRANSACTIONS,
@@ -83,12 +84,10 @@ impl Default for RuntimeConfig {
             max_branches: treaty_sdk::limits::MAX_BRANCHES,
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
-            max_retained_bytes: crate::config::MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES)
-                .retained_bytes,
+            max_retained_bytes: MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES).retained_bytes,
             retained_allowance: memory::RetainedAllowance::default(),
             log_retention_ms: defaults::LOG_RETENTION_MS,
-            log_finished_max: crate::config::MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES)
-                .log_finished_max,
+            log_finished_max: MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES).log_finished_max,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,
             parallel_commit: true,
