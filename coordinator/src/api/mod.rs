@@ -20,8 +20,11 @@
 
 pub mod admin;
 pub mod auth;
+mod calls;
 pub mod pb;
 pub mod saga;
+mod status;
+mod watching;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -43,9 +46,12 @@ use crate::runtime::{
     BeginParams, Decision, ListFilter, Runtime, RuntimeError, SagaParams, Submitted, now_unix_ms,
 };
 use auth::Authenticator;
+pub use status::status_of;
+use status::{invalid, not_yours, stream_waits_taken};
 use treaty_sdk::auth::Principal;
 use treaty_sdk::call_stream::{Answers, CallPlace, StreamContext, TransactionCalls, serve_calls};
 use treaty_sdk::connections::MAX_CONCURRENT_STREAMS;
+use watching::{update_message, watch_stream};
 
 /// Limits and defaults the API applies to requests.
 #[derive(Debug, Clone)]
@@ -209,89 +215,6 @@ fn owner_of(principal: &Principal) -> Option<String> {
 /// Whether `principal` may see and act on `record`: its owner, or an admin.
 fn may_act(principal: &Principal, record: &TxnRecord) -> bool {
     principal.admin || record.owner.as_deref() == Some(principal.name.as_str())
-}
-
-fn not_yours(id: &TxnId) -> Status {
-    Status::permission_denied(format!("transaction_id: {id} belongs to another principal"))
-}
-
-fn invalid(error: FieldError) -> Status {
-    Status::invalid_argument(error.to_string())
-}
-
-/// The one mapping from runtime errors to gRPC statuses. An unknown transaction also
-/// carries a machine-readable `ErrorInfo` (see [`unknown_transaction`]).
-pub fn status_of(error: RuntimeError) -> Status {
-    let field = match &error {
-        RuntimeError::UnknownTransaction(id) => return unknown_transaction(*id, &error),
-        RuntimeError::Refused(Refusal::DuplicateBranch(_)) => "branch.branch_id",
-        RuntimeError::Refused(Refusal::TooManyBranches(_)) => "branch",
-        RuntimeError::Refused(Refusal::NoBranches) => "branches",
-        RuntimeError::Refused(Refusal::UnknownBranch(_) | Refusal::NothingToResolve { .. }) => {
-            "branch_id"
-        }
-        // Operator verbs answer their refusals as `applied: false` (see admin.rs); the
-        // rest cannot come from the calls of this service.
-        RuntimeError::Refused(
-            Refusal::NotActive(_)
-            | Refusal::AlreadyCommitting
-            | Refusal::CommitInFlight
-            | Refusal::DecisionInFlight
-            | Refusal::VotesDecide
-            | Refusal::Final(_)
-            | Refusal::Unfinished(_)
-            | Refusal::MayStillAsk
-            | Refusal::AlreadyEnding(_)
-            | Refusal::NothingToRetry
-            | Refusal::AlreadyPaused
-            | Refusal::NotPaused
-            | Refusal::Undecided(_)
-            | Refusal::ContradictsDecision { .. },
-        )
-        | RuntimeError::NotTwoPhase(_)
-        | RuntimeError::NotSaga(_) => "transaction_id",
-        RuntimeError::IdempotencyConflict(_) => "idempotency_key",
-        RuntimeError::Invalid(error) => return Status::invalid_argument(error.to_string()),
-        RuntimeError::Overloaded(_)
-        | RuntimeError::PrincipalOverloaded { .. }
-        | RuntimeError::PayloadBudget { .. } => {
-            return Status::resource_exhausted(error.to_string());
-        }
-        RuntimeError::ShuttingDown => return Status::unavailable(error.to_string()),
-        RuntimeError::Log(_) => return Status::internal(error.to_string()),
-    };
-    Status::invalid_argument(format!("{field}: {error}"))
-}
-
-/// INVALID_ARGUMENT naming `transaction_id`, as every other bad field, with an
-/// `ErrorInfo` detail (reason UNKNOWN_TRANSACTION, the id in its metadata) so that
-/// clients can tell it from a malformed request without reading the text.
-fn unknown_transaction(id: TxnId, error: &RuntimeError) -> Status {
-    use treaty_proto::error_info::{DOMAIN, TRANSACTION_ID, UNKNOWN_TRANSACTION};
-    Status::with_error_details(
-        tonic::Code::InvalidArgument,
-        format!("transaction_id: {error}"),
-        ErrorDetails::with_error_info(
-            UNKNOWN_TRANSACTION,
-            DOMAIN,
-            [(TRANSACTION_ID.to_string(), id.to_string())],
-        ),
-    )
-}
-
-/// A waiting SubmitSaga on a `Calls` stream that found every wait of its connection
-/// taken: RESOURCE_EXHAUSTED with an `ErrorInfo` (reason STREAM_WAITS_TAKEN) by which
-/// the SDK's client knows to send it unary. Nothing was submitted.
-fn stream_waits_taken() -> Status {
-    use treaty_proto::error_info::{DOMAIN, STREAM_WAITS_TAKEN};
-    Status::with_error_details(
-        tonic::Code::ResourceExhausted,
-        format!(
-            "every one of this connection's {MAX_CONCURRENT_STREAMS} waits on Calls streams is taken: \
-             submit unary to wait for the outcome"
-        ),
-        ErrorDetails::with_error_info(STREAM_WAITS_TAKEN, DOMAIN, []),
-    )
 }
 
 fn outcome_of(record: &TxnRecord) -> proto::CommitResponse {
@@ -601,198 +524,4 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             decision: decision as i32,
         }))
     }
-}
-
-impl CoordinatorService {
-    /// A SubmitSaga's checks and the runtime's submit (its definition durable, or the
-    /// saga its idempotency key names found).
-    async fn submit(
-        &self,
-        request: Request<proto::SubmitSagaRequest>,
-    ) -> Result<Submitted, Status> {
-        let params = self.checked_saga(request)?;
-        self.runtime.submit_saga(params).await.map_err(status_of)
-    }
-
-    /// A SubmitSaga checked (credentials, every field) and made into the runtime's
-    /// parameters; nothing is changed.
-    fn checked_saga(
-        &self,
-        request: Request<proto::SubmitSagaRequest>,
-    ) -> Result<SagaParams, Status> {
-        let principal = self.auth.authenticate(&request)?;
-        let trace = TraceContext::from_metadata(request.metadata());
-        let request = request.into_inner();
-        self.check_scheme(request.steps.iter().enumerate().map(|(i, s)| {
-            (
-                pb::ItemField::new("steps", i, "endpoint"),
-                s.endpoint.as_str(),
-            )
-        }))?;
-        let has_key = !request.idempotency_key.is_empty();
-        // A retry with the same key after the deadline passed must still find the saga
-        // it submitted: the runtime answers that one, and refuses only a new saga.
-        let (deadline_unix_ms, refused_if_new) = match request.deadline_unix_ms {
-            0 => (None, None),
-            requested => match self.deadline(requested) {
-                Ok(deadline) => (Some(deadline), None),
-                Err(error) if has_key && requested <= now_unix_ms() => (None, Some(error)),
-                Err(error) => return Err(invalid(error)),
-            },
-        };
-        let mut params =
-            saga::saga_params(request, &self.config.saga, &self.config.endpoint_policy)
-                .map_err(invalid)?;
-        params.owner = owner_of(&principal);
-        params.trace = trace;
-        params.deadline_unix_ms = deadline_unix_ms;
-        params.refused_if_new = refused_if_new;
-        params.idempotency_key = params
-            .idempotency_key
-            .map(|key| scoped_key(params.owner.as_deref(), key));
-        Ok(params)
-    }
-
-    /// The answer to a submit: at once, or once the saga is final.
-    async fn answer_submit(
-        &self,
-        mut submitted: Submitted,
-        wait_for_outcome: bool,
-    ) -> Result<Response<proto::SubmitSagaResponse>, Status> {
-        if wait_for_outcome {
-            let mut stopping = self.stopping.clone();
-            tokio::select! {
-                finished = submitted.updates.wait_for(|record| record.state.is_final()) => {
-                    finished.map_err(|_| status_of(RuntimeError::ShuttingDown))?;
-                }
-                _ = stopping.wait_for(|stopping| *stopping) => {
-                    return Err(status_of(RuntimeError::ShuttingDown));
-                }
-            }
-        }
-        let record = submitted.updates.borrow().clone();
-        Ok(Response::new(proto::SubmitSagaResponse {
-            transaction_id: submitted.id.to_string(),
-            created: submitted.created,
-            transaction: Some(pb::transaction_to_pb(&record)),
-        }))
-    }
-
-    /// What one call of a `Calls` stream gives: its unary method's response, or its
-    /// status.
-    async fn answer_call(
-        &self,
-        stream: &StreamContext,
-        call: proto::TransactionCall,
-        place: &CallPlace,
-    ) -> Result<proto::transaction_answer::Answer, Status> {
-        use proto::coordinator_server::Coordinator;
-        use proto::transaction_answer::Answer;
-        use proto::transaction_call::Call;
-        let (traceparent, tracestate) = (call.traceparent.as_str(), call.tracestate.as_str());
-        match call.call {
-            Some(Call::Begin(message)) => self
-                .begin(stream.request(traceparent, tracestate, message))
-                .await
-                .map(|r| Answer::Begin(r.into_inner())),
-            Some(Call::Enlist(message)) => self
-                .enlist(stream.request(traceparent, tracestate, message))
-                .await
-                .map(|r| Answer::Enlist(r.into_inner())),
-            Some(Call::Commit(message)) => self
-                .commit(stream.request(traceparent, tracestate, message))
-                .await
-                .map(|r| Answer::Commit(r.into_inner())),
-            Some(Call::Abort(message)) => self
-                .abort(stream.request(traceparent, tracestate, message))
-                .await
-                .map(|r| Answer::Abort(r.into_inner())),
-            // A wait for the saga's outcome may be as long as its retries: it waits
-            // without a place once the saga is durable, so that the places stay with
-            // calls whose work ends on its own and the stream reads on (a withdrawal of
-            // this wait among what it reads).
-            Some(Call::SubmitSaga(message)) if message.wait_for_outcome => {
-                let params = self.checked_saga(stream.request(traceparent, tracestate, message))?;
-                if !place.take_wait() {
-                    return Err(stream_waits_taken());
-                }
-                let submitted = self.runtime.submit_saga(params).await.map_err(status_of)?;
-                place.wait_without_place();
-                self.answer_submit(submitted, true)
-                    .await
-                    .map(|r| Answer::SubmitSaga(r.into_inner()))
-            }
-            Some(Call::SubmitSaga(message)) => self
-                .submit_saga(stream.request(traceparent, tracestate, message))
-                .await
-                .map(|r| Answer::SubmitSaga(r.into_inner())),
-            Some(Call::CancelSaga(message)) => self
-                .cancel_saga(stream.request(traceparent, tracestate, message))
-                .await
-                .map(|r| Answer::CancelSaga(r.into_inner())),
-            // The stream's reader takes withdrawals itself: none is answered.
-            Some(Call::Withdraw(_)) => Err(Status::internal(
-                "a withdrawal was answered as a call (the stream's reader takes them)",
-            )),
-            None => Err(Status::invalid_argument(
-                "call: one of begin, enlist, commit, abort, submit_saga or cancel_saga is required",
-            )),
-        }
-    }
-}
-
-fn update_message(record: &TxnRecord, transition: usize) -> proto::WatchTransactionResponse {
-    proto::WatchTransactionResponse {
-        found: true,
-        transaction: Some(pb::transaction_to_pb(record)),
-        transition: record.transitions.get(transition).map(pb::transition_to_pb),
-    }
-}
-
-/// The current state first, then one message per transition, never skipping one; ends
-/// after a final state, or when the transaction leaves memory or the daemon stops.
-fn watch_stream(
-    mut updates: watch::Receiver<Arc<TxnRecord>>,
-    stopping: watch::Receiver<bool>,
-) -> WatchStream {
-    let current = updates.borrow_and_update().clone();
-    let first = update_message(&current, current.transitions.len().saturating_sub(1));
-    struct State {
-        updates: watch::Receiver<Arc<TxnRecord>>,
-        stopping: watch::Receiver<bool>,
-        queue: VecDeque<proto::WatchTransactionResponse>,
-        sent: usize,
-        finished: bool,
-    }
-    let state = State {
-        finished: current.state.is_final(),
-        sent: current.transitions.len(),
-        queue: VecDeque::from([first]),
-        updates,
-        stopping,
-    };
-    Box::pin(futures::stream::unfold(state, |mut state| async move {
-        loop {
-            if let Some(message) = state.queue.pop_front() {
-                return Some((Ok(message), state));
-            }
-            if state.finished || *state.stopping.borrow() {
-                return None;
-            }
-            tokio::select! {
-                changed = state.updates.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                }
-                _ = state.stopping.changed() => return None,
-            }
-            let record = state.updates.borrow_and_update().clone();
-            for index in state.sent..record.transitions.len() {
-                state.queue.push_back(update_message(&record, index));
-            }
-            state.sent = record.transitions.len();
-            state.finished = record.state.is_final();
-        }
-    }))
 }
