@@ -9,6 +9,8 @@
 //! - [`endpoint_policy`]: which participant endpoints the coordinator may call.
 //! - [`daemon`], [`config`], [`config_file`], [`cli`]: `treaty serve` (its settings from
 //!   flags, environment and a TOML file) and the `treaty` command line.
+//! - [`defaults`]: default values and the memory budget's split, read by the config,
+//!   the API, the runtime and the metrics alike.
 //! - [`security`]: TLS, authentication and participant credentials of the daemon.
 //! - [`bench`]: `treaty bench`, commits per second over loopback gRPC.
 //! - [`tck`]: `treaty tck`, the conformance kit that checks a participant against the

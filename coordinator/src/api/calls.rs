@@ -1,5 +1,6 @@
-//! What SubmitSaga does once checked, shared by its unary call and the `Calls` stream,
-//! and how the stream answers each of its calls through the unary handler of its kind.
+//! SubmitSaga's checks, submit and answer, shared by its unary call and the `Calls`
+//! stream, and how the stream answers each of its calls through the unary handler of
+//! its kind.
 
 use super::*;
 

@@ -178,6 +178,24 @@ fn unspecified_listen_address_advertises_loopback() {
     );
 }
 
+/// The two print alike, field for field; a failure names the first field that differs.
+fn assert_same_fields(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) {
+    let (a, b) = (format!("{a:#?}"), format!("{b:#?}"));
+    if let Some((line, (a, b))) = a
+        .lines()
+        .zip(b.lines())
+        .enumerate()
+        .find(|(_, (a, b))| a != b)
+    {
+        panic!("line {line} differs: {a:?} against {b:?}");
+    }
+    assert_eq!(
+        a.lines().count(),
+        b.lines().count(),
+        "one prints more fields"
+    );
+}
+
 #[test]
 fn the_runtimes_default_is_the_daemons_but_for_shards_and_endpoint() {
     let bound: SocketAddr = "127.0.0.1:7420".parse().unwrap();
@@ -185,8 +203,29 @@ fn the_runtimes_default_is_the_daemons_but_for_shards_and_endpoint() {
     let default = RuntimeConfig::default();
     assert_eq!(default.shards, 2);
     assert_eq!(default.advertise_endpoint, "");
-    // What an embedded runtime sets on its own; every other field must agree.
+    // What an embedded runtime sets on its own; every other field must agree. The
+    // metrics are shared: two registries print their families in hash order.
     from_daemon.shards = default.shards;
     from_daemon.advertise_endpoint = default.advertise_endpoint.clone();
-    assert_eq!(format!("{from_daemon:?}"), format!("{default:?}"));
+    from_daemon.metrics = Arc::clone(&default.metrics);
+    assert_same_fields(&from_daemon, &default);
+}
+
+#[test]
+fn the_apis_default_is_the_daemons() {
+    assert_same_fields(&config().api().unwrap(), &ApiConfig::default());
+}
+
+#[test]
+fn the_flags_defaults_are_those_of_serve_config_new() {
+    use clap::Parser;
+    let cli = crate::cli::Cli::try_parse_from(["treaty", "serve"]).unwrap();
+    let crate::cli::Command::Serve(args) = cli.command else {
+        panic!("parsed as serve");
+    };
+    let parsed = args.settings;
+    assert_same_fields(
+        &parsed,
+        &ServeConfig::new(parsed.listen, parsed.data_dir.clone()),
+    );
 }

@@ -183,8 +183,10 @@ impl Target {
         let channel = |endpoint: &str| {
             endpoint_with(endpoint, options)
                 .map(|e| {
-                    e.connect_timeout(Duration::from_millis(timeout_ms.min(2_000)))
-                        .connect_lazy()
+                    e.connect_timeout(Duration::from_millis(
+                        timeout_ms.min(crate::defaults::MAX_CONNECT_TIMEOUT_MS),
+                    ))
+                    .connect_lazy()
                 })
                 .map_err(|e| e.to_string())
         };

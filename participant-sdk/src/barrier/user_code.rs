@@ -1,6 +1,7 @@
 //! User code run under the barrier: the context it sees (the record of its success, for
-//! it to include with its own writes), then that record written, forced unless phase 2
-//! may be patient, or left to the user's own transaction if it included it.
+//! it to include with its own writes), then that record written (forced, but for a
+//! patient phase 2 and an opted-in unforced one-phase or saga YES), or left to the
+//! user's own transaction if it included it.
 
 use super::*;
 
@@ -110,7 +111,7 @@ impl<S: BarrierStore> Barrier<S> {
 }
 
 /// The write that records `record`: the record, and whether the branch is in doubt.
-pub(super) fn write_for(branch: &BranchContext, record: &BranchRecord) -> BarrierWrite {
+fn write_for(branch: &BranchContext, record: &BranchRecord) -> BarrierWrite {
     BarrierWrite {
         key: branch_key(branch),
         record: encode(record),

@@ -1,5 +1,5 @@
-//! Tests of the memory run's summary: its CSV, its warm-up, and the quarters its
-//! flatness compares.
+//! Tests of the memory run: its sampler's period and when it stops scraping, its CSV, its
+//! warm-up, and the quarters its flatness compares.
 
 use super::*;
 use std::sync::atomic::AtomicUsize;

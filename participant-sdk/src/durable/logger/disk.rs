@@ -1,7 +1,7 @@
 //! How the logger thread puts a group on disk: applied with one `apply_batch` (and
-//! mirrored to a rebuild under way), then, for a forced or patient sync, sled's
-//! `flush()`, the new files sled made, `fdatasync` of the log file, and the group's
-//! number in the high-water mark.
+//! mirrored to a rebuild under way); the new files sled made synced after every group;
+//! and, for a forced or patient sync, sled's `flush()`, `fdatasync` of the log file and
+//! the group's number in the high-water mark.
 
 use super::*;
 
@@ -78,7 +78,7 @@ impl Logger {
 
     /// Makes everything applied so far durable; with `group`, notes that forced group
     /// as acknowledged in the high-water mark, last (unsynced: see `sync_mark`).
-    pub(super) fn sync(&mut self, group: Option<u64>) -> Result<(), String> {
+    fn sync(&mut self, group: Option<u64>) -> Result<(), String> {
         fail::fail_point!(
             "durable::sync",
             |_| Err("injected sync failure".to_string())
