@@ -4,12 +4,15 @@
 //! lose everything but the durable log. Also participants past their barrier retention:
 //! one that has no record of a branch refuses every call about it for good, including
 //! one that collected a final record while the coordinator still needed it (a retention
-//! shorter than the horizon, against the rule); an operator then states what is true.
+//! shorter than the horizon, against the rule); an operator then states what is true,
+//! or, at moments the schedule picks, YES whatever is true (an operator in error, who
+//! later states the truth: the engine must not have reported a commit it cannot keep).
 //! (With such a Prepare answered NO instead, as until 2026-12-06, this test finds a
 //! commit reported and then aborted after a restart.)
 //!
 //! Invariants, checked after every step:
-//! - no participant is told COMMIT unless every branch voted YES or READ_ONLY;
+//! - no participant is told COMMIT unless every branch voted YES or READ_ONLY, or had
+//!   YES stated for it by an operator;
 //! - no participant is told both COMMIT and ABORT (agreement);
 //! - once the commit decision is durable, the coordinator (and every restart of it)
 //!   stays on commit, and reports commit only after that (irreversibility);
@@ -85,6 +88,9 @@ enum Step {
     /// the rule) collects the final record of this branch (mod the number of branches):
     /// from then on it refuses every call about it. A prepared record is never collected.
     Collect(usize),
+    /// An operator states YES for a branch that waits for one (see
+    /// `state_refused_votes`), whatever its participant's record says.
+    StateYes,
     /// The sweeper's nudge, with every open call taken as stale.
     Nudge,
     PrepareTimer,
@@ -103,6 +109,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(Step::Vanish),
         1 => any::<usize>().prop_map(Step::Refuse),
         1 => any::<usize>().prop_map(Step::Collect),
+        1 => Just(Step::StateYes),
         1 => Just(Step::Nudge),
         1 => Just(Step::PrepareTimer),
         1 => Just(Step::Deadline),
@@ -136,6 +143,8 @@ struct World {
     refused: Vec<bool>,
     /// What a collected record said.
     collected: Vec<Option<Barrier>>,
+    /// Branches an operator stated YES for, whatever was true.
+    stated_yes: Vec<bool>,
     told_commit: Vec<bool>,
     told_abort: Vec<bool>,
     now: u64,
@@ -177,6 +186,7 @@ impl World {
             barriers: vec![Barrier::None; n],
             refused: vec![false; n],
             collected: vec![None; n],
+            stated_yes: vec![false; n],
             told_commit: vec![false; n],
             told_abort: vec![false; n],
             now: T0,
@@ -470,6 +480,9 @@ impl World {
                 }
             }
             Step::Collect(_) => {}
+            Step::StateYes => {
+                self.state_refused_votes(true);
+            }
             Step::Nudge => self.feed(Event::Nudge { stale_after_ms: 0 }),
             Step::PrepareTimer => self.feed(Event::PrepareTimerFired),
             Step::Deadline => self.feed(Event::DeadlineReached),
@@ -511,7 +524,8 @@ impl World {
             !(self.reported_commit && self.reported_abort),
             "both COMMITTED and ABORTED were reported"
         );
-        let every_vote_yes = self.scripts.iter().all(|s| *s != Script::No);
+        let every_vote_yes =
+            (0..self.scripts.len()).all(|b| self.scripts[b] != Script::No || self.stated_yes[b]);
         for b in 0..self.scripts.len() {
             assert!(
                 !(self.told_commit[b] && self.told_abort[b]),
@@ -557,8 +571,9 @@ impl World {
     /// what it knows to be true: while the votes decide after a restart, its vote (YES if
     /// the collected record said it committed or was read-only, else NO: with no record
     /// at all it never voted YES, so no commit can have been decided without it); once
-    /// committing, that it committed. Returns whether something was stated.
-    fn state_refused_votes(&mut self) -> bool {
+    /// committing, that it committed. With `yes_regardless`, an operator in error states
+    /// YES while the votes decide, whatever is true. Returns whether something was stated.
+    fn state_refused_votes(&mut self, yes_regardless: bool) -> bool {
         let Some(coordinator) = self.coordinator.as_mut() else {
             return false;
         };
@@ -582,7 +597,7 @@ impl World {
             self.collected[branch],
             Some(Barrier::Committed | Barrier::ReadOnly)
         );
-        let outcome = if state == TxnState::Committing || agreed {
+        let outcome = if state == TxnState::Committing || agreed || yes_regardless {
             Resolution::Commit
         } else {
             Resolution::Abort
@@ -600,6 +615,7 @@ impl World {
         let Ok(actions) = coordinator.handle_operator(&request, self.now) else {
             return false;
         };
+        self.stated_yes[branch] |= outcome == Resolution::Commit;
         self.carry_out(actions);
         self.note_reported();
         true
@@ -636,7 +652,7 @@ impl World {
         for _ in 0..10_000 {
             // A refusing participant's vote only an operator can state, and aborts
             // nobody will take are retried until the runtime gives them up.
-            if self.state_refused_votes() || self.give_up_refused_aborts() {
+            if self.state_refused_votes(false) || self.give_up_refused_aborts() {
                 self.check();
                 continue;
             }
@@ -710,5 +726,39 @@ proptest! {
             // else; that participant is not in doubt either way.)
             prop_assert!(world.barriers.iter().all(|b| *b != Barrier::Committed));
         }
+    }
+}
+
+/// Schedules that reach an operator's statement: refusals, statements and crashes
+/// weighted up (with the mix above, a statement in error followed by the crash that
+/// would undo it is too rare to be found).
+fn operator_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => any::<usize>().prop_map(Step::Deliver),
+        2 => any::<usize>().prop_map(Step::Refuse),
+        2 => Just(Step::StateYes),
+        2 => Just(Step::Crash),
+        1 => any::<usize>().prop_map(Step::Retry),
+        1 => Just(Step::Nudge),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// A YES an operator states in error (its participant holds no record: it never
+    /// voted) may commit the transaction; once that commit is reported, no restart and
+    /// no later statement of the truth may turn it into an abort. (Before 1c47143 a
+    /// stated YES that completed the votes decided the commit lazily, and this finds it.)
+    #[test]
+    fn a_commit_an_operator_helped_decide_survives_restarts(
+        scripts in prop::collection::vec(script(), 2..4),
+        steps in prop::collection::vec(operator_step(), 0..40),
+    ) {
+        let mut world = World::new(scripts, true);
+        for step in &steps {
+            world.run(step);
+        }
+        world.settle();
     }
 }
