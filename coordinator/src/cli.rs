@@ -228,7 +228,8 @@ pub enum TxnCommand {
         /// The branch (saga: step) to resolve.
         #[arg(long)]
         branch: String,
-        /// Its work stands (committed, or applied by hand).
+        /// Its work stands (committed, or applied by hand). A saga step so resolved
+        /// that must later be compensated waits for an operator to state it undone.
         #[arg(long, conflicts_with = "abort", required_unless_present = "abort")]
         commit: bool,
         /// Its work is not there (aborted, compensated, or undone by hand).

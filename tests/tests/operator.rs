@@ -16,6 +16,24 @@ async fn treaty(endpoint: &str, args: &[&str]) -> (bool, String) {
     treaty_cli(endpoint, args).await
 }
 
+/// `treaty txn resolve ID --branch BRANCH FLAG --reason REASON`, FLAG `--commit` or
+/// `--abort`.
+async fn resolve(
+    endpoint: &str,
+    id: &str,
+    branch: &str,
+    flag: &str,
+    reason: &str,
+) -> (bool, String) {
+    treaty(
+        endpoint,
+        &[
+            "txn", "resolve", id, "--branch", branch, flag, "--reason", reason,
+        ],
+    )
+    .await
+}
+
 /// The JSON a `--json` command printed (its first line).
 fn json_of(out: &str) -> Value {
     serde_json::from_str(out.lines().next().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
@@ -223,6 +241,68 @@ async fn stuck_commits_are_found_paused_retried_resolved_reported_and_forgotten(
     coordinator.stop().await.unwrap();
 }
 
+/// A step whose forward action keeps failing is resolved as committed: its work was
+/// done by hand. When a later step is rejected the saga compensates; the step's
+/// participant, which holds no record of it, records a null compensation and undoes
+/// nothing, so the saga waits, flagged stuck, until an operator states the step undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_step_resolved_as_committed_is_undone_only_by_an_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let client = coordinator.client().await;
+    let endpoint = coordinator.endpoint.as_str();
+
+    let submitted = client
+        .submit_saga(
+            vec![
+                // Retried for minutes: it must still be running when the operator acts.
+                SagaStep::new("ship", &participant.endpoint, "error")
+                    .compensation("unship")
+                    .retry(100, 1_000, 5_000),
+                SagaStep::new("charge", &participant.endpoint, "no").after(["ship"]),
+            ],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap();
+    let id = submitted.transaction_id;
+    let (ok, out) = resolve(endpoint, &id, "ship", "--commit", "shipped by hand").await;
+    assert!(ok, "{out}");
+    // "charge" is rejected; the saga compensates "ship" at its participant, and then waits.
+    eventually("the saga waits for an operator", || async {
+        let (ok, out) = treaty(endpoint, &["txn", "list", "--stuck", "--json"]).await;
+        (ok && listed_ids(&out) == vec![id.clone()]).then_some(())
+    })
+    .await;
+    let (ok, out) = treaty(endpoint, &["txn", "show", &id, "--json"]).await;
+    let shown = json_of(&out);
+    assert!(ok && shown["state"] == "COMPENSATING", "{out}");
+    assert!(
+        shown["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["reason"].as_str().unwrap().contains("work done by hand")),
+        "{out}"
+    );
+    assert!(
+        participant.participant.compensated().is_empty(),
+        "the participant had nothing to undo"
+    );
+    let (ok, out) = resolve(endpoint, &id, "ship", "--abort", "unshipped by hand").await;
+    assert!(ok, "{out}");
+    let txn = eventually("the saga is compensated", || async {
+        let txn = client.get(&id).await.unwrap().unwrap();
+        (txn.state == treaty_sdk::client::TransactionState::Compensated as i32).then_some(txn)
+    })
+    .await;
+    assert!(!txn.stuck, "{txn:?}");
+
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
+
 /// A step at an address where nothing listens: its calls fail until resolved.
 fn dead_step(id: &str) -> SagaStep {
     SagaStep::new(id, "http://127.0.0.1:9", "forward")
@@ -282,20 +362,7 @@ async fn sagas_are_cancelled_by_their_initiator_or_compensated_at_their_deadline
         !ok && out.contains("contradicts the decision to compensate"),
         "{out}"
     );
-    let (ok, out) = treaty(
-        endpoint,
-        &[
-            "txn",
-            "resolve",
-            &id,
-            "--branch",
-            "ship",
-            "--abort",
-            "--reason",
-            "never shipped",
-        ],
-    )
-    .await;
+    let (ok, out) = resolve(endpoint, &id, "ship", "--abort", "never shipped").await;
     assert!(ok, "{out}");
     eventually("the saga is compensated", || async {
         let txn = client.get(&id).await.unwrap().unwrap();

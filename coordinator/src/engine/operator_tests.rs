@@ -588,6 +588,82 @@ fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
     );
 }
 
+/// A step an operator stated committed may be work done by hand: when the saga then
+/// compensates, its participant's compensation undoes only what the participant
+/// applied (it records a null compensation if it holds nothing). So the saga waits,
+/// flagged stuck, until an operator states the step undone.
+#[test]
+fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
+    let (mut saga, _) = saga(2, None);
+    saga.handle_event(
+        SagaEvent::StepFailed {
+            step: 0,
+            error: "participant unreachable".into(),
+        },
+        T0 + 2,
+    );
+    saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3)
+        .unwrap();
+    assert_eq!(
+        saga.handle_event(
+            SagaEvent::StepAnswered {
+                step: 1,
+                answer: StepAnswer::Rejected {
+                    reason: "out of stock".into()
+                },
+            },
+            T0 + 4,
+        ),
+        vec![SagaAction::PersistForced]
+    );
+    assert_eq!(
+        saga.handle_event(SagaEvent::Persisted, T0 + 5),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+    // Its participant answers; that does not undo what was done by hand.
+    assert_eq!(
+        saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 6),
+        vec![SagaAction::WarnStuck { step: 0 }]
+    );
+    assert_eq!(saga.state(), TxnState::Compensating);
+    assert!(saga.is_stuck());
+    assert!(saga.steps()[0].awaits_operator());
+    let note = &saga.transitions().last().unwrap().reason;
+    assert!(note.contains("by hand"), "{note}");
+    // Nothing is sent again for it, and a repeated answer changes nothing.
+    assert_eq!(
+        saga.handle_operator(&ops(OperatorCommand::RetryNow), T0 + 7),
+        Err(Refusal::NothingToRetry)
+    );
+    assert!(
+        saga.handle_event(SagaEvent::Nudge { stale_after_ms: 0 }, T0 + 8)
+            .is_empty()
+    );
+    assert!(
+        saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 9)
+            .is_empty()
+    );
+    assert_eq!(saga.state(), TxnState::Compensating);
+    // After a restart (the statement is in the log: the runtime forces it before the
+    // operator hears), the compensation is sent again and waits for an operator again.
+    let (mut recovered, actions) = Saga::recover(saga.log_record(), T0 + 9);
+    assert!(actions.contains(&SagaAction::SendCompensation { step: 0 }));
+    assert_eq!(
+        recovered.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 9),
+        vec![SagaAction::WarnStuck { step: 0 }]
+    );
+    assert!(recovered.steps()[0].awaits_operator());
+    // Stated undone by an operator, it is compensated, and so is the saga.
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 10),
+        Ok(vec![SagaAction::PersistLazy, SagaAction::PersistForced])
+    );
+    assert!(!saga.steps()[0].awaits_operator());
+    assert_eq!(saga.handle_event(SagaEvent::Persisted, T0 + 11), Vec::new());
+    assert_eq!(saga.state(), TxnState::Compensated);
+    assert!(!saga.is_stuck());
+}
+
 #[test]
 fn past_its_deadline_a_transaction_waiting_only_on_a_participant_says_so() {
     // An abort not delivered.

@@ -26,7 +26,9 @@
 //! - The initiator or an operator may cancel a running saga, and it may carry an overall
 //!   deadline: either is a decision to compensate like any other (forced first).
 //! - An operator may pause retries, send them at once, or state a stuck step's outcome;
-//!   a stated outcome that contradicts the decision to compensate is refused.
+//!   a stated outcome that contradicts the decision to compensate is refused. A step
+//!   stated committed (perhaps by hand) is undone only when an operator says so: its
+//!   participant's compensation answer leaves it waiting, the saga flagged stuck.
 
 use std::sync::Arc;
 
@@ -195,6 +197,9 @@ pub struct Step {
     pub history: AttemptLog,
     /// A compensation is in flight or waiting to be retried.
     compensation_sent: bool,
+    /// See [`Step::awaits_operator`]. Not logged: after a restart the compensation is
+    /// sent again, and its answer sets it again.
+    awaits_operator: bool,
     /// When calls for this step began to fail without an answer, until one comes.
     pub failing_since: Option<UnixMs>,
     /// An operator's decision about this step.
@@ -210,9 +215,25 @@ impl Step {
             last_error: None,
             history: AttemptLog::default(),
             compensation_sent: false,
+            awaits_operator: false,
             failing_since: None,
             resolution: None,
         }
+    }
+
+    /// Its compensation was answered, but an operator stated its forward action
+    /// committed (perhaps by hand, which its participant cannot undo): only an
+    /// operator can state it undone.
+    pub fn awaits_operator(&self) -> bool {
+        self.awaits_operator
+    }
+
+    /// An operator stated its forward action committed ("its work stands", which may be
+    /// work done by hand).
+    fn stated_committed(&self) -> bool {
+        self.resolution
+            .as_ref()
+            .is_some_and(|r| r.outcome == Resolution::Commit)
     }
 
     /// Nothing left to undo: compensated, never started, or refused by the participant.
@@ -381,11 +402,30 @@ impl Saga {
                 s.history
                     .finish(&[Operation::Compensate], "compensated", now);
                 s.failing_since = None;
-                if s.state != BranchState::Compensating || self.phase != SagaPhase::Compensating {
+                if s.state != BranchState::Compensating
+                    || self.phase != SagaPhase::Compensating
+                    || s.awaits_operator
+                {
                     return Vec::new();
                 }
-                s.state = BranchState::Compensated;
                 s.compensation_sent = false;
+                if s.stated_committed() {
+                    // The participant's answer covers what it applied; what was done by
+                    // hand only an operator can say is undone.
+                    s.awaits_operator = true;
+                    self.stuck = true;
+                    let id = &self.definition.steps[step].id;
+                    self.note(
+                        format!(
+                            "stuck: step {id} was stated committed by an operator; its \
+                             participant undid what it had applied, but not work done by \
+                             hand: undo that, then resolve the step --abort"
+                        ),
+                        now,
+                    );
+                    return vec![SagaAction::WarnStuck { step }];
+                }
+                s.state = BranchState::Compensated;
                 let mut actions = vec![SagaAction::PersistLazy];
                 actions.extend(self.compensate_what_is_left(now));
                 actions

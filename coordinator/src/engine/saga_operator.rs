@@ -98,6 +98,7 @@ impl Saga {
         if compensating {
             s.state = BranchState::Compensated;
             s.compensation_sent = false;
+            s.awaits_operator = false;
             let mut actions = vec![SagaAction::PersistLazy];
             actions.extend(self.compensate_what_is_left(now));
             return Ok(actions);

@@ -28,6 +28,7 @@ impl Saga {
                     last_error: b.last_error.clone(),
                     history,
                     compensation_sent: false,
+                    awaits_operator: false,
                     failing_since: None,
                     resolution: b.resolution.clone(),
                 }

@@ -172,7 +172,9 @@ impl Saga {
         for step in 0..self.steps.len() {
             let s = &self.steps[step];
             let needs = s.state.may_have_run()
-                || (s.state == BranchState::Compensating && !s.compensation_sent);
+                || (s.state == BranchState::Compensating
+                    && !s.compensation_sent
+                    && !s.awaits_operator);
             if !needs {
                 continue;
             }

@@ -250,14 +250,23 @@ impl Shard {
                     if let Some(Machine::Saga(saga)) = self.txns.get(&id).map(|e| &e.machine) {
                         let definition = &saga.definition().steps[step];
                         let attempts = saga.steps()[step].compensation_attempts;
-                        tracing::warn!(
-                            txn_id = %id,
-                            step_id = %definition.id,
-                            endpoint = %definition.endpoint,
-                            attempts,
-                            error = saga.steps()[step].last_error.as_deref().unwrap_or(""),
-                            "saga stuck: a compensation keeps failing; still retrying"
-                        );
+                        if saga.steps()[step].awaits_operator() {
+                            tracing::warn!(
+                                txn_id = %id,
+                                step_id = %definition.id,
+                                endpoint = %definition.endpoint,
+                                "saga stuck: a step an operator stated committed is compensated at its participant; an operator must undo what was done by hand and resolve it"
+                            );
+                        } else {
+                            tracing::warn!(
+                                txn_id = %id,
+                                step_id = %definition.id,
+                                endpoint = %definition.endpoint,
+                                attempts,
+                                error = saga.steps()[step].last_error.as_deref().unwrap_or(""),
+                                "saga stuck: a compensation keeps failing; still retrying"
+                            );
+                        }
                     }
                 }
             }
