@@ -1,7 +1,11 @@
 //! Property tests of the saga state machine against a simulated world: random step graphs,
 //! participants that commit, reject or fail as scripted and obey the barrier (null
 //! compensation, anti-hanging), messages delivered in any order, duplicated or lost, a log
-//! that applies writes in order and loses unflushed ones in a crash, and restarts.
+//! that applies writes in order and loses unflushed ones in a crash, and restarts. An
+//! operator may state a step's outcome, as a careful one would (truthfully, with no call
+//! for the step in flight, the statement in the log before it is taken as done): a step
+//! stated committed whose participant holds nothing is applied by hand, and a step
+//! stated undone while compensating is undone by hand.
 //!
 //! Invariants, checked after every step:
 //! - no step runs before the definition is durable, nor before every step it runs after
@@ -9,9 +13,12 @@
 //! - no step is compensated while a step that runs after it is still applied;
 //! - COMPENSATING / COMPLETED / COMPENSATED are shown only once durable, and once the
 //!   decision to compensate is durable the saga never completes (irreversibility);
-//! - a completed saga has every step applied;
-//! - when the world settles (the sweeper recovering answers that vanished), the saga is
-//!   final, and a compensated saga has no step still applied.
+//! - a completed saga has every step applied (by its participant or by hand);
+//! - nothing done by hand is sent to a participant again: neither the forward action of
+//!   a step applied by hand, nor the compensation of a step undone by hand;
+//! - when the world settles (the sweeper recovering answers that vanished, the operator
+//!   undoing by hand what only an operator can), the saga is final, and a compensated
+//!   saga has no step still applied, by its participant or by hand.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -19,7 +26,7 @@ use proptest::prelude::*;
 use treaty_coordinator::engine::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
 use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
 use treaty_coordinator::model::{
-    RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnRecord, TxnState,
+    Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnRecord, TxnState,
 };
 
 const T0: u64 = 1_700_000_000_000;
@@ -64,6 +71,12 @@ enum Step {
     Cancel,
     /// An operator sends every waiting retry now.
     RetryNow,
+    /// An operator states this step (mod the number of steps) committed: its work
+    /// stands, done by hand if its participant holds none (see `World::resolve`).
+    ResolveCommit(usize),
+    /// An operator states this step undone: while running, that it did not happen;
+    /// while compensating, that its work was undone by hand.
+    ResolveAbort(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -78,6 +91,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Crash),
         1 => Just(Step::Cancel),
         1 => Just(Step::RetryNow),
+        1 => any::<usize>().prop_map(Step::ResolveCommit),
+        1 => any::<usize>().prop_map(Step::ResolveAbort),
     ]
 }
 
@@ -111,6 +126,10 @@ struct World {
     log_queue: Vec<(TxnRecord, bool)>,
     durable: Option<TxnRecord>,
     barriers: Vec<Barrier>,
+    /// Steps whose work an operator applied by hand (its participant holding none).
+    by_hand: Vec<bool>,
+    /// Steps whose work (by hand or at the participant) an operator undid by hand.
+    undone_by_hand: Vec<bool>,
     decided_compensation: bool,
     now: u64,
 }
@@ -156,6 +175,8 @@ impl World {
             log_queue: Vec::new(),
             durable: None,
             barriers: vec![Barrier::None; n],
+            by_hand: vec![false; n],
+            undone_by_hand: vec![false; n],
             decided_compensation: false,
             now: T0,
         };
@@ -208,12 +229,15 @@ impl World {
     fn participant(&mut self, call: &Call) -> SagaEvent {
         match *call {
             Call::Step(step) => {
+                assert!(
+                    !self.by_hand[step],
+                    "step {step}, applied by hand, was sent again"
+                );
                 let answer = match self.barriers[step] {
                     Barrier::None => {
                         for &d in &self.after[step] {
-                            assert_eq!(
-                                self.barriers[d],
-                                Barrier::Committed,
+                            assert!(
+                                self.barriers[d] == Barrier::Committed || self.by_hand[d],
                                 "step {step} ran before step {d} it runs after had committed"
                             );
                         }
@@ -240,12 +264,15 @@ impl World {
                 SagaEvent::StepAnswered { step, answer }
             }
             Call::Compensate(step) => {
+                assert!(
+                    !self.undone_by_hand[step],
+                    "step {step}, undone by hand, was compensated again"
+                );
                 if self.barriers[step] == Barrier::Committed {
                     for (j, after) in self.after.iter().enumerate() {
                         if after.contains(&step) {
-                            assert_ne!(
-                                self.barriers[j],
-                                Barrier::Committed,
+                            assert!(
+                                !self.applied(j),
                                 "step {step} compensated while step {j} after it is applied"
                             );
                         }
@@ -352,6 +379,12 @@ impl World {
                     }
                 }
             }
+            Step::ResolveCommit(i) => {
+                self.resolve(*i, Resolution::Commit);
+            }
+            Step::ResolveAbort(i) => {
+                self.resolve(*i, Resolution::Abort);
+            }
             Step::Crash => {
                 self.calls.clear();
                 self.retries.clear();
@@ -389,9 +422,10 @@ impl World {
                         "completion not durable"
                     );
                     assert!(
-                        self.barriers.iter().all(|b| *b == Barrier::Committed),
-                        "completed with steps not applied: {:?}",
-                        self.barriers
+                        (0..self.barriers.len()).all(|i| self.applied(i)),
+                        "completed with steps not applied: {:?}, by hand {:?}",
+                        self.barriers,
+                        self.by_hand
                     );
                 }
                 _ => {}
@@ -410,8 +444,75 @@ impl World {
         }
     }
 
+    /// Whether step `i`'s work is in place: applied by its participant or by hand, and
+    /// not undone (by its participant's compensation or by hand).
+    fn applied(&self, i: usize) -> bool {
+        (self.barriers[i] == Barrier::Committed || self.by_hand[i]) && !self.undone_by_hand[i]
+    }
+
+    /// An operator states step `i`'s outcome, as a careful one would: only with no call
+    /// for it in flight, and only what is true (not "it did not happen" of a running step
+    /// its participant applied); then does by hand what the statement says was done (the
+    /// work of a step stated committed that its participant does not hold; the undoing of
+    /// a step stated undone while compensating). The runtime forces the statement to the
+    /// log before the operator hears. Returns whether the coordinator took it.
+    fn resolve(&mut self, i: usize, outcome: Resolution) -> bool {
+        let step = i % self.barriers.len();
+        let in_flight = self
+            .calls
+            .iter()
+            .any(|call| matches!(call, Call::Step(s) | Call::Compensate(s) if *s == step));
+        let Some(saga) = self.saga.as_mut() else {
+            return false;
+        };
+        let compensating = saga.state() == TxnState::Compensating;
+        let untrue = outcome == Resolution::Abort
+            && !compensating
+            && self.barriers[step] == Barrier::Committed;
+        if in_flight || untrue {
+            return false;
+        }
+        self.now += 1;
+        let request = OperatorRequest {
+            command: OperatorCommand::Resolve {
+                branch_id: format!("s{step}"),
+                outcome,
+            },
+            by: "ops".into(),
+            reason: "by hand".into(),
+        };
+        let Ok(actions) = saga.handle_operator(&request, self.now) else {
+            return false;
+        };
+        match outcome {
+            Resolution::Commit => self.by_hand[step] |= self.barriers[step] != Barrier::Committed,
+            Resolution::Abort if compensating => self.undone_by_hand[step] = true,
+            Resolution::Abort => {}
+        }
+        self.carry_out(actions);
+        let record = self.saga.as_ref().unwrap().log_record();
+        self.log_queue.push((record, false));
+        for _ in 0..1_000 {
+            if self.log_queue.is_empty() {
+                break;
+            }
+            self.flush();
+        }
+        true
+    }
+
     fn settle(&mut self) {
         for _ in 0..10_000 {
+            // A step stated committed, compensated at its participant, waits for the
+            // operator to undo by hand what was done by hand.
+            let waiting = self
+                .saga
+                .as_ref()
+                .and_then(|saga| saga.steps().iter().position(|step| step.awaits_operator()));
+            if waiting.is_some_and(|step| self.resolve(step, Resolution::Abort)) {
+                self.check();
+                continue;
+            }
             if !self.log_queue.is_empty() {
                 self.flush();
             } else if let Some(call) = self.take(0) {
@@ -456,17 +557,22 @@ proptest! {
             }
         };
         prop_assert!(outcome.is_final(), "not final: {:?}", outcome);
+        let applied: Vec<bool> = (0..world.barriers.len()).map(|i| world.applied(i)).collect();
         if outcome == TxnState::Completed {
-            prop_assert!(world.barriers.iter().all(|b| *b == Barrier::Committed));
+            prop_assert!(applied.iter().all(|a| *a), "completed, not applied: {:?}", applied);
         }
         if outcome == TxnState::Compensated {
             prop_assert!(
-                world.barriers.iter().all(|b| *b != Barrier::Committed),
-                "compensated, but still applied: {:?}",
-                world.barriers
+                applied.iter().all(|a| !*a),
+                "compensated, but still applied: {:?}, by hand {:?}",
+                world.barriers,
+                world.by_hand
             );
         }
-        if world.scripts.contains(&Script::Reject) {
+        // A step its participant rejects completes only if an operator applied it by hand.
+        let rejected = (0..world.scripts.len())
+            .any(|i| world.scripts[i] == Script::Reject && !world.by_hand[i]);
+        if rejected {
             prop_assert_eq!(outcome, TxnState::Compensated);
         }
     }
