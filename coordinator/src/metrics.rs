@@ -243,7 +243,7 @@ impl Metrics {
         let stuck_sagas = Gauge::default();
         registry.register(
             "treaty_stuck_sagas",
-            "Sagas whose compensation keeps failing (an operator should look)",
+            "Sagas flagged stuck: a compensation keeps failing, or a step stated committed waits for an operator to undo it (an operator should look)",
             stuck_sagas.clone(),
         );
         let stuck_two_phase_commits = Gauge::default();

@@ -394,7 +394,8 @@ pub struct TxnRecord {
     pub ended_unix_ms: Option<UnixMs>,
     /// Sagas: the client's key that makes submitting idempotent.
     pub idempotency_key: Option<String>,
-    /// Sagas: a compensation keeps failing; an operator should look.
+    /// Sagas: a compensation keeps failing, or a step stated committed waits for an
+    /// operator to undo it; an operator should look.
     pub stuck: bool,
     /// Sagas: the definition, shared with the saga's engine (it never changes), so that
     /// building a record to log or show does not copy it.

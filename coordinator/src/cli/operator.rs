@@ -38,7 +38,8 @@ pub struct FilterArgs {
     /// Only transactions in this state (repeatable).
     #[arg(long = "state", value_enum)]
     pub states: Vec<StateArg>,
-    /// Only transactions flagged stuck (a delivery or compensation keeps failing).
+    /// Only transactions flagged stuck (a delivery or compensation keeps failing, or a
+    /// saga step waits for an operator).
     #[arg(long)]
     pub stuck: bool,
     /// Only transactions created longer ago than this ("90s", "15m", "2h", "1d").

@@ -128,7 +128,8 @@ pub enum SagaAction {
     PersistForced,
     /// Write `log_record()` lazily (progress only).
     PersistLazy,
-    /// A compensation keeps failing: tell the operator.
+    /// A compensation keeps failing, or a step stated committed waits for an operator to
+    /// undo it: tell the operator.
     WarnStuck {
         step: usize,
     },

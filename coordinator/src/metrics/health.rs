@@ -11,7 +11,8 @@ pub struct Health {
     pub in_doubt: u64,
     /// When the oldest of those was decided (a recovered intent: when it began).
     pub oldest_in_doubt_unix_ms: Option<u64>,
-    /// Sagas whose compensation keeps failing.
+    /// Sagas flagged stuck: a compensation keeps failing, or a step stated committed
+    /// waits for an operator to undo it.
     pub stuck_sagas: u64,
     /// Two-phase commits flagged stuck: a delivery, or a prepare asked again after a
     /// restart, keeps failing or cannot succeed.

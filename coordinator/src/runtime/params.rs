@@ -160,7 +160,8 @@ pub struct ListFilter {
     pub states: Vec<TxnState>,
     /// Only this principal's transactions (everyone's if `None`).
     pub owner: Option<String>,
-    /// Only those flagged stuck (a delivery or compensation keeps failing).
+    /// Only those flagged stuck (a delivery or compensation keeps failing, or a saga
+    /// step waits for an operator).
     pub stuck: bool,
     /// Only those created before this time.
     pub created_before_unix_ms: Option<UnixMs>,

@@ -135,7 +135,8 @@ pub struct SubmitOptions {
 pub struct TransactionFilter {
     /// Only these states (all if empty).
     pub states: Vec<TransactionState>,
-    /// Only those flagged stuck (a delivery or compensation keeps failing).
+    /// Only those flagged stuck (a delivery or compensation keeps failing, or a saga
+    /// step waits for an operator).
     pub stuck: bool,
     /// Only those created more than this long ago.
     pub older_than_ms: Option<u64>,
