@@ -194,7 +194,13 @@ impl World {
                     );
                     self.calls.push(Call::Step(step));
                 }
-                SagaAction::SendCompensation { step } => self.calls.push(Call::Compensate(step)),
+                SagaAction::SendCompensation { step } => {
+                    assert!(
+                        !self.saga.as_ref().unwrap().steps()[step].awaits_operator(),
+                        "a compensation sent for step {step}, which waits for an operator"
+                    );
+                    self.calls.push(Call::Compensate(step));
+                }
                 SagaAction::ScheduleStepRetry { step, attempt, .. } => {
                     self.retries.push(SagaEvent::StepRetryDue { step, attempt })
                 }
@@ -406,6 +412,9 @@ impl World {
     fn check(&self) {
         let durable_state = self.durable.as_ref().map(|r| r.state);
         if let Some(saga) = &self.saga {
+            if saga.steps().iter().any(|step| step.awaits_operator()) {
+                assert!(saga.is_stuck(), "a step waits for an operator, unflagged");
+            }
             match saga.state() {
                 TxnState::Compensating | TxnState::Compensated => assert!(
                     matches!(
@@ -486,7 +495,15 @@ impl World {
         };
         match outcome {
             Resolution::Commit => self.by_hand[step] |= self.barriers[step] != Barrier::Committed,
-            Resolution::Abort if compensating => self.undone_by_hand[step] = true,
+            Resolution::Abort if compensating => {
+                for (j, after) in self.after.iter().enumerate() {
+                    assert!(
+                        !after.contains(&step) || !self.applied(j),
+                        "step {step} undone by hand while step {j} after it is applied"
+                    );
+                }
+                self.undone_by_hand[step] = true;
+            }
             Resolution::Abort => {}
         }
         self.carry_out(actions);
@@ -505,10 +522,19 @@ impl World {
         for _ in 0..10_000 {
             // A step stated committed, compensated at its participant, waits for the
             // operator to undo by hand what was done by hand.
-            let waiting = self
-                .saga
-                .as_ref()
-                .and_then(|saga| saga.steps().iter().position(|step| step.awaits_operator()));
+            let waiting = self.saga.as_ref().and_then(|saga| {
+                let waiting = saga
+                    .steps()
+                    .iter()
+                    .position(|step| step.awaits_operator())?;
+                let stated = saga.steps()[waiting].resolution.as_ref().map(|r| r.outcome);
+                assert_eq!(
+                    stated,
+                    Some(Resolution::Commit),
+                    "step {waiting} waits for an operator, yet was not stated committed"
+                );
+                Some(waiting)
+            });
             if waiting.is_some_and(|step| self.resolve(step, Resolution::Abort)) {
                 self.check();
                 continue;

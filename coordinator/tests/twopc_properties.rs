@@ -88,9 +88,10 @@ enum Step {
     /// the rule) collects the final record of this branch (mod the number of branches):
     /// from then on it refuses every call about it. A prepared record is never collected.
     Collect(usize),
-    /// An operator states YES for a branch that waits for one (see
-    /// `state_refused_votes`), whatever its participant's record says.
-    StateYes,
+    /// An operator states YES for a branch that waits for one (the given one, mod the
+    /// number waiting; see `state_refused_votes`), whatever its participant's record
+    /// says.
+    StateYes(usize),
     /// The sweeper's nudge, with every open call taken as stale.
     Nudge,
     PrepareTimer,
@@ -109,7 +110,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(Step::Vanish),
         1 => any::<usize>().prop_map(Step::Refuse),
         1 => any::<usize>().prop_map(Step::Collect),
-        1 => Just(Step::StateYes),
+        1 => any::<usize>().prop_map(Step::StateYes),
         1 => Just(Step::Nudge),
         1 => Just(Step::PrepareTimer),
         1 => Just(Step::Deadline),
@@ -143,7 +144,8 @@ struct World {
     refused: Vec<bool>,
     /// What a collected record said.
     collected: Vec<Option<Barrier>>,
-    /// Branches an operator stated YES for, whatever was true.
+    /// Branches an operator stated YES for, whatever was true, as the coordinator (or,
+    /// after a crash, its log) holds it: a statement lost in a crash relaxes nothing.
     stated_yes: Vec<bool>,
     told_commit: Vec<bool>,
     told_abort: Vec<bool>,
@@ -480,8 +482,8 @@ impl World {
                 }
             }
             Step::Collect(_) => {}
-            Step::StateYes => {
-                self.state_refused_votes(true);
+            Step::StateYes(pick) => {
+                self.state_refused_votes(Some(*pick));
             }
             Step::Nudge => self.feed(Event::Nudge { stale_after_ms: 0 }),
             Step::PrepareTimer => self.feed(Event::PrepareTimerFired),
@@ -513,6 +515,12 @@ impl World {
                     // Presumed abort: no record, no transaction.
                     _ => None,
                 };
+                let durable = self.durable.as_ref();
+                for (b, stated) in self.stated_yes.iter_mut().enumerate() {
+                    *stated = durable
+                        .and_then(|record| record.branches.get(b)?.resolution.as_ref())
+                        .is_some_and(|r| r.outcome == Resolution::Commit);
+                }
                 self.note_reported();
             }
         }
@@ -571,9 +579,10 @@ impl World {
     /// what it knows to be true: while the votes decide after a restart, its vote (YES if
     /// the collected record said it committed or was read-only, else NO: with no record
     /// at all it never voted YES, so no commit can have been decided without it); once
-    /// committing, that it committed. With `yes_regardless`, an operator in error states
-    /// YES while the votes decide, whatever is true. Returns whether something was stated.
-    fn state_refused_votes(&mut self, yes_regardless: bool) -> bool {
+    /// committing, that it committed. With `in_error`, an operator in error states YES
+    /// for the branch it picks (mod the number waiting) while the votes decide, whatever
+    /// is true. Returns whether something was stated.
+    fn state_refused_votes(&mut self, in_error: Option<usize>) -> bool {
         let Some(coordinator) = self.coordinator.as_mut() else {
             return false;
         };
@@ -588,16 +597,18 @@ impl World {
                 _ => false,
             }
         };
-        let waiting = (0..self.refused.len())
-            .find(|&b| self.refused[b] && self.barriers[b] == Barrier::None && waits(b));
-        let Some(branch) = waiting else {
+        let waiting: Vec<usize> = (0..self.refused.len())
+            .filter(|&b| self.refused[b] && self.barriers[b] == Barrier::None && waits(b))
+            .collect();
+        if waiting.is_empty() {
             return false;
-        };
+        }
+        let branch = waiting[in_error.unwrap_or(0) % waiting.len()];
         let agreed = matches!(
             self.collected[branch],
             Some(Barrier::Committed | Barrier::ReadOnly)
         );
-        let outcome = if state == TxnState::Committing || agreed || yes_regardless {
+        let outcome = if state == TxnState::Committing || agreed || in_error.is_some() {
             Resolution::Commit
         } else {
             Resolution::Abort
@@ -652,7 +663,7 @@ impl World {
         for _ in 0..10_000 {
             // A refusing participant's vote only an operator can state, and aborts
             // nobody will take are retried until the runtime gives them up.
-            if self.state_refused_votes(false) || self.give_up_refused_aborts() {
+            if self.state_refused_votes(None) || self.give_up_refused_aborts() {
                 self.check();
                 continue;
             }
@@ -687,6 +698,44 @@ impl World {
     }
 }
 
+/// Once the world settled: every YES voter knows the outcome (or, if the coordinator
+/// forgot the transaction, has nothing to commit and would be told ABORT on asking).
+fn settled_as_it_should(world: &World) -> Result<(), TestCaseError> {
+    if let Some(coordinator) = &world.coordinator {
+        prop_assert!(
+            coordinator.state().is_final(),
+            "not final: {:?}",
+            coordinator.state()
+        );
+        let committed = coordinator.state().is_commit();
+        for (b, barrier) in world.barriers.iter().enumerate() {
+            match world.collected[b].unwrap_or(*barrier) {
+                Barrier::Prepared => prop_assert!(false, "branch {b} left in doubt"),
+                Barrier::Committed => {
+                    prop_assert!(committed, "branch {b} committed, outcome abort")
+                }
+                Barrier::Aborted => prop_assert!(!committed, "branch {b} aborted, outcome commit"),
+                _ => {}
+            }
+        }
+    } else if world.durable.as_ref().is_some_and(|r| r.state.is_commit()) {
+        // Forgotten by the process, but its durable final record says committed:
+        // nobody may have aborted a YES vote.
+        let aborted = world
+            .barriers
+            .iter()
+            .zip(&world.scripts)
+            .any(|(b, s)| *b == Barrier::Aborted && *s == Script::Yes);
+        prop_assert!(!aborted, "a durable commit, yet a YES voter aborted");
+    } else if world.scripts.len() > 1 {
+        // Forgotten without a durable decision: presumed abort, so nobody committed.
+        // (A one-phase commit's outcome is its only participant's, logged nowhere
+        // else; that participant is not in doubt either way.)
+        prop_assert!(world.barriers.iter().all(|b| *b != Barrier::Committed));
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -701,31 +750,7 @@ proptest! {
             world.run(step);
         }
         world.settle();
-        // Settled: every YES voter knows the outcome (or, if the coordinator forgot
-        // the transaction, has nothing to commit and would be told ABORT on asking).
-        if let Some(coordinator) = &world.coordinator {
-            prop_assert!(coordinator.state().is_final(), "not final: {:?}", coordinator.state());
-            let committed = coordinator.state().is_commit();
-            for (b, barrier) in world.barriers.iter().enumerate() {
-                match world.collected[b].unwrap_or(*barrier) {
-                    Barrier::Prepared => prop_assert!(false, "branch {b} left in doubt"),
-                    Barrier::Committed => prop_assert!(committed, "branch {b} committed, outcome abort"),
-                    Barrier::Aborted => prop_assert!(!committed, "branch {b} aborted, outcome commit"),
-                    _ => {}
-                }
-            }
-        } else if world.durable.as_ref().is_some_and(|r| r.state.is_commit()) {
-            // Forgotten by the process, but its durable final record says committed:
-            // nobody may have aborted a YES vote.
-            let aborted = world.barriers.iter().zip(&world.scripts)
-                .any(|(b, s)| *b == Barrier::Aborted && *s == Script::Yes);
-            prop_assert!(!aborted, "a durable commit, yet a YES voter aborted");
-        } else if world.scripts.len() > 1 {
-            // Forgotten without a durable decision: presumed abort, so nobody committed.
-            // (A one-phase commit's outcome is its only participant's, logged nowhere
-            // else; that participant is not in doubt either way.)
-            prop_assert!(world.barriers.iter().all(|b| *b != Barrier::Committed));
-        }
+        settled_as_it_should(&world)?;
     }
 }
 
@@ -736,7 +761,7 @@ fn operator_step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => any::<usize>().prop_map(Step::Deliver),
         2 => any::<usize>().prop_map(Step::Refuse),
-        2 => Just(Step::StateYes),
+        2 => any::<usize>().prop_map(Step::StateYes),
         2 => Just(Step::Crash),
         1 => any::<usize>().prop_map(Step::Retry),
         1 => Just(Step::Nudge),
@@ -760,5 +785,6 @@ proptest! {
             world.run(step);
         }
         world.settle();
+        settled_as_it_should(&world)?;
     }
 }

@@ -623,7 +623,11 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
     // Its participant answers; that does not undo what was done by hand.
     assert_eq!(
         saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 6),
-        vec![SagaAction::WarnStuck { step: 0 }]
+        vec![SagaAction::PersistLazy, SagaAction::WarnStuck { step: 0 }]
+    );
+    assert!(
+        saga.log_record().stuck,
+        "the flag and the note reach the log"
     );
     assert_eq!(saga.state(), TxnState::Compensating);
     assert!(saga.is_stuck());
@@ -643,14 +647,33 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
         saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 9)
             .is_empty()
     );
+    // Nor does a late failure of a second call (the sweeper's resend), nor its timer.
+    assert!(
+        saga.handle_event(
+            SagaEvent::CompensationFailed {
+                step: 0,
+                error: "lost".into(),
+                permanent: false
+            },
+            T0 + 9
+        )
+        .is_empty()
+    );
+    let attempt = saga.steps()[0].compensation_attempts;
+    assert!(
+        saga.handle_event(SagaEvent::CompensationRetryDue { step: 0, attempt }, T0 + 9)
+            .is_empty()
+    );
+    assert_eq!(saga.steps()[0].failing_since, None);
     assert_eq!(saga.state(), TxnState::Compensating);
     // After a restart (the statement is in the log: the runtime forces it before the
     // operator hears), the compensation is sent again and waits for an operator again.
     let (mut recovered, actions) = Saga::recover(saga.log_record(), T0 + 9);
     assert!(actions.contains(&SagaAction::SendCompensation { step: 0 }));
+    assert!(recovered.is_stuck());
     assert_eq!(
         recovered.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 9),
-        vec![SagaAction::WarnStuck { step: 0 }]
+        vec![SagaAction::PersistLazy, SagaAction::WarnStuck { step: 0 }]
     );
     assert!(recovered.steps()[0].awaits_operator());
     // Stated undone by an operator, it is compensated, and so is the saga.
@@ -662,6 +685,66 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
     assert_eq!(saga.handle_event(SagaEvent::Persisted, T0 + 11), Vec::new());
     assert_eq!(saga.state(), TxnState::Compensated);
     assert!(!saga.is_stuck());
+}
+
+/// Once the operator has stated the waiting step undone, the saga is no longer stuck for
+/// it, and a compensation that fails afterwards flags it again, with its own note.
+#[test]
+fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
+    let (mut saga, _) = saga(3, None);
+    saga.handle_event(
+        SagaEvent::StepAnswered {
+            step: 0,
+            answer: StepAnswer::Committed,
+        },
+        T0 + 2,
+    );
+    saga.handle_operator(&resolve("s1", Resolution::Commit), T0 + 3)
+        .unwrap();
+    saga.handle_event(
+        SagaEvent::StepAnswered {
+            step: 2,
+            answer: StepAnswer::Rejected {
+                reason: "out of stock".into(),
+            },
+        },
+        T0 + 4,
+    );
+    assert_eq!(
+        saga.handle_event(SagaEvent::Persisted, T0 + 5),
+        vec![SagaAction::SendCompensation { step: 1 }]
+    );
+    saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 6);
+    assert!(saga.is_stuck());
+    assert_eq!(
+        saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 7),
+        Ok(vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendCompensation { step: 0 }
+        ])
+    );
+    assert!(!saga.is_stuck());
+    assert_eq!(
+        saga.handle_event(
+            SagaEvent::CompensationFailed {
+                step: 0,
+                error: "past the barrier retention".into(),
+                permanent: true,
+            },
+            T0 + 8,
+        ),
+        vec![
+            SagaAction::ScheduleCompensationRetry {
+                step: 0,
+                attempt: 1,
+                policy: saga.definition().steps[0].retry,
+            },
+            SagaAction::WarnStuck { step: 0 }
+        ]
+    );
+    assert!(saga.is_stuck());
+    let note = &saga.transitions().last().unwrap().reason;
+    assert!(note.contains("compensating step s0"), "{note}");
 }
 
 #[test]

@@ -414,17 +414,19 @@ impl Saga {
                     // The participant's answer covers what it applied; what was done by
                     // hand only an operator can say is undone.
                     s.awaits_operator = true;
+                    s.last_error = None;
                     self.stuck = true;
                     let id = &self.definition.steps[step].id;
                     self.note(
                         format!(
                             "stuck: step {id} was stated committed by an operator; its \
-                             participant undid what it had applied, but not work done by \
-                             hand: undo that, then resolve the step --abort"
+                             participant has undone what it applied, if anything, but \
+                             work done by hand only an operator can undo: undo any, then \
+                             resolve the step --abort"
                         ),
                         now,
                     );
-                    return vec![SagaAction::WarnStuck { step }];
+                    return vec![SagaAction::PersistLazy, SagaAction::WarnStuck { step }];
                 }
                 s.state = BranchState::Compensated;
                 let mut actions = vec![SagaAction::PersistLazy];
@@ -442,6 +444,10 @@ impl Saga {
                 };
                 s.history
                     .finish(&[Operation::Compensate], format!("error: {error}"), now);
+                // A late failure of a step that waits for an operator asks nothing more.
+                if s.awaits_operator {
+                    return Vec::new();
+                }
                 s.failing_since.get_or_insert(now);
                 if s.state != BranchState::Compensating {
                     return Vec::new();
@@ -465,6 +471,7 @@ impl Saga {
             SagaEvent::CompensationRetryDue { step, attempt } => match self.steps.get_mut(step) {
                 Some(s)
                     if s.state == BranchState::Compensating
+                        && !s.awaits_operator
                         && s.compensation_attempts == attempt
                         && !self.paused =>
                 {
@@ -521,6 +528,7 @@ impl Saga {
         for (step, s) in self.steps.iter_mut().enumerate() {
             let call_timeout_ms = self.definition.steps[step].timeout_ms;
             if s.state != state
+                || s.awaits_operator
                 || !s
                     .history
                     .open_for_at_least(stale_after_ms.max(call_timeout_ms), now)

@@ -46,8 +46,9 @@ impl Saga {
 
     /// An operator states a step's outcome: a forward action that keeps failing is
     /// taken as committed (applied by hand) or given up (compensated, which the barrier
-    /// makes a no-op if it never ran); a compensation that keeps failing as done by hand.
-    /// Committing a step of a saga decided to compensate is refused.
+    /// makes a no-op if it never ran); a compensation that keeps failing, or one that
+    /// waits for an operator (a step stated committed: see [`Step::awaits_operator`]),
+    /// as done by hand. Committing a step of a saga decided to compensate is refused.
     fn resolve(
         &mut self,
         request: &OperatorRequest,
@@ -99,6 +100,9 @@ impl Saga {
             s.state = BranchState::Compensated;
             s.compensation_sent = false;
             s.awaits_operator = false;
+            // Handled, unless another step waits for an operator too; a compensation that
+            // still fails flags it again at its next failure.
+            self.stuck = self.steps.iter().any(|s| s.awaits_operator);
             let mut actions = vec![SagaAction::PersistLazy];
             actions.extend(self.compensate_what_is_left(now));
             return Ok(actions);

@@ -255,7 +255,7 @@ impl Shard {
                                 txn_id = %id,
                                 step_id = %definition.id,
                                 endpoint = %definition.endpoint,
-                                "saga stuck: a step an operator stated committed is compensated at its participant; an operator must undo what was done by hand and resolve it"
+                                "saga stuck: a step an operator stated committed was compensated at its participant, which undoes only what it applied; an operator must undo any work done by hand, then resolve the step --abort"
                             );
                         } else {
                             tracing::warn!(
