@@ -15,6 +15,9 @@ mod operator_tests;
 #[path = "parallel_commit_tests.rs"]
 mod parallel_commit_tests;
 #[cfg(test)]
+#[path = "saga_operator_tests.rs"]
+mod saga_operator_tests;
+#[cfg(test)]
 #[path = "saga_tests.rs"]
 mod saga_tests;
 #[cfg(test)]
