@@ -16,6 +16,8 @@
 //! - a completed saga has every step applied (by its participant or by hand);
 //! - nothing done by hand is sent to a participant again: neither the forward action of
 //!   a step applied by hand, nor the compensation of a step undone by hand;
+//! - nothing is sent for a step that waits for an operator, and while one waits the
+//!   saga is flagged stuck;
 //! - when the world settles (the sweeper recovering answers that vanished, the operator
 //!   undoing by hand what only an operator can), the saga is final, and a compensated
 //!   saga has no step still applied, by its participant or by hand.

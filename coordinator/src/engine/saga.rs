@@ -22,7 +22,8 @@
 //!   is compensated; the participant's barrier makes compensating a step that never ran
 //!   a recorded no-op.
 //! - Compensations are retried without limit; after `stuck_after_attempts` failures of
-//!   one step the saga is flagged stuck (and keeps retrying).
+//!   one step the saga is flagged stuck (and keeps retrying) until an operator's
+//!   statement leaves no compensation failing and no step waiting for an operator.
 //! - The initiator or an operator may cancel a running saga, and it may carry an overall
 //!   deadline: either is a decision to compensate like any other (forced first).
 //! - An operator may pause retries, send them at once, or state a stuck step's outcome;

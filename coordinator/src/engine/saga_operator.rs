@@ -100,9 +100,12 @@ impl Saga {
             s.state = BranchState::Compensated;
             s.compensation_sent = false;
             s.awaits_operator = false;
-            // Handled, unless another step waits for an operator too; a compensation that
-            // still fails flags it again at its next failure.
-            self.stuck = self.steps.iter().any(|s| s.awaits_operator);
+            // Handled, unless another step waits for an operator too, or another
+            // compensation is failing (as a two-phase commit keeps it for a failing branch).
+            self.stuck = self.steps.iter().any(|s| {
+                s.awaits_operator
+                    || (s.state == BranchState::Compensating && s.failing_since.is_some())
+            });
             let mut actions = vec![SagaAction::PersistLazy];
             actions.extend(self.compensate_what_is_left(now));
             return Ok(actions);

@@ -368,6 +368,23 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     );
     saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 6);
     assert!(saga.is_stuck());
+    // Its forward call, sent before the statement, is still open: the sweeper does not
+    // send anything for it, and its late failure is no retry waiting.
+    assert!(
+        saga.handle_event(SagaEvent::Nudge { stale_after_ms: 0 }, T0 + 100_000)
+            .is_empty()
+    );
+    assert!(
+        saga.handle_event(
+            SagaEvent::StepFailed {
+                step: 1,
+                error: "late".into()
+            },
+            T0 + 100_001
+        )
+        .is_empty()
+    );
+    assert_eq!(saga.steps()[1].failing_since, None);
     assert_eq!(
         saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 7),
         Ok(vec![

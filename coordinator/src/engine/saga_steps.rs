@@ -84,10 +84,12 @@ impl Saga {
         };
         s.history
             .finish(&[Operation::Step], format!("error: {error}"), now);
-        s.failing_since.get_or_insert(now);
+        // A late failure of a step no longer running (stated committed, or compensating)
+        // asks nothing more, and is no retry waiting.
         if s.state != BranchState::Running {
             return Vec::new();
         }
+        s.failing_since.get_or_insert(now);
         s.last_error = Some(error.clone());
         if !running {
             // Compensation is decided; this step will be compensated, not retried.
