@@ -15,8 +15,7 @@ pub use crate::security::SecurityConfig;
 
 mod validate;
 
-pub use crate::defaults;
-pub use crate::defaults::{LOG_BYTES_PER_FINISHED, MemoryBudget};
+use crate::defaults::{self, MemoryBudget};
 
 #[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct ServeConfig {

@@ -68,6 +68,7 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
+        let budget = MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES);
         Self {
             shards: 2,
             advertise_endpoint: String::new(),
@@ -84,10 +85,10 @@ impl Default for RuntimeConfig {
             max_branches: treaty_sdk::limits::MAX_BRANCHES,
             memory_retention_ms: defaults::MEMORY_RETENTION_MS,
             max_retained_transactions: defaults::MAX_RETAINED_TRANSACTIONS,
-            max_retained_bytes: MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES).retained_bytes,
+            max_retained_bytes: budget.retained_bytes,
             retained_allowance: memory::RetainedAllowance::default(),
             log_retention_ms: defaults::LOG_RETENTION_MS,
-            log_finished_max: MemoryBudget::of(defaults::MEMORY_BUDGET_BYTES).log_finished_max,
+            log_finished_max: budget.log_finished_max,
             delivery_horizon_ms: defaults::DELIVERY_HORIZON_MS,
             history_records: true,
             parallel_commit: true,
