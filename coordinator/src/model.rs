@@ -299,6 +299,12 @@ pub struct BranchRecord {
     /// `heuristic`.
     #[serde(skip)]
     pub resolution: Option<OperatorResolution>,
+    /// A saga step stated committed by an operator, compensated at its participant,
+    /// that waits for an operator to state what was done by hand undone (the engine's
+    /// `Step::awaits_operator`). Shown, never logged: after a restart the compensation
+    /// is sent again, and its answer sets it again.
+    #[serde(skip)]
+    pub awaits_operator: bool,
 }
 
 /// The outcome an operator states for a branch the protocol could not settle.

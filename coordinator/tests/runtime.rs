@@ -242,6 +242,7 @@ async fn resume_logged_two_phase(
                 history: Default::default(),
                 heuristic: None,
                 resolution: None,
+                awaits_operator: false,
             })
             .collect(),
         transitions: Vec::new(),

@@ -286,6 +286,19 @@ async fn a_saga_step_resolved_as_committed_is_undone_only_by_an_operator() {
             .any(|t| t["reason"].as_str().unwrap().contains("work done by hand")),
         "{out}"
     );
+    assert_eq!(shown["branches"][0]["state"], "AWAITING_OPERATOR", "{out}");
+    let (ok, out) = treaty(endpoint, &["txn", "report", &id, "--json"]).await;
+    let report = json_of(&out);
+    assert!(ok, "{out}");
+    let ship = &report["branches"][0];
+    assert!(
+        ship["applied"]
+            .as_str()
+            .unwrap()
+            .contains("work done by hand")
+            && ship["note"].as_str().unwrap().contains("resolve --abort"),
+        "{out}"
+    );
     assert!(
         participant.participant.compensated().is_empty(),
         "the participant had nothing to undo"

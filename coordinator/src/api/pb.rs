@@ -208,7 +208,11 @@ pub fn transaction_to_pb(record: &TxnRecord) -> pb::Transaction {
             .map(|(index, b)| pb::Branch {
                 branch_id: b.id.clone(),
                 endpoint: b.endpoint.clone(),
-                state: branch_state_to_pb(b.state) as i32,
+                state: if b.awaits_operator {
+                    pb::BranchState::AwaitingOperator as i32
+                } else {
+                    branch_state_to_pb(b.state) as i32
+                },
                 attempts: b.attempts,
                 last_error: b.last_error.clone().unwrap_or_default(),
                 compensation_attempts: b.compensation_attempts,

@@ -355,6 +355,9 @@ pub fn branch_report(txn: &Transaction) -> Vec<(String, &'static str, String)> {
                 pb::BranchState::Compensated => "compensated",
                 pb::BranchState::Rejected => "nothing (rejected)",
                 pb::BranchState::Skipped | pb::BranchState::Pending => "nothing (never ran)",
+                pb::BranchState::AwaitingOperator => {
+                    "undone by its participant; work done by hand, if any, stands"
+                }
                 _ => "unknown",
             };
             let mut note = String::new();
@@ -366,6 +369,10 @@ pub fn branch_report(txn: &Transaction) -> Vec<(String, &'static str, String)> {
                 ));
             } else if applied == "unknown" && !b.last_error.is_empty() {
                 note.push_str(&format!("last error: {}", printable(&b.last_error)));
+            } else if state == pb::BranchState::AwaitingOperator {
+                note.push_str(
+                    "awaits an operator: undo any work done by hand, then resolve --abort",
+                );
             }
             if let Some(resolution) = &b.resolution {
                 if !note.is_empty() {

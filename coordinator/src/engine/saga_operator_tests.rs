@@ -284,6 +284,10 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
     assert_eq!(saga.state(), TxnState::Compensating);
     assert!(saga.is_stuck());
     assert!(saga.steps()[0].awaits_operator());
+    assert!(
+        saga.record().branches[0].awaits_operator,
+        "the record shown to operators says so"
+    );
     let note = &saga.transitions().last().unwrap().reason;
     assert!(note.contains("by hand"), "{note}");
     // Nothing is sent again for it, and a repeated answer changes nothing.
@@ -334,6 +338,7 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
         Ok(vec![SagaAction::PersistLazy, SagaAction::PersistForced])
     );
     assert!(!saga.steps()[0].awaits_operator());
+    assert!(!saga.record().branches[0].awaits_operator);
     assert_eq!(saga.handle_event(SagaEvent::Persisted, T0 + 11), Vec::new());
     assert_eq!(saga.state(), TxnState::Compensated);
     assert!(!saga.is_stuck());

@@ -142,6 +142,7 @@ impl Saga {
                     history: step.history.clone(),
                     heuristic: None,
                     resolution: step.resolution.clone(),
+                    awaits_operator: step.awaits_operator,
                 })
                 .collect(),
             transitions: self.transitions.clone(),

@@ -141,6 +141,7 @@ impl TwoPhaseCommit {
                     history: b.history.clone(),
                     heuristic: b.heuristic.clone(),
                     resolution: b.resolution.clone(),
+                    awaits_operator: false,
                 })
                 .collect(),
             transitions: self.transitions.clone(),

@@ -60,6 +60,7 @@ async fn records_are_kept_below_the_blob_threshold_by_trimming_history() {
                 history,
                 heuristic: None,
                 resolution: None,
+                awaits_operator: false,
             }
         })
         .collect();

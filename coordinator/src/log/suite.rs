@@ -39,6 +39,7 @@ pub fn record(created: UnixMs, state: TxnState) -> TxnRecord {
             history: Default::default(),
             heuristic: None,
             resolution: None,
+            awaits_operator: false,
         }],
         transitions: vec![Transition {
             state,
