@@ -591,9 +591,10 @@ async fn a_recovered_intent_is_not_aborted_by_a_participant_past_its_retention()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_hears_of_a_resolution_only_once_it_is_durable() {
-    use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
+    use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest, Refusal};
     use treaty_coordinator::model::{BranchState, Resolution};
     use treaty_coordinator::model::{RetryPolicy, StepDefinition};
+    use treaty_coordinator::runtime::RuntimeError;
 
     let gate = Arc::new(Semaphore::new(1)); // the definition's write
     let log = Arc::new(GatedLog::new(gate.clone()));
@@ -622,18 +623,36 @@ async fn an_operator_hears_of_a_resolution_only_once_it_is_durable() {
         .await
         .unwrap();
     let id = submitted.id;
+    // Paused first, so that nothing more is sent for the step; the statement is refused
+    // while a call for it is in flight.
+    let pause = OperatorRequest {
+        command: OperatorCommand::Pause,
+        by: "ops".into(),
+        reason: String::new(),
+    };
+    runtime.operate(id, pause).await.unwrap();
     let resolving = {
         let runtime = runtime.clone();
         tokio::spawn(async move {
-            let request = OperatorRequest {
-                command: OperatorCommand::Resolve {
-                    branch_id: "charged-by-hand".into(),
-                    outcome: Resolution::Commit,
-                },
-                by: "ops".into(),
-                reason: "charged by hand".into(),
-            };
-            runtime.operate(id, request).await
+            let started = Instant::now();
+            loop {
+                let request = OperatorRequest {
+                    command: OperatorCommand::Resolve {
+                        branch_id: "charged-by-hand".into(),
+                        outcome: Resolution::Commit,
+                    },
+                    by: "ops".into(),
+                    reason: "charged by hand".into(),
+                };
+                match runtime.operate(id, request).await {
+                    Err(RuntimeError::Refused(Refusal::CallInFlight(_)))
+                        if started.elapsed() < Duration::from_secs(30) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    result => return result,
+                }
+            }
         })
     };
     // The resolution is taken (the saga moves on) but not durable: no answer yet.

@@ -3,7 +3,8 @@
 //! compensation, anti-hanging), messages delivered in any order, duplicated or lost, a log
 //! that applies writes in order and loses unflushed ones in a crash, and restarts. An
 //! operator may state a step's outcome, as a careful one would (truthfully, with no call
-//! for the step in flight, the statement in the log before it is taken as done): a step
+//! for the step in flight unless it gives up a running step, the statement in the log
+//! before it is taken as done): a step
 //! stated committed whose participant holds nothing is applied by hand, and a step
 //! stated undone while compensating is undone by hand.
 //!
@@ -461,9 +462,10 @@ impl World {
         (self.barriers[i] == Barrier::Committed || self.by_hand[i]) && !self.undone_by_hand[i]
     }
 
-    /// An operator states step `i`'s outcome, as a careful one would: only with no call
-    /// for it in flight, and only what is true (not "it did not happen" of a running step
-    /// its participant applied); then does by hand what the statement says was done (the
+    /// An operator states step `i`'s outcome, as a careful one would: only what is true
+    /// (not "it did not happen" of a running step its participant applied), and only
+    /// with no call for it in flight where the statement may be of work done by hand;
+    /// then does by hand what the statement says was done (the
     /// work of a step stated committed that its participant does not hold; the undoing of
     /// a step stated undone while compensating). The runtime forces the statement to the
     /// log before the operator hears. Returns whether the coordinator took it.
@@ -480,7 +482,12 @@ impl World {
         let untrue = outcome == Resolution::Abort
             && !compensating
             && self.barriers[step] == Barrier::Committed;
-        if in_flight || untrue {
+        // Work stated done (or undone) by hand could be done again by a call in flight:
+        // the operator waits for it to end (the coordinator refuses while it knows of
+        // one). Giving up a running step with its call in flight is safe: the barrier
+        // orders the call and the step's compensation.
+        let by_hand = compensating || outcome == Resolution::Commit;
+        if untrue || (in_flight && by_hand) {
             return false;
         }
         self.now += 1;

@@ -34,6 +34,26 @@ async fn resolve(
     .await
 }
 
+/// A careful operator's `resolve`: the transaction paused first, so that nothing more is
+/// sent for the branch, then resolved once no call for it is in flight (the coordinator
+/// refuses while one is: it could do the work stated done by hand a second time).
+async fn resolve_paused(
+    endpoint: &str,
+    id: &str,
+    branch: &str,
+    flag: &str,
+    reason: &str,
+) -> String {
+    let (ok, out) = treaty(endpoint, &["txn", "pause", id]).await;
+    assert!(ok || out.contains("already paused"), "{out}");
+    eventually("no call for the branch in flight", || async {
+        let (ok, out) = resolve(endpoint, id, branch, flag, reason).await;
+        assert!(ok || out.contains("in flight"), "{out}");
+        ok.then_some(out)
+    })
+    .await
+}
+
 /// The JSON a `--json` command printed (its first line).
 fn json_of(out: &str) -> Value {
     serde_json::from_str(out.lines().next().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
@@ -267,8 +287,7 @@ async fn a_saga_step_resolved_as_committed_is_undone_only_by_an_operator() {
         .await
         .unwrap();
     let id = submitted.transaction_id;
-    let (ok, out) = resolve(endpoint, &id, "ship", "--commit", "shipped by hand").await;
-    assert!(ok, "{out}");
+    resolve_paused(endpoint, &id, "ship", "--commit", "shipped by hand").await;
     // "charge" is rejected; the saga compensates "ship" at its participant, and then waits.
     eventually("the saga waits for an operator", || async {
         let (ok, out) = treaty(endpoint, &["txn", "list", "--stuck", "--json"]).await;
@@ -375,8 +394,7 @@ async fn sagas_are_cancelled_by_their_initiator_or_compensated_at_their_deadline
         !ok && out.contains("contradicts the decision to compensate"),
         "{out}"
     );
-    let (ok, out) = resolve(endpoint, &id, "ship", "--abort", "never shipped").await;
-    assert!(ok, "{out}");
+    resolve_paused(endpoint, &id, "ship", "--abort", "never shipped").await;
     eventually("the saga is compensated", || async {
         let txn = client.get(&id).await.unwrap().unwrap();
         (txn.state == treaty_sdk::client::TransactionState::Compensated as i32).then_some(())

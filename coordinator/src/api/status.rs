@@ -39,7 +39,8 @@ pub fn status_of(error: RuntimeError) -> Status {
             | Refusal::AlreadyPaused
             | Refusal::NotPaused
             | Refusal::Undecided(_)
-            | Refusal::ContradictsDecision { .. },
+            | Refusal::ContradictsDecision { .. }
+            | Refusal::CallInFlight(_),
         )
         | RuntimeError::NotTwoPhase(_)
         | RuntimeError::NotSaga(_) => "transaction_id",

@@ -223,6 +223,15 @@ pub enum Refusal {
         wanted: Resolution,
         decided: &'static str,
     },
+    /// A call for the branch is in flight: its answer may settle the branch, and work an
+    /// operator did by hand would be done (or undone) a second time if the call went
+    /// through.
+    #[error(
+        "a call for branch {0:?} is in flight, and its answer may settle it: pause the \
+         transaction so that nothing is sent again, and resolve once the call has ended \
+         (txn show marks it in flight)"
+    )]
+    CallInFlight(String),
     #[error("branch {branch:?} is {state:?}: it has its outcome, there is nothing to resolve")]
     NothingToResolve {
         branch: String,

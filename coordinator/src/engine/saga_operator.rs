@@ -48,7 +48,8 @@ impl Saga {
     /// taken as committed (applied by hand) or given up (compensated, which the barrier
     /// makes a no-op if it never ran); a compensation that keeps failing, or one that
     /// waits for an operator (a step stated committed: see [`Step::awaits_operator`]),
-    /// as done by hand. Committing a step of a saga decided to compensate is refused.
+    /// as done by hand. Committing a step of a saga decided to compensate is refused, and
+    /// so is a statement of work done (or undone) while a call for the step is in flight.
     fn resolve(
         &mut self,
         request: &OperatorRequest,
@@ -85,6 +86,14 @@ impl Saga {
                 branch: step_id.to_string(),
                 state,
             });
+        }
+        // A statement that the work stands, or was undone, may be about work done by
+        // hand: a call in flight could do it again. (Giving up a running step is safe:
+        // its compensation undoes the call if that went through, and the participant's
+        // barrier refuses the call if it arrives after the compensation.)
+        let by_hand = compensating || outcome == Resolution::Commit;
+        if by_hand && self.steps[step].history.open_for_at_least(0, now) {
+            return Err(Refusal::CallInFlight(step_id.to_string()));
         }
         let what = format!("step {step_id} resolved as {outcome:?}");
         self.note(request.describe(&what), now);

@@ -356,6 +356,13 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
         },
         T0 + 2,
     );
+    saga.handle_event(
+        SagaEvent::StepFailed {
+            step: 1,
+            error: "participant unreachable".into(),
+        },
+        T0 + 3,
+    );
     saga.handle_operator(&resolve("s1", Resolution::Commit), T0 + 3)
         .unwrap();
     saga.handle_event(
@@ -373,8 +380,8 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     );
     saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 6);
     assert!(saga.is_stuck());
-    // Its forward call, sent before the statement, is still open: the sweeper does not
-    // send anything for it, and its late failure is no retry waiting.
+    // The sweeper sends nothing for it, and a stray failure of its forward action
+    // (none is in flight) is no retry waiting.
     assert!(
         saga.handle_event(SagaEvent::Nudge { stale_after_ms: 0 }, T0 + 100_000)
             .is_empty()
@@ -419,4 +426,58 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     assert!(saga.is_stuck());
     let note = &saga.transitions().last().unwrap().reason;
     assert!(note.contains("compensating step s0"), "{note}");
+}
+
+/// An operator who states a step's outcome may have done its work (or undone it) by
+/// hand; a call for the step still in flight could then do it a second time. So the
+/// statement is refused while a call is in flight, and changes nothing; paused, the
+/// saga sends nothing more for it, and once the call has ended the statement is taken.
+#[test]
+fn a_step_is_not_resolved_while_a_call_for_it_is_in_flight() {
+    let (mut saga, actions) = saga(2, None);
+    assert_eq!(actions, vec![SagaAction::SendStep { step: 0 }]);
+    let before = saga.record();
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 2),
+        Err(Refusal::CallInFlight("s0".into()))
+    );
+    assert_eq!(saga.record(), before, "a refusal changes nothing");
+    saga.handle_operator(&ops(OperatorCommand::Pause), T0 + 3)
+        .unwrap();
+    saga.handle_event(
+        SagaEvent::StepFailed {
+            step: 0,
+            error: "deadline exceeded".into(),
+        },
+        T0 + 4,
+    );
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 5),
+        Ok(vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendStep { step: 1 }
+        ])
+    );
+
+    // The same for a compensation in flight, which the operator would state undone.
+    let (mut saga, actions) = compensating_first_step();
+    assert!(actions.contains(&SagaAction::SendCompensation { step: 0 }));
+    let before = saga.record();
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 4),
+        Err(Refusal::CallInFlight("s0".into()))
+    );
+    assert_eq!(saga.record(), before, "a refusal changes nothing");
+    saga.handle_event(
+        SagaEvent::CompensationFailed {
+            step: 0,
+            error: "participant unreachable".into(),
+            permanent: false,
+        },
+        T0 + 5,
+    );
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 6),
+        Ok(vec![SagaAction::PersistLazy, SagaAction::PersistForced])
+    );
 }
