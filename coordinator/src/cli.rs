@@ -353,7 +353,7 @@ fn details(txn: &Transaction) -> String {
             .map(|s| s.as_str_name().trim_start_matches("BRANCH_STATE_"))
             .unwrap_or("?");
         out.push_str(&format!(
-            "\n  branch {:<16} {:<12} {} attempts  {}",
+            "\n  branch {:<16} {:<17} {} attempts  {}",
             printable(&branch.branch_id),
             state,
             branch.attempts,

@@ -205,9 +205,13 @@ pub const MAX_ATTEMPTS_KEPT: usize = 16;
 pub struct AttemptLog(Vec<Attempt>);
 
 impl AttemptLog {
+    /// Records a call sent now. At the limit the oldest finished attempt makes room: a
+    /// call in flight is kept however many follow it (the sweeper, `txn show` and an
+    /// operator's resolve look for it).
     pub fn start(&mut self, operation: Operation, now: UnixMs) {
-        if self.0.len() == MAX_ATTEMPTS_KEPT {
-            self.0.remove(0);
+        if self.0.len() >= MAX_ATTEMPTS_KEPT {
+            let oldest_finished = self.0.iter().position(|a| a.finished_unix_ms.is_some());
+            self.0.remove(oldest_finished.unwrap_or(0));
         }
         self.0.push(Attempt {
             operation,
@@ -541,6 +545,31 @@ mod tests {
                 (Operation::Prepare, Some("voted YES")),
                 (Operation::Abort, Some("aborted"))
             ]
+        );
+    }
+
+    /// A call still in flight is what the sweeper, `txn show` and an operator's resolve
+    /// look for: calls that fail fast after it push out finished attempts, not it.
+    #[test]
+    fn attempt_log_keeps_a_call_in_flight_however_many_follow() {
+        let mut log = AttemptLog::default();
+        log.start(Operation::Step, 1);
+        for i in 0..(MAX_ATTEMPTS_KEPT as u64 * 2) {
+            log.start(Operation::Compensate, 10 + i);
+            log.finish(&[Operation::Compensate], "error: unreachable", 10 + i);
+        }
+        assert_eq!(log.attempts().len(), MAX_ATTEMPTS_KEPT);
+        assert!(log.open_for_at_least(0, 100), "{log:?}");
+        assert_eq!(log.attempts()[0].operation, Operation::Step);
+        // The oldest finished attempts went; the latest stay, in order.
+        assert_eq!(
+            log.attempts().last().map(|a| a.started_unix_ms),
+            Some(10 + MAX_ATTEMPTS_KEPT as u64 * 2 - 1)
+        );
+        assert!(
+            log.attempts()[1..]
+                .windows(2)
+                .all(|w| w[0].started_unix_ms < w[1].started_unix_ms)
         );
     }
 }

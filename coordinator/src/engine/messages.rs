@@ -229,7 +229,7 @@ pub enum Refusal {
     #[error(
         "a call for branch {0:?} is in flight, and its answer may settle it: pause the \
          transaction so that nothing is sent again, and resolve once the call has ended \
-         (txn show marks it in flight)"
+         (txn show marks it in flight; a call that timed out may still run at the participant)"
     )]
     CallInFlight(String),
     #[error("branch {branch:?} is {state:?}: it has its outcome, there is nothing to resolve")]

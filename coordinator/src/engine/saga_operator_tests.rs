@@ -288,6 +288,10 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
         saga.record().branches[0].awaits_operator,
         "the record shown to operators says so"
     );
+    assert!(
+        !saga.log_record().branches[0].awaits_operator,
+        "and no log keeps it"
+    );
     let note = &saga.transitions().last().unwrap().reason;
     assert!(note.contains("by hand"), "{note}");
     // Nothing is sent again for it, and a repeated answer changes nothing.
@@ -428,12 +432,12 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     assert!(note.contains("compensating step s0"), "{note}");
 }
 
-/// An operator who states a step's outcome may have done its work (or undone it) by
-/// hand; a call for the step still in flight could then do it a second time. So the
-/// statement is refused while a call is in flight, and changes nothing; paused, the
-/// saga sends nothing more for it, and once the call has ended the statement is taken.
+/// An operator who states a step committed may have done its work by hand; a call for
+/// the step still in flight could then do it a second time. So the statement is refused
+/// while a call is in flight, and changes nothing; paused, the saga sends nothing more
+/// for it, and once the call has ended the statement is taken.
 #[test]
-fn a_step_is_not_resolved_while_a_call_for_it_is_in_flight() {
+fn a_step_is_not_stated_committed_while_its_call_is_in_flight() {
     let (mut saga, actions) = saga(2, None);
     assert_eq!(actions, vec![SagaAction::SendStep { step: 0 }]);
     let before = saga.record();
@@ -458,8 +462,11 @@ fn a_step_is_not_resolved_while_a_call_for_it_is_in_flight() {
             SagaAction::SendStep { step: 1 }
         ])
     );
+}
 
-    // The same for a compensation in flight, which the operator would state undone.
+/// The same for a compensation in flight, which the operator would state done by hand.
+#[test]
+fn a_step_is_not_stated_undone_while_its_compensation_is_in_flight() {
     let (mut saga, actions) = compensating_first_step();
     assert!(actions.contains(&SagaAction::SendCompensation { step: 0 }));
     let before = saga.record();
@@ -480,4 +487,37 @@ fn a_step_is_not_resolved_while_a_call_for_it_is_in_flight() {
         saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 6),
         Ok(vec![SagaAction::PersistLazy, SagaAction::PersistForced])
     );
+}
+
+/// Giving up a running step is taken with its call in flight: the step's compensation
+/// undoes the call if it went through, and the participant's barrier refuses the call if
+/// it arrives after the compensation. A late answer to it changes nothing.
+#[test]
+fn a_running_step_is_given_up_with_its_call_in_flight() {
+    let (mut saga, actions) = saga(2, None);
+    assert_eq!(actions, vec![SagaAction::SendStep { step: 0 }]);
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 2),
+        Ok(vec![SagaAction::PersistForced])
+    );
+    assert_eq!(
+        saga.handle_event(SagaEvent::Persisted, T0 + 3),
+        vec![SagaAction::SendCompensation { step: 0 }]
+    );
+    assert!(
+        saga.handle_event(
+            SagaEvent::StepAnswered {
+                step: 0,
+                answer: StepAnswer::Committed,
+            },
+            T0 + 4,
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 5),
+        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
+    );
+    saga.handle_event(SagaEvent::Persisted, T0 + 6);
+    assert_eq!(saga.state(), TxnState::Compensated);
 }

@@ -96,7 +96,7 @@ impl Saga {
     /// What GetTransaction shows: nothing that is not durable yet (not even the reason
     /// for a decision still being written).
     pub fn record(&self) -> TxnRecord {
-        let mut record = self.record_in(self.state());
+        let mut record = self.record_in(self.state(), Shown::Yes);
         if record.state == TxnState::Running {
             record.reason = None;
         }
@@ -106,7 +106,7 @@ impl Saga {
     /// What the log must hold: the decisions taken, even while their write is in flight,
     /// and while finishing, the final state as it will be shown.
     pub fn log_record(&self) -> TxnRecord {
-        let mut record = self.record_in(self.phase.logged_state());
+        let mut record = self.record_in(self.phase.logged_state(), Shown::No);
         if let SagaPhase::Finishing { at, .. } = self.phase {
             record.transitions.push(Transition {
                 state: record.state,
@@ -118,7 +118,7 @@ impl Saga {
         record
     }
 
-    fn record_in(&self, state: TxnState) -> TxnRecord {
+    fn record_in(&self, state: TxnState, shown: Shown) -> TxnRecord {
         TxnRecord {
             id: self.id,
             kind: TxnKind::Saga,
@@ -142,7 +142,7 @@ impl Saga {
                     history: step.history.clone(),
                     heuristic: None,
                     resolution: step.resolution.clone(),
-                    awaits_operator: step.awaits_operator,
+                    awaits_operator: shown == Shown::Yes && step.awaits_operator,
                 })
                 .collect(),
             transitions: self.transitions.clone(),
@@ -156,4 +156,12 @@ impl Saga {
             paused: self.paused,
         }
     }
+}
+
+/// Whether a record is built to be shown, or to be logged: what is shown only (a step
+/// waiting for an operator) stays out of every log, the in-memory one included.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    Yes,
+    No,
 }
