@@ -210,8 +210,7 @@ impl AttemptLog {
     /// operator's resolve look for it).
     pub fn start(&mut self, operation: Operation, now: UnixMs) {
         if self.0.len() >= MAX_ATTEMPTS_KEPT {
-            let oldest_finished = self.0.iter().position(|a| a.finished_unix_ms.is_some());
-            self.0.remove(oldest_finished.unwrap_or(0));
+            self.drop_oldest();
         }
         self.0.push(Attempt {
             operation,
@@ -268,12 +267,14 @@ impl AttemptLog {
         }
     }
 
-    /// Forgets the oldest attempt; false if there was none.
+    /// Forgets the oldest finished attempt, or the oldest if every one is in flight;
+    /// false if there was none.
     pub fn drop_oldest(&mut self) -> bool {
         if self.0.is_empty() {
             return false;
         }
-        self.0.remove(0);
+        let oldest_finished = self.0.iter().position(|a| a.finished_unix_ms.is_some());
+        self.0.remove(oldest_finished.unwrap_or(0));
         true
     }
 }
@@ -562,14 +563,18 @@ mod tests {
         assert!(log.open_for_at_least(0, 100), "{log:?}");
         assert_eq!(log.attempts()[0].operation, Operation::Step);
         // The oldest finished attempts went; the latest stay, in order.
+        let latest = MAX_ATTEMPTS_KEPT as u64 * 2 - (MAX_ATTEMPTS_KEPT as u64 - 1);
+        let kept: Vec<_> = log.attempts()[1..]
+            .iter()
+            .map(|a| a.started_unix_ms)
+            .collect();
         assert_eq!(
-            log.attempts().last().map(|a| a.started_unix_ms),
-            Some(10 + MAX_ATTEMPTS_KEPT as u64 * 2 - 1)
+            kept,
+            (10 + latest..10 + MAX_ATTEMPTS_KEPT as u64 * 2).collect::<Vec<_>>()
         );
-        assert!(
-            log.attempts()[1..]
-                .windows(2)
-                .all(|w| w[0].started_unix_ms < w[1].started_unix_ms)
-        );
+        // So does trimming a record to fit the log.
+        assert!(log.drop_oldest());
+        assert!(log.open_for_at_least(0, 100), "{log:?}");
+        assert_eq!(log.attempts()[1].started_unix_ms, 11 + latest);
     }
 }

@@ -448,12 +448,20 @@ fn a_step_is_not_stated_committed_while_its_call_is_in_flight() {
     assert_eq!(saga.record(), before, "a refusal changes nothing");
     saga.handle_operator(&ops(OperatorCommand::Pause), T0 + 3)
         .unwrap();
-    saga.handle_event(
+    let actions = saga.handle_event(
         SagaEvent::StepFailed {
             step: 0,
             error: "deadline exceeded".into(),
         },
         T0 + 4,
+    );
+    let Some(&SagaAction::ScheduleStepRetry { attempt, .. }) = actions.first() else {
+        panic!("a retry is scheduled: {actions:?}");
+    };
+    assert!(
+        saga.handle_event(SagaEvent::StepRetryDue { step: 0, attempt }, T0 + 5)
+            .is_empty(),
+        "paused, nothing is sent again"
     );
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 5),
@@ -496,6 +504,7 @@ fn a_step_is_not_stated_undone_while_its_compensation_is_in_flight() {
 fn a_running_step_is_given_up_with_its_call_in_flight() {
     let (mut saga, actions) = saga(2, None);
     assert_eq!(actions, vec![SagaAction::SendStep { step: 0 }]);
+    assert!(saga.steps()[0].history.open_for_at_least(0, T0 + 2));
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 2),
         Ok(vec![SagaAction::PersistForced])
@@ -514,6 +523,7 @@ fn a_running_step_is_given_up_with_its_call_in_flight() {
         )
         .is_empty()
     );
+    assert_eq!(saga.steps()[0].state, BranchState::Compensating);
     assert_eq!(
         saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 5),
         vec![SagaAction::PersistLazy, SagaAction::PersistForced]

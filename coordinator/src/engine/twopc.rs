@@ -123,7 +123,8 @@ pub struct Branch {
     /// The latest calls to this branch and their results.
     pub history: AttemptLog,
     /// When the calls to this branch began to fail without an answer, until one comes
-    /// (kept apart from the history, which holds only the latest attempts).
+    /// (kept apart from the history, which holds only the latest attempts and any in
+    /// flight).
     pub failing_since: Option<UnixMs>,
     /// What the participant answered against the decision, if it did.
     pub heuristic: Option<String>,
