@@ -349,9 +349,7 @@ fn details(txn: &Transaction) -> String {
         ));
     }
     for branch in &txn.branches {
-        let state = treaty_proto::v1::BranchState::try_from(branch.state)
-            .map(|s| s.as_str_name().trim_start_matches("BRANCH_STATE_"))
-            .unwrap_or("?");
+        let state = operator::branch_state_name(branch.state);
         out.push_str(&format!(
             "\n  branch {:<16} {:<17} {} attempts  {}",
             printable(&branch.branch_id),
@@ -363,9 +361,7 @@ fn details(txn: &Transaction) -> String {
             out.push_str(&format!("  last error: {}", printable(&branch.last_error)));
         }
         for attempt in &branch.history {
-            let operation = treaty_proto::v1::Operation::try_from(attempt.operation)
-                .map(|o| o.as_str_name().trim_start_matches("OPERATION_"))
-                .unwrap_or("?");
+            let operation = operator::operation_name(attempt.operation);
             let result = if attempt.finished_unix_ms == 0 {
                 "(in flight)".into()
             } else {

@@ -1,7 +1,8 @@
 //! Operator verbs through the `treaty` command line (a real process) against a real
 //! coordinator and participant over gRPC: stuck work is listed by filter, paused,
-//! resumed, retried, resolved only as the decision allows, reported and forgotten; sagas
-//! are cancelled by their initiator, or compensated at their deadline.
+//! resumed, retried, resolved only as the decision allows (and a saga step not while its
+//! call is in flight), reported and forgotten; sagas are cancelled by their initiator, or
+//! compensated at their deadline.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -35,23 +36,29 @@ async fn resolve(
 }
 
 /// A careful operator's `resolve`: the transaction paused first, so that nothing more is
-/// sent for the branch, then resolved once no call for it is in flight (the coordinator
-/// refuses while one is: it could do the work stated done by hand a second time).
-async fn resolve_paused(
-    endpoint: &str,
-    id: &str,
-    branch: &str,
-    flag: &str,
-    reason: &str,
-) -> String {
+/// sent for the branch, then resolved once `txn show` has no call for it in flight (the
+/// coordinator refuses while one is: it could do the work stated done by hand a second
+/// time).
+async fn resolve_paused(endpoint: &str, id: &str, branch: &str, flag: &str, reason: &str) {
     let (ok, out) = treaty(endpoint, &["txn", "pause", id]).await;
     assert!(ok || out.contains("already paused"), "{out}");
     eventually("no call for the branch in flight", || async {
-        let (ok, out) = resolve(endpoint, id, branch, flag, reason).await;
-        assert!(ok || out.contains("in flight"), "{out}");
-        ok.then_some(out)
+        let (ok, out) = treaty(endpoint, &["txn", "show", id, "--json"]).await;
+        assert!(ok, "{out}");
+        let shown = json_of(&out);
+        let branches = shown["branches"].as_array().unwrap();
+        let b = branches.iter().find(|b| b["branch_id"] == branch).unwrap();
+        let history = b["history"].as_array().unwrap();
+        assert_eq!(
+            b["in_flight"],
+            history.iter().any(|a| a["finished_unix_ms"].is_null()),
+            "{out}"
+        );
+        (b["in_flight"] == false).then_some(())
     })
-    .await
+    .await;
+    let (ok, out) = resolve(endpoint, id, branch, flag, reason).await;
+    assert!(ok, "{out}");
 }
 
 /// The JSON a `--json` command printed (its first line).
@@ -330,6 +337,57 @@ async fn a_saga_step_resolved_as_committed_is_undone_only_by_an_operator() {
     })
     .await;
     assert!(!txn.stuck, "{txn:?}");
+
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
+
+/// A step's work stated done by hand while its call is still on its way could be done
+/// twice: the coordinator refuses, says why, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_step_is_not_resolved_while_its_call_is_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let client = coordinator.client().await;
+    let endpoint = coordinator.endpoint.as_str();
+    // The command line built and started once, so that the call is still on its way.
+    let (ok, out) = treaty(endpoint, &["txn", "list"]).await;
+    assert!(ok, "{out}");
+
+    let submitted = client
+        .submit_saga(
+            vec![SagaStep::new("ship", &participant.endpoint, "slow:10000").timeout_ms(60_000)],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap();
+    let id = submitted.transaction_id;
+    let (ok, out) = treaty(endpoint, &["txn", "show", &id, "--json"]).await;
+    assert!(
+        ok && json_of(&out)["branches"][0]["in_flight"] == true,
+        "{out}"
+    );
+    let (ok, out) = treaty(
+        endpoint,
+        &[
+            "txn", "resolve", &id, "--branch", "ship", "--commit", "--json",
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    let detail = json_of(&out)[0]["detail"].as_str().unwrap().to_string();
+    assert!(
+        detail.contains("in flight") && detail.contains("pause"),
+        "{out}"
+    );
+    // Nothing changed: the call's answer settles the step.
+    let txn = eventually("the saga completes", || async {
+        let txn = client.get(&id).await.unwrap().unwrap();
+        (txn.state == treaty_sdk::client::TransactionState::Completed as i32).then_some(txn)
+    })
+    .await;
+    assert!(txn.branches[0].resolution.is_none(), "{txn:?}");
 
     participant.stop().await;
     coordinator.stop().await.unwrap();

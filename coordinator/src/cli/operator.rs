@@ -252,13 +252,20 @@ fn kind_name(txn: &Transaction) -> &'static str {
     }
 }
 
-fn branch_state_name(value: i32) -> &'static str {
+pub fn branch_state_name(value: i32) -> &'static str {
     pb::BranchState::try_from(value)
         .map(|s| s.as_str_name().trim_start_matches("BRANCH_STATE_"))
         .unwrap_or("?")
 }
 
-/// A transaction for scripts: the fields people filter on, and every branch.
+pub fn operation_name(value: i32) -> &'static str {
+    pb::Operation::try_from(value)
+        .map(|o| o.as_str_name().trim_start_matches("OPERATION_"))
+        .unwrap_or("?")
+}
+
+/// A transaction for scripts: the fields people filter on, and every branch with its
+/// latest calls (`in_flight`: one is unanswered, so an operator waits before resolving).
 pub fn transaction_json(txn: &Transaction) -> Value {
     json!({
         "transaction_id": txn.transaction_id,
@@ -279,6 +286,13 @@ pub fn transaction_json(txn: &Transaction) -> Value {
             "last_error": b.last_error,
             "heuristic": b.heuristic,
             "resolution": b.resolution.as_ref().map(resolution_json),
+            "in_flight": b.history.iter().any(|a| a.finished_unix_ms == 0),
+            "history": b.history.iter().map(|a| json!({
+                "operation": operation_name(a.operation),
+                "started_unix_ms": a.started_unix_ms,
+                "finished_unix_ms": (a.finished_unix_ms != 0).then_some(a.finished_unix_ms),
+                "result": a.result,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "transitions": txn.transitions.iter().map(|t| json!({
             "state": state_name(t.state),
