@@ -221,8 +221,8 @@ pub enum TxnCommand {
     /// Compensate a saga; abort an undecided two-phase commit (admins).
     Cancel(VerbArgs),
     /// State a branch's outcome where the protocol cannot settle it (admins). Refused
-    /// where it contradicts the decision, and for a saga step's work done (or undone)
-    /// by hand while a call for the step is in flight: pause the saga first.
+    /// where it contradicts the decision, and while a call for the branch is in flight
+    /// (its answer may settle it, or do again what was done by hand): pause first.
     Resolve {
         #[command(flatten)]
         verb: VerbArgs,

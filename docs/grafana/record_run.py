@@ -337,6 +337,17 @@ def main():
                 )
                 for index, ep in enumerate(bench_eps):
                     event(f"bench participant p{index} http://{ep}")
+                # Paused first: a statement is refused while a call for the branch is in
+                # flight (its answer may settle it), and paused, nothing more is sent.
+                for ep in bench_eps:
+                    for state in ("committing", "aborting"):
+                        subprocess.run(
+                            [str(bins / "treaty"), "txn", "pause", "--coordinator", coordinator,
+                             "--endpoint", f"http://{ep}", "--state", state, "--limit", "10000",
+                             "--reason", "bench participant gone"],
+                            capture_output=True, text=True,
+                        )
+                time.sleep(2)  # calls to a gone participant fail at once
                 resolved = 0
                 for index, ep in enumerate(bench_eps):
                     for state, verdict in (("committing", "--commit"), ("aborting", "--abort")):

@@ -42,6 +42,14 @@ async fn resolve(
 async fn resolve_paused(endpoint: &str, id: &str, branch: &str, flag: &str, reason: &str) {
     let (ok, out) = treaty(endpoint, &["txn", "pause", id]).await;
     assert!(ok || out.contains("already paused"), "{out}");
+    no_call_in_flight(endpoint, id, branch).await;
+    let (ok, out) = resolve(endpoint, id, branch, flag, reason).await;
+    assert!(ok, "{out}");
+}
+
+/// Waits until `txn show` has no call for `branch` in flight (the transaction paused,
+/// none goes out again).
+async fn no_call_in_flight(endpoint: &str, id: &str, branch: &str) {
     eventually("no call for the branch in flight", || async {
         let (ok, out) = treaty(endpoint, &["txn", "show", id, "--json"]).await;
         assert!(ok, "{out}");
@@ -57,8 +65,6 @@ async fn resolve_paused(endpoint: &str, id: &str, branch: &str, flag: &str, reas
         (b["in_flight"] == false).then_some(())
     })
     .await;
-    let (ok, out) = resolve(endpoint, id, branch, flag, reason).await;
-    assert!(ok, "{out}");
 }
 
 /// The JSON a `--json` command printed (its first line).
@@ -194,6 +200,7 @@ async fn stuck_commits_are_found_paused_retried_resolved_reported_and_forgotten(
         "{out}"
     );
     // The operator applied b1 by hand; the participant recovers and b0 is retried now.
+    no_call_in_flight(endpoint, &stuck, "b1").await;
     let (ok, out) = treaty(
         endpoint,
         &[

@@ -204,6 +204,28 @@ fn a_branch_whose_participant_is_gone_is_resolved_only_as_the_decision_says() {
     assert_eq!(record.branches[1].state, BranchState::Committed);
 }
 
+/// A branch's outcome stated while its phase-2 call is in flight: the operator may have
+/// applied the work by hand, and the call could apply it too. Refused, changing nothing,
+/// until the call has ended.
+#[test]
+fn a_branch_is_not_resolved_while_its_delivery_is_in_flight() {
+    let mut txn = committing();
+    let before = txn.clone();
+    assert_eq!(
+        txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 3),
+        Err(Refusal::CallInFlight("b1".into()))
+    );
+    assert_eq!(txn, before, "a refusal changes nothing");
+    txn.handle_operator(&ops(OperatorCommand::Pause), T0 + 3)
+        .unwrap();
+    fail_delivery(&mut txn, 1, T0 + 4);
+    assert_eq!(
+        txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 5),
+        Ok(vec![Action::PersistProgress])
+    );
+    assert_eq!(txn.branch(1).unwrap().state, BranchState::Committed);
+}
+
 #[test]
 fn a_heuristic_answer_is_reported_and_can_be_resolved_once() {
     let mut txn = committing();
@@ -263,6 +285,18 @@ fn a_one_phase_commit_nobody_answers_is_settled_by_the_operator() {
         txn.branch(0).unwrap().payload.is_empty(),
         "not kept while probing"
     );
+    // The probe's answer (or the commit's) would settle it: nothing may be stated while
+    // either is in flight.
+    assert_eq!(
+        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 60_001),
+        Err(Refusal::CallInFlight("b0".into()))
+    );
+    fail_delivery(&mut txn, 0, T0 + 60_001);
+    assert_eq!(
+        txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 60_001),
+        Err(Refusal::CallInFlight("b0".into()))
+    );
+    fail_delivery(&mut txn, 0, T0 + 60_001);
     assert_eq!(
         txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 60_001),
         Ok(vec![Action::PersistDecision])

@@ -42,7 +42,9 @@ impl TwoPhaseCommit {
 
     /// An operator states a branch's outcome: a branch that never acknowledged phase 2
     /// (its participant is gone), a one-phase commit whose participant never answers,
-    /// or a heuristic answer repaired by hand. Only the decided outcome can be stated.
+    /// or a heuristic answer repaired by hand. Only the decided outcome can be stated, and
+    /// not while a phase-2 call or probe for the branch is in flight (its answer may
+    /// settle it; work done by hand could be done again).
     fn resolve(
         &mut self,
         request: &OperatorRequest,
@@ -68,6 +70,10 @@ impl TwoPhaseCommit {
             // The participant holds the outcome; the operator asked it.
             Phase::OnePhase { probing: true } => {
                 let b = &mut self.branches[index];
+                if b.history.open_for_at_least(0, now) {
+                    // The probe's answer would settle it.
+                    return Err(Refusal::CallInFlight(branch_id.to_string()));
+                }
                 b.awaiting_ack = false;
                 b.payload = Vec::new();
                 b.resolution = Some(resolution);
@@ -123,6 +129,11 @@ impl TwoPhaseCommit {
         }
         let logged = self.decision_is_logged();
         let b = &mut self.branches[index];
+        if b.awaiting_ack && b.history.open_for_at_least(0, now) {
+            // Its answer may settle it, and work the operator did by hand could be done
+            // again by the call.
+            return Err(Refusal::CallInFlight(branch_id.to_string()));
+        }
         if b.awaiting_ack {
             b.awaiting_ack = false;
             b.state = match outcome {
