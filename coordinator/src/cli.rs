@@ -221,8 +221,10 @@ pub enum TxnCommand {
     /// Compensate a saga; abort an undecided two-phase commit (admins).
     Cancel(VerbArgs),
     /// State a branch's outcome where the protocol cannot settle it (admins). Refused
-    /// where it contradicts the decision, and while a call for the branch is in flight
-    /// (its answer may settle it, or do again what was done by hand): pause first.
+    /// where it contradicts the decision, and while a phase-2 call or probe for the
+    /// branch is in flight, or a saga step's own call (--commit) or compensation
+    /// (--abort): its answer may settle it, or do again what was done by hand. Pause
+    /// first.
     Resolve {
         #[command(flatten)]
         verb: VerbArgs,
@@ -431,8 +433,10 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
         } => {
             let listed = operator::select(&client, &filter.to_filter(), limit).await?;
             if json {
-                let rows: Vec<serde_json::Value> =
-                    listed.iter().map(operator::transaction_json).collect();
+                let rows: Vec<serde_json::Value> = listed
+                    .iter()
+                    .map(|t| operator::transaction_json(t, false))
+                    .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
                 operator::print_table(&listed, crate::runtime::now_unix_ms());
@@ -442,7 +446,7 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
             transaction_id,
             json,
         } => match client.get(&transaction_id).await? {
-            Some(txn) if json => println!("{}", operator::transaction_json(&txn)),
+            Some(txn) if json => println!("{}", operator::transaction_json(&txn, true)),
             Some(txn) => println!("{}", details(&txn)),
             None => anyhow::bail!(
                 "unknown transaction {transaction_id} (never begun here, removed after retention, or presumed aborted)"

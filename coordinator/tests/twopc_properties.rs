@@ -622,7 +622,8 @@ impl World {
             reason: "its participant holds no record".into(),
         };
         self.now += 1;
-        // Refused while a decision is being written: the operator tries again later.
+        // Refused while a decision is being written, or while a call for the branch is in
+        // flight: the operator tries again later.
         let Ok(actions) = coordinator.handle_operator(&request, self.now) else {
             return false;
         };

@@ -258,15 +258,29 @@ pub fn branch_state_name(value: i32) -> &'static str {
         .unwrap_or("?")
 }
 
+/// Whether a transaction's state (a `TransactionState` value) is final.
+fn is_final(state: i32) -> bool {
+    matches!(
+        TransactionState::try_from(state),
+        Ok(TransactionState::Committed
+            | TransactionState::Aborted
+            | TransactionState::Completed
+            | TransactionState::Compensated)
+    )
+}
+
 pub fn operation_name(value: i32) -> &'static str {
     pb::Operation::try_from(value)
         .map(|o| o.as_str_name().trim_start_matches("OPERATION_"))
         .unwrap_or("?")
 }
 
-/// A transaction for scripts: the fields people filter on, and every branch with its
-/// latest calls (`in_flight`: one is unanswered, so an operator waits before resolving).
-pub fn transaction_json(txn: &Transaction) -> Value {
+/// A transaction for scripts: the fields people filter on, and every branch, with its
+/// latest calls if `with_history` (`txn show`; `txn list` pages stay small). A branch is
+/// `in_flight` while the coordinator waits for an answer to a call for it (so an
+/// operator waits before resolving it); a final transaction waits for none.
+pub fn transaction_json(txn: &Transaction, with_history: bool) -> Value {
+    let waiting = !is_final(txn.state);
     json!({
         "transaction_id": txn.transaction_id,
         "kind": kind_name(txn),
@@ -286,13 +300,16 @@ pub fn transaction_json(txn: &Transaction) -> Value {
             "last_error": b.last_error,
             "heuristic": b.heuristic,
             "resolution": b.resolution.as_ref().map(resolution_json),
-            "in_flight": b.history.iter().any(|a| a.finished_unix_ms == 0),
-            "history": b.history.iter().map(|a| json!({
-                "operation": operation_name(a.operation),
-                "started_unix_ms": a.started_unix_ms,
-                "finished_unix_ms": (a.finished_unix_ms != 0).then_some(a.finished_unix_ms),
-                "result": a.result,
-            })).collect::<Vec<_>>(),
+            "in_flight": waiting && b.history.iter().any(|a| a.finished_unix_ms == 0),
+            "history": with_history.then(|| b.history.iter().map(|a| {
+                let finished = a.finished_unix_ms != 0;
+                json!({
+                    "operation": operation_name(a.operation),
+                    "started_unix_ms": a.started_unix_ms,
+                    "finished_unix_ms": finished.then_some(a.finished_unix_ms),
+                    "result": finished.then_some(&a.result),
+                })
+            }).collect::<Vec<_>>()),
         })).collect::<Vec<_>>(),
         "transitions": txn.transitions.iter().map(|t| json!({
             "state": state_name(t.state),

@@ -288,6 +288,10 @@ pub enum Event {
 /// again.
 pub const NO_ANSWER: &str = "no answer; sent again";
 
+/// The same while the transaction is paused: the call is taken as lost, so that an
+/// operator may resolve its branch, and sent again only once resumed.
+pub const NO_ANSWER_PAUSED: &str = "no answer; sent again once resumed";
+
 /// The note a transaction gets when it is flagged stuck: `what` (say "delivering to
 /// branch b1") failed `attempts` times, or cannot succeed at all (`permanent`).
 pub fn stuck_note(what: &str, attempts: u32, error: &str, permanent: bool) -> String {

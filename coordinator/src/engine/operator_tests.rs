@@ -2,8 +2,8 @@
 //! what is refused (and then changed nothing). Sagas': `saga_operator_tests`.
 
 use super::messages::{
-    Action, Answer, BranchSpec, Command, Event, NewTransaction, OperatorCommand, OperatorRequest,
-    Refusal, Vote,
+    Action, Answer, BranchSpec, Command, Event, NO_ANSWER_PAUSED, NewTransaction, OperatorCommand,
+    OperatorRequest, Refusal, Vote,
 };
 use super::twopc::{STUCK_AFTER_DELIVERIES, TwoPhaseCommit};
 use crate::model::{BranchState, Resolution, TxnId, TxnState, UnixMs};
@@ -106,8 +106,13 @@ fn pause_holds_retries_and_resends_until_resume_sends_what_waits() {
         .is_empty()
     );
     assert!(
-        txn.handle_event(Event::Nudge { stale_after_ms: 0 }, T0 + 6)
-            .is_empty()
+        txn.handle_event(
+            Event::Nudge {
+                stale_after_ms: 60_000
+            },
+            T0 + 6
+        )
+        .is_empty()
     );
     // Resume sends branch 1 (waiting), not branch 0 (its commit is in flight).
     assert_eq!(
@@ -129,6 +134,53 @@ fn pause_holds_retries_and_resends_until_resume_sends_what_waits() {
         "{notes:?}"
     );
     assert!(notes.contains(&"retries resumed by operator ops: ticket 7"));
+}
+
+/// Paused, a call whose answer was lost is not sent again by the sweeper, but it is
+/// taken as lost: otherwise it would stay "in flight", and an operator (told to pause,
+/// then resolve once the call has ended) could never resolve the branch. Resume sends it.
+#[test]
+fn paused_a_lost_call_is_given_up_but_not_sent_again() {
+    let mut txn = committing();
+    txn.handle_operator(&ops(OperatorCommand::Pause), T0 + 3)
+        .unwrap();
+    assert_eq!(
+        txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 4),
+        Err(Refusal::CallInFlight("b1".into()))
+    );
+    assert!(
+        txn.handle_event(
+            Event::Nudge {
+                stale_after_ms: 100
+            },
+            T0 + 50
+        )
+        .is_empty()
+    );
+    assert!(txn.branch(1).unwrap().history.open_for_at_least(0, T0 + 50));
+    assert!(
+        txn.handle_event(
+            Event::Nudge {
+                stale_after_ms: 100
+            },
+            T0 + 200
+        )
+        .is_empty(),
+        "paused: nothing is sent again"
+    );
+    let last = txn.branch(1).unwrap().history.attempts().last().cloned();
+    assert_eq!(
+        last.and_then(|a| a.result).as_deref(),
+        Some(NO_ANSWER_PAUSED)
+    );
+    assert_eq!(
+        txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 201),
+        Ok(vec![Action::PersistProgress])
+    );
+    assert_eq!(
+        txn.handle_operator(&ops(OperatorCommand::Resume), T0 + 202),
+        Ok(vec![Action::SendCommit { branch: 0 }])
+    );
 }
 
 #[test]

@@ -34,7 +34,8 @@
 use std::sync::Arc;
 
 use super::messages::{
-    NO_ANSWER, OperatorCommand, OperatorRequest, Refusal, RetryControl, stuck_note,
+    NO_ANSWER, NO_ANSWER_PAUSED, OperatorCommand, OperatorRequest, Refusal, RetryControl,
+    stuck_note,
 };
 use crate::model::{
     AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, RetryPolicy,
@@ -515,11 +516,10 @@ impl Saga {
     /// Sends again every forward action or compensation whose call has had no answer for
     /// `stale_after_ms`, or for its own call timeout if longer (the answer was lost; the
     /// barrier answers a repeat from its record). Steps waiting for a retry have their
-    /// timer.
+    /// timer. Paused, such a call is taken as lost but not sent: `Resume` sends it, and
+    /// meanwhile an operator may resolve the step, which is refused while a call is in
+    /// flight.
     fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<SagaAction> {
-        if self.paused {
-            return Vec::new();
-        }
         let (state, operation) = match self.phase {
             SagaPhase::Running => (BranchState::Running, Operation::Step),
             SagaPhase::Compensating => (BranchState::Compensating, Operation::Compensate),
@@ -534,6 +534,10 @@ impl Saga {
                     .history
                     .open_for_at_least(stale_after_ms.max(call_timeout_ms), now)
             {
+                continue;
+            }
+            if self.paused {
+                s.history.abandon_open(NO_ANSWER_PAUSED, now);
                 continue;
             }
             s.history.abandon_open(NO_ANSWER, now);

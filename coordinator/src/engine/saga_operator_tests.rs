@@ -1,7 +1,7 @@
 //! Operator verbs and cancels on sagas: the exact actions each emits, and what is
 //! refused (and then changed nothing).
 
-use super::messages::{OperatorCommand, Refusal};
+use super::messages::{NO_ANSWER_PAUSED, OperatorCommand, Refusal};
 use super::operator_tests::{T0, ops, resolve};
 use super::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
 use crate::model::{
@@ -530,4 +530,36 @@ fn a_running_step_is_given_up_with_its_call_in_flight() {
     );
     saga.handle_event(SagaEvent::Persisted, T0 + 6);
     assert_eq!(saga.state(), TxnState::Compensated);
+}
+
+/// Paused, a call whose answer was lost is not sent again by the sweeper, but it is taken
+/// as lost, so that the operator (told to pause, then resolve once the call has ended)
+/// can resolve the step.
+#[test]
+fn paused_a_lost_step_call_is_given_up_but_not_sent_again() {
+    let (mut saga, _) = saga(2, None);
+    saga.handle_operator(&ops(OperatorCommand::Pause), T0 + 2)
+        .unwrap();
+    let nudge = SagaEvent::Nudge {
+        stale_after_ms: 100,
+    };
+    // Within its own call timeout (1 s) the call may still be answered.
+    assert!(saga.handle_event(nudge.clone(), T0 + 500).is_empty());
+    assert!(saga.steps()[0].history.open_for_at_least(0, T0 + 500));
+    assert!(
+        saga.handle_event(nudge, T0 + 2_000).is_empty(),
+        "paused: nothing is sent again"
+    );
+    let last = saga.steps()[0].history.attempts().last().cloned();
+    assert_eq!(
+        last.and_then(|a| a.result).as_deref(),
+        Some(NO_ANSWER_PAUSED)
+    );
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 2_001),
+        Ok(vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendStep { step: 1 }
+        ])
+    );
 }

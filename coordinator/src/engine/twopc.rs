@@ -69,8 +69,8 @@
 
 use super::messages::stuck_note;
 pub use super::messages::{
-    Action, Answer, BranchSpec, Command, Event, NO_ANSWER, NewTransaction, OperatorCommand,
-    OperatorRequest, Refusal, RetryControl, Vote,
+    Action, Answer, BranchSpec, Command, Event, NO_ANSWER, NO_ANSWER_PAUSED, NewTransaction,
+    OperatorCommand, OperatorRequest, Refusal, RetryControl, Vote,
 };
 use crate::model::{
     AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, Transition,

@@ -11,17 +11,22 @@ impl TwoPhaseCommit {
     /// `stale_after_ms` (the answer was lost; deliveries are idempotent, so sending again
     /// is always safe). Branches waiting for a retry have their timer; phase 1 has the
     /// prepare timer (but for a commit its votes decide, whose prepares are sent again
-    /// here too) and the decision write its completion.
+    /// here too) and the decision write its completion. Paused, such a call is taken as
+    /// lost but not sent: `Resume` sends it, and meanwhile an operator may resolve the
+    /// branch, which is refused while a call is in flight.
     pub(super) fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<Action> {
-        if self.paused {
-            return Vec::new();
-        }
         let Some(operation) = self.delivery_operation() else {
             return Vec::new();
         };
+        let paused = self.paused;
         let mut actions = Vec::new();
         for (branch, b) in self.branches.iter_mut().enumerate() {
-            if b.awaiting_ack && b.history.open_for_at_least(stale_after_ms, now) {
+            if !b.awaiting_ack || !b.history.open_for_at_least(stale_after_ms, now) {
+                continue;
+            }
+            if paused {
+                b.history.abandon_open(NO_ANSWER_PAUSED, now);
+            } else {
                 b.history.abandon_open(NO_ANSWER, now);
                 actions.push(b.send_phase_two(branch, operation, now));
             }
