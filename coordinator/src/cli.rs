@@ -214,17 +214,18 @@ pub enum TxnCommand {
     },
     /// Send now every delivery waiting for its retry (admins).
     RetryNow(VerbArgs),
-    /// Stop retries and resends until `resume` (admins).
+    /// Stop retries and resends until `resume` (admins); a call left unanswered is
+    /// marked lost, so that its branch can be resolved.
     Pause(VerbArgs),
     /// Let retries go on; what waits is sent now (admins).
     Resume(VerbArgs),
     /// Compensate a saga; abort an undecided two-phase commit (admins).
     Cancel(VerbArgs),
     /// State a branch's outcome where the protocol cannot settle it (admins). Refused
-    /// where it contradicts the decision, and while a phase-2 call or probe for the
-    /// branch is in flight, or a saga step's own call (--commit) or compensation
-    /// (--abort): its answer may settle it, or do again what was done by hand. Pause
-    /// first.
+    /// where it contradicts the decision, and while a call for it is in flight whose
+    /// answer may settle it or do again what was done by hand: any call for a branch
+    /// still owed phase 2 or a one-phase probe; a saga step's own call (--commit) or,
+    /// while compensating, any call for the step (--abort). Pause first.
     Resolve {
         #[command(flatten)]
         verb: VerbArgs,

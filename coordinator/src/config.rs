@@ -189,7 +189,8 @@ pub struct ServeConfig {
     pub sweep_interval_ms: u64,
 
     /// How long a participant call may go without an answer before the sweeper sends it
-    /// again (a safety net for lost answers: retries and deadlines have their own timers).
+    /// again, or in a paused transaction marks it lost (a safety net for lost answers:
+    /// retries and deadlines have their own timers).
     #[arg(long, env = "TREATY_STALE_AFTER_MS", default_value_t = defaults::STALE_AFTER_MS)]
     pub stale_after_ms: u64,
 

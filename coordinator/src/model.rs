@@ -197,7 +197,8 @@ pub struct Attempt {
     pub result: Option<String>,
 }
 
-/// Most attempts kept per branch; older ones are dropped (the counts stay exact).
+/// Most attempts kept per branch; older finished ones are dropped, a call in flight is
+/// kept (the counts stay exact).
 pub const MAX_ATTEMPTS_KEPT: usize = 16;
 
 /// The attempts of one branch, oldest first, at most [`MAX_ATTEMPTS_KEPT`].
@@ -258,8 +259,9 @@ impl AttemptLog {
         self.0.capacity()
     }
 
-    /// Closes every attempt still in flight with `result` (their answers will never
-    /// come: the coordinator restarted).
+    /// Closes every attempt still in flight with `result`: their answers will never come
+    /// (the coordinator restarted), or are no longer waited for (the sweeper took them as
+    /// lost, an operator stated the vote); one that still comes finds none open.
     pub fn abandon_open(&mut self, result: &str, now: UnixMs) {
         for attempt in self.0.iter_mut().filter(|a| a.finished_unix_ms.is_none()) {
             attempt.finished_unix_ms = Some(now);
@@ -426,9 +428,10 @@ const TRIMMED_ERROR_BYTES: usize = 128;
 
 impl TxnRecord {
     /// Drops history, oldest first, until `fits(self)`: first attempts (from the branch
-    /// with the most), then long error texts and operators' reasons, then transitions
-    /// between the first and the last few. The protocol's fields (states, decisions, the saga's definition) are
-    /// never touched. Returns whether it fits in the end.
+    /// with the most; a call in flight last), then long error texts and operators'
+    /// reasons, then transitions between the first and the last few. The protocol's
+    /// fields (states, decisions, the saga's definition) are never touched. Returns
+    /// whether it fits in the end.
     pub fn trim_history(&mut self, fits: impl Fn(&TxnRecord) -> bool) -> bool {
         while !fits(self) {
             let busiest = self

@@ -4,9 +4,8 @@
 //! that applies writes in order and loses unflushed ones in a crash, and restarts. An
 //! operator may state a step's outcome, as a careful one would (truthfully, with no call
 //! for the step in flight unless it gives up a running step, the statement in the log
-//! before it is taken as done): a step
-//! stated committed whose participant holds nothing is applied by hand, and a step
-//! stated undone while compensating is undone by hand.
+//! before it is taken as done): a step stated committed whose participant holds nothing
+//! is applied by hand, and a step stated undone while compensating is undone by hand.
 //!
 //! Invariants, checked after every step:
 //! - no step runs before the definition is durable, nor before every step it runs after
@@ -465,10 +464,10 @@ impl World {
     /// An operator states step `i`'s outcome, as a careful one would: only what is true
     /// (not "it did not happen" of a running step its participant applied), and only
     /// with no call for it in flight where the statement may be of work done by hand;
-    /// then does by hand what the statement says was done (the
-    /// work of a step stated committed that its participant does not hold; the undoing of
-    /// a step stated undone while compensating). The runtime forces the statement to the
-    /// log before the operator hears. Returns whether the coordinator took it.
+    /// then does by hand what the statement says was done (the work of a step stated
+    /// committed that its participant does not hold; the undoing of a step stated undone
+    /// while compensating). The runtime forces the statement to the log before the
+    /// operator hears. Returns whether the coordinator took it.
     fn resolve(&mut self, i: usize, outcome: Resolution) -> bool {
         let step = i % self.barriers.len();
         let in_flight = self

@@ -12,8 +12,8 @@ What it starts, each a separate process with its own temporary data directory:
     (bank-a votes NO: an abort);
   - one burst of `treaty bench --endpoint` (its own in-process participants).
 Events on the timeline (seconds from the start, see --help):
-  - after the bench, `treaty txn resolve` on the branches it left unacknowledged (it stops
-    its participants as soon as its last commit is decided);
+  - after the bench, `treaty txn pause`, then `treaty txn resolve`, on the branches it left
+    unacknowledged (it stops its participants as soon as its last commit is decided);
   - payment is killed (SIGKILL) and restarted on the same port and data after 30 s;
   - later bank-b is killed and restarted the same way (two-phase commits decided while it
     is down wait in doubt).

@@ -65,7 +65,8 @@ pub enum Command {
 pub enum OperatorCommand {
     /// Send now every delivery waiting for its retry timer.
     RetryNow,
-    /// Send no retries (nor the sweeper's resends) until `Resume`.
+    /// Send no retries (nor the sweeper's resends: a call it finds unanswered is marked
+    /// lost) until `Resume`.
     Pause,
     /// Retries go on; what was waiting is sent now.
     Resume,
@@ -278,7 +279,7 @@ pub enum Event {
     /// The record `PersistIntent` wrote is durable.
     IntentPersisted,
     /// The sweeper's periodic look: send again every call that has had no answer for
-    /// `stale_after_ms`.
+    /// `stale_after_ms` (paused: mark it lost, and send nothing).
     Nudge {
         stale_after_ms: u64,
     },
@@ -289,8 +290,8 @@ pub enum Event {
 pub const NO_ANSWER: &str = "no answer; sent again";
 
 /// The same while the transaction is paused: the call is taken as lost, so that an
-/// operator may resolve its branch, and sent again only once resumed.
-pub const NO_ANSWER_PAUSED: &str = "no answer; sent again once resumed";
+/// operator may resolve its branch; `Resume` sends again what still waits.
+pub const NO_ANSWER_PAUSED: &str = "no answer; taken as lost while paused";
 
 /// The note a transaction gets when it is flagged stuck: `what` (say "delivering to
 /// branch b1") failed `attempts` times, or cannot succeed at all (`permanent`).

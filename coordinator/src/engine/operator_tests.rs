@@ -94,7 +94,9 @@ fn pause_holds_retries_and_resends_until_resume_sends_what_waits() {
         txn.handle_operator(&ops(OperatorCommand::Pause), T0 + 4),
         Err(Refusal::AlreadyPaused)
     );
-    // The timer fires: nothing is sent while paused; nor does the sweeper resend.
+    // The timer fires: nothing is sent while paused (the sweeper, with nothing stale yet,
+    // sends nothing either; `paused_a_lost_call_is_given_up_but_not_sent_again` has it
+    // find a lost call).
     assert!(
         txn.handle_event(
             Event::RetryDue {

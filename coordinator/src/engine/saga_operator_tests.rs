@@ -563,3 +563,46 @@ fn paused_a_lost_step_call_is_given_up_but_not_sent_again() {
         ])
     );
 }
+
+/// While compensating, any call for a step keeps its statement waiting: a forward call
+/// still out from before the decision to compensate could apply what the operator
+/// states undone by hand.
+#[test]
+fn a_step_is_not_stated_undone_while_its_forward_call_is_out() {
+    let (mut saga, _) = saga(2, None);
+    saga.handle_event(
+        SagaEvent::StepAnswered {
+            step: 0,
+            answer: StepAnswer::Committed,
+        },
+        T0 + 2,
+    );
+    // Step 1's forward call is out when the saga is cancelled.
+    saga.cancel("stop".into()).unwrap();
+    saga.handle_event(SagaEvent::Persisted, T0 + 3);
+    assert_eq!(saga.state(), TxnState::Compensating);
+    saga.handle_event(
+        SagaEvent::CompensationFailed {
+            step: 1,
+            error: "participant unreachable".into(),
+            permanent: false,
+        },
+        T0 + 4,
+    );
+    assert!(saga.steps()[1].history.open_for_at_least(0, T0 + 5));
+    assert_eq!(
+        saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 5),
+        Err(Refusal::CallInFlight("s1".into()))
+    );
+    saga.handle_event(
+        SagaEvent::StepFailed {
+            step: 1,
+            error: "deadline exceeded".into(),
+        },
+        T0 + 6,
+    );
+    assert!(
+        saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 7)
+            .is_ok()
+    );
+}

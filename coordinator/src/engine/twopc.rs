@@ -65,7 +65,8 @@
 //! - Aborts undelivered at the deadline are still retried (noted in the history); the
 //!   runtime stops counting such a transaction as work in progress.
 //! - An operator may settle a one-phase commit only once the deadline's abort probe is
-//!   out (before, the commit may still arrive), and a branch only as the decision says.
+//!   out (before, the commit may still arrive) and neither it nor the commit is in
+//!   flight, and a branch only as the decision says.
 
 use super::messages::stuck_note;
 pub use super::messages::{

@@ -43,8 +43,8 @@ impl TwoPhaseCommit {
     /// An operator states a branch's outcome: a branch that never acknowledged phase 2
     /// (its participant is gone), a one-phase commit whose participant never answers,
     /// or a heuristic answer repaired by hand. Only the decided outcome can be stated, and
-    /// not while a phase-2 call or probe for the branch is in flight (its answer may
-    /// settle it; work done by hand could be done again).
+    /// not while any call for a branch still owed phase 2 (or a one-phase probe) is in
+    /// flight (its answer may settle it; work done by hand could be done again).
     fn resolve(
         &mut self,
         request: &OperatorRequest,

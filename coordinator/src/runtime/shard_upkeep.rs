@@ -67,8 +67,9 @@ impl Shard {
 
     /// The safety net: looks at up to `sweep_batch` unfinished transactions (continuing
     /// where the last sweep stopped) and sends again every call that has had no answer
-    /// for `stale_after_ms` (its answer was lost). Deadlines and retries have their own
-    /// timers; this catches what slipped through.
+    /// for `stale_after_ms` (its answer was lost; in a paused transaction it is marked
+    /// lost and not sent). Deadlines and retries have their own timers; this catches
+    /// what slipped through.
     pub(super) fn sweep(&mut self, now: UnixMs) {
         let batch = self.config.sweep_batch.max(1);
         let mut unfinished: Vec<TxnId> = self
