@@ -243,6 +243,11 @@ impl AttemptLog {
         true
     }
 
+    /// Whether a call is in flight (sent, unanswered, not given up).
+    pub fn in_flight(&self) -> bool {
+        self.0.iter().any(|a| a.finished_unix_ms.is_none())
+    }
+
     /// Whether a call has been in flight (unanswered) for at least `ms`.
     pub fn open_for_at_least(&self, ms: u64, now: UnixMs) -> bool {
         self.0

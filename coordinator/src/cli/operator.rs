@@ -258,17 +258,6 @@ pub fn branch_state_name(value: i32) -> &'static str {
         .unwrap_or("?")
 }
 
-/// Whether a transaction's state (a `TransactionState` value) is final.
-fn is_final(state: i32) -> bool {
-    matches!(
-        TransactionState::try_from(state),
-        Ok(TransactionState::Committed
-            | TransactionState::Aborted
-            | TransactionState::Completed
-            | TransactionState::Compensated)
-    )
-}
-
 pub fn operation_name(value: i32) -> &'static str {
     pb::Operation::try_from(value)
         .map(|o| o.as_str_name().trim_start_matches("OPERATION_"))
@@ -280,7 +269,7 @@ pub fn operation_name(value: i32) -> &'static str {
 /// `in_flight` while the coordinator waits for an answer to a call for it (so an
 /// operator waits before resolving it); a final transaction waits for none.
 pub fn transaction_json(txn: &Transaction, with_history: bool) -> Value {
-    let waiting = !is_final(txn.state);
+    let waiting = !crate::api::pb::state_from_pb("state", txn.state).is_ok_and(|s| s.is_final());
     json!({
         "transaction_id": txn.transaction_id,
         "kind": kind_name(txn),

@@ -92,7 +92,7 @@ impl Saga {
         // its compensation undoes the call if that went through, and the participant's
         // barrier refuses the call if it arrives after the compensation.)
         let by_hand = compensating || outcome == Resolution::Commit;
-        if by_hand && self.steps[step].history.open_for_at_least(0, now) {
+        if by_hand && self.steps[step].history.in_flight() {
             return Err(Refusal::CallInFlight(step_id.to_string()));
         }
         let what = format!("step {step_id} resolved as {outcome:?}");
@@ -155,7 +155,7 @@ impl RetryControl for Saga {
         };
         let mut actions = Vec::new();
         for (step, s) in self.steps.iter_mut().enumerate() {
-            if s.history.open_for_at_least(0, now) {
+            if s.history.in_flight() {
                 continue;
             }
             if !compensating && s.state == BranchState::Running {

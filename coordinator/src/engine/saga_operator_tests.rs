@@ -116,6 +116,14 @@ fn saga_running_recovered() -> (Saga, Vec<SagaAction>) {
 /// compensated; returns what that compensation's answer asked for (the first step's
 /// compensation goes out).
 fn compensating_first_step() -> (Saga, Vec<SagaAction>) {
+    let mut saga = cancelled_after_first_step();
+    let actions = saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 3);
+    (saga, actions)
+}
+
+/// A two-step saga whose first step committed, cancelled (the decision durable) while
+/// its second step's forward call is still out.
+fn cancelled_after_first_step() -> Saga {
     let (mut saga, _) = saga(2, None);
     saga.handle_event(
         SagaEvent::StepAnswered {
@@ -126,8 +134,24 @@ fn compensating_first_step() -> (Saga, Vec<SagaAction>) {
     );
     saga.cancel("stop".into()).unwrap();
     saga.handle_event(SagaEvent::Persisted, T0 + 3);
-    let actions = saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 3);
-    (saga, actions)
+    saga
+}
+
+/// Step `step`'s forward call fails with `error`, without an answer.
+fn fail_step(saga: &mut Saga, step: usize, error: &str, now: UnixMs) -> Vec<SagaAction> {
+    let error = error.into();
+    saga.handle_event(SagaEvent::StepFailed { step, error }, now)
+}
+
+/// Step `step`'s compensation fails with `error`, without an answer (not for good).
+fn fail_compensation(saga: &mut Saga, step: usize, error: &str, now: UnixMs) -> Vec<SagaAction> {
+    let error = error.into();
+    let failed = SagaEvent::CompensationFailed {
+        step,
+        error,
+        permanent: false,
+    };
+    saga.handle_event(failed, now)
 }
 
 #[test]
@@ -164,14 +188,7 @@ fn a_stuck_compensation_is_resolved_by_hand_but_never_as_committed() {
             SagaAction::SendCompensation { step: 0 }
         ]
     );
-    saga.handle_event(
-        SagaEvent::CompensationFailed {
-            step: 0,
-            error: "participant unreachable".into(),
-            permanent: false,
-        },
-        T0 + 4,
-    );
+    fail_compensation(&mut saga, 0, "participant unreachable", T0 + 4);
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 5),
         Err(Refusal::ContradictsDecision {
@@ -206,13 +223,7 @@ fn a_stuck_compensation_is_resolved_by_hand_but_never_as_committed() {
 #[test]
 fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
     let (mut saga, _) = saga(2, None);
-    saga.handle_event(
-        SagaEvent::StepFailed {
-            step: 0,
-            error: "participant unreachable".into(),
-        },
-        T0 + 2,
-    );
+    fail_step(&mut saga, 0, "participant unreachable", T0 + 2);
     assert_eq!(
         saga.handle_operator(&resolve("s1", Resolution::Commit), T0 + 3),
         Err(Refusal::NothingToResolve {
@@ -247,13 +258,7 @@ fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
 #[test]
 fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
     let (mut saga, _) = saga(2, None);
-    saga.handle_event(
-        SagaEvent::StepFailed {
-            step: 0,
-            error: "participant unreachable".into(),
-        },
-        T0 + 2,
-    );
+    fail_step(&mut saga, 0, "participant unreachable", T0 + 2);
     saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3)
         .unwrap();
     assert_eq!(
@@ -360,13 +365,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
         },
         T0 + 2,
     );
-    saga.handle_event(
-        SagaEvent::StepFailed {
-            step: 1,
-            error: "participant unreachable".into(),
-        },
-        T0 + 3,
-    );
+    fail_step(&mut saga, 1, "participant unreachable", T0 + 3);
     saga.handle_operator(&resolve("s1", Resolution::Commit), T0 + 3)
         .unwrap();
     saga.handle_event(
@@ -448,13 +447,7 @@ fn a_step_is_not_stated_committed_while_its_call_is_in_flight() {
     assert_eq!(saga.record(), before, "a refusal changes nothing");
     saga.handle_operator(&ops(OperatorCommand::Pause), T0 + 3)
         .unwrap();
-    let actions = saga.handle_event(
-        SagaEvent::StepFailed {
-            step: 0,
-            error: "deadline exceeded".into(),
-        },
-        T0 + 4,
-    );
+    let actions = fail_step(&mut saga, 0, "deadline exceeded", T0 + 4);
     let Some(&SagaAction::ScheduleStepRetry { attempt, .. }) = actions.first() else {
         panic!("a retry is scheduled: {actions:?}");
     };
@@ -483,14 +476,7 @@ fn a_step_is_not_stated_undone_while_its_compensation_is_in_flight() {
         Err(Refusal::CallInFlight("s0".into()))
     );
     assert_eq!(saga.record(), before, "a refusal changes nothing");
-    saga.handle_event(
-        SagaEvent::CompensationFailed {
-            step: 0,
-            error: "participant unreachable".into(),
-            permanent: false,
-        },
-        T0 + 5,
-    );
+    fail_compensation(&mut saga, 0, "participant unreachable", T0 + 5);
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 6),
         Ok(vec![SagaAction::PersistLazy, SagaAction::PersistForced])
@@ -569,38 +555,16 @@ fn paused_a_lost_step_call_is_given_up_but_not_sent_again() {
 /// states undone by hand.
 #[test]
 fn a_step_is_not_stated_undone_while_its_forward_call_is_out() {
-    let (mut saga, _) = saga(2, None);
-    saga.handle_event(
-        SagaEvent::StepAnswered {
-            step: 0,
-            answer: StepAnswer::Committed,
-        },
-        T0 + 2,
-    );
     // Step 1's forward call is out when the saga is cancelled.
-    saga.cancel("stop".into()).unwrap();
-    saga.handle_event(SagaEvent::Persisted, T0 + 3);
+    let mut saga = cancelled_after_first_step();
     assert_eq!(saga.state(), TxnState::Compensating);
-    saga.handle_event(
-        SagaEvent::CompensationFailed {
-            step: 1,
-            error: "participant unreachable".into(),
-            permanent: false,
-        },
-        T0 + 4,
-    );
+    fail_compensation(&mut saga, 1, "participant unreachable", T0 + 4);
     assert!(saga.steps()[1].history.open_for_at_least(0, T0 + 5));
     assert_eq!(
         saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 5),
         Err(Refusal::CallInFlight("s1".into()))
     );
-    saga.handle_event(
-        SagaEvent::StepFailed {
-            step: 1,
-            error: "deadline exceeded".into(),
-        },
-        T0 + 6,
-    );
+    fail_step(&mut saga, 1, "deadline exceeded", T0 + 6);
     assert!(
         saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 7)
             .is_ok()

@@ -70,7 +70,7 @@ impl TwoPhaseCommit {
             // The participant holds the outcome; the operator asked it.
             Phase::OnePhase { probing: true } => {
                 let b = &mut self.branches[index];
-                if b.history.open_for_at_least(0, now) {
+                if b.history.in_flight() {
                     // The probe's answer would settle it.
                     return Err(Refusal::CallInFlight(branch_id.to_string()));
                 }
@@ -129,7 +129,7 @@ impl TwoPhaseCommit {
         }
         let logged = self.decision_is_logged();
         let b = &mut self.branches[index];
-        if b.awaiting_ack && b.history.open_for_at_least(0, now) {
+        if b.awaiting_ack && b.history.in_flight() {
             // Its answer may settle it, and work the operator did by hand could be done
             // again by the call.
             return Err(Refusal::CallInFlight(branch_id.to_string()));
@@ -186,7 +186,7 @@ impl RetryControl for TwoPhaseCommit {
         };
         let mut actions = Vec::new();
         for (branch, b) in self.branches.iter_mut().enumerate() {
-            if b.awaiting_ack && !b.history.open_for_at_least(0, now) {
+            if b.awaiting_ack && !b.history.in_flight() {
                 actions.push(b.send_phase_two(branch, operation, now));
             }
         }
