@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
-use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome};
+use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TransactionFilter};
 use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer};
 use treaty_tests::process::{start_server, treaty_cli, workspace_binary};
 
@@ -227,4 +227,67 @@ async fn a_config_file_with_an_unknown_key_or_a_bad_value_is_refused_naming_it()
             "{text}: expected {named:?} in {stderr}"
         );
     }
+}
+
+/// `txn list` asks for up to 1,000 transactions a page. A page of 600 large ones (32
+/// branches with long ids and endpoints: 5.5 MB) passed the 4 MiB a gRPC client decodes
+/// by default, and the listing failed; the coordinator now ends a page early by size,
+/// with a token for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_list_gets_every_transaction_however_large_the_pages_would_be() {
+    const TRANSACTIONS: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let client = coordinator.client().await;
+    // Never called: the transactions stay ACTIVE. `.localhost` names are loopback's.
+    let long_host = format!(
+        "{}.{}.{}.localhost",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63)
+    );
+    let branches = |t: usize| -> Vec<BranchSpec> {
+        (0..treaty_sdk::limits::MAX_BRANCHES)
+            .map(|b| {
+                let id = format!("{t:04}-{b:02}-{}", "x".repeat(56));
+                BranchSpec::new(&id, format!("http://{long_host}:{}", 1000 + b), "")
+            })
+            .collect()
+    };
+    let options = || BeginOptions {
+        deadline_unix_ms: Some(treaty_coordinator::runtime::now_unix_ms() + 3_600_000),
+        prepare_timeout_ms: None,
+    };
+    let mut begun = Vec::with_capacity(TRANSACTIONS);
+    for t in 0..TRANSACTIONS {
+        begun.push(client.begin(options(), branches(t)).await.unwrap());
+    }
+
+    let (first_page, next) = client
+        .list_filtered(&TransactionFilter::default(), 1000, "")
+        .await
+        .unwrap();
+    assert!(
+        first_page.len() < TRANSACTIONS && next.is_some(),
+        "a first page of {} transactions should end early, with a token",
+        first_page.len()
+    );
+
+    let (ok, out) = treaty(
+        &coordinator.endpoint,
+        &["list", "--state", "active", "--limit", "1000", "--json"],
+    )
+    .await;
+    assert!(ok, "{}", &out[..out.len().min(2_000)]);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut listed_ids: Vec<String> = listed
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|t| t["transaction_id"].as_str().unwrap().to_string())
+        .collect();
+    listed_ids.sort();
+    begun.sort();
+    assert_eq!(listed_ids, begun);
+    coordinator.stop().await.unwrap();
 }
