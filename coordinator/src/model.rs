@@ -186,9 +186,17 @@ pub enum Operation {
     Compensate,
 }
 
+/// Which of a branch's calls an answer is to: its calls are numbered from 1 as they are
+/// sent. Memory only: after a restart every attempt read back is closed (its answer
+/// cannot come), and numbering starts again.
+pub type CallNumber = u32;
+
 /// One call to a participant and what came of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
+    /// 0 for an attempt read back from the log.
+    #[serde(skip)]
+    pub call: CallNumber,
     pub operation: Operation,
     pub started_unix_ms: UnixMs,
     /// `None` while the call is in flight.
@@ -201,40 +209,48 @@ pub struct Attempt {
 /// kept (the counts stay exact).
 pub const MAX_ATTEMPTS_KEPT: usize = 16;
 
-/// The attempts of one branch, oldest first, at most [`MAX_ATTEMPTS_KEPT`].
+/// The attempts of one branch, oldest first, at most [`MAX_ATTEMPTS_KEPT`]. An answer
+/// closes the attempt of the call it answers, found by its number: never another call
+/// of the same kind that is still in flight (the sweeper's resend after a call it gave
+/// up, or a one-phase commit's probe beside the commit).
+///
+/// Encoded as its attempts alone (a struct with one field is its field in postcard), as
+/// before the calls were numbered: the log's format is unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttemptLog(Vec<Attempt>);
+pub struct AttemptLog {
+    attempts: Vec<Attempt>,
+    /// Calls numbered so far in this process.
+    #[serde(skip)]
+    calls_numbered: CallNumber,
+}
 
 impl AttemptLog {
-    /// Records a call sent now. At the limit the oldest finished attempt makes room: a
-    /// call in flight is kept however many follow it (the sweeper, `txn show` and an
-    /// operator's resolve look for it).
-    pub fn start(&mut self, operation: Operation, now: UnixMs) {
-        if self.0.len() >= MAX_ATTEMPTS_KEPT {
+    /// Records a call sent now, and returns its number for its answer to name. At the
+    /// limit the oldest finished attempt makes room: a call in flight is kept however
+    /// many follow it (the sweeper, `txn show` and an operator's resolve look for it).
+    pub fn start(&mut self, operation: Operation, now: UnixMs) -> CallNumber {
+        if self.attempts.len() >= MAX_ATTEMPTS_KEPT {
             self.drop_oldest();
         }
-        self.0.push(Attempt {
+        self.calls_numbered += 1;
+        self.attempts.push(Attempt {
+            call: self.calls_numbered,
             operation,
             started_unix_ms: now,
             finished_unix_ms: None,
             result: None,
         });
+        self.calls_numbered
     }
 
-    /// Records the result of the most recent attempt still in flight of one of
-    /// `operations` (an answer can only be to a call of its own kind); whether there
-    /// was one.
-    pub fn finish(
-        &mut self,
-        operations: &[Operation],
-        result: impl Into<String>,
-        now: UnixMs,
-    ) -> bool {
+    /// Records the result of call `call` if it is still in flight; whether it was. A
+    /// call given up (taken as lost, or closed by a restart or an operator) keeps what
+    /// was recorded then.
+    pub fn finish(&mut self, call: CallNumber, result: impl Into<String>, now: UnixMs) -> bool {
         let open = self
-            .0
+            .attempts
             .iter_mut()
-            .rev()
-            .find(|a| a.finished_unix_ms.is_none() && operations.contains(&a.operation));
+            .find(|a| a.call == call && a.finished_unix_ms.is_none());
         let Some(open) = open else {
             return false;
         };
@@ -243,32 +259,53 @@ impl AttemptLog {
         true
     }
 
+    /// The number of the latest call sent (0 if none): what engine tests answer.
+    #[cfg(test)]
+    pub fn latest_call(&self) -> CallNumber {
+        self.attempts.last().map_or(0, |a| a.call)
+    }
+
+    /// The number of the latest call of `operation` sent (0 if none).
+    #[cfg(test)]
+    pub fn latest_call_to(&self, operation: Operation) -> CallNumber {
+        let latest = self
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| a.operation == operation);
+        latest.map_or(0, |a| a.call)
+    }
+
     /// Whether a call is in flight (sent, unanswered, not given up).
     pub fn in_flight(&self) -> bool {
-        self.0.iter().any(|a| a.finished_unix_ms.is_none())
+        self.attempts.iter().any(|a| a.finished_unix_ms.is_none())
     }
 
     /// Whether a call has been in flight (unanswered) for at least `ms`.
     pub fn open_for_at_least(&self, ms: u64, now: UnixMs) -> bool {
-        self.0
+        self.attempts
             .iter()
             .any(|a| a.finished_unix_ms.is_none() && now.saturating_sub(a.started_unix_ms) >= ms)
     }
 
     pub fn attempts(&self) -> &[Attempt] {
-        &self.0
+        &self.attempts
     }
 
     /// Attempts the log has room for without growing (for memory estimates).
     pub fn capacity(&self) -> usize {
-        self.0.capacity()
+        self.attempts.capacity()
     }
 
     /// Closes every attempt still in flight with `result`: their answers will never come
     /// (the coordinator restarted), or are no longer waited for (the sweeper took them as
     /// lost, an operator stated the vote); one that still comes finds none open.
     pub fn abandon_open(&mut self, result: &str, now: UnixMs) {
-        for attempt in self.0.iter_mut().filter(|a| a.finished_unix_ms.is_none()) {
+        for attempt in self
+            .attempts
+            .iter_mut()
+            .filter(|a| a.finished_unix_ms.is_none())
+        {
             attempt.finished_unix_ms = Some(now);
             attempt.result = Some(result.to_string());
         }
@@ -277,11 +314,14 @@ impl AttemptLog {
     /// Forgets the oldest finished attempt, or the oldest if every one is in flight;
     /// false if there was none.
     pub fn drop_oldest(&mut self) -> bool {
-        if self.0.is_empty() {
+        if self.attempts.is_empty() {
             return false;
         }
-        let oldest_finished = self.0.iter().position(|a| a.finished_unix_ms.is_some());
-        self.0.remove(oldest_finished.unwrap_or(0));
+        let oldest_finished = self
+            .attempts
+            .iter()
+            .position(|a| a.finished_unix_ms.is_some());
+        self.attempts.remove(oldest_finished.unwrap_or(0));
         true
     }
 }
@@ -531,19 +571,19 @@ mod tests {
     }
 
     #[test]
-    fn attempt_log_keeps_the_latest_and_closes_the_open_one() {
+    fn attempt_log_keeps_the_latest_and_closes_the_call_answered() {
         let mut log = AttemptLog::default();
         for i in 0..(MAX_ATTEMPTS_KEPT as u64 + 3) {
-            log.start(Operation::Commit, i);
-            log.finish(&[Operation::Commit], format!("error {i}"), i + 1);
+            let call = log.start(Operation::Commit, i);
+            assert!(log.finish(call, format!("error {i}"), i + 1));
         }
         assert_eq!(log.attempts().len(), MAX_ATTEMPTS_KEPT);
         assert_eq!(log.attempts()[0].started_unix_ms, 3);
-        // An answer closes an attempt of its own kind, even if another one started later.
-        log.start(Operation::Prepare, 100);
-        log.start(Operation::Abort, 101);
-        log.finish(&[Operation::Prepare], "voted YES", 102);
-        log.finish(&[Operation::Abort], "aborted", 105);
+        // An answer closes the call it answers, even if another one started later.
+        let prepare = log.start(Operation::Prepare, 100);
+        let abort = log.start(Operation::Abort, 101);
+        assert!(log.finish(prepare, "voted YES", 102));
+        assert!(log.finish(abort, "aborted", 105));
         let results: Vec<_> = log.attempts()[MAX_ATTEMPTS_KEPT - 2..]
             .iter()
             .map(|a| (a.operation, a.result.as_deref()))
@@ -555,6 +595,41 @@ mod tests {
                 (Operation::Abort, Some("aborted"))
             ]
         );
+        assert!(!log.finish(abort, "aborted again", 106), "answered already");
+    }
+
+    /// The log's format is unchanged by the call numbers: the attempts alone are
+    /// encoded, as the tuple struct around them once was.
+    #[test]
+    fn an_attempt_log_is_encoded_as_its_attempts_alone() {
+        let mut log = AttemptLog::default();
+        let call = log.start(Operation::Commit, 1);
+        log.finish(call, "committed", 2);
+        log.start(Operation::Abort, 3);
+        let encoded = postcard::to_allocvec(&log).unwrap();
+        assert_eq!(encoded, postcard::to_allocvec(log.attempts()).unwrap());
+        let decoded: AttemptLog = postcard::from_bytes(&encoded).unwrap();
+        assert_eq!(decoded.attempts().len(), 2);
+        assert_eq!(decoded.attempts()[0].result.as_deref(), Some("committed"));
+        assert!(decoded.attempts().iter().all(|a| a.call == 0), "not stored");
+    }
+
+    /// The sweeper gives up call A and sends B: A's late answer leaves B in flight (it
+    /// once closed B, the newest call of its kind, and B's own answer then found none).
+    #[test]
+    fn a_late_answer_to_a_call_given_up_leaves_the_resend_in_flight() {
+        let mut log = AttemptLog::default();
+        let given_up = log.start(Operation::Commit, 1);
+        log.abandon_open("no answer; sent again", 60_001);
+        let resend = log.start(Operation::Commit, 60_001);
+        assert!(!log.finish(given_up, "committed", 70_000));
+        assert!(log.in_flight(), "{log:?}");
+        assert_eq!(
+            log.attempts()[0].result.as_deref(),
+            Some("no answer; sent again")
+        );
+        assert!(log.finish(resend, "committed", 70_001));
+        assert!(!log.in_flight(), "{log:?}");
     }
 
     /// A call still in flight is what the sweeper, `txn show` and an operator's resolve
@@ -564,8 +639,8 @@ mod tests {
         let mut log = AttemptLog::default();
         log.start(Operation::Step, 1);
         for i in 0..(MAX_ATTEMPTS_KEPT as u64 * 2) {
-            log.start(Operation::Compensate, 10 + i);
-            log.finish(&[Operation::Compensate], "error: unreachable", 10 + i);
+            let call = log.start(Operation::Compensate, 10 + i);
+            log.finish(call, "error: unreachable", 10 + i);
         }
         assert_eq!(log.attempts().len(), MAX_ATTEMPTS_KEPT);
         assert!(log.open_for_at_least(0, 100), "{log:?}");

@@ -28,7 +28,7 @@ use proptest::prelude::*;
 use treaty_coordinator::engine::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
 use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
 use treaty_coordinator::model::{
-    Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnRecord, TxnState,
+    CallNumber, Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnRecord, TxnState,
 };
 
 const T0: u64 = 1_700_000_000_000;
@@ -51,8 +51,9 @@ enum Barrier {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
-    Step(usize),
-    Compensate(usize),
+    /// Step, and the call's number.
+    Step(usize, CallNumber),
+    Compensate(usize, CallNumber),
 }
 
 #[derive(Debug, Clone)]
@@ -189,19 +190,19 @@ impl World {
     fn carry_out(&mut self, actions: Vec<SagaAction>) {
         for action in actions {
             match action {
-                SagaAction::SendStep { step } => {
+                SagaAction::SendStep { step, call } => {
                     assert!(
                         self.durable.is_some(),
                         "step {step} sent before the definition was durable"
                     );
-                    self.calls.push(Call::Step(step));
+                    self.calls.push(Call::Step(step, call));
                 }
-                SagaAction::SendCompensation { step } => {
+                SagaAction::SendCompensation { step, call } => {
                     assert!(
                         !self.saga.as_ref().unwrap().steps()[step].awaits_operator(),
                         "a compensation sent for step {step}, which waits for an operator"
                     );
-                    self.calls.push(Call::Compensate(step));
+                    self.calls.push(Call::Compensate(step, call));
                 }
                 SagaAction::ScheduleStepRetry { step, attempt, .. } => {
                     self.retries.push(SagaEvent::StepRetryDue { step, attempt })
@@ -236,7 +237,7 @@ impl World {
     /// The participant's barrier handles a call; returns the answer event.
     fn participant(&mut self, call: &Call) -> SagaEvent {
         match *call {
-            Call::Step(step) => {
+            Call::Step(step, call) => {
                 assert!(
                     !self.by_hand[step],
                     "step {step}, applied by hand, was sent again"
@@ -269,9 +270,9 @@ impl World {
                     // Anti-hanging: compensated first, the forward action is refused.
                     Barrier::Compensated => StepAnswer::AlreadyCompensated,
                 };
-                SagaEvent::StepAnswered { step, answer }
+                SagaEvent::StepAnswered { step, call, answer }
             }
-            Call::Compensate(step) => {
+            Call::Compensate(step, call) => {
                 assert!(
                     !self.undone_by_hand[step],
                     "step {step}, undone by hand, was compensated again"
@@ -289,19 +290,21 @@ impl World {
                 if self.barriers[step] != Barrier::Rejected {
                     self.barriers[step] = Barrier::Compensated;
                 }
-                SagaEvent::Compensated { step }
+                SagaEvent::Compensated { step, call }
             }
         }
     }
 
     fn failure(call: &Call) -> SagaEvent {
         match *call {
-            Call::Step(step) => SagaEvent::StepFailed {
+            Call::Step(step, call) => SagaEvent::StepFailed {
                 step,
+                call,
                 error: "lost".into(),
             },
-            Call::Compensate(step) => SagaEvent::CompensationFailed {
+            Call::Compensate(step, call) => SagaEvent::CompensationFailed {
                 step,
+                call,
                 error: "lost".into(),
                 // Some failures are for good: that flags the saga stuck and must change
                 // nothing else.
@@ -473,7 +476,7 @@ impl World {
         let in_flight = self
             .calls
             .iter()
-            .any(|call| matches!(call, Call::Step(s) | Call::Compensate(s) if *s == step));
+            .any(|call| matches!(call, Call::Step(s, _) | Call::Compensate(s, _) if *s == step));
         let Some(saga) = self.saga.as_mut() else {
             return false;
         };

@@ -30,7 +30,7 @@ use treaty_coordinator::engine::twopc::{
     Action, Answer, BranchSpec, Command, Event, NewTransaction, OperatorCommand, OperatorRequest,
     TwoPhaseCommit, Vote,
 };
-use treaty_coordinator::model::{BranchState, Resolution, TxnId, TxnRecord, TxnState};
+use treaty_coordinator::model::{BranchState, CallNumber, Resolution, TxnId, TxnRecord, TxnState};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -44,10 +44,11 @@ enum Script {
 /// A message on its way between the coordinator and a participant (or the log).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum InFlight {
-    Prepare(usize),
-    Commit(usize),
-    OnePhaseCommit(usize),
-    Abort(usize),
+    /// A call to a branch, and the call's number.
+    Prepare(usize, CallNumber),
+    Commit(usize, CallNumber),
+    OnePhaseCommit(usize, CallNumber),
+    Abort(usize, CallNumber),
     /// A forced log write: the record as it was when the write was issued, its place in
     /// the log's order, and what its completion feeds back.
     Persist {
@@ -206,12 +207,18 @@ impl World {
     fn carry_out(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::SendPrepare { branch } => self.in_flight.push(InFlight::Prepare(branch)),
-                Action::SendCommit { branch } => self.in_flight.push(InFlight::Commit(branch)),
-                Action::SendOnePhaseCommit { branch } => {
-                    self.in_flight.push(InFlight::OnePhaseCommit(branch))
+                Action::SendPrepare { branch, call } => {
+                    self.in_flight.push(InFlight::Prepare(branch, call))
                 }
-                Action::SendAbort { branch } => self.in_flight.push(InFlight::Abort(branch)),
+                Action::SendCommit { branch, call } => {
+                    self.in_flight.push(InFlight::Commit(branch, call))
+                }
+                Action::SendOnePhaseCommit { branch, call } => {
+                    self.in_flight.push(InFlight::OnePhaseCommit(branch, call))
+                }
+                Action::SendAbort { branch, call } => {
+                    self.in_flight.push(InFlight::Abort(branch, call))
+                }
                 Action::ScheduleRetry { branch, attempt } => self.retries.push((branch, attempt)),
                 Action::PersistDecision => {
                     let record = self.coordinator.as_ref().unwrap().log_record();
@@ -274,7 +281,7 @@ impl World {
             return Some(refusal);
         }
         match *message {
-            InFlight::Prepare(b) => {
+            InFlight::Prepare(b, call) => {
                 let vote = match self.barriers[b] {
                     Barrier::None => match self.scripts[b] {
                         Script::Yes => {
@@ -294,9 +301,13 @@ impl World {
                     Barrier::ReadOnly => Vote::ReadOnly,
                     Barrier::VotedNo | Barrier::Aborted => Vote::no("aborted"),
                 };
-                Some(Event::PrepareAnswered { branch: b, vote })
+                Some(Event::PrepareAnswered {
+                    branch: b,
+                    call,
+                    vote,
+                })
             }
-            InFlight::Commit(b) => {
+            InFlight::Commit(b, call) => {
                 self.told_commit[b] = true;
                 let answer = match self.barriers[b] {
                     Barrier::Prepared | Barrier::Committed | Barrier::ReadOnly => {
@@ -308,9 +319,13 @@ impl World {
                     Barrier::None => Answer::NotPrepared,
                     Barrier::VotedNo | Barrier::Aborted => Answer::Aborted,
                 };
-                Some(Event::Delivered { branch: b, answer })
+                Some(Event::Delivered {
+                    branch: b,
+                    call,
+                    answer,
+                })
             }
-            InFlight::OnePhaseCommit(b) => {
+            InFlight::OnePhaseCommit(b, call) => {
                 let answer = match self.barriers[b] {
                     Barrier::None => match self.scripts[b] {
                         Script::Yes | Script::ReadOnly => {
@@ -333,9 +348,13 @@ impl World {
                     },
                     Barrier::Aborted => Answer::Aborted,
                 };
-                Some(Event::Delivered { branch: b, answer })
+                Some(Event::Delivered {
+                    branch: b,
+                    call,
+                    answer,
+                })
             }
-            InFlight::Abort(b) => {
+            InFlight::Abort(b, call) => {
                 let answer = match self.barriers[b] {
                     Barrier::Committed => Answer::Committed,
                     _ => {
@@ -346,7 +365,11 @@ impl World {
                         Answer::Aborted
                     }
                 };
-                Some(Event::Delivered { branch: b, answer })
+                Some(Event::Delivered {
+                    branch: b,
+                    call,
+                    answer,
+                })
             }
             InFlight::Persist {
                 ref record,
@@ -365,10 +388,10 @@ impl World {
     /// What a participant past its retention answers about a branch it has no record of:
     /// FAILED_PRECONDITION to every call.
     fn refusal(&self, message: &InFlight) -> Option<Event> {
-        let (InFlight::Prepare(branch)
-        | InFlight::Commit(branch)
-        | InFlight::OnePhaseCommit(branch)
-        | InFlight::Abort(branch)) = *message
+        let (InFlight::Prepare(branch, call)
+        | InFlight::Commit(branch, call)
+        | InFlight::OnePhaseCommit(branch, call)
+        | InFlight::Abort(branch, call)) = *message
         else {
             return None;
         };
@@ -377,31 +400,35 @@ impl World {
         }
         let error = "past the barrier retention".to_string();
         Some(match message {
-            InFlight::Prepare(_) => Event::PrepareFailed {
+            InFlight::Prepare(..) => Event::PrepareFailed {
                 branch,
+                call,
                 error,
                 permanent: true,
             },
             // As the runtime passes it: only a phase-2 commit's refusal is for good.
             _ => Event::DeliveryFailed {
                 branch,
+                call,
                 error,
-                permanent: matches!(message, InFlight::Commit(_)),
+                permanent: matches!(message, InFlight::Commit(..)),
             },
         })
     }
 
     fn failure(message: &InFlight) -> Event {
         match *message {
-            InFlight::Prepare(branch) => Event::PrepareFailed {
+            InFlight::Prepare(branch, call) => Event::PrepareFailed {
                 branch,
+                call,
                 error: "lost".into(),
                 permanent: false,
             },
-            InFlight::Commit(branch)
-            | InFlight::OnePhaseCommit(branch)
-            | InFlight::Abort(branch) => Event::DeliveryFailed {
+            InFlight::Commit(branch, call)
+            | InFlight::OnePhaseCommit(branch, call)
+            | InFlight::Abort(branch, call) => Event::DeliveryFailed {
                 branch,
+                call,
                 error: "lost".into(),
                 // Some failures are for good: that flags the transaction stuck and must
                 // change nothing else.
@@ -461,7 +488,7 @@ impl World {
             }
             Step::Refuse(i) => {
                 if let Some(message) = self.take(*i) {
-                    if let InFlight::Prepare(branch) = message {
+                    if let InFlight::Prepare(branch, _) = message {
                         if self.barriers[branch] == Barrier::None {
                             self.refused[branch] = true;
                         }

@@ -1,7 +1,7 @@
 //! The vocabulary of the two-phase commit state machine: what goes in (commands from the
 //! API, events from the runtime) and what comes out (actions for the runtime, refusals).
 
-use crate::model::{Resolution, TxnId, TxnState, UnixMs};
+use crate::model::{CallNumber, Resolution, TxnId, TxnState, UnixMs};
 
 /// A branch to enlist, already validated by the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,25 +243,30 @@ pub enum Refusal {
 /// Results of the runtime's work, and timers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// The answer to `SendPrepare` number `call`.
     PrepareAnswered {
         branch: usize,
+        call: CallNumber,
         vote: Vote,
     },
     PrepareFailed {
         branch: usize,
+        call: CallNumber,
         error: String,
         /// Asking again cannot mend it (the participant answered FAILED_PRECONDITION,
         /// or the transaction is past the delivery horizon). Only consulted while the
         /// votes decide: the classic protocol aborts on any failure.
         permanent: bool,
     },
-    /// The answer to `SendOnePhaseCommit`, `SendCommit` or `SendAbort`.
+    /// The answer to `SendOnePhaseCommit`, `SendCommit` or `SendAbort` number `call`.
     Delivered {
         branch: usize,
+        call: CallNumber,
         answer: Answer,
     },
     DeliveryFailed {
         branch: usize,
+        call: CallNumber,
         error: String,
         /// Sending it again cannot succeed (the participant refused it for good, or it
         /// is past the delivery horizon): the transaction is flagged stuck at once.
@@ -314,17 +319,22 @@ pub enum Action {
     StartPrepareTimer {
         after_ms: u64,
     },
+    /// Each call carries its number ([`CallNumber`]), which its answer or failure names.
     SendPrepare {
         branch: usize,
+        call: CallNumber,
     },
     SendOnePhaseCommit {
         branch: usize,
+        call: CallNumber,
     },
     SendCommit {
         branch: usize,
+        call: CallNumber,
     },
     SendAbort {
         branch: usize,
+        call: CallNumber,
     },
     /// Deliver to `branch` again after a backoff for its `attempt`-th failure.
     ScheduleRetry {

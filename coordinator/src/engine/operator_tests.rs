@@ -6,7 +6,7 @@ use super::messages::{
     OperatorRequest, Refusal, Vote,
 };
 use super::twopc::{STUCK_AFTER_DELIVERIES, TwoPhaseCommit};
-use crate::model::{BranchState, Resolution, TxnId, TxnState, UnixMs};
+use crate::model::{BranchState, CallNumber, Resolution, TxnId, TxnState, UnixMs};
 
 pub(super) const T0: UnixMs = 1_700_000_000_000;
 
@@ -54,6 +54,7 @@ fn committing() -> TwoPhaseCommit {
         txn.handle_event(
             Event::PrepareAnswered {
                 branch,
+                call: txn.latest_call(branch),
                 vote: Vote::Yes,
             },
             T0 + 1,
@@ -64,10 +65,15 @@ fn committing() -> TwoPhaseCommit {
     txn
 }
 
-fn fail_delivery(txn: &mut TwoPhaseCommit, branch: usize, now: UnixMs) -> Vec<Action> {
+fn fail_delivery(
+    txn: &mut TwoPhaseCommit,
+    (branch, call): (usize, CallNumber),
+    now: UnixMs,
+) -> Vec<Action> {
     txn.handle_event(
         Event::DeliveryFailed {
             branch,
+            call,
             error: "participant unreachable".into(),
             permanent: false,
         },
@@ -79,7 +85,7 @@ fn fail_delivery(txn: &mut TwoPhaseCommit, branch: usize, now: UnixMs) -> Vec<Ac
 fn pause_holds_retries_and_resends_until_resume_sends_what_waits() {
     let mut txn = committing();
     assert_eq!(
-        fail_delivery(&mut txn, 1, T0 + 3),
+        fail_delivery(&mut txn, (1, 2), T0 + 3),
         vec![Action::ScheduleRetry {
             branch: 1,
             attempt: 1
@@ -119,7 +125,7 @@ fn pause_holds_retries_and_resends_until_resume_sends_what_waits() {
     // Resume sends branch 1 (waiting), not branch 0 (its commit is in flight).
     assert_eq!(
         txn.handle_operator(&ops(OperatorCommand::Resume), T0 + 7),
-        Ok(vec![Action::SendCommit { branch: 1 }])
+        Ok(vec![Action::SendCommit { branch: 1, call: 3 }])
     );
     assert_eq!(txn.branch(1).unwrap().attempts, 2);
     assert_eq!(
@@ -181,7 +187,7 @@ fn paused_a_lost_call_is_given_up_but_not_sent_again() {
     );
     assert_eq!(
         txn.handle_operator(&ops(OperatorCommand::Resume), T0 + 202),
-        Ok(vec![Action::SendCommit { branch: 0 }])
+        Ok(vec![Action::SendCommit { branch: 0, call: 3 }])
     );
 }
 
@@ -193,10 +199,10 @@ fn retry_now_sends_what_waits_and_its_old_timer_becomes_stale() {
         txn.handle_operator(&ops(OperatorCommand::RetryNow), T0 + 3),
         Err(Refusal::NothingToRetry)
     );
-    fail_delivery(&mut txn, 0, T0 + 3);
+    fail_delivery(&mut txn, (0, 2), T0 + 3);
     assert_eq!(
         txn.handle_operator(&ops(OperatorCommand::RetryNow), T0 + 4),
-        Ok(vec![Action::SendCommit { branch: 0 }])
+        Ok(vec![Action::SendCommit { branch: 0, call: 3 }])
     );
     // The timer set after the first failure fires later: stale, nothing sent twice.
     assert!(
@@ -217,11 +223,12 @@ fn a_branch_whose_participant_is_gone_is_resolved_only_as_the_decision_says() {
     txn.handle_event(
         Event::Delivered {
             branch: 0,
+            call: txn.latest_call(0),
             answer: Answer::Committed,
         },
         T0 + 3,
     );
-    fail_delivery(&mut txn, 1, T0 + 3);
+    fail_delivery(&mut txn, (1, 2), T0 + 3);
     let before = txn.clone();
     assert_eq!(
         txn.handle_operator(&resolve("b1", Resolution::Abort), T0 + 4),
@@ -272,7 +279,7 @@ fn a_branch_is_not_resolved_while_its_delivery_is_in_flight() {
     assert_eq!(txn, before, "a refusal changes nothing");
     txn.handle_operator(&ops(OperatorCommand::Pause), T0 + 3)
         .unwrap();
-    fail_delivery(&mut txn, 1, T0 + 4);
+    fail_delivery(&mut txn, (1, 2), T0 + 4);
     assert_eq!(
         txn.handle_operator(&resolve("b1", Resolution::Commit), T0 + 5),
         Ok(vec![Action::PersistProgress])
@@ -286,6 +293,7 @@ fn a_heuristic_answer_is_reported_and_can_be_resolved_once() {
     txn.handle_event(
         Event::Delivered {
             branch: 0,
+            call: txn.latest_call(0),
             answer: Answer::Committed,
         },
         T0 + 3,
@@ -294,6 +302,7 @@ fn a_heuristic_answer_is_reported_and_can_be_resolved_once() {
         txn.handle_event(
             Event::Delivered {
                 branch: 1,
+                call: txn.latest_call(1),
                 answer: Answer::Aborted
             },
             T0 + 4
@@ -322,7 +331,7 @@ fn a_one_phase_commit_nobody_answers_is_settled_by_the_operator() {
     let mut txn = two_phase(1);
     assert_eq!(
         txn.handle_command(Command::Commit, T0),
-        Ok(vec![Action::SendOnePhaseCommit { branch: 0 }])
+        Ok(vec![Action::SendOnePhaseCommit { branch: 0, call: 1 }])
     );
     // Before the deadline the commit may still arrive: neither outcome may be stated.
     for outcome in [Resolution::Commit, Resolution::Abort] {
@@ -333,7 +342,7 @@ fn a_one_phase_commit_nobody_answers_is_settled_by_the_operator() {
     }
     assert_eq!(
         txn.handle_event(Event::DeadlineReached, T0 + 60_000),
-        vec![Action::SendAbort { branch: 0 }]
+        vec![Action::SendAbort { branch: 0, call: 2 }]
     );
     assert!(
         txn.branch(0).unwrap().payload.is_empty(),
@@ -345,12 +354,12 @@ fn a_one_phase_commit_nobody_answers_is_settled_by_the_operator() {
         txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 60_001),
         Err(Refusal::CallInFlight("b0".into()))
     );
-    fail_delivery(&mut txn, 0, T0 + 60_001);
+    fail_delivery(&mut txn, (0, 2), T0 + 60_001); // the probe
     assert_eq!(
         txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 60_001),
         Err(Refusal::CallInFlight("b0".into()))
     );
-    fail_delivery(&mut txn, 0, T0 + 60_001);
+    fail_delivery(&mut txn, (0, 1), T0 + 60_001); // the commit
     assert_eq!(
         txn.handle_operator(&resolve("b0", Resolution::Commit), T0 + 60_001),
         Ok(vec![Action::PersistDecision])
@@ -363,6 +372,7 @@ fn a_one_phase_commit_nobody_answers_is_settled_by_the_operator() {
         txn.handle_event(
             Event::Delivered {
                 branch: 0,
+                call: txn.latest_call(0),
                 answer: Answer::Committed
             },
             T0 + 3
@@ -399,6 +409,7 @@ fn a_delivery_that_cannot_succeed_flags_the_transaction_stuck_at_once_and_is_sti
     let actions = txn.handle_event(
         Event::DeliveryFailed {
             branch: 1,
+            call: txn.latest_call(1),
             error: "participant answered FailedPrecondition: past the barrier retention".into(),
             permanent: true,
         },
@@ -424,7 +435,7 @@ fn a_delivery_that_cannot_succeed_flags_the_transaction_stuck_at_once_and_is_sti
 fn a_delivery_that_keeps_failing_flags_the_transaction_stuck_until_it_ends() {
     let mut txn = committing();
     for attempt in 1..=STUCK_AFTER_DELIVERIES {
-        fail_delivery(&mut txn, 1, T0 + 3);
+        fail_delivery(&mut txn, (1, 1 + attempt), T0 + 3);
         assert_eq!(txn.is_stuck(), attempt >= STUCK_AFTER_DELIVERIES);
         txn.handle_event(Event::RetryDue { branch: 1, attempt }, T0 + 4);
     }
@@ -432,6 +443,7 @@ fn a_delivery_that_keeps_failing_flags_the_transaction_stuck_until_it_ends() {
         txn.handle_event(
             Event::Delivered {
                 branch,
+                call: txn.latest_call(branch),
                 answer: Answer::Committed,
             },
             T0 + 5,
@@ -449,6 +461,7 @@ fn past_its_deadline_a_transaction_waiting_only_on_a_participant_says_so() {
     txn.handle_event(
         Event::PrepareFailed {
             branch: 0,
+            call: txn.latest_call(0),
             error: "participant unreachable".into(),
             permanent: false,
         },

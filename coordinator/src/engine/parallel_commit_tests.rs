@@ -4,7 +4,7 @@
 
 use super::twopc::*;
 use crate::model::{
-    BranchState, Operation, OperatorResolution, Resolution, TxnId, TxnState, UnixMs,
+    BranchState, CallNumber, Operation, OperatorResolution, Resolution, TxnId, TxnState, UnixMs,
 };
 
 const T0: UnixMs = 1_700_000_000_000;
@@ -40,7 +40,7 @@ fn committed_to(n: usize, payload: impl Fn(usize) -> Vec<u8>) -> (TwoPhaseCommit
 fn preparing(n: usize) -> TwoPhaseCommit {
     let (txn, actions) = committed_to(n, |i| format!("b{i}").into_bytes());
     let mut expected = vec![Action::StartPrepareTimer { after_ms: 5_000 }];
-    expected.extend((0..n).map(|branch| Action::SendPrepare { branch }));
+    expected.extend((0..n).map(|branch| Action::SendPrepare { branch, call: 1 }));
     expected.push(Action::PersistIntent);
     assert_eq!(actions, expected);
     // The intent holds every branch with its payload, in phase 1.
@@ -53,12 +53,20 @@ fn preparing(n: usize) -> TwoPhaseCommit {
 }
 
 fn vote(txn: &mut TwoPhaseCommit, branch: usize, vote: Vote) -> Vec<Action> {
-    txn.handle_event(Event::PrepareAnswered { branch, vote }, T0 + 1)
+    txn.handle_event(
+        Event::PrepareAnswered {
+            branch,
+            call: txn.latest_call(branch),
+            vote,
+        },
+        T0 + 1,
+    )
 }
 
-fn commits(n: usize) -> Vec<Action> {
+/// The commit decided by the votes, sent to `n` branches as their call number `call`.
+fn commits(n: usize, call: CallNumber) -> Vec<Action> {
     let mut actions = vec![Action::NoteDecision];
-    actions.extend((0..n).map(|branch| Action::SendCommit { branch }));
+    actions.extend((0..n).map(|branch| Action::SendCommit { branch, call }));
     actions
 }
 
@@ -88,10 +96,11 @@ fn changed_my_mind() -> Command {
     }
 }
 
-fn aborts(branches: &[usize]) -> Vec<Action> {
+/// Aborts sent to `branches` as their call number `call`.
+fn aborts(branches: &[usize], call: CallNumber) -> Vec<Action> {
     branches
         .iter()
-        .map(|&branch| Action::SendAbort { branch })
+        .map(|&branch| Action::SendAbort { branch, call })
         .collect()
 }
 
@@ -100,7 +109,7 @@ fn the_votes_decide_once_the_intent_is_durable_with_no_forced_write_after_them()
     let mut txn = preparing(2);
     assert!(txn.handle_event(Event::IntentPersisted, T0 + 1).is_empty());
     assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
-    assert_eq!(vote(&mut txn, 1, Vote::Yes), commits(2));
+    assert_eq!(vote(&mut txn, 1, Vote::Yes), commits(2, 2));
     assert_eq!(txn.state(), TxnState::Committing);
     // What the lazy write holds: the decision, without the payloads.
     let noted = txn.log_record();
@@ -120,7 +129,10 @@ fn votes_in_before_the_intent_wait_for_it() {
         txn.handle_command(changed_my_mind(), T0 + 1),
         Err(Refusal::CommitInFlight)
     );
-    assert_eq!(txn.handle_event(Event::IntentPersisted, T0 + 2), commits(2));
+    assert_eq!(
+        txn.handle_event(Event::IntentPersisted, T0 + 2),
+        commits(2, 2)
+    );
     assert_eq!(txn.state(), TxnState::Committing);
     // Completed twice (a duplicate), it changes nothing.
     assert!(txn.handle_event(Event::IntentPersisted, T0 + 3).is_empty());
@@ -151,12 +163,13 @@ fn an_abort_after_the_intent_is_forced_before_anyone_hears_it() {
     // Durable: the branches that may hold a YES hear it (the NO voter need not).
     assert_eq!(
         txn.handle_event(Event::DecisionPersisted, T0 + 3),
-        aborts(&[0, 2])
+        aborts(&[0, 2], 2)
     );
     assert_eq!(txn.state(), TxnState::Aborting);
     txn.handle_event(
         Event::Delivered {
             branch: 0,
+            call: txn.latest_call(0),
             answer: Answer::Aborted,
         },
         T0 + 4,
@@ -165,6 +178,7 @@ fn an_abort_after_the_intent_is_forced_before_anyone_hears_it() {
     let ended = txn.handle_event(
         Event::Delivered {
             branch: 2,
+            call: txn.latest_call(2),
             answer: Answer::Aborted,
         },
         T0 + 4,
@@ -183,7 +197,7 @@ fn a_prepare_timeout_and_an_abort_request_are_forced_too() {
     assert_eq!(txn.state(), TxnState::Preparing);
     assert_eq!(
         txn.handle_event(Event::DecisionPersisted, T0 + 5_001),
-        aborts(&[0, 1])
+        aborts(&[0, 1], 2)
     );
 
     let mut txn = preparing(2);
@@ -226,14 +240,15 @@ fn payloads_too_large_for_an_intent_decide_the_classic_way() {
 }
 
 /// The intent of `preparing(n)` as a restart reads it, recovered: every branch is asked
-/// again, with its payload.
+/// again, with its payload (call 2: the record is taken from memory, which has numbered
+/// the first prepares; read back from the log, numbering starts again).
 fn recovered(n: usize) -> TwoPhaseCommit {
     let intent = preparing(n).log_record();
     let (txn, actions) = TwoPhaseCommit::recover(intent, 4, T0 + 10);
     assert_eq!(
         actions,
         (0..n)
-            .map(|branch| Action::SendPrepare { branch })
+            .map(|branch| Action::SendPrepare { branch, call: 2 })
             .collect::<Vec<_>>()
     );
     assert_eq!(txn.state(), TxnState::Preparing);
@@ -250,7 +265,7 @@ fn recovered(n: usize) -> TwoPhaseCommit {
 fn after_a_restart_the_votes_asked_again_decide_the_commit() {
     let mut txn = recovered(2);
     assert!(vote(&mut txn, 1, Vote::Yes).is_empty());
-    assert_eq!(vote(&mut txn, 0, Vote::Yes), commits(2));
+    assert_eq!(vote(&mut txn, 0, Vote::Yes), commits(2, 3));
     assert_eq!(txn.state(), TxnState::Committing);
     // Phase 2 counts its own attempts, from the first.
     assert!(txn.branches().iter().all(|b| b.attempts == 1));
@@ -278,6 +293,7 @@ fn after_a_restart_only_a_no_aborts_and_it_is_forced() {
     for attempt in 1..=12 {
         let failed = Event::PrepareFailed {
             branch: 0,
+            call: txn.latest_call(0),
             error: "connection refused".into(),
             permanent: false,
         };
@@ -287,7 +303,10 @@ fn after_a_restart_only_a_no_aborts_and_it_is_forced() {
         );
         assert_eq!(
             txn.handle_event(Event::RetryDue { branch: 0, attempt }, T0 + 31),
-            vec![Action::SendPrepare { branch: 0 }]
+            vec![Action::SendPrepare {
+                branch: 0,
+                call: 2 + attempt
+            }]
         );
     }
     assert!(txn.is_stuck(), "flagged stuck after many attempts");
@@ -299,7 +318,7 @@ fn after_a_restart_only_a_no_aborts_and_it_is_forced() {
     assert_eq!(txn.log_record().state, TxnState::Aborting);
     assert_eq!(
         txn.handle_event(Event::DecisionPersisted, T0 + 40),
-        aborts(&[1])
+        aborts(&[1], 3)
     );
 }
 
@@ -310,6 +329,7 @@ fn after_a_restart_a_prepare_that_cannot_be_answered_flags_it_stuck_at_once() {
     let mut txn = recovered(2);
     let failed = Event::PrepareFailed {
         branch: 0,
+        call: txn.latest_call(0),
         error: "past the barrier retention".into(),
         permanent: true,
     };
@@ -332,6 +352,7 @@ fn after_a_restart_a_prepare_that_cannot_be_answered_flags_it_stuck_at_once() {
     // ...unless another branch still fails to answer.
     let failed = Event::PrepareFailed {
         branch: 1,
+        call: txn.latest_call(1),
         error: "connection refused".into(),
         permanent: false,
     };
@@ -349,7 +370,7 @@ fn after_a_restart_an_unanswered_prepare_is_sent_again_by_the_nudge() {
     assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
     assert_eq!(
         txn.handle_event(Event::Nudge { stale_after_ms: 5 }, T0 + 100),
-        vec![Action::SendPrepare { branch: 1 }]
+        vec![Action::SendPrepare { branch: 1, call: 3 }]
     );
 }
 
@@ -374,7 +395,7 @@ fn after_a_restart_an_operator_states_the_vote_of_a_branch_that_cannot_answer() 
     assert_eq!(txn.state(), TxnState::Preparing);
     assert_eq!(
         txn.handle_event(Event::DecisionPersisted, T0 + 21),
-        commits(2)[1..]
+        commits(2, 3)[1..]
     );
     let stated = txn.branches()[1].resolution.clone();
     assert!(matches!(
@@ -403,7 +424,7 @@ fn after_a_restart_an_operator_states_the_vote_of_a_branch_that_cannot_answer() 
     );
     assert_eq!(
         txn.handle_event(Event::DecisionPersisted, T0 + 21),
-        aborts(&[0])
+        aborts(&[0], 3)
     );
 }
 
@@ -424,8 +445,8 @@ fn a_vote_stated_after_a_restart_counts_after_the_next_one() {
     assert_eq!(
         actions,
         vec![
-            Action::SendPrepare { branch: 0 },
-            Action::SendPrepare { branch: 2 }
+            Action::SendPrepare { branch: 0, call: 3 },
+            Action::SendPrepare { branch: 2, call: 3 }
         ]
     );
     assert_eq!(again.branches()[1].state, BranchState::Prepared);
@@ -435,9 +456,10 @@ fn a_vote_stated_after_a_restart_counts_after_the_next_one() {
         vote(&mut again, 2, Vote::Yes),
         vec![Action::PersistDecision]
     );
+    // Branch 1's vote was stated, so its prepare was not sent again.
     assert_eq!(
         again.handle_event(Event::DecisionPersisted, T0 + 40),
-        commits(3)[1..]
+        [(0, 4), (1, 3), (2, 4)].map(|(branch, call)| Action::SendCommit { branch, call })
     );
 
     // A record in which every vote was stated (each statement forced with the record
@@ -456,7 +478,7 @@ fn a_vote_stated_after_a_restart_counts_after_the_next_one() {
     assert_eq!(actions, vec![Action::PersistDecision]);
     assert_eq!(
         again.handle_event(Event::DecisionPersisted, T0 + 40),
-        commits(2)[1..]
+        commits(2, 3)[1..]
     );
     assert_eq!(again.state(), TxnState::Committing);
 }
@@ -468,6 +490,6 @@ fn an_abort_decision_found_after_a_restart_is_delivered_again() {
     vote(&mut txn, 1, Vote::no("out of stock"));
     let decision = txn.log_record();
     let (txn, actions) = TwoPhaseCommit::recover(decision, 4, T0 + 10);
-    assert_eq!(actions, aborts(&[0]));
+    assert_eq!(actions, aborts(&[0], 2));
     assert_eq!(txn.state(), TxnState::Aborting);
 }

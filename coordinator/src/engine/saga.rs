@@ -38,8 +38,8 @@ use super::messages::{
     stuck_note,
 };
 use crate::model::{
-    AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, RetryPolicy,
-    SagaDefinition, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
+    AttemptLog, BranchRecord, BranchState, CallNumber, Operation, OperatorResolution, Resolution,
+    RetryPolicy, SagaDefinition, Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
 };
 
 #[path = "saga_operator.rs"]
@@ -62,13 +62,16 @@ pub enum StepAnswer {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SagaEvent {
+    /// The answer to `SendStep` number `call`.
     StepAnswered {
         step: usize,
+        call: CallNumber,
         answer: StepAnswer,
     },
     /// No answer: a transport error, a timeout, or an error status.
     StepFailed {
         step: usize,
+        call: CallNumber,
         error: String,
     },
     /// The retry timer set after the `attempt`-th forward attempt failed; stale
@@ -79,9 +82,11 @@ pub enum SagaEvent {
     },
     Compensated {
         step: usize,
+        call: CallNumber,
     },
     CompensationFailed {
         step: usize,
+        call: CallNumber,
         error: String,
         /// Sending it again cannot succeed (the participant refused it for good, or it
         /// is past the delivery horizon): the saga is flagged stuck at once.
@@ -110,11 +115,14 @@ pub enum SagaAction {
     StartDeadlineTimer {
         at_unix_ms: UnixMs,
     },
+    /// Each call carries its number ([`CallNumber`]), which its answer or failure names.
     SendStep {
         step: usize,
+        call: CallNumber,
     },
     SendCompensation {
         step: usize,
+        call: CallNumber,
     },
     /// Retry the forward action after a backoff for its `attempt`-th failure.
     ScheduleStepRetry {
@@ -333,6 +341,12 @@ impl Saga {
         self.phase != SagaPhase::Submitting
     }
 
+    /// The number of the latest call sent to `step`: what engine tests answer.
+    #[cfg(test)]
+    pub fn latest_call(&self, step: usize) -> CallNumber {
+        self.steps[step].history.latest_call()
+    }
+
     pub fn steps(&self) -> &[Step] {
         &self.steps
     }
@@ -380,8 +394,12 @@ impl Saga {
         match event {
             SagaEvent::Persisted => self.on_persisted(now),
             SagaEvent::Nudge { stale_after_ms } => self.nudge(stale_after_ms, now),
-            SagaEvent::StepAnswered { step, answer } => self.on_step_answer(step, answer, now),
-            SagaEvent::StepFailed { step, error } => self.on_step_failure(step, error, now),
+            SagaEvent::StepAnswered { step, call, answer } => {
+                self.on_step_answer(step, call, answer, now)
+            }
+            SagaEvent::StepFailed { step, call, error } => {
+                self.on_step_failure(step, call, error, now)
+            }
             SagaEvent::DeadlineReached => match self.phase {
                 SagaPhase::Running => self.decide_compensation("the saga's deadline passed".into()),
                 _ => Vec::new(),
@@ -393,18 +411,17 @@ impl Saga {
                         if running && s.state == BranchState::Running && s.attempts == attempt =>
                     {
                         s.attempts += 1;
-                        s.history.start(Operation::Step, now);
-                        vec![SagaAction::SendStep { step }]
+                        let call = s.history.start(Operation::Step, now);
+                        vec![SagaAction::SendStep { step, call }]
                     }
                     _ => Vec::new(),
                 }
             }
-            SagaEvent::Compensated { step } => {
+            SagaEvent::Compensated { step, call } => {
                 let Some(s) = self.steps.get_mut(step) else {
                     return Vec::new();
                 };
-                s.history
-                    .finish(&[Operation::Compensate], "compensated", now);
+                s.history.finish(call, "compensated", now);
                 s.failing_since = None;
                 if s.state != BranchState::Compensating
                     || self.phase != SagaPhase::Compensating
@@ -438,6 +455,7 @@ impl Saga {
             }
             SagaEvent::CompensationFailed {
                 step,
+                call,
                 error,
                 permanent,
             } => {
@@ -445,8 +463,7 @@ impl Saga {
                 let Some(s) = self.steps.get_mut(step) else {
                     return Vec::new();
                 };
-                s.history
-                    .finish(&[Operation::Compensate], format!("error: {error}"), now);
+                s.history.finish(call, format!("error: {error}"), now);
                 // A late failure of a step that waits for an operator asks nothing more.
                 if s.awaits_operator {
                     return Vec::new();
@@ -479,8 +496,8 @@ impl Saga {
                         && !self.paused =>
                 {
                     s.compensation_attempts += 1;
-                    s.history.start(Operation::Compensate, now);
-                    vec![SagaAction::SendCompensation { step }]
+                    let call = s.history.start(Operation::Compensate, now);
+                    vec![SagaAction::SendCompensation { step, call }]
                 }
                 _ => Vec::new(),
             },
@@ -542,13 +559,13 @@ impl Saga {
                 continue;
             }
             s.history.abandon_open(NO_ANSWER, now);
-            s.history.start(operation, now);
+            let call = s.history.start(operation, now);
             if operation == Operation::Step {
                 s.attempts += 1;
-                actions.push(SagaAction::SendStep { step });
+                actions.push(SagaAction::SendStep { step, call });
             } else {
                 s.compensation_attempts += 1;
-                actions.push(SagaAction::SendCompensation { step });
+                actions.push(SagaAction::SendCompensation { step, call });
             }
         }
         actions

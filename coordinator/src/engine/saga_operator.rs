@@ -160,12 +160,12 @@ impl RetryControl for Saga {
             }
             if !compensating && s.state == BranchState::Running {
                 s.attempts += 1;
-                s.history.start(Operation::Step, now);
-                actions.push(SagaAction::SendStep { step });
+                let call = s.history.start(Operation::Step, now);
+                actions.push(SagaAction::SendStep { step, call });
             } else if compensating && s.state == BranchState::Compensating && s.compensation_sent {
                 s.compensation_attempts += 1;
-                s.history.start(Operation::Compensate, now);
-                actions.push(SagaAction::SendCompensation { step });
+                let call = s.history.start(Operation::Compensate, now);
+                actions.push(SagaAction::SendCompensation { step, call });
             }
         }
         actions

@@ -5,7 +5,8 @@ use super::messages::{NO_ANSWER_PAUSED, OperatorCommand, Refusal};
 use super::operator_tests::{T0, ops, resolve};
 use super::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
 use crate::model::{
-    BranchState, Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnState, UnixMs,
+    BranchState, CallNumber, Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId,
+    TxnState, UnixMs,
 };
 
 fn saga(steps: usize, deadline_unix_ms: Option<UnixMs>) -> (Saga, Vec<SagaAction>) {
@@ -46,6 +47,7 @@ fn a_cancelled_saga_compensates_what_ran_once_the_decision_is_durable() {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step: 0,
+            call: saga.latest_call(0),
             answer: StepAnswer::Committed,
         },
         T0 + 2,
@@ -59,7 +61,7 @@ fn a_cancelled_saga_compensates_what_ran_once_the_decision_is_durable() {
     // Step 1 was sent after step 0 committed: it may have run, so it is undone first.
     assert_eq!(
         saga.handle_event(SagaEvent::Persisted, T0 + 3),
-        vec![SagaAction::SendCompensation { step: 1 }]
+        vec![SagaAction::SendCompensation { step: 1, call: 2 }]
     );
     assert_eq!(saga.state(), TxnState::Compensating);
     assert_eq!(saga.reason(), Some("cancelled by its initiator"));
@@ -78,7 +80,7 @@ fn a_saga_past_its_deadline_is_compensated_and_the_deadline_survives_in_its_reco
             SagaAction::StartDeadlineTimer {
                 at_unix_ms: T0 + 500
             },
-            SagaAction::SendStep { step: 0 }
+            SagaAction::SendStep { step: 0, call: 1 }
         ]
     );
     assert_eq!(saga.record().deadline_unix_ms, T0 + 500);
@@ -88,7 +90,7 @@ fn a_saga_past_its_deadline_is_compensated_and_the_deadline_survives_in_its_reco
     );
     assert_eq!(
         saga.handle_event(SagaEvent::Persisted, T0 + 501),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
     );
     assert_eq!(saga.reason(), Some("the saga's deadline passed"));
     // After a restart the timer is set again from the record.
@@ -117,7 +119,13 @@ fn saga_running_recovered() -> (Saga, Vec<SagaAction>) {
 /// compensation goes out).
 fn compensating_first_step() -> (Saga, Vec<SagaAction>) {
     let mut saga = cancelled_after_first_step();
-    let actions = saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 3);
+    let actions = saga.handle_event(
+        SagaEvent::Compensated {
+            step: 1,
+            call: saga.latest_call(1),
+        },
+        T0 + 3,
+    );
     (saga, actions)
 }
 
@@ -128,6 +136,7 @@ fn cancelled_after_first_step() -> Saga {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step: 0,
+            call: saga.latest_call(0),
             answer: StepAnswer::Committed,
         },
         T0 + 2,
@@ -137,17 +146,29 @@ fn cancelled_after_first_step() -> Saga {
     saga
 }
 
-/// Step `step`'s forward call fails with `error`, without an answer.
-fn fail_step(saga: &mut Saga, step: usize, error: &str, now: UnixMs) -> Vec<SagaAction> {
+/// Forward call `call` of step `step` fails with `error`, without an answer.
+fn fail_step(
+    saga: &mut Saga,
+    (step, call): (usize, CallNumber),
+    error: &str,
+    now: UnixMs,
+) -> Vec<SagaAction> {
     let error = error.into();
-    saga.handle_event(SagaEvent::StepFailed { step, error }, now)
+    saga.handle_event(SagaEvent::StepFailed { step, call, error }, now)
 }
 
-/// Step `step`'s compensation fails with `error`, without an answer (not for good).
-fn fail_compensation(saga: &mut Saga, step: usize, error: &str, now: UnixMs) -> Vec<SagaAction> {
+/// Compensation call `call` of step `step` fails with `error`, without an answer (not
+/// for good).
+fn fail_compensation(
+    saga: &mut Saga,
+    (step, call): (usize, CallNumber),
+    error: &str,
+    now: UnixMs,
+) -> Vec<SagaAction> {
     let error = error.into();
     let failed = SagaEvent::CompensationFailed {
         step,
+        call,
         error,
         permanent: false,
     };
@@ -160,6 +181,7 @@ fn a_compensation_that_cannot_succeed_flags_the_saga_stuck_at_once() {
     let actions = saga.handle_event(
         SagaEvent::CompensationFailed {
             step: 0,
+            call: saga.latest_call(0),
             error: "participant answered FailedPrecondition: past the barrier retention".into(),
             permanent: true,
         },
@@ -185,10 +207,10 @@ fn a_stuck_compensation_is_resolved_by_hand_but_never_as_committed() {
         actions,
         vec![
             SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 0 }
+            SagaAction::SendCompensation { step: 0, call: 2 }
         ]
     );
-    fail_compensation(&mut saga, 0, "participant unreachable", T0 + 4);
+    fail_compensation(&mut saga, (0, 2), "participant unreachable", T0 + 4);
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 5),
         Err(Refusal::ContradictsDecision {
@@ -223,7 +245,7 @@ fn a_stuck_compensation_is_resolved_by_hand_but_never_as_committed() {
 #[test]
 fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
     let (mut saga, _) = saga(2, None);
-    fail_step(&mut saga, 0, "participant unreachable", T0 + 2);
+    fail_step(&mut saga, (0, 1), "participant unreachable", T0 + 2);
     assert_eq!(
         saga.handle_operator(&resolve("s1", Resolution::Commit), T0 + 3),
         Err(Refusal::NothingToResolve {
@@ -235,7 +257,7 @@ fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
         saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3),
         Ok(vec![
             SagaAction::PersistLazy,
-            SagaAction::SendStep { step: 1 }
+            SagaAction::SendStep { step: 1, call: 1 }
         ])
     );
     // Its retry timer is stale now.
@@ -258,13 +280,14 @@ fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
 #[test]
 fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
     let (mut saga, _) = saga(2, None);
-    fail_step(&mut saga, 0, "participant unreachable", T0 + 2);
+    fail_step(&mut saga, (0, 1), "participant unreachable", T0 + 2);
     saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3)
         .unwrap();
     assert_eq!(
         saga.handle_event(
             SagaEvent::StepAnswered {
                 step: 1,
+                call: saga.latest_call(1),
                 answer: StepAnswer::Rejected {
                     reason: "out of stock".into()
                 },
@@ -275,11 +298,17 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
     );
     assert_eq!(
         saga.handle_event(SagaEvent::Persisted, T0 + 5),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
     );
     // Its participant answers; that does not undo what was done by hand.
     assert_eq!(
-        saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 6),
+        saga.handle_event(
+            SagaEvent::Compensated {
+                step: 0,
+                call: saga.latest_call(0)
+            },
+            T0 + 6
+        ),
         vec![SagaAction::PersistLazy, SagaAction::WarnStuck { step: 0 }]
     );
     assert!(
@@ -309,14 +338,21 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
             .is_empty()
     );
     assert!(
-        saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 9)
-            .is_empty()
+        saga.handle_event(
+            SagaEvent::Compensated {
+                step: 0,
+                call: saga.latest_call(0)
+            },
+            T0 + 9
+        )
+        .is_empty()
     );
     // Nor does a late failure of a second call (the sweeper's resend), nor its timer.
     assert!(
         saga.handle_event(
             SagaEvent::CompensationFailed {
                 step: 0,
+                call: saga.latest_call(0),
                 error: "lost".into(),
                 permanent: false
             },
@@ -334,10 +370,16 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
     // After a restart (the statement is in the log: the runtime forces it before the
     // operator hears), the compensation is sent again and waits for an operator again.
     let (mut recovered, actions) = Saga::recover(saga.log_record(), T0 + 9);
-    assert!(actions.contains(&SagaAction::SendCompensation { step: 0 }));
+    assert!(actions.contains(&SagaAction::SendCompensation { step: 0, call: 3 }));
     assert!(recovered.is_stuck());
     assert_eq!(
-        recovered.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 9),
+        recovered.handle_event(
+            SagaEvent::Compensated {
+                step: 0,
+                call: recovered.latest_call(0)
+            },
+            T0 + 9
+        ),
         vec![SagaAction::PersistLazy, SagaAction::WarnStuck { step: 0 }]
     );
     assert!(recovered.steps()[0].awaits_operator());
@@ -361,16 +403,18 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step: 0,
+            call: saga.latest_call(0),
             answer: StepAnswer::Committed,
         },
         T0 + 2,
     );
-    fail_step(&mut saga, 1, "participant unreachable", T0 + 3);
+    fail_step(&mut saga, (1, 1), "participant unreachable", T0 + 3);
     saga.handle_operator(&resolve("s1", Resolution::Commit), T0 + 3)
         .unwrap();
     saga.handle_event(
         SagaEvent::StepAnswered {
             step: 2,
+            call: saga.latest_call(2),
             answer: StepAnswer::Rejected {
                 reason: "out of stock".into(),
             },
@@ -379,9 +423,15 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     );
     assert_eq!(
         saga.handle_event(SagaEvent::Persisted, T0 + 5),
-        vec![SagaAction::SendCompensation { step: 1 }]
+        vec![SagaAction::SendCompensation { step: 1, call: 2 }]
     );
-    saga.handle_event(SagaEvent::Compensated { step: 1 }, T0 + 6);
+    saga.handle_event(
+        SagaEvent::Compensated {
+            step: 1,
+            call: saga.latest_call(1),
+        },
+        T0 + 6,
+    );
     assert!(saga.is_stuck());
     // The sweeper sends nothing for it, and a stray failure of its forward action
     // (none is in flight) is no retry waiting.
@@ -393,6 +443,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
         saga.handle_event(
             SagaEvent::StepFailed {
                 step: 1,
+                call: saga.latest_call(1),
                 error: "late".into()
             },
             T0 + 100_001
@@ -404,7 +455,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
         saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 7),
         Ok(vec![
             SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 0 }
+            SagaAction::SendCompensation { step: 0, call: 2 }
         ])
     );
     assert!(!saga.is_stuck());
@@ -412,6 +463,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
         saga.handle_event(
             SagaEvent::CompensationFailed {
                 step: 0,
+                call: saga.latest_call(0),
                 error: "past the barrier retention".into(),
                 permanent: true,
             },
@@ -438,7 +490,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
 #[test]
 fn a_step_is_not_stated_committed_while_its_call_is_in_flight() {
     let (mut saga, actions) = saga(2, None);
-    assert_eq!(actions, vec![SagaAction::SendStep { step: 0 }]);
+    assert_eq!(actions, vec![SagaAction::SendStep { step: 0, call: 1 }]);
     let before = saga.record();
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 2),
@@ -447,7 +499,7 @@ fn a_step_is_not_stated_committed_while_its_call_is_in_flight() {
     assert_eq!(saga.record(), before, "a refusal changes nothing");
     saga.handle_operator(&ops(OperatorCommand::Pause), T0 + 3)
         .unwrap();
-    let actions = fail_step(&mut saga, 0, "deadline exceeded", T0 + 4);
+    let actions = fail_step(&mut saga, (0, 1), "deadline exceeded", T0 + 4);
     let Some(&SagaAction::ScheduleStepRetry { attempt, .. }) = actions.first() else {
         panic!("a retry is scheduled: {actions:?}");
     };
@@ -460,7 +512,7 @@ fn a_step_is_not_stated_committed_while_its_call_is_in_flight() {
         saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 5),
         Ok(vec![
             SagaAction::PersistLazy,
-            SagaAction::SendStep { step: 1 }
+            SagaAction::SendStep { step: 1, call: 1 }
         ])
     );
 }
@@ -469,14 +521,14 @@ fn a_step_is_not_stated_committed_while_its_call_is_in_flight() {
 #[test]
 fn a_step_is_not_stated_undone_while_its_compensation_is_in_flight() {
     let (mut saga, actions) = compensating_first_step();
-    assert!(actions.contains(&SagaAction::SendCompensation { step: 0 }));
+    assert!(actions.contains(&SagaAction::SendCompensation { step: 0, call: 2 }));
     let before = saga.record();
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 4),
         Err(Refusal::CallInFlight("s0".into()))
     );
     assert_eq!(saga.record(), before, "a refusal changes nothing");
-    fail_compensation(&mut saga, 0, "participant unreachable", T0 + 5);
+    fail_compensation(&mut saga, (0, 2), "participant unreachable", T0 + 5);
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 6),
         Ok(vec![SagaAction::PersistLazy, SagaAction::PersistForced])
@@ -489,7 +541,7 @@ fn a_step_is_not_stated_undone_while_its_compensation_is_in_flight() {
 #[test]
 fn a_running_step_is_given_up_with_its_call_in_flight() {
     let (mut saga, actions) = saga(2, None);
-    assert_eq!(actions, vec![SagaAction::SendStep { step: 0 }]);
+    assert_eq!(actions, vec![SagaAction::SendStep { step: 0, call: 1 }]);
     assert!(saga.steps()[0].history.open_for_at_least(0, T0 + 2));
     assert_eq!(
         saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 2),
@@ -497,12 +549,13 @@ fn a_running_step_is_given_up_with_its_call_in_flight() {
     );
     assert_eq!(
         saga.handle_event(SagaEvent::Persisted, T0 + 3),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
     );
     assert!(
         saga.handle_event(
             SagaEvent::StepAnswered {
                 step: 0,
+                call: saga.latest_call(0),
                 answer: StepAnswer::Committed,
             },
             T0 + 4,
@@ -511,7 +564,13 @@ fn a_running_step_is_given_up_with_its_call_in_flight() {
     );
     assert_eq!(saga.steps()[0].state, BranchState::Compensating);
     assert_eq!(
-        saga.handle_event(SagaEvent::Compensated { step: 0 }, T0 + 5),
+        saga.handle_event(
+            SagaEvent::Compensated {
+                step: 0,
+                call: saga.latest_call(0)
+            },
+            T0 + 5
+        ),
         vec![SagaAction::PersistLazy, SagaAction::PersistForced]
     );
     saga.handle_event(SagaEvent::Persisted, T0 + 6);
@@ -545,7 +604,7 @@ fn paused_a_lost_step_call_is_given_up_but_not_sent_again() {
         saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 2_001),
         Ok(vec![
             SagaAction::PersistLazy,
-            SagaAction::SendStep { step: 1 }
+            SagaAction::SendStep { step: 1, call: 1 }
         ])
     );
 }
@@ -558,13 +617,13 @@ fn a_step_is_not_stated_undone_while_its_forward_call_is_out() {
     // Step 1's forward call is out when the saga is cancelled.
     let mut saga = cancelled_after_first_step();
     assert_eq!(saga.state(), TxnState::Compensating);
-    fail_compensation(&mut saga, 1, "participant unreachable", T0 + 4);
+    fail_compensation(&mut saga, (1, 2), "participant unreachable", T0 + 4);
     assert!(saga.steps()[1].history.open_for_at_least(0, T0 + 5));
     assert_eq!(
         saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 5),
         Err(Refusal::CallInFlight("s1".into()))
     );
-    fail_step(&mut saga, 1, "deadline exceeded", T0 + 6);
+    fail_step(&mut saga, (1, 1), "deadline exceeded", T0 + 6);
     assert!(
         saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 7)
             .is_ok()

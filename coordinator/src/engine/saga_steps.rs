@@ -10,6 +10,7 @@ impl Saga {
     pub(super) fn on_step_answer(
         &mut self,
         step: usize,
+        call: CallNumber,
         answer: StepAnswer,
         now: UnixMs,
     ) -> Vec<SagaAction> {
@@ -17,7 +18,7 @@ impl Saga {
             return Vec::new();
         };
         s.history.finish(
-            &[Operation::Step],
+            call,
             match &answer {
                 StepAnswer::Committed => "committed".to_string(),
                 StepAnswer::Rejected { reason } => format!("rejected: {reason}"),
@@ -75,6 +76,7 @@ impl Saga {
     pub(super) fn on_step_failure(
         &mut self,
         step: usize,
+        call: CallNumber,
         error: String,
         now: UnixMs,
     ) -> Vec<SagaAction> {
@@ -82,8 +84,7 @@ impl Saga {
         let Some(s) = self.steps.get_mut(step) else {
             return Vec::new();
         };
-        s.history
-            .finish(&[Operation::Step], format!("error: {error}"), now);
+        s.history.finish(call, format!("error: {error}"), now);
         // A late failure of a step no longer running (stated committed, or compensating)
         // asks nothing more, and is no retry waiting.
         if s.state != BranchState::Running {
@@ -126,8 +127,8 @@ impl Saga {
                 let s = &mut self.steps[step];
                 s.state = BranchState::Running;
                 s.attempts += 1;
-                s.history.start(Operation::Step, now);
-                actions.push(SagaAction::SendStep { step });
+                let call = s.history.start(Operation::Step, now);
+                actions.push(SagaAction::SendStep { step, call });
             }
         }
         actions
@@ -192,8 +193,8 @@ impl Saga {
                 s.state = BranchState::Compensating;
                 s.compensation_sent = true;
                 s.compensation_attempts += 1;
-                s.history.start(Operation::Compensate, now);
-                actions.push(SagaAction::SendCompensation { step });
+                let call = s.history.start(Operation::Compensate, now);
+                actions.push(SagaAction::SendCompensation { step, call });
             }
         }
         if self.phase == SagaPhase::Compensating && self.steps.iter().all(Step::undone) {

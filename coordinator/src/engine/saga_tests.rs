@@ -52,7 +52,7 @@ fn running(graph: &[&[usize]]) -> Saga {
         .iter()
         .enumerate()
         .filter(|(_, after)| after.is_empty())
-        .map(|(step, _)| SagaAction::SendStep { step })
+        .map(|(step, _)| SagaAction::SendStep { step, call: 1 })
         .collect();
     assert_eq!(saga.handle_event(SagaEvent::Persisted, T0 + 1), roots);
     assert!(saga.is_accepted());
@@ -60,7 +60,14 @@ fn running(graph: &[&[usize]]) -> Saga {
 }
 
 fn answer(saga: &mut Saga, step: usize, answer: StepAnswer) -> Vec<SagaAction> {
-    saga.handle_event(SagaEvent::StepAnswered { step, answer }, T0 + 2)
+    saga.handle_event(
+        SagaEvent::StepAnswered {
+            step,
+            call: saga.latest_call(step),
+            answer,
+        },
+        T0 + 2,
+    )
 }
 
 fn committed(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
@@ -78,7 +85,13 @@ fn rejected(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
 }
 
 fn compensated(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
-    saga.handle_event(SagaEvent::Compensated { step }, T0 + 3)
+    saga.handle_event(
+        SagaEvent::Compensated {
+            step,
+            call: saga.latest_call(step),
+        },
+        T0 + 3,
+    )
 }
 
 fn persisted(saga: &mut Saga) -> Vec<SagaAction> {
@@ -126,11 +139,17 @@ fn a_chain_runs_step_by_step_and_completion_is_durable_before_it_shows() {
     let mut saga = running(&[&[], &[0], &[1]]);
     assert_eq!(
         committed(&mut saga, 0),
-        vec![SagaAction::PersistLazy, SagaAction::SendStep { step: 1 }]
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendStep { step: 1, call: 1 }
+        ]
     );
     assert_eq!(
         committed(&mut saga, 1),
-        vec![SagaAction::PersistLazy, SagaAction::SendStep { step: 2 }]
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendStep { step: 2, call: 1 }
+        ]
     );
     assert_eq!(
         committed(&mut saga, 2),
@@ -158,7 +177,7 @@ fn a_rejected_step_compensates_the_earlier_ones_and_later_ones_never_start() {
     assert_eq!(saga.log_record().state, TxnState::Compensating);
     assert_eq!(
         persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
     );
     assert_eq!(saga.state(), TxnState::Compensating);
     assert_eq!(
@@ -194,20 +213,20 @@ fn compensation_runs_in_reverse_dependency_order() {
     rejected(&mut saga, 3);
     assert_eq!(
         persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 2 }]
+        vec![SagaAction::SendCompensation { step: 2, call: 2 }]
     );
     assert_eq!(
         compensated(&mut saga, 2),
         vec![
             SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 1 }
+            SagaAction::SendCompensation { step: 1, call: 2 }
         ]
     );
     assert_eq!(
         compensated(&mut saga, 1),
         vec![
             SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 0 }
+            SagaAction::SendCompensation { step: 0, call: 2 }
         ]
     );
     assert_eq!(
@@ -223,14 +242,17 @@ fn independent_steps_run_and_are_compensated_in_parallel() {
     assert_eq!(committed(&mut saga, 1), vec![SagaAction::PersistLazy]);
     assert_eq!(
         committed(&mut saga, 0),
-        vec![SagaAction::PersistLazy, SagaAction::SendStep { step: 2 }]
+        vec![
+            SagaAction::PersistLazy,
+            SagaAction::SendStep { step: 2, call: 1 }
+        ]
     );
     rejected(&mut saga, 2);
     assert_eq!(
         persisted(&mut saga),
         vec![
-            SagaAction::SendCompensation { step: 0 },
-            SagaAction::SendCompensation { step: 1 }
+            SagaAction::SendCompensation { step: 0, call: 2 },
+            SagaAction::SendCompensation { step: 1, call: 2 }
         ]
     );
 }
@@ -244,7 +266,7 @@ fn a_failing_branch_of_a_parallel_group_compensates_its_sibling_in_flight() {
     assert_eq!(committed(&mut saga, 0), vec![SagaAction::PersistLazy]);
     assert_eq!(
         persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
     );
     assert_eq!(saga.steps()[2].state, BranchState::Skipped);
 
@@ -254,7 +276,7 @@ fn a_failing_branch_of_a_parallel_group_compensates_its_sibling_in_flight() {
     rejected(&mut saga, 1);
     assert_eq!(
         persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
     );
     assert!(committed(&mut saga, 0).is_empty());
     assert_eq!(
@@ -268,6 +290,7 @@ fn transient_failures_are_retried_and_every_attempt_is_in_the_history() {
     let mut saga = running(&[&[]]);
     let failure = SagaEvent::StepFailed {
         step: 0,
+        call: saga.latest_call(0),
         error: "unavailable".into(),
     };
     assert_eq!(
@@ -286,7 +309,7 @@ fn transient_failures_are_retried_and_every_attempt_is_in_the_history() {
             },
             T0 + 20
         ),
-        vec![SagaAction::SendStep { step: 0 }]
+        vec![SagaAction::SendStep { step: 0, call: 2 }]
     );
     committed(&mut saga, 0);
     let step = &saga.steps()[0];
@@ -314,6 +337,7 @@ fn out_of_attempts_the_uncertain_step_is_compensated_too() {
         let actions = saga.handle_event(
             SagaEvent::StepFailed {
                 step: 1,
+                call: saga.latest_call(1),
                 error: "timeout".into(),
             },
             T0 + 5,
@@ -331,6 +355,7 @@ fn out_of_attempts_the_uncertain_step_is_compensated_too() {
     let last = saga.handle_event(
         SagaEvent::StepFailed {
             step: 1,
+            call: saga.latest_call(1),
             error: "timeout".into(),
         },
         T0 + 7,
@@ -341,13 +366,13 @@ fn out_of_attempts_the_uncertain_step_is_compensated_too() {
     // b may have run: it is compensated first, then a.
     assert_eq!(
         persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 1 }]
+        vec![SagaAction::SendCompensation { step: 1, call: 4 }]
     );
     assert_eq!(
         compensated(&mut saga, 1),
         vec![
             SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 0 }
+            SagaAction::SendCompensation { step: 0, call: 2 }
         ]
     );
 }
@@ -362,6 +387,7 @@ fn a_compensation_failing_repeatedly_flags_the_saga_stuck_until_it_succeeds() {
         let actions = saga.handle_event(
             SagaEvent::CompensationFailed {
                 step: 0,
+                call: saga.latest_call(0),
                 error: "refund service down".into(),
                 permanent: false,
             },
@@ -383,7 +409,10 @@ fn a_compensation_failing_repeatedly_flags_the_saga_stuck_until_it_succeeds() {
                 SagaEvent::CompensationRetryDue { step: 0, attempt },
                 T0 + 11
             ),
-            vec![SagaAction::SendCompensation { step: 0 }]
+            vec![SagaAction::SendCompensation {
+                step: 0,
+                call: 2 + attempt
+            }]
         );
     }
     assert!(saga.record().stuck);
@@ -406,6 +435,7 @@ fn no_forward_retry_once_compensation_is_decided() {
     saga.handle_event(
         SagaEvent::StepFailed {
             step: 0,
+            call: saga.latest_call(0),
             error: "unavailable".into(),
         },
         T0 + 2,
@@ -424,7 +454,7 @@ fn no_forward_retry_once_compensation_is_decided() {
     // Step 0 may have run: it is compensated.
     assert_eq!(
         persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
     );
 }
 
@@ -435,7 +465,7 @@ fn recovery_resumes_forward_from_the_last_known_step() {
     // The log has a committed, b running (its answer lost in the crash), c pending.
     let logged = saga.log_record();
     let (recovered, actions) = Saga::recover(logged, T0 + 100);
-    assert_eq!(actions, vec![SagaAction::SendStep { step: 1 }]);
+    assert_eq!(actions, vec![SagaAction::SendStep { step: 1, call: 2 }]);
     assert_eq!(recovered.steps()[1].attempts, 2);
     assert_eq!(recovered.state(), TxnState::Running);
 }
@@ -454,8 +484,8 @@ fn recovery_of_a_definition_alone_starts_the_saga() {
     assert_eq!(
         actions,
         vec![
-            SagaAction::SendStep { step: 0 },
-            SagaAction::SendStep { step: 1 }
+            SagaAction::SendStep { step: 0, call: 1 },
+            SagaAction::SendStep { step: 1, call: 1 }
         ]
     );
     assert_eq!(recovered.record().transitions[0].state, TxnState::Running);
@@ -470,7 +500,10 @@ fn recovery_resumes_compensation_and_never_goes_forward_again() {
     persisted(&mut saga);
     compensated(&mut saga, 1);
     let (recovered, actions) = Saga::recover(saga.log_record(), T0 + 100);
-    assert_eq!(actions, vec![SagaAction::SendCompensation { step: 0 }]);
+    assert_eq!(
+        actions,
+        vec![SagaAction::SendCompensation { step: 0, call: 3 }]
+    );
     assert_eq!(recovered.state(), TxnState::Compensating);
 
     // A decision whose write was in flight: the lazy writes after it carry it too.
@@ -478,7 +511,10 @@ fn recovery_resumes_compensation_and_never_goes_forward_again() {
     committed(&mut saga, 0);
     rejected(&mut saga, 1);
     let (_, actions) = Saga::recover(saga.log_record(), T0 + 100);
-    assert_eq!(actions, vec![SagaAction::SendCompensation { step: 0 }]);
+    assert_eq!(
+        actions,
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
+    );
 }
 
 #[test]
@@ -491,12 +527,15 @@ fn recovered_compensation_neither_hangs_on_nor_skips_steps_the_log_shows_pending
     let logged = saga.log_record();
     assert_eq!(logged.branches[2].state, BranchState::Pending);
     let (mut recovered, actions) = Saga::recover(logged, T0 + 100);
-    assert_eq!(actions, vec![SagaAction::SendCompensation { step: 2 }]);
+    assert_eq!(
+        actions,
+        vec![SagaAction::SendCompensation { step: 2, call: 1 }]
+    );
     assert_eq!(
         compensated(&mut recovered, 2),
         vec![
             SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 0 }
+            SagaAction::SendCompensation { step: 0, call: 2 }
         ]
     );
 }
@@ -565,21 +604,21 @@ fn after_a_restart_a_step_the_log_shows_pending_is_compensated_too() {
     assert_eq!(
         actions,
         vec![
-            SagaAction::SendStep { step: 0 },
-            SagaAction::SendStep { step: 1 }
+            SagaAction::SendStep { step: 0, call: 1 },
+            SagaAction::SendStep { step: 1, call: 1 }
         ]
     );
     assert_eq!(rejected(&mut saga, 1), vec![SagaAction::PersistForced]);
     assert_eq!(
         persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 2 }]
+        vec![SagaAction::SendCompensation { step: 2, call: 1 }]
     );
     assert_eq!(saga.steps()[2].state, BranchState::Compensating);
     assert_eq!(
         compensated(&mut saga, 2),
         vec![
             SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 0 }
+            SagaAction::SendCompensation { step: 0, call: 2 }
         ]
     );
 }
@@ -594,6 +633,7 @@ fn the_final_record_is_written_as_it_will_be_shown() {
         saga.handle_event(
             SagaEvent::CompensationFailed {
                 step: 0,
+                call: saga.latest_call(0),
                 error: "down".into(),
                 permanent: false,
             },
@@ -608,7 +648,13 @@ fn the_final_record_is_written_as_it_will_be_shown() {
     assert!(saga.is_stuck());
     let finished_at = T0 + 50;
     assert_eq!(
-        saga.handle_event(SagaEvent::Compensated { step: 0 }, finished_at),
+        saga.handle_event(
+            SagaEvent::Compensated {
+                step: 0,
+                call: saga.latest_call(0)
+            },
+            finished_at
+        ),
         vec![SagaAction::PersistLazy, SagaAction::PersistForced]
     );
     // The forced final record: not stuck, ending with its final transition.
@@ -695,7 +741,7 @@ fn a_nudge_sends_again_only_calls_unanswered_beyond_their_timeout() {
     assert!(nudge(&mut saga, T0 + 500).is_empty());
     assert_eq!(
         nudge(&mut saga, T0 + 1_001),
-        vec![SagaAction::SendStep { step: 1 }]
+        vec![SagaAction::SendStep { step: 1, call: 2 }]
     );
     let step = &saga.steps()[1];
     assert_eq!(step.attempts, 2);
@@ -706,12 +752,58 @@ fn a_nudge_sends_again_only_calls_unanswered_beyond_their_timeout() {
     rejected(&mut saga, 1);
     assert_eq!(
         persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
     );
     assert!(nudge(&mut saga, T0 + 500).is_empty());
     assert_eq!(
         nudge(&mut saga, T0 + 1_004),
-        vec![SagaAction::SendCompensation { step: 0 }]
+        vec![SagaAction::SendCompensation { step: 0, call: 3 }]
     );
     assert_eq!(saga.steps()[0].compensation_attempts, 2);
+}
+
+/// The sweeper gives up a step's call and sends it again. The first call's late answer
+/// is the step's answer, and is recorded against that call: the call sent again stays
+/// in flight until its own answer comes. (An answer once closed the newest call of its
+/// kind, so `txn show` and an operator's resolve saw nothing in flight while the
+/// second call was.)
+#[test]
+fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
+    let mut saga = running(&[&[]]);
+    let first = saga.latest_call(0);
+    assert_eq!(
+        saga.handle_event(
+            SagaEvent::Nudge {
+                stale_after_ms: 100
+            },
+            T0 + 1_001
+        ),
+        vec![SagaAction::SendStep { step: 0, call: 2 }]
+    );
+    let answer = SagaEvent::StepAnswered {
+        step: 0,
+        call: first,
+        answer: StepAnswer::Committed,
+    };
+    assert_eq!(
+        saga.handle_event(answer, T0 + 1_500),
+        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
+    );
+    let results = |saga: &Saga| -> Vec<Option<String>> {
+        let history = saga.steps()[0].history.attempts();
+        history.iter().map(|a| a.result.clone()).collect()
+    };
+    assert_eq!(results(&saga), [Some(NO_ANSWER.to_string()), None]);
+    assert!(saga.steps()[0].history.in_flight());
+    let second = SagaEvent::StepAnswered {
+        step: 0,
+        call: 2,
+        answer: StepAnswer::Committed,
+    };
+    assert!(saga.handle_event(second, T0 + 1_600).is_empty());
+    assert_eq!(
+        results(&saga),
+        [Some(NO_ANSWER.to_string()), Some("committed".to_string())]
+    );
+    assert!(!saga.steps()[0].history.in_flight());
 }

@@ -74,8 +74,8 @@ pub use super::messages::{
     OperatorCommand, OperatorRequest, Refusal, RetryControl, Vote,
 };
 use crate::model::{
-    AttemptLog, BranchRecord, BranchState, Operation, OperatorResolution, Resolution, Transition,
-    TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
+    AttemptLog, BranchRecord, BranchState, CallNumber, Operation, OperatorResolution, Resolution,
+    Transition, TxnId, TxnKind, TxnRecord, TxnState, UnixMs,
 };
 
 #[path = "twopc_operator.rs"]
@@ -137,12 +137,13 @@ impl Branch {
     /// Counts and records one more phase-2 (or one-phase) call, and asks for it.
     fn send_phase_two(&mut self, index: usize, operation: Operation, now: UnixMs) -> Action {
         self.attempts += 1;
-        self.history.start(operation, now);
+        let call = self.history.start(operation, now);
+        let branch = index;
         match operation {
-            Operation::Abort => Action::SendAbort { branch: index },
-            Operation::OnePhaseCommit => Action::SendOnePhaseCommit { branch: index },
-            Operation::Prepare => Action::SendPrepare { branch: index },
-            _ => Action::SendCommit { branch: index },
+            Operation::Abort => Action::SendAbort { branch, call },
+            Operation::OnePhaseCommit => Action::SendOnePhaseCommit { branch, call },
+            Operation::Prepare => Action::SendPrepare { branch, call },
+            _ => Action::SendCommit { branch, call },
         }
     }
 }
@@ -155,13 +156,6 @@ fn may_hold_yes(state: BranchState) -> bool {
         BranchState::Preparing | BranchState::Prepared | BranchState::Unreachable
     )
 }
-
-/// The calls a `Delivered` / `DeliveryFailed` event can answer.
-const PHASE_TWO: &[Operation] = &[
-    Operation::Commit,
-    Operation::OnePhaseCommit,
-    Operation::Abort,
-];
 
 /// Where the transaction is. Finer than [`TxnState`], which is what users see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +281,14 @@ impl TwoPhaseCommit {
 
     pub fn branches(&self) -> &[Branch] {
         &self.branches
+    }
+
+    /// The number of the latest call sent to `branch`: what engine tests answer.
+    #[cfg(test)]
+    pub fn latest_call(&self, branch: usize) -> CallNumber {
+        self.branches
+            .get(branch)
+            .map_or(0, |b| b.history.latest_call())
     }
 
     pub fn branch(&self, index: usize) -> Option<&Branch> {
@@ -430,13 +432,16 @@ impl TwoPhaseCommit {
     /// (a vote after the decision, a timer after the end, a duplicate answer) are ignored.
     pub fn handle_event(&mut self, event: Event, now: UnixMs) -> Vec<Action> {
         match event {
-            Event::PrepareAnswered { branch, vote } => self.on_vote(branch, vote, now),
+            Event::PrepareAnswered { branch, call, vote } => {
+                self.on_vote_answered(branch, call, vote, now)
+            }
             Event::PrepareFailed {
                 branch,
+                call,
                 error,
                 permanent,
             } => {
-                if self.finish_prepare(branch, format!("error: {error}"), now) {
+                if self.finish_prepare(branch, call, format!("error: {error}"), now) {
                     return vec![Action::RecordHistory];
                 }
                 if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing)
@@ -459,16 +464,21 @@ impl TwoPhaseCommit {
                 b.state = BranchState::Unreachable;
                 self.decide_abort(format!("branch {id} did not answer prepare: {error}"), now)
             }
-            Event::Delivered { branch, answer } => self.on_delivered(branch, answer, now),
+            Event::Delivered {
+                branch,
+                call,
+                answer,
+            } => self.on_delivered(branch, call, answer, now),
             Event::DeliveryFailed {
                 branch,
+                call,
                 error,
                 permanent,
             } => {
                 let Some(b) = self.branches.get_mut(branch) else {
                     return Vec::new();
                 };
-                b.history.finish(PHASE_TWO, format!("error: {error}"), now);
+                b.history.finish(call, format!("error: {error}"), now);
                 b.failing_since.get_or_insert(now);
                 if !b.awaiting_ack || self.phase.state().is_final() {
                     return Vec::new();
@@ -505,8 +515,8 @@ impl TwoPhaseCommit {
                         // Only aborts go out from now on: the payload is not needed.
                         self.branches[0].payload = Vec::new();
                         self.branches[0].attempts += 1;
-                        self.branches[0].history.start(Operation::Abort, now);
-                        vec![Action::SendAbort { branch: 0 }]
+                        let call = self.branches[0].history.start(Operation::Abort, now);
+                        vec![Action::SendAbort { branch: 0, call }]
                     }
                     Phase::Aborting => {
                         let note = "abort undelivered at the deadline: still retried, and a \

@@ -37,6 +37,7 @@ impl TwoPhaseCommit {
     pub(super) fn on_delivered(
         &mut self,
         branch: usize,
+        call: CallNumber,
         answer: Answer,
         now: UnixMs,
     ) -> Vec<Action> {
@@ -44,7 +45,7 @@ impl TwoPhaseCommit {
         let Some(b) = self.branches.get_mut(branch) else {
             return Vec::new();
         };
-        b.history.finish(PHASE_TWO, answer.describe(), now);
+        b.history.finish(call, answer.describe(), now);
         b.failing_since = None;
         if !b.awaiting_ack {
             return Vec::new();

@@ -1,7 +1,7 @@
 //! One test per situation, asserting the exact actions each step emits.
 
 use super::twopc::*;
-use crate::model::{BranchState, MAX_ATTEMPTS_KEPT, TxnId, TxnState, UnixMs};
+use crate::model::{BranchState, MAX_ATTEMPTS_KEPT, Operation, TxnId, TxnState, UnixMs};
 
 const T0: UnixMs = 1_700_000_000_000;
 const DEADLINE: UnixMs = T0 + 60_000;
@@ -39,12 +39,23 @@ fn spec(id: &str) -> BranchSpec {
     }
 }
 
+/// `branch`'s answer to its latest prepare call, sent or not.
 fn vote(txn: &mut TwoPhaseCommit, branch: usize, vote: Vote) -> Vec<Action> {
-    txn.handle_event(Event::PrepareAnswered { branch, vote }, T0 + 1)
+    let call = txn
+        .branch(branch)
+        .map_or(0, |b| b.history.latest_call_to(Operation::Prepare));
+    txn.handle_event(Event::PrepareAnswered { branch, call, vote }, T0 + 1)
 }
 
 fn deliver(txn: &mut TwoPhaseCommit, branch: usize, answer: Answer) -> Vec<Action> {
-    txn.handle_event(Event::Delivered { branch, answer }, T0 + 2)
+    txn.handle_event(
+        Event::Delivered {
+            branch,
+            call: txn.latest_call(branch),
+            answer,
+        },
+        T0 + 2,
+    )
 }
 
 /// A transaction of `n` branches past Commit, with every prepare sent.
@@ -52,7 +63,7 @@ fn preparing(n: usize) -> TwoPhaseCommit {
     let mut txn = new_txn(n);
     let actions = txn.handle_command(Command::Commit, T0).unwrap();
     let mut expected = vec![Action::StartPrepareTimer { after_ms: 5_000 }];
-    expected.extend((0..n).map(|branch| Action::SendPrepare { branch }));
+    expected.extend((0..n).map(|branch| Action::SendPrepare { branch, call: 1 }));
     assert_eq!(actions, expected);
     assert_eq!(txn.state(), TxnState::Preparing);
     txn
@@ -72,7 +83,7 @@ fn committing(n: usize) -> TwoPhaseCommit {
     assert_eq!(
         actions,
         (0..n)
-            .map(|branch| Action::SendCommit { branch })
+            .map(|branch| Action::SendCommit { branch, call: 2 })
             .collect::<Vec<_>>()
     );
     txn
@@ -101,9 +112,9 @@ fn all_yes_commits_only_after_the_decision_is_durable() {
     assert_eq!(
         actions,
         vec![
-            Action::SendCommit { branch: 0 },
-            Action::SendCommit { branch: 1 },
-            Action::SendCommit { branch: 2 },
+            Action::SendCommit { branch: 0, call: 2 },
+            Action::SendCommit { branch: 1, call: 2 },
+            Action::SendCommit { branch: 2, call: 2 },
         ]
     );
     assert_eq!(txn.state(), TxnState::Committing);
@@ -146,8 +157,8 @@ fn one_no_vote_aborts_and_tells_every_branch_that_may_have_prepared() {
     assert_eq!(
         actions,
         vec![
-            Action::SendAbort { branch: 0 },
-            Action::SendAbort { branch: 2 }
+            Action::SendAbort { branch: 0, call: 2 },
+            Action::SendAbort { branch: 2, call: 2 }
         ]
     );
     assert_eq!(txn.state(), TxnState::Aborting);
@@ -195,7 +206,7 @@ fn a_vote_that_arrives_after_the_abort_ended_has_the_history_written_again() {
     let mut txn = preparing(2);
     assert_eq!(
         vote(&mut txn, 1, Vote::no("no")),
-        vec![Action::SendAbort { branch: 0 }]
+        vec![Action::SendAbort { branch: 0, call: 2 }]
     );
     assert_eq!(
         deliver(&mut txn, 0, Answer::Aborted),
@@ -228,6 +239,7 @@ fn a_failed_prepare_heard_after_the_abort_ended_has_the_history_written_again() 
     );
     let failed = Event::PrepareFailed {
         branch: 0,
+        call: 1, // the prepare, not the abort sent since
         error: "unavailable".into(),
         permanent: false,
     };
@@ -249,8 +261,8 @@ fn prepare_timeout_aborts_and_a_timer_after_the_decision_does_nothing() {
     assert_eq!(
         actions,
         vec![
-            Action::SendAbort { branch: 0 },
-            Action::SendAbort { branch: 1 }
+            Action::SendAbort { branch: 0, call: 2 },
+            Action::SendAbort { branch: 1, call: 2 }
         ]
     );
     assert_eq!(txn.reason(), Some("prepare timed out after 5000 ms"));
@@ -282,8 +294,8 @@ fn abort_requested_while_preparing() {
     assert_eq!(
         actions,
         vec![
-            Action::SendAbort { branch: 0 },
-            Action::SendAbort { branch: 1 }
+            Action::SendAbort { branch: 0, call: 2 },
+            Action::SendAbort { branch: 1, call: 2 }
         ]
     );
     assert_eq!(txn.reason(), Some("user cancelled"));
@@ -338,8 +350,8 @@ fn read_only_branch_gets_no_phase_two() {
     assert_eq!(
         txn.handle_event(Event::DecisionPersisted, T0 + 1),
         vec![
-            Action::SendCommit { branch: 0 },
-            Action::SendCommit { branch: 2 }
+            Action::SendCommit { branch: 0, call: 2 },
+            Action::SendCommit { branch: 2, call: 2 }
         ]
     );
     deliver(&mut txn, 0, Answer::Committed);
@@ -377,7 +389,7 @@ fn single_branch_commits_in_one_phase_with_one_forced_final_record() {
     let mut txn = new_txn(1);
     assert_eq!(
         txn.handle_command(Command::Commit, T0),
-        Ok(vec![Action::SendOnePhaseCommit { branch: 0 }])
+        Ok(vec![Action::SendOnePhaseCommit { branch: 0, call: 1 }])
     );
     assert_eq!(txn.state(), TxnState::Preparing);
     assert_eq!(
@@ -432,6 +444,7 @@ fn one_phase_deadline_probes_with_an_abort_and_takes_the_first_definitive_answer
         txn.handle_event(
             Event::DeliveryFailed {
                 branch: 0,
+                call: txn.latest_call(0),
                 error: "unavailable".into(),
                 permanent: false,
             },
@@ -444,7 +457,7 @@ fn one_phase_deadline_probes_with_an_abort_and_takes_the_first_definitive_answer
     );
     assert_eq!(
         txn.handle_event(Event::DeadlineReached, DEADLINE),
-        vec![Action::SendAbort { branch: 0 }]
+        vec![Action::SendAbort { branch: 0, call: 2 }]
     );
     // The retry timer of the failed commit is stale: the probe went out since.
     assert!(
@@ -466,7 +479,7 @@ fn one_phase_deadline_probes_with_an_abort_and_takes_the_first_definitive_answer
             },
             DEADLINE + 1
         ),
-        vec![Action::SendAbort { branch: 0 }]
+        vec![Action::SendAbort { branch: 0, call: 3 }]
     );
     assert_eq!(
         deliver(&mut txn, 0, Answer::Aborted),
@@ -516,6 +529,7 @@ fn phase_two_failures_are_retried_until_acknowledged() {
         txn.handle_event(
             Event::DeliveryFailed {
                 branch: 1,
+                call: txn.latest_call(1),
                 error: "connection refused".into(),
                 permanent: false,
             },
@@ -537,7 +551,7 @@ fn phase_two_failures_are_retried_until_acknowledged() {
             },
             T0 + 4
         ),
-        vec![Action::SendCommit { branch: 1 }]
+        vec![Action::SendCommit { branch: 1, call: 3 }]
     );
     assert_eq!(
         failed(&mut txn),
@@ -579,6 +593,7 @@ fn a_branch_is_failing_since_its_first_failed_delivery_however_long_it_lasts() {
         txn.handle_event(
             Event::DeliveryFailed {
                 branch: 1,
+                call: txn.latest_call(1),
                 error: "connection refused".into(),
                 permanent: false,
             },
@@ -615,6 +630,7 @@ fn prepare_without_an_answer_aborts_including_the_silent_branch() {
     let actions = txn.handle_event(
         Event::PrepareFailed {
             branch: 1,
+            call: txn.latest_call(1),
             error: "deadline exceeded".into(),
             permanent: false,
         },
@@ -623,8 +639,8 @@ fn prepare_without_an_answer_aborts_including_the_silent_branch() {
     assert_eq!(
         actions,
         vec![
-            Action::SendAbort { branch: 0 },
-            Action::SendAbort { branch: 1 }
+            Action::SendAbort { branch: 0, call: 2 },
+            Action::SendAbort { branch: 1, call: 2 }
         ]
     );
     assert_eq!(txn.branch(1).unwrap().state, BranchState::Unreachable);
@@ -639,18 +655,20 @@ fn a_prepare_refused_for_good_aborts_with_no_abort_owed_to_that_branch() {
     let actions = txn.handle_event(
         Event::PrepareFailed {
             branch: 1,
+            call: txn.latest_call(1),
             error: "past the barrier retention".into(),
             permanent: true,
         },
         T0 + 1,
     );
-    assert_eq!(actions, vec![Action::SendAbort { branch: 0 }]);
+    assert_eq!(actions, vec![Action::SendAbort { branch: 0, call: 2 }]);
     assert_eq!(txn.branch(1).unwrap().state, BranchState::VotedNo);
     assert!(txn.reason().unwrap().contains("refused prepare"));
     assert_eq!(
         txn.handle_event(
             Event::Delivered {
                 branch: 0,
+                call: txn.latest_call(0),
                 answer: Answer::Aborted
             },
             T0 + 2
@@ -710,8 +728,8 @@ fn recovery_redelivers_the_commit_to_every_yes_voter() {
     assert_eq!(
         actions,
         vec![
-            Action::SendCommit { branch: 0 },
-            Action::SendCommit { branch: 2 }
+            Action::SendCommit { branch: 0, call: 2 },
+            Action::SendCommit { branch: 2, call: 2 }
         ]
     );
     assert_eq!(recovered.state(), TxnState::Committing);
@@ -760,6 +778,7 @@ fn a_nudge_sends_again_only_calls_unanswered_for_too_long() {
     deliver(&mut txn, 1, Answer::Committed);
     let failed = Event::DeliveryFailed {
         branch: 2,
+        call: txn.latest_call(2),
         error: "connection refused".into(),
         permanent: false,
     };
@@ -773,7 +792,7 @@ fn a_nudge_sends_again_only_calls_unanswered_for_too_long() {
     assert!(nudge(&mut txn, T0 + 500).is_empty(), "not stale yet");
     assert_eq!(
         nudge(&mut txn, T0 + 1_001),
-        vec![Action::SendCommit { branch: 0 }]
+        vec![Action::SendCommit { branch: 0, call: 3 }]
     );
     let calls = txn.branch(0).unwrap().history.attempts();
     let results: Vec<Option<&str>> = calls.iter().map(|a| a.result.as_deref()).collect();
@@ -793,4 +812,57 @@ fn a_nudge_sends_again_only_calls_unanswered_for_too_long() {
     deliver(&mut txn, 1, Answer::Committed);
     assert_eq!(txn.state(), TxnState::Committed);
     assert!(nudge(&mut txn, T0 + 10_000).is_empty());
+}
+
+/// A one-phase commit still in flight at the deadline, and the abort that probes it:
+/// each answer is recorded against its own call. (The commit's answer was once recorded
+/// against the probe, the newest phase-2 call, and the probe's against the commit.)
+#[test]
+fn a_one_phase_commit_and_its_probe_are_each_answered_on_its_own_call() {
+    let mut txn = new_txn(1);
+    assert_eq!(
+        txn.handle_command(Command::Commit, T0),
+        Ok(vec![Action::SendOnePhaseCommit { branch: 0, call: 1 }])
+    );
+    assert_eq!(
+        txn.handle_event(Event::DeadlineReached, DEADLINE),
+        vec![Action::SendAbort { branch: 0, call: 2 }]
+    );
+    let committed = Event::Delivered {
+        branch: 0,
+        call: 1,
+        answer: Answer::Committed,
+    };
+    assert_eq!(
+        txn.handle_event(committed, DEADLINE + 1),
+        vec![Action::PersistDecision]
+    );
+    let calls = |txn: &TwoPhaseCommit| -> Vec<(Operation, Option<String>)> {
+        let history = txn.branch(0).unwrap().history.attempts();
+        history
+            .iter()
+            .map(|a| (a.operation, a.result.clone()))
+            .collect()
+    };
+    assert_eq!(
+        calls(&txn),
+        [
+            (Operation::OnePhaseCommit, Some("committed".to_string())),
+            (Operation::Abort, None)
+        ]
+    );
+    let probe_failed = Event::DeliveryFailed {
+        branch: 0,
+        call: 2,
+        error: "deadline exceeded".into(),
+        permanent: false,
+    };
+    txn.handle_event(probe_failed, DEADLINE + 2);
+    assert_eq!(
+        calls(&txn)[1],
+        (
+            Operation::Abort,
+            Some("error: deadline exceeded".to_string())
+        )
+    );
 }

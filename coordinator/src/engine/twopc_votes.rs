@@ -14,13 +14,13 @@ impl TwoPhaseCommit {
                 branch.state = BranchState::Preparing;
                 branch.awaiting_ack = true;
                 branch.attempts = 1;
-                branch.history.start(Operation::OnePhaseCommit, now);
+                let call = branch.history.start(Operation::OnePhaseCommit, now);
                 self.enter(
                     Phase::OnePhase { probing: false },
                     "one-phase commit".into(),
                     now,
                 );
-                Ok(vec![Action::SendOnePhaseCommit { branch: 0 }])
+                Ok(vec![Action::SendOnePhaseCommit { branch: 0, call }])
             }
             n => {
                 self.enter(Phase::Preparing, String::new(), now);
@@ -29,8 +29,11 @@ impl TwoPhaseCommit {
                 }];
                 for (index, branch) in self.branches.iter_mut().enumerate() {
                     branch.state = BranchState::Preparing;
-                    branch.history.start(Operation::Prepare, now);
-                    actions.push(Action::SendPrepare { branch: index });
+                    let call = branch.history.start(Operation::Prepare, now);
+                    actions.push(Action::SendPrepare {
+                        branch: index,
+                        call,
+                    });
                 }
                 debug_assert_eq!(actions.len(), n + 1);
                 let payload_bytes: usize = self.branches.iter().map(|b| b.payload.len()).sum();
@@ -47,22 +50,40 @@ impl TwoPhaseCommit {
     /// the transaction ended (it raced the abort sent to the branch, whose answer ended
     /// it), so that the history written at the end lacks it and must be written again,
     /// as an operator's resolution of an ended abort is.
-    pub(super) fn finish_prepare(&mut self, branch: usize, result: String, now: UnixMs) -> bool {
+    pub(super) fn finish_prepare(
+        &mut self,
+        branch: usize,
+        call: CallNumber,
+        result: String,
+        now: UnixMs,
+    ) -> bool {
         let Some(b) = self.branches.get_mut(branch) else {
             return false;
         };
-        b.history.finish(&[Operation::Prepare], result, now) && self.phase.state().is_final()
+        b.history.finish(call, result, now) && self.phase.state().is_final()
     }
 
-    pub(super) fn on_vote(&mut self, branch: usize, vote: Vote, now: UnixMs) -> Vec<Action> {
+    /// A participant's vote, the answer to prepare call `call`.
+    pub(super) fn on_vote_answered(
+        &mut self,
+        branch: usize,
+        call: CallNumber,
+        vote: Vote,
+        now: UnixMs,
+    ) -> Vec<Action> {
         let result = match &vote {
             Vote::Yes => "voted YES".to_string(),
             Vote::ReadOnly => "voted READ_ONLY".to_string(),
             Vote::No { reason } => format!("voted NO: {reason}"),
         };
-        if self.finish_prepare(branch, result, now) {
+        if self.finish_prepare(branch, call, result, now) {
             return vec![Action::RecordHistory];
         }
+        self.on_vote(branch, vote, now)
+    }
+
+    /// A vote, answered or stated by an operator (whose calls were closed).
+    pub(super) fn on_vote(&mut self, branch: usize, vote: Vote, now: UnixMs) -> Vec<Action> {
         if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing) {
             return Vec::new();
         }

@@ -46,8 +46,8 @@ async fn records_are_kept_below_the_blob_threshold_by_trimming_history() {
         .map(|i| {
             let mut history = AttemptLog::default();
             for attempt in 0..16 {
-                history.start(Operation::Commit, attempt);
-                history.finish(&[Operation::Commit], "e".repeat(1024), attempt + 1);
+                let call = history.start(Operation::Commit, attempt);
+                history.finish(call, "e".repeat(1024), attempt + 1);
             }
             BranchRecord {
                 id: format!("branch-{i}"),

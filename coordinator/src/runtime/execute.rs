@@ -21,7 +21,7 @@ use super::shard::{Shard, txn_span};
 use crate::engine::saga::{SagaAction, SagaEvent, StepAnswer};
 use crate::engine::twopc::{Action, Answer, Event};
 use crate::log::{Durability, LogError};
-use crate::model::{RetryPolicy, TxnId};
+use crate::model::{CallNumber, RetryPolicy, TxnId};
 use crate::participants::{Call, retry_delay};
 
 /// How much longer a prepare call may take than the transaction's prepare timeout.
@@ -151,12 +151,18 @@ impl Shard {
                         entry.prepare_timer = Some(key);
                     }
                 }
-                Action::SendPrepare { branch } => self.spawn_call(id, branch, CallKind::Prepare),
-                Action::SendOnePhaseCommit { branch } => {
-                    self.spawn_call(id, branch, CallKind::OnePhaseCommit)
+                Action::SendPrepare { branch, call } => {
+                    self.spawn_call(id, branch, call, CallKind::Prepare)
                 }
-                Action::SendCommit { branch } => self.spawn_call(id, branch, CallKind::Commit),
-                Action::SendAbort { branch } => self.spawn_call(id, branch, CallKind::Abort),
+                Action::SendOnePhaseCommit { branch, call } => {
+                    self.spawn_call(id, branch, call, CallKind::OnePhaseCommit)
+                }
+                Action::SendCommit { branch, call } => {
+                    self.spawn_call(id, branch, call, CallKind::Commit)
+                }
+                Action::SendAbort { branch, call } => {
+                    self.spawn_call(id, branch, call, CallKind::Abort)
+                }
                 Action::ScheduleRetry { branch, attempt } => {
                     let policy = RetryPolicy {
                         max_attempts: 0,
@@ -219,10 +225,10 @@ impl Shard {
                         entry.deadline_timer = Some(key);
                     }
                 }
-                SagaAction::SendStep { step } => self.spawn_step(id, step, false),
-                SagaAction::SendCompensation { step } => {
+                SagaAction::SendStep { step, call } => self.spawn_step(id, step, call, false),
+                SagaAction::SendCompensation { step, call } => {
                     crash_point("coordinator::compensation_sent");
-                    self.spawn_step(id, step, true);
+                    self.spawn_step(id, step, call, true);
                 }
                 SagaAction::ScheduleStepRetry {
                     step,
@@ -297,18 +303,22 @@ impl Shard {
         })
     }
 
-    fn spawn_call(&self, id: TxnId, branch_index: usize, kind: CallKind) {
+    /// Call number `call` for branch `branch_index`: its answer or failure comes back
+    /// as an input naming it.
+    fn spawn_call(&self, id: TxnId, branch_index: usize, call: CallNumber, kind: CallKind) {
         if let Some(error) = self.past_horizon(id) {
             let branch = branch_index;
             let event = match kind {
                 CallKind::Prepare => Event::PrepareFailed {
                     branch,
+                    call,
                     error,
                     permanent: true,
                 },
                 // Not sent, and never will be: sending again cannot succeed.
                 _ => Event::DeliveryFailed {
                     branch,
+                    call,
                     error,
                     permanent: kind.hopeless_needs_an_operator(),
                 },
@@ -333,14 +343,14 @@ impl Shard {
                 .saturating_add(PREPARE_CALL_GRACE_MS),
             _ => self.config.participant_call_timeout_ms,
         };
-        let mut call = Call {
+        let mut outgoing = Call {
             endpoint: branch.endpoint.clone(),
             transaction_id: id.to_string(),
             branch_id: branch.id.clone(),
             timeout: Duration::from_millis(timeout_ms),
             trace: Some(entry.trace.child()),
         };
-        let span = call_span(id, &mut call, kind.name());
+        let span = call_span(id, &mut outgoing, kind.name());
         let payload = match kind {
             CallKind::Prepare | CallKind::OnePhaseCommit => branch.payload.clone(),
             CallKind::Commit | CallKind::Abort => Vec::new(),
@@ -354,10 +364,11 @@ impl Shard {
             Box::pin(async move {
                 let branch = branch_index;
                 let event = match kind {
-                    CallKind::Prepare => match participants.prepare(&call, payload).await {
-                        Ok(vote) => Event::PrepareAnswered { branch, vote },
+                    CallKind::Prepare => match participants.prepare(&outgoing, payload).await {
+                        Ok(vote) => Event::PrepareAnswered { branch, call, vote },
                         Err(failure) => Event::PrepareFailed {
                             branch,
+                            call,
                             error: failure.message,
                             permanent: failure.permanent,
                         },
@@ -366,23 +377,28 @@ impl Shard {
                         let answer = match kind {
                             CallKind::OnePhaseCommit => {
                                 participants
-                                    .commit(&call, CommitMode::OnePhase, payload)
+                                    .commit(&outgoing, CommitMode::OnePhase, payload)
                                     .await
                             }
                             CallKind::Commit => {
                                 participants
-                                    .commit(&call, CommitMode::TwoPhase, payload)
+                                    .commit(&outgoing, CommitMode::TwoPhase, payload)
                                     .await
                             }
-                            _ => participants.abort(&call).await,
+                            _ => participants.abort(&outgoing).await,
                         };
                         match answer {
-                            Ok(answer) => Event::Delivered { branch, answer },
+                            Ok(answer) => Event::Delivered {
+                                branch,
+                                call,
+                                answer,
+                            },
                             Err(failure) => {
                                 // The transport details were logged where the call failed.
-                                tracing::debug!(branch_id = %call.branch_id, ?kind, error = %failure.message, "delivery failed; will retry");
+                                tracing::debug!(branch_id = %outgoing.branch_id, ?kind, error = %failure.message, "delivery failed; will retry");
                                 Event::DeliveryFailed {
                                     branch,
+                                    call,
                                     error: failure.message,
                                     permanent: failure.permanent
                                         && kind.hopeless_needs_an_operator(),
@@ -407,16 +423,17 @@ impl Shard {
 
     /// A saga step's forward action (delivered as a Commit in SAGA_STEP mode) or its
     /// compensation.
-    fn spawn_step(&self, id: TxnId, step: usize, compensation: bool) {
+    fn spawn_step(&self, id: TxnId, step: usize, call: CallNumber, compensation: bool) {
         if let Some(error) = self.past_horizon(id) {
             let event = if compensation {
                 SagaEvent::CompensationFailed {
                     step,
+                    call,
                     error,
                     permanent: true,
                 }
             } else {
-                SagaEvent::StepFailed { step, error }
+                SagaEvent::StepFailed { step, call, error }
             };
             let _ = self.inputs.send((id, Input::Saga(event)));
             return;
@@ -430,7 +447,7 @@ impl Shard {
         let Some(definition) = saga.definition().steps.get(step) else {
             return;
         };
-        let mut call = Call {
+        let mut outgoing = Call {
             endpoint: definition.endpoint.clone(),
             transaction_id: id.to_string(),
             branch_id: definition.id.clone(),
@@ -438,7 +455,7 @@ impl Shard {
             trace: Some(entry.trace.child()),
         };
         let op = if compensation { "compensate" } else { "step" };
-        let span = call_span(id, &mut call, op);
+        let span = call_span(id, &mut outgoing, op);
         let payload = if compensation {
             definition.compensation.clone()
         } else {
@@ -450,39 +467,45 @@ impl Shard {
         tokio::spawn(
             Box::pin(async move {
                 let event = if compensation {
-                    match participants.compensate(&call, payload).await {
-                        Ok(()) => SagaEvent::Compensated { step },
+                    match participants.compensate(&outgoing, payload).await {
+                        Ok(()) => SagaEvent::Compensated { step, call },
                         Err(failure) => {
-                            tracing::debug!(step_id = %call.branch_id, error = %failure.message, "compensation failed; will retry");
+                            tracing::debug!(step_id = %outgoing.branch_id, error = %failure.message, "compensation failed; will retry");
                             SagaEvent::CompensationFailed {
                                 step,
+                                call,
                                 error: failure.message,
                                 permanent: failure.permanent,
                             }
                         }
                     }
                 } else {
-                    match participants.commit(&call, CommitMode::SagaStep, payload).await {
+                    match participants.commit(&outgoing, CommitMode::SagaStep, payload).await {
                         Ok(Answer::Committed) => SagaEvent::StepAnswered {
                             step,
+                            call,
                             answer: StepAnswer::Committed,
                         },
                         Ok(Answer::Rejected { reason }) => SagaEvent::StepAnswered {
                             step,
+                            call,
                             answer: StepAnswer::Rejected { reason },
                         },
                         Ok(Answer::Aborted) => SagaEvent::StepAnswered {
                             step,
+                            call,
                             answer: StepAnswer::AlreadyCompensated,
                         },
                         Ok(Answer::NotPrepared) => SagaEvent::StepFailed {
                             step,
+                            call,
                             error: "participant answered NOT_PREPARED to a saga step".into(),
                         },
                         Err(failure) => {
-                            tracing::debug!(step_id = %call.branch_id, error = %failure.message, "step failed");
+                            tracing::debug!(step_id = %outgoing.branch_id, error = %failure.message, "step failed");
                             SagaEvent::StepFailed {
                                 step,
+                                call,
                                 error: failure.message,
                             }
                         }
