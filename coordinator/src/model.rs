@@ -187,14 +187,16 @@ pub enum Operation {
 }
 
 /// Which of a branch's calls an answer is to: its calls are numbered from 1 as they are
-/// sent. Memory only: after a restart every attempt read back is closed (its answer
-/// cannot come), and numbering starts again.
+/// sent. Not in the log's encoding: attempts decoded after a restart are numbered 0 and
+/// closed (their answers cannot come), and numbering starts again. (The in-memory log
+/// keeps records whole, numbers included.) Compared by `PartialEq`, like the record's
+/// other fields kept in memory only.
 pub type CallNumber = u32;
 
 /// One call to a participant and what came of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
-    /// 0 for an attempt read back from the log.
+    /// 0 for an attempt decoded from the log.
     #[serde(skip)]
     pub call: CallNumber,
     pub operation: Operation,
@@ -243,17 +245,30 @@ impl AttemptLog {
         self.calls_numbered
     }
 
-    /// Records the result of call `call` if it is still in flight; whether it was. A
-    /// call given up (taken as lost, or closed by a restart or an operator) keeps what
-    /// was recorded then.
-    pub fn finish(&mut self, call: CallNumber, result: impl Into<String>, now: UnixMs) -> bool {
-        let open = self
-            .attempts
-            .iter_mut()
-            .find(|a| a.call == call && a.finished_unix_ms.is_none());
-        let Some(open) = open else {
+    /// Records the result of call `call`, an answer of a kind `answers` (the operations
+    /// it can be to), if the call is still in flight; whether it was. A call given up
+    /// (taken as lost, or closed by a restart or an operator) keeps what was recorded
+    /// then.
+    pub fn finish(
+        &mut self,
+        call: CallNumber,
+        answers: &[Operation],
+        result: impl Into<String>,
+        now: UnixMs,
+    ) -> bool {
+        let Some(attempt) = self.attempts.iter_mut().find(|a| a.call == call) else {
             return false;
         };
+        debug_assert!(
+            answers.contains(&attempt.operation),
+            "call {call} was a {:?}, answered as one of {answers:?}: an answer names the call \
+             it answers",
+            attempt.operation
+        );
+        if attempt.finished_unix_ms.is_some() || !answers.contains(&attempt.operation) {
+            return false;
+        }
+        let open = attempt;
         open.finished_unix_ms = Some(now);
         open.result = Some(result.into());
         true
@@ -575,15 +590,15 @@ mod tests {
         let mut log = AttemptLog::default();
         for i in 0..(MAX_ATTEMPTS_KEPT as u64 + 3) {
             let call = log.start(Operation::Commit, i);
-            assert!(log.finish(call, format!("error {i}"), i + 1));
+            assert!(log.finish(call, &[Operation::Commit], format!("error {i}"), i + 1));
         }
         assert_eq!(log.attempts().len(), MAX_ATTEMPTS_KEPT);
         assert_eq!(log.attempts()[0].started_unix_ms, 3);
         // An answer closes the call it answers, even if another one started later.
         let prepare = log.start(Operation::Prepare, 100);
         let abort = log.start(Operation::Abort, 101);
-        assert!(log.finish(prepare, "voted YES", 102));
-        assert!(log.finish(abort, "aborted", 105));
+        assert!(log.finish(prepare, &[Operation::Prepare], "voted YES", 102));
+        assert!(log.finish(abort, &[Operation::Abort], "aborted", 105));
         let results: Vec<_> = log.attempts()[MAX_ATTEMPTS_KEPT - 2..]
             .iter()
             .map(|a| (a.operation, a.result.as_deref()))
@@ -595,7 +610,10 @@ mod tests {
                 (Operation::Abort, Some("aborted"))
             ]
         );
-        assert!(!log.finish(abort, "aborted again", 106), "answered already");
+        assert!(
+            !log.finish(abort, &[Operation::Abort], "aborted again", 106),
+            "answered already"
+        );
     }
 
     /// The log's format is unchanged by the call numbers: the attempts alone are
@@ -604,7 +622,7 @@ mod tests {
     fn an_attempt_log_is_encoded_as_its_attempts_alone() {
         let mut log = AttemptLog::default();
         let call = log.start(Operation::Commit, 1);
-        log.finish(call, "committed", 2);
+        log.finish(call, &[Operation::Commit], "committed", 2);
         log.start(Operation::Abort, 3);
         let encoded = postcard::to_allocvec(&log).unwrap();
         assert_eq!(encoded, postcard::to_allocvec(log.attempts()).unwrap());
@@ -622,13 +640,13 @@ mod tests {
         let given_up = log.start(Operation::Commit, 1);
         log.abandon_open("no answer; sent again", 60_001);
         let resend = log.start(Operation::Commit, 60_001);
-        assert!(!log.finish(given_up, "committed", 70_000));
+        assert!(!log.finish(given_up, &[Operation::Commit], "committed", 70_000));
         assert!(log.in_flight(), "{log:?}");
         assert_eq!(
             log.attempts()[0].result.as_deref(),
             Some("no answer; sent again")
         );
-        assert!(log.finish(resend, "committed", 70_001));
+        assert!(log.finish(resend, &[Operation::Commit], "committed", 70_001));
         assert!(!log.in_flight(), "{log:?}");
     }
 
@@ -640,7 +658,7 @@ mod tests {
         log.start(Operation::Step, 1);
         for i in 0..(MAX_ATTEMPTS_KEPT as u64 * 2) {
             let call = log.start(Operation::Compensate, 10 + i);
-            log.finish(call, "error: unreachable", 10 + i);
+            log.finish(call, &[Operation::Compensate], "error: unreachable", 10 + i);
         }
         assert_eq!(log.attempts().len(), MAX_ATTEMPTS_KEPT);
         assert!(log.open_for_at_least(0, 100), "{log:?}");

@@ -341,10 +341,18 @@ impl Saga {
         self.phase != SagaPhase::Submitting
     }
 
-    /// The number of the latest call sent to `step`: what engine tests answer.
+    /// The number of the latest forward call sent to `step`: what engine tests answer.
     #[cfg(test)]
-    pub fn latest_call(&self, step: usize) -> CallNumber {
-        self.steps[step].history.latest_call()
+    pub fn step_call(&self, step: usize) -> CallNumber {
+        self.steps[step].history.latest_call_to(Operation::Step)
+    }
+
+    /// The number of the latest compensation sent to `step`.
+    #[cfg(test)]
+    pub fn compensation_call(&self, step: usize) -> CallNumber {
+        self.steps[step]
+            .history
+            .latest_call_to(Operation::Compensate)
     }
 
     pub fn steps(&self) -> &[Step] {
@@ -421,7 +429,8 @@ impl Saga {
                 let Some(s) = self.steps.get_mut(step) else {
                     return Vec::new();
                 };
-                s.history.finish(call, "compensated", now);
+                s.history
+                    .finish(call, &[Operation::Compensate], "compensated", now);
                 s.failing_since = None;
                 if s.state != BranchState::Compensating
                     || self.phase != SagaPhase::Compensating
@@ -463,7 +472,14 @@ impl Saga {
                 let Some(s) = self.steps.get_mut(step) else {
                     return Vec::new();
                 };
-                s.history.finish(call, format!("error: {error}"), now);
+                let error_text = format!("error: {error}");
+                if !s
+                    .history
+                    .finish(call, &[Operation::Compensate], error_text, now)
+                {
+                    // A call given up, and sent again since: nothing to retry.
+                    return Vec::new();
+                }
                 // A late failure of a step that waits for an operator asks nothing more.
                 if s.awaits_operator {
                     return Vec::new();

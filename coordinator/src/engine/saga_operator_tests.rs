@@ -47,7 +47,7 @@ fn a_cancelled_saga_compensates_what_ran_once_the_decision_is_durable() {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step: 0,
-            call: saga.latest_call(0),
+            call: saga.step_call(0),
             answer: StepAnswer::Committed,
         },
         T0 + 2,
@@ -122,7 +122,7 @@ fn compensating_first_step() -> (Saga, Vec<SagaAction>) {
     let actions = saga.handle_event(
         SagaEvent::Compensated {
             step: 1,
-            call: saga.latest_call(1),
+            call: saga.compensation_call(1),
         },
         T0 + 3,
     );
@@ -136,7 +136,7 @@ fn cancelled_after_first_step() -> Saga {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step: 0,
-            call: saga.latest_call(0),
+            call: saga.step_call(0),
             answer: StepAnswer::Committed,
         },
         T0 + 2,
@@ -181,7 +181,7 @@ fn a_compensation_that_cannot_succeed_flags_the_saga_stuck_at_once() {
     let actions = saga.handle_event(
         SagaEvent::CompensationFailed {
             step: 0,
-            call: saga.latest_call(0),
+            call: saga.compensation_call(0),
             error: "participant answered FailedPrecondition: past the barrier retention".into(),
             permanent: true,
         },
@@ -287,7 +287,7 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
         saga.handle_event(
             SagaEvent::StepAnswered {
                 step: 1,
-                call: saga.latest_call(1),
+                call: saga.step_call(1),
                 answer: StepAnswer::Rejected {
                     reason: "out of stock".into()
                 },
@@ -305,7 +305,7 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
         saga.handle_event(
             SagaEvent::Compensated {
                 step: 0,
-                call: saga.latest_call(0)
+                call: saga.compensation_call(0)
             },
             T0 + 6
         ),
@@ -341,18 +341,18 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
         saga.handle_event(
             SagaEvent::Compensated {
                 step: 0,
-                call: saga.latest_call(0)
+                call: saga.compensation_call(0)
             },
             T0 + 9
         )
         .is_empty()
     );
-    // Nor does a late failure of a second call (the sweeper's resend), nor its timer.
+    // Nor does a stray failure of the call already answered, nor a retry timer.
     assert!(
         saga.handle_event(
             SagaEvent::CompensationFailed {
                 step: 0,
-                call: saga.latest_call(0),
+                call: saga.compensation_call(0),
                 error: "lost".into(),
                 permanent: false
             },
@@ -376,7 +376,7 @@ fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
         recovered.handle_event(
             SagaEvent::Compensated {
                 step: 0,
-                call: recovered.latest_call(0)
+                call: recovered.compensation_call(0)
             },
             T0 + 9
         ),
@@ -403,7 +403,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step: 0,
-            call: saga.latest_call(0),
+            call: saga.step_call(0),
             answer: StepAnswer::Committed,
         },
         T0 + 2,
@@ -414,7 +414,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step: 2,
-            call: saga.latest_call(2),
+            call: saga.step_call(2),
             answer: StepAnswer::Rejected {
                 reason: "out of stock".into(),
             },
@@ -428,7 +428,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     saga.handle_event(
         SagaEvent::Compensated {
             step: 1,
-            call: saga.latest_call(1),
+            call: saga.compensation_call(1),
         },
         T0 + 6,
     );
@@ -443,7 +443,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
         saga.handle_event(
             SagaEvent::StepFailed {
                 step: 1,
-                call: saga.latest_call(1),
+                call: saga.step_call(1),
                 error: "late".into()
             },
             T0 + 100_001
@@ -463,7 +463,7 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
         saga.handle_event(
             SagaEvent::CompensationFailed {
                 step: 0,
-                call: saga.latest_call(0),
+                call: saga.compensation_call(0),
                 error: "past the barrier retention".into(),
                 permanent: true,
             },
@@ -555,7 +555,7 @@ fn a_running_step_is_given_up_with_its_call_in_flight() {
         saga.handle_event(
             SagaEvent::StepAnswered {
                 step: 0,
-                call: saga.latest_call(0),
+                call: saga.step_call(0),
                 answer: StepAnswer::Committed,
             },
             T0 + 4,
@@ -567,12 +567,20 @@ fn a_running_step_is_given_up_with_its_call_in_flight() {
         saga.handle_event(
             SagaEvent::Compensated {
                 step: 0,
-                call: saga.latest_call(0)
+                call: saga.compensation_call(0)
             },
             T0 + 5
         ),
         vec![SagaAction::PersistLazy, SagaAction::PersistForced]
     );
+    // Each answer is recorded against its own call.
+    let results: Vec<_> = saga.steps()[0]
+        .history
+        .attempts()
+        .iter()
+        .map(|a| a.result.as_deref())
+        .collect();
+    assert_eq!(results, [Some("committed"), Some("compensated")]);
     saga.handle_event(SagaEvent::Persisted, T0 + 6);
     assert_eq!(saga.state(), TxnState::Compensated);
 }

@@ -19,6 +19,7 @@ impl Saga {
         };
         s.history.finish(
             call,
+            &[Operation::Step],
             match &answer {
                 StepAnswer::Committed => "committed".to_string(),
                 StepAnswer::Rejected { reason } => format!("rejected: {reason}"),
@@ -84,7 +85,13 @@ impl Saga {
         let Some(s) = self.steps.get_mut(step) else {
             return Vec::new();
         };
-        s.history.finish(call, format!("error: {error}"), now);
+        if !s
+            .history
+            .finish(call, &[Operation::Step], format!("error: {error}"), now)
+        {
+            // A call given up, and sent again since: nothing to retry.
+            return Vec::new();
+        }
         // A late failure of a step no longer running (stated committed, or compensating)
         // asks nothing more, and is no retry waiting.
         if s.state != BranchState::Running {

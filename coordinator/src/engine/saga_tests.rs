@@ -63,7 +63,7 @@ fn answer(saga: &mut Saga, step: usize, answer: StepAnswer) -> Vec<SagaAction> {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step,
-            call: saga.latest_call(step),
+            call: saga.step_call(step),
             answer,
         },
         T0 + 2,
@@ -88,7 +88,7 @@ fn compensated(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
     saga.handle_event(
         SagaEvent::Compensated {
             step,
-            call: saga.latest_call(step),
+            call: saga.compensation_call(step),
         },
         T0 + 3,
     )
@@ -290,7 +290,7 @@ fn transient_failures_are_retried_and_every_attempt_is_in_the_history() {
     let mut saga = running(&[&[]]);
     let failure = SagaEvent::StepFailed {
         step: 0,
-        call: saga.latest_call(0),
+        call: saga.step_call(0),
         error: "unavailable".into(),
     };
     assert_eq!(
@@ -337,7 +337,7 @@ fn out_of_attempts_the_uncertain_step_is_compensated_too() {
         let actions = saga.handle_event(
             SagaEvent::StepFailed {
                 step: 1,
-                call: saga.latest_call(1),
+                call: saga.step_call(1),
                 error: "timeout".into(),
             },
             T0 + 5,
@@ -355,7 +355,7 @@ fn out_of_attempts_the_uncertain_step_is_compensated_too() {
     let last = saga.handle_event(
         SagaEvent::StepFailed {
             step: 1,
-            call: saga.latest_call(1),
+            call: saga.step_call(1),
             error: "timeout".into(),
         },
         T0 + 7,
@@ -387,7 +387,7 @@ fn a_compensation_failing_repeatedly_flags_the_saga_stuck_until_it_succeeds() {
         let actions = saga.handle_event(
             SagaEvent::CompensationFailed {
                 step: 0,
-                call: saga.latest_call(0),
+                call: saga.compensation_call(0),
                 error: "refund service down".into(),
                 permanent: false,
             },
@@ -435,7 +435,7 @@ fn no_forward_retry_once_compensation_is_decided() {
     saga.handle_event(
         SagaEvent::StepFailed {
             step: 0,
-            call: saga.latest_call(0),
+            call: saga.step_call(0),
             error: "unavailable".into(),
         },
         T0 + 2,
@@ -633,7 +633,7 @@ fn the_final_record_is_written_as_it_will_be_shown() {
         saga.handle_event(
             SagaEvent::CompensationFailed {
                 step: 0,
-                call: saga.latest_call(0),
+                call: saga.compensation_call(0),
                 error: "down".into(),
                 permanent: false,
             },
@@ -651,7 +651,7 @@ fn the_final_record_is_written_as_it_will_be_shown() {
         saga.handle_event(
             SagaEvent::Compensated {
                 step: 0,
-                call: saga.latest_call(0)
+                call: saga.compensation_call(0)
             },
             finished_at
         ),
@@ -770,7 +770,7 @@ fn a_nudge_sends_again_only_calls_unanswered_beyond_their_timeout() {
 #[test]
 fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
     let mut saga = running(&[&[]]);
-    let first = saga.latest_call(0);
+    let first = saga.step_call(0);
     assert_eq!(
         saga.handle_event(
             SagaEvent::Nudge {
@@ -806,4 +806,34 @@ fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
         [Some(NO_ANSWER.to_string()), Some("committed".to_string())]
     );
     assert!(!saga.steps()[0].history.in_flight());
+}
+
+/// A failure of a call the sweeper gave up, heard after the call sent again went out,
+/// schedules no retry: the call in flight will have its own answer or failure.
+#[test]
+fn a_late_failure_of_a_call_given_up_schedules_no_retry() {
+    let mut saga = running(&[&[]]);
+    let nudge = SagaEvent::Nudge {
+        stale_after_ms: 100,
+    };
+    assert_eq!(
+        saga.handle_event(nudge, T0 + 1_001),
+        vec![SagaAction::SendStep { step: 0, call: 2 }]
+    );
+    let failed = |call| SagaEvent::StepFailed {
+        step: 0,
+        call,
+        error: "deadline exceeded".into(),
+    };
+    assert!(saga.handle_event(failed(1), T0 + 1_100).is_empty());
+    assert_eq!(saga.steps()[0].failing_since, None);
+    assert!(saga.steps()[0].history.in_flight());
+    assert_eq!(
+        saga.handle_event(failed(2), T0 + 1_200),
+        vec![SagaAction::ScheduleStepRetry {
+            step: 0,
+            attempt: 2,
+            policy: RETRY
+        }]
+    );
 }

@@ -157,6 +157,13 @@ fn may_hold_yes(state: BranchState) -> bool {
     )
 }
 
+/// The calls a `Delivered` / `DeliveryFailed` event can answer.
+const PHASE_TWO: &[Operation] = &[
+    Operation::Commit,
+    Operation::OnePhaseCommit,
+    Operation::Abort,
+];
+
 /// Where the transaction is. Finer than [`TxnState`], which is what users see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -441,8 +448,11 @@ impl TwoPhaseCommit {
                 error,
                 permanent,
             } => {
-                if self.finish_prepare(branch, call, format!("error: {error}"), now) {
-                    return vec![Action::RecordHistory];
+                match self.finish_prepare(branch, call, format!("error: {error}"), now) {
+                    // A call given up: what it says is asked again (or stated) since.
+                    None => return Vec::new(),
+                    Some(true) => return vec![Action::RecordHistory],
+                    Some(false) => {}
                 }
                 if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing)
                 {
@@ -478,7 +488,13 @@ impl TwoPhaseCommit {
                 let Some(b) = self.branches.get_mut(branch) else {
                     return Vec::new();
                 };
-                b.history.finish(call, format!("error: {error}"), now);
+                if !b
+                    .history
+                    .finish(call, PHASE_TWO, format!("error: {error}"), now)
+                {
+                    // A call given up, whose delivery is sent again: nothing to retry.
+                    return Vec::new();
+                }
                 b.failing_since.get_or_insert(now);
                 if !b.awaiting_ack || self.phase.state().is_final() {
                     return Vec::new();

@@ -45,7 +45,7 @@ impl TwoPhaseCommit {
         let Some(b) = self.branches.get_mut(branch) else {
             return Vec::new();
         };
-        b.history.finish(call, answer.describe(), now);
+        b.history.finish(call, PHASE_TWO, answer.describe(), now);
         b.failing_since = None;
         if !b.awaiting_ack {
             return Vec::new();

@@ -866,3 +866,36 @@ fn a_one_phase_commit_and_its_probe_are_each_answered_on_its_own_call() {
         )
     );
 }
+
+/// A failure of a delivery the sweeper gave up, heard after the delivery sent again went
+/// out, schedules no retry: the call in flight will have its own answer or failure.
+#[test]
+fn a_late_failure_of_a_delivery_given_up_schedules_no_retry() {
+    let mut txn = committing(2);
+    deliver(&mut txn, 1, Answer::Committed);
+    assert_eq!(
+        txn.handle_event(
+            Event::Nudge {
+                stale_after_ms: 1_000
+            },
+            T0 + 1_001
+        ),
+        vec![Action::SendCommit { branch: 0, call: 3 }]
+    );
+    let failed = |call| Event::DeliveryFailed {
+        branch: 0,
+        call,
+        error: "deadline exceeded".into(),
+        permanent: false,
+    };
+    assert!(txn.handle_event(failed(2), T0 + 1_100).is_empty());
+    assert_eq!(txn.branch(0).unwrap().failing_since, None);
+    assert!(txn.branch(0).unwrap().history.in_flight());
+    assert_eq!(
+        txn.handle_event(failed(3), T0 + 1_200),
+        vec![Action::ScheduleRetry {
+            branch: 0,
+            attempt: 2
+        }]
+    );
+}

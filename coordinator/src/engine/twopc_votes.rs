@@ -46,21 +46,21 @@ impl TwoPhaseCommit {
         }
     }
 
-    /// Finishes `branch`'s prepare attempt with `result`; whether that answer came after
-    /// the transaction ended (it raced the abort sent to the branch, whose answer ended
-    /// it), so that the history written at the end lacks it and must be written again,
-    /// as an operator's resolution of an ended abort is.
+    /// Finishes prepare call `call` of `branch` with `result`. `None` if that call was
+    /// no longer in flight (given up: asked again, or its vote stated, since); else
+    /// whether the answer came after the transaction ended (it raced the abort sent to
+    /// the branch, whose answer ended it), so that the history written at the end lacks
+    /// it and must be written again, as an operator's resolution of an ended abort is.
     pub(super) fn finish_prepare(
         &mut self,
         branch: usize,
         call: CallNumber,
         result: String,
         now: UnixMs,
-    ) -> bool {
-        let Some(b) = self.branches.get_mut(branch) else {
-            return false;
-        };
-        b.history.finish(call, result, now) && self.phase.state().is_final()
+    ) -> Option<bool> {
+        let b = self.branches.get_mut(branch)?;
+        let was_in_flight = b.history.finish(call, &[Operation::Prepare], result, now);
+        was_in_flight.then(|| self.phase.state().is_final())
     }
 
     /// A participant's vote, the answer to prepare call `call`.
@@ -76,7 +76,7 @@ impl TwoPhaseCommit {
             Vote::ReadOnly => "voted READ_ONLY".to_string(),
             Vote::No { reason } => format!("voted NO: {reason}"),
         };
-        if self.finish_prepare(branch, call, result, now) {
+        if self.finish_prepare(branch, call, result, now) == Some(true) {
             return vec![Action::RecordHistory];
         }
         self.on_vote(branch, vote, now)

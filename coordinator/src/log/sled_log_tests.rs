@@ -47,7 +47,7 @@ async fn records_are_kept_below_the_blob_threshold_by_trimming_history() {
             let mut history = AttemptLog::default();
             for attempt in 0..16 {
                 let call = history.start(Operation::Commit, attempt);
-                history.finish(call, "e".repeat(1024), attempt + 1);
+                history.finish(call, &[Operation::Commit], "e".repeat(1024), attempt + 1);
             }
             BranchRecord {
                 id: format!("branch-{i}"),
