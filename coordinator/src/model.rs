@@ -245,10 +245,9 @@ impl AttemptLog {
         self.calls_numbered
     }
 
-    /// Records the result of call `call`, an answer of a kind `answers` (the operations
-    /// it can be to), if the call is still in flight; whether it was. A call given up
-    /// (taken as lost, or closed by a restart or an operator) keeps what was recorded
-    /// then.
+    /// Records `result` for call `call` if it is still in flight and is one of `answers`
+    /// (the operations the answer can be to); whether it was. A call given up (taken as
+    /// lost, or closed by a restart or an operator) keeps what was recorded then.
     pub fn finish(
         &mut self,
         call: CallNumber,
@@ -256,7 +255,12 @@ impl AttemptLog {
         result: impl Into<String>,
         now: UnixMs,
     ) -> bool {
-        let Some(attempt) = self.attempts.iter_mut().find(|a| a.call == call) else {
+        // 0 names no call: attempts decoded from the log carry it.
+        let numbered = self
+            .attempts
+            .iter_mut()
+            .find(|a| a.call == call && call != 0);
+        let Some(attempt) = numbered else {
             return false;
         };
         debug_assert!(
@@ -268,9 +272,8 @@ impl AttemptLog {
         if attempt.finished_unix_ms.is_some() || !answers.contains(&attempt.operation) {
             return false;
         }
-        let open = attempt;
-        open.finished_unix_ms = Some(now);
-        open.result = Some(result.into());
+        attempt.finished_unix_ms = Some(now);
+        attempt.result = Some(result.into());
         true
     }
 
