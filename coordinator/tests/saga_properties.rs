@@ -28,7 +28,8 @@ use proptest::prelude::*;
 use treaty_coordinator::engine::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
 use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
 use treaty_coordinator::model::{
-    CallNumber, Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnRecord, TxnState,
+    CallNumber, Operation, Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId,
+    TxnRecord, TxnState,
 };
 
 const T0: u64 = 1_700_000_000_000;
@@ -124,6 +125,8 @@ struct World {
     after: Vec<Vec<usize>>,
     saga: Option<Saga>,
     calls: Vec<Call>,
+    /// Calls whose answer vanished: the coordinator still waits for them.
+    vanished: Vec<Call>,
     retries: Vec<SagaEvent>,
     /// Writes issued to the log, applied in order; forced ones report back.
     log_queue: Vec<(TxnRecord, bool)>,
@@ -174,6 +177,7 @@ impl World {
             after: graph.into_iter().map(|(_, a)| a).collect(),
             saga: Some(saga),
             calls: Vec::new(),
+            vanished: Vec::new(),
             retries: Vec::new(),
             log_queue: Vec::new(),
             durable: None,
@@ -360,6 +364,7 @@ impl World {
             Step::Vanish(i) => {
                 if let Some(call) = self.take(*i) {
                     self.participant(&call);
+                    self.vanished.push(call);
                 }
             }
             Step::Nudge => self.nudge(),
@@ -398,6 +403,7 @@ impl World {
             }
             Step::Crash => {
                 self.calls.clear();
+                self.vanished.clear();
                 self.retries.clear();
                 self.log_queue.clear();
                 self.now += 1;
@@ -417,6 +423,21 @@ impl World {
     fn check(&self) {
         let durable_state = self.durable.as_ref().map(|r| r.state);
         if let Some(saga) = &self.saga {
+            // A call the coordinator shows in flight was made, under that number, and has
+            // not been answered (or its answer vanished).
+            for (step, s) in saga.steps().iter().enumerate() {
+                let history = s.history.attempts();
+                for attempt in history.iter().filter(|a| a.finished_unix_ms.is_none()) {
+                    let call = match attempt.operation {
+                        Operation::Step => Call::Step(step, attempt.call),
+                        _ => Call::Compensate(step, attempt.call),
+                    };
+                    assert!(
+                        self.calls.contains(&call) || self.vanished.contains(&call),
+                        "step {step} shows {call:?} in flight, which is not: {history:?}"
+                    );
+                }
+            }
             if saga.steps().iter().any(|step| step.awaits_operator()) {
                 assert!(saga.is_stuck(), "a step waits for an operator, unflagged");
             }

@@ -58,6 +58,19 @@ enum InFlight {
     },
 }
 
+impl InFlight {
+    /// The branch a call is to, and its number (`None` for a log write).
+    fn call(&self) -> Option<(usize, CallNumber)> {
+        match *self {
+            InFlight::Prepare(branch, call)
+            | InFlight::Commit(branch, call)
+            | InFlight::OnePhaseCommit(branch, call)
+            | InFlight::Abort(branch, call) => Some((branch, call)),
+            InFlight::Persist { .. } => None,
+        }
+    }
+}
+
 /// What a participant's barrier holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Barrier {
@@ -130,6 +143,8 @@ struct World {
     /// it knows nothing of the transaction any more).
     coordinator: Option<TwoPhaseCommit>,
     in_flight: Vec<InFlight>,
+    /// Calls whose answer vanished: the coordinator still waits for them.
+    vanished: Vec<(usize, CallNumber)>,
     retries: Vec<(usize, u32)>,
     durable: Option<TxnRecord>,
     /// The order of the write `durable` came from: the log applies writes in the order
@@ -180,6 +195,7 @@ impl World {
             scripts,
             coordinator: Some(txn),
             in_flight: Vec::new(),
+            vanished: Vec::new(),
             retries: Vec::new(),
             durable: None,
             durable_order: 0,
@@ -479,6 +495,7 @@ impl World {
             }
             Step::Vanish(i) => {
                 if let Some(message) = self.take(*i) {
+                    self.vanished.extend(message.call());
                     let answer = self.participant(&message);
                     // A log write is not lost; it completes.
                     if let (InFlight::Persist { .. }, Some(event)) = (&message, answer) {
@@ -523,6 +540,7 @@ impl World {
             }
             Step::Crash => {
                 self.in_flight.clear();
+                self.vanished.clear();
                 self.retries.clear();
                 self.now += 1;
                 // Writes issued but not complete may or may not be in the log: taken as
@@ -559,6 +577,22 @@ impl World {
             !(self.reported_commit && self.reported_abort),
             "both COMMITTED and ABORTED were reported"
         );
+        // A call the coordinator shows in flight was made, under that number, and has
+        // not been answered (or its answer vanished).
+        if let Some(coordinator) = &self.coordinator {
+            for (b, branch) in coordinator.branches().iter().enumerate() {
+                let history = branch.history.attempts();
+                for attempt in history.iter().filter(|a| a.finished_unix_ms.is_none()) {
+                    let call = (b, attempt.call);
+                    assert!(
+                        self.in_flight.iter().any(|m| m.call() == Some(call))
+                            || self.vanished.contains(&call),
+                        "branch {b} shows call {} in flight, which is not: {history:?}",
+                        attempt.call
+                    );
+                }
+            }
+        }
         let every_vote_yes =
             (0..self.scripts.len()).all(|b| self.scripts[b] != Script::No || self.stated_yes[b]);
         for b in 0..self.scripts.len() {
