@@ -15,11 +15,20 @@ mod operator_tests;
 #[path = "parallel_commit_tests.rs"]
 mod parallel_commit_tests;
 #[cfg(test)]
+#[path = "saga_call_tests.rs"]
+mod saga_call_tests;
+#[cfg(test)]
 #[path = "saga_operator_tests.rs"]
 mod saga_operator_tests;
 #[cfg(test)]
+#[path = "saga_recovery_tests.rs"]
+mod saga_recovery_tests;
+#[cfg(test)]
 #[path = "saga_tests.rs"]
 mod saga_tests;
+#[cfg(test)]
+#[path = "twopc_delivery_tests.rs"]
+mod twopc_delivery_tests;
 #[cfg(test)]
 #[path = "twopc_tests.rs"]
 mod twopc_tests;

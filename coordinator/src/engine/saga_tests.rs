@@ -1,22 +1,21 @@
 //! One test per situation, asserting the exact actions each step of a saga emits.
 
-use super::messages::NO_ANSWER;
 use super::saga::*;
 use super::saga_graph::*;
 use crate::model::{
-    BranchState, Operation, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnState, UnixMs,
+    BranchState, RetryPolicy, SagaDefinition, StepDefinition, TxnId, TxnState, UnixMs,
 };
 
-const T0: UnixMs = 1_700_000_000_000;
+pub(super) const T0: UnixMs = 1_700_000_000_000;
 
-const RETRY: RetryPolicy = RetryPolicy {
+pub(super) const RETRY: RetryPolicy = RetryPolicy {
     max_attempts: 3,
     initial_backoff_ms: 10,
     max_backoff_ms: 100,
 };
 
 /// Steps named by letter; `graph` lists, per step, the indices it runs after.
-fn definition(graph: &[&[usize]]) -> SagaDefinition {
+pub(super) fn definition(graph: &[&[usize]]) -> SagaDefinition {
     SagaDefinition {
         steps: graph
             .iter()
@@ -37,7 +36,7 @@ fn definition(graph: &[&[usize]]) -> SagaDefinition {
 }
 
 /// A saga past submission: its definition durable, its root steps sent.
-fn running(graph: &[&[usize]]) -> Saga {
+pub(super) fn running(graph: &[&[usize]]) -> Saga {
     let (mut saga, actions) = Saga::submit(NewSaga {
         id: TxnId::generate(T0),
         created_unix_ms: T0,
@@ -59,7 +58,7 @@ fn running(graph: &[&[usize]]) -> Saga {
     saga
 }
 
-fn answer(saga: &mut Saga, step: usize, answer: StepAnswer) -> Vec<SagaAction> {
+pub(super) fn answer(saga: &mut Saga, step: usize, answer: StepAnswer) -> Vec<SagaAction> {
     saga.handle_event(
         SagaEvent::StepAnswered {
             step,
@@ -70,11 +69,11 @@ fn answer(saga: &mut Saga, step: usize, answer: StepAnswer) -> Vec<SagaAction> {
     )
 }
 
-fn committed(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
+pub(super) fn committed(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
     answer(saga, step, StepAnswer::Committed)
 }
 
-fn rejected(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
+pub(super) fn rejected(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
     answer(
         saga,
         step,
@@ -84,7 +83,7 @@ fn rejected(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
     )
 }
 
-fn compensated(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
+pub(super) fn compensated(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
     saga.handle_event(
         SagaEvent::Compensated {
             step,
@@ -94,11 +93,11 @@ fn compensated(saga: &mut Saga, step: usize) -> Vec<SagaAction> {
     )
 }
 
-fn persisted(saga: &mut Saga) -> Vec<SagaAction> {
+pub(super) fn persisted(saga: &mut Saga) -> Vec<SagaAction> {
     saga.handle_event(SagaEvent::Persisted, T0 + 4)
 }
 
-fn states(saga: &Saga) -> Vec<BranchState> {
+pub(super) fn states(saga: &Saga) -> Vec<BranchState> {
     saga.steps().iter().map(|s| s.state).collect()
 }
 
@@ -286,50 +285,6 @@ fn a_failing_branch_of_a_parallel_group_compensates_its_sibling_in_flight() {
 }
 
 #[test]
-fn transient_failures_are_retried_and_every_attempt_is_in_the_history() {
-    let mut saga = running(&[&[]]);
-    let failure = SagaEvent::StepFailed {
-        step: 0,
-        call: saga.step_call(0),
-        error: "unavailable".into(),
-    };
-    assert_eq!(
-        saga.handle_event(failure, T0 + 2),
-        vec![SagaAction::ScheduleStepRetry {
-            step: 0,
-            attempt: 1,
-            policy: RETRY
-        }]
-    );
-    assert_eq!(
-        saga.handle_event(
-            SagaEvent::StepRetryDue {
-                step: 0,
-                attempt: 1
-            },
-            T0 + 20
-        ),
-        vec![SagaAction::SendStep { step: 0, call: 2 }]
-    );
-    committed(&mut saga, 0);
-    let step = &saga.steps()[0];
-    assert_eq!(step.attempts, 2);
-    let results: Vec<(Operation, Option<&str>)> = step
-        .history
-        .attempts()
-        .iter()
-        .map(|a| (a.operation, a.result.as_deref()))
-        .collect();
-    assert_eq!(
-        results,
-        [
-            (Operation::Step, Some("error: unavailable")),
-            (Operation::Step, Some("committed"))
-        ]
-    );
-}
-
-#[test]
 fn out_of_attempts_the_uncertain_step_is_compensated_too() {
     let mut saga = running(&[&[], &[0]]);
     committed(&mut saga, 0);
@@ -459,99 +414,6 @@ fn no_forward_retry_once_compensation_is_decided() {
 }
 
 #[test]
-fn recovery_resumes_forward_from_the_last_known_step() {
-    let mut saga = running(&[&[], &[0], &[1]]);
-    committed(&mut saga, 0);
-    // The log has a committed, b running (its answer lost in the crash), c pending.
-    let logged = saga.log_record();
-    let (recovered, actions) = Saga::recover(logged, T0 + 100);
-    assert_eq!(actions, vec![SagaAction::SendStep { step: 1, call: 2 }]);
-    assert_eq!(recovered.steps()[1].attempts, 2);
-    assert_eq!(recovered.state(), TxnState::Running);
-}
-
-#[test]
-fn recovery_of_a_definition_alone_starts_the_saga() {
-    let (saga, _) = Saga::submit(NewSaga {
-        id: TxnId::generate(T0),
-        created_unix_ms: T0,
-        definition: definition(&[&[], &[]]),
-        idempotency_key: None,
-        owner: None,
-        deadline_unix_ms: None,
-    });
-    let (recovered, actions) = Saga::recover(saga.log_record(), T0 + 100);
-    assert_eq!(
-        actions,
-        vec![
-            SagaAction::SendStep { step: 0, call: 1 },
-            SagaAction::SendStep { step: 1, call: 1 }
-        ]
-    );
-    assert_eq!(recovered.record().transitions[0].state, TxnState::Running);
-}
-
-#[test]
-fn recovery_resumes_compensation_and_never_goes_forward_again() {
-    let mut saga = running(&[&[], &[0], &[1]]);
-    committed(&mut saga, 0);
-    committed(&mut saga, 1);
-    rejected(&mut saga, 2);
-    persisted(&mut saga);
-    compensated(&mut saga, 1);
-    let (recovered, actions) = Saga::recover(saga.log_record(), T0 + 100);
-    assert_eq!(
-        actions,
-        vec![SagaAction::SendCompensation { step: 0, call: 3 }]
-    );
-    assert_eq!(recovered.state(), TxnState::Compensating);
-
-    // A decision whose write was in flight: the lazy writes after it carry it too.
-    let mut saga = running(&[&[], &[0]]);
-    committed(&mut saga, 0);
-    rejected(&mut saga, 1);
-    let (_, actions) = Saga::recover(saga.log_record(), T0 + 100);
-    assert_eq!(
-        actions,
-        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
-    );
-}
-
-#[test]
-fn recovered_compensation_neither_hangs_on_nor_skips_steps_the_log_shows_pending() {
-    // a ∥ b, c after both; b rejected and the decision logged; the coordinator dies
-    // before anything is compensated. c shows pending, but progress is lazy: it may
-    // have run. It is compensated (a no-op at its barrier if it never ran), then a.
-    let mut saga = running(&[&[], &[], &[0, 1]]);
-    rejected(&mut saga, 1);
-    let logged = saga.log_record();
-    assert_eq!(logged.branches[2].state, BranchState::Pending);
-    let (mut recovered, actions) = Saga::recover(logged, T0 + 100);
-    assert_eq!(
-        actions,
-        vec![SagaAction::SendCompensation { step: 2, call: 1 }]
-    );
-    assert_eq!(
-        compensated(&mut recovered, 2),
-        vec![
-            SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 0, call: 2 }
-        ]
-    );
-}
-
-#[test]
-fn a_rejection_recovered_before_its_decision_was_logged_is_decided_again() {
-    let mut saga = running(&[&[], &[0]]);
-    committed(&mut saga, 0);
-    let mut logged = saga.log_record();
-    logged.branches[1].state = BranchState::Rejected;
-    let (recovered, actions) = Saga::recover(logged, T0 + 100);
-    assert_eq!(actions, vec![SagaAction::PersistForced]);
-    assert_eq!(recovered.log_record().state, TxnState::Compensating);
-}
-
-#[test]
 fn step_graphs_must_be_acyclic_with_known_unique_ids() {
     let ids = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let after = |lists: &[&[&str]]| {
@@ -584,42 +446,6 @@ fn step_graphs_must_be_acyclic_with_known_unique_ids() {
     assert_eq!(
         cycle.unwrap_err().to_string(),
         "is part of a cycle: a after c after b after a"
-    );
-}
-
-#[test]
-fn after_a_restart_a_step_the_log_shows_pending_is_compensated_too() {
-    // a ∥ b, c after a. Before the crash a and c committed, but only the definition
-    // reached the disk (progress is lazy). After the restart b is rejected: c may have
-    // run, so it is compensated (first: it runs after a), not skipped.
-    let (saga, _) = Saga::submit(NewSaga {
-        id: TxnId::generate(T0),
-        created_unix_ms: T0,
-        definition: definition(&[&[], &[], &[0]]),
-        idempotency_key: None,
-        owner: None,
-        deadline_unix_ms: None,
-    });
-    let (mut saga, actions) = Saga::recover(saga.log_record(), T0 + 100);
-    assert_eq!(
-        actions,
-        vec![
-            SagaAction::SendStep { step: 0, call: 1 },
-            SagaAction::SendStep { step: 1, call: 1 }
-        ]
-    );
-    assert_eq!(rejected(&mut saga, 1), vec![SagaAction::PersistForced]);
-    assert_eq!(
-        persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 2, call: 1 }]
-    );
-    assert_eq!(saga.steps()[2].state, BranchState::Compensating);
-    assert_eq!(
-        compensated(&mut saga, 2),
-        vec![
-            SagaAction::PersistLazy,
-            SagaAction::SendCompensation { step: 0, call: 2 }
-        ]
     );
 }
 
@@ -684,18 +510,6 @@ fn a_step_compensated_before_it_ran_makes_the_saga_compensate() {
 }
 
 #[test]
-fn a_recovered_saga_with_nothing_left_to_send_finishes() {
-    // Every step committed, but the final write was lost.
-    let mut saga = running(&[&[], &[0]]);
-    committed(&mut saga, 0);
-    let mut logged = saga.log_record();
-    logged.branches[1].state = BranchState::Committed;
-    let (recovered, actions) = Saga::recover(logged, T0 + 100);
-    assert_eq!(actions, vec![SagaAction::PersistForced]);
-    assert_eq!(recovered.log_record().state, TxnState::Completed);
-}
-
-#[test]
 fn the_reason_for_a_decision_is_shown_only_once_it_is_durable() {
     let mut saga = running(&[&[], &[0]]);
     committed(&mut saga, 0);
@@ -706,134 +520,5 @@ fn the_reason_for_a_decision_is_shown_only_once_it_is_durable() {
     assert_eq!(
         saga.record().reason.as_deref(),
         Some("step b was rejected: out of stock")
-    );
-}
-
-#[test]
-fn attempts_in_flight_at_a_crash_are_closed_on_recovery() {
-    let saga = running(&[&[]]);
-    let (recovered, _) = Saga::recover(saga.log_record(), T0 + 100);
-    let attempts = recovered.steps()[0].history.attempts();
-    assert_eq!(
-        attempts[0].result.as_deref(),
-        Some("unknown: the coordinator restarted")
-    );
-    assert_eq!(
-        attempts[1].finished_unix_ms, None,
-        "the resent one is in flight"
-    );
-}
-
-#[test]
-fn a_nudge_sends_again_only_calls_unanswered_beyond_their_timeout() {
-    let nudge = |saga: &mut Saga, at: UnixMs| {
-        saga.handle_event(
-            SagaEvent::Nudge {
-                stale_after_ms: 100,
-            },
-            at,
-        )
-    };
-    // Both steps went out at T0 + 1 with a 1 s call timeout, which is longer than
-    // stale_after_ms: a call may run that long.
-    let mut saga = running(&[&[], &[]]);
-    committed(&mut saga, 0);
-    assert!(nudge(&mut saga, T0 + 500).is_empty());
-    assert_eq!(
-        nudge(&mut saga, T0 + 1_001),
-        vec![SagaAction::SendStep { step: 1, call: 2 }]
-    );
-    let step = &saga.steps()[1];
-    assert_eq!(step.attempts, 2);
-    assert_eq!(
-        step.history.attempts()[0].result.as_deref(),
-        Some(NO_ANSWER)
-    );
-    rejected(&mut saga, 1);
-    assert_eq!(
-        persisted(&mut saga),
-        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
-    );
-    assert!(nudge(&mut saga, T0 + 500).is_empty());
-    assert_eq!(
-        nudge(&mut saga, T0 + 1_004),
-        vec![SagaAction::SendCompensation { step: 0, call: 3 }]
-    );
-    assert_eq!(saga.steps()[0].compensation_attempts, 2);
-}
-
-/// The sweeper gives up a step's call and sends it again. The first call's late answer
-/// is the step's answer, and is recorded against that call: the call sent again stays
-/// in flight until its own answer comes. (An answer once closed the newest call of its
-/// kind, so `txn show` and an operator's resolve saw nothing in flight while the
-/// second call was.)
-#[test]
-fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
-    let mut saga = running(&[&[]]);
-    let first = saga.step_call(0);
-    assert_eq!(
-        saga.handle_event(
-            SagaEvent::Nudge {
-                stale_after_ms: 100
-            },
-            T0 + 1_001
-        ),
-        vec![SagaAction::SendStep { step: 0, call: 2 }]
-    );
-    let answer = SagaEvent::StepAnswered {
-        step: 0,
-        call: first,
-        answer: StepAnswer::Committed,
-    };
-    assert_eq!(
-        saga.handle_event(answer, T0 + 1_500),
-        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
-    );
-    let results = |saga: &Saga| -> Vec<Option<String>> {
-        let history = saga.steps()[0].history.attempts();
-        history.iter().map(|a| a.result.clone()).collect()
-    };
-    assert_eq!(results(&saga), [Some(NO_ANSWER.to_string()), None]);
-    assert!(saga.steps()[0].history.in_flight());
-    let second = SagaEvent::StepAnswered {
-        step: 0,
-        call: 2,
-        answer: StepAnswer::Committed,
-    };
-    assert!(saga.handle_event(second, T0 + 1_600).is_empty());
-    assert_eq!(
-        results(&saga),
-        [Some(NO_ANSWER.to_string()), Some("committed".to_string())]
-    );
-    assert!(!saga.steps()[0].history.in_flight());
-}
-
-/// A failure of a call the sweeper gave up, heard after the call sent again went out,
-/// schedules no retry: the call in flight will have its own answer or failure.
-#[test]
-fn a_late_failure_of_a_call_given_up_schedules_no_retry() {
-    let mut saga = running(&[&[]]);
-    let nudge = SagaEvent::Nudge {
-        stale_after_ms: 100,
-    };
-    assert_eq!(
-        saga.handle_event(nudge, T0 + 1_001),
-        vec![SagaAction::SendStep { step: 0, call: 2 }]
-    );
-    let failed = |call| SagaEvent::StepFailed {
-        step: 0,
-        call,
-        error: "deadline exceeded".into(),
-    };
-    assert!(saga.handle_event(failed(1), T0 + 1_100).is_empty());
-    assert_eq!(saga.steps()[0].failing_since, None);
-    assert!(saga.steps()[0].history.in_flight());
-    assert_eq!(
-        saga.handle_event(failed(2), T0 + 1_200),
-        vec![SagaAction::ScheduleStepRetry {
-            step: 0,
-            attempt: 2,
-            policy: RETRY
-        }]
     );
 }
