@@ -298,6 +298,10 @@ pub const NO_ANSWER: &str = "no answer; sent again";
 /// operator may resolve its branch; `Resume` sends again what still waits.
 pub const NO_ANSWER_PAUSED: &str = "no answer; taken as lost while paused";
 
+/// The same for a saga step that waits for an operator: nothing more is sent for it, and
+/// its call is taken as lost so that the operator may resolve it.
+pub const NO_ANSWER_AWAITING_OPERATOR: &str = "no answer; taken as lost (waits for an operator)";
+
 /// The note a transaction gets when it is flagged stuck: `what` (say "delivering to
 /// branch b1") failed `attempts` times, or cannot succeed at all (`permanent`).
 pub fn stuck_note(what: &str, attempts: u32, error: &str, permanent: bool) -> String {

@@ -34,8 +34,8 @@
 use std::sync::Arc;
 
 use super::messages::{
-    NO_ANSWER, NO_ANSWER_PAUSED, OperatorCommand, OperatorRequest, Refusal, RetryControl,
-    stuck_note,
+    NO_ANSWER, NO_ANSWER_AWAITING_OPERATOR, NO_ANSWER_PAUSED, OperatorCommand, OperatorRequest,
+    Refusal, RetryControl, stuck_note,
 };
 use crate::model::{
     AttemptLog, BranchRecord, BranchState, CallNumber, Operation, OperatorResolution, Resolution,
@@ -552,7 +552,8 @@ impl Saga {
     /// barrier answers a repeat from its record). Steps waiting for a retry have their
     /// timer. Paused, such a call is taken as lost but not sent: `Resume` sends it, and
     /// meanwhile an operator may resolve the step, which is refused while a call is in
-    /// flight.
+    /// flight. A step that waits for an operator is never sent again; its call is taken
+    /// as lost all the same, or a lost one would keep its resolve refused for ever.
     fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<SagaAction> {
         let (state, operation) = match self.phase {
             SagaPhase::Running => (BranchState::Running, Operation::Step),
@@ -563,11 +564,14 @@ impl Saga {
         for (step, s) in self.steps.iter_mut().enumerate() {
             let call_timeout_ms = self.definition.steps[step].timeout_ms;
             if s.state != state
-                || s.awaits_operator
                 || !s
                     .history
                     .open_for_at_least(stale_after_ms.max(call_timeout_ms), now)
             {
+                continue;
+            }
+            if s.awaits_operator {
+                s.history.abandon_open(NO_ANSWER_AWAITING_OPERATOR, now);
                 continue;
             }
             if self.paused {

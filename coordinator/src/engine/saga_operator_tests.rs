@@ -1,7 +1,7 @@
 //! Operator verbs and cancels on sagas: the exact actions each emits, and what is
 //! refused (and then changed nothing).
 
-use super::messages::{NO_ANSWER_PAUSED, OperatorCommand, Refusal};
+use super::messages::{NO_ANSWER_AWAITING_OPERATOR, NO_ANSWER_PAUSED, OperatorCommand, Refusal};
 use super::operator_tests::{T0, ops, resolve};
 use super::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
 use crate::model::{
@@ -634,6 +634,65 @@ fn a_step_is_not_stated_undone_while_its_forward_call_is_out() {
     fail_step(&mut saga, (1, 1), "deadline exceeded", T0 + 6);
     assert!(
         saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 7)
+            .is_ok()
+    );
+}
+
+/// A step stated committed hears its compensation's answer from a call the sweeper gave
+/// up, while the call sent again is still out; then that call's answer is lost. The
+/// step waits for an operator, so nothing is sent for it again, but the lost call is
+/// taken as lost all the same: else the operator's resolve would be refused for ever
+/// (the saga property test found this once answers closed their own calls).
+#[test]
+fn a_lost_call_of_a_step_that_waits_for_an_operator_is_taken_as_lost() {
+    let (mut saga, _) = saga(2, None);
+    fail_step(&mut saga, (0, 1), "participant unreachable", T0 + 2);
+    saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3)
+        .unwrap();
+    let rejected = SagaEvent::StepAnswered {
+        step: 1,
+        call: 1,
+        answer: StepAnswer::Rejected {
+            reason: "out of stock".into(),
+        },
+    };
+    saga.handle_event(rejected, T0 + 4);
+    assert_eq!(
+        saga.handle_event(SagaEvent::Persisted, T0 + 5),
+        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
+    );
+    let nudge = SagaEvent::Nudge {
+        stale_after_ms: 100,
+    };
+    assert_eq!(
+        saga.handle_event(nudge.clone(), T0 + 2_000),
+        vec![SagaAction::SendCompensation { step: 0, call: 3 }]
+    );
+    // The late answer of the call given up: the step now waits for an operator, with
+    // call 3 still out.
+    let late = SagaEvent::Compensated { step: 0, call: 2 };
+    saga.handle_event(late, T0 + 2_100);
+    assert!(saga.steps()[0].awaits_operator());
+    assert!(saga.steps()[0].history.in_flight());
+    assert_eq!(
+        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 2_200),
+        Err(Refusal::CallInFlight("s0".into()))
+    );
+    // Call 3's answer never comes: the sweeper takes it as lost and sends nothing.
+    assert!(saga.handle_event(nudge, T0 + 4_000).is_empty());
+    assert!(!saga.steps()[0].history.in_flight());
+    assert_eq!(
+        saga.steps()[0]
+            .history
+            .attempts()
+            .last()
+            .unwrap()
+            .result
+            .as_deref(),
+        Some(NO_ANSWER_AWAITING_OPERATOR)
+    );
+    assert!(
+        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 4_001)
             .is_ok()
     );
 }
