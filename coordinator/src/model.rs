@@ -633,6 +633,16 @@ mod tests {
         assert_eq!(decoded.attempts().len(), 2);
         assert_eq!(decoded.attempts()[0].result.as_deref(), Some("committed"));
         assert!(decoded.attempts().iter().all(|a| a.call == 0), "not stored");
+        // The bytes, by postcard's rules: the attempts' count, then each attempt's
+        // operation (Commit is variant 1), start, finish (Some: 1, then the value) and
+        // result (Some: 1, the length, the bytes); all integers as varints.
+        let mut pinned = AttemptLog::default();
+        let call = pinned.start(Operation::Commit, 1);
+        pinned.finish(call, &[Operation::Commit], "ok", 2);
+        assert_eq!(
+            postcard::to_allocvec(&pinned).unwrap(),
+            [1, 1, 1, 1, 2, 1, 2, b'o', b'k']
+        );
     }
 
     /// The sweeper gives up call A and sends B: A's late answer leaves B in flight (it
