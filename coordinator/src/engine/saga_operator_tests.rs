@@ -273,29 +273,33 @@ fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
     );
 }
 
+/// A two-step saga whose first step's call failed and was stated committed by an
+/// operator, and whose second step was then rejected; returns what the rejection asked
+/// for (the decision to compensate is forced).
+fn stated_committed_then_rejected() -> (Saga, Vec<SagaAction>) {
+    let (mut saga, _) = saga(2, None);
+    fail_step(&mut saga, (0, 1), "participant unreachable", T0 + 2);
+    saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3)
+        .unwrap();
+    let rejected = SagaEvent::StepAnswered {
+        step: 1,
+        call: saga.step_call(1),
+        answer: StepAnswer::Rejected {
+            reason: "out of stock".into(),
+        },
+    };
+    let actions = saga.handle_event(rejected, T0 + 4);
+    (saga, actions)
+}
+
 /// A step an operator stated committed may be work done by hand: when the saga then
 /// compensates, its participant's compensation undoes only what the participant
 /// applied (it records a null compensation if it holds nothing). So the saga waits,
 /// flagged stuck, until an operator states the step undone.
 #[test]
 fn a_step_stated_committed_is_undone_only_when_an_operator_says_so() {
-    let (mut saga, _) = saga(2, None);
-    fail_step(&mut saga, (0, 1), "participant unreachable", T0 + 2);
-    saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3)
-        .unwrap();
-    assert_eq!(
-        saga.handle_event(
-            SagaEvent::StepAnswered {
-                step: 1,
-                call: saga.step_call(1),
-                answer: StepAnswer::Rejected {
-                    reason: "out of stock".into()
-                },
-            },
-            T0 + 4,
-        ),
-        vec![SagaAction::PersistForced]
-    );
+    let (mut saga, actions) = stated_committed_then_rejected();
+    assert_eq!(actions, vec![SagaAction::PersistForced]);
     assert_eq!(
         saga.handle_event(SagaEvent::Persisted, T0 + 5),
         vec![SagaAction::SendCompensation { step: 0, call: 2 }]
@@ -645,18 +649,7 @@ fn a_step_is_not_stated_undone_while_its_forward_call_is_out() {
 /// (the saga property test found this once answers closed their own calls).
 #[test]
 fn a_lost_call_of_a_step_that_waits_for_an_operator_is_taken_as_lost() {
-    let (mut saga, _) = saga(2, None);
-    fail_step(&mut saga, (0, 1), "participant unreachable", T0 + 2);
-    saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3)
-        .unwrap();
-    let rejected = SagaEvent::StepAnswered {
-        step: 1,
-        call: 1,
-        answer: StepAnswer::Rejected {
-            reason: "out of stock".into(),
-        },
-    };
-    saga.handle_event(rejected, T0 + 4);
+    let (mut saga, _) = stated_committed_then_rejected();
     assert_eq!(
         saga.handle_event(SagaEvent::Persisted, T0 + 5),
         vec![SagaAction::SendCompensation { step: 0, call: 2 }]
