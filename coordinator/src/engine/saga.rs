@@ -30,6 +30,9 @@
 //!   a stated outcome that contradicts the decision to compensate is refused. A step
 //!   stated committed (perhaps by hand) is undone only when an operator says so: its
 //!   participant's compensation answer leaves it waiting, the saga flagged stuck.
+//! - An answer or failure recorded once the final record was issued (a call sent again,
+//!   heard after the saga ended) asks for a lazy write of its own: the log holds what
+//!   memory does.
 
 use std::sync::Arc;
 
@@ -426,12 +429,17 @@ impl Saga {
                 }
             }
             SagaEvent::Compensated { step, call } => {
+                let ended = self.final_record_issued();
                 let Some(s) = self.steps.get_mut(step) else {
                     return Vec::new();
                 };
-                s.history
-                    .finish(call, &[Operation::Compensate], "compensated", now);
+                let was_in_flight =
+                    s.history
+                        .finish(call, &[Operation::Compensate], "compensated", now);
                 s.failing_since = None;
+                if was_in_flight && ended {
+                    return vec![SagaAction::PersistLazy];
+                }
                 if s.state != BranchState::Compensating
                     || self.phase != SagaPhase::Compensating
                     || s.awaits_operator
@@ -469,6 +477,7 @@ impl Saga {
                 permanent,
             } => {
                 let stuck_after = self.definition.stuck_after_attempts;
+                let ended = self.final_record_issued();
                 let Some(s) = self.steps.get_mut(step) else {
                     return Vec::new();
                 };
@@ -479,6 +488,9 @@ impl Saga {
                 {
                     // A call given up, and sent again since: nothing to retry.
                     return Vec::new();
+                }
+                if ended {
+                    return vec![SagaAction::PersistLazy];
                 }
                 // A late failure of a step that waits for an operator asks nothing more.
                 if s.awaits_operator {
@@ -589,6 +601,12 @@ impl Saga {
             }
         }
         actions
+    }
+
+    /// Whether the saga's final record is durable or being written: what a step's history
+    /// records from then on (a late answer) reaches the log only by a write of its own.
+    pub(super) fn final_record_issued(&self) -> bool {
+        self.phase.logged_state().is_final()
     }
 
     /// Every step committed or nothing left to do: the final state is forced before it is

@@ -5,7 +5,7 @@
 use super::messages::NO_ANSWER;
 use super::saga::*;
 use super::saga_tests::*;
-use crate::model::{Operation, UnixMs};
+use crate::model::{Operation, TxnState, UnixMs};
 
 #[test]
 fn transient_failures_are_retried_and_every_attempt_is_in_the_history() {
@@ -127,7 +127,11 @@ fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
         call: 2,
         answer: StepAnswer::Committed,
     };
-    assert!(saga.handle_event(second, T0 + 1_600).is_empty());
+    // The final record is being written without it: the answer is written on its own.
+    assert_eq!(
+        saga.handle_event(second, T0 + 1_600),
+        vec![SagaAction::PersistLazy]
+    );
     assert_eq!(
         results(&saga),
         [Some(NO_ANSWER.to_string()), Some("committed".to_string())]
@@ -163,4 +167,48 @@ fn a_late_failure_of_a_call_given_up_schedules_no_retry() {
             policy: RETRY
         }]
     );
+}
+
+/// A call sent again by the sweeper fails after the saga completed on the first call's
+/// answer: its failure is written to the log by a write of its own, and asks nothing
+/// more. (It once changed memory only, so the log kept the call open for ever.)
+#[test]
+fn a_failure_heard_after_the_saga_ended_is_written_to_the_log_too() {
+    let mut saga = running(&[&[]]);
+    let first = saga.step_call(0);
+    let nudge = SagaEvent::Nudge {
+        stale_after_ms: 100,
+    };
+    assert_eq!(
+        saga.handle_event(nudge, T0 + 1_001),
+        vec![SagaAction::SendStep { step: 0, call: 2 }]
+    );
+    let answer = SagaEvent::StepAnswered {
+        step: 0,
+        call: first,
+        answer: StepAnswer::Committed,
+    };
+    saga.handle_event(answer, T0 + 1_500);
+    assert!(
+        saga.handle_event(SagaEvent::Persisted, T0 + 1_510)
+            .is_empty()
+    );
+    assert_eq!(saga.state(), TxnState::Completed);
+    let failed = SagaEvent::StepFailed {
+        step: 0,
+        call: 2,
+        error: "deadline exceeded".into(),
+    };
+    assert_eq!(
+        saga.handle_event(failed.clone(), T0 + 1_600),
+        vec![SagaAction::PersistLazy]
+    );
+    let history = &saga.log_record().branches[0].history;
+    assert_eq!(
+        history.attempts()[1].result.as_deref(),
+        Some("error: deadline exceeded")
+    );
+    assert!(!history.in_flight());
+    assert_eq!(saga.steps()[0].failing_since, None);
+    assert!(saga.handle_event(failed, T0 + 1_700).is_empty());
 }

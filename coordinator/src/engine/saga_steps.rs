@@ -14,10 +14,11 @@ impl Saga {
         answer: StepAnswer,
         now: UnixMs,
     ) -> Vec<SagaAction> {
+        let ended = self.final_record_issued();
         let Some(s) = self.steps.get_mut(step) else {
             return Vec::new();
         };
-        s.history.finish(
+        let was_in_flight = s.history.finish(
             call,
             &[Operation::Step],
             match &answer {
@@ -28,6 +29,9 @@ impl Saga {
             now,
         );
         s.failing_since = None;
+        if was_in_flight && ended {
+            return vec![SagaAction::PersistLazy];
+        }
         if s.state != BranchState::Running {
             // A late or repeated answer: the step has moved on (compensation under way).
             return Vec::new();
@@ -82,6 +86,7 @@ impl Saga {
         now: UnixMs,
     ) -> Vec<SagaAction> {
         let running = self.phase == SagaPhase::Running;
+        let ended = self.final_record_issued();
         let Some(s) = self.steps.get_mut(step) else {
             return Vec::new();
         };
@@ -91,6 +96,9 @@ impl Saga {
         {
             // A call given up, and sent again since: nothing to retry.
             return Vec::new();
+        }
+        if ended {
+            return vec![SagaAction::PersistLazy];
         }
         // A late failure of a step no longer running (stated committed, or compensating)
         // asks nothing more, and is no retry waiting.

@@ -50,7 +50,9 @@
 //!   the lazy decision and the lazy end; every transaction with an intent ends with a
 //!   final record in the log). Transactions that end without a logged record emit
 //!   `RecordHistory`, which is not a protocol write: the runtime writes their history
-//!   lazily only if configured to.
+//!   lazily only if configured to. An answer recorded after the last record was issued
+//!   (a call sent again, answering after the first one ended the transaction) asks for
+//!   a write of its own, so that the log holds what memory does.
 //! - An outcome once reported is never contradicted: a one-phase or all-read-only
 //!   commit (which R* leaves unlogged) is forced to the log as its final record
 //!   (`Concluding`, one group-committed write) before anyone sees COMMITTED, so that
@@ -359,6 +361,33 @@ impl TwoPhaseCommit {
         }
     }
 
+    /// Whether its last record is issued: the log holds, or is being written, the record
+    /// it ends with (for an abort the protocol does not log, its history was written
+    /// when it ended, if configured). What is recorded from then on reaches the log only
+    /// by a write of its own ([`Self::write_again`]).
+    pub(super) fn final_record_issued(&self) -> bool {
+        match self.phase {
+            Phase::Concluding { .. } => true,
+            Phase::DecidingAbort { .. } => self.abort_end() == Phase::Aborted,
+            phase => phase.state().is_final(),
+        }
+    }
+
+    /// The write that brings the log up to date with what was recorded since its last
+    /// write (a late answer, an operator's resolution): the record as it is now if the
+    /// log holds it anyway; the history of an ended abort the protocol does not log
+    /// (written only if configured); nothing while an unlogged transaction is still
+    /// under way (its history is written when it ends).
+    pub(super) fn write_again(&self) -> Option<Action> {
+        if self.decision_is_logged() || self.intent_logged() {
+            Some(Action::PersistProgress)
+        } else if self.state().is_final() {
+            Some(Action::RecordHistory)
+        } else {
+            None
+        }
+    }
+
     /// An abort undelivered past its deadline that the runtime stops keeping (it keeps a
     /// bounded number): it ends ABORTED, noted so, and a participant still in doubt hears
     /// ABORT when it asks. Emits the end record of one whose intent is in the log, which
@@ -451,7 +480,7 @@ impl TwoPhaseCommit {
                 match self.finish_prepare(branch, call, format!("error: {error}"), now) {
                     // A call given up: what it says is asked again (or stated) since.
                     None => return Vec::new(),
-                    Some(true) => return vec![Action::RecordHistory],
+                    Some(true) => return self.write_again().into_iter().collect(),
                     Some(false) => {}
                 }
                 if self.phase != Phase::Preparing || !self.branch_is(branch, BranchState::Preparing)
@@ -485,6 +514,7 @@ impl TwoPhaseCommit {
                 error,
                 permanent,
             } => {
+                let ended = self.final_record_issued();
                 let Some(b) = self.branches.get_mut(branch) else {
                     return Vec::new();
                 };
@@ -495,8 +525,11 @@ impl TwoPhaseCommit {
                     // A call given up, whose delivery is sent again: nothing to retry.
                     return Vec::new();
                 }
+                if ended {
+                    return self.write_again().into_iter().collect();
+                }
                 b.failing_since.get_or_insert(now);
-                if !b.awaiting_ack || self.phase.state().is_final() {
+                if !b.awaiting_ack {
                     return Vec::new();
                 }
                 let attempt = b.attempts;

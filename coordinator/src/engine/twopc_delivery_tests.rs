@@ -387,7 +387,11 @@ fn a_one_phase_commit_and_its_probe_are_each_answered_on_its_own_call() {
         error: "deadline exceeded".into(),
         permanent: false,
     };
-    txn.handle_event(probe_failed, DEADLINE + 2);
+    // Its final record is being written without it: the failure is written on its own.
+    assert_eq!(
+        txn.handle_event(probe_failed, DEADLINE + 2),
+        vec![Action::PersistProgress]
+    );
     assert_eq!(
         calls(&txn)[1],
         (
@@ -428,4 +432,53 @@ fn a_late_failure_of_a_delivery_given_up_schedules_no_retry() {
             attempt: 2
         }]
     );
+}
+
+/// The sweeper sends a commit again; the first call's answer ends the transaction, and
+/// the second call's answer comes after its end record was issued. The log gets it by a
+/// write of its own, as memory does. (It once changed memory only: `txn show` read from
+/// the log after a restart, or after the transaction left memory, showed the call open.)
+#[test]
+fn an_answer_after_the_end_record_is_written_to_the_log_too() {
+    let late_answer = |call| Event::Delivered {
+        branch: 0,
+        call,
+        answer: Answer::Committed,
+    };
+    let late_failure = |call| Event::DeliveryFailed {
+        branch: 0,
+        call,
+        error: "connection reset".into(),
+        permanent: false,
+    };
+    for (late, result) in [
+        (late_answer(3), "committed"),
+        (late_failure(3), "error: connection reset"),
+    ] {
+        let mut txn = committing(2);
+        deliver(&mut txn, 1, Answer::Committed);
+        let nudge = Event::Nudge {
+            stale_after_ms: 1_000,
+        };
+        assert_eq!(
+            txn.handle_event(nudge, T0 + 1_001),
+            vec![Action::SendCommit { branch: 0, call: 3 }]
+        );
+        assert_eq!(
+            txn.handle_event(late_answer(2), T0 + 1_100),
+            vec![Action::PersistEnd]
+        );
+        assert_eq!(txn.state(), TxnState::Committed);
+        assert!(txn.branch(0).unwrap().history.in_flight());
+        assert_eq!(
+            txn.handle_event(late, T0 + 1_200),
+            vec![Action::PersistProgress]
+        );
+        let history = &txn.log_record().branches[0].history;
+        assert_eq!(history.attempts()[2].result.as_deref(), Some(result));
+        assert!(!history.in_flight());
+        assert_eq!(txn.branch(0).unwrap().failing_since, None);
+        // Heard twice, it is written once.
+        assert!(txn.handle_event(late_answer(3), T0 + 1_300).is_empty());
+    }
 }

@@ -127,7 +127,6 @@ impl TwoPhaseCommit {
         if outcome != decided {
             return Err(Refusal::contradicts(branch_id, outcome, decided));
         }
-        let logged = self.decision_is_logged();
         let b = &mut self.branches[index];
         if b.awaiting_ack && b.history.in_flight() {
             // Its answer may settle it, and work the operator did by hand could be done
@@ -161,11 +160,7 @@ impl TwoPhaseCommit {
             // Nothing ended: a logged decision keeps the resolution in its record now;
             // an abort without an intent (never logged unfinished) gets its history
             // written when it ends, or again now if it already has.
-            if logged {
-                actions.push(Action::PersistProgress);
-            } else if self.state().is_final() {
-                actions.push(Action::RecordHistory);
-            }
+            actions.extend(self.write_again());
         }
         Ok(actions)
     }

@@ -45,9 +45,12 @@ impl TwoPhaseCommit {
         let Some(b) = self.branches.get_mut(branch) else {
             return Vec::new();
         };
-        b.history.finish(call, PHASE_TWO, answer.describe(), now);
+        let was_in_flight = b.history.finish(call, PHASE_TWO, answer.describe(), now);
         b.failing_since = None;
         if !b.awaiting_ack {
+            if was_in_flight && self.final_record_issued() {
+                return self.write_again().into_iter().collect();
+            }
             return Vec::new();
         }
         match (phase, answer) {
