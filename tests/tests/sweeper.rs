@@ -22,11 +22,15 @@ use treaty_tests::scripted::Op;
 static LOSING_DELIVERY_ANSWERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A coordinator that sweeps often and sends a call again after `stale_after_ms` without
-/// an answer (calls time out after 500 ms, so by then the answer is lost).
-async fn sweeping_coordinator(dir: &std::path::Path, stale_after_ms: u64) -> Coordinator {
+/// an answer (calls time out after `call_timeout_ms`, so by then the answer is lost).
+async fn sweeping_coordinator(
+    dir: &std::path::Path,
+    call_timeout_ms: u64,
+    stale_after_ms: u64,
+) -> Coordinator {
     let mut config = coordinator_config(&dir.join("coordinator"));
-    config.participant_call_timeout_ms = 500;
-    config.default_step_timeout_ms = 500;
+    config.participant_call_timeout_ms = call_timeout_ms;
+    config.default_step_timeout_ms = call_timeout_ms;
     config.sweep_interval_ms = 100;
     config.stale_after_ms = stale_after_ms;
     Coordinator::start_with(config).await
@@ -55,7 +59,7 @@ async fn commit_over(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_commit_answer_is_delivered_again_and_applied_once() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = sweeping_coordinator(dir.path(), 1_000).await;
+    let coordinator = sweeping_coordinator(dir.path(), 500, 1_000).await;
     let a = ParticipantServer::start(&dir.path().join("a")).await;
     let b = ParticipantServer::start(&dir.path().join("b")).await;
     let client = coordinator.client().await;
@@ -97,7 +101,7 @@ async fn a_lost_commit_answer_is_delivered_again_and_applied_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_step_answer_is_asked_again_and_the_step_runs_once() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = sweeping_coordinator(dir.path(), 1_000).await;
+    let coordinator = sweeping_coordinator(dir.path(), 500, 1_000).await;
     let p = ParticipantServer::start(&dir.path().join("p")).await;
     let client = coordinator.client().await;
     fail::cfg("coordinator::lose_step_answer", "1*return").unwrap();
@@ -153,8 +157,10 @@ async fn a_lost_step_answer_is_asked_again_and_the_step_runs_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_blocks_a_resolve_until_the_paused_sweeper_takes_it_as_lost() {
     let dir = tempfile::tempdir().unwrap();
-    // Long enough for the first resolve to come while the calls are surely in flight.
-    let coordinator = sweeping_coordinator(dir.path(), 5_000).await;
+    // Calls that do not time out on a loaded machine (a timeout is a failure the engine
+    // hears, not a lost answer), and long enough for the first resolve to come while
+    // they are surely in flight.
+    let coordinator = sweeping_coordinator(dir.path(), 3_000, 8_000).await;
     let a = ParticipantServer::start(&dir.path().join("a")).await;
     let b = ParticipantServer::start(&dir.path().join("b")).await;
     let client = coordinator.client().await;

@@ -357,8 +357,10 @@ pub enum Action {
     NoteDecision,
     /// Write `record()` lazily: the logged commit is final (every branch acknowledged).
     PersistEnd,
-    /// Write `record()` lazily: an operator's resolution of a branch of a transaction
-    /// whose decision is in the log (or being written there).
+    /// Write `log_record()` lazily: what was recorded since the last write of a
+    /// transaction whose decision is in the log (or being written there, as a one-phase
+    /// or read-only commit's final record may be): an operator's resolution of a branch,
+    /// or an answer heard after the last record was issued.
     PersistProgress,
     /// A participant answered against the decision: count it and warn the operator.
     ReportHeuristic {

@@ -187,6 +187,50 @@ fn an_abort_after_the_intent_is_forced_before_anyone_hears_it() {
     assert_eq!(txn.state(), TxnState::Aborted);
 }
 
+/// Branch 0's YES comes after the abort sent to it, whose answer ended the transaction
+/// and issued its end record. The abort's intent is in the log, so the vote is written
+/// with the record, whatever `history_records` says. (It was once written as history
+/// only, which that setting can turn off.)
+#[test]
+fn a_vote_heard_after_a_logged_abort_ended_is_written_with_its_record() {
+    let mut txn = preparing(2);
+    assert_eq!(
+        vote(&mut txn, 1, Vote::no("out of stock")),
+        vec![Action::PersistDecision]
+    );
+    assert_eq!(
+        txn.handle_event(Event::DecisionPersisted, T0 + 2),
+        aborts(&[0], 2)
+    );
+    let aborted = Event::Delivered {
+        branch: 0,
+        call: 2,
+        answer: Answer::Aborted,
+    };
+    assert_eq!(txn.handle_event(aborted, T0 + 3), vec![Action::PersistEnd]);
+    assert_eq!(txn.state(), TxnState::Aborted);
+    let late_yes = Event::PrepareAnswered {
+        branch: 0,
+        call: 1,
+        vote: Vote::Yes,
+    };
+    assert_eq!(
+        txn.handle_event(late_yes, T0 + 4),
+        vec![Action::PersistProgress]
+    );
+    let history = &txn.log_record().branches[0].history;
+    let results: Vec<_> = history
+        .attempts()
+        .iter()
+        .map(|a| a.result.clone())
+        .collect();
+    assert_eq!(
+        results,
+        [Some("voted YES".to_string()), Some("aborted".to_string())]
+    );
+    assert_eq!(txn.log_record().state, TxnState::Aborted);
+}
+
 #[test]
 fn a_prepare_timeout_and_an_abort_request_are_forced_too() {
     let mut txn = preparing(2);

@@ -127,11 +127,16 @@ fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
         call: 2,
         answer: StepAnswer::Committed,
     };
-    // The final record is being written without it: the answer is written on its own.
+    // The final record is being written without it: the answer is written on its own,
+    // in the final record.
     assert_eq!(
         saga.handle_event(second, T0 + 1_600),
         vec![SagaAction::PersistLazy]
     );
+    let written = saga.log_record();
+    assert_eq!(written.state, TxnState::Completed);
+    let sent_again = &written.branches[0].history.attempts()[1];
+    assert_eq!(sent_again.result.as_deref(), Some("committed"));
     assert_eq!(
         results(&saga),
         [Some(NO_ANSWER.to_string()), Some("committed".to_string())]
@@ -209,6 +214,5 @@ fn a_failure_heard_after_the_saga_ended_is_written_to_the_log_too() {
         Some("error: deadline exceeded")
     );
     assert!(!history.in_flight());
-    assert_eq!(saga.steps()[0].failing_since, None);
     assert!(saga.handle_event(failed, T0 + 1_700).is_empty());
 }

@@ -364,11 +364,11 @@ impl TwoPhaseCommit {
     /// Whether its last record is issued: the log holds, or is being written, the record
     /// it ends with (for an abort the protocol does not log, its history was written
     /// when it ended, if configured). What is recorded from then on reaches the log only
-    /// by a write of its own ([`Self::write_again`]).
+    /// by a write of its own ([`Self::write_again`]). (A decided abort being forced is
+    /// not: an end record follows it.)
     pub(super) fn final_record_issued(&self) -> bool {
         match self.phase {
             Phase::Concluding { .. } => true,
-            Phase::DecidingAbort { .. } => self.abort_end() == Phase::Aborted,
             phase => phase.state().is_final(),
         }
     }

@@ -387,7 +387,8 @@ fn a_one_phase_commit_and_its_probe_are_each_answered_on_its_own_call() {
         error: "deadline exceeded".into(),
         permanent: false,
     };
-    // Its final record is being written without it: the failure is written on its own.
+    // Its final record is being written without it: the failure is written on its own,
+    // in the final record.
     assert_eq!(
         txn.handle_event(probe_failed, DEADLINE + 2),
         vec![Action::PersistProgress]
@@ -399,6 +400,10 @@ fn a_one_phase_commit_and_its_probe_are_each_answered_on_its_own_call() {
             Some("error: deadline exceeded".to_string())
         )
     );
+    let written = txn.log_record();
+    assert_eq!(written.state, TxnState::Committed);
+    let probe = &written.branches[0].history.attempts()[1];
+    assert_eq!(probe.result.as_deref(), Some("error: deadline exceeded"));
 }
 
 /// A failure of a delivery the sweeper gave up, heard after the delivery sent again went
