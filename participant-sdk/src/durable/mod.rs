@@ -496,4 +496,8 @@ fn reply(request: Request, result: Result<(), StoreError>) {
 #[cfg(test)]
 mod compaction_tests;
 #[cfg(test)]
+mod file_tests;
+#[cfg(test)]
+mod patient_tests;
+#[cfg(test)]
 mod tests;
