@@ -65,7 +65,7 @@ pub struct Call {
     /// How long the coordinator waits for the answer. It is not sent as
     /// `grpc-timeout`: with the same deadline there, tonic's client or the participant's
     /// server could end the call first, and it would read as unreachable, or as an
-    /// answer that keeps the circuit closed (tests/tests/sagas.rs,
+    /// answer that keeps the circuit closed (tests/tests/sagas/main.rs,
     /// `a_step_without_an_answer_in_time_fails_as_a_timeout`).
     pub timeout: Duration,
     /// Sent as `traceparent` / `tracestate`: the transaction's trace, with a span id
