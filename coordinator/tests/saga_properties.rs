@@ -21,6 +21,9 @@
 //! - when the world settles (the sweeper recovering answers that vanished, the operator
 //!   undoing by hand what only an operator can), the saga is final, and a compensated
 //!   saga has no step still applied, by its participant or by hand.
+//!
+//! The simulated participants are in `saga_properties/participants.rs`, the operator in
+//! `saga_properties/operators.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -31,6 +34,11 @@ use treaty_coordinator::model::{
     CallNumber, Operation, Resolution, RetryPolicy, SagaDefinition, StepDefinition, TxnId,
     TxnRecord, TxnState,
 };
+
+#[path = "saga_properties/operators.rs"]
+mod operators;
+#[path = "saga_properties/participants.rs"]
+mod participants;
 
 const T0: u64 = 1_700_000_000_000;
 const STEP_TIMEOUT_MS: u64 = 100;
@@ -238,85 +246,6 @@ impl World {
         }
     }
 
-    /// The participant's barrier handles a call; returns the answer event.
-    fn participant(&mut self, call: &Call) -> SagaEvent {
-        match *call {
-            Call::Step(step, call) => {
-                assert!(
-                    !self.by_hand[step],
-                    "step {step}, applied by hand, was sent again"
-                );
-                let answer = match self.barriers[step] {
-                    Barrier::None => {
-                        for &d in &self.after[step] {
-                            assert!(
-                                self.barriers[d] == Barrier::Committed || self.by_hand[d],
-                                "step {step} ran before step {d} it runs after had committed"
-                            );
-                        }
-                        match self.scripts[step] {
-                            Script::Commit => {
-                                self.barriers[step] = Barrier::Committed;
-                                StepAnswer::Committed
-                            }
-                            Script::Reject => {
-                                self.barriers[step] = Barrier::Rejected;
-                                StepAnswer::Rejected {
-                                    reason: "scripted".into(),
-                                }
-                            }
-                        }
-                    }
-                    Barrier::Committed => StepAnswer::Committed,
-                    Barrier::Rejected => StepAnswer::Rejected {
-                        reason: "scripted".into(),
-                    },
-                    // Anti-hanging: compensated first, the forward action is refused.
-                    Barrier::Compensated => StepAnswer::AlreadyCompensated,
-                };
-                SagaEvent::StepAnswered { step, call, answer }
-            }
-            Call::Compensate(step, call) => {
-                assert!(
-                    !self.undone_by_hand[step],
-                    "step {step}, undone by hand, was compensated again"
-                );
-                if self.barriers[step] == Barrier::Committed {
-                    for (j, after) in self.after.iter().enumerate() {
-                        if after.contains(&step) {
-                            assert!(
-                                !self.applied(j),
-                                "step {step} compensated while step {j} after it is applied"
-                            );
-                        }
-                    }
-                }
-                if self.barriers[step] != Barrier::Rejected {
-                    self.barriers[step] = Barrier::Compensated;
-                }
-                SagaEvent::Compensated { step, call }
-            }
-        }
-    }
-
-    fn failure(call: &Call) -> SagaEvent {
-        match *call {
-            Call::Step(step, call) => SagaEvent::StepFailed {
-                step,
-                call,
-                error: "lost".into(),
-            },
-            Call::Compensate(step, call) => SagaEvent::CompensationFailed {
-                step,
-                call,
-                error: "lost".into(),
-                // Some failures are for good: that flags the saga stuck and must change
-                // nothing else.
-                permanent: step % 2 == 1,
-            },
-        }
-    }
-
     fn take(&mut self, index: usize) -> Option<Call> {
         if self.calls.is_empty() {
             return None;
@@ -477,77 +406,6 @@ impl World {
         if self.decided_compensation {
             assert_ne!(durable_state, Some(TxnState::Completed));
         }
-    }
-
-    /// Whether step `i`'s work is in place: applied by its participant or by hand, and
-    /// not undone (by its participant's compensation or by hand).
-    fn applied(&self, i: usize) -> bool {
-        (self.barriers[i] == Barrier::Committed || self.by_hand[i]) && !self.undone_by_hand[i]
-    }
-
-    /// An operator states step `i`'s outcome, as a careful one would: only what is true
-    /// (not "it did not happen" of a running step its participant applied), and only
-    /// with no call for it in flight where the statement may be of work done by hand;
-    /// then does by hand what the statement says was done (the work of a step stated
-    /// committed that its participant does not hold; the undoing of a step stated undone
-    /// while compensating). The runtime forces the statement to the log before the
-    /// operator hears. Returns whether the coordinator took it.
-    fn resolve(&mut self, i: usize, outcome: Resolution) -> bool {
-        let step = i % self.barriers.len();
-        let in_flight = self
-            .calls
-            .iter()
-            .any(|call| matches!(call, Call::Step(s, _) | Call::Compensate(s, _) if *s == step));
-        let Some(saga) = self.saga.as_mut() else {
-            return false;
-        };
-        let compensating = saga.state() == TxnState::Compensating;
-        let untrue = outcome == Resolution::Abort
-            && !compensating
-            && self.barriers[step] == Barrier::Committed;
-        // Work stated done (or undone) by hand could be done again by a call in flight:
-        // the operator waits for it to end (the coordinator refuses while it knows of
-        // one). Giving up a running step with its call in flight is safe: the barrier
-        // orders the call and the step's compensation.
-        let by_hand = compensating || outcome == Resolution::Commit;
-        if untrue || (in_flight && by_hand) {
-            return false;
-        }
-        self.now += 1;
-        let request = OperatorRequest {
-            command: OperatorCommand::Resolve {
-                branch_id: format!("s{step}"),
-                outcome,
-            },
-            by: "ops".into(),
-            reason: "by hand".into(),
-        };
-        let Ok(actions) = saga.handle_operator(&request, self.now) else {
-            return false;
-        };
-        match outcome {
-            Resolution::Commit => self.by_hand[step] |= self.barriers[step] != Barrier::Committed,
-            Resolution::Abort if compensating => {
-                for (j, after) in self.after.iter().enumerate() {
-                    assert!(
-                        !after.contains(&step) || !self.applied(j),
-                        "step {step} undone by hand while step {j} after it is applied"
-                    );
-                }
-                self.undone_by_hand[step] = true;
-            }
-            Resolution::Abort => {}
-        }
-        self.carry_out(actions);
-        let record = self.saga.as_ref().unwrap().log_record();
-        self.log_queue.push((record, false));
-        for _ in 0..1_000 {
-            if self.log_queue.is_empty() {
-                break;
-            }
-            self.flush();
-        }
-        true
     }
 
     fn settle(&mut self) {

@@ -22,6 +22,9 @@
 //!   alongside the prepares; a restart asks the votes again).
 //! - when the world settles (the sweeper recovering answers that vanished), every branch
 //!   that voted YES knows the outcome.
+//!
+//! The simulated participants are in `twopc_properties/participants.rs`, the operators
+//! in `twopc_properties/operators.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -31,6 +34,11 @@ use treaty_coordinator::engine::twopc::{
     TwoPhaseCommit, Vote,
 };
 use treaty_coordinator::model::{BranchState, CallNumber, Resolution, TxnId, TxnRecord, TxnState};
+
+#[path = "twopc_properties/operators.rs"]
+mod operators;
+#[path = "twopc_properties/participants.rs"]
+mod participants;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -291,170 +299,6 @@ impl World {
         }
     }
 
-    /// The participant's barrier handles a request; returns its answer (None: an error).
-    fn participant(&mut self, message: &InFlight) -> Option<Event> {
-        if let Some(refusal) = self.refusal(message) {
-            return Some(refusal);
-        }
-        match *message {
-            InFlight::Prepare(b, call) => {
-                let vote = match self.barriers[b] {
-                    Barrier::None => match self.scripts[b] {
-                        Script::Yes => {
-                            self.barriers[b] = Barrier::Prepared;
-                            Vote::Yes
-                        }
-                        Script::No => {
-                            self.barriers[b] = Barrier::VotedNo;
-                            Vote::no("scripted")
-                        }
-                        Script::ReadOnly => {
-                            self.barriers[b] = Barrier::ReadOnly;
-                            Vote::ReadOnly
-                        }
-                    },
-                    Barrier::Prepared | Barrier::Committed => Vote::Yes,
-                    Barrier::ReadOnly => Vote::ReadOnly,
-                    Barrier::VotedNo | Barrier::Aborted => Vote::no("aborted"),
-                };
-                Some(Event::PrepareAnswered {
-                    branch: b,
-                    call,
-                    vote,
-                })
-            }
-            InFlight::Commit(b, call) => {
-                self.told_commit[b] = true;
-                let answer = match self.barriers[b] {
-                    Barrier::Prepared | Barrier::Committed | Barrier::ReadOnly => {
-                        if self.barriers[b] == Barrier::Prepared {
-                            self.barriers[b] = Barrier::Committed;
-                        }
-                        Answer::Committed
-                    }
-                    Barrier::None => Answer::NotPrepared,
-                    Barrier::VotedNo | Barrier::Aborted => Answer::Aborted,
-                };
-                Some(Event::Delivered {
-                    branch: b,
-                    call,
-                    answer,
-                })
-            }
-            InFlight::OnePhaseCommit(b, call) => {
-                let answer = match self.barriers[b] {
-                    Barrier::None => match self.scripts[b] {
-                        Script::Yes | Script::ReadOnly => {
-                            self.barriers[b] = Barrier::Committed;
-                            Answer::Committed
-                        }
-                        Script::No => {
-                            self.barriers[b] = Barrier::VotedNo;
-                            Answer::Rejected {
-                                reason: "scripted".into(),
-                            }
-                        }
-                    },
-                    Barrier::Committed | Barrier::Prepared | Barrier::ReadOnly => {
-                        self.barriers[b] = Barrier::Committed;
-                        Answer::Committed
-                    }
-                    Barrier::VotedNo => Answer::Rejected {
-                        reason: "scripted".into(),
-                    },
-                    Barrier::Aborted => Answer::Aborted,
-                };
-                Some(Event::Delivered {
-                    branch: b,
-                    call,
-                    answer,
-                })
-            }
-            InFlight::Abort(b, call) => {
-                let answer = match self.barriers[b] {
-                    Barrier::Committed => Answer::Committed,
-                    _ => {
-                        self.told_abort[b] = true;
-                        if matches!(self.barriers[b], Barrier::None | Barrier::Prepared) {
-                            self.barriers[b] = Barrier::Aborted;
-                        }
-                        Answer::Aborted
-                    }
-                };
-                Some(Event::Delivered {
-                    branch: b,
-                    call,
-                    answer,
-                })
-            }
-            InFlight::Persist {
-                ref record,
-                order,
-                ref completion,
-            } => {
-                if order > self.durable_order {
-                    self.durable = Some(record.as_ref().clone());
-                    self.durable_order = order;
-                }
-                Some(completion.clone())
-            }
-        }
-    }
-
-    /// What a participant past its retention answers about a branch it has no record of:
-    /// FAILED_PRECONDITION to every call.
-    fn refusal(&self, message: &InFlight) -> Option<Event> {
-        let (InFlight::Prepare(branch, call)
-        | InFlight::Commit(branch, call)
-        | InFlight::OnePhaseCommit(branch, call)
-        | InFlight::Abort(branch, call)) = *message
-        else {
-            return None;
-        };
-        if !self.refused[branch] || self.barriers[branch] != Barrier::None {
-            return None;
-        }
-        let error = "past the barrier retention".to_string();
-        Some(match message {
-            InFlight::Prepare(..) => Event::PrepareFailed {
-                branch,
-                call,
-                error,
-                permanent: true,
-            },
-            // As the runtime passes it: only a phase-2 commit's refusal is for good.
-            _ => Event::DeliveryFailed {
-                branch,
-                call,
-                error,
-                permanent: matches!(message, InFlight::Commit(..)),
-            },
-        })
-    }
-
-    fn failure(message: &InFlight) -> Event {
-        match *message {
-            InFlight::Prepare(branch, call) => Event::PrepareFailed {
-                branch,
-                call,
-                error: "lost".into(),
-                permanent: false,
-            },
-            InFlight::Commit(branch, call)
-            | InFlight::OnePhaseCommit(branch, call)
-            | InFlight::Abort(branch, call) => Event::DeliveryFailed {
-                branch,
-                call,
-                error: "lost".into(),
-                // Some failures are for good: that flags the transaction stuck and must
-                // change nothing else.
-                permanent: branch % 2 == 1,
-            },
-            // A log write does not get lost; it may only be slow.
-            InFlight::Persist { .. } => unreachable!("a log write has no failure"),
-        }
-    }
-
     fn take(&mut self, index: usize) -> Option<InFlight> {
         if self.in_flight.is_empty() {
             return None;
@@ -634,90 +478,6 @@ impl World {
                 );
             }
         }
-    }
-
-    /// A branch whose participant refuses for good waits for an operator, who states
-    /// what it knows to be true: while the votes decide after a restart, its vote (YES if
-    /// the collected record said it committed or was read-only, else NO: with no record
-    /// at all it never voted YES, so no commit can have been decided without it); once
-    /// committing, that it committed. With `in_error`, an operator in error states YES
-    /// for the branch it picks (mod the number waiting) while the votes decide, whatever
-    /// is true. Returns whether something was stated.
-    fn state_refused_votes(&mut self, in_error: Option<usize>) -> bool {
-        let Some(coordinator) = self.coordinator.as_mut() else {
-            return false;
-        };
-        let state = coordinator.state();
-        let waits = |b: usize| {
-            let branch = coordinator.branch(b).unwrap();
-            match state {
-                TxnState::Preparing => {
-                    coordinator.votes_decide() && branch.state == BranchState::Preparing
-                }
-                TxnState::Committing => branch.awaiting_ack,
-                _ => false,
-            }
-        };
-        let waiting: Vec<usize> = (0..self.refused.len())
-            .filter(|&b| self.refused[b] && self.barriers[b] == Barrier::None && waits(b))
-            .collect();
-        if waiting.is_empty() {
-            return false;
-        }
-        let branch = waiting[in_error.unwrap_or(0) % waiting.len()];
-        let agreed = matches!(
-            self.collected[branch],
-            Some(Barrier::Committed | Barrier::ReadOnly)
-        );
-        let outcome = if state == TxnState::Committing || agreed || in_error.is_some() {
-            Resolution::Commit
-        } else {
-            Resolution::Abort
-        };
-        let request = OperatorRequest {
-            command: OperatorCommand::Resolve {
-                branch_id: format!("b{branch}"),
-                outcome,
-            },
-            by: "ops".into(),
-            reason: "its participant holds no record".into(),
-        };
-        self.now += 1;
-        // Refused while a decision is being written, or while a call for the branch is in
-        // flight: the operator tries again later.
-        let Ok(actions) = coordinator.handle_operator(&request, self.now) else {
-            return false;
-        };
-        self.stated_yes[branch] |= outcome == Resolution::Commit;
-        self.carry_out(actions);
-        self.note_reported();
-        true
-    }
-
-    /// An abort whose only undelivered branches refuse it for good (no record there) is
-    /// retried until the runtime gives it up (its cap on undelivered aborts past their
-    /// deadline): modelled as given up once nothing else is left. Returns whether it was.
-    fn give_up_refused_aborts(&mut self) -> bool {
-        let Some(coordinator) = self.coordinator.as_mut() else {
-            return false;
-        };
-        if coordinator.state() != TxnState::Aborting {
-            return false;
-        }
-        let only_refused = coordinator
-            .branches()
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.awaiting_ack)
-            .all(|(i, _)| self.refused[i] && self.barriers[i] == Barrier::None);
-        if !only_refused {
-            return false;
-        }
-        self.now += 1;
-        let actions = coordinator.give_up_undelivered_abort(self.now);
-        self.carry_out(actions);
-        self.note_reported();
-        true
     }
 
     /// Lets everything still pending happen, without losses.
