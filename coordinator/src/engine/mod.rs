@@ -18,6 +18,9 @@ mod parallel_commit_tests;
 #[path = "saga_call_tests.rs"]
 mod saga_call_tests;
 #[cfg(test)]
+#[path = "saga_operator_call_tests.rs"]
+mod saga_operator_call_tests;
+#[cfg(test)]
 #[path = "saga_operator_tests.rs"]
 mod saga_operator_tests;
 #[cfg(test)]

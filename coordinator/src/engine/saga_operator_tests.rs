@@ -1,7 +1,8 @@
 //! Operator verbs and cancels on sagas: the exact actions each emits, and what is
-//! refused (and then changed nothing).
+//! refused (and then changed nothing). Statements about a step with a call for it in
+//! flight are in `saga_operator_call_tests.rs`; the set-ups both use are here.
 
-use super::messages::{NO_ANSWER_AWAITING_OPERATOR, NO_ANSWER_PAUSED, OperatorCommand, Refusal};
+use super::messages::{OperatorCommand, Refusal};
 use super::operator_tests::{T0, ops, resolve};
 use super::saga::{NewSaga, Saga, SagaAction, SagaEvent, StepAnswer};
 use crate::model::{
@@ -9,7 +10,7 @@ use crate::model::{
     TxnState, UnixMs,
 };
 
-fn saga(steps: usize, deadline_unix_ms: Option<UnixMs>) -> (Saga, Vec<SagaAction>) {
+pub(super) fn saga(steps: usize, deadline_unix_ms: Option<UnixMs>) -> (Saga, Vec<SagaAction>) {
     let definition = SagaDefinition {
         steps: (0..steps)
             .map(|i| StepDefinition {
@@ -109,7 +110,7 @@ fn a_saga_past_its_deadline_is_compensated_and_the_deadline_survives_in_its_reco
 }
 
 /// A running saga with a deadline, recovered from its record.
-fn saga_running_recovered() -> (Saga, Vec<SagaAction>) {
+pub(super) fn saga_running_recovered() -> (Saga, Vec<SagaAction>) {
     let (saga, _) = saga(1, Some(T0 + 500));
     Saga::recover(saga.log_record(), T0 + 100)
 }
@@ -117,7 +118,7 @@ fn saga_running_recovered() -> (Saga, Vec<SagaAction>) {
 /// A two-step saga whose first step committed, cancelled, with its second step
 /// compensated; returns what that compensation's answer asked for (the first step's
 /// compensation goes out).
-fn compensating_first_step() -> (Saga, Vec<SagaAction>) {
+pub(super) fn compensating_first_step() -> (Saga, Vec<SagaAction>) {
     let mut saga = cancelled_after_first_step();
     let actions = saga.handle_event(
         SagaEvent::Compensated {
@@ -131,7 +132,7 @@ fn compensating_first_step() -> (Saga, Vec<SagaAction>) {
 
 /// A two-step saga whose first step committed, cancelled (the decision durable) while
 /// its second step's forward call is still out.
-fn cancelled_after_first_step() -> Saga {
+pub(super) fn cancelled_after_first_step() -> Saga {
     let (mut saga, _) = saga(2, None);
     saga.handle_event(
         SagaEvent::StepAnswered {
@@ -147,7 +148,7 @@ fn cancelled_after_first_step() -> Saga {
 }
 
 /// Forward call `call` of step `step` fails with `error`, without an answer.
-fn fail_step(
+pub(super) fn fail_step(
     saga: &mut Saga,
     (step, call): (usize, CallNumber),
     error: &str,
@@ -159,7 +160,7 @@ fn fail_step(
 
 /// Compensation call `call` of step `step` fails with `error`, without an answer (not
 /// for good).
-fn fail_compensation(
+pub(super) fn fail_compensation(
     saga: &mut Saga,
     (step, call): (usize, CallNumber),
     error: &str,
@@ -276,7 +277,7 @@ fn a_step_that_keeps_failing_is_resolved_as_committed_and_the_saga_goes_on() {
 /// A two-step saga whose first step's call failed and was stated committed by an
 /// operator, and whose second step was then rejected; returns what the rejection asked
 /// for (the decision to compensate is forced).
-fn stated_committed_then_rejected() -> (Saga, Vec<SagaAction>) {
+pub(super) fn stated_committed_then_rejected() -> (Saga, Vec<SagaAction>) {
     let (mut saga, _) = saga(2, None);
     fail_step(&mut saga, (0, 1), "participant unreachable", T0 + 2);
     saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 3)
@@ -485,207 +486,4 @@ fn a_step_stated_undone_clears_the_stuck_flag_it_raised() {
     assert!(saga.is_stuck());
     let note = &saga.transitions().last().unwrap().reason;
     assert!(note.contains("compensating step s0"), "{note}");
-}
-
-/// An operator who states a step committed may have done its work by hand; a call for
-/// the step still in flight could then do it a second time. So the statement is refused
-/// while a call is in flight, and changes nothing; paused, the saga sends nothing more
-/// for it, and once the call has ended the statement is taken.
-#[test]
-fn a_step_is_not_stated_committed_while_its_call_is_in_flight() {
-    let (mut saga, actions) = saga(2, None);
-    assert_eq!(actions, vec![SagaAction::SendStep { step: 0, call: 1 }]);
-    let before = saga.record();
-    assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 2),
-        Err(Refusal::CallInFlight("s0".into()))
-    );
-    assert_eq!(saga.record(), before, "a refusal changes nothing");
-    saga.handle_operator(&ops(OperatorCommand::Pause), T0 + 3)
-        .unwrap();
-    let actions = fail_step(&mut saga, (0, 1), "deadline exceeded", T0 + 4);
-    let Some(&SagaAction::ScheduleStepRetry { attempt, .. }) = actions.first() else {
-        panic!("a retry is scheduled: {actions:?}");
-    };
-    assert!(
-        saga.handle_event(SagaEvent::StepRetryDue { step: 0, attempt }, T0 + 5)
-            .is_empty(),
-        "paused, nothing is sent again"
-    );
-    assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 5),
-        Ok(vec![
-            SagaAction::PersistLazy,
-            SagaAction::SendStep { step: 1, call: 1 }
-        ])
-    );
-}
-
-/// The same for a compensation in flight, which the operator would state done by hand.
-#[test]
-fn a_step_is_not_stated_undone_while_its_compensation_is_in_flight() {
-    let (mut saga, actions) = compensating_first_step();
-    assert!(actions.contains(&SagaAction::SendCompensation { step: 0, call: 2 }));
-    let before = saga.record();
-    assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 4),
-        Err(Refusal::CallInFlight("s0".into()))
-    );
-    assert_eq!(saga.record(), before, "a refusal changes nothing");
-    fail_compensation(&mut saga, (0, 2), "participant unreachable", T0 + 5);
-    assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 6),
-        Ok(vec![SagaAction::PersistLazy, SagaAction::PersistForced])
-    );
-}
-
-/// Giving up a running step is taken with its call in flight: the step's compensation
-/// undoes the call if it went through, and the participant's barrier refuses the call if
-/// it arrives after the compensation. A late answer to it changes nothing.
-#[test]
-fn a_running_step_is_given_up_with_its_call_in_flight() {
-    let (mut saga, actions) = saga(2, None);
-    assert_eq!(actions, vec![SagaAction::SendStep { step: 0, call: 1 }]);
-    assert!(saga.steps()[0].history.open_for_at_least(0, T0 + 2));
-    assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 2),
-        Ok(vec![SagaAction::PersistForced])
-    );
-    assert_eq!(
-        saga.handle_event(SagaEvent::Persisted, T0 + 3),
-        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
-    );
-    assert!(
-        saga.handle_event(
-            SagaEvent::StepAnswered {
-                step: 0,
-                call: saga.step_call(0),
-                answer: StepAnswer::Committed,
-            },
-            T0 + 4,
-        )
-        .is_empty()
-    );
-    assert_eq!(saga.steps()[0].state, BranchState::Compensating);
-    assert_eq!(
-        saga.handle_event(
-            SagaEvent::Compensated {
-                step: 0,
-                call: saga.compensation_call(0)
-            },
-            T0 + 5
-        ),
-        vec![SagaAction::PersistLazy, SagaAction::PersistForced]
-    );
-    // Each answer is recorded against its own call.
-    let results: Vec<_> = saga.steps()[0]
-        .history
-        .attempts()
-        .iter()
-        .map(|a| a.result.as_deref())
-        .collect();
-    assert_eq!(results, [Some("committed"), Some("compensated")]);
-    saga.handle_event(SagaEvent::Persisted, T0 + 6);
-    assert_eq!(saga.state(), TxnState::Compensated);
-}
-
-/// Paused, a call whose answer was lost is not sent again by the sweeper, but it is taken
-/// as lost, so that the operator (told to pause, then resolve once the call has ended)
-/// can resolve the step.
-#[test]
-fn paused_a_lost_step_call_is_given_up_but_not_sent_again() {
-    let (mut saga, _) = saga(2, None);
-    saga.handle_operator(&ops(OperatorCommand::Pause), T0 + 2)
-        .unwrap();
-    let nudge = SagaEvent::Nudge {
-        stale_after_ms: 100,
-    };
-    // Within its own call timeout (1 s) the call may still be answered.
-    assert!(saga.handle_event(nudge.clone(), T0 + 500).is_empty());
-    assert!(saga.steps()[0].history.open_for_at_least(0, T0 + 500));
-    assert!(
-        saga.handle_event(nudge, T0 + 2_000).is_empty(),
-        "paused: nothing is sent again"
-    );
-    let last = saga.steps()[0].history.attempts().last().cloned();
-    assert_eq!(
-        last.and_then(|a| a.result).as_deref(),
-        Some(NO_ANSWER_PAUSED)
-    );
-    assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 2_001),
-        Ok(vec![
-            SagaAction::PersistLazy,
-            SagaAction::SendStep { step: 1, call: 1 }
-        ])
-    );
-}
-
-/// While compensating, any call for a step keeps its statement waiting: a forward call
-/// still out from before the decision to compensate could apply what the operator
-/// states undone by hand.
-#[test]
-fn a_step_is_not_stated_undone_while_its_forward_call_is_out() {
-    // Step 1's forward call is out when the saga is cancelled.
-    let mut saga = cancelled_after_first_step();
-    assert_eq!(saga.state(), TxnState::Compensating);
-    fail_compensation(&mut saga, (1, 2), "participant unreachable", T0 + 4);
-    assert!(saga.steps()[1].history.open_for_at_least(0, T0 + 5));
-    assert_eq!(
-        saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 5),
-        Err(Refusal::CallInFlight("s1".into()))
-    );
-    fail_step(&mut saga, (1, 1), "deadline exceeded", T0 + 6);
-    assert!(
-        saga.handle_operator(&resolve("s1", Resolution::Abort), T0 + 7)
-            .is_ok()
-    );
-}
-
-/// A step stated committed hears its compensation's answer from a call the sweeper gave
-/// up, while the call sent again is still out; then that call's answer is lost. The
-/// step waits for an operator, so nothing is sent for it again, but the lost call is
-/// taken as lost all the same: else the operator's resolve would be refused for ever
-/// (the saga property test found this once answers closed their own calls).
-#[test]
-fn a_lost_call_of_a_step_that_waits_for_an_operator_is_taken_as_lost() {
-    let (mut saga, _) = stated_committed_then_rejected();
-    assert_eq!(
-        saga.handle_event(SagaEvent::Persisted, T0 + 5),
-        vec![SagaAction::SendCompensation { step: 0, call: 2 }]
-    );
-    let nudge = SagaEvent::Nudge {
-        stale_after_ms: 100,
-    };
-    assert_eq!(
-        saga.handle_event(nudge.clone(), T0 + 2_000),
-        vec![SagaAction::SendCompensation { step: 0, call: 3 }]
-    );
-    // The late answer of the call given up: the step now waits for an operator, with
-    // call 3 still out.
-    let late = SagaEvent::Compensated { step: 0, call: 2 };
-    saga.handle_event(late, T0 + 2_100);
-    assert!(saga.steps()[0].awaits_operator());
-    assert!(saga.steps()[0].history.in_flight());
-    assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 2_200),
-        Err(Refusal::CallInFlight("s0".into()))
-    );
-    // Call 3's answer never comes: the sweeper takes it as lost and sends nothing.
-    assert!(saga.handle_event(nudge, T0 + 4_000).is_empty());
-    assert!(!saga.steps()[0].history.in_flight());
-    assert_eq!(
-        saga.steps()[0]
-            .history
-            .attempts()
-            .last()
-            .unwrap()
-            .result
-            .as_deref(),
-        Some(NO_ANSWER_AWAITING_OPERATOR)
-    );
-    assert!(
-        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 4_001)
-            .is_ok()
-    );
 }
