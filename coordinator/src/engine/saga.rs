@@ -603,12 +603,6 @@ impl Saga {
         actions
     }
 
-    /// Whether the saga's final record is durable or being written: what a step's history
-    /// records from then on (a late answer) reaches the log only by a write of its own.
-    pub(super) fn final_record_issued(&self) -> bool {
-        self.phase.logged_state().is_final()
-    }
-
     /// Every step committed or nothing left to do: the final state is forced before it is
     /// shown.
     fn finish(&mut self, compensated: bool, now: UnixMs) -> Vec<SagaAction> {

@@ -93,6 +93,12 @@ impl Saga {
         }
     }
 
+    /// Whether the saga's final record is durable or being written: what a step's history
+    /// records from then on (a late answer) reaches the log only by a write of its own.
+    pub(super) fn final_record_issued(&self) -> bool {
+        self.phase.logged_state().is_final()
+    }
+
     /// What GetTransaction shows: nothing that is not durable yet (not even the reason
     /// for a decision still being written).
     pub fn record(&self) -> TxnRecord {

@@ -1,6 +1,7 @@
 //! A two-phase commit as the decision log holds it: the records its writes carry (the
-//! intent with its payloads, the decisions, the end), and the transaction rebuilt from
-//! an unfinished one after a restart. Same invariants as [`super`]: a record written
+//! intent with its payloads, the decisions, the end, and a write again for what is
+//! recorded after the last), and the transaction rebuilt from an unfinished one after a
+//! restart. Same invariants as [`super`]: a record written
 //! while deciding carries the decision, and a recovered transaction delivers it again
 //! or, from an intent, lets the votes decide.
 
@@ -114,6 +115,33 @@ impl TwoPhaseCommit {
             actions.extend(txn.on_vote(branch, Vote::Yes, now));
         }
         (txn, actions)
+    }
+
+    /// Whether its last record is issued: the log holds, or is being written, the record
+    /// it ends with (for an abort the protocol does not log, its history was written
+    /// when it ended, if configured). What is recorded from then on reaches the log only
+    /// by a write of its own ([`Self::write_again`]). (A decided abort being forced is
+    /// not: an end record follows it.)
+    pub(super) fn final_record_issued(&self) -> bool {
+        match self.phase {
+            Phase::Concluding { .. } => true,
+            phase => phase.state().is_final(),
+        }
+    }
+
+    /// The write that brings the log up to date with what was recorded since its last
+    /// write (a late answer, an operator's resolution): the record as it is now if the
+    /// log holds it anyway; the history of an ended abort the protocol does not log
+    /// (written only if configured); nothing while an unlogged transaction is still
+    /// under way (its history is written when it ends).
+    pub(super) fn write_again(&self) -> Option<Action> {
+        if self.decision_is_logged() || self.intent_logged() {
+            Some(Action::PersistProgress)
+        } else if self.state().is_final() {
+            Some(Action::RecordHistory)
+        } else {
+            None
+        }
     }
 
     /// What the log stores and GetTransaction shows.
