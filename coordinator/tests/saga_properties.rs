@@ -19,8 +19,9 @@
 //! - nothing is sent for a step that waits for an operator, and while one waits the
 //!   saga is flagged stuck;
 //! - when the world settles (the sweeper recovering answers that vanished, the operator
-//!   undoing by hand what only an operator can), the saga is final, and a compensated
-//!   saga has no step still applied, by its participant or by hand.
+//!   undoing by hand what only an operator can), the saga is final, a compensated saga
+//!   has no step still applied, by its participant or by hand, and the log holds the
+//!   saga as memory does (late answers included).
 //!
 //! The simulated participants are in `saga_properties/participants.rs`, the operator in
 //! `saga_properties/operators.rs`.
@@ -473,6 +474,11 @@ proptest! {
             }
         };
         prop_assert!(outcome.is_final(), "not final: {:?}", outcome);
+        // Nothing the saga recorded after its last write is missing from the log: a late
+        // answer, heard after the final record was issued, was written too.
+        if let (Some(saga), Some(durable)) = (&world.saga, &world.durable) {
+            prop_assert_eq!(durable, &saga.log_record(), "the log lacks what memory holds");
+        }
         let applied: Vec<bool> = (0..world.barriers.len()).map(|i| world.applied(i)).collect();
         if outcome == TxnState::Completed {
             prop_assert!(applied.iter().all(|a| *a), "completed, not applied: {:?}", applied);

@@ -21,10 +21,12 @@
 //! - all of it with the classic protocol and with parallel commit (the intent logged
 //!   alongside the prepares; a restart asks the votes again).
 //! - when the world settles (the sweeper recovering answers that vanished), every branch
-//!   that voted YES knows the outcome.
+//!   that voted YES knows the outcome, and the last record the coordinator issued holds
+//!   what it does (late answers included).
 //!
 //! The simulated participants are in `twopc_properties/participants.rs`, the operators
-//! in `twopc_properties/operators.rs`.
+//! in `twopc_properties/operators.rs`, what must hold once settled in
+//! `twopc_properties/settled.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -39,6 +41,10 @@ use treaty_coordinator::model::{BranchState, CallNumber, Resolution, TxnId, TxnR
 mod operators;
 #[path = "twopc_properties/participants.rs"]
 mod participants;
+#[path = "twopc_properties/settled.rs"]
+mod settled;
+
+use settled::settled_as_it_should;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -160,6 +166,9 @@ struct World {
     /// already in the log, under the later one.
     durable_order: u64,
     writes_issued: u64,
+    /// The record of the latest write the coordinator running now issued, lazy ones
+    /// included: what its log holds once they are applied (a crash may lose them).
+    last_issued: Option<TxnRecord>,
     /// What the coordinator reported, across restarts: COMMITTED, ABORTED.
     reported_commit: bool,
     reported_abort: bool,
@@ -208,6 +217,7 @@ impl World {
             durable: None,
             durable_order: 0,
             writes_issued: 0,
+            last_issued: None,
             reported_commit: false,
             reported_abort: false,
             barriers: vec![Barrier::None; n],
@@ -230,6 +240,18 @@ impl World {
 
     fn carry_out(&mut self, actions: Vec<Action>) {
         for action in actions {
+            let writes = matches!(
+                action,
+                Action::PersistDecision
+                    | Action::PersistIntent
+                    | Action::NoteDecision
+                    | Action::PersistEnd
+                    | Action::PersistProgress
+                    | Action::RecordHistory
+            );
+            if writes {
+                self.last_issued = Some(self.coordinator.as_ref().unwrap().log_record());
+            }
             match action {
                 Action::SendPrepare { branch, call } => {
                     self.in_flight.push(InFlight::Prepare(branch, call))
@@ -383,6 +405,7 @@ impl World {
                 }
             }
             Step::Crash => {
+                self.last_issued = None;
                 self.in_flight.clear();
                 self.vanished.clear();
                 self.retries.clear();
@@ -518,44 +541,6 @@ impl World {
             self.check();
         }
     }
-}
-
-/// Once the world settled: every YES voter knows the outcome (or, if the coordinator
-/// forgot the transaction, has nothing to commit and would be told ABORT on asking).
-fn settled_as_it_should(world: &World) -> Result<(), TestCaseError> {
-    if let Some(coordinator) = &world.coordinator {
-        prop_assert!(
-            coordinator.state().is_final(),
-            "not final: {:?}",
-            coordinator.state()
-        );
-        let committed = coordinator.state().is_commit();
-        for (b, barrier) in world.barriers.iter().enumerate() {
-            match world.collected[b].unwrap_or(*barrier) {
-                Barrier::Prepared => prop_assert!(false, "branch {b} left in doubt"),
-                Barrier::Committed => {
-                    prop_assert!(committed, "branch {b} committed, outcome abort")
-                }
-                Barrier::Aborted => prop_assert!(!committed, "branch {b} aborted, outcome commit"),
-                _ => {}
-            }
-        }
-    } else if world.durable.as_ref().is_some_and(|r| r.state.is_commit()) {
-        // Forgotten by the process, but its durable final record says committed:
-        // nobody may have aborted a YES vote.
-        let aborted = world
-            .barriers
-            .iter()
-            .zip(&world.scripts)
-            .any(|(b, s)| *b == Barrier::Aborted && *s == Script::Yes);
-        prop_assert!(!aborted, "a durable commit, yet a YES voter aborted");
-    } else if world.scripts.len() > 1 {
-        // Forgotten without a durable decision: presumed abort, so nobody committed.
-        // (A one-phase commit's outcome is its only participant's, logged nowhere
-        // else; that participant is not in doubt either way.)
-        prop_assert!(world.barriers.iter().all(|b| *b != Barrier::Committed));
-    }
-    Ok(())
 }
 
 proptest! {
