@@ -294,6 +294,13 @@ impl AttemptLog {
         latest.map_or(0, |a| a.call)
     }
 
+    /// Each attempt's result, oldest first (`None` while in flight): what engine tests
+    /// compare.
+    #[cfg(test)]
+    pub fn results(&self) -> Vec<Option<String>> {
+        self.attempts.iter().map(|a| a.result.clone()).collect()
+    }
+
     /// Whether a call is in flight (sent, unanswered, not given up).
     pub fn in_flight(&self) -> bool {
         self.attempts.iter().any(|a| a.finished_unix_ms.is_none())

@@ -218,14 +218,8 @@ fn a_vote_heard_after_a_logged_abort_ended_is_written_with_its_record() {
         txn.handle_event(late_yes, T0 + 4),
         vec![Action::PersistProgress]
     );
-    let history = &txn.log_record().branches[0].history;
-    let results: Vec<_> = history
-        .attempts()
-        .iter()
-        .map(|a| a.result.clone())
-        .collect();
     assert_eq!(
-        results,
+        txn.log_record().branches[0].history.results(),
         [Some("voted YES".to_string()), Some("aborted".to_string())]
     );
     assert_eq!(txn.log_record().state, TxnState::Aborted);

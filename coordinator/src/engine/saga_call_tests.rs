@@ -116,10 +116,7 @@ fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
         saga.handle_event(answer, T0 + 1_500),
         vec![SagaAction::PersistLazy, SagaAction::PersistForced]
     );
-    let results = |saga: &Saga| -> Vec<Option<String>> {
-        let history = saga.steps()[0].history.attempts();
-        history.iter().map(|a| a.result.clone()).collect()
-    };
+    let results = |saga: &Saga| saga.steps()[0].history.results();
     assert_eq!(results(&saga), [Some(NO_ANSWER.to_string()), None]);
     assert!(saga.steps()[0].history.in_flight());
     let second = SagaEvent::StepAnswered {

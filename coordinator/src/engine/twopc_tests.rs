@@ -214,16 +214,8 @@ fn a_vote_that_arrives_after_the_abort_ended_has_the_history_written_again() {
     );
     assert_eq!(vote(&mut txn, 0, Vote::Yes), vec![Action::RecordHistory]);
     assert_eq!(txn.state(), TxnState::Aborted);
-    let results: Vec<Option<String>> = txn
-        .branch(0)
-        .unwrap()
-        .history
-        .attempts()
-        .iter()
-        .map(|a| a.result.clone())
-        .collect();
     assert_eq!(
-        results,
+        txn.branch(0).unwrap().history.results(),
         [Some("voted YES".to_string()), Some("aborted".to_string())]
     );
 }
