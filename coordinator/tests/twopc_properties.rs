@@ -240,18 +240,6 @@ impl World {
 
     fn carry_out(&mut self, actions: Vec<Action>) {
         for action in actions {
-            let writes = matches!(
-                action,
-                Action::PersistDecision
-                    | Action::PersistIntent
-                    | Action::NoteDecision
-                    | Action::PersistEnd
-                    | Action::PersistProgress
-                    | Action::RecordHistory
-            );
-            if writes {
-                self.last_issued = Some(self.coordinator.as_ref().unwrap().log_record());
-            }
             match action {
                 Action::SendPrepare { branch, call } => {
                     self.in_flight.push(InFlight::Prepare(branch, call))
@@ -282,12 +270,14 @@ impl World {
                     self.issue(record, Event::IntentPersisted);
                 }
                 // Lazy writes may be lost in a crash: taken as always lost, recovery
-                // must not need them.
+                // must not need them (history records on).
                 Action::NoteDecision
                 | Action::PersistEnd
                 | Action::PersistProgress
-                | Action::ReportHeuristic { .. }
-                | Action::RecordHistory
+                | Action::RecordHistory => {
+                    self.last_issued = Some(self.coordinator.as_ref().unwrap().log_record());
+                }
+                Action::ReportHeuristic { .. }
                 | Action::StartDeadlineTimer { .. }
                 | Action::StartPrepareTimer { .. } => {}
             }
@@ -296,6 +286,7 @@ impl World {
 
     fn issue(&mut self, record: TxnRecord, completion: Event) {
         self.writes_issued += 1;
+        self.last_issued = Some(record.clone());
         self.in_flight.push(InFlight::Persist {
             record: Box::new(record),
             order: self.writes_issued,

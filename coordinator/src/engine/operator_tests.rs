@@ -1,5 +1,6 @@
 //! Operator verbs and cancels on two-phase commits: the exact actions each emits, and
-//! what is refused (and then changed nothing). Sagas': `saga_operator_tests`.
+//! what is refused (and then changed nothing). Sagas': `saga_operator_tests` and
+//! `saga_operator_call_tests`.
 
 use super::messages::{
     Action, Answer, BranchSpec, Command, Event, NO_ANSWER_PAUSED, NewTransaction, OperatorCommand,

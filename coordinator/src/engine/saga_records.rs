@@ -1,5 +1,6 @@
 //! A saga as the decision log holds it: the record GetTransaction shows, the record its
-//! writes carry, and the saga rebuilt from an unfinished one after a restart. Same
+//! writes carry (and when the final one is issued, after which a late answer needs a
+//! write of its own), and the saga rebuilt from an unfinished one after a restart. Same
 //! invariants as [`super`]: nothing is shown before it is durable, every write after the
 //! decision to compensate carries it, and a recovered saga drives its steps again from
 //! where the log says they stood (participants answer repeats from their barrier) or

@@ -1,9 +1,9 @@
 //! A two-phase commit as the decision log holds it: the records its writes carry (the
 //! intent with its payloads, the decisions, the end, and a write again for what is
 //! recorded after the last), and the transaction rebuilt from an unfinished one after a
-//! restart. Same invariants as [`super`]: a record written
-//! while deciding carries the decision, and a recovered transaction delivers it again
-//! or, from an intent, lets the votes decide.
+//! restart. Same invariants as [`super`]: a record written while deciding carries the
+//! decision, and a recovered transaction delivers it again or, from an intent, lets the
+//! votes decide.
 
 use super::*;
 

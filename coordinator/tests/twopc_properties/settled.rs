@@ -41,14 +41,17 @@ pub(super) fn settled_as_it_should(world: &World) -> Result<(), TestCaseError> {
     // Nothing the coordinator recorded after its last write is missing from the log
     // (history records on): a late answer, heard after the last record was issued, was
     // written too.
-    if let (Some(coordinator), Some(issued)) = (&world.coordinator, &world.last_issued) {
-        if coordinator.state().is_final() {
-            prop_assert_eq!(
-                issued,
-                &coordinator.log_record(),
-                "the log lacks what memory holds"
-            );
-        }
+    if let Some(coordinator) = &world.coordinator {
+        let issued = world.last_issued.as_ref();
+        prop_assert!(
+            issued.is_some(),
+            "final, and no write issued since the last start"
+        );
+        prop_assert_eq!(
+            issued,
+            Some(&coordinator.log_record()),
+            "the log lacks what memory holds"
+        );
     }
     Ok(())
 }

@@ -102,7 +102,7 @@ fn holding_a_minute(after_writes: usize, max_batch_records: usize) -> StoreOptio
     }
 }
 
-pub(super) const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Waits for `ticket` (failing with `what` if it takes longer than the tests'
 /// patience) and for the write to have succeeded.
