@@ -428,94 +428,13 @@ impl Saga {
                     _ => Vec::new(),
                 }
             }
-            SagaEvent::Compensated { step, call } => {
-                let ended = self.final_record_issued();
-                let Some(s) = self.steps.get_mut(step) else {
-                    return Vec::new();
-                };
-                let was_in_flight =
-                    s.history
-                        .finish(call, &[Operation::Compensate], "compensated", now);
-                s.failing_since = None;
-                if was_in_flight && ended {
-                    return vec![SagaAction::PersistLazy];
-                }
-                if s.state != BranchState::Compensating
-                    || self.phase != SagaPhase::Compensating
-                    || s.awaits_operator
-                {
-                    return Vec::new();
-                }
-                s.compensation_sent = false;
-                if s.stated_committed() {
-                    // The participant's answer covers what it applied; what was done by
-                    // hand only an operator can say is undone.
-                    s.awaits_operator = true;
-                    s.last_error = None;
-                    self.stuck = true;
-                    let id = &self.definition.steps[step].id;
-                    self.note(
-                        format!(
-                            "stuck: step {id} was stated committed by an operator; its \
-                             participant has undone what it applied, if anything, but \
-                             work done by hand only an operator can undo: undo any, then \
-                             resolve the step --abort"
-                        ),
-                        now,
-                    );
-                    return vec![SagaAction::PersistLazy, SagaAction::WarnStuck { step }];
-                }
-                s.state = BranchState::Compensated;
-                let mut actions = vec![SagaAction::PersistLazy];
-                actions.extend(self.compensate_what_is_left(now));
-                actions
-            }
+            SagaEvent::Compensated { step, call } => self.on_compensated(step, call, now),
             SagaEvent::CompensationFailed {
                 step,
                 call,
                 error,
                 permanent,
-            } => {
-                let stuck_after = self.definition.stuck_after_attempts;
-                let ended = self.final_record_issued();
-                let Some(s) = self.steps.get_mut(step) else {
-                    return Vec::new();
-                };
-                let error_text = format!("error: {error}");
-                if !s
-                    .history
-                    .finish(call, &[Operation::Compensate], error_text, now)
-                {
-                    // A call given up, and sent again since: nothing to retry.
-                    return Vec::new();
-                }
-                if ended {
-                    return vec![SagaAction::PersistLazy];
-                }
-                // A late failure of a step that waits for an operator asks nothing more.
-                if s.awaits_operator {
-                    return Vec::new();
-                }
-                s.failing_since.get_or_insert(now);
-                if s.state != BranchState::Compensating {
-                    return Vec::new();
-                }
-                let attempt = s.compensation_attempts;
-                s.last_error = Some(error.clone());
-                let mut actions = vec![SagaAction::ScheduleCompensationRetry {
-                    step,
-                    attempt,
-                    policy: self.definition.steps[step].retry,
-                }];
-                if (attempt >= stuck_after || permanent) && !self.stuck {
-                    self.stuck = true;
-                    let id = &self.definition.steps[step].id;
-                    let what = format!("compensating step {id}");
-                    self.note(stuck_note(&what, attempt, &error, permanent), now);
-                    actions.push(SagaAction::WarnStuck { step });
-                }
-                actions
-            }
+            } => self.on_compensation_failure(step, call, error, permanent, now),
             SagaEvent::CompensationRetryDue { step, attempt } => match self.steps.get_mut(step) {
                 Some(s)
                     if s.state == BranchState::Compensating

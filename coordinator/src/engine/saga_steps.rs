@@ -1,6 +1,6 @@
 //! A saga's steps: forward actions started as their dependencies commit, the forward
 //! answers and failures that move them, the decision to compensate, and compensations
-//! sent in reverse dependency order (their answers are handled in [`super`]). Same
+//! sent in reverse dependency order, with their answers and failures. Same
 //! invariants as [`super`]: no forward action after the decision to compensate, which
 //! is forced before anything is undone, and every step that may have run is compensated.
 
@@ -214,6 +214,107 @@ impl Saga {
         }
         if self.phase == SagaPhase::Compensating && self.steps.iter().all(Step::undone) {
             actions.extend(self.finish(true, now));
+        }
+        actions
+    }
+
+    /// A compensation's answer: the step is compensated, or, stated committed by an
+    /// operator, waits for one to say its work by hand is undone too.
+    pub(super) fn on_compensated(
+        &mut self,
+        step: usize,
+        call: CallNumber,
+        now: UnixMs,
+    ) -> Vec<SagaAction> {
+        let ended = self.final_record_issued();
+        let Some(s) = self.steps.get_mut(step) else {
+            return Vec::new();
+        };
+        let was_in_flight = s
+            .history
+            .finish(call, &[Operation::Compensate], "compensated", now);
+        s.failing_since = None;
+        if was_in_flight && ended {
+            return vec![SagaAction::PersistLazy];
+        }
+        if s.state != BranchState::Compensating
+            || self.phase != SagaPhase::Compensating
+            || s.awaits_operator
+        {
+            return Vec::new();
+        }
+        s.compensation_sent = false;
+        if s.stated_committed() {
+            // The participant's answer covers what it applied; what was done by
+            // hand only an operator can say is undone.
+            s.awaits_operator = true;
+            s.last_error = None;
+            self.stuck = true;
+            let id = &self.definition.steps[step].id;
+            self.note(
+                format!(
+                    "stuck: step {id} was stated committed by an operator; its \
+                     participant has undone what it applied, if anything, but \
+                     work done by hand only an operator can undo: undo any, then \
+                     resolve the step --abort"
+                ),
+                now,
+            );
+            return vec![SagaAction::PersistLazy, SagaAction::WarnStuck { step }];
+        }
+        s.state = BranchState::Compensated;
+        let mut actions = vec![SagaAction::PersistLazy];
+        actions.extend(self.compensate_what_is_left(now));
+        actions
+    }
+
+    /// A compensation's failure: retried without limit, the saga flagged stuck after
+    /// `stuck_after_attempts` failures, or at once when it cannot succeed.
+    pub(super) fn on_compensation_failure(
+        &mut self,
+        step: usize,
+        call: CallNumber,
+        error: String,
+        permanent: bool,
+        now: UnixMs,
+    ) -> Vec<SagaAction> {
+        let stuck_after = self.definition.stuck_after_attempts;
+        let ended = self.final_record_issued();
+        let Some(s) = self.steps.get_mut(step) else {
+            return Vec::new();
+        };
+        let error_text = format!("error: {error}");
+        if !s
+            .history
+            .finish(call, &[Operation::Compensate], error_text, now)
+        {
+            // A call given up, and sent again since: nothing to retry.
+            return Vec::new();
+        }
+        if ended {
+            return vec![SagaAction::PersistLazy];
+        }
+        // A late failure of a step that waits for an operator asks nothing more.
+        if s.awaits_operator {
+            return Vec::new();
+        }
+        s.failing_since.get_or_insert(now);
+        if s.state != BranchState::Compensating {
+            return Vec::new();
+        }
+        let attempt = s.compensation_attempts;
+        s.last_error = Some(error.clone());
+        let mut actions = vec![SagaAction::ScheduleCompensationRetry {
+            step,
+            attempt,
+            policy: self.definition.steps[step].retry,
+        }];
+        if (attempt >= stuck_after || permanent) && !self.stuck {
+            self.stuck = true;
+            let id = &self.definition.steps[step].id;
+            let what = format!("compensating step {id}");
+            self.note(stuck_note(&what, attempt, &error, permanent), now);
+            actions.push(SagaAction::WarnStuck { step });
         }
         actions
     }
