@@ -1,8 +1,9 @@
 //! Rewards: loyalty points kept in SQLite — the example of a participant whose data lives
-//! outside the SDK's store. [`SqliteStore`] implements the SDK's `BarrierStore` in the
-//! same database file, and every operation writes its effect and the barrier's record
-//! (`BranchContext::take_barrier_write`) in one SQLite transaction: exactly-once effects
-//! across crashes, as the sled examples get with `include_barrier_record`.
+//! outside the SDK's store. [`SqliteStore`] (`rewards/sqlite_store.rs`) implements the
+//! SDK's `BarrierStore` in the same database file, and every operation writes its effect
+//! and the barrier's record (`BranchContext::take_barrier_write`) in one SQLite
+//! transaction: exactly-once effects across crashes, as the sled examples get with
+//! `include_barrier_record`.
 //!
 //! A branch's payload is `{"member":"alice","points":-30}`: earn (positive) or redeem
 //! (negative), like a bank's leg; other fields (a `memo`, say) are ignored.
@@ -23,51 +24,22 @@
 //! an example, not a benchmark.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
-use treaty_sdk::barrier_store::{BarrierStore, BarrierWrite, BranchKey};
-use treaty_sdk::durable::StoreError;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
 use crate::journal::{Effect, JournalEntry};
 use crate::retention::{Prune, PruneRound, created_before};
 
+mod sqlite_store;
+
+pub use sqlite_store::{SqliteStore, write_barrier};
+
 /// The database's file name in the service's data directory.
 pub const DATABASE_FILE: &str = "rewards.sqlite3";
-
-const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS points (
-        member TEXT PRIMARY KEY,
-        balance INTEGER NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS holds (
-        transaction_id TEXT NOT NULL,
-        branch_id TEXT NOT NULL,
-        member TEXT NOT NULL,
-        points INTEGER NOT NULL,
-        PRIMARY KEY (transaction_id, branch_id)
-    );
-    CREATE TABLE IF NOT EXISTS treaty_barrier (
-        transaction_id TEXT NOT NULL,
-        branch_id TEXT NOT NULL,
-        record BLOB NOT NULL,
-        in_doubt INTEGER NOT NULL,
-        PRIMARY KEY (transaction_id, branch_id)
-    );
-    CREATE INDEX IF NOT EXISTS treaty_barrier_in_doubt
-        ON treaty_barrier (in_doubt, transaction_id, branch_id);
-    CREATE TABLE IF NOT EXISTS journal (
-        sequence INTEGER PRIMARY KEY AUTOINCREMENT,
-        transaction_id TEXT NOT NULL,
-        branch_id TEXT NOT NULL,
-        effect TEXT NOT NULL,
-        member TEXT NOT NULL,
-        points INTEGER NOT NULL
-    );
-";
 
 /// One leg: points earned (positive) or redeemed (negative) by a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,188 +65,8 @@ pub enum RewardsError {
     Task(String),
 }
 
-fn sql_failed(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Read(error.to_string())
-}
-
 fn participant_failed(error: impl std::fmt::Display) -> ParticipantError {
     ParticipantError::new(format!("rewards: {error}"))
-}
-
-/// The rewards database: the service's data and the barrier's records, in one file.
-#[derive(Debug)]
-pub struct SqliteStore {
-    path: PathBuf,
-    writer: Arc<Mutex<Connection>>,
-    reader: Mutex<Connection>,
-}
-
-fn connect(path: &Path) -> rusqlite::Result<Connection> {
-    let connection = Connection::open(path)?;
-    connection.pragma_update(None, "journal_mode", "WAL")?;
-    connection.pragma_update(None, "synchronous", "FULL")?;
-    connection.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(connection)
-}
-
-impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let open_error = |e: rusqlite::Error| StoreError::Open {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        let writer = connect(path).map_err(open_error)?;
-        writer.execute_batch(SCHEMA).map_err(open_error)?;
-        let reader = connect(path).map_err(open_error)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            writer: Arc::new(Mutex::new(writer)),
-            reader: Mutex::new(reader),
-        })
-    }
-
-    /// Runs `work` in one write transaction on a blocking thread; commits (durably) if it
-    /// returns Ok, rolls back otherwise.
-    pub async fn transaction<T, F>(&self, work: F) -> Result<T, RewardsError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T, RewardsError> + Send + 'static,
-    {
-        let writer = self.writer.clone();
-        let run = move || {
-            let mut connection = writer.lock().unwrap_or_else(|e| e.into_inner());
-            let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let value = work(&tx)?;
-            tx.commit()?;
-            Ok(value)
-        };
-        tokio::task::spawn_blocking(run)
-            .await
-            .unwrap_or_else(|e| Err(RewardsError::Task(e.to_string())))
-    }
-
-    fn read<T>(
-        &self,
-        work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let connection = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        work(&connection).map_err(sql_failed)
-    }
-}
-
-/// Writes the barrier's record in `tx`, exactly as [`SqliteStore`]'s `save` does.
-pub fn write_barrier(tx: &Transaction<'_>, write: &BarrierWrite) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT OR REPLACE INTO treaty_barrier (transaction_id, branch_id, record, in_doubt)
-         VALUES (?1, ?2, ?3, ?4)",
-        params![
-            write.key.transaction_id,
-            write.key.branch_id,
-            write.record,
-            write.in_doubt
-        ],
-    )?;
-    Ok(())
-}
-
-impl BarrierStore for SqliteStore {
-    fn load(&self, key: &BranchKey) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read(|connection| {
-            connection
-                .query_row(
-                    "SELECT record FROM treaty_barrier WHERE transaction_id = ?1 AND branch_id = ?2",
-                    params![key.transaction_id, key.branch_id],
-                    |row| row.get(0),
-                )
-                .optional()
-        })
-    }
-
-    async fn save(&self, write: BarrierWrite) -> Result<(), StoreError> {
-        self.transaction(move |tx| Ok(write_barrier(tx, &write)?))
-            .await
-            .map_err(sql_failed)
-    }
-
-    fn in_doubt(
-        &self,
-        after: Option<&BranchKey>,
-        limit: usize,
-    ) -> Result<Vec<BranchKey>, StoreError> {
-        let (after_transaction, after_branch) = after
-            .map(|k| (k.transaction_id.as_str(), k.branch_id.as_str()))
-            .unwrap_or(("", ""));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(|connection| {
-            let mut query = connection.prepare(
-                "SELECT transaction_id, branch_id FROM treaty_barrier
-                 WHERE in_doubt = 1 AND (transaction_id, branch_id) > (?1, ?2)
-                 ORDER BY transaction_id, branch_id LIMIT ?3",
-            )?;
-            let rows = query.query_map(params![after_transaction, after_branch, limit], |row| {
-                Ok(BranchKey {
-                    transaction_id: row.get(0)?,
-                    branch_id: row.get(1)?,
-                })
-            })?;
-            rows.collect()
-        })
-    }
-
-    fn records_before(
-        &self,
-        after: Option<&BranchKey>,
-        before_transaction_id: &str,
-        limit: usize,
-    ) -> Result<Vec<(BranchKey, Vec<u8>)>, StoreError> {
-        let (after_transaction, after_branch) = after
-            .map(|k| (k.transaction_id.as_str(), k.branch_id.as_str()))
-            .unwrap_or(("", ""));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(|connection| {
-            // The primary key's order; text compares bytewise (SQLite's BINARY collation).
-            let mut query = connection.prepare(
-                "SELECT transaction_id, branch_id, record FROM treaty_barrier
-                 WHERE transaction_id < ?1 AND (transaction_id, branch_id) > (?2, ?3)
-                 ORDER BY transaction_id, branch_id LIMIT ?4",
-            )?;
-            let rows = query.query_map(
-                params![
-                    before_transaction_id,
-                    after_transaction,
-                    after_branch,
-                    limit
-                ],
-                |row| {
-                    let key = BranchKey {
-                        transaction_id: row.get(0)?,
-                        branch_id: row.get(1)?,
-                    };
-                    Ok((key, row.get(2)?))
-                },
-            )?;
-            rows.collect()
-        })
-    }
-
-    async fn remove(&self, keys: Vec<BranchKey>) -> Result<(), StoreError> {
-        self.transaction(move |tx| {
-            let mut delete = tx.prepare(
-                "DELETE FROM treaty_barrier WHERE transaction_id = ?1 AND branch_id = ?2",
-            )?;
-            for key in &keys {
-                delete.execute(params![key.transaction_id, key.branch_id])?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(sql_failed)
-    }
-
-    fn describe(&self) -> String {
-        format!("sqlite {}", self.path.display())
-    }
 }
 
 /// Appends the journal entry of an effect, in the operation's transaction `tx`.
@@ -580,15 +372,6 @@ mod tests {
 
     fn leg(member: &str, points: i64) -> Vec<u8> {
         PointsLeg { member, points }.payload()
-    }
-
-    #[tokio::test]
-    async fn the_sqlite_store_meets_the_barrier_store_contract() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("rewards.sqlite3")).unwrap();
-        treaty_sdk::barrier_store::check_conformance(&store)
-            .await
-            .unwrap();
     }
 
     #[tokio::test]
