@@ -1,5 +1,5 @@
 //! Tests of the barrier from inside the crate; its rules are tested through its public
-//! API in participant-sdk/tests/barrier.rs.
+//! API in participant-sdk/tests/barrier/.
 
 use super::*;
 use crate::durable::{MAX_GROUP_COMMIT_HOLD, StoreOptions};
