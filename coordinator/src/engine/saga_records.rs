@@ -100,6 +100,24 @@ impl Saga {
         self.phase.logged_state().is_final()
     }
 
+    /// Finishes call `call` (a `kind` call) of `step` with `result`. `None` if that call
+    /// was no longer in flight (given up, and sent again since); else whether the final
+    /// record was already issued, so that the log lacks it and needs a lazy write.
+    pub(super) fn finish_call(
+        &mut self,
+        step: usize,
+        call: CallNumber,
+        kind: Operation,
+        result: String,
+        now: UnixMs,
+    ) -> Option<bool> {
+        let ended = self.final_record_issued();
+        let s = self.steps.get_mut(step)?;
+        s.history
+            .finish(call, &[kind], result, now)
+            .then_some(ended)
+    }
+
     /// What GetTransaction shows: nothing that is not durable yet (not even the reason
     /// for a decision still being written).
     pub fn record(&self) -> TxnRecord {

@@ -14,22 +14,17 @@ impl Saga {
         answer: StepAnswer,
         now: UnixMs,
     ) -> Vec<SagaAction> {
-        let ended = self.final_record_issued();
+        let result = match &answer {
+            StepAnswer::Committed => "committed".to_string(),
+            StepAnswer::Rejected { reason } => format!("rejected: {reason}"),
+            StepAnswer::AlreadyCompensated => "already compensated".to_string(),
+        };
+        let finished = self.finish_call(step, call, Operation::Step, result, now);
         let Some(s) = self.steps.get_mut(step) else {
             return Vec::new();
         };
-        let was_in_flight = s.history.finish(
-            call,
-            &[Operation::Step],
-            match &answer {
-                StepAnswer::Committed => "committed".to_string(),
-                StepAnswer::Rejected { reason } => format!("rejected: {reason}"),
-                StepAnswer::AlreadyCompensated => "already compensated".to_string(),
-            },
-            now,
-        );
         s.failing_since = None;
-        if was_in_flight && ended {
+        if finished == Some(true) {
             return vec![SagaAction::PersistLazy];
         }
         if s.state != BranchState::Running {
@@ -86,20 +81,14 @@ impl Saga {
         now: UnixMs,
     ) -> Vec<SagaAction> {
         let running = self.phase == SagaPhase::Running;
-        let ended = self.final_record_issued();
-        let Some(s) = self.steps.get_mut(step) else {
-            return Vec::new();
-        };
-        if !s
-            .history
-            .finish(call, &[Operation::Step], format!("error: {error}"), now)
-        {
+        let result = format!("error: {error}");
+        match self.finish_call(step, call, Operation::Step, result, now) {
             // A call given up, and sent again since: nothing to retry.
-            return Vec::new();
+            None => return Vec::new(),
+            Some(true) => return vec![SagaAction::PersistLazy],
+            Some(false) => {}
         }
-        if ended {
-            return vec![SagaAction::PersistLazy];
-        }
+        let s = &mut self.steps[step];
         // A late failure of a step no longer running (stated committed, or compensating)
         // asks nothing more, and is no retry waiting.
         if s.state != BranchState::Running {
@@ -226,15 +215,13 @@ impl Saga {
         call: CallNumber,
         now: UnixMs,
     ) -> Vec<SagaAction> {
-        let ended = self.final_record_issued();
+        let result = "compensated".to_string();
+        let finished = self.finish_call(step, call, Operation::Compensate, result, now);
         let Some(s) = self.steps.get_mut(step) else {
             return Vec::new();
         };
-        let was_in_flight = s
-            .history
-            .finish(call, &[Operation::Compensate], "compensated", now);
         s.failing_since = None;
-        if was_in_flight && ended {
+        if finished == Some(true) {
             return vec![SagaAction::PersistLazy];
         }
         if s.state != BranchState::Compensating
@@ -279,21 +266,14 @@ impl Saga {
         now: UnixMs,
     ) -> Vec<SagaAction> {
         let stuck_after = self.definition.stuck_after_attempts;
-        let ended = self.final_record_issued();
-        let Some(s) = self.steps.get_mut(step) else {
-            return Vec::new();
-        };
-        let error_text = format!("error: {error}");
-        if !s
-            .history
-            .finish(call, &[Operation::Compensate], error_text, now)
-        {
+        let result = format!("error: {error}");
+        match self.finish_call(step, call, Operation::Compensate, result, now) {
             // A call given up, and sent again since: nothing to retry.
-            return Vec::new();
+            None => return Vec::new(),
+            Some(true) => return vec![SagaAction::PersistLazy],
+            Some(false) => {}
         }
-        if ended {
-            return vec![SagaAction::PersistLazy];
-        }
+        let s = &mut self.steps[step];
         // A late failure of a step that waits for an operator asks nothing more.
         if s.awaits_operator {
             return Vec::new();

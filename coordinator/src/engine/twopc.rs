@@ -450,7 +450,8 @@ impl TwoPhaseCommit {
                 error,
                 permanent,
             } => {
-                match self.finish_prepare(branch, call, format!("error: {error}"), now) {
+                let result = format!("error: {error}");
+                match self.finish_call(branch, call, &[Operation::Prepare], result, now) {
                     // A call given up: what it says is asked again (or stated) since.
                     None => return Vec::new(),
                     Some(true) => return self.write_again().into_iter().collect(),
@@ -487,20 +488,14 @@ impl TwoPhaseCommit {
                 error,
                 permanent,
             } => {
-                let ended = self.final_record_issued();
-                let Some(b) = self.branches.get_mut(branch) else {
-                    return Vec::new();
-                };
-                if !b
-                    .history
-                    .finish(call, PHASE_TWO, format!("error: {error}"), now)
-                {
+                let result = format!("error: {error}");
+                match self.finish_call(branch, call, PHASE_TWO, result, now) {
                     // A call given up, whose delivery is sent again: nothing to retry.
-                    return Vec::new();
+                    None => return Vec::new(),
+                    Some(true) => return self.write_again().into_iter().collect(),
+                    Some(false) => {}
                 }
-                if ended {
-                    return self.write_again().into_iter().collect();
-                }
+                let b = &mut self.branches[branch];
                 b.failing_since.get_or_insert(now);
                 if !b.awaiting_ack {
                     return Vec::new();

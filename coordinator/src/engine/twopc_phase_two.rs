@@ -42,13 +42,13 @@ impl TwoPhaseCommit {
         now: UnixMs,
     ) -> Vec<Action> {
         let phase = self.phase;
+        let finished = self.finish_call(branch, call, PHASE_TWO, answer.describe(), now);
         let Some(b) = self.branches.get_mut(branch) else {
             return Vec::new();
         };
-        let was_in_flight = b.history.finish(call, PHASE_TWO, answer.describe(), now);
         b.failing_since = None;
         if !b.awaiting_ack {
-            if was_in_flight && self.final_record_issued() {
+            if finished == Some(true) {
                 return self.write_again().into_iter().collect();
             }
             return Vec::new();

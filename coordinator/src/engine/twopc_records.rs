@@ -129,6 +129,24 @@ impl TwoPhaseCommit {
         }
     }
 
+    /// Finishes call `call` of `branch` (one of `answers`) with `result`. `None` if that
+    /// call was no longer in flight (given up: sent again, or its vote stated, since);
+    /// else whether the last record was already issued (a prepare's answer that raced the
+    /// abort whose answer ended the transaction, a phase-2 call sent again), so that the
+    /// log lacks it and must be written again ([`Self::write_again`]).
+    pub(super) fn finish_call(
+        &mut self,
+        branch: usize,
+        call: CallNumber,
+        answers: &[Operation],
+        result: String,
+        now: UnixMs,
+    ) -> Option<bool> {
+        let b = self.branches.get_mut(branch)?;
+        let was_in_flight = b.history.finish(call, answers, result, now);
+        was_in_flight.then(|| self.final_record_issued())
+    }
+
     /// The write that brings the log up to date with what was recorded since its last
     /// write (a late answer, an operator's resolution): the record as it is now if the
     /// log holds it anyway; the history of an ended abort the protocol does not log

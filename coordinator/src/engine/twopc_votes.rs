@@ -46,23 +46,6 @@ impl TwoPhaseCommit {
         }
     }
 
-    /// Finishes prepare call `call` of `branch` with `result`. `None` if that call was
-    /// no longer in flight (given up: asked again, or its vote stated, since); else
-    /// whether the answer came after the last record was issued (it raced the abort sent
-    /// to the branch, whose answer ended it), so that the log lacks it and must be
-    /// written again, as it is for an operator's resolution of an ended abort.
-    pub(super) fn finish_prepare(
-        &mut self,
-        branch: usize,
-        call: CallNumber,
-        result: String,
-        now: UnixMs,
-    ) -> Option<bool> {
-        let b = self.branches.get_mut(branch)?;
-        let was_in_flight = b.history.finish(call, &[Operation::Prepare], result, now);
-        was_in_flight.then(|| self.final_record_issued())
-    }
-
     /// A participant's vote, the answer to prepare call `call`.
     pub(super) fn on_vote_answered(
         &mut self,
@@ -76,7 +59,7 @@ impl TwoPhaseCommit {
             Vote::ReadOnly => "voted READ_ONLY".to_string(),
             Vote::No { reason } => format!("voted NO: {reason}"),
         };
-        if self.finish_prepare(branch, call, result, now) == Some(true) {
+        if self.finish_call(branch, call, &[Operation::Prepare], result, now) == Some(true) {
             return self.write_again().into_iter().collect();
         }
         self.on_vote(branch, vote, now)
