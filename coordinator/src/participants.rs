@@ -39,17 +39,18 @@ use crate::metrics::{CallOperation, CallResult, Metrics};
 
 pub mod circuit;
 mod failure;
+mod health;
 mod status;
 mod stream;
 pub mod window;
 
-use circuit::{Admission, Circuit, CircuitState};
+use circuit::Admission;
 pub use failure::{CIRCUIT_OPEN, CallFailure, UNREACHABLE};
 use failure::{answered_by_participant, describe_failure, refused_for_good};
+use health::PeerHealth;
 pub use status::EndpointStatus;
 pub use stream::Transport;
 use stream::{CallStream, StreamedCall};
-use window::CallWindow;
 
 /// Channels kept open; past this the cache starts over (old channels close when their
 /// calls finish).
@@ -96,53 +97,6 @@ struct Peer {
     /// The TLS settings the client was made with (see `Participants::reload_tls`).
     tls_generation: u64,
     health: Arc<PeerHealth>,
-}
-
-/// What outlives a peer's channel (a TLS reload makes a new one): its share of the
-/// permits and its circuit.
-#[derive(Debug)]
-struct PeerHealth {
-    /// Calls to this endpoint in flight.
-    permits: Semaphore,
-    max_permits: usize,
-    circuit: Mutex<Circuit>,
-    /// `treaty_circuit_state` for this endpoint, set under the circuit's lock so that
-    /// the last value written is the circuit's last state (set after the lock, a call
-    /// that saw it open could overwrite the close a probe had just reported).
-    circuit_gauge: prometheus_client::metrics::gauge::Gauge,
-    /// Calls and failures of about the last minute.
-    recent: Mutex<CallWindow>,
-}
-
-impl PeerHealth {
-    /// No call in flight and the circuit closed: nothing is lost by forgetting it.
-    fn is_idle(&self) -> bool {
-        self.permits.available_permits() == self.max_permits
-            && self.circuit_state() == CircuitState::Closed
-    }
-
-    fn circuit_state(&self) -> CircuitState {
-        self.change_circuit(|_, _| ()).2
-    }
-
-    /// Runs `change` on the circuit; returns its result and the circuit's state before
-    /// and after. The gauge shows the state after; open turns half-open with time
-    /// alone, so it is written whenever the circuit is not closed (the slow path), and
-    /// at any change.
-    fn change_circuit<R>(
-        &self,
-        change: impl FnOnce(&mut Circuit, std::time::Instant) -> R,
-    ) -> (R, CircuitState, CircuitState) {
-        let mut circuit = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        let before = circuit.state(now);
-        let result = change(&mut circuit, now);
-        let after = circuit.state(now);
-        if before != after || after != CircuitState::Closed {
-            self.circuit_gauge.set(after.gauge());
-        }
-        (result, before, after)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -264,18 +218,10 @@ impl Participants {
         }
         let health = match existing {
             Some(peer) => peer.health.clone(),
-            None => {
-                // Shown from the first call, so that dashboards list every endpoint.
-                let circuit_gauge = self.metrics.circuit_gauge(endpoint);
-                circuit_gauge.set(CircuitState::Closed.gauge());
-                Arc::new(PeerHealth {
-                    permits: Semaphore::new(self.max_in_flight_per_endpoint),
-                    max_permits: self.max_in_flight_per_endpoint,
-                    circuit: Mutex::default(),
-                    circuit_gauge,
-                    recent: Mutex::default(),
-                })
-            }
+            None => Arc::new(PeerHealth::new(
+                self.max_in_flight_per_endpoint,
+                self.metrics.circuit_gauge(endpoint),
+            )),
         };
         let peer = Arc::new(Peer {
             client: ParticipantClient::with_interceptor(
@@ -319,7 +265,7 @@ impl Participants {
                 return Err(CallFailure::transient(error));
             }
         };
-        let Some(admitted) = self.admit(call, &peer) else {
+        let Some(admitted) = peer.health.admit(&call.endpoint) else {
             self.metrics
                 .participant_call(&call.endpoint, operation, CallResult::circuit_open, 0.0);
             return Err(CallFailure::transient(CIRCUIT_OPEN));
@@ -355,17 +301,6 @@ impl Participants {
             started.elapsed().as_secs_f64(),
         );
         answer
-    }
-
-    /// Asks the endpoint's circuit whether the call may go out; `None`: fail at once.
-    fn admit<'a>(&'a self, call: &'a Call, peer: &'a Peer) -> Option<Admitted<'a>> {
-        let (admission, _, _) = peer.health.change_circuit(Circuit::admit);
-        (admission != Admission::Refuse).then_some(Admitted {
-            endpoint: &call.endpoint,
-            peer,
-            admission,
-            finished: false,
-        })
     }
 
     /// One call, on the endpoint's stream or unary, and how it ended for the metrics.
@@ -510,48 +445,6 @@ impl Participants {
                 "participant sent an unknown abort result {}",
                 response.result
             ))),
-        }
-    }
-}
-
-/// A call the circuit let out; its result goes back to the circuit, and a call dropped
-/// before it had one frees the probe.
-struct Admitted<'a> {
-    endpoint: &'a str,
-    peer: &'a Peer,
-    admission: Admission,
-    finished: bool,
-}
-
-impl Admitted<'_> {
-    fn circuit_closed(&self) -> bool {
-        self.peer.health.circuit_state() == CircuitState::Closed
-    }
-
-    fn finish(mut self, answered: bool) {
-        self.finished = true;
-        let admission = self.admission;
-        let ((), before, after) = self
-            .peer
-            .health
-            .change_circuit(|circuit, now| circuit.record(admission, answered, now));
-        if before != after {
-            if after == CircuitState::Open {
-                tracing::warn!(endpoint = %self.endpoint, "participant not answering; its circuit is open");
-            } else if after == CircuitState::Closed {
-                tracing::info!(endpoint = %self.endpoint, "participant answers again; its circuit is closed");
-            }
-        }
-    }
-}
-
-impl Drop for Admitted<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            let admission = self.admission;
-            self.peer
-                .health
-                .change_circuit(|circuit, _| circuit.abandon(admission));
         }
     }
 }

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use super::circuit::{Circuit, CircuitState};
+use super::health::PeerHealth;
 use super::window::RecentCalls;
-use super::{Participants, Peer, PeerHealth, Transport};
+use super::{Participants, Peer, Transport};
 
 /// One participant endpoint as operators see it (`treaty endpoints`).
 #[derive(Debug, Clone, PartialEq, Eq)]
