@@ -203,6 +203,19 @@ impl SagaPhase {
     }
 }
 
+/// How far a compensating step's compensation has got: one state at a time, where two
+/// flags could say "sent" and "waiting for an operator" at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CompensationProgress {
+    /// Not sent since the step began compensating, or since a restart.
+    Unsent,
+    /// In flight, or waiting to be retried.
+    Sent,
+    /// Answered, but an operator stated the step's forward action committed: see
+    /// [`Step::awaits_operator`].
+    AwaitsOperator,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
     pub state: BranchState,
@@ -210,11 +223,9 @@ pub struct Step {
     pub compensation_attempts: u32,
     pub last_error: Option<String>,
     pub history: AttemptLog,
-    /// A compensation is in flight or waiting to be retried.
-    compensation_sent: bool,
-    /// See [`Step::awaits_operator`]. Not logged: after a restart the compensation is
-    /// sent again, and its answer sets it again.
-    awaits_operator: bool,
+    /// How far its compensation has got. Not logged: after a restart a compensating
+    /// step sends its compensation again, and the answer brings it back here.
+    compensation: CompensationProgress,
     /// When calls for this step began to fail without an answer, until one comes.
     pub failing_since: Option<UnixMs>,
     /// An operator's decision about this step.
@@ -229,8 +240,7 @@ impl Step {
             compensation_attempts: 0,
             last_error: None,
             history: AttemptLog::default(),
-            compensation_sent: false,
-            awaits_operator: false,
+            compensation: CompensationProgress::Unsent,
             failing_since: None,
             resolution: None,
         }
@@ -240,7 +250,7 @@ impl Step {
     /// committed (perhaps by hand, which its participant cannot undo): only an
     /// operator can state it undone.
     pub fn awaits_operator(&self) -> bool {
-        self.awaits_operator
+        self.compensation == CompensationProgress::AwaitsOperator
     }
 
     /// An operator stated its forward action committed ("its work stands", which may be
@@ -438,7 +448,7 @@ impl Saga {
             SagaEvent::CompensationRetryDue { step, attempt } => match self.steps.get_mut(step) {
                 Some(s)
                     if s.state == BranchState::Compensating
-                        && !s.awaits_operator
+                        && !s.awaits_operator()
                         && s.compensation_attempts == attempt
                         && !self.paused =>
                 {
@@ -501,7 +511,7 @@ impl Saga {
             {
                 continue;
             }
-            if s.awaits_operator {
+            if s.awaits_operator() {
                 s.history.abandon_open(NO_ANSWER_AWAITING_OPERATOR, now);
                 continue;
             }

@@ -107,12 +107,11 @@ impl Saga {
         s.failing_since = None;
         if compensating {
             s.state = BranchState::Compensated;
-            s.compensation_sent = false;
-            s.awaits_operator = false;
+            s.compensation = CompensationProgress::Unsent;
             // Handled, unless another step waits for an operator too, or another
             // compensation is failing (as a two-phase commit keeps it for a failing branch).
             self.stuck = self.steps.iter().any(|s| {
-                s.awaits_operator
+                s.awaits_operator()
                     || (s.state == BranchState::Compensating && s.failing_since.is_some())
             });
             let mut actions = vec![SagaAction::PersistLazy];
@@ -162,7 +161,10 @@ impl RetryControl for Saga {
                 s.attempts += 1;
                 let call = s.history.start(Operation::Step, now);
                 actions.push(SagaAction::SendStep { step, call });
-            } else if compensating && s.state == BranchState::Compensating && s.compensation_sent {
+            } else if compensating
+                && s.state == BranchState::Compensating
+                && s.compensation == CompensationProgress::Sent
+            {
                 s.compensation_attempts += 1;
                 let call = s.history.start(Operation::Compensate, now);
                 actions.push(SagaAction::SendCompensation { step, call });

@@ -28,8 +28,7 @@ impl Saga {
                     compensation_attempts: b.compensation_attempts,
                     last_error: b.last_error.clone(),
                     history,
-                    compensation_sent: false,
-                    awaits_operator: false,
+                    compensation: CompensationProgress::Unsent,
                     failing_since: None,
                     resolution: b.resolution.clone(),
                 }
@@ -167,7 +166,7 @@ impl Saga {
                     history: step.history.clone(),
                     heuristic: None,
                     resolution: step.resolution.clone(),
-                    awaits_operator: shown == Shown::Yes && step.awaits_operator,
+                    awaits_operator: shown == Shown::Yes && step.awaits_operator(),
                 })
                 .collect(),
             transitions: self.transitions.clone(),

@@ -180,8 +180,7 @@ impl Saga {
             let s = &self.steps[step];
             let needs = s.state.may_have_run()
                 || (s.state == BranchState::Compensating
-                    && !s.compensation_sent
-                    && !s.awaits_operator);
+                    && s.compensation == CompensationProgress::Unsent);
             if !needs {
                 continue;
             }
@@ -195,7 +194,7 @@ impl Saga {
             if dependents_undone {
                 let s = &mut self.steps[step];
                 s.state = BranchState::Compensating;
-                s.compensation_sent = true;
+                s.compensation = CompensationProgress::Sent;
                 s.compensation_attempts += 1;
                 let call = s.history.start(Operation::Compensate, now);
                 actions.push(SagaAction::SendCompensation { step, call });
@@ -226,15 +225,15 @@ impl Saga {
         }
         if s.state != BranchState::Compensating
             || self.phase != SagaPhase::Compensating
-            || s.awaits_operator
+            || s.awaits_operator()
         {
             return Vec::new();
         }
-        s.compensation_sent = false;
+        s.compensation = CompensationProgress::Unsent;
         if s.stated_committed() {
             // The participant's answer covers what it applied; what was done by
             // hand only an operator can say is undone.
-            s.awaits_operator = true;
+            s.compensation = CompensationProgress::AwaitsOperator;
             s.last_error = None;
             self.stuck = true;
             let id = &self.definition.steps[step].id;
@@ -275,7 +274,7 @@ impl Saga {
         }
         let s = &mut self.steps[step];
         // A late failure of a step that waits for an operator asks nothing more.
-        if s.awaits_operator {
+        if s.awaits_operator() {
             return Vec::new();
         }
         s.failing_since.get_or_insert(now);
