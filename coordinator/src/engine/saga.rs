@@ -203,11 +203,12 @@ impl SagaPhase {
     }
 }
 
-/// How far a compensating step's compensation has got: one state at a time, where two
-/// flags could say "sent" and "waiting for an operator" at once.
+/// How far a step's compensation has got: one state at a time, which two flags ("sent",
+/// "waiting for an operator") did not enforce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CompensationProgress {
-    /// Not sent since the step began compensating, or since a restart.
+    /// None outstanding: the step never compensated, is compensated, or is compensating
+    /// with its compensation not sent yet (or not since a restart).
     Unsent,
     /// In flight, or waiting to be retried.
     Sent,

@@ -56,7 +56,7 @@ impl PeerHealth {
             && self.circuit_state() == CircuitState::Closed
     }
 
-    pub(super) fn circuit_state(&self) -> CircuitState {
+    fn circuit_state(&self) -> CircuitState {
         self.change_circuit(|_, _| ()).2
     }
 
