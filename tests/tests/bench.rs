@@ -206,7 +206,8 @@ async fn a_saga_step_waits_for_one_forced_write_with_the_yes_unforced() {
 
 /// At one in flight the bench computes the target from its own run: the ceiling's p50
 /// and the sync probe's fsync, timed alone and with the coordinator and both
-/// participants syncing at once, in the directory that holds their stores.
+/// participants syncing at once, in the directory that holds their stores or in one
+/// named for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_one_in_flight_the_target_comes_from_the_ceiling_and_a_sync_probe() {
     let (report, stderr) = bench_with_stderr(&[
@@ -254,6 +255,22 @@ async fn at_one_in_flight_the_target_comes_from_the_ceiling_and_a_sync_probe() {
     assert!(report["one_in_flight_target"].is_null(), "{report:#}");
     let stderr = bench_refused(&["--sync-probe-ms", "60001"]).await;
     assert!(stderr.contains("--sync-probe-ms"), "{stderr}");
+    // Where it is told to (with `--endpoint`, the stores need not share the disk whose
+    // sync the target counts), in a directory of its own that it removes.
+    let probe_in = tempfile::tempdir().unwrap();
+    let probe_in_arg = probe_in.path().to_string_lossy().into_owned();
+    let told = ["--sync-probe-ms", "50", "--sync-probe-dir", &probe_in_arg];
+    let report = bench(&[&QUICK_TWOPC[..], &told].concat()).await;
+    let written_in = report["sync_probe"]["dir"]
+        .as_str()
+        .expect("the probe's directory");
+    assert!(
+        std::path::Path::new(written_in).starts_with(probe_in.path()),
+        "{report:#}"
+    );
+    assert_eq!(std::fs::read_dir(probe_in.path()).unwrap().count(), 0);
+    let stderr = bench_refused(&["--sync-probe-dir", "/nonexistent/treaty-bench"]).await;
+    assert!(stderr.contains("--sync-probe-dir"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

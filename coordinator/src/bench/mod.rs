@@ -144,6 +144,12 @@ pub struct BenchArgs {
     /// flight is computed from this run (0: no probe).
     #[arg(long, default_value_t = 1_000, conflicts_with = "recovery")]
     pub sync_probe_ms: u64,
+    /// Where the sync probe writes, in a directory of its own that it removes after
+    /// (default: beside the stores). With `--endpoint` the coordinator's log is
+    /// elsewhere, and the stores may be on another file system: name a directory on
+    /// the disk whose sync the target is to count.
+    #[arg(long, value_name = "DIR", conflicts_with = "recovery")]
+    pub sync_probe_dir: Option<std::path::PathBuf>,
     /// `--recovery`: the longest the whole run may take.
     #[arg(long, default_value_t = 600, requires = "recovery")]
     pub recovery_timeout_s: u64,
@@ -240,6 +246,13 @@ fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
         args.sync_probe_ms <= 60_000,
         "--sync-probe-ms must be 0..=60000"
     );
+    if let Some(dir) = &args.sync_probe_dir {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--sync-probe-dir {}: not a directory",
+            dir.display()
+        );
+    }
     anyhow::ensure!(
         (10..=3_600_000).contains(&args.rss_sample_ms),
         "--rss-sample-ms must be 10..=3600000"
@@ -385,12 +398,13 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
             let coordinator_writes =
                 workload::commits_in_two_phases(args.participants) && args.endpoint.is_none();
             let writers = args.participants + usize::from(coordinator_writes);
-            let probe = sync_probe::run_blocking(
-                cluster.data_dir().join("sync-probe"),
-                writers,
-                Duration::from_millis(ms),
-            )
-            .await?;
+            let probe_dir = match &args.sync_probe_dir {
+                // A name of its own: the probe removes the directory it wrote in.
+                Some(dir) => dir.join(format!("treaty-sync-probe-{}", std::process::id())),
+                None => cluster.data_dir().join("sync-probe"),
+            };
+            let probe =
+                sync_probe::run_blocking(probe_dir, writers, Duration::from_millis(ms)).await?;
             eprintln!("bench {}", probe.line());
             Some(probe)
         }
