@@ -256,21 +256,41 @@ async fn at_one_in_flight_the_target_comes_from_the_ceiling_and_a_sync_probe() {
     let stderr = bench_refused(&["--sync-probe-ms", "60001"]).await;
     assert!(stderr.contains("--sync-probe-ms"), "{stderr}");
     // Where it is told to (with `--endpoint`, the stores need not share the disk whose
-    // sync the target counts), in a directory of its own that it removes.
+    // sync the target counts), in a directory of its own that it removes, leaving what
+    // was there.
     let probe_in = tempfile::tempdir().unwrap();
+    let kept = probe_in.path().join("kept");
+    std::fs::write(&kept, b"not the probe's").unwrap();
     let probe_in_arg = probe_in.path().to_string_lossy().into_owned();
     let told = ["--sync-probe-ms", "50", "--sync-probe-dir", &probe_in_arg];
     let report = bench(&[&QUICK_TWOPC[..], &told].concat()).await;
     let written_in = report["sync_probe"]["dir"]
         .as_str()
         .expect("the probe's directory");
+    let written_in = std::path::Path::new(written_in);
     assert!(
-        std::path::Path::new(written_in).starts_with(probe_in.path()),
+        written_in.starts_with(probe_in.path()) && written_in != probe_in.path(),
         "{report:#}"
     );
-    assert_eq!(std::fs::read_dir(probe_in.path()).unwrap().count(), 0);
-    let stderr = bench_refused(&["--sync-probe-dir", "/nonexistent/treaty-bench"]).await;
-    assert!(stderr.contains("--sync-probe-dir"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(probe_in.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![kept.clone()]);
+    assert_eq!(std::fs::read(&kept).unwrap(), b"not the probe's");
+    // Refused by name before anything starts: a file, or the probe switched off.
+    let kept_arg = kept.to_string_lossy().into_owned();
+    let stderr = bench_refused(&["--sync-probe-dir", &kept_arg]).await;
+    assert!(
+        stderr.contains("--sync-probe-dir") && stderr.contains("not a directory"),
+        "{stderr}"
+    );
+    let off = ["--sync-probe-ms", "0", "--sync-probe-dir", &probe_in_arg];
+    let stderr = bench_refused(&off).await;
+    assert!(
+        stderr.contains("--sync-probe-dir needs the probe"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

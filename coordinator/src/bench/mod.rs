@@ -12,8 +12,9 @@
 //! Around each workload it reads the servers' counters and `/proc` ([`observe`]) and
 //! reports, per transaction, calls, forced writes and fsyncs at the coordinator and the
 //! participants, CPU time, and efficiency against the ceiling ([`report`]). Before the
-//! workloads it times a sync on the stores' disk, alone and as many at once as a
-//! commit's path forces ([`sync_probe`]), for the target at one in flight. With
+//! workloads it times a sync on the stores' disk (or `--sync-probe-dir`'s), alone and as
+//! many at once as a commit's path forces ([`sync_probe`]), for the target at one in
+//! flight. With
 //! `--postgres URL` it also runs PostgreSQL's own 2PC as a yardstick ([`postgres`]).
 //! Progress goes to stderr; the results to stdout, as a table or (`--json`) one object.
 //!
@@ -40,6 +41,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::sync::atomic::Ordering;
+
+use anyhow::Context;
 
 pub use observe::cpu_us;
 pub use participant::{BenchParticipantArgs, run as run_participant};
@@ -139,20 +142,33 @@ pub struct BenchArgs {
     #[arg(long, requires = "recovery")]
     pub in_doubt_poll_ms: Option<u64>,
     /// Before the workloads, time 8 KiB writes and `fdatasync`s in the stores'
-    /// directory, alone and then as many at once as the processes that force a write on a
-    /// two-phase commit's path, each part for this long, so that the target at one in
-    /// flight is computed from this run (0: no probe).
+    /// directory (or `--sync-probe-dir`), alone and then as many at once as the processes
+    /// whose stores the bench placed there force on a two-phase commit's path, each part
+    /// for this long, so that the target at one in flight is computed from this run (0:
+    /// no probe).
     #[arg(long, default_value_t = 1_000, conflicts_with = "recovery")]
     pub sync_probe_ms: u64,
-    /// Where the sync probe writes, in a directory of its own that it removes after
-    /// (default: beside the stores). With `--endpoint` the coordinator's log is
-    /// elsewhere, and the stores may be on another file system: name a directory on
-    /// the disk whose sync the target is to count.
-    #[arg(long, value_name = "DIR", conflicts_with = "recovery")]
+    /// Where the sync probe writes, in a directory of its own that it makes there and
+    /// removes after (default: beside the stores). With `--endpoint` the coordinator's
+    /// log is wherever its `--data-dir` is, and the stores may be on another file
+    /// system: name a directory on the disk whose lone sync the target is to count. The
+    /// probe's "at once" part still counts the processes whose stores the bench placed,
+    /// as if they shared that disk.
+    #[arg(long, conflicts_with = "recovery")]
     pub sync_probe_dir: Option<std::path::PathBuf>,
     /// `--recovery`: the longest the whole run may take.
     #[arg(long, default_value_t = 600, requires = "recovery")]
     pub recovery_timeout_s: u64,
+}
+
+/// A new directory for the sync probe under `--sync-probe-dir`, made for this run alone
+/// (the probe removes the directory it wrote in, so it must never be one that was there
+/// before).
+fn sync_probe_dir_in(dir: &std::path::Path) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("treaty-sync-probe-")
+        .tempdir_in(dir)
+        .with_context(|| format!("--sync-probe-dir {}: cannot write there", dir.display()))
 }
 
 /// Samples the directories every `every` until stopped (and once more then), printing
@@ -248,10 +264,16 @@ fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
     );
     if let Some(dir) = &args.sync_probe_dir {
         anyhow::ensure!(
+            args.sync_probe_ms > 0,
+            "--sync-probe-dir needs the probe: --sync-probe-ms is 0"
+        );
+        anyhow::ensure!(
             dir.is_dir(),
             "--sync-probe-dir {}: not a directory",
             dir.display()
         );
+        // Refused now if the probe could not write there, rather than after the start.
+        sync_probe_dir_in(dir)?;
     }
     anyhow::ensure!(
         (10..=3_600_000).contains(&args.rss_sample_ms),
@@ -399,8 +421,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
                 workload::commits_in_two_phases(args.participants) && args.endpoint.is_none();
             let writers = args.participants + usize::from(coordinator_writes);
             let probe_dir = match &args.sync_probe_dir {
-                // A name of its own: the probe removes the directory it wrote in.
-                Some(dir) => dir.join(format!("treaty-sync-probe-{}", std::process::id())),
+                Some(dir) => sync_probe_dir_in(dir)?.keep(),
                 None => cluster.data_dir().join("sync-probe"),
             };
             let probe =

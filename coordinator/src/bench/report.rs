@@ -36,7 +36,8 @@ pub struct Report {
     pub postgres: Option<super::postgres::PostgresReport>,
     /// The started coordinator's RSS over the run (`None` with `--endpoint`).
     pub memory: Option<super::memory::MemoryReport>,
-    /// What a forced write cost on the stores' disk (`None` with `--sync-probe-ms 0`).
+    /// What a forced write cost on the stores' disk, or `--sync-probe-dir`'s (`None` with
+    /// `--sync-probe-ms 0`).
     pub sync_probe: Option<super::sync_probe::SyncProbeReport>,
     /// At one in flight, with twopc, the ceiling and the probe run: issue 11's target.
     pub one_in_flight_target: Option<OneInFlightTarget>,

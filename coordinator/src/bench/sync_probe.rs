@@ -58,7 +58,8 @@ pub struct SyncTimes {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SyncProbeReport {
-    /// Where the probe's files were (beside the bench's stores).
+    /// Where the probe's files were (beside the bench's stores, or in a directory of
+    /// their own under `--sync-probe-dir`).
     pub dir: PathBuf,
     /// One writer.
     pub alone: SyncTimes,
