@@ -14,8 +14,8 @@
 //! participants, CPU time, and efficiency against the ceiling ([`report`]). Before the
 //! workloads it times a sync on the stores' disk (or `--sync-probe-dir`'s), alone and as
 //! many at once as a commit's path forces ([`sync_probe`]), for the target at one in
-//! flight. With
-//! `--postgres URL` it also runs PostgreSQL's own 2PC as a yardstick ([`postgres`]).
+//! flight. With `--postgres URL` it also runs PostgreSQL's own 2PC as a yardstick
+//! ([`postgres`]).
 //! Progress goes to stderr; the results to stdout, as a table or (`--json`) one object.
 //!
 //! It is also the soak run of docs/limits.md, "Disk": `--saga-every` mixes sagas into
