@@ -553,18 +553,30 @@ async fn after_kill_9_with_transactions_in_flight_the_restart_resolves_them_all(
 }
 
 /// A coordinator the bench did not start is measured through the metrics address it is
-/// given; without `--endpoint` that address is refused.
+/// given, and its CPU through the process id it is given; without `--endpoint` either is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_coordinator_is_measured_through_its_metrics_address() {
     let dir = tempfile::tempdir().unwrap();
     let (daemon, metrics) = treaty_tests::scrape::start_treaty_with_metrics(dir.path(), &[]).await;
     let metrics = metrics.to_string();
     let endpoint = daemon.endpoint();
-    let coordinator = ["--endpoint", &endpoint, "--coordinator-metrics", &metrics];
+    let pid = daemon.id().expect("the coordinator runs").to_string();
+    let coordinator = [
+        "--endpoint",
+        &endpoint,
+        "--coordinator-metrics",
+        &metrics,
+        "--coordinator-pid",
+        &pid,
+    ];
     let report = bench(&[&coordinator[..], &QUICK_TWOPC[..]].concat()).await;
     let w = workload(&report, "twopc");
     assert!(number(w, &["transactions"]) > 0.0, "{w:#}");
     assert_eq!(number(w, &["failed"]), 0.0, "{w:#}");
+    let cpu = w["cpu"].as_array().expect("CPU per process");
+    assert_eq!(cpu[0]["name"], "coordinator", "{w:#}");
+    assert!(number(&cpu[0], &["cpu_us_per_transaction"]) > 0.0, "{w:#}");
     // Counted by the coordinator: a 2PC over two participants is 4 calls to them and 4
     // log records (the intent, the decision, the end and its retention entry), and its
     // intent is forced.
@@ -592,4 +604,13 @@ async fn a_running_coordinator_is_measured_through_its_metrics_address() {
         stderr.contains("--coordinator-metrics needs --endpoint"),
         "{stderr}"
     );
+    let stderr = bench_refused(&["--coordinator-pid", &pid]).await;
+    assert!(
+        stderr.contains("--coordinator-pid needs --endpoint"),
+        "{stderr}"
+    );
+    // A process id with no process behind it (pid_max is at most 2^22).
+    let gone = [&coordinator[..4], &["--coordinator-pid", "4194305"]].concat();
+    let stderr = bench_refused(&gone).await;
+    assert!(stderr.contains("no such process"), "{stderr}");
 }

@@ -52,6 +52,8 @@ pub struct ClusterOptions {
     pub endpoint: Option<String>,
     /// That coordinator's metrics address (its figures are not measured without it).
     pub coordinator_metrics: Option<SocketAddr>,
+    /// That coordinator's process, when it runs here: its CPU time is read too.
+    pub coordinator_pid: Option<u32>,
 }
 
 /// One participant as the bench reaches it.
@@ -184,11 +186,22 @@ impl Cluster {
         } else {
             start_in_process(options, &coordinator_dir, &participant_dirs).await?
         };
+        let mut processes = started.processes;
+        if let (Some(_), Some(pid)) = (&options.endpoint, options.coordinator_pid) {
+            // First, where a coordinator the bench starts is listed.
+            processes.insert(
+                0,
+                Observed {
+                    name: "coordinator".into(),
+                    pid: Some(pid),
+                },
+            );
+        }
         Ok(Self {
             coordinator_endpoint: started.coordinator_endpoint,
             coordinator_metrics: started.coordinator_metrics,
             participants: started.participants,
-            processes: started.processes,
+            processes,
             watched,
             coordinator_args: started.coordinator_args,
             running: started.running,

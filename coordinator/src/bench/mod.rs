@@ -75,6 +75,11 @@ pub struct BenchArgs {
     /// so that its calls, fsyncs, log records and memory are measured too.
     #[arg(long, value_name = "HOST:PORT")]
     pub coordinator_metrics: Option<std::net::SocketAddr>,
+    /// The process id of the coordinator --endpoint names, when it runs on this machine,
+    /// so that its CPU time is counted too (read from /proc, as for the processes the
+    /// bench starts).
+    #[arg(long)]
+    pub coordinator_pid: Option<u32>,
     /// Participants (branches) per two-phase commit; 1 measures one-phase commits.
     #[arg(long, default_value_t = 2)]
     pub participants: usize,
@@ -308,6 +313,16 @@ fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
         "--coordinator-metrics needs --endpoint (a coordinator the bench starts is measured \
          through its own metrics address)"
     );
+    if let Some(pid) = args.coordinator_pid {
+        anyhow::ensure!(
+            args.endpoint.is_some(),
+            "--coordinator-pid needs --endpoint (the bench knows the coordinators it starts)"
+        );
+        anyhow::ensure!(
+            cpu_us(Some(pid)).is_some(),
+            "--coordinator-pid {pid}: no such process on this machine"
+        );
+    }
     if args.recovery {
         anyhow::ensure!(
             args.processes && args.endpoint.is_none(),
@@ -389,6 +404,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         },
         endpoint: args.endpoint.clone(),
         coordinator_metrics: args.coordinator_metrics,
+        coordinator_pid: args.coordinator_pid,
     })
     .await?;
     let endpoints: Vec<String> = cluster

@@ -125,6 +125,7 @@ pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
         },
         endpoint: None,
         coordinator_metrics: None,
+        coordinator_pid: None,
     })
     .await?;
     let coordinator_metrics = cluster
