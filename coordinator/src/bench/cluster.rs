@@ -63,7 +63,8 @@ pub struct ParticipantAt {
     pub metrics: SocketAddr,
 }
 
-/// A process whose CPU time and memory are read: a child by its pid, or this process.
+/// A process whose CPU time and memory are read: a child by its pid, a running coordinator
+/// by the pid `--coordinator-pid` gives, or this process.
 #[derive(Debug, Clone)]
 pub struct Observed {
     pub name: String,
@@ -77,8 +78,8 @@ pub struct Cluster {
     /// `None` for a coordinator the bench did not start (`--endpoint`).
     pub coordinator_metrics: Option<SocketAddr>,
     pub participants: Vec<ParticipantAt>,
-    /// The coordinator first (if started), then the participants; in-process, one entry
-    /// for this whole process.
+    /// The coordinator first (if started, or named with its pid), then the participants;
+    /// in-process, one entry for this whole process after that coordinator.
     pub processes: Vec<Observed>,
     pub watched: disk::Watched,
     /// How the coordinator child was started, with the addresses it announced, so that
