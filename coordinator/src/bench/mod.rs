@@ -467,12 +467,14 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         rate_per_s: args.rate_per_s,
         saga_every: args.saga_every,
     };
-    let coordinator_pid = match (&args.endpoint, args.processes) {
+    // Whose resident set is sampled: the coordinator the bench started (a child by its
+    // pid, or this process); none for one `--endpoint` names.
+    let rss_of = match (&args.endpoint, args.processes) {
         (Some(_), _) => None,
         (None, true) => Some(cluster.processes.first().and_then(|p| p.pid)),
         (None, false) => Some(None),
     };
-    let rss_sampler = coordinator_pid.map(|pid| {
+    let rss_sampler = rss_of.map(|pid| {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         // The coordinator's gauges until the log's first purge, which ends the warm-up;
         // with each sample for the CSV.
@@ -509,7 +511,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         let load = workload::run(workload, &targets, &options, tally.clone()).await?;
         settle(&cluster).await;
         let after = observe::Snapshot::take(&cluster).await?;
-        let rss_bytes = coordinator_pid.and_then(crate::runtime::memory::resident_bytes_of);
+        let rss_bytes = rss_of.and_then(crate::runtime::memory::resident_bytes_of);
         let figures = report::WorkloadReport::new(
             workload,
             &load,
