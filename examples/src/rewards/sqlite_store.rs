@@ -124,6 +124,19 @@ pub fn write_barrier(tx: &Transaction<'_>, write: &BarrierWrite) -> rusqlite::Re
     Ok(())
 }
 
+/// A page's bounds as SQL parameters: the key it starts after (`("", "")`, below every
+/// id, for the first page) and its length.
+fn page(after: Option<&BranchKey>, limit: usize) -> (&str, &str, i64) {
+    let (transaction_id, branch_id) = after
+        .map(|k| (k.transaction_id.as_str(), k.branch_id.as_str()))
+        .unwrap_or(("", ""));
+    (
+        transaction_id,
+        branch_id,
+        i64::try_from(limit).unwrap_or(i64::MAX),
+    )
+}
+
 impl BarrierStore for SqliteStore {
     fn load(&self, key: &BranchKey) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|connection| {
@@ -148,10 +161,7 @@ impl BarrierStore for SqliteStore {
         after: Option<&BranchKey>,
         limit: usize,
     ) -> Result<Vec<BranchKey>, StoreError> {
-        let (after_transaction, after_branch) = after
-            .map(|k| (k.transaction_id.as_str(), k.branch_id.as_str()))
-            .unwrap_or(("", ""));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (after_transaction, after_branch, limit) = page(after, limit);
         self.read(|connection| {
             let mut query = connection.prepare(
                 "SELECT transaction_id, branch_id FROM treaty_barrier
@@ -174,10 +184,7 @@ impl BarrierStore for SqliteStore {
         before_transaction_id: &str,
         limit: usize,
     ) -> Result<Vec<(BranchKey, Vec<u8>)>, StoreError> {
-        let (after_transaction, after_branch) = after
-            .map(|k| (k.transaction_id.as_str(), k.branch_id.as_str()))
-            .unwrap_or(("", ""));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (after_transaction, after_branch, limit) = page(after, limit);
         self.read(|connection| {
             // The primary key's order; text compares bytewise (SQLite's BINARY collation).
             let mut query = connection.prepare(
