@@ -1,5 +1,5 @@
 //! The `treaty` command line as a process: `txn …` against a running coordinator, and
-//! `serve --config FILE` / `--print-config` (`bench` has its own file, bench.rs).
+//! `serve --config FILE` / `--print-config` (`bench` has its own, bench/).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
