@@ -4,7 +4,7 @@
 use anyhow::Context;
 
 use super::cluster;
-use super::observe::cpu_us;
+use super::observe::{cpu_us, listens_on};
 use super::postgres;
 use super::workload::Workload;
 
@@ -37,7 +37,7 @@ pub struct BenchArgs {
     pub coordinator_metrics: Option<std::net::SocketAddr>,
     /// The process id of the coordinator --endpoint names, when it runs on this machine,
     /// so that its CPU time is counted too (read from /proc, as for the processes the
-    /// bench starts).
+    /// bench starts). Refused unless that process listens on --endpoint's port.
     #[arg(long)]
     pub coordinator_pid: Option<u32>,
     /// Participants (branches) per two-phase commit; 1 measures one-phase commits.
@@ -233,14 +233,16 @@ pub(super) fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
          through its own metrics address)"
     );
     if let Some(pid) = args.coordinator_pid {
-        anyhow::ensure!(
-            args.endpoint.is_some(),
-            "--coordinator-pid needs --endpoint (the bench knows the coordinators it starts)"
-        );
+        let Some(endpoint) = &args.endpoint else {
+            anyhow::bail!(
+                "--coordinator-pid needs --endpoint (the bench knows the coordinators it starts)"
+            );
+        };
         anyhow::ensure!(
             cpu_us(Some(pid)).is_some(),
             "--coordinator-pid {pid}: no such process on this machine"
         );
+        check_serves_endpoint(pid, endpoint)?;
     }
     if args.recovery {
         anyhow::ensure!(
@@ -262,4 +264,25 @@ pub(super) fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
         );
     }
     workloads(args)
+}
+
+/// Refuses a `--coordinator-pid` that is not the process serving `--endpoint`: one that
+/// does not listen on the endpoint's port (on this machine), whose CPU would be counted
+/// as the coordinator's.
+fn check_serves_endpoint(pid: u32, endpoint: &str) -> anyhow::Result<()> {
+    let port = treaty_sdk::limits::parse_endpoint("--endpoint", endpoint)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .port();
+    let listens = listens_on(pid, port).with_context(|| {
+        format!(
+            "--coordinator-pid {pid}: cannot read its sockets to check that it serves \
+             --endpoint (run the bench as the coordinator's user)"
+        )
+    })?;
+    anyhow::ensure!(
+        listens,
+        "--coordinator-pid {pid}: that process does not listen on port {port} of --endpoint \
+         {endpoint}"
+    );
+    Ok(())
 }

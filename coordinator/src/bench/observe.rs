@@ -172,6 +172,58 @@ pub fn cpu_us(pid: Option<u32>) -> Option<u64> {
     Some((utime + stime) * (1_000_000 / CLOCK_TICKS_PER_S))
 }
 
+/// The inodes of the sockets listening on TCP `port` in one of `/proc/PID/net/tcp`'s
+/// tables (`tcp` or `tcp6`): a line per socket, whose second field is the local
+/// address as `HEXADDR:HEXPORT`, fourth its state (`0A` is LISTEN) and tenth its inode.
+fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (_, local_port) = fields.get(1)?.rsplit_once(':')?;
+            let listening = *fields.get(3)? == "0A";
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| fields.get(9)?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Whether process `pid` holds a socket listening on TCP `port`: one of the listening
+/// sockets of its network namespace (`/proc/PID/net/tcp` and `tcp6`) is among its open
+/// files (`/proc/PID/fd`, links named `socket:[INODE]`). An error if those cannot be
+/// read, as `/proc/PID/fd` cannot for another user's process.
+pub fn listens_on(pid: u32, port: u16) -> std::io::Result<bool> {
+    let mut inodes = Vec::new();
+    for table in ["net/tcp", "net/tcp6"] {
+        match std::fs::read_to_string(proc_path(Some(pid), table)) {
+            Ok(text) => inodes.extend(listening_inodes(&text, port)),
+            // A kernel without IPv6 has no tcp6 table.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && table == "net/tcp6" => {}
+            Err(error) => return Err(error),
+        }
+    }
+    if inodes.is_empty() {
+        return Ok(false);
+    }
+    for entry in std::fs::read_dir(proc_path(Some(pid), "fd"))? {
+        // A file closed while the directory is read is no socket of interest.
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue;
+        };
+        let inode = target
+            .to_str()
+            .and_then(|name| name.strip_prefix("socket:["))
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|inode| inode.parse::<u64>().ok());
+        if inode.is_some_and(|inode| inodes.contains(&inode)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +248,32 @@ mod tests {
             assert!(cpu_us(None).is_some());
             assert!(crate::runtime::memory::resident_bytes_of(None).is_some_and(|bytes| bytes > 0));
         }
+    }
+
+    #[test]
+    fn finds_the_inodes_listening_on_a_port() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:B7F9 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 6491 1 0 100 0 0 10 0\n\
+   1: 0100007F:B7F9 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 7001 1 0 20 4 30 10 -1\n\
+   2: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1277 1 0 100 0 0 10 0\n";
+        // 0xB7F9 = 47097: the listening socket, not the connection on the same port.
+        assert_eq!(listening_inodes(table, 47097), [6491]);
+        assert_eq!(listening_inodes(table, 2024), [1277]);
+        assert!(listening_inodes(table, 80).is_empty());
+        assert!(listening_inodes("header only\n", 47097).is_empty());
+    }
+
+    #[test]
+    fn this_process_listens_where_its_listener_is_bound() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listens_on(std::process::id(), port).unwrap());
+        // A connection's own port is open here too, but nothing listens on it.
+        let connection = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let connection_port = connection.local_addr().unwrap().port();
+        assert!(!listens_on(std::process::id(), connection_port).unwrap());
     }
 }

@@ -312,7 +312,7 @@ async fn at_one_in_flight_the_target_comes_from_the_ceiling_and_a_sync_probe() {
 
 /// A coordinator the bench did not start is measured through the metrics address it is
 /// given, and its CPU through the process id it is given; without `--endpoint` either is
-/// refused.
+/// refused, and so is a process id of a process that does not serve the endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_coordinator_is_measured_through_its_metrics_address() {
     let dir = tempfile::tempdir().unwrap();
@@ -371,4 +371,14 @@ async fn a_running_coordinator_is_measured_through_its_metrics_address() {
     let gone = [&coordinator[..4], &["--coordinator-pid", "4194305"]].concat();
     let stderr = bench_refused(&gone).await;
     assert!(stderr.contains("no such process"), "{stderr}");
+    // A process that runs but does not serve the endpoint: this test's own.
+    let this_test = std::process::id().to_string();
+    let other = [&coordinator[..4], &["--coordinator-pid", &this_test]].concat();
+    let stderr = bench_refused(&other).await;
+    assert!(
+        stderr.contains(&format!(
+            "--coordinator-pid {this_test}: that process does not listen on port"
+        )),
+        "{stderr}"
+    );
 }
