@@ -1,6 +1,8 @@
 //! `treaty bench`'s command line: its flags ([`BenchArgs`]) and their checks, each
 //! refusal naming its flag, all made before anything starts ([`validate`]).
 
+use std::time::{Duration, Instant};
+
 use anyhow::Context;
 
 use super::cluster;
@@ -37,7 +39,8 @@ pub struct BenchArgs {
     pub coordinator_metrics: Option<std::net::SocketAddr>,
     /// The process id of the coordinator --endpoint names, when it runs on this machine,
     /// so that its CPU time is counted too (read from /proc, as for the processes the
-    /// bench starts). Refused unless that process listens on --endpoint's port.
+    /// bench starts). Refused unless that process listens on --endpoint's port (within
+    /// 5 s, while it starts).
     #[arg(long)]
     pub coordinator_pid: Option<u32>,
     /// Participants (branches) per two-phase commit; 1 measures one-phase commits.
@@ -136,7 +139,7 @@ pub(super) fn sync_probe_dir_in(dir: &std::path::Path) -> anyhow::Result<tempfil
         .with_context(|| format!("--sync-probe-dir {}: cannot write there", dir.display()))
 }
 
-/// The workloads to run: `--workloads`, or the default (see the module docs).
+/// The workloads to run: `--workloads`, or the default (see `bench`'s module docs).
 fn workloads(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
     let soak = args.saga_every > 0 || args.disk_sample_s.is_some();
     let workloads = match &args.workloads {
@@ -242,7 +245,8 @@ pub(super) fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
             cpu_us(Some(pid)).is_some(),
             "--coordinator-pid {pid}: no such process on this machine"
         );
-        check_serves_endpoint(pid, endpoint)?;
+        treaty_sdk::limits::check_endpoint("--endpoint", endpoint)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     if args.recovery {
         anyhow::ensure!(
@@ -266,23 +270,50 @@ pub(super) fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
     workloads(args)
 }
 
-/// Refuses a `--coordinator-pid` that is not the process serving `--endpoint`: one that
-/// does not listen on the endpoint's port (on this machine), whose CPU would be counted
-/// as the coordinator's.
-fn check_serves_endpoint(pid: u32, endpoint: &str) -> anyhow::Result<()> {
+/// How long the bench waits for `--coordinator-pid` to listen on `--endpoint`'s port: a
+/// coordinator started a moment before binds it first thing, so this is its process's
+/// start-up.
+const COORDINATOR_LISTEN_PATIENCE: Duration = Duration::from_secs(5);
+/// How often it looks meanwhile.
+const COORDINATOR_LISTEN_POLL: Duration = Duration::from_millis(100);
+
+/// Refuses a `--coordinator-pid` that is not the process serving `--endpoint` (which
+/// [`validate`] checked): one that does not listen on the endpoint's port on this machine
+/// within [`COORDINATOR_LISTEN_PATIENCE`], whose CPU would be counted as the
+/// coordinator's. Nothing has started when it is called.
+pub(super) async fn check_coordinator_pid(args: &BenchArgs) -> anyhow::Result<()> {
+    let (Some(pid), Some(endpoint)) = (args.coordinator_pid, &args.endpoint) else {
+        return Ok(());
+    };
     let port = treaty_sdk::limits::parse_endpoint("--endpoint", endpoint)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .port();
-    let listens = listens_on(pid, port).with_context(|| {
-        format!(
-            "--coordinator-pid {pid}: cannot read its sockets to check that it serves \
-             --endpoint (run the bench as the coordinator's user)"
-        )
-    })?;
-    anyhow::ensure!(
-        listens,
-        "--coordinator-pid {pid}: that process does not listen on port {port} of --endpoint \
-         {endpoint}"
-    );
-    Ok(())
+    let deadline = Instant::now() + COORDINATOR_LISTEN_PATIENCE;
+    loop {
+        match listens_on(pid, port) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                anyhow::bail!(
+                    "--coordinator-pid {pid}: cannot read its open files to check that it \
+                     serves --endpoint ({error}); run the bench as the coordinator's user"
+                )
+            }
+            Err(_) if cpu_us(Some(pid)).is_none() => {
+                anyhow::bail!("--coordinator-pid {pid}: the process ended")
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!("--coordinator-pid {pid}: cannot read its sockets in /proc")
+                });
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "--coordinator-pid {pid}: that process does not listen on port {port} of \
+             --endpoint {endpoint} (waited {} s for it to start)",
+            COORDINATOR_LISTEN_PATIENCE.as_secs()
+        );
+        tokio::time::sleep(COORDINATOR_LISTEN_POLL).await;
+    }
 }

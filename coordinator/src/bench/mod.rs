@@ -46,7 +46,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub use args::BenchArgs;
-use args::{sync_probe_dir_in, validate};
+use args::{check_coordinator_pid, sync_probe_dir_in, validate};
 pub use observe::cpu_us;
 pub use participant::{BenchParticipantArgs, run as run_participant};
 use workload::{LoadOptions, Tally, Targets, Workload};
@@ -109,6 +109,7 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     let workloads = validate(&args)?;
+    check_coordinator_pid(&args).await?;
     // Created now, so that a path that cannot be written fails before the run, not
     // after it; written at the end.
     let rss_csv = create_csv("--rss-csv", args.rss_csv.as_deref())?;

@@ -6,6 +6,9 @@
 //! Counters come from the servers themselves, not from the load generator, so that what
 //! is counted is what the coordinator and participants did (retries and background work
 //! included). `/proc` is Linux only; elsewhere CPU and RSS are simply absent.
+//!
+//! Before anything starts, [`listens_on`] tells from `/proc` whether a process named by
+//! `--coordinator-pid` is the one listening on `--endpoint`'s port.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -183,9 +186,10 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let (_, local_port) = fields.get(1)?.rsplit_once(':')?;
             let listening = *fields.get(3)? == "0A";
-            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
-                .then(|| fields.get(9)?.parse().ok())
-                .flatten()
+            if !listening || u16::from_str_radix(local_port, 16).ok()? != port {
+                return None;
+            }
+            fields.get(9)?.parse().ok()
         })
         .collect()
 }
@@ -194,7 +198,7 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
 /// sockets of its network namespace (`/proc/PID/net/tcp` and `tcp6`) is among its open
 /// files (`/proc/PID/fd`, links named `socket:[INODE]`). An error if those cannot be
 /// read, as `/proc/PID/fd` cannot for another user's process.
-pub fn listens_on(pid: u32, port: u16) -> std::io::Result<bool> {
+pub(super) fn listens_on(pid: u32, port: u16) -> std::io::Result<bool> {
     let mut inodes = Vec::new();
     for table in ["net/tcp", "net/tcp6"] {
         match std::fs::read_to_string(proc_path(Some(pid), table)) {
@@ -256,11 +260,15 @@ mod tests {
    0: 0100007F:B7F9 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 6491 1 0 100 0 0 10 0\n\
    1: 0100007F:B7F9 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 7001 1 0 20 4 30 10 -1\n\
    2: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1277 1 0 100 0 0 10 0\n";
+        let table6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000000000000000000000000000:B7F9 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 8123 1 0 100 0 0 10 0\n";
         // 0xB7F9 = 47097: the listening socket, not the connection on the same port.
         assert_eq!(listening_inodes(table, 47097), [6491]);
         assert_eq!(listening_inodes(table, 2024), [1277]);
         assert!(listening_inodes(table, 80).is_empty());
         assert!(listening_inodes("header only\n", 47097).is_empty());
+        // IPv6: a wildcard listener, the address 32 hex digits.
+        assert_eq!(listening_inodes(table6, 47097), [8123]);
     }
 
     #[test]

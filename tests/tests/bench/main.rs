@@ -1,6 +1,7 @@
 //! `treaty bench` as a process: every workload runs and is measured, with the coordinator
 //! and participants as child processes and in process. Speed is never asserted (that is
 //! what the bench is for); that it measured, and counted what the protocols must do, is.
+//! What a run leaves behind (memory, disk, a restart after kill -9) is in [`resources`].
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
