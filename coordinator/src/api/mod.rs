@@ -94,6 +94,9 @@ const MAX_PAGE_SIZE: u32 = 1000;
 /// rather than pass the 4 MiB a gRPC client decodes by default (a page of 1,000
 /// transactions of 32 branches each can weigh 9 MiB). A page holds at least one.
 const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+/// Most entries in a list's `states` filter: one per state. A longer list only repeats
+/// some, and each entry is compared with every transaction looked at.
+const MAX_LISTED_STATES: usize = pb::TRANSACTION_STATES;
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
@@ -369,6 +372,15 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<proto::ListTransactionsResponse>, Status> {
         let principal = self.auth.authenticate(&request)?;
         let request = request.into_inner();
+        if request.states.len() > MAX_LISTED_STATES {
+            return Err(invalid(FieldError::new(
+                "states",
+                format!(
+                    "{} entries exceed the limit of {MAX_LISTED_STATES} (one per state)",
+                    request.states.len()
+                ),
+            )));
+        }
         let states = request
             .states
             .iter()

@@ -92,6 +92,9 @@ pub fn branch_specs(
     Ok(branches)
 }
 
+/// How many states a transaction can be in: the values [`state_from_pb`] accepts.
+pub const TRANSACTION_STATES: usize = 10;
+
 pub fn state_from_pb(field: &str, value: i32) -> Result<TxnState, FieldError> {
     let unknown = || FieldError::new(field, format!("{value} is not a transaction state"));
     Ok(
@@ -256,5 +259,18 @@ fn resolution_to_pb(resolution: &OperatorResolution) -> pb::BranchResolution {
         by: resolution.by.clone(),
         at_unix_ms: resolution.at_unix_ms,
         reason: resolution.reason.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_states_counts_the_states_accepted() {
+        let accepted = (-1..=64)
+            .filter(|value| state_from_pb("states[0]", *value).is_ok())
+            .count();
+        assert_eq!(accepted, TRANSACTION_STATES);
     }
 }

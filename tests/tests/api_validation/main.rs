@@ -246,6 +246,14 @@ async fn malformed_requests_are_refused_naming_the_field_and_change_nothing() {
         api.list_transactions(list(vec![99], 10, "")).await,
         "states[0]",
     );
+    // More entries than there are states only repeats some, and each entry is looked at
+    // for every transaction listed: a long list is refused before any is read.
+    let committed_state = pb::TransactionState::Committed as i32;
+    assert_invalid(
+        api.list_transactions(list(vec![committed_state; 11], 10, ""))
+            .await,
+        "states",
+    );
     assert_invalid(
         api.list_transactions(list(vec![], 10, "garbage")).await,
         "page_token",
