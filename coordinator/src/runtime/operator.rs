@@ -26,6 +26,10 @@ impl Runtime {
                 if let Some(durable) = operated.durable {
                     durable.await?;
                 }
+                if matches!(resolve.command, OperatorCommand::Resolve { .. }) {
+                    // Counted once it is as durable as the transaction's decision.
+                    self.metrics.heuristic_outcome();
+                }
                 if matches!(resolve.command, OperatorCommand::Cancel) {
                     // Answered once the decision (to compensate, or to abort after an
                     // intent) is durable, as for the initiator's cancel or abort.
@@ -59,6 +63,7 @@ impl Runtime {
         }
         resolve_logged(&mut record, &resolve, now_unix_ms())?;
         self.log.write(&record, Durability::Forced).await?;
+        self.metrics.heuristic_outcome();
         Ok(record)
     }
 

@@ -227,9 +227,6 @@ impl Shard {
         // so after a crash it must not be sent again. A YES stated while the votes decide
         // (after a restart) is kept with the intent, and not asked again after the next.
         let resolved = matches!(request.command, OperatorCommand::Resolve { .. });
-        if resolved {
-            self.config.metrics.heuristic_outcome();
-        }
         let durable = (resolved && entry.machine.is_logged()).then(|| {
             self.log
                 .write(&entry.machine.log_record(), Durability::Forced)

@@ -223,10 +223,31 @@ async fn resume_logged_two_phase(
     Runtime,
     treaty_coordinator::runtime::RuntimeTasks,
 ) {
+    let record = two_phase_record(state, branches);
+    let log = Arc::new(MemoryLog::new());
+    log.write(&record, Durability::Forced).await.unwrap();
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let config = RuntimeConfig {
+        delivery_horizon_ms,
+        retry_backoff_initial_ms: 10,
+        retry_backoff_max_ms: 20,
+        ..config()
+    };
+    let (runtime, tasks, report) = Runtime::start(log.clone(), config, fatal).unwrap();
+    assert_eq!(report.resumed, 1);
+    (record, log, runtime, tasks)
+}
+
+/// A two-phase record in `state`, created 5 s ago, with `branches` (id, endpoint, state,
+/// payload).
+fn two_phase_record(
+    state: TxnState,
+    branches: &[(&str, &str, treaty_coordinator::model::BranchState, Vec<u8>)],
+) -> TxnRecord {
     use treaty_coordinator::model::{BranchRecord, TxnKind};
 
     let created = now_unix_ms() - 5_000;
-    let record = TxnRecord {
+    TxnRecord {
         id: TxnId::generate(created),
         kind: TxnKind::TwoPhase,
         state,
@@ -257,19 +278,7 @@ async fn resume_logged_two_phase(
         saga: None,
         owner: None,
         paused: false,
-    };
-    let log = Arc::new(MemoryLog::new());
-    log.write(&record, Durability::Forced).await.unwrap();
-    let (fatal, _fatal) = mpsc::unbounded_channel();
-    let config = RuntimeConfig {
-        delivery_horizon_ms,
-        retry_backoff_initial_ms: 10,
-        retry_backoff_max_ms: 20,
-        ..config()
-    };
-    let (runtime, tasks, report) = Runtime::start(log.clone(), config, fatal).unwrap();
-    assert_eq!(report.resumed, 1);
-    (record, log, runtime, tasks)
+    }
 }
 
 fn config() -> RuntimeConfig {

@@ -232,6 +232,11 @@ async fn a_recovered_intent_is_not_aborted_by_a_participant_past_its_retention()
     assert_eq!(logged.state, TxnState::Preparing);
     assert_eq!(logged.branches[0].state, BranchState::Prepared);
     assert!(logged.branches[0].resolution.is_some(), "{logged:?}");
+    assert_eq!(
+        heuristic_outcomes(&runtime).await,
+        "1",
+        "an operator's statement"
+    );
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
     participant.stop().await;
 }
@@ -253,4 +258,58 @@ async fn a_lazy_write_that_fails_once_queued_is_fatal() {
     assert!(report.contains("the disk went away"), "{report}");
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
     participant.stop().await;
+}
+
+/// An operator's resolve of a heuristic branch of a commit found only in the log (final
+/// records are not loaded at start) is written there and counted among the heuristic
+/// outcomes, as a resolve in memory is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_in_the_log_alone_is_counted_as_a_heuristic_outcome() {
+    use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
+    use treaty_coordinator::model::{BranchState, Resolution};
+
+    let mut record = two_phase_record(
+        TxnState::Committed,
+        &[(
+            "a",
+            "http://127.0.0.1:1",
+            BranchState::Committed,
+            Vec::new(),
+        )],
+    );
+    record.ended_unix_ms = Some(record.created_unix_ms + 100);
+    record.branches[0].heuristic = Some("answered ABORTED to COMMIT".into());
+    let log = Arc::new(MemoryLog::new());
+    log.write(&record, Durability::Forced).await.unwrap();
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let (runtime, tasks, report) = Runtime::start(log.clone(), config(), fatal).unwrap();
+    assert_eq!(report.resumed, 0, "a final record stays in the log");
+    assert_eq!(heuristic_outcomes(&runtime).await, "0");
+
+    let request = OperatorRequest {
+        command: OperatorCommand::Resolve {
+            branch_id: "a".into(),
+            outcome: Resolution::Commit,
+        },
+        by: "ops".into(),
+        reason: "repaired by hand".into(),
+    };
+    runtime.operate(record.id, request).await.unwrap();
+    let logged = log.get(&record.id).unwrap().unwrap();
+    assert!(logged.branches[0].resolution.is_some(), "{logged:?}");
+    assert_eq!(heuristic_outcomes(&runtime).await, "1");
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+}
+
+/// `treaty_heuristic_outcomes_total` as the runtime's metrics show it now.
+async fn heuristic_outcomes(runtime: &Runtime) -> String {
+    let text = runtime
+        .metrics()
+        .encode(runtime.health().await.unwrap(), now_unix_ms())
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("treaty_heuristic_outcomes_total "))
+        .unwrap_or_else(|| panic!("no heuristic outcomes in {text}"))
+        .trim()
+        .to_owned()
 }
