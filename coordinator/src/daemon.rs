@@ -321,9 +321,15 @@ fn purge_interval(log_retention_ms: u64) -> Duration {
     Duration::from_millis(log_retention_ms / 10).clamp(PURGE_INTERVAL_MIN, PURGE_INTERVAL_MAX)
 }
 
-/// The decision log's forced groups wait one `--log-group-commit-hold-us` for every 8
-/// forced writes in the previous group, up to this many (`StoreOptions::
-/// group_commit_max_holds`; participants keep one).
+/// The decision log's forced groups wait for company only after a forced group of at
+/// least this many forced writes (`StoreOptions::group_commit_hold_after_writes`, 8 for
+/// participants): so never with fewer transactions than this writing at once. At 64 in
+/// flight a group holds about 10 of a 2PC's intents, or 8 of a saga's records, at 256 in
+/// flight about 18 (docs/PERFORMANCE.md, "The decision log's hold back at 250 µs").
+const LOG_GROUP_COMMIT_HOLD_AFTER_WRITES: usize = 16;
+/// The decision log's forced groups wait one `--log-group-commit-hold-us` for every
+/// [`LOG_GROUP_COMMIT_HOLD_AFTER_WRITES`] forced writes in the previous group, up to this
+/// many (`StoreOptions::group_commit_max_holds`; participants keep one).
 const LOG_GROUP_COMMIT_MAX_HOLDS: u32 = 4;
 
 /// The decision log's store: its cache from the memory budget, group commit and
@@ -341,6 +347,7 @@ fn log_options(
         // The coordinator's forced writes are decisions of independent transactions:
         // the more arrive per sync, the more a longer wait gathers.
         group_commit_max_holds: LOG_GROUP_COMMIT_MAX_HOLDS,
+        group_commit_hold_after_writes: LOG_GROUP_COMMIT_HOLD_AFTER_WRITES,
         group_observer: Some({
             let metrics = metrics.clone();
             Arc::new(move |group: GroupCommitted| {

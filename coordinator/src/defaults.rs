@@ -34,11 +34,14 @@ pub const LOG_COMPACTION_GROWTH_FACTOR: u64 = treaty_sdk::durable::DEFAULT_COMPA
 pub const MIN_LOG_COMPACTION_GROWTH_FACTOR: u64 = treaty_sdk::durable::MIN_COMPACTION_GROWTH_FACTOR;
 /// Beyond, the log's files could grow past any disk before a compaction.
 pub const MAX_LOG_COMPACTION_GROWTH_FACTOR: u64 = 100;
-/// No hold, as PostgreSQL's `commit_delay` defaults to none: decisions that arrive
-/// during one sync already share the next, and a hold made sagas 5–13 % slower at
-/// 64 in flight on this project's machines (docs/PERFORMANCE.md, "The decision
-/// log's hold off by default"). For a disk whose syncs are scarce (an IOPS quota).
-pub const LOG_GROUP_COMMIT_HOLD_US: u64 = 0;
+/// A quarter of a millisecond, and only under load (the previous forced group held 16
+/// or more forced writes: see `daemon::LOG_GROUP_COMMIT_HOLD_AFTER_WRITES`). On a disk
+/// whose lone sync takes 0.07 ms, decisions arriving during one sync alone gave 18 per
+/// sync at 256 in flight, below issue 11's 20; with this hold 27–33, at the same rate,
+/// and at 64 in flight 2PCs and sagas 1.4 % slower (docs/PERFORMANCE.md, "The decision
+/// log's hold back at 250 µs"). The hold of before, 500 µs after 8 forced writes, cost
+/// sagas 5–13 % ("The decision log's hold off by default").
+pub const LOG_GROUP_COMMIT_HOLD_US: u64 = 250;
 /// A longer hold only adds latency: a forced write of the log takes under a
 /// millisecond on this project's machines.
 pub const MAX_LOG_GROUP_COMMIT_HOLD_US: u64 = 100_000;
