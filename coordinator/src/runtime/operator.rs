@@ -2,9 +2,11 @@
 //! memory is operated on by its shard; a final one only in the log can have a heuristic
 //! branch resolved there, durably, before the operator hears; forgetting removes it from
 //! memory and from the log. Same invariants as [`super`]: nothing is answered before
-//! the write it depends on is durable.
+//! the write it depends on is durable. A statement of a branch's outcome is counted
+//! among the heuristic outcomes once durable, whether or not its caller still waits.
 
 use super::*;
+use crate::log::LogWrite;
 
 impl Runtime {
     /// Carries out an operator's request (the API checked the caller is an admin) and
@@ -25,10 +27,6 @@ impl Runtime {
             Ok(operated) => {
                 if let Some(durable) = operated.durable {
                     durable.await?;
-                }
-                if matches!(resolve.command, OperatorCommand::Resolve { .. }) {
-                    // Counted once it is as durable as the transaction's decision.
-                    self.metrics.heuristic_outcome();
                 }
                 if matches!(resolve.command, OperatorCommand::Cancel) {
                     // Answered once the decision (to compensate, or to abort after an
@@ -62,8 +60,11 @@ impl Runtime {
             .into());
         }
         resolve_logged(&mut record, &resolve, now_unix_ms())?;
-        self.log.write(&record, Durability::Forced).await?;
-        self.metrics.heuristic_outcome();
+        counted_when_durable(
+            self.log.write(&record, Durability::Forced),
+            self.metrics.clone(),
+        )
+        .await?;
         Ok(record)
     }
 
@@ -118,6 +119,27 @@ impl Runtime {
         tracing::info!(txn_id = %id, "forgotten at an operator's request");
         Ok(record)
     }
+}
+
+/// An operator's statement of a branch's outcome, written by `write`: counted among the
+/// heuristic outcomes once durable, by a task of its own, so that the count follows the
+/// write even when the caller stops waiting (an admin client that goes away).
+pub(super) fn counted_when_durable(write: LogWrite, metrics: Arc<Metrics>) -> LogWrite {
+    let counted = tokio::spawn(async move {
+        let result = write.await;
+        if result.is_ok() {
+            metrics.heuristic_outcome();
+        }
+        result
+    });
+    Box::pin(async move {
+        match counted.await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Cancelled: the runtime is shutting down, and the log with it.
+            Err(_) => Err(LogError::Closed),
+        }
+    })
 }
 
 /// An operator's resolution of a heuristic branch of a final transaction that is only in

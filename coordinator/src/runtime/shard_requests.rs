@@ -226,11 +226,20 @@ impl Shard {
         // decision, a saga): work done by hand has no barrier record to answer a replay,
         // so after a crash it must not be sent again. A YES stated while the votes decide
         // (after a restart) is kept with the intent, and not asked again after the next.
+        // A statement of an outcome is counted once durable, or now if nothing is logged.
         let resolved = matches!(request.command, OperatorCommand::Resolve { .. });
-        let durable = (resolved && entry.machine.is_logged()).then(|| {
-            self.log
-                .write(&entry.machine.log_record(), Durability::Forced)
-        });
+        let durable = match (resolved, entry.machine.is_logged()) {
+            (true, true) => Some(crate::runtime::operator::counted_when_durable(
+                self.log
+                    .write(&entry.machine.log_record(), Durability::Forced),
+                self.config.metrics.clone(),
+            )),
+            (true, false) => {
+                self.config.metrics.heuristic_outcome();
+                None
+            }
+            (false, _) => None,
+        };
         Ok(Operated {
             record: entry.machine.record(),
             durable,

@@ -262,7 +262,8 @@ async fn a_lazy_write_that_fails_once_queued_is_fatal() {
 
 /// An operator's resolve of a heuristic branch of a commit found only in the log (final
 /// records are not loaded at start) is written there and counted among the heuristic
-/// outcomes, as a resolve in memory is.
+/// outcomes once durable, as a resolve in memory is, even when the operator's call went
+/// away while the write waited for the disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolve_in_the_log_alone_is_counted_as_a_heuristic_outcome() {
     use treaty_coordinator::engine::twopc::{OperatorCommand, OperatorRequest};
@@ -279,7 +280,9 @@ async fn a_resolve_in_the_log_alone_is_counted_as_a_heuristic_outcome() {
     );
     record.ended_unix_ms = Some(record.created_unix_ms + 100);
     record.branches[0].heuristic = Some("answered ABORTED to COMMIT".into());
-    let log = Arc::new(MemoryLog::new());
+    // One forced write passes the gate: the record's own.
+    let gate = Arc::new(Semaphore::new(1));
+    let log = Arc::new(GatedLog::new(gate.clone()));
     log.write(&record, Durability::Forced).await.unwrap();
     let (fatal, _fatal) = mpsc::unbounded_channel();
     let (runtime, tasks, report) = Runtime::start(log.clone(), config(), fatal).unwrap();
@@ -294,10 +297,27 @@ async fn a_resolve_in_the_log_alone_is_counted_as_a_heuristic_outcome() {
         by: "ops".into(),
         reason: "repaired by hand".into(),
     };
-    runtime.operate(record.id, request).await.unwrap();
+    let caller = tokio::spawn({
+        let runtime = runtime.clone();
+        async move { runtime.operate(record.id, request).await }
+    });
+    let started = Instant::now();
+    while log.writes.lock().unwrap().len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "never written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The caller goes away while the write waits; it is not counted before it is durable.
+    caller.abort();
+    assert!(caller.await.is_err(), "the call was still waiting");
+    assert_eq!(heuristic_outcomes(&runtime).await, "0");
+    gate.add_permits(1);
+    let started = Instant::now();
+    while heuristic_outcomes(&runtime).await != "1" {
+        assert!(started.elapsed() < Duration::from_secs(30), "never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let logged = log.get(&record.id).unwrap().unwrap();
     assert!(logged.branches[0].resolution.is_some(), "{logged:?}");
-    assert_eq!(heuristic_outcomes(&runtime).await, "1");
     runtime.shutdown(tasks, Duration::from_secs(5)).await;
 }
 
