@@ -351,11 +351,15 @@ impl TreatyClient {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<Transaction>, Option<String>), ClientError> {
+        // A set: each state sent once (the coordinator takes at most one per state).
+        let mut states: Vec<i32> = filter.states.iter().map(|s| *s as i32).collect();
+        states.sort_unstable();
+        states.dedup();
         let response = self
             .inner
             .clone()
             .list_transactions(self.request(pb::ListTransactionsRequest {
-                states: filter.states.iter().map(|s| *s as i32).collect(),
+                states,
                 page_size,
                 page_token: page_token.to_string(),
                 stuck: filter.stuck,

@@ -51,6 +51,16 @@ async fn txn_list_show_watch_and_outcome() {
         ok && out.contains(&active) && !out.contains(&committed),
         "{out}"
     );
+    // A state named again and again is one state (the coordinator takes at most one
+    // entry per state).
+    let repeated: Vec<&str> = std::iter::once("list")
+        .chain(["--state", "active"].repeat(11))
+        .collect();
+    let (ok, out) = treaty(endpoint, &repeated).await;
+    assert!(
+        ok && out.contains(&active) && !out.contains(&committed),
+        "{out}"
+    );
 
     let (ok, out) = treaty(endpoint, &["show", &committed]).await;
     assert!(ok, "{out}");

@@ -376,7 +376,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             return Err(invalid(FieldError::new(
                 "states",
                 format!(
-                    "{} entries exceed the limit of {MAX_LISTED_STATES} (one per state)",
+                    "{} states; the limit is {MAX_LISTED_STATES} (one per state)",
                     request.states.len()
                 ),
             )));

@@ -268,7 +268,7 @@ mod tests {
 
     #[test]
     fn transaction_states_counts_the_states_accepted() {
-        let accepted = (-1..=64)
+        let accepted = (-1..=1024)
             .filter(|value| state_from_pb("states[0]", *value).is_ok())
             .count();
         assert_eq!(accepted, TRANSACTION_STATES);

@@ -133,7 +133,7 @@ pub struct SubmitOptions {
 /// hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TransactionFilter {
-    /// Only these states (all if empty).
+    /// Only these states (all if empty; one named twice counts once).
     pub states: Vec<TransactionState>,
     /// Only those flagged stuck (a delivery or compensation keeps failing, or a saga
     /// step waits for an operator).
