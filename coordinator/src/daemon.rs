@@ -29,7 +29,7 @@ use crate::api::CoordinatorService;
 use crate::api::admin::AdminService;
 use crate::api::auth::Authenticator;
 use crate::config::{ConfigError, ServeConfig};
-use crate::defaults::MemoryBudget;
+use crate::defaults::{self, MemoryBudget};
 use crate::log::{DecisionLog, LogError, SledLog};
 use crate::metrics::{Metrics, serve_metrics};
 use crate::runtime::memory::{self, Governor};
@@ -321,17 +321,6 @@ fn purge_interval(log_retention_ms: u64) -> Duration {
     Duration::from_millis(log_retention_ms / 10).clamp(PURGE_INTERVAL_MIN, PURGE_INTERVAL_MAX)
 }
 
-/// The decision log's forced groups wait for company only after a forced group of at
-/// least this many forced writes (`StoreOptions::group_commit_hold_after_writes`, 8 for
-/// participants): so never with fewer transactions than this writing at once. At 64 in
-/// flight a group holds about 10 of a 2PC's intents, or 8 of a saga's records, at 256 in
-/// flight about 18 (docs/PERFORMANCE.md, "The decision log's hold back at 250 µs").
-const LOG_GROUP_COMMIT_HOLD_AFTER_WRITES: usize = 16;
-/// The decision log's forced groups wait one `--log-group-commit-hold-us` for every
-/// [`LOG_GROUP_COMMIT_HOLD_AFTER_WRITES`] forced writes in the previous group, up to this
-/// many (`StoreOptions::group_commit_max_holds`; participants keep one).
-const LOG_GROUP_COMMIT_MAX_HOLDS: u32 = 4;
-
 /// The decision log's store: its cache from the memory budget, group commit and
 /// compaction from the configuration, its groups and compactions counted in `metrics`.
 fn log_options(
@@ -346,8 +335,8 @@ fn log_options(
         group_commit_hold: Duration::from_micros(config.log_group_commit_hold_us),
         // The coordinator's forced writes are decisions of independent transactions:
         // the more arrive per sync, the more a longer wait gathers.
-        group_commit_max_holds: LOG_GROUP_COMMIT_MAX_HOLDS,
-        group_commit_hold_after_writes: LOG_GROUP_COMMIT_HOLD_AFTER_WRITES,
+        group_commit_max_holds: defaults::LOG_GROUP_COMMIT_MAX_HOLDS,
+        group_commit_hold_after_writes: defaults::LOG_GROUP_COMMIT_HOLD_AFTER_WRITES,
         group_observer: Some({
             let metrics = metrics.clone();
             Arc::new(move |group: GroupCommitted| {

@@ -34,8 +34,8 @@ pub const LOG_COMPACTION_GROWTH_FACTOR: u64 = treaty_sdk::durable::DEFAULT_COMPA
 pub const MIN_LOG_COMPACTION_GROWTH_FACTOR: u64 = treaty_sdk::durable::MIN_COMPACTION_GROWTH_FACTOR;
 /// Beyond, the log's files could grow past any disk before a compaction.
 pub const MAX_LOG_COMPACTION_GROWTH_FACTOR: u64 = 100;
-/// A quarter of a millisecond, and only under load (the previous forced group held 16
-/// or more forced writes: see `daemon::LOG_GROUP_COMMIT_HOLD_AFTER_WRITES`). On a disk
+/// A quarter of a millisecond, and only under load (the previous forced group held
+/// [`LOG_GROUP_COMMIT_HOLD_AFTER_WRITES`] or more forced writes). On a disk
 /// whose lone sync takes 0.07 ms, decisions arriving during one sync alone gave 18 per
 /// sync at 256 in flight, below issue 11's 20; with this hold 27–33, at the same rate,
 /// and at 64 in flight 2PCs and sagas 1.4 % slower (docs/PERFORMANCE.md, "The decision
@@ -45,6 +45,16 @@ pub const LOG_GROUP_COMMIT_HOLD_US: u64 = 250;
 /// A longer hold only adds latency: a forced write of the log takes under a
 /// millisecond on this project's machines.
 pub const MAX_LOG_GROUP_COMMIT_HOLD_US: u64 = 100_000;
+/// The decision log's forced groups wait for company only after a forced group of at
+/// least this many forced writes (`StoreOptions::group_commit_hold_after_writes`, 8 for
+/// participants): so never with fewer transactions than this writing at once. At 64 in
+/// flight a group holds about 12 of a 2PC's intents, or 8 of a saga's records; at 256 in
+/// flight about 18 (docs/PERFORMANCE.md, "The decision log's hold back at 250 µs").
+pub const LOG_GROUP_COMMIT_HOLD_AFTER_WRITES: usize = 16;
+/// The decision log's forced groups wait one `--log-group-commit-hold-us` for every
+/// [`LOG_GROUP_COMMIT_HOLD_AFTER_WRITES`] forced writes in the previous group, up to this
+/// many (`StoreOptions::group_commit_max_holds`; participants keep one).
+pub const LOG_GROUP_COMMIT_MAX_HOLDS: u32 = 4;
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_STEP_ATTEMPTS: u32 = 3;
