@@ -140,9 +140,9 @@ pub struct ServeConfig {
     pub log_compaction_min_removed_records: u64,
 
     /// Under load (the previous forced group of log writes held 16 or more forced ones,
-    /// with no idle spell longer than this since), a decision waits for others to share
-    /// its sync before it is written (like PostgreSQL's `commit_delay`): this long for
-    /// every 16 forced writes that group held, at most 4 times this long. Fewer syncs per
+    /// and came less than this long ago), a decision waits for others to share its sync
+    /// before it is written (like PostgreSQL's `commit_delay`): this long for every 16
+    /// forced writes that group held, at most 4 times this long. Fewer syncs per
     /// transaction, a little latency; fewer than 16 transactions at a time never wait. 0:
     /// never; decisions arriving during one sync still share the next.
     #[arg(long, env = "TREATY_LOG_GROUP_COMMIT_HOLD_US", default_value_t = defaults::LOG_GROUP_COMMIT_HOLD_US)]

@@ -203,8 +203,8 @@ pub struct StoreOptions {
     /// `commit_delay`; at most [`MAX_GROUP_COMMIT_HOLD`]). It waits only while the
     /// previous forced group held at least
     /// [`group_commit_hold_after_writes`](Self::group_commit_hold_after_writes) forced
-    /// writes and the store has not been idle for longer than the hold since: one
-    /// writer at a time never waits. Zero: never wait.
+    /// writes and a forced group came less than a hold ago (lazy writes do not count):
+    /// one writer at a time never waits. Zero: never wait.
     pub group_commit_hold: std::time::Duration,
     /// Forced writes in the previous forced group from which the next one waits
     /// [`group_commit_hold`](Self::group_commit_hold) (PostgreSQL's `commit_siblings`).

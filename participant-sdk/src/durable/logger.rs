@@ -119,11 +119,13 @@ pub(super) struct Logger {
     pub(super) hold_after_writes: usize,
     /// The most holds one group waits (see [`hold_after`]).
     pub(super) max_holds: u32,
-    /// Forced writes in the last forced group; 0 after an idle spell longer than `hold`.
+    /// Forced writes in the last forced group; 0 after a spell longer than `hold` without
+    /// a forced group.
     pub(super) last_forced_writes: usize,
-    /// When the last group was committed: the start of the idle spell, however many
-    /// timed wake-ups (a patient sync, the mark's sync, compaction) fall inside it.
-    pub(super) last_group_at: std::time::Instant,
+    /// When the last forced group was committed: the start of the idle spell that ends
+    /// the load, however many lazy groups or timed wake-ups (a patient sync, the mark's
+    /// sync, compaction) fall inside it.
+    pub(super) last_forced_group_at: std::time::Instant,
     /// The longest a patient write waits for a forced group to share its sync (zero: it
     /// is synced as a forced write), and the patient writes waiting.
     pub(super) patient_sync_wait: std::time::Duration,
@@ -206,8 +208,9 @@ impl Logger {
                         .recv_timeout(wait)
                         .map_err(|error| matches!(error, mpsc::RecvTimeoutError::Disconnected)),
                 };
-                // Idle for longer than a hold: whatever load there was is over.
-                if self.last_group_at.elapsed() > self.hold {
+                // No forced group for longer than a hold: whatever load there was is
+                // over (lazy writes need no company).
+                if self.last_forced_group_at.elapsed() > self.hold {
                     self.last_forced_writes = 0;
                 }
                 match received {
@@ -285,7 +288,8 @@ impl Logger {
         self.compaction.refuse_waiters("the store closed");
     }
 
-    /// Under load (see [`hold_after`]; an idle spell longer than a hold ends the load),
+    /// Under load (see [`hold_after`]; a spell longer than a hold without a forced group
+    /// ends the load),
     /// the next group waits for others to share its sync, if it holds a forced write,
     /// until it is full by `take_group`'s limits. Each request is tallied once. Waiting
     /// changes only when writes are acknowledged, never what is durable before that.
@@ -417,6 +421,7 @@ impl Logger {
                 .iter()
                 .filter(|(_, durability, _)| self.syncs_at_once(*durability))
                 .count();
+            self.last_forced_group_at = std::time::Instant::now();
         }
         if let Some(observer) = &self.group_observer {
             observer(GroupCommitted {
@@ -425,7 +430,6 @@ impl Logger {
                 sync_seconds: sync_time.map(|time| time.as_secs_f64()),
             });
         }
-        self.last_group_at = std::time::Instant::now();
         if sync_time.is_none() {
             self.unwritten = true;
         }

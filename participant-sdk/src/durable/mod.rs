@@ -259,7 +259,7 @@ impl DurableStore {
             hold_after_writes: options.group_commit_hold_after_writes,
             max_holds: options.group_commit_max_holds,
             last_forced_writes: 0,
-            last_group_at: std::time::Instant::now(),
+            last_forced_group_at: std::time::Instant::now(),
             patient_sync_wait: options.patient_sync_wait.min(MAX_GROUP_COMMIT_HOLD),
             patient: logger::PatientWrites::default(),
             unwritten: false,

@@ -265,6 +265,45 @@ async fn an_idle_spell_longer_than_the_hold_ends_the_load_across_timed_wake_ups(
         .unwrap();
 }
 
+/// Lazy writes after a forced group do not keep the load going: a forced write more than
+/// a hold after the last forced group is not held, however many lazy groups came since
+/// (each of them once restarted the idle spell, so that write waited out the hold).
+#[tokio::test]
+async fn lazy_writes_do_not_keep_a_hold_going() {
+    let hold = std::time::Duration::from_secs(4);
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        group_commit_hold: hold,
+        group_commit_hold_after_writes: 1,
+        ..StoreOptions::default()
+    };
+    let store = DurableStore::open(dir.path(), options).unwrap();
+    acknowledged(
+        store.write(one_key(b"forced"), Durability::Forced),
+        "a write after no load is not held",
+    )
+    .await;
+    // Lazy writes, each its own group, for longer than the hold.
+    let lazy_until = std::time::Instant::now() + hold + std::time::Duration::from_millis(500);
+    let mut lazy = 0u32;
+    while std::time::Instant::now() < lazy_until {
+        acknowledged(
+            store.write(one_key(&lazy.to_be_bytes()), Durability::Lazy),
+            "a lazy write",
+        )
+        .await;
+        lazy += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(lazy >= 10, "{lazy} lazy writes");
+    // Held, it would wait out the whole hold: no other forced write comes.
+    let after = store.write(one_key(b"after"), Durability::Forced);
+    tokio::time::timeout(hold - std::time::Duration::from_secs(1), after)
+        .await
+        .expect("a forced write after lazy writes alone was held")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_lone_writer_is_never_held() {
     let dir = tempfile::tempdir().unwrap();
