@@ -289,10 +289,10 @@ impl Logger {
     }
 
     /// Under load (see [`hold_after`]; a spell longer than a hold without a forced group
-    /// ends the load),
-    /// the next group waits for others to share its sync, if it holds a forced write,
-    /// until it is full by `take_group`'s limits. Each request is tallied once. Waiting
-    /// changes only when writes are acknowledged, never what is durable before that.
+    /// ends the load), the next group waits for others to share its sync, if it holds a
+    /// forced write, until it is full by `take_group`'s limits. Each request is tallied
+    /// once. Waiting changes only when writes are acknowledged, never what is durable
+    /// before that.
     fn hold_for_more(&mut self, pending: &mut VecDeque<Request>) {
         let Some(hold) = hold_after(
             self.hold,
