@@ -18,6 +18,9 @@
 //! - No participant is called about a transaction older than `delivery_horizon_ms` (by
 //!   its id's timestamp): such a call fails at once, without a connection, and what is
 //!   undelivered waits for an operator. Participants rely on it to forget old records.
+//! - An operator's verbs (resolve, forget, cancel) are carried out one at a time, each
+//!   until its write is durable: a final transaction only in the log is read, changed and
+//!   written back outside any shard, and the log's queued writes are not readable yet.
 //! - Every participant call of a transaction carries its trace: the trace id the caller
 //!   of Begin / SubmitSaga sent (or a new one), with a span id fresh for each call. The
 //!   trace lives in memory only: work resumed from the log starts a new trace.
@@ -67,6 +70,10 @@ pub struct Runtime {
     metrics: Arc<Metrics>,
     /// The last rendering of the metrics and when it was made (see `render_metrics`).
     rendered_metrics: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>>,
+    /// Held by an operator's verb from its first read until its write is durable, so
+    /// that two verbs on a transaction only in the log act one after the other (see
+    /// `operator.rs`).
+    operator_verbs: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How long one rendering of the metrics answers scrapes: a scrape costs a pass over
@@ -183,6 +190,7 @@ impl Runtime {
             load,
             metrics: config.metrics.clone(),
             rendered_metrics: Arc::default(),
+            operator_verbs: Arc::default(),
         };
         Ok((runtime, RuntimeTasks { handles, log_watch }, report))
     }

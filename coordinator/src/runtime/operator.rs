@@ -4,9 +4,17 @@
 //! memory and from the log. Same invariants as [`super`]: nothing is answered before
 //! the write it depends on is durable. A statement of a branch's outcome is counted
 //! among the heuristic outcomes once durable, whether or not its caller still waits.
+//!
+//! Verbs are carried out one at a time, each from its first read until its write is
+//! durable, even if its caller stops waiting: the log's queued writes are not readable
+//! until its logger applies them, so a second verb on a record only in the log would
+//! read it as the first found it. It would resolve a branch again (counted twice), or
+//! write back a record being forgotten. Operators' verbs are rare, and each is one
+//! forced write at most, so one lock for all of them costs nothing that matters.
 
 use super::*;
 use crate::log::LogWrite;
+use tokio::sync::OwnedMutexGuard;
 
 impl Runtime {
     /// Carries out an operator's request (the API checked the caller is an admin) and
@@ -17,6 +25,7 @@ impl Runtime {
         id: TxnId,
         request: OperatorRequest,
     ) -> Result<TxnRecord, RuntimeError> {
+        let one_at_a_time = self.operator_verbs.clone().lock_owned().await;
         let resolve = request.clone();
         match self
             .ask(&id, |reply| ShardMsg::Operate { id, request, reply })
@@ -25,8 +34,10 @@ impl Runtime {
             Err(RuntimeError::UnknownTransaction(_)) => {}
             Err(error) => return Err(error),
             Ok(operated) => {
-                if let Some(durable) = operated.durable {
-                    durable.await?;
+                // Not held while a cancel waits for its decision below.
+                match operated.durable {
+                    Some(durable) => held_until_done(durable, one_at_a_time).await?,
+                    None => drop(one_at_a_time),
                 }
                 if matches!(resolve.command, OperatorCommand::Cancel) {
                     // Answered once the decision (to compensate, or to abort after an
@@ -60,9 +71,10 @@ impl Runtime {
             .into());
         }
         resolve_logged(&mut record, &resolve, now_unix_ms())?;
-        counted_when_durable(
-            self.log.write(&record, Durability::Forced),
-            self.metrics.clone(),
+        let write = self.log.write(&record, Durability::Forced);
+        held_until_done(
+            counted_when_durable(write, self.metrics.clone()),
+            one_at_a_time,
         )
         .await?;
         Ok(record)
@@ -97,6 +109,7 @@ impl Runtime {
     /// participant's answer is refused: that participant may still be in doubt and ask,
     /// and must hear COMMIT (its record stays for the log's retention).
     pub async fn forget(&self, id: TxnId) -> Result<TxnRecord, RuntimeError> {
+        let one_at_a_time = self.operator_verbs.clone().lock_owned().await;
         if let Some(record) = self.get(id).await? {
             let unanswered =
                 |b: &crate::model::BranchRecord| b.resolution.is_some() && b.heuristic.is_none();
@@ -115,9 +128,30 @@ impl Runtime {
                 None => return Err(RuntimeError::UnknownTransaction(id)),
             },
         };
-        self.log.forget(&record).await?;
+        held_until_done(self.log.forget(&record), one_at_a_time).await?;
         tracing::info!(txn_id = %id, "forgotten at an operator's request");
         Ok(record)
+    }
+}
+
+/// Runs `write` to its end in a task of its own and releases `one_at_a_time` then, so
+/// that the next verb reads what this one wrote even if this one's caller went away.
+fn held_until_done(write: LogWrite, one_at_a_time: OwnedMutexGuard<()>) -> LogWrite {
+    let done = tokio::spawn(async move {
+        let result = write.await;
+        drop(one_at_a_time);
+        result
+    });
+    Box::pin(async move { joined(done.await) })
+}
+
+/// The result of a log write run by a task of its own.
+fn joined(outcome: Result<Result<(), LogError>, tokio::task::JoinError>) -> Result<(), LogError> {
+    match outcome {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Cancelled: the runtime is shutting down, and the log with it.
+        Err(_) => Err(LogError::Closed),
     }
 }
 
@@ -132,14 +166,7 @@ pub(super) fn counted_when_durable(write: LogWrite, metrics: Arc<Metrics>) -> Lo
         }
         result
     });
-    Box::pin(async move {
-        match counted.await {
-            Ok(result) => result,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            // Cancelled: the runtime is shutting down, and the log with it.
-            Err(_) => Err(LogError::Closed),
-        }
-    })
+    Box::pin(async move { joined(counted.await) })
 }
 
 /// An operator's resolution of a heuristic branch of a final transaction that is only in

@@ -19,6 +19,7 @@ use treaty_coordinator::runtime::{
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
 
+mod operator;
 mod sagas;
 mod two_phase;
 
@@ -26,22 +27,46 @@ mod two_phase;
 /// test opens the gate. Each write's state and durability are noted. Made with
 /// [`GatedLog::failing_lazy_writes`], it is like sled when the disk goes away behind a
 /// queued write: a lazy write is applied, its future never resolves, and the log
-/// reports the failure through `failed`.
+/// reports the failure through `failed`. Made with [`GatedLog::applied_at_gate`], it is
+/// like the durable store whose logger applies a queued batch later: a forced write or a
+/// forget is readable only once it passes the gate.
 #[derive(Debug)]
 struct GatedLog {
-    inner: MemoryLog,
+    inner: Arc<MemoryLog>,
     gate: Arc<Semaphore>,
     writes: std::sync::Mutex<Vec<(TxnState, Durability)>>,
     lazy_failure: Option<tokio::sync::watch::Sender<Option<String>>>,
+    applied_at_gate: bool,
+    /// Forgets asked of the log.
+    forgets: std::sync::atomic::AtomicUsize,
 }
 
 impl GatedLog {
     fn new(gate: Arc<Semaphore>) -> Self {
         Self {
-            inner: MemoryLog::new(),
+            inner: Arc::new(MemoryLog::new()),
             gate,
             writes: Default::default(),
             lazy_failure: None,
+            applied_at_gate: false,
+            forgets: Default::default(),
+        }
+    }
+
+    /// Forced writes and forgets are applied only once they pass `gate`.
+    fn applied_at_gate(gate: Arc<Semaphore>) -> Self {
+        Self {
+            applied_at_gate: true,
+            ..Self::new(gate)
+        }
+    }
+
+    /// Waits, bounded, until `count` writes have been asked of the log.
+    async fn wait_for_writes(&self, count: usize) {
+        let started = Instant::now();
+        while self.writes.lock().unwrap().len() < count {
+            assert!(started.elapsed() < Duration::from_secs(30), "never written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -57,6 +82,13 @@ impl GatedLog {
 impl DecisionLog for GatedLog {
     fn write(&self, record: &TxnRecord, durability: Durability) -> LogWrite {
         self.writes.lock().unwrap().push((record.state, durability));
+        if self.applied_at_gate && durability == Durability::Forced {
+            let (gate, inner, record) = (self.gate.clone(), self.inner.clone(), record.clone());
+            return Box::pin(async move {
+                gate.acquire().await.unwrap().forget();
+                inner.write(&record, durability).await
+            });
+        }
         let written = self.inner.write(record, durability);
         if let (Some(failure), Durability::Lazy) = (&self.lazy_failure, durability) {
             failure.send_replace(Some("the disk went away".into()));
@@ -108,6 +140,15 @@ impl DecisionLog for GatedLog {
         self.inner.purge_finished_beyond(keep, max)
     }
     fn forget(&self, record: &TxnRecord) -> LogWrite {
+        self.forgets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.applied_at_gate {
+            let (gate, inner, record) = (self.gate.clone(), self.inner.clone(), record.clone());
+            return Box::pin(async move {
+                gate.acquire().await.unwrap().forget();
+                inner.forget(&record).await
+            });
+        }
         self.inner.forget(record)
     }
     fn close(&self) -> Result<(), LogError> {
@@ -286,4 +327,17 @@ fn config() -> RuntimeConfig {
         advertise_endpoint: "http://127.0.0.1:1".into(),
         ..RuntimeConfig::default()
     }
+}
+
+/// `treaty_heuristic_outcomes_total` as the runtime's metrics show it now.
+async fn heuristic_outcomes(runtime: &Runtime) -> String {
+    let text = runtime
+        .metrics()
+        .encode(runtime.health().await.unwrap(), now_unix_ms())
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("treaty_heuristic_outcomes_total "))
+        .unwrap_or_else(|| panic!("no heuristic outcomes in {text}"))
+        .trim()
+        .to_owned()
 }
