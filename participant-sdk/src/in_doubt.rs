@@ -15,9 +15,16 @@
 //! while they resolve branches (after a restart with thousands in doubt, the pass takes
 //! the time its questions take, not thousands ÷ `max_branches_per_round` intervals); a
 //! round that resolved nothing, and the end of a pass, wait the interval.
+//!
+//! Applying an answer runs the participant's own commit or abort, which may panic or
+//! hang. A panic is caught and leaves the branch in doubt for a later round, as a
+//! failure does. A round waits `apply_wait_ms` for one branch, then goes on to the
+//! next: the operation runs on to its end by itself (user code is never cancelled
+//! half-way), and its branch is not asked about again until it has ended. So one
+//! branch can hold neither the others nor a shutdown.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
@@ -34,16 +41,27 @@ use crate::client::{ClientOptions, credentials, endpoint_with};
 use crate::durable::{DurableStore, StoreError};
 use crate::metrics::InquiryResult;
 use crate::participant::Participant;
+use crate::run_to_end::RunToEnd;
 use crate::trust::CoordinatorTrust;
 
 /// Channels kept to coordinators; past this the cache starts over.
 const MAX_CACHED_COORDINATORS: usize = 64;
 
+/// The most `max_branches_per_round` may be.
+pub const MAX_BRANCHES_PER_ROUND: usize = 65_536;
+
+/// The longest any of the options' durations may be: a day.
+const MAX_OPTION_MS: u64 = 86_400_000;
+
 #[derive(Debug, Clone)]
 pub struct InDoubtOptions {
     pub poll_interval_ms: u64,
     pub ask_after_ms: u64,
+    /// How long a question to a coordinator may take, connecting included.
     pub call_timeout_ms: u64,
+    /// How long a round waits for the participant's commit or abort of one branch
+    /// before it goes on with the next; the operation runs on to its end by itself.
+    pub apply_wait_ms: u64,
     pub max_branches_per_round: usize,
     /// How to reach coordinators: TLS for `https://` ones, and the token to present.
     pub coordinator_client: ClientOptions,
@@ -55,9 +73,38 @@ impl Default for InDoubtOptions {
             poll_interval_ms: 2_000,
             ask_after_ms: 2_000,
             call_timeout_ms: 2_000,
+            apply_wait_ms: 10_000,
             max_branches_per_round: 256,
             coordinator_client: ClientOptions::default(),
         }
+    }
+}
+
+impl InDoubtOptions {
+    /// Refuses options with which branches in doubt would never be resolved (none asked
+    /// about per round, every question timed out at once) or would wait for ever; the
+    /// error names the field. The token is checked where the server starts.
+    pub fn validate(&self) -> Result<(), String> {
+        let durations = [
+            ("poll_interval_ms", self.poll_interval_ms, 1),
+            ("ask_after_ms", self.ask_after_ms, 0),
+            ("call_timeout_ms", self.call_timeout_ms, 1),
+            ("apply_wait_ms", self.apply_wait_ms, 1),
+        ];
+        for (field, value, least) in durations {
+            if !(least..=MAX_OPTION_MS).contains(&value) {
+                return Err(format!(
+                    "in_doubt.{field}: {value} is not in {least}..={MAX_OPTION_MS}"
+                ));
+            }
+        }
+        if !(1..=MAX_BRANCHES_PER_ROUND).contains(&self.max_branches_per_round) {
+            return Err(format!(
+                "in_doubt.max_branches_per_round: {} is not in 1..={MAX_BRANCHES_PER_ROUND}",
+                self.max_branches_per_round
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -74,6 +121,9 @@ pub struct InDoubtResolver<P, S: BarrierStore = DurableStore> {
     /// Branches seen still in doubt by the pass under way, and the oldest prepare time.
     pass_in_doubt: u64,
     pass_oldest_unix_ms: Option<u64>,
+    /// Branches whose commit or abort outlasted `apply_wait_ms` and runs on by itself;
+    /// each leaves the set when it ends, and is not asked about meanwhile.
+    applying: Arc<Mutex<HashSet<BranchKey>>>,
 }
 
 /// What one round did, for logs and tests.
@@ -95,6 +145,7 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             cursor: None,
             pass_in_doubt: 0,
             pass_oldest_unix_ms: None,
+            applying: Arc::default(),
         }
     }
 
@@ -163,17 +214,20 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             if *stop.borrow() {
                 return report;
             }
-            if now.saturating_sub(in_doubt.prepared_unix_ms) < self.options.ask_after_ms {
+            if now.saturating_sub(in_doubt.prepared_unix_ms) < self.options.ask_after_ms
+                || self.is_applying(&in_doubt)
+            {
                 self.still_in_doubt(&in_doubt);
                 continue;
             }
-            // Asking may be abandoned at a stop; applying the answer runs to the end.
+            // Asking may be abandoned at a stop; applying the answer runs to the end,
+            // by itself if the round stops waiting for it.
             let decision = tokio::select! {
                 decision = self.ask(&in_doubt) => decision,
                 _ = stop.changed() => return report,
             };
             let resolved = match decision {
-                Some(decision) => self.apply(&in_doubt, decision).await,
+                Some(decision) => self.apply(&in_doubt, decision, stop).await,
                 None => None,
             };
             match resolved {
@@ -210,43 +264,75 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
         self.pass_oldest_unix_ms = None;
     }
 
+    /// Whether `in_doubt`'s commit or abort still runs from an earlier round.
+    fn is_applying(&self, in_doubt: &InDoubtBranch) -> bool {
+        let applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        applying.contains(&branch_key(in_doubt))
+    }
+
     /// Applies the coordinator's answer through the barrier; `None` if it could not be
-    /// applied yet.
+    /// applied yet: it failed, the participant's code panicked, it outlasted
+    /// `apply_wait_ms` (it runs on by itself), or `stop` was set meanwhile.
     async fn apply(
         &self,
         in_doubt: &InDoubtBranch,
         decision: pb::Decision,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Option<pb::Decision> {
-        let branch = &in_doubt.branch;
-        let applied = match decision {
+        if !matches!(decision, pb::Decision::Commit | pb::Decision::Abort) {
+            return Some(decision);
+        }
+        let marked = ApplyingMark::new(self.applying.clone(), branch_key(in_doubt));
+        let (participant, barrier) = (self.participant.clone(), self.barrier.clone());
+        let (branch, coordinator) = (
+            in_doubt.branch.clone(),
+            in_doubt.coordinator_endpoint.clone(),
+        );
+        let applying = RunToEnd::new(async move {
+            let _marked = marked;
             // Forced, not patient: branches are settled one at a time, and a patient
             // record would wait out its full wait with nothing following it.
-            pb::Decision::Commit => self
-                .barrier
-                .commit_with(
-                    self.participant.as_ref(),
-                    branch,
-                    BranchMode::TwoPhase,
-                    &[],
-                    &in_doubt.coordinator_endpoint,
-                    PhaseTwoWrite::Forced,
-                )
-                .await
-                .map(|answer| format!("{answer:?}")),
-            pb::Decision::Abort => self
-                .barrier
-                .abort_with(self.participant.as_ref(), branch, PhaseTwoWrite::Forced)
-                .await
-                .map(|answer| format!("{answer:?}")),
-            _ => return Some(decision),
+            if decision == pb::Decision::Commit {
+                barrier
+                    .commit_with(
+                        participant.as_ref(),
+                        &branch,
+                        BranchMode::TwoPhase,
+                        &[],
+                        &coordinator,
+                        PhaseTwoWrite::Forced,
+                    )
+                    .await
+                    .map(|answer| format!("{answer:?}"))
+            } else {
+                barrier
+                    .abort_with(participant.as_ref(), &branch, PhaseTwoWrite::Forced)
+                    .await
+                    .map(|answer| format!("{answer:?}"))
+            }
+        });
+        let branch = &in_doubt.branch;
+        let wait = Duration::from_millis(self.options.apply_wait_ms);
+        // A dropped `RunToEnd` goes on in a task of its own.
+        let applied = tokio::select! {
+            applied = applying => applied,
+            _ = tokio::time::sleep(wait) => {
+                tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?decision, apply_wait_ms = self.options.apply_wait_ms, "the participant's code has not ended yet; it runs on, and other branches are resolved meanwhile");
+                return None;
+            }
+            _ = stop.changed() => return None,
         };
         match applied {
-            Ok(answer) => {
+            Ok(Ok(answer)) => {
                 tracing::info!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?decision, %answer, "in-doubt branch resolved");
                 Some(decision)
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, %error, "cannot apply the outcome yet");
+                None
+            }
+            Err(panic) => {
+                tracing::error!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, ?decision, %panic, "participant code panicked applying the outcome; the branch stays in doubt and is asked about again");
                 None
             }
         }
@@ -312,5 +398,70 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
         };
         self.barrier.metrics().outcome_inquiry(result);
         decision
+    }
+}
+
+fn branch_key(in_doubt: &InDoubtBranch) -> BranchKey {
+    BranchKey {
+        transaction_id: in_doubt.branch.transaction_id.clone(),
+        branch_id: in_doubt.branch.branch_id.clone(),
+    }
+}
+
+/// A branch's place in [`InDoubtResolver`]'s `applying` set, from the start of its
+/// commit or abort until that ends (a panic too).
+struct ApplyingMark {
+    applying: Arc<Mutex<HashSet<BranchKey>>>,
+    key: BranchKey,
+}
+
+impl ApplyingMark {
+    fn new(applying: Arc<Mutex<HashSet<BranchKey>>>, key: BranchKey) -> Self {
+        applying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
+        Self { applying, key }
+    }
+}
+
+impl Drop for ApplyingMark {
+    fn drop(&mut self) {
+        self.applying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+    use super::*;
+
+    #[test]
+    fn options_that_would_never_resolve_a_branch_are_refused_by_name() {
+        assert_eq!(InDoubtOptions::default().validate(), Ok(()));
+        let refused = |change: fn(&mut InDoubtOptions), field: &str| {
+            let mut options = InDoubtOptions::default();
+            change(&mut options);
+            let error = options.validate().unwrap_err();
+            assert!(error.starts_with(&format!("in_doubt.{field}: ")), "{error}");
+        };
+        refused(|o| o.max_branches_per_round = 0, "max_branches_per_round");
+        refused(
+            |o| o.max_branches_per_round = MAX_BRANCHES_PER_ROUND + 1,
+            "max_branches_per_round",
+        );
+        refused(|o| o.call_timeout_ms = 0, "call_timeout_ms");
+        refused(|o| o.apply_wait_ms = 0, "apply_wait_ms");
+        refused(|o| o.poll_interval_ms = 0, "poll_interval_ms");
+        refused(|o| o.ask_after_ms = u64::MAX, "ask_after_ms");
+        let asks_at_once = InDoubtOptions {
+            ask_after_ms: 0,
+            ..InDoubtOptions::default()
+        };
+        assert_eq!(asks_at_once.validate(), Ok(()));
     }
 }

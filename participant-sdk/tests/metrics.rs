@@ -430,6 +430,30 @@ async fn an_unusable_coordinator_token_stops_the_start() {
     );
 }
 
+/// In-doubt options with which no branch in doubt would ever be resolved stop the
+/// start, naming the field.
+#[tokio::test]
+async fn in_doubt_options_that_resolve_nothing_stop_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut options = ServeOptions::default();
+    options.in_doubt.max_branches_per_round = 0;
+    let refused = treaty_sdk::serve(
+        Arc::new(ByPayload),
+        store,
+        listener,
+        options,
+        std::future::ready(()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&refused, ServeError::Options(message) if message.starts_with("in_doubt.max_branches_per_round: ")),
+        "{refused}"
+    );
+}
+
 /// Holds every prepare until a permit is released for it; counts the prepares that ran
 /// to their end.
 #[derive(Debug)]

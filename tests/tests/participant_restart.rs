@@ -1,12 +1,26 @@
 //! A participant that is down during phase 2 gets the commit once it is back: the
 //! participant is a real process, killed with SIGKILL after it voted YES and restarted
-//! on the same address and data directory.
+//! on the same address and data directory. And a participant's branches in doubt are
+//! resolved by asking, after a restart and whatever its own code does meanwhile (a
+//! panic, an abort that does not end).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use treaty_proto::v1 as pb;
+use treaty_proto::v1::participant_client::ParticipantClient;
 use treaty_sdk::barrier::BranchStatus;
 use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
-use treaty_tests::harness::{Coordinator, ParticipantServer, barrier_record, eventually};
+use treaty_sdk::in_doubt::InDoubtOptions;
+use treaty_sdk::server::ServeOptions;
+use treaty_sdk::{BranchContext, Participant, ParticipantError, Vote};
+use treaty_tests::harness::{
+    Coordinator, PATIENCE, ParticipantServer, barrier_record, eventually, quick_in_doubt,
+};
 use treaty_tests::process::{exit_status, kill9, killed_by_sigkill, start_scripted_participant};
 
 fn branch_state(txn: &treaty_sdk::client::Transaction, branch: &str) -> i32 {
@@ -94,60 +108,179 @@ async fn a_participant_down_during_phase_two_receives_the_commit_once_back() {
 /// poll interval (ten minutes here) has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_many_branches_in_doubt_resolves_them_without_waiting_between_rounds() {
-    use std::sync::Arc;
-    use treaty_proto::v1 as pb;
-    use treaty_proto::v1::participant_client::ParticipantClient;
-    use treaty_sdk::in_doubt::InDoubtOptions;
-    use treaty_sdk::server::ServeOptions;
     use treaty_tests::scripted::{Op, Scripted};
 
-    const BRANCHES: usize = 12;
+    const BRANCHES: u64 = 12;
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
     let data_dir = dir.path().join("participant");
-    // `ask_after_ms`: the first run must not ask, whenever its first round comes (its
-    // listing runs on a blocking thread, which a loaded machine may start late).
-    let serve = |participant: Arc<Scripted>, ask_after_ms: u64| {
-        let store = Arc::new(
-            treaty_sdk::durable::DurableStore::open(&data_dir, Default::default()).unwrap(),
-        );
-        let options = ServeOptions {
-            in_doubt: InDoubtOptions {
-                poll_interval_ms: 600_000,
-                ask_after_ms,
-                call_timeout_ms: 5_000,
-                max_branches_per_round: 3,
-                ..InDoubtOptions::default()
-            },
-            shutdown_grace_ms: 2_000,
-            ..ServeOptions::default()
-        };
-        async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let endpoint = format!("http://{}", listener.local_addr().unwrap());
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(treaty_sdk::serve(
-                participant,
-                store,
-                listener,
-                options,
-                async {
-                    let _ = stopped.await;
-                },
-            ));
-            (endpoint, stop, task)
-        }
+    let in_doubt = |ask_after_ms| InDoubtOptions {
+        poll_interval_ms: 600_000,
+        ask_after_ms,
+        call_timeout_ms: 5_000,
+        max_branches_per_round: 3,
+        ..InDoubtOptions::default()
     };
 
-    // YES votes for transactions the coordinator never began: once asked, it answers
-    // ABORT (presumed abort).
-    let (endpoint, stop, task) = serve(Arc::new(Scripted::new()), 600_000).await;
-    let mut client = ParticipantClient::connect(endpoint).await.unwrap();
+    // `ask_after_ms`: the first run must not ask, whenever its first round comes (its
+    // listing runs on a blocking thread, which a loaded machine may start late).
+    let served = serve(Arc::new(Scripted::new()), &data_dir, in_doubt(600_000)).await;
+    let txns = yes_votes_for_unknown_transactions(&served, &coordinator, BRANCHES).await;
+    // Stopped before its next round (ten minutes away), and it asked about none: all
+    // twelve stay in doubt.
+    served.stop().await.unwrap();
+
+    let participant = Arc::new(Scripted::new());
+    let served = serve(participant.clone(), &data_dir, in_doubt(0)).await;
+    eventually("every branch in doubt is aborted after the restart", || {
+        let all = txns
+            .iter()
+            .all(|txn| participant.ops(txn, "b").contains(&Op::Abort));
+        std::future::ready(all.then_some(()))
+    })
+    .await;
+    served.stop().await.unwrap();
+}
+
+/// The participant's own abort panics the first time it is asked to abort one of the
+/// branches in doubt: that branch stays in doubt and is aborted in a later round, and
+/// the other branches are resolved too (a panic once ended in-doubt resolution for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_participants_abort_leaves_the_branch_for_a_later_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = Arc::new(Troubled::default());
+    let served = serve(participant.clone(), &dir.path().join("p"), quick_in_doubt()).await;
+    let txns = yes_votes_for_unknown_transactions(&served, &coordinator, 3).await;
+    participant
+        .panics_once
+        .lock()
+        .unwrap()
+        .insert(txns[0].clone());
+    participant
+        .panics_once
+        .lock()
+        .unwrap()
+        .insert(txns[2].clone());
+    eventually(
+        "every branch in doubt is aborted, despite the panics",
+        || {
+            let aborted = participant.aborted.lock().unwrap();
+            std::future::ready(txns.iter().all(|txn| aborted.contains(txn)).then_some(()))
+        },
+    )
+    .await;
+    assert_eq!(
+        participant.abort_calls(&txns[0]),
+        2,
+        "panicked once, then aborted"
+    );
+    assert_eq!(participant.abort_calls(&txns[1]), 1);
+    served.stop().await.unwrap();
+}
+
+/// The participant's own abort of one branch in doubt does not end: the others are
+/// resolved meanwhile, the stuck one is not asked about again while its abort runs, the
+/// participant stops in bounded time, and the abort still ends when it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_that_does_not_end_holds_neither_other_branches_nor_a_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = Arc::new(Troubled::default());
+    let options = InDoubtOptions {
+        apply_wait_ms: 200,
+        ..quick_in_doubt()
+    };
+    let served = serve(participant.clone(), &dir.path().join("p"), options).await;
+    let txns = yes_votes_for_unknown_transactions(&served, &coordinator, 3).await;
+    // The oldest is listed, asked about and aborted first.
+    participant.hangs.lock().unwrap().insert(txns[0].clone());
+    eventually("the other branches are aborted", || {
+        let aborted = participant.aborted.lock().unwrap();
+        std::future::ready(
+            txns[1..]
+                .iter()
+                .all(|txn| aborted.contains(txn))
+                .then_some(()),
+        )
+    })
+    .await;
+    // Several more rounds (200 ms apart) pass; the stuck abort is not started again.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(participant.abort_calls(&txns[0]), 1);
+    assert!(!participant.aborted.lock().unwrap().contains(&txns[0]));
+    tokio::time::timeout(PATIENCE, served.stop())
+        .await
+        .expect("the participant stops while an abort is stuck")
+        .unwrap();
+    participant.release.add_permits(1);
+    eventually("the stuck abort ends once released", || {
+        let aborted = participant.aborted.lock().unwrap();
+        std::future::ready(aborted.contains(&txns[0]).then_some(()))
+    })
+    .await;
+}
+
+/// A participant served with its own store and in-doubt options.
+struct Served {
+    endpoint: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), treaty_sdk::ServeError>>,
+}
+
+impl Served {
+    async fn stop(self) -> Result<(), treaty_sdk::ServeError> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
+async fn serve<P: Participant>(
+    participant: Arc<P>,
+    data_dir: &std::path::Path,
+    in_doubt: InDoubtOptions,
+) -> Served {
+    let store =
+        Arc::new(treaty_sdk::durable::DurableStore::open(data_dir, Default::default()).unwrap());
+    let options = ServeOptions {
+        in_doubt,
+        shutdown_grace_ms: 2_000,
+        ..ServeOptions::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(treaty_sdk::serve(
+        participant,
+        store,
+        listener,
+        options,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Served {
+        endpoint,
+        stop,
+        task,
+    }
+}
+
+/// YES votes on branch `b` of `count` transactions the coordinator never began, a minute
+/// old, oldest first: once asked, it answers ABORT (presumed abort).
+async fn yes_votes_for_unknown_transactions(
+    served: &Served,
+    coordinator: &Coordinator,
+    count: u64,
+) -> Vec<String> {
+    let mut client = ParticipantClient::connect(served.endpoint.clone())
+        .await
+        .unwrap();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let txns: Vec<String> = (0..BRANCHES as u64)
+    let txns: Vec<String> = (0..count)
         .map(|i| treaty_sdk::transaction_age::first_transaction_id_at(now_ms - 60_000 + i))
         .collect();
     for txn in &txns {
@@ -163,22 +296,58 @@ async fn a_restart_with_many_branches_in_doubt_resolves_them_without_waiting_bet
             .into_inner();
         assert_eq!(answer.vote, pb::Vote::Yes as i32);
     }
-    // Stopped before its next round (ten minutes away), and it asked about none: all
-    // twelve stay in doubt.
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    txns
+}
 
-    let participant = Arc::new(Scripted::new());
-    let (_endpoint, stop, task) = serve(participant.clone(), 0).await;
-    eventually("every branch in doubt is aborted after the restart", || {
-        let all = txns
-            .iter()
-            .all(|txn| participant.ops(txn, "b").contains(&Op::Abort));
-        std::future::ready(all.then_some(()))
-    })
-    .await;
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+/// Votes YES; its abort panics once for the transactions in `panics_once`, and waits
+/// for a permit of `release` for those in `hangs`.
+#[derive(Debug)]
+struct Troubled {
+    panics_once: Mutex<HashSet<String>>,
+    hangs: Mutex<HashSet<String>>,
+    release: Semaphore,
+    abort_calls: Mutex<Vec<String>>,
+    aborted: Mutex<HashSet<String>>,
+}
+
+impl Default for Troubled {
+    fn default() -> Self {
+        Self {
+            panics_once: Mutex::default(),
+            hangs: Mutex::default(),
+            release: Semaphore::new(0),
+            abort_calls: Mutex::default(),
+            aborted: Mutex::default(),
+        }
+    }
+}
+
+impl Troubled {
+    fn abort_calls(&self, txn: &str) -> usize {
+        let calls = self.abort_calls.lock().unwrap();
+        calls.iter().filter(|t| *t == txn).count()
+    }
+}
+
+impl Participant for Troubled {
+    async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+        Ok(Vote::Yes)
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Err(ParticipantError::new("only aborts are expected"))
+    }
+    async fn abort(&self, branch: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        let txn = branch.transaction_id.clone();
+        self.abort_calls.lock().unwrap().push(txn.clone());
+        if self.panics_once.lock().unwrap().remove(&txn) {
+            panic!("the participant's abort of {txn} panics");
+        }
+        if self.hangs.lock().unwrap().contains(&txn) {
+            self.release.acquire().await.unwrap().forget();
+        }
+        self.aborted.lock().unwrap().insert(txn);
+        Ok(())
+    }
 }
 
 /// A participant killed while its prepare is on the coordinator's stream to it: that call

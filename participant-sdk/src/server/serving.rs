@@ -179,6 +179,7 @@ where
         return Err(ServeError::Unauthenticated(local_addr));
     }
     options.barrier_gc.validate().map_err(ServeError::Options)?;
+    options.in_doubt.validate().map_err(ServeError::Options)?;
     // In-doubt branches are asked about with this token: an unusable one would leave
     // them unresolved, so it stops the start instead.
     crate::client::credentials(&options.in_doubt.coordinator_client)
