@@ -50,6 +50,7 @@ use crate::barrier_store::{BarrierStore, BarrierWrite, BranchKey, branch_key_byt
 use crate::durable::{DurableStore, StoreError};
 use crate::failpoint::crash_point;
 use crate::keyed_locks::KeyedLocks;
+pub use crate::keyed_locks::{Busy, MAX_WAITING_PER_KEY};
 use crate::limits::truncate_reason;
 use crate::metrics::ParticipantMetrics;
 use crate::participant::{BranchContext, Participant, ParticipantError, Vote};
@@ -95,6 +96,9 @@ pub enum BarrierError {
     Participant(#[from] ParticipantError),
     #[error("barrier record for {key} is unreadable: {message}")]
     Corrupt { key: String, message: String },
+    /// Too many calls for the branch wait for one that has not ended (`keyed_locks`).
+    #[error(transparent)]
+    Busy(#[from] Busy),
     #[error(
         "transaction {transaction_id} was created at {created_unix_ms} (Unix ms), longer ago \
          than this participant's barrier retention of {retention_ms} ms, and branch \
@@ -303,7 +307,7 @@ impl<S: BarrierStore> Barrier<S> {
         payload: &[u8],
         coordinator_endpoint: &str,
     ) -> Result<Vote, BarrierError> {
-        let _guard = self.locks.lock(lock_key(branch)).await;
+        let _guard = self.locks.lock(lock_key(branch)).await?;
         self.ensure_store_healthy()?;
         if let Some(record) = self.record(branch)? {
             if record.status == BranchStatus::Prepared
@@ -372,7 +376,7 @@ impl<S: BarrierStore> Barrier<S> {
         coordinator_endpoint: &str,
         phase_two: PhaseTwoWrite,
     ) -> Result<CommitAnswer, BarrierError> {
-        let _guard = self.locks.lock(lock_key(branch)).await;
+        let _guard = self.locks.lock(lock_key(branch)).await?;
         self.ensure_store_healthy()?;
         let mut record = match self.record(branch)? {
             Some(record) => record,
@@ -432,7 +436,7 @@ impl<S: BarrierStore> Barrier<S> {
         branch: &BranchContext,
         phase_two: PhaseTwoWrite,
     ) -> Result<AbortAnswer, BarrierError> {
-        let _guard = self.locks.lock(lock_key(branch)).await;
+        let _guard = self.locks.lock(lock_key(branch)).await?;
         self.ensure_store_healthy()?;
         let Some(mut record) = self.record(branch)? else {
             self.check_not_past_retention(branch)?;
@@ -478,7 +482,7 @@ impl<S: BarrierStore> Barrier<S> {
         branch: &BranchContext,
         payload: &[u8],
     ) -> Result<(), BarrierError> {
-        let _guard = self.locks.lock(lock_key(branch)).await;
+        let _guard = self.locks.lock(lock_key(branch)).await?;
         self.ensure_store_healthy()?;
         let Some(mut record) = self.record(branch)? else {
             self.check_not_past_retention(branch)?;

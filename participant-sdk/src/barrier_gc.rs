@@ -190,7 +190,11 @@ impl<S: BarrierStore> BarrierCollector<S> {
         let mut doomed = Vec::with_capacity(candidates.len());
         for key in candidates {
             let branch = BranchContext::new(key.transaction_id.clone(), key.branch_id.clone());
-            let guard = self.barrier.locks.lock(lock_key(&branch)).await;
+            // A branch whose lock is that much in demand is still being called about.
+            let Ok(guard) = self.barrier.locks.lock(lock_key(&branch)).await else {
+                report.kept += 1;
+                continue;
+            };
             match self.barrier.record(&branch) {
                 Ok(Some(record)) if record.status.is_final() => {
                     guards.push(guard);

@@ -1,23 +1,54 @@
 //! Per-key async mutual exclusion, so that concurrent duplicates of one operation run one
 //! after the other (the second then finds the first one's record).
 //!
-//! Invariant: an entry exists in the map only while some task holds or awaits its lock,
-//! so the map's size is bounded by the number of requests in flight.
+//! Invariants: an entry exists in the map only while some task holds or awaits its lock
+//! (a wait given up removes its place too), so the map's size is bounded by the
+//! requests in flight; and at most [`MAX_WAITING_PER_KEY`] wait for one key's lock. A
+//! call whose user code does not end holds its branch's lock, and the calls that
+//! follow for that branch (the coordinator's retries) run on by themselves once their
+//! callers give up: without the bound they would pile up behind it for as long as it
+//! lasts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
 
+/// How many may wait for one key's lock while another holds it; one more is refused.
+pub const MAX_WAITING_PER_KEY: usize = 8;
+
+/// A lock refused because [`MAX_WAITING_PER_KEY`] already wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{MAX_WAITING_PER_KEY} operations on this branch already wait for one that has not \
+     ended; retry later"
+)]
+pub struct Busy;
+
 #[derive(Debug, Default)]
 pub struct KeyedLocks {
-    entries: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
+    entries: Mutex<HashMap<Vec<u8>, Entry>>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    /// The task holding the lock and those waiting for it.
+    users: usize,
 }
 
 /// Holds the lock of one key until dropped.
 #[derive(Debug)]
 pub struct KeyGuard<'a> {
-    guard: Option<OwnedMutexGuard<()>>,
+    // Fields drop in order: the lock is released before the place is given up.
+    _guard: OwnedMutexGuard<()>,
+    _place: Place<'a>,
+}
+
+/// A task's place among one key's users, from its call to `lock` until it gives the lock
+/// up or stops waiting; the last one out removes the entry.
+#[derive(Debug)]
+struct Place<'a> {
     key: Vec<u8>,
     locks: &'a KeyedLocks,
 }
@@ -27,17 +58,22 @@ impl KeyedLocks {
         Self::default()
     }
 
-    pub async fn lock(&self, key: Vec<u8>) -> KeyGuard<'_> {
-        let mutex = {
+    /// Waits for `key`'s lock, or refuses at once when [`MAX_WAITING_PER_KEY`] already
+    /// wait for it.
+    pub async fn lock(&self, key: Vec<u8>) -> Result<KeyGuard<'_>, Busy> {
+        let (mutex, place) = {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            entries.entry(key.clone()).or_default().clone()
+            let entry = entries.entry(key.clone()).or_default();
+            if entry.users > MAX_WAITING_PER_KEY {
+                return Err(Busy);
+            }
+            entry.users += 1;
+            (entry.mutex.clone(), Place { key, locks: self })
         };
-        let guard = mutex.lock_owned().await;
-        KeyGuard {
-            guard: Some(guard),
-            key,
-            locks: self,
-        }
+        Ok(KeyGuard {
+            _guard: mutex.lock_owned().await,
+            _place: place,
+        })
     }
 
     #[cfg(test)]
@@ -46,16 +82,14 @@ impl KeyedLocks {
     }
 }
 
-impl Drop for KeyGuard<'_> {
+impl Drop for Place<'_> {
     fn drop(&mut self) {
-        // Release the mutex first, so that only the map and waiters hold the Arc.
-        drop(self.guard.take());
         let mut entries = self.locks.entries.lock().unwrap_or_else(|e| e.into_inner());
-        // Clones are only taken under the map lock, so the count is exact here.
-        if entries
-            .get(&self.key)
-            .is_some_and(|mutex| Arc::strong_count(mutex) == 1)
-        {
+        let Some(entry) = entries.get_mut(&self.key) else {
+            unreachable!("a key's entry outlives every place in it");
+        };
+        entry.users -= 1;
+        if entry.users == 0 {
             entries.remove(&self.key);
         }
     }
@@ -76,7 +110,7 @@ mod tests {
         for _ in 0..8 {
             let (locks, inside, max_inside) = (locks.clone(), inside.clone(), max_inside.clone());
             tasks.push(tokio::spawn(async move {
-                let _guard = locks.lock(b"k".to_vec()).await;
+                let _guard = locks.lock(b"k".to_vec()).await.unwrap();
                 let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                 max_inside.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -93,8 +127,51 @@ mod tests {
     #[tokio::test]
     async fn different_keys_do_not_block_each_other() {
         let locks = KeyedLocks::new();
-        let _a = locks.lock(b"a".to_vec()).await;
+        let _a = locks.lock(b"a".to_vec()).await.unwrap();
         let b = tokio::time::timeout(Duration::from_secs(5), locks.lock(b"b".to_vec())).await;
         assert!(b.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_wait_given_up_leaves_no_entry_behind() {
+        let locks = KeyedLocks::new();
+        let held = locks.lock(b"k".to_vec()).await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(20), locks.lock(b"k".to_vec()));
+        assert!(waiting.await.is_err(), "the lock is held");
+        drop(held);
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn one_more_than_the_waiters_allowed_is_refused_until_one_leaves() {
+        let locks = Arc::new(KeyedLocks::new());
+        let held = locks.lock(b"k".to_vec()).await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..MAX_WAITING_PER_KEY {
+            let locks = locks.clone();
+            waiters.push(tokio::spawn(async move {
+                drop(locks.lock(b"k".to_vec()).await.unwrap());
+            }));
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let users = locks.entries.lock().unwrap()[b"k".as_slice()].users;
+            if users == 1 + MAX_WAITING_PER_KEY {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{users} users");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(locks.lock(b"k".to_vec()).await.unwrap_err(), Busy);
+        assert!(
+            locks.lock(b"other".to_vec()).await.is_ok(),
+            "other keys unaffected"
+        );
+        drop(held);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert!(locks.lock(b"k".to_vec()).await.is_ok());
+        assert_eq!(locks.len(), 0);
     }
 }

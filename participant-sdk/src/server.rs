@@ -141,6 +141,10 @@ fn barrier_error(branch: &BranchContext, error: BarrierError) -> Status {
             tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %e, "participant code failed");
             Status::unavailable(error.to_string())
         }
+        BarrierError::Busy(_) => {
+            tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %error, "call refused: too many wait for this branch");
+            Status::unavailable(error.to_string())
+        }
         BarrierError::PastRetention { .. } => {
             tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, error = %error, "call past the barrier retention refused");
             Status::failed_precondition(error.to_string())

@@ -454,6 +454,73 @@ async fn in_doubt_options_that_resolve_nothing_stop_the_start() {
     );
 }
 
+/// A branch's prepare that does not end holds its lock: the calls for it that follow,
+/// each given up by its caller and run on by itself, wait behind it up to
+/// `MAX_WAITING_PER_KEY`; one more is answered UNAVAILABLE at once, so they cannot pile
+/// up for as long as it lasts. Once it ends, the ones waiting answer from its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_piling_up_behind_one_that_does_not_end_are_refused() {
+    use treaty_sdk::barrier::MAX_WAITING_PER_KEY;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let participant = Arc::new(HeldPrepare::new());
+    let served = Served::start(participant.clone(), store, ServeOptions::default()).await;
+    let mut client = ParticipantClient::connect(served.endpoint.clone())
+        .await
+        .unwrap();
+    let metrics_address = served.metrics_address;
+    for given_up in 1..=1 + MAX_WAITING_PER_KEY {
+        let mut held = tonic::Request::new(prepare("c-1", "a", b"yes", ""));
+        held.set_timeout(Duration::from_millis(100));
+        let expired = client.prepare(held).await.unwrap_err();
+        assert_eq!(expired.code(), tonic::Code::Cancelled, "{expired:?}");
+        // Counted once the server dropped it, its work moved to a task of its own.
+        let started = Instant::now();
+        while operations(&scrape(metrics_address).await, "prepare", "cancelled")
+            != Some(given_up as f64)
+        {
+            assert!(started.elapsed() < PATIENCE, "call {given_up} not dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let refused = tokio::time::timeout(PATIENCE, client.prepare(prepare("c-1", "a", b"yes", "")))
+        .await
+        .expect("answered at once")
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("already wait"), "{refused:?}");
+    participant.release.add_permits(1);
+    let started = Instant::now();
+    while participant
+        .finished
+        .load(std::sync::atomic::Ordering::SeqCst)
+        < 1
+    {
+        assert!(started.elapsed() < PATIENCE, "the held prepare never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Refused while its record is being written, with the eight still waiting.
+    let started = Instant::now();
+    let repeat = loop {
+        match client.prepare(prepare("c-1", "a", b"yes", "")).await {
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                assert!(started.elapsed() < PATIENCE, "still refused: {status:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answered => break answered.unwrap().into_inner(),
+        }
+    };
+    assert_eq!(repeat.vote, pb::Vote::Yes as i32);
+    assert_eq!(
+        participant
+            .finished
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the prepares that waited answered from the record"
+    );
+}
+
 /// Holds every prepare until a permit is released for it; counts the prepares that ran
 /// to their end.
 #[derive(Debug)]

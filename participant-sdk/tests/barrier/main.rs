@@ -189,8 +189,12 @@ async fn two_phase_commit_without_a_prepare_is_not_applied() {
     assert_eq!(counts(&p), [0, 0, 0, 0]);
 }
 
+/// Sixteen duplicates at once: the first `1 + MAX_WAITING_PER_KEY` to arrive are let in
+/// and the rest may be refused as busy; user code runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_run_user_code_once() {
+    use treaty_sdk::barrier::{BarrierError, MAX_WAITING_PER_KEY};
+
     let dir = tempfile::tempdir().unwrap();
     let barrier = Arc::new(open(dir.path()));
     let p = Arc::new(Counting::default());
@@ -201,12 +205,19 @@ async fn concurrent_duplicates_run_user_code_once() {
             barrier
                 .prepare(p.as_ref(), &branch("b"), b"yes", COORDINATOR)
                 .await
-                .unwrap()
         }));
     }
+    let mut voted = 0;
     for task in tasks {
-        assert_eq!(task.await.unwrap(), Vote::Yes);
+        match task.await.unwrap() {
+            Ok(vote) => {
+                assert_eq!(vote, Vote::Yes);
+                voted += 1;
+            }
+            Err(error) => assert!(matches!(error, BarrierError::Busy(_)), "{error}"),
+        }
     }
+    assert!(voted > MAX_WAITING_PER_KEY, "{voted} answered");
     assert_eq!(counts(&p), [1, 0, 0, 0]);
 }
 
