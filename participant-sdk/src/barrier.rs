@@ -54,6 +54,7 @@ pub use crate::keyed_locks::{Busy, MAX_WAITING_PER_KEY};
 use crate::limits::truncate_reason;
 use crate::metrics::ParticipantMetrics;
 use crate::participant::{BranchContext, Participant, ParticipantError, Vote};
+use crate::run_to_end::Unfinished;
 use crate::transaction_age::transaction_created_unix_ms;
 
 mod record;
@@ -129,6 +130,8 @@ pub(crate) enum PhaseTwoWrite {
 pub struct Barrier<S: BarrierStore = DurableStore> {
     store: Arc<S>,
     pub(crate) locks: KeyedLocks,
+    /// Operations on the barrier run to their end (`RunToEnd`) and not ended yet.
+    pub(crate) unfinished: Unfinished,
     retention_ms: u64,
     /// The highest cutoff the collector has used: transactions created before it are
     /// refused without a record even if the wall clock steps back.
@@ -156,6 +159,7 @@ impl<S: BarrierStore> Barrier<S> {
         Self {
             store,
             locks: KeyedLocks::new(),
+            unfinished: Unfinished::default(),
             retention_ms: DEFAULT_RETENTION_MS,
             collected_below_unix_ms: AtomicU64::new(0),
             metrics: Arc::default(),

@@ -288,8 +288,9 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             in_doubt.branch.clone(),
             in_doubt.coordinator_endpoint.clone(),
         );
+        let started = self.barrier.unfinished.start();
         let applying = RunToEnd::new(async move {
-            let _marked = marked;
+            let (_marked, _started) = (marked, started);
             // Forced, not patient: branches are settled one at a time, and a patient
             // record would wait out its full wait with nothing following it.
             if decision == pb::Decision::Commit {

@@ -8,12 +8,14 @@
 //!
 //! Invariant: a future given to [`RunToEnd`] is polled until it completes, by the caller
 //! or by the task it was moved to, unless the runtime itself shuts down (which ends
-//! every task alike).
+//! every task alike). [`Unfinished`] counts such operations wherever they run, so that
+//! a server stopping can wait for them before it closes the store they write to.
 
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::FutureExt;
@@ -71,6 +73,42 @@ where
                 let _ = rest.await;
             }));
         }
+    }
+}
+
+/// The operations started and not ended yet, whether their caller still awaits them or
+/// they were moved to a task of their own.
+#[derive(Debug, Clone)]
+pub(crate) struct Unfinished(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Default for Unfinished {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+/// One operation counted by [`Unfinished`] until this is dropped: move it into the
+/// operation, so that it ends with it (a panic too).
+#[derive(Debug)]
+pub(crate) struct Started(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Unfinished {
+    pub(crate) fn start(&self) -> Started {
+        self.0.send_modify(|count| *count += 1);
+        Started(self.0.clone())
+    }
+
+    /// Resolves once no counted operation is left.
+    pub(crate) async fn none_left(&self) {
+        let mut count = self.0.subscribe();
+        // The sender lives in `self`: the wait cannot fail.
+        let _ = count.wait_for(|count| *count == 0).await;
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
     }
 }
 

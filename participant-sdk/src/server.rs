@@ -101,11 +101,16 @@ impl<P: Participant, S: BarrierStore> ParticipantService<P, S> {
         F: FnOnce(Arc<P>, Arc<Barrier<S>>, BranchContext) -> Fut,
         Fut: std::future::Future<Output = Result<T, BarrierError>> + Send + 'static,
     {
+        let started = self.barrier.unfinished.start();
         let operation = operation(
             self.participant.clone(),
             self.barrier.clone(),
             branch.clone(),
         );
+        let operation = async move {
+            let _started = started;
+            operation.await
+        };
         run_to_completion(branch, operation)
             .await
             .map_err(|e| barrier_error(branch, e))

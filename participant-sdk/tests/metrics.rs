@@ -521,6 +521,47 @@ async fn calls_piling_up_behind_one_that_does_not_end_are_refused() {
     );
 }
 
+/// A prepare whose caller went away runs on by itself; a shutdown that begins meanwhile
+/// waits for it (within its grace period) before it closes the store, so its YES is
+/// recorded: with the store closed under it, user code voted and nothing was kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_operations_whose_callers_went_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let participant = Arc::new(HeldPrepare::new());
+    let options = ServeOptions {
+        shutdown_grace_ms: 20_000,
+        ..ServeOptions::default()
+    };
+    let served = Served::start(participant.clone(), store, options).await;
+    let mut client = ParticipantClient::connect(served.endpoint.clone())
+        .await
+        .unwrap();
+    let mut held = tonic::Request::new(prepare("c-1", "a", b"yes", ""));
+    held.set_timeout(Duration::from_millis(100));
+    let expired = client.prepare(held).await.unwrap_err();
+    assert_eq!(expired.code(), tonic::Code::Cancelled, "{expired:?}");
+    drop(client);
+
+    let stopping = tokio::spawn(served.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stopping.is_finished(),
+        "stopped with the prepare still held"
+    );
+    participant.release.add_permits(1);
+    tokio::time::timeout(PATIENCE, stopping)
+        .await
+        .expect("stops once the prepare ended")
+        .unwrap();
+
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let barrier = treaty_sdk::barrier::Barrier::new(store);
+    let in_doubt = barrier.in_doubt(10).unwrap();
+    assert_eq!(in_doubt.len(), 1, "the YES was recorded: {in_doubt:?}");
+    assert_eq!(in_doubt[0].branch.transaction_id, "c-1");
+}
+
 /// Holds every prepare until a permit is released for it; counts the prepares that ran
 /// to their end.
 #[derive(Debug)]

@@ -121,8 +121,9 @@ pub enum ServeError {
 
 /// Serves `participant` on `listener`, with its barrier in `store`, the standard gRPC
 /// health service, in-doubt resolution and the barrier's garbage collection, until
-/// `shutdown` resolves. Requests in flight get `shutdown_grace_ms` to finish; `store` is
-/// then closed durably.
+/// `shutdown` resolves. Requests in flight, and operations still running for callers
+/// that went away, get `shutdown_grace_ms` in all to finish; `store` is then closed
+/// durably.
 ///
 /// The store is usually the participant's one sled database (see
 /// [`DurableStore::open`]), where it may keep its own data too, under keys that do not
@@ -285,23 +286,21 @@ where
         }
     };
     let _ = stopping_tx.send(true);
+    let grace_ends = tokio::time::Instant::now() + Duration::from_millis(options.shutdown_grace_ms);
     let _ = health_reporter
         .set_not_serving::<ParticipantServer<ParticipantService<P, S>>>()
         .await;
     let served = match served {
         Some(result) => result,
-        None => {
-            let grace = Duration::from_millis(options.shutdown_grace_ms);
-            match tokio::time::timeout(grace, &mut server).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(
-                        "requests still in flight after the shutdown grace period; stopping"
-                    );
-                    Ok(())
-                }
+        None => match tokio::time::timeout_at(grace_ends, &mut server).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    "requests still in flight after the shutdown grace period; stopping"
+                );
+                Ok(())
             }
-        }
+        },
     };
     let _ = stop_background.send(true);
     if let Some(metrics_server) = metrics_server {
@@ -309,6 +308,18 @@ where
     }
     let _ = resolver_task.await;
     let _ = collector_task.await;
+    // Operations whose callers went away run on by themselves: their records are
+    // written before the store closes, within what is left of the grace period.
+    if store_failure.is_none()
+        && tokio::time::timeout_at(grace_ends, barrier.unfinished.none_left())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "operations still running after the shutdown grace period; closing the store \
+             under them: what they did is not recorded, and the coordinator asks again"
+        );
+    }
     let closed = tokio::task::spawn_blocking(move || store.close())
         .await
         .unwrap_or(Err(crate::durable::StoreError::Closed));
