@@ -135,6 +135,7 @@ pub struct RoundReport {
 }
 
 impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
+    /// `options` as [`InDoubtOptions::validate`] accepts them ([`crate::serve`] checks).
     pub fn new(participant: Arc<P>, barrier: Arc<Barrier<S>>, options: InDoubtOptions) -> Self {
         Self {
             participant,

@@ -125,7 +125,8 @@ async fn a_restart_with_many_branches_in_doubt_resolves_them_without_waiting_bet
     // `ask_after_ms`: the first run must not ask, whenever its first round comes (its
     // listing runs on a blocking thread, which a loaded machine may start late).
     let served = serve(Arc::new(Scripted::new()), &data_dir, in_doubt(600_000)).await;
-    let txns = yes_votes_for_unknown_transactions(&served, &coordinator, BRANCHES).await;
+    let txns = unknown_transactions(BRANCHES);
+    vote_yes(&served, &coordinator, &txns).await;
     // Stopped before its next round (ten minutes away), and it asked about none: all
     // twelve stay in doubt.
     served.stop().await.unwrap();
@@ -151,7 +152,8 @@ async fn a_panic_in_the_participants_abort_leaves_the_branch_for_a_later_round()
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
     let participant = Arc::new(Troubled::default());
     let served = serve(participant.clone(), &dir.path().join("p"), quick_in_doubt()).await;
-    let txns = yes_votes_for_unknown_transactions(&served, &coordinator, 3).await;
+    // Marked before the votes: a branch may be asked about as soon as it voted.
+    let txns = unknown_transactions(3);
     participant
         .panics_once
         .lock()
@@ -162,6 +164,7 @@ async fn a_panic_in_the_participants_abort_leaves_the_branch_for_a_later_round()
         .lock()
         .unwrap()
         .insert(txns[2].clone());
+    vote_yes(&served, &coordinator, &txns).await;
     eventually(
         "every branch in doubt is aborted, despite the panics",
         || {
@@ -192,9 +195,10 @@ async fn an_abort_that_does_not_end_holds_neither_other_branches_nor_a_shutdown(
         ..quick_in_doubt()
     };
     let served = serve(participant.clone(), &dir.path().join("p"), options).await;
-    let txns = yes_votes_for_unknown_transactions(&served, &coordinator, 3).await;
-    // The oldest is listed, asked about and aborted first.
+    // Marked before the votes: a branch may be asked about as soon as it voted.
+    let txns = unknown_transactions(3);
     participant.hangs.lock().unwrap().insert(txns[0].clone());
+    vote_yes(&served, &coordinator, &txns).await;
     eventually("the other branches are aborted", || {
         let aborted = participant.aborted.lock().unwrap();
         std::future::ready(
@@ -266,24 +270,24 @@ async fn serve<P: Participant>(
     }
 }
 
-/// YES votes on branch `b` of `count` transactions the coordinator never began, a minute
-/// old, oldest first: once asked, it answers ABORT (presumed abort).
-async fn yes_votes_for_unknown_transactions(
-    served: &Served,
-    coordinator: &Coordinator,
-    count: u64,
-) -> Vec<String> {
-    let mut client = ParticipantClient::connect(served.endpoint.clone())
-        .await
-        .unwrap();
+/// Ids of `count` transactions the coordinator never began, a minute old, oldest first:
+/// asked about one, it answers ABORT (presumed abort).
+fn unknown_transactions(count: u64) -> Vec<String> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let txns: Vec<String> = (0..count)
+    (0..count)
         .map(|i| treaty_sdk::transaction_age::first_transaction_id_at(now_ms - 60_000 + i))
-        .collect();
-    for txn in &txns {
+        .collect()
+}
+
+/// YES votes on branch `b` of each of `txns`, naming `coordinator`.
+async fn vote_yes(served: &Served, coordinator: &Coordinator, txns: &[String]) {
+    let mut client = ParticipantClient::connect(served.endpoint.clone())
+        .await
+        .unwrap();
+    for txn in txns {
         let answer = client
             .prepare(pb::PrepareBranchRequest {
                 transaction_id: txn.clone(),
@@ -296,7 +300,6 @@ async fn yes_votes_for_unknown_transactions(
             .into_inner();
         assert_eq!(answer.vote, pb::Vote::Yes as i32);
     }
-    txns
 }
 
 /// Votes YES; its abort panics once for the transactions in `panics_once`, and waits

@@ -18,9 +18,10 @@
 //! - No participant is called about a transaction older than `delivery_horizon_ms` (by
 //!   its id's timestamp): such a call fails at once, without a connection, and what is
 //!   undelivered waits for an operator. Participants rely on it to forget old records.
-//! - An operator's verbs (resolve, forget, cancel) are carried out one at a time, each
-//!   until its write is durable: a final transaction only in the log is read, changed and
-//!   written back outside any shard, and the log's queued writes are not readable yet.
+//! - An operator's verbs (resolve, cancel, retry-now, pause, resume, forget) are carried
+//!   out one at a time, each until its write is durable: a final transaction only in the
+//!   log is read, changed and written back outside any shard, and the log's queued
+//!   writes are not readable yet.
 //! - Every participant call of a transaction carries its trace: the trace id the caller
 //!   of Begin / SubmitSaga sent (or a new one), with a span id fresh for each call. The
 //!   trace lives in memory only: work resumed from the log starts a new trace.

@@ -5,16 +5,18 @@
 //! the write it depends on is durable. A statement of a branch's outcome is counted
 //! among the heuristic outcomes once durable, whether or not its caller still waits.
 //!
-//! Verbs are carried out one at a time, each from its first read until its write is
-//! durable, even if its caller stops waiting: the log's queued writes are not readable
-//! until its logger applies them, so a second verb on a record only in the log would
-//! read it as the first found it. It would resolve a branch again (counted twice), or
-//! write back a record being forgotten. Operators' verbs are rare, and each is one
-//! forced write at most, so one lock for all of them costs nothing that matters.
+//! Verbs (resolve, cancel, retry-now, pause, resume, forget) are carried out one at a
+//! time, each from its first read until its write is durable, in a task of its own so
+//! that a caller who stops waiting stops neither. The log's queued writes are not
+//! readable until its logger applies them, so without this a second verb on a record
+//! only in the log would read it as the first found it: it would resolve a branch again
+//! (counted twice), or write back a record being forgotten. Operators' verbs are rare,
+//! and each waits for one forced write at most, so one lock for all of them costs
+//! nothing that matters (a cancel waits for its decision without it).
 
 use super::*;
 use crate::log::LogWrite;
-use tokio::sync::OwnedMutexGuard;
+use std::future::Future;
 
 impl Runtime {
     /// Carries out an operator's request (the API checked the caller is an admin) and
@@ -25,7 +27,36 @@ impl Runtime {
         id: TxnId,
         request: OperatorRequest,
     ) -> Result<TxnRecord, RuntimeError> {
-        let one_at_a_time = self.operator_verbs.clone().lock_owned().await;
+        let cancel = matches!(request.command, OperatorCommand::Cancel);
+        let runtime = self.clone();
+        let record = apart(async move { runtime.operate_alone(id, request).await }).await?;
+        if !cancel {
+            return Ok(record);
+        }
+        // Answered once the decision (to compensate, or to abort after an intent) is
+        // durable, as for the initiator's cancel or abort; waited for without the lock.
+        match self.watch(id).await? {
+            Some(mut updates) => {
+                let decided = updates
+                    .wait_for(|record| record.state.is_decided())
+                    .await
+                    .map_err(|_| RuntimeError::ShuttingDown)?;
+                Ok(decided.as_ref().clone())
+            }
+            None => self
+                .get(id)
+                .await?
+                .ok_or(RuntimeError::UnknownTransaction(id)),
+        }
+    }
+
+    /// `operate`, with the other verbs held off until its write is durable.
+    async fn operate_alone(
+        &self,
+        id: TxnId,
+        request: OperatorRequest,
+    ) -> Result<TxnRecord, RuntimeError> {
+        let _one_at_a_time = self.operator_verbs.lock().await;
         let resolve = request.clone();
         match self
             .ask(&id, |reply| ShardMsg::Operate { id, request, reply })
@@ -34,27 +65,8 @@ impl Runtime {
             Err(RuntimeError::UnknownTransaction(_)) => {}
             Err(error) => return Err(error),
             Ok(operated) => {
-                // Not held while a cancel waits for its decision below.
-                match operated.durable {
-                    Some(durable) => held_until_done(durable, one_at_a_time).await?,
-                    None => drop(one_at_a_time),
-                }
-                if matches!(resolve.command, OperatorCommand::Cancel) {
-                    // Answered once the decision (to compensate, or to abort after an
-                    // intent) is durable, as for the initiator's cancel or abort.
-                    return match self.watch(id).await? {
-                        Some(mut updates) => {
-                            let decided = updates
-                                .wait_for(|record| record.state.is_decided())
-                                .await
-                                .map_err(|_| RuntimeError::ShuttingDown)?;
-                            Ok(decided.as_ref().clone())
-                        }
-                        None => self
-                            .get(id)
-                            .await?
-                            .ok_or(RuntimeError::UnknownTransaction(id)),
-                    };
+                if let Some(durable) = operated.durable {
+                    durable.await?;
                 }
                 return Ok(operated.record);
             }
@@ -72,11 +84,7 @@ impl Runtime {
         }
         resolve_logged(&mut record, &resolve, now_unix_ms())?;
         let write = self.log.write(&record, Durability::Forced);
-        held_until_done(
-            counted_when_durable(write, self.metrics.clone()),
-            one_at_a_time,
-        )
-        .await?;
+        counted_when_durable(write, self.metrics.clone()).await?;
         Ok(record)
     }
 
@@ -109,7 +117,13 @@ impl Runtime {
     /// participant's answer is refused: that participant may still be in doubt and ask,
     /// and must hear COMMIT (its record stays for the log's retention).
     pub async fn forget(&self, id: TxnId) -> Result<TxnRecord, RuntimeError> {
-        let one_at_a_time = self.operator_verbs.clone().lock_owned().await;
+        let runtime = self.clone();
+        apart(async move { runtime.forget_alone(id).await }).await
+    }
+
+    /// `forget`, with the other verbs held off until its write is durable.
+    async fn forget_alone(&self, id: TxnId) -> Result<TxnRecord, RuntimeError> {
+        let _one_at_a_time = self.operator_verbs.lock().await;
         if let Some(record) = self.get(id).await? {
             let unanswered =
                 |b: &crate::model::BranchRecord| b.resolution.is_some() && b.heuristic.is_none();
@@ -128,30 +142,22 @@ impl Runtime {
                 None => return Err(RuntimeError::UnknownTransaction(id)),
             },
         };
-        held_until_done(self.log.forget(&record), one_at_a_time).await?;
+        self.log.forget(&record).await?;
         tracing::info!(txn_id = %id, "forgotten at an operator's request");
         Ok(record)
     }
 }
 
-/// Runs `write` to its end in a task of its own and releases `one_at_a_time` then, so
-/// that the next verb reads what this one wrote even if this one's caller went away.
-fn held_until_done(write: LogWrite, one_at_a_time: OwnedMutexGuard<()>) -> LogWrite {
-    let done = tokio::spawn(async move {
-        let result = write.await;
-        drop(one_at_a_time);
-        result
-    });
-    Box::pin(async move { joined(done.await) })
-}
-
-/// The result of a log write run by a task of its own.
-fn joined(outcome: Result<Result<(), LogError>, tokio::task::JoinError>) -> Result<(), LogError> {
-    match outcome {
+/// Runs an operator's verb in a task of its own, so that it goes on to its durable write
+/// (and keeps the other verbs off until then) even when its caller stops waiting.
+async fn apart<T: Send + 'static>(
+    verb: impl Future<Output = Result<T, RuntimeError>> + Send + 'static,
+) -> Result<T, RuntimeError> {
+    match tokio::spawn(verb).await {
         Ok(result) => result,
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        // Cancelled: the runtime is shutting down, and the log with it.
-        Err(_) => Err(LogError::Closed),
+        // Cancelled: the runtime is shutting down.
+        Err(_) => Err(RuntimeError::ShuttingDown),
     }
 }
 
@@ -166,7 +172,14 @@ pub(super) fn counted_when_durable(write: LogWrite, metrics: Arc<Metrics>) -> Lo
         }
         result
     });
-    Box::pin(async move { joined(counted.await) })
+    Box::pin(async move {
+        match counted.await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Cancelled: the runtime is shutting down, and the log with it.
+            Err(_) => Err(LogError::Closed),
+        }
+    })
 }
 
 /// An operator's resolution of a heuristic branch of a final transaction that is only in

@@ -65,7 +65,8 @@ pub struct ServeOptions {
     /// its `Calls` streams, all together (a stream counts as one request of its
     /// connection besides).
     pub max_concurrent_requests: usize,
-    /// How long shutdown waits for requests in flight.
+    /// How long shutdown waits for requests in flight and for operations whose callers
+    /// went away (one deadline for both), before it closes the store.
     pub shutdown_grace_ms: u64,
     /// Serve Prometheus metrics at http(s)://ADDR/metrics (TLS with `tls` when set):
     /// an address to bind, or a listener already bound (to learn a port 0's number).
