@@ -130,8 +130,41 @@ pub struct CoordinatorArgs {
         global = true
     )]
     pub address: String,
+    /// How long to wait for each answer of the coordinator (a verb on many transactions
+    /// waits this long for each; `txn watch` waits this long for the stream to open,
+    /// then for as long as the transaction takes).
+    #[arg(
+        long,
+        env = "TREATY_CALL_TIMEOUT_MS",
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000),
+        global = true
+    )]
+    pub call_timeout_ms: u64,
     #[command(flatten)]
     pub access: AccessArgs,
+}
+
+impl CoordinatorArgs {
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+}
+
+/// Waits at most `timeout` for one answer of the coordinator.
+pub(crate) async fn answered<T, E>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T>
+where
+    anyhow::Error: From<E>,
+{
+    match tokio::time::timeout(timeout, call).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => {
+            anyhow::bail!("the coordinator did not answer within {timeout:?} (--call-timeout-ms)")
+        }
+    }
 }
 
 /// How the CLI proves who it is and verifies the coordinator.
@@ -404,12 +437,17 @@ async fn connect(coordinator: &CoordinatorArgs) -> anyhow::Result<(TreatyClient,
 /// Runs `treaty endpoints`.
 pub async fn run_endpoints(coordinator: &CoordinatorArgs, json: bool) -> anyhow::Result<()> {
     let (_, admin) = connect(coordinator).await?;
-    operator::print_endpoints(admin, json).await
+    answered(
+        coordinator.call_timeout(),
+        operator::print_endpoints(admin, json),
+    )
+    .await
 }
 
 /// Runs a `txn` subcommand, printing to stdout.
 pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyhow::Result<()> {
     let (client, admin) = connect(coordinator).await?;
+    let timeout = coordinator.call_timeout();
     let verb = |verb: operator::Verb, args: VerbArgs, branch: Option<String>| {
         let client = client.clone();
         let admin = admin.clone();
@@ -417,6 +455,7 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
             operator::run_verb(
                 &client,
                 &admin,
+                timeout,
                 verb,
                 &args.selection,
                 branch.as_deref(),
@@ -432,7 +471,7 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
             limit,
             json,
         } => {
-            let listed = operator::select(&client, &filter.to_filter(), limit).await?;
+            let listed = operator::select(&client, timeout, &filter.to_filter(), limit).await?;
             if json {
                 let rows: Vec<serde_json::Value> = listed
                     .iter()
@@ -446,7 +485,7 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
         TxnCommand::Show {
             transaction_id,
             json,
-        } => match client.get(&transaction_id).await? {
+        } => match answered(timeout, client.get(&transaction_id)).await? {
             Some(txn) if json => println!("{}", operator::transaction_json(&txn, true)),
             Some(txn) => println!("{}", details(&txn)),
             None => anyhow::bail!(
@@ -456,7 +495,7 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
         TxnCommand::Report {
             transaction_id,
             json,
-        } => match client.get(&transaction_id).await? {
+        } => match answered(timeout, client.get(&transaction_id)).await? {
             Some(txn) => operator::print_report(&txn, json),
             None => anyhow::bail!("unknown transaction {transaction_id}"),
         },
@@ -472,7 +511,7 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
             abort: _,
         } => verb(operator::Verb::Resolve { commit }, args, Some(branch)).await?,
         TxnCommand::Watch { transaction_id } => {
-            let Some(stream) = client.watch(&transaction_id).await? else {
+            let Some(stream) = answered(timeout, client.watch(&transaction_id)).await? else {
                 anyhow::bail!("unknown transaction {transaction_id}");
             };
             let mut stream = std::pin::pin!(stream);
@@ -487,7 +526,7 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
             }
         }
         TxnCommand::Outcome { transaction_id } => {
-            let decision = client.outcome(&transaction_id).await?;
+            let decision = answered(timeout, client.outcome(&transaction_id)).await?;
             println!(
                 "{}",
                 match decision {
@@ -500,9 +539,6 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
     }
     Ok(())
 }
-
-/// How long `txn` commands wait for the coordinator before giving up.
-pub const TXN_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

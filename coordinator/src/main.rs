@@ -1,9 +1,7 @@
 //! The `treaty` binary: the coordinator daemon (`treaty serve`) and its CLI.
 
 use clap::{CommandFactory, FromArgMatches};
-use treaty_coordinator::cli::{
-    Cli, Command, LogCommand, TXN_COMMAND_TIMEOUT, run_endpoints, run_txn,
-};
+use treaty_coordinator::cli::{Cli, Command, LogCommand, run_endpoints, run_txn};
 use treaty_coordinator::daemon;
 
 /// mimalloc rather than glibc's malloc: every call allocates and frees many small
@@ -77,6 +75,14 @@ async fn main() -> anyhow::Result<()> {
             let serve_matches = matches
                 .subcommand_matches("serve")
                 .ok_or_else(|| anyhow::anyhow!("serve parsed without its arguments"))?;
+            // Renamed on 2026-12-07: refused rather than ignored, since the admins it
+            // named would lose their role without a word.
+            if std::env::var_os("TREATY_ADMIN_IDENTITIES").is_some() {
+                anyhow::bail!(
+                    "TREATY_ADMIN_IDENTITIES is now TREATY_ADMIN_IDENTITY (as --admin-identity); \
+                     rename it"
+                );
+            }
             let print_config = args.print_config;
             let config = args.effective_config(serve_matches)?;
             if print_config {
@@ -98,21 +104,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Txn {
             coordinator,
             command,
-        } => {
-            let address = coordinator.address.clone();
-            tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_txn(&coordinator, command))
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!("no answer from {address} within {TXN_COMMAND_TIMEOUT:?}")
-                })??;
-        }
+        } => run_txn(&coordinator, command).await?,
         Command::Endpoints { coordinator, json } => {
-            let address = coordinator.address.clone();
-            tokio::time::timeout(TXN_COMMAND_TIMEOUT, run_endpoints(&coordinator, json))
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!("no answer from {address} within {TXN_COMMAND_TIMEOUT:?}")
-                })??;
+            run_endpoints(&coordinator, json).await?;
         }
         Command::Tck(args) => std::process::exit(treaty_coordinator::tck::run(*args).await),
         Command::Log {

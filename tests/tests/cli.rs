@@ -75,6 +75,22 @@ async fn txn_list_show_watch_and_outcome() {
 
     let (ok, out) = treaty(endpoint, &["watch", &committed]).await;
     assert!(ok && out.contains("COMMITTED"), "{out}");
+    // `--call-timeout-ms` bounds each answer, not the watch: a transaction that takes
+    // longer (its prepare 2.5 s) is watched to its end.
+    let slow = client
+        .begin(
+            BeginOptions::default(),
+            vec![BranchSpec::new("slow", &participant.endpoint, "slow:2500")],
+        )
+        .await
+        .unwrap();
+    let committing = {
+        let (client, slow) = (client.clone(), slow.clone());
+        tokio::spawn(async move { client.commit(&slow).await })
+    };
+    let (ok, out) = treaty(endpoint, &["watch", &slow, "--call-timeout-ms", "1000"]).await;
+    assert!(ok && out.contains("COMMITTED"), "{out}");
+    assert_eq!(committing.await.unwrap().unwrap(), Outcome::Committed);
 
     let (ok, out) = treaty(endpoint, &["outcome", &committed]).await;
     assert!(ok && out.trim() == "COMMIT", "{out}");
@@ -224,6 +240,16 @@ async fn a_config_file_with_an_unknown_key_or_a_bad_value_is_refused_naming_it()
             "retry_backoff_initial_ms = 0\n",
             "retry_backoff_initial_ms: must be greater than 0",
         ),
+        // The key of `--admin-identity` follows the flag's name, as for every flag.
+        (
+            "admin_identity = [\"ops.internal\"]\n",
+            "admin_identity: client-certificate identities need --tls-client-ca",
+        ),
+        // Without a CA for participants the certificate would never be presented.
+        (
+            "participant_cert = \"c.pem\"\nparticipant_key = \"k.pem\"\n",
+            "participant_cert: a client certificate is only presented to https://",
+        ),
     ] {
         std::fs::write(&file, text).unwrap();
         let (ok, stdout, stderr) = serve_once(
@@ -237,6 +263,14 @@ async fn a_config_file_with_an_unknown_key_or_a_bad_value_is_refused_naming_it()
             "{text}: expected {named:?} in {stderr}"
         );
     }
+    // The variable's name before `admin_identity` is refused, not ignored.
+    let (ok, stdout, stderr) = serve_once(
+        &["--print-config"],
+        &[("TREATY_ADMIN_IDENTITIES", "ops.internal")],
+    )
+    .await;
+    assert!(!ok, "accepted: {stdout}");
+    assert!(stderr.contains("now TREATY_ADMIN_IDENTITY"), "{stderr}");
 }
 
 /// `txn list` asks for up to 1,000 transactions a page. A page of 600 large ones (32

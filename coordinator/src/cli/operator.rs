@@ -17,7 +17,7 @@ use treaty_proto::v1::admin_client::AdminClient;
 use treaty_sdk::auth::Credentials;
 use treaty_sdk::client::{Transaction, TransactionFilter, TransactionState, TreatyClient};
 
-use super::{StateArg, printable, state_name};
+use super::{StateArg, answered, printable, state_name};
 
 pub type Admin = AdminClient<InterceptedService<Channel, Credentials>>;
 
@@ -99,33 +99,52 @@ impl Verb {
     }
 }
 
-/// Up to `limit` transactions matching `filter`, page by page (bounded: each page
-/// advances the token, and it stops at `limit` or after 1000 pages).
+/// The most pages one selection asks for.
+const MAX_PAGES: usize = 1000;
+
+/// Up to `limit` transactions matching `filter`, page by page, waiting at most
+/// `timeout` for each (bounded: each page advances the token, and it stops at `limit`
+/// or after `MAX_PAGES` pages, saying so on stderr if more may match).
 pub async fn select(
     client: &TreatyClient,
+    timeout: Duration,
     filter: &TransactionFilter,
     limit: usize,
 ) -> anyhow::Result<Vec<Transaction>> {
     let mut selected = Vec::new();
     let mut token = String::new();
-    for _ in 0..1000 {
+    for _ in 0..MAX_PAGES {
         if selected.len() >= limit {
             break;
         }
         let page_size = (limit - selected.len()).min(1000) as u32;
-        let (page, next) = client.list_filtered(filter, page_size, &token).await?;
+        let (page, next) =
+            answered(timeout, client.list_filtered(filter, page_size, &token)).await?;
         selected.extend(page);
         match next {
             Some(next) => token = next,
-            None => break,
+            None => {
+                token.clear();
+                break;
+            }
         }
+    }
+    if !token.is_empty() && selected.len() < limit {
+        eprintln!(
+            "treaty: stopped after {MAX_PAGES} pages with {} found; more transactions may match",
+            selected.len()
+        );
     }
     selected.truncate(limit);
     Ok(selected)
 }
 
 /// The ids a verb acts on: the one given, or those the filter selects.
-async fn targets(client: &TreatyClient, selection: &Selection) -> anyhow::Result<Vec<String>> {
+async fn targets(
+    client: &TreatyClient,
+    timeout: Duration,
+    selection: &Selection,
+) -> anyhow::Result<Vec<String>> {
     match &selection.transaction_id {
         Some(id) => {
             if !selection.filter.is_empty() {
@@ -136,35 +155,55 @@ async fn targets(client: &TreatyClient, selection: &Selection) -> anyhow::Result
         None if selection.filter.is_empty() => anyhow::bail!(
             "name a transaction id, or select with --state, --stuck, --older-than or --endpoint"
         ),
-        None => Ok(
-            select(client, &selection.filter.to_filter(), selection.limit)
-                .await?
-                .into_iter()
-                .map(|t| t.transaction_id)
-                .collect(),
-        ),
+        None => Ok(select(
+            client,
+            timeout,
+            &selection.filter.to_filter(),
+            selection.limit,
+        )
+        .await?
+        .into_iter()
+        .map(|t| t.transaction_id)
+        .collect()),
     }
 }
 
-/// Runs `verb` on each selected transaction and prints one line (or JSON object) per
-/// transaction. Fails (exit 1) if any was not applied or failed.
+/// Runs `verb` on each selected transaction, waiting at most `timeout` for each, and
+/// prints one line (or JSON object) per transaction. Fails (exit 1) if any was not
+/// applied or failed. When the coordinator does not answer in time it stops there: that
+/// transaction's line says the verb may have been applied, and each one after it that
+/// it was not attempted.
+#[allow(clippy::too_many_arguments)] // one per part of the command line
 pub async fn run_verb(
     client: &TreatyClient,
     admin: &Admin,
+    timeout: Duration,
     verb: Verb,
     selection: &Selection,
     branch_id: Option<&str>,
     reason: &str,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    let ids = targets(client, selection).await?;
+    let ids = targets(client, timeout, selection).await?;
     let mut results = Vec::with_capacity(ids.len());
     let mut all_applied = true;
-    for id in &ids {
-        let answer = act(admin.clone(), verb, id, branch_id, reason).await;
-        let (applied, detail, transaction) = match answer {
-            Ok(response) => (response.applied, response.detail, response.transaction),
-            Err(status) => (false, status.message().to_string(), None),
+    for (done, id) in ids.iter().enumerate() {
+        let answer = tokio::time::timeout(timeout, act(admin.clone(), verb, id, branch_id, reason));
+        let (applied, detail, transaction) = match answer.await {
+            Ok(Ok(response)) => (response.applied, response.detail, response.transaction),
+            Ok(Err(status)) => (false, status.message().to_string(), None),
+            Err(_) => {
+                let unknown = format!(
+                    "no answer within {timeout:?}: it may still be applied (`treaty txn show`)"
+                );
+                results.push((id.clone(), false, unknown, None));
+                for rest in &ids[done + 1..] {
+                    let skipped = "not attempted: the coordinator stopped answering".to_string();
+                    results.push((rest.clone(), false, skipped, None));
+                }
+                all_applied = false;
+                break;
+            }
         };
         all_applied &= applied;
         results.push((id.clone(), applied, detail, transaction));
