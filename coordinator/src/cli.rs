@@ -130,9 +130,9 @@ pub struct CoordinatorArgs {
         global = true
     )]
     pub address: String,
-    /// How long to wait for each answer of the coordinator (a verb on many transactions
-    /// waits this long for each; `txn watch` waits this long for the stream to open,
-    /// then for as long as the transaction takes).
+    /// How long to wait for the connection and for each answer of the coordinator (a
+    /// verb on many transactions waits this long for each; `txn watch` waits this long
+    /// for the stream to open, then for as long as the transaction takes).
     #[arg(
         long,
         env = "TREATY_CALL_TIMEOUT_MS",
@@ -436,7 +436,7 @@ async fn connect(coordinator: &CoordinatorArgs) -> anyhow::Result<(TreatyClient,
 
 /// Runs `treaty endpoints`.
 pub async fn run_endpoints(coordinator: &CoordinatorArgs, json: bool) -> anyhow::Result<()> {
-    let (_, admin) = connect(coordinator).await?;
+    let (_, admin) = answered(coordinator.call_timeout(), connect(coordinator)).await?;
     answered(
         coordinator.call_timeout(),
         operator::print_endpoints(admin, json),
@@ -446,8 +446,9 @@ pub async fn run_endpoints(coordinator: &CoordinatorArgs, json: bool) -> anyhow:
 
 /// Runs a `txn` subcommand, printing to stdout.
 pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyhow::Result<()> {
-    let (client, admin) = connect(coordinator).await?;
     let timeout = coordinator.call_timeout();
+    // Bounded as a call: the connection's own timeout covers TCP, not a TLS handshake.
+    let (client, admin) = answered(timeout, connect(coordinator)).await?;
     let verb = |verb: operator::Verb, args: VerbArgs, branch: Option<String>| {
         let client = client.clone();
         let admin = admin.clone();

@@ -105,6 +105,32 @@ async fn txn_list_show_watch_and_outcome() {
     coordinator.stop().await.unwrap();
 }
 
+/// A coordinator that takes the connection but never answers the TLS handshake: the
+/// command gives up after `--call-timeout-ms` (TCP's connect timeout does not cover the
+/// handshake; the command waited for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_never_finishes_the_handshake_is_given_up_on() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("https://localhost:{}", silent.local_addr().unwrap().port());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            connections.push(connection);
+        }
+    });
+    for args in [
+        vec!["txn", "list", "--call-timeout-ms", "500"],
+        vec!["endpoints", "--call-timeout-ms", "500"],
+    ] {
+        let (ok, out) = treaty_cli(&endpoint, &args).await;
+        assert!(
+            !ok && out.contains("did not answer within 500ms"),
+            "{args:?}: {out}"
+        );
+    }
+    held.abort();
+}
+
 /// `treaty serve ARGS` with exactly the environment `envs` among TREATY_* variables;
 /// returns success, stdout and stderr.
 async fn serve_once(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
