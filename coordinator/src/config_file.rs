@@ -49,6 +49,9 @@ pub enum FileProblem {
     Unrepresentable(String),
 }
 
+/// The largest config file read: far more than every setting takes.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
 /// The settings a config file may hold: every argument of [`ServeConfig`], so a flag and
 /// its key cannot drift apart.
 pub fn setting_keys() -> BTreeSet<String> {
@@ -71,8 +74,8 @@ pub fn read_and_merge(
         path: path.to_path_buf(),
         problem,
     };
-    let text =
-        std::fs::read_to_string(path).map_err(|e| error(FileProblem::Read(e.to_string())))?;
+    let text = treaty_sdk::limits::read_text_file(path, MAX_CONFIG_FILE_BYTES)
+        .map_err(|e| error(FileProblem::Read(e.to_string())))?;
     merge(given, &text, from_args).map_err(error)
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
 
-use crate::limits::check_id;
+use crate::limits::{check_id, read_text_file};
 
 /// Shortest token accepted in a token file: guessing must not be practical.
 pub const MIN_TOKEN_BYTES: usize = 16;
@@ -24,6 +24,9 @@ pub struct Principal {
     /// Sees and acts on every principal's transactions.
     pub admin: bool,
 }
+
+/// The largest token file read: 16 MiB, some 150,000 principals.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
@@ -67,10 +70,11 @@ impl std::fmt::Debug for TokenTable {
 
 impl TokenTable {
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TokenFileError::Read {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let text =
+            read_text_file(path, MAX_TOKEN_FILE_BYTES).map_err(|e| TokenFileError::Read {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
         Self::parse(&path.display().to_string(), &text)
     }
 

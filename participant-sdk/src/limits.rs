@@ -7,11 +7,31 @@
 //! as is, and quotes what the client sent with [`quote_input`]. The checks take the
 //! field's name as anything `Display`, and format it only when they fail: a caller on
 //! the hot path passes `format_args!("branches[{index}].payload")` or a small type of
-//! its own, and allocates nothing for a valid request.
+//! its own, and allocates nothing for a valid request. Files an operator names (a token
+//! file, a config file) are read with [`read_text_file`], bounded too.
 
 use std::fmt;
 
 use crate::endpoint::{Endpoint, EndpointError};
+
+/// Reads the text file at `path`, refusing one larger than `max_bytes` without reading
+/// more than that: a path to something endless (`/dev/zero`, a pipe) or huge is an
+/// error that says so, not all of the process's memory.
+pub fn read_text_file(path: &std::path::Path, max_bytes: u64) -> std::io::Result<String> {
+    use std::io::Read;
+
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(max_bytes.saturating_add(1))
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > max_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max_bytes} bytes, the most read"),
+        ));
+    }
+    Ok(text)
+}
 
 /// Largest branch payload (and saga compensation payload), in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
@@ -254,5 +274,25 @@ mod tests {
     fn payload_limit_is_inclusive() {
         assert!(check_payload("p", &vec![0; MAX_PAYLOAD_BYTES]).is_ok());
         assert!(check_payload("p", &vec![0; MAX_PAYLOAD_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn a_text_file_is_read_up_to_its_bound_and_refused_beyond() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "0123456789").unwrap();
+        assert_eq!(read_text_file(&path, 10).unwrap(), "0123456789");
+        let refused = read_text_file(&path, 9).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData);
+        assert!(
+            refused.to_string().contains("larger than 9 bytes"),
+            "{refused}"
+        );
+        // Something endless is refused after the bound, not read to the end.
+        let endless = read_text_file(std::path::Path::new("/dev/zero"), 1024).unwrap_err();
+        assert!(
+            endless.to_string().contains("larger than 1024 bytes"),
+            "{endless}"
+        );
     }
 }

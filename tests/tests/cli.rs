@@ -100,6 +100,15 @@ async fn txn_list_show_watch_and_outcome() {
     // Errors are reported, with a non-zero exit.
     let (ok, out) = treaty(endpoint, &["show", "not-an-id"]).await;
     assert!(!ok && out.contains("transaction_id"), "{out}");
+    // An age under a millisecond is no condition at the coordinator: refused, not taken
+    // as a filter that selects everything.
+    let (ok, out) = treaty(endpoint, &["forget", "--older-than", "0s"]).await;
+    assert!(!ok && out.contains("less than 1ms"), "{out}");
+    let (ok, out) = treaty(endpoint, &["list"]).await;
+    assert!(
+        ok && out.contains(&committed),
+        "nothing was forgotten: {out}"
+    );
 
     participant.stop().await;
     coordinator.stop().await.unwrap();
@@ -289,6 +298,17 @@ async fn a_config_file_with_an_unknown_key_or_a_bad_value_is_refused_naming_it()
             "{text}: expected {named:?} in {stderr}"
         );
     }
+    // A file larger than any config is refused without being read whole.
+    std::fs::write(&file, format!("# {}\n", "x".repeat(1 << 20))).unwrap();
+    let (ok, _, stderr) = serve_once(
+        &["--config", &file.to_string_lossy(), "--print-config"],
+        &[],
+    )
+    .await;
+    assert!(
+        !ok && stderr.contains("larger than 1048576 bytes"),
+        "{stderr}"
+    );
     // The variable's name before `admin_identity` is refused, not ignored.
     let (ok, stdout, stderr) = serve_once(
         &["--print-config"],

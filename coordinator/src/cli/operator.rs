@@ -42,12 +42,25 @@ pub struct FilterArgs {
     /// saga step waits for an operator).
     #[arg(long)]
     pub stuck: bool,
-    /// Only transactions created longer ago than this ("90s", "15m", "2h", "1d").
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Only transactions created longer ago than this ("90s", "15m", "2h", "1d"; at
+    /// least 1ms).
+    #[arg(long, value_parser = parse_older_than)]
     pub older_than: Option<Duration>,
     /// Only transactions with a branch (or saga step) at this participant endpoint.
     #[arg(long)]
     pub endpoint: Option<String>,
+}
+
+/// An age of at least a millisecond: the coordinator takes 0 ms as no condition, so a
+/// shorter one would select everything while the command line counted it as a filter.
+fn parse_older_than(text: &str) -> Result<Duration, String> {
+    let age = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if age < Duration::from_millis(1) {
+        return Err(format!(
+            "{text} is less than 1ms, which would select everything"
+        ));
+    }
+    Ok(age)
 }
 
 impl FilterArgs {
