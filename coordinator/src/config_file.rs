@@ -87,8 +87,7 @@ pub fn merge(
 ) -> Result<ServeConfig, FileProblem> {
     let file: toml::Table = toml::from_str(text).map_err(|e| FileProblem::Syntax(e.to_string()))?;
     let known = setting_keys();
-    let unrepresentable = |e: toml::ser::Error| FileProblem::Unrepresentable(e.to_string());
-    let base = toml::Table::try_from(&given).map_err(unrepresentable)?;
+    let base = toml::Table::try_from(&given).map_err(|e| unrepresentable(&given, e))?;
     let mut merged = base.clone();
     for (key, value) in file {
         if SECRET_KEYS.contains(&key.as_str()) {
@@ -123,9 +122,8 @@ pub fn merge(
 /// The effective settings as TOML that `--config` reads back: every setting with a value,
 /// then a comment naming those without one. Secrets are left out.
 pub fn to_toml(config: &ServeConfig) -> Result<String, FileProblem> {
-    let body = toml::to_string(config).map_err(|e| FileProblem::Unrepresentable(e.to_string()))?;
-    let printed =
-        toml::Table::try_from(config).map_err(|e| FileProblem::Unrepresentable(e.to_string()))?;
+    let body = toml::to_string(config).map_err(|e| unrepresentable(config, e))?;
+    let printed = toml::Table::try_from(config).map_err(|e| unrepresentable(config, e))?;
     let unset: Vec<String> = setting_keys()
         .into_iter()
         .filter(|key| !printed.contains_key(key) && !SECRET_KEYS.contains(&key.as_str()))
@@ -142,6 +140,27 @@ pub fn to_toml(config: &ServeConfig) -> Result<String, FileProblem> {
         text.push_str("# participant_token is set (never printed).\n");
     }
     Ok(text)
+}
+
+/// Why `config` cannot be written as TOML, naming the settings at fault where it can:
+/// TOML's integers end at 2^63 - 1, below a `u64` flag's largest value.
+fn unrepresentable(config: &ServeConfig, error: toml::ser::Error) -> FileProblem {
+    let at_fault: Vec<String> = match serde_json::to_value(config) {
+        Ok(serde_json::Value::Object(settings)) => settings
+            .into_iter()
+            .filter(|(_, value)| toml::Value::try_from(value).is_err())
+            .map(|(key, value)| format!("{key} = {value}"))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if at_fault.is_empty() {
+        return FileProblem::Unrepresentable(error.to_string());
+    }
+    FileProblem::Unrepresentable(format!(
+        "{} ({error}: a TOML integer is at most {})",
+        at_fault.join(", "),
+        i64::MAX
+    ))
 }
 
 #[cfg(test)]

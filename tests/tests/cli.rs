@@ -298,6 +298,24 @@ async fn a_config_file_with_an_unknown_key_or_a_bad_value_is_refused_naming_it()
             "{text}: expected {named:?} in {stderr}"
         );
     }
+    // A flag's value past TOML's integers cannot be merged with a file: the error names
+    // the setting.
+    std::fs::write(&file, "").unwrap();
+    let (ok, _, stderr) = serve_once(
+        &[
+            "--config",
+            &file.to_string_lossy(),
+            "--print-config",
+            "--log-compaction-min-bytes",
+            "18446744073709551615",
+        ],
+        &[],
+    )
+    .await;
+    assert!(
+        !ok && stderr.contains("log_compaction_min_bytes = 18446744073709551615"),
+        "{stderr}"
+    );
     // A file larger than any config is refused without being read whole.
     std::fs::write(&file, format!("# {}\n", "x".repeat(1 << 20))).unwrap();
     let (ok, _, stderr) = serve_once(
