@@ -153,11 +153,17 @@ impl Runtime {
 async fn apart<T: Send + 'static>(
     verb: impl Future<Output = Result<T, RuntimeError>> + Send + 'static,
 ) -> Result<T, RuntimeError> {
-    match tokio::spawn(verb).await {
-        Ok(result) => result,
+    // Cancelled: the runtime is shutting down.
+    finished(tokio::spawn(verb).await).unwrap_or(Err(RuntimeError::ShuttingDown))
+}
+
+/// What a task of its own gave: its output, its panic carried on to the caller, or
+/// `None` if it was cancelled (only a runtime shutting down cancels these tasks).
+fn finished<T>(outcome: Result<T, tokio::task::JoinError>) -> Option<T> {
+    match outcome {
+        Ok(output) => Some(output),
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        // Cancelled: the runtime is shutting down.
-        Err(_) => Err(RuntimeError::ShuttingDown),
+        Err(_) => None,
     }
 }
 
@@ -172,14 +178,8 @@ pub(super) fn counted_when_durable(write: LogWrite, metrics: Arc<Metrics>) -> Lo
         }
         result
     });
-    Box::pin(async move {
-        match counted.await {
-            Ok(result) => result,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            // Cancelled: the runtime is shutting down, and the log with it.
-            Err(_) => Err(LogError::Closed),
-        }
-    })
+    // Cancelled: the runtime is shutting down, and the log with it.
+    Box::pin(async move { finished(counted.await).unwrap_or(Err(LogError::Closed)) })
 }
 
 /// An operator's resolution of a heuristic branch of a final transaction that is only in
