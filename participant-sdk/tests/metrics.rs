@@ -359,22 +359,11 @@ async fn a_known_workload_is_counted_exactly() {
 
 #[tokio::test]
 async fn metrics_beyond_loopback_need_unauthenticated_callers_allowed() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let options = ServeOptions {
         metrics_listen: Some(MetricsListen::Address("0.0.0.0:0".parse().unwrap())),
         ..ServeOptions::default()
     };
-    let refused = treaty_sdk::serve(
-        Arc::new(ByPayload),
-        store,
-        listener,
-        options,
-        std::future::ready(()),
-    )
-    .await
-    .unwrap_err();
+    let refused = refused_at_start(options).await;
     assert!(
         matches!(&refused, ServeError::Options(message) if message.contains("--allow-unauthenticated")),
         "{refused}"
@@ -385,20 +374,9 @@ async fn metrics_beyond_loopback_need_unauthenticated_callers_allowed() {
 /// a Prepare named: refused at start.
 #[tokio::test]
 async fn a_coordinator_token_needs_listed_coordinators() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut options = ServeOptions::default();
     options.in_doubt.coordinator_client.token = Some("secret".into());
-    let refused = treaty_sdk::serve(
-        Arc::new(ByPayload),
-        store,
-        listener,
-        options,
-        std::future::ready(()),
-    )
-    .await
-    .unwrap_err();
+    let refused = refused_at_start(options).await;
     assert!(
         matches!(&refused, ServeError::Options(message) if message.contains("listed coordinators")),
         "{refused}"
@@ -409,21 +387,10 @@ async fn a_coordinator_token_needs_listed_coordinators() {
 /// stops the start rather than leaving them unresolved without a word.
 #[tokio::test]
 async fn an_unusable_coordinator_token_stops_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut options = ServeOptions::default();
     options.in_doubt.coordinator_client.token = Some("line\nbreak".into());
     options.trust = treaty_sdk::trust::CoordinatorTrust::default().endpoint("http://127.0.0.1:9");
-    let refused = treaty_sdk::serve(
-        Arc::new(ByPayload),
-        store,
-        listener,
-        options,
-        std::future::ready(()),
-    )
-    .await
-    .unwrap_err();
+    let refused = refused_at_start(options).await;
     assert!(
         matches!(&refused, ServeError::Options(message) if message.contains("coordinator_client.token")),
         "{refused}"
@@ -434,20 +401,9 @@ async fn an_unusable_coordinator_token_stops_the_start() {
 /// start, naming the field.
 #[tokio::test]
 async fn in_doubt_options_that_resolve_nothing_stop_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut options = ServeOptions::default();
     options.in_doubt.max_branches_per_round = 0;
-    let refused = treaty_sdk::serve(
-        Arc::new(ByPayload),
-        store,
-        listener,
-        options,
-        std::future::ready(()),
-    )
-    .await
-    .unwrap_err();
+    let refused = refused_at_start(options).await;
     assert!(
         matches!(&refused, ServeError::Options(message) if message.starts_with("in_doubt.max_branches_per_round: ")),
         "{refused}"
@@ -471,10 +427,7 @@ async fn calls_piling_up_behind_one_that_does_not_end_are_refused() {
         .unwrap();
     let metrics_address = served.metrics_address;
     for given_up in 1..=1 + MAX_WAITING_PER_KEY {
-        let mut held = tonic::Request::new(prepare("c-1", "a", b"yes", ""));
-        held.set_timeout(Duration::from_millis(100));
-        let expired = client.prepare(held).await.unwrap_err();
-        assert_eq!(expired.code(), tonic::Code::Cancelled, "{expired:?}");
+        prepare_given_up(&mut client).await;
         // Counted once the server dropped it, its work moved to a task of its own.
         let started = Instant::now();
         while operations(&scrape(metrics_address).await, "prepare", "cancelled")
@@ -537,10 +490,7 @@ async fn a_shutdown_waits_for_operations_whose_callers_went_away() {
     let mut client = ParticipantClient::connect(served.endpoint.clone())
         .await
         .unwrap();
-    let mut held = tonic::Request::new(prepare("c-1", "a", b"yes", ""));
-    held.set_timeout(Duration::from_millis(100));
-    let expired = client.prepare(held).await.unwrap_err();
-    assert_eq!(expired.code(), tonic::Code::Cancelled, "{expired:?}");
+    prepare_given_up(&mut client).await;
     drop(client);
 
     let stopping = tokio::spawn(served.stop());
@@ -560,6 +510,31 @@ async fn a_shutdown_waits_for_operations_whose_callers_went_away() {
     let in_doubt = barrier.in_doubt(10).unwrap();
     assert_eq!(in_doubt.len(), 1, "the YES was recorded: {in_doubt:?}");
     assert_eq!(in_doubt[0].branch.transaction_id, "c-1");
+}
+
+/// What `serve` says when it refuses to start with `options`, over a store of its own.
+async fn refused_at_start(options: ServeOptions) -> ServeError {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DurableStore::open(dir.path(), Default::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    treaty_sdk::serve(
+        Arc::new(ByPayload),
+        store,
+        listener,
+        options,
+        std::future::ready(()),
+    )
+    .await
+    .unwrap_err()
+}
+
+/// Sends a prepare of branch `a` of `c-1` whose deadline passes while the participant
+/// holds it: the server drops the call, and its work runs on by itself.
+async fn prepare_given_up(client: &mut ParticipantClient<tonic::transport::Channel>) {
+    let mut held = tonic::Request::new(prepare("c-1", "a", b"yes", ""));
+    held.set_timeout(Duration::from_millis(100));
+    let expired = client.prepare(held).await.unwrap_err();
+    assert_eq!(expired.code(), tonic::Code::Cancelled, "{expired:?}");
 }
 
 /// Holds every prepare until a permit is released for it; counts the prepares that ran
