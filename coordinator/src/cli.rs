@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
@@ -149,6 +150,18 @@ impl CoordinatorArgs {
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
     }
+
+    /// The client's options: a ping unanswered for `--call-timeout-ms` is an answer
+    /// that did not come, so it ends a `txn watch` whose connection went silent.
+    fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            keepalive_interval_ms: self
+                .call_timeout_ms
+                .min(treaty_sdk::client::DEFAULT_KEEPALIVE_INTERVAL_MS),
+            keepalive_timeout_ms: self.call_timeout_ms,
+            ..self.access.client_options()
+        }
+    }
 }
 
 /// Waits at most `timeout` for one answer of the coordinator.
@@ -204,6 +217,7 @@ impl AccessArgs {
                 key: self.key.clone(),
             }),
             token: self.token.clone(),
+            ..Default::default()
         }
     }
 }
@@ -422,7 +436,7 @@ fn details(txn: &Transaction) -> String {
 
 /// The coordinator's Coordinator and Admin clients over one connection.
 async fn connect(coordinator: &CoordinatorArgs) -> anyhow::Result<(TreatyClient, operator::Admin)> {
-    let options = coordinator.access.client_options();
+    let options = coordinator.client_options();
     let channel = endpoint_with(&coordinator.address, &options)?
         .connect()
         .await?;
@@ -517,7 +531,10 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
             };
             let mut stream = std::pin::pin!(stream);
             while let Some(update) = stream.next().await {
-                let update = update?;
+                // A ping unanswered for the call timeout ends the stream too.
+                let update = update.with_context(|| {
+                    format!("the watch ended before transaction {transaction_id} did")
+                })?;
                 println!(
                     "{} ms  {}  {}",
                     update.transition.at_unix_ms,

@@ -117,6 +117,7 @@ impl SecurityArgs {
                 key: None,
             }),
             token: None,
+            ..Default::default()
         };
         options.allow_unauthenticated = self.allow_unauthenticated;
         Ok(options)

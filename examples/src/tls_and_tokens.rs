@@ -160,6 +160,7 @@ impl TlsAndTokens {
                 key: None,
             }),
             token: None,
+            ..Default::default()
         }
     }
 }

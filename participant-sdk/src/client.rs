@@ -31,9 +31,10 @@ pub use values::{
 };
 use values::{begin_request, outcome_from};
 
-/// How a client reaches its coordinator: TLS for `https://` endpoints and the token it
-/// presents (redacted from `Debug`).
-#[derive(Clone, Default)]
+/// How a client reaches its coordinator: TLS for `https://` endpoints, the token it
+/// presents (redacted from `Debug`), and how soon it gives up a connection that went
+/// silent.
+#[derive(Clone)]
 pub struct ClientOptions {
     /// For `https://` endpoints: the CA to verify the coordinator with (the system's roots
     /// if `ca` is `None`) and a client certificate for mutual TLS. An `https://` endpoint
@@ -41,6 +42,31 @@ pub struct ClientOptions {
     pub tls: Option<ClientTlsFiles>,
     /// Sent as `authorization: Bearer TOKEN` with every call.
     pub token: Option<String>,
+    /// While a call waits for its answer, the client pings the coordinator (HTTP/2 PING)
+    /// after this long without hearing from it ...
+    pub keepalive_interval_ms: u64,
+    /// ... and gives the connection up when a ping is not answered within this long: the
+    /// calls on it fail with UNAVAILABLE instead of waiting for ever for a coordinator
+    /// whose host lost power or whose network path dropped without a reset.
+    pub keepalive_timeout_ms: u64,
+}
+
+/// [`ClientOptions::keepalive_interval_ms`] by default.
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+/// [`ClientOptions::keepalive_timeout_ms`] by default.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 20_000;
+/// The longest keepalive interval or timeout a client takes: one hour.
+pub const MAX_KEEPALIVE_MS: u64 = 3_600_000;
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            token: None,
+            keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
+            keepalive_timeout_ms: DEFAULT_KEEPALIVE_TIMEOUT_MS,
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -48,7 +74,29 @@ impl std::fmt::Debug for ClientOptions {
         f.debug_struct("ClientOptions")
             .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("keepalive_interval_ms", &self.keepalive_interval_ms)
+            .field("keepalive_timeout_ms", &self.keepalive_timeout_ms)
             .finish()
+    }
+}
+
+impl ClientOptions {
+    /// The keepalive's interval and timeout, each refused (naming it) outside
+    /// 1..=[`MAX_KEEPALIVE_MS`].
+    fn keepalive(&self) -> Result<(Duration, Duration), String> {
+        let checked = |name: &str, ms: u64| {
+            if (1..=MAX_KEEPALIVE_MS).contains(&ms) {
+                Ok(Duration::from_millis(ms))
+            } else {
+                Err(format!(
+                    "{name} must be 1..={MAX_KEEPALIVE_MS} ms, not {ms}"
+                ))
+            }
+        };
+        Ok((
+            checked("keepalive_interval_ms", self.keepalive_interval_ms)?,
+            checked("keepalive_timeout_ms", self.keepalive_timeout_ms)?,
+        ))
     }
 }
 
@@ -58,10 +106,16 @@ pub fn endpoint_with(endpoint: &str, options: &ClientOptions) -> Result<Endpoint
         endpoint: endpoint.to_string(),
         message,
     };
+    let (keepalive_interval, keepalive_timeout) = options.keepalive().map_err(bad)?;
     let mut channel = Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Only while calls are open: an idle connection that died is found by the next
+        // call, whose pings go unanswered.
+        .http2_keep_alive_interval(keepalive_interval)
+        .keep_alive_timeout(keepalive_timeout)
+        .keep_alive_while_idle(false);
     if endpoint.starts_with("https://") {
         let tls = options.tls.clone().unwrap_or_default();
         let config = tls.load().map_err(|e| bad(e.to_string()))?;

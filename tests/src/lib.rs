@@ -14,3 +14,4 @@ pub mod power_cut;
 pub mod process;
 pub mod scrape;
 pub mod scripted;
+pub mod silent_link;

@@ -3,9 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+use tokio::io::{AsyncBufReadExt, BufReader};
 use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TransactionFilter};
 use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer};
 use treaty_tests::process::{start_server, treaty_cli, workspace_binary};
+use treaty_tests::silent_link::SilentLink;
 
 async fn treaty(endpoint: &str, args: &[&str]) -> (bool, String) {
     let args: Vec<&str> = ["txn"].into_iter().chain(args.iter().copied()).collect();
@@ -110,6 +112,54 @@ async fn txn_list_show_watch_and_outcome() {
         "nothing was forgotten: {out}"
     );
 
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
+
+/// A `txn watch` whose connection goes silent (the coordinator's host lost power, or a
+/// middlebox dropped the flow: nothing closes it) ends with an error once its pings go
+/// unanswered for `--call-timeout-ms`; it waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_connection_goes_silent_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let active = coordinator
+        .client()
+        .await
+        .begin(
+            BeginOptions::default(),
+            vec![BranchSpec::new("x", &participant.endpoint, "yes")],
+        )
+        .await
+        .unwrap();
+    let link = SilentLink::start(&coordinator.endpoint).await;
+    let mut watch = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+        .args(["txn", "watch", &active, "--call-timeout-ms", "1000"])
+        .args(["--coordinator", &link.endpoint])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("the watch prints the transaction's state")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(first.contains("ACTIVE"), "{first}");
+    link.go_silent();
+    let ended = tokio::time::timeout(PATIENCE, watch.wait_with_output())
+        .await
+        .expect("the watch ends instead of waiting for ever")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(!ended.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the watch ended before transaction {active} did")),
+        "{stderr}"
+    );
     participant.stop().await;
     coordinator.stop().await.unwrap();
 }

@@ -148,6 +148,7 @@ impl TckArgs {
                 key: self.key.clone(),
             }),
             token: self.token.clone(),
+            ..Default::default()
         }
     }
 

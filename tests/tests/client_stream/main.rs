@@ -7,16 +7,19 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::Code;
 use tonic_types::StatusExt;
 use treaty_proto::v1 as pb;
 use treaty_sdk::client::{
     BeginOptions, BranchSpec, ClientError, ClientOptions, Outcome, SagaStep, SubmitOptions,
-    Transport, TreatyClient,
+    TransactionState, Transport, TreatyClient,
 };
-use treaty_tests::harness::{Coordinator, ParticipantServer, coordinator_config, eventually};
+use treaty_tests::harness::{
+    Coordinator, PATIENCE, ParticipantServer, coordinator_config, eventually,
+};
+use treaty_tests::silent_link::SilentLink;
 
 mod on_a_stand_in;
 mod stand_in;
@@ -31,6 +34,7 @@ async fn connect_as(endpoint: &str, token: Option<&str>) -> TreatyClient {
     let options = ClientOptions {
         tls: None,
         token: token.map(str::to_string),
+        ..Default::default()
     };
     TreatyClient::connect_with(endpoint, &options)
         .await
@@ -417,5 +421,94 @@ async fn a_coordinator_out_of_reach_is_unavailable_on_the_stream_as_unary() {
             .await
             .unwrap_err();
         assert_eq!(error.code(), Some(Code::Unavailable), "{error}");
+    }
+}
+
+/// A call whose connection goes silent while it waits (the coordinator's host lost
+/// power, or a middlebox dropped the flow: nothing closes it) fails UNAVAILABLE once the
+/// client's pings go unanswered for `keepalive_timeout_ms`; it waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_connection_goes_silent_fails_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let direct = coordinator.client().await;
+    let options = ClientOptions {
+        keepalive_interval_ms: 300,
+        keepalive_timeout_ms: 1_000,
+        ..Default::default()
+    };
+    // On the stream, then unary.
+    for (begun, unary) in [(1, false), (2, true)] {
+        let link = SilentLink::start(&coordinator.endpoint).await;
+        let mut linked = TreatyClient::connect_with(&link.endpoint, &options)
+            .await
+            .unwrap();
+        if unary {
+            linked = linked.unary_only();
+        }
+        // The prepare takes 1.5 s, so the answer comes after the link went silent.
+        let branches = vec![BranchSpec::new("slow", &participant.endpoint, "slow:1500")];
+        let started = Instant::now();
+        let running = tokio::spawn(async move {
+            linked
+                .run_two_phase(branches, BeginOptions::default())
+                .await
+        });
+        eventually("the transaction is begun", || async {
+            let (listed, _) = direct.list(&[], 100, "").await.unwrap();
+            (listed.len() >= begun).then_some(())
+        })
+        .await;
+        link.go_silent();
+        let error = tokio::time::timeout(PATIENCE, running)
+            .await
+            .expect("the call fails instead of waiting for ever")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            error.code(),
+            Some(Code::Unavailable),
+            "unary {unary}: {error}"
+        );
+        assert!(started.elapsed() < PATIENCE, "{:?}", started.elapsed());
+    }
+    // The coordinator went on without its caller.
+    let (listed, _) = direct.list(&[], 100, "").await.unwrap();
+    assert_eq!(listed.len(), 2);
+    for transaction in listed {
+        let finished = direct
+            .wait_until_finished(&transaction.transaction_id, PATIENCE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(finished.state, TransactionState::Committed as i32);
+    }
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
+
+/// Keepalive settings outside 1 ms..=1 h are refused, naming the field, before any
+/// connection is tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_settings_out_of_range_are_refused_by_name() {
+    for (options, field) in [
+        (
+            ClientOptions {
+                keepalive_interval_ms: 0,
+                ..Default::default()
+            },
+            "keepalive_interval_ms",
+        ),
+        (
+            ClientOptions {
+                keepalive_timeout_ms: 3_600_001,
+                ..Default::default()
+            },
+            "keepalive_timeout_ms",
+        ),
+    ] {
+        let error = TreatyClient::connect_lazy_with("http://127.0.0.1:1", &options).unwrap_err();
+        assert!(error.to_string().contains(field), "{error}");
     }
 }

@@ -37,6 +37,7 @@ fn trusting(ca: &TestCa, token: Option<&str>) -> ClientOptions {
             key: None,
         }),
         token: token.map(str::to_string),
+        ..Default::default()
     }
 }
 
@@ -82,6 +83,7 @@ async fn connect_as(endpoint: &str, token: Option<&str>) -> TreatyClient {
     let options = ClientOptions {
         tls: None,
         token: token.map(str::to_string),
+        ..Default::default()
     };
     TreatyClient::connect_with(endpoint, &options)
         .await
@@ -98,6 +100,7 @@ async fn admin_as(
     let options = ClientOptions {
         tls: None,
         token: token.map(str::to_string),
+        ..Default::default()
     };
     let channel = treaty_sdk::client::endpoint_with(endpoint, &options)
         .unwrap()
