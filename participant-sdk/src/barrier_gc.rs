@@ -97,7 +97,8 @@ pub struct CollectionReport {
     pub examined: usize,
     /// Records deleted.
     pub collected: usize,
-    /// Old records kept: in doubt, unreadable, or not of a UUIDv7 transaction.
+    /// Old records kept: in doubt, unreadable, not of a UUIDv7 transaction, their
+    /// branch's lock too much in demand, or not reached before a stop.
     pub kept: usize,
     /// The pass reached its end; the next round starts a new one.
     pub pass_done: bool,
@@ -115,20 +116,22 @@ pub struct BarrierCollector<S: BarrierStore = DurableStore> {
 
 impl<S: BarrierStore> BarrierCollector<S> {
     /// Collects with the barrier's own retention (`options.retention_ms` is for the
-    /// barrier; see [`Barrier::with_retention_ms`]).
-    pub fn new(barrier: Arc<Barrier<S>>, options: BarrierGcOptions) -> Self {
-        Self {
+    /// barrier; see [`Barrier::with_retention_ms`]). Refuses `options` that
+    /// [`BarrierGcOptions::validate`] refuses, with its message.
+    pub fn new(barrier: Arc<Barrier<S>>, options: BarrierGcOptions) -> Result<Self, String> {
+        options.validate()?;
+        Ok(Self {
             barrier,
             options,
             cursor: None,
             cutoff_unix_ms: 0,
-        }
+        })
     }
 
     /// Runs rounds until `stop` becomes true (or its sender is dropped).
     pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            let pause_ms = match self.round().await {
+            let pause_ms = match self.round(&mut stop).await {
                 Ok(report) => {
                     if report.collected > 0 {
                         tracing::debug!(?report, "barrier records collected");
@@ -155,8 +158,13 @@ impl<S: BarrierStore> BarrierCollector<S> {
         }
     }
 
-    /// Examines the next page of old records and deletes the final ones.
-    pub async fn round(&mut self) -> Result<CollectionReport, BarrierError> {
+    /// Examines the next page of old records and deletes the final ones. Once `stop` is
+    /// set (or its sender dropped) it waits for no more branch locks: a branch whose
+    /// user code does not end holds its lock for as long, and its record is kept.
+    pub async fn round(
+        &mut self,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<CollectionReport, BarrierError> {
         if let Some(message) = self.barrier.store().failure() {
             return Err(StoreError::Failed(message).into());
         }
@@ -188,10 +196,18 @@ impl<S: BarrierStore> BarrierCollector<S> {
         // gone: a record deleted is final when it goes.
         let mut guards = Vec::with_capacity(candidates.len());
         let mut doomed = Vec::with_capacity(candidates.len());
-        for key in candidates {
+        let mut candidates = candidates.into_iter();
+        while let Some(key) = candidates.next() {
             let branch = BranchContext::new(key.transaction_id.clone(), key.branch_id.clone());
+            let locked = tokio::select! {
+                locked = self.barrier.locks.lock(lock_key(&branch)) => locked,
+                _ = stop.wait_for(|stopping| *stopping) => {
+                    report.kept += 1 + candidates.len();
+                    break;
+                }
+            };
             // A branch whose lock is that much in demand is still being called about.
-            let Ok(guard) = self.barrier.locks.lock(lock_key(&branch)).await else {
+            let Ok(guard) = locked else {
                 report.kept += 1;
                 continue;
             };

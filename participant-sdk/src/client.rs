@@ -81,6 +81,11 @@ impl std::fmt::Debug for ClientOptions {
 }
 
 impl ClientOptions {
+    /// Refuses settings no client could use, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        self.keepalive().map(|_| ())
+    }
+
     /// The keepalive's interval and timeout, each refused (naming it) outside
     /// 1..=[`MAX_KEEPALIVE_MS`].
     fn keepalive(&self) -> Result<(Duration, Duration), String> {

@@ -135,9 +135,15 @@ pub struct RoundReport {
 }
 
 impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
-    /// `options` as [`InDoubtOptions::validate`] accepts them ([`crate::serve`] checks).
-    pub fn new(participant: Arc<P>, barrier: Arc<Barrier<S>>, options: InDoubtOptions) -> Self {
-        Self {
+    /// Refuses `options` that [`InDoubtOptions::validate`] refuses, with its message
+    /// (some would never resolve a branch, and nothing would say so).
+    pub fn new(
+        participant: Arc<P>,
+        barrier: Arc<Barrier<S>>,
+        options: InDoubtOptions,
+    ) -> Result<Self, String> {
+        options.validate()?;
+        Ok(Self {
             participant,
             barrier,
             options,
@@ -147,7 +153,7 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             pass_in_doubt: 0,
             pass_oldest_unix_ms: None,
             applying: Arc::default(),
-        }
+        })
     }
 
     /// Asks only the coordinators `trust` allows.
@@ -465,5 +471,40 @@ mod tests {
             ..InDoubtOptions::default()
         };
         assert_eq!(asks_at_once.validate(), Ok(()));
+    }
+
+    use crate::{BranchContext, ParticipantError, Vote};
+
+    /// Takes no part in anything.
+    #[derive(Debug)]
+    struct Idle;
+
+    impl Participant for Idle {
+        async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+            Ok(Vote::Yes)
+        }
+        async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+            Ok(())
+        }
+        async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resolver_is_not_made_with_options_that_would_resolve_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), Default::default()).unwrap();
+        let barrier = Arc::new(Barrier::new(Arc::new(store)));
+        let options = InDoubtOptions {
+            call_timeout_ms: 0,
+            ..InDoubtOptions::default()
+        };
+        let refused = InDoubtResolver::new(Arc::new(Idle), barrier.clone(), options).unwrap_err();
+        assert!(
+            refused.starts_with("in_doubt.call_timeout_ms: "),
+            "{refused}"
+        );
+        assert!(InDoubtResolver::new(Arc::new(Idle), barrier, InDoubtOptions::default()).is_ok());
     }
 }

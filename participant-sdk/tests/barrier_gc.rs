@@ -97,7 +97,8 @@ fn open(dir: &std::path::Path) -> Arc<Barrier> {
 async fn collect_a_pass(collector: &mut BarrierCollector) -> usize {
     let mut collected = 0;
     for _ in 0..100 {
-        let report = collector.round().await.unwrap();
+        let (_stop, mut running) = tokio::sync::watch::channel(false);
+        let report = collector.round(&mut running).await.unwrap();
         assert!(report.examined <= 3, "{report:?}");
         collected += report.collected;
         if report.pass_done {
@@ -161,7 +162,7 @@ async fn final_records_are_collected_and_branches_in_doubt_stay_and_still_commit
     barrier.abort(&p, &ageless).await.unwrap();
 
     // Young: nothing is collected.
-    let mut collector = BarrierCollector::new(barrier.clone(), options());
+    let mut collector = BarrierCollector::new(barrier.clone(), options()).unwrap();
     assert_eq!(collect_a_pass(&mut collector).await, 0);
 
     sleep_until_past_retention(created).await;
@@ -330,8 +331,8 @@ async fn a_served_participant_collects_and_refuses_late_calls_over_grpc() {
     server.await.unwrap().unwrap();
 }
 
-#[test]
-fn options_are_checked_field_by_field() {
+#[tokio::test]
+async fn options_are_checked_field_by_field() {
     assert!(BarrierGcOptions::default().validate().is_ok());
     let zero = BarrierGcOptions {
         retention_ms: 0,
@@ -350,5 +351,82 @@ fn options_are_checked_field_by_field() {
         huge.validate()
             .unwrap_err()
             .starts_with("barrier_gc.max_records_per_round")
+    );
+    // A collector is not made with them either.
+    let dir = tempfile::tempdir().unwrap();
+    let refused = BarrierCollector::new(open(dir.path()), huge).unwrap_err();
+    assert!(
+        refused.starts_with("barrier_gc.max_records_per_round"),
+        "{refused}"
+    );
+}
+
+/// Compensates only once let go; everything else does nothing.
+#[derive(Debug, Default)]
+struct HeldCompensation {
+    let_go: tokio::sync::Notify,
+}
+
+impl Participant for HeldCompensation {
+    async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
+        Ok(Vote::Yes)
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        Ok(())
+    }
+    async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
+        self.let_go.notified().await;
+        Ok(())
+    }
+}
+
+/// A collection that waits for the lock of a branch whose compensation does not end (a
+/// committed saga step is final, so collectable) stops when told: `serve` waits for the
+/// collector before it closes the store, and waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_waiting_for_a_branch_held_by_user_code_stops_when_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let barrier = open(dir.path());
+    let p = Arc::new(HeldCompensation::default());
+    let created = now_unix_ms() + AHEAD_MS;
+    let step = BranchContext::new(txn_id(created, 1), "b");
+    barrier
+        .commit(&*p, &step, BranchMode::SagaStep, b"do", COORDINATOR)
+        .await
+        .unwrap();
+    let compensating = {
+        let (barrier, p, step) = (barrier.clone(), p.clone(), step.clone());
+        tokio::spawn(async move { barrier.compensate(&*p, &step, b"undo").await })
+    };
+    sleep_until_past_retention(created).await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let collector = BarrierCollector::new(barrier.clone(), options()).unwrap();
+    let mut collecting = tokio::spawn(collector.run(stopped));
+    // Its first round finds the step collectable and waits for the step's lock.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut collecting)
+            .await
+            .is_err(),
+        "the collector runs until stopped"
+    );
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), collecting)
+        .await
+        .expect("the collector stops while a branch's lock is held")
+        .unwrap();
+    // The compensation ends, and the step's record was left to it.
+    p.let_go.notify_one();
+    tokio::time::timeout(Duration::from_secs(30), compensating)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        barrier.record(&step).unwrap().unwrap().status,
+        BranchStatus::Compensated { after_commit: true }
     );
 }

@@ -408,6 +408,14 @@ async fn in_doubt_options_that_resolve_nothing_stop_the_start() {
         matches!(&refused, ServeError::Options(message) if message.starts_with("in_doubt.max_branches_per_round: ")),
         "{refused}"
     );
+    // Nor a client that could never reach a coordinator.
+    let mut options = ServeOptions::default();
+    options.in_doubt.coordinator_client.keepalive_timeout_ms = 0;
+    let refused = refused_at_start(options).await;
+    assert!(
+        matches!(&refused, ServeError::Options(message) if message.starts_with("in_doubt.coordinator_client.keepalive_timeout_ms ")),
+        "{refused}"
+    );
 }
 
 /// A branch's prepare that does not end holds its lock: the calls for it that follow,

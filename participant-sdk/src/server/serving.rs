@@ -186,6 +186,11 @@ where
     // them unresolved, so it stops the start instead.
     crate::client::credentials(&options.in_doubt.coordinator_client)
         .map_err(|e| ServeError::Options(format!("in_doubt.coordinator_client.token: {e}")))?;
+    options
+        .in_doubt
+        .coordinator_client
+        .validate()
+        .map_err(|e| ServeError::Options(format!("in_doubt.coordinator_client.{e}")))?;
     // Without a list of coordinators, branches in doubt are asked about at the address
     // their Prepare named: a token would go to whoever sent that Prepare.
     if options.in_doubt.coordinator_client.token.is_some() && options.trust.endpoints().is_empty() {
@@ -235,9 +240,11 @@ where
 
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
     let resolver = InDoubtResolver::new(participant, barrier.clone(), options.in_doubt.clone())
+        .map_err(ServeError::Options)?
         .with_trust(options.trust.clone());
+    let collector = BarrierCollector::new(barrier.clone(), options.barrier_gc.clone())
+        .map_err(ServeError::Options)?;
     let resolver_task = tokio::spawn(resolver.run(background_stopped.clone()));
-    let collector = BarrierCollector::new(barrier.clone(), options.barrier_gc.clone());
     let collector_task = tokio::spawn(collector.run(background_stopped));
 
     let (reflection_v1, reflection_v1alpha) =
