@@ -164,6 +164,45 @@ async fn a_watch_whose_connection_goes_silent_ends() {
     coordinator.stop().await.unwrap();
 }
 
+/// A verb whose call gets no answer says the outcome is unknown: it may have been
+/// applied. Its JSON gave `applied: false`, as for a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verb_without_an_answer_is_reported_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let active = coordinator
+        .client()
+        .await
+        .begin(
+            BeginOptions::default(),
+            vec![BranchSpec::new("x", &participant.endpoint, "yes")],
+        )
+        .await
+        .unwrap();
+    let link = SilentLink::start(&coordinator.endpoint).await;
+    link.go_silent();
+    let (ok, out) = treaty(
+        &link.endpoint,
+        &["cancel", &active, "--json", "--call-timeout-ms", "1000"],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    let json = out.lines().next().unwrap_or_default();
+    let rows: serde_json::Value = serde_json::from_str(json).expect(&out);
+    assert_eq!(rows[0]["transaction_id"], active.as_str(), "{out}");
+    assert_eq!(rows[0]["outcome"], "unknown", "{out}");
+    assert_eq!(rows[0]["applied"], false, "{out}");
+    // Refused by the coordinator: not applied, and said so.
+    let (ok, out) = treaty(&coordinator.endpoint, &["resume", &active, "--json"]).await;
+    let json = out.lines().next().unwrap_or_default();
+    let rows: serde_json::Value = serde_json::from_str(json).expect(&out);
+    assert!(!ok, "{out}");
+    assert_eq!(rows[0]["outcome"], "not_applied", "{out}");
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
+
 /// A coordinator that takes the connection but never answers the TLS handshake: the
 /// command gives up after `--call-timeout-ms` (TCP's connect timeout does not cover the
 /// handshake; the command waited for ever).

@@ -181,11 +181,65 @@ async fn targets(
     }
 }
 
+/// What became of a verb on one transaction, as far as the command knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VerbOutcome {
+    /// The coordinator applied it.
+    Applied,
+    /// The coordinator answered that it did not, or refused the request.
+    NotApplied,
+    /// No answer came, or the call failed in a way that does not say: it may have been
+    /// applied.
+    Unknown,
+    /// Not sent: the coordinator had stopped answering.
+    NotAttempted,
+}
+
+impl VerbOutcome {
+    /// From a call that failed: only a refusal of the request itself says that nothing
+    /// was done; a broken connection or a server failure does not.
+    fn of_failed_call(status: &tonic::Status) -> Self {
+        use tonic::Code;
+        match status.code() {
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::ResourceExhausted
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented => VerbOutcome::NotApplied,
+            _ => VerbOutcome::Unknown,
+        }
+    }
+
+    /// The JSON field `outcome`.
+    fn name(self) -> &'static str {
+        match self {
+            VerbOutcome::Applied => "applied",
+            VerbOutcome::NotApplied => "not_applied",
+            VerbOutcome::Unknown => "unknown",
+            VerbOutcome::NotAttempted => "not_attempted",
+        }
+    }
+
+    /// The text column.
+    fn text(self) -> &'static str {
+        match self {
+            VerbOutcome::Applied => "applied",
+            VerbOutcome::NotApplied => "not applied",
+            VerbOutcome::Unknown => "unknown",
+            VerbOutcome::NotAttempted => "not attempted",
+        }
+    }
+}
+
 /// Runs `verb` on each selected transaction, waiting at most `timeout` for each, and
 /// prints one line (or JSON object) per transaction. Fails (exit 1) if any was not
-/// applied or failed. When the coordinator does not answer in time it stops there: that
-/// transaction's line says the verb may have been applied, and each one after it that
-/// it was not attempted.
+/// applied or failed. When the coordinator does not answer in time, or the call fails
+/// without saying that nothing was done, it stops there: that transaction's outcome is
+/// unknown (the verb may have been applied), and each one after it is not attempted.
 #[allow(clippy::too_many_arguments)] // one per part of the command line
 pub async fn run_verb(
     client: &TreatyClient,
@@ -199,36 +253,55 @@ pub async fn run_verb(
 ) -> anyhow::Result<()> {
     let ids = targets(client, timeout, selection).await?;
     let mut results = Vec::with_capacity(ids.len());
-    let mut all_applied = true;
     for (done, id) in ids.iter().enumerate() {
         let answer = tokio::time::timeout(timeout, act(admin.clone(), verb, id, branch_id, reason));
-        let (applied, detail, transaction) = match answer.await {
-            Ok(Ok(response)) => (response.applied, response.detail, response.transaction),
-            Ok(Err(status)) => (false, status.message().to_string(), None),
-            Err(_) => {
-                let unknown = format!(
-                    "no answer within {timeout:?}: it may still be applied (`treaty txn show`)"
-                );
-                results.push((id.clone(), false, unknown, None));
-                for rest in &ids[done + 1..] {
-                    let skipped = "not attempted: the coordinator stopped answering".to_string();
-                    results.push((rest.clone(), false, skipped, None));
-                }
-                all_applied = false;
-                break;
+        let (outcome, detail, transaction) = match answer.await {
+            Ok(Ok(response)) => {
+                let outcome = if response.applied {
+                    VerbOutcome::Applied
+                } else {
+                    VerbOutcome::NotApplied
+                };
+                (outcome, response.detail, response.transaction)
             }
+            Ok(Err(status)) => {
+                let outcome = VerbOutcome::of_failed_call(&status);
+                let detail = match outcome {
+                    VerbOutcome::Unknown => format!(
+                        "{}: {}; it may have been applied (`treaty txn show`)",
+                        status.code(),
+                        status.message()
+                    ),
+                    _ => status.message().to_string(),
+                };
+                (outcome, detail, None)
+            }
+            Err(_) => (
+                VerbOutcome::Unknown,
+                format!(
+                    "no answer within {timeout:?}: it may have been applied (`treaty txn show`)"
+                ),
+                None,
+            ),
         };
-        all_applied &= applied;
-        results.push((id.clone(), applied, detail, transaction));
+        results.push((id.clone(), outcome, detail, transaction));
+        if outcome == VerbOutcome::Unknown {
+            for rest in &ids[done + 1..] {
+                let skipped = "not attempted: the coordinator stopped answering".to_string();
+                results.push((rest.clone(), VerbOutcome::NotAttempted, skipped, None));
+            }
+            break;
+        }
     }
     if json_output {
         let rows: Vec<Value> = results
             .iter()
-            .map(|(id, applied, detail, transaction)| {
+            .map(|(id, outcome, detail, transaction)| {
                 json!({
                     "transaction_id": id,
                     "verb": verb.name(),
-                    "applied": applied,
+                    "applied": *outcome == VerbOutcome::Applied,
+                    "outcome": outcome.name(),
                     "detail": detail,
                     "state": transaction.as_ref().map(|t| state_name(t.state)),
                 })
@@ -239,17 +312,20 @@ pub async fn run_verb(
         if results.is_empty() {
             println!("no transaction matches");
         }
-        for (id, applied, detail, transaction) in &results {
+        for (id, outcome, detail, transaction) in &results {
             let state = transaction.as_ref().map_or("", |t| state_name(t.state));
-            let outcome = if *applied { "applied" } else { "not applied" };
             println!(
-                "{id}  {:<16} {outcome:<12} {state:<12} {}",
+                "{id}  {:<16} {:<13} {state:<12} {}",
                 verb.name(),
+                outcome.text(),
                 printable(detail)
             );
         }
     }
-    if !all_applied {
+    if results
+        .iter()
+        .any(|(_, outcome, _, _)| *outcome != VerbOutcome::Applied)
+    {
         anyhow::bail!("{} not applied to every transaction selected", verb.name());
     }
     Ok(())
@@ -579,4 +655,32 @@ pub async fn print_endpoints(mut admin: Admin, json_output: bool) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a refusal of the request says that nothing was done.
+    #[test]
+    fn a_failed_call_is_not_applied_only_when_the_request_was_refused() {
+        let outcome = |code| VerbOutcome::of_failed_call(&tonic::Status::new(code, "x"));
+        for refused in [
+            tonic::Code::InvalidArgument,
+            tonic::Code::PermissionDenied,
+            tonic::Code::Unauthenticated,
+            tonic::Code::FailedPrecondition,
+        ] {
+            assert_eq!(outcome(refused), VerbOutcome::NotApplied, "{refused:?}");
+        }
+        for unsaid in [
+            tonic::Code::Unavailable,
+            tonic::Code::Unknown,
+            tonic::Code::Internal,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::Cancelled,
+        ] {
+            assert_eq!(outcome(unsaid), VerbOutcome::Unknown, "{unsaid:?}");
+        }
+    }
 }
