@@ -10,7 +10,9 @@ import grpc
 from treaty_participant._proto import conformance_pb2 as cpb
 from treaty_participant._proto import participant_pb2 as pb
 
-from .support import ParticipantTest, uuid7
+from treaty_participant.keyed_locks import MAX_WAITING_PER_KEY
+
+from .support import ParticipantTest, uuid7, wait_until
 
 P, C, A, X = (cpb.EFFECT_KIND_PREPARE, cpb.EFFECT_KIND_COMMIT, cpb.EFFECT_KIND_ABORT,
               cpb.EFFECT_KIND_COMPENSATE)
@@ -95,6 +97,50 @@ class ConcurrencyTest(ParticipantTest):
         again = self.client.commit(txn, "b", pb.COMMIT_MODE_ONE_PHASE, payload)
         self.assertEqual(again.result, pb.COMMIT_RESULT_COMMITTED)
         self.assertEqual(self.client.effects(txn, "b"), [(P, payload), (C, payload)])
+
+    def test_calls_waiting_behind_one_that_does_not_end_are_bounded(self):
+        # The first commit holds the branch for 10 s. Before, each call behind it held a
+        # server thread until it ended, whatever its caller's deadline, without a bound.
+        txn, payload = uuid7(), b"delay_ms=10000"
+        key = f"{txn}/b"
+        locks = self.server.barrier._locks
+        first = run_in_thread(lambda: self.client.commit(txn, "b", pb.COMMIT_MODE_ONE_PHASE, payload))
+        wait_until(lambda: locks.users(key) == 1, what="the first commit holding the branch")
+        # A call whose caller gave up stops waiting at its deadline.
+        with self.assertRaises(grpc.RpcError) as gave_up:
+            self.client.participant.Commit(
+                pb.CommitBranchRequest(transaction_id=txn, branch_id="b", mode=pb.COMMIT_MODE_ONE_PHASE,
+                                       payload=payload), timeout=0.2)
+        # (The server's wait ends with the deadline, and its UNAVAILABLE may come first.)
+        self.assertIn(gave_up.exception.code(), (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE))
+        wait_until(lambda: locks.users(key) == 1, timeout_s=5, what="the call given up no longer waiting")
+        # At most MAX_WAITING_PER_KEY wait; one more is answered UNAVAILABLE at once.
+        waiting = [run_in_thread(lambda: self.client.commit(txn, "b", pb.COMMIT_MODE_ONE_PHASE, payload))
+                   for _ in range(MAX_WAITING_PER_KEY)]
+        wait_until(lambda: locks.users(key) == 1 + MAX_WAITING_PER_KEY, what="eight calls waiting")
+        with self.assertRaises(grpc.RpcError) as refused:
+            self.client.commit(txn, "b", pb.COMMIT_MODE_ONE_PHASE, payload)
+        self.assertEqual(refused.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        # Once the first ends, the ones waiting answer from its record.
+        for call in [first, *waiting]:
+            self.assertEqual(call().result, pb.COMMIT_RESULT_COMMITTED)
+        self.assertEqual(self.client.effects(txn, "b"), [(P, payload), (C, payload)])
+
+
+def run_in_thread(call):
+    """Starts ``call`` on a thread; returns a function that waits (at most 60 s) for its
+    result."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()))
+    thread.start()
+
+    def wait():
+        thread.join(60)
+        if not result:
+            raise AssertionError("the call did not return within 60 s")
+        return result[0]
+
+    return wait
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ implementing GetOutcome (the counterpart; the code under test is the participant
 resolver, which must apply COMMIT and ABORT through the barrier, keep the branch on
 PENDING and errors, never ask about saga steps, and ask only trusted coordinators)."""
 
+import threading
 import unittest
 
 from treaty_participant._proto import conformance_pb2 as cpb
 from treaty_participant._proto import coordinator_pb2
 from treaty_participant._proto import participant_pb2 as pb
+
+from treaty_participant.answer_table import Request
 
 from .support import TOKEN, FakeCoordinator, InProcessParticipant, TempDirTest, uuid7, wait_until
 
@@ -25,6 +28,41 @@ class InDoubtTest(TempDirTest):
         server = InProcessParticipant(self.tmp / "participant.db", **{**FAST, **options})
         self.addCleanup(server.stop)
         return server
+
+    def test_a_commit_that_does_not_end_holds_no_other_branch_in_doubt(self):
+        # The resolver applied on its own thread: a commit that never returned held every
+        # other branch in doubt (the Rust SDK's apply_wait_ms, which it now has too).
+        fake = self.coordinator()
+        server = self.participant(in_doubt_apply_wait_ms=200)
+        client = server.client()
+        self.addCleanup(client.close)
+        stuck, other = uuid7(), uuid7()
+        fake.decisions[stuck] = coordinator_pb2.DECISION_COMMIT
+        fake.decisions[other] = coordinator_pb2.DECISION_ABORT
+        # The stuck branch's commit does not return until let go. It is held before the
+        # barrier's lock and transaction, as in a database that locks rows: SQLite's one
+        # writer would hold every other branch's write too, whatever the resolver does.
+        let_go = threading.Event()
+        self.addCleanup(let_go.set)
+        apply = server.barrier.handle
+
+        def held(participant, request, ctx, **options):
+            if ctx.transaction_id == stuck and request == Request.COMMIT:
+                let_go.wait(60)
+            return apply(participant, request, ctx, **options)
+
+        server.barrier.handle = held
+        self.assertEqual(client.prepare(stuck, "b", b"vote=yes", fake.endpoint).vote, pb.VOTE_YES)
+        wait_until(lambda: fake.asks_about(stuck) >= 1, what="the stuck branch asked about")
+        self.assertEqual(client.prepare(other, "b", b"vote=yes", fake.endpoint).vote, pb.VOTE_YES)
+        wait_until(lambda: server.barrier.record(other, "b").status.value == "aborted",
+                   what="the other branch aborted while the first one's commit is held")
+        self.assertEqual(server.barrier.record(stuck, "b").status.value, "prepared")
+        asked = fake.asks_about(stuck)
+        let_go.set()
+        wait_until(lambda: server.barrier.record(stuck, "b").status.value == "committed", what="the held commit")
+        # While its commit ran, the branch was not asked about again.
+        self.assertEqual(fake.asks_about(stuck), asked)
 
     def test_commit_and_abort_are_applied_through_the_barrier(self):
         fake = self.coordinator()

@@ -2,10 +2,11 @@
 UUIDv7 ids, per-key locks. The expected strings are the Rust SDK's."""
 
 import threading
+import time
 import unittest
 
 from treaty_participant import endpoint
-from treaty_participant.keyed_locks import KeyedLocks
+from treaty_participant.keyed_locks import MAX_WAITING_PER_KEY, Busy, KeyedLocks
 from treaty_participant.limits import MAX_REASON_BYTES, FieldError, check_id, check_payload, quote_input, truncate_reason
 from treaty_participant.transaction_age import first_transaction_id_at, transaction_created_unix_ms
 
@@ -116,6 +117,48 @@ class KeyedLocksTest(unittest.TestCase):
         self.assertEqual(len(locks), 0)
         with locks.hold("a"), locks.hold("b", blocking=False) as taken:
             self.assertTrue(taken)
+
+    def test_waiting_is_bounded_in_number_and_by_the_timeout(self):
+        locks = KeyedLocks()
+        waiting = []
+
+        def wait():
+            with locks.hold("k"):
+                pass
+
+        with locks.hold("k"):
+            for _ in range(MAX_WAITING_PER_KEY):
+                thread = threading.Thread(target=wait)
+                thread.start()
+                waiting.append(thread)
+            deadline = time.monotonic() + 30
+            while locks.users("k") < MAX_WAITING_PER_KEY + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # One more is refused at once, and a try without waiting is not taken.
+            with self.assertRaises(Busy):
+                with locks.hold("k"):
+                    pass
+            with locks.hold("k", blocking=False) as taken:
+                self.assertFalse(taken)
+        for thread in waiting:
+            thread.join(30)
+        self.assertEqual(len(locks), 0)
+        # A wait with a timeout gives up when it passes, and leaves no entry behind.
+        with locks.hold("k"):
+            done = []
+
+            def wait_briefly():
+                try:
+                    with locks.hold("k", timeout_s=0.05):
+                        done.append("taken")
+                except Busy:
+                    done.append("busy")
+
+            thread = threading.Thread(target=wait_briefly)
+            thread.start()
+            thread.join(30)
+            self.assertEqual(done, ["busy"])
+        self.assertEqual(len(locks), 0)
 
 
 if __name__ == "__main__":

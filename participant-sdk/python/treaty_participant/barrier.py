@@ -48,7 +48,7 @@ from .answer_table import (
     plan,
     status_after_vote,
 )
-from .keyed_locks import KeyedLocks
+from .keyed_locks import Busy, KeyedLocks
 from .limits import truncate_reason
 from .participant import BranchContext, Participant, Vote, VoteKind
 from .transaction_age import first_transaction_id_at, transaction_created_unix_ms
@@ -74,6 +74,12 @@ class UserCodeFailed(BarrierError):
 
 class ConcurrentChange(BarrierError):
     """Another process changed the branch's record meanwhile (UNAVAILABLE); rolled back."""
+
+
+class BranchBusy(BarrierError):
+    """The branch's lock was not taken (UNAVAILABLE): too many operations already wait
+    for one on it that has not ended, or the caller's deadline passed while waiting.
+    Nothing ran."""
 
 
 class StoreError(BarrierError):
@@ -428,20 +434,36 @@ class DbApiBarrier:
         mode: Mode | None = None,
         payload: bytes = b"",
         coordinator_endpoint: str = "",
+        wait_s: float | None = None,
     ) -> Reply:
         """Answers one request for one branch through the barrier (see the module docs).
-        Raises a :class:`BarrierError` when there is no answer now."""
+        Raises a :class:`BarrierError` when there is no answer now. Waits at most
+        ``wait_s`` (None: as long as it takes) for another operation on the branch to
+        end, and raises :class:`BranchBusy` beyond, or at once when
+        ``MAX_WAITING_PER_KEY`` already wait."""
         key = f"{ctx.transaction_id}/{ctx.branch_id}"
-        with self._locks.hold(key):
-            # At most two rounds: a one-phase commit or saga step records its vote, then
-            # is planned again as a commit of that state.
-            for _ in range(2):
-                outcome = self._one_transaction(
-                    participant, request, ctx, mode, payload, coordinator_endpoint
-                )
-                if outcome is not None:
-                    return outcome
-            raise AssertionError("a commit was planned as a prepare twice")
+        try:
+            with self._locks.hold(key, timeout_s=wait_s):
+                return self._handle_locked(participant, request, ctx, mode, payload, coordinator_endpoint)
+        except Busy as busy:
+            raise BranchBusy(str(busy)) from None
+
+    def _handle_locked(
+        self,
+        participant: Participant,
+        request: Request,
+        ctx: BranchContext,
+        mode: Mode | None,
+        payload: bytes,
+        coordinator_endpoint: str,
+    ) -> Reply:
+        # At most two rounds: a one-phase commit or saga step records its vote, then is
+        # planned again as a commit of that state.
+        for _ in range(2):
+            outcome = self._one_transaction(participant, request, ctx, mode, payload, coordinator_endpoint)
+            if outcome is not None:
+                return outcome
+        raise AssertionError("a commit was planned as a prepare twice")
 
     def _one_transaction(
         self,

@@ -19,7 +19,11 @@ Invariants:
 - PENDING, UNSPECIFIED, an unknown value, an error or a timeout leave the branch prepared;
   it is asked again after a per-branch back-off that doubles from ``poll_interval_ms`` up
   to ``backoff_max_ms``, for as long as it is in doubt (and again after every restart);
-- every call is bounded by ``call_timeout_ms``; channels are cached, at most 64.
+- every call is bounded by ``call_timeout_ms``; channels are cached, at most 64;
+- an outcome is applied on a thread of its own, waited for at most ``apply_wait_ms``:
+  user ``commit`` or ``abort`` code that does not end holds that thread, not the
+  resolver. Its branch is not asked about until the apply ends, and at most
+  ``MAX_APPLYING`` applies run on by themselves (a round asks nothing more meanwhile).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ log = logging.getLogger("treaty_participant.in_doubt")
 MAX_CACHED_COORDINATORS = 64
 #: Branches whose back-off is remembered; past this the memory starts over.
 MAX_REMEMBERED_BRANCHES = 100_000
+#: Applies that outlasted ``apply_wait_ms`` and still run, at most.
+MAX_APPLYING = 64
 
 
 @dataclass
@@ -65,6 +71,7 @@ class InDoubtResolver:
         call_timeout_ms: int = 2_000,
         max_branches_per_round: int = 256,
         backoff_max_ms: int = 60_000,
+        apply_wait_ms: int = 10_000,
         coordinator_token: str | None = None,
         coordinator_ca_pem: bytes | None = None,
     ) -> None:
@@ -73,6 +80,7 @@ class InDoubtResolver:
             ("call_timeout_ms", call_timeout_ms),
             ("max_branches_per_round", max_branches_per_round),
             ("backoff_max_ms", backoff_max_ms),
+            ("apply_wait_ms", apply_wait_ms),
         ):
             if value < 1:
                 raise ValueError(f"{name}: must be at least 1, not {value}")
@@ -84,6 +92,10 @@ class InDoubtResolver:
         self._call_timeout_s = call_timeout_ms / 1000
         self._max_branches = max_branches_per_round
         self._backoff_max_ms = max(backoff_max_ms, poll_interval_ms)
+        self._apply_wait_s = apply_wait_ms / 1000
+        # Branches whose apply outlasted the wait and still runs on its own thread.
+        self._applying: set[tuple[str, str]] = set()
+        self._applying_lock = threading.Lock()
         self._metadata = (("authorization", f"Bearer {coordinator_token}"),) if coordinator_token else ()
         self._ca_pem = coordinator_ca_pem
         self._channels: dict[str, tuple[grpc.Channel, coordinator_pb2_grpc.CoordinatorStub]] = {}
@@ -137,7 +149,15 @@ class InDoubtResolver:
                 break
             key = (branch.transaction_id, branch.branch_id)
             failures, next_ask = self._backoff.get(key, (0, 0.0))
-            if now_ms - branch.prepared_unix_ms < self._ask_after_ms or time.monotonic() < next_ask:
+            with self._applying_lock:
+                applying = key in self._applying
+                crowded = len(self._applying) >= MAX_APPLYING
+            if (
+                applying
+                or crowded
+                or now_ms - branch.prepared_unix_ms < self._ask_after_ms
+                or time.monotonic() < next_ask
+            ):
                 report.still_in_doubt += 1
                 continue
             decision = self._ask(branch)
@@ -207,8 +227,44 @@ class InDoubtResolver:
         return stub
 
     def _apply(self, branch: InDoubtBranch, decision: int) -> int | None:
-        """Applies the coordinator's answer through the barrier; the decision applied,
-        or None if there is none to apply (PENDING, unknown) or it failed for now."""
+        """Applies the coordinator's answer through the barrier on a thread of its own,
+        waiting at most ``apply_wait_ms``; the decision applied, or None if there is
+        none to apply (PENDING, unknown), it failed for now, or it still runs."""
+        if decision not in (coordinator_pb2.DECISION_COMMIT, coordinator_pb2.DECISION_ABORT):
+            return None
+        key = (branch.transaction_id, branch.branch_id)
+        applied: list[int | None] = [None]
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                applied[0] = self._apply_now(branch, decision)
+            except Exception:  # noqa: BLE001 - the branch stays in doubt for a later round
+                log.exception(
+                    "applying an outcome failed: txn_id=%s branch_id=%s", branch.transaction_id, branch.branch_id
+                )
+            finally:
+                with self._applying_lock:
+                    done.set()
+                    self._applying.discard(key)
+
+        threading.Thread(target=run, name="treaty-in-doubt-apply", daemon=True).start()
+        if done.wait(self._apply_wait_s):
+            return applied[0]
+        with self._applying_lock:
+            if not done.is_set():
+                self._applying.add(key)
+                log.warning(
+                    "applying an outcome has not ended after %d ms; going on with other "
+                    "branches: txn_id=%s branch_id=%s",
+                    self._apply_wait_s * 1000,
+                    branch.transaction_id,
+                    branch.branch_id,
+                )
+                return None
+        return applied[0]
+
+    def _apply_now(self, branch: InDoubtBranch, decision: int) -> int | None:
         ctx = BranchContext(branch.transaction_id, branch.branch_id)
         try:
             if decision == coordinator_pb2.DECISION_COMMIT:

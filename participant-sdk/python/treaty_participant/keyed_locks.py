@@ -2,8 +2,11 @@
 operation on one branch run one after the other (the second finds the first one's
 record and answers from it).
 
-Invariant: an entry exists only while some thread holds or waits for its lock, so the
-map is bounded by the number of operations in flight.
+Invariants: an entry exists only while some thread holds or waits for its lock, so the
+map is bounded by the number of operations in flight; and at most
+:data:`MAX_WAITING_PER_KEY` wait for one key's lock. A call whose user code does not end
+holds its branch's lock, and each retry of it would otherwise take one more of the
+server's threads for as long as it lasts (as in the Rust SDK's ``keyed_locks``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,14 @@ import contextlib
 import threading
 from typing import Iterator
 
+#: How many may wait for one key's lock while another holds it; one more is refused.
+MAX_WAITING_PER_KEY = 8
+
+
+class Busy(Exception):
+    """The lock was not taken: :data:`MAX_WAITING_PER_KEY` already wait for it, or the
+    wait's timeout passed."""
+
 
 class KeyedLocks:
     def __init__(self) -> None:
@@ -19,22 +30,46 @@ class KeyedLocks:
         self._entries: dict[str, list] = {}  # key -> [lock, number of holders and waiters]
 
     @contextlib.contextmanager
-    def hold(self, key: str, blocking: bool = True) -> Iterator[bool]:
+    def hold(self, key: str, blocking: bool = True, timeout_s: float | None = None) -> Iterator[bool]:
         """Holds the lock of ``key`` for the ``with`` block; yields whether it was taken
-        (always True when ``blocking``)."""
+        (always True when ``blocking``, which raises :class:`Busy` instead: when
+        :data:`MAX_WAITING_PER_KEY` already wait, or ``timeout_s`` passes first)."""
         with self._mutex:
             entry = self._entries.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        taken = entry[0].acquire(blocking)
+            crowded = entry[1] > MAX_WAITING_PER_KEY
+            if not crowded:
+                entry[1] += 1
+        if crowded:
+            if blocking:
+                raise Busy(
+                    f"{MAX_WAITING_PER_KEY} operations on this branch already wait for one "
+                    "that has not ended; retry later"
+                )
+            yield False
+            return
         try:
-            yield taken
+            if not blocking:
+                taken = entry[0].acquire(False)
+            else:
+                taken = entry[0].acquire(True, -1 if timeout_s is None else max(timeout_s, 0.0))
+                if not taken:
+                    raise Busy("the branch stayed busy with another operation until the caller's deadline")
+            try:
+                yield taken
+            finally:
+                if taken:
+                    entry[0].release()
         finally:
-            if taken:
-                entry[0].release()
             with self._mutex:
                 entry[1] -= 1
                 if entry[1] == 0:
                     del self._entries[key]
+
+    def users(self, key: str) -> int:
+        """How many hold or wait for ``key``'s lock."""
+        with self._mutex:
+            entry = self._entries.get(key)
+            return entry[1] if entry is not None else 0
 
     def __len__(self) -> int:
         with self._mutex:

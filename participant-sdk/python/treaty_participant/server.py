@@ -9,12 +9,16 @@ named coordinator is trusted (PERMISSION_DENIED); only then the barrier and user
 | barrier outcome                         | status              |
 |-----------------------------------------|---------------------|
 | user code raised; concurrent change     | UNAVAILABLE         |
+| branch busy (too many wait, or deadline)| UNAVAILABLE         |
 | no record, past the barrier retention   | FAILED_PRECONDITION |
 | the barrier's database failed           | INTERNAL            |
 
 Each call runs on a thread of a bounded pool (``max_workers``), with at most
 ``max_concurrent_rpcs`` accepted at once (RESOURCE_EXHAUSTED beyond). A call whose
 client gives up still runs to its end: user code and its record are never cut half-way.
+A call waiting for another operation on its branch to end waits only until its
+caller's deadline, and at most eight wait for one branch (UNAVAILABLE beyond), so
+that user code that does not end holds one thread, not every retry's.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ._proto import participant_pb2_grpc
 from .answer_table import AbortAnswer, CommitAnswer, Mode, Request
 from .barrier import (
     BarrierError,
+    BranchBusy,
     ConcurrentChange,
     DbApiBarrier,
     PastRetention,
@@ -122,6 +127,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 ctx,
                 payload=request.payload,
                 coordinator_endpoint=request.coordinator_endpoint,
+                wait_s=context.time_remaining(),
             )
             return pb.PrepareBranchResponse(vote=_VOTES[reply.answer], reason=reply.reason)
 
@@ -141,6 +147,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 mode=mode,
                 payload=request.payload,
                 coordinator_endpoint=request.coordinator_endpoint,
+                wait_s=context.time_remaining(),
             )
             return pb.CommitBranchResponse(result=_COMMIT_RESULTS[reply.answer], reason=reply.reason)
 
@@ -148,7 +155,9 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
 
     def Abort(self, request: pb.AbortBranchRequest, context: grpc.ServicerContext):
         def answer(ctx: BranchContext) -> pb.AbortBranchResponse:
-            reply = self._barrier.handle(self._participant, Request.ABORT, ctx)
+            reply = self._barrier.handle(
+                self._participant, Request.ABORT, ctx, wait_s=context.time_remaining()
+            )
             return pb.AbortBranchResponse(result=_ABORT_RESULTS[reply.answer])
 
         return self._serve(context, request.transaction_id, request.branch_id, answer)
@@ -156,7 +165,13 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     def Compensate(self, request: pb.CompensateBranchRequest, context: grpc.ServicerContext):
         def answer(ctx: BranchContext) -> pb.CompensateBranchResponse:
             check_payload("payload", request.payload)
-            self._barrier.handle(self._participant, Request.COMPENSATE, ctx, payload=request.payload)
+            self._barrier.handle(
+                self._participant,
+                Request.COMPENSATE,
+                ctx,
+                payload=request.payload,
+                wait_s=context.time_remaining(),
+            )
             return pb.CompensateBranchResponse(result=pb.COMPENSATE_RESULT_COMPENSATED)
 
         return self._serve(context, request.transaction_id, request.branch_id, answer)
@@ -193,7 +208,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except _Refused as refusal:
             code, message = refusal.code, str(refusal)
-        except (UserCodeFailed, ConcurrentChange) as error:
+        except (UserCodeFailed, ConcurrentChange, BranchBusy) as error:
             code, message = grpc.StatusCode.UNAVAILABLE, str(error)
         except PastRetention as error:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(error)
@@ -302,6 +317,7 @@ def serve(
     in_doubt_call_timeout_ms: int = 2_000,
     in_doubt_backoff_max_ms: int = 60_000,
     in_doubt_max_branches_per_round: int = 256,
+    in_doubt_apply_wait_ms: int = 10_000,
     barrier_retention_ms: int | None = None,
     gc_interval_ms: int = 10_000,
     max_workers: int = 16,
@@ -365,6 +381,7 @@ def serve(
         call_timeout_ms=in_doubt_call_timeout_ms,
         backoff_max_ms=in_doubt_backoff_max_ms,
         max_branches_per_round=in_doubt_max_branches_per_round,
+        apply_wait_ms=in_doubt_apply_wait_ms,
         coordinator_token=coordinator_token,
         coordinator_ca_pem=coordinator_ca_pem,
     )
