@@ -100,7 +100,8 @@ class ConcurrencyTest(ParticipantTest):
 
     def test_calls_waiting_behind_one_that_does_not_end_are_bounded(self):
         # The first commit holds the branch for 10 s. Before, each call behind it held a
-        # server thread until it ended, whatever its caller's deadline, without a bound.
+        # server thread until it ended, whether or not its caller was still there, and
+        # without a bound.
         txn, payload = uuid7(), b"delay_ms=10000"
         key = f"{txn}/b"
         locks = self.server.barrier._locks
@@ -114,6 +115,14 @@ class ConcurrencyTest(ParticipantTest):
         # (The server's wait ends with the deadline, and its UNAVAILABLE may come first.)
         self.assertIn(gave_up.exception.code(), (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE))
         wait_until(lambda: locks.users(key) == 1, timeout_s=5, what="the call given up no longer waiting")
+        # So does one without a deadline whose caller cancels it, as the coordinator
+        # cancels a call it stops waiting for (it sends no deadline).
+        cancelled = self.client.participant.Commit.future(
+            pb.CommitBranchRequest(transaction_id=txn, branch_id="b", mode=pb.COMMIT_MODE_ONE_PHASE,
+                                   payload=payload))
+        wait_until(lambda: locks.users(key) == 2, what="the call without a deadline waiting")
+        cancelled.cancel()
+        wait_until(lambda: locks.users(key) == 1, timeout_s=5, what="the cancelled call no longer waiting")
         # At most MAX_WAITING_PER_KEY wait; one more is answered UNAVAILABLE at once.
         waiting = [run_in_thread(lambda: self.client.commit(txn, "b", pb.COMMIT_MODE_ONE_PHASE, payload))
                    for _ in range(MAX_WAITING_PER_KEY)]

@@ -159,6 +159,21 @@ class KeyedLocksTest(unittest.TestCase):
             thread.join(30)
             self.assertEqual(done, ["busy"])
         self.assertEqual(len(locks), 0)
+        # A call without a deadline has centuries left, by grpc: no deadline at all.
+        with locks.hold("k", timeout_s=1e12) as taken:
+            self.assertTrue(taken)
+        with locks.hold("k"):
+            waited = []
+
+            def wait_without_deadline():
+                with locks.hold("k", timeout_s=1e12):
+                    waited.append("taken")
+
+            thread = threading.Thread(target=wait_without_deadline)
+            thread.start()
+            time.sleep(0.1)
+        thread.join(30)
+        self.assertEqual(waited, ["taken"])
 
 
 if __name__ == "__main__":

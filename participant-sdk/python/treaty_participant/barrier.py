@@ -435,15 +435,17 @@ class DbApiBarrier:
         payload: bytes = b"",
         coordinator_endpoint: str = "",
         wait_s: float | None = None,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> Reply:
         """Answers one request for one branch through the barrier (see the module docs).
-        Raises a :class:`BarrierError` when there is no answer now. Waits at most
-        ``wait_s`` (None: as long as it takes) for another operation on the branch to
-        end, and raises :class:`BranchBusy` beyond, or at once when
-        ``MAX_WAITING_PER_KEY`` already wait."""
+        Raises a :class:`BarrierError` when there is no answer now. Waits for another
+        operation on the branch to end at most ``wait_s`` (None: as long as it takes),
+        and only while ``still_wanted`` (if given) says True; raises
+        :class:`BranchBusy` beyond, or at once when ``MAX_WAITING_PER_KEY`` already
+        wait."""
         key = f"{ctx.transaction_id}/{ctx.branch_id}"
         try:
-            with self._locks.hold(key, timeout_s=wait_s):
+            with self._locks.hold(key, timeout_s=wait_s, still_wanted=still_wanted):
                 return self._handle_locked(participant, request, ctx, mode, payload, coordinator_endpoint)
         except Busy as busy:
             raise BranchBusy(str(busy)) from None

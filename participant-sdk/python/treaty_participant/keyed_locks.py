@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 #: How many may wait for one key's lock while another holds it; one more is refused.
 MAX_WAITING_PER_KEY = 8
+#: How often a waiter asks whether its caller still wants the lock.
+WANTED_CHECK_S = 0.1
+#: A wait's timeout of this long or more is taken as none.
+DAY_S = 86_400.0
 
 
 class Busy(Exception):
@@ -30,10 +35,18 @@ class KeyedLocks:
         self._entries: dict[str, list] = {}  # key -> [lock, number of holders and waiters]
 
     @contextlib.contextmanager
-    def hold(self, key: str, blocking: bool = True, timeout_s: float | None = None) -> Iterator[bool]:
+    def hold(
+        self,
+        key: str,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> Iterator[bool]:
         """Holds the lock of ``key`` for the ``with`` block; yields whether it was taken
         (always True when ``blocking``, which raises :class:`Busy` instead: when
-        :data:`MAX_WAITING_PER_KEY` already wait, or ``timeout_s`` passes first)."""
+        :data:`MAX_WAITING_PER_KEY` already wait, when ``timeout_s`` passes first, or
+        when ``still_wanted``, asked every :data:`WANTED_CHECK_S` while waiting, says
+        False)."""
         with self._mutex:
             entry = self._entries.setdefault(key, [threading.Lock(), 0])
             crowded = entry[1] > MAX_WAITING_PER_KEY
@@ -48,12 +61,7 @@ class KeyedLocks:
             yield False
             return
         try:
-            if not blocking:
-                taken = entry[0].acquire(False)
-            else:
-                taken = entry[0].acquire(True, -1 if timeout_s is None else max(timeout_s, 0.0))
-                if not taken:
-                    raise Busy("the branch stayed busy with another operation until the caller's deadline")
+            taken = entry[0].acquire(False) if not blocking else _wait(entry[0], timeout_s, still_wanted)
             try:
                 yield taken
             finally:
@@ -74,3 +82,22 @@ class KeyedLocks:
     def __len__(self) -> int:
         with self._mutex:
             return len(self._entries)
+
+
+def _wait(lock: threading.Lock, timeout_s: float | None, still_wanted: Callable[[], bool] | None) -> bool:
+    """Takes ``lock``, or raises :class:`Busy` once ``timeout_s`` passed or the caller is
+    no longer there."""
+    # grpc gives a call without a deadline a time remaining of centuries, which no lock
+    # takes as a timeout: a day or more is no deadline.
+    deadline = None if timeout_s is None or timeout_s >= DAY_S else time.monotonic() + max(timeout_s, 0.0)
+    while True:
+        slice_s = -1.0 if still_wanted is None else WANTED_CHECK_S
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Busy("the branch stayed busy with another operation until the caller's deadline")
+            slice_s = left if slice_s < 0 else min(slice_s, left)
+        if lock.acquire(True, slice_s):
+            return True
+        if still_wanted is not None and not still_wanted():
+            raise Busy("the caller went away while the branch was busy with another operation")

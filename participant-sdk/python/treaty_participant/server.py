@@ -16,9 +16,10 @@ named coordinator is trusted (PERMISSION_DENIED); only then the barrier and user
 Each call runs on a thread of a bounded pool (``max_workers``), with at most
 ``max_concurrent_rpcs`` accepted at once (RESOURCE_EXHAUSTED beyond). A call whose
 client gives up still runs to its end: user code and its record are never cut half-way.
-A call waiting for another operation on its branch to end waits only until its
-caller's deadline, and at most eight wait for one branch (UNAVAILABLE beyond), so
-that user code that does not end holds one thread, not every retry's.
+A call waiting for another operation on its branch to end waits only while its caller
+is there (not past its deadline, not cancelled: the coordinator cancels a call it gives
+up on), and at most eight wait for one branch (UNAVAILABLE beyond), so that user code
+that does not end holds one thread, not every retry's.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 payload=request.payload,
                 coordinator_endpoint=request.coordinator_endpoint,
                 wait_s=context.time_remaining(),
+                still_wanted=context.is_active,
             )
             return pb.PrepareBranchResponse(vote=_VOTES[reply.answer], reason=reply.reason)
 
@@ -148,6 +150,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 payload=request.payload,
                 coordinator_endpoint=request.coordinator_endpoint,
                 wait_s=context.time_remaining(),
+                still_wanted=context.is_active,
             )
             return pb.CommitBranchResponse(result=_COMMIT_RESULTS[reply.answer], reason=reply.reason)
 
@@ -156,7 +159,11 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     def Abort(self, request: pb.AbortBranchRequest, context: grpc.ServicerContext):
         def answer(ctx: BranchContext) -> pb.AbortBranchResponse:
             reply = self._barrier.handle(
-                self._participant, Request.ABORT, ctx, wait_s=context.time_remaining()
+                self._participant,
+                Request.ABORT,
+                ctx,
+                wait_s=context.time_remaining(),
+                still_wanted=context.is_active,
             )
             return pb.AbortBranchResponse(result=_ABORT_RESULTS[reply.answer])
 
@@ -171,6 +178,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 ctx,
                 payload=request.payload,
                 wait_s=context.time_remaining(),
+                still_wanted=context.is_active,
             )
             return pb.CompensateBranchResponse(result=pb.COMPENSATE_RESULT_COMPENSATED)
 
