@@ -97,8 +97,8 @@ pub struct CollectionReport {
     pub examined: usize,
     /// Records deleted.
     pub collected: usize,
-    /// Old records kept: in doubt, unreadable, not of a UUIDv7 transaction, their
-    /// branch's lock too much in demand, or not reached before a stop.
+    /// Old records kept: in doubt, unreadable, not of a UUIDv7 transaction, or their
+    /// branch busy with a call.
     pub kept: usize,
     /// The pass reached its end; the next round starts a new one.
     pub pass_done: bool,
@@ -131,7 +131,7 @@ impl<S: BarrierStore> BarrierCollector<S> {
     /// Runs rounds until `stop` becomes true (or its sender is dropped).
     pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            let pause_ms = match self.round(&mut stop).await {
+            let pause_ms = match self.round().await {
                 Ok(report) => {
                     if report.collected > 0 {
                         tracing::debug!(?report, "barrier records collected");
@@ -158,13 +158,11 @@ impl<S: BarrierStore> BarrierCollector<S> {
         }
     }
 
-    /// Examines the next page of old records and deletes the final ones. Once `stop` is
-    /// set (or its sender dropped) it waits for no more branch locks: a branch whose
-    /// user code does not end holds its lock for as long, and its record is kept.
-    pub async fn round(
-        &mut self,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<CollectionReport, BarrierError> {
+    /// Examines the next page of old records and deletes the final ones. It waits for
+    /// no branch's lock: a branch busy with a call keeps its record until a later pass
+    /// (a committed saga step is final, yet its compensation runs user code under the
+    /// lock, and user code that does not end would hold the collection for as long).
+    pub async fn round(&mut self) -> Result<CollectionReport, BarrierError> {
         if let Some(message) = self.barrier.store().failure() {
             return Err(StoreError::Failed(message).into());
         }
@@ -196,18 +194,9 @@ impl<S: BarrierStore> BarrierCollector<S> {
         // gone: a record deleted is final when it goes.
         let mut guards = Vec::with_capacity(candidates.len());
         let mut doomed = Vec::with_capacity(candidates.len());
-        let mut candidates = candidates.into_iter();
-        while let Some(key) = candidates.next() {
+        for key in candidates {
             let branch = BranchContext::new(key.transaction_id.clone(), key.branch_id.clone());
-            let locked = tokio::select! {
-                locked = self.barrier.locks.lock(lock_key(&branch)) => locked,
-                _ = stop.wait_for(|stopping| *stopping) => {
-                    report.kept += 1 + candidates.len();
-                    break;
-                }
-            };
-            // A branch whose lock is that much in demand is still being called about.
-            let Ok(guard) = locked else {
+            let Some(guard) = self.barrier.locks.try_lock(lock_key(&branch)) else {
                 report.kept += 1;
                 continue;
             };

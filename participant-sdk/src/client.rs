@@ -81,9 +81,12 @@ impl std::fmt::Debug for ClientOptions {
 }
 
 impl ClientOptions {
-    /// Refuses settings no client could use, naming the field.
+    /// Refuses settings no client could use, naming the field: keepalive out of range,
+    /// or a token that cannot be sent as a header.
     pub fn validate(&self) -> Result<(), String> {
-        self.keepalive().map(|_| ())
+        self.keepalive()?;
+        credentials(self).map_err(|e| format!("token: {e}"))?;
+        Ok(())
     }
 
     /// The keepalive's interval and timeout, each refused (naming it) outside

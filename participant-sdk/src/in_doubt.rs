@@ -83,8 +83,13 @@ impl Default for InDoubtOptions {
 impl InDoubtOptions {
     /// Refuses options with which branches in doubt would never be resolved (none asked
     /// about per round, every question timed out at once) or would wait for ever; the
-    /// error names the field. The token is checked where the server starts.
+    /// error names the field. The coordinator client's settings are checked too (a
+    /// token that cannot be sent, keepalive out of range): with them no coordinator
+    /// could be asked.
     pub fn validate(&self) -> Result<(), String> {
+        self.coordinator_client
+            .validate()
+            .map_err(|e| format!("in_doubt.coordinator_client.{e}"))?;
         let durations = [
             ("poll_interval_ms", self.poll_interval_ms, 1),
             ("ask_after_ms", self.ask_after_ms, 0),
@@ -503,6 +508,14 @@ mod tests {
         let refused = InDoubtResolver::new(Arc::new(Idle), barrier.clone(), options).unwrap_err();
         assert!(
             refused.starts_with("in_doubt.call_timeout_ms: "),
+            "{refused}"
+        );
+        // Nor with a client that could never ask a coordinator.
+        let mut options = InDoubtOptions::default();
+        options.coordinator_client.keepalive_interval_ms = 0;
+        let refused = InDoubtResolver::new(Arc::new(Idle), barrier.clone(), options).unwrap_err();
+        assert!(
+            refused.starts_with("in_doubt.coordinator_client.keepalive_interval_ms "),
             "{refused}"
         );
         assert!(InDoubtResolver::new(Arc::new(Idle), barrier, InDoubtOptions::default()).is_ok());

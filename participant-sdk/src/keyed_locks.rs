@@ -76,6 +76,23 @@ impl KeyedLocks {
         })
     }
 
+    /// `key`'s lock if no one holds or waits for it; `None` at once otherwise.
+    pub fn try_lock(&self, key: Vec<u8>) -> Option<KeyGuard<'_>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.contains_key(&key) {
+            return None;
+        }
+        let entry = entries.entry(key.clone()).or_default();
+        entry.users = 1;
+        let Ok(guard) = entry.mutex.clone().try_lock_owned() else {
+            unreachable!("a key's mutex is only held by a user counted in its entry");
+        };
+        Some(KeyGuard {
+            _guard: guard,
+            _place: Place { key, locks: self },
+        })
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -179,6 +196,22 @@ mod tests {
             waiter.await.unwrap();
         }
         assert!(locks.lock(b"k".to_vec()).await.is_ok());
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_try_takes_only_a_lock_no_one_holds_or_awaits() {
+        let locks = KeyedLocks::new();
+        let held = locks.lock(b"k".to_vec()).await.unwrap();
+        assert!(locks.try_lock(b"k".to_vec()).is_none());
+        let other = locks.try_lock(b"other".to_vec()).expect("a free key");
+        assert!(locks.try_lock(b"other".to_vec()).is_none());
+        drop((held, other));
+        assert_eq!(locks.len(), 0);
+        let tried = locks.try_lock(b"k".to_vec()).expect("free again");
+        let waiting = locks.lock(b"k".to_vec());
+        drop(tried);
+        drop(waiting.await.unwrap());
         assert_eq!(locks.len(), 0);
     }
 }

@@ -199,6 +199,13 @@ async fn a_verb_without_an_answer_is_reported_unknown() {
     let rows: serde_json::Value = serde_json::from_str(json).expect(&out);
     assert!(!ok, "{out}");
     assert_eq!(rows[0]["outcome"], "not_applied", "{out}");
+    // So is a request the coordinator refuses with a status (an unknown transaction).
+    let unknown = "01a24ce0-0000-7000-8000-000000000000";
+    let (ok, out) = treaty(&coordinator.endpoint, &["cancel", unknown, "--json"]).await;
+    let json = out.lines().next().unwrap_or_default();
+    let rows: serde_json::Value = serde_json::from_str(json).expect(&out);
+    assert!(!ok, "{out}");
+    assert_eq!(rows[0]["outcome"], "not_applied", "{out}");
     participant.stop().await;
     coordinator.stop().await.unwrap();
 }

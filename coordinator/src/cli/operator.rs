@@ -196,10 +196,16 @@ enum VerbOutcome {
 }
 
 impl VerbOutcome {
-    /// From a call that failed: only a refusal of the request itself says that nothing
-    /// was done; a broken connection or a server failure does not.
+    /// From a call that failed: only the coordinator's refusal of the request says that
+    /// nothing was done; a broken connection or a server failure does not. A status with
+    /// a source was made by this client from a transport error (an HTTP/2 reset can read
+    /// as RESOURCE_EXHAUSTED or PERMISSION_DENIED), and an answer too large to decode
+    /// (OUT_OF_RANGE) came after the verb was applied.
     fn of_failed_call(status: &tonic::Status) -> Self {
         use tonic::Code;
+        if std::error::Error::source(status).is_some() {
+            return VerbOutcome::Unknown;
+        }
         match status.code() {
             Code::InvalidArgument
             | Code::NotFound
@@ -208,7 +214,6 @@ impl VerbOutcome {
             | Code::Unauthenticated
             | Code::ResourceExhausted
             | Code::FailedPrecondition
-            | Code::OutOfRange
             | Code::Unimplemented => VerbOutcome::NotApplied,
             _ => VerbOutcome::Unknown,
         }
@@ -679,8 +684,13 @@ mod tests {
             tonic::Code::Internal,
             tonic::Code::DeadlineExceeded,
             tonic::Code::Cancelled,
+            tonic::Code::OutOfRange,
         ] {
             assert_eq!(outcome(unsaid), VerbOutcome::Unknown, "{unsaid:?}");
         }
+        // Made by the client from a transport error, whatever its code.
+        let mut reset = tonic::Status::new(tonic::Code::ResourceExhausted, "reset");
+        reset.set_source(std::sync::Arc::new(std::io::Error::other("reset")));
+        assert_eq!(VerbOutcome::of_failed_call(&reset), VerbOutcome::Unknown);
     }
 }

@@ -39,6 +39,10 @@ use target::{Branch, Target};
 /// Longest call timeout and restart wait accepted: ten minutes.
 const MAX_WAIT_MS: u64 = 600_000;
 
+/// The participant's channel pings only after this long without a frame: the 5 minutes
+/// that gRPC servers permit between pings by default.
+const PARTICIPANT_KEEPALIVE_INTERVAL_MS: u64 = 300_000;
+
 /// `treaty tck`: check a participant against the participant protocol.
 #[derive(Clone, clap::Args)]
 pub struct TckArgs {
@@ -148,6 +152,10 @@ impl TckArgs {
                 key: self.key.clone(),
             }),
             token: self.token.clone(),
+            // Each call has its own timeout; pings every 10 s on a long call would be
+            // policed by gRPC servers in other languages (GOAWAY "too_many_pings" after
+            // a few within their 5 minutes).
+            keepalive_interval_ms: PARTICIPANT_KEEPALIVE_INTERVAL_MS,
             ..Default::default()
         }
     }

@@ -181,16 +181,9 @@ where
         return Err(ServeError::Unauthenticated(local_addr));
     }
     options.barrier_gc.validate().map_err(ServeError::Options)?;
+    // Among them the token in-doubt branches are asked about with: an unusable one would
+    // leave them unresolved, so it stops the start instead.
     options.in_doubt.validate().map_err(ServeError::Options)?;
-    // In-doubt branches are asked about with this token: an unusable one would leave
-    // them unresolved, so it stops the start instead.
-    crate::client::credentials(&options.in_doubt.coordinator_client)
-        .map_err(|e| ServeError::Options(format!("in_doubt.coordinator_client.token: {e}")))?;
-    options
-        .in_doubt
-        .coordinator_client
-        .validate()
-        .map_err(|e| ServeError::Options(format!("in_doubt.coordinator_client.{e}")))?;
     // Without a list of coordinators, branches in doubt are asked about at the address
     // their Prepare named: a token would go to whoever sent that Prepare.
     if options.in_doubt.coordinator_client.token.is_some() && options.trust.endpoints().is_empty() {
