@@ -36,9 +36,9 @@ class InDoubtTest(TempDirTest):
         server = self.participant(in_doubt_apply_wait_ms=200)
         client = server.client()
         self.addCleanup(client.close)
-        stuck, other = uuid7(), uuid7()
+        stuck, other, pending = uuid7(), uuid7(), uuid7()
         fake.decisions[stuck] = coordinator_pb2.DECISION_COMMIT
-        fake.decisions[other] = coordinator_pb2.DECISION_ABORT
+        fake.decisions[other] = coordinator_pb2.DECISION_ABORT  # ``pending``: PENDING
         # The stuck branch's commit does not return until let go. It is held before the
         # barrier's lock and transaction, as in a database that locks rows: SQLite's one
         # writer would hold every other branch's write too, whatever the resolver does.
@@ -58,11 +58,14 @@ class InDoubtTest(TempDirTest):
         wait_until(lambda: server.barrier.record(other, "b").status.value == "aborted",
                    what="the other branch aborted while the first one's commit is held")
         self.assertEqual(server.barrier.record(stuck, "b").status.value, "prepared")
+        # While its commit runs, the branch is not asked about again: rounds go on (a
+        # branch left PENDING is asked in them) without it.
         asked = fake.asks_about(stuck)
+        self.assertEqual(client.prepare(pending, "b", b"vote=yes", fake.endpoint).vote, pb.VOTE_YES)
+        wait_until(lambda: fake.asks_about(pending) >= 3, what="three rounds asking about another branch")
+        self.assertEqual(fake.asks_about(stuck), asked)
         let_go.set()
         wait_until(lambda: server.barrier.record(stuck, "b").status.value == "committed", what="the held commit")
-        # While its commit ran, the branch was not asked about again.
-        self.assertEqual(fake.asks_about(stuck), asked)
 
     def test_commit_and_abort_are_applied_through_the_barrier(self):
         fake = self.coordinator()
@@ -83,6 +86,32 @@ class InDoubtTest(TempDirTest):
         self.assertEqual(client.abort(aborted, "b").result, pb.ABORT_RESULT_ABORTED)
         self.assertEqual(fake.asked[0][2].get("authorization"), f"Bearer {TOKEN}")
         self.assertEqual({asked[1] for asked in fake.asked}, {"b"})
+
+    def test_a_stop_waits_for_an_apply_still_running(self):
+        # The apply outlasted its wait and runs on by itself; a stop ended without it, so
+        # the barrier could be closed under it.
+        fake = self.coordinator()
+        server = self.participant(in_doubt_apply_wait_ms=100)
+        client = server.client()
+        self.addCleanup(client.close)
+        txn = uuid7()
+        fake.decisions[txn] = coordinator_pb2.DECISION_COMMIT
+        let_go = threading.Event()
+        self.addCleanup(let_go.set)
+        apply = server.barrier.handle
+
+        def held(participant, request, ctx, **options):
+            if request == Request.COMMIT:
+                let_go.wait(60)
+            return apply(participant, request, ctx, **options)
+
+        server.barrier.handle = held
+        self.assertEqual(client.prepare(txn, "b", b"vote=yes", fake.endpoint).vote, pb.VOTE_YES)
+        resolver = server.handle.resolver
+        wait_until(lambda: txn in {key[0] for key in resolver._applying}, what="the apply running on by itself")
+        threading.Timer(0.5, let_go.set).start()
+        resolver.stop(timeout_s=30)
+        self.assertEqual(server.barrier.record(txn, "b").status.value, "committed")
 
     def test_after_a_restart_the_rounds_of_a_pass_follow_one_another_while_they_resolve(self):
         fake = self.coordinator()

@@ -439,7 +439,8 @@ class DbApiBarrier:
     ) -> Reply:
         """Answers one request for one branch through the barrier (see the module docs).
         Raises a :class:`BarrierError` when there is no answer now. Waits for another
-        operation on the branch to end at most ``wait_s`` (None: as long as it takes),
+        operation on the branch to end at most ``wait_s`` (None, or a day or more: as
+        long as it takes),
         and only while ``still_wanted`` (if given) says True; raises
         :class:`BranchBusy` beyond, or at once when ``MAX_WAITING_PER_KEY`` already
         wait."""

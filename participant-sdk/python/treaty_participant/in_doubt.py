@@ -50,6 +50,8 @@ MAX_CACHED_COORDINATORS = 64
 MAX_REMEMBERED_BRANCHES = 100_000
 #: Applies that outlasted ``apply_wait_ms`` and still run, at most.
 MAX_APPLYING = 64
+#: How often a wait for an apply looks for a stop.
+STOP_CHECK_S = 0.1
 
 
 @dataclass
@@ -95,7 +97,10 @@ class InDoubtResolver:
         self._apply_wait_s = apply_wait_ms / 1000
         # Branches whose apply outlasted the wait and still runs on its own thread.
         self._applying: set[tuple[str, str]] = set()
+        # Every apply thread not yet known to have ended, for stop() to wait for.
+        self._apply_threads: list[threading.Thread] = []
         self._applying_lock = threading.Lock()
+        self._channels_lock = threading.Lock()
         self._metadata = (("authorization", f"Bearer {coordinator_token}"),) if coordinator_token else ()
         self._ca_pem = coordinator_ca_pem
         self._channels: dict[str, tuple[grpc.Channel, coordinator_pb2_grpc.CoordinatorStub]] = {}
@@ -114,12 +119,24 @@ class InDoubtResolver:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stops the rounds, then waits for applies still running, all within
+        ``timeout_s``: what an apply left when the barrier closes is rolled back, and the
+        branch stays in doubt for the next start."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
-        for channel, _ in self._channels.values():
-            channel.close()
-        self._channels.clear()
+        with self._applying_lock:
+            threads = list(self._apply_threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = sum(thread.is_alive() for thread in threads)
+        if left:
+            log.warning("%d outcome applies still running at stop; their branches stay in doubt", left)
+        with self._channels_lock:
+            for channel, _ in self._channels.values():
+                channel.close()
+            self._channels.clear()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -209,6 +226,10 @@ class InDoubtResolver:
         return response.decision
 
     def _stub(self, coordinator_endpoint: str) -> coordinator_pb2_grpc.CoordinatorStub:
+        with self._channels_lock:
+            return self._stub_locked(coordinator_endpoint)
+
+    def _stub_locked(self, coordinator_endpoint: str) -> coordinator_pb2_grpc.CoordinatorStub:
         cached = self._channels.get(coordinator_endpoint)
         if cached is not None:
             return cached[1]
@@ -247,16 +268,28 @@ class InDoubtResolver:
                 with self._applying_lock:
                     done.set()
                     self._applying.discard(key)
+                    self._apply_threads.remove(threading.current_thread())
 
-        threading.Thread(target=run, name="treaty-in-doubt-apply", daemon=True).start()
-        if done.wait(self._apply_wait_s):
-            return applied[0]
+        thread = threading.Thread(target=run, name="treaty-in-doubt-apply", daemon=True)
+        with self._applying_lock:
+            self._apply_threads.append(thread)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: this round asks no more
+            with self._applying_lock:
+                self._apply_threads.remove(thread)
+            raise
+        # In slices, so that a stop is not held up by the wait.
+        deadline = time.monotonic() + self._apply_wait_s
+        while not done.wait(min(STOP_CHECK_S, max(0.0, deadline - time.monotonic()))):
+            if self._stop.is_set() or time.monotonic() >= deadline:
+                break
         with self._applying_lock:
             if not done.is_set():
                 self._applying.add(key)
                 log.warning(
-                    "applying an outcome has not ended after %d ms; going on with other "
-                    "branches: txn_id=%s branch_id=%s",
+                    "applying an outcome has not ended (waited at most %d ms); going on "
+                    "without it: txn_id=%s branch_id=%s",
                     self._apply_wait_s * 1000,
                     branch.transaction_id,
                     branch.branch_id,

@@ -44,7 +44,8 @@ class KeyedLocks:
     ) -> Iterator[bool]:
         """Holds the lock of ``key`` for the ``with`` block; yields whether it was taken
         (always True when ``blocking``, which raises :class:`Busy` instead: when
-        :data:`MAX_WAITING_PER_KEY` already wait, when ``timeout_s`` passes first, or
+        :data:`MAX_WAITING_PER_KEY` already wait, when ``timeout_s`` passes first (a day
+        or more is no timeout), or
         when ``still_wanted``, asked every :data:`WANTED_CHECK_S` while waiting, says
         False)."""
         with self._mutex:
