@@ -452,6 +452,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
     use super::*;
+    use crate::{BranchContext, ParticipantError, Vote};
 
     #[test]
     fn options_that_would_never_resolve_a_branch_are_refused_by_name() {
@@ -477,8 +478,6 @@ mod tests {
         };
         assert_eq!(asks_at_once.validate(), Ok(()));
     }
-
-    use crate::{BranchContext, ParticipantError, Vote};
 
     /// Takes no part in anything.
     #[derive(Debug)]

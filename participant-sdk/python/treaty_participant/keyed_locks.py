@@ -45,9 +45,8 @@ class KeyedLocks:
         """Holds the lock of ``key`` for the ``with`` block; yields whether it was taken
         (always True when ``blocking``, which raises :class:`Busy` instead: when
         :data:`MAX_WAITING_PER_KEY` already wait, when ``timeout_s`` passes first (a day
-        or more is no timeout), or
-        when ``still_wanted``, asked every :data:`WANTED_CHECK_S` while waiting, says
-        False)."""
+        or more is no timeout), or when ``still_wanted``, asked every
+        :data:`WANTED_CHECK_S` while waiting, says False). A free lock is always taken."""
         with self._mutex:
             entry = self._entries.setdefault(key, [threading.Lock(), 0])
             crowded = entry[1] > MAX_WAITING_PER_KEY
@@ -90,6 +89,8 @@ def _wait(lock: threading.Lock, timeout_s: float | None, still_wanted: Callable[
     no longer there."""
     # grpc gives a call without a deadline a time remaining of centuries, which no lock
     # takes as a timeout: a day or more is no deadline.
+    if lock.acquire(False):
+        return True
     deadline = None if timeout_s is None or timeout_s >= DAY_S else time.monotonic() + max(timeout_s, 0.0)
     while True:
         slice_s = -1.0 if still_wanted is None else WANTED_CHECK_S
