@@ -132,6 +132,19 @@ pub fn endpoint_with(endpoint: &str, options: &ClientOptions) -> Result<Endpoint
     Ok(channel)
 }
 
+/// A stream's failure as the caller should read it: tonic reports a connection lost in
+/// the middle of a response stream (a reset, or a keepalive ping unanswered) as UNKNOWN,
+/// with the transport error as its source; that is UNAVAILABLE, as for a unary call.
+fn lost_or_as_is(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::Unknown && std::error::Error::source(&status).is_some() {
+        return tonic::Status::unavailable(format!(
+            "the connection to the coordinator was lost: {}",
+            status.message()
+        ));
+    }
+    status
+}
+
 /// The interceptor that presents `options.token`.
 pub fn credentials(options: &ClientOptions) -> Result<Credentials, ClientError> {
     match &options.token {
@@ -463,7 +476,7 @@ impl TreatyClient {
                     })),
                     _ => None,
                 },
-                Err(status) => Some(Err(ClientError::Status(status))),
+                Err(status) => Some(Err(ClientError::Status(lost_or_as_is(status)))),
             }
         })))
     }

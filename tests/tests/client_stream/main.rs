@@ -473,10 +473,40 @@ async fn a_call_whose_connection_goes_silent_fails_unavailable() {
         );
         assert!(started.elapsed() < PATIENCE, "{:?}", started.elapsed());
     }
-    // The coordinator went on without its caller.
+    // A watch whose connection goes silent ends UNAVAILABLE too (tonic said UNKNOWN).
+    let active = direct
+        .begin(
+            BeginOptions::default(),
+            vec![BranchSpec::new("x", &participant.endpoint, "yes")],
+        )
+        .await
+        .unwrap();
+    let link = SilentLink::start(&coordinator.endpoint).await;
+    let linked = TreatyClient::connect_with(&link.endpoint, &options)
+        .await
+        .unwrap();
+    let watch = linked
+        .watch(&active)
+        .await
+        .unwrap()
+        .expect("a known transaction");
+    let mut watch = std::pin::pin!(watch);
+    use futures::StreamExt;
+    let first = tokio::time::timeout(PATIENCE, watch.next()).await.unwrap();
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    link.go_silent();
+    let ended = tokio::time::timeout(PATIENCE, watch.next())
+        .await
+        .expect("the watch ends instead of waiting for ever");
+    let Some(Err(error)) = ended else {
+        panic!("the watch ended without an error: {ended:?}");
+    };
+    assert_eq!(error.code(), Some(Code::Unavailable), "{error}");
+    direct.abort(&active, "the test is over").await.unwrap();
+    // The coordinator went on without its callers.
     let (listed, _) = direct.list(&[], 100, "").await.unwrap();
-    assert_eq!(listed.len(), 2);
-    for transaction in listed {
+    assert_eq!(listed.len(), 3);
+    for transaction in listed.iter().filter(|t| t.transaction_id != active) {
         let finished = direct
             .wait_until_finished(&transaction.transaction_id, PATIENCE)
             .await
