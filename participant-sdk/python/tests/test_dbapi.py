@@ -3,11 +3,13 @@ one transaction or not at all; any DB-API paramstyle; a concurrent writer from a
 process is caught by the compare-and-set instead of being overwritten."""
 
 import sqlite3
+import threading
+import time
 import unittest
 
 from treaty_participant import DbApiBarrier, Mode, Participant, Request, SqliteBarrier, Vote
 from treaty_participant.answer_table import AbortAnswer, CommitAnswer
-from treaty_participant.barrier import ConcurrentChange, UserCodeFailed, _convert_placeholders
+from treaty_participant.barrier import ConcurrentChange, UserCodeFailed, _ConnectionPool, _convert_placeholders
 from treaty_participant.participant import BranchContext, VoteKind
 
 from .support import TempDirTest, uuid7
@@ -83,6 +85,56 @@ class UserConnectionTest(TempDirTest):
             self.handle(Request.COMMIT, txn, mode=Mode.TWO_PHASE)
         self.assertEqual(self.barrier.record(txn, "b").status.value, "prepared")
 
+    def test_a_constraint_refused_at_commit_fails_the_call_not_the_barrier(self):
+        # A deferred foreign key of the user's, checked at COMMIT: the database refuses
+        # the transaction and commits none of it. That failed the whole barrier (every
+        # later call INTERNAL, the server stopped) as if durability were lost.
+        self.connection.execute("PRAGMA foreign_keys = ON")
+        self.connection.executescript(
+            "CREATE TABLE parents (id TEXT PRIMARY KEY);"
+            "CREATE TABLE children (parent TEXT REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED);"
+        )
+        txn = uuid7()
+        self.handle(Request.PREPARE, txn)
+        self.orders.meddle = lambda ctx: ctx.cursor.execute("INSERT INTO children (parent) VALUES ('none')")
+        with self.assertRaisesRegex(UserCodeFailed, "refused the transaction at commit"):
+            self.handle(Request.COMMIT, txn, mode=Mode.TWO_PHASE)
+        self.assertIsNone(self.barrier.failure)
+        self.assertEqual((self.state(txn), self.barrier.record(txn, "b").status.value), ("held", "prepared"))
+        self.assertEqual(self.connection.execute("SELECT COUNT(*) FROM children").fetchone()[0], 0)
+        # Once the user's code is mended, the coordinator's next delivery commits.
+        self.orders.meddle = None
+        self.assertEqual(self.handle(Request.COMMIT, txn, mode=Mode.TWO_PHASE).answer, CommitAnswer.COMMITTED)
+        self.assertEqual(self.state(txn), "applied")
+
+    def test_a_prepare_that_returns_what_cannot_be_sent_is_a_failure_of_user_code(self):
+        # Each was answered INTERNAL ("unexpected error") or, for SystemExit, not at all.
+        class Returns(Participant):
+            def __init__(self, make):
+                self.make = make
+
+            def prepare(self, ctx, payload):
+                ctx.cursor.execute("INSERT INTO orders (txn, state) VALUES (?, 'held')", (ctx.transaction_id,))
+                return self.make()
+
+            def commit(self, ctx, payload):
+                pass
+
+            def abort(self, ctx, payload):
+                pass
+
+        def exits():
+            raise SystemExit(3)
+
+        for make in (lambda: Vote.no(RuntimeError("out of stock")), lambda: Vote("yes"),
+                     lambda: Vote.no("broken \ud800 text"), exits):
+            txn = uuid7()
+            with self.assertRaises(UserCodeFailed):
+                self.barrier.handle(Returns(make), Request.PREPARE, BranchContext(txn, "b"))
+            self.assertIsNone(self.barrier.record(txn, "b"))
+            self.assertIsNone(self.state(txn))
+        self.assertIsNone(self.barrier.failure)
+
     def test_a_connection_tied_to_its_thread_is_refused(self):
         tied = sqlite3.connect(str(self.tmp / "other.db"))
         self.addCleanup(tied.close)
@@ -137,6 +189,24 @@ class GenericDbApiTest(TempDirTest):
                          ("SELECT a FROM t WHERE b = :p1 AND c = :p2", {"p1": 1, "p2": 2}))
         with self.assertRaisesRegex(ValueError, "paramstyle"):
             DbApiBarrier(lambda: None, paramstyle="dollar", create_table=False)
+
+
+class ConnectionPoolTest(unittest.TestCase):
+    def test_a_discarded_connection_lets_a_waiting_caller_open_another(self):
+        # A waiter slept until a connection was given back; one discarded (broken) freed a
+        # slot but woke no one, so the waiter sat out its whole wait and failed.
+        pool = _ConnectionPool(lambda: sqlite3.connect(":memory:", check_same_thread=False), 1)
+        held = pool.acquire(1)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(pool.acquire(30)))
+        waiter.start()
+        time.sleep(0.2)  # the waiter is (most likely) waiting by now; either way it must get one
+        pool.discard(held)
+        waiter.join(10)
+        self.assertFalse(waiter.is_alive(), "the waiter got a connection within 10 s of the discard")
+        self.assertEqual(len(got), 1)
+        self.assertIsNot(got[0], held)
+        pool.close_all()
 
 
 if __name__ == "__main__":

@@ -137,6 +137,10 @@ def _convert_placeholders(sql: str, params: Sequence[Any], paramstyle: str):
     raise ValueError(f"paramstyle: {paramstyle!r} is not a DB-API 2.0 paramstyle")
 
 
+#: Put in the pool's queue when a connection is discarded: a slot to open one in.
+_VACANCY = object()
+
+
 class _ConnectionPool:
     """At most ``max_connections`` connections; a caller waits for a free one."""
 
@@ -151,26 +155,31 @@ class _ConnectionPool:
         self.owns_connections = True
 
     def acquire(self, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
         try:
-            return self._idle.get_nowait()
+            item = self._idle.get_nowait()
         except queue.Empty:
-            pass
-        with self._mutex:
-            if self._created < self._max:
-                self._created += 1
-                try:
-                    connection = self._connect()
-                except BaseException:
-                    self._created -= 1
-                    raise
-                self._all.append(connection)
-                return connection
-        try:
-            return self._idle.get(timeout=timeout_s)
-        except queue.Empty:
-            raise StoreError(
-                f"no barrier database connection became free within {timeout_s:.0f} s"
-            ) from None
+            item = _VACANCY
+        while True:
+            if item is not _VACANCY:
+                return item
+            with self._mutex:
+                if self._created < self._max:
+                    self._created += 1
+                    try:
+                        connection = self._connect()
+                    except BaseException:
+                        self._created -= 1
+                        raise
+                    self._all.append(connection)
+                    return connection
+            # Wait for a connection given back, or for a slot a discard freed.
+            try:
+                item = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise StoreError(
+                    f"no barrier database connection became free within {timeout_s:.0f} s"
+                ) from None
 
     def release(self, connection: Any) -> None:
         self._idle.put(connection)
@@ -187,6 +196,8 @@ class _ConnectionPool:
             connection.close()
         except Exception:  # noqa: BLE001 - closing a broken connection may fail too
             pass
+        # Wakes one caller waiting for a connection: it may open one in the slot freed.
+        self._idle.put(_VACANCY)
 
     def close_all(self) -> None:
         if not self.owns_connections:
@@ -367,11 +378,16 @@ class DbApiBarrier:
             )
 
     def _commit(self, connection: Any) -> None:
-        """Commits durably; a failure is fatal (nothing may be answered from records that
-        may not be on disk)."""
+        """Commits durably. A failure whose outcome is unknown is fatal (nothing may be
+        answered from records that may not be on disk); one where the database refused
+        the transaction, so that none of it is committed, is not: the operation's
+        rollback ends it, and the call is answered UNAVAILABLE."""
         try:
             connection.commit()
         except Exception as error:  # noqa: BLE001 - any driver error at COMMIT
+            refused = _refused_at_commit(connection, error)
+            if refused is not None:
+                raise refused from error
             self._fail(f"committing a barrier record failed: {error}")
             raise StoreError(self._failure) from error
         # A connection whose commit() does nothing (sqlite3 with autocommit=True) would
@@ -529,11 +545,7 @@ class DbApiBarrier:
                 return step.reply
             if isinstance(step, RunPrepare):
                 vote = self._run_user(participant.prepare, user_ctx, payload, "prepare")
-                if not isinstance(vote, Vote):
-                    raise UserCodeFailed(
-                        f"prepare returned {type(vote).__name__}, not a Vote "
-                        "(use Vote.yes(), Vote.no(reason) or Vote.read_only())"
-                    )
+                _check_vote(vote)
                 reason = truncate_reason(vote.reason) if vote.kind is VoteKind.NO else ""
                 new = BranchRecord(
                     mode=step.mode,
@@ -592,7 +604,9 @@ class DbApiBarrier:
     def _run_user(self, function: Callable, ctx: BranchContext, payload: bytes, name: str) -> Any:
         try:
             result = function(ctx, payload)
-        except Exception as error:  # noqa: BLE001 - user code may raise anything
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # noqa: BLE001 - user code may raise anything, SystemExit too
             log.warning(
                 "participant code failed: txn_id=%s branch_id=%s operation=%s error=%s",
                 ctx.transaction_id,
@@ -786,6 +800,50 @@ class SqliteBarrier(DbApiBarrier):
         )
         if isinstance(database, sqlite3.Connection):
             self._pool.owns_connections = False
+
+
+def _check_vote(vote: Any) -> None:
+    """Refuses what ``prepare`` returned unless it is a vote that can be recorded and sent,
+    as a failure of user code (UNAVAILABLE), not of the SDK."""
+    if not isinstance(vote, Vote) or not isinstance(vote.kind, VoteKind):
+        raise UserCodeFailed(
+            f"prepare returned {type(vote).__name__}, not a Vote "
+            "(use Vote.yes(), Vote.no(reason) or Vote.read_only())"
+        )
+    if not isinstance(vote.reason, str):
+        raise UserCodeFailed(f"prepare's Vote.no reason is a {type(vote.reason).__name__}, not a str")
+    try:
+        vote.reason.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UserCodeFailed(f"prepare's Vote.no reason is not valid text: {error}") from None
+
+
+#: SQLSTATEs of a transaction the database rolled back for contention: a serialization
+#: failure, a deadlock.
+_CONTENTION_SQLSTATES = ("40001", "40P01")
+
+
+def _refused_at_commit(connection: Any, error: Exception) -> BarrierError | None:
+    """What a failed COMMIT means when the database refused the transaction (none of it
+    committed), or None when the outcome is unknown (the connection lost, an I/O error).
+
+    - An integrity error: a constraint of the user's, checked at commit (deferred), failed.
+    - A serialization failure or deadlock (SQLSTATE 40001, 40P01; psycopg's ``pgcode``
+      or ``sqlstate``).
+    - SQLite busy or locked with the transaction still open: nothing was committed.
+    """
+    if any(kind.__name__ == "IntegrityError" for kind in type(error).__mro__):
+        return UserCodeFailed(f"the database refused the transaction at commit: {error}")
+    sqlstate = getattr(error, "pgcode", None) or getattr(error, "sqlstate", None)
+    if sqlstate in _CONTENTION_SQLSTATES:
+        return ConcurrentChange(f"the database rolled the transaction back at commit: {error}")
+    if (
+        isinstance(error, sqlite3.OperationalError)
+        and _is_lock_contention(error)
+        and getattr(connection, "in_transaction", False)
+    ):
+        return ConcurrentChange(f"the database is busy: {error}")
+    return None
 
 
 def _is_lock_contention(error: sqlite3.OperationalError) -> bool:
