@@ -242,7 +242,8 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
 def make_certificates(directory: pathlib.Path) -> dict[str, bytes] | None:
     """A CA, a server certificate for 127.0.0.1/localhost, and client certificates named
-    ``coordinator.test`` and ``stranger.test``, made with the openssl command line;
+    ``coordinator.test`` and ``stranger.test`` (and ``mailer.test``, whose email and IP
+    SANs are ``coordinator.test`` and ``10.9.8.7``), made with the openssl command line;
     None when openssl is not installed."""
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -256,8 +257,11 @@ def make_certificates(directory: pathlib.Path) -> dict[str, bytes] | None:
         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     for name, san in (("server", "IP:127.0.0.1,DNS:localhost"),
                       ("coordinator", "DNS:coordinator.test"),
-                      ("stranger", "DNS:stranger.test")):
-        cn = {"server": "localhost", "coordinator": "coordinator.test", "stranger": "stranger.test"}[name]
+                      ("stranger", "DNS:stranger.test"),
+                      # Named like the coordinator only in SANs that are not names of hosts.
+                      ("mailer", "email:coordinator.test,IP:10.9.8.7")):
+        cn = {"server": "localhost", "coordinator": "coordinator.test", "stranger": "stranger.test",
+              "mailer": "mailer.test"}[name]
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
             "-subj", f"/CN={cn}")
         (directory / f"{name}.ext").write_text(

@@ -137,6 +137,18 @@ class TlsTest(TempDirTest):
         with self.assertRaises(grpc.RpcError) as refused:
             stranger.prepare(uuid7(), "b", b"vote=yes")
         self.assertEqual(refused.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
+        # Only DNS and URI SANs and the CN name a peer, as in the Rust SDK: an email or IP
+        # SAN that reads like an accepted identity does not (it did).
+        for identities in (["coordinator.test"], ["10.9.8.7"]):
+            other = self.serve_tls(
+                tls_options={"client_ca_pem": self.certs["ca.pem"]},
+                accepted_identities=identities,
+                trusted_coordinators=[COORDINATOR],
+            )
+            mailer = self.client(other, client_cert=(self.certs["mailer.pem"], self.certs["mailer.key"]))
+            with self.assertRaises(grpc.RpcError) as refused:
+                mailer.prepare(uuid7(), "b", b"vote=yes")
+            self.assertEqual(refused.exception.code(), grpc.StatusCode.PERMISSION_DENIED, identities)
         # grpcio cannot make a client certificate optional: without one, no connection.
         with self.assertRaises(grpc.RpcError) as anonymous:
             self.client(server).prepare(uuid7(), "b", b"vote=yes")

@@ -94,11 +94,13 @@ def _trace(metadata: Sequence[tuple[str, object]]) -> tuple[str | None, str | No
 
 
 def _peer_names(context: grpc.ServicerContext) -> list[str]:
-    """The verified client certificate's names: subject alternative names, then the
-    common name (empty without a verified client certificate)."""
+    """The verified client certificate's names, as the Rust SDK reads them: its DNS and
+    URI subject alternative names, then its common name (empty without a verified client
+    certificate). Email and IP SANs name no peer: grpc's ``x509_subject_alternative_name``
+    holds them too, so it is not read."""
     auth = context.auth_context() or {}
     names: list[str] = []
-    for key in ("x509_subject_alternative_name", "peer_dns", "peer_uri", "x509_common_name"):
+    for key in ("peer_dns", "peer_uri", "x509_common_name"):
         for value in auth.get(key, ()):
             name = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
             if name not in names:
