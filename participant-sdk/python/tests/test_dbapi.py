@@ -9,7 +9,13 @@ import unittest
 
 from treaty_participant import DbApiBarrier, Mode, Participant, Request, SqliteBarrier, Vote
 from treaty_participant.answer_table import AbortAnswer, CommitAnswer
-from treaty_participant.barrier import ConcurrentChange, UserCodeFailed, _ConnectionPool, _convert_placeholders
+from treaty_participant.barrier import (
+    ConcurrentChange,
+    StoreError,
+    UserCodeFailed,
+    _ConnectionPool,
+    _convert_placeholders,
+)
 from treaty_participant.participant import BranchContext, VoteKind
 
 from .support import TempDirTest, uuid7
@@ -179,6 +185,35 @@ class GenericDbApiTest(TempDirTest):
         with self.assertRaises(ConcurrentChange):
             barrier.handle(orders, Request.COMMIT, BranchContext(txn, "b"), mode=Mode.TWO_PHASE)
         self.assertEqual(barrier.record(txn, "b").status.value, "aborted")
+
+    def test_a_connection_in_autocommit_mode_is_refused(self):
+        # Each statement would commit by itself: the user's effect could be durable
+        # without its record. Only SQLite's autocommit was refused.
+        db = str(self.tmp / "autocommit.db")
+
+        class Autocommitting:
+            """A DB-API connection that says it is in autocommit mode (as psycopg's)."""
+
+            autocommit = True
+
+            def __init__(self):
+                self._inner = sqlite3.connect(db, timeout=30, check_same_thread=False)
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+        with self.assertRaisesRegex(StoreError, "autocommit mode"):
+            DbApiBarrier(Autocommitting, paramstyle="qmark")
+        # A table made beforehand: refused at the first operation, with nothing written.
+        barrier = DbApiBarrier(lambda: sqlite3.connect(db, timeout=30, check_same_thread=False),
+                               paramstyle="qmark")
+        barrier.close()
+        barrier = DbApiBarrier(Autocommitting, paramstyle="qmark", create_table=False)
+        self.addCleanup(barrier.close)
+        with self.assertRaisesRegex(StoreError, "autocommit mode"):
+            barrier.handle(Orders(), Request.PREPARE, BranchContext(uuid7(), "b"))
+        count = sqlite3.connect(db).execute("SELECT COUNT(*) FROM treaty_barrier").fetchone()[0]
+        self.assertEqual(count, 0)
 
     def test_placeholders_for_every_paramstyle(self):
         sql = "SELECT a FROM t WHERE b = ? AND c = ?"

@@ -287,11 +287,19 @@ class DbApiBarrier:
 
     def _acquire(self) -> Any:
         try:
-            return self._pool.acquire(self._connection_wait_s)
+            connection = self._pool.acquire(self._connection_wait_s)
         except StoreError:
             raise
         except Exception as error:  # noqa: BLE001 - any driver error opening a connection
             raise StoreError(f"opening a barrier database connection: {error}") from error
+        if _autocommits(connection):
+            self._pool.release(connection)
+            raise StoreError(
+                "the barrier's database connection is in autocommit mode: each statement "
+                "would commit by itself, and an effect could be durable without its record; "
+                "open connections with autocommit off"
+            )
+        return connection
 
     def _execute(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         sql, converted = _convert_placeholders(sql, params, self._paramstyle)
@@ -800,6 +808,21 @@ class SqliteBarrier(DbApiBarrier):
         )
         if isinstance(database, sqlite3.Connection):
             self._pool.owns_connections = False
+
+
+def _autocommits(connection: Any) -> bool:
+    """Whether a DB-API connection commits each statement by itself: an ``autocommit``
+    attribute that is True (psycopg, sqlite3 3.12+), or ``get_autocommit()`` True
+    (PyMySQL, mysqlclient)."""
+    if getattr(connection, "autocommit", None) is True:
+        return True
+    get_autocommit = getattr(connection, "get_autocommit", None)
+    if callable(get_autocommit):
+        try:
+            return get_autocommit() is True
+        except Exception:  # noqa: BLE001 - a driver that cannot say is taken at its word
+            return False
+    return False
 
 
 def _check_vote(vote: Any) -> None:
