@@ -11,6 +11,7 @@ from treaty_participant import DbApiBarrier, Mode, Participant, Request, SqliteB
 from treaty_participant.answer_table import AbortAnswer, CommitAnswer
 from treaty_participant.barrier import (
     ConcurrentChange,
+    StoreBusy,
     StoreError,
     UserCodeFailed,
     _ConnectionPool,
@@ -215,6 +216,52 @@ class GenericDbApiTest(TempDirTest):
         count = sqlite3.connect(db).execute("SELECT COUNT(*) FROM treaty_barrier").fetchone()[0]
         self.assertEqual(count, 0)
 
+    def test_contention_on_the_barriers_own_write_is_no_answer_now(self):
+        # A serialization failure or deadlock (PostgreSQL's 40001, 40P01) on the
+        # barrier's INSERT was answered INTERNAL, as if the database were broken.
+        db = str(self.tmp / "contended.db")
+        setup = sqlite3.connect(db)
+        setup.execute("CREATE TABLE orders (txn TEXT PRIMARY KEY, state TEXT)")
+        setup.commit()
+        setup.close()
+
+        class SerializationFailure(Exception):
+            pgcode = "40001"
+
+        contended = [True]
+
+        class Cursor:
+            def __init__(self, inner):
+                self._inner = inner
+
+            def execute(self, sql, params=()):
+                if contended[0] and sql.startswith("INSERT INTO treaty_barrier"):
+                    raise SerializationFailure("could not serialize access")
+                return self._inner.execute(sql, params)
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+        class Connection:
+            def __init__(self):
+                self._inner = sqlite3.connect(db, timeout=30, check_same_thread=False)
+
+            def cursor(self):
+                return Cursor(self._inner.cursor())
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+        barrier = DbApiBarrier(Connection, paramstyle="qmark")
+        self.addCleanup(barrier.close)
+        txn = uuid7()
+        with self.assertRaises(ConcurrentChange):
+            barrier.handle(Orders(), Request.PREPARE, BranchContext(txn, "b"))
+        self.assertIsNone(barrier.failure)
+        self.assertIsNone(barrier.record(txn, "b"))
+        contended[0] = False
+        self.assertEqual(barrier.handle(Orders(), Request.PREPARE, BranchContext(txn, "b")).answer, VoteKind.YES)
+
     def test_placeholders_for_every_paramstyle(self):
         sql = "SELECT a FROM t WHERE b = ? AND c = ?"
         self.assertEqual(_convert_placeholders(sql, (1, 2), "qmark"), (sql, (1, 2)))
@@ -227,6 +274,17 @@ class GenericDbApiTest(TempDirTest):
 
 
 class ConnectionPoolTest(unittest.TestCase):
+    def test_a_wait_that_runs_out_is_busy_not_broken(self):
+        # Every connection in use for the whole wait: no answer now (UNAVAILABLE), not a
+        # failure of the database (INTERNAL).
+        pool = _ConnectionPool(lambda: sqlite3.connect(":memory:", check_same_thread=False), 1)
+        held = pool.acquire(1)
+        with self.assertRaises(StoreBusy):
+            pool.acquire(0.05)
+        pool.release(held)
+        self.assertIs(pool.acquire(1), held)
+        pool.close_all()
+
     def test_a_discarded_connection_lets_a_waiting_caller_open_another(self):
         # A waiter slept until a connection was given back; one discarded (broken) freed a
         # slot but woke no one, so the waiter sat out its whole wait and failed.

@@ -82,6 +82,11 @@ class BranchBusy(BarrierError):
     Nothing ran."""
 
 
+class StoreBusy(BarrierError):
+    """Every barrier database connection stayed in use for the whole wait (UNAVAILABLE).
+    Nothing ran."""
+
+
 class StoreError(BarrierError):
     """The barrier's database failed (INTERNAL); nothing new was recorded."""
 
@@ -177,7 +182,7 @@ class _ConnectionPool:
             try:
                 item = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise StoreError(
+                raise StoreBusy(
                     f"no barrier database connection became free within {timeout_s:.0f} s"
                 ) from None
 
@@ -288,7 +293,7 @@ class DbApiBarrier:
     def _acquire(self) -> Any:
         try:
             connection = self._pool.acquire(self._connection_wait_s)
-        except StoreError:
+        except BarrierError:
             raise
         except Exception as error:  # noqa: BLE001 - any driver error opening a connection
             raise StoreError(f"opening a barrier database connection: {error}") from error
@@ -607,6 +612,8 @@ class DbApiBarrier:
         except BarrierError:
             raise
         except Exception as error:  # noqa: BLE001 - any driver error
+            if _rolled_back_for_contention(error):
+                raise ConcurrentChange(f"the database rolled the write back: {error}") from error
             raise StoreError(f"writing the barrier record: {error}") from error
 
     def _run_user(self, function: Callable, ctx: BranchContext, payload: bytes, name: str) -> Any:
@@ -857,8 +864,7 @@ def _refused_at_commit(connection: Any, error: Exception) -> BarrierError | None
     """
     if any(kind.__name__ == "IntegrityError" for kind in type(error).__mro__):
         return UserCodeFailed(f"the database refused the transaction at commit: {error}")
-    sqlstate = getattr(error, "pgcode", None) or getattr(error, "sqlstate", None)
-    if sqlstate in _CONTENTION_SQLSTATES:
+    if _rolled_back_for_contention(error):
         return ConcurrentChange(f"the database rolled the transaction back at commit: {error}")
     if (
         isinstance(error, sqlite3.OperationalError)
@@ -867,6 +873,13 @@ def _refused_at_commit(connection: Any, error: Exception) -> BarrierError | None
     ):
         return ConcurrentChange(f"the database is busy: {error}")
     return None
+
+
+def _rolled_back_for_contention(error: Exception) -> bool:
+    """A serialization failure or deadlock, by its SQLSTATE (psycopg's ``pgcode`` or
+    ``sqlstate``): the database rolled the transaction back, and a retry may succeed."""
+    sqlstate = getattr(error, "pgcode", None) or getattr(error, "sqlstate", None)
+    return sqlstate in _CONTENTION_SQLSTATES
 
 
 def _is_lock_contention(error: sqlite3.OperationalError) -> bool:

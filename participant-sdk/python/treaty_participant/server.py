@@ -10,6 +10,7 @@ named coordinator is trusted (PERMISSION_DENIED); only then the barrier and user
 |-----------------------------------------|---------------------|
 | user code raised; concurrent change     | UNAVAILABLE         |
 | branch busy (too many wait, or deadline)| UNAVAILABLE         |
+| every database connection in use        | UNAVAILABLE         |
 | no record, past the barrier retention   | FAILED_PRECONDITION |
 | the barrier's database failed           | INTERNAL            |
 
@@ -44,6 +45,7 @@ from .barrier import (
     ConcurrentChange,
     DbApiBarrier,
     PastRetention,
+    StoreBusy,
     StoreError,
     UserCodeFailed,
 )
@@ -218,7 +220,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except _Refused as refusal:
             code, message = refusal.code, str(refusal)
-        except (UserCodeFailed, ConcurrentChange, BranchBusy) as error:
+        except (UserCodeFailed, ConcurrentChange, BranchBusy, StoreBusy) as error:
             code, message = grpc.StatusCode.UNAVAILABLE, str(error)
         except PastRetention as error:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(error)
