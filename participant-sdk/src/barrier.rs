@@ -548,4 +548,4 @@ pub(crate) fn now_unix_ms() -> u64 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -452,7 +452,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
     use super::*;
-    use crate::{BranchContext, ParticipantError, Vote};
+    use crate::barrier::tests::Yes;
 
     #[test]
     fn options_that_would_never_resolve_a_branch_are_refused_by_name() {
@@ -479,22 +479,6 @@ mod tests {
         assert_eq!(asks_at_once.validate(), Ok(()));
     }
 
-    /// Takes no part in anything.
-    #[derive(Debug)]
-    struct Idle;
-
-    impl Participant for Idle {
-        async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
-            Ok(Vote::Yes)
-        }
-        async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
-            Ok(())
-        }
-        async fn abort(&self, _: &BranchContext, _: &[u8]) -> Result<(), ParticipantError> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn a_resolver_is_not_made_with_options_that_would_resolve_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -504,7 +488,7 @@ mod tests {
             call_timeout_ms: 0,
             ..InDoubtOptions::default()
         };
-        let refused = InDoubtResolver::new(Arc::new(Idle), barrier.clone(), options).unwrap_err();
+        let refused = InDoubtResolver::new(Arc::new(Yes), barrier.clone(), options).unwrap_err();
         assert!(
             refused.starts_with("in_doubt.call_timeout_ms: "),
             "{refused}"
@@ -512,11 +496,11 @@ mod tests {
         // Nor with a client that could never ask a coordinator.
         let mut options = InDoubtOptions::default();
         options.coordinator_client.keepalive_interval_ms = 0;
-        let refused = InDoubtResolver::new(Arc::new(Idle), barrier.clone(), options).unwrap_err();
+        let refused = InDoubtResolver::new(Arc::new(Yes), barrier.clone(), options).unwrap_err();
         assert!(
             refused.starts_with("in_doubt.coordinator_client.keepalive_interval_ms "),
             "{refused}"
         );
-        assert!(InDoubtResolver::new(Arc::new(Idle), barrier, InDoubtOptions::default()).is_ok());
+        assert!(InDoubtResolver::new(Arc::new(Yes), barrier, InDoubtOptions::default()).is_ok());
     }
 }

@@ -79,13 +79,15 @@ impl KeyedLocks {
     /// `key`'s lock if no one holds or waits for it; `None` at once otherwise.
     pub fn try_lock(&self, key: Vec<u8>) -> Option<KeyGuard<'_>> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.contains_key(&key) {
+        let std::collections::hash_map::Entry::Vacant(vacant) = entries.entry(key.clone()) else {
             return None;
-        }
-        let entry = entries.entry(key.clone()).or_default();
-        entry.users = 1;
+        };
+        let entry = vacant.insert(Entry {
+            users: 1,
+            ..Entry::default()
+        });
         let Ok(guard) = entry.mutex.clone().try_lock_owned() else {
-            unreachable!("a key's mutex is only held by a user counted in its entry");
+            unreachable!("a new entry's mutex is held by no one");
         };
         Some(KeyGuard {
             _guard: guard,

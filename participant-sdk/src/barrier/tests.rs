@@ -5,8 +5,9 @@ use super::*;
 use crate::durable::{MAX_GROUP_COMMIT_HOLD, StoreOptions};
 use crate::{ParticipantError, Vote};
 
-/// Votes YES and does nothing else.
-struct Yes;
+/// Votes YES and does nothing else (the crate's other tests use it too).
+#[derive(Debug)]
+pub(crate) struct Yes;
 
 impl Participant for Yes {
     async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, ParticipantError> {
