@@ -116,14 +116,13 @@ async fn txn_list_show_watch_and_outcome() {
     coordinator.stop().await.unwrap();
 }
 
-/// A `txn watch` whose connection goes silent (the coordinator's host lost power, or a
-/// middlebox dropped the flow: nothing closes it) ends with an error once its pings go
-/// unanswered for `--call-timeout-ms`; it waited for ever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_whose_connection_goes_silent_ends() {
-    let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
-    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+/// A coordinator and a participant in `dir`, an ACTIVE transaction over that
+/// participant, and a link to the coordinator that can go silent.
+async fn active_behind_a_link(
+    dir: &std::path::Path,
+) -> (Coordinator, ParticipantServer, String, SilentLink) {
+    let coordinator = Coordinator::start(&dir.join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.join("p")).await;
     let active = coordinator
         .client()
         .await
@@ -134,6 +133,22 @@ async fn a_watch_whose_connection_goes_silent_ends() {
         .await
         .unwrap();
     let link = SilentLink::start(&coordinator.endpoint).await;
+    (coordinator, participant, active, link)
+}
+
+/// The JSON array a `--json` verb printed on its first line.
+fn json_rows(out: &str) -> serde_json::Value {
+    let json = out.lines().next().unwrap_or_default();
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// A `txn watch` whose connection goes silent (the coordinator's host lost power, or a
+/// middlebox dropped the flow: nothing closes it) ends with an error once its pings go
+/// unanswered for `--call-timeout-ms`; it waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_connection_goes_silent_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, participant, active, link) = active_behind_a_link(dir.path()).await;
     let mut watch = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
         .args(["txn", "watch", &active, "--call-timeout-ms", "1000"])
         .args(["--coordinator", &link.endpoint])
@@ -169,18 +184,7 @@ async fn a_watch_whose_connection_goes_silent_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verb_without_an_answer_is_reported_unknown() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
-    let participant = ParticipantServer::start(&dir.path().join("p")).await;
-    let active = coordinator
-        .client()
-        .await
-        .begin(
-            BeginOptions::default(),
-            vec![BranchSpec::new("x", &participant.endpoint, "yes")],
-        )
-        .await
-        .unwrap();
-    let link = SilentLink::start(&coordinator.endpoint).await;
+    let (coordinator, participant, active, link) = active_behind_a_link(dir.path()).await;
     link.go_silent();
     let (ok, out) = treaty(
         &link.endpoint,
@@ -188,22 +192,19 @@ async fn a_verb_without_an_answer_is_reported_unknown() {
     )
     .await;
     assert!(!ok, "{out}");
-    let json = out.lines().next().unwrap_or_default();
-    let rows: serde_json::Value = serde_json::from_str(json).expect(&out);
+    let rows = json_rows(&out);
     assert_eq!(rows[0]["transaction_id"], active.as_str(), "{out}");
     assert_eq!(rows[0]["outcome"], "unknown", "{out}");
     assert_eq!(rows[0]["applied"], false, "{out}");
     // Refused by the coordinator: not applied, and said so.
     let (ok, out) = treaty(&coordinator.endpoint, &["resume", &active, "--json"]).await;
-    let json = out.lines().next().unwrap_or_default();
-    let rows: serde_json::Value = serde_json::from_str(json).expect(&out);
+    let rows = json_rows(&out);
     assert!(!ok, "{out}");
     assert_eq!(rows[0]["outcome"], "not_applied", "{out}");
     // So is a request the coordinator refuses with a status (an unknown transaction).
     let unknown = "01a24ce0-0000-7000-8000-000000000000";
     let (ok, out) = treaty(&coordinator.endpoint, &["cancel", unknown, "--json"]).await;
-    let json = out.lines().next().unwrap_or_default();
-    let rows: serde_json::Value = serde_json::from_str(json).expect(&out);
+    let rows = json_rows(&out);
     assert!(!ok, "{out}");
     assert_eq!(rows[0]["outcome"], "not_applied", "{out}");
     participant.stop().await;

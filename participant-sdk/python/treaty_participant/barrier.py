@@ -476,26 +476,15 @@ class DbApiBarrier:
         key = f"{ctx.transaction_id}/{ctx.branch_id}"
         try:
             with self._locks.hold(key, timeout_s=wait_s, still_wanted=still_wanted):
-                return self._handle_locked(participant, request, ctx, mode, payload, coordinator_endpoint)
+                # At most two rounds: a one-phase commit or saga step records its vote,
+                # then is planned again as a commit of that state.
+                for _ in range(2):
+                    outcome = self._one_transaction(participant, request, ctx, mode, payload, coordinator_endpoint)
+                    if outcome is not None:
+                        return outcome
+                raise AssertionError("a commit was planned as a prepare twice")
         except Busy as busy:
             raise BranchBusy(str(busy)) from None
-
-    def _handle_locked(
-        self,
-        participant: Participant,
-        request: Request,
-        ctx: BranchContext,
-        mode: Mode | None,
-        payload: bytes,
-        coordinator_endpoint: str,
-    ) -> Reply:
-        # At most two rounds: a one-phase commit or saga step records its vote, then is
-        # planned again as a commit of that state.
-        for _ in range(2):
-            outcome = self._one_transaction(participant, request, ctx, mode, payload, coordinator_endpoint)
-            if outcome is not None:
-                return outcome
-        raise AssertionError("a commit was planned as a prepare twice")
 
     def _one_transaction(
         self,
