@@ -196,15 +196,20 @@ enum VerbOutcome {
 }
 
 impl VerbOutcome {
-    /// From a call that failed: only the coordinator's refusal of the request says that
-    /// nothing was done; a broken connection or a server failure does not. A status with
-    /// a source was made by this client from a transport error (an HTTP/2 reset can read
-    /// as RESOURCE_EXHAUSTED or PERMISSION_DENIED), and an answer too large to decode
+    /// From a call that failed: only the coordinator's refusal of the request, or a
+    /// connection it refused (nothing was sent), says that nothing was done; a broken
+    /// connection or a server failure does not. Any other status with a source was made
+    /// by this client from a transport error (an HTTP/2 reset can read as
+    /// RESOURCE_EXHAUSTED or PERMISSION_DENIED), and an answer too large to decode
     /// (OUT_OF_RANGE) came after the verb was applied.
     fn of_failed_call(status: &tonic::Status) -> Self {
         use tonic::Code;
-        if std::error::Error::source(status).is_some() {
-            return VerbOutcome::Unknown;
+        if let Some(source) = std::error::Error::source(status) {
+            return if connection_refused(source) {
+                VerbOutcome::NotApplied
+            } else {
+                VerbOutcome::Unknown
+            };
         }
         match status.code() {
             Code::InvalidArgument
@@ -238,6 +243,23 @@ impl VerbOutcome {
             VerbOutcome::NotAttempted => "not attempted",
         }
     }
+}
+
+/// Whether `error`, or an error it was made from, is a connection the peer refused: the
+/// request never left this process.
+fn connection_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    // Bounded: a chain of sources is finite, but nothing stops a cycle.
+    for _ in 0..32 {
+        let Some(error) = next else { return false };
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// Runs `verb` on each selected transaction, waiting at most `timeout` for each, and
@@ -277,6 +299,9 @@ pub async fn run_verb(
                         status.code(),
                         status.message()
                     ),
+                    _ if std::error::Error::source(&status).is_some() => {
+                        "the coordinator refused the connection: nothing was sent".to_string()
+                    }
                     _ => status.message().to_string(),
                 };
                 (outcome, detail, None)
@@ -692,5 +717,33 @@ mod tests {
         let mut reset = tonic::Status::new(tonic::Code::ResourceExhausted, "reset");
         reset.set_source(std::sync::Arc::new(std::io::Error::other("reset")));
         assert_eq!(VerbOutcome::of_failed_call(&reset), VerbOutcome::Unknown);
+    }
+
+    /// A connection the coordinator's host refused carried nothing: the verb was not
+    /// applied, and the operator is not told that it may have been.
+    #[tokio::test]
+    async fn a_call_whose_connection_was_refused_is_not_applied() {
+        // A loopback port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a loopback port")
+            .port();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("a valid endpoint")
+            .connect_lazy();
+        let mut client = AdminClient::new(channel);
+        let status = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.list_endpoints(pb::ListEndpointsRequest {}),
+        )
+        .await
+        .expect("a refused connection fails at once")
+        .expect_err("nothing listens there");
+        assert!(std::error::Error::source(&status).is_some(), "{status:?}");
+        assert_eq!(
+            VerbOutcome::of_failed_call(&status),
+            VerbOutcome::NotApplied,
+            "{status:?}"
+        );
     }
 }
