@@ -282,6 +282,21 @@ async fn skips_are_shown_and_bad_input_is_refused() {
         run.stdout
     );
 
+    // The list needs no participant (as docs/PARTICIPANT-PROTOCOL.md §14 has it); a run
+    // does, and says so.
+    let run = kit(&["--list"]).await;
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    for name in [
+        "dup.prepare",
+        "restart.yes-survives",
+        "late.prepare-past-retention",
+    ] {
+        assert!(run.stdout.contains(name), "{name}: {}", run.stdout);
+    }
+    let run = kit(&[]).await;
+    assert_eq!(run.status, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--participant"), "{}", run.stderr);
+
     // A flag that makes no sense: exit 2 with the flag named.
     let run = kit(&["--participant", "127.0.0.1:1"]).await;
     assert_eq!(run.status, Some(2), "{}", run.stderr);

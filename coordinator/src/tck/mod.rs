@@ -46,9 +46,10 @@ const PARTICIPANT_KEEPALIVE_INTERVAL_MS: u64 = 300_000;
 /// `treaty tck`: check a participant against the participant protocol.
 #[derive(Clone, clap::Args)]
 pub struct TckArgs {
-    /// The participant to check: `http://host:port` or `https://host:port`.
-    #[arg(long)]
-    pub participant: String,
+    /// The participant to check: `http://host:port` or `https://host:port` (not needed
+    /// with `--list`).
+    #[arg(long, required_unless_present = "list")]
+    pub participant: Option<String>,
     /// Where it serves `treaty.v1.Conformance` (default: the participant's endpoint).
     #[arg(long)]
     pub conformance: Option<String>,
@@ -114,7 +115,7 @@ impl TckArgs {
     fn validate(&self) -> Result<(), UsageError> {
         let bad = |message: String| Err(UsageError(message));
         for (flag, endpoint) in [
-            ("--participant", Some(&self.participant)),
+            ("--participant", self.participant.as_ref()),
             ("--conformance", self.conformance.as_ref()),
         ] {
             if let Some(endpoint) = endpoint {
@@ -197,7 +198,10 @@ pub async fn run(args: TckArgs) -> i32 {
         }
         return 0;
     }
-    let participant = args.participant.clone();
+    let Some(participant) = args.participant.clone() else {
+        eprintln!("error: --participant: name the participant to check");
+        return 2;
+    };
     let conformance = args
         .conformance
         .clone()
@@ -335,7 +339,7 @@ mod tests {
             assert!(error.starts_with(flag), "{error}");
         }
         let mut bad = args(&[]);
-        bad.participant = "ftp://x:1".into();
+        bad.participant = Some("ftp://x:1".into());
         assert!(
             bad.validate()
                 .unwrap_err()
