@@ -131,7 +131,8 @@ pub struct ServeConfig {
 
     /// The log is not compacted, whatever its size, before it has removed this many
     /// records (keys: a purged transaction takes two or three) since its last compaction
-    /// or the daemon's start: a log filling towards `--log-finished-max` removes nothing,
+    /// or the daemon's start: a log filling towards its limit of finished transactions
+    /// (`treaty_log_finished_transactions_limit`, set by the memory budget) removes nothing,
     /// and a copy of it frees nothing. A log created empty takes its size at its first
     /// removals (a purge, or an operator's `forget`) as the base the growth factor
     /// applies to, instead of compacting then, also across restarts (docs/CONFIG.md

@@ -16,9 +16,51 @@ if command -v flock >/dev/null 2>&1; then
     exec 9>"$venv.lock"
     flock 9
 fi
+if ! "$python3_bin" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "python-sdk: needs Python 3.10 or later; $python3_bin is $("$python3_bin" -V 2>&1)" \
+        "(name another with PYTHON=...)" >&2
+    exit 1
+fi
 if [ ! -x "$venv/bin/python" ]; then
     echo "python-sdk: creating a virtual environment in $venv" >&2
-    "$python3_bin" -m venv "$venv"
+    # Debian and Ubuntu ship ensurepip apart (python3-venv): without it, the environment
+    # is made without pip, and pip is installed below.
+    "$python3_bin" -m venv "$venv" || "$python3_bin" -m venv --without-pip "$venv"
+fi
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    echo "python-sdk: no pip in $venv; installing it from PyPI's wheel" >&2
+    "$venv/bin/python" - <<'PY'
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+
+release_url = "https://pypi.org/pypi/pip/json"
+with urllib.request.urlopen(release_url, timeout=60) as answer:
+    release = json.load(answer)
+wheel = next(u for u in release["urls"] if u["packagetype"] == "bdist_wheel")
+# A mirror in front of PyPI may answer with addresses relative to the release's.
+wheel_url = urllib.parse.urljoin(release_url, wheel["url"])
+with urllib.request.urlopen(wheel_url, timeout=300) as answer:
+    data = answer.read()
+if hashlib.sha256(data).hexdigest() != wheel["digests"]["sha256"]:
+    sys.exit(f"python-sdk: {wheel['filename']} does not match PyPI's sha256")
+with tempfile.TemporaryDirectory() as scratch:
+    path = os.path.join(scratch, wheel["filename"])
+    with open(path, "wb") as file:
+        file.write(data)
+    # pip runs from its own wheel, as ensurepip runs it, to install itself.
+    environment = dict(os.environ, PYTHONPATH=path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", path],
+        check=True,
+        env=environment,
+    )
+PY
 fi
 stamp="$venv/.treaty-participant-installed"
 wanted="$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)"
