@@ -274,11 +274,21 @@ impl Runtime {
             .ask(&id, |reply| ShardMsg::Enlist { id, branch, reply })
             .await?
         {
-            Err(RuntimeError::UnknownTransaction(_)) => match self.log.get(&id)? {
+            Err(RuntimeError::UnknownTransaction(_)) => match self.two_phase_in_log(id)? {
                 Some(record) => Err(Refusal::NotActive(record.state).into()),
                 None => Err(RuntimeError::UnknownTransaction(id)),
             },
             other => other,
+        }
+    }
+
+    /// A two-phase commit that left memory, from the log; a saga there is refused as
+    /// it is while in memory (Enlist, Commit and Abort are not for sagas), so the answer
+    /// does not depend on whether it is still retained.
+    fn two_phase_in_log(&self, id: TxnId) -> Result<Option<TxnRecord>, RuntimeError> {
+        match self.log.get(&id)? {
+            Some(record) if record.kind == TxnKind::Saga => Err(RuntimeError::NotTwoPhase(id)),
+            found => Ok(found),
         }
     }
 
@@ -292,7 +302,7 @@ impl Runtime {
             Ok(updates) => updates,
             // Asked again after the transaction left memory: the log has its outcome.
             Err(RuntimeError::UnknownTransaction(_)) => {
-                return match self.log.get(&id)? {
+                return match self.two_phase_in_log(id)? {
                     Some(record) => Ok(Arc::new(record)),
                     None => Err(RuntimeError::UnknownTransaction(id)),
                 };
@@ -318,7 +328,7 @@ impl Runtime {
                 Ok(())
             }
         };
-        let outcome_in_log = || match self.log.get(&id)? {
+        let outcome_in_log = || match self.two_phase_in_log(id)? {
             Some(record) => answer_by(record.state),
             None => Err(RuntimeError::UnknownTransaction(id)),
         };

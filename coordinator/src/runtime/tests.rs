@@ -163,3 +163,30 @@ async fn unknown_transactions_are_presumed_aborted() {
     );
     runtime.shutdown(tasks, Duration::from_secs(1)).await;
 }
+
+/// Enlist, Commit and Abort refuse a saga whether or not it is still in memory: one
+/// that left it (here, final in the log at the start) was answered from its record as
+/// if it were a two-phase commit.
+#[tokio::test]
+async fn a_saga_that_left_memory_is_refused_by_two_phase_calls() {
+    let log = Arc::new(MemoryLog::new());
+    let mut saga = record(TxnState::Completed);
+    saga.kind = TxnKind::Saga;
+    saga.ended_unix_ms = Some(now_unix_ms());
+    let id = saga.id;
+    log.write(&saga, Durability::Forced).await.unwrap();
+    let (fatal, _) = mpsc::unbounded_channel();
+    let (runtime, tasks, _) = Runtime::start(log, RuntimeConfig::default(), fatal).unwrap();
+    let refused = Err(RuntimeError::NotTwoPhase(id));
+    assert_eq!(runtime.commit(id).await.map(|_| ()), refused);
+    assert_eq!(runtime.abort(id, "test".into()).await, refused);
+    let branch = BranchSpec {
+        id: "b".into(),
+        endpoint: "http://127.0.0.1:1".into(),
+        payload: Vec::new(),
+    };
+    assert_eq!(runtime.enlist(id, branch).await, refused);
+    // A two-phase commit that left memory is still answered from the log.
+    assert!(runtime.get(id).await.unwrap().is_some());
+    runtime.shutdown(tasks, Duration::from_secs(1)).await;
+}
