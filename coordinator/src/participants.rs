@@ -491,4 +491,4 @@ pub fn retry_delay(attempt: u32, initial_ms: u64, max_ms: u64, rng: &mut impl Rn
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -89,6 +89,20 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
         Box::pin(std::future::pending())
     }
 
+    /// Writes issued so far (counted once `write` or `forget` has queued them). A log
+    /// whose writes are applied within `write` keeps the defaults of this and
+    /// [`writes_applied`](Self::writes_applied).
+    fn writes_queued(&self) -> u64 {
+        0
+    }
+
+    /// Writes applied so far, in the order they were issued: once this reaches a count
+    /// [`writes_queued`](Self::writes_queued) returned, [`get`](Self::get) sees every
+    /// write issued before that reading.
+    fn writes_applied(&self) -> u64 {
+        0
+    }
+
     /// The record of `id`, as last written (durable or not: see `DurableStore::db`).
     fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError>;
 

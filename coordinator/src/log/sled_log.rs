@@ -461,6 +461,14 @@ impl DecisionLog for SledLog {
         Box::pin(self.store.failure_watch())
     }
 
+    fn writes_queued(&self) -> u64 {
+        self.store.write_progress().queued()
+    }
+
+    fn writes_applied(&self) -> u64 {
+        self.store.write_progress().applied()
+    }
+
     fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {
         self.read(&key(RECORD, id))
     }

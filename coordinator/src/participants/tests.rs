@@ -123,7 +123,7 @@ impl pb::participant_server::Participant for UnaryOnly {
 }
 
 /// A participant served by the SDK at `listener` until `stop` is sent.
-struct Served {
+pub(crate) struct Served {
     /// Told when a prepare begins.
     started: Arc<tokio::sync::Notify>,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -132,7 +132,11 @@ struct Served {
 }
 
 impl Served {
-    async fn start(listener: tokio::net::TcpListener, delay: Duration, streams: bool) -> Self {
+    pub(crate) async fn start(
+        listener: tokio::net::TcpListener,
+        delay: Duration,
+        streams: bool,
+    ) -> Self {
         Self::start_with(listener, delay, streams, Default::default()).await
     }
 
@@ -182,7 +186,7 @@ impl Served {
         }
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(60), self.server)
             .await

@@ -9,18 +9,20 @@
 //!
 //! Invariants: `bytes` is the sum of the estimates of the entries kept; entries are in
 //! the order their transactions ended; every limit is at least one entry, so the
-//! latest final transaction is kept until it expires; the byte limit drops nothing that
-//! ended less than [`MIN_KEPT_MS`] ago, so that a transaction whose final record is
-//! written lazily leaves memory only once the log has it (the memory governor can take
-//! the byte limit to zero: `memory.rs`).
+//! latest final transaction is kept until it expires; nothing leaves memory before the
+//! log has applied every write issued up to its end, whatever the limit, so that a
+//! transaction whose last records are written lazily (a parallel commit's decision and
+//! end) is never read back from the log without them; and the byte limit drops nothing
+//! that ended less than [`MIN_KEPT_MS`] ago (the memory governor can take it to zero:
+//! `memory.rs`).
 
 use std::collections::VecDeque;
 
 use crate::model::{TxnId, UnixMs};
 
-/// How long a final transaction stays in memory at least, whatever its bytes: longer
-/// than the log takes to apply the lazy write of its final record (milliseconds, unless
-/// the log is failing, which stops the coordinator).
+/// How long a final transaction stays in memory at least, whatever its bytes, so that
+/// a coordinator short of memory does not send every lookup of what just ended to the
+/// log.
 pub(super) const MIN_KEPT_MS: u64 = 1_000;
 
 /// When final transactions leave memory, for one shard.
@@ -36,6 +38,9 @@ struct Kept {
     ended_unix_ms: UnixMs,
     id: TxnId,
     estimated_bytes: usize,
+    /// The log's count of writes issued when the transaction ended: it leaves memory
+    /// only once the log has applied that many.
+    writes_issued: u64,
 }
 
 #[derive(Debug, Default)]
@@ -48,12 +53,20 @@ impl Retained {
     /// What one entry of the queue takes (for the estimate of a retained transaction).
     pub(super) const ENTRY_BYTES: usize = std::mem::size_of::<Kept>();
 
-    /// A transaction that became final at `ended_unix_ms`, holding `estimated_bytes`.
-    pub(super) fn push(&mut self, ended_unix_ms: UnixMs, id: TxnId, estimated_bytes: usize) {
+    /// A transaction that became final at `ended_unix_ms`, holding `estimated_bytes`,
+    /// once the log had been given `writes_issued` writes (its final ones among them).
+    pub(super) fn push(
+        &mut self,
+        ended_unix_ms: UnixMs,
+        id: TxnId,
+        estimated_bytes: usize,
+        writes_issued: u64,
+    ) {
         self.kept.push_back(Kept {
             ended_unix_ms,
             id,
             estimated_bytes,
+            writes_issued,
         });
         self.bytes += estimated_bytes;
     }
@@ -68,11 +81,22 @@ impl Retained {
         }
     }
 
-    /// Takes out, oldest first, the entries to drop from memory now; their ids are
-    /// passed to `drop`.
-    pub(super) fn evict(&mut self, now: UnixMs, limits: RetainLimits, mut drop: impl FnMut(TxnId)) {
+    /// Takes out, oldest first, the entries to drop from memory now, with the log
+    /// having applied `writes_applied` writes; their ids are passed to `drop`.
+    pub(super) fn evict(
+        &mut self,
+        now: UnixMs,
+        limits: RetainLimits,
+        writes_applied: u64,
+        mut drop: impl FnMut(TxnId),
+    ) {
         let max_transactions = limits.max_transactions.max(1);
         while let Some(&oldest) = self.kept.front() {
+            // Entries are pushed in order, with counts that never fall: none after this
+            // one is further along in the log either.
+            if oldest.writes_issued > writes_applied {
+                break;
+            }
             let expired = now.saturating_sub(oldest.ended_unix_ms) >= limits.retention_ms;
             let too_many = self.kept.len() > max_transactions;
             // The latest one stays whatever its size: a limit below one transaction
@@ -120,8 +144,32 @@ mod tests {
 
     fn evicted(retained: &mut Retained, now: UnixMs, limits: RetainLimits) -> Vec<TxnId> {
         let mut dropped = Vec::new();
-        retained.evict(now, limits, |id| dropped.push(id));
+        retained.evict(now, limits, u64::MAX, |id| dropped.push(id));
         dropped
+    }
+
+    /// Whatever limit it is past, a transaction stays until the log has applied the
+    /// writes issued up to its end; those after it wait behind it.
+    #[test]
+    fn nothing_leaves_before_the_log_has_applied_its_end() {
+        let ids = ids(3);
+        let mut retained = Retained::default();
+        for (i, id) in ids.iter().enumerate() {
+            retained.push(1, *id, 1_000, 10 * (i as u64 + 1));
+        }
+        let past_every_limit = RetainLimits {
+            retention_ms: 0,
+            max_transactions: 1,
+            max_bytes: 0,
+        };
+        let mut evict = |applied| {
+            let mut dropped = Vec::new();
+            retained.evict(LONG, past_every_limit, applied, |id| dropped.push(id));
+            dropped
+        };
+        assert_eq!(evict(9), Vec::<TxnId>::new());
+        assert_eq!(evict(25), ids[..2].to_vec());
+        assert_eq!(evict(30), ids[2..].to_vec());
     }
 
     #[test]
@@ -129,7 +177,7 @@ mod tests {
         let ids = ids(10);
         let mut retained = Retained::default();
         for (i, id) in ids.iter().enumerate() {
-            retained.push(i as u64, *id, 1_000);
+            retained.push(i as u64, *id, 1_000, 0);
         }
         assert_eq!(retained.bytes(), 10_000);
         // 4,500 bytes allowed: 4 entries of 1,000 fit, the 6 oldest go.
@@ -148,7 +196,7 @@ mod tests {
         let ids = ids(4);
         let mut retained = Retained::default();
         for (id, bytes) in ids.iter().zip([5_000, 100, 100, 100]) {
-            retained.push(1, *id, bytes);
+            retained.push(1, *id, bytes, 0);
         }
         // One big old entry alone is over: dropping it is enough.
         let dropped = evicted(&mut retained, MIN_KEPT_MS + 2, limits(100, 1_000));
@@ -162,7 +210,7 @@ mod tests {
         let ids = ids(10);
         let mut retained = Retained::default();
         for id in &ids {
-            retained.push(1, *id, 100);
+            retained.push(1, *id, 100, 0);
         }
         // The count cap (3) is tighter than the bytes (10,000).
         assert_eq!(
@@ -182,8 +230,8 @@ mod tests {
     fn the_latest_stays_even_if_alone_it_is_over_the_share() {
         let ids = ids(2);
         let mut retained = Retained::default();
-        retained.push(1, ids[0], 10_000);
-        retained.push(1, ids[1], 10_000);
+        retained.push(1, ids[0], 10_000, 0);
+        retained.push(1, ids[1], 10_000, 0);
         assert_eq!(
             evicted(&mut retained, MIN_KEPT_MS + 2, limits(100, 1)),
             vec![ids[0]]
@@ -196,9 +244,9 @@ mod tests {
     fn the_byte_share_drops_nothing_that_ended_within_the_minimum() {
         let ids = ids(3);
         let mut retained = Retained::default();
-        retained.push(1_000, ids[0], 1_000);
-        retained.push(1_500, ids[1], 1_000);
-        retained.push(2_000, ids[2], 1_000);
+        retained.push(1_000, ids[0], 1_000, 0);
+        retained.push(1_500, ids[1], 1_000, 0);
+        retained.push(2_000, ids[2], 1_000, 0);
         let nothing_fits = limits(100, 0);
         // At 1,999 every one ended less than a second ago.
         assert!(evicted(&mut retained, 1_000 + MIN_KEPT_MS - 1, nothing_fits).is_empty());
@@ -219,9 +267,9 @@ mod tests {
     fn past_the_retention_they_go_whatever_the_room() {
         let ids = ids(3);
         let mut retained = Retained::default();
-        retained.push(100, ids[0], 10);
-        retained.push(200, ids[1], 10);
-        retained.push(300, ids[2], 10);
+        retained.push(100, ids[0], 10, 0);
+        retained.push(200, ids[1], 10, 0);
+        retained.push(300, ids[2], 10, 0);
         let by_time = RetainLimits {
             retention_ms: 150,
             max_transactions: 100,
@@ -238,7 +286,7 @@ mod tests {
         let ids = ids(3);
         let mut retained = Retained::default();
         for id in &ids {
-            retained.push(1, *id, 100);
+            retained.push(1, *id, 100, 0);
         }
         retained.remove(ids[1]);
         retained.remove(ids[1]);

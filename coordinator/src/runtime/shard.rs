@@ -451,7 +451,9 @@ impl Shard {
                     .release(entry.machine.owner(), entry.payload_bytes);
             }
             let estimated_bytes = entry.estimated_bytes();
-            self.retained.push(now, id, estimated_bytes);
+            // Its final writes were issued by `execute` before this step.
+            let writes_issued = self.log.writes_queued();
+            self.retained.push(now, id, estimated_bytes, writes_issued);
             // Count and bytes are held at once (the retention waits for housekeeping);
             // the transaction just ended is never the one dropped.
             let limits = RetainLimits {

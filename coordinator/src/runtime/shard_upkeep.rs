@@ -137,7 +137,8 @@ impl Shard {
     pub(super) fn evict_with(&mut self, now: UnixMs, limits: RetainLimits) {
         let mut retained = std::mem::take(&mut self.retained);
         // A forgotten transaction is no longer in `txns`: removing it again does nothing.
-        retained.evict(now, limits, |id| self.remove(id));
+        let writes_applied = self.log.writes_applied();
+        retained.evict(now, limits, writes_applied, |id| self.remove(id));
         self.retained = retained;
     }
 

@@ -190,3 +190,162 @@ async fn a_saga_that_left_memory_is_refused_by_two_phase_calls() {
     assert!(runtime.get(id).await.unwrap().is_some());
     runtime.shutdown(tasks, Duration::from_secs(1)).await;
 }
+
+/// A log that applies each write at once, except while holding: then lazy writes, and
+/// any write after one, wait in order until `release` (a forced one's future with it).
+/// It counts writes issued and applied as `SledLog` does.
+#[derive(Debug, Default)]
+struct HeldLog {
+    inner: MemoryLog,
+    /// While holding: each write held back, and for a forced one who waits for it.
+    held: std::sync::Mutex<Option<Vec<HeldWrite>>>,
+    issued: std::sync::atomic::AtomicU64,
+    applied: std::sync::atomic::AtomicU64,
+}
+
+type HeldWrite = (TxnRecord, Option<oneshot::Sender<()>>);
+
+impl HeldLog {
+    fn hold(&self) {
+        *self.held.lock().unwrap() = Some(Vec::new());
+    }
+
+    fn release(&self) {
+        let held = self.held.lock().unwrap().take().unwrap_or_default();
+        for (record, forced) in held {
+            self.apply(&record);
+            if let Some(done) = forced {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn apply(&self, record: &TxnRecord) {
+        use futures::FutureExt;
+        let written = self.inner.write(record, Durability::Lazy).now_or_never();
+        assert!(matches!(written, Some(Ok(()))), "{written:?}");
+        self.applied
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl DecisionLog for HeldLog {
+    fn write(&self, record: &TxnRecord, durability: Durability) -> crate::log::LogWrite {
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(held) = self
+            .held
+            .lock()
+            .unwrap()
+            .as_mut()
+            .filter(|held| durability == Durability::Lazy || !held.is_empty())
+        {
+            if durability == Durability::Lazy {
+                held.push((record.clone(), None));
+                return Box::pin(std::future::ready(Ok(())));
+            }
+            let (done, durable) = oneshot::channel();
+            held.push((record.clone(), Some(done)));
+            return Box::pin(
+                async move { durable.await.map_err(|_| crate::log::LogError::Closed) },
+            );
+        }
+        self.apply(record);
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn writes_queued(&self) -> u64 {
+        self.issued.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn writes_applied(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn get(&self, id: &TxnId) -> Result<Option<TxnRecord>, LogError> {
+        self.inner.get(id)
+    }
+    fn find_by_key(&self, key: &str) -> Result<Option<TxnId>, LogError> {
+        self.inner.find_by_key(key)
+    }
+    fn unfinished(&self) -> Result<Vec<TxnRecord>, LogError> {
+        self.inner.unfinished()
+    }
+    fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>, LogError> {
+        self.inner.scan(after, limit)
+    }
+    fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError> {
+        self.inner.purge_ended_before(cutoff_unix_ms, max)
+    }
+    fn finished_count(&self) -> u64 {
+        self.inner.finished_count()
+    }
+    fn purge_finished_beyond(&self, keep: u64, max: usize) -> Result<usize, LogError> {
+        self.inner.purge_finished_beyond(keep, max)
+    }
+    fn forget(&self, record: &TxnRecord) -> crate::log::LogWrite {
+        self.inner.forget(record)
+    }
+    fn close(&self) -> Result<(), LogError> {
+        self.inner.close()
+    }
+}
+
+/// A parallel commit writes its decision and its end lazily. It leaves memory (here at
+/// once: no memory retention) only once the log has them: read back from the log
+/// before, it showed only its intent, and a repeated Commit or GetOutcome answered
+/// ABORTED after COMMITTED had been said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_leaves_memory_only_once_the_log_has_its_end() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let participant =
+        crate::participants::tests::Served::start(listener, Duration::ZERO, false).await;
+    let log = Arc::new(HeldLog::default());
+    let config = RuntimeConfig {
+        memory_retention_ms: 0,
+        ..RuntimeConfig::default()
+    };
+    let (fatal, _) = mpsc::unbounded_channel();
+    let (runtime, tasks, _) = Runtime::start(log.clone(), config, fatal).unwrap();
+    let branch = |id: &str| BranchSpec {
+        id: id.into(),
+        endpoint: endpoint.clone(),
+        payload: Vec::new(),
+    };
+    let id = runtime
+        .begin(BeginParams {
+            deadline_unix_ms: now_unix_ms() + 120_000,
+            prepare_timeout_ms: 60_000,
+            branches: vec![branch("a"), branch("b")],
+            owner: None,
+            trace: None,
+        })
+        .await
+        .unwrap();
+    // The intent, forced, is written at once; the lazy decision and end wait.
+    log.hold();
+    let decided = tokio::time::timeout(Duration::from_secs(30), runtime.commit(id))
+        .await
+        .expect("decided within 30 s")
+        .unwrap();
+    assert!(decided.state.is_commit(), "{:?}", decided.state);
+    let state = || async { runtime.get(id).await.unwrap().map(|record| record.state) };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while state().await != Some(TxnState::Committed) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            state().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Ended, with its last records held back, over three housekeeping rounds (one a
+    // second) that would have dropped it.
+    for _ in 0..30 {
+        assert_eq!(state().await, Some(TxnState::Committed));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log.release();
+    health_until(&runtime, |h| h.retained_transactions == 0).await;
+    assert_eq!(state().await, Some(TxnState::Committed), "from the log");
+    runtime.shutdown(tasks, Duration::from_secs(1)).await;
+    participant.stop().await;
+}

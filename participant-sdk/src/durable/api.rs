@@ -126,6 +126,42 @@ pub type GroupObserver = Arc<dyn Fn(GroupCommitted) + Send + Sync>;
 /// store in memory and on disk until it switches.
 pub type CompactionObserver = Arc<dyn Fn(&Result<CompactionReport, String>) + Send + Sync>;
 
+/// How far a [`DurableStore`]'s writes have come: how many were queued, and how many of
+/// them the logger thread has applied (visible to reads; durable only as their
+/// durability says). Writes are applied in the order they were queued, so once
+/// `applied` reaches a count `queued` showed, every write queued before that reading
+/// is visible. A write refused after a failure is never counted applied.
+#[derive(Debug, Default)]
+pub struct WriteProgress {
+    queued: std::sync::atomic::AtomicU64,
+    applied: std::sync::atomic::AtomicU64,
+}
+
+impl WriteProgress {
+    /// Writes queued so far.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Writes applied so far, in the order they were queued.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// One more write queued; called under the queue's lock, so that the count and the
+    /// queue's order agree.
+    pub(crate) fn note_queued(&self) {
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// `writes` more applied, after the `apply_batch` that made them visible.
+    pub(crate) fn note_applied(&self, writes: usize) {
+        self.applied
+            .fetch_add(writes as u64, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// What a [`DurableStore`] has made durable since it opened, counted by its logger
 /// thread (three relaxed additions per forced group: cheap enough to be always on). The
 /// participant server exports them (`treaty_participant_store_*`); `treaty bench`

@@ -136,6 +136,8 @@ pub(super) struct Logger {
     pub(super) sync_observer: Option<SyncObserver>,
     pub(super) group_observer: Option<GroupObserver>,
     pub(super) counters: Arc<super::DurabilityCounters>,
+    /// Counts the writes applied (the store counts those queued).
+    pub(super) progress: Arc<super::WriteProgress>,
     /// The marked keys (see `marks`): changed once a group's batches are in sled.
     pub(super) marks: Arc<super::marks::Marks>,
 }
@@ -396,6 +398,7 @@ impl Logger {
             .iter()
             .any(|(_, durability, _)| self.syncs_at_once(*durability));
         let result = self.apply(&group, forced).and_then(|()| {
+            self.progress.note_applied(group.len());
             if !forced {
                 self.sync_new_files()?;
                 return Ok(None);

@@ -65,7 +65,7 @@ pub use api::{
     CompactionObserver, DEFAULT_GROUP_COMMIT_HOLD, DEFAULT_GROUP_COMMIT_HOLD_AFTER_WRITES,
     DEFAULT_GROUP_COMMIT_MAX_HOLDS, DEFAULT_PATIENT_SYNC_WAIT, Durability, DurabilityCounters,
     GroupCommitted, GroupObserver, MAX_GROUP_COMMIT_HOLD, StoreError, StoreOptions, StoreSummary,
-    SyncObserver, WriteBatch,
+    SyncObserver, WriteBatch, WriteProgress,
 };
 pub use compaction::{
     COPY_CHUNK_RECORDS, CompactionPolicy, CompactionReport, DEFAULT_COMPACTION_GROWTH_FACTOR,
@@ -146,6 +146,7 @@ pub struct DurableStore {
     failed: Arc<tokio::sync::Notify>,
     logger: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<DurabilityCounters>,
+    progress: Arc<WriteProgress>,
     marks: Arc<marks::Marks>,
 }
 
@@ -232,6 +233,7 @@ impl DurableStore {
         let current = Arc::new(RwLock::new(generation.clone()));
         let base = compaction::stored_base(&generation.meta);
         let counters = Arc::new(DurabilityCounters::default());
+        let progress = Arc::new(WriteProgress::default());
         let marks = Arc::new(marks::Marks::default());
         let logger = logger::Logger {
             root: root.to_path_buf(),
@@ -266,6 +268,7 @@ impl DurableStore {
             sync_observer: options.sync_observer.clone(),
             group_observer: options.group_observer.clone(),
             counters: counters.clone(),
+            progress: progress.clone(),
             marks: marks.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -280,6 +283,7 @@ impl DurableStore {
             failed,
             logger: Mutex::new(Some(handle)),
             counters,
+            progress,
             marks,
         })
     }
@@ -287,6 +291,11 @@ impl DurableStore {
     /// What this store has made durable since it opened.
     pub fn durability_counters(&self) -> Arc<DurabilityCounters> {
         self.counters.clone()
+    }
+
+    /// How many writes were queued and how many of them are applied, since it opened.
+    pub fn write_progress(&self) -> &WriteProgress {
+        &self.progress
     }
 
     /// The database, for reads. Writes must go through [`DurableStore::write`]. Reads
@@ -380,11 +389,10 @@ impl DurableStore {
         };
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         match queue.as_ref() {
-            Some(sender) => {
-                if let Err(mpsc::SendError(request)) = sender.send(request) {
-                    reply(request, Err(StoreError::Closed));
-                }
-            }
+            Some(sender) => match sender.send(request) {
+                Ok(()) => self.progress.note_queued(),
+                Err(mpsc::SendError(request)) => reply(request, Err(StoreError::Closed)),
+            },
             None => reply(request, Err(StoreError::Closed)),
         }
         WriteTicket(ticket)

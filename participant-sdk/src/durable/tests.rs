@@ -37,12 +37,17 @@ async fn writes_apply_in_call_order_within_and_across_groups() {
             Durability::Lazy
         };
         tickets.push(store.write(batch, durability));
+        // Counted queued in the same order, and never applied before it is queued.
+        let progress = store.write_progress();
+        assert_eq!(progress.queued(), u64::from(i) + 1);
+        assert!(progress.applied() <= progress.queued());
     }
     for ticket in tickets {
         ticket.await.unwrap();
     }
     let last = store.db().get(b"counter").unwrap().unwrap();
     assert_eq!(last.as_ref(), &199u32.to_be_bytes());
+    assert_eq!(store.write_progress().applied(), 200);
 }
 
 /// Options whose group observer adds up the sync times it is told of.
