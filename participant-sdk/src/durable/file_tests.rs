@@ -222,3 +222,16 @@ fn unfinished_snapshot_files_are_removed_before_open() {
     assert!(!leftover.exists());
     store.close().unwrap();
 }
+
+/// A store whose first open was killed between creating the mark and writing it was
+/// refused as damaged at every later open; it now opens, and its mark is whole again.
+#[test]
+fn a_store_with_an_empty_mark_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).close().unwrap();
+    let mark = dir.path().join(high_water::FILE_NAME);
+    std::fs::write(&mark, b"").unwrap();
+    let store = DurableStore::open(dir.path(), StoreOptions::default()).unwrap();
+    store.close().unwrap();
+    assert!(matches!(high_water::read(dir.path()).unwrap(), Mark::At(_)));
+}

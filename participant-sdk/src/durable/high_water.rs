@@ -19,6 +19,9 @@
 //!   `n % 2` in place (the file's size never changes after creation, so `fdatasync`
 //!   writes no metadata). A torn write of one slot leaves the other, one group older,
 //!   which still bounds what sled must hold.
+//! - The file is made whole beside its place and renamed into it, so a crash while it
+//!   is created leaves no file or a whole one. An empty file (left by a crash of a build
+//!   that created it in place) vouches for nothing, as no file does: it reads as absent.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read};
@@ -27,6 +30,8 @@ use std::path::{Path, PathBuf};
 
 /// The file's name in the store's directory.
 pub const FILE_NAME: &str = "treaty-high-water";
+/// Where the file is made before it is renamed into place.
+const TEMPORARY_FILE_NAME: &str = "treaty-high-water.new";
 
 const MAGIC: &[u8; 8] = b"TRTYHW01";
 const SLOT_BYTES: usize = 20;
@@ -63,6 +68,9 @@ pub(super) fn read(dir: &Path) -> std::io::Result<Mark> {
         Err(error) if error.kind() == ErrorKind::NotFound => return Ok(Mark::Absent),
         Err(error) => return Err(error),
     }
+    if bytes.is_empty() {
+        return Ok(Mark::Absent);
+    }
     let slots = [0, 1].map(|i| {
         let start = i * SLOT_SPACING as usize;
         bytes.get(start..start + SLOT_BYTES).and_then(decode_slot)
@@ -79,27 +87,35 @@ pub(super) fn read(dir: &Path) -> std::io::Result<Mark> {
 
 impl HighWater {
     /// Opens the file in `dir` for writing, creating it holding `mark` if it is absent
-    /// (and syncing the file and `dir`, so that it exists after a power cut).
+    /// or not whole (made and synced beside its place, renamed into it and `dir` synced,
+    /// so that it exists whole after a crash or a power cut, or not at all).
     pub(super) fn open(dir: &Path, mark: u64) -> std::io::Result<Self> {
         let path = dir.join(FILE_NAME);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        let mut high_water = Self { file, path };
-        if high_water.file.metadata()?.len() != FILE_BYTES as u64 {
+        let whole = match std::fs::metadata(&path) {
+            Ok(metadata) => metadata.len() == FILE_BYTES as u64,
+            Err(error) if error.kind() == ErrorKind::NotFound => false,
+            Err(error) => return Err(error),
+        };
+        if !whole {
             let mut bytes = vec![0u8; FILE_BYTES];
             for slot in [0, 1] {
                 let start = slot * SLOT_SPACING as usize;
                 bytes[start..start + SLOT_BYTES].copy_from_slice(&encode_slot(mark));
             }
-            high_water.file.set_len(0)?;
-            high_water.file.write_all_at(&bytes, 0)?;
-            high_water.file.sync_all()?;
+            let temporary = dir.join(TEMPORARY_FILE_NAME);
+            let made = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temporary)?;
+            made.write_all_at(&bytes, 0)?;
+            made.sync_all()?;
+            std::fs::rename(&temporary, &path)?;
             super::files::sync_dir(dir)?;
-        } else {
+        }
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let mut high_water = Self { file, path };
+        if whole {
             high_water.record(mark)?;
         }
         Ok(high_water)
@@ -165,6 +181,23 @@ mod tests {
         // Reopening keeps the mark it is given (the store passes the larger one).
         HighWater::open(dir.path(), 9).unwrap();
         assert_eq!(read(dir.path()).unwrap(), Mark::At(9));
+    }
+
+    /// A crash of an older build between creating the file and writing it left it
+    /// empty, and the store refused to open for ever; such a file vouches for nothing.
+    /// The file is now made beside its place and renamed, and replaced if not whole.
+    #[test]
+    fn an_empty_file_reads_as_absent_and_is_made_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Mark::Absent);
+        // A file made beside it by a crashed creation is replaced too.
+        std::fs::write(dir.path().join(TEMPORARY_FILE_NAME), b"half").unwrap();
+        HighWater::open(dir.path(), 3).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Mark::At(3));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), FILE_BYTES as u64);
+        assert!(!dir.path().join(TEMPORARY_FILE_NAME).exists());
     }
 
     #[test]
