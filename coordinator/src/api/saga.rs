@@ -166,26 +166,39 @@ fn retry_policy(
         }
         n => n,
     };
-    let initial_backoff_ms = match retry.initial_backoff_ms {
-        0 => defaults.retry_backoff_initial_ms,
-        ms if ms < MIN_STEP_BACKOFF_MS => {
+    // Each field given is checked by itself first, so that an error names a field the
+    // caller set; a default then fits what was given (an initial backoff no longer than
+    // the maximum given, a maximum no shorter than the initial given).
+    for (name, ms) in [
+        ("initial_backoff_ms", retry.initial_backoff_ms),
+        ("max_backoff_ms", retry.max_backoff_ms),
+    ] {
+        if ms == 0 {
+            continue;
+        }
+        if ms < MIN_STEP_BACKOFF_MS {
             return Err(FieldError::new(
-                format!("{field}.initial_backoff_ms"),
+                format!("{field}.{name}"),
                 format!("{ms} is below the minimum of {MIN_STEP_BACKOFF_MS} ms"),
             ));
         }
-        ms => ms,
-    };
-    let max_backoff_ms = match retry.max_backoff_ms {
-        0 => defaults.retry_backoff_max_ms.max(initial_backoff_ms),
-        ms => ms,
-    };
-    if max_backoff_ms > MAX_STEP_BACKOFF_MS {
-        return Err(FieldError::new(
-            format!("{field}.max_backoff_ms"),
-            format!("{max_backoff_ms} exceeds the limit of {MAX_STEP_BACKOFF_MS} ms"),
-        ));
+        if ms > MAX_STEP_BACKOFF_MS {
+            return Err(FieldError::new(
+                format!("{field}.{name}"),
+                format!("{ms} exceeds the limit of {MAX_STEP_BACKOFF_MS} ms"),
+            ));
+        }
     }
+    let (initial_backoff_ms, max_backoff_ms) =
+        match (retry.initial_backoff_ms, retry.max_backoff_ms) {
+            (0, 0) => {
+                let initial = defaults.retry_backoff_initial_ms;
+                (initial, defaults.retry_backoff_max_ms.max(initial))
+            }
+            (0, max) => (defaults.retry_backoff_initial_ms.min(max), max),
+            (initial, 0) => (initial, defaults.retry_backoff_max_ms.max(initial)),
+            given => given,
+        };
     if initial_backoff_ms > max_backoff_ms {
         return Err(FieldError::new(
             format!("{field}.initial_backoff_ms"),
@@ -197,4 +210,57 @@ fn retry_policy(
         initial_backoff_ms,
         max_backoff_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: SagaDefaults = SagaDefaults {
+        step_timeout_ms: 30_000,
+        step_attempts: 5,
+        retry_backoff_initial_ms: 100,
+        retry_backoff_max_ms: 30_000,
+        stuck_after_attempts: 10,
+    };
+
+    fn policy(initial_backoff_ms: u64, max_backoff_ms: u64) -> Result<RetryPolicy, FieldError> {
+        let retry = pb::RetryPolicy {
+            max_attempts: 0,
+            initial_backoff_ms,
+            max_backoff_ms,
+        };
+        retry_policy("steps[0].retry", Some(retry), &DEFAULTS)
+    }
+
+    /// An error names a field the caller set; a default gives way to what was set. Both
+    /// cases below named the field left at its default before.
+    #[test]
+    fn backoffs_refused_name_the_field_given_and_defaults_fit_what_was_given() {
+        let short_max = policy(0, 50).unwrap();
+        assert_eq!(
+            (short_max.initial_backoff_ms, short_max.max_backoff_ms),
+            (50, 50)
+        );
+        let long_initial = policy(600_000, 0).unwrap();
+        assert_eq!(
+            (long_initial.initial_backoff_ms, long_initial.max_backoff_ms),
+            (600_000, 600_000)
+        );
+        let defaults = policy(0, 0).unwrap();
+        assert_eq!(
+            (defaults.initial_backoff_ms, defaults.max_backoff_ms),
+            (100, 30_000)
+        );
+        for (initial, max, field) in [
+            (7_200_000, 0, "steps[0].retry.initial_backoff_ms"),
+            (5, 0, "steps[0].retry.initial_backoff_ms"),
+            (0, 7_200_000, "steps[0].retry.max_backoff_ms"),
+            (0, 5, "steps[0].retry.max_backoff_ms"),
+            (500, 200, "steps[0].retry.initial_backoff_ms"),
+        ] {
+            let error = policy(initial, max).unwrap_err();
+            assert_eq!(error.field, field, "{initial} {max}: {}", error.message);
+        }
+    }
 }
