@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod auth;
 mod calls;
+mod page_token;
 pub mod pb;
 pub mod saga;
 mod status;
@@ -105,6 +106,8 @@ pub struct CoordinatorService {
     auth: Arc<Authenticator>,
     /// Becomes true when the daemon stops: open watch streams end.
     stopping: watch::Receiver<bool>,
+    /// Seals ListTransactions page tokens (a key per process).
+    page_tokens: Arc<page_token::PageTokens>,
 }
 
 impl CoordinatorService {
@@ -115,6 +118,7 @@ impl CoordinatorService {
             config,
             auth: Arc::new(Authenticator::open()),
             stopping,
+            page_tokens: Arc::new(page_token::PageTokens::new()),
         }
     }
 
@@ -401,7 +405,8 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let after = if request.page_token.is_empty() {
             None
         } else {
-            Some(pb::parse_txn_id("page_token", &request.page_token).map_err(invalid)?)
+            let opened = self.page_tokens.open(&principal.name, &request.page_token);
+            Some(opened.map_err(invalid)?)
         };
         let endpoint = match request.endpoint.as_str() {
             "" => None,
@@ -437,7 +442,9 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         }
         Ok(Response::new(proto::ListTransactionsResponse {
             transactions,
-            next_page_token: next_after.map(|id| id.to_string()).unwrap_or_default(),
+            next_page_token: next_after
+                .map(|id| self.page_tokens.seal(&principal.name, id))
+                .unwrap_or_default(),
         }))
     }
 
