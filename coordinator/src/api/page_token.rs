@@ -44,8 +44,9 @@ impl PageTokens {
     pub fn new() -> Self {
         let mut key = [0u8; 32];
         rand::Rng::fill(&mut rand::rng(), &mut key);
-        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &key)
-            .expect("invariant: 32 bytes is ChaCha20-Poly1305's key length");
+        let Ok(unbound) = UnboundKey::new(&CHACHA20_POLY1305, &key) else {
+            panic!("invariant: 32 bytes is ChaCha20-Poly1305's key length");
+        };
         Self {
             key: LessSafeKey::new(unbound),
         }
@@ -53,18 +54,20 @@ impl PageTokens {
 
     /// The token for a page that starts after `after`, for `principal`.
     pub fn seal(&self, principal: &str, after: TxnId) -> String {
-        let mut nonce = [0u8; NONCE_LEN];
-        rand::Rng::fill(&mut rand::rng(), &mut nonce);
+        let mut nonce_bytes = [0u8; NONCE_LEN];
+        rand::Rng::fill(&mut rand::rng(), &mut nonce_bytes);
         let mut sealed = after.as_bytes().to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(principal.as_bytes()),
-                &mut sealed,
-            )
-            .expect("invariant: a 16-byte id is far below ChaCha20-Poly1305's message limit");
+        let nonce = Nonce::assume_unique_for_key(nonce_bytes);
+        let aad = Aad::from(principal.as_bytes());
+        if self
+            .key
+            .seal_in_place_append_tag(nonce, aad, &mut sealed)
+            .is_err()
+        {
+            panic!("invariant: a 16-byte id is far below ChaCha20-Poly1305's message limit");
+        }
         let mut token = String::with_capacity(SEALED_BYTES * 2);
-        for byte in nonce.iter().chain(&sealed) {
+        for byte in nonce_bytes.iter().chain(&sealed) {
             token.push_str(&format!("{byte:02x}"));
         }
         token
