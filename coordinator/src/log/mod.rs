@@ -115,6 +115,22 @@ pub trait DecisionLog: Send + Sync + fmt::Debug + 'static {
     /// Up to `limit` records with ids greater than `after`, in id order.
     fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>, LogError>;
 
+    /// As [`scan`](Self::scan), stopping also before the records' stored bytes would
+    /// pass `max_bytes` (the first record is always read); with whether it stopped
+    /// early (at `limit` or at `max_bytes`), so that the records after the last one read
+    /// may still be there. A log that keeps no stored bytes bounds by `limit` alone (the
+    /// default).
+    fn scan_bounded(
+        &self,
+        after: Option<TxnId>,
+        limit: usize,
+        _max_bytes: usize,
+    ) -> Result<(Vec<TxnRecord>, bool), LogError> {
+        let records = self.scan(after, limit)?;
+        let stopped_early = records.len() >= limit;
+        Ok((records, stopped_early))
+    }
+
     /// Deletes up to `max` final records that ended before `cutoff_unix_ms`, oldest
     /// first; returns how many. Unfinished records are never deleted.
     fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError>;

@@ -493,6 +493,15 @@ impl DecisionLog for SledLog {
     }
 
     fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>, LogError> {
+        Ok(self.scan_bounded(after, limit, usize::MAX)?.0)
+    }
+
+    fn scan_bounded(
+        &self,
+        after: Option<TxnId>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<TxnRecord>, bool), LogError> {
         let start = match after {
             // The smallest key greater than `t/<after>`.
             Some(after) => {
@@ -503,11 +512,19 @@ impl DecisionLog for SledLog {
             None => vec![RECORD],
         };
         let mut records = Vec::new();
-        for entry in self.store.db().range(start..vec![RECORD + 1]).take(limit) {
+        let mut bytes = 0usize;
+        for entry in self.store.db().range(start..vec![RECORD + 1]) {
+            if records.len() >= limit {
+                return Ok((records, true));
+            }
             let (record_key, value) = entry.map_err(read_error)?;
+            bytes = bytes.saturating_add(value.len());
+            if bytes > max_bytes && !records.is_empty() {
+                return Ok((records, true));
+            }
             records.push(decode(&record_key, &value)?);
         }
-        Ok(records)
+        Ok((records, false))
     }
 
     fn purge_ended_before(&self, cutoff_unix_ms: UnixMs, max: usize) -> Result<usize, LogError> {

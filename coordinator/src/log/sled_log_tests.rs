@@ -479,3 +479,34 @@ fn owners_and_branch_notes_round_trip_and_older_formats_still_decode() {
     cut.truncate(cut.len() - 3);
     assert!(matches!(decode(&key, &cut), Err(LogError::Corrupt { .. })));
 }
+
+/// A list reads the log within a byte budget: 2,000 records of up to 96 KiB were read
+/// whole by each call. It stops before the budget is passed (the first record always
+/// read) and says whether records may be left after the last one read.
+#[tokio::test]
+async fn a_bounded_scan_stops_at_its_bytes_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SledLog::open(dir.path()).unwrap();
+    let mut written = Vec::new();
+    for i in 0..5 {
+        let mut r = suite::record(1_700_000_000_000 + i * 1000, TxnState::Committing);
+        r.branches[0].payload = vec![7; 10 * 1024];
+        log.write(&r, Durability::Forced).await.unwrap();
+        written.push(r);
+    }
+    written.sort_by_key(|r| r.id);
+    let (all, stopped_early) = log.scan_bounded(None, 5, usize::MAX).unwrap();
+    assert_eq!((all.len(), stopped_early), (5, false));
+    let (limited, stopped_early) = log.scan_bounded(None, 4, usize::MAX).unwrap();
+    assert_eq!((limited.len(), stopped_early), (4, true));
+    // Each record takes a little over 10 KiB: 25 KiB holds two.
+    let (two, stopped_early) = log.scan_bounded(None, 100, 25 * 1024).unwrap();
+    assert_eq!(two, written[..2].to_vec());
+    assert!(stopped_early);
+    let (rest, stopped_early) = log.scan_bounded(Some(two[1].id), 100, 1 << 20).unwrap();
+    assert_eq!(rest, written[2..].to_vec());
+    assert!(!stopped_early);
+    // A budget below one record still reads one.
+    let (one, stopped_early) = log.scan_bounded(None, 100, 1).unwrap();
+    assert_eq!((one.len(), stopped_early), (1, true));
+}

@@ -60,6 +60,12 @@ use shard::{Lookup, Shard, ShardMsg, SubmitReply};
 
 /// Log records examined at most by one `list` call.
 const LIST_SCAN_LIMIT: usize = 2_000;
+/// Stored bytes of log records one `list` call reads at most (the first record is read
+/// whatever its size): 2,000 records of up to 96 KiB each would be 192 MiB.
+const LIST_SCAN_MAX_BYTES: usize = 8 << 20;
+/// `list` calls reading the log at once; the others wait their turn, so that what
+/// lists hold in memory stays within this many times [`LIST_SCAN_MAX_BYTES`].
+const LIST_SCANS_AT_ONCE: usize = 2;
 
 /// The handle the API uses. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -75,6 +81,8 @@ pub struct Runtime {
     /// that two verbs on a transaction only in the log act one after the other (see
     /// `operator.rs`).
     operator_verbs: Arc<tokio::sync::Mutex<()>>,
+    /// A turn to read the log for a `list` call ([`LIST_SCANS_AT_ONCE`]).
+    list_scans: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long one rendering of the metrics answers scrapes: a scrape costs a pass over
@@ -192,6 +200,7 @@ impl Runtime {
             metrics: config.metrics.clone(),
             rendered_metrics: Arc::default(),
             operator_verbs: Arc::default(),
+            list_scans: Arc::new(tokio::sync::Semaphore::new(LIST_SCANS_AT_ONCE)),
         };
         Ok((runtime, RuntimeTasks { handles, log_watch }, report))
     }
@@ -434,13 +443,21 @@ impl Runtime {
         limit: usize,
     ) -> Result<Page, RuntimeError> {
         let limit = limit.max(1);
-        let log = self.log.clone();
-        let scanned = tokio::task::spawn_blocking(move || log.scan(after, LIST_SCAN_LIMIT))
+        // Held until the records read are filtered into the page.
+        let _turn = self
+            .list_scans
+            .acquire()
             .await
-            .map_err(|_| RuntimeError::ShuttingDown)??;
+            .map_err(|_| RuntimeError::ShuttingDown)?;
+        let log = self.log.clone();
+        let (scanned, stopped_early) = tokio::task::spawn_blocking(move || {
+            log.scan_bounded(after, LIST_SCAN_LIMIT, LIST_SCAN_MAX_BYTES)
+        })
+        .await
+        .map_err(|_| RuntimeError::ShuttingDown)??;
         // Past the last log record examined, the log has not been looked at yet: leave
         // those ids for a later page.
-        let horizon = (scanned.len() == LIST_SCAN_LIMIT)
+        let horizon = stopped_early
             .then(|| scanned.last().map(|r| r.id))
             .flatten();
         let mut scanned_ids: Vec<Vec<TxnId>> = vec![Vec::new(); self.shards.len()];
