@@ -146,11 +146,14 @@ fn an_abort_after_the_intent_is_forced_before_anyone_hears_it() {
         vote(&mut txn, 1, Vote::no("out of stock")),
         vec![Action::PersistDecision]
     );
-    // Not reported yet; what is written is the abort.
+    // Not reported yet, not even its reason (a restart could still commit: the votes
+    // are asked again); what is written is the abort, with its reason.
     assert_eq!(txn.state(), TxnState::Preparing);
     assert_eq!(txn.phase(), Phase::DecidingAbort { at_unix_ms: T0 + 1 });
+    assert_eq!(txn.record().reason, None);
     let decision = txn.log_record();
     assert_eq!(decision.state, TxnState::Aborting);
+    assert!(decision.reason.is_some_and(|r| r.contains("out of stock")));
     assert!(decision.branches.iter().all(|b| b.payload.is_empty()));
     // Nothing changes it while it is written.
     assert!(vote(&mut txn, 2, Vote::Yes).is_empty());
@@ -166,6 +169,7 @@ fn an_abort_after_the_intent_is_forced_before_anyone_hears_it() {
         aborts(&[0, 2], 2)
     );
     assert_eq!(txn.state(), TxnState::Aborting);
+    assert!(txn.record().reason.is_some_and(|r| r.contains("out of stock")));
     txn.handle_event(
         Event::Delivered {
             branch: 0,

@@ -162,8 +162,11 @@ impl TwoPhaseCommit {
         }
     }
 
-    /// What the log stores and GetTransaction shows.
+    /// What the log stores and GetTransaction shows: nothing that is not durable yet,
+    /// not even the reason for an abort still being written (a restart before it is
+    /// durable asks the votes again, and they may commit).
     pub fn record(&self) -> TxnRecord {
+        let deciding_abort = matches!(self.phase, Phase::DecidingAbort { .. });
         TxnRecord {
             id: self.id,
             kind: TxnKind::TwoPhase,
@@ -171,7 +174,7 @@ impl TwoPhaseCommit {
             created_unix_ms: self.created_unix_ms,
             deadline_unix_ms: self.deadline_unix_ms,
             prepare_timeout_ms: self.prepare_timeout_ms,
-            reason: self.reason.clone(),
+            reason: (!deciding_abort).then(|| self.reason.clone()).flatten(),
             branches: self
                 .branches
                 .iter()
