@@ -169,7 +169,11 @@ fn an_abort_after_the_intent_is_forced_before_anyone_hears_it() {
         aborts(&[0, 2], 2)
     );
     assert_eq!(txn.state(), TxnState::Aborting);
-    assert!(txn.record().reason.is_some_and(|r| r.contains("out of stock")));
+    assert!(
+        txn.record()
+            .reason
+            .is_some_and(|r| r.contains("out of stock"))
+    );
     txn.handle_event(
         Event::Delivered {
             branch: 0,
