@@ -39,7 +39,11 @@ import tempfile
 import urllib.parse
 import urllib.request
 
-release_url = "https://pypi.org/pypi/pip/json"
+# PyPI's JSON API, or that of the index pip is told to use (PIP_INDEX_URL, a
+# ".../simple" address as pip takes it).
+index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+base = index[: -len("/simple")] if index.endswith("/simple") else index
+release_url = f"{base}/pypi/pip/json"
 with urllib.request.urlopen(release_url, timeout=60) as answer:
     release = json.load(answer)
 wheel = next(u for u in release["urls"] if u["packagetype"] == "bdist_wheel")

@@ -266,8 +266,9 @@ fn log_verify_tells_intact_from_damaged(base: &Path, scratch: &Path) {
 /// written (with no snapshot between, as after a kill -9), must not be passed over. A
 /// read-only audit feared it would be: sled's last recovery pass reads a bad message
 /// outside the last segment as the end of that segment and goes on with the next, and
-/// later groups satisfy the high-water mark. Here it is refused as damaged (sled's
-/// first pass, or the read of every page, finds it).
+/// later groups satisfy the high-water mark. Each place the value was written (sled
+/// rewrites a leaf now and then) is damaged in a copy of its own: every copy is refused
+/// as damaged or holds the value whole.
 #[tokio::test]
 async fn a_damaged_record_before_later_segments_is_refused_not_skipped() {
     let dir = tempfile::tempdir().unwrap();
@@ -293,39 +294,56 @@ async fn a_damaged_record_before_later_segments_is_refused_not_skipped() {
         let batch = filler(100_000 + round * 50, 100_000 + round * 50 + 50, 1024);
         store.write(batch, Durability::Forced).await.unwrap();
     }
-    let copy = dir.path().join("copy");
-    copy_dir(&store_dir, &copy);
+    let pristine = dir.path().join("pristine");
+    copy_dir(&store_dir, &pristine);
     store.close().unwrap();
-    // One byte inside the victim's value, in the copy's log (not a blob: 700 bytes).
-    let log_path = std::fs::read_dir(&copy)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .chain(
-            std::fs::read_dir(&copy)
+    // The log file, in the store's directory or its generation's.
+    let log_in = |root: &Path| {
+        let entries = |d: &Path| -> Vec<std::path::PathBuf> {
+            std::fs::read_dir(d)
                 .unwrap()
                 .map(|e| e.unwrap().path())
-                .filter(|p| p.is_dir())
-                .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path())),
-        )
-        .find(|p| p.file_name().is_some_and(|n| n == "db"))
-        .expect("sled's log file");
-    let mut bytes = std::fs::read(&log_path).unwrap();
-    let at = bytes
+                .collect()
+        };
+        let top = entries(root);
+        let nested: Vec<_> = top
+            .iter()
+            .filter(|p| p.is_dir())
+            .flat_map(|d| entries(d))
+            .collect();
+        top.into_iter()
+            .chain(nested)
+            .find(|p| p.file_name().is_some_and(|n| n == "db"))
+            .expect("sled's log file")
+    };
+    let bytes = std::fs::read(log_in(&pristine)).unwrap();
+    // Every place the value was written (sled may have rewritten its leaf): each is
+    // damaged in a copy of its own.
+    let places: Vec<usize> = bytes
         .windows(victim.len())
-        .position(|w| w == victim.as_slice())
-        .expect("the victim's value is in the log");
-    bytes[at + 300] ^= 0x5a;
-    std::fs::write(&log_path, &bytes).unwrap();
-    match DurableStore::open(&copy, StoreOptions::default()) {
-        Err(StoreError::Damaged { .. }) => {}
-        Err(other) => panic!("refused, but not as damage: {other}"),
-        Ok(opened) => {
-            let held = opened.db().get(b"a/victim").unwrap();
-            assert_eq!(
-                held.as_deref(),
-                Some(victim.as_slice()),
-                "opened without complaint, and the victim is missing or changed"
-            );
+        .enumerate()
+        .filter(|(_, w)| *w == victim.as_slice())
+        .map(|(at, _)| at)
+        .collect();
+    assert!(!places.is_empty(), "the victim's value is in the log");
+    for (trial, at) in places.into_iter().enumerate() {
+        let copy = dir.path().join(format!("copy-{trial}"));
+        copy_dir(&pristine, &copy);
+        let mut damaged = bytes.clone();
+        damaged[at + 300] ^= 0x5a;
+        std::fs::write(log_in(&copy), &damaged).unwrap();
+        match DurableStore::open(&copy, StoreOptions::default()) {
+            Err(StoreError::Damaged { .. }) => {}
+            Err(other) => panic!("byte {at}: refused, but not as damage: {other}"),
+            Ok(opened) => {
+                let held = opened.db().get(b"a/victim").unwrap();
+                assert_eq!(
+                    held.as_deref(),
+                    Some(victim.as_slice()),
+                    "byte {at}: opened without complaint, and the victim is missing or changed"
+                );
+                opened.close().unwrap();
+            }
         }
     }
 }

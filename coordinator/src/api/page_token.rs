@@ -83,7 +83,11 @@ impl PageTokens {
                  list again from the first page",
             )
         };
-        if token.len() != SEALED_BYTES * 2 || !token.is_ascii() {
+        // Lowercase hex digits only, as `seal` writes them: one spelling per token.
+        let digits = token
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if token.len() != SEALED_BYTES * 2 || !digits {
             return Err(refused());
         }
         let mut bytes = Vec::with_capacity(SEALED_BYTES);
@@ -124,6 +128,8 @@ mod tests {
             ("alice", "zz".repeat(SEALED_BYTES)),
             ("alice", format!("{}é", &token[2..])),
             ("alice", String::new()),
+            ("alice", token.to_uppercase()),
+            ("alice", format!("+{}", &token[1..])),
         ] {
             let error = tokens.open(principal, &token).unwrap_err();
             assert_eq!(error.field, "page_token", "{principal} {token}");

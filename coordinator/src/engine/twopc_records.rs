@@ -162,9 +162,10 @@ impl TwoPhaseCommit {
         }
     }
 
-    /// What the log stores and GetTransaction shows: nothing that is not durable yet,
-    /// not even the reason for an abort still being written (a restart before it is
-    /// durable asks the votes again, and they may commit).
+    /// What the log stores and GetTransaction shows. The reason of an abort still being
+    /// written is left out (a restart before it is durable asks the votes again, and
+    /// they may commit); the branches show what each call did (a NO vote, a prepare
+    /// that failed), which is what happened, not a decision.
     pub fn record(&self) -> TxnRecord {
         let deciding_abort = matches!(self.phase, Phase::DecidingAbort { .. });
         TxnRecord {

@@ -12,8 +12,9 @@
 //! - below the floor (7/8 of the budget), it rises by half the room under the ceiling.
 //!
 //! Invariants: the allowance is never above the configured share (`max_retained_bytes`);
-//! at zero, each shard still keeps what ended in the last second (`retained.rs`), so that
-//! a lazily written final record is in the log before its transaction leaves memory. A
+//! at zero, each shard still keeps what ended in the last second, and whatever the log
+//! has not yet applied the last writes of (`retained.rs`: what leaves memory is read
+//! from the log, which must then hold its end). A
 //! shard applies a lower allowance at its next housekeeping (every second) or when its
 //! next transaction ends, whichever comes first. Where the resident set cannot be read
 //! (no `/proc`), the allowance stays at the share. The governor ends when the daemon

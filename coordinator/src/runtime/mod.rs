@@ -443,15 +443,18 @@ impl Runtime {
         limit: usize,
     ) -> Result<Page, RuntimeError> {
         let limit = limit.max(1);
-        // Held until the records read are filtered into the page.
-        let _turn = self
+        // Held by the read itself, which goes on if this call is given up, and then
+        // until the records read are filtered into the page.
+        let turn = self
             .list_scans
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| RuntimeError::ShuttingDown)?;
         let log = self.log.clone();
-        let (scanned, stopped_early) = tokio::task::spawn_blocking(move || {
+        let (scanned, stopped_early, _turn) = tokio::task::spawn_blocking(move || {
             log.scan_bounded(after, LIST_SCAN_LIMIT, LIST_SCAN_MAX_BYTES)
+                .map(|(scanned, stopped_early)| (scanned, stopped_early, turn))
         })
         .await
         .map_err(|_| RuntimeError::ShuttingDown)??;

@@ -186,7 +186,7 @@ async fn a_saga_that_left_memory_is_refused_by_two_phase_calls() {
         payload: Vec::new(),
     };
     assert_eq!(runtime.enlist(id, branch).await, refused);
-    // A two-phase commit that left memory is still answered from the log.
+    // Reading it is still answered from the log.
     assert!(runtime.get(id).await.unwrap().is_some());
     runtime.shutdown(tasks, Duration::from_secs(1)).await;
 }
@@ -344,7 +344,11 @@ async fn a_commit_leaves_memory_only_once_the_log_has_its_end() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     log.release();
-    health_until(&runtime, |h| h.retained_transactions == 0).await;
+    let left = health_until(&runtime, |h| h.retained_transactions == 0).await;
+    assert_eq!(
+        left.retained_transactions, 0,
+        "it left memory once released"
+    );
     assert_eq!(state().await, Some(TxnState::Committed), "from the log");
     runtime.shutdown(tasks, Duration::from_secs(1)).await;
     participant.stop().await;

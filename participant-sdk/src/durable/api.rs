@@ -155,6 +155,12 @@ impl WriteProgress {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// Takes back a write counted queued that the closed queue refused.
+    pub(crate) fn unqueued(&self) {
+        self.queued
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// `writes` more applied, after the `apply_batch` that made them visible.
     pub(crate) fn note_applied(&self, writes: usize) {
         self.applied

@@ -389,10 +389,15 @@ impl DurableStore {
         };
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         match queue.as_ref() {
-            Some(sender) => match sender.send(request) {
-                Ok(()) => self.progress.note_queued(),
-                Err(mpsc::SendError(request)) => reply(request, Err(StoreError::Closed)),
-            },
+            Some(sender) => {
+                // Counted before the logger can apply it, so `applied` never passes
+                // `queued`; taken back if it was not queued after all.
+                self.progress.note_queued();
+                if let Err(mpsc::SendError(request)) = sender.send(request) {
+                    self.progress.unqueued();
+                    reply(request, Err(StoreError::Closed));
+                }
+            }
             None => reply(request, Err(StoreError::Closed)),
         }
         WriteTicket(ticket)
