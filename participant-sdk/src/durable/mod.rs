@@ -180,7 +180,10 @@ impl DurableStore {
             read_everything(&db, &meta).map_err(damaged)?;
         }
         // Only once the current generation passed its checks: a store refused as damaged
-        // keeps every file it had.
+        // keeps every generation it had. (Not every byte: sled's own recovery, which runs
+        // before the checks, has already zeroed what followed the point where it stopped
+        // reading and removed the blob files past it; docs/decisions.md, "Power loss and
+        // damage".)
         generations::remove_all_but(root, located.number)
             .map_err(|e| open_error(format!("removing replaced generations: {e}")))?;
         if created_empty {
