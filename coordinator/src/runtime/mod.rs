@@ -61,7 +61,7 @@ use shard::{Lookup, Shard, ShardMsg, SubmitReply};
 /// Log records examined at most by one `list` call.
 const LIST_SCAN_LIMIT: usize = 2_000;
 /// Stored bytes of log records one `list` call reads at most (the first record is read
-/// whatever its size): 2,000 records of up to 96 KiB each would be 192 MiB.
+/// whatever its size): 2,000 records of up to 96 KiB each would be about 190 MiB.
 const LIST_SCAN_MAX_BYTES: usize = 8 << 20;
 /// `list` calls reading the log at once; the others wait their turn, so that what
 /// lists hold in memory stays within this many times [`LIST_SCAN_MAX_BYTES`].
