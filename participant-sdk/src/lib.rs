@@ -33,6 +33,7 @@ pub mod connections;
 pub mod durable;
 pub mod endpoint;
 pub mod failpoint;
+pub mod hex;
 pub mod in_doubt;
 mod keyed_locks;
 pub mod limits;

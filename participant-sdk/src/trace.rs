@@ -15,6 +15,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::hex;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 /// The metadata key of the trace parent.
@@ -74,14 +75,14 @@ impl TraceParent {
         if version != VERSION {
             // "ff" is forbidden, later versions are not ours to interpret; either way
             // a malformed two-hex field is a format error first.
-            return Err(match decode_hex::<1>(version) {
+            return Err(match hex::decode::<1>(version) {
                 Some(_) => TraceParentError::Version,
                 None => TraceParentError::Format,
             });
         }
-        let trace_id = decode_hex::<16>(trace_id).ok_or(TraceParentError::Format)?;
-        let parent_id = decode_hex::<8>(parent_id).ok_or(TraceParentError::Format)?;
-        let [flags] = decode_hex::<1>(flags).ok_or(TraceParentError::Format)?;
+        let trace_id = hex::decode::<16>(trace_id).ok_or(TraceParentError::Format)?;
+        let parent_id = hex::decode::<8>(parent_id).ok_or(TraceParentError::Format)?;
+        let [flags] = hex::decode::<1>(flags).ok_or(TraceParentError::Format)?;
         if trace_id == [0; 16] {
             return Err(TraceParentError::ZeroTraceId);
         }
@@ -119,7 +120,7 @@ impl TraceParent {
 
     /// The trace id as 32 lowercase hex characters (what log lines carry).
     pub fn trace_id_hex(&self) -> String {
-        encode_hex(&self.trace_id)
+        hex::encode(&self.trace_id)
     }
 
     pub fn parent_id(&self) -> [u8; 8] {
@@ -128,7 +129,7 @@ impl TraceParent {
 
     /// The parent (span) id as 16 lowercase hex characters.
     pub fn parent_id_hex(&self) -> String {
-        encode_hex(&self.parent_id)
+        hex::encode(&self.parent_id)
     }
 
     pub fn flags(&self) -> u8 {
@@ -145,8 +146,8 @@ impl fmt::Display for TraceParent {
         write!(
             f,
             "{VERSION}-{}-{}-{:02x}",
-            encode_hex(&self.trace_id),
-            encode_hex(&self.parent_id),
+            hex::encode(&self.trace_id),
+            hex::encode(&self.parent_id),
             self.flags
         )
     }
@@ -305,36 +306,6 @@ fn random_nonzero<const N: usize>() -> [u8; N] {
             return bytes;
         }
     }
-}
-
-/// `hex` as `N` bytes, if it is exactly `2N` lowercase hex digits.
-fn decode_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
-    let digits = hex.as_bytes();
-    if digits.len() != 2 * N {
-        return None;
-    }
-    let nibble = |d: u8| match d {
-        b'0'..=b'9' => Some(d - b'0'),
-        b'a'..=b'f' => Some(d - b'a' + 10),
-        _ => None,
-    };
-    let mut bytes = [0; N];
-    for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-    }
-    Some(bytes)
-}
-
-/// Lowercase hex, two characters a byte (on every participant call: no formatting
-/// machinery, one allocation).
-fn encode_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    hex
 }
 
 #[cfg(test)]

@@ -66,11 +66,9 @@ impl PageTokens {
         {
             panic!("invariant: a 16-byte id is far below ChaCha20-Poly1305's message limit");
         }
-        let mut token = String::with_capacity(SEALED_BYTES * 2);
-        for byte in nonce_bytes.iter().chain(&sealed) {
-            token.push_str(&format!("{byte:02x}"));
-        }
-        token
+        let mut bytes = nonce_bytes.to_vec();
+        bytes.append(&mut sealed);
+        treaty_sdk::hex::encode(&bytes)
     }
 
     /// Where the page asked for by `token` starts, if this process issued it to
@@ -83,18 +81,8 @@ impl PageTokens {
                  list again from the first page",
             )
         };
-        // Lowercase hex digits only, as `seal` writes them: one spelling per token.
-        let digits = token
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if token.len() != SEALED_BYTES * 2 || !digits {
-            return Err(refused());
-        }
-        let mut bytes = Vec::with_capacity(SEALED_BYTES);
-        for pair in token.as_bytes().chunks(2) {
-            let pair = std::str::from_utf8(pair).map_err(|_| refused())?;
-            bytes.push(u8::from_str_radix(pair, 16).map_err(|_| refused())?);
-        }
+        // Lowercase hex only, as `seal` writes it: one spelling per token.
+        let mut bytes = treaty_sdk::hex::decode::<SEALED_BYTES>(token).ok_or_else(refused)?;
         let (nonce, sealed) = bytes.split_at_mut(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
         let opened = self
