@@ -319,6 +319,20 @@ fn sync_file(path: &Path) -> std::io::Result<Option<u64>> {
     Ok(Some(file.metadata()?.len()))
 }
 
+/// Writes `bytes` to `temporary` and syncs it, then renames it to `path`: after a crash
+/// `path` holds the old content or all of the new, never part. The caller syncs the
+/// directory ([`sync_dir`]) to make the rename durable.
+pub(super) fn write_synced_then_rename(
+    temporary: &Path,
+    path: &Path,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let mut file = File::create(temporary)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_all()?;
+    std::fs::rename(temporary, path)
+}
+
 /// Makes `dir`'s entries (files created, renamed or removed in it) durable.
 pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     let dir = if dir.as_os_str().is_empty() {

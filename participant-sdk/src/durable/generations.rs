@@ -26,10 +26,10 @@
 //!   refuses the directory as damaged instead of opening an empty database in it and
 //!   presuming every logged commit aborted.
 
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use super::files::sync_dir;
+use super::files::{sync_dir, write_synced_then_rename};
 use super::{LOG_FILE_NAME, high_water};
 
 /// The file naming the current generation's directory.
@@ -200,13 +200,9 @@ pub(super) enum SwitchError {
 pub(super) fn switch_to(root: &Path, number: u64) -> Result<Vec<PathBuf>, SwitchError> {
     let temporary = root.join(POINTER_TEMPORARY);
     let pointer = root.join(POINTER_FILE);
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(format!("{GENERATION_PREFIX}{number}\n").as_bytes())?;
-        file.sync_all()
-    };
-    write().map_err(SwitchError::NothingChanged)?;
-    std::fs::rename(&temporary, &pointer).map_err(SwitchError::NothingChanged)?;
+    let content = format!("{GENERATION_PREFIX}{number}\n");
+    write_synced_then_rename(&temporary, &pointer, content.as_bytes())
+        .map_err(SwitchError::NothingChanged)?;
     sync_dir(root).map_err(SwitchError::NotDurable)?;
     Ok(vec![pointer, root.to_path_buf()])
 }

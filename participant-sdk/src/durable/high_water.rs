@@ -103,14 +103,7 @@ impl HighWater {
                 bytes[start..start + SLOT_BYTES].copy_from_slice(&encode_slot(mark));
             }
             let temporary = dir.join(TEMPORARY_FILE_NAME);
-            let made = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&temporary)?;
-            made.write_all_at(&bytes, 0)?;
-            made.sync_all()?;
-            std::fs::rename(&temporary, &path)?;
+            super::files::write_synced_then_rename(&temporary, &path, &bytes)?;
             super::files::sync_dir(dir)?;
         }
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
