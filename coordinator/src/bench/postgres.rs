@@ -10,7 +10,12 @@
 //! The server needs `max_prepared_transactions` of at least the concurrency (it is 0 by
 //! default): that is checked first, with a clear error. The bench's table
 //! (`treaty_bench_2pc`) is dropped and any transaction it left prepared is rolled back
-//! at the end.
+//! at the end. A prepared transaction outlives its session, so a bench stopped before
+//! its end (Ctrl-C, a crash) leaves some holding row locks on the table: each run rolls
+//! back every `treaty-bench-` transaction it finds prepared before it touches the table
+//! (two benches against one server at once are not supported: each drops the table at
+//! its end). Every session runs with [`LOCK_TIMEOUT`] and [`STATEMENT_TIMEOUT`], so a
+//! lock nobody releases fails a transaction instead of stopping the run.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_postgres::{Client, NoTls};
 
-use super::workload::MAX_LATENCIES;
+use super::workload::{MAX_LATENCIES, Tally, print_progress};
 
 /// The table the bench updates (one row per initiator).
 const TABLE: &str = "treaty_bench_2pc";
@@ -28,6 +33,10 @@ const TABLE: &str = "treaty_bench_2pc";
 const GID_PREFIX: &str = "treaty-bench-";
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a statement of the bench waits for a lock (PostgreSQL's `lock_timeout`).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a statement of the bench runs (PostgreSQL's `statement_timeout`).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, serde::Serialize)]
 pub struct PostgresReport {
@@ -80,6 +89,14 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
             tracing::warn!(error = %e, "PostgreSQL connection ended");
         }
     });
+    client
+        .batch_execute(&format!(
+            "SET lock_timeout = {}; SET statement_timeout = {}",
+            LOCK_TIMEOUT.as_millis(),
+            STATEMENT_TIMEOUT.as_millis()
+        ))
+        .await
+        .context("--postgres: setting the session's timeouts")?;
     Ok(client)
 }
 
@@ -114,6 +131,13 @@ pub async fn run(
 ) -> anyhow::Result<PostgresReport> {
     let admin = connect(url).await?;
     check_prepared_transactions(&admin, concurrency).await?;
+    let left_before = roll_back_prepared(&admin, &format!("{GID_PREFIX}%")).await?;
+    if left_before > 0 {
+        eprintln!(
+            "bench postgresql 2pc: rolled back {left_before} transaction(s) an earlier bench \
+             left prepared"
+        );
+    }
     admin
         .batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {TABLE} (id integer PRIMARY KEY, n bigint NOT NULL); \
@@ -128,15 +152,19 @@ pub async fn run(
         clients.push(connect(url).await?);
     }
     let started_count = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(Tally::default());
     let started = Instant::now();
     let until = started + duration;
     let keep = MAX_LATENCIES / concurrency.max(1);
     let run_id = std::process::id();
+    let progress = tokio::spawn(print_progress("postgresql", started, tally.clone(), 0));
     let mut initiators = Vec::with_capacity(concurrency);
     for (row, client) in clients.into_iter().enumerate() {
         let started_count = started_count.clone();
+        let tally = tally.clone();
         initiators.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
+            let mut committed = 0u64;
             let mut failed = 0u64;
             let mut number = 0u64;
             while Instant::now() < until && started_count.fetch_add(1, Ordering::SeqCst) < limit {
@@ -149,40 +177,48 @@ pub async fn run(
                          PREPARE TRANSACTION '{gid}'"
                     ))
                     .await;
-                if prepared.is_err() {
+                let outcome = if prepared.is_err() {
                     // Whatever the failure, leave the session out of any transaction.
                     let _ = client.batch_execute("ROLLBACK").await;
+                    Err(())
+                } else {
+                    client
+                        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+                        .await
+                        .map_err(|_| ())
+                };
+                if outcome.is_ok() {
+                    committed += 1;
+                    if latencies.len() < keep {
+                        latencies.push(begun.elapsed());
+                    }
+                } else {
                     failed += 1;
-                    continue;
                 }
-                match client
-                    .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
-                    .await
-                {
-                    Ok(()) if latencies.len() < keep => latencies.push(begun.elapsed()),
-                    Ok(()) => {}
-                    Err(_) => failed += 1,
-                }
+                tally.finished.fetch_add(1, Ordering::Relaxed);
             }
-            (latencies, failed)
+            (latencies, committed, failed)
         }));
     }
     let mut latencies = Vec::new();
+    let mut committed = 0;
     let mut failed = 0;
     for initiator in initiators {
-        let (mut theirs, their_failed) = initiator.await?;
+        let (mut theirs, their_committed, their_failed) = initiator.await?;
         latencies.append(&mut theirs);
+        committed += their_committed;
         failed += their_failed;
     }
     let elapsed = started.elapsed();
+    progress.abort();
     latencies.sort_unstable();
     clean_up(&admin, run_id).await;
     let percentile = |p: f64| super::stats::percentile_ms(&latencies, p);
     Ok(PostgresReport {
-        transactions: latencies.len() as u64,
+        transactions: committed,
         failed,
         elapsed_s: elapsed.as_secs_f64(),
-        transactions_per_s: latencies.len() as f64 / elapsed.as_secs_f64().max(f64::EPSILON),
+        transactions_per_s: committed as f64 / elapsed.as_secs_f64().max(f64::EPSILON),
         p50_ms: percentile(0.50),
         p99_ms: percentile(0.99),
         p999_ms: percentile(0.999),
@@ -190,28 +226,33 @@ pub async fn run(
     })
 }
 
-/// Rolls back what the bench left prepared (a failed COMMIT PREPARED) and drops its
+/// Rolls back every prepared transaction whose gid is `LIKE` `pattern`; returns how many
+/// there were. One that cannot be rolled back is an error: its locks would stop the run.
+async fn roll_back_prepared(admin: &Client, pattern: &str) -> anyhow::Result<usize> {
+    let rows = admin
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE $1 \
+             AND database = current_database()",
+            &[&pattern],
+        )
+        .await
+        .context("--postgres: listing prepared transactions")?;
+    for row in &rows {
+        let gid: String = row.get(0);
+        let quoted = gid.replace('\'', "''");
+        admin
+            .batch_execute(&format!("ROLLBACK PREPARED '{quoted}'"))
+            .await
+            .with_context(|| format!("--postgres: rolling back the prepared transaction {gid}"))?;
+    }
+    Ok(rows.len())
+}
+
+/// Rolls back what this run left prepared (a failed COMMIT PREPARED) and drops its
 /// table; failures are logged, not returned: the figures are already measured.
 async fn clean_up(admin: &Client, run_id: u32) {
-    let left = admin
-        .query(
-            "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE $1",
-            &[&format!("{GID_PREFIX}{run_id}-%")],
-        )
-        .await;
-    match left {
-        Ok(rows) => {
-            for row in rows {
-                let gid: String = row.get(0);
-                if let Err(e) = admin
-                    .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
-                    .await
-                {
-                    tracing::warn!(%gid, error = %e, "could not roll back a prepared transaction");
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not list prepared transactions"),
+    if let Err(e) = roll_back_prepared(admin, &format!("{GID_PREFIX}{run_id}-%")).await {
+        tracing::warn!(error = %e, "could not roll back what the bench left prepared");
     }
     if let Err(e) = admin
         .batch_execute(&format!("DROP TABLE IF EXISTS {TABLE}"))

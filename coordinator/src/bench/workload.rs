@@ -184,10 +184,10 @@ pub async fn run(
     let started = Instant::now();
     let until = started + options.duration;
     let progress = tokio::spawn(print_progress(
-        workload,
+        workload.name(),
         started,
-        finished_before,
         tally.clone(),
+        finished_before,
     ));
     let keep_per_initiator = MAX_LATENCIES / options.concurrency.max(1);
     let mut initiators = Vec::with_capacity(options.concurrency);
@@ -259,11 +259,14 @@ pub async fn run(
     Ok(total)
 }
 
-async fn print_progress(
-    workload: Workload,
+/// Prints every [`PROGRESS_EVERY`] on stderr how many of `label`'s transactions are done
+/// (`tally.finished` less `finished_before`) and the rate over the last interval, until
+/// aborted.
+pub async fn print_progress(
+    label: &'static str,
     started: Instant,
-    finished_before: u64,
     tally: Arc<Tally>,
+    finished_before: u64,
 ) {
     let mut previous = 0;
     let mut ticks = tokio::time::interval_at((started + PROGRESS_EVERY).into(), PROGRESS_EVERY);
@@ -271,8 +274,7 @@ async fn print_progress(
         ticks.tick().await;
         let done = tally.finished.load(Ordering::Relaxed) - finished_before;
         eprintln!(
-            "bench {:<12} {:>6.1} s  {done:>9} done  {:>8.0}/s",
-            workload.name(),
+            "bench {label:<12} {:>6.1} s  {done:>9} done  {:>8.0}/s",
             started.elapsed().as_secs_f64(),
             (done - previous) as f64 / PROGRESS_EVERY.as_secs_f64()
         );
