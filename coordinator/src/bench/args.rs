@@ -56,6 +56,11 @@ pub struct BenchArgs {
     /// sooner).
     #[arg(long)]
     pub transactions: Option<u64>,
+    /// Before each workload is measured, run it this long uncounted, so that connections
+    /// opened on first use and caches filled on first use are not in its figures (0: no
+    /// warm-up; none with --transactions, whose every transaction counts).
+    #[arg(long, default_value_t = 500)]
+    pub warm_up_ms: u64,
     /// Start at most this many transactions a second (a steady rate keeps the data that
     /// retention holds constant, so a disk that grows is a leak, not a faster run).
     #[arg(long)]
@@ -189,6 +194,7 @@ pub(super) fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
         args.sync_probe_ms <= 60_000,
         "--sync-probe-ms must be 0..=60000"
     );
+    anyhow::ensure!(args.warm_up_ms <= 60_000, "--warm-up-ms must be 0..=60000");
     if let Some(dir) = &args.sync_probe_dir {
         anyhow::ensure!(
             args.sync_probe_ms > 0,

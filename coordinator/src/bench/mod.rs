@@ -51,6 +51,8 @@ pub use observe::cpu_us;
 pub use participant::{BenchParticipantArgs, run as run_participant};
 use workload::{LoadOptions, Tally, Targets, Workload};
 
+use crate::runtime::METRICS_REUSE;
+
 /// Samples the directories every `every` until stopped (and once more then), printing
 /// each sample (to stderr with `--json`, whose stdout is the report alone); returns them.
 async fn sample_disk(
@@ -254,10 +256,28 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         sync_probe,
         one_in_flight_target: None,
     };
+    // No warm-up with --transactions: the soak counts every transaction it runs.
+    let warm_up = (args.transactions.is_none() && args.warm_up_ms > 0).then(|| LoadOptions {
+        duration: Duration::from_millis(args.warm_up_ms),
+        ..options.clone()
+    });
     for workload in workloads {
+        if let Some(warm_up) = &warm_up {
+            workload::run(workload, &targets, warm_up, tally.clone()).await?;
+            if !settle(&cluster).await {
+                eprintln!("bench {:<12} its warm-up did not settle", workload.name());
+            }
+        }
         let before = observe::Snapshot::take(&cluster).await?;
         let load = workload::run(workload, &targets, &options, tally.clone()).await?;
-        settle(&cluster).await;
+        let settled = settle(&cluster).await;
+        if !settled {
+            eprintln!(
+                "bench {:<12} transactions still in progress {SETTLE_TIMEOUT:?} after its \
+                 load ended: their phase 2 is not all in its figures",
+                workload.name()
+            );
+        }
         let after = observe::Snapshot::take(&cluster).await?;
         let rss_bytes = rss_of.and_then(crate::runtime::memory::resident_bytes_of);
         let figures = report::WorkloadReport::new(
@@ -371,16 +391,22 @@ impl CsvFile<'_> {
 
 /// Waits (up to [`SETTLE_TIMEOUT`]) until the coordinator has no transaction in
 /// progress: phase 2 of the last commits is counted with the workload that caused it.
-async fn settle(cluster: &cluster::Cluster) {
+/// Its metrics are rendered at most once per [`METRICS_REUSE`], so it first waits that
+/// long: a rendering from before the load ended, between two transactions at one in
+/// flight, can show none in progress, and the snapshot after it would then miss the
+/// load's last moments. Returns false if transactions were still in progress at the end.
+async fn settle(cluster: &cluster::Cluster) -> bool {
     let Some(address) = cluster.coordinator_metrics else {
-        return;
+        return true;
     };
+    tokio::time::sleep(METRICS_REUSE + Duration::from_millis(50)).await;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     while Instant::now() < deadline {
         match observe::coordinator_counts(address).await {
             Ok(counts) if counts.in_progress > 0.0 => {}
-            _ => return,
+            _ => return true,
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    false
 }

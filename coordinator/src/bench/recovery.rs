@@ -33,6 +33,12 @@
 //! passes since the release (the second began after it). The coordinator's gauges are
 //! rendered at most once a second: its figures may be late by up to that much.
 //!
+//! "Resolved" is checked, not only timed: the run fails unless the restarted
+//! coordinator committed at least the decided half, the participants answered at least
+//! that half's branches' commits COMMITTED after the release, and none answered a commit
+//! "already aborted" (a branch aborted that a decided commit named). A coordinator that
+//! had lost decisions would resolve them quickly too, by presumed abort.
+//!
 //! Every wait is bounded (`--recovery-timeout-s`) and fails with what it waited for.
 
 use std::time::{Duration, Instant};
@@ -82,6 +88,11 @@ pub struct RecoveryReport {
     /// The participants' `GetOutcome` calls after the kill, by answer (branches).
     pub participant_inquiries_commit: f64,
     pub participant_inquiries_abort: f64,
+    /// Commits the participants answered COMMITTED after the release, over all branches.
+    pub participant_commits_committed: f64,
+    /// Commits the participants answered "already aborted" after the release: a branch
+    /// aborted that a commit named (0 unless atomicity was lost).
+    pub participant_commits_already_aborted: f64,
     pub in_doubt_poll_ms: u64,
 }
 
@@ -106,7 +117,46 @@ impl RecoveryReport {
                 self.participant_inquiries_abort,
                 self.in_doubt_poll_ms
             ),
+            format!(
+                "  participants answered {} commits COMMITTED and {} \"already aborted\" after the release",
+                self.participant_commits_committed, self.participant_commits_already_aborted
+            ),
         ]
+    }
+
+    /// Whether what was resolved was resolved right: every decided commit committed,
+    /// at the coordinator and at each of its `participants` branches, and no commit
+    /// met an aborted branch.
+    fn check(&self, participants: usize) -> anyhow::Result<()> {
+        let decided = self.decided as f64;
+        let mut wrong = Vec::new();
+        if self.committed_after_restart < decided {
+            wrong.push(format!(
+                "the restarted coordinator committed {} transactions, fewer than the {} decided \
+                 before the kill",
+                self.committed_after_restart, self.decided
+            ));
+        }
+        if self.participant_commits_committed < decided * participants as f64 {
+            wrong.push(format!(
+                "the participants committed {} branches, fewer than the decided half's {}",
+                self.participant_commits_committed,
+                self.decided * participants
+            ));
+        }
+        if self.participant_commits_already_aborted > 0.0 {
+            wrong.push(format!(
+                "the participants answered {} commits \"already aborted\"",
+                self.participant_commits_already_aborted
+            ));
+        }
+        anyhow::ensure!(
+            wrong.is_empty(),
+            "recovery resolved transactions wrongly: {}\n{}",
+            wrong.join("; "),
+            self.lines().join("\n")
+        );
+        Ok(())
     }
 }
 
@@ -183,7 +233,7 @@ pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
     eprintln!("recovery: {in_progress_at_kill} in progress; kill -9 of the coordinator");
     cluster.kill_coordinator().await?;
     held.abort_all();
-    let inquiries_before = inquiries(&cluster).await?;
+    let counts_before = participant_counts(&cluster).await?;
     let passes_at_release: Vec<f64> = in_doubt(&cluster)
         .await?
         .into_iter()
@@ -228,7 +278,7 @@ pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
             &format!("treaty_transactions_total{{protocol=\"two_phase\",outcome=\"{outcome}\"}}"),
         )
     };
-    let inquiries_after = inquiries(&cluster).await?;
+    let counts_after = participant_counts(&cluster).await?;
     let report = RecoveryReport {
         in_flight: n,
         decided,
@@ -239,11 +289,17 @@ pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
         restart_to_all_resolved_ms: millis(resolved),
         committed_after_restart: ended("committed"),
         aborted_after_restart: ended("aborted"),
-        participant_inquiries_commit: inquiries_after.0 - inquiries_before.0,
-        participant_inquiries_abort: inquiries_after.1 - inquiries_before.1,
+        participant_inquiries_commit: counts_after.inquiries_commit
+            - counts_before.inquiries_commit,
+        participant_inquiries_abort: counts_after.inquiries_abort - counts_before.inquiries_abort,
+        participant_commits_committed: counts_after.commits_committed
+            - counts_before.commits_committed,
+        participant_commits_already_aborted: counts_after.commits_already_aborted
+            - counts_before.commits_already_aborted,
         in_doubt_poll_ms: poll_ms,
     };
     cluster.stop().await?;
+    report.check(options.participants)?;
     Ok(report)
 }
 
@@ -309,19 +365,94 @@ async fn in_doubt(cluster: &Cluster) -> anyhow::Result<Vec<(f64, Option<f64>)>> 
     Ok(states)
 }
 
-/// The participants' `GetOutcome` calls so far answered COMMIT and ABORT, summed.
-async fn inquiries(cluster: &Cluster) -> anyhow::Result<(f64, f64)> {
-    let mut commit = 0.0;
-    let mut abort = 0.0;
+/// What the participants counted so far, summed over them.
+#[derive(Debug, Default)]
+struct ParticipantCounts {
+    /// `GetOutcome` calls answered COMMIT and ABORT.
+    inquiries_commit: f64,
+    inquiries_abort: f64,
+    /// Phase-2 commits answered COMMITTED, and "already aborted".
+    commits_committed: f64,
+    commits_already_aborted: f64,
+}
+
+async fn participant_counts(cluster: &Cluster) -> anyhow::Result<ParticipantCounts> {
+    let mut counts = ParticipantCounts::default();
     for participant in &cluster.participants {
         let text = observe::scrape(participant.metrics).await?;
-        let name = "treaty_participant_outcome_inquiries_total";
-        commit += observe::sum(&text, &format!("{name}{{result=\"commit\"}}"));
-        abort += observe::sum(&text, &format!("{name}{{result=\"abort\"}}"));
+        let inquiry = |result: &str| {
+            observe::sum(
+                &text,
+                &format!("treaty_participant_outcome_inquiries_total{{result=\"{result}\"}}"),
+            )
+        };
+        let commit = |result: &str| {
+            observe::sum(
+                &text,
+                &format!(
+                    "treaty_participant_operations_total{{operation=\"commit\",result=\"{result}\"}}"
+                ),
+            )
+        };
+        counts.inquiries_commit += inquiry("commit");
+        counts.inquiries_abort += inquiry("abort");
+        counts.commits_committed += commit("committed");
+        counts.commits_already_aborted += commit("already_aborted");
     }
-    Ok((commit, abort))
+    Ok(counts)
 }
 
 fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved_right() -> RecoveryReport {
+        RecoveryReport {
+            in_flight: 20,
+            decided: 10,
+            in_progress_at_kill: 20.0,
+            in_doubt_at_kill: 10.0,
+            restart_to_serving_ms: 40.0,
+            restart_to_coordinator_idle_ms: 900.0,
+            restart_to_all_resolved_ms: 1_000.0,
+            committed_after_restart: 20.0,
+            aborted_after_restart: 0.0,
+            participant_inquiries_commit: 0.0,
+            participant_inquiries_abort: 0.0,
+            participant_commits_committed: 40.0,
+            participant_commits_already_aborted: 0.0,
+            in_doubt_poll_ms: 200,
+        }
+    }
+
+    #[test]
+    fn a_recovery_that_lost_or_broke_a_decision_fails_the_run() {
+        resolved_right().check(2).unwrap();
+        let lost_at_the_coordinator = RecoveryReport {
+            committed_after_restart: 9.0,
+            aborted_after_restart: 11.0,
+            ..resolved_right()
+        };
+        let error = lost_at_the_coordinator.check(2).unwrap_err().to_string();
+        assert!(error.contains("fewer than the 10 decided"), "{error}");
+        let branch_not_committed = RecoveryReport {
+            participant_commits_committed: 19.0,
+            ..resolved_right()
+        };
+        let error = branch_not_committed.check(2).unwrap_err().to_string();
+        assert!(
+            error.contains("fewer than the decided half's 20"),
+            "{error}"
+        );
+        let commit_met_an_abort = RecoveryReport {
+            participant_commits_already_aborted: 1.0,
+            ..resolved_right()
+        };
+        let error = commit_met_an_abort.check(2).unwrap_err().to_string();
+        assert!(error.contains("already aborted"), "{error}");
+    }
 }

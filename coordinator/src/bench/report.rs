@@ -3,12 +3,15 @@
 //! JSON object (`--json`) whose field names carry their units.
 //!
 //! Definitions (also in docs/limits.md, "Throughput"):
+//! - per transaction: divided by the transactions run, those that failed (ended
+//!   otherwise than asked) included, so that a failed one's work never counts as
+//!   useful; transactions/s counts only those that ended as asked.
 //! - RPCs per transaction: calls the initiator made (to the coordinator; to the
 //!   participant for the ceiling) plus calls the coordinator made to participants (its
-//!   own `treaty_participant_call_duration_seconds_count`), divided by transactions.
+//!   own `treaty_participant_call_duration_seconds_count`), per transaction.
 //! - efficiency = transactions/s × RPCs per transaction ÷ the ceiling's calls/s: the
 //!   share of the servers' bare call capacity the protocol turns into useful calls.
-//! - decisions per fsync: transactions ended ÷ the coordinator's forced log groups.
+//! - decisions per fsync: transactions run ÷ the coordinator's forced log groups.
 //! - mean fsync: the time the workload's forced groups took from applied in memory to
 //!   durable ÷ their number, at the coordinator and over all participants.
 //! - CPU per transaction: user+system time of each process over the workload (phase 2
@@ -160,11 +163,15 @@ impl WorkloadReport {
         coordinator_rss_bytes: Option<u64>,
     ) -> Self {
         let transactions = load.succeeded;
+        // Work is divided by every transaction run, failed ones too: a failed
+        // transaction's calls and syncs are not useful work (so efficiency, transactions
+        // that ended as asked per second × these calls, does not count them).
+        let attempts = load.succeeded + load.failed;
         let per = |count: f64| {
-            if transactions == 0 {
+            if attempts == 0 {
                 0.0
             } else {
-                count / transactions as f64
+                count / attempts as f64
             }
         };
         let ceiling = workload == Workload::Ceiling;
@@ -176,7 +183,7 @@ impl WorkloadReport {
                     fsync_mean_ms: mean_ms(a.fsync_seconds - b.fsync_seconds, a.fsyncs - b.fsyncs),
                     log_records_per_transaction: per(a.log_records - b.log_records),
                     decisions_per_fsync: (!ceiling && a.fsyncs > b.fsyncs)
-                        .then(|| transactions as f64 / (a.fsyncs - b.fsyncs)),
+                        .then(|| attempts as f64 / (a.fsyncs - b.fsyncs)),
                     rss_bytes: coordinator_rss_bytes,
                     log_compactions_ended: a.log_compactions - b.log_compactions,
                 },

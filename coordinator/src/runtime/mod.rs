@@ -87,7 +87,7 @@ pub struct Runtime {
 
 /// How long one rendering of the metrics answers scrapes: a scrape costs a pass over
 /// every shard's transactions, and `/metrics` is not authenticated.
-const METRICS_REUSE: Duration = Duration::from_secs(1);
+pub const METRICS_REUSE: Duration = Duration::from_secs(1);
 
 /// Runs the shards until [`Runtime::shutdown`].
 #[derive(Debug)]

@@ -238,6 +238,17 @@ async fn after_kill_9_with_transactions_in_flight_the_restart_resolves_them_all(
     );
     let aborts = number(&report, &["participant_inquiries_abort"]);
     assert!(aborts <= 200.0, "{report:#}");
+    // Each decided transaction's two branches committed at the participants after the
+    // release, and no commit met an aborted branch (the bench itself fails otherwise).
+    assert!(
+        number(&report, &["participant_commits_committed"]) >= 200.0,
+        "{report:#}"
+    );
+    assert_eq!(
+        number(&report, &["participant_commits_already_aborted"]),
+        0.0,
+        "{report:#}"
+    );
     let serving = number(&report, &["restart_to_serving_ms"]);
     let idle = number(&report, &["restart_to_coordinator_idle_ms"]);
     let resolved = number(&report, &["restart_to_all_resolved_ms"]);
