@@ -108,6 +108,14 @@ impl CallMessages for ParticipantCalls {
         call.call_id
     }
 
+    // The coordinator withdraws a call whose deadline passed, so that a call stuck
+    // behind a branch's lock or in user code gives its place back as a unary call does.
+    const WITHDRAWALS: bool = true;
+
+    fn withdraws(call: &pb::CallRequest) -> bool {
+        matches!(call.call, Some(pb::call_request::Call::Withdraw(_)))
+    }
+
     fn answer(call_id: u64, answered: Result<Self::Answered, Status>) -> pb::CallAnswer {
         pb::CallAnswer {
             call_id,
@@ -547,6 +555,10 @@ async fn answer<T: ParticipantRpc>(
             .compensate(stream.request(traceparent, tracestate, message))
             .await
             .map(|r| Answer::Compensate(r.into_inner())),
+        // The stream's reader takes withdrawals itself: none is answered.
+        Some(Call::Withdraw(_)) => Err(Status::internal(
+            "a withdrawal was answered as a call (the stream's reader takes them)",
+        )),
         None => Err(Status::invalid_argument(
             "call: one of prepare, commit, abort or compensate is required",
         )),

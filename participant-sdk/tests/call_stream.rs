@@ -466,6 +466,85 @@ async fn the_streams_of_one_connection_share_its_places() {
     served.stop().await;
 }
 
+#[tokio::test]
+async fn a_withdrawn_call_gives_its_place_back_while_its_operation_runs_on() {
+    let served = Served::start(ServeOptions {
+        max_concurrent_requests: 2,
+        ..ServeOptions::default()
+    })
+    .await;
+    let participant = served.participant.clone();
+    let mut stream = Stream::open(&served.endpoint, None).await.unwrap();
+    // Two calls held at the gate take both places of the connection, as calls stuck in
+    // user code (or behind a branch's lock) would...
+    for (call_id, branch) in [(1, "gated-1"), (2, "gated-2")] {
+        let request = pb::CallRequest {
+            call_id,
+            call: prepare(branch, b"gated", ""),
+            ..Default::default()
+        };
+        stream.calls.send(request).await.unwrap();
+    }
+    tokio::time::timeout(PATIENCE, participant.gated_started.acquire_many(2))
+        .await
+        .expect("both gated prepares begin")
+        .unwrap()
+        .forget();
+    // ...until their caller gives up on them: each is answered CANCELLED.
+    for call_id in [1, 2] {
+        let withdrawal = pb::CallRequest {
+            call_id,
+            call: Some(pb::call_request::Call::Withdraw(pb::WithdrawCall {})),
+            ..Default::default()
+        };
+        stream.calls.send(withdrawal).await.unwrap();
+    }
+    let mut cancelled = Vec::new();
+    for _ in 0..2 {
+        let answer = tokio::time::timeout(PATIENCE, stream.answers.message())
+            .await
+            .expect("a withdrawn call is answered")
+            .unwrap()
+            .expect("the stream stays open");
+        let Some(pb::call_answer::Answer::Error(error)) = answer.answer else {
+            panic!("a withdrawn call answered {answer:?}");
+        };
+        assert_eq!(error.code, tonic::Code::Cancelled as i32, "{error:?}");
+        cancelled.push(answer.call_id);
+    }
+    cancelled.sort_unstable();
+    assert_eq!(cancelled, vec![1, 2]);
+    // Their places are free again, with the gated prepares still running: a call for
+    // another branch on the same stream is answered.
+    let answers = stream
+        .call_all(vec![(3, prepare("ungated", b"", ""))])
+        .await;
+    assert_eq!(vote(&answers[&3]), pb::Vote::Yes);
+    assert_eq!(participant.gated_finished.load(Ordering::SeqCst), 0);
+    // The withdrawn operations run to their end and are recorded: repeats are answered
+    // from the records, without running user code again.
+    participant.gate.add_permits(2);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while participant.gated_finished.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the withdrawn prepares ran to their end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let runs = participant.runs.load(Ordering::SeqCst);
+    let answers = stream
+        .call_all(vec![
+            (4, prepare("gated-1", b"gated", "")),
+            (5, prepare("gated-2", b"gated", "")),
+        ])
+        .await;
+    assert_eq!(vote(&answers[&4]), pb::Vote::Yes);
+    assert_eq!(vote(&answers[&5]), pb::Vote::Yes);
+    assert_eq!(participant.runs.load(Ordering::SeqCst), runs);
+    served.stop().await;
+}
+
 /// A service whose every method panics, serving the stream through them until
 /// `stopping` turns true.
 #[derive(Clone)]

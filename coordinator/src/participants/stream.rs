@@ -27,7 +27,8 @@ treaty_sdk::calls_protocol!(
     pb::CallAnswer,
     pb::call_request::Call,
     pb::call_answer::Answer,
-    "the participant"
+    "the participant",
+    withdraw = pb::call_request::Call::Withdraw(pb::WithdrawCall {})
 );
 
 macro_rules! participant_call {

@@ -24,45 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btreaty/v1/participant.proto\x12\ttreaty.v1\"\x9f\x02\n\x0b\x43\x61llRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12\x12\n\ntracestate\x18\x03 \x01(\t\x12\x32\n\x07prepare\x18\n \x01(\x0b\x32\x1f.treaty.v1.PrepareBranchRequestH\x00\x12\x30\n\x06\x63ommit\x18\x0b \x01(\x0b\x32\x1e.treaty.v1.CommitBranchRequestH\x00\x12.\n\x05\x61\x62ort\x18\x0c \x01(\x0b\x32\x1d.treaty.v1.AbortBranchRequestH\x00\x12\x38\n\ncompensate\x18\r \x01(\x0b\x32\".treaty.v1.CompensateBranchRequestH\x00\x42\x06\n\x04\x63\x61ll\"\xa2\x02\n\nCallAnswer\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x33\n\x07prepare\x18\n \x01(\x0b\x32 .treaty.v1.PrepareBranchResponseH\x00\x12\x31\n\x06\x63ommit\x18\x0b \x01(\x0b\x32\x1f.treaty.v1.CommitBranchResponseH\x00\x12/\n\x05\x61\x62ort\x18\x0c \x01(\x0b\x32\x1e.treaty.v1.AbortBranchResponseH\x00\x12\x39\n\ncompensate\x18\r \x01(\x0b\x32#.treaty.v1.CompensateBranchResponseH\x00\x12%\n\x05\x65rror\x18\x14 \x01(\x0b\x32\x14.treaty.v1.CallErrorH\x00\x42\x08\n\x06\x61nswer\";\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\x0c\"p\n\x14PrepareBranchRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x1c\n\x14\x63oordinator_endpoint\x18\x04 \x01(\t\"F\n\x15PrepareBranchResponse\x12\x1d\n\x04vote\x18\x01 \x01(\x0e\x32\x0f.treaty.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x94\x01\n\x13\x43ommitBranchRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\x12#\n\x04mode\x18\x03 \x01(\x0e\x32\x15.treaty.v1.CommitMode\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x1c\n\x14\x63oordinator_endpoint\x18\x05 \x01(\t\"O\n\x14\x43ommitBranchResponse\x12\'\n\x06result\x18\x01 \x01(\x0e\x32\x17.treaty.v1.CommitResult\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x12\x41\x62ortBranchRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\"=\n\x13\x41\x62ortBranchResponse\x12&\n\x06result\x18\x01 \x01(\x0e\x32\x16.treaty.v1.AbortResult\"U\n\x17\x43ompensateBranchRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"G\n\x18\x43ompensateBranchResponse\x12+\n\x06result\x18\x01 \x01(\x0e\x32\x1b.treaty.v1.CompensateResult*K\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x0c\n\x08VOTE_YES\x10\x01\x12\x0b\n\x07VOTE_NO\x10\x02\x12\x12\n\x0eVOTE_READ_ONLY\x10\x03*z\n\nCommitMode\x12\x1b\n\x17\x43OMMIT_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OMMIT_MODE_TWO_PHASE\x10\x01\x12\x19\n\x15\x43OMMIT_MODE_ONE_PHASE\x10\x02\x12\x19\n\x15\x43OMMIT_MODE_SAGA_STEP\x10\x03*\xa9\x01\n\x0c\x43ommitResult\x12\x1d\n\x19\x43OMMIT_RESULT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMMIT_RESULT_COMMITTED\x10\x01\x12\x1a\n\x16\x43OMMIT_RESULT_REJECTED\x10\x02\x12\x1e\n\x1a\x43OMMIT_RESULT_NOT_PREPARED\x10\x03\x12!\n\x1d\x43OMMIT_RESULT_ALREADY_ABORTED\x10\x04*i\n\x0b\x41\x62ortResult\x12\x1c\n\x18\x41\x42ORT_RESULT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x42ORT_RESULT_ABORTED\x10\x01\x12\"\n\x1e\x41\x42ORT_RESULT_ALREADY_COMMITTED\x10\x02*X\n\x10\x43ompensateResult\x12!\n\x1d\x43OMPENSATE_RESULT_UNSPECIFIED\x10\x00\x12!\n\x1d\x43OMPENSATE_RESULT_COMPENSATED\x10\x01\x32\x81\x03\n\x0bParticipant\x12L\n\x07Prepare\x12\x1f.treaty.v1.PrepareBranchRequest\x1a .treaty.v1.PrepareBranchResponse\x12I\n\x06\x43ommit\x12\x1e.treaty.v1.CommitBranchRequest\x1a\x1f.treaty.v1.CommitBranchResponse\x12\x46\n\x05\x41\x62ort\x12\x1d.treaty.v1.AbortBranchRequest\x1a\x1e.treaty.v1.AbortBranchResponse\x12U\n\nCompensate\x12\".treaty.v1.CompensateBranchRequest\x1a#.treaty.v1.CompensateBranchResponse\x12:\n\x05\x43\x61lls\x12\x16.treaty.v1.CallRequest\x1a\x15.treaty.v1.CallAnswer(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btreaty/v1/participant.proto\x12\ttreaty.v1\"\xcc\x02\n\x0b\x43\x61llRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12\x12\n\ntracestate\x18\x03 \x01(\t\x12\x32\n\x07prepare\x18\n \x01(\x0b\x32\x1f.treaty.v1.PrepareBranchRequestH\x00\x12\x30\n\x06\x63ommit\x18\x0b \x01(\x0b\x32\x1e.treaty.v1.CommitBranchRequestH\x00\x12.\n\x05\x61\x62ort\x18\x0c \x01(\x0b\x32\x1d.treaty.v1.AbortBranchRequestH\x00\x12\x38\n\ncompensate\x18\r \x01(\x0b\x32\".treaty.v1.CompensateBranchRequestH\x00\x12+\n\x08withdraw\x18\x10 \x01(\x0b\x32\x17.treaty.v1.WithdrawCallH\x00\x42\x06\n\x04\x63\x61ll\"\x0e\n\x0cWithdrawCall\"\xa2\x02\n\nCallAnswer\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x33\n\x07prepare\x18\n \x01(\x0b\x32 .treaty.v1.PrepareBranchResponseH\x00\x12\x31\n\x06\x63ommit\x18\x0b \x01(\x0b\x32\x1f.treaty.v1.CommitBranchResponseH\x00\x12/\n\x05\x61\x62ort\x18\x0c \x01(\x0b\x32\x1e.treaty.v1.AbortBranchResponseH\x00\x12\x39\n\ncompensate\x18\r \x01(\x0b\x32#.treaty.v1.CompensateBranchResponseH\x00\x12%\n\x05\x65rror\x18\x14 \x01(\x0b\x32\x14.treaty.v1.CallErrorH\x00\x42\x08\n\x06\x61nswer\";\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\x0c\"p\n\x14PrepareBranchRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x1c\n\x14\x63oordinator_endpoint\x18\x04 \x01(\t\"F\n\x15PrepareBranchResponse\x12\x1d\n\x04vote\x18\x01 \x01(\x0e\x32\x0f.treaty.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x94\x01\n\x13\x43ommitBranchRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\x12#\n\x04mode\x18\x03 \x01(\x0e\x32\x15.treaty.v1.CommitMode\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x1c\n\x14\x63oordinator_endpoint\x18\x05 \x01(\t\"O\n\x14\x43ommitBranchResponse\x12\'\n\x06result\x18\x01 \x01(\x0e\x32\x17.treaty.v1.CommitResult\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x12\x41\x62ortBranchRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\"=\n\x13\x41\x62ortBranchResponse\x12&\n\x06result\x18\x01 \x01(\x0e\x32\x16.treaty.v1.AbortResult\"U\n\x17\x43ompensateBranchRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"G\n\x18\x43ompensateBranchResponse\x12+\n\x06result\x18\x01 \x01(\x0e\x32\x1b.treaty.v1.CompensateResult*K\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x0c\n\x08VOTE_YES\x10\x01\x12\x0b\n\x07VOTE_NO\x10\x02\x12\x12\n\x0eVOTE_READ_ONLY\x10\x03*z\n\nCommitMode\x12\x1b\n\x17\x43OMMIT_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OMMIT_MODE_TWO_PHASE\x10\x01\x12\x19\n\x15\x43OMMIT_MODE_ONE_PHASE\x10\x02\x12\x19\n\x15\x43OMMIT_MODE_SAGA_STEP\x10\x03*\xa9\x01\n\x0c\x43ommitResult\x12\x1d\n\x19\x43OMMIT_RESULT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMMIT_RESULT_COMMITTED\x10\x01\x12\x1a\n\x16\x43OMMIT_RESULT_REJECTED\x10\x02\x12\x1e\n\x1a\x43OMMIT_RESULT_NOT_PREPARED\x10\x03\x12!\n\x1d\x43OMMIT_RESULT_ALREADY_ABORTED\x10\x04*i\n\x0b\x41\x62ortResult\x12\x1c\n\x18\x41\x42ORT_RESULT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x42ORT_RESULT_ABORTED\x10\x01\x12\"\n\x1e\x41\x42ORT_RESULT_ALREADY_COMMITTED\x10\x02*X\n\x10\x43ompensateResult\x12!\n\x1d\x43OMPENSATE_RESULT_UNSPECIFIED\x10\x00\x12!\n\x1d\x43OMPENSATE_RESULT_COMPENSATED\x10\x01\x32\x81\x03\n\x0bParticipant\x12L\n\x07Prepare\x12\x1f.treaty.v1.PrepareBranchRequest\x1a .treaty.v1.PrepareBranchResponse\x12I\n\x06\x43ommit\x12\x1e.treaty.v1.CommitBranchRequest\x1a\x1f.treaty.v1.CommitBranchResponse\x12\x46\n\x05\x41\x62ort\x12\x1d.treaty.v1.AbortBranchRequest\x1a\x1e.treaty.v1.AbortBranchResponse\x12U\n\nCompensate\x12\".treaty.v1.CompensateBranchRequest\x1a#.treaty.v1.CompensateBranchResponse\x12:\n\x05\x43\x61lls\x12\x16.treaty.v1.CallRequest\x1a\x15.treaty.v1.CallAnswer(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'treaty.v1.participant_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VOTE']._serialized_start=1392
-  _globals['_VOTE']._serialized_end=1467
-  _globals['_COMMITMODE']._serialized_start=1469
-  _globals['_COMMITMODE']._serialized_end=1591
-  _globals['_COMMITRESULT']._serialized_start=1594
-  _globals['_COMMITRESULT']._serialized_end=1763
-  _globals['_ABORTRESULT']._serialized_start=1765
-  _globals['_ABORTRESULT']._serialized_end=1870
-  _globals['_COMPENSATERESULT']._serialized_start=1872
-  _globals['_COMPENSATERESULT']._serialized_end=1960
+  _globals['_VOTE']._serialized_start=1453
+  _globals['_VOTE']._serialized_end=1528
+  _globals['_COMMITMODE']._serialized_start=1530
+  _globals['_COMMITMODE']._serialized_end=1652
+  _globals['_COMMITRESULT']._serialized_start=1655
+  _globals['_COMMITRESULT']._serialized_end=1824
+  _globals['_ABORTRESULT']._serialized_start=1826
+  _globals['_ABORTRESULT']._serialized_end=1931
+  _globals['_COMPENSATERESULT']._serialized_start=1933
+  _globals['_COMPENSATERESULT']._serialized_end=2021
   _globals['_CALLREQUEST']._serialized_start=43
-  _globals['_CALLREQUEST']._serialized_end=330
-  _globals['_CALLANSWER']._serialized_start=333
-  _globals['_CALLANSWER']._serialized_end=623
-  _globals['_CALLERROR']._serialized_start=625
-  _globals['_CALLERROR']._serialized_end=684
-  _globals['_PREPAREBRANCHREQUEST']._serialized_start=686
-  _globals['_PREPAREBRANCHREQUEST']._serialized_end=798
-  _globals['_PREPAREBRANCHRESPONSE']._serialized_start=800
-  _globals['_PREPAREBRANCHRESPONSE']._serialized_end=870
-  _globals['_COMMITBRANCHREQUEST']._serialized_start=873
-  _globals['_COMMITBRANCHREQUEST']._serialized_end=1021
-  _globals['_COMMITBRANCHRESPONSE']._serialized_start=1023
-  _globals['_COMMITBRANCHRESPONSE']._serialized_end=1102
-  _globals['_ABORTBRANCHREQUEST']._serialized_start=1104
-  _globals['_ABORTBRANCHREQUEST']._serialized_end=1167
-  _globals['_ABORTBRANCHRESPONSE']._serialized_start=1169
-  _globals['_ABORTBRANCHRESPONSE']._serialized_end=1230
-  _globals['_COMPENSATEBRANCHREQUEST']._serialized_start=1232
-  _globals['_COMPENSATEBRANCHREQUEST']._serialized_end=1317
-  _globals['_COMPENSATEBRANCHRESPONSE']._serialized_start=1319
-  _globals['_COMPENSATEBRANCHRESPONSE']._serialized_end=1390
-  _globals['_PARTICIPANT']._serialized_start=1963
-  _globals['_PARTICIPANT']._serialized_end=2348
+  _globals['_CALLREQUEST']._serialized_end=375
+  _globals['_WITHDRAWCALL']._serialized_start=377
+  _globals['_WITHDRAWCALL']._serialized_end=391
+  _globals['_CALLANSWER']._serialized_start=394
+  _globals['_CALLANSWER']._serialized_end=684
+  _globals['_CALLERROR']._serialized_start=686
+  _globals['_CALLERROR']._serialized_end=745
+  _globals['_PREPAREBRANCHREQUEST']._serialized_start=747
+  _globals['_PREPAREBRANCHREQUEST']._serialized_end=859
+  _globals['_PREPAREBRANCHRESPONSE']._serialized_start=861
+  _globals['_PREPAREBRANCHRESPONSE']._serialized_end=931
+  _globals['_COMMITBRANCHREQUEST']._serialized_start=934
+  _globals['_COMMITBRANCHREQUEST']._serialized_end=1082
+  _globals['_COMMITBRANCHRESPONSE']._serialized_start=1084
+  _globals['_COMMITBRANCHRESPONSE']._serialized_end=1163
+  _globals['_ABORTBRANCHREQUEST']._serialized_start=1165
+  _globals['_ABORTBRANCHREQUEST']._serialized_end=1228
+  _globals['_ABORTBRANCHRESPONSE']._serialized_start=1230
+  _globals['_ABORTBRANCHRESPONSE']._serialized_end=1291
+  _globals['_COMPENSATEBRANCHREQUEST']._serialized_start=1293
+  _globals['_COMPENSATEBRANCHREQUEST']._serialized_end=1378
+  _globals['_COMPENSATEBRANCHRESPONSE']._serialized_start=1380
+  _globals['_COMPENSATEBRANCHRESPONSE']._serialized_end=1451
+  _globals['_PARTICIPANT']._serialized_start=2024
+  _globals['_PARTICIPANT']._serialized_end=2409
 # @@protoc_insertion_point(module_scope)
