@@ -414,8 +414,21 @@ fn after_a_restart_a_prepare_that_cannot_be_answered_flags_it_stuck_at_once() {
 fn after_a_restart_an_unanswered_prepare_is_sent_again_by_the_nudge() {
     let mut txn = recovered(2);
     assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
+    // Sent again at T0 + 10; its call may run for the prepare timeout (5 s) and the
+    // grace after it: until then it is not taken for lost, however stale the sweep's
+    // limit.
+    let call_deadline = T0 + 10 + 5_000 + PREPARE_CALL_GRACE_MS;
+    assert!(
+        txn.handle_event(Event::Nudge { stale_after_ms: 5 }, T0 + 100)
+            .is_empty()
+    );
+    assert!(
+        txn.handle_event(Event::Nudge { stale_after_ms: 5 }, call_deadline - 1)
+            .is_empty()
+    );
+    assert_eq!(txn.branches()[1].attempts, 1);
     assert_eq!(
-        txn.handle_event(Event::Nudge { stale_after_ms: 5 }, T0 + 100),
+        txn.handle_event(Event::Nudge { stale_after_ms: 5 }, call_deadline),
         vec![Action::SendPrepare { branch: 1, call: 3 }]
     );
 }

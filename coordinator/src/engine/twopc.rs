@@ -93,6 +93,10 @@ mod votes;
 /// keeps retrying; an operator should look).
 pub const STUCK_AFTER_DELIVERIES: u32 = 10;
 
+/// How much longer a prepare call may take than the transaction's prepare timeout (the
+/// runtime's deadline on the call; the nudge does not take a prepare for lost before).
+pub const PREPARE_CALL_GRACE_MS: u64 = 1_000;
+
 /// Most bytes of payloads, all branches together, for which a commit writes its intent
 /// (parallel commit); a larger one decides the classic way. Keeps the intent, one log
 /// record, below the log's record bound, as a saga's definition is.

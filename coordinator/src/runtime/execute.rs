@@ -19,13 +19,10 @@ use super::machine::{Input, Machine, Timer};
 use super::now_unix_ms;
 use super::shard::{Shard, txn_span};
 use crate::engine::saga::{SagaAction, SagaEvent, StepAnswer};
-use crate::engine::twopc::{Action, Answer, Event};
+use crate::engine::twopc::{Action, Answer, Event, PREPARE_CALL_GRACE_MS};
 use crate::log::{Durability, LogError};
 use crate::model::{CallNumber, RetryPolicy, TxnId};
 use crate::participants::{Call, retry_delay};
-
-/// How much longer a prepare call may take than the transaction's prepare timeout.
-const PREPARE_CALL_GRACE_MS: u64 = 1_000;
 
 /// Actions of either engine.
 #[derive(Debug)]
