@@ -89,6 +89,19 @@ pub struct InDoubtBranch {
     pub prepared_unix_ms: u64,
 }
 
+/// One page of the branches in doubt ([`Barrier::in_doubt_page`]).
+#[derive(Debug, Clone)]
+pub struct InDoubtPage {
+    /// The branches in doubt among the records listed.
+    pub branches: Vec<InDoubtBranch>,
+    /// Branches listed as in doubt whose record cannot be read in full (another
+    /// version's, or damaged after its status), each with why: they may be in doubt, but
+    /// whom to ask is unknown.
+    pub unreadable: Vec<(BranchContext, BarrierError)>,
+    /// Where the next page starts; `None` once the end was reached.
+    pub next: Option<BranchKey>,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BarrierError {
     #[error("barrier store: {0}")]
@@ -272,12 +285,30 @@ impl<S: BarrierStore> Barrier<S> {
 
     /// In-doubt branches among the next `limit` the store lists after the cursor
     /// (`None`: from the start), and the cursor to continue from; `None` once the end was
-    /// reached. Blocks as [`in_doubt`](Self::in_doubt) does.
+    /// reached. A record listed that cannot be read in full fails the page (see
+    /// [`in_doubt_page`](Self::in_doubt_page) to go on past it). Blocks as
+    /// [`in_doubt`](Self::in_doubt) does.
     pub fn in_doubt_after(
         &self,
         cursor: Option<&BranchKey>,
         limit: usize,
     ) -> Result<(Vec<InDoubtBranch>, Option<BranchKey>), BarrierError> {
+        let page = self.in_doubt_page(cursor, limit)?;
+        if let Some((_, error)) = page.unreadable.into_iter().next() {
+            return Err(error);
+        }
+        Ok((page.branches, page.next))
+    }
+
+    /// As [`in_doubt_after`](Self::in_doubt_after), but a record listed that cannot be
+    /// read in full is named in the page instead of failing it, so that one such record
+    /// does not keep every other branch from being resolved. A failure to read the store
+    /// still fails the page. Blocks as [`in_doubt`](Self::in_doubt) does.
+    pub fn in_doubt_page(
+        &self,
+        cursor: Option<&BranchKey>,
+        limit: usize,
+    ) -> Result<InDoubtPage, BarrierError> {
         self.ensure_store_healthy()?;
         let keys = self.store.in_doubt(cursor, limit)?;
         let next = if keys.len() == limit {
@@ -285,22 +316,32 @@ impl<S: BarrierStore> Barrier<S> {
         } else {
             None
         };
-        let mut found = Vec::new();
+        let mut branches = Vec::new();
+        let mut unreadable = Vec::new();
         for key in keys {
-            let branch = BranchContext::new(key.transaction_id, key.branch_id);
-            // The mark and the record are written together; a record that is no longer
-            // prepared means the mark is being cleared.
-            if let Some(record) = self.record(&branch)? {
-                if record.status == BranchStatus::Prepared {
-                    found.push(InDoubtBranch {
+            let Some(bytes) = self.store.load(&key)? else {
+                continue;
+            };
+            let branch = BranchContext::new(key.transaction_id.clone(), key.branch_id.clone());
+            match decode(&key, &bytes) {
+                // The mark and the record are written together; a record that is no
+                // longer prepared means the mark is being cleared.
+                Ok(record) if record.status == BranchStatus::Prepared => {
+                    branches.push(InDoubtBranch {
                         branch,
                         coordinator_endpoint: record.coordinator_endpoint,
                         prepared_unix_ms: record.updated_unix_ms,
                     });
                 }
+                Ok(_) => {}
+                Err(error) => unreadable.push((branch, error)),
             }
         }
-        Ok((found, next))
+        Ok(InDoubtPage {
+            branches,
+            unreadable,
+            next,
+        })
     }
 
     /// Phase 1 of a two-phase commit.

@@ -202,7 +202,7 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
         let (barrier, cursor) = (self.barrier.clone(), self.cursor.clone());
         let limit = self.options.max_branches_per_round;
         let page =
-            tokio::task::spawn_blocking(move || barrier.in_doubt_after(cursor.as_ref(), limit))
+            tokio::task::spawn_blocking(move || barrier.in_doubt_page(cursor.as_ref(), limit))
                 .await
                 .unwrap_or_else(|error| {
                     Err(BarrierError::Store(StoreError::Read(format!(
@@ -210,10 +210,18 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
                     ))))
                 });
         let (branches, pass_done) = match page {
-            Ok((branches, next)) => {
-                let pass_done = next.is_none();
-                self.cursor = next;
-                (branches, pass_done)
+            Ok(page) => {
+                // Whom to ask about such a branch is unknown: it is counted in doubt
+                // (the gauge must not read 0 past it) and named in every pass, and the
+                // others are resolved.
+                for (branch, error) in &page.unreadable {
+                    tracing::error!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id,
+                        %error, "a branch listed in doubt has a record that cannot be read: it cannot be resolved by asking");
+                    self.pass_in_doubt += 1;
+                }
+                let pass_done = page.next.is_none();
+                self.cursor = page.next;
+                (page.branches, pass_done)
             }
             Err(error) => {
                 tracing::error!(%error, "cannot list in-doubt branches");

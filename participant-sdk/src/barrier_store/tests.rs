@@ -176,8 +176,7 @@ async fn a_record_that_cannot_be_decoded_is_still_counted_and_fails_the_listings
 /// The seed reads a record's mode and status only: damage after them is found when
 /// the branch is listed, and only a branch in doubt is.
 #[tokio::test]
-async fn a_record_damaged_after_its_status_is_skipped_if_settled_and_fails_the_listing_if_in_doubt()
-{
+async fn a_record_damaged_after_its_status_is_skipped_if_settled_and_named_apart_if_in_doubt() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path()));
     let cut_short = |status| {
@@ -190,15 +189,33 @@ async fn a_record_damaged_after_its_status_is_skipped_if_settled_and_fails_the_l
         [
             ("settled", cut_short(BranchStatus::Committed)),
             ("in-doubt", cut_short(BranchStatus::Prepared)),
+            (
+                "whole",
+                encoded_record(BranchMode::TwoPhase, BranchStatus::Prepared, &[7; 64]),
+            ),
         ],
     )
     .await;
-    assert_eq!(store.count_records().unwrap(), 2);
-    assert_eq!(store.in_doubt(None, 10).unwrap(), [key("in-doubt")]);
-    let error = crate::barrier::Barrier::new(store.clone())
-        .in_doubt(10)
-        .unwrap_err();
+    assert_eq!(store.count_records().unwrap(), 3);
+    assert_eq!(
+        store.in_doubt(None, 10).unwrap(),
+        [key("in-doubt"), key("whole")]
+    );
+    let barrier = crate::barrier::Barrier::new(store.clone());
+    let error = barrier.in_doubt(10).unwrap_err();
     assert!(error.to_string().contains("in-doubt"), "{error}");
+    // The resolver's page names it and goes on: the branch in doubt beside it, read in
+    // full, is listed to be asked about.
+    let page = barrier.in_doubt_page(None, 10).unwrap();
+    let listed: Vec<&str> = page
+        .branches
+        .iter()
+        .map(|b| b.branch.transaction_id.as_str())
+        .collect();
+    assert_eq!(listed, ["whole"]);
+    assert_eq!(page.unreadable.len(), 1);
+    assert_eq!(page.unreadable[0].0.transaction_id, "in-doubt");
+    assert!(page.next.is_none());
 }
 
 /// The first listing reads the records while writes go on; whenever it happens,
