@@ -108,6 +108,15 @@ impl ClientOptions {
     }
 }
 
+/// Whether `endpoint` names an `https://` server, its scheme in any case, as the SDK's
+/// endpoint checks accept it (a recorded `HTTPS://` coordinator is dialled over TLS, not
+/// refused by tonic for want of it).
+fn uses_tls(endpoint: &str) -> bool {
+    endpoint
+        .get(.."https://".len())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+}
+
 /// The channel to `endpoint` with `options` applied, not yet connected.
 pub fn endpoint_with(endpoint: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
     let bad = |message: String| ClientError::Endpoint {
@@ -124,7 +133,7 @@ pub fn endpoint_with(endpoint: &str, options: &ClientOptions) -> Result<Endpoint
         .http2_keep_alive_interval(keepalive_interval)
         .keep_alive_timeout(keepalive_timeout)
         .keep_alive_while_idle(false);
-    if endpoint.starts_with("https://") {
+    if uses_tls(endpoint) {
         let tls = options.tls.clone().unwrap_or_default();
         let config = tls.load().map_err(|e| bad(e.to_string()))?;
         channel = channel.tls_config(config).map_err(|e| bad(e.to_string()))?;
@@ -618,5 +627,21 @@ impl TreatyClient {
             Ok(result) => result,
             Err(_) => self.get(transaction_id).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uses_tls;
+
+    #[test]
+    fn an_https_endpoint_is_dialled_over_tls_whatever_the_case_of_its_scheme() {
+        assert!(uses_tls("https://coordinator:7300"));
+        assert!(uses_tls("HTTPS://coordinator:7300"));
+        assert!(uses_tls("Https://coordinator:7300"));
+        assert!(!uses_tls("http://coordinator:7300"));
+        assert!(!uses_tls("HTTP://coordinator:7300"));
+        assert!(!uses_tls("https:"));
+        assert!(!uses_tls("httpé://x"));
     }
 }
