@@ -12,7 +12,7 @@
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 
-use crate::auth::bearer_token;
+use crate::auth::{MAX_TOKEN_BYTES, MIN_TOKEN_BYTES, bearer_token};
 use crate::connections::ConnectionInfo;
 use crate::limits::{canonical_endpoint, quote_input};
 
@@ -60,6 +60,30 @@ impl CoordinatorTrust {
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoints.push(canonical(endpoint.into()));
         self
+    }
+
+    /// Checks the tokens given: each [`MIN_TOKEN_BYTES`] to [`MAX_TOKEN_BYTES`] bytes of
+    /// visible ASCII (what an `authorization` header carries), as in a token file. A
+    /// token turns on authentication (and allows listening beyond loopback), so a short
+    /// one would be guessed, and an empty one would refuse every caller.
+    pub fn validate(&self) -> Result<(), String> {
+        for token in &self.tokens {
+            if !(MIN_TOKEN_BYTES..=MAX_TOKEN_BYTES).contains(&token.len()) {
+                return Err(format!(
+                    "trust: a coordinator token must be {MIN_TOKEN_BYTES} to {MAX_TOKEN_BYTES} \
+                     bytes, not {}",
+                    token.len()
+                ));
+            }
+            if !token.iter().all(|b| b.is_ascii_graphic()) {
+                return Err(
+                    "trust: a coordinator token must be visible ASCII (no spaces or control \
+                     characters)"
+                        .to_string(),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Whether callers must prove who they are.
@@ -140,6 +164,29 @@ mod tests {
             .unwrap()
             .apply(request.metadata_mut());
         request
+    }
+
+    #[test]
+    fn tokens_too_short_too_long_or_not_visible_ascii_are_refused() {
+        assert!(CoordinatorTrust::default().validate().is_ok());
+        assert!(
+            CoordinatorTrust::default()
+                .token("coordinator-secret-123")
+                .validate()
+                .is_ok()
+        );
+        for token in ["", "x", "fifteen-bytes-x", &"t".repeat(MAX_TOKEN_BYTES + 1)] {
+            let error = CoordinatorTrust::default()
+                .token(token)
+                .validate()
+                .unwrap_err();
+            assert!(error.contains("16 to 512 bytes"), "{error}");
+        }
+        let error = CoordinatorTrust::default()
+            .token("coordinator secret 123")
+            .validate()
+            .unwrap_err();
+        assert!(error.contains("visible ASCII"), "{error}");
     }
 
     #[test]

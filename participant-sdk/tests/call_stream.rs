@@ -331,7 +331,7 @@ async fn each_call_on_a_stream_is_answered_as_its_unary_call_under_its_number() 
 #[tokio::test]
 async fn a_stream_presents_the_credentials_of_its_start_for_every_call() {
     let trust = CoordinatorTrust::default()
-        .token("stream-secret")
+        .token("stream-secret-123")
         .endpoint("http://127.0.0.1:7420");
     let served = Served::start(ServeOptions {
         trust,
@@ -345,7 +345,7 @@ async fn a_stream_presents_the_credentials_of_its_start_for_every_call() {
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     }
 
-    let mut stream = Stream::open(&served.endpoint, Some("stream-secret"))
+    let mut stream = Stream::open(&served.endpoint, Some("stream-secret-123"))
         .await
         .unwrap();
     let answers = stream

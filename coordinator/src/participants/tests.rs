@@ -514,7 +514,7 @@ async fn an_idle_stream_is_ended_and_the_next_call_opens_another() {
 async fn a_stream_refused_for_its_credentials_is_each_calls_answer_as_unary() {
     let (listener, endpoint) = loopback().await;
     let options = treaty_sdk::server::ServeOptions {
-        trust: treaty_sdk::server::CoordinatorTrust::default().token("right"),
+        trust: treaty_sdk::server::CoordinatorTrust::default().token("right-token-0123456"),
         ..Default::default()
     };
     let served = Served::start_with(listener, Duration::ZERO, true, options).await;

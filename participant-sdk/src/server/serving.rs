@@ -174,6 +174,7 @@ where
     F: std::future::Future<Output = ()> + Send,
 {
     let local_addr: SocketAddr = listener.local_addr()?;
+    options.trust.validate().map_err(ServeError::Options)?;
     if !local_addr.ip().is_loopback()
         && !options.trust.authenticates()
         && !options.allow_unauthenticated
