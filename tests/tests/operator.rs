@@ -349,6 +349,47 @@ async fn a_saga_step_resolved_as_committed_is_undone_only_by_an_operator() {
     coordinator.stop().await.unwrap();
 }
 
+/// A saga whose step an operator stated done is forgotten like any other finished one:
+/// a saga's participants never ask about an outcome, so none may still ask (the refusal
+/// is for a two-phase commit's branch resolved without its participant's answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_saga_with_a_step_resolved_by_hand_can_be_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).await;
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    let client = coordinator.client().await;
+    let endpoint = coordinator.endpoint.as_str();
+
+    let submitted = client
+        .submit_saga(
+            vec![
+                // Retried for minutes: it must still be running when the operator acts.
+                SagaStep::new("ship", &participant.endpoint, "error")
+                    .compensation("unship")
+                    .retry(100, 1_000, 5_000),
+            ],
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap();
+    let id = submitted.transaction_id;
+    resolve_paused(endpoint, &id, "ship", "--commit", "shipped by hand").await;
+    eventually("the saga completes", || async {
+        let txn = client.get(&id).await.unwrap().unwrap();
+        (txn.state == treaty_sdk::client::TransactionState::Completed as i32).then_some(())
+    })
+    .await;
+    let (ok, out) = treaty(endpoint, &["txn", "forget", &id, "--json"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        client.get(&id).await.unwrap().is_none(),
+        "the saga is forgotten"
+    );
+
+    participant.stop().await;
+    coordinator.stop().await.unwrap();
+}
+
 /// A step's work stated done by hand while its call is still on its way could be done
 /// twice: the coordinator refuses, says why, and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,9 +113,10 @@ impl Runtime {
     }
 
     /// Forgets a final transaction, in memory and in the log (durably). Returns its
-    /// record as it was. A commit with a branch an operator resolved without its
-    /// participant's answer is refused: that participant may still be in doubt and ask,
-    /// and must hear COMMIT (its record stays for the log's retention).
+    /// record as it was. A two-phase commit with a branch an operator resolved without
+    /// its participant's answer is refused: that participant may still be in doubt and
+    /// ask, and must hear COMMIT (its record stays for the log's retention). A saga's
+    /// participants never ask, so a saga is forgotten whatever was resolved.
     pub async fn forget(&self, id: TxnId) -> Result<TxnRecord, RuntimeError> {
         let runtime = self.clone();
         apart(async move { runtime.forget_alone(id).await }).await
@@ -127,7 +128,11 @@ impl Runtime {
         if let Some(record) = self.get(id).await? {
             let unanswered =
                 |b: &crate::model::BranchRecord| b.resolution.is_some() && b.heuristic.is_none();
-            if record.state.is_commit() && record.branches.iter().any(unanswered) {
+            // Only a two-phase commit's participants ask about outcomes; a saga's never do.
+            if record.kind == TxnKind::TwoPhase
+                && record.state.is_commit()
+                && record.branches.iter().any(unanswered)
+            {
                 return Err(Refusal::MayStillAsk.into());
             }
         }
