@@ -129,6 +129,11 @@ pub struct InDoubtResolver<P, S: BarrierStore = DurableStore> {
     /// Branches whose commit or abort outlasted `apply_wait_ms` and runs on by itself;
     /// each leaves the set when it ends, and is not asked about meanwhile.
     applying: Arc<Mutex<HashSet<BranchKey>>>,
+    /// Coordinators that did not answer in time, or could not be reached, in the round
+    /// under way: not asked again until the next round, so that one coordinator whose
+    /// host has gone (every call waiting out its timeout) does not hold up the questions
+    /// to the others by a timeout per branch.
+    unreachable: HashSet<String>,
 }
 
 /// What one round did, for logs and tests.
@@ -158,6 +163,7 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             pass_in_doubt: 0,
             pass_oldest_unix_ms: None,
             applying: Arc::default(),
+            unreachable: HashSet::new(),
         })
     }
 
@@ -194,9 +200,12 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
 
     /// Asks about the branches in doubt for long enough (at most
     /// `max_branches_per_round`, continuing where the last round stopped) and applies
-    /// the answers. Returns early once `stop` is set.
+    /// the answers. A coordinator that could not be reached or did not answer in time is
+    /// not asked again in the round: its other branches wait for the next. Returns early
+    /// once `stop` is set.
     pub async fn round(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> RoundReport {
         let mut report = RoundReport::default();
+        self.unreachable.clear();
         // On a blocking thread: a store may read a lot to list (the SDK's own reads
         // every record at its first listing after an open), or ask another database.
         let (barrier, cursor) = (self.barrier.clone(), self.cursor.clone());
@@ -369,6 +378,9 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, coordinator = %in_doubt.coordinator_endpoint, "in doubt, but its coordinator is not one this participant trusts; waiting for a trusted one to deliver the outcome");
             return None;
         }
+        if self.unreachable.contains(&in_doubt.coordinator_endpoint) {
+            return None;
+        }
         let timeout = Duration::from_millis(self.options.call_timeout_ms);
         let client = match self.coordinators.get(&in_doubt.coordinator_endpoint) {
             Some(client) => client.clone(),
@@ -407,9 +419,24 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
                 Ok(Ok(response)) => pb::Decision::try_from(response.into_inner().decision).ok(),
                 Ok(Err(status)) => {
                     tracing::debug!(txn_id = %branch.transaction_id, %status, "GetOutcome failed");
+                    // Not reached, or no answer within the channel's timeout (which
+                    // tonic reports as CANCELLED).
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                    ) {
+                        self.unreachable
+                            .insert(in_doubt.coordinator_endpoint.clone());
+                    }
                     None
                 }
-                Err(_) => None,
+                Err(_) => {
+                    self.unreachable
+                        .insert(in_doubt.coordinator_endpoint.clone());
+                    None
+                }
             };
         let result = match decision {
             Some(pb::Decision::Commit) => InquiryResult::commit,
@@ -461,6 +488,7 @@ mod tests {
 
     use super::*;
     use crate::barrier::tests::Yes;
+    use crate::participant::{BranchContext, Vote};
 
     #[test]
     fn options_that_would_never_resolve_a_branch_are_refused_by_name() {
@@ -510,5 +538,64 @@ mod tests {
             "{refused}"
         );
         assert!(InDoubtResolver::new(Arc::new(Yes), barrier, InDoubtOptions::default()).is_ok());
+    }
+
+    /// The `GetOutcome` calls asked so far that got no answer.
+    fn unanswered_inquiries(barrier: &Barrier<DurableStore>) -> String {
+        let text = barrier.metrics().encode().unwrap();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix("treaty_participant_outcome_inquiries_total{result=\"error\"} ")
+            })
+            .unwrap_or("0")
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_that_does_not_answer_is_asked_once_a_round() {
+        // On loopback: one that accepts connections and never answers (a host gone
+        // without a reset), and one where nothing listens.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_endpoint = format!("http://{}", silent.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut connections = Vec::new();
+            while let Ok((connection, _)) = silent.accept().await {
+                connections.push(connection);
+            }
+        });
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_endpoint = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path(), Default::default()).unwrap();
+        let barrier = Arc::new(Barrier::new(Arc::new(store)));
+        for (i, endpoint) in [&silent_endpoint; 3]
+            .into_iter()
+            .chain([&closed_endpoint; 2])
+            .enumerate()
+        {
+            let branch = BranchContext::new("t-1", format!("b{i}"));
+            let vote = barrier.prepare(&Yes, &branch, b"", endpoint).await.unwrap();
+            assert_eq!(vote, Vote::Yes);
+        }
+        let options = InDoubtOptions {
+            ask_after_ms: 0,
+            call_timeout_ms: 300,
+            ..InDoubtOptions::default()
+        };
+        let mut resolver = InDoubtResolver::new(Arc::new(Yes), barrier.clone(), options).unwrap();
+        let (_stop, mut stopped) = tokio::sync::watch::channel(false);
+        for round in 1..=2 {
+            let report = resolver.round(&mut stopped).await;
+            assert_eq!(report.still_in_doubt, 5, "round {round}: {report:?}");
+            // One question to each coordinator a round; the other branches of each wait
+            // for the next round.
+            assert_eq!(
+                unanswered_inquiries(&barrier),
+                (2 * round).to_string(),
+                "round {round}"
+            );
+        }
+        held.abort();
     }
 }
