@@ -63,6 +63,9 @@ pub struct ParticipantAt {
     pub metrics: SocketAddr,
 }
 
+/// The name the coordinator's process is observed under.
+pub const COORDINATOR: &str = "coordinator";
+
 /// A process whose CPU time and memory are read: a child by its pid, a running coordinator
 /// by the pid `--coordinator-pid` gives, or this process.
 #[derive(Debug, Clone)]
@@ -193,7 +196,7 @@ impl Cluster {
             processes.insert(
                 0,
                 Observed {
-                    name: "coordinator".into(),
+                    name: COORDINATOR.into(),
                     pid: Some(pid),
                 },
             );
@@ -410,7 +413,7 @@ async fn start_children(
             processes.insert(
                 0,
                 Observed {
-                    name: "coordinator".into(),
+                    name: COORDINATOR.into(),
                     pid: child.id(),
                 },
             );

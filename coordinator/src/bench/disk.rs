@@ -119,14 +119,15 @@ impl Watched {
         out
     }
 
-    /// Per directory: the band (min, max) over the second half of the run, and the mean
-    /// of the last quarter over the mean of the second quarter.
-    pub fn summary(&self, samples: &[Sample]) -> Vec<String> {
+    /// Whether each directory stayed flat: over the second half, its least and largest
+    /// size, and the mean of the last quarter over the mean of the second; `None` with
+    /// fewer than 4 samples.
+    pub fn summarize(&self, samples: &[Sample]) -> Option<Vec<DirSummary>> {
         let quarter = samples.len() / 4;
         if quarter == 0 {
-            return vec!["too few disk samples for a summary (fewer than 4)".into()];
+            return None;
         }
-        let mut lines = Vec::new();
+        let mut directories = Vec::new();
         for (index, name) in self.names.iter().enumerate() {
             let sizes: Vec<u64> = samples
                 .iter()
@@ -136,24 +137,53 @@ impl Watched {
             let second_quarter = mean(&sizes[quarter..2 * quarter]);
             let last_quarter = mean(&sizes[sizes.len() - quarter..]);
             let second_half = &sizes[sizes.len() / 2..];
-            let low = second_half.iter().min().copied().unwrap_or(0);
-            let high = second_half.iter().max().copied().unwrap_or(0);
-            let ratio = if second_quarter > 0.0 {
-                last_quarter / second_quarter
-            } else {
-                f64::NAN
-            };
-            lines.push(format!(
-                "{name}: second half between {} and {}; mean of the last quarter {} / of the \
-                 second quarter {} = {ratio:.3}",
-                mib(low),
-                mib(high),
-                mib(last_quarter as u64),
-                mib(second_quarter as u64),
-            ));
+            directories.push(DirSummary {
+                name: name.clone(),
+                second_half_min_bytes: second_half.iter().min().copied().unwrap_or(0),
+                second_half_max_bytes: second_half.iter().max().copied().unwrap_or(0),
+                last_quarter_mean_bytes: last_quarter as u64,
+                second_quarter_mean_bytes: second_quarter as u64,
+                last_over_second_quarter: (second_quarter > 0.0)
+                    .then(|| last_quarter / second_quarter),
+            });
         }
-        lines
+        Some(directories)
     }
+
+    /// [`summarize`](Self::summarize) as lines to print.
+    pub fn summary(&self, samples: &[Sample]) -> Vec<String> {
+        let Some(directories) = self.summarize(samples) else {
+            return vec!["too few disk samples for a summary (fewer than 4)".into()];
+        };
+        directories
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}: second half between {} and {}; mean of the last quarter {} / of the \
+                     second quarter {} = {}",
+                    d.name,
+                    mib(d.second_half_min_bytes),
+                    mib(d.second_half_max_bytes),
+                    mib(d.last_quarter_mean_bytes),
+                    mib(d.second_quarter_mean_bytes),
+                    d.last_over_second_quarter
+                        .map_or_else(|| "n/a".to_string(), |r| format!("{r:.3}")),
+                )
+            })
+            .collect()
+    }
+}
+
+/// How one data directory's size went over a run (`--disk-sample-s`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DirSummary {
+    pub name: String,
+    pub second_half_min_bytes: u64,
+    pub second_half_max_bytes: u64,
+    pub last_quarter_mean_bytes: u64,
+    pub second_quarter_mean_bytes: u64,
+    /// `None` when the second quarter's mean is 0.
+    pub last_over_second_quarter: Option<f64>,
 }
 
 fn mib(bytes: u64) -> String {

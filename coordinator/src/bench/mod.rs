@@ -253,6 +253,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         ceiling_calls_per_s: None,
         postgres: None,
         memory: None,
+        disk: None,
         sync_probe,
         one_in_flight_target: None,
     };
@@ -327,6 +328,7 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
     if let Some((stop, task)) = sampler {
         let _ = stop.send(true);
         let samples = task.await?;
+        report.disk = cluster.watched.summarize(&samples);
         for line in cluster.watched.summary(&samples) {
             if args.json {
                 eprintln!("{line}");

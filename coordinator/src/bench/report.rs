@@ -18,7 +18,7 @@
 //!   settling included) ÷ transactions, in core-microseconds. In-process, the one
 //!   process includes the load generator.
 
-use super::cluster::Observed;
+use super::cluster::{COORDINATOR, Observed};
 use super::observe::Snapshot;
 use super::stats::mean_ms;
 use super::workload::{LoadResult, Workload};
@@ -39,6 +39,8 @@ pub struct Report {
     pub postgres: Option<super::postgres::PostgresReport>,
     /// The started coordinator's RSS over the run (`None` with `--endpoint`).
     pub memory: Option<super::memory::MemoryReport>,
+    /// Each data directory's size over the run (`--disk-sample-s`, at least 4 samples).
+    pub disk: Option<Vec<super::disk::DirSummary>>,
     /// What a forced write cost on the stores' disk, or `--sync-probe-dir`'s (`None` with
     /// `--sync-probe-ms 0`).
     pub sync_probe: Option<super::sync_probe::SyncProbeReport>,
@@ -144,6 +146,9 @@ pub struct WorkloadReport {
     pub cpu_us_per_transaction: Option<f64>,
     /// In-process, the CPU figures include the load generator.
     pub cpu_includes_load_generator: bool,
+    /// The coordinator's CPU is in the figures: false for one `--endpoint` names
+    /// without `--coordinator-pid`.
+    pub cpu_includes_coordinator: bool,
     /// With `--processes`: the bench process's own CPU (the initiators and their gRPC
     /// clients), not in `cpu_us_per_transaction`.
     pub load_generator_cpu_us_per_transaction: Option<f64>,
@@ -253,6 +258,9 @@ impl WorkloadReport {
             cpu,
             cpu_us_per_transaction: cpu_total,
             cpu_includes_load_generator: processes.iter().any(|p| p.pid.is_none()),
+            cpu_includes_coordinator: processes
+                .iter()
+                .any(|p| p.pid.is_none() || p.name == COORDINATOR),
             load_generator_cpu_us_per_transaction: before
                 .load_generator_cpu_us
                 .zip(after.load_generator_cpu_us)
@@ -451,6 +459,12 @@ impl Report {
             out.push_str(" (n/a: the ceiling was not run)");
         }
         out.push_str(".\n");
+        if self.workloads.iter().any(|w| !w.cpu_includes_coordinator) {
+            out.push_str(
+                "The coordinator --endpoint names is not in the CPU figures (--coordinator-pid \
+                 counts it).\n",
+            );
+        }
         if self.workloads.iter().any(|w| w.cpu_includes_load_generator) {
             out.push_str(
                 "In-process, the CPU figures are this whole process's, load generator included \

@@ -43,6 +43,8 @@ pub const SAGA_STEPS: usize = 3;
 pub const MAX_LATENCIES: usize = 10_000_000;
 /// How often progress is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// The longest one transaction of the load may take; past it, it counts as failed.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -219,20 +221,29 @@ pub async fn run(
                 let saga_in_mix = workload == Workload::Twopc
                     && options.saga_every > 0
                     && number % options.saga_every == options.saga_every - 1;
-                let succeeded = match workload {
-                    Workload::Twopc if saga_in_mix => {
-                        let compensate = (number / options.saga_every) % 2 == 1;
-                        let steps = targets.participants.len();
-                        run_saga(&targets, steps, compensate, &tally).await
-                    }
-                    Workload::Twopc => run_two_phase(&targets).await,
-                    Workload::Saga => run_saga(&targets, SAGA_STEPS, false, &tally).await,
-                    Workload::Compensating => run_saga(&targets, SAGA_STEPS, true, &tally).await,
-                    Workload::Ceiling => {
-                        let channel = &targets.health[initiator % targets.health.len()];
-                        check_health(channel.clone()).await
+                let transaction = async {
+                    match workload {
+                        Workload::Twopc if saga_in_mix => {
+                            let compensate = (number / options.saga_every) % 2 == 1;
+                            let steps = targets.participants.len();
+                            run_saga(&targets, steps, compensate, &tally).await
+                        }
+                        Workload::Twopc => run_two_phase(&targets).await,
+                        Workload::Saga => run_saga(&targets, SAGA_STEPS, false, &tally).await,
+                        Workload::Compensating => {
+                            run_saga(&targets, SAGA_STEPS, true, &tally).await
+                        }
+                        Workload::Ceiling => {
+                            let channel = &targets.health[initiator % targets.health.len()];
+                            check_health(channel.clone()).await
+                        }
                     }
                 };
+                // A coordinator that keeps the connection but never answers fails the
+                // transaction instead of holding the run past its duration.
+                let succeeded = tokio::time::timeout(TRANSACTION_TIMEOUT, transaction)
+                    .await
+                    .unwrap_or(false);
                 // One call each: a 2PC is a Begin with commit (`run_two_phase`), a saga
                 // one SubmitSaga, the ceiling one health check.
                 result.client_calls += 1;

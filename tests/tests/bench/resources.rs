@@ -152,7 +152,7 @@ async fn an_rss_csv_that_cannot_be_written_is_refused_before_the_run() {
 async fn the_data_directories_sizes_are_written_to_the_disk_csv() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.csv");
-    let (_, stderr) = bench_with_stderr(&[
+    let (report, stderr) = bench_with_stderr(&[
         "--duration-s",
         "3",
         "--concurrency",
@@ -181,6 +181,15 @@ async fn the_data_directories_sizes_are_written_to_the_disk_csv() {
             .all(|row| row[2..].iter().any(|&bytes| bytes > 0.0)),
         "{csv}"
     );
+    // The summary is in the JSON report too, one entry per data directory.
+    if rows.len() >= 4 {
+        let directories = report["disk"].as_array().expect("a disk summary");
+        assert_eq!(directories.len(), (header.len() - 2) / 2, "{report:#}");
+        assert!(
+            directories.iter().all(|d| d["name"].is_string()),
+            "{report:#}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

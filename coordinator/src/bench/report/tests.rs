@@ -61,6 +61,7 @@ fn a_log_compaction_during_a_workload_is_reported_with_it() {
         ceiling_calls_per_s: None,
         postgres: None,
         memory: None,
+        disk: None,
         sync_probe: None,
         one_in_flight_target: None,
     };
@@ -141,6 +142,7 @@ fn the_target_at_one_in_flight_comes_from_the_ceiling_and_the_sync_probe() {
         ceiling_calls_per_s: None,
         postgres: None,
         memory: None,
+        disk: None,
         sync_probe: Some(crate::bench::sync_probe::SyncProbeReport {
             dir: "/tmp/bench".into(),
             alone: probe(1, 0.1),
