@@ -117,6 +117,13 @@ pub struct MemoryReport {
     pub log_purges_read: bool,
     /// The largest sample of the whole run, warm-up included.
     pub max_bytes: u64,
+    /// The largest resident set the coordinator had: its `VmHWM` at the end (peaks
+    /// between samples included) or the largest sample if larger (Linux updates the
+    /// high-water mark lazily); `None` if it could not be read.
+    pub peak_bytes: Option<u64>,
+    /// The share of the run's transactions finished during the warm-up, which the
+    /// quarters leave out.
+    pub warmup_transactions_share: Option<f64>,
     /// Four, unless there were too few samples after the warm-up (then none).
     pub quarters: Vec<Quarter>,
     /// (max − min) / mean of the quarters' means; `None` without quarters.
@@ -235,6 +242,14 @@ pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> M
         _ => tenth_s,
     };
     let (quarters, flatness) = quarters_after(samples, warmup_s, end_s);
+    let warmup_transactions_share = samples
+        .iter()
+        .find(|s| s.elapsed_s >= warmup_s)
+        .zip(samples.last())
+        .filter(|(_, last)| last.transactions > 0)
+        .map(|(at_end_of_warmup, last)| {
+            at_end_of_warmup.transactions as f64 / last.transactions as f64
+        });
     let flatness_from_tenth = if warmup_s > tenth_s {
         quarters_after(samples, tenth_s, end_s).1
     } else {
@@ -247,6 +262,8 @@ pub fn summarize(samples: &[RssSample], sample_every_ms: u64, taken: usize) -> M
         log_first_purge_s,
         log_purges_read,
         max_bytes: samples.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
+        peak_bytes: None,
+        warmup_transactions_share,
         quarters,
         flatness,
         flatness_from_tenth,
@@ -313,12 +330,18 @@ impl MemoryReport {
     /// Lines for people.
     pub fn lines(&self) -> Vec<String> {
         let mut lines = vec![format!(
-            "coordinator RSS: {} samples every {} ms; warm-up {:.0} s ({}); max {}",
+            "coordinator RSS: {} samples every {} ms; warm-up {:.0} s ({}{}); max {}{}",
             self.samples,
             self.sample_every_ms,
             self.warmup_s,
             self.warmup_reason(),
-            mib(self.max_bytes as f64)
+            self.warmup_transactions_share
+                .map(|share| format!(", {:.0} % of the transactions", 100.0 * share))
+                .unwrap_or_default(),
+            mib(self.max_bytes as f64),
+            self.peak_bytes
+                .map(|peak| format!(", peak {} (VmHWM: between samples too)", mib(peak as f64)))
+                .unwrap_or_default(),
         )];
         for (index, q) in self.quarters.iter().enumerate() {
             lines.push(format!(
@@ -350,9 +373,13 @@ impl MemoryReport {
             ));
         }
         if let Some(budget) = self.budget_bytes {
-            let largest = self.max_bytes as f64;
+            // The peak, where it could be read, is the largest the set ever was.
+            let largest = self
+                .peak_bytes
+                .unwrap_or(self.max_bytes)
+                .max(self.max_bytes) as f64;
             lines.push(format!(
-                "  budget {}: largest sample {:.0} % of it ({}); at the end {} final transactions kept in memory, estimated {}, allowed {}",
+                "  budget {}: largest resident set {:.0} % of it ({}); at the end {} final transactions kept in memory, estimated {}, allowed {}",
                 mib(budget),
                 100.0 * largest / budget,
                 if largest <= budget { "within" } else { "OVER" },

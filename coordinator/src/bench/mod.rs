@@ -302,6 +302,11 @@ async fn run_to_end(args: BenchArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
         let (samples, taken) = task.await?;
         let mut memory = memory::summarize(&samples, args.rss_sample_ms, taken);
+        // Linux updates the high-water mark lazily (not when memory is given back by
+        // madvise), so it can read below a sample: the larger of the two.
+        memory.peak_bytes = rss_of
+            .and_then(crate::runtime::memory::peak_resident_bytes_of)
+            .map(|peak| peak.max(memory.max_bytes));
         if let Some(csv) = rss_csv {
             csv.write("RSS", &memory::csv(&samples))?;
         }

@@ -127,12 +127,25 @@ pub fn resident_bytes() -> Option<u64> {
 
 /// The resident set of process `pid` (this one if `None`), as [`resident_bytes`] reads it.
 pub fn resident_bytes_of(pid: Option<u32>) -> Option<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// The largest resident set process `pid` (this one if `None`) has had since it started,
+/// as the kernel tracks it (`VmHWM`): peaks between two samples of [`resident_bytes_of`]
+/// included, but updated lazily (memory given back with `madvise` does not update it
+/// first), so it may read below an earlier sample.
+pub fn peak_resident_bytes_of(pid: Option<u32>) -> Option<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// A `/proc/PID/status` field given in kB, in bytes.
+fn status_bytes(pid: Option<u32>, field: &str) -> Option<u64> {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/status"),
         None => "/proc/self/status".to_string(),
     };
     let status = std::fs::read_to_string(path).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
 }

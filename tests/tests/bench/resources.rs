@@ -130,7 +130,14 @@ async fn the_coordinators_memory_is_sampled_by_quarter_within_its_budget() {
         "{memory:#}"
     );
     assert!(stderr.contains("flatness"), "{stderr}");
-    assert!(stderr.contains("largest sample"), "{stderr}");
+    assert!(stderr.contains("largest resident set"), "{stderr}");
+    // The peak counts what fell between samples: never below the largest sample.
+    assert!(
+        number(memory, &["peak_bytes"]) >= number(memory, &["max_bytes"]),
+        "{memory:#}"
+    );
+    let warmup_share = number(memory, &["warmup_transactions_share"]);
+    assert!((0.0..=1.0).contains(&warmup_share), "{memory:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
