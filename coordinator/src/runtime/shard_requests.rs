@@ -226,9 +226,14 @@ impl Shard {
         // decision, a saga): work done by hand has no barrier record to answer a replay,
         // so after a crash it must not be sent again. A YES stated while the votes decide
         // (after a restart) is kept with the intent, and not asked again after the next.
-        // A statement of an outcome is counted once durable, or now if nothing is logged.
+        // A resolution of a transaction that has ended is forced too, though the
+        // protocol logged nothing of it (an abort without an intent): the operator's
+        // statement is answered once it will outlast a crash. A statement of an outcome
+        // is counted once durable, or now if nothing is written (an undecided
+        // transaction without an intent, which a crash aborts anyway).
         let resolved = matches!(request.command, OperatorCommand::Resolve { .. });
-        let durable = match (resolved, entry.machine.is_logged()) {
+        let written = entry.machine.is_logged() || entry.machine.state().is_final();
+        let durable = match (resolved, written) {
             (true, true) => Some(crate::runtime::operator::counted_when_durable(
                 self.log
                     .write(&entry.machine.log_record(), Durability::Forced),

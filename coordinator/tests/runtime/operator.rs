@@ -164,3 +164,169 @@ fn resolve_as_commit(by: &str) -> OperatorRequest {
         reason: "repaired by hand".into(),
     }
 }
+
+/// A participant that breaks the protocol the way heuristic outcomes come about: it votes
+/// NO for branch "a" and YES for the others, and answers the abort of branch "b"
+/// ALREADY_COMMITTED (it committed on its own). Unary calls only.
+struct CommitsOnItsOwn;
+
+#[tonic::async_trait]
+impl treaty_proto::v1::participant_server::Participant for CommitsOnItsOwn {
+    async fn prepare(
+        &self,
+        request: tonic::Request<treaty_proto::v1::PrepareBranchRequest>,
+    ) -> Result<tonic::Response<treaty_proto::v1::PrepareBranchResponse>, tonic::Status> {
+        use treaty_proto::v1::Vote;
+        let vote = if request.get_ref().branch_id == "a" {
+            Vote::No
+        } else {
+            Vote::Yes
+        };
+        Ok(tonic::Response::new(
+            treaty_proto::v1::PrepareBranchResponse {
+                vote: vote as i32,
+                reason: "no".into(),
+            },
+        ))
+    }
+    async fn commit(
+        &self,
+        _: tonic::Request<treaty_proto::v1::CommitBranchRequest>,
+    ) -> Result<tonic::Response<treaty_proto::v1::CommitBranchResponse>, tonic::Status> {
+        Ok(tonic::Response::new(
+            treaty_proto::v1::CommitBranchResponse {
+                result: treaty_proto::v1::CommitResult::Committed as i32,
+                reason: String::new(),
+            },
+        ))
+    }
+    async fn abort(
+        &self,
+        request: tonic::Request<treaty_proto::v1::AbortBranchRequest>,
+    ) -> Result<tonic::Response<treaty_proto::v1::AbortBranchResponse>, tonic::Status> {
+        use treaty_proto::v1::AbortResult;
+        let result = if request.get_ref().branch_id == "b" {
+            AbortResult::AlreadyCommitted
+        } else {
+            AbortResult::Aborted
+        };
+        Ok(tonic::Response::new(
+            treaty_proto::v1::AbortBranchResponse {
+                result: result as i32,
+            },
+        ))
+    }
+    async fn compensate(
+        &self,
+        _: tonic::Request<treaty_proto::v1::CompensateBranchRequest>,
+    ) -> Result<tonic::Response<treaty_proto::v1::CompensateBranchResponse>, tonic::Status> {
+        Ok(tonic::Response::new(
+            treaty_proto::v1::CompensateBranchResponse {
+                result: treaty_proto::v1::CompensateResult::Compensated as i32,
+            },
+        ))
+    }
+    type CallsStream = treaty_sdk::call_stream::CallAnswers;
+    async fn calls(
+        &self,
+        _: tonic::Request<tonic::Streaming<treaty_proto::v1::CallRequest>>,
+    ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("unary calls only"))
+    }
+}
+
+/// An abort decided the classic way (no intent: nothing of it is in the log but its
+/// history) whose branch "b" answered ALREADY_COMMITTED: an operator's resolve of that
+/// branch is answered only once it is durable, as a resolve of a logged decision is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_of_an_abort_not_logged_is_answered_once_durable() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                treaty_proto::v1::participant_server::ParticipantServer::new(CommitsOnItsOwn),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let gate = Arc::new(Semaphore::new(0));
+    let log = Arc::new(GatedLog::new(gate.clone()));
+    let (fatal, _fatal) = mpsc::unbounded_channel();
+    let config = RuntimeConfig {
+        parallel_commit: false,
+        ..config()
+    };
+    let (runtime, tasks, _) = Runtime::start(log.clone(), config, fatal).unwrap();
+    let id = begin_two_branches(&runtime, &endpoint).await;
+    let decided = runtime.commit(id).await.unwrap();
+    assert_eq!(decided.state, TxnState::Aborting, "{decided:?}");
+    let started = Instant::now();
+    let ended = loop {
+        let record = runtime.get(id).await.unwrap().unwrap();
+        if record.state == TxnState::Aborted && record.branches[1].heuristic.is_some() {
+            break record;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{record:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(ended.branches[1].resolution, None, "{ended:?}");
+    assert!(
+        log.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(_, durability)| *durability == Durability::Lazy),
+        "an abort without an intent forces nothing"
+    );
+
+    // The participant's answer is counted already; the operator's statement adds one.
+    let counted_before: u64 = heuristic_outcomes(&runtime).await.parse().unwrap();
+    let request = OperatorRequest {
+        command: OperatorCommand::Resolve {
+            branch_id: "b".into(),
+            outcome: Resolution::Abort,
+        },
+        by: "ops".into(),
+        reason: "undone by hand".into(),
+    };
+    let caller = tokio::spawn({
+        let runtime = runtime.clone();
+        async move { runtime.operate(id, request).await }
+    });
+    let started = Instant::now();
+    while !log
+        .writes
+        .lock()
+        .unwrap()
+        .contains(&(TxnState::Aborted, Durability::Forced))
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "never forced");
+        assert!(!caller.is_finished(), "answered before any forced write");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Held at the gate: not answered, not counted.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !caller.is_finished(),
+        "answered before the write was durable"
+    );
+    assert_eq!(
+        heuristic_outcomes(&runtime).await,
+        counted_before.to_string()
+    );
+    gate.add_permits(1);
+    let resolved = tokio::time::timeout(Duration::from_secs(30), caller)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(resolved.branches[1].resolution.is_some(), "{resolved:?}");
+    assert_eq!(
+        heuristic_outcomes(&runtime).await,
+        (counted_before + 1).to_string()
+    );
+    let logged = log.get(&id).unwrap().unwrap();
+    assert!(logged.branches[1].resolution.is_some(), "{logged:?}");
+    runtime.shutdown(tasks, Duration::from_secs(5)).await;
+    server.abort();
+}
