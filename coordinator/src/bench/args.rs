@@ -263,6 +263,11 @@ pub(super) fn validate(args: &BenchArgs) -> anyhow::Result<Vec<Workload>> {
             "--in-flight must be 1..=100000"
         );
         anyhow::ensure!(
+            args.participants >= 2,
+            "--recovery needs --participants 2 or more: its transactions are two-phase commits \
+             (one branch would commit in one phase)"
+        );
+        anyhow::ensure!(
             args.in_doubt_poll_ms
                 .is_none_or(|ms| (10..=60_000).contains(&ms)),
             "--in-doubt-poll-ms must be 10..=60000"

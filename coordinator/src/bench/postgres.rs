@@ -182,10 +182,18 @@ pub async fn run(
                     let _ = client.batch_execute("ROLLBACK").await;
                     Err(())
                 } else {
-                    client
+                    let committed = client
                         .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
                         .await
-                        .map_err(|_| ())
+                        .map_err(|_| ());
+                    if committed.is_err() {
+                        // Left prepared, it would hold the row's lock and fail every
+                        // later transaction of this initiator until the end.
+                        let _ = client
+                            .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+                            .await;
+                    }
+                    committed
                 };
                 if outcome.is_ok() {
                     committed += 1;

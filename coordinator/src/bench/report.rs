@@ -3,15 +3,16 @@
 //! JSON object (`--json`) whose field names carry their units.
 //!
 //! Definitions (also in docs/limits.md, "Throughput"):
-//! - per transaction: divided by the transactions run, those that failed (ended
-//!   otherwise than asked) included, so that a failed one's work never counts as
-//!   useful; transactions/s counts only those that ended as asked.
+//! - per transaction: per transaction that ended as asked (transactions/s counts only
+//!   those), the work of failed ones (ended otherwise than asked) included in it.
 //! - RPCs per transaction: calls the initiator made (to the coordinator; to the
 //!   participant for the ceiling) plus calls the coordinator made to participants (its
 //!   own `treaty_participant_call_duration_seconds_count`), per transaction.
-//! - efficiency = transactions/s × RPCs per transaction ÷ the ceiling's calls/s: the
-//!   share of the servers' bare call capacity the protocol turns into useful calls.
-//! - decisions per fsync: transactions run ÷ the coordinator's forced log groups.
+//! - efficiency = transactions/s × RPCs per transaction run (failed ones included, so
+//!   their calls are not counted as useful) ÷ the ceiling's calls/s: the share of the
+//!   servers' bare call capacity the protocol turns into useful calls.
+//! - decisions per fsync: transactions that ended as asked ÷ the coordinator's forced
+//!   log groups.
 //! - mean fsync: the time the workload's forced groups took from applied in memory to
 //!   durable ÷ their number, at the coordinator and over all participants.
 //! - CPU per transaction: user+system time of each process over the workload (phase 2
@@ -168,15 +169,14 @@ impl WorkloadReport {
         coordinator_rss_bytes: Option<u64>,
     ) -> Self {
         let transactions = load.succeeded;
-        // Work is divided by every transaction run, failed ones too: a failed
-        // transaction's calls and syncs are not useful work (so efficiency, transactions
-        // that ended as asked per second × these calls, does not count them).
-        let attempts = load.succeeded + load.failed;
+        // The cost of a transaction that ended as asked: the work of failed ones is in
+        // it (efficiency takes the calls per transaction run instead, so that a failed
+        // one's calls never count as useful: `Report::compute_efficiency`).
         let per = |count: f64| {
-            if attempts == 0 {
+            if transactions == 0 {
                 0.0
             } else {
-                count / attempts as f64
+                count / transactions as f64
             }
         };
         let ceiling = workload == Workload::Ceiling;
@@ -188,7 +188,7 @@ impl WorkloadReport {
                     fsync_mean_ms: mean_ms(a.fsync_seconds - b.fsync_seconds, a.fsyncs - b.fsyncs),
                     log_records_per_transaction: per(a.log_records - b.log_records),
                     decisions_per_fsync: (!ceiling && a.fsyncs > b.fsyncs)
-                        .then(|| attempts as f64 / (a.fsyncs - b.fsyncs)),
+                        .then(|| transactions as f64 / (a.fsyncs - b.fsyncs)),
                     rss_bytes: coordinator_rss_bytes,
                     log_compactions_ended: a.log_compactions - b.log_compactions,
                 },
@@ -284,10 +284,17 @@ impl Report {
             return;
         };
         for workload in &mut self.workloads {
+            // Calls per transaction run: those of failed transactions are not useful.
+            let run = workload.transactions + workload.failed;
+            let useful = if run == 0 {
+                0.0
+            } else {
+                workload.transactions as f64 / run as f64
+            };
             workload.efficiency = workload
                 .rpcs_per_transaction
                 .total
-                .map(|rpcs| workload.transactions_per_s * rpcs / ceiling);
+                .map(|rpcs| workload.transactions_per_s * rpcs * useful / ceiling);
         }
     }
 

@@ -231,6 +231,11 @@ async fn after_kill_9_with_transactions_in_flight_the_restart_resolves_them_all(
     .await;
     assert_eq!(number(&report, &["in_flight"]), 200.0, "{report:#}");
     assert_eq!(number(&report, &["decided"]), 100.0, "{report:#}");
+    assert_eq!(
+        number(&report, &["decided_still_committed"]),
+        100.0,
+        "{report:#}"
+    );
     assert!(
         number(&report, &["in_progress_at_kill"]) >= 200.0,
         "{report:#}"

@@ -180,3 +180,45 @@ fn the_target_at_one_in_flight_comes_from_the_ceiling_and_the_sync_probe() {
     report.compute_one_in_flight_target();
     assert_eq!(report.one_in_flight_target, None);
 }
+
+/// Efficiency counts only the calls of transactions that ended as asked: a workload
+/// whose every fourth transaction failed, making its calls all the same, is three
+/// quarters as efficient as its call rate alone would say.
+#[test]
+fn the_calls_of_failed_transactions_are_not_counted_as_useful() {
+    let mut load = one_second_of(75);
+    load.failed = 25;
+    load.client_calls = 100;
+    let before = snapshot(CoordinatorCounts::default());
+    let after = snapshot(CoordinatorCounts {
+        participant_calls: 400.0,
+        ..CoordinatorCounts::default()
+    });
+    let twopc = WorkloadReport::new(Workload::Twopc, &load, &before, &after, &[], None);
+    let ceiling = WorkloadReport::new(
+        Workload::Ceiling,
+        &one_second_of(1_000),
+        &before,
+        &before,
+        &[],
+        None,
+    );
+    let mut report = Report {
+        mode: "processes",
+        participants: 2,
+        unforced_one_phase_yes: false,
+        concurrency: 4,
+        duration_s: 1,
+        workloads: vec![twopc, ceiling],
+        ceiling_calls_per_s: None,
+        postgres: None,
+        memory: None,
+        disk: None,
+        sync_probe: None,
+        one_in_flight_target: None,
+    };
+    report.compute_efficiency();
+    // 500 calls in the second, 375 of them for the 75 that committed.
+    let efficiency = report.workloads[0].efficiency.unwrap();
+    assert!((efficiency - 0.375).abs() < 1e-9, "{efficiency}");
+}
