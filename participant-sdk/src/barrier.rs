@@ -301,9 +301,10 @@ impl<S: BarrierStore> Barrier<S> {
     }
 
     /// As [`in_doubt_after`](Self::in_doubt_after), but a record listed that cannot be
-    /// read in full is named in the page instead of failing it, so that one such record
-    /// does not keep every other branch from being resolved. A failure to read the store
-    /// still fails the page. Blocks as [`in_doubt`](Self::in_doubt) does.
+    /// read or decoded is named in the page instead of failing it, so that one such
+    /// record does not keep every other branch from being resolved. A failure of the
+    /// listing itself, or a store already failed, still fails the page. Blocks as
+    /// [`in_doubt`](Self::in_doubt) does.
     pub fn in_doubt_page(
         &self,
         cursor: Option<&BranchKey>,
@@ -319,10 +320,18 @@ impl<S: BarrierStore> Barrier<S> {
         let mut branches = Vec::new();
         let mut unreadable = Vec::new();
         for key in keys {
-            let Some(bytes) = self.store.load(&key)? else {
-                continue;
-            };
             let branch = BranchContext::new(key.transaction_id.clone(), key.branch_id.clone());
+            // A store that fails one record's read (a custom one, over a table with a bad
+            // row) names it as one that cannot be decoded does; the listing's own
+            // failure still fails the page.
+            let bytes = match self.store.load(&key) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => continue,
+                Err(error) => {
+                    unreadable.push((branch, error.into()));
+                    continue;
+                }
+            };
             match decode(&key, &bytes) {
                 // The mark and the record are written together; a record that is no
                 // longer prepared means the mark is being cleared.

@@ -39,6 +39,7 @@ use crate::barrier::{
 use crate::barrier_store::{BarrierStore, BranchKey};
 use crate::client::{ClientOptions, credentials, endpoint_with};
 use crate::durable::{DurableStore, StoreError};
+use crate::limits::canonical_endpoint;
 use crate::metrics::InquiryResult;
 use crate::participant::Participant;
 use crate::run_to_end::RunToEnd;
@@ -129,12 +130,18 @@ pub struct InDoubtResolver<P, S: BarrierStore = DurableStore> {
     /// Branches whose commit or abort outlasted `apply_wait_ms` and runs on by itself;
     /// each leaves the set when it ends, and is not asked about meanwhile.
     applying: Arc<Mutex<HashSet<BranchKey>>>,
-    /// Coordinators that did not answer in time, or could not be reached, in the round
-    /// under way: not asked again until the next round, so that one coordinator whose
-    /// host has gone (every call waiting out its timeout) does not hold up the questions
-    /// to the others by a timeout per branch.
-    unreachable: HashSet<String>,
+    /// Per coordinator (in canonical form), the questions of the round under way that
+    /// got no answer in time. One that could not be reached, or timed out
+    /// [`TIMEOUTS_BEFORE_SKIPPING`] times (on different transactions: one slow outcome is
+    /// that transaction's), is not asked again in the round, so that a coordinator whose
+    /// host has gone does not hold up the questions to the others by a timeout per
+    /// branch.
+    unanswered: HashMap<String, u32>,
 }
+
+/// Questions to one coordinator in one round that may time out before its other
+/// branches of the round are skipped.
+const TIMEOUTS_BEFORE_SKIPPING: u32 = 2;
 
 /// What one round did, for logs and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +170,7 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             pass_in_doubt: 0,
             pass_oldest_unix_ms: None,
             applying: Arc::default(),
-            unreachable: HashSet::new(),
+            unanswered: HashMap::new(),
         })
     }
 
@@ -200,12 +207,12 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
 
     /// Asks about the branches in doubt for long enough (at most
     /// `max_branches_per_round`, continuing where the last round stopped) and applies
-    /// the answers. A coordinator that could not be reached or did not answer in time is
-    /// not asked again in the round: its other branches wait for the next. Returns early
-    /// once `stop` is set.
+    /// the answers. A coordinator that could not be reached, or did not answer in time
+    /// twice, is not asked again in the round: its other branches listed in the round wait
+    /// until the pass comes back to them. Returns early once `stop` is set.
     pub async fn round(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> RoundReport {
         let mut report = RoundReport::default();
-        self.unreachable.clear();
+        self.unanswered.clear();
         // On a blocking thread: a store may read a lot to list (the SDK's own reads
         // every record at its first listing after an open), or ask another database.
         let (barrier, cursor) = (self.barrier.clone(), self.cursor.clone());
@@ -378,18 +385,26 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
             tracing::warn!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id, coordinator = %in_doubt.coordinator_endpoint, "in doubt, but its coordinator is not one this participant trusts; waiting for a trusted one to deliver the outcome");
             return None;
         }
-        if self.unreachable.contains(&in_doubt.coordinator_endpoint) {
+        // Spellings of one coordinator are one coordinator.
+        let coordinator =
+            canonical_endpoint("coordinator_endpoint", &in_doubt.coordinator_endpoint)
+                .unwrap_or_else(|_| in_doubt.coordinator_endpoint.clone());
+        if self
+            .unanswered
+            .get(&coordinator)
+            .is_some_and(|&times| times >= TIMEOUTS_BEFORE_SKIPPING)
+        {
             return None;
         }
         let timeout = Duration::from_millis(self.options.call_timeout_ms);
-        let client = match self.coordinators.get(&in_doubt.coordinator_endpoint) {
+        let client = match self.coordinators.get(&coordinator) {
             Some(client) => client.clone(),
             None => {
                 if self.coordinators.len() >= MAX_CACHED_COORDINATORS {
                     self.coordinators.clear();
                 }
                 let options = &self.options.coordinator_client;
-                let endpoint = match endpoint_with(&in_doubt.coordinator_endpoint, options) {
+                let endpoint = match endpoint_with(&coordinator, options) {
                     Ok(endpoint) => endpoint.connect_timeout(timeout).timeout(timeout),
                     Err(error) => {
                         tracing::warn!(%error, "cannot ask the coordinator");
@@ -406,7 +421,7 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
                 let client =
                     CoordinatorClient::with_interceptor(endpoint.connect_lazy(), credentials);
                 self.coordinators
-                    .insert(in_doubt.coordinator_endpoint.clone(), client.clone());
+                    .insert(coordinator.clone(), client.clone());
                 client
             }
         };
@@ -419,22 +434,23 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
                 Ok(Ok(response)) => pb::Decision::try_from(response.into_inner().decision).ok(),
                 Ok(Err(status)) => {
                     tracing::debug!(txn_id = %branch.transaction_id, %status, "GetOutcome failed");
-                    // Not reached, or no answer within the channel's timeout (which
-                    // tonic reports as CANCELLED).
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::Cancelled
-                    ) {
-                        self.unreachable
-                            .insert(in_doubt.coordinator_endpoint.clone());
+                    match status.code() {
+                        // Not reached: the next question would not be either.
+                        tonic::Code::Unavailable => {
+                            self.unanswered
+                                .insert(coordinator, TIMEOUTS_BEFORE_SKIPPING);
+                        }
+                        // No answer within the channel's timeout (which tonic reports
+                        // as CANCELLED).
+                        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                            *self.unanswered.entry(coordinator).or_default() += 1;
+                        }
+                        _ => {}
                     }
                     None
                 }
                 Err(_) => {
-                    self.unreachable
-                        .insert(in_doubt.coordinator_endpoint.clone());
+                    *self.unanswered.entry(coordinator).or_default() += 1;
                     None
                 }
             };
@@ -552,7 +568,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_coordinator_that_does_not_answer_is_asked_once_a_round() {
+    async fn a_coordinator_that_cannot_be_reached_is_not_asked_about_every_branch() {
         // On loopback: one that accepts connections and never answers (a host gone
         // without a reset), and one where nothing listens.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -588,11 +604,11 @@ mod tests {
         for round in 1..=2 {
             let report = resolver.round(&mut stopped).await;
             assert_eq!(report.still_in_doubt, 5, "round {round}: {report:?}");
-            // One question to each coordinator a round; the other branches of each wait
-            // for the next round.
+            // A round asks the silent coordinator twice (one slow outcome may be one
+            // transaction's) and the closed one once; their other branches wait.
             assert_eq!(
                 unanswered_inquiries(&barrier),
-                (2 * round).to_string(),
+                (3 * round).to_string(),
                 "round {round}"
             );
         }
