@@ -553,3 +553,44 @@ fn backoff_grows_exponentially_then_stays_capped_with_jitter() {
     }
     assert!(retry_delay(u32::MAX, 100, 10_000, &mut rng) <= Duration::from_secs(10));
 }
+
+/// A prepare on the stream that outlives the coordinator's deadline is withdrawn, and the
+/// participant gives its place back at once, as for a unary call whose caller went: with
+/// one place, the next call begins while the first one's work is still running.
+#[tokio::test]
+async fn a_call_past_its_deadline_is_withdrawn_and_frees_its_place_on_the_stream() {
+    let (listener, endpoint) = loopback().await;
+    let served = Served::start_with(
+        listener,
+        Duration::from_secs(120),
+        true,
+        treaty_sdk::server::ServeOptions {
+            max_concurrent_requests: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let participants = Participants::new(String::new(), 64, Duration::from_secs(5));
+    let late = Call {
+        timeout: Duration::from_millis(300),
+        ..branch_call(&endpoint, "late")
+    };
+    assert!(participants.prepare(&late, Vec::new()).await.is_err());
+    assert_eq!(stream_state(&participants, &endpoint), "open");
+    tokio::time::timeout(Duration::from_secs(30), served.started.notified())
+        .await
+        .expect("the first prepare began");
+    // The first prepare sleeps for two minutes: the second begins only if the first's
+    // place was given back.
+    let next = {
+        let participants = participants.clone();
+        let call = branch_call(&endpoint, "next");
+        tokio::spawn(async move { participants.prepare(&call, Vec::new()).await })
+    };
+    tokio::time::timeout(Duration::from_secs(60), served.started.notified())
+        .await
+        .expect("the next prepare began while the withdrawn one ran on");
+    next.abort();
+    // Not stopped: its prepares sleep on; the test's runtime ends them.
+    drop(served);
+}
