@@ -85,7 +85,10 @@ class ServeRefusalsTest(TempDirTest):
             ({"accepted_tokens": ["has space"], "trusted_coordinators": [COORDINATOR]}, "accepted_tokens"),
             ({"coordinator_token": "bad\ntoken"}, "coordinator_token"),
             # Without a list it would go to whatever address a Prepare named.
-            ({"coordinator_token": "secret"}, "coordinator_token: only sent to trusted"),
+            ({"coordinator_token": "secret-0123456789"}, "coordinator_token: only sent to trusted"),
+            # A short token would be guessed.
+            ({"accepted_tokens": ["short"], "trusted_coordinators": [COORDINATOR]}, "accepted_tokens: a token must be 16"),
+            ({"coordinator_token": "short", "trusted_coordinators": [COORDINATOR]}, "coordinator_token: a token must be 16"),
             ({"barrier_retention_ms": 0}, "barrier_retention_ms"),
             ({"accepted_identities": ["c"], "trusted_coordinators": [COORDINATOR]}, "accepted_identities"),
         ):

@@ -22,6 +22,10 @@ MAX_QUOTED_INPUT_BYTES = 200
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Longest bearer token accepted, in a request or in configuration.
 MAX_TOKEN_BYTES = 512
+#: Shortest bearer token configured (accepted, or sent to a coordinator), as the
+#: coordinator's token file and the Rust SDK require: a token is what lets a
+#: participant listen beyond loopback, so a short one would be guessed.
+MIN_TOKEN_BYTES = 16
 
 _ID_PUNCTUATION = frozenset("._:-")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from . import endpoint as endpoints
-from .limits import MAX_TOKEN_BYTES, quote_input
+from .limits import MAX_TOKEN_BYTES, MIN_TOKEN_BYTES, quote_input
 
 
 class TrustRefusal(Exception):
@@ -35,9 +35,11 @@ class TrustRefusal(Exception):
 
 
 def check_token_value(token: str, what: str) -> None:
-    """A token to accept or send: 1..512 bytes of printable ASCII without spaces."""
-    if not token or len(token.encode("utf-8")) > MAX_TOKEN_BYTES:
-        raise ValueError(f"{what}: a token must be 1 to {MAX_TOKEN_BYTES} bytes")
+    """A token to accept or send: 16..512 bytes of printable ASCII without spaces."""
+    if not MIN_TOKEN_BYTES <= len(token.encode("utf-8")) <= MAX_TOKEN_BYTES:
+        raise ValueError(
+            f"{what}: a token must be {MIN_TOKEN_BYTES} to {MAX_TOKEN_BYTES} bytes"
+        )
     if not all(c.isascii() and c.isprintable() and not c.isspace() for c in token):
         raise ValueError(f"{what}: a token must be printable ASCII without spaces")
 
