@@ -290,10 +290,7 @@ async fn a_saga_step_resolved_as_committed_is_undone_only_by_an_operator() {
     let submitted = client
         .submit_saga(
             vec![
-                // Retried for minutes: it must still be running when the operator acts.
-                SagaStep::new("ship", &participant.endpoint, "error")
-                    .compensation("unship")
-                    .retry(100, 1_000, 5_000),
+                failing_ship_step(&participant.endpoint),
                 SagaStep::new("charge", &participant.endpoint, "no").after(["ship"]),
             ],
             SubmitOptions::default(),
@@ -362,12 +359,7 @@ async fn a_completed_saga_with_a_step_resolved_by_hand_can_be_forgotten() {
 
     let submitted = client
         .submit_saga(
-            vec![
-                // Retried for minutes: it must still be running when the operator acts.
-                SagaStep::new("ship", &participant.endpoint, "error")
-                    .compensation("unship")
-                    .retry(100, 1_000, 5_000),
-            ],
+            vec![failing_ship_step(&participant.endpoint)],
             SubmitOptions::default(),
         )
         .await
@@ -439,6 +431,14 @@ async fn a_saga_step_is_not_resolved_while_its_call_is_in_flight() {
 
     participant.stop().await;
     coordinator.stop().await.unwrap();
+}
+
+/// Step "ship" at `endpoint`, whose calls fail and are retried for minutes: it is still
+/// running when the operator acts.
+fn failing_ship_step(endpoint: &str) -> SagaStep {
+    SagaStep::new("ship", endpoint, "error")
+        .compensation("unship")
+        .retry(100, 1_000, 5_000)
 }
 
 /// A step at an address where nothing listens: its calls fail until resolved.

@@ -30,6 +30,25 @@ fn snapshot(coordinator: CoordinatorCounts) -> Snapshot {
     }
 }
 
+/// A report of `workloads` from processes, two participants, 4 in flight, a second each,
+/// nothing else measured.
+fn report_of(workloads: Vec<WorkloadReport>) -> Report {
+    Report {
+        mode: "processes",
+        participants: 2,
+        unforced_one_phase_yes: false,
+        concurrency: 4,
+        duration_s: 1,
+        workloads,
+        ceiling_calls_per_s: None,
+        postgres: None,
+        memory: None,
+        disk: None,
+        sync_probe: None,
+        one_in_flight_target: None,
+    }
+}
+
 /// A compaction that ended during a workload is in its figures and its line: its
 /// copying is in the coordinator's CPU per transaction.
 #[test]
@@ -51,20 +70,7 @@ fn a_log_compaction_during_a_workload_is_reported_with_it() {
     let figures = workload.coordinator.as_ref().unwrap();
     assert_eq!(figures.log_compactions_ended, 1.0);
     assert_eq!(figures.decisions_per_fsync, Some(10.0));
-    let report = Report {
-        mode: "processes",
-        participants: 2,
-        unforced_one_phase_yes: false,
-        concurrency: 4,
-        duration_s: 1,
-        workloads: vec![workload],
-        ceiling_calls_per_s: None,
-        postgres: None,
-        memory: None,
-        disk: None,
-        sync_probe: None,
-        one_in_flight_target: None,
-    };
+    let report = report_of(vec![workload]);
     let table = report.table();
     assert!(table.contains("log compactions ended 1;"), "{table}");
     assert!(
@@ -203,20 +209,7 @@ fn the_calls_of_failed_transactions_are_not_counted_as_useful() {
         &[],
         None,
     );
-    let mut report = Report {
-        mode: "processes",
-        participants: 2,
-        unforced_one_phase_yes: false,
-        concurrency: 4,
-        duration_s: 1,
-        workloads: vec![twopc, ceiling],
-        ceiling_calls_per_s: None,
-        postgres: None,
-        memory: None,
-        disk: None,
-        sync_probe: None,
-        one_in_flight_target: None,
-    };
+    let mut report = report_of(vec![twopc, ceiling]);
     report.compute_efficiency();
     // 500 calls in the second, 375 of them for the 75 that committed.
     let efficiency = report.workloads[0].efficiency.unwrap();
