@@ -4,8 +4,8 @@
 //!
 //! The workloads:
 //! - `twopc`: a two-phase commit with a branch on each participant (one Begin that
-//!   carries the commit and answers with the outcome: 1 call to the coordinator). With `--saga-every N`, every Nth is a saga instead (the
-//!   soak's mix, docs/limits.md).
+//!   carries the commit and answers with the outcome: 1 call to the coordinator). With
+//!   `--saga-every N`, every Nth is a saga instead (the soak's mix, docs/limits.md).
 //! - `saga`: a saga of [`SAGA_STEPS`] steps over the participants in turn, completed
 //!   (one SubmitSaga call, waiting for the outcome).
 //! - `compensating`: the same saga whose last step is rejected, so the steps before it
