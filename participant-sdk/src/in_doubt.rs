@@ -233,7 +233,11 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
                 for (branch, error) in &page.unreadable {
                     tracing::error!(txn_id = %branch.transaction_id, branch_id = %branch.branch_id,
                         %error, "a branch listed in doubt has a record that cannot be read: it cannot be resolved by asking");
-                    self.pass_in_doubt += 1;
+                    // Its prepare time is in the record; the transaction's creation (its
+                    // UUIDv7), no later, stands in for it in the oldest-age gauge.
+                    self.count_in_doubt(crate::transaction_age::transaction_created_unix_ms(
+                        &branch.transaction_id,
+                    ));
                 }
                 let pass_done = page.next.is_none();
                 self.cursor = page.next;
@@ -285,12 +289,19 @@ impl<P: Participant, S: BarrierStore> InDoubtResolver<P, S> {
     }
 
     fn still_in_doubt(&mut self, in_doubt: &InDoubtBranch) {
+        self.count_in_doubt(Some(in_doubt.prepared_unix_ms));
+    }
+
+    /// Counts a branch in doubt in the pass under way, prepared at `prepared_unix_ms` if
+    /// known.
+    fn count_in_doubt(&mut self, prepared_unix_ms: Option<u64>) {
         self.pass_in_doubt += 1;
-        let prepared = in_doubt.prepared_unix_ms;
-        self.pass_oldest_unix_ms = Some(
-            self.pass_oldest_unix_ms
-                .map_or(prepared, |t| t.min(prepared)),
-        );
+        if let Some(prepared) = prepared_unix_ms {
+            self.pass_oldest_unix_ms = Some(
+                self.pass_oldest_unix_ms
+                    .map_or(prepared, |t| t.min(prepared)),
+            );
+        }
     }
 
     /// Forgets what the pass under way has seen: the next round starts a new one.

@@ -267,3 +267,49 @@ async fn the_first_listing_during_writes_ends_with_exactly_the_branches_in_doubt
         assert_eq!(listed, expected, "round {round}");
     }
 }
+
+/// The resolver counts a branch in doubt whose record cannot be read in its gauges, and
+/// its age from the transaction's id (its prepare time is in the record), so that
+/// neither the count nor an age alert reads "nothing in doubt" past it.
+#[tokio::test]
+async fn a_branch_in_doubt_whose_record_cannot_be_read_is_in_the_resolvers_gauges() {
+    use crate::in_doubt::{InDoubtOptions, InDoubtResolver};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path()));
+    let created = crate::barrier::now_unix_ms() - 60_000;
+    let damaged = BranchKey {
+        transaction_id: crate::transaction_age::first_transaction_id_at(created),
+        branch_id: "b".into(),
+    };
+    let mut bytes = encoded_record(BranchMode::TwoPhase, BranchStatus::Prepared, &[7; 64]);
+    bytes.truncate(bytes.len() - 10);
+    let mut batch = WriteBatch::new();
+    batch.insert(record_key(&damaged), bytes);
+    store.write(batch, Durability::Forced).await.unwrap();
+    let barrier = Arc::new(crate::barrier::Barrier::new(store));
+    let options = InDoubtOptions {
+        ask_after_ms: 0,
+        ..InDoubtOptions::default()
+    };
+    let mut resolver = InDoubtResolver::new(
+        Arc::new(crate::barrier::tests::Yes),
+        barrier.clone(),
+        options,
+    )
+    .unwrap();
+    let (_stop, mut stopped) = tokio::sync::watch::channel(false);
+    resolver.round(&mut stopped).await;
+    let text = barrier.metrics().encode().unwrap();
+    assert!(
+        text.contains("treaty_participant_branches_in_doubt 1\n"),
+        "{text}"
+    );
+    let age: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("treaty_participant_in_doubt_oldest_age_seconds "))
+        .unwrap_or_else(|| panic!("no oldest age in {text}"))
+        .parse()
+        .unwrap();
+    assert!(age >= 59.0, "{age}");
+}
