@@ -605,9 +605,11 @@ mod tests {
             let vote = barrier.prepare(&Yes, &branch, b"", endpoint).await.unwrap();
             assert_eq!(vote, Vote::Yes);
         }
+        // Long enough that the closed port's refusal, not the timeout, answers on a
+        // loaded machine.
         let options = InDoubtOptions {
             ask_after_ms: 0,
-            call_timeout_ms: 300,
+            call_timeout_ms: 1_000,
             ..InDoubtOptions::default()
         };
         let mut resolver = InDoubtResolver::new(Arc::new(Yes), barrier.clone(), options).unwrap();

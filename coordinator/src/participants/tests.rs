@@ -571,8 +571,9 @@ async fn a_call_past_its_deadline_is_withdrawn_and_frees_its_place_on_the_stream
     )
     .await;
     let participants = Participants::new(String::new(), 64, Duration::from_secs(5));
+    // Long enough for the prepare to begin on a loaded machine before it is withdrawn.
     let late = Call {
-        timeout: Duration::from_millis(300),
+        timeout: Duration::from_secs(5),
         ..branch_call(&endpoint, "late")
     };
     assert!(participants.prepare(&late, Vec::new()).await.is_err());

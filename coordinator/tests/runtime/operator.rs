@@ -258,8 +258,12 @@ async fn a_resolve_of_an_abort_not_logged_is_answered_once_durable() {
     };
     let (runtime, tasks, _) = Runtime::start(log.clone(), config, fatal).unwrap();
     let id = begin_two_branches(&runtime, &endpoint).await;
+    // Branch "a" votes NO: decided abort, delivered to "b" at once or a moment later.
     let decided = runtime.commit(id).await.unwrap();
-    assert_eq!(decided.state, TxnState::Aborting, "{decided:?}");
+    assert!(
+        matches!(decided.state, TxnState::Aborting | TxnState::Aborted),
+        "{decided:?}"
+    );
     let started = Instant::now();
     let ended = loop {
         let record = runtime.get(id).await.unwrap().unwrap();
