@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_postgres::{Client, NoTls};
 
-use super::workload::{MAX_LATENCIES, Tally, print_progress};
+use super::workload::{MAX_LATENCIES, print_progress};
 
 /// The table the bench updates (one row per initiator).
 const TABLE: &str = "treaty_bench_2pc";
@@ -152,16 +152,19 @@ pub async fn run(
         clients.push(connect(url).await?);
     }
     let started_count = Arc::new(AtomicU64::new(0));
-    let tally = Arc::new(Tally::default());
+    let finished = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let until = started + duration;
     let keep = MAX_LATENCIES / concurrency.max(1);
     let run_id = std::process::id();
-    let progress = tokio::spawn(print_progress("postgresql", started, tally.clone(), 0));
+    let progress = tokio::spawn(print_progress("postgresql", started, {
+        let finished = finished.clone();
+        move || finished.load(Ordering::Relaxed)
+    }));
     let mut initiators = Vec::with_capacity(concurrency);
     for (row, client) in clients.into_iter().enumerate() {
         let started_count = started_count.clone();
-        let tally = tally.clone();
+        let finished = finished.clone();
         initiators.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut committed = 0u64;
@@ -203,7 +206,7 @@ pub async fn run(
                 } else {
                     failed += 1;
                 }
-                tally.finished.fetch_add(1, Ordering::Relaxed);
+                finished.fetch_add(1, Ordering::Relaxed);
             }
             (latencies, committed, failed)
         }));

@@ -287,7 +287,7 @@ pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
             &format!("treaty_transactions_total{{protocol=\"two_phase\",outcome=\"{outcome}\"}}"),
         )
     };
-    let counts_after = participant_counts(&cluster).await?;
+    let counted = participant_counts(&cluster).await?.since(&counts_before);
     let asker = TreatyClient::connect(cluster.coordinator_endpoint.clone())
         .await
         .context("connecting to the restarted coordinator")?;
@@ -311,13 +311,10 @@ pub async fn run(options: &RecoveryOptions) -> anyhow::Result<RecoveryReport> {
         restart_to_all_resolved_ms: millis(resolved),
         committed_after_restart: ended("committed"),
         aborted_after_restart: ended("aborted"),
-        participant_inquiries_commit: counts_after.inquiries_commit
-            - counts_before.inquiries_commit,
-        participant_inquiries_abort: counts_after.inquiries_abort - counts_before.inquiries_abort,
-        participant_commits_committed: counts_after.commits_committed
-            - counts_before.commits_committed,
-        participant_commits_already_aborted: counts_after.commits_already_aborted
-            - counts_before.commits_already_aborted,
+        participant_inquiries_commit: counted.inquiries_commit,
+        participant_inquiries_abort: counted.inquiries_abort,
+        participant_commits_committed: counted.commits_committed,
+        participant_commits_already_aborted: counted.commits_already_aborted,
         in_doubt_poll_ms: poll_ms,
     };
     cluster.stop().await?;
@@ -396,6 +393,18 @@ struct ParticipantCounts {
     /// Phase-2 commits answered COMMITTED, and "already aborted".
     commits_committed: f64,
     commits_already_aborted: f64,
+}
+
+impl ParticipantCounts {
+    /// What was counted after `before`.
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            inquiries_commit: self.inquiries_commit - before.inquiries_commit,
+            inquiries_abort: self.inquiries_abort - before.inquiries_abort,
+            commits_committed: self.commits_committed - before.commits_committed,
+            commits_already_aborted: self.commits_already_aborted - before.commits_already_aborted,
+        }
+    }
 }
 
 async fn participant_counts(cluster: &Cluster) -> anyhow::Result<ParticipantCounts> {

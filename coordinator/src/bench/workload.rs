@@ -188,12 +188,10 @@ pub async fn run(
     let compensated_before = tally.sagas_compensated.load(Ordering::SeqCst);
     let started = Instant::now();
     let until = started + options.duration;
-    let progress = tokio::spawn(print_progress(
-        workload.name(),
-        started,
-        tally.clone(),
-        finished_before,
-    ));
+    let progress = tokio::spawn(print_progress(workload.name(), started, {
+        let tally = tally.clone();
+        move || tally.finished.load(Ordering::Relaxed) - finished_before
+    }));
     let keep_per_initiator = MAX_LATENCIES / options.concurrency.max(1);
     let mut initiators = Vec::with_capacity(options.concurrency);
     for initiator in 0..options.concurrency {
@@ -277,19 +275,13 @@ pub async fn run(
 }
 
 /// Prints every [`PROGRESS_EVERY`] on stderr how many of `label`'s transactions are done
-/// (`tally.finished` less `finished_before`) and the rate over the last interval, until
-/// aborted.
-pub async fn print_progress(
-    label: &'static str,
-    started: Instant,
-    tally: Arc<Tally>,
-    finished_before: u64,
-) {
+/// (what `done` says) and the rate over the last interval, until aborted.
+pub async fn print_progress(label: &'static str, started: Instant, done: impl Fn() -> u64) {
     let mut previous = 0;
     let mut ticks = tokio::time::interval_at((started + PROGRESS_EVERY).into(), PROGRESS_EVERY);
     loop {
         ticks.tick().await;
-        let done = tally.finished.load(Ordering::Relaxed) - finished_before;
+        let done = done();
         eprintln!(
             "bench {label:<12} {:>6.1} s  {done:>9} done  {:>8.0}/s",
             started.elapsed().as_secs_f64(),
