@@ -7,7 +7,9 @@
 //! Calls in flight are bounded twice: in all (`max_in_flight`), and per endpoint (a
 //! quarter of that), so that a participant that stopped answering never holds the
 //! permits the others need. An endpoint whose circuit is open (see [`circuit`]) is not
-//! called at all: its calls fail at once and hold nothing.
+//! called at all: its calls fail at once and hold nothing. A call's deadline counts its
+//! wait for those permits too, so no call is still waiting to go out once the engine,
+//! past that deadline, may take it for lost and send it again.
 //!
 //! Every failure to get an answer (transport error, deadline, an error status) comes back
 //! as `Err(description)`: the engine decides what it means (abort in phase 1, retry in
@@ -63,7 +65,8 @@ pub struct Call {
     pub endpoint: String,
     pub transaction_id: String,
     pub branch_id: String,
-    /// How long the coordinator waits for the answer. It is not sent as
+    /// How long the coordinator waits for the answer, counted from the call's start
+    /// (its wait for a permit included). It is not sent as
     /// `grpc-timeout`: with the same deadline there, tonic's client or the participant's
     /// server could end the call first, and it would read as unreachable, or as an
     /// answer that keeps the circuit closed (tests/tests/sagas/main.rs,
@@ -253,6 +256,10 @@ impl Participants {
         Fut: Future<Output = Result<tonic::Response<T::Response>, tonic::Status>>,
     {
         let started = std::time::Instant::now();
+        // The call's deadline counts from here, its waits for a permit included: the
+        // engine takes a call open past its deadline (and a prepare's grace) for lost
+        // and may send it again, so none may still be waiting to go out by then.
+        let deadline = tokio::time::Instant::from_std(started) + call.timeout;
         let peer = match self.peer(&call.endpoint) {
             Ok(peer) => peer,
             Err(error) => {
@@ -270,16 +277,19 @@ impl Participants {
                 .participant_call(&call.endpoint, operation, CallResult::circuit_open, 0.0);
             return Err(CallFailure::transient(CIRCUIT_OPEN));
         };
-        let shutting_down = |_| CallFailure::transient("coordinator shutting down");
-        let _endpoint_permit = peer.health.permits.acquire().await.map_err(shutting_down)?;
+        let Some(_endpoint_permit) = Self::permit_by(deadline, &peer.health.permits).await? else {
+            return Err(self.no_permit_in_time(call, operation, started, "to this participant"));
+        };
         // The circuit may have opened while this call waited for its permit.
         if admitted.admission == Admission::Call && !admitted.circuit_closed() {
             self.metrics
                 .participant_call(&call.endpoint, operation, CallResult::circuit_open, 0.0);
             return Err(CallFailure::transient(CIRCUIT_OPEN));
         }
-        let _permit = self.in_flight.acquire().await.map_err(shutting_down)?;
-        let (result, answer) = self.send(call, &peer, message, unary).await;
+        let Some(_permit) = Self::permit_by(deadline, &self.in_flight).await? else {
+            return Err(self.no_permit_in_time(call, operation, started, "in all"));
+        };
+        let (result, answer) = self.send(call, deadline, &peer, message, unary).await;
         let answered = matches!(result, CallResult::ok | CallResult::error);
         admitted.finish(answered);
         peer.health
@@ -303,10 +313,56 @@ impl Participants {
         answer
     }
 
+    /// One of `permits`, unless `deadline` passes first (`None`).
+    async fn permit_by<'a>(
+        deadline: tokio::time::Instant,
+        permits: &'a Semaphore,
+    ) -> Result<Option<tokio::sync::SemaphorePermit<'a>>, CallFailure> {
+        // Most calls find a permit free: no timer for them. (Released permits go to the
+        // calls waiting first, so this takes no queued call's place.)
+        if let Ok(permit) = permits.try_acquire() {
+            return Ok(Some(permit));
+        }
+        match tokio::time::timeout_at(deadline, permits.acquire()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            Ok(Err(_closed)) => Err(CallFailure::transient("coordinator shutting down")),
+            Err(_elapsed) => Ok(None),
+        }
+    }
+
+    /// A call whose deadline passed while it waited for a permit: a timeout, as one
+    /// the participant did not answer in time, but not held against its circuit (the
+    /// participant never had it). `whose` says which limit was full.
+    fn no_permit_in_time(
+        &self,
+        call: &Call,
+        operation: CallOperation,
+        started: std::time::Instant,
+        whose: &str,
+    ) -> CallFailure {
+        tracing::warn!(
+            endpoint = %call.endpoint,
+            branch_id = %call.branch_id,
+            timeout_ms = call.timeout.as_millis() as u64,
+            "call not sent: the calls in flight {whose} stayed at their limit until its deadline"
+        );
+        self.metrics.participant_call(
+            &call.endpoint,
+            operation,
+            CallResult::timeout,
+            started.elapsed().as_secs_f64(),
+        );
+        CallFailure::transient(format!(
+            "not sent within {} ms: the calls in flight {whose} were at their limit",
+            call.timeout.as_millis()
+        ))
+    }
+
     /// One call, on the endpoint's stream or unary, and how it ended for the metrics.
     async fn send<T, F, Fut>(
         &self,
         call: &Call,
+        deadline: tokio::time::Instant,
         peer: &Peer,
         message: T,
         unary: F,
@@ -327,7 +383,7 @@ impl Participants {
             call.trace.as_ref(),
             |message| unary(peer.client.clone(), call.request(message)),
         );
-        match tokio::time::timeout(call.timeout, answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(response)) => (CallResult::ok, Ok(response)),
             Ok(Err(status)) => {
                 let result = if answered_by_participant(&status) {

@@ -415,9 +415,9 @@ fn after_a_restart_an_unanswered_prepare_is_sent_again_by_the_nudge() {
     let mut txn = recovered(2);
     assert!(vote(&mut txn, 0, Vote::Yes).is_empty());
     // Sent again at T0 + 10; its call may run for the prepare timeout (5 s) and the
-    // grace after it: until then it is not taken for lost, however stale the sweep's
-    // limit.
-    let call_deadline = T0 + 10 + 5_000 + PREPARE_CALL_GRACE_MS;
+    // grace after it, from a start a little later: until a second grace has passed it is
+    // not taken for lost, however stale the sweep's limit.
+    let call_deadline = T0 + 10 + 5_000 + 2 * PREPARE_CALL_GRACE_MS;
     assert!(
         txn.handle_event(Event::Nudge { stale_after_ms: 5 }, T0 + 100)
             .is_empty()

@@ -94,7 +94,9 @@ mod votes;
 pub const STUCK_AFTER_DELIVERIES: u32 = 10;
 
 /// How much longer a prepare call may take than the transaction's prepare timeout (the
-/// runtime's deadline on the call; the nudge does not take a prepare for lost before).
+/// runtime's deadline on the call, counted from the call's start, its wait for a permit
+/// included). The nudge takes a prepare for lost only a grace after that, since the
+/// call's start trails the engine's send by the task's spawn.
 pub const PREPARE_CALL_GRACE_MS: u64 = 1_000;
 
 /// Most bytes of payloads, all branches together, for which a commit writes its intent

@@ -11,9 +11,10 @@ impl TwoPhaseCommit {
     /// `stale_after_ms` (the answer was lost; deliveries are idempotent, so sending again
     /// is always safe). Branches waiting for a retry have their timer; phase 1 has the
     /// prepare timer (but for a commit its votes decide, whose prepares are sent again
-    /// here too, once open past their own deadline too: a prepare may run for its whole
-    /// prepare timeout, and one sent again while it runs would only queue behind it at
-    /// the participant, its attempt counted as a failure). Paused, such a call is taken
+    /// here too, once open past their own deadline and a grace more for the call's
+    /// start: a prepare may run for its whole prepare timeout, and one sent again while
+    /// it runs would only queue behind it at the participant, its attempt counted as a
+    /// failure). Paused, such a call is taken
     /// as lost but not sent: `Resume` sends it, and meanwhile an operator may resolve the
     /// branch, which is refused while a call is in flight.
     pub(super) fn nudge(&mut self, stale_after_ms: u64, now: UnixMs) -> Vec<Action> {
@@ -23,7 +24,7 @@ impl TwoPhaseCommit {
         let stale_after_ms = match operation {
             Operation::Prepare => stale_after_ms.max(
                 self.prepare_timeout_ms
-                    .saturating_add(PREPARE_CALL_GRACE_MS),
+                    .saturating_add(2 * PREPARE_CALL_GRACE_MS),
             ),
             _ => stale_after_ms,
         };

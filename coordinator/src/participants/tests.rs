@@ -595,3 +595,53 @@ async fn a_call_past_its_deadline_is_withdrawn_and_frees_its_place_on_the_stream
     // Not stopped: its prepares sleep on; the test's runtime ends them.
     drop(served);
 }
+
+/// A call that waits for a permit past its deadline fails as a timeout, without going
+/// out: with the endpoint's one permit held by a prepare that runs for two minutes, a
+/// second call with a 2 s deadline ends in about that, not when the first one's ends
+/// (the engine takes a call open past its deadline for lost and sends it again, so one
+/// still queued then would go out twice).
+#[tokio::test]
+async fn a_call_that_waits_for_a_permit_past_its_deadline_fails_as_a_timeout() {
+    let (listener, endpoint) = loopback().await;
+    let served = Served::start(listener, Duration::from_secs(120), true).await;
+    // A quarter of 4: one permit per endpoint.
+    let participants = Participants::new(String::new(), 4, Duration::from_secs(5));
+    let holding = {
+        let participants = participants.clone();
+        let call = Call {
+            timeout: Duration::from_secs(300),
+            ..branch_call(&endpoint, "holding")
+        };
+        tokio::spawn(async move { participants.prepare(&call, Vec::new()).await })
+    };
+    tokio::time::timeout(Duration::from_secs(30), served.started.notified())
+        .await
+        .expect("the first prepare began");
+    let queued = Call {
+        timeout: Duration::from_secs(2),
+        ..branch_call(&endpoint, "queued")
+    };
+    let failure = tokio::time::timeout(
+        Duration::from_secs(60),
+        participants.prepare(&queued, Vec::new()),
+    )
+    .await
+    .expect("the queued call ended at its deadline, not after the held one")
+    .unwrap_err();
+    assert!(
+        failure.message.contains("not sent within 2000 ms"),
+        "{}",
+        failure.message
+    );
+    assert!(!failure.permanent);
+    // Never sent: the participant began no second prepare.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), served.started.notified())
+            .await
+            .is_err(),
+        "the queued prepare reached the participant"
+    );
+    holding.abort();
+    drop(served);
+}
