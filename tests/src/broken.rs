@@ -9,6 +9,9 @@
 //!   mark a branch in doubt) in memory only: a restart forgets them.
 //! - [`NoAntiHanging`]: the SDK's barrier, except that a Prepare for a branch already
 //!   aborted or compensated runs user code and votes YES.
+//! - [`InOrderStream`]: the SDK's unary calls, and a `Calls` stream that runs its calls
+//!   one at a time in the order they came and knows no withdrawals (it answers them
+//!   INVALID_ARGUMENT, as a request without a call).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -340,5 +343,112 @@ impl pb::participant_server::Participant for NoAntiHanging {
         Err(Status::unimplemented(
             "NoAntiHanging serves unary calls only",
         ))
+    }
+}
+
+/// The SDK's service for unary calls; its `Calls` stream answers each call before it
+/// reads the next, and takes a withdrawal for a request without a known call.
+#[derive(Debug)]
+pub struct InOrderStream {
+    inner: Arc<ParticipantService<ConformanceParticipant>>,
+}
+
+impl InOrderStream {
+    pub fn new(user: Arc<ConformanceParticipant>, barrier: Arc<Barrier>) -> Self {
+        Self {
+            inner: Arc::new(ParticipantService::new(user, barrier)),
+        }
+    }
+}
+
+/// Calls a stream may hold answered and not yet sent.
+const IN_ORDER_ANSWERS: usize = 16;
+
+/// One call of the stream, run as the unary call would be.
+async fn answer_in_order(
+    inner: &ParticipantService<ConformanceParticipant>,
+    call: Option<pb::call_request::Call>,
+) -> Result<pb::call_answer::Answer, Status> {
+    use pb::call_answer::Answer;
+    use pb::call_request::Call;
+    use pb::participant_server::Participant as _;
+    Ok(match call {
+        Some(Call::Prepare(r)) => {
+            Answer::Prepare(inner.prepare(Request::new(r)).await?.into_inner())
+        }
+        Some(Call::Commit(r)) => Answer::Commit(inner.commit(Request::new(r)).await?.into_inner()),
+        Some(Call::Abort(r)) => Answer::Abort(inner.abort(Request::new(r)).await?.into_inner()),
+        Some(Call::Compensate(r)) => {
+            Answer::Compensate(inner.compensate(Request::new(r)).await?.into_inner())
+        }
+        Some(Call::Withdraw(_)) | None => {
+            return Err(Status::invalid_argument(
+                "call: a CallRequest without a known call",
+            ));
+        }
+    })
+}
+
+#[tonic::async_trait]
+impl pb::participant_server::Participant for InOrderStream {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareBranchRequest>,
+    ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
+        self.inner.prepare(request).await
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        self.inner.commit(request).await
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        self.inner.abort(request).await
+    }
+
+    async fn compensate(
+        &self,
+        request: Request<pb::CompensateBranchRequest>,
+    ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
+        self.inner.compensate(request).await
+    }
+
+    type CallsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::CallAnswer, Status>>;
+
+    async fn calls(
+        &self,
+        request: Request<tonic::Streaming<pb::CallRequest>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        let mut calls = request.into_inner();
+        let (answers, stream) = tokio::sync::mpsc::channel(IN_ORDER_ANSWERS);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(request)) = calls.message().await {
+                let answer = match answer_in_order(&inner, request.call).await {
+                    Ok(answer) => answer,
+                    Err(status) => pb::call_answer::Answer::Error(pb::CallError {
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                        details: Vec::new(),
+                    }),
+                };
+                let answer = pb::CallAnswer {
+                    call_id: request.call_id,
+                    answer: Some(answer),
+                };
+                if answers.send(Ok(answer)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            stream,
+        )))
     }
 }

@@ -148,13 +148,17 @@ impl Ctx {
         };
         let limit = Duration::from_millis(self.settings.restart_timeout_ms);
         let started = Instant::now();
+        // Only its exit is waited for: a participant it starts in the background may hold
+        // its output open for ever. Its stderr is the kit's (stdout stays the report's).
         let run = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(command)
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(limit, run)
+            .status();
+        let status = tokio::time::timeout(limit, run)
             .await
             .map_err(|_| {
                 Stop::Failed(format!(
@@ -162,11 +166,9 @@ impl Ctx {
                 ))
             })?
             .map_err(|e| Stop::Failed(format!("cannot run the restart command: {e}")))?;
-        if !output.status.success() {
+        if !status.success() {
             return Err(Stop::Failed(format!(
-                "the restart command failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
+                "the restart command failed ({status}; its stderr is the kit's)"
             )));
         }
         let probe = Branch::fresh();

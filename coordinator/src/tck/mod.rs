@@ -17,7 +17,8 @@
 //!
 //! Files: `target` (the calls), `check` (cases, steps, expectations), `cases` (the
 //! table, duplicates, reordering), `failures` (failing user code, malformed requests),
-//! `concurrency`, `late` (past the barrier retention), `restart`, `report`.
+//! `concurrency`, `late` (past the barrier retention), `stream` (calls on the `Calls`
+//! stream: ids, order, withdrawals), `restart`, `report`.
 
 mod cases;
 mod check;
@@ -26,6 +27,7 @@ mod failures;
 mod late;
 mod report;
 mod restart;
+mod stream;
 mod target;
 
 use std::path::PathBuf;
@@ -180,6 +182,7 @@ fn ordinary_cases() -> Vec<Case> {
     all.extend(failures::all());
     all.extend(concurrency::all());
     all.extend(late::all());
+    all.extend(stream::all());
     all
 }
 

@@ -1,6 +1,7 @@
 //! The kit's report: one line per case (`ok`, `FAILED: …`, `skipped: …`) and a summary
 //! for people, or one JSON object for scripts. A skipped case is always listed, with
-//! why, so that a short run is never mistaken for a full pass.
+//! why, and the verdict says when cases were skipped (`complete` in JSON), so that a
+//! short run is never mistaken for a full pass.
 
 use serde_json::json;
 
@@ -55,10 +56,12 @@ pub fn line(result: &CaseResult) -> String {
 }
 
 pub fn summary_line(summary: Summary) -> String {
-    let verdict = if summary.failed == 0 {
-        "conforms"
-    } else {
-        "DOES NOT CONFORM"
+    let verdict = match (summary.failed, summary.skipped) {
+        (0, 0) => "conforms".to_string(),
+        (0, skipped) => format!(
+            "conforms in the cases run; the {skipped} skipped checked nothing (see why above)"
+        ),
+        _ => "DOES NOT CONFORM".to_string(),
     };
     format!(
         "{} cases: {} ok, {} failed, {} skipped: {verdict}",
@@ -94,5 +97,7 @@ pub fn json(participant: &str, conformance: &str, results: &[CaseResult]) -> ser
             "skipped": summary.skipped,
         },
         "conforms": summary.failed == 0,
+        // Every case ran: a run with skips says nothing of what they check.
+        "complete": summary.skipped == 0,
     })
 }

@@ -1,7 +1,7 @@
-//! The participant under test, as the kit sees it: the four `Participant` calls and
-//! `Conformance.Effects`, each bounded by the call timeout, every outcome (a response, an
-//! error status, no answer in time) turned into an [`Answer`] that a case compares with
-//! the table by name.
+//! The participant under test, as the kit sees it: the four `Participant` calls (unary,
+//! or on a `Calls` stream), and `Conformance.Effects`, each bounded by the call timeout,
+//! every outcome (a response, an error status, no answer in time) turned into an
+//! [`Answer`] that a case compares with the table by name.
 
 use std::time::Duration;
 
@@ -200,6 +200,11 @@ impl Target {
         })
     }
 
+    /// Longest wait for each call.
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+
     async fn bounded<T>(
         &self,
         call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -219,15 +224,9 @@ impl Target {
 
     pub async fn prepare(&self, branch: &Branch, payload: &[u8], coordinator: &str) -> Answer {
         let mut client = self.participant.clone();
-        let request = pb::PrepareBranchRequest {
-            transaction_id: branch.transaction_id.clone(),
-            branch_id: branch.branch_id.clone(),
-            payload: payload.to_vec(),
-            coordinator_endpoint: coordinator.to_string(),
-        };
-        self.bounded(client.prepare(request), |r| Answer::Vote {
-            vote: r.vote,
-            reason: r.reason,
+        let request = prepare_request(branch, payload, coordinator);
+        self.bounded(client.prepare(request), |r| {
+            answer_of(pb::call_answer::Answer::Prepare(r))
         })
         .await
     }
@@ -240,39 +239,55 @@ impl Target {
         coordinator: &str,
     ) -> Answer {
         let mut client = self.participant.clone();
-        let request = pb::CommitBranchRequest {
-            transaction_id: branch.transaction_id.clone(),
-            branch_id: branch.branch_id.clone(),
-            mode,
-            payload: payload.to_vec(),
-            coordinator_endpoint: coordinator.to_string(),
-        };
-        self.bounded(client.commit(request), |r| Answer::Commit {
-            result: r.result,
-            reason: r.reason,
+        let request = commit_request(branch, mode, payload, coordinator);
+        self.bounded(client.commit(request), |r| {
+            answer_of(pb::call_answer::Answer::Commit(r))
         })
         .await
     }
 
     pub async fn abort(&self, branch: &Branch) -> Answer {
         let mut client = self.participant.clone();
-        let request = pb::AbortBranchRequest {
-            transaction_id: branch.transaction_id.clone(),
-            branch_id: branch.branch_id.clone(),
-        };
-        self.bounded(client.abort(request), |r| Answer::Abort(r.result))
-            .await
+        let request = abort_request(branch);
+        self.bounded(client.abort(request), |r| {
+            answer_of(pb::call_answer::Answer::Abort(r))
+        })
+        .await
     }
 
     pub async fn compensate(&self, branch: &Branch, payload: &[u8]) -> Answer {
         let mut client = self.participant.clone();
-        let request = pb::CompensateBranchRequest {
-            transaction_id: branch.transaction_id.clone(),
-            branch_id: branch.branch_id.clone(),
-            payload: payload.to_vec(),
-        };
-        self.bounded(client.compensate(request), |r| Answer::Compensate(r.result))
-            .await
+        let request = compensate_request(branch, payload);
+        self.bounded(client.compensate(request), |r| {
+            answer_of(pb::call_answer::Answer::Compensate(r))
+        })
+        .await
+    }
+
+    /// A `Calls` stream whose first request is `first`, sent before the stream's start
+    /// is answered (as the coordinator does: a server may send its response headers only
+    /// with its first answer); or the status the start was answered with.
+    pub async fn calls(&self, first: pb::CallRequest) -> Result<CallStream, Answer> {
+        let mut client = self.participant.clone();
+        let (requests, outgoing) = tokio::sync::mpsc::channel(CALL_STREAM_QUEUE);
+        if requests.try_send(first).is_err() {
+            unreachable!("a new channel of {CALL_STREAM_QUEUE} places takes its first request");
+        }
+        let start = client.calls(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+        match tokio::time::timeout(Duration::from_millis(self.timeout_ms), start).await {
+            Ok(Ok(response)) => Ok(CallStream {
+                requests,
+                answers: response.into_inner(),
+                timeout_ms: self.timeout_ms,
+            }),
+            Ok(Err(status)) => Err(Answer::Status {
+                code: status.code(),
+                message: status.message().to_string(),
+            }),
+            Err(_) => Err(Answer::Silent {
+                timeout_ms: self.timeout_ms,
+            }),
+        }
     }
 
     /// The branch's effects, or the answer that was not a list of them.
@@ -301,5 +316,117 @@ impl Target {
                 timeout_ms: self.timeout_ms,
             }),
         }
+    }
+}
+
+/// Requests the kit may have queued on a `Calls` stream before the participant reads them.
+const CALL_STREAM_QUEUE: usize = 16;
+
+/// One `Calls` stream to the participant (docs/PARTICIPANT-PROTOCOL.md, "Calls over one
+/// stream"): requests go out in the order sent, answers are read in the order they come,
+/// each read bounded by the call timeout. Dropping it ends the stream.
+#[derive(Debug)]
+pub struct CallStream {
+    requests: tokio::sync::mpsc::Sender<pb::CallRequest>,
+    answers: tonic::Streaming<pb::CallAnswer>,
+    timeout_ms: u64,
+}
+
+impl CallStream {
+    pub async fn send(&self, request: pb::CallRequest) -> Result<(), String> {
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| "the stream ended before the kit could send on it".to_string())
+    }
+
+    /// The next answer and its `call_id`, or why none came.
+    pub async fn next(&mut self) -> Result<(u64, Answer), String> {
+        let read = self.answers.message();
+        match tokio::time::timeout(Duration::from_millis(self.timeout_ms), read).await {
+            Ok(Ok(Some(answer))) => Ok((
+                answer.call_id,
+                answer.answer.map(answer_of).unwrap_or(Answer::Status {
+                    code: tonic::Code::Unknown,
+                    message: "a CallAnswer without an answer".into(),
+                }),
+            )),
+            Ok(Ok(None)) => Err("the participant ended the stream".into()),
+            Ok(Err(status)) => Err(format!(
+                "the stream failed: {}",
+                Answer::Status {
+                    code: status.code(),
+                    message: status.message().to_string(),
+                }
+            )),
+            Err(_) => Err(format!(
+                "no answer on the stream within {} ms",
+                self.timeout_ms
+            )),
+        }
+    }
+}
+
+/// An answer as the kit names it, whichever way it came (unary, or on a stream).
+fn answer_of(answer: pb::call_answer::Answer) -> Answer {
+    use pb::call_answer::Answer as Given;
+    match answer {
+        Given::Prepare(r) => Answer::Vote {
+            vote: r.vote,
+            reason: r.reason,
+        },
+        Given::Commit(r) => Answer::Commit {
+            result: r.result,
+            reason: r.reason,
+        },
+        Given::Abort(r) => Answer::Abort(r.result),
+        Given::Compensate(r) => Answer::Compensate(r.result),
+        Given::Error(e) => Answer::Status {
+            code: tonic::Code::from_i32(e.code),
+            message: e.message,
+        },
+    }
+}
+
+pub fn prepare_request(
+    branch: &Branch,
+    payload: &[u8],
+    coordinator: &str,
+) -> pb::PrepareBranchRequest {
+    pb::PrepareBranchRequest {
+        transaction_id: branch.transaction_id.clone(),
+        branch_id: branch.branch_id.clone(),
+        payload: payload.to_vec(),
+        coordinator_endpoint: coordinator.to_string(),
+    }
+}
+
+pub fn commit_request(
+    branch: &Branch,
+    mode: i32,
+    payload: &[u8],
+    coordinator: &str,
+) -> pb::CommitBranchRequest {
+    pb::CommitBranchRequest {
+        transaction_id: branch.transaction_id.clone(),
+        branch_id: branch.branch_id.clone(),
+        mode,
+        payload: payload.to_vec(),
+        coordinator_endpoint: coordinator.to_string(),
+    }
+}
+
+fn abort_request(branch: &Branch) -> pb::AbortBranchRequest {
+    pb::AbortBranchRequest {
+        transaction_id: branch.transaction_id.clone(),
+        branch_id: branch.branch_id.clone(),
+    }
+}
+
+fn compensate_request(branch: &Branch, payload: &[u8]) -> pb::CompensateBranchRequest {
+    pb::CompensateBranchRequest {
+        transaction_id: branch.transaction_id.clone(),
+        branch_id: branch.branch_id.clone(),
+        payload: payload.to_vec(),
     }
 }

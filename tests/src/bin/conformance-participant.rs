@@ -4,7 +4,8 @@
 //! serving.
 //!
 //! - `--broken MODE` serves one of the deliberately broken variants
-//!   (`treaty_tests::broken`) instead: `no-barrier`, `yes-not-durable`, `no-anti-hanging`.
+//!   (`treaty_tests::broken`) instead: `no-barrier`, `yes-not-durable`, `no-anti-hanging`,
+//!   `stream-in-order`.
 //! - `--supervise PIDFILE` runs the participant as a child, writes the child's pid to
 //!   PIDFILE, and starts it again on the same address whenever it dies, so that
 //!   `treaty tck --restart-command 'kill -9 $(cat PIDFILE)'` can restart it. The child
@@ -24,7 +25,7 @@ use treaty_sdk::barrier::Barrier;
 use treaty_sdk::barrier_gc::BarrierGcOptions;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::server::ServeOptions;
-use treaty_tests::broken::{NoAntiHanging, NoBarrier, VolatileYes};
+use treaty_tests::broken::{InOrderStream, NoAntiHanging, NoBarrier, VolatileYes};
 use treaty_tests::conformance::{ConformanceParticipant, ConformanceService};
 
 const READY_PREFIX: &str = "participant listening on";
@@ -41,6 +42,8 @@ enum Broken {
     YesNotDurable,
     /// A Prepare after an Abort runs user code and votes YES.
     NoAntiHanging,
+    /// The `Calls` stream runs its calls one at a time and knows no withdrawals.
+    StreamInOrder,
 }
 
 #[derive(Debug, Parser)]
@@ -133,6 +136,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let barrier = Arc::new(Barrier::new(store).with_retention_ms(barrier_gc.retention_ms));
             serve_raw(
                 NoAntiHanging::new(user, barrier),
+                conformance,
+                listener,
+                shutdown,
+            )
+            .await?
+        }
+        Some(Broken::StreamInOrder) => {
+            let barrier = Arc::new(Barrier::new(store).with_retention_ms(barrier_gc.retention_ms));
+            serve_raw(
+                InOrderStream::new(user, barrier),
                 conformance,
                 listener,
                 shutdown,
