@@ -138,6 +138,34 @@ impl Ctx {
         )))
     }
 
+    /// Fails the case unless the branch's effects become exactly `expected` within
+    /// `limit`: for an operation that runs on after its call was given up. Polled
+    /// until as many effects as expected are listed, then compared.
+    pub async fn expect_effects_within(
+        &self,
+        step: &str,
+        branch: &Branch,
+        expected: &[Effect],
+        limit: Duration,
+    ) -> Outcome {
+        let started = Instant::now();
+        let effects = loop {
+            let effects = self.effects(step, branch).await?;
+            if effects.len() >= expected.len() || started.elapsed() >= limit {
+                break effects;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if effects == expected {
+            return Ok(());
+        }
+        Err(Stop::Failed(format!(
+            "{step}: expected effects {} within {limit:?}, got {}",
+            effects_text(expected),
+            effects_text(&effects)
+        )))
+    }
+
     /// Runs the restart command, then waits (bounded) until the participant answers
     /// `Conformance.Effects` again, on fresh connections.
     pub async fn restart(&self) -> Outcome {
@@ -213,14 +241,16 @@ pub fn expect_with_reason(step: &str, got: Answer, expected: &str, reason: &str)
     )))
 }
 
-/// Fails unless `got` is INVALID_ARGUMENT with a message naming `field`.
+/// Fails unless `got` is INVALID_ARGUMENT with a message that begins with the field's
+/// name, as docs/PARTICIPANT-PROTOCOL.md ("Errors") asks.
 pub fn expect_invalid(step: &str, got: Answer, field: &str) -> Outcome {
     let got = expect(step, got, "INVALID_ARGUMENT")?;
-    if got.text().contains(field) {
+    if got.text().starts_with(field) {
         return Ok(());
     }
     Err(Stop::Failed(format!(
-        "{step}: expected INVALID_ARGUMENT naming the field {field}, got {got}"
+        "{step}: expected INVALID_ARGUMENT whose message begins with the field {field}, got \
+         {got}"
     )))
 }
 

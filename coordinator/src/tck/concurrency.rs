@@ -3,7 +3,8 @@
 //! arrives while the first is still running (one effect, every copy the same answer);
 //! and the races a coordinator produces (Compensate during a step, Abort during a
 //! one-phase commit or a Prepare), where either order is legal but the answers and the
-//! effects must tell the same story.
+//! effects must tell the same story; and a call its caller gave up on, whose operation
+//! still runs to its end and is recorded.
 
 use std::time::Duration;
 
@@ -22,6 +23,12 @@ const COPIES: usize = 8;
 const SLOW: &[u8] = b"vote=yes;delay_ms=300";
 /// When the second call of a race is sent, after the first.
 const RACE_GAP: Duration = Duration::from_millis(100);
+/// A step whose caller gives up `GIVE_UP_AFTER` into it.
+const ABANDONED: &[u8] = b"vote=yes;delay_ms=1500";
+const GIVE_UP_AFTER: Duration = Duration::from_millis(200);
+/// Most time given to an abandoned step to be recorded, beyond its delay and the call
+/// timeout.
+const RECORDED_WITHIN: Duration = Duration::from_secs(10);
 
 pub fn all() -> Vec<Case> {
     cases! {
@@ -34,6 +41,7 @@ pub fn all() -> Vec<Case> {
         "race.compensate-during-step", "Compensate sent while the step runs: COMMITTED then compensated (3 effects), or ALREADY_ABORTED and no effect", compensate_during_step;
         "race.abort-during-one-phase", "Abort sent while a one-phase commit runs: COMMITTED and ALREADY_COMMITTED, or ALREADY_ABORTED and ABORTED with no effect", abort_during_one_phase;
         "race.abort-during-prepare", "Abort sent while Prepare runs: YES then aborted (PREPARE, ABORT), or VOTE_NO and no effect", abort_during_prepare;
+        "abandoned.saga-step", "Commit SAGA_STEP given up 0.2 s into its 1.5 s of user code (the call dropped, as a coordinator past its deadline drops it): the step still runs to its end (PREPARE, COMMIT effects) and a repeat answers COMMITTED from the record", abandoned_saga_step;
     }
 }
 
@@ -192,4 +200,26 @@ async fn abort_during_prepare(ctx: &Ctx) -> Outcome {
     } else {
         Err(illegal(ctx, &b, &vote, &abort).await)
     }
+}
+
+async fn abandoned_saga_step(ctx: &Ctx) -> Outcome {
+    let b = Branch::fresh();
+    let given_up = tokio::time::timeout(GIVE_UP_AFTER, ctx.commit(&b, SAGA_STEP, ABANDONED)).await;
+    if let Ok(answer) = given_up {
+        return Err(Stop::Failed(format!(
+            "Commit SAGA_STEP: answered {answer} within {GIVE_UP_AFTER:?}, while its user code \
+             waits 1.5 s"
+        )));
+    }
+    let limit = Duration::from_millis(1_500 + ctx.target().timeout_ms()) + RECORDED_WITHIN;
+    let expected = [prepare_effect(ABANDONED), commit_effect(ABANDONED)];
+    ctx.expect_effects_within("the abandoned step, run to its end", &b, &expected, limit)
+        .await?;
+    let again = ctx.commit(&b, SAGA_STEP, ABANDONED).await;
+    expect(
+        "repeated Commit SAGA_STEP",
+        again,
+        "COMMIT_RESULT_COMMITTED",
+    )?;
+    ctx.expect_effects("after the repeat", &b, &expected).await
 }

@@ -1,7 +1,7 @@
 //! User code that fails and is asked again (`fail=N`: UNAVAILABLE, nothing recorded,
 //! then the retry applies once), and malformed requests (INVALID_ARGUMENT naming the
 //! field, before the barrier: nothing recorded, so a valid call afterwards finds no
-//! record).
+//! record); and requests at the limits, which are served as any other.
 
 use super::cases::{UNDO, YES};
 use super::check::{
@@ -21,6 +21,7 @@ pub fn all() -> Vec<Case> {
         "invalid.coordinator-endpoint", "a malformed coordinator_endpoint: INVALID_ARGUMENT naming it, nothing recorded", bad_endpoint;
         "invalid.commit-mode", "Commit with mode 0 or an unknown mode: INVALID_ARGUMENT naming mode", bad_mode;
         "invalid.payload-too-large", "a payload over 16 KiB: INVALID_ARGUMENT naming payload, nothing recorded", big_payload;
+        "limits.largest-accepted", "a 64-byte branch_id using every allowed character class and payloads of exactly 16 KiB are served as any other: YES, commit, a saga step and its compensation, each with its effect", largest_accepted;
     }
 }
 
@@ -193,11 +194,48 @@ async fn bad_mode(ctx: &Ctx) -> Outcome {
     Ok(())
 }
 
-async fn big_payload(ctx: &Ctx) -> Outcome {
-    let b = Branch::fresh();
+/// A script `YES` padded to `bytes`: the directives after it are blanks, ignored.
+fn padded_yes(bytes: usize) -> Vec<u8> {
     let mut payload = YES.to_vec();
     payload.push(b';');
-    payload.resize(16 * 1024 + 1, b' ');
+    payload.resize(bytes, b' ');
+    payload
+}
+
+async fn largest_accepted(ctx: &Ctx) -> Outcome {
+    const LONGEST_ID_BYTES: usize = 64;
+    const LARGEST_PAYLOAD_BYTES: usize = 16 * 1024;
+    let payload = padded_yes(LARGEST_PAYLOAD_BYTES);
+    let mut b = Branch::fresh();
+    b.branch_id = "Tck.branch_0:9-".to_string();
+    b.branch_id.extend(std::iter::repeat_n(
+        'x',
+        LONGEST_ID_BYTES - b.branch_id.len(),
+    ));
+    expect("Prepare", ctx.prepare(&b, &payload).await, "VOTE_YES")?;
+    let commit = ctx.commit(&b, TWO_PHASE, b"").await;
+    expect("Commit TWO_PHASE", commit, "COMMIT_RESULT_COMMITTED")?;
+    let expected = [prepare_effect(&payload), commit_effect(&payload)];
+    ctx.expect_effects("after the two-phase commit", &b, &expected)
+        .await?;
+    let mut step = Branch::fresh();
+    step.branch_id = b.branch_id.clone();
+    let commit = ctx.commit(&step, SAGA_STEP, &payload).await;
+    expect("Commit SAGA_STEP", commit, "COMMIT_RESULT_COMMITTED")?;
+    let undo = ctx.compensate(&step, &payload).await;
+    expect("Compensate", undo, "COMPENSATE_RESULT_COMPENSATED")?;
+    let expected = [
+        prepare_effect(&payload),
+        commit_effect(&payload),
+        compensate_effect(&payload),
+    ];
+    ctx.expect_effects("after the step and its compensation", &step, &expected)
+        .await
+}
+
+async fn big_payload(ctx: &Ctx) -> Outcome {
+    let b = Branch::fresh();
+    let payload = padded_yes(16 * 1024 + 1);
     expect_invalid("Prepare", ctx.prepare(&b, &payload).await, "payload")?;
     let commit = ctx.commit(&b, ONE_PHASE, &payload).await;
     expect_invalid("Commit ONE_PHASE", commit, "payload")?;

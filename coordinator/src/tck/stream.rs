@@ -9,7 +9,7 @@
 //! The stream is optional: a participant that answers its start `UNIMPLEMENTED` is
 //! called unary, which every other case checks, so these cases are skipped for it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use treaty_proto::v1 as pb;
 
@@ -17,7 +17,7 @@ use super::cases::YES;
 use super::check::{
     Case, Ctx, Outcome, Stop, TWO_PHASE, cases, commit_effect, expect, prepare_effect,
 };
-use super::target::{Answer, Branch, CallStream, commit_request, effects_text, prepare_request};
+use super::target::{Answer, Branch, CallStream, commit_request, prepare_request};
 
 /// A Prepare slow enough that a quick one sent after it is ready first.
 const SLOW: &[u8] = b"vote=yes;delay_ms=2000";
@@ -162,24 +162,13 @@ async fn withdraw(ctx: &Ctx) -> Outcome {
     expect("next Prepare", answer, "VOTE_YES")?;
     // The withdrawn Prepare runs to its end all the same, and is recorded.
     let limit = Duration::from_millis(3_000 + ctx.target().timeout_ms()) + RECORDED_WITHIN;
-    let started = Instant::now();
-    let effects = loop {
-        let effects = ctx
-            .effects("while the withdrawn Prepare runs", &withdrawn)
-            .await?;
-        if !effects.is_empty() || started.elapsed() >= limit {
-            break effects;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    if effects != [prepare_effect(LONG)] {
-        return Err(Stop::Failed(format!(
-            "after the withdrawn Prepare: expected its operation to run to its end (effects \
-             {}) within {limit:?}, got {}",
-            effects_text(&[prepare_effect(LONG)]),
-            effects_text(&effects)
-        )));
-    }
+    ctx.expect_effects_within(
+        "the withdrawn Prepare's operation, run to its end",
+        &withdrawn,
+        &[prepare_effect(LONG)],
+        limit,
+    )
+    .await?;
     expect(
         "repeated Prepare",
         ctx.prepare(&withdrawn, LONG).await,
