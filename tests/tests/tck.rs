@@ -337,12 +337,12 @@ async fn skips_are_shown_and_bad_input_is_refused() {
         .lines()
         .filter(|line| line.split_whitespace().nth(1) == Some("skipped:"))
         .collect();
-    assert_eq!(skipped.len(), 3, "{}", run.stdout);
+    assert_eq!(skipped.len(), 4, "{}", run.stdout);
     assert!(run.stdout.contains("restart.yes-survives"));
     assert!(run.stdout.contains("--barrier-retention-ms"));
     assert!(
         run.stdout.contains(
-            "5 cases: 2 ok, 0 failed, 3 skipped: conforms in the cases run; the 3 skipped \
+            "6 cases: 2 ok, 0 failed, 4 skipped: conforms in the cases run; the 4 skipped \
              checked nothing"
         ),
         "{}",

@@ -21,10 +21,12 @@ enum Survivor {
     NullCompensation,
     Rejection,
     SagaStep,
+    No,
+    Compensation,
 }
 
 /// (name, what it checks, which record).
-const CASES: [(&str, &str, Survivor); 7] = [
+const CASES: [(&str, &str, Survivor); 9] = [
     (
         "restart.yes-survives",
         "Prepare YES, restart: Prepare answers VOTE_YES without a second PREPARE effect; Commit applies once",
@@ -59,6 +61,16 @@ const CASES: [(&str, &str, Survivor); 7] = [
         "restart.saga-step-survives",
         "step committed, restart: the step repeats COMMITTED without effect; Compensate undoes it once",
         Survivor::SagaStep,
+    ),
+    (
+        "restart.no-survives",
+        "Prepare NO, restart: a Prepare that would vote YES is still VOTE_NO, no effect",
+        Survivor::No,
+    ),
+    (
+        "restart.compensation-survives",
+        "step committed and compensated, restart: Compensate repeats COMPENSATED without a second COMPENSATE effect; the late step is ALREADY_ABORTED",
+        Survivor::Compensation,
     ),
 ];
 
@@ -150,6 +162,15 @@ async fn before(ctx: &Ctx, survivor: Survivor, b: &Branch) -> Outcome {
             let step = ctx.commit(b, SAGA_STEP, YES).await;
             expect("Commit SAGA_STEP", step, "COMMIT_RESULT_COMMITTED")?;
         }
+        Survivor::No => {
+            expect("Prepare voting NO", ctx.prepare(b, NO).await, "VOTE_NO")?;
+        }
+        Survivor::Compensation => {
+            let step = ctx.commit(b, SAGA_STEP, YES).await;
+            expect("Commit SAGA_STEP", step, "COMMIT_RESULT_COMMITTED")?;
+            let undo = ctx.compensate(b, UNDO).await;
+            expect("Compensate", undo, "COMPENSATE_RESULT_COMPENSATED")?;
+        }
     }
     Ok(())
 }
@@ -157,6 +178,11 @@ async fn before(ctx: &Ctx, survivor: Survivor, b: &Branch) -> Outcome {
 /// Checks, after the restart, that `b` is still in the state `before` left.
 async fn after(ctx: &Ctx, survivor: Survivor, b: &Branch) -> Outcome {
     let committed = [prepare_effect(YES), commit_effect(YES)];
+    let compensated = [
+        prepare_effect(YES),
+        commit_effect(YES),
+        compensate_effect(UNDO),
+    ];
     match survivor {
         Survivor::Yes => {
             let prepare = ctx.prepare(b, YES).await;
@@ -227,12 +253,22 @@ async fn after(ctx: &Ctx, survivor: Survivor, b: &Branch) -> Outcome {
                 .await?;
             let undo = ctx.compensate(b, UNDO).await;
             expect("Compensate", undo, "COMPENSATE_RESULT_COMPENSATED")?;
-            let expected = [
-                prepare_effect(YES),
-                commit_effect(YES),
-                compensate_effect(UNDO),
-            ];
-            ctx.expect_effects("after the compensation", b, &expected)
+            ctx.expect_effects("after the compensation", b, &compensated)
+                .await
+        }
+        Survivor::No => {
+            let prepare = ctx.prepare(b, YES).await;
+            expect("Prepare after the restart", prepare, "VOTE_NO")?;
+            ctx.expect_effects("after the restart", b, &[]).await
+        }
+        Survivor::Compensation => {
+            let undo = ctx.compensate(b, UNDO).await;
+            let step = "Compensate after the restart";
+            expect(step, undo, "COMPENSATE_RESULT_COMPENSATED")?;
+            let late = ctx.commit(b, SAGA_STEP, YES).await;
+            let step = "late Commit SAGA_STEP after the restart";
+            expect(step, late, "COMMIT_RESULT_ALREADY_ABORTED")?;
+            ctx.expect_effects("after the restart", b, &compensated)
                 .await
         }
     }
