@@ -14,10 +14,12 @@ use treaty_tests::process::{ServerProcess, start_server, workspace_binary};
 const KIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The retention the participants run with, told to the kit.
 const RETENTION_MS: &str = "86400000";
+/// The token the participants of the full runs require, given to the kit.
+const TOKEN: &str = "tck-test-token-0123456789";
 
 /// The conformance participant, supervised (restartable with kill -9 of the pid in
-/// `dir/pid`), optionally broken.
-async fn start_participant(dir: &Path, broken: Option<&str>) -> ServerProcess {
+/// `dir/pid`), optionally broken; with `--token` among `extra`, it requires it.
+async fn start_participant_with(dir: &Path, broken: Option<&str>, extra: &[&str]) -> ServerProcess {
     let mut args: Vec<String> = [
         "--data-dir",
         &dir.join("data").to_string_lossy(),
@@ -32,6 +34,7 @@ async fn start_participant(dir: &Path, broken: Option<&str>) -> ServerProcess {
     if let Some(mode) = broken {
         args.extend(["--broken".to_string(), mode.to_string()]);
     }
+    args.extend(extra.iter().map(|s| s.to_string()));
     start_server(
         Path::new(env!("CARGO_BIN_EXE_conformance-participant")),
         &args,
@@ -40,6 +43,10 @@ async fn start_participant(dir: &Path, broken: Option<&str>) -> ServerProcess {
         dir.join("participant.log"),
     )
     .await
+}
+
+async fn start_participant(dir: &Path, broken: Option<&str>) -> ServerProcess {
+    start_participant_with(dir, broken, &[]).await
 }
 
 /// The restart command for a participant started in `dir`.
@@ -121,6 +128,8 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
         &restart,
         "--barrier-retention-ms",
         RETENTION_MS,
+        "--token",
+        TOKEN,
         "--json",
     ])
     .await;
@@ -152,6 +161,7 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
         "late.prepare-past-retention",
         "late.calls-past-retention",
         "restart.yes-survives",
+        "auth.wrong-credentials-refused",
     ] {
         assert_eq!(results.get(name).map(String::as_str), Some("ok"), "{name}");
     }
@@ -166,7 +176,7 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let participant = start_participant(dir.path(), None).await;
+    let participant = start_participant_with(dir.path(), None, &["--token", TOKEN]).await;
     assert_conforms_across_restarts(&participant.endpoint(), dir.path(), true).await;
 }
 
@@ -187,6 +197,12 @@ async fn the_kit_passes_the_python_sdk_participant_across_restarts() {
         &dir.path().join("pid").to_string_lossy(),
         "--barrier-retention-ms",
         RETENTION_MS,
+        "--token",
+        TOKEN,
+        // The Python SDK asks only configured coordinators once callers authenticate;
+        // the kit never serves GetOutcome, so none answers here.
+        "--trusted-coordinator",
+        "http://127.0.0.1:9",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -290,6 +306,27 @@ async fn the_kit_fails_a_participant_whose_stream_runs_calls_in_order() {
     assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
     // Its unary calls are the SDK's: only the stream shows it.
     assert_eq!(run.failed(), STREAM_CASES);
+    assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
+}
+
+/// A participant that requires no token serves anyone who can reach it: given a token,
+/// the kit shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_fails_a_participant_that_requires_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), None).await;
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--token",
+        TOKEN,
+        "--cases",
+        "auth,2pc.yes-then-commit",
+        "--json",
+    ])
+    .await;
+    assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(run.failed(), ["auth.wrong-credentials-refused"]);
     assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
 }
 

@@ -51,16 +51,32 @@ pub(crate) use cases;
 /// The kit's settings, as the cases need them.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Whether the kit presents a bearer token (`--token`).
+    pub token_given: bool,
     pub barrier_retention_ms: Option<u64>,
     pub restart_command: Option<String>,
     pub restart_timeout_ms: u64,
 }
 
+/// Which credentials a target presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presenting {
+    /// Those the kit was given.
+    Given,
+    /// A well-formed bearer token other than the one given.
+    WrongToken,
+    /// No token.
+    NoToken,
+}
+
+/// Makes a target presenting the credentials asked for.
+pub type MakeTarget = Box<dyn Fn(Presenting) -> Result<Target, String> + Send + Sync>;
+
 /// What every case runs with. The target is replaced after a restart (fresh
 /// connections to the new process).
 pub struct Ctx {
     target: Mutex<Target>,
-    make_target: Box<dyn Fn() -> Result<Target, String> + Send + Sync>,
+    make_target: MakeTarget,
     pub settings: Settings,
 }
 
@@ -77,12 +93,9 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
-    pub fn new(
-        make_target: Box<dyn Fn() -> Result<Target, String> + Send + Sync>,
-        settings: Settings,
-    ) -> Result<Self, String> {
+    pub fn new(make_target: MakeTarget, settings: Settings) -> Result<Self, String> {
         Ok(Self {
-            target: Mutex::new(make_target()?),
+            target: Mutex::new(make_target(Presenting::Given)?),
             make_target,
             settings,
         })
@@ -93,6 +106,11 @@ impl Ctx {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A target of its own, on new connections, presenting `credentials`.
+    pub fn target_presenting(&self, credentials: Presenting) -> Result<Target, Stop> {
+        (self.make_target)(credentials).map_err(Stop::Failed)
     }
 
     pub async fn prepare(&self, branch: &Branch, payload: &[u8]) -> Answer {
@@ -201,7 +219,7 @@ impl Ctx {
         }
         let probe = Branch::fresh();
         loop {
-            let target = (self.make_target)().map_err(Stop::Failed)?;
+            let target = (self.make_target)(Presenting::Given).map_err(Stop::Failed)?;
             let answer = target.effects(&probe).await;
             if answer.is_ok() {
                 *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;

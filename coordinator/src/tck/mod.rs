@@ -16,10 +16,12 @@
 //!   reached), 2 for bad command-line input.
 //!
 //! Files: `target` (the calls), `check` (cases, steps, expectations), `cases` (the
-//! table, duplicates, reordering), `failures` (failing user code, malformed requests),
+//! table, duplicates, reordering), `failures` (failing user code, malformed requests,
+//! the limits), `auth` (calls without the right token),
 //! `concurrency`, `late` (past the barrier retention), `stream` (calls on the `Calls`
 //! stream: ids, order, withdrawals), `restart`, `report`.
 
+mod auth;
 mod cases;
 mod check;
 mod concurrency;
@@ -34,7 +36,7 @@ use std::path::PathBuf;
 
 use treaty_sdk::client::{ClientOptions, ClientTlsFiles};
 
-use check::{Case, Ctx, Settings};
+use check::{Case, Ctx, Presenting, Settings};
 use report::CaseResult;
 use target::{Branch, Target};
 
@@ -180,6 +182,7 @@ impl TckArgs {
 fn ordinary_cases() -> Vec<Case> {
     let mut all = cases::all();
     all.extend(failures::all());
+    all.extend(auth::all());
     all.extend(concurrency::all());
     all.extend(late::all());
     all.extend(stream::all());
@@ -211,11 +214,22 @@ pub async fn run(args: TckArgs) -> i32 {
         .unwrap_or_else(|| participant.clone());
     let options = args.client_options();
     let timeout_ms = args.timeout_ms;
-    let make_target = {
+    let make_target: check::MakeTarget = {
         let (participant, conformance) = (participant.clone(), conformance.clone());
-        Box::new(move || Target::new(&participant, &conformance, &options, timeout_ms))
+        Box::new(move |credentials| {
+            let mut options = options.clone();
+            match credentials {
+                Presenting::Given => {}
+                Presenting::WrongToken => {
+                    options.token = Some(wrong_token(options.token.as_deref()));
+                }
+                Presenting::NoToken => options.token = None,
+            }
+            Target::new(&participant, &conformance, &options, timeout_ms)
+        })
     };
     let settings = Settings {
+        token_given: args.token.is_some(),
         barrier_retention_ms: args.barrier_retention_ms,
         restart_command: args.restart_command.clone(),
         restart_timeout_ms: args.restart_timeout_ms,
@@ -262,6 +276,16 @@ pub async fn run(args: TckArgs) -> i32 {
         println!("{}", report::summary_line(summary));
     }
     if summary.failed > 0 { 1 } else { 0 }
+}
+
+/// A well-formed bearer token other than `given`.
+fn wrong_token(given: Option<&str>) -> String {
+    const WRONG: &str = "treaty-tck-not-the-participants-token";
+    if given == Some(WRONG) {
+        format!("{WRONG}-either")
+    } else {
+        WRONG.to_string()
+    }
 }
 
 /// Checks that the conformance service answers before any case runs, so that an

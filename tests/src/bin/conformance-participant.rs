@@ -58,6 +58,9 @@ struct Args {
     /// Records of final branches are kept this long (default: the SDK's 8 days).
     #[arg(long)]
     barrier_retention_ms: Option<u64>,
+    /// A bearer token the coordinator must present (default: any caller is served).
+    #[arg(long)]
+    token: Option<String>,
     /// Run the participant as a restartable child; its pid goes to this file.
     #[arg(long, value_name = "PIDFILE")]
     supervise: Option<PathBuf>,
@@ -114,8 +117,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or(BarrierGcOptions::default().retention_ms),
         ..BarrierGcOptions::default()
     };
+    let mut trust = treaty_sdk::server::CoordinatorTrust::default();
+    if let Some(token) = &args.token {
+        trust = trust.token(token);
+    }
     let options = ServeOptions {
         barrier_gc: barrier_gc.clone(),
+        trust,
         ..ServeOptions::default()
     };
     println!("{READY_PREFIX} {}", listener.local_addr()?);
@@ -185,6 +193,9 @@ fn child_args(args: &Args, listen: std::net::SocketAddr) -> Vec<String> {
         if let Some(value) = broken.to_possible_value() {
             child.extend(["--broken".to_string(), value.get_name().to_string()]);
         }
+    }
+    if let Some(token) = &args.token {
+        child.extend(["--token".to_string(), token.clone()]);
     }
     if let Some(retention_ms) = args.barrier_retention_ms {
         child.extend([
