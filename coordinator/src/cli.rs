@@ -289,7 +289,8 @@ pub enum TxnCommand {
     },
     /// Remove final transactions from memory and the log (admins).
     Forget(VerbArgs),
-    /// Print each state change of a transaction until it is final.
+    /// Print each state change of a transaction until it is final. Exit 1, naming the
+    /// last state seen, if the watch ends before (the coordinator stopped).
     Watch { transaction_id: String },
     /// What a participant in doubt would be told (COMMIT, ABORT or PENDING).
     Outcome { transaction_id: String },
@@ -530,6 +531,9 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
                 anyhow::bail!("unknown transaction {transaction_id}");
             };
             let mut stream = std::pin::pin!(stream);
+            // The coordinator also ends the stream, without an error, when it stops:
+            // only a final state is the end the watch waits for.
+            let mut last_state = None;
             while let Some(update) = stream.next().await {
                 // A ping unanswered for the call timeout ends the stream too.
                 let update = update.with_context(|| {
@@ -541,6 +545,22 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
                     state_name(update.transition.state),
                     printable(&update.transition.reason)
                 );
+                last_state = Some(update.transaction.state);
+            }
+            let is_final = |state: i32| {
+                crate::api::pb::state_from_pb("state", state).is_ok_and(|s| s.is_final())
+            };
+            match last_state {
+                Some(state) if is_final(state) => {}
+                Some(state) => anyhow::bail!(
+                    "the watch ended before transaction {transaction_id} did (last state seen: \
+                     {}); the coordinator may have stopped",
+                    state_name(state)
+                ),
+                None => anyhow::bail!(
+                    "the watch ended before transaction {transaction_id} did (no state seen); \
+                     the coordinator may have stopped"
+                ),
             }
         }
         TxnCommand::Outcome { transaction_id } => {

@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TransactionFilter};
-use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer};
-use treaty_tests::process::{start_server, treaty_cli, workspace_binary};
+use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome, TransactionFilter, TransactionState};
+use treaty_tests::harness::{Coordinator, PATIENCE, ParticipantServer, eventually};
+use treaty_tests::process::{
+    exit_status, start_server, start_treaty, treaty_cli, workspace_binary,
+};
 use treaty_tests::silent_link::SilentLink;
 
 async fn treaty(endpoint: &str, args: &[&str]) -> (bool, String) {
@@ -177,6 +179,72 @@ async fn a_watch_whose_connection_goes_silent_ends() {
     );
     participant.stop().await;
     coordinator.stop().await.unwrap();
+}
+
+/// A `txn watch` whose coordinator stops (SIGTERM) before the transaction is final
+/// fails, naming the transaction and the last state it saw: the coordinator ends the
+/// stream without an error when it stops, and the watch exited 0 as if it had seen the
+/// end it promises to wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_coordinator_stops_before_the_end_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = ParticipantServer::start(&dir.path().join("p")).await;
+    // Phase 2 never succeeds: the transaction stays COMMITTING, which a stop leaves to
+    // recovery (it aborts only undecided ones).
+    participant.participant.fail_next_commits(u32::MAX);
+    let mut coordinator = start_treaty(&dir.path().join("coordinator"), "127.0.0.1:0", None).await;
+    let endpoint = coordinator.endpoint();
+    let client = treaty_sdk::TreatyClient::connect(endpoint.clone())
+        .await
+        .unwrap();
+    let id = client
+        .begin(
+            BeginOptions::default(),
+            vec![
+                BranchSpec::new("a", &participant.endpoint, "yes"),
+                BranchSpec::new("b", &participant.endpoint, "yes"),
+            ],
+        )
+        .await
+        .unwrap();
+    let committing = {
+        let (client, id) = (client.clone(), id.clone());
+        tokio::spawn(async move { client.commit(&id).await })
+    };
+    eventually("the commit is decided but not delivered", || async {
+        let txn = client.get(&id).await.unwrap()?;
+        (txn.state == TransactionState::Committing as i32).then_some(())
+    })
+    .await;
+    let mut watch = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+        .args(["txn", "watch", &id, "--coordinator", &endpoint])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("the watch prints the transaction's state")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(first.contains("COMMITTING"), "{first}");
+    coordinator.terminate();
+    let ended = tokio::time::timeout(PATIENCE, watch.wait_with_output())
+        .await
+        .expect("the watch ends with the coordinator")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(!ended.status.success(), "exited 0: {stderr}");
+    assert!(
+        stderr.contains(&format!("the watch ended before transaction {id} did"))
+            && stderr.contains("last state seen: COMMITTING"),
+        "{stderr}"
+    );
+    assert!(exit_status(&mut coordinator).await.success());
+    committing.abort();
+    participant.stop().await;
 }
 
 /// A verb whose call gets no answer says the outcome is unknown: it may have been
