@@ -239,8 +239,9 @@ pub enum TxnCommand {
     List {
         #[command(flatten)]
         filter: operator::FilterArgs,
-        /// Most transactions to print.
-        #[arg(long, default_value_t = 100)]
+        /// Most transactions to print, 1 to 100000; a note on stderr says when more may
+        /// match.
+        #[arg(long, default_value_t = 100, value_parser = operator::limit_parser())]
         limit: usize,
         /// One JSON array for scripts.
         #[arg(long)]
@@ -581,6 +582,41 @@ pub async fn run_txn(coordinator: &CoordinatorArgs, command: TxnCommand) -> anyh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `treaty ARGS` as clap parses it.
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("treaty").chain(args.iter().copied()))
+    }
+
+    /// `--limit 0` selected nothing and exited 0 ("no transaction matches"): a usage
+    /// error naming the flag instead, for `txn list` and for every verb's selection.
+    #[test]
+    fn a_limit_outside_its_range_is_a_usage_error_naming_the_flag() {
+        for args in [
+            &["txn", "list", "--limit", "0"][..],
+            &["txn", "list", "--limit", "100001"],
+            &["txn", "pause", "--state", "active", "--limit", "0"],
+            &["txn", "forget", "--state", "committed", "--limit", "100001"],
+            &[
+                "txn", "resolve", "--stuck", "--branch", "b", "--abort", "--limit", "0",
+            ],
+        ] {
+            let error = parse(args).expect_err(&format!("{args:?} was accepted"));
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}"
+            );
+            assert!(error.to_string().contains("--limit"), "{args:?}: {error}");
+        }
+        for args in [
+            &["txn", "list", "--limit", "1"][..],
+            &["txn", "list", "--limit", "100000"],
+            &["txn", "cancel", "--state", "active", "--limit", "1"],
+        ] {
+            assert!(parse(args).is_ok(), "{args:?} was refused");
+        }
+    }
 
     #[test]
     fn control_characters_are_escaped_for_the_terminal() {

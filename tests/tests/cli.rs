@@ -50,6 +50,30 @@ async fn txn_list_show_watch_and_outcome() {
     assert!(line_of(&committed).contains("2pc   COMMITTED"), "{out}");
     assert!(line_of(&active).contains("2pc   ACTIVE"), "{out}");
 
+    // A limit that stops the selection says that more may match (it said so only
+    // after 1,000 pages), on stderr, for a listing and for a verb.
+    let (ok, out) = treaty(endpoint, &["list", "--limit", "1"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("more transactions may match"), "{out}");
+    assert!(out.contains("--limit 1"), "{out}");
+    let (ok, out) = treaty(endpoint, &["list", "--limit", "100"]).await;
+    assert!(ok && !out.contains("may match"), "{out}");
+    // Acting on the first alone (retry-now changes nothing here; applied or not).
+    let (_, out) = treaty(
+        endpoint,
+        &[
+            "retry-now",
+            "--state",
+            "committed",
+            "--state",
+            "active",
+            "--limit",
+            "1",
+        ],
+    )
+    .await;
+    assert!(out.contains("more transactions may match"), "{out}");
+
     let (ok, out) = treaty(endpoint, &["list", "--state", "active"]).await;
     assert!(
         ok && out.contains(&active) && !out.contains(&committed),

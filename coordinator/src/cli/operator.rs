@@ -28,9 +28,18 @@ pub struct Selection {
     pub transaction_id: Option<String>,
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// Most transactions to act on (or print).
-    #[arg(long, default_value_t = 100)]
+    /// Most transactions to act on (or print), 1 to 100000; a note on stderr says when
+    /// more may match.
+    #[arg(long, default_value_t = 100, value_parser = limit_parser())]
     pub limit: usize,
+}
+
+/// The most `--limit` takes: 100 pages of the largest a page asks for.
+pub const MAX_LIMIT: u64 = 100_000;
+
+/// `--limit`: at least 1 (0 selected nothing and exited 0), at most [`MAX_LIMIT`].
+pub fn limit_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_LIMIT)
 }
 
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -117,7 +126,8 @@ const MAX_PAGES: usize = 1000;
 
 /// Up to `limit` transactions matching `filter`, page by page, waiting at most
 /// `timeout` for each (bounded: each page advances the token, and it stops at `limit`
-/// or after `MAX_PAGES` pages, saying so on stderr if more may match).
+/// or after `MAX_PAGES` pages, saying so on stderr whenever the coordinator gave a
+/// token for more).
 pub async fn select(
     client: &TreatyClient,
     timeout: Duration,
@@ -142,11 +152,19 @@ pub async fn select(
             }
         }
     }
-    if !token.is_empty() && selected.len() < limit {
-        eprintln!(
-            "treaty: stopped after {MAX_PAGES} pages with {} found; more transactions may match",
-            selected.len()
-        );
+    if !token.is_empty() {
+        if selected.len() >= limit {
+            eprintln!(
+                "treaty: stopped at --limit {limit}; more transactions may match (a larger \
+                 --limit or a narrower filter)"
+            );
+        } else {
+            eprintln!(
+                "treaty: stopped after {MAX_PAGES} pages with {} found; more transactions may \
+                 match",
+                selected.len()
+            );
+        }
     }
     selected.truncate(limit);
     Ok(selected)
