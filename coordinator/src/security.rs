@@ -49,14 +49,16 @@ pub struct SecurityConfig {
     #[arg(long, env = "TREATY_AUTH_TOKENS")]
     pub auth_tokens: Option<PathBuf>,
 
-    /// A client-certificate identity with the admin role (repeatable).
+    /// A client-certificate identity with the admin role, taken whole (a common name
+    /// may hold a comma). Repeat the flag for several; the variable gives one.
     // Named as the flag, so that its config key and variable follow the rule that
-    // docs/CONFIG.md gives (`admin_identity`, `TREATY_ADMIN_IDENTITY`).
+    // docs/CONFIG.md gives (`admin_identity`, `TREATY_ADMIN_IDENTITY`). No
+    // `value_delimiter`, unlike `--allow-endpoint` (whose patterns never hold a comma):
+    // split, "Ops, Team" made a certificate named "Ops" an admin.
     #[arg(
         id = "admin_identity",
         long = "admin-identity",
-        env = "TREATY_ADMIN_IDENTITY",
-        value_delimiter = ','
+        env = "TREATY_ADMIN_IDENTITY"
     )]
     #[serde(rename = "admin_identity")]
     pub admin_identities: Vec<String>,

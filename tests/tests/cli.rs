@@ -526,6 +526,33 @@ async fn a_config_file_with_an_unknown_key_or_a_bad_value_is_refused_naming_it()
     assert!(stderr.contains("now TREATY_ADMIN_IDENTITY"), "{stderr}");
 }
 
+/// TREATY_ADMIN_IDENTITY gives one identity, commas and all, as a flag's value and the
+/// file's array do: it was split at commas, so "Ops, Team" made a certificate named
+/// just "Ops" an admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_identity_from_the_environment_is_one_identity() {
+    let (ok, printed, stderr) = serve_once(
+        &[
+            "--print-config",
+            "--tls-cert",
+            "server.pem",
+            "--tls-key",
+            "server.key",
+            "--tls-client-ca",
+            "ca.pem",
+        ],
+        &[("TREATY_ADMIN_IDENTITY", "Ops, Team")],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let table: toml::Table = toml::from_str(&printed).unwrap();
+    assert_eq!(
+        table["admin_identity"],
+        toml::Value::Array(vec!["Ops, Team".into()]),
+        "{printed}"
+    );
+}
+
 /// `txn list` asks for up to 1,000 transactions a page. A page of 600 large ones (32
 /// branches with long ids and endpoints: 5.5 MB) passed the 4 MiB a gRPC client decodes
 /// by default, and the listing failed; the coordinator now ends a page early by size,

@@ -150,6 +150,33 @@ fn allow_endpoint_is_repeatable_and_takes_comma_separated_lists() {
     );
 }
 
+/// A certificate's common name may hold a comma ("Ops, Team"). The flag split its value
+/// at commas (the config file never did), so `--admin-identity "Ops, Team"` gave the
+/// admin role to a certificate named just "Ops". A value is now one identity, as in the
+/// file; the flag is repeated for several.
+#[test]
+fn admin_identity_takes_each_value_whole_and_is_repeatable() {
+    use clap::Parser;
+    let cli = crate::cli::Cli::try_parse_from([
+        "treaty",
+        "serve",
+        "--admin-identity",
+        "Ops, Team",
+        "--admin-identity",
+        "a,b",
+        "--admin-identity",
+        "ops.internal",
+    ])
+    .unwrap();
+    let crate::cli::Command::Serve(args) = cli.command else {
+        panic!("parsed as serve");
+    };
+    assert_eq!(
+        args.settings.security.admin_identities,
+        ["Ops, Team", "a,b", "ops.internal"]
+    );
+}
+
 #[test]
 fn the_advertised_endpoint_is_kept_in_canonical_form() {
     let mut c = config();
