@@ -8,7 +8,8 @@
 //! tokens.
 //!
 //! Stop (on the caller's shutdown signal, or at once on a fatal log error): stop taking
-//! requests and end watch streams; abort undecided transactions and give work in flight
+//! requests, end watch streams, and report NOT_SERVING for the Coordinator service and
+//! the server as a whole (health service ""); abort undecided transactions and give work in flight
 //! `shutdown_grace_ms`; then close the log durably. Whatever is left is recovery's job at
 //! the next start. A fatal log error makes `run` return an error after the stop.
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tonic_health::ServingStatus;
 use treaty_proto::v1::admin_server::AdminServer;
 use treaty_proto::v1::coordinator_server::CoordinatorServer;
 
@@ -178,9 +180,7 @@ pub async fn run_on_listeners(
     );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CoordinatorServer<CoordinatorService>>()
-        .await;
+    set_health(&health_reporter, ServingStatus::Serving).await;
     let (reflection_v1, reflection_v1alpha) = treaty_sdk::server::reflection_services()
         .map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
@@ -270,9 +270,7 @@ pub async fn run_on_listeners(
         result = &mut server => server_result = Some(result),
     }
     let _ = stopping_tx.send(true);
-    health_reporter
-        .set_not_serving::<CoordinatorServer<CoordinatorService>>()
-        .await;
+    set_health(&health_reporter, ServingStatus::NotServing).await;
     purger.abort();
     governing.abort();
     if let Some(metrics_server) = metrics_server {
@@ -314,6 +312,20 @@ pub async fn run_on_listeners(
     }
     closed?;
     Ok(())
+}
+
+/// Sets the health of the Coordinator service and of the server as a whole (service
+/// "", which generic probes ask by default) together: the server serves nothing else
+/// that a client would be sent to it for, so a stopping coordinator is drained whichever
+/// a load balancer checks.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter
+        .set_service_status(
+            <CoordinatorServer<CoordinatorService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter.set_service_status("", status).await;
 }
 
 /// How often purge rounds start for a log retention.

@@ -12,7 +12,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
-use treaty_tests::harness::{ParticipantServer, eventually, reflected_services_v1};
+use treaty_tests::harness::{PATIENCE, ParticipantServer, eventually, reflected_services_v1};
 use treaty_tests::process::{exit_status, start_treaty};
 use treaty_tests::scripted::Op;
 
@@ -110,16 +110,22 @@ async fn a_generic_grpc_client_can_discover_and_health_check_the_coordinator() {
         .await
         .unwrap();
 
+    // The coordinator's service and the server as a whole ("", which generic probes
+    // such as grpc_health_probe and Kubernetes ask by default).
+    let services = ["treaty.v1.Coordinator", ""];
     let mut health = HealthClient::new(channel.clone());
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "treaty.v1.Coordinator".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::Serving as i32);
+    let mut watches = Vec::new();
+    for service in services {
+        let request = || tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        let status = health.check(request()).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+        let mut watch = health.watch(request()).await.unwrap().into_inner();
+        let first = watch.message().await.unwrap().unwrap().status;
+        assert_eq!(first, ServingStatus::Serving as i32, "{service:?}");
+        watches.push((service, watch));
+    }
 
     let names = reflected_services_v1(channel.clone()).await;
     for expected in ["treaty.v1.Coordinator", "grpc.health.v1.Health"] {
@@ -147,5 +153,24 @@ async fn a_generic_grpc_client_can_discover_and_health_check_the_coordinator() {
         response.message_response,
         Some(MessageResponse::FileDescriptorResponse(ref files)) if !files.file_descriptor_proto.is_empty()
     ));
-    coordinator.stop().await.unwrap();
+
+    // Stopping, both say NOT_SERVING, so that a load balancer drains the coordinator (the
+    // server as a whole said SERVING to the end).
+    let stopped = tokio::spawn(coordinator.stop());
+    for (service, mut watch) in watches {
+        let next = tokio::time::timeout(PATIENCE, watch.message())
+            .await
+            .unwrap_or_else(|_| panic!("{service:?}: no status within {PATIENCE:?}"));
+        let status = next
+            .as_ref()
+            .ok()
+            .and_then(|message| message.as_ref())
+            .map(|m| m.status);
+        assert_eq!(
+            status,
+            Some(ServingStatus::NotServing as i32),
+            "{service:?}: {next:?}"
+        );
+    }
+    stopped.await.unwrap().unwrap();
 }
