@@ -5,7 +5,8 @@
 //! then serve the Coordinator service with the standard health service and server
 //! reflection (v1, and v1alpha for older clients), over TLS when configured, and
 //! Prometheus metrics when asked (`--metrics-listen`). SIGHUP reloads certificates and
-//! tokens.
+//! tokens; its handler is installed before anything else, so that it never stops the
+//! daemon, even while the log recovers (one sent then reloads once serving).
 //!
 //! Stop (on the caller's shutdown signal, or at once on a fatal log error): stop taking
 //! requests, end watch streams, and report NOT_SERVING for the Coordinator service and
@@ -125,6 +126,10 @@ pub async fn run_on_listeners(
     shutdown: impl Future<Output = ()> + Send + 'static,
     announce: bool,
 ) -> Result<(), DaemonError> {
+    // First of all: SIGHUP's default action ends the process, and opening and recovering
+    // the log can take long. One that comes before the reloader runs waits in the stream
+    // and reloads then (the files may have changed after they were read below).
+    let hangups = treaty_sdk::server::hangups();
     config.validate()?;
     let api_config = config.api()?;
     let bound = listener
@@ -152,9 +157,12 @@ pub async fn run_on_listeners(
     let data_dir = config.data_dir.clone();
     let log_options = log_options(&config, &budget, &metrics);
     let log: Arc<dyn DecisionLog> = Arc::new(
-        tokio::task::spawn_blocking(move || SledLog::open_with(&data_dir, log_options))
-            .await
-            .map_err(|e| DaemonError::Fatal(format!("opening the log panicked: {e}")))??,
+        tokio::task::spawn_blocking(move || {
+            treaty_sdk::failpoint::hold_point("coordinator::before_log_open");
+            SledLog::open_with(&data_dir, log_options)
+        })
+        .await
+        .map_err(|e| DaemonError::Fatal(format!("opening the log panicked: {e}")))??,
     );
     let mut runtime_config = config.runtime(bound);
     runtime_config.participant_tls = participant_tls;
@@ -188,7 +196,7 @@ pub async fn run_on_listeners(
     let service = CoordinatorService::new(runtime.clone(), api_config, stopping_rx.clone())
         .with_authenticator(authenticator.clone());
     let admin = AdminService::new(runtime.clone(), authenticator.clone());
-    let reloader = treaty_sdk::server::hangups().map(|hangups| {
+    let reloader = hangups.map(|hangups| {
         tokio::spawn(reload_on_hangup(
             hangups,
             config.security.clone(),

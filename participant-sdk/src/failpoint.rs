@@ -4,8 +4,10 @@
 //! crate's syntax (`name=actions;name=actions`), e.g.
 //! `FAILPOINTS=coordinator::after_decision_logged=return`. At a [`crash_point`] the
 //! `return` action kills the process with SIGKILL on the spot (no destructors, no
-//! flushes): exactly what `kill -9` from outside does, but at a chosen instant. The other
-//! `fail` actions (`sleep(ms)`, `pause`, `panic`, counts like `2*off->return`) work too.
+//! flushes): exactly what `kill -9` from outside does, but at a chosen instant. At a
+//! [`hold_point`], `return(PATH)` holds the process until the file PATH exists, so that
+//! a test can act on it there. The other `fail` actions (`sleep(ms)`, `pause`, `panic`,
+//! counts like `2*off->return`) work too.
 //!
 //! With no `FAILPOINTS` set, a crash point costs one read-locked map lookup.
 
@@ -40,6 +42,34 @@ fn die(name: &'static str) {
     let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     // raise(SIGKILL) does not return; abort is the fallback if it somehow did.
     std::process::abort();
+}
+
+/// Most a [`hold_point`] waits for its release file; then the process goes on.
+const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A named instant where a test may hold the process, to act on it there (send it a
+/// signal). Armed with `return(PATH)`, it says on stderr that it holds, then waits until
+/// the file PATH exists (polled every 10 ms, at most [`HOLD_MAX`]). It blocks its thread:
+/// call it where blocking is allowed.
+pub fn hold_point(name: &'static str) {
+    fail::fail_point!(name, |release: Option<String>| hold(name, release));
+}
+
+fn hold(name: &'static str, release: Option<String>) {
+    let Some(release) = release else {
+        eprintln!("failpoint {name} needs return(PATH) to hold; going on");
+        return;
+    };
+    let release = std::path::Path::new(&release);
+    eprintln!(
+        "failpoint {name} reached: holding until {} exists",
+        release.display()
+    );
+    let started = std::time::Instant::now();
+    while !release.exists() && started.elapsed() < HOLD_MAX {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    eprintln!("failpoint {name} released");
 }
 
 /// Whether the failpoint `name` is armed with `return` right now (for faults other than a

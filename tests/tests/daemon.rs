@@ -1,5 +1,6 @@
-//! `treaty serve` as a process: graceful stop on SIGTERM, restart on the same data,
-//! standard health and reflection services for generic gRPC clients.
+//! `treaty serve` as a process: graceful stop on SIGTERM, restart on the same data, a
+//! SIGHUP while starting, standard health and reflection services for generic gRPC
+//! clients.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -13,7 +14,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
 use treaty_tests::harness::{PATIENCE, ParticipantServer, eventually, reflected_services_v1};
-use treaty_tests::process::{exit_status, start_treaty};
+use treaty_tests::process::{exit_status, start_treaty, workspace_binary};
 use treaty_tests::scripted::Op;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,6 +99,71 @@ async fn sigterm_stops_cleanly_and_a_restart_remembers_committed_work() {
     assert!(exit_status(&mut restarted).await.success());
     a.stop().await;
     b.stop().await;
+}
+
+/// SIGHUP never stops the daemon (docs/SECURITY.md), not even while it starts: its
+/// handler was installed only after recovery, and a SIGHUP before (a log takes a while
+/// to recover) killed it. One sent while the daemon is held before opening its log is
+/// taken as a reload once it serves (the files may have changed after it read them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_while_starting_does_not_stop_the_daemon() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let log_file = dir.path().join("serve.log");
+    let hold = format!(
+        "coordinator::before_log_open=return({})",
+        release.to_string_lossy()
+    );
+    let mut daemon = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("coordinator"))
+        .env("FAILPOINTS", &hold)
+        .env("TREATY_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_file).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
+    eventually("the daemon holds before opening its log", || async {
+        log()
+            .contains("failpoint coordinator::before_log_open reached")
+            .then_some(())
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(daemon.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::fs::write(&release, b"").unwrap();
+    let mut lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
+    let listening = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.starts_with("treaty listening on") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        listening,
+        "the daemon did not serve ({:?}); its log:\n{}",
+        daemon.try_wait(),
+        log()
+    );
+    eventually("the SIGHUP is taken as a reload", || async {
+        log()
+            .contains("SIGHUP: reloading certificates and tokens")
+            .then_some(())
+    })
+    .await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(PATIENCE, daemon.wait())
+        .await
+        .expect("the daemon stops")
+        .unwrap();
+    assert!(status.success(), "{status:?}; its log:\n{}", log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
