@@ -40,7 +40,7 @@ fn init_tracing(cli: &Cli) -> anyhow::Result<Option<treaty_coordinator::otlp::Ot
         None => (None, None),
     };
     tracing_subscriber::registry()
-        .with(treaty_sdk::logging::env_filter("TREATY_LOG"))
+        .with(treaty_sdk::logging::env_filter("TREATY_LOG").map_err(anyhow::Error::msg)?)
         .with(treaty_sdk::logging::stderr_layer(cli.log_format))
         .with(exporter)
         .try_init()?;
@@ -55,7 +55,7 @@ fn init_tracing(cli: &Cli) -> anyhow::Result<Option<()>> {
              feature (cargo build --features otlp)"
         );
     }
-    treaty_sdk::logging::init("TREATY_LOG", cli.log_format);
+    treaty_sdk::logging::init("TREATY_LOG", cli.log_format).map_err(anyhow::Error::msg)?;
     Ok(None)
 }
 

@@ -125,13 +125,11 @@ impl SecurityArgs {
 }
 
 /// Logs to stderr, filtered by `env_var` (default: info), as text or, with
-/// `TREATY_LOG_FORMAT=json`, one JSON object per line.
-pub fn init_logging(env_var: &str) {
-    let format = LogFormat::from_env();
-    treaty_sdk::logging::init(env_var, format.clone().unwrap_or_default());
-    if let Err(error) = format {
-        tracing::warn!(%error, "logging as text");
-    }
+/// `TREATY_LOG_FORMAT=json`, one JSON object per line. A filter or a format that does not
+/// parse is an error naming its variable.
+pub fn init_logging(env_var: &str) -> anyhow::Result<()> {
+    let format = LogFormat::from_env().map_err(anyhow::Error::msg)?;
+    treaty_sdk::logging::init(env_var, format).map_err(anyhow::Error::msg)
 }
 
 /// Opens the service's durable store, arming failpoints from `FAILPOINTS` first.

@@ -85,25 +85,57 @@ where
     }
 }
 
-/// The filter in `filter_env` (`RUST_LOG` syntax), else `info`.
-pub fn env_filter(filter_env: &str) -> EnvFilter {
-    EnvFilter::try_from_env(filter_env).unwrap_or_else(|_| EnvFilter::new("info"))
+/// The filter in the variable `filter_env` (`RUST_LOG` syntax); `info` when it is unset
+/// or empty. A filter that does not parse is an error naming the variable: taken for
+/// `info`, a filter meant to quieten a chatty module or to debug one would be ignored
+/// without a word.
+pub fn env_filter(filter_env: &str) -> Result<EnvFilter, String> {
+    let value = std::env::var(filter_env).ok();
+    filter_from(value.as_deref()).map_err(|error| format!("{filter_env}: {error}"))
+}
+
+/// The filter `value` gives (`RUST_LOG` syntax); `info` for none or an empty one.
+fn filter_from(value: Option<&str>) -> Result<EnvFilter, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(EnvFilter::new("info")),
+        Some(value) => EnvFilter::builder()
+            .parse(value)
+            .map_err(|error| format!("{value:?} is not a log filter: {error}")),
+    }
 }
 
 /// Installs the global subscriber: events passing `filter_env` go to stderr in `format`.
-/// Does nothing if a subscriber is already installed.
-pub fn init(filter_env: &str, format: LogFormat) {
+/// Does nothing if a subscriber is already installed. A filter that does not parse is
+/// an error naming the variable, and installs nothing.
+pub fn init(filter_env: &str, format: LogFormat) -> Result<(), String> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let _ = tracing_subscriber::registry()
-        .with(env_filter(filter_env))
+        .with(env_filter(filter_env)?)
         .with(stderr_layer(format))
         .try_init();
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_that_does_not_parse_is_an_error_and_none_is_info() {
+        for value in [None, Some(""), Some("  ")] {
+            let filter = filter_from(value).unwrap();
+            assert_eq!(filter.to_string(), "info", "{value:?}");
+        }
+        assert_eq!(
+            filter_from(Some("warn,treaty=debug")).unwrap().to_string(),
+            "treaty=debug,warn"
+        );
+        for bad in ["info,x=bogus", "=info", "treaty[=debug"] {
+            let error = filter_from(Some(bad)).unwrap_err();
+            assert!(error.contains("is not a log filter"), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn formats_are_named_text_and_json() {

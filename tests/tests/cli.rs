@@ -338,7 +338,7 @@ async fn serve_once(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, Stri
     for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("TREATY_")) {
         command.env_remove(name);
     }
-    command.envs(envs.iter().copied()).env("TREATY_LOG", "warn");
+    command.env("TREATY_LOG", "warn").envs(envs.iter().copied());
     let output = tokio::time::timeout(PATIENCE, command.output())
         .await
         .unwrap()
@@ -551,6 +551,18 @@ async fn admin_identity_from_the_environment_is_one_identity() {
         toml::Value::Array(vec!["Ops, Team".into()]),
         "{printed}"
     );
+}
+
+/// A log filter that does not parse stopped nothing: the daemon logged at `info` as if
+/// `TREATY_LOG` were unset, so a filter meant to quieten a module or to debug one was
+/// ignored without a word. It is an error naming the variable now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_filter_that_does_not_parse_is_an_error_naming_it() {
+    let (ok, printed, stderr) =
+        serve_once(&["--print-config"], &[("TREATY_LOG", "info,treaty=bogus")]).await;
+    assert!(!ok, "{printed}");
+    assert!(stderr.contains("TREATY_LOG"), "{stderr}");
+    assert!(printed.is_empty(), "{printed}");
 }
 
 /// `txn list` asks for up to 1,000 transactions a page. A page of 600 large ones (32

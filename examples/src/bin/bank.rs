@@ -29,7 +29,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    service::init_logging("BANK_LOG");
+    service::init_logging("BANK_LOG")?;
     let accounts = parse_counters(&args.accounts).map_err(anyhow::Error::msg)?;
     let store = service::open_store(&args.service)?;
     let mut bank = Bank::new(args.name, store.clone());

@@ -25,7 +25,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    service::init_logging("SHOP_LOG");
+    service::init_logging("SHOP_LOG")?;
     check_rate("out-of-stock-rate", args.out_of_stock_rate).map_err(anyhow::Error::msg)?;
     let stock = parse_counters(&args.stock).map_err(anyhow::Error::msg)?;
     let faults = Faults::new(&args.service.faults).map_err(anyhow::Error::msg)?;

@@ -22,7 +22,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    service::init_logging("SHOP_LOG");
+    service::init_logging("SHOP_LOG")?;
     let accounts = parse_counters(&args.accounts).map_err(anyhow::Error::msg)?;
     let faults = Faults::new(&args.service.faults).map_err(anyhow::Error::msg)?;
     let store = service::open_store(&args.service)?;

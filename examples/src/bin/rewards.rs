@@ -26,7 +26,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    service::init_logging("REWARDS_LOG");
+    service::init_logging("REWARDS_LOG")?;
     treaty_sdk::failpoint::configure_from_env().map_err(anyhow::Error::msg)?;
     let members = parse_counters(&args.members).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.service.data_dir)?;

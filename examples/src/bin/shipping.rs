@@ -21,7 +21,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    service::init_logging("SHOP_LOG");
+    service::init_logging("SHOP_LOG")?;
     check_rate("rejection-rate", args.rejection_rate).map_err(anyhow::Error::msg)?;
     let faults = Faults::new(&args.service.faults).map_err(anyhow::Error::msg)?;
     let store = service::open_store(&args.service)?;
