@@ -45,7 +45,8 @@ class ConformanceStub:
     one-phase commit or a saga step, `no` makes the SDK answer COMMIT_RESULT_REJECTED and
     `read_only` COMMIT_RESULT_COMMITTED with no effect.
     - `fail=N` — the operation's user code fails (returns an error, records nothing) its
-    first N runs for this branch since the participant started (default 0).
+    first N runs for this branch since the participant started (default 0), counted
+    per operation: prepare, commit, abort and compensate each have their own count.
     - `delay_ms=N` — the user code waits N milliseconds (at most 10000) before it acts, so
     that concurrent duplicates of a call overlap.
     A two-phase Commit and an Abort carry no payload: their user code obeys the script of
@@ -94,7 +95,8 @@ class ConformanceServicer:
     one-phase commit or a saga step, `no` makes the SDK answer COMMIT_RESULT_REJECTED and
     `read_only` COMMIT_RESULT_COMMITTED with no effect.
     - `fail=N` — the operation's user code fails (returns an error, records nothing) its
-    first N runs for this branch since the participant started (default 0).
+    first N runs for this branch since the participant started (default 0), counted
+    per operation: prepare, commit, abort and compensate each have their own count.
     - `delay_ms=N` — the user code waits N milliseconds (at most 10000) before it acts, so
     that concurrent duplicates of a call overlap.
     A two-phase Commit and an Abort carry no payload: their user code obeys the script of
@@ -153,7 +155,8 @@ class Conformance:
     one-phase commit or a saga step, `no` makes the SDK answer COMMIT_RESULT_REJECTED and
     `read_only` COMMIT_RESULT_COMMITTED with no effect.
     - `fail=N` — the operation's user code fails (returns an error, records nothing) its
-    first N runs for this branch since the participant started (default 0).
+    first N runs for this branch since the participant started (default 0), counted
+    per operation: prepare, commit, abort and compensate each have their own count.
     - `delay_ms=N` — the user code waits N milliseconds (at most 10000) before it acts, so
     that concurrent duplicates of a call overlap.
     A two-phase Commit and an Abort carry no payload: their user code obeys the script of
