@@ -12,6 +12,10 @@
 //! - [`InOrderStream`]: the SDK's unary calls, and a `Calls` stream that runs its calls
 //!   one at a time in the order they came and knows no withdrawals (it answers them
 //!   INVALID_ARGUMENT, as a request without a call).
+//!
+//! And one that is not broken, though it looks odd: [`LateStreamHeaders`], the SDK's
+//! participant whose `Calls` stream sends its response headers only with its first
+//! answer, as grpc-go and grpc-java servers do; the kit must pass it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -450,5 +454,78 @@ impl pb::participant_server::Participant for InOrderStream {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             stream,
         )))
+    }
+}
+
+/// The SDK's service, whose `Calls` stream answers its start (the response headers) only
+/// together with its first answer. Correct: a gRPC server may do so.
+#[derive(Debug)]
+pub struct LateStreamHeaders {
+    inner: ParticipantService<ConformanceParticipant>,
+}
+
+impl LateStreamHeaders {
+    /// `stopping` turns true when the server stops (see
+    /// `ParticipantService::with_call_streams`).
+    pub fn new(
+        user: Arc<ConformanceParticipant>,
+        barrier: Arc<Barrier>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            inner: ParticipantService::new(user, barrier)
+                .with_call_streams(stopping, LATE_HEADERS_MAX_CALLS),
+        }
+    }
+}
+
+/// Calls answered at once on one connection of [`LateStreamHeaders`].
+const LATE_HEADERS_MAX_CALLS: usize = 1024;
+
+type AnswerStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::CallAnswer, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::participant_server::Participant for LateStreamHeaders {
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareBranchRequest>,
+    ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
+        self.inner.prepare(request).await
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitBranchRequest>,
+    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        self.inner.commit(request).await
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortBranchRequest>,
+    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        self.inner.abort(request).await
+    }
+
+    async fn compensate(
+        &self,
+        request: Request<pb::CompensateBranchRequest>,
+    ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
+        self.inner.compensate(request).await
+    }
+
+    type CallsStream = AnswerStream;
+
+    async fn calls(
+        &self,
+        request: Request<tonic::Streaming<pb::CallRequest>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        use futures::StreamExt;
+        let mut answers = self.inner.calls(request).await?.into_inner();
+        // The response (its headers) is returned only once the first answer is ready.
+        let first = answers.next().await;
+        let answers: AnswerStream = Box::pin(futures::stream::iter(first).chain(answers));
+        Ok(Response::new(answers))
     }
 }

@@ -309,6 +309,26 @@ async fn the_kit_fails_a_participant_whose_stream_runs_calls_in_order() {
     assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
 }
 
+/// A gRPC server may send a stream's response headers only with its first answer
+/// (grpc-go and grpc-java servers do): the stream cases pass such a participant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_passes_a_participant_whose_stream_headers_come_with_its_first_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), Some("late-stream-headers")).await;
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--cases",
+        "stream",
+        "--json",
+    ])
+    .await;
+    assert_eq!(run.status, Some(0), "{}\n{}", run.stdout, run.stderr);
+    for name in STREAM_CASES {
+        assert_eq!(run.results()[name], "ok", "{name}");
+    }
+}
+
 /// A participant that requires no token serves anyone who can reach it: given a token,
 /// the kit shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,6 +350,32 @@ async fn the_kit_fails_a_participant_that_requires_no_token() {
     assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
 }
 
+/// A restart command that restarts nothing must not let the restart cases pass: the
+/// participant still remembers a failure counted before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_command_that_restarts_nothing_fails_the_restart_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), None).await;
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--restart-command",
+        "true",
+        "--cases",
+        "restart.yes,restart.commit",
+        "--json",
+    ])
+    .await;
+    assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.failed(),
+        ["restart.commit-survives", "restart.yes-survives"]
+    );
+    let report = run.report();
+    let detail = report["cases"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("was not restarted"), "{detail}");
+}
+
 /// A restart command may leave a process of its own running (a participant started in
 /// the background, say) that holds the command's output open: the kit waits for the
 /// command's exit, not for its output to close.
@@ -337,14 +383,14 @@ async fn the_kit_fails_a_participant_that_requires_no_token() {
 async fn a_restart_command_that_leaves_a_process_running_is_waited_for_to_its_exit() {
     let dir = tempfile::tempdir().unwrap();
     let participant = start_participant(dir.path(), None).await;
-    let restart = format!("{}; sleep 90 2>/dev/null &", restart_command(dir.path()));
+    let restart = format!("{}; sleep 20 2>/dev/null &", restart_command(dir.path()));
     let run = kit(&[
         "--participant",
         &participant.endpoint(),
         "--restart-command",
         &restart,
         "--restart-timeout-ms",
-        "30000",
+        "10000",
         "--cases",
         "restart.yes",
         "--json",

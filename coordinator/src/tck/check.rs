@@ -53,6 +53,8 @@ pub(crate) use cases;
 pub struct Settings {
     /// Whether the kit presents a bearer token (`--token`).
     pub token_given: bool,
+    /// Whether the kit presents a client certificate (`--cert`).
+    pub cert_given: bool,
     pub barrier_retention_ms: Option<u64>,
     pub restart_command: Option<String>,
     pub restart_timeout_ms: u64,
@@ -185,13 +187,21 @@ impl Ctx {
     }
 
     /// Runs the restart command, then waits (bounded) until the participant answers
-    /// `Conformance.Effects` again, on fresh connections.
+    /// `Conformance.Effects` again, on fresh connections, and checks that it was
+    /// restarted: a `fail=1` Prepare failed once before the command must fail again
+    /// after it, since a test participant counts failures from its start. A command
+    /// that restarted nothing would otherwise let every restart case pass untested.
     pub async fn restart(&self) -> Outcome {
         let Some(command) = &self.settings.restart_command else {
             return Err(Stop::Skipped(
                 "no --restart-command: the kit cannot restart the participant".into(),
             ));
         };
+        let canary = Branch::fresh();
+        let counted = !matches!(
+            self.prepare(&canary, RESTART_CANARY).await,
+            Answer::Vote { .. } | Answer::Silent { .. }
+        );
         let limit = Duration::from_millis(self.settings.restart_timeout_ms);
         let started = Instant::now();
         // Only its exit is waited for: a participant it starts in the background may hold
@@ -222,7 +232,17 @@ impl Ctx {
             let target = (self.make_target)(Presenting::Given).map_err(Stop::Failed)?;
             let answer = target.effects(&probe).await;
             if answer.is_ok() {
+                let again = target.prepare(&canary, RESTART_CANARY, "").await;
                 *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+                if counted && matches!(again, Answer::Vote { .. }) {
+                    return Err(Stop::Failed(format!(
+                        "the restart command ran, but the participant was not restarted: a \
+                         Prepare {:?} that failed once before it voted now ({again}), so it \
+                         still counted that failure (a command that returns at once must \
+                         not leave the old process serving)",
+                        String::from_utf8_lossy(RESTART_CANARY)
+                    )));
+                }
                 return Ok(());
             }
             if started.elapsed() >= limit {
@@ -236,6 +256,10 @@ impl Ctx {
         }
     }
 }
+
+/// The script of the Prepare that shows whether a restart happened (see
+/// [`Ctx::restart`]).
+const RESTART_CANARY: &[u8] = b"vote=yes;fail=1";
 
 /// Fails unless `got` is the answer named `expected`; returns it for further checks.
 pub fn expect(step: &str, got: Answer, expected: &str) -> Result<Answer, Stop> {

@@ -230,6 +230,7 @@ pub async fn run(args: TckArgs) -> i32 {
     };
     let settings = Settings {
         token_given: args.token.is_some(),
+        cert_given: args.cert.is_some(),
         barrier_retention_ms: args.barrier_retention_ms,
         restart_command: args.restart_command.clone(),
         restart_timeout_ms: args.restart_timeout_ms,

@@ -17,10 +17,12 @@ use super::cases::YES;
 use super::check::{
     Case, Ctx, Outcome, Stop, TWO_PHASE, cases, commit_effect, expect, prepare_effect,
 };
-use super::target::{Answer, Branch, CallStream, commit_request, prepare_request};
+use super::target::{Answer, Branch, CallStream, StreamFailure, commit_request, prepare_request};
 
 /// A Prepare slow enough that a quick one sent after it is ready first.
 const SLOW: &[u8] = b"vote=yes;delay_ms=2000";
+/// How long `SLOW`'s user code waits.
+const SLOW_FOR: Duration = Duration::from_millis(2_000);
 /// A Prepare still running long after it was withdrawn.
 const LONG: &[u8] = b"vote=yes;delay_ms=3000";
 /// How long after a call its withdrawal is sent: the call has begun, and is far from
@@ -60,32 +62,34 @@ fn withdrawal(call_id: u64) -> pb::CallRequest {
     )
 }
 
-/// A stream opened with `first`; skipped if the participant serves none.
-async fn open(ctx: &Ctx, first: pb::CallRequest) -> Result<CallStream, Stop> {
-    match ctx.target().calls(first).await {
-        Ok(stream) => Ok(stream),
-        Err(answer) if answer.name() == "UNIMPLEMENTED" => Err(Stop::Skipped(
+/// Why `failure` ends the case: skipped if the participant serves no stream.
+fn stopped_by(step: &str, failure: StreamFailure) -> Stop {
+    match failure {
+        StreamFailure::Refused(answer) if answer.name() == "UNIMPLEMENTED" => Stop::Skipped(
             "it answers a Calls stream UNIMPLEMENTED: the coordinator calls it unary, as the \
              other cases do (the stream is optional)"
                 .into(),
-        )),
-        Err(answer) => Err(Stop::Failed(format!(
-            "opening a Calls stream: answered {answer}"
-        ))),
+        ),
+        StreamFailure::Refused(answer) => {
+            Stop::Failed(format!("{step}: the stream's start was answered {answer}"))
+        }
+        StreamFailure::Broken(why) => Stop::Failed(format!("{step}: {why}")),
     }
 }
 
-/// The next answer on `stream`, which must be call `call_id`'s.
+/// The next answer on `stream`, within the call timeout and `longer`, which must be
+/// call `call_id`'s.
 async fn answer_to(
     step: &str,
     stream: &mut CallStream,
     call_id: u64,
+    longer: Duration,
     why_not: &str,
 ) -> Result<Answer, Stop> {
     let (got_id, answer) = stream
-        .next()
+        .next_within(longer)
         .await
-        .map_err(|why| Stop::Failed(format!("{step}: {why}")))?;
+        .map_err(|failure| stopped_by(step, failure))?;
     if got_id == call_id {
         return Ok(answer);
     }
@@ -95,23 +99,31 @@ async fn answer_to(
     )))
 }
 
-fn sent(step: &str, result: Result<(), String>) -> Outcome {
-    result.map_err(|why| Stop::Failed(format!("{step}: {why}")))
+fn sent(step: &str, result: Result<(), StreamFailure>) -> Outcome {
+    result.map_err(|failure| stopped_by(step, failure))
 }
 
 async fn answers_by_call_id(ctx: &Ctx) -> Outcome {
     let (slow, quick) = (Branch::fresh(), Branch::fresh());
-    let mut stream = open(ctx, prepare(0, &slow, SLOW)).await?;
+    let mut stream = ctx.target().calls(prepare(0, &slow, SLOW));
     sent("quick Prepare", stream.send(prepare(1, &quick, YES)).await)?;
     let answer = answer_to(
         "quick Prepare",
         &mut stream,
         1,
+        Duration::ZERO,
         "calls on one stream run concurrently and are answered as they are ready",
     )
     .await?;
     expect("quick Prepare", answer, "VOTE_YES")?;
-    let answer = answer_to("slow Prepare", &mut stream, 0, "each call is answered once").await?;
+    let answer = answer_to(
+        "slow Prepare",
+        &mut stream,
+        0,
+        SLOW_FOR,
+        "each call is answered once",
+    )
+    .await?;
     expect("slow Prepare", answer, "VOTE_YES")?;
     // call_id 0 again: its call was answered.
     let commit = call(
@@ -123,6 +135,7 @@ async fn answers_by_call_id(ctx: &Ctx) -> Outcome {
         "Commit TWO_PHASE (call_id 0 again)",
         &mut stream,
         0,
+        Duration::ZERO,
         "a call_id may be used again once its call was answered",
     )
     .await?;
@@ -139,13 +152,14 @@ async fn answers_by_call_id(ctx: &Ctx) -> Outcome {
 
 async fn withdraw(ctx: &Ctx) -> Outcome {
     let (withdrawn, next) = (Branch::fresh(), Branch::fresh());
-    let mut stream = open(ctx, prepare(0, &withdrawn, LONG)).await?;
+    let mut stream = ctx.target().calls(prepare(0, &withdrawn, LONG));
     tokio::time::sleep(WITHDRAW_AFTER).await;
     sent("withdrawal", stream.send(withdrawal(0)).await)?;
     let answer = answer_to(
         "withdrawn Prepare",
         &mut stream,
         0,
+        Duration::ZERO,
         "a withdrawn call is answered at once",
     )
     .await?;
@@ -156,6 +170,7 @@ async fn withdraw(ctx: &Ctx) -> Outcome {
         "next Prepare",
         &mut stream,
         1,
+        Duration::ZERO,
         "a withdrawal is not answered itself, and a call is answered once",
     )
     .await?;
@@ -186,7 +201,7 @@ async fn withdraw(ctx: &Ctx) -> Outcome {
 
 async fn bad_requests(ctx: &Ctx) -> Outcome {
     let b = Branch::fresh();
-    let mut stream = open(ctx, withdrawal(7)).await?;
+    let mut stream = ctx.target().calls(withdrawal(7));
     let empty = pb::CallRequest {
         call_id: 8,
         ..Default::default()
@@ -196,12 +211,20 @@ async fn bad_requests(ctx: &Ctx) -> Outcome {
         "request without a call",
         &mut stream,
         8,
+        Duration::ZERO,
         "a withdrawal naming no call in progress is ignored, not answered",
     )
     .await?;
     expect("request without a call", answer, "INVALID_ARGUMENT")?;
     sent("Prepare", stream.send(prepare(9, &b, YES)).await)?;
-    let answer = answer_to("Prepare", &mut stream, 9, "each call is answered once").await?;
+    let answer = answer_to(
+        "Prepare",
+        &mut stream,
+        9,
+        Duration::ZERO,
+        "each call is answered once",
+    )
+    .await?;
     expect("Prepare after the bad requests", answer, "VOTE_YES")?;
     ctx.expect_effects("after the Prepare", &b, &[prepare_effect(YES)])
         .await

@@ -264,29 +264,27 @@ impl Target {
         .await
     }
 
-    /// A `Calls` stream whose first request is `first`, sent before the stream's start
-    /// is answered (as the coordinator does: a server may send its response headers only
-    /// with its first answer); or the status the start was answered with.
-    pub async fn calls(&self, first: pb::CallRequest) -> Result<CallStream, Answer> {
+    /// A `Calls` stream whose first request is `first`. The stream's start goes out at
+    /// once and is not waited for here: a gRPC server may send its response headers only
+    /// with its first answer (the coordinator does not wait for them either), so the
+    /// kit keeps sending and reads the start's outcome with the first answer.
+    pub fn calls(&self, first: pb::CallRequest) -> CallStream {
         let mut client = self.participant.clone();
         let (requests, outgoing) = tokio::sync::mpsc::channel(CALL_STREAM_QUEUE);
         if requests.try_send(first).is_err() {
             unreachable!("a new channel of {CALL_STREAM_QUEUE} places takes its first request");
         }
-        let start = client.calls(tokio_stream::wrappers::ReceiverStream::new(outgoing));
-        match tokio::time::timeout(Duration::from_millis(self.timeout_ms), start).await {
-            Ok(Ok(response)) => Ok(CallStream {
-                requests,
-                answers: response.into_inner(),
-                timeout_ms: self.timeout_ms,
-            }),
-            Ok(Err(status)) => Err(Answer::Status {
-                code: status.code(),
-                message: status.message().to_string(),
-            }),
-            Err(_) => Err(Answer::Silent {
-                timeout_ms: self.timeout_ms,
-            }),
+        // A task of its own, so that the start is sent now rather than when first read.
+        let start = tokio::spawn(async move {
+            client
+                .calls(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+                .await
+        });
+        CallStream {
+            requests,
+            start: Some(start),
+            answers: None,
+            timeout_ms: self.timeout_ms,
         }
     }
 
@@ -328,41 +326,98 @@ const CALL_STREAM_QUEUE: usize = 16;
 #[derive(Debug)]
 pub struct CallStream {
     requests: tokio::sync::mpsc::Sender<pb::CallRequest>,
-    answers: tonic::Streaming<pb::CallAnswer>,
+    /// The stream's start, until its answer (the response headers, or a status) is read.
+    start: Option<tokio::task::JoinHandle<StreamStart>>,
+    answers: Option<tonic::Streaming<pb::CallAnswer>>,
     timeout_ms: u64,
 }
 
+type StreamStart = Result<tonic::Response<tonic::Streaming<pb::CallAnswer>>, tonic::Status>;
+
+/// Why a stream gave no answer.
+#[derive(Debug)]
+pub enum StreamFailure {
+    /// Its start was answered with this status (`UNIMPLEMENTED`: it serves no stream).
+    Refused(Answer),
+    /// It failed, ended or went silent after it started.
+    Broken(String),
+}
+
+impl Drop for CallStream {
+    fn drop(&mut self) {
+        if let Some(start) = &self.start {
+            start.abort();
+        }
+    }
+}
+
 impl CallStream {
-    pub async fn send(&self, request: pb::CallRequest) -> Result<(), String> {
-        self.requests
-            .send(request)
-            .await
-            .map_err(|_| "the stream ended before the kit could send on it".to_string())
+    /// Sends `request`; if the stream has ended, says why (its start refused, say).
+    pub async fn send(&mut self, request: pb::CallRequest) -> Result<(), StreamFailure> {
+        if self.requests.send(request).await.is_ok() {
+            return Ok(());
+        }
+        let ended =
+            StreamFailure::Broken("the stream ended before the kit could send on it".into());
+        if self.start.is_none() {
+            return Err(ended);
+        }
+        match self.next_within(Duration::ZERO).await {
+            Err(refused @ StreamFailure::Refused(_)) => Err(refused),
+            _ => Err(ended),
+        }
     }
 
-    /// The next answer and its `call_id`, or why none came.
-    pub async fn next(&mut self) -> Result<(u64, Answer), String> {
-        let read = self.answers.message();
-        match tokio::time::timeout(Duration::from_millis(self.timeout_ms), read).await {
-            Ok(Ok(Some(answer))) => Ok((
+    /// The next answer and its `call_id`, within the call timeout and `longer`.
+    pub async fn next_within(&mut self, longer: Duration) -> Result<(u64, Answer), StreamFailure> {
+        let limit = Duration::from_millis(self.timeout_ms) + longer;
+        match tokio::time::timeout(limit, self.read()).await {
+            Ok(read) => read,
+            Err(_) => Err(StreamFailure::Broken(format!(
+                "no answer on the stream within {} ms",
+                limit.as_millis()
+            ))),
+        }
+    }
+
+    async fn read(&mut self) -> Result<(u64, Answer), StreamFailure> {
+        let status = |status: tonic::Status| Answer::Status {
+            code: status.code(),
+            message: status.message().to_string(),
+        };
+        if let Some(start) = self.start.as_mut() {
+            let started = start.await;
+            self.start = None;
+            match started {
+                Ok(Ok(response)) => self.answers = Some(response.into_inner()),
+                Ok(Err(refused)) => return Err(StreamFailure::Refused(status(refused))),
+                Err(failed) => {
+                    return Err(StreamFailure::Broken(format!(
+                        "the stream's start failed: {failed}"
+                    )));
+                }
+            }
+        }
+        let Some(answers) = self.answers.as_mut() else {
+            return Err(StreamFailure::Broken(
+                "the stream's start was refused".into(),
+            ));
+        };
+        match answers.message().await {
+            Ok(Some(answer)) => Ok((
                 answer.call_id,
                 answer.answer.map(answer_of).unwrap_or(Answer::Status {
                     code: tonic::Code::Unknown,
                     message: "a CallAnswer without an answer".into(),
                 }),
             )),
-            Ok(Ok(None)) => Err("the participant ended the stream".into()),
-            Ok(Err(status)) => Err(format!(
+            Ok(None) => Err(StreamFailure::Broken(
+                "the participant ended the stream".into(),
+            )),
+            Err(failed) => Err(StreamFailure::Broken(format!(
                 "the stream failed: {}",
-                Answer::Status {
-                    code: status.code(),
-                    message: status.message().to_string(),
-                }
-            )),
-            Err(_) => Err(format!(
-                "no answer on the stream within {} ms",
-                self.timeout_ms
-            )),
+                status(failed)
+            ))),
         }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! - `--broken MODE` serves one of the deliberately broken variants
 //!   (`treaty_tests::broken`) instead: `no-barrier`, `yes-not-durable`, `no-anti-hanging`,
-//!   `stream-in-order`.
+//!   `stream-in-order`; or `late-stream-headers`, which is not broken (its stream's
+//!   response headers come with its first answer).
 //! - `--supervise PIDFILE` runs the participant as a child, writes the child's pid to
 //!   PIDFILE, and starts it again on the same address whenever it dies, so that
 //!   `treaty tck --restart-command 'kill -9 $(cat PIDFILE)'` can restart it. The child
@@ -25,7 +26,9 @@ use treaty_sdk::barrier::Barrier;
 use treaty_sdk::barrier_gc::BarrierGcOptions;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::server::ServeOptions;
-use treaty_tests::broken::{InOrderStream, NoAntiHanging, NoBarrier, VolatileYes};
+use treaty_tests::broken::{
+    InOrderStream, LateStreamHeaders, NoAntiHanging, NoBarrier, VolatileYes,
+};
 use treaty_tests::conformance::{ConformanceParticipant, ConformanceService};
 
 const READY_PREFIX: &str = "participant listening on";
@@ -44,6 +47,9 @@ enum Broken {
     NoAntiHanging,
     /// The `Calls` stream runs its calls one at a time and knows no withdrawals.
     StreamInOrder,
+    /// Not broken: the `Calls` stream sends its response headers only with its first
+    /// answer, as some gRPC servers do.
+    LateStreamHeaders,
 }
 
 #[derive(Debug, Parser)]
@@ -144,6 +150,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let barrier = Arc::new(Barrier::new(store).with_retention_ms(barrier_gc.retention_ms));
             serve_raw(
                 NoAntiHanging::new(user, barrier),
+                conformance,
+                listener,
+                shutdown,
+            )
+            .await?
+        }
+        Some(Broken::LateStreamHeaders) => {
+            let barrier = Arc::new(Barrier::new(store).with_retention_ms(barrier_gc.retention_ms));
+            // Never set: the process ends by a signal, and its streams with it.
+            let (_stop, stopping) = tokio::sync::watch::channel(false);
+            serve_raw(
+                LateStreamHeaders::new(user, barrier, stopping),
                 conformance,
                 listener,
                 shutdown,
