@@ -97,6 +97,9 @@ pub enum CallResult {
     unreachable,
     /// Not sent: the endpoint's circuit is open.
     circuit_open,
+    /// Not sent: the calls in flight (to the endpoint, or in all) stayed at their limit
+    /// until the call's deadline.
+    no_permit,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

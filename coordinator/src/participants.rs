@@ -259,7 +259,7 @@ impl Participants {
         // The call's deadline counts from here, its waits for a permit included: the
         // engine takes a call open past its deadline (and a prepare's grace) for lost
         // and may send it again, so none may still be waiting to go out by then.
-        let deadline = tokio::time::Instant::from_std(started) + call.timeout;
+        let deadline = tokio::time::Instant::now() + call.timeout;
         let peer = match self.peer(&call.endpoint) {
             Ok(peer) => peer,
             Err(error) => {
@@ -278,7 +278,13 @@ impl Participants {
             return Err(CallFailure::transient(CIRCUIT_OPEN));
         };
         let Some(_endpoint_permit) = Self::permit_by(deadline, &peer.health.permits).await? else {
-            return Err(self.no_permit_in_time(call, operation, started, "to this participant"));
+            return Err(self.no_permit_in_time(
+                call,
+                &peer,
+                operation,
+                started,
+                "to this participant",
+            ));
         };
         // The circuit may have opened while this call waited for its permit.
         if admitted.admission == Admission::Call && !admitted.circuit_closed() {
@@ -287,23 +293,20 @@ impl Participants {
             return Err(CallFailure::transient(CIRCUIT_OPEN));
         }
         let Some(_permit) = Self::permit_by(deadline, &self.in_flight).await? else {
-            return Err(self.no_permit_in_time(call, operation, started, "in all"));
+            return Err(self.no_permit_in_time(call, &peer, operation, started, "in all"));
         };
-        let (result, answer) = self.send(call, deadline, &peer, message, unary).await;
+        let waited = started.elapsed();
+        let (result, answer) = self
+            .send(call, deadline, waited, &peer, message, unary)
+            .await;
         let answered = matches!(result, CallResult::ok | CallResult::error);
-        admitted.finish(answered);
-        peer.health
-            .recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(
-                std::time::Instant::now(),
-                crate::runtime::now_unix_ms(),
-                answer
-                    .as_ref()
-                    .err()
-                    .map(|failure| failure.message.as_str()),
-            );
+        // A participant that had less than half the deadline (the rest went waiting for
+        // a permit, which calls to others may hold) is not judged by its timeout.
+        let had_its_time = waited <= call.timeout / 2;
+        if answered || had_its_time || !matches!(result, CallResult::timeout) {
+            admitted.finish(answered);
+        }
+        Self::record_recent(&peer, &answer);
         self.metrics.participant_call(
             &call.endpoint,
             operation,
@@ -330,12 +333,30 @@ impl Participants {
         }
     }
 
-    /// A call whose deadline passed while it waited for a permit: a timeout, as one
+    /// Counts how the call ended in the endpoint's recent calls (`treaty endpoints`).
+    fn record_recent<R>(peer: &Peer, answer: &Result<R, CallFailure>) {
+        peer.health
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(
+                std::time::Instant::now(),
+                crate::runtime::now_unix_ms(),
+                answer
+                    .as_ref()
+                    .err()
+                    .map(|failure| failure.message.as_str()),
+            );
+    }
+
+    /// A call whose deadline passed while it waited for a permit: no answer, as one
     /// the participant did not answer in time, but not held against its circuit (the
-    /// participant never had it). `whose` says which limit was full.
+    /// participant never had it), and counted apart (`no_permit`). `whose` says which
+    /// limit was full.
     fn no_permit_in_time(
         &self,
         call: &Call,
+        peer: &Peer,
         operation: CallOperation,
         started: std::time::Instant,
         whose: &str,
@@ -349,13 +370,15 @@ impl Participants {
         self.metrics.participant_call(
             &call.endpoint,
             operation,
-            CallResult::timeout,
+            CallResult::no_permit,
             started.elapsed().as_secs_f64(),
         );
-        CallFailure::transient(format!(
+        let failure = CallFailure::transient(format!(
             "not sent within {} ms: the calls in flight {whose} were at their limit",
             call.timeout.as_millis()
-        ))
+        ));
+        Self::record_recent::<()>(peer, &Err(failure.clone()));
+        failure
     }
 
     /// One call, on the endpoint's stream or unary, and how it ended for the metrics.
@@ -363,6 +386,7 @@ impl Participants {
         &self,
         call: &Call,
         deadline: tokio::time::Instant,
+        waited: Duration,
         peer: &Peer,
         message: T,
         unary: F,
@@ -398,19 +422,28 @@ impl Participants {
                 (result, Err(failure))
             }
             Err(_) => {
+                let waited_ms = waited.as_millis();
                 tracing::warn!(
                     endpoint = %call.endpoint,
                     branch_id = %call.branch_id,
                     timeout_ms = call.timeout.as_millis() as u64,
+                    waited_for_permit_ms = waited_ms as u64,
                     "participant did not answer in time"
                 );
-                (
-                    CallResult::timeout,
-                    Err(CallFailure::transient(format!(
+                // A wait worth naming: a queue, not the moment it takes to find a permit.
+                let message = if waited <= call.timeout / 10 {
+                    format!(
                         "participant did not answer within {} ms",
                         call.timeout.as_millis()
-                    ))),
-                )
+                    )
+                } else {
+                    format!(
+                        "participant did not answer within {} ms, sent after {waited_ms} ms \
+                         waiting for a place among the calls in flight",
+                        call.timeout.saturating_sub(waited).as_millis()
+                    )
+                };
+                (CallResult::timeout, Err(CallFailure::transient(message)))
             }
         }
     }

@@ -645,3 +645,52 @@ async fn a_call_that_waits_for_a_permit_past_its_deadline_fails_as_a_timeout() {
     holding.abort();
     drop(served);
 }
+
+/// A call that spent more than half its deadline waiting for a permit, and then timed
+/// out, is not held against the participant's circuit: it had too little of its time.
+/// One that waited nothing and timed out is.
+#[tokio::test]
+async fn a_call_that_waited_most_of_its_deadline_for_a_permit_is_not_held_against_the_circuit() {
+    let (listener, endpoint) = loopback().await;
+    let served = Served::start(listener, Duration::from_secs(120), true).await;
+    // A quarter of 4: one permit per endpoint.
+    let participants = Participants::new(String::new(), 4, Duration::from_secs(5));
+    let failures = |participants: &Participants| {
+        participants
+            .endpoints()
+            .into_iter()
+            .find(|status| status.endpoint == endpoint)
+            .map(|status| status.failures_in_a_row)
+    };
+    // Holds the one permit for 4.5 s, then times out itself: one failure.
+    let holding = {
+        let participants = participants.clone();
+        let call = Call {
+            timeout: Duration::from_millis(4_500),
+            ..branch_call(&endpoint, "holding")
+        };
+        tokio::spawn(async move { participants.prepare(&call, Vec::new()).await })
+    };
+    tokio::time::timeout(Duration::from_secs(30), served.started.notified())
+        .await
+        .expect("the first prepare began");
+    // Waits about 4.5 s of its 6 for the permit (more than half, even on a machine slow
+    // to start the first call), is sent, and times out 1.5 s later.
+    let late = Call {
+        timeout: Duration::from_secs(6),
+        ..branch_call(&endpoint, "late")
+    };
+    let failure = participants.prepare(&late, Vec::new()).await.unwrap_err();
+    assert!(
+        failure.message.contains("waiting for a place"),
+        "{}",
+        failure.message
+    );
+    assert!(holding.await.unwrap().is_err());
+    assert_eq!(
+        failures(&participants),
+        Some(1),
+        "only the held call counted"
+    );
+    drop(served);
+}
