@@ -131,6 +131,20 @@ pub async fn run_on_listeners(
     // and reloads then (the files may have changed after they were read below).
     let hangups = treaty_sdk::server::hangups();
     config.validate()?;
+    // Taken whole since 2026-12-07; a list written for the old splitting names one
+    // identity no certificate has, and its admins lose the role: say so.
+    for identity in config
+        .security
+        .admin_identities
+        .iter()
+        .filter(|identity| identity.contains(','))
+    {
+        tracing::warn!(
+            identity = %identity,
+            "an admin identity holds a comma: it is one identity, taken whole (repeat \
+             --admin-identity, or use the config file's array, for several)"
+        );
+    }
     let api_config = config.api()?;
     let bound = listener
         .local_addr()

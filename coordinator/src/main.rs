@@ -79,8 +79,9 @@ async fn main() -> anyhow::Result<()> {
             // named would lose their role without a word.
             if std::env::var_os("TREATY_ADMIN_IDENTITIES").is_some() {
                 anyhow::bail!(
-                    "TREATY_ADMIN_IDENTITIES is now TREATY_ADMIN_IDENTITY (as --admin-identity); \
-                     rename it"
+                    "TREATY_ADMIN_IDENTITIES is now TREATY_ADMIN_IDENTITY (as --admin-identity), \
+                     which names one identity, taken whole, commas included: for several, \
+                     repeat --admin-identity or use the config file's admin_identity array"
                 );
             }
             let print_config = args.print_config;

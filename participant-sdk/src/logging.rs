@@ -90,7 +90,13 @@ where
 /// `info`, a filter meant to quieten a chatty module or to debug one would be ignored
 /// without a word.
 pub fn env_filter(filter_env: &str) -> Result<EnvFilter, String> {
-    let value = std::env::var(filter_env).ok();
+    let value = match std::env::var(filter_env) {
+        Ok(value) => Some(value),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(format!("{filter_env}: is not UTF-8, so not a log filter"));
+        }
+    };
     filter_from(value.as_deref()).map_err(|error| format!("{filter_env}: {error}"))
 }
 
