@@ -168,16 +168,19 @@ fn json_rows(out: &str) -> serde_json::Value {
     serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-/// A `txn watch` whose connection goes silent (the coordinator's host lost power, or a
-/// middlebox dropped the flow: nothing closes it) ends with an error once its pings go
-/// unanswered for `--call-timeout-ms`; it waited for ever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_whose_connection_goes_silent_ends() {
-    let dir = tempfile::tempdir().unwrap();
-    let (coordinator, participant, active, link) = active_behind_a_link(dir.path()).await;
+/// `treaty txn watch ARGS`, once it has printed its first line: the process, the rest of
+/// its output (kept open: a watch whose stdout closed would fail on its next line), and
+/// that line.
+async fn watch_started(
+    args: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
     let mut watch = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
-        .args(["txn", "watch", &active, "--call-timeout-ms", "1000"])
-        .args(["--coordinator", &link.endpoint])
+        .args(["txn", "watch"])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -189,6 +192,24 @@ async fn a_watch_whose_connection_goes_silent_ends() {
         .expect("the watch prints the transaction's state")
         .unwrap()
         .unwrap_or_default();
+    (watch, lines, first)
+}
+
+/// A `txn watch` whose connection goes silent (the coordinator's host lost power, or a
+/// middlebox dropped the flow: nothing closes it) ends with an error once its pings go
+/// unanswered for `--call-timeout-ms`; it waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_connection_goes_silent_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, participant, active, link) = active_behind_a_link(dir.path()).await;
+    let (watch, _lines, first) = watch_started(&[
+        &active,
+        "--call-timeout-ms",
+        "1000",
+        "--coordinator",
+        &link.endpoint,
+    ])
+    .await;
     assert!(first.contains("ACTIVE"), "{first}");
     link.go_silent();
     let ended = tokio::time::timeout(PATIENCE, watch.wait_with_output())
@@ -240,19 +261,7 @@ async fn a_watch_whose_coordinator_stops_before_the_end_fails() {
         (txn.state == TransactionState::Committing as i32).then_some(())
     })
     .await;
-    let mut watch = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
-        .args(["txn", "watch", &id, "--coordinator", &endpoint])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .expect("the watch prints the transaction's state")
-        .unwrap()
-        .unwrap_or_default();
+    let (watch, _lines, first) = watch_started(&[&id, "--coordinator", &endpoint]).await;
     assert!(first.contains("COMMITTING"), "{first}");
     coordinator.terminate();
     let ended = tokio::time::timeout(PATIENCE, watch.wait_with_output())
