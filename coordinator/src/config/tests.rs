@@ -12,6 +12,38 @@ fn defaults_are_valid() {
     assert_eq!(config().validate(), Ok(()));
 }
 
+/// Every setting has an upper bound that a config file can hold: a flag's value past
+/// TOML's integers (i64) started the daemon, yet failed with --config or --print-config.
+#[test]
+fn settings_without_a_use_for_huge_values_refuse_them_naming_the_field() {
+    let huge = u64::MAX / 2;
+    type Set = fn(&mut ServeConfig, u64);
+    let checks: [(&str, Set); 5] = [
+        ("log_compaction_min_bytes", |c, v| {
+            c.log_compaction_min_bytes = v
+        }),
+        ("log_compaction_min_removed_records", |c, v| {
+            c.log_compaction_min_removed_records = v
+        }),
+        ("max_payload_memory_bytes", |c, v| {
+            c.max_payload_memory_bytes = v as usize
+        }),
+        ("max_active_per_principal", |c, v| {
+            c.max_active_per_principal = v as usize
+        }),
+        ("compensation_stuck_after_attempts", |c, v| {
+            c.compensation_stuck_after_attempts = v.min(u64::from(u32::MAX)) as u32
+        }),
+    ];
+    for (field, set) in checks {
+        let mut c = config();
+        set(&mut c, huge);
+        let error = c.validate().unwrap_err();
+        assert_eq!(error.field, field);
+        assert!(error.to_string().contains("exceeds the limit"), "{error}");
+    }
+}
+
 #[test]
 fn inconsistent_values_are_named() {
     let mut c = config();

@@ -100,6 +100,32 @@ impl ServeConfig {
             defaults::MAX_LOG_COMPACTION_GROWTH_FACTOR,
             "100",
         )?;
+        // Bounds past any use, so that every value given as a flag also fits a config
+        // file (TOML's integers stop at i64) and --print-config.
+        at_most(
+            "log_compaction_min_bytes",
+            self.log_compaction_min_bytes,
+            1 << 40,
+            "1 TiB",
+        )?;
+        at_most(
+            "log_compaction_min_removed_records",
+            self.log_compaction_min_removed_records,
+            1_000_000_000,
+            "1,000,000,000",
+        )?;
+        at_most(
+            "max_payload_memory_bytes",
+            self.max_payload_memory_bytes as u64,
+            1 << 40,
+            "1 TiB",
+        )?;
+        at_most(
+            "max_active_per_principal",
+            self.max_active_per_principal as u64,
+            10_000_000,
+            "10,000,000",
+        )?;
         at_most(
             "log_group_commit_hold_us",
             self.log_group_commit_hold_us,
@@ -214,6 +240,12 @@ impl ServeConfig {
         positive(
             "compensation_stuck_after_attempts",
             u64::from(self.compensation_stuck_after_attempts),
+        )?;
+        at_most(
+            "compensation_stuck_after_attempts",
+            u64::from(self.compensation_stuck_after_attempts),
+            1_000_000,
+            "1,000,000",
         )?;
         positive("sweep_interval_ms", self.sweep_interval_ms)?;
         at_most(
