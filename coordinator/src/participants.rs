@@ -306,7 +306,8 @@ impl Participants {
         if answered || had_its_time || !matches!(result, CallResult::timeout) {
             admitted.finish(answered);
         }
-        Self::record_recent(&peer, &answer);
+        let failure = answer.as_ref().err().map(|f| f.message.as_str());
+        Self::record_recent(&peer, failure);
         self.metrics.participant_call(
             &call.endpoint,
             operation,
@@ -333,8 +334,9 @@ impl Participants {
         }
     }
 
-    /// Counts how the call ended in the endpoint's recent calls (`treaty endpoints`).
-    fn record_recent<R>(peer: &Peer, answer: &Result<R, CallFailure>) {
+    /// Counts how the call ended in the endpoint's recent calls (`treaty endpoints`):
+    /// answered, or failed with `failure`.
+    fn record_recent(peer: &Peer, failure: Option<&str>) {
         peer.health
             .recent
             .lock()
@@ -342,10 +344,7 @@ impl Participants {
             .record(
                 std::time::Instant::now(),
                 crate::runtime::now_unix_ms(),
-                answer
-                    .as_ref()
-                    .err()
-                    .map(|failure| failure.message.as_str()),
+                failure,
             );
     }
 
@@ -377,7 +376,7 @@ impl Participants {
             "not sent within {} ms: the calls in flight {whose} were at their limit",
             call.timeout.as_millis()
         ));
-        Self::record_recent::<()>(peer, &Err(failure.clone()));
+        Self::record_recent(peer, Some(&failure.message));
         failure
     }
 

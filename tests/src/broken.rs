@@ -9,13 +9,14 @@
 //!   mark a branch in doubt) in memory only: a restart forgets them.
 //! - [`NoAntiHanging`]: the SDK's barrier, except that a Prepare for a branch already
 //!   aborted or compensated runs user code and votes YES.
-//! - [`InOrderStream`]: the SDK's unary calls, and a `Calls` stream that runs its calls
-//!   one at a time in the order they came and knows no withdrawals (it answers them
-//!   INVALID_ARGUMENT, as a request without a call).
+//! - [`OddStream`] with [`StreamOddity::InOrder`]: the SDK's unary calls, and a `Calls`
+//!   stream that runs its calls one at a time in the order they came and knows no
+//!   withdrawals (it answers them INVALID_ARGUMENT, as a request without a call).
 //!
-//! And one that is not broken, though it looks odd: [`LateStreamHeaders`], the SDK's
-//! participant whose `Calls` stream sends its response headers only with its first
-//! answer, as grpc-go and grpc-java servers do; the kit must pass it.
+//! And one that is not broken, though it looks odd: [`OddStream`] with
+//! [`StreamOddity::LateHeaders`], the SDK's participant whose `Calls` stream sends its
+//! response headers only with its first answer, as grpc-go and grpc-java servers do; the
+//! kit must pass it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -350,25 +351,51 @@ impl pb::participant_server::Participant for NoAntiHanging {
     }
 }
 
-/// The SDK's service for unary calls; its `Calls` stream answers each call before it
-/// reads the next, and takes a withdrawal for a request without a known call.
-#[derive(Debug)]
-pub struct InOrderStream {
-    inner: Arc<ParticipantService<ConformanceParticipant>>,
+/// How an [`OddStream`] serves its `Calls` stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOddity {
+    /// Broken: answers each call before it reads the next, and takes a withdrawal for a
+    /// request without a known call (INVALID_ARGUMENT).
+    InOrder,
+    /// Correct: the SDK's stream, whose start (the response headers) is answered only
+    /// together with its first answer, as a gRPC server may.
+    LateHeaders,
 }
 
-impl InOrderStream {
-    pub fn new(user: Arc<ConformanceParticipant>, barrier: Arc<Barrier>) -> Self {
+/// The SDK's service for unary calls, with a `Calls` stream served as `oddity` says.
+#[derive(Debug)]
+pub struct OddStream {
+    inner: Arc<ParticipantService<ConformanceParticipant>>,
+    oddity: StreamOddity,
+}
+
+impl OddStream {
+    /// `stopping` turns true when the server stops (see
+    /// `ParticipantService::with_call_streams`).
+    pub fn new(
+        user: Arc<ConformanceParticipant>,
+        barrier: Arc<Barrier>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+        oddity: StreamOddity,
+    ) -> Self {
         Self {
-            inner: Arc::new(ParticipantService::new(user, barrier)),
+            inner: Arc::new(
+                ParticipantService::new(user, barrier)
+                    .with_call_streams(stopping, ODD_STREAM_MAX_CALLS),
+            ),
+            oddity,
         }
     }
 }
 
-/// Calls a stream may hold answered and not yet sent.
-const IN_ORDER_ANSWERS: usize = 16;
+/// Calls answered at once on one connection (the SDK's stream), and answered but not yet
+/// sent (the in-order one).
+const ODD_STREAM_MAX_CALLS: usize = 1024;
 
-/// One call of the stream, run as the unary call would be.
+type AnswerStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::CallAnswer, Status>> + Send>>;
+
+/// One call of an in-order stream, run as the unary call would be.
 async fn answer_in_order(
     inner: &ParticipantService<ConformanceParticipant>,
     call: Option<pb::call_request::Call>,
@@ -393,100 +420,36 @@ async fn answer_in_order(
     })
 }
 
-#[tonic::async_trait]
-impl pb::participant_server::Participant for InOrderStream {
-    async fn prepare(
-        &self,
-        request: Request<pb::PrepareBranchRequest>,
-    ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
-        self.inner.prepare(request).await
-    }
-
-    async fn commit(
-        &self,
-        request: Request<pb::CommitBranchRequest>,
-    ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        self.inner.commit(request).await
-    }
-
-    async fn abort(
-        &self,
-        request: Request<pb::AbortBranchRequest>,
-    ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        self.inner.abort(request).await
-    }
-
-    async fn compensate(
-        &self,
-        request: Request<pb::CompensateBranchRequest>,
-    ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
-        self.inner.compensate(request).await
-    }
-
-    type CallsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::CallAnswer, Status>>;
-
-    async fn calls(
-        &self,
-        request: Request<tonic::Streaming<pb::CallRequest>>,
-    ) -> Result<Response<Self::CallsStream>, Status> {
-        let mut calls = request.into_inner();
-        let (answers, stream) = tokio::sync::mpsc::channel(IN_ORDER_ANSWERS);
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(request)) = calls.message().await {
-                let answer = match answer_in_order(&inner, request.call).await {
-                    Ok(answer) => answer,
-                    Err(status) => pb::call_answer::Answer::Error(pb::CallError {
-                        code: status.code() as i32,
-                        message: status.message().to_string(),
-                        details: Vec::new(),
-                    }),
-                };
-                let answer = pb::CallAnswer {
-                    call_id: request.call_id,
-                    answer: Some(answer),
-                };
-                if answers.send(Ok(answer)).await.is_err() {
-                    break;
-                }
+/// Answers each call of `calls` before it reads the next.
+fn in_order(
+    inner: Arc<ParticipantService<ConformanceParticipant>>,
+    mut calls: tonic::Streaming<pb::CallRequest>,
+) -> AnswerStream {
+    let (answers, stream) = tokio::sync::mpsc::channel(ODD_STREAM_MAX_CALLS);
+    tokio::spawn(async move {
+        while let Ok(Some(request)) = calls.message().await {
+            let answer = match answer_in_order(&inner, request.call).await {
+                Ok(answer) => answer,
+                Err(status) => pb::call_answer::Answer::Error(pb::CallError {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                    details: Vec::new(),
+                }),
+            };
+            let answer = pb::CallAnswer {
+                call_id: request.call_id,
+                answer: Some(answer),
+            };
+            if answers.send(Ok(answer)).await.is_err() {
+                break;
             }
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            stream,
-        )))
-    }
-}
-
-/// The SDK's service, whose `Calls` stream answers its start (the response headers) only
-/// together with its first answer. Correct: a gRPC server may do so.
-#[derive(Debug)]
-pub struct LateStreamHeaders {
-    inner: ParticipantService<ConformanceParticipant>,
-}
-
-impl LateStreamHeaders {
-    /// `stopping` turns true when the server stops (see
-    /// `ParticipantService::with_call_streams`).
-    pub fn new(
-        user: Arc<ConformanceParticipant>,
-        barrier: Arc<Barrier>,
-        stopping: tokio::sync::watch::Receiver<bool>,
-    ) -> Self {
-        Self {
-            inner: ParticipantService::new(user, barrier)
-                .with_call_streams(stopping, LATE_HEADERS_MAX_CALLS),
         }
-    }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(stream))
 }
-
-/// Calls answered at once on one connection of [`LateStreamHeaders`].
-const LATE_HEADERS_MAX_CALLS: usize = 1024;
-
-type AnswerStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::CallAnswer, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl pb::participant_server::Participant for LateStreamHeaders {
+impl pb::participant_server::Participant for OddStream {
     async fn prepare(
         &self,
         request: Request<pb::PrepareBranchRequest>,
@@ -522,10 +485,19 @@ impl pb::participant_server::Participant for LateStreamHeaders {
         request: Request<tonic::Streaming<pb::CallRequest>>,
     ) -> Result<Response<Self::CallsStream>, Status> {
         use futures::StreamExt;
-        let mut answers = self.inner.calls(request).await?.into_inner();
-        // The response (its headers) is returned only once the first answer is ready.
-        let first = answers.next().await;
-        let answers: AnswerStream = Box::pin(futures::stream::iter(first).chain(answers));
-        Ok(Response::new(answers))
+        match self.oddity {
+            StreamOddity::InOrder => Ok(Response::new(in_order(
+                self.inner.clone(),
+                request.into_inner(),
+            ))),
+            StreamOddity::LateHeaders => {
+                let mut answers = self.inner.calls(request).await?.into_inner();
+                // The response (its headers) is returned only once the first answer is
+                // ready.
+                let first = answers.next().await;
+                let answers: AnswerStream = Box::pin(futures::stream::iter(first).chain(answers));
+                Ok(Response::new(answers))
+            }
+        }
     }
 }

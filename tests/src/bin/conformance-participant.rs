@@ -26,9 +26,7 @@ use treaty_sdk::barrier::Barrier;
 use treaty_sdk::barrier_gc::BarrierGcOptions;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::server::ServeOptions;
-use treaty_tests::broken::{
-    InOrderStream, LateStreamHeaders, NoAntiHanging, NoBarrier, VolatileYes,
-};
+use treaty_tests::broken::{NoAntiHanging, NoBarrier, OddStream, StreamOddity, VolatileYes};
 use treaty_tests::conformance::{ConformanceParticipant, ConformanceService};
 
 const READY_PREFIX: &str = "participant listening on";
@@ -156,22 +154,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .await?
         }
-        Some(Broken::LateStreamHeaders) => {
+        Some(oddity @ (Broken::LateStreamHeaders | Broken::StreamInOrder)) => {
             let barrier = Arc::new(Barrier::new(store).with_retention_ms(barrier_gc.retention_ms));
+            let oddity = if oddity == Broken::StreamInOrder {
+                StreamOddity::InOrder
+            } else {
+                StreamOddity::LateHeaders
+            };
             // Never set: the process ends by a signal, and its streams with it.
             let (_stop, stopping) = tokio::sync::watch::channel(false);
             serve_raw(
-                LateStreamHeaders::new(user, barrier, stopping),
-                conformance,
-                listener,
-                shutdown,
-            )
-            .await?
-        }
-        Some(Broken::StreamInOrder) => {
-            let barrier = Arc::new(Barrier::new(store).with_retention_ms(barrier_gc.retention_ms));
-            serve_raw(
-                InOrderStream::new(user, barrier),
+                OddStream::new(user, barrier, stopping, oddity),
                 conformance,
                 listener,
                 shutdown,
