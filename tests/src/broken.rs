@@ -9,14 +9,17 @@
 //!   mark a branch in doubt) in memory only: a restart forgets them.
 //! - [`NoAntiHanging`]: the SDK's barrier, except that a Prepare for a branch already
 //!   aborted or compensated runs user code and votes YES.
-//! - [`OddStream`] with [`StreamOddity::InOrder`]: the SDK's unary calls, and a `Calls`
-//!   stream that runs its calls one at a time in the order they came and knows no
+//! - [`OddParticipant`] with [`Oddity::StreamInOrder`]: the SDK's unary calls, and a
+//!   `Calls` stream that runs its calls one at a time in the order they came and knows no
 //!   withdrawals (it answers them INVALID_ARGUMENT, as a request without a call).
+//! - [`OddParticipant`] with [`Oddity::UserFailureAs`] FAILED_PRECONDITION: user code
+//!   that failed is answered as a refusal for good, which the coordinator never retries.
 //!
-//! And one that is not broken, though it looks odd: [`OddStream`] with
-//! [`StreamOddity::LateHeaders`], the SDK's participant whose `Calls` stream sends its
-//! response headers only with its first answer, as grpc-go and grpc-java servers do; the
-//! kit must pass it.
+//! And two that are not broken, though they look odd, which the kit must pass: the SDK's
+//! participant whose `Calls` stream sends its response headers only with its first answer,
+//! as grpc-go and grpc-java servers do ([`Oddity::LateStreamHeaders`]), and one that
+//! answers user code that failed UNKNOWN, as a gRPC server does for an exception its
+//! handler let through (`Oddity::UserFailureAs` UNKNOWN).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -351,32 +354,36 @@ impl pb::participant_server::Participant for NoAntiHanging {
     }
 }
 
-/// How an [`OddStream`] serves its `Calls` stream.
+/// What an [`OddParticipant`] does otherwise than the SDK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamOddity {
-    /// Broken: answers each call before it reads the next, and takes a withdrawal for a
-    /// request without a known call (INVALID_ARGUMENT).
-    InOrder,
+pub enum Oddity {
+    /// Broken: the `Calls` stream answers each call before it reads the next, and takes
+    /// a withdrawal for a request without a known call (INVALID_ARGUMENT).
+    StreamInOrder,
     /// Correct: the SDK's stream, whose start (the response headers) is answered only
     /// together with its first answer, as a gRPC server may.
-    LateHeaders,
+    LateStreamHeaders,
+    /// A unary call the SDK answers UNAVAILABLE (user code that failed) is answered with
+    /// this code instead: UNKNOWN is what a gRPC server answers for an exception its
+    /// handler let through (correct), FAILED_PRECONDITION a refusal for good (broken).
+    UserFailureAs(tonic::Code),
 }
 
-/// The SDK's service for unary calls, with a `Calls` stream served as `oddity` says.
+/// The SDK's service, serving as `oddity` says.
 #[derive(Debug)]
-pub struct OddStream {
+pub struct OddParticipant {
     inner: Arc<ParticipantService<ConformanceParticipant>>,
-    oddity: StreamOddity,
+    oddity: Oddity,
 }
 
-impl OddStream {
+impl OddParticipant {
     /// `stopping` turns true when the server stops (see
     /// `ParticipantService::with_call_streams`).
     pub fn new(
         user: Arc<ConformanceParticipant>,
         barrier: Arc<Barrier>,
         stopping: tokio::sync::watch::Receiver<bool>,
-        oddity: StreamOddity,
+        oddity: Oddity,
     ) -> Self {
         Self {
             inner: Arc::new(
@@ -384,6 +391,16 @@ impl OddStream {
                     .with_call_streams(stopping, ODD_STREAM_MAX_CALLS),
             ),
             oddity,
+        }
+    }
+
+    /// A unary call's error status, as this participant answers it.
+    fn odd(&self, status: Status) -> Status {
+        match self.oddity {
+            Oddity::UserFailureAs(code) if status.code() == tonic::Code::Unavailable => {
+                Status::new(code, status.message())
+            }
+            _ => status,
         }
     }
 }
@@ -449,33 +466,36 @@ fn in_order(
 }
 
 #[tonic::async_trait]
-impl pb::participant_server::Participant for OddStream {
+impl pb::participant_server::Participant for OddParticipant {
     async fn prepare(
         &self,
         request: Request<pb::PrepareBranchRequest>,
     ) -> Result<Response<pb::PrepareBranchResponse>, Status> {
-        self.inner.prepare(request).await
+        self.inner.prepare(request).await.map_err(|s| self.odd(s))
     }
 
     async fn commit(
         &self,
         request: Request<pb::CommitBranchRequest>,
     ) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        self.inner.commit(request).await
+        self.inner.commit(request).await.map_err(|s| self.odd(s))
     }
 
     async fn abort(
         &self,
         request: Request<pb::AbortBranchRequest>,
     ) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        self.inner.abort(request).await
+        self.inner.abort(request).await.map_err(|s| self.odd(s))
     }
 
     async fn compensate(
         &self,
         request: Request<pb::CompensateBranchRequest>,
     ) -> Result<Response<pb::CompensateBranchResponse>, Status> {
-        self.inner.compensate(request).await
+        self.inner
+            .compensate(request)
+            .await
+            .map_err(|s| self.odd(s))
     }
 
     type CallsStream = AnswerStream;
@@ -486,17 +506,21 @@ impl pb::participant_server::Participant for OddStream {
     ) -> Result<Response<Self::CallsStream>, Status> {
         use futures::StreamExt;
         match self.oddity {
-            StreamOddity::InOrder => Ok(Response::new(in_order(
+            Oddity::StreamInOrder => Ok(Response::new(in_order(
                 self.inner.clone(),
                 request.into_inner(),
             ))),
-            StreamOddity::LateHeaders => {
+            Oddity::LateStreamHeaders => {
                 let mut answers = self.inner.calls(request).await?.into_inner();
                 // The response (its headers) is returned only once the first answer is
                 // ready.
                 let first = answers.next().await;
                 let answers: AnswerStream = Box::pin(futures::stream::iter(first).chain(answers));
                 Ok(Response::new(answers))
+            }
+            Oddity::UserFailureAs(_) => {
+                let answers = self.inner.calls(request).await?.into_inner();
+                Ok(Response::new(Box::pin(answers)))
             }
         }
     }

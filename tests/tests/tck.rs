@@ -329,6 +329,51 @@ async fn the_kit_passes_a_participant_whose_stream_headers_come_with_its_first_a
     }
 }
 
+/// The cases whose user code fails once (`fail=1`).
+const USER_FAILURE_CASES: [&str; 5] = [
+    "failure.abort-then-retry",
+    "failure.compensate-then-retry",
+    "failure.one-phase-then-retry",
+    "failure.prepare-then-retry",
+    "saga.compensate-uncommitted-step",
+];
+
+/// Runs the cases whose user code fails once against a participant that answers that
+/// failure as `broken` says.
+async fn kit_on_user_failures(broken: &str) -> KitRun {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), Some(broken)).await;
+    kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--cases",
+        "failure,compensate-uncommitted,yes-then-commit",
+        "--json",
+    ])
+    .await
+}
+
+/// Any error status that means "no answer yet" will do for user code that failed: a
+/// gRPC server answers UNKNOWN for an exception its handler let through (grpc-java,
+/// grpc-go, grpc-python), and the coordinator asks again as it does after UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_passes_a_participant_that_answers_failing_user_code_unknown() {
+    let run = kit_on_user_failures("user-failure-unknown").await;
+    assert_eq!(run.status, Some(0), "{}\n{}", run.stdout, run.stderr);
+    for name in USER_FAILURE_CASES {
+        assert_eq!(run.results()[name], "ok", "{name}");
+    }
+}
+
+/// FAILED_PRECONDITION is a refusal for good, which the coordinator never asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_fails_a_participant_that_answers_failing_user_code_as_a_refusal() {
+    let run = kit_on_user_failures("user-failure-failed-precondition").await;
+    assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(run.failed(), USER_FAILURE_CASES);
+    assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
+}
+
 /// A participant that requires no token serves anyone who can reach it: given a token,
 /// the kit shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -272,6 +272,36 @@ pub fn expect(step: &str, got: Answer, expected: &str) -> Result<Answer, Stop> {
     }
 }
 
+/// Fails unless `got` is an error status that says "no answer yet", as a participant
+/// answers when its user code fails (docs/PARTICIPANT-PROTOCOL.md, sections 5 and 13).
+/// The SDKs answer UNAVAILABLE; a gRPC server that lets the exception through answers
+/// UNKNOWN, and the coordinator treats both as no answer. Refused are the statuses the
+/// protocol gives a meaning of their own: a bad request (INVALID_ARGUMENT), a refusal for
+/// good (FAILED_PRECONDITION, which the coordinator flags stuck at once), the caller's
+/// credentials (UNAUTHENTICATED, PERMISSION_DENIED), a method not served (UNIMPLEMENTED).
+pub fn expect_no_answer_yet(step: &str, got: Answer) -> Outcome {
+    use tonic::Code;
+    if let Answer::Status { code, .. } = &got {
+        let meaning_of_its_own = matches!(
+            code,
+            Code::Ok
+                | Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::Unauthenticated
+                | Code::PermissionDenied
+                | Code::Unimplemented
+        );
+        if !meaning_of_its_own {
+            return Ok(());
+        }
+    }
+    Err(Stop::Failed(format!(
+        "{step}: expected an error status meaning no answer yet (UNAVAILABLE, as the SDKs \
+         answer, or another such as UNKNOWN; not one the protocol gives a meaning of its \
+         own), got {got}"
+    )))
+}
+
 /// Fails unless `got` is `expected` with a reason (or message) equal to `reason`.
 pub fn expect_with_reason(step: &str, got: Answer, expected: &str, reason: &str) -> Outcome {
     let got = expect(step, got, expected)?;

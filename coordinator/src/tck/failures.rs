@@ -1,21 +1,22 @@
-//! User code that fails and is asked again (`fail=N`: UNAVAILABLE, nothing recorded,
-//! then the retry applies once), and malformed requests (INVALID_ARGUMENT naming the
-//! field, before the barrier: nothing recorded, so a valid call afterwards finds no
-//! record); and requests at the limits, which are served as any other.
+//! User code that fails and is asked again (`fail=N`: an error status meaning "no answer
+//! yet", such as UNAVAILABLE, nothing recorded, then the retry applies once), and
+//! malformed requests (INVALID_ARGUMENT naming the field, before the barrier: nothing
+//! recorded, so a valid call afterwards finds no record); and requests at the limits,
+//! which are served as any other.
 
 use super::cases::{UNDO, YES};
 use super::check::{
     Case, Ctx, ONE_PHASE, Outcome, SAGA_STEP, TWO_PHASE, abort_effect, cases, commit_effect,
-    compensate_effect, expect, expect_invalid, prepare_effect,
+    compensate_effect, expect, expect_invalid, expect_no_answer_yet, prepare_effect,
 };
 use super::target::Branch;
 
 pub fn all() -> Vec<Case> {
     cases! {
-        "failure.prepare-then-retry", "user prepare fails once: UNAVAILABLE, nothing recorded; the retry votes YES; a failing commit is retried and applied once", prepare_failure;
-        "failure.abort-then-retry", "user abort fails once: UNAVAILABLE; the retry aborts once", abort_failure;
-        "failure.one-phase-then-retry", "Commit ONE_PHASE whose prepare, then commit, fail once: UNAVAILABLE twice, then COMMITTED with one effect each", one_phase_failure;
-        "failure.compensate-then-retry", "user compensate fails once: UNAVAILABLE, nothing undone; the retry compensates once", compensate_failure;
+        "failure.prepare-then-retry", "user prepare fails once: an error status such as UNAVAILABLE, nothing recorded; the retry votes YES; a failing commit is retried and applied once", prepare_failure;
+        "failure.abort-then-retry", "user abort fails once: an error status such as UNAVAILABLE; the retry aborts once", abort_failure;
+        "failure.one-phase-then-retry", "Commit ONE_PHASE whose prepare, then commit, fail once: an error status such as UNAVAILABLE twice, then COMMITTED with one effect each", one_phase_failure;
+        "failure.compensate-then-retry", "user compensate fails once: an error status such as UNAVAILABLE, nothing undone; the retry compensates once", compensate_failure;
         "invalid.empty-ids", "an empty transaction_id or branch_id: INVALID_ARGUMENT naming the field, on every call", empty_ids;
         "invalid.bad-ids", "ids with '/' or over 64 bytes: INVALID_ARGUMENT naming the field", bad_ids;
         "invalid.coordinator-endpoint", "a malformed coordinator_endpoint: INVALID_ARGUMENT naming it, nothing recorded", bad_endpoint;
@@ -28,16 +29,12 @@ pub fn all() -> Vec<Case> {
 async fn prepare_failure(ctx: &Ctx) -> Outcome {
     let b = Branch::fresh();
     let script: &[u8] = b"vote=yes;fail=1";
-    expect(
-        "Prepare (fails)",
-        ctx.prepare(&b, script).await,
-        "UNAVAILABLE",
-    )?;
+    expect_no_answer_yet("Prepare (fails)", ctx.prepare(&b, script).await)?;
     ctx.expect_effects("after the failed Prepare", &b, &[])
         .await?;
     expect("Prepare again", ctx.prepare(&b, script).await, "VOTE_YES")?;
     let commit = ctx.commit(&b, TWO_PHASE, b"").await;
-    expect("Commit TWO_PHASE (commit fails)", commit, "UNAVAILABLE")?;
+    expect_no_answer_yet("Commit TWO_PHASE (commit fails)", commit)?;
     ctx.expect_effects("after the failed Commit", &b, &[prepare_effect(script)])
         .await?;
     let commit = ctx.commit(&b, TWO_PHASE, b"").await;
@@ -49,13 +46,9 @@ async fn prepare_failure(ctx: &Ctx) -> Outcome {
 async fn abort_failure(ctx: &Ctx) -> Outcome {
     let b = Branch::fresh();
     let script: &[u8] = b"vote=yes;fail=1";
-    expect(
-        "Prepare (fails)",
-        ctx.prepare(&b, script).await,
-        "UNAVAILABLE",
-    )?;
+    expect_no_answer_yet("Prepare (fails)", ctx.prepare(&b, script).await)?;
     expect("Prepare again", ctx.prepare(&b, script).await, "VOTE_YES")?;
-    expect("Abort (abort fails)", ctx.abort(&b).await, "UNAVAILABLE")?;
+    expect_no_answer_yet("Abort (abort fails)", ctx.abort(&b).await)?;
     ctx.expect_effects("after the failed Abort", &b, &[prepare_effect(script)])
         .await?;
     expect("Abort again", ctx.abort(&b).await, "ABORT_RESULT_ABORTED")?;
@@ -67,15 +60,11 @@ async fn one_phase_failure(ctx: &Ctx) -> Outcome {
     let b = Branch::fresh();
     let script: &[u8] = b"vote=yes;fail=1";
     let first = ctx.commit(&b, ONE_PHASE, script).await;
-    expect("Commit ONE_PHASE (prepare fails)", first, "UNAVAILABLE")?;
+    expect_no_answer_yet("Commit ONE_PHASE (prepare fails)", first)?;
     ctx.expect_effects("after the failed prepare", &b, &[])
         .await?;
     let second = ctx.commit(&b, ONE_PHASE, script).await;
-    expect(
-        "Commit ONE_PHASE again (commit fails)",
-        second,
-        "UNAVAILABLE",
-    )?;
+    expect_no_answer_yet("Commit ONE_PHASE again (commit fails)", second)?;
     ctx.expect_effects("after the failed commit", &b, &[prepare_effect(script)])
         .await?;
     let third = ctx.commit(&b, ONE_PHASE, script).await;
@@ -96,11 +85,7 @@ async fn compensate_failure(ctx: &Ctx) -> Outcome {
         "COMMIT_RESULT_COMMITTED",
     )?;
     let undo: &[u8] = b"fail=1";
-    expect(
-        "Compensate (fails)",
-        ctx.compensate(&b, undo).await,
-        "UNAVAILABLE",
-    )?;
+    expect_no_answer_yet("Compensate (fails)", ctx.compensate(&b, undo).await)?;
     let committed = [prepare_effect(YES), commit_effect(YES)];
     ctx.expect_effects("after the failed Compensate", &b, &committed)
         .await?;

@@ -5,8 +5,9 @@
 //!
 //! - `--broken MODE` serves one of the deliberately broken variants
 //!   (`treaty_tests::broken`) instead: `no-barrier`, `yes-not-durable`, `no-anti-hanging`,
-//!   `stream-in-order`; or `late-stream-headers`, which is not broken (its stream's
-//!   response headers come with its first answer).
+//!   `stream-in-order`, `user-failure-failed-precondition`; or one that is not broken:
+//!   `late-stream-headers` (its stream's response headers come with its first answer),
+//!   `user-failure-unknown` (user code that failed is answered UNKNOWN).
 //! - `--supervise PIDFILE` runs the participant as a child, writes the child's pid to
 //!   PIDFILE, and starts it again on the same address whenever it dies, so that
 //!   `treaty tck --restart-command 'kill -9 $(cat PIDFILE)'` can restart it. The child
@@ -26,7 +27,7 @@ use treaty_sdk::barrier::Barrier;
 use treaty_sdk::barrier_gc::BarrierGcOptions;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::server::ServeOptions;
-use treaty_tests::broken::{NoAntiHanging, NoBarrier, OddStream, StreamOddity, VolatileYes};
+use treaty_tests::broken::{NoAntiHanging, NoBarrier, OddParticipant, Oddity, VolatileYes};
 use treaty_tests::conformance::{ConformanceParticipant, ConformanceService};
 
 const READY_PREFIX: &str = "participant listening on";
@@ -48,6 +49,10 @@ enum Broken {
     /// Not broken: the `Calls` stream sends its response headers only with its first
     /// answer, as some gRPC servers do.
     LateStreamHeaders,
+    /// Not broken: user code that failed is answered UNKNOWN, not UNAVAILABLE.
+    UserFailureUnknown,
+    /// User code that failed is answered FAILED_PRECONDITION, a refusal for good.
+    UserFailureFailedPrecondition,
 }
 
 #[derive(Debug, Parser)]
@@ -154,17 +159,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .await?
         }
-        Some(oddity @ (Broken::LateStreamHeaders | Broken::StreamInOrder)) => {
+        Some(
+            broken @ (Broken::LateStreamHeaders
+            | Broken::StreamInOrder
+            | Broken::UserFailureUnknown
+            | Broken::UserFailureFailedPrecondition),
+        ) => {
             let barrier = Arc::new(Barrier::new(store).with_retention_ms(barrier_gc.retention_ms));
-            let oddity = if oddity == Broken::StreamInOrder {
-                StreamOddity::InOrder
-            } else {
-                StreamOddity::LateHeaders
+            let oddity = match broken {
+                Broken::StreamInOrder => Oddity::StreamInOrder,
+                Broken::UserFailureUnknown => Oddity::UserFailureAs(tonic::Code::Unknown),
+                Broken::UserFailureFailedPrecondition => {
+                    Oddity::UserFailureAs(tonic::Code::FailedPrecondition)
+                }
+                _ => Oddity::LateStreamHeaders,
             };
             // Never set: the process ends by a signal, and its streams with it.
             let (_stop, stopping) = tokio::sync::watch::channel(false);
             serve_raw(
-                OddStream::new(user, barrier, stopping, oddity),
+                OddParticipant::new(user, barrier, stopping, oddity),
                 conformance,
                 listener,
                 shutdown,
