@@ -169,7 +169,9 @@ pub struct ServeConfig {
     #[arg(long, env = "TREATY_PARTICIPANT_CALL_STREAMS", default_value_t = true, action = clap::ArgAction::Set)]
     pub participant_call_streams: bool,
 
-    /// How long shutdown waits for work in flight before leaving it to recovery.
+    /// How long shutdown waits for work in flight (transactions being delivered, and
+    /// requests the server is still answering) before leaving it to recovery: one period
+    /// for both, so the log is closed within about this long of the signal.
     #[arg(long, env = "TREATY_SHUTDOWN_GRACE_MS", default_value_t = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: u64,
 

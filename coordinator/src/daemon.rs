@@ -301,12 +301,15 @@ pub async fn run_on_listeners(
     if let Some(reloader) = reloader {
         reloader.abort();
     }
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
-    runtime.shutdown(tasks, grace).await;
+    // One grace period for the runtime's work in flight and the server's requests
+    // alike, which both began it now: operators size their supervisor's stop timeout
+    // on it.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
+    runtime.shutdown_by(tasks, deadline).await;
     let server_result = match server_result {
         Some(result) => result,
         // Requests still in flight have had the grace period; the rest are cut off.
-        None => match tokio::time::timeout(grace, &mut server).await {
+        None => match tokio::time::timeout_at(deadline, &mut server).await {
             Ok(result) => result,
             Err(_) => {
                 server.abort();

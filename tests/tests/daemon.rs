@@ -240,3 +240,70 @@ async fn a_generic_grpc_client_can_discover_and_health_check_the_coordinator() {
     }
     stopped.await.unwrap().unwrap();
 }
+
+/// `shutdown_grace_ms` bounds the whole stop: work in flight in the runtime and requests
+/// in flight at the server share one grace period. They waited one after the other, so
+/// a commit still being delivered and a client holding a stream open (a reflection
+/// stream here, as `grpcurl` holds one) kept the daemon up for twice the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_and_the_server_share_one_shutdown_grace() {
+    const GRACE_MS: u64 = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let a = ParticipantServer::start(&dir.path().join("a")).await;
+    let b = ParticipantServer::start(&dir.path().join("b")).await;
+    // a never acknowledges phase 2: the runtime waits the whole grace for it.
+    a.participant.fail_next_commits(u32::MAX);
+    let mut config = treaty_tests::harness::coordinator_config(&dir.path().join("coordinator"));
+    config.shutdown_grace_ms = GRACE_MS;
+    let coordinator = treaty_tests::harness::Coordinator::start_with(config).await;
+    let client = TreatyClient::connect(coordinator.endpoint.clone())
+        .await
+        .unwrap();
+    let (_, outcome) = client
+        .run_two_phase(
+            vec![
+                BranchSpec::new("a", &a.endpoint, "yes"),
+                BranchSpec::new("b", &b.endpoint, "yes"),
+            ],
+            BeginOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Committed);
+
+    // A stream whose client never ends its requests: the server waits for it.
+    let channel = Channel::from_shared(coordinator.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (requests, held) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await
+        .unwrap();
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(held))
+        .await
+        .unwrap()
+        .into_inner();
+    responses.message().await.unwrap().unwrap();
+
+    let started = std::time::Instant::now();
+    coordinator.stop().await.unwrap();
+    let took = started.elapsed();
+    // The runtime's wait happened (the commit was still undelivered), and nothing waited
+    // a second grace after it. The margin is for a loaded machine.
+    let grace = std::time::Duration::from_millis(GRACE_MS);
+    assert!(took >= grace.mul_f64(0.9), "stopped after {took:?}");
+    assert!(
+        took < grace.mul_f64(1.6),
+        "stopped after {took:?}, grace {grace:?}"
+    );
+    drop(requests);
+    a.stop().await;
+    b.stop().await;
+}

@@ -542,8 +542,14 @@ impl Runtime {
     /// Stops the shards: undecided transactions are aborted, and work in flight gets
     /// `grace` to finish. What is left is recovery's job at the next start.
     pub async fn shutdown(&self, tasks: RuntimeTasks, grace: Duration) {
+        self.shutdown_by(tasks, tokio::time::Instant::now() + grace)
+            .await
+    }
+
+    /// [`Runtime::shutdown`], with work in flight given until `deadline`.
+    pub async fn shutdown_by(&self, tasks: RuntimeTasks, deadline: tokio::time::Instant) {
         for shard in self.shards.iter() {
-            let _ = shard.send(ShardMsg::Shutdown { grace }).await;
+            let _ = shard.send(ShardMsg::Shutdown { deadline }).await;
         }
         for handle in tasks.handles {
             if let Err(error) = handle.await {

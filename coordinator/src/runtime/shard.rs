@@ -267,8 +267,8 @@ impl Shard {
                     self.on_timer(id, timer);
                 }
                 message = self.commands.recv(), if stopping_at.is_none() => match message {
-                    Some(ShardMsg::Shutdown { grace }) => {
-                        stopping_at = Some(Instant::now() + grace);
+                    Some(ShardMsg::Shutdown { deadline }) => {
+                        stopping_at = Some(deadline);
                         self.abort_undecided();
                     }
                     Some(message) => self.on_message(message),

@@ -66,9 +66,7 @@ pub(in crate::runtime) enum ShardMsg {
         reply: Reply<Result<Option<TxnRecord>, RuntimeError>>,
     },
     /// The shard's part of the metrics' summary.
-    Health {
-        reply: Reply<Health>,
-    },
+    Health { reply: Reply<Health> },
     /// The `limit` smallest ids after `after` in `states`, and which of `known` (ids
     /// found in the log) this shard holds in memory.
     List {
@@ -78,9 +76,9 @@ pub(in crate::runtime) enum ShardMsg {
         known: Vec<TxnId>,
         reply: Reply<Listed>,
     },
-    Shutdown {
-        grace: Duration,
-    },
+    /// Abort what is undecided, and stop once nothing is left to wait for or at
+    /// `deadline`, whichever comes first.
+    Shutdown { deadline: tokio::time::Instant },
 }
 
 /// A shard's answer to `Submit`.
