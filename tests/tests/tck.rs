@@ -115,6 +115,11 @@ const STREAM_CASES: [&str; 3] = [
     "stream.withdraw",
 ];
 
+/// The coordinator the test participants trust (the kit never serves GetOutcome, so
+/// none answers there), and one they do not.
+const TRUSTED_COORDINATOR: &str = "http://127.0.0.1:9";
+const UNTRUSTED_COORDINATOR: &str = "http://127.0.0.1:8";
+
 /// Runs every case, restarts included, against the participant at `endpoint` started
 /// supervised in `dir`, and checks that it conforms and really was restarted; the
 /// stream cases pass if it `serves_streams`, and are skipped otherwise.
@@ -130,6 +135,8 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
         RETENTION_MS,
         "--token",
         TOKEN,
+        "--untrusted-coordinator",
+        UNTRUSTED_COORDINATOR,
         "--json",
     ])
     .await;
@@ -162,6 +169,7 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
         "late.calls-past-retention",
         "restart.yes-survives",
         "auth.wrong-credentials-refused",
+        "auth.untrusted-coordinator-refused",
     ] {
         assert_eq!(results.get(name).map(String::as_str), Some("ok"), "{name}");
     }
@@ -176,7 +184,13 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let participant = start_participant_with(dir.path(), None, &["--token", TOKEN]).await;
+    let trusted = [
+        "--token",
+        TOKEN,
+        "--trusted-coordinator",
+        TRUSTED_COORDINATOR,
+    ];
+    let participant = start_participant_with(dir.path(), None, &trusted).await;
     assert_conforms_across_restarts(&participant.endpoint(), dir.path(), true).await;
 }
 
@@ -202,7 +216,7 @@ async fn the_kit_passes_the_python_sdk_participant_across_restarts() {
         // The Python SDK asks only configured coordinators once callers authenticate;
         // the kit never serves GetOutcome, so none answers here.
         "--trusted-coordinator",
-        "http://127.0.0.1:9",
+        TRUSTED_COORDINATOR,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -395,6 +409,29 @@ async fn the_kit_fails_a_participant_that_requires_no_token() {
     assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
 }
 
+/// A participant without a list of trusted coordinators records a vote for whichever
+/// coordinator a call names: told an endpoint it should not trust, the kit shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_fails_a_participant_that_trusts_any_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), None).await;
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--untrusted-coordinator",
+        UNTRUSTED_COORDINATOR,
+        "--cases",
+        "auth,yes-then-commit",
+        "--json",
+    ])
+    .await;
+    assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(run.failed(), ["auth.untrusted-coordinator-refused"]);
+    assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
+    // Without --token the kit cannot judge the credentials: that case is skipped.
+    assert_eq!(run.results()["auth.wrong-credentials-refused"], "skipped");
+}
+
 /// A restart command that restarts nothing must not let the restart cases pass: the
 /// participant still remembers a failure counted before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,6 +541,19 @@ async fn skips_are_shown_and_bad_input_is_refused() {
     ])
     .await;
     assert_eq!(run.status, Some(2), "{}", run.stderr);
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--untrusted-coordinator",
+        "127.0.0.1:8",
+    ])
+    .await;
+    assert_eq!(run.status, Some(2), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("--untrusted-coordinator"),
+        "{}",
+        run.stderr
+    );
 
     // Nothing listening: one clear error, exit 1.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -6,14 +6,22 @@
 //! kit cannot tell a participant that requires none. With a client certificate as well
 //! (`--cert`), a call without a token is judged by the certificate, and served if it is
 //! trusted: only a wrong token is checked then.
+//!
+//! And calls that name a coordinator the participant does not trust (section 3): a
+//! vote recorded for one would have the participant ask it, in doubt, for the outcome,
+//! so they are refused `PERMISSION_DENIED` and record nothing. Only run when the kit
+//! was told such an endpoint (`--untrusted-coordinator`).
 
 use super::cases::YES;
-use super::check::{Case, Ctx, Outcome, Presenting, Stop, cases, expect, prepare_effect};
+use super::check::{
+    Case, Ctx, ONE_PHASE, Outcome, Presenting, SAGA_STEP, Stop, cases, expect, prepare_effect,
+};
 use super::target::Branch;
 
 pub fn all() -> Vec<Case> {
     cases! {
         "auth.wrong-credentials-refused", "with --token: an Abort and a Prepare with another token, then (without --cert) with none, are UNAUTHENTICATED and record nothing (the Prepare with the token then votes YES)", wrong_credentials;
+        "auth.untrusted-coordinator-refused", "with --untrusted-coordinator: a Prepare, a Commit ONE_PHASE and a Commit SAGA_STEP naming it as their coordinator_endpoint are PERMISSION_DENIED and record nothing (a Prepare naming none then votes YES)", untrusted_coordinator;
     }
 }
 
@@ -39,6 +47,35 @@ async fn wrong_credentials(ctx: &Ctx) -> Outcome {
     // No null abort was recorded for the strangers: the real Prepare is served.
     let prepare = ctx.prepare(&b, YES).await;
     expect("Prepare with the token", prepare, "VOTE_YES")?;
+    ctx.expect_effects("after the Prepare", &b, &[prepare_effect(YES)])
+        .await
+}
+
+async fn untrusted_coordinator(ctx: &Ctx) -> Outcome {
+    let Some(untrusted) = ctx.settings.untrusted_coordinator.as_deref() else {
+        return Err(Stop::Skipped(
+            "no --untrusted-coordinator: the kit does not know which coordinators the \
+             participant trusts"
+                .into(),
+        ));
+    };
+    let b = Branch::fresh();
+    let target = ctx.target();
+    let naming = format!("naming {untrusted}");
+    let prepare = target.prepare(&b, YES, untrusted).await;
+    expect(&format!("Prepare {naming}"), prepare, "PERMISSION_DENIED")?;
+    for (mode, name) in [(ONE_PHASE, "ONE_PHASE"), (SAGA_STEP, "SAGA_STEP")] {
+        let commit = target.commit(&b, mode, YES, untrusted).await;
+        expect(
+            &format!("Commit {name} {naming}"),
+            commit,
+            "PERMISSION_DENIED",
+        )?;
+    }
+    ctx.expect_effects("after the refusals", &b, &[]).await?;
+    // Nothing was recorded for the branch: a Prepare naming no coordinator runs.
+    let prepare = ctx.prepare(&b, YES).await;
+    expect("Prepare naming no coordinator", prepare, "VOTE_YES")?;
     ctx.expect_effects("after the Prepare", &b, &[prepare_effect(YES)])
         .await
 }

@@ -56,6 +56,8 @@ pub struct Settings {
     /// Whether the kit presents a client certificate (`--cert`).
     pub cert_given: bool,
     pub barrier_retention_ms: Option<u64>,
+    /// A coordinator endpoint the participant does not trust (`--untrusted-coordinator`).
+    pub untrusted_coordinator: Option<String>,
     pub restart_command: Option<String>,
     pub restart_timeout_ms: u64,
 }

@@ -83,6 +83,11 @@ pub struct TckArgs {
     /// Without it those cases are skipped.
     #[arg(long)]
     pub barrier_retention_ms: Option<u64>,
+    /// A coordinator endpoint the participant was configured not to trust (its list of
+    /// trusted coordinators does not hold it), to check that calls naming it are
+    /// refused PERMISSION_DENIED. Without it that case is skipped.
+    #[arg(long, value_name = "URL")]
+    pub untrusted_coordinator: Option<String>,
     /// Run only the cases whose name contains one of these comma-separated words
     /// (e.g. `reorder,restart.yes`).
     #[arg(long)]
@@ -121,6 +126,10 @@ impl TckArgs {
         for (flag, endpoint) in [
             ("--participant", self.participant.as_ref()),
             ("--conformance", self.conformance.as_ref()),
+            (
+                "--untrusted-coordinator",
+                self.untrusted_coordinator.as_ref(),
+            ),
         ] {
             if let Some(endpoint) = endpoint {
                 if let Err(error) = treaty_sdk::limits::check_endpoint(flag, endpoint) {
@@ -232,6 +241,7 @@ pub async fn run(args: TckArgs) -> i32 {
         token_given: args.token.is_some(),
         cert_given: args.cert.is_some(),
         barrier_retention_ms: args.barrier_retention_ms,
+        untrusted_coordinator: args.untrusted_coordinator.clone(),
         restart_command: args.restart_command.clone(),
         restart_timeout_ms: args.restart_timeout_ms,
     };

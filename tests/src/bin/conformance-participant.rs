@@ -70,6 +70,10 @@ struct Args {
     /// A bearer token the coordinator must present (default: any caller is served).
     #[arg(long)]
     token: Option<String>,
+    /// A coordinator endpoint to trust; calls naming another are refused (default: any
+    /// coordinator a caller names).
+    #[arg(long, value_name = "URL")]
+    trusted_coordinator: Vec<String>,
     /// Run the participant as a restartable child; its pid goes to this file.
     #[arg(long, value_name = "PIDFILE")]
     supervise: Option<PathBuf>,
@@ -129,6 +133,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut trust = treaty_sdk::server::CoordinatorTrust::default();
     if let Some(token) = &args.token {
         trust = trust.token(token);
+    }
+    for endpoint in &args.trusted_coordinator {
+        trust = trust.endpoint(endpoint);
     }
     let options = ServeOptions {
         barrier_gc: barrier_gc.clone(),
@@ -220,6 +227,9 @@ fn child_args(args: &Args, listen: std::net::SocketAddr) -> Vec<String> {
     }
     if let Some(token) = &args.token {
         child.extend(["--token".to_string(), token.clone()]);
+    }
+    for endpoint in &args.trusted_coordinator {
+        child.extend(["--trusted-coordinator".to_string(), endpoint.clone()]);
     }
     if let Some(retention_ms) = args.barrier_retention_ms {
         child.extend([
