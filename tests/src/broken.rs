@@ -9,6 +9,9 @@
 //!   mark a branch in doubt) in memory only: a restart forgets them.
 //! - [`NoAntiHanging`]: the SDK's barrier, except that a Prepare for a branch already
 //!   aborted or compensated runs user code and votes YES.
+//! - [`give_up_in_doubt`]: beside the SDK's own service, a task that aborts every
+//!   branch in doubt a second after its YES, whatever the coordinator says: a
+//!   participant that took a timeout for an abort.
 //! - [`OddParticipant`] with [`Oddity::StreamInOrder`]: the SDK's unary calls, and a
 //!   `Calls` stream that runs its calls one at a time in the order they came and knows no
 //!   withdrawals (it answers them INVALID_ARGUMENT, as a request without a call).
@@ -352,6 +355,40 @@ impl pb::participant_server::Participant for NoAntiHanging {
             "NoAntiHanging serves unary calls only",
         ))
     }
+}
+
+/// How long [`give_up_in_doubt`] leaves a branch in doubt before it aborts it.
+const GIVE_UP_AFTER_MS: u64 = 1_000;
+
+/// Aborts, through its own barrier on `store`, every branch in doubt there more than
+/// [`GIVE_UP_AFTER_MS`] after its YES, every quarter second, for as long as the process
+/// lives: the rule "a participant that voted YES never aborts on its own" broken.
+pub fn give_up_in_doubt(user: Arc<ConformanceParticipant>, store: Arc<DurableStore>) {
+    let barrier = Barrier::new(store);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            ticks.tick().await;
+            let now_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as u64);
+            let in_doubt = match barrier.in_doubt(256) {
+                Ok(in_doubt) => in_doubt,
+                Err(error) => {
+                    tracing::warn!(%error, "listing the branches in doubt");
+                    continue;
+                }
+            };
+            for branch in in_doubt {
+                if now_unix_ms.saturating_sub(branch.prepared_unix_ms) < GIVE_UP_AFTER_MS {
+                    continue;
+                }
+                if let Err(error) = barrier.abort(user.as_ref(), &branch.branch).await {
+                    tracing::warn!(%error, "giving up a branch in doubt");
+                }
+            }
+        }
+    });
 }
 
 /// What an [`OddParticipant`] does otherwise than the SDK.

@@ -115,15 +115,29 @@ const STREAM_CASES: [&str; 3] = [
     "stream.withdraw",
 ];
 
-/// The coordinator the test participants trust (the kit never serves GetOutcome, so
-/// none answers there), and one they do not.
-const TRUSTED_COORDINATOR: &str = "http://127.0.0.1:9";
+/// A coordinator endpoint the test participants do not trust.
 const UNTRUSTED_COORDINATOR: &str = "http://127.0.0.1:8";
+
+/// Where the kit serves its stand-in coordinator (`--coordinator-listen`), the one
+/// coordinator a participant of the full runs trusts: a loopback port free a moment ago,
+/// since the participant must be told it before the kit starts.
+fn stand_in_coordinator() -> (String, String) {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = probe.local_addr().unwrap().to_string();
+    drop(probe);
+    let endpoint = format!("http://{address}");
+    (address, endpoint)
+}
 
 /// Runs every case, restarts included, against the participant at `endpoint` started
 /// supervised in `dir`, and checks that it conforms and really was restarted; the
 /// stream cases pass if it `serves_streams`, and are skipped otherwise.
-async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_streams: bool) {
+async fn assert_conforms_across_restarts(
+    endpoint: &str,
+    dir: &Path,
+    serves_streams: bool,
+    coordinator_listen: &str,
+) {
     let first_pid = std::fs::read_to_string(dir.join("pid")).unwrap();
     let restart = restart_command(dir);
     let run = kit(&[
@@ -137,6 +151,8 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
         TOKEN,
         "--untrusted-coordinator",
         UNTRUSTED_COORDINATOR,
+        "--coordinator-listen",
+        coordinator_listen,
         "--json",
     ])
     .await;
@@ -170,6 +186,9 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
         "restart.yes-survives",
         "auth.wrong-credentials-refused",
         "auth.untrusted-coordinator-refused",
+        "in-doubt.commit",
+        "in-doubt.abort",
+        "restart.in-doubt-resolved",
     ] {
         assert_eq!(results.get(name).map(String::as_str), Some("ok"), "{name}");
     }
@@ -184,14 +203,11 @@ async fn assert_conforms_across_restarts(endpoint: &str, dir: &Path, serves_stre
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let trusted = [
-        "--token",
-        TOKEN,
-        "--trusted-coordinator",
-        TRUSTED_COORDINATOR,
-    ];
+    let (coordinator_listen, coordinator) = stand_in_coordinator();
+    let trusted = ["--token", TOKEN, "--trusted-coordinator", &coordinator];
     let participant = start_participant_with(dir.path(), None, &trusted).await;
-    assert_conforms_across_restarts(&participant.endpoint(), dir.path(), true).await;
+    let endpoint = participant.endpoint();
+    assert_conforms_across_restarts(&endpoint, dir.path(), true, &coordinator_listen).await;
 }
 
 /// The same kit, restarts by kill -9 included, against the Python SDK's conformance
@@ -200,6 +216,7 @@ async fn the_kit_passes_the_rust_sdk_participant_across_restarts() {
 async fn the_kit_passes_the_python_sdk_participant_across_restarts() {
     let python = treaty_examples::python::sdk_interpreter().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let (coordinator_listen, coordinator) = stand_in_coordinator();
     let args: Vec<String> = [
         "-m",
         "treaty_participant.conformance",
@@ -213,10 +230,9 @@ async fn the_kit_passes_the_python_sdk_participant_across_restarts() {
         RETENTION_MS,
         "--token",
         TOKEN,
-        // The Python SDK asks only configured coordinators once callers authenticate;
-        // the kit never serves GetOutcome, so none answers here.
+        // The Python SDK asks only configured coordinators once callers authenticate.
         "--trusted-coordinator",
-        TRUSTED_COORDINATOR,
+        &coordinator,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -229,7 +245,8 @@ async fn the_kit_passes_the_python_sdk_participant_across_restarts() {
         dir.path().join("participant.log"),
     )
     .await;
-    assert_conforms_across_restarts(&participant.endpoint(), dir.path(), false).await;
+    let endpoint = participant.endpoint();
+    assert_conforms_across_restarts(&endpoint, dir.path(), false, &coordinator_listen).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,6 +449,38 @@ async fn the_kit_fails_a_participant_that_trusts_any_coordinator() {
     assert_eq!(run.results()["auth.wrong-credentials-refused"], "skipped");
 }
 
+/// A participant that aborts a branch in doubt when the coordinator is slow to decide
+/// breaks the rule that a YES vote is never withdrawn on one's own: the in-doubt cases
+/// show it, whatever GetOutcome answers meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kit_fails_a_participant_that_gives_up_a_branch_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let participant = start_participant(dir.path(), Some("gives-up-in-doubt")).await;
+    let run = kit(&[
+        "--participant",
+        &participant.endpoint(),
+        "--coordinator-listen",
+        "127.0.0.1:0",
+        "--cases",
+        "in-doubt,yes-then-commit",
+        "--json",
+    ])
+    .await;
+    assert_eq!(run.status, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(run.failed(), ["in-doubt.abort", "in-doubt.commit"]);
+    assert_eq!(run.results()["2pc.yes-then-commit"], "ok");
+    let report = run.report();
+    let detail = report["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|case| case["name"] == "in-doubt.commit")
+        .and_then(|case| case["detail"].as_str())
+        .unwrap()
+        .to_string();
+    assert!(detail.contains("acted on before"), "{detail}");
+}
+
 /// A restart command that restarts nothing must not let the restart cases pass: the
 /// participant still remembers a failure counted before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,6 +603,14 @@ async fn skips_are_shown_and_bad_input_is_refused() {
         "{}",
         run.stderr
     );
+    for (flag, value) in [
+        ("--coordinator-listen", "0.0.0.0:7420"),
+        ("--in-doubt-within-ms", "0"),
+    ] {
+        let run = kit(&["--participant", &participant.endpoint(), flag, value]).await;
+        assert_eq!(run.status, Some(2), "{flag} {value}: {}", run.stderr);
+        assert!(run.stderr.contains(flag), "{}", run.stderr);
+    }
 
     // Nothing listening: one clear error, exit 1.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

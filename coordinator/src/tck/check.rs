@@ -82,6 +82,8 @@ pub struct Ctx {
     target: Mutex<Target>,
     make_target: MakeTarget,
     pub settings: Settings,
+    /// The stand-in coordinator the in-doubt cases name (`--coordinator-listen`).
+    pub coordinator: Option<super::in_doubt::Serving>,
 }
 
 pub const TWO_PHASE: i32 = pb::CommitMode::TwoPhase as i32;
@@ -97,11 +99,16 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
-    pub fn new(make_target: MakeTarget, settings: Settings) -> Result<Self, String> {
+    pub fn new(
+        make_target: MakeTarget,
+        settings: Settings,
+        coordinator: Option<super::in_doubt::Serving>,
+    ) -> Result<Self, String> {
         Ok(Self {
             target: Mutex::new(make_target(Presenting::Given)?),
             make_target,
             settings,
+            coordinator,
         })
     }
 

@@ -8,8 +8,9 @@
 //! - every case uses fresh UUIDv7 transaction ids (as a coordinator names them), so
 //!   cases never see each other's records and the kit can run against a participant
 //!   that keeps its data;
-//! - every call is bounded by `--timeout-ms` and every wait (a restart) by
-//!   `--restart-timeout-ms`: the kit always ends;
+//! - every call is bounded by `--timeout-ms`, every wait for a restart by
+//!   `--restart-timeout-ms` and every wait for in-doubt resolution by
+//!   `--in-doubt-within-ms`: the kit always ends;
 //! - a case it cannot run (no restart command, unknown retention) is reported
 //!   `skipped` with why, never silently left out;
 //! - exit status: 0 when no case failed, 1 when one did (or the participant cannot be
@@ -19,13 +20,15 @@
 //! table, duplicates, reordering), `failures` (failing user code, malformed requests,
 //! the limits), `auth` (calls without the right token),
 //! `concurrency`, `late` (past the barrier retention), `stream` (calls on the `Calls`
-//! stream: ids, order, withdrawals), `restart`, `report`.
+//! stream: ids, order, withdrawals), `in_doubt` (the stand-in coordinator the
+//! participant asks `GetOutcome`), `restart`, `report`.
 
 mod auth;
 mod cases;
 mod check;
 mod concurrency;
 mod failures;
+mod in_doubt;
 mod late;
 mod report;
 mod restart;
@@ -88,6 +91,16 @@ pub struct TckArgs {
     /// refused PERMISSION_DENIED. Without it that case is skipped.
     #[arg(long, value_name = "URL")]
     pub untrusted_coordinator: Option<String>,
+    /// Serve a stand-in coordinator's `GetOutcome` here (`host:port`, a specific
+    /// address), and name `http://host:port` as the coordinator of the in-doubt cases'
+    /// Prepares: the participant must trust it and ask it about its branches in doubt.
+    /// Without it those cases are skipped.
+    #[arg(long, value_name = "ADDRESS")]
+    pub coordinator_listen: Option<std::net::SocketAddr>,
+    /// Longest wait for the participant to ask `GetOutcome`, and to apply the decision
+    /// it was given.
+    #[arg(long, default_value_t = 30_000)]
+    pub in_doubt_within_ms: u64,
     /// Run only the cases whose name contains one of these comma-separated words
     /// (e.g. `reorder,restart.yes`).
     #[arg(long)]
@@ -140,10 +153,21 @@ impl TckArgs {
         for (flag, value) in [
             ("--timeout-ms", self.timeout_ms),
             ("--restart-timeout-ms", self.restart_timeout_ms),
+            ("--in-doubt-within-ms", self.in_doubt_within_ms),
         ] {
             if !(1..=MAX_WAIT_MS).contains(&value) {
                 return bad(format!("{flag}: {value} is not in 1..={MAX_WAIT_MS}"));
             }
+        }
+        if self
+            .coordinator_listen
+            .is_some_and(|address| address.ip().is_unspecified())
+        {
+            return bad(
+                "--coordinator-listen: give a specific address (the participant is told \
+                 http:// and it), not an unspecified one"
+                    .into(),
+            );
         }
         if self.barrier_retention_ms == Some(0) {
             return bad("--barrier-retention-ms: must be at least 1".into());
@@ -195,6 +219,7 @@ fn ordinary_cases() -> Vec<Case> {
     all.extend(concurrency::all());
     all.extend(late::all());
     all.extend(stream::all());
+    all.extend(in_doubt::all());
     all
 }
 
@@ -245,7 +270,20 @@ pub async fn run(args: TckArgs) -> i32 {
         restart_command: args.restart_command.clone(),
         restart_timeout_ms: args.restart_timeout_ms,
     };
-    let ctx = match Ctx::new(make_target, settings) {
+    let coordinator = match args.coordinator_listen {
+        Some(listen) => {
+            let within = std::time::Duration::from_millis(args.in_doubt_within_ms);
+            match in_doubt::serve(listen, within).await {
+                Ok(serving) => Some(serving),
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return 1;
+                }
+            }
+        }
+        None => None,
+    };
+    let ctx = match Ctx::new(make_target, settings, coordinator) {
         Ok(ctx) => ctx,
         Err(error) => {
             eprintln!("error: {error}");
@@ -258,6 +296,12 @@ pub async fn run(args: TckArgs) -> i32 {
     }
     if !args.json {
         println!("treaty tck: checking {participant} (effects from {conformance})");
+        if let Some(serving) = &ctx.coordinator {
+            println!(
+                "treaty tck: answering GetOutcome as the coordinator {}",
+                serving.endpoint
+            );
+        }
     }
     let mut results = Vec::new();
     for case in ordinary_cases()

@@ -9,8 +9,10 @@ use super::check::{
     Ctx, ONE_PHASE, Outcome, SAGA_STEP, Stop, TWO_PHASE, abort_effect, commit_effect,
     compensate_effect, expect, prepare_effect,
 };
+use super::in_doubt::{self, Holding};
 use super::report::CaseResult;
 use super::target::Branch;
+use treaty_proto::v1 as pb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Survivor {
@@ -23,10 +25,11 @@ enum Survivor {
     SagaStep,
     No,
     Compensation,
+    InDoubt,
 }
 
 /// (name, what it checks, which record).
-const CASES: [(&str, &str, Survivor); 9] = [
+const CASES: [(&str, &str, Survivor); 10] = [
     (
         "restart.yes-survives",
         "Prepare YES, restart: Prepare answers VOTE_YES without a second PREPARE effect; Commit applies once",
@@ -71,6 +74,11 @@ const CASES: [(&str, &str, Survivor); 9] = [
         "restart.compensation-survives",
         "step committed and compensated, restart: Compensate repeats COMPENSATED without a second COMPENSATE effect; the late step is ALREADY_ABORTED",
         Survivor::Compensation,
+    ),
+    (
+        "restart.in-doubt-resolved",
+        "with --coordinator-listen: Prepare YES naming the kit's coordinator, held PENDING; restart: the participant asks again and, answered COMMIT, commits once (PREPARE, COMMIT)",
+        Survivor::InDoubt,
     ),
 ];
 
@@ -171,6 +179,12 @@ async fn before(ctx: &Ctx, survivor: Survivor, b: &Branch) -> Outcome {
             let undo = ctx.compensate(b, UNDO).await;
             expect("Compensate", undo, "COMPENSATE_RESULT_COMPENSATED")?;
         }
+        Survivor::InDoubt => {
+            let serving = in_doubt::serving(ctx)?;
+            serving.stand_in.hold(&b.transaction_id, Holding::Pending);
+            let prepare = ctx.target().prepare(b, YES, &serving.endpoint).await;
+            expect("Prepare naming the kit's coordinator", prepare, "VOTE_YES")?;
+        }
     }
     Ok(())
 }
@@ -269,6 +283,17 @@ async fn after(ctx: &Ctx, survivor: Survivor, b: &Branch) -> Outcome {
             let step = "late Commit SAGA_STEP after the restart";
             expect(step, late, "COMMIT_RESULT_ALREADY_ABORTED")?;
             ctx.expect_effects("after the restart", b, &compensated)
+                .await
+        }
+        Survivor::InDoubt => {
+            let serving = in_doubt::serving(ctx)?;
+            ctx.expect_effects("after the restart", b, &[prepare_effect(YES)])
+                .await?;
+            serving
+                .stand_in
+                .release(&b.transaction_id, pb::Decision::Commit);
+            let step = "answered COMMIT after the restart";
+            ctx.expect_effects_within(step, b, &committed, serving.within)
                 .await
         }
     }

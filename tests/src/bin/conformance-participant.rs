@@ -5,9 +5,10 @@
 //!
 //! - `--broken MODE` serves one of the deliberately broken variants
 //!   (`treaty_tests::broken`) instead: `no-barrier`, `yes-not-durable`, `no-anti-hanging`,
-//!   `stream-in-order`, `user-failure-failed-precondition`; or one that is not broken:
-//!   `late-stream-headers` (its stream's response headers come with its first answer),
-//!   `user-failure-unknown` (user code that failed is answered UNKNOWN).
+//!   `stream-in-order`, `user-failure-failed-precondition`, `gives-up-in-doubt`; or one
+//!   that is not broken: `late-stream-headers` (its stream's response headers come with
+//!   its first answer), `user-failure-unknown` (user code that failed is answered
+//!   UNKNOWN).
 //! - `--supervise PIDFILE` runs the participant as a child, writes the child's pid to
 //!   PIDFILE, and starts it again on the same address whenever it dies, so that
 //!   `treaty tck --restart-command 'kill -9 $(cat PIDFILE)'` can restart it. The child
@@ -27,7 +28,9 @@ use treaty_sdk::barrier::Barrier;
 use treaty_sdk::barrier_gc::BarrierGcOptions;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::server::ServeOptions;
-use treaty_tests::broken::{NoAntiHanging, NoBarrier, OddParticipant, Oddity, VolatileYes};
+use treaty_tests::broken::{
+    NoAntiHanging, NoBarrier, OddParticipant, Oddity, VolatileYes, give_up_in_doubt,
+};
 use treaty_tests::conformance::{ConformanceParticipant, ConformanceService};
 
 const READY_PREFIX: &str = "participant listening on";
@@ -53,6 +56,8 @@ enum Broken {
     UserFailureUnknown,
     /// User code that failed is answered FAILED_PRECONDITION, a refusal for good.
     UserFailureFailedPrecondition,
+    /// Aborts a branch in doubt a second after its YES, whatever the coordinator says.
+    GivesUpInDoubt,
 }
 
 #[derive(Debug, Parser)]
@@ -146,6 +151,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let routes = tonic::service::Routes::new(conformance.clone());
     match args.broken {
         None => {
+            treaty_sdk::serve_with_routes(user, store, listener, options, routes, shutdown).await?
+        }
+        Some(Broken::GivesUpInDoubt) => {
+            give_up_in_doubt(user.clone(), store.clone());
             treaty_sdk::serve_with_routes(user, store, listener, options, routes, shutdown).await?
         }
         Some(Broken::YesNotDurable) => {
