@@ -52,6 +52,12 @@ mod records;
 #[path = "saga_steps.rs"]
 mod steps;
 
+/// How much longer than its own timeout a step's call (or a compensation's) stays open
+/// before the nudge takes it for lost: the runtime counts the call's deadline from the
+/// call's start, which trails the engine's send by the task's spawn, and a call sent
+/// again a moment before the first one's deadline would only run beside it.
+pub const CALL_START_GRACE_MS: u64 = 1_000;
+
 /// What a participant answered to a step's forward action.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepAnswer {
@@ -490,8 +496,8 @@ impl Saga {
     }
 
     /// Sends again every forward action or compensation whose call has had no answer for
-    /// `stale_after_ms`, or for its own call timeout if longer (the answer was lost; the
-    /// barrier answers a repeat from its record). Steps waiting for a retry have their
+    /// `stale_after_ms`, or for its own call timeout and [`CALL_START_GRACE_MS`] if longer
+    /// (the answer was lost; the barrier answers a repeat from its record). Steps waiting for a retry have their
     /// timer. Paused, such a call is taken as lost but not sent: `Resume` sends it, and
     /// meanwhile an operator may resolve the step, which is refused while a call is in
     /// flight. A step that waits for an operator is never sent again; its call is taken
@@ -506,9 +512,10 @@ impl Saga {
         for (step, s) in self.steps.iter_mut().enumerate() {
             let call_timeout_ms = self.definition.steps[step].timeout_ms;
             if s.state != state
-                || !s
-                    .history
-                    .open_for_at_least(stale_after_ms.max(call_timeout_ms), now)
+                || !s.history.open_for_at_least(
+                    stale_after_ms.max(call_timeout_ms.saturating_add(CALL_START_GRACE_MS)),
+                    now,
+                )
             {
                 continue;
             }

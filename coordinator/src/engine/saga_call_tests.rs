@@ -62,12 +62,14 @@ fn a_nudge_sends_again_only_calls_unanswered_beyond_their_timeout() {
         )
     };
     // Both steps went out at T0 + 1 with a 1 s call timeout, which is longer than
-    // stale_after_ms: a call may run that long.
+    // stale_after_ms: a call may run that long, counted from its start, which trails the
+    // send; so the nudge waits a grace more.
     let mut saga = running(&[&[], &[]]);
     committed(&mut saga, 0);
     assert!(nudge(&mut saga, T0 + 500).is_empty());
+    assert!(nudge(&mut saga, T0 + 1_001).is_empty());
     assert_eq!(
-        nudge(&mut saga, T0 + 1_001),
+        nudge(&mut saga, T0 + 1_001 + CALL_START_GRACE_MS),
         vec![SagaAction::SendStep { step: 1, call: 2 }]
     );
     let step = &saga.steps()[1];
@@ -83,7 +85,7 @@ fn a_nudge_sends_again_only_calls_unanswered_beyond_their_timeout() {
     );
     assert!(nudge(&mut saga, T0 + 500).is_empty());
     assert_eq!(
-        nudge(&mut saga, T0 + 1_004),
+        nudge(&mut saga, T0 + 1_004 + CALL_START_GRACE_MS),
         vec![SagaAction::SendCompensation { step: 0, call: 3 }]
     );
     assert_eq!(saga.steps()[0].compensation_attempts, 2);
@@ -103,7 +105,7 @@ fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
             SagaEvent::Nudge {
                 stale_after_ms: 100
             },
-            T0 + 1_001
+            T0 + 1_001 + CALL_START_GRACE_MS
         ),
         vec![SagaAction::SendStep { step: 0, call: 2 }]
     );
@@ -113,7 +115,7 @@ fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
         answer: StepAnswer::Committed,
     };
     assert_eq!(
-        saga.handle_event(answer, T0 + 1_500),
+        saga.handle_event(answer, T0 + 1_500 + CALL_START_GRACE_MS),
         vec![SagaAction::PersistLazy, SagaAction::PersistForced]
     );
     let results = |saga: &Saga| saga.steps()[0].history.results();
@@ -127,7 +129,7 @@ fn a_late_answer_to_a_call_given_up_leaves_the_call_sent_again_in_flight() {
     // The final record is being written without it: the answer is written on its own,
     // in the final record.
     assert_eq!(
-        saga.handle_event(second, T0 + 1_600),
+        saga.handle_event(second, T0 + 1_600 + CALL_START_GRACE_MS),
         vec![SagaAction::PersistLazy]
     );
     let written = saga.log_record();
@@ -150,7 +152,7 @@ fn a_late_failure_of_a_call_given_up_schedules_no_retry() {
         stale_after_ms: 100,
     };
     assert_eq!(
-        saga.handle_event(nudge, T0 + 1_001),
+        saga.handle_event(nudge, T0 + 1_001 + CALL_START_GRACE_MS),
         vec![SagaAction::SendStep { step: 0, call: 2 }]
     );
     let failed = |call| SagaEvent::StepFailed {
@@ -158,11 +160,14 @@ fn a_late_failure_of_a_call_given_up_schedules_no_retry() {
         call,
         error: "deadline exceeded".into(),
     };
-    assert!(saga.handle_event(failed(1), T0 + 1_100).is_empty());
+    assert!(
+        saga.handle_event(failed(1), T0 + 1_100 + CALL_START_GRACE_MS)
+            .is_empty()
+    );
     assert_eq!(saga.steps()[0].failing_since, None);
     assert!(saga.steps()[0].history.in_flight());
     assert_eq!(
-        saga.handle_event(failed(2), T0 + 1_200),
+        saga.handle_event(failed(2), T0 + 1_200 + CALL_START_GRACE_MS),
         vec![SagaAction::ScheduleStepRetry {
             step: 0,
             attempt: 2,
@@ -182,7 +187,7 @@ fn a_failure_heard_after_the_saga_ended_is_written_to_the_log_too() {
         stale_after_ms: 100,
     };
     assert_eq!(
-        saga.handle_event(nudge, T0 + 1_001),
+        saga.handle_event(nudge, T0 + 1_001 + CALL_START_GRACE_MS),
         vec![SagaAction::SendStep { step: 0, call: 2 }]
     );
     let answer = SagaEvent::StepAnswered {
@@ -190,9 +195,9 @@ fn a_failure_heard_after_the_saga_ended_is_written_to_the_log_too() {
         call: first,
         answer: StepAnswer::Committed,
     };
-    saga.handle_event(answer, T0 + 1_500);
+    saga.handle_event(answer, T0 + 1_500 + CALL_START_GRACE_MS);
     assert!(
-        saga.handle_event(SagaEvent::Persisted, T0 + 1_510)
+        saga.handle_event(SagaEvent::Persisted, T0 + 1_510 + CALL_START_GRACE_MS)
             .is_empty()
     );
     assert_eq!(saga.state(), TxnState::Completed);
@@ -202,7 +207,7 @@ fn a_failure_heard_after_the_saga_ended_is_written_to_the_log_too() {
         error: "deadline exceeded".into(),
     };
     assert_eq!(
-        saga.handle_event(failed.clone(), T0 + 1_600),
+        saga.handle_event(failed.clone(), T0 + 1_600 + CALL_START_GRACE_MS),
         vec![SagaAction::PersistLazy]
     );
     let history = &saga.log_record().branches[0].history;
@@ -211,5 +216,8 @@ fn a_failure_heard_after_the_saga_ended_is_written_to_the_log_too() {
         Some("error: deadline exceeded")
     );
     assert!(!history.in_flight());
-    assert!(saga.handle_event(failed, T0 + 1_700).is_empty());
+    assert!(
+        saga.handle_event(failed, T0 + 1_700 + CALL_START_GRACE_MS)
+            .is_empty()
+    );
 }

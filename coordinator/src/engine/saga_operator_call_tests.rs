@@ -5,7 +5,7 @@
 
 use super::messages::{NO_ANSWER_AWAITING_OPERATOR, NO_ANSWER_PAUSED, OperatorCommand, Refusal};
 use super::operator_tests::{T0, ops, resolve};
-use super::saga::{SagaAction, SagaEvent, StepAnswer};
+use super::saga::{CALL_START_GRACE_MS, SagaAction, SagaEvent, StepAnswer};
 use super::saga_operator_tests::*;
 use crate::model::{BranchState, Resolution, TxnState};
 
@@ -126,7 +126,8 @@ fn paused_a_lost_step_call_is_given_up_but_not_sent_again() {
     assert!(saga.handle_event(nudge.clone(), T0 + 500).is_empty());
     assert!(saga.steps()[0].history.open_for_at_least(0, T0 + 500));
     assert!(
-        saga.handle_event(nudge, T0 + 2_000).is_empty(),
+        saga.handle_event(nudge, T0 + 2_000 + CALL_START_GRACE_MS)
+            .is_empty(),
         "paused: nothing is sent again"
     );
     let last = saga.steps()[0].history.attempts().last().cloned();
@@ -135,7 +136,10 @@ fn paused_a_lost_step_call_is_given_up_but_not_sent_again() {
         Some(NO_ANSWER_PAUSED)
     );
     assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Commit), T0 + 2_001),
+        saga.handle_operator(
+            &resolve("s0", Resolution::Commit),
+            T0 + 2_001 + CALL_START_GRACE_MS
+        ),
         Ok(vec![
             SagaAction::PersistLazy,
             SagaAction::SendStep { step: 1, call: 1 }
@@ -180,21 +184,27 @@ fn a_lost_call_of_a_step_that_waits_for_an_operator_is_taken_as_lost() {
         stale_after_ms: 100,
     };
     assert_eq!(
-        saga.handle_event(nudge.clone(), T0 + 2_000),
+        saga.handle_event(nudge.clone(), T0 + 2_000 + CALL_START_GRACE_MS),
         vec![SagaAction::SendCompensation { step: 0, call: 3 }]
     );
     // The late answer of the call given up: the step now waits for an operator, with
     // call 3 still out.
     let late = SagaEvent::Compensated { step: 0, call: 2 };
-    saga.handle_event(late, T0 + 2_100);
+    saga.handle_event(late, T0 + 2_100 + CALL_START_GRACE_MS);
     assert!(saga.steps()[0].awaits_operator());
     assert!(saga.steps()[0].history.in_flight());
     assert_eq!(
-        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 2_200),
+        saga.handle_operator(
+            &resolve("s0", Resolution::Abort),
+            T0 + 2_200 + CALL_START_GRACE_MS
+        ),
         Err(Refusal::CallInFlight("s0".into()))
     );
     // Call 3's answer never comes: the sweeper takes it as lost and sends nothing.
-    assert!(saga.handle_event(nudge, T0 + 4_000).is_empty());
+    assert!(
+        saga.handle_event(nudge, T0 + 4_000 + CALL_START_GRACE_MS)
+            .is_empty()
+    );
     assert!(!saga.steps()[0].history.in_flight());
     assert_eq!(
         saga.steps()[0]
@@ -207,7 +217,10 @@ fn a_lost_call_of_a_step_that_waits_for_an_operator_is_taken_as_lost() {
         Some(NO_ANSWER_AWAITING_OPERATOR)
     );
     assert!(
-        saga.handle_operator(&resolve("s0", Resolution::Abort), T0 + 4_001)
-            .is_ok()
+        saga.handle_operator(
+            &resolve("s0", Resolution::Abort),
+            T0 + 4_001 + CALL_START_GRACE_MS
+        )
+        .is_ok()
     );
 }
