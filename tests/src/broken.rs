@@ -9,9 +9,11 @@
 //!   mark a branch in doubt) in memory only: a restart forgets them.
 //! - [`NoAntiHanging`]: the SDK's barrier, except that a Prepare for a branch already
 //!   aborted or compensated runs user code and votes YES.
-//! - [`give_up_in_doubt`]: beside the SDK's own service, a task that aborts every
-//!   branch in doubt a second after its YES, whatever the coordinator says: a
-//!   participant that took a timeout for an abort.
+//! - [`give_up_in_doubt`]: beside the SDK's own service, a task that aborts a branch in
+//!   doubt that names a coordinator a second after its YES, whatever the coordinator
+//!   says ([`GiveUp::AfterASecond`]: a participant that took a timeout for an abort), or
+//!   as soon as `GetOutcome` fails ([`GiveUp::OnError`]: one that took a coordinator it
+//!   cannot reach for one that aborted).
 //! - [`OddParticipant`] with [`Oddity::StreamInOrder`]: the SDK's unary calls, and a
 //!   `Calls` stream that runs its calls one at a time in the order they came and knows no
 //!   withdrawals (it answers them INVALID_ARGUMENT, as a request without a call).
@@ -357,13 +359,24 @@ impl pb::participant_server::Participant for NoAntiHanging {
     }
 }
 
-/// How long [`give_up_in_doubt`] leaves a branch in doubt before it aborts it.
-const GIVE_UP_AFTER_MS: u64 = 1_000;
+/// When [`give_up_in_doubt`] aborts a branch in doubt on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// A second after its YES, whatever the coordinator says.
+    AfterASecond,
+    /// As soon as `GetOutcome` fails (it asks every quarter second): a coordinator that
+    /// cannot answer taken for one that decided to abort. PENDING and decisions are left
+    /// to the SDK's own in-doubt resolution.
+    OnError,
+}
 
-/// Aborts, through its own barrier on `store`, every branch in doubt there more than
-/// [`GIVE_UP_AFTER_MS`] after its YES, every quarter second, for as long as the process
-/// lives: the rule "a participant that voted YES never aborts on its own" broken.
-pub fn give_up_in_doubt(user: Arc<ConformanceParticipant>, store: Arc<DurableStore>) {
+/// Aborts, through its own barrier on `store`, the branches in doubt there that name a
+/// coordinator, when `rule` says, looking every quarter second for as long as the
+/// process lives: the rule "a participant that voted YES never aborts on its own"
+/// broken. Branches that name no coordinator are left alone: the kit's other cases
+/// leave theirs prepared as long as they like.
+pub fn give_up_in_doubt(user: Arc<ConformanceParticipant>, store: Arc<DurableStore>, rule: GiveUp) {
+    const GIVE_UP_AFTER_MS: u64 = 1_000;
     let barrier = Barrier::new(store);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -380,7 +393,16 @@ pub fn give_up_in_doubt(user: Arc<ConformanceParticipant>, store: Arc<DurableSto
                 }
             };
             for branch in in_doubt {
-                if now_unix_ms.saturating_sub(branch.prepared_unix_ms) < GIVE_UP_AFTER_MS {
+                if branch.coordinator_endpoint.is_empty() {
+                    continue;
+                }
+                let give_up = match rule {
+                    GiveUp::AfterASecond => {
+                        now_unix_ms.saturating_sub(branch.prepared_unix_ms) >= GIVE_UP_AFTER_MS
+                    }
+                    GiveUp::OnError => outcome_fails(&branch).await,
+                };
+                if !give_up {
                     continue;
                 }
                 if let Err(error) = barrier.abort(user.as_ref(), &branch.branch).await {
@@ -389,6 +411,20 @@ pub fn give_up_in_doubt(user: Arc<ConformanceParticipant>, store: Arc<DurableSto
             }
         }
     });
+}
+
+/// Whether asking the branch's coordinator `GetOutcome` fails.
+async fn outcome_fails(branch: &treaty_sdk::barrier::InDoubtBranch) -> bool {
+    use pb::coordinator_client::CoordinatorClient;
+    let Ok(mut coordinator) = CoordinatorClient::connect(branch.coordinator_endpoint.clone()).await
+    else {
+        return true;
+    };
+    let request = pb::GetOutcomeRequest {
+        transaction_id: branch.branch.transaction_id.clone(),
+        branch_id: branch.branch.branch_id.clone(),
+    };
+    coordinator.get_outcome(request).await.is_err()
 }
 
 /// What an [`OddParticipant`] does otherwise than the SDK.

@@ -111,8 +111,8 @@ pub enum SagaEvent {
     /// The forced write asked for last (definition, decision or final state) returned.
     Persisted,
     /// The sweeper's periodic look: send again every call that has had no answer for
-    /// `stale_after_ms`, or for its own call timeout if longer (paused: mark it lost,
-    /// and send nothing).
+    /// `stale_after_ms`, or for its own call timeout and [`CALL_START_GRACE_MS`] if
+    /// longer (paused: mark it lost, and send nothing).
     Nudge {
         stale_after_ms: u64,
     },

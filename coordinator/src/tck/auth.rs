@@ -48,7 +48,19 @@ async fn wrong_credentials(ctx: &Ctx) -> Outcome {
     let prepare = ctx.prepare(&b, YES).await;
     expect("Prepare with the token", prepare, "VOTE_YES")?;
     ctx.expect_effects("after the Prepare", &b, &[prepare_effect(YES)])
-        .await
+        .await?;
+    settle(ctx, &b).await
+}
+
+/// Aborts the branch a case left prepared, so that it does not stay in doubt at a
+/// participant kept for many runs.
+async fn settle(ctx: &Ctx, b: &Branch) -> Outcome {
+    expect(
+        "Abort at the end",
+        ctx.abort(b).await,
+        "ABORT_RESULT_ABORTED",
+    )?;
+    Ok(())
 }
 
 async fn untrusted_coordinator(ctx: &Ctx) -> Outcome {
@@ -77,5 +89,6 @@ async fn untrusted_coordinator(ctx: &Ctx) -> Outcome {
     let prepare = ctx.prepare(&b, YES).await;
     expect("Prepare naming no coordinator", prepare, "VOTE_YES")?;
     ctx.expect_effects("after the Prepare", &b, &[prepare_effect(YES)])
-        .await
+        .await?;
+    settle(ctx, &b).await
 }

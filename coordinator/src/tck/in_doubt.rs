@@ -6,10 +6,12 @@
 //!
 //! The kit serves a stand-in coordinator for this (`--coordinator-listen`): it answers
 //! `GetOutcome` as each case scripts it, counting the questions, and every other
-//! method UNIMPLEMENTED. A transaction no case holds is answered PENDING, the one answer
-//! that never makes a participant act. The stand-in serves cleartext and checks no
-//! credentials: the participant must trust the endpoint the kit names
-//! (`http://ADDRESS`).
+//! method UNIMPLEMENTED. A case holds its transaction undecided, answering PENDING and
+//! UNAVAILABLE in turn (a participant must wait through both), then releases a
+//! decision. A transaction no case holds (one left by an interrupted run) is answered
+//! PENDING, not a real coordinator's presumed ABORT: PENDING never makes a participant
+//! act. The stand-in serves cleartext and checks no credentials: the participant must
+//! trust the endpoint the kit names (`http://ADDRESS`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,21 +30,13 @@ use super::target::{Branch, effects_text};
 
 pub fn all() -> Vec<Case> {
     cases! {
-        "in-doubt.commit", "with --coordinator-listen: a Prepare YES naming the kit's coordinator is asked about (GetOutcome); while answered PENDING the branch stays prepared (PREPARE only); answered COMMIT it commits once (PREPARE, COMMIT), and Commit TWO_PHASE then answers COMMITTED from the record", commit;
-        "in-doubt.abort", "with --coordinator-listen: while GetOutcome fails UNAVAILABLE the branch stays prepared and is asked about again; answered ABORT it aborts once (PREPARE, ABORT), and Abort then answers ABORTED from the record", abort;
+        "in-doubt.commit", "with --coordinator-listen: a Prepare YES naming the kit's coordinator is asked about (GetOutcome); while answered PENDING, then UNAVAILABLE, then PENDING, the branch stays prepared (PREPARE only); answered COMMIT it commits once (PREPARE, COMMIT), and Commit TWO_PHASE then answers COMMITTED from the record", commit;
+        "in-doubt.abort", "with --coordinator-listen: the same, held undecided for two questions; answered ABORT it aborts once (PREPARE, ABORT), and Abort then answers ABORTED from the record", abort;
     }
-}
-
-/// What the stand-in answers for a held transaction until the case releases it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Holding {
-    Pending,
-    Unavailable,
 }
 
 #[derive(Debug)]
 struct Held {
-    holding: Holding,
     released: Option<pb::Decision>,
     asked: u32,
 }
@@ -100,12 +94,12 @@ impl StandIn {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Answers `transaction_id` as `holding` says until [`StandIn::release`].
-    pub fn hold(&self, transaction_id: &str, holding: Holding) {
+    /// Answers `transaction_id` PENDING and UNAVAILABLE in turn (PENDING first) until
+    /// [`StandIn::release`].
+    pub fn hold(&self, transaction_id: &str) {
         self.lock().insert(
             transaction_id.to_string(),
             Held {
-                holding,
                 released: None,
                 asked: 0,
             },
@@ -130,10 +124,10 @@ impl StandIn {
             return Ok(pb::Decision::Pending);
         };
         held.asked = held.asked.saturating_add(1);
-        match (held.released, held.holding) {
-            (Some(decision), _) => Ok(decision),
-            (None, Holding::Pending) => Ok(pb::Decision::Pending),
-            (None, Holding::Unavailable) => Err(Status::unavailable(
+        match held.released {
+            Some(decision) => Ok(decision),
+            None if held.asked % 2 == 1 => Ok(pb::Decision::Pending),
+            None => Err(Status::unavailable(
                 "the kit's stand-in coordinator fails on purpose: ask again",
             )),
         }
@@ -150,23 +144,27 @@ pub fn serving(ctx: &Ctx) -> Result<&Serving, Stop> {
     })
 }
 
-/// Prepares `branch` YES naming the stand-in, held as `holding`, and waits, bounded,
-/// until the participant has asked about it twice, checking all the while that it stays
-/// prepared: a participant that acts on a branch in doubt before it is told fails here.
+/// Prepares `branch` YES naming the stand-in, held undecided, and waits, bounded,
+/// until the participant has asked about it `questions` times, checking all the while
+/// that it stays prepared: a participant that acts on a branch in doubt before it is
+/// told fails here. (It may still act on the last answer after the case releases the
+/// decision: releasing COMMIT shows that too, as an ABORT effect.)
 async fn prepared_and_held(
     ctx: &Ctx,
     serving: &Serving,
     branch: &Branch,
-    holding: Holding,
+    questions: u32,
 ) -> Outcome {
-    const ASKED_AT_LEAST: u32 = 2;
-    serving.stand_in.hold(&branch.transaction_id, holding);
+    serving.stand_in.hold(&branch.transaction_id);
     let prepare = ctx.target().prepare(branch, YES, &serving.endpoint).await;
+    if prepare.name() == "PERMISSION_DENIED" {
+        return Err(Stop::Failed(format!(
+            "Prepare naming the kit's coordinator: {prepare}; the participant must trust \
+             {} (its list of trusted coordinators) for the in-doubt cases",
+            serving.endpoint
+        )));
+    }
     expect("Prepare naming the kit's coordinator", prepare, "VOTE_YES")?;
-    let answered = match holding {
-        Holding::Pending => "answered PENDING",
-        Holding::Unavailable => "failed UNAVAILABLE",
-    };
     let prepared = [prepare_effect(YES)];
     let started = Instant::now();
     loop {
@@ -175,19 +173,29 @@ async fn prepared_and_held(
         if effects != prepared {
             return Err(Stop::Failed(format!(
                 "the branch in doubt was acted on before the coordinator decided (GetOutcome \
-                 asked {asked} time(s), each {answered}): expected effects {}, got {}",
+                 asked {asked} time(s), answered PENDING and UNAVAILABLE in turn): expected \
+                 effects {}, got {}",
                 effects_text(&prepared),
                 effects_text(&effects)
             )));
         }
-        if asked >= ASKED_AT_LEAST {
+        if asked >= questions {
             return Ok(());
         }
         if started.elapsed() >= serving.within {
+            let hint = if asked == 0 {
+                format!(
+                    "does its in-doubt resolution run, and can it reach {} from where it runs?",
+                    serving.endpoint
+                )
+            } else {
+                "does it wait longer between questions than --in-doubt-within-ms allows?"
+                    .to_string()
+            };
             return Err(Stop::Failed(format!(
                 "the participant asked GetOutcome about its branch in doubt {asked} time(s) \
-                 within {:?}, not {ASKED_AT_LEAST} (is {} among its trusted coordinators?)",
-                serving.within, serving.endpoint
+                 within {:?}, not {questions}: {hint}",
+                serving.within
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -197,7 +205,9 @@ async fn prepared_and_held(
 async fn commit(ctx: &Ctx) -> Outcome {
     let serving = serving(ctx)?;
     let b = Branch::fresh();
-    prepared_and_held(ctx, serving, &b, Holding::Pending).await?;
+    // PENDING, UNAVAILABLE, PENDING: a participant that gives up on either shows it,
+    // since the decision released then is COMMIT.
+    prepared_and_held(ctx, serving, &b, 3).await?;
     serving
         .stand_in
         .release(&b.transaction_id, pb::Decision::Commit);
@@ -212,7 +222,7 @@ async fn commit(ctx: &Ctx) -> Outcome {
 async fn abort(ctx: &Ctx) -> Outcome {
     let serving = serving(ctx)?;
     let b = Branch::fresh();
-    prepared_and_held(ctx, serving, &b, Holding::Unavailable).await?;
+    prepared_and_held(ctx, serving, &b, 2).await?;
     serving
         .stand_in
         .release(&b.transaction_id, pb::Decision::Abort);

@@ -169,6 +169,20 @@ impl TckArgs {
                     .into(),
             );
         }
+        if let (Some(untrusted), Some(listen)) =
+            (&self.untrusted_coordinator, self.coordinator_listen)
+        {
+            let canonical = |endpoint: &str| {
+                treaty_sdk::limits::canonical_endpoint("endpoint", endpoint)
+                    .unwrap_or_else(|_| endpoint.to_string())
+            };
+            if canonical(untrusted) == canonical(&format!("http://{listen}")) {
+                return bad(format!(
+                    "--untrusted-coordinator: {untrusted} is the kit's own coordinator \
+                     (--coordinator-listen), which the participant must trust"
+                ));
+            }
+        }
         if self.barrier_retention_ms == Some(0) {
             return bad("--barrier-retention-ms: must be at least 1".into());
         }
@@ -270,8 +284,14 @@ pub async fn run(args: TckArgs) -> i32 {
         restart_command: args.restart_command.clone(),
         restart_timeout_ms: args.restart_timeout_ms,
     };
+    // Served only when a case that names it runs.
+    let in_doubt_selected = ordinary_cases()
+        .iter()
+        .map(|case| case.name)
+        .chain(restart::names().map(|(name, _)| name))
+        .any(|name| name.contains("in-doubt") && args.selects(name));
     let coordinator = match args.coordinator_listen {
-        Some(listen) => {
+        Some(listen) if in_doubt_selected => {
             let within = std::time::Duration::from_millis(args.in_doubt_within_ms);
             match in_doubt::serve(listen, within).await {
                 Ok(serving) => Some(serving),
@@ -281,7 +301,7 @@ pub async fn run(args: TckArgs) -> i32 {
                 }
             }
         }
-        None => None,
+        _ => None,
     };
     let ctx = match Ctx::new(make_target, settings, coordinator) {
         Ok(ctx) => ctx,

@@ -9,7 +9,7 @@ use super::check::{
     Ctx, ONE_PHASE, Outcome, SAGA_STEP, Stop, TWO_PHASE, abort_effect, commit_effect,
     compensate_effect, expect, prepare_effect,
 };
-use super::in_doubt::{self, Holding};
+use super::in_doubt;
 use super::report::CaseResult;
 use super::target::Branch;
 use treaty_proto::v1 as pb;
@@ -77,7 +77,7 @@ const CASES: [(&str, &str, Survivor); 10] = [
     ),
     (
         "restart.in-doubt-resolved",
-        "with --coordinator-listen: Prepare YES naming the kit's coordinator, held PENDING; restart: the participant asks again and, answered COMMIT, commits once (PREPARE, COMMIT)",
+        "with --coordinator-listen: Prepare YES naming the kit's coordinator, held undecided; restart: the participant asks again and, answered COMMIT, commits once (PREPARE, COMMIT)",
         Survivor::InDoubt,
     ),
 ];
@@ -181,7 +181,7 @@ async fn before(ctx: &Ctx, survivor: Survivor, b: &Branch) -> Outcome {
         }
         Survivor::InDoubt => {
             let serving = in_doubt::serving(ctx)?;
-            serving.stand_in.hold(&b.transaction_id, Holding::Pending);
+            serving.stand_in.hold(&b.transaction_id);
             let prepare = ctx.target().prepare(b, YES, &serving.endpoint).await;
             expect("Prepare naming the kit's coordinator", prepare, "VOTE_YES")?;
         }

@@ -5,10 +5,10 @@
 //!
 //! - `--broken MODE` serves one of the deliberately broken variants
 //!   (`treaty_tests::broken`) instead: `no-barrier`, `yes-not-durable`, `no-anti-hanging`,
-//!   `stream-in-order`, `user-failure-failed-precondition`, `gives-up-in-doubt`; or one
-//!   that is not broken: `late-stream-headers` (its stream's response headers come with
-//!   its first answer), `user-failure-unknown` (user code that failed is answered
-//!   UNKNOWN).
+//!   `stream-in-order`, `user-failure-failed-precondition`, `gives-up-in-doubt`,
+//!   `gives-up-on-error`; or one that is not broken: `late-stream-headers` (its stream's
+//!   response headers come with its first answer), `user-failure-unknown` (user code
+//!   that failed is answered UNKNOWN).
 //! - `--supervise PIDFILE` runs the participant as a child, writes the child's pid to
 //!   PIDFILE, and starts it again on the same address whenever it dies, so that
 //!   `treaty tck --restart-command 'kill -9 $(cat PIDFILE)'` can restart it. The child
@@ -29,7 +29,7 @@ use treaty_sdk::barrier_gc::BarrierGcOptions;
 use treaty_sdk::durable::DurableStore;
 use treaty_sdk::server::ServeOptions;
 use treaty_tests::broken::{
-    NoAntiHanging, NoBarrier, OddParticipant, Oddity, VolatileYes, give_up_in_doubt,
+    GiveUp, NoAntiHanging, NoBarrier, OddParticipant, Oddity, VolatileYes, give_up_in_doubt,
 };
 use treaty_tests::conformance::{ConformanceParticipant, ConformanceService};
 
@@ -58,6 +58,8 @@ enum Broken {
     UserFailureFailedPrecondition,
     /// Aborts a branch in doubt a second after its YES, whatever the coordinator says.
     GivesUpInDoubt,
+    /// Aborts a branch in doubt as soon as GetOutcome fails.
+    GivesUpOnError,
 }
 
 #[derive(Debug, Parser)]
@@ -153,8 +155,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => {
             treaty_sdk::serve_with_routes(user, store, listener, options, routes, shutdown).await?
         }
-        Some(Broken::GivesUpInDoubt) => {
-            give_up_in_doubt(user.clone(), store.clone());
+        Some(broken @ (Broken::GivesUpInDoubt | Broken::GivesUpOnError)) => {
+            let rule = if broken == Broken::GivesUpOnError {
+                GiveUp::OnError
+            } else {
+                GiveUp::AfterASecond
+            };
+            give_up_in_doubt(user.clone(), store.clone(), rule);
             treaty_sdk::serve_with_routes(user, store, listener, options, routes, shutdown).await?
         }
         Some(Broken::YesNotDurable) => {
