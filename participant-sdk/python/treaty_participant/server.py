@@ -21,6 +21,11 @@ A call waiting for another operation on its branch to end waits only while its c
 is there (not past its deadline, not cancelled: the coordinator cancels a call it gives
 up on), and at most eight wait for one branch (UNAVAILABLE beyond), so that user code
 that does not end holds one thread, not every retry's.
+
+Beside it, the standard health service (``grpc.health.v1.Health``, unauthenticated, as
+in the Rust SDK): SERVING for ``treaty.v1.Participant`` and for the server as a whole
+(service ``""``, which generic probes ask), NOT_SERVING for both from the moment the
+server stops, gracefully or because its barrier failed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import endpoint as endpoints
 from ._proto import participant_pb2 as pb
@@ -55,6 +61,9 @@ from .participant import BranchContext, Participant, VoteKind
 from .trust import CoordinatorTrust, TrustRefusal, check_token_value
 
 log = logging.getLogger("treaty_participant.server")
+
+# The name the health service reports the participant service under, as the Rust SDK.
+PARTICIPANT_SERVICE = pb.DESCRIPTOR.services_by_name["Participant"].full_name
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _MAX_TRACESTATE_BYTES = 512
@@ -257,12 +266,14 @@ class ServerHandle:
         barrier: DbApiBarrier,
         resolver: InDoubtResolver,
         gc_interval_ms: int,
+        health_servicer: health.HealthServicer,
     ) -> None:
         self.server = server
         self.port = port
         self.address = address
         self.barrier = barrier
         self.resolver = resolver
+        self._health = health_servicer
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
         self._gc_interval_ms = gc_interval_ms
@@ -292,6 +303,9 @@ class ServerHandle:
             if self._stopped.is_set():
                 return
             self._stopped.set()
+        # NOT_SERVING for every service, and for the server as a whole, first, so that
+        # load balancers drain it while the calls in flight finish.
+        self._health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait(grace_s + 1)
         self.resolver.stop()
         if self._gc_thread.is_alive():
@@ -409,6 +423,8 @@ def serve(
     participant_pb2_grpc.add_ParticipantServicer_to_server(
         ParticipantServicer(participant, barrier, trust), server
     )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for add in services:
         add(server)
     try:
@@ -426,7 +442,11 @@ def serve(
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
-    handle = ServerHandle(server, port, f"{host}:{port}", barrier, resolver, gc_interval_ms)
+    for service in ("", PARTICIPANT_SERVICE):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    handle = ServerHandle(
+        server, port, f"{host}:{port}", barrier, resolver, gc_interval_ms, health_servicer
+    )
     handle._start_background()
     # A barrier that can no longer promise durability stops the server.
     barrier.on_failure(lambda _message: threading.Thread(target=handle.stop, daemon=True).start())
