@@ -1,12 +1,15 @@
-"""The standard health service beside the participant: SERVING for the participant
+"""The standard services beside the participant: health (SERVING for the participant
 service and the server as a whole while it serves, NOT_SERVING for both once it stops,
-gracefully or because its barrier failed, so that a load balancer drains it."""
+gracefully or because its barrier failed, so that a load balancer drains it) and
+server reflection."""
 
 import queue
 import threading
 
 import grpc
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from .support import CALL_TIMEOUT_S, InProcessParticipant, TempDirTest
 
@@ -65,3 +68,31 @@ class HealthTest(TempDirTest):
         with self.assertRaises(grpc.RpcError) as unknown:
             self.health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=CALL_TIMEOUT_S)
         self.assertEqual(unknown.exception.code(), grpc.StatusCode.NOT_FOUND)
+
+
+class ReflectionTest(TempDirTest):
+    """Server reflection (v1alpha): a generic client such as grpcurl finds the services
+    and the participant's descriptors without proto files."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.server = InProcessParticipant(self.tmp / "participant.db")
+        self.addCleanup(self.server.stop)
+        self.channel = grpc.insecure_channel(self.server.target)
+        self.addCleanup(self.channel.close)
+
+    def ask(self, request):
+        stub = reflection_pb2_grpc.ServerReflectionStub(self.channel)
+        responses = stub.ServerReflectionInfo(iter([request]), timeout=CALL_TIMEOUT_S)
+        return next(iter(responses))
+
+    def test_the_services_and_the_participants_descriptors_are_reflected(self):
+        listed = self.ask(reflection_pb2.ServerReflectionRequest(list_services=""))
+        names = {service.name for service in listed.list_services_response.service}
+        for name in ("treaty.v1.Participant", "grpc.health.v1.Health"):
+            self.assertIn(name, names)
+        files = self.ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol="treaty.v1.Participant"))
+        descriptors = files.file_descriptor_response.file_descriptor_proto
+        self.assertTrue(descriptors, files)
+        parsed = descriptor_pb2.FileDescriptorProto.FromString(descriptors[0])
+        self.assertEqual(parsed.package, "treaty.v1")

@@ -25,7 +25,9 @@ that does not end holds one thread, not every retry's.
 Beside it, the standard health service (``grpc.health.v1.Health``, unauthenticated, as
 in the Rust SDK): SERVING for ``treaty.v1.Participant`` and for the server as a whole
 (service ``""``, which generic probes ask), NOT_SERVING for both from the moment the
-server stops, gracefully or because its barrier failed.
+server stops, gracefully or because its barrier failed; and server reflection
+(``grpc.reflection.v1alpha``; the Rust SDK serves ``v1`` too) of those services, so
+that ``grpcurl`` needs no proto files.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from . import endpoint as endpoints
 from ._proto import participant_pb2 as pb
@@ -425,6 +428,9 @@ def serve(
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (PARTICIPANT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     for add in services:
         add(server)
     try:
