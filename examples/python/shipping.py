@@ -17,7 +17,8 @@ a read-then-write needs no lock of its own.
     python shipping.py --listen 127.0.0.1:0 --data-dir /tmp/shipping
 
 prints ``shipping listening on 127.0.0.1:PORT`` once it serves. Runs until SIGTERM or
-SIGINT. Faults: ``--transient-error-rate`` (a call fails without an answer and is
+SIGINT; SIGHUP reads ``--tls-cert`` and ``--tls-key`` again (a renewed certificate serves
+new connections; one that does not load is logged and the old one kept). Faults: ``--transient-error-rate`` (a call fails without an answer and is
 retried), ``--latency-ms`` (added to every call), ``--seed``.
 """
 
@@ -213,6 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         coordinator_ca_pem=arguments.coordinator_ca.read_bytes() if arguments.coordinator_ca else None,
         tls=tls,
     )
+    if tls is not None:
+
+        def reload_tls(*_) -> None:
+            try:
+                renewed = ServerTls(arguments.tls_cert.read_bytes(), arguments.tls_key.read_bytes())
+                handle.reload_tls(renewed)
+            except (OSError, ValueError) as error:
+                logging.getLogger("shipping").error("SIGHUP: TLS not reloaded, the old certificate stays: %s", error)
+
+        signal.signal(signal.SIGHUP, reload_tls)
     host = arguments.listen.rpartition(":")[0]
     print(f"shipping listening on {host}:{handle.port}", flush=True)
     barrier.on_failure(lambda _message: stop.set())

@@ -193,6 +193,42 @@ class TlsTest(TempDirTest):
         self.assertEqual(fake.asks_about(txn), 0)
         self.assertEqual(server.barrier.record(txn, "b").status.value, "prepared")
 
+    def test_a_reloaded_certificate_serves_new_connections(self):
+        renewed_dir = self.tmp / "renewed"
+        renewed_dir.mkdir()
+        renewed = make_certificates(renewed_dir)  # another CA: tells the two apart
+        server = self.serve_tls()
+        old_ca, new_ca = self.certs["ca.pem"], renewed["ca.pem"]
+
+        def answers(ca_pem: bytes) -> bool:
+            client = Client(server.target, ca_pem=ca_pem)
+            try:
+                client.abort(uuid7(), "b")
+                return True
+            except grpc.RpcError:
+                return False
+            finally:
+                client.close()
+
+        self.assertTrue(answers(old_ca))
+        self.assertFalse(answers(new_ca))
+        # A key that is not the certificate's is refused, and the old pair stays.
+        mismatched = ServerTls(renewed["server.pem"], renewed["coordinator.key"])
+        with self.assertRaisesRegex(ValueError, "do not load together"):
+            server.handle.reload_tls(mismatched)
+        with self.assertRaisesRegex(ValueError, "client_ca_pem"):
+            server.handle.reload_tls(ServerTls(renewed["server.pem"], renewed["server.key"], renewed["ca.pem"]))
+        self.assertTrue(answers(old_ca))
+        server.handle.reload_tls(ServerTls(renewed["server.pem"], renewed["server.key"]))
+        wait_until(lambda: answers(new_ca), what="a new connection served with the renewed certificate")
+        self.assertFalse(answers(old_ca))
+
+    def test_a_cleartext_server_has_no_tls_to_reload(self):
+        server = InProcessParticipant(self.tmp / "participant.db")
+        self.addCleanup(server.stop)
+        with self.assertRaisesRegex(ValueError, "cleartext"):
+            server.handle.reload_tls(ServerTls(self.certs["server.pem"], self.certs["server.key"]))
+
 
 if __name__ == "__main__":
     unittest.main()

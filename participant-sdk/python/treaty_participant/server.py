@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import pathlib
 import re
+import ssl
+import tempfile
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -258,6 +261,66 @@ class ServerTls:
     client_ca_pem: bytes | None = None
 
 
+def _check_key_pair(tls: ServerTls) -> None:
+    """Raises ``ValueError`` unless the certificate chain and key load together (grpcio
+    would only fail at the next handshake)."""
+    with tempfile.TemporaryDirectory(prefix="treaty-tls-") as scratch:
+        chain = pathlib.Path(scratch, "chain.pem")
+        key = pathlib.Path(scratch, "key.pem")
+        chain.write_bytes(tls.certificate_chain_pem)
+        key.touch(mode=0o600)
+        key.write_bytes(tls.private_key_pem)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain, key)
+        except (ssl.SSLError, ValueError) as error:
+            raise ValueError(f"tls: the certificate chain and key do not load together: {error}") from error
+    if tls.client_ca_pem is not None:
+        try:
+            ssl.create_default_context(cadata=tls.client_ca_pem.decode("ascii"))
+        except (ssl.SSLError, ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"tls.client_ca_pem: not PEM certificates: {error}") from error
+
+
+class _ReloadableTls:
+    """The server's TLS, which grpcio asks at each new handshake whether to replace."""
+
+    def __init__(self, tls: ServerTls) -> None:
+        self._client_ca_required = tls.client_ca_pem is not None
+        self._lock = threading.Lock()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.initial = self._configuration(tls)
+
+    @staticmethod
+    def _configuration(tls: ServerTls) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(tls.private_key_pem, tls.certificate_chain_pem)], root_certificates=tls.client_ca_pem
+        )
+
+    def replace(self, tls: ServerTls) -> None:
+        if (tls.client_ca_pem is not None) != self._client_ca_required:
+            raise ValueError(
+                "tls.client_ca_pem: client certificates were "
+                f"{'required' if self._client_ca_required else 'not required'} at start, and a "
+                "reload cannot change that (grpcio fixes it when the server starts)"
+            )
+        _check_key_pair(tls)
+        configuration = self._configuration(tls)
+        with self._lock:
+            self._pending = configuration
+        log.info("TLS reloaded: new connections get the new certificate")
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The configuration to switch to, once; None while nothing changed."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.initial, self.fetch, require_client_authentication=self._client_ca_required
+        )
+
+
 class ServerHandle:
     """A running participant server: its ``port``, and :meth:`stop`."""
 
@@ -270,6 +333,7 @@ class ServerHandle:
         resolver: InDoubtResolver,
         gc_interval_ms: int,
         health_servicer: health.HealthServicer,
+        tls: "_ReloadableTls | None",
     ) -> None:
         self.server = server
         self.port = port
@@ -277,6 +341,7 @@ class ServerHandle:
         self.barrier = barrier
         self.resolver = resolver
         self._health = health_servicer
+        self._tls = tls
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
         self._gc_interval_ms = gc_interval_ms
@@ -313,6 +378,16 @@ class ServerHandle:
         self.resolver.stop()
         if self._gc_thread.is_alive():
             self._gc_thread.join(5)
+
+    def reload_tls(self, tls: ServerTls) -> None:
+        """Serves new connections with ``tls`` from now on (a renewed certificate, say;
+        connections already open keep theirs), as the Rust SDK's reload on SIGHUP. The
+        certificate and key are checked first: a pair that does not load raises
+        ``ValueError`` and the old one stays. Client certificates stay required or not
+        as at start, so ``client_ca_pem`` must be given exactly when it was then."""
+        if self._tls is None:
+            raise ValueError("tls: this server serves cleartext; it has no TLS to reload")
+        self._tls.replace(tls)
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Blocks until :meth:`stop` (or ``timeout_s``); True once stopped."""
@@ -414,6 +489,10 @@ def serve(
         coordinator_token=coordinator_token,
         coordinator_ca_pem=coordinator_ca_pem,
     )
+    reloadable = None
+    if tls is not None:
+        _check_key_pair(tls)
+        reloadable = _ReloadableTls(tls)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="treaty-participant"),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
@@ -434,15 +513,10 @@ def serve(
     for add in services:
         add(server)
     try:
-        if tls is None:
+        if reloadable is None:
             port = server.add_insecure_port(address)
         else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.private_key_pem, tls.certificate_chain_pem)],
-                root_certificates=tls.client_ca_pem,
-                require_client_auth=tls.client_ca_pem is not None,
-            )
-            port = server.add_secure_port(address, credentials)
+            port = server.add_secure_port(address, reloadable.credentials())
     except RuntimeError as error:
         raise OSError(f"cannot listen on {address}: {error}") from error
     if port == 0:
@@ -451,7 +525,7 @@ def serve(
     for service in ("", PARTICIPANT_SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     handle = ServerHandle(
-        server, port, f"{host}:{port}", barrier, resolver, gc_interval_ms, health_servicer
+        server, port, f"{host}:{port}", barrier, resolver, gc_interval_ms, health_servicer, reloadable
     )
     handle._start_background()
     # A barrier that can no longer promise durability stops the server.
