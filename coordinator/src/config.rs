@@ -171,7 +171,8 @@ pub struct ServeConfig {
 
     /// How long shutdown waits for work in flight (transactions being delivered, and
     /// requests the server is still answering) before leaving it to recovery: one period
-    /// for both, so the log is closed within about this long of the signal.
+    /// for both, so the log is closed within this long of the signal (and 250 ms for
+    /// the server's last answers).
     #[arg(long, env = "TREATY_SHUTDOWN_GRACE_MS", default_value_t = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: u64,
 

@@ -306,10 +306,13 @@ pub async fn run_on_listeners(
     // on it.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
     runtime.shutdown_by(tasks, deadline).await;
+    // Answers the runtime's stop gave (requests waiting on it are told it is shutting
+    // down) still get a moment to leave, even when it used the whole grace.
+    let server_deadline = deadline.max(tokio::time::Instant::now() + SERVER_LAST_ANSWERS);
     let server_result = match server_result {
         Some(result) => result,
         // Requests still in flight have had the grace period; the rest are cut off.
-        None => match tokio::time::timeout_at(deadline, &mut server).await {
+        None => match tokio::time::timeout_at(server_deadline, &mut server).await {
             Ok(result) => result,
             Err(_) => {
                 server.abort();
@@ -338,6 +341,10 @@ pub async fn run_on_listeners(
     closed?;
     Ok(())
 }
+
+/// How long the server still has for its last answers once the runtime has stopped,
+/// if the grace is over by then: a shutdown takes at most `shutdown_grace_ms` and this.
+const SERVER_LAST_ANSWERS: Duration = Duration::from_millis(250);
 
 /// Sets the health of the Coordinator service and of the server as a whole (service
 /// "", which generic probes ask by default) together: the server serves nothing else
