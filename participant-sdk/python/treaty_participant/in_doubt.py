@@ -40,6 +40,7 @@ from ._proto import coordinator_pb2, coordinator_pb2_grpc
 from .answer_table import Mode, Request
 from .barrier import BarrierError, DbApiBarrier, InDoubtBranch, now_unix_ms
 from .participant import BranchContext, Participant
+from .metrics import ParticipantMetrics
 from .trust import CoordinatorTrust
 
 log = logging.getLogger("treaty_participant.in_doubt")
@@ -50,6 +51,8 @@ MAX_CACHED_COORDINATORS = 64
 MAX_REMEMBERED_BRANCHES = 100_000
 #: Applies that outlasted ``apply_wait_ms`` and still run, at most.
 MAX_APPLYING = 64
+# The metrics' names of GetOutcome's answers (anything else is counted as pending).
+_INQUIRY_RESULTS = {coordinator_pb2.DECISION_COMMIT: "commit", coordinator_pb2.DECISION_ABORT: "abort"}
 #: How often a wait for an apply looks for a stop.
 STOP_CHECK_S = 0.1
 
@@ -76,6 +79,7 @@ class InDoubtResolver:
         apply_wait_ms: int = 10_000,
         coordinator_token: str | None = None,
         coordinator_ca_pem: bytes | None = None,
+        metrics: ParticipantMetrics | None = None,
     ) -> None:
         for name, value in (
             ("in_doubt_interval_ms", poll_interval_ms),
@@ -111,6 +115,9 @@ class InDoubtResolver:
         self._thread: threading.Thread | None = None
         # One round at a time (the thread's, or a caller's such as a test or an operator).
         self._round_lock = threading.Lock()
+        self._metrics = metrics
+        # Branches still in doubt in the pages of the pass under way.
+        self._pass_in_doubt = 0
 
     # ----- running -------------------------------------------------------------------
 
@@ -155,7 +162,13 @@ class InDoubtResolver:
         """Asks about the in-doubt branches due (at most ``max_branches_per_round``,
         continuing where the last round stopped) and applies the answers."""
         with self._round_lock:
-            return self._round()
+            if self._cursor is None:  # a pass over the branches in doubt begins
+                self._pass_in_doubt = 0
+            report = self._round()
+            self._pass_in_doubt += report.still_in_doubt
+            if self._cursor is None and self._metrics is not None:
+                self._metrics.in_doubt_pass_ended(self._pass_in_doubt)
+            return report
 
     def _round(self) -> RoundReport:
         report = RoundReport()
@@ -222,8 +235,14 @@ class InDoubtResolver:
             )
         except grpc.RpcError as error:
             log.debug("GetOutcome failed: %s %s", where, error)
+            self._count_inquiry("error")
             return None
+        self._count_inquiry(_INQUIRY_RESULTS.get(response.decision, "pending"))
         return response.decision
+
+    def _count_inquiry(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.outcome_asked(result)
 
     def _stub(self, coordinator_endpoint: str) -> coordinator_pb2_grpc.CoordinatorStub:
         with self._channels_lock:

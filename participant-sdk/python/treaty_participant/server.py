@@ -39,6 +39,7 @@ import re
 import ssl
 import tempfile
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -62,6 +63,7 @@ from .barrier import (
     UserCodeFailed,
 )
 from .in_doubt import InDoubtResolver
+from .metrics import MetricsServer, ParticipantMetrics
 from .limits import MAX_MESSAGE_BYTES, FieldError, check_id, check_payload
 from .participant import BranchContext, Participant, VoteKind
 from .trust import CoordinatorTrust, TrustRefusal, check_token_value
@@ -90,6 +92,30 @@ _MODES = {
     pb.COMMIT_MODE_ONE_PHASE: Mode.ONE_PHASE,
     pb.COMMIT_MODE_SAGA_STEP: Mode.SAGA_STEP,
 }
+# The metrics' names of a Commit's operation, by mode (a bad mode counts as "commit").
+_COMMIT_OPERATIONS = {
+    pb.COMMIT_MODE_TWO_PHASE: "commit",
+    pb.COMMIT_MODE_ONE_PHASE: "one_phase_commit",
+    pb.COMMIT_MODE_SAGA_STEP: "saga_step",
+}
+# What the metrics count as a caller refused rather than an operation that failed.
+_REFUSALS = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
+# The metrics' name of an answer: its enum value's name without the enum's prefix.
+_ANSWER_ENUMS = {
+    pb.PrepareBranchResponse: (pb.Vote, "vote", "VOTE_"),
+    pb.CommitBranchResponse: (pb.CommitResult, "result", "COMMIT_RESULT_"),
+    pb.AbortBranchResponse: (pb.AbortResult, "result", "ABORT_RESULT_"),
+    pb.CompensateBranchResponse: (pb.CompensateResult, "result", "COMPENSATE_RESULT_"),
+}
+
+
+def _result_name(response: object) -> str:
+    enum, field, prefix = _ANSWER_ENUMS[type(response)]
+    return enum.Name(getattr(response, field)).removeprefix(prefix).lower()
 
 
 class _Refused(Exception):
@@ -131,11 +157,16 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     :func:`serve` do everything."""
 
     def __init__(
-        self, participant: Participant, barrier: DbApiBarrier, trust: CoordinatorTrust | None = None
+        self,
+        participant: Participant,
+        barrier: DbApiBarrier,
+        trust: CoordinatorTrust | None = None,
+        metrics: ParticipantMetrics | None = None,
     ) -> None:
         self._participant = participant
         self._barrier = barrier
         self._trust = trust or CoordinatorTrust()
+        self._metrics = metrics
 
     def Prepare(self, request: pb.PrepareBranchRequest, context: grpc.ServicerContext):
         def answer(ctx: BranchContext) -> pb.PrepareBranchResponse:
@@ -152,7 +183,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             )
             return pb.PrepareBranchResponse(vote=_VOTES[reply.answer], reason=reply.reason)
 
-        return self._serve(context, request.transaction_id, request.branch_id, answer)
+        return self._serve(context, "prepare", request.transaction_id, request.branch_id, answer)
 
     def Commit(self, request: pb.CommitBranchRequest, context: grpc.ServicerContext):
         def answer(ctx: BranchContext) -> pb.CommitBranchResponse:
@@ -173,7 +204,8 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             )
             return pb.CommitBranchResponse(result=_COMMIT_RESULTS[reply.answer], reason=reply.reason)
 
-        return self._serve(context, request.transaction_id, request.branch_id, answer)
+        operation = _COMMIT_OPERATIONS.get(request.mode, "commit")
+        return self._serve(context, operation, request.transaction_id, request.branch_id, answer)
 
     def Abort(self, request: pb.AbortBranchRequest, context: grpc.ServicerContext):
         def answer(ctx: BranchContext) -> pb.AbortBranchResponse:
@@ -186,7 +218,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             )
             return pb.AbortBranchResponse(result=_ABORT_RESULTS[reply.answer])
 
-        return self._serve(context, request.transaction_id, request.branch_id, answer)
+        return self._serve(context, "abort", request.transaction_id, request.branch_id, answer)
 
     def Compensate(self, request: pb.CompensateBranchRequest, context: grpc.ServicerContext):
         def answer(ctx: BranchContext) -> pb.CompensateBranchResponse:
@@ -201,7 +233,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             )
             return pb.CompensateBranchResponse(result=pb.COMPENSATE_RESULT_COMPENSATED)
 
-        return self._serve(context, request.transaction_id, request.branch_id, answer)
+        return self._serve(context, "compensate", request.transaction_id, request.branch_id, answer)
 
     # ----- the common path -----------------------------------------------------------
 
@@ -216,10 +248,35 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     def _serve(
         self,
         context: grpc.ServicerContext,
+        operation: str,
         transaction_id: str,
         branch_id: str,
         answer: Callable[[BranchContext], object],
     ):
+        started = time.monotonic()
+        code, message = self._answer(context, transaction_id, branch_id, answer)
+        if self._metrics is not None:
+            if code is None:
+                result = _result_name(message)
+            elif code in _REFUSALS:
+                result = "refused"
+            else:
+                result = "error"
+            if not context.is_active():
+                result = "cancelled"
+            self._metrics.operation_ended(operation, result, time.monotonic() - started)
+        if code is None:
+            return message
+        context.abort(code, message)
+
+    def _answer(
+        self,
+        context: grpc.ServicerContext,
+        transaction_id: str,
+        branch_id: str,
+        answer: Callable[[BranchContext], object],
+    ) -> tuple[grpc.StatusCode | None, object]:
+        """The response (with no code), or the status to end the call with."""
         metadata = context.invocation_metadata() or ()
         try:
             try:
@@ -230,7 +287,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             check_id("branch_id", branch_id)
             traceparent, tracestate = _trace(metadata)
             ctx = BranchContext(transaction_id, branch_id, traceparent, tracestate)
-            return answer(ctx)
+            return None, answer(ctx)
         except FieldError as error:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except _Refused as refusal:
@@ -245,7 +302,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         except Exception as error:  # noqa: BLE001 - a bug must still answer, not hang
             log.exception("unexpected error: txn_id=%s branch_id=%s", transaction_id, branch_id)
             code, message = grpc.StatusCode.INTERNAL, f"unexpected error: {error}"
-        context.abort(code, message)
+        return code, message
 
 
 @dataclass(frozen=True)
@@ -334,6 +391,8 @@ class ServerHandle:
         gc_interval_ms: int,
         health_servicer: health.HealthServicer,
         tls: "_ReloadableTls | None",
+        metrics: ParticipantMetrics,
+        metrics_server: MetricsServer | None,
     ) -> None:
         self.server = server
         self.port = port
@@ -342,6 +401,10 @@ class ServerHandle:
         self.resolver = resolver
         self._health = health_servicer
         self._tls = tls
+        self.metrics = metrics
+        self._metrics_server = metrics_server
+        # Where /metrics is served (None: not served).
+        self.metrics_port = metrics_server.port if metrics_server is not None else None
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
         self._gc_interval_ms = gc_interval_ms
@@ -358,7 +421,9 @@ class ServerHandle:
         while not self._stopped.is_set():
             try:
                 for _ in range(100):
-                    if self.barrier.collect(per_round) < per_round or self._stopped.is_set():
+                    removed = self.barrier.collect(per_round)
+                    self.metrics.records_collected(removed)
+                    if removed < per_round or self._stopped.is_set():
                         break
             except BarrierError as error:
                 log.warning("barrier garbage collection failed; trying again later: %s", error)
@@ -376,6 +441,8 @@ class ServerHandle:
         self._health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait(grace_s + 1)
         self.resolver.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         if self._gc_thread.is_alive():
             self._gc_thread.join(5)
 
@@ -427,6 +494,7 @@ def serve(
     max_workers: int = 16,
     max_concurrent_rpcs: int = 256,
     services: Iterable[Callable[[grpc.Server], None]] = (),
+    metrics_address: str | None = None,
 ) -> ServerHandle:
     """Serves ``participant`` on ``address`` (``host:port``; port 0 picks one, see
     ``handle.port``) with its records in ``barrier``; starts in-doubt resolution and the
@@ -441,6 +509,9 @@ def serve(
       to ``GetOutcome`` and the CA it verifies ``https://`` coordinators with (None: the
       system's roots).
     - ``services``: callables adding more services to the same grpc.Server.
+    - ``metrics_address``: serve Prometheus metrics at ``http://ADDRESS/metrics``
+      (``host:port``, port 0 picks one: ``handle.metrics_port``); cleartext and without
+      credentials, so bind it where only your scraper reaches. See :mod:`.metrics`.
     """
     trust = CoordinatorTrust(
         tokens=tuple(accepted_tokens),
@@ -476,6 +547,7 @@ def serve(
         barrier.retention_ms = barrier_retention_ms
     if max_workers < 1 or max_concurrent_rpcs < 1:
         raise ValueError("max_workers and max_concurrent_rpcs: must be at least 1")
+    metrics = ParticipantMetrics()
     resolver = InDoubtResolver(
         participant,
         barrier,
@@ -488,6 +560,7 @@ def serve(
         apply_wait_ms=in_doubt_apply_wait_ms,
         coordinator_token=coordinator_token,
         coordinator_ca_pem=coordinator_ca_pem,
+        metrics=metrics,
     )
     reloadable = None
     if tls is not None:
@@ -503,7 +576,7 @@ def serve(
         ],
     )
     participant_pb2_grpc.add_ParticipantServicer_to_server(
-        ParticipantServicer(participant, barrier, trust), server
+        ParticipantServicer(participant, barrier, trust, metrics), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -521,11 +594,21 @@ def serve(
         raise OSError(f"cannot listen on {address}: {error}") from error
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    metrics_server = MetricsServer(metrics, metrics_address) if metrics_address is not None else None
     server.start()
     for service in ("", PARTICIPANT_SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     handle = ServerHandle(
-        server, port, f"{host}:{port}", barrier, resolver, gc_interval_ms, health_servicer, reloadable
+        server,
+        port,
+        f"{host}:{port}",
+        barrier,
+        resolver,
+        gc_interval_ms,
+        health_servicer,
+        reloadable,
+        metrics,
+        metrics_server,
     )
     handle._start_background()
     # A barrier that can no longer promise durability stops the server.

@@ -1,0 +1,113 @@
+"""The participant server's Prometheus metrics, named as the Rust SDK's
+(``participant-sdk/src/metrics.rs``), served at ``/metrics`` when :func:`serve` is given
+``metrics_address``.
+
+- ``treaty_participant_operations_total{operation,result}`` and
+  ``treaty_participant_operation_duration_seconds{operation}``: every call the servicer
+  answers, by the protocol answer it gave (``yes``, ``committed``, ``aborted``, ...), or
+  ``refused`` (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED), ``error`` (any
+  other status) or ``cancelled`` (its caller was gone when it answered; the operation
+  behind it still ran to its end).
+- ``treaty_participant_branches_in_doubt``: branches that voted YES with no outcome yet,
+  as of the in-doubt resolver's last complete pass over them (0 until the first ends).
+- ``treaty_participant_outcome_inquiries_total{result}``: ``GetOutcome`` asks for
+  branches in doubt: commit, abort, pending, error (no answer).
+- ``treaty_participant_barrier_gc_removed_total``: records the collector deleted.
+
+Every label takes its value from a fixed set, never from a request; a scrape reads only
+the counters (no barrier access), so it costs the same however large the barrier. The
+registry is the server's own, not the process-wide default.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+OPERATIONS = ("prepare", "commit", "one_phase_commit", "saga_step", "abort", "compensate")
+# The protocol's answers, and what else a call can end in.
+RESULTS = (
+    "yes", "no", "read_only", "committed", "rejected", "not_prepared", "already_aborted",
+    "aborted", "already_committed", "compensated", "refused", "error", "cancelled",
+)
+INQUIRY_RESULTS = ("commit", "abort", "pending", "error")
+# 100 µs doubling to about 6.5 s, as the Rust SDK's histogram.
+DURATION_BUCKETS = tuple(0.0001 * 2**k for k in range(17))
+
+
+class ParticipantMetrics:
+    """The metrics of one participant server, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._operations = Counter(
+            "treaty_participant_operations",
+            "Participant calls that ended, by operation and by the answer given",
+            ("operation", "result"),
+            registry=self.registry,
+        )
+        self._durations = Histogram(
+            "treaty_participant_operation_duration_seconds",
+            "Time from a participant call's arrival to its answer",
+            ("operation",),
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._in_doubt = Gauge(
+            "treaty_participant_branches_in_doubt",
+            "Branches that voted YES with no outcome yet, as of the in-doubt resolver's last complete pass",
+            registry=self.registry,
+        )
+        self._inquiries = Counter(
+            "treaty_participant_outcome_inquiries",
+            "GetOutcome asks for branches in doubt, by answer",
+            ("result",),
+            registry=self.registry,
+        )
+        self._gc_removed = Counter(
+            "treaty_participant_barrier_gc_removed",
+            "Barrier records deleted by the collector",
+            registry=self.registry,
+        )
+
+    def operation_ended(self, operation: str, result: str, seconds: float) -> None:
+        if operation not in OPERATIONS or result not in RESULTS:
+            raise ValueError(f"metrics: unknown operation or result: {operation}/{result}")
+        self._operations.labels(operation, result).inc()
+        self._durations.labels(operation).observe(max(0.0, seconds))
+
+    def outcome_asked(self, result: str) -> None:
+        if result not in INQUIRY_RESULTS:
+            raise ValueError(f"metrics: unknown inquiry result: {result}")
+        self._inquiries.labels(result).inc()
+
+    def in_doubt_pass_ended(self, branches: int) -> None:
+        self._in_doubt.set(branches)
+
+    def records_collected(self, removed: int) -> None:
+        if removed > 0:
+            self._gc_removed.inc(removed)
+
+    def render(self) -> bytes:
+        """The exposition text, as ``/metrics`` serves it."""
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP on ``address`` (``host:port``; port 0 picks one)."""
+
+    def __init__(self, metrics: ParticipantMetrics, address: str) -> None:
+        host, _, port_text = address.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise ValueError(f"metrics_address: {address!r} is not host:port")
+        try:
+            self._server, self._thread = start_http_server(
+                int(port_text), addr=host.strip("[]"), registry=metrics.registry
+            )
+        except OSError as error:
+            raise OSError(f"metrics_address: cannot listen on {address}: {error}") from error
+        self.port = self._server.server_port
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
