@@ -214,21 +214,22 @@ def main(argv: list[str] | None = None) -> int:
         coordinator_ca_pem=arguments.coordinator_ca.read_bytes() if arguments.coordinator_ca else None,
         tls=tls,
     )
+    # The handler only notes a SIGHUP; the loop below reloads (files, OpenSSL and locks
+    # have no place in a signal handler).
+    hangup = threading.Event()
     if tls is not None:
-
-        def reload_tls(*_) -> None:
+        signal.signal(signal.SIGHUP, lambda *_: hangup.set())
+    host = arguments.listen.rpartition(":")[0]
+    print(f"shipping listening on {host}:{handle.port}", flush=True)
+    barrier.on_failure(lambda _message: stop.set())
+    while not stop.wait(0.2):
+        if hangup.is_set():
+            hangup.clear()
             try:
                 renewed = ServerTls(arguments.tls_cert.read_bytes(), arguments.tls_key.read_bytes())
                 handle.reload_tls(renewed)
             except (OSError, ValueError) as error:
                 logging.getLogger("shipping").error("SIGHUP: TLS not reloaded, the old certificate stays: %s", error)
-
-        signal.signal(signal.SIGHUP, reload_tls)
-    host = arguments.listen.rpartition(":")[0]
-    print(f"shipping listening on {host}:{handle.port}", flush=True)
-    barrier.on_failure(lambda _message: stop.set())
-    while not stop.wait(0.2):
-        pass
     handle.stop()
     barrier.close()
     return 1 if barrier.failure else 0

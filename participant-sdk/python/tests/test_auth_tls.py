@@ -5,6 +5,7 @@ without it the TLS tests are skipped, saying so."""
 
 import pathlib
 import shutil
+import subprocess
 import tempfile
 import unittest
 
@@ -201,11 +202,14 @@ class TlsTest(TempDirTest):
         old_ca, new_ca = self.certs["ca.pem"], renewed["ca.pem"]
 
         def answers(ca_pem: bytes) -> bool:
+            """Whether a new connection trusting ``ca_pem`` is served (it fails its
+            handshake, UNAVAILABLE, otherwise)."""
             client = Client(server.target, ca_pem=ca_pem)
             try:
                 client.abort(uuid7(), "b")
                 return True
-            except grpc.RpcError:
+            except grpc.RpcError as error:
+                self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE, error)
                 return False
             finally:
                 client.close()
@@ -222,6 +226,19 @@ class TlsTest(TempDirTest):
         server.handle.reload_tls(ServerTls(renewed["server.pem"], renewed["server.key"]))
         wait_until(lambda: answers(new_ca), what="a new connection served with the renewed certificate")
         self.assertFalse(answers(old_ca))
+
+    def test_an_encrypted_key_is_refused_without_a_prompt(self):
+        # OpenSSL would ask for its pass phrase on the terminal, and wait.
+        key = self.tmp / "encrypted.key"
+        subprocess.run(["openssl", "pkey", "-aes256", "-passout", "pass:secret", "-out", str(key)],
+                       input=self.certs["server.key"], check=True, capture_output=True, timeout=60)
+        with self.assertRaisesRegex(ValueError, "encrypted private key"):
+            self.serve_tls_with(ServerTls(self.certs["server.pem"], key.read_bytes()))
+
+    def serve_tls_with(self, tls: ServerTls):
+        server = InProcessParticipant(self.tmp / "participant.db", tls=tls)
+        self.addCleanup(server.stop)
+        return server
 
     def test_a_cleartext_server_has_no_tls_to_reload(self):
         server = InProcessParticipant(self.tmp / "participant.db")

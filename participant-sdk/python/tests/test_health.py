@@ -11,7 +11,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from .support import CALL_TIMEOUT_S, InProcessParticipant, TempDirTest
+from treaty_participant._proto import participant_pb2 as pb
+
+from .support import CALL_TIMEOUT_S, InProcessParticipant, TempDirTest, uuid7, wait_until
 
 SERVICES = ("treaty.v1.Participant", "")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -96,3 +98,46 @@ class ReflectionTest(TempDirTest):
         self.assertTrue(descriptors, files)
         parsed = descriptor_pb2.FileDescriptorProto.FromString(descriptors[0])
         self.assertEqual(parsed.package, "treaty.v1")
+
+
+class ReflectionBoundTest(TempDirTest):
+    """Each reflection stream holds a worker thread while open: at most two are open at
+    once, and the participant's calls are answered meanwhile."""
+
+    def test_a_third_reflection_stream_is_refused_while_two_are_open(self):
+        server = InProcessParticipant(self.tmp / "participant.db")
+        self.addCleanup(server.stop)
+        channel = grpc.insecure_channel(server.target)
+        self.addCleanup(channel.close)
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        held = []
+        for _ in range(2):
+            requests: "queue.Queue" = queue.Queue()
+            requests.put(ask)
+            stream = stub.ServerReflectionInfo(iter(requests.get, None), timeout=CALL_TIMEOUT_S)
+            self.addCleanup(stream.cancel)
+            next(stream)  # open, and served
+            held.append((requests, stream))
+        with self.assertRaises(grpc.RpcError) as refused:
+            next(stub.ServerReflectionInfo(iter([ask]), timeout=CALL_TIMEOUT_S))
+        self.assertEqual(refused.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        client = server.client()
+        self.addCleanup(client.close)
+        self.assertEqual(client.abort(uuid7(), "b").result, pb.ABORT_RESULT_ABORTED)
+        # One closed: a new stream is served.
+        requests, stream = held.pop()
+        requests.put(None)
+        for _ in stream:
+            pass
+        wait_until(lambda: _reflects(stub, ask), what="a reflection stream served again")
+
+
+def _reflects(stub, ask) -> bool:
+    try:
+        next(stub.ServerReflectionInfo(iter([ask]), timeout=CALL_TIMEOUT_S))
+        return True
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return False

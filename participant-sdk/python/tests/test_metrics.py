@@ -4,6 +4,7 @@ asks by answer, the branches in doubt as of the resolver's last pass, and the re
 the collector deleted. Scraped over real HTTP from the server's own port."""
 
 import re
+import socket
 import time
 import urllib.request
 
@@ -89,6 +90,8 @@ class MetricsTest(TempDirTest):
             lambda: scrape(server.handle.metrics_port).get(("treaty_participant_branches_in_doubt", frozenset())) == 1,
             what="one branch left in doubt after a pass",
         )
+        passes = ("treaty_participant_in_doubt_passes_total", frozenset())
+        self.assertGreaterEqual(scrape(server.handle.metrics_port)[passes], 1)
 
     def test_collected_records_are_counted(self):
         server = self.serve(gc_interval_ms=100)
@@ -99,7 +102,30 @@ class MetricsTest(TempDirTest):
         removed = ("treaty_participant_barrier_gc_removed_total", frozenset())
         wait_until(lambda: scrape(server.handle.metrics_port).get(removed, 0.0) == 1, what="the old record collected")
 
-    def test_a_bad_metrics_address_is_refused_by_name(self):
-        with self.assertRaisesRegex(ValueError, "metrics_address"):
-            InProcessParticipant(self.tmp / "participant.db", metrics_address="no-port")
+    def test_every_series_is_there_at_zero_from_the_start(self):
+        server = self.serve()
+        samples = scrape(server.handle.metrics_port)
+        self.assertEqual(operations(samples, "saga_step", "already_aborted"), 0.0)
+        self.assertIn(("treaty_participant_operations_total",
+                       frozenset({("operation", "abort"), ("result", "cancelled")})), samples)
+        self.assertIn(("treaty_participant_outcome_inquiries_total", frozenset({("result", "error")})), samples)
+
+    def test_bad_metrics_addresses_are_refused_by_name(self):
+        for address in ("no-port", "127.0.0.1:99999", "0.0.0.0:0"):
+            with self.assertRaisesRegex(ValueError, "metrics_address"):
+                InProcessParticipant(self.tmp / "participant.db", metrics_address=address)
+
+    def test_a_metrics_port_in_use_leaves_nothing_listening(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = f"127.0.0.1:{taken.getsockname()[1]}"
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                address = f"127.0.0.1:{probe.getsockname()[1]}"
+            with self.assertRaisesRegex(OSError, "metrics_address"):
+                InProcessParticipant(self.tmp / "participant.db", address=address, metrics_address=busy)
+        # The participant's address was not left bound: a server can have it now.
+        server = InProcessParticipant(self.tmp / "participant.db", address=address)
+        self.addCleanup(server.stop)
 

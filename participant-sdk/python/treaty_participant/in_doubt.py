@@ -51,8 +51,13 @@ MAX_CACHED_COORDINATORS = 64
 MAX_REMEMBERED_BRANCHES = 100_000
 #: Applies that outlasted ``apply_wait_ms`` and still run, at most.
 MAX_APPLYING = 64
-# The metrics' names of GetOutcome's answers (anything else is counted as pending).
-_INQUIRY_RESULTS = {coordinator_pb2.DECISION_COMMIT: "commit", coordinator_pb2.DECISION_ABORT: "abort"}
+# The metrics' names of GetOutcome's answers: anything else (UNSPECIFIED, a value this
+# SDK does not know) is no answer, counted as an error as the Rust SDK does.
+_INQUIRY_RESULTS = {
+    coordinator_pb2.DECISION_COMMIT: "commit",
+    coordinator_pb2.DECISION_ABORT: "abort",
+    coordinator_pb2.DECISION_PENDING: "pending",
+}
 #: How often a wait for an apply looks for a stop.
 STOP_CHECK_S = 0.1
 
@@ -166,7 +171,8 @@ class InDoubtResolver:
                 self._pass_in_doubt = 0
             report = self._round()
             self._pass_in_doubt += report.still_in_doubt
-            if self._cursor is None and self._metrics is not None:
+            # A round cut short by stop() has not seen the whole page: nothing to report.
+            if self._cursor is None and self._metrics is not None and not self._stop.is_set():
                 self._metrics.in_doubt_pass_ended(self._pass_in_doubt)
             return report
 
@@ -237,7 +243,7 @@ class InDoubtResolver:
             log.debug("GetOutcome failed: %s %s", where, error)
             self._count_inquiry("error")
             return None
-        self._count_inquiry(_INQUIRY_RESULTS.get(response.decision, "pending"))
+        self._count_inquiry(_INQUIRY_RESULTS.get(response.decision, "error"))
         return response.decision
 
     def _count_inquiry(self, result: str) -> None:

@@ -9,26 +9,38 @@
   other status) or ``cancelled`` (its caller was gone when it answered; the operation
   behind it still ran to its end).
 - ``treaty_participant_branches_in_doubt``: branches that voted YES with no outcome yet,
-  as of the in-doubt resolver's last complete pass over them (0 until the first ends).
+  as of the in-doubt resolver's last complete pass over them; absent until the first
+  ends (a 0 would look healthy while a first pass over many branches still runs).
+  ``treaty_participant_in_doubt_passes_total`` counts the passes ended.
 - ``treaty_participant_outcome_inquiries_total{result}``: ``GetOutcome`` asks for
   branches in doubt: commit, abort, pending, error (no answer).
 - ``treaty_participant_barrier_gc_removed_total``: records the collector deleted.
 
-Every label takes its value from a fixed set, never from a request; a scrape reads only
-the counters (no barrier access), so it costs the same however large the barrier. The
-registry is the server's own, not the process-wide default.
+Every label takes its value from a fixed set, never from a request, and every series is
+created at 0 when the server starts, as the Rust SDK's are; a scrape reads only the
+counters (no barrier access), so it costs the same however large the barrier. The
+registry is the server's own, not the process-wide default. Unlike the Rust SDK's,
+prometheus-client adds a ``*_created`` series (the creation time) beside each counter
+and histogram.
 """
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
-OPERATIONS = ("prepare", "commit", "one_phase_commit", "saga_step", "abort", "compensate")
-# The protocol's answers, and what else a call can end in.
-RESULTS = (
-    "yes", "no", "read_only", "committed", "rejected", "not_prepared", "already_aborted",
-    "aborted", "already_committed", "compensated", "refused", "error", "cancelled",
-)
+# Each operation's protocol answers, as the Rust SDK's table (`ANSWERS`).
+ANSWERS = {
+    "prepare": ("yes", "no", "read_only"),
+    "commit": ("committed", "not_prepared", "already_aborted"),
+    "one_phase_commit": ("committed", "rejected", "already_aborted"),
+    "saga_step": ("committed", "rejected", "already_aborted"),
+    "abort": ("aborted", "already_committed"),
+    "compensate": ("compensated",),
+}
+# What else any call can end in.
+ALWAYS = ("refused", "error", "cancelled")
 INQUIRY_RESULTS = ("commit", "abort", "pending", "error")
 # 100 µs doubling to about 6.5 s, as the Rust SDK's histogram.
 DURATION_BUCKETS = tuple(0.0001 * 2**k for k in range(17))
@@ -52,9 +64,10 @@ class ParticipantMetrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
-        self._in_doubt = Gauge(
-            "treaty_participant_branches_in_doubt",
-            "Branches that voted YES with no outcome yet, as of the in-doubt resolver's last complete pass",
+        self._in_doubt: Gauge | None = None  # registered at the first pass's end
+        self._passes = Counter(
+            "treaty_participant_in_doubt_passes",
+            "Passes of the in-doubt resolver over the branches in doubt that ended",
             registry=self.registry,
         )
         self._inquiries = Counter(
@@ -68,9 +81,17 @@ class ParticipantMetrics:
             "Barrier records deleted by the collector",
             registry=self.registry,
         )
+        self._in_doubt_lock = threading.Lock()
+        # Scraped at 0 before the first call, as the Rust SDK's.
+        for operation, answers in ANSWERS.items():
+            self._durations.labels(operation)
+            for result in answers + ALWAYS:
+                self._operations.labels(operation, result)
+        for result in INQUIRY_RESULTS:
+            self._inquiries.labels(result)
 
     def operation_ended(self, operation: str, result: str, seconds: float) -> None:
-        if operation not in OPERATIONS or result not in RESULTS:
+        if result not in ANSWERS.get(operation, ()) + ALWAYS:
             raise ValueError(f"metrics: unknown operation or result: {operation}/{result}")
         self._operations.labels(operation, result).inc()
         self._durations.labels(operation).observe(max(0.0, seconds))
@@ -81,7 +102,15 @@ class ParticipantMetrics:
         self._inquiries.labels(result).inc()
 
     def in_doubt_pass_ended(self, branches: int) -> None:
-        self._in_doubt.set(branches)
+        with self._in_doubt_lock:
+            if self._in_doubt is None:
+                self._in_doubt = Gauge(
+                    "treaty_participant_branches_in_doubt",
+                    "Branches that voted YES with no outcome yet, as of the in-doubt resolver's last complete pass",
+                    registry=self.registry,
+                )
+            self._in_doubt.set(branches)
+        self._passes.inc()
 
     def records_collected(self, removed: int) -> None:
         if removed > 0:
@@ -92,13 +121,20 @@ class ParticipantMetrics:
         return generate_latest(self.registry)
 
 
+def check_metrics_address(address: str) -> str:
+    """The host of ``address`` (``host:port``), or ``ValueError`` naming the field."""
+    host, _, port_text = address.rpartition(":")
+    if not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"metrics_address: {address!r} is not host:port")
+    return host
+
+
 class MetricsServer:
     """``/metrics`` over HTTP on ``address`` (``host:port``; port 0 picks one)."""
 
     def __init__(self, metrics: ParticipantMetrics, address: str) -> None:
-        host, _, port_text = address.rpartition(":")
-        if not host or not port_text.isdigit():
-            raise ValueError(f"metrics_address: {address!r} is not host:port")
+        host = check_metrics_address(address)
+        port_text = address.rpartition(":")[2]
         try:
             self._server, self._thread = start_http_server(
                 int(port_text), addr=host.strip("[]"), registry=metrics.registry

@@ -32,8 +32,10 @@ that ``grpcurl`` needs no proto files.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import os
 import pathlib
 import re
 import ssl
@@ -46,7 +48,7 @@ from typing import Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import endpoint as endpoints
 from ._proto import participant_pb2 as pb
@@ -63,12 +65,18 @@ from .barrier import (
     UserCodeFailed,
 )
 from .in_doubt import InDoubtResolver
-from .metrics import MetricsServer, ParticipantMetrics
+from .metrics import MetricsServer, ParticipantMetrics, check_metrics_address
 from .limits import MAX_MESSAGE_BYTES, FieldError, check_id, check_payload
 from .participant import BranchContext, Participant, VoteKind
 from .trust import CoordinatorTrust, TrustRefusal, check_token_value
 
 log = logging.getLogger("treaty_participant.server")
+
+# Reflection streams open at once, at most (each holds a worker thread while open).
+MAX_REFLECTION_STREAMS = 2
+# How much longer than its grace a stop may take: in-doubt applies (10 s at most) and
+# the collector's end; a second caller of stop() waits that long for the first.
+STOP_TAIL_S = 20.0
 
 # The name the health service reports the participant service under, as the Rust SDK.
 PARTICIPANT_SERVICE = pb.DESCRIPTOR.services_by_name["Participant"].full_name
@@ -256,15 +264,18 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         started = time.monotonic()
         code, message = self._answer(context, transaction_id, branch_id, answer)
         if self._metrics is not None:
-            if code is None:
-                result = _result_name(message)
-            elif code in _REFUSALS:
-                result = "refused"
-            else:
-                result = "error"
-            if not context.is_active():
-                result = "cancelled"
-            self._metrics.operation_ended(operation, result, time.monotonic() - started)
+            try:
+                if code is None:
+                    result = _result_name(message)
+                elif code in _REFUSALS:
+                    result = "refused"
+                else:
+                    result = "error"
+                if not context.is_active():
+                    result = "cancelled"
+                self._metrics.operation_ended(operation, result, time.monotonic() - started)
+            except Exception:  # noqa: BLE001 - counting must never change the answer
+                log.exception("counting a call in the metrics failed")
         if code is None:
             return message
         context.abort(code, message)
@@ -305,6 +316,25 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         return code, message
 
 
+class _BoundedReflection(reflection.ReflectionServicer):
+    """grpcio-reflection's servicer, with at most ``streams`` reflection streams open at
+    once (RESOURCE_EXHAUSTED beyond): each holds one of the server's worker threads until
+    its client closes it, and anyone may open one, so without a bound a few idle
+    clients would leave no thread for the participant's calls."""
+
+    def __init__(self, service_names, streams: int) -> None:
+        super().__init__(service_names)
+        self._slots = threading.BoundedSemaphore(streams) if streams > 0 else None
+
+    def ServerReflectionInfo(self, request_iterator, context):
+        if self._slots is None or not self._slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "reflection: every stream is taken; try again later")
+        try:
+            yield from super().ServerReflectionInfo(request_iterator, context)
+        finally:
+            self._slots.release()
+
+
 @dataclass(frozen=True)
 class ServerTls:
     """TLS for the participant's server (its endpoint is then ``https://``). With
@@ -318,24 +348,61 @@ class ServerTls:
     client_ca_pem: bytes | None = None
 
 
+def _refuse_pass_phrase() -> bytes:
+    raise ValueError("an encrypted private key (grpcio serves unencrypted keys only)")
+
+
 def _check_key_pair(tls: ServerTls) -> None:
     """Raises ``ValueError`` unless the certificate chain and key load together (grpcio
-    would only fail at the next handshake)."""
-    with tempfile.TemporaryDirectory(prefix="treaty-tls-") as scratch:
-        chain = pathlib.Path(scratch, "chain.pem")
-        key = pathlib.Path(scratch, "key.pem")
-        chain.write_bytes(tls.certificate_chain_pem)
-        key.touch(mode=0o600)
-        key.write_bytes(tls.private_key_pem)
+    would only fail at the next handshake). Only the pairing is checked: OpenSSL's
+    security level is lowered to 0 so that a certificate grpcio serves is not refused
+    for its key size. The PEM goes to memory files (``memfd``) where the system has
+    them, else to a private temporary directory; where neither can be made, the check is
+    skipped with a warning rather than refusing a configuration that works."""
+    try:
+        _load_key_pair(tls)
+    except OSError as error:
+        log.warning("tls: cannot check the certificate and key before use (%s); grpcio will", error)
+
+
+def _load_key_pair(tls: ServerTls) -> None:
+    with _pem_files(tls.certificate_chain_pem, tls.private_key_pem, tls.client_ca_pem or b"") as (chain, key, ca):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain, key)
+            context.load_cert_chain(chain, key, password=_refuse_pass_phrase)
         except (ssl.SSLError, ValueError) as error:
             raise ValueError(f"tls: the certificate chain and key do not load together: {error}") from error
-    if tls.client_ca_pem is not None:
+        if tls.client_ca_pem is not None:
+            try:
+                context.load_verify_locations(cafile=ca)
+            except (ssl.SSLError, ValueError) as error:
+                raise ValueError(f"tls.client_ca_pem: not PEM certificates: {error}") from error
+
+
+@contextlib.contextmanager
+def _pem_files(*contents: bytes):
+    """Paths to files holding ``contents``, gone afterwards."""
+    if hasattr(os, "memfd_create") and pathlib.Path("/proc/self/fd").is_dir():
+        descriptors = []
         try:
-            ssl.create_default_context(cadata=tls.client_ca_pem.decode("ascii"))
-        except (ssl.SSLError, ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"tls.client_ca_pem: not PEM certificates: {error}") from error
+            for content in contents:
+                descriptor = os.memfd_create("treaty-tls")
+                descriptors.append(descriptor)
+                os.write(descriptor, content)
+            yield [f"/proc/self/fd/{descriptor}" for descriptor in descriptors]
+        finally:
+            for descriptor in descriptors:
+                os.close(descriptor)
+        return
+    with tempfile.TemporaryDirectory(prefix="treaty-tls-") as scratch:
+        paths = []
+        for index, content in enumerate(contents):
+            path = pathlib.Path(scratch, f"{index}.pem")
+            path.touch(mode=0o600)
+            path.write_bytes(content)
+            paths.append(str(path))
+        yield paths
 
 
 class _ReloadableTls:
@@ -406,6 +473,7 @@ class ServerHandle:
         # Where /metrics is served (None: not served).
         self.metrics_port = metrics_server.port if metrics_server is not None else None
         self._stopped = threading.Event()
+        self._finished = threading.Event()
         self._stopping = threading.Lock()
         self._gc_interval_ms = gc_interval_ms
         self._gc_thread = threading.Thread(target=self._collect, name="treaty-barrier-gc", daemon=True)
@@ -433,9 +501,12 @@ class ServerHandle:
         """Stops accepting calls, gives those in flight ``grace_s`` to finish, then stops
         in-doubt resolution and collection. Safe to call more than once, from any thread."""
         with self._stopping:
-            if self._stopped.is_set():
-                return
+            stopping_already = self._stopped.is_set()
             self._stopped.set()
+        if stopping_already:
+            # Another caller (a barrier failure, say) is stopping it: wait for its end.
+            self._finished.wait(grace_s + STOP_TAIL_S)
+            return
         # NOT_SERVING for every service, and for the server as a whole, first, so that
         # load balancers drain it while the calls in flight finish.
         self._health.enter_graceful_shutdown()
@@ -443,6 +514,7 @@ class ServerHandle:
         self.resolver.stop()
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        self._finished.set()
         if self._gc_thread.is_alive():
             self._gc_thread.join(5)
 
@@ -457,8 +529,8 @@ class ServerHandle:
         self._tls.replace(tls)
 
     def wait(self, timeout_s: float | None = None) -> bool:
-        """Blocks until :meth:`stop` (or ``timeout_s``); True once stopped."""
-        return self._stopped.wait(timeout_s)
+        """Blocks until :meth:`stop` has ended (or ``timeout_s``); True once stopped."""
+        return self._finished.wait(timeout_s)
 
 
 def _is_loopback(host: str) -> bool:
@@ -547,6 +619,13 @@ def serve(
         barrier.retention_ms = barrier_retention_ms
     if max_workers < 1 or max_concurrent_rpcs < 1:
         raise ValueError("max_workers and max_concurrent_rpcs: must be at least 1")
+    if metrics_address is not None:
+        metrics_host = check_metrics_address(metrics_address)
+        if not _is_loopback(metrics_host) and not allow_unauthenticated:
+            raise ValueError(
+                f"metrics_address: refusing to serve /metrics on {metrics_address}, beyond "
+                "loopback, without credentials; pass allow_unauthenticated=True to allow it"
+            )
     metrics = ParticipantMetrics()
     resolver = InDoubtResolver(
         participant,
@@ -580,21 +659,31 @@ def serve(
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (PARTICIPANT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        _BoundedReflection(
+            (PARTICIPANT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            streams=min(MAX_REFLECTION_STREAMS, max_workers - 1),
+        ),
+        server,
     )
     for add in services:
         add(server)
-    try:
-        if reloadable is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, reloadable.credentials())
-    except RuntimeError as error:
-        raise OSError(f"cannot listen on {address}: {error}") from error
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    # /metrics first: if either port cannot be had, nothing is left listening.
     metrics_server = MetricsServer(metrics, metrics_address) if metrics_address is not None else None
+    try:
+        try:
+            if reloadable is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, reloadable.credentials())
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on {address}: {error}") from error
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+    except BaseException:
+        if metrics_server is not None:
+            metrics_server.stop()
+        raise
     server.start()
     for service in ("", PARTICIPANT_SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
