@@ -507,16 +507,18 @@ class ServerHandle:
             # Another caller (a barrier failure, say) is stopping it: wait for its end.
             self._finished.wait(grace_s + STOP_TAIL_S)
             return
-        # NOT_SERVING for every service, and for the server as a whole, first, so that
-        # load balancers drain it while the calls in flight finish.
-        self._health.enter_graceful_shutdown()
-        self.server.stop(grace_s).wait(grace_s + 1)
-        self.resolver.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.stop()
-        self._finished.set()
-        if self._gc_thread.is_alive():
-            self._gc_thread.join(5)
+        try:
+            # NOT_SERVING for every service, and for the server as a whole, first, so
+            # that load balancers drain it while the calls in flight finish.
+            self._health.enter_graceful_shutdown()
+            self.server.stop(grace_s).wait(grace_s + 1)
+            self.resolver.stop()
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
+            if self._gc_thread.is_alive():
+                self._gc_thread.join(5)
+        finally:
+            self._finished.set()
 
     def reload_tls(self, tls: ServerTls) -> None:
         """Serves new connections with ``tls`` from now on (a renewed certificate, say;
