@@ -8,7 +8,8 @@
 //! tokens; its handler is installed before anything else, so that it never stops the
 //! daemon, even while the log recovers (one sent then reloads once serving).
 //!
-//! Stop (on the caller's shutdown signal, or at once on a fatal log error): stop taking
+//! Stop (on the caller's shutdown signal, or at once on a fatal log error; a signal that
+//! comes while the log opens and recovers stops the daemon before it serves): stop taking
 //! requests, end watch streams, and report NOT_SERVING for the Coordinator service and
 //! the server as a whole (health service ""); abort undecided transactions and give work in flight
 //! `shutdown_grace_ms`; then close the log durably. Whatever is left is recovery's job at
@@ -200,6 +201,19 @@ pub async fn run_on_listeners(
         finished_limit = budget.log_finished_max,
         "recovered the decision log"
     );
+    // A stop asked for while the log opened and recovered (which can take a while): the
+    // daemon never serves, and closes the log at once.
+    tokio::pin!(shutdown);
+    if futures::FutureExt::now_or_never(&mut shutdown).is_some() {
+        tracing::info!("shutdown requested while starting; stopping before serving");
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        runtime.shutdown(tasks, grace).await;
+        tokio::task::spawn_blocking(move || log.close())
+            .await
+            .map_err(|e| DaemonError::Fatal(format!("closing the log panicked: {e}")))??;
+        tracing::info!("coordinator stopped");
+        return Ok(());
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, ServingStatus::Serving).await;
@@ -280,7 +294,6 @@ pub async fn run_on_listeners(
     };
     tracing::info!(%bound, tls = server_tls.is_some(), authenticated = config.security.authenticates(), advertise = %runtime_config.advertise_endpoint, data_dir = %config.data_dir.display(), "coordinator serving");
 
-    tokio::pin!(shutdown);
     let mut fatal = None;
     let mut server_result = None;
     tokio::select! {

@@ -101,69 +101,122 @@ async fn sigterm_stops_cleanly_and_a_restart_remembers_committed_work() {
     b.stop().await;
 }
 
+/// `treaty serve` as a process held before it opens its log (the
+/// `coordinator::before_log_open` hold point), its stderr in `dir/serve.log`.
+struct HeldDaemon {
+    process: tokio::process::Child,
+    release: std::path::PathBuf,
+    log_file: std::path::PathBuf,
+}
+
+impl HeldDaemon {
+    async fn start(dir: &std::path::Path) -> Self {
+        let release = dir.join("release");
+        let log_file = dir.join("serve.log");
+        let hold = format!(
+            "coordinator::before_log_open=return({})",
+            release.to_string_lossy()
+        );
+        let process =
+            tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.join("coordinator"))
+                .env("FAILPOINTS", &hold)
+                .env("TREATY_LOG", "info")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::fs::File::create(&log_file).unwrap())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+        let held = Self {
+            process,
+            release,
+            log_file,
+        };
+        eventually("the daemon holds before opening its log", || async {
+            held.log()
+                .contains("failpoint coordinator::before_log_open reached")
+                .then_some(())
+        })
+        .await;
+        held
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.process.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// Lets it open its log and go on; then whether it printed that it listens, read
+    /// until it does or its stdout ends (bounded).
+    async fn release_and_see_whether_it_serves(&mut self) -> bool {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        std::fs::write(&self.release, b"").unwrap();
+        let mut lines = BufReader::new(self.process.stdout.take().unwrap()).lines();
+        tokio::time::timeout(PATIENCE, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with("treaty listening on") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
 /// SIGHUP never stops the daemon (docs/SECURITY.md), not even while it starts: its
 /// handler was installed only after recovery, and a SIGHUP before (a log takes a while
 /// to recover) killed it. One sent while the daemon is held before opening its log is
 /// taken as a reload once it serves (the files may have changed after it read them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_while_starting_does_not_stop_the_daemon() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let release = dir.path().join("release");
-    let log_file = dir.path().join("serve.log");
-    let hold = format!(
-        "coordinator::before_log_open=return({})",
-        release.to_string_lossy()
-    );
-    let mut daemon = tokio::process::Command::new(workspace_binary("treaty-coordinator", "treaty"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("coordinator"))
-        .env("FAILPOINTS", &hold)
-        .env("TREATY_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log_file).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
-    eventually("the daemon holds before opening its log", || async {
-        log()
-            .contains("failpoint coordinator::before_log_open reached")
-            .then_some(())
-    })
-    .await;
-    let pid = nix::unistd::Pid::from_raw(daemon.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    std::fs::write(&release, b"").unwrap();
-    let mut lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
-    let listening = tokio::time::timeout(PATIENCE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.starts_with("treaty listening on") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
+    let mut daemon = HeldDaemon::start(dir.path()).await;
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let listening = daemon.release_and_see_whether_it_serves().await;
     assert!(
         listening,
         "the daemon did not serve ({:?}); its log:\n{}",
-        daemon.try_wait(),
-        log()
+        daemon.process.try_wait(),
+        daemon.log()
     );
     eventually("the SIGHUP is taken as a reload", || async {
-        log()
+        daemon
+            .log()
             .contains("SIGHUP: reloading certificates and tokens")
             .then_some(())
     })
     .await;
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(PATIENCE, daemon.wait())
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::time::timeout(PATIENCE, daemon.process.wait())
         .await
         .expect("the daemon stops")
         .unwrap();
-    assert!(status.success(), "{status:?}; its log:\n{}", log());
+    assert!(status.success(), "{status:?}; its log:\n{}", daemon.log());
+}
+
+/// A SIGTERM while the daemon opens and recovers its log (which can take a while) stops
+/// it before it serves: it served first, and took requests it was told to refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_stops_the_daemon_before_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = HeldDaemon::start(dir.path()).await;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let listening = daemon.release_and_see_whether_it_serves().await;
+    let status = tokio::time::timeout(PATIENCE, daemon.process.wait())
+        .await
+        .expect("the daemon stops")
+        .unwrap();
+    let log = daemon.log();
+    assert!(!listening, "it served; its log:\n{log}");
+    assert!(status.success(), "{status:?}; its log:\n{log}");
+    assert!(log.contains("stopping before serving"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
