@@ -90,8 +90,17 @@ class MetricsTest(TempDirTest):
             lambda: scrape(server.handle.metrics_port).get(("treaty_participant_branches_in_doubt", frozenset())) == 1,
             what="one branch left in doubt after a pass",
         )
-        passes = ("treaty_participant_in_doubt_passes_total", frozenset())
-        self.assertGreaterEqual(scrape(server.handle.metrics_port)[passes], 1)
+        samples = scrape(server.handle.metrics_port)
+        self.assertGreaterEqual(samples[("treaty_participant_in_doubt_passes_total", frozenset())], 1)
+        # The held branch voted YES moments ago: its age is small and grows.
+        age = samples[("treaty_participant_in_doubt_oldest_age_seconds", frozenset())]
+        self.assertGreaterEqual(age, 0.0)
+        self.assertLess(age, 3_600)
+        wait_until(
+            lambda: scrape(server.handle.metrics_port)[("treaty_participant_in_doubt_oldest_age_seconds", frozenset())]
+            > age,
+            what="the oldest branch's age growing between scrapes",
+        )
 
     def test_collected_records_are_counted(self):
         server = self.serve(gc_interval_ms=100)

@@ -67,6 +67,14 @@ class RoundReport:
     committed: int = 0
     aborted: int = 0
     still_in_doubt: int = 0
+    # When the oldest branch still in doubt voted YES (Unix ms); None if none is.
+    oldest_in_doubt_unix_ms: int | None = None
+
+    def still(self, branch: InDoubtBranch) -> None:
+        """Counts ``branch`` as still in doubt after this round."""
+        self.still_in_doubt += 1
+        if self.oldest_in_doubt_unix_ms is None or branch.prepared_unix_ms < self.oldest_in_doubt_unix_ms:
+            self.oldest_in_doubt_unix_ms = branch.prepared_unix_ms
 
 
 class InDoubtResolver:
@@ -122,7 +130,7 @@ class InDoubtResolver:
         self._round_lock = threading.Lock()
         self._metrics = metrics
         # Branches still in doubt in the pages of the pass under way.
-        self._pass_in_doubt = 0
+        self._pass = RoundReport()
 
     # ----- running -------------------------------------------------------------------
 
@@ -168,12 +176,20 @@ class InDoubtResolver:
         continuing where the last round stopped) and applies the answers."""
         with self._round_lock:
             if self._cursor is None:  # a pass over the branches in doubt begins
-                self._pass_in_doubt = 0
+                self._pass = RoundReport()
             report = self._round()
-            self._pass_in_doubt += report.still_in_doubt
+            self._pass.still_in_doubt += report.still_in_doubt
+            oldest = [
+                prepared
+                for prepared in (report.oldest_in_doubt_unix_ms, self._pass.oldest_in_doubt_unix_ms)
+                if prepared is not None
+            ]
+            self._pass.oldest_in_doubt_unix_ms = min(oldest, default=None)
             # A round cut short by stop() has not seen the whole page: nothing to report.
             if self._cursor is None and self._metrics is not None and not self._stop.is_set():
-                self._metrics.in_doubt_pass_ended(self._pass_in_doubt)
+                self._metrics.in_doubt_pass_ended(
+                    self._pass.still_in_doubt, self._pass.oldest_in_doubt_unix_ms
+                )
             return report
 
     def _round(self) -> RoundReport:
@@ -194,7 +210,7 @@ class InDoubtResolver:
                 or now_ms - branch.prepared_unix_ms < self._ask_after_ms
                 or time.monotonic() < next_ask
             ):
-                report.still_in_doubt += 1
+                report.still(branch)
                 continue
             decision = self._ask(branch)
             resolved = self._apply(branch, decision) if decision is not None else None
@@ -205,7 +221,7 @@ class InDoubtResolver:
                 report.aborted += 1
                 self._backoff.pop(key, None)
             else:
-                report.still_in_doubt += 1
+                report.still(branch)
                 if len(self._backoff) >= MAX_REMEMBERED_BRANCHES:
                     self._backoff.clear()
                 delay_ms = min(self._backoff_max_ms, self._poll_interval_ms * 2 ** min(failures, 30))

@@ -10,7 +10,9 @@
   behind it still ran to its end).
 - ``treaty_participant_branches_in_doubt``: branches that voted YES with no outcome yet,
   as of the in-doubt resolver's last complete pass over them; absent until the first
-  ends (a 0 would look healthy while a first pass over many branches still runs).
+  ends (a 0 would look healthy while a first pass over many branches still runs); and
+  ``treaty_participant_in_doubt_oldest_age_seconds``, the time since the oldest of them
+  voted YES (0 if none), computed at the scrape.
   ``treaty_participant_in_doubt_passes_total`` counts the passes ended.
 - ``treaty_participant_outcome_inquiries_total{result}``: ``GetOutcome`` asks for
   branches in doubt: commit, abort, pending, error (no answer).
@@ -27,6 +29,7 @@ and histogram.
 from __future__ import annotations
 
 import threading
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
@@ -64,7 +67,10 @@ class ParticipantMetrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
-        self._in_doubt: Gauge | None = None  # registered at the first pass's end
+        # Registered at the first pass's end.
+        self._in_doubt: Gauge | None = None
+        self._oldest_age: Gauge | None = None
+        self._oldest_in_doubt_unix_ms: int | None = None
         self._passes = Counter(
             "treaty_participant_in_doubt_passes",
             "Passes of the in-doubt resolver over the branches in doubt that ended",
@@ -101,16 +107,33 @@ class ParticipantMetrics:
             raise ValueError(f"metrics: unknown inquiry result: {result}")
         self._inquiries.labels(result).inc()
 
-    def in_doubt_pass_ended(self, branches: int) -> None:
+    def in_doubt_pass_ended(self, branches: int, oldest_prepared_unix_ms: int | None) -> None:
+        """A pass over the branches in doubt ended with ``branches`` still in doubt, the
+        oldest of them prepared at ``oldest_prepared_unix_ms`` (None if none is)."""
         with self._in_doubt_lock:
+            self._oldest_in_doubt_unix_ms = oldest_prepared_unix_ms
             if self._in_doubt is None:
                 self._in_doubt = Gauge(
                     "treaty_participant_branches_in_doubt",
                     "Branches that voted YES with no outcome yet, as of the in-doubt resolver's last complete pass",
                     registry=self.registry,
                 )
+                self._oldest_age = Gauge(
+                    "treaty_participant_in_doubt_oldest_age_seconds",
+                    "Time since the oldest branch in doubt voted YES (0 if none)",
+                    registry=self.registry,
+                )
+                self._oldest_age.set_function(self._oldest_age_seconds)
             self._in_doubt.set(branches)
         self._passes.inc()
+
+    def _oldest_age_seconds(self) -> float:
+        """Computed at each scrape, from the last pass's oldest branch."""
+        with self._in_doubt_lock:
+            oldest = self._oldest_in_doubt_unix_ms
+        if oldest is None:
+            return 0.0
+        return max(0, time.time_ns() // 1_000_000 - oldest) / 1000
 
     def records_collected(self, removed: int) -> None:
         if removed > 0:
