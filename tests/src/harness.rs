@@ -59,6 +59,28 @@ pub struct Coordinator {
     task: JoinHandle<Result<(), treaty_coordinator::daemon::DaemonError>>,
 }
 
+/// Runs a two-phase commit over branches `a` and `b` of the two participants (both
+/// vote YES), checks that it committed, and returns its id.
+pub async fn commit_over(
+    client: &TreatyClient,
+    a: &ParticipantServer,
+    b: &ParticipantServer,
+) -> String {
+    use treaty_sdk::client::{BeginOptions, BranchSpec, Outcome};
+    let (id, outcome) = client
+        .run_two_phase(
+            vec![
+                BranchSpec::new("a", &a.endpoint, "yes"),
+                BranchSpec::new("b", &b.endpoint, "yes"),
+            ],
+            BeginOptions::default(),
+        )
+        .await
+        .expect("the two-phase commit runs");
+    assert_eq!(outcome, Outcome::Committed);
+    id
+}
+
 /// Test-friendly defaults: short timeouts and retries, one shard per core.
 pub fn coordinator_config(data_dir: &Path) -> ServeConfig {
     let mut config = ServeConfig::new("127.0.0.1:0".parse().expect("a literal address"), data_dir);

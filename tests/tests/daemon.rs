@@ -13,7 +13,9 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use treaty_sdk::TreatyClient;
 use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
-use treaty_tests::harness::{PATIENCE, ParticipantServer, eventually, reflected_services_v1};
+use treaty_tests::harness::{
+    PATIENCE, ParticipantServer, commit_over, eventually, reflected_services_v1,
+};
 use treaty_tests::process::{exit_status, start_treaty, workspace_binary};
 use treaty_tests::scripted::Op;
 
@@ -25,17 +27,7 @@ async fn sigterm_stops_cleanly_and_a_restart_remembers_committed_work() {
     let data_dir = dir.path().join("coordinator");
     let mut coordinator = start_treaty(&data_dir, "127.0.0.1:0", None).await;
     let client = TreatyClient::connect(coordinator.endpoint()).await.unwrap();
-    let (committed, outcome) = client
-        .run_two_phase(
-            vec![
-                BranchSpec::new("a", &a.endpoint, "yes"),
-                BranchSpec::new("b", &b.endpoint, "yes"),
-            ],
-            BeginOptions::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
+    let committed = commit_over(&client, &a, &b).await;
     eventually("the commit is acknowledged everywhere", || async {
         let txn = client.get(&committed).await.unwrap()?;
         (txn.state == TransactionState::Committed as i32).then_some(())
@@ -312,17 +304,7 @@ async fn the_runtime_and_the_server_share_one_shutdown_grace() {
     let client = TreatyClient::connect(coordinator.endpoint.clone())
         .await
         .unwrap();
-    let (_, outcome) = client
-        .run_two_phase(
-            vec![
-                BranchSpec::new("a", &a.endpoint, "yes"),
-                BranchSpec::new("b", &b.endpoint, "yes"),
-            ],
-            BeginOptions::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
+    commit_over(&client, &a, &b).await;
 
     // A stream whose client never ends its requests: the server waits for it.
     let channel = Channel::from_shared(coordinator.endpoint.clone())

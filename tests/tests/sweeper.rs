@@ -10,10 +10,10 @@
 
 use treaty_proto::v1 as pb;
 use treaty_proto::v1::admin_client::AdminClient;
-use treaty_sdk::client::{BeginOptions, BranchSpec, BranchState, Outcome, TransactionState};
-use treaty_sdk::{SagaStep, SubmitOptions, TreatyClient};
+use treaty_sdk::client::{BranchState, TransactionState};
+use treaty_sdk::{SagaStep, SubmitOptions};
 use treaty_tests::harness::{
-    Coordinator, PATIENCE, ParticipantServer, coordinator_config, eventually,
+    Coordinator, PATIENCE, ParticipantServer, commit_over, coordinator_config, eventually,
 };
 use treaty_tests::scripted::Op;
 
@@ -34,26 +34,6 @@ async fn sweeping_coordinator(
     config.sweep_interval_ms = 100;
     config.stale_after_ms = stale_after_ms;
     Coordinator::start_with(config).await
-}
-
-/// A two-phase commit over branches `a` and `b` that both vote YES, committed: its id.
-async fn commit_over(
-    client: &TreatyClient,
-    a: &ParticipantServer,
-    b: &ParticipantServer,
-) -> String {
-    let (id, outcome) = client
-        .run_two_phase(
-            vec![
-                BranchSpec::new("a", &a.endpoint, "yes"),
-                BranchSpec::new("b", &b.endpoint, "yes"),
-            ],
-            BeginOptions::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
-    id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

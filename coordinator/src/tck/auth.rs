@@ -43,24 +43,24 @@ async fn wrong_credentials(ctx: &Ctx) -> Outcome {
         let prepare = stranger.prepare(&b, YES, "").await;
         expect(&format!("Prepare with {who}"), prepare, "UNAUTHENTICATED")?;
     }
-    ctx.expect_effects("after the refusals", &b, &[]).await?;
     // No null abort was recorded for the strangers: the real Prepare is served.
-    let prepare = ctx.prepare(&b, YES).await;
-    expect("Prepare with the token", prepare, "VOTE_YES")?;
-    ctx.expect_effects("after the Prepare", &b, &[prepare_effect(YES)])
-        .await?;
-    settle(ctx, &b).await
+    nothing_recorded(ctx, &b, "Prepare with the token").await
 }
 
-/// Aborts the branch a case left prepared, so that it does not stay in doubt at a
-/// participant kept for many runs.
-async fn settle(ctx: &Ctx, b: &Branch) -> Outcome {
+/// Checks that the refusals recorded nothing for `b`: no effect, and a `prepare` from
+/// the kit's own credentials, naming no coordinator, runs and votes YES. The branch is
+/// then aborted, so that it does not stay in doubt at a participant kept for many runs.
+async fn nothing_recorded(ctx: &Ctx, b: &Branch, prepare: &str) -> Outcome {
+    ctx.expect_effects("after the refusals", b, &[]).await?;
+    expect(prepare, ctx.prepare(b, YES).await, "VOTE_YES")?;
+    ctx.expect_effects("after the Prepare", b, &[prepare_effect(YES)])
+        .await?;
     expect(
         "Abort at the end",
         ctx.abort(b).await,
         "ABORT_RESULT_ABORTED",
-    )?;
-    Ok(())
+    )
+    .map(drop)
 }
 
 async fn untrusted_coordinator(ctx: &Ctx) -> Outcome {
@@ -84,11 +84,5 @@ async fn untrusted_coordinator(ctx: &Ctx) -> Outcome {
             "PERMISSION_DENIED",
         )?;
     }
-    ctx.expect_effects("after the refusals", &b, &[]).await?;
-    // Nothing was recorded for the branch: a Prepare naming no coordinator runs.
-    let prepare = ctx.prepare(&b, YES).await;
-    expect("Prepare naming no coordinator", prepare, "VOTE_YES")?;
-    ctx.expect_effects("after the Prepare", &b, &[prepare_effect(YES)])
-        .await?;
-    settle(ctx, &b).await
+    nothing_recorded(ctx, &b, "Prepare naming no coordinator").await
 }

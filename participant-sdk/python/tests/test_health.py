@@ -20,13 +20,20 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class HealthTest(TempDirTest):
+class ServedTest(TempDirTest):
+    """One in-process participant, and a cleartext channel to it."""
+
     def setUp(self) -> None:
         super().setUp()
         self.server = InProcessParticipant(self.tmp / "participant.db")
         self.addCleanup(self.server.stop)
         self.channel = grpc.insecure_channel(self.server.target)
         self.addCleanup(self.channel.close)
+
+
+class HealthTest(ServedTest):
+    def setUp(self) -> None:
+        super().setUp()
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def watch(self, service: str) -> "queue.Queue[int]":
@@ -72,16 +79,9 @@ class HealthTest(TempDirTest):
         self.assertEqual(unknown.exception.code(), grpc.StatusCode.NOT_FOUND)
 
 
-class ReflectionTest(TempDirTest):
+class ReflectionTest(ServedTest):
     """Server reflection (v1alpha): a generic client such as grpcurl finds the services
     and the participant's descriptors without proto files."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.server = InProcessParticipant(self.tmp / "participant.db")
-        self.addCleanup(self.server.stop)
-        self.channel = grpc.insecure_channel(self.server.target)
-        self.addCleanup(self.channel.close)
 
     def ask(self, request):
         stub = reflection_pb2_grpc.ServerReflectionStub(self.channel)
@@ -100,16 +100,12 @@ class ReflectionTest(TempDirTest):
         self.assertEqual(parsed.package, "treaty.v1")
 
 
-class ReflectionBoundTest(TempDirTest):
+class ReflectionBoundTest(ServedTest):
     """Each reflection stream holds a worker thread while open: at most two are open at
     once, and the participant's calls are answered meanwhile."""
 
     def test_a_third_reflection_stream_is_refused_while_two_are_open(self):
-        server = InProcessParticipant(self.tmp / "participant.db")
-        self.addCleanup(server.stop)
-        channel = grpc.insecure_channel(server.target)
-        self.addCleanup(channel.close)
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        stub = reflection_pb2_grpc.ServerReflectionStub(self.channel)
         ask = reflection_pb2.ServerReflectionRequest(list_services="")
         held = []
         for _ in range(2):
@@ -122,7 +118,7 @@ class ReflectionBoundTest(TempDirTest):
         with self.assertRaises(grpc.RpcError) as refused:
             next(stub.ServerReflectionInfo(iter([ask]), timeout=CALL_TIMEOUT_S))
         self.assertEqual(refused.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
-        client = server.client()
+        client = self.server.client()
         self.addCleanup(client.close)
         self.assertEqual(client.abort(uuid7(), "b").result, pb.ABORT_RESULT_ABORTED)
         # One closed: a new stream is served.
